@@ -1,0 +1,123 @@
+"""Attention over the paged KV cache: batch metadata, cache writes, and the torch backend.
+
+The torch backend is the correctness reference every faster kernel is tested against, and the
+CPU path. It must stay simple and exact; speed comes from the Triton backend on GPUs.
+
+KV cache layout, one tensor for the whole model:
+
+    kv_cache[layer, 0 = K | 1 = V, block_id, slot_in_block, kv_head, head_dim]
+
+A token at position p of a sequence with block table `bt` lives in block bt[p // block_size],
+slot p % block_size; its flat slot index is bt[p // block_size] * block_size + p % block_size.
+
+Batch layout: tokens of all scheduled sequences are flattened into one [num_tokens] batch,
+decode sequences (one new token each) first, then prefill chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    query_start: int  # first token of the chunk in the flattened batch
+    query_len: int  # tokens computed this step
+    context_len: int  # tokens in the cache after this step (cached prefix + chunk)
+    block_ids: torch.Tensor  # [ceil(context_len / block_size)] int64
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64, flat cache slot of each new token
+    num_decode_tokens: int  # the first num_decode_tokens tokens are single-token decodes
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64 (padded with 0)
+    decode_context_lens: torch.Tensor  # [num_decodes] int64
+    prefills: tuple[PrefillChunk, ...]
+
+
+def write_kv(
+    kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    """Store new keys and values at their slots."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache_layer.shape
+    flat = kv_cache_layer.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+
+
+def paged_attention_ref(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each new token over its sequence's cached context (new tokens
+    included: write_kv runs first)."""
+    out = torch.empty_like(q)
+    num_decode = meta.num_decode_tokens
+    if num_decode:
+        out[:num_decode] = _decode_attention(
+            q[:num_decode],
+            kv_cache_layer,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            scale,
+        )
+    for chunk in meta.prefills:
+        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        out[rows] = _prefill_attention(q[rows], kv_cache_layer, chunk, scale)
+    return out
+
+
+def _gather_context(
+    kv_cache_layer: torch.Tensor, block_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the given blocks, as [..., num_kv_heads, num_blocks * block_size, head_dim]."""
+    flat_ids = block_ids.reshape(-1)
+    k = kv_cache_layer[0].index_select(0, flat_ids)  # [n, block_size, num_kv_heads, head_dim]
+    v = kv_cache_layer[1].index_select(0, flat_ids)
+    shape = (*block_ids.shape[:-1], -1, k.shape[-2], k.shape[-1])
+    return k.reshape(shape).transpose(-3, -2), v.reshape(shape).transpose(-3, -2)
+
+
+def _decode_attention(
+    q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
+    kv_cache_layer: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_decodes, max_blocks]
+    context_lens: torch.Tensor,  # [num_decodes]
+    scale: float,
+) -> torch.Tensor:
+    k, v = _gather_context(kv_cache_layer, block_tables)  # [B, kv_heads, S, D]
+    positions = torch.arange(k.shape[-2], device=q.device)
+    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2).to(k.dtype), k, v, attn_mask=mask, scale=scale, enable_gqa=True
+    )  # [B, heads, 1, D]
+    return out.squeeze(2).to(q.dtype)
+
+
+def _prefill_attention(
+    q: torch.Tensor,  # [query_len, num_heads, head_dim]
+    kv_cache_layer: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
+) -> torch.Tensor:
+    k, v = _gather_context(kv_cache_layer, chunk.block_ids)  # [kv_heads, S, D]
+    k, v = k[:, : chunk.context_len], v[:, : chunk.context_len]
+    qh = q.transpose(0, 1).to(k.dtype)  # [heads, query_len, D]
+    if chunk.query_len == chunk.context_len:
+        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        first_position = chunk.context_len - chunk.query_len
+        q_pos = torch.arange(first_position, chunk.context_len, device=q.device)
+        k_pos = torch.arange(chunk.context_len, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # [query_len, context_len]
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1).to(q.dtype)

@@ -1,0 +1,303 @@
+"""The engine: one model in one process, serving many requests with continuous batching.
+
+    add_request() -> step() -> step() -> ... -> outputs, until every request has finished
+
+Each step is three calls: the scheduler picks sequences and token counts, the model runner
+computes their logits, the sampler and output processor turn logits into tokens, text and
+finish decisions. Not thread-safe: one thread drives an engine. Knows nothing of Ray, gRPC,
+Redis or asyncio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_hash import root_hash
+from engine.block_manager import BlockManager
+from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from engine.errors import InvalidRequest
+from engine.llama import LlamaModel
+from engine.loader import describe_model, load_weights, resolve_model
+from engine.model_runner import ModelRunner
+from engine.output_processor import OutputProcessor, RequestOutput
+from engine.sampler import Sampler, SampleRow
+from engine.sampling_params import SamplingParams, validate_prompt_token_ids
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason, Sequence, Usage
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The whole result of one request, as `generate` returns it."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        started = time.perf_counter()
+        self.device = _pick_device(config.device)
+        self.dtype = _pick_dtype(config.dtype, self.device)
+        self.info, handle = describe_model(resolve_model(config.model))
+        self.model_config = self.info.config
+        self.tokenizer = self.info.tokenizer
+        self.model = self._build_model(handle)
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.max_model_len = self._max_model_len()
+        self.block_manager = BlockManager(
+            self.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(
+            self.model, self.num_kv_blocks, config.block_size, self.device, self.dtype
+        )
+        self.sampler = Sampler(config.seed, self.device)
+        eos_ids = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
+        self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
+        self._sequences: dict[str, Sequence] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._arrivals = itertools.count()
+        logger.info(
+            "engine ready: model=%s device=%s dtype=%s kv_blocks=%d max_model_len=%d in %.1fs",
+            self.model_id,
+            self.device,
+            self.dtype,
+            self.num_kv_blocks,
+            self.max_model_len,
+            time.perf_counter() - started,
+        )
+
+    @property
+    def model_id(self) -> str:
+        return self.info.source.model_id
+
+    def _build_model(self, handle: object) -> LlamaModel:
+        weights = load_weights(self.info, handle, self.dtype, self.config.seed)
+        with torch.device("meta"):
+            model = LlamaModel(self.model_config)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.rotary.float().init_tables()  # rotary tables stay fp32
+        model.load_weights(weights)
+        model.pack_for_cpu()
+        return model.eval()
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        budget = self.config.kv_cache_bytes or _default_kv_cache_bytes(self.device)
+        per_block = self.config.block_size * self.model_config.kv_bytes_per_token(
+            self.dtype.itemsize
+        )
+        return max(budget // per_block, 1)
+
+    def _max_model_len(self) -> int:
+        """The model's context, capped by what the KV cache can hold for one sequence."""
+        length = self.config.max_model_len or self.model_config.max_position_embeddings
+        if length > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={length} exceeds the model's context "
+                f"{self.model_config.max_position_embeddings}"
+            )
+        return min(length, self.num_kv_blocks * self.config.block_size)
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        sampling_params: SamplingParams | None = None,
+        *,
+        prompt_token_ids: SequenceOf[int] | None = None,
+        messages: SequenceOf[object] | None = None,
+        cache_salt: str | None = None,
+    ) -> list[int]:
+        """Queue a request given as text, chat messages or token ids (exactly one).
+
+        Returns the prompt's token ids. Raises InvalidRequest naming the bad field.
+        """
+        params = sampling_params or SamplingParams()
+        if request_id in self._sequences:
+            raise InvalidRequest("request_id", f"{request_id!r} is already in use")
+        params.validate(self.model_config.vocab_size)
+        token_ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
+        validate_prompt_token_ids(
+            token_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens
+        )
+        seq = Sequence(
+            request_id,
+            token_ids,
+            params,
+            root_hash(self.model_id, cache_salt),
+            next(self._arrivals),
+        )
+        if params.seed is not None:
+            self._generators[request_id] = torch.Generator(self.device).manual_seed(params.seed)
+        self._sequences[request_id] = seq
+        self.outputs.add(seq)
+        self.scheduler.add(seq)
+        return token_ids
+
+    def tokenize_prompt(
+        self,
+        prompt: str | None,
+        prompt_token_ids: SequenceOf[int] | None,
+        messages: SequenceOf[object] | None,
+    ) -> list[int]:
+        given = [x for x in (prompt, prompt_token_ids, messages) if x is not None]
+        if len(given) != 1:
+            raise InvalidRequest("prompt", "give exactly one of prompt, prompt_token_ids, messages")
+        if prompt_token_ids is not None:
+            return list(prompt_token_ids)
+        if self.tokenizer is None:
+            raise InvalidRequest(
+                "prompt", f"model {self.model_id} has no tokenizer; pass prompt_token_ids"
+            )
+        if messages is not None:
+            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        assert prompt is not None
+        if not prompt:
+            raise InvalidRequest("prompt", "prompt is empty")
+        return self.tokenizer.encode(prompt)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its KV now. Returns its closing output, or None if it is
+        unknown or already finished."""
+        seq = self._sequences.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        self._generators.pop(request_id, None)
+        return self.outputs.finish(seq, FinishReason.ABORT)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the step loop -----------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns an output for every request that got a token."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            return []
+        logits = self.runner.execute(scheduled)
+        samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
+        sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
+        self.scheduler.update(scheduled, sampled.token_ids)
+        outputs = []
+        for seq, logprobs in zip(samplers, sampled.logprobs, strict=True):
+            output = self.outputs.process_token(seq, logprobs)
+            if output.finished:
+                self._release(seq)
+            outputs.append(output)
+        return outputs
+
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        return SampleRow(
+            seq.sampling_params,
+            seq.prompt_token_ids,
+            seq.output_token_ids,
+            self._generators.get(seq.request_id),
+        )
+
+    def _release(self, seq: Sequence) -> None:
+        assert seq.finish_reason is not None, "released sequences have a finish reason"
+        self.scheduler.finish(seq, seq.finish_reason)
+        del self._sequences[seq.request_id]
+        self._generators.pop(seq.request_id, None)
+
+    # ---- conveniences ------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: SequenceOf[str] | SequenceOf[list[int]],
+        sampling_params: SamplingParams | None = None,
+    ) -> list[Completion]:
+        """Run prompts (texts or token id lists) to completion together; results in order."""
+        ids = [f"generate-{next(self._arrivals)}" for _ in prompts]
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            if isinstance(prompt, str):
+                self.add_request(request_id, prompt, sampling_params)
+            else:
+                self.add_request(request_id, None, sampling_params, prompt_token_ids=prompt)
+        results = {request_id: _Accumulator() for request_id in ids}
+        while self.has_unfinished_requests():
+            for output in self.step():
+                results[output.request_id].add(output)
+        return [results[i].completion(i) for i in ids]
+
+    def stream(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        sampling_params: SamplingParams | None = None,
+        **kwargs: object,
+    ) -> Iterator[RequestOutput]:
+        """Add one request and yield its outputs as they come (other requests advance too)."""
+        self.add_request(request_id, prompt, sampling_params, **kwargs)  # type: ignore[arg-type]
+        try:
+            while request_id in self._sequences:
+                for output in self.step():
+                    if output.request_id == request_id:
+                        yield output
+        finally:
+            self.abort_request(request_id)
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+        self.last: RequestOutput | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self.token_ids += output.new_token_ids
+        self.text.append(output.text_delta)
+        self.last = output
+
+    def completion(self, request_id: str) -> Completion:
+        assert self.last is not None and self.last.finish_reason is not None
+        return Completion(
+            request_id, self.token_ids, "".join(self.text), self.last.finish_reason, self.last.usage
+        )
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def _default_kv_cache_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return int(free_bytes * 0.85)

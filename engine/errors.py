@@ -1,0 +1,45 @@
+"""The exception hierarchy shared by every Tandem component.
+
+"Broken" is an exception from this module; "can't now" (no free blocks, queue full) is a return
+value and never raised. Torch-free: the router imports it. Mapping to gRPC status codes happens
+in exactly one place (the router), not here.
+"""
+
+from __future__ import annotations
+
+
+class TandemError(Exception):
+    """Base class of every error Tandem raises on purpose."""
+
+
+class InvalidRequest(TandemError):
+    """A request field is invalid. `field` names it, the message says why."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+class ModelLoadError(TandemError):
+    """A model could not be loaded: missing file, unreadable weights, inconsistent config."""
+
+
+class UnsupportedModel(ModelLoadError):
+    """The model is readable but uses an architecture, dtype or tokenizer Tandem does not run."""
+
+
+class Overloaded(TandemError):
+    """Admission refused: bounded queues are full."""
+
+
+class RequestAborted(TandemError):
+    """The request was cancelled by its client, its deadline, or shutdown."""
+
+
+class WorkerUnavailable(TandemError):
+    """A worker died or cannot be reached."""
+
+
+class KVTransferError(TandemError):
+    """Moving KV blocks between processes failed."""

@@ -1,0 +1,45 @@
+"""Loading Llama-family models from a Hugging Face directory.
+
+`config.json` for the shape, `*.safetensors` for the weights, `tokenizer.json` and
+`tokenizer_config.json` for the tokenizer and chat template. Never touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import ModelLoadError, UnsupportedModel
+from engine.model_config import ModelConfig, model_config_from_hf
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{directory} has no config.json")
+    try:
+        raw: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    return model_config_from_hf(raw)
+
+
+def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the directory's safetensors files, in their stored dtype."""
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{directory} has no *.safetensors weights")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        for name, tensor in load_file(str(file)).items():
+            if tensor.dtype not in SUPPORTED_DTYPES:
+                raise UnsupportedModel(f"tensor {name} in {file.name} has dtype {tensor.dtype}")
+            weights[name] = tensor
+    return weights

@@ -1,0 +1,159 @@
+"""Continuous batching: which sequences run this step, and how many tokens each.
+
+One token budget per step is shared by decodes and prefill chunks. Running sequences go
+first, oldest first, so decodes are never starved by a long prompt; waiting sequences are
+admitted while budget, the running-sequence cap and KV blocks allow. When blocks run out the
+newest running sequence is preempted by recompute: its blocks are freed and it waits again at
+the head of the queue (its computed blocks may still be found in the prefix cache).
+
+Pure Python; knows nothing of tensors or text.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # cap on running sequences
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_prefill_chunk_tokens: int | None = None  # per-sequence chunk cap; None: the budget
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+        chunk = self.max_prefill_chunk_tokens
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"max_prefill_chunk_tokens={chunk} must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+
+    @property
+    def samples_token(self) -> bool:
+        """True when this step reaches the end of the sequence, so a token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if budget == 0 or seq.status is not SequenceStatus.RUNNING:
+                break
+            num_new = self._num_new_tokens(seq, seq.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(seq, num_new, preempted):
+                break
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        if not preempted:
+            scheduled += self._admit_waiting(budget)
+        return SchedulerOutput(scheduled, preempted)
+
+    def _num_new_tokens(self, seq: Sequence, num_computed: int, budget: int) -> int:
+        num_new = min(seq.num_tokens - num_computed, budget)
+        if self.config.max_prefill_chunk_tokens is not None:
+            num_new = min(num_new, self.config.max_prefill_chunk_tokens)
+        return num_new
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
+        """Allocate, preempting the newest running sequences until it fits; False if `seq`
+        itself had to go."""
+        while not self.block_manager.allocate_slots(seq, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit_waiting(self, budget: int) -> list[ScheduledSequence]:
+        admitted: list[ScheduledSequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            computed = self.block_manager.get_computed_blocks(seq)
+            num_computed = len(computed) * self.block_manager.block_size
+            num_new = self._num_new_tokens(seq, num_computed, budget)
+            if not self.block_manager.allocate_slots(seq, num_new, computed):
+                break
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = num_computed
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            admitted.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return admitted
+
+    def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Advance computed counts and append sampled tokens (one per sampling sequence, in
+        order). Finishes sequences on EOS, stop ids, max_tokens or the context end. Returns the
+        sequences that got a new token."""
+        samplers = [s for s in output.scheduled if s.samples_token]
+        assert len(samplers) == len(sampled_token_ids), "one sampled token per sampling sequence"
+        for item in output.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed_blocks(item.seq)
+        for item, token_id in zip(samplers, sampled_token_ids):
+            item.seq.append_token(token_id)
+        return [s.seq for s in samplers]
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence (any state) and free its blocks. Idempotent."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def check_integrity(self) -> None:
+        self.block_manager.check_integrity(self.running)
+        for seq in self.waiting:
+            assert not seq.block_ids, f"waiting {seq} holds blocks"

@@ -1,0 +1,110 @@
+"""One request's scheduling state inside an engine: its tokens, KV blocks and status.
+
+The scheduler and block manager read and write it; the model runner reads it. It holds no
+tensors and knows nothing of text: detokenization lives in the output processor.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from engine.block_hash import BlockHash, hash_blocks
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the end of the context
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    completion_tokens: int
+
+
+class Sequence:
+    """A request being generated. Tokens are prompt then output; KV lives in `block_ids`.
+
+    `num_computed_tokens` counts the leading tokens whose KV is in the cache. Each step computes
+    tokens [num_computed_tokens, num_tokens); when that reaches the end, a new token is sampled.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        root_hash: BlockHash,
+        arrival_index: int,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.arrival_index = arrival_index
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # set the first time the sequence is scheduled
+        self.num_preemptions = 0
+        self.block_ids: list[int] = []
+        self._root_hash = root_hash
+        self.block_hashes: list[BlockHash] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while more than the last token is still to be computed."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def full_block_hashes(self, block_size: int) -> list[BlockHash]:
+        """Hashes of every full block of the current tokens, extended lazily."""
+        parent = self.block_hashes[-1] if self.block_hashes else self._root_hash
+        self.block_hashes += hash_blocks(self.token_ids, block_size, parent, len(self.block_hashes))
+        return self.block_hashes
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.num_prompt_tokens,
+            cached_tokens=max(self.num_cached_tokens, 0),
+            completion_tokens=self.num_output_tokens,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, status={self.status.value}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+            f"blocks={self.block_ids})"
+        )
