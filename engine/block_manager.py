@@ -103,7 +103,7 @@ class BlockManager:
             return
         num_full = seq.num_computed_tokens // self.block_size
         hashes = seq.full_block_hashes(self.block_size)
-        for block_id, block_hash in zip(seq.block_ids[:num_full], hashes[:num_full]):
+        for block_id, block_hash in zip(seq.block_ids[:num_full], hashes[:num_full], strict=True):
             if self.block_hashes[block_id] is not None:
                 continue
             if block_hash in self.hash_to_block:

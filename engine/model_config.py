@@ -97,6 +97,13 @@ def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
         raise UnsupportedModel(
             f"architecture {architectures!r} is not supported; supported: {SUPPORTED_ARCHITECTURES}"
         )
+    if config.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"hidden_act={config['hidden_act']!r} is not supported (only silu)")
+    if config.get("mlp_bias"):
+        raise UnsupportedModel("mlp_bias=true is not supported")
+    # transformers >= 5 folds rope_theta and the scaling into `rope_parameters`.
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
     num_heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     head_dim = config.get("head_dim") or hidden // num_heads
@@ -110,8 +117,8 @@ def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
         num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
         head_dim=int(head_dim),
         max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
-        rope_scaling=rope_scaling_from_hf(config.get("rope_scaling")),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling_from_hf(rope),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=bool(config.get("attention_bias", is_qwen2)),

