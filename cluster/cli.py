@@ -26,11 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="generate text with a local engine")
     generate.add_argument("prompt", help="the prompt text (a user message with --chat)")
-    generate.add_argument("--chat", action="store_true",
-                          help="wrap the prompt as a user message in the model's chat template")
-    generate.add_argument("--model", default=None,
-                          help="GGUF file, Hugging Face directory or dummy:<shape>; "
-                               "default: the bundled SmolLM2-135M-Instruct")
+    generate.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt as a user message in the model's chat template",
+    )
+    generate.add_argument(
+        "--model",
+        default=None,
+        help="GGUF file, Hugging Face directory or dummy:<shape>; "
+        "default: the bundled SmolLM2-135M-Instruct",
+    )
     generate.add_argument("--max-tokens", type=int, default=256)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
@@ -39,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[], help="a stop string (repeat)")
     generate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    generate.add_argument("--dtype", default="auto",
-                          choices=("auto", "float32", "bfloat16", "float16"))
-    generate.add_argument("--json", action="store_true",
-                          help="print one JSON object with token ids, text and usage")
+    generate.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16")
+    )
+    generate.add_argument(
+        "--json", action="store_true", help="print one JSON object with token ids, text and usage"
+    )
     generate.set_defaults(handler=run_generate)
     return parser
 
@@ -53,13 +61,19 @@ def run_generate(args: argparse.Namespace) -> int:
     from engine.sampling_params import SamplingParams
 
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
     )
     if not args.prompt:
         raise InvalidRequest("prompt", "prompt is empty")
     request: dict[str, object] = (
-        {"messages": [{"role": "user", "content": args.prompt}]} if args.chat
+        {"messages": [{"role": "user", "content": args.prompt}]}
+        if args.chat
         else {"prompt": args.prompt}
     )
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))

@@ -136,6 +136,8 @@ class Engine:
         if request_id in self._sequences:
             raise InvalidRequest("request_id", f"{request_id!r} is already in use")
         params.validate(self.model_config.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequest("stop", f"model {self.model_id} has no tokenizer to match text")
         token_ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
         validate_prompt_token_ids(
             token_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens

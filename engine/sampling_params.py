@@ -64,12 +64,19 @@ class SamplingParams:
             _check_int("seed", self.seed, low=0, high=2**63 - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_TOP_LOGPROBS)
+        _check_sequence("stop", self.stop)
         _check_stop(self.stop)
+        _check_sequence("stop_token_ids", self.stop_token_ids)
         for token_id in self.stop_token_ids:
             _check_token_id("stop_token_ids", token_id, vocab_size)
-        for token_id, bias in self.logit_bias:
-            _check_token_id("logit_bias", token_id, vocab_size)
-            _check_float("logit_bias", bias, low=-100.0, high=100.0)
+        _check_sequence("logit_bias", self.logit_bias)
+        for pair in self.logit_bias:
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise InvalidRequest(
+                    "logit_bias", f"entries must be (token_id, bias), got {pair!r}"
+                )
+            _check_token_id("logit_bias", pair[0], vocab_size)
+            _check_float("logit_bias", pair[1], low=-100.0, high=100.0)
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -91,6 +98,11 @@ def _check_float(
     if too_low or value > high:
         opening = "[" if low_inclusive else "("
         raise InvalidRequest(name, f"must be in {opening}{low}, {high}], got {value}")
+
+
+def _check_sequence(name: str, value: object) -> None:
+    if not isinstance(value, tuple | list):
+        raise InvalidRequest(name, f"must be a list, got {type(value).__name__}")
 
 
 def _check_token_id(name: str, token_id: object, vocab_size: int) -> None:

@@ -48,7 +48,7 @@ def open_gguf(path: Path) -> Any:
         raise ModelLoadError(f"GGUF file not found: {path}")
     try:
         return gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, IndexError, KeyError) as exc:  # gguf raises all of these
         raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
 
 

@@ -76,9 +76,12 @@ def test_greedy_chat_equals_transformers(engine: Engine) -> None:
         ids = chat_ids(engine, message)
         with torch.no_grad():
             expected = reference_model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=48, do_sample=False, pad_token_id=2,
-            )[0, len(ids):].tolist()
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=48,
+                do_sample=False,
+                pad_token_id=2,
+            )[0, len(ids) :].tolist()
         ours = engine.generate([ids], SamplingParams(max_tokens=48))[0]
         assert len(ours.token_ids) >= 32, f"{message!r}: answer too short to be a real check"
         assert ours.token_ids == expected, message
@@ -111,8 +114,13 @@ def test_prompt_among_staggered_requests_equals_alone(
 def test_chunked_prefill_equals_unchunked(
     chunk_tokens: int, text_prompt_ids: list[list[int]], reference: list[list[int]]
 ) -> None:
-    engine = make_engine("default", num_kv_blocks=512, block_size=16,
-                         max_num_batched_tokens=chunk_tokens, enable_prefix_caching=False)
+    engine = make_engine(
+        "default",
+        num_kv_blocks=512,
+        block_size=16,
+        max_num_batched_tokens=chunk_tokens,
+        enable_prefix_caching=False,
+    )
     outputs = engine.generate(text_prompt_ids, greedy(24))
     assert [o.token_ids for o in outputs] == reference
     engine.check_integrity()

@@ -252,12 +252,6 @@ GGUF_HEADER = b"GGUF" + struct.pack("<I", 3)
         pytest.param(
             GGUF_HEADER + struct.pack("<QQ", 0, 1) + struct.pack("<Q", 5) + b"ab",
             id="truncated-metadata",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=IndexError,
-                reason="engine bug: open_gguf (engine/loader/gguf_file.py:51) catches only "
-                "ValueError/OSError; gguf.GGUFReader raises IndexError on a truncated file",
-            ),
         ),
     ],
 )
@@ -274,3 +268,28 @@ def test_unreadable_gguf_file_through_the_engine(tmp_path: Path) -> None:
     path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ModelLoadError, match=r"x\.gguf"):
         Engine(EngineConfig(model=str(path), device="cpu"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        (dict(stop="ab"), "stop"),
+        (dict(stop_token_ids=5), "stop_token_ids"),
+        (dict(logit_bias={5: 1.0}), "logit_bias"),
+        (dict(logit_bias=((5,),)), "logit_bias"),
+    ],
+)
+def test_wrongly_typed_sampling_fields_are_invalid(changes: dict, field: str) -> None:
+    params = SamplingParams(**changes)
+    with pytest.raises(InvalidRequest) as error:
+        params.validate(vocab_size=512)
+    assert error.value.field == field
+
+
+def test_stop_strings_need_a_tokenizer() -> None:
+    engine = make_engine()
+    with pytest.raises(InvalidRequest) as error:
+        engine.add_request("r", None, SamplingParams(stop=("x",)), prompt_token_ids=[1, 2, 3])
+    assert error.value.field == "stop"
+    assert "no tokenizer" in str(error.value)
+    engine.check_integrity()

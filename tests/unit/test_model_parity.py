@@ -34,8 +34,13 @@ CASES = {
         num_attention_heads=4,
         num_key_value_heads=2,
         rope_theta=500000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=64),
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
     ),
 }
 
@@ -52,8 +57,14 @@ def write_word_tokenizer(directory: Path, vocab_size: int) -> None:
 
 
 def build_hf_model(directory: Path, case: str, architecture: str = "llama") -> torch.nn.Module:
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  max_position_embeddings=256, rms_norm_eps=1e-5)
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+    )
     common.update(CASES.get(case, {}))
     torch.manual_seed(0)
     if architecture == "qwen2":
@@ -134,8 +145,11 @@ def test_greedy_generation_matches_transformers(tmp_path: Path) -> None:
     token_ids = prompt_ids(seed=3, length=9, vocab_size=300)
     with torch.no_grad():
         hf_out = reference.generate(
-            torch.tensor([token_ids]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+            torch.tensor([token_ids]),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=None,
             pad_token_id=0,
-        )[0, len(token_ids):].tolist()
+        )[0, len(token_ids) :].tolist()
     ours = engine.generate([token_ids], SamplingParams(max_tokens=20, ignore_eos=True))[0]
     assert ours.token_ids == hf_out
