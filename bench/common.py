@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,11 +52,18 @@ def now() -> float:
     return time.perf_counter()
 
 
-def repeat(run: Callable[[int], T], repeats: int, warmup: int = 1) -> list[T]:
-    """Call `run(i)` for `warmup` discarded runs (i < 0) then `repeats` kept runs (i >= 0)."""
-    for i in range(-warmup, 0):
-        run(i)
-    return [run(i) for i in range(repeats)]
+def repeat_interleaved(
+    runs: Mapping[str, Callable[[int], T]], repeats: int, warmup: int = 1
+) -> dict[str, list[T]]:
+    """Call each system's `run(i)` in turn: `warmup` discarded rounds (i < 0), then `repeats`
+    kept rounds (i >= 0). Interleaving makes drifts in background load hit every system alike."""
+    kept: dict[str, list[T]] = {name: [] for name in runs}
+    for i in range(-warmup, repeats):
+        for name, run in runs.items():
+            result = run(i)
+            if i >= 0:
+                kept[name].append(result)
+    return kept
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -119,6 +126,14 @@ def _git(root: Path, *args: str) -> str:
     ).stdout.strip()
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on the machine skews CPU timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info(packages: Sequence[str] = ("torch", "transformers")) -> dict[str, Any]:
     """What the numbers were measured on: CPU, cores, thread count, versions, date."""
     info: dict[str, Any] = {
@@ -129,6 +144,7 @@ def machine_info(packages: Sequence[str] = ("torch", "transformers")) -> dict[st
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average": load_average(),
         "git_revision": git_revision(),
         "packages": {name: package_version(name) for name in packages},
     }

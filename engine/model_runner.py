@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata, PrefillChunk
+from engine.attention import AttentionMetadata, PrefillChunk, decode_mask
 from engine.llama import LlamaModel
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 
@@ -81,13 +81,16 @@ class ModelRunner:
             slots += [self._slot(seq.block_ids, p) for p in range(start, end)]
         max_blocks = max((len(d.seq.block_ids) for d in decodes), default=0)
         tables = [d.seq.block_ids + [0] * (max_blocks - len(d.seq.block_ids)) for d in decodes]
-        context_lens = [d.seq.num_computed_tokens + 1 for d in decodes]
+        context_lens = self._tensor([d.seq.num_computed_tokens + 1 for d in decodes])
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             num_decode_tokens=len(decodes),
             decode_block_tables=self._tensor(tables).view(len(decodes), max_blocks),
-            decode_context_lens=self._tensor(context_lens),
+            decode_context_lens=context_lens,
             prefills=tuple(chunks),
+            decode_mask=decode_mask(context_lens, max_blocks * self.block_size)
+            if decodes
+            else None,
         )
         return self._tensor(ids), self._tensor(positions), meta
 
