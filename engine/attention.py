@@ -16,6 +16,7 @@ decode sequences (one new token each) first, then prefill chunks.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -24,22 +25,79 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True, slots=True)
 class PrefillChunk:
+    """Host-side description of one prefill chunk (the torch backend loops over these)."""
+
     query_start: int  # first token of the chunk in the flattened batch
     query_len: int  # tokens computed this step
     context_len: int  # tokens in the cache after this step (cached prefix + chunk)
-    block_ids: torch.Tensor  # [ceil(context_len / block_size)] int64
+    block_ids: torch.Tensor  # [ceil(context_len / block_size)] int32
 
 
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
+    """Where each new token's K/V goes and what each query attends to, for one step.
+
+    Decode rows come first ([0, num_decode_tokens)), prefill chunks after. Tensors live on the
+    model's device; padding rows (CUDA-graph batches) have slot -1 and context length 0.
+    """
+
     slot_mapping: torch.Tensor  # [num_tokens] int64, flat cache slot of each new token
     num_decode_tokens: int  # the first num_decode_tokens tokens are single-token decodes
-    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64 (padded with 0)
-    decode_context_lens: torch.Tensor  # [num_decodes] int64
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int32 (padded with 0)
+    decode_context_lens: torch.Tensor  # [num_decodes] int32
     prefills: tuple[PrefillChunk, ...]
+    prefill_block_tables: torch.Tensor | None = None  # [num_prefills, max_blocks] int32
+    prefill_query_start_loc: torch.Tensor | None = None  # [num_prefills + 1] int32, from 0
+    prefill_context_lens: torch.Tensor | None = None  # [num_prefills] int32
+    max_prefill_query_len: int = 0
     # [num_decodes, 1, 1, max_blocks * block_size] bool, True where a key is in the context;
-    # built once per step for the torch backend (None when there are no decodes).
+    # built once per step for the torch backend only.
     decode_mask: torch.Tensor | None = None
+
+
+class AttentionBackend(ABC):
+    """Writes new K/V into the paged cache and attends over it. One instance per engine."""
+
+    uses_decode_mask = False  # whether prepare_inputs must build AttentionMetadata.decode_mask
+
+    @abstractmethod
+    def write_kv(
+        self,
+        kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        slot_mapping: torch.Tensor,  # [num_tokens] int64
+    ) -> None: ...
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        kv_cache_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
+
+
+class TorchAttention(AttentionBackend):
+    """The reference: plain torch, exact, used on CPU."""
+
+    uses_decode_mask = True
+
+    def write_kv(self, kv_cache_layer, k, v, slot_mapping):  # type: ignore[no-untyped-def]
+        write_kv(kv_cache_layer, k, v, slot_mapping)
+
+    def forward(self, q, kv_cache_layer, meta, scale):  # type: ignore[no-untyped-def]
+        return paged_attention_ref(q, kv_cache_layer, meta, scale)
+
+
+def select_backend(device: torch.device) -> AttentionBackend:
+    """Triton kernels on CUDA, the torch reference elsewhere."""
+    if device.type == "cuda":
+        from engine.triton_attention import TritonAttention
+
+        return TritonAttention()
+    return TorchAttention()
 
 
 def write_kv(
@@ -48,7 +106,7 @@ def write_kv(
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64
 ) -> None:
-    """Store new keys and values at their slots."""
+    """Store new keys and values at their slots (the torch reference; no padding slots)."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache_layer.shape
     flat = kv_cache_layer.view(2, num_blocks * block_size, num_kv_heads, head_dim)
     flat[0].index_copy_(0, slot_mapping, k if k.dtype == flat.dtype else k.to(flat.dtype))

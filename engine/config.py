@@ -27,6 +27,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0  # seeds dummy weights and the shared sampling generator
+    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA only)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

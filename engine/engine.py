@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.attention import select_backend
 from engine.block_hash import root_hash
 from engine.block_manager import BlockManager
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
@@ -54,6 +55,7 @@ class Engine:
         started = time.perf_counter()
         self.device = _pick_device(config.device)
         self.dtype = _pick_dtype(config.dtype, self.device)
+        self.backend = select_backend(self.device)
         self.info, handle = describe_model(resolve_model(config.model))
         self.model_config = self.info.config
         self.tokenizer = self.info.tokenizer
@@ -65,8 +67,10 @@ class Engine:
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(
-            self.model, self.num_kv_blocks, config.block_size, self.device, self.dtype
+            self.model, self.backend, self.num_kv_blocks, config.block_size, self.device, self.dtype
         )
+        if self.device.type == "cuda" and config.cuda_graphs:
+            self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(config.seed, self.device)
         eos_ids = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
@@ -88,9 +92,9 @@ class Engine:
         return self.info.source.model_id
 
     def _build_model(self, handle: object) -> LlamaModel:
-        weights = load_weights(self.info, handle, self.dtype, self.config.seed)
+        weights = load_weights(self.info, handle, self.dtype, self.config.seed, self.device)
         with torch.device("meta"):
-            model = LlamaModel(self.model_config)
+            model = LlamaModel(self.model_config, self.backend)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.rotary.float().init_tables()  # rotary tables stay fp32
         model.load_weights(weights)

@@ -1,22 +1,29 @@
 """Turns a scheduled batch into tensors, runs the model over the paged KV cache, and returns
 the logits of the sequences that sample this step.
 
-Owns the KV cache tensor. Knows nothing of sampling parameters or text.
+Owns the KV cache tensor and, on CUDA, the decode CUDA graphs. Knows nothing of sampling
+parameters or text.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from engine.attention import AttentionMetadata, PrefillChunk, decode_mask
+from engine.attention import AttentionBackend, AttentionMetadata, PrefillChunk, decode_mask
+from engine.cuda_graph import DecodeGraphs
 from engine.llama import LlamaModel
 from engine.scheduler import ScheduledSequence, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(
         self,
         model: LlamaModel,
+        backend: AttentionBackend,
         num_blocks: int,
         block_size: int,
         device: torch.device,
@@ -24,6 +31,7 @@ class ModelRunner:
     ) -> None:
         config = model.config
         self.model = model
+        self.backend = backend
         self.block_size = block_size
         self.device = device
         # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
@@ -37,6 +45,14 @@ class ModelRunner:
             dtype=kv_dtype,
             device=device,
         )
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
+        """Capture decode steps for padded batch sizes up to `max_batch_size` (CUDA only)."""
+        self.graphs = DecodeGraphs(
+            self.model, self.kv_cache, self.block_size, max_model_len, max_batch_size, self.device
+        )
+        self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> torch.Tensor:
@@ -45,18 +61,17 @@ class ModelRunner:
         decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
         prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
         batch = decodes + prefills
+        rank = {id(s): n for n, s in enumerate(output.scheduled)}
+        sampling_rows = sorted(
+            (i for i, s in enumerate(batch) if s.samples_token), key=lambda i: rank[id(batch[i])]
+        )
+        if not prefills and self.graphs is not None and self.graphs.can_run(decodes):
+            logits = self.graphs.run(decodes)
+            return logits[torch.tensor(sampling_rows, device=self.device)].float()
         input_ids, positions, meta = self.prepare_inputs(decodes, prefills)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        last_token_index = torch.tensor(
-            _last_token_indices(batch), dtype=torch.long, device=self.device
-        )
-        sampling_rows = [i for i, s in enumerate(batch) if s.samples_token]
-        # Put sampling rows back in scheduled order.
-        rank = {id(s): n for n, s in enumerate(output.scheduled)}
-        sampling_rows.sort(key=lambda i: rank[id(batch[i])])
-        selected = last_token_index[
-            torch.tensor(sampling_rows, dtype=torch.long, device=self.device)
-        ]
+        last_token_index = _last_token_indices(batch)
+        selected = torch.tensor([last_token_index[i] for i in sampling_rows], device=self.device)
         return self.model.compute_logits(hidden[selected])
 
     def prepare_inputs(
@@ -72,33 +87,59 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
             if item.num_new_tokens > 1:
-                block_ids = torch.tensor(seq.block_ids[: -(-end // self.block_size)])
-                chunks.append(
-                    PrefillChunk(len(ids), item.num_new_tokens, end, block_ids.to(self.device))
-                )
+                block_ids = self._int32(seq.block_ids[: -(-end // self.block_size)])
+                chunks.append(PrefillChunk(len(ids), item.num_new_tokens, end, block_ids))
             ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += [self._slot(seq.block_ids, p) for p in range(start, end)]
-        max_blocks = max((len(d.seq.block_ids) for d in decodes), default=0)
-        tables = [d.seq.block_ids + [0] * (max_blocks - len(d.seq.block_ids)) for d in decodes]
-        context_lens = self._tensor([d.seq.num_computed_tokens + 1 for d in decodes])
+        context_lens = self._int32([d.seq.num_computed_tokens + 1 for d in decodes])
+        tables = self._block_tables([d.seq.block_ids for d in decodes])
+        needs_mask = decodes and self.backend.uses_decode_mask
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
+            slot_mapping=self._int64(slots),
             num_decode_tokens=len(decodes),
-            decode_block_tables=self._tensor(tables).view(len(decodes), max_blocks),
+            decode_block_tables=tables,
             decode_context_lens=context_lens,
             prefills=tuple(chunks),
-            decode_mask=decode_mask(context_lens, max_blocks * self.block_size)
-            if decodes
+            decode_mask=decode_mask(context_lens, tables.shape[1] * self.block_size)
+            if needs_mask
             else None,
+            **self._prefill_tensors(prefills),
         )
-        return self._tensor(ids), self._tensor(positions), meta
+        return self._int64(ids), self._int64(positions), meta
+
+    def _prefill_tensors(self, prefills: list[ScheduledSequence]) -> dict:
+        """Packed prefill description for kernels that take one launch for all chunks;
+        query_start_loc counts from the first prefill row."""
+        if not prefills:
+            return {}
+        query_lens = [p.num_new_tokens for p in prefills]
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        return dict(
+            prefill_block_tables=self._block_tables([p.seq.block_ids for p in prefills]),
+            prefill_query_start_loc=self._int32(starts),
+            prefill_context_lens=self._int32(
+                [p.seq.num_computed_tokens + p.num_new_tokens for p in prefills]
+            ),
+            max_prefill_query_len=max(query_lens),
+        )
+
+    def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        """[len(tables), max_len] int32, rows padded with block 0 (never read: past context)."""
+        width = max((len(t) for t in tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return self._int32(padded).view(len(tables), width)
 
     def _slot(self, block_ids: list[int], position: int) -> int:
         return block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _tensor(self, values: list) -> torch.Tensor:
+    def _int64(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _int32(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32).to(self.device, non_blocking=True)
 
 
 def _last_token_indices(batch: list[ScheduledSequence]) -> list[int]:

@@ -83,15 +83,16 @@ def describe_model(source: ModelSource) -> tuple[ModelInfo, Any]:
 
 
 def load_weights(
-    info: ModelInfo, handle: Any, dtype: torch.dtype, seed: int = 0
+    info: ModelInfo, handle: Any, dtype: torch.dtype, seed: int = 0, device: Any = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Hugging Face-named tensors in `dtype` on the CPU."""
+    """Hugging Face-named tensors in `dtype`: dummy weights are made on `device`, checkpoint
+    weights are read to the CPU (the model copies them over)."""
     import torch
 
     if info.source.kind == "dummy":
         from engine.loader.dummy import dummy_weights
 
-        return dummy_weights(info.config, dtype, seed)
+        return dummy_weights(info.config, dtype, seed, device)
     if info.source.kind == "gguf":
         from engine.loader.gguf_file import gguf_tensors
 

@@ -1,0 +1,122 @@
+"""CUDA graphs of the decode step, captured once for a ladder of padded batch sizes.
+
+A decode step of a small model is a few hundred tiny kernels; launching them one by one from
+Python costs more than running them. Replaying a captured graph launches them all at once.
+
+Static buffers (one set, shared by every captured size; a batch of n runs the graph of the
+smallest captured size >= n, rows past n are padding):
+
+    input_ids     [max_batch]               int64   padding: token 0
+    positions     [max_batch]               int64   padding: 0
+    slot_mapping  [max_batch]               int64   padding: -1 (the KV write skips it)
+    block_tables  [max_batch, max_blocks]   int32   padding: anything (never read)
+    context_lens  [max_batch]               int32   padding: 0 (attention writes zeros)
+
+Needs an attention backend whose kernels never synchronize with the host (the Triton one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.llama import LlamaModel
+from engine.scheduler import ScheduledSequence
+
+logger = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to max_batch_size (and max_batch_size)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size]
+    sizes += list(range(16, max_batch_size, 16))
+    return sorted(set(sizes) | {max_batch_size})
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        max_model_len: int,
+        max_batch_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.max_blocks = -(-max_model_len // block_size)
+        self.batch_sizes = graph_batch_sizes(max_batch_size)
+        n = max_batch_size
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # [batch, vocab], the graphs' outputs
+
+    def can_run(self, decodes: list[ScheduledSequence]) -> bool:
+        return 0 < len(decodes) <= self.batch_sizes[-1]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        started = time.perf_counter()
+        pool = None
+        for batch in reversed(self.batch_sizes):  # largest first: later ones reuse its pool
+            self._forward(batch)  # warm-up: compiles kernels outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[batch] = self._forward(batch)
+            pool = graph.pool()
+            self.graphs[batch] = graph
+        torch.cuda.synchronize()
+        logger.info(
+            "captured %d decode CUDA graphs (batch <= %d) in %.1fs",
+            len(self.graphs),
+            self.batch_sizes[-1],
+            time.perf_counter() - started,
+        )
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:batch],
+            num_decode_tokens=batch,
+            decode_block_tables=self.block_tables[:batch],
+            decode_context_lens=self.context_lens[:batch],
+            prefills=(),
+        )
+        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.kv_cache, meta)
+        return self.model.compute_logits(hidden)
+
+    def run(self, decodes: list[ScheduledSequence]) -> torch.Tensor:
+        """Logits [len(decodes), vocab] for one decode step of these sequences."""
+        n = len(decodes)
+        batch = next(b for b in self.batch_sizes if b >= n)
+        ids, positions, slots, lens = [], [], [], []
+        table = torch.zeros(n, self.max_blocks, dtype=torch.int32)
+        for row, item in enumerate(decodes):
+            seq, position = item.seq, item.seq.num_computed_tokens
+            ids.append(seq.token_ids[position])
+            positions.append(position)
+            block = seq.block_ids[position // self.block_size]
+            slots.append(block * self.block_size + position % self.block_size)
+            lens.append(position + 1)
+            table[row, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
+        self._fill(self.input_ids, ids, batch, 0)
+        self._fill(self.positions, positions, batch, 0)
+        self._fill(self.slot_mapping, slots, batch, -1)
+        self._fill(self.context_lens, lens, batch, 0)
+        self.block_tables[:n].copy_(table, non_blocking=True)
+        self.graphs[batch].replay()
+        return self.logits[batch][:n]
+
+    @staticmethod
+    def _fill(buffer: torch.Tensor, values: list[int], batch: int, pad: int) -> None:
+        padded = values + [pad] * (batch - len(values))
+        buffer[:batch].copy_(torch.tensor(padded, dtype=buffer.dtype), non_blocking=True)

@@ -1,0 +1,160 @@
+"""RMSNorm with the residual add fused in: one read of x (and residual), one write of each out.
+
+    h   = x + residual                      (if a residual is given; rounded to x's dtype)
+    out = weight * (h * rsqrt(mean(h^2) + eps)).to(x.dtype)
+
+Statistics are taken in fp32. The rounding order is Hugging Face's (and `engine.llama.RMSNorm`'s
+for bf16/fp16): the normalized row is rounded to x's dtype before the weight multiplies it, so
+with a weight in x's dtype the kernel matches the torch module up to the order of the sum.
+
+The residual stream is updated in place: `residual` (when given) holds h afterwards, so the
+buffers a CUDA graph captured stay the ones it replays. Does not handle more than one row
+layout: rows are the leading dim, the hidden dim must be contiguous.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Above this many bytes per row one program holding the whole row in registers spills; the
+# Llama family stays far below it (hidden 16384 bf16 = 32 KiB).
+_MAX_ROW_BYTES = 65536
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,  # [num_tokens, hidden_size]
+    residual_ptr,  # [num_tokens, hidden_size], read then overwritten with h (HAS_RESIDUAL)
+    weight_ptr,  # [hidden_size]
+    out_ptr,  # [num_tokens, hidden_size]
+    x_row_stride,
+    residual_row_stride,
+    out_row_stride,
+    hidden_size,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,  # next power of two >= hidden_size: the whole row in one block
+):
+    # One program per row (token); int64 so row * stride cannot overflow on long batches.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden_size  # lanes past hidden_size load 0 and add nothing to the sum
+
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r_ptrs = residual_ptr + row * residual_row_stride + cols
+        r = tl.load(r_ptrs, mask=mask, other=0.0)
+        # The add is rounded to x's dtype, as `x + residual` in torch would be.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(r_ptrs, x, mask=mask)
+
+    h = x.to(tl.float32)
+    mean_square = tl.sum(h * h, axis=0) / hidden_size
+    normed = h * tl.rsqrt(mean_square + eps)
+    # Round to x's dtype before the weight (Hugging Face order), then multiply in fp32: a
+    # product of two bf16/fp16 values is exact in fp32, so the one rounding at the store
+    # gives the same result as torch's product in the narrow dtype.
+    normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_row_stride + cols, normed * w, mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden_size] fp32/bf16/fp16
+    weight: torch.Tensor,  # [hidden_size]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden_size], x's dtype; overwritten
+    *,
+    out: torch.Tensor | None = None,  # [num_tokens, hidden_size], x's dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, residual_out), like `engine.llama.RMSNorm.forward(x, residual)`.
+
+    With a residual, residual_out IS `residual`, overwritten with x + residual; without one,
+    residual_out is `x` itself. `out` (allocated if not given) is written in x's dtype and may
+    be `x` (each row is read whole before it is written). Positions are rows: the hidden dim
+    of every tensor must have stride 1; row strides are free. Raises ValueError on a bad
+    device, dtype, shape or stride.
+    """
+    _check_device(x)
+    _check_row_major("x", x)
+    num_tokens, hidden_size = x.shape
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be fp32, bf16 or fp16, got {x.dtype}")
+    _check_like("weight", weight, x, shape=(hidden_size,), same_dtype=False)
+    if weight.stride(0) != 1:
+        raise ValueError(f"weight must be contiguous, got stride {weight.stride()}")
+    if residual is not None:
+        _check_row_major("residual", residual)
+        _check_like("residual", residual, x, shape=x.shape)
+        if residual.data_ptr() == x.data_ptr():
+            raise ValueError("residual must not alias x")
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        _check_row_major("out", out)
+        _check_like("out", out, x, shape=x.shape)
+    block = triton.next_power_of_2(hidden_size)
+    if block * x.element_size() > _MAX_ROW_BYTES:
+        raise ValueError(f"hidden_size {hidden_size} too large for one program per row")
+    if num_tokens == 0:
+        return out, x if residual is None else residual
+
+    _rms_norm_kernel[(num_tokens,)](
+        x,
+        residual if residual is not None else x,  # unused when HAS_RESIDUAL is False
+        weight,
+        out,
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        hidden_size,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=min(max(block // 256, 1), 8),  # 4096 -> 8 warps, 1024 -> 4
+    )
+    return out, x if residual is None else residual
+
+
+def rms_norm_ref(
+    x: torch.Tensor,  # [num_tokens, hidden_size]
+    weight: torch.Tensor,  # [hidden_size]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden_size]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch reference: (out, x + residual); inputs are not modified."""
+    h = x if residual is None else x + residual
+    hf = h.float()
+    normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight.float() * normed.float()).to(x.dtype), h
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"x must be on a CUDA device (or TRITON_INTERPRET=1), got {x.device}")
+
+
+def _check_row_major(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be [num_tokens, hidden_size], got shape {tuple(t.shape)}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must have a contiguous hidden dim, got stride {t.stride()}")
+
+
+def _check_like(
+    name: str,
+    t: torch.Tensor,
+    x: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    same_dtype: bool = True,
+) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    if same_dtype and t.dtype != x.dtype:
+        raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")

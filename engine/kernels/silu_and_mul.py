@@ -1,0 +1,93 @@
+"""The gated MLP's activation: silu(gate) * up over the fused gate_up projection output.
+
+    gate_up = [gate | up]                 [num_tokens, 2 * intermediate]
+    out     = silu(gate) * up             [num_tokens, intermediate]
+
+Computed in fp32 and rounded once to the input's dtype. (The eager bf16 path in
+`engine.llama.MLP`, `F.silu(gate) * up`, rounds twice: after the silu and after the product;
+the results differ by at most about one bf16 ulp.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Columns of out one program writes: big enough for wide vector loads, small enough that a
+# decode batch of one token still spreads over a dozen programs (intermediate 14336 -> 14).
+_BLOCK = 1024
+
+
+@triton.jit
+def _silu_and_mul_kernel(
+    gate_up_ptr,  # [num_tokens, 2 * intermediate]
+    out_ptr,  # [num_tokens, intermediate]
+    gate_up_row_stride,
+    out_row_stride,
+    intermediate,
+    BLOCK: tl.constexpr,
+):
+    # Grid (num_tokens, cdiv(intermediate, BLOCK)): program (t, b) writes out[t, b*BLOCK:...],
+    # reading gate at the same columns of gate_up and up `intermediate` columns further on.
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < intermediate
+    gate_ptrs = gate_up_ptr + token * gate_up_row_stride + cols
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptrs + intermediate, mask=mask, other=0.0).to(tl.float32)
+    silu = gate / (1.0 + tl.exp(-gate))  # torch's formula; -inf gate gives -0, not NaN
+    tl.store(out_ptr + token * out_row_stride + cols, silu * up, mask=mask)
+
+
+def silu_and_mul(
+    gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate] fp32/bf16/fp16
+    out: torch.Tensor | None = None,  # [num_tokens, intermediate] gate_up's dtype
+) -> torch.Tensor:  # [num_tokens, intermediate] gate_up's dtype
+    """Returns silu(gate) * up, written into `out` when given (it must not overlap gate_up).
+    Rows may be strided; the column dim of both tensors must have stride 1. Raises ValueError
+    on a bad device, dtype, shape or stride.
+    """
+    if not gate_up.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"gate_up must be on a CUDA device (or TRITON_INTERPRET=1), got {gate_up.device}"
+        )
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 != 0:
+        raise ValueError(
+            f"gate_up must be [num_tokens, 2 * intermediate], got {tuple(gate_up.shape)}"
+        )
+    if gate_up.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"gate_up must be fp32, bf16 or fp16, got {gate_up.dtype}")
+    if gate_up.stride(1) != 1:
+        raise ValueError(f"gate_up must have stride 1 along columns, got {gate_up.stride()}")
+    num_tokens, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
+    if out is None:
+        out = torch.empty(num_tokens, intermediate, dtype=gate_up.dtype, device=gate_up.device)
+    elif (
+        out.device != gate_up.device
+        or out.dtype != gate_up.dtype
+        or tuple(out.shape) != (num_tokens, intermediate)
+        or (intermediate > 1 and out.stride(1) != 1)
+    ):
+        raise ValueError(
+            f"out must be [{num_tokens}, {intermediate}] {gate_up.dtype} on {gate_up.device} "
+            f"with stride 1 along columns, got {tuple(out.shape)} {out.dtype} on {out.device} "
+            f"strides {out.stride()}"
+        )
+    if num_tokens == 0 or intermediate == 0:
+        return out
+    grid = (num_tokens, triton.cdiv(intermediate, _BLOCK))
+    _silu_and_mul_kernel[grid](
+        gate_up, out, gate_up.stride(0), out.stride(0), intermediate, BLOCK=_BLOCK, num_warps=4
+    )
+    return out
+
+
+def silu_and_mul_ref(
+    gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate]
+) -> torch.Tensor:  # [num_tokens, intermediate]
+    """Plain torch reference, in fp32 and rounded once to the input's dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)

