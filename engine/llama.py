@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +68,41 @@ class RotaryEmbedding(nn.Module):
         self.cos2.copy_(torch.cat((cos, cos), dim=-1))
         self.sin2.copy_(torch.cat((-sin, sin), dim=-1))
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tables at each token's position, [num_tokens, 1, head_dim] fp32."""
-        return self.cos2[positions].unsqueeze(1), self.sin2[positions].unsqueeze(1)
+    def forward(self, positions: torch.Tensor) -> RotaryInputs:
+        """What the layers need to rotate this step's q and k (computed once per step)."""
+        if positions.is_cuda:  # the Triton kernel reads the tables itself
+            return RotaryInputs(positions, self.cos2, self.sin2)
+        cos = self.cos2[positions].unsqueeze(1)  # [num_tokens, 1, head_dim] fp32
+        sin = self.sin2[positions].unsqueeze(1)
+        return RotaryInputs(positions, cos, sin)
+
+
+@dataclass(frozen=True, slots=True)
+class RotaryInputs:
+    positions: torch.Tensor  # [num_tokens] int64
+    cos2: torch.Tensor  # CPU: [num_tokens, 1, head_dim] per token; CUDA: the whole table
+    sin2: torch.Tensor
+
+
+def rotate_qk(
+    qkv: torch.Tensor,  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
+    rope: RotaryInputs,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated q [num_tokens, heads, head_dim] and k [num_tokens, kv_heads, head_dim]."""
+    q_size, qk_size = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
+    if qkv.is_cuda:  # in place, one Triton launch
+        from engine.kernels.rotary import apply_rotary_
+
+        q = qkv[:, :q_size].view(-1, num_heads, head_dim)
+        k = qkv[:, q_size:qk_size].view(-1, num_kv_heads, head_dim)
+        apply_rotary_(q, k, rope.positions, rope.cos2, rope.sin2)
+        return q, k
+    qk = qkv[:, :qk_size].view(-1, num_heads + num_kv_heads, head_dim)
+    q, k = apply_rotary(qk, (rope.cos2, rope.sin2)).split([num_heads, num_kv_heads], dim=1)
+    return q, k
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -133,6 +166,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual): the residual add is fused in."""
+        if x.is_cuda:  # one Triton launch; updates `residual` in place
+            from engine.kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
         if x.dtype == torch.float32:  # one fused kernel
@@ -160,15 +197,13 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, hidden]
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope: RotaryInputs,
         kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
-        qk_size = self.q_size + self.kv_size
-        qk = qkv[:, :qk_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(qk, cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotate_qk(qkv, rope, self.num_heads, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(kv_cache_layer, k, v, meta.slot_mapping)
         out = self.backend.forward(q, kv_cache_layer, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -181,7 +216,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        if gate_up.is_cuda:
+            from engine.kernels.silu_and_mul import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -217,11 +257,11 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         x = self.embed_tokens(input_ids)
-        cos_sin = self.rotary(positions)
+        rope = self.rotary(positions)
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = layer.input_layernorm(x, residual)
-            h = layer.self_attn(h, cos_sin, kv_cache[i], meta)
+            h = layer.self_attn(h, rope, kv_cache[i], meta)
             h, residual = layer.post_attention_layernorm(h, residual)
             x = layer.mlp(h)
         x, _ = self.norm(x, residual)

@@ -14,8 +14,6 @@ layout: rows are the leading dim, the hidden dim must be contiguous.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -90,7 +88,7 @@ def rms_norm(
     if residual is not None:
         _check_row_major("residual", residual)
         _check_like("residual", residual, x, shape=x.shape)
-        if residual.data_ptr() == x.data_ptr():
+        if x.numel() > 0 and residual.data_ptr() == x.data_ptr():
             raise ValueError("residual must not alias x")
     if out is None:
         out = torch.empty_like(x)
@@ -134,7 +132,7 @@ def rms_norm_ref(
 
 
 def _check_device(x: torch.Tensor) -> None:
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not x.is_cuda and not triton.knobs.runtime.interpret:
         raise ValueError(f"x must be on a CUDA device (or TRITON_INTERPRET=1), got {x.device}")
 
 

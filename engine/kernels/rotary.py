@@ -14,8 +14,6 @@ below max_positions.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -26,35 +24,36 @@ _MAX_TILE = 2048
 
 @triton.jit
 def _rotate_heads(
-    x_ptr,  # [num_tokens, num_heads, head_dim], rotated in place
+    x_ptr,  # [num_tokens, NUM_HEADS, head_dim], rotated in place
     token,  # int64 token index
     token_stride,
     head_stride,
-    num_heads,
-    half,  # head_dim // 2
-    c1,  # [1, BLOCK_HALF] fp32 cos2[pos, :half]
-    c2,  # [1, BLOCK_HALF] fp32 cos2[pos, half:]
-    s1,  # [1, BLOCK_HALF] fp32 sin2[pos, :half]  (= -sin)
-    s2,  # [1, BLOCK_HALF] fp32 sin2[pos, half:]  (= +sin)
+    c1,  # [1, BLOCK_HALF] fp32 cos2[pos, :HALF]
+    c2,  # [1, BLOCK_HALF] fp32 cos2[pos, HALF:]
+    s1,  # [1, BLOCK_HALF] fp32 sin2[pos, :HALF]  (= -sin)
+    s2,  # [1, BLOCK_HALF] fp32 sin2[pos, HALF:]  (= +sin)
+    NUM_HEADS: tl.constexpr,
+    HALF: tl.constexpr,  # head_dim // 2
     BLOCK_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
     dims = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF] offset within a half
-    for head_start in range(0, num_heads, BLOCK_HEADS):
+    # Tiles of BLOCK_HEADS heads; usually one, and the loop is unrolled at compile time.
+    for head_start in tl.static_range(0, NUM_HEADS, BLOCK_HEADS):
         heads = head_start + tl.arange(0, BLOCK_HEADS)[:, None]  # [BLOCK_HEADS, 1]
-        mask = (heads < num_heads) & (dims < half)
-        # x[token, head, d] for d in the first half; the second half is `half` further on.
+        mask = (heads < NUM_HEADS) & (dims < HALF)
+        # x[token, head, d] for d in the first half; the second half is HALF further on.
         ptrs = x_ptr + token * token_stride + heads * head_stride + dims
         x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptrs, (x1 * c1 + x2 * s1).to(x_ptr.dtype.element_ty), mask=mask)
-        tl.store(ptrs + half, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs + HALF, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr,  # [num_tokens, num_heads, head_dim]
-    k_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    q_ptr,  # [num_tokens, NUM_HEADS, head_dim]
+    k_ptr,  # [num_tokens, NUM_KV_HEADS, head_dim]
     positions_ptr,  # [num_tokens] int32/int64
     cos_ptr,  # [max_positions, head_dim] fp32
     sin_ptr,  # [max_positions, head_dim] fp32
@@ -63,52 +62,32 @@ def _rotary_kernel(
     k_token_stride,
     k_head_stride,
     table_stride,
-    num_heads,
-    num_kv_heads,
-    half,
+    NUM_HEADS: tl.constexpr,  # model constants: one compile per model, masks fold away
+    NUM_KV_HEADS: tl.constexpr,
+    HALF: tl.constexpr,  # head_dim // 2
     BLOCK_HEADS_Q: tl.constexpr,
     BLOCK_HEADS_K: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,  # next power of two >= head_dim // 2
+    BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
 ):
     # One program per token; it rotates all of that token's q heads, then all its k heads,
     # with the token's table row loaded once.
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)[None, :]
-    dim_mask = dims < half
-    row = pos * table_stride + dims
+    dim_mask = dims < HALF
+    row = pos * table_stride + dims  # table[pos, d] for d in the first half
     c1 = tl.load(cos_ptr + row, mask=dim_mask, other=0.0)
-    c2 = tl.load(cos_ptr + row + half, mask=dim_mask, other=0.0)
+    c2 = tl.load(cos_ptr + row + HALF, mask=dim_mask, other=0.0)
     s1 = tl.load(sin_ptr + row, mask=dim_mask, other=0.0)
-    s2 = tl.load(sin_ptr + row + half, mask=dim_mask, other=0.0)
+    s2 = tl.load(sin_ptr + row + HALF, mask=dim_mask, other=0.0)
     _rotate_heads(
-        q_ptr,
-        token,
-        q_token_stride,
-        q_head_stride,
-        num_heads,
-        half,
-        c1,
-        c2,
-        s1,
-        s2,
-        BLOCK_HEADS_Q,
-        BLOCK_HALF,
-    )
+        q_ptr, token, q_token_stride, q_head_stride, c1, c2, s1, s2,
+        NUM_HEADS, HALF, BLOCK_HEADS_Q, BLOCK_HALF,
+    )  # fmt: skip
     _rotate_heads(
-        k_ptr,
-        token,
-        k_token_stride,
-        k_head_stride,
-        num_kv_heads,
-        half,
-        c1,
-        c2,
-        s1,
-        s2,
-        BLOCK_HEADS_K,
-        BLOCK_HALF,
-    )
+        k_ptr, token, k_token_stride, k_head_stride, c1, c2, s1, s2,
+        NUM_KV_HEADS, HALF, BLOCK_HEADS_K, BLOCK_HALF,
+    )  # fmt: skip
 
 
 def apply_rotary_(
@@ -141,9 +120,9 @@ def apply_rotary_(
         k.stride(0),
         k.stride(1),
         cos2.stride(0),
-        num_heads,
-        num_kv_heads,
-        half,
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HALF=half,
         BLOCK_HEADS_Q=min(triton.next_power_of_2(num_heads), max_heads),
         BLOCK_HEADS_K=min(triton.next_power_of_2(num_kv_heads), max_heads),
         BLOCK_HALF=block_half,
@@ -176,7 +155,7 @@ def _check_inputs(
     cos2: torch.Tensor,
     sin2: torch.Tensor,
 ) -> None:
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and not triton.knobs.runtime.interpret:
         raise ValueError(f"q must be on a CUDA device (or TRITON_INTERPRET=1), got {q.device}")
     for name, t in (("k", k), ("positions", positions), ("cos2", cos2), ("sin2", sin2)):
         if t.device != q.device:

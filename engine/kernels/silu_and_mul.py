@@ -10,8 +10,6 @@ the results differ by at most about one bf16 ulp.)
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -50,7 +48,7 @@ def silu_and_mul(
     Rows may be strided; the column dim of both tensors must have stride 1. Raises ValueError
     on a bad device, dtype, shape or stride.
     """
-    if not gate_up.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not gate_up.is_cuda and not triton.knobs.runtime.interpret:
         raise ValueError(
             f"gate_up must be on a CUDA device (or TRITON_INTERPRET=1), got {gate_up.device}"
         )

@@ -1,0 +1,302 @@
+"""Tandem's engine on one GPU against Hugging Face transformers, same shape, same run.
+
+Dummy (random) bf16 weights of a named shape (`--shape llama-3-8b` or `smollm2-135m`), random
+prompt token ids, greedy decoding that never stops early. Measured:
+
+- decode tokens/s at each batch size (`--batch-sizes`, default 1,16,64) with `--prompt-len`
+  prompts and `--new-tokens` new tokens: rate = batch * (new_tokens - 1) / (time from the
+  step that produced every first token to the last token); plus end-to-end output tokens/s.
+  At batch 1 also the achieved memory bandwidth: bytes read per step (all weights but the
+  embedding table, plus the KV cache of the average context) * steps/s, as % of the
+  `--peak-bandwidth` (3.0 TB/s measured on the lent H100s).
+- time to first token of a `--ttft-len` prompt (default 2,048), prefill in one chunk.
+- the same with transformers `generate` on a `LlamaForCausalLM` of that shape: eager (every
+  batch size), and `cache_implementation="static"` with `torch.compile` (batch 1: compiling
+  every batch size would cost minutes of GPU time each).
+
+Each number is the median of `--repeats` runs after a warm-up (min and max in the JSON).
+
+    python -m bench.engine_gpu --shape llama-3-8b [--batch-sizes 1,16,64] [--baselines
+        eager,static] [--repeats 3] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench.common import machine_info, markdown_table, write_json
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.model_config import NAMED_SHAPES, ModelConfig
+from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerConfig
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-3-8b", choices=sorted(NAMED_SHAPES))
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--ttft-len", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baselines", default="eager,static", help="comma list, or 'none'")
+    parser.add_argument("--kv-cache-gb", type=float, default=16.0)
+    parser.add_argument("--peak-bandwidth", type=float, default=3.0e12, help="bytes/s")
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--out", default="bench/results/engine_gpu.json")
+    return parser.parse_args()
+
+
+def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+def median_of(runs: int, measure: Callable[[int], float]) -> dict[str, Any]:
+    measure(-1)  # warm-up
+    values = [measure(i) for i in range(runs)]
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
+
+
+# ---- Tandem ------------------------------------------------------------------------------
+
+
+def tandem_engine(args: argparse.Namespace, max_batch: int) -> Engine:
+    return Engine(
+        EngineConfig(
+            model=f"dummy:{args.shape}",
+            device="cuda",
+            dtype="bfloat16",
+            kv_cache_bytes=int(args.kv_cache_gb * 2**30),
+            max_model_len=4096,
+            cuda_graphs=not args.no_cuda_graphs,
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_batch, max_num_batched_tokens=max(args.ttft_len, 4096)
+            ),
+        )
+    )
+
+
+def tandem_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(decode tokens/s after every first token, end-to-end output tokens/s)."""
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    engine.block_manager.reset_prefix_cache()
+    started = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"d{i}", None, params, prompt_token_ids=prompt)
+    seen: set[str] = set()
+    counts: dict[str, int] = {}
+    first_all = None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen.add(output.request_id)
+            counts[output.request_id] = counts.get(output.request_id, 0) + 1
+        if first_all is None and len(seen) == len(prompts):
+            torch.cuda.synchronize()
+            first_all = time.perf_counter()
+    torch.cuda.synchronize()
+    ended = time.perf_counter()
+    assert all(n == new_tokens for n in counts.values()), "a request stopped early"
+    assert first_all is not None
+    num = len(prompts)
+    return num * (new_tokens - 1) / (ended - first_all), num * new_tokens / (ended - started)
+
+
+def tandem_ttft(engine: Engine, prompt: list[int]) -> float:
+    engine.block_manager.reset_prefix_cache()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    engine.add_request("ttft", None, SamplingParams(max_tokens=1), prompt_token_ids=prompt)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - started
+
+
+def bytes_per_decode_step(config: ModelConfig, context_len: int, dtype_bytes: int = 2) -> int:
+    weights = config.num_parameters() - config.vocab_size * config.hidden_size  # no embedding
+    if config.tie_word_embeddings:  # the LM head is the embedding matrix: read in full
+        weights += config.vocab_size * config.hidden_size
+    return weights * dtype_bytes + context_len * config.kv_bytes_per_token(dtype_bytes)
+
+
+def run_tandem(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, Any]:
+    started = time.perf_counter()
+    engine = tandem_engine(args, max(batch_sizes))
+    result: dict[str, Any] = {"load_s": time.perf_counter() - started, "decode": {}}
+    vocab = engine.model_config.vocab_size
+    for batch in batch_sizes:
+        end_to_end: list[float] = []
+
+        def measure(rep: int, batch: int = batch, sink: list[float] = end_to_end) -> float:
+            prompts = random_prompts(batch, args.prompt_len, vocab, seed=1000 * batch + rep)
+            rate, e2e = tandem_decode(engine, prompts, args.new_tokens)
+            sink.append(e2e)
+            return rate
+
+        stats = median_of(args.repeats, measure)
+        stats["end_to_end_median"] = statistics.median(end_to_end[1:])
+        result["decode"][batch] = stats
+    ttft_prompt = random_prompts(1, args.ttft_len, vocab, seed=7)[0]
+    result["ttft_s"] = median_of(args.repeats, lambda rep: tandem_ttft(engine, ttft_prompt))
+    engine.check_integrity()
+    return result
+
+
+# ---- transformers ------------------------------------------------------------------------
+
+
+def hf_model(config: ModelConfig) -> Any:
+    import transformers
+
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = transformers.LlamaForCausalLM(hf_config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def hf_generate(model: Any, prompts: list[list[int]], new_tokens: int, **kwargs: Any) -> float:
+    ids = torch.tensor(prompts, device="cuda")
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            **kwargs,
+        )
+    torch.cuda.synchronize()
+    assert out.shape[1] == ids.shape[1] + new_tokens, "transformers stopped early"
+    return time.perf_counter() - started
+
+
+def hf_decode(model: Any, prompts: list[list[int]], new_tokens: int, **kwargs: Any) -> float:
+    """Decode tokens/s: generate N tokens minus the time of generating 1 (the prefill)."""
+    prefill_s = hf_generate(model, prompts, 1, **kwargs)
+    total_s = hf_generate(model, prompts, new_tokens, **kwargs)
+    return len(prompts) * (new_tokens - 1) / (total_s - prefill_s)
+
+
+def run_transformers(
+    args: argparse.Namespace, config: ModelConfig, batch_sizes: list[int], mode: str
+) -> dict[str, Any]:
+    model = hf_model(config)
+    kwargs: dict[str, Any] = {}
+    if mode == "static":
+        kwargs["cache_implementation"] = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        batch_sizes = batch_sizes[:1]
+    result: dict[str, Any] = {"decode": {}}
+    for batch in batch_sizes:
+        result["decode"][batch] = median_of(
+            args.repeats,
+            lambda rep, b=batch: hf_decode(
+                model,
+                random_prompts(b, args.prompt_len, config.vocab_size, 2000 * b + rep),
+                args.new_tokens,
+                **kwargs,
+            ),
+        )
+    ttft_prompt = random_prompts(1, args.ttft_len, config.vocab_size, seed=7)
+    result["ttft_s"] = median_of(
+        args.repeats, lambda rep: hf_generate(model, ttft_prompt, 1, **kwargs)
+    )
+    return result
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def report(
+    args: argparse.Namespace, config: ModelConfig, results: dict[str, Any], batch_sizes: list[int]
+) -> str:
+    systems = list(results)
+    rows = []
+    for batch in batch_sizes:
+        row = [f"decode tok/s, batch {batch}"]
+        for name in systems:
+            stats = results[name]["decode"].get(batch)
+            row.append("-" if stats is None else f"{stats['median']:,.1f}")
+        rows.append(row)
+    context = args.prompt_len + args.new_tokens // 2
+    step_bytes = bytes_per_decode_step(config, context)
+    row = ["batch 1: % of peak bandwidth"]
+    for name in systems:
+        stats = results[name]["decode"].get(1)
+        row.append(
+            "-"
+            if stats is None
+            else f"{100 * stats['median'] * step_bytes / args.peak_bandwidth:.0f}%"
+        )
+    rows.append(row)
+    rows.append(
+        [f"TTFT, {args.ttft_len}-token prompt (ms)"]
+        + [f"{1000 * results[n]['ttft_s']['median']:.1f}" for n in systems]
+    )
+    return markdown_table(["metric", *systems], rows)
+
+
+def main() -> None:
+    args = parse_args()
+    config = NAMED_SHAPES[args.shape]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    results: dict[str, Any] = {"tandem": run_tandem(args, batch_sizes)}
+    for mode in baselines:
+        gc.collect()  # the previous system's weights and KV cache go before the next loads
+        torch.cuda.empty_cache()
+        results[f"transformers-{mode}"] = run_transformers(args, config, batch_sizes, mode)
+    table = report(args, config, results, batch_sizes)
+    device = torch.cuda.get_device_name()
+    print(
+        f"\n{args.shape}, bf16, {device}, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, median of {args.repeats}\n{table}"
+    )
+    write_json(
+        args.out,
+        {
+            "config": vars(args),
+            "machine": machine_info(),
+            "device": device,
+            "results": results,
+            "table": table,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,507 @@
+"""Paged decode attention: one new query token per sequence against its cached context.
+
+This is the Triton backend's hot kernel for decode steps. It reads K and V straight out of the
+paged cache through the block table (no gather copy), shares every K/V tile among the query heads
+of one GQA group, and splits long contexts across programs (flash-decoding) so that small batches
+still fill the GPU. It must not synchronize with the host: the launcher never reads
+`context_lens` on the CPU, so a call can be captured in a CUDA graph and replayed with new
+lengths. It does not write the cache (see `kv_write`) and does not handle prefill.
+
+KV cache of one layer (K and V alike; only head_dim need be contiguous):
+
+    k_cache[block_id, slot_in_block, kv_head, head_dim]
+    token p of sequence s:  block_id = block_tables[s, p // block_size],  slot = p % block_size
+
+Grid of the split kernel, one program per (sequence, kv head, split):
+
+    context of sequence s:  |<---- split 0 ---->|<---- split 1 ---->|<-- split 2 -->|
+    tiles of TILE_N tokens: |tile|tile|tile|tile|tile|tile|tile|tile|tile|tile|    |
+                            each program walks the tiles of its split; a tile gathers
+                            TILE_N tokens (whole or partial cache blocks) via the table
+
+    split_len = ceil(ceil(context_len / num_splits) / TILE_N) * TILE_N, from each sequence's
+    own context_len on the GPU, so a short sequence in a long batch has short splits; splits
+    past its end are empty. num_splits itself comes from shapes only (`choose_num_splits`).
+
+    q rows of the program:  query heads kv_head * group .. kv_head * group + group - 1,
+                            padded to GROUP_PAD >= 16 rows so scores and outputs are tl.dot:
+        scores [GROUP_PAD, TILE_N] = q [GROUP_PAD, D] @ K^T [D, TILE_N]
+        acc    [GROUP_PAD, D]     += p [GROUP_PAD, TILE_N] @ V [TILE_N, D]
+
+Each split keeps an online softmax in fp32 and writes its normalized partial output and its
+log-sum-exp to the workspace:
+
+    partial_out [num_seqs, num_heads, num_splits, head_dim] fp32
+    partial_lse [num_seqs, num_heads, num_splits]           fp32, -inf for an empty split
+
+and the reduce kernel, one program per (sequence, query head), merges the splits:
+out = sum_i exp(lse_i - max lse) * partial_out_i / sum_i exp(lse_i - max lse). With one split
+the split kernel writes `out` directly and the reduce kernel is not launched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.attention import decode_mask
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634  # 1 / ln(2): scores are kept in base 2 so the kernel uses exp2
+_LN2 = tl.constexpr(0.6931471805599453)  # turns the kernel's base-2 lse back into natural log
+_TILE_TOKENS = 128  # K/V tokens per tile of the split kernel (head_dim <= 128)
+_MIN_SPLIT_TOKENS = 128  # one tile: a shorter split would leave the later splits empty
+_MAX_SPLITS = 32
+_PROGRAMS_PER_SM = 2  # target this many programs per multiprocessor when choosing splits
+_CPU_NUM_SMS = 4  # stand-in for the interpreter, so tests exercise several splits
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeAttentionWorkspace:
+    """Scratch for the split partial results. Allocate once (for the largest batch and split
+    count a CUDA graph will see) and pass to every call; larger first dims are fine."""
+
+    partial_out: torch.Tensor  # [max_seqs, num_heads, max_splits, head_dim] fp32
+    partial_lse: torch.Tensor  # [max_seqs, num_heads, max_splits] fp32
+
+    @classmethod
+    def allocate(
+        cls,
+        max_seqs: int,
+        num_heads: int,
+        max_splits: int,
+        head_dim: int,
+        device: torch.device | str,
+    ) -> DecodeAttentionWorkspace:
+        return cls(
+            partial_out=torch.empty(
+                max_seqs, num_heads, max_splits, head_dim, dtype=torch.float32, device=device
+            ),
+            partial_lse=torch.empty(
+                max_seqs, num_heads, max_splits, dtype=torch.float32, device=device
+            ),
+        )
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [num_seqs, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_blocks] int32 or int64
+    context_lens_ptr,  # [num_seqs] int32 or int64
+    out_ptr,  # [num_seqs, num_heads, head_dim]; written only when NUM_SPLITS == 1
+    partial_out_ptr,  # [>=num_seqs, num_heads, >=NUM_SPLITS, head_dim] fp32
+    partial_lse_ptr,  # [>=num_seqs, num_heads, >=NUM_SPLITS] fp32
+    qk_scale,  # softmax scale * log2(e)
+    stride_q_seq,
+    stride_q_head,
+    stride_k_block,
+    stride_k_slot,
+    stride_k_head,
+    stride_v_block,
+    stride_v_slot,
+    stride_v_head,
+    stride_bt_seq,
+    stride_bt_block,
+    stride_o_seq,
+    stride_o_head,
+    stride_po_seq,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_seq,
+    stride_pl_head,
+    HEAD_DIM: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # query heads per kv head
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    NUM_SPLITS: tl.constexpr,
+    GROUP_PAD: tl.constexpr,  # GROUP_SIZE rounded up to a power of two >= 16 (tl.dot's M)
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two >= 16
+    TILE_N: tl.constexpr,  # tokens per K/V tile, a power of two >= 16
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 caches, so tl.dot does not round to tf32
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    offs_g = tl.arange(0, GROUP_PAD)  # row g of this program = query head kv_head*GROUP_SIZE+g
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, TILE_N)
+    mask_g = offs_g < GROUP_SIZE
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP_SIZE + offs_g  # [GROUP_PAD] query head ids
+
+    q_ptrs = q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
+
+    # This split's share of the context: ceil(context_len / NUM_SPLITS) rounded up to whole
+    # tiles, so splits start on tile boundaries. Trailing splits of a short context are empty.
+    context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
+    split_len = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), TILE_N) * TILE_N
+    split_start = split * split_len
+    split_end = tl.minimum(split_start + split_len, context_len)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)  # running max, base-2 units
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)  # running sum of p @ V
+
+    k_head_ptr = k_cache_ptr + kv_head * stride_k_head
+    v_head_ptr = v_cache_ptr + kv_head * stride_v_head
+    bt_row_ptr = block_tables_ptr + seq * stride_bt_seq
+    for tile_start in range(split_start, split_end, TILE_N):
+        # Token positions of this tile and where each one lives in the cache. The first token
+        # is always < split_end, so every tile has at least one valid column and m_i turns
+        # finite on the first tile.
+        positions = tile_start + offs_n  # [TILE_N]
+        mask_n = positions < split_end
+        block_ids = tl.load(
+            bt_row_ptr + (positions // BLOCK_SIZE) * stride_bt_block, mask=mask_n, other=0
+        ).to(tl.int64)
+        slots = positions % BLOCK_SIZE
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+
+        # K^T tile [BLOCK_D, TILE_N]: column n is the key of token positions[n].
+        k_ptrs = (
+            k_head_ptr
+            + block_ids[None, :] * stride_k_block
+            + slots[None, :] * stride_k_slot
+            + offs_d[:, None]
+        )
+        k = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
+        scores = tl.where(mask_n[None, :], scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)  # rescales the old sums; exp2(-inf) = 0 on the first tile
+        p = tl.exp2(scores - m_new[:, None])  # [GROUP_PAD, TILE_N], 0 in masked columns
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        # V tile [TILE_N, BLOCK_D]: row n is the value of token positions[n].
+        v_ptrs = (
+            v_head_ptr
+            + block_ids[:, None] * stride_v_block
+            + slots[:, None] * stride_v_slot
+            + offs_d[None, :]
+        )
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split (or a padding row, context_len 0) has l_i = 0 and acc = 0: its output is
+    # 0 and its lse -inf, so the merge gives it weight 0.
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)  # no 0 / 0, no log2(0)
+    out = acc / l_safe[:, None]
+    out_mask = mask_g[:, None] & mask_d[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+        po_ptrs = (
+            partial_out_ptr
+            + seq * stride_po_seq
+            + heads[:, None] * stride_po_head
+            + split * stride_po_split
+            + offs_d[None, :]
+        )
+        tl.store(po_ptrs, out, mask=out_mask)
+        pl_ptrs = partial_lse_ptr + seq * stride_pl_seq + heads * stride_pl_head + split
+        tl.store(pl_ptrs, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,  # [num_seqs, num_heads, head_dim]
+    partial_out_ptr,  # [>=num_seqs, num_heads, >=NUM_SPLITS, head_dim] fp32
+    partial_lse_ptr,  # [>=num_seqs, num_heads, >=NUM_SPLITS] fp32
+    stride_o_seq,
+    stride_o_head,
+    stride_po_seq,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_seq,
+    stride_pl_head,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+
+    lse = tl.load(
+        partial_lse_ptr + seq * stride_pl_seq + head * stride_pl_head + offs_s,
+        mask=mask_s,
+        other=float("-inf"),
+    )  # [SPLITS_PAD]
+    has_keys = lse > float("-inf")
+    # All splits empty (a padding row): lse_max = -inf; use 0 so no -inf - -inf = NaN appears.
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)
+    weights = tl.where(has_keys, tl.exp(lse - lse_max), 0.0)  # [SPLITS_PAD]
+    total = tl.sum(weights, axis=0)
+
+    po_ptrs = (
+        partial_out_ptr
+        + seq * stride_po_seq
+        + head * stride_po_head
+        + offs_s[:, None] * stride_po_split
+        + offs_d[None, :]
+    )
+    partial = tl.load(po_ptrs, mask=has_keys[:, None] & mask_d[None, :], other=0.0)
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    o_ptrs = out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_blocks: int, block_size: int, device: torch.device
+) -> int:
+    """How many splits of the context to use, from shapes alone (no host sync).
+
+    Enough (sequence, kv head, split) programs to give every multiprocessor about
+    `_PROGRAMS_PER_SM` of them, but no split shorter than `_MIN_SPLIT_TOKENS` of the longest
+    possible context (max_blocks * block_size), and at most `_MAX_SPLITS`."""
+    base_programs = max(1, num_seqs * num_kv_heads)
+    wanted = -(-_PROGRAMS_PER_SM * _num_sms(device) // base_programs)
+    useful = -(-max_blocks * block_size // _MIN_SPLIT_TOKENS)
+    return max(1, min(wanted, useful, _MAX_SPLITS))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [num_seqs, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32 or int64
+    context_lens: torch.Tensor,  # [num_seqs] int32 or int64; 0 marks a padding row
+    scale: float,
+    out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim], q's dtype
+    num_splits: int | None = None,
+    workspace: DecodeAttentionWorkspace | None = None,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim], q's dtype
+    """Attention of each sequence's one query token over its first context_len cached tokens.
+
+    Returns `out` (allocated if None). Rows with context_len 0 come out as zeros. `num_splits`
+    defaults to `choose_num_splits(...)`; with more than one split the partial results go to
+    `workspace` (allocated here when None: pass one when capturing a CUDA graph). Raises
+    ValueError for inputs of the wrong device, dtype, shape or layout. Never syncs the host."""
+    num_seqs, num_heads, head_dim = _check_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    max_blocks = block_tables.shape[1]
+    if out is None:
+        out = torch.empty_like(q)
+    _check_out(out, q)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks, block_size, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if num_seqs == 0:
+        return out
+    if num_splits == 1:
+        partial_out = partial_lse = out  # not touched: the split kernel writes out directly
+    else:
+        if workspace is None:
+            workspace = DecodeAttentionWorkspace.allocate(
+                num_seqs, num_heads, num_splits, head_dim, q.device
+            )
+        _check_workspace(workspace, num_seqs, num_heads, num_splits, head_dim, q.device)
+        partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
+
+    group_size = num_heads // num_kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    tile_n, num_warps, num_stages = _split_kernel_config(block_d, block_size)
+    with _on_device(q.device):
+        _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+            q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse,
+            scale * _LOG2E,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0), block_tables.stride(1),
+            out.stride(0), out.stride(1),
+            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+            partial_lse.stride(0), partial_lse.stride(1),
+            HEAD_DIM=head_dim,
+            GROUP_SIZE=group_size,
+            BLOCK_SIZE=block_size,
+            NUM_SPLITS=num_splits,
+            GROUP_PAD=max(16, triton.next_power_of_2(group_size)),
+            BLOCK_D=block_d,
+            TILE_N=tile_n,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )  # fmt: skip
+        if num_splits > 1:
+            _decode_reduce_kernel[(num_seqs, num_heads)](
+                out, partial_out, partial_lse,
+                out.stride(0), out.stride(1),
+                partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+                partial_lse.stride(0), partial_lse.stride(1),
+                HEAD_DIM=head_dim,
+                NUM_SPLITS=num_splits,
+                SPLITS_PAD=triton.next_power_of_2(num_splits),
+                BLOCK_D=block_d,
+                num_warps=4 if block_d >= 128 else 2,
+            )  # fmt: skip
+    return out
+
+
+def _split_kernel_config(block_d: int, block_size: int) -> tuple[int, int, int]:
+    """(TILE_N, num_warps, num_stages) of the split kernel. TILE_N is a power of two >= 16
+    (tl.dot's K for p @ V) and >= block_size. Tuned on an H100 for head_dim 128, bf16
+    (bench/kernels_decode_attention.py): 128-token tiles beat 32 and 64 at every batch size,
+    most at one split (86 vs 134 us for one 4096-token sequence); 8 warps or 3 stages did not
+    help. Two stages of 128 x 128 bf16 K and V tiles take 128 KiB of shared memory."""
+    tile_n = max(16, block_size, _TILE_TOKENS if block_d <= 128 else _TILE_TOKENS // 2)
+    return tile_n, 4, 2
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,  # [num_seqs, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks]
+    context_lens: torch.Tensor,  # [num_seqs]; 0 marks a padding row
+    scale: float,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim], q's dtype
+    """The same function in plain torch: gather the context, masked SDPA, zeros for padding
+    rows. Computes in the inputs' dtype (upcast them for a high-precision reference)."""
+    num_seqs, max_blocks = block_tables.shape
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    ids = block_tables.long()
+    # [num_seqs, kv_heads, max_blocks * block_size, head_dim]
+    k = k_cache[ids].reshape(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache[ids].reshape(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    mask = decode_mask(context_lens, max_blocks * block_size)  # [num_seqs, 1, 1, num_keys]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
+    ).squeeze(2)  # [num_seqs, num_heads, head_dim]; NaN in rows with no keys
+    is_padding = (context_lens == 0)[:, None, None]
+    return torch.where(is_padding, torch.zeros_like(out), out).to(q.dtype)
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> tuple[int, int, int]:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_seqs, num_heads, head_dim], got shape {tuple(q.shape)}")
+    num_seqs, num_heads, head_dim = q.shape
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and cache ({cache_head_dim}) differ")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if q.dtype not in _SUPPORTED_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(
+            f"q, k_cache, v_cache must share one dtype of {_SUPPORTED_DTYPES}, got "
+            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous along head_dim, strides {t.stride()}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
+        raise ValueError(
+            f"block_tables must be [num_seqs={num_seqs}, max_blocks], "
+            f"got {tuple(block_tables.shape)}"
+        )
+    if context_lens.shape != (num_seqs,):
+        raise ValueError(f"context_lens must be [{num_seqs}], got {tuple(context_lens.shape)}")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    _check_devices(q, k_cache, v_cache, block_tables, context_lens)
+    return num_seqs, num_heads, head_dim
+
+
+def _check_out(out: torch.Tensor, q: torch.Tensor) -> None:
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(
+            f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), got "
+            f"({tuple(out.shape)}, {out.dtype}, {out.device})"
+        )
+    if out.stride(-1) != 1:
+        raise ValueError(f"out must be contiguous along head_dim, strides {out.stride()}")
+
+
+def _check_workspace(
+    workspace: DecodeAttentionWorkspace,
+    num_seqs: int,
+    num_heads: int,
+    num_splits: int,
+    head_dim: int,
+    device: torch.device,
+) -> None:
+    po, pl = workspace.partial_out, workspace.partial_lse
+    fits = (
+        po.dim() == 4
+        and pl.dim() == 3
+        and po.shape[0] >= num_seqs
+        and pl.shape[0] >= num_seqs
+        and po.shape[1] == pl.shape[1] == num_heads
+        and po.shape[2] >= num_splits
+        and pl.shape[2] >= num_splits
+        and po.shape[3] == head_dim
+    )
+    if not fits:
+        raise ValueError(
+            f"workspace ({tuple(po.shape)}, {tuple(pl.shape)}) does not fit "
+            f"num_seqs={num_seqs}, num_heads={num_heads}, num_splits={num_splits}, "
+            f"head_dim={head_dim}"
+        )
+    if po.dtype != torch.float32 or pl.dtype != torch.float32:
+        raise ValueError(f"workspace must be float32, got {po.dtype}, {pl.dtype}")
+    if po.stride(-1) != 1 or pl.stride(-1) != 1:
+        raise ValueError("workspace tensors must be contiguous in their last dim")
+    if po.device != device or pl.device != device:
+        raise ValueError(f"workspace is on {po.device}/{pl.device}, inputs on {device}")
+
+
+def _check_devices(*tensors: torch.Tensor) -> None:
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        devices = [str(t.device) for t in tensors]
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(f"inputs must be on a CUDA device (or TRITON_INTERPRET=1), got {device}")
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the inputs' GPU, not whatever device is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _CPU_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+__all__ = [
+    "DecodeAttentionWorkspace",
+    "choose_num_splits",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
+]

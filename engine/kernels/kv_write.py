@@ -1,0 +1,187 @@
+"""Store the keys and values of this step's new tokens into the paged KV cache.
+
+The Triton backend's replacement for `engine.attention.write_kv`: one program per token copies
+that token's [num_kv_heads, head_dim] key and value rows into their cache slot, converting to
+the cache's dtype. Padding tokens (slot < 0, as CUDA-graph padded batches use) are skipped. It
+never syncs the host and never reads or writes outside the cache, even for a bad slot.
+
+KV cache of one layer (K and V alike; only head_dim need be contiguous):
+
+    k_cache[block_id, slot_in_block, kv_head, head_dim]
+    flat slot = block_id * block_size + slot_in_block
+
+Grid: one program per token t; it moves a [BLOCK_H, BLOCK_D] tile (all heads x head_dim):
+
+    k[t, :, :] --> k_cache[slot // block_size, slot % block_size, :, :]
+    v[t, :, :] --> v_cache[slot // block_size, slot % block_size, :, :]
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _kv_write_kernel(
+    k_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    v_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping_ptr,  # [num_tokens] int32 or int64
+    num_slots,  # num_blocks * block_size
+    stride_k_token,
+    stride_k_head,
+    stride_v_token,
+    stride_v_head,
+    stride_kc_block,
+    stride_kc_slot,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_slot,
+    stride_vc_head,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_H: tl.constexpr,  # NUM_KV_HEADS rounded up to a power of two
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    is_valid = (slot >= 0) & (slot < num_slots)  # < 0: padding; >= num_slots: caller bug
+    slot = tl.where(is_valid, slot, 0)  # keep the address math in range for skipped tokens
+    block_id = slot // BLOCK_SIZE
+    slot_in_block = slot % BLOCK_SIZE
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & is_valid
+
+    # Source rows of this token, [BLOCK_H, BLOCK_D]: element (h, d) at token*stride + h*stride + d.
+    k = tl.load(
+        k_ptr + token * stride_k_token + offs_h[:, None] * stride_k_head + offs_d[None, :],
+        mask=mask,
+    )
+    v = tl.load(
+        v_ptr + token * stride_v_token + offs_h[:, None] * stride_v_head + offs_d[None, :],
+        mask=mask,
+    )
+    # Destination: block block_id, row slot_in_block, same (head, d) tile.
+    kc_ptrs = (
+        k_cache_ptr
+        + block_id * stride_kc_block
+        + slot_in_block * stride_kc_slot
+        + offs_h[:, None] * stride_kc_head
+        + offs_d[None, :]
+    )
+    vc_ptrs = (
+        v_cache_ptr
+        + block_id * stride_vc_block
+        + slot_in_block * stride_vc_slot
+        + offs_h[:, None] * stride_vc_head
+        + offs_d[None, :]
+    )
+    tl.store(kc_ptrs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptrs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int32 or int64; < 0 skips the token
+) -> None:
+    """Store k and v at their flat slots (block_id * block_size + slot_in_block), in the
+    cache's dtype. Tokens with slot < 0 are skipped; so are slots >= num_blocks * block_size,
+    which are a caller bug (the reference raises for them). Raises ValueError for inputs of the
+    wrong device, dtype, shape or layout. Never syncs the host."""
+    _check_inputs(k, v, k_cache, v_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    num_blocks, block_size = k_cache.shape[:2]
+    if num_tokens == 0:
+        return
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = triton.next_power_of_2(num_kv_heads)
+    with _on_device(k.device):
+        _kv_write_kernel[(num_tokens,)](
+            k, v, k_cache, v_cache, slot_mapping,
+            num_blocks * block_size,
+            k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            NUM_KV_HEADS=num_kv_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            BLOCK_H=block_h,
+            BLOCK_D=block_d,
+            num_warps=4 if block_h * block_d >= 2048 else 2,
+        )  # fmt: skip
+
+
+def write_kv_ref(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens]; < 0 skips the token
+) -> None:
+    """The same in plain torch: indexed assignment of the non-padding tokens. Syncs the host
+    (boolean indexing) and raises IndexError for a slot >= num_blocks * block_size."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()  # [num_kept]
+    k_cache[slots // block_size, slots % block_size] = k[keep].to(k_cache.dtype)
+    v_cache[slots // block_size, slots % block_size] = v[keep].to(v_cache.dtype)
+
+
+def _check_inputs(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(
+            "k and v must both be [num_tokens, num_kv_heads, head_dim], "
+            f"got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(
+            f"k's [num_kv_heads, head_dim] {tuple(k.shape[1:])} does not match the cache's "
+            f"{tuple(k_cache.shape[2:])}"
+        )
+    block_size = k_cache.shape[1]
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping must be [{k.shape[0]}], got {tuple(slot_mapping.shape)}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache and v_cache dtypes differ: {k_cache.dtype}, {v_cache.dtype}")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous along head_dim, strides {t.stride()}")
+    tensors = (k, v, k_cache, v_cache, slot_mapping)
+    device = k.device
+    if any(t.device != device for t in tensors):
+        devices = [str(t.device) for t in tensors]
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(f"inputs must be on a CUDA device (or TRITON_INTERPRET=1), got {device}")
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the inputs' GPU, not whatever device is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
