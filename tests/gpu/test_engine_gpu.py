@@ -68,7 +68,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
-    train_on_rule(model, steps=300)
+    train_on_rule(model, steps=600)
     # A bf16 checkpoint: both engines then hold the same weights, and the comparison
     # measures the GPU's bf16 arithmetic against fp32 arithmetic on those weights.
     model.to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
