@@ -1,0 +1,102 @@
+"""The shape of one KV block, as both ends of a transfer must agree on it.
+
+A prefill and a decode process can only exchange KV blocks when they run the same model with the
+same cache geometry; `KVLayout` names that geometry and `check_compatible` refuses a transfer
+between caches that differ. One block, as laid out in the engine's cache tensor:
+
+    kv_cache[layer, 0 = K | 1 = V, block_id, slot_in_block, kv_head, head_dim]
+
+    block b = kv_cache[:, :, b]   # [num_layers, 2, block_size, num_kv_heads, head_dim]
+
+Torch-free at import (control-plane code decodes layouts without torch); it must not touch cache
+memory, only describe it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+from engine.errors import KVTransferError
+
+if TYPE_CHECKING:
+    import torch
+
+# KV cache element types the engine allocates, with their sizes in bytes.
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_MODEL_ID_BYTES = 256  # utf-8 bytes; the id travels in every TransferOffer
+MAX_DIM = (1 << 32) - 1  # every count travels as a u32
+_COUNT_FIELDS = ("block_size", "num_layers", "num_kv_heads", "head_dim")
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """Model identity and KV cache geometry; equal layouts can exchange blocks byte for byte."""
+
+    model_id: str
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+    block_size: int  # tokens per block
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        _check_model_id(self.model_id)
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {tuple(DTYPE_BYTES)}")
+        for name in _COUNT_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not int or not 1 <= value <= MAX_DIM:
+                raise ValueError(f"{name}={value!r} must be an int in [1, {MAX_DIM}]")
+
+    @classmethod
+    def of_cache(cls, kv_cache: torch.Tensor, model_id: str) -> KVLayout:
+        """The layout of an engine cache tensor.
+
+        kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        Raises ValueError when the tensor does not have that shape or an unsupported dtype.
+        """
+        shape = tuple(kv_cache.shape)
+        if len(shape) != 6 or shape[1] != 2:
+            raise ValueError(
+                f"kv_cache shape {shape} is not "
+                "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]"
+            )
+        num_layers, _, _, block_size, num_kv_heads, head_dim = shape
+        return cls(
+            model_id=model_id,
+            dtype=str(kv_cache.dtype).removeprefix("torch."),
+            block_size=block_size,
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+        )
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block across all layers, K and V together."""
+        elements = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
+        return elements * DTYPE_BYTES[self.dtype]
+
+    def check_compatible(self, other: KVLayout) -> None:
+        """Return if blocks of `self` and `other` are interchangeable; raise KVTransferError
+        naming every differing field, this layout's value first:
+        "layouts differ: dtype bfloat16 != float16, block_size 16 != 32"."""
+        mismatches = [
+            f"{f.name} {getattr(self, f.name)} != {getattr(other, f.name)}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+        if mismatches:
+            raise KVTransferError("layouts differ: " + ", ".join(mismatches))
+
+
+def _check_model_id(model_id: object) -> None:
+    if not isinstance(model_id, str) or not model_id:
+        raise ValueError(f"model_id={model_id!r} must be a non-empty str")
+    try:
+        num_bytes = len(model_id.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"model_id={model_id!r} is not encodable as UTF-8: {e}") from None
+    if num_bytes > MAX_MODEL_ID_BYTES:
+        raise ValueError(f"model_id is {num_bytes} UTF-8 bytes, limit {MAX_MODEL_ID_BYTES}")

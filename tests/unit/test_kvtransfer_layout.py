@@ -1,0 +1,126 @@
+"""KVLayout (kvtransfer.layout): equal layouts are compatible, every differing field is named
+with both values, the layout of a real engine cache tensor is read correctly (bytes_per_block
+included), and invalid values are refused with a ValueError naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine.errors import KVTransferError
+from kvtransfer.layout import MAX_MODEL_ID_BYTES, KVLayout
+
+
+def make_layout(**changes: object) -> KVLayout:
+    """SmolLM2-135M's cache geometry with 16-token blocks, with `changes` applied."""
+    fields: dict[str, object] = {
+        "model_id": "smollm2-135m",
+        "dtype": "bfloat16",
+        "block_size": 16,
+        "num_layers": 30,
+        "num_kv_heads": 3,
+        "head_dim": 64,
+    }
+    return KVLayout(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+def test_equal_layouts_are_compatible() -> None:
+    make_layout().check_compatible(make_layout())  # raises KVTransferError if not
+    assert make_layout() == make_layout()
+
+
+@pytest.mark.parametrize(
+    ("field", "mine", "theirs"),
+    [
+        ("model_id", "smollm2-135m", "llama-3-8b"),
+        ("dtype", "bfloat16", "float16"),
+        ("block_size", 16, 32),
+        ("num_layers", 30, 32),
+        ("num_kv_heads", 3, 8),
+        ("head_dim", 64, 128),
+    ],
+)
+def test_each_mismatching_field_is_named_with_both_values(
+    field: str, mine: object, theirs: object
+) -> None:
+    with pytest.raises(KVTransferError) as info:
+        make_layout(**{field: mine}).check_compatible(make_layout(**{field: theirs}))
+    assert str(info.value) == f"layouts differ: {field} {mine} != {theirs}"
+
+
+def test_every_mismatch_is_listed() -> None:
+    mine = make_layout(dtype="bfloat16", block_size=16)
+    theirs = make_layout(dtype="float16", block_size=32)
+    with pytest.raises(KVTransferError) as info:
+        mine.check_compatible(theirs)
+    assert str(info.value) == "layouts differ: dtype bfloat16 != float16, block_size 16 != 32"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_of_cache_reads_an_engine_cache_tensor(dtype: torch.dtype) -> None:
+    num_layers, num_blocks, block_size, num_kv_heads, head_dim = 3, 5, 4, 2, 8
+    # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], as ModelRunner allocates
+    kv_cache = torch.zeros(
+        num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype
+    )
+    layout = KVLayout.of_cache(kv_cache, "dummy:tiny")
+    assert layout == KVLayout(
+        model_id="dummy:tiny",
+        dtype=str(dtype).removeprefix("torch."),
+        block_size=block_size,
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+    )
+    one_block = kv_cache[:, :, 0]  # [num_layers, 2, block_size, num_kv_heads, head_dim]
+    assert layout.bytes_per_block == one_block.numel() * one_block.element_size()
+
+
+def test_bytes_per_block_of_smollm2() -> None:
+    assert make_layout().bytes_per_block == 2 * 30 * 16 * 3 * 64 * 2  # 368,640 bytes
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 2, 5, 4, 2), (3, 2, 5, 4, 2, 8, 1), (3, 1, 5, 4, 2, 8), (3, 3, 5, 4, 2, 8)],
+)
+def test_of_cache_rejects_other_shapes(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="kv_cache shape"):
+        KVLayout.of_cache(torch.zeros(shape), "m")
+
+
+def test_of_cache_rejects_an_unsupported_dtype() -> None:
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        KVLayout.of_cache(torch.zeros(1, 2, 1, 4, 1, 8, dtype=torch.int8), "m")
+
+
+@pytest.mark.parametrize("field", ["block_size", "num_layers", "num_kv_heads", "head_dim"])
+@pytest.mark.parametrize("value", [0, -1, 1 << 32, True, 16.0, "16", None])
+def test_bad_counts_raise_value_error_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"^{field}="):
+        make_layout(**{field: value})
+
+
+@pytest.mark.parametrize("value", ["", "torch.bfloat16", "int8", "float64", None])
+def test_bad_dtypes_raise_value_error(value: object) -> None:
+    with pytest.raises(ValueError, match=r"^dtype="):
+        make_layout(dtype=value)
+
+
+@pytest.mark.parametrize(
+    "value", ["", None, 7, "m" * (MAX_MODEL_ID_BYTES + 1), "é" * 129, "bad\udc80surrogate"]
+)
+def test_bad_model_ids_raise_value_error(value: object) -> None:
+    with pytest.raises(ValueError, match=r"^model_id"):
+        make_layout(model_id=value)
+
+
+def test_model_id_at_its_byte_limit_is_accepted() -> None:
+    assert make_layout(model_id="é" * (MAX_MODEL_ID_BYTES // 2)).model_id.startswith("é")
+
+
+def test_layout_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        make_layout().block_size = 32  # type: ignore[misc]
