@@ -71,16 +71,13 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     if not args.prompt:
         raise InvalidRequest("prompt", "prompt is empty")
-    request: dict[str, object] = (
-        {"messages": [{"role": "user", "content": args.prompt}]}
-        if args.chat
-        else {"prompt": args.prompt}
-    )
+    messages = [{"role": "user", "content": args.prompt}] if args.chat else None
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
     token_ids: list[int] = []
     text: list[str] = []
     last = None
-    for output in engine.stream("cli", sampling_params=params, **request):
+    prompt = None if args.chat else args.prompt
+    for output in engine.stream("cli", prompt, params, messages=messages):
         token_ids += output.new_token_ids
         text.append(output.text_delta)
         if not args.json:

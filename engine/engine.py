@@ -13,15 +13,17 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from engine.attention import select_backend
 from engine.block_hash import root_hash
 from engine.block_manager import BlockManager
+from engine.chat_template import ChatMessage
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from engine.errors import InvalidRequest
 from engine.llama import LlamaModel
@@ -129,7 +131,7 @@ class Engine:
         sampling_params: SamplingParams | None = None,
         *,
         prompt_token_ids: SequenceOf[int] | None = None,
-        messages: SequenceOf[object] | None = None,
+        messages: SequenceOf[Mapping[str, Any] | ChatMessage] | None = None,
         cache_salt: str | None = None,
     ) -> list[int]:
         """Queue a request given as text, chat messages or token ids (exactly one).
@@ -164,7 +166,7 @@ class Engine:
         self,
         prompt: str | None,
         prompt_token_ids: SequenceOf[int] | None,
-        messages: SequenceOf[object] | None,
+        messages: SequenceOf[Mapping[str, Any] | ChatMessage] | None,
     ) -> list[int]:
         given = [x for x in (prompt, prompt_token_ids, messages) if x is not None]
         if len(given) != 1:
@@ -233,7 +235,7 @@ class Engine:
 
     def generate(
         self,
-        prompts: SequenceOf[str] | SequenceOf[list[int]],
+        prompts: SequenceOf[str | list[int]],
         sampling_params: SamplingParams | None = None,
     ) -> list[Completion]:
         """Run prompts (texts or token id lists) to completion together; results in order."""
@@ -242,7 +244,7 @@ class Engine:
             if isinstance(prompt, str):
                 self.add_request(request_id, prompt, sampling_params)
             else:
-                self.add_request(request_id, None, sampling_params, prompt_token_ids=prompt)
+                self.add_request(request_id, None, sampling_params, prompt_token_ids=list(prompt))
         results = {request_id: _Accumulator() for request_id in ids}
         while self.has_unfinished_requests():
             for output in self.step():
@@ -254,10 +256,21 @@ class Engine:
         request_id: str,
         prompt: str | None = None,
         sampling_params: SamplingParams | None = None,
-        **kwargs: object,
+        *,
+        prompt_token_ids: SequenceOf[int] | None = None,
+        messages: SequenceOf[Mapping[str, Any] | ChatMessage] | None = None,
+        cache_salt: str | None = None,
     ) -> Iterator[RequestOutput]:
-        """Add one request and yield its outputs as they come (other requests advance too)."""
-        self.add_request(request_id, prompt, sampling_params, **kwargs)  # type: ignore[arg-type]
+        """Add one request and yield its outputs as they come (other requests advance too).
+        Closing the iterator early aborts the request."""
+        self.add_request(
+            request_id,
+            prompt,
+            sampling_params,
+            prompt_token_ids=prompt_token_ids,
+            messages=messages,
+            cache_salt=cache_salt,
+        )
         try:
             while request_id in self._sequences:
                 for output in self.step():

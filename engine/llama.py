@@ -46,6 +46,9 @@ class RotaryEmbedding(nn.Module):
     which equals (x1 cos - x2 sin, x2 cos + x1 sin) exactly.
     """
 
+    cos2: torch.Tensor  # buffers, declared for type checkers
+    sin2: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -259,13 +262,17 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions)
         residual = None
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers):
             h, residual = layer.input_layernorm(x, residual)
             h = layer.self_attn(h, rope, kv_cache[i], meta)
             h, residual = layer.post_attention_layernorm(h, residual)
             x = layer.mlp(h)
         x, _ = self.norm(x, residual)
         return x
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return list(self.layers)  # type: ignore[arg-type]  # ModuleList of DecoderLayer
 
     def pack_for_cpu(self) -> None:
         """Pre-pack every projection for oneDNN (CPU fp32 only; a no-op elsewhere). Call once
