@@ -13,4 +13,8 @@ Modules:
     layout    KVLayout: model id and KV block geometry both ends must share.
     messages  the control messages of a transfer (offer, ready, done, ack, abort) and their
               struct-based wire format.
+    transport PairChannel: a 2-rank communicator between two workers, formed on demand from a
+              TCPStore rendezvous (gloo between CPU processes, NCCL between GPUs).
+
+Not yet here: leases and the ownership protocol, and the engine integration (issue 4).
 """

@@ -1,0 +1,329 @@
+"""Coalescing scattered KV blocks into one contiguous staging tensor, and back.
+
+A request's KV is spread over blocks anywhere in the cache. Sending one message per block is
+slow (10-70 GB/s between H100s for 128 blocks); gathering them into one buffer and sending once
+reaches ~270 GB/s (docs: DESIGN.md, Hardware). So the sender gathers, the transport moves one
+tensor, and the receiver scatters it into its own (different) block ids:
+
+    kv_cache  [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+                                 |
+              gather_blocks(kv_cache, [7, 2, 9], layers=slice(a, b))   one index_select, dim 2
+                                 v
+    staging   [b - a, 2, 3, block_size, num_kv_heads, head_dim]        contiguous
+              staging[l, kv, i] == kv_cache[a + l, kv, block_ids[i]]
+                                 |
+              (transport: one send / one recv)
+                                 v
+              scatter_blocks(dst_cache, [4, 11, 0], staging, layers=slice(a, b))   index_copy_
+
+Layer ranges let prefill ship KV per layer group while it computes the next layers
+(`split_for_overlap` plans the pieces). `StagingPool` bounds the memory staging buffers take.
+
+This module only copies memory on one device; it never talks to another process.
+Argument problems (shapes, dtypes, devices, block ids) raise ValueError naming the problem.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+BlockIds = Sequence[int] | torch.Tensor  # host data: a list/tuple of ints or a CPU tensor
+ALL_LAYERS = slice(None)
+_BLOCK_DIM = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Gather and scatter
+
+
+def staging_shape(
+    kv_cache: torch.Tensor, num_blocks: int, layers: slice = ALL_LAYERS
+) -> tuple[int, ...]:
+    """Shape of the staging tensor for `num_blocks` blocks of the layer range `layers`:
+    [num_layers_in_range, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    _check_cache(kv_cache)
+    start, stop = _layer_range(layers, kv_cache.shape[0])
+    return (stop - start, 2, num_blocks, *kv_cache.shape[3:])
+
+
+def gather_blocks(
+    kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_ids: BlockIds,
+    out: torch.Tensor | None = None,
+    *,
+    layers: slice = ALL_LAYERS,
+) -> torch.Tensor:  # [num_layers_in_range, 2, len(block_ids), block_size, num_kv_heads, head_dim]
+    """Copy blocks `block_ids` (in that order) of the layers in `layers` into one contiguous
+    tensor: `out` if given (checked, e.g. a StagingPool view), else a new one. Returns it.
+
+    Asynchronous on CUDA like any copy: order later work on the same stream or synchronize.
+    Raises ValueError for a cache that is not 6-D [L, 2, ...], out-of-range block ids, an empty
+    or non-contiguous layer range, or an `out` of the wrong shape, dtype, device or layout.
+    """
+    _check_cache(kv_cache)
+    ids = _block_id_tensor(block_ids, kv_cache.shape[_BLOCK_DIM], kv_cache.device)
+    start, stop = _layer_range(layers, kv_cache.shape[0])
+    source = kv_cache[start:stop]
+    if out is None:
+        return torch.index_select(source, _BLOCK_DIM, ids)
+    _check_staging("out", out, kv_cache, staging_shape(kv_cache, len(ids), layers))
+    return torch.index_select(source, _BLOCK_DIM, ids, out=out)
+
+
+def scatter_blocks(
+    kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_ids: BlockIds,
+    staging: torch.Tensor,  # [num_layers_in_range, 2, len(block_ids), block_size, ...]
+    *,
+    layers: slice = ALL_LAYERS,
+) -> None:
+    """Write staging[:, :, i] into block block_ids[i] of the layers in `layers`, in place.
+    Every other block and layer of the cache is left untouched.
+
+    Raises ValueError like gather_blocks, and for repeated block ids (the write order of
+    duplicates is undefined).
+    """
+    _check_cache(kv_cache)
+    ids = _block_id_tensor(block_ids, kv_cache.shape[_BLOCK_DIM], kv_cache.device, unique=True)
+    _check_staging("staging", staging, kv_cache, staging_shape(kv_cache, len(ids), layers))
+    start, stop = _layer_range(layers, kv_cache.shape[0])
+    kv_cache[start:stop].index_copy_(_BLOCK_DIM, ids, staging)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferChunk:
+    """One piece of a transfer: these layers of these blocks, moved as one message."""
+
+    layer_start: int
+    layer_stop: int  # exclusive
+    block_ids: tuple[int, ...]
+
+    @property
+    def layers(self) -> slice:
+        return slice(self.layer_start, self.layer_stop)
+
+
+def split_for_overlap(
+    block_ids: Sequence[int],
+    num_layers: int,
+    layers_per_chunk: int,
+    max_blocks_per_chunk: int | None = None,
+) -> tuple[TransferChunk, ...]:
+    """Plan a transfer as chunks in layer-major order (all blocks of layers [0, k), then of
+    [k, 2k), ...), the order in which prefill finishes them, so each chunk can be shipped
+    while later layers compute. `max_blocks_per_chunk` also splits the block list, bounding
+    each chunk's staging bytes.
+
+    Sender and receiver call this with the same counts and their own block ids (same length):
+    chunk i of one side pairs with chunk i of the other, their staging shapes match.
+    Raises ValueError for non-positive counts or an empty block list.
+    """
+    _check_positive("num_layers", num_layers)
+    _check_positive("layers_per_chunk", layers_per_chunk)
+    if max_blocks_per_chunk is not None:
+        _check_positive("max_blocks_per_chunk", max_blocks_per_chunk)
+    if len(block_ids) == 0:
+        raise ValueError("block_ids is empty; nothing to transfer")
+    ids = tuple(int(b) for b in block_ids)
+    step = max_blocks_per_chunk or len(ids)
+    return tuple(
+        TransferChunk(start, min(start + layers_per_chunk, num_layers), ids[i : i + step])
+        for start in range(0, num_layers, layers_per_chunk)
+        for i in range(0, len(ids), step)
+    )
+
+
+def _check_positive(name: str, value: int) -> None:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+        raise ValueError(
+            f"kv_cache shape {tuple(kv_cache.shape)} is not "
+            "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]"
+        )
+
+
+def _layer_range(layers: slice, num_layers: int) -> tuple[int, int]:
+    """(start, stop) of a non-empty, step-1 layer slice within [0, num_layers)."""
+    if not isinstance(layers, slice):
+        raise ValueError(f"layers={layers!r} must be a slice")
+    start, stop, step = layers.indices(num_layers)
+    if step != 1 or stop <= start:
+        raise ValueError(
+            f"layers={layers} selects no contiguous layer range of the {num_layers} layers"
+        )
+    return start, stop
+
+
+def _block_id_tensor(
+    block_ids: BlockIds, num_blocks: int, device: torch.device, unique: bool = False
+) -> torch.Tensor:
+    """block_ids as int64 on `device`, checked on the host: non-empty, 1-D, in [0, num_blocks)."""
+    if isinstance(block_ids, torch.Tensor) and block_ids.device.type != "cpu":
+        raise ValueError(f"block_ids must be host data, got a tensor on {block_ids.device}")
+    ids = torch.as_tensor(block_ids, dtype=torch.int64)
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError(f"block_ids must be a non-empty 1-D list, got shape {tuple(ids.shape)}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= num_blocks:
+        bad = low if low < 0 else high
+        raise ValueError(f"block id {bad} out of range: the cache has {num_blocks} blocks")
+    if unique and ids.unique().numel() != ids.numel():
+        raise ValueError(f"block_ids repeat an id: {ids.tolist()}")
+    return ids.to(device, non_blocking=True)
+
+
+def _check_staging(
+    name: str, staging: torch.Tensor, kv_cache: torch.Tensor, shape: tuple[int, ...]
+) -> None:
+    if tuple(staging.shape) != shape:
+        raise ValueError(f"{name} shape {tuple(staging.shape)} != expected {shape}")
+    if staging.dtype != kv_cache.dtype:
+        raise ValueError(f"{name} dtype {staging.dtype} != kv_cache dtype {kv_cache.dtype}")
+    if staging.device != kv_cache.device:
+        raise ValueError(f"{name} is on {staging.device}, kv_cache on {kv_cache.device}")
+    if not staging.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging buffers
+
+
+@dataclass(frozen=True, slots=True)
+class StagingLease:
+    """A staging view handed out by a StagingPool; give it back with `StagingPool.release`."""
+
+    tensor: torch.Tensor  # the requested shape, a view of the front of one pool buffer
+    buffer_id: int
+
+
+class StagingPool:
+    """Reusable staging buffers for one (device, dtype), holding at most `capacity_bytes`.
+
+        buffers (flat, each rounded up to granularity_bytes; reused best-fit)
+        +---------------------------+   +----------------+   +--------+
+        | lease: view [L,2,n,bs,h,d] |   | free           |   | lease  |
+        +---------------------------+   +----------------+   +--------+
+        <---------------- allocated_bytes <= capacity_bytes ---------------->
+
+    A staging tensor of n blocks over L layers costs n * L * 2 * block_size * num_kv_heads *
+    head_dim * itemsize bytes (Llama-3-8B bf16, block 16: 64 KiB per block and layer, so 2 MiB
+    per block over all 32 layers). Each pair in flight holds one lease at a time (its transfer
+    thread gathers, sends, releases), so the pool's memory is at most capacity_bytes whatever
+    the number of pairs; `split_for_overlap` keeps one chunk under a budget.
+
+    `acquire` returns None ("can't now") when granting would exceed the capacity: the caller
+    retries after a release or splits the transfer finer. Idle buffers are dropped, largest
+    first, to make room. On CUDA, dropped memory goes back to torch's caching allocator, which
+    may keep it cached. Thread-safe: transfer threads of several pairs share one pool.
+    """
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        granularity_bytes: int = 1 << 20,
+    ) -> None:
+        _check_positive("capacity_bytes", capacity_bytes)
+        _check_positive("granularity_bytes", granularity_bytes)
+        self.capacity_bytes = capacity_bytes
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.granularity_bytes = granularity_bytes
+        self._itemsize = torch.empty((), dtype=dtype).element_size()
+        self._lock = threading.Lock()
+        self._buffers: dict[int, torch.Tensor] = {}  # buffer id -> flat [numel] tensor
+        self._free_ids: set[int] = set()
+        self._next_id = 0
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes held by the pool's buffers, leased or idle."""
+        with self._lock:
+            return self._allocated_bytes()
+
+    @property
+    def leased_bytes(self) -> int:
+        """Bytes of the buffers currently leased out."""
+        with self._lock:
+            leased = self._buffers.keys() - self._free_ids
+            return sum(self._nbytes(self._buffers[i]) for i in leased)
+
+    def acquire(self, shape: Sequence[int]) -> StagingLease | None:
+        """A lease on a contiguous `shape` staging view, or None if it cannot fit now.
+        The view's contents are undefined. Raises ValueError for a request larger than the
+        whole capacity (it could never be granted)."""
+        numel = _numel(shape)
+        need_bytes = self._round_up(numel * self._itemsize)
+        if need_bytes > self.capacity_bytes:
+            raise ValueError(
+                f"staging of shape {tuple(shape)} needs {need_bytes} bytes, over the pool's "
+                f"capacity_bytes={self.capacity_bytes}; split the transfer (split_for_overlap)"
+            )
+        with self._lock:
+            buffer_id = self._best_fit(numel)
+            if buffer_id is None:
+                buffer_id = self._allocate(need_bytes)
+            if buffer_id is None:
+                return None
+            self._free_ids.discard(buffer_id)
+            view = self._buffers[buffer_id][:numel].view(tuple(shape))
+            return StagingLease(tensor=view, buffer_id=buffer_id)
+
+    def release(self, lease: StagingLease) -> None:
+        """Return a lease; its view must no longer be used (on CUDA: after the work that reads
+        or writes it is complete). Raises ValueError for a lease that is not out."""
+        with self._lock:
+            if lease.buffer_id not in self._buffers or lease.buffer_id in self._free_ids:
+                raise ValueError(f"staging buffer {lease.buffer_id} is not leased from this pool")
+            self._free_ids.add(lease.buffer_id)
+
+    def _best_fit(self, numel: int) -> int | None:
+        """The smallest idle buffer of at least numel elements."""
+        fitting = [i for i in self._free_ids if self._buffers[i].numel() >= numel]
+        return min(fitting, key=lambda i: self._buffers[i].numel(), default=None)
+
+    def _allocate(self, nbytes: int) -> int | None:
+        """A new buffer of nbytes, dropping idle buffers (largest first) to stay under the cap;
+        None, dropping nothing, if the leased buffers alone leave no room."""
+        idle = sorted(self._free_ids, key=lambda i: self._buffers[i].numel(), reverse=True)
+        idle_bytes = sum(self._nbytes(self._buffers[i]) for i in idle)
+        if self._allocated_bytes() - idle_bytes + nbytes > self.capacity_bytes:
+            return None
+        while self._allocated_bytes() + nbytes > self.capacity_bytes:
+            buffer_id = idle.pop(0)
+            self._free_ids.discard(buffer_id)
+            del self._buffers[buffer_id]
+        buffer_id, self._next_id = self._next_id, self._next_id + 1
+        numel = nbytes // self._itemsize
+        self._buffers[buffer_id] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return buffer_id
+
+    def _allocated_bytes(self) -> int:
+        return sum(self._nbytes(b) for b in self._buffers.values())
+
+    def _nbytes(self, buffer: torch.Tensor) -> int:
+        return buffer.numel() * self._itemsize
+
+    def _round_up(self, nbytes: int) -> int:
+        unit = math.lcm(self.granularity_bytes, self._itemsize)
+        return max(unit, -(-nbytes // unit) * unit)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    numel = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise ValueError(f"shape {tuple(shape)} must hold non-negative ints")
+        numel *= dim
+    return numel

@@ -1,0 +1,493 @@
+"""Point-to-point channels between exactly two workers, for KV payloads.
+
+A `PairChannel` is a 2-rank torch.distributed process group built directly from a rendezvous
+`TCPStore` (no `init_process_group`, no global state), so one process holds as many channels as
+it has peers, formed on demand and closed independently:
+
+    rendezvous TCPStore (host, port)        one server, e.g. in the decode worker
+      "tandem/kv/<pair_key>/..."            PrefixStore: many pairs share one store
+         |                      |
+      rank 0 (prefill A)    rank 1 (decode B)     PairAddress(host, port, pair_key, rank)
+
+Every payload travels behind a 32-byte header, so a desynchronised pair fails loudly instead of
+writing one request's KV into another's blocks:
+
+    header  int64[4] = [MAGIC, seq, tag, nbytes]     then     payload (nbytes, one message)
+
+    seq counts payloads on this channel (both sides count); tag is the caller's id for the
+    payload (e.g. transfer number); the receiver checks all four before posting the payload
+    receive, and raises KVTransferError on any difference.
+
+Ordering: both sides must issue sends and receives in the same order. A channel belongs to one
+transfer thread per side (concurrent use raises RuntimeError); that thread follows the control
+protocol (kvtransfer.messages), which fixes the order. Different pairs run in parallel.
+
+Failure: every send/recv waits on its work handle with a timeout (`Work.wait(timeout)`); the
+process group's own timeout (`backstop_timeout_s`) stays longer, as a backstop. A timeout, a
+dead peer or a bad header raises KVTransferError and breaks the channel for good: which
+messages matched is unknown, so every later call raises too. `close()` it and form a new pair
+under a new pair key (keys are single-use: a reused key is refused at formation).
+
+Two implementations share everything but process-group construction, the tensors they accept
+and teardown, which differ in kind, hence a base class with two subclasses rather than flags:
+
+- `GlooPairChannel` (CPU tensors, TCP): closing (or any timeout: gloo then closes the pair
+  itself) drops the connection; the peer's pending operations fail at once. Costs a TCP
+  connection and a few gloo threads, no tensor memory.
+- `NcclPairChannel` (CUDA tensors): one NCCL communicator per pair, created during formation
+  by a handshake. A stuck NCCL kernel can only be cancelled by aborting the communicator, so a
+  broken channel is aborted on close. torch's NCCL watchdog, by default
+  (TORCH_NCCL_ASYNC_ERROR_HANDLING=3), takes the whole process down after any failed operation,
+  which would turn one bad transfer into a dead worker; NCCL channels therefore refuse to form
+  unless the process runs with 2 (abort the failed communicator only; one per pair here) or 0.
+  Worker processes call `configure_nccl_environment()` at startup, before any thread starts
+  (environment writes race with C++ getenv).
+  GPU memory per pair is a fixed amount per communicator, independent of message sizes, since
+  NCCL moves large messages through fixed-size per-peer buffers in steps: connection buffers
+  for each p2p channel it connects (sized by NCCL_BUFFSIZE, default 4 MiB, and the p2p chunk
+  sizes), plus bookkeeping. Smaller NCCL_BUFFSIZE or NCCL_MAX_P2P_NCHANNELS shrink it, at
+  some bandwidth. Not yet measured here: tests/gpu/test_kvtransfer_nccl.py prints the amount
+  (after formation, after 256 MiB messages, and for a second pair).
+
+The rendezvous store keeps a few hundred bytes per pair ever formed. This module never
+pickles: only tensors and store keys cross the process boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from engine.errors import KVTransferError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("gloo", "nccl")
+MAGIC = 0x54414E44454D4B56  # "TANDEMKV"
+HEADER_NUMEL = 4  # [MAGIC, seq, tag, nbytes] int64
+STORE_PREFIX = "tandem/kv/"
+_HEADER_TAG = 1  # gloo slot of headers (NCCL ignores tags)
+_PAYLOAD_TAG = 2  # gloo slot of payloads
+_MAX_TAG = (1 << 63) - 1
+NCCL_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+_SAFE_NCCL_ERROR_HANDLING = ("0", "2")  # no handling / clean up only: never kill the process
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """How a worker forms and uses its channels (one config per worker)."""
+
+    backend: str = "gloo"  # "gloo" (CPU tensors) or "nccl" (CUDA tensors)
+    timeout_s: float = 30.0  # default limit of one send or recv
+    connect_timeout_s: float = 60.0  # limit of rendezvous plus handshake
+    backstop_timeout_s: float = 600.0  # the process group's own timeout; above the others
+    gloo_hostname: str | None = None  # address gloo listens on; None: gloo's default device
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
+        for name in ("timeout_s", "connect_timeout_s", "backstop_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name}={value!r} must be a positive finite number")
+        if self.backstop_timeout_s <= max(self.timeout_s, self.connect_timeout_s):
+            raise ValueError(
+                f"backstop_timeout_s={self.backstop_timeout_s} must exceed timeout_s and "
+                "connect_timeout_s: it is the backstop behind them"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PairAddress:
+    """Where and as whom one side joins a pair: both sides use the same store and key."""
+
+    store_host: str
+    store_port: int
+    pair_key: str  # unique per pair formation, e.g. "prefill-3/decode-1/7"
+    rank: int  # 0 or 1; the two sides take different ranks
+
+    def __post_init__(self) -> None:
+        if not self.store_host:
+            raise ValueError("store_host must be non-empty")
+        if type(self.store_port) is not int or not 0 < self.store_port < 65536:
+            raise ValueError(f"store_port={self.store_port!r} must be an int in [1, 65535]")
+        if not isinstance(self.pair_key, str) or not self.pair_key:
+            raise ValueError(f"pair_key={self.pair_key!r} must be a non-empty str")
+        if self.rank not in (0, 1) or type(self.rank) is not int:
+            raise ValueError(f"rank={self.rank!r} must be 0 or 1")
+
+    @property
+    def peer_rank(self) -> int:
+        return 1 - self.rank
+
+
+def open_channel(
+    address: PairAddress, config: TransportConfig, device: torch.device | str | None = None
+) -> PairChannel:
+    """Form this side of a pair: blocks until the peer joins and the handshake completes.
+
+    `device` is the CUDA device of an NCCL channel (ignored for gloo). Returns a ready channel.
+    Raises KVTransferError if the peer does not join within connect_timeout_s, the key was
+    already used, or the handshake fails. Called from the pair's transfer thread.
+    """
+    cls: type[PairChannel] = NcclPairChannel if config.backend == "nccl" else GlooPairChannel
+    return cls.connect(address, config, device)
+
+
+class PairChannel(ABC):
+    """One side of a 2-rank channel. Use from one thread; `close` may come from any thread
+    but does not cancel a gloo operation in flight: stop waiting by a short timeout_s."""
+
+    backend: ClassVar[str]
+
+    def __init__(
+        self, address: PairAddress, config: TransportConfig, store: Any, pg: Any, device: Any
+    ) -> None:
+        self.address = address
+        self.config = config
+        self.device = torch.device(device)
+        self._store = store  # kept alive with the process group
+        self._pg = pg  # None once closed; an operation in flight holds its own reference
+        self._op_lock = threading.Lock()  # held by the one thread running send/recv
+        self._state_lock = threading.Lock()  # guards _broken and _closed
+        self._broken: str | None = None  # why the channel is broken, once it is
+        self._closed = False
+        self._num_sent = 0  # payloads sent: the seq of the next send
+        self._num_received = 0
+        self._send_header = torch.empty(HEADER_NUMEL, dtype=torch.int64, device=self.device)
+        self._recv_header = torch.empty(HEADER_NUMEL, dtype=torch.int64, device=self.device)
+
+    # -- formation ----------------------------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls, address: PairAddress, config: TransportConfig, device: torch.device | str | None
+    ) -> PairChannel:
+        """Rendezvous, build the process group, handshake (see open_channel)."""
+        start = time.monotonic()
+        device = cls._prepare(device)
+        try:
+            store = _pair_store(address, config)
+            _claim_rank(store, address)
+            pg = cls._make_process_group(store, address, config, device)
+        except RuntimeError as e:  # torch.distributed's errors are RuntimeError kinds
+            raise KVTransferError(
+                f"{_describe(address)}: formation failed: {_first_line(e)}"
+            ) from e
+        channel = cls(address, config, store, pg, device)
+        try:
+            channel._handshake(config.connect_timeout_s - (time.monotonic() - start))
+        except BaseException:
+            channel.close()
+            raise
+        logger.debug("%s: formed in %.3f s", _describe(address), time.monotonic() - start)
+        return channel
+
+    @staticmethod
+    @abstractmethod
+    def _prepare(device: torch.device | str | None) -> torch.device:
+        """The device this channel's tensors live on, after checking that this process can run
+        the backend (ValueError if not)."""
+
+    @staticmethod
+    @abstractmethod
+    def _make_process_group(
+        store: Any, address: PairAddress, config: TransportConfig, device: torch.device
+    ) -> Any:
+        """A 2-rank process group over `store`; blocks until the peer has joined."""
+
+    def _handshake(self, timeout_s: float) -> None:
+        """One header from rank 0 to rank 1 (seq -1): proves both ends are connected and, on
+        NCCL, creates the communicator. Does not count as a payload."""
+        with self._op("handshake", max(timeout_s, 0.001)) as (pg, deadline):
+            if self.address.rank == 0:
+                self._post_header(pg, -1, 0, 0, deadline)
+            else:
+                self._expect_header(pg, -1, 0, 0, deadline)
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def send(self, tensor: torch.Tensor, *, tag: int = 0, timeout_s: float | None = None) -> None:
+        """Send `tensor` (contiguous, on this channel's device) to the peer, which must post a
+        `recv` of the same number of bytes and tag as its next receive.
+
+        Returns once the tensor may be reused. Raises KVTransferError if the peer does not take
+        it within timeout_s (default config.timeout_s), died, or the channel is broken or closed;
+        ValueError for a bad tensor or tag, before anything is sent. Transfer thread only.
+        """
+        self._check_tensor(tensor)
+        nbytes = _check_tag_and_size(tag, tensor)
+        with self._op("send", timeout_s) as (pg, deadline):
+            self._post_header(pg, self._num_sent, tag, nbytes, deadline)
+            _wait(pg.send([tensor], self.address.peer_rank, _PAYLOAD_TAG), deadline)
+            self._num_sent += 1
+
+    def recv(self, tensor: torch.Tensor, *, tag: int = 0, timeout_s: float | None = None) -> None:
+        """Receive the peer's next payload into `tensor` (preallocated, contiguous, on this
+        channel's device, exactly the payload's size), checking its header first.
+
+        Returns once the data is in `tensor`. Raises KVTransferError on timeout (default
+        config.timeout_s), a dead peer, a header that does not match (size, tag or sequence), or
+        a broken or closed channel; ValueError for a bad tensor or tag. Transfer thread only.
+        """
+        self._check_tensor(tensor)
+        nbytes = _check_tag_and_size(tag, tensor)
+        with self._op("recv", timeout_s) as (pg, deadline):
+            self._expect_header(pg, self._num_received, tag, nbytes, deadline)
+            _wait(pg.recv([tensor], self.address.peer_rank, _PAYLOAD_TAG), deadline)
+            self._num_received += 1
+
+    @property
+    def is_broken(self) -> bool:
+        """True once an operation failed; the channel then only refuses and closes."""
+        return self._broken is not None
+
+    def close(self) -> None:
+        """Release the process group; abort it if broken or if an operation is in flight.
+        Idempotent; any thread; returns without waiting for an operation in flight, which
+        NCCL's abort cancels and which on gloo runs on to its timeout (torch cannot cancel a
+        gloo wait). The peer's later operations fail; its pending ones fail at once on gloo
+        (once this side's operations are over) and at their timeout on NCCL."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            pg, self._pg, self._store = self._pg, None, None
+            must_abort = self._broken is not None or self._op_lock.locked()
+        self._teardown(pg, must_abort)
+
+    def __enter__(self) -> PairChannel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def _check_tensor(self, tensor: torch.Tensor) -> None:
+        """ValueError unless the backend can move `tensor` as is."""
+
+    @abstractmethod
+    def _teardown(self, pg: Any, must_abort: bool) -> None:
+        """Free the process group; abort it if an operation may still be pending."""
+
+    @contextmanager
+    def _op(self, name: str, timeout_s: float | None) -> Iterator[tuple[Any, float]]:
+        """Run one operation: single-threaded, on a healthy channel. Yields the process group
+        (held for the operation even if `close` runs meanwhile) and a time.monotonic deadline.
+        Any failure breaks the channel and surfaces as KVTransferError."""
+        limit_s = self.config.timeout_s if timeout_s is None else timeout_s
+        if not 0 < limit_s <= self.config.backstop_timeout_s:
+            raise ValueError(f"timeout_s={limit_s} must be in (0, backstop_timeout_s]")
+        if not self._op_lock.acquire(blocking=False):
+            raise RuntimeError(f"{self._name()}: used by two threads at once; one per pair")
+        try:
+            pg = self._check_usable(name)
+            start = time.monotonic()
+            try:
+                yield pg, start + limit_s
+            except KVTransferError as e:
+                raise self._break(name, str(e), start) from e
+            except RuntimeError as e:  # torch.distributed failures: timeout, peer gone, abort
+                raise self._break(name, _first_line(e), start) from e
+        finally:
+            self._op_lock.release()
+
+    def _check_usable(self, name: str) -> Any:
+        """The process group, if the channel is open and healthy."""
+        with self._state_lock:
+            if self._closed:
+                raise KVTransferError(f"{self._name()}: {name} on a closed channel")
+            if self._broken is not None:
+                raise KVTransferError(
+                    f"{self._name()}: {name} on a broken channel ({self._broken})"
+                )
+            return self._pg
+
+    def _break(self, name: str, reason: str, start: float) -> KVTransferError:
+        with self._state_lock:
+            already_broken = self._broken is not None
+            if not already_broken and not self._closed:
+                self._broken = f"{name} failed: {reason}"
+        if already_broken:
+            return KVTransferError(reason)
+        elapsed_s = time.monotonic() - start
+        message = f"{self._name()}: {name} failed after {elapsed_s:.3f} s: {reason}"
+        logger.warning("%s", message)
+        return KVTransferError(message)
+
+    def _post_header(self, pg: Any, seq: int, tag: int, nbytes: int, deadline: float) -> None:
+        values = torch.tensor([MAGIC, seq, tag, nbytes], dtype=torch.int64)
+        self._send_header.copy_(values)
+        _wait(pg.send([self._send_header], self.address.peer_rank, _HEADER_TAG), deadline)
+
+    def _expect_header(self, pg: Any, seq: int, tag: int, nbytes: int, deadline: float) -> None:
+        _wait(pg.recv([self._recv_header], self.address.peer_rank, _HEADER_TAG), deadline)
+        got = self._recv_header.tolist()
+        want = [MAGIC, seq, tag, nbytes]
+        if got != want:
+            names = ("magic", "seq", "tag", "nbytes")
+            diffs = [f"{n} {g} != {w}" for n, g, w in zip(names, got, want, strict=True) if g != w]
+            raise KVTransferError(
+                "header does not match (received != expected): " + ", ".join(diffs)
+            )
+
+    def _name(self) -> str:
+        return f"{self.backend} {_describe(self.address)}"
+
+
+class GlooPairChannel(PairChannel):
+    """A pair over gloo: CPU tensors over TCP."""
+
+    backend = "gloo"
+
+    @staticmethod
+    def _prepare(device: torch.device | str | None) -> torch.device:
+        return torch.device("cpu")
+
+    @staticmethod
+    def _make_process_group(
+        store: Any, address: PairAddress, config: TransportConfig, device: torch.device
+    ) -> Any:
+        options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+        options._timeout = timedelta(seconds=config.backstop_timeout_s)
+        options._devices = [_gloo_device(config.gloo_hostname)]
+        return dist.ProcessGroupGloo(store, address.rank, 2, options)
+
+    def _check_tensor(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != "cpu":
+            raise ValueError(f"gloo channels move CPU tensors, got one on {tensor.device}")
+        _check_contiguous(tensor)
+
+    def _teardown(self, pg: Any, must_abort: bool) -> None:
+        """Cancel this side's pending operation, where torch's gloo has abort() (2.13 does);
+        the sockets close when the last reference to the process group goes, which fails the
+        peer's pending operations. Nothing to flush: every operation was waited for."""
+        abort = getattr(pg, "abort", None)
+        if abort is not None:
+            abort()
+
+
+class NcclPairChannel(PairChannel):
+    """A pair over NCCL: CUDA tensors on one device, one communicator per pair."""
+
+    backend = "nccl"
+
+    @staticmethod
+    def _prepare(device: torch.device | str | None) -> torch.device:
+        _check_nccl_error_handling()
+        if device is None or torch.device(device).type != "cuda":
+            raise ValueError(f"an NCCL channel needs a CUDA device, got {device!r}")
+        resolved = torch.device(device)
+        return resolved if resolved.index is not None else torch.device("cuda", 0)
+
+    @staticmethod
+    def _make_process_group(
+        store: Any, address: PairAddress, config: TransportConfig, device: torch.device
+    ) -> Any:
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timedelta(seconds=config.backstop_timeout_s)
+        return dist.ProcessGroupNCCL(store, address.rank, 2, options)
+
+    def _check_tensor(self, tensor: torch.Tensor) -> None:
+        if tensor.device != self.device:
+            raise ValueError(
+                f"this NCCL channel moves tensors on {self.device}, not {tensor.device}"
+            )
+        _check_contiguous(tensor)
+
+    def _teardown(self, pg: Any, must_abort: bool) -> None:
+        if must_abort:
+            pg.abort()  # cancels kernels still waiting for a peer that will not come
+        else:
+            pg.shutdown()
+
+
+def configure_nccl_environment() -> None:
+    """Make NCCL failures abort only the failed communicator instead of the process: sets
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=2 unless already set. Call at worker start-up, before
+    threads run. Raises ValueError if the variable is set to a value that kills the process."""
+    os.environ.setdefault(NCCL_ERROR_HANDLING_ENV, "2")
+    _check_nccl_error_handling()
+
+
+def _check_nccl_error_handling() -> None:
+    value = os.environ.get(NCCL_ERROR_HANDLING_ENV)
+    if value not in _SAFE_NCCL_ERROR_HANDLING:
+        raise ValueError(
+            f"{NCCL_ERROR_HANDLING_ENV}={value!r}: NCCL channels need 2 (or 0), else torch's "
+            "watchdog kills the process after one failed transfer; call "
+            "kvtransfer.transport.configure_nccl_environment() at worker start-up"
+        )
+
+
+def _wait(work: Any, deadline: float) -> None:
+    """Wait for a work handle until `deadline` (time.monotonic); torch raises on timeout."""
+    remaining_s = deadline - time.monotonic()
+    if remaining_s <= 0:
+        raise KVTransferError("timed out")
+    if not work.wait(timedelta(seconds=remaining_s)):
+        raise KVTransferError("operation aborted")
+
+
+def _pair_store(address: PairAddress, config: TransportConfig) -> Any:
+    """A store client of its own (formation blocks in store waits; a client shared by
+    concurrent formations would serialise them) under the pair's prefix."""
+    store = dist.TCPStore(
+        address.store_host,
+        address.store_port,
+        is_master=False,
+        timeout=timedelta(seconds=config.connect_timeout_s),
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(STORE_PREFIX + address.pair_key, store)
+
+
+def _claim_rank(store: Any, address: PairAddress) -> None:
+    """Refuse a pair key that already formed (stale keys of the old group would mislead the
+    rendezvous) or a rank both sides claim."""
+    if store.add(f"claim/{address.rank}", 1) != 1:
+        raise KVTransferError(
+            f"{_describe(address)}: rank {address.rank} of this pair key is already taken; "
+            "pair keys are single-use"
+        )
+
+
+def _gloo_device(hostname: str | None) -> Any:
+    if hostname is None:
+        return dist.ProcessGroupGloo.create_default_device()
+    return dist.ProcessGroupGloo.create_device(hostname=hostname)
+
+
+def _check_contiguous(tensor: torch.Tensor) -> None:
+    if not tensor.is_contiguous():
+        raise ValueError("channel tensors must be contiguous (gather into a staging tensor)")
+
+
+def _check_tag_and_size(tag: int, tensor: torch.Tensor) -> int:
+    """The tensor's size in bytes, after checking the tag."""
+    if type(tag) is not int or not 0 <= tag <= _MAX_TAG:
+        raise ValueError(f"tag={tag!r} must be an int in [0, 2**63)")
+    return tensor.numel() * tensor.element_size()
+
+
+def _describe(address: PairAddress) -> str:
+    return f"pair {address.pair_key!r} rank {address.rank}"
+
+
+def _first_line(error: BaseException) -> str:
+    """torch.distributed errors carry a C++ stack trace after the first line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
