@@ -109,7 +109,8 @@ def write_kv(
     """Store new keys and values at their slots (the torch reference; no padding slots)."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache_layer.shape
     flat = kv_cache_layer.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat.index_copy_(1, slot_mapping, torch.stack((k, v)).to(flat.dtype))
+    flat[0].index_copy_(0, slot_mapping, k if k.dtype == flat.dtype else k.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, v if v.dtype == flat.dtype else v.to(flat.dtype))
 
 
 def paged_attention_ref(
@@ -147,9 +148,13 @@ def _gather_context(
     kv_cache_layer: torch.Tensor, block_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of the given blocks, as [..., num_kv_heads, num_blocks * block_size, head_dim]."""
-    kv = kv_cache_layer.index_select(1, block_ids.reshape(-1))  # [2, n, block_size, kvh, D]
-    kv = kv.reshape(2, *block_ids.shape[:-1], -1, kv.shape[-2], kv.shape[-1]).transpose(-3, -2)
-    return kv[0], kv[1]
+    # K and V separately, each an index_select over the leading (block) dim: one select over
+    # dim 1 of the [2, ...] layer tensor measured 1.8x slower per decode step at batch 8.
+    flat_ids = block_ids.reshape(-1)
+    k = kv_cache_layer[0].index_select(0, flat_ids)  # [n, block_size, num_kv_heads, head_dim]
+    v = kv_cache_layer[1].index_select(0, flat_ids)
+    shape = (*block_ids.shape[:-1], -1, k.shape[-2], k.shape[-1])
+    return k.reshape(shape).transpose(-3, -2), v.reshape(shape).transpose(-3, -2)
 
 
 def _decode_attention(
