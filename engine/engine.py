@@ -78,7 +78,7 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
         self._sequences: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
-        self._arrivals = itertools.count()
+        self._generate_ids = itertools.count()
         logger.info(
             "engine ready: model=%s device=%s dtype=%s kv_blocks=%d max_model_len=%d in %.1fs",
             self.model_id,
@@ -148,13 +148,7 @@ class Engine:
         validate_prompt_token_ids(
             token_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens
         )
-        seq = Sequence(
-            request_id,
-            token_ids,
-            params,
-            root_hash(self.model_id, cache_salt),
-            next(self._arrivals),
-        )
+        seq = Sequence(request_id, token_ids, params, root_hash(self.model_id, cache_salt))
         if params.seed is not None:
             self._generators[request_id] = torch.Generator(self.device).manual_seed(params.seed)
         self._sequences[request_id] = seq
@@ -239,7 +233,7 @@ class Engine:
         sampling_params: SamplingParams | None = None,
     ) -> list[Completion]:
         """Run prompts (texts or token id lists) to completion together; results in order."""
-        ids = [f"generate-{next(self._arrivals)}" for _ in prompts]
+        ids = [f"generate-{next(self._generate_ids)}" for _ in prompts]
         for request_id, prompt in zip(ids, prompts, strict=True):
             if isinstance(prompt, str):
                 self.add_request(request_id, prompt, sampling_params)

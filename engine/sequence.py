@@ -45,13 +45,11 @@ class Sequence:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         root_hash: BlockHash,
-        arrival_index: int,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
-        self.arrival_index = arrival_index
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0
@@ -80,11 +78,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    @property
-    def is_prefilling(self) -> bool:
-        """True while more than the last token is still to be computed."""
-        return self.num_tokens - self.num_computed_tokens > 1
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

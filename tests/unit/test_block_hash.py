@@ -130,7 +130,7 @@ def test_incremental_extension_equals_hashing_from_scratch(num_hashed: int) -> N
 def test_sequence_extends_its_chain_lazily() -> None:
     tokens = prompt_ids(7, 30)
     root = root_hash(MODEL)
-    seq = Sequence("r", tokens[:5], SamplingParams(), root, 0)
+    seq = Sequence("r", tokens[:5], SamplingParams(), root)
     assert seq.full_block_hashes(BLOCK_SIZE) == hash_blocks(tokens[:5], BLOCK_SIZE, root)
     for token in tokens[5:]:
         seq.append_token(token)

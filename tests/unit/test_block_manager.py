@@ -20,7 +20,7 @@ MODEL = "dummy:tiny"
 
 
 def make_seq(tokens: list[int], salt: str | None = None, request_id: str = "r") -> Sequence:
-    return Sequence(request_id, tokens, SamplingParams(), root_hash(MODEL, salt), 0)
+    return Sequence(request_id, tokens, SamplingParams(), root_hash(MODEL, salt))
 
 
 def compute(

@@ -82,7 +82,7 @@ def build_hf_model(directory: Path, case: str, architecture: str = "llama") -> t
 
 def prefill_logits(engine: Engine, token_ids: list[int]) -> torch.Tensor:
     """Logits [len, vocab] at every position, one prefill chunk."""
-    seq = Sequence("parity", token_ids, SamplingParams(), root_hash("parity"), 0)
+    seq = Sequence("parity", token_ids, SamplingParams(), root_hash("parity"))
     assert engine.block_manager.allocate_slots(seq, len(token_ids))
     item = ScheduledSequence(seq, len(token_ids))
     with torch.inference_mode():
@@ -96,7 +96,7 @@ def prefill_logits(engine: Engine, token_ids: list[int]) -> torch.Tensor:
 def decode_logits(engine: Engine, token_ids: list[int], num_prefix: int) -> torch.Tensor:
     """Logits [len - num_prefix + 1, vocab] at positions num_prefix-1 .. len-1: a prefix
     chunk, then one token per step through the runner's decode path."""
-    seq = Sequence("parity", token_ids[:num_prefix], SamplingParams(), root_hash("parity"), 0)
+    seq = Sequence("parity", token_ids[:num_prefix], SamplingParams(), root_hash("parity"))
     rows = []
     num_new = num_prefix
     for next_token in [*token_ids[num_prefix:], None]:

@@ -38,7 +38,7 @@ def add(sched: Scheduler, request_id: str, tokens: int | list[int]) -> Sequence:
     """Queue a sequence; an int prompt is that many pseudo-random tokens seeded by the id."""
     if isinstance(tokens, int):
         tokens = prompt_ids(sum(map(ord, request_id)), tokens)
-    seq = Sequence(request_id, tokens, SamplingParams(), root_hash("dummy:tiny"), 0)
+    seq = Sequence(request_id, tokens, SamplingParams(), root_hash("dummy:tiny"))
     sched.add(seq)
     return seq
 
