@@ -41,7 +41,6 @@ the split kernel writes `out` directly and the reduce kernel is not launched.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -50,6 +49,7 @@ import triton
 import triton.language as tl
 
 from engine.attention import decode_mask
+from engine.kernels.launch import check_devices, on_device
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634  # 1 / ln(2): scores are kept in base 2 so the kernel uses exp2
@@ -320,7 +320,7 @@ def paged_decode_attention(
     group_size = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     tile_n, num_warps, num_stages = _split_kernel_config(block_d, block_size)
-    with _on_device(q.device):
+    with on_device(q.device):
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse,
             scale * _LOG2E,
@@ -431,7 +431,7 @@ def _check_inputs(
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
-    _check_devices(q, k_cache, v_cache, block_tables, context_lens)
+    check_devices(q, k_cache, v_cache, block_tables, context_lens)
     return num_seqs, num_heads, head_dim
 
 
@@ -476,20 +476,6 @@ def _check_workspace(
         raise ValueError("workspace tensors must be contiguous in their last dim")
     if po.device != device or pl.device != device:
         raise ValueError(f"workspace is on {po.device}/{pl.device}, inputs on {device}")
-
-
-def _check_devices(*tensors: torch.Tensor) -> None:
-    device = tensors[0].device
-    if any(t.device != device for t in tensors):
-        devices = [str(t.device) for t in tensors]
-        raise ValueError(f"all inputs must be on one device, got {devices}")
-    if device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise ValueError(f"inputs must be on a CUDA device (or TRITON_INTERPRET=1), got {device}")
-
-
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launch on the inputs' GPU, not whatever device is current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache

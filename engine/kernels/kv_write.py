@@ -18,11 +18,11 @@ Grid: one program per token t; it moves a [BLOCK_H, BLOCK_D] tile (all heads x h
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.launch import check_devices, on_device
 
 
 @triton.jit
@@ -106,7 +106,7 @@ def write_kv(
         return
     block_d = triton.next_power_of_2(head_dim)
     block_h = triton.next_power_of_2(num_kv_heads)
-    with _on_device(k.device):
+    with on_device(k.device):
         _kv_write_kernel[(num_tokens,)](
             k, v, k_cache, v_cache, slot_mapping,
             num_blocks * block_size,
@@ -173,15 +173,4 @@ def _check_inputs(
     for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous along head_dim, strides {t.stride()}")
-    tensors = (k, v, k_cache, v_cache, slot_mapping)
-    device = k.device
-    if any(t.device != device for t in tensors):
-        devices = [str(t.device) for t in tensors]
-        raise ValueError(f"all inputs must be on one device, got {devices}")
-    if device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise ValueError(f"inputs must be on a CUDA device (or TRITON_INTERPRET=1), got {device}")
-
-
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launch on the inputs' GPU, not whatever device is current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    check_devices(k, v, k_cache, v_cache, slot_mapping)
