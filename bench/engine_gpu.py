@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler table of one TTFT prefill"
     )
+    parser.add_argument("--trace", help="with --profile: write its Chrome trace here (.json.gz)")
     parser.add_argument("--out", default="bench/results/engine_gpu.json")
     return parser.parse_args()
 
@@ -161,18 +162,21 @@ def run_tandem(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, An
     ttft_prompt = random_prompts(1, args.ttft_len, vocab, seed=7)[0]
     result["ttft_s"] = median_of(args.repeats, lambda rep: tandem_ttft(engine, ttft_prompt))
     if args.profile:
-        profile_ttft(engine, ttft_prompt)
+        profile_ttft(engine, ttft_prompt, args.trace)
     engine.check_integrity()
     return result
 
 
-def profile_ttft(engine: Engine, prompt: list[int]) -> None:
-    """GPU time per kernel of one TTFT prefill, and the host-side total, printed."""
+def profile_ttft(engine: Engine, prompt: list[int], trace_path: str | None) -> None:
+    """GPU time per kernel of one TTFT prefill, and the host-side total, printed; the whole
+    timeline (host gaps included) to `trace_path` if given."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         seconds = tandem_ttft(engine, prompt)
     print(f"\nprofiled TTFT: {1000 * seconds:.1f} ms wall")
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
     print(
         prof.key_averages().table(
             sort_by="self_device_time_total", row_limit=20, max_name_column_width=60

@@ -55,6 +55,20 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class OutputRows:
+    """The rows whose hidden states leave the model this step (those that sample a token).
+
+    In a step with prefills, only these rows need the last layer beyond its K/V: there, their
+    queries attend as single-token decodes (`meta`: one row each, over its whole context), and
+    its output projection and MLP run on them alone. A 2,048-token prefill then runs the last
+    layer's MLP on one row instead of 2,048.
+    """
+
+    rows: torch.Tensor  # [n] int64, indices into the flattened batch, in output order
+    meta: AttentionMetadata  # n decode rows: context_len = each sequence's tokens after this step
+
+
 class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and attends over it. One instance per engine."""
 

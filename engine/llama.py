@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionBackend, AttentionMetadata, TorchAttention
+from engine.attention import AttentionBackend, AttentionMetadata, OutputRows, TorchAttention
 from engine.errors import ModelLoadError
 from engine.model_config import ModelConfig, RopeScaling
 
@@ -203,11 +203,17 @@ class Attention(nn.Module):
         rope: RotaryInputs,
         kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
+        output_rows: OutputRows | None = None,
+    ) -> torch.Tensor:  # [num_tokens, hidden], or [len(output_rows.rows), hidden]
+        """Writes every token's K/V; attends for every token, or for `output_rows` only."""
         qkv = self.qkv_proj(x)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
         q, k = rotate_qk(qkv, rope, self.num_heads, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(kv_cache_layer, k, v, meta.slot_mapping)
+        if output_rows is not None:
+            if output_rows.rows.shape[0] == 0:
+                return x.new_empty((0, x.shape[1]))
+            q, meta = q[output_rows.rows], output_rows.meta
         out = self.backend.forward(q, kv_cache_layer, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -258,13 +264,22 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # [num_tokens] int64
         kv_cache: torch.Tensor,  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, hidden]
+        output_rows: OutputRows | None = None,
+    ) -> torch.Tensor:  # [num_tokens, hidden], or [len(output_rows.rows), hidden]
+        """Hidden states of every token, or of `output_rows` only: then the last layer runs
+        past its K/V write for those rows alone (see OutputRows)."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions)
-        residual = None
+        residual: torch.Tensor | None = None
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.decoder_layers):
             h, residual = layer.input_layernorm(x, residual)
-            h = layer.self_attn(h, rope, kv_cache[i], meta)
+            select = output_rows if i == last else None
+            h = layer.self_attn(h, rope, kv_cache[i], meta, select)
+            if select is not None:
+                residual = residual[select.rows]
+                if h.shape[0] == 0:  # nothing samples this step: only the K/V was needed
+                    return h
             h, residual = layer.post_attention_layernorm(h, residual)
             x = layer.mlp(h)
         x, _ = self.norm(x, residual)

@@ -11,7 +11,13 @@ import logging
 
 import torch
 
-from engine.attention import AttentionBackend, AttentionMetadata, PrefillChunk, decode_mask
+from engine.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    OutputRows,
+    PrefillChunk,
+    decode_mask,
+)
 from engine.cuda_graph import DecodeGraphs
 from engine.llama import LlamaModel
 from engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -69,10 +75,14 @@ class ModelRunner:
             logits = self.graphs.run(decodes)
             return logits[torch.tensor(sampling_rows, device=self.device)].float()
         input_ids, positions, meta = self.prepare_inputs(decodes, prefills)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
         last_token_index = _last_token_indices(batch)
-        selected = torch.tensor([last_token_index[i] for i in sampling_rows], device=self.device)
-        return self.model.compute_logits(hidden[selected])
+        selected = self._int64([last_token_index[i] for i in sampling_rows])
+        if not prefills:  # every row samples
+            hidden = self.model(input_ids, positions, self.kv_cache, meta)
+            return self.model.compute_logits(hidden[selected])
+        output_rows = OutputRows(selected, self._decode_metadata([batch[i] for i in sampling_rows]))
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, output_rows)
+        return self.model.compute_logits(hidden)
 
     def prepare_inputs(
         self, decodes: list[ScheduledSequence], prefills: list[ScheduledSequence]
@@ -91,22 +101,35 @@ class ModelRunner:
                 chunks.append(PrefillChunk(len(ids), item.num_new_tokens, end, block_ids))
             ids += seq.token_ids[start:end]
             positions += range(start, end)
-            slots += [self._slot(seq.block_ids, p) for p in range(start, end)]
-        context_lens = self._int32([d.seq.num_computed_tokens + 1 for d in decodes])
-        tables = self._block_tables([d.seq.block_ids for d in decodes])
-        needs_mask = decodes and self.backend.uses_decode_mask
+            slots += self._slots(seq.block_ids, start, end)
+        decode_meta = self._decode_metadata(decodes)
         meta = AttentionMetadata(
             slot_mapping=self._int64(slots),
             num_decode_tokens=len(decodes),
-            decode_block_tables=tables,
-            decode_context_lens=context_lens,
+            decode_block_tables=decode_meta.decode_block_tables,
+            decode_context_lens=decode_meta.decode_context_lens,
             prefills=tuple(chunks),
-            decode_mask=decode_mask(context_lens, tables.shape[1] * self.block_size)
-            if needs_mask
-            else None,
+            decode_mask=decode_meta.decode_mask,
             **self._prefill_tensors(prefills),
         )
         return self._int64(ids), self._int64(positions), meta
+
+    def _decode_metadata(self, items: list[ScheduledSequence]) -> AttentionMetadata:
+        """Single-query rows, one per item, each attending to its whole context after this
+        step (no K/V writes: slot_mapping is empty)."""
+        context_lens = self._int32([s.seq.num_computed_tokens + s.num_new_tokens for s in items])
+        tables = self._block_tables([s.seq.block_ids for s in items])
+        needs_mask = items and self.backend.uses_decode_mask
+        return AttentionMetadata(
+            slot_mapping=self._int64([]),
+            num_decode_tokens=len(items),
+            decode_block_tables=tables,
+            decode_context_lens=context_lens,
+            prefills=(),
+            decode_mask=decode_mask(context_lens, tables.shape[1] * self.block_size)
+            if needs_mask
+            else None,
+        )
 
     def _prefill_tensors(self, prefills: list[ScheduledSequence]) -> dict:
         """Packed prefill description for kernels that take one launch for all chunks;
@@ -132,8 +155,15 @@ class ModelRunner:
         padded = [t + [0] * (width - len(t)) for t in tables]
         return self._int32(padded).view(len(tables), width)
 
-    def _slot(self, block_ids: list[int], position: int) -> int:
-        return block_ids[position // self.block_size] * self.block_size + position % self.block_size
+    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        """Flat cache slots of positions [start, end): one range per block, not per token."""
+        size = self.block_size
+        slots: list[int] = []
+        for index in range(start // size, -(-end // size)):
+            base = block_ids[index] * size
+            first, last = max(start, index * size), min(end, (index + 1) * size)
+            slots += range(base + first - index * size, base + last - index * size)
+        return slots
 
     def _int64(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

@@ -30,8 +30,9 @@ class TritonAttention(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        q = q.contiguous()
-        out = torch.empty_like(q)
+        # q is a strided view of the fused QKV projection: the kernels take its strides, so
+        # no copy (a 2,048-token prefill of the 8B shape copied 16 MiB per layer).
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_cache, v_cache = kv_cache_layer[0], kv_cache_layer[1]
         num_decode = meta.num_decode_tokens
         if num_decode:
