@@ -16,14 +16,42 @@ A block is in exactly one of three states:
 The free queue is in LRU order: allocation takes from its head, evicting the cached block
 there; freeing appends to its tail, a sequence's last blocks first so that its first blocks,
 the most shareable, are evicted last.
+
+Holds: besides sequences, named owners can hold references, for KV in flight between workers.
+The sender of a transfer pins its blocks (`hold`) so they survive the request's end until the
+receiver confirms; the receiver reserves fresh blocks (`reserve`) and either hands them to a
+sequence (`adopt`) or gives them back (`release`). Release is idempotent: duplicate or late
+messages cannot free a block twice.
+
+Thread safety: every public method takes one lock, so transfer threads may hold, reserve and
+release while the engine thread schedules. Allocation still answers "not now" honestly: a
+reservation between a scheduler's check and its allocation only makes the allocation fail.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable
+from typing import Concatenate, ParamSpec, TypeVar
 
 from engine.block_hash import BlockHash
 from engine.sequence import Sequence
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(
+    method: Callable[Concatenate[BlockManager, _P], _R],
+) -> Callable[Concatenate[BlockManager, _P], _R]:
+    @functools.wraps(method)
+    def wrapper(self: BlockManager, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class BlockManager:
@@ -41,6 +69,8 @@ class BlockManager:
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.num_prefix_queries = 0  # blocks looked up in the prefix cache
         self.num_prefix_hits = 0  # of which found
+        self.holds: dict[str, list[int]] = {}  # owner -> blocks it holds one reference on
+        self._lock = threading.RLock()
 
     @property
     def num_free_blocks(self) -> int:
@@ -54,6 +84,7 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @_locked
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
         """The longest run of cached blocks that starts the sequence, leaving >= 1 token to run.
 
@@ -73,6 +104,7 @@ class BlockManager:
         self.num_prefix_hits += len(block_ids)
         return block_ids
 
+    @_locked
     def allocate_slots(
         self, seq: Sequence, num_new_tokens: int, computed_block_ids: list[int] | None = None
     ) -> bool:
@@ -97,6 +129,7 @@ class BlockManager:
             seq.block_ids.append(self._allocate_fresh())
         return True
 
+    @_locked
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Register the sequence's full, computed blocks in the prefix cache."""
         if not self.enable_prefix_caching:
@@ -111,20 +144,95 @@ class BlockManager:
             self.block_hashes[block_id] = block_hash
             self.hash_to_block[block_hash] = block_id
 
+    @_locked
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; its blocks become free (or cached) at ref 0."""
         for block_id in reversed(seq.block_ids):
-            self.ref_counts[block_id] -= 1
-            assert self.ref_counts[block_id] >= 0, f"block {block_id} freed twice"
-            if self.ref_counts[block_id] == 0:
-                self.free_queue[block_id] = None
+            self._drop(block_id)
         seq.block_ids = []
         seq.num_computed_tokens = 0
 
+    @_locked
     def reset_prefix_cache(self) -> None:
         """Forget every cached-but-unused block (in-use blocks keep their hashes)."""
         for block_id in self.free_queue:
             self._evict(block_id)
+
+    # -- holds: KV in flight between workers ------------------------------------------------
+
+    @_locked
+    def hold(self, owner: str, block_ids: Iterable[int]) -> None:
+        """Take one reference on each block for `owner` (a sender pinning the KV it ships): the
+        blocks keep their contents, whatever happens to the sequence that computed them, until
+        `release(owner)`. Raises ValueError for an owner that already holds blocks, a repeated
+        block or one out of range (nothing taken then)."""
+        ids = list(block_ids)
+        self._check_new_owner(owner)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"hold({owner!r}): repeated block ids")
+        bad = [b for b in ids if not (type(b) is int and 0 <= b < self.num_blocks)]
+        if bad:
+            raise ValueError(f"hold({owner!r}): block ids {bad[:4]} not in [0, {self.num_blocks})")
+        for block_id in ids:
+            self._take(block_id)
+        self.holds[owner] = ids
+
+    @_locked
+    def reserve(self, owner: str, num_blocks: int) -> list[int] | None:
+        """Allocate `num_blocks` fresh blocks held by `owner` (a receiver's destination for
+        incoming KV); None, changing nothing, if fewer are free. Raises ValueError for an owner
+        that already holds blocks or a count < 1."""
+        self._check_new_owner(owner)
+        if type(num_blocks) is not int or num_blocks < 1:
+            raise ValueError(f"reserve({owner!r}): num_blocks={num_blocks!r} must be >= 1")
+        if num_blocks > self.num_free_blocks:
+            return None
+        ids = [self._allocate_fresh() for _ in range(num_blocks)]
+        self.holds[owner] = ids
+        return ids
+
+    @_locked
+    def release(self, owner: str) -> bool:
+        """Drop `owner`'s references (its blocks become free or cached at ref 0). Idempotent:
+        False if it holds nothing, e.g. released already or adopted."""
+        ids = self.holds.pop(owner, None)
+        if ids is None:
+            return False
+        for block_id in reversed(ids):
+            self._drop(block_id)
+        return True
+
+    @_locked
+    def adopt(self, owner: str, seq: Sequence, num_computed_tokens: int) -> None:
+        """Make `owner`'s blocks the block table of `seq`, a sequence without blocks, whose first
+        `num_computed_tokens` tokens' KV they hold (a completed transfer joining the decode
+        batch). The references pass from owner to sequence. Raises ValueError if `owner` holds
+        nothing, `seq` has blocks, or the blocks cannot hold that many tokens."""
+        ids = self.holds.get(owner)
+        if ids is None:
+            raise ValueError(f"adopt({owner!r}): holds no blocks (released, or never held)")
+        if seq.block_ids or seq.num_computed_tokens:
+            raise ValueError(f"adopt({owner!r}): {seq} already has blocks")
+        if not 0 < num_computed_tokens <= min(len(ids) * self.block_size, seq.num_tokens):
+            raise ValueError(
+                f"adopt({owner!r}): {num_computed_tokens} computed tokens do not fit "
+                f"{len(ids)} blocks of {self.block_size} and {seq.num_tokens} tokens"
+            )
+        del self.holds[owner]
+        seq.block_ids = ids
+        seq.num_computed_tokens = num_computed_tokens
+
+    def _check_new_owner(self, owner: str) -> None:
+        if not isinstance(owner, str) or not owner:
+            raise ValueError(f"owner={owner!r} must be a non-empty str")
+        if owner in self.holds:
+            raise ValueError(f"{owner!r} already holds blocks")
+
+    def _drop(self, block_id: int) -> None:
+        self.ref_counts[block_id] -= 1
+        assert self.ref_counts[block_id] >= 0, f"block {block_id} freed twice"
+        if self.ref_counts[block_id] == 0:
+            self.free_queue[block_id] = None
 
     def _take(self, block_id: int) -> None:
         if self.ref_counts[block_id] == 0:
@@ -143,11 +251,15 @@ class BlockManager:
             del self.hash_to_block[block_hash]
             self.block_hashes[block_id] = None
 
-    def check_integrity(self, live_sequences: list[Sequence] | None = None) -> None:
-        """Assert the bookkeeping is consistent; with `live_sequences`, that refs match them.
+    @_locked
+    def check_integrity(
+        self, live_sequences: list[Sequence] | None = None, holders: Collection[str] = ()
+    ) -> None:
+        """Assert the bookkeeping is consistent; with `live_sequences`, that refs match them
+        and the holds, and that exactly `holders` hold blocks (any other hold is a leak).
 
-        Called by tests after every scenario, faults included: at rest (no live sequences) every
-        block must be free or cached.
+        Called by tests after every scenario, faults included: at rest (no live sequences, no
+        holders) every block must be free or cached.
         """
         for block_id, ref in enumerate(self.ref_counts):
             assert ref >= 0, f"block {block_id} has negative ref count {ref}"
@@ -160,8 +272,10 @@ class BlockManager:
         assert num_hashed == len(self.hash_to_block), "a hashed block is missing from the map"
         if live_sequences is None:
             return
+        leaked = sorted(set(self.holds) - set(holders))
+        assert not leaked, f"blocks held by unexpected owners (leaked): {leaked[:8]}"
         expected = [0] * self.num_blocks
-        for seq in live_sequences:
-            for block_id in seq.block_ids:
+        for block_ids in [seq.block_ids for seq in live_sequences] + list(self.holds.values()):
+            for block_id in block_ids:
                 expected[block_id] += 1
-        assert expected == self.ref_counts, "ref counts do not match the live sequences' tables"
+        assert expected == self.ref_counts, "ref counts do not match the live tables and holds"

@@ -31,7 +31,7 @@ from engine.loader import describe_model, load_weights, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.sampler import Sampler, SampleRow
-from engine.sampling_params import SamplingParams, validate_prompt_token_ids
+from engine.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, Sequence, Usage
 
@@ -49,6 +49,16 @@ class Completion:
     text: str
     finish_reason: FinishReason
     usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class KeptKV:
+    """KV of a finished request, pinned for a transfer: `num_tokens` tokens (the prompt, for
+    a prefill-only request) in `block_ids`, held by `owner` in the engine's block manager."""
+
+    owner: str
+    block_ids: tuple[int, ...]
+    num_tokens: int
 
 
 class Engine:
@@ -78,6 +88,8 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
         self._sequences: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._keep_kv: set[str] = set()  # requests whose KV is pinned when they finish
+        self._kept_kv: dict[str, KeptKV] = {}
         self._generate_ids = itertools.count()
         logger.info(
             "engine ready: model=%s device=%s dtype=%s kv_blocks=%d max_model_len=%d in %.1fs",
@@ -133,8 +145,13 @@ class Engine:
         prompt_token_ids: SequenceOf[int] | None = None,
         messages: SequenceOf[Mapping[str, Any] | ChatMessage] | None = None,
         cache_salt: str | None = None,
+        keep_kv: bool = False,
     ) -> list[int]:
         """Queue a request given as text, chat messages or token ids (exactly one).
+
+        keep_kv: when the request finishes (not when aborted), pin the blocks of its computed
+        tokens instead of letting them go, for a KV transfer to another worker; collect them
+        with `take_kept_kv` and unpin with `block_manager.release(handle.owner)`.
 
         Returns the prompt's token ids. Raises InvalidRequest naming the bad field.
         """
@@ -152,9 +169,56 @@ class Engine:
         if params.seed is not None:
             self._generators[request_id] = torch.Generator(self.device).manual_seed(params.seed)
         self._sequences[request_id] = seq
+        if keep_kv:
+            self._keep_kv.add(request_id)
         self.outputs.add(seq)
         self.scheduler.add(seq)
         return token_ids
+
+    def add_transferred_request(
+        self,
+        request_id: str,
+        prompt_token_ids: SequenceOf[int],
+        first_token_id: int,
+        sampling_params: SamplingParams,
+        *,
+        kv_owner: str,
+        cache_salt: str | None = None,
+    ) -> RequestOutput:
+        """Continue a request another worker prefilled: its prompt's KV arrived in the blocks
+        `kv_owner` holds (a completed transfer's reservation), and it sampled `first_token_id`.
+        The blocks become the sequence's; its next step decodes from the first token.
+
+        Returns the output of the first token (its text; finished if that token ends the
+        request, in which case the blocks are freed at once). Raises InvalidRequest like
+        add_request; ValueError if `kv_owner` holds no blocks or too few for the prompt.
+        """
+        params = sampling_params
+        if request_id in self._sequences:
+            raise InvalidRequest("request_id", f"{request_id!r} is already in use")
+        params.validate(self.model_config.vocab_size)
+        token_ids = list(prompt_token_ids)
+        validate_prompt_token_ids(
+            token_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens
+        )
+        check_token_id("first_token_id", first_token_id, self.model_config.vocab_size)
+        seq = Sequence(request_id, token_ids, params, root_hash(self.model_id, cache_salt))
+        seq.append_token(first_token_id)
+        self.block_manager.adopt(kv_owner, seq, num_computed_tokens=len(token_ids))
+        self.block_manager.cache_computed_blocks(seq)
+        if params.seed is not None:
+            self._generators[request_id] = torch.Generator(self.device).manual_seed(params.seed)
+        self._sequences[request_id] = seq
+        self.outputs.add(seq)
+        self.scheduler.add_running(seq)
+        output = self.outputs.process_token(seq, None)
+        if output.finished:
+            self._release(seq)
+        return output
+
+    def take_kept_kv(self, request_id: str) -> KeptKV | None:
+        """The pinned KV of a finished `keep_kv` request (once; None if there is none)."""
+        return self._kept_kv.pop(request_id, None)
 
     def tokenize_prompt(
         self,
@@ -187,7 +251,17 @@ class Engine:
             return None
         self.scheduler.finish(seq, FinishReason.ABORT)
         self._generators.pop(request_id, None)
+        self._keep_kv.discard(request_id)
         return self.outputs.finish(seq, FinishReason.ABORT)
+
+    def _pin_kv(self, seq: Sequence) -> None:
+        num_tokens = seq.num_computed_tokens
+        if num_tokens == 0:
+            return
+        block_ids = seq.block_ids[: self.block_manager.num_blocks_for(num_tokens)]
+        owner = f"kept:{seq.request_id}"
+        self.block_manager.hold(owner, block_ids)
+        self._kept_kv[seq.request_id] = KeptKV(owner, tuple(block_ids), num_tokens)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -221,6 +295,9 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         assert seq.finish_reason is not None, "released sequences have a finish reason"
+        if seq.request_id in self._keep_kv:
+            self._keep_kv.discard(seq.request_id)
+            self._pin_kv(seq)
         self.scheduler.finish(seq, seq.finish_reason)
         del self._sequences[seq.request_id]
         self._generators.pop(seq.request_id, None)
@@ -273,8 +350,11 @@ class Engine:
         finally:
             self.abort_request(request_id)
 
-    def check_integrity(self) -> None:
-        self.scheduler.check_integrity()
+    def check_integrity(self, holders: SequenceOf[str] = ()) -> None:
+        """Assert the KV bookkeeping is consistent and only `holders` (plus kept KV not yet
+        taken) hold blocks outside sequences."""
+        kept = [k.owner for k in self._kept_kv.values()]
+        self.scheduler.check_integrity(holders=[*holders, *kept])
 
 
 class _Accumulator:

@@ -68,14 +68,14 @@ class SamplingParams:
         _check_stop(self.stop)
         _check_sequence("stop_token_ids", self.stop_token_ids)
         for token_id in self.stop_token_ids:
-            _check_token_id("stop_token_ids", token_id, vocab_size)
+            check_token_id("stop_token_ids", token_id, vocab_size)
         _check_sequence("logit_bias", self.logit_bias)
         for pair in self.logit_bias:
             if not isinstance(pair, tuple | list) or len(pair) != 2:
                 raise InvalidRequest(
                     "logit_bias", f"entries must be (token_id, bias), got {pair!r}"
                 )
-            _check_token_id("logit_bias", pair[0], vocab_size)
+            check_token_id("logit_bias", pair[0], vocab_size)
             _check_float("logit_bias", pair[1], low=-100.0, high=100.0)
 
 
@@ -105,7 +105,7 @@ def _check_sequence(name: str, value: object) -> None:
         raise InvalidRequest(name, f"must be a list, got {type(value).__name__}")
 
 
-def _check_token_id(name: str, token_id: object, vocab_size: int) -> None:
+def check_token_id(name: str, token_id: object, vocab_size: int) -> None:
     if isinstance(token_id, bool) or not isinstance(token_id, int):
         raise InvalidRequest(name, f"token id must be an integer, got {token_id!r}")
     if not 0 <= token_id < vocab_size:
@@ -135,7 +135,7 @@ def validate_prompt_token_ids(
     if not token_ids:
         raise InvalidRequest("prompt", "prompt is empty")
     for token_id in token_ids:
-        _check_token_id("prompt_token_ids", token_id, vocab_size)
+        check_token_id("prompt_token_ids", token_id, vocab_size)
     if len(token_ids) >= max_model_len:
         raise InvalidRequest(
             "prompt",

@@ -12,6 +12,7 @@ Pure Python; knows nothing of tensors or text.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
@@ -69,6 +70,17 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Join a sequence whose KV is already in its blocks (computed elsewhere) straight to
+        the running batch: its next step is a decode. It may take the running count past
+        max_num_seqs for a while: its blocks are already spent, so running it is their best use.
+        """
+        assert seq.block_ids and seq.num_computed_tokens > 0, "add_running needs computed KV"
+        seq.status = SequenceStatus.RUNNING
+        if seq.num_cached_tokens < 0:
+            seq.num_cached_tokens = 0
+        self.running.append(seq)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
@@ -153,7 +165,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def check_integrity(self) -> None:
-        self.block_manager.check_integrity(self.running)
+    def check_integrity(self, holders: Collection[str] = ()) -> None:
+        self.block_manager.check_integrity(self.running, holders)
         for seq in self.waiting:
             assert not seq.block_ids, f"waiting {seq} holds blocks"

@@ -20,6 +20,7 @@ Frame (all integers little-endian):
       1 TransferOffer  str transfer_id, str request_id,
                        str model_id, str dtype, u32 block_size, u32 num_layers,
                        u32 num_kv_heads, u32 head_dim, u32 num_tokens, u32 lease_ms,
+                       u32 layers_per_chunk,
                        ids src_block_ids       ids = u32 count + count x u32
       2 TransferReady  str transfer_id, ids dst_block_ids
       3 TransferDone   str transfer_id, u64 num_bytes, u64 checksum
@@ -70,7 +71,7 @@ MAX_PAYLOAD_BYTES = (
     + MAX_REQUEST_ID_BYTES
     + MAX_MODEL_ID_BYTES
     + MAX_DTYPE_BYTES
-    + 4 * 6
+    + 4 * 7
     + 4
     + 4 * MAX_BLOCK_IDS
 )
@@ -98,6 +99,9 @@ class TransferOffer:
     num_tokens: int  # u32
     src_block_ids: tuple[int, ...]  # u32 each, distinct, at most MAX_BLOCK_IDS
     lease_ms: int  # u32, >= 1
+    # The payload comes as chunks of this many layers (all blocks each), in layer order, so
+    # the sender can ship while prefill computes later layers; None: all layers at once.
+    layers_per_chunk: int | None = None  # u32 in [1, layout.num_layers] once constructed
 
     def __post_init__(self) -> None:
         _check_str("transfer_id", self.transfer_id, MAX_TRANSFER_ID_BYTES, min_bytes=1)
@@ -113,6 +117,17 @@ class TransferOffer:
                 f"of {self.layout.block_size} tokens ({capacity_tokens})"
             )
         _check_uint("lease_ms", self.lease_ms, U32_MAX, minimum=1)
+        if self.layers_per_chunk is None:
+            object.__setattr__(self, "layers_per_chunk", self.layout.num_layers)
+        _check_uint(
+            "layers_per_chunk", self.layers_per_chunk, self.layout.num_layers, minimum=1
+        )
+
+    @property
+    def num_chunks(self) -> int:
+        """Payload messages of this transfer (one per layer group)."""
+        assert self.layers_per_chunk is not None
+        return -(-self.layout.num_layers // self.layers_per_chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +272,7 @@ def _encode_offer(m: TransferOffer) -> bytes:
             _str(lay.model_id),
             _str(lay.dtype),
             struct.pack("<4I", lay.block_size, lay.num_layers, lay.num_kv_heads, lay.head_dim),
-            struct.pack("<2I", m.num_tokens, m.lease_ms),
+            struct.pack("<3I", m.num_tokens, m.lease_ms, m.layers_per_chunk),
             _ids(m.src_block_ids),
         )
     )
@@ -414,6 +429,7 @@ def _decode_offer(r: _Reader) -> dict[str, Any]:
     dims = {name: r.u32(name) for name in ("block_size", "num_layers", "num_kv_heads", "head_dim")}
     num_tokens = r.u32("num_tokens")
     lease_ms = r.u32("lease_ms")
+    layers_per_chunk = r.u32("layers_per_chunk")
     src_block_ids = r.block_ids("src_block_ids")
     try:
         layout = KVLayout(model_id=model_id, dtype=dtype, **dims)
@@ -426,6 +442,7 @@ def _decode_offer(r: _Reader) -> dict[str, Any]:
         "num_tokens": num_tokens,
         "src_block_ids": src_block_ids,
         "lease_ms": lease_ms,
+        "layers_per_chunk": layers_per_chunk,
     }
 
 

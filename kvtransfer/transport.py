@@ -18,6 +18,11 @@ writing one request's KV into another's blocks:
     payload (e.g. transfer number); the receiver checks all four before posting the payload
     receive, and raises KVTransferError on any difference.
 
+    A header with nbytes = MARKER (-1) and no payload stands in for a payload that will not
+    come (`send_marker`: an aborted transfer), so both sides' counts stay in step. A receiver
+    either names the payload it expects (`recv`) or reads the next header and routes by its
+    tag (`recv_header`, then `recv_payload` unless it was a marker).
+
 Ordering: both sides must issue sends and receives in the same order. A channel belongs to one
 transfer thread per side (concurrent use raises RuntimeError); that thread follows the control
 protocol (kvtransfer.messages), which fixes the order. Different pairs run in parallel.
@@ -76,6 +81,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("gloo", "nccl")
 MAGIC = 0x54414E44454D4B56  # "TANDEMKV"
 HEADER_NUMEL = 4  # [MAGIC, seq, tag, nbytes] int64
+MARKER = -1  # nbytes of a header sent instead of a payload (send_marker)
 STORE_PREFIX = "tandem/kv/"
 _HEADER_TAG = 1  # gloo slot of headers (NCCL ignores tags)
 _PAYLOAD_TAG = 2  # gloo slot of payloads
@@ -165,6 +171,7 @@ class PairChannel(ABC):
         self._closed = False
         self._num_sent = 0  # payloads sent: the seq of the next send
         self._num_received = 0
+        self._pending_nbytes: int | None = None  # announced by a header, not yet received
         self._send_header = torch.empty(HEADER_NUMEL, dtype=torch.int64, device=self.device)
         self._recv_header = torch.empty(HEADER_NUMEL, dtype=torch.int64, device=self.device)
 
@@ -233,20 +240,54 @@ class PairChannel(ABC):
             _wait(pg.send([tensor], self.address.peer_rank, _PAYLOAD_TAG), deadline)
             self._num_sent += 1
 
+    def send_marker(self, *, tag: int, timeout_s: float | None = None) -> None:
+        """Send a header with no payload (nbytes = MARKER) in place of a payload: tells the
+        peer that the payload it may be waiting for under `tag` will not come (an aborted
+        transfer), keeping both sides' sequence in step. Counts as one payload."""
+        _check_tag(tag)
+        with self._op("send", timeout_s) as (pg, deadline):
+            self._post_header(pg, self._num_sent, tag, MARKER, deadline)
+            self._num_sent += 1
+
     def recv(self, tensor: torch.Tensor, *, tag: int = 0, timeout_s: float | None = None) -> None:
         """Receive the peer's next payload into `tensor` (preallocated, contiguous, on this
         channel's device, exactly the payload's size), checking its header first.
 
         Returns once the data is in `tensor`. Raises KVTransferError on timeout (default
-        config.timeout_s), a dead peer, a header that does not match (size, tag or sequence), or
-        a broken or closed channel; ValueError for a bad tensor or tag. Transfer thread only.
+        config.timeout_s), a dead peer, a header that does not match (size, tag or sequence), a
+        marker instead of a payload, or a broken or closed channel; ValueError for a bad tensor
+        or tag. Transfer thread only.
         """
         self._check_tensor(tensor)
         nbytes = _check_tag_and_size(tag, tensor)
         with self._op("recv", timeout_s) as (pg, deadline):
-            self._expect_header(pg, self._num_received, tag, nbytes, deadline)
-            _wait(pg.recv([tensor], self.address.peer_rank, _PAYLOAD_TAG), deadline)
-            self._num_received += 1
+            got_tag, got_nbytes = self._next_header(pg, deadline)
+            if (got_tag, got_nbytes) != (tag, nbytes):
+                raise KVTransferError(
+                    f"header does not match: tag {got_tag} nbytes {got_nbytes} received, "
+                    f"tag {tag} nbytes {nbytes} expected"
+                )
+            self._recv_payload(pg, tensor, deadline)
+
+    def recv_header(self, *, timeout_s: float | None = None) -> tuple[int, int]:
+        """Receive the peer's next header: (tag, nbytes), nbytes == MARKER for a marker. For
+        a payload, the next call must be `recv_payload` with a tensor of exactly nbytes: the
+        receiver learns which transfer comes next from the tag instead of predicting it."""
+        with self._op("recv", timeout_s) as (pg, deadline):
+            return self._next_header(pg, deadline)
+
+    def recv_payload(self, tensor: torch.Tensor, *, timeout_s: float | None = None) -> None:
+        """Receive the payload announced by the last `recv_header` into `tensor`."""
+        self._check_tensor(tensor)
+        nbytes = _check_tag_and_size(0, tensor)
+        if self._pending_nbytes is None:
+            raise RuntimeError(f"{self._name()}: recv_payload without an announced payload")
+        if nbytes != self._pending_nbytes:
+            raise ValueError(
+                f"the announced payload is {self._pending_nbytes} bytes, the tensor {nbytes}"
+            )
+        with self._op("recv", timeout_s) as (pg, deadline):
+            self._recv_payload(pg, tensor, deadline)
 
     @property
     def is_broken(self) -> bool:
@@ -332,6 +373,29 @@ class PairChannel(ABC):
         values = torch.tensor([MAGIC, seq, tag, nbytes], dtype=torch.int64)
         self._send_header.copy_(values)
         _wait(pg.send([self._send_header], self.address.peer_rank, _HEADER_TAG), deadline)
+
+    def _next_header(self, pg: Any, deadline: float) -> tuple[int, int]:
+        """Receive and check the next header (magic, sequence); (tag, nbytes). A marker
+        completes its sequence number at once; a payload's completes in _recv_payload."""
+        if self._pending_nbytes is not None:
+            raise KVTransferError("a header arrived announcing a payload that was never received")
+        _wait(pg.recv([self._recv_header], self.address.peer_rank, _HEADER_TAG), deadline)
+        magic, seq, tag, nbytes = self._recv_header.tolist()
+        if magic != MAGIC or seq != self._num_received or not (nbytes >= 0 or nbytes == MARKER):
+            raise KVTransferError(
+                f"bad header: magic {magic:#x}, seq {seq} (expected {self._num_received}), "
+                f"nbytes {nbytes}"
+            )
+        if nbytes == MARKER:
+            self._num_received += 1
+        else:
+            self._pending_nbytes = nbytes
+        return tag, nbytes
+
+    def _recv_payload(self, pg: Any, tensor: torch.Tensor, deadline: float) -> None:
+        _wait(pg.recv([tensor], self.address.peer_rank, _PAYLOAD_TAG), deadline)
+        self._pending_nbytes = None
+        self._num_received += 1
 
     def _expect_header(self, pg: Any, seq: int, tag: int, nbytes: int, deadline: float) -> None:
         _wait(pg.recv([self._recv_header], self.address.peer_rank, _HEADER_TAG), deadline)
@@ -478,9 +542,13 @@ def _check_contiguous(tensor: torch.Tensor) -> None:
 
 def _check_tag_and_size(tag: int, tensor: torch.Tensor) -> int:
     """The tensor's size in bytes, after checking the tag."""
+    _check_tag(tag)
+    return tensor.numel() * tensor.element_size()
+
+
+def _check_tag(tag: int) -> None:
     if type(tag) is not int or not 0 <= tag <= _MAX_TAG:
         raise ValueError(f"tag={tag!r} must be an int in [0, 2**63)")
-    return tensor.numel() * tensor.element_size()
 
 
 def _describe(address: PairAddress) -> str:

@@ -97,6 +97,7 @@ def offer_payload(
     block_size: int = 16,
     num_tokens: int = 5,
     lease_ms: int = 100,
+    layers_per_chunk: int = 30,
     src_block_ids: tuple[int, ...] = (1,),
 ) -> bytes:
     return (
@@ -104,7 +105,7 @@ def offer_payload(
         + wire_str(b"r")
         + wire_str(b"m")
         + wire_str(dtype)
-        + struct.pack("<6I", block_size, 30, 3, 64, num_tokens, lease_ms)
+        + struct.pack("<7I", block_size, 30, 3, 64, num_tokens, lease_ms, layers_per_chunk)
         + wire_ids(list(src_block_ids))
     )
 
@@ -197,6 +198,8 @@ def test_codec_uses_no_object_deserializer() -> None:
         (lambda: TransferOffer("t", "r", LAYOUT, 17, (1,), 1), "num_tokens=17 exceeds"),
         (lambda: TransferOffer("t", "r", LAYOUT, 1, (1,), 0), "lease_ms=0"),
         (lambda: TransferOffer("t", "r", LAYOUT, 1, (1,), 1 << 32), "lease_ms="),
+        (lambda: TransferOffer("t", "r", LAYOUT, 1, (1,), 1, 0), "layers_per_chunk=0"),
+        (lambda: TransferOffer("t", "r", LAYOUT, 1, (1,), 1, 99), "layers_per_chunk=99"),
         (lambda: TransferOffer("t", "r", "layout", 1, (1,), 1), "layout='layout'"),
         (lambda: TransferReady("t", (1, -1)), "holds -1"),
         (lambda: TransferReady("t", (1, 1 << 32)), "holds 4294967296"),

@@ -1,0 +1,110 @@
+"""The engine ends of a KV transfer, in one process: a prefill engine pins a finished
+request's KV (keep_kv), its blocks are copied into blocks a decode engine reserved, and the
+decode engine continues the request (add_transferred_request) exactly as one engine would.
+The transport between them is tested in tests/integration/test_kvtransfer_protocol.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.engine import Engine
+from engine.errors import InvalidRequest
+from engine.sampling_params import SamplingParams
+from kvtransfer.coalesce import gather_blocks, scatter_blocks
+from tests.conftest import greedy, make_engine, prompt_ids
+
+
+def prefill_and_hand_off(
+    prefill: Engine, decode: Engine, request_id: str, prompt: list[int], params: SamplingParams
+) -> list[int]:
+    """Prefill on one engine, move the KV, decode on the other; the decode's token ids."""
+    prefill.add_request(
+        request_id, None, SamplingParams(max_tokens=1, temperature=0.0), prompt_token_ids=prompt,
+        keep_kv=True,
+    )  # fmt: skip
+    (first,) = [o for o in prefill.step() if o.request_id == request_id]
+    assert first.finished
+    kept = prefill.take_kept_kv(request_id)
+    assert kept is not None and kept.num_tokens == len(prompt)
+    owner = f"in:{request_id}"
+    dst = decode.block_manager.reserve(owner, len(kept.block_ids))
+    assert dst is not None
+    staging = gather_blocks(prefill.runner.kv_cache, kept.block_ids)
+    scatter_blocks(decode.runner.kv_cache, dst, staging)
+    assert prefill.block_manager.release(kept.owner)
+    prefill.check_integrity()
+    output = decode.add_transferred_request(
+        request_id, prompt, first.new_token_ids[0], params, kv_owner=owner
+    )
+    tokens = list(output.new_token_ids)
+    while decode.has_unfinished_requests():
+        tokens += [
+            t for out in decode.step() if out.request_id == request_id for t in out.new_token_ids
+        ]
+    decode.check_integrity()
+    return tokens
+
+
+@pytest.mark.parametrize("length", [3, 4, 5, 17])  # < 1 block, 1 block, block + 1, several
+def test_decode_from_transferred_kv_equals_one_engine(length: int) -> None:
+    prompt = prompt_ids(seed=length, length=length)
+    params = greedy(max_tokens=12)
+    expected = make_engine().generate([prompt], params)[0].token_ids
+    got = prefill_and_hand_off(make_engine(), make_engine(), "r", prompt, params)
+    assert got == expected
+
+
+def test_transferred_request_joins_a_running_batch() -> None:
+    decode, single = make_engine(), make_engine()
+    params = greedy(max_tokens=10)
+    others = [prompt_ids(seed=s, length=6 + s) for s in range(3)]
+    for i, prompt in enumerate(others):
+        decode.add_request(f"o{i}", None, params, prompt_token_ids=prompt)
+    decode.step()
+    decode.step()
+    prompt = prompt_ids(seed=9, length=11)
+    got = prefill_and_hand_off(make_engine(), decode, "moved", prompt, params)
+    assert got == single.generate([prompt], params)[0].token_ids
+
+
+def test_the_prefix_of_a_transferred_request_is_cached_on_the_decode_side() -> None:
+    decode = make_engine()
+    prompt = prompt_ids(seed=3, length=13)
+    prefill_and_hand_off(make_engine(), decode, "a", prompt, greedy(max_tokens=2))
+    usage = decode.generate([prompt], greedy(max_tokens=1))[0].usage
+    assert usage.cached_tokens == 12  # 3 full blocks of 4; the 13th token is recomputed
+
+
+def test_keep_kv_is_released_by_owner_and_abort_pins_nothing() -> None:
+    engine = make_engine()
+    engine.add_request("k", None, greedy(max_tokens=1), prompt_token_ids=[5] * 9, keep_kv=True)
+    engine.add_request("x", None, greedy(max_tokens=4), prompt_token_ids=[6] * 9, keep_kv=True)
+    engine.step()
+    engine.abort_request("x")
+    assert engine.take_kept_kv("x") is None
+    kept = engine.take_kept_kv("k")
+    assert kept is not None and len(kept.block_ids) == 3
+    assert engine.take_kept_kv("k") is None, "taken once"
+    with pytest.raises(AssertionError, match="leaked"):
+        engine.check_integrity()  # taken but not released: a leak the check must see
+    engine.check_integrity(holders=[kept.owner])
+    assert engine.block_manager.release(kept.owner)
+    assert not engine.block_manager.release(kept.owner), "release is idempotent"
+    engine.check_integrity()
+
+
+def test_add_transferred_request_rejects_bad_input_and_keeps_blocks() -> None:
+    engine = make_engine()
+    dst = engine.block_manager.reserve("in:t", 2)
+    assert dst is not None
+    params = greedy(max_tokens=4)
+    with pytest.raises(InvalidRequest, match="first_token_id"):
+        engine.add_transferred_request("t", [1, 2, 3], 10**9, params, kv_owner="in:t")
+    with pytest.raises(ValueError, match="holds no blocks"):
+        engine.add_transferred_request("t", [1, 2, 3], 7, params, kv_owner="in:other")
+    with pytest.raises(ValueError, match="do not fit"):
+        engine.add_transferred_request("t", list(range(1, 12)), 7, params, kv_owner="in:t")
+    assert not engine.has_unfinished_requests()
+    engine.check_integrity(holders=["in:t"])
+    assert engine.block_manager.release("in:t")
+    engine.check_integrity()
