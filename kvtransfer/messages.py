@@ -1,6 +1,8 @@
 """Control messages of the KV transfer protocol and their fixed binary wire format.
 
-One transfer, sender = prefill side, receiver = decode side:
+A pair's control connection opens with PairHello (sender -> receiver), naming the pair key
+under which both sides then form their PairChannel. One transfer, sender = prefill side,
+receiver = decode side:
 
     sender                                   receiver
       | -- TransferOffer (src blocks, lease) --> |  reserves destination blocks
@@ -26,6 +28,7 @@ Frame (all integers little-endian):
       3 TransferDone   str transfer_id, u64 num_bytes, u64 checksum
       4 TransferAck    str transfer_id, u8 ok (0 or 1), str reason
       5 TransferAbort  str transfer_id, str reason
+      6 PairHello      str pair_key
 
 Every message validates its fields on construction (ValueError naming the field), so whatever
 `encode` produces, `decode` accepts, and `decode(encode(m)) == m`. The encoding is canonical:
@@ -63,6 +66,7 @@ MAX_TRANSFER_ID_BYTES = 64
 MAX_REQUEST_ID_BYTES = 128
 MAX_REASON_BYTES = 256
 MAX_DTYPE_BYTES = 32
+MAX_PAIR_KEY_BYTES = 128
 MAX_BLOCK_IDS = 1 << 20  # per message; 16-token blocks make that 16M tokens
 # The largest payload any message can have: an offer with every string and list at its limit.
 MAX_PAYLOAD_BYTES = (
@@ -85,6 +89,7 @@ class MessageType(IntEnum):
     DONE = 3
     ACK = 4
     ABORT = 5
+    HELLO = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +124,7 @@ class TransferOffer:
         _check_uint("lease_ms", self.lease_ms, U32_MAX, minimum=1)
         if self.layers_per_chunk is None:
             object.__setattr__(self, "layers_per_chunk", self.layout.num_layers)
-        _check_uint(
-            "layers_per_chunk", self.layers_per_chunk, self.layout.num_layers, minimum=1
-        )
+        _check_uint("layers_per_chunk", self.layers_per_chunk, self.layout.num_layers, minimum=1)
 
     @property
     def num_chunks(self) -> int:
@@ -187,7 +190,17 @@ class TransferAbort:
         _check_str("reason", self.reason, MAX_REASON_BYTES)
 
 
-Message = TransferOffer | TransferReady | TransferDone | TransferAck | TransferAbort
+@dataclass(frozen=True, slots=True)
+class PairHello:
+    """Sender -> receiver, first on a control connection: the pair key of the channel."""
+
+    pair_key: str  # 1..128 UTF-8 bytes
+
+    def __post_init__(self) -> None:
+        _check_str("pair_key", self.pair_key, MAX_PAIR_KEY_BYTES, min_bytes=1)
+
+
+Message = TransferOffer | TransferReady | TransferDone | TransferAck | TransferAbort | PairHello
 
 
 def payload_checksum(payload: bytes | bytearray | memoryview) -> int:
@@ -290,6 +303,10 @@ def _encode_ack(m: TransferAck) -> bytes:
     return _str(m.transfer_id) + bytes((int(m.ok),)) + _str(m.reason)
 
 
+def _encode_hello(m: PairHello) -> bytes:
+    return _str(m.pair_key)
+
+
 def _encode_abort(m: TransferAbort) -> bytes:
     return _str(m.transfer_id) + _str(m.reason)
 
@@ -300,6 +317,7 @@ _ENCODERS: dict[type, tuple[MessageType, Callable[[Any], bytes]]] = {
     TransferDone: (MessageType.DONE, _encode_done),
     TransferAck: (MessageType.ACK, _encode_ack),
     TransferAbort: (MessageType.ABORT, _encode_abort),
+    PairHello: (MessageType.HELLO, _encode_hello),
 }
 
 
@@ -468,10 +486,15 @@ def _decode_abort(r: _Reader) -> dict[str, Any]:
     return {"transfer_id": transfer_id, "reason": r.string("reason", MAX_REASON_BYTES)}
 
 
+def _decode_hello(r: _Reader) -> dict[str, Any]:
+    return {"pair_key": r.string("pair_key", MAX_PAIR_KEY_BYTES)}
+
+
 _DECODERS: dict[int, tuple[type[Message], Callable[[_Reader], dict[str, Any]]]] = {
     MessageType.OFFER: (TransferOffer, _decode_offer),
     MessageType.READY: (TransferReady, _decode_ready),
     MessageType.DONE: (TransferDone, _decode_done),
     MessageType.ACK: (TransferAck, _decode_ack),
     MessageType.ABORT: (TransferAbort, _decode_abort),
+    MessageType.HELLO: (PairHello, _decode_hello),
 }

@@ -32,6 +32,7 @@ from kvtransfer.messages import (
     U64_MAX,
     Message,
     MessageType,
+    PairHello,
     TransferAbort,
     TransferAck,
     TransferDone,
@@ -68,6 +69,8 @@ MESSAGES: list[Message] = [
     TransferAck("t-3", False, "ü" * (MAX_REASON_BYTES // 2)),
     TransferAbort("réq-日本-🚀", ""),
     TransferAbort("t-1", "r" * MAX_REASON_BYTES),
+    PairHello("prefill-3/decode-1/7"),
+    PairHello("p" * 128),
 ]
 
 
@@ -125,6 +128,7 @@ def test_examples_cover_every_message_type() -> None:
         TransferDone,
         TransferAck,
         TransferAbort,
+        PairHello,
     }
 
 
@@ -235,8 +239,8 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("short header", b"TKV1\x05\x00", r"^truncated header: 6 bytes, need 9$"),
     ("bad magic", frame(5, b"", magic=b"TKV2"), r"^bad magic b'TKV2', expected b'TKV1'$"),
     ("pickle magic", b"\x80\x05\x95" + bytes(20), r"^bad magic .*a pickle stream, refused$"),
-    ("type 0", frame(0, b""), r"^unknown message type 0; known: 1 OFFER, .* 5 ABORT$"),
-    ("type 6", frame(6, b""), r"^unknown message type 6"),
+    ("type 0", frame(0, b""), r"^unknown message type 0; known: 1 OFFER, .* 6 HELLO$"),
+    ("type 7", frame(7, b""), r"^unknown message type 7"),
     ("type 255", frame(255, b""), r"^unknown message type 255"),
     (
         "huge declared length",

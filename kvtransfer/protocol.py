@@ -1,0 +1,134 @@
+"""What both ends of the transfer protocol share: configuration, results, metrics, tags.
+
+The protocol, per pair (one control connection + one PairChannel), sender S, receiver R:
+
+    S: pin blocks (owner)  --Offer-->  R: reserve blocks (or Abort: no room, layouts differ)
+                           <--Ready--  R: now expects T's payload on the channel
+    S: per layer chunk: gather, send  ==payload==>  R: recv by tag, scatter into reserved blocks
+                           --Done--->  R: checks bytes (and CRC on CPU), Ack; KV ready to adopt
+    S: unpin on Ack        <--Ack----
+    S: unpin when the lease expires without an Ack (the receiver never confirmed)
+
+Who frees what, so that nothing leaks and nothing is freed twice:
+- The sender holds its pin until an Ack, an Abort, a failure of the pair, or lease expiry,
+  whichever comes first; release is idempotent, so a late Ack after expiry changes nothing.
+- The receiver frees its reservation when T fails for any reason, but only once T's data has
+  stopped arriving (its last chunk, or a marker, or a broken channel): a chunk still on the
+  wire can never land in blocks that were handed to someone else.
+- Every Ready a sender receives is answered on the channel by T's chunks or by one marker
+  (PairChannel.send_marker), even for a transfer the sender already gave up on. So the
+  receiver, which reads the channel header-first and routes by tag, never waits for data that
+  will not come while the sender lives; a dead or stalled sender breaks the channel by timeout.
+- Duplicate and late messages are answered from a bounded record of finished transfers, or
+  ignored; they never reopen a transfer.
+
+Payload tags are derived from transfer ids (`transfer_tag`), so both ends agree without
+sharing a counter; the receiver refuses an offer whose tag collides with a live transfer.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """Timing of the protocol (one per worker)."""
+
+    lease_s: float = 30.0  # sender: how long blocks stay pinned after Done without an Ack
+    ready_timeout_s: float = 10.0  # sender: Offer -> Ready (or Abort)
+    stall_timeout_s: float = 30.0  # either side: the longest wait for the next payload
+    done_timeout_s: float = 10.0  # receiver: last chunk -> Done
+    poll_interval_s: float = 0.05  # how often the control threads check deadlines
+    checksum: bool = True  # CRC-32 of the payload (CPU tensors only; 0 = not computed)
+    max_finished: int = 4096  # finished transfers remembered for duplicate/late messages
+
+    def __post_init__(self) -> None:
+        for name in ("lease_s", "ready_timeout_s", "stall_timeout_s", "done_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name}={value!r} must be a positive finite number")
+        if not 0 < self.poll_interval_s <= 1:
+            raise ValueError(f"poll_interval_s={self.poll_interval_s!r} must be in (0, 1]")
+        if type(self.max_finished) is not int or self.max_finished < 1:
+            raise ValueError(f"max_finished={self.max_finished!r} must be an int >= 1")
+
+
+class TransferStatus(enum.Enum):
+    COMPLETED = "completed"  # sender: acknowledged; receiver: KV in reserved blocks, verified
+    FAILED = "failed"  # rejected, timed out, broken pair, bad checksum, ...
+    ABORTED = "aborted"  # ended by this side's abort() or the peer's TransferAbort
+    LEASE_EXPIRED = "lease_expired"  # sender: no Ack within the lease; blocks unpinned
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    transfer_id: str
+    request_id: str
+    status: TransferStatus
+    reason: str = ""
+    num_bytes: int = 0
+    seconds: float = 0.0  # offer to end
+
+    @property
+    def ok(self) -> bool:
+        return self.status is TransferStatus.COMPLETED
+
+
+@dataclass(slots=True)
+class TransferMetrics:
+    """Counters of one side of one or more pairs; read them any time (e.g. into Prometheus)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    transfers_completed: int = 0
+    transfers_failed: int = 0  # FAILED and ABORTED
+    leases_expired: int = 0
+    transfer_seconds_total: float = 0.0  # of completed transfers
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, result: TransferResult) -> None:
+        with self._lock:
+            if result.status is TransferStatus.COMPLETED:
+                self.transfers_completed += 1
+                self.transfer_seconds_total += result.seconds
+            elif result.status is TransferStatus.LEASE_EXPIRED:
+                self.leases_expired += 1
+            else:
+                self.transfers_failed += 1
+
+    def add_bytes(self, sent: int = 0, received: int = 0) -> None:
+        with self._lock:
+            self.bytes_sent += sent
+            self.bytes_received += received
+
+
+def transfer_tag(transfer_id: str) -> int:
+    """The channel tag of a transfer's payloads: 63 bits of its id's BLAKE2b hash."""
+    digest = hashlib.blake2b(transfer_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class BoundedRecord(Generic[_K, _V]):
+    """The last `capacity` finished transfers' outcomes, oldest forgotten first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[_K, _V] = OrderedDict()
+
+    def add(self, key: _K, value: _V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, key: _K) -> _V | None:
+        return self._items.get(key)

@@ -1,0 +1,483 @@
+"""The decode side of one pair: reserves blocks for offers, receives KV into them, reports.
+
+    control thread: Offer -> reserve + Ready (or Abort); Done -> verify -> Ack; Abort; deadlines
+    data thread:    while transfers are expected: header -> route by tag -> payload -> scatter
+
+The engine loop never blocks on a transfer: it calls `poll()` each step and gets the transfers
+whose KV is complete, then hands each to Engine.add_transferred_request (or releases it). See
+kvtransfer.protocol for the ownership rules this class implements.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import KVTransferError
+from kvtransfer.coalesce import (
+    StagingLease,
+    StagingPool,
+    TransferChunk,
+    scatter_blocks,
+    split_for_overlap,
+    staging_shape,
+)
+from kvtransfer.control import ControlConnection
+from kvtransfer.layout import KVLayout
+from kvtransfer.messages import (
+    Message,
+    TransferAbort,
+    TransferAck,
+    TransferDone,
+    TransferOffer,
+    TransferReady,
+)
+from kvtransfer.protocol import (
+    BoundedRecord,
+    TransferConfig,
+    TransferMetrics,
+    TransferResult,
+    TransferStatus,
+    transfer_tag,
+)
+from kvtransfer.transport import MARKER, PairChannel
+
+logger = logging.getLogger(__name__)
+
+ReserveFn = Callable[[str, int], list[int] | None]  # BlockManager.reserve
+ReleaseFn = Callable[[str], object]  # BlockManager.release
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedKV:
+    """A completed transfer: the prompt's KV is in `block_ids`, held by `owner` until the
+    engine adopts them (Engine.add_transferred_request(kv_owner=owner)) or releases them."""
+
+    transfer_id: str
+    request_id: str
+    owner: str
+    block_ids: tuple[int, ...]
+    num_tokens: int
+
+
+@dataclass(eq=False)
+class _Incoming:
+    offer: TransferOffer
+    owner: str
+    dst_block_ids: tuple[int, ...]
+    tag: int
+    chunks: tuple[TransferChunk, ...]  # over the destination blocks
+    started: float
+    state: str = "receiving"  # receiving -> data_done -> (ended)
+    next_chunk: int = 0
+    num_bytes: int = 0
+    crc: int = 0
+    done: TransferDone | None = None
+    done_deadline: float = 0.0
+    local_abort: str | None = None
+    peer_abort: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Final:
+    """What a finished transfer answers to a duplicate Offer or Done."""
+
+    result: TransferResult
+    reply: Message | None
+
+
+class KVReceiver:
+    """Receives KV into `kv_cache`, reserving destination blocks with `reserve`/`release`
+    (a BlockManager's). If the pair fails, every transfer on it fails and its reservation is
+    freed once no data can land in it any more."""
+
+    def __init__(
+        self,
+        channel: PairChannel,
+        control: ControlConnection,
+        kv_cache: torch.Tensor,
+        layout: KVLayout,
+        reserve: ReserveFn,
+        release: ReleaseFn,
+        staging: StagingPool,
+        config: TransferConfig | None = None,
+        metrics: TransferMetrics | None = None,
+    ) -> None:
+        if KVLayout.of_cache(kv_cache, layout.model_id) != layout:
+            raise ValueError(f"kv_cache {tuple(kv_cache.shape)} does not have layout {layout}")
+        self.channel = channel
+        self.control = control
+        self.kv_cache = kv_cache
+        self.layout = layout
+        self.config = config or TransferConfig()
+        self.metrics = metrics or TransferMetrics()
+        self._reserve = reserve
+        self._release = release
+        self._staging = staging
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # the data thread waits for expected data
+        self._live: dict[str, _Incoming] = {}
+        self._by_tag: dict[int, _Incoming] = {}
+        self._num_expected = 0  # live transfers whose data is still to come
+        self._finished: BoundedRecord[str, _Final] = BoundedRecord(self.config.max_finished)
+        self._completed: deque[ReceivedKV] = deque()
+        self._failure: str | None = None
+        self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
+        self._threads = [
+            threading.Thread(target=self._data_loop, name="kv-recv", daemon=True),
+            threading.Thread(target=self._control_loop, name="kv-recv-control", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def poll(self) -> list[ReceivedKV]:
+        """Transfers completed since the last poll; never blocks. Each is the caller's now."""
+        with self._lock:
+            completed = list(self._completed)
+            self._completed.clear()
+        return completed
+
+    def result(self, transfer_id: str) -> TransferResult | None:
+        """How a transfer ended (None while it runs, or if unknown or long forgotten)."""
+        with self._lock:
+            final = self._finished.get(transfer_id)
+        return None if final is None else final.result
+
+    @property
+    def num_live(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the pair failed, once it has."""
+        return self._failure
+
+    def abort(self, transfer_id: str, reason: str = "aborted by the receiver") -> bool:
+        """Give up a transfer (e.g. its request was cancelled): the sender is told; the
+        reservation is freed once no more of its data can arrive. A completed transfer not yet
+        taken by `poll` is released too. False if unknown or already over."""
+        with self._lock:
+            incoming = self._live.get(transfer_id)
+            if incoming is None:
+                taken = [kv for kv in self._completed if kv.transfer_id == transfer_id]
+                for kv in taken:
+                    self._completed.remove(kv)
+            elif incoming.local_abort is None:
+                incoming.local_abort = reason
+        if incoming is None:
+            for kv in taken:
+                self._release(kv.owner)
+            return bool(taken)
+        self._send(TransferAbort(transfer_id, reason[:256]))
+        if incoming.state == "data_done":
+            self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
+        return True
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Fail the pair (reservations are freed as the data thread stops) and release the
+        completed transfers nobody polled."""
+        self._fail_pair("receiver closed")
+        for thread in self._threads:
+            thread.join(timeout_s)
+        for kv in self.poll():
+            self._release(kv.owner)
+
+    # -- control thread -------------------------------------------------------------------------
+
+    def _control_loop(self) -> None:
+        while not self.control.closed:
+            try:
+                message = self.control.recv(self.config.poll_interval_s)
+                if message is not None:
+                    self._on_message(message)
+            except KVTransferError as e:
+                self._fail_pair(str(e))
+                return
+            self._check_done_deadlines()
+
+    def _on_message(self, message: Message) -> None:
+        if isinstance(message, TransferOffer):
+            self._on_offer(message)
+            return
+        transfer_id = getattr(message, "transfer_id", None)
+        with self._lock:
+            incoming = self._live.get(transfer_id) if transfer_id else None
+            final = self._finished.get(transfer_id) if transfer_id else None
+        if incoming is None:
+            if isinstance(message, TransferDone) and final is not None and final.reply:
+                self._send(final.reply)  # a duplicate Done: the same answer again
+            elif not isinstance(message, (TransferDone, TransferAbort)):
+                logger.warning("receiver: unexpected %s", type(message).__name__)
+            return
+        if isinstance(message, TransferDone):
+            with self._lock:
+                if incoming.done is None:
+                    incoming.done = message
+                ready_to_finish = incoming.state == "data_done"
+            if ready_to_finish:
+                self._verify(incoming)
+        elif isinstance(message, TransferAbort):
+            with self._lock:
+                if incoming.peer_abort is None:
+                    incoming.peer_abort = message.reason
+                data_done = incoming.state == "data_done"
+            if data_done:  # else its marker is on the way; the data thread finishes it
+                reason = f"sender aborted: {message.reason}"
+                self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
+        else:
+            logger.warning("receiver: unexpected %s", type(message).__name__)
+
+    def _on_offer(self, offer: TransferOffer) -> None:
+        with self._lock:
+            incoming = self._live.get(offer.transfer_id)
+            final = self._finished.get(offer.transfer_id)
+        if incoming is not None:  # duplicate: the same Ready again
+            self._send(TransferReady(offer.transfer_id, incoming.dst_block_ids))
+            return
+        if final is not None:
+            if final.reply is not None:
+                self._send(final.reply)
+            return
+        refusal = self._refusal(offer)
+        dst = None
+        owner = f"kv-in:{offer.transfer_id}"
+        if refusal is None:
+            dst = self._reserve(owner, len(offer.src_block_ids))
+            if dst is None:
+                refusal = f"no free KV blocks for {len(offer.src_block_ids)} blocks"
+        if refusal is not None or dst is None:
+            abort = TransferAbort(offer.transfer_id, (refusal or "")[:256])
+            result = TransferResult(
+                offer.transfer_id, offer.request_id, TransferStatus.FAILED, refusal or ""
+            )
+            self._record(offer.transfer_id, _Final(result, abort))
+            self.metrics.count(result)
+            self._send(abort)
+            return
+        assert offer.layers_per_chunk is not None
+        incoming = _Incoming(
+            offer=offer,
+            owner=owner,
+            dst_block_ids=tuple(dst),
+            tag=transfer_tag(offer.transfer_id),
+            chunks=split_for_overlap(dst, self.layout.num_layers, offer.layers_per_chunk),
+            started=time.monotonic(),
+        )
+        with self._lock:
+            self._live[offer.transfer_id] = incoming
+            self._by_tag[incoming.tag] = incoming
+            self._num_expected += 1
+            self._wake.notify()
+        self._send(TransferReady(offer.transfer_id, incoming.dst_block_ids))
+
+    def _refusal(self, offer: TransferOffer) -> str | None:
+        if self._failure is not None:
+            return f"pair failed: {self._failure}"
+        try:
+            self.layout.check_compatible(offer.layout)
+        except KVTransferError as e:
+            return str(e)
+        with self._lock:
+            if transfer_tag(offer.transfer_id) in self._by_tag:
+                return "transfer id collides with a live transfer's tag"
+        return None
+
+    def _check_done_deadlines(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [
+                t
+                for t in self._live.values()
+                if t.state == "data_done" and t.done is None and t.done_deadline <= now
+            ]
+        for incoming in late:
+            reason = f"no Done within {self.config.done_timeout_s} s of the last payload"
+            self._send(TransferAbort(incoming.offer.transfer_id, reason))
+            self._finish(incoming, TransferStatus.FAILED, reason, reply=None)
+
+    # -- data thread ----------------------------------------------------------------------------
+
+    def _data_loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while self._num_expected == 0 and self._failure is None:
+                        self._wake.wait(self.config.poll_interval_s)
+                    if self._failure is not None:
+                        break
+                self._receive_one()
+        except KVTransferError as e:
+            self._fail_pair(str(e))
+        except Exception as e:  # a bug: fail loudly, but free what is held
+            logger.exception("KV receiver data thread failed")
+            self._fail_pair(f"internal error: {e!r}")
+        finally:  # no data can land any more: free every reservation still receiving
+            with self._lock:
+                stranded = [t for t in self._live.values() if t.state == "receiving"]
+            for incoming in stranded:
+                reason = f"pair failed: {self._failure}"
+                self._finish(incoming, TransferStatus.FAILED, reason, reply=None)
+
+    def _receive_one(self) -> None:
+        tag, nbytes = self.channel.recv_header(timeout_s=self.config.stall_timeout_s)
+        with self._lock:
+            incoming = self._by_tag.get(tag)
+        if incoming is None or incoming.state != "receiving":
+            raise KVTransferError(f"payload with tag {tag} for no transfer expecting one")
+        if nbytes == MARKER:  # the sender stopped this transfer
+            self._data_over(incoming)
+            reason = f"sender aborted: {incoming.peer_abort or 'stopped before its payload'}"
+            if incoming.local_abort is not None:
+                reason = incoming.local_abort
+            self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
+            return
+        chunk = incoming.chunks[incoming.next_chunk]
+        shape = staging_shape(self.kv_cache, len(chunk.block_ids), chunk.layers)
+        expected = _numel(shape) * self.kv_cache.element_size()
+        if nbytes != expected:
+            raise KVTransferError(
+                f"transfer {incoming.offer.transfer_id}: chunk {incoming.next_chunk} is "
+                f"{nbytes} bytes, expected {expected}"
+            )
+        lease = self._acquire_staging(shape)
+        try:
+            self.channel.recv_payload(lease.tensor, timeout_s=self.config.stall_timeout_s)
+            self._scatter(incoming, chunk, lease)
+        finally:
+            self._staging.release(lease)
+        incoming.num_bytes += nbytes
+        self.metrics.add_bytes(received=nbytes)
+        incoming.next_chunk += 1
+        if incoming.next_chunk == len(incoming.chunks):
+            self._data_over(incoming)
+            if incoming.local_abort is not None or incoming.peer_abort is not None:
+                reason = incoming.local_abort or f"sender aborted: {incoming.peer_abort}"
+                self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
+            elif incoming.done is not None:
+                self._verify(incoming)
+
+    def _scatter(self, incoming: _Incoming, chunk: TransferChunk, lease: StagingLease) -> None:
+        if self._stream is None:
+            scatter_blocks(self.kv_cache, chunk.block_ids, lease.tensor, layers=chunk.layers)
+            if self.config.checksum:
+                data = memoryview(lease.tensor.view(torch.uint8).numpy())  # type: ignore[arg-type]
+                incoming.crc = zlib.crc32(data, incoming.crc)
+            return
+        with torch.cuda.stream(self._stream):
+            scatter_blocks(self.kv_cache, chunk.block_ids, lease.tensor, layers=chunk.layers)
+        self._stream.synchronize()  # the blocks are written before anyone is told
+
+    def _acquire_staging(self, shape: tuple[int, ...]) -> StagingLease:
+        deadline = time.monotonic() + self.config.stall_timeout_s
+        while (lease := self._staging.acquire(shape)) is None:
+            if time.monotonic() > deadline:
+                raise KVTransferError(f"no staging memory for {shape} within the stall timeout")
+            time.sleep(0.001)
+        return lease
+
+    def _data_over(self, incoming: _Incoming) -> None:
+        with self._lock:
+            incoming.state = "data_done"
+            incoming.done_deadline = time.monotonic() + self.config.done_timeout_s
+            self._num_expected -= 1
+            self._by_tag.pop(incoming.tag, None)
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def _verify(self, incoming: _Incoming) -> None:
+        """Data and Done are both in: Ack and hand the KV over, or fail."""
+        done = incoming.done
+        assert done is not None
+        problem = None
+        if done.num_bytes != incoming.num_bytes:
+            problem = f"received {incoming.num_bytes} bytes, sender sent {done.num_bytes}"
+        elif done.checksum and self._stream is None and done.checksum != incoming.crc:
+            problem = f"checksum {incoming.crc:#x} != sender's {done.checksum:#x}"
+        tid = incoming.offer.transfer_id
+        if problem is not None:
+            ack = TransferAck(tid, ok=False, reason=problem[:256])
+            self._finish(incoming, TransferStatus.FAILED, problem, reply=ack)
+            self._send(ack)
+            return
+        ack = TransferAck(tid, ok=True)
+        if self._finish(incoming, TransferStatus.COMPLETED, "", reply=ack):
+            final = self._finished.get(tid)
+            if final is not None and final.result.ok:
+                self._send(ack)
+
+    def _finish(
+        self, incoming: _Incoming, status: TransferStatus, reason: str, reply: Message | None
+    ) -> bool:
+        """End a transfer once: keep (completed) or free its blocks, record, count."""
+        tid = incoming.offer.transfer_id
+        with self._lock:
+            if self._live.pop(tid, None) is None:
+                return False
+            if status is TransferStatus.COMPLETED and incoming.local_abort is not None:
+                status, reason = TransferStatus.ABORTED, incoming.local_abort  # abort() won
+            if incoming.state == "receiving":
+                self._num_expected -= 1
+                self._by_tag.pop(incoming.tag, None)
+            incoming.state = "ended"
+            result = TransferResult(
+                tid,
+                incoming.offer.request_id,
+                status,
+                reason,
+                incoming.num_bytes,
+                time.monotonic() - incoming.started,
+            )
+            self._finished.add(tid, _Final(result, reply))
+            if status is TransferStatus.COMPLETED:
+                self._completed.append(
+                    ReceivedKV(
+                        tid,
+                        incoming.offer.request_id,
+                        incoming.owner,
+                        incoming.dst_block_ids,
+                        incoming.offer.num_tokens,
+                    )
+                )
+        if status is not TransferStatus.COMPLETED:
+            self._release(incoming.owner)
+            logger.info("transfer %s %s: %s", tid, status.value, reason)
+        self.metrics.count(result)
+        return True
+
+    def _record(self, transfer_id: str, final: _Final) -> None:
+        with self._lock:
+            self._finished.add(transfer_id, final)
+
+    def _fail_pair(self, reason: str) -> None:
+        with self._wake:
+            if self._failure is None:
+                self._failure = reason
+            self._wake.notify_all()
+            finished_data = [t for t in self._live.values() if t.state == "data_done"]
+        for incoming in finished_data:  # no data can come for these: free now
+            self._finish(incoming, TransferStatus.FAILED, f"pair failed: {reason}", reply=None)
+        self.control.close()
+        self.channel.close()
+
+    def _send(self, message: Message) -> None:
+        try:
+            self.control.send(message)
+        except KVTransferError as e:
+            self._fail_pair(str(e))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total

@@ -1,0 +1,454 @@
+"""The prefill side of one pair: offers pinned KV, ships it in layer chunks, keeps the lease.
+
+    submit() --> queue --> transfer thread: Offer, wait Ready, per chunk gather + send, Done
+                           control thread:  Ready / Ack / Abort in; lease expiry; late Readys
+
+Transfers of a pair run one at a time in submission order on the transfer thread, so payloads
+cross the channel in a single, agreed order; different pairs (different KVSender objects) run
+in parallel. See kvtransfer.protocol for the ownership rules this class implements.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import KVTransferError
+from kvtransfer.coalesce import StagingPool, gather_blocks, split_for_overlap, staging_shape
+from kvtransfer.control import ControlConnection
+from kvtransfer.layout import KVLayout
+from kvtransfer.messages import (
+    Message,
+    TransferAbort,
+    TransferAck,
+    TransferDone,
+    TransferOffer,
+    TransferReady,
+)
+from kvtransfer.protocol import (
+    BoundedRecord,
+    TransferConfig,
+    TransferMetrics,
+    TransferResult,
+    TransferStatus,
+    transfer_tag,
+)
+from kvtransfer.transport import PairChannel
+
+logger = logging.getLogger(__name__)
+
+ReleaseFn = Callable[[str], object]  # unpin the blocks an owner holds (BlockManager.release)
+
+
+@dataclass(eq=False)
+class OutgoingTransfer:
+    """A handle on one submitted transfer; `wait` for its result."""
+
+    transfer_id: str
+    request_id: str
+    owner: str  # holds the pinned source blocks; released exactly once by the sender
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    layers_per_chunk: int
+    chunk_ready: Callable[[int], None] | None  # blocks until chunk i's layers are computed
+    on_done: Callable[[TransferResult], None] | None
+    tag: int = 0
+    state: str = "queued"  # queued, offered, sending, awaiting_ack, done
+    started: float = 0.0
+    lease_deadline: float = 0.0
+    num_bytes: int = 0
+    ready: TransferReady | None = None
+    stop_reason: str | None = None  # set by abort(), the peer's Abort, or a timeout
+    stop_status: TransferStatus = TransferStatus.FAILED  # ABORTED for abort() or peer's Abort
+    stopped_by_peer: bool = False
+    replied: threading.Event = field(default_factory=threading.Event)  # Ready or Abort came
+    _done: threading.Event = field(default_factory=threading.Event)
+    _result: TransferResult | None = None
+
+    def wait(self, timeout_s: float | None = None) -> TransferResult:
+        """The result, once the transfer has ended (the blocks are unpinned by then).
+        Raises TimeoutError if it has not ended within timeout_s."""
+        if not self._done.wait(timeout_s):
+            raise TimeoutError(f"transfer {self.transfer_id} still running after {timeout_s} s")
+        assert self._result is not None
+        return self._result
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+class KVSender:
+    """Sends KV from `kv_cache` to the receiver at the other end of `channel` and `control`.
+
+    The caller pins the blocks first (Engine keep_kv, or BlockManager.hold) under an owner
+    name and passes it to `submit`; this object calls `release(owner)` exactly once when the
+    transfer ends, whatever the ending. If the pair fails (timeout, dead peer, bad frame), every
+    transfer on it fails and is released, and later submits fail at once.
+    """
+
+    def __init__(
+        self,
+        channel: PairChannel,
+        control: ControlConnection,
+        kv_cache: torch.Tensor,
+        layout: KVLayout,
+        release: ReleaseFn,
+        staging: StagingPool,
+        config: TransferConfig | None = None,
+        metrics: TransferMetrics | None = None,
+    ) -> None:
+        if KVLayout.of_cache(kv_cache, layout.model_id) != layout:
+            raise ValueError(f"kv_cache {tuple(kv_cache.shape)} does not have layout {layout}")
+        self.channel = channel
+        self.control = control
+        self.kv_cache = kv_cache
+        self.layout = layout
+        self.config = config or TransferConfig()
+        self.metrics = metrics or TransferMetrics()
+        self._release = release
+        self._staging = staging
+        self._lock = threading.Lock()
+        self._live: dict[str, OutgoingTransfer] = {}
+        self._finished: BoundedRecord[str, OutgoingTransfer] = BoundedRecord(
+            self.config.max_finished
+        )
+        self._jobs: queue.Queue[OutgoingTransfer | int | None] = queue.Queue()  # int: marker tag
+        self._failure: str | None = None
+        self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
+        self._threads = [
+            threading.Thread(target=self._transfer_loop, name="kv-send", daemon=True),
+            threading.Thread(target=self._control_loop, name="kv-send-control", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        request_id: str,
+        owner: str,
+        block_ids: Sequence[int],
+        num_tokens: int,
+        *,
+        layers_per_chunk: int | None = None,
+        chunk_ready: Callable[[int], None] | None = None,
+        on_done: Callable[[TransferResult], None] | None = None,
+        transfer_id: str | None = None,
+    ) -> OutgoingTransfer:
+        """Queue the transfer of `num_tokens` tokens of KV in `block_ids` (pinned by `owner`).
+
+        layers_per_chunk: ship in chunks of this many layers (default: all at once);
+        chunk_ready(i), if given, is called on the transfer thread before chunk i is gathered
+        and must return once those layers are computed (overlap with a running prefill).
+        Raises ValueError for bad arguments (the blocks stay pinned then: the caller's).
+        """
+        transfer = OutgoingTransfer(
+            transfer_id=transfer_id or uuid.uuid4().hex,
+            request_id=request_id,
+            owner=owner,
+            block_ids=tuple(int(b) for b in block_ids),
+            num_tokens=num_tokens,
+            layers_per_chunk=layers_per_chunk or self.layout.num_layers,
+            chunk_ready=chunk_ready,
+            on_done=on_done,
+        )
+        offer = self._offer(transfer)  # validates every field
+        chunk_layers = slice(0, offer.layers_per_chunk)
+        chunk_shape = staging_shape(self.kv_cache, len(transfer.block_ids), chunk_layers)
+        chunk_bytes = self.kv_cache.element_size() * _numel(chunk_shape)
+        if chunk_bytes > self._staging.capacity_bytes:
+            raise ValueError(
+                f"a chunk of {offer.layers_per_chunk} layers x {len(transfer.block_ids)} blocks "
+                f"is {chunk_bytes} bytes, over the staging capacity "
+                f"{self._staging.capacity_bytes}: use fewer layers_per_chunk"
+            )
+        transfer.tag = transfer_tag(transfer.transfer_id)
+        with self._lock:
+            if transfer.transfer_id in self._live or self._finished.get(transfer.transfer_id):
+                raise ValueError(f"transfer_id {transfer.transfer_id!r} already used")
+            self._live[transfer.transfer_id] = transfer
+            failure = self._failure
+        if failure is not None:
+            self._end(transfer, TransferStatus.FAILED, failure)
+        else:
+            self._jobs.put(transfer)
+        return transfer
+
+    def abort(self, transfer_id: str, reason: str = "aborted by the sender") -> bool:
+        """Stop a transfer: before its payload, nothing is sent; during it, the remaining
+        chunks are replaced by a marker; after it, the pin is released now. False if unknown
+        or already over."""
+        with self._lock:
+            transfer = self._live.get(transfer_id)
+            if transfer is None or transfer.stop_reason is not None:
+                return False
+            transfer.stop_reason = reason
+            transfer.stop_status = TransferStatus.ABORTED
+            state = transfer.state
+        transfer.replied.set()
+        if state in ("queued", "awaiting_ack"):
+            self._send_control(TransferAbort(transfer_id, reason[:256]))
+            self._end(transfer, TransferStatus.ABORTED, reason)
+        return True
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Fail what is still running (releasing every pin) and stop the threads."""
+        self._fail_pair("sender closed")
+        self._jobs.put(None)
+        self.control.close()
+        self.channel.close()
+        for thread in self._threads:
+            thread.join(timeout_s)
+
+    # -- transfer thread ------------------------------------------------------------------------
+
+    def _transfer_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                if isinstance(job, int):
+                    self.channel.send_marker(tag=job, timeout_s=self.config.stall_timeout_s)
+                else:
+                    self._run(job)
+            except KVTransferError as e:  # the channel or the control connection broke
+                self._fail_pair(str(e))
+            except Exception as e:  # a bug: fail loudly, but never leak the pins
+                logger.exception("KV sender transfer thread failed")
+                self._fail_pair(f"internal error: {e!r}")
+
+    def _run(self, transfer: OutgoingTransfer) -> None:
+        with self._lock:
+            if transfer.state != "queued" or transfer.stop_reason is not None:
+                return  # aborted while queued: ended by abort(), nothing was sent
+            transfer.state = "offered"
+        transfer.started = time.monotonic()
+        self._send_control(self._offer(transfer))
+        transfer.replied.wait(self.config.ready_timeout_s)
+        with self._lock:
+            ready, reason = transfer.ready, transfer.stop_reason
+            if ready is None and reason is None:
+                reason = f"no Ready within {self.config.ready_timeout_s} s"
+                transfer.stop_reason = reason
+            if ready is not None:
+                transfer.state = "sending"  # from here on the receiver expects the tag
+        if ready is None:  # refused, aborted or timed out before any payload
+            if not transfer.stopped_by_peer:
+                self._send_control(TransferAbort(transfer.transfer_id, (reason or "")[:256]))
+            self._end(transfer, transfer.stop_status, reason or "")
+            return
+        if reason is not None:  # stopped after Ready: the receiver expects the tag
+            self._stop_mid_transfer(transfer)
+            return
+        if len(ready.dst_block_ids) != len(transfer.block_ids):
+            transfer.stop_reason = (
+                f"Ready names {len(ready.dst_block_ids)} blocks for {len(transfer.block_ids)}"
+            )
+            self._stop_mid_transfer(transfer)
+            return
+        checksum = 0
+        chunks = split_for_overlap(
+            transfer.block_ids, self.layout.num_layers, transfer.layers_per_chunk
+        )
+        for index, chunk in enumerate(chunks):
+            if transfer.chunk_ready is not None:
+                transfer.chunk_ready(index)
+            if transfer.stop_reason is not None:
+                self._stop_mid_transfer(transfer)
+                return
+            checksum = self._send_chunk(transfer, chunk.block_ids, chunk.layers, checksum)
+        with self._lock:  # before Done goes out: its Ack may come back at once
+            if transfer.state != "sending":
+                return  # ended meanwhile (pair failure)
+            transfer.state = "awaiting_ack"
+            transfer.lease_deadline = time.monotonic() + self.config.lease_s
+        self._send_control(TransferDone(transfer.transfer_id, transfer.num_bytes, checksum))
+
+    def _send_chunk(
+        self, transfer: OutgoingTransfer, block_ids: tuple[int, ...], layers: slice, crc: int
+    ) -> int:
+        shape = staging_shape(self.kv_cache, len(block_ids), layers)
+        lease = self._acquire_staging(shape)
+        try:
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    gather_blocks(self.kv_cache, block_ids, lease.tensor, layers=layers)
+                    self.channel.send(
+                        lease.tensor, tag=transfer.tag, timeout_s=self.config.stall_timeout_s
+                    )
+            else:
+                gather_blocks(self.kv_cache, block_ids, lease.tensor, layers=layers)
+                self.channel.send(
+                    lease.tensor, tag=transfer.tag, timeout_s=self.config.stall_timeout_s
+                )
+                if self.config.checksum:
+                    crc = zlib.crc32(_bytes_view(lease.tensor), crc)
+        finally:
+            self._staging.release(lease)
+        nbytes = lease.tensor.numel() * lease.tensor.element_size()
+        transfer.num_bytes += nbytes
+        self.metrics.add_bytes(sent=nbytes)
+        return crc
+
+    def _acquire_staging(self, shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + self.config.stall_timeout_s
+        while (lease := self._staging.acquire(shape)) is None:
+            if time.monotonic() > deadline:
+                raise KVTransferError(f"no staging memory for {shape} within the stall timeout")
+            time.sleep(0.001)
+        return lease
+
+    def _stop_mid_transfer(self, transfer: OutgoingTransfer) -> None:
+        """The receiver holds a reservation and expects this tag: end it with a marker."""
+        self.channel.send_marker(tag=transfer.tag, timeout_s=self.config.stall_timeout_s)
+        reason = transfer.stop_reason or "stopped"
+        if not transfer.stopped_by_peer:
+            self._send_control(TransferAbort(transfer.transfer_id, reason[:256]))
+        self._end(transfer, transfer.stop_status, reason)
+
+    # -- control thread -------------------------------------------------------------------------
+
+    def _control_loop(self) -> None:
+        while not self.control.closed:
+            try:
+                message = self.control.recv(self.config.poll_interval_s)
+            except KVTransferError as e:
+                self._fail_pair(str(e))
+                return
+            if message is not None:
+                self._on_message(message)
+            self._expire_leases()
+
+    def _on_message(self, message: Message) -> None:
+        transfer_id = getattr(message, "transfer_id", None)
+        with self._lock:
+            transfer = self._live.get(transfer_id) if transfer_id else None
+            finished = self._finished.get(transfer_id) if transfer_id else None
+        if transfer is None:
+            if isinstance(message, TransferReady) and finished is not None:
+                if finished.state == "offered_then_gave_up":
+                    finished.state = "done"
+                    self._jobs.put(finished.tag)  # the receiver now expects this tag
+            elif not isinstance(message, (TransferAck, TransferAbort)):
+                logger.warning("sender: unexpected %s", type(message).__name__)
+            return  # late or duplicate Ack/Abort of a finished transfer: nothing to do
+        if isinstance(message, TransferReady):
+            with self._lock:
+                if transfer.ready is None:
+                    transfer.ready = message
+            transfer.replied.set()
+        elif isinstance(message, TransferAbort):
+            with self._lock:
+                if transfer.stop_reason is None:
+                    transfer.stop_reason = f"receiver aborted: {message.reason}"
+                    transfer.stop_status = TransferStatus.ABORTED
+                    transfer.stopped_by_peer = True
+                state = transfer.state
+            transfer.replied.set()
+            if state == "awaiting_ack":
+                self._end(transfer, TransferStatus.ABORTED, transfer.stop_reason or "")
+        elif isinstance(message, TransferAck):
+            if transfer.state != "awaiting_ack":
+                logger.warning("sender: Ack for %s in state %s", transfer_id, transfer.state)
+                return
+            status = TransferStatus.COMPLETED if message.ok else TransferStatus.FAILED
+            self._end(transfer, status, message.reason)
+        else:
+            logger.warning("sender: unexpected %s", type(message).__name__)
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [
+                t
+                for t in self._live.values()
+                if t.state == "awaiting_ack" and t.lease_deadline <= now
+            ]
+        for transfer in expired:
+            self._end(
+                transfer,
+                TransferStatus.LEASE_EXPIRED,
+                f"no Ack within the {self.config.lease_s} s lease",
+            )
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def _end(self, transfer: OutgoingTransfer, status: TransferStatus, reason: str) -> None:
+        """Finish a transfer once: unpin, record, report. Later calls do nothing."""
+        with self._lock:
+            if self._live.pop(transfer.transfer_id, None) is None:
+                return
+            # Offered, never sent: a Ready that came (or comes late) needs its marker.
+            owes_marker = transfer.state == "offered" and transfer.ready is not None
+            may_get_late_ready = transfer.state == "offered" and transfer.ready is None
+            transfer.state = "offered_then_gave_up" if may_get_late_ready else "done"
+            self._finished.add(transfer.transfer_id, transfer)
+        if owes_marker:
+            self._jobs.put(transfer.tag)
+        self._release(transfer.owner)
+        elapsed = time.monotonic() - transfer.started if transfer.started else 0.0
+        result = TransferResult(
+            transfer.transfer_id,
+            transfer.request_id,
+            status,
+            reason,
+            transfer.num_bytes,
+            elapsed,
+        )
+        self.metrics.count(result)
+        transfer._result = result
+        transfer._done.set()
+        if status is not TransferStatus.COMPLETED:
+            logger.info("transfer %s %s: %s", transfer.transfer_id, status.value, reason)
+        if transfer.on_done is not None:
+            try:
+                transfer.on_done(result)
+            except Exception:
+                logger.exception("on_done callback of transfer %s failed", transfer.transfer_id)
+
+    def _fail_pair(self, reason: str) -> None:
+        with self._lock:
+            if self._failure is None:
+                self._failure = reason
+            live = list(self._live.values())
+        for transfer in live:
+            self._end(transfer, TransferStatus.FAILED, reason)
+        self.channel.close()
+        self.control.close()
+
+    def _send_control(self, message: Message) -> None:
+        self.control.send(message)  # KVTransferError: the pair is failing
+
+    def _offer(self, transfer: OutgoingTransfer) -> TransferOffer:
+        return TransferOffer(
+            transfer.transfer_id,
+            transfer.request_id,
+            self.layout,
+            transfer.num_tokens,
+            transfer.block_ids,
+            max(1, round(self.config.lease_s * 1000)),
+            transfer.layers_per_chunk,
+        )
+
+
+def _bytes_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total

@@ -1,0 +1,334 @@
+"""Peer processes for the KV-transfer protocol tests: each role runs in a spawned process with
+its own block manager and KV cache, forms real pairs (TCP control + gloo channel) and reports
+what happened through a multiprocessing pipe (test plumbing only: the transfer protocol itself
+never pickles).
+
+Roles:
+    receiver  accepts `num_pairs` pairs, runs one KVReceiver per pair, releases or checks what
+              arrives, reports per-transfer results and the SHA-256 of received KV.
+    sender    pairs with every given endpoint, pins and submits the given transfers (in the
+              given order, all at once), waits, reports results and the SHA-256 of sent KV.
+Both end with check_integrity() of their block manager: no holds, every block free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from engine.block_manager import BlockManager
+from kvtransfer.coalesce import StagingPool, gather_blocks
+from kvtransfer.layout import KVLayout
+from kvtransfer.pair import ReceiverEndpoint, connect_pair
+from kvtransfer.protocol import TransferConfig, TransferMetrics
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.sender import KVSender
+from kvtransfer.transport import TransportConfig
+
+HOST = "127.0.0.1"
+NUM_LAYERS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 4, 4, 2, 8
+SRC_BLOCKS, DST_BLOCKS = 48, 64
+TRANSPORT = TransportConfig(
+    backend="gloo", timeout_s=10.0, connect_timeout_s=30.0, gloo_hostname=HOST
+)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One transfer a sender submits."""
+
+    transfer_id: str
+    num_tokens: int
+    seed: int  # picks the source blocks
+    layers_per_chunk: int = NUM_LAYERS
+    behavior: str = ""  # "", "slow", "abort_at_1", "stall_at_1"
+    endpoint: int = 0  # index of the receiver it goes to
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.num_tokens / BLOCK_SIZE)
+
+
+@dataclass
+class Report:
+    results: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (status, reason)
+    digests: dict[str, str] = field(default_factory=dict)  # id -> sha256 of the KV moved
+    integrity: str = "not checked"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def kv_cache(num_blocks: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    shape = (NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    generator = torch.Generator().manual_seed(seed)
+    raw = torch.randint(
+        0, 256, (math.prod(shape) * dtype.itemsize,), dtype=torch.uint8, generator=generator
+    )
+    return raw.view(dtype).view(shape)
+
+
+def layout_of(cache: torch.Tensor) -> KVLayout:
+    return KVLayout.of_cache(cache, "test-model")
+
+
+def digest(cache: torch.Tensor, block_ids: tuple[int, ...] | list[int]) -> str:
+    return hashlib.sha256(
+        gather_blocks(cache, list(block_ids)).contiguous().view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
+
+
+def source_blocks(spec: Spec) -> list[int]:
+    generator = torch.Generator().manual_seed(spec.seed)
+    return torch.randperm(SRC_BLOCKS, generator=generator)[: spec.num_blocks].tolist()
+
+
+def integrity(block_manager: BlockManager) -> str:
+    try:
+        block_manager.check_integrity([], holders=())
+    except AssertionError as e:
+        return f"broken: {e}"
+    return "ok"
+
+
+def metrics_dict(metrics: TransferMetrics) -> dict[str, Any]:
+    return {
+        name: getattr(metrics, name)
+        for name in (
+            "bytes_sent",
+            "bytes_received",
+            "transfers_completed",
+            "transfers_failed",
+            "leases_expired",
+        )
+    }
+
+
+def run_role(role: str, params: dict[str, Any], conn: Connection) -> None:
+    report = Report()
+    try:
+        ROLES[role](params, conn, report)
+    except BaseException:
+        report.error = traceback.format_exc()
+    conn.send(report)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _NoAckReceiver(KVReceiver):
+    """A receiver that takes the data and never confirms it (a misbehaving peer)."""
+
+    def _verify(self, incoming: Any) -> None:
+        pass
+
+
+def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
+    dtype = params.get("dtype", torch.float32)
+    config: TransferConfig = params.get("config", TransferConfig())
+    cache = kv_cache(DST_BLOCKS, seed=999, dtype=dtype)
+    block_manager = BlockManager(DST_BLOCKS, BLOCK_SIZE, enable_prefix_caching=False)
+    pool = StagingPool(1 << 22, "cpu", dtype, granularity_bytes=4096)
+    metrics = TransferMetrics()
+    endpoint = ReceiverEndpoint(HOST)
+    conn.send(endpoint.address)
+    cls = _NoAckReceiver if params.get("no_ack") else KVReceiver
+    receivers = []
+    for _ in range(params.get("num_pairs", 1)):
+        pair = endpoint.accept(TRANSPORT)
+        assert pair is not None, "no sender came"
+        channel, control = pair
+        receivers.append(
+            cls(channel, control, cache, layout_of(cache), block_manager.reserve,
+                block_manager.release, pool, config, metrics)
+        )  # fmt: skip
+    expected: list[str] = params["transfer_ids"]
+    abort_when_live = params.get("abort_when_live", False)
+    deadline = time.monotonic() + params.get("deadline_s", 60.0)
+    announced = False
+    while time.monotonic() < deadline:
+        for receiver in receivers:
+            for kv in receiver.poll():
+                report.digests[kv.transfer_id] = digest(cache, kv.block_ids)
+                assert block_manager.release(kv.owner)
+            if receiver.num_live and not announced:
+                conn.send("live")  # a transfer is under way: the test may now kill the sender
+                announced = True
+                if abort_when_live:
+                    for transfer_id in expected:
+                        receiver.abort(transfer_id, "client cancelled")
+        done = [t for t in expected if any(r.result(t) for r in receivers)]
+        if len(done) == len(expected) and not any(r.num_live for r in receivers):
+            break
+        if all(r.failure for r in receivers) and not any(r.num_live for r in receivers):
+            break  # every pair is gone: nothing more can arrive
+        time.sleep(0.005)
+    for transfer_id in expected:
+        result = next((r.result(transfer_id) for r in receivers if r.result(transfer_id)), None)
+        if result is not None:
+            report.results[transfer_id] = (result.status.value, result.reason)
+            report.seconds[transfer_id] = result.seconds
+    if params.get("no_ack"):
+        for receiver in receivers:  # the rogue cleans up after itself for the integrity check
+            receiver.close()
+    report.metrics = metrics_dict(metrics)
+    report.integrity = integrity(block_manager)
+    for receiver in receivers:
+        receiver.close()
+    report.integrity += " / after close: " + integrity(block_manager)
+
+
+def sender_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
+    dtype = params.get("dtype", torch.float32)
+    config: TransferConfig = params.get("config", TransferConfig())
+    cache = kv_cache(SRC_BLOCKS, seed=params.get("seed", 5), dtype=dtype)
+    block_manager = BlockManager(SRC_BLOCKS, BLOCK_SIZE, enable_prefix_caching=False)
+    pool = StagingPool(1 << 22, "cpu", dtype, granularity_bytes=4096)
+    metrics = TransferMetrics()
+    senders = []
+    for index, endpoint in enumerate(params["endpoints"]):
+        channel, control = connect_pair(endpoint, f"{params['name']}/{index}", TRANSPORT)
+        senders.append(
+            KVSender(channel, control, cache, layout_of(cache), block_manager.release, pool,
+                     config, metrics)
+        )  # fmt: skip
+    handles = []
+    for spec in params["specs"]:
+        sender = senders[spec.endpoint]
+        blocks = source_blocks(spec)
+        owner = f"out:{spec.transfer_id}"
+        block_manager.hold(owner, blocks)
+        report.digests[spec.transfer_id] = digest(cache, blocks)
+        handles.append(
+            sender.submit(
+                spec.transfer_id, owner, blocks, spec.num_tokens,
+                layers_per_chunk=spec.layers_per_chunk,
+                chunk_ready=_behavior(spec, sender), transfer_id=spec.transfer_id,
+            )
+        )  # fmt: skip
+    for handle in handles:
+        result = handle.wait(params.get("deadline_s", 60.0))
+        report.results[result.transfer_id] = (result.status.value, result.reason)
+        report.seconds[result.transfer_id] = result.seconds
+    report.metrics = metrics_dict(metrics)
+    report.integrity = integrity(block_manager)
+    for sender in senders:
+        sender.close()
+
+
+def _behavior(spec: Spec, sender: KVSender) -> Any:
+    if spec.behavior == "slow":
+        return lambda index: time.sleep(0.25)
+    if spec.behavior == "abort_at_1":
+        return lambda index: index == 1 and sender.abort(spec.transfer_id, "aborted by test")
+    if spec.behavior == "stall_at_1":
+        return lambda index: index == 1 and time.sleep(4.0)
+    return None
+
+
+ROLES = {"receiver": receiver_role, "sender": sender_role}
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines at both ends: a real prefill's KV, decoded on the other side
+
+
+def engine_config() -> Any:
+    from engine.config import EngineConfig
+    from engine.scheduler import SchedulerConfig
+
+    return EngineConfig(
+        model="dummy:tiny",
+        device="cpu",
+        num_kv_blocks=64,
+        block_size=4,
+        seed=0,
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256),
+    )
+
+
+def prefill_engine_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
+    """Prefill every prompt (keep_kv), ship its KV, report the first tokens."""
+    from engine.engine import Engine
+    from engine.sampling_params import SamplingParams
+
+    engine = Engine(engine_config())
+    cache = engine.runner.kv_cache
+    channel, control = connect_pair(params["endpoint"], "prefill/decode", TRANSPORT)
+    sender = KVSender(
+        channel, control, cache, KVLayout.of_cache(cache, engine.model_id),
+        engine.block_manager.release, StagingPool(1 << 22, "cpu", cache.dtype),
+    )  # fmt: skip
+    handles = []
+    for request_id, prompt in params["prompts"].items():
+        engine.add_request(
+            request_id, None, SamplingParams(max_tokens=1, temperature=0.0),
+            prompt_token_ids=prompt, keep_kv=True,
+        )  # fmt: skip
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                report.results[request_id] = ("first_token", str(output.new_token_ids[0]))
+        kept = engine.take_kept_kv(request_id)
+        assert kept is not None
+        handles.append(
+            sender.submit(request_id, kept.owner, kept.block_ids, kept.num_tokens,
+                          layers_per_chunk=1, transfer_id=request_id)
+        )  # fmt: skip
+    conn.send({rid: int(token) for rid, (_, token) in report.results.items()})
+    for handle in handles:
+        assert handle.wait(60).ok
+    report.integrity = integrity(engine.block_manager)
+    sender.close()
+
+
+def decode_engine_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
+    """Receive KV, continue each request from its first token, report the generated ids."""
+    from engine.engine import Engine
+    from engine.sampling_params import SamplingParams
+
+    engine = Engine(engine_config())
+    cache = engine.runner.kv_cache
+    endpoint = ReceiverEndpoint(HOST)
+    conn.send(endpoint.address)
+    pair = endpoint.accept(TRANSPORT)
+    assert pair is not None
+    receiver = KVReceiver(
+        pair[0], pair[1], cache, KVLayout.of_cache(cache, engine.model_id),
+        engine.block_manager.reserve, engine.block_manager.release,
+        StagingPool(1 << 22, "cpu", cache.dtype),
+    )  # fmt: skip
+    prompts: dict[str, list[int]] = params["prompts"]
+    params_ = SamplingParams(max_tokens=params["max_tokens"], temperature=0.0, ignore_eos=True)
+    first_tokens: dict[str, int] | None = None
+    arrived = []
+    tokens: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 60
+    while len(tokens) < len(prompts) or engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "decode side timed out"
+        if first_tokens is None and conn.poll():
+            first_tokens = conn.recv()
+        arrived += receiver.poll()  # never blocks: the decode loop keeps stepping
+        while arrived and first_tokens is not None:
+            kv = arrived.pop()
+            first = first_tokens[kv.request_id]
+            engine.add_transferred_request(
+                kv.request_id, prompts[kv.request_id], first, params_, kv_owner=kv.owner
+            )
+            tokens[kv.request_id] = [first]
+        for output in engine.step():
+            tokens[output.request_id] += output.new_token_ids
+        if not engine.has_unfinished_requests():
+            time.sleep(0.002)
+    report.results = {rid: ("tokens", ",".join(map(str, ids))) for rid, ids in tokens.items()}
+    report.integrity = integrity(engine.block_manager)
+    receiver.close()
+
+
+ROLES.update(prefill_engine=prefill_engine_role, decode_engine=decode_engine_role)
