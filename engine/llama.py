@@ -8,7 +8,7 @@ layer costs four matrix products. Knows nothing of scheduling, sampling or text.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -257,6 +257,9 @@ class LlamaModel(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Called with each layer's index once its K/V write is issued: lets a KV sender ship
+        # finished layers while later ones compute (record a CUDA event in it). Not for graphs.
+        self.layer_hook: Callable[[int], None] | None = None
 
     def forward(
         self,
@@ -276,6 +279,8 @@ class LlamaModel(nn.Module):
             h, residual = layer.input_layernorm(x, residual)
             select = output_rows if i == last else None
             h = layer.self_attn(h, rope, kv_cache[i], meta, select)
+            if self.layer_hook is not None:
+                self.layer_hook(i)  # layer i's K/V is written (enqueued, on CUDA)
             if select is not None:
                 residual = residual[select.rows]
                 if h.shape[0] == 0:  # nothing samples this step: only the K/V was needed

@@ -8,13 +8,15 @@ messages travel in a fixed binary format; nothing here ever unpickles data from 
 It may import engine types and torch, never Ray, gRPC, Redis or asyncio.
 
 Modules:
-    coalesce  gathering scattered blocks into one staging tensor for a single send, and
-              scattering it back into the receiver's blocks.
-    layout    KVLayout: model id and KV block geometry both ends must share.
-    messages  the control messages of a transfer (offer, ready, done, ack, abort) and their
-              struct-based wire format.
+    protocol  who frees what and when (the ownership rules), TransferConfig, results, metrics.
+    sender    KVSender: the prefill side of one pair (offer, ship in layer chunks, lease).
+    receiver  KVReceiver: the decode side of one pair (reserve, receive, verify, hand over).
+    pair      forming a pair on demand: ReceiverEndpoint (decode) and connect_pair (prefill).
+    control   the control connection: framed messages over TCP, refusing anything else.
+    messages  the control messages (hello, offer, ready, done, ack, abort), struct-encoded.
     transport PairChannel: a 2-rank communicator between two workers, formed on demand from a
               TCPStore rendezvous (gloo between CPU processes, NCCL between GPUs).
-
-Not yet here: leases and the ownership protocol, and the engine integration (issue 4).
+    coalesce  gathering scattered blocks into one staging tensor for a single send, and
+              scattering it back into the receiver's blocks; the bounded staging pool.
+    layout    KVLayout: model id and KV block geometry both ends must share.
 """

@@ -65,6 +65,7 @@ class ReceivedKV:
     owner: str
     block_ids: tuple[int, ...]
     num_tokens: int
+    completed_at: float  # time.monotonic() when the KV was in place and verified
 
 
 @dataclass(eq=False)
@@ -308,6 +309,8 @@ class KVReceiver:
     # -- data thread ----------------------------------------------------------------------------
 
     def _data_loop(self) -> None:
+        if self.kv_cache.is_cuda:  # the CUDA device is per thread
+            torch.cuda.set_device(self.kv_cache.device)
         try:
             while True:
                 with self._wake:
@@ -351,7 +354,11 @@ class KVReceiver:
             )
         lease = self._acquire_staging(shape)
         try:
-            self.channel.recv_payload(lease.tensor, timeout_s=self.config.stall_timeout_s)
+            if self._stream is None:
+                self.channel.recv_payload(lease.tensor, timeout_s=self.config.stall_timeout_s)
+            else:  # the scatter on this stream is ordered after the receive
+                with torch.cuda.stream(self._stream):
+                    self.channel.recv_payload(lease.tensor, timeout_s=self.config.stall_timeout_s)
             self._scatter(incoming, chunk, lease)
         finally:
             self._staging.release(lease)
@@ -446,6 +453,7 @@ class KVReceiver:
                         incoming.owner,
                         incoming.dst_block_ids,
                         incoming.offer.num_tokens,
+                        time.monotonic(),
                     )
                 )
         if status is not TransferStatus.COMPLETED:

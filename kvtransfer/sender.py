@@ -213,6 +213,8 @@ class KVSender:
     # -- transfer thread ------------------------------------------------------------------------
 
     def _transfer_loop(self) -> None:
+        if self.kv_cache.is_cuda:  # the CUDA device is per thread
+            torch.cuda.set_device(self.kv_cache.device)
         while True:
             job = self._jobs.get()
             if job is None:

@@ -1,0 +1,477 @@
+"""KV transfer between two GPUs over NCCL: coalesced vs one message per block, the full
+protocol (KVSender -> KVReceiver), and transfer overlapped with a dummy-weight prefill.
+
+Two processes, sender on cuda:0, receiver on cuda:1 (one host). For each shape (Llama-3-8B:
+32 layers x 8 KV heads x 128, bf16 = 128 KiB per token; SmolLM2-135M: 30 x 3 x 64 = 22.5 KiB)
+and prompt length (512, 2,048, 8,192 tokens; 16-token blocks scattered over the cache):
+
+- raw, coalesced: gather all blocks into one staging tensor, one send, one receive, scatter;
+- raw, per block: one gather + send + receive + scatter per block;
+  both timed on the receiver from a "go" message to its scatter being complete;
+- protocol: KVSender.submit -> KVReceiver.poll returns it (offer/ready over TCP, payload,
+  done/ack), timed across the processes with CLOCK_MONOTONIC (same host); bit-exactness of
+  every protocol transfer is checked (SHA-256 of the blocks on both sides);
+- overlap (8B shape, 2,048 tokens): a real prefill of the dummy model on cuda:0 with the
+  transfer submitted as it starts, shipping 2 layers at a time as their K/V are written
+  (LlamaModel.layer_hook records a CUDA event per layer). exposed = (time to the receiver
+  having it all) - (prefill alone); hidden = 1 - exposed / (transfer alone).
+
+Bandwidth = KV bytes / time. Median of `--repeats` after a warm-up.
+
+    python -m bench.kvtransfer_nccl [--lengths 512,2048,8192] [--repeats 5] [--out f.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import queue
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from bench.common import machine_info, markdown_table, write_json
+
+SHAPES = {  # name -> (layers, kv heads, head dim), as in engine.model_config.NAMED_SHAPES
+    "llama-3-8b": (32, 8, 128),
+    "smollm2-135m": (30, 3, 64),
+}
+DRY_RUN_SHAPES = {"tiny": (2, 2, 16), "smollm2-135m": (30, 3, 64)}
+BLOCK = 16
+CACHE_TOKENS = 8192 * 2  # each cache holds twice the longest prompt, blocks scattered in it
+DRY_RUN_CACHE_TOKENS = 1024
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="512,2048,8192")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--overlap-layers-per-chunk", type=int, default=2)
+    parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument("--out", default="bench/results/kvtransfer_nccl.json")
+    parser.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="run the same orchestration on CPU over gloo (small caches, no overlap): a check "
+        "of the script itself, not a measurement",
+    )
+    return parser.parse_args()
+
+
+def device_of(args: argparse.Namespace, rank: int) -> str:
+    return "cpu" if args.cpu_dry_run else f"cuda:{rank}"
+
+
+def synchronize(args: argparse.Namespace) -> None:
+    if not args.cpu_dry_run:
+        torch.cuda.synchronize()
+
+
+def shapes(args: argparse.Namespace) -> dict[str, tuple[int, int, int]]:
+    """The shapes measured; the first one also runs the overlap (on a dummy model of it)."""
+    return DRY_RUN_SHAPES if args.cpu_dry_run else SHAPES
+
+
+def cache_blocks(args: argparse.Namespace) -> int:
+    return (DRY_RUN_CACHE_TOKENS if args.cpu_dry_run else CACHE_TOKENS) // BLOCK
+
+
+def cache_for(args: argparse.Namespace, shape: str, device: str) -> torch.Tensor:
+    layers, heads, dim = shapes(args)[shape]
+    generator = torch.Generator(device).manual_seed(0)
+    return torch.randn(
+        layers, 2, cache_blocks(args), BLOCK, heads, dim,
+        generator=generator, device=device, dtype=torch.bfloat16,
+    )  # fmt: skip
+
+
+def scattered_blocks(args: argparse.Namespace, num_tokens: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(cache_blocks(args), generator=generator)[
+        : -(-num_tokens // BLOCK)
+    ].tolist()
+
+
+def sha(cache: torch.Tensor, block_ids: list[int] | tuple[int, ...]) -> str:
+    from kvtransfer.coalesce import gather_blocks
+
+    data = gather_blocks(cache, list(block_ids)).view(torch.uint8).cpu().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ---- the two processes -------------------------------------------------------------------------
+
+
+def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None:
+    from engine.block_manager import BlockManager
+    from kvtransfer.coalesce import StagingPool, scatter_blocks, staging_shape
+    from kvtransfer.layout import KVLayout
+    from kvtransfer.pair import ReceiverEndpoint
+    from kvtransfer.protocol import TransferConfig
+    from kvtransfer.receiver import KVReceiver
+    from kvtransfer.transport import PairAddress, configure_nccl_environment, open_channel
+
+    configure_nccl_environment()
+    device = device_of(args, 1)
+    if not args.cpu_dry_run:
+        torch.cuda.set_device(device)
+    endpoint = ReceiverEndpoint("127.0.0.1")
+    config = transport_config(args)
+    queue_out.put(("endpoint", endpoint.address))
+    raw = open_channel(
+        PairAddress("127.0.0.1", endpoint.address.store_port, "raw", 1), config, device
+    )
+    go = torch.empty(1, device=device)
+    for shape in shapes(args):
+        cache = cache_for(args, shape, device).zero_()
+        for length in lengths(args):
+            ids = scattered_blocks(args, length, seed=length + 1)
+            for mode in ("coalesced", "per_block"):
+                times = []
+                for _ in range(args.repeats + 1):
+                    raw.recv(go)
+                    start = time.perf_counter()
+                    groups = [ids] if mode == "coalesced" else [[b] for b in ids]
+                    for group in groups:
+                        staging = torch.empty(
+                            staging_shape(cache, len(group)), dtype=cache.dtype, device=device
+                        )
+                        raw.recv(staging)
+                        scatter_blocks(cache, group, staging)
+                    synchronize(args)
+                    times.append(time.perf_counter() - start)
+                queue_out.put(("raw", shape, length, mode, times[1:]))
+    # the protocol: one pair per shape, until the driver says the sender is done with it
+    for shape in shapes(args):
+        cache = cache_for(args, shape, device).zero_()
+        layout = KVLayout.of_cache(cache, shape)
+        manager = BlockManager(cache.shape[2], BLOCK, enable_prefix_caching=False)
+        pair = endpoint.accept(config)
+        assert pair is not None
+        receiver = KVReceiver(
+            pair[0], pair[1], cache, layout, manager.reserve, manager.release,
+            StagingPool(2 << 30, device, cache.dtype), TransferConfig(checksum=False),
+        )  # fmt: skip
+        finished = False
+        while not finished:
+            finished = not queue_in.empty() and queue_in.get() == "next"
+            for kv in receiver.poll():
+                queue_out.put(
+                    ("arrived", kv.transfer_id, kv.completed_at, sha(cache, kv.block_ids))
+                )
+                manager.release(kv.owner)
+            if receiver.failure and not finished:  # fine if the sender closed after its last
+                try:
+                    finished = queue_in.get(timeout=10) == "next"
+                except queue.Empty:
+                    raise RuntimeError(receiver.failure) from None
+            time.sleep(0.0005)
+        manager.check_integrity([], ())
+        receiver.close()
+    queue_out.put(("bye",))
+
+
+def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None:
+    from kvtransfer.coalesce import gather_blocks
+    from kvtransfer.transport import PairAddress, configure_nccl_environment, open_channel
+
+    configure_nccl_environment()
+    device = device_of(args, 0)
+    if not args.cpu_dry_run:
+        torch.cuda.set_device(device)
+    _, endpoint = queue_in.get()
+    config = transport_config(args)
+    free_before = 0 if args.cpu_dry_run else torch.cuda.mem_get_info()[0]
+    raw = open_channel(PairAddress("127.0.0.1", endpoint.store_port, "raw", 0), config, device)
+    go = torch.ones(1, device=device)
+    for shape in shapes(args):
+        cache = cache_for(args, shape, device)
+        for length in lengths(args):
+            ids = scattered_blocks(args, length, seed=length + 1)
+            for mode in ("coalesced", "per_block"):
+                for _ in range(args.repeats + 1):
+                    synchronize(args)
+                    raw.send(go)
+                    groups = [ids] if mode == "coalesced" else [[b] for b in ids]
+                    for group in groups:
+                        raw.send(gather_blocks(cache, group))
+    pair_bytes = 0
+    if not args.cpu_dry_run:
+        pair_bytes = free_before - torch.cuda.mem_get_info()[0] - torch.cuda.memory_reserved()
+    queue_out.put(("pair_memory", pair_bytes))
+    for shape in shapes(args):
+        protocol_runs(args, shape, endpoint, queue_out, queue_in)
+        queue_out.put(("shape_done", shape))
+    queue_out.put(("bye",))
+
+
+def protocol_runs(
+    args: argparse.Namespace, shape: str, endpoint: Any, queue_out: Any, queue_in: Any
+) -> None:
+    from engine.block_manager import BlockManager
+    from kvtransfer.coalesce import StagingPool
+    from kvtransfer.layout import KVLayout
+    from kvtransfer.pair import connect_pair
+    from kvtransfer.protocol import TransferConfig
+    from kvtransfer.sender import KVSender
+
+    device = device_of(args, 0)
+    engine = None
+    if shape == next(iter(shapes(args))) and not args.no_overlap:  # overlap prefills here
+        engine = dummy_engine(args, shape, device)
+        cache = engine.runner.kv_cache
+        cache.copy_(cache_for(args, shape, device))
+        manager = engine.block_manager
+    else:
+        cache = cache_for(args, shape, device)
+        manager = BlockManager(cache.shape[2], BLOCK, enable_prefix_caching=False)
+    layout = KVLayout.of_cache(cache, shape)
+    channel, control = connect_pair(endpoint, f"protocol-{shape}", transport_config(args), device)
+    sender = KVSender(
+        channel, control, cache, layout, manager.release,
+        StagingPool(2 << 30, device, cache.dtype), TransferConfig(checksum=False),
+    )  # fmt: skip
+    for length in lengths(args):
+        ids = scattered_blocks(args, length, seed=length + 7)
+        for rep in range(args.repeats + 1):
+            transfer_id = f"{shape}-{length}-{rep}"
+            manager.hold(transfer_id, ids)
+            synchronize(args)
+            started = time.monotonic()
+            handle = sender.submit(transfer_id, transfer_id, ids, length, transfer_id=transfer_id)
+            queue_out.put(("protocol", shape, length, rep, started, sha(cache, ids)))
+            result = handle.wait(60)
+            assert result.ok, result
+    manager.check_integrity([], ())
+    if engine is not None:
+        overlap_runs(args, sender, engine, queue_out)
+    sender.close()
+
+
+def dummy_engine(args: argparse.Namespace, shape: str, device: str) -> Any:
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.scheduler import SchedulerConfig
+
+    return Engine(
+        EngineConfig(
+            model=f"dummy:{shape}", device=device, dtype="bfloat16",
+            num_kv_blocks=cache_blocks(args), block_size=BLOCK, cuda_graphs=False,
+            scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=4096),
+        )
+    )  # fmt: skip
+
+
+def overlap_runs(args: argparse.Namespace, sender: Any, engine: Any, queue_out: Any) -> None:
+    """A 2,048-token prefill of the dummy 8B model on cuda:0, its KV shipped as written."""
+    import threading
+
+    from engine.sampling_params import SamplingParams
+    from engine.scheduler import ScheduledSequence, SchedulerOutput
+    from engine.sequence import Sequence
+
+    length = overlap_tokens(args)
+    cuda = not args.cpu_dry_run
+    runner = engine.runner
+    num_layers = runner.kv_cache.shape[0]
+    per_chunk = args.overlap_layers_per_chunk
+    for rep in range(args.repeats + 1):
+        for mode in ("prefill_only", "transfer_only", "overlapped"):
+            prompt = [1 + i % 100 for i in range(length)]
+            seq = Sequence(f"p{rep}{mode}", prompt, SamplingParams(), b"r")
+            assert engine.block_manager.allocate_slots(seq, length)
+            batch = SchedulerOutput([ScheduledSequence(seq, length)], [])
+            events = [torch.cuda.Event() if cuda else None for _ in range(num_layers)]
+            issued = [threading.Event() for _ in range(num_layers)]
+
+            def hook(layer: int, events: Any = events, issued: Any = issued) -> None:
+                if events[layer] is not None:
+                    events[layer].record()
+                issued[layer].set()
+
+            def chunk_ready(index: int, events: Any = events, issued: Any = issued) -> None:
+                last = min((index + 1) * per_chunk, num_layers) - 1
+                issued[last].wait()
+                if events[last] is not None:
+                    events[last].synchronize()
+
+            transfer_id = f"ov-{rep}-{mode}"
+            if mode == "transfer_only":
+                runner.execute(batch)  # the KV exists before the clock starts
+            synchronize(args)
+            runner.model.layer_hook = hook if mode == "overlapped" else None
+            started = time.monotonic()
+            handle = None
+            if mode != "prefill_only":
+                engine.block_manager.hold(transfer_id, seq.block_ids)
+                handle = sender.submit(
+                    transfer_id, transfer_id, seq.block_ids, length,
+                    layers_per_chunk=per_chunk if mode == "overlapped" else None,
+                    chunk_ready=chunk_ready if mode == "overlapped" else None,
+                    transfer_id=transfer_id,
+                )  # fmt: skip
+            if mode != "transfer_only":
+                runner.execute(batch)
+                synchronize(args)
+            prefill_end = time.monotonic()
+            runner.model.layer_hook = None
+            queue_out.put(("overlap", mode, rep, started, prefill_end, transfer_id))
+            if handle is not None:
+                result = handle.wait(60)
+                assert result.ok, result
+            engine.block_manager.free(seq)
+    engine.block_manager.check_integrity([], ())
+
+
+def transport_config(args: argparse.Namespace) -> Any:
+    from kvtransfer.transport import TransportConfig
+
+    backend = "gloo" if args.cpu_dry_run else "nccl"
+    return TransportConfig(
+        backend=backend, timeout_s=60.0, connect_timeout_s=120.0, gloo_hostname="127.0.0.1"
+    )
+
+
+def overlap_tokens(args: argparse.Namespace) -> int:
+    return 512 if args.cpu_dry_run else 2048
+
+
+def lengths(args: argparse.Namespace) -> list[int]:
+    return [int(n) for n in args.lengths.split(",")]
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = parse_args()
+    if not args.cpu_dry_run:
+        assert torch.cuda.device_count() >= 2, "needs two GPUs"
+    ctx = mp.get_context("spawn")
+    to_sender, to_receiver, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    receiver = ctx.Process(target=receiver_main, args=(args, results, to_receiver))
+    sender = ctx.Process(target=sender_main, args=(args, results, to_sender))
+    receiver.start()
+    kind, address = results.get(timeout=120)
+    sender.start()
+    to_sender.put((kind, address))
+    messages: list[tuple] = []
+    byes = 0
+    while byes < 2:
+        try:
+            message = results.get(timeout=5)
+        except queue.Empty:
+            for process in (sender, receiver):
+                if process.exitcode not in (None, 0):
+                    raise RuntimeError(f"{process.name} exited with {process.exitcode}") from None
+            continue
+        messages.append(message)
+        if message[0] == "shape_done":
+            to_receiver.put("next")
+        byes += message[0] == "bye"
+    sender.join(60)
+    receiver.join(60)
+    report(args, messages)
+
+
+def collect(args: argparse.Namespace, messages: list[tuple]) -> dict[str, Any]:
+    """Per-measurement timings from the two processes' messages."""
+    raw = {(m[1], m[2], m[3]): m[4] for m in messages if m[0] == "raw"}
+    arrivals = {m[1]: (m[2], m[3]) for m in messages if m[0] == "arrived"}
+    protocol: dict[tuple[str, int], list[float]] = {}
+    mismatches = []
+    for _, shape, length, rep, started, digest in (m for m in messages if m[0] == "protocol"):
+        done_at, received_digest = arrivals[f"{shape}-{length}-{rep}"]
+        if received_digest != digest:
+            mismatches.append(f"{shape}-{length}-{rep}")
+        if rep > 0:  # rep 0 is the warm-up
+            protocol.setdefault((shape, length), []).append(done_at - started)
+    overlap: dict[str, list[tuple[float, float]]] = {}
+    for _, mode, rep, started, prefill_end, transfer_id in (
+        m for m in messages if m[0] == "overlap"
+    ):
+        if rep > 0:
+            end = arrivals[transfer_id][0] if transfer_id in arrivals else prefill_end
+            overlap.setdefault(mode, []).append((prefill_end - started, end - started))
+    pair_memory = next((m[1] for m in messages if m[0] == "pair_memory"), 0)
+    return {
+        "raw": raw,
+        "protocol": protocol,
+        "overlap": overlap,
+        "pair_memory": pair_memory,
+        "mismatches": mismatches,
+    }
+
+
+def report(args: argparse.Namespace, messages: list[tuple]) -> None:
+    data = collect(args, messages)
+    raw, protocol, overlap = data["raw"], data["protocol"], data["overlap"]
+    pair_memory, mismatches = data["pair_memory"], data["mismatches"]
+    device = (
+        "CPU (dry run, not a measurement)" if args.cpu_dry_run else torch.cuda.get_device_name(0)
+    )
+    rows = []
+    for shape, (layers, heads, dim) in shapes(args).items():
+        for length in lengths(args):
+            nbytes = -(-length // BLOCK) * BLOCK * layers * 2 * heads * dim * 2
+            cells = [shape, f"{length:,}", f"{nbytes / 2**20:.1f}"]
+            for mode in ("coalesced", "per_block"):
+                seconds = median(raw[(shape, length, mode)])
+                cells.append(f"{1e3 * seconds:.2f} ms, {nbytes / seconds / 1e9:.0f} GB/s")
+            seconds = median(protocol[(shape, length)])
+            cells.append(f"{1e3 * seconds:.2f} ms, {nbytes / seconds / 1e9:.0f} GB/s")
+            rows.append(cells)
+    table = markdown_table(
+        ["shape", "tokens", "KV MiB", "coalesced", "one message per block", "protocol"], rows
+    )
+    lines = [f"\nKV transfer, bf16, 2x {device}, median of {args.repeats}", table]
+    summary: dict[str, Any] = {}
+    if overlap:
+        prefill = median([p for p, _ in overlap["prefill_only"]])
+        transfer = median([t for _, t in overlap["transfer_only"]])
+        together = median([t for _, t in overlap["overlapped"]])
+        exposed = max(together - prefill, 0.0)
+        summary = {
+            "prefill_s": prefill,
+            "transfer_s": transfer,
+            "overlapped_s": together,
+            "exposed_s": exposed,
+            "hidden_fraction": 1 - exposed / transfer,
+        }
+        lines.append(
+            f"\noverlap, {next(iter(shapes(args)))}, {overlap_tokens(args):,} tokens, "
+            f"{args.overlap_layers_per_chunk} layers per "
+            f"chunk: prefill alone {1e3 * prefill:.1f} ms, transfer alone {1e3 * transfer:.2f} "
+            f"ms, prefill + transfer {1e3 * together:.1f} ms: exposed {1e3 * exposed:.2f} ms, "
+            f"{100 * summary['hidden_fraction']:.0f}% of the transfer hidden"
+        )
+    lines.append(
+        f"GPU memory of one NCCL pair (outside torch's allocator): {pair_memory / 2**20:.0f} MiB"
+    )
+    lines.append(f"protocol transfers not bit-exact: {mismatches or 'none'}")
+    print("\n".join(lines))
+    write_json(
+        args.out,
+        {
+            "config": vars(args),
+            "machine": machine_info(),
+            "device": device,
+            "raw": {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in raw.items()},
+            "protocol": {f"{k[0]}/{k[1]}": v for k, v in protocol.items()},
+            "overlap": summary,
+            "pair_memory_bytes": pair_memory,
+            "mismatches": mismatches,
+            "table": table,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
