@@ -153,7 +153,7 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
         cache = cache_for(args, shape, device).zero_()
         layout = KVLayout.of_cache(cache, shape)
         manager = BlockManager(cache.shape[2], BLOCK, enable_prefix_caching=False)
-        pair = endpoint.accept(config)
+        pair = endpoint.accept(config, device)
         assert pair is not None
         receiver = KVReceiver(
             pair[0], pair[1], cache, layout, manager.reserve, manager.release,
@@ -371,6 +371,8 @@ def main() -> None:
             failed = [p for p in (sender, receiver) if p.exitcode not in (None, 0)]
             if failed:
                 print(f"{failed[0].name} exited with {failed[0].exitcode}: partial results")
+                for process in (sender, receiver):
+                    process.kill()
                 break
             continue
         messages.append(message)
