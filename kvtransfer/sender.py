@@ -352,9 +352,13 @@ class KVSender:
             transfer.replied.set()
         elif isinstance(message, TransferAbort):
             with self._lock:
-                if transfer.stop_reason is None:
-                    transfer.stop_reason = f"receiver aborted: {message.reason}"
-                    transfer.stop_status = TransferStatus.ABORTED
+                if transfer.stop_reason is None:  # before Ready: a refusal, not an abort
+                    refused = transfer.ready is None
+                    verb = "refused" if refused else "aborted"
+                    transfer.stop_reason = f"receiver {verb}: {message.reason}"
+                    transfer.stop_status = (
+                        TransferStatus.FAILED if refused else TransferStatus.ABORTED
+                    )
                     transfer.stopped_by_peer = True
                 state = transfer.state
             transfer.replied.set()

@@ -47,12 +47,17 @@ and teardown, which differ in kind, hence a base class with two subclasses rathe
   unless the process runs with 2 (abort the failed communicator only; one per pair here) or 0.
   Worker processes call `configure_nccl_environment()` at startup, before any thread starts
   (environment writes race with C++ getenv).
+  NOT YET PROVEN on GPUs: in the first 2-GPU run (H200, torch 2.11, NCCL 2.28) a receive that
+  timed out raised KVTransferError as designed, but torch's watchdog then logged that it was
+  "taking the entire process down" and both peers stopped responding
+  (tests/gpu/test_kvtransfer_nccl.py, idle-pair case). Until that is understood, treat an NCCL
+  timeout as fatal to the worker (the pool replaces it); gloo pairs survive timeouts (tested).
   GPU memory per pair is a fixed amount per communicator, independent of message sizes, since
   NCCL moves large messages through fixed-size per-peer buffers in steps: connection buffers
   for each p2p channel it connects (sized by NCCL_BUFFSIZE, default 4 MiB, and the p2p chunk
   sizes), plus bookkeeping. Smaller NCCL_BUFFSIZE or NCCL_MAX_P2P_NCHANNELS shrink it, at
-  some bandwidth. Not yet measured here: tests/gpu/test_kvtransfer_nccl.py prints the amount
-  (after formation, after 256 MiB messages, and for a second pair).
+  some bandwidth. Measured by bench/kvtransfer_nccl.py on 2x H200: 770 MiB of device memory
+  outside torch's allocator for one pair after its first transfers (docs/benchmarks.md).
 
 The rendezvous store keeps a few hundred bytes per pair ever formed. This module never
 pickles: only tensors and store keys cross the process boundary.

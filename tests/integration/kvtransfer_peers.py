@@ -133,8 +133,9 @@ class _NoAckReceiver(KVReceiver):
 def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
     dtype = params.get("dtype", torch.float32)
     config: TransferConfig = params.get("config", TransferConfig())
-    cache = kv_cache(DST_BLOCKS, seed=999, dtype=dtype)
-    block_manager = BlockManager(DST_BLOCKS, BLOCK_SIZE, enable_prefix_caching=False)
+    num_blocks = params.get("num_blocks", DST_BLOCKS)
+    cache = kv_cache(num_blocks, seed=999, dtype=dtype)
+    block_manager = BlockManager(num_blocks, BLOCK_SIZE, enable_prefix_caching=False)
     pool = StagingPool(1 << 22, "cpu", dtype, granularity_bytes=4096)
     metrics = TransferMetrics()
     endpoint = ReceiverEndpoint(HOST)
@@ -154,6 +155,10 @@ def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> N
     deadline = time.monotonic() + params.get("deadline_s", 60.0)
     announced = False
     while time.monotonic() < deadline:
+        # Decide before polling: whatever counts as done here is already in the poll below.
+        done = [t for t in expected if any(r.result(t) for r in receivers)]
+        idle = not any(r.num_live for r in receivers)
+        all_failed = all(r.failure for r in receivers)
         for receiver in receivers:
             for kv in receiver.poll():
                 report.digests[kv.transfer_id] = digest(cache, kv.block_ids)
@@ -164,11 +169,8 @@ def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> N
                 if abort_when_live:
                     for transfer_id in expected:
                         receiver.abort(transfer_id, "client cancelled")
-        done = [t for t in expected if any(r.result(t) for r in receivers)]
-        if len(done) == len(expected) and not any(r.num_live for r in receivers):
-            break
-        if all(r.failure for r in receivers) and not any(r.num_live for r in receivers):
-            break  # every pair is gone: nothing more can arrive
+        if idle and (len(done) == len(expected) or all_failed):
+            break  # all ended, or every pair is gone and nothing more can arrive
         time.sleep(0.005)
     for transfer_id in expected:
         result = next((r.result(transfer_id) for r in receivers if r.result(transfer_id)), None)

@@ -262,3 +262,23 @@ def test_a_pickle_sent_to_the_control_channel_is_refused_unexecuted(tmp_path: An
     finally:
         endpoint.close()
     assert not marker.exists(), "the pickle was executed"
+
+
+def test_receiver_refuses_a_different_layout_and_a_transfer_it_has_no_room_for() -> None:
+    specs = [Spec("too-big", 40, seed=1), Spec("fits", 8, seed=2)]
+    sent, received, _ = run_fault(specs, receiver_params={"num_blocks": 6})
+    assert sent is not None and received is not None
+    assert sent.results["too-big"] == (
+        "failed",
+        "receiver refused: no free KV blocks for 10 blocks",
+    )
+    assert sent.results["fits"][0] == received.results["fits"][0] == "completed"
+    assert_clean(sent, received)
+
+    specs = [Spec("a", 8, seed=1)]
+    sent, received, _ = run_fault(specs, receiver_params={"dtype": torch.bfloat16})
+    assert sent is not None and received is not None
+    status, reason = sent.results["a"]
+    assert status == "failed"
+    assert reason == "receiver refused: layouts differ: dtype bfloat16 != float32"
+    assert_clean(sent, received)
