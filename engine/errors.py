@@ -21,6 +21,13 @@ class InvalidRequest(TandemError):
         self.reason = message
 
 
+class ModelNotFound(InvalidRequest):
+    """The request names a model this deployment does not serve (gRPC NOT_FOUND)."""
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        super().__init__("model", f"model {model!r} is not served here; served: {served}")
+
+
 class ModelLoadError(TandemError):
     """A model could not be loaded: missing file, unreadable weights, inconsistent config."""
 

@@ -1,0 +1,131 @@
+"""From a `tandem.v1.GenerateRequest` to what a worker runs: prompt token ids and validated
+sampling parameters, or an InvalidRequest naming the first bad field (RELIABILITY I1..I9).
+
+Everything a client sends is checked here, against the served model, before any worker sees
+it: the input (exactly one of text, chat, token ids; non-empty; in the vocabulary; fitting the
+context), every sampling parameter (engine.sampling_params.SamplingParams.validate, the same
+code the engine runs), the model name and the id lengths. Torch-free.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine.chat_template import ChatMessage
+from engine.errors import InvalidRequest, ModelNotFound
+from engine.sampling_params import SamplingParams, validate_prompt_token_ids
+
+MAX_REQUEST_ID_BYTES = 128
+MAX_CACHE_SALT_BYTES = 256
+MAX_CHAT_MESSAGES = 1024
+MAX_PROMPT_CHARS = 4 << 20  # text longer than this is refused before tokenizing
+
+
+class PromptTokenizer(Protocol):
+    """What the router needs of a tokenizer (engine.tokenizer.Tokenizer is one)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any] | ChatMessage],
+        add_generation_prompt: bool = True,
+    ) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """The served model as the router knows it."""
+
+    model_id: str
+    vocab_size: int
+    max_model_len: int
+    tokenizer: PromptTokenizer | None
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None
+
+
+def validate_generate_request(request: Any, model: ServedModel) -> ValidatedRequest:
+    """Check and convert a GenerateRequest; raises InvalidRequest (ModelNotFound for a model
+    that is not served) naming the first bad field."""
+    if request.model and request.model != model.model_id:
+        raise ModelNotFound(request.model, [model.model_id])
+    request_id = request.request_id or uuid.uuid4().hex
+    _check_utf8_length("request_id", request_id, MAX_REQUEST_ID_BYTES)
+    _check_utf8_length("cache_salt", request.cache_salt, MAX_CACHE_SALT_BYTES)
+    params = sampling_params_from_proto(request.sampling)
+    params.validate(model.vocab_size)
+    prompt = prompt_token_ids(request, model)
+    validate_prompt_token_ids(prompt, model.vocab_size, model.max_model_len, params.max_tokens)
+    return ValidatedRequest(request_id, prompt, params, request.cache_salt or None)
+
+
+def prompt_token_ids(request: Any, model: ServedModel) -> list[int]:
+    """The prompt of a GenerateRequest or TokenizeRequest as token ids."""
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequest("input", "give one of text, chat or token_ids")
+    if kind == "token_ids":
+        return list(request.token_ids.ids)
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise InvalidRequest(kind, f"model {model.model_id} has no tokenizer; send token_ids")
+    if kind == "text":
+        if not request.text:
+            raise InvalidRequest("text", "prompt is empty")
+        if len(request.text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest("text", f"longer than {MAX_PROMPT_CHARS} characters")
+        return tokenizer.encode(request.text)
+    messages = list(request.chat.messages)
+    if not messages:
+        raise InvalidRequest("chat", "no messages")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise InvalidRequest("chat", f"more than {MAX_CHAT_MESSAGES} messages")
+    if sum(len(m.content) for m in messages) > MAX_PROMPT_CHARS:
+        raise InvalidRequest("chat", f"longer than {MAX_PROMPT_CHARS} characters")
+    chat = [ChatMessage(role=m.role, content=m.content) for m in messages]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def sampling_params_from_proto(sampling: Any) -> SamplingParams:
+    """SamplingParameters -> SamplingParams; unset fields keep the engine's defaults. Values
+    are checked by SamplingParams.validate (the engine's own rules), not here."""
+    values: dict[str, Any] = {}
+    for name in (
+        "max_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "seed",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "logprobs",
+        "skip_special_tokens",
+    ):
+        if sampling.HasField(name):
+            values[name] = getattr(sampling, name)
+    return SamplingParams(
+        **values,
+        stop=tuple(sampling.stop),
+        stop_token_ids=tuple(sampling.stop_token_ids),
+        ignore_eos=sampling.ignore_eos,
+        logit_bias=tuple(sorted(sampling.logit_bias.items())),
+    )
+
+
+def _check_utf8_length(field: str, value: str, limit: int) -> None:
+    size = len(value.encode("utf-8"))
+    if size > limit:
+        raise InvalidRequest(field, f"is {size} UTF-8 bytes, limit {limit}")
