@@ -2,6 +2,9 @@
 
     tandem generate "prompt" [--chat] [--model PATH] [--max-tokens N] [--temperature T]
                              [--top-p P] [--top-k K] [--seed S] [--json]
+    tandem serve [--model PATH] [--workers N] [--mode colocated] [--host H] [--port P]
+                 [--address RAY_ADDRESS]
+    tandem client "prompt" [--target HOST:PORT] [--chat] [--max-tokens N] [--temperature T]
 
 Torch is imported only by the commands that run an engine, so `tandem --help` is instant.
 Exit codes: 0 done, 2 bad input or model, 130 interrupted.
@@ -52,7 +55,95 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object with token ids, text and usage"
     )
     generate.set_defaults(handler=run_generate)
+
+    serve = commands.add_parser("serve", help="serve the gRPC API from a pool of Ray workers")
+    serve.add_argument("--model", default=None, help="as for generate")
+    serve.add_argument("--workers", type=int, default=1, help="engine workers (Ray actors)")
+    serve.add_argument("--mode", default="colocated", choices=("colocated", "disaggregated"))
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051, help="0: any free port")
+    serve.add_argument("--address", default=None, help="a Ray cluster to join (default: local)")
+    serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    serve.set_defaults(handler=run_serve)
+
+    client = commands.add_parser("client", help="stream one answer from a running service")
+    client.add_argument("prompt")
+    client.add_argument("--target", default="127.0.0.1:50051")
+    client.add_argument("--chat", action="store_true", help="send the prompt as a user message")
+    client.add_argument("--max-tokens", type=int, default=256)
+    client.add_argument("--temperature", type=float, default=0.0)
+    client.add_argument("--timeout", type=float, default=300.0, help="seconds")
+    client.set_defaults(handler=run_client)
     return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from cluster.service import Service, ServiceConfig
+    from engine.config import EngineConfig
+
+    config = ServiceConfig(
+        engine=EngineConfig(model=args.model, device=args.device),
+        num_workers=args.workers,
+        mode=args.mode,
+        host=args.host,
+        port=args.port,
+        address=args.address,
+        gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
+    )
+
+    async def serve() -> None:
+        service = Service(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await service.start()
+        print(f"tandem: serving on {config.host}:{service.port}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await service.stop()
+        print("tandem: stopped", flush=True)
+
+    asyncio.run(serve())
+    return 0
+
+
+def run_client(args: argparse.Namespace) -> int:
+    import time
+
+    import grpc
+
+    from proto.tandem.v1 import tandem_pb2 as pb
+    from proto.tandem.v1 import tandem_pb2_grpc
+
+    request = pb.GenerateRequest(
+        sampling=pb.SamplingParameters(max_tokens=args.max_tokens, temperature=args.temperature)
+    )
+    if args.chat:
+        request.chat.messages.add(role="user", content=args.prompt)
+    else:
+        request.text = args.prompt
+    started = time.monotonic()
+    with grpc.insecure_channel(args.target) as channel:
+        stub = tandem_pb2_grpc.TandemStub(channel)
+        try:
+            last = None
+            for response in stub.Generate(request, timeout=args.timeout):
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
+                last = response
+        except grpc.RpcError as e:
+            print(f"\ntandem: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+    elapsed = time.monotonic() - started
+    if last is not None:
+        tokens = last.usage.completion_tokens
+        print(f"\n[{tokens} tokens in {elapsed:.2f} s; {last.usage.prompt_tokens} prompt tokens]")
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -20,12 +20,19 @@ class InvalidRequest(TandemError):
         self.field = field
         self.reason = message
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # crosses process boundaries (Ray)
+        return (InvalidRequest, (self.field, self.reason))
+
 
 class ModelNotFound(InvalidRequest):
     """The request names a model this deployment does not serve (gRPC NOT_FOUND)."""
 
     def __init__(self, model: str, served: list[str]) -> None:
         super().__init__("model", f"model {model!r} is not served here; served: {served}")
+        self.model, self.served = model, served
+
+    def __reduce__(self) -> tuple[type, tuple[str, list[str]]]:  # type: ignore[override]
+        return (ModelNotFound, (self.model, self.served))
 
 
 class ModelLoadError(TandemError):

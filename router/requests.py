@@ -9,6 +9,7 @@ code the engine runs), the model name and the id lengths. Torch-free.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -123,6 +124,11 @@ def sampling_params_from_proto(sampling: Any) -> SamplingParams:
         ignore_eos=sampling.ignore_eos,
         logit_bias=tuple(sorted(sampling.logit_bias.items())),
     )
+
+
+def params_to_dict(params: SamplingParams) -> dict[str, Any]:
+    """SamplingParams as keyword arguments: what crosses to a worker (SamplingParams(**d))."""
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
 
 
 def _check_utf8_length(field: str, value: str, limit: int) -> None:

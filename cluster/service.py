@@ -1,0 +1,109 @@
+"""Assembling the service: a Ray cluster, a pool of worker actors, the gRPC router.
+
+    Service(ServiceConfig(...)).start()   ray.init (local, or join --address), N EngineWorker
+                                          actors, wait until each has loaded its model, then
+                                          serve gRPC on host:port
+    service.stop()                        stop accepting, finish or cancel streams, kill the
+                                          actors, leave Ray (if this process started it)
+
+So far the colocated mode only: each worker prefills and decodes its own requests (the
+baseline every disaggregation claim is measured against). Torch is imported by the workers,
+never here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.loader import describe_model, resolve_model
+from router.requests import ServedModel
+from router.server import TandemServicer, start_server
+
+logger = logging.getLogger(__name__)
+
+MODES = ("colocated",)  # "disaggregated" comes with the prefill/decode split
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    num_workers: int = 1
+    mode: str = "colocated"
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (see Service.port)
+    address: str | None = None  # a Ray cluster to join; None: start a local one
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    worker_start_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(
+                f"mode={self.mode!r}: only {MODES} is implemented so far "
+                "(disaggregated serving is not built yet)"
+            )
+        if type(self.num_workers) is not int or self.num_workers < 1:
+            raise ValueError(f"num_workers={self.num_workers!r} must be an int >= 1")
+
+
+class Service:
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.workers: list[Any] = []
+        self.port: int | None = None
+        self._server: Any = None
+        self._started_ray = False
+
+    async def start(self) -> None:
+        import ray
+
+        from decode_worker.actor import EngineWorker
+
+        config = self.config
+        if not ray.is_initialized():
+            ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
+            self._started_ray = True
+        # Async actor: up to 1,000 concurrent method calls by default, one engine thread.
+        actor_class = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker)(
+            EngineWorker
+        )
+        self.workers = [actor_class.remote(config.engine) for _ in range(config.num_workers)]
+        infos = await asyncio.wait_for(
+            asyncio.gather(*(w.model_info.remote() for w in self.workers)),
+            config.worker_start_timeout_s,
+        )
+        model = served_model(config.engine.model, infos[0])
+        self._server, self.port = await start_server(
+            TandemServicer(model, self.workers), config.host, config.port
+        )
+        logger.info("serving %s on %s:%d with %d workers", model.model_id, config.host,
+                    self.port, len(self.workers))  # fmt: skip
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        import ray
+
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+
+def served_model(model_spec: str | None, info: dict[str, Any]) -> ServedModel:
+    """The router's view of the workers' model: their limits, and a tokenizer of its own
+    (read from the same model files, torch-free)."""
+    description, _ = describe_model(resolve_model(model_spec))
+    return ServedModel(
+        model_id=info["model_id"],
+        vocab_size=info["vocab_size"],
+        max_model_len=info["max_model_len"],
+        tokenizer=description.tokenizer,
+    )

@@ -1,0 +1,183 @@
+"""The gRPC server (grpc.aio) in front of the worker pool.
+
+    Generate: validate (router.requests) -> pick the least busy worker -> stream its outputs
+    Tokenize, ListModels: answered here, from the model's tokenizer and description
+
+Errors reach the client as status codes, never as a hang: a bad field INVALID_ARGUMENT (or
+NOT_FOUND for an unknown model), a dead worker UNAVAILABLE, anything unexpected INTERNAL. A
+client that cancels or passes its deadline cancels the worker's stream, which aborts the
+request and frees its KV within an engine step.
+
+Workers are Ray actor handles of decode_worker.actor.EngineWorker (colocated: each prefills
+and decodes). Ray is imported lazily, torch never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from engine.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    RequestAborted,
+    TandemError,
+    WorkerUnavailable,
+)
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc
+from router.requests import (
+    ServedModel,
+    params_to_dict,
+    prompt_token_ids,
+    validate_generate_request,
+)
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+}
+
+
+def status_of(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status of a Tandem error."""
+    if isinstance(error, ModelNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, WorkerUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(error, RequestAborted):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
+
+
+class TandemServicer(tandem_pb2_grpc.TandemServicer):
+    def __init__(self, model: ServedModel, workers: list[Any]) -> None:
+        if not workers:
+            raise ValueError("at least one worker is needed")
+        self.model = model
+        self.workers = workers
+        self._in_flight = [0] * len(workers)
+
+    async def Generate(self, request: Any, context: Any) -> Any:
+        arrival = time.monotonic()
+        try:
+            validated = validate_generate_request(request, self.model)
+        except InvalidRequest as e:
+            await context.abort(status_of(e), str(e))
+        index = min(range(len(self.workers)), key=self._in_flight.__getitem__)
+        self._in_flight[index] += 1
+        stream = None
+        first = True
+        try:
+            stream = (
+                self.workers[index]
+                .generate.options(num_returns="streaming")
+                .remote(
+                    validated.request_id,
+                    validated.prompt_token_ids,
+                    params_to_dict(validated.params),
+                    validated.cache_salt,
+                )
+            )
+            async for ref in stream:
+                output = await _resolve(ref)
+                response = _response(validated.request_id, output)
+                now = time.monotonic() - arrival
+                if first:
+                    response.timing.ttft_seconds = now
+                    first = False
+                if output.finished:
+                    response.timing.total_seconds = now
+                yield response
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed
+            if stream is not None:
+                _cancel(stream)
+            raise
+        except TandemError as e:
+            await context.abort(status_of(e), str(e))
+        finally:
+            self._in_flight[index] -= 1
+
+    async def Tokenize(self, request: Any, context: Any) -> Any:
+        try:
+            if request.model and request.model != self.model.model_id:
+                raise ModelNotFound(request.model, [self.model.model_id])
+            ids = prompt_token_ids(request, self.model)
+        except InvalidRequest as e:
+            await context.abort(status_of(e), str(e))
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def ListModels(self, request: Any, context: Any) -> Any:
+        info = pb.ModelInfo(
+            id=self.model.model_id,
+            max_model_len=self.model.max_model_len,
+            vocab_size=self.model.vocab_size,
+        )
+        return pb.ListModelsResponse(models=[info])
+
+
+async def _resolve(ref: Any) -> Any:
+    """The worker's next output; its typed errors re-raised as themselves, a dead worker as
+    WorkerUnavailable."""
+    import ray
+
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(e.cause, BaseException) else None
+        if isinstance(cause, TandemError):
+            raise cause from None
+        raise TandemError(f"worker error: {e}") from None
+    except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
+        raise WorkerUnavailable(f"worker lost: {type(e).__name__}") from None
+
+
+def _cancel(stream: Any) -> None:
+    import ray
+
+    try:
+        ray.cancel(stream)
+    except Exception:  # already finished or the worker is gone: nothing left to stop
+        logger.debug("cancel of a finished stream", exc_info=True)
+
+
+def _response(request_id: str, output: Any) -> Any:
+    response = pb.GenerateResponse(
+        request_id=request_id, token_ids=output.new_token_ids, text=output.text_delta
+    )
+    for lp in output.logprobs:
+        response.logprobs.add(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+        )
+    if output.finished:
+        response.finish_reason = _FINISH_REASONS[output.finish_reason.value]
+        usage = output.usage
+        response.usage.prompt_tokens = usage.prompt_tokens
+        response.usage.cached_tokens = usage.cached_tokens
+        response.usage.completion_tokens = usage.completion_tokens
+    return response
+
+
+async def start_server(servicer: TandemServicer, host: str, port: int) -> tuple[Any, int]:
+    """Start serving on host:port (0: any free port); (server, port bound)."""
+    server = grpc.aio.server()
+    tandem_pb2_grpc.add_TandemServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,183 @@
+"""The service end to end, colocated mode: a real local Ray cluster, two worker actors with the
+default model, the gRPC router on loopback, real clients. Greedy output equals the single
+engine's; concurrent streams; bad input refused with the right status; cancellation and
+deadlines free the workers' KV."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from proto.tandem.v1 import tandem_pb2 as pb
+from proto.tandem.v1 import tandem_pb2_grpc
+from tests.conftest import greedy
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ray = pytest.importorskip("ray")
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class RunningService:
+    """The asyncio service on a loop thread of its own; tests talk to it with sync stubs."""
+
+    def __init__(self, config: Any) -> None:
+        from cluster.service import Service
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.service = Service(config)
+        self.run(self.service.start(), timeout_s=300)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.service.port}")
+        self.stub = tandem_pb2_grpc.TandemStub(self.channel)
+
+    def run(self, coroutine: Coroutine[Any, Any, Any], timeout_s: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return [ray.get(w.stats.remote(), timeout=30) for w in self.service.workers]
+
+    def assert_workers_idle_and_intact(self, timeout_s: float = 10) -> None:
+        deadline = time.monotonic() + timeout_s
+        while any(s["num_requests"] for s in self.worker_stats()):
+            assert time.monotonic() < deadline, f"requests still in flight: {self.worker_stats()}"
+            time.sleep(0.05)
+        for worker in self.service.workers:
+            ray.get(worker.check_integrity.remote(), timeout=30)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.run(self.service.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[RunningService]:
+    from cluster.service import ServiceConfig
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    running = RunningService(
+        ServiceConfig(
+            engine=EngineConfig(device="cpu", num_kv_blocks=512, block_size=16),
+            num_workers=2,
+            port=0,
+        )
+    )
+    try:
+        yield running
+    finally:
+        running.close()
+        ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def clean_workers(service: RunningService) -> Iterator[None]:
+    yield
+    service.assert_workers_idle_and_intact()
+
+
+def generate(stub: Any, **fields: Any) -> list[pb.GenerateResponse]:
+    return list(stub.Generate(pb.GenerateRequest(**fields), timeout=120))
+
+
+def greedy_sampling(max_tokens: int) -> pb.SamplingParameters:
+    return pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def test_greedy_through_the_service_equals_the_engine(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    prompts = ["Hi", "The capital of France is", "List three colors:"]
+    for prompt in prompts:
+        responses = generate(service.stub, text=prompt, sampling=greedy_sampling(12))
+        token_ids = [t for r in responses for t in r.token_ids]
+        expected = default_model_engine.generate([prompt], greedy(max_tokens=12))[0]
+        assert token_ids == expected.token_ids, prompt
+        assert "".join(r.text for r in responses) == expected.text
+        last = responses[-1]
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert last.usage.completion_tokens == 12
+        assert last.usage.prompt_tokens == expected.usage.prompt_tokens
+        assert responses[0].timing.ttft_seconds > 0
+        assert last.timing.total_seconds >= responses[0].timing.ttft_seconds
+
+
+def test_concurrent_streaming_clients_all_complete(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    prompts = [f"Count to {n}:" for n in range(12)]
+
+    def one(prompt: str) -> tuple[list[int], int]:
+        responses = generate(service.stub, text=prompt, sampling=greedy_sampling(8))
+        return [t for r in responses for t in r.token_ids], responses[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(one, prompts))
+    expected = default_model_engine.generate(prompts, greedy(max_tokens=8))
+    for (token_ids, completion), reference in zip(results, expected, strict=True):
+        assert token_ids == reference.token_ids
+        assert completion == 8
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "text"),
+    [
+        ({"text": ""}, INVALID, "text: prompt is empty"),
+        ({"token_ids": pb.TokenIds(ids=[10**6])}, INVALID, "prompt_token_ids"),
+        ({"text": "x", "sampling": pb.SamplingParameters(top_p=2.0)}, INVALID, "top_p"),
+        ({"text": "x", "model": "gpt-9"}, grpc.StatusCode.NOT_FOUND, "'gpt-9' is not served"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_a_status_naming_the_problem(
+    service: RunningService, fields: dict[str, Any], code: grpc.StatusCode, text: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        generate(service.stub, **fields)
+    assert raised.value.code() == code
+    assert text in raised.value.details()
+
+
+def test_cancel_mid_stream_frees_the_request(service: RunningService) -> None:
+    call = service.stub.Generate(
+        pb.GenerateRequest(text="Tell me a long story.", sampling=greedy_sampling(400)),
+        timeout=120,
+    )
+    first = next(call)
+    assert first.token_ids
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as raised:
+        list(call)
+    assert raised.value.code() == grpc.StatusCode.CANCELLED
+    # clean_workers then checks every worker freed it and its KV books are intact
+
+
+def test_deadline_exceeded_frees_the_request(service: RunningService) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        list(
+            service.stub.Generate(
+                pb.GenerateRequest(text="Tell me a long story.", sampling=greedy_sampling(400)),
+                timeout=0.5,
+            )
+        )
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_tokenize_and_list_models(service: RunningService, default_model_engine: Engine) -> None:
+    tokens = service.stub.Tokenize(pb.TokenizeRequest(text="Hello world"), timeout=30)
+    assert default_model_engine.tokenizer is not None
+    assert list(tokens.token_ids) == default_model_engine.tokenizer.encode("Hello world")
+    (model,) = service.stub.ListModels(pb.ListModelsRequest(), timeout=30).models
+    assert model.id == default_model_engine.model_id
+    assert model.vocab_size == default_model_engine.model_config.vocab_size
+    assert model.max_model_len == default_model_engine.max_model_len

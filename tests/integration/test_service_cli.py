@@ -1,0 +1,73 @@
+"""`tandem serve` and `tandem client` as a user runs them: separate processes, a real local Ray
+cluster, gRPC on loopback; Ctrl-C stops the server cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytest.importorskip("ray")
+
+CLI = [sys.executable, "-m", "cluster.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serve_then_client_then_ctrl_c() -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port), "--workers", "1", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    try:
+        assert server.stdout is not None
+        deadline = time.monotonic() + 180
+        lines = []
+        while time.monotonic() < deadline:
+            line = server.stdout.readline()
+            lines.append(line)
+            if "tandem: serving on" in line or not line:
+                break
+        assert f"tandem: serving on 127.0.0.1:{port}" in lines[-1], "".join(lines)
+        client = subprocess.run(
+            [*CLI, "client", "What is 2+2?", "--chat", "--target", f"127.0.0.1:{port}",
+             "--max-tokens", "6"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert client.returncode == 0, client.stderr
+        assert "tokens in" in client.stdout and len(client.stdout.strip()) > 0
+        bad = subprocess.run(
+            [*CLI, "client", "", "--target", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert bad.returncode == 2
+        assert "INVALID_ARGUMENT: text: prompt is empty" in bad.stderr
+        server.send_signal(signal.SIGINT)
+        out, _ = server.communicate(timeout=60)
+        assert server.returncode == 0, out
+        assert "tandem: stopped" in out
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_disaggregated_mode_is_refused_until_it_exists() -> None:
+    result = subprocess.run(
+        [*CLI, "serve", "--mode", "disaggregated"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "disaggregated serving is not built yet" in result.stderr
