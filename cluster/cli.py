@@ -5,6 +5,7 @@
     tandem serve [--model PATH] [--workers N] [--mode colocated] [--host H] [--port P]
                  [--address RAY_ADDRESS]
     tandem client "prompt" [--target HOST:PORT] [--chat] [--max-tokens N] [--temperature T]
+    tandem demo [PROMPT ...] [--workers N] [--max-tokens N]     (serve, ask, print, stop)
 
 Torch is imported only by the commands that run an engine, so `tandem --help` is instant.
 Exit codes: 0 done, 2 bad input or model, 130 interrupted.
@@ -16,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from engine.errors import InvalidRequest, TandemError
@@ -74,7 +76,80 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--temperature", type=float, default=0.0)
     client.add_argument("--timeout", type=float, default=300.0, help="seconds")
     client.set_defaults(handler=run_client)
+
+    demo = commands.add_parser(
+        "demo", help="start the service locally, stream a few concurrent answers, stop"
+    )
+    demo.add_argument("prompts", nargs="*", default=list(DEMO_PROMPTS))
+    demo.add_argument("--model", default=None)
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    demo.set_defaults(handler=run_demo)
     return parser
+
+
+DEMO_PROMPTS = (
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the sea.",
+    "What is 12 times 12?",
+)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The README's main command: the whole path (Ray workers, gRPC router, streaming
+    clients) on this machine, with each answer's time to first token and decode rate."""
+    import asyncio
+
+    import grpc
+
+    from cluster.service import Service, ServiceConfig
+    from engine.config import EngineConfig
+    from proto.tandem.v1 import tandem_pb2 as pb
+    from proto.tandem.v1 import tandem_pb2_grpc
+
+    config = ServiceConfig(
+        engine=EngineConfig(model=args.model, device=args.device),
+        num_workers=args.workers,
+        port=0,
+        gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
+    )
+
+    async def ask(stub: object, prompt: str) -> tuple[str, float, float, int]:
+        request = pb.GenerateRequest(sampling=pb.SamplingParameters(max_tokens=args.max_tokens))
+        request.chat.messages.add(role="user", content=prompt)
+        started = time.monotonic()
+        first = None
+        text, tokens = [], 0
+        async for response in stub.Generate(request, timeout=600):  # type: ignore[attr-defined]
+            if first is None:
+                first = time.monotonic() - started
+            text.append(response.text)
+            tokens += len(response.token_ids)
+        total = time.monotonic() - started
+        return "".join(text), first or total, total, tokens
+
+    async def demo() -> None:
+        service = Service(config)
+        print(f"tandem: starting {args.workers} workers (local Ray) ...", flush=True)
+        await service.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+                stub = tandem_pb2_grpc.TandemStub(channel)
+                print(f"tandem: serving on port {service.port}; {len(args.prompts)} concurrent "
+                      "requests\n", flush=True)  # fmt: skip
+                results = await asyncio.gather(*(ask(stub, p) for p in args.prompts))
+            for prompt, (text, ttft, total, tokens) in zip(args.prompts, results, strict=True):
+                rate = (tokens - 1) / (total - ttft) if tokens > 1 and total > ttft else 0.0
+                print(f"> {prompt}\n{text.strip()}\n[TTFT {1000 * ttft:.0f} ms, {tokens} "
+                      f"tokens, {rate:.1f} tokens/s]\n")  # fmt: skip
+        finally:
+            await service.stop()
+        print("tandem: stopped", flush=True)
+
+    asyncio.run(demo())
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -113,8 +188,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_client(args: argparse.Namespace) -> int:
-    import time
-
     import grpc
 
     from proto.tandem.v1 import tandem_pb2 as pb

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The main job: set up, then answer a chat prompt with the local engine, streaming the text.
-#   scripts/run.sh                                  # asks the default question
-#   scripts/run.sh "Write a haiku about GPUs"      # your own prompt
+# The main job: set up, then start the service locally (Ray workers + gRPC router), stream a
+# few concurrent answers through gRPC, print them with their TTFT and tokens/s, and stop.
+#   scripts/run.sh                                       # the default questions
+#   scripts/run.sh "Write a haiku about GPUs" "Why?"     # your own prompts
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-prompt=${1:-"What is the capital of France?"}
-shift || true
-exec .venv/bin/tandem generate --chat "$prompt" "$@"
+exec .venv/bin/tandem demo "$@"

@@ -71,3 +71,15 @@ def test_disaggregated_mode_is_refused_until_it_exists() -> None:
     )
     assert result.returncode == 2
     assert "disaggregated serving is not built yet" in result.stderr
+
+
+def test_demo_serves_answers_and_stops() -> None:
+    result = subprocess.run(
+        [*CLI, "demo", "What is 2+2?", "Say hi.", "--workers", "1", "--max-tokens", "5",
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("> ") == 2
+    assert result.stdout.count("[TTFT ") == 2
+    assert "tandem: stopped" in result.stdout
