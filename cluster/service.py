@@ -39,6 +39,7 @@ class ServiceConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     worker_start_timeout_s: float = 300.0
+    health_interval_s: float = 1.0  # how often every worker is checked for life
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -56,7 +57,11 @@ class Service:
         self.workers: list[Any] = []
         self.port: int | None = None
         self._server: Any = None
+        self._servicer: TandemServicer | None = None
+        self._actor_class: Any = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._started_ray = False
+        self.num_replaced = 0  # workers replaced after dying
 
     async def start(self) -> None:
         import ray
@@ -68,24 +73,27 @@ class Service:
             ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
             self._started_ray = True
         # Async actor: up to 1,000 concurrent method calls by default, one engine thread.
-        actor_class = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker)(
-            EngineWorker
-        )
-        self.workers = [actor_class.remote(config.engine) for _ in range(config.num_workers)]
+        self._actor_class = ray.remote(
+            num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker
+        )(EngineWorker)
+        self.workers = [self._actor_class.remote(config.engine) for _ in range(config.num_workers)]
         infos = await asyncio.wait_for(
             asyncio.gather(*(w.model_info.remote() for w in self.workers)),
             config.worker_start_timeout_s,
         )
         model = served_model(config.engine.model, infos[0])
-        self._server, self.port = await start_server(
-            TandemServicer(model, self.workers), config.host, config.port
-        )
+        self._servicer = TandemServicer(model, list(self.workers))
+        self._server, self.port = await start_server(self._servicer, config.host, config.port)
+        self._watch_task = asyncio.create_task(self._watch())
         logger.info("serving %s on %s:%d with %d workers", model.model_id, config.host,
                     self.port, len(self.workers))  # fmt: skip
 
     async def stop(self, grace_s: float = 5.0) -> None:
         import ray
 
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
@@ -95,6 +103,33 @@ class Service:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+    async def _watch(self) -> None:
+        """Replace dead workers, so the pool returns to size on its own. A slow answer is not
+        death (a long prefill step delays it); only Ray's verdict that the actor died is."""
+        import ray
+
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            for index, worker in enumerate(list(self.workers)):
+                try:
+                    await asyncio.wait_for(worker.stats.remote(), self.config.health_interval_s * 5)
+                except asyncio.TimeoutError:
+                    continue
+                except ray.exceptions.RayActorError:
+                    try:
+                        await self._replace(index, worker)
+                    except Exception:  # try again at the next check
+                        logger.exception("replacing worker %d failed", index)
+
+    async def _replace(self, index: int, dead: Any) -> None:
+        logger.warning("worker %d died; starting a replacement", index)
+        new = self._actor_class.remote(self.config.engine)
+        await asyncio.wait_for(new.model_info.remote(), self.config.worker_start_timeout_s)
+        self.workers[index] = new
+        assert self._servicer is not None
+        self._servicer.replace_worker(dead, new)
+        self.num_replaced += 1
 
 
 def served_model(model_spec: str | None, info: dict[str, Any]) -> ServedModel:

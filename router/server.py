@@ -76,39 +76,64 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             validated = validate_generate_request(request, self.model)
         except InvalidRequest as e:
             await context.abort(status_of(e), str(e))
-        index = min(range(len(self.workers)), key=self._in_flight.__getitem__)
-        self._in_flight[index] += 1
-        stream = None
+        tried: set[int] = set()
         first = True
-        try:
-            stream = (
-                self.workers[index]
-                .generate.options(num_returns="streaming")
-                .remote(
-                    validated.request_id,
-                    validated.prompt_token_ids,
-                    params_to_dict(validated.params),
-                    validated.cache_salt,
-                )
+        while True:
+            index = self._pick(tried)
+            tried.add(index)
+            self._in_flight[index] += 1
+            stream = None
+            try:
+                stream = self._start(index, validated)
+                async for ref in stream:
+                    output = await ref
+                    response = _response(validated.request_id, output)
+                    now = time.monotonic() - arrival
+                    if first:
+                        response.timing.ttft_seconds = now
+                        first = False
+                    if output.finished:
+                        response.timing.total_seconds = now
+                    yield response
+                return
+            except asyncio.CancelledError:  # the client cancelled or its deadline passed
+                if stream is not None:
+                    _cancel(stream)
+                raise
+            except Exception as e:
+                error = _translate(e)
+                # Nothing streamed yet: the client cannot tell, so another worker may try.
+                lost = isinstance(error, WorkerUnavailable)
+                if lost and first and len(tried) < len(self.workers):
+                    logger.warning("worker %d lost before any output; retrying: %s", index, e)
+                    continue
+                await context.abort(status_of(error), str(error))
+            finally:
+                self._in_flight[index] -= 1
+
+    def replace_worker(self, old: Any, new: Any) -> None:
+        """Swap a dead worker's handle for its replacement (new requests go to it)."""
+        for index, worker in enumerate(self.workers):
+            if worker is old:
+                self.workers[index] = new
+                return
+
+    def _pick(self, exclude: set[int]) -> int:
+        """The least busy worker not yet tried for this request."""
+        candidates = [i for i in range(len(self.workers)) if i not in exclude]
+        return min(candidates, key=self._in_flight.__getitem__)
+
+    def _start(self, index: int, validated: Any) -> Any:
+        return (
+            self.workers[index]
+            .generate.options(num_returns="streaming")
+            .remote(
+                validated.request_id,
+                validated.prompt_token_ids,
+                params_to_dict(validated.params),
+                validated.cache_salt,
             )
-            async for ref in stream:
-                output = await _resolve(ref)
-                response = _response(validated.request_id, output)
-                now = time.monotonic() - arrival
-                if first:
-                    response.timing.ttft_seconds = now
-                    first = False
-                if output.finished:
-                    response.timing.total_seconds = now
-                yield response
-        except asyncio.CancelledError:  # the client cancelled or its deadline passed
-            if stream is not None:
-                _cancel(stream)
-            raise
-        except TandemError as e:
-            await context.abort(status_of(e), str(e))
-        finally:
-            self._in_flight[index] -= 1
+        )
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
         try:
@@ -128,20 +153,21 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         return pb.ListModelsResponse(models=[info])
 
 
-async def _resolve(ref: Any) -> Any:
-    """The worker's next output; its typed errors re-raised as themselves, a dead worker as
-    WorkerUnavailable."""
+def _translate(error: BaseException) -> TandemError:
+    """A worker's typed error as itself, a dead or unreachable worker as WorkerUnavailable,
+    anything else as a plain TandemError (INTERNAL)."""
     import ray
 
-    try:
-        return await ref
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if isinstance(e.cause, BaseException) else None
+    if isinstance(error, TandemError):
+        return error
+    if isinstance(error, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)):
+        return WorkerUnavailable(f"worker lost: {type(error).__name__}")
+    if isinstance(error, ray.exceptions.RayTaskError):
+        cause = error.cause if isinstance(error.cause, BaseException) else None
         if isinstance(cause, TandemError):
-            raise cause from None
-        raise TandemError(f"worker error: {e}") from None
-    except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
-        raise WorkerUnavailable(f"worker lost: {type(e).__name__}") from None
+            return cause
+    logger.exception("unexpected error serving a request", exc_info=error)
+    return TandemError(f"internal error: {type(error).__name__}")
 
 
 def _cancel(stream: Any) -> None:

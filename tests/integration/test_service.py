@@ -181,3 +181,28 @@ def test_tokenize_and_list_models(service: RunningService, default_model_engine:
     assert model.id == default_model_engine.model_id
     assert model.vocab_size == default_model_engine.model_config.vocab_size
     assert model.max_model_len == default_model_engine.max_model_len
+
+
+def test_a_worker_killed_mid_stream_ends_its_stream_fast_and_is_replaced(
+    service: RunningService,
+) -> None:
+    call = service.stub.Generate(
+        pb.GenerateRequest(text="Tell me a long story.", sampling=greedy_sampling(400)),
+        timeout=120,
+    )
+    assert next(call).token_ids
+    busy = next(i for i, s in enumerate(service.worker_stats()) if s["num_requests"])
+    victim = service.service.workers[busy]
+    killed_at = time.monotonic()
+    ray.kill(victim, no_restart=True)
+    with pytest.raises(grpc.RpcError) as raised:
+        list(call)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - killed_at < 10, "the stream must end fast, not hang"
+    deadline = time.monotonic() + 120
+    while service.service.workers[busy] is victim:
+        assert time.monotonic() < deadline, "the dead worker was not replaced"
+        time.sleep(0.2)
+    assert service.service.num_replaced == 1
+    responses = generate(service.stub, text="Hi", sampling=greedy_sampling(4))
+    assert responses[-1].usage.completion_tokens == 4
