@@ -2,10 +2,10 @@
 
     tandem generate "prompt" [--chat] [--model PATH] [--max-tokens N] [--temperature T]
                              [--top-p P] [--top-k K] [--seed S] [--json]
-    tandem serve [--model PATH] [--workers N] [--mode colocated] [--host H] [--port P]
-                 [--address RAY_ADDRESS]
+    tandem serve [--model PATH] [--mode disaggregated|colocated] [--prefill-workers N]
+                 [--decode-workers M] [--workers N] [--host H] [--port P] [--address RAY]
     tandem client "prompt" [--target HOST:PORT] [--chat] [--max-tokens N] [--temperature T]
-    tandem demo [PROMPT ...] [--workers N] [--max-tokens N]     (serve, ask, print, stop)
+    tandem demo [PROMPT ...] [--mode ...] [--max-tokens N]      (serve, ask, print, stop)
 
 Torch is imported only by the commands that run an engine, so `tandem --help` is instant.
 Exit codes: 0 done, 2 bad input or model, 130 interrupted.
@@ -19,6 +19,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from engine.errors import InvalidRequest, TandemError
 
@@ -60,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the gRPC API from a pool of Ray workers")
     serve.add_argument("--model", default=None, help="as for generate")
-    serve.add_argument("--workers", type=int, default=1, help="engine workers (Ray actors)")
-    serve.add_argument("--mode", default="colocated", choices=("colocated", "disaggregated"))
+    add_pool_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051, help="0: any free port")
     serve.add_argument("--address", default=None, help="a Ray cluster to join (default: local)")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("prompts", nargs="*", default=list(DEMO_PROMPTS))
     demo.add_argument("--model", default=None)
-    demo.add_argument("--workers", type=int, default=2)
+    add_pool_arguments(demo)
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     demo.set_defaults(handler=run_demo)
@@ -104,17 +104,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     import grpc
 
-    from cluster.service import Service, ServiceConfig
-    from engine.config import EngineConfig
+    from cluster.service import Service
     from proto.tandem.v1 import tandem_pb2 as pb
     from proto.tandem.v1 import tandem_pb2_grpc
 
-    config = ServiceConfig(
-        engine=EngineConfig(model=args.model, device=args.device),
-        num_workers=args.workers,
-        port=0,
-        gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
-    )
+    config = pool_config(args, 0)
 
     async def ask(stub: object, prompt: str) -> tuple[str, float, float, int]:
         request = pb.GenerateRequest(sampling=pb.SamplingParameters(max_tokens=args.max_tokens))
@@ -132,7 +126,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
     async def demo() -> None:
         service = Service(config)
-        print(f"tandem: starting {args.workers} workers (local Ray) ...", flush=True)
+        pools = (
+            f"{args.prefill_workers} prefill + {args.decode_workers} decode workers"
+            if args.mode == "disaggregated"
+            else f"{args.workers} colocated workers"
+        )
+        print(f"tandem: starting {pools} (local Ray) ...", flush=True)
         await service.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
@@ -152,22 +151,43 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mode",
+        default="disaggregated",
+        choices=("disaggregated", "colocated"),
+        help="disaggregated: separate prefill and decode pools, KV moved between them; "
+        "colocated: every worker does both (the baseline)",
+    )
+    parser.add_argument("--prefill-workers", type=int, default=1, help="disaggregated mode")
+    parser.add_argument("--decode-workers", type=int, default=1, help="disaggregated mode")
+    parser.add_argument("--workers", type=int, default=2, help="colocated mode")
+
+
+def pool_config(args: argparse.Namespace, port: int) -> Any:
+    from cluster.service import ServiceConfig
+    from engine.config import EngineConfig
+
+    return ServiceConfig(
+        engine=EngineConfig(model=args.model, device=args.device),
+        mode=args.mode,
+        num_workers=args.workers,
+        num_prefill_workers=args.prefill_workers,
+        num_decode_workers=args.decode_workers,
+        host=getattr(args, "host", "127.0.0.1"),
+        port=port,
+        address=getattr(args, "address", None),
+        gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from cluster.service import Service, ServiceConfig
-    from engine.config import EngineConfig
+    from cluster.service import Service
 
-    config = ServiceConfig(
-        engine=EngineConfig(model=args.model, device=args.device),
-        num_workers=args.workers,
-        mode=args.mode,
-        host=args.host,
-        port=args.port,
-        address=args.address,
-        gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
-    )
+    config = pool_config(args, args.port)
 
     async def serve() -> None:
         service = Service(config)

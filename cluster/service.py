@@ -6,9 +6,12 @@
     service.stop()                        stop accepting, finish or cancel streams, kill the
                                           actors, leave Ray (if this process started it)
 
-So far the colocated mode only: each worker prefills and decodes its own requests (the
-baseline every disaggregation claim is measured against). Torch is imported by the workers,
-never here.
+Modes:
+    colocated      `num_workers` EngineWorkers, each prefilling and decoding its own requests
+                   (the baseline every disaggregation claim is measured against);
+    disaggregated  `num_prefill_workers` PrefillWorkers and `num_decode_workers` EngineWorkers;
+                   every prefill worker forms a KV-transfer pair with every decode worker.
+Torch is imported by the workers, never here.
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ from router.server import TandemServicer, start_server
 
 logger = logging.getLogger(__name__)
 
-MODES = ("colocated",)  # "disaggregated" comes with the prefill/decode split
+MODES = ("colocated", "disaggregated")
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
-    num_workers: int = 1
+    num_workers: int = 1  # colocated mode
     mode: str = "colocated"
+    num_prefill_workers: int = 1  # disaggregated mode
+    num_decode_workers: int = 1
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (see Service.port)
     address: str | None = None  # a Ray cluster to join; None: start a local one
@@ -43,18 +48,18 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(
-                f"mode={self.mode!r}: only {MODES} is implemented so far "
-                "(disaggregated serving is not built yet)"
-            )
-        if type(self.num_workers) is not int or self.num_workers < 1:
-            raise ValueError(f"num_workers={self.num_workers!r} must be an int >= 1")
+            raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
+        for name in ("num_workers", "num_prefill_workers", "num_decode_workers"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
 
 
 class Service:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
-        self.workers: list[Any] = []
+        self.workers: list[Any] = []  # decode (or colocated) workers
+        self.prefill_workers: list[Any] = []
         self.port: int | None = None
         self._server: Any = None
         self._servicer: TandemServicer | None = None
@@ -73,18 +78,31 @@ class Service:
             ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
             self._started_ray = True
         # Async actor: up to 1,000 concurrent method calls by default, one engine thread.
-        self._actor_class = ray.remote(
-            num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker
-        )(EngineWorker)
-        self.workers = [self._actor_class.remote(config.engine) for _ in range(config.num_workers)]
+        cpus, gpus = config.cpus_per_worker, config.gpus_per_worker
+        self._actor_class = ray.remote(num_cpus=cpus, num_gpus=gpus)(EngineWorker)
+        disaggregated = config.mode == "disaggregated"
+        num_decode = config.num_decode_workers if disaggregated else config.num_workers
+        self.workers = [self._actor_class.remote(config.engine) for _ in range(num_decode)]
+        if disaggregated:
+            from prefill_worker.actor import PrefillWorker
+
+            prefill_class = ray.remote(num_cpus=cpus, num_gpus=gpus)(PrefillWorker)
+            self.prefill_workers = [
+                prefill_class.remote(config.engine) for _ in range(config.num_prefill_workers)
+            ]
         infos = await asyncio.wait_for(
-            asyncio.gather(*(w.model_info.remote() for w in self.workers)),
+            asyncio.gather(*(w.model_info.remote() for w in self.workers + self.prefill_workers)),
             config.worker_start_timeout_s,
         )
+        if disaggregated:
+            await self._form_pairs()
         model = served_model(config.engine.model, infos[0])
-        self._servicer = TandemServicer(model, list(self.workers))
+        self._servicer = TandemServicer(
+            model, list(self.workers), list(self.prefill_workers) if disaggregated else None
+        )
         self._server, self.port = await start_server(self._servicer, config.host, config.port)
-        self._watch_task = asyncio.create_task(self._watch())
+        if not disaggregated:  # replacing a disaggregated worker means re-pairing: not yet
+            self._watch_task = asyncio.create_task(self._watch())
         logger.info("serving %s on %s:%d with %d workers", model.model_id, config.host,
                     self.port, len(self.workers))  # fmt: skip
 
@@ -97,12 +115,25 @@ class Service:
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
-        for worker in self.workers:
+        for worker in self.workers + self.prefill_workers:
             ray.kill(worker)
-        self.workers = []
+        self.workers, self.prefill_workers = [], []
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+    async def _form_pairs(self) -> None:
+        """A KV-transfer pair between every prefill and every decode worker."""
+        import uuid
+
+        addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in self.workers))
+        await asyncio.gather(
+            *(
+                prefill.connect.remote(d, address, f"p{p}-d{d}-{uuid.uuid4().hex[:8]}")
+                for p, prefill in enumerate(self.prefill_workers)
+                for d, address in enumerate(addresses)
+            )
+        )
 
     async def _watch(self) -> None:
         """Replace dead workers, so the pool returns to size on its own. A slow answer is not

@@ -1,27 +1,60 @@
-"""The worker actor: an engine behind an EngineLoop, reachable through Ray.
+"""The worker actors' common base and the decode (or colocated) worker.
 
-Created by cluster.service with `ray.remote(num_gpus=..., ...)(EngineWorker)`; the class itself
-does not import Ray, so it is testable in-process. Methods are async: Ray runs them on the
+Created by cluster.service with `ray.remote(num_gpus=..., ...)(EngineWorker)`; the classes do
+not import Ray, so they are testable in-process. Methods are async: Ray runs them on the
 actor's event loop, many requests at once, while the engine thread batches them.
+
+Colocated: `generate` prefills and decodes here. Disaggregated: `open_endpoint` lets prefill
+workers pair with this one; `continue_request` decodes a request whose prompt KV arrives
+from a prefill worker (kvtransfer), starting from the first token the prefill sampled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
+
+import torch
 
 from decode_worker.engine_loop import EngineLoop
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.output_processor import RequestOutput
 from engine.sampling_params import SamplingParams
+from kvtransfer.coalesce import StagingPool
+from kvtransfer.layout import KVLayout
+from kvtransfer.pair import EndpointAddress, ReceiverEndpoint
+from kvtransfer.transport import TransportConfig
+
+logger = logging.getLogger(__name__)
+
+STAGING_BYTES = 256 << 20  # bound on one worker's KV staging buffers (all its pairs)
 
 
-class EngineWorker:
+def transport_for(engine: Engine) -> TransportConfig:
+    """NCCL between GPU workers, gloo between CPU ones."""
+    backend = "nccl" if engine.device.type == "cuda" else "gloo"
+    return TransportConfig(
+        backend=backend, gloo_hostname="127.0.0.1" if backend == "gloo" else None
+    )
+
+
+class WorkerBase:
+    """An engine driven by an EngineLoop, with the inspection methods every worker has."""
+
     def __init__(self, config: EngineConfig) -> None:
+        if config.device in ("cuda", "auto") and torch.cuda.is_available():
+            from kvtransfer.transport import configure_nccl_environment
+
+            configure_nccl_environment()  # before any NCCL pair forms
         self.engine = Engine(config)
         self.loop = EngineLoop(self.engine)
+        cache = self.engine.runner.kv_cache
+        self.layout = KVLayout.of_cache(cache, self.engine.model_id)
+        self.staging = StagingPool(STAGING_BYTES, cache.device, cache.dtype)
 
     def model_info(self) -> dict[str, Any]:
         """What the router needs to validate requests for this worker's model."""
@@ -32,19 +65,39 @@ class EngineWorker:
             "max_model_len": self.engine.max_model_len,
         }
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: dict[str, Any],
-        cache_salt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs, the last with finished=True. Raises the engine's
-        typed error (e.g. InvalidRequest) if it refuses the request. Cancelling the call (the
-        router's client went away) aborts the request and frees its KV."""
-        stream = self.loop.submit(
-            request_id, prompt_token_ids, SamplingParams(**params), cache_salt
-        )
+    async def stats(self) -> dict[str, Any]:
+        """Load figures for placement: requests in flight, free KV blocks."""
+
+        def read(engine: Engine) -> dict[str, Any]:
+            return {
+                "num_requests": self.loop.num_requests,
+                "num_free_blocks": engine.block_manager.num_free_blocks,
+                "num_blocks": engine.block_manager.num_blocks,
+                "kv_pairs": len(self._transfer_metrics()),
+                "kv_transfers_completed": sum(
+                    m.transfers_completed for m in self._transfer_metrics()
+                ),
+            }
+
+        return await asyncio.to_thread(self.loop.call, read)
+
+    async def check_integrity(self) -> None:
+        """Assert the engine's KV bookkeeping is consistent (tests call it after each case);
+        KV that transfers hold legitimately right now is not counted as leaked."""
+
+        def check(engine: Engine) -> None:
+            engine.check_integrity(holders=self._transfer_holders())
+
+        await asyncio.to_thread(self.loop.call, check)
+
+    def _transfer_metrics(self) -> list[Any]:
+        return [r.metrics for r in self.loop.receivers]
+
+    def _transfer_holders(self) -> list[str]:
+        return self.loop.transfer_holders()
+
+    async def _stream(self, request_id: str, stream: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+        """Yield a request's outputs until the finished one; abort it if abandoned."""
         finished = False
         try:
             while not finished:
@@ -58,21 +111,75 @@ class EngineWorker:
             if not finished:  # cancelled or abandoned mid-stream
                 self.loop.abort(request_id)
 
-    async def stats(self) -> dict[str, Any]:
-        """Load figures for placement: requests in flight, free KV blocks."""
 
-        def read(engine: Engine) -> dict[str, Any]:
-            return {
-                "num_requests": self.loop.num_requests,
-                "num_free_blocks": engine.block_manager.num_free_blocks,
-                "num_blocks": engine.block_manager.num_blocks,
-            }
+class EngineWorker(WorkerBase):
+    """A decode worker; in colocated mode it prefills too."""
 
-        return await asyncio.to_thread(self.loop.call, read)
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self._endpoint: ReceiverEndpoint | None = None
 
-    async def check_integrity(self) -> None:
-        """Assert the engine's KV bookkeeping is consistent (tests call it after each case)."""
-        await asyncio.to_thread(self.loop.call, lambda engine: engine.check_integrity())
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: dict[str, Any],
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Prefill and decode here (colocated). Streams the outputs, the last finished. Raises
+        the engine's typed error if it refuses the request; cancelling aborts it."""
+        sampling = SamplingParams(**params)
+        stream = self.loop.submit(request_id, prompt_token_ids, sampling, cache_salt)
+        async for output in self._stream(request_id, stream):
+            yield output
+
+    async def continue_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        params: dict[str, Any],
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Decode a request prefilled elsewhere, once its KV has arrived (disaggregated).
+        Streams the outputs after the first token; fails with WorkerUnavailable if the KV
+        does not arrive in time."""
+        sampling = SamplingParams(**params)
+        stream = self.loop.submit(
+            request_id, prompt_token_ids, sampling, cache_salt, first_token_id=first_token_id
+        )
+        async for output in self._stream(request_id, stream):
+            yield output
+
+    def open_endpoint(self, host: str = "127.0.0.1") -> EndpointAddress:
+        """Start accepting pairs from prefill workers; the address they connect to."""
+        if self._endpoint is None:
+            self._endpoint = ReceiverEndpoint(host)
+            threading.Thread(target=self._accept_pairs, name="kv-accept", daemon=True).start()
+        return self._endpoint.address
+
+    def _accept_pairs(self) -> None:
+        from kvtransfer.receiver import KVReceiver
+
+        assert self._endpoint is not None
+        config = transport_for(self.engine)
+        cache = self.engine.runner.kv_cache
+        manager = self.engine.block_manager
+        while True:
+            try:
+                pair = self._endpoint.accept(config, cache.device)
+            except Exception:  # one failed formation must not stop the others
+                logger.exception("a prefill worker's pair did not form")
+                continue
+            if pair is None:
+                continue
+            channel, control = pair
+            receiver = KVReceiver(
+                channel, control, cache, self.layout, manager.reserve, manager.release,
+                self.staging,
+            )  # fmt: skip
+            self.loop.receivers.append(receiver)
+            self.loop.wake()
 
     def shutdown(self) -> None:
         self.loop.stop()

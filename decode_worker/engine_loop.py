@@ -15,20 +15,25 @@ an unknown state must be replaced, not trusted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from engine.engine import Engine
-from engine.errors import TandemError, WorkerUnavailable
+from engine.errors import RequestAborted, TandemError, WorkerUnavailable
 from engine.sampling_params import SamplingParams
+from kvtransfer.protocol import transfer_id_for
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # the engine thread's sleep when it has nothing to do (woken by submits)
+ARRIVAL_POLL_S = 0.002  # its sleep while requests wait for transferred KV
+UNCLAIMED_KV_S = 60.0  # transferred KV nobody continued within this is released
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +44,9 @@ class _Submit:
     cache_salt: str | None
     stream: asyncio.Queue[Any]
     loop: asyncio.AbstractEventLoop
+    keep_kv: bool = False  # prefill role: pin the KV when it finishes (Engine keep_kv)
+    first_token_id: int | None = None  # decode role: continue from transferred KV
+    deadline: float = 0.0  # decode role: fail if the KV has not arrived by then (monotonic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +55,15 @@ class _Abort:
 
 
 class EngineLoop:
+    """See the module docstring. In the decode role, `receivers` (kvtransfer.KVReceiver) are
+    polled every turn: a request submitted with a first token waits, without blocking the
+    loop, until the KV of its transfer (transfer_id_for(request_id)) has arrived."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.receivers: list[Any] = []  # appended by the decode worker as pairs form
+        self._arrived: dict[str, tuple[Any, float]] = {}  # transfer id -> (ReceivedKV, when)
+        self._waiting: dict[str, _Submit] = {}  # transfer id -> request waiting for its KV
         self._inbox: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Submit] = {}  # engine thread only
@@ -62,18 +77,34 @@ class EngineLoop:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        *,
+        keep_kv: bool = False,
+        first_token_id: int | None = None,
+        kv_wait_s: float = 30.0,
     ) -> asyncio.Queue[Any]:
         """Queue a request; its RequestOutputs (or one exception) arrive on the returned queue,
-        the last output having finished=True. Call from a running event loop."""
+        the last output having finished=True. Call from a running event loop.
+
+        keep_kv: pin its KV when it finishes (the prefill role). first_token_id: the request
+        was prefilled elsewhere and sampled this token; wait up to kv_wait_s for its KV to
+        arrive through a receiver, then continue from it (the first token's own output is
+        not delivered again; a request that never gets its KV fails with WorkerUnavailable).
+        """
         if self._failure is not None:
             raise WorkerUnavailable(f"engine loop stopped: {self._failure}")
         stream: asyncio.Queue[Any] = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + kv_wait_s
         self._inbox.put(
-            _Submit(request_id, list(prompt_token_ids), params, cache_salt, stream, loop)
-        )
+            _Submit(request_id, list(prompt_token_ids), params, cache_salt, stream, loop,
+                    keep_kv, first_token_id, deadline)
+        )  # fmt: skip
         self._wake.set()
         return stream
+
+    def wake(self) -> None:
+        """Make the engine thread look at its inputs now (e.g. a new receiver)."""
+        self._wake.set()
 
     def abort(self, request_id: str) -> None:
         """Stop a request (any thread); its KV is freed at the engine's next turn."""
@@ -117,11 +148,12 @@ class EngineLoop:
             while True:
                 if not self._drain_inbox():
                     return
+                self._take_arrivals()
                 if self.engine.has_unfinished_requests():
                     for output in self.engine.step():
                         self._deliver(output.request_id, output, done=output.finished)
                 else:
-                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.wait(ARRIVAL_POLL_S if self._waiting else IDLE_WAIT_S)
                     self._wake.clear()
         except Exception as e:
             logger.exception("engine loop failed")
@@ -143,6 +175,11 @@ class EngineLoop:
                 output = self.engine.abort_request(item.request_id)
                 if output is not None:
                     self._deliver(item.request_id, output, done=True)
+                transfer_id = transfer_id_for(item.request_id)
+                waiting = self._waiting.pop(transfer_id, None)
+                if waiting is not None:  # never started: nothing of it is in the engine
+                    self._deliver(item.request_id, RequestAborted("aborted"), done=True)
+                    self._drop_transfer(transfer_id)
             else:
                 item(self.engine)
 
@@ -152,6 +189,9 @@ class EngineLoop:
             item.loop.call_soon_threadsafe(item.stream.put_nowait, error)
             return
         self._streams[item.request_id] = item
+        if item.first_token_id is not None:
+            self._waiting[transfer_id_for(item.request_id)] = item
+            return
         try:
             self.engine.add_request(
                 item.request_id,
@@ -159,9 +199,63 @@ class EngineLoop:
                 item.params,
                 prompt_token_ids=item.prompt_token_ids,
                 cache_salt=item.cache_salt,
+                keep_kv=item.keep_kv,
             )
         except TandemError as e:
             self._deliver(item.request_id, e, done=True)
+
+    def transfer_holders(self) -> list[str]:
+        """Owners of transferred KV not yet in a sequence (engine thread: via `call`)."""
+        held = [kv.owner for kv, _ in self._arrived.values()]
+        return held + [owner for r in self.receivers for owner in r.owners()]
+
+    def _take_arrivals(self) -> None:
+        """Match transferred KV with the requests waiting for it; expire both sides."""
+        now = time.monotonic()
+        for receiver in self.receivers:
+            for kv in receiver.poll():
+                self._arrived[kv.transfer_id] = (kv, now)
+        for transfer_id in [t for t in self._waiting if t in self._arrived]:
+            item = self._waiting.pop(transfer_id)
+            kv, _ = self._arrived.pop(transfer_id)
+            self._continue(item, kv)
+        for transfer_id, item in list(self._waiting.items()):
+            if now > item.deadline:
+                del self._waiting[transfer_id]
+                error = WorkerUnavailable("the prompt's KV did not arrive from the prefill worker")
+                self._deliver(item.request_id, error, done=True)
+        for transfer_id, (kv, when) in list(self._arrived.items()):
+            if now - when > UNCLAIMED_KV_S:  # its request never came (router gone): free it
+                del self._arrived[transfer_id]
+                self.engine.block_manager.release(kv.owner)
+
+    def _drop_transfer(self, transfer_id: str) -> None:
+        """Free the KV of a request that will not continue: arrived, or still arriving."""
+        arrived = self._arrived.pop(transfer_id, None)
+        if arrived is not None:
+            self.engine.block_manager.release(arrived[0].owner)
+            return
+        for receiver in self.receivers:  # in flight: freed once no data can land
+            receiver.abort(transfer_id, "request cancelled")
+
+    def _continue(self, item: _Submit, kv: Any) -> None:
+        assert item.first_token_id is not None
+        try:
+            output = self.engine.add_transferred_request(
+                item.request_id,
+                item.prompt_token_ids,
+                item.first_token_id,
+                item.params,
+                kv_owner=kv.owner,
+                cache_salt=item.cache_salt,
+            )
+        except (TandemError, ValueError) as e:
+            self.engine.block_manager.release(kv.owner)
+            self._deliver(item.request_id, e, done=True)
+            return
+        if output.finished:  # the first token (already sent by prefill) ended it: close
+            closing = dataclasses.replace(output, new_token_ids=(), text_delta="", logprobs=())
+            self._deliver(item.request_id, closing, done=True)
 
     def _deliver(self, request_id: str, item: Any, done: bool) -> None:
         target = self._streams.pop(request_id, None) if done else self._streams.get(request_id)

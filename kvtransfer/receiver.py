@@ -153,6 +153,12 @@ class KVReceiver:
             final = self._finished.get(transfer_id)
         return None if final is None else final.result
 
+    def owners(self) -> list[str]:
+        """Block-manager owners this receiver holds now: live transfers and completed ones
+        not yet polled (for integrity checks that must not count them as leaks)."""
+        with self._lock:
+            return [t.owner for t in self._live.values()] + [kv.owner for kv in self._completed]
+
     @property
     def num_live(self) -> int:
         with self._lock:

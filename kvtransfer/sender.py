@@ -184,6 +184,11 @@ class KVSender:
             self._jobs.put(transfer)
         return transfer
 
+    def owners(self) -> list[str]:
+        """Block-manager owners pinned by transfers still running (for integrity checks)."""
+        with self._lock:
+            return [t.owner for t in self._live.values()]
+
     def abort(self, transfer_id: str, reason: str = "aborted by the sender") -> bool:
         """Stop a transfer: before its payload, nothing is sent; during it, the remaining
         chunks are replaced by a marker; after it, the pin is released now. False if unknown

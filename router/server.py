@@ -63,12 +63,18 @@ def status_of(error: BaseException) -> grpc.StatusCode:
 
 
 class TandemServicer(tandem_pb2_grpc.TandemServicer):
-    def __init__(self, model: ServedModel, workers: list[Any]) -> None:
-        if not workers:
-            raise ValueError("at least one worker is needed")
+    """`workers` decode (and, without `prefill_workers`, also prefill: colocated mode)."""
+
+    def __init__(
+        self, model: ServedModel, workers: list[Any], prefill_workers: list[Any] | None = None
+    ) -> None:
+        if not workers or (prefill_workers is not None and not prefill_workers):
+            raise ValueError("at least one worker of each kind is needed")
         self.model = model
         self.workers = workers
+        self.prefill_workers = prefill_workers
         self._in_flight = [0] * len(workers)
+        self._prefill_in_flight = [0] * len(prefill_workers or [])
 
     async def Generate(self, request: Any, context: Any) -> Any:
         arrival = time.monotonic()
@@ -76,6 +82,10 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             validated = validate_generate_request(request, self.model)
         except InvalidRequest as e:
             await context.abort(status_of(e), str(e))
+        if self.prefill_workers is not None:
+            async for response in self._disaggregated(validated, context, arrival):
+                yield response
+            return
         tried: set[int] = set()
         first = True
         while True:
@@ -110,6 +120,60 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 await context.abort(status_of(error), str(error))
             finally:
                 self._in_flight[index] -= 1
+
+    async def _disaggregated(self, validated: Any, context: Any, arrival: float) -> Any:
+        """Prefill on one pool, decode on the other; the KV moves between them."""
+        assert self.prefill_workers is not None
+        prefill = min(range(len(self.prefill_workers)), key=self._prefill_in_flight.__getitem__)
+        decode = self._pick(set())
+        self._prefill_in_flight[prefill] += 1
+        self._in_flight[decode] += 1
+        call = stream = None
+        try:
+            call = self.prefill_workers[prefill].prefill.remote(
+                validated.request_id,
+                validated.prompt_token_ids,
+                params_to_dict(validated.params),
+                validated.cache_salt,
+                decode,
+            )
+            first, shipped = await call
+            call = None
+            response = _response(validated.request_id, first)
+            response.timing.ttft_seconds = time.monotonic() - arrival
+            if first.finished:
+                response.timing.total_seconds = response.timing.ttft_seconds
+            yield response
+            if not shipped:
+                return
+            stream = (
+                self.workers[decode]
+                .continue_request.options(num_returns="streaming")
+                .remote(
+                    validated.request_id,
+                    validated.prompt_token_ids,
+                    first.new_token_ids[0],
+                    params_to_dict(validated.params),
+                    validated.cache_salt,
+                )
+            )
+            async for ref in stream:
+                output = await ref
+                response = _response(validated.request_id, output)
+                if output.finished:
+                    response.timing.total_seconds = time.monotonic() - arrival
+                yield response
+        except asyncio.CancelledError:
+            for pending in (call, stream):
+                if pending is not None:
+                    _cancel(pending)
+            raise
+        except Exception as e:
+            error = _translate(e)
+            await context.abort(status_of(error), str(error))
+        finally:
+            self._prefill_in_flight[prefill] -= 1
+            self._in_flight[decode] -= 1
 
     def replace_worker(self, old: Any, new: Any) -> None:
         """Swap a dead worker's handle for its replacement (new requests go to it)."""

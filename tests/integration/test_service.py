@@ -1,7 +1,8 @@
-"""The service end to end, colocated mode: a real local Ray cluster, two worker actors with the
-default model, the gRPC router on loopback, real clients. Greedy output equals the single
-engine's; concurrent streams; bad input refused with the right status; cancellation and
-deadlines free the workers' KV."""
+"""The service end to end, in both modes: a real local Ray cluster, worker actors with the
+default model (colocated: two workers; disaggregated: one prefill and one decode worker, KV
+moving between them over gloo), the gRPC router on loopback, real clients. Greedy output equals
+the single engine's; concurrent streams; bad input refused with the right status; cancellation
+and deadlines free the workers' KV."""
 
 from __future__ import annotations
 
@@ -45,14 +46,16 @@ class RunningService:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
     def worker_stats(self) -> list[dict[str, Any]]:
-        return [ray.get(w.stats.remote(), timeout=30) for w in self.service.workers]
+        """Decode (or colocated) workers first, then prefill workers."""
+        workers = self.service.workers + self.service.prefill_workers
+        return [ray.get(w.stats.remote(), timeout=30) for w in workers]
 
     def assert_workers_idle_and_intact(self, timeout_s: float = 10) -> None:
         deadline = time.monotonic() + timeout_s
         while any(s["num_requests"] for s in self.worker_stats()):
             assert time.monotonic() < deadline, f"requests still in flight: {self.worker_stats()}"
             time.sleep(0.05)
-        for worker in self.service.workers:
+        for worker in self.service.workers + self.service.prefill_workers:
             ray.get(worker.check_integrity.remote(), timeout=30)
 
     def close(self) -> None:
@@ -62,15 +65,18 @@ class RunningService:
         self.thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def service() -> Iterator[RunningService]:
+@pytest.fixture(scope="module", params=["colocated", "disaggregated"])
+def service(request: pytest.FixtureRequest) -> Iterator[RunningService]:
     from cluster.service import ServiceConfig
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     running = RunningService(
         ServiceConfig(
             engine=EngineConfig(device="cpu", num_kv_blocks=512, block_size=16),
+            mode=request.param,
             num_workers=2,
+            num_prefill_workers=1,
+            num_decode_workers=1,
             port=0,
         )
     )
@@ -98,7 +104,7 @@ def greedy_sampling(max_tokens: int) -> pb.SamplingParameters:
 def test_greedy_through_the_service_equals_the_engine(
     service: RunningService, default_model_engine: Engine
 ) -> None:
-    prompts = ["Hi", "The capital of France is", "List three colors:"]
+    prompts = ["Hi", "The capital of France is", "List three colors:", "Tell me a story"]
     for prompt in prompts:
         responses = generate(service.stub, text=prompt, sampling=greedy_sampling(12))
         token_ids = [t for r in responses for t in r.token_ids]
@@ -111,6 +117,10 @@ def test_greedy_through_the_service_equals_the_engine(
         assert last.usage.prompt_tokens == expected.usage.prompt_tokens
         assert responses[0].timing.ttft_seconds > 0
         assert last.timing.total_seconds >= responses[0].timing.ttft_seconds
+    if service.service.config.mode == "disaggregated":  # the KV really moved
+        (decode, prefill) = service.worker_stats()
+        assert decode["kv_transfers_completed"] >= len(prompts), (decode, prefill)
+        assert prefill["kv_transfers_completed"] >= len(prompts)
 
 
 def test_concurrent_streaming_clients_all_complete(
@@ -186,6 +196,8 @@ def test_tokenize_and_list_models(service: RunningService, default_model_engine:
 def test_a_worker_killed_mid_stream_ends_its_stream_fast_and_is_replaced(
     service: RunningService,
 ) -> None:
+    if service.service.config.mode == "disaggregated":
+        pytest.skip("replacing a dead disaggregated worker (re-pairing) is not built yet")
     call = service.stub.Generate(
         pb.GenerateRequest(text="Tell me a long story.", sampling=greedy_sampling(400)),
         timeout=120,

@@ -27,7 +27,18 @@ def free_port() -> int:
 def test_serve_then_client_then_ctrl_c() -> None:
     port = free_port()
     server = subprocess.Popen(
-        [*CLI, "serve", "--port", str(port), "--workers", "1", "--device", "cpu"],
+        [
+            *CLI,
+            "serve",
+            "--port",
+            str(port),
+            "--mode",
+            "colocated",
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -65,21 +76,21 @@ def test_serve_then_client_then_ctrl_c() -> None:
             server.kill()
 
 
-def test_disaggregated_mode_is_refused_until_it_exists() -> None:
+def test_bad_pool_sizes_are_refused_before_anything_starts() -> None:
     result = subprocess.run(
-        [*CLI, "serve", "--mode", "disaggregated"], capture_output=True, text=True, timeout=60
+        [*CLI, "serve", "--decode-workers", "0"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert "disaggregated serving is not built yet" in result.stderr
+    assert "num_decode_workers=0 must be an int >= 1" in result.stderr
 
 
 def test_demo_serves_answers_and_stops() -> None:
     result = subprocess.run(
-        [*CLI, "demo", "What is 2+2?", "Say hi.", "--workers", "1", "--max-tokens", "5",
-         "--device", "cpu"],
+        [*CLI, "demo", "What is 2+2?", "Say hi.", "--max-tokens", "5", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("> ") == 2
     assert result.stdout.count("[TTFT ") == 2
+    assert "1 prefill + 1 decode workers" in result.stdout, "disaggregated by default"
     assert "tandem: stopped" in result.stdout

@@ -1,0 +1,2 @@
+"""Prefill workers: Ray actors that compute a prompt's KV and first token, then ship the KV to
+the decode worker the router chose (kvtransfer)."""
