@@ -156,22 +156,12 @@ class Engine:
         Returns the prompt's token ids. Raises InvalidRequest naming the bad field.
         """
         params = sampling_params or SamplingParams()
-        if request_id in self._sequences:
-            raise InvalidRequest("request_id", f"{request_id!r} is already in use")
-        params.validate(self.model_config.vocab_size)
-        if params.stop and self.tokenizer is None:
-            raise InvalidRequest("stop", f"model {self.model_id} has no tokenizer to match text")
+        self._check_request(request_id, params)
         token_ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
-        validate_prompt_token_ids(
-            token_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens
-        )
-        seq = Sequence(request_id, token_ids, params, root_hash(self.model_id, cache_salt))
-        if params.seed is not None:
-            self._generators[request_id] = torch.Generator(self.device).manual_seed(params.seed)
-        self._sequences[request_id] = seq
+        seq = self._new_sequence(request_id, token_ids, params, cache_salt)
+        self._register(seq)
         if keep_kv:
             self._keep_kv.add(request_id)
-        self.outputs.add(seq)
         self.scheduler.add(seq)
         return token_ids
 
@@ -194,27 +184,41 @@ class Engine:
         add_request; ValueError if `kv_owner` holds no blocks or too few for the prompt.
         """
         params = sampling_params
-        if request_id in self._sequences:
-            raise InvalidRequest("request_id", f"{request_id!r} is already in use")
-        params.validate(self.model_config.vocab_size)
+        self._check_request(request_id, params)
         token_ids = list(prompt_token_ids)
-        validate_prompt_token_ids(
-            token_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens
-        )
+        seq = self._new_sequence(request_id, token_ids, params, cache_salt)
         check_token_id("first_token_id", first_token_id, self.model_config.vocab_size)
-        seq = Sequence(request_id, token_ids, params, root_hash(self.model_id, cache_salt))
         seq.append_token(first_token_id)
         self.block_manager.adopt(kv_owner, seq, num_computed_tokens=len(token_ids))
         self.block_manager.cache_computed_blocks(seq)
-        if params.seed is not None:
-            self._generators[request_id] = torch.Generator(self.device).manual_seed(params.seed)
-        self._sequences[request_id] = seq
-        self.outputs.add(seq)
+        self._register(seq)
         self.scheduler.add_running(seq)
         output = self.outputs.process_token(seq, None)
         if output.finished:
             self._release(seq)
         return output
+
+    def _check_request(self, request_id: str, params: SamplingParams) -> None:
+        if request_id in self._sequences:
+            raise InvalidRequest("request_id", f"{request_id!r} is already in use")
+        params.validate(self.model_config.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequest("stop", f"model {self.model_id} has no tokenizer to match text")
+
+    def _new_sequence(
+        self, request_id: str, token_ids: list[int], params: SamplingParams, salt: str | None
+    ) -> Sequence:
+        validate_prompt_token_ids(
+            token_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens
+        )
+        return Sequence(request_id, token_ids, params, root_hash(self.model_id, salt))
+
+    def _register(self, seq: Sequence) -> None:
+        seed = seq.sampling_params.seed
+        if seed is not None:
+            self._generators[seq.request_id] = torch.Generator(self.device).manual_seed(seed)
+        self._sequences[seq.request_id] = seq
+        self.outputs.add(seq)
 
     def take_kept_kv(self, request_id: str) -> KeptKV | None:
         """The pinned KV of a finished `keep_kv` request (once; None if there is none)."""

@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from engine.errors import KVTransferError
 
 BlockIds = Sequence[int] | torch.Tensor  # host data: a list/tuple of ints or a CPU tensor
 ALL_LAYERS = slice(None)
@@ -263,22 +266,32 @@ class StagingPool:
         """A lease on a contiguous `shape` staging view, or None if it cannot fit now.
         The view's contents are undefined. Raises ValueError for a request larger than the
         whole capacity (it could never be granted)."""
-        numel = _numel(shape)
-        need_bytes = self._round_up(numel * self._itemsize)
+        num_elements = numel(shape)
+        need_bytes = self._round_up(num_elements * self._itemsize)
         if need_bytes > self.capacity_bytes:
             raise ValueError(
                 f"staging of shape {tuple(shape)} needs {need_bytes} bytes, over the pool's "
                 f"capacity_bytes={self.capacity_bytes}; split the transfer (split_for_overlap)"
             )
         with self._lock:
-            buffer_id = self._best_fit(numel)
+            buffer_id = self._best_fit(num_elements)
             if buffer_id is None:
                 buffer_id = self._allocate(need_bytes)
             if buffer_id is None:
                 return None
             self._free_ids.discard(buffer_id)
-            view = self._buffers[buffer_id][:numel].view(tuple(shape))
+            view = self._buffers[buffer_id][:num_elements].view(tuple(shape))
             return StagingLease(tensor=view, buffer_id=buffer_id)
+
+    def acquire_within(self, shape: Sequence[int], timeout_s: float) -> StagingLease:
+        """`acquire`, retrying as leases come back, for up to timeout_s. Raises
+        KVTransferError if no room opens in time (the pool is stuck: a stalled transfer)."""
+        deadline = time.monotonic() + timeout_s
+        while (lease := self.acquire(shape)) is None:
+            if time.monotonic() > deadline:
+                raise KVTransferError(f"no staging memory for {tuple(shape)} within {timeout_s} s")
+            time.sleep(0.001)
+        return lease
 
     def release(self, lease: StagingLease) -> None:
         """Return a lease; its view must no longer be used (on CUDA: after the work that reads
@@ -320,7 +333,8 @@ class StagingPool:
         return max(unit, -(-nbytes // unit) * unit)
 
 
-def _numel(shape: Sequence[int]) -> int:
+def numel(shape: Sequence[int]) -> int:
+    """Elements of a tensor of `shape`."""
     numel = 1
     for dim in shape:
         if type(dim) is not int or dim < 0:

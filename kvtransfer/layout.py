@@ -72,6 +72,11 @@ class KVLayout:
             head_dim=head_dim,
         )
 
+    def check_cache(self, kv_cache: torch.Tensor) -> None:
+        """ValueError unless `kv_cache` is an engine cache of this layout."""
+        if KVLayout.of_cache(kv_cache, self.model_id) != self:
+            raise ValueError(f"kv_cache {tuple(kv_cache.shape)} does not have layout {self}")
+
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across all layers, K and V together."""

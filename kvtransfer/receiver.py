@@ -25,6 +25,7 @@ from kvtransfer.coalesce import (
     StagingLease,
     StagingPool,
     TransferChunk,
+    numel,
     scatter_blocks,
     split_for_overlap,
     staging_shape,
@@ -111,8 +112,7 @@ class KVReceiver:
         config: TransferConfig | None = None,
         metrics: TransferMetrics | None = None,
     ) -> None:
-        if KVLayout.of_cache(kv_cache, layout.model_id) != layout:
-            raise ValueError(f"kv_cache {tuple(kv_cache.shape)} does not have layout {layout}")
+        layout.check_cache(kv_cache)
         self.channel = channel
         self.control = control
         self.kv_cache = kv_cache
@@ -352,13 +352,13 @@ class KVReceiver:
             return
         chunk = incoming.chunks[incoming.next_chunk]
         shape = staging_shape(self.kv_cache, len(chunk.block_ids), chunk.layers)
-        expected = _numel(shape) * self.kv_cache.element_size()
+        expected = numel(shape) * self.kv_cache.element_size()
         if nbytes != expected:
             raise KVTransferError(
                 f"transfer {incoming.offer.transfer_id}: chunk {incoming.next_chunk} is "
                 f"{nbytes} bytes, expected {expected}"
             )
-        lease = self._acquire_staging(shape)
+        lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
         try:
             if self._stream is None:
                 self.channel.recv_payload(lease.tensor, timeout_s=self.config.stall_timeout_s)
@@ -389,14 +389,6 @@ class KVReceiver:
         with torch.cuda.stream(self._stream):
             scatter_blocks(self.kv_cache, chunk.block_ids, lease.tensor, layers=chunk.layers)
         self._stream.synchronize()  # the blocks are written before anyone is told
-
-    def _acquire_staging(self, shape: tuple[int, ...]) -> StagingLease:
-        deadline = time.monotonic() + self.config.stall_timeout_s
-        while (lease := self._staging.acquire(shape)) is None:
-            if time.monotonic() > deadline:
-                raise KVTransferError(f"no staging memory for {shape} within the stall timeout")
-            time.sleep(0.001)
-        return lease
 
     def _data_over(self, incoming: _Incoming) -> None:
         with self._lock:
@@ -488,10 +480,3 @@ class KVReceiver:
             self.control.send(message)
         except KVTransferError as e:
             self._fail_pair(str(e))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for n in shape:
-        total *= n
-    return total

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import KVTransferError
-from kvtransfer.coalesce import StagingPool, gather_blocks, split_for_overlap, staging_shape
+from kvtransfer.coalesce import (
+    StagingPool,
+    gather_blocks,
+    numel,
+    split_for_overlap,
+    staging_shape,
+)
 from kvtransfer.control import ControlConnection
 from kvtransfer.layout import KVLayout
 from kvtransfer.messages import (
@@ -106,8 +112,7 @@ class KVSender:
         config: TransferConfig | None = None,
         metrics: TransferMetrics | None = None,
     ) -> None:
-        if KVLayout.of_cache(kv_cache, layout.model_id) != layout:
-            raise ValueError(f"kv_cache {tuple(kv_cache.shape)} does not have layout {layout}")
+        layout.check_cache(kv_cache)
         self.channel = channel
         self.control = control
         self.kv_cache = kv_cache
@@ -165,7 +170,7 @@ class KVSender:
         offer = self._offer(transfer)  # validates every field
         chunk_layers = slice(0, offer.layers_per_chunk)
         chunk_shape = staging_shape(self.kv_cache, len(transfer.block_ids), chunk_layers)
-        chunk_bytes = self.kv_cache.element_size() * _numel(chunk_shape)
+        chunk_bytes = self.kv_cache.element_size() * numel(chunk_shape)
         if chunk_bytes > self._staging.capacity_bytes:
             raise ValueError(
                 f"a chunk of {offer.layers_per_chunk} layers x {len(transfer.block_ids)} blocks "
@@ -286,7 +291,7 @@ class KVSender:
         self, transfer: OutgoingTransfer, block_ids: tuple[int, ...], layers: slice, crc: int
     ) -> int:
         shape = staging_shape(self.kv_cache, len(block_ids), layers)
-        lease = self._acquire_staging(shape)
+        lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
         try:
             if self._stream is not None:
                 with torch.cuda.stream(self._stream):
@@ -307,14 +312,6 @@ class KVSender:
         transfer.num_bytes += nbytes
         self.metrics.add_bytes(sent=nbytes)
         return crc
-
-    def _acquire_staging(self, shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + self.config.stall_timeout_s
-        while (lease := self._staging.acquire(shape)) is None:
-            if time.monotonic() > deadline:
-                raise KVTransferError(f"no staging memory for {shape} within the stall timeout")
-            time.sleep(0.001)
-        return lease
 
     def _stop_mid_transfer(self, transfer: OutgoingTransfer) -> None:
         """The receiver holds a reservation and expects this tag: end it with a marker."""
@@ -456,10 +453,3 @@ class KVSender:
 def _bytes_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
     return memoryview(tensor.view(torch.uint8).numpy())  # type: ignore[arg-type]
-
-
-def _numel(shape: Sequence[int]) -> int:
-    total = 1
-    for n in shape:
-        total *= n
-    return total
