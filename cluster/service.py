@@ -23,8 +23,9 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
+from router.admission import Admission, AdmissionLimits
 from router.requests import ServedModel
-from router.server import TandemServicer, start_server
+from router.server import TandemServicer, set_serving, start_server
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ServiceConfig:
     gpus_per_worker: float = 0.0
     worker_start_timeout_s: float = 300.0
     health_interval_s: float = 1.0  # how often every worker is checked for life
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)  # work in flight
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -62,6 +64,7 @@ class Service:
         self.prefill_workers: list[Any] = []
         self.port: int | None = None
         self._server: Any = None
+        self._health: Any = None
         self._servicer: TandemServicer | None = None
         self._actor_class: Any = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -69,11 +72,21 @@ class Service:
         self.num_replaced = 0  # workers replaced after dying
 
     async def start(self) -> None:
+        """Serve at once (health NOT_SERVING), load the pools, then report SERVING. On any
+        failure everything started so far is stopped before the error propagates."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         import ray
 
         from decode_worker.actor import EngineWorker
 
         config = self.config
+        self._server, self.port, gate, self._health = await start_server(config.host, config.port)
         if not ray.is_initialized():
             ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
             self._started_ray = True
@@ -98,9 +111,13 @@ class Service:
             await self._form_pairs()
         model = served_model(config.engine.model, infos[0])
         self._servicer = TandemServicer(
-            model, list(self.workers), list(self.prefill_workers) if disaggregated else None
+            model,
+            list(self.workers),
+            list(self.prefill_workers) if disaggregated else None,
+            Admission(config.admission),
         )
-        self._server, self.port = await start_server(self._servicer, config.host, config.port)
+        gate.open(self._servicer)
+        await set_serving(self._health, self._pools(), serving=True)
         if not disaggregated:  # replacing a disaggregated worker means re-pairing: not yet
             self._watch_task = asyncio.create_task(self._watch())
         logger.info("serving %s on %s:%d with %d workers", model.model_id, config.host,
@@ -113,6 +130,7 @@ class Service:
             self._watch_task.cancel()
             self._watch_task = None
         if self._server is not None:
+            await set_serving(self._health, self._pools(), serving=False)
             await self._server.stop(grace_s)
             self._server = None
         for worker in self.workers + self.prefill_workers:
@@ -121,6 +139,9 @@ class Service:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+    def _pools(self) -> list[str]:
+        return ["prefill", "decode"] if self.config.mode == "disaggregated" else ["decode"]
 
     async def _form_pairs(self) -> None:
         """A KV-transfer pair between every prefill and every decode worker."""

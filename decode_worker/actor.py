@@ -81,6 +81,10 @@ class WorkerBase:
 
         return await asyncio.to_thread(self.loop.call, read)
 
+    def abort(self, request_id: str) -> None:
+        """Abort a request, here now or arriving later (a cancel can overtake its request)."""
+        self.loop.abort(request_id)
+
     async def check_integrity(self) -> None:
         """Assert the engine's KV bookkeeping is consistent (tests call it after each case);
         KV that transfers hold legitimately right now is not counted as leaked."""

@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05  # the engine thread's sleep when it has nothing to do (woken by submits)
 ARRIVAL_POLL_S = 0.002  # its sleep while requests wait for transferred KV
 UNCLAIMED_KV_S = 60.0  # transferred KV nobody continued within this is released
+MAX_EARLY_ABORTS = 4096  # aborts remembered for requests that had not arrived yet ...
+EARLY_ABORT_TTL_S = 30.0  # ... for this long (request ids may be reused after that)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,7 @@ class EngineLoop:
         self.receivers: list[Any] = []  # appended by the decode worker as pairs form
         self._arrived: dict[str, tuple[Any, float]] = {}  # transfer id -> (ReceivedKV, when)
         self._waiting: dict[str, _Submit] = {}  # transfer id -> request waiting for its KV
+        self._aborted: OrderedDict[str, float] = OrderedDict()  # early aborts -> expiry
         self._inbox: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Submit] = {}  # engine thread only
@@ -172,18 +176,29 @@ class EngineLoop:
             if isinstance(item, _Submit):
                 self._add(item)
             elif isinstance(item, _Abort):
-                output = self.engine.abort_request(item.request_id)
-                if output is not None:
-                    self._deliver(item.request_id, output, done=True)
-                transfer_id = transfer_id_for(item.request_id)
-                waiting = self._waiting.pop(transfer_id, None)
-                if waiting is not None:  # never started: nothing of it is in the engine
-                    self._deliver(item.request_id, RequestAborted("aborted"), done=True)
-                    self._drop_transfer(transfer_id)
+                self._abort(item.request_id)
             else:
                 item(self.engine)
 
+    def _abort(self, request_id: str) -> None:
+        transfer_id = transfer_id_for(request_id)
+        waiting = self._waiting.pop(transfer_id, None)
+        output = self.engine.abort_request(request_id)
+        if output is not None:
+            self._deliver(request_id, output, done=True)
+        elif waiting is not None:  # never started: nothing of it is in the engine
+            self._deliver(request_id, RequestAborted("aborted"), done=True)
+            self._drop_transfer(transfer_id)
+        elif request_id not in self._streams:  # not here yet: refuse it if it comes soon
+            self._aborted[request_id] = time.monotonic() + EARLY_ABORT_TTL_S
+            while len(self._aborted) > MAX_EARLY_ABORTS:
+                self._aborted.popitem(last=False)
+
     def _add(self, item: _Submit) -> None:
+        aborted_until = self._aborted.pop(item.request_id, None)
+        if aborted_until is not None and time.monotonic() < aborted_until:  # cancel came first
+            item.loop.call_soon_threadsafe(item.stream.put_nowait, RequestAborted("aborted"))
+            return
         if item.request_id in self._streams:
             error = TandemError(f"request_id {item.request_id!r} is already in use")
             item.loop.call_soon_threadsafe(item.stream.put_nowait, error)

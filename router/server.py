@@ -31,6 +31,7 @@ from engine.errors import (
 )
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
+from router.admission import Admission
 from router.requests import (
     ServedModel,
     params_to_dict,
@@ -66,13 +67,18 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
     """`workers` decode (and, without `prefill_workers`, also prefill: colocated mode)."""
 
     def __init__(
-        self, model: ServedModel, workers: list[Any], prefill_workers: list[Any] | None = None
+        self,
+        model: ServedModel,
+        workers: list[Any],
+        prefill_workers: list[Any] | None = None,
+        admission: Admission | None = None,
     ) -> None:
         if not workers or (prefill_workers is not None and not prefill_workers):
             raise ValueError("at least one worker of each kind is needed")
         self.model = model
         self.workers = workers
         self.prefill_workers = prefill_workers
+        self.admission = admission or Admission()
         self._in_flight = [0] * len(workers)
         self._prefill_in_flight = [0] * len(prefill_workers or [])
 
@@ -82,6 +88,14 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             validated = validate_generate_request(request, self.model)
         except InvalidRequest as e:
             await context.abort(status_of(e), str(e))
+        try:
+            with self.admission.admit(len(validated.prompt_token_ids)):
+                async for response in self._place(validated, context, arrival):
+                    yield response
+        except Overloaded as e:
+            await context.abort(status_of(e), str(e))
+
+    async def _place(self, validated: Any, context: Any, arrival: float) -> Any:
         if self.prefill_workers is not None:
             async for response in self._disaggregated(validated, context, arrival):
                 yield response
@@ -107,8 +121,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     yield response
                 return
             except asyncio.CancelledError:  # the client cancelled or its deadline passed
-                if stream is not None:
-                    _cancel(stream)
+                _cancel(stream, self.workers[index], validated.request_id)
                 raise
             except Exception as e:
                 error = _translate(e)
@@ -164,9 +177,8 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     response.timing.total_seconds = time.monotonic() - arrival
                 yield response
         except asyncio.CancelledError:
-            for pending in (call, stream):
-                if pending is not None:
-                    _cancel(pending)
+            _cancel(call, self.prefill_workers[prefill], validated.request_id)
+            _cancel(stream, self.workers[decode], validated.request_id)
             raise
         except Exception as e:
             error = _translate(e)
@@ -234,13 +246,17 @@ def _translate(error: BaseException) -> TandemError:
     return TandemError(f"internal error: {type(error).__name__}")
 
 
-def _cancel(stream: Any) -> None:
+def _cancel(call: Any, worker: Any, request_id: str) -> None:
+    """Stop a request on a worker: cancel the call (if started) and tell the worker to abort
+    the request, which also covers a call that has not reached it yet."""
     import ray
 
     try:
-        ray.cancel(stream)
+        if call is not None:
+            ray.cancel(call)
+        worker.abort.remote(request_id)
     except Exception:  # already finished or the worker is gone: nothing left to stop
-        logger.debug("cancel of a finished stream", exc_info=True)
+        logger.debug("cancel of a finished request", exc_info=True)
 
 
 def _response(request_id: str, output: Any) -> Any:
@@ -262,12 +278,75 @@ def _response(request_id: str, output: Any) -> Any:
     return response
 
 
-async def start_server(servicer: TandemServicer, host: str, port: int) -> tuple[Any, int]:
-    """Start serving on host:port (0: any free port); (server, port bound)."""
+class ServingGate(tandem_pb2_grpc.TandemServicer):
+    """What the server exposes: UNAVAILABLE while the worker pools load, then the
+    TandemServicer (`open(servicer)`). Lets the port, health checks and reflection answer from
+    the start, so an orchestrator sees NOT_SERVING rather than a refused connection."""
+
+    def __init__(self) -> None:
+        self.servicer: TandemServicer | None = None
+
+    def open(self, servicer: TandemServicer) -> None:
+        self.servicer = servicer
+
+    async def Generate(self, request: Any, context: Any) -> Any:
+        servicer = await self._ready(context)
+        async for response in servicer.Generate(request, context):
+            yield response
+
+    async def Tokenize(self, request: Any, context: Any) -> Any:
+        return await (await self._ready(context)).Tokenize(request, context)
+
+    async def ListModels(self, request: Any, context: Any) -> Any:
+        return await (await self._ready(context)).ListModels(request, context)
+
+    async def _ready(self, context: Any) -> TandemServicer:
+        if self.servicer is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "starting: worker pools not ready")
+        assert self.servicer is not None
+        return self.servicer
+
+
+HEALTH_OVERALL = ""  # grpc.health.v1 convention: the whole server
+POOL_HEALTH_NAMES = {"prefill": "tandem.pool.prefill", "decode": "tandem.pool.decode"}
+
+
+async def start_server(host: str, port: int) -> tuple[Any, int, ServingGate, Any]:
+    """Start serving on host:port (0: any free port) with the Tandem API behind a gate, the
+    standard health service (everything NOT_SERVING until set) and server reflection.
+    Returns (server, port bound, gate, health servicer)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
     server = grpc.aio.server()
-    tandem_pb2_grpc.add_TandemServicer_to_server(servicer, server)
+    gate = ServingGate()
+    tandem_pb2_grpc.add_TandemServicer_to_server(gate, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    tandem_name = pb.DESCRIPTOR.services_by_name["Tandem"].full_name
+    for name in (HEALTH_OVERALL, tandem_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        [tandem_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )  # fmt: skip
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
-    return server, bound
+    return server, bound, gate, health_servicer
+
+
+async def set_serving(health_servicer: Any, pools: list[str], serving: bool) -> None:
+    """Report the server, the API and each named pool as SERVING or NOT_SERVING."""
+    from grpc_health.v1 import health_pb2
+
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    names = [HEALTH_OVERALL, pb.DESCRIPTOR.services_by_name["Tandem"].full_name]
+    for name in names + [POOL_HEALTH_NAMES[pool] for pool in pools]:
+        await health_servicer.set(name, status)

@@ -218,3 +218,41 @@ def test_a_worker_killed_mid_stream_ends_its_stream_fast_and_is_replaced(
     assert service.service.num_replaced == 1
     responses = generate(service.stub, text="Hi", sampling=greedy_sampling(4))
     assert responses[-1].usage.completion_tokens == 4
+
+
+def test_overload_is_refused_early_with_resource_exhausted(service: RunningService) -> None:
+    from router.admission import Admission, AdmissionLimits
+
+    servicer = service.service._servicer
+    assert servicer is not None
+    normal = servicer.admission
+    servicer.admission = Admission(AdmissionLimits(max_requests=1))
+    try:
+        long_call = service.stub.Generate(
+            pb.GenerateRequest(text="Tell me a long story.", sampling=greedy_sampling(400)),
+            timeout=120,
+        )
+        assert next(long_call).token_ids  # admitted and running
+        with pytest.raises(grpc.RpcError) as raised:
+            generate(service.stub, text="Hi", sampling=greedy_sampling(4))
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1 requests in flight (limit 1)" in raised.value.details()
+        long_call.cancel()
+    finally:
+        servicer.admission = normal
+    assert generate(service.stub, text="Hi", sampling=greedy_sampling(4))[-1].usage
+
+
+def test_health_reports_each_pool_and_reflection_lists_the_api(service: RunningService) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    health = health_pb2_grpc.HealthStub(service.channel)
+    pools = ["decode"] + (["prefill"] if service.service.config.mode == "disaggregated" else [])
+    for name in ["", "tandem.v1.Tandem"] + [f"tandem.pool.{pool}" for pool in pools]:
+        response = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING, name
+    services = ProtoReflectionDescriptorDatabase(service.channel).get_services()
+    assert "tandem.v1.Tandem" in services and "grpc.health.v1.Health" in services

@@ -24,6 +24,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def health_until_serving(port: int, timeout_s: float) -> list[str]:
+    """The distinct health statuses seen, polling until SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as e:
+                name = e.code().name  # not listening yet
+            if not seen or seen[-1] != name:
+                seen.append(name)
+            if name == "SERVING":
+                return seen
+            time.sleep(0.1)
+    raise AssertionError(f"not SERVING within {timeout_s} s: {seen}")
+
+
 def test_serve_then_client_then_ctrl_c() -> None:
     port = free_port()
     server = subprocess.Popen(
@@ -45,6 +68,8 @@ def test_serve_then_client_then_ctrl_c() -> None:
         env={**os.environ, "RAY_ADDRESS": ""},
     )
     try:
+        statuses = health_until_serving(port, timeout_s=180)
+        assert "NOT_SERVING" in statuses, f"never NOT_SERVING while loading: {statuses}"
         assert server.stdout is not None
         deadline = time.monotonic() + 180
         lines = []

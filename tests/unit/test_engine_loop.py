@@ -1,0 +1,61 @@
+"""The EngineLoop that drives a worker's engine from one thread for asyncio callers: outputs
+equal the engine's own, aborts free the request whether they come during it or before it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from decode_worker.engine_loop import EngineLoop
+from engine.errors import RequestAborted
+from engine.sequence import FinishReason
+from tests.conftest import greedy, make_engine, prompt_ids
+
+
+async def drain(stream: asyncio.Queue[Any]) -> list[Any]:
+    items = []
+    while True:
+        item = await asyncio.wait_for(stream.get(), 30)
+        items.append(item)
+        if isinstance(item, BaseException) or item.finished:
+            return items
+
+
+def test_streams_equal_the_engine_and_run_concurrently() -> None:
+    prompts = [prompt_ids(seed=s, length=5 + 3 * s) for s in range(4)]
+    expected = [c.token_ids for c in make_engine().generate(prompts, greedy(max_tokens=9))]
+    loop = EngineLoop(make_engine())
+
+    async def main() -> list[list[int]]:
+        streams = [loop.submit(f"r{i}", p, greedy(max_tokens=9)) for i, p in enumerate(prompts)]
+        results = await asyncio.gather(*(drain(s) for s in streams))
+        return [[t for out in outs for t in out.new_token_ids] for outs in results]
+
+    try:
+        assert asyncio.run(main()) == expected
+        loop.call(lambda engine: engine.check_integrity())
+    finally:
+        loop.stop()
+
+
+def test_abort_mid_stream_and_abort_before_arrival() -> None:
+    loop = EngineLoop(make_engine())
+
+    async def main() -> tuple[list[Any], list[Any]]:
+        stream = loop.submit("long", prompt_ids(1, 6), greedy(max_tokens=200))
+        first = await stream.get()
+        loop.abort("long")
+        rest = await drain(stream)
+        loop.abort("early")  # a cancel that overtakes its request
+        early = await drain(loop.submit("early", prompt_ids(2, 6), greedy(max_tokens=5)))
+        return [first, *rest], early
+
+    try:
+        outputs, early = asyncio.run(main())
+        assert outputs[-1].finish_reason is FinishReason.ABORT
+        assert len(outputs) < 200
+        assert len(early) == 1 and isinstance(early[0], RequestAborted)
+        assert loop.num_requests == 0
+        loop.call(lambda engine: engine.check_integrity())
+    finally:
+        loop.stop()

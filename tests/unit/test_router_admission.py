@@ -1,0 +1,36 @@
+"""Admission control counts requests and prompt tokens in flight and refuses past either."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import Overloaded
+from router.admission import Admission, AdmissionLimits
+
+
+def test_requests_and_tokens_are_bounded_and_given_back() -> None:
+    admission = Admission(AdmissionLimits(max_requests=2, max_prompt_tokens=100))
+    with admission.admit(60):
+        refused = pytest.raises(Overloaded, match=r"60 prompt tokens in flight, this request 41")
+        with refused, admission.admit(41):
+            pass
+        with admission.admit(40):
+            assert (admission.requests, admission.prompt_tokens) == (2, 100)
+            full = pytest.raises(Overloaded, match=r"2 requests in flight \(limit 2\)")
+            with full, admission.admit(0):
+                pass
+    assert (admission.requests, admission.prompt_tokens, admission.refused) == (0, 0, 2)
+
+
+def test_a_failing_request_gives_its_place_back() -> None:
+    admission = Admission(AdmissionLimits(max_requests=1))
+    with pytest.raises(RuntimeError), admission.admit(5):
+        raise RuntimeError("worker failed")
+    with admission.admit(5):
+        assert admission.requests == 1
+
+
+@pytest.mark.parametrize("kwargs", [{"max_requests": 0}, {"max_prompt_tokens": -1}])
+def test_limits_refuse_nonsense(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+        AdmissionLimits(**kwargs)
