@@ -190,6 +190,7 @@ class EngineLoop:
             self._deliver(request_id, RequestAborted("aborted"), done=True)
             self._drop_transfer(transfer_id)
         elif request_id not in self._streams:  # not here yet: refuse it if it comes soon
+            self._drop_transfer(transfer_id)  # its KV may be here or on the way already
             self._aborted[request_id] = time.monotonic() + EARLY_ABORT_TTL_S
             while len(self._aborted) > MAX_EARLY_ABORTS:
                 self._aborted.popitem(last=False)
