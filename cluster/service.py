@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,7 @@ class Service:
         self._health: Any = None
         self._servicer: TandemServicer | None = None
         self._actor_class: Any = None
+        self._prefill_class: Any = None
         self._watch_task: asyncio.Task[None] | None = None
         self._started_ray = False
         self.num_replaced = 0  # workers replaced after dying
@@ -99,9 +101,9 @@ class Service:
         if disaggregated:
             from prefill_worker.actor import PrefillWorker
 
-            prefill_class = ray.remote(num_cpus=cpus, num_gpus=gpus)(PrefillWorker)
+            self._prefill_class = ray.remote(num_cpus=cpus, num_gpus=gpus)(PrefillWorker)
             self.prefill_workers = [
-                prefill_class.remote(config.engine) for _ in range(config.num_prefill_workers)
+                self._prefill_class.remote(config.engine) for _ in range(config.num_prefill_workers)
             ]
         infos = await asyncio.wait_for(
             asyncio.gather(*(w.model_info.remote() for w in self.workers + self.prefill_workers)),
@@ -118,8 +120,7 @@ class Service:
         )
         gate.open(self._servicer)
         await set_serving(self._health, self._pools(), serving=True)
-        if not disaggregated:  # replacing a disaggregated worker means re-pairing: not yet
-            self._watch_task = asyncio.create_task(self._watch())
+        self._watch_task = asyncio.create_task(self._watch())
         logger.info("serving %s on %s:%d with %d workers", model.model_id, config.host,
                     self.port, len(self.workers))  # fmt: skip
 
@@ -145,42 +146,66 @@ class Service:
 
     async def _form_pairs(self) -> None:
         """A KV-transfer pair between every prefill and every decode worker."""
-        import uuid
-
         addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in self.workers))
         await asyncio.gather(
             *(
-                prefill.connect.remote(d, address, f"p{p}-d{d}-{uuid.uuid4().hex[:8]}")
-                for p, prefill in enumerate(self.prefill_workers)
+                self._connect(p, d, address)
+                for p in range(len(self.prefill_workers))
                 for d, address in enumerate(addresses)
             )
         )
 
+    async def _connect(self, p: int, d: int, address: Any) -> None:
+        key = f"p{p}-d{d}-{uuid.uuid4().hex[:8]}"  # single-use: a fresh key per formation
+        await self.prefill_workers[p].connect.remote(d, address, key)
+
     async def _watch(self) -> None:
-        """Replace dead workers, so the pool returns to size on its own. A slow answer is not
+        """Replace dead workers, so each pool returns to size on its own. A slow answer is not
         death (a long prefill step delays it); only Ray's verdict that the actor died is."""
         import ray
 
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            for index, worker in enumerate(list(self.workers)):
-                try:
-                    await asyncio.wait_for(worker.stats.remote(), self.config.health_interval_s * 5)
-                except asyncio.TimeoutError:
-                    continue
-                except ray.exceptions.RayActorError:
+            pools = [("decode", self.workers), ("prefill", self.prefill_workers)]
+            for pool, workers in pools:
+                for index, worker in enumerate(list(workers)):
                     try:
-                        await self._replace(index, worker)
-                    except Exception:  # try again at the next check
-                        logger.exception("replacing worker %d failed", index)
+                        timeout = self.config.health_interval_s * 5
+                        await asyncio.wait_for(worker.stats.remote(), timeout)
+                    except asyncio.TimeoutError:
+                        continue
+                    except ray.exceptions.RayActorError:
+                        try:
+                            await self._replace(pool, index, worker)
+                        except Exception:  # try again at the next check
+                            logger.exception("replacing %s worker %d failed", pool, index)
 
-    async def _replace(self, index: int, dead: Any) -> None:
-        logger.warning("worker %d died; starting a replacement", index)
-        new = self._actor_class.remote(self.config.engine)
-        await asyncio.wait_for(new.model_info.remote(), self.config.worker_start_timeout_s)
-        self.workers[index] = new
+    async def _replace(self, pool: str, index: int, dead: Any) -> None:
+        """Start a replacement and, in disaggregated mode, re-form its KV pairs before it
+        takes requests: a new decode worker pairs with every prefill worker, a new prefill
+        worker with every decode worker."""
+        logger.warning("%s worker %d died; starting a replacement", pool, index)
         assert self._servicer is not None
-        self._servicer.replace_worker(dead, new)
+        if pool == "decode":
+            new = self._actor_class.remote(self.config.engine)
+            await asyncio.wait_for(new.model_info.remote(), self.config.worker_start_timeout_s)
+            if self.prefill_workers:
+                address = await new.open_endpoint.remote()
+                await asyncio.gather(
+                    *(self._connect(p, index, address) for p in range(len(self.prefill_workers)))
+                )
+            self.workers[index] = new  # ready, paired: now it may take requests
+            self._servicer.replace_worker(dead, new)
+        else:
+            new = self._prefill_class.remote(self.config.engine)
+            await asyncio.wait_for(new.model_info.remote(), self.config.worker_start_timeout_s)
+            addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in self.workers))
+            await asyncio.gather(
+                *(new.connect.remote(d, a, f"p{index}-d{d}-{uuid.uuid4().hex[:8]}")
+                  for d, a in enumerate(addresses))
+            )  # fmt: skip
+            self.prefill_workers[index] = new
+            self._servicer.replace_prefill_worker(dead, new)
         self.num_replaced += 1
 
 

@@ -194,6 +194,13 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 self.workers[index] = new
                 return
 
+    def replace_prefill_worker(self, old: Any, new: Any) -> None:
+        assert self.prefill_workers is not None
+        for index, worker in enumerate(self.prefill_workers):
+            if worker is old:
+                self.prefill_workers[index] = new
+                return
+
     def _pick(self, exclude: set[int]) -> int:
         """The least busy worker not yet tried for this request."""
         candidates = [i for i in range(len(self.workers)) if i not in exclude]

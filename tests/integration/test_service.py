@@ -193,16 +193,15 @@ def test_tokenize_and_list_models(service: RunningService, default_model_engine:
     assert model.max_model_len == default_model_engine.max_model_len
 
 
-def test_a_worker_killed_mid_stream_ends_its_stream_fast_and_is_replaced(
+def test_a_killed_worker_ends_its_streams_fast_and_is_replaced(
     service: RunningService,
 ) -> None:
-    if service.service.config.mode == "disaggregated":
-        pytest.skip("replacing a dead disaggregated worker (re-pairing) is not built yet")
     call = service.stub.Generate(
         pb.GenerateRequest(text="Tell me a long story.", sampling=greedy_sampling(400)),
         timeout=120,
     )
     assert next(call).token_ids
+    assert next(call).token_ids  # the second token: from the decode worker when disaggregated
     busy = next(i for i, s in enumerate(service.worker_stats()) if s["num_requests"])
     victim = service.service.workers[busy]
     killed_at = time.monotonic()
@@ -217,7 +216,16 @@ def test_a_worker_killed_mid_stream_ends_its_stream_fast_and_is_replaced(
         time.sleep(0.2)
     assert service.service.num_replaced == 1
     responses = generate(service.stub, text="Hi", sampling=greedy_sampling(4))
-    assert responses[-1].usage.completion_tokens == 4
+    assert responses[-1].usage.completion_tokens == 4  # through new KV pairs if disaggregated
+    if service.service.config.mode == "disaggregated":  # and a dead prefill worker
+        prefill = service.service.prefill_workers[0]
+        ray.kill(prefill, no_restart=True)
+        while service.service.prefill_workers[0] is prefill:
+            assert time.monotonic() < deadline, "the dead prefill worker was not replaced"
+            time.sleep(0.2)
+        responses = generate(service.stub, text="Hello", sampling=greedy_sampling(4))
+        assert responses[-1].usage.completion_tokens == 4
+        assert service.service.num_replaced == 2
 
 
 def test_overload_is_refused_early_with_resource_exhausted(service: RunningService) -> None:
