@@ -149,15 +149,16 @@ class Service:
         addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in self.workers))
         await asyncio.gather(
             *(
-                self._connect(p, d, address)
-                for p in range(len(self.prefill_workers))
+                self._connect(prefill, p, d, address)
+                for p, prefill in enumerate(self.prefill_workers)
                 for d, address in enumerate(addresses)
             )
         )
 
-    async def _connect(self, p: int, d: int, address: Any) -> None:
+    async def _connect(self, prefill: Any, p: int, d: int, address: Any) -> None:
+        """Pair prefill worker `prefill` (index p) with the decode worker d at `address`."""
         key = f"p{p}-d{d}-{uuid.uuid4().hex[:8]}"  # single-use: a fresh key per formation
-        await self.prefill_workers[p].connect.remote(d, address, key)
+        await prefill.connect.remote(d, address, key)
 
     async def _watch(self) -> None:
         """Replace dead workers, so each pool returns to size on its own. A slow answer is not
@@ -192,7 +193,10 @@ class Service:
             if self.prefill_workers:
                 address = await new.open_endpoint.remote()
                 await asyncio.gather(
-                    *(self._connect(p, index, address) for p in range(len(self.prefill_workers)))
+                    *(
+                        self._connect(prefill, p, index, address)
+                        for p, prefill in enumerate(self.prefill_workers)
+                    )
                 )
             self.workers[index] = new  # ready, paired: now it may take requests
             self._servicer.replace_worker(dead, new)
@@ -201,11 +205,10 @@ class Service:
             await asyncio.wait_for(new.model_info.remote(), self.config.worker_start_timeout_s)
             addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in self.workers))
             await asyncio.gather(
-                *(new.connect.remote(d, a, f"p{index}-d{d}-{uuid.uuid4().hex[:8]}")
-                  for d, a in enumerate(addresses))
-            )  # fmt: skip
+                *(self._connect(new, index, d, address) for d, address in enumerate(addresses))
+            )
             self.prefill_workers[index] = new
-            self._servicer.replace_prefill_worker(dead, new)
+            self._servicer.replace_worker(dead, new)
         self.num_replaced += 1
 
 

@@ -25,10 +25,13 @@ Argument problems (shapes, dtypes, devices, block ids) raise ValueError naming t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
+import zlib
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +99,16 @@ def scatter_blocks(
     _check_staging("staging", staging, kv_cache, staging_shape(kv_cache, len(ids), layers))
     start, stop = _layer_range(layers, kv_cache.shape[0])
     kv_cache[start:stop].index_copy_(_BLOCK_DIM, ids, staging)
+
+
+def on_stream(stream: torch.cuda.Stream | None) -> AbstractContextManager[object]:
+    """Run the block's copies on `stream` (CUDA), or as they are (None: CPU tensors)."""
+    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
+def tensor_crc32(tensor: torch.Tensor, crc: int = 0) -> int:
+    """zlib CRC-32 of a contiguous CPU tensor's bytes, continuing from `crc` (no copy)."""
+    return zlib.crc32(memoryview(tensor.view(torch.uint8).numpy()), crc)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)

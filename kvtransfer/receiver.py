@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,13 +21,14 @@ import torch
 
 from engine.errors import KVTransferError
 from kvtransfer.coalesce import (
-    StagingLease,
     StagingPool,
     TransferChunk,
     numel,
+    on_stream,
     scatter_blocks,
     split_for_overlap,
     staging_shape,
+    tensor_crc32,
 )
 from kvtransfer.control import ControlConnection
 from kvtransfer.layout import KVLayout
@@ -360,12 +360,13 @@ class KVReceiver:
             )
         lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
         try:
-            if self._stream is None:
+            with on_stream(self._stream):  # on CUDA the scatter is ordered after the receive
                 self.channel.recv_payload(lease.tensor, timeout_s=self.config.stall_timeout_s)
-            else:  # the scatter on this stream is ordered after the receive
-                with torch.cuda.stream(self._stream):
-                    self.channel.recv_payload(lease.tensor, timeout_s=self.config.stall_timeout_s)
-            self._scatter(incoming, chunk, lease)
+                scatter_blocks(self.kv_cache, chunk.block_ids, lease.tensor, layers=chunk.layers)
+            if self._stream is not None:
+                self._stream.synchronize()  # the blocks are written before anyone is told
+            elif self.config.checksum:
+                incoming.crc = tensor_crc32(lease.tensor, incoming.crc)
         finally:
             self._staging.release(lease)
         incoming.num_bytes += nbytes
@@ -378,17 +379,6 @@ class KVReceiver:
                 self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
             elif incoming.done is not None:
                 self._verify(incoming)
-
-    def _scatter(self, incoming: _Incoming, chunk: TransferChunk, lease: StagingLease) -> None:
-        if self._stream is None:
-            scatter_blocks(self.kv_cache, chunk.block_ids, lease.tensor, layers=chunk.layers)
-            if self.config.checksum:
-                data = memoryview(lease.tensor.view(torch.uint8).numpy())  # type: ignore[arg-type]
-                incoming.crc = zlib.crc32(data, incoming.crc)
-            return
-        with torch.cuda.stream(self._stream):
-            scatter_blocks(self.kv_cache, chunk.block_ids, lease.tensor, layers=chunk.layers)
-        self._stream.synchronize()  # the blocks are written before anyone is told
 
     def _data_over(self, incoming: _Incoming) -> None:
         with self._lock:

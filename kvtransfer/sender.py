@@ -15,7 +15,6 @@ import queue
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,8 +25,10 @@ from kvtransfer.coalesce import (
     StagingPool,
     gather_blocks,
     numel,
+    on_stream,
     split_for_overlap,
     staging_shape,
+    tensor_crc32,
 )
 from kvtransfer.control import ControlConnection
 from kvtransfer.layout import KVLayout
@@ -293,19 +294,13 @@ class KVSender:
         shape = staging_shape(self.kv_cache, len(block_ids), layers)
         lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
         try:
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
-                    gather_blocks(self.kv_cache, block_ids, lease.tensor, layers=layers)
-                    self.channel.send(
-                        lease.tensor, tag=transfer.tag, timeout_s=self.config.stall_timeout_s
-                    )
-            else:
+            with on_stream(self._stream):  # NCCL's stream waits for the gather on this one
                 gather_blocks(self.kv_cache, block_ids, lease.tensor, layers=layers)
                 self.channel.send(
                     lease.tensor, tag=transfer.tag, timeout_s=self.config.stall_timeout_s
                 )
-                if self.config.checksum:
-                    crc = zlib.crc32(_bytes_view(lease.tensor), crc)
+            if self._stream is None and self.config.checksum:
+                crc = tensor_crc32(lease.tensor, crc)
         finally:
             self._staging.release(lease)
         nbytes = lease.tensor.numel() * lease.tensor.element_size()
@@ -448,8 +443,3 @@ class KVSender:
             max(1, round(self.config.lease_s * 1000)),
             transfer.layers_per_chunk,
         )
-
-
-def _bytes_view(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(tensor.view(torch.uint8).numpy())  # type: ignore[arg-type]

@@ -110,15 +110,8 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             try:
                 stream = self._start(index, validated)
                 async for ref in stream:
-                    output = await ref
-                    response = _response(validated.request_id, output)
-                    now = time.monotonic() - arrival
-                    if first:
-                        response.timing.ttft_seconds = now
-                        first = False
-                    if output.finished:
-                        response.timing.total_seconds = now
-                    yield response
+                    yield _timed(validated.request_id, await ref, arrival, first)
+                    first = False
                 return
             except asyncio.CancelledError:  # the client cancelled or its deadline passed
                 _cancel(stream, self.workers[index], validated.request_id)
@@ -150,13 +143,9 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 validated.cache_salt,
                 decode,
             )
-            first, shipped = await call
+            first_output, shipped = await call
             call = None
-            response = _response(validated.request_id, first)
-            response.timing.ttft_seconds = time.monotonic() - arrival
-            if first.finished:
-                response.timing.total_seconds = response.timing.ttft_seconds
-            yield response
+            yield _timed(validated.request_id, first_output, arrival, first=True)
             if not shipped:
                 return
             stream = (
@@ -165,17 +154,13 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 .remote(
                     validated.request_id,
                     validated.prompt_token_ids,
-                    first.new_token_ids[0],
+                    first_output.new_token_ids[0],
                     params_to_dict(validated.params),
                     validated.cache_salt,
                 )
             )
             async for ref in stream:
-                output = await ref
-                response = _response(validated.request_id, output)
-                if output.finished:
-                    response.timing.total_seconds = time.monotonic() - arrival
-                yield response
+                yield _timed(validated.request_id, await ref, arrival, first=False)
         except asyncio.CancelledError:
             _cancel(call, self.prefill_workers[prefill], validated.request_id)
             _cancel(stream, self.workers[decode], validated.request_id)
@@ -188,18 +173,13 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             self._in_flight[decode] -= 1
 
     def replace_worker(self, old: Any, new: Any) -> None:
-        """Swap a dead worker's handle for its replacement (new requests go to it)."""
-        for index, worker in enumerate(self.workers):
-            if worker is old:
-                self.workers[index] = new
-                return
-
-    def replace_prefill_worker(self, old: Any, new: Any) -> None:
-        assert self.prefill_workers is not None
-        for index, worker in enumerate(self.prefill_workers):
-            if worker is old:
-                self.prefill_workers[index] = new
-                return
+        """Swap a dead worker's handle (either pool) for its replacement: new requests go
+        to it."""
+        for workers in (self.workers, self.prefill_workers or []):
+            for index, worker in enumerate(workers):
+                if worker is old:
+                    workers[index] = new
+                    return
 
     def _pick(self, exclude: set[int]) -> int:
         """The least busy worker not yet tried for this request."""
@@ -264,6 +244,18 @@ def _cancel(call: Any, worker: Any, request_id: str) -> None:
         worker.abort.remote(request_id)
     except Exception:  # already finished or the worker is gone: nothing left to stop
         logger.debug("cancel of a finished request", exc_info=True)
+
+
+def _timed(request_id: str, output: Any, arrival: float, first: bool) -> Any:
+    """The response of an output, with the time to first token (on the first) and the total
+    time (on the last) since the request arrived."""
+    response = _response(request_id, output)
+    elapsed = time.monotonic() - arrival
+    if first:
+        response.timing.ttft_seconds = elapsed
+    if output.finished:
+        response.timing.total_seconds = elapsed
+    return response
 
 
 def _response(request_id: str, output: Any) -> Any:
