@@ -23,6 +23,11 @@ receiver confirms; the receiver reserves fresh blocks (`reserve`) and either han
 sequence (`adopt`) or gives them back (`release`). Release is idempotent: duplicate or late
 messages cannot free a block twice.
 
+Cache events: an optional listener (`set_cache_listener`) hears which hashes enter the prefix
+cache (`cache_computed_blocks`) and leave it (eviction on allocation, `reset_prefix_cache`),
+once per public call, under the lock, on the caller's thread (the engine step): it must only
+buffer them. Workers feed it to the global prefix index (router.prefix_publisher).
+
 Thread safety: every public method takes one lock, so transfer threads may hold, reserve and
 release while the engine thread schedules. Allocation still answers "not now" honestly: a
 reservation between a scheduler's check and its allocation only makes the allocation fail.
@@ -34,13 +39,16 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeAlias, TypeVar
 
 from engine.block_hash import BlockHash
 from engine.sequence import Sequence
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+
+# (hashes added to the prefix cache, hashes removed from it); the two lists are disjoint.
+CacheListener: TypeAlias = Callable[[list[BlockHash], list[BlockHash]], None]
 
 
 def _locked(
@@ -70,6 +78,8 @@ class BlockManager:
         self.num_prefix_queries = 0  # blocks looked up in the prefix cache
         self.num_prefix_hits = 0  # of which found
         self.holds: dict[str, list[int]] = {}  # owner -> blocks it holds one reference on
+        self.cache_listener: CacheListener | None = None
+        self._evicted_hashes: list[BlockHash] = []  # since the last event, with a listener only
         self._lock = threading.RLock()
 
     @property
@@ -83,6 +93,15 @@ class BlockManager:
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    @_locked
+    def set_cache_listener(self, listener: CacheListener | None) -> None:
+        """Send prefix-cache changes to `listener` (None: to nobody). It first hears, at once,
+        every hash cached now, so that it can mirror the cache exactly from then on."""
+        self.cache_listener = listener
+        self._evicted_hashes = []
+        if listener is not None and self.hash_to_block:
+            listener(list(self.hash_to_block), [])
 
     @_locked
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
@@ -127,6 +146,7 @@ class BlockManager:
         seq.num_computed_tokens += len(computed) * self.block_size
         for _ in range(max(num_needed, 0)):
             seq.block_ids.append(self._allocate_fresh())
+        self._emit_evictions()
         return True
 
     @_locked
@@ -136,6 +156,7 @@ class BlockManager:
             return
         num_full = seq.num_computed_tokens // self.block_size
         hashes = seq.full_block_hashes(self.block_size)
+        added: list[BlockHash] = []
         for block_id, block_hash in zip(seq.block_ids[:num_full], hashes[:num_full], strict=True):
             if self.block_hashes[block_id] is not None:
                 continue
@@ -143,6 +164,9 @@ class BlockManager:
                 continue  # computed twice concurrently: keep the first, this one stays private
             self.block_hashes[block_id] = block_hash
             self.hash_to_block[block_hash] = block_id
+            added.append(block_hash)
+        if added and self.cache_listener is not None:
+            self.cache_listener(added, [])
 
     @_locked
     def free(self, seq: Sequence) -> None:
@@ -157,6 +181,7 @@ class BlockManager:
         """Forget every cached-but-unused block (in-use blocks keep their hashes)."""
         for block_id in self.free_queue:
             self._evict(block_id)
+        self._emit_evictions()
 
     # -- holds: KV in flight between workers ------------------------------------------------
 
@@ -189,6 +214,7 @@ class BlockManager:
             return None
         ids = [self._allocate_fresh() for _ in range(num_blocks)]
         self.holds[owner] = ids
+        self._emit_evictions()
         return ids
 
     @_locked
@@ -250,6 +276,13 @@ class BlockManager:
         if block_hash is not None:
             del self.hash_to_block[block_hash]
             self.block_hashes[block_id] = None
+            if self.cache_listener is not None:
+                self._evicted_hashes.append(block_hash)
+
+    def _emit_evictions(self) -> None:
+        if self._evicted_hashes and self.cache_listener is not None:
+            removed, self._evicted_hashes = self._evicted_hashes, []
+            self.cache_listener([], removed)
 
     @_locked
     def check_integrity(

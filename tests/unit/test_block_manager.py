@@ -397,3 +397,91 @@ def test_check_integrity_without_live_sequences_ignores_tables() -> None:
 def test_rejects_empty_pools(num_blocks: int, block_size: int) -> None:
     with pytest.raises(ValueError, match="must be >= 1"):
         BlockManager(num_blocks, block_size)
+
+
+class EventRecorder:
+    """A cache listener that records every (added, removed) call."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[list[bytes], list[bytes]]] = []
+
+    def __call__(self, added: list[bytes], removed: list[bytes]) -> None:
+        self.events.append((list(added), list(removed)))
+
+
+def test_cache_events_name_exact_hashes_on_commit_and_eviction() -> None:
+    bm = BlockManager(6, BS)
+    events = EventRecorder()
+    bm.set_cache_listener(events)
+    a = make_seq(prompt_ids(11, 12), request_id="a")
+    prefill(bm, a)  # 3 full blocks, committed in one call
+    h = list(a.block_hashes)
+    assert events.events == [(h, [])]
+    bm.free(a)  # freed blocks stay cached: no event
+    assert events.events == [(h, [])]
+    c = make_seq(prompt_ids(13, 8), request_id="c")
+    assert bm.allocate_slots(c, 8)  # free head is [3, 4, 5, 2, 1, 0]: nothing evicted yet
+    assert events.events == [(h, [])]
+    d = make_seq(prompt_ids(14, 6), request_id="d")
+    assert bm.allocate_slots(d, 6)  # blocks 5 (free) and 2 (a's tail, evicted)
+    assert events.events[1:] == [([], [h[2]])]
+    assert bm.reserve("t", 2) == [1, 0]  # evicts the rest of a, in one event
+    assert events.events[2:] == [([], [h[1], h[0]])]
+    bm.release("t")
+    bm.check_integrity([c, d])
+
+
+def test_cache_events_mirror_the_cache_through_a_workload() -> None:
+    bm = BlockManager(8, BS)
+    events = EventRecorder()
+    mirror: set[bytes] = set()
+
+    def apply(added: list[bytes], removed: list[bytes]) -> None:
+        events(added, removed)
+        assert not set(added) & set(removed), "added and removed overlap in one event"
+        assert not mirror & set(added), "a hash added twice"
+        assert set(removed) <= mirror, "a hash removed that was never added"
+        mirror.update(added)
+        mirror.difference_update(removed)
+
+    for i in range(12):
+        seq = make_seq(prompt_ids(100 + i % 5, 9 + i), request_id=f"s{i}")
+        prefill(bm, seq)
+        bm.free(seq)
+        if i == 3:
+            bm.set_cache_listener(apply)  # late: first hears the whole cache
+            assert events.events[0] == (list(bm.hash_to_block), [])
+        assert mirror == set(bm.hash_to_block) or i < 3
+    bm.reset_prefix_cache()
+    assert mirror == set() == set(bm.hash_to_block)
+    bm.check_integrity([])
+
+
+def test_cache_events_skip_duplicates_and_stop_with_no_listener() -> None:
+    bm = BlockManager(8, BS)
+    events = EventRecorder()
+    bm.set_cache_listener(events)
+    tokens = prompt_ids(21, 8)
+    a, b = make_seq(tokens, request_id="a"), make_seq(tokens, request_id="b")
+    assert bm.allocate_slots(a, 8) and bm.allocate_slots(b, 8)
+    a.num_computed_tokens = b.num_computed_tokens = 8
+    bm.cache_computed_blocks(a)
+    bm.cache_computed_blocks(b)  # same hashes, computed twice: stays private, no event
+    assert events.events == [(list(a.block_hashes), [])]
+    bm.set_cache_listener(None)
+    bm.free(a)
+    bm.free(b)
+    bm.reset_prefix_cache()
+    assert len(events.events) == 1
+    bm.check_integrity([])
+
+
+def test_cache_events_none_with_prefix_caching_off() -> None:
+    bm = BlockManager(4, BS, enable_prefix_caching=False)
+    events = EventRecorder()
+    bm.set_cache_listener(events)
+    seq = make_seq(prompt_ids(31, 12))
+    prefill(bm, seq)
+    bm.free(seq)
+    assert bm.allocate_slots(make_seq(prompt_ids(32, 16)), 16)
+    assert events.events == []
