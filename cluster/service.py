@@ -161,25 +161,39 @@ class Service:
         await prefill.connect.remote(d, address, key)
 
     async def _watch(self) -> None:
-        """Replace dead workers, so each pool returns to size on its own. A slow answer is not
-        death (a long prefill step delays it); only Ray's verdict that the actor died is."""
-        import ray
-
+        """Check every worker each interval: feed its load to placement, and replace it if it
+        died or its engine stopped, so each pool returns to size on its own. A slow answer is
+        not death (a long prefill step delays it); only Ray's verdict, or the worker's own
+        report of a failed engine, is."""
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             pools = [("decode", self.workers), ("prefill", self.prefill_workers)]
-            for pool, workers in pools:
-                for index, worker in enumerate(list(workers)):
+            checks = [(pool, i, w) for pool, workers in pools for i, w in enumerate(workers)]
+            verdicts = await asyncio.gather(*(self._check(w) for _, _, w in checks))
+            for (pool, index, worker), dead in zip(checks, verdicts, strict=True):
+                if dead:
                     try:
-                        timeout = self.config.health_interval_s * 5
-                        await asyncio.wait_for(worker.stats.remote(), timeout)
-                    except asyncio.TimeoutError:
-                        continue
-                    except ray.exceptions.RayActorError:
-                        try:
-                            await self._replace(pool, index, worker)
-                        except Exception:  # try again at the next check
-                            logger.exception("replacing %s worker %d failed", pool, index)
+                        await self._replace(pool, index, worker)
+                    except Exception:  # try again at the next check
+                        logger.exception("replacing %s worker %d failed", pool, index)
+
+    async def _check(self, worker: Any) -> bool:
+        """Whether `worker` must be replaced; on the way, its load goes to placement."""
+        import ray
+
+        try:
+            stats = await asyncio.wait_for(worker.stats.remote(), self.config.health_interval_s * 5)
+        except asyncio.TimeoutError:
+            return False
+        except ray.exceptions.RayActorError:
+            return True
+        if stats.get("failure"):
+            logger.error("a worker's engine failed (%s): killing it", stats["failure"])
+            ray.kill(worker, no_restart=True)
+            return True
+        if self._servicer is not None:
+            self._servicer.observe(worker, stats)
+        return False
 
     async def _replace(self, pool: str, index: int, dead: Any) -> None:
         """Start a replacement and, in disaggregated mode, re-form its KV pairs before it

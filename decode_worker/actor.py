@@ -66,13 +66,18 @@ class WorkerBase:
         }
 
     async def stats(self) -> dict[str, Any]:
-        """Load figures for placement: requests in flight, free KV blocks."""
+        """Load figures for placement (requests in flight, free KV blocks, the sequence cap)
+        and health (`failure`: why the engine stopped, None while it runs)."""
+        if self.loop.failure is not None:
+            return {"failure": self.loop.failure, "num_requests": self.loop.num_requests}
 
         def read(engine: Engine) -> dict[str, Any]:
             return {
+                "failure": None,
                 "num_requests": self.loop.num_requests,
                 "num_free_blocks": engine.block_manager.num_free_blocks,
                 "num_blocks": engine.block_manager.num_blocks,
+                "max_num_seqs": engine.config.scheduler.max_num_seqs,
                 "kv_pairs": len(self._transfer_metrics()),
                 "kv_transfers_completed": sum(
                     m.transfers_completed for m in self._transfer_metrics()

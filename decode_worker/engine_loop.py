@@ -130,7 +130,9 @@ class EngineLoop:
 
         self._inbox.put(job)  # type: ignore[arg-type]
         self._wake.set()
-        done.wait()
+        while not done.wait(0.1):
+            if not self._thread.is_alive():  # stopped or failed: nobody will run the job
+                raise WorkerUnavailable(f"engine loop stopped: {self._failure or 'stopped'}")
         ok, value = box[0]
         if not ok:
             raise value
@@ -144,6 +146,11 @@ class EngineLoop:
     @property
     def num_requests(self) -> int:
         return len(self._streams)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine thread stopped, once it has (the worker must then be replaced)."""
+        return self._failure
 
     # -- engine thread --------------------------------------------------------------------------
 
@@ -236,14 +243,24 @@ class EngineLoop:
             kv, _ = self._arrived.pop(transfer_id)
             self._continue(item, kv)
         for transfer_id, item in list(self._waiting.items()):
-            if now > item.deadline:
+            failed = self._transfer_failure(transfer_id)
+            if failed is not None or now > item.deadline:
                 del self._waiting[transfer_id]
-                error = WorkerUnavailable("the prompt's KV did not arrive from the prefill worker")
+                why = failed or "it did not arrive in time"
+                error = WorkerUnavailable(f"the prompt's KV from the prefill worker failed: {why}")
                 self._deliver(item.request_id, error, done=True)
         for transfer_id, (kv, when) in list(self._arrived.items()):
             if now - when > UNCLAIMED_KV_S:  # its request never came (router gone): free it
                 del self._arrived[transfer_id]
                 self.engine.block_manager.release(kv.owner)
+
+    def _transfer_failure(self, transfer_id: str) -> str | None:
+        """Why a transfer ended without its KV (its sender died, aborted, ...), if it has."""
+        for receiver in self.receivers:
+            result = receiver.result(transfer_id)
+            if result is not None and not result.ok:
+                return f"{result.status.value}: {result.reason}"
+        return None
 
     def _drop_transfer(self, transfer_id: str) -> None:
         """Free the KV of a request that will not continue: arrived, or still arriving."""

@@ -192,6 +192,7 @@ class Engine:
         self.block_manager.adopt(kv_owner, seq, num_computed_tokens=len(token_ids))
         self.block_manager.cache_computed_blocks(seq)
         self._register(seq)
+        self._skip_draws(seq, 1)  # the prefill worker's generator drew the first token
         self.scheduler.add_running(seq)
         output = self.outputs.process_token(seq, None)
         if output.finished:
@@ -219,6 +220,16 @@ class Engine:
             self._generators[seq.request_id] = torch.Generator(self.device).manual_seed(seed)
         self._sequences[seq.request_id] = seq
         self.outputs.add(seq)
+
+    def _skip_draws(self, seq: Sequence, num_draws: int) -> None:
+        """Advance a seeded request's generator past `num_draws` samples drawn elsewhere, so
+        a request continued on another worker samples what it would have here."""
+        generator = self._generators.get(seq.request_id)
+        if generator is None or seq.sampling_params.is_greedy:
+            return
+        vocab = self.model_config.vocab_size
+        for _ in range(num_draws):  # one draw: one exponential per vocabulary entry (Sampler)
+            torch.empty(vocab, device=self.device).exponential_(generator=generator)
 
     def take_kept_kv(self, request_id: str) -> KeptKV | None:
         """The pinned KV of a finished `keep_kv` request (once; None if there is none)."""

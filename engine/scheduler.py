@@ -11,6 +11,7 @@ Pure Python; knows nothing of tensors or text.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -131,8 +132,9 @@ class Scheduler:
             num_new = self._num_new_tokens(seq, num_computed, budget)
             if not self.block_manager.allocate_slots(seq, num_new, computed):
                 break
-            if seq.num_cached_tokens < 0:
+            if seq.num_cached_tokens < 0:  # its first schedule
                 seq.num_cached_tokens = num_computed
+                seq.queue_seconds = time.monotonic() - seq.arrival_time
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

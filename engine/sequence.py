@@ -7,6 +7,7 @@ tensors and knows nothing of text: detokenization lives in the output processor.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 
 from engine.block_hash import BlockHash, hash_blocks
@@ -30,6 +31,7 @@ class Usage:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     completion_tokens: int
+    queue_seconds: float = 0.0  # arrival in this engine to the first schedule
 
 
 class Sequence:
@@ -54,6 +56,8 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # set the first time the sequence is scheduled
+        self.arrival_time = time.monotonic()
+        self.queue_seconds = 0.0  # arrival to the first schedule, set then
         self.num_preemptions = 0
         self.block_ids: list[int] = []
         self._root_hash = root_hash
@@ -93,6 +97,7 @@ class Sequence:
             prompt_tokens=self.num_prompt_tokens,
             cached_tokens=max(self.num_cached_tokens, 0),
             completion_tokens=self.num_output_tokens,
+            queue_seconds=self.queue_seconds,
         )
 
     def __repr__(self) -> str:

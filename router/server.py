@@ -32,6 +32,7 @@ from engine.errors import (
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.admission import Admission
+from router.placement import Pool
 from router.requests import (
     ServedModel,
     params_to_dict,
@@ -73,14 +74,11 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         prefill_workers: list[Any] | None = None,
         admission: Admission | None = None,
     ) -> None:
-        if not workers or (prefill_workers is not None and not prefill_workers):
-            raise ValueError("at least one worker of each kind is needed")
         self.model = model
-        self.workers = workers
-        self.prefill_workers = prefill_workers
+        self.decode = Pool("decode", workers)
+        self.prefill = None if prefill_workers is None else Pool("prefill", prefill_workers)
         self.admission = admission or Admission()
-        self._in_flight = [0] * len(workers)
-        self._prefill_in_flight = [0] * len(prefill_workers or [])
+        self.num_retried = 0  # requests moved to another worker after losing theirs
 
     async def Generate(self, request: Any, context: Any) -> Any:
         arrival = time.monotonic()
@@ -90,113 +88,120 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             await context.abort(status_of(e), str(e))
         try:
             with self.admission.admit(len(validated.prompt_token_ids)):
-                async for response in self._place(validated, context, arrival):
+                place = self._colocated if self.prefill is None else self._disaggregated
+                async for response in place(validated, arrival):
                     yield response
-        except Overloaded as e:
+        except TandemError as e:  # refused, lost or failed; a cancelled call never gets here
             await context.abort(status_of(e), str(e))
 
-    async def _place(self, validated: Any, context: Any, arrival: float) -> Any:
-        if self.prefill_workers is not None:
-            async for response in self._disaggregated(validated, context, arrival):
-                yield response
-            return
+    async def _colocated(self, request: Any, arrival: float) -> Any:
+        """Prefill and decode on one worker; a worker lost before any output is retried on
+        another."""
         tried: set[int] = set()
-        first = True
         while True:
-            index = self._pick(tried)
+            index = self.decode.pick(tried)
             tried.add(index)
-            self._in_flight[index] += 1
-            stream = None
-            try:
-                stream = self._start(index, validated)
-                async for ref in stream:
-                    yield _timed(validated.request_id, await ref, arrival, first)
-                    first = False
-                return
-            except asyncio.CancelledError:  # the client cancelled or its deadline passed
-                _cancel(stream, self.workers[index], validated.request_id)
-                raise
-            except Exception as e:
-                error = _translate(e)
-                # Nothing streamed yet: the client cannot tell, so another worker may try.
-                lost = isinstance(error, WorkerUnavailable)
-                if lost and first and len(tried) < len(self.workers):
-                    logger.warning("worker %d lost before any output; retrying: %s", index, e)
-                    continue
-                await context.abort(status_of(error), str(error))
-            finally:
-                self._in_flight[index] -= 1
+            dispatched = time.monotonic()
+            first = True
+            with self.decode.assigned(index, len(request.prompt_token_ids)) as worker:
+                stream = None
+                try:
+                    stream = (
+                        worker.generate.options(num_returns="streaming")
+                        .remote(request.request_id, request.prompt_token_ids,
+                                params_to_dict(request.params), request.cache_salt)
+                    )  # fmt: skip
+                    async for ref in stream:
+                        output = await ref
+                        queued = _queued(output, arrival, dispatched) if first else None
+                        yield _timed(request.request_id, output, arrival, queued)
+                        first = False
+                    return
+                except asyncio.CancelledError:  # the client cancelled or its deadline passed
+                    _cancel(stream, worker, request.request_id)
+                    raise
+                except Exception as e:
+                    if not _lost(e):
+                        raise _translate(e) from e
+                    self.decode.mark_down(worker)
+                    if not first:  # the client has seen tokens: it cannot be moved silently
+                        raise _translate(e) from e
+                    self._retrying("worker", index, e)
 
-    async def _disaggregated(self, validated: Any, context: Any, arrival: float) -> Any:
+    async def _disaggregated(self, request: Any, arrival: float) -> Any:
         """Prefill on one pool, decode on the other; the KV moves between them."""
-        assert self.prefill_workers is not None
-        prefill = min(range(len(self.prefill_workers)), key=self._prefill_in_flight.__getitem__)
-        decode = self._pick(set())
-        self._prefill_in_flight[prefill] += 1
-        self._in_flight[decode] += 1
-        call = stream = None
-        try:
-            call = self.prefill_workers[prefill].prefill.remote(
-                validated.request_id,
-                validated.prompt_token_ids,
-                params_to_dict(validated.params),
-                validated.cache_salt,
-                decode,
-            )
-            first_output, shipped = await call
-            call = None
-            yield _timed(validated.request_id, first_output, arrival, first=True)
+        index = self.decode.pick()
+        with self.decode.assigned(index, len(request.prompt_token_ids)) as decode:
+            first_output, shipped, dispatched = await self._prefill(request, index)
+            queued = _queued(first_output, arrival, dispatched)
+            yield _timed(request.request_id, first_output, arrival, queued)
             if not shipped:
                 return
-            stream = (
-                self.workers[decode]
-                .continue_request.options(num_returns="streaming")
-                .remote(
-                    validated.request_id,
-                    validated.prompt_token_ids,
-                    first_output.new_token_ids[0],
-                    params_to_dict(validated.params),
-                    validated.cache_salt,
-                )
-            )
-            async for ref in stream:
-                yield _timed(validated.request_id, await ref, arrival, first=False)
-        except asyncio.CancelledError:
-            _cancel(call, self.prefill_workers[prefill], validated.request_id)
-            _cancel(stream, self.workers[decode], validated.request_id)
-            raise
-        except Exception as e:
-            error = _translate(e)
-            await context.abort(status_of(error), str(error))
-        finally:
-            self._prefill_in_flight[prefill] -= 1
-            self._in_flight[decode] -= 1
+            stream = None
+            try:
+                stream = (
+                    decode.continue_request.options(num_returns="streaming")
+                    .remote(request.request_id, request.prompt_token_ids,
+                            first_output.new_token_ids[0], params_to_dict(request.params),
+                            request.cache_salt)
+                )  # fmt: skip
+                async for ref in stream:
+                    response = _timed(request.request_id, await ref, arrival)
+                    if response.HasField("usage"):  # the prompt's cache hits were prefill's
+                        response.usage.cached_tokens = first_output.usage.cached_tokens
+                    yield response
+            except asyncio.CancelledError:
+                _cancel(stream, decode, request.request_id)
+                raise
+            except Exception as e:
+                if _lost(e):
+                    self.decode.mark_down(decode)
+                raise _translate(e) from e
+
+    async def _prefill(self, request: Any, decode_index: int) -> tuple[Any, bool, float]:
+        """(the first token's output, whether its KV ships to decode worker `decode_index`,
+        when the prefill was dispatched). A prefill worker lost mid-prefill is replaced by
+        another for the same request: nothing has reached the client yet."""
+        assert self.prefill is not None
+        tried: set[int] = set()
+        while True:
+            index = self.prefill.pick(tried)
+            tried.add(index)
+            dispatched = time.monotonic()
+            with self.prefill.assigned(index, len(request.prompt_token_ids)) as worker:
+                call = worker.prefill.remote(
+                    request.request_id, request.prompt_token_ids, params_to_dict(request.params),
+                    request.cache_salt, decode_index,
+                )  # fmt: skip
+                try:
+                    output, shipped = await call
+                    return output, shipped, dispatched
+                except asyncio.CancelledError:
+                    _cancel(call, worker, request.request_id)
+                    raise
+                except Exception as e:
+                    if not _lost(e):
+                        raise _translate(e) from e
+                    self.prefill.mark_down(worker)
+                    self._retrying("prefill worker", index, e)
+
+    def _retrying(self, what: str, index: int, error: BaseException) -> None:
+        logger.warning("%s %d lost before any output; retrying elsewhere: %s", what, index, error)
+        self.num_retried += 1
 
     def replace_worker(self, old: Any, new: Any) -> None:
         """Swap a dead worker's handle (either pool) for its replacement: new requests go
         to it."""
-        for workers in (self.workers, self.prefill_workers or []):
-            for index, worker in enumerate(workers):
-                if worker is old:
-                    workers[index] = new
-                    return
+        for pool in self._pools():
+            pool.replace(old, new)
 
-    def _pick(self, exclude: set[int]) -> int:
-        """The least busy worker not yet tried for this request."""
-        candidates = [i for i in range(len(self.workers)) if i not in exclude]
-        return min(candidates, key=self._in_flight.__getitem__)
+    def observe(self, worker: Any, stats: dict[str, Any]) -> None:
+        """A worker's latest load report (its `stats`), for placement."""
+        for pool in self._pools():
+            pool.observe(worker, stats)
 
-    def _start(self, index: int, validated: Any) -> Any:
-        return (
-            self.workers[index]
-            .generate.options(num_returns="streaming")
-            .remote(
-                validated.request_id,
-                validated.prompt_token_ids,
-                params_to_dict(validated.params),
-                validated.cache_salt,
-            )
-        )
+    def _pools(self) -> list[Pool]:
+        return [self.decode] + ([self.prefill] if self.prefill is not None else [])
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
         try:
@@ -223,7 +228,7 @@ def _translate(error: BaseException) -> TandemError:
 
     if isinstance(error, TandemError):
         return error
-    if isinstance(error, (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)):
+    if _lost(error):
         return WorkerUnavailable(f"worker lost: {type(error).__name__}")
     if isinstance(error, ray.exceptions.RayTaskError):
         cause = error.cause if isinstance(error.cause, BaseException) else None
@@ -246,12 +251,27 @@ def _cancel(call: Any, worker: Any, request_id: str) -> None:
         logger.debug("cancel of a finished request", exc_info=True)
 
 
-def _timed(request_id: str, output: Any, arrival: float, first: bool) -> Any:
-    """The response of an output, with the time to first token (on the first) and the total
-    time (on the last) since the request arrived."""
+def _lost(error: BaseException) -> bool:
+    """Whether a call failed because its worker died or became unreachable."""
+    import ray
+
+    lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
+    return isinstance(error, lost)
+
+
+def _queued(output: Any, arrival: float, dispatched: float) -> float:
+    """Arrival to the start of prefill: the router's time before it sent the request to the
+    worker that served it, plus the wait in that worker's engine."""
+    return (dispatched - arrival) + output.usage.queue_seconds
+
+
+def _timed(request_id: str, output: Any, arrival: float, queued: float | None = None) -> Any:
+    """The response of an output, with the queue time and the time to first token (on the
+    first, given `queued`) and the total time (on the last) since the request arrived."""
     response = _response(request_id, output)
     elapsed = time.monotonic() - arrival
-    if first:
+    if queued is not None:
+        response.timing.queue_seconds = queued
         response.timing.ttft_seconds = elapsed
     if output.finished:
         response.timing.total_seconds = elapsed

@@ -1,8 +1,9 @@
 """The service end to end, in both modes: a real local Ray cluster, worker actors with the
-default model (colocated: two workers; disaggregated: one prefill and one decode worker, KV
-moving between them over gloo), the gRPC router on loopback, real clients. Greedy output equals
-the single engine's; concurrent streams; bad input refused with the right status; cancellation
-and deadlines free the workers' KV."""
+default model (colocated: two workers; disaggregated: two prefill workers and one decode
+worker, KV moving between them over gloo), the gRPC router on loopback, real clients. Greedy
+and seeded output equal the single engine's; concurrent streams; bad input refused with the
+right status; cancellation and deadlines free the workers' KV; killed workers end streams fast
+(or, before any output, the request moves to another worker) and are replaced."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.sampling_params import SamplingParams
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from tests.conftest import greedy
@@ -26,6 +28,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ray = pytest.importorskip("ray")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# About 3,000 tokens: a prefill of a few seconds on a CPU worker, long enough to act during it.
+LONG_PROMPT = " ".join(f"Line {n}: a quick brown fox jumps over the lazy dog." for n in range(200))
 
 
 class RunningService:
@@ -49,6 +53,24 @@ class RunningService:
         """Decode (or colocated) workers first, then prefill workers."""
         workers = self.service.workers + self.service.prefill_workers
         return [ray.get(w.stats.remote(), timeout=30) for w in workers]
+
+    @property
+    def disaggregated(self) -> bool:
+        return bool(self.service.config.mode == "disaggregated")
+
+    def prefilling_workers(self) -> list[Any]:
+        """The workers that prefill: the prefill pool, or every colocated worker."""
+        return self.service.prefill_workers if self.disaggregated else self.service.workers
+
+    def wait_for_a_prefill(self, timeout_s: float = 30) -> int:
+        """The index (in prefilling_workers) of a worker with a request in flight."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for index, worker in enumerate(self.prefilling_workers()):
+                if ray.get(worker.stats.remote(), timeout=30)["num_requests"]:
+                    return index
+            assert time.monotonic() < deadline, "no worker started the prefill"
+            time.sleep(0.02)
 
     def assert_workers_idle_and_intact(self, timeout_s: float = 10) -> None:
         deadline = time.monotonic() + timeout_s
@@ -75,7 +97,7 @@ def service(request: pytest.FixtureRequest) -> Iterator[RunningService]:
             engine=EngineConfig(device="cpu", num_kv_blocks=512, block_size=16),
             mode=request.param,
             num_workers=2,
-            num_prefill_workers=1,
+            num_prefill_workers=2,
             num_decode_workers=1,
             port=0,
         )
@@ -115,29 +137,50 @@ def test_greedy_through_the_service_equals_the_engine(
         assert last.finish_reason == pb.FINISH_REASON_LENGTH
         assert last.usage.completion_tokens == 12
         assert last.usage.prompt_tokens == expected.usage.prompt_tokens
-        assert responses[0].timing.ttft_seconds > 0
-        assert last.timing.total_seconds >= responses[0].timing.ttft_seconds
-    if service.service.config.mode == "disaggregated":  # the KV really moved
-        (decode, prefill) = service.worker_stats()
-        assert decode["kv_transfers_completed"] >= len(prompts), (decode, prefill)
-        assert prefill["kv_transfers_completed"] >= len(prompts)
+        timing = responses[0].timing
+        assert 0 < timing.queue_seconds < timing.ttft_seconds <= last.timing.total_seconds
+    if service.disaggregated:  # the KV really moved
+        decode, *prefills = service.worker_stats()
+        assert decode["kv_transfers_completed"] >= len(prompts), (decode, prefills)
+        assert sum(p["kv_transfers_completed"] for p in prefills) >= len(prompts)
 
 
-def test_concurrent_streaming_clients_all_complete(
+def test_seeded_sampling_through_the_service_equals_the_engine(
     service: RunningService, default_model_engine: Engine
 ) -> None:
-    prompts = [f"Count to {n}:" for n in range(12)]
+    sampling = pb.SamplingParameters(max_tokens=10, temperature=0.9, seed=5, ignore_eos=True)
+    responses = generate(service.stub, text="Once upon a time", sampling=sampling)
+    params = SamplingParams(max_tokens=10, temperature=0.9, seed=5, ignore_eos=True)
+    expected = default_model_engine.generate(["Once upon a time"], params)[0]
+    assert [t for r in responses for t in r.token_ids] == expected.token_ids
 
-    def one(prompt: str) -> tuple[list[int], int]:
-        responses = generate(service.stub, text=prompt, sampling=greedy_sampling(8))
-        return [t for r in responses for t in r.token_ids], responses[-1].usage.completion_tokens
+
+def test_usage_reports_the_prefix_cache_hits(service: RunningService) -> None:
+    prompt = "Summarize the plot of Hamlet in two sentences, for a child who is seven."
+    usages = [
+        generate(service.stub, text=prompt, sampling=greedy_sampling(2))[-1].usage
+        for _ in range(3)  # 3 requests on 2 prefilling workers: one worker sees it twice
+    ]
+    assert usages[0].cached_tokens == 0
+    assert max(u.cached_tokens for u in usages) == usages[0].prompt_tokens // 16 * 16
+
+
+def test_32_concurrent_streaming_clients_all_complete(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    prompts = [f"Count to {n}:" for n in range(32)]
+
+    def one(prompt: str) -> list[pb.GenerateResponse]:
+        return generate(service.stub, text=prompt, sampling=greedy_sampling(8))
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(one, prompts))
     expected = default_model_engine.generate(prompts, greedy(max_tokens=8))
-    for (token_ids, completion), reference in zip(results, expected, strict=True):
-        assert token_ids == reference.token_ids
-        assert completion == 8
+    for responses, reference in zip(results, expected, strict=True):
+        assert [t for r in responses for t in r.token_ids] == reference.token_ids
+        usage = responses[-1].usage
+        assert usage.completion_tokens == 8
+        assert usage.prompt_tokens == reference.usage.prompt_tokens
 
 
 @pytest.mark.parametrize(
@@ -170,6 +213,19 @@ def test_cancel_mid_stream_frees_the_request(service: RunningService) -> None:
         list(call)
     assert raised.value.code() == grpc.StatusCode.CANCELLED
     # clean_workers then checks every worker freed it and its KV books are intact
+
+
+def test_cancel_during_prefill_frees_the_request(service: RunningService) -> None:
+    call = service.stub.Generate(
+        pb.GenerateRequest(text="(cancel) " + LONG_PROMPT, sampling=greedy_sampling(4)),
+        timeout=120,
+    )
+    service.wait_for_a_prefill()
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as raised:
+        list(call)
+    assert raised.value.code() == grpc.StatusCode.CANCELLED
+    # clean_workers then checks the prefill stopped and freed its KV
 
 
 def test_deadline_exceeded_frees_the_request(service: RunningService) -> None:
@@ -210,22 +266,37 @@ def test_a_killed_worker_ends_its_streams_fast_and_is_replaced(
         list(call)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert time.monotonic() - killed_at < 10, "the stream must end fast, not hang"
-    deadline = time.monotonic() + 120
-    while service.service.workers[busy] is victim:
-        assert time.monotonic() < deadline, "the dead worker was not replaced"
-        time.sleep(0.2)
-    assert service.service.num_replaced == 1
+    wait_replaced(service.service.workers, busy, victim)
     responses = generate(service.stub, text="Hi", sampling=greedy_sampling(4))
     assert responses[-1].usage.completion_tokens == 4  # through new KV pairs if disaggregated
-    if service.service.config.mode == "disaggregated":  # and a dead prefill worker
-        prefill = service.service.prefill_workers[0]
-        ray.kill(prefill, no_restart=True)
-        while service.service.prefill_workers[0] is prefill:
-            assert time.monotonic() < deadline, "the dead prefill worker was not replaced"
-            time.sleep(0.2)
-        responses = generate(service.stub, text="Hello", sampling=greedy_sampling(4))
-        assert responses[-1].usage.completion_tokens == 4
-        assert service.service.num_replaced == 2
+
+
+def test_a_worker_killed_mid_prefill_moves_its_request_to_another(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    prompt = "(killed) " + LONG_PROMPT  # unique from its start: no cached prefix
+    call = service.stub.Generate(
+        pb.GenerateRequest(text=prompt, sampling=greedy_sampling(6)), timeout=120
+    )
+    busy = service.wait_for_a_prefill()
+    workers = service.prefilling_workers()
+    victim = workers[busy]
+    retried = service.service._servicer.num_retried  # type: ignore[union-attr]
+    ray.kill(victim, no_restart=True)
+    responses = list(call)  # nothing had streamed: the client never sees the loss
+    expected = default_model_engine.generate([prompt], greedy(max_tokens=6))[0]
+    assert [t for r in responses for t in r.token_ids] == expected.token_ids
+    assert service.service._servicer.num_retried == retried + 1  # type: ignore[union-attr]
+    wait_replaced(workers, busy, victim)
+    assert len(service.prefilling_workers()) == 2  # the pool is back to size
+    assert generate(service.stub, text="Hi", sampling=greedy_sampling(3))[-1].usage
+
+
+def wait_replaced(workers: list[Any], index: int, dead: Any, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while workers[index] is dead:
+        assert time.monotonic() < deadline, "the dead worker was not replaced"
+        time.sleep(0.2)
 
 
 def test_overload_is_refused_early_with_resource_exhausted(service: RunningService) -> None:

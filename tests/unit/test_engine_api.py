@@ -262,3 +262,15 @@ def test_usage_counts(engine: Engine) -> None:
     assert again.usage.cached_tokens == 8  # two full blocks of 4 hit the prefix cache
     assert again.token_ids == first.token_ids[:3]
     assert_idle(engine)
+
+
+def test_queue_time_counts_the_wait_for_a_running_slot() -> None:
+    engine = make_engine(max_num_seqs=1)
+    engine.add_request("first", None, greedy(3), prompt_token_ids=prompt_ids(1, 5))
+    engine.add_request("second", None, greedy(3), prompt_token_ids=prompt_ids(2, 5))
+    engine.step()  # only "first" runs: "second" waits for its slot
+    outputs: dict[str, RequestOutput] = {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o) for o in engine.step() if o.finished)
+    first, second = outputs["first"].usage.queue_seconds, outputs["second"].usage.queue_seconds
+    assert 0 <= first < second  # "second" queued behind all of "first"'s steps

@@ -5,6 +5,8 @@ The transport between them is tested in tests/integration/test_kvtransfer_protoc
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from engine.engine import Engine
@@ -18,10 +20,8 @@ def prefill_and_hand_off(
     prefill: Engine, decode: Engine, request_id: str, prompt: list[int], params: SamplingParams
 ) -> list[int]:
     """Prefill on one engine, move the KV, decode on the other; the decode's token ids."""
-    prefill.add_request(
-        request_id, None, SamplingParams(max_tokens=1, temperature=0.0), prompt_token_ids=prompt,
-        keep_kv=True,
-    )  # fmt: skip
+    first_only = dataclasses.replace(params, max_tokens=1)  # as the prefill worker does
+    prefill.add_request(request_id, None, first_only, prompt_token_ids=prompt, keep_kv=True)
     (first,) = [o for o in prefill.step() if o.request_id == request_id]
     assert first.finished
     kept = prefill.take_kept_kv(request_id)
@@ -52,6 +52,16 @@ def test_decode_from_transferred_kv_equals_one_engine(length: int) -> None:
     expected = make_engine().generate([prompt], params)[0].token_ids
     got = prefill_and_hand_off(make_engine(), make_engine(), "r", prompt, params)
     assert got == expected
+
+
+def test_seeded_sampling_continues_as_on_one_engine() -> None:
+    prompt = prompt_ids(seed=5, length=9)
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=7, ignore_eos=True)
+    expected = make_engine().generate([prompt], params)[0].token_ids
+    got = prefill_and_hand_off(make_engine(), make_engine(), "s", prompt, params)
+    assert got == expected
+    other_seed = dataclasses.replace(params, seed=8)
+    assert make_engine().generate([prompt], other_seed)[0].token_ids != expected  # seed matters
 
 
 def test_transferred_request_joins_a_running_batch() -> None:

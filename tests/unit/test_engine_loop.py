@@ -1,14 +1,18 @@
 """The EngineLoop that drives a worker's engine from one thread for asyncio callers: outputs
-equal the engine's own, aborts free the request whether they come during it or before it."""
+equal the engine's own, aborts free the request whether they come during it or before it, a
+failed KV transfer ends its waiting request at once, a failed engine fails fast."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import pytest
+
 from decode_worker.engine_loop import EngineLoop
-from engine.errors import RequestAborted
+from engine.errors import RequestAborted, WorkerUnavailable
 from engine.sequence import FinishReason
+from kvtransfer.protocol import TransferResult, TransferStatus
 from tests.conftest import greedy, make_engine, prompt_ids
 
 
@@ -59,3 +63,55 @@ def test_abort_mid_stream_and_abort_before_arrival() -> None:
         loop.call(lambda engine: engine.check_integrity())
     finally:
         loop.stop()
+
+
+class FailedTransfers:
+    """A receiver whose transfers all failed (the real KVReceiver is tested across processes
+    in tests/integration/test_kvtransfer_protocol.py)."""
+
+    def poll(self) -> list[Any]:
+        return []
+
+    def result(self, transfer_id: str) -> TransferResult:
+        return TransferResult(transfer_id, "r", TransferStatus.FAILED, "peer process died")
+
+    def owners(self) -> list[str]:
+        return []
+
+
+def test_a_request_whose_kv_transfer_failed_ends_at_once() -> None:
+    loop = EngineLoop(make_engine())
+    loop.receivers.append(FailedTransfers())
+
+    async def main() -> list[Any]:
+        params = greedy(max_tokens=5)
+        return await drain(loop.submit("r", prompt_ids(1, 6), params, first_token_id=3))
+
+    try:
+        (error,) = asyncio.run(main())  # drain's 30 s timeout: well before kv_wait_s
+        assert isinstance(error, WorkerUnavailable)
+        assert "failed: peer process died" in str(error)
+        assert loop.num_requests == 0
+    finally:
+        loop.stop()
+
+
+def test_a_failed_engine_fails_its_requests_and_refuses_calls() -> None:
+    engine = make_engine()
+
+    def broken_step() -> list[Any]:
+        raise RuntimeError("device lost")
+
+    engine.step = broken_step  # type: ignore[method-assign]
+    loop = EngineLoop(engine)
+
+    async def main() -> list[Any]:
+        return await drain(loop.submit("r", prompt_ids(1, 6), greedy(max_tokens=5)))
+
+    (error,) = asyncio.run(main())
+    assert isinstance(error, WorkerUnavailable) and "device lost" in str(error)
+    assert loop.failure == "RuntimeError: device lost"
+    with pytest.raises(WorkerUnavailable, match="engine loop stopped"):
+        loop.call(lambda e: e.check_integrity())  # no hang: nobody is left to run it
+    with pytest.raises(WorkerUnavailable):
+        loop.submit("later", prompt_ids(1, 6), greedy(max_tokens=5))
