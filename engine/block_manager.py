@@ -26,7 +26,7 @@ messages cannot free a block twice.
 Cache events: an optional listener (`set_cache_listener`) hears which hashes enter the prefix
 cache (`cache_computed_blocks`) and leave it (eviction on allocation, `reset_prefix_cache`),
 once per public call, under the lock, on the caller's thread (the engine step): it must only
-buffer them. Workers feed it to the global prefix index (router.prefix_publisher).
+buffer them. Workers feed it to the global prefix index (cluster.prefix_publisher).
 
 Thread safety: every public method takes one lock, so transfer threads may hold, reserve and
 release while the engine thread schedules. Allocation still answers "not now" honestly: a

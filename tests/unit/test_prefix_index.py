@@ -12,7 +12,7 @@ import pytest
 
 from engine.block_hash import prompt_block_hashes
 from engine.engine import Engine
-from router.prefix_index import (
+from cluster.prefix_index import (
     CacheEventBatch,
     IndexConfig,
     LocalPrefixIndex,
@@ -20,7 +20,7 @@ from router.prefix_index import (
     leading_hits,
     make_prefix_index,
 )
-from router.prefix_publisher import CacheEventLog, IndexPublisher, RedisIndexWriter
+from cluster.prefix_publisher import CacheEventLog, IndexPublisher, RedisIndexWriter
 from tests.conftest import greedy, make_engine, prompt_ids
 
 A = WorkerKey("prefill-0", "epoch1")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from router.prefix_index import (
+from cluster.prefix_index import (
     BlockHash,
     CacheEventBatch,
     IndexConfig,

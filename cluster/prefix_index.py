@@ -17,7 +17,7 @@ read, and a dead worker's set expires with its TTL. Hashes are seeded by model i
 `cache_salt` (engine.block_hash), so tenants with different salts never match each other.
 
 Without Redis, `LocalPrefixIndex` keeps the same answers in the router process, fed by
-`CacheEventBatch`es the router pulls from its workers (router.prefix_publisher.CacheEventLog).
+`CacheEventBatch`es the router pulls from its workers (cluster.prefix_publisher.CacheEventLog).
 Both run on the router's event loop; neither is thread-safe.
 """
 
