@@ -162,13 +162,38 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-workers", type=int, default=1, help="disaggregated mode")
     parser.add_argument("--decode-workers", type=int, default=1, help="disaggregated mode")
     parser.add_argument("--workers", type=int, default=2, help="colocated mode")
+    parser.add_argument(
+        "--redis-url",
+        default=None,
+        help="the global prefix-cache index in Redis (redis://host:port/db, rediss:// for TLS), "
+        "shared by every router; its password from $TANDEM_REDIS_PASSWORD. Default: an "
+        "index kept in this router's process",
+    )
+    parser.add_argument("--redis-tls-ca-file", default=None, help="CA bundle for rediss://")
+    parser.add_argument(
+        "--cache-weight",
+        type=float,
+        default=1.0,
+        help="how much a cached prompt token counts against a queued one in placement "
+        "(0: place by load alone)",
+    )
 
 
 def pool_config(args: argparse.Namespace, port: int) -> Any:
+    import os
+
+    from cluster.prefix_index import IndexConfig
     from cluster.service import ServiceConfig
     from engine.config import EngineConfig
 
+    index = IndexConfig(
+        redis_url=args.redis_url,
+        redis_password=os.environ.get("TANDEM_REDIS_PASSWORD") or None,
+        redis_tls_ca_file=args.redis_tls_ca_file,
+    )
     return ServiceConfig(
+        index=index,
+        cache_weight=args.cache_weight,
         engine=EngineConfig(model=args.model, device=args.device),
         mode=args.mode,
         num_workers=args.workers,

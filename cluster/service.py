@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.prefix_index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
 from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
 from router.admission import Admission, AdmissionLimits
@@ -48,6 +49,11 @@ class ServiceConfig:
     worker_start_timeout_s: float = 300.0
     health_interval_s: float = 1.0  # how often every worker is checked for life
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)  # work in flight
+    # The global prefix-cache index (redis_url None: kept in the router, drained from workers
+    # every index_drain_interval_s) and how much a cached prompt token weighs in placement.
+    index: IndexConfig = field(default_factory=IndexConfig)
+    cache_weight: float = 1.0
+    index_drain_interval_s: float = 0.1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -56,6 +62,12 @@ class ServiceConfig:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if not self.cache_weight >= 0:
+            raise ValueError(f"cache_weight={self.cache_weight!r} must be >= 0")
+        if not 0 < self.index_drain_interval_s <= 10:
+            raise ValueError(
+                f"index_drain_interval_s={self.index_drain_interval_s!r} must be in (0, 10]"
+            )
 
 
 class Service:
@@ -70,6 +82,8 @@ class Service:
         self._actor_class: Any = None
         self._prefill_class: Any = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self.prefix_index: PrefixLookup | None = None
         self._started_ray = False
         self.num_replaced = 0  # workers replaced after dying
 
@@ -97,13 +111,13 @@ class Service:
         self._actor_class = ray.remote(num_cpus=cpus, num_gpus=gpus)(EngineWorker)
         disaggregated = config.mode == "disaggregated"
         num_decode = config.num_decode_workers if disaggregated else config.num_workers
-        self.workers = [self._actor_class.remote(config.engine) for _ in range(num_decode)]
+        self.workers = [self._spawn("decode", i) for i in range(num_decode)]
         if disaggregated:
             from prefill_worker.actor import PrefillWorker
 
             self._prefill_class = ray.remote(num_cpus=cpus, num_gpus=gpus)(PrefillWorker)
             self.prefill_workers = [
-                self._prefill_class.remote(config.engine) for _ in range(config.num_prefill_workers)
+                self._spawn("prefill", i) for i in range(config.num_prefill_workers)
             ]
         infos = await asyncio.wait_for(
             asyncio.gather(*(w.model_info.remote() for w in self.workers + self.prefill_workers)),
@@ -112,34 +126,79 @@ class Service:
         if disaggregated:
             await self._form_pairs()
         model = served_model(config.engine.model, infos[0])
+        prefilling_infos = infos[len(self.workers) :] if disaggregated else infos
+        self.prefix_index = make_prefix_index(config.index)
         self._servicer = TandemServicer(
             model,
             list(self.workers),
             list(self.prefill_workers) if disaggregated else None,
             Admission(config.admission),
+            self.prefix_index,
+            [info["index_key"] for info in prefilling_infos],
+            config.cache_weight,
         )
         gate.open(self._servicer)
         await set_serving(self._health, self._pools(), serving=True)
         self._watch_task = asyncio.create_task(self._watch())
+        if isinstance(self.prefix_index, LocalPrefixIndex):
+            self._drain_task = asyncio.create_task(self._drain_index(self.prefix_index))
         logger.info("serving %s on %s:%d with %d workers", model.model_id, config.host,
                     self.port, len(self.workers))  # fmt: skip
 
     async def stop(self, grace_s: float = 5.0) -> None:
         import ray
 
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            self._watch_task = None
+        for task in (self._watch_task, self._drain_task):
+            if task is not None:
+                task.cancel()
+        self._watch_task = self._drain_task = None
         if self._server is not None:
             await set_serving(self._health, self._pools(), serving=False)
             await self._server.stop(grace_s)
             self._server = None
-        for worker in self.workers + self.prefill_workers:
+        workers = self.workers + self.prefill_workers
+        if workers:  # a clean stop takes their entries out of the index; then they go
+            await asyncio.wait([asyncio.ensure_future(w.shutdown.remote()) for w in workers],
+                               timeout=grace_s)  # fmt: skip
+        for worker in workers:
             ray.kill(worker)
+        if self.prefix_index is not None:
+            await self.prefix_index.close()
+            self.prefix_index = None
         self.workers, self.prefill_workers = [], []
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+    def _spawn(self, pool: str, index: int) -> Any:
+        """A new worker actor for position `index` of `pool`; its index identity is the
+        position (a replacement takes over the id, with a new epoch)."""
+        config = self.config
+        if pool == "prefill":
+            return self._prefill_class.remote(config.engine, f"prefill-{index}", config.index)
+        if config.mode == "colocated":  # colocated workers prefill: they publish their cache
+            return self._actor_class.remote(config.engine, f"worker-{index}", config.index)
+        return self._actor_class.remote(config.engine, f"decode-{index}", None)
+
+    def _prefilling_workers(self) -> list[Any]:
+        return self.prefill_workers if self.config.mode == "disaggregated" else self.workers
+
+    async def _drain_index(self, index: LocalPrefixIndex) -> None:
+        """Without Redis: pull the prefilling workers' cache changes into the router's index.
+        A worker that does not answer is skipped (its entries expire if it stays silent)."""
+        while True:
+            await asyncio.sleep(self.config.index_drain_interval_s)
+            assert self._servicer is not None
+            keys = self._servicer.index_keys()
+            calls = [
+                asyncio.wait_for(
+                    worker.drain_cache_events.remote(index.next_drain_seq(key.worker_id)), 5.0
+                )
+                for worker, key in zip(self._prefilling_workers(), keys, strict=True)
+            ]
+            for batch in await asyncio.gather(*calls, return_exceptions=True):
+                if not isinstance(batch, BaseException):
+                    index.apply(batch)
 
     def _pools(self) -> list[str]:
         return ["prefill", "decode"] if self.config.mode == "disaggregated" else ["decode"]
@@ -201,9 +260,9 @@ class Service:
         worker with every decode worker."""
         logger.warning("%s worker %d died; starting a replacement", pool, index)
         assert self._servicer is not None
+        new = self._spawn(pool, index)
+        info = await asyncio.wait_for(new.model_info.remote(), self.config.worker_start_timeout_s)
         if pool == "decode":
-            new = self._actor_class.remote(self.config.engine)
-            await asyncio.wait_for(new.model_info.remote(), self.config.worker_start_timeout_s)
             if self.prefill_workers:
                 address = await new.open_endpoint.remote()
                 await asyncio.gather(
@@ -213,16 +272,13 @@ class Service:
                     )
                 )
             self.workers[index] = new  # ready, paired: now it may take requests
-            self._servicer.replace_worker(dead, new)
         else:
-            new = self._prefill_class.remote(self.config.engine)
-            await asyncio.wait_for(new.model_info.remote(), self.config.worker_start_timeout_s)
             addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in self.workers))
             await asyncio.gather(
                 *(self._connect(new, index, d, address) for d, address in enumerate(addresses))
             )
             self.prefill_workers[index] = new
-            self._servicer.replace_worker(dead, new)
+        self._servicer.replace_worker(dead, new, info["index_key"])
         self.num_replaced += 1
 
 
@@ -235,4 +291,5 @@ def served_model(model_spec: str | None, info: dict[str, Any]) -> ServedModel:
         vocab_size=info["vocab_size"],
         max_model_len=info["max_model_len"],
         tokenizer=description.tokenizer,
+        block_size=info["block_size"],
     )

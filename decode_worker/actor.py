@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from cluster.prefix_index import CacheEventBatch, IndexConfig, WorkerKey, new_epoch
+from cluster.prefix_publisher import CacheEventLog, IndexPublisher
 from decode_worker.engine_loop import EngineLoop
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -45,25 +47,44 @@ def transport_for(engine: Engine) -> TransportConfig:
 class WorkerBase:
     """An engine driven by an EngineLoop, with the inspection methods every worker has."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self, config: EngineConfig, worker_id: str = "worker", index: IndexConfig | None = None
+    ) -> None:
+        """worker_id: stable across replacements (the pool position); index: publish this
+        worker's prefix cache to the Redis index of this configuration (None: not to Redis;
+        the router may still drain `drain_cache_events`)."""
         if config.device in ("cuda", "auto") and torch.cuda.is_available():
             from kvtransfer.transport import configure_nccl_environment
 
             configure_nccl_environment()  # before any NCCL pair forms
         self.engine = Engine(config)
+        # Each start is a new incarnation: the index never trusts an earlier one's entries.
+        self.cache_events = CacheEventLog(WorkerKey(worker_id, new_epoch()))
+        self.engine.block_manager.set_cache_listener(self.cache_events.on_cache_event)
+        self.publisher: IndexPublisher | None = None
+        if index is not None and index.redis_url is not None:
+            self.publisher = IndexPublisher(self.cache_events, index)
+            self.publisher.start()
         self.loop = EngineLoop(self.engine)
         cache = self.engine.runner.kv_cache
         self.layout = KVLayout.of_cache(cache, self.engine.model_id)
         self.staging = StagingPool(STAGING_BYTES, cache.device, cache.dtype)
 
     def model_info(self) -> dict[str, Any]:
-        """What the router needs to validate requests for this worker's model."""
+        """What the router needs to validate and place requests for this worker."""
         return {
             "model_id": self.engine.model_id,
             "model_spec": self.engine.config.model,
             "vocab_size": self.engine.model_config.vocab_size,
             "max_model_len": self.engine.max_model_len,
+            "block_size": self.engine.block_manager.block_size,
+            "index_key": self.cache_events.worker,
         }
+
+    def drain_cache_events(self, after_seq: int | None) -> CacheEventBatch:
+        """This worker's prefix-cache changes since batch `after_seq` (or all of it), for a
+        router keeping the index in its own process (no Redis)."""
+        return self.cache_events.drain(after_seq)
 
     async def stats(self) -> dict[str, Any]:
         """Load figures for placement (requests in flight, free KV blocks, the sequence cap)
@@ -85,6 +106,12 @@ class WorkerBase:
             }
 
         return await asyncio.to_thread(self.loop.call, read)
+
+    def shutdown(self) -> None:
+        """Stop the engine and take this worker's entries out of the prefix index."""
+        self.loop.stop()
+        if self.publisher is not None:
+            self.publisher.stop(remove_entries=True)
 
     def abort(self, request_id: str) -> None:
         """Abort a request, here now or arriving later (a cancel can overtake its request)."""
@@ -124,8 +151,10 @@ class WorkerBase:
 class EngineWorker(WorkerBase):
     """A decode worker; in colocated mode it prefills too."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__(config)
+    def __init__(
+        self, config: EngineConfig, worker_id: str = "worker", index: IndexConfig | None = None
+    ) -> None:
+        super().__init__(config, worker_id, index)
         self._endpoint: ReceiverEndpoint | None = None
 
     async def generate(
@@ -189,6 +218,3 @@ class EngineWorker(WorkerBase):
             )  # fmt: skip
             self.loop.receivers.append(receiver)
             self.loop.wake()
-
-    def shutdown(self) -> None:
-        self.loop.stop()

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
+from cluster.prefix_index import IndexConfig
 from decode_worker.actor import WorkerBase, transport_for
 from engine.config import EngineConfig
 from engine.output_processor import RequestOutput
@@ -27,8 +28,10 @@ from kvtransfer.sender import KVSender
 
 
 class PrefillWorker(WorkerBase):
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__(config)
+    def __init__(
+        self, config: EngineConfig, worker_id: str = "prefill", index: IndexConfig | None = None
+    ) -> None:
+        super().__init__(config, worker_id, index)
         self.senders: dict[int, KVSender] = {}
 
     def _transfer_metrics(self) -> list[Any]:

@@ -45,6 +45,7 @@ class ServedModel:
     vocab_size: int
     max_model_len: int
     tokenizer: PromptTokenizer | None
+    block_size: int = 16  # the workers' KV block size: prompts hash per block of this size
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 
+from cluster.prefix_index import PrefixLookup, WorkerKey
+from engine.block_hash import prompt_block_hashes
 from engine.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -73,12 +75,44 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         workers: list[Any],
         prefill_workers: list[Any] | None = None,
         admission: Admission | None = None,
+        prefix_index: PrefixLookup | None = None,
+        index_keys: list[WorkerKey] | None = None,
+        cache_weight: float = 1.0,
     ) -> None:
+        """prefix_index: where the workers that prefill (the prefill pool, or every colocated
+        worker) publish their cached blocks, under `index_keys` (in pool order)."""
         self.model = model
-        self.decode = Pool("decode", workers)
-        self.prefill = None if prefill_workers is None else Pool("prefill", prefill_workers)
+        self.decode = Pool("decode", workers, cache_weight)
+        self.prefill = (
+            None if prefill_workers is None else Pool("prefill", prefill_workers, cache_weight)
+        )
         self.admission = admission or Admission()
+        self.prefix_index = prefix_index
+        if prefix_index is not None:
+            if index_keys is None or len(index_keys) != len(self._prefilling):
+                raise ValueError("a prefix index needs one index key per prefilling worker")
+            self._prefilling.index_keys = list(index_keys)
         self.num_retried = 0  # requests moved to another worker after losing theirs
+
+    @property
+    def _prefilling(self) -> Pool:
+        """The pool whose workers prefill: the prefill pool, or the colocated workers."""
+        return self.decode if self.prefill is None else self.prefill
+
+    async def _cached_tokens(self, request: Any) -> list[int] | None:
+        """How many of the prompt's tokens each prefilling worker holds in its prefix cache,
+        by the index; None if there is no index or it cannot answer in time."""
+        if self.prefix_index is None:
+            return None
+        size = self.model.block_size
+        hashes = prompt_block_hashes(
+            request.prompt_token_ids, size, self.model.model_id, request.cache_salt
+        )
+        counts = await self.prefix_index.lookup(hashes, self._prefilling.index_keys)
+        if counts is None:
+            return None
+        last = len(request.prompt_token_ids) - 1  # the last prompt token is always computed
+        return [min(count * size, last) for count in counts]
 
     async def Generate(self, request: Any, context: Any) -> Any:
         arrival = time.monotonic()
@@ -98,12 +132,13 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         """Prefill and decode on one worker; a worker lost before any output is retried on
         another."""
         tried: set[int] = set()
+        cached = await self._cached_tokens(request)
         while True:
-            index = self.decode.pick(tried)
+            index = self.decode.pick(tried, cached)
             tried.add(index)
             dispatched = time.monotonic()
             first = True
-            with self.decode.assigned(index, len(request.prompt_token_ids)) as worker:
+            with self.decode.assigned(index, _uncached(request, cached, index)) as worker:
                 stream = None
                 try:
                     stream = (
@@ -164,11 +199,12 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         another for the same request: nothing has reached the client yet."""
         assert self.prefill is not None
         tried: set[int] = set()
+        cached = await self._cached_tokens(request)
         while True:
-            index = self.prefill.pick(tried)
+            index = self.prefill.pick(tried, cached)
             tried.add(index)
             dispatched = time.monotonic()
-            with self.prefill.assigned(index, len(request.prompt_token_ids)) as worker:
+            with self.prefill.assigned(index, _uncached(request, cached, index)) as worker:
                 call = worker.prefill.remote(
                     request.request_id, request.prompt_token_ids, params_to_dict(request.params),
                     request.cache_salt, decode_index,
@@ -189,11 +225,15 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         logger.warning("%s %d lost before any output; retrying elsewhere: %s", what, index, error)
         self.num_retried += 1
 
-    def replace_worker(self, old: Any, new: Any) -> None:
-        """Swap a dead worker's handle (either pool) for its replacement: new requests go
-        to it."""
+    def replace_worker(self, old: Any, new: Any, index_key: WorkerKey | None = None) -> None:
+        """Swap a dead worker's handle (either pool) for its replacement, known to the prefix
+        index as `index_key`: new requests go to it."""
         for pool in self._pools():
-            pool.replace(old, new)
+            pool.replace(old, new, index_key)
+
+    def index_keys(self) -> list[WorkerKey]:
+        """The prefix-index identities of the prefilling workers, in pool order."""
+        return list(self._prefilling.index_keys)
 
     def observe(self, worker: Any, stats: dict[str, Any]) -> None:
         """A worker's latest load report (its `stats`), for placement."""
@@ -249,6 +289,11 @@ def _cancel(call: Any, worker: Any, request_id: str) -> None:
         worker.abort.remote(request_id)
     except Exception:  # already finished or the worker is gone: nothing left to stop
         logger.debug("cancel of a finished request", exc_info=True)
+
+
+def _uncached(request: Any, cached: list[int] | None, index: int) -> int:
+    """The prompt tokens worker `index` will compute: its share of the pool's queue."""
+    return len(request.prompt_token_ids) - (cached[index] if cached is not None else 0)
 
 
 def _lost(error: BaseException) -> bool:

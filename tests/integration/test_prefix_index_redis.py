@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.block_hash import prompt_block_hashes
 from cluster.prefix_index import IndexConfig, PrefixIndex, WorkerKey, blocks_key
 from cluster.prefix_publisher import CacheEventLog, IndexPublisher
+from engine.block_hash import prompt_block_hashes
 from tests.conftest import prompt_ids
 from tests.redis_server import RedisServer
 

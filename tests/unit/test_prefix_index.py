@@ -10,8 +10,6 @@ from collections.abc import Sequence
 
 import pytest
 
-from engine.block_hash import prompt_block_hashes
-from engine.engine import Engine
 from cluster.prefix_index import (
     CacheEventBatch,
     IndexConfig,
@@ -21,6 +19,8 @@ from cluster.prefix_index import (
     make_prefix_index,
 )
 from cluster.prefix_publisher import CacheEventLog, IndexPublisher, RedisIndexWriter
+from engine.block_hash import prompt_block_hashes
+from engine.engine import Engine
 from tests.conftest import greedy, make_engine, prompt_ids
 
 A = WorkerKey("prefill-0", "epoch1")

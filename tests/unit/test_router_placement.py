@@ -15,11 +15,14 @@ def stats(free: int, total: int = 100, max_num_seqs: int = 8) -> dict[str, int]:
 
 def test_prefill_goes_to_the_fewest_queued_prompt_tokens() -> None:
     pool = Pool("prefill", ["a", "b", "c"])
-    with pool.assigned(0, prompt_tokens=900), pool.assigned(1, prompt_tokens=100):
-        with pool.assigned(1, prompt_tokens=100):
-            assert pool.pick() == 2  # idle
-            with pool.assigned(2, prompt_tokens=1000):
-                assert pool.pick() == 1  # 200 queued tokens beat 900 and 1,000
+    with (
+        pool.assigned(0, prompt_tokens=900),
+        pool.assigned(1, prompt_tokens=100),
+        pool.assigned(1, prompt_tokens=100),
+    ):
+        assert pool.pick() == 2  # idle
+        with pool.assigned(2, prompt_tokens=1000):
+            assert pool.pick() == 1  # 200 queued tokens beat 900 and 1,000
     assert [load.queued_tokens for load in pool.loads] == [0, 0, 0]
     assert [load.in_flight for load in pool.loads] == [0, 0, 0]
 
