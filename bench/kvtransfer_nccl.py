@@ -5,7 +5,10 @@ Two processes, sender on cuda:0, receiver on cuda:1 (one host). For each shape (
 32 layers x 8 KV heads x 128, bf16 = 128 KiB per token; SmolLM2-135M: 30 x 3 x 64 = 22.5 KiB)
 and prompt length (512, 2,048, 8,192 tokens; 16-token blocks scattered over the cache):
 
-- raw, coalesced: gather all blocks into one staging tensor, one send, one receive, scatter;
+- raw, coalesced, pipelined: gather all blocks into one staging tensor and send it as one
+  payload in parts of ~64 MiB (kvtransfer.coalesce.pipeline_parts), each part's gather,
+  send, receive and scatter overlapping the neighbouring parts';
+- raw, coalesced, one part: the same as a single message (gather, send, receive, scatter);
 - raw, per block: one gather + send + receive + scatter per block;
   both timed on the receiver from a "go" message to its scatter being complete;
 - protocol: KVSender.submit -> KVReceiver.poll returns it (offer/ready over TCP, payload,
@@ -24,9 +27,11 @@ Bandwidth = KV bytes / time. Median of `--repeats` after a warm-up.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import queue
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -52,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overlap-layers-per-chunk", type=int, default=2)
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--out", default="bench/results/kvtransfer_nccl.json")
+    parser.add_argument("--stack-dump-s", type=float, default=600.0)
     parser.add_argument(
         "--cpu-dry-run",
         action="store_true",
@@ -102,6 +108,50 @@ def sha(cache: torch.Tensor, block_ids: list[int] | tuple[int, ...]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+RAW_MODES = ("coalesced", "one_part", "per_block")
+
+
+def groups_of(ids: list[int], mode: str) -> list[list[int]]:
+    """The block groups sent as one payload each: all blocks, or one per block."""
+    return [[b] for b in ids] if mode == "per_block" else [ids]
+
+
+def parts_of(staging: torch.Tensor, mode: str) -> tuple[slice, ...]:
+    """The pipelined parts of a staging tensor ("coalesced"), or one part (the others)."""
+    from kvtransfer.coalesce import pipeline_parts
+
+    if mode != "coalesced":
+        return (slice(0, staging.shape[0]),)
+    layer_bytes = staging[0].numel() * staging.element_size()
+    return pipeline_parts(staging.shape[0], layer_bytes, part_bytes=64 << 20)
+
+
+def send_group(channel: Any, cache: torch.Tensor, group: list[int], mode: str) -> None:
+    """Gather `group` into a staging tensor and send it, part by part as it is gathered."""
+    from kvtransfer.coalesce import gather_blocks, staging_shape
+
+    staging = torch.empty(staging_shape(cache, len(group)), dtype=cache.dtype, device=cache.device)
+    parts = parts_of(staging, mode)
+
+    def fill(i: int) -> None:
+        gather_blocks(cache, group, staging[parts[i]], layers=parts[i])
+
+    channel.send_parts([staging[p] for p in parts], fill=fill)
+
+
+def recv_group(channel: Any, cache: torch.Tensor, group: list[int], mode: str) -> None:
+    """Receive `group` into a staging tensor, scattering each part as it arrives."""
+    from kvtransfer.coalesce import scatter_blocks, staging_shape
+
+    staging = torch.empty(staging_shape(cache, len(group)), dtype=cache.dtype, device=cache.device)
+    parts = parts_of(staging, mode)
+
+    def drain(i: int) -> None:
+        scatter_blocks(cache, group, staging[parts[i]], layers=parts[i])
+
+    channel.recv_parts([staging[p] for p in parts], drain=drain)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -110,8 +160,9 @@ def median(values: list[float]) -> float:
 
 
 def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None:
+    faulthandler.dump_traceback_later(args.stack_dump_s)  # where a stuck run hangs
     from engine.block_manager import BlockManager
-    from kvtransfer.coalesce import StagingPool, scatter_blocks, staging_shape
+    from kvtransfer.coalesce import StagingPool
     from kvtransfer.layout import KVLayout
     from kvtransfer.pair import ReceiverEndpoint
     from kvtransfer.protocol import TransferConfig
@@ -133,18 +184,13 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
         cache = cache_for(args, shape, device).zero_()
         for length in lengths(args):
             ids = scattered_blocks(args, length, seed=length + 1)
-            for mode in ("coalesced", "per_block"):
+            for mode in RAW_MODES:
                 times = []
                 for _ in range(args.repeats + 1):
                     raw.recv(go)
                     start = time.perf_counter()
-                    groups = [ids] if mode == "coalesced" else [[b] for b in ids]
-                    for group in groups:
-                        staging = torch.empty(
-                            staging_shape(cache, len(group)), dtype=cache.dtype, device=device
-                        )
-                        raw.recv(staging)
-                        scatter_blocks(cache, group, staging)
+                    for group in groups_of(ids, mode):
+                        recv_group(raw, cache, group, mode)
                     synchronize(args)
                     times.append(time.perf_counter() - start)
                 queue_out.put(("raw", shape, length, mode, times[1:]))
@@ -179,7 +225,7 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
 
 
 def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None:
-    from kvtransfer.coalesce import gather_blocks
+    faulthandler.dump_traceback_later(args.stack_dump_s)  # where a stuck run hangs
     from kvtransfer.transport import PairAddress, configure_nccl_environment, open_channel
 
     configure_nccl_environment()
@@ -195,13 +241,13 @@ def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None
         cache = cache_for(args, shape, device)
         for length in lengths(args):
             ids = scattered_blocks(args, length, seed=length + 1)
-            for mode in ("coalesced", "per_block"):
+            for mode in RAW_MODES:
+                print(f"sender: raw {shape} {length} {mode}", file=sys.stderr, flush=True)
                 for _ in range(args.repeats + 1):
                     synchronize(args)
                     raw.send(go)
-                    groups = [ids] if mode == "coalesced" else [[b] for b in ids]
-                    for group in groups:
-                        raw.send(gather_blocks(cache, group))
+                    for group in groups_of(ids, mode):
+                        send_group(raw, cache, group, mode)
     pair_bytes = 0
     if not args.cpu_dry_run:
         pair_bytes = free_before - torch.cuda.mem_get_info()[0] - torch.cuda.memory_reserved()
@@ -239,20 +285,30 @@ def protocol_runs(
         StagingPool(2 << 30, device, cache.dtype), TransferConfig(checksum=False),
     )  # fmt: skip
     for length in lengths(args):
+        print(f"sender: protocol {shape} {length}", file=sys.stderr, flush=True)
         ids = scattered_blocks(args, length, seed=length + 7)
         for rep in range(args.repeats + 1):
             transfer_id = f"{shape}-{length}-{rep}"
+            digest = sha(cache, ids)  # before the clock starts: hashing holds CPU and GIL
             manager.hold(transfer_id, ids)
             synchronize(args)
             started = time.monotonic()
             handle = sender.submit(transfer_id, transfer_id, ids, length, transfer_id=transfer_id)
-            queue_out.put(("protocol", shape, length, rep, started, sha(cache, ids)))
             result = handle.wait(60)
             assert result.ok, result
+            queue_out.put(("protocol", shape, length, rep, started, digest))
+            wait_digested(queue_in, transfer_id)
     manager.check_integrity([], ())
     if engine is not None:
-        overlap_runs(args, sender, engine, queue_out)
+        overlap_runs(args, sender, engine, queue_out, queue_in)
     sender.close()
+
+
+def wait_digested(queue_in: Any, transfer_id: str) -> None:
+    """Wait until the receiver has hashed `transfer_id`'s blocks (the driver forwards its
+    word), so no hashing overlaps the next timed transfer."""
+    while queue_in.get(timeout=120) != ("digested", transfer_id):
+        pass
 
 
 def dummy_engine(args: argparse.Namespace, shape: str, device: str) -> Any:
@@ -269,7 +325,9 @@ def dummy_engine(args: argparse.Namespace, shape: str, device: str) -> Any:
     )  # fmt: skip
 
 
-def overlap_runs(args: argparse.Namespace, sender: Any, engine: Any, queue_out: Any) -> None:
+def overlap_runs(
+    args: argparse.Namespace, sender: Any, engine: Any, queue_out: Any, queue_in: Any
+) -> None:
     """A 2,048-token prefill of the dummy 8B model on cuda:0, its KV shipped as written."""
     import threading
 
@@ -326,6 +384,7 @@ def overlap_runs(args: argparse.Namespace, sender: Any, engine: Any, queue_out: 
             if handle is not None:
                 result = handle.wait(60)
                 assert result.ok, result
+                wait_digested(queue_in, transfer_id)
             engine.block_manager.free(seq)
     engine.block_manager.check_integrity([], ())
 
@@ -378,6 +437,8 @@ def main() -> None:
         messages.append(message)
         if message[0] == "shape_done":
             to_receiver.put("next")
+        if message[0] == "arrived":
+            to_sender.put(("digested", message[1]))
         byes += message[0] == "bye"
     sender.join(60)
     receiver.join(60)
@@ -427,7 +488,7 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
         for length in lengths(args):
             nbytes = -(-length // BLOCK) * BLOCK * layers * 2 * heads * dim * 2
             cells = [shape, f"{length:,}", f"{nbytes / 2**20:.1f}"]
-            timings = [raw.get((shape, length, m)) for m in ("coalesced", "per_block")]
+            timings = [raw.get((shape, length, m)) for m in RAW_MODES]
             for times in [*timings, protocol.get((shape, length))]:
                 seconds = median(times) if times else None
                 cells.append(
@@ -437,7 +498,16 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
                 )
             rows.append(cells)
     table = markdown_table(
-        ["shape", "tokens", "KV MiB", "coalesced", "one message per block", "protocol"], rows
+        [
+            "shape",
+            "tokens",
+            "KV MiB",
+            "coalesced, pipelined",
+            "coalesced, one part",
+            "one message per block",
+            "protocol",
+        ],
+        rows,
     )
     lines = [f"\nKV transfer, bf16, 2x {device}, median of {args.repeats}", table]
     summary: dict[str, Any] = {}

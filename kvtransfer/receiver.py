@@ -25,6 +25,7 @@ from kvtransfer.coalesce import (
     TransferChunk,
     numel,
     on_stream,
+    pipeline_parts,
     scatter_blocks,
     split_for_overlap,
     staging_shape,
@@ -359,14 +360,25 @@ class KVReceiver:
                 f"{nbytes} bytes, expected {expected}"
             )
         lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
+        parts = pipeline_parts(shape[0], numel(shape[1:]) * self.kv_cache.element_size())
+        views = [lease.tensor[part] for part in parts]
+
+        def drain(index: int) -> None:  # scatter part `index`, ordered after its receive
+            start = chunk.layer_start + parts[index].start
+            part_layers = slice(start, chunk.layer_start + parts[index].stop)
+            scatter_blocks(self.kv_cache, chunk.block_ids, views[index], layers=part_layers)
+
         try:
-            with on_stream(self._stream):  # on CUDA the scatter is ordered after the receive
-                self.channel.recv_payload(lease.tensor, timeout_s=self.config.stall_timeout_s)
-                scatter_blocks(self.kv_cache, chunk.block_ids, lease.tensor, layers=chunk.layers)
-            if self._stream is not None:
-                self._stream.synchronize()  # the blocks are written before anyone is told
-            elif self.config.checksum:
+            with on_stream(self._stream):
+                # returns once the scatters are complete: the blocks are written before anyone
+                # is told
+                self.channel.recv_payload_parts(
+                    views, drain=drain, timeout_s=self.config.stall_timeout_s
+                )
+            if self._stream is None and self.config.checksum:
                 incoming.crc = tensor_crc32(lease.tensor, incoming.crc)
+        except ValueError as e:  # the sender split the payload differently: out of step
+            raise KVTransferError(f"transfer {incoming.offer.transfer_id}: {e}") from e
         finally:
             self._staging.release(lease)
         incoming.num_bytes += nbytes

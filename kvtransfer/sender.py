@@ -26,6 +26,7 @@ from kvtransfer.coalesce import (
     gather_blocks,
     numel,
     on_stream,
+    pipeline_parts,
     split_for_overlap,
     staging_shape,
     tensor_crc32,
@@ -293,11 +294,17 @@ class KVSender:
     ) -> int:
         shape = staging_shape(self.kv_cache, len(block_ids), layers)
         lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
+        parts = pipeline_parts(shape[0], numel(shape[1:]) * self.kv_cache.element_size())
+        views = [lease.tensor[part] for part in parts]
+
+        def fill(index: int) -> None:  # gather part `index`; its send waits for it on the GPU
+            part_layers = slice(layers.start + parts[index].start, layers.start + parts[index].stop)
+            gather_blocks(self.kv_cache, block_ids, views[index], layers=part_layers)
+
         try:
-            with on_stream(self._stream):  # NCCL's stream waits for the gather on this one
-                gather_blocks(self.kv_cache, block_ids, lease.tensor, layers=layers)
-                self.channel.send(
-                    lease.tensor, tag=transfer.tag, timeout_s=self.config.stall_timeout_s
+            with on_stream(self._stream):  # NCCL's stream waits for the gathers on this one
+                self.channel.send_parts(
+                    views, tag=transfer.tag, fill=fill, timeout_s=self.config.stall_timeout_s
                 )
             if self._stream is None and self.config.checksum:
                 crc = tensor_crc32(lease.tensor, crc)
@@ -427,8 +434,8 @@ class KVSender:
             live = list(self._live.values())
         for transfer in live:
             self._end(transfer, TransferStatus.FAILED, reason)
+        self.control.close()  # first: the peer learns at once, whatever the channel does
         self.channel.close()
-        self.control.close()
 
     def _send_control(self, message: Message) -> None:
         self.control.send(message)  # KVTransferError: the pair is failing

@@ -9,14 +9,24 @@ it has peers, formed on demand and closed independently:
          |                      |
       rank 0 (prefill A)    rank 1 (decode B)     PairAddress(host, port, pair_key, rank)
 
-Every payload travels behind a 32-byte header, so a desynchronised pair fails loudly instead of
+Every payload travels behind a 40-byte header, so a desynchronised pair fails loudly instead of
 writing one request's KV into another's blocks:
 
-    header  int64[4] = [MAGIC, seq, tag, nbytes]     then     payload (nbytes, one message)
+    header  int64[5] = [MAGIC, seq, tag, nbytes, part_nbytes]   then   payload (nbytes)
 
     seq counts payloads on this channel (both sides count); tag is the caller's id for the
-    payload (e.g. transfer number); the receiver checks all four before posting the payload
+    payload (e.g. transfer number); the receiver checks them all before posting the payload
     receive, and raises KVTransferError on any difference.
+
+    A payload may go as several parts (`send_parts` / `recv_parts`), one NCCL message each,
+    all of part_nbytes but the last (the rest): the sender fills part i + 1 (a gather) while
+    part i is on the link, the receiver empties part i (a scatter) while part i + 1 arrives.
+    Only the header is waited for on the host before the payload is posted; the parts and the
+    copies around them are queued on the CUDA stream and waited for once, at the end:
+
+      sender stream:   [fill 0][fill 1][fill 2]
+      link:                    [part 0][part 1][part 2]
+      receiver stream:                 [drain 0][drain 1][drain 2]
 
     A header with nbytes = MARKER (-1) and no payload stands in for a payload that will not
     come (`send_marker`: an aborted transfer), so both sides' counts stay in step. A receiver
@@ -27,8 +37,9 @@ Ordering: both sides must issue sends and receives in the same order. A channel 
 transfer thread per side (concurrent use raises RuntimeError); that thread follows the control
 protocol (kvtransfer.messages), which fixes the order. Different pairs run in parallel.
 
-Failure: every send/recv waits on its work handle with a timeout (`Work.wait(timeout)`); the
-process group's own timeout (`backstop_timeout_s`) stays longer, as a backstop. A timeout, a
+Failure: every send/recv waits for its operations with a timeout (gloo: `Work.wait(timeout)`;
+NCCL: the host polls a CUDA event recorded after them, so torch never sees a timed-out wait);
+the process group's own timeout (`backstop_timeout_s`) stays longer, as a backstop. A timeout, a
 dead peer or a bad header raises KVTransferError and breaks the channel for good: which
 messages matched is unknown, so every later call raises too. `close()` it and form a new pair
 under a new pair key (keys are single-use: a reused key is refused at formation).
@@ -47,17 +58,17 @@ and teardown, which differ in kind, hence a base class with two subclasses rathe
   unless the process runs with 2 (abort the failed communicator only; one per pair here) or 0.
   Worker processes call `configure_nccl_environment()` at startup, before any thread starts
   (environment writes race with C++ getenv).
-  NOT YET PROVEN on GPUs: in the first 2-GPU run (H200, torch 2.11, NCCL 2.28) a receive that
-  timed out raised KVTransferError as designed, but torch's watchdog then logged that it was
-  "taking the entire process down" and both peers stopped responding
-  (tests/gpu/test_kvtransfer_nccl.py, idle-pair case). Until that is understood, treat an NCCL
-  timeout as fatal to the worker (the pool replaces it); gloo pairs survive timeouts (tested).
-  GPU memory per pair is a fixed amount per communicator, independent of message sizes, since
-  NCCL moves large messages through fixed-size per-peer buffers in steps: connection buffers
-  for each p2p channel it connects (sized by NCCL_BUFFSIZE, default 4 MiB, and the p2p chunk
-  sizes), plus bookkeeping. Smaller NCCL_BUFFSIZE or NCCL_MAX_P2P_NCHANNELS shrink it, at
-  some bandwidth. Measured by bench/kvtransfer_nccl.py on 2x H200: 770 MiB of device memory
-  outside torch's allocator for one pair after its first transfers (docs/benchmarks.md).
+  On 2x H100 (torch 2.11, NCCL 2.28, 2026-11-27) a receive that timed out raised
+  KVTransferError after 2.0 s, the broken pair was aborted in 0.5 s and the same process
+  formed a new pair and moved KV bit-exactly (tests/gpu/test_kvtransfer_nccl.py). The first
+  run (H200), where the watchdog took the process down, used torch's timed `Work.wait`,
+  which marks a timed-out work failed for the watchdog; the channel now polls a CUDA event
+  instead and never hands torch a timed-out wait.
+  GPU memory per pair is a fixed amount per communicator, independent of message sizes:
+  NCCL's per-channel connection buffers plus bookkeeping. `TransportConfig.nccl_max_ctas`
+  (default 16) bounds the channels: measured on 2x H100, a further pair costs +134 MiB on the
+  sender and +262 MiB on the receiver (NCCL's default: +262 / +518 MiB); the first pair of a
+  process also pays NCCL's one-time set-up (556 / 684 MiB in all). See docs/benchmarks.md.
 
 The rendezvous store keeps a few hundred bytes per pair ever formed. This module never
 pickles: only tensors and store keys cross the process boundary.
@@ -70,8 +81,8 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -85,7 +96,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("gloo", "nccl")
 MAGIC = 0x54414E44454D4B56  # "TANDEMKV"
-HEADER_NUMEL = 4  # [MAGIC, seq, tag, nbytes] int64
+HEADER_NUMEL = 5  # [MAGIC, seq, tag, nbytes, part_nbytes] int64
 MARKER = -1  # nbytes of a header sent instead of a payload (send_marker)
 STORE_PREFIX = "tandem/kv/"
 _HEADER_TAG = 1  # gloo slot of headers (NCCL ignores tags)
@@ -105,6 +116,12 @@ class TransportConfig:
     connect_timeout_s: float = 60.0  # limit of rendezvous plus handshake
     backstop_timeout_s: float = 600.0  # the process group's own timeout; above the others
     gloo_hostname: str | None = None  # address gloo listens on; None: gloo's default device
+    nccl_max_ctas: int | None = 16  # NCCL blocks (channels) per pair; None: NCCL's default
+
+    # nccl_max_ctas bounds a pair's GPU memory (NCCL's buffers are per channel) and the SMs
+    # its kernels take from prefill. Measured on 2x H100 (one 256 MiB message): NCCL's
+    # default 328 GB/s, 776 + 1032 MiB for the first pair; 16: 314 GB/s, 132 + 260 MiB;
+    # 8: 250 GB/s, 68 + 132 MiB (rank 0 + rank 1).
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -113,6 +130,10 @@ class TransportConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name}={value!r} must be a positive finite number")
+        if self.nccl_max_ctas is not None and (
+            type(self.nccl_max_ctas) is not int or not 1 <= self.nccl_max_ctas <= 64
+        ):
+            raise ValueError(f"nccl_max_ctas={self.nccl_max_ctas!r} must be None or in [1, 64]")
         if self.backstop_timeout_s <= max(self.timeout_s, self.connect_timeout_s):
             raise ValueError(
                 f"backstop_timeout_s={self.backstop_timeout_s} must exceed timeout_s and "
@@ -177,7 +198,7 @@ class PairChannel(ABC):
         self._closed = False
         self._num_sent = 0  # payloads sent: the seq of the next send
         self._num_received = 0
-        self._pending_nbytes: int | None = None  # announced by a header, not yet received
+        self._pending: tuple[int, int] | None = None  # (nbytes, part_nbytes) not yet received
         self._send_header = torch.empty(HEADER_NUMEL, dtype=torch.int64, device=self.device)
         self._recv_header = torch.empty(HEADER_NUMEL, dtype=torch.int64, device=self.device)
 
@@ -225,7 +246,7 @@ class PairChannel(ABC):
         NCCL, creates the communicator. Does not count as a payload."""
         with self._op("handshake", max(timeout_s, 0.001)) as (pg, deadline):
             if self.address.rank == 0:
-                self._post_header(pg, -1, 0, 0, deadline)
+                self._complete([self._post_header(pg, -1, 0, 0, 0)], deadline)
             else:
                 self._expect_header(pg, -1, 0, 0, deadline)
 
@@ -239,11 +260,34 @@ class PairChannel(ABC):
         it within timeout_s (default config.timeout_s), died, or the channel is broken or closed;
         ValueError for a bad tensor or tag, before anything is sent. Transfer thread only.
         """
-        self._check_tensor(tensor)
-        nbytes = _check_tag_and_size(tag, tensor)
+        self.send_parts([tensor], tag=tag, timeout_s=timeout_s)
+
+    def send_parts(
+        self,
+        parts: Sequence[torch.Tensor],
+        *,
+        tag: int = 0,
+        fill: Callable[[int], object] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Send one payload made of `parts` (contiguous, on this channel's device, all of the
+        first one's size but the last, which may be smaller); the peer receives it with
+        `recv_parts` over parts of the same sizes, or `recv` of the whole size if one part.
+
+        fill(i), if given, runs just before part i is posted and may queue work on the current
+        CUDA stream that writes part i (a gather): the send waits for it on the device, not the
+        host, so filling part i + 1 overlaps sending part i. Returns once every part is sent
+        and may be reused. Raises like `send`; ValueError for parts of mismatched sizes.
+        """
+        sizes = [self._checked_size(part) for part in parts]
+        nbytes, part_nbytes = _check_parts(tag, sizes)
         with self._op("send", timeout_s) as (pg, deadline):
-            self._post_header(pg, self._num_sent, tag, nbytes, deadline)
-            self._wait(pg.send([tensor], self.address.peer_rank, _PAYLOAD_TAG), deadline)
+            works = [self._post_header(pg, self._num_sent, tag, nbytes, part_nbytes)]
+            for index, part in enumerate(parts):
+                if fill is not None:
+                    fill(index)
+                works.append(pg.send([part], self.address.peer_rank, _PAYLOAD_TAG))
+            self._complete(works, deadline)
             self._num_sent += 1
 
     def send_marker(self, *, tag: int, timeout_s: float | None = None) -> None:
@@ -252,7 +296,7 @@ class PairChannel(ABC):
         transfer), keeping both sides' sequence in step. Counts as one payload."""
         _check_tag(tag)
         with self._op("send", timeout_s) as (pg, deadline):
-            self._post_header(pg, self._num_sent, tag, MARKER, deadline)
+            self._complete([self._post_header(pg, self._num_sent, tag, MARKER, 0)], deadline)
             self._num_sent += 1
 
     def recv(self, tensor: torch.Tensor, *, tag: int = 0, timeout_s: float | None = None) -> None:
@@ -264,8 +308,24 @@ class PairChannel(ABC):
         marker instead of a payload, or a broken or closed channel; ValueError for a bad tensor
         or tag. Transfer thread only.
         """
-        self._check_tensor(tensor)
-        nbytes = _check_tag_and_size(tag, tensor)
+        self.recv_parts([tensor], tag=tag, timeout_s=timeout_s)
+
+    def recv_parts(
+        self,
+        parts: Sequence[torch.Tensor],
+        *,
+        tag: int = 0,
+        drain: Callable[[int], object] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Receive the peer's next payload into `parts` (sized as the sender's parts), checking
+        its header first. drain(i), if given, runs once part i's receive is posted, with the
+        current CUDA stream ordered after it (on gloo: after it completed), and may queue work
+        that reads part i (a scatter): it overlaps the receive of part i + 1. Returns once
+        every part has arrived and every drain's device work is complete. Raises like `recv`.
+        """
+        sizes = [self._checked_size(part) for part in parts]
+        nbytes, part_nbytes = _check_parts(tag, sizes)
         with self._op("recv", timeout_s) as (pg, deadline):
             got_tag, got_nbytes = self._next_header(pg, deadline)
             if (got_tag, got_nbytes) != (tag, nbytes):
@@ -273,7 +333,7 @@ class PairChannel(ABC):
                     f"header does not match: tag {got_tag} nbytes {got_nbytes} received, "
                     f"tag {tag} nbytes {nbytes} expected"
                 )
-            self._recv_payload(pg, tensor, deadline)
+            self._recv_payload(pg, parts, part_nbytes, drain, deadline)
 
     def recv_header(self, *, timeout_s: float | None = None) -> tuple[int, int]:
         """Receive the peer's next header: (tag, nbytes), nbytes == MARKER for a marker. For
@@ -284,16 +344,29 @@ class PairChannel(ABC):
 
     def recv_payload(self, tensor: torch.Tensor, *, timeout_s: float | None = None) -> None:
         """Receive the payload announced by the last `recv_header` into `tensor`."""
-        self._check_tensor(tensor)
-        nbytes = _check_tag_and_size(0, tensor)
-        if self._pending_nbytes is None:
+        self.recv_payload_parts([tensor], timeout_s=timeout_s)
+
+    def recv_payload_parts(
+        self,
+        parts: Sequence[torch.Tensor],
+        *,
+        drain: Callable[[int], object] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Receive the payload announced by the last `recv_header` into `parts`, draining
+        each as in `recv_parts`. ValueError if the parts' sizes differ from the announced
+        ones (nothing is received then: call again with the right parts)."""
+        sizes = [self._checked_size(part) for part in parts]
+        nbytes, part_nbytes = _check_parts(0, sizes)
+        if self._pending is None:
             raise RuntimeError(f"{self._name()}: recv_payload without an announced payload")
-        if nbytes != self._pending_nbytes:
+        if (nbytes, part_nbytes) != self._pending:
             raise ValueError(
-                f"the announced payload is {self._pending_nbytes} bytes, the tensor {nbytes}"
+                f"the announced payload is {self._pending[0]} bytes in parts of "
+                f"{self._pending[1]}, the tensors {nbytes} in parts of {part_nbytes}"
             )
         with self._op("recv", timeout_s) as (pg, deadline):
-            self._recv_payload(pg, tensor, deadline)
+            self._recv_payload(pg, parts, part_nbytes, drain, deadline)
 
     @property
     def is_broken(self) -> bool:
@@ -322,9 +395,23 @@ class PairChannel(ABC):
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _wait(self, work: Any, deadline: float) -> None:
-        """Wait for one operation until `deadline` (time.monotonic)."""
+    def _complete(self, works: list[Any], deadline: float) -> None:
+        """Wait until the operations in `works` (in the order posted) and the device work queued
+        on the current stream so far are complete, or `deadline` (time.monotonic) passes."""
+        for work in works:
+            _wait(work, deadline)
+
+    def _order_after(self, work: Any, deadline: float) -> None:
+        """Make work queued next on the current stream run after `work`; on gloo, wait for it."""
         _wait(work, deadline)
+
+    def _draining(self) -> AbstractContextManager[object]:
+        """Where drains run: on NCCL a stream of their own (see NcclPairChannel)."""
+        return nullcontext()
+
+    def _checked_size(self, tensor: torch.Tensor) -> int:
+        self._check_tensor(tensor)
+        return tensor.numel() * tensor.element_size()
 
     @abstractmethod
     def _check_tensor(self, tensor: torch.Tensor) -> None:
@@ -379,40 +466,62 @@ class PairChannel(ABC):
         logger.warning("%s", message)
         return KVTransferError(message)
 
-    def _post_header(self, pg: Any, seq: int, tag: int, nbytes: int, deadline: float) -> None:
-        values = torch.tensor([MAGIC, seq, tag, nbytes], dtype=torch.int64)
+    def _post_header(self, pg: Any, seq: int, tag: int, nbytes: int, part_nbytes: int) -> Any:
+        """Post a header send (the caller waits for its work, at the latest with the payload's:
+        the header buffer is reused by the next call)."""
+        values = torch.tensor([MAGIC, seq, tag, nbytes, part_nbytes], dtype=torch.int64)
         self._send_header.copy_(values)
-        self._wait(pg.send([self._send_header], self.address.peer_rank, _HEADER_TAG), deadline)
+        return pg.send([self._send_header], self.address.peer_rank, _HEADER_TAG)
 
     def _next_header(self, pg: Any, deadline: float) -> tuple[int, int]:
         """Receive and check the next header (magic, sequence); (tag, nbytes). A marker
         completes its sequence number at once; a payload's completes in _recv_payload."""
-        if self._pending_nbytes is not None:
+        if self._pending is not None:
             raise KVTransferError("a header arrived announcing a payload that was never received")
-        self._wait(pg.recv([self._recv_header], self.address.peer_rank, _HEADER_TAG), deadline)
-        magic, seq, tag, nbytes = self._recv_header.tolist()
-        if magic != MAGIC or seq != self._num_received or not (nbytes >= 0 or nbytes == MARKER):
+        header = self._receive_header(pg, deadline)
+        magic, seq, tag, nbytes, part_nbytes = header
+        is_marker = nbytes == MARKER and part_nbytes == 0
+        if magic != MAGIC or seq != self._num_received or not (is_marker or _parts_ok(header)):
             raise KVTransferError(
                 f"bad header: magic {magic:#x}, seq {seq} (expected {self._num_received}), "
-                f"nbytes {nbytes}"
+                f"nbytes {nbytes}, part_nbytes {part_nbytes}"
             )
-        if nbytes == MARKER:
+        if is_marker:
             self._num_received += 1
         else:
-            self._pending_nbytes = nbytes
+            self._pending = (nbytes, part_nbytes)
         return tag, nbytes
 
-    def _recv_payload(self, pg: Any, tensor: torch.Tensor, deadline: float) -> None:
-        self._wait(pg.recv([tensor], self.address.peer_rank, _PAYLOAD_TAG), deadline)
-        self._pending_nbytes = None
+    def _receive_header(self, pg: Any, deadline: float) -> list[int]:
+        work = pg.recv([self._recv_header], self.address.peer_rank, _HEADER_TAG)
+        self._complete([work], deadline)
+        return self._recv_header.tolist()
+
+    def _recv_payload(
+        self,
+        pg: Any,
+        parts: Sequence[torch.Tensor],
+        part_nbytes: int,
+        drain: Callable[[int], object] | None,
+        deadline: float,
+    ) -> None:
+        """Post the parts' receives, each followed by its drain; wait for all of it once."""
+        del part_nbytes  # checked by the callers against the header
+        for index, part in enumerate(parts):
+            work = pg.recv([part], self.address.peer_rank, _PAYLOAD_TAG)
+            with self._draining():
+                self._order_after(work, deadline)
+                if drain is not None:
+                    drain(index)
+        self._complete([], deadline)
+        self._pending = None
         self._num_received += 1
 
     def _expect_header(self, pg: Any, seq: int, tag: int, nbytes: int, deadline: float) -> None:
-        self._wait(pg.recv([self._recv_header], self.address.peer_rank, _HEADER_TAG), deadline)
-        got = self._recv_header.tolist()
-        want = [MAGIC, seq, tag, nbytes]
+        got = self._receive_header(pg, deadline)
+        want = [MAGIC, seq, tag, nbytes, 0]
         if got != want:
-            names = ("magic", "seq", "tag", "nbytes")
+            names = ("magic", "seq", "tag", "nbytes", "part_nbytes")
             diffs = [f"{n} {g} != {w}" for n, g, w in zip(names, got, want, strict=True) if g != w]
             raise KVTransferError(
                 "header does not match (received != expected): " + ", ".join(diffs)
@@ -473,6 +582,9 @@ class NcclPairChannel(PairChannel):
     ) -> Any:
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timedelta(seconds=config.backstop_timeout_s)
+        if config.nccl_max_ctas is not None:
+            options.config.min_ctas = 1
+            options.config.max_ctas = config.nccl_max_ctas
         return dist.ProcessGroupNCCL(store, address.rank, 2, options)
 
     def _check_tensor(self, tensor: torch.Tensor) -> None:
@@ -483,22 +595,45 @@ class NcclPairChannel(PairChannel):
         _check_contiguous(tensor)
 
     def _teardown(self, pg: Any, must_abort: bool) -> None:
-        if must_abort:
-            pg.abort()  # cancels kernels still waiting for a peer that will not come
-        else:
-            pg.shutdown()
+        """Always abort: nothing needs flushing (every operation was waited for), and on 2x
+        H100 (torch 2.11, NCCL 2.28) `shutdown()` of one side blocked until the peer closed
+        too, so a sender closing before its receiver hung. Abort also cancels kernels still
+        waiting for a peer that will not come."""
+        del must_abort
+        pg.abort()
 
-    def _wait(self, work: Any, deadline: float) -> None:
-        """Order the caller's stream after the operation, then poll a CUDA event on it until
-        done or `deadline`. torch's own timed wait sleeps in whole milliseconds between checks,
-        which cost ~1 ms per message; polling the event costs microseconds."""
-        work.wait()  # no timeout: the current stream waits for NCCL's, the host does not
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        # Receives are posted from the caller's stream, and NCCL's stream waits for that stream
+        # before each operation; drains (scatters) queued there would hold back the next part's
+        # receive. They run on this stream instead, which waits for the receive of their part.
+        self._drain_stream = torch.cuda.Stream(self.device)
+
+    @contextmanager
+    def _draining(self) -> Iterator[None]:
+        caller = torch.cuda.current_stream(self.device)
+        self._drain_stream.wait_stream(caller)
+        with torch.cuda.stream(self._drain_stream):
+            yield
+        caller.wait_stream(self._drain_stream)  # _complete waits for the drains too
+
+    def _complete(self, works: list[Any], deadline: float) -> None:
+        """Order the current stream after every operation, then poll a CUDA event recorded on
+        it until done or `deadline`. torch's own timed wait sleeps in whole milliseconds
+        between checks (~1 ms per message), and a wait that times out inside torch marks the
+        work failed for its watchdog; polling an event costs microseconds and leaves torch's
+        state alone, so a timeout here only breaks this channel (closed by abort)."""
+        for work in works:
+            work.wait()  # no timeout: the current stream waits for NCCL's, the host does not
         event = torch.cuda.Event()
         event.record()
         while not event.query():
             if time.monotonic() > deadline:
                 raise KVTransferError("timed out")
             time.sleep(_NCCL_POLL_S)
+
+    def _order_after(self, work: Any, deadline: float) -> None:
+        work.wait()  # the current stream waits for the receive; the host does not
 
 
 def configure_nccl_environment() -> None:
@@ -562,10 +697,27 @@ def _check_contiguous(tensor: torch.Tensor) -> None:
         raise ValueError("channel tensors must be contiguous (gather into a staging tensor)")
 
 
-def _check_tag_and_size(tag: int, tensor: torch.Tensor) -> int:
-    """The tensor's size in bytes, after checking the tag."""
+def _check_parts(tag: int, sizes: list[int]) -> tuple[int, int]:
+    """(nbytes, part_nbytes) of a payload in parts of these sizes, after checking the tag and
+    that every part but the last has the first one's size and the last is not larger."""
     _check_tag(tag)
-    return tensor.numel() * tensor.element_size()
+    if not sizes:
+        raise ValueError("a payload needs at least one part")
+    nbytes, part_nbytes = sum(sizes), sizes[0]
+    if any(size != part_nbytes for size in sizes[:-1]) or sizes[-1] > part_nbytes:
+        raise ValueError(f"parts of {sizes} bytes: all but the last must be equal, the last <=")
+    if (nbytes == 0 and len(sizes) > 1) or (nbytes > 0 and 0 in sizes):
+        raise ValueError(f"parts of {sizes} bytes: an empty part is only allowed alone")
+    return nbytes, part_nbytes
+
+
+def _parts_ok(header: list[int]) -> bool:
+    """Whether a payload header's sizes describe parts that can be received: nbytes > 0 in
+    parts of part_nbytes > 0, or an empty payload (nbytes = part_nbytes = 0, one part)."""
+    nbytes, part_nbytes = header[3], header[4]
+    if nbytes == 0:
+        return part_nbytes == 0
+    return 0 < part_nbytes <= nbytes
 
 
 def _check_tag(tag: int) -> None:

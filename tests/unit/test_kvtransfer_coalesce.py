@@ -11,6 +11,7 @@ from kvtransfer.coalesce import (
     StagingPool,
     TransferChunk,
     gather_blocks,
+    pipeline_parts,
     scatter_blocks,
     split_for_overlap,
     staging_shape,
@@ -297,3 +298,19 @@ def test_pool_is_safe_across_threads() -> None:
         thread.join()
     assert errors == []
     assert pool.leased_bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "bytes_per_layer", "part_bytes", "expected"),
+    [
+        (32, 8 << 20, 64 << 20, [(0, 8), (8, 16), (16, 24), (24, 32)]),
+        (7, 20 << 20, 64 << 20, [(0, 3), (3, 6), (6, 7)]),
+        (30, 1 << 20, 64 << 20, [(0, 30)]),
+        (2, 100 << 20, 1 << 20, [(0, 1), (1, 2)]),  # never finer than a layer
+    ],
+)
+def test_pipeline_parts_cover_the_layers_in_equal_parts(
+    num_layers: int, bytes_per_layer: int, part_bytes: int, expected: list[tuple[int, int]]
+) -> None:
+    parts = pipeline_parts(num_layers, bytes_per_layer, part_bytes)
+    assert [(p.start, p.stop) for p in parts] == expected
