@@ -4,8 +4,10 @@
                              [--top-p P] [--top-k K] [--seed S] [--json]
     tandem serve [--model PATH] [--mode disaggregated|colocated] [--prefill-workers N]
                  [--decode-workers M] [--workers N] [--host H] [--port P] [--address RAY]
+                 [--redis-url URL] [--metrics-port P] [--otlp-endpoint H:P] [--autoscale ...]
     tandem client "prompt" [--target HOST:PORT] [--chat] [--max-tokens N] [--temperature T]
     tandem demo [PROMPT ...] [--mode ...] [--max-tokens N]      (serve, ask, print, stop)
+    tandem bench [--target HOST:PORT] [--workload W] [--rates 1,2,4] [--slo ...] | compare A B
 
 Torch is imported only by the commands that run an engine, so `tandem --help` is instant.
 Exit codes: 0 done, 2 bad input or model, 130 interrupted.
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     demo.set_defaults(handler=run_demo)
+
+    from bench.serving.cli import add_arguments as add_bench_arguments  # argparse only: cheap
+
+    add_bench_arguments(commands.add_parser("bench", help="measure a running service under load"))
     return parser
 
 
@@ -177,6 +183,89 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         help="how much a cached prompt token counts against a queued one in placement "
         "(0: place by load alone)",
     )
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
+    )
+    for pool in ("prefill", "decode"):
+        parser.add_argument(
+            f"--{pool}-resources",
+            type=_resources,
+            default={},
+            help=f"custom Ray resources each {pool} worker asks for, as JSON "
+            f"(e.g. '{{\"tandem_{pool}\": 1}}'): keeps the pool on the nodes that offer them",
+        )
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="send OpenTelemetry traces to this OTLP/gRPC collector (host:port)",
+    )
+    scaling = parser.add_argument_group("autoscaling (each pool between its min and max)")
+    scaling.add_argument("--autoscale", action="store_true", help="grow and shrink the pools")
+    for pool in ("prefill", "decode"):
+        scaling.add_argument(f"--{pool}-min-workers", type=int, default=None)
+        scaling.add_argument(f"--{pool}-max-workers", type=int, default=None)
+    scaling.add_argument(
+        "--target-queued-tokens",
+        type=float,
+        default=None,
+        help="prefill: queued prompt tokens per worker (default 8192)",
+    )
+    scaling.add_argument("--target-ttft-ms", type=float, default=None, help="prefill: TTFT p90")
+    scaling.add_argument(
+        "--target-kv-usage",
+        type=float,
+        default=None,
+        help="decode: KV-cache use, 0-1 (default 0.8)",
+    )
+    scaling.add_argument("--target-itl-ms", type=float, default=None,
+                         help="decode: inter-token latency p90")  # fmt: skip
+
+
+def _resources(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('a JSON object of resource amounts, e.g. {"gpu_a": 1}')
+    return value
+
+
+def autoscaling_config(args: argparse.Namespace) -> Any:
+    """The pools' scaling policies from the command line; sizes default to the pool's."""
+    from cluster.autoscaler import AutoscalingConfig, ScalingPolicy, default_targets
+
+    if not args.autoscale:
+        return AutoscalingConfig()
+    colocated = args.mode == "colocated"
+    sizes = {"prefill": args.prefill_workers,
+             "decode": args.workers if colocated else args.decode_workers}  # fmt: skip
+    given = {
+        "queued_tokens": args.target_queued_tokens,
+        "ttft": None if args.target_ttft_ms is None else args.target_ttft_ms / 1000,
+        "kv_usage": args.target_kv_usage,
+        "itl": None if args.target_itl_ms is None else args.target_itl_ms / 1000,
+    }
+    policies = {}
+    for pool, size in sizes.items():
+        kind = "colocated" if colocated and pool == "decode" else pool
+        targets = default_targets(kind)
+        targets.update({k: v for k, v in given.items() if v is not None and
+                        (kind == "colocated" or k in _POOL_SIGNALS[pool])})  # fmt: skip
+        low = getattr(args, f"{pool}_min_workers")
+        high = getattr(args, f"{pool}_max_workers")
+        try:
+            policies[pool] = ScalingPolicy(
+                min_workers=size if low is None else low,
+                max_workers=max(size if high is None else high, size if low is None else low),
+                targets=targets,
+            )
+        except ValueError as e:
+            raise ValueError(f"{pool} pool autoscaling: {e}") from None
+    return AutoscalingConfig(enabled=True, prefill=policies["prefill"], decode=policies["decode"])
+
+
+_POOL_SIGNALS = {"prefill": ("queued_tokens", "ttft"), "decode": ("kv_usage", "itl")}
 
 
 def pool_config(args: argparse.Namespace, port: int) -> Any:
@@ -184,6 +273,7 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
 
     from cluster.prefix_index import IndexConfig
     from cluster.service import ServiceConfig
+    from cluster.tracing import TracingConfig
     from engine.config import EngineConfig
 
     index = IndexConfig(
@@ -194,6 +284,11 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
     return ServiceConfig(
         index=index,
         cache_weight=args.cache_weight,
+        metrics_port=args.metrics_port,
+        tracing=TracingConfig(otlp_endpoint=args.otlp_endpoint),
+        autoscaling=autoscaling_config(args),
+        prefill_resources=args.prefill_resources,
+        decode_resources=args.decode_resources,
         engine=EngineConfig(model=args.model, device=args.device),
         mode=args.mode,
         num_workers=args.workers,

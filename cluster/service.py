@@ -17,15 +17,23 @@ Torch is imported by the workers, never here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
+import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.autoscaler import AutoscalingConfig, PoolScaler, pool_signals
+from cluster.metrics import ServiceMetrics, start_metrics_server
 from cluster.prefix_index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
+from cluster.tracing import TracingConfig, setup_tracing, shutdown_tracing
 from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
 from router.admission import Admission, AdmissionLimits
+from router.placement import Pool
 from router.requests import ServedModel
 from router.server import TandemServicer, set_serving, start_server
 
@@ -46,6 +54,10 @@ class ServiceConfig:
     address: str | None = None  # a Ray cluster to join; None: start a local one
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # Custom Ray resources each worker of a pool asks for, e.g. {"tandem_prefill": 1} to keep
+    # the pool on nodes that offer it (the Helm chart's worker groups do); colocated: decode.
+    prefill_resources: dict[str, float] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
     worker_start_timeout_s: float = 300.0
     health_interval_s: float = 1.0  # how often every worker is checked for life
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)  # work in flight
@@ -54,6 +66,9 @@ class ServiceConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     cache_weight: float = 1.0
     index_drain_interval_s: float = 0.1
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: any free)
+    tracing: TracingConfig = field(default_factory=TracingConfig)  # spans to an OTLP collector
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -62,6 +77,16 @@ class ServiceConfig:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
+        for name in ("prefill_resources", "decode_resources"):
+            for resource, amount in getattr(self, name).items():
+                if (
+                    not isinstance(resource, str)
+                    or not isinstance(amount, (int, float))
+                    or (amount <= 0)
+                ):
+                    raise ValueError(
+                        f"{name}: {resource!r}={amount!r}: use a resource name and an amount > 0"
+                    )
         if not self.cache_weight >= 0:
             raise ValueError(f"cache_weight={self.cache_weight!r} must be >= 0")
         if not 0 < self.index_drain_interval_s <= 10:
@@ -71,21 +96,40 @@ class ServiceConfig:
 
 
 class Service:
+    """The running service. Its pools (router.placement.Pool: handles, stable worker ids,
+    loads) are shared with the router; `workers` and `prefill_workers` are their live lists."""
+
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
-        self.workers: list[Any] = []  # decode (or colocated) workers
-        self.prefill_workers: list[Any] = []
+        self.pools: dict[str, Pool] = {}  # "decode" (colocated: the one pool), "prefill"
         self.port: int | None = None
         self._server: Any = None
         self._health: Any = None
         self._servicer: TandemServicer | None = None
         self._actor_class: Any = None
         self._prefill_class: Any = None
-        self._watch_task: asyncio.Task[None] | None = None
-        self._drain_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._next_number = {"decode": 0, "prefill": 0}  # ids of workers added later
+        self._scaling: set[str] = set()  # pools with a change under way
         self.prefix_index: PrefixLookup | None = None
+        self.metrics = ServiceMetrics()
+        self.metrics_port: int | None = None  # bound, when serving /metrics
+        self._metrics_server: Any = None
         self._started_ray = False
         self.num_replaced = 0  # workers replaced after dying
+
+    @property
+    def workers(self) -> list[Any]:
+        """Decode (or colocated) workers."""
+        return self.pools["decode"].workers if "decode" in self.pools else []
+
+    @property
+    def prefill_workers(self) -> list[Any]:
+        return self.pools["prefill"].workers if "prefill" in self.pools else []
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.config.mode == "disaggregated"
 
     async def start(self) -> None:
         """Serve at once (health NOT_SERVING), load the pools, then report SERVING. On any
@@ -102,58 +146,89 @@ class Service:
         from decode_worker.actor import EngineWorker
 
         config = self.config
+        setup_tracing(config.tracing, "router")
         self._server, self.port, gate, self._health = await start_server(config.host, config.port)
+        if config.metrics_port is not None:
+            self._metrics_server, self.metrics_port = start_metrics_server(
+                self.metrics, config.host, config.metrics_port
+            )
         if not ray.is_initialized():
-            ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
+            # A local cluster gets room for every worker even on a small machine (they share
+            # its cores); a cluster joined by address brings its own resources.
+            local_cpus = None if config.address else self._local_cpus()
+            ray.init(address=config.address, num_cpus=local_cpus, include_dashboard=False,
+                     log_to_driver=False)  # fmt: skip
             self._started_ray = True
         # Async actor: up to 1,000 concurrent method calls by default, one engine thread.
         cpus, gpus = config.cpus_per_worker, config.gpus_per_worker
-        self._actor_class = ray.remote(num_cpus=cpus, num_gpus=gpus)(EngineWorker)
-        disaggregated = config.mode == "disaggregated"
-        num_decode = config.num_decode_workers if disaggregated else config.num_workers
-        self.workers = [self._spawn("decode", i) for i in range(num_decode)]
-        if disaggregated:
+        self._actor_class = ray.remote(
+            num_cpus=cpus, num_gpus=gpus, resources=dict(config.decode_resources)
+        )(EngineWorker)
+        sizes = {"decode": config.num_decode_workers if self.disaggregated else config.num_workers}
+        if self.disaggregated:
             from prefill_worker.actor import PrefillWorker
 
-            self._prefill_class = ray.remote(num_cpus=cpus, num_gpus=gpus)(PrefillWorker)
-            self.prefill_workers = [
-                self._spawn("prefill", i) for i in range(config.num_prefill_workers)
-            ]
-        infos = await asyncio.wait_for(
-            asyncio.gather(*(w.model_info.remote() for w in self.workers + self.prefill_workers)),
-            config.worker_start_timeout_s,
-        )
-        if disaggregated:
+            self._prefill_class = ray.remote(
+                num_cpus=cpus, num_gpus=gpus, resources=dict(config.prefill_resources)
+            )(PrefillWorker)
+            sizes["prefill"] = config.num_prefill_workers
+        started = {pool: [self._spawn(pool) for _ in range(n)] for pool, n in sizes.items()}
+        try:
+            infos = {
+                pool: await asyncio.wait_for(
+                    asyncio.gather(*(w.model_info.remote() for w, _ in spawned)),
+                    config.worker_start_timeout_s,
+                )
+                for pool, spawned in started.items()
+            }
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"the workers did not load within {config.worker_start_timeout_s:.0f} s; the "
+                f"Ray cluster has {ray.available_resources()} free for workers of "
+                f"{cpus} CPU and {gpus} GPU each"
+            ) from None
+        finally:  # whatever started is stopped by stop() if this fails
+            for pool, spawned in started.items():
+                self.pools[pool] = Pool(
+                    pool,
+                    [w for w, _ in spawned],
+                    [worker_id for _, worker_id in spawned],
+                    cache_weight=config.cache_weight,
+                )
+        for pool, pool_infos in infos.items():
+            self.pools[pool].index_keys = [info["index_key"] for info in pool_infos]
+        if self.disaggregated:
             await self._form_pairs()
-        model = served_model(config.engine.model, infos[0])
-        prefilling_infos = infos[len(self.workers) :] if disaggregated else infos
+        model = served_model(config.engine.model, infos["decode"][0])
         self.prefix_index = make_prefix_index(config.index)
         self._servicer = TandemServicer(
             model,
-            list(self.workers),
-            list(self.prefill_workers) if disaggregated else None,
+            self.pools["decode"],
+            self.pools.get("prefill"),
             Admission(config.admission),
             self.prefix_index,
-            [info["index_key"] for info in prefilling_infos],
-            config.cache_weight,
+            self.metrics,
         )
+        index = self.prefix_index
+        self.metrics.watch_index(lambda: index.metrics)
         gate.open(self._servicer)
-        await set_serving(self._health, self._pools(), serving=True)
-        self._watch_task = asyncio.create_task(self._watch())
+        await set_serving(self._health, self._pool_names(), serving=True)
+        self._tasks.append(asyncio.create_task(self._watch()))
         if isinstance(self.prefix_index, LocalPrefixIndex):
-            self._drain_task = asyncio.create_task(self._drain_index(self.prefix_index))
-        logger.info("serving %s on %s:%d with %d workers", model.model_id, config.host,
-                    self.port, len(self.workers))  # fmt: skip
+            self._tasks.append(asyncio.create_task(self._drain_index(self.prefix_index)))
+        if config.autoscaling.enabled:
+            self._tasks.append(asyncio.create_task(self._autoscale()))
+        logger.info("serving %s on %s:%d with %s workers", model.model_id, config.host,
+                    self.port, {p: len(pool) for p, pool in self.pools.items()})  # fmt: skip
 
     async def stop(self, grace_s: float = 5.0) -> None:
         import ray
 
-        for task in (self._watch_task, self._drain_task):
-            if task is not None:
-                task.cancel()
-        self._watch_task = self._drain_task = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
         if self._server is not None:
-            await set_serving(self._health, self._pools(), serving=False)
+            await set_serving(self._health, self._pool_names(), serving=False)
             await self._server.stop(grace_s)
             self._server = None
         workers = self.workers + self.prefill_workers
@@ -162,82 +237,136 @@ class Service:
                                timeout=grace_s)  # fmt: skip
         for worker in workers:
             ray.kill(worker)
+        self.pools = {}
         if self.prefix_index is not None:
             await self.prefix_index.close()
             self.prefix_index = None
-        self.workers, self.prefill_workers = [], []
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        shutdown_tracing()  # flush what is queued, bounded by the export timeout
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
 
-    def _spawn(self, pool: str, index: int) -> Any:
-        """A new worker actor for position `index` of `pool`; its index identity is the
-        position (a replacement takes over the id, with a new epoch)."""
+    def _local_cpus(self) -> int:
         config = self.config
-        if pool == "prefill":
-            return self._prefill_class.remote(config.engine, f"prefill-{index}", config.index)
-        if config.mode == "colocated":  # colocated workers prefill: they publish their cache
-            return self._actor_class.remote(config.engine, f"worker-{index}", config.index)
-        return self._actor_class.remote(config.engine, f"decode-{index}", None)
+        if self.disaggregated:
+            num_workers = config.num_prefill_workers + config.num_decode_workers
+            scaling = config.autoscaling
+            if scaling.enabled:
+                num_workers = max(num_workers, scaling.prefill.max_workers
+                                  + scaling.decode.max_workers)  # fmt: skip
+        else:
+            num_workers = config.num_workers
+            if config.autoscaling.enabled:
+                num_workers = max(num_workers, config.autoscaling.decode.max_workers)
+        needed = math.ceil(num_workers * config.cpus_per_worker)
+        return max(os.cpu_count() or 1, needed)
 
-    def _prefilling_workers(self) -> list[Any]:
-        return self.prefill_workers if self.config.mode == "disaggregated" else self.workers
+    def _spawn(self, pool: str, worker_id: str | None = None) -> tuple[Any, str]:
+        """A new worker actor for `pool` and its id: `worker_id` (a replacement takes over the
+        dead one's, with a new epoch in the index) or the pool's next."""
+        if worker_id is None:
+            number = self._next_number[pool]
+            self._next_number[pool] += 1
+            name = pool if self.disaggregated else "worker"
+            worker_id = f"{name}-{number}"
+        config = self.config
+        tracing = config.tracing
+        if pool == "prefill":
+            actor = self._prefill_class.remote(config.engine, worker_id, config.index, tracing)
+        elif not self.disaggregated:  # colocated workers prefill: they publish their cache
+            actor = self._actor_class.remote(config.engine, worker_id, config.index, tracing)
+        else:
+            actor = self._actor_class.remote(config.engine, worker_id, None, tracing)
+        return actor, worker_id
+
+    def _prefilling(self) -> Pool:
+        return self.pools["prefill" if self.disaggregated else "decode"]
 
     async def _drain_index(self, index: LocalPrefixIndex) -> None:
         """Without Redis: pull the prefilling workers' cache changes into the router's index.
         A worker that does not answer is skipped (its entries expire if it stays silent)."""
         while True:
             await asyncio.sleep(self.config.index_drain_interval_s)
-            assert self._servicer is not None
-            keys = self._servicer.index_keys()
+            pool = self._prefilling()
             calls = [
                 asyncio.wait_for(
-                    worker.drain_cache_events.remote(index.next_drain_seq(key.worker_id)), 5.0
+                    worker.drain_cache_events.remote(index.next_drain_seq(worker_id)), 5.0
                 )
-                for worker, key in zip(self._prefilling_workers(), keys, strict=True)
+                for worker, worker_id in zip(pool.workers, pool.ids, strict=True)
             ]
             for batch in await asyncio.gather(*calls, return_exceptions=True):
                 if not isinstance(batch, BaseException):
                     index.apply(batch)
 
-    def _pools(self) -> list[str]:
-        return ["prefill", "decode"] if self.config.mode == "disaggregated" else ["decode"]
+    def _pool_names(self) -> list[str]:
+        return ["prefill", "decode"] if self.disaggregated else ["decode"]
 
     async def _form_pairs(self) -> None:
         """A KV-transfer pair between every prefill and every decode worker."""
-        addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in self.workers))
+        decode, prefill = self.pools["decode"], self.pools["prefill"]
+        addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in decode.workers))
         await asyncio.gather(
             *(
-                self._connect(prefill, p, d, address)
-                for p, prefill in enumerate(self.prefill_workers)
-                for d, address in enumerate(addresses)
+                self._connect(worker, prefill_id, decode_id, address)
+                for worker, prefill_id in zip(prefill.workers, prefill.ids, strict=True)
+                for decode_id, address in zip(decode.ids, addresses, strict=True)
             )
         )
 
-    async def _connect(self, prefill: Any, p: int, d: int, address: Any) -> None:
-        """Pair prefill worker `prefill` (index p) with the decode worker d at `address`."""
-        key = f"p{p}-d{d}-{uuid.uuid4().hex[:8]}"  # single-use: a fresh key per formation
-        await prefill.connect.remote(d, address, key)
+    async def _pair_new(self, pool: str, worker: Any, worker_id: str) -> None:
+        """Pair a new worker with every worker of the other pool (disaggregated mode)."""
+        if not self.disaggregated:
+            return
+        if pool == "decode":
+            address = await worker.open_endpoint.remote()
+            prefill = self.pools["prefill"]
+            await asyncio.gather(
+                *(
+                    self._connect(p, prefill_id, worker_id, address)
+                    for p, prefill_id in zip(prefill.workers, prefill.ids, strict=True)
+                )
+            )
+        else:
+            decode = self.pools["decode"]
+            addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in decode.workers))
+            await asyncio.gather(
+                *(
+                    self._connect(worker, worker_id, decode_id, address)
+                    for decode_id, address in zip(decode.ids, addresses, strict=True)
+                )
+            )
+
+    async def _connect(self, prefill: Any, prefill_id: str, decode_id: str, address: Any) -> None:
+        """Pair a prefill worker with the decode worker `decode_id` at `address`."""
+        key = f"{prefill_id}-{decode_id}-{uuid.uuid4().hex[:8]}"  # single-use, per formation
+        await prefill.connect.remote(decode_id, address, key)
 
     async def _watch(self) -> None:
-        """Check every worker each interval: feed its load to placement, and replace it if it
-        died or its engine stopped, so each pool returns to size on its own. A slow answer is
-        not death (a long prefill step delays it); only Ray's verdict, or the worker's own
-        report of a failed engine, is."""
+        """Check every worker each interval: feed its load to placement and metrics, and
+        replace it if it died or its engine stopped, so each pool returns to size on its own.
+        A slow answer is not death (a long prefill step delays it); only Ray's verdict, or the
+        worker's own report of a failed engine, is."""
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            pools = [("decode", self.workers), ("prefill", self.prefill_workers)]
-            checks = [(pool, i, w) for pool, workers in pools for i, w in enumerate(workers)]
-            verdicts = await asyncio.gather(*(self._check(w) for _, _, w in checks))
-            for (pool, index, worker), dead in zip(checks, verdicts, strict=True):
+            checks = [
+                (name, worker_id, worker)
+                for name, pool in self.pools.items()
+                for worker, worker_id in zip(pool.workers, pool.ids, strict=True)
+            ]
+            verdicts = await asyncio.gather(*(self._check(*check) for check in checks))
+            for (pool, worker_id, worker), dead in zip(checks, verdicts, strict=True):
                 if dead:
                     try:
-                        await self._replace(pool, index, worker)
+                        await self._replace(pool, worker_id, worker)
                     except Exception:  # try again at the next check
-                        logger.exception("replacing %s worker %d failed", pool, index)
+                        logger.exception("replacing %s worker %s failed", pool, worker_id)
 
-    async def _check(self, worker: Any) -> bool:
-        """Whether `worker` must be replaced; on the way, its load goes to placement."""
+    async def _check(self, pool: str, worker_id: str, worker: Any) -> bool:
+        """Whether `worker` must be replaced; on the way, its load goes to placement and
+        metrics."""
         import ray
 
         try:
@@ -247,39 +376,134 @@ class Service:
         except ray.exceptions.RayActorError:
             return True
         if stats.get("failure"):
-            logger.error("a worker's engine failed (%s): killing it", stats["failure"])
+            logger.error("worker %s: its engine failed (%s): killing it", worker_id,
+                         stats["failure"])  # fmt: skip
             ray.kill(worker, no_restart=True)
             return True
         if self._servicer is not None:
             self._servicer.observe(worker, stats)
+        self.metrics.observe_worker(pool, worker_id, stats)
         return False
 
-    async def _replace(self, pool: str, index: int, dead: Any) -> None:
-        """Start a replacement and, in disaggregated mode, re-form its KV pairs before it
-        takes requests: a new decode worker pairs with every prefill worker, a new prefill
-        worker with every decode worker."""
-        logger.warning("%s worker %d died; starting a replacement", pool, index)
-        assert self._servicer is not None
-        new = self._spawn(pool, index)
+    async def _replace(self, pool: str, worker_id: str, dead: Any) -> None:
+        """Start a replacement under the same id and, in disaggregated mode, re-form its KV
+        pairs before it takes requests."""
+        if self._servicer is None or dead not in self.pools[pool].workers:
+            return  # already replaced, or removed by scaling
+        logger.warning("%s worker %s died; starting a replacement", pool, worker_id)
+        new, _ = self._spawn(pool, worker_id)
         info = await asyncio.wait_for(new.model_info.remote(), self.config.worker_start_timeout_s)
-        if pool == "decode":
-            if self.prefill_workers:
-                address = await new.open_endpoint.remote()
-                await asyncio.gather(
-                    *(
-                        self._connect(prefill, p, index, address)
-                        for p, prefill in enumerate(self.prefill_workers)
-                    )
-                )
-            self.workers[index] = new  # ready, paired: now it may take requests
-        else:
-            addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in self.workers))
-            await asyncio.gather(
-                *(self._connect(new, index, d, address) for d, address in enumerate(addresses))
-            )
-            self.prefill_workers[index] = new
-        self._servicer.replace_worker(dead, new, info["index_key"])
+        await self._pair_new(pool, new, worker_id)
+        self._servicer.replace_worker(dead, new, info["index_key"])  # now it takes requests
         self.num_replaced += 1
+
+    # -- autoscaling ----------------------------------------------------------------------------
+
+    async def _autoscale(self) -> None:
+        """Every interval, ask each pool's scaler for a size and apply it in the background
+        (one change per pool at a time): grow by starting and pairing workers, shrink by
+        draining one."""
+        scaling = self.config.autoscaling
+        scalers = {"decode": PoolScaler("decode", scaling.decode)}
+        if self.disaggregated:
+            scalers["prefill"] = PoolScaler("prefill", scaling.prefill)
+        while True:
+            await asyncio.sleep(scaling.interval_s)
+            assert self._servicer is not None
+            recent = self._servicer.recent_latencies()
+            now = time.monotonic()
+            for name, scaler in scalers.items():
+                pool = self.pools[name]
+                kind = name if self.disaggregated else "colocated"
+                live = [load for load in pool.loads if not load.draining]
+                self.metrics.target_workers.labels(pool=name).set(len(live))
+                if name in self._scaling:
+                    continue
+                signals = pool_signals(kind, pool.loads, recent)
+                decision = scaler.decide(len(live), signals, now)
+                if decision is None:
+                    continue
+                logger.info("autoscaling %s: %d -> %d workers (load %.2f: %s)", name,
+                            decision.current, decision.target, decision.load,
+                            {k: round(v, 2) for k, v in decision.signals.items()})  # fmt: skip
+                self.metrics.scaling_decisions.labels(pool=name, direction=decision.direction).inc()
+                self.metrics.target_workers.labels(pool=name).set(decision.target)
+                self._scaling.add(name)
+                task = asyncio.create_task(self._resize(name, decision.target - decision.current))
+                task.add_done_callback(functools.partial(self._resized, name))
+                self._tasks.append(task)
+
+    def _resized(self, pool: str, task: asyncio.Task[None]) -> None:
+        self._scaling.discard(pool)
+        if task in self._tasks:
+            self._tasks.remove(task)
+
+    async def _resize(self, pool: str, delta: int) -> None:
+        try:
+            if delta > 0:
+                await asyncio.gather(*(self._grow(pool) for _ in range(delta)))
+            else:
+                for _ in range(-delta):
+                    await self._shrink(pool)
+        except Exception:
+            logger.exception("resizing the %s pool by %+d failed", pool, delta)
+
+    async def _grow(self, pool: str) -> None:
+        """Add a worker. On a Ray cluster with an autoscaler (KubeRay), a worker that does not
+        fit makes Ray ask for a node; it joins when it has loaded and paired."""
+        new, worker_id = self._spawn(pool)
+        try:
+            info = await asyncio.wait_for(
+                new.model_info.remote(), self.config.worker_start_timeout_s
+            )
+            await self._pair_new(pool, new, worker_id)
+        except BaseException:
+            import ray
+
+            ray.kill(new)
+            raise
+        self.pools[pool].add(new, worker_id, info["index_key"])
+        logger.info("%s worker %s joined the pool", pool, worker_id)
+
+    async def _shrink(self, pool: str) -> None:
+        """Remove the least busy worker: drain it (no new requests), wait for what it has to
+        finish, unpair it, then stop it. No request is lost to scaling."""
+        import ray
+
+        members = self.pools[pool]
+        candidates = [
+            (load.in_flight, index)
+            for index, load in enumerate(members.loads)
+            if not load.draining and not load.down
+        ]
+        if len(candidates) <= 1:
+            return
+        _, index = min(candidates)
+        worker, worker_id = members.workers[index], members.ids[index]
+        members.drain(worker)
+        logger.info("%s worker %s draining", pool, worker_id)
+        deadline = time.monotonic() + self.config.autoscaling.drain_timeout_s
+        while time.monotonic() < deadline:
+            load = members.load_of(worker)
+            if load is None:  # died and was replaced meanwhile: nothing left to drain
+                return
+            stats = await worker.stats.remote()
+            if load.in_flight == 0 and not stats["num_requests"]:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            logger.warning("%s worker %s still busy after the drain timeout", pool, worker_id)
+        if pool == "decode" and self.disaggregated:
+            await asyncio.gather(*(p.disconnect.remote(worker_id) for p in self.prefill_workers))
+        members.remove(worker)
+        self.metrics.forget_worker(pool, worker_id)
+        if isinstance(self.prefix_index, LocalPrefixIndex):
+            self.prefix_index.forget(worker_id)
+        try:
+            await asyncio.wait_for(worker.shutdown.remote(), 10)
+        finally:
+            ray.kill(worker)
+        logger.info("%s worker %s left the pool", pool, worker_id)
 
 
 def served_model(model_spec: str | None, info: dict[str, Any]) -> ServedModel:

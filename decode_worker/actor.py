@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from cluster.prefix_index import CacheEventBatch, IndexConfig, WorkerKey, new_epoch
 from cluster.prefix_publisher import CacheEventLog, IndexPublisher
+from cluster.tracing import TracingConfig, end_span, record_span, setup_tracing, start_span
 from decode_worker.engine_loop import EngineLoop
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -48,11 +50,17 @@ class WorkerBase:
     """An engine driven by an EngineLoop, with the inspection methods every worker has."""
 
     def __init__(
-        self, config: EngineConfig, worker_id: str = "worker", index: IndexConfig | None = None
+        self,
+        config: EngineConfig,
+        worker_id: str = "worker",
+        index: IndexConfig | None = None,
+        tracing: TracingConfig | None = None,
     ) -> None:
         """worker_id: stable across replacements (the pool position); index: publish this
         worker's prefix cache to the Redis index of this configuration (None: not to Redis;
-        the router may still drain `drain_cache_events`)."""
+        the router may still drain `drain_cache_events`); tracing: export spans there."""
+        self.worker_id = worker_id
+        setup_tracing(tracing, worker_id)
         if config.device in ("cuda", "auto") and torch.cuda.is_available():
             from kvtransfer.transport import configure_nccl_environment
 
@@ -87,25 +95,38 @@ class WorkerBase:
         return self.cache_events.drain(after_seq)
 
     async def stats(self) -> dict[str, Any]:
-        """Load figures for placement (requests in flight, free KV blocks, the sequence cap)
-        and health (`failure`: why the engine stopped, None while it runs)."""
+        """Load figures for placement and metrics (requests in flight, the engine's running
+        and waiting sequences, free KV blocks, the sequence cap, preemptions, KV-transfer
+        counters) and health (`failure`: why the engine stopped, None while it runs)."""
         if self.loop.failure is not None:
             return {"failure": self.loop.failure, "num_requests": self.loop.num_requests}
 
         def read(engine: Engine) -> dict[str, Any]:
+            scheduler = engine.scheduler
             return {
                 "failure": None,
                 "num_requests": self.loop.num_requests,
+                "num_running": len(scheduler.running),
+                "num_waiting": len(scheduler.waiting),
+                "num_preemptions": scheduler.num_preemptions,
                 "num_free_blocks": engine.block_manager.num_free_blocks,
                 "num_blocks": engine.block_manager.num_blocks,
                 "max_num_seqs": engine.config.scheduler.max_num_seqs,
-                "kv_pairs": len(self._transfer_metrics()),
-                "kv_transfers_completed": sum(
-                    m.transfers_completed for m in self._transfer_metrics()
-                ),
             }
 
-        return await asyncio.to_thread(self.loop.call, read)
+        stats: dict[str, Any] = await asyncio.to_thread(self.loop.call, read)
+        transfers = self._transfer_metrics()
+        stats["kv_pairs"] = len(transfers)
+        for key, field in [
+            ("kv_transfers_completed", "transfers_completed"),
+            ("kv_transfers_failed", "transfers_failed"),
+            ("kv_leases_expired", "leases_expired"),
+            ("kv_bytes_sent", "bytes_sent"),
+            ("kv_bytes_received", "bytes_received"),
+            ("kv_transfer_seconds", "transfer_seconds_total"),
+        ]:
+            stats[key] = sum(getattr(m, field) for m in transfers)
+        return stats
 
     def shutdown(self) -> None:
         """Stop the engine and take this worker's entries out of the prefix index."""
@@ -132,6 +153,51 @@ class WorkerBase:
     def _transfer_holders(self) -> list[str]:
         return self.loop.transfer_holders()
 
+    async def _traced(
+        self,
+        name: str,
+        request_id: str,
+        carrier: dict[str, str] | None,
+        outputs: AsyncIterator[RequestOutput],
+        prefilled_here: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        """Pass a request's outputs through, recording its span on this worker (a child of
+        the router's, from `carrier`): "queue" and "compute" up to the first output (when the
+        prompt is prefilled here; else "queue" is the wait for the KV and a decode slot),
+        then "stream" to the last."""
+        start = time.time()
+        span = start_span(name, carrier, **{"tandem.request_id": request_id,
+                                            "tandem.worker": self.worker_id})  # fmt: skip
+        first_at: float | None = None
+        last: RequestOutput | None = None
+        error: BaseException | None = None
+        count = 0
+        try:
+            async for output in outputs:
+                if first_at is None:
+                    first_at = time.time()
+                    if prefilled_here:
+                        queued = min(start + output.usage.queue_seconds, first_at)
+                        record_span("queue", start, queued, span)
+                        record_span("compute", queued, first_at, span)
+                    else:
+                        record_span("queue", start, first_at, span)
+                last = output
+                count += 1
+                yield output
+        except BaseException as e:  # failed, or abandoned (cancelled) mid-stream
+            error = e
+            raise
+        finally:
+            if first_at is not None and (count > 1 or not prefilled_here):
+                record_span("stream", first_at, time.time(), span)
+            usage = {} if last is None else {
+                "tandem.prompt_tokens": last.usage.prompt_tokens,
+                "tandem.cached_tokens": last.usage.cached_tokens,
+                "tandem.completion_tokens": last.usage.completion_tokens,
+            }  # fmt: skip
+            end_span(span, error, **usage)
+
     async def _stream(self, request_id: str, stream: asyncio.Queue[Any]) -> AsyncIterator[Any]:
         """Yield a request's outputs until the finished one; abort it if abandoned."""
         finished = False
@@ -152,9 +218,13 @@ class EngineWorker(WorkerBase):
     """A decode worker; in colocated mode it prefills too."""
 
     def __init__(
-        self, config: EngineConfig, worker_id: str = "worker", index: IndexConfig | None = None
+        self,
+        config: EngineConfig,
+        worker_id: str = "worker",
+        index: IndexConfig | None = None,
+        tracing: TracingConfig | None = None,
     ) -> None:
-        super().__init__(config, worker_id, index)
+        super().__init__(config, worker_id, index, tracing)
         self._endpoint: ReceiverEndpoint | None = None
 
     async def generate(
@@ -163,12 +233,14 @@ class EngineWorker(WorkerBase):
         prompt_token_ids: list[int],
         params: dict[str, Any],
         cache_salt: str | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Prefill and decode here (colocated). Streams the outputs, the last finished. Raises
         the engine's typed error if it refuses the request; cancelling aborts it."""
         sampling = SamplingParams(**params)
         stream = self.loop.submit(request_id, prompt_token_ids, sampling, cache_salt)
-        async for output in self._stream(request_id, stream):
+        outputs = self._stream(request_id, stream)
+        async for output in self._traced("tandem.generate", request_id, trace_context, outputs):
             yield output
 
     async def continue_request(
@@ -178,6 +250,7 @@ class EngineWorker(WorkerBase):
         first_token_id: int,
         params: dict[str, Any],
         cache_salt: str | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Decode a request prefilled elsewhere, once its KV has arrived (disaggregated).
         Streams the outputs after the first token; fails with WorkerUnavailable if the KV
@@ -186,7 +259,11 @@ class EngineWorker(WorkerBase):
         stream = self.loop.submit(
             request_id, prompt_token_ids, sampling, cache_salt, first_token_id=first_token_id
         )
-        async for output in self._stream(request_id, stream):
+        outputs = self._traced(
+            "tandem.decode", request_id, trace_context, self._stream(request_id, stream),
+            prefilled_here=False,
+        )  # fmt: skip
+        async for output in outputs:
             yield output
 
     def open_endpoint(self, host: str = "127.0.0.1") -> EndpointAddress:

@@ -1,6 +1,6 @@
 """The prefill worker actor.
 
-    prefill(request, decode_index):  run the prompt (max_tokens = 1, keep_kv) in the engine,
+    prefill(request, decode_id):  run the prompt (max_tokens = 1, keep_kv) in the engine,
         batched with other prompts (chunked prefill); then either the first token ends the
         request (nothing to ship: the KV is released) or its KV is submitted to the KVSender
         of the chosen decode worker's pair, and the first token returns to the router, which
@@ -14,25 +14,33 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import Any
 
 from cluster.prefix_index import IndexConfig
+from cluster.tracing import TracingConfig, record_span
 from decode_worker.actor import WorkerBase, transport_for
 from engine.config import EngineConfig
+from engine.errors import WorkerUnavailable
 from engine.output_processor import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
 from kvtransfer.pair import EndpointAddress, connect_pair
-from kvtransfer.protocol import transfer_id_for
+from kvtransfer.protocol import TransferResult, transfer_id_for
 from kvtransfer.sender import KVSender
 
 
 class PrefillWorker(WorkerBase):
     def __init__(
-        self, config: EngineConfig, worker_id: str = "prefill", index: IndexConfig | None = None
+        self,
+        config: EngineConfig,
+        worker_id: str = "prefill",
+        index: IndexConfig | None = None,
+        tracing: TracingConfig | None = None,
     ) -> None:
-        super().__init__(config, worker_id, index)
-        self.senders: dict[int, KVSender] = {}
+        super().__init__(config, worker_id, index, tracing)
+        self.senders: dict[str, KVSender] = {}  # by decode worker id
 
     def _transfer_metrics(self) -> list[Any]:
         return [s.metrics for s in self.senders.values()]
@@ -40,14 +48,14 @@ class PrefillWorker(WorkerBase):
     def _transfer_holders(self) -> list[str]:
         return [owner for s in self.senders.values() for owner in s.owners()]
 
-    async def connect(self, decode_index: int, address: EndpointAddress, pair_key: str) -> None:
-        """Form the pair with decode worker `decode_index` (replacing an older one)."""
+    async def connect(self, decode_id: str, address: EndpointAddress, pair_key: str) -> None:
+        """Form the pair with decode worker `decode_id` (replacing an older one)."""
         cache = self.engine.runner.kv_cache
         channel, control = await asyncio.to_thread(
             connect_pair, address, pair_key, transport_for(self.engine), cache.device
         )
-        old = self.senders.get(decode_index)
-        self.senders[decode_index] = KVSender(
+        old = self.senders.get(decode_id)
+        self.senders[decode_id] = KVSender(
             channel, control, cache, self.layout, self.engine.block_manager.release, self.staging
         )
         if old is not None:
@@ -59,7 +67,8 @@ class PrefillWorker(WorkerBase):
         prompt_token_ids: list[int],
         params: dict[str, Any],
         cache_salt: str | None,
-        decode_index: int,
+        decode_id: str,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[RequestOutput, bool]:
         """(the first token's output as the whole request would see it, whether its KV is
         on its way to the decode worker). Cancelling aborts the prefill."""
@@ -69,7 +78,8 @@ class PrefillWorker(WorkerBase):
             request_id, prompt_token_ids, first_only, cache_salt, keep_kv=True
         )
         output: RequestOutput | None = None
-        async for item in self._stream(request_id, stream):
+        outputs = self._stream(request_id, stream)
+        async for item in self._traced("tandem.prefill", request_id, trace_context, outputs):
             output = item
         assert output is not None
         kept = await asyncio.to_thread(self.loop.call, lambda e: e.take_kept_kv(request_id))
@@ -78,15 +88,22 @@ class PrefillWorker(WorkerBase):
             if kept is not None:
                 self.engine.block_manager.release(kept.owner)
             return dataclasses.replace(output, finish_reason=reason), False
-        sender = self.senders.get(decode_index)
+        sender = self.senders.get(decode_id)
         if sender is None:
             self.engine.block_manager.release(kept.owner)
-            raise RuntimeError(f"no pair with decode worker {decode_index}")
+            raise WorkerUnavailable(f"no KV pair with decode worker {decode_id!r}")
         sender.submit(
             request_id, kept.owner, kept.block_ids, kept.num_tokens,
             transfer_id=transfer_id_for(request_id),
+            on_done=_trace_transfer(trace_context, self.worker_id) if trace_context else None,
         )  # fmt: skip
         return dataclasses.replace(output, finished=False, finish_reason=None), True
+
+    async def disconnect(self, decode_id: str) -> None:
+        """Close the pair with a decode worker that left the pool (its transfers are over)."""
+        sender = self.senders.pop(decode_id, None)
+        if sender is not None:
+            await asyncio.to_thread(sender.close)
 
     def _finish_reason(
         self, output: RequestOutput, params: SamplingParams, prompt_len: int
@@ -97,3 +114,17 @@ class PrefillWorker(WorkerBase):
         if params.max_tokens == 1 or prompt_len + 1 >= self.engine.max_model_len:
             return FinishReason.LENGTH
         return None
+
+
+def _trace_transfer(carrier: dict[str, str], worker_id: str) -> Callable[[TransferResult], None]:
+    """Record a finished transfer as a span of the request's trace (on the sender's thread)."""
+
+    def done(result: TransferResult) -> None:
+        end = time.time()
+        record_span(
+            "tandem.kv_transfer", end - result.seconds, end, carrier,
+            **{"tandem.request_id": result.request_id, "tandem.worker": worker_id,
+               "tandem.kv_bytes": result.num_bytes, "tandem.status": result.status.value},
+        )  # fmt: skip
+
+    return done

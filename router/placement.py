@@ -37,6 +37,7 @@ class WorkerLoad:
     num_free_blocks: int = 0
     max_num_seqs: int = 0
     down: bool = False  # a call found it dead; skipped until replaced
+    draining: bool = False  # leaving the pool: skipped, its requests finish
 
     @property
     def kv_used(self) -> float:
@@ -50,17 +51,31 @@ class WorkerLoad:
 
 
 class Pool:
-    """One pool's workers (handles, in the order of the service's list) and their loads."""
+    """One pool's workers: handles, stable ids (e.g. "decode-3", kept by a replacement),
+    prefix-index identities, and their loads. Workers come and go (`add`, `remove`): hold a
+    worker's handle or id across awaits, not its index."""
 
-    def __init__(self, name: str, workers: list[Any], cache_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        workers: list[Any],
+        ids: list[str] | None = None,
+        index_keys: list[Any] | None = None,
+        cache_weight: float = 1.0,
+    ) -> None:
         if not workers:
             raise ValueError(f"the {name} pool needs at least one worker")
         if not cache_weight >= 0:
             raise ValueError(f"cache_weight={cache_weight!r} must be >= 0")
+        ids = ids if ids is not None else [f"{name}-{i}" for i in range(len(workers))]
+        index_keys = index_keys if index_keys is not None else [None] * len(workers)
+        if not len(ids) == len(index_keys) == len(workers):
+            raise ValueError("one id and one index key per worker")
         self.name = name
         self.workers = list(workers)
+        self.ids = list(ids)
+        self.index_keys: list[Any] = list(index_keys)  # each one's prefix-index identity
         self.loads = [WorkerLoad() for _ in workers]
-        self.index_keys: list[Any] = [None] * len(workers)  # each one's prefix-index identity
         self.cache_weight = cache_weight
 
     def __len__(self) -> int:
@@ -70,7 +85,10 @@ class Pool:
         """The index of the least loaded live worker not in `exclude`, weighing the prompt
         tokens each worker has cached (`cached`, per worker) if known. Raises
         WorkerUnavailable if there is none."""
-        candidates = [i for i, load in enumerate(self.loads) if not load.down and i not in exclude]
+        candidates = [
+            i for i, load in enumerate(self.loads)
+            if not (load.down or load.draining) and i not in exclude
+        ]  # fmt: skip
         if not candidates:
             raise WorkerUnavailable(f"no live {self.name} worker left to place the request on")
         if cached is None or not self.cache_weight or not any(cached[i] for i in candidates):
@@ -99,27 +117,58 @@ class Pool:
             load.in_flight -= 1
             load.queued_tokens -= prompt_tokens
 
+    def load_of(self, worker: Any) -> WorkerLoad | None:
+        index = self._index(worker)
+        return None if index is None else self.loads[index]
+
     def mark_down(self, worker: Any) -> None:
         """A call to `worker` found it lost: place nothing more on it."""
-        for index, current in enumerate(self.workers):
-            if current is worker:
-                self.loads[index].down = True
+        load = self.load_of(worker)
+        if load is not None:
+            load.down = True
+
+    def drain(self, worker: Any) -> None:
+        """Place nothing more on `worker` (it is leaving); what it has runs to the end."""
+        load = self.load_of(worker)
+        if load is not None:
+            load.draining = True
+
+    def add(self, worker: Any, worker_id: str, index_key: Any = None) -> None:
+        self.workers.append(worker)
+        self.ids.append(worker_id)
+        self.index_keys.append(index_key)
+        self.loads.append(WorkerLoad())
+
+    def remove(self, worker: Any) -> bool:
+        """Take a (drained) worker out of the pool. False if it is not here."""
+        index = self._index(worker)
+        if index is None:
+            return False
+        for column in (self.workers, self.ids, self.index_keys, self.loads):
+            del column[index]
+        return True
 
     def replace(self, old: Any, new: Any, index_key: Any = None) -> bool:
-        """Put `new` where `old` was (live, no report yet). False if `old` is not here."""
-        for index, current in enumerate(self.workers):
-            if current is old:
-                self.workers[index] = new
-                self.loads[index] = WorkerLoad()  # the old one's requests count on the old load
-                self.index_keys[index] = index_key
-                return True
-        return False
+        """Put `new` where `old` was (same id; live, no report yet). False if `old` is not
+        here."""
+        index = self._index(old)
+        if index is None:
+            return False
+        self.workers[index] = new
+        self.loads[index] = WorkerLoad()  # the old one's requests count on the old load
+        self.index_keys[index] = index_key
+        return True
 
     def observe(self, worker: Any, stats: dict[str, Any]) -> None:
         """Record a worker's reported KV and sequence figures (WorkerBase.stats)."""
+        load = self.load_of(worker)
+        if load is not None:
+            load.num_blocks = int(stats.get("num_blocks", 0))
+            load.num_free_blocks = int(stats.get("num_free_blocks", 0))
+            load.max_num_seqs = int(stats.get("max_num_seqs", 0))
+
+    def _index(self, worker: Any) -> int | None:
         for index, current in enumerate(self.workers):
             if current is worker:
-                load = self.loads[index]
-                load.num_blocks = int(stats.get("num_blocks", 0))
-                load.num_free_blocks = int(stats.get("num_free_blocks", 0))
-                load.max_num_seqs = int(stats.get("max_num_seqs", 0))
+                return index
+        return None

@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import grpc
 
+from cluster.metrics import ServiceMetrics
 from cluster.prefix_index import PrefixLookup, WorkerKey
+from cluster.tracing import child_carrier, end_span, record_span, start_span
 from engine.block_hash import prompt_block_hashes
 from engine.errors import (
     InvalidRequest,
@@ -72,27 +75,36 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
     def __init__(
         self,
         model: ServedModel,
-        workers: list[Any],
-        prefill_workers: list[Any] | None = None,
+        decode: Pool,
+        prefill: Pool | None = None,
         admission: Admission | None = None,
         prefix_index: PrefixLookup | None = None,
-        index_keys: list[WorkerKey] | None = None,
-        cache_weight: float = 1.0,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
-        """prefix_index: where the workers that prefill (the prefill pool, or every colocated
-        worker) publish their cached blocks, under `index_keys` (in pool order)."""
+        """decode: the decode workers (colocated mode: without `prefill`, they prefill too);
+        prefix_index: where the prefilling workers publish their cached blocks, under their
+        pool's index keys."""
         self.model = model
-        self.decode = Pool("decode", workers, cache_weight)
-        self.prefill = (
-            None if prefill_workers is None else Pool("prefill", prefill_workers, cache_weight)
-        )
+        self.decode = decode
+        self.prefill = prefill
         self.admission = admission or Admission()
         self.prefix_index = prefix_index
-        if prefix_index is not None:
-            if index_keys is None or len(index_keys) != len(self._prefilling):
-                raise ValueError("a prefix index needs one index key per prefilling worker")
-            self._prefilling.index_keys = list(index_keys)
+        if prefix_index is not None and None in self._prefilling.index_keys:
+            raise ValueError("a prefix index needs an index key for every prefilling worker")
         self.num_retried = 0  # requests moved to another worker after losing theirs
+        self.metrics = metrics
+        self._recent: dict[str, deque[tuple[float, float]]] = {
+            "ttft": deque(maxlen=4096),  # (when, seconds): for autoscaling signals
+            "itl": deque(maxlen=16384),
+        }
+
+    def recent_latencies(self, window_s: float = 30.0) -> dict[str, list[float]]:
+        """TTFTs and inter-token gaps of the requests that finished in the last `window_s`."""
+        cutoff = time.monotonic() - window_s
+        return {
+            name: [value for when, value in values if when >= cutoff]
+            for name, values in self._recent.items()
+        }
 
     @property
     def _prefilling(self) -> Pool:
@@ -115,26 +127,64 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         return [min(count * size, last) for count in counts]
 
     async def Generate(self, request: Any, context: Any) -> Any:
-        arrival = time.monotonic()
+        arrival, arrival_wall = time.monotonic(), time.time()
+        seen = _Seen(arrival)
+        # One trace per request; a client's traceparent (gRPC metadata) becomes its parent.
+        span = start_span("tandem.Generate", dict(context.invocation_metadata() or ()))
+        code = grpc.StatusCode.OK
+        error: BaseException | None = None
         try:
-            validated = validate_generate_request(request, self.model)
-        except InvalidRequest as e:
-            await context.abort(status_of(e), str(e))
-        try:
+            try:
+                validated = validate_generate_request(request, self.model)
+            finally:
+                record_span("validate", arrival_wall, time.time(), span)
+            span.set_attributes({"tandem.request_id": validated.request_id,
+                                 "tandem.model": self.model.model_id})  # fmt: skip
+            carrier = child_carrier(span)
             with self.admission.admit(len(validated.prompt_token_ids)):
                 place = self._colocated if self.prefill is None else self._disaggregated
-                async for response in place(validated, arrival):
+                async for response in place(validated, arrival, carrier, span):
+                    seen.response(response)
                     yield response
-        except TandemError as e:  # refused, lost or failed; a cancelled call never gets here
-            await context.abort(status_of(e), str(e))
+        except TandemError as e:  # refused, invalid, lost or failed
+            code, error = status_of(e), e
+            if isinstance(e, Overloaded):
+                self._count_rejection()
+            await context.abort(code, str(e))
+        except asyncio.CancelledError as e:  # the client cancelled, or its deadline passed
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            error = e
+            raise
+        finally:
+            usage = seen.usage
+            finished = time.monotonic()
+            if seen.ttft is not None:
+                self._recent["ttft"].append((finished, seen.ttft))
+            self._recent["itl"].extend((finished, gap) for gap in seen.gaps)
+            if self.metrics is not None:
+                self.metrics.record_finished(code.name, usage, time.monotonic() - arrival,
+                                             seen.ttft, seen.queue, seen.gaps)  # fmt: skip
+            attributes = {} if usage is None else {
+                "tandem.prompt_tokens": usage.prompt_tokens,
+                "tandem.cached_tokens": usage.cached_tokens,
+                "tandem.completion_tokens": usage.completion_tokens,
+            }  # fmt: skip
+            end_span(span, error if code is not grpc.StatusCode.OK else None,
+                     **{"rpc.grpc.status_code": code.value[0], **attributes})  # fmt: skip
 
-    async def _colocated(self, request: Any, arrival: float) -> Any:
+    def _count_rejection(self) -> None:
+        if self.metrics is not None:
+            self.metrics.admission_rejections.inc()
+
+    async def _colocated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
         """Prefill and decode on one worker; a worker lost before any output is retried on
         another."""
         tried: set[int] = set()
         cached = await self._cached_tokens(request)
         while True:
-            index = self.decode.pick(tried, cached)
+            index = self._place(self.decode, tried, cached, span)
             tried.add(index)
             dispatched = time.monotonic()
             first = True
@@ -144,7 +194,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     stream = (
                         worker.generate.options(num_returns="streaming")
                         .remote(request.request_id, request.prompt_token_ids,
-                                params_to_dict(request.params), request.cache_salt)
+                                params_to_dict(request.params), request.cache_salt, carrier)
                     )  # fmt: skip
                     async for ref in stream:
                         output = await ref
@@ -163,11 +213,14 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                         raise _translate(e) from e
                     self._retrying("worker", index, e)
 
-    async def _disaggregated(self, request: Any, arrival: float) -> Any:
+    async def _disaggregated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
         """Prefill on one pool, decode on the other; the KV moves between them."""
-        index = self.decode.pick()
+        index = self._place(self.decode, set(), None, span)
+        decode_id = self.decode.ids[index]
         with self.decode.assigned(index, len(request.prompt_token_ids)) as decode:
-            first_output, shipped, dispatched = await self._prefill(request, index)
+            first_output, shipped, dispatched = await self._prefill(
+                request, decode_id, carrier, span
+            )
             queued = _queued(first_output, arrival, dispatched)
             yield _timed(request.request_id, first_output, arrival, queued)
             if not shipped:
@@ -178,7 +231,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     decode.continue_request.options(num_returns="streaming")
                     .remote(request.request_id, request.prompt_token_ids,
                             first_output.new_token_ids[0], params_to_dict(request.params),
-                            request.cache_salt)
+                            request.cache_salt, carrier)
                 )  # fmt: skip
                 async for ref in stream:
                     response = _timed(request.request_id, await ref, arrival)
@@ -193,21 +246,23 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     self.decode.mark_down(decode)
                 raise _translate(e) from e
 
-    async def _prefill(self, request: Any, decode_index: int) -> tuple[Any, bool, float]:
-        """(the first token's output, whether its KV ships to decode worker `decode_index`,
+    async def _prefill(
+        self, request: Any, decode_id: str, carrier: Any, span: Any
+    ) -> tuple[Any, bool, float]:
+        """(the first token's output, whether its KV ships to decode worker `decode_id`,
         when the prefill was dispatched). A prefill worker lost mid-prefill is replaced by
         another for the same request: nothing has reached the client yet."""
         assert self.prefill is not None
         tried: set[int] = set()
         cached = await self._cached_tokens(request)
         while True:
-            index = self.prefill.pick(tried, cached)
+            index = self._place(self.prefill, tried, cached, span)
             tried.add(index)
             dispatched = time.monotonic()
             with self.prefill.assigned(index, _uncached(request, cached, index)) as worker:
                 call = worker.prefill.remote(
                     request.request_id, request.prompt_token_ids, params_to_dict(request.params),
-                    request.cache_salt, decode_index,
+                    request.cache_salt, decode_id, carrier,
                 )  # fmt: skip
                 try:
                     output, shipped = await call
@@ -221,15 +276,35 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     self.prefill.mark_down(worker)
                     self._retrying("prefill worker", index, e)
 
+    def _place(self, pool: Pool, tried: set[int], cached: list[int] | None, span: Any) -> int:
+        """Pick a worker of `pool` (see Pool.pick), noting the choice in the request's span."""
+        started = time.time()
+        index = pool.pick(tried, cached)
+        attributes = {f"tandem.{pool.name}_worker": index}
+        if cached is not None:
+            attributes["tandem.placement_cached_tokens"] = cached[index]
+        span.set_attributes(attributes)
+        record_span("place", started, time.time(), span, **attributes)
+        return index
+
     def _retrying(self, what: str, index: int, error: BaseException) -> None:
         logger.warning("%s %d lost before any output; retrying elsewhere: %s", what, index, error)
         self.num_retried += 1
+        if self.metrics is not None:
+            self.metrics.retried.inc()
 
     def replace_worker(self, old: Any, new: Any, index_key: WorkerKey | None = None) -> None:
         """Swap a dead worker's handle (either pool) for its replacement, known to the prefix
         index as `index_key`: new requests go to it."""
         for pool in self._pools():
             pool.replace(old, new, index_key)
+
+    def pool(self, name: str) -> Pool:
+        """The "prefill" or "decode" pool (colocated workers are the decode pool)."""
+        pool = self.prefill if name == "prefill" else self.decode
+        if pool is None:
+            raise ValueError(f"no {name} pool in colocated mode")
+        return pool
 
     def index_keys(self) -> list[WorkerKey]:
         """The prefix-index identities of the prefilling workers, in pool order."""
@@ -289,6 +364,29 @@ def _cancel(call: Any, worker: Any, request_id: str) -> None:
         worker.abort.remote(request_id)
     except Exception:  # already finished or the worker is gone: nothing left to stop
         logger.debug("cancel of a finished request", exc_info=True)
+
+
+class _Seen:
+    """What the client has been sent of one request: for its latency metrics."""
+
+    def __init__(self, arrival: float) -> None:
+        self.arrival = arrival
+        self.last = arrival
+        self.ttft: float | None = None
+        self.queue: float | None = None
+        self.gaps: list[float] = []  # between consecutive messages after the first
+        self.usage: Any = None
+
+    def response(self, response: Any) -> None:
+        now = time.monotonic()
+        if self.ttft is None:
+            self.ttft = now - self.arrival
+            self.queue = response.timing.queue_seconds
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
+        if response.HasField("usage"):
+            self.usage = response.usage
 
 
 def _uncached(request: Any, cached: list[int] | None, index: int) -> int:

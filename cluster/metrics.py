@@ -1,0 +1,202 @@
+"""Prometheus metrics of a Tandem service, served by the router at /metrics.
+
+Names follow the conventions users know from vLLM's metrics, prefixed `tandem_`, units in the
+name. The router measures what a client sees (latencies, status codes, tokens); the workers'
+own figures (KV blocks, queues, preemptions, KV transfers) come from the load reports the
+service collects from every worker each health interval, so one scrape of the router covers
+the whole service.
+
+    requests      tandem_time_to_first_token_seconds, tandem_inter_token_latency_seconds,
+                  tandem_e2e_request_latency_seconds, tandem_request_queue_time_seconds
+                  (histograms); tandem_requests_total{code}; tandem_prompt_tokens_total,
+                  tandem_generation_tokens_total; tandem_prefix_cache_queries_total and
+                  tandem_prefix_cache_hits_total (prompt tokens: hits / queries is the hit
+                  rate); tandem_admission_rejections_total; tandem_requests_retried_total
+    workers       tandem_requests_running / tandem_requests_waiting {pool, worker},
+                  tandem_kv_cache_blocks_used / _free {pool, worker}, tandem_kv_cache_usage_ratio,
+                  tandem_preemptions_total, tandem_kv_transfer_bytes_total{direction},
+                  tandem_kv_transfer_seconds (count and sum of completed transfers),
+                  tandem_kv_transfer_failures_total, tandem_kv_transfer_leases_expired_total,
+                  tandem_pool_workers {pool}
+    placement     tandem_prefix_index_lookups_total, tandem_prefix_index_degraded_total
+    autoscaling   tandem_scaling_decisions_total {pool, direction}, tandem_pool_target_workers
+
+Every service has its own registry (several can live in one process, as in the tests).
+Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+# Seconds: from a cached short prompt on a GPU to a long queue on a CPU.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+
+
+class ServiceMetrics:
+    """The metrics of one service. The router records requests; the service feeds worker
+    reports (`observe_worker`) and the placement index (`watch_index`)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("tandem_time_to_first_token_seconds",
+                              "Request arrival to its first token.", buckets=LATENCY_BUCKETS,
+                              registry=r)  # fmt: skip
+        self.itl = Histogram("tandem_inter_token_latency_seconds",
+                             "Gap between consecutive streamed chunks of a request.",
+                             buckets=TOKEN_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.e2e = Histogram("tandem_e2e_request_latency_seconds",
+                             "Request arrival to its last message.", buckets=LATENCY_BUCKETS,
+                             registry=r)  # fmt: skip
+        self.queue = Histogram("tandem_request_queue_time_seconds",
+                               "Request arrival to the start of its prefill.",
+                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.requests = Counter("tandem_requests", "Requests finished, by gRPC status code.",
+                                ["code"], registry=r)  # fmt: skip
+        self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens of finished requests.",
+                                     registry=r)  # fmt: skip
+        self.generation_tokens = Counter("tandem_generation_tokens", "Tokens generated.",
+                                         registry=r)  # fmt: skip
+        self.cache_queries = Counter("tandem_prefix_cache_queries",
+                                     "Prompt tokens looked up in the workers' prefix caches.",
+                                     registry=r)  # fmt: skip
+        self.cache_hits = Counter("tandem_prefix_cache_hits",
+                                  "Prompt tokens served from the workers' prefix caches.",
+                                  registry=r)  # fmt: skip
+        self.admission_rejections = Counter("tandem_admission_rejections",
+                                            "Requests refused by admission control.",
+                                            registry=r)  # fmt: skip
+        self.retried = Counter("tandem_requests_retried",
+                               "Requests moved to another worker after losing theirs.",
+                               registry=r)  # fmt: skip
+        self.scaling_decisions = Counter("tandem_scaling_decisions",
+                                         "Autoscaling decisions taken.", ["pool", "direction"],
+                                         registry=r)  # fmt: skip
+        self.target_workers = Gauge("tandem_pool_target_workers",
+                                    "The size the autoscaler wants each pool at.", ["pool"],
+                                    registry=r)  # fmt: skip
+        self._workers: dict[tuple[str, str], dict[str, Any]] = {}
+        self._index: Callable[[], Any] | None = None
+        r.register(_WorkersCollector(self))
+
+    def observe_worker(self, pool: str, worker_id: str, stats: dict[str, Any]) -> None:
+        """A worker's latest load report (WorkerBase.stats)."""
+        self._workers[(pool, worker_id)] = stats
+
+    def forget_worker(self, pool: str, worker_id: str) -> None:
+        self._workers.pop((pool, worker_id), None)
+
+    def watch_index(self, metrics: Callable[[], Any]) -> None:
+        """Report the prefix index's counters (a callable returning its IndexMetrics)."""
+        self._index = metrics
+
+    def record_finished(
+        self, code: str, usage: Any | None, e2e_s: float, ttft_s: float | None,
+        queue_s: float | None, gaps_s: list[float],
+    ) -> None:  # fmt: skip
+        """One request's end: its status code name, usage (if it got that far), latencies."""
+        self.requests.labels(code=code).inc()
+        self.e2e.observe(e2e_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        if queue_s is not None:
+            self.queue.observe(queue_s)
+        for gap in gaps_s:
+            self.itl.observe(gap)
+        if usage is not None:
+            self.prompt_tokens.inc(usage.prompt_tokens)
+            self.generation_tokens.inc(usage.completion_tokens)
+            self.cache_queries.inc(usage.prompt_tokens)
+            self.cache_hits.inc(usage.cached_tokens)
+
+
+class _WorkersCollector(Collector):
+    """Worker figures as of their last reports, read at scrape time."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["pool", "worker"]
+        g = {
+            "running": GaugeMetricFamily("tandem_requests_running",
+                                         "Sequences in the engine's running batch.", labels=labels),
+            "waiting": GaugeMetricFamily("tandem_requests_waiting",
+                                         "Requests queued in the engine.", labels=labels),
+            "used": GaugeMetricFamily("tandem_kv_cache_blocks_used",
+                                      "KV-cache blocks in use.", labels=labels),
+            "free": GaugeMetricFamily("tandem_kv_cache_blocks_free",
+                                      "KV-cache blocks free (cached prefixes included).",
+                                      labels=labels),
+            "usage": GaugeMetricFamily("tandem_kv_cache_usage_ratio",
+                                       "Fraction of KV-cache blocks in use.", labels=labels),
+        }  # fmt: skip
+        c = {
+            "preemptions": CounterMetricFamily("tandem_preemptions", "Sequences preempted.",
+                                               labels=labels),
+            "failures": CounterMetricFamily("tandem_kv_transfer_failures",
+                                            "KV transfers failed or aborted.", labels=labels),
+            "leases": CounterMetricFamily("tandem_kv_transfer_leases_expired",
+                                          "KV transfers whose sender lease expired.",
+                                          labels=labels),
+        }  # fmt: skip
+        transfer_bytes = CounterMetricFamily("tandem_kv_transfer_bytes", "KV bytes moved.",
+                                             labels=[*labels, "direction"])  # fmt: skip
+        transfer_time = SummaryMetricFamily("tandem_kv_transfer_seconds",
+                                            "Offer to end of completed KV transfers.",
+                                            labels=labels)  # fmt: skip
+        pools: dict[str, int] = {}
+        for (pool, worker), stats in sorted(self.metrics._workers.items()):
+            pools[pool] = pools.get(pool, 0) + 1
+            if stats.get("failure") or "num_blocks" not in stats:
+                continue
+            values = [pool, worker]
+            total, free = stats["num_blocks"], stats["num_free_blocks"]
+            g["running"].add_metric(values, stats.get("num_running", 0))
+            g["waiting"].add_metric(values, stats.get("num_waiting", 0))
+            g["used"].add_metric(values, total - free)
+            g["free"].add_metric(values, free)
+            g["usage"].add_metric(values, (total - free) / total if total else 0.0)
+            c["preemptions"].add_metric(values, stats.get("num_preemptions", 0))
+            c["failures"].add_metric(values, stats.get("kv_transfers_failed", 0))
+            c["leases"].add_metric(values, stats.get("kv_leases_expired", 0))
+            transfer_bytes.add_metric([*values, "sent"], stats.get("kv_bytes_sent", 0))
+            transfer_bytes.add_metric([*values, "received"], stats.get("kv_bytes_received", 0))
+            transfer_time.add_metric(
+                values, stats.get("kv_transfers_completed", 0), stats.get("kv_transfer_seconds", 0)
+            )
+        yield from g.values()
+        yield from c.values()
+        yield transfer_bytes
+        yield transfer_time
+        workers = GaugeMetricFamily("tandem_pool_workers", "Workers in each pool.",
+                                    labels=["pool"])  # fmt: skip
+        for pool, count in sorted(pools.items()):
+            workers.add_metric([pool], count)
+        yield workers
+        index = self.metrics._index() if self.metrics._index is not None else None
+        if index is not None:
+            yield CounterMetricFamily(
+                "tandem_prefix_index_lookups",
+                "Prefix-index lookups answered.",
+                value=index.num_lookups,
+            )
+            yield CounterMetricFamily("tandem_prefix_index_degraded",
+                                      "Placements by load alone: the index did not answer in time.",
+                                      value=index.num_degraded)  # fmt: skip
+
+
+def start_metrics_server(metrics: ServiceMetrics, host: str, port: int) -> tuple[Any, int]:
+    """Serve /metrics on host:port (0: any free port) from a daemon thread; (server, port).
+    Stop it with `server.shutdown()`."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server, int(server.server_port)

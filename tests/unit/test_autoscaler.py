@@ -1,0 +1,91 @@
+"""The autoscaler's decisions on given signals and times: grow at once to the size that brings
+the load to target (within max, after the up cool-down), shrink one worker at a time only
+after the load stayed low for the down cool-down, hold in between (hysteresis)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.autoscaler import PoolScaler, ScalingPolicy, percentile, pool_signals
+from router.placement import WorkerLoad
+
+POLICY = ScalingPolicy(
+    min_workers=1, max_workers=4, targets={"queued_tokens": 1000.0, "ttft": 0.5},
+    up_cooldown_s=10, down_cooldown_s=60,
+)  # fmt: skip
+
+
+def test_grows_to_bring_the_load_back_to_target_within_max() -> None:
+    scaler = PoolScaler("prefill", POLICY)
+    decision = scaler.decide(1, {"queued_tokens": 2500.0, "ttft": None}, now=0.0)
+    assert decision is not None and decision.target == 3 and decision.direction == "up"
+    assert decision.signals == {"queued_tokens": 2.5}
+    assert scaler.decide(3, {"queued_tokens": 3000.0}, now=5.0) is None  # up cool-down
+    decision = scaler.decide(3, {"queued_tokens": 3000.0}, now=10.0)
+    assert decision is not None and decision.target == 4  # 9 wanted, 4 at most
+
+
+def test_the_worst_signal_decides_and_latency_counts() -> None:
+    scaler = PoolScaler("prefill", POLICY)
+    decision = scaler.decide(2, {"queued_tokens": 100.0, "ttft": 0.8}, now=0.0)
+    assert decision is not None and decision.target == 4  # ceil(2 x 1.6) = 4
+    assert decision.load == pytest.approx(1.6)
+
+
+def test_shrinks_one_at_a_time_after_staying_low() -> None:
+    scaler = PoolScaler("prefill", POLICY)
+    low = {"queued_tokens": 100.0}
+    assert scaler.decide(3, low, now=0.0) is None
+    assert scaler.decide(3, low, now=59.0) is None
+    decision = scaler.decide(3, low, now=60.0)
+    assert decision is not None and decision.target == 2 and decision.direction == "down"
+    assert scaler.decide(2, low, now=61.0) is None  # the timer starts over
+    decision = scaler.decide(2, low, now=121.0)
+    assert decision is not None and decision.target == 1
+    assert scaler.decide(1, low, now=500.0) is None  # never below min
+
+
+def test_the_band_between_thresholds_holds_and_resets_the_low_timer() -> None:
+    scaler = PoolScaler("prefill", POLICY)
+    assert scaler.decide(2, {"queued_tokens": 100.0}, now=0.0) is None
+    assert scaler.decide(2, {"queued_tokens": 700.0}, now=50.0) is None  # 0.7: in the band
+    assert scaler.decide(2, {"queued_tokens": 100.0}, now=70.0) is None  # low again since 70
+    assert scaler.decide(2, {"queued_tokens": 100.0}, now=129.0) is None
+    assert scaler.decide(2, {"queued_tokens": 100.0}, now=130.0) is not None
+
+
+def test_out_of_bounds_sizes_are_corrected_first() -> None:
+    scaler = PoolScaler("decode", ScalingPolicy(min_workers=2, max_workers=3))
+    decision = scaler.decide(1, {}, now=0.0)
+    assert decision is not None and decision.target == 2
+
+
+def test_bad_policies_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="max_workers=1 must be an int >= min_workers"):
+        ScalingPolicy(min_workers=2, max_workers=1)
+    with pytest.raises(ValueError, match="unknown scaling signal 'latency'"):
+        ScalingPolicy(targets={"latency": 1.0})
+    with pytest.raises(ValueError, match="target for ttft=0"):
+        ScalingPolicy(targets={"ttft": 0})
+    with pytest.raises(ValueError, match="scale_down_below"):
+        ScalingPolicy(scale_down_below=1.5)
+
+
+def test_pool_signals_from_loads_and_latencies() -> None:
+    loads = [
+        WorkerLoad(in_flight=4, queued_tokens=3000, num_blocks=100, num_free_blocks=20),
+        WorkerLoad(in_flight=2, queued_tokens=1000, num_blocks=100, num_free_blocks=60),
+        WorkerLoad(in_flight=9, queued_tokens=9999, draining=True),  # leaving: not counted
+    ]
+    recent = {"ttft": [0.1, 0.2, 0.3, 0.4, 1.0], "itl": [0.01] * 8 + [0.5, 0.5]}
+    prefill = pool_signals("prefill", loads, recent)
+    assert prefill == {"queued_tokens": 2000.0, "ttft": 1.0}
+    decode = pool_signals("decode", loads, recent)
+    assert decode["kv_usage"] == pytest.approx(0.6)
+    assert decode["running"] == 3.0
+    assert decode["itl"] == 0.5
+    assert set(pool_signals("colocated", loads, {})) == {
+        "queued_tokens", "ttft", "kv_usage", "running", "itl",
+    }  # fmt: skip
+    assert percentile([], 90) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0

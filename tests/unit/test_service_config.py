@@ -1,0 +1,62 @@
+"""The service's configuration from code and from the command line: bad values are refused by
+name; `tandem serve` flags become the autoscaling policies and worker resources they say."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.cli import build_parser, pool_config
+from cluster.service import ServiceConfig
+
+
+def serve_config(*argv: str) -> ServiceConfig:
+    args = build_parser().parse_args(["serve", *argv])
+    config = pool_config(args, 0)
+    assert isinstance(config, ServiceConfig)
+    return config
+
+
+def test_autoscaling_flags_become_per_pool_policies() -> None:
+    config = serve_config(
+        "--prefill-workers", "2", "--autoscale", "--prefill-max-workers", "6",
+        "--target-ttft-ms", "500", "--decode-min-workers", "1", "--decode-max-workers", "3",
+        "--target-itl-ms", "30",
+    )  # fmt: skip
+    scaling = config.autoscaling
+    assert scaling.enabled
+    assert (scaling.prefill.min_workers, scaling.prefill.max_workers) == (2, 6)
+    assert scaling.prefill.targets == {"queued_tokens": 8192.0, "ttft": 0.5}
+    assert (scaling.decode.min_workers, scaling.decode.max_workers) == (1, 3)
+    assert scaling.decode.targets == {"kv_usage": 0.8, "running": 48.0, "itl": 0.03}
+
+
+def test_without_autoscale_the_pools_keep_their_sizes() -> None:
+    config = serve_config("--mode", "colocated", "--workers", "3")
+    assert not config.autoscaling.enabled and config.num_workers == 3
+    with pytest.raises(ValueError, match="decode pool autoscaling: min_workers=0"):
+        serve_config("--autoscale", "--decode-min-workers", "0")
+
+
+def test_worker_resources_and_observability_flags() -> None:
+    config = serve_config(
+        "--prefill-resources", '{"tandem_prefill": 1}', "--metrics-port", "9464",
+        "--otlp-endpoint", "collector:4317",
+    )  # fmt: skip
+    assert config.prefill_resources == {"tandem_prefill": 1}
+    assert config.decode_resources == {}
+    assert config.metrics_port == 9464
+    assert config.tracing.otlp_endpoint == "collector:4317"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"decode_resources": {"gpu_a": 0}}, "decode_resources: 'gpu_a'=0"),
+        ({"cache_weight": -1.0}, "cache_weight=-1.0 must be >= 0"),
+        ({"num_prefill_workers": 0}, "num_prefill_workers=0 must be an int >= 1"),
+        ({"mode": "split"}, "mode='split' must be one of"),
+    ],
+)
+def test_bad_values_are_refused_by_name(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        ServiceConfig(**fields)  # type: ignore[arg-type]
