@@ -13,7 +13,10 @@ and prompt length (512, 2,048, 8,192 tokens; 16-token blocks scattered over the 
   both timed on the receiver from a "go" message to its scatter being complete;
 - protocol: KVSender.submit -> KVReceiver.poll returns it (offer/ready over TCP, payload,
   done/ack), timed across the processes with CLOCK_MONOTONIC (same host); bit-exactness of
-  every protocol transfer is checked (SHA-256 of the blocks on both sides);
+  every protocol transfer is checked (SHA-256 of the blocks on both sides); once per
+  `--protocol-modes` entry (the sender's TransferConfig.part_bytes in MiB, or "direct":
+  direct_receive, slices straight into the receiver's blocks when they form few runs), with
+  the median time of each protocol step from both sides' TransferResult.timeline;
 - overlap (8B shape, 2,048 tokens): a real prefill of the dummy model on cuda:0 with the
   transfer submitted as it starts, shipping 2 layers at a time as their K/V are written
   (LlamaModel.layer_hook records a CUDA event per layer). exposed = (time to the receiver
@@ -27,8 +30,10 @@ Bandwidth = KV bytes / time. Median of `--repeats` after a warm-up.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import hashlib
+import itertools
 import queue
 import statistics
 import sys
@@ -39,6 +44,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.common import machine_info, markdown_table, write_json
+from kvtransfer.coalesce import PIPELINE_PART_BYTES
 
 SHAPES = {  # name -> (layers, kv heads, head dim), as in engine.model_config.NAMED_SHAPES
     "llama-3-8b": (32, 8, 128),
@@ -54,6 +60,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="512,2048,8192")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--protocol-modes",
+        default="1024,64,direct",
+        help="protocol runs: a pipelined part size in MiB, or 'direct' (direct_receive)",
+    )
     parser.add_argument("--overlap-layers-per-chunk", type=int, default=2)
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--out", default="bench/results/kvtransfer_nccl.json")
@@ -128,28 +139,69 @@ def parts_of(staging: torch.Tensor, mode: str) -> tuple[slice, ...]:
 
 def send_group(channel: Any, cache: torch.Tensor, group: list[int], mode: str) -> None:
     """Gather `group` into a staging tensor and send it, part by part as it is gathered."""
-    from kvtransfer.coalesce import gather_blocks, staging_shape
+    from kvtransfer.coalesce import block_index, gather_blocks, staging_shape
 
     staging = torch.empty(staging_shape(cache, len(group)), dtype=cache.dtype, device=cache.device)
     parts = parts_of(staging, mode)
+    ids = block_index(cache, group)  # once for all parts, as KVSender does
 
     def fill(i: int) -> None:
-        gather_blocks(cache, group, staging[parts[i]], layers=parts[i])
+        gather_blocks(cache, ids, staging[parts[i]], layers=parts[i])
 
     channel.send_parts([staging[p] for p in parts], fill=fill)
 
 
 def recv_group(channel: Any, cache: torch.Tensor, group: list[int], mode: str) -> None:
     """Receive `group` into a staging tensor, scattering each part as it arrives."""
-    from kvtransfer.coalesce import scatter_blocks, staging_shape
+    from kvtransfer.coalesce import block_index, scatter_blocks, staging_shape
 
     staging = torch.empty(staging_shape(cache, len(group)), dtype=cache.dtype, device=cache.device)
     parts = parts_of(staging, mode)
+    ids = block_index(cache, group, unique=True)  # before the receive is posted, as KVReceiver
 
     def drain(i: int) -> None:
-        scatter_blocks(cache, group, staging[parts[i]], layers=parts[i])
+        scatter_blocks(cache, ids, staging[parts[i]], layers=parts[i])
 
     channel.recv_parts([staging[p] for p in parts], drain=drain)
+
+
+def direct_runs(args: argparse.Namespace, raw: Any, side: str, queue_out: Any) -> None:
+    """Raw, direct (an experiment, run last): the sender gathers its scattered blocks into one
+    staging tensor, the receiver takes it straight into a contiguous run of destination
+    blocks, one slice per (layer, K/V) in one NCCL group (send_group / recv_group): no
+    scatter. A failure is reported and ends only this experiment."""
+    from kvtransfer.coalesce import block_index, gather_blocks, staging_shape
+
+    shape = next(iter(shapes(args)))
+    device = device_of(args, 0 if side == "send" else 1)
+    try:
+        cache = cache_for(args, shape, device)
+        go = torch.ones(1, device=device)
+        for length in lengths(args):
+            ids = scattered_blocks(args, length, seed=length + 1)
+            num_blocks = len(ids)
+            staging = torch.empty(
+                staging_shape(cache, num_blocks), dtype=cache.dtype, device=cache.device
+            )
+            pieces = [(layer, kv) for layer in range(cache.shape[0]) for kv in range(2)]
+            index = block_index(cache, ids)
+            times = []
+            for _ in range(args.repeats + 1):
+                if side == "send":
+                    synchronize(args)
+                    raw.send(go, timeout_s=30)
+                    gather_blocks(cache, index, staging)
+                    raw.send_group([staging[p] for p in pieces], timeout_s=30)
+                else:
+                    raw.recv(go, timeout_s=30)
+                    start = time.perf_counter()
+                    raw.recv_group([cache[p][:num_blocks] for p in pieces], timeout_s=30)
+                    synchronize(args)
+                    times.append(time.perf_counter() - start)
+            if side == "recv":
+                queue_out.put(("raw", shape, length, "direct", times[1:]))
+    except Exception as e:  # an experiment: report it, keep the other results
+        print(f"direct ({side}) failed: {e!r}", file=sys.stderr, flush=True)
 
 
 def median(values: list[float]) -> float:
@@ -209,9 +261,12 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
         while not finished:
             finished = not queue_in.empty() and queue_in.get() == "next"
             for kv in receiver.poll():
+                result = receiver.result(kv.transfer_id)
+                timeline = result.timeline if result is not None else ()
                 queue_out.put(
-                    ("arrived", kv.transfer_id, kv.completed_at, sha(cache, kv.block_ids))
-                )
+                    ("arrived", kv.transfer_id, kv.completed_at, sha(cache, kv.block_ids),
+                     timeline)
+                )  # fmt: skip
                 manager.release(kv.owner)
             if receiver.failure and not finished:  # fine if the sender closed after its last
                 try:
@@ -221,6 +276,7 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
             time.sleep(0.0005)
         manager.check_integrity([], ())
         receiver.close()
+    direct_runs(args, raw, "recv", queue_out)
     queue_out.put(("bye",))
 
 
@@ -255,6 +311,7 @@ def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None
     for shape in shapes(args):
         protocol_runs(args, shape, endpoint, queue_out, queue_in)
         queue_out.put(("shape_done", shape))
+    direct_runs(args, raw, "send", queue_out)
     queue_out.put(("bye",))
 
 
@@ -284,23 +341,33 @@ def protocol_runs(
         channel, control, cache, layout, manager.release,
         StagingPool(2 << 30, device, cache.dtype), TransferConfig(checksum=False),
     )  # fmt: skip
-    for length in lengths(args):
-        print(f"sender: protocol {shape} {length}", file=sys.stderr, flush=True)
+    if engine is not None:  # first: an experimental protocol mode that fails ends this pair
+        overlap_runs(args, sender, engine, queue_out, queue_in)
+    for mode, length in itertools.product(protocol_modes(args), lengths(args)):
+        print(f"sender: protocol {shape} {length} {mode}", file=sys.stderr, flush=True)
+        # the receiver follows the part size or the slices each header announces
+        direct = mode == "direct"
+        part_bytes = PIPELINE_PART_BYTES if direct else int(mode) << 20
+        sender.config = dataclasses.replace(
+            sender.config, part_bytes=part_bytes, direct_receive=direct
+        )
         ids = scattered_blocks(args, length, seed=length + 7)
         for rep in range(args.repeats + 1):
-            transfer_id = f"{shape}-{length}-{rep}"
+            transfer_id = f"{shape}-{length}-{mode}-{rep}"
             digest = sha(cache, ids)  # before the clock starts: hashing holds CPU and GIL
             manager.hold(transfer_id, ids)
             synchronize(args)
             started = time.monotonic()
             handle = sender.submit(transfer_id, transfer_id, ids, length, transfer_id=transfer_id)
             result = handle.wait(60)
+            if not result.ok and direct:  # the experimental mode: keep the other results
+                print(f"sender: direct protocol failed: {result}", file=sys.stderr, flush=True)
+                sender.close()
+                return
             assert result.ok, result
-            queue_out.put(("protocol", shape, length, rep, started, digest))
+            queue_out.put(("protocol", shape, length, mode, rep, started, digest, result.timeline))
             wait_digested(queue_in, transfer_id)
     manager.check_integrity([], ())
-    if engine is not None:
-        overlap_runs(args, sender, engine, queue_out, queue_in)
     sender.close()
 
 
@@ -406,6 +473,14 @@ def lengths(args: argparse.Namespace) -> list[int]:
     return [int(n) for n in args.lengths.split(",")]
 
 
+def protocol_modes(args: argparse.Namespace) -> list[str]:
+    modes = args.protocol_modes.split(",")
+    for mode in modes:
+        if mode != "direct" and not mode.isdigit():
+            raise SystemExit(f"--protocol-modes: {mode!r} is neither a MiB count nor 'direct'")
+    return modes
+
+
 # ---- driver ------------------------------------------------------------------------------------
 
 
@@ -448,17 +523,24 @@ def main() -> None:
 def collect(args: argparse.Namespace, messages: list[tuple]) -> dict[str, Any]:
     """Per-measurement timings from the two processes' messages."""
     raw = {(m[1], m[2], m[3]): m[4] for m in messages if m[0] == "raw"}
-    arrivals = {m[1]: (m[2], m[3]) for m in messages if m[0] == "arrived"}
-    protocol: dict[tuple[str, int], list[float]] = {}
+    arrivals = {m[1]: (m[2], m[3], dict(m[4])) for m in messages if m[0] == "arrived"}
+    protocol: dict[tuple[str, int, str], list[float]] = {}
+    steps: dict[tuple[str, int, str], list[dict[str, float]]] = {}
     mismatches = []
-    for _, shape, length, rep, started, digest in (m for m in messages if m[0] == "protocol"):
-        if f"{shape}-{length}-{rep}" not in arrivals:
+    for message in (m for m in messages if m[0] == "protocol"):
+        _, shape, length, mode, rep, started, digest, sent_timeline = message
+        transfer_id = f"{shape}-{length}-{mode}-{rep}"
+        if transfer_id not in arrivals:
             continue  # the run broke off
-        done_at, received_digest = arrivals[f"{shape}-{length}-{rep}"]
+        done_at, received_digest, received = arrivals[transfer_id]
         if received_digest != digest:
-            mismatches.append(f"{shape}-{length}-{rep}")
+            mismatches.append(transfer_id)
         if rep > 0:  # rep 0 is the warm-up
-            protocol.setdefault((shape, length), []).append(done_at - started)
+            protocol.setdefault((shape, length, mode), []).append(done_at - started)
+            sent = dict(sent_timeline)
+            steps.setdefault((shape, length, mode), []).append(
+                protocol_steps(started, sent, received)
+            )
     overlap: dict[str, list[tuple[float, float]]] = {}
     for _, mode, rep, started, prefill_end, transfer_id in (
         m for m in messages if m[0] == "overlap"
@@ -470,10 +552,42 @@ def collect(args: argparse.Namespace, messages: list[tuple]) -> dict[str, Any]:
     return {
         "raw": raw,
         "protocol": protocol,
+        "steps": steps,
         "overlap": overlap,
         "pair_memory": pair_memory,
         "mismatches": mismatches,
     }
+
+
+# (name, from, to): S = sender's timeline, R = receiver's, "submit" = the clock's start
+STEPS = (
+    ("submit->Offer out", "submit", "S:offer"),
+    ("Offer->Ready in", "S:offer", "S:ready"),
+    ("  of which: S stages chunk 0", "S:offer", "S:staged"),
+    ("  S Offer->R reserved", "S:offer", "R:offer"),
+    ("  R reserved->S Ready in", "R:offer", "S:ready"),
+    ("Ready->1st header in", "S:ready", "R:first_header"),
+    ("header->data in", "R:first_header", "R:data"),
+    ("data->complete", "R:data", "R:end"),
+    ("S: send returned - R: data", "R:data", "S:sent"),
+    ("S: Ack in - R: complete", "R:end", "S:end"),
+)
+
+
+def protocol_steps(
+    started: float, sent: dict[str, float], received: dict[str, float]
+) -> dict[str, float]:
+    """Seconds of each protocol step (STEPS) of one transfer, from both sides' timelines."""
+    times = {"submit": started}
+    times.update({f"S:{k}": v for k, v in sent.items()})
+    times.update({f"R:{k}": v for k, v in received.items()})
+    steps = {name: times[b] - times[a] for name, a, b in STEPS if a in times and b in times}
+    steps["direct"] = float("S:direct" in times)
+    return steps
+
+
+def protocol_header(mode: str) -> str:
+    return "protocol, direct" if mode == "direct" else f"protocol, {mode} MiB parts"
 
 
 def report(args: argparse.Namespace, messages: list[tuple]) -> None:
@@ -488,8 +602,9 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
         for length in lengths(args):
             nbytes = -(-length // BLOCK) * BLOCK * layers * 2 * heads * dim * 2
             cells = [shape, f"{length:,}", f"{nbytes / 2**20:.1f}"]
-            timings = [raw.get((shape, length, m)) for m in RAW_MODES]
-            for times in [*timings, protocol.get((shape, length))]:
+            timings = [raw.get((shape, length, m)) for m in (*RAW_MODES, "direct")]
+            timings += [protocol.get((shape, length, m)) for m in protocol_modes(args)]
+            for times in timings:
                 seconds = median(times) if times else None
                 cells.append(
                     "-"
@@ -505,11 +620,31 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
             "coalesced, pipelined",
             "coalesced, one part",
             "one message per block",
-            "protocol",
+            "direct into contiguous blocks, grouped",
+            *(protocol_header(m) for m in protocol_modes(args)),
         ],
         rows,
     )
-    lines = [f"\nKV transfer, bf16, 2x {device}, median of {args.repeats}", table]
+    step_rows = [
+        [shape, f"{length:,}", mode, f"{sum(s['direct'] for s in samples):.0f}/{len(samples)}"]
+        + [
+            f"{1e3 * median([s[name] for s in samples if name in s]):.3f}"
+            if any(name in s for s in samples)
+            else "-"
+            for name, _, _ in STEPS
+        ]
+        for (shape, length, mode), samples in data["steps"].items()
+    ]
+    step_table = markdown_table(
+        ["shape", "tokens", "mode", "went direct", *(f"{name} (ms)" for name, _, _ in STEPS)],
+        step_rows,
+    )
+    lines = [
+        f"\nKV transfer, bf16, 2x {device}, median of {args.repeats}",
+        table,
+        "\nprotocol steps, median (S: sender, R: receiver; the same host's monotonic clock)",
+        step_table,
+    ]
     summary: dict[str, Any] = {}
     if len(overlap) == 3:
         prefill = median([p for p, _ in overlap["prefill_only"]])
@@ -542,11 +677,13 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
             "machine": machine_info(),
             "device": device,
             "raw": {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in raw.items()},
-            "protocol": {f"{k[0]}/{k[1]}": v for k, v in protocol.items()},
+            "protocol": {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in protocol.items()},
+            "protocol_steps": {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in data["steps"].items()},
             "overlap": summary,
             "pair_memory_bytes": pair_memory,
             "mismatches": mismatches,
             "table": table,
+            "step_table": step_table,
         },
     )
 

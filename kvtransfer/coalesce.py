@@ -59,20 +59,21 @@ def staging_shape(
 
 def gather_blocks(
     kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-    block_ids: BlockIds,
+    block_ids: BlockIds | BlockIndex,
     out: torch.Tensor | None = None,
     *,
     layers: slice = ALL_LAYERS,
 ) -> torch.Tensor:  # [num_layers_in_range, 2, len(block_ids), block_size, num_kv_heads, head_dim]
     """Copy blocks `block_ids` (in that order) of the layers in `layers` into one contiguous
     tensor: `out` if given (checked, e.g. a StagingPool view), else a new one. Returns it.
+    `block_ids` may be a BlockIndex made once for several calls (pipelined parts).
 
     Asynchronous on CUDA like any copy: order later work on the same stream or synchronize.
     Raises ValueError for a cache that is not 6-D [L, 2, ...], out-of-range block ids, an empty
     or non-contiguous layer range, or an `out` of the wrong shape, dtype, device or layout.
     """
     _check_cache(kv_cache)
-    ids = _block_id_tensor(block_ids, kv_cache.shape[_BLOCK_DIM], kv_cache.device)
+    ids = block_index(kv_cache, block_ids).ids
     start, stop = _layer_range(layers, kv_cache.shape[0])
     source = kv_cache[start:stop]
     if out is None:
@@ -87,7 +88,7 @@ def gather_blocks(
 
 def scatter_blocks(
     kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-    block_ids: BlockIds,
+    block_ids: BlockIds | BlockIndex,
     staging: torch.Tensor,  # [num_layers_in_range, 2, len(block_ids), block_size, ...]
     *,
     layers: slice = ALL_LAYERS,
@@ -99,11 +100,47 @@ def scatter_blocks(
     duplicates is undefined).
     """
     _check_cache(kv_cache)
-    ids = _block_id_tensor(block_ids, kv_cache.shape[_BLOCK_DIM], kv_cache.device, unique=True)
+    index = block_index(kv_cache, block_ids, unique=True)
+    if not index.unique:
+        raise ValueError("scatter_blocks needs a BlockIndex made with unique=True")
+    ids = index.ids
     _check_staging("staging", staging, kv_cache, staging_shape(kv_cache, len(ids), layers))
     start, stop = _layer_range(layers, kv_cache.shape[0])
     wide_cache, wide_staging = _as_words(kv_cache[start:stop], staging)
     wide_cache.index_copy_(_BLOCK_DIM, ids, wide_staging)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockIndex:
+    """Checked block ids already on the cache's device (`block_index`): made once per chunk,
+    used by the gathers or scatters of all its parts. Building it between the posted receive
+    of one part and the next would copy ids from pageable host memory, which may wait for the
+    stream and so for the part still arriving."""
+
+    ids: torch.Tensor  # [num_ids] int64, on the cache's device
+    num_blocks: int  # of the cache they index (checked against it at use)
+    unique: bool  # checked to hold no repeated id (required by scatter_blocks)
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+
+def block_index(
+    kv_cache: torch.Tensor, block_ids: BlockIds | BlockIndex, *, unique: bool = False
+) -> BlockIndex:
+    """`block_ids` checked (non-empty, 1-D, in range, no repeats if `unique`) and copied to
+    the cache's device, on the current stream. A BlockIndex is returned as is once it fits
+    this cache. Raises ValueError like gather_blocks."""
+    num_blocks, device = kv_cache.shape[_BLOCK_DIM], kv_cache.device
+    if isinstance(block_ids, BlockIndex):
+        if block_ids.num_blocks != num_blocks or block_ids.ids.device != device:
+            raise ValueError(
+                f"BlockIndex of a {block_ids.num_blocks}-block cache on {block_ids.ids.device} "
+                f"used with a {num_blocks}-block cache on {device}"
+            )
+        return block_ids
+    ids = _block_id_tensor(block_ids, num_blocks, device, unique)
+    return BlockIndex(ids, num_blocks, unique)
 
 
 def _as_words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -180,6 +217,61 @@ def split_for_overlap(
     )
 
 
+# The most contiguous runs of destination blocks a chunk may land in directly (one message per
+# run, layer and K/V, all in one NCCL group): beyond it, staging and a scatter cost less than
+# the extra messages. Sender and receiver must use the same value.
+MAX_DIRECT_RUNS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class DirectPlan:
+    """How a chunk lands straight in the receiver's cache, with no staging there: the sender
+    gathers its blocks in ascending destination order, so that every run of consecutive
+    destination blocks is one contiguous slice of the staging tensor per (layer, K/V):
+
+        dst_block_ids [9, 3, 4, 10, 5]  ->  order (1, 2, 4, 0, 3): dst 3 4 5 | 9 10
+        runs ((0, 3, 3), (3, 9, 2))         staging[l, kv, 0:3] -> cache[l, kv, 3:6]
+                                            staging[l, kv, 3:5] -> cache[l, kv, 9:11]
+    """
+
+    order: tuple[int, ...]  # positions in the transfer's block lists, by destination block
+    runs: tuple[tuple[int, int, int], ...]  # (first position in `order`, first dst block, count)
+
+
+def direct_plan(dst_block_ids: Sequence[int], max_runs: int = MAX_DIRECT_RUNS) -> DirectPlan | None:
+    """The DirectPlan of a chunk going to `dst_block_ids` (distinct), or None if they form more
+    than `max_runs` runs of consecutive blocks. Both ends derive it from the same ids."""
+    order = tuple(sorted(range(len(dst_block_ids)), key=lambda i: dst_block_ids[i]))
+    runs: list[tuple[int, int, int]] = []
+    for position, i in enumerate(order):
+        block = dst_block_ids[i]
+        if runs and runs[-1][1] + runs[-1][2] == block:
+            start, first, count = runs[-1]
+            runs[-1] = (start, first, count + 1)
+        elif len(runs) == max_runs:
+            return None
+        else:
+            runs.append((position, block, 1))
+    return DirectPlan(order, tuple(runs))
+
+
+def direct_slices(
+    tensor: torch.Tensor, plan: DirectPlan, layers: range, *, in_cache: bool
+) -> list[torch.Tensor]:
+    """The pieces of a direct chunk, in the order both ends post them (layer, K/V, run): of
+    the staging tensor [len(layers), 2, n, ...] (in_cache=False) or of the destination cache
+    (in_cache=True, `layers` its layer numbers). Each is contiguous."""
+    pieces = []
+    for index, layer in enumerate(layers):
+        for kv in range(2):
+            for start, first, count in plan.runs:
+                if in_cache:
+                    pieces.append(tensor[layer, kv, first : first + count])
+                else:
+                    pieces.append(tensor[index, kv, start : start + count])
+    return pieces
+
+
 # Target size of one part of a pipelined message. Measured on 2x H100 (bench.kvtransfer_nccl,
 # docs/benchmarks.md): 64 MiB parts made the 256 MiB transfer slower (2.30 ms) than one part
 # (1.30 ms), likely because each gather/scatter kernel fills every SM and NCCL's kernel waits
@@ -206,6 +298,17 @@ def pipeline_parts(
     per_part = -(-num_layers // num_parts)
     return tuple(
         slice(start, min(start + per_part, num_layers)) for start in range(0, num_layers, per_part)
+    )
+
+
+def parts_of_layers(num_layers: int, layers_per_part: int) -> tuple[slice, ...]:
+    """Parts of `layers_per_part` whole layers (the last may have fewer): how a receiver
+    splits a staging tensor to match the part size the sender's header announced."""
+    _check_positive("num_layers", num_layers)
+    _check_positive("layers_per_part", layers_per_part)
+    return tuple(
+        slice(start, min(start + layers_per_part, num_layers))
+        for start in range(0, num_layers, layers_per_part)
     )
 
 
@@ -249,6 +352,8 @@ def _block_id_tensor(
         raise ValueError(f"block id {bad} out of range: the cache has {num_blocks} blocks")
     if unique and ids.unique().numel() != ids.numel():
         raise ValueError(f"block_ids repeat an id: {ids.tolist()}")
+    # Not pinned: pinning a new host block (cudaHostAlloc) may wait for the whole device, e.g.
+    # for a prefill running beside the transfer; a pageable copy waits for this stream at most.
     return ids.to(device, non_blocking=True)
 
 

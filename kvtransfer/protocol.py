@@ -7,6 +7,9 @@ The protocol, per pair (one control connection + one PairChannel), sender S, rec
     S: per layer chunk: gather, send  ==payload==>  R: recv by tag, scatter into reserved blocks
                            --Done--->  R: checks bytes (and CRC on CPU), Ack; KV ready to adopt
     S: unpin on Ack        <--Ack----
+    (When R has no CRC to compare - CUDA, or its checksum is off - Done adds nothing, as every
+    chunk's size was checked on arrival: R acks once the last chunk is in; S takes an Ack that
+    overtakes its own send's completion; R drops the Done that follows.)
     S: unpin when the lease expires without an Ack (the receiver never confirmed)
 
 Who frees what, so that nothing leaks and nothing is freed twice:
@@ -35,6 +38,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from kvtransfer.coalesce import PIPELINE_PART_BYTES
+
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
@@ -48,8 +53,14 @@ class TransferConfig:
     stall_timeout_s: float = 30.0  # either side: the longest wait for the next payload
     done_timeout_s: float = 10.0  # receiver: last chunk -> Done
     poll_interval_s: float = 0.05  # how often the control threads check deadlines
-    checksum: bool = True  # CRC-32 of the payload (CPU tensors only; 0 = not computed)
+    checksum: bool = True  # CRC-32 of the payload (CPU tensors only; 0 = not computed); a
+    # receiver with it off acks on the last chunk's arrival, without waiting for Done
     max_finished: int = 4096  # finished transfers remembered for duplicate/late messages
+    part_bytes: int = PIPELINE_PART_BYTES  # sender: pipelined parts of a chunk (the receiver
+    # follows the sizes announced in each payload's header)
+    direct_receive: bool = False  # sender: when the destination blocks form at most
+    # MAX_DIRECT_RUNS runs, send each chunk as slices that land in them directly (no staging
+    # or scatter on the receiver; coalesce.DirectPlan); the receiver follows the header
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "ready_timeout_s", "stall_timeout_s", "done_timeout_s"):
@@ -60,6 +71,8 @@ class TransferConfig:
             raise ValueError(f"poll_interval_s={self.poll_interval_s!r} must be in (0, 1]")
         if type(self.max_finished) is not int or self.max_finished < 1:
             raise ValueError(f"max_finished={self.max_finished!r} must be an int >= 1")
+        if type(self.part_bytes) is not int or self.part_bytes < 1:
+            raise ValueError(f"part_bytes={self.part_bytes!r} must be an int >= 1")
 
 
 class TransferStatus(enum.Enum):
@@ -77,6 +90,10 @@ class TransferResult:
     reason: str = ""
     num_bytes: int = 0
     seconds: float = 0.0  # offer to end
+    # when each step happened (time.monotonic(), comparable across processes of one host):
+    # sender "offer", "staged", "ready", ("direct": sent as direct slices), "sent", "end"; receiver
+    # "offer", "first_header", "data", "end"
+    timeline: tuple[tuple[str, float], ...] = ()
 
     @property
     def ok(self) -> bool:

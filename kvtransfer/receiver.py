@@ -2,6 +2,8 @@
 
     control thread: Offer -> reserve + Ready (or Abort); Done -> verify -> Ack; Abort; deadlines
     data thread:    while transfers are expected: header -> route by tag -> payload -> scatter
+                    (no CRC to compare - CUDA, or checksum off: after the last chunk, Ack at
+                    once; the Done that follows is dropped: every chunk's size was checked)
 
 The engine loop never blocks on a transfer: it calls `poll()` each step and gets the transfers
 whose KV is complete, then hands each to Engine.add_transferred_request (or releases it). See
@@ -15,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -23,9 +25,12 @@ from engine.errors import KVTransferError
 from kvtransfer.coalesce import (
     StagingPool,
     TransferChunk,
+    block_index,
+    direct_plan,
+    direct_slices,
     numel,
     on_stream,
-    pipeline_parts,
+    parts_of_layers,
     scatter_blocks,
     split_for_overlap,
     staging_shape,
@@ -86,6 +91,7 @@ class _Incoming:
     done_deadline: float = 0.0
     local_abort: str | None = None
     peer_abort: str | None = None
+    timeline: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,7 @@ class _Final:
 
     result: TransferResult
     reply: Message | None
+    acked_before_done: bool = False  # the sender's Done is still to come: drop it, once
 
 
 class KVReceiver:
@@ -132,6 +139,9 @@ class KVReceiver:
         self._completed: deque[ReceivedKV] = deque()
         self._failure: str | None = None
         self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
+        # Done brings nothing to check unless this side compares CRCs (CPU, checksum on): then
+        # the last chunk's arrival completes a transfer (each chunk's size was checked).
+        self._checks_crc = self._stream is None and self.config.checksum
         self._threads = [
             threading.Thread(target=self._data_loop, name="kv-recv", daemon=True),
             threading.Thread(target=self._control_loop, name="kv-recv-control", daemon=True),
@@ -222,7 +232,9 @@ class KVReceiver:
             incoming = self._live.get(transfer_id) if transfer_id else None
             final = self._finished.get(transfer_id) if transfer_id else None
         if incoming is None:
-            if isinstance(message, TransferDone) and final is not None and final.reply:
+            if isinstance(message, TransferDone) and final is not None and final.acked_before_done:
+                self._record(message.transfer_id, replace(final, acked_before_done=False))
+            elif isinstance(message, TransferDone) and final is not None and final.reply:
                 self._send(final.reply)  # a duplicate Done: the same answer again
             elif not isinstance(message, (TransferDone, TransferAbort)):
                 logger.warning("receiver: unexpected %s", type(message).__name__)
@@ -281,6 +293,7 @@ class KVReceiver:
             chunks=split_for_overlap(dst, self.layout.num_layers, offer.layers_per_chunk),
             started=time.monotonic(),
         )
+        incoming.timeline.append(("offer", incoming.started))
         with self._lock:
             self._live[offer.transfer_id] = incoming
             self._by_tag[incoming.tag] = incoming
@@ -339,7 +352,8 @@ class KVReceiver:
                 self._finish(incoming, TransferStatus.FAILED, reason, reply=None)
 
     def _receive_one(self) -> None:
-        tag, nbytes = self.channel.recv_header(timeout_s=self.config.stall_timeout_s)
+        with on_stream(self._stream):  # not the default stream, where the engine decodes
+            tag, nbytes = self.channel.recv_header(timeout_s=self.config.stall_timeout_s)
         with self._lock:
             incoming = self._by_tag.get(tag)
         if incoming is None or incoming.state != "receiving":
@@ -351,46 +365,78 @@ class KVReceiver:
                 reason = incoming.local_abort
             self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
             return
+        if incoming.next_chunk == 0:
+            incoming.timeline.append(("first_header", time.monotonic()))
         chunk = incoming.chunks[incoming.next_chunk]
         shape = staging_shape(self.kv_cache, len(chunk.block_ids), chunk.layers)
-        expected = numel(shape) * self.kv_cache.element_size()
+        layer_bytes = numel(shape[1:]) * self.kv_cache.element_size()
+        expected = shape[0] * layer_bytes
         if nbytes != expected:
             raise KVTransferError(
                 f"transfer {incoming.offer.transfer_id}: chunk {incoming.next_chunk} is "
                 f"{nbytes} bytes, expected {expected}"
             )
-        lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
-        parts = pipeline_parts(shape[0], numel(shape[1:]) * self.kv_cache.element_size())
-        views = [lease.tensor[part] for part in parts]
-
-        def drain(index: int) -> None:  # scatter part `index`, ordered after its receive
-            start = chunk.layer_start + parts[index].start
-            part_layers = slice(start, chunk.layer_start + parts[index].stop)
-            scatter_blocks(self.kv_cache, chunk.block_ids, views[index], layers=part_layers)
-
-        try:
-            with on_stream(self._stream):
-                # returns once the scatters are complete: the blocks are written before anyone
-                # is told
-                self.channel.recv_payload_parts(
-                    views, drain=drain, timeout_s=self.config.stall_timeout_s
-                )
-            if self._stream is None and self.config.checksum:
-                incoming.crc = tensor_crc32(lease.tensor, incoming.crc)
-        except ValueError as e:  # the sender split the payload differently: out of step
-            raise KVTransferError(f"transfer {incoming.offer.transfer_id}: {e}") from e
-        finally:
-            self._staging.release(lease)
+        if self.channel.pending_part_nbytes < 0:  # a group: slices straight into the blocks
+            self._receive_direct(incoming, chunk)
+        else:
+            self._receive_staged(incoming, chunk, shape, layer_bytes)
         incoming.num_bytes += nbytes
         self.metrics.add_bytes(received=nbytes)
         incoming.next_chunk += 1
         if incoming.next_chunk == len(incoming.chunks):
             self._data_over(incoming)
+            incoming.timeline.append(("data", time.monotonic()))
             if incoming.local_abort is not None or incoming.peer_abort is not None:
                 reason = incoming.local_abort or f"sender aborted: {incoming.peer_abort}"
                 self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
-            elif incoming.done is not None:
-                self._verify(incoming)
+            elif incoming.done is not None or not self._checks_crc:
+                self._verify(incoming)  # without waiting for Done when it adds nothing
+
+    def _receive_direct(self, incoming: _Incoming, chunk: TransferChunk) -> None:
+        """Receive a chunk sent as direct slices (coalesce.DirectPlan) into the reserved blocks."""
+        tid = incoming.offer.transfer_id
+        plan = direct_plan(chunk.block_ids)
+        if plan is None:
+            raise KVTransferError(f"transfer {tid}: direct slices, but the blocks do not allow it")
+        layers = range(chunk.layer_start, chunk.layer_stop)
+        pieces = direct_slices(self.kv_cache, plan, layers, in_cache=True)
+        try:
+            with on_stream(self._stream):  # returns once the data is in the blocks
+                self.channel.recv_payload_group(pieces, timeout_s=self.config.stall_timeout_s)
+        except ValueError as e:  # the sender planned differently: out of step
+            raise KVTransferError(f"transfer {tid}: {e}") from e
+        if self._checks_crc:
+            for piece in pieces:  # the sender's staging order
+                incoming.crc = tensor_crc32(piece, incoming.crc)
+
+    def _receive_staged(
+        self, incoming: _Incoming, chunk: TransferChunk, shape: tuple[int, ...], layer_bytes: int
+    ) -> None:
+        """Receive a chunk into a staging lease and scatter it into the reserved blocks."""
+        lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
+        # the sender's split, as its header announced it (whole layers per part)
+        parts = parts_of_layers(shape[0], max(1, self.channel.pending_part_nbytes // layer_bytes))
+        views = [lease.tensor[part] for part in parts]
+
+        def drain(index: int) -> None:  # scatter part `index`, ordered after its receive
+            start = chunk.layer_start + parts[index].start
+            part_layers = slice(start, chunk.layer_start + parts[index].stop)
+            scatter_blocks(self.kv_cache, ids, views[index], layers=part_layers)
+
+        try:
+            with on_stream(self._stream):
+                ids = block_index(self.kv_cache, chunk.block_ids, unique=True)  # before posting
+                # returns once the scatters are complete: the blocks are written before anyone
+                # is told
+                self.channel.recv_payload_parts(
+                    views, drain=drain, timeout_s=self.config.stall_timeout_s
+                )
+            if self._checks_crc:
+                incoming.crc = tensor_crc32(lease.tensor, incoming.crc)
+        except ValueError as e:  # the sender split the payload differently: out of step
+            raise KVTransferError(f"transfer {incoming.offer.transfer_id}: {e}") from e
+        finally:
+            self._staging.release(lease)
 
     def _data_over(self, incoming: _Incoming) -> None:
         with self._lock:
@@ -402,13 +448,14 @@ class KVReceiver:
     # -- endings --------------------------------------------------------------------------------
 
     def _verify(self, incoming: _Incoming) -> None:
-        """Data and Done are both in: Ack and hand the KV over, or fail."""
+        """Data and Done are both in (or only the data, when there is no CRC to compare): Ack
+        and hand the KV over, or fail."""
         done = incoming.done
-        assert done is not None
+        assert done is not None or not self._checks_crc, "a CRC to compare waits for Done"
         problem = None
-        if done.num_bytes != incoming.num_bytes:
+        if done is not None and done.num_bytes != incoming.num_bytes:
             problem = f"received {incoming.num_bytes} bytes, sender sent {done.num_bytes}"
-        elif done.checksum and self._stream is None and done.checksum != incoming.crc:
+        elif done is not None and self._checks_crc and done.checksum not in (0, incoming.crc):
             problem = f"checksum {incoming.crc:#x} != sender's {done.checksum:#x}"
         tid = incoming.offer.transfer_id
         if problem is not None:
@@ -417,13 +464,18 @@ class KVReceiver:
             self._send(ack)
             return
         ack = TransferAck(tid, ok=True)
-        if self._finish(incoming, TransferStatus.COMPLETED, "", reply=ack):
+        if self._finish(incoming, TransferStatus.COMPLETED, "", reply=ack, early=done is None):
             final = self._finished.get(tid)
             if final is not None and final.result.ok:
                 self._send(ack)
 
     def _finish(
-        self, incoming: _Incoming, status: TransferStatus, reason: str, reply: Message | None
+        self,
+        incoming: _Incoming,
+        status: TransferStatus,
+        reason: str,
+        reply: Message | None,
+        early: bool = False,
     ) -> bool:
         """End a transfer once: keep (completed) or free its blocks, record, count."""
         tid = incoming.offer.transfer_id
@@ -436,15 +488,17 @@ class KVReceiver:
                 self._num_expected -= 1
                 self._by_tag.pop(incoming.tag, None)
             incoming.state = "ended"
+            now = time.monotonic()
             result = TransferResult(
                 tid,
                 incoming.offer.request_id,
                 status,
                 reason,
                 incoming.num_bytes,
-                time.monotonic() - incoming.started,
+                now - incoming.started,
+                (*incoming.timeline, ("end", now)),
             )
-            self._finished.add(tid, _Final(result, reply))
+            self._finished.add(tid, _Final(result, reply, early and incoming.done is None))
             if status is TransferStatus.COMPLETED:
                 self._completed.append(
                     ReceivedKV(

@@ -22,7 +22,14 @@ import torch
 
 from engine.errors import KVTransferError
 from kvtransfer.coalesce import (
+    BlockIndex,
+    DirectPlan,
+    StagingLease,
     StagingPool,
+    TransferChunk,
+    block_index,
+    direct_plan,
+    direct_slices,
     gather_blocks,
     numel,
     on_stream,
@@ -57,6 +64,19 @@ ReleaseFn = Callable[[str], object]  # unpin the blocks an owner holds (BlockMan
 
 
 @dataclass(eq=False)
+class _Staged:
+    """A chunk's staging lease while the transfer thread fills and sends it."""
+
+    lease: StagingLease
+    ids: BlockIndex
+    layer_start: int
+    parts: tuple[slice, ...]  # of the staging tensor's layers, one message each
+    plan: DirectPlan | None = None  # staged in its order, sent as its slices
+    gathered: set[int] = field(default_factory=set)  # parts already gathered
+    released: bool = False
+
+
+@dataclass(eq=False)
 class OutgoingTransfer:
     """A handle on one submitted transfer; `wait` for its result."""
 
@@ -74,6 +94,8 @@ class OutgoingTransfer:
     lease_deadline: float = 0.0
     num_bytes: int = 0
     ready: TransferReady | None = None
+    early_ack: TransferAck | None = None  # an Ack that overtook the last send's completion
+    timeline: list[tuple[str, float]] = field(default_factory=list)
     stop_reason: str | None = None  # set by abort(), the peer's Abort, or a timeout
     stop_status: TransferStatus = TransferStatus.FAILED  # ABORTED for abort() or peer's Abort
     stopped_by_peer: bool = False
@@ -233,7 +255,7 @@ class KVSender:
                 return
             try:
                 if isinstance(job, int):
-                    self.channel.send_marker(tag=job, timeout_s=self.config.stall_timeout_s)
+                    self._send_marker(job)
                 else:
                     self._run(job)
             except KVTransferError as e:  # the channel or the control connection broke
@@ -248,8 +270,29 @@ class KVSender:
                 return  # aborted while queued: ended by abort(), nothing was sent
             transfer.state = "offered"
         transfer.started = time.monotonic()
+        transfer.timeline.append(("offer", transfer.started))
         self._send_control(self._offer(transfer))
-        transfer.replied.wait(self.config.ready_timeout_s)
+        chunks = split_for_overlap(
+            transfer.block_ids, self.layout.num_layers, transfer.layers_per_chunk
+        )
+        first = None  # direct: the staging order depends on the Ready's destination blocks
+        if not self.config.direct_receive:
+            first = self._stage(transfer, chunks[0], prefill=True)  # during the round trip
+            transfer.timeline.append(("staged", time.monotonic()))
+        try:
+            self._send_when_ready(transfer, chunks, first)
+        finally:
+            if first is not None:
+                self._unstage(first)  # if the transfer ended before its first chunk went
+
+    def _send_when_ready(
+        self,
+        transfer: OutgoingTransfer,
+        chunks: tuple[TransferChunk, ...],
+        first: _Staged | None,
+    ) -> None:
+        ready_deadline = transfer.started + self.config.ready_timeout_s  # from the Offer
+        transfer.replied.wait(max(0.0, ready_deadline - time.monotonic()))
         with self._lock:
             ready, reason = transfer.ready, transfer.stop_reason
             if ready is None and reason is None:
@@ -257,6 +300,7 @@ class KVSender:
                 transfer.stop_reason = reason
             if ready is not None:
                 transfer.state = "sending"  # from here on the receiver expects the tag
+                transfer.timeline.append(("ready", time.monotonic()))
         if ready is None:  # refused, aborted or timed out before any payload
             if not transfer.stopped_by_peer:
                 self._send_control(TransferAbort(transfer.transfer_id, (reason or "")[:256]))
@@ -272,43 +316,116 @@ class KVSender:
             self._stop_mid_transfer(transfer)
             return
         checksum = 0
-        chunks = split_for_overlap(
-            transfer.block_ids, self.layout.num_layers, transfer.layers_per_chunk
-        )
+        plan = direct_plan(ready.dst_block_ids) if self.config.direct_receive else None
+        if plan is not None:
+            transfer.timeline.append(("direct", time.monotonic()))
         for index, chunk in enumerate(chunks):
-            if transfer.chunk_ready is not None:
+            prestaged = first if index == 0 else None  # chunk_ready(0) was awaited for it
+            if prestaged is None and transfer.chunk_ready is not None:
                 transfer.chunk_ready(index)
             if transfer.stop_reason is not None:
                 self._stop_mid_transfer(transfer)
                 return
-            checksum = self._send_chunk(transfer, chunk.block_ids, chunk.layers, checksum)
+            if prestaged is not None:
+                staged = prestaged
+            else:
+                staged = self._stage(transfer, chunk, prefill=False, plan=plan)
+            checksum = self._send_chunk(transfer, staged, checksum)
         with self._lock:  # before Done goes out: its Ack may come back at once
             if transfer.state != "sending":
                 return  # ended meanwhile (pair failure)
+            aborted_by_peer = transfer.stopped_by_peer and transfer.early_ack is None
             transfer.state = "awaiting_ack"
+            transfer.timeline.append(("sent", time.monotonic()))
             transfer.lease_deadline = time.monotonic() + self.config.lease_s
+            early_ack = transfer.early_ack
+        if aborted_by_peer:  # during the last chunk: no Ack will come, unpin now
+            self._end(transfer, transfer.stop_status, transfer.stop_reason or "")
+            return
         self._send_control(TransferDone(transfer.transfer_id, transfer.num_bytes, checksum))
+        if early_ack is not None:  # the receiver had every chunk before our send returned
+            self._on_ack(transfer, early_ack)
 
-    def _send_chunk(
-        self, transfer: OutgoingTransfer, block_ids: tuple[int, ...], layers: slice, crc: int
-    ) -> int:
-        shape = staging_shape(self.kv_cache, len(block_ids), layers)
+    def _stage(
+        self,
+        transfer: OutgoingTransfer,
+        chunk: TransferChunk,
+        prefill: bool,
+        plan: DirectPlan | None = None,
+    ) -> _Staged:
+        """A staging lease for `chunk`, its block index on the device and its parts; with
+        `prefill`, chunk_ready(0) is awaited and part 0 gathered now (queued on CUDA), so that
+        the gather overlaps the Offer -> Ready round trip. With a `plan`, the blocks are
+        staged in its order, as one part, to go as direct slices."""
+        shape = staging_shape(self.kv_cache, len(chunk.block_ids), chunk.layers)
         lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
-        parts = pipeline_parts(shape[0], numel(shape[1:]) * self.kv_cache.element_size())
-        views = [lease.tensor[part] for part in parts]
+        layer_bytes = numel(shape[1:]) * self.kv_cache.element_size()
+        parts = pipeline_parts(shape[0], layer_bytes, self.config.part_bytes)
+        block_ids = chunk.block_ids
+        if plan is not None:
+            assert len(plan.order) == len(block_ids), "direct plans cover every block of a chunk"
+            parts, block_ids = (slice(0, shape[0]),), tuple(block_ids[i] for i in plan.order)
+        staged = None
+        try:
+            with on_stream(self._stream):
+                ids = block_index(self.kv_cache, block_ids)  # once for all parts
+            staged = _Staged(lease, ids, chunk.layer_start, parts, plan)
+            if prefill:
+                if transfer.chunk_ready is not None:
+                    transfer.chunk_ready(0)
+                if transfer.stop_reason is None:
+                    with on_stream(self._stream):
+                        self._gather_part(staged, 0)
+        except BaseException:
+            if staged is None:
+                self._staging.release(lease)
+            else:
+                self._unstage(staged)
+            raise
+        return staged
 
-        def fill(index: int) -> None:  # gather part `index`; its send waits for it on the GPU
-            part_layers = slice(layers.start + parts[index].start, layers.start + parts[index].stop)
-            gather_blocks(self.kv_cache, block_ids, views[index], layers=part_layers)
+    def _gather_part(self, staged: _Staged, index: int) -> None:
+        """Gather part `index` of a staged chunk (on the current stream), once."""
+        if index in staged.gathered:
+            return
+        part = staged.parts[index]
+        layers = slice(staged.layer_start + part.start, staged.layer_start + part.stop)
+        gather_blocks(self.kv_cache, staged.ids, staged.lease.tensor[part], layers=layers)
+        staged.gathered.add(index)
 
+    def _unstage(self, staged: _Staged) -> None:
+        """Give the lease back once, after any gather still queued into it."""
+        if staged.released:
+            return
+        staged.released = True
+        if self._stream is not None and staged.gathered:
+            self._stream.synchronize()  # never hand out memory a gather may still write
+        self._staging.release(staged.lease)
+
+    def _send_chunk(self, transfer: OutgoingTransfer, staged: _Staged, crc: int) -> int:
+        lease = staged.lease
+        views = [lease.tensor[part] for part in staged.parts]
         try:
             with on_stream(self._stream):  # NCCL's stream waits for the gathers on this one
-                self.channel.send_parts(
-                    views, tag=transfer.tag, fill=fill, timeout_s=self.config.stall_timeout_s
-                )
+                if staged.plan is not None:  # slices in the order the receiver posts them
+                    self._gather_part(staged, 0)
+                    layers = range(lease.tensor.shape[0])
+                    self.channel.send_group(
+                        direct_slices(lease.tensor, staged.plan, layers, in_cache=False),
+                        tag=transfer.tag,
+                        timeout_s=self.config.stall_timeout_s,
+                    )
+                else:
+                    self.channel.send_parts(
+                        views,
+                        tag=transfer.tag,
+                        fill=lambda index: self._gather_part(staged, index),
+                        timeout_s=self.config.stall_timeout_s,
+                    )
             if self._stream is None and self.config.checksum:
                 crc = tensor_crc32(lease.tensor, crc)
         finally:
+            staged.released = True  # the send waited for every gather and read
             self._staging.release(lease)
         nbytes = lease.tensor.numel() * lease.tensor.element_size()
         transfer.num_bytes += nbytes
@@ -317,11 +434,15 @@ class KVSender:
 
     def _stop_mid_transfer(self, transfer: OutgoingTransfer) -> None:
         """The receiver holds a reservation and expects this tag: end it with a marker."""
-        self.channel.send_marker(tag=transfer.tag, timeout_s=self.config.stall_timeout_s)
+        self._send_marker(transfer.tag)
         reason = transfer.stop_reason or "stopped"
         if not transfer.stopped_by_peer:
             self._send_control(TransferAbort(transfer.transfer_id, reason[:256]))
         self._end(transfer, transfer.stop_status, reason)
+
+    def _send_marker(self, tag: int) -> None:
+        with on_stream(self._stream):  # not the default stream, where the engine prefills
+            self.channel.send_marker(tag=tag, timeout_s=self.config.stall_timeout_s)
 
     # -- control thread -------------------------------------------------------------------------
 
@@ -369,13 +490,23 @@ class KVSender:
             if state == "awaiting_ack":
                 self._end(transfer, TransferStatus.ABORTED, transfer.stop_reason or "")
         elif isinstance(message, TransferAck):
-            if transfer.state != "awaiting_ack":
-                logger.warning("sender: Ack for %s in state %s", transfer_id, transfer.state)
+            with self._lock:
+                state = transfer.state
+                if state == "sending" and transfer.early_ack is None:
+                    # A CUDA receiver acks once the last chunk is in, which may be before this
+                    # side's send has returned: the transfer thread ends it after Done.
+                    transfer.early_ack = message
+                    return
+            if state != "awaiting_ack":
+                logger.warning("sender: Ack for %s in state %s", transfer_id, state)
                 return
-            status = TransferStatus.COMPLETED if message.ok else TransferStatus.FAILED
-            self._end(transfer, status, message.reason)
+            self._on_ack(transfer, message)
         else:
             logger.warning("sender: unexpected %s", type(message).__name__)
+
+    def _on_ack(self, transfer: OutgoingTransfer, ack: TransferAck) -> None:
+        status = TransferStatus.COMPLETED if ack.ok else TransferStatus.FAILED
+        self._end(transfer, status, ack.reason)
 
     def _expire_leases(self) -> None:
         now = time.monotonic()
@@ -407,7 +538,8 @@ class KVSender:
         if owes_marker:
             self._jobs.put(transfer.tag)
         self._release(transfer.owner)
-        elapsed = time.monotonic() - transfer.started if transfer.started else 0.0
+        now = time.monotonic()
+        elapsed = now - transfer.started if transfer.started else 0.0
         result = TransferResult(
             transfer.transfer_id,
             transfer.request_id,
@@ -415,6 +547,7 @@ class KVSender:
             reason,
             transfer.num_bytes,
             elapsed,
+            (*transfer.timeline, ("end", now)),
         )
         self.metrics.count(result)
         transfer._result = result

@@ -28,6 +28,11 @@ writing one request's KV into another's blocks:
       link:                    [part 0][part 1][part 2]
       receiver stream:                 [drain 0][drain 1][drain 2]
 
+    A payload may also go as a group (`send_group` / `recv_group`): tensors of any sizes (e.g.
+    slices of a KV cache, so the receiver needs no scatter), announced by part_nbytes = minus
+    their number and posted together: on NCCL in one NCCL group (coalesced: one launch moves
+    them all), on gloo one message each.
+
     A header with nbytes = MARKER (-1) and no payload stands in for a payload that will not
     come (`send_marker`: an aborted transfer), so both sides' counts stay in step. A receiver
     either names the payload it expects (`recv`) or reads the next header and routes by its
@@ -290,6 +295,62 @@ class PairChannel(ABC):
             self._complete(works, deadline)
             self._num_sent += 1
 
+    def send_group(
+        self, tensors: Sequence[torch.Tensor], *, tag: int = 0, timeout_s: float | None = None
+    ) -> None:
+        """Send one payload made of `tensors` (contiguous, on this channel's device, of any
+        sizes, at least one byte each), posted together (see the module docstring); the peer
+        receives it with `recv_group` over tensors of the same sizes in the same order.
+        Returns once all are sent. Raises like `send`."""
+        sizes = [self._checked_size(tensor) for tensor in tensors]
+        _check_tag(tag)
+        if not sizes or 0 in sizes:
+            raise ValueError(f"a group needs one or more non-empty tensors, got sizes {sizes}")
+        with self._op("send", timeout_s) as (pg, deadline):
+            works = [self._post_header(pg, self._num_sent, tag, sum(sizes), -len(sizes))]
+            works += self._post_group(pg, pg.send, tensors)
+            self._complete(works, deadline)
+            self._num_sent += 1
+
+    def recv_group(
+        self, tensors: Sequence[torch.Tensor], *, tag: int = 0, timeout_s: float | None = None
+    ) -> None:
+        """Receive the peer's next payload, sent with `send_group`, into `tensors` (sized and
+        ordered as the sender's). Returns once all have arrived. Raises like `recv`, also for
+        a payload announced as anything but a group of that many tensors and bytes."""
+        sizes = [self._checked_size(tensor) for tensor in tensors]
+        _check_tag(tag)
+        if not sizes or 0 in sizes:
+            raise ValueError(f"a group needs one or more non-empty tensors, got sizes {sizes}")
+        with self._op("recv", timeout_s) as (pg, deadline):
+            got_tag, got_nbytes = self._next_header(pg, deadline)
+            got = (got_tag, got_nbytes, self.pending_part_nbytes)
+            _check_header_fields(got, (tag, sum(sizes), -len(sizes)))  # -n: a group of n
+            self._recv_group_payload(pg, tensors, deadline)
+
+    def recv_payload_group(
+        self, tensors: Sequence[torch.Tensor], *, timeout_s: float | None = None
+    ) -> None:
+        """Receive the group announced by the last `recv_header` into `tensors`. ValueError
+        (nothing received) if their number or total size differs from the announced ones."""
+        sizes = [self._checked_size(tensor) for tensor in tensors]
+        if self._pending is None:
+            raise RuntimeError(f"{self._name()}: recv_payload_group without an announced payload")
+        if (sum(sizes), -len(sizes)) != self._pending:
+            raise ValueError(
+                f"the announced payload is {self._pending[0]} bytes in {self._pending[1]} "
+                f"(-n: a group of n), the tensors {sum(sizes)} bytes in a group of {len(sizes)}"
+            )
+        with self._op("recv", timeout_s) as (pg, deadline):
+            self._recv_group_payload(pg, tensors, deadline)
+
+    def _recv_group_payload(
+        self, pg: Any, tensors: Sequence[torch.Tensor], deadline: float
+    ) -> None:
+        self._complete(self._post_group(pg, pg.recv, tensors), deadline)
+        self._pending = None
+        self._num_received += 1
+
     def send_marker(self, *, tag: int, timeout_s: float | None = None) -> None:
         """Send a header with no payload (nbytes = MARKER) in place of a payload: tells the
         peer that the payload it may be waiting for under `tag` will not come (an aborted
@@ -328,11 +389,8 @@ class PairChannel(ABC):
         nbytes, part_nbytes = _check_parts(tag, sizes)
         with self._op("recv", timeout_s) as (pg, deadline):
             got_tag, got_nbytes = self._next_header(pg, deadline)
-            if (got_tag, got_nbytes) != (tag, nbytes):
-                raise KVTransferError(
-                    f"header does not match: tag {got_tag} nbytes {got_nbytes} received, "
-                    f"tag {tag} nbytes {nbytes} expected"
-                )
+            got = (got_tag, got_nbytes, self.pending_part_nbytes)
+            _check_header_fields(got, (tag, nbytes, part_nbytes))
             self._recv_payload(pg, parts, part_nbytes, drain, deadline)
 
     def recv_header(self, *, timeout_s: float | None = None) -> tuple[int, int]:
@@ -367,6 +425,11 @@ class PairChannel(ABC):
             )
         with self._op("recv", timeout_s) as (pg, deadline):
             self._recv_payload(pg, parts, part_nbytes, drain, deadline)
+
+    @property
+    def pending_part_nbytes(self) -> int:
+        """Part size of the payload announced by the last `recv_header` (0: none pending)."""
+        return 0 if self._pending is None else self._pending[1]
 
     @property
     def is_broken(self) -> bool:
@@ -404,6 +467,12 @@ class PairChannel(ABC):
     def _order_after(self, work: Any, deadline: float) -> None:
         """Make work queued next on the current stream run after `work`; on gloo, wait for it."""
         _wait(work, deadline)
+
+    def _post_group(
+        self, pg: Any, post: Callable[..., Any], tensors: Sequence[torch.Tensor]
+    ) -> list[Any]:
+        """Post one send or receive per tensor (gloo: each its own message); their works."""
+        return [post([tensor], self.address.peer_rank, _PAYLOAD_TAG) for tensor in tensors]
 
     def _draining(self) -> AbstractContextManager[object]:
         """Where drains run: on NCCL a stream of their own (see NcclPairChannel)."""
@@ -635,6 +704,23 @@ class NcclPairChannel(PairChannel):
     def _order_after(self, work: Any, deadline: float) -> None:
         work.wait()  # the current stream waits for the receive; the host does not
 
+    def _post_group(
+        self, pg: Any, post: Callable[..., Any], tensors: Sequence[torch.Tensor]
+    ) -> list[Any]:
+        """Post the operations inside one NCCL group (torch's coalescing, as batch_isend_irecv
+        does, here on the pair's own process group): one work for all. torch runs grouped
+        point-to-point on a communicator of its own (created on first use, both sides at once,
+        which each group's first use is). Without coalescing in this torch: one by one."""
+        if len(tensors) == 1 or not hasattr(pg, "_start_coalescing"):
+            return super()._post_group(pg, post, tensors)
+        pg._start_coalescing()
+        try:
+            for tensor in tensors:
+                post([tensor], self.address.peer_rank, _PAYLOAD_TAG)
+        finally:
+            work = pg._end_coalescing()
+        return [work]
+
 
 def configure_nccl_environment() -> None:
     """Make NCCL failures abort only the failed communicator instead of the process: sets
@@ -715,9 +801,19 @@ def _parts_ok(header: list[int]) -> bool:
     """Whether a payload header's sizes describe parts that can be received: nbytes > 0 in
     parts of part_nbytes > 0, or an empty payload (nbytes = part_nbytes = 0, one part)."""
     nbytes, part_nbytes = header[3], header[4]
+    if part_nbytes < 0:  # a group of -part_nbytes tensors, each of one byte or more
+        return nbytes >= -part_nbytes
     if nbytes == 0:
         return part_nbytes == 0
     return 0 < part_nbytes <= nbytes
+
+
+def _check_header_fields(got: tuple[int, int, int], want: tuple[int, int, int]) -> None:
+    """KVTransferError naming each of (tag, nbytes, part_nbytes) received != expected."""
+    if got != want:
+        names = ("tag", "nbytes", "part_nbytes")
+        diffs = [f"{n} {g} != {w}" for n, g, w in zip(names, got, want, strict=True) if g != w]
+        raise KVTransferError("header does not match (received != expected): " + ", ".join(diffs))
 
 
 def _check_tag(tag: int) -> None:

@@ -80,7 +80,16 @@ def assert_clean(*reports: Report) -> None:
         assert report.integrity.endswith("ok"), report.integrity
 
 
-def test_transfers_are_bit_exact_for_every_size_and_chunking() -> None:
+@pytest.mark.parametrize(
+    "config",
+    [
+        TransferConfig(),  # CRC-32 compared: the receiver acks on Done
+        TransferConfig(checksum=False, part_bytes=1),  # acks on the last chunk; 1-layer parts
+        TransferConfig(direct_receive=True),  # fresh destination blocks: slices land directly
+    ],
+    ids=["crc-ack-on-done", "ack-on-data-pipelined", "direct-crc"],
+)
+def test_transfers_are_bit_exact_for_every_size_and_chunking(config: TransferConfig) -> None:
     specs = [
         Spec("shorter-than-a-block", 3, seed=1),
         Spec("exactly-one-block", 4, seed=2),
@@ -92,9 +101,9 @@ def test_transfers_are_bit_exact_for_every_size_and_chunking() -> None:
     ids = [s.transfer_id for s in specs]
     for dtype in (torch.float32, torch.bfloat16):
         with peers() as started:
-            receiver = start_receiver(started, ids, dtype=dtype)
+            receiver = start_receiver(started, ids, dtype=dtype, config=config)
             endpoint = receiver.receive()
-            sender = start_sender(started, [endpoint], specs, dtype=dtype)
+            sender = start_sender(started, [endpoint], specs, dtype=dtype, config=config)
             sent, received = sender.report(), receiver.report()
         assert {t: r[0] for t, r in sent.results.items()} == dict.fromkeys(ids, "completed")
         assert {t: r[0] for t, r in received.results.items()} == dict.fromkeys(ids, "completed")

@@ -573,3 +573,26 @@ def test_close_from_another_thread_does_not_wait_for_the_pending_recv(store_port
     assert close_error is None and close_s < 0.5
     assert recv_error is not None and recv_error.startswith(KVTransferError.__name__)
     assert later_error is not None and "closed channel" in later_error
+
+
+def test_a_group_lands_directly_in_cache_slices(store_port: int) -> None:
+    """send_group / recv_group: slices of a staging tensor go straight into a contiguous run of
+    destination blocks, one slice per (layer, K/V), no scatter."""
+    src = random_cache(12, seed=30, dtype=torch.bfloat16)
+    dst = torch.zeros_like(src)
+    staging = gather_blocks(src, [7, 2, 9])  # [NUM_LAYERS, 2, 3 blocks, ...]
+    pieces = [(layer, kv) for layer in range(NUM_LAYERS) for kv in range(2)]
+    sender, receiver = in_process_pair(store_port, "group")
+    with sender, receiver:
+        join_send = in_background(lambda: sender.send_group([staging[p] for p in pieces]))
+        receiver.recv_group([dst[layer, kv, 4:7] for layer, kv in pieces])
+        assert join_send() is None
+        join_send = in_background(lambda: sender.send_group([staging[0, 0], staging[0, 1]]))
+        _, error = timed_error(lambda: receiver.recv_group([dst[0, 0, 4:7]] * 3, timeout_s=3.0))
+        receiver.close()
+        join_send()
+
+    expected = torch.zeros_like(dst)
+    scatter_blocks(expected, [4, 5, 6], staging)
+    assert torch.equal(bits(dst), bits(expected))
+    assert error is not None and "part_nbytes -2 != -3" in error

@@ -10,7 +10,11 @@ import torch
 from kvtransfer.coalesce import (
     StagingPool,
     TransferChunk,
+    block_index,
+    direct_plan,
+    direct_slices,
     gather_blocks,
+    parts_of_layers,
     pipeline_parts,
     scatter_blocks,
     split_for_overlap,
@@ -314,3 +318,71 @@ def test_pipeline_parts_cover_the_layers_in_equal_parts(
 ) -> None:
     parts = pipeline_parts(num_layers, bytes_per_layer, part_bytes)
     assert [(p.start, p.stop) for p in parts] == expected
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "layers_per_part", "expected"),
+    [(8, 2, [(0, 2), (2, 4), (4, 6), (6, 8)]), (7, 3, [(0, 3), (3, 6), (6, 7)]), (3, 5, [(0, 3)])],
+)
+def test_parts_of_layers_match_what_pipeline_parts_announced(
+    num_layers: int, layers_per_part: int, expected: list[tuple[int, int]]
+) -> None:
+    assert [(p.start, p.stop) for p in parts_of_layers(num_layers, layers_per_part)] == expected
+    sent = pipeline_parts(num_layers, 1 << 20, layers_per_part << 20)  # the sender's split
+    received = parts_of_layers(num_layers, sent[0].stop - sent[0].start)  # from its part size
+    assert sent == received
+
+
+def test_a_block_index_is_reused_across_parts_and_checked_against_the_cache() -> None:
+    src, dst = make_cache(12, seed=20), make_cache(12, seed=21)
+    src_ids, dst_ids = block_index(src, [9, 2, 5]), block_index(dst, [0, 7, 3], unique=True)
+    assert block_index(src, src_ids) is src_ids and len(src_ids) == 3
+    for layer in range(NUM_LAYERS):  # one part per layer, the same index each time
+        layers = slice(layer, layer + 1)
+        scatter_blocks(dst, dst_ids, gather_blocks(src, src_ids, layers=layers), layers=layers)
+    expected = make_cache(12, seed=21)
+    scatter_blocks(expected, [0, 7, 3], gather_blocks(src, [9, 2, 5]))
+    assert torch.equal(bits(dst), bits(expected))
+    with pytest.raises(ValueError, match="unique=True"):
+        scatter_blocks(dst, src_ids, gather_blocks(src, src_ids))
+    with pytest.raises(ValueError, match="8-block cache"):
+        gather_blocks(make_cache(8, seed=22), src_ids)
+
+
+@pytest.mark.parametrize(
+    ("dst_ids", "max_runs", "expected_runs"),
+    [
+        ([9, 3, 4, 10, 5], 4, [(0, 3, 3), (3, 9, 2)]),
+        ([7, 6, 5, 4], 1, [(0, 4, 4)]),  # descending, as a released-then-reserved list comes
+        ([0, 2, 4], 2, None),  # three runs, two allowed
+        ([11], 1, [(0, 11, 1)]),
+    ],
+)
+def test_direct_plan_orders_blocks_into_runs(
+    dst_ids: list[int], max_runs: int, expected_runs: list[tuple[int, int, int]] | None
+) -> None:
+    plan = direct_plan(dst_ids, max_runs)
+    if expected_runs is None:
+        assert plan is None
+        return
+    assert plan is not None and list(plan.runs) == expected_runs
+    assert [dst_ids[i] for i in plan.order] == sorted(dst_ids)
+
+
+def test_direct_slices_of_the_staging_land_like_a_scatter() -> None:
+    src, dst = make_cache(12, seed=40), make_cache(12, seed=41)
+    src_ids, dst_ids = [5, 0, 8, 2, 11], [9, 3, 4, 10, 5]
+    plan = direct_plan(dst_ids)
+    assert plan is not None
+    staging = gather_blocks(src, [src_ids[i] for i in plan.order], layers=slice(1, 3))
+    sent = direct_slices(staging, plan, range(2), in_cache=False)
+    for piece, target in zip(
+        sent, direct_slices(dst, plan, range(1, 3), in_cache=True), strict=True
+    ):
+        assert piece.is_contiguous() and target.is_contiguous()
+        target.copy_(piece)
+    expected = make_cache(12, seed=41)
+    scatter_blocks(
+        expected, dst_ids, gather_blocks(src, src_ids, layers=slice(1, 3)), layers=slice(1, 3)
+    )
+    assert torch.equal(bits(dst), bits(expected))

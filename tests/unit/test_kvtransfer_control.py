@@ -99,6 +99,7 @@ def test_bounded_record_forgets_the_oldest() -> None:
         ({"stall_timeout_s": float("inf")}, "stall_timeout_s=inf"),
         ({"poll_interval_s": 2}, "poll_interval_s=2"),
         ({"max_finished": 0}, "max_finished=0"),
+        ({"part_bytes": 0}, "part_bytes=0"),
     ],
 )
 def test_transfer_config_refuses_nonsense(kwargs: dict, match: str) -> None:
