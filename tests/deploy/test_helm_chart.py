@@ -1,11 +1,14 @@
 """The Helm chart (deploy/helm/tandem), checked offline: helm lint, helm template with several
 values sets, the RayCluster against KubeRay's CRD schema (strict about field names), core kinds
 with kubernetes-validate --strict, KubeRay's own admission rules, the router's command line
-against Tandem's CLI parser, and misspellings that must be caught."""
+against Tandem's CLI parser (every flag known, the values it parses to, the autoscaling policy it
+builds), metrics/ServiceMonitor/dashboard objects, and misspellings that must be caught."""
 
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import re
 import shlex
 from pathlib import Path
@@ -18,6 +21,7 @@ import yaml
 from tests.deploy.chart import (
     CHART,
     FULLNAME,
+    REPO,
     VALIDATE_VERSIONS,
     HelmError,
     by_kind,
@@ -29,9 +33,8 @@ from tests.deploy.chart import (
     validate_core,
 )
 
-# Flags the chart passes to `tandem serve` that its parser does not have yet (the pools'
-# custom Ray resources, values tandem.poolResources); see deploy/helm/tandem/values.yaml.
-ASSUMED_SERVE_FLAGS = {"--prefill-resources", "--decode-resources"}
+DASHBOARD = REPO / "deploy" / "grafana" / "tandem-dashboard.json"
+CHART_DASHBOARD = CHART / "dashboards" / "tandem-dashboard.json"  # Helm reads only the chart
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -68,17 +71,75 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "prefill": {"minReplicas": 1, "replicas": 1, "maxReplicas": 1},
         "decode": {"minReplicas": 1, "replicas": 1, "maxReplicas": 1},
     },
+    "observability": {
+        "tandem": {
+            "autoscaling": {
+                "prefill": {"minWorkers": 2, "targetQueuedTokens": 4096, "targetTtftMs": 500},
+                "decode": {"maxWorkers": 3, "targetKvUsage": 0.7, "targetItlMs": 40.5},
+            }
+        },
+        "prefill": {"replicas": 2, "maxReplicas": 6},
+        "metrics": {
+            "port": 9100,
+            "service": {"port": 8081, "annotations": {"prometheus.io/path": "/metrics"}},
+            "serviceMonitor": {
+                "enabled": True,
+                "scrapeTimeout": "10s",
+                "labels": {"release": "kube-prometheus-stack"},
+            },
+        },
+        "tracing": {"otlpEndpoint": "otel-collector.observability.svc:4317"},
+        "grafana": {"dashboard": {"enabled": True, "annotations": {"grafana_folder": "Tandem"}}},
+        "networkPolicy": {
+            "metricsFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+            ]
+        },
+    },
+    "no-metrics-no-autoscaling": {
+        "tandem": {"autoscaling": {"enabled": False}},
+        "metrics": {"enabled": False},
+    },
 }
+DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def merged(name: str) -> dict[str, Any]:
+    """values.yaml with the variant's values layered over it, as Helm merges them."""
+
+    def merge(base: Any, over: Any) -> Any:
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {k: merge(base.get(k), v) for k, v in over.items()} | {
+                k: v for k, v in base.items() if k not in over
+            }
+        return copy.deepcopy(over)
+
+    return merge(DEFAULTS, VARIANTS[name])
+
+
+def autoscale_bounds(values: dict[str, Any], pool: str) -> tuple[int, int]:
+    """Tandem's min/max workers of a pool: given, else the group's replicas x workersPerPod."""
+    group, given = values[pool], values["tandem"]["autoscaling"][pool]
+    pods = group["maxReplicas"] if values["ray"]["autoscaler"]["enabled"] else group["replicas"]
+    low = given["minWorkers"] or max(1, group["minReplicas"] * group["workersPerPod"])
+    high = given["maxWorkers"] or pods * group["workersPerPod"]
+    return low, high
+
+
+@functools.cache
+def docs_of(name: str) -> list[dict[str, Any]]:
+    """A variant rendered once per test session (tests that change documents copy them)."""
+    return render(VARIANTS[name])
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
-    return request.param, render(VARIANTS[request.param])
+    return request.param, docs_of(request.param)
 
 
 @pytest.fixture(scope="module")
 def default_docs() -> list[dict[str, Any]]:
-    return render()
+    return docs_of("defaults")
 
 
 def raycluster(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -163,7 +224,9 @@ def keys_of(node: dict[str, Any], schema: bool = False, prefix: str = "") -> set
 STRUCTURED = {
     "image", "tandem", "model", "router", "router.service", "router.probes", "ray", "ray.auth",
     "ray.dashboard", "ray.head", "ray.autoscaler", "prefill", "decode", "redis", "redis.auth",
-    "redis.image", "redis.external", "networkPolicy",
+    "redis.image", "redis.external", "networkPolicy", "tandem.autoscaling",
+    "tandem.autoscaling.prefill", "tandem.autoscaling.decode", "metrics", "metrics.service",
+    "metrics.serviceMonitor", "tracing", "grafana", "grafana.dashboard",
     "prefill.resources", "decode.resources", "ray.head.resources", "ray.autoscaler.resources",
     "redis.resources",
 }  # fmt: skip
@@ -185,7 +248,7 @@ def test_core_kinds_pass_kubernetes_validate_strict(rendered: tuple[str, list], 
     templates = [("head", cluster["headGroupSpec"]["template"])]
     templates += [(g["groupName"], g["template"]) for g in cluster["workerGroupSpecs"]]
     pods = [pod_from_template(t, f"{FULLNAME}-{name}") for name, t in templates]
-    core = [doc for doc in docs if doc["kind"] != "RayCluster"]
+    core = [doc for doc in docs if doc["kind"] not in ("RayCluster", "ServiceMonitor")]
     assert core, "nothing but the RayCluster rendered"
     for doc in core + pods:
         validate_core(doc, version)
@@ -212,24 +275,63 @@ def test_kuberay_admission_rules(rendered: tuple[str, list]) -> None:
 
 
 def test_router_command_parses_with_tandem_cli(rendered: tuple[str, list]) -> None:
-    """The head's `tandem serve` line against the real parser: only the flags the chart knowingly
-    assumes may be unknown to it, and the parsed values are the chart's values."""
-    from cluster.cli import build_parser
+    """The head's `tandem serve` line against the real parser: every flag is one it knows, the
+    parsed values are the chart's values, and the autoscaling policy builds from them."""
+    from cluster.cli import autoscaling_config, build_parser
 
     name, docs = rendered
     args, unknown = build_parser().parse_known_args(serve_argv(docs))
-    assumed = VARIANTS[name].get("tandem", {}).get("poolResources", True)
-    unknown_flags = {arg for arg in unknown if arg.startswith("--")}
-    assert unknown_flags <= (ASSUMED_SERVE_FLAGS if assumed else set()), unknown
-    tandem = {"prefillWorkers": 1, "decodeWorkers": 1, "device": "cuda"}
-    tandem |= VARIANTS[name].get("tandem", {})
+    assert unknown == []
+    values = merged(name)
+    tandem = values["tandem"]
     assert (args.command, args.host, args.port, args.address) == ("serve", "0.0.0.0", 50051, "auto")
     assert (args.mode, args.device) == ("disaggregated", tandem["device"])
     assert (args.prefill_workers, args.decode_workers) == (
         tandem["prefillWorkers"],
         tandem["decodeWorkers"],
     )
-    assert args.model == tandem.get("model")
+    assert args.model == (tandem["model"] or None)
+    assert args.cache_weight == tandem["cacheWeight"]
+    metrics = values["metrics"]
+    assert args.metrics_port == (metrics["port"] if metrics["enabled"] else None)
+    assert args.otlp_endpoint == (values["tracing"]["otlpEndpoint"] or None)
+
+    scaling = tandem["autoscaling"]
+    assert args.autoscale is scaling["enabled"]
+    config = autoscaling_config(args)  # raises on bounds Tandem would refuse
+    assert config.enabled is scaling["enabled"]
+    targets = {
+        "target_queued_tokens": scaling["prefill"]["targetQueuedTokens"],
+        "target_ttft_ms": scaling["prefill"]["targetTtftMs"],
+        "target_kv_usage": scaling["decode"]["targetKvUsage"],
+        "target_itl_ms": scaling["decode"]["targetItlMs"],
+    }
+    for pool in ("prefill", "decode"):
+        low, high = getattr(args, f"{pool}_min_workers"), getattr(args, f"{pool}_max_workers")
+        if not scaling["enabled"]:
+            assert (low, high) == (None, None)
+            continue
+        assert (low, high) == autoscale_bounds(values, pool)
+        policy = getattr(config, pool)
+        assert (policy.min_workers, policy.max_workers) == (low, high)
+    for dest, value in targets.items():
+        assert getattr(args, dest) == (value if scaling["enabled"] else None), dest
+    if scaling["enabled"] and targets["target_ttft_ms"] is not None:
+        assert config.prefill.targets["ttft"] == targets["target_ttft_ms"] / 1000
+
+
+def test_autoscaling_bounds_default_to_the_groups() -> None:
+    """Defaults: each pool may use every slot its group can have (maxReplicas x workersPerPod)
+    and keeps minReplicas x workersPerPod, at least one; with Ray's autoscaler off, the fixed
+    replicas bound it."""
+    cases = {"defaults": (1, 4, 1, 4), "big-gpu-pods": (2, 16, 1, 16),
+             "cpu-fixed-size": (1, 1, 1, 1), "observability": (2, 6, 1, 3)}  # fmt: skip
+    for name, expected in cases.items():
+        argv = serve_argv(docs_of(name))
+        flags = ("--prefill-min-workers", "--prefill-max-workers",
+                 "--decode-min-workers", "--decode-max-workers")  # fmt: skip
+        assert tuple(int(argv[argv.index(f) + 1]) for f in flags) == expected, name
+        assert "--autoscale" in argv
 
 
 def test_pools_pinned_to_their_groups(rendered: tuple[str, list]) -> None:
@@ -255,30 +357,105 @@ def test_pools_pinned_to_their_groups(rendered: tuple[str, list]) -> None:
 
 
 def test_only_the_router_port_is_exposed(rendered: tuple[str, list]) -> None:
+    """Clients get the router's gRPC port; /metrics has a ClusterIP Service of its own, so a
+    LoadBalancer router Service never publishes it."""
     name, docs = rendered
+    values = merged(name)
+    metrics = values["metrics"]
     head = raycluster(docs)["spec"]["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP"
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     ports = {p["name"]: p["containerPort"] for p in head_container(docs)["ports"]}
-    assert ports == {"gcs-server": 6379, "grpc": 50051}  # KubeRay's head Service copies these
+    expected = {"gcs-server": 6379, "grpc": 50051}  # KubeRay's head Service copies these
+    if metrics["enabled"]:  # not "metrics": KubeRay's name for Ray's own metrics port
+        expected["tandem-metrics"] = metrics["port"]
+    assert ports == expected
     assert not by_kind(docs, "Ingress")
-    for service in by_kind(docs, "Service"):
-        if service["metadata"]["name"] == FULLNAME:
-            assert [p["port"] for p in service["spec"]["ports"]] == [50051]
-            assert service["spec"]["selector"] == {"ray.io/cluster": FULLNAME,
-                                                   "ray.io/node-type": "head"}  # fmt: skip
-        else:
-            assert service["spec"]["type"] == "ClusterIP", service["metadata"]["name"]
+    head_selector = {"ray.io/cluster": FULLNAME, "ray.io/node-type": "head"}
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    router = services.pop(FULLNAME)["spec"]
+    assert [p["port"] for p in router["ports"]] == [50051]
+    assert router["selector"] == head_selector
+    metrics_service = services.pop(f"{FULLNAME}-metrics", None)
+    assert (metrics_service is not None) == metrics["enabled"]
+    if metrics_service:
+        assert metrics_service["spec"]["selector"] == head_selector
+        assert metrics_service["spec"]["publishNotReadyAddresses"] is True  # during startup
+        assert metrics_service["spec"]["ports"] == [
+            {"name": "metrics", "port": metrics["service"]["port"],
+             "targetPort": "tandem-metrics", "protocol": "TCP", "appProtocol": "http"}
+        ]  # fmt: skip
+    for service in [metrics_service or {"spec": {}}, *services.values()]:
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(docs, "NetworkPolicy")}
-    if VARIANTS[name].get("networkPolicy", {}).get("enabled", True):
+    if values["networkPolicy"]["enabled"]:
         ray_policy = policies[f"{FULLNAME}-ray"]
         assert ray_policy["ingress"] == [
             {"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": FULLNAME}}}]}
         ]
-        (router_rule,) = policies[f"{FULLNAME}-router"]["ingress"]
+        router_rule, *metrics_rules = policies[f"{FULLNAME}-router"]["ingress"]
         assert router_rule["ports"] == [{"port": 50051, "protocol": "TCP"}]
+        assert router_rule.get("from", []) == values["networkPolicy"]["routerFrom"]
+        if metrics["enabled"]:
+            (rule,) = metrics_rules
+            assert rule["ports"] == [{"port": metrics["port"], "protocol": "TCP"}]
+            assert rule.get("from", []) == values["networkPolicy"]["metricsFrom"]
+        else:
+            assert metrics_rules == []
     else:
         assert not policies
+
+
+def test_metrics_service_is_annotated_for_prometheus(default_docs: list[dict[str, Any]]) -> None:
+    service = one(default_docs, "Service", f"{FULLNAME}-metrics")
+    assert service["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9464",
+        "prometheus.io/path": "/metrics",
+        "prometheus.io/scheme": "http",
+    }
+    assert "--metrics-port" in serve_argv(default_docs)
+    # Off by default: the ServiceMonitor (needs the prometheus-operator) and the dashboard.
+    assert not by_kind(default_docs, "ServiceMonitor") and not by_kind(default_docs, "ConfigMap")
+
+
+def test_service_monitor_selects_the_metrics_service() -> None:
+    """The prometheus-operator's CRD is not bundled here: its shape is checked by hand, and the
+    objects it points at are checked against the rendered Service."""
+    docs = docs_of("observability")
+    service = one(docs, "Service", f"{FULLNAME}-metrics")
+    assert service["metadata"]["annotations"]["prometheus.io/port"] == "9100"
+    monitor = one(docs, "ServiceMonitor", FULLNAME)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert set(spec) == {"namespaceSelector", "selector", "endpoints"}
+    assert spec["namespaceSelector"] == {"matchNames": ["serving"]}
+    selector = spec["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert [s for s in by_kind(docs, "Service")
+            if selector.items() <= s["metadata"]["labels"].items()] == [service]  # fmt: skip
+    assert spec["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "scheme": "http",
+         "interval": "30s", "scrapeTimeout": "10s"}
+    ]  # fmt: skip
+    assert service["spec"]["ports"][0]["name"] == "metrics"
+
+
+def test_dashboard_configmap_carries_the_dashboard() -> None:
+    configmap = one(docs_of("observability"), "ConfigMap", f"{FULLNAME}-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "Tandem"}
+    (text,) = configmap["data"].values()
+    assert json.loads(text) == json.loads(DASHBOARD.read_text())
+
+
+def test_chart_copy_of_the_dashboard_is_identical() -> None:
+    """Helm reads files only inside the chart, so the chart carries a copy of the dashboard:
+    after changing deploy/grafana/tandem-dashboard.json, copy it over."""
+    assert CHART_DASHBOARD.read_bytes() == DASHBOARD.read_bytes(), (
+        f"cp {DASHBOARD.relative_to(REPO)} {CHART_DASHBOARD.relative_to(REPO)}"
+    )
 
 
 def test_ray_token_authentication(rendered: tuple[str, list]) -> None:
@@ -295,7 +472,7 @@ def test_ray_token_authentication(rendered: tuple[str, list]) -> None:
 
 
 def test_head_probes_use_grpc_health() -> None:
-    container = head_container(render())
+    container = head_container(docs_of("defaults"))
     assert container["readinessProbe"]["grpc"] == {"port": 50051, "service": "tandem.v1.Tandem"}
     assert container["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
     startup = container["startupProbe"]
@@ -324,7 +501,7 @@ def test_autoscaler_defaults(default_docs: list[dict[str, Any]]) -> None:
 
 @pytest.mark.parametrize("variant", ["defaults", "big-gpu-pods", "external-redis"])
 def test_router_gets_the_redis_password_from_a_secret(variant: str) -> None:
-    docs = render(VARIANTS[variant])
+    docs = docs_of(variant)
     env = {e["name"]: e for e in head_container(docs).get("env", [])}
     ref = env["TANDEM_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     argv = serve_argv(docs)
@@ -353,7 +530,7 @@ def test_router_gets_the_redis_password_from_a_secret(variant: str) -> None:
 
 
 def test_no_redis_means_no_redis_url() -> None:
-    docs = render(VARIANTS["no-redis-no-netpol"])
+    docs = docs_of("no-redis-no-netpol")
     assert "--redis-url" not in serve_argv(docs)
     assert "env" not in head_container(docs)
     assert {d["kind"] for d in docs} == {"RayCluster", "Service"}
@@ -385,6 +562,20 @@ def test_security_contexts(default_docs: list[dict[str, Any]]) -> None:
         ({"prefill": {"rayStartParams": {"num-gpus": "2"}}}, "prefill.rayStartParams.num-gpus"),
         ({"ray": {"autoscaler": {"version": "v1"}}, "decode": {"idleTimeoutSeconds": 60}},
          "idleTimeoutSeconds needs"),
+        ({"tandem": {"autoscaling": {"prefill": {"maxWorkers": 5}}}},
+         "the prefill group offers only 4 worker slots"),
+        ({"tandem": {"autoscaling": {"decode": {"minWorkers": 3, "maxWorkers": 2}}}},
+         "need minWorkers <= maxWorkers"),
+        ({"prefill": {"minReplicas": 0, "replicas": 0, "maxReplicas": 0}},
+         "need minWorkers <= maxWorkers"),
+        ({"tandem": {"autoscaling": {"decode": {"targetKvUsage": 1.5}}}}, "targetKvUsage"),
+        ({"tandem": {"autoscaling": {"prefill": {"targetTtftMs": 0}}}}, "targetTtftMs"),
+        ({"tandem": {"autoscaling": {"prefill": {"minWorker": 2}}}}, "minWorker"),
+        ({"metrics": {"port": 50051}}, "metrics.port 50051 is taken"),
+        ({"metrics": {"port": 8080}}, "metrics.port 8080 is taken"),
+        ({"metrics": {"serviceMonitor": {"interval": "30"}}}, "interval"),
+        ({"tracing": {"otlpEndpoint": "http://collector:4317"}}, "otlpEndpoint"),
+        ({"networkPolicy": {"metricsFrom": {"podSelector": {}}}}, "metricsFrom"),
     ],
 )  # fmt: skip
 def test_bad_values_fail_to_render(override: dict[str, Any], expected: str) -> None:

@@ -67,6 +67,49 @@ app.kubernetes.io/component: redis
 
 {{- define "tandem.redisCaDir" -}}/etc/tandem/redis-ca{{- end }}
 
+{{/* A worker group's replica bounds. Called with (dict "root" $ "pool" ...). */}}
+{{- define "tandem.checkReplicas" -}}
+{{- $g := index .root.Values .pool }}
+{{- if not (and (le (int $g.minReplicas) (int $g.replicas)) (le (int $g.replicas) (int $g.maxReplicas))) }}
+{{- fail (printf "%s: need minReplicas <= replicas <= maxReplicas, got %v <= %v <= %v" .pool $g.minReplicas $g.replicas $g.maxReplicas) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Worker slots a group can offer: maxReplicas pods x workersPerPod (replicas pods when Ray's
+autoscaler is off, as KubeRay then keeps exactly that many). Called with (dict "root" $ "pool" ...).
+*/}}
+{{- define "tandem.poolCapacity" -}}
+{{- include "tandem.checkReplicas" . }}
+{{- $g := index .root.Values .pool }}
+{{- $pods := ternary $g.maxReplicas $g.replicas .root.Values.ray.autoscaler.enabled }}
+{{- mul (int $pods) (int $g.workersPerPod) }}
+{{- end }}
+
+{{/*
+Tandem's autoscaler bounds of one pool as "min max": tandem.autoscaling.<pool>.minWorkers/maxWorkers,
+by default the group's minReplicas (at least one worker: Tandem keeps every pool non-empty) and
+its capacity (tandem.poolCapacity) in workers. Called with (dict "root" $ "pool" ...).
+*/}}
+{{- define "tandem.autoscaleBounds" -}}
+{{- $root := .root }}
+{{- $pool := .pool }}
+{{- $g := index $root.Values $pool }}
+{{- $p := index $root.Values.tandem.autoscaling $pool }}
+{{- $capacity := int (include "tandem.poolCapacity" .) }}
+{{- $min := max 1 (mul (int $g.minReplicas) (int $g.workersPerPod)) }}
+{{- if not (kindIs "invalid" $p.minWorkers) }}{{ $min = int $p.minWorkers }}{{ end }}
+{{- $max := $capacity }}
+{{- if not (kindIs "invalid" $p.maxWorkers) }}{{ $max = int $p.maxWorkers }}{{ end }}
+{{- if lt $max $min }}
+{{- fail (printf "tandem.autoscaling.%s: need minWorkers <= maxWorkers, got %d > %d (defaults: %s.minReplicas x workersPerPod, at least 1, and %s.maxReplicas x workersPerPod)" $pool $min $max $pool $pool) }}
+{{- end }}
+{{- if and $root.Values.tandem.poolResources (gt $max $capacity) }}
+{{- fail (printf "tandem.autoscaling.%s.maxWorkers %d: the %s group offers only %d worker slots (%s.maxReplicas x workersPerPod, or replicas with ray.autoscaler off); the rest would never be placed" $pool $max $pool $capacity $pool) }}
+{{- end }}
+{{- printf "%d %d" $min $max }}
+{{- end }}
+
 {{/*
 The router's command line, one argument per list item. The custom Ray resources pin each pool
 to its worker group (flags --prefill-resources/--decode-resources, see values tandem.poolResources).
@@ -87,6 +130,22 @@ to its worker group (flags --prefill-resources/--decode-resources, see values ta
 {{- end }}
 {{- if $t.poolResources }}
 {{- $args = concat $args (list "--prefill-resources" "{\"tandem_prefill\": 1}" "--decode-resources" "{\"tandem_decode\": 1}") }}
+{{- end }}
+{{- if .Values.metrics.enabled }}
+{{- $args = concat $args (list "--metrics-port" (toString (int .Values.metrics.port))) }}
+{{- end }}
+{{- with .Values.tracing.otlpEndpoint }}{{ $args = concat $args (list "--otlp-endpoint" .) }}{{ end }}
+{{- if $t.autoscaling.enabled }}
+{{- $args = append $args "--autoscale" }}
+{{- range $pool := list "prefill" "decode" }}
+{{- $bounds := splitList " " (include "tandem.autoscaleBounds" (dict "root" $ "pool" $pool)) }}
+{{- $args = concat $args (list (printf "--%s-min-workers" $pool) (index $bounds 0) (printf "--%s-max-workers" $pool) (index $bounds 1)) }}
+{{- end }}
+{{- $targets := list (list "prefill" "targetQueuedTokens" "--target-queued-tokens") (list "prefill" "targetTtftMs" "--target-ttft-ms") (list "decode" "targetKvUsage" "--target-kv-usage") (list "decode" "targetItlMs" "--target-itl-ms") }}
+{{- range $target := $targets }}
+{{- $value := index (index $t.autoscaling (index $target 0)) (index $target 1) }}
+{{- if not (kindIs "invalid" $value) }}{{ $args = concat $args (list (index $target 2) (toString $value)) }}{{ end }}
+{{- end }}
 {{- end }}
 {{- $args = concat $args $t.extraArgs }}
 {{- range $i, $arg := $args }}
@@ -149,9 +208,7 @@ One worker group: prefill or decode. Called with (dict "root" $ "pool" "prefill"
 {{- end }}
 {{- end }}
 {{- end }}
-{{- if not (and (le (int $g.minReplicas) (int $g.replicas)) (le (int $g.replicas) (int $g.maxReplicas))) }}
-{{- fail (printf "%s: need minReplicas <= replicas <= maxReplicas, got %v <= %v <= %v" $pool $g.minReplicas $g.replicas $g.maxReplicas) }}
-{{- end }}
+{{- include "tandem.checkReplicas" . }}
 - groupName: {{ $pool }}
   replicas: {{ $g.replicas }}
   minReplicas: {{ $g.minReplicas }}
