@@ -64,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compare = commands.add_parser("compare", help="two result files side by side")
     compare.add_argument("results", nargs=2, help="two JSON files written by tandem bench")
     compare.add_argument("--plot", default=None, help="also draw both sweeps in this PNG")
+    compare.add_argument(
+        "--slo",
+        type=_slo,
+        default=None,
+        help="judge both under this SLO instead of their own (recomputed from their requests)",
+    )
 
 
 def _slo(text: str) -> Any:
@@ -104,10 +110,12 @@ def run(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from bench.serving.report import compare_table, load_runs
+    from bench.serving.report import compare_table, load_runs, with_slo
 
     (path_a, path_b) = args.results
     (header_a, runs_a), (header_b, runs_b) = load_runs(path_a), load_runs(path_b)
+    if args.slo is not None:  # e.g. a relaxed pair next to the one the runs were taken with
+        runs_a, runs_b = with_slo(runs_a, args.slo), with_slo(runs_b, args.slo)
     name_a = header_a.get("label") or Path(path_a).stem
     name_b = header_b.get("label") or Path(path_b).stem
     for name, header in ((name_a, header_a), (name_b, header_b)):

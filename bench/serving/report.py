@@ -8,12 +8,19 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench.common import markdown_table
-from bench.serving.metrics import LatencyStats, RequestRecord, Summary
+from bench.serving.metrics import (
+    LatencyStats,
+    RequestRecord,
+    Summary,
+    summarize,
+    summarize_by_label,
+)
+from bench.serving.slo import Slo
 
 RESULT_VERSION = 1
 
@@ -66,6 +73,20 @@ def load_runs(path: str | Path) -> tuple[dict[str, Any], list[RunReport]]:
         raise ValueError(f"{path} is not a `tandem bench` result (version {RESULT_VERSION})")
     header = {k: v for k, v in data.items() if k != "runs"}
     return header, [run_from_dict(run) for run in data["runs"]]
+
+
+def with_slo(runs: Sequence[RunReport], slo: Slo) -> list[RunReport]:
+    """The runs with their summaries recomputed from their requests under `slo`."""
+    return [
+        replace(
+            run,
+            summary=summarize(run.records, run.summary.duration_s, slo),
+            by_label=summarize_by_label(run.records, run.summary.duration_s, slo)
+            if run.by_label
+            else {},
+        )
+        for run in runs
+    ]
 
 
 def run_from_dict(data: Mapping[str, Any]) -> RunReport:

@@ -24,7 +24,7 @@ from bench.serving.metrics import (
     summarize,
     tpot_s,
 )
-from bench.serving.report import RunReport, compare_table, load_runs, result_json
+from bench.serving.report import RunReport, compare_table, load_runs, result_json, with_slo
 from bench.serving.runner import Completion, run_sessions
 from bench.serving.slo import Slo, parse_slo
 from bench.serving.workload import (
@@ -332,6 +332,20 @@ def test_results_round_trip_and_compare(tmp_path: Path, capsys: pytest.CaptureFi
     throughput = next(line for line in table.splitlines() if "request throughput" in line)
     assert [c.strip() for c in throughput.split("|")[2:5]] == ["0.75", "1.50", "2.00x"]
     assert "| TTFT p99 (ms)" in table
+
+
+def test_compare_judges_both_under_another_slo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = [run_report(1.0, RECORDS, 4.0)]
+    path = write_json(tmp_path / "a.json", result_json({"label": "a"}, runs))
+    strict = parse_slo("ttft=1ms")  # nobody meets it
+    (judged,) = with_slo(runs, strict)
+    assert judged.summary.goodput == 0.0 and judged.records == runs[0].records
+    assert judged.summary.request_throughput == runs[0].summary.request_throughput
+    assert cli.main(["compare", str(path), str(path), "--slo", "ttft=1ms"]) == 0
+    goodput = next(line for line in capsys.readouterr().out.splitlines() if "goodput" in line)
+    assert [c.strip() for c in goodput.split("|")[2:4]] == ["0.00", "0.00"]
 
 
 def test_compare_refuses_a_file_that_is_not_a_result(tmp_path: Path) -> None:
