@@ -116,7 +116,7 @@ class WorkerBase:
 
         stats: dict[str, Any] = await asyncio.to_thread(self.loop.call, read)
         transfers = self._transfer_metrics()
-        stats["kv_pairs"] = len(transfers)
+        stats["kv_pairs"] = len(transfers) - 1  # less the retired pairs' counters
         for key, field in [
             ("kv_transfers_completed", "transfers_completed"),
             ("kv_transfers_failed", "transfers_failed"),
@@ -148,7 +148,7 @@ class WorkerBase:
         await asyncio.to_thread(self.loop.call, check)
 
     def _transfer_metrics(self) -> list[Any]:
-        return [r.metrics for r in self.loop.receivers]
+        return [self.loop.retired_metrics, *(r.metrics for r in self.loop.receivers)]
 
     def _transfer_holders(self) -> list[str]:
         return self.loop.transfer_holders()

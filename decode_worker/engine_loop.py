@@ -28,7 +28,7 @@ from typing import Any
 from engine.engine import Engine
 from engine.errors import RequestAborted, TandemError, WorkerUnavailable
 from engine.sampling_params import SamplingParams
-from kvtransfer.protocol import transfer_id_for
+from kvtransfer.protocol import TransferMetrics, transfer_id_for
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class EngineLoop:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.receivers: list[Any] = []  # appended by the decode worker as pairs form
+        self.retired_metrics = TransferMetrics()  # of receivers dropped after their pair failed
         self._arrived: dict[str, tuple[Any, float]] = {}  # transfer id -> (ReceivedKV, when)
         self._waiting: dict[str, _Submit] = {}  # transfer id -> request waiting for its KV
         self._aborted: OrderedDict[str, float] = OrderedDict()  # early aborts -> expiry
@@ -253,6 +254,16 @@ class EngineLoop:
             if now - when > UNCLAIMED_KV_S:  # its request never came (router gone): free it
                 del self._arrived[transfer_id]
                 self.engine.block_manager.release(kv.owner)
+        self._prune_receivers()
+
+    def _prune_receivers(self) -> None:
+        """Drop receivers whose pair failed (their prefill worker died or left) once they hold
+        nothing: a pool that keeps changing must not leave a trail of them to poll. Their
+        counters carry on in `retired_metrics`."""
+        for receiver in list(self.receivers):
+            if receiver.failure is not None and receiver.num_live == 0 and not receiver.owners():
+                self.receivers.remove(receiver)
+                self.retired_metrics.absorb(receiver.metrics)
 
     def _transfer_failure(self, transfer_id: str) -> str | None:
         """Why a transfer ended without its KV (its sender died, aborted, ...), if it has."""

@@ -127,6 +127,25 @@ class TransferMetrics:
             self.bytes_sent += sent
             self.bytes_received += received
 
+    def absorb(self, other: TransferMetrics) -> None:
+        """Add another's counters to these (a pair that is gone keeps counting here)."""
+        with other._lock:
+            counts = (
+                other.bytes_sent,
+                other.bytes_received,
+                other.transfers_completed,
+                other.transfers_failed,
+                other.leases_expired,
+                other.transfer_seconds_total,
+            )
+        with self._lock:
+            self.bytes_sent += counts[0]
+            self.bytes_received += counts[1]
+            self.transfers_completed += counts[2]
+            self.transfers_failed += counts[3]
+            self.leases_expired += counts[4]
+            self.transfer_seconds_total += counts[5]
+
 
 def transfer_id_for(request_id: str) -> str:
     """The transfer id of a request's prompt KV: both workers derive it from the request id

@@ -27,7 +27,7 @@ from engine.output_processor import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
 from kvtransfer.pair import EndpointAddress, connect_pair
-from kvtransfer.protocol import TransferResult, transfer_id_for
+from kvtransfer.protocol import TransferMetrics, TransferResult, transfer_id_for
 from kvtransfer.sender import KVSender
 
 
@@ -41,9 +41,10 @@ class PrefillWorker(WorkerBase):
     ) -> None:
         super().__init__(config, worker_id, index, tracing)
         self.senders: dict[str, KVSender] = {}  # by decode worker id
+        self.retired_metrics = TransferMetrics()  # of senders closed since (replaced, left)
 
     def _transfer_metrics(self) -> list[Any]:
-        return [s.metrics for s in self.senders.values()]
+        return [self.retired_metrics, *(s.metrics for s in self.senders.values())]
 
     def _transfer_holders(self) -> list[str]:
         return [owner for s in self.senders.values() for owner in s.owners()]
@@ -60,6 +61,7 @@ class PrefillWorker(WorkerBase):
         )
         if old is not None:
             await asyncio.to_thread(old.close)
+            self.retired_metrics.absorb(old.metrics)
 
     async def prefill(
         self,
@@ -104,6 +106,7 @@ class PrefillWorker(WorkerBase):
         sender = self.senders.pop(decode_id, None)
         if sender is not None:
             await asyncio.to_thread(sender.close)
+            self.retired_metrics.absorb(sender.metrics)
 
     def _finish_reason(
         self, output: RequestOutput, params: SamplingParams, prompt_len: int

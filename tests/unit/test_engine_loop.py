@@ -12,7 +12,7 @@ import pytest
 from decode_worker.engine_loop import EngineLoop
 from engine.errors import RequestAborted, WorkerUnavailable
 from engine.sequence import FinishReason
-from kvtransfer.protocol import TransferResult, TransferStatus
+from kvtransfer.protocol import TransferMetrics, TransferResult, TransferStatus
 from tests.conftest import greedy, make_engine, prompt_ids
 
 
@@ -115,3 +115,41 @@ def test_a_failed_engine_fails_its_requests_and_refuses_calls() -> None:
         loop.call(lambda e: e.check_integrity())  # no hang: nobody is left to run it
     with pytest.raises(WorkerUnavailable):
         loop.submit("later", prompt_ids(1, 6), greedy(max_tokens=5))
+
+
+class GonePair:
+    """A receiver whose prefill peer has left: failed, nothing live, nothing held."""
+
+    def __init__(self, failure: str | None, owners: list[str]) -> None:
+        self.failure = failure
+        self.num_live = 0
+        self._owners = owners
+        self.metrics = TransferMetrics(bytes_received=1000, transfers_completed=2)
+
+    def poll(self) -> list[Any]:
+        return []
+
+    def result(self, transfer_id: str) -> None:
+        return None
+
+    def owners(self) -> list[str]:
+        return self._owners
+
+
+def test_receivers_of_pairs_that_are_gone_are_dropped_keeping_their_counts() -> None:
+    loop = EngineLoop(make_engine())
+    gone, holding, healthy = (
+        GonePair("peer left", []),
+        GonePair("peer left", ["kv:x"]),
+        GonePair(None, []),
+    )
+    loop.receivers.extend([gone, holding, healthy])
+    try:
+        loop.call(lambda engine: None)  # one turn of the engine thread
+        loop.wake()
+        loop.call(lambda engine: None)
+        assert loop.receivers == [holding, healthy]  # one still holds KV; one is live
+        assert loop.retired_metrics.bytes_received == 1000
+        assert loop.retired_metrics.transfers_completed == 2
+    finally:
+        loop.stop()
