@@ -217,15 +217,7 @@ class WorkerBase:
 class EngineWorker(WorkerBase):
     """A decode worker; in colocated mode it prefills too."""
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        worker_id: str = "worker",
-        index: IndexConfig | None = None,
-        tracing: TracingConfig | None = None,
-    ) -> None:
-        super().__init__(config, worker_id, index, tracing)
-        self._endpoint: ReceiverEndpoint | None = None
+    _endpoint: ReceiverEndpoint | None = None  # once prefill workers may pair with it
 
     async def generate(
         self,

@@ -148,8 +148,8 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     yield response
         except TandemError as e:  # refused, invalid, lost or failed
             code, error = status_of(e), e
-            if isinstance(e, Overloaded):
-                self._count_rejection()
+            if isinstance(e, Overloaded) and self.metrics is not None:
+                self.metrics.admission_rejections.inc()
             await context.abort(code, str(e))
         except asyncio.CancelledError as e:  # the client cancelled, or its deadline passed
             remaining = context.time_remaining()
@@ -173,10 +173,6 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             }  # fmt: skip
             end_span(span, error if code is not grpc.StatusCode.OK else None,
                      **{"rpc.grpc.status_code": code.value[0], **attributes})  # fmt: skip
-
-    def _count_rejection(self) -> None:
-        if self.metrics is not None:
-            self.metrics.admission_rejections.inc()
 
     async def _colocated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
         """Prefill and decode on one worker; a worker lost before any output is retried on
@@ -298,17 +294,6 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         index as `index_key`: new requests go to it."""
         for pool in self._pools():
             pool.replace(old, new, index_key)
-
-    def pool(self, name: str) -> Pool:
-        """The "prefill" or "decode" pool (colocated workers are the decode pool)."""
-        pool = self.prefill if name == "prefill" else self.decode
-        if pool is None:
-            raise ValueError(f"no {name} pool in colocated mode")
-        return pool
-
-    def index_keys(self) -> list[WorkerKey]:
-        """The prefix-index identities of the prefilling workers, in pool order."""
-        return list(self._prefilling.index_keys)
 
     def observe(self, worker: Any, stats: dict[str, Any]) -> None:
         """A worker's latest load report (its `stats`), for placement."""

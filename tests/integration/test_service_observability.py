@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from proto.tandem.v1 import tandem_pb2 as pb
-from tests.integration.test_service import RunningService, greedy_sampling
+from tests.integration.test_service import RunningService, greedy_sampling, local_service
 from tests.redis_server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -92,21 +92,15 @@ def service(collector: Collector) -> Iterator[RunningService]:
     from cluster.tracing import TracingConfig
     from engine.config import EngineConfig
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    running = RunningService(
-        ServiceConfig(
-            engine=EngineConfig(device="cpu", num_kv_blocks=256, block_size=16),
-            mode="disaggregated",
-            port=0,
-            metrics_port=0,
-            tracing=TracingConfig(otlp_endpoint=f"127.0.0.1:{collector.port}"),
-        )
+    config = ServiceConfig(
+        engine=EngineConfig(device="cpu", num_kv_blocks=256, block_size=16),
+        mode="disaggregated",
+        port=0,
+        metrics_port=0,
+        tracing=TracingConfig(otlp_endpoint=f"127.0.0.1:{collector.port}"),
     )
-    try:
+    with local_service(config) as running:
         yield running
-    finally:
-        running.close()
-        ray.shutdown()
 
 
 def test_one_trace_per_request_across_router_prefill_transfer_and_decode(

@@ -17,7 +17,12 @@ import pytest
 from engine.engine import Engine
 from proto.tandem.v1 import tandem_pb2 as pb
 from tests.conftest import greedy
-from tests.integration.test_service import LONG_PROMPT, RunningService, greedy_sampling
+from tests.integration.test_service import (
+    LONG_PROMPT,
+    RunningService,
+    greedy_sampling,
+    local_service,
+)
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,25 +51,17 @@ def service(redis: RedisServer) -> Iterator[RunningService]:
     from cluster.service import ServiceConfig
     from engine.config import EngineConfig
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    running = RunningService(
-        ServiceConfig(
-            engine=EngineConfig(device="cpu", num_kv_blocks=1024, block_size=16),
-            mode="disaggregated",
-            num_prefill_workers=2,
-            num_decode_workers=1,
-            port=0,
-            # A roomy budget: this 2-core machine runs three model workers beside Redis.
-            index=IndexConfig(
-                redis_url=redis.url, lookup_budget_ms=200, retry_interval_s=0.2, ttl_s=5
-            ),
-        )
+    config = ServiceConfig(
+        engine=EngineConfig(device="cpu", num_kv_blocks=1024, block_size=16),
+        mode="disaggregated",
+        num_prefill_workers=2,
+        num_decode_workers=1,
+        port=0,
+        # A roomy budget: this 2-core machine runs three model workers beside Redis.
+        index=IndexConfig(redis_url=redis.url, lookup_budget_ms=200, retry_interval_s=0.2, ttl_s=5),
     )
-    try:
+    with local_service(config) as running:
         yield running
-    finally:
-        running.close()
-        ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
