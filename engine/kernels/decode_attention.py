@@ -88,17 +88,26 @@ class DecodeAttentionWorkspace:
         )
 
 
-@triton.jit
+# Ints and pointers that change from batch to batch are not specialized on (Triton would
+# compile a variant per value class: == 1, divisible by 16, 16-byte aligned): a new compile
+# stalls a serving engine for a second or more, and eager mixed prefill/decode batches see
+# every batch width and split count. Only the model's shapes are compile-time constants.
+@triton.jit(
+    do_not_specialize=["num_splits", "stride_bt_seq", "stride_po_seq", "stride_po_head",
+                       "stride_po_split", "stride_pl_seq", "stride_pl_head"],
+    do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"],
+)  # fmt: skip
 def _decode_split_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_tables_ptr,  # [num_seqs, max_blocks] int32 or int64
     context_lens_ptr,  # [num_seqs] int32 or int64
-    out_ptr,  # [num_seqs, num_heads, head_dim]; written only when NUM_SPLITS == 1
-    partial_out_ptr,  # [>=num_seqs, num_heads, >=NUM_SPLITS, head_dim] fp32
-    partial_lse_ptr,  # [>=num_seqs, num_heads, >=NUM_SPLITS] fp32
+    out_ptr,  # [num_seqs, num_heads, head_dim]; written only with SINGLE_SPLIT
+    partial_out_ptr,  # [>=num_seqs, num_heads, >=num_splits, head_dim] fp32
+    partial_lse_ptr,  # [>=num_seqs, num_heads, >=num_splits] fp32
     qk_scale,  # softmax scale * log2(e)
+    num_splits,
     stride_q_seq,
     stride_q_head,
     stride_k_block,
@@ -119,7 +128,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     GROUP_SIZE: tl.constexpr,  # query heads per kv head
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
-    NUM_SPLITS: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,  # num_splits == 1: write out directly
     GROUP_PAD: tl.constexpr,  # GROUP_SIZE rounded up to a power of two >= 16 (tl.dot's M)
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two >= 16
     TILE_N: tl.constexpr,  # tokens per K/V tile, a power of two >= 16
@@ -139,10 +148,10 @@ def _decode_split_kernel(
     q_ptrs = q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
 
-    # This split's share of the context: ceil(context_len / NUM_SPLITS) rounded up to whole
+    # This split's share of the context: ceil(context_len / num_splits) rounded up to whole
     # tiles, so splits start on tile boundaries. Trailing splits of a short context are empty.
     context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
-    split_len = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), TILE_N) * TILE_N
+    split_len = tl.cdiv(tl.cdiv(context_len, num_splits), TILE_N) * TILE_N
     split_start = split * split_len
     split_end = tl.minimum(split_start + split_len, context_len)
 
@@ -198,7 +207,7 @@ def _decode_split_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)  # no 0 / 0, no log2(0)
     out = acc / l_safe[:, None]
     out_mask = mask_g[:, None] & mask_d[None, :]
-    if NUM_SPLITS == 1:
+    if SINGLE_SPLIT:
         o_ptrs = out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + offs_d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -215,11 +224,15 @@ def _decode_split_kernel(
         tl.store(pl_ptrs, lse, mask=mask_g)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["num_splits", "stride_po_seq", "stride_po_head", "stride_po_split",
+                       "stride_pl_seq", "stride_pl_head"],
+)  # fmt: skip
 def _decode_reduce_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
-    partial_out_ptr,  # [>=num_seqs, num_heads, >=NUM_SPLITS, head_dim] fp32
-    partial_lse_ptr,  # [>=num_seqs, num_heads, >=NUM_SPLITS] fp32
+    partial_out_ptr,  # [>=num_seqs, num_heads, >=num_splits, head_dim] fp32
+    partial_lse_ptr,  # [>=num_seqs, num_heads, >=num_splits] fp32
+    num_splits,
     stride_o_seq,
     stride_o_head,
     stride_po_seq,
@@ -228,15 +241,14 @@ def _decode_reduce_kernel(
     stride_pl_seq,
     stride_pl_head,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    SPLITS_PAD: tl.constexpr,  # num_splits rounded up to a power of two
     BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
+    mask_s = offs_s < num_splits
     mask_d = offs_d < HEAD_DIM
 
     lse = tl.load(
@@ -323,7 +335,7 @@ def paged_decode_attention(
     with on_device(q.device):
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse,
-            scale * _LOG2E,
+            scale * _LOG2E, num_splits,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -334,7 +346,7 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             GROUP_SIZE=group_size,
             BLOCK_SIZE=block_size,
-            NUM_SPLITS=num_splits,
+            SINGLE_SPLIT=num_splits == 1,
             GROUP_PAD=max(16, triton.next_power_of_2(group_size)),
             BLOCK_D=block_d,
             TILE_N=tile_n,
@@ -344,12 +356,11 @@ def paged_decode_attention(
         )  # fmt: skip
         if num_splits > 1:
             _decode_reduce_kernel[(num_seqs, num_heads)](
-                out, partial_out, partial_lse,
+                out, partial_out, partial_lse, num_splits,
                 out.stride(0), out.stride(1),
                 partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
                 partial_lse.stride(0), partial_lse.stride(1),
                 HEAD_DIM=head_dim,
-                NUM_SPLITS=num_splits,
                 SPLITS_PAD=triton.next_power_of_2(num_splits),
                 BLOCK_D=block_d,
                 num_warps=4 if block_d >= 128 else 2,

@@ -120,7 +120,13 @@ def _attend_key_range(
     return acc, l_i, m_i
 
 
-@triton.jit
+# The block table's width changes from batch to batch: not specialized on, nor are the
+# batch's index tensors' alignments (slices of larger buffers), so one compile per model serves
+# every batch (see decode_attention.py).
+@triton.jit(
+    do_not_specialize=["stride_bt"],
+    do_not_specialize_on_alignment=["block_tables_ptr", "query_start_loc_ptr", "context_lens_ptr"],
+)
 def _prefill_attention_kernel(
     q_ptr,  # [num_tokens, num_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]

@@ -133,3 +133,49 @@ def test_gpu_greedy_matches_cpu_reference(model_dir: Path) -> None:
     expected = [c.token_ids for c in cpu.generate(prompts, params)]
     got = [c.token_ids for c in gpu.generate(prompts, params)]
     assert got == expected
+
+
+def compiled_variants(kernel: object) -> int:
+    """How many binaries Triton has compiled for `kernel` on the current device."""
+    caches = kernel.device_caches  # type: ignore[attr-defined]
+    return sum(len(cache[0]) for cache in caches.values())
+
+
+def test_mixed_batches_compile_each_kernel_once() -> None:
+    """A serving engine sees every batch width, split count and slice offset: none of them may
+    cost a new kernel compile (a stall of a second or more mid-serving, seen as multi-second
+    TTFT outliers in colocated serving). Random prompt lengths arriving while others decode
+    give eager mixed prefill + decode batches of many shapes."""
+    from engine.config import EngineConfig
+    from engine.kernels import decode_attention, prefill_attention
+    from engine.sampling_params import SamplingParams
+    from engine.scheduler import SchedulerConfig
+
+    engine = Engine(
+        EngineConfig(
+            model="dummy:smollm2-135m", device="cuda", dtype="bfloat16", num_kv_blocks=4096,
+            scheduler=SchedulerConfig(max_num_seqs=48, max_num_batched_tokens=512),
+        )
+    )  # fmt: skip
+    split = decode_attention._decode_split_kernel
+    reduce = decode_attention._decode_reduce_kernel
+    prefill = prefill_attention._prefill_attention_kernel
+    before = {kernel: compiled_variants(kernel) for kernel in (split, reduce, prefill)}
+    generator = torch.Generator().manual_seed(5)
+    for round_ in range(40):
+        for i in range(int(torch.randint(1, 4, (1,), generator=generator))):
+            length = int(torch.randint(1, 700, (1,), generator=generator))
+            prompt = torch.randint(10, 40000, (length,), generator=generator).tolist()
+            params = SamplingParams(max_tokens=int(torch.randint(1, 60, (1,), generator=generator)))
+            engine.add_request(f"r{round_}-{i}", None, params, prompt_token_ids=prompt)
+        for _ in range(int(torch.randint(1, 6, (1,), generator=generator))):
+            engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_integrity()
+    # one prefill binary; the split kernel with and without a single split; the reduce
+    # kernel once per power-of-two split count (at most log2(32) = 5)
+    new = {kernel: compiled_variants(kernel) - before[kernel] for kernel in before}
+    assert new[prefill] <= 1
+    assert new[split] <= 2
+    assert new[reduce] <= 5
