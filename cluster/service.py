@@ -231,6 +231,8 @@ class Service:
             await set_serving(self._health, self._pool_names(), serving=False)
             await self._server.stop(grace_s)
             self._server = None
+        if self._servicer is not None:
+            self._servicer.outputs.stop()
         workers = self.workers + self.prefill_workers
         if workers:  # a clean stop takes their entries out of the index; then they go
             await asyncio.wait([asyncio.ensure_future(w.shutdown.remote()) for w in workers],

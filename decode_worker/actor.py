@@ -4,9 +4,10 @@ Created by cluster.service with `ray.remote(num_gpus=..., ...)(EngineWorker)`; t
 not import Ray, so they are testable in-process. Methods are async: Ray runs them on the
 actor's event loop, many requests at once, while the engine thread batches them.
 
-Colocated: `generate` prefills and decodes here. Disaggregated: `open_endpoint` lets prefill
-workers pair with this one; `continue_request` decodes a request whose prompt KV arrives
-from a prefill worker (kvtransfer), starting from the first token the prefill sampled.
+Colocated: `start_generate` prefills and decodes here. Disaggregated: `open_endpoint` lets
+prefill workers pair with this one; `start_continue` decodes a request whose prompt KV arrives
+from a prefill worker (kvtransfer), starting from the first token the prefill sampled. The
+outputs of both reach the router through its one `outputs` subscription (batched).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cluster.prefix_index import CacheEventBatch, IndexConfig, WorkerKey, new_ep
 from cluster.prefix_publisher import CacheEventLog, IndexPublisher
 from cluster.tracing import TracingConfig, end_span, record_span, setup_tracing, start_span
 from decode_worker.engine_loop import EngineLoop
+from decode_worker.outbox import Batch, Outbox
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.output_processor import RequestOutput
@@ -215,38 +217,67 @@ class WorkerBase:
 
 
 class EngineWorker(WorkerBase):
-    """A decode worker; in colocated mode it prefills too."""
+    """A decode worker; in colocated mode it prefills too.
+
+    A router subscribes once (`outputs`, a long-lived streaming call) and then starts requests
+    with plain calls (`start_generate`, `start_continue`); every request's outputs come back
+    through the subscription, batched (see decode_worker.outbox)."""
 
     _endpoint: ReceiverEndpoint | None = None  # once prefill workers may pair with it
 
-    async def generate(
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._outboxes: dict[str, Outbox] = {}  # subscriber (router) -> its pending outputs
+        self._forwarders: set[asyncio.Task[None]] = set()
+
+    async def outputs(self, subscriber: str) -> AsyncIterator[Batch]:
+        """The outputs of `subscriber`'s requests, in batches of (request id, RequestOutput
+        or the exception that ended the request); a request's last item is a finished
+        output or an exception. Runs until the subscriber goes away: its requests are then
+        aborted (nobody would read them)."""
+        outbox = self._outbox(subscriber)
+        try:
+            while True:
+                yield await outbox.take()
+        finally:
+            outbox.closed = True
+            if self._outboxes.get(subscriber) is outbox:
+                del self._outboxes[subscriber]
+            for request_id in list(outbox.requests):
+                self.loop.abort(request_id)
+
+    async def start_generate(
         self,
+        subscriber: str,
         request_id: str,
         prompt_token_ids: list[int],
         params: dict[str, Any],
         cache_salt: str | None = None,
         trace_context: dict[str, str] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Prefill and decode here (colocated). Streams the outputs, the last finished. Raises
-        the engine's typed error if it refuses the request; cancelling aborts it."""
+    ) -> None:
+        """Prefill and decode here (colocated); the outputs go to `subscriber`. Raises
+        WorkerUnavailable if the engine has stopped; the engine's refusal of the request
+        (a typed error) arrives as its one item."""
         sampling = SamplingParams(**params)
         stream = self.loop.submit(request_id, prompt_token_ids, sampling, cache_salt)
-        outputs = self._stream(request_id, stream)
-        async for output in self._traced("tandem.generate", request_id, trace_context, outputs):
-            yield output
+        outputs = self._traced(
+            "tandem.generate", request_id, trace_context, self._stream(request_id, stream)
+        )
+        self._forward(subscriber, request_id, outputs)
 
-    async def continue_request(
+    async def start_continue(
         self,
+        subscriber: str,
         request_id: str,
         prompt_token_ids: list[int],
         first_token_id: int,
         params: dict[str, Any],
         cache_salt: str | None = None,
         trace_context: dict[str, str] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Decode a request prefilled elsewhere, once its KV has arrived (disaggregated).
-        Streams the outputs after the first token; fails with WorkerUnavailable if the KV
-        does not arrive in time."""
+    ) -> None:
+        """Decode a request prefilled elsewhere, once its KV has arrived (disaggregated); the
+        outputs after the first token go to `subscriber`. A request whose KV does not arrive
+        in time ends with WorkerUnavailable."""
         sampling = SamplingParams(**params)
         stream = self.loop.submit(
             request_id, prompt_token_ids, sampling, cache_salt, first_token_id=first_token_id
@@ -255,8 +286,18 @@ class EngineWorker(WorkerBase):
             "tandem.decode", request_id, trace_context, self._stream(request_id, stream),
             prefilled_here=False,
         )  # fmt: skip
-        async for output in outputs:
-            yield output
+        self._forward(subscriber, request_id, outputs)
+
+    def _outbox(self, subscriber: str) -> Outbox:
+        outbox = self._outboxes.get(subscriber)
+        if outbox is None:
+            outbox = self._outboxes[subscriber] = Outbox()
+        return outbox
+
+    def _forward(self, subscriber: str, request_id: str, outputs: AsyncIterator[Any]) -> None:
+        task = self._outbox(subscriber).forward(request_id, outputs)
+        self._forwarders.add(task)
+        task.add_done_callback(self._forwarders.discard)
 
     def open_endpoint(self, host: str = "127.0.0.1") -> EndpointAddress:
         """Start accepting pairs from prefill workers; the address they connect to."""

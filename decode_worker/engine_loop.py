@@ -72,6 +72,7 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Submit] = {}  # engine thread only
+        self._outgoing: list[tuple[_Submit, Any]] = []  # delivered at the end of the turn
         self._failure: str | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
@@ -161,10 +162,12 @@ class EngineLoop:
                 if not self._drain_inbox():
                     return
                 self._take_arrivals()
-                if self.engine.has_unfinished_requests():
+                busy = self.engine.has_unfinished_requests()
+                if busy:
                     for output in self.engine.step():
                         self._deliver(output.request_id, output, done=output.finished)
-                else:
+                self._flush()
+                if not busy:
                     self._wake.wait(ARRIVAL_POLL_S if self._waiting else IDLE_WAIT_S)
                     self._wake.clear()
         except Exception as e:
@@ -172,6 +175,8 @@ class EngineLoop:
             self._failure = f"{type(e).__name__}: {e}"
             for request_id in list(self._streams):
                 self._deliver(request_id, WorkerUnavailable(self._failure), done=True)
+        finally:
+            self._flush()
 
     def _drain_inbox(self) -> bool:
         while True:
@@ -206,11 +211,11 @@ class EngineLoop:
     def _add(self, item: _Submit) -> None:
         aborted_until = self._aborted.pop(item.request_id, None)
         if aborted_until is not None and time.monotonic() < aborted_until:  # cancel came first
-            item.loop.call_soon_threadsafe(item.stream.put_nowait, RequestAborted("aborted"))
+            self._outgoing.append((item, RequestAborted("aborted")))
             return
         if item.request_id in self._streams:
             error = TandemError(f"request_id {item.request_id!r} is already in use")
-            item.loop.call_soon_threadsafe(item.stream.put_nowait, error)
+            self._outgoing.append((item, error))
             return
         self._streams[item.request_id] = item
         if item.first_token_id is not None:
@@ -304,4 +309,24 @@ class EngineLoop:
     def _deliver(self, request_id: str, item: Any, done: bool) -> None:
         target = self._streams.pop(request_id, None) if done else self._streams.get(request_id)
         if target is not None:
-            target.loop.call_soon_threadsafe(target.stream.put_nowait, item)
+            self._outgoing.append((target, item))
+
+    def _flush(self) -> None:
+        """Hand this turn's outputs to their event loops: one wake-up per loop per turn (a
+        step's outputs for many requests), not one per output."""
+        if not self._outgoing:
+            return
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for target, item in self._outgoing:
+            batches.setdefault(target.loop, []).append((target.stream, item))
+        self._outgoing = []
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop has closed: nobody is waiting any more
+                logger.debug("outputs for a closed event loop dropped")
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)

@@ -5,8 +5,9 @@
 
 Errors reach the client as status codes, never as a hang: a bad field INVALID_ARGUMENT (or
 NOT_FOUND for an unknown model), a dead worker UNAVAILABLE, anything unexpected INTERNAL. A
-client that cancels or passes its deadline cancels the worker's stream, which aborts the
-request and frees its KV within an engine step.
+client that cancels or passes its deadline makes the router tell the worker to abort the
+request, which frees its KV within an engine step. Outputs come back from each worker through
+one batched stream per worker (router.outputs), not one Ray call per request.
 
 Workers are Ray actor handles of decode_worker.actor.EngineWorker (colocated: each prefills
 and decodes). Ray is imported lazily, torch never.
@@ -37,6 +38,7 @@ from engine.errors import (
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.admission import Admission
+from router.outputs import OutputStreams
 from router.placement import Pool
 from router.requests import (
     ServedModel,
@@ -93,6 +95,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             raise ValueError("a prefix index needs an index key for every prefilling worker")
         self.num_retried = 0  # requests moved to another worker after losing theirs
         self.metrics = metrics
+        self.outputs = OutputStreams()  # one batched output stream per worker
         self._recent: dict[str, deque[tuple[float, float]]] = {
             "ttft": deque(maxlen=4096),  # (when, seconds): for autoscaling signals
             "itl": deque(maxlen=16384),
@@ -185,21 +188,19 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             dispatched = time.monotonic()
             first = True
             with self.decode.assigned(index, _uncached(request, cached, index)) as worker:
-                stream = None
+                outputs = self.outputs.open(worker, request.request_id)
                 try:
-                    stream = (
-                        worker.generate.options(num_returns="streaming")
-                        .remote(request.request_id, request.prompt_token_ids,
-                                params_to_dict(request.params), request.cache_salt, carrier)
+                    await worker.start_generate.remote(
+                        self.outputs.subscriber, request.request_id, request.prompt_token_ids,
+                        params_to_dict(request.params), request.cache_salt, carrier,
                     )  # fmt: skip
-                    async for ref in stream:
-                        output = await ref
+                    async for output in _until_finished(outputs):
                         queued = _queued(output, arrival, dispatched) if first else None
                         yield _timed(request.request_id, output, arrival, queued)
                         first = False
                     return
                 except asyncio.CancelledError:  # the client cancelled or its deadline passed
-                    _cancel(stream, worker, request.request_id)
+                    _cancel(worker, request.request_id)
                     raise
                 except Exception as e:
                     if not _lost(e):
@@ -208,6 +209,8 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     if not first:  # the client has seen tokens: it cannot be moved silently
                         raise _translate(e) from e
                     self._retrying("worker", index, e)
+                finally:
+                    self.outputs.close(worker, request.request_id)
 
     async def _disaggregated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
         """Prefill on one pool, decode on the other; the KV moves between them."""
@@ -221,26 +224,27 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             yield _timed(request.request_id, first_output, arrival, queued)
             if not shipped:
                 return
-            stream = None
+            outputs = self.outputs.open(decode, request.request_id)
             try:
-                stream = (
-                    decode.continue_request.options(num_returns="streaming")
-                    .remote(request.request_id, request.prompt_token_ids,
-                            first_output.new_token_ids[0], params_to_dict(request.params),
-                            request.cache_salt, carrier)
+                await decode.start_continue.remote(
+                    self.outputs.subscriber, request.request_id, request.prompt_token_ids,
+                    first_output.new_token_ids[0], params_to_dict(request.params),
+                    request.cache_salt, carrier,
                 )  # fmt: skip
-                async for ref in stream:
-                    response = _timed(request.request_id, await ref, arrival)
+                async for output in _until_finished(outputs):
+                    response = _timed(request.request_id, output, arrival)
                     if response.HasField("usage"):  # the prompt's cache hits were prefill's
                         response.usage.cached_tokens = first_output.usage.cached_tokens
                     yield response
             except asyncio.CancelledError:
-                _cancel(stream, decode, request.request_id)
+                _cancel(decode, request.request_id)
                 raise
             except Exception as e:
                 if _lost(e):
                     self.decode.mark_down(decode)
                 raise _translate(e) from e
+            finally:
+                self.outputs.close(decode, request.request_id)
 
     async def _prefill(
         self, request: Any, decode_id: str, carrier: Any, span: Any
@@ -264,7 +268,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     output, shipped = await call
                     return output, shipped, dispatched
                 except asyncio.CancelledError:
-                    _cancel(call, worker, request.request_id)
+                    _cancel(worker, request.request_id, call)
                     raise
                 except Exception as e:
                     if not _lost(e):
@@ -338,9 +342,21 @@ def _translate(error: BaseException) -> TandemError:
     return TandemError(f"internal error: {type(error).__name__}")
 
 
-def _cancel(call: Any, worker: Any, request_id: str) -> None:
-    """Stop a request on a worker: cancel the call (if started) and tell the worker to abort
-    the request, which also covers a call that has not reached it yet."""
+async def _until_finished(outputs: asyncio.Queue[Any]) -> Any:
+    """A request's outputs from its OutputStreams queue, up to the finished one; raises the
+    exception that ended it instead, if one did."""
+    while True:
+        item = await outputs.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finished:
+            return
+
+
+def _cancel(worker: Any, request_id: str, call: Any = None) -> None:
+    """Stop a request on a worker: cancel the call (if one is in flight) and tell the worker
+    to abort the request, which also covers a call that has not reached it yet."""
     import ray
 
     try:
