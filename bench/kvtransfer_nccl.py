@@ -11,6 +11,8 @@ and prompt length (512, 2,048, 8,192 tokens; 16-token blocks scattered over the 
 - raw, coalesced, one part: the same as a single message (gather, send, receive, scatter);
 - raw, per block: one gather + send + receive + scatter per block;
   both timed on the receiver from a "go" message to its scatter being complete;
+  `--raw-modes` picks these and variants: partsN (N MiB parts), and a suffix @P for copies
+  with P persistent programs (engine.kernels.block_copy) instead of torch's whole-GPU ones;
 - protocol: KVSender.submit -> KVReceiver.poll returns it (offer/ready over TCP, payload,
   done/ack), timed across the processes with CLOCK_MONOTONIC (same host); bit-exactness of
   every protocol transfer is checked (SHA-256 of the blocks on both sides); once per
@@ -65,6 +67,19 @@ def parse_args() -> argparse.Namespace:
         default="1024,64,direct",
         help="protocol runs: a pipelined part size in MiB, or 'direct' (direct_receive)",
     )
+    parser.add_argument(
+        "--raw-modes",
+        default="coalesced,one_part,per_block",
+        help="raw runs: coalesced (64 MiB parts), parts<N> (N MiB parts), one_part, per_block; "
+        "a suffix @P copies with P persistent programs (engine.kernels.block_copy)",
+    )
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="of " + ",".join(SHAPES))
+    parser.add_argument(
+        "--copy-programs",
+        type=int,
+        default=None,
+        help="both sides' TransferConfig.copy_programs in the protocol and overlap runs",
+    )
     parser.add_argument("--overlap-layers-per-chunk", type=int, default=2)
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--out", default="bench/results/kvtransfer_nccl.json")
@@ -89,7 +104,9 @@ def synchronize(args: argparse.Namespace) -> None:
 
 def shapes(args: argparse.Namespace) -> dict[str, tuple[int, int, int]]:
     """The shapes measured; the first one also runs the overlap (on a dummy model of it)."""
-    return DRY_RUN_SHAPES if args.cpu_dry_run else SHAPES
+    if args.cpu_dry_run:
+        return DRY_RUN_SHAPES
+    return {name: SHAPES[name] for name in args.shapes.split(",")}
 
 
 def cache_blocks(args: argparse.Namespace) -> int:
@@ -119,22 +136,48 @@ def sha(cache: torch.Tensor, block_ids: list[int] | tuple[int, ...]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-RAW_MODES = ("coalesced", "one_part", "per_block")
+RAW_NAMES = {
+    "coalesced": "coalesced, 64 MiB parts",
+    "one_part": "coalesced, one message",
+    "per_block": "one message per block",
+}
+
+
+def raw_modes(args: argparse.Namespace) -> list[str]:
+    modes = args.raw_modes.split(",")
+    for mode in modes:
+        kind, _, programs = mode.partition("@")
+        known = kind in ("coalesced", "one_part", "per_block") or (
+            kind.startswith("parts") and kind[5:].isdigit()
+        )
+        if not known or (programs and not programs.isdigit()):
+            raise SystemExit(f"--raw-modes: {mode!r} is not one of the forms in --help")
+    return modes
+
+
+def copy_programs_of(mode: str) -> int | None:
+    """The persistent program count a raw mode copies with (None: torch's copies)."""
+    _, _, programs = mode.partition("@")
+    return int(programs) if programs else None
 
 
 def groups_of(ids: list[int], mode: str) -> list[list[int]]:
     """The block groups sent as one payload each: all blocks, or one per block."""
-    return [[b] for b in ids] if mode == "per_block" else [ids]
+    return [[b] for b in ids] if mode.startswith("per_block") else [ids]
 
 
 def parts_of(staging: torch.Tensor, mode: str) -> tuple[slice, ...]:
-    """The pipelined parts of a staging tensor ("coalesced"), or one part (the others)."""
+    """The pipelined parts of a staging tensor (coalesced: 64 MiB; partsN: N MiB), or one part
+    (the others)."""
     from kvtransfer.coalesce import pipeline_parts
 
-    if mode != "coalesced":
+    kind = mode.partition("@")[0]
+    if kind == "coalesced":
+        kind = "parts64"
+    if not kind.startswith("parts"):
         return (slice(0, staging.shape[0]),)
     layer_bytes = staging[0].numel() * staging.element_size()
-    return pipeline_parts(staging.shape[0], layer_bytes, part_bytes=64 << 20)
+    return pipeline_parts(staging.shape[0], layer_bytes, part_bytes=int(kind[5:]) << 20)
 
 
 def send_group(channel: Any, cache: torch.Tensor, group: list[int], mode: str) -> None:
@@ -144,9 +187,10 @@ def send_group(channel: Any, cache: torch.Tensor, group: list[int], mode: str) -
     staging = torch.empty(staging_shape(cache, len(group)), dtype=cache.dtype, device=cache.device)
     parts = parts_of(staging, mode)
     ids = block_index(cache, group)  # once for all parts, as KVSender does
+    programs = copy_programs_of(mode)
 
     def fill(i: int) -> None:
-        gather_blocks(cache, ids, staging[parts[i]], layers=parts[i])
+        gather_blocks(cache, ids, staging[parts[i]], layers=parts[i], num_programs=programs)
 
     channel.send_parts([staging[p] for p in parts], fill=fill)
 
@@ -158,9 +202,10 @@ def recv_group(channel: Any, cache: torch.Tensor, group: list[int], mode: str) -
     staging = torch.empty(staging_shape(cache, len(group)), dtype=cache.dtype, device=cache.device)
     parts = parts_of(staging, mode)
     ids = block_index(cache, group, unique=True)  # before the receive is posted, as KVReceiver
+    programs = copy_programs_of(mode)
 
     def drain(i: int) -> None:
-        scatter_blocks(cache, ids, staging[parts[i]], layers=parts[i])
+        scatter_blocks(cache, ids, staging[parts[i]], layers=parts[i], num_programs=programs)
 
     channel.recv_parts([staging[p] for p in parts], drain=drain)
 
@@ -236,7 +281,7 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
         cache = cache_for(args, shape, device).zero_()
         for length in lengths(args):
             ids = scattered_blocks(args, length, seed=length + 1)
-            for mode in RAW_MODES:
+            for mode in raw_modes(args):
                 times = []
                 for _ in range(args.repeats + 1):
                     raw.recv(go)
@@ -255,7 +300,8 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
         assert pair is not None
         receiver = KVReceiver(
             pair[0], pair[1], cache, layout, manager.reserve, manager.release,
-            StagingPool(2 << 30, device, cache.dtype), TransferConfig(checksum=False),
+            StagingPool(2 << 30, device, cache.dtype),
+            TransferConfig(checksum=False, copy_programs=args.copy_programs),
         )  # fmt: skip
         finished = False
         while not finished:
@@ -297,7 +343,7 @@ def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None
         cache = cache_for(args, shape, device)
         for length in lengths(args):
             ids = scattered_blocks(args, length, seed=length + 1)
-            for mode in RAW_MODES:
+            for mode in raw_modes(args):
                 print(f"sender: raw {shape} {length} {mode}", file=sys.stderr, flush=True)
                 for _ in range(args.repeats + 1):
                     synchronize(args)
@@ -339,7 +385,8 @@ def protocol_runs(
     channel, control = connect_pair(endpoint, f"protocol-{shape}", transport_config(args), device)
     sender = KVSender(
         channel, control, cache, layout, manager.release,
-        StagingPool(2 << 30, device, cache.dtype), TransferConfig(checksum=False),
+        StagingPool(2 << 30, device, cache.dtype),
+        TransferConfig(checksum=False, copy_programs=args.copy_programs),
     )  # fmt: skip
     if engine is not None:  # first: an experimental protocol mode that fails ends this pair
         overlap_runs(args, sender, engine, queue_out, queue_in)
@@ -602,7 +649,7 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
         for length in lengths(args):
             nbytes = -(-length // BLOCK) * BLOCK * layers * 2 * heads * dim * 2
             cells = [shape, f"{length:,}", f"{nbytes / 2**20:.1f}"]
-            timings = [raw.get((shape, length, m)) for m in (*RAW_MODES, "direct")]
+            timings = [raw.get((shape, length, m)) for m in (*raw_modes(args), "direct")]
             timings += [protocol.get((shape, length, m)) for m in protocol_modes(args)]
             for times in timings:
                 seconds = median(times) if times else None
@@ -617,9 +664,7 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
             "shape",
             "tokens",
             "KV MiB",
-            "coalesced, pipelined",
-            "coalesced, one part",
-            "one message per block",
+            *(RAW_NAMES.get(m, m) for m in raw_modes(args)),
             "direct into contiguous blocks, grouped",
             *(protocol_header(m) for m in protocol_modes(args)),
         ],

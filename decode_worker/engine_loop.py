@@ -73,6 +73,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._streams: dict[str, _Submit] = {}  # engine thread only
         self._outgoing: list[tuple[_Submit, Any]] = []  # delivered at the end of the turn
+        self._kept: dict[str, Any] = {}  # keep_kv requests' pinned KV, until taken
         self._failure: str | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
@@ -107,6 +108,12 @@ class EngineLoop:
         )  # fmt: skip
         self._wake.set()
         return stream
+
+    def take_kept_kv(self, request_id: str) -> Any:
+        """The pinned KV (engine KeptKV) of a finished keep_kv request, once; None if it has
+        none. Any thread: it was put aside on the engine thread before the request's last
+        output was delivered, so the caller need not wait for an engine turn."""
+        return self._kept.pop(request_id, None)
 
     def wake(self) -> None:
         """Make the engine thread look at its inputs now (e.g. a new receiver)."""
@@ -194,6 +201,10 @@ class EngineLoop:
                 item(self.engine)
 
     def _abort(self, request_id: str) -> None:
+        kept = self._kept.pop(request_id, None)
+        if kept is not None:  # finished, but its caller gave up before taking the KV
+            self.engine.block_manager.release(kept.owner)
+            return
         transfer_id = transfer_id_for(request_id)
         waiting = self._waiting.pop(transfer_id, None)
         output = self.engine.abort_request(request_id)
@@ -308,8 +319,13 @@ class EngineLoop:
 
     def _deliver(self, request_id: str, item: Any, done: bool) -> None:
         target = self._streams.pop(request_id, None) if done else self._streams.get(request_id)
-        if target is not None:
-            self._outgoing.append((target, item))
+        if target is None:
+            return
+        if done and target.keep_kv:
+            kept = self.engine.take_kept_kv(request_id)
+            if kept is not None:
+                self._kept[request_id] = kept
+        self._outgoing.append((target, item))
 
     def _flush(self) -> None:
         """Hand this turn's outputs to their event loops: one wake-up per loop per turn (a

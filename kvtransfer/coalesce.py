@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 import zlib
@@ -63,10 +64,14 @@ def gather_blocks(
     out: torch.Tensor | None = None,
     *,
     layers: slice = ALL_LAYERS,
+    num_programs: int | None = None,
 ) -> torch.Tensor:  # [num_layers_in_range, 2, len(block_ids), block_size, num_kv_heads, head_dim]
     """Copy blocks `block_ids` (in that order) of the layers in `layers` into one contiguous
     tensor: `out` if given (checked, e.g. a StagingPool view), else a new one. Returns it.
     `block_ids` may be a BlockIndex made once for several calls (pipelined parts).
+    `num_programs`: copy with that many persistent programs (engine.kernels.block_copy: a
+    bounded share of the GPU, so NCCL's kernel for a neighbouring part can run beside it);
+    None: torch's index_select, over the whole GPU.
 
     Asynchronous on CUDA like any copy: order later work on the same stream or synchronize.
     Raises ValueError for a cache that is not 6-D [L, 2, ...], out-of-range block ids, an empty
@@ -81,8 +86,9 @@ def gather_blocks(
                           device=kv_cache.device)  # fmt: skip
     else:
         _check_staging("out", out, kv_cache, staging_shape(kv_cache, len(ids), layers))
-    wide_source, wide_out = _as_words(source, out)
-    torch.index_select(wide_source, _BLOCK_DIM, ids, out=wide_out)
+    if not _copy_with_kernel(source, out, ids, num_programs, gather=True):
+        wide_source, wide_out = _as_words(source, out)
+        torch.index_select(wide_source, _BLOCK_DIM, ids, out=wide_out)
     return out
 
 
@@ -92,12 +98,13 @@ def scatter_blocks(
     staging: torch.Tensor,  # [num_layers_in_range, 2, len(block_ids), block_size, ...]
     *,
     layers: slice = ALL_LAYERS,
+    num_programs: int | None = None,
 ) -> None:
     """Write staging[:, :, i] into block block_ids[i] of the layers in `layers`, in place.
     Every other block and layer of the cache is left untouched.
 
     Raises ValueError like gather_blocks, and for repeated block ids (the write order of
-    duplicates is undefined).
+    duplicates is undefined). `num_programs` as for gather_blocks.
     """
     _check_cache(kv_cache)
     index = block_index(kv_cache, block_ids, unique=True)
@@ -106,8 +113,9 @@ def scatter_blocks(
     ids = index.ids
     _check_staging("staging", staging, kv_cache, staging_shape(kv_cache, len(ids), layers))
     start, stop = _layer_range(layers, kv_cache.shape[0])
-    wide_cache, wide_staging = _as_words(kv_cache[start:stop], staging)
-    wide_cache.index_copy_(_BLOCK_DIM, ids, wide_staging)
+    if not _copy_with_kernel(kv_cache[start:stop], staging, ids, num_programs, gather=False):
+        wide_cache, wide_staging = _as_words(kv_cache[start:stop], staging)
+        wide_cache.index_copy_(_BLOCK_DIM, ids, wide_staging)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +149,36 @@ def block_index(
         return block_ids
     ids = _block_id_tensor(block_ids, num_blocks, device, unique)
     return BlockIndex(ids, num_blocks, unique)
+
+
+def _copy_with_kernel(
+    cache: torch.Tensor,  # a layer range of the cache
+    staging: torch.Tensor,
+    ids: torch.Tensor,
+    num_programs: int | None,
+    *,
+    gather: bool,
+) -> bool:
+    """Copy with engine.kernels.block_copy when asked to and the memory allows it (contiguous,
+    viewable as 8-byte words, on a GPU or under Triton's interpreter); False: not done."""
+    if num_programs is None or not (cache.is_contiguous() and staging.is_contiguous()):
+        return False
+    if cache.device.type != "cuda" and not _interpreting():
+        return False
+    words = _as_words(cache, staging)
+    if words[0].dtype != torch.int64:
+        return False
+    from engine.kernels.block_copy import copy_blocks
+
+    rows = cache.shape[0] * cache.shape[1]
+    wide_cache = words[0].reshape(rows, cache.shape[_BLOCK_DIM], -1)
+    wide_staging = words[1].reshape(rows, staging.shape[_BLOCK_DIM], -1)
+    copy_blocks(wide_cache, wide_staging, ids, gather=gather, num_programs=num_programs)
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _as_words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

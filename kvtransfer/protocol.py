@@ -61,6 +61,9 @@ class TransferConfig:
     direct_receive: bool = False  # sender: when the destination blocks form at most
     # MAX_DIRECT_RUNS runs, send each chunk as slices that land in them directly (no staging
     # or scatter on the receiver; coalesce.DirectPlan); the receiver follows the header
+    copy_programs: int | None = None  # gathers and scatters on CUDA with this many
+    # persistent programs (engine.kernels.block_copy: leaves SMs to NCCL's kernel of the
+    # neighbouring part); None: torch's copies over the whole GPU
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "ready_timeout_s", "stall_timeout_s", "done_timeout_s"):
@@ -73,6 +76,10 @@ class TransferConfig:
             raise ValueError(f"max_finished={self.max_finished!r} must be an int >= 1")
         if type(self.part_bytes) is not int or self.part_bytes < 1:
             raise ValueError(f"part_bytes={self.part_bytes!r} must be an int >= 1")
+        if self.copy_programs is not None and (
+            type(self.copy_programs) is not int or self.copy_programs < 1
+        ):
+            raise ValueError(f"copy_programs={self.copy_programs!r} must be None or an int >= 1")
 
 
 class TransferStatus(enum.Enum):

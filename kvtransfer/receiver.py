@@ -421,7 +421,10 @@ class KVReceiver:
         def drain(index: int) -> None:  # scatter part `index`, ordered after its receive
             start = chunk.layer_start + parts[index].start
             part_layers = slice(start, chunk.layer_start + parts[index].stop)
-            scatter_blocks(self.kv_cache, ids, views[index], layers=part_layers)
+            scatter_blocks(
+                self.kv_cache, ids, views[index], layers=part_layers,
+                num_programs=self.config.copy_programs,
+            )  # fmt: skip
 
         try:
             with on_stream(self._stream):

@@ -390,7 +390,10 @@ class KVSender:
             return
         part = staged.parts[index]
         layers = slice(staged.layer_start + part.start, staged.layer_start + part.stop)
-        gather_blocks(self.kv_cache, staged.ids, staged.lease.tensor[part], layers=layers)
+        gather_blocks(
+            self.kv_cache, staged.ids, staged.lease.tensor[part], layers=layers,
+            num_programs=self.config.copy_programs,
+        )  # fmt: skip
         staged.gathered.add(index)
 
     def _unstage(self, staged: _Staged) -> None:

@@ -81,10 +81,16 @@ class PrefillWorker(WorkerBase):
         )
         output: RequestOutput | None = None
         outputs = self._stream(request_id, stream)
-        async for item in self._traced("tandem.prefill", request_id, trace_context, outputs):
-            output = item
+        try:
+            async for item in self._traced("tandem.prefill", request_id, trace_context, outputs):
+                output = item
+        except BaseException:  # cancelled or failed: its KV, if any was kept, is nobody's
+            kept = self.loop.take_kept_kv(request_id)
+            if kept is not None:
+                self.engine.block_manager.release(kept.owner)
+            raise
         assert output is not None
-        kept = await asyncio.to_thread(self.loop.call, lambda e: e.take_kept_kv(request_id))
+        kept = self.loop.take_kept_kv(request_id)
         reason = self._finish_reason(output, sampling, len(prompt_token_ids))
         if reason is not None or kept is None:
             if kept is not None:
