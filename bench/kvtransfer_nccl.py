@@ -498,6 +498,8 @@ def overlap_runs(
             if handle is not None:
                 result = handle.wait(60)
                 assert result.ok, result
+                if mode == "overlapped":
+                    queue_out.put(("overlap_sent", rep, prefill_end, transfer_id, result.timeline))
                 wait_digested(queue_in, transfer_id)
             engine.block_manager.free(seq)
     engine.block_manager.check_integrity([], ())
@@ -595,8 +597,18 @@ def collect(args: argparse.Namespace, messages: list[tuple]) -> dict[str, Any]:
         if rep > 0:
             end = arrivals[transfer_id][0] if transfer_id in arrivals else prefill_end
             overlap.setdefault(mode, []).append((prefill_end - started, end - started))
+    chunk_steps: dict[str, list[float]] = {}  # step -> times after the prefill's end
+    for _, rep, prefill_end, transfer_id, sent_timeline in (
+        m for m in messages if m[0] == "overlap_sent"
+    ):
+        if rep == 0 or transfer_id not in arrivals:
+            continue
+        received = {f"R:{k}": v for k, v in arrivals[transfer_id][2].items()}
+        for name, when in [*((f"S:{k}", v) for k, v in sent_timeline), *received.items()]:
+            chunk_steps.setdefault(name, []).append(when - prefill_end)
     pair_memory = next((m[1] for m in messages if m[0] == "pair_memory"), 0)
     return {
+        "chunk_steps": chunk_steps,
         "raw": raw,
         "protocol": protocol,
         "steps": steps,
@@ -635,6 +647,25 @@ def protocol_steps(
 
 def protocol_header(mode: str) -> str:
     return "protocol, direct" if mode == "direct" else f"protocol, {mode} MiB parts"
+
+
+def overlap_chunk_table(chunk_steps: dict[str, list[float]]) -> str:
+    """When each chunk of the overlapped transfers was ready, sent and in, in ms after the
+    prefill's end (median over repeats; negative: before it ended)."""
+    chunks = sorted(int(k[len("S:sent") :]) for k in chunk_steps if k[len("S:sent") :].isdigit())
+    columns = (("S:ready", "layers computed"), ("S:sent", "sender's send returned"),
+               ("R:header", "receiver has header"), ("R:in", "receiver has data"))  # fmt: skip
+    rows = []
+    for chunk in chunks:
+        cells = [str(chunk)]
+        for prefix, _ in columns:
+            times = chunk_steps.get(f"{prefix}{chunk}")
+            cells.append(f"{1e3 * median(times):.2f}" if times else "-")
+        rows.append(cells)
+    end = chunk_steps.get("R:end")
+    table = markdown_table(["chunk", *(f"{name} (ms)" for _, name in columns)], rows)
+    tail = f"receiver complete: {1e3 * median(end):.2f} ms after the prefill's end" if end else ""
+    return f"\noverlapped transfer, per chunk, ms after the prefill's end (median)\n{table}\n{tail}"
 
 
 def report(args: argparse.Namespace, messages: list[tuple]) -> None:
@@ -710,6 +741,8 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
             f"ms, prefill + transfer {1e3 * together:.1f} ms: exposed {1e3 * exposed:.2f} ms, "
             f"{100 * summary['hidden_fraction']:.0f}% of the transfer hidden"
         )
+    if data["chunk_steps"]:
+        lines.append(overlap_chunk_table(data["chunk_steps"]))
     lines.append(
         f"GPU memory of one NCCL pair (outside torch's allocator): {pair_memory / 2**20:.0f} MiB"
     )

@@ -99,7 +99,8 @@ class TransferResult:
     seconds: float = 0.0  # offer to end
     # when each step happened (time.monotonic(), comparable across processes of one host):
     # sender "offer", "staged", "ready", ("direct": sent as direct slices), "sent", "end"; receiver
-    # "offer", "first_header", "data", "end"
+    # "offer", "first_header", "data", "end"; with several chunks also per chunk i: sender
+    # "ready{i}" (its layers computed, i > 0), "sent{i}"; receiver "header{i}" (i > 0), "in{i}"
     timeline: tuple[tuple[str, float], ...] = ()
 
     @property

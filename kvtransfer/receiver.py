@@ -367,6 +367,8 @@ class KVReceiver:
             return
         if incoming.next_chunk == 0:
             incoming.timeline.append(("first_header", time.monotonic()))
+        elif len(incoming.chunks) > 1:
+            incoming.timeline.append((f"header{incoming.next_chunk}", time.monotonic()))
         chunk = incoming.chunks[incoming.next_chunk]
         shape = staging_shape(self.kv_cache, len(chunk.block_ids), chunk.layers)
         layer_bytes = numel(shape[1:]) * self.kv_cache.element_size()
@@ -382,6 +384,8 @@ class KVReceiver:
             self._receive_staged(incoming, chunk, shape, layer_bytes)
         incoming.num_bytes += nbytes
         self.metrics.add_bytes(received=nbytes)
+        if len(incoming.chunks) > 1:  # per-chunk steps, for overlap analysis
+            incoming.timeline.append((f"in{incoming.next_chunk}", time.monotonic()))
         incoming.next_chunk += 1
         if incoming.next_chunk == len(incoming.chunks):
             self._data_over(incoming)

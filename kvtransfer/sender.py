@@ -323,6 +323,7 @@ class KVSender:
             prestaged = first if index == 0 else None  # chunk_ready(0) was awaited for it
             if prestaged is None and transfer.chunk_ready is not None:
                 transfer.chunk_ready(index)
+                transfer.timeline.append((f"ready{index}", time.monotonic()))
             if transfer.stop_reason is not None:
                 self._stop_mid_transfer(transfer)
                 return
@@ -331,6 +332,8 @@ class KVSender:
             else:
                 staged = self._stage(transfer, chunk, prefill=False, plan=plan)
             checksum = self._send_chunk(transfer, staged, checksum)
+            if len(chunks) > 1:  # per-chunk steps, for overlap analysis
+                transfer.timeline.append((f"sent{index}", time.monotonic()))
         with self._lock:  # before Done goes out: its Ack may come back at once
             if transfer.state != "sending":
                 return  # ended meanwhile (pair failure)
