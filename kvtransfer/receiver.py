@@ -280,9 +280,9 @@ class KVReceiver:
             result = TransferResult(
                 offer.transfer_id, offer.request_id, TransferStatus.FAILED, refusal or ""
             )
+            self._send(abort)  # first: once the result is visible, the receiver may close
             self._record(offer.transfer_id, _Final(result, abort))
             self.metrics.count(result)
-            self._send(abort)
             return
         assert offer.layers_per_chunk is not None
         incoming = _Incoming(

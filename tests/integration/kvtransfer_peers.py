@@ -64,6 +64,7 @@ class Report:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, list[str]] = field(default_factory=dict)  # id -> its timeline's step names
 
 
 def kv_cache(num_blocks: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -177,6 +178,7 @@ def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> N
         if result is not None:
             report.results[transfer_id] = (result.status.value, result.reason)
             report.seconds[transfer_id] = result.seconds
+            report.steps[transfer_id] = [name for name, _ in result.timeline]
     if params.get("no_ack"):
         for receiver in receivers:  # the rogue cleans up after itself for the integrity check
             receiver.close()
@@ -219,6 +221,7 @@ def sender_role(params: dict[str, Any], conn: Connection, report: Report) -> Non
         result = handle.wait(params.get("deadline_s", 60.0))
         report.results[result.transfer_id] = (result.status.value, result.reason)
         report.seconds[result.transfer_id] = result.seconds
+        report.steps[result.transfer_id] = [name for name, _ in result.timeline]
     report.metrics = metrics_dict(metrics)
     report.integrity = integrity(block_manager)
     for sender in senders:

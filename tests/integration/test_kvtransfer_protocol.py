@@ -110,6 +110,19 @@ def test_transfers_are_bit_exact_for_every_size_and_chunking(config: TransferCon
         assert received.digests == sent.digests
         assert sent.metrics["bytes_sent"] == received.metrics["bytes_received"] > 0
         assert_clean(sent, received)
+        # each side's timeline: its steps in order, per chunk when there are several
+        chunks = range(NUM_LAYERS)  # "per-layer-chunks": one chunk per layer
+        sender_steps = sent.steps["per-layer-chunks"]
+        assert [s for s in sender_steps if s.startswith("sent")] == [
+            *(f"sent{i}" for i in chunks),
+            "sent",
+        ]
+        assert sender_steps.index("ready") < sender_steps.index("sent0")
+        receiver_steps = received.steps["per-layer-chunks"]
+        assert [s for s in receiver_steps if s.startswith("in")] == [f"in{i}" for i in chunks]
+        assert receiver_steps.index("first_header") < receiver_steps.index("in0")
+        assert receiver_steps.index("in0") < receiver_steps.index("header1")
+        assert "sent0" not in sent.steps["seven-blocks"]  # one chunk: no per-chunk steps
 
 
 def test_many_concurrent_transfers_between_several_senders_and_receivers() -> None:
