@@ -84,20 +84,35 @@ def median_of(runs: int, measure: Callable[[int], float]) -> dict[str, Any]:
 # ---- Tandem ------------------------------------------------------------------------------
 
 
-def tandem_engine(args: argparse.Namespace, max_batch: int) -> Engine:
+def dummy_engine(
+    shape: str,
+    kv_cache_gb: float,
+    max_model_len: int,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    cuda_graphs: bool = True,
+) -> Engine:
+    """Tandem on the current GPU with dummy bf16 weights of a named shape."""
     return Engine(
         EngineConfig(
-            model=f"dummy:{args.shape}",
+            model=f"dummy:{shape}",
             device="cuda",
             dtype="bfloat16",
-            kv_cache_bytes=int(args.kv_cache_gb * 2**30),
-            max_model_len=4096,
-            cuda_graphs=not args.no_cuda_graphs,
+            kv_cache_bytes=int(kv_cache_gb * 2**30),
+            max_model_len=max_model_len,
+            cuda_graphs=cuda_graphs,
             scheduler=SchedulerConfig(
-                max_num_seqs=max_batch, max_num_batched_tokens=max(args.ttft_len, 4096)
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
             ),
         )
     )
+
+
+def tandem_engine(args: argparse.Namespace, max_batch: int) -> Engine:
+    return dummy_engine(
+        args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=max_batch,
+        max_num_batched_tokens=max(args.ttft_len, 4096), cuda_graphs=not args.no_cuda_graphs,
+    )  # fmt: skip
 
 
 def tandem_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:

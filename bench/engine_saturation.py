@@ -29,12 +29,10 @@ from typing import Any
 import torch
 
 from bench.common import machine_info, markdown_table, write_json
-from bench.engine_gpu import hf_generate, hf_model, random_prompts
-from engine.config import EngineConfig
+from bench.engine_gpu import dummy_engine, hf_generate, hf_model, random_prompts
 from engine.engine import Engine
 from engine.model_config import NAMED_SHAPES, ModelConfig
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,18 +71,10 @@ def request_bound_s(args: argparse.Namespace, config: ModelConfig) -> dict[str, 
 
 
 def tandem_engine(args: argparse.Namespace) -> Engine:
-    return Engine(
-        EngineConfig(
-            model=f"dummy:{args.shape}",
-            device="cuda",
-            dtype="bfloat16",
-            kv_cache_bytes=int(args.kv_cache_gb * 2**30),
-            max_model_len=args.input_len + args.output_len,
-            scheduler=SchedulerConfig(
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
-            ),
-        )
-    )
+    return dummy_engine(
+        args.shape, args.kv_cache_gb, max_model_len=args.input_len + args.output_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    )  # fmt: skip
 
 
 def saturate(engine: Engine, prompts: list[list[int]], output_len: int) -> dict[str, float]:

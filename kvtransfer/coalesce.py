@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 import time
 import zlib
@@ -163,22 +162,20 @@ def _copy_with_kernel(
     viewable as 8-byte words, on a GPU or under Triton's interpreter); False: not done."""
     if num_programs is None or not (cache.is_contiguous() and staging.is_contiguous()):
         return False
-    if cache.device.type != "cuda" and not _interpreting():
+    from engine.kernels.block_copy import copy_blocks
+    from engine.kernels.launch import interpreting
+
+    if cache.device.type != "cuda" and not interpreting():
         return False
     words = _as_words(cache, staging)
     if words[0].dtype != torch.int64:
         return False
-    from engine.kernels.block_copy import copy_blocks
 
     rows = cache.shape[0] * cache.shape[1]
     wide_cache = words[0].reshape(rows, cache.shape[_BLOCK_DIM], -1)
     wide_staging = words[1].reshape(rows, staging.shape[_BLOCK_DIM], -1)
     copy_blocks(wide_cache, wide_staging, ids, gather=gather, num_programs=num_programs)
     return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _as_words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

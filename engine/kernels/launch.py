@@ -15,8 +15,13 @@ def check_devices(*tensors: torch.Tensor) -> None:
     if any(t.device != device for t in tensors):
         devices = [str(t.device) for t in tensors]
         raise ValueError(f"all inputs must be on one device, got {devices}")
-    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+    if device.type != "cuda" and not interpreting():
         raise ValueError(f"inputs must be on a CUDA device (or TRITON_INTERPRET=1), got {device}")
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
