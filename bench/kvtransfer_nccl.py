@@ -10,7 +10,9 @@ and prompt length (512, 2,048, 8,192 tokens; 16-token blocks scattered over the 
   send, receive and scatter overlapping the neighbouring parts';
 - raw, coalesced, one part: the same as a single message (gather, send, receive, scatter);
 - raw, per block: one gather + send + receive + scatter per block;
-  both timed on the receiver from a "go" message to its scatter being complete;
+  both timed on the receiver from a "go" message to its scatter being complete (staging
+  and block indexes are built before it, as KVSender and KVReceiver build theirs before the
+  payload moves);
   `--raw-modes` picks these and variants: partsN (N MiB parts), and a suffix @P for copies
   with P persistent programs (engine.kernels.block_copy) instead of torch's whole-GPU ones;
 - protocol: KVSender.submit -> KVReceiver.poll returns it (offer/ready over TCP, payload,
@@ -20,9 +22,13 @@ and prompt length (512, 2,048, 8,192 tokens; 16-token blocks scattered over the 
   direct_receive, slices straight into the receiver's blocks when they form few runs), with
   the median time of each protocol step from both sides' TransferResult.timeline;
 - overlap (8B shape, 2,048 tokens): a real prefill of the dummy model on cuda:0 with the
-  transfer submitted as it starts, shipping 2 layers at a time as their K/V are written
-  (LlamaModel.layer_hook records a CUDA event per layer). exposed = (time to the receiver
-  having it all) - (prefill alone); hidden = 1 - exposed / (transfer alone).
+  transfer submitted as it starts, shipping `--overlap-layers-per-chunk` layers at a time (a
+  list runs each) as their K/V are written (LlamaModel.layer_hook records a CUDA event per
+  layer); prefill alone, transfer alone and both interleaved, `--overlap-repeats` times.
+  exposed = (time to the receiver having it all) - (prefill alone); hidden = 1 - exposed /
+  (transfer alone). Also reported: the prefill's own time beside the transfer (its stream
+  only), which tells a slower prefill from a late tail, and per chunk when it was computed,
+  sent, posted ahead and in.
 
 Bandwidth = KV bytes / time. Median of `--repeats` after a warm-up.
 
@@ -80,7 +86,28 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="both sides' TransferConfig.copy_programs in the protocol and overlap runs",
     )
-    parser.add_argument("--overlap-layers-per-chunk", type=int, default=2)
+    parser.add_argument(
+        "--overlap-layers-per-chunk",
+        default="2",
+        help="layers per chunk of the overlapped transfer; a comma list runs each in turn",
+    )
+    parser.add_argument(
+        "--overlap-repeats", type=int, default=10, help="of each overlap mode (interleaved)"
+    )
+    parser.add_argument(
+        "--nccl-max-ctas", type=int, default=16, help="TransportConfig.nccl_max_ctas; 0: NCCL's"
+    )
+    parser.add_argument(
+        "--nccl-high-priority",
+        action="store_true",
+        help="TransportConfig.nccl_high_priority (NCCL's stream at high priority)",
+    )
+    parser.add_argument(
+        "--receive-ahead",
+        type=int,
+        default=None,
+        help="TransferConfig.receive_ahead (chunks posted ahead of their headers)",
+    )
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--out", default="bench/results/kvtransfer_nccl.json")
     parser.add_argument("--stack-dump-s", type=float, default=600.0)
@@ -180,13 +207,23 @@ def parts_of(staging: torch.Tensor, mode: str) -> tuple[slice, ...]:
     return pipeline_parts(staging.shape[0], layer_bytes, part_bytes=int(kind[5:]) << 20)
 
 
-def send_group(channel: Any, cache: torch.Tensor, group: list[int], mode: str) -> None:
-    """Gather `group` into a staging tensor and send it, part by part as it is gathered."""
-    from kvtransfer.coalesce import block_index, gather_blocks, staging_shape
+def prepared(cache: torch.Tensor, group: list[int], unique: bool) -> tuple[torch.Tensor, Any]:
+    """A group's staging tensor and block index, made before the clock starts (KVSender and
+    KVReceiver also build them before the payload moves)."""
+    from kvtransfer.coalesce import block_index, staging_shape
 
     staging = torch.empty(staging_shape(cache, len(group)), dtype=cache.dtype, device=cache.device)
+    return staging, block_index(cache, group, unique=unique)
+
+
+def send_group(
+    channel: Any, cache: torch.Tensor, ready: tuple[torch.Tensor, Any], mode: str
+) -> None:
+    """Gather a group into its staging tensor and send it, part by part as it is gathered."""
+    from kvtransfer.coalesce import gather_blocks
+
+    staging, ids = ready
     parts = parts_of(staging, mode)
-    ids = block_index(cache, group)  # once for all parts, as KVSender does
     programs = copy_programs_of(mode)
 
     def fill(i: int) -> None:
@@ -195,13 +232,14 @@ def send_group(channel: Any, cache: torch.Tensor, group: list[int], mode: str) -
     channel.send_parts([staging[p] for p in parts], fill=fill)
 
 
-def recv_group(channel: Any, cache: torch.Tensor, group: list[int], mode: str) -> None:
-    """Receive `group` into a staging tensor, scattering each part as it arrives."""
-    from kvtransfer.coalesce import block_index, scatter_blocks, staging_shape
+def recv_group(
+    channel: Any, cache: torch.Tensor, ready: tuple[torch.Tensor, Any], mode: str
+) -> None:
+    """Receive a group into its staging tensor, scattering each part as it arrives."""
+    from kvtransfer.coalesce import scatter_blocks
 
-    staging = torch.empty(staging_shape(cache, len(group)), dtype=cache.dtype, device=cache.device)
+    staging, ids = ready
     parts = parts_of(staging, mode)
-    ids = block_index(cache, group, unique=True)  # before the receive is posted, as KVReceiver
     programs = copy_programs_of(mode)
 
     def drain(i: int) -> None:
@@ -262,7 +300,6 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
     from kvtransfer.coalesce import StagingPool
     from kvtransfer.layout import KVLayout
     from kvtransfer.pair import ReceiverEndpoint
-    from kvtransfer.protocol import TransferConfig
     from kvtransfer.receiver import KVReceiver
     from kvtransfer.transport import PairAddress, configure_nccl_environment, open_channel
 
@@ -283,10 +320,11 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
             ids = scattered_blocks(args, length, seed=length + 1)
             for mode in raw_modes(args):
                 times = []
+                ready = [prepared(cache, group, unique=True) for group in groups_of(ids, mode)]
                 for _ in range(args.repeats + 1):
                     raw.recv(go)
                     start = time.perf_counter()
-                    for group in groups_of(ids, mode):
+                    for group in ready:
                         recv_group(raw, cache, group, mode)
                     synchronize(args)
                     times.append(time.perf_counter() - start)
@@ -301,7 +339,7 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
         receiver = KVReceiver(
             pair[0], pair[1], cache, layout, manager.reserve, manager.release,
             StagingPool(2 << 30, device, cache.dtype),
-            TransferConfig(checksum=False, copy_programs=args.copy_programs),
+            transfer_config(args),
         )  # fmt: skip
         finished = False
         while not finished:
@@ -345,10 +383,11 @@ def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None
             ids = scattered_blocks(args, length, seed=length + 1)
             for mode in raw_modes(args):
                 print(f"sender: raw {shape} {length} {mode}", file=sys.stderr, flush=True)
+                ready = [prepared(cache, group, unique=False) for group in groups_of(ids, mode)]
                 for _ in range(args.repeats + 1):
                     synchronize(args)
                     raw.send(go)
-                    for group in groups_of(ids, mode):
+                    for group in ready:
                         send_group(raw, cache, group, mode)
     pair_bytes = 0
     if not args.cpu_dry_run:
@@ -368,7 +407,6 @@ def protocol_runs(
     from kvtransfer.coalesce import StagingPool
     from kvtransfer.layout import KVLayout
     from kvtransfer.pair import connect_pair
-    from kvtransfer.protocol import TransferConfig
     from kvtransfer.sender import KVSender
 
     device = device_of(args, 0)
@@ -386,7 +424,7 @@ def protocol_runs(
     sender = KVSender(
         channel, control, cache, layout, manager.release,
         StagingPool(2 << 30, device, cache.dtype),
-        TransferConfig(checksum=False, copy_programs=args.copy_programs),
+        transfer_config(args),
     )  # fmt: skip
     if engine is not None:  # first: an experimental protocol mode that fails ends this pair
         overlap_runs(args, sender, engine, queue_out, queue_in)
@@ -453,55 +491,62 @@ def overlap_runs(
     cuda = not args.cpu_dry_run
     runner = engine.runner
     num_layers = runner.kv_cache.shape[0]
-    per_chunk = args.overlap_layers_per_chunk
-    for rep in range(args.repeats + 1):
-        for mode in ("prefill_only", "transfer_only", "overlapped"):
-            prompt = [1 + i % 100 for i in range(length)]
-            seq = Sequence(f"p{rep}{mode}", prompt, SamplingParams(), b"r")
-            assert engine.block_manager.allocate_slots(seq, length)
-            batch = SchedulerOutput([ScheduledSequence(seq, length)], [])
-            events = [torch.cuda.Event() if cuda else None for _ in range(num_layers)]
-            issued = [threading.Event() for _ in range(num_layers)]
+    for rep, per_chunk, mode in itertools.product(
+        range(args.overlap_repeats + 1),
+        overlap_chunkings(args),
+        ("prefill_only", "transfer_only", "overlapped"),
+    ):
+        prompt = [1 + i % 100 for i in range(length)]
+        seq = Sequence(f"p{rep}-{per_chunk}-{mode}", prompt, SamplingParams(), b"r")
+        assert engine.block_manager.allocate_slots(seq, length)
+        batch = SchedulerOutput([ScheduledSequence(seq, length)], [])
+        events = [torch.cuda.Event() if cuda else None for _ in range(num_layers)]
+        issued = [threading.Event() for _ in range(num_layers)]
 
-            def hook(layer: int, events: Any = events, issued: Any = issued) -> None:
-                if events[layer] is not None:
-                    events[layer].record()
-                issued[layer].set()
+        def hook(layer: int, events: Any = events, issued: Any = issued) -> None:
+            if events[layer] is not None:
+                events[layer].record()
+            issued[layer].set()
 
-            def chunk_ready(index: int, events: Any = events, issued: Any = issued) -> None:
-                last = min((index + 1) * per_chunk, num_layers) - 1
-                issued[last].wait()
-                if events[last] is not None:
-                    events[last].synchronize()
+        def chunk_ready(
+            index: int, events: Any = events, issued: Any = issued, per_chunk: int = per_chunk
+        ) -> None:
+            last = min((index + 1) * per_chunk, num_layers) - 1
+            issued[last].wait()
+            if events[last] is not None:
+                events[last].synchronize()
 
-            transfer_id = f"ov-{rep}-{mode}"
-            if mode == "transfer_only":
-                runner.execute(batch)  # the KV exists before the clock starts
-            synchronize(args)
-            runner.model.layer_hook = hook if mode == "overlapped" else None
-            started = time.monotonic()
-            handle = None
-            if mode != "prefill_only":
-                engine.block_manager.hold(transfer_id, seq.block_ids)
-                handle = sender.submit(
-                    transfer_id, transfer_id, seq.block_ids, length,
-                    layers_per_chunk=per_chunk if mode == "overlapped" else None,
-                    chunk_ready=chunk_ready if mode == "overlapped" else None,
-                    transfer_id=transfer_id,
-                )  # fmt: skip
-            if mode != "transfer_only":
-                runner.execute(batch)
-                synchronize(args)
-            prefill_end = time.monotonic()
-            runner.model.layer_hook = None
-            queue_out.put(("overlap", mode, rep, started, prefill_end, transfer_id))
-            if handle is not None:
-                result = handle.wait(60)
-                assert result.ok, result
-                if mode == "overlapped":
-                    queue_out.put(("overlap_sent", rep, prefill_end, transfer_id, result.timeline))
-                wait_digested(queue_in, transfer_id)
-            engine.block_manager.free(seq)
+        transfer_id = f"ov-{rep}-{per_chunk}-{mode}"
+        if mode == "transfer_only":
+            runner.execute(batch)  # the KV exists before the clock starts
+        synchronize(args)
+        runner.model.layer_hook = hook if mode == "overlapped" else None
+        started = time.monotonic()
+        handle = None
+        if mode != "prefill_only":
+            engine.block_manager.hold(transfer_id, seq.block_ids)
+            handle = sender.submit(
+                transfer_id, transfer_id, seq.block_ids, length,
+                layers_per_chunk=per_chunk if mode == "overlapped" else None,
+                chunk_ready=chunk_ready if mode == "overlapped" else None,
+                transfer_id=transfer_id,
+            )  # fmt: skip
+        if mode != "transfer_only":
+            runner.execute(batch)
+            if cuda:  # the prefill's stream only: the transfer's work is not the prefill's
+                torch.cuda.current_stream().synchronize()
+        prefill_end = time.monotonic()
+        runner.model.layer_hook = None
+        queue_out.put(("overlap", per_chunk, mode, rep, started, prefill_end, transfer_id))
+        if handle is not None:
+            result = handle.wait(60)
+            assert result.ok, result
+            if mode == "overlapped":
+                queue_out.put(
+                    ("overlap_sent", per_chunk, rep, prefill_end, transfer_id, result.timeline)
+                )
+            wait_digested(queue_in, transfer_id)
+        engine.block_manager.free(seq)
     engine.block_manager.check_integrity([], ())
 
 
@@ -510,8 +555,23 @@ def transport_config(args: argparse.Namespace) -> Any:
 
     backend = "gloo" if args.cpu_dry_run else "nccl"
     return TransportConfig(
-        backend=backend, timeout_s=60.0, connect_timeout_s=120.0, gloo_hostname="127.0.0.1"
-    )
+        backend=backend, timeout_s=60.0, connect_timeout_s=120.0, gloo_hostname="127.0.0.1",
+        nccl_max_ctas=args.nccl_max_ctas or None, nccl_high_priority=args.nccl_high_priority,
+    )  # fmt: skip
+
+
+def transfer_config(args: argparse.Namespace) -> Any:
+    """Both sides' protocol configuration (the sender's part size is set per protocol mode)."""
+    from kvtransfer.protocol import TransferConfig
+
+    config = TransferConfig(checksum=False, copy_programs=args.copy_programs)
+    if args.receive_ahead is not None:
+        config = dataclasses.replace(config, receive_ahead=args.receive_ahead)
+    return config
+
+
+def overlap_chunkings(args: argparse.Namespace) -> list[int]:
+    return [int(n) for n in args.overlap_layers_per_chunk.split(",")]
 
 
 def overlap_tokens(args: argparse.Namespace) -> int:
@@ -590,22 +650,26 @@ def collect(args: argparse.Namespace, messages: list[tuple]) -> dict[str, Any]:
             steps.setdefault((shape, length, mode), []).append(
                 protocol_steps(started, sent, received)
             )
-    overlap: dict[str, list[tuple[float, float]]] = {}
-    for _, mode, rep, started, prefill_end, transfer_id in (
+    # layers per chunk -> mode -> [(prefill s, end s)], both from the clock's start
+    overlap: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    for _, per_chunk, mode, rep, started, prefill_end, transfer_id in (
         m for m in messages if m[0] == "overlap"
     ):
         if rep > 0:
             end = arrivals[transfer_id][0] if transfer_id in arrivals else prefill_end
-            overlap.setdefault(mode, []).append((prefill_end - started, end - started))
-    chunk_steps: dict[str, list[float]] = {}  # step -> times after the prefill's end
-    for _, rep, prefill_end, transfer_id, sent_timeline in (
+            by_mode = overlap.setdefault(per_chunk, {})
+            by_mode.setdefault(mode, []).append((prefill_end - started, end - started))
+    # layers per chunk -> step -> times after the prefill's end
+    chunk_steps: dict[int, dict[str, list[float]]] = {}
+    for _, per_chunk, rep, prefill_end, transfer_id, sent_timeline in (
         m for m in messages if m[0] == "overlap_sent"
     ):
         if rep == 0 or transfer_id not in arrivals:
             continue
         received = {f"R:{k}": v for k, v in arrivals[transfer_id][2].items()}
+        steps_of = chunk_steps.setdefault(per_chunk, {})
         for name, when in [*((f"S:{k}", v) for k, v in sent_timeline), *received.items()]:
-            chunk_steps.setdefault(name, []).append(when - prefill_end)
+            steps_of.setdefault(name, []).append(when - prefill_end)
     pair_memory = next((m[1] for m in messages if m[0] == "pair_memory"), 0)
     return {
         "chunk_steps": chunk_steps,
@@ -654,7 +718,8 @@ def overlap_chunk_table(chunk_steps: dict[str, list[float]]) -> str:
     prefill's end (median over repeats; negative: before it ended)."""
     chunks = sorted(int(k[len("S:sent") :]) for k in chunk_steps if k[len("S:sent") :].isdigit())
     columns = (("S:ready", "layers computed"), ("S:sent", "sender's send returned"),
-               ("R:header", "receiver has header"), ("R:in", "receiver has data"))  # fmt: skip
+               ("R:header", "receiver has header"), ("R:posted", "receiver posted it ahead"),
+               ("R:in", "receiver has data"))  # fmt: skip
     rows = []
     for chunk in chunks:
         cells = [str(chunk)]
@@ -666,6 +731,39 @@ def overlap_chunk_table(chunk_steps: dict[str, list[float]]) -> str:
     table = markdown_table(["chunk", *(f"{name} (ms)" for _, name in columns)], rows)
     tail = f"receiver complete: {1e3 * median(end):.2f} ms after the prefill's end" if end else ""
     return f"\noverlapped transfer, per chunk, ms after the prefill's end (median)\n{table}\n{tail}"
+
+
+def overlap_summary(by_mode: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """Medians of the interleaved overlap modes and how much of the transfer stayed exposed:
+    prefill + transfer (until the receiver has it all) minus the prefill alone. Also the
+    prefill's own time beside the transfer, which tells a slower prefill from a late tail."""
+    prefill = median([p for p, _ in by_mode["prefill_only"]])
+    transfer = median([t for _, t in by_mode["transfer_only"]])
+    together = median([t for _, t in by_mode["overlapped"]])
+    prefill_beside = median([p for p, _ in by_mode["overlapped"]])
+    exposed = max(together - prefill, 0.0)
+    return {
+        "prefill_s": prefill,
+        "transfer_s": transfer,
+        "overlapped_s": together,
+        "prefill_beside_transfer_s": prefill_beside,
+        "exposed_s": exposed,
+        "hidden_fraction": 1 - exposed / transfer,
+    }
+
+
+def overlap_line(
+    args: argparse.Namespace, per_chunk: int, summary: dict[str, float], samples: int
+) -> str:
+    ms = {k: 1e3 * v for k, v in summary.items() if k.endswith("_s")}
+    return (
+        f"\noverlap, {next(iter(shapes(args)))}, {overlap_tokens(args):,} tokens, {per_chunk} "
+        f"layers per chunk, median of {samples}: prefill alone {ms['prefill_s']:.2f} ms, "
+        f"transfer alone {ms['transfer_s']:.2f} ms, prefill + transfer "
+        f"{ms['overlapped_s']:.2f} ms (the prefill itself {ms['prefill_beside_transfer_s']:.2f} "
+        f"ms): exposed {ms['exposed_s']:.2f} ms, "
+        f"{100 * summary['hidden_fraction']:.0f}% of the transfer hidden"
+    )
 
 
 def report(args: argparse.Namespace, messages: list[tuple]) -> None:
@@ -721,28 +819,14 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
         "\nprotocol steps, median (S: sender, R: receiver; the same host's monotonic clock)",
         step_table,
     ]
-    summary: dict[str, Any] = {}
-    if len(overlap) == 3:
-        prefill = median([p for p, _ in overlap["prefill_only"]])
-        transfer = median([t for _, t in overlap["transfer_only"]])
-        together = median([t for _, t in overlap["overlapped"]])
-        exposed = max(together - prefill, 0.0)
-        summary = {
-            "prefill_s": prefill,
-            "transfer_s": transfer,
-            "overlapped_s": together,
-            "exposed_s": exposed,
-            "hidden_fraction": 1 - exposed / transfer,
-        }
-        lines.append(
-            f"\noverlap, {next(iter(shapes(args)))}, {overlap_tokens(args):,} tokens, "
-            f"{args.overlap_layers_per_chunk} layers per "
-            f"chunk: prefill alone {1e3 * prefill:.1f} ms, transfer alone {1e3 * transfer:.2f} "
-            f"ms, prefill + transfer {1e3 * together:.1f} ms: exposed {1e3 * exposed:.2f} ms, "
-            f"{100 * summary['hidden_fraction']:.0f}% of the transfer hidden"
-        )
-    if data["chunk_steps"]:
-        lines.append(overlap_chunk_table(data["chunk_steps"]))
+    summary: dict[int, dict[str, float]] = {}
+    for per_chunk, by_mode in overlap.items():
+        if len(by_mode) != 3:
+            continue  # the run broke off
+        summary[per_chunk] = overlap_summary(by_mode)
+        lines.append(overlap_line(args, per_chunk, summary[per_chunk], len(by_mode["overlapped"])))
+    for per_chunk, steps_of in data["chunk_steps"].items():
+        lines.append(f"\n{per_chunk} layers per chunk:" + overlap_chunk_table(steps_of))
     lines.append(
         f"GPU memory of one NCCL pair (outside torch's allocator): {pair_memory / 2**20:.0f} MiB"
     )

@@ -22,6 +22,11 @@ Who frees what, so that nothing leaks and nothing is freed twice:
   (PairChannel.send_marker), even for a transfer the sender already gave up on. So the
   receiver, which reads the channel header-first and routes by tag, never waits for data that
   will not come while the sender lives; a dead or stalled sender breaks the channel by timeout.
+- Chunks posted ahead (`posts_ahead`): when T has several chunks and chunk 0 came as one
+  staged part, R posts the receives of chunks 1.. before their headers arrive (up to
+  `TransferConfig.receive_ahead` at once), so S's send kernels never wait on the GPU for R's
+  host. From then on S sends every chunk of T: one it stops at and every later one goes as a
+  zeroed VOID payload of the same size, never a marker; R drops them and ends T aborted.
 - Duplicate and late messages are answered from a bounded record of finished transfers, or
   ignored; they never reopen a transfer.
 
@@ -39,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from kvtransfer.coalesce import PIPELINE_PART_BYTES
+from kvtransfer.transport import MAX_POSTED
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -61,6 +67,8 @@ class TransferConfig:
     direct_receive: bool = False  # sender: when the destination blocks form at most
     # MAX_DIRECT_RUNS runs, send each chunk as slices that land in them directly (no staging
     # or scatter on the receiver; coalesce.DirectPlan); the receiver follows the header
+    receive_ahead: int = 2  # receiver: chunks of an overlapped transfer posted before their
+    # headers arrive (see posts_ahead), each holding a staging lease until it is in
     copy_programs: int | None = None  # gathers and scatters on CUDA with this many
     # persistent programs (engine.kernels.block_copy: leaves SMs to NCCL's kernel of the
     # neighbouring part); None: torch's copies over the whole GPU
@@ -76,10 +84,20 @@ class TransferConfig:
             raise ValueError(f"max_finished={self.max_finished!r} must be an int >= 1")
         if type(self.part_bytes) is not int or self.part_bytes < 1:
             raise ValueError(f"part_bytes={self.part_bytes!r} must be an int >= 1")
+        if type(self.receive_ahead) is not int or not 1 <= self.receive_ahead <= MAX_POSTED:
+            raise ValueError(f"receive_ahead={self.receive_ahead!r} must be in [1, {MAX_POSTED}]")
         if self.copy_programs is not None and (
             type(self.copy_programs) is not int or self.copy_programs < 1
         ):
             raise ValueError(f"copy_programs={self.copy_programs!r} must be None or an int >= 1")
+
+
+def posts_ahead(num_chunks: int, first_chunk_parts: int, direct: bool) -> bool:
+    """Whether the receiver posts chunks 1.. of a transfer ahead of their headers (so the
+    sender must send all of them, VOID once stopped): several chunks, and chunk 0 went as one
+    staged part. Both ends decide from chunk 0 (the receiver from its header), so they agree;
+    only chunks no larger than chunk 0 follow it, so they go as one part too."""
+    return num_chunks > 1 and first_chunk_parts == 1 and not direct
 
 
 class TransferStatus(enum.Enum):
@@ -100,7 +118,8 @@ class TransferResult:
     # when each step happened (time.monotonic(), comparable across processes of one host):
     # sender "offer", "staged", "ready", ("direct": sent as direct slices), "sent", "end"; receiver
     # "offer", "first_header", "data", "end"; with several chunks also per chunk i: sender
-    # "ready{i}" (its layers computed, i > 0), "sent{i}"; receiver "header{i}" (i > 0), "in{i}"
+    # "ready{i}" (its layers computed, i > 0), "sent{i}"; receiver "header{i}" (i > 0, read
+    # before its receive was posted) or "posted{i}" (posted ahead of its header), "in{i}"
     timeline: tuple[tuple[str, float], ...] = ()
 
     @property

@@ -2,6 +2,8 @@
 
     control thread: Offer -> reserve + Ready (or Abort); Done -> verify -> Ack; Abort; deadlines
     data thread:    while transfers are expected: header -> route by tag -> payload -> scatter
+                    (an overlapped transfer's later chunks: posted ahead of their headers,
+                    kvtransfer.protocol.posts_ahead)
                     (no CRC to compare - CUDA, or checksum off: after the last chunk, Ack at
                     once; the Done that follows is dropped: every chunk's size was checked)
 
@@ -23,6 +25,8 @@ import torch
 
 from engine.errors import KVTransferError
 from kvtransfer.coalesce import (
+    BlockIndex,
+    StagingLease,
     StagingPool,
     TransferChunk,
     block_index,
@@ -52,11 +56,14 @@ from kvtransfer.protocol import (
     TransferMetrics,
     TransferResult,
     TransferStatus,
+    posts_ahead,
     transfer_tag,
 )
-from kvtransfer.transport import MARKER, PairChannel
+from kvtransfer.transport import MARKER, PairChannel, PostedReceive
 
 logger = logging.getLogger(__name__)
+
+_SETTLE_S = 10.0  # how long a failed pair's device work may take to stop before freeing
 
 ReserveFn = Callable[[str, int], list[int] | None]  # BlockManager.reserve
 ReleaseFn = Callable[[str], object]  # BlockManager.release
@@ -91,6 +98,7 @@ class _Incoming:
     done_deadline: float = 0.0
     local_abort: str | None = None
     peer_abort: str | None = None
+    void: bool = False  # a VOID chunk came: the sender stopped after its payload began
     timeline: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -139,6 +147,7 @@ class KVReceiver:
         self._completed: deque[ReceivedKV] = deque()
         self._failure: str | None = None
         self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
+        self._held: list[StagingLease] = []  # staging a receive in flight may write (data thread)
         # Done brings nothing to check unless this side compares CRCs (CPU, checksum on): then
         # the last chunk's arrival completes a transfer (each chunk's size was checked).
         self._checks_crc = self._stream is None and self.config.checksum
@@ -344,12 +353,29 @@ class KVReceiver:
         except Exception as e:  # a bug: fail loudly, but free what is held
             logger.exception("KV receiver data thread failed")
             self._fail_pair(f"internal error: {e!r}")
-        finally:  # no data can land any more: free every reservation still receiving
-            with self._lock:
-                stranded = [t for t in self._live.values() if t.state == "receiving"]
-            for incoming in stranded:
-                reason = f"pair failed: {self._failure}"
-                self._finish(incoming, TransferStatus.FAILED, reason, reply=None)
+        finally:
+            self._free_stranded()
+
+    def _free_stranded(self) -> None:
+        """After the pair failed (its channel closed): once no receive or scatter queued on the
+        device can still write, free every reservation still receiving and the staging held
+        for it. If the device work does not settle, keep them (a leak, logged) rather than
+        hand out memory a late scatter may write."""
+        with self._lock:
+            stranded = [t for t in self._live.values() if t.state == "receiving"]
+        if not self.channel.settle(_SETTLE_S):
+            logger.error(
+                "KV receiver: device work of the failed pair did not settle within %s s; "
+                "keeping %d reservations and %d staging buffers",
+                _SETTLE_S, len(stranded), len(self._held),
+            )  # fmt: skip
+            return
+        for lease in self._held:
+            self._staging.release(lease)
+        self._held.clear()
+        for incoming in stranded:
+            reason = f"pair failed: {self._failure}"
+            self._finish(incoming, TransferStatus.FAILED, reason, reply=None)
 
     def _receive_one(self) -> None:
         with on_stream(self._stream):  # not the default stream, where the engine decodes
@@ -378,23 +404,93 @@ class KVReceiver:
                 f"transfer {incoming.offer.transfer_id}: chunk {incoming.next_chunk} is "
                 f"{nbytes} bytes, expected {expected}"
             )
-        if self.channel.pending_part_nbytes < 0:  # a group: slices straight into the blocks
+        part_nbytes = self.channel.pending_part_nbytes
+        if part_nbytes < 0:  # a group: slices straight into the blocks
             self._receive_direct(incoming, chunk)
         else:
             self._receive_staged(incoming, chunk, shape, layer_bytes)
-        incoming.num_bytes += nbytes
-        self.metrics.add_bytes(received=nbytes)
-        if len(incoming.chunks) > 1:  # per-chunk steps, for overlap analysis
-            incoming.timeline.append((f"in{incoming.next_chunk}", time.monotonic()))
-        incoming.next_chunk += 1
+        self._chunk_in(incoming, nbytes)
+        parts = 1 if part_nbytes == nbytes else 2  # 2: several (the count does not matter)
+        if incoming.next_chunk == 1 and posts_ahead(len(incoming.chunks), parts, part_nbytes < 0):
+            self._receive_ahead(incoming)  # every later chunk of this transfer
         if incoming.next_chunk == len(incoming.chunks):
             self._data_over(incoming)
             incoming.timeline.append(("data", time.monotonic()))
             if incoming.local_abort is not None or incoming.peer_abort is not None:
                 reason = incoming.local_abort or f"sender aborted: {incoming.peer_abort}"
                 self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
+            elif incoming.void:
+                reason = "sender aborted: stopped mid-transfer"
+                self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
             elif incoming.done is not None or not self._checks_crc:
                 self._verify(incoming)  # without waiting for Done when it adds nothing
+
+    def _chunk_in(self, incoming: _Incoming, nbytes: int) -> None:
+        incoming.num_bytes += nbytes
+        self.metrics.add_bytes(received=nbytes)
+        if len(incoming.chunks) > 1:  # per-chunk steps, for overlap analysis
+            incoming.timeline.append((f"in{incoming.next_chunk}", time.monotonic()))
+        incoming.next_chunk += 1
+
+    def _receive_ahead(self, incoming: _Incoming) -> None:
+        """Receive chunks 1.. of a transfer with up to `receive_ahead` of them posted before
+        their headers arrive (kvtransfer.protocol.posts_ahead): each into a staging lease,
+        scattered as it lands, its header checked once it is in. A VOID chunk (the sender
+        stopped) was scattered into this transfer's own reserved blocks, which are freed when
+        it ends aborted; its bytes count, so that the sizes still add up."""
+        window: deque[tuple[StagingLease, PostedReceive, int]] = deque()
+        try:
+            for chunk in incoming.chunks[incoming.next_chunk :]:
+                if len(window) == self.config.receive_ahead:
+                    self._land_ahead(incoming, window)
+                shape = staging_shape(self.kv_cache, len(chunk.block_ids), chunk.layers)
+                lease = self._staging.acquire(shape)
+                while lease is None and window:  # the pool is short: land one first
+                    self._land_ahead(incoming, window)
+                    lease = self._staging.acquire(shape)
+                if lease is None:
+                    lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
+                self._held.append(lease)
+                with on_stream(self._stream):
+                    ids = block_index(self.kv_cache, chunk.block_ids, unique=True)
+                    drain = self._scatter_into(chunk, ids, lease.tensor)
+                    posted = self.channel.post_recv([lease.tensor], tag=incoming.tag, drain=drain)
+                window.append((lease, posted, numel(shape) * self.kv_cache.element_size()))
+                index = incoming.next_chunk + len(window) - 1
+                incoming.timeline.append((f"posted{index}", time.monotonic()))
+            while window:
+                self._land_ahead(incoming, window)
+        except ValueError as e:  # sizes the channel refused: out of step with the sender
+            raise KVTransferError(f"transfer {incoming.offer.transfer_id}: {e}") from e
+
+    def _scatter_into(
+        self, chunk: TransferChunk, ids: BlockIndex, staging: torch.Tensor
+    ) -> Callable[[int], object]:
+        """The drain of a one-part chunk: scatter its staging tensor into its blocks."""
+
+        def drain(index: int) -> None:
+            del index  # one part
+            scatter_blocks(
+                self.kv_cache, ids, staging, layers=chunk.layers,
+                num_programs=self.config.copy_programs,
+            )  # fmt: skip
+
+        return drain
+
+    def _land_ahead(
+        self, incoming: _Incoming, window: deque[tuple[StagingLease, PostedReceive, int]]
+    ) -> None:
+        """Wait for the oldest chunk posted ahead; then its lease is free again. On failure
+        the lease stays held until the channel has settled (see _data_loop)."""
+        lease, posted, nbytes = window[0]
+        void = self.channel.wait_posted(posted, timeout_s=self.config.stall_timeout_s)
+        window.popleft()
+        if self._checks_crc and not void:
+            incoming.crc = tensor_crc32(lease.tensor, incoming.crc)
+        self._held.remove(lease)
+        self._staging.release(lease)
+        incoming.void = incoming.void or void
+        self._chunk_in(incoming, nbytes)
 
     def _receive_direct(self, incoming: _Incoming, chunk: TransferChunk) -> None:
         """Receive a chunk sent as direct slices (coalesce.DirectPlan) into the reserved blocks."""
@@ -430,6 +526,7 @@ class KVReceiver:
                 num_programs=self.config.copy_programs,
             )  # fmt: skip
 
+        self._held.append(lease)
         try:
             with on_stream(self._stream):
                 ids = block_index(self.kv_cache, chunk.block_ids, unique=True)  # before posting
@@ -442,8 +539,8 @@ class KVReceiver:
                 incoming.crc = tensor_crc32(lease.tensor, incoming.crc)
         except ValueError as e:  # the sender split the payload differently: out of step
             raise KVTransferError(f"transfer {incoming.offer.transfer_id}: {e}") from e
-        finally:
-            self._staging.release(lease)
+        self._held.remove(lease)  # on failure: held until the channel settles (_data_loop)
+        self._staging.release(lease)
 
     def _data_over(self, incoming: _Incoming) -> None:
         with self._lock:

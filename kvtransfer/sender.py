@@ -54,6 +54,7 @@ from kvtransfer.protocol import (
     TransferMetrics,
     TransferResult,
     TransferStatus,
+    posts_ahead,
     transfer_tag,
 )
 from kvtransfer.transport import PairChannel
@@ -220,8 +221,8 @@ class KVSender:
 
     def abort(self, transfer_id: str, reason: str = "aborted by the sender") -> bool:
         """Stop a transfer: before its payload, nothing is sent; during it, the remaining
-        chunks are replaced by a marker; after it, the pin is released now. False if unknown
-        or already over."""
+        chunks are replaced by a marker (or by VOID filler where the receiver posted them
+        ahead); after it, the pin is released now. False if unknown or already over."""
         with self._lock:
             transfer = self._live.get(transfer_id)
             if transfer is None or transfer.stop_reason is not None:
@@ -319,18 +320,21 @@ class KVSender:
         plan = direct_plan(ready.dst_block_ids) if self.config.direct_receive else None
         if plan is not None:
             transfer.timeline.append(("direct", time.monotonic()))
+        committed = False  # the receiver posts the later chunks ahead: all of them must go
         for index, chunk in enumerate(chunks):
             prestaged = first if index == 0 else None  # chunk_ready(0) was awaited for it
             if prestaged is None and transfer.chunk_ready is not None:
                 transfer.chunk_ready(index)
                 transfer.timeline.append((f"ready{index}", time.monotonic()))
             if transfer.stop_reason is not None:
-                self._stop_mid_transfer(transfer)
+                self._stop_mid_transfer(transfer, chunks[index:] if committed else ())
                 return
             if prestaged is not None:
                 staged = prestaged
             else:
                 staged = self._stage(transfer, chunk, prefill=False, plan=plan)
+            if index == 0:
+                committed = posts_ahead(len(chunks), len(staged.parts), plan is not None)
             checksum = self._send_chunk(transfer, staged, checksum)
             if len(chunks) > 1:  # per-chunk steps, for overlap analysis
                 transfer.timeline.append((f"sent{index}", time.monotonic()))
@@ -438,13 +442,35 @@ class KVSender:
         self.metrics.add_bytes(sent=nbytes)
         return crc
 
-    def _stop_mid_transfer(self, transfer: OutgoingTransfer) -> None:
-        """The receiver holds a reservation and expects this tag: end it with a marker."""
-        self._send_marker(transfer.tag)
+    def _stop_mid_transfer(
+        self, transfer: OutgoingTransfer, void_chunks: Sequence[TransferChunk] = ()
+    ) -> None:
+        """The receiver holds a reservation and expects this tag: end it with a marker, or
+        with `void_chunks`, the chunks it has posted ahead (kvtransfer.protocol.posts_ahead),
+        sent as zeroed VOID payloads of their sizes."""
+        if void_chunks:
+            for chunk in void_chunks:
+                self._send_void(transfer, chunk)
+        else:
+            self._send_marker(transfer.tag)
         reason = transfer.stop_reason or "stopped"
         if not transfer.stopped_by_peer:
             self._send_control(TransferAbort(transfer.transfer_id, reason[:256]))
         self._end(transfer, transfer.stop_status, reason)
+
+    def _send_void(self, transfer: OutgoingTransfer, chunk: TransferChunk) -> None:
+        """Fill the place of a chunk the receiver posted ahead: zeros, flagged VOID."""
+        shape = staging_shape(self.kv_cache, len(chunk.block_ids), chunk.layers)
+        lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
+        try:
+            with on_stream(self._stream):
+                lease.tensor.zero_()  # nothing of other requests' KV crosses
+                self.channel.send_parts(
+                    [lease.tensor], tag=transfer.tag, void=True,
+                    timeout_s=self.config.stall_timeout_s,
+                )  # fmt: skip
+        finally:
+            self._staging.release(lease)  # the send waited for the zeroing and its read
 
     def _send_marker(self, tag: int) -> None:
         with on_stream(self._stream):  # not the default stream, where the engine prefills

@@ -12,11 +12,12 @@ it has peers, formed on demand and closed independently:
 Every payload travels behind a 40-byte header, so a desynchronised pair fails loudly instead of
 writing one request's KV into another's blocks:
 
-    header  int64[5] = [MAGIC, seq, tag, nbytes, part_nbytes]   then   payload (nbytes)
+    header  int64[6] = [MAGIC, seq, tag, nbytes, part_nbytes, flags]   then   payload (nbytes)
 
     seq counts payloads on this channel (both sides count); tag is the caller's id for the
     payload (e.g. transfer number); the receiver checks them all before posting the payload
-    receive, and raises KVTransferError on any difference.
+    receive, and raises KVTransferError on any difference. flags: VOID marks a payload whose
+    bytes are not data (see "posted ahead" below).
 
     A payload may go as several parts (`send_parts` / `recv_parts`), one NCCL message each,
     all of part_nbytes but the last (the rest): the sender fills part i + 1 (a gather) while
@@ -37,6 +38,15 @@ writing one request's KV into another's blocks:
     come (`send_marker`: an aborted transfer), so both sides' counts stay in step. A receiver
     either names the payload it expects (`recv`) or reads the next header and routes by its
     tag (`recv_header`, then `recv_payload` unless it was a marker).
+
+    A receiver that knows what comes next may post a payload's receives before its header
+    arrives (`post_recv`, then `wait_posted` in the same order; at most MAX_POSTED at once):
+    header, parts and drains are all queued at once, and the header is checked when they are
+    done. The sender's kernel then never waits on the GPU for the receiver's host to read a
+    header first: NCCL's send kernel holds its SMs until the receive is posted, which slows
+    whatever the sender's GPU computes beside it (a prefill). Such a payload must come: a
+    marker cannot stand in for it, so a sender that gives up sends a payload of the announced
+    size flagged VOID instead (`send_parts(..., void=True)`), whose bytes the receiver drops.
 
 Ordering: both sides must issue sends and receives in the same order. A channel belongs to one
 transfer thread per side (concurrent use raises RuntimeError); that thread follows the control
@@ -86,9 +96,10 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -101,8 +112,10 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("gloo", "nccl")
 MAGIC = 0x54414E44454D4B56  # "TANDEMKV"
-HEADER_NUMEL = 5  # [MAGIC, seq, tag, nbytes, part_nbytes] int64
+HEADER_NUMEL = 6  # [MAGIC, seq, tag, nbytes, part_nbytes, flags] int64
 MARKER = -1  # nbytes of a header sent instead of a payload (send_marker)
+VOID = 1  # header flag: the payload's bytes are not data (a stopped transfer's filler)
+MAX_POSTED = 8  # receives a channel may have posted ahead of their headers at once
 STORE_PREFIX = "tandem/kv/"
 _HEADER_TAG = 1  # gloo slot of headers (NCCL ignores tags)
 _PAYLOAD_TAG = 2  # gloo slot of payloads
@@ -122,6 +135,8 @@ class TransportConfig:
     backstop_timeout_s: float = 600.0  # the process group's own timeout; above the others
     gloo_hostname: str | None = None  # address gloo listens on; None: gloo's default device
     nccl_max_ctas: int | None = 16  # NCCL blocks (channels) per pair; None: NCCL's default
+    nccl_high_priority: bool = False  # NCCL's stream of a pair at high priority: its kernels
+    # start ahead of queued compute (a prefill's GEMMs) instead of waiting for SMs to free up
 
     # nccl_max_ctas bounds a pair's GPU memory (NCCL's buffers are per channel) and the SMs
     # its kernels take from prefill. Measured on 2x H100 (one 256 MiB message): NCCL's
@@ -135,6 +150,8 @@ class TransportConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name}={value!r} must be a positive finite number")
+        if not isinstance(self.nccl_high_priority, bool):
+            raise ValueError(f"nccl_high_priority={self.nccl_high_priority!r} must be a bool")
         if self.nccl_max_ctas is not None and (
             type(self.nccl_max_ctas) is not int or not 1 <= self.nccl_max_ctas <= 64
         ):
@@ -144,6 +161,19 @@ class TransportConfig:
                 f"backstop_timeout_s={self.backstop_timeout_s} must exceed timeout_s and "
                 "connect_timeout_s: it is the backstop behind them"
             )
+
+
+@dataclass(eq=False)
+class PostedReceive:
+    """A payload's receive posted before its header arrived (PairChannel.post_recv); pass it
+    to `wait_posted`. Backend state only: nothing here is for callers to read or change."""
+
+    seq: int
+    expected: tuple[int, int, int]  # (tag, nbytes, part_nbytes) its header must announce
+    works: list[Any] = field(default_factory=list)  # gloo: the header's
+    parts: tuple[torch.Tensor, ...] = ()  # gloo: received once the header checked out
+    drain: Callable[[int], object] | None = None  # gloo: run as each part arrives
+    done: Any = None  # NCCL: event after the header's copy to the host and every drain
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +218,9 @@ class PairChannel(ABC):
     but does not cancel a gloo operation in flight: stop waiting by a short timeout_s."""
 
     backend: ClassVar[str]
+    # recv/recv_parts post header and parts together (see recv_parts): NCCL only, where a
+    # payload of another size cannot take the process down
+    _named_receives_ahead: ClassVar[bool] = False
 
     def __init__(
         self, address: PairAddress, config: TransportConfig, store: Any, pg: Any, device: Any
@@ -204,8 +237,13 @@ class PairChannel(ABC):
         self._num_sent = 0  # payloads sent: the seq of the next send
         self._num_received = 0
         self._pending: tuple[int, int] | None = None  # (nbytes, part_nbytes) not yet received
+        self._posted: deque[PostedReceive] = deque()  # posted ahead, not yet waited for
         self._send_header = torch.empty(HEADER_NUMEL, dtype=torch.int64, device=self.device)
         self._recv_header = torch.empty(HEADER_NUMEL, dtype=torch.int64, device=self.device)
+        # where posted-ahead headers land, one row per slot, readable on the host once done
+        self._posted_headers = torch.empty(
+            (MAX_POSTED, HEADER_NUMEL), dtype=torch.int64, pin_memory=self.device.type == "cuda"
+        )
 
     # -- formation ----------------------------------------------------------------------------
 
@@ -274,6 +312,7 @@ class PairChannel(ABC):
         tag: int = 0,
         fill: Callable[[int], object] | None = None,
         timeout_s: float | None = None,
+        void: bool = False,
     ) -> None:
         """Send one payload made of `parts` (contiguous, on this channel's device, all of the
         first one's size but the last, which may be smaller); the peer receives it with
@@ -281,13 +320,16 @@ class PairChannel(ABC):
 
         fill(i), if given, runs just before part i is posted and may queue work on the current
         CUDA stream that writes part i (a gather): the send waits for it on the device, not the
-        host, so filling part i + 1 overlaps sending part i. Returns once every part is sent
-        and may be reused. Raises like `send`; ValueError for parts of mismatched sizes.
+        host, so filling part i + 1 overlaps sending part i. With `void`, the header flags the
+        bytes as no data (the filler of a payload the peer posted ahead, see the module
+        docstring). Returns once every part is sent and may be reused. Raises like `send`;
+        ValueError for parts of mismatched sizes.
         """
         sizes = [self._checked_size(part) for part in parts]
         nbytes, part_nbytes = _check_parts(tag, sizes)
+        flags = VOID if void else 0
         with self._op("send", timeout_s) as (pg, deadline):
-            works = [self._post_header(pg, self._num_sent, tag, nbytes, part_nbytes)]
+            works = [self._post_header(pg, self._num_sent, tag, nbytes, part_nbytes, flags)]
             for index, part in enumerate(parts):
                 if fill is not None:
                     fill(index)
@@ -322,6 +364,7 @@ class PairChannel(ABC):
         _check_tag(tag)
         if not sizes or 0 in sizes:
             raise ValueError(f"a group needs one or more non-empty tensors, got sizes {sizes}")
+        self._check_nothing_posted()
         with self._op("recv", timeout_s) as (pg, deadline):
             got_tag, got_nbytes = self._next_header(pg, deadline)
             got = (got_tag, got_nbytes, self.pending_part_nbytes)
@@ -380,23 +423,98 @@ class PairChannel(ABC):
         timeout_s: float | None = None,
     ) -> None:
         """Receive the peer's next payload into `parts` (sized as the sender's parts), checking
-        its header first. drain(i), if given, runs once part i's receive is posted, with the
-        current CUDA stream ordered after it (on gloo: after it completed), and may queue work
-        that reads part i (a scatter): it overlaps the receive of part i + 1. Returns once
-        every part has arrived and every drain's device work is complete. Raises like `recv`.
+        its header. drain(i), if given, runs once part i's receive is posted, with the current
+        CUDA stream ordered after it (on gloo: after it completed), and may queue work that
+        reads part i (a scatter): it overlaps the receive of part i + 1. Returns once every
+        part has arrived and every drain's device work is complete. Raises like `recv`; a
+        VOID payload raises KVTransferError too, but the channel stays usable.
+
+        On NCCL the header is not waited for first: header and parts are posted together
+        (`post_recv`) and the header checked once they are in, so the sender's kernel does not
+        wait for this host to read the header. A marker in place of the payload then fails by
+        timeout instead of at once (either way the channel breaks). On gloo, header first.
         """
         sizes = [self._checked_size(part) for part in parts]
         nbytes, part_nbytes = _check_parts(tag, sizes)
+        self._check_nothing_posted()
+        if self._named_receives_ahead:
+            posted = self.post_recv(parts, tag=tag, drain=drain)
+            if self.wait_posted(posted, timeout_s=timeout_s):
+                raise KVTransferError(f"{self._name()}: the payload tagged {tag} is VOID")
+            return
         with self._op("recv", timeout_s) as (pg, deadline):
             got_tag, got_nbytes = self._next_header(pg, deadline)
             got = (got_tag, got_nbytes, self.pending_part_nbytes)
             _check_header_fields(got, (tag, nbytes, part_nbytes))
             self._recv_payload(pg, parts, part_nbytes, drain, deadline)
 
+    def post_recv(
+        self,
+        parts: Sequence[torch.Tensor],
+        *,
+        tag: int = 0,
+        drain: Callable[[int], object] | None = None,
+    ) -> PostedReceive:
+        """Post the receive of the peer's next payload (after any posted before it) into
+        `parts`, with its header, before that header has arrived; never blocks. On NCCL
+        drain(i) runs now and may queue device work that reads part i, ordered after part i's
+        receive on a stream of the channel's. On gloo only the header is posted now: the parts
+        are received and drained in `wait_posted`, once the header checked out.
+
+        `wait_posted` must follow for every posted receive, in order. On NCCL the header is
+        checked only once everything is in, when a wrong payload may have been drained: drain
+        only into memory the expected payload owns. RuntimeError with MAX_POSTED receives
+        outstanding or a header read by `recv_header` still pending; ValueError for bad parts
+        or tag."""
+        sizes = [self._checked_size(part) for part in parts]
+        nbytes, part_nbytes = _check_parts(tag, sizes)
+        if self._pending is not None:  # misuse: refused without breaking the channel
+            raise RuntimeError(f"{self._name()}: post_recv with an announced payload pending")
+        if len(self._posted) == MAX_POSTED:
+            raise RuntimeError(f"{self._name()}: {MAX_POSTED} receives already posted")
+        with self._op("recv", None) as (pg, _):
+            posted = PostedReceive(self._num_received, (tag, nbytes, part_nbytes))
+            self._post_ahead(pg, posted, parts, drain)
+            self._posted.append(posted)
+            self._num_received += 1
+        return posted
+
+    def wait_posted(self, posted: PostedReceive, *, timeout_s: float | None = None) -> bool:
+        """Wait until the oldest posted receive, `posted`, is in and drained, and check its
+        header: True if the payload is VOID (its bytes are filler: drop what was drained).
+        Raises KVTransferError like `recv` (a header that does not match, a marker included,
+        breaks the channel); RuntimeError if `posted` is not the oldest outstanding."""
+        if not self._posted or self._posted[0] is not posted:
+            raise RuntimeError(f"{self._name()}: wait for posted receives in posting order")
+        with self._op("recv", timeout_s) as (pg, deadline):
+            magic, seq, tag, nbytes, part_nbytes, flags = self._posted_header(posted, deadline)
+            if magic != MAGIC or seq != posted.seq or flags & ~VOID:
+                raise KVTransferError(
+                    f"bad header: magic {magic:#x}, seq {seq} (expected {posted.seq}), "
+                    f"flags {flags:#x}"
+                )
+            _check_header_fields((tag, nbytes, part_nbytes), posted.expected)
+            self._posted_payload(pg, posted, deadline)
+            self._posted.popleft()
+            return bool(flags & VOID)
+
+    @property
+    def num_posted(self) -> int:
+        """Receives posted ahead and not yet waited for."""
+        return len(self._posted)
+
+    def settle(self, timeout_s: float) -> bool:
+        """After a failure (the channel closed or broken): wait up to timeout_s until no
+        device work queued by this channel's receives (drains) can still run, so memory they
+        write may be handed to someone else. True once settled (always on gloo, whose drains
+        run on the caller's thread); False if device work is still pending."""
+        return True
+
     def recv_header(self, *, timeout_s: float | None = None) -> tuple[int, int]:
         """Receive the peer's next header: (tag, nbytes), nbytes == MARKER for a marker. For
         a payload, the next call must be `recv_payload` with a tensor of exactly nbytes: the
         receiver learns which transfer comes next from the tag instead of predicting it."""
+        self._check_nothing_posted()
         with self._op("recv", timeout_s) as (pg, deadline):
             return self._next_header(pg, deadline)
 
@@ -478,6 +596,37 @@ class PairChannel(ABC):
         """Where drains run: on NCCL a stream of their own (see NcclPairChannel)."""
         return nullcontext()
 
+    def _after_drains(self) -> None:
+        """Order the current stream after every drain queued so far (nothing on gloo)."""
+        return None
+
+    def _post_ahead(
+        self,
+        pg: Any,
+        posted: PostedReceive,
+        parts: Sequence[torch.Tensor],
+        drain: Callable[[int], object] | None,
+    ) -> None:
+        """Post `posted`'s header receive. On gloo the parts' receives wait for the header's
+        check (_posted_payload): gloo aborts the process on a message larger than the buffer
+        posted for it, and there is no GPU kernel to spare the wait (headers and payloads
+        have tag slots of their own, so a later header may be posted first)."""
+        header = self._posted_headers[posted.seq % MAX_POSTED]
+        posted.works.append(pg.recv([header], self.address.peer_rank, _HEADER_TAG))
+        posted.parts, posted.drain = tuple(parts), drain
+
+    def _posted_header(self, posted: PostedReceive, deadline: float) -> list[int]:
+        """Wait for a posted receive's header (NCCL: for all of it); the header's values."""
+        _wait(posted.works[0], deadline)
+        return self._posted_headers[posted.seq % MAX_POSTED].tolist()
+
+    def _posted_payload(self, pg: Any, posted: PostedReceive, deadline: float) -> None:
+        """After its header checked out: receive a posted receive's parts, draining each."""
+        for index, part in enumerate(posted.parts):
+            _wait(pg.recv([part], self.address.peer_rank, _PAYLOAD_TAG), deadline)
+            if posted.drain is not None:
+                posted.drain(index)
+
     def _checked_size(self, tensor: torch.Tensor) -> int:
         self._check_tensor(tensor)
         return tensor.numel() * tensor.element_size()
@@ -535,12 +684,20 @@ class PairChannel(ABC):
         logger.warning("%s", message)
         return KVTransferError(message)
 
-    def _post_header(self, pg: Any, seq: int, tag: int, nbytes: int, part_nbytes: int) -> Any:
+    def _post_header(
+        self, pg: Any, seq: int, tag: int, nbytes: int, part_nbytes: int, flags: int = 0
+    ) -> Any:
         """Post a header send (the caller waits for its work, at the latest with the payload's:
         the header buffer is reused by the next call)."""
-        values = torch.tensor([MAGIC, seq, tag, nbytes, part_nbytes], dtype=torch.int64)
+        values = torch.tensor([MAGIC, seq, tag, nbytes, part_nbytes, flags], dtype=torch.int64)
         self._send_header.copy_(values)
         return pg.send([self._send_header], self.address.peer_rank, _HEADER_TAG)
+
+    def _check_nothing_posted(self) -> None:
+        """RuntimeError (misuse: the channel stays usable) if receives are posted ahead: the
+        next header belongs to the oldest of them."""
+        if self._posted:
+            raise RuntimeError(f"{self._name()}: reading a header with receives posted ahead")
 
     def _next_header(self, pg: Any, deadline: float) -> tuple[int, int]:
         """Receive and check the next header (magic, sequence); (tag, nbytes). A marker
@@ -548,12 +705,13 @@ class PairChannel(ABC):
         if self._pending is not None:
             raise KVTransferError("a header arrived announcing a payload that was never received")
         header = self._receive_header(pg, deadline)
-        magic, seq, tag, nbytes, part_nbytes = header
+        magic, seq, tag, nbytes, part_nbytes, flags = header
         is_marker = nbytes == MARKER and part_nbytes == 0
-        if magic != MAGIC or seq != self._num_received or not (is_marker or _parts_ok(header)):
+        ok = magic == MAGIC and seq == self._num_received and flags == 0  # VOID: posted only
+        if not ok or not (is_marker or _parts_ok(header)):
             raise KVTransferError(
                 f"bad header: magic {magic:#x}, seq {seq} (expected {self._num_received}), "
-                f"nbytes {nbytes}, part_nbytes {part_nbytes}"
+                f"nbytes {nbytes}, part_nbytes {part_nbytes}, flags {flags:#x}"
             )
         if is_marker:
             self._num_received += 1
@@ -582,15 +740,16 @@ class PairChannel(ABC):
                 self._order_after(work, deadline)
                 if drain is not None:
                     drain(index)
+        self._after_drains()
         self._complete([], deadline)
         self._pending = None
         self._num_received += 1
 
     def _expect_header(self, pg: Any, seq: int, tag: int, nbytes: int, deadline: float) -> None:
         got = self._receive_header(pg, deadline)
-        want = [MAGIC, seq, tag, nbytes, 0]
+        want = [MAGIC, seq, tag, nbytes, 0, 0]
         if got != want:
-            names = ("magic", "seq", "tag", "nbytes", "part_nbytes")
+            names = ("magic", "seq", "tag", "nbytes", "part_nbytes", "flags")
             diffs = [f"{n} {g} != {w}" for n, g, w in zip(names, got, want, strict=True) if g != w]
             raise KVTransferError(
                 "header does not match (received != expected): " + ", ".join(diffs)
@@ -636,6 +795,7 @@ class NcclPairChannel(PairChannel):
     """A pair over NCCL: CUDA tensors on one device, one communicator per pair."""
 
     backend = "nccl"
+    _named_receives_ahead = True
 
     @staticmethod
     def _prepare(device: torch.device | str | None) -> torch.device:
@@ -651,6 +811,7 @@ class NcclPairChannel(PairChannel):
     ) -> Any:
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timedelta(seconds=config.backstop_timeout_s)
+        options.is_high_priority_stream = config.nccl_high_priority
         if config.nccl_max_ctas is not None:
             options.config.min_ctas = 1
             options.config.max_ctas = config.nccl_max_ctas
@@ -677,14 +838,60 @@ class NcclPairChannel(PairChannel):
         # before each operation; drains (scatters) queued there would hold back the next part's
         # receive. They run on this stream instead, which waits for the receive of their part.
         self._drain_stream = torch.cuda.Stream(self.device)
+        self._posted_headers_device = torch.empty(
+            (MAX_POSTED, HEADER_NUMEL), dtype=torch.int64, device=self.device
+        )
 
     @contextmanager
     def _draining(self) -> Iterator[None]:
-        caller = torch.cuda.current_stream(self.device)
-        self._drain_stream.wait_stream(caller)
+        self._drain_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._drain_stream):
             yield
-        caller.wait_stream(self._drain_stream)  # _complete waits for the drains too
+
+    def _after_drains(self) -> None:
+        # Not after each drain: the next part's receive would wait for it (NCCL's stream waits
+        # for the current stream at every post), serialising receives and scatters.
+        torch.cuda.current_stream(self.device).wait_stream(self._drain_stream)
+
+    def _post_ahead(
+        self,
+        pg: Any,
+        posted: PostedReceive,
+        parts: Sequence[torch.Tensor],
+        drain: Callable[[int], object] | None,
+    ) -> None:
+        """Receives, then on the drain stream: the header's copy to pinned host memory and
+        each part's drain after its receive, then an event the host polls. Nothing queued on
+        the caller's stream: a later post must not wait for these drains."""
+        peer = self.address.peer_rank
+        slot = posted.seq % MAX_POSTED
+        header = self._posted_headers_device[slot]
+        header_work = pg.recv([header], peer, _HEADER_TAG)
+        part_works = [pg.recv([part], peer, _PAYLOAD_TAG) for part in parts]
+        with self._draining():
+            header_work.wait()  # the drain stream waits for the receive, the host does not
+            self._posted_headers[slot].copy_(header, non_blocking=True)
+            for index, work in enumerate(part_works):
+                work.wait()
+                if drain is not None:
+                    drain(index)
+            posted.done = torch.cuda.Event()
+            posted.done.record()
+
+    def _posted_header(self, posted: PostedReceive, deadline: float) -> list[int]:
+        _poll(posted.done, deadline)  # header, parts and drains: one event for all
+        return self._posted_headers[posted.seq % MAX_POSTED].tolist()
+
+    def _posted_payload(self, pg: Any, posted: PostedReceive, deadline: float) -> None:
+        return None  # in and drained before the header could be read
+
+    def settle(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self._drain_stream.query():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(_NCCL_POLL_S)
+        return True
 
     def _complete(self, works: list[Any], deadline: float) -> None:
         """Order the current stream after every operation, then poll a CUDA event recorded on
@@ -696,10 +903,7 @@ class NcclPairChannel(PairChannel):
             work.wait()  # no timeout: the current stream waits for NCCL's, the host does not
         event = torch.cuda.Event()
         event.record()
-        while not event.query():
-            if time.monotonic() > deadline:
-                raise KVTransferError("timed out")
-            time.sleep(_NCCL_POLL_S)
+        _poll(event, deadline)
 
     def _order_after(self, work: Any, deadline: float) -> None:
         work.wait()  # the current stream waits for the receive; the host does not
@@ -738,6 +942,14 @@ def _check_nccl_error_handling() -> None:
             "watchdog kills the process after one failed transfer; call "
             "kvtransfer.transport.configure_nccl_environment() at worker start-up"
         )
+
+
+def _poll(event: Any, deadline: float) -> None:
+    """Poll a CUDA event until it is done; KVTransferError once `deadline` passes."""
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise KVTransferError("timed out")
+        time.sleep(_NCCL_POLL_S)
 
 
 def _wait(work: Any, deadline: float) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kvtransfer.coalesce import gather_blocks, scatter_blocks
+from kvtransfer.coalesce import gather_blocks, scatter_blocks, staging_shape
 from kvtransfer.transport import (
     PairAddress,
     PairChannel,
@@ -110,7 +110,41 @@ def nccl_peer_role(report: Report, port: int, rank: int) -> None:
             ),
         )
     )
+    _posted_ahead(report, port, rank, device)
     _timeout_then_new_pair(report, port, rank, device)
+
+
+POSTED_LAYOUT = (4, 2, 32, 16, 8, 128)  # 4 layers, 32 blocks of 32 KiB per layer and K/V
+POSTED_CHUNKS = (slice(0, 1), slice(1, 2), slice(2, 4))  # layers per payload; the 2nd is VOID
+POSTED_IDS = [3, 7, 1, 30]
+
+
+def _posted_ahead(report: Report, port: int, rank: int, device: str) -> None:
+    """Receives posted before their headers (post_recv): header, part and scatter queued at
+    once on NCCL, three payloads, the second flagged VOID."""
+    with _channel(port, "nccl-posted", rank, device) as channel:
+        if rank == 0:
+            cache = torch.randn(POSTED_LAYOUT, device=device).to(torch.bfloat16)
+            for index, layers in enumerate(POSTED_CHUNKS):
+                staging = gather_blocks(cache, POSTED_IDS, layers=layers)
+                channel.send_parts([staging], tag=4, void=index == 1)
+            report(Outcome("rank 0", "posted-source", cache=saved(cache)))
+            return
+        cache = torch.zeros(POSTED_LAYOUT, dtype=torch.bfloat16, device=device)
+        posts = []
+        for layers in POSTED_CHUNKS:
+            staging = torch.empty(staging_shape(cache, len(POSTED_IDS), layers), **like(cache))
+
+            def drain(_: int, staging: torch.Tensor = staging, layers: slice = layers) -> None:
+                scatter_blocks(cache, POSTED_IDS, staging, layers=layers)
+
+            posts.append(channel.post_recv([staging], tag=4, drain=drain))
+        voids = [channel.wait_posted(posted, timeout_s=30.0) for posted in posts]
+        report(Outcome("rank 1", "posted", note=repr(voids), cache=saved(cache)))
+
+
+def like(tensor: torch.Tensor) -> dict[str, object]:
+    return {"dtype": tensor.dtype, "device": tensor.device}
 
 
 def _timeout_then_new_pair(report: Report, port: int, rank: int, device: str) -> None:
@@ -136,12 +170,18 @@ def test_nccl_pair_moves_kv_exactly_and_survives_a_timeout() -> None:
     with Peers() as peers:
         peers.start("rank 0", nccl_peer_role, server.port, 0)
         peers.start("rank 1", nccl_peer_role, server.port, 1)
-        outcomes = peers.outcomes(len(CASES) + 4)
+        outcomes = peers.outcomes(len(CASES) + 6)
         peers.join()
 
     for case in CASES:
         received = loaded(outcomes[case.name].cache)
         assert torch.equal(bits(received), bits(expected_destination(case))), case.name
+    source, posted = loaded(outcomes["posted-source"].cache), outcomes["posted"]
+    assert posted.note == "[False, True, False]"
+    landed = loaded(posted.cache)
+    for layers in (POSTED_CHUNKS[0], POSTED_CHUNKS[2]):  # the VOID one's bytes are not data
+        got, want = landed[layers][:, :, POSTED_IDS], source[layers][:, :, POSTED_IDS]
+        assert torch.equal(bits(got), bits(want))
     for rank in (0, 1):
         print(f"\nNCCL pair, rank {rank}:", outcomes[f"numbers rank {rank}"].note)
     timeout = outcomes["recv-timeout"]

@@ -137,7 +137,7 @@ def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> N
     num_blocks = params.get("num_blocks", DST_BLOCKS)
     cache = kv_cache(num_blocks, seed=999, dtype=dtype)
     block_manager = BlockManager(num_blocks, BLOCK_SIZE, enable_prefix_caching=False)
-    pool = StagingPool(1 << 22, "cpu", dtype, granularity_bytes=4096)
+    pool = StagingPool(params.get("staging_bytes", 1 << 22), "cpu", dtype, granularity_bytes=4096)
     metrics = TransferMetrics()
     endpoint = ReceiverEndpoint(HOST)
     conn.send(endpoint.address)

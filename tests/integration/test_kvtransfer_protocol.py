@@ -121,8 +121,31 @@ def test_transfers_are_bit_exact_for_every_size_and_chunking(config: TransferCon
         receiver_steps = received.steps["per-layer-chunks"]
         assert [s for s in receiver_steps if s.startswith("in")] == [f"in{i}" for i in chunks]
         assert receiver_steps.index("first_header") < receiver_steps.index("in0")
-        assert receiver_steps.index("in0") < receiver_steps.index("header1")
+        # one-part chunks after the first are posted ahead of their headers (posts_ahead)
+        chunk1 = "header1" if config.direct_receive else "posted1"
+        assert (
+            receiver_steps.index("in0") < receiver_steps.index(chunk1) < receiver_steps.index("in1")
+        )
+        if not config.direct_receive:  # chunks in several parts are read header-first
+            posted = "posted1" in received.steps["two-layer-chunks"]
+            assert posted is (config.part_bytes > 1 << 20)
         assert "sent0" not in sent.steps["seven-blocks"]  # one chunk: no per-chunk steps
+
+
+def test_chunks_posted_ahead_wait_for_staging_when_the_receivers_pool_is_short() -> None:
+    """Staging for one 1-layer chunk only (4 KiB): the receiver lands the oldest chunk posted
+    ahead before it leases staging for the next, and the transfer is still bit-exact."""
+    specs = [Spec("short-pool", 26, seed=8, layers_per_chunk=1)]  # 3.5 KiB per chunk
+    with peers() as started:
+        receiver = start_receiver(started, ["short-pool"], staging_bytes=4096)
+        endpoint = receiver.receive()
+        sender = start_sender(started, [endpoint], specs)
+        sent, received = sender.report(), receiver.report()
+    assert sent.results["short-pool"][0] == received.results["short-pool"][0] == "completed"
+    assert received.digests == sent.digests
+    steps = received.steps["short-pool"]
+    assert steps.index("in1") < steps.index("posted2") < steps.index("in2")  # one at a time
+    assert_clean(sent, received)
 
 
 def test_many_concurrent_transfers_between_several_senders_and_receivers() -> None:
@@ -190,6 +213,9 @@ def test_sender_aborts_mid_transfer() -> None:
     assert sent is not None and received is not None
     assert sent.results["a"] == ("aborted", "aborted by test")
     assert received.results["a"][0] == "aborted"
+    # chunk 1 was posted ahead (one-layer chunks of one part): it and every later chunk came
+    # as VOID filler, and the channel stayed in step
+    assert "posted1" in received.steps["a"]
     assert sent.results["b"][0] == received.results["b"][0] == "completed", "the pair lives on"
     assert received.digests["b"] == sent.digests["b"]
     assert_clean(sent, received)

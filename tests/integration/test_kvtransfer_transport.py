@@ -32,7 +32,13 @@ from kvtransfer.coalesce import (
     split_for_overlap,
     staging_shape,
 )
-from kvtransfer.transport import PairAddress, PairChannel, TransportConfig, open_channel
+from kvtransfer.transport import (
+    MAX_POSTED,
+    PairAddress,
+    PairChannel,
+    TransportConfig,
+    open_channel,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -596,3 +602,61 @@ def test_a_group_lands_directly_in_cache_slices(store_port: int) -> None:
     scatter_blocks(expected, [4, 5, 6], staging)
     assert torch.equal(bits(dst), bits(expected))
     assert error is not None and "part_nbytes -2 != -3" in error
+
+
+def test_posted_receives_land_in_order_and_flag_void_payloads(store_port: int) -> None:
+    """post_recv before anything is sent: headers, parts and drains all queued at once; each
+    waited for in posting order; a payload sent with void=True is flagged, not refused."""
+    sender, receiver = in_process_pair(store_port, "posted")
+    payloads = [torch.arange(8.0), torch.full((8,), 7.0), torch.arange(6.0) * 3]
+    tags = [5, 5, 6]
+    with sender, receiver:
+        landed = [torch.zeros(8), torch.zeros(8), torch.zeros(6)]
+        drained: list[tuple[int, float]] = []
+        posts = [
+            receiver.post_recv(
+                [landed[i]], tag=tags[i], drain=lambda part, i=i: drained.append((i, part))
+            )
+            for i in range(3)
+        ]
+        assert receiver.num_posted == 3
+        _, early = timed_error(lambda: receiver.recv_header(timeout_s=1.0))
+        _, out_of_order = timed_error(lambda: receiver.wait_posted(posts[1], timeout_s=1.0))
+
+        def send_all() -> None:
+            for i, payload in enumerate(payloads):
+                sender.send_parts([payload], tag=tags[i], void=i == 1)
+
+        join_send = in_background(send_all)
+        voids = [receiver.wait_posted(posted, timeout_s=5.0) for posted in posts]
+        assert join_send() is None
+        # the pair goes on with ordinary, header-first payloads
+        join_send = in_background(lambda: sender.send(torch.ones(3), tag=9))
+        after = torch.zeros(3)
+        receiver.recv(after, tag=9)
+        assert join_send() is None
+
+    assert early is not None and "posted ahead" in early and early.startswith("RuntimeError")
+    assert out_of_order is not None and "posting order" in out_of_order
+    assert voids == [False, True, False]
+    assert drained == [(0, 0), (1, 0), (2, 0)]  # gloo: each drain once its part is in
+    for got, want in zip(landed, payloads, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(after, torch.ones(3))
+
+
+def test_a_posted_receive_refuses_a_different_payload_and_bounds_the_window(
+    store_port: int,
+) -> None:
+    sender, receiver = in_process_pair(store_port, "posted-mismatch")
+    with sender, receiver:
+        slots = [receiver.post_recv([torch.zeros(4)], tag=1) for _ in range(MAX_POSTED)]
+        _, full = timed_error(lambda: receiver.post_recv([torch.zeros(4)], tag=1))
+        join_send = in_background(lambda: sender.send(torch.zeros(5), tag=1, timeout_s=3.0))
+        _, error = timed_error(lambda: receiver.wait_posted(slots[0], timeout_s=3.0))
+        receiver.close()
+        join_send()
+
+    assert full is not None and f"{MAX_POSTED} receives already posted" in full
+    assert error is not None and KVTransferError.__name__ in error and "nbytes 20 != 16" in error
+    assert receiver.is_broken
