@@ -16,12 +16,18 @@ KVSender does; each variant does only part of that work, to tell the costs apart
 The prefill is timed on its own stream by CUDA events (not the transfer's work); variants are
 interleaved within each repeat; median of --repeats, with the spread (25th-75th percentile).
 
-    python -m bench.kv_interference [--repeats 10] [--out bench/results/kv_interference.json]
+    python -m bench.kv_interference [--repeats 10] [--trace-dir DIR] [--out f.json]
+
+With --trace-dir, the last repeat of each variant is profiled (torch.profiler, CUDA kernels
+with their streams): where the transfer's kernels fall against the prefill's GEMMs. That
+repeat is still timed; leave the option off for the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import threading
 from datetime import timedelta
@@ -43,6 +49,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--nccl-max-ctas", type=int, default=16, help="0: NCCL's default")
     parser.add_argument("--out", default="bench/results/kv_interference.json")
+    parser.add_argument(
+        "--trace-dir",
+        default=None,
+        help="write the CUDA kernels (torch.profiler) of the last repeat of each variant here",
+    )
     return parser.parse_args()
 
 
@@ -98,6 +109,8 @@ def main() -> None:
     from kvtransfer.coalesce import block_index, gather_blocks
 
     torch.cuda.set_device(0)
+    if args.trace_dir:
+        os.makedirs(args.trace_dir, exist_ok=True)
     engine = dummy_engine("llama-3-8b", 4.0, 4096, 4, 4096, cuda_graphs=False)
     runner = engine.runner
     cache = runner.kv_cache
@@ -159,6 +172,10 @@ def main() -> None:
         runner.model.layer_hook = hook if variant != "none" else None
         shipper = threading.Thread(target=ship) if variant != "none" else None
         began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        trace = args.trace_dir is not None and rep == args.repeats
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        if trace:
+            profiler.__enter__()
         began.record()
         if shipper is not None:
             shipper.start()
@@ -168,6 +185,9 @@ def main() -> None:
         elapsed = began.elapsed_time(ended) / 1e3
         if shipper is not None:
             shipper.join()
+        if trace:
+            profiler.__exit__(None, None, None)
+            write_trace(profiler, f"{args.trace_dir}/{variant}")
         runner.model.layer_hook = None
         torch.cuda.synchronize()
         engine.block_manager.free(seq)
@@ -176,6 +196,18 @@ def main() -> None:
     peer.join(60)
     pg.abort()
     report(args, times)
+
+
+def write_trace(profiler: Any, path: str) -> None:
+    """Every CUDA kernel of a profiled repeat: [name, stream, start us, duration us]."""
+    kernels = [
+        (e.name, getattr(e, "device_resource_id", None), e.time_range.start,
+         e.time_range.end - e.time_range.start)
+        for e in profiler.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]  # fmt: skip
+    with open(f"{path}.json", "w") as f:
+        json.dump(kernels, f)
 
 
 def report(args: argparse.Namespace, times: dict[str, list[float]]) -> None:
