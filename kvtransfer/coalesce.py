@@ -428,9 +428,10 @@ class StagingPool:
 
     A staging tensor of n blocks over L layers costs n * L * 2 * block_size * num_kv_heads *
     head_dim * itemsize bytes (Llama-3-8B bf16, block 16: 64 KiB per block and layer, so 2 MiB
-    per block over all 32 layers). Each pair in flight holds one lease at a time (its transfer
-    thread gathers, sends, releases), so the pool's memory is at most capacity_bytes whatever
-    the number of pairs; `split_for_overlap` keeps one chunk under a budget.
+    per block over all 32 layers). A sending pair holds one lease at a time (its transfer
+    thread gathers, sends, releases), a receiving pair up to TransferConfig.receive_ahead + 1
+    (chunks posted ahead); the pool's memory is at most capacity_bytes whatever the number of
+    pairs; `split_for_overlap` keeps one chunk under a budget.
 
     `acquire` returns None ("can't now") when granting would exceed the capacity: the caller
     retries after a release or splits the transfer finer. Idle buffers are dropped, largest

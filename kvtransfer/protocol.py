@@ -18,15 +18,17 @@ Who frees what, so that nothing leaks and nothing is freed twice:
 - The receiver frees its reservation when T fails for any reason, but only once T's data has
   stopped arriving (its last chunk, or a marker, or a broken channel): a chunk still on the
   wire can never land in blocks that were handed to someone else.
-- Every Ready a sender receives is answered on the channel by T's chunks or by one marker
-  (PairChannel.send_marker), even for a transfer the sender already gave up on. So the
+- Every Ready a sender receives is answered on the channel by T's chunks, by one marker
+  (PairChannel.send_marker) or, for chunks posted ahead (below), by VOID filler, even for a
+  transfer the sender already gave up on. So the
   receiver, which reads the channel header-first and routes by tag, never waits for data that
   will not come while the sender lives; a dead or stalled sender breaks the channel by timeout.
 - Chunks posted ahead (`posts_ahead`): when T has several chunks and chunk 0 came as one
   staged part, R posts the receives of chunks 1.. before their headers arrive (up to
   `TransferConfig.receive_ahead` at once), so S's send kernels never wait on the GPU for R's
   host. From then on S sends every chunk of T: one it stops at and every later one goes as a
-  zeroed VOID payload of the same size, never a marker; R drops them and ends T aborted.
+  zeroed VOID payload of the same size, never a marker. R scatters them like any chunk, into
+  T's own reserved blocks, and ends T aborted, which frees those blocks.
 - Duplicate and late messages are answered from a bounded record of finished transfers, or
   ignored; they never reopen a transfer.
 

@@ -260,7 +260,8 @@ class KVReceiver:
                 if incoming.peer_abort is None:
                     incoming.peer_abort = message.reason
                 data_done = incoming.state == "data_done"
-            if data_done:  # else its marker is on the way; the data thread finishes it
+            if data_done:  # else its marker or VOID chunks are on the way; the data thread
+                # finishes it
                 reason = f"sender aborted: {message.reason}"
                 self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
         else:
@@ -438,7 +439,9 @@ class KVReceiver:
         scattered as it lands, its header checked once it is in. A VOID chunk (the sender
         stopped) was scattered into this transfer's own reserved blocks, which are freed when
         it ends aborted; its bytes count, so that the sizes still add up."""
-        window: deque[tuple[StagingLease, PostedReceive, int]] = deque()
+        # (lease, posted receive, bytes, block index): the index is kept alive until its
+        # chunk landed, since the scatter queued on the device reads it
+        window: deque[tuple[StagingLease, PostedReceive, int, BlockIndex]] = deque()
         try:
             for chunk in incoming.chunks[incoming.next_chunk :]:
                 if len(window) == self.config.receive_ahead:
@@ -455,7 +458,8 @@ class KVReceiver:
                     ids = block_index(self.kv_cache, chunk.block_ids, unique=True)
                     drain = self._scatter_into(chunk, ids, lease.tensor)
                     posted = self.channel.post_recv([lease.tensor], tag=incoming.tag, drain=drain)
-                window.append((lease, posted, numel(shape) * self.kv_cache.element_size()))
+                nbytes = numel(shape) * self.kv_cache.element_size()
+                window.append((lease, posted, nbytes, ids))
                 index = incoming.next_chunk + len(window) - 1
                 incoming.timeline.append((f"posted{index}", time.monotonic()))
             while window:
@@ -478,17 +482,18 @@ class KVReceiver:
         return drain
 
     def _land_ahead(
-        self, incoming: _Incoming, window: deque[tuple[StagingLease, PostedReceive, int]]
+        self,
+        incoming: _Incoming,
+        window: deque[tuple[StagingLease, PostedReceive, int, BlockIndex]],
     ) -> None:
         """Wait for the oldest chunk posted ahead; then its lease is free again. On failure
         the lease stays held until the channel has settled (see _data_loop)."""
-        lease, posted, nbytes = window[0]
+        lease, posted, nbytes, _ = window[0]
         void = self.channel.wait_posted(posted, timeout_s=self.config.stall_timeout_s)
         window.popleft()
         if self._checks_crc and not void:
             incoming.crc = tensor_crc32(lease.tensor, incoming.crc)
-        self._held.remove(lease)
-        self._staging.release(lease)
+        self._unhold(lease)
         incoming.void = incoming.void or void
         self._chunk_in(incoming, nbytes)
 
@@ -539,7 +544,12 @@ class KVReceiver:
                 incoming.crc = tensor_crc32(lease.tensor, incoming.crc)
         except ValueError as e:  # the sender split the payload differently: out of step
             raise KVTransferError(f"transfer {incoming.offer.transfer_id}: {e}") from e
-        self._held.remove(lease)  # on failure: held until the channel settles (_data_loop)
+        self._unhold(lease)  # on failure: held until the channel settles (_free_stranded)
+
+    def _unhold(self, lease: StagingLease) -> None:
+        """Give back a lease no receive can write any more (by identity: leases hold tensors,
+        which do not compare as booleans)."""
+        self._held = [held for held in self._held if held is not lease]
         self._staging.release(lease)
 
     def _data_over(self, incoming: _Incoming) -> None:

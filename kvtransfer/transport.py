@@ -9,21 +9,22 @@ it has peers, formed on demand and closed independently:
          |                      |
       rank 0 (prefill A)    rank 1 (decode B)     PairAddress(host, port, pair_key, rank)
 
-Every payload travels behind a 40-byte header, so a desynchronised pair fails loudly instead of
+Every payload travels behind a 48-byte header, so a desynchronised pair fails loudly instead of
 writing one request's KV into another's blocks:
 
     header  int64[6] = [MAGIC, seq, tag, nbytes, part_nbytes, flags]   then   payload (nbytes)
 
     seq counts payloads on this channel (both sides count); tag is the caller's id for the
-    payload (e.g. transfer number); the receiver checks them all before posting the payload
-    receive, and raises KVTransferError on any difference. flags: VOID marks a payload whose
-    bytes are not data (see "posted ahead" below).
+    payload (e.g. transfer number); the receiver checks them all, before posting the payload
+    receive where it reads the header first (gloo; `recv_header`), once the payload is in where
+    it posted both at once (see "posted ahead" below), and raises KVTransferError on any
+    difference. flags: VOID marks a payload whose bytes are not data.
 
     A payload may go as several parts (`send_parts` / `recv_parts`), one NCCL message each,
     all of part_nbytes but the last (the rest): the sender fills part i + 1 (a gather) while
     part i is on the link, the receiver empties part i (a scatter) while part i + 1 arrives.
-    Only the header is waited for on the host before the payload is posted; the parts and the
-    copies around them are queued on the CUDA stream and waited for once, at the end:
+    The parts and the copies around them are queued on the CUDA streams and waited for once,
+    at the end (at most the header is waited for on the host before the parts are posted):
 
       sender stream:   [fill 0][fill 1][fill 2]
       link:                    [part 0][part 1][part 2]
@@ -46,7 +47,10 @@ writing one request's KV into another's blocks:
     header first: NCCL's send kernel holds its SMs until the receive is posted, which slows
     whatever the sender's GPU computes beside it (a prefill). Such a payload must come: a
     marker cannot stand in for it, so a sender that gives up sends a payload of the announced
-    size flagged VOID instead (`send_parts(..., void=True)`), whose bytes the receiver drops.
+    size flagged VOID instead (`send_parts(..., void=True)`). Its bytes land and are drained
+    like any payload's (into memory the expected payload owns); `wait_posted` tells the
+    receiver to treat them as no data. On NCCL, `recv` and `recv_parts` post header and
+    payload together too; a marker in place of their payload then fails by timeout.
 
 Ordering: both sides must issue sends and receives in the same order. A channel belongs to one
 transfer thread per side (concurrent use raises RuntimeError); that thread follows the control
@@ -57,7 +61,11 @@ NCCL: the host polls a CUDA event recorded after them, so torch never sees a tim
 the process group's own timeout (`backstop_timeout_s`) stays longer, as a backstop. A timeout, a
 dead peer or a bad header raises KVTransferError and breaks the channel for good: which
 messages matched is unknown, so every later call raises too. `close()` it and form a new pair
-under a new pair key (keys are single-use: a reused key is refused at formation).
+under a new pair key (keys are single-use: a reused key is refused at formation). A VOID
+payload where `recv` expected data raises KVTransferError too, but leaves the channel in step
+and usable. Formation checks that both ends speak this wire format (WIRE_VERSION, through the
+rendezvous store, before any message): a peer of another version is refused instead of being
+sent headers of a size it does not expect (gloo aborts the process on that).
 
 Two implementations share everything but process-group construction, the tensors they accept
 and teardown, which differ in kind, hence a base class with two subclasses rather than flags:
@@ -116,6 +124,7 @@ HEADER_NUMEL = 6  # [MAGIC, seq, tag, nbytes, part_nbytes, flags] int64
 MARKER = -1  # nbytes of a header sent instead of a payload (send_marker)
 VOID = 1  # header flag: the payload's bytes are not data (a stopped transfer's filler)
 MAX_POSTED = 8  # receives a channel may have posted ahead of their headers at once
+WIRE_VERSION = 2  # of the header format and message rules; 2: the flags field, VOID
 STORE_PREFIX = "tandem/kv/"
 _HEADER_TAG = 1  # gloo slot of headers (NCCL ignores tags)
 _PAYLOAD_TAG = 2  # gloo slot of payloads
@@ -257,6 +266,7 @@ class PairChannel(ABC):
         try:
             store = _pair_store(address, config)
             _claim_rank(store, address)
+            _check_wire_version(store, address)
             pg = cls._make_process_group(store, address, config, device)
         except RuntimeError as e:  # torch.distributed's errors are RuntimeError kinds
             raise KVTransferError(
@@ -405,12 +415,13 @@ class PairChannel(ABC):
 
     def recv(self, tensor: torch.Tensor, *, tag: int = 0, timeout_s: float | None = None) -> None:
         """Receive the peer's next payload into `tensor` (preallocated, contiguous, on this
-        channel's device, exactly the payload's size), checking its header first.
+        channel's device, exactly the payload's size), checking its header (see `recv_parts`
+        for when).
 
         Returns once the data is in `tensor`. Raises KVTransferError on timeout (default
         config.timeout_s), a dead peer, a header that does not match (size, tag or sequence), a
-        marker instead of a payload, or a broken or closed channel; ValueError for a bad tensor
-        or tag. Transfer thread only.
+        marker instead of a payload (on NCCL: by timeout), a VOID payload, or a broken or closed
+        channel; ValueError for a bad tensor or tag. Transfer thread only.
         """
         self.recv_parts([tensor], tag=tag, timeout_s=timeout_s)
 
@@ -438,6 +449,7 @@ class PairChannel(ABC):
         nbytes, part_nbytes = _check_parts(tag, sizes)
         self._check_nothing_posted()
         if self._named_receives_ahead:
+            self._limit_s(timeout_s)  # ValueError before anything is posted
             posted = self.post_recv(parts, tag=tag, drain=drain)
             if self.wait_posted(posted, timeout_s=timeout_s):
                 raise KVTransferError(f"{self._name()}: the payload tagged {tag} is VOID")
@@ -474,7 +486,10 @@ class PairChannel(ABC):
             raise RuntimeError(f"{self._name()}: {MAX_POSTED} receives already posted")
         with self._op("recv", None) as (pg, _):
             posted = PostedReceive(self._num_received, (tag, nbytes, part_nbytes))
-            self._post_ahead(pg, posted, parts, drain)
+            try:
+                self._post_ahead(pg, posted, parts, drain)
+            except Exception as e:  # receives may be posted: the channel is out of step now
+                raise KVTransferError(f"posting a receive failed: {e!r}") from e
             self._posted.append(posted)
             self._num_received += 1
         return posted
@@ -494,7 +509,14 @@ class PairChannel(ABC):
                     f"flags {flags:#x}"
                 )
             _check_header_fields((tag, nbytes, part_nbytes), posted.expected)
-            self._posted_payload(pg, posted, deadline)
+            try:
+                self._posted_payload(pg, posted, deadline)
+            except (KVTransferError, RuntimeError):
+                raise
+            except Exception as e:  # a drain failed: the parts are consumed, not drained
+                raise KVTransferError(f"draining a posted receive failed: {e!r}") from e
+            if self._closed:  # aborted meanwhile: what landed may be partial
+                raise KVTransferError("the channel was closed while the payload came in")
             self._posted.popleft()
             return bool(flags & VOID)
 
@@ -644,9 +666,7 @@ class PairChannel(ABC):
         """Run one operation: single-threaded, on a healthy channel. Yields the process group
         (held for the operation even if `close` runs meanwhile) and a time.monotonic deadline.
         Any failure breaks the channel and surfaces as KVTransferError."""
-        limit_s = self.config.timeout_s if timeout_s is None else timeout_s
-        if not 0 < limit_s <= self.config.backstop_timeout_s:
-            raise ValueError(f"timeout_s={limit_s} must be in (0, backstop_timeout_s]")
+        limit_s = self._limit_s(timeout_s)
         if not self._op_lock.acquire(blocking=False):
             raise RuntimeError(f"{self._name()}: used by two threads at once; one per pair")
         try:
@@ -660,6 +680,13 @@ class PairChannel(ABC):
                 raise self._break(name, _first_line(e), start) from e
         finally:
             self._op_lock.release()
+
+    def _limit_s(self, timeout_s: float | None) -> float:
+        """An operation's time limit; ValueError if out of (0, backstop_timeout_s]."""
+        limit_s = self.config.timeout_s if timeout_s is None else timeout_s
+        if not 0 < limit_s <= self.config.backstop_timeout_s:
+            raise ValueError(f"timeout_s={limit_s} must be in (0, backstop_timeout_s]")
+        return limit_s
 
     def _check_usable(self, name: str) -> Any:
         """The process group, if the channel is open and healthy."""
@@ -981,6 +1008,18 @@ def _claim_rank(store: Any, address: PairAddress) -> None:
         raise KVTransferError(
             f"{_describe(address)}: rank {address.rank} of this pair key is already taken; "
             "pair keys are single-use"
+        )
+
+
+def _check_wire_version(store: Any, address: PairAddress) -> None:
+    """Publish this side's WIRE_VERSION and refuse a peer that published another (the wait for
+    it is bounded by the store's connect timeout)."""
+    store.set(f"version/{address.rank}", str(WIRE_VERSION))
+    peer = store.get(f"version/{address.peer_rank}").decode()
+    if peer != str(WIRE_VERSION):
+        raise KVTransferError(
+            f"{_describe(address)}: the peer speaks KV wire version {peer}, this side "
+            f"{WIRE_VERSION}; upgrade both ends of a pair together"
         )
 
 

@@ -34,9 +34,12 @@ from kvtransfer.coalesce import (
 )
 from kvtransfer.transport import (
     MAX_POSTED,
+    STORE_PREFIX,
+    WIRE_VERSION,
     PairAddress,
     PairChannel,
     TransportConfig,
+    _check_wire_version,
     open_channel,
 )
 
@@ -660,3 +663,54 @@ def test_a_posted_receive_refuses_a_different_payload_and_bounds_the_window(
     assert full is not None and f"{MAX_POSTED} receives already posted" in full
     assert error is not None and KVTransferError.__name__ in error and "nbytes 20 != 16" in error
     assert receiver.is_broken
+
+
+def test_named_receives_posted_ahead_refuse_bad_limits_before_posting_and_void_payloads(
+    store_port: int,
+) -> None:
+    """recv / recv_parts the NCCL way (header and payload posted together), here on gloo: a
+    bad timeout is refused before anything is posted, a VOID payload raises but leaves the
+    channel in step."""
+    sender, receiver = in_process_pair(store_port, "named-ahead")
+    receiver._named_receives_ahead = True  # NCCL's behaviour
+    with sender, receiver:
+        _, bad_limit = timed_error(lambda: receiver.recv(torch.zeros(4), timeout_s=1e9))
+        assert receiver.num_posted == 0
+        join_send = in_background(lambda: sender.send_parts([torch.ones(4)], tag=3, void=True))
+        _, void = timed_error(lambda: receiver.recv(torch.zeros(4), tag=3, timeout_s=5.0))
+        assert join_send() is None
+        join_send = in_background(lambda: sender.send(torch.full((4,), 2.0), tag=4))
+        after = torch.zeros(4)
+        receiver.recv(after, tag=4, timeout_s=5.0)
+        assert join_send() is None
+
+    assert bad_limit is not None and bad_limit.startswith("ValueError")
+    assert void is not None and KVTransferError.__name__ in void and "VOID" in void
+    assert torch.equal(after, torch.full((4,), 2.0))
+
+
+def test_a_failing_drain_breaks_the_channel(store_port: int) -> None:
+    sender, receiver = in_process_pair(store_port, "bad-drain")
+
+    def drain(part: int) -> None:
+        raise ValueError(f"no room for part {part}")
+
+    with sender, receiver:
+        posted = receiver.post_recv([torch.zeros(4)], tag=1, drain=drain)
+        join_send = in_background(lambda: sender.send(torch.ones(4), tag=1))
+        _, error = timed_error(lambda: receiver.wait_posted(posted, timeout_s=5.0))
+        assert join_send() is None
+
+    assert error is not None and KVTransferError.__name__ in error and "no room" in error
+    assert receiver.is_broken
+
+
+def test_formation_refuses_a_peer_of_another_wire_version(store_port: int) -> None:
+    store = dist.PrefixStore(
+        STORE_PREFIX + "old-peer",
+        dist.TCPStore(HOST, store_port, is_master=False, timeout=timedelta(seconds=10)),
+    )
+    store.set("version/1", "1")  # an older peer published its version first
+    _, error = timed_error(lambda: _check_wire_version(store, address(store_port, "old", 0)))
+    assert error is not None and KVTransferError.__name__ in error
+    assert f"wire version 1, this side {WIRE_VERSION}" in error
