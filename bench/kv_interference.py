@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import threading
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.common import machine_info, markdown_table, write_json
+from bench.kvtransfer_bare import process_group
 
 VARIANTS = ("none", "gather", "send", "header+send", "gather+send", "copy_engine")
 NCCL_VARIANTS = ("send", "header+send", "gather+send")
@@ -55,17 +55,6 @@ def parse_args() -> argparse.Namespace:
         help="write the CUDA kernels (torch.profiler) of the last repeat of each variant here",
     )
     return parser.parse_args()
-
-
-def process_group(port: int, rank: int, max_ctas: int) -> Any:
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
-    options = dist.ProcessGroupNCCL.Options()
-    if max_ctas:
-        options.config.min_ctas, options.config.max_ctas = 1, max_ctas
-    pg = dist.ProcessGroupNCCL(store, rank, 2, options)
-    one = torch.ones(1, device=f"cuda:{rank}")  # forms the communicator
-    (pg.send if rank == 0 else pg.recv)([one], 1 - rank, 0).wait()
-    return pg
 
 
 def chunk_shape(num_blocks: int) -> tuple[int, ...]:

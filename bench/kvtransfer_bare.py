@@ -35,7 +35,9 @@ PARTS = (1, 2, 4, 8, 16)
 
 
 def process_group(port: int, rank: int, max_ctas: int) -> Any:
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    """Rank `rank` (on cuda:rank) of a bare 2-rank NCCL group through the TCPStore at `port`,
+    its communicator formed (max_ctas 0: NCCL's channel count)."""
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
     options = dist.ProcessGroupNCCL.Options()
     if max_ctas:
         options.config.min_ctas, options.config.max_ctas = 1, max_ctas
