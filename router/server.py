@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -48,6 +49,12 @@ from router.requests import (
 )
 
 logger = logging.getLogger(__name__)
+
+# How a request's stream stops early: its task is cancelled (the client cancelled, or its
+# deadline passed) while it awaits a worker, or grpc closes the stream (GeneratorExit at a
+# `yield`) when that happens while a response is being written. Either way the workers must
+# be told to abort, or the request runs on to its last token.
+_STOPPED = (asyncio.CancelledError, GeneratorExit)
 
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -146,15 +153,17 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             carrier = child_carrier(span)
             with self.admission.admit(len(validated.prompt_token_ids)):
                 place = self._colocated if self.prefill is None else self._disaggregated
-                async for response in place(validated, arrival, carrier, span):
-                    seen.response(response)
-                    yield response
+                # closed here, not whenever it is collected: its workers are told at once
+                async with aclosing(place(validated, arrival, carrier, span)) as responses:
+                    async for response in responses:
+                        seen.response(response)
+                        yield response
         except TandemError as e:  # refused, invalid, lost or failed
             code, error = status_of(e), e
             if isinstance(e, Overloaded) and self.metrics is not None:
                 self.metrics.admission_rejections.inc()
             await context.abort(code, str(e))
-        except asyncio.CancelledError as e:  # the client cancelled, or its deadline passed
+        except _STOPPED as e:  # the client cancelled, or its deadline passed
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
@@ -199,7 +208,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                         yield _timed(request.request_id, output, arrival, queued)
                         first = False
                     return
-                except asyncio.CancelledError:  # the client cancelled or its deadline passed
+                except _STOPPED:
                     _cancel(worker, request.request_id)
                     raise
                 except Exception as e:
@@ -217,11 +226,15 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         index = self._place(self.decode, set(), None, span)
         decode_id = self.decode.ids[index]
         with self.decode.assigned(index, len(request.prompt_token_ids)) as decode:
-            first_output, shipped, dispatched = await self._prefill(
-                request, decode_id, carrier, span
-            )
-            queued = _queued(first_output, arrival, dispatched)
-            yield _timed(request.request_id, first_output, arrival, queued)
+            try:
+                first_output, shipped, dispatched = await self._prefill(
+                    request, decode_id, carrier, span
+                )
+                queued = _queued(first_output, arrival, dispatched)
+                yield _timed(request.request_id, first_output, arrival, queued)
+            except _STOPPED:  # the KV may be shipping or shipped: the decode worker drops it
+                _cancel(decode, request.request_id)
+                raise
             if not shipped:
                 return
             outputs = self.outputs.open(decode, request.request_id)
@@ -236,7 +249,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     if response.HasField("usage"):  # the prompt's cache hits were prefill's
                         response.usage.cached_tokens = first_output.usage.cached_tokens
                     yield response
-            except asyncio.CancelledError:
+            except _STOPPED:
                 _cancel(decode, request.request_id)
                 raise
             except Exception as e:
@@ -359,12 +372,15 @@ def _cancel(worker: Any, request_id: str, call: Any = None) -> None:
     to abort the request, which also covers a call that has not reached it yet."""
     import ray
 
-    try:
-        if call is not None:
+    if call is not None:
+        try:
             ray.cancel(call)
+        except Exception:  # already finished: the abort below still frees what it left
+            logger.debug("cancel of a finished call", exc_info=True)
+    try:
         worker.abort.remote(request_id)
-    except Exception:  # already finished or the worker is gone: nothing left to stop
-        logger.debug("cancel of a finished request", exc_info=True)
+    except Exception:  # the worker is gone: nothing left to stop
+        logger.debug("abort on a lost worker", exc_info=True)
 
 
 class _Seen:

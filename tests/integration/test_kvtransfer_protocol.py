@@ -141,7 +141,8 @@ def test_chunks_posted_ahead_wait_for_staging_when_the_receivers_pool_is_short()
         endpoint = receiver.receive()
         sender = start_sender(started, [endpoint], specs)
         sent, received = sender.report(), receiver.report()
-    assert sent.results["short-pool"][0] == received.results["short-pool"][0] == "completed"
+    results = (sent.results["short-pool"], received.results["short-pool"])
+    assert results[0][0] == results[1][0] == "completed", results
     assert received.digests == sent.digests
     steps = received.steps["short-pool"]
     assert steps.index("in1") < steps.index("posted2") < steps.index("in2")  # one at a time

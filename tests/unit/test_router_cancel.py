@@ -1,0 +1,179 @@
+"""router.server: a request whose client goes away is aborted on its workers, however its
+stream stops.
+
+grpc.aio stops a handler in one of two ways when the client cancels or its deadline passes:
+it cancels the handler's task (CancelledError wherever the request awaits), or, when that
+happens while a response is being written, it closes the handler's generator
+(GeneratorExit at its `yield`). Both must reach the workers as `abort`, or the request runs
+on to its last token. The worker handles here are stand-ins with the shape of Ray actor
+handles (`method.remote(...)`); the real path (Ray, gRPC over loopback, a deadline) is
+tests/integration/test_service.py::test_deadline_exceeded_frees_the_request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from engine.output_processor import RequestOutput
+from engine.sequence import FinishReason, Usage
+from proto.tandem.v1 import tandem_pb2 as pb
+from router.placement import Pool
+from router.requests import ServedModel
+from router.server import TandemServicer
+
+PROMPT = [5, 6, 7, 8]
+FIRST_TOKEN = 11
+
+
+def _output(request_id: str, token: int, finished: bool = False) -> RequestOutput:
+    usage = Usage(prompt_tokens=len(PROMPT), cached_tokens=0, completion_tokens=1)
+    reason = FinishReason.LENGTH if finished else None
+    return RequestOutput(request_id, (token,), "", finished, reason, usage)
+
+
+@dataclass
+class _ActorId:
+    value: str
+
+    def hex(self) -> str:
+        return self.value
+
+
+class _Method:
+    """`handle.method.remote(*args)`: records the call, returns an awaitable of `reply`."""
+
+    def __init__(self, worker: FakeWorker, name: str) -> None:
+        self.worker, self.name = worker, name
+
+    def remote(self, *args: Any) -> Any:
+        self.worker.calls.append((self.name, args))
+        return self.worker.reply(self.name, args)
+
+
+class FakeWorker:
+    """A worker that prefills (returning the first token, shipped) and streams whatever the
+    test puts in `batches` through its `outputs` stream."""
+
+    def __init__(self, name: str) -> None:
+        self._actor_id = _ActorId(name)
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.batches: asyncio.Queue[Any] = asyncio.Queue()
+        for method in ("prefill", "start_generate", "start_continue", "abort"):
+            setattr(self, method, _Method(self, method))
+        self.outputs = self
+
+    def options(self, **kwargs: Any) -> FakeWorker:
+        assert kwargs == {"num_returns": "streaming"}
+        return self
+
+    def remote(self, subscriber: str) -> Any:  # outputs.options(...).remote(subscriber)
+        return self._stream()
+
+    async def _stream(self) -> Any:
+        while True:
+            batch = await self.batches.get()
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(batch)
+            yield future
+
+    def reply(self, name: str, args: tuple[Any, ...]) -> Any:
+        async def prefill() -> tuple[RequestOutput, bool]:
+            return _output(args[0], FIRST_TOKEN), True
+
+        async def nothing() -> None:
+            return None
+
+        if name == "abort":
+            return None  # fire and forget: the router never awaits it
+        return prefill() if name == "prefill" else nothing()
+
+    def aborted(self) -> list[str]:
+        return [args[0] for name, args in self.calls if name == "abort"]
+
+
+class FakeContext:
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def time_remaining(self) -> float:
+        return 0.0  # the deadline passed
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise AssertionError(f"unexpected abort: {code} {details}")
+
+
+def _servicer(disaggregated: bool) -> tuple[TandemServicer, FakeWorker, FakeWorker | None]:
+    model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
+    decode = FakeWorker("decode-0")
+    prefill = FakeWorker("prefill-0") if disaggregated else None
+    servicer = TandemServicer(
+        model,
+        Pool("decode", [decode]),
+        Pool("prefill", [prefill]) if prefill is not None else None,
+    )
+    return servicer, decode, prefill
+
+
+def _request() -> Any:
+    request = pb.GenerateRequest(request_id="r1", sampling=pb.SamplingParameters(max_tokens=8))
+    request.token_ids.ids.extend(PROMPT)
+    return request
+
+
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
+@pytest.mark.parametrize("after", [1, 2], ids=["first-token", "second-token"])
+def test_a_stream_closed_at_a_response_aborts_the_request(disaggregated: bool, after: int) -> None:
+    """grpc closes the handler's generator while it is suspended at a `yield`: the request is
+    aborted on the worker that holds it (decode worker: the KV may be shipped already)."""
+
+    async def run() -> None:
+        servicer, decode, _ = _servicer(disaggregated)
+        stream = servicer.Generate(_request(), FakeContext())
+        if not disaggregated:  # the first token comes from the worker's output stream
+            decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+        if after == 2:
+            decode.batches.put_nowait([("r1", _output("r1", 12))])
+        for _ in range(after):
+            await stream.__anext__()
+        assert decode.aborted() == []
+        await stream.aclose()  # GeneratorExit at the yield
+        assert decode.aborted() == ["r1"]
+        assert servicer.outputs.num_open == 0
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
+def test_a_cancelled_stream_aborts_the_request(disaggregated: bool) -> None:
+    """The handler's task is cancelled while it waits for the next output."""
+
+    async def run() -> None:
+        servicer, decode, _ = _servicer(disaggregated)
+        if not disaggregated:
+            decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+        stream = servicer.Generate(_request(), FakeContext())
+        await stream.__anext__()
+        task = asyncio.ensure_future(stream.__anext__())  # waits: no more outputs come
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert decode.aborted() == ["r1"]
+
+    asyncio.run(run())
+
+
+def test_a_finished_request_is_not_aborted() -> None:
+    async def run() -> None:
+        servicer, decode, prefill = _servicer(True)
+        decode.batches.put_nowait([("r1", _output("r1", 12, finished=True))])
+        responses = [r async for r in servicer.Generate(_request(), FakeContext())]
+        assert [list(r.token_ids) for r in responses] == [[FIRST_TOKEN], [12]]
+        assert decode.aborted() == []
+        assert prefill is not None and prefill.aborted() == []
+
+    asyncio.run(run())
