@@ -299,9 +299,10 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
     from engine.block_manager import BlockManager
     from kvtransfer.coalesce import StagingPool
     from kvtransfer.layout import KVLayout
+    from kvtransfer.nccl import configure_nccl_environment
     from kvtransfer.pair import ReceiverEndpoint
     from kvtransfer.receiver import KVReceiver
-    from kvtransfer.transport import PairAddress, configure_nccl_environment, open_channel
+    from kvtransfer.transport import PairAddress, open_channel
 
     configure_nccl_environment()
     device = device_of(args, 1)
@@ -366,7 +367,8 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
 
 def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None:
     faulthandler.dump_traceback_later(args.stack_dump_s)  # where a stuck run hangs
-    from kvtransfer.transport import PairAddress, configure_nccl_environment, open_channel
+    from kvtransfer.nccl import configure_nccl_environment
+    from kvtransfer.transport import PairAddress, open_channel
 
     configure_nccl_environment()
     device = device_of(args, 0)

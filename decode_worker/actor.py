@@ -64,7 +64,7 @@ class WorkerBase:
         self.worker_id = worker_id
         setup_tracing(tracing, worker_id)
         if config.device in ("cuda", "auto") and torch.cuda.is_available():
-            from kvtransfer.transport import configure_nccl_environment
+            from kvtransfer.nccl import configure_nccl_environment
 
             configure_nccl_environment()  # before any NCCL pair forms
         self.engine = Engine(config)

@@ -13,13 +13,8 @@ import torch
 import torch.distributed as dist
 
 from kvtransfer.coalesce import gather_blocks, scatter_blocks, staging_shape
-from kvtransfer.transport import (
-    PairAddress,
-    PairChannel,
-    TransportConfig,
-    configure_nccl_environment,
-    open_channel,
-)
+from kvtransfer.nccl import configure_nccl_environment
+from kvtransfer.transport import PairAddress, PairChannel, TransportConfig, open_channel
 from tests.integration.test_kvtransfer_transport import (
     CASES,
     HOST,

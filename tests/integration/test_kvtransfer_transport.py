@@ -705,6 +705,44 @@ def test_a_failing_drain_breaks_the_channel(store_port: int) -> None:
     assert receiver.is_broken
 
 
+def test_a_failing_fill_or_header_first_drain_breaks_the_channel(store_port: int) -> None:
+    """A fill (the sender's gather) that raises after its header went out, or a drain of a
+    header-first receive that raises: the channel is out of step, so it breaks, whatever the
+    exception's type, and later calls refuse."""
+
+    def fill(part: int) -> None:
+        raise IndexError(f"block index out of range in part {part}")
+
+    def drain(part: int) -> None:
+        raise KeyError(f"part {part}")
+
+    sender, receiver = in_process_pair(store_port, "bad-fill")
+    with sender, receiver:
+        join_recv = in_background(lambda: receiver.recv(torch.zeros(4), tag=5, timeout_s=1.0))
+        _, fill_error = timed_error(
+            lambda: sender.send_parts([torch.ones(2)] * 2, tag=5, fill=fill, timeout_s=5.0)
+        )
+        recv_error = join_recv()  # the header came, the payload never does
+        _, after = timed_error(lambda: sender.send(torch.ones(2), tag=6, timeout_s=1.0))
+    assert fill_error is not None and KVTransferError.__name__ in fill_error
+    assert "IndexError: block index out of range in part 0" in fill_error
+    assert after is not None and "broken channel" in after and "IndexError" in after
+    assert recv_error is not None and KVTransferError.__name__ in recv_error
+
+    sender, receiver = in_process_pair(store_port, "bad-header-first-drain")
+    with sender, receiver:
+        join_send = in_background(
+            lambda: sender.send_parts([torch.ones(2)] * 2, tag=7, timeout_s=5.0)
+        )
+        _, drain_error = timed_error(
+            lambda: receiver.recv_parts([torch.zeros(2)] * 2, tag=7, drain=drain, timeout_s=5.0)
+        )
+    send_error = join_send()  # part 1 was never taken: it fails once the receiver closed
+    assert send_error is not None and KVTransferError.__name__ in send_error
+    assert drain_error is not None and KVTransferError.__name__ in drain_error
+    assert "KeyError" in drain_error and receiver.is_broken
+
+
 def test_formation_refuses_a_peer_of_another_wire_version(store_port: int) -> None:
     store = dist.PrefixStore(
         STORE_PREFIX + "old-peer",

@@ -1,19 +1,21 @@
-"""kvtransfer.transport without a peer: config validation and the NCCL environment guard.
-Transfers between real processes are in tests/integration/test_kvtransfer_transport.py."""
+"""kvtransfer.transport and kvtransfer.nccl without a peer: config validation, the NCCL
+environment guard, completion polling. Transfers between real processes are in
+tests/integration/test_kvtransfer_transport.py."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
+import threading
+import time
 
 import pytest
 
-from kvtransfer.transport import (
-    NCCL_ERROR_HANDLING_ENV,
-    PairAddress,
-    TransportConfig,
-    configure_nccl_environment,
-    open_channel,
-)
+from engine.errors import KVTransferError
+from kvtransfer import nccl
+from kvtransfer.nccl import NCCL_ERROR_HANDLING_ENV, configure_nccl_environment
+from kvtransfer.transport import PairAddress, TransportConfig, open_channel
 
 
 @pytest.mark.parametrize(
@@ -76,3 +78,44 @@ def test_configure_nccl_environment_sets_clean_up_only(monkeypatch: pytest.Monke
     monkeypatch.setenv(NCCL_ERROR_HANDLING_ENV, "3")
     with pytest.raises(ValueError, match="'3'"):
         configure_nccl_environment()
+
+
+def _timer_slack_ns() -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(30, 0, 0, 0, 0))  # PR_GET_TIMERSLACK
+
+
+class _DoneAfter:
+    """An event stand-in: done at the n-th query."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def query(self) -> bool:
+        self.left -= 1
+        return self.left <= 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timer slack is Linux's")
+def test_a_polling_thread_cuts_its_own_timer_slack_only() -> None:
+    """_poll (NCCL completion) first cuts its thread's timer slack, so its short sleeps last
+    about what they ask; other threads (the engine's) keep theirs."""
+    seen: dict[str, int] = {}
+
+    def poller() -> None:
+        seen["before"] = _timer_slack_ns()
+        nccl._poll(_DoneAfter(3), time.monotonic() + 5.0)
+        seen["after"] = _timer_slack_ns()
+
+    main_before = _timer_slack_ns()
+    thread = threading.Thread(target=poller)
+    thread.start()
+    thread.join(10)
+    assert seen["before"] == main_before != nccl.POLL_TIMER_SLACK_NS
+    assert seen["after"] == nccl.POLL_TIMER_SLACK_NS
+    assert _timer_slack_ns() == main_before
+
+
+def test_poll_gives_up_at_its_deadline() -> None:
+    with pytest.raises(KVTransferError, match="timed out"):
+        nccl._poll(_DoneAfter(10**9), time.monotonic() + 0.05)
