@@ -69,6 +69,8 @@ class EngineLoop:
         self._arrived: dict[str, tuple[Any, float]] = {}  # transfer id -> (ReceivedKV, when)
         self._waiting: dict[str, _Submit] = {}  # transfer id -> request waiting for its KV
         self._aborted: OrderedDict[str, float] = OrderedDict()  # early aborts -> expiry
+        # transfers of aborted requests whose KV may still arrive -> expiry: freed on arrival
+        self._dropped: OrderedDict[str, float] = OrderedDict()
         self._inbox: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Submit] = {}  # engine thread only
@@ -215,9 +217,7 @@ class EngineLoop:
             self._drop_transfer(transfer_id)
         elif request_id not in self._streams:  # not here yet: refuse it if it comes soon
             self._drop_transfer(transfer_id)  # its KV may be here or on the way already
-            self._aborted[request_id] = time.monotonic() + EARLY_ABORT_TTL_S
-            while len(self._aborted) > MAX_EARLY_ABORTS:
-                self._aborted.popitem(last=False)
+            _remember(self._aborted, request_id)
 
     def _add(self, item: _Submit) -> None:
         aborted_until = self._aborted.pop(item.request_id, None)
@@ -254,6 +254,10 @@ class EngineLoop:
         now = time.monotonic()
         for receiver in self.receivers:
             for kv in receiver.poll():
+                dropped_until = self._dropped.pop(kv.transfer_id, None)
+                if dropped_until is not None and now < dropped_until:  # its request is gone
+                    self.engine.block_manager.release(kv.owner)
+                    continue
                 self._arrived[kv.transfer_id] = (kv, now)
         for transfer_id in [t for t in self._waiting if t in self._arrived]:
             item = self._waiting.pop(transfer_id)
@@ -290,13 +294,15 @@ class EngineLoop:
         return None
 
     def _drop_transfer(self, transfer_id: str) -> None:
-        """Free the KV of a request that will not continue: arrived, or still arriving."""
+        """Free the KV of a request that will not continue: arrived, still arriving, or not
+        offered yet (the abort overtook it: freed as it arrives, see _take_arrivals)."""
         arrived = self._arrived.pop(transfer_id, None)
         if arrived is not None:
             self.engine.block_manager.release(arrived[0].owner)
             return
         for receiver in self.receivers:  # in flight: freed once no data can land
             receiver.abort(transfer_id, "request cancelled")
+        _remember(self._dropped, transfer_id)  # complete but not polled yet, or not offered
 
     def _continue(self, item: _Submit, kv: Any) -> None:
         assert item.first_token_id is not None
@@ -346,3 +352,11 @@ class EngineLoop:
 def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
     for stream, item in items:
         stream.put_nowait(item)
+
+
+def _remember(entries: OrderedDict[str, float], key: str) -> None:
+    """Note `key` for EARLY_ABORT_TTL_S, keeping at most MAX_EARLY_ABORTS (oldest go first)."""
+    entries.pop(key, None)
+    entries[key] = time.monotonic() + EARLY_ABORT_TTL_S
+    while len(entries) > MAX_EARLY_ABORTS:
+        entries.popitem(last=False)

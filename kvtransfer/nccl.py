@@ -188,8 +188,8 @@ class NcclPairChannel(PairChannel):
         for work in works:
             work.wait()  # no timeout: the current stream waits for NCCL's, the host does not
         event = torch.cuda.Event()
-        event.record()
-        _poll(event, deadline)
+        event.record(torch.cuda.current_stream(self.device))  # this device's, whichever the
+        _poll(event, deadline)  # thread's current one (formation runs on other threads)
 
     def _order_after(self, work: Any, deadline: float) -> None:
         work.wait()  # the current stream waits for the receive; the host does not
@@ -242,10 +242,11 @@ def _poll(event: Any, deadline: float) -> None:
 
 def fine_timer_slack() -> None:
     """Cut the calling thread's timer slack to POLL_TIMER_SLACK_NS, once per thread (Linux
-    only; elsewhere, or if prctl fails, sleeps stay as coarse as the system makes them).
-    Linux lengthens every sleep of a thread by its slack, 50 us by default: a 20 us poll then
-    wakes every ~85 us instead of ~35 us (bench/poll_latency.py), adding the difference to
-    the latency of each message. Per thread, so the engine's threads keep their own."""
+        only; elsewhere, or if prctl fails, sleeps stay as coarse as the system makes them).
+        Linux lengthens every sleep of a thread by its slack, 50 us by default: a 20 us poll then
+        wakes every ~85 us instead of ~35 us (bench/poll_latency.py), adding the difference to
+        the latency of each message. Per thread: the threads that poll (a pair's transfer thread,
+    and the one that formed it) wake more precisely, the engine's threads keep their slack."""
     if getattr(_thread_state, "slack_set", False):
         return
     _thread_state.slack_set = True
@@ -253,7 +254,9 @@ def fine_timer_slack() -> None:
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_TIMERSLACK, POLL_TIMER_SLACK_NS, 0, 0, 0) != 0:
+        zero = ctypes.c_ulong(0)
+        slack = ctypes.c_ulong(POLL_TIMER_SLACK_NS)
+        if libc.prctl(ctypes.c_int(_PR_SET_TIMERSLACK), slack, zero, zero, zero) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_TIMERSLACK) failed")
     except (OSError, AttributeError) as e:
         logger.debug("timer slack left as is: %s", e)

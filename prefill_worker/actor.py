@@ -107,6 +107,14 @@ class PrefillWorker(WorkerBase):
         )  # fmt: skip
         return dataclasses.replace(output, finished=False, finish_reason=None), True
 
+    def abort(self, request_id: str) -> None:
+        """Abort a request: its prefill (here now or arriving later) and, if its KV is being
+        shipped, the transfer (the decode worker frees what it reserved for it)."""
+        super().abort(request_id)
+        transfer_id = transfer_id_for(request_id)
+        for sender in self.senders.values():
+            sender.abort(transfer_id, "request cancelled")
+
     async def disconnect(self, decode_id: str) -> None:
         """Close the pair with a decode worker that left the pool (its transfers are over)."""
         sender = self.senders.pop(decode_id, None)

@@ -195,7 +195,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             index = self._place(self.decode, tried, cached, span)
             tried.add(index)
             dispatched = time.monotonic()
-            first = True
+            first, finished = True, False
             with self.decode.assigned(index, _uncached(request, cached, index)) as worker:
                 outputs = self.outputs.open(worker, request.request_id)
                 try:
@@ -205,11 +205,13 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     )  # fmt: skip
                     async for output in _until_finished(outputs):
                         queued = _queued(output, arrival, dispatched) if first else None
+                        finished = output.finished  # over on the worker: nothing to abort
                         yield _timed(request.request_id, output, arrival, queued)
                         first = False
                     return
                 except _STOPPED:
-                    _cancel(worker, request.request_id)
+                    if not finished:
+                        _cancel(worker, request.request_id)
                     raise
                 except Exception as e:
                     if not _lost(e):
@@ -226,17 +228,20 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         index = self._place(self.decode, set(), None, span)
         decode_id = self.decode.ids[index]
         with self.decode.assigned(index, len(request.prompt_token_ids)) as decode:
+            shipped: bool | None = None  # None: not known yet
             try:
                 first_output, shipped, dispatched = await self._prefill(
                     request, decode_id, carrier, span
                 )
                 queued = _queued(first_output, arrival, dispatched)
                 yield _timed(request.request_id, first_output, arrival, queued)
-            except _STOPPED:  # the KV may be shipping or shipped: the decode worker drops it
-                _cancel(decode, request.request_id)
+            except _STOPPED:  # its KV may be on the way: the decode worker drops it
+                if shipped is not False:
+                    _cancel(decode, request.request_id)
                 raise
             if not shipped:
                 return
+            finished = False
             outputs = self.outputs.open(decode, request.request_id)
             try:
                 await decode.start_continue.remote(
@@ -248,9 +253,11 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     response = _timed(request.request_id, output, arrival)
                     if response.HasField("usage"):  # the prompt's cache hits were prefill's
                         response.usage.cached_tokens = first_output.usage.cached_tokens
+                    finished = output.finished
                     yield response
             except _STOPPED:
-                _cancel(decode, request.request_id)
+                if not finished:
+                    _cancel(decode, request.request_id)
                 raise
             except Exception as e:
                 if _lost(e):
@@ -470,8 +477,10 @@ class ServingGate(tandem_pb2_grpc.TandemServicer):
 
     async def Generate(self, request: Any, context: Any) -> Any:
         servicer = await self._ready(context)
-        async for response in servicer.Generate(request, context):
-            yield response
+        # closed with this stream: grpc stops iterating, and the workers must hear it now
+        async with aclosing(servicer.Generate(request, context)) as responses:
+            async for response in responses:
+                yield response
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
         return await (await self._ready(context)).Tokenize(request, context)

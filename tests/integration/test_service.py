@@ -74,9 +74,12 @@ class RunningService:
             time.sleep(0.02)
 
     def assert_workers_idle_and_intact(self, timeout_s: float = 10) -> None:
+        """Soon after a case, no worker has a request or holds a block for one (cached
+        prefixes count as free): not the request, nor KV shipped or arriving for it."""
         deadline = time.monotonic() + timeout_s
-        while any(s["num_requests"] for s in self.worker_stats()):
-            assert time.monotonic() < deadline, f"requests still in flight: {self.worker_stats()}"
+        while any(s["num_requests"] or s.get("num_free_blocks") != s.get("num_blocks")
+                  for s in self.worker_stats()):  # fmt: skip
+            assert time.monotonic() < deadline, f"requests or KV still held: {self.worker_stats()}"
             time.sleep(0.05)
         for worker in self.service.workers + self.service.prefill_workers:
             ray.get(worker.check_integrity.remote(), timeout=30)

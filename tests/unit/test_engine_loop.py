@@ -1,6 +1,7 @@
 """The EngineLoop that drives a worker's engine from one thread for asyncio callers: outputs
 equal the engine's own, aborts free the request whether they come during it or before it, a
-failed KV transfer ends its waiting request at once, a failed engine fails fast."""
+failed KV transfer ends its waiting request at once, KV whose request was aborted before it
+came is freed as it comes, a failed engine fails fast."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from decode_worker.engine_loop import EngineLoop
 from engine.errors import RequestAborted, WorkerUnavailable
 from engine.sequence import FinishReason
-from kvtransfer.protocol import TransferMetrics, TransferResult, TransferStatus
+from kvtransfer.protocol import TransferMetrics, TransferResult, TransferStatus, transfer_id_for
+from kvtransfer.receiver import ReceivedKV
 from tests.conftest import greedy, make_engine, prompt_ids
 
 
@@ -151,5 +153,65 @@ def test_receivers_of_pairs_that_are_gone_are_dropped_keeping_their_counts() -> 
         assert loop.receivers == [holding, healthy]  # one still holds KV; one is live
         assert loop.retired_metrics.bytes_received == 1000
         assert loop.retired_metrics.transfers_completed == 2
+    finally:
+        loop.stop()
+
+
+class LateArrivals:
+    """A receiver that completes the transfers the test hands it (their KV reserved in the
+    engine's block manager, as KVReceiver does) at the loop's next poll."""
+
+    failure = None  # the pair is healthy
+    num_live = 0
+
+    def __init__(self) -> None:
+        self.ready: list[Any] = []
+
+    def arrive(self, engine: Any, request_id: str) -> str:
+        """Reserve two blocks for `request_id`'s KV and complete its transfer; the owner."""
+        owner = f"kv-in:{request_id}"
+        blocks = engine.block_manager.reserve(owner, 2)
+        transfer_id = transfer_id_for(request_id)
+        self.ready.append(ReceivedKV(transfer_id, request_id, owner, tuple(blocks), 20, 0.0))
+        return owner
+
+    def poll(self) -> list[Any]:
+        ready, self.ready = self.ready, []
+        return ready
+
+    def result(self, transfer_id: str) -> None:
+        return None
+
+    def abort(self, transfer_id: str, reason: str) -> bool:
+        return False  # not live here: complete already, or not offered yet
+
+    def owners(self) -> list[str]:
+        return []
+
+
+def test_kv_arriving_after_its_request_was_aborted_is_freed_as_it_arrives() -> None:
+    """The abort of a request overtakes its transfer's Offer (the router gave up during the
+    prefill): the KV is released at arrival, not held as unclaimed for UNCLAIMED_KV_S. KV of
+    a request nobody aborted stays for its continue call."""
+    loop = EngineLoop(make_engine())
+    receiver = LateArrivals()
+    loop.receivers.append(receiver)
+    try:
+        loop.abort("gave-up")
+        loop.call(lambda engine: None)  # the abort is taken: nothing of it is here yet
+        loop.call(lambda engine: (receiver.arrive(engine, "gave-up"),
+                                  receiver.arrive(engine, "kept")))  # fmt: skip
+        loop.wake()
+        loop.call(lambda engine: None)  # a turn that polls the arrivals
+        loop.wake()
+        held = loop.call(lambda engine: (loop.transfer_holders(),
+                                         engine.block_manager.num_free_blocks,
+                                         engine.block_manager.num_blocks))  # fmt: skip
+        assert held == (["kv-in:kept"], held[2] - 2, held[2])
+        loop.abort("kept")  # now the other one's request gives up too: freed at once
+        loop.call(lambda engine: None)
+        free = loop.call(lambda engine: engine.block_manager.num_free_blocks)
+        assert free == held[2] and loop.call(lambda engine: loop.transfer_holders()) == []
+        loop.call(lambda engine: engine.check_integrity())
     finally:
         loop.stop()

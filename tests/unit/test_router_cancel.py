@@ -23,7 +23,7 @@ from engine.sequence import FinishReason, Usage
 from proto.tandem.v1 import tandem_pb2 as pb
 from router.placement import Pool
 from router.requests import ServedModel
-from router.server import TandemServicer
+from router.server import ServingGate, TandemServicer
 
 PROMPT = [5, 6, 7, 8]
 FIRST_TOKEN = 11
@@ -58,8 +58,9 @@ class FakeWorker:
     """A worker that prefills (returning the first token, shipped) and streams whatever the
     test puts in `batches` through its `outputs` stream."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, ships: bool = True) -> None:
         self._actor_id = _ActorId(name)
+        self.ships = ships  # prefill: whether the KV goes to a decode worker
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.batches: asyncio.Queue[Any] = asyncio.Queue()
         for method in ("prefill", "start_generate", "start_continue", "abort"):
@@ -82,7 +83,7 @@ class FakeWorker:
 
     def reply(self, name: str, args: tuple[Any, ...]) -> Any:
         async def prefill() -> tuple[RequestOutput, bool]:
-            return _output(args[0], FIRST_TOKEN), True
+            return _output(args[0], FIRST_TOKEN, finished=not self.ships), self.ships
 
         async def nothing() -> None:
             return None
@@ -106,10 +107,12 @@ class FakeContext:
         raise AssertionError(f"unexpected abort: {code} {details}")
 
 
-def _servicer(disaggregated: bool) -> tuple[TandemServicer, FakeWorker, FakeWorker | None]:
+def _servicer(
+    disaggregated: bool, ships: bool = True
+) -> tuple[TandemServicer, FakeWorker, FakeWorker | None]:
     model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
     decode = FakeWorker("decode-0")
-    prefill = FakeWorker("prefill-0") if disaggregated else None
+    prefill = FakeWorker("prefill-0", ships) if disaggregated else None
     servicer = TandemServicer(
         model,
         Pool("decode", [decode]),
@@ -124,15 +127,29 @@ def _request() -> Any:
     return request
 
 
+def _stream(servicer: TandemServicer, through_gate: bool) -> Any:
+    """A Generate stream as grpc iterates it: the ServingGate's (as served), or the
+    servicer's own."""
+    if not through_gate:
+        return servicer.Generate(_request(), FakeContext())
+    gate = ServingGate()
+    gate.open(servicer)
+    return gate.Generate(_request(), FakeContext())
+
+
+@pytest.mark.parametrize("through_gate", [False, True], ids=["servicer", "gate"])
 @pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
 @pytest.mark.parametrize("after", [1, 2], ids=["first-token", "second-token"])
-def test_a_stream_closed_at_a_response_aborts_the_request(disaggregated: bool, after: int) -> None:
+def test_a_stream_closed_at_a_response_aborts_the_request(
+    disaggregated: bool, after: int, through_gate: bool
+) -> None:
     """grpc closes the handler's generator while it is suspended at a `yield`: the request is
-    aborted on the worker that holds it (decode worker: the KV may be shipped already)."""
+    aborted at once on the worker that holds it (decode worker: the KV may be shipped
+    already), not whenever the generators are collected."""
 
     async def run() -> None:
         servicer, decode, _ = _servicer(disaggregated)
-        stream = servicer.Generate(_request(), FakeContext())
+        stream = _stream(servicer, through_gate)
         if not disaggregated:  # the first token comes from the worker's output stream
             decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
         if after == 2:
@@ -140,9 +157,38 @@ def test_a_stream_closed_at_a_response_aborts_the_request(disaggregated: bool, a
         for _ in range(after):
             await stream.__anext__()
         assert decode.aborted() == []
-        await stream.aclose()  # GeneratorExit at the yield
+        await stream.aclose()  # GeneratorExit at the yield; no loop turn after it
         assert decode.aborted() == ["r1"]
         assert servicer.outputs.num_open == 0
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "disaggregated, ships",
+    [(False, True), (True, True), (True, False)],
+    ids=["colocated", "disaggregated", "disaggregated-first-token-ends-it"],
+)
+def test_a_stream_closed_at_its_last_response_aborts_nothing(
+    disaggregated: bool, ships: bool
+) -> None:
+    """Closed at the yield of the finished output (the write raced the deadline): the
+    request is over on its worker, which is not sent an abort it would only remember."""
+
+    async def run() -> None:
+        servicer, decode, prefill = _servicer(disaggregated, ships)
+        stream = _stream(servicer, through_gate=True)
+        if not disaggregated:
+            decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN, finished=True))])
+        elif ships:
+            decode.batches.put_nowait([("r1", _output("r1", 12, finished=True))])
+        response = await stream.__anext__()
+        if disaggregated and ships:
+            response = await stream.__anext__()  # the decode worker's last output
+        assert response.HasField("usage")  # the finished one
+        await stream.aclose()
+        assert decode.aborted() == []
+        assert prefill is None or prefill.aborted() == []
 
     asyncio.run(run())
 
