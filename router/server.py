@@ -217,6 +217,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     if not _lost(e):
                         raise _translate(e) from e
                     self.decode.mark_down(worker)
+                    _abandon(worker, request.request_id, e)
                     if not first:  # the client has seen tokens: it cannot be moved silently
                         raise _translate(e) from e
                     self._retrying("worker", index, e)
@@ -262,6 +263,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             except Exception as e:
                 if _lost(e):
                     self.decode.mark_down(decode)
+                    _abandon(decode, request.request_id, e)
                 raise _translate(e) from e
             finally:
                 self.outputs.close(decode, request.request_id)
@@ -294,6 +296,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     if not _lost(e):
                         raise _translate(e) from e
                     self.prefill.mark_down(worker)
+                    _abandon(worker, request.request_id, e)
                     self._retrying("prefill worker", index, e)
 
     def _place(self, pool: Pool, tried: set[int], cached: list[int] | None, span: Any) -> int:
@@ -388,6 +391,15 @@ def _cancel(worker: Any, request_id: str, call: Any = None) -> None:
         worker.abort.remote(request_id)
     except Exception:  # the worker is gone: nothing left to stop
         logger.debug("abort on a lost worker", exc_info=True)
+
+
+def _abandon(worker: Any, request_id: str, error: BaseException) -> None:
+    """A worker lost mid-request: if it was only unreachable (it may come back, and would run
+    the request on to its end), tell it to abort; a dead one has nothing left to stop."""
+    import ray
+
+    if isinstance(error, ray.exceptions.ActorUnavailableError):
+        _cancel(worker, request_id)
 
 
 class _Seen:

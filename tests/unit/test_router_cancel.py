@@ -1,11 +1,12 @@
 """router.server: a request whose client goes away is aborted on its workers, however its
-stream stops.
+stream stops; one moved off an unreachable worker is aborted there.
 
 grpc.aio stops a handler in one of two ways when the client cancels or its deadline passes:
 it cancels the handler's task (CancelledError wherever the request awaits), or, when that
 happens while a response is being written, it closes the handler's generator
 (GeneratorExit at its `yield`). Both must reach the workers as `abort`, or the request runs
-on to its last token. The worker handles here are stand-ins with the shape of Ray actor
+on to its last token. So must the loss of a worker that is only unreachable, whose request
+moves elsewhere. The worker handles here are stand-ins with the shape of Ray actor
 handles (`method.remote(...)`); the real path (Ray, gRPC over loopback, a deadline) is
 tests/integration/test_service.py::test_deadline_exceeded_frees_the_request.
 """
@@ -58,9 +59,10 @@ class FakeWorker:
     """A worker that prefills (returning the first token, shipped) and streams whatever the
     test puts in `batches` through its `outputs` stream."""
 
-    def __init__(self, name: str, ships: bool = True) -> None:
+    def __init__(self, name: str, ships: bool = True, fails: BaseException | None = None) -> None:
         self._actor_id = _ActorId(name)
         self.ships = ships  # prefill: whether the KV goes to a decode worker
+        self.fails = fails  # raised by its start_generate / prefill calls
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.batches: asyncio.Queue[Any] = asyncio.Queue()
         for method in ("prefill", "start_generate", "start_continue", "abort"):
@@ -88,8 +90,14 @@ class FakeWorker:
         async def nothing() -> None:
             return None
 
+        async def fail() -> None:
+            assert self.fails is not None
+            raise self.fails
+
         if name == "abort":
             return None  # fire and forget: the router never awaits it
+        if self.fails is not None:
+            return fail()
         return prefill() if name == "prefill" else nothing()
 
     def aborted(self) -> list[str]:
@@ -221,5 +229,42 @@ def test_a_finished_request_is_not_aborted() -> None:
         assert [list(r.token_ids) for r in responses] == [[FIRST_TOKEN], [12]]
         assert decode.aborted() == []
         assert prefill is not None and prefill.aborted() == []
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("unreachable", [True, False], ids=["unreachable", "dead"])
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
+def test_a_worker_lost_mid_request_is_told_to_abort_if_it_may_come_back(
+    disaggregated: bool, unreachable: bool
+) -> None:
+    """The request moves to another worker; the lost one, if only unreachable, would run it
+    on once back: it is sent an abort. A dead one is not (nothing to stop, and Ray would log
+    the failed call)."""
+    import ray
+
+    error = (
+        ray.exceptions.ActorUnavailableError("unreachable", None)
+        if unreachable
+        else ray.exceptions.ActorDiedError()
+    )
+
+    async def run() -> None:
+        model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
+        lost, healthy = FakeWorker("w0", fails=error), FakeWorker("w1")
+        decode = FakeWorker("decode-0")
+        if disaggregated:
+            servicer = TandemServicer(
+                model, Pool("decode", [decode]), Pool("prefill", [lost, healthy])
+            )
+            decode.batches.put_nowait([("r1", _output("r1", 12, finished=True))])
+        else:
+            servicer = TandemServicer(model, Pool("decode", [lost, healthy]))
+            healthy.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN, finished=True))])
+        responses = [r async for r in servicer.Generate(_request(), FakeContext())]
+        assert responses[-1].HasField("usage")  # served by the other worker
+        assert lost.aborted() == (["r1"] if unreachable else [])
+        assert healthy.aborted() == [] and decode.aborted() == []
+        assert servicer.num_retried == 1
 
     asyncio.run(run())
