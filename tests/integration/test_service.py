@@ -8,6 +8,7 @@ right status; cancellation and deadlines free the workers' KV; killed workers en
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -250,6 +251,41 @@ def test_deadline_exceeded_frees_the_request(service: RunningService) -> None:
             )
         )
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_cancels_and_deadlines_at_random_moments_leave_nothing_behind(
+    service: RunningService,
+) -> None:
+    """C2/C3 under load: 12 concurrent streams, half cancelled by the client and half given
+    a deadline, at random moments from before their prefill to mid-decode (disaggregated:
+    also while their KV ships). Each ends CANCELLED, DEADLINE_EXCEEDED or finished; then
+    clean_workers requires every worker idle with every block free (nothing shipped or
+    arriving is left behind)."""
+    rng = random.Random(12)
+    started = time.monotonic()
+    calls = []
+    for i in range(12):
+        deadline = i % 2 == 1
+        stop_at = rng.uniform(0.0, 2.0)
+        call = service.stub.Generate(
+            pb.GenerateRequest(text=f"({i}) " + LONG_PROMPT[: 300 + 100 * i],
+                               sampling=greedy_sampling(48)),
+            timeout=stop_at if deadline else 120,
+        )  # fmt: skip
+        calls.append((call, None if deadline else stop_at))
+    for call, cancel_at in sorted(calls, key=lambda c: c[1] or 0.0):
+        if cancel_at is not None:
+            time.sleep(max(0.0, started + cancel_at - time.monotonic()))
+            call.cancel()
+    ends = []
+    for call, _ in calls:
+        try:
+            responses = list(call)
+            ends.append("finished" if responses[-1].usage.completion_tokens == 48 else "short")
+        except grpc.RpcError as e:
+            ends.append(e.code().name)
+    assert set(ends) <= {"finished", "CANCELLED", "DEADLINE_EXCEEDED"}, ends
+    assert ends.count("CANCELLED") + ends.count("DEADLINE_EXCEEDED") >= 6, ends
 
 
 def test_tokenize_and_list_models(service: RunningService, default_model_engine: Engine) -> None:
