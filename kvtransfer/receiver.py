@@ -146,6 +146,9 @@ class KVReceiver:
         self._finished: BoundedRecord[str, _Final] = BoundedRecord(self.config.max_finished)
         self._completed: deque[ReceivedKV] = deque()
         self._failure: str | None = None
+        # held from a transfer's verdict to its Ack being sent, and by close(): a transfer
+        # this side reports COMPLETED has had its Ack sent (else the sender would fail it)
+        self._verdict = threading.RLock()
         self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
         self._held: list[StagingLease] = []  # staging a receive in flight may write (data thread)
         # Done brings nothing to check unless this side compares CRCs (CPU, checksum on): then
@@ -212,8 +215,9 @@ class KVReceiver:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Fail the pair (reservations are freed as the data thread stops) and release the
-        completed transfers nobody polled."""
-        self._fail_pair("receiver closed")
+        completed transfers nobody polled. An Ack already decided goes out first."""
+        with self._verdict:
+            self._fail_pair("receiver closed")
         for thread in self._threads:
             thread.join(timeout_s)
         for kv in self.poll():
@@ -578,10 +582,11 @@ class KVReceiver:
             self._send(ack)
             return
         ack = TransferAck(tid, ok=True)
-        if self._finish(incoming, TransferStatus.COMPLETED, "", reply=ack, early=done is None):
-            final = self._finished.get(tid)
-            if final is not None and final.result.ok:
-                self._send(ack)
+        with self._verdict:  # close() waits: the result is visible before the Ack is out
+            if self._finish(incoming, TransferStatus.COMPLETED, "", reply=ack, early=done is None):
+                final = self._finished.get(tid)
+                if final is not None and final.result.ok:
+                    self._send(ack)
 
     def _finish(
         self,

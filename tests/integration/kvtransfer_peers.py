@@ -26,6 +26,7 @@ import torch
 from engine.block_manager import BlockManager
 from kvtransfer.coalesce import StagingPool, gather_blocks
 from kvtransfer.layout import KVLayout
+from kvtransfer.messages import TransferAck
 from kvtransfer.pair import ReceiverEndpoint, connect_pair
 from kvtransfer.protocol import TransferConfig, TransferMetrics
 from kvtransfer.receiver import KVReceiver
@@ -131,6 +132,16 @@ class _NoAckReceiver(KVReceiver):
         pass
 
 
+class _SlowAckReceiver(KVReceiver):
+    """A receiver whose Acks take 0.5 s to go out (a busy control thread): its owner sees the
+    transfer completed, and closes, before the Ack has left."""
+
+    def _send(self, message: Any) -> None:
+        if isinstance(message, TransferAck):
+            time.sleep(0.5)
+        super()._send(message)
+
+
 def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
     dtype = params.get("dtype", torch.float32)
     config: TransferConfig = params.get("config", TransferConfig())
@@ -142,6 +153,7 @@ def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> N
     endpoint = ReceiverEndpoint(HOST)
     conn.send(endpoint.address)
     cls = _NoAckReceiver if params.get("no_ack") else KVReceiver
+    cls = _SlowAckReceiver if params.get("slow_ack") else cls
     receivers = []
     for _ in range(params.get("num_pairs", 1)):
         pair = endpoint.accept(TRANSPORT)

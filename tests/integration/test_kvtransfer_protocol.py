@@ -149,6 +149,29 @@ def test_chunks_posted_ahead_wait_for_staging_when_the_receivers_pool_is_short()
     assert_clean(sent, received)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [TransferConfig(), TransferConfig(checksum=False)],
+    ids=["ack-on-done", "ack-on-data"],
+)
+def test_a_receiver_closed_as_its_transfer_completes_still_acks_it(
+    config: TransferConfig,
+) -> None:
+    """The receiver's owner sees the transfer completed and closes at once (the test role
+    does), while the Ack is still on its way out (slowed by 0.5 s): close() waits for it, so
+    the sender, too, ends the transfer completed rather than failed by the closed pair."""
+    specs = [Spec("closed-right-after", 9, seed=9)]
+    with peers() as started:
+        receiver = start_receiver(started, ["closed-right-after"], slow_ack=True, config=config)
+        endpoint = receiver.receive()
+        sender = start_sender(started, [endpoint], specs, config=config)
+        sent, received = sender.report(), receiver.report()
+    results = (sent.results["closed-right-after"], received.results["closed-right-after"])
+    assert results[0][0] == results[1][0] == "completed", results
+    assert received.digests == sent.digests
+    assert_clean(sent, received)
+
+
 def test_many_concurrent_transfers_between_several_senders_and_receivers() -> None:
     rng = random.Random(7)
     num_receivers, num_senders, per_pair = 2, 2, 6
