@@ -578,8 +578,9 @@ class KVReceiver:
         tid = incoming.offer.transfer_id
         if problem is not None:
             ack = TransferAck(tid, ok=False, reason=problem[:256])
-            self._finish(incoming, TransferStatus.FAILED, problem, reply=ack)
-            self._send(ack)
+            with self._verdict:  # the sender learns why, even if this side closes now
+                self._finish(incoming, TransferStatus.FAILED, problem, reply=ack)
+                self._send(ack)
             return
         ack = TransferAck(tid, ok=True)
         with self._verdict:  # close() waits: the result is visible before the Ack is out
