@@ -598,7 +598,10 @@ class KVSender:
                 self._failure = reason
             live = list(self._live.values())
         for transfer in live:
-            self._end(transfer, TransferStatus.FAILED, reason)
+            if transfer.early_ack is not None:  # the receiver confirmed every chunk already
+                self._on_ack(transfer, transfer.early_ack)
+            else:
+                self._end(transfer, TransferStatus.FAILED, reason)
         self.control.close()  # first: the peer learns at once, whatever the channel does
         self.channel.close()
 

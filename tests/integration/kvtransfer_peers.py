@@ -142,6 +142,16 @@ class _SlowAckReceiver(KVReceiver):
         super()._send(message)
 
 
+class _SlowAfterSendSender(KVSender):
+    """A sender whose transfer thread pauses 0.3 s after each chunk's send (a busy thread):
+    an Ack on data, then the receiver's close, reach it before it has moved on to Done."""
+
+    def _send_chunk(self, transfer: Any, staged: Any, crc: int) -> int:
+        crc = super()._send_chunk(transfer, staged, crc)
+        time.sleep(0.3)
+        return crc
+
+
 def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
     dtype = params.get("dtype", torch.float32)
     config: TransferConfig = params.get("config", TransferConfig())
@@ -211,9 +221,10 @@ def sender_role(params: dict[str, Any], conn: Connection, report: Report) -> Non
     senders = []
     for index, endpoint in enumerate(params["endpoints"]):
         channel, control = connect_pair(endpoint, f"{params['name']}/{index}", TRANSPORT)
+        cls = _SlowAfterSendSender if params.get("slow_after_send") else KVSender
         senders.append(
-            KVSender(channel, control, cache, layout_of(cache), block_manager.release, pool,
-                     config, metrics)
+            cls(channel, control, cache, layout_of(cache), block_manager.release, pool,
+                config, metrics)
         )  # fmt: skip
     handles = []
     for spec in params["specs"]:
