@@ -14,7 +14,6 @@ tests/integration/test_service.py::test_deadline_exceeded_frees_the_request.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from proto.tandem.v1 import tandem_pb2 as pb
 from router.placement import Pool
 from router.requests import ServedModel
 from router.server import ServingGate, TandemServicer
+from tests.unit.test_router_outputs import _ActorId
 
 PROMPT = [5, 6, 7, 8]
 FIRST_TOKEN = 11
@@ -34,14 +34,6 @@ def _output(request_id: str, token: int, finished: bool = False) -> RequestOutpu
     usage = Usage(prompt_tokens=len(PROMPT), cached_tokens=0, completion_tokens=1)
     reason = FinishReason.LENGTH if finished else None
     return RequestOutput(request_id, (token,), "", finished, reason, usage)
-
-
-@dataclass
-class _ActorId:
-    value: str
-
-    def hex(self) -> str:
-        return self.value
 
 
 class _Method:
