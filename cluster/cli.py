@@ -1,16 +1,18 @@
 """The `tandem` command line.
 
-    tandem generate "prompt" [--chat] [--model PATH] [--max-tokens N] [--temperature T]
+    tandem generate "prompt" [--raw] [--model PATH] [--max-tokens N] [--temperature T]
                              [--top-p P] [--top-k K] [--seed S] [--json]
     tandem serve [--model PATH] [--mode disaggregated|colocated] [--prefill-workers N]
                  [--decode-workers M] [--workers N] [--host H] [--port P] [--address RAY]
                  [--redis-url URL] [--metrics-port P] [--otlp-endpoint H:P] [--autoscale ...]
-    tandem client "prompt" [--target HOST:PORT] [--chat] [--max-tokens N] [--temperature T]
+    tandem client "prompt" [--target HOST:PORT] [--raw] [--max-tokens N] [--temperature T]
     tandem demo [PROMPT ...] [--mode ...] [--max-tokens N]      (serve, ask, print, stop)
     tandem bench [--target HOST:PORT] [--workload W] [--rates 1,2,4] [--slo ...] | compare A B
 
-Torch is imported only by the commands that run an engine, so `tandem --help` is instant.
-Exit codes: 0 done, 2 bad input or model, 130 interrupted.
+A prompt is sent as a user message in the model's chat template when the model has one (what
+an instruct model expects); `--raw` sends the text as is. Torch is imported only by the commands
+that run an engine, so `tandem --help` is instant. Exit codes: 0 done, 2 bad input or model, an
+address already in use, or an unreachable server, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,29 +31,35 @@ from engine.errors import InvalidRequest, TandemError
 logger = logging.getLogger(__name__)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Help that shows each option's default; subcommands are parsers of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="generate text with a local engine")
-    generate.add_argument("prompt", help="the prompt text (a user message with --chat)")
-    generate.add_argument(
-        "--chat",
-        action="store_true",
-        help="wrap the prompt as a user message in the model's chat template",
+    parser = _Parser(prog="tandem", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log at INFO level, Ray and gRPC included"
     )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    generate = commands.add_parser("generate", help="generate text with a local engine")
+    generate.add_argument("prompt", help="the prompt text")
+    add_prompt_form_arguments(generate)
     generate.add_argument(
         "--model",
         default=None,
         help="GGUF file, Hugging Face directory or dummy:<shape>; "
         "default: the bundled SmolLM2-135M-Instruct",
     )
-    generate.add_argument("--max-tokens", type=int, default=256)
+    generate.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 is off")
     generate.add_argument("--top-k", type=int, default=0, help="0 means off")
-    generate.add_argument("--min-p", type=float, default=0.0)
-    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--min-p", type=float, default=0.0, help="0 means off")
+    generate.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     generate.add_argument("--stop", action="append", default=[], help="a stop string (repeat)")
     generate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     generate.add_argument(
@@ -59,40 +68,67 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--json", action="store_true", help="print one JSON object with token ids, text and usage"
     )
-    generate.set_defaults(handler=run_generate)
+    generate.set_defaults(handler=run_generate, subparser=generate)
 
     serve = commands.add_parser("serve", help="serve the gRPC API from a pool of Ray workers")
-    serve.add_argument("--model", default=None, help="as for generate")
+    serve.add_argument("--model", default=None, help="as for generate (default: bundled model)")
     add_pool_arguments(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051, help="0: any free port")
+    serve.add_argument("--host", default="127.0.0.1", help="address the gRPC API listens on")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port; 0: any free port")
     serve.add_argument("--address", default=None, help="a Ray cluster to join (default: local)")
     serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    serve.set_defaults(handler=run_serve)
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="on SIGTERM or Ctrl-C: seconds requests in flight get to finish before they are "
+        "cancelled (new requests are refused at once)",
+    )
+    serve.set_defaults(handler=run_serve, subparser=serve)
 
     client = commands.add_parser("client", help="stream one answer from a running service")
-    client.add_argument("prompt")
-    client.add_argument("--target", default="127.0.0.1:50051")
-    client.add_argument("--chat", action="store_true", help="send the prompt as a user message")
-    client.add_argument("--max-tokens", type=int, default=256)
-    client.add_argument("--temperature", type=float, default=0.0)
-    client.add_argument("--timeout", type=float, default=300.0, help="seconds")
-    client.set_defaults(handler=run_client)
+    client.add_argument("prompt", help="the prompt text")
+    add_prompt_form_arguments(client)
+    client.add_argument("--target", default="127.0.0.1:50051", help="the service, HOST:PORT")
+    client.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+    client.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    client.add_argument("--timeout", type=float, default=300.0, help="seconds for the answer")
+    client.set_defaults(handler=run_client, subparser=client)
 
     demo = commands.add_parser(
         "demo", help="start the service locally, stream a few concurrent answers, stop"
     )
-    demo.add_argument("prompts", nargs="*", default=list(DEMO_PROMPTS))
-    demo.add_argument("--model", default=None)
+    demo.add_argument("prompts", nargs="*", default=list(DEMO_PROMPTS), help="questions to ask")
+    demo.add_argument("--model", default=None, help="as for generate (default: bundled model)")
     add_pool_arguments(demo)
-    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--max-tokens", type=int, default=96, help="tokens per answer at most")
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    demo.set_defaults(handler=run_demo)
+    demo.set_defaults(handler=run_demo, subparser=demo)
 
     from bench.serving.cli import add_arguments as add_bench_arguments  # argparse only: cheap
 
-    add_bench_arguments(commands.add_parser("bench", help="measure a running service under load"))
+    bench = commands.add_parser("bench", help="measure a running service under load")
+    add_bench_arguments(bench)
+    bench.set_defaults(subparser=bench)
     return parser
+
+
+def add_prompt_form_arguments(parser: argparse.ArgumentParser) -> None:
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument(
+        "--raw",
+        dest="chat",
+        action="store_false",
+        default=None,
+        help="send the prompt text as is, without the model's chat template",
+    )
+    form.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_true",
+        help="send the prompt as a user message in the model's chat template (the default "
+        "when the model has one; an error when it has none)",
+    )
 
 
 DEMO_PROMPTS = (
@@ -298,6 +334,7 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
         port=port,
         address=getattr(args, "address", None),
         gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
+        verbose=args.verbose,
     )
 
 
@@ -308,19 +345,41 @@ def run_serve(args: argparse.Namespace) -> int:
     from cluster.service import Service
 
     config = pool_config(args, args.port)
+    if not args.shutdown_grace >= 0:
+        raise ValueError(f"--shutdown-grace={args.shutdown_grace} must be >= 0 seconds")
 
     async def serve() -> None:
         service = Service(config)
-        stop = asyncio.Event()
+        signals = asyncio.Queue[int]()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await service.start()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, signals.put_nowait, int(sig))
+        starting = asyncio.create_task(service.start())
+        stopping = asyncio.create_task(signals.get())
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while loading: give up the start, stop what started
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            print("tandem: stopped before serving", flush=True)
+            return
+        starting.result()  # raises what start raised (after start stopped what it started)
         print(f"tandem: serving on {config.host}:{service.port}", flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await service.stop()
+        signum = await stopping
+        gate = service.gate
+        in_flight = gate.num_streams if gate else 0
+        print(f"tandem: {signal.Signals(signum).name}: stopping; {in_flight} requests in flight "
+              f"get up to {args.shutdown_grace:g} s to finish (signal again to cut them now)",
+              flush=True)  # fmt: skip
+        shutdown = asyncio.create_task(service.shutdown(args.shutdown_grace))
+        again = asyncio.create_task(signals.get())
+        await asyncio.wait((shutdown, again), return_when=asyncio.FIRST_COMPLETED)
+        if again.done() and gate is not None:
+            gate.cut("shutting down: the server was told to stop at once")
+        again.cancel()
+        num_cut = await shutdown
+        if num_cut:
+            print(f"tandem: {num_cut} requests cut at the end of the grace period", flush=True)
         print("tandem: stopped", flush=True)
 
     asyncio.run(serve())
@@ -336,27 +395,55 @@ def run_client(args: argparse.Namespace) -> int:
     request = pb.GenerateRequest(
         sampling=pb.SamplingParameters(max_tokens=args.max_tokens, temperature=args.temperature)
     )
-    if args.chat:
-        request.chat.messages.add(role="user", content=args.prompt)
-    else:
-        request.text = args.prompt
     started = time.monotonic()
     with grpc.insecure_channel(args.target) as channel:
         stub = tandem_pb2_grpc.TandemStub(channel)
+        wrote_text = False
         try:
+            chat = args.chat
+            if chat is None:  # the model's chat template when it has one
+                models = stub.ListModels(pb.ListModelsRequest(), timeout=min(args.timeout, 30))
+                chat = any(model.has_chat_template for model in models.models)
+            if chat:
+                request.chat.messages.add(role="user", content=args.prompt)
+            else:
+                request.text = args.prompt
             last = None
             for response in stub.Generate(request, timeout=args.timeout):
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
+                wrote_text = wrote_text or bool(response.text)
                 last = response
         except grpc.RpcError as e:
-            print(f"\ntandem: {e.code().name}: {e.details()}", file=sys.stderr)
+            if wrote_text:
+                sys.stdout.write("\n")
+            print(f"tandem: {describe_rpc_error(e, args.target)}", file=sys.stderr)
             return 2
     elapsed = time.monotonic() - started
     if last is not None:
         tokens = last.usage.completion_tokens
-        print(f"\n[{tokens} tokens in {elapsed:.2f} s; {last.usage.prompt_tokens} prompt tokens]")
+        ending = _ENDINGS.get(pb.FinishReason.Name(last.finish_reason), "")
+        print(f"\n[{tokens} tokens in {elapsed:.2f} s; {last.usage.prompt_tokens} prompt tokens"
+              f"{ending}]")  # fmt: skip
     return 0
+
+
+_ENDINGS = {"FINISH_REASON_LENGTH": "; cut short: reached --max-tokens or the model's context"}
+
+
+def describe_rpc_error(error: Any, target: str) -> str:
+    """One line for a failed call; an unreachable server gets a hint on what to check."""
+    import grpc
+
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and (
+        "failed to connect" in details.lower() or "connection refused" in details.lower()
+    ):
+        return (
+            f"cannot reach a Tandem server at {target}: is `tandem serve` running there "
+            f"(or pass --target HOST:PORT)? ({details})"
+        )
+    return f"{code.name}: {details}"
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -375,12 +462,20 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     if not args.prompt:
         raise InvalidRequest("prompt", "prompt is empty")
-    messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+    started = time.monotonic()
+    print(f"tandem: loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...",
+          file=sys.stderr, flush=True)  # fmt: skip
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+    print(f"tandem: {engine.model_id} loaded in {time.monotonic() - started:.1f} s "
+          f"({engine.device.type})", file=sys.stderr, flush=True)  # fmt: skip
+    chat = args.chat
+    if chat is None:
+        chat = engine.tokenizer is not None and engine.tokenizer.has_chat_template
+    messages = [{"role": "user", "content": args.prompt}] if chat else None
     token_ids: list[int] = []
     text: list[str] = []
     last = None
-    prompt = None if args.chat else args.prompt
+    prompt = None if chat else args.prompt
     for output in engine.stream("cli", prompt, params, messages=messages):
         token_ids += output.new_token_ids
         text.append(output.text_delta)
@@ -404,15 +499,21 @@ def run_generate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         sys.stdout.write("\n")
+    if last.finish_reason.value == "length":
+        limit = "--max-tokens" if len(token_ids) >= args.max_tokens else "the model's context"
+        print(f"tandem: the answer was cut short after {len(token_ids)} tokens: it reached "
+              f"{limit}", file=sys.stderr)  # fmt: skip
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the (sub)command's own parser, with its usage
+        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.error("choose a command: generate, serve, client, demo or bench (see --help)")
+    configure_logging(args.verbose)
     try:
         return int(args.handler(args))
     except TandemError as exc:
@@ -423,6 +524,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def configure_logging(verbose: bool) -> None:
+    """Tandem's own warnings by default; --verbose adds INFO and the logs of Ray and gRPC's
+    core (fork-handler notes, Ray's start-up banners), which are silenced otherwise."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:  # read by gRPC's core when it loads, and by every process Ray starts
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from engine.errors import AddressInUse
+
 # Seconds: from a cached short prompt on a GPU to a long queue on a CPU.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
@@ -195,8 +197,18 @@ class _WorkersCollector(Collector):
 
 def start_metrics_server(metrics: ServiceMetrics, host: str, port: int) -> tuple[Any, int]:
     """Serve /metrics on host:port (0: any free port) from a daemon thread; (server, port).
-    Stop it with `server.shutdown()`."""
+    Stop it with `server.shutdown()`. Raises AddressInUse when another process holds the port."""
+    import errno
+
     from prometheus_client import start_http_server
 
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise AddressInUse(
+                f"--metrics-port {port}: {host}:{port} is already in use by another process; "
+                "choose another port (0: any free one)"
+            ) from None
+        raise
     return server, int(server.server_port)

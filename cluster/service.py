@@ -17,12 +17,16 @@ Torch is imported by the workers, never here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +39,7 @@ from engine.loader import describe_model, resolve_model
 from router.admission import Admission, AdmissionLimits
 from router.placement import Pool
 from router.requests import ServedModel
-from router.server import TandemServicer, set_serving, start_server
+from router.server import ServingGate, TandemServicer, set_serving, start_server
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class ServiceConfig:
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: any free)
     tracing: TracingConfig = field(default_factory=TracingConfig)  # spans to an OTLP collector
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    verbose: bool = False  # Ray's start-up banners and INFO logs in this process's output
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -105,6 +110,7 @@ class Service:
         self.port: int | None = None
         self._server: Any = None
         self._health: Any = None
+        self._gate: ServingGate | None = None
         self._servicer: TandemServicer | None = None
         self._actor_class: Any = None
         self._prefill_class: Any = None
@@ -122,6 +128,11 @@ class Service:
     def workers(self) -> list[Any]:
         """Decode (or colocated) workers."""
         return self.pools["decode"].workers if "decode" in self.pools else []
+
+    @property
+    def gate(self) -> ServingGate | None:
+        """The server's gate (drains on shutdown); None before start."""
+        return self._gate
 
     @property
     def prefill_workers(self) -> list[Any]:
@@ -148,6 +159,7 @@ class Service:
         config = self.config
         setup_tracing(config.tracing, "router")
         self._server, self.port, gate, self._health = await start_server(config.host, config.port)
+        self._gate = gate
         if config.metrics_port is not None:
             self._metrics_server, self.metrics_port = start_metrics_server(
                 self.metrics, config.host, config.metrics_port
@@ -156,8 +168,12 @@ class Service:
             # A local cluster gets room for every worker even on a small machine (they share
             # its cores); a cluster joined by address brings its own resources.
             local_cpus = None if config.address else self._local_cpus()
-            ray.init(address=config.address, num_cpus=local_cpus, include_dashboard=False,
-                     log_to_driver=False)  # fmt: skip
+            if not config.verbose:
+                quiet_ray_startup()
+            level = logging.INFO if config.verbose else logging.ERROR
+            with _signal_handlers_kept():  # ray.init would make SIGTERM exit at once
+                ray.init(address=config.address, num_cpus=local_cpus, include_dashboard=False,
+                         log_to_driver=False, logging_level=level)  # fmt: skip
             self._started_ray = True
         # Async actor: up to 1,000 concurrent method calls by default, one engine thread.
         cpus, gpus = config.cpus_per_worker, config.gpus_per_worker
@@ -221,7 +237,26 @@ class Service:
         logger.info("serving %s on %s:%d with %s workers", model.model_id, config.host,
                     self.port, {p: len(pool) for p, pool in self.pools.items()})  # fmt: skip
 
+    async def shutdown(self, grace_s: float) -> int:
+        """Stop gracefully: health NOT_SERVING and new requests refused (UNAVAILABLE) at once,
+        requests in flight given up to `grace_s` to finish, the rest ended with UNAVAILABLE
+        naming the grace period; then `stop()`. Returns how many requests were cut."""
+        num_cut = 0
+        if self._gate is not None and self._server is not None:
+            await set_serving(self._health, self._pool_names(), serving=False)
+            self._gate.close("shutting down: this server takes no new requests")
+            num_cut = await self._gate.wait_idle(grace_s)
+            if num_cut:
+                logger.warning("shutdown: %d requests still in flight after the %.0f s grace "
+                               "period; cancelling them", num_cut, grace_s)  # fmt: skip
+                self._gate.cut(f"shutting down: the request did not finish within the "
+                               f"{grace_s:g} s shutdown grace period")  # fmt: skip
+                await self._gate.wait_idle(5.0)
+        await self.stop()
+        return num_cut
+
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop now: streams still open get `grace_s` before grpc cancels them."""
         import ray
 
         for task in self._tasks:
@@ -519,3 +554,31 @@ def served_model(model_spec: str | None, info: dict[str, Any]) -> ServedModel:
         tokenizer=description.tokenizer,
         block_size=info["block_size"],
     )
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Restore SIGTERM's handler after the block: the process embedding the service (`tandem
+    serve` drains on SIGTERM) owns its signals, not Ray's driver, which exits on SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def quiet_ray_startup() -> None:
+    """Drop Ray's one expected start-up error: it reports that the dashboard failed to start
+    even when the dashboard is turned off (include_dashboard=False)."""
+    services = logging.getLogger("ray._private.services")
+    if not any(isinstance(f, _DashboardNoise) for f in services.filters):
+        services.addFilter(_DashboardNoise())
+
+
+class _DashboardNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to start the dashboard")

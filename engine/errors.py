@@ -55,5 +55,9 @@ class WorkerUnavailable(TandemError):
     """A worker died or cannot be reached."""
 
 
+class AddressInUse(TandemError):
+    """A port Tandem was asked to listen on is taken by another process."""
+
+
 class KVTransferError(TandemError):
     """Moving KV blocks between processes failed."""

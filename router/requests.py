@@ -36,6 +36,9 @@ class PromptTokenizer(Protocol):
         add_generation_prompt: bool = True,
     ) -> str: ...
 
+    @property
+    def has_chat_template(self) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class ServedModel:

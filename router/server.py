@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from typing import Any
 
 import grpc
@@ -29,6 +29,7 @@ from cluster.prefix_index import PrefixLookup, WorkerKey
 from cluster.tracing import child_carrier, end_span, record_span, start_span
 from engine.block_hash import prompt_block_hashes
 from engine.errors import (
+    AddressInUse,
     InvalidRequest,
     ModelNotFound,
     Overloaded,
@@ -340,10 +341,12 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         return pb.TokenizeResponse(token_ids=ids)
 
     async def ListModels(self, request: Any, context: Any) -> Any:
+        tokenizer = self.model.tokenizer
         info = pb.ModelInfo(
             id=self.model.model_id,
             max_model_len=self.model.max_model_len,
             vocab_size=self.model.vocab_size,
+            has_chat_template=bool(tokenizer is not None and tokenizer.has_chat_template),
         )
         return pb.ListModelsResponse(models=[info])
 
@@ -479,20 +482,63 @@ def _response(request_id: str, output: Any) -> Any:
 class ServingGate(tandem_pb2_grpc.TandemServicer):
     """What the server exposes: UNAVAILABLE while the worker pools load, then the
     TandemServicer (`open(servicer)`). Lets the port, health checks and reflection answer from
-    the start, so an orchestrator sees NOT_SERVING rather than a refused connection."""
+    the start, so an orchestrator sees NOT_SERVING rather than a refused connection.
+
+    On shutdown it drains: `close()` refuses new calls (UNAVAILABLE) while the streams in flight
+    go on; `wait_idle()` waits for them; `cut()` ends those still open with UNAVAILABLE and the
+    reason, aborting their work on the workers. All on the server's event loop."""
 
     def __init__(self) -> None:
         self.servicer: TandemServicer | None = None
+        self._closed_reason: str | None = None
+        self._cut_reason: str | None = None
+        self._streams: set[asyncio.Task[Any]] = set()  # the handler task of each open stream
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def open(self, servicer: TandemServicer) -> None:
         self.servicer = servicer
 
+    @property
+    def num_streams(self) -> int:
+        """Generate streams in flight."""
+        return len(self._streams)
+
+    def close(self, reason: str) -> None:
+        """Refuse every new call from now on with UNAVAILABLE and `reason`."""
+        self._closed_reason = reason
+
+    async def wait_idle(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for the streams in flight to end; how many are still open."""
+        with suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return len(self._streams)
+
+    def cut(self, reason: str) -> None:
+        """End every open stream now with UNAVAILABLE and `reason` (its workers abort it)."""
+        self._cut_reason = reason
+        for task in list(self._streams):
+            task.cancel()
+
     async def Generate(self, request: Any, context: Any) -> Any:
         servicer = await self._ready(context)
-        # closed with this stream: grpc stops iterating, and the workers must hear it now
-        async with aclosing(servicer.Generate(request, context)) as responses:
-            async for response in responses:
-                yield response
+        task = asyncio.current_task()
+        assert task is not None, "grpc runs each call in a task"
+        self._streams.add(task)
+        self._idle.clear()
+        try:
+            # closed with this stream: grpc stops iterating, and the workers must hear it now
+            async with aclosing(servicer.Generate(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        except asyncio.CancelledError:
+            if self._cut_reason is None:
+                raise  # the client went away or grpc is stopping: nobody to answer
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_reason)
+        finally:
+            self._streams.discard(task)
+            if not self._streams:
+                self._idle.set()
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
         return await (await self._ready(context)).Tokenize(request, context)
@@ -501,6 +547,8 @@ class ServingGate(tandem_pb2_grpc.TandemServicer):
         return await (await self._ready(context)).ListModels(request, context)
 
     async def _ready(self, context: Any) -> TandemServicer:
+        if self._closed_reason is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._closed_reason)
         if self.servicer is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "starting: worker pools not ready")
         assert self.servicer is not None
@@ -518,7 +566,12 @@ async def start_server(host: str, port: int) -> tuple[Any, int, ServingGate, Any
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    server = grpc.aio.server()
+    if port:  # refused here with a clear error, before grpc's core logs its own
+        error = _bind_error(host, port)
+        if isinstance(error, AddressInUse):
+            raise error
+    # No SO_REUSEPORT: a second server on a busy port must fail, not share its traffic.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     gate = ServingGate()
     tandem_pb2_grpc.add_TandemServicer_to_server(gate, server)
     health_servicer = health.aio.HealthServicer()
@@ -531,11 +584,36 @@ async def start_server(host: str, port: int) -> tuple[Any, int, ServingGate, Any
          reflection.SERVICE_NAME],
         server,
     )  # fmt: skip
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc >= 1.5x raises where older releases returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise _bind_error(host, port) or OSError(f"cannot listen on {host}:{port}")
     await server.start()
     return server, bound, gate, health_servicer
+
+
+def _bind_error(host: str, port: int) -> Exception | None:
+    """Why listening on host:port fails, found by binding a plain socket there (no
+    SO_REUSEPORT); None if it would not."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # as grpc binds: connections of an earlier server in TIME_WAIT do not block it
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return AddressInUse(
+                f"{host}:{port} is already in use by another process (another `tandem serve`?); "
+                "choose another --port (0: any free one)"
+            )
+        return OSError(f"cannot listen on {host}:{port}: {e.strerror}")
+    return None
 
 
 async def set_serving(health_servicer: Any, pools: list[str], serving: bool) -> None:
