@@ -131,11 +131,17 @@ def add_prompt_form_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Questions the bundled 135M model answers correctly (greedy); it is a demo, not an oracle.
 DEMO_PROMPTS = (
     "What is the capital of France?",
-    "Name three primary colors.",
-    "Write one sentence about the sea.",
-    "What is 12 times 12?",
+    "What is the capital of Japan?",
+    "What is the chemical symbol for water?",
+    "What is the boiling point of water in Celsius?",
+)
+TINY_MODEL_NOTE = (
+    "tandem: the bundled SmolLM2-135M-Instruct is a tiny demo model (135M parameters): expect "
+    "simple, sometimes wrong answers. Serve another with --model path/to/model.gguf or a "
+    "Hugging Face directory."
 )
 
 
@@ -152,19 +158,20 @@ def run_demo(args: argparse.Namespace) -> int:
 
     config = pool_config(args, 0)
 
-    async def ask(stub: object, prompt: str) -> tuple[str, float, float, int]:
+    async def ask(stub: object, prompt: str) -> tuple[str, float, float, int, bool]:
         request = pb.GenerateRequest(sampling=pb.SamplingParameters(max_tokens=args.max_tokens))
         request.chat.messages.add(role="user", content=prompt)
         started = time.monotonic()
         first = None
-        text, tokens = [], 0
+        text, tokens, cut = [], 0, False
         async for response in stub.Generate(request, timeout=600):  # type: ignore[attr-defined]
             if first is None:
                 first = time.monotonic() - started
             text.append(response.text)
             tokens += len(response.token_ids)
+            cut = response.finish_reason == pb.FINISH_REASON_LENGTH
         total = time.monotonic() - started
-        return "".join(text), first or total, total, tokens
+        return "".join(text), first or total, total, tokens, cut
 
     async def demo() -> None:
         service = Service(config)
@@ -174,6 +181,8 @@ def run_demo(args: argparse.Namespace) -> int:
             else f"{args.workers} colocated workers"
         )
         print(f"tandem: starting {pools} (local Ray) ...", flush=True)
+        if args.model is None:
+            print(TINY_MODEL_NOTE, flush=True)
         await service.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
@@ -181,10 +190,12 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(f"tandem: serving on port {service.port}; {len(args.prompts)} concurrent "
                       "requests\n", flush=True)  # fmt: skip
                 results = await asyncio.gather(*(ask(stub, p) for p in args.prompts))
-            for prompt, (text, ttft, total, tokens) in zip(args.prompts, results, strict=True):
+            for prompt, (text, ttft, total, tokens, cut) in zip(args.prompts, results, strict=True):
                 rate = (tokens - 1) / (total - ttft) if tokens > 1 and total > ttft else 0.0
-                print(f"> {prompt}\n{text.strip()}\n[TTFT {1000 * ttft:.0f} ms, {tokens} "
-                      f"tokens, {rate:.1f} tokens/s]\n")  # fmt: skip
+                answer = text.strip() + (" ..." if cut else "")
+                ending = f"; cut short at --max-tokens {args.max_tokens}" if cut else ""
+                print(f"> {prompt}\n{answer}\n[TTFT {1000 * ttft:.0f} ms, {tokens} tokens, "
+                      f"{rate:.1f} tokens/s{ending}]\n")  # fmt: skip
         finally:
             await service.stop()
         print("tandem: stopped", flush=True)

@@ -238,4 +238,8 @@ def test_demo_serves_answers_and_stops() -> None:
     assert result.stdout.count("> ") == 2
     assert result.stdout.count("[TTFT ") == 2
     assert "1 prefill + 1 decode workers" in result.stdout, "disaggregated by default"
+    assert "tiny demo model" in result.stdout and "--model" in result.stdout
+    # five tokens cannot end either answer: each says it was cut
+    assert result.stdout.count("cut short at --max-tokens 5]") == 2, result.stdout
     assert "tandem: stopped" in result.stdout
+    assert result.stderr == "", "a clean start prints Tandem's own lines only"
