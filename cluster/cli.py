@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--json", action="store_true", help="print one JSON object with token ids, text and usage"
     )
+    generate.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor write the converted weights of a GGUF model in the cache folder "
+        "($TANDEM_CACHE_DIR, else ~/.cache/tandem), which makes repeated loads fast",
+    )
     generate.set_defaults(handler=run_generate, subparser=generate)
 
     serve = commands.add_parser("serve", help="serve the gRPC API from a pool of Ray workers")
@@ -476,7 +482,14 @@ def run_generate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     print(f"tandem: loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...",
           file=sys.stderr, flush=True)  # fmt: skip
-    engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+    engine = Engine(
+        EngineConfig(
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            converted_cache=not args.no_cache,
+        )
+    )
     print(f"tandem: {engine.model_id} loaded in {time.monotonic() - started:.1f} s "
           f"({engine.device.type})", file=sys.stderr, flush=True)  # fmt: skip
     chat = args.chat

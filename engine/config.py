@@ -28,6 +28,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0  # seeds dummy weights and the shared sampling generator
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA only)
+    # Keep a GGUF's converted weights and metadata in the cache folder for fast reloads
+    # (engine.loader.converted; $TANDEM_CACHE_DIR). Costs the weights' size on disk.
+    converted_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

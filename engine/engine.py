@@ -27,7 +27,7 @@ from engine.chat_template import ChatMessage
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from engine.errors import InvalidRequest
 from engine.llama import LlamaModel
-from engine.loader import describe_model, load_weights, resolve_model
+from engine.loader import converted, describe_model, load_weights, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.sampler import Sampler, SampleRow
@@ -68,7 +68,7 @@ class Engine:
         self.device = _pick_device(config.device)
         self.dtype = _pick_dtype(config.dtype, self.device)
         self.backend = select_backend(self.device)
-        self.info, handle = describe_model(resolve_model(config.model))
+        self.info, handle = describe_model(resolve_model(config.model), config.converted_cache)
         self.model_config = self.info.config
         self.tokenizer = self.info.tokenizer
         self.model = self._build_model(handle)
@@ -106,12 +106,19 @@ class Engine:
         return self.info.source.model_id
 
     def _build_model(self, handle: object) -> LlamaModel:
-        weights = load_weights(self.info, handle, self.dtype, self.config.seed, self.device)
         with torch.device("meta"):
             model = LlamaModel(self.model_config, self.backend)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.rotary.float().init_tables()  # rotary tables stay fp32
-        model.load_weights(weights)
+        model.tie_embeddings()
+        source = self.info.source
+        gguf = source.path if source.kind == "gguf" and self.config.converted_cache else None
+        if gguf is None or not converted.load_parameters(gguf, model):
+            weights = load_weights(self.info, handle, self.dtype, self.config.seed, self.device)
+            model.load_weights(weights)
+            del weights
+            if gguf is not None:
+                converted.store_parameters(gguf, model)
         model.pack_for_cpu()
         return model.eval()
 

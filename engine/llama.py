@@ -301,6 +301,12 @@ class LlamaModel(nn.Module):
             if isinstance(module, Linear):
                 module.pack(keep_dense=module is self.lm_head and self.config.tie_word_embeddings)
 
+    def tie_embeddings(self) -> None:
+        """Share the embedding with the LM head where the config ties them (again after
+        `to_empty()`, which unties them)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_seqs, hidden] -> [num_seqs, vocab] fp32."""
         return self.lm_head(hidden).float()
@@ -312,8 +318,8 @@ class LlamaModel(nn.Module):
         Raises ModelLoadError naming any missing, unexpected or misshapen tensor.
         """
         fused = _fuse_hf_weights(weights, self.config)
+        self.tie_embeddings()
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight  # re-tie: to_empty() unties
             fused.pop("lm_head.weight", None)
         params = dict(self.named_parameters())
         missing = sorted(set(params) - set(fused))

@@ -8,6 +8,7 @@ parameters or text.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -41,15 +42,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
-        self.kv_cache = torch.zeros(
-            config.num_layers,
-            2,
-            num_blocks,
-            block_size,
-            config.num_kv_heads,
-            config.head_dim,
-            dtype=kv_dtype,
-            device=device,
+        self.kv_cache = zeros_on_demand(
+            (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim),
+            kv_dtype,
+            device,
         )
         self.graphs: DecodeGraphs | None = None
 
@@ -178,3 +174,17 @@ def _last_token_indices(batch: list[ScheduledSequence]) -> list[int]:
         end += item.num_new_tokens
         indices.append(end - 1)
     return indices
+
+
+def zeros_on_demand(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A zero tensor. On the CPU its memory comes from calloc, whose large blocks are fresh
+    pages the kernel zeroes when first touched: a KV cache sized for the worst case costs
+    resident memory only for the blocks in use (torch.zeros would write every page)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)

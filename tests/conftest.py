@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +16,18 @@ from engine.loader.default_model import installed_default_model
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
 from tests.redis_server import RedisServer
+
+# Converted models (engine.loader.converted) go to a folder of this session, which the
+# processes it starts (Ray workers, CLI runs) inherit: the first load of a model converts it,
+# later ones read it, and nothing is left in the user's cache.
+if "TANDEM_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="tandem-test-cache-")
+    os.environ["TANDEM_CACHE_DIR"] = _SESSION_CACHE
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if os.environ.get("TANDEM_CACHE_DIR") == globals().get("_SESSION_CACHE"):
+        shutil.rmtree(os.environ["TANDEM_CACHE_DIR"], ignore_errors=True)
 
 
 def make_engine(

@@ -63,19 +63,27 @@ def resolve_model(spec: str | None) -> ModelSource:
     raise ModelLoadError(f"model not found: {spec}")
 
 
-def describe_model(source: ModelSource) -> tuple[ModelInfo, Any]:
-    """Config and tokenizer, plus an opaque handle `load_weights` reuses (the open GGUF)."""
+def describe_model(source: ModelSource, use_cache: bool = True) -> tuple[ModelInfo, Any]:
+    """Config and tokenizer, plus an opaque handle `load_weights` reuses (a GGUFFile, parsed
+    only if needed: a GGUF's metadata comes from the converted-model cache when it is there)."""
     if source.kind == "dummy":
         assert source.shape_name is not None
         return ModelInfo(source, NAMED_SHAPES[source.shape_name], None), None
     assert source.path is not None
     if source.kind == "gguf":
-        from engine.loader.gguf_file import gguf_metadata, model_config_from_gguf, open_gguf
+        from engine.loader import converted
+        from engine.loader.gguf_file import GGUFFile, gguf_metadata, model_config_from_gguf
 
-        reader = open_gguf(source.path)
-        meta = gguf_metadata(reader)
-        config = model_config_from_gguf(meta, {t.name for t in reader.tensors})
-        return ModelInfo(source, config, Tokenizer.from_gguf_metadata(meta)), reader
+        gguf = GGUFFile(source.path)
+        stored = converted.read_metadata(source.path) if use_cache else None
+        if stored is None:
+            meta, names = gguf_metadata(gguf.reader), {t.name for t in gguf.reader.tensors}
+            if use_cache:
+                converted.write_metadata(source.path, meta, names)
+        else:
+            meta, names = stored
+        config = model_config_from_gguf(meta, names)
+        return ModelInfo(source, config, Tokenizer.from_gguf_metadata(meta)), gguf
     from engine.loader.hf_dir import read_hf_config
 
     config = read_hf_config(source.path)
@@ -96,7 +104,7 @@ def load_weights(
     if info.source.kind == "gguf":
         from engine.loader.gguf_file import gguf_tensors
 
-        arrays = gguf_tensors(handle, info.config)
+        arrays = gguf_tensors(handle.reader, info.config)
         return {
             name: torch.from_numpy(a.copy() if not a.flags.writeable else a).to(dtype)
             for name, a in arrays.items()

@@ -40,6 +40,22 @@ _GLOBAL_TENSORS = {
 }
 
 
+class GGUFFile:
+    """A GGUF file whose reader (which parses every metadata field: seconds for a large
+    vocabulary) is opened on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._reader: Any = None
+
+    @property
+    def reader(self) -> Any:
+        """The `gguf.GGUFReader`; raises ModelLoadError if the file is unreadable."""
+        if self._reader is None:
+            self._reader = open_gguf(self.path)
+        return self._reader
+
+
 def open_gguf(path: Path) -> Any:
     """A `gguf.GGUFReader` over the file (memory-mapped). Raises ModelLoadError if unreadable."""
     import gguf

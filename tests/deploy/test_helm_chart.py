@@ -489,6 +489,21 @@ def test_head_runs_ray_and_the_router_together(default_docs: list[dict[str, Any]
     assert raycluster(default_docs)["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
+@pytest.mark.parametrize("grace", [30, 7.5, 0])
+def test_termination_grace_covers_the_drain(grace: float) -> None:
+    """SIGTERM drains the router for --shutdown-grace seconds after the preStop sleep; the
+    pod's termination grace leaves room for both and for stopping the workers and Ray."""
+    from cluster.cli import build_parser
+
+    docs = render({"tandem": {"shutdownGraceSeconds": grace, "preStopSleepSeconds": 4}})
+    spec = raycluster(docs)["spec"]["headGroupSpec"]["template"]["spec"]
+    container = head_container(docs)
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "4"]
+    args, unknown = build_parser().parse_known_args(serve_argv(docs))
+    assert unknown == [] and args.shutdown_grace == grace
+    assert spec["terminationGracePeriodSeconds"] >= 4 + grace + 30
+
+
 def test_autoscaler_defaults(default_docs: list[dict[str, Any]]) -> None:
     spec = raycluster(default_docs)["spec"]
     assert spec["enableInTreeAutoscaling"] is True

@@ -122,6 +122,7 @@ to its worker group (flags --prefill-resources/--decode-resources, see values ta
 {{- $args = concat $args (list "--device" $t.device "--mode" "disaggregated") }}
 {{- $args = concat $args (list "--prefill-workers" (toString $t.prefillWorkers) "--decode-workers" (toString $t.decodeWorkers)) }}
 {{- $args = concat $args (list "--cache-weight" (toString $t.cacheWeight)) }}
+{{- $args = concat $args (list "--shutdown-grace" (toString $t.shutdownGraceSeconds)) }}
 {{- if $t.model }}{{ $args = concat $args (list "--model" $t.model) }}{{ end }}
 {{- $url := include "tandem.redisURL" . }}
 {{- if $url }}{{ $args = concat $args (list "--redis-url" $url) }}{{ end }}
