@@ -114,9 +114,10 @@ class Engine:
         source = self.info.source
         gguf = source.path if source.kind == "gguf" and self.config.converted_cache else None
         if gguf is None or not converted.load_parameters(gguf, model):
-            weights = load_weights(self.info, handle, self.dtype, self.config.seed, self.device)
-            model.load_weights(weights)
-            del weights
+            # consumed as it is copied in: the checkpoint and the model are never both whole
+            model.load_weights(
+                load_weights(self.info, handle, self.dtype, self.config.seed, self.device)
+            )
             if gguf is not None:
                 converted.store_parameters(gguf, model)
         model.pack_for_cpu()

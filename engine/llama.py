@@ -8,7 +8,7 @@ layer costs four matrix products. Knows nothing of scheduling, sampling or text.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -312,8 +312,10 @@ class LlamaModel(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.no_grad()
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Copy Hugging Face-named weights in, fusing q/k/v and gate/up.
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named weights in, fusing q/k/v and gate/up. Consumes `weights`
+        (left empty): each tensor is dropped once copied, so the checkpoint and the model are
+        never both resident whole.
 
         Raises ModelLoadError naming any missing, unexpected or misshapen tensor.
         """
@@ -329,7 +331,8 @@ class LlamaModel(nn.Module):
                 f"weights do not match the architecture: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}"
             )
-        for name, tensor in fused.items():
+        for name in list(fused):
+            tensor = fused.pop(name)
             param = params[name]
             if param.shape != tensor.shape:
                 raise ModelLoadError(
@@ -339,11 +342,13 @@ class LlamaModel(nn.Module):
 
 
 def _fuse_hf_weights(
-    weights: Mapping[str, torch.Tensor], config: ModelConfig
+    weights: dict[str, torch.Tensor], config: ModelConfig
 ) -> dict[str, torch.Tensor]:
-    """HF names (`model.layers.0.self_attn.q_proj.weight`, ...) -> this module's names."""
+    """HF names (`model.layers.0.self_attn.q_proj.weight`, ...) -> this module's names; moves
+    the tensors out of `weights`, so each part is freed as soon as it is fused."""
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in weights.items():
+    while weights:
+        name, tensor = weights.popitem()
         if "rotary_emb" in name:
             continue
         out[name.removeprefix("model.")] = tensor
