@@ -57,6 +57,18 @@ def parse_args() -> argparse.Namespace:
         help="bytes/s; 3.0e12 was measured on the lent H100s",
     )
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--no-gemv", action="store_true", help="cuBLAS for 1-row projections")
+    parser.add_argument("--no-pdl", action="store_true", help="GEMV without dependent launch")
+    parser.add_argument(
+        "--no-dense-prefill", action="store_true", help="fresh prefills through the paged kernel"
+    )
+    parser.add_argument(
+        "--saturation-requests",
+        type=int,
+        default=0,
+        help="also run bench.engine_saturation's workload (1,024 in / 128 out, 256 running, "
+        "8,192 tokens a step) with this many requests, median of 2 (0: skip)",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler table of one TTFT prefill"
     )
@@ -91,6 +103,7 @@ def dummy_engine(
     max_num_seqs: int,
     max_num_batched_tokens: int,
     cuda_graphs: bool = True,
+    triton_gemv: bool = True,
 ) -> Engine:
     """Tandem on the current GPU with dummy bf16 weights of a named shape."""
     return Engine(
@@ -101,6 +114,7 @@ def dummy_engine(
             kv_cache_bytes=int(kv_cache_gb * 2**30),
             max_model_len=max_model_len,
             cuda_graphs=cuda_graphs,
+            triton_gemv=triton_gemv,
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
             ),
@@ -109,9 +123,15 @@ def dummy_engine(
 
 
 def tandem_engine(args: argparse.Namespace, max_batch: int) -> Engine:
+    import engine.kernels.gemv as gemv_module
+    import engine.triton_attention as triton_attention
+
+    gemv_module.USE_PDL = not args.no_pdl
+    triton_attention.DENSE_FRESH_PREFILL = not args.no_dense_prefill
     return dummy_engine(
         args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=max_batch,
         max_num_batched_tokens=max(args.ttft_len, 4096), cuda_graphs=not args.no_cuda_graphs,
+        triton_gemv=not args.no_gemv,
     )  # fmt: skip
 
 
@@ -179,7 +199,42 @@ def run_tandem(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, An
     if args.profile:
         profile_ttft(engine, ttft_prompt, args.trace)
     engine.check_integrity()
+    if args.saturation_requests:
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        result["saturation"] = run_saturation(args)
     return result
+
+
+def run_saturation(args: argparse.Namespace) -> dict[str, Any]:
+    """bench.engine_saturation's workload and bound, in this run."""
+    from bench import engine_saturation
+
+    sat_args = engine_saturation.parse_args([f"--num-requests={args.saturation_requests}"])
+    sat_args.shape = args.shape
+    config = NAMED_SHAPES[args.shape]
+    engine = engine_saturation.tandem_engine(sat_args)
+    vocab = config.vocab_size
+    engine_saturation.saturate(
+        engine, random_prompts(sat_args.num_requests // 4, sat_args.input_len, vocab, 1), 16
+    )
+    runs = [
+        engine_saturation.saturate(
+            engine,
+            random_prompts(sat_args.num_requests, sat_args.input_len, vocab, 10 + rep),
+            sat_args.output_len,
+        )
+        for rep in range(sat_args.repeats)
+    ]
+    engine.check_integrity()
+    bound = engine_saturation.request_bound_s(sat_args, config)
+    rates = [r["output_tok_s"] for r in runs]
+    return {
+        "runs": runs,
+        "median_output_tok_s": statistics.median(rates),
+        "bound_output_tok_s": sat_args.output_len / bound["bound_s"],
+    }
 
 
 def profile_ttft(engine: Engine, prompt: list[int], trace_path: str | None) -> None:
@@ -312,6 +367,17 @@ def report(
         [f"TTFT, {args.ttft_len}-token prompt (ms)"]
         + [f"{1000 * results[n]['ttft_s']['median']:.1f}" for n in systems]
     )
+    if args.saturation_requests:
+        row = [f"saturation output tok/s ({args.saturation_requests} x 1,024 in / 128 out)"]
+        for name in systems:
+            sat = results[name].get("saturation")
+            row.append(
+                "-"
+                if sat is None
+                else f"{sat['median_output_tok_s']:,.0f} "
+                f"({100 * sat['median_output_tok_s'] / sat['bound_output_tok_s']:.0f}% of bound)"
+            )
+        rows.append(row)
     return markdown_table(["metric", *systems], rows)
 
 

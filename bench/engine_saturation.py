@@ -35,7 +35,7 @@ from engine.model_config import NAMED_SHAPES, ModelConfig
 from engine.sampling_params import SamplingParams
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3-8b", choices=sorted(NAMED_SHAPES))
     parser.add_argument("--input-len", type=int, default=1024)
@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak-flops", type=float, default=790e12, help="bf16 matmul, FLOP/s")
     parser.add_argument("--peak-bandwidth", type=float, default=3.0e12, help="bytes/s")
     parser.add_argument("--out", default="bench/results/engine_saturation.json")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def request_bound_s(args: argparse.Namespace, config: ModelConfig) -> dict[str, float]:

@@ -252,6 +252,7 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="send OpenTelemetry traces to this OTLP/gRPC collector (host:port)",
     )
+    add_engine_arguments(parser)
     scaling = parser.add_argument_group("autoscaling (each pool between its min and max)")
     scaling.add_argument("--autoscale", action="store_true", help="grow and shrink the pools")
     for pool in ("prefill", "decode"):
@@ -272,6 +273,55 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     )
     scaling.add_argument("--target-itl-ms", type=float, default=None,
                          help="decode: inter-token latency p90")  # fmt: skip
+
+
+# Engine knobs of `tandem serve`: (flag, EngineConfig or SchedulerConfig field, type, help).
+_ENGINE_KNOBS = (
+    ("max-num-seqs", "max_num_seqs", int, "running sequences per worker (GPU default 256)"),
+    ("max-num-batched-tokens", "max_num_batched_tokens", int,
+     "tokens per engine step (GPU default 8192)"),
+    ("kv-cache-memory-fraction", "kv_cache_memory_fraction", float,
+     "GPU: KV cache as a fraction of the memory free after the weights (default 0.85)"),
+    ("max-model-len", "max_model_len", int, "longest sequence (default: the model's context)"),
+)  # fmt: skip
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Per-pool engine knobs: `--X` sets every pool, `--prefill-X` / `--decode-X` one pool
+    (disaggregated mode; colocated workers take `--decode-X`). Unset: sized for the device."""
+    group = parser.add_argument_group("engine (per pool; unset: sized for the device)")
+    for flag, _, kind, text in _ENGINE_KNOBS:
+        group.add_argument(f"--{flag}", type=kind, default=None, help=text)
+        for pool in ("prefill", "decode"):
+            group.add_argument(f"--{pool}-{flag}", type=kind, default=None, help=argparse.SUPPRESS)
+
+
+def engine_config(args: argparse.Namespace, pool: str) -> Any:
+    """The EngineConfig of one pool ("prefill" or "decode") from the command line."""
+    from engine.config import EngineConfig, default_scheduler_config
+    from engine.scheduler import SchedulerConfig
+
+    values = {}
+    for flag, name, _, _ in _ENGINE_KNOBS:
+        attr = flag.replace("-", "_")
+        value = getattr(args, f"{pool}_{attr}", None)
+        values[name] = getattr(args, attr, None) if value is None else value
+    scheduler = None
+    if values["max_num_seqs"] is not None or values["max_num_batched_tokens"] is not None:
+        device = "cpu" if args.device == "cpu" else "cuda"  # "auto": GPU sizes fill the gaps
+        base = default_scheduler_config(device, total_memory_bytes=1 << 62)
+        scheduler = SchedulerConfig(
+            max_num_seqs=values["max_num_seqs"] or base.max_num_seqs,
+            max_num_batched_tokens=values["max_num_batched_tokens"] or base.max_num_batched_tokens,
+        )
+    fraction = values["kv_cache_memory_fraction"]
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        scheduler=scheduler,
+        max_model_len=values["max_model_len"],
+        **({} if fraction is None else {"kv_cache_memory_fraction": fraction}),
+    )
 
 
 def _resources(text: str) -> dict[str, float]:
@@ -327,7 +377,6 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
     from cluster.prefix_index import IndexConfig
     from cluster.service import ServiceConfig
     from cluster.tracing import TracingConfig
-    from engine.config import EngineConfig
 
     index = IndexConfig(
         redis_url=args.redis_url,
@@ -342,7 +391,8 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
         autoscaling=autoscaling_config(args),
         prefill_resources=args.prefill_resources,
         decode_resources=args.decode_resources,
-        engine=EngineConfig(model=args.model, device=args.device),
+        engine=engine_config(args, "decode"),
+        prefill_engine=engine_config(args, "prefill"),
         mode=args.mode,
         num_workers=args.workers,
         num_prefill_workers=args.prefill_workers,

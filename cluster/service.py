@@ -49,6 +49,7 @@ MODES = ("colocated", "disaggregated")
 @dataclass(frozen=True)
 class ServiceConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
+    prefill_engine: EngineConfig | None = None  # the disaggregated prefill pool's; None: engine
     num_workers: int = 1  # colocated mode
     mode: str = "colocated"
     num_prefill_workers: int = 1  # disaggregated mode
@@ -312,7 +313,8 @@ class Service:
         config = self.config
         tracing = config.tracing
         if pool == "prefill":
-            actor = self._prefill_class.remote(config.engine, worker_id, config.index, tracing)
+            engine = config.prefill_engine or config.engine
+            actor = self._prefill_class.remote(engine, worker_id, config.index, tracing)
         elif not self.disaggregated:  # colocated workers prefill: they publish their cache
             actor = self._actor_class.remote(config.engine, worker_id, config.index, tracing)
         else:

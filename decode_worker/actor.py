@@ -113,7 +113,7 @@ class WorkerBase:
                 "num_preemptions": scheduler.num_preemptions,
                 "num_free_blocks": engine.block_manager.num_free_blocks,
                 "num_blocks": engine.block_manager.num_blocks,
-                "max_num_seqs": engine.config.scheduler.max_num_seqs,
+                "max_num_seqs": engine.scheduler.config.max_num_seqs,
             }
 
         stats: dict[str, Any] = await asyncio.to_thread(self.loop.call, read)

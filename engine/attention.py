@@ -90,6 +90,8 @@ class AttentionBackend(ABC):
         kv_cache_layer: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k: torch.Tensor | None = None,  # this step's keys [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor | None = None,  # and values (a backend may attend over them directly)
     ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
 
 
@@ -101,7 +103,7 @@ class TorchAttention(AttentionBackend):
     def write_kv(self, kv_cache_layer, k, v, slot_mapping):  # type: ignore[no-untyped-def]
         write_kv(kv_cache_layer, k, v, slot_mapping)
 
-    def forward(self, q, kv_cache_layer, meta, scale):  # type: ignore[no-untyped-def]
+    def forward(self, q, kv_cache_layer, meta, scale, k=None, v=None):  # type: ignore[no-untyped-def]
         return paged_attention_ref(q, kv_cache_layer, meta, scale)
 
 

@@ -24,7 +24,7 @@ from engine.attention import select_backend
 from engine.block_hash import root_hash
 from engine.block_manager import BlockManager
 from engine.chat_template import ChatMessage
-from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, default_scheduler_config
 from engine.errors import InvalidRequest
 from engine.llama import LlamaModel
 from engine.loader import converted, describe_model, load_weights, resolve_model
@@ -32,7 +32,7 @@ from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.sampler import Sampler, SampleRow
 from engine.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence, Usage
 
 logger = logging.getLogger(__name__)
@@ -72,17 +72,19 @@ class Engine:
         self.model_config = self.info.config
         self.tokenizer = self.info.tokenizer
         self.model = self._build_model(handle)
+        if self.device.type == "cuda" and config.triton_gemv:
+            self.model.use_triton_gemv()
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len()
         self.block_manager = BlockManager(
             self.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(self._scheduler_config(), self.block_manager)
         self.runner = ModelRunner(
             self.model, self.backend, self.num_kv_blocks, config.block_size, self.device, self.dtype
         )
         if self.device.type == "cuda" and config.cuda_graphs:
-            self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
+            self.runner.capture_cuda_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(config.seed, self.device)
         eos_ids = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
@@ -123,10 +125,20 @@ class Engine:
         model.pack_for_cpu()
         return model.eval()
 
+    def _scheduler_config(self) -> SchedulerConfig:
+        if self.config.scheduler is not None:
+            return self.config.scheduler
+        total = 0
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        return default_scheduler_config(self.device.type, total)
+
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
-        budget = self.config.kv_cache_bytes or _default_kv_cache_bytes(self.device)
+        budget = self.config.kv_cache_bytes or _default_kv_cache_bytes(
+            self.device, self.config.kv_cache_memory_fraction
+        )
         per_block = self.config.block_size * self.model_config.kv_bytes_per_token(
             self.dtype.itemsize
         )
@@ -412,8 +424,8 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _default_kv_cache_bytes(device: torch.device) -> int:
+def _default_kv_cache_bytes(device: torch.device, memory_fraction: float) -> int:
     if device.type != "cuda":
         return DEFAULT_CPU_KV_CACHE_BYTES
     free_bytes, _ = torch.cuda.mem_get_info(device)
-    return int(free_bytes * 0.85)
+    return int(free_bytes * memory_fraction)

@@ -125,6 +125,9 @@ class Linear(nn.Linear):
     """
 
     packed_weight: torch.Tensor | None = None
+    # Run single-row (decode batch 1) inputs through the Triton GEMV (engine.kernels.gemv) on
+    # CUDA; set by LlamaModel.use_triton_gemv.
+    use_gemv: bool = False
 
     def pack(self, keep_dense: bool = False) -> None:
         if not can_pack_for_onednn(self.weight):
@@ -139,9 +142,20 @@ class Linear(nn.Linear):
             self.weight.data = torch.empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_gemv and _gemv_rows(x):
+            from engine.kernels.gemv import gemv
+
+            out = gemv(x, self.weight)
+            return out if self.bias is None else out.add_(self.bias)
         if self.packed_weight is None:
             return F.linear(x, self.weight, self.bias)
         return _onednn_linear(x, self.packed_weight, self.bias)
+
+
+def _gemv_rows(x: torch.Tensor) -> bool:
+    """Whether x is one bf16/fp16 CUDA row: there the GEMV beats cuBLAS (at 2-16 rows the two
+    are within noise on the Llama-3-8B shapes, H100; see engine.kernels.gemv)."""
+    return x.is_cuda and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _onednn_linear(
@@ -214,7 +228,7 @@ class Attention(nn.Module):
             if output_rows.rows.shape[0] == 0:
                 return x.new_empty((0, x.shape[1]))
             q, meta = q[output_rows.rows], output_rows.meta
-        out = self.backend.forward(q, kv_cache_layer, meta, self.scale)
+        out = self.backend.forward(q, kv_cache_layer, meta, self.scale, k, v)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -306,6 +320,13 @@ class LlamaModel(nn.Module):
         `to_empty()`, which unties them)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def use_triton_gemv(self, enabled: bool = True) -> None:
+        """Route single-row bf16/fp16 CUDA inputs of every projection through the Triton GEMV
+        (cuBLAS falls short of the copy bandwidth there)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.use_gemv = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_seqs, hidden] -> [num_seqs, vocab] fp32."""

@@ -68,8 +68,10 @@ class ModelRunner:
             (i for i, s in enumerate(batch) if s.samples_token), key=lambda i: rank[id(batch[i])]
         )
         if not prefills and self.graphs is not None and self.graphs.can_run(decodes):
-            logits = self.graphs.run(decodes)
-            return logits[torch.tensor(sampling_rows, device=self.device)].float()
+            logits = self.graphs.run(decodes)  # fp32 already (compute_logits)
+            if sampling_rows == list(range(len(decodes))):  # the usual case: no gather
+                return logits
+            return logits[torch.tensor(sampling_rows, device=self.device)]
         input_ids, positions, meta = self.prepare_inputs(decodes, prefills)
         last_token_index = _last_token_indices(batch)
         selected = self._int64([last_token_index[i] for i in sampling_rows])

@@ -60,3 +60,39 @@ def test_worker_resources_and_observability_flags() -> None:
 def test_bad_values_are_refused_by_name(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         ServiceConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_engine_knobs_per_pool() -> None:
+    config = serve_config(
+        "--device", "cuda", "--max-num-seqs", "128", "--decode-max-num-seqs", "512",
+        "--prefill-max-num-batched-tokens", "16384", "--kv-cache-memory-fraction", "0.6",
+        "--decode-max-model-len", "8192",
+    )  # fmt: skip
+    prefill, decode = config.prefill_engine, config.engine
+    assert prefill is not None and prefill.scheduler is not None
+    assert decode.scheduler is not None
+    assert (prefill.scheduler.max_num_seqs, prefill.scheduler.max_num_batched_tokens) == (
+        128,
+        16384,
+    )
+    assert (decode.scheduler.max_num_seqs, decode.scheduler.max_num_batched_tokens) == (512, 8192)
+    assert prefill.kv_cache_memory_fraction == decode.kv_cache_memory_fraction == 0.6
+    assert (prefill.max_model_len, decode.max_model_len) == (None, 8192)
+
+
+def test_engine_knobs_unset_leave_sizing_to_the_device() -> None:
+    config = serve_config()
+    assert config.engine.scheduler is None and config.engine.max_model_len is None
+    with pytest.raises(ValueError, match="kv_cache_memory_fraction=1.5 must be in"):
+        serve_config("--kv-cache-memory-fraction", "1.5")
+
+
+def test_scheduler_defaults_are_sized_for_the_device() -> None:
+    from engine.config import default_scheduler_config
+    from engine.scheduler import SchedulerConfig
+
+    assert default_scheduler_config("cpu") == SchedulerConfig()
+    big = default_scheduler_config("cuda", 80 << 30)
+    assert (big.max_num_seqs, big.max_num_batched_tokens) == (256, 8192)
+    small = default_scheduler_config("cuda", 24 << 30)
+    assert (small.max_num_seqs, small.max_num_batched_tokens) == (128, 4096)

@@ -1,0 +1,280 @@
+"""Where an engine step's time goes on one GPU: batch-1 decode, a 2,048-token prefill, and
+steps at saturation (Llama-3-8B shape, dummy bf16 weights).
+
+For each part: wall time per step split into host phases (schedule, model runner up to the
+launch of the last kernel, sampler including the wait for the GPU, scheduler update and
+output processing), and GPU kernel time per step grouped by kernel family (torch.profiler).
+With `--variants`, builds one engine per variant (`new`: the defaults; `new-nogemv`,
+`new-nopdl`, `new-nodense`: with that part of issue 19's work off; `main`: an older checkout's
+engine, run as `PYTHONPATH=<old checkout> python <this file> --variants main`) and reports them
+side by side, same run, same card.
+
+    python -m bench.engine_profile [--variants new,new-nogemv] [--trace-dir DIR] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from bench.common import machine_info, markdown_table, write_json
+from bench.engine_gpu import dummy_engine, random_prompts
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-3-8b")
+    parser.add_argument("--variants", default="new,new-nogemv")
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--ttft-len", type=int, default=2048)
+    parser.add_argument("--saturation-requests", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--kv-cache-gb", type=float, default=30.0)
+    parser.add_argument("--trace-dir", default=None)
+    parser.add_argument("--out", default="bench/results/engine_profile.json")
+    return parser.parse_args()
+
+
+FAMILIES = (
+    ("gemv", "gemv"),
+    ("attn_decode", "decode_attention"),
+    ("attn_decode", "_decode"),
+    ("attn_prefill", "prefill"),
+    ("attn_prefill", "flash"),
+    ("attn_prefill", "fmha"),
+    ("attn_prefill", "attention"),
+    ("rms_norm", "rms_norm"),
+    ("rotary", "rotary"),
+    ("kv_write", "kv_write"),
+    ("silu_mul", "silu"),
+    ("argmax/sample", "argmax"),
+    ("gemm", "gemm"),
+    ("gemm", "sm90"),
+    ("gemm", "cutlass"),
+    ("gemm", "nvjet"),
+    ("gemm", "cublas"),
+    ("copy/index", "copy"),
+    ("copy/index", "index"),
+    ("copy/index", "Memcpy"),
+    ("copy/index", "fill"),
+    ("embedding", "embedding"),
+)
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, key in FAMILIES:
+        if key.lower() in low:
+            return fam
+    return "other"
+
+
+class StepTimer:
+    """Engine.step with host-phase timers (same calls, same order)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, list[float]] = collections.defaultdict(list)
+
+    def step(self, engine: Engine) -> list:
+        t0 = time.perf_counter()
+        scheduled = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        if not scheduled.scheduled:
+            return []
+        logits = engine.runner.execute(scheduled)
+        t2 = time.perf_counter()
+        samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
+        sampled = engine.sampler(logits, [engine._sample_row(seq) for seq in samplers])
+        t3 = time.perf_counter()
+        engine.scheduler.update(scheduled, sampled.token_ids)
+        outputs = []
+        for seq, logprobs in zip(samplers, sampled.logprobs, strict=True):
+            output = engine.outputs.process_token(seq, logprobs)
+            if output.finished:
+                engine._release(seq)
+            outputs.append(output)
+        t4 = time.perf_counter()
+        kind = "prefill" if any(s.num_new_tokens > 1 for s in scheduled.scheduled) else "decode"
+        for name, value in (("schedule", t1 - t0), ("execute", t2 - t1), ("sample+wait", t3 - t2),
+                            ("update+outputs", t4 - t3), ("total", t4 - t0)):  # fmt: skip
+            self.phases[f"{kind}/{name}"].append(value)
+        return outputs
+
+
+def kernel_table(prof: Any, steps: int) -> dict[str, float]:
+    """GPU microseconds per step by kernel family."""
+    per_family: dict[str, float] = collections.defaultdict(float)
+    per_kernel: dict[str, float] = collections.defaultdict(float)
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "self_device_time_total", 0.0)
+        if device_us <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        per_family[family(evt.key)] += device_us / steps
+        per_kernel[evt.key[:80]] += device_us / steps
+    per_family["GPU busy"] = sum(per_family.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    print("  top kernels (us/step):", "; ".join(f"{k} {v:.0f}" for k, v in top), flush=True)
+    return dict(per_family)
+
+
+def profile_decode(engine: Engine, args: argparse.Namespace, trace: str | None) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = engine.model_config.vocab_size
+    prompt = random_prompts(1, args.prompt_len, vocab, seed=3)[0]
+    engine.block_manager.reset_prefix_cache()
+    params = SamplingParams(max_tokens=args.decode_steps * 3, ignore_eos=True)
+    engine.add_request("dec", None, params, prompt_token_ids=prompt)
+    timer = StepTimer()
+    for _ in range(args.decode_steps):  # prefill + warm decode steps
+        timer.step(engine)
+    torch.cuda.synchronize()
+    timer = StepTimer()
+    started = time.perf_counter()
+    for _ in range(args.decode_steps):
+        timer.step(engine)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - started) / args.decode_steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(8):
+            StepTimer().step(engine)
+        torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    engine.abort_request("dec")
+    host = {k: 1e6 * statistics.median(v) for k, v in timer.phases.items()}
+    return {"step_us": 1e6 * wall, "tok_s": 1 / wall, "host_us": host,
+            "gpu_us": kernel_table(prof, 8)}  # fmt: skip
+
+
+def profile_ttft(engine: Engine, args: argparse.Namespace, trace: str | None) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = engine.model_config.vocab_size
+    prompt = random_prompts(1, args.ttft_len, vocab, seed=7)[0]
+
+    def once() -> float:
+        engine.block_manager.reset_prefix_cache()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        engine.add_request("ttft", None, SamplingParams(max_tokens=1), prompt_token_ids=prompt)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return time.perf_counter() - started
+
+    once()
+    values = [once() for _ in range(5)]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        once()
+    if trace:
+        prof.export_chrome_trace(trace)
+    return {"ttft_ms": 1000 * statistics.median(values), "values_ms": [1000 * v for v in values],
+            "gpu_us": kernel_table(prof, 1)}  # fmt: skip
+
+
+def profile_saturation(engine: Engine, args: argparse.Namespace) -> dict:
+    vocab = engine.model_config.vocab_size
+    rng = random.Random(5)
+    prompts = [
+        [rng.randrange(100, vocab) for _ in range(1024)] for _ in range(args.saturation_requests)
+    ]
+    params = SamplingParams(max_tokens=128, ignore_eos=True)
+    engine.block_manager.reset_prefix_cache()
+    timer = StepTimer()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"s{i}", None, params, prompt_token_ids=prompt)
+    generated = 0
+    while engine.has_unfinished_requests():
+        generated += len(timer.step(engine))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    sums = {k: sum(v) for k, v in timer.phases.items()}
+    counts = {k.split("/")[0]: len(v) for k, v in timer.phases.items()}
+    return {"output_tok_s": generated / seconds, "seconds": seconds, "steps": counts,
+            "phase_s": sums}  # fmt: skip
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    # "main": code without the switches (run against an older checkout); otherwise a name
+    # with "-nogemv", "-nopdl", "-nodense" turns that part of issue 19's work off.
+    extra = {}
+    if name != "main":
+        import engine.kernels.gemv as gemv_module
+        import engine.triton_attention as triton_attention
+
+        gemv_module.USE_PDL = "nopdl" not in name
+        triton_attention.DENSE_FRESH_PREFILL = "nodense" not in name
+        extra["triton_gemv"] = "nogemv" not in name
+    engine = dummy_engine(
+        args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, **extra,
+    )  # fmt: skip
+    trace = args.trace_dir
+    result = {
+        "decode": profile_decode(engine, args, trace and f"{trace}/decode_{name}.json.gz"),
+        "ttft": profile_ttft(engine, args, trace and f"{trace}/ttft_{name}.json.gz"),
+    }
+    if args.saturation_requests:
+        profile_saturation(engine, args)  # warm-up: compiles every prefill/decode shape
+        result["saturation"] = profile_saturation(engine, args)
+    engine.check_integrity()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(name, json.dumps(result, default=str)[:1500], flush=True)
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    variants = args.variants.split(",")
+    results = {v: run_variant(v, args) for v in variants}
+    device = torch.cuda.get_device_name()
+
+    def row(label: str, part: str, key: str, fmt: str, sub: str | None = None) -> list[str]:
+        cells = []
+        for v in variants:
+            value = results[v][part][sub].get(key) if sub else results[v][part][key]
+            cells.append(format(value, fmt) if value is not None else "-")
+        return [label, *cells]
+
+    def keys(part: str, sub: str) -> list[str]:
+        return sorted({k for v in variants for k in results[v][part][sub]})
+
+    rows = [row("decode b1 tok/s", "decode", "tok_s", ".1f")]
+    rows.append(row("decode b1 step us", "decode", "step_us", ".0f"))
+    rows += [
+        row(f"  host {k} us", "decode", k, ".0f", "host_us") for k in keys("decode", "host_us")
+    ]
+    rows += [row(f"  gpu {k} us", "decode", k, ".0f", "gpu_us") for k in keys("decode", "gpu_us")]
+    rows.append(row("TTFT ms", "ttft", "ttft_ms", ".1f"))
+    rows += [row(f"  gpu {k} us", "ttft", k, ".0f", "gpu_us") for k in keys("ttft", "gpu_us")]
+    if args.saturation_requests:
+        rows.append(row("saturation out tok/s", "saturation", "output_tok_s", ".0f"))
+        rows += [
+            row(f"  {k} s", "saturation", k, ".2f", "phase_s")
+            for k in keys("saturation", "phase_s")
+        ]
+        rows.append(["  steps"] + [str(results[v]["saturation"]["steps"]) for v in variants])
+    table = markdown_table([f"{args.shape}, {device}", *variants], rows)
+    print(f"\n{table}")
+    write_json(args.out, {"config": vars(args), "machine": machine_info(), "device": device,
+                          "results": results, "table": table})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

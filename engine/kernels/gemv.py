@@ -1,0 +1,156 @@
+"""Skinny matrix products for decode steps: out = x @ w.T with few rows in x (1 to 16).
+
+    x    [M, K]          M <= 16 (decode batch), any float dtype w has
+    w    [N, K]          row-major, a Linear's weight
+    out  [M, N]          x's dtype, accumulated in fp32, rounded once
+
+A decode step of a batch of one reads every weight byte once, so each projection is bound by
+memory bandwidth. cuBLAS picks GEMM tiles built for large M; for M = 1 it reaches only
+2.0-2.4 TB/s of the H100's ~3.0 on the 8B shape's q/k/v and o projections (issue 19). Here each
+program owns BLOCK_N output columns (weight rows) and streams their K values in BLOCK_K
+chunks: many small programs keep enough loads in flight to saturate HBM even when N is small.
+
+M == 1 multiplies and sums on CUDA cores (a [BLOCK_N, BLOCK_K] product reduced along K);
+2 <= M <= 16 pads x to 16 rows and uses tl.dot. Measured on an H100 (`bench.kernels_gemv`,
+issue 19), M = 1: q/k/v 2.60 TB/s against cuBLAS's 2.42, o 2.24 against 2.09, gate/up 2.93
+against 2.78, down 2.78 against 2.60, LM head 3.10 against 2.83; at M = 4 and 16 the two are
+within noise of each other except the LM head (+8%), so the engine routes M = 1 here only.
+
+On Hopper and later the kernel is launched with programmatic dependent launch (PDL): its
+programs may start while the previous kernel's last blocks finish, and wait
+(`griddepcontrol.wait`) only before reading x, which that kernel wrote. This hides the launch
+gap between a decode step's small kernels and the next projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from engine.kernels.launch import check_devices, on_device
+
+MAX_ROWS = 16  # rows of x the kernel takes; more go to cuBLAS
+
+
+@dataclass(frozen=True, slots=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(m: int, n: int, k: int) -> GemvConfig:
+    """Tile choice by shape, from an H100 sweep (`bench.kernels_gemv`, issue 19)."""
+    if m == 1:  # narrow row blocks: thousands of programs, each streaming whole rows
+        return GemvConfig(block_n=4, block_k=512 if n * k <= 4096 * 4096 else 1024,
+                          num_warps=4, num_stages=3)  # fmt: skip
+    return GemvConfig(block_n=32, block_k=512, num_warps=4, num_stages=3)
+
+
+# Programmatic dependent launch (see the module docstring); a switch for benchmarks.
+USE_PDL = True
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K]
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,  # 1: CUDA-core path; 16: tl.dot path
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: wait before reading x
+):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    n_mask = rn < N
+    m_mask = rm < M
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PDL:  # x is the previous kernel's output; w is not: nothing read before this
+        gdc_wait()
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            x_mask = m_mask[:, None]
+            if EVEN_N:
+                w = tl.load(w_rows + rk[None, :])
+            else:
+                w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = rk < K
+            x_mask = m_mask[:, None] & k_mask[None, :]
+            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_rows + rk[None, :], mask=x_mask, other=0.0)
+        if BLOCK_M == 1:
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
+        else:
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+    if BLOCK_M == 1:
+        tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def gemv(
+    x: torch.Tensor,  # [M, K]
+    w: torch.Tensor,  # [N, K]
+    config: GemvConfig | None = None,
+) -> torch.Tensor:  # [M, N] x's dtype
+    """x @ w.T for 1 <= M <= 16 rows. Rows of x may be strided; its columns and w's must be
+    contiguous. Raises ValueError on a bad device, dtype, shape or stride."""
+    check_devices(x, w)
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"x and w must be 2-d, got {tuple(x.shape)} and {tuple(w.shape)}")
+    m, n, k = x.shape[0], w.shape[0], w.shape[1]
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} columns, w {tuple(w.shape)} needs {k}")
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"x must have 1 to {MAX_ROWS} rows, got {m}")
+    if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x and w must share a float dtype, got {x.dtype} and {w.dtype}")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(f"columns must be contiguous, got strides {x.stride()}, {w.stride()}")
+    cfg = config or default_config(m, n, k)
+    block_m = 1 if m == 1 else MAX_ROWS
+    block_n = cfg.block_n if block_m == 1 else max(cfg.block_n, 16)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n),)
+    pdl = _pdl_supported(x.device)
+    launch = {"launch_pdl": True} if pdl else {}
+    with on_device(x.device):
+        _gemv_kernel[grid](
+            x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
+            EVEN_N=n % block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+        )  # fmt: skip
+    return out
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Plain torch reference: fp32 product, rounded once to x's dtype."""
+    return (x.float() @ w.float().t()).to(x.dtype)
