@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--json", action="store_true", help="print one JSON object with token ids, text and usage"
     )
+    add_quantization_arguments(generate)
     generate.set_defaults(handler=run_generate)
 
     serve = commands.add_parser("serve", help="serve the gRPC API from a pool of Ray workers")
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50051, help="0: any free port")
     serve.add_argument("--address", default=None, help="a Ray cluster to join (default: local)")
     serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_quantization_arguments(serve)
     serve.set_defaults(handler=run_serve)
 
     client = commands.add_parser("client", help="stream one answer from a running service")
@@ -155,6 +157,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
     asyncio.run(demo())
     return 0
+
+
+def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantization", default=None, choices=("fp8",), help="fp8: e4m3 W8A8 projections"
+    )
+    parser.add_argument(
+        "--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="fp8: e4m3 KV cache"
+    )
 
 
 def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
@@ -289,7 +300,12 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
         autoscaling=autoscaling_config(args),
         prefill_resources=args.prefill_resources,
         decode_resources=args.decode_resources,
-        engine=EngineConfig(model=args.model, device=args.device),
+        engine=EngineConfig(
+            model=args.model,
+            device=args.device,
+            quantization=getattr(args, "quantization", None),
+            kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+        ),
         mode=args.mode,
         num_workers=args.workers,
         num_prefill_workers=args.prefill_workers,
@@ -376,7 +392,15 @@ def run_generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise InvalidRequest("prompt", "prompt is empty")
     messages = [{"role": "user", "content": args.prompt}] if args.chat else None
-    engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+    engine = Engine(
+        EngineConfig(
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
+        )
+    )
     token_ids: list[int] = []
     text: list[str] = []
     last = None

@@ -1,6 +1,7 @@
 """The attention backend for CUDA: Triton kernels for KV writes, decode and prefill attention.
 
 Every launch is free of host synchronization, so decode steps can be captured in CUDA graphs.
+An FP8 cache (engine.kv_quant) is passed to the kernels as its e4m3 and scale views.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.kernels.decode_attention import paged_decode_attention
 from engine.kernels.kv_write import write_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
+from engine.kv_quant import is_fp8_cache, split_fp8_cache
 
 
 class TritonAttention(AttentionBackend):
@@ -21,7 +23,8 @@ class TritonAttention(AttentionBackend):
         v: torch.Tensor,
         slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = padding
     ) -> None:
-        write_kv(k, v, kv_cache_layer[0], kv_cache_layer[1], slot_mapping)
+        cache, scales = _values_and_scales(kv_cache_layer)
+        write_kv(k, v, cache[0], cache[1], slot_mapping, *scales)
 
     def forward(
         self,
@@ -33,7 +36,9 @@ class TritonAttention(AttentionBackend):
         # q is a strided view of the fused QKV projection: the kernels take its strides, so
         # no copy (a 2,048-token prefill of the 8B shape copied 16 MiB per layer).
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        k_cache, v_cache = kv_cache_layer[0], kv_cache_layer[1]
+        cache, scales = _values_and_scales(kv_cache_layer)
+        k_cache, v_cache = cache[0], cache[1]
+        k_scale, v_scale = scales
         num_decode = meta.num_decode_tokens
         if num_decode:
             paged_decode_attention(
@@ -44,6 +49,8 @@ class TritonAttention(AttentionBackend):
                 meta.decode_context_lens,
                 scale,
                 out=out[:num_decode],
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         if meta.prefills:
             assert meta.prefill_block_tables is not None
@@ -59,5 +66,17 @@ class TritonAttention(AttentionBackend):
                 scale,
                 meta.max_prefill_query_len,
                 out=out[num_decode:],
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         return out
+
+
+def _values_and_scales(
+    kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim (+ 4)]
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The K/V values [2, ...] and, for a packed FP8 cache, the K and V scale views."""
+    if not is_fp8_cache(kv_cache_layer):
+        return kv_cache_layer, (None, None)
+    values, scales = split_fp8_cache(kv_cache_layer)  # [2, ..., head_dim] e4m3, [2, ...] fp32
+    return values, (scales[0], scales[1])
