@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="neither read nor write the converted weights of a GGUF model in the cache folder "
         "($TANDEM_CACHE_DIR, else ~/.cache/tandem), which makes repeated loads fast",
     )
+    add_quantization_arguments(generate)
     generate.set_defaults(handler=run_generate, subparser=generate)
 
     serve = commands.add_parser("serve", help="serve the gRPC API from a pool of Ray workers")
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM or Ctrl-C: seconds requests in flight get to finish before they are "
         "cancelled (new requests are refused at once)",
     )
+    add_quantization_arguments(serve)
     serve.set_defaults(handler=run_serve, subparser=serve)
 
     client = commands.add_parser("client", help="stream one answer from a running service")
@@ -210,6 +212,15 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantization", default=None, choices=("fp8",), help="fp8: e4m3 W8A8 projections"
+    )
+    parser.add_argument(
+        "--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="fp8: e4m3 KV cache"
+    )
+
+
 def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
@@ -318,6 +329,8 @@ def engine_config(args: argparse.Namespace, pool: str) -> Any:
     return EngineConfig(
         model=args.model,
         device=args.device,
+        quantization=getattr(args, "quantization", None),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         scheduler=scheduler,
         max_model_len=values["max_model_len"],
         **({} if fraction is None else {"kv_cache_memory_fraction": fraction}),
@@ -538,6 +551,8 @@ def run_generate(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             converted_cache=not args.no_cache,
+            quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
     )
     print(f"tandem: {engine.model_id} loaded in {time.monotonic() - started:.1f} s "

@@ -302,7 +302,7 @@ class EngineWorker(WorkerBase):
     def open_endpoint(self, host: str = "127.0.0.1") -> EndpointAddress:
         """Start accepting pairs from prefill workers; the address they connect to."""
         if self._endpoint is None:
-            self._endpoint = ReceiverEndpoint(host)
+            self._endpoint = ReceiverEndpoint(host, self.layout)  # senders check it
             threading.Thread(target=self._accept_pairs, name="kv-accept", daemon=True).start()
         return self._endpoint.address
 

@@ -10,6 +10,9 @@ KV cache layout, one tensor for the whole model:
 A token at position p of a sequence with block table `bt` lives in block bt[p // block_size],
 slot p % block_size; its flat slot index is bt[p // block_size] * block_size + p % block_size.
 
+With `--kv-cache-dtype fp8` the tensor is uint8 and each [head_dim] row carries its scale
+(`engine.kv_quant`): this reference dequantizes what it gathers to the query's dtype.
+
 Batch layout: tokens of all scheduled sequences are flattened into one [num_tokens] batch,
 decode sequences (one new token each) first, then prefill chunks.
 """
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from engine.kv_quant import dequantize_rows, is_fp8_cache, write_kv_fp8_ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +127,11 @@ def write_kv(
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64
 ) -> None:
-    """Store new keys and values at their slots (the torch reference; no padding slots)."""
+    """Store new keys and values at their slots (the torch reference; no padding slots),
+    quantized with their scales for an FP8 cache."""
+    if is_fp8_cache(kv_cache_layer):
+        write_kv_fp8_ref(kv_cache_layer, k, v, slot_mapping)
+        return
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache_layer.shape
     flat = kv_cache_layer.view(2, num_blocks * block_size, num_kv_heads, head_dim)
     flat[0].index_copy_(0, slot_mapping, k if k.dtype == flat.dtype else k.to(flat.dtype))
@@ -161,14 +170,17 @@ def decode_mask(context_lens: torch.Tensor, num_key_slots: int) -> torch.Tensor:
 
 
 def _gather_context(
-    kv_cache_layer: torch.Tensor, block_ids: torch.Tensor
+    kv_cache_layer: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the given blocks, as [..., num_kv_heads, num_blocks * block_size, head_dim]."""
+    """K and V of the given blocks, as [..., num_kv_heads, num_blocks * block_size, head_dim]
+    (an FP8 cache's dequantized to `dtype`; a float cache's as stored)."""
     # K and V separately, each an index_select over the leading (block) dim: one select over
     # dim 1 of the [2, ...] layer tensor measured 1.8x slower per decode step at batch 8.
     flat_ids = block_ids.reshape(-1)
     k = kv_cache_layer[0].index_select(0, flat_ids)  # [n, block_size, num_kv_heads, head_dim]
     v = kv_cache_layer[1].index_select(0, flat_ids)
+    if is_fp8_cache(kv_cache_layer):
+        k, v = dequantize_rows(k, dtype), dequantize_rows(v, dtype)
     shape = (*block_ids.shape[:-1], -1, k.shape[-2], k.shape[-1])
     return k.reshape(shape).transpose(-3, -2), v.reshape(shape).transpose(-3, -2)
 
@@ -180,7 +192,7 @@ def _decode_attention(
     mask: torch.Tensor,  # [num_decodes, 1, 1, max_blocks * block_size] bool
     scale: float,
 ) -> torch.Tensor:
-    k, v = _gather_context(kv_cache_layer, block_tables)  # [B, kv_heads, S, D]
+    k, v = _gather_context(kv_cache_layer, block_tables, q.dtype)  # [B, kv_heads, S, D]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
     )  # [B, heads, 1, D]
@@ -193,7 +205,7 @@ def _prefill_attention(
     chunk: PrefillChunk,
     scale: float,
 ) -> torch.Tensor:
-    k, v = _gather_context(kv_cache_layer, chunk.block_ids)  # [kv_heads, S, D]
+    k, v = _gather_context(kv_cache_layer, chunk.block_ids, q.dtype)  # [kv_heads, S, D]
     # A leading batch dim of 1: torch's fused CPU kernel takes 4-d inputs only (3-d ones fall
     # back to the unfused math path, measured 4x slower for a 512-token prompt).
     k = k[None, :, : chunk.context_len]  # [1, kv_heads, context_len, D]

@@ -13,6 +13,8 @@ from engine.scheduler import SchedulerConfig
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+QUANTIZATIONS = (None, "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +39,21 @@ class EngineConfig:
     # Projections of 1-16 rows (decode steps) through the Triton GEMV instead of cuBLAS
     # (CUDA only; engine.kernels.gemv).
     triton_gemv: bool = True
+    # "fp8": e4m3 W8A8 decoder projections, quantized at load (an FP8 checkpoint is FP8 anyway)
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with scales (kv_quant)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r} must be one of {DEVICES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r} must be one of {QUANTIZATIONS}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} must be one of {KV_CACHE_DTYPES}"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of two")
         for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len"):

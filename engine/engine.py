@@ -26,10 +26,12 @@ from engine.block_manager import BlockManager
 from engine.chat_template import ChatMessage
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, default_scheduler_config
 from engine.errors import InvalidRequest
+from engine.kv_quant import KV_FP8_DTYPE, packed_row_bytes
 from engine.llama import LlamaModel
 from engine.loader import converted, describe_model, load_weights, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
+from engine.quantization import use_fp8_linears
 from engine.sampler import Sampler, SampleRow
 from engine.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -67,6 +69,7 @@ class Engine:
         started = time.perf_counter()
         self.device = _pick_device(config.device)
         self.dtype = _pick_dtype(config.dtype, self.device)
+        self.kv_dtype = KV_FP8_DTYPE if config.kv_cache_dtype == "fp8" else self.dtype
         self.backend = select_backend(self.device)
         self.info, handle = describe_model(resolve_model(config.model), config.converted_cache)
         self.model_config = self.info.config
@@ -81,7 +84,12 @@ class Engine:
         )
         self.scheduler = Scheduler(self._scheduler_config(), self.block_manager)
         self.runner = ModelRunner(
-            self.model, self.backend, self.num_kv_blocks, config.block_size, self.device, self.dtype
+            self.model,
+            self.backend,
+            self.num_kv_blocks,
+            config.block_size,
+            self.device,
+            self.kv_dtype,
         )
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.capture_cuda_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
@@ -94,10 +102,13 @@ class Engine:
         self._kept_kv: dict[str, KeptKV] = {}
         self._generate_ids = itertools.count()
         logger.info(
-            "engine ready: model=%s device=%s dtype=%s kv_blocks=%d max_model_len=%d in %.1fs",
+            "engine ready: model=%s device=%s dtype=%s kv=%s quantization=%s kv_blocks=%d "
+            "max_model_len=%d in %.1fs",
             self.model_id,
             self.device,
             self.dtype,
+            self.kv_dtype,
+            self.config.quantization,
             self.num_kv_blocks,
             self.max_model_len,
             time.perf_counter() - started,
@@ -113,8 +124,13 @@ class Engine:
         model = model.to_empty(device=self.device).to(self.dtype)
         model.rotary.float().init_tables()  # rotary tables stay fp32
         model.tie_embeddings()
+        scheme = self.info.fp8_scheme
+        quantized = self.config.quantization == "fp8" or scheme is not None
+        if quantized:
+            use_fp8_linears(model, static_input_scale=bool(scheme and scheme.static_activations))
         source = self.info.source
-        gguf = source.path if source.kind == "gguf" and self.config.converted_cache else None
+        cacheable = source.kind == "gguf" and self.config.converted_cache and not quantized
+        gguf = source.path if cacheable else None
         if gguf is None or not converted.load_parameters(gguf, model):
             # consumed as it is copied in: the checkpoint and the model are never both whole
             model.load_weights(
@@ -139,10 +155,14 @@ class Engine:
         budget = self.config.kv_cache_bytes or _default_kv_cache_bytes(
             self.device, self.config.kv_cache_memory_fraction
         )
-        per_block = self.config.block_size * self.model_config.kv_bytes_per_token(
-            self.dtype.itemsize
-        )
+        per_block = self.config.block_size * self._kv_bytes_per_token()
         return max(budget // per_block, 1)
+
+    def _kv_bytes_per_token(self) -> int:
+        c = self.model_config
+        if self.kv_dtype == KV_FP8_DTYPE:  # e4m3 values and a 4-byte scale per row
+            return 2 * c.num_layers * c.num_kv_heads * packed_row_bytes(c.head_dim)
+        return c.kv_bytes_per_token(self.dtype.itemsize)
 
     def _max_model_len(self) -> int:
         """The model's context, capped by what the KV cache can hold for one sequence."""

@@ -18,6 +18,11 @@ from torch import nn
 from engine.attention import AttentionBackend, AttentionMetadata, OutputRows, TorchAttention
 from engine.errors import ModelLoadError
 from engine.model_config import ModelConfig, RopeScaling
+from engine.quantization import (
+    collapse_fused_input_scales,
+    prepare_fp8_weights,
+    widen_checkpoint_scales,
+)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -340,7 +345,7 @@ class LlamaModel(nn.Module):
 
         Raises ModelLoadError naming any missing, unexpected or misshapen tensor.
         """
-        fused = _fuse_hf_weights(weights, self.config)
+        fused = prepare_fp8_weights(self, _fuse_hf_weights(weights, self.config))
         self.tie_embeddings()
         if self.config.tie_word_embeddings:
             fused.pop("lm_head.weight", None)
@@ -373,11 +378,15 @@ def _fuse_hf_weights(
         if "rotary_emb" in name:
             continue
         out[name.removeprefix("model.")] = tensor
+    widen_checkpoint_scales(out)  # FP8 checkpoints: scales in the shapes fusing expects
+    qkv = ("q_proj", "k_proj", "v_proj")
     for i in range(config.num_layers):
-        _fuse(out, f"layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj", "weight")
+        for kind in ("weight", "weight_scale", "input_scale"):
+            _fuse(out, f"layers.{i}.self_attn", qkv, "qkv_proj", kind)
+            _fuse(out, f"layers.{i}.mlp", ("gate_proj", "up_proj"), "gate_up_proj", kind)
         if config.attention_bias:
-            _fuse(out, f"layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj", "bias")
-        _fuse(out, f"layers.{i}.mlp", ("gate_proj", "up_proj"), "gate_up_proj", "weight")
+            _fuse(out, f"layers.{i}.self_attn", qkv, "qkv_proj", "bias")
+    collapse_fused_input_scales(out)
     return out
 
 

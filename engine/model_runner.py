@@ -20,6 +20,7 @@ from engine.attention import (
     decode_mask,
 )
 from engine.cuda_graph import DecodeGraphs
+from engine.kv_quant import KV_FP8_DTYPE, KV_FP8_STORAGE, packed_row_bytes
 from engine.llama import LlamaModel
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 
@@ -41,9 +42,13 @@ class ModelRunner:
         self.backend = backend
         self.block_size = block_size
         self.device = device
-        # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        # [layers, 2, num_blocks, block_size, kv_heads, head_dim] kv_dtype, or for an FP8
+        # cache [..., head_dim + 4] uint8: e4m3 values and a scale per row (engine.kv_quant)
+        row = config.head_dim
+        if kv_dtype == KV_FP8_DTYPE:
+            row, kv_dtype = packed_row_bytes(config.head_dim), KV_FP8_STORAGE
         self.kv_cache = zeros_on_demand(
-            (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim),
+            (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, row),
             kv_dtype,
             device,
         )

@@ -8,6 +8,8 @@ prompt that fits the step's token budget) attend with torch's fused causal atten
 one call per chunk: on an H100 it runs the 8B shape's 2,048-token prefill at about twice the
 Triton paged kernel's rate (issue 19). Chunks that continue a sequence need its cached
 context: those steps use the paged kernel for every chunk.
+
+An FP8 cache (engine.kv_quant) is passed to the kernels as its e4m3 and scale views.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.kernels.decode_attention import paged_decode_attention
 from engine.kernels.kv_write import write_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
+from engine.kv_quant import is_fp8_cache, split_fp8_cache
 
 # Fresh prefill chunks through torch's fused attention (see above); a switch for benchmarks.
 DENSE_FRESH_PREFILL = True
@@ -32,7 +35,8 @@ class TritonAttention(AttentionBackend):
         v: torch.Tensor,
         slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = padding
     ) -> None:
-        write_kv(k, v, kv_cache_layer[0], kv_cache_layer[1], slot_mapping)
+        cache, scales = _values_and_scales(kv_cache_layer)
+        write_kv(k, v, cache[0], cache[1], slot_mapping, *scales)
 
     def forward(
         self,
@@ -46,7 +50,9 @@ class TritonAttention(AttentionBackend):
         # q is a strided view of the fused QKV projection: the kernels take its strides, so
         # no copy (a 2,048-token prefill of the 8B shape copied 16 MiB per layer).
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        k_cache, v_cache = kv_cache_layer[0], kv_cache_layer[1]
+        cache, scales = _values_and_scales(kv_cache_layer)
+        k_cache, v_cache = cache[0], cache[1]
+        k_scale, v_scale = scales
         num_decode = meta.num_decode_tokens
         if num_decode:
             paged_decode_attention(
@@ -57,6 +63,8 @@ class TritonAttention(AttentionBackend):
                 meta.decode_context_lens,
                 scale,
                 out=out[:num_decode],
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         if meta.prefills and k is not None and v is not None and _all_fresh(meta):
             for chunk in meta.prefills:
@@ -76,6 +84,8 @@ class TritonAttention(AttentionBackend):
                 scale,
                 meta.max_prefill_query_len,
                 out=out[num_decode:],
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         return out
 
@@ -100,3 +110,13 @@ def _dense_causal(
         enable_gqa=True,
     )
     return out[0].transpose(0, 1)
+
+
+def _values_and_scales(
+    kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim (+ 4)]
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The K/V values [2, ...] and, for a packed FP8 cache, the K and V scale views."""
+    if not is_fp8_cache(kv_cache_layer):
+        return kv_cache_layer, (None, None)
+    values, scales = split_fp8_cache(kv_cache_layer)  # [2, ..., head_dim] e4m3, [2, ...] fp32
+    return values, (scales[0], scales[1])

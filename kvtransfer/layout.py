@@ -8,6 +8,10 @@ between caches that differ. One block, as laid out in the engine's cache tensor:
 
     block b = kv_cache[:, :, b]   # [num_layers, 2, block_size, num_kv_heads, head_dim]
 
+An FP8 cache (engine.kv_quant) is uint8 with rows of head_dim e4m3 bytes followed by their fp32
+scale: dtype "float8_e4m3fn", scale_scheme "token_head_fp32", and a block's bytes carry its
+scales. Both fields are part of the layout, so a bf16 worker and an FP8 worker never pair.
+
 Torch-free at import (control-plane code decodes layouts without torch); it must not touch cache
 memory, only describe it.
 """
@@ -23,7 +27,10 @@ if TYPE_CHECKING:
     import torch
 
 # KV cache element types the engine allocates, with their sizes in bytes.
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
+# How KV values are scaled, with the bytes each (token, kv head) row carries for it.
+SCALE_BYTES: dict[str, int] = {"none": 0, "token_head_fp32": 4}
+_FP8_DTYPE, _FP8_SCALES = "float8_e4m3fn", "token_head_fp32"
 MAX_MODEL_ID_BYTES = 256  # utf-8 bytes; the id travels in every TransferOffer
 MAX_DIM = (1 << 32) - 1  # every count travels as a u32
 _COUNT_FIELDS = ("block_size", "num_layers", "num_kv_heads", "head_dim")
@@ -39,11 +46,17 @@ class KVLayout:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    scale_scheme: str = "none"  # "token_head_fp32" for FP8 caches
 
     def __post_init__(self) -> None:
         _check_model_id(self.model_id)
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {tuple(DTYPE_BYTES)}")
+        wanted = _FP8_SCALES if self.dtype == _FP8_DTYPE else "none"
+        if self.scale_scheme != wanted:
+            raise ValueError(
+                f"scale_scheme={self.scale_scheme!r} with dtype {self.dtype}: must be {wanted!r}"
+            )
         for name in _COUNT_FIELDS:
             value = getattr(self, name)
             if type(value) is not int or not 1 <= value <= MAX_DIM:
@@ -63,13 +76,18 @@ class KVLayout:
                 "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]"
             )
         num_layers, _, _, block_size, num_kv_heads, head_dim = shape
+        dtype, scale_scheme = str(kv_cache.dtype).removeprefix("torch."), "none"
+        if dtype == "uint8":  # the packed FP8 cache: e4m3 values, then an fp32 scale
+            dtype, scale_scheme = _FP8_DTYPE, _FP8_SCALES
+            head_dim -= SCALE_BYTES[_FP8_SCALES]
         return cls(
             model_id=model_id,
-            dtype=str(kv_cache.dtype).removeprefix("torch."),
+            dtype=dtype,
             block_size=block_size,
             num_layers=num_layers,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
+            scale_scheme=scale_scheme,
         )
 
     def check_cache(self, kv_cache: torch.Tensor) -> None:
@@ -80,13 +98,29 @@ class KVLayout:
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across all layers, K and V together."""
-        elements = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
-        return elements * DTYPE_BYTES[self.dtype]
+        row_bytes = self.head_dim * DTYPE_BYTES[self.dtype] + SCALE_BYTES[self.scale_scheme]
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * row_bytes
+
+    @property
+    def wire_dtype(self) -> str:
+        """The dtype as a TransferOffer carries it: "float8_e4m3fn/token_head_fp32" when
+        values are scaled, else the dtype alone."""
+        return self.dtype if self.scale_scheme == "none" else f"{self.dtype}/{self.scale_scheme}"
+
+    @staticmethod
+    def split_wire_dtype(wire_dtype: str) -> tuple[str, str]:
+        """(dtype, scale_scheme) of a wire dtype; ValueError for a non-canonical one
+        ("float32/none", "float32/")."""
+        dtype, slash, scheme = wire_dtype.partition("/")
+        if slash and scheme in ("", "none"):
+            raise ValueError(f"dtype={wire_dtype!r}: an unscaled dtype travels without '/'")
+        return dtype, scheme or "none"
 
     def check_compatible(self, other: KVLayout) -> None:
         """Return if blocks of `self` and `other` are interchangeable; raise KVTransferError
         naming every differing field, this layout's value first:
-        "layouts differ: dtype bfloat16 != float16, block_size 16 != 32"."""
+        "layouts differ: dtype bfloat16 != float16, block_size 16 != 32"; an FP8 layout
+        against a bf16 one also names the scale scheme."""
         mismatches = [
             f"{f.name} {getattr(self, f.name)} != {getattr(other, f.name)}"
             for f in fields(self)

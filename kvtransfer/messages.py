@@ -20,7 +20,8 @@ Frame (all integers little-endian):
 
     payload fields, in order:            str = u16 byte length + UTF-8 bytes
       1 TransferOffer  str transfer_id, str request_id,
-                       str model_id, str dtype, u32 block_size, u32 num_layers,
+                       str model_id, str dtype (+ "/" + scale scheme if any),
+                       u32 block_size, u32 num_layers,
                        u32 num_kv_heads, u32 head_dim, u32 num_tokens, u32 lease_ms,
                        u32 layers_per_chunk,
                        ids src_block_ids       ids = u32 count + count x u32
@@ -283,7 +284,7 @@ def _encode_offer(m: TransferOffer) -> bytes:
             _str(m.transfer_id),
             _str(m.request_id),
             _str(lay.model_id),
-            _str(lay.dtype),
+            _str(lay.wire_dtype),
             struct.pack("<4I", lay.block_size, lay.num_layers, lay.num_kv_heads, lay.head_dim),
             struct.pack("<3I", m.num_tokens, m.lease_ms, m.layers_per_chunk),
             _ids(m.src_block_ids),
@@ -450,7 +451,8 @@ def _decode_offer(r: _Reader) -> dict[str, Any]:
     layers_per_chunk = r.u32("layers_per_chunk")
     src_block_ids = r.block_ids("src_block_ids")
     try:
-        layout = KVLayout(model_id=model_id, dtype=dtype, **dims)
+        dtype, scale_scheme = KVLayout.split_wire_dtype(dtype)
+        layout = KVLayout(model_id=model_id, dtype=dtype, scale_scheme=scale_scheme, **dims)
     except ValueError as e:
         raise KVTransferError(f"invalid TransferOffer layout: {e}") from None
     return {

@@ -53,7 +53,7 @@ class PrefillWorker(WorkerBase):
         """Form the pair with decode worker `decode_id` (replacing an older one)."""
         cache = self.engine.runner.kv_cache
         channel, control = await asyncio.to_thread(
-            connect_pair, address, pair_key, transport_for(self.engine), cache.device
+            connect_pair, address, pair_key, transport_for(self.engine), cache.device, self.layout
         )
         old = self.senders.get(decode_id)
         self.senders[decode_id] = KVSender(

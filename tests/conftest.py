@@ -41,12 +41,16 @@ def make_engine(
     enable_prefix_caching: bool = True,
     max_model_len: int | None = None,
     seed: int = 0,
+    quantization: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> Engine:
     """A CPU fp32 engine; small blocks so tests cross block boundaries often."""
     return Engine(
         EngineConfig(
             model=model,
             device="cpu",
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
             num_kv_blocks=num_kv_blocks,
             block_size=block_size,
             enable_prefix_caching=enable_prefix_caching,

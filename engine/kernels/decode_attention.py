@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from engine.attention import decode_mask
-from engine.kernels.launch import check_devices, on_device
+from engine.kernels.launch import check_devices, check_kv_scales, on_device
+from engine.kv_quant import KV_FP8_DTYPE
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634  # 1 / ln(2): scores are kept in base 2 so the kernel uses exp2
@@ -125,6 +126,14 @@ def _decode_split_kernel(
     stride_po_split,
     stride_pl_seq,
     stride_pl_head,
+    k_scale_ptr,  # [num_blocks, block_size, num_kv_heads] fp32 with KV_FP8 (else unused)
+    v_scale_ptr,
+    stride_ks_block,
+    stride_ks_slot,
+    stride_ks_head,
+    stride_vs_block,
+    stride_vs_slot,
+    stride_vs_head,
     HEAD_DIM: tl.constexpr,
     GROUP_SIZE: tl.constexpr,  # query heads per kv head
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
@@ -133,6 +142,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two >= 16
     TILE_N: tl.constexpr,  # tokens per K/V tile, a power of two >= 16
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 caches, so tl.dot does not round to tf32
+    KV_FP8: tl.constexpr,  # e4m3 cache: K/V converted to q's dtype, scales folded in
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -182,7 +192,15 @@ def _decode_split_kernel(
             + offs_d[:, None]
         )
         k = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)  # exact: e4m3 values fit bf16, fp16 and fp32
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
+        if KV_FP8:  # key n's scale multiplies score column n
+            k_s = tl.load(
+                k_scale_ptr + kv_head * stride_ks_head + block_ids * stride_ks_block
+                + slots * stride_ks_slot, mask=mask_n, other=0.0,
+            )  # fmt: skip
+            scores = scores * k_s[None, :]
         scores = tl.where(mask_n[None, :], scores, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -198,7 +216,15 @@ def _decode_split_kernel(
             + offs_d[None, :]
         )
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        p_v = p
+        if KV_FP8:  # value n's scale multiplies probability column n (not the sum l_i)
+            v = v.to(q.dtype)
+            v_s = tl.load(
+                v_scale_ptr + kv_head * stride_vs_head + block_ids * stride_vs_block
+                + slots * stride_vs_slot, mask=mask_n, other=0.0,
+            )  # fmt: skip
+            p_v = p * v_s[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p_v.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # An empty split (or a padding row, context_len 0) has l_i = 0 and acc = 0: its output is
@@ -300,16 +326,26 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim], q's dtype
     num_splits: int | None = None,
     workspace: DecodeAttentionWorkspace | None = None,
+    k_scale: torch.Tensor | None = None,  # e4m3 caches: [num_blocks, block_size, num_kv_heads]
+    v_scale: torch.Tensor | None = None,  # fp32 (the packed cache's scale views, kv_quant)
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim], q's dtype
     """Attention of each sequence's one query token over its first context_len cached tokens.
+    With an e4m3 cache (k_scale and v_scale given) K and V are dequantized in registers.
 
     Returns `out` (allocated if None). Rows with context_len 0 come out as zeros. `num_splits`
     defaults to `choose_num_splits(...)`; with more than one split the partial results go to
     `workspace` (allocated here when None: pass one when capturing a CUDA graph). Raises
     ValueError for inputs of the wrong device, dtype, shape or layout. Never syncs the host."""
-    num_seqs, num_heads, head_dim = _check_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    is_fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    num_seqs, num_heads, head_dim = _check_inputs(
+        q, k_cache, v_cache, block_tables, context_lens, is_fp8
+    )
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     max_blocks = block_tables.shape[1]
+    ks = k_scale if k_scale is not None else k_cache  # a placeholder pointer without FP8
+    vs = v_scale if v_scale is not None else v_cache
+    ks_strides = k_scale.stride() if k_scale is not None else (0, 0, 0)
+    vs_strides = v_scale.stride() if v_scale is not None else (0, 0, 0)
     if out is None:
         out = torch.empty_like(q)
     _check_out(out, q)
@@ -343,6 +379,7 @@ def paged_decode_attention(
             out.stride(0), out.stride(1),
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
             partial_lse.stride(0), partial_lse.stride(1),
+            ks, vs, *ks_strides, *vs_strides,
             HEAD_DIM=head_dim,
             GROUP_SIZE=group_size,
             BLOCK_SIZE=block_size,
@@ -351,6 +388,7 @@ def paged_decode_attention(
             BLOCK_D=block_d,
             TILE_N=tile_n,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            KV_FP8=is_fp8,
             num_warps=num_warps,
             num_stages=num_stages,
         )  # fmt: skip
@@ -385,9 +423,15 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,  # [num_seqs, max_blocks]
     context_lens: torch.Tensor,  # [num_seqs]; 0 marks a padding row
     scale: float,
+    k_scale: torch.Tensor | None = None,  # e4m3 caches: [num_blocks, block_size, num_kv_heads]
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim], q's dtype
     """The same function in plain torch: gather the context, masked SDPA, zeros for padding
-    rows. Computes in the inputs' dtype (upcast them for a high-precision reference)."""
+    rows. Computes in the inputs' dtype (upcast them for a high-precision reference); an e4m3
+    cache is dequantized to q's dtype first."""
+    if k_scale is not None and v_scale is not None:
+        k_cache = (k_cache.float() * k_scale[..., None]).to(q.dtype)
+        v_cache = (v_cache.float() * v_scale[..., None]).to(q.dtype)
     num_seqs, max_blocks = block_tables.shape
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     ids = block_tables.long()
@@ -408,6 +452,7 @@ def _check_inputs(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    is_fp8: bool = False,
 ) -> tuple[int, int, int]:
     if q.dim() != 3:
         raise ValueError(f"q must be [num_seqs, num_heads, head_dim], got shape {tuple(q.shape)}")
@@ -424,7 +469,8 @@ def _check_inputs(
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
-    if q.dtype not in _SUPPORTED_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    cache_dtype = q.dtype if not is_fp8 else KV_FP8_DTYPE
+    if q.dtype not in _SUPPORTED_DTYPES or {k_cache.dtype, v_cache.dtype} != {cache_dtype}:
         raise ValueError(
             f"q, k_cache, v_cache must share one dtype of {_SUPPORTED_DTYPES}, got "
             f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"

@@ -14,6 +14,10 @@ Grid: one program per token t; it moves a [BLOCK_H, BLOCK_D] tile (all heads x h
 
     k[t, :, :] --> k_cache[slot // block_size, slot % block_size, :, :]
     v[t, :, :] --> v_cache[slot // block_size, slot % block_size, :, :]
+
+FP8 caches (`engine.kv_quant`): k_cache/v_cache are the e4m3 views of the packed cache and
+k_scale/v_scale its fp32 scale views [num_blocks, block_size, num_kv_heads]. The program then
+quantizes in registers: per head row, s = amax / 448, stores round(x / s) and s.
 """
 
 from __future__ import annotations
@@ -22,7 +26,25 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.launch import check_devices, on_device
+from engine.kernels.launch import check_devices, check_kv_scales, on_device
+from engine.kv_quant import quantize_rows
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """fp32 x (|x| <= 448) rounded to the nearest e4m3fn value, ties to even, still in fp32,
+    so the conversion that follows is exact on every backend. (Triton 3.6's CPU interpreter
+    rounds ties away, flushes subnormals and loses the carry when rounding up to a power of
+    two: 126 became 64. With this, kernel and torch reference agree bit for bit.)"""
+    # Normal range: keep sign, exponent and 3 mantissa bits; round on the 20 dropped bits
+    # (+0x7FFFF, +1 more if the kept lsb is odd: ties to even); a carry bumps the exponent.
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+    normal = bits.to(tl.float32, bitcast=True)
+    # Subnormal range (|x| < 2^-6): multiples of 2^-9, rounded to nearest even by adding and
+    # removing 1.5 * 2^23.
+    subnormal = ((x * 512.0 + 12582912.0) - 12582912.0) / 512.0
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
 
 
 @triton.jit
@@ -48,6 +70,15 @@ def _kv_write_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_H: tl.constexpr,  # NUM_KV_HEADS rounded up to a power of two
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    k_scale_ptr=None,  # [num_blocks, block_size, num_kv_heads] fp32, with KV_FP8
+    v_scale_ptr=None,
+    stride_ks_block=0,
+    stride_ks_slot=0,
+    stride_ks_head=0,
+    stride_vs_block=0,
+    stride_vs_slot=0,
+    stride_vs_head=0,
+    KV_FP8: tl.constexpr = False,  # quantize to e4m3 with one scale per (token, head)
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -84,6 +115,17 @@ def _kv_write_kernel(
         + offs_h[:, None] * stride_vc_head
         + offs_d[None, :]
     )
+    if KV_FP8:
+        # Scale of each head row: its amax maps to 448.
+        k_s = tl.maximum(tl.max(tl.abs(k.to(tl.float32)), axis=1), 1e-12) / 448.0  # [BLOCK_H]
+        v_s = tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=1), 1e-12) / 448.0
+        k = _round_to_e4m3(tl.clamp(k.to(tl.float32) / k_s[:, None], -448.0, 448.0))
+        v = _round_to_e4m3(tl.clamp(v.to(tl.float32) / v_s[:, None], -448.0, 448.0))
+        mask_h = (offs_h < NUM_KV_HEADS) & is_valid
+        ks_ptrs = k_scale_ptr + block_id * stride_ks_block + slot_in_block * stride_ks_slot
+        vs_ptrs = v_scale_ptr + block_id * stride_vs_block + slot_in_block * stride_vs_slot
+        tl.store(ks_ptrs + offs_h * stride_ks_head, k_s, mask=mask_h)
+        tl.store(vs_ptrs + offs_h * stride_vs_head, v_s, mask=mask_h)
     tl.store(kc_ptrs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptrs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -94,12 +136,16 @@ def write_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int32 or int64; < 0 skips the token
+    k_scale: torch.Tensor | None = None,  # FP8 caches: [num_blocks, block_size, num_kv_heads]
+    v_scale: torch.Tensor | None = None,  # fp32, the packed cache's scale views
 ) -> None:
     """Store k and v at their flat slots (block_id * block_size + slot_in_block), in the
-    cache's dtype. Tokens with slot < 0 are skipped; so are slots >= num_blocks * block_size,
+    cache's dtype; for an e4m3 cache quantized, with each row's scale stored in k_scale /
+    v_scale. Tokens with slot < 0 are skipped; so are slots >= num_blocks * block_size,
     which are a caller bug (the reference raises for them). Raises ValueError for inputs of the
     wrong device, dtype, shape or layout. Never syncs the host."""
     _check_inputs(k, v, k_cache, v_cache, slot_mapping)
+    is_fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     num_tokens, num_kv_heads, head_dim = k.shape
     num_blocks, block_size = k_cache.shape[:2]
     if num_tokens == 0:
@@ -119,8 +165,25 @@ def write_kv(
             BLOCK_SIZE=block_size,
             BLOCK_H=block_h,
             BLOCK_D=block_d,
+            k_scale_ptr=k_scale if k_scale is not None else k_cache,  # placeholder without FP8
+            v_scale_ptr=v_scale if v_scale is not None else v_cache,
+            **_scale_strides(k_scale, v_scale),
+            KV_FP8=is_fp8,
             num_warps=4 if block_h * block_d >= 2048 else 2,
         )  # fmt: skip
+
+
+def _scale_strides(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> dict:
+    if k_scale is None or v_scale is None:
+        return {}
+    return {
+        "stride_ks_block": k_scale.stride(0),
+        "stride_ks_slot": k_scale.stride(1),
+        "stride_ks_head": k_scale.stride(2),
+        "stride_vs_block": v_scale.stride(0),
+        "stride_vs_slot": v_scale.stride(1),
+        "stride_vs_head": v_scale.stride(2),
+    }
 
 
 def write_kv_ref(
@@ -129,12 +192,21 @@ def write_kv_ref(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens]; < 0 skips the token
+    k_scale: torch.Tensor | None = None,  # FP8 caches: [num_blocks, block_size, num_kv_heads]
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """The same in plain torch: indexed assignment of the non-padding tokens. Syncs the host
     (boolean indexing) and raises IndexError for a slot >= num_blocks * block_size."""
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()  # [num_kept]
+    if k_scale is not None and v_scale is not None:
+        (kq, ks), (vq, vs) = quantize_rows(k[keep]), quantize_rows(v[keep])
+        k_cache[slots // block_size, slots % block_size] = kq
+        v_cache[slots // block_size, slots % block_size] = vq
+        k_scale[slots // block_size, slots % block_size] = ks
+        v_scale[slots // block_size, slots % block_size] = vs
+        return
     k_cache[slots // block_size, slots % block_size] = k[keep].to(k_cache.dtype)
     v_cache[slots // block_size, slots % block_size] = v[keep].to(v_cache.dtype)
 

@@ -27,3 +27,28 @@ def interpreting() -> bool:
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Launch on the inputs' GPU, not whatever device is current."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_kv_scales(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> bool:
+    """Whether the cache is e4m3 (engine.kv_quant). ValueError unless scales come exactly with
+    an e4m3 cache, as fp32 [num_blocks, block_size, num_kv_heads] on the cache's device."""
+    is_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if (k_scale is not None) != is_fp8 or (v_scale is not None) != is_fp8:
+        raise ValueError(
+            f"k_scale and v_scale are required with an e4m3 cache and only then "
+            f"(cache {k_cache.dtype}, scales given: {k_scale is not None}, {v_scale is not None})"
+        )
+    if k_scale is None or v_scale is None:
+        return False
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t.shape != k_cache.shape[:3] or t.dtype != torch.float32:
+            raise ValueError(
+                f"{name} must be fp32 {tuple(k_cache.shape[:3])}, got {t.dtype} {tuple(t.shape)}"
+            )
+    check_devices(k_cache, v_cache, k_scale, v_scale)
+    return True

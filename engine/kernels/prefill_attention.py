@@ -48,6 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.launch import check_kv_scales
+from engine.kv_quant import KV_FP8_DTYPE
+
 _LOG2_E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -86,11 +89,18 @@ def _attend_key_range(
     stride_vb,
     stride_vs,
     qk_scale,
+    ks_base,  # pointer to k_scale[0, 0, g] (KV_FP8 only)
+    vs_base,  # pointer to v_scale[0, 0, g]
+    stride_ksb,
+    stride_kss,
+    stride_vsb,
+    stride_vss,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     IS_DIAGONAL: tl.constexpr,  # True: mask keys past each row's own position
+    KV_FP8: tl.constexpr,  # e4m3 cache: K/V converted to q's dtype, scales folded in
 ):
     offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -106,7 +116,14 @@ def _attend_key_range(
         k = tl.load(k_base + k_offs, mask=key_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
         v = tl.load(v_base + v_offs, mask=key_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
 
+        if KV_FP8:
+            k = k.to(q.dtype)  # exact: e4m3 values fit bf16, fp16 and fp32
+            v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
+        if KV_FP8:  # key n's scale multiplies score column n
+            k_s = tl.load(ks_base + block_ids * stride_ksb + slots * stride_kss, mask=key_mask,
+                          other=0.0)  # fmt: skip
+            qk = qk * k_s[None, :]
         if IS_DIAGONAL:
             # Valid rows have q_pos < key_hi, so causality also hides keys past key_hi; padding
             # rows (not stored) still see key 0, so no row's max is -inf and nothing is NaN.
@@ -115,7 +132,12 @@ def _attend_key_range(
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        p_v = p
+        if KV_FP8:  # value n's scale multiplies probability column n (not the sum l_i)
+            v_s = tl.load(vs_base + block_ids * stride_vsb + slots * stride_vss, mask=key_mask,
+                          other=0.0)  # fmt: skip
+            p_v = p * v_s[None, :]
+        acc = tl.dot(p_v.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -147,6 +169,14 @@ def _prefill_attention_kernel(
     stride_ot,
     stride_oh,
     stride_bt,
+    k_scale_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads] fp32 with KV_FP8 (else unused)
+    v_scale_ptr,
+    stride_ksb,
+    stride_kss,
+    stride_ksh,
+    stride_vsb,
+    stride_vss,
+    stride_vsh,
     GROUP: tl.constexpr,  # query heads per kv head
     GROUP_PAD: tl.constexpr,  # next power of two >= GROUP
     BLOCK_Q: tl.constexpr,  # query positions per program
@@ -154,6 +184,7 @@ def _prefill_attention_kernel(
     BLOCK_SIZE: tl.constexpr,  # KV cache block size, in tokens
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (as torch), else unused
+    KV_FP8: tl.constexpr,
 ):
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # last tiles (most keys) first
     kv_head = tl.program_id(1)
@@ -181,6 +212,8 @@ def _prefill_attention_kernel(
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    ks_base = k_scale_ptr + kv_head * stride_ksh
+    vs_base = v_scale_ptr + kv_head * stride_vsh
     # Keys at positions <= prefix_len + first_q are visible to every row of the tile.
     full_end = (prefix_len + first_q + 1) // BLOCK_N * BLOCK_N
     # One past the position of the tile's last query: nothing beyond is visible to any row.
@@ -188,12 +221,14 @@ def _prefill_attention_kernel(
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, 0, full_end, block_table_row, k_base, v_base,
         stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
-        BLOCK_N, BLOCK_SIZE, HEAD_DIM, DOT_PRECISION, IS_DIAGONAL=False,
+        ks_base, vs_base, stride_ksb, stride_kss, stride_vsb, stride_vss,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, DOT_PRECISION, IS_DIAGONAL=False, KV_FP8=KV_FP8,
     )  # fmt: skip
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, full_end, key_end, block_table_row, k_base, v_base,
         stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
-        BLOCK_N, BLOCK_SIZE, HEAD_DIM, DOT_PRECISION, IS_DIAGONAL=True,
+        ks_base, vs_base, stride_ksb, stride_kss, stride_vsb, stride_vss,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, DOT_PRECISION, IS_DIAGONAL=True, KV_FP8=KV_FP8,
     )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -213,8 +248,11 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     *,
     tiles: PrefillTiles | None = None,
+    k_scale: torch.Tensor | None = None,  # e4m3 caches: [num_blocks, block_size, num_kv_heads]
+    v_scale: torch.Tensor | None = None,  # fp32 (the packed cache's scale views, kv_quant)
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], q's dtype
     """Causal attention of each chunk's queries over its sequence's cache; returns `out`.
+    With an e4m3 cache (k_scale and v_scale given) K and V are dequantized in registers.
 
     Only the rows of q named by query_start_loc are written: rows before query_start_loc[0]
     (say, a batch's decode tokens) are left as they are. max_query_len must be >= every chunk's
@@ -222,7 +260,10 @@ def paged_prefill_attention(
     Raises ValueError for inputs of the wrong device, dtype, shape or stride. Runs on the
     caller's CUDA stream; on CPU tensors only under TRITON_INTERPRET=1.
     """
-    out = _check_inputs(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out)
+    is_fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    out = _check_inputs(
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out, is_fp8
+    )
     num_seqs = context_lens.shape[0]
     if num_seqs == 0 or max_query_len <= 0:
         return out
@@ -241,9 +282,14 @@ def paged_prefill_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
+        k_scale if k_scale is not None else k_cache,  # a placeholder pointer without FP8
+        v_scale if v_scale is not None else v_cache,
+        *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
+        *(v_scale.stride() if v_scale is not None else (0, 0, 0)),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=tiles.block_n,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KV_FP8=is_fp8,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return out
@@ -300,9 +346,15 @@ def paged_prefill_attention_ref(
     scale: float,
     max_query_len: int,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,  # e4m3 caches: [num_blocks, block_size, num_kv_heads]
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Plain torch reference: per sequence, gather its context, mask, softmax in fp32."""
+    """Plain torch reference: per sequence, gather its context (an e4m3 cache dequantized in
+    fp32), mask, softmax in fp32."""
     del max_query_len  # the loop needs no grid size
+    if k_scale is not None and v_scale is not None:
+        k_cache = k_cache.float() * k_scale[..., None]
+        v_cache = v_cache.float() * v_scale[..., None]
     out = torch.empty_like(q) if out is None else out
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
@@ -332,6 +384,7 @@ def _check_inputs(
     query_start_loc: torch.Tensor,
     context_lens: torch.Tensor,
     out: torch.Tensor | None,
+    is_fp8: bool = False,
 ) -> torch.Tensor:
     """Validate the launcher's inputs; returns `out`, allocated if None."""
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables}
@@ -343,7 +396,8 @@ def _check_inputs(
             raise ValueError(f"{name} is on {tensor.device}, q on {q.device}")
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"tensors on {q.device} need TRITON_INTERPRET=1 (or a CUDA device)")
-    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    cache_dtype = KV_FP8_DTYPE if is_fp8 else q.dtype
+    if q.dtype not in _DTYPES or k_cache.dtype != cache_dtype or v_cache.dtype != cache_dtype:
         raise ValueError(
             f"q, k_cache, v_cache must share a dtype of {_DTYPES}, "
             f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"

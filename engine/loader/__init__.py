@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.errors import ModelLoadError, UnsupportedModel
 from engine.loader.default_model import default_model_path
+from engine.loader.hf_quant import Fp8CheckpointScheme
 from engine.model_config import NAMED_SHAPES, ModelConfig
 from engine.tokenizer import Tokenizer
 
@@ -41,6 +42,7 @@ class ModelInfo:
     source: ModelSource
     config: ModelConfig
     tokenizer: Tokenizer | None  # None for dummy models: they take token ids only
+    fp8_scheme: Fp8CheckpointScheme | None = None  # an FP8 checkpoint's quantization
 
 
 def resolve_model(spec: str | None) -> ModelSource:
@@ -84,17 +86,19 @@ def describe_model(source: ModelSource, use_cache: bool = True) -> tuple[ModelIn
             meta, names = stored
         config = model_config_from_gguf(meta, names)
         return ModelInfo(source, config, Tokenizer.from_gguf_metadata(meta)), gguf
-    from engine.loader.hf_dir import read_hf_config
+    from engine.loader.hf_dir import read_hf_config, read_hf_fp8_scheme
 
     config = read_hf_config(source.path)
-    return ModelInfo(source, config, Tokenizer.from_hf_dir(source.path)), None
+    tokenizer = Tokenizer.from_hf_dir(source.path)
+    return ModelInfo(source, config, tokenizer, read_hf_fp8_scheme(source.path)), None
 
 
 def load_weights(
     info: ModelInfo, handle: Any, dtype: torch.dtype, seed: int = 0, device: Any = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Hugging Face-named tensors in `dtype`: dummy weights are made on `device`, checkpoint
-    weights are read to the CPU (the model copies them over)."""
+    weights are read to the CPU (the model copies them over). An FP8 checkpoint's fp8 weights
+    stay fp8 and its scales (`*_scale`) fp32."""
     import torch
 
     if info.source.kind == "dummy":
@@ -112,7 +116,17 @@ def load_weights(
     from engine.loader.hf_dir import hf_tensors
 
     assert info.source.path is not None
-    return {name: t.to(dtype) for name, t in hf_tensors(info.source.path).items()}
+    return {
+        name: _checkpoint_tensor(name, t, dtype) for name, t in hf_tensors(info.source.path).items()
+    }
+
+
+def _checkpoint_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
+    if tensor.dtype == torch.float8_e4m3fn:
+        return tensor
+    return tensor.float() if name.endswith("_scale") else tensor.to(dtype)
 
 
 __all__ = [

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 
 from engine.errors import ModelLoadError, UnsupportedModel
+from engine.loader.hf_quant import Fp8CheckpointScheme, fp8_scheme_from_hf_config
 from engine.model_config import ModelConfig, model_config_from_hf
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float8_e4m3fn: the weights of FP8 checkpoints (see hf_quant), kept as stored.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 
 
 def read_hf_config(directory: Path) -> ModelConfig:
@@ -27,6 +29,13 @@ def read_hf_config(directory: Path) -> ModelConfig:
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
     return model_config_from_hf(raw)
+
+
+def read_hf_fp8_scheme(directory: Path) -> Fp8CheckpointScheme | None:
+    """The checkpoint's FP8 quantization scheme (None: unquantized); UnsupportedModel for any
+    other quantization format."""
+    raw: dict[str, Any] = json.loads((directory / "config.json").read_text())
+    return fp8_scheme_from_hf_config(raw)
 
 
 def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:

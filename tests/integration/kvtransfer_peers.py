@@ -69,7 +69,10 @@ class Report:
 
 
 def kv_cache(num_blocks: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    shape = (NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    """Random bytes in an engine cache's shape; uint8 is the packed FP8 cache (engine.kv_quant):
+    rows of HEAD_DIM e4m3 bytes plus a 4-byte scale."""
+    row = HEAD_DIM + 4 if dtype == torch.uint8 else HEAD_DIM
+    shape = (NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, row)
     generator = torch.Generator().manual_seed(seed)
     raw = torch.randint(
         0, 256, (math.prod(shape) * dtype.itemsize,), dtype=torch.uint8, generator=generator
@@ -268,7 +271,7 @@ ROLES = {"receiver": receiver_role, "sender": sender_role}
 # Engines at both ends: a real prefill's KV, decoded on the other side
 
 
-def engine_config() -> Any:
+def engine_config(kv_cache_dtype: str = "auto") -> Any:
     from engine.config import EngineConfig
     from engine.scheduler import SchedulerConfig
 
@@ -278,6 +281,7 @@ def engine_config() -> Any:
         num_kv_blocks=64,
         block_size=4,
         seed=0,
+        kv_cache_dtype=kv_cache_dtype,
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256),
     )
 
@@ -287,7 +291,7 @@ def prefill_engine_role(params: dict[str, Any], conn: Connection, report: Report
     from engine.engine import Engine
     from engine.sampling_params import SamplingParams
 
-    engine = Engine(engine_config())
+    engine = Engine(engine_config(params.get("kv_cache_dtype", "auto")))
     cache = engine.runner.kv_cache
     channel, control = connect_pair(params["endpoint"], "prefill/decode", TRANSPORT)
     sender = KVSender(
@@ -321,7 +325,7 @@ def decode_engine_role(params: dict[str, Any], conn: Connection, report: Report)
     from engine.engine import Engine
     from engine.sampling_params import SamplingParams
 
-    engine = Engine(engine_config())
+    engine = Engine(engine_config(params.get("kv_cache_dtype", "auto")))
     cache = engine.runner.kv_cache
     endpoint = ReceiverEndpoint(HOST)
     conn.send(endpoint.address)

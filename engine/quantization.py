@@ -1,0 +1,222 @@
+"""FP8 (e4m3) W8A8 linear layers: quantizing weights and activations, and the matrix product.
+
+    weight  [out, in] float8_e4m3fn, weight_scale [out] fp32     (one scale per output channel)
+    x       [M, in]   -> x_fp8 [M, in], x_scale [M, 1] fp32       (one scale per token, dynamic;
+                                                                  or one static input_scale)
+    y[m, n] = x_scale[m] * weight_scale[n] * sum_k x_fp8[m, k] * weight[n, k]      (fp32 sums)
+
+On CUDA the product is `torch._scaled_mm` (row-wise scales, bf16/fp16 out). Elsewhere the
+reference runs the same quantization and the same sum in fp32 (the fp8 values are exact in
+fp32), so CPU results show what FP8 does to a model. Scales are amax / 448 (e4m3's largest
+finite value), so nothing saturates except a static input scale's outliers, which are clamped.
+
+Two ways in: a bf16/fp32 model quantized at load (`quantize_weight`), or a Hugging Face FP8
+checkpoint (see `engine.loader.hf_quant` for the formats): its per-tensor scales are widened to
+per-channel, and q/k/v (gate/up) scales are fused like their weights. The LM head and the
+embedding stay in the model dtype. This module never touches the KV cache (see kv_quant).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import ModelLoadError, UnsupportedModel
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+_MIN_AMAX = 1e-12  # an all-zero row still gets a positive scale
+QUANTIZATIONS = ("fp8",)
+FP8_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+_KV_CACHE_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")
+
+
+def quantize_per_token(
+    x: torch.Tensor,  # [M, K] any float dtype
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([M, K] fp8, [M, 1] fp32)
+    """Dynamic per-row (per-token) quantization: each row's amax maps to 448."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_AMAX) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_static(
+    x: torch.Tensor,  # [M, K]
+    scale: torch.Tensor,  # [] fp32, calibrated by the checkpoint's producer
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([M, K] fp8, [M, 1] fp32)
+    """Quantization with one given scale; values beyond 448 * scale are clamped."""
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
+
+
+def quantize_weight(
+    weight: torch.Tensor,  # [N, K]
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([N, K] fp8, [N] fp32)
+    """Per-output-channel quantization of a weight matrix."""
+    q, scale = quantize_per_token(weight)
+    return q, scale.reshape(-1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 values of a quantized tensor; `scale` broadcasts against `q`."""
+    return q.float() * scale
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ W^T (+ bias) with W in e4m3 and x quantized per token (or with a static scale)
+    on the fly. Output in x's dtype. Parameters load like nn.Linear's, plus the scales."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        static_input_scale: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
+            requires_grad=False,
+        )
+        self.weight_scale = nn.Parameter(
+            torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False
+        )
+        self.input_scale: nn.Parameter | None = None
+        if static_input_scale:
+            self.input_scale = nn.Parameter(
+                torch.ones((), dtype=torch.float32, device=device), requires_grad=False
+            )
+        self.bias: nn.Parameter | None = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        self._weight_values: torch.Tensor | None = None  # CPU: fp32 copy of the fp8 values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if self.input_scale is None:
+            xq, x_scale = quantize_per_token(x2)
+        else:
+            xq, x_scale = quantize_static(x2, self.input_scale)
+        if self._can_use_scaled_mm(x2):
+            out = torch._scaled_mm(
+                xq,
+                self.weight.t(),  # [K, N], column-major as _scaled_mm wants
+                scale_a=x_scale,  # [M, 1]
+                scale_b=self.weight_scale.view(1, -1),  # [1, N]
+                out_dtype=x.dtype,
+            )
+        else:
+            out = (self._reference_product(xq) * x_scale * self.weight_scale).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _can_use_scaled_mm(self, x: torch.Tensor) -> bool:
+        return (
+            x.is_cuda
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and self.in_features % 16 == 0
+            and self.out_features % 16 == 0
+        )
+
+    def _reference_product(self, xq: torch.Tensor) -> torch.Tensor:
+        """sum_k xq[m, k] * w[n, k] in fp32 ([M, N]); the fp8 values are exact in fp32."""
+        if self._weight_values is None or self._weight_values.device != xq.device:
+            self._weight_values = self.weight.float()  # made once, after load
+        return F.linear(xq.float(), self._weight_values)
+
+    def extra_repr(self) -> str:
+        static = self.input_scale is not None
+        return f"in={self.in_features}, out={self.out_features}, fp8, static_input={static}"
+
+
+def use_fp8_linears(model: nn.Module, static_input_scale: bool = False) -> None:
+    """Replace every decoder layer's four projections with empty Fp8Linear of the same shape,
+    on the same device (call before load_weights, after any dtype cast of the model)."""
+    for name, module in list(model.named_modules()):
+        if not any(name.endswith(p) for p in FP8_PROJECTIONS):
+            continue
+        assert isinstance(module, nn.Linear), f"{name} is {type(module).__name__}, not Linear"
+        parent_name, _, attr = name.rpartition(".")
+        replacement = Fp8Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            static_input_scale=static_input_scale,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        setattr(model.get_submodule(parent_name), attr, replacement)
+
+
+def widen_checkpoint_scales(weights: dict[str, torch.Tensor]) -> None:
+    """In place, before q/k/v and gate/up are fused: every `*.weight_scale` becomes [out] fp32
+    (a per-tensor scale repeated per channel), every `*.input_scale` [1] fp32. KV-cache scales
+    of the checkpoint are dropped: the FP8 KV cache computes its own (see kv_quant)."""
+    for name in [n for n in weights if n.endswith(_KV_CACHE_SCALE_SUFFIXES)]:
+        logger.info("ignoring checkpoint KV-cache scale %s (scales are computed per token)", name)
+        del weights[name]
+    for name in [n for n in weights if n.endswith(".weight_scale")]:
+        weight = weights.get(name.removesuffix("_scale"))
+        if weight is None:
+            raise ModelLoadError(f"{name} has no weight {name.removesuffix('_scale')}")
+        scale = weights[name].float().reshape(-1)
+        rows = weight.shape[0]
+        if scale.numel() == 1:
+            scale = scale.expand(rows).contiguous()
+        if scale.shape != (rows,):
+            raise UnsupportedModel(
+                f"{name} has {scale.numel()} scales for {rows} output channels; supported: "
+                "one per tensor or one per output channel"
+            )
+        weights[name] = scale
+    for name in [n for n in weights if n.endswith(".input_scale")]:
+        scale = weights[name].float().reshape(-1)
+        if scale.numel() != 1:
+            raise UnsupportedModel(f"{name} has {scale.numel()} values; supported: per-tensor")
+        weights[name] = scale
+
+
+def collapse_fused_input_scales(weights: dict[str, torch.Tensor]) -> None:
+    """After fusing: a fused projection's input scales ([parts]) become their max ([]), the
+    scale that keeps every part's calibrated range (the input is the same tensor)."""
+    for name in [n for n in weights if n.endswith(".input_scale")]:
+        weights[name] = weights[name].max()
+
+
+def prepare_fp8_weights(
+    model: nn.Module, weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Module-named (fused) weights -> the same with every Fp8Linear's weight in fp8 and its
+    scales present: bf16/fp32 weights are quantized here. Raises UnsupportedModel for an FP8
+    tensor that belongs to a module that is not quantized (say an FP8 LM head)."""
+    fp8_names = {name for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    for name in fp8_names:
+        weight = weights.get(f"{name}.weight")
+        if weight is None:
+            continue  # load_weights reports it missing
+        if weight.dtype != FP8_DTYPE:
+            if f"{name}.weight_scale" in weights:
+                raise ModelLoadError(f"{name}.weight is {weight.dtype} but has a weight_scale")
+            weights[f"{name}.weight"], weights[f"{name}.weight_scale"] = quantize_weight(weight)
+    _check_no_stray_fp8(weights, fp8_names)
+    return weights
+
+
+def _check_no_stray_fp8(weights: dict[str, torch.Tensor], fp8_names: Iterable[str]) -> None:
+    allowed = {f"{n}.weight" for n in fp8_names}
+    stray = sorted(n for n, t in weights.items() if t.dtype == FP8_DTYPE and n not in allowed)
+    if stray:
+        raise UnsupportedModel(
+            f"FP8 tensors {stray[:3]} belong to layers Tandem keeps unquantized; supported: "
+            f"FP8 in the decoder projections {FP8_PROJECTIONS} only"
+        )

@@ -1,0 +1,119 @@
+"""FP8 KV over the wire, with real pairs (TCP control + gloo channel) on CPU.
+
+An FP8 cache block carries its scales in its own bytes (engine.kv_quant), so transfers ship
+them with the values, bit for bit, at about half a bf16 block's bytes. The pair's layout check
+includes the KV dtype and the scale scheme: a prefill worker with an FP8 cache is refused when it
+pairs with a decode worker whose cache is bf16 or fp32, before any transfer. And a decode engine
+continuing from an FP8 prefill's transferred KV generates what one FP8 engine does.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from engine.errors import KVTransferError
+from kvtransfer.layout import KVLayout
+from kvtransfer.pair import ReceiverEndpoint, connect_pair
+from tests.integration.kvtransfer_peers import HOST, TRANSPORT, Spec, kv_cache, layout_of
+from tests.integration.test_kvtransfer_protocol import (
+    Peer,
+    assert_clean,
+    peers,
+    start_receiver,
+    start_sender,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_fp8_blocks_and_their_scales_arrive_bit_exact() -> None:
+    specs = [Spec("one-block", 4, seed=1), Spec("odd", 13, seed=2), Spec("chunked", 26, seed=3,
+             layers_per_chunk=1)]  # fmt: skip
+    ids = [s.transfer_id for s in specs]
+    with peers() as started:
+        receiver = start_receiver(started, ids, dtype=torch.uint8)
+        endpoint = receiver.receive()
+        sender = start_sender(started, [endpoint], specs, dtype=torch.uint8)
+        sent, received = sender.report(), receiver.report()
+    assert {t: r[0] for t, r in sent.results.items()} == dict.fromkeys(ids, "completed")
+    assert received.digests == sent.digests  # values and scales, byte for byte
+    assert sent.metrics["bytes_sent"] == received.metrics["bytes_received"] > 0
+    assert_clean(sent, received)
+    fp8 = layout_of(kv_cache(1, 0, torch.uint8))
+    bf16 = layout_of(kv_cache(1, 0, torch.bfloat16))
+    assert fp8.head_dim == bf16.head_dim and fp8.scale_scheme == "token_head_fp32"
+    assert fp8.bytes_per_block / bf16.bytes_per_block == (fp8.head_dim + 4) / (2 * fp8.head_dim)
+
+
+def _accept_in_background(endpoint: ReceiverEndpoint) -> tuple[threading.Thread, list[Any]]:
+    accepted: list[Any] = []
+    thread = threading.Thread(target=lambda: accepted.append(endpoint.accept(TRANSPORT)))
+    thread.start()
+    return thread, accepted
+
+
+@pytest.mark.parametrize("decode_dtype", [torch.bfloat16, torch.float32])
+def test_an_fp8_prefill_is_refused_when_it_pairs_with_a_wider_decode(
+    decode_dtype: torch.dtype,
+) -> None:
+    decode_layout = layout_of(kv_cache(1, 0, decode_dtype))
+    prefill_layout = layout_of(kv_cache(1, 0, torch.uint8))
+    endpoint = ReceiverEndpoint(HOST, decode_layout)
+    try:
+        with pytest.raises(KVTransferError) as info:
+            connect_pair(endpoint.address, "fp8/bf16", TRANSPORT, layout=prefill_layout)
+        dtype_name = str(decode_dtype).removeprefix("torch.")
+        assert str(info.value) == (
+            "pair 'fp8/bf16' refused: the prefill (sender) and decode (receiver) KV layouts "
+            f"differ: dtype float8_e4m3fn != {dtype_name}, scale_scheme token_head_fp32 "
+            "!= none; serve both with the same --kv-cache-dtype and model"
+        )
+        # refused before connecting: the receiver sees no sender at all
+        assert endpoint.listener.accept(0.5) is None
+        # the same endpoint pairs with a sender of its own layout, over a real gloo channel
+        thread, accepted = _accept_in_background(endpoint)
+        channel, control = connect_pair(endpoint.address, "same", TRANSPORT, layout=decode_layout)
+        thread.join(30)
+        assert accepted and accepted[0] is not None
+        for pair_end in ((channel, control), accepted[0]):
+            pair_end[1].close()
+            pair_end[0].close()
+    finally:
+        endpoint.close()
+
+
+def test_layouts_travel_in_offers_with_their_scale_scheme() -> None:
+    from kvtransfer.messages import TransferOffer, decode, encode
+
+    layout = layout_of(kv_cache(1, 0, torch.uint8))
+    offer = TransferOffer("t", "r", layout, 5, (1, 2), 1000)
+    assert decode(encode(offer)) == offer
+    assert b"float8_e4m3fn/token_head_fp32" in encode(offer)
+    assert KVLayout.split_wire_dtype("bfloat16") == ("bfloat16", "none")
+
+
+def test_decoding_from_an_fp8_prefills_transferred_kv_equals_one_fp8_engine() -> None:
+    from tests.conftest import greedy, make_engine, prompt_ids
+
+    lengths = {"short": 3, "block-plus-one": 5, "long": 37}
+    prompts = {rid: prompt_ids(seed=n, length=n) for rid, n in lengths.items()}
+    max_tokens = 10
+    params = {"prompts": prompts, "max_tokens": max_tokens, "kv_cache_dtype": "fp8"}
+    with peers() as started:
+        decode = Peer("decode_engine", params)
+        started.append(decode)
+        endpoint = decode.receive()
+        prefill = Peer("prefill_engine", {**params, "endpoint": endpoint})
+        started.append(prefill)
+        decode.conn.send(prefill.receive())
+        sent, received = prefill.report(), decode.report()
+    reference = make_engine(num_kv_blocks=64, block_size=4, kv_cache_dtype="fp8")
+    for rid, prompt in prompts.items():
+        expected = reference.generate([prompt], greedy(max_tokens=max_tokens))[0].token_ids
+        assert received.results[rid][1] == ",".join(map(str, expected)), rid
+    assert_clean(sent)
+    assert received.integrity == "ok"
