@@ -91,6 +91,7 @@ class Engine:
         self._keep_kv: set[str] = set()  # requests whose KV is pinned when they finish
         self._kept_kv: dict[str, KeptKV] = {}
         self._generate_ids = itertools.count()
+        self._kept_numbers = itertools.count()  # kept-KV owners are unique per keep
         logger.info(
             "engine ready: model=%s device=%s dtype=%s kv_blocks=%d max_model_len=%d in %.1fs",
             self.model_id,
@@ -200,7 +201,7 @@ class Engine:
         return output
 
     def _check_request(self, request_id: str, params: SamplingParams) -> None:
-        if request_id in self._sequences:
+        if request_id in self._sequences or request_id in self._kept_kv:
             raise InvalidRequest("request_id", f"{request_id!r} is already in use")
         params.validate(self.model_config.vocab_size)
         if params.stop and self.tokenizer is None:
@@ -274,7 +275,8 @@ class Engine:
         if num_tokens == 0:
             return
         block_ids = seq.block_ids[: self.block_manager.num_blocks_for(num_tokens)]
-        owner = f"kept:{seq.request_id}"
+        # Unique per keep: KV kept earlier under the same request id may still be shipping.
+        owner = f"kept:{seq.request_id}#{next(self._kept_numbers)}"
         self.block_manager.hold(owner, block_ids)
         self._kept_kv[seq.request_id] = KeptKV(owner, tuple(block_ids), num_tokens)
 
