@@ -30,7 +30,7 @@ from engine.llama import LlamaModel
 from engine.loader import describe_model, load_weights, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
-from engine.sampler import Sampler, SampleRow
+from engine.sampler import LogitBias, Sampler, SampleRow
 from engine.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, Sequence, Usage
@@ -88,6 +88,7 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
         self._sequences: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._logit_biases: dict[str, LogitBias] = {}  # made once per request, not per step
         self._keep_kv: set[str] = set()  # requests whose KV is pinned when they finish
         self._kept_kv: dict[str, KeptKV] = {}
         self._generate_ids = itertools.count()
@@ -219,6 +220,9 @@ class Engine:
         seed = seq.sampling_params.seed
         if seed is not None:
             self._generators[seq.request_id] = torch.Generator(self.device).manual_seed(seed)
+        bias = LogitBias.of(seq.sampling_params, self.device)
+        if bias is not None:
+            self._logit_biases[seq.request_id] = bias
         self._sequences[seq.request_id] = seq
         self.outputs.add(seq)
 
@@ -267,6 +271,7 @@ class Engine:
             return None
         self.scheduler.finish(seq, FinishReason.ABORT)
         self._generators.pop(request_id, None)
+        self._logit_biases.pop(request_id, None)
         self._keep_kv.discard(request_id)
         return self.outputs.finish(seq, FinishReason.ABORT)
 
@@ -308,6 +313,7 @@ class Engine:
             seq.prompt_token_ids,
             seq.output_token_ids,
             self._generators.get(seq.request_id),
+            self._logit_biases.get(seq.request_id),
         )
 
     def _release(self, seq: Sequence) -> None:
@@ -318,6 +324,7 @@ class Engine:
         self.scheduler.finish(seq, seq.finish_reason)
         del self._sequences[seq.request_id]
         self._generators.pop(seq.request_id, None)
+        self._logit_biases.pop(seq.request_id, None)
 
     # ---- conveniences ------------------------------------------------------------------
 
