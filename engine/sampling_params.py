@@ -54,7 +54,7 @@ class SamplingParams:
         """Raise InvalidRequest naming the first bad field."""
         _check_int("max_tokens", self.max_tokens, low=1)
         _check_float("temperature", self.temperature, low=0.0, high=100.0)
-        _check_int("top_k", self.top_k, low=0)
+        _check_int("top_k", self.top_k, low=0, high=vocab_size)
         _check_float("top_p", self.top_p, low=0.0, high=1.0, low_inclusive=False)
         _check_float("min_p", self.min_p, low=0.0, high=1.0)
         _check_float(
