@@ -38,7 +38,7 @@ from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
 from router.admission import Admission, AdmissionLimits
 from router.placement import Pool
-from router.requests import ServedModel
+from router.requests import ServedModel, prompt_chars_limit
 from router.server import ServingGate, TandemServicer, set_serving, start_server
 
 logger = logging.getLogger(__name__)
@@ -549,12 +549,16 @@ def served_model(model_spec: str | None, info: dict[str, Any]) -> ServedModel:
     """The router's view of the workers' model: their limits, and a tokenizer of its own
     (read from the same model files, torch-free)."""
     description, _ = describe_model(resolve_model(model_spec))
+    tokenizer = description.tokenizer
     return ServedModel(
         model_id=info["model_id"],
         vocab_size=info["vocab_size"],
         max_model_len=info["max_model_len"],
-        tokenizer=description.tokenizer,
+        tokenizer=tokenizer,
         block_size=info["block_size"],
+        max_prompt_chars=prompt_chars_limit(
+            info["max_model_len"], tokenizer.max_token_chars if tokenizer else 1
+        ),
     )
 
 

@@ -32,7 +32,7 @@ from engine.loader import converted, describe_model, load_weights, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.quantization import use_fp8_linears
-from engine.sampler import Sampler, SampleRow
+from engine.sampler import LogitBias, Sampler, SampleRow
 from engine.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence, Usage
@@ -98,9 +98,11 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
         self._sequences: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._logit_biases: dict[str, LogitBias] = {}  # made once per request, not per step
         self._keep_kv: set[str] = set()  # requests whose KV is pinned when they finish
         self._kept_kv: dict[str, KeptKV] = {}
         self._generate_ids = itertools.count()
+        self._kept_numbers = itertools.count()  # kept-KV owners are unique per keep
         logger.info(
             "engine ready: model=%s device=%s dtype=%s kv=%s quantization=%s kv_blocks=%d "
             "max_model_len=%d in %.1fs",
@@ -240,7 +242,7 @@ class Engine:
         return output
 
     def _check_request(self, request_id: str, params: SamplingParams) -> None:
-        if request_id in self._sequences:
+        if request_id in self._sequences or request_id in self._kept_kv:
             raise InvalidRequest("request_id", f"{request_id!r} is already in use")
         params.validate(self.model_config.vocab_size)
         if params.stop and self.tokenizer is None:
@@ -258,6 +260,9 @@ class Engine:
         seed = seq.sampling_params.seed
         if seed is not None:
             self._generators[seq.request_id] = torch.Generator(self.device).manual_seed(seed)
+        bias = LogitBias.of(seq.sampling_params, self.device)
+        if bias is not None:
+            self._logit_biases[seq.request_id] = bias
         self._sequences[seq.request_id] = seq
         self.outputs.add(seq)
 
@@ -306,6 +311,7 @@ class Engine:
             return None
         self.scheduler.finish(seq, FinishReason.ABORT)
         self._generators.pop(request_id, None)
+        self._logit_biases.pop(request_id, None)
         self._keep_kv.discard(request_id)
         return self.outputs.finish(seq, FinishReason.ABORT)
 
@@ -314,7 +320,8 @@ class Engine:
         if num_tokens == 0:
             return
         block_ids = seq.block_ids[: self.block_manager.num_blocks_for(num_tokens)]
-        owner = f"kept:{seq.request_id}"
+        # Unique per keep: KV kept earlier under the same request id may still be shipping.
+        owner = f"kept:{seq.request_id}#{next(self._kept_numbers)}"
         self.block_manager.hold(owner, block_ids)
         self._kept_kv[seq.request_id] = KeptKV(owner, tuple(block_ids), num_tokens)
 
@@ -346,6 +353,7 @@ class Engine:
             seq.prompt_token_ids,
             seq.output_token_ids,
             self._generators.get(seq.request_id),
+            self._logit_biases.get(seq.request_id),
         )
 
     def _release(self, seq: Sequence) -> None:
@@ -356,6 +364,7 @@ class Engine:
         self.scheduler.finish(seq, seq.finish_reason)
         del self._sequences[seq.request_id]
         self._generators.pop(seq.request_id, None)
+        self._logit_biases.pop(seq.request_id, None)
 
     # ---- conveniences ------------------------------------------------------------------
 

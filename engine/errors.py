@@ -35,6 +35,10 @@ class ModelNotFound(InvalidRequest):
         return (ModelNotFound, (self.model, self.served))
 
 
+class DuplicateRequest(TandemError):
+    """A request reuses the id of one still in flight (gRPC ALREADY_EXISTS)."""
+
+
 class ModelLoadError(TandemError):
     """A model could not be loaded: missing file, unreadable weights, inconsistent config."""
 

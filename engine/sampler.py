@@ -4,12 +4,17 @@ Order of operations per row: logit bias, penalties, then greedy argmax, or tempe
 top-k, top-p, min-p and a draw. Seeded requests draw from their own generator, so their
 output does not depend on what else is in the batch. Log-probabilities are those of the
 model's raw distribution (before bias, penalties and temperature).
+
+Bias and penalties are tensor operations over the whole batch (`apply_bias_and_penalties`),
+never a Python loop over entries: a request with a bias over the whole vocabulary must cost
+its neighbours no more than a few tensor ops. A request's bias becomes tensors once, when it
+is added (`LogitBias.of`), not every step.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +28,23 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...]  # the top-n (token id, logprob), most likely first
 
 
+class LogitBias(NamedTuple):
+    """A request's logit bias as tensors on the logits' device."""
+
+    token_ids: torch.Tensor  # [num_entries] int64
+    values: torch.Tensor  # [num_entries] fp32
+
+    @staticmethod
+    def of(params: SamplingParams, device: torch.device | str) -> LogitBias | None:
+        if not params.logit_bias:
+            return None
+        ids, values = zip(*params.logit_bias, strict=True)
+        return LogitBias(
+            torch.tensor(ids, dtype=torch.int64, device=device),
+            torch.tensor(values, dtype=torch.float32, device=device),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class SampleRow:
     """What the sampler needs to know about one sequence."""
@@ -31,6 +53,7 @@ class SampleRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None  # None: the sampler's shared generator
+    logit_bias: LogitBias | None = None  # params.logit_bias as tensors (None: made here)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +72,7 @@ class Sampler:
         raw_logits = logits
         if any(r.params.logit_bias or r.params.has_penalties for r in rows):
             logits = logits.clone()
-            for i, row in enumerate(rows):
-                _apply_bias_and_penalties(logits[i], row)
+            apply_bias_and_penalties(logits, rows)
         token_ids = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             if not row.params.is_greedy:
@@ -85,22 +107,61 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def _apply_bias_and_penalties(logits: torch.Tensor, row: SampleRow) -> None:
-    """In place on one row [vocab]."""
-    params = row.params
-    for token_id, bias in params.logit_bias:
-        logits[token_id] += bias
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)))
-        values = logits[seen]
-        logits[seen] = torch.where(
-            values > 0, values / params.repetition_penalty, values * params.repetition_penalty
-        )
-    if (params.frequency_penalty or params.presence_penalty) and row.output_token_ids:
-        counts = Counter(row.output_token_ids)
-        ids = torch.tensor(list(counts))
-        freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
-        logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
+def apply_bias_and_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    """Logit bias, then repetition, frequency and presence penalties, in place on
+    logits [num_rows, vocab] fp32, batched over the rows that have them."""
+    _add_logit_bias(logits, rows)
+    penalized = [i for i, row in enumerate(rows) if row.params.has_penalties]
+    if not penalized:
+        return
+    selected = torch.tensor(penalized, device=logits.device)
+    sub = logits.index_select(0, selected)  # [num_penalized, vocab]
+    params = [rows[i].params for i in penalized]
+    outputs = [rows[i].output_token_ids for i in penalized]
+    counts = _token_counts(outputs, sub)  # [num_penalized, vocab] fp32
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = _token_counts([rows[i].prompt_token_ids for i in penalized], sub) + counts > 0
+        penalty = _column([p.repetition_penalty for p in params], sub)
+        penalized_values = torch.where(sub > 0, sub / penalty, sub * penalty)
+        sub = torch.where(seen, penalized_values, sub)
+    frequency = _column([p.frequency_penalty for p in params], sub)
+    presence = _column([p.presence_penalty for p in params], sub)
+    sub = sub - frequency * counts - presence * (counts > 0).to(sub.dtype)
+    logits.index_copy_(0, selected, sub)
+
+
+def _add_logit_bias(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    """logits[i, token] += bias for every (token, bias) of every row: one index_put."""
+    biases: list[tuple[int, LogitBias]] = []
+    for i, row in enumerate(rows):
+        bias = row.logit_bias or LogitBias.of(row.params, logits.device)
+        if bias is not None:
+            biases.append((i, bias))
+    if not biases:
+        return
+    row_ids = torch.cat([torch.full_like(b.token_ids, i) for i, b in biases])  # [num_entries]
+    token_ids = torch.cat([b.token_ids for _, b in biases])
+    values = torch.cat([b.values for _, b in biases]).to(logits.dtype)
+    logits.index_put_((row_ids, token_ids), values, accumulate=True)
+
+
+def _token_counts(token_ids: list[list[int]], like: torch.Tensor) -> torch.Tensor:
+    """[len(token_ids), vocab] in like's dtype: how often each token occurs in each list
+    (one tensor conversion per list, no Python loop over tokens)."""
+    counts = torch.zeros_like(like)
+    lengths = torch.tensor([len(ids) for ids in token_ids], device=like.device)
+    if int(lengths.sum()) == 0:
+        return counts
+    flat = torch.cat([torch.tensor(ids, dtype=torch.int64) for ids in token_ids])
+    flat = flat.to(like.device)
+    rows = torch.repeat_interleave(torch.arange(len(token_ids), device=like.device), lengths)
+    counts.index_put_((rows, flat), torch.ones_like(flat, dtype=like.dtype), accumulate=True)
+    return counts
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """[len(values), 1] in like's dtype and device."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
 
 
 def _logprobs(

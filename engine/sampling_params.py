@@ -14,6 +14,8 @@ from engine.errors import InvalidRequest
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024  # entries; a bias over the whole vocabulary is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,7 @@ class SamplingParams:
         """Raise InvalidRequest naming the first bad field."""
         _check_int("max_tokens", self.max_tokens, low=1)
         _check_float("temperature", self.temperature, low=0.0, high=100.0)
-        _check_int("top_k", self.top_k, low=0)
+        _check_int("top_k", self.top_k, low=0, high=vocab_size)
         _check_float("top_p", self.top_p, low=0.0, high=1.0, low_inclusive=False)
         _check_float("min_p", self.min_p, low=0.0, high=1.0)
         _check_float(
@@ -67,9 +69,11 @@ class SamplingParams:
         _check_sequence("stop", self.stop)
         _check_stop(self.stop)
         _check_sequence("stop_token_ids", self.stop_token_ids)
+        check_count("stop_token_ids", len(self.stop_token_ids), MAX_STOP_TOKEN_IDS)
         for token_id in self.stop_token_ids:
             check_token_id("stop_token_ids", token_id, vocab_size)
         _check_sequence("logit_bias", self.logit_bias)
+        check_count("logit_bias", len(self.logit_bias), MAX_LOGIT_BIAS)
         for pair in self.logit_bias:
             if not isinstance(pair, tuple | list) or len(pair) != 2:
                 raise InvalidRequest(
@@ -98,6 +102,12 @@ def _check_float(
     if too_low or value > high:
         opening = "[" if low_inclusive else "("
         raise InvalidRequest(name, f"must be in {opening}{low}, {high}], got {value}")
+
+
+def check_count(name: str, count: int, limit: int) -> None:
+    """Refuse a repeated field with more than `limit` entries, naming both."""
+    if count > limit:
+        raise InvalidRequest(name, f"at most {limit} entries, got {count}")
 
 
 def _check_sequence(name: str, value: object) -> None:

@@ -91,7 +91,10 @@ class Tokenizer:
         if add_bos_token and bos_token_id is None:
             raise ModelLoadError("tokenizer asks for a BOS token but declares no BOS token id")
         self._backend = backend
-        self.vocab_size: int = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self.vocab_size: int = max(vocab.values()) + 1
+        # The most characters one token spells (byte-level: its bytes, at least its chars).
+        self.max_token_chars: int = max(len(token) for token in vocab)
         self._special_ids = frozenset(
             token_id
             for token_id, added in backend.get_added_tokens_decoder().items()

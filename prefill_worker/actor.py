@@ -100,11 +100,15 @@ class PrefillWorker(WorkerBase):
         if sender is None:
             self.engine.block_manager.release(kept.owner)
             raise WorkerUnavailable(f"no KV pair with decode worker {decode_id!r}")
-        sender.submit(
-            request_id, kept.owner, kept.block_ids, kept.num_tokens,
-            transfer_id=transfer_id_for(request_id),
-            on_done=_trace_transfer(trace_context, self.worker_id) if trace_context else None,
-        )  # fmt: skip
+        try:
+            sender.submit(
+                request_id, kept.owner, kept.block_ids, kept.num_tokens,
+                transfer_id=transfer_id_for(request_id),
+                on_done=_trace_transfer(trace_context, self.worker_id) if trace_context else None,
+            )  # fmt: skip
+        except ValueError:  # refused (e.g. a reused transfer id): the blocks are still ours
+            self.engine.block_manager.release(kept.owner)
+            raise
         return dataclasses.replace(output, finished=False, finish_reason=None), True
 
     def abort(self, request_id: str) -> None:

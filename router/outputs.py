@@ -44,6 +44,7 @@ class OutputStreams:
         if subscription is None:
             subscription = self._subscriptions[key] = _Subscription()
             subscription.task = asyncio.ensure_future(self._pump(key, worker, subscription))
+        assert request_id not in subscription.queues, f"request id {request_id!r} reused"
         queue: asyncio.Queue[Any] = asyncio.Queue()
         subscription.queues[request_id] = queue
         return queue

@@ -4,7 +4,9 @@ sampling parameters, or an InvalidRequest naming the first bad field (RELIABILIT
 Everything a client sends is checked here, against the served model, before any worker sees
 it: the input (exactly one of text, chat, token ids; non-empty; in the vocabulary; fitting the
 context), every sampling parameter (engine.sampling_params.SamplingParams.validate, the same
-code the engine runs), the model name and the id lengths. Torch-free.
+code the engine runs), the model name and the id lengths. Every repeated field and string is
+counted against its cap before it is converted or tokenized (`check_sizes`), so an oversized
+request costs the router nothing but the check. Torch-free.
 """
 
 from __future__ import annotations
@@ -17,11 +19,21 @@ from typing import Any, Protocol
 
 from engine.chat_template import ChatMessage
 from engine.errors import InvalidRequest, ModelNotFound
-from engine.sampling_params import SamplingParams, validate_prompt_token_ids
+from engine.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+    check_count,
+    validate_prompt_token_ids,
+)
+from proto.tandem.v1 import tandem_pb2 as pb
 
 MAX_REQUEST_ID_BYTES = 128
 MAX_CACHE_SALT_BYTES = 256
+MAX_MODEL_NAME_BYTES = 256
 MAX_CHAT_MESSAGES = 1024
+MAX_CHAT_ROLE_CHARS = 64
 MAX_PROMPT_CHARS = 4 << 20  # text longer than this is refused before tokenizing
 
 
@@ -49,6 +61,7 @@ class ServedModel:
     max_model_len: int
     tokenizer: PromptTokenizer | None
     block_size: int = 16  # the workers' KV block size: prompts hash per block of this size
+    max_prompt_chars: int = MAX_PROMPT_CHARS  # longer text is refused untokenized
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +75,10 @@ class ValidatedRequest:
 def validate_generate_request(request: Any, model: ServedModel) -> ValidatedRequest:
     """Check and convert a GenerateRequest; raises InvalidRequest (ModelNotFound for a model
     that is not served) naming the first bad field."""
+    check_sizes(request, model)
     if request.model and request.model != model.model_id:
         raise ModelNotFound(request.model, [model.model_id])
     request_id = request.request_id or uuid.uuid4().hex
-    _check_utf8_length("request_id", request_id, MAX_REQUEST_ID_BYTES)
-    _check_utf8_length("cache_salt", request.cache_salt, MAX_CACHE_SALT_BYTES)
     params = sampling_params_from_proto(request.sampling)
     params.validate(model.vocab_size)
     prompt = prompt_token_ids(request, model)
@@ -74,8 +86,58 @@ def validate_generate_request(request: Any, model: ServedModel) -> ValidatedRequ
     return ValidatedRequest(request_id, prompt, params, request.cache_salt or None)
 
 
+def check_sizes(request: Any, model: ServedModel) -> None:
+    """Refuse a GenerateRequest or TokenizeRequest whose strings or repeated fields exceed
+    their caps, naming the field and the limit, without converting or tokenizing anything."""
+    _check_utf8_length("model", request.model, MAX_MODEL_NAME_BYTES)
+    if isinstance(request, pb.GenerateRequest):
+        _check_utf8_length("request_id", request.request_id, MAX_REQUEST_ID_BYTES)
+        _check_utf8_length("cache_salt", request.cache_salt, MAX_CACHE_SALT_BYTES)
+        sampling = request.sampling
+        check_count("stop", len(sampling.stop), MAX_STOP_STRINGS)
+        check_count("stop_token_ids", len(sampling.stop_token_ids), MAX_STOP_TOKEN_IDS)
+        check_count("logit_bias", len(sampling.logit_bias), MAX_LOGIT_BIAS)
+    kind = request.WhichOneof("input")
+    if kind == "token_ids" and len(request.token_ids.ids) >= model.max_model_len:
+        raise InvalidRequest(
+            "prompt", f"prompt has {len(request.token_ids.ids)} tokens; the context is "
+            f"{model.max_model_len} tokens and at least one must be left to generate",
+        )  # fmt: skip
+    if kind == "text" and len(request.text) > model.max_prompt_chars:
+        raise InvalidRequest(
+            "text", f"longer than {model.max_prompt_chars} characters, more than the "
+            f"{model.max_model_len}-token context can hold",
+        )  # fmt: skip
+    if kind == "chat":
+        _check_chat_sizes(request.chat.messages, model)
+
+
+def _check_chat_sizes(messages: Sequence[Any], model: ServedModel) -> None:
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise InvalidRequest("chat", f"more than {MAX_CHAT_MESSAGES} messages")
+    for message in messages:
+        if len(message.role) > MAX_CHAT_ROLE_CHARS:
+            raise InvalidRequest(
+                "chat", f"a role is {len(message.role)} characters, limit {MAX_CHAT_ROLE_CHARS}"
+            )
+    if sum(len(m.role) + len(m.content) for m in messages) > model.max_prompt_chars:
+        raise InvalidRequest(
+            "chat", f"roles and contents longer than {model.max_prompt_chars} characters, "
+            f"more than the {model.max_model_len}-token context can hold",
+        )  # fmt: skip
+
+
+def prompt_chars_limit(max_model_len: int, max_token_chars: int) -> int:
+    """The longest text prompt worth tokenizing: twice what `max_model_len` tokens of at most
+    `max_token_chars` characters each can spell (the margin: normalization may merge
+    characters), within MAX_PROMPT_CHARS. Anything longer cannot fit the context."""
+    return min(MAX_PROMPT_CHARS, 2 * max_model_len * max_token_chars)
+
+
 def prompt_token_ids(request: Any, model: ServedModel) -> list[int]:
-    """The prompt of a GenerateRequest or TokenizeRequest as token ids."""
+    """The prompt of a GenerateRequest or TokenizeRequest as token ids (after check_sizes).
+    Tokenizing may take a while: call it off the event loop."""
+    check_sizes(request, model)
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidRequest("input", "give one of text, chat or token_ids")
@@ -87,16 +149,10 @@ def prompt_token_ids(request: Any, model: ServedModel) -> list[int]:
     if kind == "text":
         if not request.text:
             raise InvalidRequest("text", "prompt is empty")
-        if len(request.text) > MAX_PROMPT_CHARS:
-            raise InvalidRequest("text", f"longer than {MAX_PROMPT_CHARS} characters")
         return tokenizer.encode(request.text)
     messages = list(request.chat.messages)
     if not messages:
         raise InvalidRequest("chat", "no messages")
-    if len(messages) > MAX_CHAT_MESSAGES:
-        raise InvalidRequest("chat", f"more than {MAX_CHAT_MESSAGES} messages")
-    if sum(len(m.content) for m in messages) > MAX_PROMPT_CHARS:
-        raise InvalidRequest("chat", f"longer than {MAX_PROMPT_CHARS} characters")
     chat = [ChatMessage(role=m.role, content=m.content) for m in messages]
     text = tokenizer.apply_chat_template(chat, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
@@ -136,6 +192,8 @@ def params_to_dict(params: SamplingParams) -> dict[str, Any]:
 
 
 def _check_utf8_length(field: str, value: str, limit: int) -> None:
+    if len(value) > limit:  # at least as many bytes: refused without encoding it all
+        raise InvalidRequest(field, f"is over {limit} UTF-8 bytes, limit {limit}")
     size = len(value.encode("utf-8"))
     if size > limit:
         raise InvalidRequest(field, f"is {size} UTF-8 bytes, limit {limit}")

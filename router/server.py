@@ -4,7 +4,12 @@
     Tokenize, ListModels: answered here, from the model's tokenizer and description
 
 Errors reach the client as status codes, never as a hang: a bad field INVALID_ARGUMENT (or
-NOT_FOUND for an unknown model), a dead worker UNAVAILABLE, anything unexpected INTERNAL. A
+NOT_FOUND for an unknown model), a request id still in flight ALREADY_EXISTS, a dead worker
+UNAVAILABLE, anything unexpected INTERNAL.
+
+A client's request id is only echoed back: workers, output streams, KV transfers and aborts
+know each attempt of a request (each worker it is placed on) by an id the router makes up for
+it (`_attempt_id`), so a reused or guessed id can never reach another client's request. A
 client that cancels or passes its deadline makes the router tell the worker to abort the
 request, which frees its KV within an engine step. Outputs come back from each worker through
 one batched stream per worker (router.outputs), not one Ray call per request.
@@ -18,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
-from contextlib import aclosing, suppress
+from collections.abc import Iterator
+from contextlib import aclosing, contextmanager, suppress
 from typing import Any
 
 import grpc
@@ -30,6 +37,7 @@ from cluster.tracing import child_carrier, end_span, record_span, start_span
 from engine.block_hash import prompt_block_hashes
 from engine.errors import (
     AddressInUse,
+    DuplicateRequest,
     InvalidRequest,
     ModelNotFound,
     Overloaded,
@@ -70,6 +78,8 @@ def status_of(error: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(error, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, DuplicateRequest):
+        return grpc.StatusCode.ALREADY_EXISTS
     if isinstance(error, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, WorkerUnavailable):
@@ -104,6 +114,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         self.num_retried = 0  # requests moved to another worker after losing theirs
         self.metrics = metrics
         self.outputs = OutputStreams()  # one batched output stream per worker
+        self._live_ids: set[str] = set()  # client request ids in flight
         self._recent: dict[str, deque[tuple[float, float]]] = {
             "ttft": deque(maxlen=4096),  # (when, seconds): for autoscaling signals
             "itl": deque(maxlen=16384),
@@ -152,7 +163,8 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             span.set_attributes({"tandem.request_id": validated.request_id,
                                  "tandem.model": self.model.model_id})  # fmt: skip
             carrier = child_carrier(span)
-            with self.admission.admit(len(validated.prompt_token_ids)):
+            num_prompt_tokens = len(validated.prompt_token_ids)
+            with self._live(validated.request_id), self.admission.admit(num_prompt_tokens):
                 place = self._colocated if self.prefill is None else self._disaggregated
                 # closed here, not whenever it is collected: its workers are told at once
                 async with aclosing(place(validated, arrival, carrier, span)) as responses:
@@ -187,6 +199,18 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             end_span(span, error if code is not grpc.StatusCode.OK else None,
                      **{"rpc.grpc.status_code": code.value[0], **attributes})  # fmt: skip
 
+    @contextmanager
+    def _live(self, request_id: str) -> Iterator[None]:
+        """Hold a client's request id while its request runs; DuplicateRequest if it is held
+        already (the client reused it for a request still in flight)."""
+        if request_id in self._live_ids:
+            raise DuplicateRequest(f"request_id {request_id!r} is already in flight")
+        self._live_ids.add(request_id)
+        try:
+            yield
+        finally:
+            self._live_ids.discard(request_id)
+
     async def _colocated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
         """Prefill and decode on one worker; a worker lost before any output is retried on
         another."""
@@ -197,11 +221,12 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             tried.add(index)
             dispatched = time.monotonic()
             first, finished = True, False
+            attempt = _attempt_id(request.request_id, span)
             with self.decode.assigned(index, _uncached(request, cached, index)) as worker:
-                outputs = self.outputs.open(worker, request.request_id)
+                outputs = self.outputs.open(worker, attempt)
                 try:
                     await worker.start_generate.remote(
-                        self.outputs.subscriber, request.request_id, request.prompt_token_ids,
+                        self.outputs.subscriber, attempt, request.prompt_token_ids,
                         params_to_dict(request.params), request.cache_salt, carrier,
                     )  # fmt: skip
                     async for output in _until_finished(outputs):
@@ -212,18 +237,18 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     return
                 except _STOPPED:
                     if not finished:
-                        _cancel(worker, request.request_id)
+                        _cancel(worker, attempt)
                     raise
                 except Exception as e:
                     if not _lost(e):
                         raise _translate(e) from e
                     self.decode.mark_down(worker)
-                    _abandon(worker, request.request_id, e)
+                    _abandon(worker, attempt, e)
                     if not first:  # the client has seen tokens: it cannot be moved silently
                         raise _translate(e) from e
                     self._retrying("worker", index, e)
                 finally:
-                    self.outputs.close(worker, request.request_id)
+                    self.outputs.close(worker, attempt)
 
     async def _disaggregated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
         """Prefill on one pool, decode on the other; the KV moves between them."""
@@ -231,23 +256,25 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         decode_id = self.decode.ids[index]
         with self.decode.assigned(index, len(request.prompt_token_ids)) as decode:
             shipped: bool | None = None  # None: not known yet
+            attempts: list[str] = []  # the prefill attempts' ids, the one that shipped last
             try:
                 first_output, shipped, dispatched = await self._prefill(
-                    request, decode_id, carrier, span
+                    request, decode_id, carrier, span, attempts
                 )
                 queued = _queued(first_output, arrival, dispatched)
                 yield _timed(request.request_id, first_output, arrival, queued)
             except _STOPPED:  # its KV may be on the way: the decode worker drops it
-                if shipped is not False:
-                    _cancel(decode, request.request_id)
+                if shipped is not False and attempts:
+                    _cancel(decode, attempts[-1])
                 raise
             if not shipped:
                 return
             finished = False
-            outputs = self.outputs.open(decode, request.request_id)
+            attempt = attempts[-1]  # the decode worker knows the KV by the attempt's id
+            outputs = self.outputs.open(decode, attempt)
             try:
                 await decode.start_continue.remote(
-                    self.outputs.subscriber, request.request_id, request.prompt_token_ids,
+                    self.outputs.subscriber, attempt, request.prompt_token_ids,
                     first_output.new_token_ids[0], params_to_dict(request.params),
                     request.cache_salt, carrier,
                 )  # fmt: skip
@@ -259,22 +286,23 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     yield response
             except _STOPPED:
                 if not finished:
-                    _cancel(decode, request.request_id)
+                    _cancel(decode, attempt)
                 raise
             except Exception as e:
                 if _lost(e):
                     self.decode.mark_down(decode)
-                    _abandon(decode, request.request_id, e)
+                    _abandon(decode, attempt, e)
                 raise _translate(e) from e
             finally:
-                self.outputs.close(decode, request.request_id)
+                self.outputs.close(decode, attempt)
 
     async def _prefill(
-        self, request: Any, decode_id: str, carrier: Any, span: Any
+        self, request: Any, decode_id: str, carrier: Any, span: Any, attempts: list[str]
     ) -> tuple[Any, bool, float]:
         """(the first token's output, whether its KV ships to decode worker `decode_id`,
         when the prefill was dispatched). A prefill worker lost mid-prefill is replaced by
-        another for the same request: nothing has reached the client yet."""
+        another for the same request: nothing has reached the client yet. Each attempt's id
+        is appended to `attempts` as it starts."""
         assert self.prefill is not None
         tried: set[int] = set()
         cached = await self._cached_tokens(request)
@@ -282,22 +310,24 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             index = self._place(self.prefill, tried, cached, span)
             tried.add(index)
             dispatched = time.monotonic()
+            attempt = _attempt_id(request.request_id, span)
+            attempts.append(attempt)
             with self.prefill.assigned(index, _uncached(request, cached, index)) as worker:
                 call = worker.prefill.remote(
-                    request.request_id, request.prompt_token_ids, params_to_dict(request.params),
+                    attempt, request.prompt_token_ids, params_to_dict(request.params),
                     request.cache_salt, decode_id, carrier,
                 )  # fmt: skip
                 try:
                     output, shipped = await call
                     return output, shipped, dispatched
                 except asyncio.CancelledError:
-                    _cancel(worker, request.request_id, call)
+                    _cancel(worker, attempt, call)
                     raise
                 except Exception as e:
                     if not _lost(e):
                         raise _translate(e) from e
                     self.prefill.mark_down(worker)
-                    _abandon(worker, request.request_id, e)
+                    _abandon(worker, attempt, e)
                     self._retrying("prefill worker", index, e)
 
     def _place(self, pool: Pool, tried: set[int], cached: list[int] | None, span: Any) -> int:
@@ -349,6 +379,15 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             has_chat_template=bool(tokenizer is not None and tokenizer.has_chat_template),
         )
         return pb.ListModelsResponse(models=[info])
+
+
+def _attempt_id(request_id: str, span: Any) -> str:
+    """A new id for one attempt of a request (one worker it is placed on): unique, unrelated
+    to the client's id, which only the router and the client see. Logged and traced with it."""
+    attempt = uuid.uuid4().hex
+    logger.debug("request %r: attempt %s", request_id, attempt)
+    span.set_attributes({"tandem.attempt_id": attempt})
+    return attempt
 
 
 def _translate(error: BaseException) -> TandemError:

