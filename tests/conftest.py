@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from engine.loader.default_model import installed_default_model
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
 from tests.redis_server import RedisServer
+
+# KV pairs form only between processes that share the cluster secret (kvtransfer.handshake):
+# tests, the processes they spawn and their Ray workers share this one.
+os.environ.setdefault("TANDEM_KV_SECRET", "tandem-tests-kv-secret")
 
 
 def make_engine(
