@@ -2,8 +2,8 @@
 address of its own test network, for the multi-node tests (tests/integration/test_multinode.py)
 and for running them by hand (docs/multinode.md).
 
-    namespace <prefix>-h  ("head")     br0 10.213.N.1/24 ---+--- veth --- eth0 10.213.N.2  <prefix>-a
-                                                            +--- veth --- eth0 10.213.N.3  <prefix>-b
+    <prefix>-h (head): br0 10.213.N.1/24 ---+--- veth --- eth0 10.213.N.2   <prefix>-a
+                                            +--- veth --- eth0 10.213.N.3   <prefix>-b
 
 Nothing is added to the root namespace: the bridge and every address live inside the test's
 namespaces, and each namespace's default route points at the test network (Ray picks a node's
@@ -15,6 +15,7 @@ Needs root and iproute2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -127,10 +128,8 @@ class Network:
         deadline = time.monotonic() + 10
         while pids := self.pids(index):
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             assert time.monotonic() < deadline, f"processes of {self.name(index)} survive"
             time.sleep(0.05)
 

@@ -15,8 +15,8 @@ import decode_worker.actor as decode_actor
 import prefill_worker.actor as prefill_actor
 from decode_worker.actor import EngineWorker
 from engine.config import EngineConfig
-from engine.scheduler import SchedulerConfig
 from engine.errors import KVTransferError
+from engine.scheduler import SchedulerConfig
 from kvtransfer.control import ControlConnection
 from kvtransfer.handshake import ClusterSecret, PeerRefused
 from kvtransfer.layout import KVLayout

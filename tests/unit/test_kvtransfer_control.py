@@ -23,7 +23,11 @@ def connected_pair() -> tuple[ControlConnection, socket.socket]:
 
 def test_frames_split_at_every_byte_arrive_whole() -> None:
     connection, raw = connected_pair()
-    messages = [TransferAck("t-1", ok=True), TransferAbort("t-2", "why"), PairHello("a/b", b"n" * 32)]
+    messages = [
+        TransferAck("t-1", ok=True),
+        TransferAbort("t-2", "why"),
+        PairHello("a/b", b"n" * 32),
+    ]
     data = b"".join(encode(m) for m in messages)
     for i in range(len(data)):  # one byte at a time, each followed by a recv attempt
         raw.sendall(data[i : i + 1])
