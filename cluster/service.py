@@ -17,6 +17,7 @@ Torch is imported by the workers, never here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -164,6 +165,8 @@ class Service:
             ray.init(address=config.address, num_cpus=local_cpus, include_dashboard=False,
                      log_to_driver=False)  # fmt: skip
             self._started_ray = True
+        if config.address is not None:
+            warn_loopback_addresses(config)
         # Async actor: up to 1,000 concurrent method calls by default, one engine thread.
         cpus, gpus = config.cpus_per_worker, config.gpus_per_worker
         runtime_env = {"env_vars": kv_secret_env()}
@@ -522,6 +525,28 @@ class Service:
         finally:
             ray.kill(worker)
         logger.info("%s worker %s left the pool", pool, worker_id)
+
+
+def warn_loopback_addresses(config: ServiceConfig) -> None:
+    """Workers on other nodes resolve the Redis and OTLP addresses handed to them on their own
+    node: a loopback address there is not this host's. Warn (a one-node cluster may mean it)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    redis_url, otlp = config.index.redis_url, config.tracing.otlp_endpoint
+    named = {
+        "--redis-url": urlsplit(redis_url).hostname if redis_url else None,
+        "--otlp-endpoint": otlp.rpartition(":")[0] if otlp else None,
+    }
+    for flag, host in named.items():
+        if host is None:
+            continue
+        is_loopback = host == "localhost"
+        with contextlib.suppress(ValueError):
+            is_loopback = is_loopback or ipaddress.ip_address(host.strip("[]")).is_loopback
+        if is_loopback:
+            logger.warning("%s names %s, a loopback address: workers on other nodes of the Ray "
+                           "cluster would look for it on their own node", flag, host)  # fmt: skip
 
 
 def kv_secret_env() -> dict[str, str]:
