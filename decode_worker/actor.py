@@ -332,6 +332,12 @@ class EngineWorker(WorkerBase):
             self._endpoint = endpoint
         return self._endpoint.address
 
+    def shutdown(self) -> None:
+        """Stop taking pairs, then stop as every worker does."""
+        if self._endpoint is not None:
+            self._endpoint.close()
+        super().shutdown()
+
     def _num_pairs_refused(self) -> int:
         return 0 if self._endpoint is None else self._endpoint.num_refused
 
