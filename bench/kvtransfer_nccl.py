@@ -42,7 +42,9 @@ import dataclasses
 import faulthandler
 import hashlib
 import itertools
+import os
 import queue
+import secrets
 import statistics
 import sys
 import time
@@ -599,6 +601,8 @@ def main() -> None:
     args = parse_args()
     if not args.cpu_dry_run:
         assert torch.cuda.device_count() >= 2, "needs two GPUs"
+    # the protocol pair proves a cluster secret (kvtransfer.handshake): one for this run
+    os.environ.setdefault("TANDEM_KV_SECRET", secrets.token_hex(16))
     ctx = mp.get_context("spawn")
     to_sender, to_receiver, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
     receiver = ctx.Process(target=receiver_main, args=(args, results, to_receiver))

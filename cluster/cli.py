@@ -259,6 +259,17 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
             f"(e.g. '{{\"tandem_{pool}\": 1}}'): keeps the pool on the nodes that offer them",
         )
     parser.add_argument(
+        "--kv-interface",
+        default=None,
+        help="network interface whose address KV pairs use (hosts with several NICs; also "
+        "$TANDEM_KV_INTERFACE). Default: the node's address in the Ray cluster",
+    )
+    parser.add_argument(
+        "--kv-ports",
+        default=None,
+        help="port range of KV endpoints, MIN-MAX (also $TANDEM_KV_PORTS). Default: any free",
+    )
+    parser.add_argument(
         "--otlp-endpoint",
         default=None,
         help="send OpenTelemetry traces to this OTLP/gRPC collector (host:port)",
@@ -390,6 +401,7 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
     from cluster.prefix_index import IndexConfig
     from cluster.service import ServiceConfig
     from cluster.tracing import TracingConfig
+    from kvtransfer.network import KVNetworkConfig
 
     index = IndexConfig(
         redis_url=args.redis_url,
@@ -401,6 +413,7 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
         cache_weight=args.cache_weight,
         metrics_port=args.metrics_port,
         tracing=TracingConfig(otlp_endpoint=args.otlp_endpoint),
+        kv_network=KVNetworkConfig.from_environment(args.kv_interface, args.kv_ports),
         autoscaling=autoscaling_config(args),
         prefill_resources=args.prefill_resources,
         decode_resources=args.decode_resources,

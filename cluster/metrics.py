@@ -17,6 +17,7 @@ the whole service.
                   tandem_preemptions_total, tandem_kv_transfer_bytes_total{direction},
                   tandem_kv_transfer_seconds (count and sum of completed transfers),
                   tandem_kv_transfer_failures_total, tandem_kv_transfer_leases_expired_total,
+                  tandem_kv_pairs_refused_total (peers that did not prove the cluster secret),
                   tandem_pool_workers {pool}
     placement     tandem_prefix_index_lookups_total, tandem_prefix_index_degraded_total
     autoscaling   tandem_scaling_decisions_total {pool, direction}, tandem_pool_target_workers
@@ -148,6 +149,9 @@ class _WorkersCollector(Collector):
             "leases": CounterMetricFamily("tandem_kv_transfer_leases_expired",
                                           "KV transfers whose sender lease expired.",
                                           labels=labels),
+            "refused": CounterMetricFamily("tandem_kv_pairs_refused",
+                                           "KV pair formations refused: the peer did not prove "
+                                           "the cluster secret in time.", labels=labels),
         }  # fmt: skip
         transfer_bytes = CounterMetricFamily("tandem_kv_transfer_bytes", "KV bytes moved.",
                                              labels=[*labels, "direction"])  # fmt: skip
@@ -169,6 +173,7 @@ class _WorkersCollector(Collector):
             c["preemptions"].add_metric(values, stats.get("num_preemptions", 0))
             c["failures"].add_metric(values, stats.get("kv_transfers_failed", 0))
             c["leases"].add_metric(values, stats.get("kv_leases_expired", 0))
+            c["refused"].add_metric(values, stats.get("kv_pairs_refused", 0))
             transfer_bytes.add_metric([*values, "sent"], stats.get("kv_bytes_sent", 0))
             transfer_bytes.add_metric([*values, "received"], stats.get("kv_bytes_received", 0))
             transfer_time.add_metric(

@@ -22,6 +22,7 @@ import functools
 import logging
 import math
 import os
+import secrets
 import signal
 import threading
 import time
@@ -36,6 +37,8 @@ from cluster.prefix_index import IndexConfig, LocalPrefixIndex, PrefixLookup, ma
 from cluster.tracing import TracingConfig, setup_tracing, shutdown_tracing
 from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
+from kvtransfer.handshake import SECRET_ENV, SECRET_FILE_ENV
+from kvtransfer.network import KVNetworkConfig
 from router.admission import Admission, AdmissionLimits
 from router.placement import Pool
 from router.requests import ServedModel, prompt_chars_limit
@@ -75,6 +78,8 @@ class ServiceConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)  # spans to an OTLP collector
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     verbose: bool = False  # Ray's start-up banners and INFO logs in this process's output
+    # Where workers' KV endpoints listen (interface, port range); see kvtransfer.network.
+    kv_network: KVNetworkConfig = field(default_factory=KVNetworkConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -176,18 +181,23 @@ class Service:
                 ray.init(address=config.address, num_cpus=local_cpus, include_dashboard=False,
                          log_to_driver=False, logging_level=level)  # fmt: skip
             self._started_ray = True
+        if config.address is not None:
+            warn_loopback_addresses(config)
         # Async actor: up to 1,000 concurrent method calls by default, one engine thread.
         cpus, gpus = config.cpus_per_worker, config.gpus_per_worker
+        runtime_env = {"env_vars": kv_secret_env()}
         self._actor_class = ray.remote(
-            num_cpus=cpus, num_gpus=gpus, resources=dict(config.decode_resources)
-        )(EngineWorker)
+            num_cpus=cpus, num_gpus=gpus, resources=dict(config.decode_resources),
+            runtime_env=runtime_env,
+        )(EngineWorker)  # fmt: skip
         sizes = {"decode": config.num_decode_workers if self.disaggregated else config.num_workers}
         if self.disaggregated:
             from prefill_worker.actor import PrefillWorker
 
             self._prefill_class = ray.remote(
-                num_cpus=cpus, num_gpus=gpus, resources=dict(config.prefill_resources)
-            )(PrefillWorker)
+                num_cpus=cpus, num_gpus=gpus, resources=dict(config.prefill_resources),
+                runtime_env=runtime_env,
+            )(PrefillWorker)  # fmt: skip
             sizes["prefill"] = config.num_prefill_workers
         started = {pool: [self._spawn(pool) for _ in range(n)] for pool, n in sizes.items()}
         try:
@@ -311,14 +321,14 @@ class Service:
             name = pool if self.disaggregated else "worker"
             worker_id = f"{name}-{number}"
         config = self.config
-        tracing = config.tracing
+        tracing, net = config.tracing, config.kv_network
         if pool == "prefill":
             engine = config.prefill_engine or config.engine
-            actor = self._prefill_class.remote(engine, worker_id, config.index, tracing)
+            actor = self._prefill_class.remote(engine, worker_id, config.index, tracing, net)
         elif not self.disaggregated:  # colocated workers prefill: they publish their cache
-            actor = self._actor_class.remote(config.engine, worker_id, config.index, tracing)
+            actor = self._actor_class.remote(config.engine, worker_id, config.index, tracing, net)
         else:
-            actor = self._actor_class.remote(config.engine, worker_id, None, tracing)
+            actor = self._actor_class.remote(config.engine, worker_id, None, tracing, net)
         return actor, worker_id
 
     def _prefilling(self) -> Pool:
@@ -430,9 +440,17 @@ class Service:
         if self._servicer is None or dead not in self.pools[pool].workers:
             return  # already replaced, or removed by scaling
         logger.warning("%s worker %s died; starting a replacement", pool, worker_id)
+        import ray
+
         new, _ = self._spawn(pool, worker_id)
-        info = await asyncio.wait_for(new.model_info.remote(), self.config.worker_start_timeout_s)
-        await self._pair_new(pool, new, worker_id)
+        try:
+            info = await asyncio.wait_for(
+                new.model_info.remote(), self.config.worker_start_timeout_s
+            )
+            await self._pair_new(pool, new, worker_id)
+        except BaseException:  # the next check starts another: this one must not linger
+            ray.kill(new)
+            raise
         self._servicer.replace_worker(dead, new, info["index_key"])  # now it takes requests
         self.num_replaced += 1
 
@@ -543,6 +561,43 @@ class Service:
         finally:
             ray.kill(worker)
         logger.info("%s worker %s left the pool", pool, worker_id)
+
+
+def warn_loopback_addresses(config: ServiceConfig) -> None:
+    """Workers on other nodes resolve the Redis and OTLP addresses handed to them on their own
+    node: a loopback address there is not this host's. Warn (a one-node cluster may mean it)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    redis_url, otlp = config.index.redis_url, config.tracing.otlp_endpoint
+    named = {
+        "--redis-url": urlsplit(redis_url).hostname if redis_url else None,
+        "--otlp-endpoint": otlp.rpartition(":")[0] if otlp else None,
+    }
+    for flag, host in named.items():
+        if host is None:
+            continue
+        is_loopback = host == "localhost"
+        with contextlib.suppress(ValueError):
+            is_loopback = is_loopback or ipaddress.ip_address(host.strip("[]")).is_loopback
+        if is_loopback:
+            logger.warning("%s names %s, a loopback address: workers on other nodes of the Ray "
+                           "cluster would look for it on their own node", flag, host)  # fmt: skip
+
+
+def kv_secret_env() -> dict[str, str]:
+    """The environment that gives every worker the same KV cluster secret
+    (kvtransfer.handshake): the secret file named here (each node must have it at that path,
+    as the Helm chart's mounted Secret), else the secret set here, else one made up for this
+    service (it reaches the workers in their Ray runtime environment)."""
+    path = os.environ.get(SECRET_FILE_ENV)
+    if os.environ.get(SECRET_ENV):
+        return {SECRET_ENV: os.environ[SECRET_ENV]}
+    if path:
+        return {SECRET_FILE_ENV: path}
+    logger.info("no %s or %s set: KV pairs use a secret made up for this service",
+                SECRET_ENV, SECRET_FILE_ENV)  # fmt: skip
+    return {SECRET_ENV: secrets.token_hex(32)}
 
 
 def served_model(model_spec: str | None, info: dict[str, Any]) -> ServedModel:

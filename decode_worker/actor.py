@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,21 +31,32 @@ from engine.engine import Engine
 from engine.output_processor import RequestOutput
 from engine.sampling_params import SamplingParams
 from kvtransfer.coalesce import StagingPool
+from kvtransfer.control import ControlConnection
+from kvtransfer.handshake import ClusterSecret
 from kvtransfer.layout import KVLayout
+from kvtransfer.network import KVAddress, KVNetworkConfig, resolve_kv_address, use_interface
 from kvtransfer.pair import EndpointAddress, ReceiverEndpoint
-from kvtransfer.transport import TransportConfig
+from kvtransfer.transport import PairChannel, TransportConfig
 
 logger = logging.getLogger(__name__)
 
 STAGING_BYTES = 256 << 20  # bound on one worker's KV staging buffers (all its pairs)
 
 
-def transport_for(engine: Engine) -> TransportConfig:
-    """NCCL between GPU workers, gloo between CPU ones."""
+def transport_for(engine: Engine, host: str = "127.0.0.1") -> TransportConfig:
+    """NCCL between GPU workers, gloo between CPU ones; gloo listens on `host` (the worker's
+    KV address)."""
     backend = "nccl" if engine.device.type == "cuda" else "gloo"
-    return TransportConfig(
-        backend=backend, gloo_hostname="127.0.0.1" if backend == "gloo" else None
-    )
+    return TransportConfig(backend=backend, gloo_hostname=host if backend == "gloo" else None)
+
+
+def node_ip() -> str:
+    """This node's address as the Ray cluster knows it; 127.0.0.1 outside Ray (the classes
+    here run in-process in tests)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return "127.0.0.1"
+    return str(ray.util.get_node_ip_address())
 
 
 class WorkerBase:
@@ -57,12 +68,18 @@ class WorkerBase:
         worker_id: str = "worker",
         index: IndexConfig | None = None,
         tracing: TracingConfig | None = None,
+        kv_network: KVNetworkConfig | None = None,
     ) -> None:
         """worker_id: stable across replacements (the pool position); index: publish this
         worker's prefix cache to the Redis index of this configuration (None: not to Redis;
-        the router may still drain `drain_cache_events`); tracing: export spans there."""
+        the router may still drain `drain_cache_events`); tracing: export spans there;
+        kv_network: where KV pairs connect (default: this node's address, any free port)."""
         self.worker_id = worker_id
         setup_tracing(tracing, worker_id)
+        self.kv_network = kv_network or KVNetworkConfig()
+        # KV endpoints bind (and advertise) this address; gloo and NCCL use its interface
+        self.kv_address: KVAddress = resolve_kv_address(self.kv_network, node_ip())
+        use_interface(self.kv_address.interface)
         if config.device in ("cuda", "auto") and torch.cuda.is_available():
             from kvtransfer.nccl import configure_nccl_environment
 
@@ -119,6 +136,7 @@ class WorkerBase:
         stats: dict[str, Any] = await asyncio.to_thread(self.loop.call, read)
         transfers = self._transfer_metrics()
         stats["kv_pairs"] = len(transfers) - 1  # less the retired pairs' counters
+        stats["kv_pairs_refused"] = self._num_pairs_refused()
         for key, field in [
             ("kv_transfers_completed", "transfers_completed"),
             ("kv_transfers_failed", "transfers_failed"),
@@ -151,6 +169,9 @@ class WorkerBase:
 
     def _transfer_metrics(self) -> list[Any]:
         return [self.loop.retired_metrics, *(r.metrics for r in self.loop.receivers)]
+
+    def _num_pairs_refused(self) -> int:
+        return 0
 
     def _transfer_holders(self) -> list[str]:
         return self.loop.transfer_holders()
@@ -299,32 +320,37 @@ class EngineWorker(WorkerBase):
         self._forwarders.add(task)
         task.add_done_callback(self._forwarders.discard)
 
-    def open_endpoint(self, host: str = "127.0.0.1") -> EndpointAddress:
-        """Start accepting pairs from prefill workers; the address they connect to."""
+    def open_endpoint(self, host: str | None = None) -> EndpointAddress:
+        """Start accepting pairs from prefill workers (who must prove the cluster secret);
+        the address they connect to. Its listeners bind `host` only (default: this worker's
+        KV address). Raises ValueError if no cluster secret is configured."""
         if self._endpoint is None:
-            self._endpoint = ReceiverEndpoint(host, self.layout)  # senders check it
-            threading.Thread(target=self._accept_pairs, name="kv-accept", daemon=True).start()
+            host = host or self.kv_address.host
+            endpoint = ReceiverEndpoint(
+                host, ClusterSecret.from_environment(), self.kv_network, self.layout
+            )  # senders check the layout
+            config = transport_for(self.engine, host)
+            endpoint.serve(config, self.engine.runner.kv_cache.device, self._adopt_pair)
+            self._endpoint = endpoint
         return self._endpoint.address
 
-    def _accept_pairs(self) -> None:
+    def shutdown(self) -> None:
+        """Stop taking pairs, then stop as every worker does."""
+        if self._endpoint is not None:
+            self._endpoint.close()
+        super().shutdown()
+
+    def _num_pairs_refused(self) -> int:
+        return 0 if self._endpoint is None else self._endpoint.num_refused
+
+    def _adopt_pair(self, channel: PairChannel, control: ControlConnection) -> None:
+        """A pair formed (on its forming thread): receive its transfers from now on."""
         from kvtransfer.receiver import KVReceiver
 
-        assert self._endpoint is not None
-        config = transport_for(self.engine)
         cache = self.engine.runner.kv_cache
         manager = self.engine.block_manager
-        while True:
-            try:
-                pair = self._endpoint.accept(config, cache.device)
-            except Exception:  # one failed formation must not stop the others
-                logger.exception("a prefill worker's pair did not form")
-                continue
-            if pair is None:
-                continue
-            channel, control = pair
-            receiver = KVReceiver(
-                channel, control, cache, self.layout, manager.reserve, manager.release,
-                self.staging,
-            )  # fmt: skip
-            self.loop.receivers.append(receiver)
-            self.loop.wake()
+        receiver = KVReceiver(
+            channel, control, cache, self.layout, manager.reserve, manager.release, self.staging
+        )
+        self.loop.receivers.append(receiver)
+        self.loop.wake()

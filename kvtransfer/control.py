@@ -20,6 +20,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 
 from engine.errors import KVTransferError
 from kvtransfer.messages import HEADER_BYTES, Message, decode, encode, read_header
@@ -73,12 +74,16 @@ class ControlConnection:
         a frame was refused (the connection is closed then).
         """
         self._check_open("recv")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             message = self._take_frame()
             if message is not None:
                 return message
-            try:
-                self._sock.settimeout(timeout_s)
+            try:  # a peer that trickles bytes gets no more time than one that is silent
+                left_s = None if deadline is None else deadline - time.monotonic()
+                if left_s is not None and left_s <= 0:
+                    return None
+                self._sock.settimeout(left_s)
                 data = self._sock.recv(_RECV_BYTES)
             except TimeoutError:
                 return None
@@ -122,11 +127,14 @@ class ControlConnection:
 
 
 class ControlListener:
-    """Accepts control connections on (host, port); port 0 picks a free one (see `port`)."""
+    """Accepts control connections on (host, port); port 0 picks a free one (see `port`), or
+    on `sock`, a socket already listening (kvtransfer.network.listen_socket)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
+    ) -> None:
         self.host = host
-        self._sock = socket.create_server((host, port))
+        self._sock = sock if sock is not None else socket.create_server((host, port))
         self.port: int = self._sock.getsockname()[1]
 
     def accept(self, timeout_s: float | None) -> ControlConnection | None:

@@ -1,8 +1,10 @@
 """Control messages of the KV transfer protocol and their fixed binary wire format.
 
-A pair's control connection opens with PairHello (sender -> receiver), naming the pair key
-under which both sides then form their PairChannel. One transfer, sender = prefill side,
-receiver = decode side:
+A pair's control connection opens with a challenge-response (kvtransfer.handshake): PairHello
+(sender -> receiver) names the pair key and brings the sender's nonce; PairChallenge (receiver ->
+sender) brings the receiver's nonce and its proof of the cluster secret; PairProof (sender ->
+receiver) the sender's. Only then do both sides form their PairChannel. One transfer, sender =
+prefill side, receiver = decode side:
 
     sender                                   receiver
       | -- TransferOffer (src blocks, lease) --> |  reserves destination blocks
@@ -29,7 +31,9 @@ Frame (all integers little-endian):
       3 TransferDone   str transfer_id, u64 num_bytes, u64 checksum
       4 TransferAck    str transfer_id, u8 ok (0 or 1), str reason
       5 TransferAbort  str transfer_id, str reason
-      6 PairHello      str pair_key
+      6 PairHello      str pair_key, 32B nonce
+      7 PairChallenge  32B nonce, 32B proof
+      8 PairProof      32B proof
 
 Every message validates its fields on construction (ValueError naming the field), so whatever
 `encode` produces, `decode` accepts, and `decode(encode(m)) == m`. The encoding is canonical:
@@ -68,6 +72,8 @@ MAX_REQUEST_ID_BYTES = 128
 MAX_REASON_BYTES = 256
 MAX_DTYPE_BYTES = 32
 MAX_PAIR_KEY_BYTES = 128
+NONCE_BYTES = 32  # of PairHello and PairChallenge
+PROOF_BYTES = 32  # an HMAC-SHA256 (kvtransfer.handshake)
 MAX_BLOCK_IDS = 1 << 20  # per message; 16-token blocks make that 16M tokens
 # The largest payload any message can have: an offer with every string and list at its limit.
 MAX_PAYLOAD_BYTES = (
@@ -91,6 +97,8 @@ class MessageType(IntEnum):
     ACK = 4
     ABORT = 5
     HELLO = 6
+    CHALLENGE = 7
+    PROOF = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,15 +201,49 @@ class TransferAbort:
 
 @dataclass(frozen=True, slots=True)
 class PairHello:
-    """Sender -> receiver, first on a control connection: the pair key of the channel."""
+    """Sender -> receiver, first on a control connection: the pair key of the channel and the
+    sender's challenge to the receiver."""
 
     pair_key: str  # 1..128 UTF-8 bytes
+    nonce: bytes  # NONCE_BYTES random bytes, new for every formation
 
     def __post_init__(self) -> None:
         _check_str("pair_key", self.pair_key, MAX_PAIR_KEY_BYTES, min_bytes=1)
+        _check_fixed_bytes("nonce", self.nonce, NONCE_BYTES)
 
 
-Message = TransferOffer | TransferReady | TransferDone | TransferAck | TransferAbort | PairHello
+@dataclass(frozen=True, slots=True)
+class PairChallenge:
+    """Receiver -> sender, after PairHello: the receiver's nonce and its proof of the secret."""
+
+    nonce: bytes  # NONCE_BYTES random bytes
+    proof: bytes  # PROOF_BYTES
+
+    def __post_init__(self) -> None:
+        _check_fixed_bytes("nonce", self.nonce, NONCE_BYTES)
+        _check_fixed_bytes("proof", self.proof, PROOF_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class PairProof:
+    """Sender -> receiver, after PairChallenge: the sender's proof of the secret."""
+
+    proof: bytes  # PROOF_BYTES
+
+    def __post_init__(self) -> None:
+        _check_fixed_bytes("proof", self.proof, PROOF_BYTES)
+
+
+Message = (
+    TransferOffer
+    | TransferReady
+    | TransferDone
+    | TransferAck
+    | TransferAbort
+    | PairHello
+    | PairChallenge
+    | PairProof
+)
 
 
 def payload_checksum(payload: bytes | bytearray | memoryview) -> int:
@@ -222,6 +264,13 @@ def _check_str(name: str, value: object, max_bytes: int, min_bytes: int = 0) -> 
         raise ValueError(f"{name}={value!r} is not encodable as UTF-8: {e.reason}") from None
     if not min_bytes <= num_bytes <= max_bytes:
         raise ValueError(f"{name} is {num_bytes} UTF-8 bytes, must be {min_bytes}..{max_bytes}")
+
+
+def _check_fixed_bytes(name: str, value: object, num_bytes: int) -> None:
+    if type(value) is not bytes:
+        raise ValueError(f"{name} must be bytes, got {type(value).__name__}")
+    if len(value) != num_bytes:
+        raise ValueError(f"{name} is {len(value)} bytes, must be {num_bytes}")
 
 
 def _check_uint(name: str, value: object, maximum: int, minimum: int = 0) -> None:
@@ -305,7 +354,15 @@ def _encode_ack(m: TransferAck) -> bytes:
 
 
 def _encode_hello(m: PairHello) -> bytes:
-    return _str(m.pair_key)
+    return _str(m.pair_key) + m.nonce
+
+
+def _encode_challenge(m: PairChallenge) -> bytes:
+    return m.nonce + m.proof
+
+
+def _encode_proof(m: PairProof) -> bytes:
+    return m.proof
 
 
 def _encode_abort(m: TransferAbort) -> bytes:
@@ -319,6 +376,8 @@ _ENCODERS: dict[type, tuple[MessageType, Callable[[Any], bytes]]] = {
     TransferAck: (MessageType.ACK, _encode_ack),
     TransferAbort: (MessageType.ABORT, _encode_abort),
     PairHello: (MessageType.HELLO, _encode_hello),
+    PairChallenge: (MessageType.CHALLENGE, _encode_challenge),
+    PairProof: (MessageType.PROOF, _encode_proof),
 }
 
 
@@ -423,6 +482,9 @@ class _Reader:
                 f"{self.message_name}: {field} is not valid UTF-8 ({e.reason} at byte {e.start})"
             ) from None
 
+    def fixed(self, field: str, num_bytes: int) -> bytes:
+        return bytes(self._take(num_bytes, field))
+
     def block_ids(self, field: str) -> tuple[int, ...]:
         count = self.u32(f"{field} count")
         if count > MAX_BLOCK_IDS:
@@ -489,7 +551,17 @@ def _decode_abort(r: _Reader) -> dict[str, Any]:
 
 
 def _decode_hello(r: _Reader) -> dict[str, Any]:
-    return {"pair_key": r.string("pair_key", MAX_PAIR_KEY_BYTES)}
+    pair_key = r.string("pair_key", MAX_PAIR_KEY_BYTES)
+    return {"pair_key": pair_key, "nonce": r.fixed("nonce", NONCE_BYTES)}
+
+
+def _decode_challenge(r: _Reader) -> dict[str, Any]:
+    nonce = r.fixed("nonce", NONCE_BYTES)
+    return {"nonce": nonce, "proof": r.fixed("proof", PROOF_BYTES)}
+
+
+def _decode_proof(r: _Reader) -> dict[str, Any]:
+    return {"proof": r.fixed("proof", PROOF_BYTES)}
 
 
 _DECODERS: dict[int, tuple[type[Message], Callable[[_Reader], dict[str, Any]]]] = {
@@ -499,4 +571,6 @@ _DECODERS: dict[int, tuple[type[Message], Callable[[_Reader], dict[str, Any]]]] 
     MessageType.ACK: (TransferAck, _decode_ack),
     MessageType.ABORT: (TransferAbort, _decode_abort),
     MessageType.HELLO: (PairHello, _decode_hello),
+    MessageType.CHALLENGE: (PairChallenge, _decode_challenge),
+    MessageType.PROOF: (PairProof, _decode_proof),
 }

@@ -3,18 +3,31 @@ sender, rank 0) and a decode worker (the receiver, rank 1), on demand, without a
 
     decode worker                               prefill worker
       ReceiverEndpoint(host)                      connect_pair(endpoint.address, pair_key, ...)
-        ControlListener  <--- TCP connect -----     ControlConnection + PairHello(pair_key)
+        ControlListener  <--- TCP connect -----     ControlConnection
+                         <--- challenge-response -> (kvtransfer.handshake: the cluster secret)
         TCPStore server  <--- rendezvous ------     open_channel(rank 0)     (rank 1: accept)
 
 The endpoint's address (host, control port, store port, and the decode worker's KV layout) is
-what a decode worker publishes; pair keys are single-use (a new key for every pair formed, e.g.
+what a decode worker publishes: both listeners bind that host only (kvtransfer.network), on
+ports of the configured range. Pair keys are single-use (a new key for every pair formed, e.g.
 "<prefill>/<decode>/<n>"). A sender whose KV layout differs from the address's (dtype, scale
 scheme, geometry, model) is refused before it connects: at pairing time, not at its first
 transfer.
+
+Every formation is bounded by the transport's connect_timeout_s, on both sides, step by step
+(handshake, rendezvous, process group). A decode worker forms pairs concurrently (`serve`: a
+thread per connection, at most MAX_FORMING at once), so a peer that connects and stalls - idle,
+half-open, or a sender that gave up and left its hello behind - holds up only itself: the
+handshake needs a live answer, so a stale hello ends at the first reply.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,9 +36,17 @@ import torch.distributed as dist
 
 from engine.errors import KVTransferError
 from kvtransfer.control import ControlConnection, ControlListener
+from kvtransfer.handshake import ClusterSecret, PeerRefused, check_sender, prove_as_sender
 from kvtransfer.layout import KVLayout
-from kvtransfer.messages import PairHello
+from kvtransfer.network import KVNetworkConfig, listen_socket
 from kvtransfer.transport import PairAddress, PairChannel, TransportConfig, open_channel
+
+logger = logging.getLogger(__name__)
+
+MAX_FORMING = 16  # formations a receiver runs at once; connections beyond are closed at once
+_ACCEPT_POLL_S = 0.5  # how often `serve` looks whether the endpoint was closed
+
+OnPair = Callable[[PairChannel, ControlConnection], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,35 +58,129 @@ class EndpointAddress:
 
 
 class ReceiverEndpoint:
-    """A decode worker's listening side: a control listener and the rendezvous store."""
+    """A decode worker's listening side: a control listener and the rendezvous store, both on
+    `host` only. `secret`: the cluster's (default: from the environment, see
+    kvtransfer.handshake); `network`: the port range (default: any free port)."""
 
-    def __init__(self, host: str = "127.0.0.1", layout: KVLayout | None = None) -> None:
-        self.listener = ControlListener(host)
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        secret: ClusterSecret | None = None,
+        network: KVNetworkConfig | None = None,
+        layout: KVLayout | None = None,
+    ) -> None:
+        self.secret = secret if secret is not None else ClusterSecret.from_environment()
+        network = network or KVNetworkConfig()
+        self.listener = ControlListener(host, sock=listen_socket(host, network))
+        store_sock = listen_socket(host, network)
+        store_port = store_sock.getsockname()[1]
         self.store = dist.TCPStore(
-            host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
-        )
-        self.address = EndpointAddress(host, self.listener.port, self.store.port, layout)
+            host, store_port, is_master=True, wait_for_workers=False,
+            timeout=timedelta(seconds=60), master_listen_fd=store_sock.detach(),
+        )  # fmt: skip
+        self.address = EndpointAddress(host, self.listener.port, store_port, layout)
+        self._lock = threading.Lock()
+        self._num_refused = 0
+        self._forming = threading.BoundedSemaphore(MAX_FORMING)
+        self._closed = threading.Event()
+
+    @property
+    def num_refused(self) -> int:
+        """Formations refused: the peer did not prove the cluster secret (wrong secret, no
+        answer in time, a connection that stalled or closed first), or too many at once."""
+        with self._lock:
+            return self._num_refused
 
     def accept(
         self, config: TransportConfig, device: torch.device | str | None = None
     ) -> tuple[PairChannel, ControlConnection] | None:
-        """The next pair a sender forms, or None if none connects within connect_timeout_s.
-        Raises KVTransferError if the sender does not complete formation."""
+        """The next pair a sender forms, on this thread, or None if none connects within
+        connect_timeout_s. Raises PeerRefused if the peer does not prove the cluster secret,
+        KVTransferError if it does not complete formation."""
         control = self.listener.accept(config.connect_timeout_s)
         if control is None:
             return None
+        return self._form(control, config, device)
+
+    def serve(
+        self, config: TransportConfig, device: torch.device | str | None, on_pair: OnPair
+    ) -> threading.Thread:
+        """Accept pairs until `close`, each formed on a thread of its own; `on_pair(channel,
+        control)` runs on that thread for every pair formed. Returns the accepting thread."""
+        thread = threading.Thread(
+            target=self._accept_loop, args=(config, device, on_pair), name="kv-accept",
+            daemon=True,
+        )  # fmt: skip
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        self._closed.set()
+        self.listener.close()
+
+    def _accept_loop(
+        self, config: TransportConfig, device: torch.device | str | None, on_pair: OnPair
+    ) -> None:
+        while not self._closed.is_set():
+            try:
+                control = self.listener.accept(_ACCEPT_POLL_S)
+            except OSError:  # closed
+                return
+            if control is None:
+                continue
+            if not self._forming.acquire(blocking=False):
+                self._count_refused(f"{control.peer}: {MAX_FORMING} formations under way")
+                control.close()
+                continue
+            threading.Thread(
+                target=self._form_and_hand_over, args=(control, config, device, on_pair),
+                name="kv-form", daemon=True,
+            ).start()  # fmt: skip
+
+    def _form_and_hand_over(
+        self,
+        control: ControlConnection,
+        config: TransportConfig,
+        device: torch.device | str | None,
+        on_pair: OnPair,
+    ) -> None:
         try:
-            hello = control.recv(config.connect_timeout_s)
-            if not isinstance(hello, PairHello):
-                raise KVTransferError(f"expected PairHello first, got {type(hello).__name__}")
-            address = PairAddress(self.address.host, self.address.store_port, hello.pair_key, 1)
-            return open_channel(address, config, device), control
+            channel, control = self._form(control, config, device)
+        except PeerRefused:
+            return  # counted and logged
+        except Exception as e:  # one failed formation must not stop the others
+            logger.warning("a KV pair from %s did not form: %s", control.peer, e)
+            return
+        finally:
+            self._forming.release()
+        try:
+            on_pair(channel, control)
+        except Exception:
+            logger.exception("a formed KV pair could not be adopted")
+            channel.close()
+            control.close()
+
+    def _form(
+        self, control: ControlConnection, config: TransportConfig, device: torch.device | str | None
+    ) -> tuple[PairChannel, ControlConnection]:
+        deadline = time.monotonic() + config.connect_timeout_s
+        try:
+            try:
+                pair_key, scope = check_sender(control, self.secret, deadline)
+            except PeerRefused as e:
+                self._count_refused(str(e))
+                raise
+            address = PairAddress(self.address.host, self.address.store_port, pair_key, 1, scope)
+            channel = open_channel(address, config, device, deadline - time.monotonic())
+            return channel, control
         except BaseException:
             control.close()
             raise
 
-    def close(self) -> None:
-        self.listener.close()
+    def _count_refused(self, reason: str) -> None:
+        with self._lock:
+            self._num_refused += 1
+        logger.warning("KV pair refused: %s", reason)
 
 
 def connect_pair(
@@ -73,11 +188,13 @@ def connect_pair(
     pair_key: str,
     config: TransportConfig,
     device: torch.device | str | None = None,
+    secret: ClusterSecret | None = None,
     layout: KVLayout | None = None,
 ) -> tuple[PairChannel, ControlConnection]:
-    """Form the sender's side of a pair with the receiver at `endpoint`. Raises
-    KVTransferError if the receiver does not take part within connect_timeout_s, or, before
-    connecting, if `layout` and the endpoint's layout (both given) differ."""
+    """Form the sender's side of a pair with the receiver at `endpoint`, proving the cluster
+    secret (default: from the environment). Raises PeerRefused if the receiver does not
+    prove it, KVTransferError if the receiver does not take part within connect_timeout_s,
+    or, before connecting, if `layout` and the endpoint's layout (both given) differ."""
     if layout is not None and endpoint.layout is not None:
         try:
             layout.check_compatible(endpoint.layout)
@@ -86,13 +203,16 @@ def connect_pair(
                 f"pair {pair_key!r} refused: the prefill (sender) and decode (receiver) KV "
                 f"{e}; serve both with the same --kv-cache-dtype and model"
             ) from None
+    secret = secret if secret is not None else ClusterSecret.from_environment()
+    deadline = time.monotonic() + config.connect_timeout_s
     control = ControlConnection.connect(
         endpoint.host, endpoint.control_port, config.connect_timeout_s
     )
     try:
-        control.send(PairHello(pair_key))
-        address = PairAddress(endpoint.host, endpoint.store_port, pair_key, 0)
-        return open_channel(address, config, device), control
+        scope = prove_as_sender(control, pair_key, secret, deadline)
+        address = PairAddress(endpoint.host, endpoint.store_port, pair_key, 0, scope)
+        return open_channel(address, config, device, deadline - time.monotonic()), control
     except BaseException:
-        control.close()
+        with contextlib.suppress(Exception):
+            control.close()
         raise

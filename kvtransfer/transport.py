@@ -5,7 +5,8 @@ A `PairChannel` is a 2-rank torch.distributed process group built directly from 
 it has peers, formed on demand and closed independently:
 
     rendezvous TCPStore (host, port)        one server, e.g. in the decode worker
-      "tandem/kv/<pair_key>/..."            PrefixStore: many pairs share one store
+      "tandem/kv/<pair_key>/<scope>/..."    PrefixStore: many pairs share one store; the scope
+                                            (kvtransfer.handshake) only the two ends know
          |                      |
       rank 0 (prefill A)    rank 1 (decode B)     PairAddress(host, port, pair_key, rank)
 
@@ -58,7 +59,8 @@ protocol (kvtransfer.messages), which fixes the order. Different pairs run in pa
 
 Failure: every send/recv waits for its operations with a timeout (gloo: `Work.wait(timeout)`;
 NCCL: the host polls a CUDA event recorded after them, so torch never sees a timed-out wait);
-the process group's own timeout (`backstop_timeout_s`) stays longer, as a backstop. A timeout, a
+the process group's own timeout stays longer, as a backstop (NCCL: `backstop_timeout_s`; gloo:
+the formation's limit, which also bounds gloo's connect: an operation passes its own). A timeout, a
 dead peer or a bad header raises KVTransferError and breaks the channel for good: which
 messages matched is unknown, so every later call raises too. `close()` it and form a new pair
 under a new pair key (keys are single-use: a reused key is refused at formation). A VOID
@@ -90,7 +92,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -173,6 +175,7 @@ class PairAddress:
     store_port: int
     pair_key: str  # unique per pair formation, e.g. "prefill-3/decode-1/7"
     rank: int  # 0 or 1; the two sides take different ranks
+    scope: str = field(default="", repr=False)  # rendezvous keys live under pair_key/scope
 
     def __post_init__(self) -> None:
         if not self.store_host:
@@ -190,14 +193,23 @@ class PairAddress:
 
 
 def open_channel(
-    address: PairAddress, config: TransportConfig, device: torch.device | str | None = None
+    address: PairAddress,
+    config: TransportConfig,
+    device: torch.device | str | None = None,
+    timeout_s: float | None = None,
 ) -> PairChannel:
     """Form this side of a pair: blocks until the peer joins and the handshake completes.
 
-    `device` is the CUDA device of an NCCL channel (ignored for gloo). Returns a ready channel.
-    Raises KVTransferError if the peer does not join within connect_timeout_s, the key was
-    already used, or the handshake fails. Called from the pair's transfer thread.
+    `device` is the CUDA device of an NCCL channel (ignored for gloo). `timeout_s` bounds the
+    whole formation (default connect_timeout_s; what is left of a deadline, when the caller
+    spent part of it already). Returns a ready channel. Raises KVTransferError if the peer does
+    not join in time, the key was already used, or the handshake fails. Called from the
+    pair's transfer thread.
     """
+    if timeout_s is not None:
+        if timeout_s <= 0:
+            raise KVTransferError(f"{_describe(address)}: no time left to form the pair")
+        config = replace(config, connect_timeout_s=min(timeout_s, config.connect_timeout_s))
     if config.backend == "nccl":
         from kvtransfer.nccl import NcclPairChannel  # it builds on this module
 
@@ -790,7 +802,9 @@ class GlooPairChannel(PairChannel):
         store: Any, address: PairAddress, config: TransportConfig, device: torch.device
     ) -> Any:
         options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-        options._timeout = timedelta(seconds=config.backstop_timeout_s)
+        # bounds gloo's connect to the peer (a peer gone after the rendezvous); every
+        # operation waits with a timeout of its own (checked: longer ones are honoured)
+        options._timeout = timedelta(seconds=config.connect_timeout_s)
         options._devices = [_gloo_device(config.gloo_hostname)]
         return dist.ProcessGroupGloo(store, address.rank, 2, options)
 
@@ -827,7 +841,8 @@ def _pair_store(address: PairAddress, config: TransportConfig) -> Any:
         timeout=timedelta(seconds=config.connect_timeout_s),
         wait_for_workers=False,
     )
-    return dist.PrefixStore(STORE_PREFIX + address.pair_key, store)
+    scope = f"/{address.scope}" if address.scope else ""
+    return dist.PrefixStore(STORE_PREFIX + address.pair_key + scope, store)
 
 
 def _claim_rank(store: Any, address: PairAddress) -> None:

@@ -26,6 +26,8 @@ from engine.errors import WorkerUnavailable
 from engine.output_processor import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
+from kvtransfer.handshake import ClusterSecret
+from kvtransfer.network import KVNetworkConfig
 from kvtransfer.pair import EndpointAddress, connect_pair
 from kvtransfer.protocol import TransferMetrics, TransferResult, transfer_id_for
 from kvtransfer.sender import KVSender
@@ -38,8 +40,9 @@ class PrefillWorker(WorkerBase):
         worker_id: str = "prefill",
         index: IndexConfig | None = None,
         tracing: TracingConfig | None = None,
+        kv_network: KVNetworkConfig | None = None,
     ) -> None:
-        super().__init__(config, worker_id, index, tracing)
+        super().__init__(config, worker_id, index, tracing, kv_network)
         self.senders: dict[str, KVSender] = {}  # by decode worker id
         self.retired_metrics = TransferMetrics()  # of senders closed since (replaced, left)
 
@@ -50,10 +53,13 @@ class PrefillWorker(WorkerBase):
         return [owner for s in self.senders.values() for owner in s.owners()]
 
     async def connect(self, decode_id: str, address: EndpointAddress, pair_key: str) -> None:
-        """Form the pair with decode worker `decode_id` (replacing an older one)."""
+        """Form the pair with decode worker `decode_id` (replacing an older one), proving the
+        cluster secret; within the transport's connect timeout, or KVTransferError."""
         cache = self.engine.runner.kv_cache
+        config = transport_for(self.engine, self.kv_address.host)
+        secret = ClusterSecret.from_environment()
         channel, control = await asyncio.to_thread(
-            connect_pair, address, pair_key, transport_for(self.engine), cache.device, self.layout
+            connect_pair, address, pair_key, config, cache.device, secret, self.layout
         )
         old = self.senders.get(decode_id)
         self.senders[decode_id] = KVSender(

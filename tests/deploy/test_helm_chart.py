@@ -100,6 +100,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "tandem": {"autoscaling": {"enabled": False}},
         "metrics": {"enabled": False},
     },
+    "redis-tls-kv-secret": {
+        "redis": {"tls": {"enabled": True, "secretName": "tandem-redis-tls"}},
+        "kv": {
+            "portRange": {"min": 47000, "max": 47099},
+            "interface": "eth1",
+            "secret": {"existingSecret": "tandem-kv", "secretKey": "kv-secret"},
+        },
+        "networkPolicy": {"apiServerTo": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]},
+    },
 }
 DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 
@@ -224,7 +233,8 @@ def keys_of(node: dict[str, Any], schema: bool = False, prefix: str = "") -> set
 STRUCTURED = {
     "image", "tandem", "model", "router", "router.service", "router.probes", "ray", "ray.auth",
     "ray.dashboard", "ray.head", "ray.autoscaler", "prefill", "decode", "redis", "redis.auth",
-    "redis.image", "redis.external", "networkPolicy", "tandem.autoscaling",
+    "redis.image", "redis.external", "redis.tls", "kv", "kv.portRange", "kv.secret",
+    "networkPolicy", "tandem.autoscaling",
     "tandem.autoscaling.prefill", "tandem.autoscaling.decode", "metrics", "metrics.service",
     "metrics.serviceMonitor", "tracing", "grafana", "grafana.dashboard",
     "prefill.resources", "decode.resources", "ray.head.resources", "ray.autoscaler.resources",
@@ -390,9 +400,9 @@ def test_only_the_router_port_is_exposed(rendered: tuple[str, list]) -> None:
     policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(docs, "NetworkPolicy")}
     if values["networkPolicy"]["enabled"]:
         ray_policy = policies[f"{FULLNAME}-ray"]
-        assert ray_policy["ingress"] == [
-            {"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": FULLNAME}}}]}
-        ]
+        (ray_rule, *extra) = ray_policy["ingress"]
+        assert ray_rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/cluster": FULLNAME}}}]
+        assert extra == values["networkPolicy"]["extraRayIngress"]
         router_rule, *metrics_rules = policies[f"{FULLNAME}-router"]["ingress"]
         assert router_rule["ports"] == [{"port": 50051, "protocol": "TCP"}]
         assert router_rule.get("from", []) == values["networkPolicy"]["routerFrom"]
@@ -533,10 +543,17 @@ def test_router_gets_the_redis_password_from_a_secret(variant: str) -> None:
     assert url == f"redis://{FULLNAME}-redis:6379/0"
     redis = one(docs, "Deployment", f"{FULLNAME}-redis")["spec"]["template"]["spec"]
     (container,) = redis["containers"]
-    assert container["args"][:2] == ["--requirepass", "$(REDIS_PASSWORD)"]
-    redis_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    assert redis_env["REDIS_PASSWORD"] == ref
-    secrets = by_kind(docs, "Secret")
+    # never a process argument nor an environment variable: a config file from the Secret
+    assert "requirepass" not in " ".join(container["command"])
+    assert "env" not in container
+    (script,) = container["args"]
+    assert "exec redis-server /run/redis/redis.conf" in script
+    assert "printf 'requirepass" in script  # a shell builtin: no process sees the password
+    volumes = {v["name"]: v for v in redis["volumes"]}
+    assert volumes["config"]["emptyDir"]["medium"] == "Memory"
+    password = volumes["password"]["secret"]
+    assert {"name": password["secretName"], "key": password["items"][0]["key"]} == ref
+    secrets = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] != f"{FULLNAME}-kv"]
     if variant == "big-gpu-pods":  # an existing Secret: the chart creates none
         assert ref == {"name": "tandem-redis", "key": "redis-password"} and not secrets
     else:
@@ -547,8 +564,9 @@ def test_router_gets_the_redis_password_from_a_secret(variant: str) -> None:
 def test_no_redis_means_no_redis_url() -> None:
     docs = docs_of("no-redis-no-netpol")
     assert "--redis-url" not in serve_argv(docs)
-    assert "env" not in head_container(docs)
-    assert {d["kind"] for d in docs} == {"RayCluster", "Service"}
+    env = {e["name"] for e in head_container(docs)["env"]}
+    assert env == {"TANDEM_KV_SECRET_FILE"}
+    assert {d["kind"] for d in docs} == {"RayCluster", "Service", "Secret"}  # the KV secret
 
 
 def test_security_contexts(default_docs: list[dict[str, Any]]) -> None:
@@ -591,6 +609,12 @@ def test_security_contexts(default_docs: list[dict[str, Any]]) -> None:
         ({"metrics": {"serviceMonitor": {"interval": "30"}}}, "interval"),
         ({"tracing": {"otlpEndpoint": "http://collector:4317"}}, "otlpEndpoint"),
         ({"networkPolicy": {"metricsFrom": {"podSelector": {}}}}, "metricsFrom"),
+        ({"kv": {"portRange": {"min": 40000, "max": 40010}}}, "need max >= min + 63"),
+        ({"kv": {"portRange": {"min": 1000, "max": 2000}}}, "min"),
+        ({"kv": {"interface": "eth0; rm -rf /"}}, "interface"),
+        ({"decode": {"rayStartParams": {"node-manager-port": "40005"}}},
+         "decode.rayStartParams.node-manager-port 40005 is in kv.portRange 40000-40999"),
+        ({"redis": {"tls": {"enabled": True}}}, "redis.tls.enabled needs redis.tls.secretName"),
     ],
 )  # fmt: skip
 def test_bad_values_fail_to_render(override: dict[str, Any], expected: str) -> None:
@@ -633,3 +657,162 @@ def test_misspelt_core_field_is_caught(default_docs: list[dict[str, Any]]) -> No
     service["spec"]["ports"][0]["targetPrt"] = service["spec"]["ports"][0].pop("targetPort")
     with pytest.raises(kubernetes_validate.ValidationError, match="targetPrt"):
         validate_core(service, VALIDATE_VERSIONS[-1])
+
+
+# --- KV between the pools: ports, secret, policies (issue 17), and the rest of issue 16.8 -----
+
+
+def allowed(
+    docs: list[dict[str, Any]], source: dict[str, str], target: dict[str, str], port: int
+) -> bool:
+    """Whether TCP from a pod labelled `source` to `port` of a pod labelled `target` (both in
+    the release's namespace) passes the rendered NetworkPolicies: the source's egress and the
+    target's ingress, each allowed when no policy of that type selects the pod, else when a
+    rule of one of them matches (peers by podSelector matchLabels or ipBlock; no peers: any;
+    no ports: any; endPort ranges)."""
+
+    def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+    def port_ok(rule: dict[str, Any]) -> bool:
+        ports = rule.get("ports")
+        return not ports or any(
+            p.get("protocol", "TCP") == "TCP" and p["port"] <= port <= p.get("endPort", p["port"])
+            for p in ports
+        )
+
+    def peer_ok(peers: list[dict[str, Any]] | None, labels: dict[str, str]) -> bool:
+        return not peers or any(
+            "ipBlock" in peer or ("podSelector" in peer and selects(peer["podSelector"], labels))
+            for peer in peers
+        )
+
+    def side_ok(pod: dict[str, str], kind: str, peer: dict[str, str]) -> bool:
+        policies = [
+            p["spec"] for p in by_kind(docs, "NetworkPolicy")
+            if kind in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], pod)
+        ]  # fmt: skip
+        key, peers = ("ingress", "from") if kind == "Ingress" else ("egress", "to")
+        rules = [rule for policy in policies for rule in policy.get(key, [])]
+        return not policies or any(port_ok(r) and peer_ok(r.get(peers), peer) for r in rules)
+
+    return side_ok(source, "Egress", target) and side_ok(target, "Ingress", source)
+
+
+def test_kv_ports_open_only_between_the_pools(rendered: tuple[str, list]) -> None:
+    """The rendered policies allow exactly prefill <-> decode on the KV range (gloo dials from
+    either end), keep Ray's own ports among Ray pods, and let nothing else in."""
+    name, docs = rendered
+    values = merged(name)
+    if not values["networkPolicy"]["enabled"]:
+        assert not by_kind(docs, "NetworkPolicy")
+        return
+    low, high = values["kv"]["portRange"]["min"], values["kv"]["portRange"]["max"]
+    cluster = {"ray.io/cluster": FULLNAME}
+    pods = {
+        "prefill": {**cluster, "app.kubernetes.io/component": "prefill"},
+        "decode": {**cluster, "app.kubernetes.io/component": "decode"},
+        "head": {**cluster, "ray.io/node-type": "head", "app.kubernetes.io/component": "router"},
+        "redis": {"app.kubernetes.io/name": "tandem", "app.kubernetes.io/instance": "demo",
+                  "app.kubernetes.io/component": "redis"},
+        "stranger": {"app": "something-else"},
+    }  # fmt: skip
+    for port in (low, (low + high) // 2, high):
+        for source, target in [(s, t) for s in pods for t in ("prefill", "decode")]:
+            expected = {source, target} == {"prefill", "decode"}
+            assert allowed(docs, pods[source], pods[target], port) == expected, (
+                f"{source} -> {target}:{port}"
+            )
+    for port in (low - 1, high + 1, 6380):  # Ray's ports: among Ray pods only
+        for target in ("prefill", "decode"):
+            assert allowed(docs, pods["head"], pods[target], port)
+            assert not allowed(docs, pods["stranger"], pods[target], port)
+            assert not allowed(docs, pods["redis"], pods[target], port)
+    if values["redis"]["enabled"]:  # Redis reaches nothing
+        assert not allowed(docs, pods["redis"], pods["decode"], 6380)
+        assert allowed(docs, pods["decode"], pods["redis"], 6379)
+    assert not allowed(docs, pods["prefill"], {"k8s-app": "elsewhere"}, 8000)  # egress too
+
+
+def test_worker_pods_confine_ephemeral_ports_to_the_kv_range(rendered: tuple[str, list]) -> None:
+    """gloo and NCCL listen on ephemeral ports: the worker pods' range is the KV range, and
+    Ray's own ports, which it would pick from that range, are pinned outside it."""
+    name, docs = rendered
+    kv = merged(name)["kv"]
+    low, high = kv["portRange"]["min"], kv["portRange"]["max"]
+    argv = serve_argv(docs)
+    assert argv[argv.index("--kv-ports") + 1] == f"{low}-{high}"
+    if kv["interface"]:
+        assert argv[argv.index("--kv-interface") + 1] == kv["interface"]
+    else:
+        assert "--kv-interface" not in argv
+    for pool in ("prefill", "decode"):
+        group = worker_group(docs, pool)
+        sysctls = group["template"]["spec"]["securityContext"]["sysctls"]
+        assert {"name": "net.ipv4.ip_local_port_range", "value": f"{low} {high}"} in sysctls
+        params = group["rayStartParams"]
+        for key in ("node-manager-port", "object-manager-port", "runtime-env-agent-port",
+                    "dashboard-agent-grpc-port"):  # fmt: skip
+            assert not low <= int(params[key]) <= high, (pool, key)
+
+
+def test_every_ray_container_has_the_kv_secret_mounted(rendered: tuple[str, list]) -> None:
+    name, docs = rendered
+    secret = merged(name)["kv"]["secret"]
+    secret_name = secret["existingSecret"] or f"{FULLNAME}-kv"
+    spec = raycluster(docs)["spec"]
+    templates = [spec["headGroupSpec"]["template"]] + [
+        g["template"] for g in spec["workerGroupSpecs"]
+    ]
+    for template in templates:
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["kv-secret"]["secret"]["secretName"] == secret_name
+        container = template["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert env["TANDEM_KV_SECRET_FILE"] == f"{mounts['kv-secret']}/{secret['secretKey']}"
+    created = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == f"{FULLNAME}-kv"]
+    assert bool(created) != bool(secret["existingSecret"])
+    if created:
+        assert len(created[0]["data"][secret["secretKey"]]) >= 24  # base64 of 48 characters
+
+
+def test_in_cluster_redis_over_tls() -> None:
+    docs = docs_of("redis-tls-kv-secret")
+    argv = serve_argv(docs)
+    assert argv[argv.index("--redis-url") + 1] == f"rediss://{FULLNAME}-redis:6379/0"
+    ca_file = argv[argv.index("--redis-tls-ca-file") + 1]
+    head = raycluster(docs)["spec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert ca_file == f"{mounts['redis-ca']}/ca.crt"
+    assert {v["name"]: v for v in head["volumes"]}["redis-ca"]["secret"]["secretName"] == (
+        "tandem-redis-tls"
+    )
+    redis = one(docs, "Deployment", f"{FULLNAME}-redis")["spec"]["template"]["spec"]
+    (script,) = redis["containers"][0]["args"]
+    assert "echo 'port 0'" in script and "echo 'tls-port 6379'" in script
+    assert "--tls" in redis["containers"][0]["readinessProbe"]["exec"]["command"][-1]
+
+
+def test_head_pod_mounts_no_service_account_token(rendered: tuple[str, list]) -> None:
+    """Only the autoscaler sidecar (KubeRay's) talks to the Kubernetes API: it alone gets a
+    token; the head container (router, Ray) and the worker pods have none."""
+    name, docs = rendered
+    spec = raycluster(docs)["spec"]
+    head = spec["headGroupSpec"]["template"]["spec"]
+    assert head["automountServiceAccountToken"] is False
+    for group in spec["workerGroupSpecs"]:
+        assert group["template"]["spec"]["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in head["volumes"]}
+    if merged(name)["ray"]["autoscaler"]["enabled"]:
+        (mount,) = spec["autoscalerOptions"]["volumeMounts"]
+        assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+        sources = volumes[mount["name"]]["projected"]["sources"]
+        assert any("serviceAccountToken" in source for source in sources)
+    else:
+        assert "kube-api-access" not in volumes
+    token_mounts = [
+        m for m in head["containers"][0].get("volumeMounts", [])
+        if "serviceaccount" in m["mountPath"]
+    ]  # fmt: skip
+    assert not token_mounts

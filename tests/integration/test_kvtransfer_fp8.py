@@ -62,7 +62,7 @@ def test_an_fp8_prefill_is_refused_when_it_pairs_with_a_wider_decode(
 ) -> None:
     decode_layout = layout_of(kv_cache(1, 0, decode_dtype))
     prefill_layout = layout_of(kv_cache(1, 0, torch.uint8))
-    endpoint = ReceiverEndpoint(HOST, decode_layout)
+    endpoint = ReceiverEndpoint(HOST, layout=decode_layout)
     try:
         with pytest.raises(KVTransferError) as info:
             connect_pair(endpoint.address, "fp8/bf16", TRANSPORT, layout=prefill_layout)

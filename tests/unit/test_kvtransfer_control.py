@@ -23,7 +23,11 @@ def connected_pair() -> tuple[ControlConnection, socket.socket]:
 
 def test_frames_split_at_every_byte_arrive_whole() -> None:
     connection, raw = connected_pair()
-    messages = [TransferAck("t-1", ok=True), TransferAbort("t-2", "why"), PairHello("a/b")]
+    messages = [
+        TransferAck("t-1", ok=True),
+        TransferAbort("t-2", "why"),
+        PairHello("a/b", b"n" * 32),
+    ]
     data = b"".join(encode(m) for m in messages)
     for i in range(len(data)):  # one byte at a time, each followed by a recv attempt
         raw.sendall(data[i : i + 1])
@@ -60,8 +64,8 @@ def test_listener_accepts_and_both_directions_work() -> None:
     thread.join()
     server = accepted[0]
     assert server is not None
-    client.send(PairHello("k"))
-    assert server.recv(5) == PairHello("k")
+    client.send(PairHello("k", b"k" * 32))
+    assert server.recv(5) == PairHello("k", b"k" * 32)
     server.send(TransferAck("t", ok=False, reason="no"))
     assert client.recv(5) == TransferAck("t", ok=False, reason="no")
     assert listener.accept(0.01) is None

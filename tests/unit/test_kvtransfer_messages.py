@@ -32,7 +32,9 @@ from kvtransfer.messages import (
     U64_MAX,
     Message,
     MessageType,
+    PairChallenge,
     PairHello,
+    PairProof,
     TransferAbort,
     TransferAck,
     TransferDone,
@@ -69,8 +71,10 @@ MESSAGES: list[Message] = [
     TransferAck("t-3", False, "ü" * (MAX_REASON_BYTES // 2)),
     TransferAbort("réq-日本-🚀", ""),
     TransferAbort("t-1", "r" * MAX_REASON_BYTES),
-    PairHello("prefill-3/decode-1/7"),
-    PairHello("p" * 128),
+    PairHello("prefill-3/decode-1/7", bytes(range(32))),
+    PairHello("p" * 128, b"\xff" * 32),
+    PairChallenge(b"\x01" * 32, bytes(range(32, 64))),
+    PairProof(bytes(range(32))),
 ]
 
 
@@ -129,6 +133,8 @@ def test_examples_cover_every_message_type() -> None:
         TransferAck,
         TransferAbort,
         PairHello,
+        PairChallenge,
+        PairProof,
     }
 
 
@@ -217,6 +223,10 @@ def test_codec_uses_no_object_deserializer() -> None:
         (lambda: TransferDone("t", -1, 0), "num_bytes=-1"),
         (lambda: TransferDone("t", 0, 1 << 64), "checksum="),
         (lambda: TransferAck("t", 1), "ok=1 must be a bool"),
+        (lambda: PairHello("k", b"n" * 31), "nonce is 31 bytes, must be 32"),
+        (lambda: PairHello("k", "n" * 32), "nonce must be bytes, got str"),
+        (lambda: PairChallenge(b"n" * 32, b"p" * 33), "proof is 33 bytes"),
+        (lambda: PairProof(bytearray(32)), "proof must be bytes, got bytearray"),
     ],
 )
 def test_invalid_fields_raise_value_error_naming_the_field(
@@ -239,8 +249,9 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("short header", b"TKV1\x05\x00", r"^truncated header: 6 bytes, need 9$"),
     ("bad magic", frame(5, b"", magic=b"TKV2"), r"^bad magic b'TKV2', expected b'TKV1'$"),
     ("pickle magic", b"\x80\x05\x95" + bytes(20), r"^bad magic .*a pickle stream, refused$"),
-    ("type 0", frame(0, b""), r"^unknown message type 0; known: 1 OFFER, .* 6 HELLO$"),
-    ("type 7", frame(7, b""), r"^unknown message type 7"),
+    ("type 0", frame(0, b""), r"^unknown message type 0; known: 1 OFFER, .* 8 PROOF$"),
+    ("type 9", frame(9, b""), r"^unknown message type 9"),
+    ("short nonce", frame(MessageType.HELLO, wire_str(b"k") + b"n" * 31), "nonce needs 32 bytes"),
     ("type 255", frame(255, b""), r"^unknown message type 255"),
     (
         "huge declared length",

@@ -20,7 +20,7 @@ WORKER_STATS = {
     "num_requests": 3, "num_running": 2, "num_waiting": 1, "num_preemptions": 4,
     "num_blocks": 100, "num_free_blocks": 75, "kv_bytes_sent": 0, "kv_bytes_received": 4096,
     "kv_transfers_completed": 2, "kv_transfer_seconds": 0.5, "kv_transfers_failed": 1,
-    "kv_leases_expired": 0,
+    "kv_leases_expired": 0, "kv_pairs_refused": 3,
 }  # fmt: skip
 
 
@@ -65,6 +65,7 @@ def test_requests_and_workers_become_samples(metrics: ServiceMetrics) -> None:
     assert sample(metrics, "tandem_kv_transfer_seconds_count", **worker) == 2
     assert sample(metrics, "tandem_kv_transfer_seconds_sum", **worker) == 0.5
     assert sample(metrics, "tandem_kv_transfer_failures_total", **worker) == 1
+    assert sample(metrics, "tandem_kv_pairs_refused_total", **worker) == 3
     # a worker whose engine failed counts in its pool but reports no figures
     assert sample(metrics, "tandem_pool_workers", pool="prefill") == 1
     assert (

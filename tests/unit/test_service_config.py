@@ -96,3 +96,36 @@ def test_scheduler_defaults_are_sized_for_the_device() -> None:
     assert (big.max_num_seqs, big.max_num_batched_tokens) == (256, 8192)
     small = default_scheduler_config("cuda", 24 << 30)
     assert (small.max_num_seqs, small.max_num_batched_tokens) == (128, 4096)
+
+
+def test_loopback_redis_and_otlp_addresses_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Workers on other nodes would look for a loopback Redis or collector on their own node."""
+    from cluster.prefix_index import IndexConfig
+    from cluster.service import warn_loopback_addresses
+    from cluster.tracing import TracingConfig
+
+    config = ServiceConfig(
+        index=IndexConfig(redis_url="redis://127.0.0.1:6379/0"),
+        tracing=TracingConfig(otlp_endpoint="localhost:4317"),
+    )
+    with caplog.at_level("WARNING", logger="cluster.service"):
+        warn_loopback_addresses(config)
+        warn_loopback_addresses(ServiceConfig(index=IndexConfig(redis_url="redis://r.svc:6379")))
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2
+    assert warned[0].startswith("--redis-url names 127.0.0.1, a loopback address")
+    assert warned[1].startswith("--otlp-endpoint names localhost")
+
+
+def test_kv_network_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtransfer.network import KVNetworkConfig
+
+    monkeypatch.delenv("TANDEM_KV_INTERFACE", raising=False)
+    monkeypatch.setenv("TANDEM_KV_PORTS", "41000-41999")
+    assert serve_config().kv_network == KVNetworkConfig(None, 41000, 41999)
+    flags = serve_config("--kv-interface", "eth1", "--kv-ports", "40000-40999")
+    assert flags.kv_network == KVNetworkConfig("eth1", 40000, 40999)
+    with pytest.raises(ValueError, match="KV ports '40000' must look like MIN-MAX"):
+        serve_config("--kv-ports", "40000")

@@ -46,7 +46,7 @@ app.kubernetes.io/component: redis
 {{/* The prefix index's Redis URL; empty: no Redis (the router keeps the index itself). */}}
 {{- define "tandem.redisURL" -}}
 {{- if .Values.redis.enabled }}
-{{- printf "redis://%s-redis:6379/0" (include "tandem.fullname" .) }}
+{{- printf "%s://%s-redis:6379/0" (ternary "rediss" "redis" (eq (include "tandem.redisTLS" .) "true")) (include "tandem.fullname" .) }}
 {{- else }}
 {{- .Values.redis.external.url }}
 {{- end }}
@@ -66,6 +66,31 @@ app.kubernetes.io/component: redis
 {{- end }}
 
 {{- define "tandem.redisCaDir" -}}/etc/tandem/redis-ca{{- end }}
+
+{{/* The KV-pairing secret: its Secret's name, and where every Ray pod mounts it. */}}
+{{- define "tandem.kvSecretName" -}}
+{{- default (printf "%s-kv" (include "tandem.fullname" .)) .Values.kv.secret.existingSecret }}
+{{- end }}
+
+{{- define "tandem.kvSecretDir" -}}/etc/tandem/kv{{- end }}
+
+{{/* The KV port range as "MIN-MAX", after checking it. */}}
+{{- define "tandem.kvPorts" -}}
+{{- $r := .Values.kv.portRange }}
+{{- if lt (int $r.max) (add (int $r.min) 63) }}
+{{- fail (printf "kv.portRange %v-%v: need max >= min + 63 (64 ports at least)" $r.min $r.max) }}
+{{- end }}
+{{- printf "%d-%d" (int $r.min) (int $r.max) }}
+{{- end }}
+
+{{/* Does the in-cluster Redis serve TLS? */}}
+{{- define "tandem.redisTLS" -}}
+{{- if and .Values.redis.enabled .Values.redis.tls.enabled }}
+{{- if not .Values.redis.tls.secretName }}
+{{- fail "redis.tls.enabled needs redis.tls.secretName (a Secret with tls.crt, tls.key and ca.crt)" }}
+{{- end }}true
+{{- end }}
+{{- end }}
 
 {{/* A worker group's replica bounds. Called with (dict "root" $ "pool" ...). */}}
 {{- define "tandem.checkReplicas" -}}
@@ -126,9 +151,11 @@ to its worker group (flags --prefill-resources/--decode-resources, see values ta
 {{- if $t.model }}{{ $args = concat $args (list "--model" $t.model) }}{{ end }}
 {{- $url := include "tandem.redisURL" . }}
 {{- if $url }}{{ $args = concat $args (list "--redis-url" $url) }}{{ end }}
-{{- if and (not .Values.redis.enabled) .Values.redis.external.caSecret }}
+{{- if include "tandem.redisCaSecret" . }}
 {{- $args = concat $args (list "--redis-tls-ca-file" (printf "%s/ca.crt" (include "tandem.redisCaDir" .))) }}
 {{- end }}
+{{- $args = concat $args (list "--kv-ports" (include "tandem.kvPorts" .)) }}
+{{- with .Values.kv.interface }}{{ $args = concat $args (list "--kv-interface" .) }}{{ end }}
 {{- if $t.poolResources }}
 {{- $args = concat $args (list "--prefill-resources" "{\"tandem_prefill\": 1}" "--decode-resources" "{\"tandem_decode\": 1}") }}
 {{- end }}
@@ -169,13 +196,31 @@ to its worker group (flags --prefill-resources/--decode-resources, see values ta
 {{- end }}
 {{- end }}
 
+{{/* The Secret whose ca.crt the router checks Redis' certificate against; empty: none. */}}
+{{- define "tandem.redisCaSecret" -}}
+{{- if eq (include "tandem.redisTLS" .) "true" }}
+{{- .Values.redis.tls.secretName }}
+{{- else if not .Values.redis.enabled }}
+{{- .Values.redis.external.caSecret }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of every Ray container: where the KV-pairing secret is. */}}
+{{- define "tandem.kvEnv" -}}
+- name: TANDEM_KV_SECRET_FILE
+  value: {{ printf "%s/%s" (include "tandem.kvSecretDir" .) .Values.kv.secret.secretKey }}
+{{- end }}
+
 {{- define "tandem.rayVolumeMounts" -}}
+- name: kv-secret
+  mountPath: {{ include "tandem.kvSecretDir" . }}
+  readOnly: true
 {{- if .Values.model.volume }}
 - name: model
   mountPath: {{ .Values.model.mountPath }}
   readOnly: true
 {{- end }}
-{{- if and (not .Values.redis.enabled) .Values.redis.external.caSecret }}
+{{- if include "tandem.redisCaSecret" . }}
 - name: redis-ca
   mountPath: {{ include "tandem.redisCaDir" . }}
   readOnly: true
@@ -183,14 +228,24 @@ to its worker group (flags --prefill-resources/--decode-resources, see values ta
 {{- end }}
 
 {{- define "tandem.rayVolumes" -}}
+- name: kv-secret
+  secret:
+    secretName: {{ include "tandem.kvSecretName" . }}
+    defaultMode: 0440  # root, and the pod's fsGroup (the ray user)
+    items:
+      - key: {{ .Values.kv.secret.secretKey }}
+        path: {{ .Values.kv.secret.secretKey }}
 {{- if .Values.model.volume }}
 - name: model
 {{ toYaml .Values.model.volume | indent 2 }}
 {{- end }}
-{{- if and (not .Values.redis.enabled) .Values.redis.external.caSecret }}
+{{- with include "tandem.redisCaSecret" . }}
 - name: redis-ca
   secret:
-    secretName: {{ .Values.redis.external.caSecret }}
+    secretName: {{ . }}
+    items:
+      - key: ca.crt
+        path: ca.crt
 {{- end }}
 {{- end }}
 
@@ -220,7 +275,17 @@ One worker group: prefill or decode. Called with (dict "root" $ "pool" "prefill"
   {{- end }}
   idleTimeoutSeconds: {{ $g.idleTimeoutSeconds }}
   {{- end }}
-  rayStartParams: {{- if $g.rayStartParams }}{{ toYaml $g.rayStartParams | nindent 4 }}{{ else }} {}{{ end }}
+  {{- /* Ray picks its own ports at random from the ephemeral range, which worker pods give to
+  KV (net.ipv4.ip_local_port_range below): they are pinned outside it instead. */}}
+  {{- $pinned := dict "node-manager-port" "6380" "object-manager-port" "6381" "runtime-env-agent-port" "6382" "dashboard-agent-grpc-port" "6383" }}
+  {{- $params := mustMergeOverwrite $pinned (deepCopy $g.rayStartParams) }}
+  {{- range $key, $port := $params }}
+  {{- if and (hasSuffix "-port" $key) (regexMatch "^[0-9]+$" (toString $port)) (ge (int $port) (int $root.Values.kv.portRange.min)) (le (int $port) (int $root.Values.kv.portRange.max)) }}
+  {{- fail (printf "%s.rayStartParams.%s %v is in kv.portRange %s: keep Ray's ports out of it" $pool $key $port (include "tandem.kvPorts" $root)) }}
+  {{- end }}
+  {{- end }}
+  rayStartParams:
+    {{- toYaml $params | nindent 4 }}
   {{- if $root.Values.tandem.poolResources }}
   # Worker slots of this pool: each Tandem worker asks for one (--{{ $pool }}-resources).
   resources:
@@ -242,7 +307,12 @@ One worker group: prefill or decode. Called with (dict "root" $ "pool" "prefill"
         {{- toYaml . | nindent 8 }}
       {{- end }}
       securityContext:
-        {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
+        {{- /* ephemeral ports (gloo's and NCCL's listeners) in the KV range */}}
+        {{- $range := splitList "-" (include "tandem.kvPorts" $root) }}
+        {{- $sysctl := dict "name" "net.ipv4.ip_local_port_range" "value" (join " " $range) }}
+        {{- $context := deepCopy $root.Values.podSecurityContext }}
+        {{- $_ := set $context "sysctls" (append (default (list) $context.sysctls) $sysctl) }}
+        {{- toYaml $context | nindent 8 }}
       containers:
         - name: ray-worker
           image: {{ include "tandem.image" $root }}
@@ -259,10 +329,11 @@ One worker group: prefill or decode. Called with (dict "root" $ "pool" "prefill"
               {{- if $cuda }}
               nvidia.com/gpu: {{ $g.workersPerPod | toString | quote }}
               {{- end }}
-          {{- with $root.Values.tandem.env }}
           env:
+            {{- include "tandem.kvEnv" $root | nindent 12 }}
+            {{- with $root.Values.tandem.env }}
             {{- toYaml . | nindent 12 }}
-          {{- end }}
+            {{- end }}
           {{- with include "tandem.rayVolumeMounts" $root }}
           volumeMounts:
             {{- . | trim | nindent 12 }}

