@@ -269,7 +269,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         backend = backend or TorchAttention()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Given a weight, the embedding skips its random init: weights are loaded over it, and
+        # on the meta device that init (normal_) alone imports torch's compiler stack (~1.4 s).
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
