@@ -31,11 +31,24 @@ from engine.errors import InvalidRequest, TandemError
 logger = logging.getLogger(__name__)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_HELP = "where the engines run; auto: cuda if a GPU is there, else cpu"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one worth saying (not None, off or empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Help that shows each option's default; subcommands are parsers of this class too."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
 
@@ -61,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--min-p", type=float, default=0.0, help="0 means off")
     generate.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     generate.add_argument("--stop", action="append", default=[], help="a stop string (repeat)")
-    generate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    generate.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     generate.add_argument(
-        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16")
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights and activations; auto: bfloat16 on cuda, float32 on cpu",
     )
     generate.add_argument(
         "--json", action="store_true", help="print one JSON object with token ids, text and usage"
@@ -83,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address the gRPC API listens on")
     serve.add_argument("--port", type=int, default=50051, help="gRPC port; 0: any free port")
     serve.add_argument("--address", default=None, help="a Ray cluster to join (default: local)")
-    serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    serve.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     serve.add_argument(
         "--shutdown-grace",
         type=float,
@@ -110,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="as for generate (default: bundled model)")
     add_pool_arguments(demo)
     demo.add_argument("--max-tokens", type=int, default=96, help="tokens per answer at most")
-    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    demo.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     demo.set_defaults(handler=run_demo, subparser=demo)
 
     from bench.serving.cli import add_arguments as add_bench_arguments  # argparse only: cheap
@@ -134,6 +150,7 @@ def add_prompt_form_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat",
         dest="chat",
         action="store_true",
+        default=None,  # None: the model's chat template if it has one
         help="send the prompt as a user message in the model's chat template (the default "
         "when the model has one; an error when it has none)",
     )
