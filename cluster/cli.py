@@ -45,14 +45,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Help that shows each option's default; subcommands are parsers of this class too."""
+    """Help that shows each option's default; subcommands are parsers of this class too, and
+    `commands` names them (their errors come with their own usage)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     parser = _Parser(prog="tandem", description=__doc__.splitlines()[0])
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log at INFO level, Ray and gRPC included"
@@ -91,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         "($TANDEM_CACHE_DIR, else ~/.cache/tandem), which makes repeated loads fast",
     )
     add_quantization_arguments(generate)
-    generate.set_defaults(handler=run_generate, subparser=generate)
+    generate.set_defaults(
+        handler=run_generate,
+    )
 
     serve = commands.add_parser("serve", help="serve the gRPC API from a pool of Ray workers")
     serve.add_argument("--model", default=None, help="as for generate (default: bundled model)")
@@ -108,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cancelled (new requests are refused at once)",
     )
     add_quantization_arguments(serve)
-    serve.set_defaults(handler=run_serve, subparser=serve)
+    serve.set_defaults(
+        handler=run_serve,
+    )
 
     client = commands.add_parser("client", help="stream one answer from a running service")
     client.add_argument("prompt", help="the prompt text")
@@ -117,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
     client.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     client.add_argument("--timeout", type=float, default=300.0, help="seconds for the answer")
-    client.set_defaults(handler=run_client, subparser=client)
+    client.set_defaults(
+        handler=run_client,
+    )
 
     demo = commands.add_parser(
         "demo", help="start the service locally, stream a few concurrent answers, stop"
@@ -127,13 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_pool_arguments(demo)
     demo.add_argument("--max-tokens", type=int, default=96, help="tokens per answer at most")
     demo.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    demo.set_defaults(handler=run_demo, subparser=demo)
+    demo.set_defaults(
+        handler=run_demo,
+    )
 
     from bench.serving.cli import add_arguments as add_bench_arguments  # argparse only: cheap
 
     bench = commands.add_parser("bench", help="measure a running service under load")
     add_bench_arguments(bench)
-    bench.set_defaults(subparser=bench)
+    parser.commands = dict(commands.choices)
     return parser
 
 
@@ -629,7 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the (sub)command's own parser, with its usage
-        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+        command = parser.commands.get(args.command or "", parser)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.error("choose a command: generate, serve, client, demo or bench (see --help)")
     configure_logging(args.verbose)
