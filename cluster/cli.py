@@ -93,9 +93,7 @@ def build_parser() -> _Parser:
         "($TANDEM_CACHE_DIR, else ~/.cache/tandem), which makes repeated loads fast",
     )
     add_quantization_arguments(generate)
-    generate.set_defaults(
-        handler=run_generate,
-    )
+    generate.set_defaults(handler=run_generate)
 
     serve = commands.add_parser("serve", help="serve the gRPC API from a pool of Ray workers")
     serve.add_argument("--model", default=None, help="as for generate (default: bundled model)")
@@ -112,9 +110,7 @@ def build_parser() -> _Parser:
         "cancelled (new requests are refused at once)",
     )
     add_quantization_arguments(serve)
-    serve.set_defaults(
-        handler=run_serve,
-    )
+    serve.set_defaults(handler=run_serve)
 
     client = commands.add_parser("client", help="stream one answer from a running service")
     client.add_argument("prompt", help="the prompt text")
@@ -123,9 +119,7 @@ def build_parser() -> _Parser:
     client.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
     client.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     client.add_argument("--timeout", type=float, default=300.0, help="seconds for the answer")
-    client.set_defaults(
-        handler=run_client,
-    )
+    client.set_defaults(handler=run_client)
 
     demo = commands.add_parser(
         "demo", help="start the service locally, stream a few concurrent answers, stop"
@@ -135,9 +129,7 @@ def build_parser() -> _Parser:
     add_pool_arguments(demo)
     demo.add_argument("--max-tokens", type=int, default=96, help="tokens per answer at most")
     demo.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    demo.set_defaults(
-        handler=run_demo,
-    )
+    demo.set_defaults(handler=run_demo)
 
     from bench.serving.cli import add_arguments as add_bench_arguments  # argparse only: cheap
 
