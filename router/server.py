@@ -1,7 +1,12 @@
 """The gRPC server (grpc.aio) in front of the worker pool.
 
-    Generate: validate (router.requests) -> pick the least busy worker -> stream its outputs
+    Generate: check sizes -> admit -> validate and tokenize (off the event loop) -> pick the
+              least busy worker -> stream its outputs
     Tokenize, ListModels: answered here, from the model's tokenizer and description
+
+The event loop never waits on one request's work: oversize input is refused by its size
+before it is tokenized (router.requests.check_sizes), and tokenizing runs on a small thread
+pool (the tokenizer releases the GIL), so health checks and other streams keep answering.
 
 Errors reach the client as status codes, never as a hang: a bad field INVALID_ARGUMENT (or
 NOT_FOUND for an unknown model), a request id still in flight ALREADY_EXISTS, a dead worker
@@ -26,6 +31,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager
 from typing import Any
 
@@ -51,6 +57,7 @@ from router.outputs import OutputStreams
 from router.placement import Pool
 from router.requests import (
     ServedModel,
+    check_sizes,
     params_to_dict,
     prompt_token_ids,
     validate_generate_request,
@@ -63,6 +70,8 @@ logger = logging.getLogger(__name__)
 # `yield`) when that happens while a response is being written. Either way the workers must
 # be told to abort, or the request runs on to its last token.
 _STOPPED = (asyncio.CancelledError, GeneratorExit)
+
+TOKENIZER_THREADS = 2  # prompts tokenized at once, off the event loop
 
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -114,6 +123,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         self.metrics = metrics
         self.outputs = OutputStreams()  # one batched output stream per worker
         self._live_ids: set[str] = set()  # client request ids in flight
+        self._tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
         self._recent: dict[str, deque[tuple[float, float]]] = {
             "ttft": deque(maxlen=4096),  # (when, seconds): for autoscaling signals
             "itl": deque(maxlen=16384),
@@ -155,21 +165,23 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         code = grpc.StatusCode.OK
         error: BaseException | None = None
         try:
-            try:
-                validated = validate_generate_request(request, self.model)
-            finally:
-                record_span("validate", arrival_wall, time.time(), span)
-            span.set_attributes({"tandem.request_id": validated.request_id,
-                                 "tandem.model": self.model.model_id})  # fmt: skip
-            carrier = child_carrier(span)
-            num_prompt_tokens = len(validated.prompt_token_ids)
-            with self._live(validated.request_id), self.admission.admit(num_prompt_tokens):
-                place = self._colocated if self.prefill is None else self._disaggregated
-                # closed here, not whenever it is collected: its workers are told at once
-                async with aclosing(place(validated, arrival, carrier, span)) as responses:
-                    async for response in responses:
-                        seen.response(response)
-                        yield response
+            check_sizes(request, self.model)  # cheap: before it is admitted or tokenized
+            with self.admission.admit(request_bytes=request.ByteSize()) as ticket:
+                try:
+                    validated = await self._off_loop(validate_generate_request, request)
+                finally:
+                    record_span("validate", arrival_wall, time.time(), span)
+                span.set_attributes({"tandem.request_id": validated.request_id,
+                                     "tandem.model": self.model.model_id})  # fmt: skip
+                carrier = child_carrier(span)
+                ticket.add_prompt_tokens(len(validated.prompt_token_ids))
+                with self._live(validated.request_id):
+                    place = self._colocated if self.prefill is None else self._disaggregated
+                    # closed here, not whenever it is collected: its workers are told at once
+                    async with aclosing(place(validated, arrival, carrier, span)) as responses:
+                        async for response in responses:
+                            seen.response(response)
+                            yield response
         except TandemError as e:  # refused, invalid, lost or failed
             code, error = status_of(e), e
             if isinstance(e, Overloaded) and self.metrics is not None:
@@ -361,13 +373,21 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         return [self.decode] + ([self.prefill] if self.prefill is not None else [])
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
+        """Admitted like a Generate (by count and size), tokenized off the event loop."""
         try:
+            check_sizes(request, self.model)
             if request.model and request.model != self.model.model_id:
                 raise ModelNotFound(request.model, [self.model.model_id])
-            ids = prompt_token_ids(request, self.model)
-        except InvalidRequest as e:
+            with self.admission.admit(request_bytes=request.ByteSize()):
+                ids = await self._off_loop(prompt_token_ids, request)
+        except (InvalidRequest, Overloaded) as e:
             await context.abort(status_of(e), str(e))
         return pb.TokenizeResponse(token_ids=ids)
+
+    async def _off_loop(self, check: Any, request: Any) -> Any:
+        """`check(request, model)` on the tokenizer threads: the event loop keeps serving."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, check, request, self.model)
 
     async def ListModels(self, request: Any, context: Any) -> Any:
         info = pb.ModelInfo(
