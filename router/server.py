@@ -72,6 +72,10 @@ logger = logging.getLogger(__name__)
 _STOPPED = (asyncio.CancelledError, GeneratorExit)
 
 TOKENIZER_THREADS = 2  # prompts tokenized at once, off the event loop
+# A client whose deadline passes cancels the call a little before the server's copy of the
+# deadline (which started when the request arrived) runs out: a stop with less than this left
+# is counted as DEADLINE_EXCEEDED, not CANCELLED.
+DEADLINE_SLACK_S = 1.0
 
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -189,7 +193,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             await context.abort(code, str(e))
         except _STOPPED as e:  # the client cancelled, or its deadline passed
             remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             error = e
             raise
@@ -229,6 +233,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         cached = await self._cached_tokens(request)
         while True:
             index = self._place(self.decode, tried, cached, span)
+            self._count_retry(tried)
             tried.add(index)
             dispatched = time.monotonic()
             first, finished = True, False
@@ -319,6 +324,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         cached = await self._cached_tokens(request)
         while True:
             index = self._place(self.prefill, tried, cached, span)
+            self._count_retry(tried)
             tried.add(index)
             dispatched = time.monotonic()
             attempt = _attempt_id(request.request_id, span)
@@ -353,10 +359,16 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         return index
 
     def _retrying(self, what: str, index: int, error: BaseException) -> None:
-        logger.warning("%s %d lost before any output; retrying elsewhere: %s", what, index, error)
-        self.num_retried += 1
-        if self.metrics is not None:
-            self.metrics.retried.inc()
+        logger.warning("%s %d lost before any output; retrying if another is left: %s",
+                       what, index, error)  # fmt: skip
+
+    def _count_retry(self, tried: set[int]) -> None:
+        """A request placed again after losing a worker (`tried` holds the lost ones): counted
+        as retried only now that there was somewhere to retry it."""
+        if tried:
+            self.num_retried += 1
+            if self.metrics is not None:
+                self.metrics.retried.inc()
 
     def replace_worker(self, old: Any, new: Any, index_key: WorkerKey | None = None) -> None:
         """Swap a dead worker's handle (either pool) for its replacement, known to the prefix
@@ -535,6 +547,53 @@ def _response(request_id: str, output: Any) -> Any:
     return response
 
 
+class _Malformed:
+    """A request message that did not parse (bad protobuf, a string that is not UTF-8)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _parser(message_type: Any) -> Any:
+    """A request deserializer that hands a message that does not parse to the handler as
+    _Malformed (refused with INVALID_ARGUMENT), instead of letting grpc answer UNKNOWN."""
+    from google.protobuf.message import DecodeError
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return _Malformed(f"{message_type.DESCRIPTOR.name} does not parse: {e}"[:256])
+
+    return parse
+
+
+def add_tandem_service(gate: Any, server: Any) -> None:
+    """Register the Tandem API (the generated add_TandemServicer_to_server, with _parser as
+    the request deserializers)."""
+    methods = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            gate.Generate, _parser(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
+        ),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            gate.Tokenize, _parser(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            gate.ListModels,
+            _parser(pb.ListModelsRequest),
+            pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Tandem"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
+    server.add_registered_method_handlers(name, methods)
+
+
+async def _refuse_malformed(request: Any, context: Any) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+
+
 class ServingGate(tandem_pb2_grpc.TandemServicer):
     """What the server exposes: UNAVAILABLE while the worker pools load, then the
     TandemServicer (`open(servicer)`). Lets the port, health checks and reflection answer from
@@ -547,6 +606,7 @@ class ServingGate(tandem_pb2_grpc.TandemServicer):
         self.servicer = servicer
 
     async def Generate(self, request: Any, context: Any) -> Any:
+        await _refuse_malformed(request, context)
         servicer = await self._ready(context)
         # closed with this stream: grpc stops iterating, and the workers must hear it now
         async with aclosing(servicer.Generate(request, context)) as responses:
@@ -554,9 +614,11 @@ class ServingGate(tandem_pb2_grpc.TandemServicer):
                 yield response
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
+        await _refuse_malformed(request, context)
         return await (await self._ready(context)).Tokenize(request, context)
 
     async def ListModels(self, request: Any, context: Any) -> Any:
+        await _refuse_malformed(request, context)
         return await (await self._ready(context)).ListModels(request, context)
 
     async def _ready(self, context: Any) -> TandemServicer:
@@ -579,7 +641,7 @@ async def start_server(host: str, port: int) -> tuple[Any, int, ServingGate, Any
 
     server = grpc.aio.server()
     gate = ServingGate()
-    tandem_pb2_grpc.add_TandemServicer_to_server(gate, server)
+    add_tandem_service(gate, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     tandem_name = pb.DESCRIPTOR.services_by_name["Tandem"].full_name

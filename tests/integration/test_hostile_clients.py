@@ -182,3 +182,49 @@ def test_the_longest_text_worth_tokenizing_is_tokenized_and_refused_for_the_cont
         generate(service.stub, text=text, sampling=greedy(1))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "tokens; the context is" in refused.value.details()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\xff\xff\xff", b"\x1a\x02\xc3\x28"],  # not protobuf; text (field 3) not UTF-8
+    ids=["malformed", "invalid-utf8"],
+)
+@pytest.mark.parametrize("method", ["Generate", "Tokenize"])
+def test_a_message_that_does_not_parse_is_invalid_argument(
+    service: RunningService, method: str, data: bytes
+) -> None:
+    """Once: UNKNOWN with the parser's text."""
+    path = f"/tandem.v1.Tandem/{method}"
+    call = (service.channel.unary_stream if method == "Generate" else service.channel.unary_unary)(
+        path, request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        response = call(data, timeout=30)
+        if method == "Generate":
+            list(response)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not parse" in raised.value.details()
+
+
+def test_deadline_expiries_are_counted_as_deadline_exceeded(service: RunningService) -> None:
+    """Once: 12 of 20 expiries counted as CANCELLED (the client's deadline passes first)."""
+    metrics = service.service.metrics
+
+    def count(code: str) -> float:
+        return float(metrics.requests.labels(code=code)._value.get())
+
+    before = {code: count(code) for code in ("DEADLINE_EXCEEDED", "CANCELLED")}
+    for timeout_s in (0.3, 0.6, 0.9, 1.2):
+        with pytest.raises(grpc.RpcError) as raised:
+            list(
+                service.stub.Generate(
+                    pb.GenerateRequest(text="Tell me a long story.", sampling=greedy(400)),
+                    timeout=timeout_s,
+                )
+            )
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while count("DEADLINE_EXCEEDED") - before["DEADLINE_EXCEEDED"] < 4:
+        assert time.monotonic() < deadline, "expiries not counted"
+        time.sleep(0.02)
+    assert count("CANCELLED") == before["CANCELLED"]
