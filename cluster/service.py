@@ -29,6 +29,7 @@ from typing import Any
 from cluster.autoscaler import AutoscalingConfig, PoolScaler, pool_signals
 from cluster.metrics import ServiceMetrics, start_metrics_server
 from cluster.prefix_index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
+from cluster.ray_start import init_ray
 from cluster.tracing import TracingConfig, setup_tracing, shutdown_tracing
 from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
@@ -156,7 +157,8 @@ class Service:
             # A local cluster gets room for every worker even on a small machine (they share
             # its cores); a cluster joined by address brings its own resources.
             local_cpus = None if config.address else self._local_cpus()
-            ray.init(address=config.address, num_cpus=local_cpus, include_dashboard=False,
+            # ray.init, retrying Ray's node start-up timeout (cluster.ray_start)
+            init_ray(address=config.address, num_cpus=local_cpus, include_dashboard=False,
                      log_to_driver=False)  # fmt: skip
             self._started_ray = True
         # Async actor: up to 1,000 concurrent method calls by default, one engine thread.
