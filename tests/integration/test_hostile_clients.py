@@ -228,3 +228,32 @@ def test_deadline_expiries_are_counted_as_deadline_exceeded(service: RunningServ
         assert time.monotonic() < deadline, "expiries not counted"
         time.sleep(0.02)
     assert count("CANCELLED") == before["CANCELLED"]
+
+
+OVERSIZED = [
+    ("stop_token_ids", {"stop_token_ids": [2] * 1_000_000}, "at most 256"),
+    ("logit_bias", {"logit_bias": {t: -1.0 for t in range(49152)}}, "at most 1024"),
+    ("top_k", {"top_k": 2**32 - 5}, "top_k"),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "sampling", "words"), OVERSIZED, ids=[case[0] for case in OVERSIZED]
+)
+def test_oversized_fields_are_refused_naming_the_limit(
+    service: RunningService, field: str, sampling: dict[str, Any], words: str
+) -> None:
+    """Once: 1M stop ids accepted (+35 MB per request per process), a bias over the whole
+    vocabulary slowed every neighbour, top_k -5 wrapped to 4294967291 and was accepted."""
+    with pytest.raises(grpc.RpcError) as raised:
+        generate(service.stub, text="Hi", sampling=pb.SamplingParameters(max_tokens=2, **sampling))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in raised.value.details() and words in raised.value.details()
+
+
+def test_chat_roles_are_capped(service: RunningService) -> None:
+    chat = pb.ChatInput(messages=[pb.ChatMessage(role="r" * 1_000_000, content="hi")])
+    with pytest.raises(grpc.RpcError) as raised:
+        generate(service.stub, chat=chat, sampling=greedy(2))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "role" in raised.value.details()
