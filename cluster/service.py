@@ -34,6 +34,7 @@ from typing import Any
 from cluster.autoscaler import AutoscalingConfig, PoolScaler, pool_signals
 from cluster.metrics import ServiceMetrics, start_metrics_server
 from cluster.prefix_index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
+from cluster.ray_start import init_ray
 from cluster.tracing import TracingConfig, setup_tracing, shutdown_tracing
 from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
@@ -178,7 +179,8 @@ class Service:
                 quiet_ray_startup()
             level = logging.INFO if config.verbose else logging.ERROR
             with _signal_handlers_kept():  # ray.init would make SIGTERM exit at once
-                ray.init(address=config.address, num_cpus=local_cpus, include_dashboard=False,
+                # ray.init, retrying Ray's node start-up timeout (cluster.ray_start)
+                init_ray(address=config.address, num_cpus=local_cpus, include_dashboard=False,
                          log_to_driver=False, logging_level=level)  # fmt: skip
             self._started_ray = True
         if config.address is not None:

@@ -10,6 +10,11 @@ come back per request through asyncio queues on the caller's event loop.
 The engine is touched by the engine thread only (it is not thread-safe). An exception while
 stepping fails every request in flight with WorkerUnavailable and stops the loop: a worker in
 an unknown state must be replaced, not trusted.
+
+A request whose KV this worker had no room for (the receiver refused the transfer) is not
+failed after the first token the client already has: its prompt is recomputed here, the
+sequence waiting in the engine's queue until blocks free up (held back, like a preempted one).
+Any other transfer failure fails the request with WorkerUnavailable.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ ARRIVAL_POLL_S = 0.002  # its sleep while requests wait for transferred KV
 UNCLAIMED_KV_S = 60.0  # transferred KV nobody continued within this is released
 MAX_EARLY_ABORTS = 4096  # aborts remembered for requests that had not arrived yet ...
 EARLY_ABORT_TTL_S = 30.0  # ... for this long (request ids may be reused after that)
+# How a receiver refusing a transfer for lack of free blocks says so (kvtransfer.receiver).
+NO_ROOM_FOR_KV = "no free KV blocks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +272,12 @@ class EngineLoop:
             self._continue(item, kv)
         for transfer_id, item in list(self._waiting.items()):
             failed = self._transfer_failure(transfer_id)
-            if failed is not None or now > item.deadline:
+            if failed is not None and NO_ROOM_FOR_KV in failed:
+                del self._waiting[transfer_id]
+                logger.info("request %s: no room for its KV here; recomputing its prompt when "
+                            "blocks free up", item.request_id)  # fmt: skip
+                self._continue(item, None)
+            elif failed is not None or now > item.deadline:
                 del self._waiting[transfer_id]
                 why = failed or "it did not arrive in time"
                 error = WorkerUnavailable(f"the prompt's KV from the prefill worker failed: {why}")
@@ -305,6 +317,7 @@ class EngineLoop:
         _remember(self._dropped, transfer_id)  # complete but not polled yet, or not offered
 
     def _continue(self, item: _Submit, kv: Any) -> None:
+        """Continue a request from its transferred KV, or (kv None) by recomputing it."""
         assert item.first_token_id is not None
         try:
             output = self.engine.add_transferred_request(
@@ -312,11 +325,12 @@ class EngineLoop:
                 item.prompt_token_ids,
                 item.first_token_id,
                 item.params,
-                kv_owner=kv.owner,
+                kv_owner=None if kv is None else kv.owner,
                 cache_salt=item.cache_salt,
             )
         except (TandemError, ValueError) as e:
-            self.engine.block_manager.release(kv.owner)
+            if kv is not None:
+                self.engine.block_manager.release(kv.owner)
             self._deliver(item.request_id, e, done=True)
             return
         if output.finished:  # the first token (already sent by prefill) ended it: close

@@ -214,12 +214,14 @@ class Engine:
         first_token_id: int,
         sampling_params: SamplingParams,
         *,
-        kv_owner: str,
+        kv_owner: str | None,
         cache_salt: str | None = None,
     ) -> RequestOutput:
         """Continue a request another worker prefilled: its prompt's KV arrived in the blocks
         `kv_owner` holds (a completed transfer's reservation), and it sampled `first_token_id`.
         The blocks become the sequence's; its next step decodes from the first token.
+        kv_owner None: the KV did not come (no room for it here); the prompt and first token
+        are recomputed here instead, the sequence waiting for blocks like a preempted one.
 
         Returns the output of the first token (its text; finished if that token ends the
         request, in which case the blocks are freed at once). Raises InvalidRequest like
@@ -231,11 +233,15 @@ class Engine:
         seq = self._new_sequence(request_id, token_ids, params, cache_salt)
         check_token_id("first_token_id", first_token_id, self.model_config.vocab_size)
         seq.append_token(first_token_id)
-        self.block_manager.adopt(kv_owner, seq, num_computed_tokens=len(token_ids))
-        self.block_manager.cache_computed_blocks(seq)
+        if kv_owner is not None:
+            self.block_manager.adopt(kv_owner, seq, num_computed_tokens=len(token_ids))
+            self.block_manager.cache_computed_blocks(seq)
         self._register(seq)
         self._skip_draws(seq, 1)  # the prefill worker's generator drew the first token
-        self.scheduler.add_running(seq)
+        if kv_owner is not None:
+            self.scheduler.add_running(seq)
+        else:
+            self.scheduler.add(seq)
         output = self.outputs.process_token(seq, None)
         if output.finished:
             self._release(seq)

@@ -109,25 +109,34 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def apply_bias_and_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     """Logit bias, then repetition, frequency and presence penalties, in place on
-    logits [num_rows, vocab] fp32, batched over the rows that have them."""
+    logits [num_rows, vocab] fp32 (contiguous), batched over the rows that have them.
+
+    Penalties touch only the (row, token) pairs that occur: flat indices row * vocab + token
+    over every penalized row's tokens at once, never a dense [rows, vocab] pass per step."""
     _add_logit_bias(logits, rows)
-    penalized = [i for i, row in enumerate(rows) if row.params.has_penalties]
-    if not penalized:
-        return
-    selected = torch.tensor(penalized, device=logits.device)
-    sub = logits.index_select(0, selected)  # [num_penalized, vocab]
-    params = [rows[i].params for i in penalized]
-    outputs = [rows[i].output_token_ids for i in penalized]
-    counts = _token_counts(outputs, sub)  # [num_penalized, vocab] fp32
-    if any(p.repetition_penalty != 1.0 for p in params):
-        seen = _token_counts([rows[i].prompt_token_ids for i in penalized], sub) + counts > 0
-        penalty = _column([p.repetition_penalty for p in params], sub)
-        penalized_values = torch.where(sub > 0, sub / penalty, sub * penalty)
-        sub = torch.where(seen, penalized_values, sub)
-    frequency = _column([p.frequency_penalty for p in params], sub)
-    presence = _column([p.presence_penalty for p in params], sub)
-    sub = sub - frequency * counts - presence * (counts > 0).to(sub.dtype)
-    logits.index_copy_(0, selected, sub)
+    vocab = logits.shape[1]
+    flat = logits.view(-1)  # [num_rows * vocab]
+    repeated = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if repeated:
+        seen = _flat_ids(
+            [(i, rows[i].prompt_token_ids) for i in repeated]
+            + [(i, rows[i].output_token_ids) for i in repeated],
+            vocab, logits.device,
+        ).unique()  # fmt: skip
+        penalty = _per_row([r.params.repetition_penalty for r in rows], logits)[seen // vocab]
+        values = flat[seen]
+        flat[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    counted = [
+        i for i, row in enumerate(rows)
+        if row.params.frequency_penalty or row.params.presence_penalty
+    ]  # fmt: skip
+    if counted:
+        outputs = _flat_ids([(i, rows[i].output_token_ids) for i in counted], vocab, logits.device)
+        ids, counts = outputs.unique(return_counts=True)
+        row_of = ids // vocab
+        frequency = _per_row([r.params.frequency_penalty for r in rows], logits)[row_of]
+        presence = _per_row([r.params.presence_penalty for r in rows], logits)[row_of]
+        flat[ids] -= frequency * counts.to(logits.dtype) + presence
 
 
 def _add_logit_bias(logits: torch.Tensor, rows: list[SampleRow]) -> None:
@@ -145,23 +154,18 @@ def _add_logit_bias(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     logits.index_put_((row_ids, token_ids), values, accumulate=True)
 
 
-def _token_counts(token_ids: list[list[int]], like: torch.Tensor) -> torch.Tensor:
-    """[len(token_ids), vocab] in like's dtype: how often each token occurs in each list
-    (one tensor conversion per list, no Python loop over tokens)."""
-    counts = torch.zeros_like(like)
-    lengths = torch.tensor([len(ids) for ids in token_ids], device=like.device)
-    if int(lengths.sum()) == 0:
-        return counts
-    flat = torch.cat([torch.tensor(ids, dtype=torch.int64) for ids in token_ids])
-    flat = flat.to(like.device)
-    rows = torch.repeat_interleave(torch.arange(len(token_ids), device=like.device), lengths)
-    counts.index_put_((rows, flat), torch.ones_like(flat, dtype=like.dtype), accumulate=True)
-    return counts
+def _flat_ids(
+    token_ids: list[tuple[int, list[int]]], vocab: int, device: torch.device
+) -> torch.Tensor:
+    """row * vocab + token for every (row, tokens) pair's tokens: [total tokens] int64 (one
+    tensor conversion per list, no Python loop over tokens)."""
+    parts = [torch.tensor(ids, dtype=torch.int64) + row * vocab for row, ids in token_ids]
+    return torch.cat(parts).to(device)
 
 
-def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """[len(values), 1] in like's dtype and device."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+def _per_row(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """[num_rows] in like's dtype and device."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 def _logprobs(

@@ -144,8 +144,10 @@ def validate_prompt_token_ids(
     """
     if not token_ids:
         raise InvalidRequest("prompt", "prompt is empty")
-    for token_id in token_ids:
-        check_token_id("prompt_token_ids", token_id, vocab_size)
+    plain = set(map(type, token_ids)) == {int} and 0 <= min(token_ids) <= max(token_ids)
+    if not (plain and max(token_ids) < vocab_size):  # C-speed check first; then find the bad
+        for token_id in token_ids:
+            check_token_id("prompt_token_ids", token_id, vocab_size)
     if len(token_ids) >= max_model_len:
         raise InvalidRequest(
             "prompt",

@@ -1,7 +1,12 @@
 """The gRPC server (grpc.aio) in front of the worker pool.
 
-    Generate: validate (router.requests) -> pick the least busy worker -> stream its outputs
+    Generate: check sizes -> admit -> validate and tokenize (off the event loop) -> pick the
+              least busy worker -> stream its outputs
     Tokenize, ListModels: answered here, from the model's tokenizer and description
+
+The event loop never waits on one request's work: oversize input is refused by its size
+before it is tokenized (router.requests.check_sizes), and tokenizing runs on a small thread
+pool (the tokenizer releases the GIL), so health checks and other streams keep answering.
 
 Errors reach the client as status codes, never as a hang: a bad field INVALID_ARGUMENT (or
 NOT_FOUND for an unknown model), a request id still in flight ALREADY_EXISTS, a dead worker
@@ -26,6 +31,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager, suppress
 from typing import Any
 
@@ -52,6 +58,7 @@ from router.outputs import OutputStreams
 from router.placement import Pool
 from router.requests import (
     ServedModel,
+    check_sizes,
     params_to_dict,
     prompt_token_ids,
     validate_generate_request,
@@ -64,6 +71,12 @@ logger = logging.getLogger(__name__)
 # `yield`) when that happens while a response is being written. Either way the workers must
 # be told to abort, or the request runs on to its last token.
 _STOPPED = (asyncio.CancelledError, GeneratorExit)
+
+TOKENIZER_THREADS = 2  # prompts tokenized at once, off the event loop
+# A client whose deadline passes cancels the call a little before the server's copy of the
+# deadline (which started when the request arrived) runs out: a stop with less than this left
+# is counted as DEADLINE_EXCEEDED, not CANCELLED.
+DEADLINE_SLACK_S = 1.0
 
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -115,6 +128,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         self.metrics = metrics
         self.outputs = OutputStreams()  # one batched output stream per worker
         self._live_ids: set[str] = set()  # client request ids in flight
+        self._tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
         self._recent: dict[str, deque[tuple[float, float]]] = {
             "ttft": deque(maxlen=4096),  # (when, seconds): for autoscaling signals
             "itl": deque(maxlen=16384),
@@ -156,21 +170,23 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         code = grpc.StatusCode.OK
         error: BaseException | None = None
         try:
-            try:
-                validated = validate_generate_request(request, self.model)
-            finally:
-                record_span("validate", arrival_wall, time.time(), span)
-            span.set_attributes({"tandem.request_id": validated.request_id,
-                                 "tandem.model": self.model.model_id})  # fmt: skip
-            carrier = child_carrier(span)
-            num_prompt_tokens = len(validated.prompt_token_ids)
-            with self._live(validated.request_id), self.admission.admit(num_prompt_tokens):
-                place = self._colocated if self.prefill is None else self._disaggregated
-                # closed here, not whenever it is collected: its workers are told at once
-                async with aclosing(place(validated, arrival, carrier, span)) as responses:
-                    async for response in responses:
-                        seen.response(response)
-                        yield response
+            check_sizes(request, self.model)  # cheap: before it is admitted or tokenized
+            with self.admission.admit(request_bytes=request.ByteSize()) as ticket:
+                try:
+                    validated = await self._off_loop(validate_generate_request, request)
+                finally:
+                    record_span("validate", arrival_wall, time.time(), span)
+                span.set_attributes({"tandem.request_id": validated.request_id,
+                                     "tandem.model": self.model.model_id})  # fmt: skip
+                carrier = child_carrier(span)
+                ticket.add_prompt_tokens(len(validated.prompt_token_ids))
+                with self._live(validated.request_id):
+                    place = self._colocated if self.prefill is None else self._disaggregated
+                    # closed here, not whenever it is collected: its workers are told at once
+                    async with aclosing(place(validated, arrival, carrier, span)) as responses:
+                        async for response in responses:
+                            seen.response(response)
+                            yield response
         except TandemError as e:  # refused, invalid, lost or failed
             code, error = status_of(e), e
             if isinstance(e, Overloaded) and self.metrics is not None:
@@ -178,7 +194,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             await context.abort(code, str(e))
         except _STOPPED as e:  # the client cancelled, or its deadline passed
             remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             error = e
             raise
@@ -218,6 +234,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         cached = await self._cached_tokens(request)
         while True:
             index = self._place(self.decode, tried, cached, span)
+            self._count_retry(tried)
             tried.add(index)
             dispatched = time.monotonic()
             first, finished = True, False
@@ -308,6 +325,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         cached = await self._cached_tokens(request)
         while True:
             index = self._place(self.prefill, tried, cached, span)
+            self._count_retry(tried)
             tried.add(index)
             dispatched = time.monotonic()
             attempt = _attempt_id(request.request_id, span)
@@ -342,10 +360,16 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         return index
 
     def _retrying(self, what: str, index: int, error: BaseException) -> None:
-        logger.warning("%s %d lost before any output; retrying elsewhere: %s", what, index, error)
-        self.num_retried += 1
-        if self.metrics is not None:
-            self.metrics.retried.inc()
+        logger.warning("%s %d lost before any output; retrying if another is left: %s",
+                       what, index, error)  # fmt: skip
+
+    def _count_retry(self, tried: set[int]) -> None:
+        """A request placed again after losing a worker (`tried` holds the lost ones): counted
+        as retried only now that there was somewhere to retry it."""
+        if tried:
+            self.num_retried += 1
+            if self.metrics is not None:
+                self.metrics.retried.inc()
 
     def replace_worker(self, old: Any, new: Any, index_key: WorkerKey | None = None) -> None:
         """Swap a dead worker's handle (either pool) for its replacement, known to the prefix
@@ -362,13 +386,21 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         return [self.decode] + ([self.prefill] if self.prefill is not None else [])
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
+        """Admitted like a Generate (by count and size), tokenized off the event loop."""
         try:
+            check_sizes(request, self.model)
             if request.model and request.model != self.model.model_id:
                 raise ModelNotFound(request.model, [self.model.model_id])
-            ids = prompt_token_ids(request, self.model)
-        except InvalidRequest as e:
+            with self.admission.admit(request_bytes=request.ByteSize()):
+                ids = await self._off_loop(prompt_token_ids, request)
+        except (InvalidRequest, Overloaded) as e:
             await context.abort(status_of(e), str(e))
         return pb.TokenizeResponse(token_ids=ids)
+
+    async def _off_loop(self, check: Any, request: Any) -> Any:
+        """`check(request, model)` on the tokenizer threads: the event loop keeps serving."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, check, request, self.model)
 
     async def ListModels(self, request: Any, context: Any) -> Any:
         tokenizer = self.model.tokenizer
@@ -518,6 +550,53 @@ def _response(request_id: str, output: Any) -> Any:
     return response
 
 
+class _Malformed:
+    """A request message that did not parse (bad protobuf, a string that is not UTF-8)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _parser(message_type: Any) -> Any:
+    """A request deserializer that hands a message that does not parse to the handler as
+    _Malformed (refused with INVALID_ARGUMENT), instead of letting grpc answer UNKNOWN."""
+    from google.protobuf.message import DecodeError
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return _Malformed(f"{message_type.DESCRIPTOR.name} does not parse: {e}"[:256])
+
+    return parse
+
+
+def add_tandem_service(gate: Any, server: Any) -> None:
+    """Register the Tandem API (the generated add_TandemServicer_to_server, with _parser as
+    the request deserializers)."""
+    methods = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            gate.Generate, _parser(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
+        ),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            gate.Tokenize, _parser(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            gate.ListModels,
+            _parser(pb.ListModelsRequest),
+            pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Tandem"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
+    server.add_registered_method_handlers(name, methods)
+
+
+async def _refuse_malformed(request: Any, context: Any) -> None:
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+
+
 class ServingGate(tandem_pb2_grpc.TandemServicer):
     """What the server exposes: UNAVAILABLE while the worker pools load, then the
     TandemServicer (`open(servicer)`). Lets the port, health checks and reflection answer from
@@ -560,6 +639,7 @@ class ServingGate(tandem_pb2_grpc.TandemServicer):
             task.cancel()
 
     async def Generate(self, request: Any, context: Any) -> Any:
+        await _refuse_malformed(request, context)
         servicer = await self._ready(context)
         task = asyncio.current_task()
         assert task is not None, "grpc runs each call in a task"
@@ -580,9 +660,11 @@ class ServingGate(tandem_pb2_grpc.TandemServicer):
                 self._idle.set()
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
+        await _refuse_malformed(request, context)
         return await (await self._ready(context)).Tokenize(request, context)
 
     async def ListModels(self, request: Any, context: Any) -> Any:
+        await _refuse_malformed(request, context)
         return await (await self._ready(context)).ListModels(request, context)
 
     async def _ready(self, context: Any) -> TandemServicer:
@@ -612,7 +694,7 @@ async def start_server(host: str, port: int) -> tuple[Any, int, ServingGate, Any
     # No SO_REUSEPORT: a second server on a busy port must fail, not share its traffic.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     gate = ServingGate()
-    tandem_pb2_grpc.add_TandemServicer_to_server(gate, server)
+    add_tandem_service(gate, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     tandem_name = pb.DESCRIPTOR.services_by_name["Tandem"].full_name

@@ -12,6 +12,7 @@ import pytest
 
 from decode_worker.engine_loop import EngineLoop
 from engine.errors import RequestAborted, WorkerUnavailable
+from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
 from kvtransfer.protocol import TransferMetrics, TransferResult, TransferStatus, transfer_id_for
 from kvtransfer.receiver import ReceivedKV
@@ -94,6 +95,46 @@ def test_a_request_whose_kv_transfer_failed_ends_at_once() -> None:
         assert isinstance(error, WorkerUnavailable)
         assert "failed: peer process died" in str(error)
         assert loop.num_requests == 0
+    finally:
+        loop.stop()
+
+
+class NoRoomForKV(FailedTransfers):
+    """A receiver that refused every transfer: this worker had no free blocks for it."""
+
+    failure = None  # the pair itself is fine
+    num_live = 0
+
+    def result(self, transfer_id: str) -> TransferResult:
+        return TransferResult(
+            transfer_id, "r", TransferStatus.FAILED, "no free KV blocks for 2 blocks"
+        )
+
+
+@pytest.mark.parametrize("seed", [None, 7], ids=["greedy", "seeded"])
+def test_a_request_whose_kv_had_no_room_here_is_recomputed_not_failed(seed: int | None) -> None:
+    """Issue 16.6: a decode worker whose KV was full failed requests after their first token
+    (the client had it already). Now it holds them back and recomputes: same tokens as one
+    engine."""
+    prompt = prompt_ids(1, 6)
+    params = greedy(max_tokens=6)
+    if seed is not None:
+        params = SamplingParams(max_tokens=6, temperature=0.8, seed=seed, ignore_eos=True)
+    (expected,) = make_engine().generate([prompt], params)
+    loop = EngineLoop(make_engine())
+    loop.receivers.append(NoRoomForKV())
+
+    async def main() -> list[Any]:
+        first = expected.token_ids[0]
+        return await drain(loop.submit("r", prompt, params, first_token_id=first))
+
+    try:
+        outputs = asyncio.run(main())
+        assert not any(isinstance(o, BaseException) for o in outputs), outputs
+        assert [t for o in outputs for t in o.new_token_ids] == expected.token_ids[1:]
+        assert outputs[-1].usage.completion_tokens == len(expected.token_ids)
+        assert loop.num_requests == 0
+        loop.call(lambda engine: engine.check_integrity())
     finally:
         loop.stop()
 

@@ -41,8 +41,8 @@ def test_request_bytes_are_bounded_before_tokens_are_known() -> None:
     tokens once tokenized; both are given back."""
     admission = Admission(AdmissionLimits(max_prompt_tokens=100, max_request_bytes=1000))
     with admission.admit(request_bytes=900) as ticket:
-        too_big = r"900 request bytes in flight, this request 101"
-        with pytest.raises(Overloaded, match=too_big), admission.admit(request_bytes=101):
+        too_big = pytest.raises(Overloaded, match=r"900 request bytes in flight, this request 101")
+        with too_big, admission.admit(request_bytes=101):
             pass
         ticket.add_prompt_tokens(80)
         with admission.admit(request_bytes=100) as other:

@@ -48,6 +48,8 @@ class _Method:
             FakeWorker.issued.add(args[0])
         elif self.name in ("start_generate", "start_continue"):
             FakeWorker.issued.add(args[1])
+            self.worker.unfinished.append(args[1])
+            self.worker.started.set()
         return self.worker.reply(self.name, args)
 
 
@@ -56,8 +58,9 @@ class FakeWorker:
     test puts in `batches` through its `outputs` stream.
 
     Tests name a request by its client id ("r1"); the router gives workers ids of its own
-    (one per attempt), so batches are delivered under the id of the request last started
-    here, and `aborted` reports ids the router issued as "r1"."""
+    (one per attempt), so a batch waits for a request to be started here and is delivered
+    under its id (as a real worker's outputs follow the start), and `aborted` reports ids the
+    router issued as "r1"."""
 
     issued: ClassVar[set[str]] = set()  # ids the router gave any fake worker (uuids: never reused)
 
@@ -67,6 +70,8 @@ class FakeWorker:
         self.fails = fails  # raised by its start_generate / prefill calls
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.batches: asyncio.Queue[Any] = asyncio.Queue()
+        self.unfinished: list[str] = []  # ids started here whose last output is not out
+        self.started = asyncio.Event()
         for method in ("prefill", "start_generate", "start_continue", "abort"):
             setattr(self, method, _Method(self, method))
         self.outputs = self
@@ -81,7 +86,13 @@ class FakeWorker:
     async def _stream(self) -> Any:
         while True:
             batch = await self.batches.get()
-            batch = [(self.started_id(request_id), item) for request_id, item in batch]
+            while not self.unfinished:
+                self.started.clear()
+                await self.started.wait()
+            request_id = self.unfinished[-1]
+            if any(item.finished for _, item in batch):
+                self.unfinished.pop()
+            batch = [(request_id, item) for _, item in batch]
             future = asyncio.get_running_loop().create_future()
             future.set_result(batch)
             yield future
@@ -102,11 +113,6 @@ class FakeWorker:
         if self.fails is not None:
             return fail()
         return prefill() if name == "prefill" else nothing()
-
-    def started_id(self, client_id: str) -> str:
-        """The id the router gave the request last started here ("r1" if none was)."""
-        started = [args[1] for name, args in self.calls if name.startswith("start_")]
-        return started[-1] if started else client_id
 
     def aborted(self) -> list[str]:
         return [
