@@ -79,19 +79,25 @@ class ClusterSecret:
         env = os.environ if environ is None else environ
         value = env.get(SECRET_ENV)
         if value:
-            return cls(value.encode())
-        path = env.get(SECRET_FILE_ENV)
-        if not path:
-            raise ValueError(
-                f"no KV cluster secret: set {SECRET_ENV} or {SECRET_FILE_ENV} (every worker of "
-                "a cluster needs the same one)"
-            )
+            key, source = value.encode().strip(), SECRET_ENV
+        else:
+            path = env.get(SECRET_FILE_ENV)
+            if not path:
+                raise ValueError(
+                    f"no KV cluster secret: set {SECRET_ENV} or {SECRET_FILE_ENV} in the "
+                    "environment of every worker (on a Ray cluster joined by address: of every "
+                    "node's raylet, e.g. the Helm chart's mounted Secret); all need the same one"
+                )
+            try:
+                with open(path, "rb") as file:
+                    key = file.read(MAX_SECRET_BYTES + 1).strip()
+            except OSError as e:
+                raise ValueError(f"{SECRET_FILE_ENV}={path!r}: cannot read it: {e}") from None
+            source = f"{SECRET_FILE_ENV}={path!r}"
         try:
-            with open(path, "rb") as file:
-                key = file.read(MAX_SECRET_BYTES + 1).strip()
-        except OSError as e:
-            raise ValueError(f"{SECRET_FILE_ENV}={path!r}: cannot read it: {e}") from None
-        return cls(key)
+            return cls(key)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def mac(self, label: bytes, pair_key: str, sender_nonce: bytes, receiver_nonce: bytes) -> bytes:
         data = b"tandem-kv/" + label + b"\0" + pair_key.encode() + b"\0"

@@ -119,8 +119,21 @@ def test_secret_comes_from_the_variable_or_the_file(tmp_path: Path) -> None:
         ClusterSecret.from_environment({})
     with pytest.raises(ValueError, match="TANDEM_KV_SECRET_FILE='/nonexistent': cannot read"):
         ClusterSecret.from_environment({"TANDEM_KV_SECRET_FILE": "/nonexistent"})
-    with pytest.raises(ValueError, match="secret is 5 bytes, must be 16"):
+    with pytest.raises(ValueError, match="TANDEM_KV_SECRET: the KV cluster secret is 5 bytes"):
         ClusterSecret.from_environment({"TANDEM_KV_SECRET": "short"})
+
+
+def test_the_variable_and_the_file_give_the_same_secret(tmp_path: Path) -> None:
+    """Surrounding whitespace (a trailing newline of `kubectl create secret --from-file`, or
+    of `export X=$(cat file)`) is stripped from both, so both ends derive the same key."""
+    secret_file = tmp_path / "kv-secret"
+    secret_file.write_bytes(b"  same-secret-0123456789\n")
+    from_file = ClusterSecret.from_environment({"TANDEM_KV_SECRET_FILE": str(secret_file)})
+    from_variable = ClusterSecret.from_environment({"TANDEM_KV_SECRET": "same-secret-0123456789\n"})
+    assert from_file == from_variable
+    with pytest.raises(ValueError, match=r"TANDEM_KV_SECRET_FILE=.*: the KV cluster secret is 0"):
+        secret_file.write_bytes(b" \n")
+        ClusterSecret.from_environment({"TANDEM_KV_SECRET_FILE": str(secret_file)})
 
 
 def handshake(
