@@ -6,7 +6,8 @@ know the per-cluster secret without sending it.
                                                  <-----   PairChallenge(nonce_r, proof_r)
       checks proof_r (else: not our cluster)
       PairProof(proof_s)                         ----->   checks proof_s (else: refused)
-      both: the rendezvous scope = MAC("store", ...); only now the pair's TCPStore keys
+      both: the rendezvous, over this connection (kvtransfer.rendezvous), under the scope
+            MAC("store", ...)
 
     proof_r = HMAC-SHA256(secret, "receiver" | pair_key | nonce_s | nonce_r)
     proof_s = HMAC-SHA256(secret, "sender"   | pair_key | nonce_s | nonce_r)
@@ -14,14 +15,23 @@ know the per-cluster secret without sending it.
 Both nonces are fresh random bytes per formation, so no proof can be replayed; the role label
 keeps a receiver's proof from being reflected back as a sender's. The receiver reserves nothing
 before proof_s checks out (blocks are only reserved for offers on a formed pair). The pair's
-rendezvous keys live under a scope derived from the secret and both nonces, which nobody without
-the secret can name before both ends have claimed their ranks.
+rendezvous runs over this same connection, into a store of that formation alone.
 
 The secret comes from the environment: TANDEM_KV_SECRET (the value) or TANDEM_KV_SECRET_FILE (a
 file holding it, e.g. a mounted Kubernetes Secret). It never crosses the network, is never
-logged and never pickled. What this does not do: encrypt or sign the KV payload itself (the
-data path is gloo or NCCL); keep KV ports on the cluster network (kvtransfer.network, and the
-Helm chart's NetworkPolicies).
+logged and never pickled.
+
+What this does not protect:
+- the control connection after the handshake: frames are neither encrypted nor MACed, so an
+  attacker on the path (not merely able to connect) can read offers and inject or alter
+  control frames; the handshake only proves who opened the connection;
+- the data path: gloo and NCCL open listeners of their own (ephemeral ports of the KV address,
+  kvtransfer.network), learn each other's addresses through the authenticated rendezvous, but
+  accept and carry KV payloads in plaintext without any authentication; anyone who can reach
+  those ports while a pair forms can connect to them (gloo checks little beyond a pair id)
+  and anyone on the path can read or alter KV bytes;
+- keeping the KV ports off untrusted networks: that is kvtransfer.network (bind the KV address
+  only) and the Helm chart's NetworkPolicies (only prefill pods reach decode pods' KV range).
 """
 
 from __future__ import annotations

@@ -5,9 +5,14 @@ sender, rank 0) and a decode worker (the receiver, rank 1), on demand, without a
       ReceiverEndpoint(host)                      connect_pair(endpoint.address, pair_key, ...)
         ControlListener  <--- TCP connect -----     ControlConnection
                          <--- challenge-response -> (kvtransfer.handshake: the cluster secret)
-        TCPStore server  <--- rendezvous ------     open_channel(rank 0)     (rank 1: accept)
+        HashStore of the <--- rendezvous ------     ControlStore: store operations as frames
+        formation              (same connection)    (kvtransfer.rendezvous); open_channel
+        open_channel(rank 1)                        (rank 0)
 
-The endpoint's address (host, control port, store port, and the decode worker's KV layout) is
+The decode worker listens on one port per endpoint, the control port: the rendezvous travels
+over the authenticated control connection into a store of that formation alone, so nobody
+without the secret can read or write it. The endpoint's address (host, control port, and the
+decode worker's KV layout) is
 what a decode worker publishes: both listeners bind that host only (kvtransfer.network), on
 ports of the configured range. Pair keys are single-use (a new key for every pair formed, e.g.
 "<prefill>/<decode>/<n>"). A sender whose KV layout differs from the address's (dtype, scale
@@ -29,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +44,7 @@ from kvtransfer.control import ControlConnection, ControlListener
 from kvtransfer.handshake import ClusterSecret, PeerRefused, check_sender, prove_as_sender
 from kvtransfer.layout import KVLayout
 from kvtransfer.network import KVNetworkConfig, listen_socket
+from kvtransfer.rendezvous import ControlStore, serve_rendezvous
 from kvtransfer.transport import PairAddress, PairChannel, TransportConfig, open_channel
 
 logger = logging.getLogger(__name__)
@@ -53,13 +59,12 @@ OnPair = Callable[[PairChannel, ControlConnection], None]
 class EndpointAddress:
     host: str
     control_port: int
-    store_port: int
     layout: KVLayout | None = None  # the receiver's KV layout, checked by connect_pair
 
 
 class ReceiverEndpoint:
-    """A decode worker's listening side: a control listener and the rendezvous store, both on
-    `host` only. `secret`: the cluster's (default: from the environment, see
+    """A decode worker's listening side: a control listener on `host` only (the rendezvous
+    runs over its connections). `secret`: the cluster's (default: from the environment, see
     kvtransfer.handshake); `network`: the port range (default: any free port)."""
 
     def __init__(
@@ -72,13 +77,7 @@ class ReceiverEndpoint:
         self.secret = secret if secret is not None else ClusterSecret.from_environment()
         network = network or KVNetworkConfig()
         self.listener = ControlListener(host, sock=listen_socket(host, network))
-        store_sock = listen_socket(host, network)
-        store_port = store_sock.getsockname()[1]
-        self.store = dist.TCPStore(
-            host, store_port, is_master=True, wait_for_workers=False,
-            timeout=timedelta(seconds=60), master_listen_fd=store_sock.detach(),
-        )  # fmt: skip
-        self.address = EndpointAddress(host, self.listener.port, store_port, layout)
+        self.address = EndpointAddress(host, self.listener.port, layout)
         self._lock = threading.Lock()
         self._num_refused = 0
         self._forming = threading.BoundedSemaphore(MAX_FORMING)
@@ -170,8 +169,20 @@ class ReceiverEndpoint:
             except PeerRefused as e:
                 self._count_refused(str(e))
                 raise
-            address = PairAddress(self.address.host, self.address.store_port, pair_key, 1, scope)
-            channel = open_channel(address, config, device, deadline - time.monotonic())
+            address = PairAddress(self.address.host, self.address.control_port, pair_key, 1, scope)
+            store = dist.HashStore()  # this formation's; the sender reaches it through control
+            failure: list[BaseException] = []
+            serving = threading.Thread(
+                target=_serve, args=(control, store, deadline, failure), name="kv-rendezvous",
+                daemon=True,
+            )  # fmt: skip
+            serving.start()
+            channel = open_channel(address, config, device, deadline - time.monotonic(), store)
+            serving.join(max(deadline - time.monotonic(), 0))
+            if serving.is_alive() or failure:
+                channel.close()
+                why = failure[0] if failure else "no end of the rendezvous in time"
+                raise KVTransferError(f"pair {pair_key!r}: {why}")
             return channel, control
         except BaseException:
             control.close()
@@ -181,6 +192,16 @@ class ReceiverEndpoint:
         with self._lock:
             self._num_refused += 1
         logger.warning("KV pair refused: %s", reason)
+
+
+def _serve(
+    control: ControlConnection, store: Any, deadline: float, failure: list[BaseException]
+) -> None:
+    try:
+        serve_rendezvous(control, store, deadline)
+    except BaseException as e:  # reported to the forming thread
+        failure.append(e)
+        control.close()  # the sender's store calls fail at once
 
 
 def connect_pair(
@@ -210,8 +231,15 @@ def connect_pair(
     )
     try:
         scope = prove_as_sender(control, pair_key, secret, deadline)
-        address = PairAddress(endpoint.host, endpoint.store_port, pair_key, 0, scope)
-        return open_channel(address, config, device, deadline - time.monotonic()), control
+        address = PairAddress(endpoint.host, endpoint.control_port, pair_key, 0, scope)
+        store = ControlStore(control, deadline)
+        channel = open_channel(address, config, device, deadline - time.monotonic(), store)
+        try:
+            store.finish()
+        except BaseException:
+            channel.close()
+            raise
+        return channel, control
     except BaseException:
         with contextlib.suppress(Exception):
             control.close()

@@ -29,6 +29,7 @@ from kvtransfer.network import (
     use_interface,
 )
 from kvtransfer.pair import ReceiverEndpoint
+from tests.ports import free_port_range
 
 SECRET = ClusterSecret(b"s" * 32)
 
@@ -80,11 +81,12 @@ def test_use_interface_points_gloo_and_nccl_at_it(monkeypatch: pytest.MonkeyPatc
 
 
 def test_listen_socket_takes_a_port_of_the_range() -> None:
-    config = KVNetworkConfig(None, 41230, 41232)
+    first, last = free_port_range(3)
+    config = KVNetworkConfig(None, first, last)
     socks = [listen_socket("127.0.0.1", config) for _ in range(3)]
     try:
-        assert sorted(s.getsockname()[1] for s in socks) == [41230, 41231, 41232]
-        with pytest.raises(KVTransferError, match="no free port in the KV range 41230-41232"):
+        assert sorted(s.getsockname()[1] for s in socks) == [first, first + 1, last]
+        with pytest.raises(KVTransferError, match=f"no free port in the KV range {first}-{last}"):
             listen_socket("127.0.0.1", config)
     finally:
         for sock in socks:
@@ -92,14 +94,15 @@ def test_listen_socket_takes_a_port_of_the_range() -> None:
 
 
 def test_endpoint_listens_on_its_address_only() -> None:
-    """Both listeners answer on the bound address and nowhere else (127.0.0.2 reaches this
+    """The listener answers on the bound address and nowhere else (127.0.0.2 reaches this
     host too: a wildcard listener would answer there)."""
-    endpoint = ReceiverEndpoint("127.0.0.1", SECRET, KVNetworkConfig(None, 41240, 41249))
+    first, last = free_port_range(10)
+    endpoint = ReceiverEndpoint("127.0.0.1", SECRET, KVNetworkConfig(None, first, last))
     try:
         address = endpoint.address
         assert address.host == "127.0.0.1"
-        for port in (address.control_port, address.store_port):
-            assert 41240 <= port <= 41249
+        for port in (address.control_port,):
+            assert first <= port <= last
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.2", port), timeout=5)
