@@ -148,4 +148,8 @@ class ControlListener:
         return ControlConnection(sock, f"{address[0]}:{address[1]}")
 
     def close(self) -> None:
+        """Stop listening at once: shutdown() first, since close() alone leaves the socket
+        listening while another thread still waits in accept() on it (Linux)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()

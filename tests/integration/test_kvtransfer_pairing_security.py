@@ -6,16 +6,20 @@ keep a real peer from pairing; a closed endpoint stops listening and adopts noth
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 
+import kvtransfer.pair as pair_module
+from engine.errors import KVTransferError
 from kvtransfer.control import ControlConnection
 from kvtransfer.handshake import ClusterSecret, prove_as_sender
 from kvtransfer.network import KVNetworkConfig
@@ -123,3 +127,98 @@ def test_no_unauthenticated_client_reaches_the_rendezvous_of_a_formation(
     finally:
         stalled.close()
     pair_works(endpoint, adopted, "after-the-probe/1")
+
+
+def test_the_accept_loop_survives_socket_errors(ports: tuple[int, int]) -> None:
+    """accept() failing (out of file descriptors, a connection aborted before it was taken)
+    does not end the accepting thread: pairs form afterwards."""
+    endpoint = ReceiverEndpoint(HOST, SECRET, KVNetworkConfig(None, *ports))
+    adopted = Adopted()
+    failures = [OSError(errno.EMFILE, "Too many open files"), ConnectionAbortedError()]
+    accept = endpoint.listener.accept
+
+    def flaky_accept(timeout_s: float | None) -> ControlConnection | None:
+        if failures:
+            raise failures.pop(0)
+        return accept(timeout_s)
+
+    endpoint.listener.accept = flaky_accept  # type: ignore[method-assign]
+    endpoint.serve(CONFIG, "cpu", adopted)
+    try:
+        pair_works(endpoint, adopted, "after-emfile/1")
+        assert failures == []
+        assert endpoint.num_accept_errors == 2
+    finally:
+        endpoint.close()
+        adopted.close()
+
+
+def test_idle_unauthenticated_sockets_do_not_keep_a_real_peer_out(
+    served: tuple[ReceiverEndpoint, Adopted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAX_FORMING + 1 idle connections (from another address of this host) take no slot a
+    peer that proves the secret needs, and are closed once the handshake deadline passes."""
+    endpoint, adopted = served
+    port = endpoint.address.control_port
+    idle = [
+        socket.create_connection((HOST, port), timeout=5, source_address=("127.0.0.2", 0))
+        for _ in range(pair_module.MAX_FORMING + 1)
+    ]
+    try:
+        deadline = time.monotonic() + 10
+        while endpoint.num_refused < 1:  # the last ones were turned away: all were accepted
+            assert time.monotonic() < deadline, "the idle connections were never taken"
+            time.sleep(0.01)
+        pair_works(endpoint, adopted, "among-idle/1")
+        deadline = time.monotonic() + CONFIG.connect_timeout_s - 1
+        for sock in idle:  # closed by the endpoint after HANDSHAKE_TIMEOUT_S, not after 8 s
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            assert sock.recv(1) == b"", "an idle connection outlived the handshake deadline"
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_formation_that_completes_after_close_is_not_adopted(
+    ports: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() stops listening, ends the formations under way, and a formation that gets
+    through anyway is closed instead of handed to on_pair (a channel adopted into a worker
+    that stopped)."""
+    formed, go_on = threading.Event(), threading.Event()
+    open_channel = pair_module.open_channel
+
+    def held_open_channel(*args: Any, **kwargs: Any) -> PairChannel:
+        channel = open_channel(*args, **kwargs)
+        if channel.address.rank == 1:  # the receiver's side: hold it until close() ran
+            formed.set()
+            go_on.wait(10)
+        return channel
+
+    monkeypatch.setattr(pair_module, "open_channel", held_open_channel)
+    endpoint = ReceiverEndpoint(HOST, SECRET, KVNetworkConfig(None, *ports))
+    adopted = Adopted()
+    endpoint.serve(CONFIG, "cpu", adopted)
+    sender: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: sender.append(
+            connect_pair(endpoint.address, "late/1", CONFIG, secret=SECRET)
+        )
+    )
+    thread.start()
+    try:
+        assert formed.wait(10), "the formation never reached the receiver's channel"
+        endpoint.close()
+        go_on.set()
+        thread.join(10)
+        ((channel, control),) = sender
+        with pytest.raises(KVTransferError):  # the receiver closed its end
+            control.recv(5)
+        channel.close()
+        assert adopted.pairs == []
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((HOST, endpoint.address.control_port), timeout=5)
+    finally:
+        go_on.set()
+        endpoint.close()
+        adopted.close()
