@@ -48,7 +48,10 @@ from typing import TypeVar
 from engine.errors import KVTransferError
 from kvtransfer.control import ControlConnection
 from kvtransfer.messages import (
+    MAX_PAIR_KEY_BYTES,
     NONCE_BYTES,
+    PROOF_BYTES,
+    MessageType,
     PairChallenge,
     PairHello,
     PairProof,
@@ -60,6 +63,9 @@ MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 4096
 _SENDER, _RECEIVER, _STORE = b"sender", b"receiver", b"store"
 M = TypeVar("M", PairHello, PairChallenge, PairProof)
+# The largest handshake payload (a PairHello with the longest pair key): all an unproven peer
+# may send before the other end knows who it is.
+MAX_HANDSHAKE_PAYLOAD_BYTES = 2 + MAX_PAIR_KEY_BYTES + NONCE_BYTES
 
 
 class PeerRefused(KVTransferError):
@@ -125,6 +131,7 @@ def prove_as_sender(
     PeerRefused if the receiver does not prove the secret, KVTransferError if the connection
     fails or `deadline` (time.monotonic) passes first."""
     sender_nonce = secrets.token_bytes(NONCE_BYTES)
+    control.restrict({MessageType.CHALLENGE}, NONCE_BYTES + PROOF_BYTES)  # until it proves
     control.send(PairHello(pair_key, sender_nonce), _left_s(deadline, control))
     challenge = _receive(control, PairChallenge, deadline)
     expected = secret.mac(_RECEIVER, pair_key, sender_nonce, challenge.nonce)
@@ -134,6 +141,7 @@ def prove_as_sender(
             "have the same one?)"
         )
     proof = secret.mac(_SENDER, pair_key, sender_nonce, challenge.nonce)
+    control.restrict(None)
     control.send(PairProof(proof), _left_s(deadline, control))
     return secret.scope(pair_key, sender_nonce, challenge.nonce)
 
@@ -144,6 +152,7 @@ def check_sender(
     """The receiver's half: (pair key, rendezvous scope) of a sender that proved the secret.
     Raises PeerRefused for anything else: a first message that is not PairHello, a wrong
     proof, a connection that closes or stays silent until `deadline` (time.monotonic)."""
+    control.restrict({MessageType.HELLO, MessageType.PROOF}, MAX_HANDSHAKE_PAYLOAD_BYTES)
     try:
         hello = _receive(control, PairHello, deadline)
         receiver_nonce = secrets.token_bytes(NONCE_BYTES)
@@ -157,6 +166,7 @@ def check_sender(
     expected = secret.mac(_SENDER, hello.pair_key, hello.nonce, receiver_nonce)
     if not hmac.compare_digest(answer.proof, expected):
         raise PeerRefused(f"{control.peer} did not prove the KV cluster secret")
+    control.restrict(None)
     return hello.pair_key, secret.scope(hello.pair_key, hello.nonce, receiver_nonce)
 
 

@@ -105,7 +105,14 @@ def resolve_kv_address(config: KVNetworkConfig, node_ip: str) -> KVAddress:
     cluster knows it). Raises ValueError naming the interface if it has no IPv4 address."""
     if config.interface is not None:
         return KVAddress(interface_address(config.interface), config.interface)
-    return KVAddress(node_ip, interface_of(node_ip))
+    interface = interface_of(node_ip)
+    if interface is None:
+        logger.warning(
+            "no interface here holds the node address %s: GLOO_SOCKET_IFNAME and "
+            "NCCL_SOCKET_IFNAME stay unset, so NCCL may carry KV over another interface; "
+            "name one with --kv-interface (%s)", node_ip, INTERFACE_ENV,
+        )  # fmt: skip
+    return KVAddress(node_ip, interface)
 
 
 def interface_address(name: str) -> str:

@@ -34,9 +34,19 @@ import torch.distributed as dist
 
 from engine.errors import KVTransferError
 from kvtransfer.control import ControlConnection
-from kvtransfer.messages import StoreOp, StoreReply, StoreRequest
+from kvtransfer.messages import (
+    MAX_REASON_BYTES,
+    MAX_STORE_KEY_BYTES,
+    MAX_STORE_VALUE_BYTES,
+    MessageType,
+    StoreOp,
+    StoreReply,
+    StoreRequest,
+)
 
 _MIN_WAIT_S = 0.001
+_MAX_REQUEST_BYTES = 1 + 2 + MAX_STORE_KEY_BYTES + 2 * (4 + MAX_STORE_VALUE_BYTES) + 8
+_MAX_REPLY_BYTES = 1 + 4 + MAX_STORE_VALUE_BYTES + 8 + 2 + MAX_REASON_BYTES
 
 
 class ControlStore(dist.Store):  # type: ignore[misc]
@@ -50,12 +60,14 @@ class ControlStore(dist.Store):  # type: ignore[misc]
         self._deadline = deadline
         self._lock = threading.Lock()
         self._local: Any = None  # a HashStore once finished
+        control.restrict({MessageType.STORE_REPLY}, _MAX_REPLY_BYTES)
 
     def finish(self) -> None:
         """Tell the receiver the rendezvous is over; from now on answer locally."""
         with self._lock:
             if self._local is None:
                 self._local = dist.HashStore()
+                self._control.restrict(None)
                 self._control.send(StoreRequest(StoreOp.DONE), self._left_s())
 
     # -- torch.distributed.Store ------------------------------------------------------------
@@ -130,6 +142,7 @@ def serve_rendezvous(control: ControlConnection, store: Any, deadline: float) ->
     """The receiver's side: answer the sender's StoreRequests from `store` (the formation's
     HashStore) until its DONE. Raises KVTransferError if the connection fails, anything but
     a StoreRequest arrives, or `deadline` (time.monotonic) passes first."""
+    control.restrict({MessageType.STORE_REQUEST}, _MAX_REQUEST_BYTES)
     while True:
         left_s = deadline - time.monotonic()
         if left_s <= 0:
@@ -143,6 +156,7 @@ def serve_rendezvous(control: ControlConnection, store: Any, deadline: float) ->
                 f"{type(request).__name__}"
             )
         if request.op is StoreOp.DONE:
+            control.restrict(None)
             return
         if request.op in (StoreOp.GET, StoreOp.WAIT):  # never past the formation's deadline
             limit_s = min(request.amount / 1000, deadline - time.monotonic())

@@ -4,9 +4,11 @@ the challenge-response over real sockets (no torch process groups)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,17 @@ from kvtransfer.handshake import (
     check_sender,
     prove_as_sender,
 )
-from kvtransfer.messages import Message, encode
+from kvtransfer.messages import (
+    Message,
+    PairChallenge,
+    PairHello,
+    PairProof,
+    StoreOp,
+    StoreRequest,
+    TransferAbort,
+    decode,
+    encode,
+)
 from kvtransfer.network import (
     KVNetworkConfig,
     interface_address,
@@ -69,6 +81,17 @@ def test_addresses_resolve_from_the_interface_or_the_node_ip() -> None:
     assert (node.host, node.interface) == ("127.0.0.1", "lo")
     with pytest.raises(ValueError, match=r"KV interface 'nosuch0' has no IPv4 address.*lo"):
         interface_address("nosuch0")
+
+
+def test_a_node_address_no_interface_holds_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NCCL would then choose its interface itself: the worker's log says so."""
+    with caplog.at_level("WARNING", logger="kvtransfer.network"):
+        address = resolve_kv_address(KVNetworkConfig(), "192.0.2.99")
+    assert address.interface is None
+    assert "no interface here holds the node address 192.0.2.99" in caplog.text
+    assert "--kv-interface" in caplog.text
 
 
 def test_use_interface_points_gloo_and_nccl_at_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,3 +213,72 @@ def test_handshake_with_another_secret_is_refused_on_both_sides() -> None:
     sender, receiver, _ = handshake(ClusterSecret(b"o" * 32), SECRET)
     assert isinstance(sender, PeerRefused) and "did not prove" in str(sender)
     assert isinstance(receiver, PeerRefused)
+
+
+def against_receiver(attack: Callable[[ControlConnection], None]) -> object:
+    """Run `attack` (a peer without the secret) against check_sender; the receiver's outcome."""
+    listener = ControlListener("127.0.0.1")
+    outcome: list[object] = []
+
+    def receive() -> None:
+        control = listener.accept(5)
+        assert control is not None
+        try:
+            outcome.append(check_sender(control, SECRET, time.monotonic() + 5))
+        except KVTransferError as e:
+            outcome.append(e)
+        control.close()
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    attacker = ControlConnection.connect("127.0.0.1", listener.port, 5)
+    try:
+        attack(attacker)
+    finally:
+        thread.join(10)
+        attacker.close()
+        listener.close()
+    (result,) = outcome
+    return result
+
+
+def test_a_receivers_own_proof_reflected_back_is_refused() -> None:
+    def reflect(control: ControlConnection) -> None:
+        control.send(PairHello("p/d/1", b"n" * 32))
+        challenge = control.recv(5)
+        assert isinstance(challenge, PairChallenge)
+        control.send(PairProof(challenge.proof))  # the receiver's proof as the sender's
+
+    outcome = against_receiver(reflect)
+    assert isinstance(outcome, PeerRefused) and "did not prove" in str(outcome)
+
+
+def test_a_recorded_proof_replayed_is_refused() -> None:
+    """A PairProof recorded off a real formation, replayed with the same hello: the receiver's
+    fresh nonce makes it worthless."""
+    _, _, sent = handshake(SECRET, SECRET)
+    hello_bytes = len(encode(PairHello("p/d/1", b"n" * 32)))
+    hello, proof = decode(sent[:hello_bytes]), decode(sent[hello_bytes:])
+    assert isinstance(hello, PairHello) and isinstance(proof, PairProof)
+
+    def replay(control: ControlConnection) -> None:
+        control.send(hello)
+        assert isinstance(control.recv(5), PairChallenge)
+        control.send(proof)
+
+    outcome = against_receiver(replay)
+    assert isinstance(outcome, PeerRefused) and "did not prove" in str(outcome)
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (encode(TransferAbort("t", "x")), "ABORT frame where only HELLO, PROOF may come"),
+        (encode(StoreRequest(StoreOp.SET, "k", b"v")), "STORE_REQUEST frame where only"),
+        # a huge payload is refused on its header, before any of it is read
+        (encode(PairHello("p", b"n" * 32))[:5] + (1 << 20).to_bytes(4, "little"), "at most 162"),
+    ],
+)
+def test_an_unproven_peer_may_send_only_small_handshake_frames(frame: bytes, match: str) -> None:
+    outcome = against_receiver(lambda control: control._sock.sendall(frame))
+    assert isinstance(outcome, PeerRefused) and re.search(match, str(outcome)), outcome

@@ -96,5 +96,5 @@ def test_the_receiver_refuses_anything_but_store_requests(
     sender.send(StoreReply(True))
     outcome[0].join(5)
     assert isinstance(outcome[1], KVTransferError)
-    assert "expected StoreRequest during the rendezvous, got StoreReply" in str(outcome[1])
+    assert "STORE_REPLY frame where only STORE_REQUEST may come" in str(outcome[1])
     assert StoreRequest(StoreOp.DONE).op is StoreOp.DONE
