@@ -68,6 +68,11 @@ MAX_FORMING = 16  # authenticated formations (rendezvous, process group) at once
 ACCEPT_BACKOFF_S = 0.1  # after a failed accept() (EMFILE, ECONNABORTED), before the next
 _ACCEPT_POLL_S = 0.5  # how often `serve` looks whether the endpoint was closed
 
+# Why a connection was refused (tandem_kv_pairs_refused_total's `reason`): it did not prove the
+# cluster secret (wrong proof, silence past the handshake deadline, closed or garbage first), or
+# it came over the limits on unauthenticated connections.
+REFUSAL_REASONS = ("unproven", "over_limit")
+
 OnPair = Callable[[PairChannel, ControlConnection], None]
 
 
@@ -99,7 +104,7 @@ class ReceiverEndpoint:
             self.listener.close()
             raise
         self._lock = threading.Lock()  # guards the counts, _sources, _live and adoption
-        self._num_refused = 0
+        self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
         self._num_accept_errors = 0
         self._handshaking = threading.BoundedSemaphore(MAX_HANDSHAKING)
         self._sources: dict[str, int] = {}  # unauthenticated connections by peer address
@@ -112,7 +117,13 @@ class ReceiverEndpoint:
         """Formations refused: the peer did not prove the cluster secret (wrong secret, no
         answer in time, a connection that stalled or closed first), or too many at once."""
         with self._lock:
-            return self._num_refused
+            return sum(self._refused.values())
+
+    @property
+    def refused_by_reason(self) -> dict[str, int]:
+        """num_refused by REFUSAL_REASONS."""
+        with self._lock:
+            return dict(self._refused)
 
     @property
     def num_accept_errors(self) -> int:
@@ -180,9 +191,10 @@ class ReceiverEndpoint:
                     self._sources[source] = per_source + 1
             if not admitted:
                 self._count_refused(
+                    "over_limit",
                     f"{control.peer}: too many unauthenticated connections ({per_source} from "
                     f"{source}, at most {MAX_UNAUTHENTICATED_PER_SOURCE}; at most "
-                    f"{MAX_HANDSHAKING} in all)"
+                    f"{MAX_HANDSHAKING} in all)",
                 )
                 control.close()
                 continue
@@ -241,7 +253,7 @@ class ReceiverEndpoint:
                 handshake_deadline = start + min(HANDSHAKE_TIMEOUT_S, config.connect_timeout_s)
                 pair_key, scope = check_sender(control, self.secret, handshake_deadline)
             except PeerRefused as e:
-                self._count_refused(str(e))
+                self._count_refused("unproven", str(e))
                 raise
             if unauthenticated is not None:  # proven: its slot is free for the next peer
                 self._release_unauthenticated(unauthenticated)
@@ -294,10 +306,10 @@ class ReceiverEndpoint:
             raise KVTransferError(f"pair {pair_key!r}: {why}")
         return channel, control
 
-    def _count_refused(self, reason: str) -> None:
+    def _count_refused(self, reason: str, detail: str) -> None:
         with self._lock:
-            self._num_refused += 1
-        logger.warning("KV pair refused: %s", reason)
+            self._refused[reason] += 1
+        logger.warning("KV pair refused (%s): %s", reason, detail)
 
 
 def _serve(

@@ -174,6 +174,12 @@ def test_idle_unauthenticated_sockets_do_not_keep_a_real_peer_out(
         for sock in idle:  # closed by the endpoint after HANDSHAKE_TIMEOUT_S, not after 8 s
             sock.settimeout(max(deadline - time.monotonic(), 0.01))
             assert sock.recv(1) == b"", "an idle connection outlived the handshake deadline"
+        refused = endpoint.refused_by_reason
+        assert refused["over_limit"] == len(idle) - pair_module.MAX_UNAUTHENTICATED_PER_SOURCE
+        deadline = time.monotonic() + 5
+        while endpoint.refused_by_reason["unproven"] < pair_module.MAX_UNAUTHENTICATED_PER_SOURCE:
+            assert time.monotonic() < deadline, endpoint.refused_by_reason
+            time.sleep(0.01)
     finally:
         for sock in idle:
             sock.close()
