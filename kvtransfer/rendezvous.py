@@ -21,6 +21,10 @@ own, e.g. NCCL's watchdog checking for a dump signal; nothing needs the peer's a
 
 A Python store must outlive every C++ holder of it: torch's trampoline finds the Python methods
 through the Python object, so callers keep a reference (PairChannel does).
+
+Checked with torch 2.13 (CPU: gloo pairs, the tests) and torch 2.11 on an H100 (a gloo pair;
+NCCL's unique-id exchange reached ncclCommInitRank, which then refused two ranks on one GPU:
+an NCCL pair over this store across two GPUs is not yet run).
 """
 
 from __future__ import annotations
