@@ -312,10 +312,9 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
         torch.cuda.set_device(device)
     endpoint = ReceiverEndpoint("127.0.0.1")
     config = transport_config(args)
-    queue_out.put(("endpoint", endpoint.address))
-    raw = open_channel(
-        PairAddress("127.0.0.1", endpoint.address.store_port, "raw", 1), config, device
-    )
+    raw_store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    queue_out.put(("endpoint", (endpoint.address, raw_store.port)))  # the raw channel's own
+    raw = open_channel(PairAddress("127.0.0.1", raw_store.port, "raw", 1), config, device)
     go = torch.empty(1, device=device)
     for shape in shapes(args):
         cache = cache_for(args, shape, device).zero_()
@@ -376,10 +375,10 @@ def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None
     device = device_of(args, 0)
     if not args.cpu_dry_run:
         torch.cuda.set_device(device)
-    _, endpoint = queue_in.get()
+    _, (endpoint, raw_port) = queue_in.get()
     config = transport_config(args)
     free_before = 0 if args.cpu_dry_run else torch.cuda.mem_get_info()[0]
-    raw = open_channel(PairAddress("127.0.0.1", endpoint.store_port, "raw", 0), config, device)
+    raw = open_channel(PairAddress("127.0.0.1", raw_port, "raw", 0), config, device)
     go = torch.ones(1, device=device)
     for shape in shapes(args):
         cache = cache_for(args, shape, device)

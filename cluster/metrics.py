@@ -17,7 +17,8 @@ the whole service.
                   tandem_preemptions_total, tandem_kv_transfer_bytes_total{direction},
                   tandem_kv_transfer_seconds (count and sum of completed transfers),
                   tandem_kv_transfer_failures_total, tandem_kv_transfer_leases_expired_total,
-                  tandem_kv_pairs_refused_total (peers that did not prove the cluster secret),
+                  tandem_kv_pairs_refused_total{reason} (peers that did not prove the cluster
+                  secret: unproven; over the limits on unauthenticated connections: over_limit),
                   tandem_pool_workers {pool}
     placement     tandem_prefix_index_lookups_total, tandem_prefix_index_degraded_total
     autoscaling   tandem_scaling_decisions_total {pool, direction}, tandem_pool_target_workers
@@ -39,6 +40,8 @@ from engine.errors import AddressInUse
 
 # Seconds: from a cached short prompt on a GPU to a long queue on a CPU.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# kvtransfer.pair.REFUSAL_REASONS (not imported: this module stays torch-free)
+REFUSAL_REASONS = ("unproven", "over_limit")
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -149,10 +152,12 @@ class _WorkersCollector(Collector):
             "leases": CounterMetricFamily("tandem_kv_transfer_leases_expired",
                                           "KV transfers whose sender lease expired.",
                                           labels=labels),
-            "refused": CounterMetricFamily("tandem_kv_pairs_refused",
-                                           "KV pair formations refused: the peer did not prove "
-                                           "the cluster secret in time.", labels=labels),
         }  # fmt: skip
+        refused = CounterMetricFamily(
+            "tandem_kv_pairs_refused", "KV pair connections refused: the peer did not prove the "
+            "cluster secret in time (unproven), or came over the limits on unauthenticated "
+            "connections (over_limit).", labels=[*labels, "reason"],
+        )  # fmt: skip
         transfer_bytes = CounterMetricFamily("tandem_kv_transfer_bytes", "KV bytes moved.",
                                              labels=[*labels, "direction"])  # fmt: skip
         transfer_time = SummaryMetricFamily("tandem_kv_transfer_seconds",
@@ -173,7 +178,9 @@ class _WorkersCollector(Collector):
             c["preemptions"].add_metric(values, stats.get("num_preemptions", 0))
             c["failures"].add_metric(values, stats.get("kv_transfers_failed", 0))
             c["leases"].add_metric(values, stats.get("kv_leases_expired", 0))
-            c["refused"].add_metric(values, stats.get("kv_pairs_refused", 0))
+            by_reason = stats.get("kv_pairs_refused_by_reason") or {}
+            for reason in REFUSAL_REASONS:
+                refused.add_metric([*values, reason], by_reason.get(reason, 0))
             transfer_bytes.add_metric([*values, "sent"], stats.get("kv_bytes_sent", 0))
             transfer_bytes.add_metric([*values, "received"], stats.get("kv_bytes_received", 0))
             transfer_time.add_metric(
@@ -181,6 +188,7 @@ class _WorkersCollector(Collector):
             )
         yield from g.values()
         yield from c.values()
+        yield refused
         yield transfer_bytes
         yield transfer_time
         workers = GaugeMetricFamily("tandem_pool_workers", "Workers in each pool.",

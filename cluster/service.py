@@ -178,7 +178,8 @@ class Service:
             if not config.verbose:
                 quiet_ray_startup()
             level = logging.INFO if config.verbose else logging.ERROR
-            with _signal_handlers_kept():  # ray.init would make SIGTERM exit at once
+            secret_kept = kv_secret_inherited(local=config.address is None)
+            with _signal_handlers_kept(), secret_kept:  # ray.init: SIGTERM would exit at once
                 # ray.init, retrying Ray's node start-up timeout (cluster.ray_start)
                 init_ray(address=config.address, num_cpus=local_cpus, include_dashboard=False,
                          log_to_driver=False, logging_level=level)  # fmt: skip
@@ -187,7 +188,7 @@ class Service:
             warn_loopback_addresses(config)
         # Async actor: up to 1,000 concurrent method calls by default, one engine thread.
         cpus, gpus = config.cpus_per_worker, config.gpus_per_worker
-        runtime_env = {"env_vars": kv_secret_env()}
+        runtime_env = kv_secret_runtime_env()
         self._actor_class = ray.remote(
             num_cpus=cpus, num_gpus=gpus, resources=dict(config.decode_resources),
             runtime_env=runtime_env,
@@ -587,19 +588,32 @@ def warn_loopback_addresses(config: ServiceConfig) -> None:
                            "cluster would look for it on their own node", flag, host)  # fmt: skip
 
 
-def kv_secret_env() -> dict[str, str]:
-    """The environment that gives every worker the same KV cluster secret
-    (kvtransfer.handshake): the secret file named here (each node must have it at that path,
-    as the Helm chart's mounted Secret), else the secret set here, else one made up for this
-    service (it reaches the workers in their Ray runtime environment)."""
-    path = os.environ.get(SECRET_FILE_ENV)
-    if os.environ.get(SECRET_ENV):
-        return {SECRET_ENV: os.environ[SECRET_ENV]}
-    if path:
-        return {SECRET_FILE_ENV: path}
-    logger.info("no %s or %s set: KV pairs use a secret made up for this service",
+@contextlib.contextmanager
+def kv_secret_inherited(local: bool) -> Iterator[None]:
+    """Around the ray.init that starts a local cluster (`local`): make sure its raylet, and so
+    every worker it starts, inherits a KV cluster secret (kvtransfer.handshake). One set here
+    (TANDEM_KV_SECRET or TANDEM_KV_SECRET_FILE) is inherited as is; else one is made up for
+    this cluster and put in this process's environment for the start only. The value never
+    goes into a Ray runtime_env: Ray keeps those in its GCS (any client can list them) and
+    logs them. A cluster joined by address brings its own: each node's environment (the Helm
+    chart mounts a Secret and sets TANDEM_KV_SECRET_FILE)."""
+    if not local or os.environ.get(SECRET_ENV) or os.environ.get(SECRET_FILE_ENV):
+        yield
+        return
+    logger.info("no %s or %s set: KV pairs use a secret made up for this local cluster",
                 SECRET_ENV, SECRET_FILE_ENV)  # fmt: skip
-    return {SECRET_ENV: secrets.token_hex(32)}
+    os.environ[SECRET_ENV] = secrets.token_hex(32)
+    try:
+        yield
+    finally:
+        os.environ.pop(SECRET_ENV, None)
+
+
+def kv_secret_runtime_env() -> dict[str, Any]:
+    """The runtime_env of the workers: at most the PATH of the secret file named here
+    (TANDEM_KV_SECRET_FILE; each node must hold the file there), never a secret's value."""
+    path = os.environ.get(SECRET_FILE_ENV)
+    return {"env_vars": {SECRET_FILE_ENV: path}} if path else {}
 
 
 def served_model(model_spec: str | None, info: dict[str, Any]) -> ServedModel:

@@ -136,7 +136,8 @@ class WorkerBase:
         stats: dict[str, Any] = await asyncio.to_thread(self.loop.call, read)
         transfers = self._transfer_metrics()
         stats["kv_pairs"] = len(transfers) - 1  # less the retired pairs' counters
-        stats["kv_pairs_refused"] = self._num_pairs_refused()
+        stats["kv_pairs_refused_by_reason"] = self._pairs_refused()
+        stats["kv_pairs_refused"] = sum(stats["kv_pairs_refused_by_reason"].values())
         for key, field in [
             ("kv_transfers_completed", "transfers_completed"),
             ("kv_transfers_failed", "transfers_failed"),
@@ -170,8 +171,8 @@ class WorkerBase:
     def _transfer_metrics(self) -> list[Any]:
         return [self.loop.retired_metrics, *(r.metrics for r in self.loop.receivers)]
 
-    def _num_pairs_refused(self) -> int:
-        return 0
+    def _pairs_refused(self) -> dict[str, int]:
+        return {}
 
     def _transfer_holders(self) -> list[str]:
         return self.loop.transfer_holders()
@@ -340,8 +341,8 @@ class EngineWorker(WorkerBase):
             self._endpoint.close()
         super().shutdown()
 
-    def _num_pairs_refused(self) -> int:
-        return 0 if self._endpoint is None else self._endpoint.num_refused
+    def _pairs_refused(self) -> dict[str, int]:
+        return {} if self._endpoint is None else self._endpoint.refused_by_reason
 
     def _adopt_pair(self, channel: PairChannel, control: ControlConnection) -> None:
         """A pair formed (on its forming thread): receive its transfers from now on."""

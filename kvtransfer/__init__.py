@@ -15,7 +15,10 @@ Modules:
     control   the control connection: framed messages over TCP, refusing anything else.
     messages  the control messages (hello, offer, ready, done, ack, abort), struct-encoded.
     transport PairChannel: a 2-rank communicator between two workers, formed on demand from a
-              TCPStore rendezvous (gloo between CPU processes, NCCL between GPUs).
+              rendezvous store (gloo between CPU processes, NCCL between GPUs).
+    rendezvous a pair's rendezvous store over its authenticated control connection.
+    handshake the challenge-response on the cluster secret that opens a control connection.
+    network   where KV endpoints listen (address, interface, port range).
     coalesce  gathering scattered blocks into one staging tensor for a single send, and
               scattering it back into the receiver's blocks; the bounded staging pool.
     layout    KVLayout: model id and KV block geometry both ends must share.

@@ -10,6 +10,10 @@ type, an oversized length) before reading any payload; the payload is parsed by
 `messages.decode`, which never unpickles or executes anything. A refused frame closes the
 connection: after garbage the stream cannot be trusted to be in step again.
 
+Before a peer has proven the cluster secret, a connection accepts only the handshake's frames,
+with small payloads (`restrict`, set by kvtransfer.handshake and kvtransfer.rendezvous): an
+unauthenticated peer cannot make this side buffer a 4 MiB offer or parse any other message.
+
 One thread reads (`recv`), any number send (`send` is locked). Sockets are blocking with
 timeouts; a `recv` timeout returns None and keeps any partial frame for the next call.
 """
@@ -21,9 +25,18 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Collection
 
 from engine.errors import KVTransferError
-from kvtransfer.messages import HEADER_BYTES, Message, decode, encode, read_header
+from kvtransfer.messages import (
+    HEADER_BYTES,
+    MAX_PAYLOAD_BYTES,
+    Message,
+    MessageType,
+    decode,
+    encode,
+    read_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +54,16 @@ class ControlConnection:
         self._send_lock = threading.Lock()
         self._buffer = bytearray()
         self._closed = threading.Event()
+        self._allowed: frozenset[MessageType] | None = None  # None: every type
+        self._max_payload_bytes = MAX_PAYLOAD_BYTES
+
+    def restrict(
+        self, types: Collection[MessageType] | None, max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> None:
+        """From the next frame on, refuse (and close) any frame not of `types` (None: any) or
+        with a payload over max_payload_bytes, on its header, before reading the payload."""
+        self._allowed = None if types is None else frozenset(types)
+        self._max_payload_bytes = max_payload_bytes
 
     @classmethod
     def connect(cls, host: str, port: int, timeout_s: float) -> ControlConnection:
@@ -109,7 +132,15 @@ class ControlConnection:
         if len(self._buffer) < HEADER_BYTES:
             return None
         try:
-            _, payload_bytes = read_header(self._buffer[:HEADER_BYTES])
+            msg_type, payload_bytes = read_header(self._buffer[:HEADER_BYTES])
+            if self._allowed is not None and msg_type not in self._allowed:
+                allowed = ", ".join(sorted(t.name for t in self._allowed))
+                raise KVTransferError(f"{msg_type.name} frame where only {allowed} may come")
+            if payload_bytes > self._max_payload_bytes:
+                raise KVTransferError(
+                    f"{msg_type.name} payload of {payload_bytes} bytes, at most "
+                    f"{self._max_payload_bytes} here"
+                )
             end = HEADER_BYTES + payload_bytes
             if len(self._buffer) < end:
                 return None
@@ -148,4 +179,8 @@ class ControlListener:
         return ControlConnection(sock, f"{address[0]}:{address[1]}")
 
     def close(self) -> None:
+        """Stop listening at once: shutdown() first, since close() alone leaves the socket
+        listening while another thread still waits in accept() on it (Linux)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()

@@ -6,7 +6,8 @@ know the per-cluster secret without sending it.
                                                  <-----   PairChallenge(nonce_r, proof_r)
       checks proof_r (else: not our cluster)
       PairProof(proof_s)                         ----->   checks proof_s (else: refused)
-      both: the rendezvous scope = MAC("store", ...); only now the pair's TCPStore keys
+      both: the rendezvous, over this connection (kvtransfer.rendezvous), under the scope
+            MAC("store", ...)
 
     proof_r = HMAC-SHA256(secret, "receiver" | pair_key | nonce_s | nonce_r)
     proof_s = HMAC-SHA256(secret, "sender"   | pair_key | nonce_s | nonce_r)
@@ -14,14 +15,23 @@ know the per-cluster secret without sending it.
 Both nonces are fresh random bytes per formation, so no proof can be replayed; the role label
 keeps a receiver's proof from being reflected back as a sender's. The receiver reserves nothing
 before proof_s checks out (blocks are only reserved for offers on a formed pair). The pair's
-rendezvous keys live under a scope derived from the secret and both nonces, which nobody without
-the secret can name before both ends have claimed their ranks.
+rendezvous runs over this same connection, into a store of that formation alone.
 
 The secret comes from the environment: TANDEM_KV_SECRET (the value) or TANDEM_KV_SECRET_FILE (a
 file holding it, e.g. a mounted Kubernetes Secret). It never crosses the network, is never
-logged and never pickled. What this does not do: encrypt or sign the KV payload itself (the
-data path is gloo or NCCL); keep KV ports on the cluster network (kvtransfer.network, and the
-Helm chart's NetworkPolicies).
+logged and never pickled.
+
+What this does not protect:
+- the control connection after the handshake: frames are neither encrypted nor MACed, so an
+  attacker on the path (not merely able to connect) can read offers and inject or alter
+  control frames; the handshake only proves who opened the connection;
+- the data path: gloo and NCCL open listeners of their own (ephemeral ports of the KV address,
+  kvtransfer.network), learn each other's addresses through the authenticated rendezvous, but
+  accept and carry KV payloads in plaintext without any authentication; anyone who can reach
+  those ports while a pair forms can connect to them (gloo checks little beyond a pair id)
+  and anyone on the path can read or alter KV bytes;
+- keeping the KV ports off untrusted networks: that is kvtransfer.network (bind the KV address
+  only) and the Helm chart's NetworkPolicies (only prefill pods reach decode pods' KV range).
 """
 
 from __future__ import annotations
@@ -38,7 +48,10 @@ from typing import TypeVar
 from engine.errors import KVTransferError
 from kvtransfer.control import ControlConnection
 from kvtransfer.messages import (
+    MAX_PAIR_KEY_BYTES,
     NONCE_BYTES,
+    PROOF_BYTES,
+    MessageType,
     PairChallenge,
     PairHello,
     PairProof,
@@ -50,6 +63,9 @@ MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 4096
 _SENDER, _RECEIVER, _STORE = b"sender", b"receiver", b"store"
 M = TypeVar("M", PairHello, PairChallenge, PairProof)
+# The largest handshake payload (a PairHello with the longest pair key): all an unproven peer
+# may send before the other end knows who it is.
+MAX_HANDSHAKE_PAYLOAD_BYTES = 2 + MAX_PAIR_KEY_BYTES + NONCE_BYTES
 
 
 class PeerRefused(KVTransferError):
@@ -79,19 +95,25 @@ class ClusterSecret:
         env = os.environ if environ is None else environ
         value = env.get(SECRET_ENV)
         if value:
-            return cls(value.encode())
-        path = env.get(SECRET_FILE_ENV)
-        if not path:
-            raise ValueError(
-                f"no KV cluster secret: set {SECRET_ENV} or {SECRET_FILE_ENV} (every worker of "
-                "a cluster needs the same one)"
-            )
+            key, source = value.encode().strip(), SECRET_ENV
+        else:
+            path = env.get(SECRET_FILE_ENV)
+            if not path:
+                raise ValueError(
+                    f"no KV cluster secret: set {SECRET_ENV} or {SECRET_FILE_ENV} in the "
+                    "environment of every worker (on a Ray cluster joined by address: of every "
+                    "node's raylet, e.g. the Helm chart's mounted Secret); all need the same one"
+                )
+            try:
+                with open(path, "rb") as file:
+                    key = file.read(MAX_SECRET_BYTES + 1).strip()
+            except OSError as e:
+                raise ValueError(f"{SECRET_FILE_ENV}={path!r}: cannot read it: {e}") from None
+            source = f"{SECRET_FILE_ENV}={path!r}"
         try:
-            with open(path, "rb") as file:
-                key = file.read(MAX_SECRET_BYTES + 1).strip()
-        except OSError as e:
-            raise ValueError(f"{SECRET_FILE_ENV}={path!r}: cannot read it: {e}") from None
-        return cls(key)
+            return cls(key)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def mac(self, label: bytes, pair_key: str, sender_nonce: bytes, receiver_nonce: bytes) -> bytes:
         data = b"tandem-kv/" + label + b"\0" + pair_key.encode() + b"\0"
@@ -109,6 +131,7 @@ def prove_as_sender(
     PeerRefused if the receiver does not prove the secret, KVTransferError if the connection
     fails or `deadline` (time.monotonic) passes first."""
     sender_nonce = secrets.token_bytes(NONCE_BYTES)
+    control.restrict({MessageType.CHALLENGE}, NONCE_BYTES + PROOF_BYTES)  # until it proves
     control.send(PairHello(pair_key, sender_nonce), _left_s(deadline, control))
     challenge = _receive(control, PairChallenge, deadline)
     expected = secret.mac(_RECEIVER, pair_key, sender_nonce, challenge.nonce)
@@ -118,6 +141,7 @@ def prove_as_sender(
             "have the same one?)"
         )
     proof = secret.mac(_SENDER, pair_key, sender_nonce, challenge.nonce)
+    control.restrict(None)
     control.send(PairProof(proof), _left_s(deadline, control))
     return secret.scope(pair_key, sender_nonce, challenge.nonce)
 
@@ -128,6 +152,7 @@ def check_sender(
     """The receiver's half: (pair key, rendezvous scope) of a sender that proved the secret.
     Raises PeerRefused for anything else: a first message that is not PairHello, a wrong
     proof, a connection that closes or stays silent until `deadline` (time.monotonic)."""
+    control.restrict({MessageType.HELLO, MessageType.PROOF}, MAX_HANDSHAKE_PAYLOAD_BYTES)
     try:
         hello = _receive(control, PairHello, deadline)
         receiver_nonce = secrets.token_bytes(NONCE_BYTES)
@@ -141,6 +166,7 @@ def check_sender(
     expected = secret.mac(_SENDER, hello.pair_key, hello.nonce, receiver_nonce)
     if not hmac.compare_digest(answer.proof, expected):
         raise PeerRefused(f"{control.peer} did not prove the KV cluster secret")
+    control.restrict(None)
     return hello.pair_key, secret.scope(hello.pair_key, hello.nonce, receiver_nonce)
 
 

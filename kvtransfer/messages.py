@@ -34,6 +34,13 @@ Frame (all integers little-endian):
       6 PairHello      str pair_key, 32B nonce
       7 PairChallenge  32B nonce, 32B proof
       8 PairProof      32B proof
+      9 StoreRequest   u8 op, str key, blob value, blob desired, i64 amount
+                                          blob = u32 byte length + bytes
+     10 StoreReply     u8 ok, blob value, i64 number, str error
+
+StoreRequest / StoreReply carry the pair's rendezvous (kvtransfer.rendezvous: the sender's
+torch.distributed store operations, answered by the receiver) between PairProof and the first
+transfer message; nothing else may send them.
 
 Every message validates its fields on construction (ValueError naming the field), so whatever
 `encode` produces, `decode` accepts, and `decode(encode(m)) == m`. The encoding is canonical:
@@ -64,6 +71,7 @@ HEADER_BYTES = _HEADER.size
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 
@@ -74,6 +82,9 @@ MAX_DTYPE_BYTES = 32
 MAX_PAIR_KEY_BYTES = 128
 NONCE_BYTES = 32  # of PairHello and PairChallenge
 PROOF_BYTES = 32  # an HMAC-SHA256 (kvtransfer.handshake)
+MAX_STORE_KEY_BYTES = 512  # a rendezvous key (kvtransfer.rendezvous)
+MAX_STORE_VALUE_BYTES = 1 << 16  # a rendezvous value: gloo addresses, NCCL's unique id
+I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_BLOCK_IDS = 1 << 20  # per message; 16-token blocks make that 16M tokens
 # The largest payload any message can have: an offer with every string and list at its limit.
 MAX_PAYLOAD_BYTES = (
@@ -99,6 +110,22 @@ class MessageType(IntEnum):
     HELLO = 6
     CHALLENGE = 7
     PROOF = 8
+    STORE_REQUEST = 9
+    STORE_REPLY = 10
+
+
+class StoreOp(IntEnum):
+    """The operation of a StoreRequest (torch.distributed.Store's, one key each)."""
+
+    SET = 1
+    GET = 2  # waits for the key
+    ADD = 3
+    CHECK = 4
+    WAIT = 5
+    COMPARE_SET = 6
+    DELETE = 7
+    NUM_KEYS = 8
+    DONE = 9  # the sender's formation is over: the receiver stops serving the rendezvous
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +261,45 @@ class PairProof:
         _check_fixed_bytes("proof", self.proof, PROOF_BYTES)
 
 
+@dataclass(frozen=True, slots=True)
+class StoreRequest:
+    """Sender -> receiver, during formation: one rendezvous store operation."""
+
+    op: StoreOp
+    key: str = ""  # 0..MAX_STORE_KEY_BYTES UTF-8 bytes
+    value: bytes = b""  # SET's value, COMPARE_SET's expected; at most MAX_STORE_VALUE_BYTES
+    desired: bytes = b""  # COMPARE_SET's desired value
+    amount: int = 0  # ADD's, an i64; WAIT's and GET's time limit in ms
+
+    def __post_init__(self) -> None:
+        if type(self.op) is not StoreOp:
+            try:
+                object.__setattr__(self, "op", StoreOp(self.op))
+            except ValueError:
+                raise ValueError(f"op={self.op!r} must be a StoreOp") from None
+        _check_str("key", self.key, MAX_STORE_KEY_BYTES)
+        _check_blob("value", self.value)
+        _check_blob("desired", self.desired)
+        _check_int("amount", self.amount, I64_MIN, I64_MAX)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreReply:
+    """Receiver -> sender: the outcome of the last StoreRequest."""
+
+    ok: bool
+    value: bytes = b""  # GET's value, COMPARE_SET's result
+    number: int = 0  # ADD's new value, CHECK's and DELETE's 0 or 1, NUM_KEYS's count
+    error: str = ""  # when not ok; at most MAX_REASON_BYTES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ok, bool):
+            raise ValueError(f"ok={self.ok!r} must be a bool")
+        _check_blob("value", self.value)
+        _check_int("number", self.number, I64_MIN, I64_MAX)
+        _check_str("error", self.error, MAX_REASON_BYTES)
+
+
 Message = (
     TransferOffer
     | TransferReady
@@ -243,6 +309,8 @@ Message = (
     | PairHello
     | PairChallenge
     | PairProof
+    | StoreRequest
+    | StoreReply
 )
 
 
@@ -264,6 +332,18 @@ def _check_str(name: str, value: object, max_bytes: int, min_bytes: int = 0) -> 
         raise ValueError(f"{name}={value!r} is not encodable as UTF-8: {e.reason}") from None
     if not min_bytes <= num_bytes <= max_bytes:
         raise ValueError(f"{name} is {num_bytes} UTF-8 bytes, must be {min_bytes}..{max_bytes}")
+
+
+def _check_blob(name: str, value: object) -> None:
+    if type(value) is not bytes:
+        raise ValueError(f"{name} must be bytes, got {type(value).__name__}")
+    if len(value) > MAX_STORE_VALUE_BYTES:
+        raise ValueError(f"{name} is {len(value)} bytes, limit {MAX_STORE_VALUE_BYTES}")
+
+
+def _check_int(name: str, value: object, minimum: int, maximum: int) -> None:
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise ValueError(f"{name}={value!r} must be an int in [{minimum}, {maximum}]")
 
 
 def _check_fixed_bytes(name: str, value: object, num_bytes: int) -> None:
@@ -369,6 +449,19 @@ def _encode_abort(m: TransferAbort) -> bytes:
     return _str(m.transfer_id) + _str(m.reason)
 
 
+def _blob(value: bytes) -> bytes:
+    return _U32.pack(len(value)) + value
+
+
+def _encode_store_request(m: StoreRequest) -> bytes:
+    fields = (bytes((m.op,)), _str(m.key), _blob(m.value), _blob(m.desired), _I64.pack(m.amount))
+    return b"".join(fields)
+
+
+def _encode_store_reply(m: StoreReply) -> bytes:
+    return bytes((int(m.ok),)) + _blob(m.value) + _I64.pack(m.number) + _str(m.error)
+
+
 _ENCODERS: dict[type, tuple[MessageType, Callable[[Any], bytes]]] = {
     TransferOffer: (MessageType.OFFER, _encode_offer),
     TransferReady: (MessageType.READY, _encode_ready),
@@ -378,6 +471,8 @@ _ENCODERS: dict[type, tuple[MessageType, Callable[[Any], bytes]]] = {
     PairHello: (MessageType.HELLO, _encode_hello),
     PairChallenge: (MessageType.CHALLENGE, _encode_challenge),
     PairProof: (MessageType.PROOF, _encode_proof),
+    StoreRequest: (MessageType.STORE_REQUEST, _encode_store_request),
+    StoreReply: (MessageType.STORE_REPLY, _encode_store_reply),
 }
 
 
@@ -482,6 +577,17 @@ class _Reader:
                 f"{self.message_name}: {field} is not valid UTF-8 ({e.reason} at byte {e.start})"
             ) from None
 
+    def i64(self, field: str) -> int:
+        return int(_I64.unpack(self._take(8, field))[0])
+
+    def blob(self, field: str) -> bytes:
+        num_bytes = self.u32(f"{field} length")
+        if num_bytes > MAX_STORE_VALUE_BYTES:
+            raise KVTransferError(
+                f"{self.message_name}: {field} is {num_bytes} bytes, limit {MAX_STORE_VALUE_BYTES}"
+            )
+        return bytes(self._take(num_bytes, field))
+
     def fixed(self, field: str, num_bytes: int) -> bytes:
         return bytes(self._take(num_bytes, field))
 
@@ -564,6 +670,24 @@ def _decode_proof(r: _Reader) -> dict[str, Any]:
     return {"proof": r.fixed("proof", PROOF_BYTES)}
 
 
+def _decode_store_request(r: _Reader) -> dict[str, Any]:
+    op = r.u8("op")
+    if op not in StoreOp._value2member_map_:
+        raise KVTransferError(f"StoreRequest: op {op} is not a store operation")
+    key = r.string("key", MAX_STORE_KEY_BYTES)
+    value, desired = r.blob("value"), r.blob("desired")
+    return {"op": StoreOp(op), "key": key, "value": value, "desired": desired,
+            "amount": r.i64("amount")}  # fmt: skip
+
+
+def _decode_store_reply(r: _Reader) -> dict[str, Any]:
+    ok = r.flag("ok")
+    value = r.blob("value")
+    number = r.i64("number")
+    error = r.string("error", MAX_REASON_BYTES)
+    return {"ok": ok, "value": value, "number": number, "error": error}
+
+
 _DECODERS: dict[int, tuple[type[Message], Callable[[_Reader], dict[str, Any]]]] = {
     MessageType.OFFER: (TransferOffer, _decode_offer),
     MessageType.READY: (TransferReady, _decode_ready),
@@ -573,4 +697,6 @@ _DECODERS: dict[int, tuple[type[Message], Callable[[_Reader], dict[str, Any]]]] 
     MessageType.HELLO: (PairHello, _decode_hello),
     MessageType.CHALLENGE: (PairChallenge, _decode_challenge),
     MessageType.PROOF: (PairProof, _decode_proof),
+    MessageType.STORE_REQUEST: (StoreRequest, _decode_store_request),
+    MessageType.STORE_REPLY: (StoreReply, _decode_store_reply),
 }

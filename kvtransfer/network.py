@@ -6,9 +6,9 @@ interface, on ports from a configured range, and never on every interface.
     listen_socket(host, config)                         a listening TCP socket in the range
     use_interface(name)                                 GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
 
-A decode worker's control listener and rendezvous TCPStore both bind the resolved address (the
-TCPStore through a socket bound here, since torch's own server listens on every interface); a
-prefill worker's gloo device binds its own resolved address. gloo and NCCL open further
+A decode worker's control listener binds the resolved address (its only listener: the pair's
+rendezvous runs over the control connection, kvtransfer.rendezvous); a prefill worker's gloo
+device binds its own resolved address. gloo and NCCL open further
 listeners on ephemeral ports of that address: the Helm chart sets the worker pods' ephemeral
 port range (net.ipv4.ip_local_port_range) to the same range, so one range covers every KV port.
 
@@ -105,7 +105,14 @@ def resolve_kv_address(config: KVNetworkConfig, node_ip: str) -> KVAddress:
     cluster knows it). Raises ValueError naming the interface if it has no IPv4 address."""
     if config.interface is not None:
         return KVAddress(interface_address(config.interface), config.interface)
-    return KVAddress(node_ip, interface_of(node_ip))
+    interface = interface_of(node_ip)
+    if interface is None:
+        logger.warning(
+            "no interface here holds the node address %s: GLOO_SOCKET_IFNAME and "
+            "NCCL_SOCKET_IFNAME stay unset, so NCCL may carry KV over another interface; "
+            "name one with --kv-interface (%s)", node_ip, INTERFACE_ENV,
+        )  # fmt: skip
+    return KVAddress(node_ip, interface)
 
 
 def interface_address(name: str) -> str:

@@ -5,20 +5,37 @@ sender, rank 0) and a decode worker (the receiver, rank 1), on demand, without a
       ReceiverEndpoint(host)                      connect_pair(endpoint.address, pair_key, ...)
         ControlListener  <--- TCP connect -----     ControlConnection
                          <--- challenge-response -> (kvtransfer.handshake: the cluster secret)
-        TCPStore server  <--- rendezvous ------     open_channel(rank 0)     (rank 1: accept)
+        HashStore of the <--- rendezvous ------     ControlStore: store operations as frames
+        formation              (same connection)    (kvtransfer.rendezvous); open_channel
+        open_channel(rank 1)                        (rank 0)
 
-The endpoint's address (host, control port, store port, and the decode worker's KV layout) is
-what a decode worker publishes: both listeners bind that host only (kvtransfer.network), on
-ports of the configured range. Pair keys are single-use (a new key for every pair formed, e.g.
+The decode worker listens on one port per endpoint, the control port: the rendezvous travels
+over the authenticated control connection into a store of that formation alone, so nobody
+without the secret can read or write it. The endpoint's address (host, control port, and the
+decode worker's KV layout) is
+what a decode worker publishes: its listener binds that host only (kvtransfer.network), on a
+port of the configured range. Pair keys are single-use (a new key for every pair formed, e.g.
 "<prefill>/<decode>/<n>"). A sender whose KV layout differs from the address's (dtype, scale
 scheme, geometry, model) is refused before it connects: at pairing time, not at its first
 transfer.
 
 Every formation is bounded by the transport's connect_timeout_s, on both sides, step by step
 (handshake, rendezvous, process group). A decode worker forms pairs concurrently (`serve`: a
-thread per connection, at most MAX_FORMING at once), so a peer that connects and stalls - idle,
-half-open, or a sender that gave up and left its hello behind - holds up only itself: the
-handshake needs a live answer, so a stale hello ends at the first reply.
+thread per connection), so a peer that connects and stalls - idle, half-open, or a sender that
+gave up and left its hello behind - holds up only itself: the handshake needs a live answer, so
+a stale hello ends at the first reply. Connections that have not proven the secret are held
+apart from those that have:
+
+    unauthenticated   at most MAX_HANDSHAKING at once, MAX_UNAUTHENTICATED_PER_SOURCE from one
+                      address, each given HANDSHAKE_TIMEOUT_S to prove the secret; beyond
+                      that a connection is closed at once (and counted as refused)
+    authenticated     MAX_FORMING slots of their own (rendezvous and process group), which
+                      unauthenticated connections never take
+
+so idle sockets from one address cannot keep a real peer from pairing, and idle sockets from
+many addresses hold up pairing for HANDSHAKE_TIMEOUT_S at a time, not connect_timeout_s. The
+accepting thread survives socket errors (EMFILE, ECONNABORTED: logged, counted, retried after
+ACCEPT_BACKOFF_S); after `close` no formation still under way is handed to on_pair.
 """
 
 from __future__ import annotations
@@ -29,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,12 +56,22 @@ from kvtransfer.control import ControlConnection, ControlListener
 from kvtransfer.handshake import ClusterSecret, PeerRefused, check_sender, prove_as_sender
 from kvtransfer.layout import KVLayout
 from kvtransfer.network import KVNetworkConfig, listen_socket
+from kvtransfer.rendezvous import ControlStore, serve_rendezvous
 from kvtransfer.transport import PairAddress, PairChannel, TransportConfig, open_channel
 
 logger = logging.getLogger(__name__)
 
-MAX_FORMING = 16  # formations a receiver runs at once; connections beyond are closed at once
+MAX_HANDSHAKING = 32  # unauthenticated connections a receiver holds at once
+MAX_UNAUTHENTICATED_PER_SOURCE = 8  # of them from one peer address (one host's workers)
+HANDSHAKE_TIMEOUT_S = 5.0  # for a peer to prove the secret (at most connect_timeout_s)
+MAX_FORMING = 16  # authenticated formations (rendezvous, process group) at once
+ACCEPT_BACKOFF_S = 0.1  # after a failed accept() (EMFILE, ECONNABORTED), before the next
 _ACCEPT_POLL_S = 0.5  # how often `serve` looks whether the endpoint was closed
+
+# Why a connection was refused (tandem_kv_pairs_refused_total's `reason`): it did not prove the
+# cluster secret (wrong proof, silence past the handshake deadline, closed or garbage first), or
+# it came over the limits on unauthenticated connections.
+REFUSAL_REASONS = ("unproven", "over_limit")
 
 OnPair = Callable[[PairChannel, ControlConnection], None]
 
@@ -53,13 +80,12 @@ OnPair = Callable[[PairChannel, ControlConnection], None]
 class EndpointAddress:
     host: str
     control_port: int
-    store_port: int
     layout: KVLayout | None = None  # the receiver's KV layout, checked by connect_pair
 
 
 class ReceiverEndpoint:
-    """A decode worker's listening side: a control listener and the rendezvous store, both on
-    `host` only. `secret`: the cluster's (default: from the environment, see
+    """A decode worker's listening side: a control listener on `host` only (the rendezvous
+    runs over its connections). `secret`: the cluster's (default: from the environment, see
     kvtransfer.handshake); `network`: the port range (default: any free port)."""
 
     def __init__(
@@ -72,16 +98,18 @@ class ReceiverEndpoint:
         self.secret = secret if secret is not None else ClusterSecret.from_environment()
         network = network or KVNetworkConfig()
         self.listener = ControlListener(host, sock=listen_socket(host, network))
-        store_sock = listen_socket(host, network)
-        store_port = store_sock.getsockname()[1]
-        self.store = dist.TCPStore(
-            host, store_port, is_master=True, wait_for_workers=False,
-            timeout=timedelta(seconds=60), master_listen_fd=store_sock.detach(),
-        )  # fmt: skip
-        self.address = EndpointAddress(host, self.listener.port, store_port, layout)
-        self._lock = threading.Lock()
-        self._num_refused = 0
+        try:
+            self.address = EndpointAddress(host, self.listener.port, layout)
+        except BaseException:
+            self.listener.close()
+            raise
+        self._lock = threading.Lock()  # guards the counts, _sources, _live and adoption
+        self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
+        self._num_accept_errors = 0
+        self._handshaking = threading.BoundedSemaphore(MAX_HANDSHAKING)
+        self._sources: dict[str, int] = {}  # unauthenticated connections by peer address
         self._forming = threading.BoundedSemaphore(MAX_FORMING)
+        self._live: set[ControlConnection] = set()  # connections of formations under way
         self._closed = threading.Event()
 
     @property
@@ -89,7 +117,19 @@ class ReceiverEndpoint:
         """Formations refused: the peer did not prove the cluster secret (wrong secret, no
         answer in time, a connection that stalled or closed first), or too many at once."""
         with self._lock:
-            return self._num_refused
+            return sum(self._refused.values())
+
+    @property
+    def refused_by_reason(self) -> dict[str, int]:
+        """num_refused by REFUSAL_REASONS."""
+        with self._lock:
+            return dict(self._refused)
+
+    @property
+    def num_accept_errors(self) -> int:
+        """accept() calls that failed (EMFILE, ECONNABORTED, ...) and were retried."""
+        with self._lock:
+            return self._num_accept_errors
 
     def accept(
         self, config: TransportConfig, device: torch.device | str | None = None
@@ -115,8 +155,14 @@ class ReceiverEndpoint:
         return thread
 
     def close(self) -> None:
-        self._closed.set()
+        """Stop listening and end every formation under way (their connections close); a
+        formation that completes anyway is closed, not handed to on_pair. Idempotent."""
+        with self._lock:
+            self._closed.set()
+            live, self._live = self._live, set()
         self.listener.close()
+        for control in live:
+            control.close()
 
     def _accept_loop(
         self, config: TransportConfig, device: torch.device | str | None, on_pair: OnPair
@@ -124,63 +170,156 @@ class ReceiverEndpoint:
         while not self._closed.is_set():
             try:
                 control = self.listener.accept(_ACCEPT_POLL_S)
-            except OSError:  # closed
-                return
+            except OSError as e:
+                if self._closed.is_set():
+                    return
+                with self._lock:
+                    self._num_accept_errors += 1
+                logger.warning("KV endpoint accept failed (retrying): %s", e)
+                self._closed.wait(ACCEPT_BACKOFF_S)
+                continue
             if control is None:
                 continue
-            if not self._forming.acquire(blocking=False):
-                self._count_refused(f"{control.peer}: {MAX_FORMING} formations under way")
+            source = control.peer.rpartition(":")[0]
+            with self._lock:
+                per_source = self._sources.get(source, 0)
+                admitted = (
+                    per_source < MAX_UNAUTHENTICATED_PER_SOURCE
+                    and self._handshaking.acquire(blocking=False)
+                )
+                if admitted:
+                    self._sources[source] = per_source + 1
+            if not admitted:
+                self._count_refused(
+                    "over_limit",
+                    f"{control.peer}: too many unauthenticated connections ({per_source} from "
+                    f"{source}, at most {MAX_UNAUTHENTICATED_PER_SOURCE}; at most "
+                    f"{MAX_HANDSHAKING} in all)",
+                )
                 control.close()
                 continue
             threading.Thread(
-                target=self._form_and_hand_over, args=(control, config, device, on_pair),
+                target=self._form_and_hand_over, args=(control, source, config, device, on_pair),
                 name="kv-form", daemon=True,
             ).start()  # fmt: skip
 
     def _form_and_hand_over(
         self,
         control: ControlConnection,
+        source: str | None,
         config: TransportConfig,
         device: torch.device | str | None,
         on_pair: OnPair,
     ) -> None:
         try:
-            channel, control = self._form(control, config, device)
+            channel, control = self._form(control, config, device, source)
         except PeerRefused:
             return  # counted and logged
         except Exception as e:  # one failed formation must not stop the others
             logger.warning("a KV pair from %s did not form: %s", control.peer, e)
             return
-        finally:
-            self._forming.release()
-        try:
-            on_pair(channel, control)
-        except Exception:
-            logger.exception("a formed KV pair could not be adopted")
+        with self._lock:  # close() either ran before (nothing adopted) or runs after
+            adopt = not self._closed.is_set()
+            if adopt:
+                try:
+                    on_pair(channel, control)
+                except Exception:
+                    logger.exception("a formed KV pair could not be adopted")
+                    adopt = False
+        if not adopt:
             channel.close()
             control.close()
 
     def _form(
-        self, control: ControlConnection, config: TransportConfig, device: torch.device | str | None
+        self,
+        control: ControlConnection,
+        config: TransportConfig,
+        device: torch.device | str | None,
+        source: str | None = None,
     ) -> tuple[PairChannel, ControlConnection]:
-        deadline = time.monotonic() + config.connect_timeout_s
+        """Handshake (in an unauthenticated slot when `source` is given: `serve`), then the
+        rendezvous and process group in an authenticated slot."""
+        start = time.monotonic()
+        deadline = start + config.connect_timeout_s
+        unauthenticated = source
         try:
+            with self._lock:
+                closed = self._closed.is_set()
+                if not closed:
+                    self._live.add(control)
+            if closed:
+                raise KVTransferError("the KV endpoint is closed")
             try:
-                pair_key, scope = check_sender(control, self.secret, deadline)
+                handshake_deadline = start + min(HANDSHAKE_TIMEOUT_S, config.connect_timeout_s)
+                pair_key, scope = check_sender(control, self.secret, handshake_deadline)
             except PeerRefused as e:
-                self._count_refused(str(e))
+                self._count_refused("unproven", str(e))
                 raise
-            address = PairAddress(self.address.host, self.address.store_port, pair_key, 1, scope)
-            channel = open_channel(address, config, device, deadline - time.monotonic())
-            return channel, control
+            if unauthenticated is not None:  # proven: its slot is free for the next peer
+                self._release_unauthenticated(unauthenticated)
+                unauthenticated = None
+            if not self._forming.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                raise KVTransferError(f"pair {pair_key!r}: {MAX_FORMING} formations under way")
+            try:
+                return self._rendezvous(control, pair_key, scope, config, device, deadline)
+            finally:
+                self._forming.release()
         except BaseException:
             control.close()
             raise
+        finally:
+            if unauthenticated is not None:
+                self._release_unauthenticated(unauthenticated)
+            with self._lock:
+                self._live.discard(control)
 
-    def _count_refused(self, reason: str) -> None:
+    def _release_unauthenticated(self, source: str) -> None:
         with self._lock:
-            self._num_refused += 1
-        logger.warning("KV pair refused: %s", reason)
+            left = self._sources.pop(source, 1) - 1
+            if left:
+                self._sources[source] = left
+        self._handshaking.release()
+
+    def _rendezvous(
+        self,
+        control: ControlConnection,
+        pair_key: str,
+        scope: str,
+        config: TransportConfig,
+        device: torch.device | str | None,
+        deadline: float,
+    ) -> tuple[PairChannel, ControlConnection]:
+        """The rendezvous over `control` into a store of this formation, then the channel."""
+        address = PairAddress(self.address.host, self.address.control_port, pair_key, 1, scope)
+        store = dist.HashStore()  # this formation's; the sender reaches it through control
+        failure: list[BaseException] = []
+        serving = threading.Thread(
+            target=_serve, args=(control, store, deadline, failure), name="kv-rendezvous",
+            daemon=True,
+        )  # fmt: skip
+        serving.start()
+        channel = open_channel(address, config, device, deadline - time.monotonic(), store)
+        serving.join(max(deadline - time.monotonic(), 0))
+        if serving.is_alive() or failure:
+            channel.close()
+            why = failure[0] if failure else "no end of the rendezvous in time"
+            raise KVTransferError(f"pair {pair_key!r}: {why}")
+        return channel, control
+
+    def _count_refused(self, reason: str, detail: str) -> None:
+        with self._lock:
+            self._refused[reason] += 1
+        logger.warning("KV pair refused (%s): %s", reason, detail)
+
+
+def _serve(
+    control: ControlConnection, store: Any, deadline: float, failure: list[BaseException]
+) -> None:
+    try:
+        serve_rendezvous(control, store, deadline)
+    except BaseException as e:  # reported to the forming thread
+        failure.append(e)
+        control.close()  # the sender's store calls fail at once
 
 
 def connect_pair(
@@ -210,8 +349,15 @@ def connect_pair(
     )
     try:
         scope = prove_as_sender(control, pair_key, secret, deadline)
-        address = PairAddress(endpoint.host, endpoint.store_port, pair_key, 0, scope)
-        return open_channel(address, config, device, deadline - time.monotonic()), control
+        address = PairAddress(endpoint.host, endpoint.control_port, pair_key, 0, scope)
+        store = ControlStore(control, deadline)
+        channel = open_channel(address, config, device, deadline - time.monotonic(), store)
+        try:
+            store.finish()
+        except BaseException:
+            channel.close()
+            raise
+        return channel, control
     except BaseException:
         with contextlib.suppress(Exception):
             control.close()

@@ -4,9 +4,10 @@ A `PairChannel` is a 2-rank torch.distributed process group built directly from 
 `TCPStore` (no `init_process_group`, no global state), so one process holds as many channels as
 it has peers, formed on demand and closed independently:
 
-    rendezvous TCPStore (host, port)        one server, e.g. in the decode worker
-      "tandem/kv/<pair_key>/<scope>/..."    PrefixStore: many pairs share one store; the scope
-                                            (kvtransfer.handshake) only the two ends know
+    rendezvous store                        given by the caller (kvtransfer.pair: the pair's
+      "tandem/kv/<pair_key>/<scope>/..."    own, over its control connection, see
+                                            kvtransfer.rendezvous), else a TCPStore client of
+                                            (host, port) (tests, benchmarks)
          |                      |
       rank 0 (prefill A)    rank 1 (decode B)     PairAddress(host, port, pair_key, rank)
 
@@ -79,7 +80,8 @@ and teardown, which differ in kind, hence a base class with two subclasses rathe
   process environment, teardown, GPU memory per pair and completion polling are described
   there.
 
-The rendezvous store keeps a few hundred bytes per pair ever formed. This module never
+A shared rendezvous TCPStore keeps a few hundred bytes per pair ever formed (kvtransfer.pair
+gives each formation a store of its own instead). This module never
 pickles: only tensors and store keys cross the process boundary.
 """
 
@@ -197,6 +199,7 @@ def open_channel(
     config: TransportConfig,
     device: torch.device | str | None = None,
     timeout_s: float | None = None,
+    store: Any = None,
 ) -> PairChannel:
     """Form this side of a pair: blocks until the peer joins and the handshake completes.
 
@@ -204,7 +207,8 @@ def open_channel(
     whole formation (default connect_timeout_s; what is left of a deadline, when the caller
     spent part of it already). Returns a ready channel. Raises KVTransferError if the peer does
     not join in time, the key was already used, or the handshake fails. Called from the
-    pair's transfer thread.
+    pair's transfer thread. `store`: the rendezvous store (a torch.distributed.Store, kept
+    alive by the channel); None: a TCPStore client of (address.store_host, store_port).
     """
     if timeout_s is not None:
         if timeout_s <= 0:
@@ -213,8 +217,8 @@ def open_channel(
     if config.backend == "nccl":
         from kvtransfer.nccl import NcclPairChannel  # it builds on this module
 
-        return NcclPairChannel.connect(address, config, device)
-    return GlooPairChannel.connect(address, config, device)
+        return NcclPairChannel.connect(address, config, device, store)
+    return GlooPairChannel.connect(address, config, device, store)
 
 
 class PairChannel(ABC):
@@ -253,13 +257,17 @@ class PairChannel(ABC):
 
     @classmethod
     def connect(
-        cls, address: PairAddress, config: TransportConfig, device: torch.device | str | None
+        cls,
+        address: PairAddress,
+        config: TransportConfig,
+        device: torch.device | str | None,
+        rendezvous: Any = None,
     ) -> PairChannel:
         """Rendezvous, build the process group, handshake (see open_channel)."""
         start = time.monotonic()
         device = cls._prepare(device)
         try:
-            store = _pair_store(address, config)
+            store = _pair_store(address, config, rendezvous)
             _claim_rank(store, address)
             _check_wire_version(store, address)
             pg = cls._make_process_group(store, address, config, device)
@@ -267,7 +275,7 @@ class PairChannel(ABC):
             raise KVTransferError(
                 f"{_describe(address)}: formation failed: {_first_line(e)}"
             ) from e
-        channel = cls(address, config, store, pg, device)
+        channel = cls(address, config, (store, rendezvous), pg, device)
         try:
             channel._handshake(config.connect_timeout_s - (time.monotonic() - start))
         except BaseException:
@@ -831,16 +839,17 @@ def _wait(work: Any, deadline: float) -> None:
         raise KVTransferError("operation aborted")
 
 
-def _pair_store(address: PairAddress, config: TransportConfig) -> Any:
-    """A store client of its own (formation blocks in store waits; a client shared by
-    concurrent formations would serialise them) under the pair's prefix."""
-    store = dist.TCPStore(
-        address.store_host,
-        address.store_port,
-        is_master=False,
-        timeout=timedelta(seconds=config.connect_timeout_s),
-        wait_for_workers=False,
-    )
+def _pair_store(address: PairAddress, config: TransportConfig, store: Any = None) -> Any:
+    """`store` (else a TCPStore client of its own: formation blocks in store waits, a client
+    shared by concurrent formations would serialise them) under the pair's prefix."""
+    if store is None:
+        store = dist.TCPStore(
+            address.store_host,
+            address.store_port,
+            is_master=False,
+            timeout=timedelta(seconds=config.connect_timeout_s),
+            wait_for_workers=False,
+        )
     scope = f"/{address.scope}" if address.scope else ""
     return dist.PrefixStore(STORE_PREFIX + address.pair_key + scope, store)
 

@@ -728,6 +728,12 @@ def test_kv_ports_open_only_between_the_pools(rendered: tuple[str, list]) -> Non
             assert allowed(docs, pods["head"], pods[target], port)
             assert not allowed(docs, pods["stranger"], pods[target], port)
             assert not allowed(docs, pods["redis"], pods[target], port)
+    # The head's Ray ports are random over the whole range (KV range included): workers reach
+    # every port of it; strangers only the router's (and metrics') port.
+    for port in (1, 6379, low - 1, low, (low + high) // 2, high, high + 1, 65535):
+        for source in ("prefill", "decode"):
+            assert allowed(docs, pods[source], pods["head"], port), f"{source} -> head:{port}"
+        assert not allowed(docs, pods["stranger"], pods["head"], port), f"stranger -> head:{port}"
     if values["redis"]["enabled"]:  # Redis reaches nothing
         assert not allowed(docs, pods["redis"], pods["decode"], 6380)
         assert allowed(docs, pods["decode"], pods["redis"], 6379)

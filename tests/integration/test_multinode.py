@@ -13,7 +13,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import sys
 import time
@@ -34,6 +33,9 @@ RAY = str(Path(sys.executable).parent / "ray")
 PROMPTS = ["The capital of France is", "List three colors:"]
 MAX_TOKENS = 8
 GRPC_PORT, METRICS_PORT, GCS_PORT = 50051, 9400, 6379
+KV_PORTS = (41000, 41099)  # --kv-ports: the decode worker's KV listener takes one of these
+RAY_WORKER_PORTS = (30000, 30099)  # Ray's own worker gRPC servers, which listen everywhere
+KV_INTERFACE = "eth0"  # the veth end in every node namespace (tests/integration/netns.py)
 HEAD, NODE_A, NODE_B = 0, 1, 2
 
 
@@ -43,13 +45,19 @@ def network() -> Iterator[Network]:
     if reason is not None:
         pytest.skip(reason)
     net = Network(num_nodes=2)
-    temp = Path(f"/tmp/{net.prefix}")  # short: Ray's socket paths must fit 107 bytes
+    net.scratch.append(Path(f"/tmp/{net.prefix}"))  # short: Ray's socket paths fit 107 bytes
     try:
         net.create()
         yield net
     finally:
-        net.destroy()
-        shutil.rmtree(temp, ignore_errors=True)
+        net.destroy()  # every step, whatever failed; raises naming what did
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    """("10.213.7.3", 41007) of ss's "10.213.7.3:41007" ("*" or "0.0.0.0" for every
+    interface, brackets dropped from IPv6)."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]").split("%")[0], int(port)
 
 
 def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> None:
@@ -77,6 +85,8 @@ class Cluster:
             "RAY_health_check_period_ms": "500",
             "RAY_health_check_timeout_ms": "1000",
             "RAY_health_check_failure_threshold": "3",
+            # the KV secret every raylet, and so every worker, inherits (never a runtime_env)
+            "TANDEM_KV_SECRET": secrets.token_hex(32),
         }
         self.env.pop("RAY_ADDRESS", None)
         self.head = net.address(HEAD)
@@ -86,6 +96,8 @@ class Cluster:
         log = self.logs / f"ray-{index}.log"
         common = ["--block", "--disable-usage-stats", "--object-store-memory=80000000",
                   f"--node-ip-address={self.net.address(index)}",
+                  f"--min-worker-port={RAY_WORKER_PORTS[0]}",
+                  f"--max-worker-port={RAY_WORKER_PORTS[1]}",
                   f"--temp-dir={self.temp}/{index}"]  # fmt: skip
         process = self.net.start(index, [RAY, "start", *common, *args], self.env, log)
 
@@ -104,6 +116,7 @@ class Cluster:
             "--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1",
             "--prefill-resources", '{"tandem_prefill": 1}',
             "--decode-resources", '{"tandem_decode": 1}',
+            "--kv-ports", f"{KV_PORTS[0]}-{KV_PORTS[1]}", "--kv-interface", KV_INTERFACE,
         ]  # fmt: skip
         self.service = self.net.start(HEAD, command, self.env, self.logs / "serve.log")
 
@@ -126,6 +139,30 @@ class Cluster:
 
     def runs(self, index: int, actor: str) -> bool:
         return any(f"ray::{actor}" in line for line in self.net.commands(index))
+
+    def pids_of(self, index: int, actor: str) -> list[int]:
+        return [
+            pid for pid, line in self.net.processes_of(index) if line.startswith(f"ray::{actor}")
+        ]
+
+    def check_kv_crossed_the_link(self) -> None:
+        """A's connections to B: one to B's KV control port (in KV_PORTS). B's decode worker
+        listens on B's address only (KV listener in KV_PORTS, gloo's), bar Ray's own worker
+        server, which Ray binds to every interface (in RAY_WORKER_PORTS)."""
+        b_address = self.net.address(NODE_B)
+        established = self.net.run(NODE_A, ["ss", "-Htn", "state", "established"], self.env, 10)
+        peers = [_endpoint(line.split()[-1]) for line in established.splitlines() if line]
+        b_ports = [port for host, port in peers if host == b_address]
+        assert any(KV_PORTS[0] <= port <= KV_PORTS[1] for port in b_ports), established
+        (decode_pid,) = self.pids_of(NODE_B, "EngineWorker")
+        listening = self.net.run(NODE_B, ["ss", "-Htlnp"], self.env, 10)
+        listeners = [
+            _endpoint(line.split()[3]) for line in listening.splitlines()
+            if f"pid={decode_pid}," in line
+        ]  # fmt: skip
+        ours = [(h, p) for h, p in listeners if not RAY_WORKER_PORTS[0] <= p <= RAY_WORKER_PORTS[1]]
+        assert any(KV_PORTS[0] <= p <= KV_PORTS[1] for _, p in ours), listening
+        assert all(host == b_address for host, _ in ours), listening
 
     def stop_service(self) -> None:
         self.service.send_signal(signal.SIGTERM)
@@ -162,9 +199,7 @@ def test_pools_on_two_hosts_pair_across_the_link_and_survive_losing_one(
     received = cluster.metric("tandem_kv_transfer_bytes_total", pool="decode",
                               direction="received")  # fmt: skip
     assert received and received[0] > 0, "no KV reached the decode worker"
-    # the KV went over the link: node A holds TCP connections to node B's address
-    connections = network.run(NODE_A, ["ss", "-Htn", "state", "established"], cluster.env, 10)
-    assert f"{network.address(NODE_B)}:" in connections, connections
+    cluster.check_kv_crossed_the_link()
 
     network.kill(NODE_A)  # host A lost: its raylet, its workers, everything
     wait_for(lambda: cluster.runs(NODE_B, "PrefillWorker"), 180, "a prefill worker on B")

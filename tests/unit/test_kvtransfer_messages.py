@@ -35,6 +35,9 @@ from kvtransfer.messages import (
     PairChallenge,
     PairHello,
     PairProof,
+    StoreOp,
+    StoreReply,
+    StoreRequest,
     TransferAbort,
     TransferAck,
     TransferDone,
@@ -75,6 +78,12 @@ MESSAGES: list[Message] = [
     PairHello("p" * 128, b"\xff" * 32),
     PairChallenge(b"\x01" * 32, bytes(range(32, 64))),
     PairProof(bytes(range(32))),
+    StoreRequest(StoreOp.SET, "tandem/kv/p/0/0", b"\x00addr" * 20),
+    StoreRequest(StoreOp.ADD, "claim/1", amount=-(1 << 63)),
+    StoreRequest(StoreOp.COMPARE_SET, "k" * 512, b"", b"v" * 65536, amount=(1 << 63) - 1),
+    StoreRequest(StoreOp.DONE),
+    StoreReply(True, b"value", 1),
+    StoreReply(False, error="no key 'x' within 5 s"),
 ]
 
 
@@ -135,6 +144,8 @@ def test_examples_cover_every_message_type() -> None:
         PairHello,
         PairChallenge,
         PairProof,
+        StoreRequest,
+        StoreReply,
     }
 
 
@@ -249,8 +260,8 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("short header", b"TKV1\x05\x00", r"^truncated header: 6 bytes, need 9$"),
     ("bad magic", frame(5, b"", magic=b"TKV2"), r"^bad magic b'TKV2', expected b'TKV1'$"),
     ("pickle magic", b"\x80\x05\x95" + bytes(20), r"^bad magic .*a pickle stream, refused$"),
-    ("type 0", frame(0, b""), r"^unknown message type 0; known: 1 OFFER, .* 8 PROOF$"),
-    ("type 9", frame(9, b""), r"^unknown message type 9"),
+    ("type 0", frame(0, b""), r"^unknown message type 0; known: 1 OFFER, .* 10 STORE_REPLY$"),
+    ("type 11", frame(11, b""), r"^unknown message type 11"),
     ("short nonce", frame(MessageType.HELLO, wire_str(b"k") + b"n" * 31), "nonce needs 32 bytes"),
     ("type 255", frame(255, b""), r"^unknown message type 255"),
     (

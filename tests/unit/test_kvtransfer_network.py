@@ -4,9 +4,11 @@ the challenge-response over real sockets (no torch process groups)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,17 @@ from kvtransfer.handshake import (
     check_sender,
     prove_as_sender,
 )
-from kvtransfer.messages import Message, encode
+from kvtransfer.messages import (
+    Message,
+    PairChallenge,
+    PairHello,
+    PairProof,
+    StoreOp,
+    StoreRequest,
+    TransferAbort,
+    decode,
+    encode,
+)
 from kvtransfer.network import (
     KVNetworkConfig,
     interface_address,
@@ -29,6 +41,7 @@ from kvtransfer.network import (
     use_interface,
 )
 from kvtransfer.pair import ReceiverEndpoint
+from tests.ports import free_port_range
 
 SECRET = ClusterSecret(b"s" * 32)
 
@@ -70,6 +83,17 @@ def test_addresses_resolve_from_the_interface_or_the_node_ip() -> None:
         interface_address("nosuch0")
 
 
+def test_a_node_address_no_interface_holds_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NCCL would then choose its interface itself: the worker's log says so."""
+    with caplog.at_level("WARNING", logger="kvtransfer.network"):
+        address = resolve_kv_address(KVNetworkConfig(), "192.0.2.99")
+    assert address.interface is None
+    assert "no interface here holds the node address 192.0.2.99" in caplog.text
+    assert "--kv-interface" in caplog.text
+
+
 def test_use_interface_points_gloo_and_nccl_at_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth9")
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
@@ -80,11 +104,12 @@ def test_use_interface_points_gloo_and_nccl_at_it(monkeypatch: pytest.MonkeyPatc
 
 
 def test_listen_socket_takes_a_port_of_the_range() -> None:
-    config = KVNetworkConfig(None, 41230, 41232)
+    first, last = free_port_range(3)
+    config = KVNetworkConfig(None, first, last)
     socks = [listen_socket("127.0.0.1", config) for _ in range(3)]
     try:
-        assert sorted(s.getsockname()[1] for s in socks) == [41230, 41231, 41232]
-        with pytest.raises(KVTransferError, match="no free port in the KV range 41230-41232"):
+        assert sorted(s.getsockname()[1] for s in socks) == [first, first + 1, last]
+        with pytest.raises(KVTransferError, match=f"no free port in the KV range {first}-{last}"):
             listen_socket("127.0.0.1", config)
     finally:
         for sock in socks:
@@ -92,14 +117,15 @@ def test_listen_socket_takes_a_port_of_the_range() -> None:
 
 
 def test_endpoint_listens_on_its_address_only() -> None:
-    """Both listeners answer on the bound address and nowhere else (127.0.0.2 reaches this
+    """The listener answers on the bound address and nowhere else (127.0.0.2 reaches this
     host too: a wildcard listener would answer there)."""
-    endpoint = ReceiverEndpoint("127.0.0.1", SECRET, KVNetworkConfig(None, 41240, 41249))
+    first, last = free_port_range(10)
+    endpoint = ReceiverEndpoint("127.0.0.1", SECRET, KVNetworkConfig(None, first, last))
     try:
         address = endpoint.address
         assert address.host == "127.0.0.1"
-        for port in (address.control_port, address.store_port):
-            assert 41240 <= port <= 41249
+        for port in (address.control_port,):
+            assert first <= port <= last
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.2", port), timeout=5)
@@ -119,8 +145,21 @@ def test_secret_comes_from_the_variable_or_the_file(tmp_path: Path) -> None:
         ClusterSecret.from_environment({})
     with pytest.raises(ValueError, match="TANDEM_KV_SECRET_FILE='/nonexistent': cannot read"):
         ClusterSecret.from_environment({"TANDEM_KV_SECRET_FILE": "/nonexistent"})
-    with pytest.raises(ValueError, match="secret is 5 bytes, must be 16"):
+    with pytest.raises(ValueError, match="TANDEM_KV_SECRET: the KV cluster secret is 5 bytes"):
         ClusterSecret.from_environment({"TANDEM_KV_SECRET": "short"})
+
+
+def test_the_variable_and_the_file_give_the_same_secret(tmp_path: Path) -> None:
+    """Surrounding whitespace (a trailing newline of `kubectl create secret --from-file`, or
+    of `export X=$(cat file)`) is stripped from both, so both ends derive the same key."""
+    secret_file = tmp_path / "kv-secret"
+    secret_file.write_bytes(b"  same-secret-0123456789\n")
+    from_file = ClusterSecret.from_environment({"TANDEM_KV_SECRET_FILE": str(secret_file)})
+    from_variable = ClusterSecret.from_environment({"TANDEM_KV_SECRET": "same-secret-0123456789\n"})
+    assert from_file == from_variable
+    with pytest.raises(ValueError, match=r"TANDEM_KV_SECRET_FILE=.*: the KV cluster secret is 0"):
+        secret_file.write_bytes(b" \n")
+        ClusterSecret.from_environment({"TANDEM_KV_SECRET_FILE": str(secret_file)})
 
 
 def handshake(
@@ -174,3 +213,72 @@ def test_handshake_with_another_secret_is_refused_on_both_sides() -> None:
     sender, receiver, _ = handshake(ClusterSecret(b"o" * 32), SECRET)
     assert isinstance(sender, PeerRefused) and "did not prove" in str(sender)
     assert isinstance(receiver, PeerRefused)
+
+
+def against_receiver(attack: Callable[[ControlConnection], None]) -> object:
+    """Run `attack` (a peer without the secret) against check_sender; the receiver's outcome."""
+    listener = ControlListener("127.0.0.1")
+    outcome: list[object] = []
+
+    def receive() -> None:
+        control = listener.accept(5)
+        assert control is not None
+        try:
+            outcome.append(check_sender(control, SECRET, time.monotonic() + 5))
+        except KVTransferError as e:
+            outcome.append(e)
+        control.close()
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    attacker = ControlConnection.connect("127.0.0.1", listener.port, 5)
+    try:
+        attack(attacker)
+    finally:
+        thread.join(10)
+        attacker.close()
+        listener.close()
+    (result,) = outcome
+    return result
+
+
+def test_a_receivers_own_proof_reflected_back_is_refused() -> None:
+    def reflect(control: ControlConnection) -> None:
+        control.send(PairHello("p/d/1", b"n" * 32))
+        challenge = control.recv(5)
+        assert isinstance(challenge, PairChallenge)
+        control.send(PairProof(challenge.proof))  # the receiver's proof as the sender's
+
+    outcome = against_receiver(reflect)
+    assert isinstance(outcome, PeerRefused) and "did not prove" in str(outcome)
+
+
+def test_a_recorded_proof_replayed_is_refused() -> None:
+    """A PairProof recorded off a real formation, replayed with the same hello: the receiver's
+    fresh nonce makes it worthless."""
+    _, _, sent = handshake(SECRET, SECRET)
+    hello_bytes = len(encode(PairHello("p/d/1", b"n" * 32)))
+    hello, proof = decode(sent[:hello_bytes]), decode(sent[hello_bytes:])
+    assert isinstance(hello, PairHello) and isinstance(proof, PairProof)
+
+    def replay(control: ControlConnection) -> None:
+        control.send(hello)
+        assert isinstance(control.recv(5), PairChallenge)
+        control.send(proof)
+
+    outcome = against_receiver(replay)
+    assert isinstance(outcome, PeerRefused) and "did not prove" in str(outcome)
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (encode(TransferAbort("t", "x")), "ABORT frame where only HELLO, PROOF may come"),
+        (encode(StoreRequest(StoreOp.SET, "k", b"v")), "STORE_REQUEST frame where only"),
+        # a huge payload is refused on its header, before any of it is read
+        (encode(PairHello("p", b"n" * 32))[:5] + (1 << 20).to_bytes(4, "little"), "at most 162"),
+    ],
+)
+def test_an_unproven_peer_may_send_only_small_handshake_frames(frame: bytes, match: str) -> None:
+    outcome = against_receiver(lambda control: control._sock.sendall(frame))
+    assert isinstance(outcome, PeerRefused) and re.search(match, str(outcome)), outcome

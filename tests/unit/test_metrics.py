@@ -21,6 +21,7 @@ WORKER_STATS = {
     "num_blocks": 100, "num_free_blocks": 75, "kv_bytes_sent": 0, "kv_bytes_received": 4096,
     "kv_transfers_completed": 2, "kv_transfer_seconds": 0.5, "kv_transfers_failed": 1,
     "kv_leases_expired": 0, "kv_pairs_refused": 3,
+    "kv_pairs_refused_by_reason": {"unproven": 2, "over_limit": 1},
 }  # fmt: skip
 
 
@@ -65,7 +66,8 @@ def test_requests_and_workers_become_samples(metrics: ServiceMetrics) -> None:
     assert sample(metrics, "tandem_kv_transfer_seconds_count", **worker) == 2
     assert sample(metrics, "tandem_kv_transfer_seconds_sum", **worker) == 0.5
     assert sample(metrics, "tandem_kv_transfer_failures_total", **worker) == 1
-    assert sample(metrics, "tandem_kv_pairs_refused_total", **worker) == 3
+    assert sample(metrics, "tandem_kv_pairs_refused_total", **worker, reason="unproven") == 2
+    assert sample(metrics, "tandem_kv_pairs_refused_total", **worker, reason="over_limit") == 1
     # a worker whose engine failed counts in its pool but reports no figures
     assert sample(metrics, "tandem_pool_workers", pool="prefill") == 1
     assert (
@@ -99,3 +101,10 @@ def test_the_dashboard_queries_only_metrics_that_exist(metrics: ServiceMetrics) 
     }
     assert len(queried) >= 20
     assert queried <= exported, sorted(queried - exported)
+
+
+def test_refusal_reasons_match_the_endpoints() -> None:
+    from cluster.metrics import REFUSAL_REASONS
+    from kvtransfer.pair import REFUSAL_REASONS as ENDPOINT_REASONS
+
+    assert REFUSAL_REASONS == ENDPOINT_REASONS
