@@ -79,10 +79,12 @@ def _kv_write_kernel(
     k = tl.load(
         k_ptr + token * stride_k_token + offs_h[:, None] * stride_k_head + offs_d[None, :],
         mask=mask,
+        other=0.0,  # padding lanes must not reach the FP8 amax
     )
     v = tl.load(
         v_ptr + token * stride_v_token + offs_h[:, None] * stride_v_head + offs_d[None, :],
         mask=mask,
+        other=0.0,
     )
     # Destination: block block_id, row slot_in_block, same (head, d) tile.
     kc_ptrs = (
