@@ -26,25 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.fp8_round import round_to_e4m3
 from engine.kernels.launch import check_devices, check_kv_scales, on_device
 from engine.kv_quant import quantize_rows
-
-
-@triton.jit
-def _round_to_e4m3(x):
-    """fp32 x (|x| <= 448) rounded to the nearest e4m3fn value, ties to even, still in fp32,
-    so the conversion that follows is exact on every backend. (Triton 3.6's CPU interpreter
-    rounds ties away, flushes subnormals and loses the carry when rounding up to a power of
-    two: 126 became 64. With this, kernel and torch reference agree bit for bit.)"""
-    # Normal range: keep sign, exponent and 3 mantissa bits; round on the 20 dropped bits
-    # (+0x7FFFF, +1 more if the kept lsb is odd: ties to even); a carry bumps the exponent.
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
-    normal = bits.to(tl.float32, bitcast=True)
-    # Subnormal range (|x| < 2^-6): multiples of 2^-9, rounded to nearest even by adding and
-    # removing 1.5 * 2^23.
-    subnormal = ((x * 512.0 + 12582912.0) - 12582912.0) / 512.0
-    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
 
 
 @triton.jit
@@ -95,10 +79,12 @@ def _kv_write_kernel(
     k = tl.load(
         k_ptr + token * stride_k_token + offs_h[:, None] * stride_k_head + offs_d[None, :],
         mask=mask,
+        other=0.0,  # padding lanes must not reach the FP8 amax
     )
     v = tl.load(
         v_ptr + token * stride_v_token + offs_h[:, None] * stride_v_head + offs_d[None, :],
         mask=mask,
+        other=0.0,
     )
     # Destination: block block_id, row slot_in_block, same (head, d) tile.
     kc_ptrs = (
@@ -119,8 +105,8 @@ def _kv_write_kernel(
         # Scale of each head row: its amax maps to 448.
         k_s = tl.maximum(tl.max(tl.abs(k.to(tl.float32)), axis=1), 1e-12) / 448.0  # [BLOCK_H]
         v_s = tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=1), 1e-12) / 448.0
-        k = _round_to_e4m3(tl.clamp(k.to(tl.float32) / k_s[:, None], -448.0, 448.0))
-        v = _round_to_e4m3(tl.clamp(v.to(tl.float32) / v_s[:, None], -448.0, 448.0))
+        k = round_to_e4m3(tl.clamp(k.to(tl.float32) / k_s[:, None], -448.0, 448.0))
+        v = round_to_e4m3(tl.clamp(v.to(tl.float32) / v_s[:, None], -448.0, 448.0))
         mask_h = (offs_h < NUM_KV_HEADS) & is_valid
         ks_ptrs = k_scale_ptr + block_id * stride_ks_block + slot_in_block * stride_ks_slot
         vs_ptrs = v_scale_ptr + block_id * stride_vs_block + slot_in_block * stride_vs_slot

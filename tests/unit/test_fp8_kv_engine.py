@@ -2,9 +2,11 @@
 
 The packed cache (engine.kv_quant) holds e4m3 values and a scale per (token, kv head); every
 row is quantized once, when written, and never rescaled. So reusing blocks changes nothing:
-greedy outputs are the same with prefix caching on or off, with the prompt prefilled whole or in
-chunks, and after preemption and recompute, and every block is back at the end. The cache holds
-about twice the tokens of a bf16 cache in the same bytes.
+greedy outputs are the same with prefix caching on or off, and every block is back at the end.
+Chunked prefill and preemption recompute K/V in other batches; on this tiny model the tokens
+stay the same, but FP8 rounding can amplify the last-bit differences of fp32 sums taken in
+another batch, so on a real model they need not (docs/benchmarks.md, "Determinism"). The cache
+holds about twice the tokens of a bf16 cache in the same bytes.
 """
 
 from __future__ import annotations

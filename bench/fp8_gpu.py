@@ -1,0 +1,131 @@
+"""FP8 weights and FP8 KV against bf16 on one GPU, Llama-3-8B shape (dummy weights), one run.
+
+Three engines, built one after another in this process, same shapes, same prompts:
+
+    bf16     bf16 weights, bf16 KV cache           (the baseline)
+    w8       FP8 W8A8 projections (torch._scaled_mm), bf16 KV
+    w8kv8    FP8 projections and the FP8 KV cache (e4m3 + a scale per token and kv head)
+
+Measured for each (median of `--repeats` after a warm-up; decode rates exclude prefill):
+- decode tokens/s at batch 1 (`--prompt-len` prompt, `--new-tokens` new tokens),
+- time to first token of a `--ttft-len` prompt (one chunk),
+- decode tokens/s at batch 64 (the FP8 KV question: no slower than bf16 KV?),
+- saturation: end-to-end output tokens/s of `--saturation-requests` requests arriving at once,
+- how many `--long-len`-token sequences the KV cache of `--kv-cache-gb` holds (from the
+  engine's block count; not run).
+
+    python -m bench.fp8_gpu [--repeats 2] [--out $OUT/fp8_gpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from typing import Any
+
+import torch
+
+from bench.common import machine_info, markdown_table, write_json
+from bench.engine_gpu import median_of, random_prompts, tandem_decode, tandem_ttft
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.scheduler import SchedulerConfig
+
+VARIANTS = {"bf16": (None, "auto"), "w8": ("fp8", "auto"), "w8kv8": ("fp8", "fp8")}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-3-8b")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--ttft-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--saturation-requests", type=int, default=128)
+    parser.add_argument("--long-len", type=int, default=8192)
+    parser.add_argument("--kv-cache-gb", type=float, default=20.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="bench/results/fp8_gpu.json")
+    return parser.parse_args()
+
+
+def build(args: argparse.Namespace, quantization: str | None, kv_cache_dtype: str) -> Engine:
+    return Engine(
+        EngineConfig(
+            model=f"dummy:{args.shape}", device="cuda", dtype="bfloat16",
+            kv_cache_bytes=int(args.kv_cache_gb * 2**30), max_model_len=args.long_len,
+            quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+            scheduler=SchedulerConfig(
+                max_num_seqs=args.saturation_requests,
+                max_num_batched_tokens=max(args.ttft_len, 8192),
+            ),
+        )
+    )  # fmt: skip
+
+
+def measure(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
+    vocab = engine.model_config.vocab_size
+
+    def decode(batch: int) -> float:
+        return median_of(
+            args.repeats,
+            lambda rep: tandem_decode(
+                engine, random_prompts(batch, args.prompt_len, vocab, 100 * batch + rep),
+                args.new_tokens,
+            )[0],
+        )["median"]  # fmt: skip
+
+    saturation = median_of(
+        args.repeats,
+        lambda rep: tandem_decode(
+            engine, random_prompts(args.saturation_requests, args.prompt_len, vocab, 7 + rep),
+            args.new_tokens,
+        )[1],
+    )["median"]  # fmt: skip
+    ttft_prompt = random_prompts(1, args.ttft_len, vocab, seed=3)[0]
+    result = {
+        "decode_b1_tok_s": decode(1),
+        "ttft_ms": 1000
+        * median_of(args.repeats, lambda rep: tandem_ttft(engine, ttft_prompt))["median"],
+        f"decode_b{args.batch}_tok_s": decode(args.batch),
+        "saturation_tok_s": saturation,
+        "long_seqs_that_fit": engine.num_kv_blocks * engine.config.block_size // args.long_len,
+        "num_kv_blocks": engine.num_kv_blocks,
+        "gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    engine.check_integrity()
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.variants.split(","):
+        started = time.perf_counter()
+        engine = build(args, *VARIANTS[name])
+        load_s = time.perf_counter() - started
+        results[name] = {"load_s": load_s, **measure(args, engine)}
+        print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    keys = [k for k in next(iter(results.values())) if k not in ("load_s", "num_kv_blocks")]
+    base = results.get("bf16")
+    rows = []
+    for key in keys:
+        cells = [f"{results[n][key]:.1f}" for n in results]
+        if base is not None:
+            cells += [f"{results[n][key] / base[key]:.2f}x" for n in results if n != "bf16"]
+        rows.append((key, *cells))
+    headers = ["metric", *results, *(f"{n}/bf16" for n in results if n != "bf16" and base)]
+    print(f"{torch.cuda.get_device_name()}, shape {args.shape}")
+    print(markdown_table(headers, rows))
+    data = {"args": vars(args), "results": results, "machine": machine_info(("torch", "triton"))}
+    print(f"wrote {write_json(args.out, data)}")
+
+
+if __name__ == "__main__":
+    main()

