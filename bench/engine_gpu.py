@@ -67,8 +67,9 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=0,
         help="also run bench.engine_saturation's workload (1,024 in / 128 out, 256 running, "
-        "8,192 tokens a step) with this many requests, median of 2 (0: skip)",
+        "8,192 tokens a step) with this many requests (0: skip)",
     )
+    parser.add_argument("--saturation-repeats", type=int, default=2, help="median of this many")
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler table of one TTFT prefill"
     )
@@ -211,7 +212,9 @@ def run_saturation(args: argparse.Namespace) -> dict[str, Any]:
     """bench.engine_saturation's workload and bound, in this run."""
     from bench import engine_saturation
 
-    sat_args = engine_saturation.parse_args([f"--num-requests={args.saturation_requests}"])
+    sat_args = engine_saturation.parse_args(
+        [f"--num-requests={args.saturation_requests}", f"--repeats={args.saturation_repeats}"]
+    )
     sat_args.shape = args.shape
     config = NAMED_SHAPES[args.shape]
     engine = engine_saturation.tandem_engine(sat_args)
