@@ -58,9 +58,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--no-gemv", action="store_true", help="cuBLAS for 1-row projections")
-    parser.add_argument("--no-pdl", action="store_true", help="GEMV without dependent launch")
+    parser.add_argument("--pdl", action="store_true", help="GEMV with dependent launch")
     parser.add_argument(
-        "--no-dense-prefill", action="store_true", help="fresh prefills through the paged kernel"
+        "--dense-prefill", action="store_true", help="fresh prefills through torch's SDPA"
     )
     parser.add_argument(
         "--saturation-requests",
@@ -127,8 +127,8 @@ def tandem_engine(args: argparse.Namespace, max_batch: int) -> Engine:
     import engine.kernels.gemv as gemv_module
     import engine.triton_attention as triton_attention
 
-    gemv_module.USE_PDL = not args.no_pdl
-    triton_attention.DENSE_FRESH_PREFILL = not args.no_dense_prefill
+    gemv_module.USE_PDL = args.pdl
+    triton_attention.DENSE_FRESH_PREFILL = args.dense_prefill
     return dummy_engine(
         args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=max_batch,
         max_num_batched_tokens=max(args.ttft_len, 4096), cuda_graphs=not args.no_cuda_graphs,

@@ -213,12 +213,14 @@ def test_dense_fresh_prefill_matches_the_paged_kernel(model_dir: Path) -> None:
 
     engine = gpu_engine(model_dir)
     token_ids = rule_sequence(seed=9, length=700)
-    dense = prefill_logits(engine, token_ids)
-    triton_attention.DENSE_FRESH_PREFILL = False
+    default = triton_attention.DENSE_FRESH_PREFILL
     try:
+        triton_attention.DENSE_FRESH_PREFILL = True
+        dense = prefill_logits(engine, token_ids)
+        triton_attention.DENSE_FRESH_PREFILL = False
         paged = prefill_logits(engine, token_ids)
     finally:
-        triton_attention.DENSE_FRESH_PREFILL = True
+        triton_attention.DENSE_FRESH_PREFILL = default
     assert (dense.argmax(-1) == paged.argmax(-1)).float().mean().item() >= 0.99
     scale = paged.abs().max().item()
     torch.testing.assert_close(dense, paged, atol=0.02 * scale, rtol=0.05)

@@ -83,7 +83,7 @@ def test_engine_knobs_per_pool() -> None:
 def test_engine_knobs_unset_leave_sizing_to_the_device() -> None:
     config = serve_config()
     assert config.engine.scheduler is None and config.engine.max_model_len is None
-    with pytest.raises(ValueError, match="kv_cache_memory_fraction=1.5 must be in"):
+    with pytest.raises(ValueError, match=r"kv_cache_memory_fraction=1\.5 must be in"):
         serve_config("--kv-cache-memory-fraction", "1.5")
 
 
