@@ -182,9 +182,9 @@ def test_mixed_batches_compile_each_kernel_once() -> None:
 
 
 def test_preempted_sequences_decode_alike_with_and_without_graphs(model_dir: Path) -> None:
-    """Few KV blocks: sequences are preempted and recomputed with new block lists while the
-    decode graphs' host-side block table is updated row by row (issue 19). Greedy outputs
-    must match the eager path's, and no block may leak."""
+    """Few KV blocks: sequences are preempted and recomputed with new block lists between
+    decode-graph steps (whose inputs, block tables included, are refilled every step). Greedy
+    outputs must match the eager path's, and no block may leak."""
     from engine.config import EngineConfig
     from engine.sampling_params import SamplingParams
     from engine.scheduler import SchedulerConfig
