@@ -15,6 +15,9 @@ prompt token ids, greedy decoding that never stops early. Measured:
   compiling every batch size would cost minutes of GPU time each).
 
 Each number is the median of `--repeats` runs after a warm-up (min and max in the JSON).
+With `--saturation-requests N`, also `bench.engine_saturation`'s workload and bound in the same
+run (issue 19's rows: batch 1, batch 64, TTFT, saturation). `--no-gemv`, `--pdl` and
+`--dense-prefill` flip the engine's switches (engine.kernels.gemv, engine.triton_attention).
 
     python -m bench.engine_gpu --shape llama-3-8b [--batch-sizes 1,16,64] [--baselines
         eager,static] [--repeats 3] [--out results.json]
