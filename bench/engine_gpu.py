@@ -15,6 +15,9 @@ prompt token ids, greedy decoding that never stops early. Measured:
   compiling every batch size would cost minutes of GPU time each).
 
 Each number is the median of `--repeats` runs after a warm-up (min and max in the JSON).
+With `--saturation-requests N`, also `bench.engine_saturation`'s workload and bound in the same
+run (issue 19's rows: batch 1, batch 64, TTFT, saturation). `--no-gemv`, `--pdl` and
+`--dense-prefill` flip the engine's switches (engine.kernels.gemv, engine.triton_attention).
 
     python -m bench.engine_gpu --shape llama-3-8b [--batch-sizes 1,16,64] [--baselines
         eager,static] [--repeats 3] [--out results.json]
@@ -58,17 +61,18 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--no-gemv", action="store_true", help="cuBLAS for 1-row projections")
-    parser.add_argument("--no-pdl", action="store_true", help="GEMV without dependent launch")
+    parser.add_argument("--pdl", action="store_true", help="GEMV with dependent launch")
     parser.add_argument(
-        "--no-dense-prefill", action="store_true", help="fresh prefills through the paged kernel"
+        "--dense-prefill", action="store_true", help="fresh prefills through torch's SDPA"
     )
     parser.add_argument(
         "--saturation-requests",
         type=int,
         default=0,
         help="also run bench.engine_saturation's workload (1,024 in / 128 out, 256 running, "
-        "8,192 tokens a step) with this many requests, median of 2 (0: skip)",
+        "8,192 tokens a step) with this many requests (0: skip)",
     )
+    parser.add_argument("--saturation-repeats", type=int, default=2, help="median of this many")
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler table of one TTFT prefill"
     )
@@ -126,8 +130,8 @@ def tandem_engine(args: argparse.Namespace, max_batch: int) -> Engine:
     import engine.kernels.gemv as gemv_module
     import engine.triton_attention as triton_attention
 
-    gemv_module.USE_PDL = not args.no_pdl
-    triton_attention.DENSE_FRESH_PREFILL = not args.no_dense_prefill
+    gemv_module.USE_PDL = args.pdl
+    triton_attention.DENSE_FRESH_PREFILL = args.dense_prefill
     return dummy_engine(
         args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=max_batch,
         max_num_batched_tokens=max(args.ttft_len, 4096), cuda_graphs=not args.no_cuda_graphs,
@@ -211,7 +215,9 @@ def run_saturation(args: argparse.Namespace) -> dict[str, Any]:
     """bench.engine_saturation's workload and bound, in this run."""
     from bench import engine_saturation
 
-    sat_args = engine_saturation.parse_args([f"--num-requests={args.saturation_requests}"])
+    sat_args = engine_saturation.parse_args(
+        [f"--num-requests={args.saturation_requests}", f"--repeats={args.saturation_repeats}"]
+    )
     sat_args.shape = args.shape
     config = NAMED_SHAPES[args.shape]
     engine = engine_saturation.tandem_engine(sat_args)

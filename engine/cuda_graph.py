@@ -6,18 +6,11 @@ Python costs more than running them. Replaying a captured graph launches them al
 Static buffers (one set, shared by every captured size; a batch of n runs the graph of the
 smallest captured size >= n, rows past n are padding):
 
-    vectors       [4, max_batch]            int64   rows: input_ids (padding: token 0),
-                                                    positions (0), slot_mapping (-1: the KV
-                                                    write skips it), context_lens (0: attention
-                                                    writes zeros)
+    input_ids     [max_batch]               int64   padding: token 0
+    positions     [max_batch]               int64   padding: 0
+    slot_mapping  [max_batch]               int64   padding: -1 (the KV write skips it)
     block_tables  [max_batch, max_blocks]   int32   padding: anything (never read)
-    context_lens  [max_batch]               int32   converted from `vectors` inside the graph
-
-Each step fills pinned host copies of these and moves them in two copies (issue 19: building
-and copying five small tensors per step, the block table row by row, cost ~2.8 ms of host
-time per step at batch 256, with the GPU idle). The host block table is updated
-incrementally: a row is rewritten only when its sequence or its block count changed (a
-sequence's block list only grows; the block manager replaces the list when it frees one).
+    context_lens  [max_batch]               int32   padding: 0 (attention writes zeros)
 
 Needs an attention backend whose kernels never synchronize with the host (the Triton one).
 """
@@ -59,16 +52,11 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size)
         self.batch_sizes = graph_batch_sizes(max_batch_size)
         n = max_batch_size
-        self.vectors = torch.zeros(4, n, dtype=torch.long, device=device)
-        self.input_ids, self.positions = self.vectors[0], self.vectors[1]
-        self.slot_mapping = self.vectors[2]
-        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
-        self.host_vectors = torch.zeros(4, n, dtype=torch.long).pin_memory()
-        self.host_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32).pin_memory()
-        # per row of host_tables: the block list written there and how many of its blocks
-        self.host_rows: list[tuple[list[int] | None, int]] = [(None, 0)] * n
-        self.copied = torch.cuda.Event()  # recorded after each step's copies from them
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # [batch, vocab], the graphs' outputs
 
@@ -96,7 +84,6 @@ class DecodeGraphs:
         )
 
     def _forward(self, batch: int) -> torch.Tensor:
-        self.context_lens[:batch].copy_(self.vectors[3, :batch])  # int64 -> int32, in the graph
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch],
             num_decode_tokens=batch,
@@ -111,32 +98,25 @@ class DecodeGraphs:
         """Logits [len(decodes), vocab] for one decode step of these sequences."""
         n = len(decodes)
         batch = next(b for b in self.batch_sizes if b >= n)
-        size = self.block_size
-        self.copied.synchronize()  # the last step's copies have left the pinned buffers
         ids, positions, slots, lens = [], [], [], []
+        table = torch.zeros(n, self.max_blocks, dtype=torch.int32)
         for row, item in enumerate(decodes):
             seq, position = item.seq, item.seq.num_computed_tokens
             ids.append(seq.token_ids[position])
             positions.append(position)
-            slots.append(seq.block_ids[position // size] * size + position % size)
+            block = seq.block_ids[position // self.block_size]
+            slots.append(block * self.block_size + position % self.block_size)
             lens.append(position + 1)
-            self._update_table_row(row, seq.block_ids)
-        pad = batch - n
-        self.host_vectors[:, :batch] = torch.tensor(
-            (ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad, lens + [0] * pad)
-        )
-        self.vectors.copy_(self.host_vectors, non_blocking=True)  # one contiguous 8n bytes
-        self.block_tables[:n].copy_(self.host_tables[:n], non_blocking=True)
-        self.copied.record()
+            table[row, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
+        self._fill(self.input_ids, ids, batch, 0)
+        self._fill(self.positions, positions, batch, 0)
+        self._fill(self.slot_mapping, slots, batch, -1)
+        self._fill(self.context_lens, lens, batch, 0)
+        self.block_tables[:n].copy_(table, non_blocking=True)
         self.graphs[batch].replay()
         return self.logits[batch][:n]
 
-    def _update_table_row(self, row: int, block_ids: list[int]) -> None:
-        written_list, num_written = self.host_rows[row]
-        if written_list is block_ids and num_written == len(block_ids):
-            return  # the usual case: nothing new since the last step
-        start = num_written if written_list is block_ids else 0
-        self.host_tables[row, start : len(block_ids)] = torch.tensor(
-            block_ids[start:], dtype=torch.int32
-        )
-        self.host_rows[row] = (block_ids, len(block_ids))
+    @staticmethod
+    def _fill(buffer: torch.Tensor, values: list[int], batch: int, pad: int) -> None:
+        padded = values + [pad] * (batch - len(values))
+        buffer[:batch].copy_(torch.tensor(padded, dtype=buffer.dtype), non_blocking=True)

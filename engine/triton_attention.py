@@ -2,12 +2,12 @@
 
 Every launch is free of host synchronization, so decode steps can be captured in CUDA graphs.
 
-Prefill steps whose chunks all start a sequence (no cached prefix: the common case of a fresh
-prompt that fits the step's token budget) attend with torch's fused causal attention
-(FlashAttention-2 through `F.scaled_dot_product_attention`) over the step's own q, k and v,
-one call per chunk: on an H100 it runs the 8B shape's 2,048-token prefill at about twice the
-Triton paged kernel's rate (issue 19). Chunks that continue a sequence need its cached
-context: those steps use the paged kernel for every chunk.
+With DENSE_FRESH_PREFILL, prefill steps whose chunks all start a sequence (no cached prefix:
+a fresh prompt that fits the step's token budget) attend with torch's fused causal attention
+(`F.scaled_dot_product_attention`, FlashAttention-2 on Hopper) over the step's own q, k and
+v, one call per chunk. The paged Triton kernel runs the 8B shape's 2,048-token prefill at
+~230 TFLOP/s on an H100 (issue 19's profile); dense SDPA reached ~408 on an H200 (issue 3).
+Chunks that continue a sequence need its cached context: those steps use the paged kernel.
 
 An FP8 cache (engine.kv_quant) is passed to the kernels as its e4m3 and scale views.
 """
@@ -23,8 +23,9 @@ from engine.kernels.kv_write import write_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
 from engine.kv_quant import is_fp8_cache, split_fp8_cache
 
-# Fresh prefill chunks through torch's fused attention (see above); a switch for benchmarks.
-DENSE_FRESH_PREFILL = True
+# Fresh prefill chunks through torch's fused attention (see above). Off until an H100 run has
+# timed it (issue 19: written, not yet run on a GPU).
+DENSE_FRESH_PREFILL = False
 
 
 class TritonAttention(AttentionBackend):

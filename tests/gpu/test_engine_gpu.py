@@ -182,9 +182,9 @@ def test_mixed_batches_compile_each_kernel_once() -> None:
 
 
 def test_preempted_sequences_decode_alike_with_and_without_graphs(model_dir: Path) -> None:
-    """Few KV blocks: sequences are preempted and recomputed with new block lists while the
-    decode graphs' host-side block table is updated row by row (issue 19). Greedy outputs
-    must match the eager path's, and no block may leak."""
+    """Few KV blocks: sequences are preempted and recomputed with new block lists between
+    decode-graph steps (whose inputs, block tables included, are refilled every step). Greedy
+    outputs must match the eager path's, and no block may leak."""
     from engine.config import EngineConfig
     from engine.sampling_params import SamplingParams
     from engine.scheduler import SchedulerConfig
@@ -213,12 +213,14 @@ def test_dense_fresh_prefill_matches_the_paged_kernel(model_dir: Path) -> None:
 
     engine = gpu_engine(model_dir)
     token_ids = rule_sequence(seed=9, length=700)
-    dense = prefill_logits(engine, token_ids)
-    triton_attention.DENSE_FRESH_PREFILL = False
+    default = triton_attention.DENSE_FRESH_PREFILL
     try:
+        triton_attention.DENSE_FRESH_PREFILL = True
+        dense = prefill_logits(engine, token_ids)
+        triton_attention.DENSE_FRESH_PREFILL = False
         paged = prefill_logits(engine, token_ids)
     finally:
-        triton_attention.DENSE_FRESH_PREFILL = True
+        triton_attention.DENSE_FRESH_PREFILL = default
     assert (dense.argmax(-1) == paged.argmax(-1)).float().mean().item() >= 0.99
     scale = paged.abs().max().item()
     torch.testing.assert_close(dense, paged, atol=0.02 * scale, rtol=0.05)

@@ -79,3 +79,31 @@ def test_gemv_rejects_mixed_dtypes() -> None:
     w = torch.ones(32, 64, dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(ValueError, match="dtype"):
         gemv(x, w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PDL needs a GPU")
+def test_gemv_with_dependent_launch_in_a_cuda_graph() -> None:
+    """With PDL the kernel may start before the kernel that writes x has finished: it must
+    still read that kernel's output (x scaled in place just before, inside one graph)."""
+    import engine.kernels.gemv as gemv_module
+
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(1, 4096, generator=generator, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(6144, 4096, generator=generator, device="cuda", dtype=torch.bfloat16) / 64
+    default = gemv_module.USE_PDL
+    gemv_module.USE_PDL = True
+    try:
+        x.mul_(3)  # warm-up outside the capture (compiles the kernel)
+        gemv(x, w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x.mul_(-2)
+            out = gemv(x, w)
+        for _ in range(3):
+            expected_x = x * -2
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(x, expected_x)
+            assert rel_err(out, gemv_ref(x, w)) < 1e-2
+    finally:
+        gemv_module.USE_PDL = default
