@@ -36,9 +36,11 @@ class EngineConfig:
     # Keep a GGUF's converted weights and metadata in the cache folder for fast reloads
     # (engine.loader.converted; $TANDEM_CACHE_DIR). Costs the weights' size on disk.
     converted_cache: bool = True
-    # Projections of 1-16 rows (decode steps) through the Triton GEMV instead of cuBLAS
-    # (CUDA only; engine.kernels.gemv).
-    triton_gemv: bool = True
+    # Single-row projections (batch-1 decode steps) through the Triton GEMV instead of cuBLAS
+    # (CUDA only; engine.kernels.gemv). Off until an H100 run has checked and timed the
+    # engine with it (issue 19: its kernel sweep ran there, the engine path with the final
+    # tiles has not); bench.engine_gpu turns it on.
+    triton_gemv: bool = False
     # "fp8": e4m3 W8A8 decoder projections, quantized at load (an FP8 checkpoint is FP8 anyway)
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with scales (kv_quant)
