@@ -1,0 +1,90 @@
+"""Imports run one way (docs/architecture.md): the rules in one place, checked by parsing every
+module's imports (top-level and inside functions alike).
+
+KNOWN_CROSSINGS lists the imports of today's tree that break a rule; the typed-seams work
+(issue 18) removes them. The test fails on any crossing not listed, and on a listed one that is
+gone (so the list only shrinks).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# package -> the project's packages it may import (besides itself)
+ALLOWED: dict[str, frozenset[str]] = {
+    "proto": frozenset(),
+    "engine": frozenset(),
+    "kvtransfer": frozenset({"engine"}),
+    "decode_worker": frozenset({"engine", "kvtransfer"}),
+    "prefill_worker": frozenset({"engine", "kvtransfer"}),
+    "router": frozenset({"proto"}),
+    "cluster": frozenset(
+        {"engine", "kvtransfer", "router", "decode_worker", "prefill_worker", "proto", "bench"}
+    ),
+    "bench": frozenset({"engine", "kvtransfer", "proto", "cluster", "router"}),
+}
+
+# (module file, imported module) pairs that break a rule today
+KNOWN_CROSSINGS = frozenset(
+    {
+        ("router/admission.py", "engine.errors"),
+        ("router/outputs.py", "engine.errors"),
+        ("router/placement.py", "engine.errors"),
+        ("router/requests.py", "engine.chat_template"),
+        ("router/requests.py", "engine.errors"),
+        ("router/requests.py", "engine.sampling_params"),
+        ("router/server.py", "cluster.metrics"),
+        ("router/server.py", "cluster.prefix_index"),
+        ("router/server.py", "cluster.tracing"),
+        ("router/server.py", "engine.block_hash"),
+        ("router/server.py", "engine.errors"),
+        ("decode_worker/actor.py", "cluster.prefix_index"),
+        ("decode_worker/actor.py", "cluster.prefix_publisher"),
+        ("decode_worker/actor.py", "cluster.tracing"),
+        ("prefill_worker/actor.py", "cluster.prefix_index"),
+        ("prefill_worker/actor.py", "cluster.tracing"),
+        ("prefill_worker/actor.py", "decode_worker.actor"),
+    }
+)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute module names `path` imports anywhere in its body."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def crossings() -> set[tuple[str, str]]:
+    found = set()
+    for package, allowed in ALLOWED.items():
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+                continue
+            for module in imports_of(path):
+                top = module.split(".")[0]
+                if top in ALLOWED and top != package and top not in allowed:
+                    found.add((path.relative_to(ROOT).as_posix(), module))
+    return found
+
+
+def test_every_package_has_a_rule() -> None:
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
+    assert packages == set(ALLOWED), "add the new package's import rule to ALLOWED"
+
+
+def test_no_import_crosses_a_rule() -> None:
+    new = crossings() - KNOWN_CROSSINGS
+    assert not new, f"imports against the rules in docs/architecture.md: {sorted(new)}"
+
+
+def test_known_crossings_only_shrink() -> None:
+    gone = KNOWN_CROSSINGS - crossings()
+    assert not gone, f"no longer crossing, take them off KNOWN_CROSSINGS: {sorted(gone)}"
