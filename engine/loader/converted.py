@@ -66,7 +66,9 @@ def write_metadata(gguf_path: Path, metadata: dict[str, Any], tensor_names: set[
 
 def load_parameters(gguf_path: Path, model: torch.nn.Module) -> bool:
     """Fill every parameter of `model` (on any device, in its dtype) from the stored
-    conversion. False, with the model untouched, if there is none that matches exactly."""
+    conversion. False if there is none that matches exactly (the model untouched), or if
+    reading it failed part way (some parameters filled): either way the caller loads every
+    parameter from the checkpoint instead."""
     import torch
 
     params = list(model.named_parameters())
