@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from bench.common import machine_info, markdown_table, write_json
-from bench.engine_gpu import dummy_engine, random_prompts
+from bench.engine_gpu import dummy_engine, random_prompts, tandem_ttft
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 
@@ -166,13 +166,7 @@ def profile_ttft(engine: Engine, args: argparse.Namespace, trace: str | None) ->
     prompt = random_prompts(1, args.ttft_len, vocab, seed=7)[0]
 
     def once() -> float:
-        engine.block_manager.reset_prefix_cache()
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        engine.add_request("ttft", None, SamplingParams(max_tokens=1), prompt_token_ids=prompt)
-        while engine.has_unfinished_requests():
-            engine.step()
-        return time.perf_counter() - started
+        return tandem_ttft(engine, prompt)
 
     once()
     values = [once() for _ in range(5)]

@@ -9,36 +9,18 @@ added, and the number of entries is capped.
 from __future__ import annotations
 
 import random
-from collections import Counter
 from typing import Any
 
 import pytest
 import torch
 
+from bench.sampler_bias import per_row_reference
 from engine.errors import InvalidRequest
 from engine.sampler import LogitBias, SampleRow, apply_bias_and_penalties
 from engine.sampling_params import MAX_LOGIT_BIAS, SamplingParams
 from tests.conftest import greedy, make_engine
 
 VOCAB = 97  # odd on purpose
-
-
-def _reference(logits: torch.Tensor, row: SampleRow) -> None:
-    """The per-row definition (the engine's former code), in place on one row [vocab]."""
-    params = row.params
-    for token_id, bias in params.logit_bias:
-        logits[token_id] += bias
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)))
-        values = logits[seen]
-        logits[seen] = torch.where(
-            values > 0, values / params.repetition_penalty, values * params.repetition_penalty
-        )
-    if (params.frequency_penalty or params.presence_penalty) and row.output_token_ids:
-        counts = Counter(row.output_token_ids)
-        ids = torch.tensor(list(counts))
-        freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
-        logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
 
 
 def _random_row(rng: random.Random, precomputed: bool) -> SampleRow:
@@ -64,8 +46,7 @@ def test_batched_bias_and_penalties_equal_the_per_row_reference(
     rows = [_random_row(rng, precomputed) for _ in range(7)]
     logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(seed))
     expected = logits.clone()
-    for i, row in enumerate(rows):
-        _reference(expected[i], row)
+    per_row_reference(expected, rows)
     apply_bias_and_penalties(logits, rows)
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
 
