@@ -68,12 +68,12 @@ from bench.common import (
     repeat_interleaved,
     write_json,
 )
+from contracts.outputs import FinishReason
+from contracts.sampling_params import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loader.default_model import installed_default_model
-from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
-from engine.sequence import FinishReason
 
 FIRST_ORDINARY_ID = 17  # SmolLM2's ids 0-16 are special tokens
 DEFAULT_OUT = Path("bench/results/engine_cpu.json")

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 
 from bench.common import machine_info, markdown_table, write_json
+from contracts.sampling_params import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.model_config import NAMED_SHAPES, ModelConfig
-from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
 
 

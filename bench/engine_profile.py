@@ -27,8 +27,8 @@ import torch
 
 from bench.common import machine_info, markdown_table, write_json
 from bench.engine_gpu import dummy_engine, random_prompts, tandem_ttft
+from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
-from engine.sampling_params import SamplingParams
 
 
 def parse_args() -> argparse.Namespace:

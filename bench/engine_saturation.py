@@ -30,9 +30,9 @@ import torch
 
 from bench.common import machine_info, markdown_table, write_json
 from bench.engine_gpu import dummy_engine, hf_generate, hf_model, random_prompts
+from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
 from engine.model_config import NAMED_SHAPES, ModelConfig
-from engine.sampling_params import SamplingParams
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -69,8 +69,8 @@ def engine_for(quantization: str | None, kv_cache_dtype: str, window: int) -> ob
 
 def window_logits(engine: object, token_ids: list[int]) -> torch.Tensor:
     """[len, vocab] fp32 logits of every position, the window prefilled as one chunk."""
-    from engine.block_hash import root_hash
-    from engine.sampling_params import SamplingParams
+    from contracts.block_hash import root_hash
+    from contracts.sampling_params import SamplingParams
     from engine.scheduler import ScheduledSequence
     from engine.sequence import Sequence
 

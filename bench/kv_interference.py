@@ -92,7 +92,7 @@ def main() -> None:
     args = parse_args()
     assert torch.cuda.device_count() >= 2, "needs two GPUs"
     from bench.engine_gpu import dummy_engine
-    from engine.sampling_params import SamplingParams
+    from contracts.sampling_params import SamplingParams
     from engine.scheduler import ScheduledSequence, SchedulerOutput
     from engine.sequence import Sequence
     from kvtransfer.coalesce import block_index, gather_blocks

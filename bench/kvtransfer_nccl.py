@@ -486,7 +486,7 @@ def overlap_runs(
     """A 2,048-token prefill of the dummy 8B model on cuda:0, its KV shipped as written."""
     import threading
 
-    from engine.sampling_params import SamplingParams
+    from contracts.sampling_params import SamplingParams
     from engine.scheduler import ScheduledSequence, SchedulerOutput
     from engine.sequence import Sequence
 

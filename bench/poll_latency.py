@@ -109,7 +109,7 @@ def _engine() -> Any:
 
 def _step(engine: Any, stop: threading.Event) -> None:
     """Keep 8 requests of a 64-token prompt and 64 new tokens running until `stop`."""
-    from engine.sampling_params import SamplingParams
+    from contracts.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     rng = random.Random(0)

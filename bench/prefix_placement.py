@@ -66,9 +66,9 @@ def workload(groups: int, questions: int, system_tokens: int, seed: int) -> list
 async def run_policy(args: argparse.Namespace, cache_weight: float, prompts: list[str]) -> Any:
     import grpc
 
-    from cluster.prefix_index import IndexConfig
     from cluster.service import Service, ServiceConfig
     from engine.config import EngineConfig
+    from prefix_cache.index import IndexConfig
     from proto.tandem.v1 import tandem_pb2 as pb
     from proto.tandem.v1 import tandem_pb2_grpc
 

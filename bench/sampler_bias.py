@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from bench.common import Stats, machine_info, markdown_table, repeat_interleaved, write_json
+from contracts.sampling_params import SamplingParams
 from engine.sampler import LogitBias, SampleRow, apply_bias_and_penalties
-from engine.sampling_params import SamplingParams
 
 VOCAB = 49152
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from engine.errors import InvalidRequest, TandemError
+from contracts.errors import InvalidRequest, TandemError
 
 logger = logging.getLogger(__name__)
 
@@ -417,10 +417,10 @@ _POOL_SIGNALS = {"prefill": ("queued_tokens", "ttft"), "decode": ("kv_usage", "i
 def pool_config(args: argparse.Namespace, port: int) -> Any:
     import os
 
-    from cluster.prefix_index import IndexConfig
     from cluster.service import ServiceConfig
-    from cluster.tracing import TracingConfig
     from kvtransfer.network import KVNetworkConfig
+    from prefix_cache.index import IndexConfig
+    from telemetry.tracing import TracingConfig
 
     index = IndexConfig(
         redis_url=args.redis_url,
@@ -559,9 +559,9 @@ def describe_rpc_error(error: Any, target: str) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from contracts.sampling_params import SamplingParams
     from engine.config import EngineConfig
     from engine.engine import Engine
-    from engine.sampling_params import SamplingParams
 
     params = SamplingParams(
         max_tokens=args.max_tokens,

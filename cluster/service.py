@@ -32,18 +32,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.autoscaler import AutoscalingConfig, PoolScaler, pool_signals
-from cluster.metrics import ServiceMetrics, start_metrics_server
-from cluster.prefix_index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
 from cluster.ray_start import init_ray
-from cluster.tracing import TracingConfig, setup_tracing, shutdown_tracing
+from contracts.workers import WorkerInfo
 from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
 from kvtransfer.handshake import SECRET_ENV, SECRET_FILE_ENV
 from kvtransfer.network import KVNetworkConfig
+from prefix_cache.index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
 from router.admission import Admission, AdmissionLimits
 from router.placement import Pool
 from router.requests import ServedModel, prompt_chars_limit
 from router.server import ServingGate, TandemServicer, set_serving, start_server
+from telemetry.metrics import ServiceMetrics, start_metrics_server
+from telemetry.tracing import TracingConfig, setup_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class Service:
                     cache_weight=config.cache_weight,
                 )
         for pool, pool_infos in infos.items():
-            self.pools[pool].index_keys = [info["index_key"] for info in pool_infos]
+            self.pools[pool].index_keys = [info.index_key for info in pool_infos]
         if self.disaggregated:
             await self._form_pairs()
         model = served_model(config.engine.model, infos["decode"][0])
@@ -427,9 +428,9 @@ class Service:
             return False
         except ray.exceptions.RayActorError:
             return True
-        if stats.get("failure"):
+        if stats.failure is not None:
             logger.error("worker %s: its engine failed (%s): killing it", worker_id,
-                         stats["failure"])  # fmt: skip
+                         stats.failure)  # fmt: skip
             ray.kill(worker, no_restart=True)
             return True
         if self._servicer is not None:
@@ -454,7 +455,7 @@ class Service:
         except BaseException:  # the next check starts another: this one must not linger
             ray.kill(new)
             raise
-        self._servicer.replace_worker(dead, new, info["index_key"])  # now it takes requests
+        self._servicer.replace_worker(dead, new, info.index_key)  # now it takes requests
         self.num_replaced += 1
 
     # -- autoscaling ----------------------------------------------------------------------------
@@ -522,7 +523,7 @@ class Service:
 
             ray.kill(new)
             raise
-        self.pools[pool].add(new, worker_id, info["index_key"])
+        self.pools[pool].add(new, worker_id, info.index_key)
         logger.info("%s worker %s joined the pool", pool, worker_id)
 
     async def _shrink(self, pool: str) -> None:
@@ -548,7 +549,7 @@ class Service:
             if load is None:  # died and was replaced meanwhile: nothing left to drain
                 return
             stats = await worker.stats.remote()
-            if load.in_flight == 0 and not stats["num_requests"]:
+            if load.in_flight == 0 and not stats.num_requests:
                 break
             await asyncio.sleep(0.2)
         else:
@@ -616,19 +617,19 @@ def kv_secret_runtime_env() -> dict[str, Any]:
     return {"env_vars": {SECRET_FILE_ENV: path}} if path else {}
 
 
-def served_model(model_spec: str | None, info: dict[str, Any]) -> ServedModel:
+def served_model(model_spec: str | None, info: WorkerInfo) -> ServedModel:
     """The router's view of the workers' model: their limits, and a tokenizer of its own
     (read from the same model files, torch-free)."""
     description, _ = describe_model(resolve_model(model_spec))
     tokenizer = description.tokenizer
     return ServedModel(
-        model_id=info["model_id"],
-        vocab_size=info["vocab_size"],
-        max_model_len=info["max_model_len"],
+        model_id=info.model_id,
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
         tokenizer=tokenizer,
-        block_size=info["block_size"],
+        block_size=info.block_size,
         max_prompt_chars=prompt_chars_limit(
-            info["max_model_len"], tokenizer.max_token_chars if tokenizer else 1
+            info.max_model_len, tokenizer.max_token_chars if tokenizer else 1
         ),
     )
 

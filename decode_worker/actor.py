@@ -13,6 +13,7 @@ outputs of both reach the router through its one `outputs` subscription (batched
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
@@ -21,15 +22,13 @@ from typing import Any
 
 import torch
 
-from cluster.prefix_index import CacheEventBatch, IndexConfig, WorkerKey, new_epoch
-from cluster.prefix_publisher import CacheEventLog, IndexPublisher
-from cluster.tracing import TracingConfig, end_span, record_span, setup_tracing, start_span
+from contracts.outputs import RequestOutput
+from contracts.sampling_params import SamplingParams
+from contracts.workers import KVTransferCounters, WorkerInfo, WorkerKey, WorkerStats, new_epoch
 from decode_worker.engine_loop import EngineLoop
 from decode_worker.outbox import Batch, Outbox
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.output_processor import RequestOutput
-from engine.sampling_params import SamplingParams
 from kvtransfer.coalesce import StagingPool
 from kvtransfer.control import ControlConnection
 from kvtransfer.handshake import ClusterSecret
@@ -37,6 +36,9 @@ from kvtransfer.layout import KVLayout
 from kvtransfer.network import KVAddress, KVNetworkConfig, resolve_kv_address, use_interface
 from kvtransfer.pair import EndpointAddress, ReceiverEndpoint
 from kvtransfer.transport import PairChannel, TransportConfig
+from prefix_cache.index import CacheEventBatch, IndexConfig
+from prefix_cache.publisher import CacheEventLog, IndexPublisher
+from telemetry.tracing import TracingConfig, end_span, record_span, setup_tracing, start_span
 
 logger = logging.getLogger(__name__)
 
@@ -97,57 +99,54 @@ class WorkerBase:
         self.layout = KVLayout.of_cache(cache, self.engine.model_id)
         self.staging = StagingPool(STAGING_BYTES, cache.device, cache.dtype)
 
-    def model_info(self) -> dict[str, Any]:
+    def model_info(self) -> WorkerInfo:
         """What the router needs to validate and place requests for this worker."""
-        return {
-            "model_id": self.engine.model_id,
-            "model_spec": self.engine.config.model,
-            "vocab_size": self.engine.model_config.vocab_size,
-            "max_model_len": self.engine.max_model_len,
-            "block_size": self.engine.block_manager.block_size,
-            "index_key": self.cache_events.worker,
-        }
+        return WorkerInfo(
+            model_id=self.engine.model_id,
+            model_spec=self.engine.config.model,
+            vocab_size=self.engine.model_config.vocab_size,
+            max_model_len=self.engine.max_model_len,
+            block_size=self.engine.block_manager.block_size,
+            index_key=self.cache_events.worker,
+        )
 
     def drain_cache_events(self, after_seq: int | None) -> CacheEventBatch:
         """This worker's prefix-cache changes since batch `after_seq` (or all of it), for a
         router keeping the index in its own process (no Redis)."""
         return self.cache_events.drain(after_seq)
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> WorkerStats:
         """Load figures for placement and metrics (requests in flight, the engine's running
         and waiting sequences, free KV blocks, the sequence cap, preemptions, KV-transfer
         counters) and health (`failure`: why the engine stopped, None while it runs)."""
         if self.loop.failure is not None:
-            return {"failure": self.loop.failure, "num_requests": self.loop.num_requests}
+            return WorkerStats(num_requests=self.loop.num_requests, failure=self.loop.failure)
 
-        def read(engine: Engine) -> dict[str, Any]:
+        def read(engine: Engine) -> WorkerStats:
             scheduler = engine.scheduler
-            return {
-                "failure": None,
-                "num_requests": self.loop.num_requests,
-                "num_running": len(scheduler.running),
-                "num_waiting": len(scheduler.waiting),
-                "num_preemptions": scheduler.num_preemptions,
-                "num_free_blocks": engine.block_manager.num_free_blocks,
-                "num_blocks": engine.block_manager.num_blocks,
-                "max_num_seqs": engine.scheduler.config.max_num_seqs,
-            }
+            return WorkerStats(
+                num_requests=self.loop.num_requests,
+                num_running=len(scheduler.running),
+                num_waiting=len(scheduler.waiting),
+                num_preemptions=scheduler.num_preemptions,
+                num_free_blocks=engine.block_manager.num_free_blocks,
+                num_blocks=engine.block_manager.num_blocks,
+                max_num_seqs=engine.scheduler.config.max_num_seqs,
+            )
 
-        stats: dict[str, Any] = await asyncio.to_thread(self.loop.call, read)
+        stats = await asyncio.to_thread(self.loop.call, read)
         transfers = self._transfer_metrics()
-        stats["kv_pairs"] = len(transfers) - 1  # less the retired pairs' counters
-        stats["kv_pairs_refused_by_reason"] = self._pairs_refused()
-        stats["kv_pairs_refused"] = sum(stats["kv_pairs_refused_by_reason"].values())
-        for key, field in [
-            ("kv_transfers_completed", "transfers_completed"),
-            ("kv_transfers_failed", "transfers_failed"),
-            ("kv_leases_expired", "leases_expired"),
-            ("kv_bytes_sent", "bytes_sent"),
-            ("kv_bytes_received", "bytes_received"),
-            ("kv_transfer_seconds", "transfer_seconds_total"),
-        ]:
-            stats[key] = sum(getattr(m, field) for m in transfers)
-        return stats
+        kv = KVTransferCounters(
+            pairs=len(transfers) - 1,  # less the retired pairs' counters
+            pairs_refused_by_reason=self._pairs_refused(),
+            transfers_completed=sum(m.transfers_completed for m in transfers),
+            transfers_failed=sum(m.transfers_failed for m in transfers),
+            leases_expired=sum(m.leases_expired for m in transfers),
+            bytes_sent=sum(m.bytes_sent for m in transfers),
+            bytes_received=sum(m.bytes_received for m in transfers),
+            transfer_seconds=sum(m.transfer_seconds_total for m in transfers),
+        )
+        return dataclasses.replace(stats, kv=kv)
 
     def shutdown(self) -> None:
         """Stop the engine and take this worker's entries out of the prefix index."""

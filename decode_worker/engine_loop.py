@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from contracts.errors import RequestAborted, TandemError, WorkerUnavailable
+from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
-from engine.errors import RequestAborted, TandemError, WorkerUnavailable
-from engine.sampling_params import SamplingParams
 from kvtransfer.protocol import TransferMetrics, transfer_id_for
 
 logger = logging.getLogger(__name__)

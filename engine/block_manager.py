@@ -26,7 +26,7 @@ messages cannot free a block twice.
 Cache events: an optional listener (`set_cache_listener`) hears which hashes enter the prefix
 cache (`cache_computed_blocks`) and leave it (eviction on allocation, `reset_prefix_cache`),
 once per public call, under the lock, on the caller's thread (the engine step): it must only
-buffer them. Workers feed it to the global prefix index (cluster.prefix_publisher).
+buffer them. Workers feed it to the global prefix index (prefix_cache.publisher).
 
 Thread safety: every public method takes one lock, so transfer threads may hold, reserve and
 release while the engine thread schedules. Allocation still answers "not now" honestly: a
@@ -41,7 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
 from typing import Concatenate, ParamSpec, TypeAlias, TypeVar
 
-from engine.block_hash import BlockHash
+from contracts.block_hash import BlockHash
 from engine.sequence import Sequence
 
 _P = ParamSpec("_P")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,18 +22,11 @@ import jinja2.nodes
 import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.errors import InvalidRequest
+from contracts.chat import ChatMessage
+from contracts.errors import InvalidRequest
 
 _FIELD = "messages"
 _RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError)
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    """One turn of a conversation: who spoke (`system`, `user`, `assistant`, ...) and what."""
-
-    role: str
-    content: str
 
 
 class TemplateRaised(jinja2.TemplateError):

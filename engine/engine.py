@@ -20,22 +20,23 @@ from typing import Any
 
 import torch
 
+from contracts.block_hash import root_hash
+from contracts.chat import ChatMessage
+from contracts.errors import InvalidRequest
+from contracts.outputs import FinishReason, RequestOutput, Usage
+from contracts.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
 from engine.attention import select_backend
-from engine.block_hash import root_hash
 from engine.block_manager import BlockManager
-from engine.chat_template import ChatMessage
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, default_scheduler_config
-from engine.errors import InvalidRequest
 from engine.kv_quant import KV_FP8_DTYPE, packed_row_bytes
 from engine.llama import LlamaModel
 from engine.loader import converted, describe_model, load_weights, resolve_model
 from engine.model_runner import ModelRunner
-from engine.output_processor import OutputProcessor, RequestOutput
+from engine.output_processor import OutputProcessor
 from engine.quantization import use_fp8_linears
 from engine.sampler import LogitBias, Sampler, SampleRow
-from engine.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import FinishReason, Sequence, Usage
+from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contracts.errors import ModelLoadError
 from engine.attention import AttentionBackend, AttentionMetadata, OutputRows, TorchAttention
-from engine.errors import ModelLoadError
 from engine.model_config import ModelConfig, RopeScaling
 from engine.quantization import (
     collapse_fused_input_scales,

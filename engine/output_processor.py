@@ -9,23 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from contracts.outputs import FinishReason, RequestOutput, TokenLogprobs
 from engine.detokenizer import IncrementalDetokenizer
-from engine.sampler import TokenLogprobs
-from engine.sequence import FinishReason, Sequence, Usage
+from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    text_delta: str
-    finished: bool
-    finish_reason: FinishReason | None
-    usage: Usage
-    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import ModelLoadError, UnsupportedModel
+from contracts.errors import ModelLoadError, UnsupportedModel
 
 logger = logging.getLogger(__name__)
 

@@ -18,14 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-from engine.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprobs:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # the top-n (token id, logprob), most likely first
+from contracts.outputs import TokenLogprobs
+from contracts.sampling_params import SamplingParams
 
 
 class LogitBias(NamedTuple):

@@ -16,8 +16,9 @@ from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from contracts.outputs import FinishReason
 from engine.block_manager import BlockManager
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True, slots=True)

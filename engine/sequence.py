@@ -8,30 +8,16 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass
 
-from engine.block_hash import BlockHash, hash_blocks
-from engine.sampling_params import SamplingParams
+from contracts.block_hash import BlockHash, hash_blocks
+from contracts.outputs import FinishReason, Usage
+from contracts.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"  # EOS, a stop token id or a stop string
-    LENGTH = "length"  # max_tokens or the end of the context
-    ABORT = "abort"  # cancelled by the caller
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
-    completion_tokens: int
-    queue_seconds: float = 0.0  # arrival in this engine to the first schedule
 
 
 class Sequence:

@@ -29,8 +29,9 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from engine.chat_template import ChatMessage, ChatTemplate
-from engine.errors import InvalidRequest, ModelLoadError, UnsupportedModel
+from contracts.chat import ChatMessage
+from contracts.errors import InvalidRequest, ModelLoadError, UnsupportedModel
+from engine.chat_template import ChatTemplate
 
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 
 BlockIds = Sequence[int] | torch.Tensor  # host data: a list/tuple of ints or a CPU tensor
 ALL_LAYERS = slice(None)

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Collection
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.messages import (
     HEADER_BYTES,
     MAX_PAYLOAD_BYTES,

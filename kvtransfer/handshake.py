@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.control import ControlConnection
 from kvtransfer.messages import (
     MAX_PAIR_KEY_BYTES,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 
 if TYPE_CHECKING:
     import torch

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.layout import MAX_MODEL_ID_BYTES, KVLayout
 
 MAGIC = b"TKV1"

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.transport import (
     _HEADER_TAG,
     _PAYLOAD_TAG,

@@ -29,7 +29,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 
 logger = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.control import ControlConnection, ControlListener
 from kvtransfer.handshake import ClusterSecret, PeerRefused, check_sender, prove_as_sender
 from kvtransfer.layout import KVLayout

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.coalesce import (
     BlockIndex,
     StagingLease,

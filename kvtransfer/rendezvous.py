@@ -36,7 +36,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.control import ControlConnection
 from kvtransfer.messages import (
     MAX_REASON_BYTES,

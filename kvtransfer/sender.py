@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.coalesce import (
     BlockIndex,
     DirectPlan,

@@ -101,7 +101,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 
 logger = logging.getLogger(__name__)
 

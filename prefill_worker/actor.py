@@ -18,19 +18,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cluster.prefix_index import IndexConfig
-from cluster.tracing import TracingConfig, record_span
+from contracts.errors import WorkerUnavailable
+from contracts.outputs import FinishReason, RequestOutput
+from contracts.sampling_params import SamplingParams
 from decode_worker.actor import WorkerBase, transport_for
 from engine.config import EngineConfig
-from engine.errors import WorkerUnavailable
-from engine.output_processor import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason
 from kvtransfer.handshake import ClusterSecret
 from kvtransfer.network import KVNetworkConfig
 from kvtransfer.pair import EndpointAddress, connect_pair
 from kvtransfer.protocol import TransferMetrics, TransferResult, transfer_id_for
 from kvtransfer.sender import KVSender
+from prefix_cache.index import IndexConfig
+from telemetry.tracing import TracingConfig, record_span
 
 
 class PrefillWorker(WorkerBase):

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from engine.errors import Overloaded
+from contracts.errors import Overloaded
 
 
 @dataclass(frozen=True, slots=True)

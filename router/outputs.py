@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import WorkerUnavailable
+from contracts.errors import WorkerUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import WorkerUnavailable
+from contracts.errors import WorkerUnavailable
+from contracts.workers import WorkerStats
 
 
 @dataclass(slots=True)
@@ -159,13 +160,13 @@ class Pool:
         self.index_keys[index] = index_key
         return True
 
-    def observe(self, worker: Any, stats: dict[str, Any]) -> None:
+    def observe(self, worker: Any, stats: WorkerStats) -> None:
         """Record a worker's reported KV and sequence figures (WorkerBase.stats)."""
         load = self.load_of(worker)
         if load is not None:
-            load.num_blocks = int(stats.get("num_blocks", 0))
-            load.num_free_blocks = int(stats.get("num_free_blocks", 0))
-            load.max_num_seqs = int(stats.get("max_num_seqs", 0))
+            load.num_blocks = stats.num_blocks
+            load.num_free_blocks = stats.num_free_blocks
+            load.max_num_seqs = stats.max_num_seqs
 
     def _index(self, worker: Any) -> int | None:
         for index, current in enumerate(self.workers):

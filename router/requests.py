@@ -3,7 +3,7 @@ sampling parameters, or an InvalidRequest naming the first bad field (RELIABILIT
 
 Everything a client sends is checked here, against the served model, before any worker sees
 it: the input (exactly one of text, chat, token ids; non-empty; in the vocabulary; fitting the
-context), every sampling parameter (engine.sampling_params.SamplingParams.validate, the same
+context), every sampling parameter (contracts.sampling_params.SamplingParams.validate, the same
 code the engine runs), the model name and the id lengths. Every repeated field and string is
 counted against its cap before it is converted or tokenized (`check_sizes`), so an oversized
 request costs the router nothing but the check. Torch-free.
@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.chat_template import ChatMessage
-from engine.errors import InvalidRequest, ModelNotFound
-from engine.sampling_params import (
+from contracts.chat import ChatMessage
+from contracts.errors import InvalidRequest, ModelNotFound
+from contracts.sampling_params import (
     MAX_LOGIT_BIAS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,

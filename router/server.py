@@ -37,11 +37,8 @@ from typing import Any
 
 import grpc
 
-from cluster.metrics import ServiceMetrics
-from cluster.prefix_index import PrefixLookup, WorkerKey
-from cluster.tracing import child_carrier, end_span, record_span, start_span
-from engine.block_hash import prompt_block_hashes
-from engine.errors import (
+from contracts.block_hash import prompt_block_hashes
+from contracts.errors import (
     AddressInUse,
     DuplicateRequest,
     InvalidRequest,
@@ -51,6 +48,8 @@ from engine.errors import (
     TandemError,
     WorkerUnavailable,
 )
+from contracts.workers import WorkerKey, WorkerStats
+from prefix_cache.index import PrefixLookup
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.admission import Admission
@@ -63,6 +62,8 @@ from router.requests import (
     prompt_token_ids,
     validate_generate_request,
 )
+from telemetry.metrics import ServiceMetrics
+from telemetry.tracing import child_carrier, end_span, record_span, start_span
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +378,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         for pool in self._pools():
             pool.replace(old, new, index_key)
 
-    def observe(self, worker: Any, stats: dict[str, Any]) -> None:
+    def observe(self, worker: Any, stats: WorkerStats) -> None:
         """A worker's latest load report (its `stats`), for placement."""
         for pool in self._pools():
             pool.observe(worker, stats)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from contracts.sampling_params import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loader.default_model import installed_default_model
-from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
 from tests.redis_server import RedisServer
 

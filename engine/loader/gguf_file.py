@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ModelLoadError, UnsupportedModel
+from contracts.errors import ModelLoadError, UnsupportedModel
 from engine.model_config import ModelConfig
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import ModelLoadError, UnsupportedModel
+from contracts.errors import ModelLoadError, UnsupportedModel
 from engine.loader.hf_quant import Fp8CheckpointScheme, fp8_scheme_from_hf_config
 from engine.model_config import ModelConfig, model_config_from_hf
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import UnsupportedModel
+from contracts.errors import UnsupportedModel
 
 SUPPORTED_FORMATS = (
     "fp8 (per-tensor weight_scale; static or dynamic activations)",

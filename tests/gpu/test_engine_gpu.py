@@ -112,7 +112,7 @@ def test_teacher_forced_logits_match_cpu_fp32(model_dir: Path, cuda_graphs: bool
 
 
 def test_greedy_alone_equals_in_batch(model_dir: Path) -> None:
-    from engine.sampling_params import SamplingParams
+    from contracts.sampling_params import SamplingParams
 
     engine = gpu_engine(model_dir)
     params = SamplingParams(max_tokens=32, ignore_eos=True)
@@ -124,7 +124,7 @@ def test_greedy_alone_equals_in_batch(model_dir: Path) -> None:
 
 
 def test_gpu_greedy_matches_cpu_reference(model_dir: Path) -> None:
-    from engine.sampling_params import SamplingParams
+    from contracts.sampling_params import SamplingParams
 
     cpu = make_engine(str(model_dir), num_kv_blocks=256, block_size=16)
     gpu = gpu_engine(model_dir)
@@ -146,9 +146,9 @@ def test_mixed_batches_compile_each_kernel_once() -> None:
     cost a new kernel compile (a stall of a second or more mid-serving, seen as multi-second
     TTFT outliers in colocated serving). Random prompt lengths arriving while others decode
     give eager mixed prefill + decode batches of many shapes."""
+    from contracts.sampling_params import SamplingParams
     from engine.config import EngineConfig
     from engine.kernels import decode_attention, prefill_attention
-    from engine.sampling_params import SamplingParams
     from engine.scheduler import SchedulerConfig
 
     engine = Engine(
@@ -185,8 +185,8 @@ def test_preempted_sequences_decode_alike_with_and_without_graphs(model_dir: Pat
     """Few KV blocks: sequences are preempted and recomputed with new block lists between
     decode-graph steps (whose inputs, block tables included, are refilled every step). Greedy
     outputs must match the eager path's, and no block may leak."""
+    from contracts.sampling_params import SamplingParams
     from engine.config import EngineConfig
-    from engine.sampling_params import SamplingParams
     from engine.scheduler import SchedulerConfig
 
     params = SamplingParams(max_tokens=40, ignore_eos=True)

@@ -288,8 +288,8 @@ def engine_config(kv_cache_dtype: str = "auto") -> Any:
 
 def prefill_engine_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
     """Prefill every prompt (keep_kv), ship its KV, report the first tokens."""
+    from contracts.sampling_params import SamplingParams
     from engine.engine import Engine
-    from engine.sampling_params import SamplingParams
 
     engine = Engine(engine_config(params.get("kv_cache_dtype", "auto")))
     cache = engine.runner.kv_cache
@@ -322,8 +322,8 @@ def prefill_engine_role(params: dict[str, Any], conn: Connection, report: Report
 
 def decode_engine_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
     """Receive KV, continue each request from its first token, report the generated ids."""
+    from contracts.sampling_params import SamplingParams
     from engine.engine import Engine
-    from engine.sampling_params import SamplingParams
 
     engine = Engine(engine_config(params.get("kv_cache_dtype", "auto")))
     cache = engine.runner.kv_cache

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contracts.sampling_params import SamplingParams
 from engine.engine import Completion, Engine
 from engine.loader.default_model import installed_default_model
-from engine.sampling_params import SamplingParams
 from tests.conftest import greedy, make_engine
 
 pytestmark = [

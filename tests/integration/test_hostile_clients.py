@@ -45,7 +45,7 @@ def service() -> Iterator[RunningService]:
 def clean_workers(service: RunningService) -> Iterator[None]:
     yield
     service.assert_workers_idle_and_intact()
-    assert all(s["failure"] is None for s in service.worker_stats()), "a worker's engine died"
+    assert all(s.failure is None for s in service.worker_stats()), "a worker's engine died"
 
 
 def greedy(max_tokens: int) -> pb.SamplingParameters:

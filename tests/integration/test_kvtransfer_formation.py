@@ -13,9 +13,9 @@ import pytest
 
 import decode_worker.actor as decode_actor
 import prefill_worker.actor as prefill_actor
+from contracts.errors import KVTransferError
 from decode_worker.actor import EngineWorker
 from engine.config import EngineConfig
-from engine.errors import KVTransferError
 from engine.scheduler import SchedulerConfig
 from kvtransfer.control import ControlConnection
 from kvtransfer.handshake import ClusterSecret, PeerRefused
@@ -87,7 +87,7 @@ def test_idle_half_open_and_stale_connections_do_not_stall_pairing(
     )  # fmt: skip
     assert shipped and output.new_token_ids
     deadline = time.monotonic() + 20
-    while asyncio.run(decode.stats())["kv_transfers_completed"] != 1:
+    while asyncio.run(decode.stats()).kv.transfers_completed != 1:
         assert time.monotonic() < deadline, "the KV never arrived"
         time.sleep(0.02)
 
@@ -115,12 +115,12 @@ def test_a_peer_without_the_secret_is_refused_before_any_block_is_reserved(
     with pytest.raises(KVTransferError, match="closed"):
         control.recv(10)
     deadline = time.monotonic() + 10
-    while asyncio.run(decode.stats())["kv_pairs_refused"] != 3:
-        assert time.monotonic() < deadline, asyncio.run(decode.stats())["kv_pairs_refused"]
+    while asyncio.run(decode.stats()).kv.pairs_refused != 3:
+        assert time.monotonic() < deadline, asyncio.run(decode.stats()).kv.pairs_refused
         time.sleep(0.01)
     assert decode.loop.receivers == []
     assert decode.engine.block_manager.num_free_blocks == free_blocks
     asyncio.run(decode.check_integrity())
     # the cluster's own prefill worker still pairs
     asyncio.run(prefill.connect("decode-0", address, "prefill-0/decode-0/1"))
-    assert asyncio.run(decode.stats())["kv_pairs_refused"] == 3
+    assert asyncio.run(decode.stats()).kv.pairs_refused == 3

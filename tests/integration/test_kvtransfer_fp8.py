@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.layout import KVLayout
 from kvtransfer.pair import ReceiverEndpoint, connect_pair
 from tests.integration.kvtransfer_peers import HOST, TRANSPORT, Spec, kv_cache, layout_of

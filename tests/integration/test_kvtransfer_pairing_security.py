@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import kvtransfer.pair as pair_module
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.control import ControlConnection
 from kvtransfer.handshake import ClusterSecret, prove_as_sender
 from kvtransfer.network import KVNetworkConfig

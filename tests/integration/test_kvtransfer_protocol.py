@@ -324,7 +324,7 @@ def test_a_pickle_sent_to_the_control_channel_is_refused_unexecuted(tmp_path: An
     import pickle
     import socket
 
-    from engine.errors import KVTransferError
+    from contracts.errors import KVTransferError
     from kvtransfer.pair import ReceiverEndpoint
     from tests.integration.kvtransfer_peers import HOST, TRANSPORT
 

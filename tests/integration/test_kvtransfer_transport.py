@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.coalesce import (
     StagingPool,
     gather_blocks,

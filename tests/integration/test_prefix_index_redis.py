@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.prefix_index import IndexConfig, PrefixIndex, WorkerKey, blocks_key
-from cluster.prefix_publisher import CacheEventLog, IndexPublisher
-from engine.block_hash import prompt_block_hashes
+from contracts.block_hash import prompt_block_hashes
+from contracts.workers import WorkerKey
+from prefix_cache.index import IndexConfig, PrefixIndex, blocks_key
+from prefix_cache.publisher import CacheEventLog, IndexPublisher
 from tests.conftest import prompt_ids
 from tests.redis_server import RedisServer
 

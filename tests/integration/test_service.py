@@ -19,9 +19,10 @@ from typing import Any
 import grpc
 import pytest
 
+from contracts.sampling_params import SamplingParams
+from contracts.workers import WorkerStats
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.sampling_params import SamplingParams
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from tests.conftest import greedy
@@ -51,7 +52,7 @@ class RunningService:
     def run(self, coroutine: Coroutine[Any, Any, Any], timeout_s: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
-    def worker_stats(self) -> list[dict[str, Any]]:
+    def worker_stats(self) -> list[WorkerStats]:
         """Decode (or colocated) workers first, then prefill workers."""
         workers = self.service.workers + self.service.prefill_workers
         return [ray.get(w.stats.remote(), timeout=30) for w in workers]
@@ -69,7 +70,7 @@ class RunningService:
         deadline = time.monotonic() + timeout_s
         while True:
             for index, worker in enumerate(self.prefilling_workers()):
-                if ray.get(worker.stats.remote(), timeout=30)["num_requests"]:
+                if ray.get(worker.stats.remote(), timeout=30).num_requests:
                     return index
             assert time.monotonic() < deadline, "no worker started the prefill"
             time.sleep(0.02)
@@ -78,7 +79,7 @@ class RunningService:
         """Soon after a case, no worker has a request or holds a block for one (cached
         prefixes count as free): not the request, nor KV shipped or arriving for it."""
         deadline = time.monotonic() + timeout_s
-        while any(s["num_requests"] or s.get("num_free_blocks") != s.get("num_blocks")
+        while any(s.num_requests or s.num_free_blocks != s.num_blocks
                   for s in self.worker_stats()):  # fmt: skip
             assert time.monotonic() < deadline, f"requests or KV still held: {self.worker_stats()}"
             time.sleep(0.05)
@@ -155,8 +156,8 @@ def test_greedy_through_the_service_equals_the_engine(
         assert 0 < timing.queue_seconds < timing.ttft_seconds <= last.timing.total_seconds
     if service.disaggregated:  # the KV really moved
         decode, *prefills = service.worker_stats()
-        assert decode["kv_transfers_completed"] >= len(prompts), (decode, prefills)
-        assert sum(p["kv_transfers_completed"] for p in prefills) >= len(prompts)
+        assert decode.kv.transfers_completed >= len(prompts), (decode, prefills)
+        assert sum(p.kv.transfers_completed for p in prefills) >= len(prompts)
 
 
 def test_seeded_sampling_through_the_service_equals_the_engine(
@@ -307,7 +308,7 @@ def test_a_killed_worker_ends_its_streams_fast_and_is_replaced(
     )
     assert next(call).token_ids
     assert next(call).token_ids  # the second token: from the decode worker when disaggregated
-    busy = next(i for i, s in enumerate(service.worker_stats()) if s["num_requests"])
+    busy = next(i for i, s in enumerate(service.worker_stats()) if s.num_requests)
     victim = service.service.workers[busy]
     killed_at = time.monotonic()
     ray.kill(victim, no_restart=True)

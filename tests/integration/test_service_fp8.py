@@ -52,6 +52,6 @@ def test_fp8_disaggregated_service_equals_one_fp8_engine() -> None:
             responses = generate(service.stub, text=prompt, sampling=greedy_sampling(10))
             assert [t for r in responses for t in r.token_ids] == expected, prompt
         decode, prefill = service.worker_stats()
-        assert decode["kv_transfers_completed"] >= len(prompts)
-        assert prefill["kv_transfers_completed"] >= len(prompts)
+        assert decode.kv.transfers_completed >= len(prompts)
+        assert prefill.kv.transfers_completed >= len(prompts)
         service.assert_workers_idle_and_intact()

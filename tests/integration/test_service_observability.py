@@ -89,8 +89,8 @@ def collector() -> Iterator[Collector]:
 @pytest.fixture(scope="module")
 def service(collector: Collector) -> Iterator[RunningService]:
     from cluster.service import ServiceConfig
-    from cluster.tracing import TracingConfig
     from engine.config import EngineConfig
+    from telemetry.tracing import TracingConfig
 
     config = ServiceConfig(
         engine=EngineConfig(device="cpu", num_kv_blocks=256, block_size=16),

@@ -47,9 +47,9 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def service(redis: RedisServer) -> Iterator[RunningService]:
-    from cluster.prefix_index import IndexConfig
     from cluster.service import ServiceConfig
     from engine.config import EngineConfig
+    from prefix_cache.index import IndexConfig
 
     config = ServiceConfig(
         engine=EngineConfig(device="cpu", num_kv_blocks=1024, block_size=16),

@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contracts.outputs import FinishReason, RequestOutput
+from contracts.sampling_params import SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine import Completion, Engine
-from engine.output_processor import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason
 from tests.unit.test_model_parity import prefill_logits
 
 pytestmark = pytest.mark.slow

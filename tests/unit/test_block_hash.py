@@ -1,4 +1,4 @@
-"""Chained block hashes (engine.block_hash): deterministic across calls and processes, chained so
+"""Chained block hashes (contracts.block_hash): deterministic across calls and processes, chained so
 a change in one block changes every later hash, only full blocks hashed, salt and model id
 separate the chains, incremental extension equals hashing from scratch, and the module is
 torch-free (the router imports it)."""
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.block_hash import hash_block, hash_blocks, prompt_block_hashes, root_hash
-from engine.sampling_params import SamplingParams
+from contracts.block_hash import hash_block, hash_blocks, prompt_block_hashes, root_hash
+from contracts.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from tests.conftest import prompt_ids
 
@@ -59,7 +59,7 @@ def test_same_digest_in_another_process(hash_seed: str) -> None:
     tokens = prompt_ids(2, 13)
     expected = prompt_block_hashes(tokens, BLOCK_SIZE, MODEL, "tenant")[-1].hex()
     code = (
-        "from engine.block_hash import prompt_block_hashes\n"
+        "from contracts.block_hash import prompt_block_hashes\n"
         f"print(prompt_block_hashes({tokens!r}, {BLOCK_SIZE}, {MODEL!r}, 'tenant')[-1].hex())"
     )
     assert run_python(code, PYTHONHASHSEED=hash_seed) == expected
@@ -140,5 +140,5 @@ def test_sequence_extends_its_chain_lazily() -> None:
 
 
 def test_module_is_torch_free() -> None:
-    code = "import sys\nimport engine.block_hash\nprint('torch' in sys.modules)"
+    code = "import sys\nimport contracts.block_hash\nprint('torch' in sys.modules)"
     assert run_python(code) == "False"

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from engine.block_hash import root_hash
+from contracts.block_hash import root_hash
+from contracts.sampling_params import SamplingParams
 from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from tests.conftest import prompt_ids
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import ModelLoadError
+from contracts.errors import ModelLoadError
 from engine.loader import default_model
 from engine.loader.default_model import (
     DEFAULT_MODEL_FILE,

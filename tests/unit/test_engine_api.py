@@ -11,10 +11,9 @@ from collections.abc import Iterable
 
 import pytest
 
+from contracts.outputs import FinishReason, RequestOutput
+from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
-from engine.output_processor import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason
 from tests.conftest import greedy, make_engine, prompt_ids
 
 PROMPT = prompt_ids(1, 10)

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
+from contracts.errors import InvalidRequest, ModelLoadError, UnsupportedModel
+from contracts.outputs import FinishReason
+from contracts.sampling_params import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.errors import InvalidRequest, ModelLoadError, UnsupportedModel
 from engine.loader import describe_model, resolve_model
-from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
-from engine.sequence import FinishReason
 from tests.conftest import greedy, make_engine
 
 MAX_MODEL_LEN = 64

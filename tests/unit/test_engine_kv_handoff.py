@@ -9,9 +9,9 @@ import dataclasses
 
 import pytest
 
+from contracts.errors import InvalidRequest
+from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
-from engine.errors import InvalidRequest
-from engine.sampling_params import SamplingParams
 from kvtransfer.coalesce import gather_blocks, scatter_blocks
 from tests.conftest import greedy, make_engine, prompt_ids
 

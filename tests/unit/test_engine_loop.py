@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from contracts.errors import RequestAborted, WorkerUnavailable
+from contracts.outputs import FinishReason
+from contracts.sampling_params import SamplingParams
 from decode_worker.engine_loop import EngineLoop
-from engine.errors import RequestAborted, WorkerUnavailable
-from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason
 from kvtransfer.protocol import TransferMetrics, TransferResult, TransferStatus, transfer_id_for
 from kvtransfer.receiver import ReceivedKV
 from tests.conftest import greedy, make_engine, prompt_ids

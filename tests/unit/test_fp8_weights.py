@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.errors import UnsupportedModel
+from contracts.errors import UnsupportedModel
 from engine.loader.hf_quant import fp8_scheme_from_hf_config
 from engine.quantization import (
     FP8_DTYPE,

@@ -23,10 +23,10 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from tokenizers import pre_tokenizers
 
-from engine.errors import ModelLoadError, UnsupportedModel
+from contracts.errors import ModelLoadError, UnsupportedModel
+from contracts.sampling_params import SamplingParams
 from engine.loader import describe_model, resolve_model
 from engine.loader.gguf_file import _GLOBAL_TENSORS, _LAYER_TENSORS
-from engine.sampling_params import SamplingParams
 from tests.conftest import make_engine, prompt_ids
 from tests.unit.test_model_parity import (
     ATOL,

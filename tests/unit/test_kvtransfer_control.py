@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.control import ControlConnection, ControlListener
 from kvtransfer.messages import PairHello, TransferAbort, TransferAck, encode
 from kvtransfer.protocol import BoundedRecord, TransferConfig, transfer_tag

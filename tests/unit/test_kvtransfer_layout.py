@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.layout import MAX_MODEL_ID_BYTES, KVLayout
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer import messages
 from kvtransfer.layout import MAX_MODEL_ID_BYTES, KVLayout
 from kvtransfer.messages import (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.control import ControlConnection, ControlListener
 from kvtransfer.handshake import (
     ClusterSecret,

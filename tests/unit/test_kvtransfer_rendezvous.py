@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer.control import ControlConnection
 from kvtransfer.messages import PairProof, StoreOp, StoreReply, StoreRequest
 from kvtransfer.rendezvous import ControlStore, serve_rendezvous

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from engine.errors import KVTransferError
+from contracts.errors import KVTransferError
 from kvtransfer import nccl
 from kvtransfer.nccl import NCCL_ERROR_HANDLING_ENV, configure_nccl_environment
 from kvtransfer.transport import PairAddress, TransportConfig, open_channel

@@ -12,17 +12,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.metrics import ServiceMetrics, start_metrics_server
-from cluster.prefix_index import IndexMetrics
+from contracts.workers import KVTransferCounters, WorkerStats
+from prefix_cache.index import IndexMetrics
+from telemetry.metrics import ServiceMetrics, start_metrics_server
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "tandem-dashboard.json"
-WORKER_STATS = {
-    "num_requests": 3, "num_running": 2, "num_waiting": 1, "num_preemptions": 4,
-    "num_blocks": 100, "num_free_blocks": 75, "kv_bytes_sent": 0, "kv_bytes_received": 4096,
-    "kv_transfers_completed": 2, "kv_transfer_seconds": 0.5, "kv_transfers_failed": 1,
-    "kv_leases_expired": 0, "kv_pairs_refused": 3,
-    "kv_pairs_refused_by_reason": {"unproven": 2, "over_limit": 1},
-}  # fmt: skip
+WORKER_STATS = WorkerStats(
+    num_requests=3, num_running=2, num_waiting=1, num_preemptions=4, num_blocks=100,
+    num_free_blocks=75,
+    kv=KVTransferCounters(
+        pairs_refused_by_reason={"unproven": 2, "over_limit": 1}, transfers_completed=2,
+        transfers_failed=1, leases_expired=0, bytes_sent=0, bytes_received=4096,
+        transfer_seconds=0.5,
+    ),
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -32,7 +35,7 @@ def metrics() -> ServiceMetrics:
     metrics.record_finished("OK", usage, 1.5, ttft_s=0.2, queue_s=0.05, gaps_s=[0.01] * 4)
     metrics.record_finished("INVALID_ARGUMENT", None, 0.001, None, None, [])
     metrics.observe_worker("decode", "decode-0", WORKER_STATS)
-    metrics.observe_worker("prefill", "prefill-0", {"failure": "boom", "num_requests": 0})
+    metrics.observe_worker("prefill", "prefill-0", WorkerStats(num_requests=0, failure="boom"))
     index = IndexMetrics()
     index.record(10, [4, 0])
     index.num_degraded = 2
@@ -104,7 +107,7 @@ def test_the_dashboard_queries_only_metrics_that_exist(metrics: ServiceMetrics) 
 
 
 def test_refusal_reasons_match_the_endpoints() -> None:
-    from cluster.metrics import REFUSAL_REASONS
     from kvtransfer.pair import REFUSAL_REASONS as ENDPOINT_REASONS
+    from telemetry.metrics import REFUSAL_REASONS
 
     assert REFUSAL_REASONS == ENDPOINT_REASONS

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.block_hash import root_hash
+from contracts.block_hash import root_hash
+from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import Sequence
 from tests.conftest import make_engine, prompt_ids

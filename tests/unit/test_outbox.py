@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from contracts.errors import InvalidRequest
 from decode_worker.outbox import Outbox
-from engine.errors import InvalidRequest
 
 
 async def outputs_of(items: list[object], finished: asyncio.Event | None = None) -> AsyncIterator:

@@ -10,17 +10,17 @@ from collections.abc import Sequence
 
 import pytest
 
-from cluster.prefix_index import (
+from contracts.block_hash import prompt_block_hashes
+from contracts.workers import WorkerKey
+from engine.engine import Engine
+from prefix_cache.index import (
     CacheEventBatch,
     IndexConfig,
     LocalPrefixIndex,
-    WorkerKey,
     leading_hits,
     make_prefix_index,
 )
-from cluster.prefix_publisher import CacheEventLog, IndexPublisher, RedisIndexWriter
-from engine.block_hash import prompt_block_hashes
-from engine.engine import Engine
+from prefix_cache.publisher import CacheEventLog, IndexPublisher, RedisIndexWriter
 from tests.conftest import greedy, make_engine, prompt_ids
 
 A = WorkerKey("prefill-0", "epoch1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import Overloaded
+from contracts.errors import Overloaded
 from router.admission import Admission, AdmissionLimits
 
 

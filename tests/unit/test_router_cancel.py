@@ -18,8 +18,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from engine.output_processor import RequestOutput
-from engine.sequence import FinishReason, Usage
+from contracts.outputs import FinishReason, RequestOutput, Usage
 from proto.tandem.v1 import tandem_pb2 as pb
 from router.placement import Pool
 from router.requests import ServedModel

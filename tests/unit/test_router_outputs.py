@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import WorkerUnavailable
+from contracts.errors import WorkerUnavailable
 from router.outputs import OutputStreams
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import WorkerUnavailable
+from contracts.errors import WorkerUnavailable
+from contracts.workers import WorkerStats
 from router.placement import Pool
 
 
-def stats(free: int, total: int = 100, max_num_seqs: int = 8) -> dict[str, int]:
-    return {"num_free_blocks": free, "num_blocks": total, "max_num_seqs": max_num_seqs}
+def stats(free: int, total: int = 100, max_num_seqs: int = 8) -> WorkerStats:
+    return WorkerStats(
+        num_requests=0, num_free_blocks=free, num_blocks=total, max_num_seqs=max_num_seqs
+    )
 
 
 def test_prefill_goes_to_the_fewest_queued_prompt_tokens() -> None:

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from engine.errors import InvalidRequest, ModelNotFound
+from contracts.errors import InvalidRequest, ModelNotFound
+from contracts.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SamplingParams
 from engine.loader.default_model import installed_default_model
-from engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, SamplingParams
 from engine.tokenizer import Tokenizer
 from proto.tandem.v1 import tandem_pb2 as pb
 from router.requests import (
@@ -123,7 +123,7 @@ def test_unknown_model_is_not_found(model: ServedModel) -> None:
 
 def test_the_router_never_imports_torch() -> None:
     code = (
-        "import sys, router.server, cluster.prefix_index, cluster.prefix_publisher; "
+        "import sys, router.server, prefix_cache.index, prefix_cache.publisher; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

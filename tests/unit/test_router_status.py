@@ -15,10 +15,10 @@ from typing import Any
 import grpc
 import pytest
 
-from cluster.metrics import ServiceMetrics
 from router.placement import Pool
 from router.requests import ServedModel
 from router.server import TandemServicer, _Malformed, _parser
+from telemetry.metrics import ServiceMetrics
 from tests.unit.test_request_ids import _Context, _Refused
 from tests.unit.test_router_cancel import FIRST_TOKEN, FakeWorker, _output, _request
 

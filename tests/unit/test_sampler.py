@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from bench.sampler_bias import per_row_reference
-from engine.errors import InvalidRequest
+from contracts.errors import InvalidRequest
+from contracts.sampling_params import MAX_LOGIT_BIAS, SamplingParams
 from engine.sampler import LogitBias, SampleRow, apply_bias_and_penalties
-from engine.sampling_params import MAX_LOGIT_BIAS, SamplingParams
 from tests.conftest import greedy, make_engine
 
 VOCAB = 97  # odd on purpose

@@ -11,11 +11,12 @@ from collections.abc import Iterable
 
 import pytest
 
-from engine.block_hash import root_hash
+from contracts.block_hash import root_hash
+from contracts.outputs import FinishReason
+from contracts.sampling_params import SamplingParams
 from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus
 from tests.conftest import prompt_ids
 
 BS = 4  # block size

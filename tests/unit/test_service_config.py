@@ -102,9 +102,9 @@ def test_loopback_redis_and_otlp_addresses_are_warned_about(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Workers on other nodes would look for a loopback Redis or collector on their own node."""
-    from cluster.prefix_index import IndexConfig
     from cluster.service import warn_loopback_addresses
-    from cluster.tracing import TracingConfig
+    from prefix_cache.index import IndexConfig
+    from telemetry.tracing import TracingConfig
 
     config = ServiceConfig(
         index=IndexConfig(redis_url="redis://127.0.0.1:6379/0"),

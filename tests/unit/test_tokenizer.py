@@ -14,8 +14,9 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engine.chat_template import ChatMessage, render_chat_template
-from engine.errors import InvalidRequest, ModelLoadError, UnsupportedModel
+from contracts.chat import ChatMessage
+from contracts.errors import InvalidRequest, ModelLoadError, UnsupportedModel
+from engine.chat_template import render_chat_template
 from engine.tokenizer import Tokenizer, read_gguf_metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

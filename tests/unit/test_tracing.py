@@ -7,7 +7,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from cluster.tracing import TracingConfig, child_carrier, extract, inject
+from telemetry.tracing import TracingConfig, child_carrier, extract, inject
 
 TRACE_ID, SPAN_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.errors import InvalidRequest
+from contracts.errors import InvalidRequest
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16

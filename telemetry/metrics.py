@@ -36,7 +36,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.errors import AddressInUse
+from contracts.errors import AddressInUse
+from contracts.workers import WorkerStats
 
 # Seconds: from a cached short prompt on a GPU to a long queue on a CPU.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -88,11 +89,11 @@ class ServiceMetrics:
         self.target_workers = Gauge("tandem_pool_target_workers",
                                     "The size the autoscaler wants each pool at.", ["pool"],
                                     registry=r)  # fmt: skip
-        self._workers: dict[tuple[str, str], dict[str, Any]] = {}
+        self._workers: dict[tuple[str, str], WorkerStats] = {}
         self._index: Callable[[], Any] | None = None
         r.register(_WorkersCollector(self))
 
-    def observe_worker(self, pool: str, worker_id: str, stats: dict[str, Any]) -> None:
+    def observe_worker(self, pool: str, worker_id: str, stats: WorkerStats) -> None:
         """A worker's latest load report (WorkerBase.stats)."""
         self._workers[(pool, worker_id)] = stats
 
@@ -166,26 +167,24 @@ class _WorkersCollector(Collector):
         pools: dict[str, int] = {}
         for (pool, worker), stats in sorted(self.metrics._workers.items()):
             pools[pool] = pools.get(pool, 0) + 1
-            if stats.get("failure") or "num_blocks" not in stats:
+            if stats.failure is not None:
                 continue
             values = [pool, worker]
-            total, free = stats["num_blocks"], stats["num_free_blocks"]
-            g["running"].add_metric(values, stats.get("num_running", 0))
-            g["waiting"].add_metric(values, stats.get("num_waiting", 0))
+            total, free = stats.num_blocks, stats.num_free_blocks
+            g["running"].add_metric(values, stats.num_running)
+            g["waiting"].add_metric(values, stats.num_waiting)
             g["used"].add_metric(values, total - free)
             g["free"].add_metric(values, free)
             g["usage"].add_metric(values, (total - free) / total if total else 0.0)
-            c["preemptions"].add_metric(values, stats.get("num_preemptions", 0))
-            c["failures"].add_metric(values, stats.get("kv_transfers_failed", 0))
-            c["leases"].add_metric(values, stats.get("kv_leases_expired", 0))
-            by_reason = stats.get("kv_pairs_refused_by_reason") or {}
+            c["preemptions"].add_metric(values, stats.num_preemptions)
+            kv = stats.kv
+            c["failures"].add_metric(values, kv.transfers_failed)
+            c["leases"].add_metric(values, kv.leases_expired)
             for reason in REFUSAL_REASONS:
-                refused.add_metric([*values, reason], by_reason.get(reason, 0))
-            transfer_bytes.add_metric([*values, "sent"], stats.get("kv_bytes_sent", 0))
-            transfer_bytes.add_metric([*values, "received"], stats.get("kv_bytes_received", 0))
-            transfer_time.add_metric(
-                values, stats.get("kv_transfers_completed", 0), stats.get("kv_transfer_seconds", 0)
-            )
+                refused.add_metric([*values, reason], kv.pairs_refused_by_reason.get(reason, 0))
+            transfer_bytes.add_metric([*values, "sent"], kv.bytes_sent)
+            transfer_bytes.add_metric([*values, "received"], kv.bytes_received)
+            transfer_time.add_metric(values, kv.transfers_completed, kv.transfer_seconds)
         yield from g.values()
         yield from c.values()
         yield refused

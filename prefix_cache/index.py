@@ -14,10 +14,10 @@ imported only when a Redis URL is configured.
 
 The router passes the live (worker_id, epoch) keys, so a restarted worker's old set is never
 read, and a dead worker's set expires with its TTL. Hashes are seeded by model id and
-`cache_salt` (engine.block_hash), so tenants with different salts never match each other.
+`cache_salt` (contracts.block_hash), so tenants with different salts never match each other.
 
 Without Redis, `LocalPrefixIndex` keeps the same answers in the router process, fed by
-`CacheEventBatch`es the router pulls from its workers (cluster.prefix_publisher.CacheEventLog).
+`CacheEventBatch`es the router pulls from its workers (prefix_cache.publisher.CacheEventLog).
 Both run on the router's event loop; neither is thread-safe.
 """
 
@@ -27,11 +27,13 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
+
+from contracts.block_hash import BlockHash
+from contracts.workers import WorkerKey
 
 if TYPE_CHECKING:
     import redis
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BlockHash = bytes  # engine.block_hash.BlockHash, without importing the engine package's torch
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _URL_SCHEMES = ("redis", "rediss", "unix")
 _MAX_QUERIES_IN_FLIGHT = 64  # past this many unanswered lookups, Redis counts as too slow
@@ -117,25 +118,6 @@ def check_redis_url(url: str) -> None:
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
         raise ValueError(f"redis_url {shown!r}: database {db!r} must be a number")
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerKey:
-    """One incarnation of a worker: its stable id and the epoch it drew at start."""
-
-    worker_id: str
-    epoch: str
-
-    def __post_init__(self) -> None:
-        for name in ("worker_id", "epoch"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not _NAME.fullmatch(value):
-                raise ValueError(f"{name}={value!r}: use 1-64 of [A-Za-z0-9_.-]")
-
-
-def new_epoch() -> str:
-    """A fresh incarnation id; a worker draws one when it starts (never reuse one)."""
-    return uuid.uuid4().hex[:16]
 
 
 @dataclass(frozen=True, slots=True)

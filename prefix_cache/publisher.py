@@ -26,11 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.prefix_index import (
+from contracts.workers import WorkerKey
+from prefix_cache.index import (
     BlockHash,
     CacheEventBatch,
     IndexConfig,
-    WorkerKey,
     blocks_key,
     epoch_key,
     redis_client,
