@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.autoscaler import AutoscalingConfig, PoolScaler, pool_signals
+from cluster.membership import PoolMembership
 from cluster.ray_start import init_ray
+from cluster.workers import RayWorkerClient
 from contracts.workers import WorkerInfo
 from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
@@ -40,7 +42,7 @@ from kvtransfer.handshake import SECRET_ENV, SECRET_FILE_ENV
 from kvtransfer.network import KVNetworkConfig
 from prefix_cache.index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
 from router.admission import Admission, AdmissionLimits
-from router.placement import Pool
+from router.placement import Member
 from router.requests import ServedModel, prompt_chars_limit
 from router.server import ServingGate, TandemServicer, set_serving, start_server
 from telemetry.metrics import ServiceMetrics, start_metrics_server
@@ -109,12 +111,13 @@ class ServiceConfig:
 
 
 class Service:
-    """The running service. Its pools (router.placement.Pool: handles, stable worker ids,
-    loads) are shared with the router; `workers` and `prefill_workers` are their live lists."""
+    """The running service. It owns the pools' membership (cluster.membership: who is in
+    each pool, replaced, added or drained here); the router places requests on them.
+    `workers` and `prefill_workers` are the actors of the current members."""
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
-        self.pools: dict[str, Pool] = {}  # "decode" (colocated: the one pool), "prefill"
+        self.pools: dict[str, PoolMembership] = {}  # "decode" (colocated: the one), "prefill"
         self.port: int | None = None
         self._server: Any = None
         self._health: Any = None
@@ -134,8 +137,8 @@ class Service:
 
     @property
     def workers(self) -> list[Any]:
-        """Decode (or colocated) workers."""
-        return self.pools["decode"].workers if "decode" in self.pools else []
+        """Decode (or colocated) workers' actors."""
+        return self._actors("decode")
 
     @property
     def gate(self) -> ServingGate | None:
@@ -144,7 +147,11 @@ class Service:
 
     @property
     def prefill_workers(self) -> list[Any]:
-        return self.pools["prefill"].workers if "prefill" in self.pools else []
+        return self._actors("prefill")
+
+    def _actors(self, pool: str) -> list[Any]:
+        members = self.pools[pool].members() if pool in self.pools else ()
+        return [_actor(m) for m in members]
 
     @property
     def disaggregated(self) -> bool:
@@ -220,14 +227,12 @@ class Service:
             ) from None
         finally:  # whatever started is stopped by stop() if this fails
             for pool, spawned in started.items():
-                self.pools[pool] = Pool(
-                    pool,
-                    [w for w, _ in spawned],
-                    [worker_id for _, worker_id in spawned],
-                    cache_weight=config.cache_weight,
-                )
+                self.pools[pool] = PoolMembership(pool)
+                for actor, worker_id in spawned:
+                    self.pools[pool].add(RayWorkerClient(actor, worker_id))
         for pool, pool_infos in infos.items():
-            self.pools[pool].index_keys = [info.index_key for info in pool_infos]
+            for member, info in zip(self.pools[pool].members(), pool_infos, strict=True):
+                member.index_key = info.index_key
         if self.disaggregated:
             await self._form_pairs()
         model = served_model(config.engine.model, infos["decode"][0])
@@ -239,6 +244,7 @@ class Service:
             Admission(config.admission),
             self.prefix_index,
             self.metrics,
+            cache_weight=config.cache_weight,
         )
         index = self.prefix_index
         self.metrics.watch_index(lambda: index.metrics)
@@ -335,7 +341,7 @@ class Service:
             actor = self._actor_class.remote(config.engine, worker_id, None, tracing, net)
         return actor, worker_id
 
-    def _prefilling(self) -> Pool:
+    def _prefilling(self) -> PoolMembership:
         return self.pools["prefill" if self.disaggregated else "decode"]
 
     async def _drain_index(self, index: LocalPrefixIndex) -> None:
@@ -346,9 +352,9 @@ class Service:
             pool = self._prefilling()
             calls = [
                 asyncio.wait_for(
-                    worker.drain_cache_events.remote(index.next_drain_seq(worker_id)), 5.0
+                    _actor(m).drain_cache_events.remote(index.next_drain_seq(m.worker_id)), 5.0
                 )
-                for worker, worker_id in zip(pool.workers, pool.ids, strict=True)
+                for m in pool.members()
             ]
             for batch in await asyncio.gather(*calls, return_exceptions=True):
                 if not isinstance(batch, BaseException):
@@ -359,13 +365,13 @@ class Service:
 
     async def _form_pairs(self) -> None:
         """A KV-transfer pair between every prefill and every decode worker."""
-        decode, prefill = self.pools["decode"], self.pools["prefill"]
-        addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in decode.workers))
+        decode, prefill = self.pools["decode"].members(), self.pools["prefill"].members()
+        addresses = await asyncio.gather(*(_actor(m).open_endpoint.remote() for m in decode))
         await asyncio.gather(
             *(
-                self._connect(worker, prefill_id, decode_id, address)
-                for worker, prefill_id in zip(prefill.workers, prefill.ids, strict=True)
-                for decode_id, address in zip(decode.ids, addresses, strict=True)
+                self._connect(_actor(p), p.worker_id, d.worker_id, address)
+                for p in prefill
+                for d, address in zip(decode, addresses, strict=True)
             )
         )
 
@@ -375,20 +381,17 @@ class Service:
             return
         if pool == "decode":
             address = await worker.open_endpoint.remote()
-            prefill = self.pools["prefill"]
+            prefill = self.pools["prefill"].members()
             await asyncio.gather(
-                *(
-                    self._connect(p, prefill_id, worker_id, address)
-                    for p, prefill_id in zip(prefill.workers, prefill.ids, strict=True)
-                )
+                *(self._connect(_actor(p), p.worker_id, worker_id, address) for p in prefill)
             )
         else:
-            decode = self.pools["decode"]
-            addresses = await asyncio.gather(*(w.open_endpoint.remote() for w in decode.workers))
+            decode = self.pools["decode"].members()
+            addresses = await asyncio.gather(*(_actor(d).open_endpoint.remote() for d in decode))
             await asyncio.gather(
                 *(
-                    self._connect(worker, worker_id, decode_id, address)
-                    for decode_id, address in zip(decode.ids, addresses, strict=True)
+                    self._connect(worker, worker_id, d.worker_id, address)
+                    for d, address in zip(decode, addresses, strict=True)
                 )
             )
 
@@ -404,24 +407,21 @@ class Service:
         worker's own report of a failed engine, is."""
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            checks = [
-                (name, worker_id, worker)
-                for name, pool in self.pools.items()
-                for worker, worker_id in zip(pool.workers, pool.ids, strict=True)
-            ]
+            checks = [(name, m) for name, pool in self.pools.items() for m in pool.members()]
             verdicts = await asyncio.gather(*(self._check(*check) for check in checks))
-            for (pool, worker_id, worker), dead in zip(checks, verdicts, strict=True):
+            for (pool, member), dead in zip(checks, verdicts, strict=True):
                 if dead:
                     try:
-                        await self._replace(pool, worker_id, worker)
+                        await self._replace(pool, member)
                     except Exception:  # try again at the next check
-                        logger.exception("replacing %s worker %s failed", pool, worker_id)
+                        logger.exception("replacing %s worker %s failed", pool, member.worker_id)
 
-    async def _check(self, pool: str, worker_id: str, worker: Any) -> bool:
-        """Whether `worker` must be replaced; on the way, its load goes to placement and
+    async def _check(self, pool: str, member: Member) -> bool:
+        """Whether `member` must be replaced; on the way, its load goes to placement and
         metrics."""
         import ray
 
+        worker = _actor(member)
         try:
             stats = await asyncio.wait_for(worker.stats.remote(), self.config.health_interval_s * 5)
         except asyncio.TimeoutError:
@@ -429,20 +429,21 @@ class Service:
         except ray.exceptions.RayActorError:
             return True
         if stats.failure is not None:
-            logger.error("worker %s: its engine failed (%s): killing it", worker_id,
+            logger.error("worker %s: its engine failed (%s): killing it", member.worker_id,
                          stats.failure)  # fmt: skip
             ray.kill(worker, no_restart=True)
             return True
-        if self._servicer is not None:
-            self._servicer.observe(worker, stats)
-        self.metrics.observe_worker(pool, worker_id, stats)
+        if pool in self.pools:
+            self.pools[pool].observe(member, stats)
+        self.metrics.observe_worker(pool, member.worker_id, stats)
         return False
 
-    async def _replace(self, pool: str, worker_id: str, dead: Any) -> None:
+    async def _replace(self, pool: str, dead: Member) -> None:
         """Start a replacement under the same id and, in disaggregated mode, re-form its KV
         pairs before it takes requests."""
-        if self._servicer is None or dead not in self.pools[pool].workers:
+        if self._servicer is None or dead not in self.pools[pool]:
             return  # already replaced, or removed by scaling
+        worker_id = dead.worker_id
         logger.warning("%s worker %s died; starting a replacement", pool, worker_id)
         import ray
 
@@ -455,7 +456,8 @@ class Service:
         except BaseException:  # the next check starts another: this one must not linger
             ray.kill(new)
             raise
-        self._servicer.replace_worker(dead, new, info.index_key)  # now it takes requests
+        # now it takes requests
+        self.pools[pool].replace(dead, RayWorkerClient(new, worker_id), info.index_key)
         self.num_replaced += 1
 
     # -- autoscaling ----------------------------------------------------------------------------
@@ -474,13 +476,13 @@ class Service:
             recent = self._servicer.recent_latencies()
             now = time.monotonic()
             for name, scaler in scalers.items():
-                pool = self.pools[name]
+                loads = [m.load for m in self.pools[name].members()]
                 kind = name if self.disaggregated else "colocated"
-                live = [load for load in pool.loads if not load.draining]
+                live = [load for load in loads if not load.draining]
                 self.metrics.target_workers.labels(pool=name).set(len(live))
                 if name in self._scaling:
                     continue
-                signals = pool_signals(kind, pool.loads, recent)
+                signals = pool_signals(kind, loads, recent)
                 decision = scaler.decide(len(live), signals, now)
                 if decision is None:
                     continue
@@ -523,7 +525,7 @@ class Service:
 
             ray.kill(new)
             raise
-        self.pools[pool].add(new, worker_id, info.index_key)
+        self.pools[pool].add(RayWorkerClient(new, worker_id), info.index_key)
         logger.info("%s worker %s joined the pool", pool, worker_id)
 
     async def _shrink(self, pool: str) -> None:
@@ -533,30 +535,29 @@ class Service:
 
         members = self.pools[pool]
         candidates = [
-            (load.in_flight, index)
-            for index, load in enumerate(members.loads)
-            if not load.draining and not load.down
+            (member.load.in_flight, index, member)
+            for index, member in enumerate(members.members())
+            if member.placeable
         ]
         if len(candidates) <= 1:
             return
-        _, index = min(candidates)
-        worker, worker_id = members.workers[index], members.ids[index]
-        members.drain(worker)
+        _, _, member = min(candidates, key=lambda c: c[:2])
+        worker, worker_id = _actor(member), member.worker_id
+        members.drain(member)
         logger.info("%s worker %s draining", pool, worker_id)
         deadline = time.monotonic() + self.config.autoscaling.drain_timeout_s
         while time.monotonic() < deadline:
-            load = members.load_of(worker)
-            if load is None:  # died and was replaced meanwhile: nothing left to drain
+            if member not in members:  # died and was replaced meanwhile: nothing to drain
                 return
             stats = await worker.stats.remote()
-            if load.in_flight == 0 and not stats.num_requests:
+            if member.load.in_flight == 0 and not stats.num_requests:
                 break
             await asyncio.sleep(0.2)
         else:
             logger.warning("%s worker %s still busy after the drain timeout", pool, worker_id)
         if pool == "decode" and self.disaggregated:
             await asyncio.gather(*(p.disconnect.remote(worker_id) for p in self.prefill_workers))
-        members.remove(worker)
+        members.remove(member)
         self.metrics.forget_worker(pool, worker_id)
         if isinstance(self.prefix_index, LocalPrefixIndex):
             self.prefix_index.forget(worker_id)
@@ -660,3 +661,10 @@ def quiet_ray_startup() -> None:
 class _DashboardNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Failed to start the dashboard")
+
+
+def _actor(member: Member) -> Any:
+    """The Ray actor behind a member (the control plane calls its other methods)."""
+    client = member.client
+    assert isinstance(client, RayWorkerClient), client
+    return client.actor

@@ -59,6 +59,18 @@ class WorkerUnavailable(TandemError):
     """A worker died or cannot be reached."""
 
 
+class WorkerLost(WorkerUnavailable):
+    """A call failed because its worker died (`unreachable` False) or cannot be reached now
+    (`unreachable` True: it may come back and run on, so what it holds must be aborted)."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
+    def __reduce__(self) -> tuple[type, tuple[str, bool]]:  # type: ignore[override]
+        return (WorkerLost, (str(self), self.unreachable))
+
+
 class AddressInUse(TandemError):
     """A port Tandem was asked to listen on is taken by another process."""
 

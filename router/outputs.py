@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contracts.errors import WorkerUnavailable
+from router.workers import WorkerClient
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,10 @@ class OutputStreams:
         self.subscriber = subscriber or f"router-{uuid.uuid4().hex[:12]}"
         self._subscriptions: dict[str, _Subscription] = {}  # actor id -> its stream
 
-    def open(self, worker: Any, request_id: str) -> asyncio.Queue[Any]:
+    def open(self, worker: WorkerClient, request_id: str) -> asyncio.Queue[Any]:
         """The queue `request_id`'s outputs on `worker` will arrive on: RequestOutputs, the
         last finished, or one exception. Open it before starting the request."""
-        key = _actor_key(worker)
+        key = worker.key
         subscription = self._subscriptions.get(key)
         if subscription is None:
             subscription = self._subscriptions[key] = _Subscription()
@@ -49,9 +50,9 @@ class OutputStreams:
         subscription.queues[request_id] = queue
         return queue
 
-    def close(self, worker: Any, request_id: str) -> None:
+    def close(self, worker: WorkerClient, request_id: str) -> None:
         """Stop routing `request_id`'s outputs (it ended or was cancelled)."""
-        subscription = self._subscriptions.get(_actor_key(worker))
+        subscription = self._subscriptions.get(worker.key)
         if subscription is not None:
             subscription.queues.pop(request_id, None)
 
@@ -66,12 +67,11 @@ class OutputStreams:
     def num_open(self) -> int:
         return sum(len(s.queues) for s in self._subscriptions.values())
 
-    async def _pump(self, key: str, worker: Any, subscription: _Subscription) -> None:
+    async def _pump(self, key: str, worker: WorkerClient, subscription: _Subscription) -> None:
         error: BaseException
         try:
-            stream = worker.outputs.options(num_returns="streaming").remote(self.subscriber)
-            async for ref in stream:
-                for request_id, item in await ref:
+            async for batch in worker.outputs(self.subscriber):
+                for request_id, item in batch:
                     queue = subscription.queues.get(request_id)
                     if queue is not None:
                         queue.put_nowait(item)
@@ -85,9 +85,3 @@ class OutputStreams:
         for queue in subscription.queues.values():
             queue.put_nowait(error)
         logger.info("output stream of worker %s ended: %r", key, error)
-
-
-def _actor_key(worker: Any) -> str:
-    """A worker's identity for its stream: its Ray actor id (a replacement has a new one)."""
-    actor_id = getattr(worker, "_actor_id", None)
-    return actor_id.hex() if actor_id is not None else str(id(worker))

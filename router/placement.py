@@ -1,11 +1,11 @@
-"""Where a request runs: the router's view of each worker pool and its load.
+"""Where a request runs: scoring the members of a pool by their load.
 
     prefill pool   the worker with the fewest queued prompt tokens (prompts the router sent
                    it and has not had back, less what each found cached), then the fewest
                    requests
     decode pool    the lowest load = running sequences / the worker's sequence cap
                    + KV blocks in use / its blocks; running sequences are the router's own
-                   count, block use the worker's last report (`observe`, every health check)
+                   count, block use the worker's last report (every health check)
 
 Prefix-aware: given how many of the prompt's tokens each worker holds in its prefix cache (the
 global index's answer), the pool that prefills picks the lowest
@@ -14,20 +14,20 @@ an estimate of the work ahead of the request's first token (weight 1: queued and
 tokens cost the same). A worker holding the prefix stops winning once its queue outgrows what
 the cache saves, so a hot prefix never sends everyone to one worker. Weight 0: load only.
 
-A worker whose call failed with a lost-worker error is `mark_down`: skipped until the service
-replaces it (`replace`). The prefix-aware policy (a worker already holding a prompt's prefix)
-builds on these loads. Torch-free, Ray-free: workers are opaque handles here.
+Who is in a pool is the control plane's business (cluster.membership): the router sees a
+`PoolView` and reports a worker a call found lost (`mark_down`); it is skipped until replaced.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from contracts.errors import WorkerUnavailable
-from contracts.workers import WorkerStats
+from contracts.workers import WorkerKey, WorkerStats
+from router.workers import WorkerClient
 
 
 @dataclass(slots=True)
@@ -37,7 +37,7 @@ class WorkerLoad:
     num_blocks: int = 0  # the worker's last report (0: none yet)
     num_free_blocks: int = 0
     max_num_seqs: int = 0
-    down: bool = False  # a call found it dead; skipped until replaced
+    down: bool = False  # a call found it lost; skipped until replaced
     draining: bool = False  # leaving the pool: skipped, its requests finish
 
     @property
@@ -50,126 +50,103 @@ class WorkerLoad:
         seqs = self.in_flight / self.max_num_seqs if self.max_num_seqs else float(self.in_flight)
         return seqs + self.kv_used
 
+    def observe(self, stats: WorkerStats) -> None:
+        """Take a worker's reported KV and sequence figures."""
+        self.num_blocks = stats.num_blocks
+        self.num_free_blocks = stats.num_free_blocks
+        self.max_num_seqs = stats.max_num_seqs
 
-class Pool:
-    """One pool's workers: handles, stable ids (e.g. "decode-3", kept by a replacement),
-    prefix-index identities, and their loads. Workers come and go (`add`, `remove`): hold a
-    worker's handle or id across awaits, not its index."""
 
-    def __init__(
+@dataclass(eq=False, slots=True)
+class Member:
+    """One incarnation of a worker in a pool: its client, its prefix-index key, its load (a
+    replacement is a new Member with a fresh load; requests on the old one end on its books)."""
+
+    client: WorkerClient
+    index_key: WorkerKey | None = None
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+
+    @property
+    def worker_id(self) -> str:
+        return self.client.worker_id
+
+    @property
+    def placeable(self) -> bool:
+        return not (self.load.down or self.load.draining)
+
+
+class PoolView(Protocol):
+    """A pool as the router sees it; the control plane owns who is in it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def members(self) -> Sequence[Member]:
+        """The members now, in a stable order (replacements keep their predecessor's place)."""
+        ...
+
+    def mark_down(self, member: Member) -> None:
+        """A call to `member` found it lost: place nothing more on it."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """The scoring policy of one pool (see the module docstring)."""
+
+    prefill: bool  # score by queued prompt tokens (else by decode load)
+    cache_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.cache_weight >= 0:
+            raise ValueError(f"cache_weight={self.cache_weight!r} must be >= 0")
+
+    def pick(
         self,
-        name: str,
-        workers: list[Any],
-        ids: list[str] | None = None,
-        index_keys: list[Any] | None = None,
-        cache_weight: float = 1.0,
-    ) -> None:
-        if not workers:
-            raise ValueError(f"the {name} pool needs at least one worker")
-        if not cache_weight >= 0:
-            raise ValueError(f"cache_weight={cache_weight!r} must be >= 0")
-        ids = ids if ids is not None else [f"{name}-{i}" for i in range(len(workers))]
-        index_keys = index_keys if index_keys is not None else [None] * len(workers)
-        if not len(ids) == len(index_keys) == len(workers):
-            raise ValueError("one id and one index key per worker")
-        self.name = name
-        self.workers = list(workers)
-        self.ids = list(ids)
-        self.index_keys: list[Any] = list(index_keys)  # each one's prefix-index identity
-        self.loads = [WorkerLoad() for _ in workers]
-        self.cache_weight = cache_weight
-
-    def __len__(self) -> int:
-        return len(self.workers)
-
-    def pick(self, exclude: Collection[int] = (), cached: Sequence[int] | None = None) -> int:
-        """The index of the least loaded live worker not in `exclude`, weighing the prompt
-        tokens each worker has cached (`cached`, per worker) if known. Raises
-        WorkerUnavailable if there is none."""
+        pool: str,
+        members: Sequence[Member],
+        exclude: Collection[Member] = (),
+        cached: Sequence[int] | None = None,
+    ) -> int:
+        """The index in `members` of the least loaded placeable member not in `exclude`,
+        weighing the prompt tokens each member has cached (`cached`, aligned with `members`)
+        if known. Raises WorkerUnavailable if there is none."""
         candidates = [
-            i for i, load in enumerate(self.loads)
-            if not (load.down or load.draining) and i not in exclude
-        ]  # fmt: skip
+            i for i, member in enumerate(members) if member.placeable and member not in exclude
+        ]
         if not candidates:
-            raise WorkerUnavailable(f"no live {self.name} worker left to place the request on")
+            raise WorkerUnavailable(f"no live {pool} worker left to place the request on")
+        key = self._key_of(members)
         if cached is None or not self.cache_weight or not any(cached[i] for i in candidates):
-            return min(candidates, key=self._key)
+            return min(candidates, key=key)
         weight = self.cache_weight
         return min(
             candidates,
-            key=lambda i: (self.loads[i].queued_tokens - weight * cached[i], *self._key(i)),
+            key=lambda i: (members[i].load.queued_tokens - weight * cached[i], *key(i)),
         )
 
-    def _key(self, index: int) -> tuple[float, ...]:
-        load = self.loads[index]
-        if self.name == "prefill":
-            return (load.queued_tokens, load.in_flight, index)
-        return (load.decode_load, load.in_flight, index)
+    def _key_of(self, members: Sequence[Member]) -> _Key:
+        def key(index: int) -> tuple[float, ...]:
+            load = members[index].load
+            if self.prefill:
+                return (load.queued_tokens, load.in_flight, index)
+            return (load.decode_load, load.in_flight, index)
 
-    @contextmanager
-    def assigned(self, index: int, prompt_tokens: int) -> Iterator[Any]:
-        """Count a request against worker `index` while it runs there; yields its handle."""
-        load = self.loads[index]
-        load.in_flight += 1
-        load.queued_tokens += prompt_tokens
-        try:
-            yield self.workers[index]
-        finally:
-            load.in_flight -= 1
-            load.queued_tokens -= prompt_tokens
+        return key
 
-    def load_of(self, worker: Any) -> WorkerLoad | None:
-        index = self._index(worker)
-        return None if index is None else self.loads[index]
 
-    def mark_down(self, worker: Any) -> None:
-        """A call to `worker` found it lost: place nothing more on it."""
-        load = self.load_of(worker)
-        if load is not None:
-            load.down = True
+class _Key(Protocol):
+    def __call__(self, index: int) -> tuple[float, ...]: ...
 
-    def drain(self, worker: Any) -> None:
-        """Place nothing more on `worker` (it is leaving); what it has runs to the end."""
-        load = self.load_of(worker)
-        if load is not None:
-            load.draining = True
 
-    def add(self, worker: Any, worker_id: str, index_key: Any = None) -> None:
-        self.workers.append(worker)
-        self.ids.append(worker_id)
-        self.index_keys.append(index_key)
-        self.loads.append(WorkerLoad())
-
-    def remove(self, worker: Any) -> bool:
-        """Take a (drained) worker out of the pool. False if it is not here."""
-        index = self._index(worker)
-        if index is None:
-            return False
-        for column in (self.workers, self.ids, self.index_keys, self.loads):
-            del column[index]
-        return True
-
-    def replace(self, old: Any, new: Any, index_key: Any = None) -> bool:
-        """Put `new` where `old` was (same id; live, no report yet). False if `old` is not
-        here."""
-        index = self._index(old)
-        if index is None:
-            return False
-        self.workers[index] = new
-        self.loads[index] = WorkerLoad()  # the old one's requests count on the old load
-        self.index_keys[index] = index_key
-        return True
-
-    def observe(self, worker: Any, stats: WorkerStats) -> None:
-        """Record a worker's reported KV and sequence figures (WorkerBase.stats)."""
-        load = self.load_of(worker)
-        if load is not None:
-            load.num_blocks = stats.num_blocks
-            load.num_free_blocks = stats.num_free_blocks
-            load.max_num_seqs = stats.max_num_seqs
-
-    def _index(self, worker: Any) -> int | None:
-        for index, current in enumerate(self.workers):
-            if current is worker:
-                return index
-        return None
+@contextmanager
+def assigned(member: Member, prompt_tokens: int) -> Iterator[WorkerClient]:
+    """Count a request against `member` while it runs there; yields its client."""
+    load = member.load
+    load.in_flight += 1
+    load.queued_tokens += prompt_tokens
+    try:
+        yield member.client
+    finally:
+        load.in_flight -= 1
+        load.queued_tokens -= prompt_tokens

@@ -1,26 +1,12 @@
-"""The gRPC server (grpc.aio) in front of the worker pool.
+"""The gRPC server (grpc.aio) in front of the worker pools: Generate, Tokenize, ListModels.
 
-    Generate: check sizes -> admit -> validate and tokenize (off the event loop) -> pick the
-              least busy worker -> stream its outputs
-    Tokenize, ListModels: answered here, from the model's tokenizer and description
-
-The event loop never waits on one request's work: oversize input is refused by its size
-before it is tokenized (router.requests.check_sizes), and tokenizing runs on a small thread
-pool (the tokenizer releases the GIL), so health checks and other streams keep answering.
-
-Errors reach the client as status codes, never as a hang: a bad field INVALID_ARGUMENT (or
-NOT_FOUND for an unknown model), a request id still in flight ALREADY_EXISTS, a dead worker
-UNAVAILABLE, anything unexpected INTERNAL.
-
-A client's request id is only echoed back: workers, output streams, KV transfers and aborts
-know each attempt of a request (each worker it is placed on) by an id the router makes up for
-it (`_attempt_id`), so a reused or guessed id can never reach another client's request. A
-client that cancels or passes its deadline makes the router tell the worker to abort the
-request, which frees its KV within an engine step. Outputs come back from each worker through
-one batched stream per worker (router.outputs), not one Ray call per request.
-
-Workers are Ray actor handles of decode_worker.actor.EngineWorker (colocated: each prefills
-and decodes). Ray is imported lazily, torch never.
+Generate checks sizes, admits, validates and tokenizes (off the event loop), places, then
+streams: colocated, one worker prefills and decodes; disaggregated, a decode worker is chosen,
+a prefill worker prefills and ships the KV to it, and the decode worker streams on. Each
+attempt on a worker gets an id of the router's own (the client's id is only echoed back);
+a cancelled or expired request is aborted on every worker that holds it. Errors reach the
+client as status codes (`status_of`), never as a hang. Workers are `WorkerClient`s in pools
+the control plane keeps (`PoolView`); neither Ray nor torch is imported here.
 """
 
 from __future__ import annotations
@@ -46,22 +32,22 @@ from contracts.errors import (
     Overloaded,
     RequestAborted,
     TandemError,
+    WorkerLost,
     WorkerUnavailable,
 )
-from contracts.workers import WorkerKey, WorkerStats
 from prefix_cache.index import PrefixLookup
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.admission import Admission
 from router.outputs import OutputStreams
-from router.placement import Pool
+from router.placement import Member, Placement, PoolView, assigned
 from router.requests import (
     ServedModel,
     check_sizes,
-    params_to_dict,
     prompt_token_ids,
     validate_generate_request,
 )
+from router.workers import WorkerClient
 from telemetry.metrics import ServiceMetrics
 from telemetry.tracing import child_carrier, end_span, record_span, start_span
 
@@ -104,27 +90,31 @@ def status_of(error: BaseException) -> grpc.StatusCode:
 
 
 class TandemServicer(tandem_pb2_grpc.TandemServicer):
-    """`workers` decode (and, without `prefill_workers`, also prefill: colocated mode)."""
+    """The Tandem gRPC service over a decode pool (and, when disaggregated, a prefill pool)."""
 
     def __init__(
         self,
         model: ServedModel,
-        decode: Pool,
-        prefill: Pool | None = None,
+        decode: PoolView,
+        prefill: PoolView | None = None,
         admission: Admission | None = None,
         prefix_index: PrefixLookup | None = None,
         metrics: ServiceMetrics | None = None,
+        cache_weight: float = 1.0,
     ) -> None:
         """decode: the decode workers (colocated mode: without `prefill`, they prefill too);
         prefix_index: where the prefilling workers publish their cached blocks, under their
-        pool's index keys."""
+        members' index keys; cache_weight: see router.placement."""
         self.model = model
         self.decode = decode
         self.prefill = prefill
         self.admission = admission or Admission()
         self.prefix_index = prefix_index
-        if prefix_index is not None and None in self._prefilling.index_keys:
-            raise ValueError("a prefix index needs an index key for every prefilling worker")
+        self.placement = {
+            pool.name: Placement(prefill=pool is prefill, cache_weight=cache_weight)
+            for pool in (decode, prefill)
+            if pool is not None
+        }
         self.num_retried = 0  # requests moved to another worker after losing theirs
         self.metrics = metrics
         self.outputs = OutputStreams()  # one batched output stream per worker
@@ -144,24 +134,26 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         }
 
     @property
-    def _prefilling(self) -> Pool:
+    def _prefilling(self) -> PoolView:
         """The pool whose workers prefill: the prefill pool, or the colocated workers."""
         return self.decode if self.prefill is None else self.prefill
 
-    async def _cached_tokens(self, request: Any) -> list[int] | None:
+    async def _cached_tokens(self, request: Any) -> dict[Member, int] | None:
         """How many of the prompt's tokens each prefilling worker holds in its prefix cache,
         by the index; None if there is no index or it cannot answer in time."""
-        if self.prefix_index is None:
+        members = [m for m in self._prefilling.members() if m.index_key is not None]
+        if self.prefix_index is None or not members:
             return None
         size = self.model.block_size
         hashes = prompt_block_hashes(
             request.prompt_token_ids, size, self.model.model_id, request.cache_salt
         )
-        counts = await self.prefix_index.lookup(hashes, self._prefilling.index_keys)
+        keys = [m.index_key for m in members if m.index_key is not None]
+        counts = await self.prefix_index.lookup(hashes, keys)
         if counts is None:
             return None
         last = len(request.prompt_token_ids) - 1  # the last prompt token is always computed
-        return [min(count * size, last) for count in counts]
+        return {m: min(count * size, last) for m, count in zip(members, counts, strict=True)}
 
     async def Generate(self, request: Any, context: Any) -> Any:
         arrival, arrival_wall = time.monotonic(), time.time()
@@ -231,21 +223,21 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
     async def _colocated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
         """Prefill and decode on one worker; a worker lost before any output is retried on
         another."""
-        tried: set[int] = set()
+        tried: set[Member] = set()
         cached = await self._cached_tokens(request)
         while True:
-            index = self._place(self.decode, tried, cached, span)
+            member = self._place(self.decode, tried, cached, span)
             self._count_retry(tried)
-            tried.add(index)
+            tried.add(member)
             dispatched = time.monotonic()
             first, finished = True, False
             attempt = _attempt_id(request.request_id, span)
-            with self.decode.assigned(index, _uncached(request, cached, index)) as worker:
+            with assigned(member, _uncached(request, cached, member)) as worker:
                 outputs = self.outputs.open(worker, attempt)
                 try:
-                    await worker.start_generate.remote(
+                    await worker.start_generate(
                         self.outputs.subscriber, attempt, request.prompt_token_ids,
-                        params_to_dict(request.params), request.cache_salt, carrier,
+                        request.params, request.cache_salt, carrier,
                     )  # fmt: skip
                     async for output in _until_finished(outputs):
                         queued = _queued(output, arrival, dispatched) if first else None
@@ -255,35 +247,32 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     return
                 except _STOPPED:
                     if not finished:
-                        _cancel(worker, attempt)
+                        worker.abort(attempt)
                     raise
-                except Exception as e:
-                    if not _lost(e):
-                        raise _translate(e) from e
-                    self.decode.mark_down(worker)
+                except WorkerLost as e:
+                    self.decode.mark_down(member)
                     _abandon(worker, attempt, e)
                     if not first:  # the client has seen tokens: it cannot be moved silently
-                        raise _translate(e) from e
-                    self._retrying("worker", index, e)
+                        raise
+                    self._retrying("worker", member, e)
                 finally:
                     self.outputs.close(worker, attempt)
 
     async def _disaggregated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
         """Prefill on one pool, decode on the other; the KV moves between them."""
-        index = self._place(self.decode, set(), None, span)
-        decode_id = self.decode.ids[index]
-        with self.decode.assigned(index, len(request.prompt_token_ids)) as decode:
+        member = self._place(self.decode, set(), None, span)
+        with assigned(member, len(request.prompt_token_ids)) as decode:
             shipped: bool | None = None  # None: not known yet
             attempts: list[str] = []  # the prefill attempts' ids, the one that shipped last
             try:
                 first_output, shipped, dispatched = await self._prefill(
-                    request, decode_id, carrier, span, attempts
+                    request, member.worker_id, carrier, span, attempts
                 )
                 queued = _queued(first_output, arrival, dispatched)
                 yield _timed(request.request_id, first_output, arrival, queued)
             except _STOPPED:  # its KV may be on the way: the decode worker drops it
                 if shipped is not False and attempts:
-                    _cancel(decode, attempts[-1])
+                    decode.abort(attempts[-1])
                 raise
             if not shipped:
                 return
@@ -291,10 +280,9 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             attempt = attempts[-1]  # the decode worker knows the KV by the attempt's id
             outputs = self.outputs.open(decode, attempt)
             try:
-                await decode.start_continue.remote(
+                await decode.start_continue(
                     self.outputs.subscriber, attempt, request.prompt_token_ids,
-                    first_output.new_token_ids[0], params_to_dict(request.params),
-                    request.cache_salt, carrier,
+                    first_output.new_token_ids[0], request.params, request.cache_salt, carrier,
                 )  # fmt: skip
                 async for output in _until_finished(outputs):
                     response = _timed(request.request_id, output, arrival)
@@ -304,13 +292,12 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     yield response
             except _STOPPED:
                 if not finished:
-                    _cancel(decode, attempt)
+                    decode.abort(attempt)
                 raise
-            except Exception as e:
-                if _lost(e):
-                    self.decode.mark_down(decode)
-                    _abandon(decode, attempt, e)
-                raise _translate(e) from e
+            except WorkerLost as e:
+                self.decode.mark_down(member)
+                _abandon(decode, attempt, e)
+                raise
             finally:
                 self.outputs.close(decode, attempt)
 
@@ -322,69 +309,54 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         another for the same request: nothing has reached the client yet. Each attempt's id
         is appended to `attempts` as it starts."""
         assert self.prefill is not None
-        tried: set[int] = set()
+        tried: set[Member] = set()
         cached = await self._cached_tokens(request)
         while True:
-            index = self._place(self.prefill, tried, cached, span)
+            member = self._place(self.prefill, tried, cached, span)
             self._count_retry(tried)
-            tried.add(index)
+            tried.add(member)
             dispatched = time.monotonic()
             attempt = _attempt_id(request.request_id, span)
             attempts.append(attempt)
-            with self.prefill.assigned(index, _uncached(request, cached, index)) as worker:
-                call = worker.prefill.remote(
-                    attempt, request.prompt_token_ids, params_to_dict(request.params),
-                    request.cache_salt, decode_id, carrier,
-                )  # fmt: skip
+            with assigned(member, _uncached(request, cached, member)) as worker:
                 try:
-                    output, shipped = await call
+                    output, shipped = await worker.prefill(
+                        attempt, request.prompt_token_ids, request.params, request.cache_salt,
+                        decode_id, carrier,
+                    )  # fmt: skip
                     return output, shipped, dispatched
-                except asyncio.CancelledError:
-                    _cancel(worker, attempt, call)
-                    raise
-                except Exception as e:
-                    if not _lost(e):
-                        raise _translate(e) from e
-                    self.prefill.mark_down(worker)
+                except WorkerLost as e:
+                    self.prefill.mark_down(member)
                     _abandon(worker, attempt, e)
-                    self._retrying("prefill worker", index, e)
+                    self._retrying("prefill worker", member, e)
 
-    def _place(self, pool: Pool, tried: set[int], cached: list[int] | None, span: Any) -> int:
-        """Pick a worker of `pool` (see Pool.pick), noting the choice in the request's span."""
+    def _place(
+        self, pool: PoolView, tried: set[Member], cached: dict[Member, int] | None, span: Any
+    ) -> Member:
+        """Pick a member of `pool` (see Placement.pick), noting the choice in the request's
+        span."""
         started = time.time()
-        index = pool.pick(tried, cached)
-        attributes = {f"tandem.{pool.name}_worker": index}
+        members = pool.members()
+        counts = None if cached is None else [cached.get(m, 0) for m in members]
+        member = members[self.placement[pool.name].pick(pool.name, members, tried, counts)]
+        attributes: dict[str, Any] = {f"tandem.{pool.name}_worker": member.worker_id}
         if cached is not None:
-            attributes["tandem.placement_cached_tokens"] = cached[index]
+            attributes["tandem.placement_cached_tokens"] = cached.get(member, 0)
         span.set_attributes(attributes)
         record_span("place", started, time.time(), span, **attributes)
-        return index
+        return member
 
-    def _retrying(self, what: str, index: int, error: BaseException) -> None:
-        logger.warning("%s %d lost before any output; retrying if another is left: %s",
-                       what, index, error)  # fmt: skip
+    def _retrying(self, what: str, member: Member, error: BaseException) -> None:
+        logger.warning("%s %s lost before any output; retrying if another is left: %s",
+                       what, member.worker_id, error)  # fmt: skip
 
-    def _count_retry(self, tried: set[int]) -> None:
+    def _count_retry(self, tried: set[Member]) -> None:
         """A request placed again after losing a worker (`tried` holds the lost ones): counted
         as retried only now that there was somewhere to retry it."""
         if tried:
             self.num_retried += 1
             if self.metrics is not None:
                 self.metrics.retried.inc()
-
-    def replace_worker(self, old: Any, new: Any, index_key: WorkerKey | None = None) -> None:
-        """Swap a dead worker's handle (either pool) for its replacement, known to the prefix
-        index as `index_key`: new requests go to it."""
-        for pool in self._pools():
-            pool.replace(old, new, index_key)
-
-    def observe(self, worker: Any, stats: WorkerStats) -> None:
-        """A worker's latest load report (its `stats`), for placement."""
-        for pool in self._pools():
-            pool.observe(worker, stats)
-
-    def _pools(self) -> list[Pool]:
-        return [self.decode] + ([self.prefill] if self.prefill is not None else [])
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
         """Admitted like a Generate (by count and size), tokenized off the event loop."""
@@ -423,23 +395,6 @@ def _attempt_id(request_id: str, span: Any) -> str:
     return attempt
 
 
-def _translate(error: BaseException) -> TandemError:
-    """A worker's typed error as itself, a dead or unreachable worker as WorkerUnavailable,
-    anything else as a plain TandemError (INTERNAL)."""
-    import ray
-
-    if isinstance(error, TandemError):
-        return error
-    if _lost(error):
-        return WorkerUnavailable(f"worker lost: {type(error).__name__}")
-    if isinstance(error, ray.exceptions.RayTaskError):
-        cause = error.cause if isinstance(error.cause, BaseException) else None
-        if isinstance(cause, TandemError):
-            return cause
-    logger.exception("unexpected error serving a request", exc_info=error)
-    return TandemError(f"internal error: {type(error).__name__}")
-
-
 async def _until_finished(outputs: asyncio.Queue[Any]) -> Any:
     """A request's outputs from its OutputStreams queue, up to the finished one; raises the
     exception that ended it instead, if one did."""
@@ -452,29 +407,11 @@ async def _until_finished(outputs: asyncio.Queue[Any]) -> Any:
             return
 
 
-def _cancel(worker: Any, request_id: str, call: Any = None) -> None:
-    """Stop a request on a worker: cancel the call (if one is in flight) and tell the worker
-    to abort the request, which also covers a call that has not reached it yet."""
-    import ray
-
-    if call is not None:
-        try:
-            ray.cancel(call)
-        except Exception:  # already finished: the abort below still frees what it left
-            logger.debug("cancel of a finished call", exc_info=True)
-    try:
-        worker.abort.remote(request_id)
-    except Exception:  # the worker is gone: nothing left to stop
-        logger.debug("abort on a lost worker", exc_info=True)
-
-
-def _abandon(worker: Any, request_id: str, error: BaseException) -> None:
+def _abandon(worker: WorkerClient, request_id: str, error: WorkerLost) -> None:
     """A worker lost mid-request: if it was only unreachable (it may come back, and would run
     the request on to its end), tell it to abort; a dead one has nothing left to stop."""
-    import ray
-
-    if isinstance(error, ray.exceptions.ActorUnavailableError):
-        _cancel(worker, request_id)
+    if error.unreachable:
+        worker.abort(request_id)
 
 
 class _Seen:
@@ -500,17 +437,9 @@ class _Seen:
             self.usage = response.usage
 
 
-def _uncached(request: Any, cached: list[int] | None, index: int) -> int:
-    """The prompt tokens worker `index` will compute: its share of the pool's queue."""
-    return len(request.prompt_token_ids) - (cached[index] if cached is not None else 0)
-
-
-def _lost(error: BaseException) -> bool:
-    """Whether a call failed because its worker died or became unreachable."""
-    import ray
-
-    lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
-    return isinstance(error, lost)
+def _uncached(request: Any, cached: dict[Member, int] | None, member: Member) -> int:
+    """The prompt tokens `member` will compute: its share of the pool's queue."""
+    return len(request.prompt_token_ids) - (cached.get(member, 0) if cached is not None else 0)
 
 
 def _queued(output: Any, arrival: float, dispatched: float) -> float:

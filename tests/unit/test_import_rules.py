@@ -97,3 +97,18 @@ def test_no_import_crosses_a_rule() -> None:
 def test_known_crossings_only_shrink() -> None:
     gone = KNOWN_CROSSINGS - crossings()
     assert not gone, f"no longer crossing, take them off KNOWN_CROSSINGS: {sorted(gone)}"
+
+
+def test_tandem_bench_speaks_only_the_api() -> None:
+    """`tandem bench` (bench/serving, and bench/common.py it shares) is a gRPC client: it
+    imports the API and the vocabulary, never the engine, the workers or the router."""
+    allowed = ("proto", "contracts", "bench.serving", "bench.common")
+    paths = [*sorted((ROOT / "bench" / "serving").rglob("*.py")), ROOT / "bench" / "common.py"]
+    found = {
+        (path.relative_to(ROOT).as_posix(), module)
+        for path in paths
+        for module in imports_of(path)
+        if module.split(".")[0] in ALLOWED
+        and not any(module == a or module.startswith(a + ".") for a in allowed)
+    }
+    assert not found, f"tandem bench imports beyond the API: {sorted(found)}"

@@ -18,13 +18,13 @@ import pytest
 from decode_worker.actor import WorkerBase
 from engine.config import EngineConfig
 from prefill_worker.actor import PrefillWorker
-from router.placement import Pool
 from router.requests import ServedModel
 from router.server import TandemServicer
 from tests.conftest import greedy, make_engine
 from tests.unit.test_router_cancel import (
     FIRST_TOKEN,
     FakeContext,
+    FakePool,
     FakeWorker,
     _output,
     _request,
@@ -66,7 +66,7 @@ def test_the_client_id_is_echoed_but_never_reaches_a_worker(disaggregated: bool)
         decode = FakeWorker("decode-0")
         prefill = FakeWorker("prefill-0") if disaggregated else None
         servicer = TandemServicer(
-            model, Pool("decode", [decode]), Pool("prefill", [prefill]) if prefill else None
+            model, FakePool("decode", [decode]), FakePool("prefill", [prefill]) if prefill else None
         )
         responses = []
         for _ in range(2):  # the same id twice in sequence: both served
@@ -85,7 +85,7 @@ def test_a_live_request_id_is_refused_with_already_exists() -> None:
     async def run() -> None:
         model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
         decode = FakeWorker("decode-0")
-        servicer = TandemServicer(model, Pool("decode", [decode]))
+        servicer = TandemServicer(model, FakePool("decode", [decode]))
         first = servicer.Generate(_request(), _Context())
         decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
         assert list((await first.__anext__()).token_ids) == [FIRST_TOKEN]

@@ -6,8 +6,8 @@ it cancels the handler's task (CancelledError wherever the request awaits), or, 
 happens while a response is being written, it closes the handler's generator
 (GeneratorExit at its `yield`). Both must reach the workers as `abort`, or the request runs
 on to its last token. So must the loss of a worker that is only unreachable, whose request
-moves elsewhere. The worker handles here are stand-ins with the shape of Ray actor
-handles (`method.remote(...)`); the real path (Ray, gRPC over loopback, a deadline) is
+moves elsewhere. The workers here are fake worker clients (router.workers.WorkerClient);
+the real path (Ray, gRPC over loopback, a deadline) is
 tests/integration/test_service.py::test_deadline_exceeded_frees_the_request.
 """
 
@@ -18,12 +18,12 @@ from typing import Any, ClassVar
 
 import pytest
 
+from contracts.errors import WorkerLost
 from contracts.outputs import FinishReason, RequestOutput, Usage
 from proto.tandem.v1 import tandem_pb2 as pb
-from router.placement import Pool
+from router.placement import Member
 from router.requests import ServedModel
 from router.server import ServingGate, TandemServicer
-from tests.unit.test_router_outputs import _ActorId
 
 PROMPT = [5, 6, 7, 8]
 FIRST_TOKEN = 11
@@ -35,26 +35,9 @@ def _output(request_id: str, token: int, finished: bool = False) -> RequestOutpu
     return RequestOutput(request_id, (token,), "", finished, reason, usage)
 
 
-class _Method:
-    """`handle.method.remote(*args)`: records the call, returns an awaitable of `reply`."""
-
-    def __init__(self, worker: FakeWorker, name: str) -> None:
-        self.worker, self.name = worker, name
-
-    def remote(self, *args: Any) -> Any:
-        self.worker.calls.append((self.name, args))
-        if self.name == "prefill":
-            FakeWorker.issued.add(args[0])
-        elif self.name in ("start_generate", "start_continue"):
-            FakeWorker.issued.add(args[1])
-            self.worker.unfinished.append(args[1])
-            self.worker.started.set()
-        return self.worker.reply(self.name, args)
-
-
 class FakeWorker:
-    """A worker that prefills (returning the first token, shipped) and streams whatever the
-    test puts in `batches` through its `outputs` stream.
+    """A worker client (router.workers.WorkerClient) that prefills (returning the first
+    token, shipped) and streams whatever the test puts in `batches` through its `outputs`.
 
     Tests name a request by its client id ("r1"); the router gives workers ids of its own
     (one per attempt), so a batch waits for a request to be started here and is delivered
@@ -64,54 +47,63 @@ class FakeWorker:
     issued: ClassVar[set[str]] = set()  # ids the router gave any fake worker (uuids: never reused)
 
     def __init__(self, name: str, ships: bool = True, fails: BaseException | None = None) -> None:
-        self._actor_id = _ActorId(name)
+        self.name = name
         self.ships = ships  # prefill: whether the KV goes to a decode worker
         self.fails = fails  # raised by its start_generate / prefill calls
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.batches: asyncio.Queue[Any] = asyncio.Queue()
+        self.subscribers: list[str] = []
         self.unfinished: list[str] = []  # ids started here whose last output is not out
         self.started = asyncio.Event()
-        for method in ("prefill", "start_generate", "start_continue", "abort"):
-            setattr(self, method, _Method(self, method))
-        self.outputs = self
 
-    def options(self, **kwargs: Any) -> FakeWorker:
-        assert kwargs == {"num_returns": "streaming"}
-        return self
+    @property
+    def key(self) -> str:
+        return self.name
 
-    def remote(self, subscriber: str) -> Any:  # outputs.options(...).remote(subscriber)
-        return self._stream()
+    @property
+    def worker_id(self) -> str:
+        return self.name
 
-    async def _stream(self) -> Any:
+    async def start_generate(self, subscriber: str, request_id: str, *args: Any) -> None:
+        self._started("start_generate", subscriber, request_id, *args)
+
+    async def start_continue(self, subscriber: str, request_id: str, *args: Any) -> None:
+        self._started("start_continue", subscriber, request_id, *args)
+
+    async def prefill(self, request_id: str, *args: Any) -> tuple[RequestOutput, bool]:
+        self.calls.append(("prefill", (request_id, *args)))
+        FakeWorker.issued.add(request_id)
+        if self.fails is not None:
+            raise self.fails
+        return _output(request_id, FIRST_TOKEN, finished=not self.ships), self.ships
+
+    def abort(self, request_id: str) -> None:
+        self.calls.append(("abort", (request_id,)))
+
+    async def outputs(self, subscriber: str) -> Any:
+        self.subscribers.append(subscriber)
         while True:
             batch = await self.batches.get()
+            if isinstance(batch, BaseException):
+                raise batch
+            if batch is None:
+                return
             while not self.unfinished:
                 self.started.clear()
                 await self.started.wait()
             request_id = self.unfinished[-1]
             if any(item.finished for _, item in batch):
                 self.unfinished.pop()
-            batch = [(request_id, item) for _, item in batch]
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(batch)
-            yield future
+            yield [(request_id, item) for _, item in batch]
 
-    def reply(self, name: str, args: tuple[Any, ...]) -> Any:
-        async def prefill() -> tuple[RequestOutput, bool]:
-            return _output(args[0], FIRST_TOKEN, finished=not self.ships), self.ships
-
-        async def nothing() -> None:
-            return None
-
-        async def fail() -> None:
-            assert self.fails is not None
-            raise self.fails
-
-        if name == "abort":
-            return None  # fire and forget: the router never awaits it
+    def _started(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args))
+        request_id = args[1]
+        FakeWorker.issued.add(request_id)
         if self.fails is not None:
-            return fail()
-        return prefill() if name == "prefill" else nothing()
+            raise self.fails
+        self.unfinished.append(request_id)
+        self.started.set()
 
     def aborted(self) -> list[str]:
         return [
@@ -119,6 +111,20 @@ class FakeWorker:
             for name, args in self.calls
             if name == "abort"
         ]
+
+
+class FakePool:
+    """A pool (router.placement.PoolView) of fixed members."""
+
+    def __init__(self, name: str, workers: list[Any]) -> None:
+        self.name = name
+        self._members = [Member(worker) for worker in workers]
+
+    def members(self) -> list[Member]:
+        return list(self._members)
+
+    def mark_down(self, member: Member) -> None:
+        member.load.down = True
 
 
 class FakeContext:
@@ -140,8 +146,8 @@ def _servicer(
     prefill = FakeWorker("prefill-0", ships) if disaggregated else None
     servicer = TandemServicer(
         model,
-        Pool("decode", [decode]),
-        Pool("prefill", [prefill]) if prefill is not None else None,
+        FakePool("decode", [decode]),
+        FakePool("prefill", [prefill]) if prefill is not None else None,
     )
     return servicer, decode, prefill
 
@@ -258,13 +264,7 @@ def test_a_worker_lost_mid_request_is_told_to_abort_if_it_may_come_back(
     """The request moves to another worker; the lost one, if only unreachable, would run it
     on once back: it is sent an abort. A dead one is not (nothing to stop, and Ray would log
     the failed call)."""
-    import ray
-
-    error = (
-        ray.exceptions.ActorUnavailableError("unreachable", None)
-        if unreachable
-        else ray.exceptions.ActorDiedError()
-    )
+    error = WorkerLost("the worker is gone", unreachable=unreachable)
 
     async def run() -> None:
         model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
@@ -272,11 +272,11 @@ def test_a_worker_lost_mid_request_is_told_to_abort_if_it_may_come_back(
         decode = FakeWorker("decode-0")
         if disaggregated:
             servicer = TandemServicer(
-                model, Pool("decode", [decode]), Pool("prefill", [lost, healthy])
+                model, FakePool("decode", [decode]), FakePool("prefill", [lost, healthy])
             )
             decode.batches.put_nowait([("r1", _output("r1", 12, finished=True))])
         else:
-            servicer = TandemServicer(model, Pool("decode", [lost, healthy]))
+            servicer = TandemServicer(model, FakePool("decode", [lost, healthy]))
             healthy.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN, finished=True))])
         responses = [r async for r in servicer.Generate(_request(), FakeContext())]
         assert responses[-1].HasField("usage")  # served by the other worker

@@ -17,11 +17,10 @@ import pytest
 
 from proto.tandem.v1 import tandem_pb2 as pb
 from router.admission import Admission, AdmissionLimits
-from router.placement import Pool
 from router.requests import ServedModel
 from router.server import TandemServicer
 from tests.unit.test_request_ids import _Context, _Refused
-from tests.unit.test_router_cancel import FakeWorker
+from tests.unit.test_router_cancel import FakePool, FakeWorker
 
 
 class SlowTokenizer:
@@ -44,7 +43,7 @@ class SlowTokenizer:
 
 def _servicer(tokenizer: SlowTokenizer, admission: Admission | None = None) -> TandemServicer:
     model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=tokenizer)
-    return TandemServicer(model, Pool("decode", [FakeWorker("decode-0")]), admission=admission)
+    return TandemServicer(model, FakePool("decode", [FakeWorker("decode-0")]), admission=admission)
 
 
 @pytest.mark.parametrize("rpc", ["Generate", "Tokenize"])

@@ -1,55 +1,37 @@
 """router.outputs: one batched stream per worker, fanned out to per-request queues.
 
-The worker handle here is a stand-in with the shape of a Ray actor handle's streaming call
-(`outputs.options(num_returns="streaming").remote(subscriber)` -> async iterator of awaitables);
-the real path (Ray, workers killed mid-stream) is covered by tests/integration/test_service.py.
+The worker here is a fake worker client (router.workers.WorkerClient: `outputs(subscriber)`,
+an async iterator of batches); the real path (Ray, workers killed mid-stream) is covered by
+tests/integration/test_service.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 from contracts.errors import WorkerUnavailable
 from router.outputs import OutputStreams
 
 
-@dataclass
-class _ActorId:
-    value: str
-
-    def hex(self) -> str:
-        return self.value
-
-
 class FakeWorker:
-    """Batches pushed by the test come out of the stream; `fail` ends it with an error."""
+    """A worker client whose output stream yields the batches the test pushes; an exception
+    pushed ends it with that error, None ends it plainly."""
 
     def __init__(self, name: str) -> None:
-        self._actor_id = _ActorId(name)
+        self.key = self.worker_id = name
         self.batches: asyncio.Queue[Any] = asyncio.Queue()
         self.subscribers: list[str] = []
-        self.outputs = self
 
-    def options(self, **kwargs: Any) -> FakeWorker:
-        assert kwargs == {"num_returns": "streaming"}
-        return self
-
-    def remote(self, subscriber: str) -> Any:
+    async def outputs(self, subscriber: str) -> Any:
         self.subscribers.append(subscriber)
-        return self._stream()
-
-    async def _stream(self) -> Any:
         while True:
             batch = await self.batches.get()
             if isinstance(batch, BaseException):
                 raise batch
             if batch is None:
                 return
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(batch)
-            yield future
+            yield batch
 
 
 def test_batches_are_routed_to_their_requests() -> None:

@@ -15,12 +15,12 @@ from typing import Any
 import grpc
 import pytest
 
-from router.placement import Pool
+from contracts.errors import WorkerLost
 from router.requests import ServedModel
 from router.server import TandemServicer, _Malformed, _parser
 from telemetry.metrics import ServiceMetrics
 from tests.unit.test_request_ids import _Context, _Refused
-from tests.unit.test_router_cancel import FIRST_TOKEN, FakeWorker, _output, _request
+from tests.unit.test_router_cancel import FIRST_TOKEN, FakePool, FakeWorker, _output, _request
 
 
 class _Expiring(_Context):
@@ -46,7 +46,7 @@ def test_a_stream_stopped_at_its_deadline_counts_as_deadline_exceeded(
         metrics = ServiceMetrics()
         decode = FakeWorker("decode-0")
         model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
-        servicer = TandemServicer(model, Pool("decode", [decode]), metrics=metrics)
+        servicer = TandemServicer(model, FakePool("decode", [decode]), metrics=metrics)
         decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
         stream = servicer.Generate(_request(), _Expiring(remaining_s))
         await stream.__anext__()
@@ -64,13 +64,11 @@ def test_a_stream_stopped_at_its_deadline_counts_as_deadline_exceeded(
 
 
 def test_a_request_with_nowhere_else_to_go_is_not_counted_as_retried() -> None:
-    import ray
-
     async def run() -> tuple[TandemServicer, ServiceMetrics, Any]:
         metrics = ServiceMetrics()
         model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
-        only = FakeWorker("w0", fails=ray.exceptions.ActorDiedError())
-        servicer = TandemServicer(model, Pool("decode", [only]), metrics=metrics)
+        only = FakeWorker("w0", fails=WorkerLost("worker lost: ActorDiedError"))
+        servicer = TandemServicer(model, FakePool("decode", [only]), metrics=metrics)
         with pytest.raises(_Refused) as refused:
             [r async for r in servicer.Generate(_request(), _Context())]
         return servicer, metrics, refused.value

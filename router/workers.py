@@ -1,0 +1,75 @@
+"""The router's view of one worker: the calls it makes, and nothing of how they travel.
+
+`WorkerClient` is implemented over a Ray actor by the control plane (cluster.workers) and
+by plain objects in the router's unit tests. Every call raises the worker's own typed errors
+(contracts.errors) as themselves and `WorkerLost` when the worker died or cannot be reached;
+cancelling a call's task cancels the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from contracts.outputs import RequestOutput
+from contracts.sampling_params import SamplingParams
+
+# One batch of a worker's output stream: (attempt id, its next output or the error that ended it)
+OutputBatch = Sequence[tuple[str, "RequestOutput | BaseException"]]
+
+
+class WorkerClient(Protocol):
+    """What the router calls on a worker. `key` names this incarnation (a replacement has a
+    new one); `worker_id` is the pool position it holds, kept across replacements."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def worker_id(self) -> str: ...
+
+    async def start_generate(
+        self,
+        subscriber: str,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None,
+        trace_context: dict[str, str] | None,
+    ) -> None:
+        """Prefill and decode here; the outputs arrive on `subscriber`'s stream."""
+        ...
+
+    async def start_continue(
+        self,
+        subscriber: str,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        params: SamplingParams,
+        cache_salt: str | None,
+        trace_context: dict[str, str] | None,
+    ) -> None:
+        """Decode a request prefilled elsewhere once its KV arrives; outputs as above."""
+        ...
+
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None,
+        decode_id: str,
+        trace_context: dict[str, str] | None,
+    ) -> tuple[RequestOutput, bool]:
+        """(the first token's output, whether its KV ships to decode worker `decode_id`)."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Tell the worker to abort a request (fire and forget; a lost worker is ignored)."""
+        ...
+
+    def outputs(self, subscriber: str) -> AsyncIterator[OutputBatch]:
+        """The outputs of every request started for `subscriber`, batched, until the stream
+        ends (the worker stopped) or fails (WorkerLost)."""
+        ...
