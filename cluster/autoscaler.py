@@ -1,18 +1,10 @@
 """When a pool should grow or shrink: one PoolScaler per pool, fed its load signals.
 
-Each signal is a ratio of a measured load to its target (1.0 = at target):
-
-    prefill pool   queued prompt tokens per worker / target;  TTFT p90 (recent) / target
-    decode pool    KV-cache use / target;  running sequences per worker / target;
-                   inter-token latency p90 (recent) / target
-    (colocated workers prefill and decode: their pool weighs every signal)
-
-The pool's load is the largest ratio. Above 1 it grows at once to the size that brings the
-load back to target (at most `max_workers`), then waits `up_cooldown_s` before growing again.
-It shrinks by one worker only after the load has stayed below `scale_down_below` for
-`down_cooldown_s` (and as long since its last change): the gap between the two thresholds and
-the slow way down keep it from flapping. Pure logic: the service applies the decisions
-(starting workers, draining and removing them). Torch-free.
+Each signal is a measured load over its target; the pool's load is the largest. Above 1 the
+pool grows at once to the size that brings it back to target; it shrinks one worker at a time,
+only after a long spell below a lower threshold, so it does not flap (signals and policy:
+docs/operations.md, "Autoscaling"). Pure logic, torch-free: the service applies the decisions
+(starting workers, draining and removing them).
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
-"""The `tandem` command line.
-
-    tandem generate "prompt" [--raw] [--model PATH] [--max-tokens N] [--temperature T]
-                             [--top-p P] [--top-k K] [--seed S] [--json]
-    tandem serve [--model PATH] [--mode disaggregated|colocated] [--prefill-workers N]
-                 [--decode-workers M] [--workers N] [--host H] [--port P] [--address RAY]
-                 [--redis-url URL] [--metrics-port P] [--otlp-endpoint H:P] [--autoscale ...]
-    tandem client "prompt" [--target HOST:PORT] [--raw] [--max-tokens N] [--temperature T]
-    tandem demo [PROMPT ...] [--mode ...] [--max-tokens N]      (serve, ask, print, stop)
-    tandem bench [--target HOST:PORT] [--workload W] [--rates 1,2,4] [--slo ...] | compare A B
+"""The `tandem` command line: generate, serve, client, demo, bench (synopsis and exit codes:
+docs/operations.md, "The tandem command").
 
 A prompt is sent as a user message in the model's chat template when the model has one (what
-an instruct model expects); `--raw` sends the text as is. Torch is imported only by the commands
-that run an engine, so `tandem --help` is instant. Exit codes: 0 done, 2 bad input or model, an
-address already in use, or an unreachable server, 130 interrupted.
+an instruct model expects); `--raw` sends the text as is. Torch is imported only by the
+commands that run an engine, so `tandem --help` is instant.
 """
 
 from __future__ import annotations

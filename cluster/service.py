@@ -1,17 +1,12 @@
-"""Assembling the service: a Ray cluster, a pool of worker actors, the gRPC router.
+"""Assembling the service: a Ray cluster, worker pools of Ray actors, the gRPC router.
 
-    Service(ServiceConfig(...)).start()   ray.init (local, or join --address), N EngineWorker
-                                          actors, wait until each has loaded its model, then
-                                          serve gRPC on host:port
-    service.stop()                        stop accepting, finish or cancel streams, kill the
-                                          actors, leave Ray (if this process started it)
-
-Modes:
-    colocated      `num_workers` EngineWorkers, each prefilling and decoding its own requests
-                   (the baseline every disaggregation claim is measured against);
-    disaggregated  `num_prefill_workers` PrefillWorkers and `num_decode_workers` EngineWorkers;
-                   every prefill worker forms a KV-transfer pair with every decode worker.
-Torch is imported by the workers, never here.
+`Service(ServiceConfig(...)).start()` starts or joins Ray, starts the pools, waits until every
+worker has loaded its model, then serves gRPC; `stop()` stops accepting, finishes or cancels
+streams, kills the actors and leaves Ray if it started it. Colocated: `num_workers`
+EngineWorkers, each prefilling and decoding its own requests (the baseline of every
+disaggregation claim). Disaggregated: `num_prefill_workers` PrefillWorkers and
+`num_decode_workers` EngineWorkers, every prefill worker paired with every decode worker for KV
+transfer. The actor modules are imported lazily; torch loads in the workers' processes.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """The global prefix-cache index, router side: which worker holds how much of a prompt.
 
-A hint for placement, never a dependency (RELIABILITY promise 6): a lookup answers within a
-small time budget or returns None, and the caller places by load alone. Torch-free; `redis` is
-imported only when a Redis URL is configured.
-
-    Redis layout (one SET per worker incarnation, all keys expire unless refreshed):
-    {namespace}:blocks:{worker_id}:{epoch}   SET of 16-byte block hashes the worker caches
-    {namespace}:epoch:{worker_id}            the worker's current epoch (to delete old sets)
-
-    lookup(h0..hn, workers): one pipeline, SMISMEMBER per worker (Redis >= 6.2)
-        worker a: 1 1 1 0 1  ->  3 leading blocks
-        worker b: 1 0 ...    ->  1
-
-The router passes the live (worker_id, epoch) keys, so a restarted worker's old set is never
-read, and a dead worker's set expires with its TTL. Hashes are seeded by model id and
-`cache_salt` (contracts.block_hash), so tenants with different salts never match each other.
-
-Without Redis, `LocalPrefixIndex` keeps the same answers in the router process, fed by
-`CacheEventBatch`es the router pulls from its workers (prefix_cache.publisher.CacheEventLog).
-Both run on the router's event loop; neither is thread-safe.
+A hint for placement, never a dependency: a lookup answers within a small time budget or returns
+None, and the caller places by load alone. `PrefixIndex` asks Redis (one set of block hashes per
+live worker incarnation); without Redis, `LocalPrefixIndex` keeps the same answers in the router
+process, fed by the workers' cache events (key layout and lookup: docs/operations.md,
+"Prefix-cache index"). Both run on the router's event loop; neither is thread-safe. Torch-free;
+`redis` is imported only when a Redis URL is configured.
 """
 
 from __future__ import annotations

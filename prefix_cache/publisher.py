@@ -1,20 +1,10 @@
 """The global prefix-cache index, worker side: tell it which block hashes this worker caches.
 
-    engine step --on_cache_event--> CacheEventLog --drain--> IndexPublisher thread --> Redis
-                                        |
-                                        +--drain (actor call)--> router's LocalPrefixIndex
-
-`CacheEventLog` is the block manager's cache listener: it only updates two in-memory sets
-under a short lock, so the engine step never waits on the index. Whoever consumes it calls
-`drain(after_seq)`: the changes since the batch `after_seq`, or the full set when that is not
-the last batch handed out (first call, a consumer restarted, a reply lost).
-
-`IndexPublisher` drains the log every `flush_interval_s` into Redis from its own thread. It
-resyncs the full set after any failure or when Redis has lost its entries (restart, FLUSHALL,
-expiry), and refreshes their TTL by heartbeat. It never raises into the worker.
-
-Memory is bounded by the cache: the log holds the cached set and a delta no larger than the
-cached set plus the last set handed out. Torch-free; imports `redis` only with a Redis URL.
+`CacheEventLog`, the block manager's cache listener, only updates two in-memory sets under a
+short lock, so the engine step never waits on the index; consumers `drain` it. `IndexPublisher`
+drains it into Redis from its own thread, resyncs after any failure and never raises into the
+worker (the pipeline and its memory bound: docs/operations.md, "Prefix-cache index").
+Torch-free; imports `redis` only with a Redis URL.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
-"""Admission control: a bounded amount of work in flight, counted in requests, in prompt
-tokens and in request bytes (RELIABILITY promise 7). Past any bound a request is refused at
-once with Overloaded (gRPC RESOURCE_EXHAUSTED), before any worker sees it, so admitted
-requests keep their latency instead of everyone slowing down together.
+"""Admission control: a bounded amount of work in flight, counted in requests, prompt tokens
+and request bytes. Past any bound a request is refused at once with Overloaded (gRPC
+RESOURCE_EXHAUSTED), before any worker sees it, so admitted requests keep their latency instead
+of everyone slowing down together.
 
-A request is admitted in two steps: by count and size as it arrives (before it is
-tokenized: a flood of big prompts is refused before it costs tokenizer time), then by its
-prompt tokens once they are known (`Ticket.add_prompt_tokens`). Tokenize calls take the
-first step only.
-
-One instance per router, used from its event loop only (no locks needed).
+Two steps: by count and size on arrival, before tokenizing (a flood of big prompts costs no
+tokenizer time), then by prompt tokens once they are known (`Ticket.add_prompt_tokens`);
+tokenize calls take the first step only. One instance per router, on its event loop only.
 """
 
 from __future__ import annotations

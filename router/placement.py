@@ -1,21 +1,11 @@
 """Where a request runs: scoring the members of a pool by their load.
 
-    prefill pool   the worker with the fewest queued prompt tokens (prompts the router sent
-                   it and has not had back, less what each found cached), then the fewest
-                   requests
-    decode pool    the lowest load = running sequences / the worker's sequence cap
-                   + KV blocks in use / its blocks; running sequences are the router's own
-                   count, block use the worker's last report (every health check)
-
-Prefix-aware: given how many of the prompt's tokens each worker holds in its prefix cache (the
-global index's answer), the pool that prefills picks the lowest
-    queued tokens - cache_weight x cached tokens
-an estimate of the work ahead of the request's first token (weight 1: queued and cached
-tokens cost the same). A worker holding the prefix stops winning once its queue outgrows what
-the cache saves, so a hot prefix never sends everyone to one worker. Weight 0: load only.
-
-Who is in a pool is the control plane's business (cluster.membership): the router sees a
-`PoolView` and reports a worker a call found lost (`mark_down`); it is skipped until replaced.
+The decode pool picks the lowest load (running sequences and KV blocks in use, each over the
+worker's capacity); the prefill pool the fewest queued prompt tokens less `cache_weight` x the
+tokens the prefix index says each worker holds, so a hot prefix never sends everyone to one
+worker (the formulas: docs/operations.md, "Placement"). Membership is the control plane's
+(cluster.membership): the router reads a `PoolView` and reports a worker a call found lost
+(`mark_down`); it is skipped until replaced.
 """
 
 from __future__ import annotations

@@ -1,30 +1,10 @@
 """Prometheus metrics of a Tandem service, served by the router at /metrics.
 
-Names follow the conventions users know from vLLM's metrics, prefixed `tandem_`, units in the
-name. The router measures what a client sees (latencies, status codes, tokens); the workers'
-own figures (KV blocks, queues, preemptions, KV transfers) come from the load reports the
-service collects from every worker each health interval, so one scrape of the router covers
-the whole service.
-
-    requests      tandem_time_to_first_token_seconds, tandem_inter_token_latency_seconds,
-                  tandem_e2e_request_latency_seconds, tandem_request_queue_time_seconds
-                  (histograms); tandem_requests_total{code}; tandem_prompt_tokens_total,
-                  tandem_generation_tokens_total; tandem_prefix_cache_queries_total and
-                  tandem_prefix_cache_hits_total (prompt tokens: hits / queries is the hit
-                  rate); tandem_admission_rejections_total; tandem_requests_retried_total
-    workers       tandem_requests_running / tandem_requests_waiting {pool, worker},
-                  tandem_kv_cache_blocks_used / _free {pool, worker}, tandem_kv_cache_usage_ratio,
-                  tandem_preemptions_total, tandem_kv_transfer_bytes_total{direction},
-                  tandem_kv_transfer_seconds (count and sum of completed transfers),
-                  tandem_kv_transfer_failures_total, tandem_kv_transfer_leases_expired_total,
-                  tandem_kv_pairs_refused_total{reason} (peers that did not prove the cluster
-                  secret: unproven; over the limits on unauthenticated connections: over_limit),
-                  tandem_pool_workers {pool}
-    placement     tandem_prefix_index_lookups_total, tandem_prefix_index_degraded_total
-    autoscaling   tandem_scaling_decisions_total {pool, direction}, tandem_pool_target_workers
-
-Every service has its own registry (several can live in one process, as in the tests).
-Torch-free.
+Names follow vLLM's conventions, prefixed `tandem_`, units in the name. The router measures what
+a client sees; the workers' figures come from the load reports the service collects each health
+interval, so one scrape of the router covers the whole service (the catalogue:
+docs/operations.md, "Metrics"). Every service has its own registry (several can live in one
+process, as in the tests). Torch-free.
 """
 
 from __future__ import annotations

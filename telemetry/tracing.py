@@ -1,19 +1,10 @@
 """OpenTelemetry tracing: one trace per request, across the router and the workers.
 
-    router   tandem.Generate (server span; a client's `traceparent` becomes its parent)
-               validate, place
-    prefill  tandem.prefill -> queue, compute          (prefill worker, or colocated worker:
-    transfer tandem.kv_transfer                         tandem.generate -> queue, compute,
-    decode   tandem.decode -> queue, stream             stream)
-
-The context crosses Ray calls explicitly: the router passes `inject()`'s carrier (W3C trace
-context headers) as an argument and the worker `extract`s it; Ray's own tracing hook is not
-used. Worker spans are made in the actors' async methods, after the fact from the engine's
-timings, never inside the engine's step loop.
-
-Tracing is off unless an OTLP endpoint is configured; spans then go through a bounded batch
-queue to an OTLP/gRPC exporter with a short timeout, so a dead or slow collector costs dropped
-spans, never request latency. Torch-free.
+The context crosses Ray calls explicitly (`inject()`'s W3C headers as an argument, `extract`ed by
+the worker); worker spans are made after the fact from the engine's timings, never inside its
+step loop (the span tree: docs/operations.md, "Traces"). Off unless an OTLP endpoint is
+configured; then a bounded batch queue and a short export timeout make a dead or slow collector
+cost dropped spans, never request latency. Torch-free.
 """
 
 from __future__ import annotations
