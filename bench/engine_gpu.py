@@ -16,8 +16,9 @@ prompt token ids, greedy decoding that never stops early. Measured:
 
 Each number is the median of `--repeats` runs after a warm-up (min and max in the JSON).
 With `--saturation-requests N`, also `bench.engine_saturation`'s workload and bound in the same
-run (issue 19's rows: batch 1, batch 64, TTFT, saturation). `--no-gemv`, `--pdl` and
-`--dense-prefill` flip the engine's switches (engine.kernels.gemv, engine.triton_attention).
+run (issue 19's rows: batch 1, batch 64, TTFT, saturation). `--no-gemv`, `--pdl`,
+`--dense-prefill` and `--pinned-inputs` flip the engine's switches (engine.kernels.gemv,
+engine.triton_attention, engine.cuda_graph).
 
     python -m bench.engine_gpu --shape llama-3-8b [--batch-sizes 1,16,64] [--baselines
         eager,static] [--repeats 3] [--out results.json]
@@ -64,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pdl", action="store_true", help="GEMV with dependent launch")
     parser.add_argument(
         "--dense-prefill", action="store_true", help="fresh prefills through torch's SDPA"
+    )
+    parser.add_argument(
+        "--pinned-inputs", action="store_true", help="decode graphs fed from pinned buffers"
     )
     parser.add_argument(
         "--saturation-requests",
@@ -127,9 +131,11 @@ def dummy_engine(
 
 
 def tandem_engine(args: argparse.Namespace, max_batch: int) -> Engine:
+    import engine.cuda_graph as cuda_graph
     import engine.kernels.gemv as gemv_module
     import engine.triton_attention as triton_attention
 
+    cuda_graph.PINNED_INPUTS = args.pinned_inputs
     gemv_module.USE_PDL = args.pdl
     triton_attention.DENSE_FRESH_PREFILL = args.dense_prefill
     return dummy_engine(

@@ -4,10 +4,10 @@ steps at saturation (Llama-3-8B shape, dummy bf16 weights).
 For each part: wall time per step split into host phases (schedule, model runner up to the
 launch of the last kernel, sampler including the wait for the GPU, scheduler update and
 output processing), and GPU kernel time per step grouped by kernel family (torch.profiler).
-With `--variants`, builds one engine per variant (`new`: the defaults; `new-nogemv`: cuBLAS
-for single rows; `new+pdl`, `new+dense`: with those switches on; `main`: an older checkout's
-engine, run as `PYTHONPATH=<old checkout> python <this file> --variants main`) and reports them
-side by side, same run, same card.
+With `--variants`, builds one engine per variant (`new`: the defaults with the GEMV on;
+`new-nogemv`: cuBLAS for single rows; `new+pdl`, `new+dense`, `new+pinned`: with those switches
+on; `main`: an older checkout's engine, run as `PYTHONPATH=<old checkout> python <this file>
+--variants main`) and reports them side by side, same run, same card.
 
     python -m bench.engine_profile [--variants new,new-nogemv] [--trace-dir DIR] [--out F]
 """
@@ -204,12 +204,14 @@ def profile_saturation(engine: Engine, args: argparse.Namespace) -> dict:
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     # "main": code without the switches (run against an older checkout); otherwise a name
-    # with "-nogemv" turns the GEMV off, "+pdl" and "+dense" turn those switches on.
+    # with "-nogemv" turns the GEMV off, "+pdl", "+dense" and "+pinned" turn those switches on.
     extra = {}
     if name != "main":
+        import engine.cuda_graph as cuda_graph
         import engine.kernels.gemv as gemv_module
         import engine.triton_attention as triton_attention
 
+        cuda_graph.PINNED_INPUTS = "+pinned" in name
         gemv_module.USE_PDL = "+pdl" in name
         triton_attention.DENSE_FRESH_PREFILL = "+dense" in name
         extra["triton_gemv"] = "nogemv" not in name

@@ -12,6 +12,14 @@ smallest captured size >= n, rows past n are padding):
     block_tables  [max_batch, max_blocks]   int32   padding: anything (never read)
     context_lens  [max_batch]               int32   padding: 0 (attention writes zeros)
 
+With PINNED_INPUTS, the first three and the context lengths (as int64) are the rows of one
+[4, max_batch] int64 tensor, filled from a pinned host copy in one copy a step (the graph
+converts the lengths to int32 itself), and the block table comes from a pinned host table
+updated incrementally: a row is rewritten only when its sequence or its block count changed (a
+sequence's block list only grows in place; the block manager replaces the list when it frees
+it). The default path builds five small tensors from Python lists each step and the block
+table row by row (issue 19: ~2.8 ms of host time a step at batch 256, the GPU idle meanwhile).
+
 Needs an attention backend whose kernels never synchronize with the host (the Triton one).
 """
 
@@ -27,6 +35,10 @@ from engine.llama import LlamaModel
 from engine.scheduler import ScheduledSequence
 
 logger = logging.getLogger(__name__)
+
+# Decode-graph inputs from pinned buffers (see the module docstring); read when a DecodeGraphs
+# is built. Off until an H100 run has timed it against the default path (issue 19).
+PINNED_INPUTS = False
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -52,11 +64,22 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size)
         self.batch_sizes = graph_batch_sizes(max_batch_size)
         n = max_batch_size
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.pinned = PINNED_INPUTS
+        # rows: input_ids, positions, slot_mapping, context_lens (int64; the graph reads the
+        # int32 copy below, which it makes itself when the inputs are pinned)
+        self.vectors = torch.zeros(4, n, dtype=torch.long, device=device)
+        self.vectors[2].fill_(-1)
+        self.input_ids, self.positions, self.slot_mapping = self.vectors[:3]
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        if self.pinned:
+            self.host_vectors = torch.zeros(4, n, dtype=torch.long).pin_memory()
+            self.host_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32).pin_memory()
+            self.host_vectors_np = self.host_vectors.numpy()
+            self.host_tables_np = self.host_tables.numpy()
+            # per row of host_tables: the block list written there and how many of its blocks
+            self.host_rows: list[tuple[list[int] | None, int]] = [(None, 0)] * n
+            self.copied = torch.cuda.Event()  # recorded after each step's copies from them
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # [batch, vocab], the graphs' outputs
 
@@ -84,6 +107,8 @@ class DecodeGraphs:
         )
 
     def _forward(self, batch: int) -> torch.Tensor:
+        if self.pinned:  # int64 -> int32, inside the graph
+            self.context_lens[:batch].copy_(self.vectors[3, :batch])
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch],
             num_decode_tokens=batch,
@@ -98,6 +123,8 @@ class DecodeGraphs:
         """Logits [len(decodes), vocab] for one decode step of these sequences."""
         n = len(decodes)
         batch = next(b for b in self.batch_sizes if b >= n)
+        if self.pinned:
+            return self._run_pinned(decodes, n, batch)
         ids, positions, slots, lens = [], [], [], []
         table = torch.zeros(n, self.max_blocks, dtype=torch.int32)
         for row, item in enumerate(decodes):
@@ -120,3 +147,33 @@ class DecodeGraphs:
     def _fill(buffer: torch.Tensor, values: list[int], batch: int, pad: int) -> None:
         padded = values + [pad] * (batch - len(values))
         buffer[:batch].copy_(torch.tensor(padded, dtype=buffer.dtype), non_blocking=True)
+
+    def _run_pinned(self, decodes: list[ScheduledSequence], n: int, batch: int) -> torch.Tensor:
+        size = self.block_size
+        ids, positions, slots, lens = [], [], [], []
+        self.copied.synchronize()  # the last step's copies have left the pinned buffers
+        for row, item in enumerate(decodes):
+            seq, position = item.seq, item.seq.num_computed_tokens
+            ids.append(seq.token_ids[position])
+            positions.append(position)
+            slots.append(seq.block_ids[position // size] * size + position % size)
+            lens.append(position + 1)
+            self._update_table_row(row, seq.block_ids)
+        pad = batch - n
+        vectors = self.host_vectors_np
+        vectors[:, :n] = (ids, positions, slots, lens)
+        if pad:
+            vectors[:, n:batch] = ((0,), (0,), (-1,), (0,))
+        self.vectors.copy_(self.host_vectors, non_blocking=True)  # one contiguous 32n bytes
+        self.block_tables[:n].copy_(self.host_tables[:n], non_blocking=True)
+        self.copied.record()
+        self.graphs[batch].replay()
+        return self.logits[batch][:n]
+
+    def _update_table_row(self, row: int, block_ids: list[int]) -> None:
+        written_list, num_written = self.host_rows[row]
+        if written_list is block_ids and num_written == len(block_ids):
+            return  # the usual case: nothing new since the last step
+        start = num_written if written_list is block_ids and num_written < len(block_ids) else 0
+        self.host_tables_np[row, start : len(block_ids)] = block_ids[start:]
+        self.host_rows[row] = (block_ids, len(block_ids))

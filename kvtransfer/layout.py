@@ -18,7 +18,8 @@ memory, only describe it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+from dataclasses import astuple, dataclass, fields
 from typing import TYPE_CHECKING
 
 from contracts.errors import KVTransferError
@@ -115,6 +116,22 @@ class KVLayout:
         if slash and scheme in ("", "none"):
             raise ValueError(f"dtype={wire_dtype!r}: an unscaled dtype travels without '/'")
         return dtype, scheme or "none"
+
+    def to_wire(self) -> bytes:
+        """The layout as the pair's rendezvous carries it (kvtransfer.pair): a JSON list of
+        the fields in declaration order."""
+        return json.dumps(astuple(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> KVLayout:
+        """Inverse of to_wire; KVTransferError naming the problem for anything else."""
+        try:
+            values = json.loads(data.decode("utf-8"))
+            if not isinstance(values, list) or len(values) != len(fields(cls)):
+                raise ValueError(f"expected a list of {len(fields(cls))} fields")
+            return cls(*values)
+        except (UnicodeDecodeError, ValueError, TypeError) as e:
+            raise KVTransferError(f"malformed KV layout {data[:80]!r}: {e}") from None
 
     def check_compatible(self, other: KVLayout) -> None:
         """Return if blocks of `self` and `other` are interchangeable; raise KVTransferError

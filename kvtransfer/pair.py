@@ -17,7 +17,10 @@ what a decode worker publishes: its listener binds that host only (kvtransfer.ne
 port of the configured range. Pair keys are single-use (a new key for every pair formed, e.g.
 "<prefill>/<decode>/<n>"). A sender whose KV layout differs from the address's (dtype, scale
 scheme, geometry, model) is refused before it connects: at pairing time, not at its first
-transfer.
+transfer. The decode side checks too: the sender states its layout in the rendezvous (key
+LAYOUT_KEY) before the process group forms, and the receiver answers under VERDICT_KEY (empty:
+accepted; else why not). A receiver with a layout refuses a sender that differs or states none,
+and both ends raise KVTransferError naming the difference.
 
 Every formation is bounded by the transport's connect_timeout_s, on both sides, step by step
 (handshake, rendezvous, process group). A decode worker forms pairs concurrently (`serve`: a
@@ -46,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -74,6 +78,11 @@ _ACCEPT_POLL_S = 0.5  # how often `serve` looks whether the endpoint was closed
 REFUSAL_REASONS = ("unproven", "over_limit")
 
 OnPair = Callable[[PairChannel, ControlConnection], None]
+
+# Rendezvous keys of the layout check (module docstring): the sender's KVLayout.to_wire() (empty:
+# none stated), then the receiver's verdict (empty: accepted, else the refusal, utf-8).
+LAYOUT_KEY = "tandem/kv_layout"
+VERDICT_KEY = "tandem/kv_layout_verdict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +307,11 @@ class ReceiverEndpoint:
             daemon=True,
         )  # fmt: skip
         serving.start()
+        refusal = self._check_sender_layout(store, pair_key, deadline)
+        if refusal is not None:  # the sender reads it, then closes; the serving thread ends
+            serving.join(max(deadline - time.monotonic(), 0))
+            control.close()
+            raise KVTransferError(refusal)
         channel = open_channel(address, config, device, deadline - time.monotonic(), store)
         serving.join(max(deadline - time.monotonic(), 0))
         if serving.is_alive() or failure:
@@ -305,6 +319,29 @@ class ReceiverEndpoint:
             why = failure[0] if failure else "no end of the rendezvous in time"
             raise KVTransferError(f"pair {pair_key!r}: {why}")
         return channel, control
+
+    def _check_sender_layout(self, store: Any, pair_key: str, deadline: float) -> str | None:
+        """Wait for the sender's layout in the rendezvous store, check it against this
+        endpoint's, and answer under VERDICT_KEY. The refusal, or None if accepted."""
+        try:
+            store.wait([LAYOUT_KEY], timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+            stated = bytes(store.get(LAYOUT_KEY))
+        except RuntimeError:  # torch's store timeout
+            raise KVTransferError(
+                f"pair {pair_key!r}: no KV layout from the sender in time"
+            ) from None
+        refusal = None
+        if self.address.layout is not None:
+            prefix = f"pair {pair_key!r} refused by the decode (receiver) side: "
+            if not stated:
+                refusal = prefix + "the prefill (sender) stated no KV layout"
+            else:
+                try:
+                    KVLayout.from_wire(stated).check_compatible(self.address.layout)
+                except KVTransferError as e:
+                    refusal = prefix + _layout_refusal(e)
+        store.set(VERDICT_KEY, (refusal or "").encode())
+        return refusal
 
     def _count_refused(self, reason: str, detail: str) -> None:
         with self._lock:
@@ -338,10 +375,7 @@ def connect_pair(
         try:
             layout.check_compatible(endpoint.layout)
         except KVTransferError as e:
-            raise KVTransferError(
-                f"pair {pair_key!r} refused: the prefill (sender) and decode (receiver) KV "
-                f"{e}; serve both with the same --kv-cache-dtype and model"
-            ) from None
+            raise KVTransferError(f"pair {pair_key!r} refused: {_layout_refusal(e)}") from None
     secret = secret if secret is not None else ClusterSecret.from_environment()
     deadline = time.monotonic() + config.connect_timeout_s
     control = ControlConnection.connect(
@@ -351,6 +385,13 @@ def connect_pair(
         scope = prove_as_sender(control, pair_key, secret, deadline)
         address = PairAddress(endpoint.host, endpoint.control_port, pair_key, 0, scope)
         store = ControlStore(control, deadline)
+        try:  # the receiver checks the layout before the process group forms
+            store.set(LAYOUT_KEY, b"" if layout is None else layout.to_wire())
+            refusal = bytes(store.get(VERDICT_KEY)).decode("utf-8", "replace")
+        except RuntimeError as e:
+            raise KVTransferError(f"pair {pair_key!r}: {e}") from None
+        if refusal:
+            raise KVTransferError(refusal)
         channel = open_channel(address, config, device, deadline - time.monotonic(), store)
         try:
             store.finish()
@@ -362,3 +403,10 @@ def connect_pair(
         with contextlib.suppress(Exception):
             control.close()
         raise
+
+
+def _layout_refusal(mismatch: KVTransferError) -> str:
+    return (
+        f"the prefill (sender) and decode (receiver) KV {mismatch}; serve both with the same "
+        "--kv-cache-dtype and model"
+    )

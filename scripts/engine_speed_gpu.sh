@@ -17,17 +17,17 @@ run() { PYTHONPATH="$here:$base_path" timeout "$@"; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
 echo "before: $(git -C "$before" log --oneline -1 2>/dev/null)"
 reps=${REPEATS:-2} sat_reps=${SAT_REPEATS:-2}
-run 150 python -m bench.engine_gpu --baselines none --batch-sizes 1,64 --repeats "$reps" \
+run 180 python -m bench.engine_gpu --baselines none --batch-sizes 1,64 --repeats "$reps" \
     --saturation-requests 512 --saturation-repeats "$sat_reps" --out "$out/after.json" 2>&1 \
     | tail -10
-(cd "$before" && PYTHONPATH="$before:$base_path" timeout 70 python -m bench.engine_gpu \
+(cd "$before" && PYTHONPATH="$before:$base_path" timeout 90 python -m bench.engine_gpu \
     --baselines none --batch-sizes 1,64 --repeats "$reps" --out "$out/before_gpu.json" 2>&1 \
     | tail -9)
-(cd "$before" && PYTHONPATH="$before:$base_path" timeout 80 python -m bench.engine_saturation \
+(cd "$before" && PYTHONPATH="$before:$base_path" timeout 100 python -m bench.engine_saturation \
     --baseline-batch 0 --repeats "$sat_reps" --out "$out/before_sat.json" 2>&1 | tail -7)
-run 150 python -m pytest -x -q -p no:cacheprovider tests/gpu/test_engine_gpu.py \
-    tests/unit/kernels/test_gemv.py 2>&1 | tail -8
+run 200 python -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py \
+    tests/unit/kernels/test_gemv.py 2>&1 | tail -15
 [[ -n "${SKIP_EXTRA:-}" ]] && exit 0
 run 45 python -m bench.kernels_gemv --rows 1 --out "$out/gemv.json" 2>&1 | tail -8
-run 120 python -m bench.engine_profile --variants new,new+pdl,new+dense,new-nogemv \
+run 150 python -m bench.engine_profile --variants new,new+pdl,new+dense,new+pinned,new-nogemv \
     --saturation-requests 0 --out "$out/profile.json" 2>&1 | grep -v '^new' | tail -34

@@ -93,10 +93,14 @@ def gpu_engine(model_dir: Path, **kwargs: object) -> Engine:
     )
 
 
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_teacher_forced_logits_match_cpu_fp32(model_dir: Path, cuda_graphs: bool) -> None:
+@pytest.mark.parametrize(
+    ("cuda_graphs", "triton_gemv"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_teacher_forced_logits_match_cpu_fp32(
+    model_dir: Path, cuda_graphs: bool, triton_gemv: bool
+) -> None:
     cpu = make_engine(str(model_dir), num_kv_blocks=256, block_size=16)
-    gpu = gpu_engine(model_dir, cuda_graphs=cuda_graphs)
+    gpu = gpu_engine(model_dir, cuda_graphs=cuda_graphs, triton_gemv=triton_gemv)
     token_ids = rule_sequence(seed=5, length=301)
     reference = prefill_logits(cpu, token_ids)
     for logits in (
@@ -111,10 +115,12 @@ def test_teacher_forced_logits_match_cpu_fp32(model_dir: Path, cuda_graphs: bool
     gpu.check_integrity()
 
 
-def test_greedy_alone_equals_in_batch(model_dir: Path) -> None:
+@pytest.mark.parametrize("triton_gemv", [False, True])
+def test_greedy_alone_equals_in_batch(model_dir: Path, triton_gemv: bool) -> None:
+    """Alone, decode rows go through the GEMV (with triton_gemv); in a batch, through cuBLAS."""
     from contracts.sampling_params import SamplingParams
 
-    engine = gpu_engine(model_dir)
+    engine = gpu_engine(model_dir, triton_gemv=triton_gemv)
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     prompts = [rule_sequence(seed=s, length=20 + 37 * s) for s in range(9)]
     alone = [engine.generate([p], params)[0].token_ids for p in prompts]
@@ -181,14 +187,20 @@ def test_mixed_batches_compile_each_kernel_once() -> None:
     assert new[reduce] <= 5
 
 
-def test_preempted_sequences_decode_alike_with_and_without_graphs(model_dir: Path) -> None:
+@pytest.mark.parametrize("pinned_inputs", [False, True])
+def test_preempted_sequences_decode_alike_with_and_without_graphs(
+    model_dir: Path, pinned_inputs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Few KV blocks: sequences are preempted and recomputed with new block lists between
-    decode-graph steps (whose inputs, block tables included, are refilled every step). Greedy
+    decode-graph steps (whose inputs, block tables included, are refilled every step; with
+    pinned inputs, the host block table is updated only where a row's list changed). Greedy
     outputs must match the eager path's, and no block may leak."""
     from contracts.sampling_params import SamplingParams
+    from engine import cuda_graph
     from engine.config import EngineConfig
     from engine.scheduler import SchedulerConfig
 
+    monkeypatch.setattr(cuda_graph, "PINNED_INPUTS", pinned_inputs)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     prompts = [rule_sequence(seed=100 + s, length=60 + 29 * s) for s in range(9)]
     outputs = []

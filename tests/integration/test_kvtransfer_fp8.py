@@ -86,6 +86,58 @@ def test_an_fp8_prefill_is_refused_when_it_pairs_with_a_wider_decode(
         endpoint.close()
 
 
+@pytest.mark.parametrize("sender_layout", ["fp8", "unstated"])
+def test_a_bf16_decode_refuses_an_fp8_prefill_at_pairing_time(sender_layout: str) -> None:
+    """The decode (receiving) side checks the layout too: a sender that skips its own check
+    (here: an address published without the layout) or states none is refused while the pair
+    forms, on both ends, with the layouts named, and no channel forms."""
+    from kvtransfer.pair import EndpointAddress
+
+    decode_layout = layout_of(kv_cache(1, 0, torch.bfloat16))
+    prefill_layout = layout_of(kv_cache(1, 0, torch.uint8)) if sender_layout == "fp8" else None
+    endpoint = ReceiverEndpoint(HOST, layout=decode_layout)
+    try:
+        refused: list[BaseException] = []
+
+        def accept() -> None:
+            try:
+                refused.append(AssertionError(f"formed: {endpoint.accept(TRANSPORT)}"))
+            except KVTransferError as e:
+                refused.append(e)
+
+        thread = threading.Thread(target=accept)
+        thread.start()
+        unchecked = EndpointAddress(endpoint.address.host, endpoint.address.control_port)
+        with pytest.raises(KVTransferError) as sender_error:
+            connect_pair(unchecked, "fp8/bf16", TRANSPORT, layout=prefill_layout)
+        thread.join(30)
+        assert len(refused) == 1 and isinstance(refused[0], KVTransferError), refused
+        if prefill_layout is not None:
+            expected = (
+                "pair 'fp8/bf16' refused by the decode (receiver) side: the prefill (sender) and "
+                "decode (receiver) KV layouts differ: dtype float8_e4m3fn != bfloat16, "
+                "scale_scheme token_head_fp32 != none; serve both with the same "
+                "--kv-cache-dtype and model"
+            )
+        else:
+            expected = (
+                "pair 'fp8/bf16' refused by the decode (receiver) side: the prefill (sender) "
+                "stated no KV layout"
+            )
+        assert str(refused[0]) == expected
+        assert str(sender_error.value) == expected
+        # the endpoint still pairs with a sender of its own layout
+        thread, accepted = _accept_in_background(endpoint)
+        channel, control = connect_pair(unchecked, "same", TRANSPORT, layout=decode_layout)
+        thread.join(30)
+        assert accepted and accepted[0] is not None
+        for pair_end in ((channel, control), accepted[0]):
+            pair_end[1].close()
+            pair_end[0].close()
+    finally:
+        endpoint.close()
+
+
 def test_layouts_travel_in_offers_with_their_scale_scheme() -> None:
     from kvtransfer.messages import TransferOffer, decode, encode
 

@@ -144,3 +144,29 @@ def test_of_cache_reads_a_packed_fp8_cache() -> None:
 def test_a_scale_scheme_must_fit_the_dtype(dtype: str, scheme: str) -> None:
     with pytest.raises(ValueError, match="scale_scheme="):
         make_layout(dtype=dtype, scale_scheme=scheme)
+
+
+def test_layouts_round_trip_through_the_wire_form() -> None:
+    fp8 = make_layout(dtype="float8_e4m3fn", scale_scheme="token_head_fp32")
+    for layout in (make_layout(), fp8, make_layout(model_id='ünïcode/model "q"')):
+        assert KVLayout.from_wire(layout.to_wire()) == layout
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\xff", "utf-8"),
+        (b"not json", "Expecting value"),
+        (b'{"dtype": "bfloat16"}', "expected a list of 7 fields"),
+        (b'["m", "bfloat16", 16, 30, 3]', "expected a list of 7 fields"),
+        (b'["m", "int4", 16, 30, 3, 64, "none"]', "dtype='int4'"),
+        (b'["m", "bfloat16", 0, 30, 3, 64, "none"]', "block_size=0"),
+        (b'["m", "bfloat16", 16.0, 30, 3, 64, "none"]', "block_size=16.0"),
+    ],
+)
+def test_a_malformed_wire_layout_is_refused_with_the_problem_named(
+    data: bytes, problem: str
+) -> None:
+    with pytest.raises(KVTransferError, match="malformed KV layout") as info:
+        KVLayout.from_wire(data)
+    assert problem in str(info.value)
