@@ -338,8 +338,9 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         started = time.time()
         members = pool.members()
         counts = None if cached is None else [cached.get(m, 0) for m in members]
-        member = members[self.placement[pool.name].pick(pool.name, members, tried, counts)]
-        attributes: dict[str, Any] = {f"tandem.{pool.name}_worker": member.worker_id}
+        index = self.placement[pool.name].pick(pool.name, members, tried, counts)
+        member = members[index]
+        attributes: dict[str, Any] = {f"tandem.{pool.name}_worker": index}
         if cached is not None:
             attributes["tandem.placement_cached_tokens"] = cached.get(member, 0)
         span.set_attributes(attributes)

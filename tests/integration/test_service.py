@@ -11,7 +11,7 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -316,7 +316,7 @@ def test_a_killed_worker_ends_its_streams_fast_and_is_replaced(
         list(call)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert time.monotonic() - killed_at < 10, "the stream must end fast, not hang"
-    wait_replaced(service.service.workers, busy, victim)
+    wait_replaced(lambda: service.service.workers, busy, victim)
     responses = generate(service.stub, text="Hi", sampling=greedy_sampling(4))
     assert responses[-1].usage.completion_tokens == 4  # through new KV pairs if disaggregated
 
@@ -337,14 +337,17 @@ def test_a_worker_killed_mid_prefill_moves_its_request_to_another(
     expected = default_model_engine.generate([prompt], greedy(max_tokens=6))[0]
     assert [t for r in responses for t in r.token_ids] == expected.token_ids
     assert service.service._servicer.num_retried == retried + 1  # type: ignore[union-attr]
-    wait_replaced(workers, busy, victim)
+    wait_replaced(service.prefilling_workers, busy, victim)
     assert len(service.prefilling_workers()) == 2  # the pool is back to size
     assert generate(service.stub, text="Hi", sampling=greedy_sampling(3))[-1].usage
 
 
-def wait_replaced(workers: list[Any], index: int, dead: Any, timeout_s: float = 120) -> None:
+def wait_replaced(
+    workers: Callable[[], list[Any]], index: int, dead: Any, timeout_s: float = 120
+) -> None:
+    """Until the pool position `index` holds a replacement of the `dead` actor."""
     deadline = time.monotonic() + timeout_s
-    while workers[index] is dead:
+    while workers()[index] is dead:
         assert time.monotonic() < deadline, "the dead worker was not replaced"
         time.sleep(0.2)
 

@@ -189,4 +189,7 @@ def index_counts(service: RunningService, text: str, salt: str | None = None) ->
     assert servicer is not None
     ids = service.stub.Tokenize(pb.TokenizeRequest(text=text), timeout=30).token_ids
     request = SimpleNamespace(prompt_token_ids=list(ids), cache_salt=salt)
-    return service.run(servicer._cached_tokens(request))  # type: ignore[no-any-return]
+    cached = service.run(servicer._cached_tokens(request))
+    if cached is None:
+        return None
+    return [cached.get(member, 0) for member in servicer._prefilling.members()]
