@@ -30,13 +30,14 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.output_processor import RequestOutput
 from engine.sampling_params import SamplingParams
+from kvtransfer.channel import PairChannel
 from kvtransfer.coalesce import StagingPool
 from kvtransfer.control import ControlConnection
 from kvtransfer.handshake import ClusterSecret
 from kvtransfer.layout import KVLayout
 from kvtransfer.network import KVAddress, KVNetworkConfig, resolve_kv_address, use_interface
 from kvtransfer.pair import EndpointAddress, ReceiverEndpoint
-from kvtransfer.transport import PairChannel, TransportConfig
+from kvtransfer.transport import TransportConfig
 
 logger = logging.getLogger(__name__)
 

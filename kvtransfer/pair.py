@@ -52,12 +52,13 @@ import torch
 import torch.distributed as dist
 
 from engine.errors import KVTransferError
+from kvtransfer.channel import PairChannel
 from kvtransfer.control import ControlConnection, ControlListener
 from kvtransfer.handshake import ClusterSecret, PeerRefused, check_sender, prove_as_sender
 from kvtransfer.layout import KVLayout
 from kvtransfer.network import KVNetworkConfig, listen_socket
 from kvtransfer.rendezvous import ControlStore, serve_rendezvous
-from kvtransfer.transport import PairAddress, PairChannel, TransportConfig, open_channel
+from kvtransfer.transport import PairAddress, TransportConfig, open_channel
 
 logger = logging.getLogger(__name__)
 

@@ -45,8 +45,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from kvtransfer.channel import MAX_POSTED
 from kvtransfer.coalesce import PIPELINE_PART_BYTES
-from kvtransfer.transport import MAX_POSTED
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")

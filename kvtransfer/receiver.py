@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.errors import KVTransferError
+from kvtransfer.backend import PostedReceive
+from kvtransfer.channel import PairChannel
 from kvtransfer.coalesce import (
     BlockIndex,
     StagingLease,
@@ -41,6 +43,7 @@ from kvtransfer.coalesce import (
     tensor_crc32,
 )
 from kvtransfer.control import ControlConnection
+from kvtransfer.header import MARKER
 from kvtransfer.layout import KVLayout
 from kvtransfer.messages import (
     Message,
@@ -59,7 +62,6 @@ from kvtransfer.protocol import (
     posts_ahead,
     transfer_tag,
 )
-from kvtransfer.transport import MARKER, PairChannel, PostedReceive
 
 logger = logging.getLogger(__name__)
 

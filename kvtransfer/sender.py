@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import KVTransferError
+from kvtransfer.channel import PairChannel
 from kvtransfer.coalesce import (
     BlockIndex,
     DirectPlan,
@@ -57,7 +58,6 @@ from kvtransfer.protocol import (
     posts_ahead,
     transfer_tag,
 )
-from kvtransfer.transport import PairChannel
 
 logger = logging.getLogger(__name__)
 

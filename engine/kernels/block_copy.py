@@ -104,3 +104,18 @@ def copy_blocks(
             WORDS=words, GATHER=gather, TILE=min(_TILE_WORDS, triton.next_power_of_2(words)),
             num_warps=4,
         )  # fmt: skip
+
+
+def copy_blocks_ref(
+    cache: torch.Tensor,  # [rows, num_cache_blocks, words]
+    staging: torch.Tensor,  # [rows, num_ids, words]
+    ids: torch.Tensor,  # [num_ids] int64, in [0, num_cache_blocks)
+    *,
+    gather: bool,
+) -> None:
+    """Plain torch reference of `copy_blocks`, in place: gather writes `staging`, scatter
+    writes `cache` (ids distinct for a scatter)."""
+    if gather:
+        staging.copy_(cache.index_select(1, ids))
+    else:
+        cache.index_copy_(1, ids, staging)
