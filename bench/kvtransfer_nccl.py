@@ -28,7 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.common import machine_info, markdown_table, write_json
-from kvtransfer.coalesce import PIPELINE_PART_BYTES
+from kvtransfer.chunking import PIPELINE_PART_BYTES
 
 SHAPES = {  # name -> (layers, kv heads, head dim), as in engine.model_config.NAMED_SHAPES
     "llama-3-8b": (32, 8, 128),
@@ -184,7 +184,7 @@ def groups_of(ids: list[int], mode: str) -> list[list[int]]:
 def parts_of(staging: torch.Tensor, mode: str) -> tuple[slice, ...]:
     """The pipelined parts of a staging tensor (coalesced: 64 MiB; partsN: N MiB), or one part
     (the others)."""
-    from kvtransfer.coalesce import pipeline_parts
+    from kvtransfer.chunking import pipeline_parts
 
     kind = mode.partition("/")[0].partition("@")[0]
     if kind == "coalesced":
@@ -292,11 +292,11 @@ def median(values: list[float]) -> float:
 def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None:
     faulthandler.dump_traceback_later(args.stack_dump_s)  # where a stuck run hangs
     from engine.block_manager import BlockManager
-    from kvtransfer.coalesce import StagingPool
     from kvtransfer.layout import KVLayout
     from kvtransfer.nccl import configure_nccl_environment
     from kvtransfer.pair import ReceiverEndpoint
     from kvtransfer.receiver import KVReceiver
+    from kvtransfer.staging import StagingPool
     from kvtransfer.transport import PairAddress, open_channel
 
     configure_nccl_environment()
@@ -405,10 +405,10 @@ def protocol_runs(
     args: argparse.Namespace, shape: str, endpoint: Any, queue_out: Any, queue_in: Any
 ) -> None:
     from engine.block_manager import BlockManager
-    from kvtransfer.coalesce import StagingPool
     from kvtransfer.layout import KVLayout
     from kvtransfer.pair import connect_pair
     from kvtransfer.sender import KVSender
+    from kvtransfer.staging import StagingPool
 
     device = device_of(args, 0)
     engine = None

@@ -31,12 +31,12 @@ from engine.engine import Engine
 from engine.output_processor import RequestOutput
 from engine.sampling_params import SamplingParams
 from kvtransfer.channel import PairChannel
-from kvtransfer.coalesce import StagingPool
 from kvtransfer.control import ControlConnection
 from kvtransfer.handshake import ClusterSecret
 from kvtransfer.layout import KVLayout
 from kvtransfer.network import KVAddress, KVNetworkConfig, resolve_kv_address, use_interface
 from kvtransfer.pair import EndpointAddress, ReceiverEndpoint
+from kvtransfer.staging import StagingPool
 from kvtransfer.transport import TransportConfig
 
 logger = logging.getLogger(__name__)

@@ -28,15 +28,8 @@ import time
 from collections.abc import Collection
 
 from engine.errors import KVTransferError
-from kvtransfer.messages import (
-    HEADER_BYTES,
-    MAX_PAYLOAD_BYTES,
-    Message,
-    MessageType,
-    decode,
-    encode,
-    read_header,
-)
+from kvtransfer.codec import HEADER_BYTES, MAX_PAYLOAD_BYTES, decode, encode, read_header
+from kvtransfer.messages import Message, MessageType
 
 logger = logging.getLogger(__name__)
 

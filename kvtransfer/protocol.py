@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from kvtransfer.channel import MAX_POSTED
-from kvtransfer.coalesce import PIPELINE_PART_BYTES
+from kvtransfer.chunking import PIPELINE_PART_BYTES
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")

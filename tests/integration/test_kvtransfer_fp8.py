@@ -87,7 +87,8 @@ def test_an_fp8_prefill_is_refused_when_it_pairs_with_a_wider_decode(
 
 
 def test_layouts_travel_in_offers_with_their_scale_scheme() -> None:
-    from kvtransfer.messages import TransferOffer, decode, encode
+    from kvtransfer.codec import decode, encode
+    from kvtransfer.messages import TransferOffer
 
     layout = layout_of(kv_cache(1, 0, torch.uint8))
     offer = TransferOffer("t", "r", layout, 5, (1, 2), 1000)

@@ -26,14 +26,10 @@ import torch.distributed as dist
 
 from engine.errors import KVTransferError
 from kvtransfer.channel import MAX_POSTED, PairChannel
-from kvtransfer.coalesce import (
-    StagingPool,
-    gather_blocks,
-    scatter_blocks,
-    split_for_overlap,
-    staging_shape,
-)
+from kvtransfer.chunking import split_for_overlap
+from kvtransfer.coalesce import gather_blocks, scatter_blocks, staging_shape
 from kvtransfer.header import WIRE_VERSION
+from kvtransfer.staging import StagingPool
 from kvtransfer.transport import (
     STORE_PREFIX,
     PairAddress,
