@@ -1,15 +1,10 @@
-"""Chained content hashes of full KV blocks, the key of every prefix cache in Tandem.
+"""Chained content hashes of full KV blocks, the key of every prefix cache in Tandem:
 
-Torch-free and deterministic across processes, machines and Python versions: the router
-computes the same hashes as the engines to look prompts up in the global prefix index.
+    root = H("tandem-prefix-v1" | model_id | cache_salt);  h[i] = H(h[i-1] | tokens of block i)
 
-    root  = H("tandem-prefix-v1" | model_id | cache_salt)
-    h[0]  = H(root | tokens[0:B])
-    h[i]  = H(h[i-1] | tokens[i*B:(i+1)*B])
-
-Only full blocks are hashed. A block's hash names its tokens *and* everything before them, so
-equal hashes mean equal KV. Different `cache_salt` values give disjoint hash chains, which is
-what keeps tenants from sharing cache entries.
+Torch-free and deterministic across processes, machines and Python versions (the router computes
+the same hashes as the engines). Equal hashes mean equal KV; different cache salts give disjoint
+chains, which keeps tenants from sharing cache entries.
 """
 
 from __future__ import annotations

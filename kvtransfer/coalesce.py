@@ -1,26 +1,11 @@
-"""Coalescing scattered KV blocks into one contiguous staging tensor, and back.
+"""Gathering a request's scattered KV blocks into one contiguous staging tensor, and scattering
+it into the receiver's own blocks (torch's index ops, or engine.kernels.block_copy's bounded
+grid), so that a transfer sends few large messages instead of one per block:
 
-A request's KV is spread over blocks anywhere in the cache. Sending one message per block is
-slow (10-70 GB/s between H100s for 128 blocks); gathering them into one buffer and sending once
-reaches ~270 GB/s (docs: DESIGN.md, Hardware). So the sender gathers, the transport moves one
-tensor, and the receiver scatters it into its own (different) block ids:
+    staging[l, kv, i] == kv_cache[a + l, kv, block_ids[i]]      (layers a.., given block order)
 
-    kv_cache  [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-                                 |
-              gather_blocks(kv_cache, [7, 2, 9], layers=slice(a, b))   one index_select, dim 2
-                                 v
-    staging   [b - a, 2, 3, block_size, num_kv_heads, head_dim]        contiguous
-              staging[l, kv, i] == kv_cache[a + l, kv, block_ids[i]]
-                                 |
-              (transport: one send / one recv)
-                                 v
-              scatter_blocks(dst_cache, [4, 11, 0], staging, layers=slice(a, b))   index_copy_
-
-Layer ranges let prefill ship KV per layer group while it computes the next layers
-(`split_for_overlap` plans the pieces). `StagingPool` bounds the memory staging buffers take.
-
-This module only copies memory on one device; it never talks to another process.
-Argument problems (shapes, dtypes, devices, block ids) raise ValueError naming the problem.
+Copies memory on one device only; bad shapes, dtypes, devices or block ids raise ValueError.
+Planning the pieces: kvtransfer.chunking; staging memory: kvtransfer.staging.
 """
 
 from __future__ import annotations

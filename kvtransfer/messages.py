@@ -1,56 +1,9 @@
-"""Control messages of the KV transfer protocol and their fixed binary wire format.
-
-A pair's control connection opens with a challenge-response (kvtransfer.handshake): PairHello
-(sender -> receiver) names the pair key and brings the sender's nonce; PairChallenge (receiver ->
-sender) brings the receiver's nonce and its proof of the cluster secret; PairProof (sender ->
-receiver) the sender's. Only then do both sides form their PairChannel. One transfer, sender =
-prefill side, receiver = decode side:
-
-    sender                                   receiver
-      | -- TransferOffer (src blocks, lease) --> |  reserves destination blocks
-      | <-- TransferReady (dst blocks) --------- |
-      | ==== KV payload (the transport) =======> |
-      | -- TransferDone (bytes, checksum) -----> |  verifies, joins the sequence
-      | <-- TransferAck (ok, reason) ----------- |  sender unpins its blocks
-    TransferAbort (reason) may go either way at any point; both sides then free their blocks.
-
-Frame (all integers little-endian):
-
-    +------------+---------+--------------------+------------------------+
-    | b"TKV1" 4B | type u8 | payload length u32 | payload (length bytes) |
-    +------------+---------+--------------------+------------------------+
-
-    payload fields, in order:            str = u16 byte length + UTF-8 bytes
-      1 TransferOffer  str transfer_id, str request_id,
-                       str model_id, str dtype (+ "/" + scale scheme if any),
-                       u32 block_size, u32 num_layers,
-                       u32 num_kv_heads, u32 head_dim, u32 num_tokens, u32 lease_ms,
-                       u32 layers_per_chunk,
-                       ids src_block_ids       ids = u32 count + count x u32
-      2 TransferReady  str transfer_id, ids dst_block_ids
-      3 TransferDone   str transfer_id, u64 num_bytes, u64 checksum
-      4 TransferAck    str transfer_id, u8 ok (0 or 1), str reason
-      5 TransferAbort  str transfer_id, str reason
-      6 PairHello      str pair_key, 32B nonce
-      7 PairChallenge  32B nonce, 32B proof
-      8 PairProof      32B proof
-      9 StoreRequest   u8 op, str key, blob value, blob desired, i64 amount
-                                          blob = u32 byte length + bytes
-     10 StoreReply     u8 ok, blob value, i64 number, str error
-
-StoreRequest / StoreReply carry the pair's rendezvous (kvtransfer.rendezvous: the sender's
-torch.distributed store operations, answered by the receiver) between PairProof and the first
-transfer message; nothing else may send them.
-
-Every message validates its fields on construction (ValueError naming the field), so whatever
-`encode` produces, `decode` accepts, and `decode(encode(m)) == m`. The encoding is canonical:
-a frame `decode` accepts re-encodes to the same bytes.
-
-`decode` is a pure parser over `struct` and strict UTF-8. It never unpickles, evaluates or imports
-anything, checks every length and count against the bytes actually present before reading, and
-raises KVTransferError naming the problem for any frame it does not accept (a pickle stream, a
-truncated or padded frame, an unknown type, over-long strings, too many blocks, invalid UTF-8).
-This module must not grow a generic object codec: new fields mean a new explicit layout.
+"""The control messages of the KV transfer protocol as frozen dataclasses: the handshake
+(PairHello, PairChallenge, PairProof), the rendezvous (StoreRequest, StoreReply) and one
+transfer (TransferOffer, TransferReady, TransferDone, TransferAck, TransferAbort). Every message
+validates its fields on construction (ValueError naming the field), so whatever exists can be
+encoded and decoded (kvtransfer.codec). The message sequence and each payload's layout:
+docs/kvtransfer.md.
 """
 
 from __future__ import annotations

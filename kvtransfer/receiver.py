@@ -1,15 +1,10 @@
-"""The decode side of one pair: reserves blocks for offers, receives KV into them, reports.
+"""The decode side of one pair (KVReceiver): reserves blocks for offers, receives KV into them,
+verifies, and hands completed transfers to the engine through `poll()`, which never blocks.
 
     control thread: Offer -> reserve + Ready (or Abort); Done -> verify -> Ack; Abort; deadlines
-    data thread:    while transfers are expected: header -> route by tag -> payload -> scatter
-                    (an overlapped transfer's later chunks: posted ahead of their headers,
-                    kvtransfer.protocol.posts_ahead)
-                    (no CRC to compare - CUDA, or checksum off: after the last chunk, Ack at
-                    once; the Done that follows is dropped: every chunk's size was checked)
+    data thread:    header -> route by tag -> land the chunk (kvtransfer.lander)
 
-The engine loop never blocks on a transfer: it calls `poll()` each step and gets the transfers
-whose KV is complete, then hands each to Engine.add_transferred_request (or releases it). See
-kvtransfer.protocol for the ownership rules this class implements.
+A transfer's state: kvtransfer.incoming; the ownership rules: docs/kvtransfer.md.
 """
 
 from __future__ import annotations
