@@ -102,8 +102,8 @@ class PairChannel(ChannelBackend):
         fill(i), if given, runs just before part i is posted and may queue work on the current
         CUDA stream that writes part i (a gather): the send waits for it on the device, not the
         host, so filling part i + 1 overlaps sending part i. With `void`, the header flags the
-        bytes as no data (the filler of a payload the peer posted ahead, see the module
-        docstring). Returns once every part is sent and may be reused. Raises like `send`;
+        bytes as no data (the filler of a payload the peer posted ahead, see
+        docs/kvtransfer.md). Returns once every part is sent and may be reused. Raises like `send`;
         ValueError for parts of mismatched sizes.
         """
         sizes = [self._checked_size(part) for part in parts]
@@ -122,7 +122,7 @@ class PairChannel(ChannelBackend):
         self, tensors: Sequence[torch.Tensor], *, tag: int = 0, timeout_s: float | None = None
     ) -> None:
         """Send one payload made of `tensors` (contiguous, on this channel's device, of any
-        sizes, at least one byte each), posted together (see the module docstring); the peer
+        sizes, at least one byte each), posted together (see docs/kvtransfer.md); the peer
         receives it with `recv_group` over tensors of the same sizes in the same order.
         Returns once all are sent. Raises like `send`."""
         sizes = [self._checked_size(tensor) for tensor in tensors]

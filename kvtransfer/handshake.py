@@ -99,7 +99,7 @@ class ClusterSecret:
 def prove_as_sender(
     control: ControlConnection, pair_key: str, secret: ClusterSecret, deadline: float
 ) -> str:
-    """The sender's half (see the module docstring); returns the rendezvous scope. Raises
+    """The sender's half (see docs/kvtransfer.md); returns the rendezvous scope. Raises
     PeerRefused if the receiver does not prove the secret, KVTransferError if the connection
     fails or `deadline` (time.monotonic) passes first."""
     sender_nonce = secrets.token_bytes(NONCE_BYTES)
