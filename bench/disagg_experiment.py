@@ -1,21 +1,10 @@
-"""The disaggregation experiment: the same GPUs, model, workload and SLOs served two ways,
-measured with `tandem bench` over gRPC.
-
-    colocated      2 workers, each prefilling (chunked) and decoding its own requests
-    disaggregated  1 prefill worker + 1 decode worker, the KV moving between them (NCCL)
-
-For each configuration: start `tandem serve` (its own local Ray cluster) in a subprocess,
-wait until its health check says SERVING, run the request-rate sweep, stop it. The results
-are `tandem bench` JSON files (per-request records included), compared at the end:
+"""The disaggregation experiment: the same GPUs, model, workload and SLOs served colocated (2
+workers) and disaggregated (1 prefill + 1 decode worker, KV over NCCL), each by `tandem serve`
+in a subprocess, measured with `tandem bench`'s rate sweep and compared with `tandem bench
+compare`. `--cpu-dry-run` checks the orchestration on CPU. Workload defaults and the compare
+commands: docs/benchmarks.md.
 
     python -m bench.disagg_experiment --model dummy:llama-3-8b --rates 1,2,4,8 --out DIR
-    tandem bench compare DIR/colocated.json DIR/disaggregated.json --plot DIR/both.png
-    tandem bench compare ... --slo ttft=2s,tpot=100ms       # the relaxed pair, recomputed
-
-Workload (defaults): the mixed workload, 70% prefill-heavy (1,024 in / 16 out) and 30%
-decode-heavy (64 in / 256 out), Poisson arrivals, SLO TTFT <= 500 ms and TPOT <= 30 ms.
-`--cpu-dry-run` runs the same orchestration on CPU with the default model and tiny sizes: a
-check of the script, not a measurement.
 """
 
 from __future__ import annotations

@@ -1,45 +1,11 @@
-"""Tandem's engine vs Hugging Face transformers on this CPU, in one process, on the same weights.
-
-Model: the default SmolLM2-135M-Instruct GGUF (`installed_default_model()`), dequantized by
-each system to the same dtype (float32 by default, `--dtype bfloat16` for both). Prompts are
-random token ids (ids 0-16, the special tokens, are avoided) from an RNG seeded per
-measurement and repetition, so both systems see identical prompts and no prompt repeats (no
-prefix-cache hits in Tandem; the script fails if one happens). Greedy decoding; neither system
-may stop early: Tandem gets `ignore_eos=True`, transformers runs with `eos_token_id=None` and
-`min_new_tokens=max_new_tokens`. Every request's generated length is checked against the
-target, and the script fails loudly if it differs.
-
-Measurements (each: one warm-up, then `--repeats` runs; median, min and max are reported):
-
-1. decode tokens/s at batch 1: one P-token prompt (`--prompt-len`), N new tokens
-   (`--new-tokens`); rate = (N - 1) / (total time - time to first token).
-   Tandem: TTFT is measured by stepping the engine until the first output arrives.
-   transformers: TTFT is the time of a `generate(max_new_tokens=1)` on the same prompt, run
-   just before the full `generate(max_new_tokens=N)` whose time is the total.
-2. aggregate tokens/s with B concurrent requests (`--batch-sizes`), all arriving at once, equal
-   prompt lengths, N new tokens: (B * N) / wall time from the first request added to the last
-   token (prefill included). Tandem: add_request for all, then step until done. transformers:
-   one batched `generate` (no padding needed; an all-ones attention_mask is passed).
-3. staggered arrivals: R requests (`--stagger-requests`), one added every k engine steps
-   (`--stagger-every`); aggregate tokens/s = R * N / (last token - first arrival). The wall-clock
-   arrival times Tandem produced are replayed for transformers, which runs static batches: each
-   batch is every request that has arrived when the previous batch finishes (it waits idle if
-   none has), processed by one `generate`. The mean request latency (arrival to last token) is
-   reported for both.
-4. prefill tokens/s: one P-token prompt with max_tokens=1; P / time from submission to the
-   token (transformers: `generate(max_new_tokens=1)`).
-
-Both models are loaded up front (transformers is slow to load, ~30 s) and share this process's
-torch thread pool (`--threads`, default torch's). Within each measurement the systems alternate:
-warm-up of each, then repetition i of Tandem followed by repetition i of transformers, so drifts
-in background load hit both alike. Timings on a machine that other work shares are unreliable:
-the load average before and after is recorded in the JSON.
-Also reported: how many leading greedy tokens of the batch-1 decode agree between the systems
-(a sanity check that the weights are the same; they may diverge after a near-tie).
+"""Tandem's engine vs Hugging Face transformers on this CPU, in one process, on the same weights
+(the default model), identical random prompts, greedy, never stopping early: batch-1 decode
+tokens/s, aggregate tokens/s at each batch size, staggered arrivals, and prefill tokens/s. The
+systems alternate repetition by repetition; the load average is recorded. Exactly how each
+number is timed: docs/benchmarks.md.
 
     python -m bench.engine_cpu [--prompt-len 512] [--new-tokens 128] [--batch-sizes 8,32]
         [--repeats 3] [--dtype float32|bfloat16] [--threads N] [--skip-transformers]
-        [--out bench/results/engine_cpu.json]
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
-"""The engine's throughput at saturation on one GPU, as a share of the physical bound.
-
-Random prompts of `--input-len` tokens (default 1,024), `--output-len` new tokens each (default
-128, `ignore_eos`: never stopping early), all `--num-requests` submitted at once to one engine
-(Llama-3-8B shape, dummy bf16 weights, chunked prefill, continuous batching, CUDA graphs), then
-stepped until every request is done. Throughput = tokens / wall time from the first submit to
-the last token; the median of `--repeats` runs after a warm-up run of a quarter of the size.
-
-The bound (BENCHMARKS.md's limits: bf16 matmul ~790 TFLOP/s, device copy ~3.0 TB/s): each
-request costs at least FLOPs / peak FLOP/s (two per weight per token, plus attention over the
-causal context) and at least bytes / peak bandwidth (its decode steps read its own KV; the
-weights are shared by the batch, counted once per step at the configured batch size); the
-larger of the two per request, summed, is the fastest any engine could go on this card.
-
-Baseline in the same run: transformers `generate` (eager, the same dummy shape) on a batch of
-`--baseline-batch` of the same prompts.
+"""The engine's throughput at saturation on one GPU (Llama-3-8B shape, dummy bf16 weights, all
+requests submitted at once), as a share of the physical bound (the larger of FLOPs / peak and
+bytes / peak bandwidth per request, summed), with transformers `generate` as the baseline in the
+same run. How the bound is computed: docs/benchmarks.md.
 
     python -m bench.engine_saturation [--num-requests 512] [--max-num-seqs 256] [--out F]
 """

@@ -1,23 +1,9 @@
 """What FP8 does to the default model's predictions: perplexity and teacher-forced top-1
-agreement, fp32 vs FP8 weights vs FP8 KV cache vs both, on a fixed English text.
-
-Model: SmolLM2-135M-Instruct, its GGUF weights upcast to fp32 (the CPU engine's dtype), then
-quantized by the engine: `quantization="fp8"` (e4m3 W8A8, per-channel weight scales, per-token
-activation scales) and/or `kv_cache_dtype="fp8"` (e4m3 with a scale per token and kv head).
-Text: the Python standard library's `pydoc_data.topics` (the help() topics, shipped with every
-CPython), topics in sorted order, joined with blank lines, tokenized by the model's tokenizer;
-the first `--num-tokens` tokens are cut into windows of `--window` tokens. Each window is one
-prefill chunk (attention reads K/V back from the cache, so FP8 KV takes part) and every
-position predicts the next token (teacher forcing).
-
-    perplexity  = exp(mean over positions of -log p(next token))
-    top-1 agree = fraction of positions whose argmax equals the fp32 model's argmax
+agreement with fp32, for FP8 weights, FP8 KV cache and both, on a fixed English text (the
+standard library's pydoc topics). Deterministic: no sampling, no timing; `measure()` is what
+tests/integration/test_fp8_fidelity.py calls. Method: docs/benchmarks.md.
 
     python -m bench.fp8_fidelity [--num-tokens 4096] [--window 512]
-        [--out bench/results/fp8_fidelity.json]
-
-Deterministic: no sampling, no timing. `measure()` is what tests/integration/test_fp8_fidelity.py
-calls on a small text.
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
-"""Paged decode attention on one GPU: the Triton kernel against the torch reference.
-
-Llama-3-8B-like attention (32 query heads, 8 kv heads, head_dim 128, bf16 cache, block size
-16), every sequence of a batch at the same context length, blocks scattered over the cache in
-random order. For each batch size (`--batch-sizes`, default 1,16,64) and context length
-(`--contexts`, default 640,4096) it times:
-
-- the kernel with the split count `choose_num_splits` picks ("auto"),
-- the kernel with one split (no flash-decoding),
-- `paged_decode_attention_ref` (gather + masked SDPA),
-
-as GPU time: `triton.testing.do_bench_cudagraph` (median) of a CUDA graph that runs the call
-once on each of several input sets, together larger than 4x the L2 cache, so K and V come from
-HBM as in a real decode step; time per call = graph time / sets. Also the eager time of the
-auto kernel (`do_bench`, one call, L2 flushed), which adds the Python launch overhead that a
-CUDA graph removes. Bandwidth = bytes of K and V read (batch * context * kv_heads * head_dim
-* 2 tensors * 2 bytes) / time, also as % of `--peak-bandwidth` (3.0 TB/s measured for
-device-to-device copies on the lent H100s). Outputs are checked against the reference before
-timing. CUDA only.
+"""Paged decode attention on one GPU: the Triton kernel (auto and one split) against
+`paged_decode_attention_ref`, Llama-3-8B-like heads, per batch size and context length, as GPU
+time from CUDA-graph replays over inputs larger than L2, plus the eager time; bandwidth as a
+share of `--peak-bandwidth`. Outputs are checked against the reference first. CUDA only.
+Method: docs/benchmarks.md.
 
     python -m bench.kernels_decode_attention [--batch-sizes 1,16,64] [--contexts 640,4096]
-        [--out bench/results/kernels_decode_attention.json]
 """
 
 from __future__ import annotations

@@ -1,29 +1,10 @@
-"""Where fusion pays: the fused Triton kernels vs their torch references, eager and compiled.
-
-CUDA only. Ops, at Llama-3-8B shapes (hidden 4096, 32 q / 8 kv heads of 128, intermediate
-14336), for each token count in `--tokens` (default 1, 64, 2048):
-
-- rms_norm: residual add + RMSNorm (`engine.kernels.rms_norm`), residual updated in place;
-- rotary: in-place rotary on q and k viewed out of a fused qkv tensor (`engine.kernels.rotary`);
-  the reference also gathers the table rows, which the engine does once per forward, not per
-  layer;
-- silu_and_mul: silu(gate) * up over the fused gate_up output (`engine.kernels.silu_and_mul`).
-
-Each is timed three ways: the Triton kernel, its plain-torch `<op>_ref` (eager), and
-`torch.compile(<op>_ref)`. Two timing modes, each the median (p20-p80) in microseconds:
-
-- stream: `triton.testing.do_bench`, one call per event pair, so CPU launch overhead shows where
-  the GPU outruns the host (small batches, eager references that launch several kernels);
-- graph: `triton.testing.do_bench_cudagraph`, the calls replayed from a CUDA graph: GPU time
-  only, what a graph-captured decode step pays.
-
-Also reported: the kernel's effective bandwidth (the bytes an ideal fused op must move / time).
-do_bench flushes the L2 cache before each call, the graph replay does not, so graph-mode
-bandwidth can exceed HBM's where the data fits in L2 (50 MB on an H100).
-Each kernel is checked against its reference before it is timed.
+"""Where fusion pays: the fused Triton kernels (rms_norm, rotary, silu_and_mul) against their
+torch `<op>_ref`, eager and under torch.compile, at Llama-3-8B shapes per token count, timed
+per call (launch overhead shows) and from CUDA-graph replays (GPU time only), with effective
+bandwidth. Each kernel is checked against its reference first. CUDA only. Method:
+docs/benchmarks.md.
 
     python -m bench.kernels_fused_ops [--tokens 1,64,2048] [--dtype bfloat16]
-        [--out bench/results/kernels_fused_ops.json]
 """
 
 from __future__ import annotations

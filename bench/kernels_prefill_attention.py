@@ -1,23 +1,9 @@
-"""Speed of the paged prefill attention kernel, against PyTorch's SDPA on contiguous tensors.
-
-Llama-3-8B attention shapes: 32 query heads, 8 kv heads, head_dim 128, bf16, one sequence per
-case: prompts of 512, 2048 and 8192 tokens with no cached prefix, and a 2048-token chunk after a
-2048-token prefix. The kernel reads K/V through a block table of shuffled block ids (block size
-`--block-size`); the reference, `torch.nn.functional.scaled_dot_product_attention`, gets the
-same K/V as contiguous [1, heads, tokens, head_dim] tensors with the kv heads repeated for their
-query heads (dense MHA, the shape its flash backend is fastest on), causal with the mask aligned
-to the last key (`causal_lower_right`) when there is a prefix. It is a speed yardstick, not a
-drop-in alternative: it can't read a paged cache.
-
-TFLOP/s count only the causal work: 4 * heads * head_dim * (keys visible to each query, summed).
-Times are medians of CUDA graph replays (`triton.testing.do_bench_cudagraph`: device time, no
-launch overhead); the kernel's eager time (`do_bench`, Python launcher included) is shown too,
-since on short prompts the launch costs as much as the kernel. The outputs of both are compared
-as a sanity check (max abs difference). `--sweep` also times a list of tile shapes per case.
-CUDA only.
+"""Speed of the paged prefill attention kernel against PyTorch's SDPA on contiguous tensors
+(a yardstick: SDPA cannot read a paged cache), Llama-3-8B heads, prompts of 512-8192 tokens and a
+chunk after a prefix; TFLOP/s of the causal work from CUDA-graph replays, plus the eager time.
+`--sweep` also times a list of tile shapes. CUDA only. Method: docs/benchmarks.md.
 
     python -m bench.kernels_prefill_attention [--block-size 16] [--sweep]
-        [--out bench/results/kernels_prefill_attention.json]
 """
 
 from __future__ import annotations

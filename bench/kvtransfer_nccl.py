@@ -1,36 +1,9 @@
-"""KV transfer between two GPUs over NCCL: coalesced vs one message per block, the full
-protocol (KVSender -> KVReceiver), and transfer overlapped with a dummy-weight prefill.
-
-Two processes, sender on cuda:0, receiver on cuda:1 (one host). For each shape (Llama-3-8B:
-32 layers x 8 KV heads x 128, bf16 = 128 KiB per token; SmolLM2-135M: 30 x 3 x 64 = 22.5 KiB)
-and prompt length (512, 2,048, 8,192 tokens; 16-token blocks scattered over the cache):
-
-- raw, coalesced, pipelined: gather all blocks into one staging tensor and send it as one
-  payload in parts of ~64 MiB (kvtransfer.coalesce.pipeline_parts), each part's gather,
-  send, receive and scatter overlapping the neighbouring parts';
-- raw, coalesced, one part: the same as a single message (gather, send, receive, scatter);
-- raw, per block: one gather + send + receive + scatter per block;
-  both timed on the receiver from a "go" message to its scatter being complete (staging
-  and block indexes are built before it, as KVSender and KVReceiver build theirs before the
-  payload moves);
-  `--raw-modes` picks these and variants: partsN (N MiB parts), and a suffix @P for copies
-  with P persistent programs (engine.kernels.block_copy) instead of torch's whole-GPU ones;
-- protocol: KVSender.submit -> KVReceiver.poll returns it (offer/ready over TCP, payload,
-  done/ack), timed across the processes with CLOCK_MONOTONIC (same host); bit-exactness of
-  every protocol transfer is checked (SHA-256 of the blocks on both sides); once per
-  `--protocol-modes` entry (the sender's TransferConfig.part_bytes in MiB, or "direct":
-  direct_receive, slices straight into the receiver's blocks when they form few runs), with
-  the median time of each protocol step from both sides' TransferResult.timeline;
-- overlap (8B shape, 2,048 tokens): a real prefill of the dummy model on cuda:0 with the
-  transfer submitted as it starts, shipping `--overlap-layers-per-chunk` layers at a time (a
-  list runs each) as their K/V are written (LlamaModel.layer_hook records a CUDA event per
-  layer); prefill alone, transfer alone and both interleaved, `--overlap-repeats` times.
-  exposed = (time to the receiver having it all) - (prefill alone); hidden = 1 - exposed /
-  (transfer alone). Also reported: the prefill's own time beside the transfer (its stream
-  only), which tells a slower prefill from a late tail, and per chunk when it was computed,
-  sent, posted ahead and in.
-
-Bandwidth = KV bytes / time. Median of `--repeats` after a warm-up.
+"""KV transfer between two GPUs through the pair channel: raw copy paths (gather -> channel ->
+scatter; `/bare`: over a bare process group, the bound without the channel's framing), the full
+protocol (KVSender -> KVReceiver, bit-exactness checked) and a transfer overlapped with a
+dummy-weight prefill. Sender on cuda:0, receiver on cuda:1; `--cpu-dry-run` runs the same
+orchestration over gloo on the CPU (a check of the script, not a measurement). The modes and
+how each is timed: docs/benchmarks.md ("KV transfer through the channel").
 
     python -m bench.kvtransfer_nccl [--lengths 512,2048,8192] [--repeats 5] [--out f.json]
 """
@@ -48,13 +21,14 @@ import secrets
 import statistics
 import sys
 import time
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
 from bench.common import machine_info, markdown_table, write_json
-from kvtransfer.coalesce import PIPELINE_PART_BYTES
+from kvtransfer.chunking import PIPELINE_PART_BYTES
 
 SHAPES = {  # name -> (layers, kv heads, head dim), as in engine.model_config.NAMED_SHAPES
     "llama-3-8b": (32, 8, 128),
@@ -79,7 +53,8 @@ def parse_args() -> argparse.Namespace:
         "--raw-modes",
         default="coalesced,one_part,per_block",
         help="raw runs: coalesced (64 MiB parts), parts<N> (N MiB parts), one_part, per_block; "
-        "a suffix @P copies with P persistent programs (engine.kernels.block_copy)",
+        "a suffix @P copies with P persistent programs (engine.kernels.block_copy); a suffix "
+        "/bare (after any @P) moves the parts over a bare process group instead of the channel",
     )
     parser.add_argument("--shapes", default=",".join(SHAPES), help="of " + ",".join(SHAPES))
     parser.add_argument(
@@ -175,18 +150,29 @@ RAW_NAMES = {
 def raw_modes(args: argparse.Namespace) -> list[str]:
     modes = args.raw_modes.split(",")
     for mode in modes:
-        kind, _, programs = mode.partition("@")
+        base, _, link = mode.partition("/")
+        kind, _, programs = base.partition("@")
         known = kind in ("coalesced", "one_part", "per_block") or (
             kind.startswith("parts") and kind[5:].isdigit()
         )
-        if not known or (programs and not programs.isdigit()):
+        if not known or (programs and not programs.isdigit()) or link not in ("", "bare"):
             raise SystemExit(f"--raw-modes: {mode!r} is not one of the forms in --help")
     return modes
 
 
+def raw_name(mode: str) -> str:
+    base, _, link = mode.partition("/")
+    name = RAW_NAMES.get(base, base)
+    return f"{name}, bare process group" if link else name
+
+
+def is_bare(mode: str) -> bool:
+    return mode.endswith("/bare")
+
+
 def copy_programs_of(mode: str) -> int | None:
     """The persistent program count a raw mode copies with (None: torch's copies)."""
-    _, _, programs = mode.partition("@")
+    _, _, programs = mode.partition("/")[0].partition("@")
     return int(programs) if programs else None
 
 
@@ -198,9 +184,9 @@ def groups_of(ids: list[int], mode: str) -> list[list[int]]:
 def parts_of(staging: torch.Tensor, mode: str) -> tuple[slice, ...]:
     """The pipelined parts of a staging tensor (coalesced: 64 MiB; partsN: N MiB), or one part
     (the others)."""
-    from kvtransfer.coalesce import pipeline_parts
+    from kvtransfer.chunking import pipeline_parts
 
-    kind = mode.partition("@")[0]
+    kind = mode.partition("/")[0].partition("@")[0]
     if kind == "coalesced":
         kind = "parts64"
     if not kind.startswith("parts"):
@@ -250,43 +236,50 @@ def recv_group(
     channel.recv_parts([staging[p] for p in parts], drain=drain)
 
 
-def direct_runs(args: argparse.Namespace, raw: Any, side: str, queue_out: Any) -> None:
-    """Raw, direct (an experiment, run last): the sender gathers its scattered blocks into one
-    staging tensor, the receiver takes it straight into a contiguous run of destination
-    blocks, one slice per (layer, K/V) in one NCCL group (send_group / recv_group): no
-    scatter. A failure is reported and ends only this experiment."""
-    from kvtransfer.coalesce import block_index, gather_blocks, staging_shape
+class BareLink:
+    """A bare 2-rank process group with the two calls the raw modes make (`send_parts`,
+    `recv_parts`) and none of PairChannel's per-message costs (header message, its host-side
+    copy, host polling of completions): the bound the channel's raw columns compare with. The
+    receiver scatters on a side stream that waits for each part's receive, as NCCL channels
+    do. Formed from the raw channel's store (blocks until both sides joined)."""
 
-    shape = next(iter(shapes(args)))
-    device = device_of(args, 0 if side == "send" else 1)
-    try:
-        cache = cache_for(args, shape, device)
-        go = torch.ones(1, device=device)
-        for length in lengths(args):
-            ids = scattered_blocks(args, length, seed=length + 1)
-            num_blocks = len(ids)
-            staging = torch.empty(
-                staging_shape(cache, num_blocks), dtype=cache.dtype, device=cache.device
-            )
-            pieces = [(layer, kv) for layer in range(cache.shape[0]) for kv in range(2)]
-            index = block_index(cache, ids)
-            times = []
-            for _ in range(args.repeats + 1):
-                if side == "send":
-                    synchronize(args)
-                    raw.send(go, timeout_s=30)
-                    gather_blocks(cache, index, staging)
-                    raw.send_group([staging[p] for p in pieces], timeout_s=30)
-                else:
-                    raw.recv(go, timeout_s=30)
-                    start = time.perf_counter()
-                    raw.recv_group([cache[p][:num_blocks] for p in pieces], timeout_s=30)
-                    synchronize(args)
-                    times.append(time.perf_counter() - start)
-            if side == "recv":
-                queue_out.put(("raw", shape, length, "direct", times[1:]))
-    except Exception as e:  # an experiment: report it, keep the other results
-        print(f"direct ({side}) failed: {e!r}", file=sys.stderr, flush=True)
+    def __init__(self, args: argparse.Namespace, store: Any, rank: int) -> None:
+        store = torch.distributed.PrefixStore("bare", store)
+        self.peer = 1 - rank
+        self.side = None if args.cpu_dry_run else torch.cuda.Stream()
+        if args.cpu_dry_run:
+            gloo = torch.distributed.ProcessGroupGloo
+            options = gloo._Options()  # type: ignore[attr-defined]
+            options._devices = [gloo.create_device(hostname="127.0.0.1")]
+            self.pg = gloo(store, rank, 2, options)
+            return
+        nccl_options = torch.distributed.ProcessGroupNCCL.Options()
+        if args.nccl_max_ctas:
+            nccl_options.config.min_ctas, nccl_options.config.max_ctas = 1, args.nccl_max_ctas
+        self.pg = torch.distributed.ProcessGroupNCCL(store, rank, 2, nccl_options)
+
+    def send_parts(self, parts: list[torch.Tensor], fill: Any) -> None:
+        works = []
+        for index, part in enumerate(parts):
+            fill(index)
+            works.append(self.pg.send([part], self.peer, 0))
+        for work in works:
+            work.wait()
+
+    def recv_parts(self, parts: list[torch.Tensor], drain: Any) -> None:
+        if self.side is None:  # gloo: the host waits for each part
+            for index, part in enumerate(parts):
+                self.pg.recv([part], self.peer, 0).wait()
+                drain(index)
+            return
+        current = torch.cuda.current_stream()
+        for index, part in enumerate(parts):
+            work = self.pg.recv([part], self.peer, 0)
+            self.side.wait_stream(current)
+            with torch.cuda.stream(self.side):
+                work.wait()  # the side stream waits for this part, not the host
+                drain(index)
+        current.wait_stream(self.side)
 
 
 def median(values: list[float]) -> float:
@@ -299,11 +292,11 @@ def median(values: list[float]) -> float:
 def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None:
     faulthandler.dump_traceback_later(args.stack_dump_s)  # where a stuck run hangs
     from engine.block_manager import BlockManager
-    from kvtransfer.coalesce import StagingPool
     from kvtransfer.layout import KVLayout
     from kvtransfer.nccl import configure_nccl_environment
     from kvtransfer.pair import ReceiverEndpoint
     from kvtransfer.receiver import KVReceiver
+    from kvtransfer.staging import StagingPool
     from kvtransfer.transport import PairAddress, open_channel
 
     configure_nccl_environment()
@@ -315,6 +308,7 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
     raw_store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     queue_out.put(("endpoint", (endpoint.address, raw_store.port)))  # the raw channel's own
     raw = open_channel(PairAddress("127.0.0.1", raw_store.port, "raw", 1), config, device)
+    bare = BareLink(args, raw_store, 1) if any(map(is_bare, raw_modes(args))) else None
     go = torch.empty(1, device=device)
     for shape in shapes(args):
         cache = cache_for(args, shape, device).zero_()
@@ -327,7 +321,7 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
                     raw.recv(go)
                     start = time.perf_counter()
                     for group in ready:
-                        recv_group(raw, cache, group, mode)
+                        recv_group(bare if is_bare(mode) else raw, cache, group, mode)
                     synchronize(args)
                     times.append(time.perf_counter() - start)
                 queue_out.put(("raw", shape, length, mode, times[1:]))
@@ -362,7 +356,6 @@ def receiver_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> No
             time.sleep(0.0005)
         manager.check_integrity([], ())
         receiver.close()
-    direct_runs(args, raw, "recv", queue_out)
     queue_out.put(("bye",))
 
 
@@ -379,6 +372,12 @@ def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None
     config = transport_config(args)
     free_before = 0 if args.cpu_dry_run else torch.cuda.mem_get_info()[0]
     raw = open_channel(PairAddress("127.0.0.1", raw_port, "raw", 0), config, device)
+    bare = None
+    if any(map(is_bare, raw_modes(args))):
+        store = torch.distributed.TCPStore(
+            "127.0.0.1", raw_port, is_master=False, timeout=timedelta(seconds=120)
+        )
+        bare = BareLink(args, store, 0)
     go = torch.ones(1, device=device)
     for shape in shapes(args):
         cache = cache_for(args, shape, device)
@@ -391,7 +390,7 @@ def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None
                     synchronize(args)
                     raw.send(go)
                     for group in ready:
-                        send_group(raw, cache, group, mode)
+                        send_group(bare if is_bare(mode) else raw, cache, group, mode)
     pair_bytes = 0
     if not args.cpu_dry_run:
         pair_bytes = free_before - torch.cuda.mem_get_info()[0] - torch.cuda.memory_reserved()
@@ -399,7 +398,6 @@ def sender_main(args: argparse.Namespace, queue_out: Any, queue_in: Any) -> None
     for shape in shapes(args):
         protocol_runs(args, shape, endpoint, queue_out, queue_in)
         queue_out.put(("shape_done", shape))
-    direct_runs(args, raw, "send", queue_out)
     queue_out.put(("bye",))
 
 
@@ -407,10 +405,10 @@ def protocol_runs(
     args: argparse.Namespace, shape: str, endpoint: Any, queue_out: Any, queue_in: Any
 ) -> None:
     from engine.block_manager import BlockManager
-    from kvtransfer.coalesce import StagingPool
     from kvtransfer.layout import KVLayout
     from kvtransfer.pair import connect_pair
     from kvtransfer.sender import KVSender
+    from kvtransfer.staging import StagingPool
 
     device = device_of(args, 0)
     engine = None
@@ -783,7 +781,7 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
         for length in lengths(args):
             nbytes = -(-length // BLOCK) * BLOCK * layers * 2 * heads * dim * 2
             cells = [shape, f"{length:,}", f"{nbytes / 2**20:.1f}"]
-            timings = [raw.get((shape, length, m)) for m in (*raw_modes(args), "direct")]
+            timings = [raw.get((shape, length, m)) for m in raw_modes(args)]
             timings += [protocol.get((shape, length, m)) for m in protocol_modes(args)]
             for times in timings:
                 seconds = median(times) if times else None
@@ -798,8 +796,7 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
             "shape",
             "tokens",
             "KV MiB",
-            *(RAW_NAMES.get(m, m) for m in raw_modes(args)),
-            "direct into contiguous blocks, grouped",
+            *(raw_name(m) for m in raw_modes(args)),
             *(protocol_header(m) for m in protocol_modes(args)),
         ],
         rows,

@@ -1,15 +1,7 @@
-"""How late a polling thread notices a completion: kvtransfer.nccl's `_poll` at Linux's
-default timer slack (50 us) against the slack it sets for itself (`fine_timer_slack`, 1 us).
-
-An NCCL channel learns that a message is in (sender: sent) by polling a CUDA event with short
-sleeps in between. Each message then costs, beyond its time on the link, the delay from the
-event completing to the host noticing it: this benchmark measures that delay on the CPU, no
-GPU needed. A stand-in event completes at a random instant (uniform over the next 200 us);
-`_poll` watches it; the delay is the time from that instant to `_poll` returning. Each mode
-runs on a fresh thread (a new thread starts from its creator's slack), the two modes
-interleaved in rounds, beside each load of `_Load`: nothing, a process spinning on the other
-core, a CPU engine stepping in this process (as a worker's engine thread would), a pure-Python
-loop in this process (the GIL's worst case).
+"""How late a polling thread notices a completion: kvtransfer.nccl's `_poll` at Linux's default
+timer slack (50 us) against the slack it sets for itself (`fine_timer_slack`, 1 us), on the
+CPU: a stand-in event completes at a random instant, the delay is until `_poll` returns; the
+modes interleave beside several loads (idle, a spinning process, a CPU engine, a Python loop).
 
     python -m bench.poll_latency [--samples 2000] [--rounds 5] [--loads idle,process,...]
 """

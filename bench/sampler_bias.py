@@ -1,12 +1,7 @@
-"""What a request's logit bias and penalties cost the whole batch's sampling step: the former
-per-row code (a Python loop over each bias entry, kept here as the baseline) against
-engine.sampler.apply_bias_and_penalties (batched tensor ops), issue 16.3.
-
-A batch of `--rows` sequences over the SmolLM2 vocabulary (49,152), all with a repetition
-penalty over a `--prompt-tokens` prompt and 64 output tokens; one row also carries a logit
-bias of `--bias-entries` entries (1,024 is the cap now; 49,152, a bias over the whole
-vocabulary, is what the review sent). The two run interleaved; each measurement is one call
-on a fresh copy of the logits. CPU, fp32.
+"""What a request's logit bias and penalties cost the whole batch's sampling step (issue 16.3):
+the former per-row code (a Python loop per bias entry, kept here as the baseline and as the
+sampler test's reference) against engine.sampler.apply_bias_and_penalties, interleaved, on a
+batch over the SmolLM2 vocabulary. CPU, fp32.
 
     python -m bench.sampler_bias [--rows 32] [--bias-entries 1024,49152] [--repeats 20]
 """

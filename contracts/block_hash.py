@@ -1,10 +1,10 @@
-"""Chained content hashes of full KV blocks, the key of every prefix cache in Tandem.
+"""Chained content hashes of full KV blocks, the key of every prefix cache in Tandem:
 
-Torch-free and deterministic across processes, machines and Python versions: the router
-computes the same hashes as the engines. A full block's hash covers its tokens and the hash of
-the block before it (the chain: docs/operations.md, "Block hashes"), so equal hashes mean equal
-KV; different `cache_salt` values give disjoint chains, which keeps tenants from sharing cache
-entries.
+    root = H("tandem-prefix-v1" | model_id | cache_salt);  h[i] = H(h[i-1] | tokens of block i)
+
+Torch-free and deterministic across processes, machines and Python versions (the router computes
+the same hashes as the engines). Equal hashes mean equal KV; different cache salts give disjoint
+chains, which keeps tenants from sharing cache entries.
 """
 
 from __future__ import annotations

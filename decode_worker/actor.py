@@ -29,13 +29,14 @@ from decode_worker.engine_loop import EngineLoop
 from decode_worker.outbox import Batch, Outbox
 from engine.config import EngineConfig
 from engine.engine import Engine
-from kvtransfer.coalesce import StagingPool
+from kvtransfer.channel import PairChannel
 from kvtransfer.control import ControlConnection
 from kvtransfer.handshake import ClusterSecret
 from kvtransfer.layout import KVLayout
 from kvtransfer.network import KVAddress, KVNetworkConfig, resolve_kv_address, use_interface
 from kvtransfer.pair import EndpointAddress, ReceiverEndpoint
-from kvtransfer.transport import PairChannel, TransportConfig
+from kvtransfer.staging import StagingPool
+from kvtransfer.transport import TransportConfig
 from prefix_cache.index import CacheEventBatch, IndexConfig
 from prefix_cache.publisher import CacheEventLog, IndexPublisher
 from telemetry.tracing import TracingConfig, end_span, record_span, setup_tracing, start_span

@@ -1,20 +1,11 @@
-"""Attention over the paged KV cache: batch metadata, cache writes, and the torch backend.
-
-The torch backend is the correctness reference every faster kernel is tested against, and the
-CPU path. It must stay simple and exact; speed comes from the Triton backend on GPUs.
-
-KV cache layout, one tensor for the whole model:
+"""Attention over the paged KV cache: batch metadata, cache writes, and the torch backend, the
+correctness reference every faster kernel is tested against and the CPU path:
 
     kv_cache[layer, 0 = K | 1 = V, block_id, slot_in_block, kv_head, head_dim]
+    token p of a sequence with block table bt: block bt[p // block_size], slot p % block_size
 
-A token at position p of a sequence with block table `bt` lives in block bt[p // block_size],
-slot p % block_size; its flat slot index is bt[p // block_size] * block_size + p % block_size.
-
-With `--kv-cache-dtype fp8` the tensor is uint8 and each [head_dim] row carries its scale
-(`engine.kv_quant`): this reference dequantizes what it gathers to the query's dtype.
-
-Batch layout: tokens of all scheduled sequences are flattened into one [num_tokens] batch,
-decode sequences (one new token each) first, then prefill chunks.
+A batch flattens every scheduled sequence's tokens, decodes (one token each) first. An FP8 cache
+(engine.kv_quant) is dequantized as gathered. More: docs/engine.md.
 """
 
 from __future__ import annotations

@@ -1,36 +1,9 @@
-"""Paged KV-cache bookkeeping: which sequence owns which block, and the prefix cache.
-
-Pure Python over block ids; the KV tensors themselves live in the model runner. Allocation
-returns False for "not now" and changes nothing in that case.
-
-    block table of a sequence (block_size = 4):
-    tokens  | t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9 .  .  |
-    blocks  |     17      |      3      |     42      |   seq.block_ids = [17, 3, 42]
-    hashes  |     h0      |     h1      |  (partial)  |   only full blocks are cached
-
-A block is in exactly one of three states:
-    in use   ref_count > 0 (shared prefix blocks have ref_count > 1)
-    cached   ref_count == 0, has a hash, in the free queue: reusable by a prefix hit until evicted
-    free     ref_count == 0, no hash, in the free queue
-
-The free queue is in LRU order: allocation takes from its head, evicting the cached block
-there; freeing appends to its tail, a sequence's last blocks first so that its first blocks,
-the most shareable, are evicted last.
-
-Holds: besides sequences, named owners can hold references, for KV in flight between workers.
-The sender of a transfer pins its blocks (`hold`) so they survive the request's end until the
-receiver confirms; the receiver reserves fresh blocks (`reserve`) and either hands them to a
-sequence (`adopt`) or gives them back (`release`). Release is idempotent: duplicate or late
-messages cannot free a block twice.
-
-Cache events: an optional listener (`set_cache_listener`) hears which hashes enter the prefix
-cache (`cache_computed_blocks`) and leave it (eviction on allocation, `reset_prefix_cache`),
-once per public call, under the lock, on the caller's thread (the engine step): it must only
-buffer them. Workers feed it to the global prefix index (prefix_cache.publisher).
-
-Thread safety: every public method takes one lock, so transfer threads may hold, reserve and
-release while the engine thread schedules. Allocation still answers "not now" honestly: a
-reservation between a scheduler's check and its allocation only makes the allocation fail.
+"""Paged KV-cache bookkeeping: which sequence owns which block, and the prefix cache. Pure Python
+over block ids (the tensors live in the model runner); allocation returns False for "not now"
+and then changes nothing. A block is in use (ref_count > 0), cached (free but hashed, reusable
+by a prefix hit until evicted, LRU) or free. Named owners hold blocks for KV in flight (`hold`,
+`reserve`, `adopt`, idempotent `release`); an optional listener hears cache events. One lock
+guards every public method. The block table, states and hold rules: docs/engine.md.
 """
 
 from __future__ import annotations

@@ -1,26 +1,8 @@
-"""CUDA graphs of the decode step, captured once for a ladder of padded batch sizes.
-
-A decode step of a small model is a few hundred tiny kernels; launching them one by one from
-Python costs more than running them. Replaying a captured graph launches them all at once.
-
-Static buffers (one set, shared by every captured size; a batch of n runs the graph of the
-smallest captured size >= n, rows past n are padding):
-
-    input_ids     [max_batch]               int64   padding: token 0
-    positions     [max_batch]               int64   padding: 0
-    slot_mapping  [max_batch]               int64   padding: -1 (the KV write skips it)
-    block_tables  [max_batch, max_blocks]   int32   padding: anything (never read)
-    context_lens  [max_batch]               int32   padding: 0 (attention writes zeros)
-
-With PINNED_INPUTS, the first three and the context lengths (as int64) are the rows of one
-[4, max_batch] int64 tensor, filled from a pinned host copy in one copy a step (the graph
-converts the lengths to int32 itself), and the block table comes from a pinned host table
-updated incrementally: a row is rewritten only when its sequence or its block count changed (a
-sequence's block list only grows in place; the block manager replaces the list when it frees
-it). The default path builds five small tensors from Python lists each step and the block
-table row by row (issue 19: ~2.8 ms of host time a step at batch 256, the GPU idle meanwhile).
-
-Needs an attention backend whose kernels never synchronize with the host (the Triton one).
+"""CUDA graphs of the decode step, captured once for a ladder of padded batch sizes: a batch of n
+replays the graph of the smallest captured size >= n, from one set of static buffers whose
+padding rows write nothing (slot -1) and attend to nothing (context length 0). Launching a
+small model's few hundred kernels one by one costs more than running them. Needs an attention
+backend whose kernels never synchronize with the host (the Triton one). Buffers: docs/engine.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""Turning a stream of generated token ids into a stream of text deltas.
-
-Byte-level tokens can end in the middle of a UTF-8 character, so text is only emitted once the
-decoded window no longer ends in U+FFFD (the replacement character a partial sequence decodes
-to). Each step decodes a short window, a few tokens of already-emitted context plus the pending
-ones, never the whole output, so the cost per token does not grow with the output length.
-
-For byte-level BPE tokenizers the concatenated deltas (after `flush`) equal
-`tokenizer.decode(output_ids)`. Tokenizers whose decoder strips a leading space at the start of a
-decode (SentencePiece `Metaspace`) keep that space on the first delta, because the window starts
-inside the prompt: the deltas are the text that continues the prompt.
-
-Must not import torch: the router imports it. It does not know about stop strings or EOS.
+"""Turning a stream of generated token ids into a stream of text deltas. Text is emitted only once
+the decoded window no longer ends in U+FFFD (a token can end inside a UTF-8 character); each step
+decodes a short window, never the whole output. For byte-level BPE the deltas (after `flush`)
+concatenate to `tokenizer.decode(output_ids)`. Must not import torch (the router imports it);
+it knows nothing of stop strings or EOS. The leading-space rule: docs/engine.md.
 """
 
 from __future__ import annotations

@@ -1,31 +1,12 @@
-"""The FP8 (e4m3) KV cache: its packed layout, and quantizing and dequantizing in plain torch.
+"""The FP8 (e4m3) KV cache: its packed layout, and quantizing and dequantizing in plain torch. The
+cache stays one uint8 tensor, each (token, kv head) row followed by its fp32 scale:
 
-The cache stays ONE tensor (so block copies, prefix caching, preemption and KV transfer move
-blocks without knowing about FP8), now uint8, each (token, kv head) row followed by its scale:
+    kv_cache[layer, K|V, block, slot, kv_head, 0 : head_dim + 4]   e4m3 values, then s
+    s = max_d |x[d]| / 448,   x[d] ~= q[d] * s
 
-    kv_cache[layer, 0 = K | 1 = V, block_id, slot_in_block, kv_head, 0 : head_dim + 4]  uint8
-
-        bytes 0 .. head_dim - 1            e4m3 values q[0 .. head_dim - 1]
-        bytes head_dim .. head_dim + 3     fp32 scale s          x[d] ~= q[d] * s
-
-    s = max_d |x[d]| / 448 (e4m3fn's largest finite value), computed when the row is written.
-
-Scale granularity: one scale per (layer, K or V, token, kv head), finer than the per-(layer, kv
-head) minimum the design asks for, because
-  - it needs no calibration: a static per-layer/head scale must be measured on data beforehand,
-    and one outlier token beyond its range saturates (e4m3 has no headroom above 448);
-  - it is computed where the row is written (one amax over head_dim, in registers), and a
-    written row is never rescaled, so a block's bytes never change after its tokens are
-    written: prefix-cache hits, preempted-and-recomputed sequences and transferred blocks are
-    exact copies, and blocks from another worker need no scale exchange (the scales ride
-    inside the block);
-  - dequantizing costs no extra pass: the attention kernels fold a key's scale into its score
-    column and a value's scale into its probability column.
-It costs 4 bytes per head_dim bytes (3% at head_dim 128, 6% at 64): FP8 KV holds 1.94x
-(1.88x) the tokens of a bf16 cache. Requires head_dim % 4 == 0 (the scale is 4-byte aligned).
-
-This module only describes and converts; the Triton kernels (kv_write, decode_attention,
-prefill_attention) do the same in registers, and `engine.attention` runs these references.
+so block copies, prefix caching and KV transfer move blocks unchanged. Requires head_dim % 4 == 0.
+This module only describes and converts (the Triton kernels do the same in registers); why one
+scale per token and head: docs/engine.md.
 """
 
 from __future__ import annotations

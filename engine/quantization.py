@@ -1,19 +1,11 @@
-"""FP8 (e4m3) W8A8 linear layers: quantizing weights and activations, and the matrix product.
+"""FP8 (e4m3) W8A8 linear layers: weights with one scale per output channel, activations with one
+scale per token (dynamic) or a static input scale:
 
-    weight  [out, in] float8_e4m3fn, weight_scale [out] fp32     (one scale per output channel)
-    x       [M, in]   -> x_fp8 [M, in], x_scale [M, 1] fp32       (one scale per token, dynamic;
-                                                                  or one static input_scale)
-    y[m, n] = x_scale[m] * weight_scale[n] * sum_k x_fp8[m, k] * weight[n, k]      (fp32 sums)
+    y[m, n] = x_scale[m] * weight_scale[n] * sum_k x_fp8[m, k] * weight[n, k]     (fp32 sums)
 
-On CUDA the product is `torch._scaled_mm` (row-wise scales, bf16/fp16 out). Elsewhere the
-reference runs the same quantization and the same sum in fp32 (the fp8 values are exact in
-fp32), so CPU results show what FP8 does to a model. Scales are amax / 448 (e4m3's largest
-finite value), so nothing saturates except a static input scale's outliers, which are clamped.
-
-Two ways in: a bf16/fp32 model quantized at load (`quantize_weight`), or a Hugging Face FP8
-checkpoint (see `engine.loader.hf_quant` for the formats): its per-tensor scales are widened to
-per-channel, and q/k/v (gate/up) scales are fused like their weights. The LM head and the
-embedding stay in the model dtype. This module never touches the KV cache (see kv_quant).
+On CUDA the product is `torch._scaled_mm`; elsewhere a reference runs the same sums in fp32.
+Weights come quantized at load or from an FP8 checkpoint (engine.loader.hf_quant). The LM head,
+the embedding and the KV cache are not touched here. Details: docs/engine.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""Choosing the next token of each sequence from its logits.
-
-Order of operations per row: logit bias, penalties, then greedy argmax, or temperature,
-top-k, top-p, min-p and a draw. Seeded requests draw from their own generator, so their
-output does not depend on what else is in the batch. Log-probabilities are those of the
-model's raw distribution (before bias, penalties and temperature).
-
-Bias and penalties are tensor operations over the whole batch (`apply_bias_and_penalties`),
-never a Python loop over entries: a request with a bias over the whole vocabulary must cost
-its neighbours no more than a few tensor ops. A request's bias becomes tensors once, when it
-is added (`LogitBias.of`), not every step.
+"""Choosing the next token of each sequence from its logits: logit bias, penalties, then greedy
+argmax, or temperature, top-k, top-p, min-p and a draw (seeded requests from their own
+generator). Log-probabilities are those of the raw distribution. Bias and penalties are batched
+tensor ops (`apply_bias_and_penalties`), never a loop over entries, so one request's large bias
+costs its neighbours no more than a few tensor ops.
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
-"""Text <-> token ids for a served model, built from GGUF metadata or a Hugging Face folder.
-
-`Tokenizer` wraps a `tokenizers.Tokenizer` and adds what serving needs: the BOS rule, the set of
-token ids that end a generation, special-token lookups and the chat template. For GGUF files it
-rebuilds the byte-level BPE tokenizer that the metadata describes so that encoding matches the
-model's original Hugging Face tokenizer; any tokenizer kind it cannot rebuild faithfully is
-refused with `UnsupportedModel` rather than approximated.
-
-Which ids end a generation (`eos_token_ids`): the EOS id the model declares (GGUF
-`tokenizer.ggml.eos_token_id`, or `eos_token` in `tokenizer_config.json`), the GGUF end-of-turn /
-end-of-message ids when present, every id of `generation_config.json`'s `eos_token_id`, and the
-special token the chat template writes right after an assistant message (its end-of-turn marker,
-e.g. `<|im_end|>` or `<|eot_id|>`), found by rendering the template once. No token names are
-hard-coded.
-
-Must not import torch (also not indirectly): the router imports this module. `gguf` is imported
-only inside `read_gguf_metadata`.
+"""Text <-> token ids for a served model, from GGUF metadata or a Hugging Face folder: a
+`tokenizers.Tokenizer` plus the BOS rule, the ids that end a generation (declared EOS, end-of-turn
+ids, the chat template's end marker: no names hard-coded), special tokens and the chat template.
+A GGUF tokenizer it cannot rebuild faithfully is refused (UnsupportedModel), never approximated.
+Must not import torch (the router imports it); `gguf` only inside `read_gguf_metadata`.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""The attention backend for CUDA: Triton kernels for KV writes, decode and prefill attention.
-
-Every launch is free of host synchronization, so decode steps can be captured in CUDA graphs.
-
-With DENSE_FRESH_PREFILL, prefill steps whose chunks all start a sequence (no cached prefix:
-a fresh prompt that fits the step's token budget) attend with torch's fused causal attention
-(`F.scaled_dot_product_attention`, FlashAttention-2 on Hopper) over the step's own q, k and
-v, one call per chunk. The paged Triton kernel runs the 8B shape's 2,048-token prefill at
-~230 TFLOP/s on an H100 (issue 19's profile); dense SDPA reached ~408 on an H200 (issue 3).
-Chunks that continue a sequence need its cached context: those steps use the paged kernel.
-
-An FP8 cache (engine.kv_quant) is passed to the kernels as its e4m3 and scale views.
+"""The attention backend for CUDA: Triton kernels for KV writes, decode and prefill attention,
+every launch free of host synchronization (CUDA-graph safe). With DENSE_FRESH_PREFILL, steps
+whose chunks all start a sequence attend with torch's fused causal SDPA over the step's own
+q, k, v (faster than the paged kernel there; measurements in docs/benchmarks.md); chunks that
+continue a sequence use the paged kernel. An FP8 cache is passed as its e4m3 and scale views.
 """
 
 from __future__ import annotations

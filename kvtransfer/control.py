@@ -1,21 +1,9 @@
-"""The control connection of a pair: framed messages (kvtransfer.messages) over one TCP socket.
+"""The control connection of a pair: framed messages (kvtransfer.codec) over one TCP socket.
 
-    sender (prefill)                                   receiver (decode)
-      ControlConnection.connect(host, port) --------->  ControlListener.accept()
-      send(PairHello(pair_key))               ------->  recv() -> PairHello
-      offers, done, aborts                    <------>  ready, acks, aborts
-
-A reader takes the 9-byte frame header first and refuses a bad one (a pickle stream, an unknown
-type, an oversized length) before reading any payload; the payload is parsed by
-`messages.decode`, which never unpickles or executes anything. A refused frame closes the
-connection: after garbage the stream cannot be trusted to be in step again.
-
-Before a peer has proven the cluster secret, a connection accepts only the handshake's frames,
-with small payloads (`restrict`, set by kvtransfer.handshake and kvtransfer.rendezvous): an
-unauthenticated peer cannot make this side buffer a 4 MiB offer or parse any other message.
-
-One thread reads (`recv`), any number send (`send` is locked). Sockets are blocking with
-timeouts; a `recv` timeout returns None and keeps any partial frame for the next call.
+A reader refuses a bad frame header before reading any payload, and a refused frame closes the
+connection (after garbage the stream cannot be trusted). Until the peer has proven the cluster
+secret only the handshake's small frames are accepted (`restrict`). One thread reads (`recv`: a
+timeout returns None and keeps a partial frame), any number send (`send` is locked).
 """
 
 from __future__ import annotations
@@ -28,15 +16,8 @@ import time
 from collections.abc import Collection
 
 from contracts.errors import KVTransferError
-from kvtransfer.messages import (
-    HEADER_BYTES,
-    MAX_PAYLOAD_BYTES,
-    Message,
-    MessageType,
-    decode,
-    encode,
-    read_header,
-)
+from kvtransfer.codec import HEADER_BYTES, MAX_PAYLOAD_BYTES, decode, encode, read_header
+from kvtransfer.messages import Message, MessageType
 
 logger = logging.getLogger(__name__)
 

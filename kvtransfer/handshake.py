@@ -1,37 +1,9 @@
-"""Who may form a KV pair: a challenge-response over the control connection, proving both ends
-know the per-cluster secret without sending it.
-
-    sender (prefill)                                      receiver (decode)
-      PairHello(pair_key, nonce_s)               ----->
-                                                 <-----   PairChallenge(nonce_r, proof_r)
-      checks proof_r (else: not our cluster)
-      PairProof(proof_s)                         ----->   checks proof_s (else: refused)
-      both: the rendezvous, over this connection (kvtransfer.rendezvous), under the scope
-            MAC("store", ...)
-
-    proof_r = HMAC-SHA256(secret, "receiver" | pair_key | nonce_s | nonce_r)
-    proof_s = HMAC-SHA256(secret, "sender"   | pair_key | nonce_s | nonce_r)
-
-Both nonces are fresh random bytes per formation, so no proof can be replayed; the role label
-keeps a receiver's proof from being reflected back as a sender's. The receiver reserves nothing
-before proof_s checks out (blocks are only reserved for offers on a formed pair). The pair's
-rendezvous runs over this same connection, into a store of that formation alone.
-
-The secret comes from the environment: TANDEM_KV_SECRET (the value) or TANDEM_KV_SECRET_FILE (a
-file holding it, e.g. a mounted Kubernetes Secret). It never crosses the network, is never
-logged and never pickled.
-
-What this does not protect:
-- the control connection after the handshake: frames are neither encrypted nor MACed, so an
-  attacker on the path (not merely able to connect) can read offers and inject or alter
-  control frames; the handshake only proves who opened the connection;
-- the data path: gloo and NCCL open listeners of their own (ephemeral ports of the KV address,
-  kvtransfer.network), learn each other's addresses through the authenticated rendezvous, but
-  accept and carry KV payloads in plaintext without any authentication; anyone who can reach
-  those ports while a pair forms can connect to them (gloo checks little beyond a pair id)
-  and anyone on the path can read or alter KV bytes;
-- keeping the KV ports off untrusted networks: that is kvtransfer.network (bind the KV address
-  only) and the Helm chart's NetworkPolicies (only prefill pods reach decode pods' KV range).
+"""Who may form a KV pair: a challenge-response over the control connection that proves both
+ends know the per-cluster secret (TANDEM_KV_SECRET or TANDEM_KV_SECRET_FILE) without sending it:
+PairHello(nonce_s) -> PairChallenge(nonce_r, proof_r) -> PairProof(proof_s), each proof an
+HMAC-SHA256 over its role, the pair key and both fresh nonces. The secret is never sent, logged
+or pickled. It authenticates who opened the connection, not later frames or the KV data path;
+what it protects and what it does not: docs/kvtransfer.md.
 """
 
 from __future__ import annotations
@@ -127,7 +99,7 @@ class ClusterSecret:
 def prove_as_sender(
     control: ControlConnection, pair_key: str, secret: ClusterSecret, deadline: float
 ) -> str:
-    """The sender's half (see the module docstring); returns the rendezvous scope. Raises
+    """The sender's half (see docs/kvtransfer.md); returns the rendezvous scope. Raises
     PeerRefused if the receiver does not prove the secret, KVTransferError if the connection
     fails or `deadline` (time.monotonic) passes first."""
     sender_nonce = secrets.token_bytes(NONCE_BYTES)

@@ -1,19 +1,10 @@
-"""The shape of one KV block, as both ends of a transfer must agree on it.
-
-A prefill and a decode process can only exchange KV blocks when they run the same model with the
-same cache geometry; `KVLayout` names that geometry and `check_compatible` refuses a transfer
-between caches that differ. One block, as laid out in the engine's cache tensor:
+"""KVLayout: the model id and KV block geometry (dtype and scale scheme included) both ends of a
+transfer must share; `check_compatible` refuses a pair whose caches differ. One block:
 
     kv_cache[layer, 0 = K | 1 = V, block_id, slot_in_block, kv_head, head_dim]
 
-    block b = kv_cache[:, :, b]   # [num_layers, 2, block_size, num_kv_heads, head_dim]
-
-An FP8 cache (engine.kv_quant) is uint8 with rows of head_dim e4m3 bytes followed by their fp32
-scale: dtype "float8_e4m3fn", scale_scheme "token_head_fp32", and a block's bytes carry its
-scales. Both fields are part of the layout, so a bf16 worker and an FP8 worker never pair.
-
-Torch-free at import (control-plane code decodes layouts without torch); it must not touch cache
-memory, only describe it.
+Torch-free at import (control-plane code decodes layouts without torch); it describes cache
+memory and never touches it. The FP8 layout: docs/kvtransfer.md.
 """
 
 from __future__ import annotations

@@ -1,32 +1,11 @@
-"""The NCCL pair channel: kvtransfer.transport's interface over CUDA tensors, one NCCL
-communicator per pair, created during formation by a handshake.
+"""The NCCL pair channel: kvtransfer.channel's interface over CUDA tensors, one NCCL
+communicator per pair, created during formation by the handshake.
 
-Failure. A stuck NCCL kernel can only be cancelled by aborting the communicator, so a broken
-channel is aborted on close. torch's NCCL watchdog, by default
-(TORCH_NCCL_ASYNC_ERROR_HANDLING=3), takes the whole process down after any failed operation,
-which would turn one bad transfer into a dead worker; NCCL channels therefore refuse to form
-unless the process runs with 2 (abort the failed communicator only; one per pair here) or 0.
-Worker processes call `configure_nccl_environment()` at startup, before any thread starts
-(environment writes race with C++ getenv). On 2x H100 (torch 2.11, NCCL 2.28, 2026-11-27) a
-receive that timed out raised KVTransferError after 2.0 s, the broken pair was aborted in
-0.5 s and the same process formed a new pair and moved KV bit-exactly
-(tests/gpu/test_kvtransfer_nccl.py). The first run (H200), where the watchdog took the process
-down, used torch's timed `Work.wait`, which marks a timed-out work failed for the watchdog;
-the channel polls a CUDA event instead and never hands torch a timed-out wait.
-
-Completion. The host never blocks inside torch or CUDA: it polls a CUDA event recorded after
-an operation, sleeping _POLL_S between checks, which leaves the GIL to the engine's thread and
-bounds every wait by its deadline. Linux lengthens each sleep by the thread's timer slack
-(50 us by default), so a polling thread first cuts its own slack to 1 us (`fine_timer_slack`;
-measured on CPU by bench/poll_latency.py). Headers go out from pinned host memory through an
-asynchronous copy: from pageable memory torch synchronizes the current stream on the host
-before the copy.
-
-GPU memory per pair is a fixed amount per communicator, independent of message sizes: NCCL's
-per-channel connection buffers plus bookkeeping. `TransportConfig.nccl_max_ctas` (default 16)
-bounds the channels: measured on 2x H100, a further pair costs +134 MiB on the sender and
-+262 MiB on the receiver (NCCL's default: +262 / +518 MiB); the first pair of a process also
-pays NCCL's one-time set-up (556 / 684 MiB in all). See docs/benchmarks.md.
+A broken channel is aborted on close (only an abort cancels a stuck NCCL kernel); channels
+refuse to form unless torch's NCCL watchdog is told to abort the failed communicator only
+(`configure_nccl_environment`, at worker start-up). The host never blocks inside torch or CUDA:
+it polls a CUDA event recorded after each operation, at a fine timer slack. Why, and what was
+measured (failure recovery, GPU memory per pair, poll latency): docs/kvtransfer.md.
 """
 
 from __future__ import annotations
@@ -46,17 +25,10 @@ import torch
 import torch.distributed as dist
 
 from contracts.errors import KVTransferError
-from kvtransfer.transport import (
-    _HEADER_TAG,
-    _PAYLOAD_TAG,
-    HEADER_NUMEL,
-    MAX_POSTED,
-    PairAddress,
-    PairChannel,
-    PostedReceive,
-    TransportConfig,
-    _check_contiguous,
-)
+from kvtransfer.backend import PostedReceive
+from kvtransfer.channel import MAX_POSTED, PairChannel, check_contiguous
+from kvtransfer.header import HEADER_NUMEL, HEADER_TAG, PAYLOAD_TAG
+from kvtransfer.transport import PairAddress, TransportConfig
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +47,7 @@ class NcclPairChannel(PairChannel):
     _named_receives_ahead = True
 
     @staticmethod
-    def _prepare(device: torch.device | str | None) -> torch.device:
+    def prepare_device(device: torch.device | str | None) -> torch.device:
         _check_nccl_error_handling()
         if device is None or torch.device(device).type != "cuda":
             raise ValueError(f"an NCCL channel needs a CUDA device, got {device!r}")
@@ -83,7 +55,7 @@ class NcclPairChannel(PairChannel):
         return resolved if resolved.index is not None else torch.device("cuda", 0)
 
     @staticmethod
-    def _make_process_group(
+    def make_process_group(
         store: Any, address: PairAddress, config: TransportConfig, device: torch.device
     ) -> Any:
         options = dist.ProcessGroupNCCL.Options()
@@ -99,7 +71,7 @@ class NcclPairChannel(PairChannel):
             raise ValueError(
                 f"this NCCL channel moves tensors on {self.device}, not {tensor.device}"
             )
-        _check_contiguous(tensor)
+        check_contiguous(tensor)
 
     def _teardown(self, pg: Any, must_abort: bool) -> None:
         """Always abort: nothing needs flushing (every operation was waited for), and on 2x
@@ -153,8 +125,8 @@ class NcclPairChannel(PairChannel):
         peer = self.address.peer_rank
         slot = posted.seq % MAX_POSTED
         header = self._posted_headers_device[slot]
-        header_work = pg.recv([header], peer, _HEADER_TAG)
-        part_works = [pg.recv([part], peer, _PAYLOAD_TAG) for part in parts]
+        header_work = pg.recv([header], peer, HEADER_TAG)
+        part_works = [pg.recv([part], peer, PAYLOAD_TAG) for part in parts]
         with self._draining():
             header_work.wait()  # the drain stream waits for the receive, the host does not
             self._posted_headers[slot].copy_(header, non_blocking=True)
@@ -206,7 +178,7 @@ class NcclPairChannel(PairChannel):
         pg._start_coalescing()
         try:
             for tensor in tensors:
-                post([tensor], self.address.peer_rank, _PAYLOAD_TAG)
+                post([tensor], self.address.peer_rank, PAYLOAD_TAG)
         finally:
             work = pg._end_coalescing()
         return [work]

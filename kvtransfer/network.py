@@ -1,19 +1,8 @@
-"""Where a worker's KV endpoints listen: the node's own address, or the address of a named
-interface, on ports from a configured range, and never on every interface.
-
-    KVNetworkConfig(interface, port_min, port_max)      one per service, handed to every worker
-    resolve_kv_address(config, node_ip) -> KVAddress    the worker's bind (= advertised) address
-    listen_socket(host, config)                         a listening TCP socket in the range
-    use_interface(name)                                 GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
-
-A decode worker's control listener binds the resolved address (its only listener: the pair's
-rendezvous runs over the control connection, kvtransfer.rendezvous); a prefill worker's gloo
-device binds its own resolved address. gloo and NCCL open further
-listeners on ephemeral ports of that address: the Helm chart sets the worker pods' ephemeral
-port range (net.ipv4.ip_local_port_range) to the same range, so one range covers every KV port.
-
-Configuration (CLI flag > environment > default): --kv-interface / TANDEM_KV_INTERFACE, and
---kv-ports / TANDEM_KV_PORTS ("40000-40999"). Stdlib only: no Ray, no torch.
+"""Where a worker's KV endpoints listen: the node's own address or a named interface's, on ports
+from a configured range, never on every interface (KVNetworkConfig, resolve_kv_address,
+listen_socket, use_interface for GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME). Configuration: CLI
+flag > environment > default (--kv-interface / TANDEM_KV_INTERFACE, --kv-ports /
+TANDEM_KV_PORTS). Stdlib only. How gloo's and NCCL's own ports fit the range: docs/kvtransfer.md.
 """
 
 from __future__ import annotations

@@ -1,44 +1,10 @@
-"""Forming a pair: one control connection plus one PairChannel between a prefill worker (the
-sender, rank 0) and a decode worker (the receiver, rank 1), on demand, without a global world.
-
-    decode worker                               prefill worker
-      ReceiverEndpoint(host)                      connect_pair(endpoint.address, pair_key, ...)
-        ControlListener  <--- TCP connect -----     ControlConnection
-                         <--- challenge-response -> (kvtransfer.handshake: the cluster secret)
-        HashStore of the <--- rendezvous ------     ControlStore: store operations as frames
-        formation              (same connection)    (kvtransfer.rendezvous); open_channel
-        open_channel(rank 1)                        (rank 0)
-
-The decode worker listens on one port per endpoint, the control port: the rendezvous travels
-over the authenticated control connection into a store of that formation alone, so nobody
-without the secret can read or write it. The endpoint's address (host, control port, and the
-decode worker's KV layout) is
-what a decode worker publishes: its listener binds that host only (kvtransfer.network), on a
-port of the configured range. Pair keys are single-use (a new key for every pair formed, e.g.
-"<prefill>/<decode>/<n>"). A sender whose KV layout differs from the address's (dtype, scale
-scheme, geometry, model) is refused before it connects: at pairing time, not at its first
-transfer. The decode side checks too: the sender states its layout in the rendezvous (key
-LAYOUT_KEY) before the process group forms, and the receiver answers under VERDICT_KEY (empty:
-accepted; else why not). A receiver with a layout refuses a sender that differs or states none,
-and both ends raise KVTransferError naming the difference.
-
-Every formation is bounded by the transport's connect_timeout_s, on both sides, step by step
-(handshake, rendezvous, process group). A decode worker forms pairs concurrently (`serve`: a
-thread per connection), so a peer that connects and stalls - idle, half-open, or a sender that
-gave up and left its hello behind - holds up only itself: the handshake needs a live answer, so
-a stale hello ends at the first reply. Connections that have not proven the secret are held
-apart from those that have:
-
-    unauthenticated   at most MAX_HANDSHAKING at once, MAX_UNAUTHENTICATED_PER_SOURCE from one
-                      address, each given HANDSHAKE_TIMEOUT_S to prove the secret; beyond
-                      that a connection is closed at once (and counted as refused)
-    authenticated     MAX_FORMING slots of their own (rendezvous and process group), which
-                      unauthenticated connections never take
-
-so idle sockets from one address cannot keep a real peer from pairing, and idle sockets from
-many addresses hold up pairing for HANDSHAKE_TIMEOUT_S at a time, not connect_timeout_s. The
-accepting thread survives socket errors (EMFILE, ECONNABORTED: logged, counted, retried after
-ACCEPT_BACKOFF_S); after `close` no formation still under way is handed to on_pair.
+"""Forming a pair on demand: one control connection plus one PairChannel between a prefill worker
+(the sender, rank 0: `connect_pair`) and a decode worker (the receiver, rank 1:
+`ReceiverEndpoint`), without a global world: handshake on the cluster secret, rendezvous over
+the same connection, then the channel. Every step is bounded by connect_timeout_s; pair keys are
+single-use; a sender of another KV layout is refused before it connects. Unauthenticated
+connections are capped apart from authenticated ones, so idle sockets cannot keep a real peer
+from pairing. The formation step by step: docs/kvtransfer.md.
 """
 
 from __future__ import annotations
@@ -56,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 from contracts.errors import KVTransferError
+from kvtransfer.channel import PairChannel
 from kvtransfer.control import ControlConnection, ControlListener
 from kvtransfer.handshake import ClusterSecret, PeerRefused, check_sender, prove_as_sender
 from kvtransfer.layout import KVLayout
 from kvtransfer.network import KVNetworkConfig, listen_socket
 from kvtransfer.rendezvous import ControlStore, serve_rendezvous
-from kvtransfer.transport import PairAddress, PairChannel, TransportConfig, open_channel
+from kvtransfer.transport import PairAddress, TransportConfig, open_channel
 
 logger = logging.getLogger(__name__)
 

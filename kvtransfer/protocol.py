@@ -1,39 +1,8 @@
-"""What both ends of the transfer protocol share: configuration, results, metrics, tags.
-
-The protocol, per pair (one control connection + one PairChannel), sender S, receiver R:
-
-    S: pin blocks (owner)  --Offer-->  R: reserve blocks (or Abort: no room, layouts differ)
-                           <--Ready--  R: now expects T's payload on the channel
-    S: per layer chunk: gather, send  ==payload==>  R: recv by tag, scatter into reserved blocks
-                           --Done--->  R: checks bytes (and CRC on CPU), Ack; KV ready to adopt
-    S: unpin on Ack        <--Ack----
-    (When R has no CRC to compare - CUDA, or its checksum is off - Done adds nothing, as every
-    chunk's size was checked on arrival: R acks once the last chunk is in; S takes an Ack that
-    overtakes its own send's completion; R drops the Done that follows.)
-    S: unpin when the lease expires without an Ack (the receiver never confirmed)
-
-Who frees what, so that nothing leaks and nothing is freed twice:
-- The sender holds its pin until an Ack, an Abort, a failure of the pair, or lease expiry,
-  whichever comes first; release is idempotent, so a late Ack after expiry changes nothing.
-- The receiver frees its reservation when T fails for any reason, but only once T's data has
-  stopped arriving (its last chunk, or a marker, or a broken channel): a chunk still on the
-  wire can never land in blocks that were handed to someone else.
-- Every Ready a sender receives is answered on the channel by T's chunks, by one marker
-  (PairChannel.send_marker) or, for chunks posted ahead (below), by VOID filler, even for a
-  transfer the sender already gave up on. So the
-  receiver, which reads the channel header-first and routes by tag, never waits for data that
-  will not come while the sender lives; a dead or stalled sender breaks the channel by timeout.
-- Chunks posted ahead (`posts_ahead`): when T has several chunks and chunk 0 came as one
-  staged part, R posts the receives of chunks 1.. before their headers arrive (up to
-  `TransferConfig.receive_ahead` at once), so S's send kernels never wait on the GPU for R's
-  host. From then on S sends every chunk of T: one it stops at and every later one goes as a
-  zeroed VOID payload of the same size, never a marker. R scatters them like any chunk, into
-  T's own reserved blocks, and ends T aborted, which frees those blocks.
-- Duplicate and late messages are answered from a bounded record of finished transfers, or
-  ignored; they never reopen a transfer.
-
-Payload tags are derived from transfer ids (`transfer_tag`), so both ends agree without
-sharing a counter; the receiver refuses an offer whose tag collides with a live transfer.
+"""What both ends of the transfer protocol share: TransferConfig, TransferResult and its status,
+TransferMetrics, payload tags derived from transfer ids (`transfer_tag`), and when a receiver
+posts chunks ahead of their headers (`posts_ahead`). KVSender and KVReceiver implement the
+ownership rules (who frees which blocks when, so nothing leaks and nothing is freed twice),
+written out in docs/kvtransfer.md.
 """
 
 from __future__ import annotations
@@ -45,8 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from kvtransfer.coalesce import PIPELINE_PART_BYTES
-from kvtransfer.transport import MAX_POSTED
+from kvtransfer.channel import MAX_POSTED
+from kvtransfer.chunking import PIPELINE_PART_BYTES
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")

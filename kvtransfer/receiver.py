@@ -1,15 +1,10 @@
-"""The decode side of one pair: reserves blocks for offers, receives KV into them, reports.
+"""The decode side of one pair (KVReceiver): reserves blocks for offers, receives KV into them,
+verifies, and hands completed transfers to the engine through `poll()`, which never blocks.
 
     control thread: Offer -> reserve + Ready (or Abort); Done -> verify -> Ack; Abort; deadlines
-    data thread:    while transfers are expected: header -> route by tag -> payload -> scatter
-                    (an overlapped transfer's later chunks: posted ahead of their headers,
-                    kvtransfer.protocol.posts_ahead)
-                    (no CRC to compare - CUDA, or checksum off: after the last chunk, Ack at
-                    once; the Done that follows is dropped: every chunk's size was checked)
+    data thread:    header -> route by tag -> land the chunk (kvtransfer.lander)
 
-The engine loop never blocks on a transfer: it calls `poll()` each step and gets the transfers
-whose KV is complete, then hands each to Engine.add_transferred_request (or releases it). See
-kvtransfer.protocol for the ownership rules this class implements.
+A transfer's state: kvtransfer.incoming; the ownership rules: docs/kvtransfer.md.
 """
 
 from __future__ import annotations
@@ -19,28 +14,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
 from contracts.errors import KVTransferError
-from kvtransfer.coalesce import (
-    BlockIndex,
-    StagingLease,
-    StagingPool,
-    TransferChunk,
-    block_index,
-    direct_plan,
-    direct_slices,
-    numel,
-    on_stream,
-    parts_of_layers,
-    scatter_blocks,
-    split_for_overlap,
-    staging_shape,
-    tensor_crc32,
-)
+from kvtransfer.channel import PairChannel
+from kvtransfer.coalesce import on_stream, staging_shape
 from kvtransfer.control import ControlConnection
+from kvtransfer.header import MARKER
+from kvtransfer.incoming import FinalAnswer, IncomingTransfer, ReceivedKV
+from kvtransfer.lander import ChunkLander
 from kvtransfer.layout import KVLayout
 from kvtransfer.messages import (
     Message,
@@ -59,7 +43,7 @@ from kvtransfer.protocol import (
     posts_ahead,
     transfer_tag,
 )
-from kvtransfer.transport import MARKER, PairChannel, PostedReceive
+from kvtransfer.staging import StagingPool, numel
 
 logger = logging.getLogger(__name__)
 
@@ -67,48 +51,6 @@ _SETTLE_S = 10.0  # how long a failed pair's device work may take to stop before
 
 ReserveFn = Callable[[str, int], list[int] | None]  # BlockManager.reserve
 ReleaseFn = Callable[[str], object]  # BlockManager.release
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedKV:
-    """A completed transfer: the prompt's KV is in `block_ids`, held by `owner` until the
-    engine adopts them (Engine.add_transferred_request(kv_owner=owner)) or releases them."""
-
-    transfer_id: str
-    request_id: str
-    owner: str
-    block_ids: tuple[int, ...]
-    num_tokens: int
-    completed_at: float  # time.monotonic() when the KV was in place and verified
-
-
-@dataclass(eq=False)
-class _Incoming:
-    offer: TransferOffer
-    owner: str
-    dst_block_ids: tuple[int, ...]
-    tag: int
-    chunks: tuple[TransferChunk, ...]  # over the destination blocks
-    started: float
-    state: str = "receiving"  # receiving -> data_done -> (ended)
-    next_chunk: int = 0
-    num_bytes: int = 0
-    crc: int = 0
-    done: TransferDone | None = None
-    done_deadline: float = 0.0
-    local_abort: str | None = None
-    peer_abort: str | None = None
-    void: bool = False  # a VOID chunk came: the sender stopped after its payload began
-    timeline: list[tuple[str, float]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class _Final:
-    """What a finished transfer answers to a duplicate Offer or Done."""
-
-    result: TransferResult
-    reply: Message | None
-    acked_before_done: bool = False  # the sender's Done is still to come: drop it, once
 
 
 class KVReceiver:
@@ -137,23 +79,23 @@ class KVReceiver:
         self.metrics = metrics or TransferMetrics()
         self._reserve = reserve
         self._release = release
-        self._staging = staging
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the data thread waits for expected data
-        self._live: dict[str, _Incoming] = {}
-        self._by_tag: dict[int, _Incoming] = {}
+        self._live: dict[str, IncomingTransfer] = {}
+        self._by_tag: dict[int, IncomingTransfer] = {}
         self._num_expected = 0  # live transfers whose data is still to come
-        self._finished: BoundedRecord[str, _Final] = BoundedRecord(self.config.max_finished)
+        self._finished: BoundedRecord[str, FinalAnswer] = BoundedRecord(self.config.max_finished)
         self._completed: deque[ReceivedKV] = deque()
         self._failure: str | None = None
         # held from a transfer's verdict to its Ack being sent, and by close(): a transfer
         # this side reports COMPLETED has had its Ack sent (else the sender would fail it)
         self._verdict = threading.RLock()
-        self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
-        self._held: list[StagingLease] = []  # staging a receive in flight may write (data thread)
+        stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
+        self._lander = ChunkLander(channel, kv_cache, staging, self.config, stream)
+        self._stream = stream
         # Done brings nothing to check unless this side compares CRCs (CPU, checksum on): then
         # the last chunk's arrival completes a transfer (each chunk's size was checked).
-        self._checks_crc = self._stream is None and self.config.checksum
+        self._checks_crc = stream is None and self.config.checksum
         self._threads = [
             threading.Thread(target=self._data_loop, name="kv-recv", daemon=True),
             threading.Thread(target=self._control_loop, name="kv-recv-control", daemon=True),
@@ -295,19 +237,10 @@ class KVReceiver:
                 offer.transfer_id, offer.request_id, TransferStatus.FAILED, refusal or ""
             )
             self._send(abort)  # first: once the result is visible, the receiver may close
-            self._record(offer.transfer_id, _Final(result, abort))
+            self._record(offer.transfer_id, FinalAnswer(result, abort))
             self.metrics.count(result)
             return
-        assert offer.layers_per_chunk is not None
-        incoming = _Incoming(
-            offer=offer,
-            owner=owner,
-            dst_block_ids=tuple(dst),
-            tag=transfer_tag(offer.transfer_id),
-            chunks=split_for_overlap(dst, self.layout.num_layers, offer.layers_per_chunk),
-            started=time.monotonic(),
-        )
-        incoming.timeline.append(("offer", incoming.started))
+        incoming = IncomingTransfer.start(offer, owner, dst, self.layout.num_layers)
         with self._lock:
             self._live[offer.transfer_id] = incoming
             self._by_tag[incoming.tag] = incoming
@@ -368,16 +301,8 @@ class KVReceiver:
         hand out memory a late scatter may write."""
         with self._lock:
             stranded = [t for t in self._live.values() if t.state == "receiving"]
-        if not self.channel.settle(_SETTLE_S):
-            logger.error(
-                "KV receiver: device work of the failed pair did not settle within %s s; "
-                "keeping %d reservations and %d staging buffers",
-                _SETTLE_S, len(stranded), len(self._held),
-            )  # fmt: skip
-            return
-        for lease in self._held:
-            self._staging.release(lease)
-        self._held.clear()
+        if not self._lander.settle(_SETTLE_S, len(stranded)):
+            return  # logged
         for incoming in stranded:
             reason = f"pair failed: {self._failure}"
             self._finish(incoming, TransferStatus.FAILED, reason, reply=None)
@@ -410,10 +335,11 @@ class KVReceiver:
                 f"{nbytes} bytes, expected {expected}"
             )
         part_nbytes = self.channel.pending_part_nbytes
+        tid, on_data = incoming.offer.transfer_id, self._checksummer(incoming)
         if part_nbytes < 0:  # a group: slices straight into the blocks
-            self._receive_direct(incoming, chunk)
+            self._lander.receive_direct(tid, chunk, on_data)
         else:
-            self._receive_staged(incoming, chunk, shape, layer_bytes)
+            self._lander.receive_staged(tid, chunk, shape, layer_bytes, on_data)
         self._chunk_in(incoming, nbytes)
         parts = 1 if part_nbytes == nbytes else 2  # 2: several (the count does not matter)
         if incoming.next_chunk == 1 and posts_ahead(len(incoming.chunks), parts, part_nbytes < 0):
@@ -430,133 +356,24 @@ class KVReceiver:
             elif incoming.done is not None or not self._checks_crc:
                 self._verify(incoming)  # without waiting for Done when it adds nothing
 
-    def _chunk_in(self, incoming: _Incoming, nbytes: int) -> None:
-        incoming.num_bytes += nbytes
+    def _chunk_in(self, incoming: IncomingTransfer, nbytes: int, void: bool = False) -> None:
+        incoming.chunk_in(nbytes, void)
         self.metrics.add_bytes(received=nbytes)
-        if len(incoming.chunks) > 1:  # per-chunk steps, for overlap analysis
-            incoming.timeline.append((f"in{incoming.next_chunk}", time.monotonic()))
-        incoming.next_chunk += 1
 
-    def _receive_ahead(self, incoming: _Incoming) -> None:
-        """Receive chunks 1.. of a transfer with up to `receive_ahead` of them posted before
-        their headers arrive (kvtransfer.protocol.posts_ahead): each into a staging lease,
-        scattered as it lands, its header checked once it is in. A VOID chunk (the sender
-        stopped) was scattered into this transfer's own reserved blocks, which are freed when
-        it ends aborted; its bytes count, so that the sizes still add up."""
-        # (lease, posted receive, bytes, block index): the index is kept alive until its
-        # chunk landed, since the scatter queued on the device reads it
-        window: deque[tuple[StagingLease, PostedReceive, int, BlockIndex]] = deque()
-        try:
-            for chunk in incoming.chunks[incoming.next_chunk :]:
-                if len(window) == self.config.receive_ahead:
-                    self._land_ahead(incoming, window)
-                shape = staging_shape(self.kv_cache, len(chunk.block_ids), chunk.layers)
-                lease = self._staging.acquire(shape)
-                while lease is None and window:  # the pool is short: land one first
-                    self._land_ahead(incoming, window)
-                    lease = self._staging.acquire(shape)
-                if lease is None:
-                    lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
-                self._held.append(lease)
-                with on_stream(self._stream):
-                    ids = block_index(self.kv_cache, chunk.block_ids, unique=True)
-                    drain = self._scatter_into(chunk, ids, lease.tensor)
-                    posted = self.channel.post_recv([lease.tensor], tag=incoming.tag, drain=drain)
-                nbytes = numel(shape) * self.kv_cache.element_size()
-                window.append((lease, posted, nbytes, ids))
-                index = incoming.next_chunk + len(window) - 1
-                incoming.timeline.append((f"posted{index}", time.monotonic()))
-            while window:
-                self._land_ahead(incoming, window)
-        except ValueError as e:  # sizes the channel refused: out of step with the sender
-            raise KVTransferError(f"transfer {incoming.offer.transfer_id}: {e}") from e
+    def _receive_ahead(self, incoming: IncomingTransfer) -> None:
+        """Every chunk after the first, posted ahead of its header (see ChunkLander)."""
 
-    def _scatter_into(
-        self, chunk: TransferChunk, ids: BlockIndex, staging: torch.Tensor
-    ) -> Callable[[int], object]:
-        """The drain of a one-part chunk: scatter its staging tensor into its blocks."""
+        self._lander.receive_ahead(
+            incoming.offer.transfer_id, incoming.tag, incoming.chunks[incoming.next_chunk :],
+            incoming.posted_ahead, lambda nbytes, void: self._chunk_in(incoming, nbytes, void),
+            self._checksummer(incoming),
+        )  # fmt: skip
 
-        def drain(index: int) -> None:
-            del index  # one part
-            scatter_blocks(
-                self.kv_cache, ids, staging, layers=chunk.layers,
-                num_programs=self.config.copy_programs,
-            )  # fmt: skip
+    def _checksummer(self, incoming: IncomingTransfer) -> Callable[[torch.Tensor], None] | None:
+        """What folds landed bytes into the transfer's CRC, where this side compares CRCs."""
+        return incoming.fold_crc if self._checks_crc else None
 
-        return drain
-
-    def _land_ahead(
-        self,
-        incoming: _Incoming,
-        window: deque[tuple[StagingLease, PostedReceive, int, BlockIndex]],
-    ) -> None:
-        """Wait for the oldest chunk posted ahead; then its lease is free again. On failure
-        the lease stays held until the channel has settled (see _data_loop)."""
-        lease, posted, nbytes, _ = window[0]
-        void = self.channel.wait_posted(posted, timeout_s=self.config.stall_timeout_s)
-        window.popleft()
-        if self._checks_crc and not void:
-            incoming.crc = tensor_crc32(lease.tensor, incoming.crc)
-        self._unhold(lease)
-        incoming.void = incoming.void or void
-        self._chunk_in(incoming, nbytes)
-
-    def _receive_direct(self, incoming: _Incoming, chunk: TransferChunk) -> None:
-        """Receive a chunk sent as direct slices (coalesce.DirectPlan) into the reserved blocks."""
-        tid = incoming.offer.transfer_id
-        plan = direct_plan(chunk.block_ids)
-        if plan is None:
-            raise KVTransferError(f"transfer {tid}: direct slices, but the blocks do not allow it")
-        layers = range(chunk.layer_start, chunk.layer_stop)
-        pieces = direct_slices(self.kv_cache, plan, layers, in_cache=True)
-        try:
-            with on_stream(self._stream):  # returns once the data is in the blocks
-                self.channel.recv_payload_group(pieces, timeout_s=self.config.stall_timeout_s)
-        except ValueError as e:  # the sender planned differently: out of step
-            raise KVTransferError(f"transfer {tid}: {e}") from e
-        if self._checks_crc:
-            for piece in pieces:  # the sender's staging order
-                incoming.crc = tensor_crc32(piece, incoming.crc)
-
-    def _receive_staged(
-        self, incoming: _Incoming, chunk: TransferChunk, shape: tuple[int, ...], layer_bytes: int
-    ) -> None:
-        """Receive a chunk into a staging lease and scatter it into the reserved blocks."""
-        lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
-        # the sender's split, as its header announced it (whole layers per part)
-        parts = parts_of_layers(shape[0], max(1, self.channel.pending_part_nbytes // layer_bytes))
-        views = [lease.tensor[part] for part in parts]
-
-        def drain(index: int) -> None:  # scatter part `index`, ordered after its receive
-            start = chunk.layer_start + parts[index].start
-            part_layers = slice(start, chunk.layer_start + parts[index].stop)
-            scatter_blocks(
-                self.kv_cache, ids, views[index], layers=part_layers,
-                num_programs=self.config.copy_programs,
-            )  # fmt: skip
-
-        self._held.append(lease)
-        try:
-            with on_stream(self._stream):
-                ids = block_index(self.kv_cache, chunk.block_ids, unique=True)  # before posting
-                # returns once the scatters are complete: the blocks are written before anyone
-                # is told
-                self.channel.recv_payload_parts(
-                    views, drain=drain, timeout_s=self.config.stall_timeout_s
-                )
-            if self._checks_crc:
-                incoming.crc = tensor_crc32(lease.tensor, incoming.crc)
-        except ValueError as e:  # the sender split the payload differently: out of step
-            raise KVTransferError(f"transfer {incoming.offer.transfer_id}: {e}") from e
-        self._unhold(lease)  # on failure: held until the channel settles (_free_stranded)
-
-    def _unhold(self, lease: StagingLease) -> None:
-        """Give back a lease no receive can write any more (by identity: leases hold tensors,
-        which do not compare as booleans)."""
-        self._held = [held for held in self._held if held is not lease]
-        self._staging.release(lease)
-
-    def _data_over(self, incoming: _Incoming) -> None:
+    def _data_over(self, incoming: IncomingTransfer) -> None:
         with self._lock:
             incoming.state = "data_done"
             incoming.done_deadline = time.monotonic() + self.config.done_timeout_s
@@ -565,16 +382,12 @@ class KVReceiver:
 
     # -- endings --------------------------------------------------------------------------------
 
-    def _verify(self, incoming: _Incoming) -> None:
+    def _verify(self, incoming: IncomingTransfer) -> None:
         """Data and Done are both in (or only the data, when there is no CRC to compare): Ack
         and hand the KV over, or fail."""
         done = incoming.done
         assert done is not None or not self._checks_crc, "a CRC to compare waits for Done"
-        problem = None
-        if done is not None and done.num_bytes != incoming.num_bytes:
-            problem = f"received {incoming.num_bytes} bytes, sender sent {done.num_bytes}"
-        elif done is not None and self._checks_crc and done.checksum not in (0, incoming.crc):
-            problem = f"checksum {incoming.crc:#x} != sender's {done.checksum:#x}"
+        problem = incoming.mismatch(self._checks_crc)
         tid = incoming.offer.transfer_id
         if problem is not None:
             ack = TransferAck(tid, ok=False, reason=problem[:256])
@@ -591,7 +404,7 @@ class KVReceiver:
 
     def _finish(
         self,
-        incoming: _Incoming,
+        incoming: IncomingTransfer,
         status: TransferStatus,
         reason: str,
         reply: Message | None,
@@ -608,35 +421,17 @@ class KVReceiver:
                 self._num_expected -= 1
                 self._by_tag.pop(incoming.tag, None)
             incoming.state = "ended"
-            now = time.monotonic()
-            result = TransferResult(
-                tid,
-                incoming.offer.request_id,
-                status,
-                reason,
-                incoming.num_bytes,
-                now - incoming.started,
-                (*incoming.timeline, ("end", now)),
-            )
-            self._finished.add(tid, _Final(result, reply, early and incoming.done is None))
+            result = incoming.result(status, reason)
+            self._finished.add(tid, FinalAnswer(result, reply, early and incoming.done is None))
             if status is TransferStatus.COMPLETED:
-                self._completed.append(
-                    ReceivedKV(
-                        tid,
-                        incoming.offer.request_id,
-                        incoming.owner,
-                        incoming.dst_block_ids,
-                        incoming.offer.num_tokens,
-                        time.monotonic(),
-                    )
-                )
+                self._completed.append(incoming.received())
         if status is not TransferStatus.COMPLETED:
             self._release(incoming.owner)
             logger.info("transfer %s %s: %s", tid, status.value, reason)
         self.metrics.count(result)
         return True
 
-    def _record(self, transfer_id: str, final: _Final) -> None:
+    def _record(self, transfer_id: str, final: FinalAnswer) -> None:
         with self._lock:
             self._finished.add(transfer_id, final)
 

@@ -1,30 +1,9 @@
-"""A pair's rendezvous over its authenticated control connection: no store listens anywhere.
-
-    sender (prefill, rank 0)                         receiver (decode, rank 1)
-      ControlStore(control)   -- StoreRequest -->      serve_rendezvous(control, HashStore)
-      (a torch.distributed.Store                       the formation's own in-memory store;
-       whose operations are   <-- StoreReply ---       rank 1 uses it directly
-       frames to the receiver)
-      finish(): StoreRequest(DONE)  ------------>      stops serving; the HashStore goes with
-                                                       the channel (nobody else can reach it)
-
-gloo (and NCCL) exchange their listening addresses (NCCL: its unique id) through the store of
-the process group. Over a shared TCPStore anyone reaching its port could list, read or
-overwrite them (a man in the middle of the pair's data connection) or claim a rank first; here
-the store is one process's memory, reached only through a control connection that has proven
-the cluster secret (kvtransfer.handshake), one formation per store.
-
-One request at a time (ControlStore holds a lock across request and reply); GET and WAIT block
-on the receiver until the key is set or the formation's deadline passes. After `finish`, the
-sender's store answers from local memory only (a process group may still look up keys of its
-own, e.g. NCCL's watchdog checking for a dump signal; nothing needs the peer's any more).
-
-A Python store must outlive every C++ holder of it: torch's trampoline finds the Python methods
-through the Python object, so callers keep a reference (PairChannel does).
-
-Checked with torch 2.13 (CPU: gloo pairs, the tests) and torch 2.11 on an H100 (a gloo pair;
-NCCL's unique-id exchange reached ncclCommInitRank, which then refused two ranks on one GPU:
-an NCCL pair over this store across two GPUs is not yet run).
+"""A pair's rendezvous over its authenticated control connection: the sender's torch.distributed
+store operations travel as StoreRequest frames (ControlStore) to the receiver, which answers
+from an in-memory store of that formation alone (`serve_rendezvous`). No store listens anywhere,
+so nobody without the cluster secret can read or overwrite the addresses gloo and NCCL
+exchange. A Python store must outlive its C++ holders (PairChannel keeps a reference). Details
+and what was checked on which torch: docs/kvtransfer.md.
 """
 
 from __future__ import annotations

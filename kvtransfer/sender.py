@@ -21,23 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from contracts.errors import KVTransferError
-from kvtransfer.coalesce import (
-    BlockIndex,
-    DirectPlan,
-    StagingLease,
-    StagingPool,
-    TransferChunk,
-    block_index,
-    direct_plan,
-    direct_slices,
-    gather_blocks,
-    numel,
-    on_stream,
-    pipeline_parts,
-    split_for_overlap,
-    staging_shape,
-    tensor_crc32,
-)
+from kvtransfer.channel import PairChannel
+from kvtransfer.chunking import TransferChunk, direct_plan, split_for_overlap
+from kvtransfer.coalesce import staging_shape
 from kvtransfer.control import ControlConnection
 from kvtransfer.layout import KVLayout
 from kvtransfer.messages import (
@@ -57,24 +43,12 @@ from kvtransfer.protocol import (
     posts_ahead,
     transfer_tag,
 )
-from kvtransfer.transport import PairChannel
+from kvtransfer.shipper import ChunkShipper, StagedChunk
+from kvtransfer.staging import StagingPool, numel
 
 logger = logging.getLogger(__name__)
 
 ReleaseFn = Callable[[str], object]  # unpin the blocks an owner holds (BlockManager.release)
-
-
-@dataclass(eq=False)
-class _Staged:
-    """A chunk's staging lease while the transfer thread fills and sends it."""
-
-    lease: StagingLease
-    ids: BlockIndex
-    layer_start: int
-    parts: tuple[slice, ...]  # of the staging tensor's layers, one message each
-    plan: DirectPlan | None = None  # staged in its order, sent as its slices
-    gathered: set[int] = field(default_factory=set)  # parts already gathered
-    released: bool = False
 
 
 @dataclass(eq=False)
@@ -116,6 +90,34 @@ class OutgoingTransfer:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def offer(self, layout: KVLayout, lease_s: float) -> TransferOffer:
+        """The Offer that announces this transfer (validates every field: ValueError)."""
+        return TransferOffer(
+            self.transfer_id,
+            self.request_id,
+            layout,
+            self.num_tokens,
+            self.block_ids,
+            max(1, round(lease_s * 1000)),
+            self.layers_per_chunk,
+        )
+
+    def conclude(self, status: TransferStatus, reason: str) -> TransferResult:
+        """Record the result and wake `wait`; once, by the sender that ends the transfer."""
+        now = time.monotonic()
+        elapsed = now - self.started if self.started else 0.0
+        self._result = TransferResult(
+            self.transfer_id,
+            self.request_id,
+            status,
+            reason,
+            self.num_bytes,
+            elapsed,
+            (*self.timeline, ("end", now)),
+        )
+        self._done.set()
+        return self._result
+
 
 class KVSender:
     """Sends KV from `kv_cache` to the receiver at the other end of `channel` and `control`.
@@ -142,7 +144,7 @@ class KVSender:
         self.control = control
         self.kv_cache = kv_cache
         self.layout = layout
-        self.config = config or TransferConfig()
+        self._config = config or TransferConfig()
         self.metrics = metrics or TransferMetrics()
         self._release = release
         self._staging = staging
@@ -153,7 +155,8 @@ class KVSender:
         )
         self._jobs: queue.Queue[OutgoingTransfer | int | None] = queue.Queue()  # int: marker tag
         self._failure: str | None = None
-        self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
+        stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
+        self._shipper = ChunkShipper(channel, kv_cache, staging, self._config, stream)
         self._threads = [
             threading.Thread(target=self._transfer_loop, name="kv-send", daemon=True),
             threading.Thread(target=self._control_loop, name="kv-send-control", daemon=True),
@@ -162,6 +165,15 @@ class KVSender:
             thread.start()
 
     # -- public ---------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> TransferConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: TransferConfig) -> None:
+        """Takes effect from the next transfer the transfer thread starts (benchmarks)."""
+        self._config = self._shipper.config = config
 
     def submit(
         self,
@@ -256,7 +268,7 @@ class KVSender:
                 return
             try:
                 if isinstance(job, int):
-                    self._send_marker(job)
+                    self._shipper.send_marker(job)
                 else:
                     self._run(job)
             except KVTransferError as e:  # the channel or the control connection broke
@@ -278,19 +290,33 @@ class KVSender:
         )
         first = None  # direct: the staging order depends on the Ready's destination blocks
         if not self.config.direct_receive:
-            first = self._stage(transfer, chunks[0], prefill=True)  # during the round trip
+            first = self._stage_first(transfer, chunks[0])  # during the round trip
             transfer.timeline.append(("staged", time.monotonic()))
         try:
             self._send_when_ready(transfer, chunks, first)
         finally:
             if first is not None:
-                self._unstage(first)  # if the transfer ended before its first chunk went
+                self._shipper.unstage(first)  # if the transfer ended before its first chunk went
+
+    def _stage_first(self, transfer: OutgoingTransfer, chunk: TransferChunk) -> StagedChunk:
+        """Stage chunk 0 and, once chunk_ready(0) returned, queue the gather of its first part,
+        so that the gather overlaps the Offer -> Ready round trip."""
+        staged = self._shipper.stage(chunk)
+        try:
+            if transfer.chunk_ready is not None:
+                transfer.chunk_ready(0)
+            if transfer.stop_reason is None:
+                self._shipper.gather_first(staged)
+        except BaseException:
+            self._shipper.unstage(staged)
+            raise
+        return staged
 
     def _send_when_ready(
         self,
         transfer: OutgoingTransfer,
         chunks: tuple[TransferChunk, ...],
-        first: _Staged | None,
+        first: StagedChunk | None,
     ) -> None:
         ready_deadline = transfer.started + self.config.ready_timeout_s  # from the Offer
         transfer.replied.wait(max(0.0, ready_deadline - time.monotonic()))
@@ -329,13 +355,12 @@ class KVSender:
             if transfer.stop_reason is not None:
                 self._stop_mid_transfer(transfer, chunks[index:] if committed else ())
                 return
-            if prestaged is not None:
-                staged = prestaged
-            else:
-                staged = self._stage(transfer, chunk, prefill=False, plan=plan)
+            staged = prestaged or self._shipper.stage(chunk, plan)
             if index == 0:
                 committed = posts_ahead(len(chunks), len(staged.parts), plan is not None)
-            checksum = self._send_chunk(transfer, staged, checksum)
+            nbytes, checksum = self._shipper.send(staged, transfer.tag, checksum)
+            transfer.num_bytes += nbytes
+            self.metrics.add_bytes(sent=nbytes)
             if len(chunks) > 1:  # per-chunk steps, for overlap analysis
                 transfer.timeline.append((f"sent{index}", time.monotonic()))
         with self._lock:  # before Done goes out: its Ack may come back at once
@@ -353,95 +378,6 @@ class KVSender:
         if early_ack is not None:  # the receiver had every chunk before our send returned
             self._on_ack(transfer, early_ack)
 
-    def _stage(
-        self,
-        transfer: OutgoingTransfer,
-        chunk: TransferChunk,
-        prefill: bool,
-        plan: DirectPlan | None = None,
-    ) -> _Staged:
-        """A staging lease for `chunk`, its block index on the device and its parts; with
-        `prefill`, chunk_ready(0) is awaited and part 0 gathered now (queued on CUDA), so that
-        the gather overlaps the Offer -> Ready round trip. With a `plan`, the blocks are
-        staged in its order, as one part, to go as direct slices."""
-        shape = staging_shape(self.kv_cache, len(chunk.block_ids), chunk.layers)
-        lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
-        layer_bytes = numel(shape[1:]) * self.kv_cache.element_size()
-        parts = pipeline_parts(shape[0], layer_bytes, self.config.part_bytes)
-        block_ids = chunk.block_ids
-        if plan is not None:
-            assert len(plan.order) == len(block_ids), "direct plans cover every block of a chunk"
-            parts, block_ids = (slice(0, shape[0]),), tuple(block_ids[i] for i in plan.order)
-        staged = None
-        try:
-            with on_stream(self._stream):
-                ids = block_index(self.kv_cache, block_ids)  # once for all parts
-            staged = _Staged(lease, ids, chunk.layer_start, parts, plan)
-            if prefill:
-                if transfer.chunk_ready is not None:
-                    transfer.chunk_ready(0)
-                if transfer.stop_reason is None:
-                    with on_stream(self._stream):
-                        self._gather_part(staged, 0)
-        except BaseException:
-            if staged is None:
-                self._staging.release(lease)
-            else:
-                self._unstage(staged)
-            raise
-        return staged
-
-    def _gather_part(self, staged: _Staged, index: int) -> None:
-        """Gather part `index` of a staged chunk (on the current stream), once."""
-        if index in staged.gathered:
-            return
-        part = staged.parts[index]
-        layers = slice(staged.layer_start + part.start, staged.layer_start + part.stop)
-        gather_blocks(
-            self.kv_cache, staged.ids, staged.lease.tensor[part], layers=layers,
-            num_programs=self.config.copy_programs,
-        )  # fmt: skip
-        staged.gathered.add(index)
-
-    def _unstage(self, staged: _Staged) -> None:
-        """Give the lease back once, after any gather still queued into it."""
-        if staged.released:
-            return
-        staged.released = True
-        if self._stream is not None and staged.gathered:
-            self._stream.synchronize()  # never hand out memory a gather may still write
-        self._staging.release(staged.lease)
-
-    def _send_chunk(self, transfer: OutgoingTransfer, staged: _Staged, crc: int) -> int:
-        lease = staged.lease
-        views = [lease.tensor[part] for part in staged.parts]
-        try:
-            with on_stream(self._stream):  # NCCL's stream waits for the gathers on this one
-                if staged.plan is not None:  # slices in the order the receiver posts them
-                    self._gather_part(staged, 0)
-                    layers = range(lease.tensor.shape[0])
-                    self.channel.send_group(
-                        direct_slices(lease.tensor, staged.plan, layers, in_cache=False),
-                        tag=transfer.tag,
-                        timeout_s=self.config.stall_timeout_s,
-                    )
-                else:
-                    self.channel.send_parts(
-                        views,
-                        tag=transfer.tag,
-                        fill=lambda index: self._gather_part(staged, index),
-                        timeout_s=self.config.stall_timeout_s,
-                    )
-            if self._stream is None and self.config.checksum:
-                crc = tensor_crc32(lease.tensor, crc)
-        finally:
-            staged.released = True  # the send waited for every gather and read
-            self._staging.release(lease)
-        nbytes = lease.tensor.numel() * lease.tensor.element_size()
-        transfer.num_bytes += nbytes
-        self.metrics.add_bytes(sent=nbytes)
-        return crc
-
     def _stop_mid_transfer(
         self, transfer: OutgoingTransfer, void_chunks: Sequence[TransferChunk] = ()
     ) -> None:
@@ -450,31 +386,13 @@ class KVSender:
         sent as zeroed VOID payloads of their sizes."""
         if void_chunks:
             for chunk in void_chunks:
-                self._send_void(transfer, chunk)
+                self._shipper.send_void(chunk, transfer.tag)
         else:
-            self._send_marker(transfer.tag)
+            self._shipper.send_marker(transfer.tag)
         reason = transfer.stop_reason or "stopped"
         if not transfer.stopped_by_peer:
             self._send_control(TransferAbort(transfer.transfer_id, reason[:256]))
         self._end(transfer, transfer.stop_status, reason)
-
-    def _send_void(self, transfer: OutgoingTransfer, chunk: TransferChunk) -> None:
-        """Fill the place of a chunk the receiver posted ahead: zeros, flagged VOID."""
-        shape = staging_shape(self.kv_cache, len(chunk.block_ids), chunk.layers)
-        lease = self._staging.acquire_within(shape, self.config.stall_timeout_s)
-        try:
-            with on_stream(self._stream):
-                lease.tensor.zero_()  # nothing of other requests' KV crosses
-                self.channel.send_parts(
-                    [lease.tensor], tag=transfer.tag, void=True,
-                    timeout_s=self.config.stall_timeout_s,
-                )  # fmt: skip
-        finally:
-            self._staging.release(lease)  # the send waited for the zeroing and its read
-
-    def _send_marker(self, tag: int) -> None:
-        with on_stream(self._stream):  # not the default stream, where the engine prefills
-            self.channel.send_marker(tag=tag, timeout_s=self.config.stall_timeout_s)
 
     # -- control thread -------------------------------------------------------------------------
 
@@ -570,20 +488,8 @@ class KVSender:
         if owes_marker:
             self._jobs.put(transfer.tag)
         self._release(transfer.owner)
-        now = time.monotonic()
-        elapsed = now - transfer.started if transfer.started else 0.0
-        result = TransferResult(
-            transfer.transfer_id,
-            transfer.request_id,
-            status,
-            reason,
-            transfer.num_bytes,
-            elapsed,
-            (*transfer.timeline, ("end", now)),
-        )
+        result = transfer.conclude(status, reason)
         self.metrics.count(result)
-        transfer._result = result
-        transfer._done.set()
         if status is not TransferStatus.COMPLETED:
             logger.info("transfer %s %s: %s", transfer.transfer_id, status.value, reason)
         if transfer.on_done is not None:
@@ -609,12 +515,4 @@ class KVSender:
         self.control.send(message)  # KVTransferError: the pair is failing
 
     def _offer(self, transfer: OutgoingTransfer) -> TransferOffer:
-        return TransferOffer(
-            transfer.transfer_id,
-            transfer.request_id,
-            self.layout,
-            transfer.num_tokens,
-            transfer.block_ids,
-            max(1, round(self.config.lease_s * 1000)),
-            transfer.layers_per_chunk,
-        )
+        return transfer.offer(self.layout, self.config.lease_s)

@@ -1,20 +1,12 @@
-"""Gather and scatter of whole KV blocks on a bounded number of multiprocessors.
+"""Gather and scatter of whole KV blocks on a bounded number of persistent programs, so a pipelined
+KV transfer's copies leave SMs to NCCL's kernel for the neighbouring part (torch's index ops fill
+every SM). Memory as rows of 8-byte words (int64 views, as kvtransfer.coalesce prepares):
 
-A KV transfer copies a request's scattered cache blocks into a staging tensor (gather), sends
-it, and on the other side copies it into other blocks (scatter). torch's index_select and
-index_copy_ launch a grid over every multiprocessor: run beside NCCL's send or receive of the
-previous part, they hold every SM until they finish, so NCCL's kernel waits and the two never
-overlap. These kernels run a fixed number of persistent programs (`num_programs`, e.g. 16 of an
-H100's 132 SMs), each looping over (layer, K/V, block) rows, so a pipelined transfer's copies
-run while NCCL's kernel for the neighbouring part has SMs of its own.
+    cache [rows, num_cache_blocks, words]   staging [rows, num_ids, words]   rows = layers x 2
+    gather: staging[r, i] = cache[r, ids[i]]      scatter: cache[r, ids[i]] = staging[r, i]
 
-Both take the memory as rows of 8-byte words (int64 views, as kvtransfer.coalesce prepares):
-
-    cache    [rows, num_cache_blocks, words]     rows = layers in range x 2 (K, V)
-    staging  [rows, num_ids, words]
-    gather:  staging[r, i] = cache[r, ids[i]]        scatter: cache[r, ids[i]] = staging[r, i]
-
-Runs on the caller's CUDA stream; on CPU tensors only under TRITON_INTERPRET=1 (tests).
+`copy_blocks_ref` is the torch reference. Runs on the caller's CUDA stream; on CPU only under
+TRITON_INTERPRET=1 (tests).
 """
 
 from __future__ import annotations
@@ -104,3 +96,18 @@ def copy_blocks(
             WORDS=words, GATHER=gather, TILE=min(_TILE_WORDS, triton.next_power_of_2(words)),
             num_warps=4,
         )  # fmt: skip
+
+
+def copy_blocks_ref(
+    cache: torch.Tensor,  # [rows, num_cache_blocks, words]
+    staging: torch.Tensor,  # [rows, num_ids, words]
+    ids: torch.Tensor,  # [num_ids] int64, in [0, num_cache_blocks)
+    *,
+    gather: bool,
+) -> None:
+    """Plain torch reference of `copy_blocks`, in place: gather writes `staging`, scatter
+    writes `cache` (ids distinct for a scatter)."""
+    if gather:
+        staging.copy_(cache.index_select(1, ids))
+    else:
+        cache.index_copy_(1, ids, staging)

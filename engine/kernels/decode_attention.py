@@ -1,42 +1,9 @@
-"""Paged decode attention: one new query token per sequence against its cached context.
-
-This is the Triton backend's hot kernel for decode steps. It reads K and V straight out of the
-paged cache through the block table (no gather copy), shares every K/V tile among the query heads
-of one GQA group, and splits long contexts across programs (flash-decoding) so that small batches
-still fill the GPU. It must not synchronize with the host: the launcher never reads
-`context_lens` on the CPU, so a call can be captured in a CUDA graph and replayed with new
-lengths. It does not write the cache (see `kv_write`) and does not handle prefill.
-
-KV cache of one layer (K and V alike; only head_dim need be contiguous):
-
-    k_cache[block_id, slot_in_block, kv_head, head_dim]
-    token p of sequence s:  block_id = block_tables[s, p // block_size],  slot = p % block_size
-
-Grid of the split kernel, one program per (sequence, kv head, split):
-
-    context of sequence s:  |<---- split 0 ---->|<---- split 1 ---->|<-- split 2 -->|
-    tiles of TILE_N tokens: |tile|tile|tile|tile|tile|tile|tile|tile|tile|tile|    |
-                            each program walks the tiles of its split; a tile gathers
-                            TILE_N tokens (whole or partial cache blocks) via the table
-
-    split_len = ceil(ceil(context_len / num_splits) / TILE_N) * TILE_N, from each sequence's
-    own context_len on the GPU, so a short sequence in a long batch has short splits; splits
-    past its end are empty. num_splits itself comes from shapes only (`choose_num_splits`).
-
-    q rows of the program:  query heads kv_head * group .. kv_head * group + group - 1,
-                            padded to GROUP_PAD >= 16 rows so scores and outputs are tl.dot:
-        scores [GROUP_PAD, TILE_N] = q [GROUP_PAD, D] @ K^T [D, TILE_N]
-        acc    [GROUP_PAD, D]     += p [GROUP_PAD, TILE_N] @ V [TILE_N, D]
-
-Each split keeps an online softmax in fp32 and writes its normalized partial output and its
-log-sum-exp to the workspace:
-
-    partial_out [num_seqs, num_heads, num_splits, head_dim] fp32
-    partial_lse [num_seqs, num_heads, num_splits]           fp32, -inf for an empty split
-
-and the reduce kernel, one program per (sequence, query head), merges the splits:
-out = sum_i exp(lse_i - max lse) * partial_out_i / sum_i exp(lse_i - max lse). With one split
-the split kernel writes `out` directly and the reduce kernel is not launched.
+"""Paged decode attention: one new query token per sequence against its cached context, the Triton
+backend's hot kernel for decode steps. Reads K/V through the block table (no gather copy),
+shares each K/V tile among a GQA group's query heads, and splits long contexts across programs
+(flash-decoding) whose partial outputs a reduce kernel merges by log-sum-exp. Never syncs with
+the host (CUDA-graph safe); does not write the cache or handle prefill. `paged_decode_attention_ref`
+is the torch reference. Grid, tiles and workspace layout: docs/engine.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
-"""Dynamic per-token FP8 (e4m3) quantization of activations in one launch.
+"""Dynamic per-token FP8 (e4m3) quantization of activations in one launch (torch takes eight
+kernels, which at decode batch sizes cost more than the GEMM they feed):
 
-The W8A8 linear (engine.quantization.Fp8Linear) quantizes its input on every call; in torch
-that is eight elementwise and reduction kernels, which at decode batch sizes cost more in
-launches than the GEMM they feed. This kernel does it in one: one program per row walks the
-row twice in tiles of BLOCK_K (amax, then scale, round and store):
+    x [M, K] -> x_fp8 [M, K] e4m3,  scale [M, 1] fp32 = max(amax_k |x[m, k]|, 1e-12) / 448
 
-    x      [M, K] bf16/fp16/fp32 (row stride free, unit column stride)
-    x_fp8  [M, K] float8_e4m3fn       x_fp8[m, k] = round(x[m, k] / scale[m])
-    scale  [M, 1] fp32                scale[m]    = max(amax_k |x[m, k]|, 1e-12) / 448
-
-`quantize_per_token_ref` is the torch reference (engine.quantization.quantize_per_token); the
-kernel rounds like it (fp8_round), so the two agree bit for bit.
+`quantize_per_token_ref` is the torch reference; the kernel rounds like it (fp8_round), so the
+two agree bit for bit.
 """
 
 from __future__ import annotations

@@ -1,25 +1,9 @@
-"""Skinny matrix products for decode steps: out = x @ w.T with few rows in x (1 to 16).
-
-    x    [M, K]          M <= 16 (decode batch), any float dtype w has
-    w    [N, K]          row-major, a Linear's weight
-    out  [M, N]          x's dtype, accumulated in fp32, rounded once
-
-A decode step of a batch of one reads every weight byte once, so each projection is bound by
-memory bandwidth. cuBLAS picks GEMM tiles built for large M; for M = 1 it reaches only
-2.0-2.4 TB/s of the H100's ~3.0 on the 8B shape's q/k/v and o projections (issue 19). Here each
-program owns BLOCK_N output columns (weight rows) and streams their K values in BLOCK_K
-chunks: many small programs keep enough loads in flight to saturate HBM even when N is small.
-
-M == 1 multiplies and sums on CUDA cores (a [BLOCK_N, BLOCK_K] product reduced along K);
-2 <= M <= 16 pads x to 16 rows and uses tl.dot. Measured on an H100 (`bench.kernels_gemv`,
-issue 19), M = 1: q/k/v 2.60 TB/s against cuBLAS's 2.42, o 2.24 against 2.09, gate/up 2.93
-against 2.78, down 2.78 against 2.60, LM head 3.10 against 2.83; at M = 4 and 16 the two are
-within noise of each other except the LM head (+8%), so the engine routes M = 1 here only.
-
-With USE_PDL on Hopper and later, the kernel is launched with programmatic dependent launch
-(PDL): its programs may start while the previous kernel's last blocks finish, and wait
-(`griddepcontrol.wait`) only before reading x, which that kernel wrote, to hide the launch gap
-between a decode step's small kernels and the next projection. Off by default: not yet timed.
+"""Skinny matrix products for decode steps: out [M, N] = x [M, K] @ w [N, K].T with M <= 16,
+accumulated in fp32. Each program streams BLOCK_N weight rows in BLOCK_K chunks, so many small
+programs keep HBM saturated where cuBLAS's large-M tiles do not; M == 1 reduces on CUDA cores,
+2 <= M <= 16 pads to 16 rows for tl.dot. USE_PDL launches with programmatic dependent launch on
+Hopper (off by default). `gemv_ref` is the torch reference; H100 measurements:
+docs/benchmarks.md (bench.kernels_gemv).
 """
 
 from __future__ import annotations

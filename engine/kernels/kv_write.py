@@ -1,23 +1,8 @@
-"""Store the keys and values of this step's new tokens into the paged KV cache.
-
-The Triton backend's replacement for `engine.attention.write_kv`: one program per token copies
-that token's [num_kv_heads, head_dim] key and value rows into their cache slot, converting to
-the cache's dtype. Padding tokens (slot < 0, as CUDA-graph padded batches use) are skipped. It
-never syncs the host and never reads or writes outside the cache, even for a bad slot.
-
-KV cache of one layer (K and V alike; only head_dim need be contiguous):
-
-    k_cache[block_id, slot_in_block, kv_head, head_dim]
-    flat slot = block_id * block_size + slot_in_block
-
-Grid: one program per token t; it moves a [BLOCK_H, BLOCK_D] tile (all heads x head_dim):
-
-    k[t, :, :] --> k_cache[slot // block_size, slot % block_size, :, :]
-    v[t, :, :] --> v_cache[slot // block_size, slot % block_size, :, :]
-
-FP8 caches (`engine.kv_quant`): k_cache/v_cache are the e4m3 views of the packed cache and
-k_scale/v_scale its fp32 scale views [num_blocks, block_size, num_kv_heads]. The program then
-quantizes in registers: per head row, s = amax / 448, stores round(x / s) and s.
+"""Store the keys and values of this step's new tokens into the paged KV cache: one program per
+token copies its [num_kv_heads, head_dim] rows into slot // block_size, slot % block_size,
+converting to the cache's dtype (FP8 caches: quantized in registers, one scale per head row).
+Padding tokens (slot < 0) are skipped; it never syncs the host and never writes outside the
+cache. `write_kv_ref` is the torch reference. Layout and grid: docs/engine.md.
 """
 
 from __future__ import annotations

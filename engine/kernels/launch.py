@@ -1,5 +1,7 @@
-"""Checks and context shared by the kernel launchers: one device for all inputs, and launching
-on that device."""
+"""Checks and context shared by the kernel launchers: every input on one device, that device a GPU
+(or Triton's CPU interpreter on, TRITON_INTERPRET=1), and launching on the inputs' GPU rather
+than whichever device is current.
+"""
 
 from __future__ import annotations
 

@@ -1,41 +1,9 @@
-"""Flash attention for a batch of prefill chunks over the paged KV cache.
-
-Each chunk's queries attend causally to their sequence's cached prefix and to the chunk itself;
-the chunk's own K/V must already be in the cache (write the KV first, as engine.attention does).
-Softmax runs online in fp32 over tiles of keys gathered through the block table, so memory is
-O(tokens), never O(tokens x context). This module does not write the cache or handle decodes.
-
-KV cache, one layer (k_cache and v_cache alike; views of a larger tensor, so only the head_dim
-stride must be 1):
-
-    k_cache[block_id, slot, kv_head, :]        [num_blocks, block_size, num_kv_heads, head_dim]
-
-    key position n of sequence s  ->  block_tables[s, n // block_size], slot n % block_size
-
-Batch: queries of all chunks flattened, chunk s owning rows query_start_loc[s]:[s + 1] of q.
-A chunk of query_len tokens ends its sequence's context: its row j sits at absolute position
-prefix_len + j, prefix_len = context_len - query_len, and sees keys at positions <= that.
-
-Grid and tile of one program (t, g, s):
-
-    grid = (cdiv(max_query_len, BLOCK_Q), num_kv_heads, num_seqs)
-
-    BLOCK_Q query positions x the GROUP = num_heads // num_kv_heads query heads sharing kv head g,
-    packed as BLOCK_M = BLOCK_Q * GROUP_PAD rows (GROUP_PAD = next power of two >= GROUP), so a
-    K/V tile is loaded once for the whole group:
-
-        row r  ->  query row  query_start_loc[s] + t * BLOCK_Q + r // GROUP_PAD
-                   query head g * GROUP + r % GROUP_PAD     (padding row if r % GROUP_PAD >= GROUP)
-
-    Key tiles of BLOCK_N positions, for tile t (first query position p0 = prefix_len + t * BLOCK_Q,
-    last p1 = prefix_len + min((t + 1) * BLOCK_Q, query_len) - 1):
-
-        key position 0 ............ floor((p0+1)/BLOCK_N)*BLOCK_N ......... p1 | p1+1 ...
-                     |  full tiles: every row sees   |  diagonal tiles:      |  never
-                     |  every key, no masks          |  causal mask + bounds |  loaded
-
-Programs are numbered so that the last query tiles (the most keys) start first, and programs
-beyond a chunk's length exit at once: max_query_len only sizes the grid (no host sync).
+"""Flash attention for a batch of prefill chunks over the paged KV cache: each chunk's queries
+attend causally to their sequence's cached prefix and to the chunk itself (whose K/V must
+already be in the cache). Online softmax in fp32 over key tiles gathered through the block
+table, so memory is O(tokens). One program per (query tile, kv head, sequence) serves the
+whole GQA group; full tiles skip the mask, tiles past the diagonal are never loaded. Does not
+write the cache or handle decodes. Grid, packing and tiles: docs/engine.md.
 """
 
 from __future__ import annotations

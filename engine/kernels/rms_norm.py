@@ -1,15 +1,10 @@
 """RMSNorm with the residual add fused in: one read of x (and residual), one write of each out.
 
-    h   = x + residual                      (if a residual is given; rounded to x's dtype)
-    out = weight * (h * rsqrt(mean(h^2) + eps)).to(x.dtype)
+    h = x + residual;  out = weight * (h * rsqrt(mean(h^2) + eps)).to(x.dtype)   (fp32 stats)
 
-Statistics are taken in fp32. The rounding order is Hugging Face's (and `engine.llama.RMSNorm`'s
-for bf16/fp16): the normalized row is rounded to x's dtype before the weight multiplies it, so
-with a weight in x's dtype the kernel matches the torch module up to the order of the sum.
-
-The residual stream is updated in place: `residual` (when given) holds h afterwards, so the
-buffers a CUDA graph captured stay the ones it replays. Does not handle more than one row
-layout: rows are the leading dim, the hidden dim must be contiguous.
+The rounding order is Hugging Face's; `residual` (when given) holds h afterwards, in place, so
+CUDA-graph buffers stay the ones replayed. Rows are the leading dim, the hidden dim contiguous.
+`rms_norm_ref` is the torch reference.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
-"""Rotary position embedding ("rotate half" form) applied in place to q and k.
+"""Rotary position embedding ("rotate half") applied in place to q and k, from
+engine.llama.RotaryEmbedding's full-width fp32 tables (row p for position p):
 
-Uses `engine.llama.RotaryEmbedding`'s full-width fp32 tables, row p for position p:
+    out = x * [cos, cos] + roll(x, head_dim / 2) * [-sin, sin]    (fp32, stored in x's dtype)
 
-    cos2 = [cos, cos],  sin2 = [-sin, sin]          each [max_positions, head_dim]
-    out  = x * cos2 + roll(x, head_dim / 2) * sin2   computed in fp32, stored in x's dtype
-
-Split into halves x = [x1, x2] this is out1 = x1 * cos2[:h] + x2 * sin2[:h] and
-out2 = x2 * cos2[h:] + x1 * sin2[h:] (h = head_dim / 2), which is what the kernel computes, so
-each element is loaded and stored once. q and k may be strided views into a fused qkv
-projection output. Positions are not bounds-checked on the device: every position must be
-below max_positions.
+q and k may be strided views of a fused qkv output. Positions are not bounds-checked on the
+device: each must be below max_positions. `apply_rotary_ref` is the torch reference.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""The converted-model cache: what loading a GGUF file computes, kept for the next load.
-
-Loading a GGUF parses every metadata field (its vocabulary and merges take seconds) and
-dequantizes every tensor. Both results are kept under `cache_dir()/converted/<stem>-<key>/`:
-
-    metadata.json            the GGUF's metadata and tensor names (config, tokenizer, template)
-    weights-<dtype>.json     the index: format version, then [name, shape] of every parameter
-    weights-<dtype>.bin      the model's parameters after conversion (q/k/v and gate/up fused,
-                             rotary un-permuted), raw bytes back to back in the index's order
-
-The key hashes the file's resolved path, size and modification time with FORMAT_VERSION, so an
-edited or replaced file is converted again. A repeated load reads each parameter straight into
-the model's own tensor: no intermediate copy, so the weights are resident once. Everything here
-is derived data: a missing, partial or mismatched entry is converted again, and a failed write
-(read-only home, full disk) only logs a warning. Entries are written under temporary names and
-renamed (the index last), so concurrent loaders never read half an entry.
+"""The converted-model cache: what loading a GGUF file computes (parsed metadata, dequantized and
+fused parameters), kept under `cache_dir()/converted/<stem>-<key>/` for the next load. The key
+hashes the file's path, size and mtime with FORMAT_VERSION; a repeated load reads each parameter
+straight into the model's tensor. Derived data only: a missing or mismatched entry is converted
+again, a failed write only warns, and entries are renamed into place (index last) so concurrent
+loaders never read half an entry. Files: docs/engine.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Random weights of a named shape, for benchmarks. Deterministic for a seed."""
+"""Random weights for a model config (a named shape such as dummy:llama-3-8b), for benchmarks
+and tests that need a model's shape but not its values. Deterministic for a seed; nothing is
+read from disk.
+"""
 
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
-"""Reading the `quantization_config` of a Hugging Face checkpoint: which FP8 scheme it uses.
-
-Torch-free: it only parses `config.json`. Supported are the FP8 (e4m3) formats Llama-family FP8
-checkpoints ship with, all with one scale per weight tensor or per output channel:
-
-    quant_method        weights                      activations
-    "fp8"               per-tensor weight_scale      static (input_scale) or dynamic
-    "compressed-tensors"  per-tensor or per-channel  static per-tensor or dynamic per-token
-    "fbgemm_fp8"        per-channel weight_scale     dynamic per-token
-
-Anything else (block-wise FP8, integer or 4-bit formats, GPTQ, AWQ, ...) raises UnsupportedModel
-naming the format and listing these.
+"""Reading the `quantization_config` of a Hugging Face checkpoint: which FP8 (e4m3) scheme it
+uses ("fp8", "compressed-tensors", "fbgemm_fp8": one scale per weight tensor or output channel,
+static or dynamic per-token activations). Anything else (block-wise FP8, integer or 4-bit
+formats, GPTQ, AWQ) raises UnsupportedModel naming the format. Torch-free: it only parses
+`config.json`. The table of formats: docs/engine.md.
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from kvtransfer.channel import PairChannel
 from kvtransfer.coalesce import gather_blocks, scatter_blocks, staging_shape
 from kvtransfer.nccl import configure_nccl_environment
-from kvtransfer.transport import PairAddress, PairChannel, TransportConfig, open_channel
+from kvtransfer.transport import PairAddress, TransportConfig, open_channel
 from tests.integration.test_kvtransfer_transport import (
     CASES,
     HOST,

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from engine.block_manager import BlockManager
-from kvtransfer.coalesce import StagingPool, gather_blocks
+from kvtransfer.coalesce import gather_blocks
 from kvtransfer.layout import KVLayout
 from kvtransfer.messages import TransferAck
 from kvtransfer.pair import ReceiverEndpoint, connect_pair
 from kvtransfer.protocol import TransferConfig, TransferMetrics
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
+from kvtransfer.staging import StagingPool
 from kvtransfer.transport import TransportConfig
 
 HOST = "127.0.0.1"

@@ -1,6 +1,7 @@
 """bench.kvtransfer_nccl's orchestration on CPU (--cpu-dry-run: gloo, tiny caches), so the GPU
 benchmark does not rot between device runs: every raw mode, the protocol and the overlap with
-two chunkings produce timings, and every protocol transfer is bit-exact."""
+two chunkings produce timings (the raw ones also over a bare process group), and every
+protocol transfer is bit-exact."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def test_the_kv_transfer_benchmark_runs_end_to_end_on_cpu(tmp_path: Path) -> Non
     out = tmp_path / "kv.json"
     command = [
         sys.executable, "-m", "bench.kvtransfer_nccl", "--cpu-dry-run", "--repeats", "1",
-        "--overlap-repeats", "2", "--lengths", "512", "--raw-modes", "one_part,parts1",
+        "--overlap-repeats", "2", "--lengths", "512", "--raw-modes", "one_part,parts1,parts1/bare",
         "--protocol-modes", "1024", "--overlap-layers-per-chunk", "1,2", "--out", str(out),
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -23,7 +24,7 @@ def test_the_kv_transfer_benchmark_runs_end_to_end_on_cpu(tmp_path: Path) -> Non
 
     assert result["mismatches"] == []
     for shape in ("tiny", "smollm2-135m"):
-        for mode in ("one_part", "parts1"):
+        for mode in ("one_part", "parts1", "parts1/bare"):
             assert all(t > 0 for t in result["raw"][f"{shape}/512/{mode}"])
         assert len(result["protocol"][f"{shape}/512/1024"]) == 1
     assert set(result["overlap"]) == {"1", "2"}  # layers per chunk (JSON keys)

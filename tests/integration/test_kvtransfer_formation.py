@@ -17,10 +17,11 @@ from contracts.errors import KVTransferError
 from decode_worker.actor import EngineWorker
 from engine.config import EngineConfig
 from engine.scheduler import SchedulerConfig
+from kvtransfer.codec import encode
 from kvtransfer.control import ControlConnection
 from kvtransfer.handshake import ClusterSecret, PeerRefused
 from kvtransfer.layout import KVLayout
-from kvtransfer.messages import PairChallenge, PairHello, PairProof, TransferOffer, encode
+from kvtransfer.messages import PairChallenge, PairHello, PairProof, TransferOffer
 from kvtransfer.pair import connect_pair
 from kvtransfer.transport import TransportConfig
 from prefill_worker.actor import PrefillWorker

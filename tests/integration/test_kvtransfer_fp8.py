@@ -139,7 +139,8 @@ def test_a_bf16_decode_refuses_an_fp8_prefill_at_pairing_time(sender_layout: str
 
 
 def test_layouts_travel_in_offers_with_their_scale_scheme() -> None:
-    from kvtransfer.messages import TransferOffer, decode, encode
+    from kvtransfer.codec import decode, encode
+    from kvtransfer.messages import TransferOffer
 
     layout = layout_of(kv_cache(1, 0, torch.uint8))
     offer = TransferOffer("t", "r", layout, 5, (1, 2), 1000)

@@ -20,11 +20,12 @@ import torch.distributed as dist
 
 import kvtransfer.pair as pair_module
 from contracts.errors import KVTransferError
+from kvtransfer.channel import PairChannel
 from kvtransfer.control import ControlConnection
 from kvtransfer.handshake import ClusterSecret, prove_as_sender
 from kvtransfer.network import KVNetworkConfig
 from kvtransfer.pair import ReceiverEndpoint, connect_pair
-from kvtransfer.transport import PairChannel, TransportConfig
+from kvtransfer.transport import TransportConfig
 from tests.ports import free_port_range
 
 pytestmark = [pytest.mark.integration]

@@ -25,21 +25,16 @@ import torch
 import torch.distributed as dist
 
 from contracts.errors import KVTransferError
-from kvtransfer.coalesce import (
-    StagingPool,
-    gather_blocks,
-    scatter_blocks,
-    split_for_overlap,
-    staging_shape,
-)
+from kvtransfer.channel import MAX_POSTED, PairChannel
+from kvtransfer.chunking import split_for_overlap
+from kvtransfer.coalesce import gather_blocks, scatter_blocks, staging_shape
+from kvtransfer.header import WIRE_VERSION
+from kvtransfer.staging import StagingPool
 from kvtransfer.transport import (
-    MAX_POSTED,
     STORE_PREFIX,
-    WIRE_VERSION,
     PairAddress,
-    PairChannel,
     TransportConfig,
-    _check_wire_version,
+    check_wire_version,
     open_channel,
 )
 
@@ -559,7 +554,7 @@ def test_a_channel_refuses_a_second_thread(store_port: int) -> None:
     with first, second:
         join_recv = in_background(lambda: first.recv(torch.empty(4), timeout_s=1.0))
         deadline = time.monotonic() + 5.0
-        while not first._op_lock.locked() and time.monotonic() < deadline:
+        while not first._guard.is_busy and time.monotonic() < deadline:
             time.sleep(0.005)  # poll until the background recv holds the channel
         _, error = timed_error(lambda: first.send(torch.empty(4)))
         recv_error = join_recv()
@@ -573,7 +568,7 @@ def test_close_from_another_thread_does_not_wait_for_the_pending_recv(store_port
     with peer:
         join_recv = in_background(lambda: waiting.recv(torch.empty(4), timeout_s=1.0))
         deadline = time.monotonic() + 5.0
-        while not waiting._op_lock.locked() and time.monotonic() < deadline:
+        while not waiting._guard.is_busy and time.monotonic() < deadline:
             time.sleep(0.005)  # poll until the background recv holds the channel
         close_s, close_error = timed_error(waiting.close)
         recv_error = join_recv()  # gloo: runs on to its own timeout
@@ -749,6 +744,6 @@ def test_formation_refuses_a_peer_of_another_wire_version(store_port: int) -> No
         dist.TCPStore(HOST, store_port, is_master=False, timeout=timedelta(seconds=10)),
     )
     store.set("version/1", "1")  # an older peer published its version first
-    _, error = timed_error(lambda: _check_wire_version(store, address(store_port, "old", 0)))
+    _, error = timed_error(lambda: check_wire_version(store, address(store_port, "old", 0)))
     assert error is not None and KVTransferError.__name__ in error
     assert f"wire version 1, this side {WIRE_VERSION}" in error

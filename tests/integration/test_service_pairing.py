@@ -12,7 +12,8 @@ import time
 import pytest
 
 from engine.config import EngineConfig
-from kvtransfer.messages import PairHello, encode
+from kvtransfer.codec import encode
+from kvtransfer.messages import PairHello
 from tests.integration.test_service import generate, greedy_sampling, local_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

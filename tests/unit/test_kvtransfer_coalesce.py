@@ -7,19 +7,16 @@ import threading
 import pytest
 import torch
 
-from kvtransfer.coalesce import (
-    StagingPool,
+from kvtransfer.chunking import (
     TransferChunk,
-    block_index,
     direct_plan,
     direct_slices,
-    gather_blocks,
     parts_of_layers,
     pipeline_parts,
-    scatter_blocks,
     split_for_overlap,
-    staging_shape,
 )
+from kvtransfer.coalesce import block_index, gather_blocks, scatter_blocks, staging_shape
+from kvtransfer.staging import StagingPool
 
 NUM_LAYERS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 3, 4, 2, 8
 

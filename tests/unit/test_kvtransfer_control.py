@@ -11,8 +11,9 @@ import threading
 import pytest
 
 from contracts.errors import KVTransferError
+from kvtransfer.codec import encode
 from kvtransfer.control import ControlConnection, ControlListener
-from kvtransfer.messages import PairHello, TransferAbort, TransferAck, encode
+from kvtransfer.messages import PairHello, TransferAbort, TransferAck
 from kvtransfer.protocol import BoundedRecord, TransferConfig, transfer_tag
 
 

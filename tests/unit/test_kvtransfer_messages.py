@@ -1,7 +1,8 @@
-"""Transfer control messages (kvtransfer.messages): every message type round-trips through its
-frame, the wire format is pinned byte for byte, every malformed frame is refused with a
-KVTransferError that names the problem, a real pickle exploit is refused without running, and
-random bytes and random mutations of valid frames never raise anything else (RELIABILITY S2)."""
+"""Transfer control messages (kvtransfer.messages, kvtransfer.codec): every message type
+round-trips through its frame, the wire format is pinned byte for byte, every malformed frame
+is refused with a KVTransferError that names the problem, a real pickle exploit is refused
+without running, and random bytes and random mutations of valid frames never raise anything
+else (RELIABILITY S2)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,16 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from contracts.errors import KVTransferError
-from kvtransfer import messages
+from kvtransfer import codec, messages
+from kvtransfer.codec import HEADER_BYTES, MAGIC, MAX_PAYLOAD_BYTES, decode, encode, read_header
 from kvtransfer.layout import MAX_MODEL_ID_BYTES, KVLayout
 from kvtransfer.messages import (
-    HEADER_BYTES,
-    MAGIC,
     MAX_BLOCK_IDS,
-    MAX_PAYLOAD_BYTES,
     MAX_REASON_BYTES,
     MAX_REQUEST_ID_BYTES,
     MAX_TRANSFER_ID_BYTES,
@@ -43,10 +43,7 @@ from kvtransfer.messages import (
     TransferDone,
     TransferOffer,
     TransferReady,
-    decode,
-    encode,
     payload_checksum,
-    read_header,
 )
 
 LAYOUT = KVLayout("smollm2-135m", "bfloat16", 16, 30, 3, 64)
@@ -196,8 +193,9 @@ def test_encode_refuses_other_objects() -> None:
         encode({"transfer_id": "t"})  # type: ignore[arg-type]
 
 
-def test_codec_uses_no_object_deserializer() -> None:
-    source = inspect.getsource(messages)
+@pytest.mark.parametrize("module", [messages, codec])
+def test_codec_uses_no_object_deserializer(module: ModuleType) -> None:
+    source = inspect.getsource(module)
     for forbidden in ("import pickle", "import json", "marshal", "eval(", "exec(", "__import__"):
         assert forbidden not in source, forbidden
 

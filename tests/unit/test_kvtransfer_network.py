@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from contracts.errors import KVTransferError
+from kvtransfer.codec import decode, encode
 from kvtransfer.control import ControlConnection, ControlListener
 from kvtransfer.handshake import (
     ClusterSecret,
@@ -29,8 +30,6 @@ from kvtransfer.messages import (
     StoreOp,
     StoreRequest,
     TransferAbort,
-    decode,
-    encode,
 )
 from kvtransfer.network import (
     KVNetworkConfig,
