@@ -1,5 +1,5 @@
 """From a `tandem.v1.GenerateRequest` to what a worker runs: prompt token ids and validated
-sampling parameters, or an InvalidRequest naming the first bad field (RELIABILITY I1..I9).
+sampling parameters, or an InvalidRequest naming the first bad field (docs/reliability.md, I1..I9).
 
 Everything a client sends is checked here, against the served model, before any worker sees
 it: the input (exactly one of text, chat, token ids; non-empty; in the vocabulary; fitting the

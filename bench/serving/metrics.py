@@ -1,5 +1,5 @@
-"""Serving metrics from recorded timestamps, as pure functions (the definitions of BENCHMARKS.md,
-which are those of `vllm bench serve`):
+"""Serving metrics from recorded timestamps, as pure functions (the definitions in
+docs/benchmarks.md, which are those of `vllm bench serve`):
 
     TTFT  request sent -> first token received
     TPOT  (end-to-end - TTFT) / (output tokens - 1), per request with more than one token

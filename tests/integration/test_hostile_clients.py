@@ -1,4 +1,4 @@
-"""What hostile or unlucky clients did to a running service (issue 16, RELIABILITY I10/I11).
+"""What hostile or unlucky clients did to a running service (issue 16, docs/reliability.md I10/I11).
 
 One real service for the module: a local Ray cluster, one prefill and one decode worker with
 the default model (KV moving between them over gloo), the gRPC router on loopback, real

@@ -1,5 +1,5 @@
 """Forming KV pairs between real workers (in this process, no Ray): pairing is not held up by
-connections that never complete a formation (RELIABILITY.md F6, issue 16 item 2), and a peer
+connections that never complete a formation (docs/reliability.md, F6; issue 16 item 2), and a peer
 without the cluster secret is refused before any KV block is reserved (S5)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The KV-transfer protocol between real processes (TCP control + gloo data): bit-exact
 transfers, many concurrent transfers over several pairs, and the fault scenarios of
-RELIABILITY.md (aborts from either side, a receiver that never confirms, a killed peer, a
+docs/reliability.md (aborts from either side, a receiver that never confirms, a killed peer, a
 stalled sender). Every scenario ends with check_integrity() of both block managers."""
 
 from __future__ import annotations

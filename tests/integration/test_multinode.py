@@ -1,6 +1,6 @@
-"""The service across hosts (RELIABILITY.md M1): network namespaces stand in for three machines
-(tests/integration/netns.py). The head namespace runs the Ray head and `tandem serve`; node A
-offers `tandem_prefill`, node B `tandem_decode` (and, for the replacement, `tandem_prefill`
+"""The service across hosts (docs/reliability.md, M1): network namespaces stand in for three
+machines (tests/integration/netns.py). The head namespace runs the Ray head and `tandem serve`;
+node A offers `tandem_prefill`, node B `tandem_decode` (and, for the replacement, `tandem_prefill`
 too: B joins only once the prefill worker is placed on A). KV pairs form across the veth link
 (gloo between A's and B's addresses, endpoints bound to them); greedy output equals the single
 engine; then every process of node A is killed and the prefill pool is replaced on B. Ends by

@@ -1,5 +1,5 @@
-"""The prefix index against a real redis-server (RELIABILITY R1-R3, S3, S4): publish, evict and
-look up with exact counts; a restarted worker's old entries never trusted; TTL expiry; two
+"""The prefix index against a real redis-server (docs/reliability.md, R1-R3, S3, S4): publish,
+evict and look up with exact counts; a restarted worker's old entries never trusted; TTL expiry; two
 routers sharing the index; Redis killed and restarted, answering slowly, flushed, or asking for
 a password: lookups give up within their budget and count it, publishing never raises into the
 worker, and both sides recover on their own. Salted tenants never hit each other's entries."""

@@ -1,4 +1,4 @@
-"""KV pairing in the running service (RELIABILITY.md F6, issue 16 item 2): connections to a
+"""KV pairing in the running service (docs/reliability.md, F6; issue 16 item 2): connections to a
 decode worker's KV control port that never complete a formation - idle, or stopped mid-frame -
 do not keep a pool down. The prefill worker is killed with them open; its replacement pairs and
 serves well inside the transport's 60 s connect timeout (before the fix, one pairing thread sat

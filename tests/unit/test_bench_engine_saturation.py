@@ -1,4 +1,4 @@
-"""bench.engine_saturation's bound: the arithmetic of BENCHMARKS.md's limits, by hand."""
+"""bench.engine_saturation's bound: the limits of docs/benchmarks.md, by hand."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 round-trips through its frame, the wire format is pinned byte for byte, every malformed frame
 is refused with a KVTransferError that names the problem, a real pickle exploit is refused
 without running, and random bytes and random mutations of valid frames never raise anything
-else (RELIABILITY S2)."""
+else (docs/reliability.md, S2)."""
 
 from __future__ import annotations
 
@@ -402,7 +402,7 @@ def test_read_header_refuses_a_huge_frame_from_its_first_bytes() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# A pickle on the control port (RELIABILITY S2: refused, nothing executed)
+# A pickle on the control port (docs/reliability.md, S2: refused, nothing executed)
 
 
 class TouchFile:

@@ -1,4 +1,4 @@
-"""Client-chosen request ids are never internal keys (RELIABILITY promise 12, scenario I10).
+"""Client-chosen request ids are never internal keys (docs/reliability.md, promise 12, I10).
 
 The router gives every attempt of a request an id of its own (the workers, their output
 streams, KV transfers and aborts only ever see those); a request id that is live already is

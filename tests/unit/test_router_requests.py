@@ -1,5 +1,5 @@
-"""The router's request checks (RELIABILITY I1..I9): every bad field of a GenerateRequest is
-refused with InvalidRequest naming it, before any worker sees it; good requests become the
+"""The router's request checks (docs/reliability.md, I1..I9): every bad field of a GenerateRequest
+is refused with InvalidRequest naming it, before any worker sees it; good requests become the
 prompt token ids and sampling parameters the engine would derive itself."""
 
 from __future__ import annotations
