@@ -48,6 +48,7 @@ from contracts.errors import (
     TandemError,
     WorkerUnavailable,
 )
+from contracts.handoff import PrefillResult
 from contracts.workers import WorkerKey, WorkerStats
 from prefix_cache.index import PrefixLookup
 from proto.tandem.v1 import tandem_pb2 as pb
@@ -269,39 +270,33 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     self.outputs.close(worker, attempt)
 
     async def _disaggregated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
-        """Prefill on one pool, decode on the other; the KV moves between them."""
+        """Prefill on one pool, decode on the other; the KV moves between them. The prefill's
+        PrefillResult (contracts.handoff) goes to the decode worker, which streams every
+        output, the first token's included: it owns the request's text."""
         index = self._place(self.decode, set(), None, span)
-        decode_id = self.decode.ids[index]
+        # A first token that surely ends the request needs no KV at the decode worker.
+        ship_to = None if _first_token_ends(request, self.model) else self.decode.ids[index]
         with self.decode.assigned(index, len(request.prompt_token_ids)) as decode:
-            shipped: bool | None = None  # None: not known yet
             attempts: list[str] = []  # the prefill attempts' ids, the one that shipped last
             try:
-                first_output, shipped, dispatched = await self._prefill(
-                    request, decode_id, carrier, span, attempts
-                )
-                queued = _queued(first_output, arrival, dispatched)
-                yield _timed(request.request_id, first_output, arrival, queued)
+                result, dispatched = await self._prefill(request, ship_to, carrier, span, attempts)
             except _STOPPED:  # its KV may be on the way: the decode worker drops it
-                if shipped is not False and attempts:
+                if ship_to is not None and attempts:
                     _cancel(decode, attempts[-1])
                 raise
-            if not shipped:
-                return
-            finished = False
-            attempt = attempts[-1]  # the decode worker knows the KV by the attempt's id
+            first, finished = True, False
+            attempt = attempts[-1]  # the decode worker continues the prefill's attempt
             outputs = self.outputs.open(decode, attempt)
             try:
                 await decode.start_continue.remote(
-                    self.outputs.subscriber, attempt, request.prompt_token_ids,
-                    first_output.new_token_ids[0], params_to_dict(request.params),
-                    request.cache_salt, carrier,
+                    self.outputs.subscriber, attempt, request.prompt_token_ids, result,
+                    params_to_dict(request.params), request.cache_salt, carrier,
                 )  # fmt: skip
                 async for output in _until_finished(outputs):
-                    response = _timed(request.request_id, output, arrival)
-                    if response.HasField("usage"):  # the prompt's cache hits were prefill's
-                        response.usage.cached_tokens = first_output.usage.cached_tokens
+                    queued = _queued(result, arrival, dispatched) if first else None
                     finished = output.finished
-                    yield response
+                    yield _timed(request.request_id, output, arrival, queued)
+                    first = False
             except _STOPPED:
                 if not finished:
                     _cancel(decode, attempt)
@@ -315,10 +310,10 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 self.outputs.close(decode, attempt)
 
     async def _prefill(
-        self, request: Any, decode_id: str, carrier: Any, span: Any, attempts: list[str]
-    ) -> tuple[Any, bool, float]:
-        """(the first token's output, whether its KV ships to decode worker `decode_id`,
-        when the prefill was dispatched). A prefill worker lost mid-prefill is replaced by
+        self, request: Any, ship_to: str | None, carrier: Any, span: Any, attempts: list[str]
+    ) -> tuple[PrefillResult, float]:
+        """(the PrefillResult, its KV shipped to decode worker `ship_to` if not None; when the
+        prefill was dispatched). A prefill worker lost mid-prefill is replaced by
         another for the same request: nothing has reached the client yet. Each attempt's id
         is appended to `attempts` as it starts."""
         assert self.prefill is not None
@@ -334,11 +329,10 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             with self.prefill.assigned(index, _uncached(request, cached, index)) as worker:
                 call = worker.prefill.remote(
                     attempt, request.prompt_token_ids, params_to_dict(request.params),
-                    request.cache_salt, decode_id, carrier,
+                    request.cache_salt, ship_to, carrier,
                 )  # fmt: skip
                 try:
-                    output, shipped = await call
-                    return output, shipped, dispatched
+                    return await call, dispatched
                 except asyncio.CancelledError:
                     _cancel(worker, attempt, call)
                     raise
@@ -511,6 +505,14 @@ def _lost(error: BaseException) -> bool:
 
     lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
     return isinstance(error, lost)
+
+
+def _first_token_ends(request: Any, model: ServedModel) -> bool:
+    """Whether the first token ends the request whatever it is (max_tokens 1, or the context
+    full after it): its prefill then ships no KV."""
+    return bool(
+        request.params.max_tokens == 1 or len(request.prompt_token_ids) + 1 >= model.max_model_len
+    )
 
 
 def _queued(output: Any, arrival: float, dispatched: float) -> float:
