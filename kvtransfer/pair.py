@@ -45,7 +45,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,7 +54,7 @@ from contracts.errors import KVTransferError
 from kvtransfer.control import ControlConnection, ControlListener
 from kvtransfer.handshake import ClusterSecret, PeerRefused, check_sender, prove_as_sender
 from kvtransfer.layout import KVLayout
-from kvtransfer.network import KVNetworkConfig, listen_socket
+from kvtransfer.network import EndpointAddress, KVNetworkConfig, listen_socket
 from kvtransfer.rendezvous import ControlStore, serve_rendezvous
 from kvtransfer.transport import PairAddress, PairChannel, TransportConfig, open_channel
 
@@ -74,13 +73,6 @@ _ACCEPT_POLL_S = 0.5  # how often `serve` looks whether the endpoint was closed
 REFUSAL_REASONS = ("unproven", "over_limit")
 
 OnPair = Callable[[PairChannel, ControlConnection], None]
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointAddress:
-    host: str
-    control_port: int
-    layout: KVLayout | None = None  # the receiver's KV layout, checked by connect_pair
 
 
 class ReceiverEndpoint:
