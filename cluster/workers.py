@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import ray
 
 from contracts.errors import TandemError, WorkerLost
-from contracts.outputs import RequestOutput
+from contracts.handoff import PrefillResult
 from contracts.sampling_params import SamplingParams
 from router.requests import params_to_dict
 from router.workers import OutputBatch
@@ -67,14 +67,14 @@ class RayWorkerClient:
         subscriber: str,
         request_id: str,
         prompt_token_ids: list[int],
-        first_token_id: int,
+        prefill: PrefillResult,
         params: SamplingParams,
         cache_salt: str | None,
         trace_context: dict[str, str] | None,
     ) -> None:
         await self._call(
             self.actor.start_continue.remote(
-                subscriber, request_id, prompt_token_ids, first_token_id, params_to_dict(params),
+                subscriber, request_id, prompt_token_ids, prefill, params_to_dict(params),
                 cache_salt, trace_context,
             )
         )  # fmt: skip
@@ -85,15 +85,15 @@ class RayWorkerClient:
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None,
-        decode_id: str,
+        ship_to: str | None,
         trace_context: dict[str, str] | None,
-    ) -> tuple[RequestOutput, bool]:
+    ) -> PrefillResult:
         call = self.actor.prefill.remote(
-            request_id, prompt_token_ids, params_to_dict(params), cache_salt, decode_id,
+            request_id, prompt_token_ids, params_to_dict(params), cache_salt, ship_to,
             trace_context,
         )  # fmt: skip
         try:
-            result: tuple[RequestOutput, bool] = await self._call(call)
+            result: PrefillResult = await self._call(call)
         except asyncio.CancelledError:
             self._cancel(call, request_id)
             raise

@@ -1,2 +1,3 @@
 """Decode workers: Ray actors that run an engine and stream tokens (in colocated mode they also
-prefill). `engine_loop` drives one engine from a thread; `actor` exposes it to Ray."""
+prefill). `actor` exposes the worker to Ray; `kv_arrivals` takes over requests prefilled
+elsewhere and joins them to their transferred KV. The engine loop is `worker.engine_loop`."""

@@ -23,7 +23,7 @@ import torch
 from contracts.block_hash import root_hash
 from contracts.chat import ChatMessage
 from contracts.errors import InvalidRequest
-from contracts.outputs import FinishReason, RequestOutput, Usage
+from contracts.outputs import FinishReason, RequestOutput, TokenLogprobs, Usage
 from contracts.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
 from engine.attention import select_backend
 from engine.block_manager import BlockManager
@@ -36,7 +36,7 @@ from engine.output_processor import OutputProcessor
 from engine.quantization import use_fp8_linears
 from engine.sampler import LogitBias, Sampler, SampleRow
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,19 @@ class KeptKV:
     owner: str
     block_ids: tuple[int, ...]
     num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prefilled:
+    """How a `prefill_only` request ends: its prompt computed, its first token sampled but not
+    turned into text and no finish decided (the decode side does both), its prompt's KV pinned
+    for a transfer (`kv`: the caller ships it, then `block_manager.release(kv.owner)`)."""
+
+    request_id: str
+    first_token_id: int
+    logprobs: TokenLogprobs | None  # of the first token, if asked for
+    usage: Usage  # the prefill's: prompt tokens, prefix-cache hits, queue time
+    kv: KeptKV
 
 
 class Engine:
@@ -102,6 +115,8 @@ class Engine:
         self._logit_biases: dict[str, LogitBias] = {}  # made once per request, not per step
         self._keep_kv: set[str] = set()  # requests whose KV is pinned when they finish
         self._kept_kv: dict[str, KeptKV] = {}
+        self._prefill_only: set[str] = set()  # requests that end once their prompt is done
+        self._prefilled: list[Prefilled] = []  # ended so, until take_prefilled
         self._generate_ids = itertools.count()
         self._kept_numbers = itertools.count()  # kept-KV owners are unique per keep
         logger.info(
@@ -189,12 +204,16 @@ class Engine:
         messages: SequenceOf[Mapping[str, Any] | ChatMessage] | None = None,
         cache_salt: str | None = None,
         keep_kv: bool = False,
+        prefill_only: bool = False,
     ) -> list[int]:
         """Queue a request given as text, chat messages or token ids (exactly one).
 
         keep_kv: when the request finishes (not when aborted), pin the blocks of its computed
         tokens instead of letting them go, for a KV transfer to another worker; collect them
         with `take_kept_kv` and unpin with `block_manager.release(handle.owner)`.
+        prefill_only: compute the prompt and sample the first token, then stop in the state
+        "prefill done, KV held for transfer": `step` gives no output for it; it ends as a
+        `Prefilled` from `take_prefilled` (the decode side continues it: add_remote_request).
 
         Returns the prompt's token ids. Raises InvalidRequest naming the bad field.
         """
@@ -202,9 +221,11 @@ class Engine:
         self._check_request(request_id, params)
         token_ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
         seq = self._new_sequence(request_id, token_ids, params, cache_salt)
-        self._register(seq)
+        self._register(seq, with_text=not prefill_only)
         if keep_kv:
             self._keep_kv.add(request_id)
+        if prefill_only:
+            self._prefill_only.add(request_id)
         self.scheduler.add(seq)
         return token_ids
 
@@ -218,15 +239,43 @@ class Engine:
         kv_owner: str | None,
         cache_salt: str | None = None,
     ) -> RequestOutput:
-        """Continue a request another worker prefilled: its prompt's KV arrived in the blocks
-        `kv_owner` holds (a completed transfer's reservation), and it sampled `first_token_id`.
-        The blocks become the sequence's; its next step decodes from the first token.
-        kv_owner None: the KV did not come (no room for it here); the prompt and first token
-        are recomputed here instead, the sequence waiting for blocks like a preempted one.
+        """`add_remote_request` and, unless the first token ends the request, `attach_kv`
+        (whose blocks are freed at once if it does). Returns the first token's output; raises
+        as those two do (a request refused by attach_kv is not kept)."""
+        output = self.add_remote_request(
+            request_id, prompt_token_ids, first_token_id, sampling_params, cache_salt=cache_salt
+        )
+        if output.finished:
+            if kv_owner is not None:
+                self.block_manager.release(kv_owner)
+            return output
+        try:
+            self.attach_kv(request_id, kv_owner)
+        except ValueError:
+            self.abort_request(request_id)
+            raise
+        return output
 
-        Returns the output of the first token (its text; finished if that token ends the
-        request, in which case the blocks are freed at once). Raises InvalidRequest like
-        add_request; ValueError if `kv_owner` holds no blocks or too few for the prompt.
+    def add_remote_request(
+        self,
+        request_id: str,
+        prompt_token_ids: SequenceOf[int],
+        first_token_id: int,
+        sampling_params: SamplingParams,
+        *,
+        cache_salt: str | None = None,
+        logprobs: TokenLogprobs | None = None,
+        prefill_usage: Usage | None = None,
+    ) -> RequestOutput:
+        """Take over a request another worker prefilled (prefill_only), which sampled
+        `first_token_id`, before its prompt's KV is here. This engine owns the request's text
+        from the first token on: the token is turned into text and checked for a finish now
+        (EOS, stop ids and strings, max_tokens, the context end), so the caller can stream it
+        at once. Unless that output is finished, the sequence then waits (AWAITING_KV, not
+        scheduled) for `attach_kv`. logprobs: the first token's, from the prefill;
+        prefill_usage: its prefix-cache hits and queue time, reported as this request's.
+
+        Returns the first token's output. Raises InvalidRequest like add_request.
         """
         params = sampling_params
         self._check_request(request_id, params)
@@ -234,19 +283,34 @@ class Engine:
         seq = self._new_sequence(request_id, token_ids, params, cache_salt)
         check_token_id("first_token_id", first_token_id, self.model_config.vocab_size)
         seq.append_token(first_token_id)
-        if kv_owner is not None:
-            self.block_manager.adopt(kv_owner, seq, num_computed_tokens=len(token_ids))
-            self.block_manager.cache_computed_blocks(seq)
+        seq.status = SequenceStatus.AWAITING_KV
+        if prefill_usage is not None:
+            seq.num_cached_tokens = prefill_usage.cached_tokens
+            seq.queue_seconds = prefill_usage.queue_seconds
         self._register(seq)
         self._skip_draws(seq, 1)  # the prefill worker's generator drew the first token
-        if kv_owner is not None:
-            self.scheduler.add_running(seq)
-        else:
-            self.scheduler.add(seq)
-        output = self.outputs.process_token(seq, None)
+        output = self.outputs.process_token(seq, logprobs)
         if output.finished:
             self._release(seq)
         return output
+
+    def attach_kv(self, request_id: str, kv_owner: str | None) -> None:
+        """Give a request waiting in AWAITING_KV its prompt's KV: the blocks `kv_owner` holds
+        (a completed transfer's reservation) become the sequence's and its next step decodes
+        from the first token. kv_owner None: the KV will not come (no room for it here); the
+        prompt and first token are recomputed here, the sequence waiting for blocks like a
+        preempted one. Raises ValueError if the request is not awaiting KV, or `kv_owner`
+        holds no blocks or too few for the prompt (the blocks stay the owner's)."""
+        seq = self._sequences.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.AWAITING_KV:
+            raise ValueError(f"attach_kv({request_id!r}): the request is not awaiting its KV")
+        if kv_owner is None:
+            seq.status = SequenceStatus.WAITING
+            self.scheduler.add(seq)
+            return
+        self.block_manager.adopt(kv_owner, seq, num_computed_tokens=seq.num_prompt_tokens)
+        self.block_manager.cache_computed_blocks(seq)
+        self.scheduler.add_running(seq)
 
     def _check_request(self, request_id: str, params: SamplingParams) -> None:
         if request_id in self._sequences or request_id in self._kept_kv:
@@ -263,7 +327,7 @@ class Engine:
         )
         return Sequence(request_id, token_ids, params, root_hash(self.model_id, salt))
 
-    def _register(self, seq: Sequence) -> None:
+    def _register(self, seq: Sequence, with_text: bool = True) -> None:
         seed = seq.sampling_params.seed
         if seed is not None:
             self._generators[seq.request_id] = torch.Generator(self.device).manual_seed(seed)
@@ -271,7 +335,8 @@ class Engine:
         if bias is not None:
             self._logit_biases[seq.request_id] = bias
         self._sequences[seq.request_id] = seq
-        self.outputs.add(seq)
+        if with_text:
+            self.outputs.add(seq)
 
     def _skip_draws(self, seq: Sequence, num_draws: int) -> None:
         """Advance a seeded request's generator past `num_draws` samples drawn elsewhere, so
@@ -282,6 +347,11 @@ class Engine:
         vocab = self.model_config.vocab_size
         for _ in range(num_draws):  # one draw: one exponential per vocabulary entry (Sampler)
             torch.empty(vocab, device=self.device).exponential_(generator=generator)
+
+    def take_prefilled(self) -> list[Prefilled]:
+        """The prefill_only requests that ended since the last call (each once)."""
+        prefilled, self._prefilled = self._prefilled, []
+        return prefilled
 
     def take_kept_kv(self, request_id: str) -> KeptKV | None:
         """The pinned KV of a finished `keep_kv` request (once; None if there is none)."""
@@ -320,17 +390,18 @@ class Engine:
         self._generators.pop(request_id, None)
         self._logit_biases.pop(request_id, None)
         self._keep_kv.discard(request_id)
+        self._prefill_only.discard(request_id)
         return self.outputs.finish(seq, FinishReason.ABORT)
 
-    def _pin_kv(self, seq: Sequence) -> None:
+    def _pin_kv(self, seq: Sequence) -> KeptKV | None:
         num_tokens = seq.num_computed_tokens
         if num_tokens == 0:
-            return
+            return None
         block_ids = seq.block_ids[: self.block_manager.num_blocks_for(num_tokens)]
         # Unique per keep: KV kept earlier under the same request id may still be shipping.
         owner = f"kept:{seq.request_id}#{next(self._kept_numbers)}"
         self.block_manager.hold(owner, block_ids)
-        self._kept_kv[seq.request_id] = KeptKV(owner, tuple(block_ids), num_tokens)
+        return KeptKV(owner, tuple(block_ids), num_tokens)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -348,6 +419,9 @@ class Engine:
         self.scheduler.update(scheduled, sampled.token_ids)
         outputs = []
         for seq, logprobs in zip(samplers, sampled.logprobs, strict=True):
+            if seq.request_id in self._prefill_only:
+                self._prefilled.append(self._prefill_done(seq, logprobs))
+                continue
             output = self.outputs.process_token(seq, logprobs)
             if output.finished:
                 self._release(seq)
@@ -367,8 +441,23 @@ class Engine:
         assert seq.finish_reason is not None, "released sequences have a finish reason"
         if seq.request_id in self._keep_kv:
             self._keep_kv.discard(seq.request_id)
-            self._pin_kv(seq)
-        self.scheduler.finish(seq, seq.finish_reason)
+            kept = self._pin_kv(seq)
+            if kept is not None:
+                self._kept_kv[seq.request_id] = kept
+        self._forget(seq, seq.finish_reason)
+
+    def _prefill_done(self, seq: Sequence, logprobs: TokenLogprobs | None) -> Prefilled:
+        """End a prefill_only sequence whose first token was just sampled: pin its prompt's
+        KV, leave without a finish reason (none was reached) and without text."""
+        self._prefill_only.discard(seq.request_id)
+        usage = seq.usage()
+        kept = self._pin_kv(seq)
+        assert kept is not None, f"{seq} sampled a token without computed KV"
+        self._forget(seq, None)
+        return Prefilled(seq.request_id, seq.token_ids[-1], logprobs, usage, kept)
+
+    def _forget(self, seq: Sequence, reason: FinishReason | None) -> None:
+        self.scheduler.finish(seq, reason)
         del self._sequences[seq.request_id]
         self._generators.pop(seq.request_id, None)
         self._logit_biases.pop(seq.request_id, None)
@@ -425,6 +514,7 @@ class Engine:
         """Assert the KV bookkeeping is consistent and only `holders` (plus kept KV not yet
         taken) hold blocks outside sequences."""
         kept = [k.owner for k in self._kept_kv.values()]
+        kept += [p.kv.owner for p in self._prefilled]
         self.scheduler.check_integrity(holders=[*holders, *kept])
 
 

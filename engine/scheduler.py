@@ -156,14 +156,15 @@ class Scheduler:
             item.seq.append_token(token_id)
         return [s.seq for s in samplers]
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End a sequence (any state) and free its blocks. Idempotent."""
+    def finish(self, seq: Sequence, reason: FinishReason | None) -> None:
+        """End a sequence (any state) and free its blocks. Idempotent. reason None: it leaves
+        without reaching a finish (prefill done, its KV pinned for a transfer elsewhere)."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        else:
-            self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)  # AWAITING_KV sequences are in neither queue
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -17,6 +17,7 @@ from contracts.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    AWAITING_KV = "awaiting_kv"  # prefilled elsewhere, first token known, prompt KV not here yet
     FINISHED = "finished"
 
 

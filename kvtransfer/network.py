@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from contracts.errors import KVTransferError
+from kvtransfer.layout import KVLayout
 
 logger = logging.getLogger(__name__)
 
@@ -159,3 +160,13 @@ def listen_socket(host: str, config: KVNetworkConfig, backlog: int = 128) -> soc
     raise KVTransferError(
         f"no free port in the KV range {config.port_min}-{config.port_max} on {host}"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointAddress:
+    """Where a decode worker's endpoint accepts pairs (kvtransfer.pair). Here, torch-free: the
+    control plane passes it from decode to prefill workers in a process without torch."""
+
+    host: str
+    control_port: int
+    layout: KVLayout | None = None  # the receiver's KV layout, checked by connect_pair

@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -26,7 +25,7 @@ from kvtransfer.channel import PairChannel
 from kvtransfer.control import ControlConnection, ControlListener
 from kvtransfer.handshake import ClusterSecret, PeerRefused, check_sender, prove_as_sender
 from kvtransfer.layout import KVLayout
-from kvtransfer.network import KVNetworkConfig, listen_socket
+from kvtransfer.network import EndpointAddress, KVNetworkConfig, listen_socket
 from kvtransfer.rendezvous import ControlStore, serve_rendezvous
 from kvtransfer.transport import PairAddress, TransportConfig, open_channel
 
@@ -50,13 +49,6 @@ OnPair = Callable[[PairChannel, ControlConnection], None]
 # none stated), then the receiver's verdict (empty: accepted, else the refusal, utf-8).
 LAYOUT_KEY = "tandem/kv_layout"
 VERDICT_KEY = "tandem/kv_layout_verdict"
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointAddress:
-    host: str
-    control_port: int
-    layout: KVLayout | None = None  # the receiver's KV layout, checked by connect_pair
 
 
 class ReceiverEndpoint:

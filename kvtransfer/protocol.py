@@ -145,12 +145,6 @@ class TransferMetrics:
             self.transfer_seconds_total += counts[5]
 
 
-def transfer_id_for(request_id: str) -> str:
-    """The transfer id of a request's prompt KV: both workers derive it from the request id
-    (32 hex digits; request ids may be longer than a transfer id may be)."""
-    return hashlib.blake2b(request_id.encode("utf-8"), digest_size=16).hexdigest()
-
-
 def transfer_tag(transfer_id: str) -> int:
     """The channel tag of a transfer's payloads: 63 bits of its id's BLAKE2b hash."""
     digest = hashlib.blake2b(transfer_id.encode("utf-8"), digest_size=8).digest()

@@ -1,38 +1,45 @@
 """The prefill worker actor.
 
-    prefill(request, decode_id):  run the prompt (max_tokens = 1, keep_kv) in the engine,
-        batched with other prompts (chunked prefill); then either the first token ends the
-        request (nothing to ship: the KV is released) or its KV is submitted to the KVSender
-        of the chosen decode worker's pair, and the first token returns to the router, which
-        streams it and asks the decode worker to continue.
+    prefill(request, ship_to):  run the prompt in the engine as prefill_only, batched with
+        other prompts (chunked prefill): the engine samples the first token and holds the
+        prompt's KV (prefill_worker.held_kv); no text, no finish decided here. Then the KV is
+        submitted to the KVSender of decode worker `ship_to`'s pair under a transfer id minted
+        here, once, and a PrefillResult (contracts.handoff: first token, usage, KVHandle)
+        returns to the router, which hands it to that decode worker. ship_to None (the router
+        knows the first token ends the request): the KV is released, nothing ships.
 
 Pairs with decode workers are formed on demand by `connect` (cluster.service calls it for
-every decode worker, and again for a replacement).
+every decode worker, and again for a replacement). Imports no torch at import (worker.base).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
+import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from contracts.errors import WorkerUnavailable
-from contracts.outputs import FinishReason, RequestOutput
+from contracts.errors import RequestAborted, WorkerUnavailable
+from contracts.handoff import KVHandle, PrefillResult
 from contracts.sampling_params import SamplingParams
-from decode_worker.actor import WorkerBase, transport_for
 from engine.config import EngineConfig
-from kvtransfer.handshake import ClusterSecret
 from kvtransfer.network import KVNetworkConfig
-from kvtransfer.pair import EndpointAddress, connect_pair
-from kvtransfer.protocol import TransferMetrics, TransferResult, transfer_id_for
-from kvtransfer.sender import KVSender
+from prefill_worker.held_kv import HeldKV
 from prefix_cache.index import IndexConfig
 from telemetry.tracing import TracingConfig, record_span
+from worker.base import WorkerBase, transport_for
+
+if TYPE_CHECKING:
+    from engine.engine import Prefilled
+    from kvtransfer.pair import EndpointAddress
+    from kvtransfer.protocol import TransferMetrics, TransferResult
+    from kvtransfer.sender import KVSender
 
 
 class PrefillWorker(WorkerBase):
+    held: HeldKV
+
     def __init__(
         self,
         config: EngineConfig,
@@ -41,19 +48,31 @@ class PrefillWorker(WorkerBase):
         tracing: TracingConfig | None = None,
         kv_network: KVNetworkConfig | None = None,
     ) -> None:
+        from kvtransfer.protocol import TransferMetrics
+
         super().__init__(config, worker_id, index, tracing, kv_network)
         self.senders: dict[str, KVSender] = {}  # by decode worker id
-        self.retired_metrics = TransferMetrics()  # of senders closed since (replaced, left)
+        self.retired_metrics: TransferMetrics = TransferMetrics()  # of senders closed since
+        self._shipping: dict[str, tuple[str, str]] = {}  # request id -> (decode id, transfer id)
+
+    def _role(self) -> HeldKV:
+        self.held = HeldKV(self.engine.block_manager.release)
+        return self.held
 
     def _transfer_metrics(self) -> list[Any]:
         return [self.retired_metrics, *(s.metrics for s in self.senders.values())]
 
     def _transfer_holders(self) -> list[str]:
-        return [owner for s in self.senders.values() for owner in s.owners()]
+        shipping = [owner for s in self.senders.values() for owner in s.owners()]
+        return shipping + super()._transfer_holders()
 
     async def connect(self, decode_id: str, address: EndpointAddress, pair_key: str) -> None:
         """Form the pair with decode worker `decode_id` (replacing an older one), proving the
         cluster secret; within the transport's connect timeout, or KVTransferError."""
+        from kvtransfer.handshake import ClusterSecret
+        from kvtransfer.pair import connect_pair
+        from kvtransfer.sender import KVSender
+
         cache = self.engine.runner.kv_cache
         config = transport_for(self.engine, self.kv_address.host)
         secret = ClusterSecret.from_environment()
@@ -74,55 +93,68 @@ class PrefillWorker(WorkerBase):
         prompt_token_ids: list[int],
         params: dict[str, Any],
         cache_salt: str | None,
-        decode_id: str,
+        ship_to: str | None,
         trace_context: dict[str, str] | None = None,
-    ) -> tuple[RequestOutput, bool]:
-        """(the first token's output as the whole request would see it, whether its KV is
-        on its way to the decode worker). Cancelling aborts the prefill."""
+    ) -> PrefillResult:
+        """Prefill a request and ship its KV to decode worker `ship_to` (None: ship nothing).
+        Raises WorkerUnavailable if there is no pair with `ship_to`, the engine's refusal of
+        the request (a typed error), RequestAborted if aborted. Cancelling aborts it."""
         sampling = SamplingParams(**params)
-        first_only = dataclasses.replace(sampling, max_tokens=1)
         stream = self.loop.submit(
-            request_id, prompt_token_ids, first_only, cache_salt, keep_kv=True
+            request_id, prompt_token_ids, sampling, cache_salt, prefill_only=True
         )
-        output: RequestOutput | None = None
         outputs = self._stream(request_id, stream)
         try:
-            async for item in self._traced("tandem.prefill", request_id, trace_context, outputs):
-                output = item
-        except BaseException:  # cancelled or failed: its KV, if any was kept, is nobody's
-            kept = self.loop.take_kept_kv(request_id)
-            if kept is not None:
-                self.engine.block_manager.release(kept.owner)
+            async for _ in self._traced("tandem.prefill", request_id, trace_context, outputs):
+                pass
+        except BaseException:  # cancelled or failed: its KV, if any is held, is nobody's
+            self._release(self.held.take(request_id))
             raise
-        assert output is not None
-        kept = self.loop.take_kept_kv(request_id)
-        reason = self._finish_reason(output, sampling, len(prompt_token_ids))
-        if reason is not None or kept is None:
-            if kept is not None:
-                self.engine.block_manager.release(kept.owner)
-            return dataclasses.replace(output, finish_reason=reason), False
+        done = self.held.take(request_id)
+        if done is None:  # aborted as it finished: the abort freed its KV
+            raise RequestAborted("aborted")
+        kv = None if ship_to is None else self._ship(done, ship_to, trace_context)
+        if kv is None:
+            self._release(done)
+        return PrefillResult(done.first_token_id, done.logprobs, done.usage, kv)
+
+    def _ship(
+        self, done: Prefilled, decode_id: str, trace_context: dict[str, str] | None
+    ) -> KVHandle:
+        """Submit a finished prefill's KV to the pair with `decode_id`; its handle. On any
+        error the KV is released before it is raised."""
         sender = self.senders.get(decode_id)
         if sender is None:
-            self.engine.block_manager.release(kept.owner)
+            self._release(done)
             raise WorkerUnavailable(f"no KV pair with decode worker {decode_id!r}")
+        request_id, kept = done.request_id, done.kv
+        handle = KVHandle(uuid.uuid4().hex, self.worker_id, decode_id, kept.num_tokens)
+        self._shipping[request_id] = (decode_id, handle.transfer_id)
         try:
             sender.submit(
                 request_id, kept.owner, kept.block_ids, kept.num_tokens,
-                transfer_id=transfer_id_for(request_id),
-                on_done=_trace_transfer(trace_context, self.worker_id) if trace_context else None,
+                transfer_id=handle.transfer_id,
+                on_done=self._transfer_done(request_id, trace_context),
             )  # fmt: skip
-        except ValueError:  # refused (e.g. a reused transfer id): the blocks are still ours
-            self.engine.block_manager.release(kept.owner)
+        except ValueError:  # refused: the blocks are still ours
+            self._shipping.pop(request_id, None)
+            self._release(done)
             raise
-        return dataclasses.replace(output, finished=False, finish_reason=None), True
+        return handle
+
+    def _release(self, done: Prefilled | None) -> None:
+        if done is not None:
+            self.engine.block_manager.release(done.kv.owner)
 
     def abort(self, request_id: str) -> None:
         """Abort a request: its prefill (here now or arriving later) and, if its KV is being
         shipped, the transfer (the decode worker frees what it reserved for it)."""
         super().abort(request_id)
-        transfer_id = transfer_id_for(request_id)
-        for sender in self.senders.values():
-            sender.abort(transfer_id, "request cancelled")
+        shipping = self._shipping.get(request_id)
+        if shipping is not None:
+            sender = self.senders.get(shipping[0])
+            if sender is not None:
+                sender.abort(shipping[1], "request cancelled")
 
     async def disconnect(self, decode_id: str) -> None:
         """Close the pair with a decode worker that left the pool (its transfers are over)."""
@@ -131,26 +163,22 @@ class PrefillWorker(WorkerBase):
             await asyncio.to_thread(sender.close)
             self.retired_metrics.absorb(sender.metrics)
 
-    def _finish_reason(
-        self, output: RequestOutput, params: SamplingParams, prompt_len: int
-    ) -> FinishReason | None:
-        """Whether the first token ends the real request (whose max_tokens may be > 1)."""
-        if output.finish_reason is FinishReason.STOP:
-            return FinishReason.STOP
-        if params.max_tokens == 1 or prompt_len + 1 >= self.engine.max_model_len:
-            return FinishReason.LENGTH
-        return None
+    def _transfer_done(
+        self, request_id: str, carrier: dict[str, str] | None
+    ) -> Callable[[TransferResult], None]:
+        """Forget a finished transfer and record it as a span of the request's trace (on the
+        sender's thread)."""
+        worker_id = self.worker_id
 
+        def done(result: TransferResult) -> None:
+            self._shipping.pop(request_id, None)
+            if carrier is None:
+                return
+            end = time.time()
+            record_span(
+                "tandem.kv_transfer", end - result.seconds, end, carrier,
+                **{"tandem.request_id": result.request_id, "tandem.worker": worker_id,
+                   "tandem.kv_bytes": result.num_bytes, "tandem.status": result.status.value},
+            )  # fmt: skip
 
-def _trace_transfer(carrier: dict[str, str], worker_id: str) -> Callable[[TransferResult], None]:
-    """Record a finished transfer as a span of the request's trace (on the sender's thread)."""
-
-    def done(result: TransferResult) -> None:
-        end = time.time()
-        record_span(
-            "tandem.kv_transfer", end - result.seconds, end, carrier,
-            **{"tandem.request_id": result.request_id, "tandem.worker": worker_id,
-               "tandem.kv_bytes": result.num_bytes, "tandem.status": result.status.value},
-        )  # fmt: skip
-
-    return done
+        return done

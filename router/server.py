@@ -35,6 +35,7 @@ from contracts.errors import (
     WorkerLost,
     WorkerUnavailable,
 )
+from contracts.handoff import PrefillResult
 from prefix_cache.index import PrefixLookup
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
@@ -259,37 +260,33 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     self.outputs.close(worker, attempt)
 
     async def _disaggregated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
-        """Prefill on one pool, decode on the other; the KV moves between them."""
+        """Prefill on one pool, decode on the other; the KV moves between them. The prefill's
+        PrefillResult (contracts.handoff) goes to the decode worker, which streams every
+        output, the first token's included: it owns the request's text."""
         member = self._place(self.decode, set(), None, span)
+        # A first token that surely ends the request needs no KV at the decode worker.
+        ship_to = None if _first_token_ends(request, self.model) else member.worker_id
         with assigned(member, len(request.prompt_token_ids)) as decode:
-            shipped: bool | None = None  # None: not known yet
             attempts: list[str] = []  # the prefill attempts' ids, the one that shipped last
             try:
-                first_output, shipped, dispatched = await self._prefill(
-                    request, member.worker_id, carrier, span, attempts
-                )
-                queued = _queued(first_output, arrival, dispatched)
-                yield _timed(request.request_id, first_output, arrival, queued)
+                result, dispatched = await self._prefill(request, ship_to, carrier, span, attempts)
             except _STOPPED:  # its KV may be on the way: the decode worker drops it
-                if shipped is not False and attempts:
+                if ship_to is not None and attempts:
                     decode.abort(attempts[-1])
                 raise
-            if not shipped:
-                return
-            finished = False
-            attempt = attempts[-1]  # the decode worker knows the KV by the attempt's id
+            first, finished = True, False
+            attempt = attempts[-1]  # the decode worker continues the prefill's attempt
             outputs = self.outputs.open(decode, attempt)
             try:
                 await decode.start_continue(
-                    self.outputs.subscriber, attempt, request.prompt_token_ids,
-                    first_output.new_token_ids[0], request.params, request.cache_salt, carrier,
+                    self.outputs.subscriber, attempt, request.prompt_token_ids, result,
+                    request.params, request.cache_salt, carrier,
                 )  # fmt: skip
                 async for output in _until_finished(outputs):
-                    response = _timed(request.request_id, output, arrival)
-                    if response.HasField("usage"):  # the prompt's cache hits were prefill's
-                        response.usage.cached_tokens = first_output.usage.cached_tokens
+                    queued = _queued(result, arrival, dispatched) if first else None
                     finished = output.finished
-                    yield response
+                    yield _timed(request.request_id, output, arrival, queued)
+                    first = False
             except _STOPPED:
                 if not finished:
                     decode.abort(attempt)
@@ -302,12 +299,12 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 self.outputs.close(decode, attempt)
 
     async def _prefill(
-        self, request: Any, decode_id: str, carrier: Any, span: Any, attempts: list[str]
-    ) -> tuple[Any, bool, float]:
-        """(the first token's output, whether its KV ships to decode worker `decode_id`,
-        when the prefill was dispatched). A prefill worker lost mid-prefill is replaced by
-        another for the same request: nothing has reached the client yet. Each attempt's id
-        is appended to `attempts` as it starts."""
+        self, request: Any, ship_to: str | None, carrier: Any, span: Any, attempts: list[str]
+    ) -> tuple[PrefillResult, float]:
+        """(the PrefillResult, its KV shipped to decode worker `ship_to` if not None; when the
+        prefill was dispatched). A prefill worker lost mid-prefill is replaced by another for
+        the same request: nothing has reached the client yet. Each attempt's id is appended
+        to `attempts` as it starts."""
         assert self.prefill is not None
         tried: set[Member] = set()
         cached = await self._cached_tokens(request)
@@ -320,11 +317,11 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             attempts.append(attempt)
             with assigned(member, _uncached(request, cached, member)) as worker:
                 try:
-                    output, shipped = await worker.prefill(
+                    result = await worker.prefill(
                         attempt, request.prompt_token_ids, request.params, request.cache_salt,
-                        decode_id, carrier,
+                        ship_to, carrier,
                     )  # fmt: skip
-                    return output, shipped, dispatched
+                    return result, dispatched
                 except WorkerLost as e:
                     self.prefill.mark_down(member)
                     _abandon(worker, attempt, e)
@@ -441,6 +438,14 @@ class _Seen:
 def _uncached(request: Any, cached: dict[Member, int] | None, member: Member) -> int:
     """The prompt tokens `member` will compute: its share of the pool's queue."""
     return len(request.prompt_token_ids) - (cached.get(member, 0) if cached is not None else 0)
+
+
+def _first_token_ends(request: Any, model: ServedModel) -> bool:
+    """Whether the first token ends the request whatever it is (max_tokens 1, or the context
+    full after it): its prefill then ships no KV."""
+    return bool(
+        request.params.max_tokens == 1 or len(request.prompt_token_ids) + 1 >= model.max_model_len
+    )
 
 
 def _queued(output: Any, arrival: float, dispatched: float) -> float:

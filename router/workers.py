@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+from contracts.handoff import PrefillResult
 from contracts.outputs import RequestOutput
 from contracts.sampling_params import SamplingParams
 
@@ -45,12 +46,13 @@ class WorkerClient(Protocol):
         subscriber: str,
         request_id: str,
         prompt_token_ids: list[int],
-        first_token_id: int,
+        prefill: PrefillResult,
         params: SamplingParams,
         cache_salt: str | None,
         trace_context: dict[str, str] | None,
     ) -> None:
-        """Decode a request prefilled elsewhere once its KV arrives; outputs as above."""
+        """Take over a request prefilled elsewhere: its outputs from the first token's on
+        arrive on `subscriber`'s stream (the KV named by `prefill.kv` joins when it lands)."""
         ...
 
     async def prefill(
@@ -59,10 +61,10 @@ class WorkerClient(Protocol):
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None,
-        decode_id: str,
+        ship_to: str | None,
         trace_context: dict[str, str] | None,
-    ) -> tuple[RequestOutput, bool]:
-        """(the first token's output, whether its KV ships to decode worker `decode_id`)."""
+    ) -> PrefillResult:
+        """Prefill a request, its KV shipped to decode worker `ship_to` (None: nowhere)."""
         ...
 
     def abort(self, request_id: str) -> None:

@@ -78,15 +78,16 @@ def test_idle_half_open_and_stale_connections_do_not_stall_pairing(
             sock.close()
     assert elapsed_s < FAST.connect_timeout_s, f"formation took {elapsed_s:.1f} s"
     deadline = time.monotonic() + 10
-    while len(decode.loop.receivers) != 1:  # the decode side adopted the pair
+    while len(decode.arrivals.receivers) != 1:  # the decode side adopted the pair
         assert time.monotonic() < deadline, "the decode worker never adopted the pair"
         time.sleep(0.01)
     # the pair works: a prompt's KV goes across
-    output, shipped = asyncio.run(
+    result = asyncio.run(
         prefill.prefill("r1", list(range(1, 20)), {"max_tokens": 4, "temperature": 0.0}, None,
                         "decode-0")
     )  # fmt: skip
-    assert shipped and output.new_token_ids
+    assert result.kv is not None and result.kv.decode_worker == "decode-0"
+    assert result.kv.num_tokens == 19 and result.usage.prompt_tokens == 19
     deadline = time.monotonic() + 20
     while asyncio.run(decode.stats()).kv.transfers_completed != 1:
         assert time.monotonic() < deadline, "the KV never arrived"
@@ -119,7 +120,7 @@ def test_a_peer_without_the_secret_is_refused_before_any_block_is_reserved(
     while asyncio.run(decode.stats()).kv.pairs_refused != 3:
         assert time.monotonic() < deadline, asyncio.run(decode.stats()).kv.pairs_refused
         time.sleep(0.01)
-    assert decode.loop.receivers == []
+    assert decode.arrivals.receivers == []
     assert decode.engine.block_manager.num_free_blocks == free_blocks
     asyncio.run(decode.check_integrity())
     # the cluster's own prefill worker still pairs

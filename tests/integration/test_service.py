@@ -388,3 +388,46 @@ def test_health_reports_each_pool_and_reflection_lists_the_api(service: RunningS
         assert response.status == health_pb2.HealthCheckResponse.SERVING, name
     services = ProtoReflectionDescriptorDatabase(service.channel).get_services()
     assert "tandem.v1.Tandem" in services and "grpc.health.v1.Health" in services
+
+
+# The first token through the service, streamed as the single engine streams it. In the
+# disaggregated mode the prefill worker samples it and the decode worker turns it into text,
+# so these cases catch a handoff that ends the text early or decides the finish twice.
+BYTE_C3 = 142  # the default model's byte-fallback token for 0xC3: half of a 2-byte character
+EOS = 2  # the default model's end-of-sequence token
+FIRST_TOKEN_CASES = {
+    "partial-utf8": ("The capital of France is", {"max_tokens": 4, "logit_bias": {BYTE_C3: 15.0}}),
+    "partial-utf8-only-token": (
+        "The capital of France is", {"max_tokens": 1, "logit_bias": {BYTE_C3: 15.0}}
+    ),
+    "stop-string-over-tokens-1-2": ("The capital of France is", {"max_tokens": 8, "stop": ["s."]}),
+    "eos-first": ("The capital of France is", {"max_tokens": 8, "logit_bias": {EOS: 100.0}}),
+}  # fmt: skip
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+@pytest.mark.parametrize("case", list(FIRST_TOKEN_CASES))
+def test_first_token_edge_cases_stream_as_on_the_single_engine(
+    service: RunningService, default_model_engine: Engine, case: str
+) -> None:
+    prompt, fields = FIRST_TOKEN_CASES[case]
+    bias = fields.get("logit_bias", {})
+    sampling = pb.SamplingParameters(
+        temperature=0.0, max_tokens=fields["max_tokens"], stop=fields.get("stop", []),
+        logit_bias=bias,
+    )  # fmt: skip
+    params = SamplingParams(
+        temperature=0.0, max_tokens=fields["max_tokens"], stop=tuple(fields.get("stop", ())),
+        logit_bias=tuple(bias.items()),
+    )  # fmt: skip
+    responses = generate(service.stub, text=prompt, sampling=sampling)
+    expected = list(default_model_engine.stream(f"first-{case}", prompt, params))
+    got = [(list(r.token_ids), r.text) for r in responses]
+    assert got == [(list(o.new_token_ids), o.text_delta) for o in expected]
+    last, reference = responses[-1], expected[-1]
+    assert reference.finish_reason is not None
+    assert last.finish_reason == FINISH[reference.finish_reason.value]
+    usage = (last.usage.prompt_tokens, last.usage.cached_tokens, last.usage.completion_tokens)
+    assert usage == (reference.usage.prompt_tokens, 0, reference.usage.completion_tokens)
+    assert reference.usage.cached_tokens == 0  # a prompt shorter than one block
+    # clean_workers then checks that no KV block is left on either side

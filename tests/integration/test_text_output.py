@@ -178,3 +178,45 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
     batched = engine.generate([other_prompt, prompt], params(7))[1]
     assert batched.token_ids == first.token_ids
     engine.check_integrity()
+
+
+# The engine's two ends of the prefill -> decode handoff, with the real tokenizer: a request
+# prefilled (prefill_only) and taken over (add_remote_request, attach_kv) streams exactly what
+# the same request streams on one engine, however its first token ends or splits the text.
+# Both ends run on one engine here (the KV changes owner without a copy; the copy and the
+# transport are tested in tests/unit/test_engine_kv_handoff.py and the kvtransfer tests).
+BYTE_C3 = 142  # half of a 2-byte UTF-8 character
+HANDOFF_CASES = {
+    "partial-utf8-first": SamplingParams(max_tokens=4, logit_bias=((BYTE_C3, 15.0),)),
+    "partial-utf8-only": SamplingParams(max_tokens=1, logit_bias=((BYTE_C3, 15.0),)),
+    "stop-over-tokens-1-2": SamplingParams(max_tokens=8, stop=("s.",)),
+    "eos-first": SamplingParams(max_tokens=8, logit_bias=((2, 100.0),)),
+}
+
+
+@pytest.mark.parametrize("case", list(HANDOFF_CASES))
+def test_a_handed_off_request_streams_as_on_one_engine(engine: Engine, case: str) -> None:
+    params = HANDOFF_CASES[case]
+    prompt = engine.tokenize_prompt("The capital of France is", None, None)
+    expected = list(engine.stream(f"one-{case}", None, params, prompt_token_ids=prompt))
+    engine.add_request(f"p-{case}", None, params, prompt_token_ids=prompt, prefill_only=True)
+    while not (done := engine.take_prefilled()):
+        assert engine.step() == []  # prefill: no text, no finish
+    (prefilled,) = done
+    first = engine.add_remote_request(
+        f"d-{case}", prompt, prefilled.first_token_id, params, prefill_usage=prefilled.usage
+    )
+    got = [first]
+    if first.finished:
+        assert engine.block_manager.release(prefilled.kv.owner)
+    else:
+        engine.attach_kv(f"d-{case}", prefilled.kv.owner)
+        while engine.has_unfinished_requests():
+            got += engine.step()
+    assert [(o.new_token_ids, o.text_delta, o.finish_reason) for o in got] == [
+        (o.new_token_ids, o.text_delta, o.finish_reason) for o in expected
+    ]
+    counts = [(u.prompt_tokens, u.cached_tokens, u.completion_tokens)
+              for u in (got[-1].usage, expected[-1].usage)]  # fmt: skip
+    assert counts[0] == counts[1]
+    engine.check_integrity()

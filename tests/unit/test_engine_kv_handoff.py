@@ -1,7 +1,9 @@
-"""The engine ends of a KV transfer, in one process: a prefill engine pins a finished
-request's KV (keep_kv), its blocks are copied into blocks a decode engine reserved, and the
-decode engine continues the request (add_transferred_request) exactly as one engine would.
-The transport between them is tested in tests/integration/test_kvtransfer_protocol.py."""
+"""The engine ends of a KV transfer, in one process: a prefill engine runs a request
+prefill_only (first token sampled, no text, no finish, prompt KV pinned), its blocks are copied
+into blocks a decode engine reserved, and the decode engine takes the request over
+(add_remote_request: the first token's text and finish; attach_kv: the KV) exactly as one
+engine would. The transport between them is tested in
+tests/integration/test_kvtransfer_protocol.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import dataclasses
 import pytest
 
 from contracts.errors import InvalidRequest
+from contracts.outputs import FinishReason
 from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
 from kvtransfer.coalesce import gather_blocks, scatter_blocks
@@ -20,12 +23,12 @@ def prefill_and_hand_off(
     prefill: Engine, decode: Engine, request_id: str, prompt: list[int], params: SamplingParams
 ) -> list[int]:
     """Prefill on one engine, move the KV, decode on the other; the decode's token ids."""
-    first_only = dataclasses.replace(params, max_tokens=1)  # as the prefill worker does
-    prefill.add_request(request_id, None, first_only, prompt_token_ids=prompt, keep_kv=True)
-    (first,) = [o for o in prefill.step() if o.request_id == request_id]
-    assert first.finished
-    kept = prefill.take_kept_kv(request_id)
-    assert kept is not None and kept.num_tokens == len(prompt)
+    prefill.add_request(request_id, None, params, prompt_token_ids=prompt, prefill_only=True)
+    while not (done := prefill.take_prefilled()):
+        assert [o for o in prefill.step() if o.request_id == request_id] == []  # no text
+    (prefilled,) = done
+    kept = prefilled.kv
+    assert kept.num_tokens == len(prompt) and prefilled.usage.prompt_tokens == len(prompt)
     owner = f"in:{request_id}"
     dst = decode.block_manager.reserve(owner, len(kept.block_ids))
     assert dst is not None
@@ -33,10 +36,14 @@ def prefill_and_hand_off(
     scatter_blocks(decode.runner.kv_cache, dst, staging)
     assert prefill.block_manager.release(kept.owner)
     prefill.check_integrity()
-    output = decode.add_transferred_request(
-        request_id, prompt, first.new_token_ids[0], params, kv_owner=owner
+    output = decode.add_remote_request(
+        request_id, prompt, prefilled.first_token_id, params, prefill_usage=prefilled.usage
     )
     tokens = list(output.new_token_ids)
+    if output.finished:
+        assert decode.block_manager.release(owner)
+        return tokens
+    decode.attach_kv(request_id, owner)
     while decode.has_unfinished_requests():
         tokens += [
             t for out in decode.step() if out.request_id == request_id for t in out.new_token_ids
@@ -117,4 +124,39 @@ def test_add_transferred_request_rejects_bad_input_and_keeps_blocks() -> None:
     assert not engine.has_unfinished_requests()
     engine.check_integrity(holders=["in:t"])
     assert engine.block_manager.release("in:t")
+    engine.check_integrity()
+
+
+def test_a_prefill_only_request_ends_prefilled_without_text_or_finish() -> None:
+    engine = make_engine()
+    prompt = prompt_ids(seed=2, length=9)
+    params = greedy(max_tokens=1)  # even a request the first token ends: decode decides that
+    (expected,) = make_engine().generate([prompt], params)
+    engine.add_request("p", None, params, prompt_token_ids=prompt, prefill_only=True)
+    assert engine.step() == []  # no output: no text, no finish reason
+    (done,) = engine.take_prefilled()
+    assert engine.take_prefilled() == [], "each once"
+    assert done.first_token_id == expected.token_ids[0]
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (len(prompt), 1)
+    assert len(done.kv.block_ids) == 3 and not engine.has_unfinished_requests()
+    with pytest.raises(AssertionError, match="leaked"):
+        engine.check_integrity()  # the KV is held for its transfer
+    engine.check_integrity(holders=[done.kv.owner])
+    assert engine.block_manager.release(done.kv.owner)
+    engine.check_integrity()
+
+
+def test_a_request_awaiting_its_kv_can_be_aborted_and_its_first_token_can_end_it() -> None:
+    engine = make_engine()
+    prompt = prompt_ids(seed=4, length=7)
+    first = engine.add_remote_request("w", prompt, 5, greedy(max_tokens=4))
+    assert first.new_token_ids == (5,) and not first.finished
+    assert not engine.has_unfinished_requests()  # nothing to step before its KV is here
+    closing = engine.abort_request("w")
+    assert closing is not None and closing.finish_reason is FinishReason.ABORT
+    with pytest.raises(ValueError, match="not awaiting"):
+        engine.attach_kv("w", None)
+    only = engine.add_remote_request("one", prompt, 5, greedy(max_tokens=1))
+    assert only.finished and only.finish_reason is FinishReason.LENGTH
+    assert only.usage.completion_tokens == 1 and engine.abort_request("one") is None
     engine.check_integrity()

@@ -1,7 +1,8 @@
-"""The EngineLoop that drives a worker's engine from one thread for asyncio callers: outputs
-equal the engine's own, aborts free the request whether they come during it or before it, a
-failed KV transfer ends its waiting request at once, KV whose request was aborted before it
-came is freed as it comes, a failed engine fails fast."""
+"""The EngineLoop that drives a worker's engine from one thread for asyncio callers, and the
+decode role's KV arrivals on it: outputs equal the engine's own, aborts free the request
+whether they come during it or before it, a continued request's first output comes before
+its KV, a failed KV transfer ends its waiting request at once, KV whose request was aborted
+(or ended at its first token) is freed as it comes, a failed engine fails fast."""
 
 from __future__ import annotations
 
@@ -11,12 +12,28 @@ from typing import Any
 import pytest
 
 from contracts.errors import RequestAborted, WorkerUnavailable
-from contracts.outputs import FinishReason
+from contracts.handoff import KVHandle, PrefillResult
+from contracts.outputs import FinishReason, Usage
 from contracts.sampling_params import SamplingParams
-from decode_worker.engine_loop import EngineLoop
-from kvtransfer.protocol import TransferMetrics, TransferResult, TransferStatus, transfer_id_for
+from decode_worker.kv_arrivals import KVArrivals
+from kvtransfer.protocol import TransferMetrics, TransferResult, TransferStatus
 from kvtransfer.receiver import ReceivedKV
 from tests.conftest import greedy, make_engine, prompt_ids
+from worker.engine_loop import EngineLoop
+
+
+def decode_loop(*receivers: Any) -> tuple[EngineLoop, KVArrivals]:
+    """An engine loop in the decode role, its KV coming through `receivers`."""
+    engine = make_engine()
+    arrivals = KVArrivals(engine.block_manager.release)
+    arrivals.receivers.extend(receivers)
+    return EngineLoop(engine, arrivals), arrivals
+
+
+def prefilled(request_id: str, prompt: list[int], first_token_id: int) -> PrefillResult:
+    """What a prefill worker returns for `request_id`, its KV named `t-<request_id>`."""
+    handle = KVHandle(f"t-{request_id}", "prefill-0", "decode-0", len(prompt))
+    return PrefillResult(first_token_id, None, Usage(len(prompt), 0, 1), handle)
 
 
 async def drain(stream: asyncio.Queue[Any]) -> list[Any]:
@@ -72,6 +89,9 @@ class FailedTransfers:
     """A receiver whose transfers all failed (the real KVReceiver is tested across processes
     in tests/integration/test_kvtransfer_protocol.py)."""
 
+    failure = None  # the pair itself is fine
+    num_live = 0
+
     def poll(self) -> list[Any]:
         return []
 
@@ -83,15 +103,17 @@ class FailedTransfers:
 
 
 def test_a_request_whose_kv_transfer_failed_ends_at_once() -> None:
-    loop = EngineLoop(make_engine())
-    loop.receivers.append(FailedTransfers())
+    loop, arrivals = decode_loop(FailedTransfers())
 
     async def main() -> list[Any]:
-        params = greedy(max_tokens=5)
-        return await drain(loop.submit("r", prompt_ids(1, 6), params, first_token_id=3))
+        params, prompt = greedy(max_tokens=5), prompt_ids(1, 6)
+        return await drain(
+            arrivals.submit(loop, "r", prompt, prefilled("r", prompt, 3), params, None)
+        )
 
     try:
-        (error,) = asyncio.run(main())  # drain's 30 s timeout: well before kv_wait_s
+        first, error = asyncio.run(main())  # drain's 30 s timeout: well before kv_wait_s
+        assert first.new_token_ids == (3,) and not first.finished  # sent before the KV came
         assert isinstance(error, WorkerUnavailable)
         assert "failed: peer process died" in str(error)
         assert loop.num_requests == 0
@@ -101,9 +123,6 @@ def test_a_request_whose_kv_transfer_failed_ends_at_once() -> None:
 
 class NoRoomForKV(FailedTransfers):
     """A receiver that refused every transfer: this worker had no free blocks for it."""
-
-    failure = None  # the pair itself is fine
-    num_live = 0
 
     def result(self, transfer_id: str) -> TransferResult:
         return TransferResult(
@@ -121,17 +140,16 @@ def test_a_request_whose_kv_had_no_room_here_is_recomputed_not_failed(seed: int 
     if seed is not None:
         params = SamplingParams(max_tokens=6, temperature=0.8, seed=seed, ignore_eos=True)
     (expected,) = make_engine().generate([prompt], params)
-    loop = EngineLoop(make_engine())
-    loop.receivers.append(NoRoomForKV())
+    loop, arrivals = decode_loop(NoRoomForKV())
 
     async def main() -> list[Any]:
-        first = expected.token_ids[0]
-        return await drain(loop.submit("r", prompt, params, first_token_id=first))
+        result = prefilled("r", prompt, expected.token_ids[0])
+        return await drain(arrivals.submit(loop, "r", prompt, result, params, None))
 
     try:
         outputs = asyncio.run(main())
         assert not any(isinstance(o, BaseException) for o in outputs), outputs
-        assert [t for o in outputs for t in o.new_token_ids] == expected.token_ids[1:]
+        assert [t for o in outputs for t in o.new_token_ids] == expected.token_ids
         assert outputs[-1].usage.completion_tokens == len(expected.token_ids)
         assert loop.num_requests == 0
         loop.call(lambda engine: engine.check_integrity())
@@ -180,20 +198,19 @@ class GonePair:
 
 
 def test_receivers_of_pairs_that_are_gone_are_dropped_keeping_their_counts() -> None:
-    loop = EngineLoop(make_engine())
     gone, holding, healthy = (
         GonePair("peer left", []),
         GonePair("peer left", ["kv:x"]),
         GonePair(None, []),
     )
-    loop.receivers.extend([gone, holding, healthy])
+    loop, arrivals = decode_loop(gone, holding, healthy)
     try:
         loop.call(lambda engine: None)  # one turn of the engine thread
         loop.wake()
         loop.call(lambda engine: None)
-        assert loop.receivers == [holding, healthy]  # one still holds KV; one is live
-        assert loop.retired_metrics.bytes_received == 1000
-        assert loop.retired_metrics.transfers_completed == 2
+        assert arrivals.receivers == [holding, healthy]  # one still holds KV; one is live
+        assert arrivals.retired_metrics.bytes_received == 1000
+        assert arrivals.retired_metrics.transfers_completed == 2
     finally:
         loop.stop()
 
@@ -212,7 +229,7 @@ class LateArrivals:
         """Reserve two blocks for `request_id`'s KV and complete its transfer; the owner."""
         owner = f"kv-in:{request_id}"
         blocks = engine.block_manager.reserve(owner, 2)
-        transfer_id = transfer_id_for(request_id)
+        transfer_id = f"t-{request_id}"  # as `prefilled` names it
         self.ready.append(ReceivedKV(transfer_id, request_id, owner, tuple(blocks), 20, 0.0))
         return owner
 
@@ -234,9 +251,8 @@ def test_kv_arriving_after_its_request_was_aborted_is_freed_as_it_arrives() -> N
     """The abort of a request overtakes its transfer's Offer (the router gave up during the
     prefill): the KV is released at arrival, not held as unclaimed for UNCLAIMED_KV_S. KV of
     a request nobody aborted stays for its continue call."""
-    loop = EngineLoop(make_engine())
     receiver = LateArrivals()
-    loop.receivers.append(receiver)
+    loop, arrivals = decode_loop(receiver)
     try:
         loop.abort("gave-up")
         loop.call(lambda engine: None)  # the abort is taken: nothing of it is here yet
@@ -245,14 +261,43 @@ def test_kv_arriving_after_its_request_was_aborted_is_freed_as_it_arrives() -> N
         loop.wake()
         loop.call(lambda engine: None)  # a turn that polls the arrivals
         loop.wake()
-        held = loop.call(lambda engine: (loop.transfer_holders(),
+        held = loop.call(lambda engine: (arrivals.holders(),
                                          engine.block_manager.num_free_blocks,
                                          engine.block_manager.num_blocks))  # fmt: skip
         assert held == (["kv-in:kept"], held[2] - 2, held[2])
         loop.abort("kept")  # now the other one's request gives up too: freed at once
         loop.call(lambda engine: None)
         free = loop.call(lambda engine: engine.block_manager.num_free_blocks)
-        assert free == held[2] and loop.call(lambda engine: loop.transfer_holders()) == []
+        assert free == held[2] and loop.call(lambda engine: arrivals.holders()) == []
+        loop.call(lambda engine: engine.check_integrity())
+    finally:
+        loop.stop()
+
+
+def test_kv_of_a_request_its_first_token_ended_is_freed_as_it_arrives() -> None:
+    """The decode side owns the first token's finish: a first token that ends the request
+    (here max_tokens=1; EOS or a stop string alike) closes it at once, and the KV the
+    prefill worker shipped anyway is released when it lands, not held as unclaimed."""
+    receiver = LateArrivals()
+    loop, arrivals = decode_loop(receiver)
+    prompt = prompt_ids(3, 6)
+
+    async def main() -> list[Any]:
+        result = prefilled("one", prompt, 9)
+        return await drain(arrivals.submit(loop, "one", prompt, result, greedy(max_tokens=1), None))
+
+    try:
+        (only,) = asyncio.run(main())
+        assert only.new_token_ids == (9,) and only.finish_reason is FinishReason.LENGTH
+        assert only.usage.completion_tokens == 1 and only.usage.prompt_tokens == len(prompt)
+        loop.call(lambda engine: receiver.arrive(engine, "one"))
+        loop.wake()
+        loop.call(lambda engine: None)  # a turn that polls the arrival
+        loop.wake()
+        free, total = loop.call(lambda engine: (engine.block_manager.num_free_blocks,
+                                                engine.block_manager.num_blocks))  # fmt: skip
+        assert free == total and loop.call(lambda engine: arrivals.holders()) == []
+        assert loop.num_requests == 0
         loop.call(lambda engine: engine.check_integrity())
     finally:
         loop.stop()

@@ -1,4 +1,4 @@
-"""decode_worker.outbox: many requests' outputs handed over in batches."""
+"""worker.outbox: many requests' outputs handed over in batches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from contracts.errors import InvalidRequest
-from decode_worker.outbox import Outbox
+from worker.outbox import Outbox
 
 
 async def outputs_of(items: list[object], finished: asyncio.Event | None = None) -> AsyncIterator:

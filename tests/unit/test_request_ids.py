@@ -70,8 +70,7 @@ def test_the_client_id_is_echoed_but_never_reaches_a_worker(disaggregated: bool)
         )
         responses = []
         for _ in range(2):  # the same id twice in sequence: both served
-            token = 12 if disaggregated else FIRST_TOKEN  # disaggregated: after prefill's
-            decode.batches.put_nowait([("r1", _output("r1", token, finished=True))])
+            decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN, finished=True))])
             responses += [r async for r in servicer.Generate(_request(), _Context())]
         assert {r.request_id for r in responses} == {"r1"}
         ids = _worker_ids(decode, *([prefill] if prefill else []))

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import pytest
 
 from contracts.errors import WorkerLost
+from contracts.handoff import KVHandle, PrefillResult
 from contracts.outputs import FinishReason, RequestOutput, Usage
 from proto.tandem.v1 import tandem_pb2 as pb
 from router.placement import Member
@@ -36,8 +37,9 @@ def _output(request_id: str, token: int, finished: bool = False) -> RequestOutpu
 
 
 class FakeWorker:
-    """A worker client (router.workers.WorkerClient) that prefills (returning the first
-    token, shipped) and streams whatever the test puts in `batches` through its `outputs`.
+    """A worker client (router.workers.WorkerClient) that prefills (returning a PrefillResult:
+    its KV shipped where the router says) and streams whatever the test puts in `batches`
+    through its `outputs` (a decode worker: the first token's output too).
 
     Tests name a request by its client id ("r1"); the router gives workers ids of its own
     (one per attempt), so a batch waits for a request to be started here and is delivered
@@ -46,9 +48,8 @@ class FakeWorker:
 
     issued: ClassVar[set[str]] = set()  # ids the router gave any fake worker (uuids: never reused)
 
-    def __init__(self, name: str, ships: bool = True, fails: BaseException | None = None) -> None:
+    def __init__(self, name: str, fails: BaseException | None = None) -> None:
         self.name = name
-        self.ships = ships  # prefill: whether the KV goes to a decode worker
         self.fails = fails  # raised by its start_generate / prefill calls
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.batches: asyncio.Queue[Any] = asyncio.Queue()
@@ -70,12 +71,16 @@ class FakeWorker:
     async def start_continue(self, subscriber: str, request_id: str, *args: Any) -> None:
         self._started("start_continue", subscriber, request_id, *args)
 
-    async def prefill(self, request_id: str, *args: Any) -> tuple[RequestOutput, bool]:
-        self.calls.append(("prefill", (request_id, *args)))
+    async def prefill(
+        self, request_id: str, prompt: list[int], params: Any, salt: Any, ship_to: Any, *rest: Any
+    ) -> PrefillResult:
+        self.calls.append(("prefill", (request_id, prompt, params, salt, ship_to, *rest)))
         FakeWorker.issued.add(request_id)
         if self.fails is not None:
             raise self.fails
-        return _output(request_id, FIRST_TOKEN, finished=not self.ships), self.ships
+        usage = Usage(prompt_tokens=len(PROMPT), cached_tokens=0, completion_tokens=1)
+        kv = None if ship_to is None else KVHandle("t", self.name, ship_to, len(PROMPT))
+        return PrefillResult(FIRST_TOKEN, None, usage, kv)
 
     def abort(self, request_id: str) -> None:
         self.calls.append(("abort", (request_id,)))
@@ -138,12 +143,10 @@ class FakeContext:
         raise AssertionError(f"unexpected abort: {code} {details}")
 
 
-def _servicer(
-    disaggregated: bool, ships: bool = True
-) -> tuple[TandemServicer, FakeWorker, FakeWorker | None]:
+def _servicer(disaggregated: bool) -> tuple[TandemServicer, FakeWorker, FakeWorker | None]:
     model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
     decode = FakeWorker("decode-0")
-    prefill = FakeWorker("prefill-0", ships) if disaggregated else None
+    prefill = FakeWorker("prefill-0") if disaggregated else None
     servicer = TandemServicer(
         model,
         FakePool("decode", [decode]),
@@ -181,8 +184,8 @@ def test_a_stream_closed_at_a_response_aborts_the_request(
     async def run() -> None:
         servicer, decode, _ = _servicer(disaggregated)
         stream = _stream(servicer, through_gate)
-        if not disaggregated:  # the first token comes from the worker's output stream
-            decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+        # the first token comes from the (decode) worker's output stream in both modes
+        decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
         if after == 2:
             decode.batches.put_nowait([("r1", _output("r1", 12))])
         for _ in range(after):
@@ -196,26 +199,25 @@ def test_a_stream_closed_at_a_response_aborts_the_request(
 
 
 @pytest.mark.parametrize(
-    "disaggregated, ships",
-    [(False, True), (True, True), (True, False)],
+    "disaggregated, num_outputs",
+    [(False, 1), (True, 2), (True, 1)],
     ids=["colocated", "disaggregated", "disaggregated-first-token-ends-it"],
 )
 def test_a_stream_closed_at_its_last_response_aborts_nothing(
-    disaggregated: bool, ships: bool
+    disaggregated: bool, num_outputs: int
 ) -> None:
     """Closed at the yield of the finished output (the write raced the deadline): the
     request is over on its worker, which is not sent an abort it would only remember."""
 
     async def run() -> None:
-        servicer, decode, prefill = _servicer(disaggregated, ships)
+        servicer, decode, prefill = _servicer(disaggregated)
         stream = _stream(servicer, through_gate=True)
-        if not disaggregated:
-            decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN, finished=True))])
-        elif ships:
-            decode.batches.put_nowait([("r1", _output("r1", 12, finished=True))])
-        response = await stream.__anext__()
-        if disaggregated and ships:
-            response = await stream.__anext__()  # the decode worker's last output
+        first = _output("r1", FIRST_TOKEN, finished=num_outputs == 1)
+        outputs = [first, _output("r1", 12, finished=True)][:num_outputs]
+        for output in outputs:
+            decode.batches.put_nowait([("r1", output)])
+        for _ in range(num_outputs):
+            response = await stream.__anext__()
         assert response.HasField("usage")  # the finished one
         await stream.aclose()
         assert decode.aborted() == []
@@ -230,8 +232,7 @@ def test_a_cancelled_stream_aborts_the_request(disaggregated: bool) -> None:
 
     async def run() -> None:
         servicer, decode, _ = _servicer(disaggregated)
-        if not disaggregated:
-            decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+        decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
         stream = servicer.Generate(_request(), FakeContext())
         await stream.__anext__()
         task = asyncio.ensure_future(stream.__anext__())  # waits: no more outputs come
@@ -247,6 +248,7 @@ def test_a_cancelled_stream_aborts_the_request(disaggregated: bool) -> None:
 def test_a_finished_request_is_not_aborted() -> None:
     async def run() -> None:
         servicer, decode, prefill = _servicer(True)
+        decode.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
         decode.batches.put_nowait([("r1", _output("r1", 12, finished=True))])
         responses = [r async for r in servicer.Generate(_request(), FakeContext())]
         assert [list(r.token_ids) for r in responses] == [[FIRST_TOKEN], [12]]

@@ -1,0 +1,48 @@
+"""The prefill -> decode handoff: what a prefill worker returns and the router passes on.
+
+    router --prefill(ship_to)--> prefill worker: prompt computed, first token sampled,
+                                 KV held for transfer (no text, no finish reason)
+    router <-- PrefillResult --  (first token, its logprobs, prefill's usage, KVHandle or None)
+    router --start_continue(PrefillResult)--> decode worker: owns the text from the first
+                                 token on; joins the KV named by the handle's transfer id
+
+The transfer id is minted once, by the prefill worker; nobody re-derives it. Plain frozen data,
+picklable across Ray; torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contracts.outputs import TokenLogprobs, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class KVHandle:
+    """A prompt's KV on its way from a prefill worker to a decode worker."""
+
+    transfer_id: str  # minted by the prefill worker for this transfer, unique
+    prefill_worker: str  # the sending worker's id
+    decode_worker: str  # the receiving worker's id
+    num_tokens: int  # tokens of KV shipped (the prompt)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.transfer_id, str) or not self.transfer_id:
+            raise ValueError(f"transfer_id={self.transfer_id!r} must be a non-empty str")
+        if self.num_tokens < 1:
+            raise ValueError(f"num_tokens={self.num_tokens} must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    """A finished prefill: the first token, sampled but not yet turned into text (the decode
+    worker does that, with the rest), and where the prompt's KV went.
+
+    kv None: no KV was shipped (the router said the first token ends the request, e.g.
+    max_tokens=1); the decode worker then only turns the first token into the closing output.
+    """
+
+    first_token_id: int
+    logprobs: TokenLogprobs | None  # of the first token, if the request asked for logprobs
+    usage: Usage  # the prefill's: prompt tokens, its prefix-cache hits, its queue time
+    kv: KVHandle | None

@@ -1,0 +1,200 @@
+"""The decode side of the handoff: requests prefilled elsewhere, joined to the KV their
+handle names (contracts.handoff.KVHandle) as it arrives through the pairs' receivers.
+
+    start_continue(PrefillResult) --> engine.add_remote_request: the first token's output at
+        once (this worker owns the text); the sequence waits for its KV (AWAITING_KV)
+    receiver.poll() --> ReceivedKV(transfer_id) --> engine.attach_kv: it joins the batch
+
+A request whose KV this worker had no room for (the receiver refused the transfer) is not
+failed after the first token the client already has: its prompt is recomputed here, the
+sequence waiting in the engine's queue until blocks free up. Any other transfer failure, or
+KV that does not come in time, fails the request with WorkerUnavailable. KV nobody will use
+(its request ended at the first token, was aborted, or never came) is freed as it arrives.
+Engine thread only (a LoopRole), except `submit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from contracts.errors import TandemError, WorkerUnavailable
+from contracts.handoff import PrefillResult
+from contracts.sampling_params import SamplingParams
+from kvtransfer.protocol import TransferMetrics
+from kvtransfer.receiver import KVReceiver
+from worker.engine_loop import EngineLoop, LoopRole, Submission, recalls, remember
+
+logger = logging.getLogger(__name__)
+
+UNCLAIMED_KV_S = 60.0  # transferred KV nobody continued within this is released
+# How a receiver refusing a transfer for lack of free blocks says so (kvtransfer.receiver).
+NO_ROOM_FOR_KV = "no free KV blocks"
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    request_id: str
+    deadline: float  # monotonic: fail the request if its KV has not arrived by then
+
+
+class KVArrivals(LoopRole):
+    """See the module docstring. `receivers` are appended (any thread) as pairs form."""
+
+    def __init__(self, release: Callable[[str], bool]) -> None:
+        """release: the engine's block_manager.release (frees KV by its owner)."""
+        self._release = release
+        self.receivers: list[KVReceiver] = []
+        self.retired_metrics = TransferMetrics()  # of receivers dropped after their pair failed
+        self._waiting: dict[str, _Waiting] = {}  # transfer id -> the request waiting for it
+        self._transfer_of: dict[str, str] = {}  # waiting request id -> its transfer id
+        self._arrived: dict[str, tuple[Any, float]] = {}  # transfer id -> (ReceivedKV, when)
+        self._dropped: OrderedDict[str, float] = OrderedDict()  # transfer ids -> expiry
+        # requests aborted before they came here: KV that arrives for them is freed
+        self._dropped_requests: OrderedDict[str, float] = OrderedDict()
+
+    def submit(
+        self,
+        loop: EngineLoop,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        prefill: PrefillResult,
+        params: SamplingParams,
+        cache_salt: str | None,
+        kv_wait_s: float = 30.0,
+    ) -> asyncio.Queue[Any]:
+        """Continue a request prefilled elsewhere (call from the worker's event loop): its
+        outputs from the first token on arrive on the returned queue; it waits up to
+        kv_wait_s for the KV its handle names."""
+        deadline = time.monotonic() + kv_wait_s
+        kv = prefill.kv
+        return loop.submit(
+            request_id, prompt_token_ids, params, cache_salt,
+            start=functools.partial(self._start, prefill=prefill, deadline=deadline),
+            on_refused=None if kv is None else functools.partial(self._drop, kv.transfer_id),
+        )  # fmt: skip
+
+    # -- engine thread --------------------------------------------------------------------------
+
+    def _start(
+        self, loop: EngineLoop, item: Submission, prefill: PrefillResult, deadline: float
+    ) -> None:
+        kv = prefill.kv
+        try:
+            output = loop.engine.add_remote_request(
+                item.request_id, item.prompt_token_ids, prefill.first_token_id, item.params,
+                cache_salt=item.cache_salt, logprobs=prefill.logprobs,
+                prefill_usage=prefill.usage,
+            )  # fmt: skip
+        except (TandemError, ValueError) as e:
+            if kv is not None:
+                self._drop(kv.transfer_id)
+            loop.deliver(item.request_id, e, done=True)
+            return
+        loop.deliver(item.request_id, output, done=output.finished)
+        if output.finished:  # the first token ended it: its KV, if any was sent, is nobody's
+            if kv is not None:
+                self._drop(kv.transfer_id)
+        elif kv is None:  # none was sent (the router expected the first token to end it)
+            loop.engine.attach_kv(item.request_id, None)
+        else:
+            self._waiting[kv.transfer_id] = _Waiting(item.request_id, deadline)
+            self._transfer_of[item.request_id] = kv.transfer_id
+
+    def abort(self, loop: EngineLoop, request_id: str) -> bool:
+        transfer_id = self._transfer_of.pop(request_id, None)
+        if transfer_id is not None:  # waiting for its KV: drop it (the engine aborts the rest)
+            del self._waiting[transfer_id]
+            self._drop(transfer_id)
+        elif not loop.has_stream(request_id):  # not here yet: its KV may come first
+            remember(self._dropped_requests, request_id)
+            for transfer_id, (kv, _) in list(self._arrived.items()):
+                if kv.request_id == request_id:
+                    del self._arrived[transfer_id]
+                    self._release(kv.owner)
+        return False
+
+    @property
+    def is_waiting(self) -> bool:
+        return bool(self._waiting)
+
+    def holders(self) -> list[str]:
+        held = [kv.owner for kv, _ in self._arrived.values()]
+        return held + [owner for r in self.receivers for owner in r.owners()]
+
+    def turn(self, loop: EngineLoop) -> None:
+        """Take the KV that arrived; join it to its request; expire both sides."""
+        now = time.monotonic()
+        release = self._release
+        for receiver in self.receivers:
+            for kv in receiver.poll():
+                if recalls(self._dropped, kv.transfer_id) or recalls(
+                    self._dropped_requests, kv.request_id
+                ):  # its request is gone, or ended at its first token
+                    release(kv.owner)
+                    continue
+                self._arrived[kv.transfer_id] = (kv, now)
+        for transfer_id in [t for t in self._waiting if t in self._arrived]:
+            waiting = self._forget(transfer_id)
+            kv, _ = self._arrived.pop(transfer_id)
+            try:
+                loop.engine.attach_kv(waiting.request_id, kv.owner)
+            except ValueError as e:
+                release(kv.owner)
+                loop.fail(waiting.request_id, e)
+        for transfer_id, waiting in list(self._waiting.items()):
+            failed = self._transfer_failure(transfer_id)
+            if failed is not None and NO_ROOM_FOR_KV in failed:
+                self._forget(transfer_id)
+                logger.info("request %s: no room for its KV here; recomputing its prompt when "
+                            "blocks free up", waiting.request_id)  # fmt: skip
+                loop.engine.attach_kv(waiting.request_id, None)
+            elif failed is not None or now > waiting.deadline:
+                self._forget(transfer_id)
+                why = failed or "it did not arrive in time"
+                error = WorkerUnavailable(f"the prompt's KV from the prefill worker failed: {why}")
+                loop.fail(waiting.request_id, error)
+        for transfer_id, (kv, when) in list(self._arrived.items()):
+            if now - when > UNCLAIMED_KV_S:  # its request never came (router gone): free it
+                del self._arrived[transfer_id]
+                release(kv.owner)
+        self._prune_receivers()
+
+    def _forget(self, transfer_id: str) -> _Waiting:
+        waiting = self._waiting.pop(transfer_id)
+        del self._transfer_of[waiting.request_id]
+        return waiting
+
+    def _prune_receivers(self) -> None:
+        """Drop receivers whose pair failed (their prefill worker died or left) once they hold
+        nothing: a pool that keeps changing must not leave a trail of them to poll. Their
+        counters carry on in `retired_metrics`."""
+        for receiver in list(self.receivers):
+            if receiver.failure is not None and receiver.num_live == 0 and not receiver.owners():
+                self.receivers.remove(receiver)
+                self.retired_metrics.absorb(receiver.metrics)
+
+    def _transfer_failure(self, transfer_id: str) -> str | None:
+        """Why a transfer ended without its KV (its sender died, aborted, ...), if it has."""
+        for receiver in self.receivers:
+            result = receiver.result(transfer_id)
+            if result is not None and not result.ok:
+                return f"{result.status.value}: {result.reason}"
+        return None
+
+    def _drop(self, transfer_id: str) -> None:
+        """Free the KV of a transfer whose request will not continue: arrived, still arriving,
+        or not offered yet (freed as it arrives, see `turn`)."""
+        arrived = self._arrived.pop(transfer_id, None)
+        if arrived is not None:
+            self._release(arrived[0].owner)
+            return
+        for receiver in self.receivers:  # in flight: freed once no data can land
+            receiver.abort(transfer_id, "request ended")
+        remember(self._dropped, transfer_id)  # complete but not polled yet, or not offered
