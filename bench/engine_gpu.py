@@ -1,27 +1,12 @@
 """Tandem's engine on one GPU against Hugging Face transformers, same shape, same run.
 
-Dummy (random) bf16 weights of a named shape (`--shape llama-3-8b` or `smollm2-135m`), random
-prompt token ids, greedy decoding that never stops early. Measured:
+Dummy bf16 weights of a named shape, random prompts, greedy decoding that never stops early:
+decode tokens/s by batch size (and batch-1 memory bandwidth), TTFT of one long prompt, and the
+same with transformers (eager; static cache, compiled, at batch 1). `--saturation-requests`
+adds bench.engine_saturation's rows; `--no-gemv`, `--pdl`, `--dense-prefill`,
+`--pinned-inputs` flip the engine's switches. How each number is timed: docs/benchmarks.md.
 
-- decode tokens/s at each batch size (`--batch-sizes`, default 1,16,64) with `--prompt-len`
-  prompts and `--new-tokens` new tokens: rate = batch * (new_tokens - 1) / (time from the
-  step that produced every first token to the last token); plus end-to-end output tokens/s.
-  At batch 1 also the achieved memory bandwidth: bytes read per step (all weights but the
-  embedding table, plus the KV cache of the average context) * steps/s, as % of the
-  `--peak-bandwidth` (3.0 TB/s measured on the lent H100s).
-- time to first token of a `--ttft-len` prompt (default 2,048), prefill in one chunk.
-- the same with transformers `generate` on a `LlamaForCausalLM` of that shape: eager (every
-  batch size), and `cache_implementation="static"`, which transformers compiles (batch 1:
-  compiling every batch size would cost minutes of GPU time each).
-
-Each number is the median of `--repeats` runs after a warm-up (min and max in the JSON).
-With `--saturation-requests N`, also `bench.engine_saturation`'s workload and bound in the same
-run (issue 19's rows: batch 1, batch 64, TTFT, saturation). `--no-gemv`, `--pdl`,
-`--dense-prefill` and `--pinned-inputs` flip the engine's switches (engine.kernels.gemv,
-engine.triton_attention, engine.cuda_graph).
-
-    python -m bench.engine_gpu --shape llama-3-8b [--batch-sizes 1,16,64] [--baselines
-        eager,static] [--repeats 3] [--out results.json]
+    python -m bench.engine_gpu --shape llama-3-8b [--batch-sizes 1,16,64] [--out results.json]
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""Where an engine step's time goes on one GPU: batch-1 decode, a 2,048-token prefill, and
-steps at saturation (Llama-3-8B shape, dummy bf16 weights).
-
-For each part: wall time per step split into host phases (schedule, model runner up to the
-launch of the last kernel, sampler including the wait for the GPU, scheduler update and
-output processing), and GPU kernel time per step grouped by kernel family (torch.profiler).
-With `--variants`, builds one engine per variant (`new`: the defaults with the GEMV on;
-`new-nogemv`: cuBLAS for single rows; `new+pdl`, `new+dense`, `new+pinned`: with those switches
-on; `main`: an older checkout's engine, run as `PYTHONPATH=<old checkout> python <this file>
---variants main`) and reports them side by side, same run, same card.
+"""Where an engine step's time goes on one GPU: batch-1 decode, a 2,048-token prefill and
+steps at saturation (Llama-3-8B shape, dummy bf16 weights): host phases per step and GPU
+kernel time by family (torch.profiler), for one engine per `--variants` entry side by side
+(`new`, `new-nogemv`, `new+pdl`, `new+dense`, `new+pinned`, `main`). Details:
+docs/benchmarks.md.
 
     python -m bench.engine_profile [--variants new,new-nogemv] [--trace-dir DIR] [--out F]
 """

@@ -1,18 +1,8 @@
 """FP8 weights and FP8 KV against bf16 on one GPU, Llama-3-8B shape (dummy weights), one run.
 
-Three engines, built one after another in this process, same shapes, same prompts:
-
-    bf16     bf16 weights, bf16 KV cache           (the baseline)
-    w8       FP8 W8A8 projections (torch._scaled_mm), bf16 KV
-    w8kv8    FP8 projections and the FP8 KV cache (e4m3 + a scale per token and kv head)
-
-Measured for each (median of `--repeats` after a warm-up; decode rates exclude prefill):
-- decode tokens/s at batch 1 (`--prompt-len` prompt, `--new-tokens` new tokens),
-- time to first token of a `--ttft-len` prompt (one chunk),
-- decode tokens/s at batch 64 (the FP8 KV question: no slower than bf16 KV?),
-- saturation: end-to-end output tokens/s of `--saturation-requests` requests arriving at once,
-- how many `--long-len`-token sequences the KV cache of `--kv-cache-gb` holds (from the
-  engine's block count; not run).
+Three engines in turn (bf16; FP8 W8A8 projections; FP8 projections and FP8 KV cache), same
+prompts: decode tokens/s at batch 1 and 64, TTFT of one long prompt, saturation output
+tokens/s, and how many long sequences the KV cache holds. Details: docs/benchmarks.md.
 
     python -m bench.fp8_gpu [--repeats 2] [--out $OUT/fp8_gpu.json]
 """

@@ -1,16 +1,11 @@
-"""The decode (or colocated) worker actor.
-
-Created by cluster.service with `ray.remote(num_gpus=..., ...)(EngineWorker)`; the class does
-not import Ray, so it is testable in-process, nor torch at import (see worker.base). Methods
-are async: Ray runs them on the actor's event loop, many requests at once, while the engine
-thread batches them.
+"""The decode (or colocated) worker actor, `EngineWorker`.
 
 Colocated: `start_generate` prefills and decodes here. Disaggregated: `open_endpoint` lets
-prefill workers pair with this one; `start_continue` takes over a request prefilled elsewhere
-from its `PrefillResult` (contracts.handoff): this worker turns every token into text, the
-first included, and joins the request to its batch once the KV its handle names has arrived
-(decode_worker.kv_arrivals). The outputs of both reach the router through its one `outputs`
-subscription (batched, worker.outbox).
+prefill workers pair with this one, and `start_continue` takes over a request prefilled
+elsewhere from its `PrefillResult`: this worker turns every token into text, the first
+included, and joins the request to its batch once its KV has arrived (kv_arrivals). Outputs
+reach the router through its one batched `outputs` subscription. Imports neither Ray nor
+torch at module level; docs/architecture.md has the handoff.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """The decode side of the handoff: requests prefilled elsewhere, joined to the KV their
-handle names (contracts.handoff.KVHandle) as it arrives through the pairs' receivers.
+`KVHandle` names as it arrives through the pairs' receivers (a `LoopRole` of the engine loop).
 
-    start_continue(PrefillResult) --> engine.add_remote_request: the first token's output at
-        once (this worker owns the text); the sequence waits for its KV (AWAITING_KV)
-    receiver.poll() --> ReceivedKV(transfer_id) --> engine.attach_kv: it joins the batch
-
-A request whose KV this worker had no room for (the receiver refused the transfer) is not
-failed after the first token the client already has: its prompt is recomputed here, the
-sequence waiting in the engine's queue until blocks free up. Any other transfer failure, or
-KV that does not come in time, fails the request with WorkerUnavailable. KV nobody will use
-(its request ended at the first token, was aborted, or never came) is freed as it arrives.
-Engine thread only (a LoopRole), except `submit`.
+The first token's output goes out at once; the sequence waits (AWAITING_KV) until its KV lands.
+No room for the KV: the prompt is recomputed here. Any other transfer failure, or KV that does
+not come in time: WorkerUnavailable. KV nobody will use is freed as it arrives. Engine thread
+only, except `submit`. Step by step: docs/architecture.md, "The prefill -> decode handoff".
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
-"""The prefill worker actor.
+"""The prefill worker actor, `PrefillWorker`.
 
-    prefill(request, ship_to):  run the prompt in the engine as prefill_only, batched with
-        other prompts (chunked prefill): the engine samples the first token and holds the
-        prompt's KV (prefill_worker.held_kv); no text, no finish decided here. Then the KV is
-        submitted to the KVSender of decode worker `ship_to`'s pair under a transfer id minted
-        here, once, and a PrefillResult (contracts.handoff: first token, usage, KVHandle)
-        returns to the router, which hands it to that decode worker. ship_to None (the router
-        knows the first token ends the request): the KV is released, nothing ships.
-
-Pairs with decode workers are formed on demand by `connect` (cluster.service calls it for
-every decode worker, and again for a replacement). Imports no torch at import (worker.base).
+`prefill(request, ship_to)` runs the prompt `prefill_only` (batched, chunked): the engine
+samples the first token and holds the KV (held_kv); no text, no finish decided here. The KV
+goes to the KVSender of decode worker `ship_to` under a transfer id minted here, once, and a
+`PrefillResult` returns to the router (ship_to None: the KV is released, nothing ships).
+Pairs form on demand (`connect`, called by the control plane). No torch at module level.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
-"""One engine driven by one thread, fed from asyncio: requests go in through a queue, outputs
-come back per request through asyncio queues on the caller's event loop.
-
-    async caller (Ray actor method)          engine thread
-      submit() -> asyncio.Queue  --inbox-->    add_request (or the submission's own start)
-                                               role.turn(); step(), step(), ...
-      await queue.get()  <--call_soon_threadsafe-- RequestOutput | Prefilled | exception
-      abort()                    --inbox-->    abort_request (frees its KV within a step)
-
-Role-neutral: what only one role keeps (the decode side's KV arrivals, the prefill side's KV
-held for transfer) lives in that role's package, as a `LoopRole` the loop calls on its thread.
-The engine is touched by the engine thread only (it is not thread-safe). An exception while
-stepping fails every request in flight with WorkerUnavailable and stops the loop: a worker in
-an unknown state must be replaced, not trusted. Imports no torch (the actor modules that import
-it are imported where Ray actors are created).
+"""One engine driven by one thread, fed from asyncio: `submit` puts a request on the inbox and
+returns an asyncio queue its outputs (RequestOutput, Prefilled or an exception) arrive on;
+`abort` frees a request's KV within a step. Role-neutral: what only one role keeps lives in
+that role's package as a `LoopRole` the loop calls each turn. Only the engine thread touches
+the engine; an exception while stepping fails every request in flight with WorkerUnavailable
+and stops the loop (a worker in an unknown state is replaced, not trusted). No torch at
+module level. The loop's picture: docs/architecture.md, "Workers".
 """
 
 from __future__ import annotations

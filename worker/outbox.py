@@ -1,18 +1,10 @@
 """Outputs of many requests, handed to their router in batches.
 
-A worker streams tokens to the router that submitted the requests. One Ray streaming call per
-request would carry one Ray object per token: at a few thousand tokens a second, a Python
-router and worker spend whole cores on per-object overhead (measured on 2x H100: both serving
-modes capped at ~26 requests/s, ~2,300 streamed tokens/s, with the GPUs mostly idle). Instead
-each router holds one streaming call per worker (`EngineWorker.outputs`), and every item of
-it is a batch: all the (request id, output or error) pairs produced since the last item.
-
-    engine thread --(one call_soon_threadsafe per step)--> per-request queues
-        per-request forwarders (tracing spans) --put--> Outbox(router)
-    Outbox.take() --one Ray object per batch--> router's OutputStreams --> per-request queues
-
-At low load a batch holds one output, as before; under load the batches grow with the
-backlog, so the per-object cost is paid per batch, not per token.
+Each router holds one streaming call per worker (`EngineWorker.outputs`) whose every item is
+a batch of all the (request id, output or error) pairs produced since the last item, instead
+of one Ray object per token (which capped both serving modes at ~26 requests/s on 2x H100).
+Under load batches grow with the backlog, so the per-object cost is paid per batch.
+Details: docs/architecture.md, "Workers".
 """
 
 from __future__ import annotations

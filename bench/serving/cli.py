@@ -1,14 +1,11 @@
 """`tandem bench`: measure a running service under load, or compare two results.
 
     tandem bench --target HOST:PORT [--workload random|shared-prefix|multi-turn|mixed]
-                 [--num-prompts N] [--request-rate R | --rates 1,2,4,8] [--burstiness B]
-                 [--concurrency C] [--num-warmup W] [--seed S] [--slo ttft=500ms,tpot=30ms]
-                 [--output results.json] [--no-plot] ...
+                 [--request-rate R | --rates 1,2,4,8] [--concurrency C] [--slo ...] ...
     tandem bench compare a.json b.json [--plot both.png]
 
-Importing this module is cheap (argparse only): `tandem --help` stays instant; grpc, the
-workloads and matplotlib load when a command runs. Exit codes: 0 done (failed requests are
-counted, not fatal), 2 bad arguments or an unreachable server.
+Importing this module is cheap (argparse only), so `tandem --help` stays instant. Exit codes:
+0 done (failed requests are counted, not fatal), 2 bad arguments or an unreachable server.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""Serving metrics from recorded timestamps, as pure functions (the definitions in
-docs/benchmarks.md, which are those of `vllm bench serve`):
-
-    TTFT  request sent -> first token received
-    TPOT  (end-to-end - TTFT) / (output tokens - 1), per request with more than one token
-    ITL   the gap between consecutive streamed chunks (a chunk may carry several tokens)
-    E2E   request sent -> stream ended
-    goodput  completed requests per second that met every given SLO
-
-Percentiles interpolate linearly between order statistics (numpy's default). Failed requests
-count in `num_failed` and `errors`, never in a latency or a throughput. Nothing here does I/O.
+"""Serving metrics from recorded timestamps, as pure functions: TTFT, TPOT, ITL, E2E and
+goodput as docs/benchmarks.md ("Limits and definitions") defines them, which are those of
+`vllm bench serve`. Percentiles interpolate linearly between order statistics (numpy's
+default). Failed requests count in `num_failed` and `errors`, never in a latency or a
+throughput. Nothing here does I/O.
 """
 
 from __future__ import annotations

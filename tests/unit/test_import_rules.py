@@ -1,9 +1,8 @@
 """Imports run one way (docs/architecture.md): the rules in one place, checked by parsing every
 module's imports (top-level and inside functions alike).
 
-KNOWN_CROSSINGS lists the imports of today's tree that break a rule; the typed-seams work
-(issue 18) removes them. The test fails on any crossing not listed, and on a listed one that is
-gone (so the list only shrinks).
+KNOWN_CROSSINGS lists imports that break a rule and are tolerated for now (none today). The
+test fails on any crossing not listed, and on a listed one that is gone (the list only shrinks).
 """
 
 from __future__ import annotations
