@@ -112,3 +112,26 @@ def test_tandem_bench_speaks_only_the_api() -> None:
         and not any(module == a or module.startswith(a + ".") for a in allowed)
     }
     assert not found, f"tandem bench imports beyond the API: {sorted(found)}"
+
+
+def _third_party(package: str) -> set[tuple[str, str]]:
+    """(module file, imported top-level module) for every import of `package` that is
+    neither the standard library nor a project package."""
+    import sys
+
+    found = set()
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for module in imports_of(path):
+            top = module.split(".")[0]
+            if top not in ALLOWED and top not in sys.stdlib_module_names and top != "__future__":
+                found.add((path.relative_to(ROOT).as_posix(), top))
+    return found
+
+
+def test_the_vocabulary_depends_on_nothing() -> None:
+    assert not _third_party("contracts"), "contracts/ imports only the standard library"
+
+
+def test_the_router_imports_neither_torch_nor_ray() -> None:
+    heavy = {(f, m) for f, m in _third_party("router") if m in {"torch", "triton", "ray"}}
+    assert not heavy, f"the router knows workers only as WorkerClients: {sorted(heavy)}"
