@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import os
 import secrets
 import signal
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.autoscaler import AutoscalingConfig, PoolScaler, pool_signals
+from cluster.autoscaler import AutoscalingConfig
 from cluster.membership import PoolMembership
 from cluster.ray_start import init_ray
-from cluster.workers import RayWorkerClient
+from cluster.scaling import Autoscaler
+from cluster.workers import RayWorkerClient, actor_of
 from contracts.workers import WorkerInfo
 from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
@@ -122,7 +121,6 @@ class Service:
         self._prefill_class: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._next_number = {"decode": 0, "prefill": 0}  # ids of workers added later
-        self._scaling: set[str] = set()  # pools with a change under way
         self.prefix_index: PrefixLookup | None = None
         self.metrics = ServiceMetrics()
         self.metrics_port: int | None = None  # bound, when serving /metrics
@@ -146,7 +144,7 @@ class Service:
 
     def _actors(self, pool: str) -> list[Any]:
         members = self.pools[pool].members() if pool in self.pools else ()
-        return [_actor(m) for m in members]
+        return [actor_of(m) for m in members]
 
     @property
     def disaggregated(self) -> bool:
@@ -249,7 +247,7 @@ class Service:
         if isinstance(self.prefix_index, LocalPrefixIndex):
             self._tasks.append(asyncio.create_task(self._drain_index(self.prefix_index)))
         if config.autoscaling.enabled:
-            self._tasks.append(asyncio.create_task(self._autoscale()))
+            self._tasks.append(asyncio.create_task(Autoscaler(self).run()))
         logger.info("serving %s on %s:%d with %s workers", model.model_id, config.host,
                     self.port, {p: len(pool) for p, pool in self.pools.items()})  # fmt: skip
 
@@ -347,7 +345,7 @@ class Service:
             pool = self._prefilling()
             calls = [
                 asyncio.wait_for(
-                    _actor(m).drain_cache_events.remote(index.next_drain_seq(m.worker_id)), 5.0
+                    actor_of(m).drain_cache_events.remote(index.next_drain_seq(m.worker_id)), 5.0
                 )
                 for m in pool.members()
             ]
@@ -361,10 +359,10 @@ class Service:
     async def _form_pairs(self) -> None:
         """A KV-transfer pair between every prefill and every decode worker."""
         decode, prefill = self.pools["decode"].members(), self.pools["prefill"].members()
-        addresses = await asyncio.gather(*(_actor(m).open_endpoint.remote() for m in decode))
+        addresses = await asyncio.gather(*(actor_of(m).open_endpoint.remote() for m in decode))
         await asyncio.gather(
             *(
-                self._connect(_actor(p), p.worker_id, d.worker_id, address)
+                self._connect(actor_of(p), p.worker_id, d.worker_id, address)
                 for p in prefill
                 for d, address in zip(decode, addresses, strict=True)
             )
@@ -378,11 +376,11 @@ class Service:
             address = await worker.open_endpoint.remote()
             prefill = self.pools["prefill"].members()
             await asyncio.gather(
-                *(self._connect(_actor(p), p.worker_id, worker_id, address) for p in prefill)
+                *(self._connect(actor_of(p), p.worker_id, worker_id, address) for p in prefill)
             )
         else:
             decode = self.pools["decode"].members()
-            addresses = await asyncio.gather(*(_actor(d).open_endpoint.remote() for d in decode))
+            addresses = await asyncio.gather(*(actor_of(d).open_endpoint.remote() for d in decode))
             await asyncio.gather(
                 *(
                     self._connect(worker, worker_id, d.worker_id, address)
@@ -416,7 +414,7 @@ class Service:
         metrics."""
         import ray
 
-        worker = _actor(member)
+        worker = actor_of(member)
         try:
             stats = await asyncio.wait_for(worker.stats.remote(), self.config.health_interval_s * 5)
         except asyncio.TimeoutError:
@@ -438,121 +436,39 @@ class Service:
         pairs before it takes requests."""
         if self._servicer is None or dead not in self.pools[pool]:
             return  # already replaced, or removed by scaling
-        worker_id = dead.worker_id
-        logger.warning("%s worker %s died; starting a replacement", pool, worker_id)
-        import ray
-
-        new, _ = self._spawn(pool, worker_id)
-        try:
-            info = await asyncio.wait_for(
-                new.model_info.remote(), self.config.worker_start_timeout_s
-            )
-            await self._pair_new(pool, new, worker_id)
-        except BaseException:  # the next check starts another: this one must not linger
-            ray.kill(new)
-            raise
-        # now it takes requests
-        self.pools[pool].replace(dead, RayWorkerClient(new, worker_id), info.index_key)
+        logger.warning("%s worker %s died; starting a replacement", pool, dead.worker_id)
+        client, info = await self.start_worker(pool, dead.worker_id)
+        self.pools[pool].replace(dead, client, info.index_key)  # now it takes requests
         self.num_replaced += 1
 
-    # -- autoscaling ----------------------------------------------------------------------------
+    async def start_worker(
+        self, pool: str, worker_id: str | None = None
+    ) -> tuple[RayWorkerClient, WorkerInfo]:
+        """A new worker for `pool` (under `worker_id`, or the pool's next id), loaded and, in
+        disaggregated mode, paired with every worker of the other pool; not in the pool yet.
+        A worker that fails to start is killed before the error propagates. On a Ray cluster
+        with an autoscaler (KubeRay), a worker that does not fit makes Ray ask for a node."""
+        import ray
 
-    async def _autoscale(self) -> None:
-        """Every interval, ask each pool's scaler for a size and apply it in the background
-        (one change per pool at a time): grow by starting and pairing workers, shrink by
-        draining one."""
-        scaling = self.config.autoscaling
-        scalers = {"decode": PoolScaler("decode", scaling.decode)}
-        if self.disaggregated:
-            scalers["prefill"] = PoolScaler("prefill", scaling.prefill)
-        while True:
-            await asyncio.sleep(scaling.interval_s)
-            assert self._servicer is not None
-            recent = self._servicer.recent_latencies()
-            now = time.monotonic()
-            for name, scaler in scalers.items():
-                loads = [m.load for m in self.pools[name].members()]
-                kind = name if self.disaggregated else "colocated"
-                live = [load for load in loads if not load.draining]
-                self.metrics.target_workers.labels(pool=name).set(len(live))
-                if name in self._scaling:
-                    continue
-                signals = pool_signals(kind, loads, recent)
-                decision = scaler.decide(len(live), signals, now)
-                if decision is None:
-                    continue
-                logger.info("autoscaling %s: %d -> %d workers (load %.2f: %s)", name,
-                            decision.current, decision.target, decision.load,
-                            {k: round(v, 2) for k, v in decision.signals.items()})  # fmt: skip
-                self.metrics.scaling_decisions.labels(pool=name, direction=decision.direction).inc()
-                self.metrics.target_workers.labels(pool=name).set(decision.target)
-                self._scaling.add(name)
-                task = asyncio.create_task(self._resize(name, decision.target - decision.current))
-                task.add_done_callback(functools.partial(self._resized, name))
-                self._tasks.append(task)
-
-    def _resized(self, pool: str, task: asyncio.Task[None]) -> None:
-        self._scaling.discard(pool)
-        if task in self._tasks:
-            self._tasks.remove(task)
-
-    async def _resize(self, pool: str, delta: int) -> None:
-        try:
-            if delta > 0:
-                await asyncio.gather(*(self._grow(pool) for _ in range(delta)))
-            else:
-                for _ in range(-delta):
-                    await self._shrink(pool)
-        except Exception:
-            logger.exception("resizing the %s pool by %+d failed", pool, delta)
-
-    async def _grow(self, pool: str) -> None:
-        """Add a worker. On a Ray cluster with an autoscaler (KubeRay), a worker that does not
-        fit makes Ray ask for a node; it joins when it has loaded and paired."""
-        new, worker_id = self._spawn(pool)
+        new, worker_id = self._spawn(pool, worker_id)
         try:
             info = await asyncio.wait_for(
                 new.model_info.remote(), self.config.worker_start_timeout_s
             )
             await self._pair_new(pool, new, worker_id)
-        except BaseException:
-            import ray
-
+        except BaseException:  # whoever asked tries again later: this one must not linger
             ray.kill(new)
             raise
-        self.pools[pool].add(RayWorkerClient(new, worker_id), info.index_key)
-        logger.info("%s worker %s joined the pool", pool, worker_id)
+        return RayWorkerClient(new, worker_id), info
 
-    async def _shrink(self, pool: str) -> None:
-        """Remove the least busy worker: drain it (no new requests), wait for what it has to
-        finish, unpair it, then stop it. No request is lost to scaling."""
+    async def retire_worker(self, pool: str, member: Member) -> None:
+        """Take a drained member out: unpair it, forget it in metrics and the index, stop it."""
         import ray
 
-        members = self.pools[pool]
-        candidates = [
-            (member.load.in_flight, index, member)
-            for index, member in enumerate(members.members())
-            if member.placeable
-        ]
-        if len(candidates) <= 1:
-            return
-        _, _, member = min(candidates, key=lambda c: c[:2])
-        worker, worker_id = _actor(member), member.worker_id
-        members.drain(member)
-        logger.info("%s worker %s draining", pool, worker_id)
-        deadline = time.monotonic() + self.config.autoscaling.drain_timeout_s
-        while time.monotonic() < deadline:
-            if member not in members:  # died and was replaced meanwhile: nothing to drain
-                return
-            stats = await worker.stats.remote()
-            if member.load.in_flight == 0 and not stats.num_requests:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            logger.warning("%s worker %s still busy after the drain timeout", pool, worker_id)
+        worker, worker_id = actor_of(member), member.worker_id
         if pool == "decode" and self.disaggregated:
             await asyncio.gather(*(p.disconnect.remote(worker_id) for p in self.prefill_workers))
-        members.remove(member)
+        self.pools[pool].remove(member)
         self.metrics.forget_worker(pool, worker_id)
         if isinstance(self.prefix_index, LocalPrefixIndex):
             self.prefix_index.forget(worker_id)
@@ -560,7 +476,10 @@ class Service:
             await asyncio.wait_for(worker.shutdown.remote(), 10)
         finally:
             ray.kill(worker)
-        logger.info("%s worker %s left the pool", pool, worker_id)
+
+    def recent_latencies(self) -> dict[str, list[float]]:
+        """The router's recent TTFTs and inter-token gaps (autoscaling signals)."""
+        return {} if self._servicer is None else self._servicer.recent_latencies()
 
 
 def warn_loopback_addresses(config: ServiceConfig) -> None:
@@ -656,10 +575,3 @@ def quiet_ray_startup() -> None:
 class _DashboardNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Failed to start the dashboard")
-
-
-def _actor(member: Member) -> Any:
-    """The Ray actor behind a member (the control plane calls its other methods)."""
-    client = member.client
-    assert isinstance(client, RayWorkerClient), client
-    return client.actor

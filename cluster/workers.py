@@ -18,6 +18,7 @@ import ray
 from contracts.errors import TandemError, WorkerLost
 from contracts.handoff import PrefillResult
 from contracts.sampling_params import SamplingParams
+from router.placement import Member
 from router.requests import params_to_dict
 from router.workers import OutputBatch
 
@@ -148,3 +149,10 @@ def translate(error: BaseException) -> TandemError:
             return cause
     logger.error("unexpected error from a worker", exc_info=error)
     return TandemError(f"internal error: {type(error).__name__}")
+
+
+def actor_of(member: Member) -> Any:
+    """The Ray actor behind a pool member (the control plane calls its other methods)."""
+    client = member.client
+    assert isinstance(client, RayWorkerClient), client
+    return client.actor
