@@ -25,17 +25,19 @@ from engine.block_hash import root_hash
 from engine.block_manager import BlockManager
 from engine.chat_template import ChatMessage
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, default_scheduler_config
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, RankFailed
 from engine.kv_quant import KV_FP8_DTYPE, packed_row_bytes
 from engine.llama import LlamaModel
 from engine.loader import converted, describe_model, load_weights, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
+from engine.parallel import TensorParallelGroup, encode_plan, start_ranks
 from engine.quantization import use_fp8_linears
 from engine.sampler import LogitBias, Sampler, SampleRow
 from engine.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, Usage
+from engine.sharding import ShardLayout, check_divisible, shard_layout, shard_weights
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,12 @@ class KeptKV:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    """tp_group: set only on ranks 1..N-1 of a tensor-parallel engine (engine.parallel starts
+    them); rank 0 is the Engine a caller makes with tensor_parallel_size=N, and starts them."""
+
+    def __init__(
+        self, config: EngineConfig | None = None, *, tp_group: TensorParallelGroup | None = None
+    ) -> None:
         self.config = config = config or EngineConfig()
         started = time.perf_counter()
         self.device = _pick_device(config.device)
@@ -74,6 +81,7 @@ class Engine:
         self.info, handle = describe_model(resolve_model(config.model), config.converted_cache)
         self.model_config = self.info.config
         self.tokenizer = self.info.tokenizer
+        self.tp = tp_group or self._start_tensor_parallel()
         self.model = self._build_model(handle)
         if self.device.type == "cuda" and config.triton_gemv:
             self.model.use_triton_gemv()
@@ -120,9 +128,27 @@ class Engine:
     def model_id(self) -> str:
         return self.info.source.model_id
 
+    def _start_tensor_parallel(self) -> TensorParallelGroup | None:
+        """At tensor_parallel_size N > 1: refuse a model that does not split N ways, then start
+        ranks 1..N-1. None at N = 1 (no process group at all)."""
+        size = self.config.tensor_parallel_size
+        if size == 1:
+            return None
+        check_divisible(self.model_config, size)
+        return start_ranks(self.config, self.device)
+
+    @property
+    def shard(self) -> ShardLayout | None:
+        """This rank's part of the model under tensor parallelism; None at TP=1."""
+        if self.tp is None:
+            return None
+        return shard_layout(self.model_config, self.tp.world_size, self.tp.rank)
+
     def _build_model(self, handle: object) -> LlamaModel:
+        shard = self.shard
+        shape = self.model_config if shard is None else shard.local_config(self.model_config)
         with torch.device("meta"):
-            model = LlamaModel(self.model_config, self.backend)
+            model = LlamaModel(shape, self.backend)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.rotary.float().init_tables()  # rotary tables stay fp32
         model.tie_embeddings()
@@ -131,15 +157,18 @@ class Engine:
         if quantized:
             use_fp8_linears(model, static_input_scale=bool(scheme and scheme.static_activations))
         source = self.info.source
+        # the converted cache holds whole models only
         cacheable = source.kind == "gguf" and self.config.converted_cache and not quantized
-        gguf = source.path if cacheable else None
+        gguf = source.path if cacheable and shard is None else None
         if gguf is None or not converted.load_parameters(gguf, model):
             # consumed as it is copied in: the checkpoint and the model are never both whole
-            model.load_weights(
-                load_weights(self.info, handle, self.dtype, self.config.seed, self.device)
-            )
+            weights = load_weights(self.info, handle, self.dtype, self.config.seed, self.device)
+            model.load_weights(weights if shard is None else shard_weights(weights, shard))
             if gguf is not None:
                 converted.store_parameters(gguf, model)
+        if shard is not None:
+            assert self.tp is not None
+            model.set_tensor_parallel(self.tp, shard)
         model.pack_for_cpu()
         return model.eval()
 
@@ -152,6 +181,12 @@ class Engine:
         return default_scheduler_config(self.device.type, total)
 
     def _num_kv_blocks(self) -> int:
+        """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
+        if self.tp is None:
+            return self._kv_blocks_that_fit()
+        return self.tp.agree_min(self._kv_blocks_that_fit())
+
+    def _kv_blocks_that_fit(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         budget = self.config.kv_cache_bytes or _default_kv_cache_bytes(
@@ -161,7 +196,7 @@ class Engine:
         return max(budget // per_block, 1)
 
     def _kv_bytes_per_token(self) -> int:
-        c = self.model_config
+        c = self.model.config  # this rank's KV heads only, under TP
         if self.kv_dtype == KV_FP8_DTYPE:  # e4m3 values and a 4-byte scale per row
             return 2 * c.num_layers * c.num_kv_heads * packed_row_bytes(c.head_dim)
         return c.kv_bytes_per_token(self.dtype.itemsize)
@@ -341,7 +376,10 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
-        logits = self.runner.execute(scheduled)
+        if self.tp is None:
+            logits = self.runner.execute(scheduled)
+        else:
+            logits = self._execute_on_all_ranks(scheduled)
         samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
         sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
         self.scheduler.update(scheduled, sampled.token_ids)
@@ -352,6 +390,29 @@ class Engine:
                 self._release(seq)
             outputs.append(output)
         return outputs
+
+    def _execute_on_all_ranks(self, scheduled: SchedulerOutput) -> torch.Tensor:
+        """Rank 0 under TP: send the step's plan to the other ranks, run its own shard with
+        them. Raises RankFailed (naming a dead rank, or the timeout) if any rank fails."""
+        assert self.tp is not None
+        self.tp.send_plan(encode_plan(scheduled))
+        try:
+            return self.runner.execute(scheduled)
+        except RuntimeError as e:  # gloo / NCCL: a peer closed its connection, or the timeout
+            raise self.tp.fail(e) from e
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and wait for them to exit (rank 0; nothing to do
+        at TP=1). Idempotent; the engine cannot step afterwards under TP."""
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.stop()
+            self.tp.failure = self.tp.failure or RankFailed("the engine was closed")
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         return SampleRow(
