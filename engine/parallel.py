@@ -59,6 +59,7 @@ HOST = "127.0.0.1"  # the ranks of one engine share a host
 STARTUP_TIMEOUT_S = 600.0  # every rank loads its shard and reports ready within this
 _FOLLOWER_WAIT = timedelta(days=365)  # followers wait for the next plan as long as it takes
 _PLAN_STEP, _PLAN_STOP = 1, 2
+_LOG_LEVEL_ENV = "TANDEM_TP_LOG_LEVEL"
 _EXIT_WAIT_S = 2.0  # after a failed collective: how long to wait for a dead rank's exit code
 
 
@@ -262,6 +263,7 @@ def _spawn(config: EngineConfig, rank: int, port: int) -> subprocess.Popen[bytes
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])  # where `engine` is importable from
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env[_LOG_LEVEL_ENV] = str(logging.getLogger().getEffectiveLevel())  # rank 0's verbosity
     command = [sys.executable, "-m", "engine.parallel", str(rank), str(port), _config_json(config)]
     return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
 
@@ -387,5 +389,6 @@ def _compute_group(
 
 if __name__ == "__main__":  # python -m engine.parallel RANK PORT CONFIG_JSON (start_ranks)
     _rank = int(sys.argv[1])
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{_rank} %(message)s")
+    _level = int(os.environ.get(_LOG_LEVEL_ENV, logging.WARNING))
+    logging.basicConfig(level=_level, format=f"%(asctime)s tp-rank-{_rank} %(message)s")
     follower_main(_config_from_json(sys.argv[3]), _rank, int(sys.argv[2]))
