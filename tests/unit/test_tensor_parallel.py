@@ -15,6 +15,7 @@ from engine.engine import Engine
 from engine.errors import RankFailed, TensorParallelShapeError
 from engine.model_config import NAMED_SHAPES, ModelConfig
 from engine.parallel import decode_plan, encode_plan
+from engine.sampler import TokenLogprobs
 from engine.sharding import check_divisible, shard_layout, shard_weights
 from tests.conftest import greedy, make_engine, prompt_ids
 
@@ -75,8 +76,7 @@ def test_engine_refuses_a_non_dividing_shape_at_start_up() -> None:
 
 
 def test_shard_weights_cuts_rows_columns_and_pads_the_vocabulary() -> None:
-    config = ModelConfig(9, 4, 6, 1, num_heads=2, num_kv_heads=1, head_dim=2,
-                         max_position_embeddings=8)  # fmt: skip
+    config = ModelConfig(9, 4, 6, 1, 2, 1, head_dim=2, max_position_embeddings=8)
     full = {
         "model.embed_tokens.weight": torch.arange(36.0).view(9, 4),
         "model.layers.0.self_attn.q_proj.weight": torch.arange(16.0).view(4, 4),
@@ -87,16 +87,14 @@ def test_shard_weights_cuts_rows_columns_and_pads_the_vocabulary() -> None:
         "model.layers.0.mlp.down_proj.weight": torch.arange(24.0).view(4, 6),
         "model.norm.weight": torch.ones(4),
     }
-    cut = shard_weights(dict(full), shard_layout(config, 2, 1))
-    assert torch.equal(cut["model.layers.0.self_attn.q_proj.weight"], full[
-        "model.layers.0.self_attn.q_proj.weight"][2:])  # fmt: skip
-    assert torch.equal(cut["model.layers.0.self_attn.q_proj.weight_scale"], torch.tensor([2.0, 3]))
-    assert cut["model.layers.0.self_attn.k_proj.weight_scale"].item() == 0.5  # per tensor
-    assert torch.equal(cut["model.layers.0.self_attn.o_proj.weight"], full[
-        "model.layers.0.self_attn.o_proj.weight"][:, 2:])  # fmt: skip
-    assert torch.equal(cut["model.layers.0.self_attn.o_proj.weight_scale"], torch.arange(4.0))
-    assert torch.equal(cut["model.layers.0.mlp.down_proj.weight"], full[
-        "model.layers.0.mlp.down_proj.weight"][:, 3:])  # fmt: skip
+    cut = shard_weights(dict(full), shard_layout(config, 2, 1))  # rank 1 of 2
+    attn, mlp = "model.layers.0.self_attn", "model.layers.0.mlp"
+    assert torch.equal(cut[f"{attn}.q_proj.weight"], full[f"{attn}.q_proj.weight"][2:])
+    assert torch.equal(cut[f"{attn}.q_proj.weight_scale"], torch.tensor([2.0, 3]))  # per row
+    assert cut[f"{attn}.k_proj.weight_scale"].item() == 0.5  # per tensor
+    assert torch.equal(cut[f"{attn}.o_proj.weight"], full[f"{attn}.o_proj.weight"][:, 2:])
+    assert torch.equal(cut[f"{attn}.o_proj.weight_scale"], torch.arange(4.0))  # output: whole
+    assert torch.equal(cut[f"{mlp}.down_proj.weight"], full[f"{mlp}.down_proj.weight"][:, 3:])
     assert torch.equal(cut["model.norm.weight"], torch.ones(4))
     embedding = cut["model.embed_tokens.weight"]  # vocabulary rows [5, 10) of 9: one padding
     assert torch.equal(embedding[:4], full["model.embed_tokens.weight"][5:])
@@ -136,6 +134,26 @@ def test_greedy_output_equals_a_single_rank(size: int, single_rank_tokens: list)
         assert engine.tp is not None and engine.tp.followers is not None
         processes = engine.tp.followers.processes
     assert [p.returncode for p in processes] == [0] * (size - 1)  # stopped cleanly
+
+
+def test_fp8_weights_shard_with_their_scales() -> None:
+    """FP8 at TP=2 is not bit-equal to FP8 at TP=1 (row-parallel inputs are quantized per
+    rank's slice), but its first tokens and their logprobs agree."""
+    single = _first_tokens(make_engine(TINY, quantization="fp8"))
+    with make_engine(TINY, quantization="fp8", tensor_parallel_size=2) as engine:
+        split = _first_tokens(engine)
+    assert [t.token_id for t in split] == [t.token_id for t in single]
+    assert all(abs(a.logprob - b.logprob) < 0.05 for a, b in zip(single, split, strict=True))
+
+
+def _first_tokens(engine: Engine) -> list[TokenLogprobs]:
+    """The first sampled token of each prompt, with its logprob."""
+    for n, prompt in enumerate(PROMPTS):
+        engine.add_request(f"first-{n}", None, greedy(1, logprobs=1), prompt_token_ids=prompt)
+    firsts = {}
+    while engine.has_unfinished_requests():
+        firsts |= {o.request_id: o.logprobs[0] for o in engine.step()}
+    return [firsts[f"first-{n}"] for n in range(len(PROMPTS))]
 
 
 def test_a_killed_rank_fails_rank_zero_with_a_clear_error() -> None:
