@@ -391,4 +391,8 @@ if __name__ == "__main__":  # python -m engine.parallel RANK PORT CONFIG_JSON (s
     _rank = int(sys.argv[1])
     _level = int(os.environ.get(_LOG_LEVEL_ENV, logging.WARNING))
     logging.basicConfig(level=_level, format=f"%(asctime)s tp-rank-{_rank} %(message)s")
-    follower_main(_config_from_json(sys.argv[3]), _rank, int(sys.argv[2]))
+    try:
+        follower_main(_config_from_json(sys.argv[3]), _rank, int(sys.argv[2]))
+    except RuntimeError as _error:  # a collective failed: rank 0 or another rank is gone
+        logger.error("tensor-parallel rank %d stops: %s", _rank, _error)
+        sys.exit(1)
