@@ -234,6 +234,8 @@ class Engine:
         """
         params = sampling_params or SamplingParams()
         self._check_request(request_id, params)
+        if keep_kv:
+            self._check_kv_transfer("keep_kv")
         token_ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
         seq = self._new_sequence(request_id, token_ids, params, cache_salt)
         self._register(seq)
@@ -264,6 +266,8 @@ class Engine:
         """
         params = sampling_params
         self._check_request(request_id, params)
+        if kv_owner is not None:
+            self._check_kv_transfer("kv_owner")
         token_ids = list(prompt_token_ids)
         seq = self._new_sequence(request_id, token_ids, params, cache_salt)
         check_token_id("first_token_id", first_token_id, self.model_config.vocab_size)
@@ -288,6 +292,16 @@ class Engine:
         params.validate(self.model_config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop", f"model {self.model_id} has no tokenizer to match text")
+
+    def _check_kv_transfer(self, field: str) -> None:
+        """KV transfer reads and writes rank 0's cache alone: refused under TP for now (the
+        other ranks' heads would be missing)."""
+        if self.tp is not None:
+            raise InvalidRequest(
+                field,
+                f"KV transfer to or from a tensor-parallel engine (tensor_parallel_size="
+                f"{self.tp.world_size}) is not supported yet",
+            )
 
     def _new_sequence(
         self, request_id: str, token_ids: list[int], params: SamplingParams, salt: str | None

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.engine import Engine
-from engine.errors import RankFailed, TensorParallelShapeError
+from engine.errors import InvalidRequest, RankFailed, TensorParallelShapeError
 from engine.model_config import NAMED_SHAPES, ModelConfig
 from engine.parallel import decode_plan, encode_plan
 from engine.sampler import TokenLogprobs
@@ -131,6 +131,8 @@ def test_greedy_output_equals_a_single_rank(size: int, single_rank_tokens: list)
         assert _tokens(engine) == single_rank_tokens
         assert _tokens(engine) == single_rank_tokens  # again, from the prefix cache
         engine.check_integrity()
+        with pytest.raises(InvalidRequest, match=r"keep_kv: KV transfer .* tensor-parallel"):
+            engine.add_request("kept", None, greedy(1), prompt_token_ids=PROMPTS[1], keep_kv=True)
         assert engine.tp is not None and engine.tp.followers is not None
         processes = engine.tp.followers.processes
     assert [p.returncode for p in processes] == [0] * (size - 1)  # stopped cleanly
