@@ -84,6 +84,12 @@ def build_parser() -> _Parser:
         "($TANDEM_CACHE_DIR, else ~/.cache/tandem), which makes repeated loads fast",
     )
     add_quantization_arguments(generate)
+    generate.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model over N processes on this host (one GPU each on CUDA)",
+    )
     generate.set_defaults(handler=run_generate)
 
     serve = commands.add_parser("serve", help="serve the gRPC API from a pool of Ray workers")
@@ -576,6 +582,7 @@ def run_generate(args: argparse.Namespace) -> int:
             converted_cache=not args.no_cache,
             quantization=args.quantization,
             kv_cache_dtype=args.kv_cache_dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
     )
     print(f"tandem: {engine.model_id} loaded in {time.monotonic() - started:.1f} s "
@@ -615,6 +622,7 @@ def run_generate(args: argparse.Namespace) -> int:
         limit = "--max-tokens" if len(token_ids) >= args.max_tokens else "the model's context"
         print(f"tandem: the answer was cut short after {len(token_ids)} tokens: it reached "
               f"{limit}", file=sys.stderr)  # fmt: skip
+    engine.close()
     return 0
 
 

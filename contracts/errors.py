@@ -77,3 +77,13 @@ class AddressInUse(TandemError):
 
 class KVTransferError(TandemError):
     """Moving KV blocks between processes failed."""
+
+
+class TensorParallelShapeError(UnsupportedModel):
+    """The model's heads, KV heads or MLP width do not divide across the tensor-parallel ranks
+    asked for (the message names the sizes)."""
+
+
+class RankFailed(WorkerUnavailable):
+    """A tensor-parallel rank of this engine died, failed, or missed a collective's timeout;
+    the engine is unusable (the worker goes down as a unit)."""

@@ -44,6 +44,11 @@ class EngineConfig:
     # "fp8": e4m3 W8A8 decoder projections, quantized at load (an FP8 checkpoint is FP8 anyway)
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with scales (kv_quant)
+    # Ranks of one engine (engine.parallel): 1 runs in this process alone, N > 1 starts N - 1
+    # more processes that hold a shard of every layer each; this one schedules and samples.
+    tensor_parallel_size: int = 1
+    # How long a rank waits for the others in a collective before the engine fails (RankFailed)
+    tensor_parallel_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -62,6 +67,12 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+        if not self.tensor_parallel_timeout_s > 0:
+            raise ValueError(
+                f"tensor_parallel_timeout_s={self.tensor_parallel_timeout_s} must be > 0"
+            )
         if not 0.0 < self.kv_cache_memory_fraction < 1.0:
             raise ValueError(
                 f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must be in (0, 1)"

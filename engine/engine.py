@@ -22,7 +22,7 @@ import torch
 
 from contracts.block_hash import root_hash
 from contracts.chat import ChatMessage
-from contracts.errors import InvalidRequest
+from contracts.errors import InvalidRequest, RankFailed
 from contracts.outputs import FinishReason, RequestOutput, TokenLogprobs, Usage
 from contracts.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
 from engine.attention import select_backend
@@ -33,10 +33,12 @@ from engine.llama import LlamaModel
 from engine.loader import converted, describe_model, load_weights, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
+from engine.parallel import TensorParallelGroup, encode_plan, start_ranks
 from engine.quantization import use_fp8_linears
 from engine.sampler import LogitBias, Sampler, SampleRow
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
+from engine.sharding import ShardLayout, check_divisible, shard_layout, shard_weights
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,12 @@ class Prefilled:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    """tp_group: set only on ranks 1..N-1 of a tensor-parallel engine (engine.parallel starts
+    them); rank 0 is the Engine a caller makes with tensor_parallel_size=N, and starts them."""
+
+    def __init__(
+        self, config: EngineConfig | None = None, *, tp_group: TensorParallelGroup | None = None
+    ) -> None:
         self.config = config = config or EngineConfig()
         started = time.perf_counter()
         self.device = _pick_device(config.device)
@@ -88,6 +95,7 @@ class Engine:
         self.info, handle = describe_model(resolve_model(config.model), config.converted_cache)
         self.model_config = self.info.config
         self.tokenizer = self.info.tokenizer
+        self.tp = tp_group or self._start_tensor_parallel()
         self.model = self._build_model(handle)
         if self.device.type == "cuda" and config.triton_gemv:
             self.model.use_triton_gemv()
@@ -136,9 +144,27 @@ class Engine:
     def model_id(self) -> str:
         return self.info.source.model_id
 
+    def _start_tensor_parallel(self) -> TensorParallelGroup | None:
+        """At tensor_parallel_size N > 1: refuse a model that does not split N ways, then start
+        ranks 1..N-1. None at N = 1 (no process group at all)."""
+        size = self.config.tensor_parallel_size
+        if size == 1:
+            return None
+        check_divisible(self.model_config, size)
+        return start_ranks(self.config, self.device)
+
+    @property
+    def shard(self) -> ShardLayout | None:
+        """This rank's part of the model under tensor parallelism; None at TP=1."""
+        if self.tp is None:
+            return None
+        return shard_layout(self.model_config, self.tp.world_size, self.tp.rank)
+
     def _build_model(self, handle: object) -> LlamaModel:
+        shard = self.shard
+        shape = self.model_config if shard is None else shard.local_config(self.model_config)
         with torch.device("meta"):
-            model = LlamaModel(self.model_config, self.backend)
+            model = LlamaModel(shape, self.backend)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.rotary.float().init_tables()  # rotary tables stay fp32
         model.tie_embeddings()
@@ -147,15 +173,18 @@ class Engine:
         if quantized:
             use_fp8_linears(model, static_input_scale=bool(scheme and scheme.static_activations))
         source = self.info.source
+        # the converted cache holds whole models only
         cacheable = source.kind == "gguf" and self.config.converted_cache and not quantized
-        gguf = source.path if cacheable else None
+        gguf = source.path if cacheable and shard is None else None
         if gguf is None or not converted.load_parameters(gguf, model):
             # consumed as it is copied in: the checkpoint and the model are never both whole
-            model.load_weights(
-                load_weights(self.info, handle, self.dtype, self.config.seed, self.device)
-            )
+            weights = load_weights(self.info, handle, self.dtype, self.config.seed, self.device)
+            model.load_weights(weights if shard is None else shard_weights(weights, shard))
             if gguf is not None:
                 converted.store_parameters(gguf, model)
+        if shard is not None:
+            assert self.tp is not None
+            model.set_tensor_parallel(self.tp, shard)
         model.pack_for_cpu()
         return model.eval()
 
@@ -168,6 +197,12 @@ class Engine:
         return default_scheduler_config(self.device.type, total)
 
     def _num_kv_blocks(self) -> int:
+        """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
+        if self.tp is None:
+            return self._kv_blocks_that_fit()
+        return self.tp.agree_min(self._kv_blocks_that_fit())
+
+    def _kv_blocks_that_fit(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         budget = self.config.kv_cache_bytes or _default_kv_cache_bytes(
@@ -177,7 +212,7 @@ class Engine:
         return max(budget // per_block, 1)
 
     def _kv_bytes_per_token(self) -> int:
-        c = self.model_config
+        c = self.model.config  # this rank's KV heads only, under TP
         if self.kv_dtype == KV_FP8_DTYPE:  # e4m3 values and a 4-byte scale per row
             return 2 * c.num_layers * c.num_kv_heads * packed_row_bytes(c.head_dim)
         return c.kv_bytes_per_token(self.dtype.itemsize)
@@ -219,6 +254,8 @@ class Engine:
         """
         params = sampling_params or SamplingParams()
         self._check_request(request_id, params)
+        if keep_kv or prefill_only:
+            self._check_kv_transfer("keep_kv" if keep_kv else "prefill_only")
         token_ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
         seq = self._new_sequence(request_id, token_ids, params, cache_salt)
         self._register(seq, with_text=not prefill_only)
@@ -279,6 +316,7 @@ class Engine:
         """
         params = sampling_params
         self._check_request(request_id, params)
+        self._check_kv_transfer("first_token_id")  # its KV would come from another worker
         token_ids = list(prompt_token_ids)
         seq = self._new_sequence(request_id, token_ids, params, cache_salt)
         check_token_id("first_token_id", first_token_id, self.model_config.vocab_size)
@@ -318,6 +356,16 @@ class Engine:
         params.validate(self.model_config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop", f"model {self.model_id} has no tokenizer to match text")
+
+    def _check_kv_transfer(self, field: str) -> None:
+        """KV transfer reads and writes rank 0's cache alone: refused under TP for now (the
+        other ranks' heads would be missing)."""
+        if self.tp is not None:
+            raise InvalidRequest(
+                field,
+                f"KV transfer to or from a tensor-parallel engine (tensor_parallel_size="
+                f"{self.tp.world_size}) is not supported yet",
+            )
 
     def _new_sequence(
         self, request_id: str, token_ids: list[int], params: SamplingParams, salt: str | None
@@ -413,7 +461,10 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
-        logits = self.runner.execute(scheduled)
+        if self.tp is None:
+            logits = self.runner.execute(scheduled)
+        else:
+            logits = self._execute_on_all_ranks(scheduled)
         samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
         sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
         self.scheduler.update(scheduled, sampled.token_ids)
@@ -427,6 +478,29 @@ class Engine:
                 self._release(seq)
             outputs.append(output)
         return outputs
+
+    def _execute_on_all_ranks(self, scheduled: SchedulerOutput) -> torch.Tensor:
+        """Rank 0 under TP: send the step's plan to the other ranks, run its own shard with
+        them. Raises RankFailed (naming a dead rank, or the timeout) if any rank fails."""
+        assert self.tp is not None
+        self.tp.send_plan(encode_plan(scheduled))
+        try:
+            return self.runner.execute(scheduled)
+        except RuntimeError as e:  # gloo / NCCL: a peer closed its connection, or the timeout
+            raise self.tp.fail(e) from e
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and wait for them to exit (rank 0; nothing to do
+        at TP=1). Idempotent; the engine cannot step afterwards under TP."""
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.stop()
+            self.tp.failure = self.tp.failure or RankFailed("the engine was closed")
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         return SampleRow(

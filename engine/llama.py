@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,10 @@ from engine.quantization import (
     prepare_fp8_weights,
     widen_checkpoint_scales,
 )
+
+if TYPE_CHECKING:
+    from engine.parallel import TensorParallelGroup
+    from engine.sharding import ShardLayout
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -282,6 +287,18 @@ class LlamaModel(nn.Module):
         # Called with each layer's index once its K/V write is issued: lets a KV sender ship
         # finished layers while later ones compute (record a CUDA event in it). Not for graphs.
         self.layer_hook: Callable[[int], None] | None = None
+        # Tensor parallelism (engine.parallel): this model is one rank's shard; None at TP=1.
+        self.tp: TensorParallelGroup | None = None
+        self.vocab_start = 0  # first vocabulary row of this rank's embedding and LM head
+        self.full_vocab_size = config.vocab_size
+
+    def set_tensor_parallel(self, group: TensorParallelGroup, layout: ShardLayout) -> None:
+        """Make this model (built from layout.local_config, loaded with sharded weights) one
+        rank of `group`: embedding, attention output and MLP output are summed over the ranks,
+        logits gathered from them."""
+        self.tp = group
+        self.vocab_start = layout.vocab_start
+        self.full_vocab_size = layout.vocab_size
 
     def forward(
         self,
@@ -293,7 +310,10 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden], or [len(output_rows.rows), hidden]
         """Hidden states of every token, or of `output_rows` only: then the last layer runs
         past its K/V write for those rows alone (see OutputRows)."""
-        x = self.embed_tokens(input_ids)
+        if self.tp is None:
+            x = self.embed_tokens(input_ids)
+        else:
+            x = self.tp.embed(self.embed_tokens.weight, input_ids, self.vocab_start)
         rope = self.rotary(positions)
         residual: torch.Tensor | None = None
         last = len(self.layers) - 1
@@ -307,8 +327,12 @@ class LlamaModel(nn.Module):
                 residual = residual[select.rows]
                 if h.shape[0] == 0:  # nothing samples this step: only the K/V was needed
                     return h
+            if self.tp is not None:  # o_proj is row-parallel: partial sums
+                h = self.tp.all_reduce(h)
             h, residual = layer.post_attention_layernorm(h, residual)
             x = layer.mlp(h)
+            if self.tp is not None:  # so is down_proj
+                x = self.tp.all_reduce(x)
         x, _ = self.norm(x, residual)
         return x
 
@@ -337,8 +361,11 @@ class LlamaModel(nn.Module):
                 module.use_gemv = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[num_seqs, hidden] -> [num_seqs, vocab] fp32."""
-        return self.lm_head(hidden).float()
+        """[num_seqs, hidden] -> [num_seqs, vocab] fp32 (every rank's, gathered, under TP)."""
+        if self.tp is None:
+            return self.lm_head(hidden).float()
+        logits = self.tp.all_gather(self.lm_head(hidden))  # [num_seqs, tp * vocab_shard]
+        return logits[:, : self.full_vocab_size].float()
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:

@@ -48,8 +48,11 @@ def make_engine(
     seed: int = 0,
     quantization: str | None = None,
     kv_cache_dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+    tensor_parallel_timeout_s: float = 60.0,
 ) -> Engine:
-    """A CPU fp32 engine; small blocks so tests cross block boundaries often."""
+    """A CPU fp32 engine; small blocks so tests cross block boundaries often. At
+    tensor_parallel_size > 1 it starts follower processes: close it (`with`)."""
     return Engine(
         EngineConfig(
             model=model,
@@ -61,6 +64,8 @@ def make_engine(
             enable_prefix_caching=enable_prefix_caching,
             max_model_len=max_model_len,
             seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            tensor_parallel_timeout_s=tensor_parallel_timeout_s,
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,

@@ -1,0 +1,398 @@
+"""Tensor parallelism inside one engine: the ranks' process groups, starting and stopping the
+ranks, and the step plan rank 0 sends to the others.
+
+    rank 0: the Engine                              ranks 1..N-1: follower processes
+    schedule -> encode_plan ---- control group ---> decode_plan -> the same ScheduledSequences
+    runner.execute(scheduled)                       runner.execute(scheduled), logits dropped
+      embedding, o_proj, down_proj: one all-reduce each; logits: one all-gather (compute group)
+    sample, update the scheduler                    wait for the next plan
+
+Every rank builds the same Engine over its own shard (engine.sharding); only rank 0 schedules,
+samples and talks to anyone else. Two groups share one TCPStore that rank 0 serves:
+
+  control  gloo, on the CPU: plans, the stop message, agreeing on the KV block count. Rank 0
+           waits at most `timeout_s` for a follower; followers wait for rank 0 without limit
+           (an idle engine sends nothing) and fail at once if it dies (its connection closes).
+  compute  NCCL on CUDA, gloo on the CPU: the collectives of the forward, `timeout_s` on every
+           rank. Device tensors only, no host synchronisation: a CUDA graph can capture them.
+
+No default process group is created (torch.distributed.init_process_group is never called):
+several engines can live in one process, and a TP=1 engine creates no group at all. Any failed
+collective (a rank died, or missed the timeout) becomes RankFailed on rank 0, which then kills
+the remaining ranks: the engine goes down as a unit. Plans are int64 tensors, never pickles.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from contracts.errors import RankFailed
+from engine.scheduler import ScheduledSequence, SchedulerOutput
+from engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# A c10d backend (ProcessGroupGloo, ProcessGroupNCCL) used directly: collectives on it need no
+# default process group.
+Backend = Any
+
+HOST = "127.0.0.1"  # the ranks of one engine share a host
+STARTUP_TIMEOUT_S = 600.0  # every rank loads its shard and reports ready within this
+_FOLLOWER_WAIT = timedelta(days=365)  # followers wait for the next plan as long as it takes
+_PLAN_STEP, _PLAN_STOP = 1, 2
+_LOG_LEVEL_ENV = "TANDEM_TP_LOG_LEVEL"
+_EXIT_WAIT_S = 2.0  # after a failed collective: how long to wait for a dead rank's exit code
+
+
+class TensorParallelGroup:
+    """One rank's view of its engine's ranks: collectives for the model, plans for the loop.
+
+    Rank 0 also owns the follower processes (`followers`). Called from the one thread that
+    drives the engine.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        store: dist.Store,
+        device: torch.device,
+        timeout_s: float,
+        followers: Followers | None = None,
+    ) -> None:
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.timeout_s = timeout_s
+        self.store = store
+        self.followers = followers
+        self.failure: RankFailed | None = None
+        control_wait = timedelta(seconds=timeout_s) if rank == 0 else _FOLLOWER_WAIT
+        self.control = _gloo_group(store, "control", rank, world_size, control_wait)
+        self.compute = _compute_group(store, rank, world_size, device, timeout_s)
+
+    # ---- collectives of the forward (compute group) -----------------------------------
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of `x` over the ranks, in place; returns `x`."""
+        self.compute.allreduce([x]).wait()
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, cols] on each rank -> [rows, world_size * cols], rank 0's columns first."""
+        gathered = x.new_empty((self.world_size * x.shape[0], x.shape[1]))
+        self.compute._allgather_base(gathered, x.contiguous()).wait()
+        return gathered.view(self.world_size, *x.shape).transpose(0, 1).reshape(x.shape[0], -1)
+
+    def embed(self, weight: torch.Tensor, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Vocab-parallel lookup: `weight` [rows, hidden] holds ids [start, start + rows); each
+        rank fills the tokens it holds, zeros elsewhere; the sum is every token's embedding."""
+        local = input_ids - start
+        outside = (local < 0) | (local >= weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), weight)  # [num_tokens, hidden]
+        return self.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
+
+    # ---- control (rank 0 drives) -------------------------------------------------------
+
+    def agree_min(self, value: int) -> int:
+        """The smallest `value` over the ranks, once every rank is ready (start-up)."""
+        self._wait_until_ready()
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.MIN  # type: ignore[assignment]  # stubs: RedOpType
+        tensor = torch.tensor([value], dtype=torch.long)
+        self._control(lambda: self.control.allreduce([tensor], options).wait())
+        return int(tensor.item())
+
+    def send_plan(self, plan: list[int]) -> None:
+        """Rank 0: broadcast one step's plan (encode_plan). Raises RankFailed."""
+        self._send(_PLAN_STEP, plan)
+
+    def receive_plan(self) -> list[int] | None:
+        """Followers: the next plan, or None when rank 0 stops the engine."""
+        header = torch.zeros(2, dtype=torch.long)
+        self.control.broadcast(header, 0).wait()
+        kind, length = int(header[0]), int(header[1])
+        if kind == _PLAN_STOP:
+            return None
+        payload = torch.empty(length, dtype=torch.long)
+        self.control.broadcast(payload, 0).wait()
+        return payload.tolist()
+
+    def stop(self) -> None:
+        """Rank 0: tell the followers to exit, wait for them (killing any that linger).
+        Idempotent; after a failure it only makes sure they are gone."""
+        if self.followers is None:
+            return
+        if self.failure is None:
+            try:
+                self._send(_PLAN_STOP, [])
+            except RankFailed as e:
+                logger.warning("tensor-parallel ranks did not all stop cleanly: %s", e)
+        self.followers.join(self.timeout_s)
+        self.followers = None
+
+    def fail(self, cause: BaseException) -> RankFailed:
+        """Rank 0, after a collective raised: the RankFailed that names the dead ranks (or the
+        timeout); kills the ranks still alive. Later calls raise the same error."""
+        if self.failure is None:
+            dead = self.followers.dead_ranks(_EXIT_WAIT_S) if self.followers else []
+            what = "; ".join(dead) if dead else f"a collective failed or timed out: {cause}"
+            self.failure = RankFailed(f"tensor-parallel rank failed ({what})")
+            logger.error("%s; stopping the other ranks", self.failure)
+            if self.followers is not None:
+                self.followers.kill()
+        return self.failure
+
+    def _send(self, kind: int, plan: list[int]) -> None:
+        if self.failure is not None:
+            raise self.failure
+        header = torch.tensor([kind, len(plan)], dtype=torch.long)
+        self._control(lambda: self.control.broadcast(header, 0).wait())
+        if plan:
+            payload = torch.tensor(plan, dtype=torch.long)
+            self._control(lambda: self.control.broadcast(payload, 0).wait())
+
+    def _control(self, call: Callable[[], object]) -> None:
+        if self.failure is not None:
+            raise self.failure
+        try:
+            call()
+        except RuntimeError as e:  # gloo: a peer closed its connection, or the timeout
+            if self.rank != 0:
+                raise
+            raise self.fail(e) from e
+
+    def _wait_until_ready(self) -> None:
+        """Followers announce they are ready; rank 0 waits for all of them."""
+        if self.rank != 0:
+            self.store.set(f"ready/{self.rank}", "1")
+        elif self.followers is not None:
+            try:
+                self.followers.wait_for(self.store, "ready")
+            except RankFailed as e:
+                self.failure = e
+                raise
+
+
+@dataclass
+class Followers:
+    """Rank 0's handle on the processes of ranks 1..N-1."""
+
+    processes: list[subprocess.Popen[bytes]]
+
+    def dead_ranks(self, wait_s: float) -> list[str]:
+        """'rank r (pid p) exited with code c' for every follower that has exited, waiting up
+        to `wait_s` for one to (a rank whose connection just closed is usually exiting)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [
+                f"rank {rank} (pid {p.pid}) exited with code {p.returncode}"
+                for rank, p in enumerate(self.processes, start=1)
+                if p.poll() is not None
+            ]
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.05)
+
+    def wait_for(self, store: dist.Store, stage: str) -> None:
+        """Wait until every follower has set `<stage>/<rank>` in the store. Raises RankFailed
+        (killing the followers) as soon as one exits, or after STARTUP_TIMEOUT_S."""
+        keys = [f"{stage}/{rank}" for rank in range(1, len(self.processes) + 1)]
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not store.check(keys):
+            dead = self.dead_ranks(0.0)
+            if dead or time.monotonic() > deadline:
+                self.kill()
+                reason = "; ".join(dead) or f"not {stage} within {STARTUP_TIMEOUT_S:.0f} s"
+                raise RankFailed(f"tensor-parallel start-up failed ({reason})")
+            time.sleep(0.05)  # processes that import torch and load a model: seconds
+
+    def join(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for p in self.processes:
+            try:
+                p.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                logger.warning("tensor-parallel rank (pid %d) did not exit; killing it", p.pid)
+        self.kill()
+
+    def kill(self) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def start_ranks(config: EngineConfig, device: torch.device) -> TensorParallelGroup:
+    """Rank 0: start ranks 1..N-1 as processes on this host (`python -m engine.parallel`: no
+    re-import of the caller's main module) and connect to them. Raises RankFailed if one
+    exits or they do not connect in time."""
+    world = config.tensor_parallel_size
+    wait = timedelta(seconds=STARTUP_TIMEOUT_S)
+    store = dist.TCPStore(HOST, 0, world, True, timeout=wait, wait_for_workers=False)
+    followers = Followers([_spawn(config, rank, store.port) for rank in range(1, world)])
+    atexit.register(followers.kill)  # never outlive this process's interpreter
+    followers.wait_for(store, "started")  # then their groups connect within the timeout
+    try:
+        timeout_s = config.tensor_parallel_timeout_s
+        return TensorParallelGroup(0, world, store, device, timeout_s, followers)
+    except RuntimeError as e:
+        dead = followers.dead_ranks(_EXIT_WAIT_S)
+        followers.kill()
+        raise RankFailed(f"tensor-parallel ranks did not connect ({'; '.join(dead) or e})") from e
+
+
+def _spawn(config: EngineConfig, rank: int, port: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])  # where `engine` is importable from
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env[_LOG_LEVEL_ENV] = str(logging.getLogger().getEffectiveLevel())  # rank 0's verbosity
+    command = [sys.executable, "-m", "engine.parallel", str(rank), str(port), _config_json(config)]
+    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+
+
+def _config_json(config: EngineConfig) -> str:
+    return json.dumps(dataclasses.asdict(config))
+
+
+def _config_from_json(text: str) -> EngineConfig:
+    from engine.config import EngineConfig
+    from engine.scheduler import SchedulerConfig
+
+    fields = json.loads(text)
+    if fields["scheduler"] is not None:
+        fields["scheduler"] = SchedulerConfig(**fields["scheduler"])
+    return EngineConfig(**fields)
+
+
+def follower_main(config: EngineConfig, rank: int, port: int) -> None:
+    """Rank `rank` (a process start_ranks started): build this rank's engine and run every
+    plan rank 0 sends until it says stop. Any failure ends the process (non-zero exit)."""
+    from engine.engine import Engine
+
+    world = config.tensor_parallel_size
+    device = torch.device("cpu")
+    if torch.cuda.is_available() and config.device != "cpu":
+        device = torch.device("cuda", rank)  # one GPU per rank
+        torch.cuda.set_device(device)
+    else:  # CPU ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    store = dist.TCPStore(HOST, port, world, False, timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+    store.set(f"started/{rank}", "1")
+    group = TensorParallelGroup(rank, world, store, device, config.tensor_parallel_timeout_s)
+    engine = Engine(config, tp_group=group)
+    while (plan := group.receive_plan()) is not None:
+        engine.runner.execute(decode_plan(plan))
+    logger.info("rank %d stopped", rank)
+
+
+# ---- the step plan -----------------------------------------------------------------------
+#
+#   [num_items, then per scheduled sequence, in SchedulerOutput.scheduled order:
+#    num_new_tokens, num_computed_tokens, samples_token (0/1), num_blocks, *block_ids,
+#    *token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]]
+#
+# Everything ModelRunner.execute reads of a sequence, so every rank builds the same tensors.
+
+
+def encode_plan(output: SchedulerOutput) -> list[int]:
+    plan = [len(output.scheduled)]
+    for item in output.scheduled:
+        seq, start = item.seq, item.seq.num_computed_tokens
+        plan += (item.num_new_tokens, start, int(item.samples_token), len(seq.block_ids))
+        plan += seq.block_ids
+        plan += seq.token_ids[start : start + item.num_new_tokens]
+    return plan
+
+
+def decode_plan(plan: list[int]) -> SchedulerOutput:
+    """The SchedulerOutput rank 0 ran, as far as the model runner can tell."""
+    scheduled, at = [], 1
+    for _ in range(plan[0]):
+        num_new, start, samples, num_blocks = plan[at : at + 4]
+        at += 4
+        block_ids = plan[at : at + num_blocks]
+        at += num_blocks
+        tokens = _TokenWindow(start, plan[at : at + num_new])
+        at += num_new
+        seq = _PlannedSequence(tokens, start, block_ids, start + num_new + (0 if samples else 1))
+        scheduled.append(ScheduledSequence(cast(Sequence, seq), num_new))
+    assert at == len(plan), f"plan of {len(plan)} values has {at} in its items"
+    return SchedulerOutput(scheduled, [])
+
+
+class _TokenWindow:
+    """The token ids of positions [start, start + len(ids)), indexed by position."""
+
+    def __init__(self, start: int, ids: list[int]) -> None:
+        self.start, self.ids = start, ids
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            return self.ids[index.start - self.start : index.stop - self.start]
+        return self.ids[index - self.start]
+
+
+@dataclass(slots=True)
+class _PlannedSequence:
+    """What a follower knows of a sequence: the fields ModelRunner reads (duck-typed)."""
+
+    token_ids: _TokenWindow
+    num_computed_tokens: int
+    block_ids: list[int]
+    num_tokens: int  # makes samples_token what rank 0 computed
+
+
+# ---- process groups ----------------------------------------------------------------------
+
+
+def _gloo_group(
+    store: dist.Store, name: str, rank: int, world_size: int, timeout: timedelta
+) -> Backend:
+    from torch.distributed import ProcessGroupGloo
+
+    options = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    options._timeout = timeout
+    options._devices = [ProcessGroupGloo.create_device(hostname=HOST)]
+    return ProcessGroupGloo(dist.PrefixStore(name, store), rank, world_size, options)
+
+
+def _compute_group(
+    store: dist.Store, rank: int, world_size: int, device: torch.device, timeout_s: float
+) -> Backend:
+    timeout = timedelta(seconds=timeout_s)
+    if device.type != "cuda":
+        return _gloo_group(store, "compute", rank, world_size, timeout)
+    from torch.distributed import ProcessGroupNCCL
+
+    options = ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return ProcessGroupNCCL(dist.PrefixStore("compute", store), rank, world_size, options)
+
+
+if __name__ == "__main__":  # python -m engine.parallel RANK PORT CONFIG_JSON (start_ranks)
+    _rank = int(sys.argv[1])
+    _level = int(os.environ.get(_LOG_LEVEL_ENV, logging.WARNING))
+    logging.basicConfig(level=_level, format=f"%(asctime)s tp-rank-{_rank} %(message)s")
+    try:
+        follower_main(_config_from_json(sys.argv[3]), _rank, int(sys.argv[2]))
+    except RuntimeError as _error:  # a collective failed: rank 0 or another rank is gone
+        logger.error("tensor-parallel rank %d stops: %s", _rank, _error)
+        sys.exit(1)
