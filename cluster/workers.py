@@ -19,7 +19,6 @@ from contracts.errors import TandemError, WorkerLost
 from contracts.handoff import PrefillResult
 from contracts.sampling_params import SamplingParams
 from router.placement import Member
-from router.requests import params_to_dict
 from router.workers import OutputBatch
 
 logger = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class RayWorkerClient:
     ) -> None:
         await self._call(
             self.actor.start_generate.remote(
-                subscriber, request_id, prompt_token_ids, params_to_dict(params), cache_salt,
+                subscriber, request_id, prompt_token_ids, params, cache_salt,
                 trace_context,
             )
         )  # fmt: skip
@@ -75,7 +74,7 @@ class RayWorkerClient:
     ) -> None:
         await self._call(
             self.actor.start_continue.remote(
-                subscriber, request_id, prompt_token_ids, prefill, params_to_dict(params),
+                subscriber, request_id, prompt_token_ids, prefill, params,
                 cache_salt, trace_context,
             )
         )  # fmt: skip
@@ -90,7 +89,7 @@ class RayWorkerClient:
         trace_context: dict[str, str] | None,
     ) -> PrefillResult:
         call = self.actor.prefill.remote(
-            request_id, prompt_token_ids, params_to_dict(params), cache_salt, ship_to,
+            request_id, prompt_token_ids, params, cache_salt, ship_to,
             trace_context,
         )  # fmt: skip
         try:

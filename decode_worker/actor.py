@@ -62,15 +62,14 @@ class EngineWorker(WorkerBase):
         subscriber: str,
         request_id: str,
         prompt_token_ids: list[int],
-        params: dict[str, Any],
+        params: SamplingParams,
         cache_salt: str | None = None,
         trace_context: dict[str, str] | None = None,
     ) -> None:
         """Prefill and decode here (colocated); the outputs go to `subscriber`. Raises
         WorkerUnavailable if the engine has stopped; the engine's refusal of the request
         (a typed error) arrives as its one item."""
-        sampling = SamplingParams(**params)
-        stream = self.loop.submit(request_id, prompt_token_ids, sampling, cache_salt)
+        stream = self.loop.submit(request_id, prompt_token_ids, params, cache_salt)
         outputs = self._traced(
             "tandem.generate", request_id, trace_context, self._stream(request_id, stream)
         )
@@ -82,7 +81,7 @@ class EngineWorker(WorkerBase):
         request_id: str,
         prompt_token_ids: list[int],
         prefill: PrefillResult,
-        params: dict[str, Any],
+        params: SamplingParams,
         cache_salt: str | None = None,
         trace_context: dict[str, str] | None = None,
     ) -> None:
@@ -90,9 +89,8 @@ class EngineWorker(WorkerBase):
         first token's (sent at once, without waiting for the KV) to the last, go to
         `subscriber`. A request whose KV does not arrive in time ends with
         WorkerUnavailable; KV sent for a request the first token ended is freed here."""
-        sampling = SamplingParams(**params)
         stream = self.arrivals.submit(
-            self.loop, request_id, prompt_token_ids, prefill, sampling, cache_salt
+            self.loop, request_id, prompt_token_ids, prefill, params, cache_salt
         )
         outputs = self._traced(
             "tandem.decode", request_id, trace_context, self._stream(request_id, stream),

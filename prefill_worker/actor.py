@@ -86,7 +86,7 @@ class PrefillWorker(WorkerBase):
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        params: dict[str, Any],
+        params: SamplingParams,
         cache_salt: str | None,
         ship_to: str | None,
         trace_context: dict[str, str] | None = None,
@@ -94,9 +94,8 @@ class PrefillWorker(WorkerBase):
         """Prefill a request and ship its KV to decode worker `ship_to` (None: ship nothing).
         Raises WorkerUnavailable if there is no pair with `ship_to`, the engine's refusal of
         the request (a typed error), RequestAborted if aborted. Cancelling aborts it."""
-        sampling = SamplingParams(**params)
         stream = self.loop.submit(
-            request_id, prompt_token_ids, sampling, cache_salt, prefill_only=True
+            request_id, prompt_token_ids, params, cache_salt, prefill_only=True
         )
         outputs = self._stream(request_id, stream)
         try:

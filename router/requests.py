@@ -11,7 +11,6 @@ request costs the router nothing but the check. Torch-free.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -184,11 +183,6 @@ def sampling_params_from_proto(sampling: Any) -> SamplingParams:
         ignore_eos=sampling.ignore_eos,
         logit_bias=tuple(sorted(sampling.logit_bias.items())),
     )
-
-
-def params_to_dict(params: SamplingParams) -> dict[str, Any]:
-    """SamplingParams as keyword arguments: what crosses to a worker (SamplingParams(**d))."""
-    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
 
 
 def _check_utf8_length(field: str, value: str, limit: int) -> None:

@@ -14,6 +14,7 @@ import pytest
 import decode_worker.actor as decode_actor
 import prefill_worker.actor as prefill_actor
 from contracts.errors import KVTransferError
+from contracts.sampling_params import SamplingParams
 from decode_worker.actor import EngineWorker
 from engine.config import EngineConfig
 from engine.scheduler import SchedulerConfig
@@ -83,8 +84,7 @@ def test_idle_half_open_and_stale_connections_do_not_stall_pairing(
         time.sleep(0.01)
     # the pair works: a prompt's KV goes across
     result = asyncio.run(
-        prefill.prefill("r1", list(range(1, 20)), {"max_tokens": 4, "temperature": 0.0}, None,
-                        "decode-0")
+        prefill.prefill("r1", list(range(1, 20)), SamplingParams(max_tokens=4), None, "decode-0")
     )  # fmt: skip
     assert result.kv is not None and result.kv.decode_worker == "decode-0"
     assert result.kv.num_tokens == 19 and result.usage.prompt_tokens == 19

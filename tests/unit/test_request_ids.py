@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from contracts.sampling_params import SamplingParams
 from decode_worker.actor import WorkerBase
 from engine.config import EngineConfig
 from prefill_worker.actor import PrefillWorker
@@ -126,7 +127,7 @@ def test_a_prefill_whose_transfer_cannot_be_submitted_releases_its_kv() -> None:
     worker = PrefillWorker(config, "prefill-0")
     sender = _FailingSender()
     worker.senders["decode-0"] = sender  # type: ignore[assignment]
-    params = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
 
     async def run() -> None:
         for _ in range(3):
