@@ -20,7 +20,9 @@ from pathlib import Path
 
 CONFIGURATIONS = {
     "colocated": ["--mode", "colocated", "--workers", "2"],
-    "disaggregated": ["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1"],
+    # every prefill on the prefill pool: the fixed 1:1 split this experiment measures
+    "disaggregated": ["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1",
+                      "--disagg", "always"],
 }
 
 
