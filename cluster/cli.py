@@ -367,7 +367,11 @@ def engine_config(args: argparse.Namespace, pool: str) -> Any:
             max_num_batched_tokens=values["max_num_batched_tokens"] or base.max_num_batched_tokens,
         )
     fraction = values["kv_cache_memory_fraction"]
+    # a decode worker that prefills (--disagg) keeps its streams' steps under --target-itl-ms
+    itl_ms = getattr(args, "target_itl_ms", None)
+    protects = pool == "decode" and getattr(args, "mode", None) == "disaggregated"
     return EngineConfig(
+        target_itl_s=itl_ms / 1000 if protects and itl_ms is not None else None,
         model=args.model,
         device=args.device,
         quantization=getattr(args, "quantization", None),

@@ -44,6 +44,9 @@ class EngineConfig:
     # "fp8": e4m3 W8A8 decoder projections, quantized at load (an FP8 checkpoint is FP8 anyway)
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with scales (kv_quant)
+    # Steps that decode stay under this (prefill chunks sized by the measured step time,
+    # engine.scheduler); sets the scheduler's target_step_s. None: the fixed token budget.
+    target_itl_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -62,6 +65,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+        if self.target_itl_s is not None and not self.target_itl_s > 0:
+            raise ValueError(f"target_itl_s={self.target_itl_s!r} must be > 0 seconds or None")
         if not 0.0 < self.kv_cache_memory_fraction < 1.0:
             raise ValueError(
                 f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must be in (0, 1)"

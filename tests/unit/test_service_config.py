@@ -161,3 +161,11 @@ def test_disagg_policy_in_the_service_config_is_checked() -> None:
     with pytest.raises(ValueError, match=r"disagg='auto' must be a router\.disagg\.DisaggPolicy"):
         ServiceConfig(mode="disaggregated", disagg="auto")  # type: ignore[arg-type]
     assert ServiceConfig(mode="disaggregated", disagg=DisaggPolicy(mode="never")).disagg.mode
+
+
+def test_target_itl_reaches_the_decode_pools_engine_when_disaggregated() -> None:
+    config = serve_config("--target-itl-ms", "40")
+    assert config.engine.target_itl_s == 0.04  # the decode pool's
+    assert config.prefill_engine is not None and config.prefill_engine.target_itl_s is None
+    assert serve_config().engine.target_itl_s is None
+    assert serve_config("--mode", "colocated", "--target-itl-ms", "40").engine.target_itl_s is None
