@@ -323,8 +323,9 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode: KV-cache use, 0-1 (default 0.8)",
     )
     scaling.add_argument("--target-itl-ms", type=float, default=None,
-                         help="decode: inter-token latency p90 (also protected by --disagg "
-                         "auto)")  # fmt: skip
+                         help="decode: inter-token latency p90; disaggregated, also what "
+                         "--disagg auto protects and what caps the decode workers' prefill "
+                         "chunks")  # fmt: skip
 
 
 # Engine knobs of `tandem serve`: (flag, EngineConfig or SchedulerConfig field, type, help).
