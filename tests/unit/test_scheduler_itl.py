@@ -10,6 +10,7 @@ import pytest
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.engine import Engine
 from engine.scheduler import MIN_CHUNK_TOKENS, Scheduler, SchedulerConfig, StepTimeModel
 from tests.conftest import greedy, make_engine
 from tests.unit.test_scheduler import BS, add, step
@@ -94,7 +95,6 @@ def test_the_engine_times_its_steps_and_takes_the_target_from_its_config() -> No
     plain = make_engine()
     assert plain.scheduler.config.target_step_s is None
     config = EngineConfig(**{**_fields(plain.config), "target_itl_s": 0.04})
-    from engine.engine import Engine
 
     engine = Engine(config)
     assert engine.scheduler.config.target_step_s == 0.04
@@ -105,3 +105,42 @@ def test_the_engine_times_its_steps_and_takes_the_target_from_its_config() -> No
 
 def _fields(config: EngineConfig) -> dict[str, object]:
     return {name: getattr(config, name) for name in EngineConfig.__dataclass_fields__}
+
+
+class FixedLine(StepTimeModel):
+    """The test's step-time line, whatever the steps measure (timings never decide a test)."""
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        self.num_observed += 1
+
+    def line(self) -> tuple[float, float] | None:
+        return FIXED_S, PER_TOKEN_S
+
+
+def test_capped_chunks_beside_running_decodes_leave_every_output_unchanged() -> None:
+    from tests.conftest import prompt_ids
+
+    def run(engine: Engine) -> tuple[dict[str, list[int]], list[int]]:
+        tokens: dict[str, list[int]] = {"short": [], "long": []}
+        engine.add_request("short", None, greedy(max_tokens=30), prompt_token_ids=[3, 4, 5])
+        for output in engine.step():  # its prefill: from now on it decodes
+            tokens[output.request_id] += output.new_token_ids
+        engine.add_request("long", None, greedy(max_tokens=4), prompt_token_ids=prompt_ids(9, 100))
+        chunks, computed = [], 0
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                tokens[output.request_id] += output.new_token_ids
+            seq = engine._sequences.get("long")
+            if seq is not None and seq.num_computed_tokens != computed:
+                chunks.append(seq.num_computed_tokens - computed)
+                computed = seq.num_computed_tokens
+        return tokens, chunks
+
+    plain_tokens, plain_chunks = run(make_engine())
+    capped = Engine(EngineConfig(**{**_fields(make_engine().config), "target_itl_s": 0.011}))
+    capped.scheduler.step_time = FixedLine()
+    capped_tokens, capped_chunks = run(capped)
+    assert capped_tokens == plain_tokens
+    assert plain_chunks[0] == 100  # the fixed budget (256) takes the prompt whole
+    assert capped_chunks[:6] == [MIN_CHUNK_TOKENS] * 6  # beside one decode: the floor
+    assert sum(capped_chunks[:7]) == 100
