@@ -18,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+ONE_TO_ONE = ["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1"]
 CONFIGURATIONS = {
     "colocated": ["--mode", "colocated", "--workers", "2"],
-    "disaggregated": ["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1"],
+    # every prefill on the prefill pool: the fixed 1:1 split this experiment measures
+    "disaggregated": [*ONE_TO_ONE, "--disagg", "always"],
 }
 
 

@@ -266,6 +266,25 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
     )
+    disagg = parser.add_argument_group("prefill placement (disaggregated mode)")
+    disagg.add_argument(
+        "--disagg",
+        default=None,
+        choices=("always", "never", "auto"),
+        help="where each request is prefilled: always on the prefill pool (KV shipped), never "
+        "(on its decode worker), or auto: per request (default; docs/operations.md)",
+    )
+    disagg.add_argument("--disagg-local-max-tokens", type=int, default=None,
+                        help="auto: uncached prompts of at most this many tokens prefill on "
+                        "their decode worker (default 256)")  # fmt: skip
+    disagg.add_argument("--disagg-prefill-queue-tokens", type=int, default=None,
+                        help="auto: the prefill pool's shortest queue (prompt tokens) at which "
+                        "any prompt prefills on its decode worker (default 8192)")  # fmt: skip
+    disagg.add_argument("--disagg-decode-max-load", type=float, default=None,
+                        help="auto: decode load (running/max sequences + KV fraction used, "
+                        "0-2) at which prompts go to the prefill pool (default 1.0); with "
+                        "--target-itl-ms, a decode worker whose streams' ITL reached it "
+                        "prefills nothing")  # fmt: skip
     for pool in ("prefill", "decode"):
         parser.add_argument(
             f"--{pool}-resources",
@@ -310,7 +329,9 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode: KV-cache use, 0-1 (default 0.8)",
     )
     scaling.add_argument("--target-itl-ms", type=float, default=None,
-                         help="decode: inter-token latency p90")  # fmt: skip
+                         help="decode: inter-token latency p90; disaggregated, also what "
+                         "--disagg auto protects and what caps the decode workers' prefill "
+                         "chunks")  # fmt: skip
 
 
 # Engine knobs of `tandem serve`: (flag, EngineConfig or SchedulerConfig field, type, help).
@@ -353,7 +374,11 @@ def engine_config(args: argparse.Namespace, pool: str) -> Any:
             max_num_batched_tokens=values["max_num_batched_tokens"] or base.max_num_batched_tokens,
         )
     fraction = values["kv_cache_memory_fraction"]
+    # a decode worker that prefills (--disagg) keeps its streams' steps under --target-itl-ms
+    itl_ms = getattr(args, "target_itl_ms", None)
+    protects = pool == "decode" and getattr(args, "mode", None) == "disaggregated"
     return EngineConfig(
+        target_itl_s=itl_ms / 1000 if protects and itl_ms is not None else None,
         model=args.model,
         device=args.device,
         quantization=getattr(args, "quantization", None),
@@ -411,6 +436,35 @@ def autoscaling_config(args: argparse.Namespace) -> Any:
 _POOL_SIGNALS = {"prefill": ("queued_tokens", "ttft"), "decode": ("kv_usage", "itl")}
 
 
+_DISAGG_FLAGS = {  # flag attribute: DisaggPolicy field
+    "disagg_local_max_tokens": "local_max_tokens",
+    "disagg_prefill_queue_tokens": "prefill_queue_tokens",
+    "disagg_decode_max_load": "decode_max_load",
+}
+
+
+def disagg_policy(args: argparse.Namespace) -> Any:
+    """Where disaggregated requests prefill (router.disagg) from the command line: auto by
+    default; colocated mode refuses the flags."""
+    from router.disagg import DisaggPolicy
+
+    given = {field: getattr(args, flag) for flag, field in _DISAGG_FLAGS.items()
+             if getattr(args, flag, None) is not None}  # fmt: skip
+    if args.mode == "colocated":
+        if args.disagg is not None or given:
+            raise ValueError("--disagg and its thresholds apply to --mode disaggregated only")
+        return DisaggPolicy()
+    itl_ms = getattr(args, "target_itl_ms", None)
+    try:
+        return DisaggPolicy(
+            mode=args.disagg or "auto",
+            target_itl_s=None if itl_ms is None else itl_ms / 1000,
+            **given,
+        )
+    except ValueError as e:
+        raise ValueError(f"--disagg: {e}") from None
+
+
 def pool_config(args: argparse.Namespace, port: int) -> Any:
     import os
 
@@ -427,6 +481,7 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
     return ServiceConfig(
         index=index,
         cache_weight=args.cache_weight,
+        disagg=disagg_policy(args),
         metrics_port=args.metrics_port,
         tracing=TracingConfig(otlp_endpoint=args.otlp_endpoint),
         kv_network=KVNetworkConfig.from_environment(args.kv_interface, args.kv_ports),

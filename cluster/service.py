@@ -36,6 +36,7 @@ from kvtransfer.handshake import SECRET_ENV, SECRET_FILE_ENV
 from kvtransfer.network import KVNetworkConfig
 from prefix_cache.index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
 from router.admission import Admission, AdmissionLimits
+from router.disagg import DisaggPolicy
 from router.placement import Member
 from router.requests import ServedModel, prompt_chars_limit
 from router.server import ServingGate, TandemServicer, set_serving, start_server
@@ -71,6 +72,9 @@ class ServiceConfig:
     # every index_drain_interval_s) and how much a cached prompt token weighs in placement.
     index: IndexConfig = field(default_factory=IndexConfig)
     cache_weight: float = 1.0
+    # Disaggregated mode: where each request is prefilled (router.disagg; default: always on the
+    # prefill pool; `tandem serve` defaults to auto). Colocated mode takes only the default.
+    disagg: DisaggPolicy = field(default_factory=DisaggPolicy)
     index_drain_interval_s: float = 0.1
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: any free)
     tracing: TracingConfig = field(default_factory=TracingConfig)  # spans to an OTLP collector
@@ -98,6 +102,13 @@ class ServiceConfig:
                     )
         if not self.cache_weight >= 0:
             raise ValueError(f"cache_weight={self.cache_weight!r} must be >= 0")
+        if not isinstance(self.disagg, DisaggPolicy):
+            raise ValueError(f"disagg={self.disagg!r} must be a router.disagg.DisaggPolicy")
+        if self.mode == "colocated" and self.disagg != DisaggPolicy():
+            raise ValueError(
+                f"disagg={self.disagg!r} applies to disaggregated mode only (colocated "
+                "workers always prefill their own requests)"
+            )
         if not 0 < self.index_drain_interval_s <= 10:
             raise ValueError(
                 f"index_drain_interval_s={self.index_drain_interval_s!r} must be in (0, 10]"
@@ -238,6 +249,7 @@ class Service:
             self.prefix_index,
             self.metrics,
             cache_weight=config.cache_weight,
+            disagg=config.disagg,
         )
         index = self.prefix_index
         self.metrics.watch_index(lambda: index.metrics)

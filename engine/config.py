@@ -49,6 +49,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # How long a rank waits for the others in a collective before the engine fails (RankFailed)
     tensor_parallel_timeout_s: float = 60.0
+    # Steps that decode stay under this (prefill chunks sized by the measured step time,
+    # engine.scheduler); sets the scheduler's target_step_s. None: the fixed token budget.
+    target_itl_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -73,6 +76,8 @@ class EngineConfig:
             raise ValueError(
                 f"tensor_parallel_timeout_s={self.tensor_parallel_timeout_s} must be > 0"
             )
+        if self.target_itl_s is not None and not self.target_itl_s > 0:
+            raise ValueError(f"target_itl_s={self.target_itl_s!r} must be > 0 seconds or None")
         if not 0.0 < self.kv_cache_memory_fraction < 1.0:
             raise ValueError(
                 f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must be in (0, 1)"

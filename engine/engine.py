@@ -10,6 +10,7 @@ Redis or asyncio.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -189,12 +190,15 @@ class Engine:
         return model.eval()
 
     def _scheduler_config(self) -> SchedulerConfig:
-        if self.config.scheduler is not None:
-            return self.config.scheduler
-        total = 0
-        if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-        return default_scheduler_config(self.device.type, total)
+        config = self.config.scheduler
+        if config is None:
+            total = 0
+            if self.device.type == "cuda":
+                total = torch.cuda.get_device_properties(self.device).total_memory
+            config = default_scheduler_config(self.device.type, total)
+        if self.config.target_itl_s is not None:
+            config = dataclasses.replace(config, target_step_s=self.config.target_itl_s)
+        return config
 
     def _num_kv_blocks(self) -> int:
         """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
@@ -461,12 +465,14 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
+        started = time.perf_counter()
         if self.tp is None:
             logits = self.runner.execute(scheduled)
         else:
             logits = self._execute_on_all_ranks(scheduled)
         samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
         sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
+        self.scheduler.observe_step(scheduled.num_tokens, time.perf_counter() - started)
         self.scheduler.update(scheduled, sampled.token_ids)
         outputs = []
         for seq, logprobs in zip(samplers, sampled.logprobs, strict=True):

@@ -6,6 +6,12 @@ admitted while budget, the running-sequence cap and KV blocks allow. When blocks
 newest running sequence is preempted by recompute: its blocks are freed and it waits again at
 the head of the queue (its computed blocks may still be found in the prefix cache).
 
+With `target_step_s` (a decode worker protecting its streams' inter-token latency, issue 21.2),
+a step that decodes is also capped in tokens so that its estimated time stays under the target:
+prefill chunks get what the decodes leave of that cap, never less than MIN_CHUNK_TOKENS. The
+estimate is a line fitted to the engine's measured steps (`StepTimeModel`); until it has seen
+steps of two sizes the fixed budget applies.
+
 Pure Python; knows nothing of tensors or text.
 """
 
@@ -26,6 +32,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # cap on running sequences
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_prefill_chunk_tokens: int | None = None  # per-sequence chunk cap; None: the budget
+    # A step with decodes in it stays under this many seconds (its tokens capped by the
+    # measured step time); None: the fixed token budget only
+    target_step_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -35,6 +44,48 @@ class SchedulerConfig:
         chunk = self.max_prefill_chunk_tokens
         if chunk is not None and chunk < 1:
             raise ValueError(f"max_prefill_chunk_tokens={chunk} must be >= 1")
+        target = self.target_step_s
+        if target is not None and not (isinstance(target, (int, float)) and target > 0):
+            raise ValueError(f"target_step_s={target!r} must be > 0 seconds or None")
+
+
+MIN_CHUNK_TOKENS = 16  # a prefill chunk beside decodes is never capped below this: it progresses
+
+
+class StepTimeModel:
+    """Step seconds as a line in its tokens, `fixed_s + per_token_s * tokens`, fitted by
+    exponentially weighted least squares to the steps the engine measured (`observe`)."""
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self._sums = [0.0] * 5  # weight, n, t, n*n, n*t
+        self.num_observed = 0
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        self.num_observed += 1
+        n, t = float(num_tokens), seconds
+        d = self.decay
+        self._sums = [d * a + b for a, b in zip(self._sums, (1.0, n, t, n * n, n * t), strict=True)]
+
+    def line(self) -> tuple[float, float] | None:
+        """(fixed_s, per_token_s), or None until steps of different sizes were seen."""
+        w, n, t, nn, nt = self._sums
+        spread = w * nn - n * n
+        if w == 0 or spread <= 1e-9 * max(w * nn, 1.0):
+            return None
+        per_token = (w * nt - n * t) / spread
+        if per_token <= 0:
+            return None
+        return max(0.0, (t - per_token * n) / w), per_token
+
+    def max_tokens(self, target_s: float) -> int | None:
+        """The most tokens a step can hold and stay under `target_s` by the line; None if
+        it is not known yet."""
+        line = self.line()
+        if line is None:
+            return None
+        fixed, per_token = line
+        return max(0, int((target_s - fixed) / per_token))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +116,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.step_time = StepTimeModel()
 
     @property
     def num_unfinished(self) -> int:
@@ -84,8 +136,30 @@ class Scheduler:
             seq.num_cached_tokens = 0
         self.running.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """A step of `num_tokens` took `seconds` (the engine measures): for target_step_s."""
+        self.step_time.observe(num_tokens, seconds)
+
+    def step_budget(self) -> int:
+        """This step's token budget: the fixed one, or with target_step_s and decodes running,
+        what keeps the step under the target (see the module docstring)."""
         budget = self.config.max_num_batched_tokens
+        target = self.config.target_step_s
+        if target is None:
+            return budget
+        num_decodes = sum(
+            1 for s in self.running
+            if s.status is SequenceStatus.RUNNING and s.num_tokens - s.num_computed_tokens == 1
+        )  # fmt: skip
+        if num_decodes == 0:
+            return budget
+        fits = self.step_time.max_tokens(target)
+        if fits is None:
+            return budget
+        return min(budget, max(fits, num_decodes + MIN_CHUNK_TOKENS))
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.step_budget()
         scheduled: list[ScheduledSequence] = []
         preempted: list[Sequence] = []
         for seq in list(self.running):

@@ -19,6 +19,8 @@ from contracts.errors import WorkerUnavailable
 from contracts.workers import WorkerKey, WorkerStats
 from router.workers import WorkerClient
 
+ITL_SMOOTHING = 16  # gaps a worker's recent ITL averages over (roughly)
+
 
 @dataclass(slots=True)
 class WorkerLoad:
@@ -29,6 +31,7 @@ class WorkerLoad:
     max_num_seqs: int = 0
     down: bool = False  # a call found it lost; skipped until replaced
     draining: bool = False  # leaving the pool: skipped, its requests finish
+    recent_itl_s: float | None = None  # its streams' inter-token gaps, averaged (router.disagg)
 
     @property
     def kv_used(self) -> float:
@@ -39,6 +42,12 @@ class WorkerLoad:
     def decode_load(self) -> float:
         seqs = self.in_flight / self.max_num_seqs if self.max_num_seqs else float(self.in_flight)
         return seqs + self.kv_used
+
+    def observe_itl(self, gap_s: float) -> None:
+        """One gap between two outputs of a request streaming from this worker (an
+        exponential average over the last ~ITL_SMOOTHING gaps)."""
+        last = self.recent_itl_s
+        self.recent_itl_s = gap_s if last is None else last + (gap_s - last) / ITL_SMOOTHING
 
     def observe(self, stats: WorkerStats) -> None:
         """Take a worker's reported KV and sequence figures."""

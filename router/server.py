@@ -40,6 +40,7 @@ from prefix_cache.index import PrefixLookup
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.admission import Admission
+from router.disagg import LOCAL, DecodeState, DisaggPolicy
 from router.outputs import OutputStreams
 from router.placement import Member, Placement, PoolView, assigned
 from router.requests import (
@@ -102,15 +103,18 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         prefix_index: PrefixLookup | None = None,
         metrics: ServiceMetrics | None = None,
         cache_weight: float = 1.0,
+        disagg: DisaggPolicy | None = None,
     ) -> None:
         """decode: the decode workers (colocated mode: without `prefill`, they prefill too);
         prefix_index: where the prefilling workers publish their cached blocks, under their
-        members' index keys; cache_weight: see router.placement."""
+        members' index keys; cache_weight: see router.placement; disagg: where a
+        disaggregated request is prefilled (router.disagg; default: always remote)."""
         self.model = model
         self.decode = decode
         self.prefill = prefill
         self.admission = admission or Admission()
         self.prefix_index = prefix_index
+        self.disagg = disagg or DisaggPolicy()
         self.placement = {
             pool.name: Placement(prefill=pool is prefill, cache_weight=cache_weight)
             for pool in (decode, prefill)
@@ -224,11 +228,22 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
     async def _colocated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
         """Prefill and decode on one worker; a worker lost before any output is retried on
         another."""
-        tried: set[Member] = set()
         cached = await self._cached_tokens(request)
+        async with aclosing(self._generate(request, arrival, carrier, span, cached)) as stream:
+            async for response in stream:
+                yield response
+
+    async def _generate(
+        self, request: Any, arrival: float, carrier: Any, span: Any,
+        cached: dict[Member, int] | None, member: Member | None = None,
+    ) -> Any:  # fmt: skip
+        """Prefill and decode on one decode-pool worker (`member`, or the one placement picks);
+        a worker lost before any output is retried on another of the pool."""
+        tried: set[Member] = set()
         while True:
-            member = self._place(self.decode, tried, cached, span)
-            self._count_retry(tried)
+            if member is None:
+                member = self._place(self.decode, tried, cached, span)
+                self._count_retry(tried)
             tried.add(member)
             dispatched = time.monotonic()
             first, finished = True, False
@@ -240,9 +255,11 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                         self.outputs.subscriber, attempt, request.prompt_token_ids,
                         request.params, request.cache_salt, carrier,
                     )  # fmt: skip
+                    gaps = _Gaps(member)
                     async for output in _until_finished(outputs):
                         queued = _queued(output, arrival, dispatched) if first else None
                         finished = output.finished  # over on the worker: nothing to abort
+                        gaps.output()
                         yield _timed(request.request_id, output, arrival, queued)
                         first = False
                     return
@@ -256,14 +273,38 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     if not first:  # the client has seen tokens: it cannot be moved silently
                         raise
                     self._retrying("worker", member, e)
+                    member = None
                 finally:
                     self.outputs.close(worker, attempt)
+
+    def _decide(self, request: Any, member: Member, span: Any) -> str:
+        """Where this request is prefilled (router.disagg): `remote` or `local` on decode
+        worker `member`; the decision and its reason go to the span and the metric. The decode
+        worker's own prefix cache is not in the index yet: its cached tokens count as 0."""
+        queues = [m.load.queued_tokens for m in self._prefilling.members() if m.placeable]
+        load = member.load
+        path, reason = self.disagg.decide(
+            len(request.prompt_token_ids),
+            min(queues) if queues else None,
+            DecodeState(load.decode_load, load.in_flight, load.recent_itl_s),
+        )
+        span.set_attributes({"tandem.prefill_path": path, "tandem.prefill_reason": reason})
+        if self.metrics is not None:
+            self.metrics.prefill_placement.labels(path=path, reason=reason).inc()
+        return path
 
     async def _disaggregated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
         """Prefill on one pool, decode on the other; the KV moves between them. The prefill's
         PrefillResult (contracts.handoff) goes to the decode worker, which streams every
-        output, the first token's included: it owns the request's text."""
+        output, the first token's included: it owns the request's text. Or, as the policy
+        decides (router.disagg), the chosen decode worker prefills the request itself."""
         member = self._place(self.decode, set(), None, span)
+        if self._decide(request, member, span) == LOCAL:
+            local = self._generate(request, arrival, carrier, span, None, member)
+            async with aclosing(local) as stream:
+                async for response in stream:
+                    yield response
+            return
         # A first token that surely ends the request needs no KV at the decode worker.
         ship_to = None if _first_token_ends(request, self.model) else member.worker_id
         with assigned(member, len(request.prompt_token_ids)) as decode:
@@ -282,9 +323,11 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     self.outputs.subscriber, attempt, request.prompt_token_ids, result,
                     request.params, request.cache_salt, carrier,
                 )  # fmt: skip
+                gaps = _Gaps(member)
                 async for output in _until_finished(outputs):
                     queued = _queued(result, arrival, dispatched) if first else None
                     finished = output.finished
+                    gaps.output()
                     yield _timed(request.request_id, output, arrival, queued)
                     first = False
             except _STOPPED:
@@ -410,6 +453,21 @@ def _abandon(worker: WorkerClient, request_id: str, error: WorkerLost) -> None:
     the request on to its end), tell it to abort; a dead one has nothing left to stop."""
     if error.unreachable:
         worker.abort(request_id)
+
+
+class _Gaps:
+    """Feeds the gaps between a request's outputs to its worker's recent ITL (router.disagg
+    reads it)."""
+
+    def __init__(self, member: Member) -> None:
+        self.load = member.load
+        self.last: float | None = None
+
+    def output(self) -> None:
+        now = time.monotonic()
+        if self.last is not None:
+            self.load.observe_itl(now - self.last)
+        self.last = now
 
 
 class _Seen:

@@ -63,6 +63,12 @@ class ServiceMetrics:
         self.retried = Counter("tandem_requests_retried",
                                "Requests moved to another worker after losing theirs.",
                                registry=r)  # fmt: skip
+        self.prefill_placement = Counter(
+            "tandem_prefill_placement", "Disaggregated requests by where they were prefilled: "
+            "on the prefill pool, KV shipped (remote), or on their decode worker (local); "
+            "reason: the rule that chose (router.disagg.REASONS).", ["path", "reason"],
+            registry=r,
+        )  # fmt: skip
         self.scaling_decisions = Counter("tandem_scaling_decisions",
                                          "Autoscaling decisions taken.", ["pool", "direction"],
                                          registry=r)  # fmt: skip

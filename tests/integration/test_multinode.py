@@ -114,6 +114,7 @@ class Cluster:
             "--address", f"{self.head}:{GCS_PORT}", "--host", self.head,
             "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
             "--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1",
+            "--disagg", "always",  # the KV must cross the link
             "--prefill-resources", '{"tandem_prefill": 1}',
             "--decode-resources", '{"tandem_decode": 1}',
             "--kv-ports", f"{KV_PORTS[0]}-{KV_PORTS[1]}", "--kv-interface", KV_INTERFACE,

@@ -431,3 +431,75 @@ def test_first_token_edge_cases_stream_as_on_the_single_engine(
     assert usage == (reference.usage.prompt_tokens, 0, reference.usage.completion_tokens)
     assert reference.usage.cached_tokens == 0  # a prompt shorter than one block
     # clean_workers then checks that no KV block is left on either side
+
+
+@contextmanager
+def placing(service: RunningService, **policy: Any) -> Iterator[None]:
+    """The running service's router places prefills by `DisaggPolicy(**policy)` meanwhile."""
+    from router.disagg import DisaggPolicy
+
+    servicer = service.service._servicer
+    assert servicer is not None
+    normal = servicer.disagg
+    servicer.disagg = DisaggPolicy(**policy)
+    try:
+        yield
+    finally:
+        servicer.disagg = normal
+
+
+def placed(service: RunningService, path: str, reason: str) -> float:
+    """tandem_prefill_placement_total{path, reason} as the router's /metrics has it now."""
+    value = service.service.metrics.registry.get_sample_value(
+        "tandem_prefill_placement_total", {"path": path, "reason": reason}
+    )
+    return value or 0.0
+
+
+def kv_transfers(service: RunningService) -> list[int]:
+    return [s.kv.transfers_completed for s in service.worker_stats()]
+
+
+def assert_greedy_as_the_engine(
+    service: RunningService, engine: Engine, prompt: str, max_tokens: int
+) -> None:
+    responses = generate(service.stub, text=prompt, sampling=greedy_sampling(max_tokens))
+    expected = engine.generate([prompt], greedy(max_tokens=max_tokens))[0]
+    assert [t for r in responses for t in r.token_ids] == expected.token_ids, prompt
+    assert "".join(r.text for r in responses) == expected.text
+    assert responses[-1].usage.completion_tokens == max_tokens
+
+
+def test_disagg_never_prefills_every_request_on_its_decode_worker(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    if not service.disaggregated:
+        pytest.skip("prefill placement is disaggregated mode's")
+    cases = [("Hi", 6), ("The capital of France is", 6), ("List three colors:", 1)]
+    before, transfers = placed(service, "local", "forced_local"), kv_transfers(service)
+    with placing(service, mode="never"):
+        for prompt, max_tokens in cases:
+            assert_greedy_as_the_engine(service, default_model_engine, prompt, max_tokens)
+    assert placed(service, "local", "forced_local") == before + len(cases)
+    assert kv_transfers(service) == transfers  # no KV moved: the decode worker prefilled
+
+
+def test_disagg_auto_places_each_request_by_its_inputs(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    if not service.disaggregated:
+        pytest.skip("prefill placement is disaggregated mode's")
+    short = "Hi there"  # a few tokens
+    long = "(auto) " + " ".join(f"item {n}," for n in range(20))  # ~60 tokens
+    reasons = [("local", "short_prompt"), ("remote", "long_prompt"), ("local", "prefill_queue")]
+    before = [placed(service, *reason) for reason in reasons]
+    decode_transfers = kv_transfers(service)[0]
+    with placing(service, mode="auto", local_max_tokens=16):
+        assert_greedy_as_the_engine(service, default_model_engine, short, 5)
+        assert_greedy_as_the_engine(service, default_model_engine, long, 5)
+    # every prefill worker's queue "long": the long prompt too prefills locally
+    with placing(service, mode="auto", local_max_tokens=16, prefill_queue_tokens=0):
+        assert_greedy_as_the_engine(service, default_model_engine, long, 5)
+    after = [placed(service, *reason) for reason in reasons]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
+    assert kv_transfers(service)[0] == decode_transfers + 1  # the remote one's KV only

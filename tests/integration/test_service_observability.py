@@ -17,7 +17,12 @@ import grpc
 import pytest
 
 from proto.tandem.v1 import tandem_pb2 as pb
-from tests.integration.test_service import RunningService, greedy_sampling, local_service
+from tests.integration.test_service import (
+    RunningService,
+    greedy_sampling,
+    local_service,
+    placing,
+)
 from tests.redis_server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -128,6 +133,8 @@ def test_one_trace_per_request_across_router_prefill_transfer_and_decode(
     assert root["attributes"]["tandem.request_id"] == "traced-1"
     assert root["attributes"]["tandem.completion_tokens"] == 6
     assert root["attributes"]["tandem.prefill_worker"] == 0
+    assert root["attributes"]["tandem.prefill_path"] == "remote"
+    assert root["attributes"]["tandem.prefill_reason"] == "forced_remote"
     prefill, decode = by_name["tandem.prefill"], by_name["tandem.decode"]
     transfer = by_name["tandem.kv_transfer"]
     for child in (prefill, decode, transfer, by_name["validate"], by_name["place"]):
@@ -142,6 +149,31 @@ def test_one_trace_per_request_across_router_prefill_transfer_and_decode(
     assert {("queue", decode["span_id"]), ("stream", decode["span_id"])} <= phases
     assert prefill["end"] <= decode["end"]
     assert decode["attributes"]["tandem.completion_tokens"] == 6
+
+
+def test_a_request_prefilled_on_its_decode_worker_is_traced_there(
+    service: RunningService, collector: Collector
+) -> None:
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
+    traceparent = f"00-{trace_id}-{CLIENT_SPAN_ID}-01"
+    request = pb.GenerateRequest(text="Hi", sampling=greedy_sampling(3), request_id="traced-2")
+    with placing(service, mode="auto"):  # a short prompt: prefilled on the decode worker
+        responses = list(
+            service.stub.Generate(request, timeout=60, metadata=[("traceparent", traceparent)])
+        )
+    assert responses[-1].usage.completion_tokens == 3
+    deadline = time.monotonic() + 30
+    while not {"tandem.Generate", "tandem.generate"} <= {
+        s["name"] for s in collector.trace(trace_id)
+    }:
+        assert time.monotonic() < deadline, [s["name"] for s in collector.trace(trace_id)]
+        time.sleep(0.2)
+    by_name = {s["name"]: s for s in collector.trace(trace_id)}
+    root = by_name["tandem.Generate"]
+    assert root["attributes"]["tandem.prefill_path"] == "local"
+    assert root["attributes"]["tandem.prefill_reason"] == "short_prompt"
+    assert by_name["tandem.generate"]["process"] == "decode-0"
+    assert "tandem.prefill" not in by_name and "tandem.kv_transfer" not in by_name
 
 
 def test_metrics_cover_requests_workers_and_transfers(service: RunningService) -> None:

@@ -129,3 +129,43 @@ def test_kv_network_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert flags.kv_network == KVNetworkConfig("eth1", 40000, 40999)
     with pytest.raises(ValueError, match="KV ports '40000' must look like MIN-MAX"):
         serve_config("--kv-ports", "40000")
+
+
+def test_disagg_flags_become_the_prefill_placement_policy() -> None:
+    from router.disagg import DisaggPolicy
+
+    assert serve_config().disagg == DisaggPolicy(mode="auto")  # auto by default
+    config = serve_config(
+        "--disagg", "auto", "--disagg-local-max-tokens", "64",
+        "--disagg-prefill-queue-tokens", "1000", "--disagg-decode-max-load", "0.5",
+        "--target-itl-ms", "40",
+    )  # fmt: skip
+    assert config.disagg == DisaggPolicy(
+        mode="auto", local_max_tokens=64, prefill_queue_tokens=1000, decode_max_load=0.5,
+        target_itl_s=0.04,
+    )  # fmt: skip
+    assert serve_config("--disagg", "never").disagg.mode == "never"
+    with pytest.raises(ValueError, match="--disagg: local_max_tokens=-3 must be an int >= 0"):
+        serve_config("--disagg-local-max-tokens", "-3")
+    assert serve_config("--mode", "colocated").disagg == DisaggPolicy()
+    for flags in (["--disagg", "never"], ["--disagg-decode-max-load", "0.5"]):
+        with pytest.raises(ValueError, match="apply to --mode disaggregated only"):
+            serve_config("--mode", "colocated", *flags)
+
+
+def test_disagg_policy_in_the_service_config_is_checked() -> None:
+    from router.disagg import DisaggPolicy
+
+    with pytest.raises(ValueError, match=r"disagg=.*applies to disaggregated mode only"):
+        ServiceConfig(mode="colocated", disagg=DisaggPolicy(mode="auto"))
+    with pytest.raises(ValueError, match=r"disagg='auto' must be a router\.disagg\.DisaggPolicy"):
+        ServiceConfig(mode="disaggregated", disagg="auto")  # type: ignore[arg-type]
+    assert ServiceConfig(mode="disaggregated", disagg=DisaggPolicy(mode="never")).disagg.mode
+
+
+def test_target_itl_reaches_the_decode_pools_engine_when_disaggregated() -> None:
+    config = serve_config("--target-itl-ms", "40")
+    assert config.engine.target_itl_s == 0.04  # the decode pool's
+    assert config.prefill_engine is not None and config.prefill_engine.target_itl_s is None
+    assert serve_config().engine.target_itl_s is None
+    assert serve_config("--mode", "colocated", "--target-itl-ms", "40").engine.target_itl_s is None
