@@ -111,8 +111,10 @@ def test_max_tokens_ends_with_length(tokenizer: Tokenizer) -> None:
         (("generate", ""), "prompt"),
         (("generate", QUESTION, "--top-p", "2", "--device", "cpu"), "top_p"),
         (("generate", QUESTION, "--model", "/nonexistent.gguf"), "/nonexistent.gguf"),
+        # the default model's 9 heads and 3 KV heads do not split over 2 ranks
+        (("generate", QUESTION, "--tensor-parallel-size", "2", "--device", "cpu"), "num_heads=9"),
     ],
-    ids=["empty-prompt", "top-p", "missing-model"],
+    ids=["empty-prompt", "top-p", "missing-model", "tensor-parallel-shape"],
 )
 def test_bad_input_exits_2_with_a_message(args: tuple[str, ...], named: str) -> None:
     result = tandem(*args)
