@@ -10,7 +10,6 @@ Redis or asyncio.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
@@ -26,24 +25,21 @@ from contracts.chat import ChatMessage
 from contracts.errors import InvalidRequest, RankFailed
 from contracts.outputs import FinishReason, RequestOutput, TokenLogprobs, Usage
 from contracts.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
+from engine import build
 from engine.attention import select_backend
 from engine.block_manager import BlockManager
-from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, default_scheduler_config
-from engine.kv_quant import KV_FP8_DTYPE, packed_row_bytes
-from engine.llama import LlamaModel
-from engine.loader import converted, describe_model, load_weights, resolve_model
+from engine.config import EngineConfig
+from engine.kv_quant import KV_FP8_DTYPE
+from engine.loader import describe_model, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.parallel import TensorParallelGroup, encode_plan, start_ranks
-from engine.quantization import use_fp8_linears
 from engine.sampler import LogitBias, Sampler, SampleRow
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
-from engine.sharding import ShardLayout, check_divisible, shard_layout, shard_weights
+from engine.sharding import ShardLayout, check_divisible, shard_layout
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,23 +85,25 @@ class Engine:
     ) -> None:
         self.config = config = config or EngineConfig()
         started = time.perf_counter()
-        self.device = _pick_device(config.device)
-        self.dtype = _pick_dtype(config.dtype, self.device)
+        self.device = build.pick_device(config.device)
+        self.dtype = build.pick_dtype(config.dtype, self.device)
         self.kv_dtype = KV_FP8_DTYPE if config.kv_cache_dtype == "fp8" else self.dtype
         self.backend = select_backend(self.device)
         self.info, handle = describe_model(resolve_model(config.model), config.converted_cache)
         self.model_config = self.info.config
         self.tokenizer = self.info.tokenizer
         self.tp = tp_group or self._start_tensor_parallel()
-        self.model = self._build_model(handle)
+        self.model = build.build_model(
+            config, self.info, handle, self.backend, self.device, self.dtype, self.shard, self.tp
+        )
         if self.device.type == "cuda" and config.triton_gemv:
             self.model.use_triton_gemv()
         self.num_kv_blocks = self._num_kv_blocks()
-        self.max_model_len = self._max_model_len()
+        self.max_model_len = build.max_model_len(config, self.model_config, self.num_kv_blocks)
         self.block_manager = BlockManager(
             self.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self._scheduler_config(), self.block_manager)
+        self.scheduler = Scheduler(build.scheduler_config(config, self.device), self.block_manager)
         self.runner = ModelRunner(
             self.model,
             self.backend,
@@ -161,75 +159,11 @@ class Engine:
             return None
         return shard_layout(self.model_config, self.tp.world_size, self.tp.rank)
 
-    def _build_model(self, handle: object) -> LlamaModel:
-        shard = self.shard
-        shape = self.model_config if shard is None else shard.local_config(self.model_config)
-        with torch.device("meta"):
-            model = LlamaModel(shape, self.backend)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        model.rotary.float().init_tables()  # rotary tables stay fp32
-        model.tie_embeddings()
-        scheme = self.info.fp8_scheme
-        quantized = self.config.quantization == "fp8" or scheme is not None
-        if quantized:
-            use_fp8_linears(model, static_input_scale=bool(scheme and scheme.static_activations))
-        source = self.info.source
-        # the converted cache holds whole models only
-        cacheable = source.kind == "gguf" and self.config.converted_cache and not quantized
-        gguf = source.path if cacheable and shard is None else None
-        if gguf is None or not converted.load_parameters(gguf, model):
-            # consumed as it is copied in: the checkpoint and the model are never both whole
-            weights = load_weights(self.info, handle, self.dtype, self.config.seed, self.device)
-            model.load_weights(weights if shard is None else shard_weights(weights, shard))
-            if gguf is not None:
-                converted.store_parameters(gguf, model)
-        if shard is not None:
-            assert self.tp is not None
-            model.set_tensor_parallel(self.tp, shard)
-        model.pack_for_cpu()
-        return model.eval()
-
-    def _scheduler_config(self) -> SchedulerConfig:
-        config = self.config.scheduler
-        if config is None:
-            total = 0
-            if self.device.type == "cuda":
-                total = torch.cuda.get_device_properties(self.device).total_memory
-            config = default_scheduler_config(self.device.type, total)
-        if self.config.target_itl_s is not None:
-            config = dataclasses.replace(config, target_step_s=self.config.target_itl_s)
-        return config
-
     def _num_kv_blocks(self) -> int:
         """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
-        if self.tp is None:
-            return self._kv_blocks_that_fit()
-        return self.tp.agree_min(self._kv_blocks_that_fit())
-
-    def _kv_blocks_that_fit(self) -> int:
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        budget = self.config.kv_cache_bytes or _default_kv_cache_bytes(
-            self.device, self.config.kv_cache_memory_fraction
-        )
-        per_block = self.config.block_size * self._kv_bytes_per_token()
-        return max(budget // per_block, 1)
-
-    def _kv_bytes_per_token(self) -> int:
-        c = self.model.config  # this rank's KV heads only, under TP
-        if self.kv_dtype == KV_FP8_DTYPE:  # e4m3 values and a 4-byte scale per row
-            return 2 * c.num_layers * c.num_kv_heads * packed_row_bytes(c.head_dim)
-        return c.kv_bytes_per_token(self.dtype.itemsize)
-
-    def _max_model_len(self) -> int:
-        """The model's context, capped by what the KV cache can hold for one sequence."""
-        length = self.config.max_model_len or self.model_config.max_position_embeddings
-        if length > self.model_config.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len={length} exceeds the model's context "
-                f"{self.model_config.max_position_embeddings}"
-            )
-        return min(length, self.num_kv_blocks * self.config.block_size)
+        per_token = build.kv_bytes_per_token(self.model.config, self.kv_dtype, self.dtype)
+        fit = build.kv_blocks_that_fit(self.config, self.device, per_token)
+        return fit if self.tp is None else self.tp.agree_min(fit)
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -614,24 +548,3 @@ class _Accumulator:
         return Completion(
             request_id, self.token_ids, "".join(self.text), self.last.finish_reason, self.last.usage
         )
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
-
-def _default_kv_cache_bytes(device: torch.device, memory_fraction: float) -> int:
-    if device.type != "cuda":
-        return DEFAULT_CPU_KV_CACHE_BYTES
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    return int(free_bytes * memory_fraction)

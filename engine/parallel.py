@@ -1,25 +1,11 @@
 """Tensor parallelism inside one engine: the ranks' process groups, starting and stopping the
 ranks, and the step plan rank 0 sends to the others.
 
-    rank 0: the Engine                              ranks 1..N-1: follower processes
-    schedule -> encode_plan ---- control group ---> decode_plan -> the same ScheduledSequences
-    runner.execute(scheduled)                       runner.execute(scheduled), logits dropped
-      embedding, o_proj, down_proj: one all-reduce each; logits: one all-gather (compute group)
-    sample, update the scheduler                    wait for the next plan
-
 Every rank builds the same Engine over its own shard (engine.sharding); only rank 0 schedules,
-samples and talks to anyone else. Two groups share one TCPStore that rank 0 serves:
-
-  control  gloo, on the CPU: plans, the stop message, agreeing on the KV block count. Rank 0
-           waits at most `timeout_s` for a follower; followers wait for rank 0 without limit
-           (an idle engine sends nothing) and fail at once if it dies (its connection closes).
-  compute  NCCL on CUDA, gloo on the CPU: the collectives of the forward, `timeout_s` on every
-           rank. Device tensors only, no host synchronisation: a CUDA graph can capture them.
-
-No default process group is created (torch.distributed.init_process_group is never called):
-several engines can live in one process, and a TP=1 engine creates no group at all. Any failed
-collective (a rank died, or missed the timeout) becomes RankFailed on rank 0, which then kills
-the remaining ranks: the engine goes down as a unit. Plans are int64 tensors, never pickles.
+samples and talks to anyone else. A gloo "control" group carries plans (int64 tensors, never
+pickles) and the stop message; a "compute" group (NCCL on CUDA, gloo on CPU) the forward's
+collectives. No default process group is created; a TP=1 engine creates none. Any failed
+collective becomes RankFailed on rank 0, which kills the rest. The picture: docs/engine.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Continuous batching: which sequences run this step, and how many tokens each.
 
-One token budget per step is shared by decodes and prefill chunks. Running sequences go
-first, oldest first, so decodes are never starved by a long prompt; waiting sequences are
-admitted while budget, the running-sequence cap and KV blocks allow. When blocks run out the
-newest running sequence is preempted by recompute: its blocks are freed and it waits again at
-the head of the queue (its computed blocks may still be found in the prefix cache).
-
-With `target_step_s` (a decode worker protecting its streams' inter-token latency, issue 21.2),
-a step that decodes is also capped in tokens so that its estimated time stays under the target:
-prefill chunks get what the decodes leave of that cap, never less than MIN_CHUNK_TOKENS. The
-estimate is a line fitted to the engine's measured steps (`StepTimeModel`); until it has seen
-steps of two sizes the fixed budget applies.
-
-Pure Python; knows nothing of tensors or text.
+One token budget per step is shared by decodes and prefill chunks; running sequences go first,
+oldest first, so a long prompt never starves decodes. When blocks run out the newest running
+sequence is preempted by recompute. With `target_step_s`, a step that decodes is also capped so
+its estimated time (`StepTimeModel`, fitted to measured steps) stays under the target.
+Pure Python; knows nothing of tensors or text. The policy in full: docs/engine.md.
 """
 
 from __future__ import annotations

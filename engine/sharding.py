@@ -1,22 +1,10 @@
 """How a Llama-family model splits across tensor-parallel ranks, and cutting its weights so.
 
-One rank of N holds (Megatron-style; every matrix is [out, in] as Hugging Face stores it):
-
-    q_proj, k_proj, v_proj   rows of its query heads / KV heads     column-parallel
-    gate_proj, up_proj       rows of its MLP slice                   column-parallel
-    o_proj, down_proj        columns of its heads / MLP slice        row-parallel: all-reduce after
-    embed_tokens, lm_head    rows of its vocabulary range            vocab-parallel
-    norms                    whole                                   replicated
-
-    query heads   rank r: [r * H/N, (r + 1) * H/N)
-    KV heads      N <= KV: rank r: [r * KV/N, (r + 1) * KV/N)
-                  N >  KV: one head each, rank r: r // (N/KV)  (replicated N/KV times)
-    vocabulary    rank r: [r * ceil(V/N), ...), the last range padded with zero rows
-
-A rank's model is an ordinary LlamaModel built from `ShardLayout.local_config` (its own head,
-KV head, MLP and vocabulary counts), so its KV cache holds only its KV heads. FP8 weight scales
-follow their weight's rows (per channel) or stay whole (per tensor, and row-parallel layers).
-Shapes that do not divide are refused before anything loads. Torch only for `shard_weights`.
+Megatron-style: q/k/v and gate/up column-parallel, o and down row-parallel (an all-reduce
+after), embedding and LM head vocabulary-parallel, norms replicated; KV heads replicated when
+there are fewer than ranks. A rank's model is an ordinary LlamaModel of its local shape, so its
+KV cache holds only its KV heads. Shapes that do not divide are refused before anything loads.
+The layout table: docs/engine.md.
 """
 
 from __future__ import annotations
