@@ -60,6 +60,7 @@ def test_a_ramp_grows_the_prefill_pool_and_idleness_shrinks_it(
     service: RunningService, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="cluster.service")
+    caplog.set_level(logging.INFO, logger="cluster.scaling")
     assert len(service.service.prefill_workers) == 1
 
     def ask(prompt: str, max_tokens: int = 4) -> int:
