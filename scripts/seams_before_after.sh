@@ -6,6 +6,8 @@
 #   [CONC=8] [NUM=48] [SKIP_ENGINE=1] [ENGINE_ORDER="before after"] scripts/seams_before_after.sh
 #
 # Uses this checkout's virtualenv (scripts/setup.sh); each run imports its checkout by PYTHONPATH.
+# AFTER_ARGS: extra `tandem serve` flags for the after checkout only; a checkout with per-request
+# prefill placement (issue 21) needs AFTER_ARGS="--disagg always" to compare the same path.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 PY=$here/.venv/bin/python; TANDEM=$here/.venv/bin/tandem
@@ -15,6 +17,8 @@ serve_and_bench() {  # name mode rep
   local name=$1 mode=$2 rep=$3 port=$((52000 + RANDOM % 1000))
   local args=(--port "$port")
   [[ $mode == disaggregated ]] && args+=(--mode disaggregated --prefill-workers 1 --decode-workers 1)
+  # shellcheck disable=SC2206  # AFTER_ARGS is a list of flags
+  [[ $name == after && $mode == disaggregated ]] && args+=(${AFTER_ARGS:-})
   (cd "${TREE[$name]}" && PYTHONPATH="${TREE[$name]}" exec "$TANDEM" serve "${args[@]}" > "$OUT/serve-$name-$mode-$rep.log" 2>&1) &
   local pid=$!
   for _ in $(seq 240); do grep -q "serving\|Serving\|listening" "$OUT/serve-$name-$mode-$rep.log" 2>/dev/null && break; sleep 1; done
