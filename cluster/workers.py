@@ -13,8 +13,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
-import ray
-
 from contracts.errors import TandemError, WorkerLost
 from contracts.handoff import PrefillResult
 from contracts.sampling_params import SamplingParams
@@ -126,6 +124,8 @@ class RayWorkerClient:
     def _cancel(self, call: Any, request_id: str) -> None:
         """Cancel a call in flight and abort its request (which also covers a call that has
         not reached the worker yet)."""
+        import ray
+
         try:
             ray.cancel(call)
         except Exception:  # already finished: the abort below still frees what it left
@@ -136,6 +136,8 @@ class RayWorkerClient:
 def translate(error: BaseException) -> TandemError:
     """A worker's typed error as itself, a dead or unreachable worker as WorkerLost, anything
     else as a plain TandemError (INTERNAL)."""
+    import ray  # here, not at import: importing the control plane stays cheap
+
     if isinstance(error, TandemError):
         return error
     if isinstance(error, ray.exceptions.ActorUnavailableError):

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _URL_SCHEMES = ("redis", "rediss", "unix")
 _MAX_QUERIES_IN_FLIGHT = 64  # past this many unanswered lookups, Redis counts as too slow
 
