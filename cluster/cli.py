@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from bench.serving.cli import add_arguments as add_bench_arguments  # argparse only: cheap
+from bench.serving.cli import add_connection_arguments
 from contracts.errors import InvalidRequest, TandemError
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ def build_parser() -> _Parser:
         "cancelled (new requests are refused at once)",
     )
     add_quantization_arguments(serve)
+    add_security_arguments(serve)
     serve.set_defaults(handler=run_serve)
 
     client = commands.add_parser("client", help="stream one answer from a running service")
@@ -116,6 +119,7 @@ def build_parser() -> _Parser:
     client.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
     client.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     client.add_argument("--timeout", type=float, default=300.0, help="seconds for the answer")
+    add_connection_arguments(client)
     client.set_defaults(handler=run_client)
 
     demo = commands.add_parser(
@@ -127,8 +131,6 @@ def build_parser() -> _Parser:
     demo.add_argument("--max-tokens", type=int, default=96, help="tokens per answer at most")
     demo.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     demo.set_defaults(handler=run_demo)
-
-    from bench.serving.cli import add_arguments as add_bench_arguments  # argparse only: cheap
 
     bench = commands.add_parser("bench", help="measure a running service under load")
     add_bench_arguments(bench)
@@ -226,6 +228,45 @@ def run_demo(args: argparse.Namespace) -> int:
 
     asyncio.run(demo())
     return 0
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """Who may call `tandem serve` and over what (docs/operations.md, "Security"); all off by
+    default, for local use."""
+    group = parser.add_argument_group("security (off by default)")
+    group.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="API keys, one 'tenant:key' or 'tenant:key:max_inflight' per line; every call "
+        "must then send 'authorization: Bearer <key>'. Default: $TANDEM_API_KEYS (same "
+        "format, commas allowed), else no authentication",
+    )
+    group.add_argument(
+        "--tenant-max-inflight",
+        type=int,
+        default=None,
+        help="requests in flight per tenant at most, for tenants whose key sets none "
+        "(RESOURCE_EXHAUSTED past it); needs API keys",
+    )
+    group.add_argument("--tls-cert", default=None, help="serve over TLS: PEM certificate chain")
+    group.add_argument("--tls-key", default=None, help="its PEM private key")
+    group.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="mutual TLS: PEM roots every client certificate must chain to",
+    )
+
+
+def security_config(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(router.auth.ApiKeys or None, router.tls.TlsConfig) from the flags of
+    add_security_arguments (commands without them: both off)."""
+    from router.auth import load_api_keys
+    from router.tls import TlsConfig
+
+    if not hasattr(args, "api_keys_file"):  # `tandem demo`: its own local client, no keys
+        return None, TlsConfig()
+    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+    return load_api_keys(args.api_keys_file, default_max_inflight=args.tenant_max_inflight), tls
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
@@ -473,6 +514,7 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
     from prefix_cache.index import IndexConfig
     from telemetry.tracing import TracingConfig
 
+    api_keys, tls = security_config(args)
     index = IndexConfig(
         redis_url=args.redis_url,
         redis_password=os.environ.get("TANDEM_REDIS_PASSWORD") or None,
@@ -499,6 +541,8 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
         address=getattr(args, "address", None),
         gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
         verbose=args.verbose,
+        api_keys=api_keys,
+        tls=tls,
     )
 
 
@@ -559,21 +603,26 @@ def run_client(args: argparse.Namespace) -> int:
     request = pb.GenerateRequest(
         sampling=pb.SamplingParameters(max_tokens=args.max_tokens, temperature=args.temperature)
     )
+    from bench.serving.connection import connection_of, open_channel
+
     started = time.monotonic()
-    with grpc.insecure_channel(args.target) as channel:
+    tls, metadata = connection_of(args)
+    with open_channel(args.target, tls) as channel:
         stub = tandem_pb2_grpc.TandemStub(channel)
         wrote_text = False
         try:
             chat = args.chat
             if chat is None:  # the model's chat template when it has one
-                models = stub.ListModels(pb.ListModelsRequest(), timeout=min(args.timeout, 30))
+                models = stub.ListModels(
+                    pb.ListModelsRequest(), timeout=min(args.timeout, 30), metadata=metadata
+                )
                 chat = any(model.has_chat_template for model in models.models)
             if chat:
                 request.chat.messages.add(role="user", content=args.prompt)
             else:
                 request.text = args.prompt
             last = None
-            for response in stub.Generate(request, timeout=args.timeout):
+            for response in stub.Generate(request, timeout=args.timeout, metadata=metadata):
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
                 wrote_text = wrote_text or bool(response.text)

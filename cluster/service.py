@@ -36,10 +36,13 @@ from kvtransfer.handshake import SECRET_ENV, SECRET_FILE_ENV
 from kvtransfer.network import KVNetworkConfig
 from prefix_cache.index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
 from router.admission import Admission, AdmissionLimits
+from router.auth import ApiKeys, Guard
 from router.disagg import DisaggPolicy
+from router.interceptor import AuthInterceptor
 from router.placement import Member
 from router.requests import ServedModel, prompt_chars_limit
 from router.server import ServingGate, TandemServicer, set_serving, start_server
+from router.tls import TlsConfig
 from telemetry.metrics import ServiceMetrics, start_metrics_server
 from telemetry.tracing import TracingConfig, setup_tracing, shutdown_tracing
 
@@ -82,6 +85,9 @@ class ServiceConfig:
     verbose: bool = False  # Ray's start-up banners and INFO logs in this process's output
     # Where workers' KV endpoints listen (interface, port range); see kvtransfer.network.
     kv_network: KVNetworkConfig = field(default_factory=KVNetworkConfig)
+    # Who may call (router.auth; None: anyone, for local use) and the API's TLS (router.tls).
+    api_keys: ApiKeys | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -134,6 +140,7 @@ class Service:
         self._next_number = {"decode": 0, "prefill": 0}  # ids of workers added later
         self.prefix_index: PrefixLookup | None = None
         self.metrics = ServiceMetrics()
+        self.guard = self._guard()  # every edge (gRPC, HTTP) checks callers with it
         self.metrics_port: int | None = None  # bound, when serving /metrics
         self._metrics_server: Any = None
         self._started_ray = False
@@ -143,6 +150,17 @@ class Service:
     def workers(self) -> list[Any]:
         """Decode (or colocated) workers' actors."""
         return self._actors("decode")
+
+    def _guard(self) -> Guard | None:
+        """API keys and tenants' bounds (router.auth), counted in metrics; None when off."""
+        if self.config.api_keys is None:
+            return None
+        metrics = self.metrics
+        return Guard(
+            self.config.api_keys,
+            on_failure=lambda reason: metrics.auth_failures.labels(reason=reason).inc(),
+            on_refused=lambda tenant: metrics.tenant_rejections.labels(tenant=tenant).inc(),
+        )
 
     @property
     def gate(self) -> ServingGate | None:
@@ -177,7 +195,10 @@ class Service:
 
         config = self.config
         setup_tracing(config.tracing, "router")
-        self._server, self.port, gate, self._health = await start_server(config.host, config.port)
+        interceptors = [AuthInterceptor(self.guard)] if self.guard is not None else []
+        self._server, self.port, gate, self._health = await start_server(
+            config.host, config.port, config.tls, interceptors
+        )
         self._gate = gate
         if config.metrics_port is not None:
             self._metrics_server, self.metrics_port = start_metrics_server(

@@ -16,9 +16,10 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager, suppress
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -40,6 +41,7 @@ from prefix_cache.index import PrefixLookup
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.admission import Admission
+from router.auth import Unauthenticated, tenant_cache_salt
 from router.disagg import LOCAL, DecodeState, DisaggPolicy
 from router.outputs import OutputStreams
 from router.placement import Member, Placement, PoolView, assigned
@@ -49,6 +51,7 @@ from router.requests import (
     prompt_token_ids,
     validate_generate_request,
 )
+from router.tls import TlsConfig
 from router.workers import WorkerClient
 from telemetry.metrics import ServiceMetrics
 from telemetry.tracing import child_carrier, end_span, record_span, start_span
@@ -78,6 +81,8 @@ def status_of(error: BaseException) -> grpc.StatusCode:
     """The gRPC status of a Tandem error."""
     if isinstance(error, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(error, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, DuplicateRequest):
@@ -174,6 +179,8 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                     validated = await self._off_loop(validate_generate_request, request)
                 finally:
                     record_span("validate", arrival_wall, time.time(), span)
+                # a tenant's requests share cached prefixes only with its own (router.auth)
+                validated = replace(validated, cache_salt=tenant_cache_salt(validated.cache_salt))
                 span.set_attributes({"tandem.request_id": validated.request_id,
                                      "tandem.model": self.model.model_id})  # fmt: skip
                 carrier = child_carrier(span)
@@ -674,10 +681,13 @@ HEALTH_OVERALL = ""  # grpc.health.v1 convention: the whole server
 POOL_HEALTH_NAMES = {"prefill": "tandem.pool.prefill", "decode": "tandem.pool.decode"}
 
 
-async def start_server(host: str, port: int) -> tuple[Any, int, ServingGate, Any]:
+async def start_server(
+    host: str, port: int, tls: TlsConfig | None = None, interceptors: Sequence[Any] = ()
+) -> tuple[Any, int, ServingGate, Any]:
     """Start serving on host:port (0: any free port) with the Tandem API behind a gate, the
-    standard health service (everything NOT_SERVING until set) and server reflection.
-    Returns (server, port bound, gate, health servicer)."""
+    standard health service (everything NOT_SERVING until set) and server reflection; over TLS
+    when `tls` is enabled (router.tls); `interceptors` (grpc.aio) see every call first
+    (router.interceptor: API keys). Returns (server, port bound, gate, health servicer)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -686,7 +696,8 @@ async def start_server(host: str, port: int) -> tuple[Any, int, ServingGate, Any
         if isinstance(error, AddressInUse):
             raise error
     # No SO_REUSEPORT: a second server on a busy port must fail, not share its traffic.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    credentials = tls.grpc_credentials() if tls is not None and tls.is_enabled else None
+    server = grpc.aio.server(interceptors=list(interceptors), options=[("grpc.so_reuseport", 0)])
     gate = ServingGate()
     add_tandem_service(gate, server)
     health_servicer = health.aio.HealthServicer()
@@ -700,7 +711,11 @@ async def start_server(host: str, port: int) -> tuple[Any, int, ServingGate, Any
         server,
     )  # fmt: skip
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError:  # grpc >= 1.5x raises where older releases returned 0
         bound = 0
     if bound == 0:

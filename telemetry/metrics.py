@@ -60,6 +60,14 @@ class ServiceMetrics:
         self.admission_rejections = Counter("tandem_admission_rejections",
                                             "Requests refused by admission control.",
                                             registry=r)  # fmt: skip
+        self.auth_failures = Counter("tandem_auth_failures",
+                                     "Calls refused for want of a valid API key, by reason: "
+                                     "missing, malformed or invalid_key.", ["reason"],
+                                     registry=r)  # fmt: skip
+        self.tenant_rejections = Counter("tandem_tenant_rejections",
+                                         "Requests refused because their tenant was at its "
+                                         "bound on requests in flight.", ["tenant"],
+                                         registry=r)  # fmt: skip
         self.retried = Counter("tandem_requests_retried",
                                "Requests moved to another worker after losing theirs.",
                                registry=r)  # fmt: skip

@@ -119,11 +119,13 @@ async def _benchmark(
     import grpc
 
     from bench.serving.client import make_sender, server_info
+    from bench.serving.connection import connection_of, open_channel
 
     salt = uuid.uuid4().hex[:12]
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    tls, metadata = connection_of(args)
+    async with open_channel(args.target, tls, aio=True) as channel:
         try:
-            info = await server_info(channel, args.target, CONNECT_TIMEOUT_S)
+            info = await server_info(channel, args.target, CONNECT_TIMEOUT_S, metadata)
         except grpc.aio.AioRpcError as e:
             raise ServerUnreachable(
                 f"no answer from a Tandem service at {args.target} ({e.code().name}: {e.details()})"
@@ -131,7 +133,7 @@ async def _benchmark(
         check_fits(workload, info.max_model_len)
 
         def sender(name: str) -> Send:
-            return make_sender(channel, f"{salt}-{name}", args.temperature, args.timeout)
+            return make_sender(channel, f"{salt}-{name}", args.temperature, args.timeout, metadata)
 
         if args.num_warmup > 0:
             warmup = workload.sessions(args.num_warmup, info.vocab_size, args.seed + 1)
@@ -148,7 +150,7 @@ async def _benchmark(
             runs.append(_report(result, rate, args))
     header = {
         "label": args.label or (Path(args.output).stem if args.output else workload.name),
-        "command": sys.argv,
+        "command": redacted_argv(sys.argv),
         "config": _config(args),
         "workload": {"name": workload.name, **asdict(workload)},
         "workload_summary": _describe(workload),
@@ -190,13 +192,33 @@ def _report(result: RunResult, rate: float, args: argparse.Namespace) -> RunRepo
     )
 
 
+REDACTED = "<redacted>"
+
+
+def redacted_argv(argv: Sequence[str]) -> list[str]:
+    """The command line with the value of --api-key replaced (it goes into the results)."""
+    redacted, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            redacted.append(REDACTED)
+        elif arg.startswith("--api-key="):
+            redacted.append(f"--api-key={REDACTED}")
+        else:
+            redacted.append(arg)
+        hide_next = arg == "--api-key"
+    return redacted
+
+
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed flags as JSON values (inf as "inf", the SLO as its text)."""
+    """The parsed flags as JSON values (inf as "inf", the SLO as its text, an API key
+    redacted)."""
     config: dict[str, Any] = {}
     for key, value in vars(args).items():
         if key == "handler":
             continue
-        if isinstance(value, Slo):
+        if key == "api_key" and value is not None:
+            value = REDACTED
+        elif isinstance(value, Slo):
             value = value.describe()
         elif isinstance(value, float) and math.isinf(value):
             value = "inf"

@@ -21,6 +21,7 @@ WORKLOADS = ("random", "shared-prefix", "multi-turn", "mixed")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tandem bench` and its `compare` subcommand; sets `handler`."""
     parser.add_argument("--target", default="127.0.0.1:50051", help="the service, HOST:PORT")
+    add_connection_arguments(parser)
     parser.add_argument("--workload", default="random", choices=WORKLOADS)
     parser.add_argument(
         "--num-prompts", type=int, default=100, help="requests per run (multi-turn: conversations)"
@@ -66,6 +67,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_slo,
         default=None,
         help="judge both under this SLO instead of their own (recomputed from their requests)",
+    )
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a client reaches a service that wants TLS or an API key (`tandem client`, `bench`)."""
+    group = parser.add_argument_group("connection (TLS, API key)")
+    group.add_argument(
+        "--tls", action="store_true", help="connect over TLS, trusting the system's CA roots"
+    )
+    group.add_argument(
+        "--tls-ca", default=None, help="PEM roots the server's certificate must chain to (TLS)"
+    )
+    group.add_argument(
+        "--tls-client-cert", default=None, help="this client's PEM certificate (mutual TLS)"
+    )
+    group.add_argument("--tls-client-key", default=None, help="its PEM private key")
+    group.add_argument(
+        "--api-key",
+        default=None,
+        help="sent as 'authorization: Bearer <key>'; default $TANDEM_API_KEY (preferred: a "
+        "flag shows in the process list)",
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from bench.serving.connection import Metadata
 from bench.serving.metrics import RequestRecord
 from bench.serving.runner import Completion, Send
 from bench.serving.workload import Answer, Prompt
@@ -29,10 +30,14 @@ class ServerInfo:
     max_model_len: int
 
 
-async def server_info(channel: grpc.aio.Channel, target: str, timeout_s: float) -> ServerInfo:
+async def server_info(
+    channel: grpc.aio.Channel, target: str, timeout_s: float, metadata: Metadata = ()
+) -> ServerInfo:
     """The first served model; raises grpc.aio.AioRpcError if the server cannot answer."""
     stub = tandem_pb2_grpc.TandemStub(channel)
-    response = await stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s, wait_for_ready=True)
+    response = await stub.ListModels(
+        pb.ListModelsRequest(), timeout=timeout_s, wait_for_ready=True, metadata=metadata
+    )
     if not response.models:
         raise ValueError(f"the server at {target} lists no models")
     model = response.models[0]
@@ -58,7 +63,11 @@ def generate_request(
 
 
 def make_sender(
-    channel: grpc.aio.Channel, cache_salt: str, temperature: float, timeout_s: float
+    channel: grpc.aio.Channel,
+    cache_salt: str,
+    temperature: float,
+    timeout_s: float,
+    metadata: Metadata = (),
 ) -> Send:
     """A Send over `channel`; requests share cached prefixes only within `cache_salt`."""
     stub = tandem_pb2_grpc.TandemStub(channel)
@@ -66,13 +75,20 @@ def make_sender(
     async def send(index: int, label: str, prompt: Prompt, max_tokens: int) -> Completion:
         request_id = f"bench-{cache_salt}-{index}"
         request = generate_request(prompt, max_tokens, temperature, cache_salt, request_id)
-        return await _stream(stub, request, index, label, len(prompt.token_ids), timeout_s)
+        num_prompt_ids = len(prompt.token_ids)
+        return await _stream(stub, request, index, label, num_prompt_ids, timeout_s, metadata)
 
     return send
 
 
 async def _stream(
-    stub: Any, request: Any, index: int, label: str, num_prompt_ids: int, timeout_s: float
+    stub: Any,
+    request: Any,
+    index: int,
+    label: str,
+    num_prompt_ids: int,
+    timeout_s: float,
+    metadata: Metadata,
 ) -> Completion:
     chunk_times: list[float] = []
     token_ids: list[int] = []
@@ -81,7 +97,7 @@ async def _stream(
     error = None
     start = time.perf_counter()
     try:
-        async for response in stub.Generate(request, timeout=timeout_s):
+        async for response in stub.Generate(request, timeout=timeout_s, metadata=metadata):
             if response.token_ids:
                 chunk_times.append(time.perf_counter())
                 token_ids.extend(response.token_ids)
