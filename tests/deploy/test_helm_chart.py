@@ -99,6 +99,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-metrics-no-autoscaling": {
         "tandem": {"autoscaling": {"enabled": False}},
         "metrics": {"enabled": False},
+        "router": {"auth": {"enabled": False}},
+    },
+    "api-keys-secret": {
+        "router": {
+            "auth": {"existingSecret": "tandem-keys", "secretKey": "keys", "tenantMaxInflight": 8}
+        },
     },
     "redis-tls-kv-secret": {
         "redis": {"tls": {"enabled": True, "secretName": "tandem-redis-tls"}},
@@ -231,7 +237,8 @@ def keys_of(node: dict[str, Any], schema: bool = False, prefix: str = "") -> set
 # Values that are sections (their keys are values themselves), as opposed to free-form
 # Kubernetes objects such as resources or nodeSelector.
 STRUCTURED = {
-    "image", "tandem", "model", "router", "router.service", "router.probes", "ray", "ray.auth",
+    "image", "tandem", "model", "router", "router.service", "router.probes", "router.auth",
+    "ray", "ray.auth",
     "ray.dashboard", "ray.head", "ray.autoscaler", "prefill", "decode", "redis", "redis.auth",
     "redis.image", "redis.external", "redis.tls", "kv", "kv.portRange", "kv.secret",
     "networkPolicy", "tandem.autoscaling",
@@ -305,6 +312,12 @@ def test_router_command_parses_with_tandem_cli(rendered: tuple[str, list]) -> No
     metrics = values["metrics"]
     assert args.metrics_port == (metrics["port"] if metrics["enabled"] else None)
     assert args.otlp_endpoint == (values["tracing"]["otlpEndpoint"] or None)
+    auth = values["router"]["auth"]
+    keys_file = f"/etc/tandem/api-keys/{auth['secretKey']}" if auth["enabled"] else None
+    assert (args.api_keys_file, args.tenant_max_inflight) == (
+        keys_file,
+        auth["tenantMaxInflight"] if auth["enabled"] else None,
+    )
 
     scaling = tandem["autoscaling"]
     assert args.autoscale is scaling["enabled"]
@@ -553,7 +566,8 @@ def test_router_gets_the_redis_password_from_a_secret(variant: str) -> None:
     assert volumes["config"]["emptyDir"]["medium"] == "Memory"
     password = volumes["password"]["secret"]
     assert {"name": password["secretName"], "key": password["items"][0]["key"]} == ref
-    secrets = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] != f"{FULLNAME}-kv"]
+    others = (f"{FULLNAME}-kv", f"{FULLNAME}-api-keys")
+    secrets = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] not in others]
     if variant == "big-gpu-pods":  # an existing Secret: the chart creates none
         assert ref == {"name": "tandem-redis", "key": "redis-password"} and not secrets
     else:
@@ -822,3 +836,39 @@ def test_head_pod_mounts_no_service_account_token(rendered: tuple[str, list]) ->
         if "serviceaccount" in m["mountPath"]
     ]  # fmt: skip
     assert not token_mounts
+
+
+@pytest.mark.parametrize("variant", ["defaults", "api-keys-secret", "no-metrics-no-autoscaling"])
+def test_router_api_keys_come_from_a_secret_mounted_in_the_head_only(variant: str) -> None:
+    """On by default (a generated key for tenant "default" that the router's parser accepts),
+    or from an existing Secret; off: no flag, no mount, no Secret. Workers never see the keys."""
+    from router.auth import parse_api_keys
+
+    docs, auth = docs_of(variant), merged(variant)["router"]["auth"]
+    head = raycluster(docs)["spec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in head_container(docs)["volumeMounts"]}
+    volumes = {v["name"]: v for v in head["volumes"]}
+    generated = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-api-keys")]
+    for pool in ("prefill", "decode"):
+        spec = worker_group(docs, pool)["template"]["spec"]
+        assert "api-keys" not in {v["name"] for v in spec.get("volumes", [])}
+    if not auth["enabled"]:
+        assert "--api-keys-file" not in serve_argv(docs)
+        assert "api-keys" not in mounts and "api-keys" not in volumes and not generated
+        return
+    argv = serve_argv(docs)
+    path = Path(argv[argv.index("--api-keys-file") + 1])
+    assert mounts["api-keys"] == {"name": "api-keys", "mountPath": str(path.parent),
+                                  "readOnly": True}  # fmt: skip
+    secret = volumes["api-keys"]["secret"]
+    assert secret["items"] == [{"key": auth["secretKey"], "path": path.name}]
+    if auth["existingSecret"]:
+        assert secret["secretName"] == auth["existingSecret"] and not generated
+        return
+    (made,) = generated
+    assert made["metadata"]["name"] == secret["secretName"] == f"{FULLNAME}-api-keys"
+    import base64
+
+    text = base64.b64decode(made["data"][auth["secretKey"]]).decode()
+    (tenant,) = parse_api_keys(text, "the chart's Secret").tenants
+    assert tenant.name == "default"

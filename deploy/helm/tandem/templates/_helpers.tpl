@@ -74,6 +74,32 @@ app.kubernetes.io/component: redis
 
 {{- define "tandem.kvSecretDir" -}}/etc/tandem/kv{{- end }}
 
+{{/* The Secret of the router's API keys (router.auth), and where the head mounts it. */}}
+{{- define "tandem.apiKeysSecretName" -}}
+{{- default (printf "%s-api-keys" (include "tandem.fullname" .)) .Values.router.auth.existingSecret }}
+{{- end }}
+{{- define "tandem.apiKeysDir" -}}/etc/tandem/api-keys{{- end }}
+
+{{/* Volumes and mounts of the router alone (the head pod): its API keys. */}}
+{{- define "tandem.routerVolumeMounts" -}}
+{{- if .Values.router.auth.enabled }}
+- name: api-keys
+  mountPath: {{ include "tandem.apiKeysDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- define "tandem.routerVolumes" -}}
+{{- if .Values.router.auth.enabled }}
+- name: api-keys
+  secret:
+    secretName: {{ include "tandem.apiKeysSecretName" . }}
+    defaultMode: 0440  # root, and the pod's fsGroup (the ray user)
+    items:
+      - key: {{ .Values.router.auth.secretKey }}
+        path: {{ .Values.router.auth.secretKey }}
+{{- end }}
+{{- end }}
+
 {{/* The KV port range as "MIN-MAX", after checking it. */}}
 {{- define "tandem.kvPorts" -}}
 {{- $r := .Values.kv.portRange }}
@@ -163,6 +189,10 @@ to its worker group (flags --prefill-resources/--decode-resources, see values ta
 {{- $args = concat $args (list "--metrics-port" (toString (int .Values.metrics.port))) }}
 {{- end }}
 {{- with .Values.tracing.otlpEndpoint }}{{ $args = concat $args (list "--otlp-endpoint" .) }}{{ end }}
+{{- if .Values.router.auth.enabled }}
+{{- $args = concat $args (list "--api-keys-file" (printf "%s/%s" (include "tandem.apiKeysDir" .) .Values.router.auth.secretKey)) }}
+{{- with .Values.router.auth.tenantMaxInflight }}{{ $args = concat $args (list "--tenant-max-inflight" (toString (int .))) }}{{ end }}
+{{- end }}
 {{- if $t.autoscaling.enabled }}
 {{- $args = append $args "--autoscale" }}
 {{- range $pool := list "prefill" "decode" }}
