@@ -3,8 +3,16 @@
 Transport-neutral: the gRPC interceptor (`router.interceptor`) and the HTTP edge call the same
 `Guard`. A caller presents `Authorization: Bearer <key>` (HTTP header, or gRPC metadata
 `authorization`); `Guard.authenticate` returns the key's `Tenant` or raises `Unauthenticated`
-(gRPC UNAUTHENTICATED, HTTP 401) before any work is done. `Guard.hold` keeps a tenant's place
-while its request runs, or raises `TenantOverloaded` (an `Overloaded`: RESOURCE_EXHAUSTED, 429).
+(gRPC UNAUTHENTICATED, HTTP 401) before any work is done. `Guard.acquire` takes one of the
+tenant's in-flight places (a `Place`, released once the request ends) or raises
+`TenantOverloaded` (an `Overloaded`: RESOURCE_EXHAUSTED, 429). `current_tenant`, set in the task
+that serves the request, scopes its prefix-cache salt (`tenant_cache_salt`). An edge does:
+
+    tenant = guard.authenticate(authorization_value)   # Unauthenticated: 401 / UNAUTHENTICATED
+    place = guard.acquire(tenant)                       # TenantOverloaded: 429 / RESOURCE_EXHAUSTED
+    current_tenant.set(tenant)
+    try: ...serve the request...
+    finally: place.release()
 
 Keys come from a file (`--api-keys-file`) or `$TANDEM_API_KEYS`, in one format: one entry per
 line (the environment also takes commas between entries), `#` comments and blank lines skipped:
@@ -210,9 +218,11 @@ class Guard:
             raise
         return tenant
 
-    def acquire(self, tenant: Tenant) -> None:
+    def acquire(self, tenant: Tenant) -> Place:
         """Take one of `tenant`'s in-flight places; raises TenantOverloaded (taking nothing,
-        counted) at its bound. Give it back with `release`."""
+        counted) at its bound. The caller must `release()` the Place it gets (idempotent: a
+        streaming edge may release it both where its stream ends and where its response ends,
+        in case the stream never started)."""
         held = self.in_flight.get(tenant.name, 0)
         if tenant.max_inflight is not None and held >= tenant.max_inflight:
             if self._on_refused is not None:
@@ -222,11 +232,11 @@ class Guard:
                 f"(its limit {tenant.max_inflight})"
             )
         self.in_flight[tenant.name] = held + 1
+        return Place(self, tenant)
 
-    def release(self, tenant: Tenant) -> None:
-        """Give back a place `acquire` took."""
+    def _give_back(self, tenant: Tenant) -> None:
         held = self.in_flight[tenant.name] - 1
-        assert held >= 0, f"tenant {tenant.name!r} released more places than it took"
+        assert held >= 0, f"tenant {tenant.name!r} gave back more places than it took"
         if held:
             self.in_flight[tenant.name] = held
         else:
@@ -235,11 +245,25 @@ class Guard:
     @contextmanager
     def hold(self, tenant: Tenant) -> Iterator[Tenant]:
         """One of `tenant`'s in-flight places while the block runs (`acquire`, `release`)."""
-        self.acquire(tenant)
+        place = self.acquire(tenant)
         try:
             yield tenant
         finally:
-            self.release(tenant)
+            place.release()
+
+
+class Place:
+    """One in-flight place of a tenant, taken by `Guard.acquire`."""
+
+    def __init__(self, guard: Guard, tenant: Tenant) -> None:
+        self._guard: Guard | None = guard
+        self.tenant = tenant
+
+    def release(self) -> None:
+        """Give the place back; later calls do nothing."""
+        if self._guard is not None:
+            guard, self._guard = self._guard, None
+            guard._give_back(self.tenant)
 
 
 def _entries(raw: str, split_commas: bool) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from contracts.errors import Overloaded
-from router.auth import Guard, Tenant, Unauthenticated, current_tenant
+from router.auth import Guard, Place, Tenant, Unauthenticated, current_tenant
 
 TANDEM_SERVICE_PREFIX = "/tandem.v1.Tandem/"
 HOLDING_METHODS = ("Generate", "Tokenize")  # the calls that do work: bounded per tenant
@@ -78,16 +78,15 @@ def _as_tenant(handler: Any, guard: Guard, tenant: Tenant, holds: bool) -> Any:
 
         async def stream(request: Any, context: Any) -> Any:
             current_tenant.set(tenant)
-            if holds:
-                await _acquire(guard, tenant, context)
+            place = await _acquire(guard, tenant, context) if holds else None
             try:
                 # closed with this stream: the servicer tells its workers at once
                 async with aclosing(behavior(request, context)) as responses:
                     async for response in responses:
                         yield response
             finally:
-                if holds:
-                    guard.release(tenant)
+                if place is not None:
+                    place.release()
 
         return handler._replace(unary_stream=stream)
 
@@ -95,20 +94,20 @@ def _as_tenant(handler: Any, guard: Guard, tenant: Tenant, holds: bool) -> Any:
 
     async def call(request: Any, context: Any) -> Any:
         current_tenant.set(tenant)
-        if not holds:
-            return await unary(request, context)
-        await _acquire(guard, tenant, context)
+        place = await _acquire(guard, tenant, context) if holds else None
         try:
             return await unary(request, context)
         finally:
-            guard.release(tenant)
+            if place is not None:
+                place.release()
 
     return handler._replace(unary_unary=call)
 
 
-async def _acquire(guard: Guard, tenant: Tenant, context: Any) -> None:
-    """Take one of the tenant's places, or end the call RESOURCE_EXHAUSTED."""
+async def _acquire(guard: Guard, tenant: Tenant, context: Any) -> Place:
+    """One of the tenant's places, or the call ends RESOURCE_EXHAUSTED."""
     try:
-        guard.acquire(tenant)
+        return guard.acquire(tenant)
     except Overloaded as e:
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        raise AssertionError("context.abort raises") from e
