@@ -260,13 +260,15 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
 def security_config(args: argparse.Namespace) -> tuple[Any, Any]:
     """(router.auth.ApiKeys or None, router.tls.TlsConfig) from the flags of
     add_security_arguments (commands without them: both off)."""
-    from router.auth import load_api_keys
+    from router.auth import ENV_API_KEYS, load_api_keys
     from router.tls import TlsConfig
 
     if not hasattr(args, "api_keys_file"):  # `tandem demo`: its own local client, no keys
         return None, TlsConfig()
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
-    return load_api_keys(args.api_keys_file, default_max_inflight=args.tenant_max_inflight), tls
+    keys = load_api_keys(args.api_keys_file, default_max_inflight=args.tenant_max_inflight)
+    os.environ.pop(ENV_API_KEYS, None)  # read: processes started from here (Ray) never see it
+    return keys, tls
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:

@@ -196,6 +196,15 @@ def test_serve_flags_build_the_security_config(tmp_path: Path) -> None:
     assert tls == TlsConfig("c.pem", "k.pem", "ca.pem")
 
 
+def test_serve_takes_the_keys_out_of_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read once; Ray's processes, started later from `tandem serve`, never inherit them."""
+    import os
+
+    monkeypatch.setenv(ENV_API_KEYS, f"beta:{KEY_B}")
+    keys, _ = security_config(build_parser().parse_args(["serve"]))
+    assert keys.tenants == [Tenant("beta")] and ENV_API_KEYS not in os.environ
+
+
 def test_bench_results_never_hold_the_api_key() -> None:
     argv = ["tandem", "bench", "--api-key", KEY_A, f"--api-key={KEY_B}", "--target", "h:1"]
     assert KEY_A not in str(redacted_argv(argv)) and KEY_B not in str(redacted_argv(argv))
