@@ -18,6 +18,7 @@ import grpc
 
 from contracts.errors import Overloaded
 from router.auth import Guard, Place, Tenant, Unauthenticated, current_tenant
+from router.server import status_of
 
 TANDEM_SERVICE_PREFIX = "/tandem.v1.Tandem/"
 HOLDING_METHODS = ("Generate", "Tokenize")  # the calls that do work: bounded per tenant
@@ -41,7 +42,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             tenant = self.guard.authenticate(_authorization(handler_call_details))
         except Unauthenticated as e:
-            return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(e))
+            return _refusing(handler, status_of(e), str(e))
         holds = method.removeprefix(TANDEM_SERVICE_PREFIX) in HOLDING_METHODS
         return _as_tenant(handler, self.guard, tenant, holds)
 
@@ -109,5 +110,5 @@ async def _acquire(guard: Guard, tenant: Tenant, context: Any) -> Place:
     try:
         return guard.acquire(tenant)
     except Overloaded as e:
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        await context.abort(status_of(e), str(e))
         raise AssertionError("context.abort raises") from e
