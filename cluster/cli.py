@@ -1,5 +1,5 @@
-"""The `tandem` command line: generate, serve, client, demo, bench (synopsis and exit codes:
-docs/operations.md, "The tandem command").
+"""The `tandem` command line: generate, serve, client, demo, bench, profile, plan (synopsis and
+exit codes: docs/operations.md, "The tandem command").
 
 A prompt is sent as a user message in the model's chat template when the model has one (what
 an instruct model expects); `--raw` sends the text as is. Torch is imported only by the
@@ -132,6 +132,11 @@ def build_parser() -> _Parser:
 
     bench = commands.add_parser("bench", help="measure a running service under load")
     add_bench_arguments(bench)
+
+    from planner.cli import add_plan_arguments, add_profile_arguments  # argparse only: cheap
+
+    add_profile_arguments(commands.add_parser("profile", help="measure this machine's engine"))
+    add_plan_arguments(commands.add_parser("plan", help="predict goodput per configuration"))
     parser.commands = dict(commands.choices)
     return parser
 
@@ -688,7 +693,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = parser.commands.get(args.command or "", parser)
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
-        parser.error("choose a command: generate, serve, client, demo or bench (see --help)")
+        parser.error(
+            "choose a command: generate, serve, client, demo, bench, profile or plan (see --help)"
+        )
     configure_logging(args.verbose)
     try:
         return int(args.handler(args))
