@@ -333,6 +333,13 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="decode: KV-cache use, 0-1 (default 0.8)",
     )
+    scaling.add_argument(
+        "--autoscale-ratio-profile",
+        default=None,
+        metavar="PROFILE",
+        help="disaggregated: size the prefill pool to the decode pool at the "
+        "prefill:decode split saved in this profile (tandem plan --save-ratio)",
+    )
     scaling.add_argument("--target-itl-ms", type=float, default=None,
                          help="decode: inter-token latency p90; disaggregated, also what "
                          "--disagg auto protects and what caps the decode workers' prefill "
@@ -435,7 +442,24 @@ def autoscaling_config(args: argparse.Namespace) -> Any:
             )
         except ValueError as e:
             raise ValueError(f"{pool} pool autoscaling: {e}") from None
-    return AutoscalingConfig(enabled=True, prefill=policies["prefill"], decode=policies["decode"])
+    return AutoscalingConfig(enabled=True, prefill=policies["prefill"], decode=policies["decode"],
+                             prefill_decode_ratio=_profile_ratio(args))  # fmt: skip
+
+
+def _profile_ratio(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The split saved in --autoscale-ratio-profile's profile (planner.profile)."""
+    path = getattr(args, "autoscale_ratio_profile", None)
+    if path is None:
+        return None
+    from planner.profile import load_profile
+
+    ratio = load_profile(path).prefill_decode_ratio
+    if ratio is None:
+        raise ValueError(f"--autoscale-ratio-profile {path}: the profile holds no split; "
+                         "write one with tandem plan --profile ... --save-ratio")  # fmt: skip
+    if args.mode != "disaggregated":
+        raise ValueError("--autoscale-ratio-profile: only disaggregated mode has two pools")
+    return ratio
 
 
 _POOL_SIGNALS = {"prefill": ("queued_tokens", "ttft"), "decode": ("kv_usage", "itl")}

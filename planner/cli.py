@@ -54,6 +54,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-batch", type=_ints, default=(1, 8, 32))
     parser.add_argument("--decode-context", type=_ints, default=(64, 512))
     parser.add_argument("--transfer-bytes", type=_ints, default=(1 << 16, 1 << 20, 1 << 24))
+    parser.add_argument("--transfer-gbps", type=float, default=None,
+                        help="transfer times from this bandwidth (measured elsewhere, e.g. by "
+                        "bench.kvtransfer_nccl) instead of a gloo pair here")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads, as a Ray worker of one CPU runs")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per point (median)")
@@ -74,6 +77,7 @@ def run_profile(args: argparse.Namespace) -> int:
         prefill_tokens=args.prefill_tokens, prefill_context=args.prefill_context,
         decode_batch=args.decode_batch, decode_context=args.decode_context,
         transfer_bytes=args.transfer_bytes, repeats=args.repeats, threads=args.threads,
+        transfer_gbps=args.transfer_gbps,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
     )  # fmt: skip

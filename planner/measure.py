@@ -45,6 +45,9 @@ class ProfileConfig:
     max_num_batched_tokens: int | None = None
     kv_cache_bytes: int | None = None
     threads: int | None = None  # CPU: torch threads (a Ray worker of one CPU runs with 1)
+    # Transfer times from a bandwidth measured elsewhere (GB/s) instead of the gloo pair: for a
+    # GPU whose real path is NCCL between two cards (`bench.kvtransfer_nccl` measures it)
+    transfer_gbps: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -56,6 +59,8 @@ class ProfileConfig:
                 raise ValueError(f"{name}={values!r} must be non-empty ints >= {minimum}")
             if list(values) != sorted(set(values)):
                 raise ValueError(f"{name}={values!r} must be strictly ascending")
+        if self.transfer_gbps is not None and not self.transfer_gbps > 0:
+            raise ValueError(f"transfer_gbps={self.transfer_gbps!r} must be > 0 or None")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1 or None")
         for name in ("repeats", "decode_steps"):

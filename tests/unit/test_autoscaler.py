@@ -4,10 +4,21 @@ after the load stayed low for the down cool-down, hold in between (hysteresis)."
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from cluster.autoscaler import PoolScaler, ScalingPolicy, percentile, pool_signals
+from cluster.autoscaler import (
+    AutoscalingConfig,
+    PoolScaler,
+    ScalingPolicy,
+    percentile,
+    pool_signals,
+    ratio_decision,
+)
 from router.placement import WorkerLoad
+from tests.unit.test_planner import profile_json
 
 POLICY = ScalingPolicy(
     min_workers=1, max_workers=4, targets={"queued_tokens": 1000.0, "ttft": 0.5},
@@ -89,3 +100,35 @@ def test_pool_signals_from_loads_and_latencies() -> None:
     }  # fmt: skip
     assert percentile([], 90) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+
+
+@pytest.mark.parametrize(
+    "num_prefill, num_decode, ratio, expected",
+    [(1, 3, (1, 3), None), (1, 4, (1, 3), 2), (3, 2, (1, 1), 2), (1, 6, (2, 1), 4)],
+)
+def test_a_profile_ratio_sizes_the_prefill_pool_to_the_decode_pool(
+    num_prefill: int, num_decode: int, ratio: tuple[int, int], expected: int | None
+) -> None:
+    """ceil(decode x prefill / decode), within the policy's bounds (here at most 4)."""
+    decision = ratio_decision(num_prefill, num_decode, ratio, ScalingPolicy(1, 4))
+    assert (decision and decision.target) == expected
+    if decision is not None:
+        assert decision.pool == "prefill" and decision.current == num_prefill
+
+
+def test_a_bad_ratio_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"prefill_decode_ratio=\(1, 0\)"):
+        AutoscalingConfig(prefill_decode_ratio=(1, 0))
+
+
+def test_serve_takes_the_ratio_from_a_profile(tmp_path: Path) -> None:
+    from cluster.cli import autoscaling_config, build_parser
+
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile_json(prefill_decode_ratio=[1, 2])))
+    argv = ["serve", "--autoscale", "--decode-max-workers", "4", "--prefill-max-workers", "2"]
+    args = build_parser().parse_args([*argv, "--autoscale-ratio-profile", str(path)])
+    assert autoscaling_config(args).prefill_decode_ratio == (1, 2)
+    path.write_text(json.dumps(profile_json()))  # no split saved
+    with pytest.raises(ValueError, match="holds no split"):
+        autoscaling_config(args)
