@@ -1,5 +1,6 @@
-"""The `tandem` command line: generate, serve, client, demo, bench, profile, plan (synopsis and
-exit codes: docs/operations.md, "The tandem command").
+"""The `tandem` command line: generate, serve, client, demo, bench, profile, plan.
+
+Synopsis and exit codes: docs/operations.md, "The tandem command".
 
 A prompt is sent as a user message in the model's chat template when the model has one (what
 an instruct model expects); `--raw` sends the text as is. Torch is imported only by the
