@@ -41,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     where.add_argument("--h100", action="store_true")
     parser.add_argument("--out", default="bench/results/planner")
     parser.add_argument("--profile", default=None, help="reuse this profile instead of one new")
+    parser.add_argument("--measured", default=None,
+                        help="cpu: reuse a tandem bench result (DIR/colocated.json)")  # fmt: skip
     parser.add_argument("--rates", default=None, help="default: 0.2,0.4,0.8 (cpu), run B's")
     parser.add_argument("--num-prompts", type=int, default=None, help="default 32 / 512")
     parser.add_argument("--prefill-heavy-lens", default=None, help="default 128:8 / 1024:16")
@@ -94,11 +96,14 @@ def predict(args: argparse.Namespace, profile_path: str, out: Path) -> dict[str,
     return json.loads(path.read_text())
 
 
-def measure_cpu(args: argparse.Namespace, out: Path) -> dict[float, tuple[float, float]]:
-    """rate -> (goodput, p99 TTFT ms) of 2 colocated workers, by bench.disagg_experiment."""
+def measure_cpu(args: argparse.Namespace, out: Path) -> dict[float, tuple[float, ...]]:
+    """rate -> (goodput, p99 TTFT ms, p50 TTFT ms) of 2 colocated workers, measured by
+    bench.disagg_experiment's orchestration (or read from --measured)."""
     from bench.disagg_experiment import run_configuration
     from bench.serving.report import load_runs
 
+    if args.measured:
+        return _summaries(load_runs(args.measured)[1])
     experiment = argparse.Namespace(
         model="default", rates=args.rates, num_prompts=args.num_prompts,
         prefill_heavy_fraction=0.7, prefill_heavy_lens=args.prefill_heavy_lens,
@@ -107,31 +112,46 @@ def measure_cpu(args: argparse.Namespace, out: Path) -> dict[float, tuple[float,
     )  # fmt: skip
     if run_configuration(experiment, "colocated", out):
         raise RuntimeError("tandem bench failed: see the logs in " + str(out))
-    _, runs = load_runs(out / "colocated.json")
-    return {
-        float(run.request_rate or 0): (run.summary.goodput or 0.0,
-                                       run.summary.ttft.p99_ms if run.summary.ttft else 0.0)
-        for run in runs
-    }  # fmt: skip
+    return _summaries(load_runs(out / "colocated.json")[1])
+
+
+def _summaries(runs: list[Any]) -> dict[float, tuple[float, ...]]:
+    found = {}
+    for run in runs:
+        ttft = run.summary.ttft
+        found[float(run.request_rate or 0)] = (
+            run.summary.goodput or 0.0,
+            ttft.p99_ms if ttft else 0.0,
+            ttft.p50_ms if ttft else 0.0,
+        )
+    return found
 
 
 def error(predicted: float, measured: float) -> str:
     return "-" if not measured else f"{100 * (predicted - measured) / measured:+.0f}%"
 
 
-def compare(plan: dict[str, Any], measured: dict[str, dict[float, tuple[float, float]]]) -> str:
+def compare(plan: dict[str, Any], measured: dict[str, dict[float, tuple[float, ...]]]) -> str:
+    """Measured (goodput, TTFT p99[, TTFT p50]) against the plan's, per configuration and rate."""
     rows = ["| configuration | rate (req/s) | goodput measured | predicted | error | TTFT p99 "
-            "ms measured | predicted | error |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "ms measured | predicted | error | TTFT p50 ms measured | predicted | error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in plan["predictions"]:
         got = measured.get(p["configuration"], {}).get(float(p["rate"]))
         if got is None:
             continue
-        goodput, ttft = got
-        rows.append(
+        goodput, ttft, *median = got
+        row = (
             f"| {p['configuration']} | {p['rate']:g} | {goodput:.2f} | {p['goodput']:.2f} | "
             f"{error(p['goodput'], goodput)} | {ttft:,.0f} | {p['ttft_p99_ms']:,.0f} | "
             f"{error(p['ttft_p99_ms'], ttft)} |"
         )
+        if median:
+            predicted = p["ttft_p50_ms"]
+            row += f" {median[0]:,.0f} | {predicted:,.0f} | {error(predicted, median[0])} |"
+        else:
+            row += " - | - | - |"
+        rows.append(row)
     return "\n".join(rows)
 
 

@@ -134,11 +134,14 @@ def to_json(predictions: Sequence[Prediction]) -> list[dict[str, Any]]:
     def p99(stats: Any) -> float | None:
         return None if stats is None else stats.p99_ms
 
+    def p50(stats: Any) -> float | None:
+        return None if stats is None else stats.p50_ms
+
     return [
         {"configuration": p.layout, "rate": p.rate, "goodput": p.summary.goodput,
          "slo_attainment": p.summary.slo_attainment, "num_failed": p.summary.num_failed,
-         "ttft_p99_ms": p99(p.summary.ttft), "itl_p99_ms": p99(p.summary.itl),
-         "tpot_p99_ms": p99(p.summary.tpot)}
+         "ttft_p50_ms": p50(p.summary.ttft), "ttft_p99_ms": p99(p.summary.ttft),
+         "itl_p99_ms": p99(p.summary.itl), "tpot_p99_ms": p99(p.summary.tpot)}
         for p in predictions
     ]  # fmt: skip
 
