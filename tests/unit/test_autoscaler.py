@@ -4,8 +4,12 @@ after the load stayed low for the down cool-down, hold in between (hysteresis)."
 
 from __future__ import annotations
 
+import asyncio
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -17,7 +21,10 @@ from cluster.autoscaler import (
     pool_signals,
     ratio_decision,
 )
-from router.placement import WorkerLoad
+from cluster.scaling import Autoscaler
+from router.placement import Member, WorkerLoad
+from router.workers import WorkerClient
+from telemetry.metrics import ServiceMetrics
 from tests.unit.test_planner import profile_json
 
 POLICY = ScalingPolicy(
@@ -132,3 +139,54 @@ def test_serve_takes_the_ratio_from_a_profile(tmp_path: Path) -> None:
     path.write_text(json.dumps(profile_json()))  # no split saved
     with pytest.raises(ValueError, match="holds no split"):
         autoscaling_config(args)
+
+
+class _Pool:
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self._members = [Member(cast(WorkerClient, _Client(f"{name}-{i}"))) for i in range(size)]
+
+    def members(self) -> list[Member]:
+        return self._members
+
+
+@dataclass(frozen=True)
+class _Client:
+    worker_id: str
+
+
+class _Service:
+    """What the Autoscaler reads of a Service; start_worker records the pools it grows."""
+
+    def __init__(self, ratio: tuple[int, int], num_prefill: int, num_decode: int) -> None:
+        policy = ScalingPolicy(1, 8)
+        self.config = SimpleNamespace(autoscaling=AutoscalingConfig(
+            enabled=True, prefill=policy, decode=policy, prefill_decode_ratio=ratio))  # fmt: skip
+        self.metrics = ServiceMetrics()
+        self.disaggregated = True
+        self.pools = {
+            "prefill": _Pool("prefill", num_prefill),
+            "decode": _Pool("decode", num_decode),
+        }
+        self.started: list[str] = []
+
+    def recent_latencies(self) -> dict[str, list[float]]:
+        return {}
+
+    async def start_worker(self, pool: str) -> tuple[Any, Any]:
+        self.started.append(pool)
+        raise RuntimeError("no workers in this test")  # logged by the autoscaler, not raised
+
+
+def test_the_prefill_pool_follows_the_decode_pool_at_the_profile_ratio() -> None:
+    """4 decode workers at 1:2 want 2 prefill workers: the autoscaler starts one more, and
+    only for the prefill pool (the decode pool has no load to scale on)."""
+    service = _Service((1, 2), num_prefill=1, num_decode=4)
+
+    async def one_step() -> None:
+        autoscaler = Autoscaler(cast(Any, service))
+        autoscaler.step(now=0.0)
+        await asyncio.gather(*autoscaler._changing.values())
+
+    asyncio.run(one_step())
+    assert service.started == ["prefill"]
