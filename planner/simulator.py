@@ -170,11 +170,11 @@ class Simulation:
         tracked = _Tracked(request, ExitStack(), decode.member)
         self._tracked[str(request.index)] = tracked
         num_prompt = len(request.prompt_token_ids)
-        if not self.prefill or self._decide(request, decode) == LOCAL:
-            tracked.stack.enter_context(assigned(decode.member, num_prompt))
+        is_local = not self.prefill or self._decide(request, decode) == LOCAL  # as the router:
+        tracked.stack.enter_context(assigned(decode.member, num_prompt))  # decide, then count
+        if is_local:
             self._start(decode, request, prefill_only=False)
             return
-        tracked.stack.enter_context(assigned(decode.member, num_prompt))
         prefill = self._pick(self.prefill, self.prefill_placement, "prefill")
         tracked.prefill = ExitStack()
         tracked.prefill.enter_context(assigned(prefill.member, num_prompt))
