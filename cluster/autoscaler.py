@@ -64,8 +64,16 @@ class AutoscalingConfig:
     prefill: ScalingPolicy = field(default_factory=ScalingPolicy)
     decode: ScalingPolicy = field(default_factory=ScalingPolicy)  # colocated: the one pool
     drain_timeout_s: float = 600.0  # a leaving worker's requests get this long to finish
+    # (prefill, decode): the prefill pool follows the decode pool's size at this ratio instead
+    # of its own signals (a split `tandem plan` found best; disaggregated mode). None: signals
+    prefill_decode_ratio: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        ratio = self.prefill_decode_ratio
+        if ratio is not None and (
+            len(ratio) != 2 or any(type(v) is not int or v < 1 for v in ratio)
+        ):
+            raise ValueError(f"prefill_decode_ratio={ratio!r} must be two ints >= 1")
         if not self.interval_s > 0:
             raise ValueError(f"interval_s={self.interval_s!r} must be > 0")
         if not self.drain_timeout_s > 0:
@@ -133,6 +141,19 @@ class PoolScaler:
         self._last_change = now
         self._low_since = None
         return Decision(self.pool, num_workers, target, load, ratios)
+
+
+def ratio_decision(
+    num_prefill: int, num_decode: int, ratio: tuple[int, int], policy: ScalingPolicy
+) -> Decision | None:
+    """The prefill pool's size for `num_decode` decode workers at prefill:decode `ratio`
+    (rounded up, within the policy's bounds); None when it is that size already."""
+    wanted = math.ceil(num_decode * ratio[0] / ratio[1])
+    target = min(max(wanted, policy.min_workers), policy.max_workers)
+    if target == num_prefill:
+        return None
+    load = target / max(num_prefill, 1)
+    return Decision("prefill", num_prefill, target, load, {"ratio": ratio[0] / ratio[1]})
 
 
 def percentile(values: list[float], q: float) -> float | None:

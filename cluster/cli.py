@@ -1,5 +1,6 @@
-"""The `tandem` command line: generate, serve, client, demo, bench (synopsis and exit codes:
-docs/operations.md, "The tandem command").
+"""The `tandem` command line: generate, serve, client, demo, bench, profile, plan.
+
+Synopsis and exit codes: docs/operations.md, "The tandem command".
 
 A prompt is sent as a user message in the model's chat template when the model has one (what
 an instruct model expects); `--raw` sends the text as is. Torch is imported only by the
@@ -134,6 +135,11 @@ def build_parser() -> _Parser:
 
     bench = commands.add_parser("bench", help="measure a running service under load")
     add_bench_arguments(bench)
+
+    from planner.cli import add_plan_arguments, add_profile_arguments  # argparse only: cheap
+
+    add_profile_arguments(commands.add_parser("profile", help="measure this machine's engine"))
+    add_plan_arguments(commands.add_parser("plan", help="predict goodput per configuration"))
     parser.commands = dict(commands.choices)
     return parser
 
@@ -371,6 +377,13 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="decode: KV-cache use, 0-1 (default 0.8)",
     )
+    scaling.add_argument(
+        "--autoscale-ratio-profile",
+        default=None,
+        metavar="PROFILE",
+        help="disaggregated: size the prefill pool to the decode pool at the "
+        "prefill:decode split saved in this profile (tandem plan --save-ratio)",
+    )
     scaling.add_argument("--target-itl-ms", type=float, default=None,
                          help="decode: inter-token latency p90; disaggregated, also what "
                          "--disagg auto protects and what caps the decode workers' prefill "
@@ -473,7 +486,24 @@ def autoscaling_config(args: argparse.Namespace) -> Any:
             )
         except ValueError as e:
             raise ValueError(f"{pool} pool autoscaling: {e}") from None
-    return AutoscalingConfig(enabled=True, prefill=policies["prefill"], decode=policies["decode"])
+    return AutoscalingConfig(enabled=True, prefill=policies["prefill"], decode=policies["decode"],
+                             prefill_decode_ratio=_profile_ratio(args))  # fmt: skip
+
+
+def _profile_ratio(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The split saved in --autoscale-ratio-profile's profile (planner.profile)."""
+    path = getattr(args, "autoscale_ratio_profile", None)
+    if path is None:
+        return None
+    from planner.profile import load_profile
+
+    ratio = load_profile(path).prefill_decode_ratio
+    if ratio is None:
+        raise ValueError(f"--autoscale-ratio-profile {path}: the profile holds no split; "
+                         "write one with tandem plan --profile ... --save-ratio")  # fmt: skip
+    if args.mode != "disaggregated":
+        raise ValueError("--autoscale-ratio-profile: only disaggregated mode has two pools")
+    return ratio
 
 
 _POOL_SIGNALS = {"prefill": ("queued_tokens", "ttft"), "decode": ("kv_usage", "itl")}
@@ -739,7 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = parser.commands.get(args.command or "", parser)
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
-        parser.error("choose a command: generate, serve, client, demo or bench (see --help)")
+        parser.error(
+            "choose a command: generate, serve, client, demo, bench, profile or plan (see --help)"
+        )
     configure_logging(args.verbose)
     try:
         return int(args.handler(args))

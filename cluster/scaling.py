@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from cluster.autoscaler import PoolScaler, pool_signals
+from cluster.autoscaler import PoolScaler, pool_signals, ratio_decision
 from cluster.workers import actor_of
 
 if TYPE_CHECKING:
@@ -54,7 +54,12 @@ class Autoscaler:
             if name in self._changing:
                 continue
             kind = name if service.disaggregated else "colocated"
-            decision = scaler.decide(len(live), pool_signals(kind, loads, recent), now)
+            ratio = service.config.autoscaling.prefill_decode_ratio
+            if name == "prefill" and ratio is not None:  # follows the decode pool's size
+                num_decode = sum(not m.load.draining for m in service.pools["decode"].members())
+                decision = ratio_decision(len(live), num_decode, ratio, scaler.policy)
+            else:
+                decision = scaler.decide(len(live), pool_signals(kind, loads, recent), now)
             if decision is None:
                 continue
             logger.info("autoscaling %s: %d -> %d workers (load %.2f: %s)", name,

@@ -4,10 +4,28 @@ after the load stayed low for the down cool-down, hold in between (hysteresis)."
 
 from __future__ import annotations
 
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
 import pytest
 
-from cluster.autoscaler import PoolScaler, ScalingPolicy, percentile, pool_signals
-from router.placement import WorkerLoad
+from cluster.autoscaler import (
+    AutoscalingConfig,
+    PoolScaler,
+    ScalingPolicy,
+    percentile,
+    pool_signals,
+    ratio_decision,
+)
+from cluster.scaling import Autoscaler
+from router.placement import Member, WorkerLoad
+from router.workers import WorkerClient
+from telemetry.metrics import ServiceMetrics
+from tests.unit.test_planner import profile_json
 
 POLICY = ScalingPolicy(
     min_workers=1, max_workers=4, targets={"queued_tokens": 1000.0, "ttft": 0.5},
@@ -89,3 +107,86 @@ def test_pool_signals_from_loads_and_latencies() -> None:
     }  # fmt: skip
     assert percentile([], 90) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+
+
+@pytest.mark.parametrize(
+    "num_prefill, num_decode, ratio, expected",
+    [(1, 3, (1, 3), None), (1, 4, (1, 3), 2), (3, 2, (1, 1), 2), (1, 6, (2, 1), 4)],
+)
+def test_a_profile_ratio_sizes_the_prefill_pool_to_the_decode_pool(
+    num_prefill: int, num_decode: int, ratio: tuple[int, int], expected: int | None
+) -> None:
+    """ceil(decode x prefill / decode), within the policy's bounds (here at most 4)."""
+    decision = ratio_decision(num_prefill, num_decode, ratio, ScalingPolicy(1, 4))
+    assert (decision and decision.target) == expected
+    if decision is not None:
+        assert decision.pool == "prefill" and decision.current == num_prefill
+
+
+def test_a_bad_ratio_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"prefill_decode_ratio=\(1, 0\)"):
+        AutoscalingConfig(prefill_decode_ratio=(1, 0))
+
+
+def test_serve_takes_the_ratio_from_a_profile(tmp_path: Path) -> None:
+    from cluster.cli import autoscaling_config, build_parser
+
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile_json(prefill_decode_ratio=[1, 2])))
+    argv = ["serve", "--autoscale", "--decode-max-workers", "4", "--prefill-max-workers", "2"]
+    args = build_parser().parse_args([*argv, "--autoscale-ratio-profile", str(path)])
+    assert autoscaling_config(args).prefill_decode_ratio == (1, 2)
+    path.write_text(json.dumps(profile_json()))  # no split saved
+    with pytest.raises(ValueError, match="holds no split"):
+        autoscaling_config(args)
+
+
+class _Pool:
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self._members = [Member(cast(WorkerClient, _Client(f"{name}-{i}"))) for i in range(size)]
+
+    def members(self) -> list[Member]:
+        return self._members
+
+
+@dataclass(frozen=True)
+class _Client:
+    worker_id: str
+
+
+class _Service:
+    """What the Autoscaler reads of a Service; start_worker records the pools it grows."""
+
+    def __init__(self, ratio: tuple[int, int], num_prefill: int, num_decode: int) -> None:
+        policy = ScalingPolicy(1, 8)
+        self.config = SimpleNamespace(autoscaling=AutoscalingConfig(
+            enabled=True, prefill=policy, decode=policy, prefill_decode_ratio=ratio))  # fmt: skip
+        self.metrics = ServiceMetrics()
+        self.disaggregated = True
+        self.pools = {
+            "prefill": _Pool("prefill", num_prefill),
+            "decode": _Pool("decode", num_decode),
+        }
+        self.started: list[str] = []
+
+    def recent_latencies(self) -> dict[str, list[float]]:
+        return {}
+
+    async def start_worker(self, pool: str) -> tuple[Any, Any]:
+        self.started.append(pool)
+        raise RuntimeError("no workers in this test")  # logged by the autoscaler, not raised
+
+
+def test_the_prefill_pool_follows_the_decode_pool_at_the_profile_ratio() -> None:
+    """4 decode workers at 1:2 want 2 prefill workers: the autoscaler starts one more, and
+    only for the prefill pool (the decode pool has no load to scale on)."""
+    service = _Service((1, 2), num_prefill=1, num_decode=4)
+
+    async def one_step() -> None:
+        autoscaler = Autoscaler(cast(Any, service))
+        autoscaler.step(now=0.0)
+        await asyncio.gather(*autoscaler._changing.values())
+
+    asyncio.run(one_step())
+    assert service.started == ["prefill"]

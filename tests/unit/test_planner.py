@@ -1,0 +1,182 @@
+"""The capacity planner without an engine: the simulator against hand-computed cases (the
+engine's own scheduler, the router's own placement), profile files and their typed errors,
+and `tandem plan` end to end at a tiny size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.serving.slo import Slo
+from cluster.cli import main
+from planner.plan import best_ratio, layouts, predict
+from planner.profile import ProfileError, load_profile, profile_of, save_ratio
+from planner.simulator import Layout, SimRequest, Simulation
+from router.disagg import DisaggPolicy
+
+PREFILL_S, DECODE_S, TRANSFER_S = 0.1, 0.01, 0.05
+
+
+def profile_json(**changes: Any) -> dict[str, Any]:
+    """Fixed step times: any prefill step 0.1 s, any decode step 0.01 s, any transfer 0.05 s."""
+    data: dict[str, Any] = {
+        "version": 1, "model": "m", "device": "cpu", "block_size": 16, "num_kv_blocks": 256,
+        "max_num_seqs": 8, "max_num_batched_tokens": 2048, "kv_bytes_per_token": 100,
+        "prefill": {"tokens": [1, 4096], "context": [0, 4096],
+                    "seconds": [[PREFILL_S, PREFILL_S], [PREFILL_S, PREFILL_S]]},
+        "decode": {"batch": [1, 64], "context": [0, 4096],
+                   "seconds": [[DECODE_S, DECODE_S], [DECODE_S, DECODE_S]]},
+        "transfer": {"bytes": [1], "seconds": [TRANSFER_S]},
+    }  # fmt: skip
+    data.update(changes)
+    return data
+
+
+def request(index: int, arrival_s: float, num_prompt: int, max_tokens: int) -> SimRequest:
+    ids = tuple(1000 * index + i for i in range(num_prompt))  # no prefix shared between them
+    return SimRequest(index, "r", arrival_s, ids, max_tokens)
+
+
+def token_times(layout: Layout, requests: list[SimRequest], **profile: Any) -> list[list[float]]:
+    records = Simulation(profile_of(profile_json(**profile)), layout).run(requests)
+    assert all(r.is_ok for r in records)
+    return [list(r.chunk_times_s) for r in records]
+
+
+COLOCATED_1 = Layout("colocated", 0, 1)
+
+
+def test_one_request_prefills_then_decodes() -> None:
+    (times,) = token_times(COLOCATED_1, [request(0, 0.0, 32, 3)])
+    assert times == pytest.approx([0.1, 0.11, 0.12])
+
+
+def test_a_second_request_joins_the_running_batch() -> None:
+    """A prefills alone [0, 0.1]; B (arrived at 0.05) prefills in the step beside A's first
+    decode [0.1, 0.2] (a mixed step costs the prefill); then both decode [0.2, 0.21]."""
+    a, b = token_times(COLOCATED_1, [request(0, 0.0, 32, 3), request(1, 0.05, 32, 2)])
+    assert a == pytest.approx([0.1, 0.2, 0.21])
+    assert b == pytest.approx([0.2, 0.21])  # TTFT 0.15, ITL 0.01
+
+
+def test_the_scheduler_chunks_a_prompt_over_its_token_budget() -> None:
+    (times,) = token_times(COLOCATED_1, [request(0, 0.0, 40, 2)], max_num_batched_tokens=16)
+    assert times == pytest.approx([0.3, 0.31])  # 16 + 16 + 8 tokens: three prefill steps
+
+
+def test_placement_spreads_requests_over_colocated_workers() -> None:
+    """Two requests at once: one worker started the first before the second came (its
+    prefill waits a step); two workers take one each."""
+    requests = [request(0, 0.0, 32, 2), request(1, 0.0, 32, 2)]
+    one = token_times(COLOCATED_1, requests)
+    two = token_times(Layout("colocated", 0, 2), requests)
+    assert [t[0] for t in one] == pytest.approx([0.1, 0.2])
+    assert [t[0] for t in two] == pytest.approx([0.1, 0.1])
+
+
+def test_disaggregated_first_token_at_prefill_end_then_kv_transfer() -> None:
+    """Prefill worker [0, 0.1]: the first token streams at 0.1; the KV lands at 0.15 and the
+    decode worker decodes [0.15, 0.16], [0.16, 0.17]."""
+    (times,) = token_times(Layout("1P1D", 1, 1, DisaggPolicy("always")), [request(0, 0, 32, 3)])
+    assert times == pytest.approx([0.1, 0.16, 0.17])
+
+
+def test_auto_placement_prefills_a_short_prompt_on_the_decode_worker() -> None:
+    auto = Layout("1P1D-auto", 1, 1, DisaggPolicy("auto", local_max_tokens=256))
+    (short,) = token_times(auto, [request(0, 0.0, 32, 3)])
+    (long,) = token_times(auto, [request(0, 0.0, 300, 3)])
+    assert short == pytest.approx([0.1, 0.11, 0.12])  # local: no transfer
+    assert long == pytest.approx([0.1, 0.16, 0.17])  # remote
+
+
+def test_predict_judges_goodput_as_the_benchmark_does() -> None:
+    profile = profile_of(profile_json())
+    requests = [request(0, 0.0, 32, 3), request(1, 0.05, 32, 2)]
+    # TTFTs 0.1 and 0.15 s; durations 0 -> 0.21 s
+    summary = predict(profile, COLOCATED_1, requests, Slo(ttft_s=0.12))
+    assert summary.slo_attainment == pytest.approx(0.5)
+    assert summary.goodput == pytest.approx(1 / 0.21)
+    assert summary.ttft is not None and summary.ttft.count == 2
+
+
+def test_layouts_cover_colocated_and_every_split() -> None:
+    names = [layout.name for layout in layouts(3)]
+    assert names == ["colocated", "1P2D", "1P2D-auto", "2P1D", "2P1D-auto"]
+    with pytest.raises(ValueError, match="num_gpus=0"):
+        layouts(0)
+
+
+def test_profile_interpolates_between_points() -> None:
+    grid = {"tokens": [100, 200], "context": [0, 1000], "seconds": [[1.0, 2.0], [3.0, 4.0]]}
+    profile = profile_of(profile_json(prefill=grid))
+    assert profile.prefill.at(150, 500) == pytest.approx(2.5)
+    assert profile.prefill.at(50, 0) == pytest.approx(1.0)  # below the first: the first
+    assert profile.prefill.at(300, 0) == pytest.approx(5.0)  # beyond the last: extended
+    assert profile.step_s([(150, 500)], []) == pytest.approx(2.5)
+
+
+BAD_PROFILES = [
+    ({"version": 2}, "version=2"),
+    ({"model": ""}, "model=''"),
+    ({"num_kv_blocks": 0}, "num_kv_blocks=0"),
+    ({"block_size": 16.0}, "block_size=16.0"),
+    ({"prefill": []}, "prefill must be an object"),
+    ({"decode": {"batch": [4, 1], "context": [0], "seconds": [[1.0], [1.0]]}}, "strictly asc"),
+    ({"decode": {"batch": [1, 4], "context": [0], "seconds": [[1.0]]}}, "one list per batch"),
+    ({"decode": {"batch": [1], "context": [0, 8], "seconds": [[1.0]]}}, r"decode.seconds\[0\]"),
+    ({"transfer": {"bytes": [1], "seconds": [-1.0]}}, "times must be positive"),
+    ({"transfer": {"bytes": [1], "seconds": [True]}}, "times must be positive"),
+    ({"prefill_decode_ratio": [1, 0]}, "prefill_decode_ratio"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_PROFILES)
+def test_bad_profiles_are_refused_naming_the_field(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ProfileError, match=message):
+        profile_of(profile_json(**changes))
+
+
+def test_bad_profile_files_name_the_file(tmp_path: Path) -> None:
+    missing, garbled = tmp_path / "missing.json", tmp_path / "garbled.json"
+    garbled.write_text("{not json")
+    with pytest.raises(ProfileError, match=r"missing\.json: cannot read"):
+        load_profile(missing)
+    with pytest.raises(ProfileError, match=r"garbled\.json: not JSON"):
+        load_profile(garbled)
+
+
+def test_a_saved_ratio_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile_json()))
+    save_ratio(path, (1, 3))
+    assert load_profile(path).prefill_decode_ratio == (1, 3)
+
+
+def test_tandem_plan_prints_every_configuration(tmp_path: Path, capsys: Any) -> None:
+    path, out = tmp_path / "p.json", tmp_path / "plan.json"
+    path.write_text(json.dumps(profile_json()))
+    argv = ["plan", "--profile", str(path), "--gpus", "2", "--num-prompts", "6", "--rates",
+            "2,4", "--prefill-heavy-lens", "64:4", "--decode-heavy-lens", "16:8", "--out",
+            str(out), "--no-plot", "--save-ratio"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "recommended:" in printed and "| 1P1D-auto | 4 |" in printed
+    written = json.loads(out.read_text())
+    assert {p["configuration"] for p in written["predictions"]} == {
+        "colocated", "1P1D", "1P1D-auto"}  # fmt: skip
+    assert len(written["predictions"]) == 6
+    assert load_profile(path).prefill_decode_ratio == (1, 1)
+
+
+def test_tandem_plan_refuses_a_bad_profile(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile_json(decode={"batch": [1]})))
+    assert main(["plan", "--profile", str(path), "--gpus", "2", "--no-plot"]) == 2
+    assert "p.json: decode.context=None" in capsys.readouterr().err
+
+
+def test_best_ratio_is_the_best_split() -> None:
+    assert best_ratio([]) is None
