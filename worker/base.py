@@ -148,8 +148,10 @@ class WorkerBase:
         return dataclasses.replace(stats, kv=kv)
 
     def shutdown(self) -> None:
-        """Stop the engine and take this worker's entries out of the prefix index."""
+        """Stop the engine (a tensor-parallel engine's other ranks with it) and take this
+        worker's entries out of the prefix index."""
         self.loop.stop()
+        self.engine.close()
         if self.publisher is not None:
             self.publisher.stop(remove_entries=True)
 
