@@ -1,8 +1,9 @@
 """The service with a tensor-parallel decode pool (issue 24): one prefill worker at TP=1 and one
 decode worker at TP=3 (the default model: 9 heads, 3 KV heads; three processes, gloo), a real
-local Ray cluster, gRPC on loopback. Greedy output equals the single engine's with the decode
-worker prefilling the prompt itself (--disagg never); a killed rank takes its worker down as a
-unit (the router sees it lost) and the pool replaces it; nothing leaks."""
+local Ray cluster, gRPC on loopback. Greedy output equals the single engine's whether the
+decode worker prefills the prompt itself (--disagg never) or its KV comes from the prefill
+worker (TP=1 -> TP=3, --disagg always); a killed rank takes its worker down as a unit (the
+router sees it lost) and the pool replaces it; nothing leaks."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from tests.integration.test_service import (
     assert_greedy_as_the_engine,
     generate,
     greedy_sampling,
+    kv_transfers,
     local_service,
+    placing,
     wait_replaced,
 )
 
@@ -67,6 +70,16 @@ def test_a_tp3_decode_worker_serves_greedy_output_equal_to_the_single_engine(
     service.assert_workers_idle_and_intact()
 
 
+def test_kv_prefilled_at_tp1_is_decoded_at_tp3_with_the_single_engines_output(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    before = kv_transfers(service)  # [decode worker's, prefill worker's]
+    with placing(service, mode="always"):
+        assert_greedy_as_the_engine(service, default_model_engine, "Name three colors:", 6)
+    assert kv_transfers(service) == [n + 1 for n in before]
+    service.assert_workers_idle_and_intact()
+
+
 def test_a_killed_rank_takes_its_worker_down_as_a_unit_and_it_is_replaced(
     service: RunningService,
 ) -> None:
@@ -83,7 +96,7 @@ def test_a_killed_rank_takes_its_worker_down_as_a_unit_and_it_is_replaced(
     with pytest.raises(grpc.RpcError) as raised:
         list(call)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # the worker was lost mid-stream
-    wait_replaced(lambda: service.service.workers, 0, victim)
+    wait_replaced(lambda: service.service.workers, 0, victim, timeout_s=300)  # 3 processes
     deadline = time.monotonic() + 30
     while any(_alive(pid) for pid in pids):  # its other rank went with it
         assert time.monotonic() < deadline, f"ranks {pids} outlived their worker"
