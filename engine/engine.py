@@ -456,6 +456,13 @@ class Engine:
         except RuntimeError as e:  # gloo / NCCL: a peer closed its connection, or the timeout
             raise self.tp.fail(e) from e
 
+    def dead_ranks(self) -> str | None:
+        """Which tensor-parallel ranks have exited, without a collective (any thread; an idle
+        engine finds out no other way): "rank 1 (pid p) exited with code -9", or None."""
+        followers = self.tp.followers if self.tp is not None else None
+        dead = followers.dead_ranks(0.0) if followers is not None else []
+        return f"tensor-parallel rank gone: {'; '.join(dead)}" if dead else None
+
     def close(self) -> None:
         """Stop the other tensor-parallel ranks and wait for them to exit (rank 0; nothing to do
         at TP=1). Idempotent; the engine cannot step afterwards under TP."""

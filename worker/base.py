@@ -145,9 +145,11 @@ class WorkerBase:
     async def stats(self) -> WorkerStats:
         """Load figures for placement and metrics (requests in flight, the engine's running
         and waiting sequences, free KV blocks, the sequence cap, preemptions, KV-transfer
-        counters) and health (`failure`: why the engine stopped, None while it runs)."""
-        if self.loop.failure is not None:
-            return WorkerStats(num_requests=self.loop.num_requests, failure=self.loop.failure)
+        counters) and health (`failure`: why the engine stopped or, idle, a tensor-parallel
+        rank is gone; None while it runs)."""
+        failure = self.loop.failure or self.engine.dead_ranks()
+        if failure is not None:
+            return WorkerStats(num_requests=self.loop.num_requests, failure=failure)
 
         def read(engine: Engine) -> WorkerStats:
             scheduler = engine.scheduler

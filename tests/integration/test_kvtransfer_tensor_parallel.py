@@ -194,6 +194,11 @@ def test_a_dead_prefill_rank_fails_the_prefill_as_lost_and_ships_nothing(
     prefill, decode = workers[0][3], workers[1][1]
     completed_before = completed(decode)
     pid = kill_rank_1(prefill)
+    deadline = time.monotonic() + 10
+    while asyncio.run(prefill.stats()).failure is None:  # idle, the health check sees it too
+        assert time.monotonic() < deadline, "an idle worker's dead rank went unnoticed"
+        time.sleep(0.02)
+    assert f"rank 1 (pid {pid}) exited with code -9" in str(asyncio.run(prefill.stats()).failure)
     prompt = default_model_engine.tokenizer.encode(PROMPT)  # type: ignore[union-attr]
     with pytest.raises(WorkerLost, match=rf"rank 1 \(pid {pid}\) exited with code -9"):
         asyncio.run(prefill_then_decode(prefill, decode, "r-dead-prefill-rank", prompt))
