@@ -115,19 +115,28 @@ class TensorParallelGroup:
         whole_shape = (*shape[:4], self.world_size * shape[4], *shape[5:])
         nbytes = math.prod(whole_shape) * torch.empty((), dtype=dtype).element_size()
         if self.rank == 0:
-            path = _new_share_file(nbytes)
             try:
-                whole = _map(path, nbytes, dtype, whole_shape)
-                self.store.set("kv-cache", path)
-                if self.followers is not None:
-                    self.followers.wait_for(self.store, "kv-mapped")
-            finally:
-                os.unlink(path)  # the mappings stay; nothing is left behind on disk
-            self.whole_kv_cache = whole
+                self.whole_kv_cache = whole = self._share(nbytes, dtype, whole_shape)
+            except BaseException:
+                if self.followers is not None:  # they wait for the file: none will come
+                    self.followers.kill()
+                raise
         else:
             whole = _map(self.store.get("kv-cache").decode(), nbytes, dtype, whole_shape)
             self.store.set(f"kv-mapped/{self.rank}", "1")
         return whole.narrow(4, self.rank * shape[4], shape[4])
+
+    def _share(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """Rank 0: the whole cache, mapped by every rank once this returns."""
+        path = _new_share_file(nbytes)
+        try:
+            whole = _map(path, nbytes, dtype, shape)
+            self.store.set("kv-cache", path)
+            if self.followers is not None:
+                self.followers.wait_for(self.store, "kv-mapped")
+        finally:
+            os.unlink(path)  # the mappings stay; nothing is left behind on disk
+        return whole
 
     # ---- control (rank 0 drives) -------------------------------------------------------
 

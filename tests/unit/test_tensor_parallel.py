@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +227,15 @@ def test_a_stopped_rank_fails_rank_zero_after_the_timeout() -> None:
         engine.check_integrity()
     finally:
         engine.close()
+
+
+def test_a_shared_cache_that_does_not_fit_its_folder_is_refused_naming_both_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.parallel import _new_share_file
+
+    monkeypatch.setenv("TANDEM_TP_SHARE_DIR", str(tmp_path))
+    with pytest.raises(RankFailed, match=rf"needs {1 << 60} bytes; {tmp_path} has \d+ free"):
+        _new_share_file(1 << 60)
+    path = _new_share_file(4096)  # sparse, of the size asked
+    assert os.path.getsize(path) == 4096 and os.path.dirname(path) == str(tmp_path)
