@@ -398,6 +398,8 @@ _ENGINE_KNOBS = (
     ("kv-cache-memory-fraction", "kv_cache_memory_fraction", float,
      "GPU: KV cache as a fraction of the memory free after the weights (default 0.85)"),
     ("max-model-len", "max_model_len", int, "longest sequence (default: the model's context)"),
+    ("tensor-parallel-size", "tensor_parallel_size", int,
+     "processes (GPUs) per worker, the model split across them (default 1)"),
 )  # fmt: skip
 
 
@@ -429,7 +431,7 @@ def engine_config(args: argparse.Namespace, pool: str) -> Any:
             max_num_seqs=values["max_num_seqs"] or base.max_num_seqs,
             max_num_batched_tokens=values["max_num_batched_tokens"] or base.max_num_batched_tokens,
         )
-    fraction = values["kv_cache_memory_fraction"]
+    fraction, tp_size = values["kv_cache_memory_fraction"], values["tensor_parallel_size"]
     # a decode worker that prefills (--disagg) keeps its streams' steps under --target-itl-ms
     itl_ms = getattr(args, "target_itl_ms", None)
     protects = pool == "decode" and getattr(args, "mode", None) == "disaggregated"
@@ -441,6 +443,7 @@ def engine_config(args: argparse.Namespace, pool: str) -> Any:
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         scheduler=scheduler,
         max_model_len=values["max_model_len"],
+        tensor_parallel_size=1 if tp_size is None else tp_size,
         **({} if fraction is None else {"kv_cache_memory_fraction": fraction}),
     )
 

@@ -29,6 +29,7 @@ from cluster.membership import PoolMembership
 from cluster.ray_start import init_ray
 from cluster.scaling import Autoscaler
 from cluster.workers import RayWorkerClient, actor_of
+from contracts.errors import TensorParallelShapeError
 from contracts.workers import WorkerInfo
 from engine.config import EngineConfig
 from engine.loader import describe_model, resolve_model
@@ -194,6 +195,7 @@ class Service:
         from decode_worker.actor import EngineWorker
 
         config = self.config
+        self._check_tensor_parallel()
         setup_tracing(config.tracing, "router")
         interceptors = [AuthInterceptor(self.guard)] if self.guard is not None else []
         self._server, self.port, gate, self._health = await start_server(
@@ -345,7 +347,8 @@ class Service:
             num_workers = config.num_workers
             if config.autoscaling.enabled:
                 num_workers = max(num_workers, config.autoscaling.decode.max_workers)
-        needed = math.ceil(num_workers * config.cpus_per_worker)
+        ranks = max(self._engine(p).tensor_parallel_size for p in ("prefill", "decode"))
+        needed = math.ceil(num_workers * ranks * config.cpus_per_worker)
         return max(os.cpu_count() or 1, needed)
 
     def _spawn(self, pool: str, worker_id: str | None = None) -> tuple[Any, str]:
@@ -358,14 +361,40 @@ class Service:
             worker_id = f"{name}-{number}"
         config = self.config
         tracing, net = config.tracing, config.kv_network
-        if pool == "prefill":
-            engine = config.prefill_engine or config.engine
-            actor = self._prefill_class.remote(engine, worker_id, config.index, tracing, net)
-        elif not self.disaggregated:  # colocated workers prefill: they publish their cache
-            actor = self._actor_class.remote(config.engine, worker_id, config.index, tracing, net)
-        else:
-            actor = self._actor_class.remote(config.engine, worker_id, None, tracing, net)
+        engine = self._engine(pool)
+        actor_class = self._prefill_class if pool == "prefill" else self._actor_class
+        if engine.tensor_parallel_size > 1:  # its ranks are the actor's child processes
+            actor_class = actor_class.options(**self._resources(pool))
+        # colocated workers prefill: they publish their cache; disaggregated decode ones do not
+        index = None if self.disaggregated and pool == "decode" else config.index
+        actor = actor_class.remote(engine, worker_id, index, tracing, net)
         return actor, worker_id
+
+    def _check_tensor_parallel(self) -> None:
+        """Refuse a pool whose tensor-parallel size does not divide the model, before anything
+        starts: TensorParallelShapeError naming the pool and the sizes."""
+        from engine.sharding import check_divisible
+
+        for pool in ("prefill", "decode") if self.disaggregated else ("decode",):
+            engine = self._engine(pool)
+            if engine.tensor_parallel_size > 1:
+                description, _ = describe_model(resolve_model(engine.model))
+                try:
+                    check_divisible(description.config, engine.tensor_parallel_size)
+                except TensorParallelShapeError as e:
+                    raise TensorParallelShapeError(f"the {pool} pool: {e}") from None
+
+    def _engine(self, pool: str) -> EngineConfig:
+        if pool == "prefill":
+            return self.config.prefill_engine or self.config.engine
+        return self.config.engine
+
+    def _resources(self, pool: str) -> dict[str, float]:
+        """A worker's Ray resources: a CPU (or GPU) share per tensor-parallel rank. One actor
+        holds them all, so Ray keeps the ranks on one node and its GPUs are the ranks'."""
+        size = self._engine(pool).tensor_parallel_size
+        cpus, gpus = self.config.cpus_per_worker, self.config.gpus_per_worker
+        return {"num_cpus": cpus * size, "num_gpus": gpus * size}
 
     def _prefilling(self) -> PoolMembership:
         return self.pools["prefill" if self.disaggregated else "decode"]

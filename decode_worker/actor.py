@@ -148,7 +148,7 @@ class EngineWorker(WorkerBase):
         """A pair formed (on its forming thread): receive its transfers from now on."""
         from kvtransfer.receiver import KVReceiver
 
-        cache = self.engine.runner.kv_cache
+        cache = self.transfer_cache()
         manager = self.engine.block_manager
         receiver = KVReceiver(
             channel, control, cache, self.layout, manager.reserve, manager.release, self.staging

@@ -111,6 +111,7 @@ class Engine:
             config.block_size,
             self.device,
             self.kv_dtype,
+            self.tp.shared_kv_cache if self.tp is not None and self._shares_kv_cache else None,
         )
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.capture_cuda_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
@@ -151,6 +152,30 @@ class Engine:
             return None
         check_divisible(self.model_config, size)
         return start_ranks(self.config, self.device)
+
+    @property
+    def _shares_kv_cache(self) -> bool:
+        """Whether the ranks' caches are views of one CPU cache (so KV transfer reaches every
+        rank's heads): CPU ranks whose KV heads are split, not replicated."""
+        shard = self.shard
+        return (
+            self.device.type == "cpu"
+            and shard is not None
+            and shard.tp_size > 1
+            and (self.model_config.num_kv_heads >= shard.tp_size)
+        )
+
+    @property
+    def transfer_kv_cache(self) -> torch.Tensor:
+        """The cache KV transfer reads and writes, every KV head of the model:
+        [layers, 2, num_blocks, block_size, num_kv_heads, row]. At TP=1 the runner's own;
+        under TP (rank 0) the one all ranks share. Raises InvalidRequest where there is none
+        (see _check_kv_transfer)."""
+        if self.tp is None:
+            return self.runner.kv_cache
+        self._check_kv_transfer("tensor_parallel_size")
+        assert self.tp.whole_kv_cache is not None, "rank 0 of a shared cache holds its whole"
+        return self.tp.whole_kv_cache
 
     @property
     def shard(self) -> ShardLayout | None:
@@ -296,13 +321,15 @@ class Engine:
             raise InvalidRequest("stop", f"model {self.model_id} has no tokenizer to match text")
 
     def _check_kv_transfer(self, field: str) -> None:
-        """KV transfer reads and writes rank 0's cache alone: refused under TP for now (the
-        other ranks' heads would be missing)."""
-        if self.tp is not None:
+        """KV transfer under TP reads and writes every rank's heads through the cache the
+        ranks share (CPU, KV heads split): refused where they share none (GPU ranks, or KV
+        heads replicated over more ranks than heads)."""
+        if self.tp is not None and not self._shares_kv_cache:
             raise InvalidRequest(
                 field,
                 f"KV transfer to or from a tensor-parallel engine (tensor_parallel_size="
-                f"{self.tp.world_size}) is not supported yet",
+                f"{self.tp.world_size}, num_kv_heads={self.model_config.num_kv_heads}, "
+                f"device {self.device.type}) needs CPU ranks that split the KV heads",
             )
 
     def _new_sequence(
@@ -428,6 +455,13 @@ class Engine:
             return self.runner.execute(scheduled)
         except RuntimeError as e:  # gloo / NCCL: a peer closed its connection, or the timeout
             raise self.tp.fail(e) from e
+
+    def dead_ranks(self) -> str | None:
+        """Which tensor-parallel ranks have exited, without a collective (any thread; an idle
+        engine finds out no other way): "rank 1 (pid p) exited with code -9", or None."""
+        followers = self.tp.followers if self.tp is not None else None
+        dead = followers.dead_ranks(0.0) if followers is not None else []
+        return f"tensor-parallel rank gone: {'; '.join(dead)}" if dead else None
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks and wait for them to exit (rank 0; nothing to do

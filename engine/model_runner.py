@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -26,6 +27,8 @@ from engine.scheduler import ScheduledSequence, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
+Allocate = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
 
 class ModelRunner:
     def __init__(
@@ -36,7 +39,10 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         kv_dtype: torch.dtype,
+        allocate: Allocate | None = None,
     ) -> None:
+        """allocate(shape, dtype, device): the zeroed KV cache (default zeros_on_demand; under
+        tensor parallelism on CPU, a view of the cache every rank shares)."""
         config = model.config
         self.model = model
         self.backend = backend
@@ -47,7 +53,7 @@ class ModelRunner:
         row = config.head_dim
         if kv_dtype == KV_FP8_DTYPE:
             row, kv_dtype = packed_row_bytes(config.head_dim), KV_FP8_STORAGE
-        self.kv_cache = zeros_on_demand(
+        self.kv_cache = (allocate or zeros_on_demand)(
             (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, row),
             kv_dtype,
             device,

@@ -14,9 +14,12 @@ import atexit
 import dataclasses
 import json
 import logging
+import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +50,8 @@ _FOLLOWER_WAIT = timedelta(days=365)  # followers wait for the next plan as long
 _PLAN_STEP, _PLAN_STOP = 1, 2
 _LOG_LEVEL_ENV = "TANDEM_TP_LOG_LEVEL"
 _EXIT_WAIT_S = 2.0  # after a failed collective: how long to wait for a dead rank's exit code
+KV_SHARE_DIR = "/dev/shm"  # CPU ranks map their shared KV cache from a file here
+_SHARE_DIR_ENV = "TANDEM_TP_SHARE_DIR"
 
 
 class TensorParallelGroup:
@@ -70,6 +75,8 @@ class TensorParallelGroup:
         self.store = store
         self.followers = followers
         self.failure: RankFailed | None = None
+        # [layers, 2, blocks, block_size, every rank's KV heads, row] (rank 0, shared_kv_cache)
+        self.whole_kv_cache: torch.Tensor | None = None
         control_wait = timedelta(seconds=timeout_s) if rank == 0 else _FOLLOWER_WAIT
         self.control = _gloo_group(store, "control", rank, world_size, control_wait)
         self.compute = _compute_group(store, rank, world_size, device, timeout_s)
@@ -94,6 +101,42 @@ class TensorParallelGroup:
         outside = (local < 0) | (local >= weight.shape[0])
         x = F.embedding(local.masked_fill(outside, 0), weight)  # [num_tokens, hidden]
         return self.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
+
+    # ---- the KV cache every rank shares (CPU) ------------------------------------------
+
+    def shared_kv_cache(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """This rank's KV cache (`shape`, its KV heads in dim 4) as a view of one cache that
+        holds every rank's heads side by side, in memory all ranks map (a file under
+        KV_SHARE_DIR, unlinked once mapped). Rank 0 keeps the whole in `whole_kv_cache`: KV
+        transfer reads and writes every rank's heads through it. Collective (start-up)."""
+        assert device.type == "cpu", "a shared KV cache is CPU memory"
+        whole_shape = (*shape[:4], self.world_size * shape[4], *shape[5:])
+        nbytes = math.prod(whole_shape) * torch.empty((), dtype=dtype).element_size()
+        if self.rank == 0:
+            try:
+                self.whole_kv_cache = whole = self._share(nbytes, dtype, whole_shape)
+            except BaseException:
+                if self.followers is not None:  # they wait for the file: none will come
+                    self.followers.kill()
+                raise
+        else:
+            whole = _map(self.store.get("kv-cache").decode(), nbytes, dtype, whole_shape)
+            self.store.set(f"kv-mapped/{self.rank}", "1")
+        return whole.narrow(4, self.rank * shape[4], shape[4])
+
+    def _share(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """Rank 0: the whole cache, mapped by every rank once this returns."""
+        path = _new_share_file(nbytes)
+        try:
+            whole = _map(path, nbytes, dtype, shape)
+            self.store.set("kv-cache", path)
+            if self.followers is not None:
+                self.followers.wait_for(self.store, "kv-mapped")
+        finally:
+            os.unlink(path)  # the mappings stay; nothing is left behind on disk
+        return whole
 
     # ---- control (rank 0 drives) -------------------------------------------------------
 
@@ -243,6 +286,30 @@ def start_ranks(config: EngineConfig, device: torch.device) -> TensorParallelGro
         dead = followers.dead_ranks(_EXIT_WAIT_S)
         followers.kill()
         raise RankFailed(f"tensor-parallel ranks did not connect ({'; '.join(dead) or e})") from e
+
+
+def _new_share_file(nbytes: int) -> str:
+    """A new file of `nbytes` (sparse: pages cost memory once written) under KV_SHARE_DIR."""
+    folder = os.environ.get(_SHARE_DIR_ENV, KV_SHARE_DIR)
+    if not os.path.isdir(folder):
+        folder = tempfile.gettempdir()
+    free_bytes = shutil.disk_usage(folder).free
+    if free_bytes < nbytes:
+        raise RankFailed(
+            f"the shared KV cache needs {nbytes} bytes; {folder} has {free_bytes} free "
+            f"(set {_SHARE_DIR_ENV} or fewer num_kv_blocks)"
+        )
+    descriptor, path = tempfile.mkstemp(prefix="tandem-kv-", dir=folder)
+    try:
+        os.ftruncate(descriptor, nbytes)
+    finally:
+        os.close(descriptor)
+    return path
+
+
+def _map(path: str, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    flat = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+    return flat.view(dtype).view(shape)
 
 
 def _spawn(config: EngineConfig, rank: int, port: int) -> subprocess.Popen[bytes]:

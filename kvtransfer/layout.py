@@ -25,7 +25,8 @@ SCALE_BYTES: dict[str, int] = {"none": 0, "token_head_fp32": 4}
 _FP8_DTYPE, _FP8_SCALES = "float8_e4m3fn", "token_head_fp32"
 MAX_MODEL_ID_BYTES = 256  # utf-8 bytes; the id travels in every TransferOffer
 MAX_DIM = (1 << 32) - 1  # every count travels as a u32
-_COUNT_FIELDS = ("block_size", "num_layers", "num_kv_heads", "head_dim")
+_COUNT_FIELDS = ("block_size", "num_layers", "num_kv_heads", "head_dim", "tensor_parallel_size")
+_DESCRIPTIVE_FIELDS = ("tensor_parallel_size",)  # named in a mismatch, never one
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,10 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     scale_scheme: str = "none"  # "token_head_fp32" for FP8 caches
+    # How many ranks the worker splits these KV heads over. It describes the worker, not the
+    # blocks: a transfer always carries every KV head (each end's ranks share one cache), so
+    # check_compatible names it but never refuses a pair for it.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check_model_id(self.model_id)
@@ -55,8 +60,11 @@ class KVLayout:
                 raise ValueError(f"{name}={value!r} must be an int in [1, {MAX_DIM}]")
 
     @classmethod
-    def of_cache(cls, kv_cache: torch.Tensor, model_id: str) -> KVLayout:
-        """The layout of an engine cache tensor.
+    def of_cache(
+        cls, kv_cache: torch.Tensor, model_id: str, tensor_parallel_size: int = 1
+    ) -> KVLayout:
+        """The layout of an engine cache tensor (under tensor parallelism, the one its ranks
+        share: engine.Engine.transfer_kv_cache).
 
         kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
         Raises ValueError when the tensor does not have that shape or an unsupported dtype.
@@ -80,11 +88,12 @@ class KVLayout:
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             scale_scheme=scale_scheme,
+            tensor_parallel_size=tensor_parallel_size,
         )
 
     def check_cache(self, kv_cache: torch.Tensor) -> None:
         """ValueError unless `kv_cache` is an engine cache of this layout."""
-        if KVLayout.of_cache(kv_cache, self.model_id) != self:
+        if KVLayout.of_cache(kv_cache, self.model_id, self.tensor_parallel_size) != self:
             raise ValueError(f"kv_cache {tuple(kv_cache.shape)} does not have layout {self}")
 
     @property
@@ -125,14 +134,14 @@ class KVLayout:
             raise KVTransferError(f"malformed KV layout {data[:80]!r}: {e}") from None
 
     def check_compatible(self, other: KVLayout) -> None:
-        """Return if blocks of `self` and `other` are interchangeable; raise KVTransferError
-        naming every differing field, this layout's value first:
-        "layouts differ: dtype bfloat16 != float16, block_size 16 != 32"; an FP8 layout
-        against a bf16 one also names the scale scheme."""
+        """Return if blocks of `self` and `other` are interchangeable (their tensor-parallel
+        sizes may differ); raise KVTransferError naming every differing field, this layout's
+        value first: "layouts differ: dtype bfloat16 != float16, block_size 16 != 32"; an FP8
+        layout against a bf16 one also names the scale scheme."""
         mismatches = [
             f"{f.name} {getattr(self, f.name)} != {getattr(other, f.name)}"
             for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
+            if f.name not in _DESCRIPTIVE_FIELDS and getattr(self, f.name) != getattr(other, f.name)
         ]
         if mismatches:
             raise KVTransferError("layouts differ: " + ", ".join(mismatches))

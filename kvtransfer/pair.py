@@ -296,9 +296,11 @@ class ReceiverEndpoint:
                 refusal = prefix + "the prefill (sender) stated no KV layout"
             else:
                 try:
-                    KVLayout.from_wire(stated).check_compatible(self.address.layout)
+                    sender = KVLayout.from_wire(stated)
                 except KVTransferError as e:
-                    refusal = prefix + _layout_refusal(e)
+                    refusal = prefix + str(e)
+                else:
+                    refusal = _checked(sender, self.address.layout, prefix)
         store.set(VERDICT_KEY, (refusal or "").encode())
         return refusal
 
@@ -334,7 +336,8 @@ def connect_pair(
         try:
             layout.check_compatible(endpoint.layout)
         except KVTransferError as e:
-            raise KVTransferError(f"pair {pair_key!r} refused: {_layout_refusal(e)}") from None
+            refusal = _layout_refusal(e, layout, endpoint.layout)
+            raise KVTransferError(f"pair {pair_key!r} refused: {refusal}") from None
     secret = secret if secret is not None else ClusterSecret.from_environment()
     deadline = time.monotonic() + config.connect_timeout_s
     control = ControlConnection.connect(
@@ -364,8 +367,19 @@ def connect_pair(
         raise
 
 
-def _layout_refusal(mismatch: KVTransferError) -> str:
+def _checked(sender: KVLayout, receiver: KVLayout, prefix: str) -> str | None:
+    try:
+        sender.check_compatible(receiver)
+    except KVTransferError as e:
+        return prefix + _layout_refusal(e, sender, receiver)
+    return None
+
+
+def _layout_refusal(mismatch: KVTransferError, sender: KVLayout, receiver: KVLayout) -> str:
+    """Both ends' layouts in words: what differs, and how each splits its KV heads (which
+    may differ: every transfer carries every head)."""
     return (
-        f"the prefill (sender) and decode (receiver) KV {mismatch}; serve both with the same "
-        "--kv-cache-dtype and model"
+        f"the prefill (sender, tensor_parallel_size {sender.tensor_parallel_size}) and decode "
+        f"(receiver, tensor_parallel_size {receiver.tensor_parallel_size}) KV {mismatch}; "
+        "serve both with the same --kv-cache-dtype and model"
     )

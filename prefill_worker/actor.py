@@ -68,15 +68,15 @@ class PrefillWorker(WorkerBase):
         from kvtransfer.pair import connect_pair
         from kvtransfer.sender import KVSender
 
-        cache = self.engine.runner.kv_cache
+        layout, cache = self.layout, self.transfer_cache()
         config = transport_for(self.engine, self.kv_address.host)
         secret = ClusterSecret.from_environment()
         channel, control = await asyncio.to_thread(
-            connect_pair, address, pair_key, config, cache.device, secret, self.layout
+            connect_pair, address, pair_key, config, cache.device, secret, layout
         )
         old = self.senders.get(decode_id)
         self.senders[decode_id] = KVSender(
-            channel, control, cache, self.layout, self.engine.block_manager.release, self.staging
+            channel, control, cache, layout, self.engine.block_manager.release, self.staging
         )
         if old is not None:
             await asyncio.to_thread(old.close)

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from contracts.errors import InvalidRequest, KVTransferError
 from contracts.outputs import RequestOutput
 from contracts.workers import KVTransferCounters, WorkerInfo, WorkerKey, WorkerStats, new_epoch
 from kvtransfer.network import KVAddress, KVNetworkConfig, resolve_kv_address, use_interface
@@ -27,8 +28,11 @@ from telemetry.tracing import TracingConfig, end_span, record_span, setup_tracin
 from worker.engine_loop import EngineLoop, LoopRole
 
 if TYPE_CHECKING:
+    import torch
+
     from engine.config import EngineConfig
     from engine.engine import Engine
+    from kvtransfer.layout import KVLayout
     from kvtransfer.transport import TransportConfig
 
 logger = logging.getLogger(__name__)
@@ -95,8 +99,32 @@ class WorkerBase:
             self.publisher.start()
         self.loop = EngineLoop(self.engine, self._role())
         cache = self.engine.runner.kv_cache
-        self.layout = KVLayout.of_cache(cache, self.engine.model_id)
         self.staging = StagingPool(STAGING_BYTES, cache.device, cache.dtype)
+        self._layout: KVLayout | None = None
+        self._no_transfer: str | None = None  # why this worker's KV cannot move, if it cannot
+        try:
+            tp_size = self.engine.config.tensor_parallel_size
+            self._layout = KVLayout.of_cache(
+                self.engine.transfer_kv_cache, self.engine.model_id, tp_size
+            )
+        except InvalidRequest as e:
+            self._no_transfer = str(e)
+
+    @property
+    def layout(self) -> KVLayout:
+        """The layout of the KV this worker ships or receives (every KV head of the model,
+        whatever its tensor-parallel size). Raises KVTransferError for a worker whose KV
+        cannot move (engine.Engine.transfer_kv_cache)."""
+        if self._layout is None:
+            raise KVTransferError(f"{self.worker_id}: its KV cannot be transferred: "
+                                  f"{self._no_transfer}")  # fmt: skip
+        return self._layout
+
+    def transfer_cache(self) -> torch.Tensor:
+        """The cache transfers read and write (engine.Engine.transfer_kv_cache); raises
+        KVTransferError as `layout` does."""
+        assert self.layout is not None
+        return self.engine.transfer_kv_cache
 
     def model_info(self) -> WorkerInfo:
         """What the router needs to validate and place requests for this worker."""
@@ -117,9 +145,11 @@ class WorkerBase:
     async def stats(self) -> WorkerStats:
         """Load figures for placement and metrics (requests in flight, the engine's running
         and waiting sequences, free KV blocks, the sequence cap, preemptions, KV-transfer
-        counters) and health (`failure`: why the engine stopped, None while it runs)."""
-        if self.loop.failure is not None:
-            return WorkerStats(num_requests=self.loop.num_requests, failure=self.loop.failure)
+        counters) and health (`failure`: why the engine stopped or, idle, a tensor-parallel
+        rank is gone; None while it runs)."""
+        failure = self.loop.failure or self.engine.dead_ranks()
+        if failure is not None:
+            return WorkerStats(num_requests=self.loop.num_requests, failure=failure)
 
         def read(engine: Engine) -> WorkerStats:
             scheduler = engine.scheduler
@@ -148,8 +178,10 @@ class WorkerBase:
         return dataclasses.replace(stats, kv=kv)
 
     def shutdown(self) -> None:
-        """Stop the engine and take this worker's entries out of the prefix index."""
+        """Stop the engine (a tensor-parallel engine's other ranks with it) and take this
+        worker's entries out of the prefix index."""
         self.loop.stop()
+        self.engine.close()
         if self.publisher is not None:
             self.publisher.stop(remove_entries=True)
 

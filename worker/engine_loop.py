@@ -3,7 +3,8 @@ returns an asyncio queue its outputs (RequestOutput, Prefilled or an exception) 
 `abort` frees a request's KV within a step. Role-neutral: what only one role keeps lives in
 that role's package as a `LoopRole` the loop calls each turn. Only the engine thread touches
 the engine; an exception while stepping fails every request in flight with WorkerUnavailable
-and stops the loop (a worker in an unknown state is replaced, not trusted). No torch at
+(WorkerLost when a tensor-parallel rank died: the worker is down as a unit) and stops the
+loop (a worker in an unknown state is replaced, not trusted). No torch at
 module level. The loop's picture: docs/architecture.md, "Workers".
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from contracts.errors import RequestAborted, TandemError, WorkerUnavailable
+from contracts.errors import RankFailed, RequestAborted, TandemError, WorkerLost, WorkerUnavailable
 from contracts.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -203,8 +204,10 @@ class EngineLoop:
         except Exception as e:
             logger.exception("engine loop failed")
             self._failure = f"{type(e).__name__}: {e}"
+            # a tensor-parallel rank died: the worker is down as a unit, as if it had died
+            lost = WorkerLost if isinstance(e, RankFailed) else WorkerUnavailable
             for request_id in list(self._streams):
-                self.deliver(request_id, WorkerUnavailable(self._failure), done=True)
+                self.deliver(request_id, lost(self._failure), done=True)
         finally:
             self._flush()
 

@@ -113,8 +113,13 @@ def test_max_tokens_ends_with_length(tokenizer: Tokenizer) -> None:
         (("generate", QUESTION, "--model", "/nonexistent.gguf"), "/nonexistent.gguf"),
         # the default model's 9 heads and 3 KV heads do not split over 2 ranks
         (("generate", QUESTION, "--tensor-parallel-size", "2", "--device", "cpu"), "num_heads=9"),
+        # refused before the API listens or Ray starts, naming the pool
+        (
+            ("serve", "--device", "cpu", "--decode-tensor-parallel-size", "2", "--port", "0"),
+            "the decode pool: tensor_parallel_size=2 does not divide the model: num_heads=9",
+        ),
     ],
-    ids=["empty-prompt", "top-p", "missing-model", "tensor-parallel-shape"],
+    ids=["empty-prompt", "top-p", "missing-model", "tensor-parallel-shape", "serve-tp-shape"],
 )
 def test_bad_input_exits_2_with_a_message(args: tuple[str, ...], named: str) -> None:
     result = tandem(*args)

@@ -68,7 +68,8 @@ def test_an_fp8_prefill_is_refused_when_it_pairs_with_a_wider_decode(
             connect_pair(endpoint.address, "fp8/bf16", TRANSPORT, layout=prefill_layout)
         dtype_name = str(decode_dtype).removeprefix("torch.")
         assert str(info.value) == (
-            "pair 'fp8/bf16' refused: the prefill (sender) and decode (receiver) KV layouts "
+            "pair 'fp8/bf16' refused: the prefill (sender, tensor_parallel_size 1) and decode "
+            "(receiver, tensor_parallel_size 1) KV layouts "
             f"differ: dtype float8_e4m3fn != {dtype_name}, scale_scheme token_head_fp32 "
             "!= none; serve both with the same --kv-cache-dtype and model"
         )
@@ -114,8 +115,9 @@ def test_a_bf16_decode_refuses_an_fp8_prefill_at_pairing_time(sender_layout: str
         assert len(refused) == 1 and isinstance(refused[0], KVTransferError), refused
         if prefill_layout is not None:
             expected = (
-                "pair 'fp8/bf16' refused by the decode (receiver) side: the prefill (sender) and "
-                "decode (receiver) KV layouts differ: dtype float8_e4m3fn != bfloat16, "
+                "pair 'fp8/bf16' refused by the decode (receiver) side: the prefill (sender, "
+                "tensor_parallel_size 1) and decode (receiver, tensor_parallel_size 1) KV "
+                "layouts differ: dtype float8_e4m3fn != bfloat16, "
                 "scale_scheme token_head_fp32 != none; serve both with the same "
                 "--kv-cache-dtype and model"
             )

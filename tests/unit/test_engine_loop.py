@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from contracts.errors import RequestAborted, WorkerUnavailable
+from contracts.errors import RankFailed, RequestAborted, WorkerLost, WorkerUnavailable
 from contracts.handoff import KVHandle, PrefillResult
 from contracts.outputs import FinishReason, Usage
 from contracts.sampling_params import SamplingParams
@@ -176,6 +176,25 @@ def test_a_failed_engine_fails_its_requests_and_refuses_calls() -> None:
         loop.call(lambda e: e.check_integrity())  # no hang: nobody is left to run it
     with pytest.raises(WorkerUnavailable):
         loop.submit("later", prompt_ids(1, 6), greedy(max_tokens=5))
+
+
+def test_a_dead_tensor_parallel_rank_fails_its_requests_as_a_lost_worker() -> None:
+    """RankFailed takes the worker down as a unit: the router must see it lost (WorkerLost:
+    mark it down, retry what had no output), not a plain failure (issue 24)."""
+    engine = make_engine()
+
+    def broken_step() -> list[Any]:
+        raise RankFailed("tensor-parallel rank failed (rank 1 (pid 7) exited with code -9)")
+
+    engine.step = broken_step  # type: ignore[method-assign]
+    loop = EngineLoop(engine)
+
+    async def main() -> list[Any]:
+        return await drain(loop.submit("r", prompt_ids(1, 6), greedy(max_tokens=5)))
+
+    (error,) = asyncio.run(main())
+    assert isinstance(error, WorkerLost) and not error.unreachable
+    assert "rank 1 (pid 7) exited with code -9" in str(error)
 
 
 class GonePair:

@@ -148,8 +148,17 @@ def test_a_scale_scheme_must_fit_the_dtype(dtype: str, scheme: str) -> None:
 
 def test_layouts_round_trip_through_the_wire_form() -> None:
     fp8 = make_layout(dtype="float8_e4m3fn", scale_scheme="token_head_fp32")
-    for layout in (make_layout(), fp8, make_layout(model_id='ünïcode/model "q"')):
+    tp = make_layout(tensor_parallel_size=3)
+    for layout in (make_layout(), fp8, make_layout(model_id='ünïcode/model "q"'), tp):
         assert KVLayout.from_wire(layout.to_wire()) == layout
+
+
+def test_layouts_of_different_tensor_parallel_sizes_are_compatible() -> None:
+    """A transfer carries every KV head whatever the ends' sizes (issue 24): TP 1 <-> 3."""
+    make_layout(tensor_parallel_size=1).check_compatible(make_layout(tensor_parallel_size=3))
+    with pytest.raises(KVTransferError) as info:  # and a real mismatch names only itself
+        make_layout(tensor_parallel_size=3).check_compatible(make_layout(head_dim=128))
+    assert str(info.value) == "layouts differ: head_dim 64 != 128"
 
 
 @pytest.mark.parametrize(
@@ -157,11 +166,12 @@ def test_layouts_round_trip_through_the_wire_form() -> None:
     [
         (b"\xff", "utf-8"),
         (b"not json", "Expecting value"),
-        (b'{"dtype": "bfloat16"}', "expected a list of 7 fields"),
-        (b'["m", "bfloat16", 16, 30, 3]', "expected a list of 7 fields"),
-        (b'["m", "int4", 16, 30, 3, 64, "none"]', "dtype='int4'"),
-        (b'["m", "bfloat16", 0, 30, 3, 64, "none"]', "block_size=0"),
-        (b'["m", "bfloat16", 16.0, 30, 3, 64, "none"]', "block_size=16.0"),
+        (b'{"dtype": "bfloat16"}', "expected a list of 8 fields"),
+        (b'["m", "bfloat16", 16, 30, 3]', "expected a list of 8 fields"),
+        (b'["m", "int4", 16, 30, 3, 64, "none", 1]', "dtype='int4'"),
+        (b'["m", "bfloat16", 0, 30, 3, 64, "none", 1]', "block_size=0"),
+        (b'["m", "bfloat16", 16.0, 30, 3, 64, "none", 1]', "block_size=16.0"),
+        (b'["m", "bfloat16", 16, 30, 3, 64, "none", 0]', "tensor_parallel_size=0"),
     ],
 )
 def test_a_malformed_wire_layout_is_refused_with_the_problem_named(

@@ -169,3 +169,39 @@ def test_target_itl_reaches_the_decode_pools_engine_when_disaggregated() -> None
     assert config.prefill_engine is not None and config.prefill_engine.target_itl_s is None
     assert serve_config().engine.target_itl_s is None
     assert serve_config("--mode", "colocated", "--target-itl-ms", "40").engine.target_itl_s is None
+
+
+def test_tensor_parallel_size_per_pool_and_its_worker_resources() -> None:
+    from cluster.service import Service
+
+    config = serve_config(
+        "--device", "cpu", "--tensor-parallel-size", "3", "--prefill-tensor-parallel-size", "1"
+    )  # fmt: skip
+    assert config.prefill_engine is not None
+    assert (config.prefill_engine.tensor_parallel_size, config.engine.tensor_parallel_size) == (
+        1,
+        3,
+    )
+    assert serve_config().engine.tensor_parallel_size == 1
+    service = Service(config)  # one actor holds every rank's share
+    assert service._resources("decode") == {"num_cpus": 3.0, "num_gpus": 0.0}
+    assert service._resources("prefill") == {"num_cpus": 1.0, "num_gpus": 0.0}
+    with pytest.raises(ValueError, match="tensor_parallel_size=0 must be >= 1"):
+        serve_config("--decode-tensor-parallel-size", "0")
+
+
+def test_a_pool_whose_tensor_parallel_size_does_not_divide_the_model_is_refused_first() -> None:
+    """Before the API listens or Ray starts (the default model: 9 heads, 3 KV heads)."""
+    import asyncio
+
+    from cluster.service import Service
+    from contracts.errors import TensorParallelShapeError
+
+    service = Service(serve_config("--device", "cpu", "--decode-tensor-parallel-size", "2"))
+    with pytest.raises(TensorParallelShapeError) as refused:
+        asyncio.run(service.start())
+    assert str(refused.value) == (
+        "the decode pool: tensor_parallel_size=2 does not divide the model: num_heads=9 is not "
+        "a multiple of it; num_kv_heads=3 is not a multiple of it"
+    )
+    assert service.port is None, "nothing was started"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,15 +132,39 @@ def test_greedy_output_equals_a_single_rank(size: int, single_rank_tokens: list)
         assert _tokens(engine) == single_rank_tokens
         assert _tokens(engine) == single_rank_tokens  # again, from the prefix cache
         engine.check_integrity()
-        with pytest.raises(InvalidRequest, match=r"keep_kv: KV transfer .* tensor-parallel"):
-            engine.add_request("kept", None, greedy(1), prompt_token_ids=PROMPTS[1], keep_kv=True)
-        with pytest.raises(InvalidRequest, match=r"prefill_only: KV transfer .* tensor-parall"):
-            engine.add_request("p", None, greedy(1), prompt_token_ids=PROMPTS[1], prefill_only=True)
-        with pytest.raises(InvalidRequest, match=r"first_token_id: KV transfer .* tensor-para"):
-            engine.add_remote_request("r", PROMPTS[1], 5, greedy(4))
+        if size == 2:  # KV heads split: the ranks share one cache, KV transfer sees it whole
+            _check_shared_cache(engine)
+        else:  # KV heads replicated: nothing shared, KV transfer refused
+            _check_kv_transfer_refused(engine)
         assert engine.tp is not None and engine.tp.followers is not None
         processes = engine.tp.followers.processes
     assert [p.returncode for p in processes] == [0] * (size - 1)  # stopped cleanly
+
+
+def _check_shared_cache(engine: Engine) -> None:
+    """The whole cache holds what a single rank's would, every head in its place (rank 1's
+    written by its own process), and rank 0's cache is its first head's slice of it."""
+    assert engine.tp is not None
+    whole = engine.transfer_kv_cache  # [layers, 2, blocks, block_size, 2 KV heads, head_dim]
+    assert whole.shape[4] == 2 and whole.shape[:4] == engine.runner.kv_cache.shape[:4]
+    assert engine.runner.kv_cache.data_ptr() == whole.data_ptr()
+    with make_engine(TINY, max_prefill_chunk_tokens=8) as single:  # the same steps, one rank
+        _tokens(single)
+        _tokens(single)
+        assert whole[..., 1, :].abs().sum() > 0
+        torch.testing.assert_close(whole, single.runner.kv_cache, atol=1e-5, rtol=1e-4)
+    path = engine.tp.store.get("kv-cache").decode()
+    assert not os.path.exists(path), "the shared cache's file is unlinked once mapped"
+
+
+def _check_kv_transfer_refused(engine: Engine) -> None:
+    refusal = r"KV transfer .*\(tensor_parallel_size=4, num_kv_heads=2.* split the KV heads"
+    with pytest.raises(InvalidRequest, match="keep_kv: " + refusal):
+        engine.add_request("kept", None, greedy(1), prompt_token_ids=PROMPTS[1], keep_kv=True)
+    with pytest.raises(InvalidRequest, match="prefill_only: " + refusal):
+        engine.add_request("p", None, greedy(1), prompt_token_ids=PROMPTS[1], prefill_only=True)
+    with pytest.raises(InvalidRequest, match="first_token_id: " + refusal):
+        engine.add_remote_request("r", PROMPTS[1], 5, greedy(4))
 
 
 def test_fp8_weights_shard_with_their_scales() -> None:
@@ -202,3 +227,15 @@ def test_a_stopped_rank_fails_rank_zero_after_the_timeout() -> None:
         engine.check_integrity()
     finally:
         engine.close()
+
+
+def test_a_shared_cache_that_does_not_fit_its_folder_is_refused_naming_both_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.parallel import _new_share_file
+
+    monkeypatch.setenv("TANDEM_TP_SHARE_DIR", str(tmp_path))
+    with pytest.raises(RankFailed, match=rf"needs {1 << 60} bytes; {tmp_path} has \d+ free"):
+        _new_share_file(1 << 60)
+    path = _new_share_file(4096)  # sparse, of the size asked
+    assert os.path.getsize(path) == 4096 and os.path.dirname(path) == str(tmp_path)

@@ -1,0 +1,115 @@
+"""The service with a tensor-parallel decode pool (issue 24): one prefill worker at TP=1 and one
+decode worker at TP=3 (the default model: 9 heads, 3 KV heads; three processes, gloo), a real
+local Ray cluster, gRPC on loopback. Greedy output equals the single engine's whether the
+decode worker prefills the prompt itself (--disagg never) or its KV comes from the prefill
+worker (TP=1 -> TP=3, --disagg always); a killed rank takes its worker down as a unit (the
+router sees it lost) and the pool replaces it; nothing leaks."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from proto.tandem.v1 import tandem_pb2 as pb
+from tests.integration.test_service import (
+    RunningService,
+    assert_greedy_as_the_engine,
+    generate,
+    greedy_sampling,
+    kv_transfers,
+    local_service,
+    placing,
+    wait_replaced,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ray = pytest.importorskip("ray")
+
+DECODE_TP = 3
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[RunningService]:
+    from cluster.service import ServiceConfig
+    from router.disagg import DisaggPolicy
+
+    small = {"device": "cpu", "num_kv_blocks": 256, "block_size": 16}
+    config = ServiceConfig(
+        engine=EngineConfig(tensor_parallel_size=DECODE_TP, **small),  # type: ignore[arg-type]
+        prefill_engine=EngineConfig(**small),  # type: ignore[arg-type]
+        mode="disaggregated",
+        disagg=DisaggPolicy(mode="never"),
+        port=0,
+    )
+    with local_service(config) as running:
+        yield running
+
+
+def follower_pids(actor: Any) -> list[int]:
+    """The pids of a tensor-parallel worker's ranks 1..N-1 (its engine's child processes)."""
+
+    def pids(worker: Any) -> list[int]:
+        return [p.pid for p in worker.engine.tp.followers.processes]
+
+    return list(ray.get(actor.__ray_call__.remote(pids), timeout=30))
+
+
+def test_a_tp3_decode_worker_serves_greedy_output_equal_to_the_single_engine(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    assert len(follower_pids(service.service.workers[0])) == DECODE_TP - 1
+    assert_greedy_as_the_engine(service, default_model_engine, "The capital of France is", 6)
+    service.assert_workers_idle_and_intact()
+
+
+def test_kv_prefilled_at_tp1_is_decoded_at_tp3_with_the_single_engines_output(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    before = kv_transfers(service)  # [decode worker's, prefill worker's]
+    with placing(service, mode="always"):
+        assert_greedy_as_the_engine(service, default_model_engine, "Name three colors:", 6)
+    assert kv_transfers(service) == [n + 1 for n in before]
+    service.assert_workers_idle_and_intact()
+
+
+def test_a_killed_rank_takes_its_worker_down_as_a_unit_and_it_is_replaced(
+    service: RunningService,
+) -> None:
+    victim = service.service.workers[0]
+    pids = follower_pids(victim)
+    servicer = service.service._servicer
+    assert servicer is not None
+    call = service.stub.Generate(
+        pb.GenerateRequest(text="Tell me a long story.", sampling=greedy_sampling(400)),
+        timeout=120,
+    )
+    assert next(call).token_ids  # streaming from the TP=3 worker
+    os.kill(pids[0], 9)  # rank 1
+    with pytest.raises(grpc.RpcError) as raised:
+        list(call)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # the worker was lost mid-stream
+    wait_replaced(lambda: service.service.workers, 0, victim, timeout_s=300)  # 3 processes
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids):  # its other rank went with it
+        assert time.monotonic() < deadline, f"ranks {pids} outlived their worker"
+        time.sleep(0.05)
+    responses = generate(service.stub, text="Hi", sampling=greedy_sampling(3))
+    assert responses[-1].usage.completion_tokens == 3
+    assert len(follower_pids(service.service.workers[0])) == DECODE_TP - 1
+    service.assert_workers_idle_and_intact()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
