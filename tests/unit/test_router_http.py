@@ -1,0 +1,355 @@
+"""router.http and router.openai_api: the OpenAI-compatible edge over real HTTP on loopback
+(uvicorn in the test's event loop), in front of the real request path (router.core) with fake
+workers (tests/unit/test_router_cancel.py's): the same error texts as the gRPC edge with
+OpenAI's error JSON and HTTP statuses, SSE streaming with usage, and a client that goes away
+cancelling its request on the workers. The real service (Ray, the default model, the `openai`
+client, a load generator) is tests/integration/test_http_openai.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from contracts.chat import ChatMessage
+from contracts.errors import InvalidRequest
+from contracts.outputs import FinishReason, RequestOutput, Usage
+from proto.tandem.v1 import tandem_pb2 as pb
+from router.admission import Admission, AdmissionLimits
+from router.http import start_http_server
+from router.requests import ServedModel, validate_generate_request
+from router.server import ServingGate, TandemServicer
+from tests.unit.test_router_cancel import FakePool, FakeWorker
+
+VOCAB = 100
+PROMPT = [5, 6, 7, 8]
+
+
+class WordTokenizer:
+    """One token per word (id: its length), a chat template that joins the turns."""
+
+    has_chat_template = True
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [min(len(word), VOCAB - 1) for word in text.split()]
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any] | ChatMessage],
+        add_generation_prompt: bool = True,
+    ) -> str:
+        return " ".join(f"{m.role}: {m.content}" for m in messages if isinstance(m, ChatMessage))
+
+
+MODEL = ServedModel("m", vocab_size=VOCAB, max_model_len=64, tokenizer=WordTokenizer())
+
+
+def output(text: str, finished: bool = False, completion_tokens: int = 1) -> RequestOutput:
+    usage = Usage(prompt_tokens=len(PROMPT), cached_tokens=2, completion_tokens=completion_tokens)
+    reason = FinishReason.LENGTH if finished else None
+    return RequestOutput("r1", (11,), text, finished, reason, usage)
+
+
+class Edge:
+    """A TandemServicer over one fake colocated worker, behind a gate, served over HTTP."""
+
+    def __init__(self, admission: Admission | None = None, open_gate: bool = True) -> None:
+        self.worker = FakeWorker("decode-0")
+        self.servicer = TandemServicer(MODEL, FakePool("decode", [self.worker]), None, admission)
+        self.gate = ServingGate()
+        if open_gate:
+            self.gate.open(self.servicer)
+        self.port = 0
+        self.server: Any = None
+
+    async def __aenter__(self) -> Edge:
+        self.server = await start_http_server("127.0.0.1", 0, self.gate)
+        self.port = self.server.port
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop(1.0)
+
+    async def connect(self, method: str, path: str, body: Any = None) -> Any:
+        """An open connection with the request sent: (reader, writer)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        data = body if isinstance(body, bytes) else json.dumps(body).encode() if body else b""
+        head = (f"{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer k1\r\nContent-Length: {len(data)}\r\n\r\n")  # fmt: skip
+        writer.write(head.encode() + data)
+        await writer.drain()
+        return reader, writer
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+        """(status, body) of a whole exchange."""
+        reader, writer = await self.connect(method, path, body)
+        try:
+            status, headers = await read_head(reader)
+            if "content-length" in headers:
+                data = await reader.readexactly(int(headers["content-length"]))
+            else:
+                data = await read_chunked(reader)
+            return status, data
+        finally:
+            writer.close()
+
+    async def wait_until(self, condition: Callable[[], bool], what: str) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not within 5 s: {what}")
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    status_line = await reader.readline()
+    status = int(status_line.split()[1])
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+async def read_chunk(reader: asyncio.StreamReader) -> bytes:
+    size = int((await reader.readline()).strip(), 16)
+    data = await reader.readexactly(size + 2)
+    return data[:-2]
+
+
+async def read_chunked(reader: asyncio.StreamReader) -> bytes:
+    parts = []
+    while chunk := await read_chunk(reader):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def events(data: bytes) -> list[Any]:
+    """The `data:` payloads of a server-sent event stream ([DONE] as the string)."""
+    found = []
+    for block in data.decode().split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                payload = line[len("data: ") :]
+                found.append(payload if payload == "[DONE]" else json.loads(payload))
+    return found
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "prompt": PROMPT, "max_tokens": 8, **fields}
+
+
+def grpc_error(**sampling: Any) -> str:
+    """What the gRPC edge says of the same request."""
+    request = pb.GenerateRequest(
+        model="m", token_ids=pb.TokenIds(ids=PROMPT), sampling=pb.SamplingParameters(**sampling)
+    )
+    with pytest.raises(InvalidRequest) as raised:
+        validate_generate_request(request, MODEL)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"max_tokens": 0},
+        {"temperature": 101.0},
+        {"top_p": 0.0},
+        {"top_k": 1000},
+        {"presence_penalty": 3.0},
+        {"stop": [f"s{i}" for i in range(17)]},
+        {"logit_bias": {1000: 1.0}},
+        {"seed": 2**63},
+    ],
+    ids=lambda f: next(iter(f)),
+)
+def test_a_bad_sampling_field_gets_the_grpc_edges_text_as_a_400(fields: dict[str, Any]) -> None:
+    async def test() -> None:
+        async with Edge() as edge:
+            status, data = await edge.call("POST", "/v1/completions", completion(**fields))
+        assert status == 400
+        error = json.loads(data)["error"]
+        assert error["message"] == grpc_error(**fields)
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] == next(iter(fields))
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    "body, status, param, says",
+    [
+        (b"{not json", 400, "body", "is not valid JSON"),
+        (b"[1, 2]", 400, "body", "must be a JSON object"),
+        (completion(model="other"), 404, "model", "model 'other' is not served here"),
+        (completion(n=2), 400, "n", "must be 1, got 2"),
+        (completion(prompt=["a", "b"]), 400, "prompt", "one prompt per request, got 2"),
+        (completion(prompt=[5, 500]), 400, "prompt_token_ids", "token id 500 is outside"),
+        (completion(prompt=""), 400, "text", "prompt is empty"),
+        (completion(temperature="hot"), 400, "temperature", "must be a number, got 'hot'"),
+        (completion(echo=True), 400, "echo", "is not served"),
+        (completion(logprobs=2), 400, "logprobs", "is not served over HTTP yet"),
+        (completion(prompt=list(range(1, 65))), 400, "prompt", "prompt has 64 tokens"),
+    ],
+    ids=[
+        "json",
+        "not-object",
+        "model",
+        "n",
+        "batch",
+        "token",
+        "empty",
+        "type",
+        "echo",
+        "logprobs",
+        "context",
+    ],
+)
+def test_a_bad_body_is_refused_naming_the_field(
+    body: Any, status: int, param: str, says: str
+) -> None:
+    async def test() -> None:
+        async with Edge() as edge:
+            got, data = await edge.call("POST", "/v1/completions", body)
+            assert edge.worker.calls == []  # refused before any worker heard of it
+        assert got == status, data
+        error = json.loads(data)["error"]
+        assert error["param"] == param and says in error["message"], error
+        if status == 404:
+            assert error["code"] == "model_not_found"
+
+    run(test)
+
+
+def test_a_full_router_is_a_429_and_one_still_loading_a_503() -> None:
+    async def test() -> None:
+        async with Edge(Admission(AdmissionLimits(max_requests=1))) as edge:
+            held = await edge.connect("POST", "/v1/completions", completion(stream=True))
+            await edge.wait_until(lambda: edge.servicer.admission.requests == 1, "admitted")
+            status, data = await edge.call("POST", "/v1/completions", completion())
+            assert status == 429, data
+            error = json.loads(data)["error"]
+            assert error["type"] == "rate_limit_error"
+            assert error["message"] == "overloaded: 1 requests in flight (limit 1)"
+            held[1].close()
+        async with Edge(open_gate=False) as edge:
+            status, data = await edge.call("POST", "/v1/chat/completions", {"messages": []})
+            assert status == 503
+            assert json.loads(data)["error"]["message"] == "starting: worker pools not ready"
+            status, _ = await edge.call("GET", "/health")
+            assert status == 503
+
+    run(test)
+
+
+def test_a_streamed_completion_and_chat_with_usage() -> None:
+    async def test() -> None:
+        async with Edge() as edge:
+            edge.worker.batches.put_nowait([("r1", output("Hello"))])
+            edge.worker.batches.put_nowait([("r1", output(" world", True, 2))])
+            body = completion(stream=True, stream_options={"include_usage": True})
+            status, data = await edge.call("POST", "/v1/completions", body)
+            assert status == 200
+            chunks = events(data)
+            assert chunks[-1] == "[DONE]"
+            texts = [c["choices"][0]["text"] for c in chunks[:2]]
+            assert texts == ["Hello", " world"]
+            assert [c["choices"][0]["finish_reason"] for c in chunks[:2]] == [None, "length"]
+            assert chunks[2]["choices"] == []
+            assert chunks[2]["usage"] == {
+                "prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                "prompt_tokens_details": {"cached_tokens": 2},
+            }  # fmt: skip
+            assert chunks[0]["object"] == "text_completion" and chunks[0]["model"] == "m"
+
+            edge.worker.batches.put_nowait([("r1", output("Hi", True))])
+            chat = {"messages": [{"role": "user", "content": "say hi"}], "stream": True}
+            status, data = await edge.call("POST", "/v1/chat/completions", chat)
+            chunks = events(data)
+            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Hi"}
+            assert chunks[0]["object"] == "chat.completion.chunk"
+            assert "usage" not in chunks[0] and chunks[-1] == "[DONE]"
+            # the chat template's prompt; no max_tokens: to the end of the 64-token context
+            ((_, args),) = [c for c in edge.worker.calls if c[0] == "start_generate"][1:]
+            assert args[2] == [5, 3, 2] and args[3].max_tokens == 61
+
+    run(test)
+
+
+def test_a_whole_chat_completion_and_the_model_list() -> None:
+    async def test() -> None:
+        async with Edge() as edge:
+            edge.worker.batches.put_nowait([("r1", output("Hello"))])
+            edge.worker.batches.put_nowait([("r1", output(" there", True, 2))])
+            parts = [{"type": "text", "text": "x"}]
+            chat = {"model": "m", "max_tokens": 4, "temperature": 0,
+                    "messages": [{"role": "user", "content": parts}]}  # fmt: skip
+            status, data = await edge.call("POST", "/v1/chat/completions", chat)
+            assert status == 200, data
+            body = json.loads(data)
+            assert body["object"] == "chat.completion"
+            assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello there"}
+            assert body["choices"][0]["finish_reason"] == "length"
+            assert body["usage"]["completion_tokens"] == 2
+            status, data = await edge.call("GET", "/v1/models")
+            assert status == 200
+            assert [m["id"] for m in json.loads(data)["data"]] == ["m"]
+            status, data = await edge.call("GET", "/health")
+            assert status == 200 and json.loads(data)["status"] == "ok"
+
+    run(test)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "before-any-output"])
+def test_a_client_that_goes_away_cancels_its_request_on_the_worker(stream: bool) -> None:
+    """The connection closes mid-stream (after the first chunk), or while a whole response is
+    awaited: the request is aborted on the worker, its output queue and admission released."""
+
+    async def test() -> None:
+        async with Edge() as edge:
+            if stream:
+                edge.worker.batches.put_nowait([("r1", output("Hello"))])
+            reader, writer = await edge.connect(
+                "POST", "/v1/completions", completion(stream=stream)
+            )
+            await edge.wait_until(lambda: edge.worker.unfinished != [], "started")
+            if stream:
+                status, _ = await read_head(reader)
+                assert status == 200
+                assert b'"Hello"' in await read_chunk(reader)
+            assert edge.worker.aborted() == []
+            writer.close()
+            await edge.wait_until(lambda: edge.worker.aborted() == ["r1"], "aborted")
+            await edge.wait_until(lambda: edge.servicer.outputs.num_open == 0, "queue closed")
+            await edge.wait_until(lambda: edge.servicer.admission.requests == 0, "released")
+            assert edge.gate.num_streams == 0
+
+    run(test)
+
+
+def test_the_authorization_header_reaches_the_request_path() -> None:
+    """The one place the auth work plugs in: RequestCore.generate's `authorization`."""
+    seen: list[Any] = []
+
+    async def test() -> None:
+        async with Edge() as edge:
+            generate = edge.servicer.generate
+
+            def spy(*args: Any, **kwargs: Any) -> Any:
+                seen.append((kwargs.get("authorization"), kwargs.get("edge")))
+                return generate(*args, **kwargs)
+
+            edge.servicer.generate = spy  # type: ignore[method-assign]
+            edge.worker.batches.put_nowait([("r1", output("x", True))])
+            status, _ = await edge.call("POST", "/v1/completions", completion())
+            assert status == 200
+        assert seen == [("Bearer k1", "http")]
+
+    run(test)
