@@ -56,9 +56,15 @@ def output(text: str, finished: bool = False, completion_tokens: int = 1) -> Req
 class Edge:
     """A TandemServicer over one fake colocated worker, behind a gate, served over HTTP."""
 
-    def __init__(self, admission: Admission | None = None, open_gate: bool = True) -> None:
-        self.worker = FakeWorker("decode-0")
-        self.servicer = TandemServicer(MODEL, FakePool("decode", [self.worker]), None, admission)
+    def __init__(
+        self, admission: Admission | None = None, open_gate: bool = True,
+        disaggregated: bool = False,
+    ) -> None:  # fmt: skip
+        self.worker = FakeWorker("decode-0")  # the decode worker, when disaggregated
+        self.prefill = FakeWorker("prefill-0") if disaggregated else None
+        prefill = None if self.prefill is None else FakePool("prefill", [self.prefill])
+        decode = FakePool("decode", [self.worker])
+        self.servicer = TandemServicer(MODEL, decode, prefill, admission)
         self.gate = ServingGate()
         if open_gate:
             self.gate.open(self.servicer)
@@ -307,13 +313,17 @@ def test_a_whole_chat_completion_and_the_model_list() -> None:
     run(test)
 
 
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
 @pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "before-any-output"])
-def test_a_client_that_goes_away_cancels_its_request_on_the_worker(stream: bool) -> None:
+def test_a_client_that_goes_away_cancels_its_request_on_the_worker(
+    stream: bool, disaggregated: bool
+) -> None:
     """The connection closes mid-stream (after the first chunk), or while a whole response is
-    awaited: the request is aborted on the worker, its output queue and admission released."""
+    awaited: the request is aborted on the (decode) worker, its output queue and admission
+    released. Disaggregated, its prefill had finished: nothing to abort there."""
 
     async def test() -> None:
-        async with Edge() as edge:
+        async with Edge(disaggregated=disaggregated) as edge:
             if stream:
                 edge.worker.batches.put_nowait([("r1", output("Hello"))])
             reader, writer = await edge.connect(
@@ -330,6 +340,7 @@ def test_a_client_that_goes_away_cancels_its_request_on_the_worker(stream: bool)
             await edge.wait_until(lambda: edge.servicer.outputs.num_open == 0, "queue closed")
             await edge.wait_until(lambda: edge.servicer.admission.requests == 0, "released")
             assert edge.gate.num_streams == 0
+            assert edge.prefill is None or edge.prefill.aborted() == []
 
     run(test)
 
@@ -351,5 +362,34 @@ def test_the_authorization_header_reaches_the_request_path() -> None:
             status, _ = await edge.call("POST", "/v1/completions", completion())
             assert status == 200
         assert seen == [("Bearer k1", "http")]
+
+    run(test)
+
+
+def test_shutdown_refuses_new_requests_and_cuts_open_streams_with_the_reason() -> None:
+    """The gate drains HTTP streams with the gRPC ones: once closed, a new request is a 503
+    naming the reason; `cut` ends an open stream with an error event and aborts its request."""
+
+    async def test() -> None:
+        async with Edge() as edge:
+            edge.worker.batches.put_nowait([("r1", output("Hello"))])
+            reader, writer = await edge.connect("POST", "/v1/completions", completion(stream=True))
+            assert (await read_head(reader))[0] == 200
+            assert b'"Hello"' in await read_chunk(reader)
+            assert edge.gate.num_streams == 1
+            edge.gate.close("shutting down: this server takes no new requests")
+            status, data = await edge.call("POST", "/v1/completions", completion())
+            assert status == 503
+            message = json.loads(data)["error"]["message"]
+            assert message == "shutting down: this server takes no new requests"
+            edge.gate.cut("shutting down: the grace period ended")
+            rest = await read_chunked(reader)
+            assert rest.startswith(b"event: error\ndata: ")
+            error = json.loads(rest.split(b"data: ", 1)[1])["error"]
+            assert error["message"] == "shutting down: the grace period ended"
+            assert error["type"] == "service_unavailable_error"
+            await edge.wait_until(lambda: edge.worker.aborted() == ["r1"], "aborted")
+            assert await edge.gate.wait_idle(5.0) == 0
+            writer.close()
 
     run(test)
