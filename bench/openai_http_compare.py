@@ -81,9 +81,12 @@ def serve(serve_args: str) -> tuple[subprocess.Popen[str], int, int]:
     raise SystemExit("tandem serve did not start within 600 s")
 
 
-def tandem_bench(args: argparse.Namespace, grpc_port: int, out: Path, warmup: int) -> Any:
+def tandem_bench(
+    args: argparse.Namespace, grpc_port: int, out: Path, warmup: int, seed: int
+) -> Any:
     subprocess.run(
         [*CLI, "bench", "--target", f"127.0.0.1:{grpc_port}", "--workload", "random",
+         "--seed", str(seed),
          "--input-len", str(args.input_len), "--output-len", str(args.output_len),
          "--concurrency", str(args.concurrency), "--num-prompts", str(args.num_prompts),
          "--num-warmup", str(warmup), "--output", str(out), "--no-plot"],
@@ -103,7 +106,9 @@ def tandem_bench(args: argparse.Namespace, grpc_port: int, out: Path, warmup: in
     }
 
 
-def guidellm(args: argparse.Namespace, http_port: int, tokenizer: Path, out: Path) -> Any:
+def guidellm(
+    args: argparse.Namespace, http_port: int, tokenizer: Path, out: Path, seed: int
+) -> Any:
     binary = shutil.which("guidellm", path=str(Path(sys.executable).parent)) or "guidellm"
     subprocess.run(
         [binary, "run",
@@ -114,6 +119,7 @@ def guidellm(args: argparse.Namespace, http_port: int, tokenizer: Path, out: Pat
                    f"output_tokens={args.output_len}",
          "--profile", f"kind=concurrent,streams={args.concurrency}",
          "--constraint", f"kind=max_requests,count={args.num_prompts}",
+         "--seed", f"kind=static,value={seed}",
          "--output", f"kind=json,path={out}", "--disable-console"],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=out.parent,
     )  # fmt: skip
@@ -147,20 +153,13 @@ def main() -> None:
     server, grpc_port, http_port = serve(args.serve_args)
     rows: list[tuple[str, dict[str, Any]]] = []
     try:
-        tandem_bench(args, grpc_port, folder / "warmup.json", warmup=2)  # not recorded
+        # every run its own seed: no run's prompts are in the prefix cache from an earlier one
+        tandem_bench(args, grpc_port, folder / "warmup.json", warmup=2, seed=100)  # not kept
         for n in range(args.rounds):
-            rows.append(
-                (
-                    f"tandem bench (gRPC) #{n + 1}",
-                    tandem_bench(args, grpc_port, folder / f"tandem-{n}.json", warmup=0),
-                )
-            )
-            rows.append(
-                (
-                    f"GuideLLM (HTTP) #{n + 1}",
-                    guidellm(args, http_port, tokenizer, folder / f"guidellm-{n}.json"),
-                )
-            )
+            gr = tandem_bench(args, grpc_port, folder / f"tandem-{n}.json", warmup=0, seed=n + 1)
+            rows.append((f"tandem bench (gRPC) #{n + 1}", gr))
+            http = guidellm(args, http_port, tokenizer, folder / f"guidellm-{n}.json", 1000 + n)
+            rows.append((f"GuideLLM (HTTP) #{n + 1}", http))
             print(f"round {n + 1} of {args.rounds} done", file=sys.stderr, flush=True)
     finally:
         server.send_signal(signal.SIGINT)

@@ -163,6 +163,8 @@ class _Generation:
                     await responder.json(200, call.response(core.model, collected))
         except TandemError as e:  # refused, or failed: before or during the stream
             await responder.fail(e)
+        except OSError as e:  # a server that raises on a write to a closed connection
+            logger.debug("HTTP client of %s went away: %r", call.request_id, e)
 
     async def _stream(
         self, core: RequestCore, call: OpenAIRequest, first: Reply, stream: Any,

@@ -54,7 +54,10 @@ class _GrpcIncoming:
 
     def __init__(self, request: Any) -> None:
         self.request = request
-        self.request_bytes = request.ByteSize()
+
+    @property
+    def request_bytes(self) -> int:
+        return int(self.request.ByteSize())
 
     def check_sizes(self, model: ServedModel) -> None:
         check_sizes(self.request, model)
