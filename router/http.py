@@ -89,7 +89,19 @@ def openai_app(gate: Any) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
-        ]
+        ],
+        exception_handlers={404: _not_found, 405: _not_allowed},
+    )
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    """An unknown route, answered in OpenAI's error JSON (as every other refusal)."""
+    return _error_response(InvalidRequest("path", f"no route {request.url.path}"), 404)
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return _error_response(
+        InvalidRequest("method", f"{request.method} is not allowed on {request.url.path}"), 405
     )
 
 

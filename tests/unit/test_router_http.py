@@ -19,7 +19,7 @@ from contracts.errors import InvalidRequest
 from contracts.outputs import FinishReason, RequestOutput, Usage
 from proto.tandem.v1 import tandem_pb2 as pb
 from router.admission import Admission, AdmissionLimits
-from router.http import start_http_server
+from router.http import MAX_BODY_BYTES, start_http_server
 from router.requests import ServedModel, validate_generate_request
 from router.server import ServingGate, TandemServicer
 from tests.unit.test_router_cancel import FakePool, FakeWorker
@@ -309,6 +309,10 @@ def test_a_whole_chat_completion_and_the_model_list() -> None:
             assert [m["id"] for m in json.loads(data)["data"]] == ["m"]
             status, data = await edge.call("GET", "/health")
             assert status == 200 and json.loads(data)["status"] == "ok"
+            status, data = await edge.call("GET", "/v1/embeddings")  # OpenAI's error JSON too
+            assert status == 404 and json.loads(data)["error"]["message"].startswith("path: no ")
+            status, data = await edge.call("GET", "/v1/completions")
+            assert status == 405 and json.loads(data)["error"]["param"] == "method"
 
     run(test)
 
@@ -391,5 +395,22 @@ def test_shutdown_refuses_new_requests_and_cuts_open_streams_with_the_reason() -
             await edge.wait_until(lambda: edge.worker.aborted() == ["r1"], "aborted")
             assert await edge.gate.wait_idle(5.0) == 0
             writer.close()
+
+    run(test)
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read() -> None:
+    async def test() -> None:
+        async with Edge() as edge:
+            reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+            size = MAX_BODY_BYTES + 1
+            writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: t\r\n"
+                         f"Content-Length: {size}\r\n\r\n".encode())  # fmt: skip
+            await writer.drain()
+            status, headers = await read_head(reader)
+            data = await reader.readexactly(int(headers["content-length"]))
+            writer.close()
+        assert status == 413
+        assert json.loads(data)["error"]["message"] == f"body: is {size} bytes, limit {size - 1}"
 
     run(test)
