@@ -6,7 +6,7 @@ same size caps, tokenizing and error texts apply: router.requests), the sampling
 contracts' SamplingParams, checked by its `validate` (the engine's own rules, the same texts).
 OpenAI's defaults, not Tandem's, where they differ: temperature 1; a chat request without
 `max_tokens` runs to the end of the context. Fields Tandem does not serve are refused naming
-the field (`n` > 1, `echo`, `suffix`, `best_of` > 1, logprobs, tools); unknown fields are
+the field (`n` > 1, `echo`, `suffix`, `best_of` > 1, tools); unknown fields are
 ignored, as OpenAI-compatible servers do. Errors are OpenAI's error JSON (`error_body`), with
 the HTTP status of their canonical status (`HTTP_STATUS`). Torch-free; no web framework here.
 """
@@ -113,6 +113,7 @@ class OpenAIRequest:
         self._prompt: Any = None  # a GenerateRequest holding the prompt, or a token id list
         self._values: dict[str, Any] = {}
         self._cache_salt: str | None = None
+        self._text_offset = 0  # completions' logprobs: where the next token's text starts
 
     @property
     def request_bytes(self) -> int:
@@ -166,6 +167,9 @@ class OpenAIRequest:
                 check_count("stop_token_ids", len(stop_ids), MAX_STOP_TOKEN_IDS)
                 stop_ids = tuple(stop_ids)
             values["stop_token_ids"] = stop_ids
+        logprobs = _logprobs(fields, self.kind)
+        if logprobs is not None:
+            values["logprobs"] = logprobs
         bias = _optional(fields, "logit_bias", dict)
         if bias is not None:
             check_count("logit_bias", len(bias), MAX_LOGIT_BIAS)
@@ -201,13 +205,14 @@ class OpenAIRequest:
         output = reply.output
         reason = output.finish_reason.value if output.finished and output.finish_reason else None
         choice: dict[str, Any] = {"index": 0}
+        logprobs = self._logprobs(model, [reply])
         if self.kind == CHAT:
             delta: dict[str, Any] = {"content": output.text_delta}
             if first:
                 delta = {"role": "assistant", **delta}
-            choice.update(delta=delta, logprobs=None, finish_reason=reason)
+            choice.update(delta=delta, logprobs=logprobs, finish_reason=reason)
         else:
-            choice.update(text=output.text_delta, logprobs=None, finish_reason=reason)
+            choice.update(text=output.text_delta, logprobs=logprobs, finish_reason=reason)
         body = {**self._envelope(model, chunk=True), "choices": [choice]}
         if self.include_usage:
             body["usage"] = None
@@ -222,13 +227,64 @@ class OpenAIRequest:
         text = "".join(r.output.text_delta for r in replies)
         last = replies[-1].output
         reason = last.finish_reason.value if last.finish_reason else None
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+        choice: dict[str, Any] = {"index": 0, "logprobs": self._logprobs(model, replies),
+                                  "finish_reason": reason}  # fmt: skip
         if self.kind == CHAT:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         return {**self._envelope(model, chunk=False), "choices": [choice],
                 "usage": usage_of(replies[-1])}  # fmt: skip
+
+    def _logprobs(self, model: ServedModel, replies: list[Reply]) -> dict[str, Any] | None:
+        """OpenAI's logprobs of the replies' tokens (None unless asked for): completions'
+        tokens / token_logprobs / top_logprobs / text_offset, or chat's `content` list."""
+        if "logprobs" not in self._values:
+            return None
+        entries = [lp for reply in replies for lp in reply.output.logprobs]
+        if self.kind == CHAT:
+            return {"content": [
+                {**_token_entry(model, lp.token_id, lp.logprob),
+                 "top_logprobs": [_token_entry(model, t, p) for t, p in lp.top]}
+                for lp in entries
+            ]}  # fmt: skip
+        tokens = [token_text(model, lp.token_id) for lp in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(self._text_offset)
+            self._text_offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in entries],
+            "top_logprobs": [{token_text(model, t): p for t, p in lp.top} for lp in entries],
+            "text_offset": offsets,
+        }
+
+
+def token_text(model: ServedModel, token_id: int) -> str:
+    """One token as text (special tokens included); `token_id:N` for a model without a
+    tokenizer that decodes."""
+    decode = getattr(model.tokenizer, "decode", None)
+    if decode is None:
+        return f"token_id:{token_id}"
+    return str(decode([token_id], skip_special_tokens=False))
+
+
+def _token_entry(model: ServedModel, token_id: int, logprob: float) -> dict[str, Any]:
+    text = token_text(model, token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def _logprobs(fields: dict[str, Any], kind: str) -> Any:
+    """The SamplingParams `logprobs` a body asks for (None: none). Completions: `logprobs`, how
+    many top tokens; chat: `logprobs: true` and `top_logprobs` (0 when absent)."""
+    if kind == COMPLETION:
+        return fields.get("logprobs")
+    asked = _optional(fields, "logprobs", bool)
+    top = fields.get("top_logprobs")
+    if top is not None and not asked:
+        raise InvalidRequest("top_logprobs", "needs logprobs: true")
+    return (0 if top is None else top) if asked else None
 
 
 def usage_of(reply: Reply) -> dict[str, Any]:
@@ -285,9 +341,6 @@ def _refuse_unserved(fields: dict[str, Any], kind: str) -> None:
         raise InvalidRequest("echo", "is not served: the prompt is not returned")
     if fields.get("suffix"):
         raise InvalidRequest("suffix", "is not served (no insertion)")
-    if fields.get("logprobs") or fields.get("top_logprobs"):
-        field = "logprobs" if fields.get("logprobs") else "top_logprobs"
-        raise InvalidRequest(field, "is not served over HTTP yet; the gRPC API serves logprobs")
     for name in ("tools", "functions", "response_format"):
         if kind == CHAT and fields.get(name):
             raise InvalidRequest(name, "is not served: plain text generation only")

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP edge of a real `tandem serve --http-port` (a separate process, a
 local Ray cluster, the default model), spoken to by clients no one here wrote: the official
-`openai` Python client (chat and completions, streamed and whole, refusals) and the GuideLLM
-load generator (a small run whose report must account for every request). Also: the HTTP and
-gRPC edges give the same greedy text (one request path behind both), and a client that
-disconnects mid-stream leaves no request and no KV block on the workers (read from the
+`openai` Python client (chat and completions, streamed and whole, logprobs, refusals) and the
+GuideLLM load generator (a small run whose report must account for every request). Also: the
+HTTP and gRPC edges give the same greedy text (one request path behind both), and a client
+that disconnects mid-stream leaves no request and no KV block on the workers (read from the
 service's own /metrics). One service for the whole module."""
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def test_completions_whole_and_streamed_equal_the_grpc_edge(served: Served) -> N
     client = served.client()
     prompt = "The capital of France is"
     whole = client.completions.create(  # type: ignore[attr-defined]
-        model=served.model, prompt=prompt, max_tokens=8, temperature=0
+        model=served.model, prompt=prompt, max_tokens=8, temperature=0, logprobs=2
     )
     streamed = client.completions.create(  # type: ignore[attr-defined]
         model=served.model, prompt=prompt, max_tokens=8, temperature=0, stream=True
@@ -142,6 +142,11 @@ def test_completions_whole_and_streamed_equal_the_grpc_edge(served: Served) -> N
     assert whole.choices[0].finish_reason == "length"
     assert whole.usage.completion_tokens == responses[-1].usage.completion_tokens == 8
     assert whole.usage.prompt_tokens == responses[-1].usage.prompt_tokens
+    logprobs = whole.choices[0].logprobs  # greedy: each token the most likely of its top 2
+    assert "".join(logprobs.tokens) == whole.choices[0].text
+    assert [len(top) for top in logprobs.top_logprobs] == [2] * 8
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert chosen == max(top.values()) <= 0
 
 
 def test_refusals_reach_the_openai_client_as_its_errors(served: Served) -> None:

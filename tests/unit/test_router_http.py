@@ -16,7 +16,7 @@ import pytest
 
 from contracts.chat import ChatMessage
 from contracts.errors import InvalidRequest
-from contracts.outputs import FinishReason, RequestOutput, Usage
+from contracts.outputs import FinishReason, RequestOutput, TokenLogprobs, Usage
 from proto.tandem.v1 import tandem_pb2 as pb
 from router.admission import Admission, AdmissionLimits
 from router.http import MAX_BODY_BYTES, start_http_server
@@ -36,6 +36,9 @@ class WordTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [min(len(word), VOCAB - 1) for word in text.split()]
 
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"<{t}>" for t in token_ids)
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any] | ChatMessage],
@@ -47,10 +50,14 @@ class WordTokenizer:
 MODEL = ServedModel("m", vocab_size=VOCAB, max_model_len=64, tokenizer=WordTokenizer())
 
 
-def output(text: str, finished: bool = False, completion_tokens: int = 1) -> RequestOutput:
+def output(
+    text: str, finished: bool = False, completion_tokens: int = 1, token: int = 11,
+    logprobs: bool = False,
+) -> RequestOutput:  # fmt: skip
     usage = Usage(prompt_tokens=len(PROMPT), cached_tokens=2, completion_tokens=completion_tokens)
     reason = FinishReason.LENGTH if finished else None
-    return RequestOutput("r1", (11,), text, finished, reason, usage)
+    lps = (TokenLogprobs(token, -0.5, ((token, -0.5), (3, -1.5))),) if logprobs else ()
+    return RequestOutput("r1", (token,), text, finished, reason, usage, lps)
 
 
 class Edge:
@@ -201,7 +208,7 @@ def test_a_bad_sampling_field_gets_the_grpc_edges_text_as_a_400(fields: dict[str
         (completion(prompt=""), 400, "text", "prompt is empty"),
         (completion(temperature="hot"), 400, "temperature", "must be a number, got 'hot'"),
         (completion(echo=True), 400, "echo", "is not served"),
-        (completion(logprobs=2), 400, "logprobs", "is not served over HTTP yet"),
+        (completion(logprobs=21), 400, "logprobs", "must be in [0, 20], got 21"),
         (completion(prompt=list(range(1, 65))), 400, "prompt", "prompt has 64 tokens"),
     ],
     ids=[
@@ -412,5 +419,43 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read() -> None:
             writer.close()
         assert status == 413
         assert json.loads(data)["error"]["message"] == f"body: is {size} bytes, limit {size - 1}"
+
+    run(test)
+
+
+def test_logprobs_in_openais_shapes() -> None:
+    """Completions: tokens, token_logprobs, top_logprobs, text_offset per chunk; chat:
+    `logprobs: true` and `top_logprobs` give the `content` list. The token texts are the
+    model's tokenizer's (here: `<id>`)."""
+
+    async def test() -> None:
+        async with Edge() as edge:
+            edge.worker.batches.put_nowait([("r1", output("a", token=11, logprobs=True))])
+            edge.worker.batches.put_nowait([("r1", output("b", True, 2, 12, logprobs=True))])
+            body = completion(stream=True, logprobs=1)
+            status, data = await edge.call("POST", "/v1/completions", body)
+            assert status == 200, data
+            first, second = (c["choices"][0]["logprobs"] for c in events(data)[:2])
+            top = [{"<11>": -0.5, "<3>": -1.5}]
+            assert first == {"tokens": ["<11>"], "token_logprobs": [-0.5],
+                             "top_logprobs": top, "text_offset": [0]}  # fmt: skip
+            assert second["tokens"] == ["<12>"] and second["text_offset"] == [4]
+            ((_, args),) = [c for c in edge.worker.calls if c[0] == "start_generate"]
+            assert args[3].logprobs == 1
+
+            edge.worker.batches.put_nowait([("r1", output("a", True, token=11, logprobs=True))])
+            chat = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                    "top_logprobs": 1, "max_tokens": 1}  # fmt: skip
+            status, data = await edge.call("POST", "/v1/chat/completions", chat)
+            (entry,) = json.loads(data)["choices"][0]["logprobs"]["content"]
+            assert entry == {
+                "token": "<11>", "logprob": -0.5, "bytes": list(b"<11>"),
+                "top_logprobs": [{"token": "<11>", "logprob": -0.5, "bytes": list(b"<11>")},
+                                 {"token": "<3>", "logprob": -1.5, "bytes": list(b"<3>")}],
+            }  # fmt: skip
+            chat = {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}
+            status, data = await edge.call("POST", "/v1/chat/completions", chat)
+            assert status == 400
+            assert json.loads(data)["error"]["message"] == "top_logprobs: needs logprobs: true"
 
     run(test)
