@@ -78,13 +78,15 @@ def served() -> Iterator[Served]:
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models") as response:
             (card,) = json.load(response)["data"]
         yield Served(http_port, grpc_port, metrics_port, card["id"])
-    finally:
+    finally:  # Ctrl-C stops both edges cleanly (uvicorn does not take the signal over)
         server.send_signal(signal.SIGINT)
         try:
-            server.wait(60)
+            rest, _ = server.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+            raise
+        assert server.returncode == 0 and "tandem: stopped" in rest, rest[-3000:]
 
 
 def test_chat_whole_and_streamed_with_the_openai_client(served: Served) -> None:
