@@ -101,6 +101,11 @@ def build_parser() -> _Parser:
     serve.add_argument("--host", default="127.0.0.1", help="address the gRPC API listens on")
     serve.add_argument("--port", type=int, default=50051, help="gRPC port; 0: any free port")
     serve.add_argument("--address", default=None, help="a Ray cluster to join (default: local)")
+    serve.add_argument(
+        "--http-port", type=int, default=None,
+        help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health) on this port of --host; 0: any free port. Default: off",
+    )  # fmt: skip
     serve.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     serve.add_argument(
         "--shutdown-grace",
@@ -573,6 +578,7 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
         num_decode_workers=args.decode_workers,
         host=getattr(args, "host", "127.0.0.1"),
         port=port,
+        http_port=getattr(args, "http_port", None),
         address=getattr(args, "address", None),
         gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
         verbose=args.verbose,
@@ -608,6 +614,9 @@ def run_serve(args: argparse.Namespace) -> int:
             return
         starting.result()  # raises what start raised (after start stopped what it started)
         print(f"tandem: serving on {config.host}:{service.port}", flush=True)
+        if service.http_port is not None:
+            print(f"tandem: OpenAI-compatible HTTP on http://{config.host}:{service.http_port}/v1",
+                  flush=True)  # fmt: skip
         signum = await stopping
         gate = service.gate
         in_flight = gate.num_streams if gate else 0

@@ -62,6 +62,7 @@ class ServiceConfig:
     num_decode_workers: int = 1
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (see Service.port)
+    http_port: int | None = None  # the OpenAI-compatible HTTP edge (router.http); 0: any free
     address: str | None = None  # a Ray cluster to join; None: start a local one
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -116,6 +117,10 @@ class ServiceConfig:
                 f"disagg={self.disagg!r} applies to disaggregated mode only (colocated "
                 "workers always prefill their own requests)"
             )
+        if self.http_port is not None and (
+            type(self.http_port) is not int or not 0 <= self.http_port <= 65535
+        ):
+            raise ValueError(f"http_port={self.http_port!r} must be a port number (0: any free)")
         if not 0 < self.index_drain_interval_s <= 10:
             raise ValueError(
                 f"index_drain_interval_s={self.index_drain_interval_s!r} must be in (0, 10]"
@@ -131,6 +136,8 @@ class Service:
         self.config = config
         self.pools: dict[str, PoolMembership] = {}  # "decode" (colocated: the one), "prefill"
         self.port: int | None = None
+        self.http_port: int | None = None  # bound, when serving HTTP
+        self._http: Any = None  # router.http.HttpServer
         self._server: Any = None
         self._health: Any = None
         self._gate: ServingGate | None = None
@@ -202,6 +209,13 @@ class Service:
             config.host, config.port, config.tls, interceptors
         )
         self._gate = gate
+        if config.http_port is not None:  # the same gate: refused while loading, drained
+            from router.http import start_http_server
+
+            self._http = await start_http_server(
+                config.host, config.http_port, gate, self.guard, config.tls
+            )
+            self.http_port = self._http.port
         if config.metrics_port is not None:
             self._metrics_server, self.metrics_port = start_metrics_server(
                 self.metrics, config.host, config.metrics_port
@@ -315,6 +329,9 @@ class Service:
             await set_serving(self._health, self._pool_names(), serving=False)
             await self._server.stop(grace_s)
             self._server = None
+        if self._http is not None:
+            await self._http.stop(grace_s)
+            self._http = None
         if self._servicer is not None:
             self._servicer.outputs.stop()
         workers = self.workers + self.prefill_workers

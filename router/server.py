@@ -1,74 +1,42 @@
-"""The gRPC server (grpc.aio) in front of the worker pools: Generate, Tokenize, ListModels.
+"""The gRPC edge (grpc.aio) in front of the worker pools: Generate, Tokenize, ListModels.
 
-Generate checks sizes, admits, validates and tokenizes (off the event loop), places, then
-streams: colocated, one worker prefills and decodes; disaggregated, a decode worker is chosen,
-a prefill worker prefills and ships the KV to it, and the decode worker streams on. Each
-attempt on a worker gets an id of the router's own (the client's id is only echoed back);
-a cancelled or expired request is aborted on every worker that holds it. Errors reach the
-client as status codes (`status_of`), never as a hang. Workers are `WorkerClient`s in pools
-the control plane keeps (`PoolView`); neither Ray nor torch is imported here.
+Generate hands each request to the transport-neutral request path (router/core.py, the same one
+the HTTP edge calls): sizes, admission, validation and tokenizing off the event loop, placement,
+streams, retries, metrics, traces. Here: the GenerateRequest behind core's `Incoming`, each
+`Reply` as a GenerateResponse, each error as a status code (`status_of`), never a hang; a
+cancelled call or one past its deadline is aborted on every worker that holds it. The gate
+(`ServingGate`) answers UNAVAILABLE while the pools load and drains on shutdown, for both edges.
+Neither Ray nor torch is imported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-import uuid
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager, suppress
-from dataclasses import replace
 from typing import Any
 
 import grpc
 
-from contracts.block_hash import prompt_block_hashes
 from contracts.errors import (
     AddressInUse,
-    DuplicateRequest,
     InvalidRequest,
     ModelNotFound,
     Overloaded,
-    RequestAborted,
     TandemError,
-    WorkerLost,
     WorkerUnavailable,
 )
-from contracts.handoff import PrefillResult
-from prefix_cache.index import PrefixLookup
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
-from router.admission import Admission
-from router.auth import Unauthenticated, tenant_cache_salt
-from router.disagg import LOCAL, DecodeState, DisaggPolicy
-from router.outputs import OutputStreams
-from router.placement import Member, Placement, PoolView, assigned
+from router.core import Reply, RequestCore, status_of_error
 from router.requests import (
     ServedModel,
+    ValidatedRequest,
     check_sizes,
     prompt_token_ids,
     validate_generate_request,
 )
 from router.tls import TlsConfig
-from router.workers import WorkerClient
-from telemetry.metrics import ServiceMetrics
-from telemetry.tracing import child_carrier, end_span, record_span, start_span
-
-logger = logging.getLogger(__name__)
-
-# How a request's stream stops early: its task is cancelled (the client cancelled, or its
-# deadline passed) while it awaits a worker, or grpc closes the stream (GeneratorExit at a
-# `yield`) when that happens while a response is being written. Either way the workers must
-# be told to abort, or the request runs on to its last token.
-_STOPPED = (asyncio.CancelledError, GeneratorExit)
-
-TOKENIZER_THREADS = 2  # prompts tokenized at once, off the event loop
-# A client whose deadline passes cancels the call a little before the server's copy of the
-# deadline (which started when the request arrived) runs out: a stop with less than this left
-# is counted as DEADLINE_EXCEEDED, not CANCELLED.
-DEADLINE_SLACK_S = 1.0
 
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -78,333 +46,45 @@ _FINISH_REASONS = {
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
-    """The gRPC status of a Tandem error."""
-    if isinstance(error, ModelNotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED
-    if isinstance(error, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, DuplicateRequest):
-        return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(error, Overloaded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(error, WorkerUnavailable):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(error, RequestAborted):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.INTERNAL
+    """The gRPC status of a Tandem error (router.core.status_of_error)."""
+    return grpc.StatusCode[status_of_error(error).name]
 
 
-class TandemServicer(tandem_pb2_grpc.TandemServicer):
-    """The Tandem gRPC service over a decode pool (and, when disaggregated, a prefill pool)."""
+class _GrpcIncoming:
+    """A GenerateRequest as router.core's Incoming."""
 
-    def __init__(
-        self,
-        model: ServedModel,
-        decode: PoolView,
-        prefill: PoolView | None = None,
-        admission: Admission | None = None,
-        prefix_index: PrefixLookup | None = None,
-        metrics: ServiceMetrics | None = None,
-        cache_weight: float = 1.0,
-        disagg: DisaggPolicy | None = None,
-    ) -> None:
-        """decode: the decode workers (colocated mode: without `prefill`, they prefill too);
-        prefix_index: where the prefilling workers publish their cached blocks, under their
-        members' index keys; cache_weight: see router.placement; disagg: where a
-        disaggregated request is prefilled (router.disagg; default: always remote)."""
-        self.model = model
-        self.decode = decode
-        self.prefill = prefill
-        self.admission = admission or Admission()
-        self.prefix_index = prefix_index
-        self.disagg = disagg or DisaggPolicy()
-        self.placement = {
-            pool.name: Placement(prefill=pool is prefill, cache_weight=cache_weight)
-            for pool in (decode, prefill)
-            if pool is not None
-        }
-        self.num_retried = 0  # requests moved to another worker after losing theirs
-        self.metrics = metrics
-        self.outputs = OutputStreams()  # one batched output stream per worker
-        self._live_ids: set[str] = set()  # client request ids in flight
-        self._tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
-        self._recent: dict[str, deque[tuple[float, float]]] = {
-            "ttft": deque(maxlen=4096),  # (when, seconds): for autoscaling signals
-            "itl": deque(maxlen=16384),
-        }
-
-    def recent_latencies(self, window_s: float = 30.0) -> dict[str, list[float]]:
-        """TTFTs and inter-token gaps of the requests that finished in the last `window_s`."""
-        cutoff = time.monotonic() - window_s
-        return {
-            name: [value for when, value in values if when >= cutoff]
-            for name, values in self._recent.items()
-        }
+    def __init__(self, request: Any) -> None:
+        self.request = request
 
     @property
-    def _prefilling(self) -> PoolView:
-        """The pool whose workers prefill: the prefill pool, or the colocated workers."""
-        return self.decode if self.prefill is None else self.prefill
+    def request_bytes(self) -> int:
+        return int(self.request.ByteSize())
 
-    async def _cached_tokens(self, request: Any) -> dict[Member, int] | None:
-        """How many of the prompt's tokens each prefilling worker holds in its prefix cache,
-        by the index; None if there is no index or it cannot answer in time."""
-        members = [m for m in self._prefilling.members() if m.index_key is not None]
-        if self.prefix_index is None or not members:
-            return None
-        size = self.model.block_size
-        hashes = prompt_block_hashes(
-            request.prompt_token_ids, size, self.model.model_id, request.cache_salt
-        )
-        keys = [m.index_key for m in members if m.index_key is not None]
-        counts = await self.prefix_index.lookup(hashes, keys)
-        if counts is None:
-            return None
-        last = len(request.prompt_token_ids) - 1  # the last prompt token is always computed
-        return {m: min(count * size, last) for m, count in zip(members, counts, strict=True)}
+    def check_sizes(self, model: ServedModel) -> None:
+        check_sizes(self.request, model)
+
+    def validate(self, model: ServedModel) -> ValidatedRequest:
+        return validate_generate_request(self.request, model)
+
+
+class TandemServicer(RequestCore, tandem_pb2_grpc.TandemServicer):
+    """The Tandem gRPC service: router.core's RequestCore (over a decode pool and, when
+    disaggregated, a prefill pool) with the gRPC methods on it."""
 
     async def Generate(self, request: Any, context: Any) -> Any:
-        arrival, arrival_wall = time.monotonic(), time.time()
-        seen = _Seen(arrival)
-        # One trace per request; a client's traceparent (gRPC metadata) becomes its parent.
-        span = start_span("tandem.Generate", dict(context.invocation_metadata() or ()))
-        code = grpc.StatusCode.OK
-        error: BaseException | None = None
+        # the caller was authenticated by router.interceptor (when keys are on), which set
+        # router.auth.current_tenant for this call
+        metadata = dict(context.invocation_metadata() or ())
         try:
-            check_sizes(request, self.model)  # cheap: before it is admitted or tokenized
-            with self.admission.admit(request_bytes=request.ByteSize()) as ticket:
-                try:
-                    validated = await self._off_loop(validate_generate_request, request)
-                finally:
-                    record_span("validate", arrival_wall, time.time(), span)
-                # a tenant's requests share cached prefixes only with its own (router.auth)
-                validated = replace(validated, cache_salt=tenant_cache_salt(validated.cache_salt))
-                span.set_attributes({"tandem.request_id": validated.request_id,
-                                     "tandem.model": self.model.model_id})  # fmt: skip
-                carrier = child_carrier(span)
-                ticket.add_prompt_tokens(len(validated.prompt_token_ids))
-                with self._live(validated.request_id):
-                    place = self._colocated if self.prefill is None else self._disaggregated
-                    # closed here, not whenever it is collected: its workers are told at once
-                    async with aclosing(place(validated, arrival, carrier, span)) as responses:
-                        async for response in responses:
-                            seen.response(response)
-                            yield response
-        except TandemError as e:  # refused, invalid, lost or failed
-            code, error = status_of(e), e
-            if isinstance(e, Overloaded) and self.metrics is not None:
-                self.metrics.admission_rejections.inc()
-            await context.abort(code, str(e))
-        except _STOPPED as e:  # the client cancelled, or its deadline passed
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            error = e
-            raise
-        finally:
-            usage = seen.usage
-            finished = time.monotonic()
-            if seen.ttft is not None:
-                self._recent["ttft"].append((finished, seen.ttft))
-            self._recent["itl"].extend((finished, gap) for gap in seen.gaps)
-            if self.metrics is not None:
-                self.metrics.record_finished(code.name, usage, time.monotonic() - arrival,
-                                             seen.ttft, seen.queue, seen.gaps)  # fmt: skip
-            attributes = {} if usage is None else {
-                "tandem.prompt_tokens": usage.prompt_tokens,
-                "tandem.cached_tokens": usage.cached_tokens,
-                "tandem.completion_tokens": usage.completion_tokens,
-            }  # fmt: skip
-            end_span(span, error if code is not grpc.StatusCode.OK else None,
-                     **{"rpc.grpc.status_code": code.value[0], **attributes})  # fmt: skip
-
-    @contextmanager
-    def _live(self, request_id: str) -> Iterator[None]:
-        """Hold a client's request id while its request runs; DuplicateRequest if it is held
-        already (the client reused it for a request still in flight)."""
-        if request_id in self._live_ids:
-            raise DuplicateRequest(f"request_id {request_id!r} is already in flight")
-        self._live_ids.add(request_id)
-        try:
-            yield
-        finally:
-            self._live_ids.discard(request_id)
-
-    async def _colocated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
-        """Prefill and decode on one worker; a worker lost before any output is retried on
-        another."""
-        cached = await self._cached_tokens(request)
-        async with aclosing(self._generate(request, arrival, carrier, span, cached)) as stream:
-            async for response in stream:
-                yield response
-
-    async def _generate(
-        self, request: Any, arrival: float, carrier: Any, span: Any,
-        cached: dict[Member, int] | None, member: Member | None = None,
-    ) -> Any:  # fmt: skip
-        """Prefill and decode on one decode-pool worker (`member`, or the one placement picks);
-        a worker lost before any output is retried on another of the pool."""
-        tried: set[Member] = set()
-        while True:
-            if member is None:
-                member = self._place(self.decode, tried, cached, span)
-                self._count_retry(tried)
-            tried.add(member)
-            dispatched = time.monotonic()
-            first, finished = True, False
-            attempt = _attempt_id(request.request_id, span)
-            with assigned(member, _uncached(request, cached, member)) as worker:
-                outputs = self.outputs.open(worker, attempt)
-                try:
-                    await worker.start_generate(
-                        self.outputs.subscriber, attempt, request.prompt_token_ids,
-                        request.params, request.cache_salt, carrier,
-                    )  # fmt: skip
-                    gaps = _Gaps(member)
-                    async for output in _until_finished(outputs):
-                        queued = _queued(output, arrival, dispatched) if first else None
-                        finished = output.finished  # over on the worker: nothing to abort
-                        gaps.output()
-                        yield _timed(request.request_id, output, arrival, queued)
-                        first = False
-                    return
-                except _STOPPED:
-                    if not finished:
-                        worker.abort(attempt)
-                    raise
-                except WorkerLost as e:
-                    self.decode.mark_down(member)
-                    _abandon(worker, attempt, e)
-                    if not first:  # the client has seen tokens: it cannot be moved silently
-                        raise
-                    self._retrying("worker", member, e)
-                    member = None
-                finally:
-                    self.outputs.close(worker, attempt)
-
-    def _decide(self, request: Any, member: Member, span: Any) -> str:
-        """Where this request is prefilled (router.disagg): `remote` or `local` on decode
-        worker `member`; the decision and its reason go to the span and the metric. The decode
-        worker's own prefix cache is not in the index yet: its cached tokens count as 0."""
-        queues = [m.load.queued_tokens for m in self._prefilling.members() if m.placeable]
-        load = member.load
-        path, reason = self.disagg.decide(
-            len(request.prompt_token_ids),
-            min(queues) if queues else None,
-            DecodeState(load.decode_load, load.in_flight, load.recent_itl_s),
-        )
-        span.set_attributes({"tandem.prefill_path": path, "tandem.prefill_reason": reason})
-        if self.metrics is not None:
-            self.metrics.prefill_placement.labels(path=path, reason=reason).inc()
-        return path
-
-    async def _disaggregated(self, request: Any, arrival: float, carrier: Any, span: Any) -> Any:
-        """Prefill on one pool, decode on the other; the KV moves between them. The prefill's
-        PrefillResult (contracts.handoff) goes to the decode worker, which streams every
-        output, the first token's included: it owns the request's text. Or, as the policy
-        decides (router.disagg), the chosen decode worker prefills the request itself."""
-        member = self._place(self.decode, set(), None, span)
-        if self._decide(request, member, span) == LOCAL:
-            local = self._generate(request, arrival, carrier, span, None, member)
-            async with aclosing(local) as stream:
-                async for response in stream:
-                    yield response
-            return
-        # A first token that surely ends the request needs no KV at the decode worker.
-        ship_to = None if _first_token_ends(request, self.model) else member.worker_id
-        with assigned(member, len(request.prompt_token_ids)) as decode:
-            attempts: list[str] = []  # the prefill attempts' ids, the one that shipped last
-            try:
-                result, dispatched = await self._prefill(request, ship_to, carrier, span, attempts)
-            except _STOPPED:  # its KV may be on the way: the decode worker drops it
-                if ship_to is not None and attempts:
-                    decode.abort(attempts[-1])
-                raise
-            first, finished = True, False
-            attempt = attempts[-1]  # the decode worker continues the prefill's attempt
-            outputs = self.outputs.open(decode, attempt)
-            try:
-                await decode.start_continue(
-                    self.outputs.subscriber, attempt, request.prompt_token_ids, result,
-                    request.params, request.cache_salt, carrier,
-                )  # fmt: skip
-                gaps = _Gaps(member)
-                async for output in _until_finished(outputs):
-                    queued = _queued(result, arrival, dispatched) if first else None
-                    finished = output.finished
-                    gaps.output()
-                    yield _timed(request.request_id, output, arrival, queued)
-                    first = False
-            except _STOPPED:
-                if not finished:
-                    decode.abort(attempt)
-                raise
-            except WorkerLost as e:
-                self.decode.mark_down(member)
-                _abandon(decode, attempt, e)
-                raise
-            finally:
-                self.outputs.close(decode, attempt)
-
-    async def _prefill(
-        self, request: Any, ship_to: str | None, carrier: Any, span: Any, attempts: list[str]
-    ) -> tuple[PrefillResult, float]:
-        """(the PrefillResult, its KV shipped to decode worker `ship_to` if not None; when the
-        prefill was dispatched). A prefill worker lost mid-prefill is replaced by another for
-        the same request: nothing has reached the client yet. Each attempt's id is appended
-        to `attempts` as it starts."""
-        assert self.prefill is not None
-        tried: set[Member] = set()
-        cached = await self._cached_tokens(request)
-        while True:
-            member = self._place(self.prefill, tried, cached, span)
-            self._count_retry(tried)
-            tried.add(member)
-            dispatched = time.monotonic()
-            attempt = _attempt_id(request.request_id, span)
-            attempts.append(attempt)
-            with assigned(member, _uncached(request, cached, member)) as worker:
-                try:
-                    result = await worker.prefill(
-                        attempt, request.prompt_token_ids, request.params, request.cache_salt,
-                        ship_to, carrier,
-                    )  # fmt: skip
-                    return result, dispatched
-                except WorkerLost as e:
-                    self.prefill.mark_down(member)
-                    _abandon(worker, attempt, e)
-                    self._retrying("prefill worker", member, e)
-
-    def _place(
-        self, pool: PoolView, tried: set[Member], cached: dict[Member, int] | None, span: Any
-    ) -> Member:
-        """Pick a member of `pool` (see Placement.pick), noting the choice in the request's
-        span."""
-        started = time.time()
-        members = pool.members()
-        counts = None if cached is None else [cached.get(m, 0) for m in members]
-        index = self.placement[pool.name].pick(pool.name, members, tried, counts)
-        member = members[index]
-        attributes: dict[str, Any] = {f"tandem.{pool.name}_worker": index}
-        if cached is not None:
-            attributes["tandem.placement_cached_tokens"] = cached.get(member, 0)
-        span.set_attributes(attributes)
-        record_span("place", started, time.time(), span, **attributes)
-        return member
-
-    def _retrying(self, what: str, member: Member, error: BaseException) -> None:
-        logger.warning("%s %s lost before any output; retrying if another is left: %s",
-                       what, member.worker_id, error)  # fmt: skip
-
-    def _count_retry(self, tried: set[Member]) -> None:
-        """A request placed again after losing a worker (`tried` holds the lost ones): counted
-        as retried only now that there was somewhere to retry it."""
-        if tried:
-            self.num_retried += 1
-            if self.metrics is not None:
-                self.metrics.retried.inc()
+            replies = self.generate(
+                _GrpcIncoming(request), metadata, time_remaining=context.time_remaining
+            )
+            # closed here, not whenever it is collected: its workers are told at once
+            async with aclosing(replies) as stream:
+                async for reply in stream:
+                    yield _response(reply)
+        except TandemError as e:  # refused, invalid, lost or failed (counted by the core)
+            await context.abort(status_of(e), str(e))
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
         """Admitted like a Generate (by count and size), tokenized off the event loop."""
@@ -418,11 +98,6 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             await context.abort(status_of(e), str(e))
         return pb.TokenizeResponse(token_ids=ids)
 
-    async def _off_loop(self, check: Any, request: Any) -> Any:
-        """`check(request, model)` on the tokenizer threads: the event loop keeps serving."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizing, check, request, self.model)
-
     async def ListModels(self, request: Any, context: Any) -> Any:
         tokenizer = self.model.tokenizer
         info = pb.ModelInfo(
@@ -434,107 +109,11 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         return pb.ListModelsResponse(models=[info])
 
 
-def _attempt_id(request_id: str, span: Any) -> str:
-    """A new id for one attempt of a request (one worker it is placed on): unique, unrelated
-    to the client's id, which only the router and the client see. Logged and traced with it."""
-    attempt = uuid.uuid4().hex
-    logger.debug("request %r: attempt %s", request_id, attempt)
-    span.set_attributes({"tandem.attempt_id": attempt})
-    return attempt
-
-
-async def _until_finished(outputs: asyncio.Queue[Any]) -> Any:
-    """A request's outputs from its OutputStreams queue, up to the finished one; raises the
-    exception that ended it instead, if one did."""
-    while True:
-        item = await outputs.get()
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-        if item.finished:
-            return
-
-
-def _abandon(worker: WorkerClient, request_id: str, error: WorkerLost) -> None:
-    """A worker lost mid-request: if it was only unreachable (it may come back, and would run
-    the request on to its end), tell it to abort; a dead one has nothing left to stop."""
-    if error.unreachable:
-        worker.abort(request_id)
-
-
-class _Gaps:
-    """Feeds the gaps between a request's outputs to its worker's recent ITL (router.disagg
-    reads it)."""
-
-    def __init__(self, member: Member) -> None:
-        self.load = member.load
-        self.last: float | None = None
-
-    def output(self) -> None:
-        now = time.monotonic()
-        if self.last is not None:
-            self.load.observe_itl(now - self.last)
-        self.last = now
-
-
-class _Seen:
-    """What the client has been sent of one request: for its latency metrics."""
-
-    def __init__(self, arrival: float) -> None:
-        self.arrival = arrival
-        self.last = arrival
-        self.ttft: float | None = None
-        self.queue: float | None = None
-        self.gaps: list[float] = []  # between consecutive messages after the first
-        self.usage: Any = None
-
-    def response(self, response: Any) -> None:
-        now = time.monotonic()
-        if self.ttft is None:
-            self.ttft = now - self.arrival
-            self.queue = response.timing.queue_seconds
-        else:
-            self.gaps.append(now - self.last)
-        self.last = now
-        if response.HasField("usage"):
-            self.usage = response.usage
-
-
-def _uncached(request: Any, cached: dict[Member, int] | None, member: Member) -> int:
-    """The prompt tokens `member` will compute: its share of the pool's queue."""
-    return len(request.prompt_token_ids) - (cached.get(member, 0) if cached is not None else 0)
-
-
-def _first_token_ends(request: Any, model: ServedModel) -> bool:
-    """Whether the first token ends the request whatever it is (max_tokens 1, or the context
-    full after it): its prefill then ships no KV."""
-    return bool(
-        request.params.max_tokens == 1 or len(request.prompt_token_ids) + 1 >= model.max_model_len
-    )
-
-
-def _queued(output: Any, arrival: float, dispatched: float) -> float:
-    """Arrival to the start of prefill: the router's time before it sent the request to the
-    worker that served it, plus the wait in that worker's engine."""
-    return (dispatched - arrival) + output.usage.queue_seconds
-
-
-def _timed(request_id: str, output: Any, arrival: float, queued: float | None = None) -> Any:
-    """The response of an output, with the queue time and the time to first token (on the
-    first, given `queued`) and the total time (on the last) since the request arrived."""
-    response = _response(request_id, output)
-    elapsed = time.monotonic() - arrival
-    if queued is not None:
-        response.timing.queue_seconds = queued
-        response.timing.ttft_seconds = elapsed
-    if output.finished:
-        response.timing.total_seconds = elapsed
-    return response
-
-
-def _response(request_id: str, output: Any) -> Any:
+def _response(reply: Reply) -> Any:
+    """A Reply as a GenerateResponse."""
+    output = reply.output
     response = pb.GenerateResponse(
-        request_id=request_id, token_ids=output.new_token_ids, text=output.text_delta
+        request_id=reply.request_id, token_ids=output.new_token_ids, text=output.text_delta
     )
     for lp in output.logprobs:
         response.logprobs.add(
@@ -542,7 +121,14 @@ def _response(request_id: str, output: Any) -> Any:
             logprob=lp.logprob,
             top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
         )
+    if reply.queue_s is not None:
+        response.timing.queue_seconds = reply.queue_s
+    if reply.ttft_s is not None:
+        response.timing.ttft_seconds = reply.ttft_s
+    if reply.total_s is not None:
+        response.timing.total_seconds = reply.total_s
     if output.finished:
+        assert output.finish_reason is not None
         response.finish_reason = _FINISH_REASONS[output.finish_reason.value]
         usage = output.usage
         response.usage.prompt_tokens = usage.prompt_tokens
@@ -639,26 +225,48 @@ class ServingGate(tandem_pb2_grpc.TandemServicer):
         for task in list(self._streams):
             task.cancel()
 
-    async def Generate(self, request: Any, context: Any) -> Any:
-        await _refuse_malformed(request, context)
-        servicer = await self._ready(context)
+    @property
+    def cut_reason(self) -> str | None:
+        """Why the open streams were cut (`cut`), or None."""
+        return self._cut_reason
+
+    def ready(self) -> TandemServicer:
+        """The request path, for an edge about to serve a request; WorkerUnavailable (with
+        the reason) while the pools load or once shutdown began."""
+        if self._closed_reason is not None:
+            raise WorkerUnavailable(self._closed_reason)
+        if self.servicer is None:
+            raise WorkerUnavailable("starting: worker pools not ready")
+        return self.servicer
+
+    @contextmanager
+    def tracked(self) -> Iterator[None]:
+        """Count the current task as an open stream while the block runs (any edge's): drain
+        waits for it, `cut` cancels it."""
         task = asyncio.current_task()
-        assert task is not None, "grpc runs each call in a task"
+        assert task is not None, "every edge serves a call in a task"
         self._streams.add(task)
         self._idle.clear()
         try:
-            # closed with this stream: grpc stops iterating, and the workers must hear it now
-            async with aclosing(servicer.Generate(request, context)) as responses:
-                async for response in responses:
-                    yield response
-        except asyncio.CancelledError:
-            if self._cut_reason is None:
-                raise  # the client went away or grpc is stopping: nobody to answer
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_reason)
+            yield
         finally:
             self._streams.discard(task)
             if not self._streams:
                 self._idle.set()
+
+    async def Generate(self, request: Any, context: Any) -> Any:
+        await _refuse_malformed(request, context)
+        servicer = await self._ready(context)
+        with self.tracked():
+            try:
+                # closed with this stream: grpc stops iterating, and the workers must hear it
+                async with aclosing(servicer.Generate(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            except asyncio.CancelledError:
+                if self._cut_reason is None:
+                    raise  # the client went away or grpc is stopping: nobody to answer
+                await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_reason)
 
     async def Tokenize(self, request: Any, context: Any) -> Any:
         await _refuse_malformed(request, context)
@@ -669,12 +277,11 @@ class ServingGate(tandem_pb2_grpc.TandemServicer):
         return await (await self._ready(context)).ListModels(request, context)
 
     async def _ready(self, context: Any) -> TandemServicer:
-        if self._closed_reason is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._closed_reason)
-        if self.servicer is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "starting: worker pools not ready")
-        assert self.servicer is not None
-        return self.servicer
+        try:
+            return self.ready()
+        except WorkerUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            raise  # context.abort raises; this is for the type checker
 
 
 HEALTH_OVERALL = ""  # grpc.health.v1 convention: the whole server

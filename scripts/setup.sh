@@ -6,7 +6,8 @@
 #   scripts/setup.sh          # run-time dependencies
 #   scripts/setup.sh --test   # plus pytest, ruff, mypy, transformers (reference), redis-server,
 #                             # iproute2 (the multi-node test),
-#                             # helm (chart tests, tests/deploy)
+#                             # helm (chart tests, tests/deploy), the `openai` client and
+#                             # GuideLLM (clients of the HTTP edge, tests/integration)
 #
 # TANDEM_TORCH_SPEC overrides the torch requirement (e.g. a CUDA build on GPU machines).
 set -euo pipefail

@@ -1,6 +1,7 @@
 """The router's process never imports torch (issue 18): the real service, started in a fresh
-process (local Ray, the default model, both modes), serves one request over gRPC; the
-process that ran the router and created the worker actors reports what it imported."""
+process (local Ray, the default model, both modes), serves one request over gRPC and one over
+the OpenAI-compatible HTTP edge; the process that ran the router and created the worker actors
+reports what it imported."""
 
 from __future__ import annotations
 
@@ -28,4 +29,5 @@ def test_the_router_process_serves_without_importing_torch(mode: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["num_tokens"] == 3  # it really served
+    assert report["num_http_tokens"] == 3  # over HTTP too (Starlette, uvicorn: no torch)
     assert report["torch_imported"] is False

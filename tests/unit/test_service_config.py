@@ -40,8 +40,10 @@ def test_without_autoscale_the_pools_keep_their_sizes() -> None:
 def test_worker_resources_and_observability_flags() -> None:
     config = serve_config(
         "--prefill-resources", '{"tandem_prefill": 1}', "--metrics-port", "9464",
-        "--otlp-endpoint", "collector:4317",
+        "--otlp-endpoint", "collector:4317", "--http-port", "8000",
     )  # fmt: skip
+    assert config.http_port == 8000
+    assert serve_config().http_port is None  # the HTTP edge is off unless asked for
     assert config.prefill_resources == {"tandem_prefill": 1}
     assert config.decode_resources == {}
     assert config.metrics_port == 9464
@@ -55,6 +57,7 @@ def test_worker_resources_and_observability_flags() -> None:
         ({"cache_weight": -1.0}, "cache_weight=-1.0 must be >= 0"),
         ({"num_prefill_workers": 0}, "num_prefill_workers=0 must be an int >= 1"),
         ({"mode": "split"}, "mode='split' must be one of"),
+        ({"http_port": 70000}, "http_port=70000 must be a port number"),
     ],
 )
 def test_bad_values_are_refused_by_name(fields: dict[str, object], message: str) -> None:
