@@ -340,25 +340,21 @@ class Service:
         if pool == "prefill":
             engine = config.prefill_engine or config.engine
             actor = self._prefill_class.remote(engine, worker_id, config.index, tracing, net)
-        elif not self.disaggregated:  # colocated workers prefill: they publish their cache
+        else:  # decode workers publish their cache too: decode-side prefix reuse
             actor = self._actor_class.remote(config.engine, worker_id, config.index, tracing, net)
-        else:
-            actor = self._actor_class.remote(config.engine, worker_id, None, tracing, net)
         return actor, worker_id
 
-    def _prefilling(self) -> PoolMembership:
-        return self.pools["prefill" if self.disaggregated else "decode"]
-
     async def _drain_index(self, index: LocalPrefixIndex) -> None:
-        """Without Redis: pull the prefilling workers' cache changes into the router's index.
-        A worker that does not answer is skipped (its entries expire if it stays silent)."""
+        """Without Redis: pull every worker's cache changes into the router's index (decode
+        workers' too: decode-side prefix reuse). A worker that does not answer is skipped (its
+        entries expire if it stays silent)."""
         while True:
             await asyncio.sleep(self.config.index_drain_interval_s)
-            pool = self._prefilling()
             calls = [
                 asyncio.wait_for(
                     actor_of(m).drain_cache_events.remote(index.next_drain_seq(m.worker_id)), 5.0
                 )
+                for pool in self.pools.values()
                 for m in pool.members()
             ]
             for batch in await asyncio.gather(*calls, return_exceptions=True):
