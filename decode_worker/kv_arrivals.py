@@ -40,6 +40,7 @@ NO_ROOM_FOR_KV = "no free KV blocks"
 class _Waiting:
     request_id: str
     deadline: float  # monotonic: fail the request if its KV has not arrived by then
+    reused_tokens: int = 0  # prompt tokens before the KV's start: held here, in this cache
 
 
 class KVArrivals(LoopRole):
@@ -52,7 +53,6 @@ class KVArrivals(LoopRole):
         the KV attached (and the prefix reused) is counted."""
         self._release = release
         self.counts = counts or PromptKVCounts()
-        self._reused: dict[str, int] = {}  # waiting request id -> prefix tokens held here
         self.receivers: list[KVReceiver] = []
         self.retired_metrics = TransferMetrics()  # of receivers dropped after their pair failed
         self._waiting: dict[str, _Waiting] = {}  # transfer id -> the request waiting for it
@@ -114,14 +114,11 @@ class KVArrivals(LoopRole):
             self._drop(kv.transfer_id)
             loop.engine.attach_kv(item.request_id, None)
         else:
-            self._waiting[kv.transfer_id] = _Waiting(item.request_id, deadline)
+            self._waiting[kv.transfer_id] = _Waiting(item.request_id, deadline, kv.start_token)
             self._transfer_of[item.request_id] = kv.transfer_id
-            if kv.start_token:
-                self._reused[item.request_id] = kv.start_token
 
     def abort(self, loop: EngineLoop, request_id: str) -> bool:
         transfer_id = self._transfer_of.pop(request_id, None)
-        self._reused.pop(request_id, None)
         if transfer_id is not None:  # waiting for its KV: drop it (the engine aborts the rest)
             del self._waiting[transfer_id]
             self._drop(transfer_id)
@@ -164,7 +161,7 @@ class KVArrivals(LoopRole):
                 continue
             self.counts.tokens_received += kv.num_tokens
             self.counts.blocks_received += len(kv.block_ids)
-            self.counts.tokens_reused += self._reused.pop(waiting.request_id, 0)
+            self.counts.tokens_reused += waiting.reused_tokens
         for transfer_id, waiting in list(self._waiting.items()):
             failed = self._transfer_failure(transfer_id)
             if failed is not None and NO_ROOM_FOR_KV in failed:
@@ -186,7 +183,6 @@ class KVArrivals(LoopRole):
     def _forget(self, transfer_id: str) -> _Waiting:
         waiting = self._waiting.pop(transfer_id)
         del self._transfer_of[waiting.request_id]
-        self._reused.pop(waiting.request_id, None)
         return waiting
 
     def _prune_receivers(self) -> None:
