@@ -315,7 +315,7 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         help="how much a cached prompt token counts against a queued one in placement "
-        "(0: place by load alone)",
+        "(decode pool: the cached share of the prompt against load; 0: place by load alone)",
     )
     parser.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"

@@ -382,9 +382,8 @@ class Service:
         actor_class = self._prefill_class if pool == "prefill" else self._actor_class
         if engine.tensor_parallel_size > 1:  # its ranks are the actor's child processes
             actor_class = actor_class.options(**self._resources(pool))
-        # colocated workers prefill: they publish their cache; disaggregated decode ones do not
-        index = None if self.disaggregated and pool == "decode" else config.index
-        actor = actor_class.remote(engine, worker_id, index, tracing, net)
+        # every worker publishes its cache: decode workers' too (decode-side prefix reuse)
+        actor = actor_class.remote(engine, worker_id, config.index, tracing, net)
         return actor, worker_id
 
     def _check_tensor_parallel(self) -> None:
@@ -413,19 +412,17 @@ class Service:
         cpus, gpus = self.config.cpus_per_worker, self.config.gpus_per_worker
         return {"num_cpus": cpus * size, "num_gpus": gpus * size}
 
-    def _prefilling(self) -> PoolMembership:
-        return self.pools["prefill" if self.disaggregated else "decode"]
-
     async def _drain_index(self, index: LocalPrefixIndex) -> None:
-        """Without Redis: pull the prefilling workers' cache changes into the router's index.
-        A worker that does not answer is skipped (its entries expire if it stays silent)."""
+        """Without Redis: pull every worker's cache changes into the router's index (decode
+        workers' too: decode-side prefix reuse). A worker that does not answer is skipped (its
+        entries expire if it stays silent)."""
         while True:
             await asyncio.sleep(self.config.index_drain_interval_s)
-            pool = self._prefilling()
             calls = [
                 asyncio.wait_for(
                     actor_of(m).drain_cache_events.remote(index.next_drain_seq(m.worker_id)), 5.0
                 )
+                for pool in self.pools.values()
                 for m in pool.members()
             ]
             for batch in await asyncio.gather(*calls, return_exceptions=True):

@@ -85,10 +85,11 @@ class RayWorkerClient:
         cache_salt: str | None,
         ship_to: str | None,
         trace_context: dict[str, str] | None,
+        decode_cached_tokens: int = 0,
     ) -> PrefillResult:
         call = self.actor.prefill.remote(
             request_id, prompt_token_ids, params, cache_salt, ship_to,
-            trace_context,
+            trace_context, decode_cached_tokens,
         )  # fmt: skip
         try:
             result: PrefillResult = await self._call(call)

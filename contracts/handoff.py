@@ -24,13 +24,21 @@ class KVHandle:
     transfer_id: str  # minted by the prefill worker for this transfer, unique
     prefill_worker: str  # the sending worker's id
     decode_worker: str  # the receiving worker's id
-    num_tokens: int  # tokens of KV shipped (the prompt)
+    num_tokens: int  # tokens of KV shipped: the prompt from `start_token` on
+    # The first prompt token shipped (a block boundary): the decode worker holds the KV of the
+    # tokens before it in its own prefix cache (decode-side prefix reuse); 0: the whole prompt.
+    start_token: int = 0
+    num_blocks: int = 0  # KV blocks shipped (the last may be partly filled); 0: not told
 
     def __post_init__(self) -> None:
         if not isinstance(self.transfer_id, str) or not self.transfer_id:
             raise ValueError(f"transfer_id={self.transfer_id!r} must be a non-empty str")
         if self.num_tokens < 1:
             raise ValueError(f"num_tokens={self.num_tokens} must be >= 1")
+        if self.start_token < 0 or self.num_blocks < 0:
+            raise ValueError(
+                f"start_token={self.start_token} and num_blocks={self.num_blocks} must be >= 0"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,14 @@ class KVTransferCounters:
     bytes_sent: int = 0
     bytes_received: int = 0
     transfer_seconds: float = 0.0  # summed over completed transfers
+    # Prompt KV shipped (prefill side: submitted) and attached (decode side), in tokens and
+    # blocks; and, decode side, prompt tokens of transferred requests taken from this worker's
+    # own prefix cache instead of shipped (decode-side prefix reuse).
+    tokens_sent: int = 0
+    blocks_sent: int = 0
+    tokens_received: int = 0
+    blocks_received: int = 0
+    tokens_reused: int = 0
 
     @property
     def pairs_refused(self) -> int:
@@ -76,4 +84,5 @@ class WorkerStats:
     num_free_blocks: int = 0
     num_blocks: int = 0
     max_num_seqs: int = 0
+    num_prompt_tokens_computed: int = 0  # prompt tokens this engine ran (prefilled), ever
     kv: KVTransferCounters = field(default_factory=KVTransferCounters)

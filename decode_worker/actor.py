@@ -101,7 +101,7 @@ class EngineWorker(WorkerBase):
     def _role(self) -> KVArrivals:
         from decode_worker.kv_arrivals import KVArrivals
 
-        self.arrivals = KVArrivals(self.engine.block_manager.release)
+        self.arrivals = KVArrivals(self.engine.block_manager.release, self.prompt_kv)
         return self.arrivals
 
     def _transfer_metrics(self) -> list[Any]:

@@ -2,9 +2,12 @@
 `KVHandle` names as it arrives through the pairs' receivers (a `LoopRole` of the engine loop).
 
 The first token's output goes out at once; the sequence waits (AWAITING_KV) until its KV lands.
-No room for the KV: the prompt is recomputed here. Any other transfer failure, or KV that does
-not come in time: WorkerUnavailable. KV nobody will use is freed as it arrives. Engine thread
-only, except `submit`. Step by step: docs/architecture.md, "The prefill -> decode handoff".
+A handle that ships only the prompt after a prefix this worker caches (`start_token`): that
+prefix's blocks are held at once and the arrived ones attached after them; the prefix gone
+from the cache already: the prompt is recomputed here. No room for the KV: likewise. Any other
+transfer failure, or KV that does not come in time: WorkerUnavailable. KV nobody will use is
+freed as it arrives. Engine thread only, except `submit`. Step by step: docs/architecture.md,
+"The prefill -> decode handoff".
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from contracts.handoff import PrefillResult
 from contracts.sampling_params import SamplingParams
 from kvtransfer.protocol import TransferMetrics
 from kvtransfer.receiver import KVReceiver
+from worker.base import PromptKVCounts
 from worker.engine_loop import EngineLoop, LoopRole, Submission, recalls, remember
 
 logger = logging.getLogger(__name__)
@@ -36,14 +40,19 @@ NO_ROOM_FOR_KV = "no free KV blocks"
 class _Waiting:
     request_id: str
     deadline: float  # monotonic: fail the request if its KV has not arrived by then
+    reused_tokens: int = 0  # prompt tokens before the KV's start: held here, in this cache
 
 
 class KVArrivals(LoopRole):
     """See the module docstring. `receivers` are appended (any thread) as pairs form."""
 
-    def __init__(self, release: Callable[[str], bool]) -> None:
-        """release: the engine's block_manager.release (frees KV by its owner)."""
+    def __init__(
+        self, release: Callable[[str], bool], counts: PromptKVCounts | None = None
+    ) -> None:
+        """release: the engine's block_manager.release (frees KV by its owner); counts: where
+        the KV attached (and the prefix reused) is counted."""
         self._release = release
+        self.counts = counts or PromptKVCounts()
         self.receivers: list[KVReceiver] = []
         self.retired_metrics = TransferMetrics()  # of receivers dropped after their pair failed
         self._waiting: dict[str, _Waiting] = {}  # transfer id -> the request waiting for it
@@ -97,8 +106,15 @@ class KVArrivals(LoopRole):
                 self._drop(kv.transfer_id)
         elif kv is None:  # none was sent (the router expected the first token to end it)
             loop.engine.attach_kv(item.request_id, None)
+        elif kv.start_token and not _hold_prefix(loop, item.request_id, kv.start_token):
+            # The prefix the KV continues is no longer cached here (evicted since the router
+            # looked): the prompt is recomputed here instead, and the transfer dropped.
+            logger.info("request %s: its cached prefix of %d tokens is gone here; recomputing "
+                        "its prompt", item.request_id, kv.start_token)  # fmt: skip
+            self._drop(kv.transfer_id)
+            loop.engine.attach_kv(item.request_id, None)
         else:
-            self._waiting[kv.transfer_id] = _Waiting(item.request_id, deadline)
+            self._waiting[kv.transfer_id] = _Waiting(item.request_id, deadline, kv.start_token)
             self._transfer_of[item.request_id] = kv.transfer_id
 
     def abort(self, loop: EngineLoop, request_id: str) -> bool:
@@ -142,6 +158,10 @@ class KVArrivals(LoopRole):
             except ValueError as e:
                 release(kv.owner)
                 loop.fail(waiting.request_id, e)
+                continue
+            self.counts.tokens_received += kv.num_tokens
+            self.counts.blocks_received += len(kv.block_ids)
+            self.counts.tokens_reused += waiting.reused_tokens
         for transfer_id, waiting in list(self._waiting.items()):
             failed = self._transfer_failure(transfer_id)
             if failed is not None and NO_ROOM_FOR_KV in failed:
@@ -192,3 +212,13 @@ class KVArrivals(LoopRole):
         for receiver in self.receivers:  # in flight: freed once no data can land
             receiver.abort(transfer_id, "request ended")
         remember(self._dropped, transfer_id)  # complete but not polled yet, or not offered
+
+
+def _hold_prefix(loop: EngineLoop, request_id: str, num_tokens: int) -> bool:
+    """Hold the cached prefix a transfer continues (Engine.hold_prefix); False if it is not
+    all cached here, or the handle's start does not fit the prompt (logged: a bug upstream)."""
+    try:
+        return loop.engine.hold_prefix(request_id, num_tokens)
+    except ValueError as e:
+        logger.warning("request %s: %s; recomputing its prompt", request_id, e)
+        return False

@@ -176,6 +176,21 @@ class BlockManager:
         self.holds[owner] = ids
 
     @_locked
+    def hold_cached(self, owner: str, block_hashes: list[BlockHash]) -> list[int] | None:
+        """Hold, for `owner`, the cached blocks of `block_hashes` (a prefix of a sequence whose
+        later blocks will arrive from another worker); None, taking nothing, unless every one
+        of them is cached now. Raises ValueError for an owner that already holds blocks."""
+        self._check_new_owner(owner)
+        if not self.enable_prefix_caching:
+            return None
+        block_ids = [self.hash_to_block.get(block_hash) for block_hash in block_hashes]
+        if any(block_id is None for block_id in block_ids):
+            return None
+        ids = [b for b in block_ids if b is not None]
+        self.hold(owner, ids)
+        return ids
+
+    @_locked
     def reserve(self, owner: str, num_blocks: int) -> list[int] | None:
         """Allocate `num_blocks` fresh blocks held by `owner` (a receiver's destination for
         incoming KV); None, changing nothing, if fewer are free. Raises ValueError for an owner
@@ -202,14 +217,22 @@ class BlockManager:
         return True
 
     @_locked
-    def adopt(self, owner: str, seq: Sequence, num_computed_tokens: int) -> None:
+    def adopt(
+        self, owner: str, seq: Sequence, num_computed_tokens: int, prefix_owner: str | None = None
+    ) -> None:
         """Make `owner`'s blocks the block table of `seq`, a sequence without blocks, whose first
         `num_computed_tokens` tokens' KV they hold (a completed transfer joining the decode
-        batch). The references pass from owner to sequence. Raises ValueError if `owner` holds
-        nothing, `seq` has blocks, or the blocks cannot hold that many tokens."""
+        batch); with `prefix_owner`, its blocks (`hold_cached`) come first and `owner`'s after
+        them. The references pass from the owners to the sequence. Raises ValueError if an
+        owner holds nothing, `seq` has blocks, or the blocks cannot hold that many tokens."""
         ids = self.holds.get(owner)
         if ids is None:
             raise ValueError(f"adopt({owner!r}): holds no blocks (released, or never held)")
+        if prefix_owner is not None:
+            prefix = self.holds.get(prefix_owner)
+            if prefix is None:
+                raise ValueError(f"adopt({prefix_owner!r}): holds no blocks for the prefix")
+            ids = prefix + ids
         if seq.block_ids or seq.num_computed_tokens:
             raise ValueError(f"adopt({owner!r}): {seq} already has blocks")
         if not 0 < num_computed_tokens <= min(len(ids) * self.block_size, seq.num_tokens):
@@ -218,6 +241,8 @@ class BlockManager:
                 f"{len(ids)} blocks of {self.block_size} and {seq.num_tokens} tokens"
             )
         del self.holds[owner]
+        if prefix_owner is not None:
+            del self.holds[prefix_owner]
         seq.block_ids = ids
         seq.num_computed_tokens = num_computed_tokens
 

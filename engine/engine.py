@@ -125,6 +125,10 @@ class Engine:
         self._kept_kv: dict[str, KeptKV] = {}
         self._prefill_only: set[str] = set()  # requests that end once their prompt is done
         self._prefilled: list[Prefilled] = []  # ended so, until take_prefilled
+        # requests awaiting KV for their prompt after a prefix this engine holds: the owner of
+        # that prefix's blocks (hold_prefix), until attach_kv or the request ends
+        self._prefix_holds: dict[str, str] = {}
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model, ever
         self._generate_ids = itertools.count()
         self._kept_numbers = itertools.count()  # kept-KV owners are unique per keep
         logger.info(
@@ -306,12 +310,56 @@ class Engine:
         if seq is None or seq.status is not SequenceStatus.AWAITING_KV:
             raise ValueError(f"attach_kv({request_id!r}): the request is not awaiting its KV")
         if kv_owner is None:
+            self._release_prefix(request_id)
             seq.status = SequenceStatus.WAITING
             self.scheduler.add(seq)
             return
-        self.block_manager.adopt(kv_owner, seq, num_computed_tokens=seq.num_prompt_tokens)
+        prefix_owner = self._prefix_holds.get(request_id)
+        if prefix_owner is not None:
+            held = len(self.block_manager.holds[prefix_owner])
+            arrived = len(self.block_manager.holds.get(kv_owner, ()))
+            needed = self.block_manager.num_blocks_for(seq.num_prompt_tokens)
+            if held + arrived != needed:
+                raise ValueError(
+                    f"attach_kv({request_id!r}): {held} prefix blocks held here and {arrived} "
+                    f"arrived, but the prompt needs {needed}"
+                )
+        self.block_manager.adopt(
+            kv_owner, seq, num_computed_tokens=seq.num_prompt_tokens, prefix_owner=prefix_owner
+        )
+        self._prefix_holds.pop(request_id, None)
         self.block_manager.cache_computed_blocks(seq)
         self.scheduler.add_running(seq)
+
+    def hold_prefix(self, request_id: str, num_tokens: int) -> bool:
+        """For a request awaiting KV (add_remote_request) that will carry only its prompt from
+        token `num_tokens` on: hold this engine's cached blocks of the tokens before it now,
+        so that no eviction takes them before the rest arrives; attach_kv puts them first in
+        its block table. False, holding nothing, unless all of them are cached here. Raises
+        ValueError if the request is not awaiting KV, holds a prefix already, or `num_tokens`
+        is not a whole number of blocks inside the prompt (leaving >= 1 token to arrive)."""
+        seq = self._sequences.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.AWAITING_KV:
+            raise ValueError(f"hold_prefix({request_id!r}): the request is not awaiting its KV")
+        if request_id in self._prefix_holds:
+            raise ValueError(f"hold_prefix({request_id!r}): it holds a prefix already")
+        size = self.block_manager.block_size
+        if num_tokens % size or not 0 < num_tokens < seq.num_prompt_tokens:
+            raise ValueError(
+                f"hold_prefix({request_id!r}): num_tokens={num_tokens} must be a multiple of the "
+                f"block size {size} in (0, {seq.num_prompt_tokens})"
+            )
+        owner = f"prefix:{request_id}#{next(self._kept_numbers)}"
+        hashes = seq.full_block_hashes(size)[: num_tokens // size]
+        if self.block_manager.hold_cached(owner, hashes) is None:
+            return False
+        self._prefix_holds[request_id] = owner
+        return True
+
+    def _release_prefix(self, request_id: str) -> None:
+        owner = self._prefix_holds.pop(request_id, None)
+        if owner is not None:
+            self.block_manager.release(owner)
 
     def _check_request(self, request_id: str, params: SamplingParams) -> None:
         if request_id in self._sequences or request_id in self._kept_kv:
@@ -404,6 +452,7 @@ class Engine:
         self._logit_biases.pop(request_id, None)
         self._keep_kv.discard(request_id)
         self._prefill_only.discard(request_id)
+        self._release_prefix(request_id)
         return self.outputs.finish(seq, FinishReason.ABORT)
 
     def _pin_kv(self, seq: Sequence) -> KeptKV | None:
@@ -431,6 +480,7 @@ class Engine:
             logits = self.runner.execute(scheduled)
         else:
             logits = self._execute_on_all_ranks(scheduled)
+        self.num_prompt_tokens_computed += _prompt_tokens_in(scheduled)
         samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
         sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
         self.scheduler.observe_step(scheduled.num_tokens, time.perf_counter() - started)
@@ -505,6 +555,7 @@ class Engine:
         return Prefilled(seq.request_id, seq.token_ids[-1], logprobs, usage, kept)
 
     def _forget(self, seq: Sequence, reason: FinishReason | None) -> None:
+        self._release_prefix(seq.request_id)
         self.scheduler.finish(seq, reason)
         del self._sequences[seq.request_id]
         self._generators.pop(seq.request_id, None)
@@ -563,7 +614,17 @@ class Engine:
         taken) hold blocks outside sequences."""
         kept = [k.owner for k in self._kept_kv.values()]
         kept += [p.kv.owner for p in self._prefilled]
+        kept += list(self._prefix_holds.values())
         self.scheduler.check_integrity(holders=[*holders, *kept])
+
+
+def _prompt_tokens_in(scheduled: SchedulerOutput) -> int:
+    """How many of a step's tokens are prompt tokens (prefill chunks, before the step runs)."""
+    return sum(
+        max(0, min(s.seq.num_computed_tokens + s.num_new_tokens, s.seq.num_prompt_tokens)
+            - s.seq.num_computed_tokens)
+        for s in scheduled.scheduled
+    )  # fmt: skip
 
 
 class _Accumulator:

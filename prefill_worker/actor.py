@@ -10,12 +10,13 @@ Pairs form on demand (`connect`, called by the control plane). No torch at modul
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from contracts.errors import RequestAborted, WorkerUnavailable
+from contracts.errors import InvalidRequest, RequestAborted, WorkerUnavailable
 from contracts.handoff import KVHandle, PrefillResult
 from contracts.sampling_params import SamplingParams
 from engine.config import EngineConfig
@@ -90,10 +91,16 @@ class PrefillWorker(WorkerBase):
         cache_salt: str | None,
         ship_to: str | None,
         trace_context: dict[str, str] | None = None,
+        decode_cached_tokens: int = 0,
     ) -> PrefillResult:
-        """Prefill a request and ship its KV to decode worker `ship_to` (None: ship nothing).
-        Raises WorkerUnavailable if there is no pair with `ship_to`, the engine's refusal of
-        the request (a typed error), RequestAborted if aborted. Cancelling aborts it."""
+        """Prefill a request and ship its KV to decode worker `ship_to` (None: ship nothing):
+        all of it, or with `decode_cached_tokens` (a whole number of blocks the decode worker
+        holds in its prefix cache) only the blocks after those. The prompt is computed here
+        as far as this worker's own prefix cache does not hold it. Raises InvalidRequest for
+        a bad `decode_cached_tokens`, WorkerUnavailable if there is no pair with `ship_to`,
+        the engine's refusal of the request (a typed error), RequestAborted if aborted.
+        Cancelling aborts it."""
+        _check_decode_cached(decode_cached_tokens, len(prompt_token_ids), self.block_size)
         stream = self.loop.submit(
             request_id, prompt_token_ids, params, cache_salt, prefill_only=True
         )
@@ -107,22 +114,39 @@ class PrefillWorker(WorkerBase):
         done = self.held.take(request_id)
         if done is None:  # aborted as it finished: the abort freed its KV
             raise RequestAborted("aborted")
-        kv = None if ship_to is None else self._ship(done, ship_to, trace_context)
+        kv = None
+        if ship_to is not None:
+            kv = self._ship(done, ship_to, trace_context, decode_cached_tokens)
         if kv is None:
             self._release(done)
         return PrefillResult(done.first_token_id, done.logprobs, done.usage, kv)
 
+    @property
+    def block_size(self) -> int:
+        return self.engine.block_manager.block_size
+
     def _ship(
-        self, done: Prefilled, decode_id: str, trace_context: dict[str, str] | None
+        self,
+        done: Prefilled,
+        decode_id: str,
+        trace_context: dict[str, str] | None,
+        decode_cached_tokens: int = 0,
     ) -> KVHandle:
-        """Submit a finished prefill's KV to the pair with `decode_id`; its handle. On any
-        error the KV is released before it is raised."""
+        """Submit a finished prefill's KV to the pair with `decode_id`, less its first
+        `decode_cached_tokens` (the decode worker's); its handle. On any error the KV is
+        released before it is raised."""
         sender = self.senders.get(decode_id)
         if sender is None:
             self._release(done)
             raise WorkerUnavailable(f"no KV pair with decode worker {decode_id!r}")
-        request_id, kept = done.request_id, done.kv
-        handle = KVHandle(uuid.uuid4().hex, self.worker_id, decode_id, kept.num_tokens)
+        request_id = done.request_id
+        if decode_cached_tokens:
+            done = self._suffix_of(done, decode_cached_tokens)
+        kept = done.kv
+        handle = KVHandle(
+            uuid.uuid4().hex, self.worker_id, decode_id, kept.num_tokens,
+            start_token=decode_cached_tokens, num_blocks=len(kept.block_ids),
+        )  # fmt: skip
         self._shipping[request_id] = (decode_id, handle.transfer_id)
         try:
             sender.submit(
@@ -134,7 +158,21 @@ class PrefillWorker(WorkerBase):
             self._shipping.pop(request_id, None)
             self._release(done)
             raise
+        self.prompt_kv.tokens_sent += kept.num_tokens
+        self.prompt_kv.blocks_sent += len(kept.block_ids)
         return handle
+
+    def _suffix_of(self, done: Prefilled, num_skipped_tokens: int) -> Prefilled:
+        """The same prefill holding only the blocks after its first `num_skipped_tokens`
+        (the others go back to this worker's cache at once)."""
+        from engine.engine import KeptKV
+
+        kept, manager = done.kv, self.engine.block_manager
+        block_ids = kept.block_ids[num_skipped_tokens // self.block_size :]
+        suffix = KeptKV(f"{kept.owner}:suffix", block_ids, kept.num_tokens - num_skipped_tokens)
+        manager.hold(suffix.owner, block_ids)
+        manager.release(kept.owner)
+        return dataclasses.replace(done, kv=suffix)
 
     def _release(self, done: Prefilled | None) -> None:
         if done is not None:
@@ -176,3 +214,17 @@ class PrefillWorker(WorkerBase):
             )  # fmt: skip
 
         return done
+
+
+def _check_decode_cached(num_tokens: object, num_prompt_tokens: int, block_size: int) -> None:
+    """A decode worker's cached prefix must be whole blocks leaving >= 1 prompt token."""
+    if (
+        type(num_tokens) is not int
+        or num_tokens % block_size
+        or not (0 <= num_tokens < num_prompt_tokens)
+    ):
+        raise InvalidRequest(
+            "decode_cached_tokens",
+            f"{num_tokens!r} must be a multiple of the block size {block_size} in "
+            f"[0, {num_prompt_tokens}) (the prompt's tokens)",
+        )

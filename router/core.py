@@ -162,7 +162,11 @@ class RequestCore:
         self.prefix_index = prefix_index
         self.disagg = disagg or DisaggPolicy()
         self.placement = {
-            pool.name: Placement(prefill=pool is prefill, cache_weight=cache_weight)
+            pool.name: Placement(
+                prefill=pool is prefill,
+                cache_weight=cache_weight,
+                cache_as_share=prefill is not None and pool is decode,  # decode-side reuse
+            )
             for pool in (decode, prefill)
             if pool is not None
         }
@@ -189,10 +193,15 @@ class RequestCore:
         """The pool whose workers prefill: the prefill pool, or the colocated workers."""
         return self.decode if self.prefill is None else self.prefill
 
-    async def _cached_tokens(self, request: Any) -> dict[Member, int] | None:
-        """How many of the prompt's tokens each prefilling worker holds in its prefix cache,
-        by the index; None if there is no index or it cannot answer in time."""
-        members = [m for m in self._prefilling.members() if m.index_key is not None]
+    async def _cached_tokens(self, request: Any, *pools: PoolView) -> dict[Member, int] | None:
+        """How many of the prompt's tokens each worker of `pools` (default: the prefilling
+        pool) holds in its prefix cache, by the index, as its engine would reuse them: whole
+        blocks, leaving the last prompt token to compute. None if there is no index or it
+        cannot answer in time. One lookup for all the pools."""
+        members = [
+            m for pool in pools or (self._prefilling,) for m in pool.members()
+            if m.index_key is not None
+        ]  # fmt: skip
         if self.prefix_index is None or not members:
             return None
         size = self.model.block_size
@@ -203,8 +212,8 @@ class RequestCore:
         counts = await self.prefix_index.lookup(hashes, keys)
         if counts is None:
             return None
-        last = len(request.prompt_token_ids) - 1  # the last prompt token is always computed
-        return {m: min(count * size, last) for m, count in zip(members, counts, strict=True)}
+        reusable = (len(request.prompt_token_ids) - 1) // size  # the last token is computed
+        return {m: min(count, reusable) * size for m, count in zip(members, counts, strict=True)}
 
     async def generate(
         self,
@@ -304,7 +313,9 @@ class RequestCore:
         tried: set[Member] = set()
         while True:
             if member is None:
-                member = self._place(self.decode, tried, cached, span)
+                member = self._place(
+                    self.decode, tried, cached, span, len(request.prompt_token_ids)
+                )
                 self._count_retry(tried)
             tried.add(member)
             dispatched = time.monotonic()
@@ -339,14 +350,15 @@ class RequestCore:
                 finally:
                     self.outputs.close(worker, attempt)
 
-    def _decide(self, request: Any, member: Member, span: Any) -> str:
+    def _decide(self, request: Any, member: Member, decode_cached: int, span: Any) -> str:
         """Where this request is prefilled (router.disagg): `remote` or `local` on decode
-        worker `member`; the decision and its reason go to the span and the metric. The decode
-        worker's own prefix cache is not in the index yet: its cached tokens count as 0."""
+        worker `member`, which holds `decode_cached` of its prompt tokens in its prefix cache
+        (by the index: only the rest is computed there, or shipped to it); the decision and
+        its reason go to the span and the metric."""
         queues = [m.load.queued_tokens for m in self._prefilling.members() if m.placeable]
         load = member.load
         path, reason = self.disagg.decide(
-            len(request.prompt_token_ids),
+            len(request.prompt_token_ids) - decode_cached,
             min(queues) if queues else None,
             DecodeState(load.decode_load, load.in_flight, load.recent_itl_s),
         )
@@ -360,9 +372,13 @@ class RequestCore:
         PrefillResult (contracts.handoff) goes to the decode worker, which streams every
         output, the first token's included: it owns the request's text. Or, as the policy
         decides (router.disagg), the chosen decode worker prefills the request itself."""
-        member = self._place(self.decode, set(), None, span)
-        if self._decide(request, member, span) == LOCAL:
-            local = self._generate(request, arrival, carrier, span, None, member)
+        assert self.prefill is not None
+        cached = await self._cached_tokens(request, self.decode, self.prefill)
+        member = self._place(self.decode, set(), cached, span, len(request.prompt_token_ids))
+        decode_cached = 0 if cached is None else cached.get(member, 0)
+        span.set_attributes({"tandem.decode_cached_tokens": decode_cached})
+        if self._decide(request, member, decode_cached, span) == LOCAL:
+            local = self._generate(request, arrival, carrier, span, cached, member)
             async with aclosing(local) as stream:
                 async for response in stream:
                     yield response
@@ -372,7 +388,10 @@ class RequestCore:
         with assigned(member, len(request.prompt_token_ids)) as decode:
             attempts: list[str] = []  # the prefill attempts' ids, the one that shipped last
             try:
-                result, dispatched = await self._prefill(request, ship_to, carrier, span, attempts)
+                result, dispatched = await self._prefill(
+                    request, ship_to, carrier, span, attempts, cached,
+                    decode_cached if ship_to is not None else 0,
+                )  # fmt: skip
             except _STOPPED:  # its KV may be on the way: the decode worker drops it
                 if ship_to is not None and attempts:
                     decode.abort(attempts[-1])
@@ -404,15 +423,16 @@ class RequestCore:
                 self.outputs.close(decode, attempt)
 
     async def _prefill(
-        self, request: Any, ship_to: str | None, carrier: Any, span: Any, attempts: list[str]
-    ) -> tuple[PrefillResult, float]:
-        """(the PrefillResult, its KV shipped to decode worker `ship_to` if not None; when the
-        prefill was dispatched). A prefill worker lost mid-prefill is replaced by another for
-        the same request: nothing has reached the client yet. Each attempt's id is appended
-        to `attempts` as it starts."""
+        self, request: Any, ship_to: str | None, carrier: Any, span: Any, attempts: list[str],
+        cached: dict[Member, int] | None, decode_cached: int = 0,
+    ) -> tuple[PrefillResult, float]:  # fmt: skip
+        """(the PrefillResult, its KV shipped to decode worker `ship_to` if not None, less
+        the first `decode_cached` tokens, which that worker holds; when the prefill was
+        dispatched). A prefill worker lost mid-prefill is replaced by another for the same
+        request: nothing has reached the client yet. Each attempt's id is appended to
+        `attempts` as it starts."""
         assert self.prefill is not None
         tried: set[Member] = set()
-        cached = await self._cached_tokens(request)
         while True:
             member = self._place(self.prefill, tried, cached, span)
             self._count_retry(tried)
@@ -424,8 +444,9 @@ class RequestCore:
                 try:
                     result = await worker.prefill(
                         attempt, request.prompt_token_ids, request.params, request.cache_salt,
-                        ship_to, carrier,
+                        ship_to, carrier, decode_cached,
                     )  # fmt: skip
+                    _note_transfer(span, result)
                     return result, dispatched
                 except WorkerLost as e:
                     self.prefill.mark_down(member)
@@ -433,14 +454,15 @@ class RequestCore:
                     self._retrying("prefill worker", member, e)
 
     def _place(
-        self, pool: PoolView, tried: set[Member], cached: dict[Member, int] | None, span: Any
-    ) -> Member:
-        """Pick a member of `pool` (see Placement.pick), noting the choice in the request's
-        span."""
+        self, pool: PoolView, tried: set[Member], cached: dict[Member, int] | None, span: Any,
+        prompt_tokens: int = 0,
+    ) -> Member:  # fmt: skip
+        """Pick a member of `pool` (see Placement.pick; `prompt_tokens`: the prompt's length),
+        noting the choice in the request's span."""
         started = time.time()
         members = pool.members()
         counts = None if cached is None else [cached.get(m, 0) for m in members]
-        index = self.placement[pool.name].pick(pool.name, members, tried, counts)
+        index = self.placement[pool.name].pick(pool.name, members, tried, counts, prompt_tokens)
         member = members[index]
         attributes: dict[str, Any] = {f"tandem.{pool.name}_worker": index}
         if cached is not None:
@@ -531,6 +553,14 @@ class _Seen:
         self.last = now
         if reply.output.finished:
             self.usage = reply.output.usage
+
+
+def _note_transfer(span: Any, result: PrefillResult) -> None:
+    """The KV a prefill shipped, in the request's span (the prompt less the decode worker's
+    cached prefix, if it held one)."""
+    if result.kv is not None:
+        span.set_attributes({"tandem.kv_transfer_tokens": result.kv.num_tokens,
+                             "tandem.kv_transfer_blocks": result.kv.num_blocks})  # fmt: skip
 
 
 def _uncached(request: Any, cached: dict[Member, int] | None, member: Member) -> int:

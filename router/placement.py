@@ -1,9 +1,11 @@
 """Where a request runs: scoring the members of a pool by their load.
 
 The decode pool picks the lowest load (running sequences and KV blocks in use, each over the
-worker's capacity); the prefill pool the fewest queued prompt tokens less `cache_weight` x the
-tokens the prefix index says each worker holds, so a hot prefix never sends everyone to one
-worker (the formulas: docs/operations.md, "Placement"). Membership is the control plane's
+worker's capacity) less `cache_weight` x the share of the prompt the prefix index says each
+worker holds (a multi-turn conversation goes back to the worker that decoded its last turn);
+the prefill pool the fewest queued prompt tokens less `cache_weight` x the tokens each worker
+holds, so a hot prefix never sends everyone to one worker (the formulas: docs/operations.md,
+"Placement"). Membership is the control plane's
 (cluster.membership): the router reads a `PoolView` and reports a worker a call found lost
 (`mark_down`); it is skipped until replaced.
 """
@@ -95,6 +97,9 @@ class Placement:
 
     prefill: bool  # score by queued prompt tokens (else by decode load)
     cache_weight: float = 1.0
+    # Weigh cached tokens as their share of the prompt against the decode load (the decode pool
+    # of disaggregated mode); else against queued prompt tokens (workers that prefill).
+    cache_as_share: bool = False
 
     def __post_init__(self) -> None:
         if not self.cache_weight >= 0:
@@ -106,10 +111,12 @@ class Placement:
         members: Sequence[Member],
         exclude: Collection[Member] = (),
         cached: Sequence[int] | None = None,
+        prompt_tokens: int = 0,
     ) -> int:
         """The index in `members` of the least loaded placeable member not in `exclude`,
         weighing the prompt tokens each member has cached (`cached`, aligned with `members`)
-        if known. Raises WorkerUnavailable if there is none."""
+        if known (`prompt_tokens`: the prompt's length, for `cache_as_share`). Raises
+        WorkerUnavailable if there is none."""
         candidates = [
             i for i, member in enumerate(members) if member.placeable and member not in exclude
         ]
@@ -119,6 +126,11 @@ class Placement:
         if cached is None or not self.cache_weight or not any(cached[i] for i in candidates):
             return min(candidates, key=key)
         weight = self.cache_weight
+        if self.cache_as_share:
+            share = weight / max(prompt_tokens, 1)
+            return min(
+                candidates, key=lambda i: (members[i].load.decode_load - share * cached[i], *key(i))
+            )
         return min(
             candidates,
             key=lambda i: (members[i].load.queued_tokens - weight * cached[i], *key(i)),

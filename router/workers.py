@@ -63,8 +63,11 @@ class WorkerClient(Protocol):
         cache_salt: str | None,
         ship_to: str | None,
         trace_context: dict[str, str] | None,
+        decode_cached_tokens: int = 0,
     ) -> PrefillResult:
-        """Prefill a request, its KV shipped to decode worker `ship_to` (None: nowhere)."""
+        """Prefill a request, its KV shipped to decode worker `ship_to` (None: nowhere), less
+        its first `decode_cached_tokens` (whole blocks that worker holds in its prefix
+        cache)."""
         ...
 
     def abort(self, request_id: str) -> None:

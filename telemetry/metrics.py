@@ -147,7 +147,15 @@ class _WorkersCollector(Collector):
             "leases": CounterMetricFamily("tandem_kv_transfer_leases_expired",
                                           "KV transfers whose sender lease expired.",
                                           labels=labels),
+            "computed": CounterMetricFamily("tandem_prompt_tokens_computed",
+                                            "Prompt tokens the worker's engine ran (prefilled).",
+                                            labels=labels),
         }  # fmt: skip
+        prompt_kv = CounterMetricFamily(
+            "tandem_kv_prompt_tokens", "Prompt tokens of KV shipped (sent), attached after a "
+            "transfer (received), or taken from a decode worker's own prefix cache instead of "
+            "shipped (reused).", labels=[*labels, "direction"],
+        )  # fmt: skip
         refused = CounterMetricFamily(
             "tandem_kv_pairs_refused", "KV pair connections refused: the peer did not prove the "
             "cluster secret in time (unproven), or came over the limits on unauthenticated "
@@ -179,8 +187,12 @@ class _WorkersCollector(Collector):
             transfer_bytes.add_metric([*values, "sent"], kv.bytes_sent)
             transfer_bytes.add_metric([*values, "received"], kv.bytes_received)
             transfer_time.add_metric(values, kv.transfers_completed, kv.transfer_seconds)
+            c["computed"].add_metric(values, stats.num_prompt_tokens_computed)
+            for direction in ("sent", "received", "reused"):
+                prompt_kv.add_metric([*values, direction], getattr(kv, f"tokens_{direction}"))
         yield from g.values()
         yield from c.values()
+        yield prompt_kv
         yield refused
         yield transfer_bytes
         yield transfer_time

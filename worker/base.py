@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from contracts.errors import InvalidRequest, KVTransferError
@@ -38,6 +39,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAGING_BYTES = 256 << 20  # bound on one worker's KV staging buffers (all its pairs)
+
+
+@dataclass(slots=True)
+class PromptKVCounts:
+    """Prompt KV a worker shipped, attached or reused, in tokens and blocks (since it started;
+    the KV-transfer counters of its WorkerStats). Written by one thread, read by any."""
+
+    tokens_sent: int = 0  # prefill side: submitted to a pair
+    blocks_sent: int = 0
+    tokens_received: int = 0  # decode side: arrived and attached to its request
+    blocks_received: int = 0
+    tokens_reused: int = 0  # decode side: taken from its own prefix cache instead of shipped
 
 
 def transport_for(engine: Engine, host: str = "127.0.0.1") -> TransportConfig:
@@ -93,6 +106,7 @@ class WorkerBase:
         # Each start is a new incarnation: the index never trusts an earlier one's entries.
         self.cache_events = CacheEventLog(WorkerKey(worker_id, new_epoch()))
         self.engine.block_manager.set_cache_listener(self.cache_events.on_cache_event)
+        self.prompt_kv = PromptKVCounts()
         self.publisher: IndexPublisher | None = None
         if index is not None and index.redis_url is not None:
             self.publisher = IndexPublisher(self.cache_events, index)
@@ -161,6 +175,7 @@ class WorkerBase:
                 num_free_blocks=engine.block_manager.num_free_blocks,
                 num_blocks=engine.block_manager.num_blocks,
                 max_num_seqs=engine.scheduler.config.max_num_seqs,
+                num_prompt_tokens_computed=engine.num_prompt_tokens_computed,
             )
 
         stats = await asyncio.to_thread(self.loop.call, read)
@@ -174,6 +189,7 @@ class WorkerBase:
             bytes_sent=sum(m.bytes_sent for m in transfers),
             bytes_received=sum(m.bytes_received for m in transfers),
             transfer_seconds=sum(m.transfer_seconds_total for m in transfers),
+            **dataclasses.asdict(self.prompt_kv),
         )
         return dataclasses.replace(stats, kv=kv)
 

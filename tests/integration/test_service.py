@@ -497,9 +497,11 @@ def test_disagg_auto_places_each_request_by_its_inputs(
     with placing(service, mode="auto", local_max_tokens=16):
         assert_greedy_as_the_engine(service, default_model_engine, short, 5)
         assert_greedy_as_the_engine(service, default_model_engine, long, 5)
-    # every prefill worker's queue "long": the long prompt too prefills locally
+    # every prefill worker's queue "long": a long prompt too prefills locally (another one:
+    # the decode worker holds most of `long` now, which would make it short)
+    long_again = "(auto, queue) " + " ".join(f"item {n}," for n in range(20))
     with placing(service, mode="auto", local_max_tokens=16, prefill_queue_tokens=0):
-        assert_greedy_as_the_engine(service, default_model_engine, long, 5)
+        assert_greedy_as_the_engine(service, default_model_engine, long_again, 5)
     after = [placed(service, *reason) for reason in reasons]
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
     assert kv_transfers(service)[0] == decode_transfers + 1  # the remote one's KV only

@@ -135,6 +135,10 @@ def test_one_trace_per_request_across_router_prefill_transfer_and_decode(
     assert root["attributes"]["tandem.prefill_worker"] == 0
     assert root["attributes"]["tandem.prefill_path"] == "remote"
     assert root["attributes"]["tandem.prefill_reason"] == "forced_remote"
+    prompt_tokens = responses[-1].usage.prompt_tokens  # under one block: nothing cached
+    assert root["attributes"]["tandem.decode_cached_tokens"] == 0
+    assert root["attributes"]["tandem.kv_transfer_tokens"] == prompt_tokens
+    assert root["attributes"]["tandem.kv_transfer_blocks"] == 1
     prefill, decode = by_name["tandem.prefill"], by_name["tandem.decode"]
     transfer = by_name["tandem.kv_transfer"]
     for child in (prefill, decode, transfer, by_name["validate"], by_name["place"]):

@@ -2,7 +2,8 @@
 redis-server: two prefill workers and one decode worker (real Ray, gRPC, gloo transfers, the
 default model). Requests sharing a prefix go to the worker holding it unless its queue outweighs
 the hit; Redis stopped, slow or flushed costs cache hits, never a request; salted tenants never
-share hits."""
+share hits. The decode worker publishes its cache too: a conversation's second turn ships only
+the part of its prompt that the decode worker lacks."""
 
 from __future__ import annotations
 
@@ -193,3 +194,24 @@ def index_counts(service: RunningService, text: str, salt: str | None = None) ->
     if cached is None:
         return None
     return [cached.get(member, 0) for member in servicer._prefilling.members()]
+
+
+def test_a_second_turn_ships_only_what_the_decode_worker_lacks(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """The decode worker's blocks reach Redis (two_turns waits for the router to read them
+    there); turn 2 goes to the prefill worker holding turn 1's prompt, which computes the rest
+    and ships only the suffix after the decode worker's cached blocks."""
+    from tests.integration.test_service_disagg import BLOCK, delta, two_turns
+
+    opening = "(redis) You are a careful travel agent. Suggest one city to visit in spring, "
+    opening += "then give one reason to go there and one thing to avoid."
+    turn1, turn2, reusable, before, after = two_turns(service, default_model_engine, opening)
+    suffix, num_blocks = len(turn2) - reusable, -(-len(turn2) // BLOCK) - reusable // BLOCK
+    decode, *prefills = [delta(a, b) for a, b in zip(after, before, strict=True)]
+    assert reusable >= 2 * BLOCK
+    assert decode == {"computed": 0, "tokens_received": suffix, "blocks_received": num_blocks,
+                      "tokens_reused": reusable}  # fmt: skip
+    computed = len(turn2) - len(turn1) // BLOCK * BLOCK  # turn 1's prompt is cached there
+    sent = {"computed": computed, "tokens_sent": suffix, "blocks_sent": num_blocks}
+    assert sorted(prefills, key=len) == [{"computed": 0}, sent]

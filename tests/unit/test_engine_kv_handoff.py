@@ -160,3 +160,73 @@ def test_a_request_awaiting_its_kv_can_be_aborted_and_its_first_token_can_end_it
     assert only.finished and only.finish_reason is FinishReason.LENGTH
     assert only.usage.completion_tokens == 1 and engine.abort_request("one") is None
     engine.check_integrity()
+
+
+def hand_off_suffix(
+    prefill: Engine, decode: Engine, request_id: str, prompt: list[int], skip_tokens: int
+) -> tuple[list[int], int]:
+    """Prefill `prompt` on one engine, ship only its blocks from token `skip_tokens` on (the
+    decode engine holds the ones before in its prefix cache), decode; (token ids, blocks
+    shipped)."""
+    params = greedy(max_tokens=6)
+    prefill.add_request(request_id, None, params, prompt_token_ids=prompt, prefill_only=True)
+    while not (done := prefill.take_prefilled()):
+        prefill.step()
+    (prefilled,) = done
+    shipped = prefilled.kv.block_ids[skip_tokens // decode.block_manager.block_size :]
+    owner = f"in:{request_id}"
+    dst = decode.block_manager.reserve(owner, len(shipped))
+    assert dst is not None
+    scatter_blocks(decode.runner.kv_cache, dst, gather_blocks(prefill.runner.kv_cache, shipped))
+    assert prefill.block_manager.release(prefilled.kv.owner)
+    output = decode.add_remote_request(request_id, prompt, prefilled.first_token_id, params)
+    if not decode.hold_prefix(request_id, skip_tokens):  # evicted here: recompute it all
+        assert decode.block_manager.release(owner)
+        owner = None  # type: ignore[assignment]
+    decode.attach_kv(request_id, owner)
+    tokens = list(output.new_token_ids)
+    while decode.has_unfinished_requests():
+        tokens += [t for out in decode.step() for t in out.new_token_ids]
+    decode.check_integrity()
+    return tokens, len(shipped)
+
+
+@pytest.mark.parametrize("evicted", [False, True])
+def test_a_second_turn_ships_only_the_suffix_the_decode_engine_lacks(evicted: bool) -> None:
+    """Turn 2 extends turn 1's prompt and output: the decode engine that ran turn 1 holds
+    their full blocks but the last (its last token's KV is never computed); only the rest of
+    turn 2's prompt is shipped and attached after them, with one engine's output. Evicted
+    before the KV lands: the prompt is recomputed there, with the same output."""
+    decode, single = make_engine(), make_engine()
+    turn1 = prompt_ids(seed=1, length=10)
+    out1 = decode.generate([turn1], greedy(max_tokens=7))[0].token_ids  # 16 tokens computed
+    assert single.generate([turn1], greedy(max_tokens=7))[0].token_ids == out1
+    turn2 = turn1 + out1 + prompt_ids(seed=2, length=5)  # 22 tokens: 4 blocks cached of 6
+    expected = single.generate([turn2], greedy(max_tokens=6))[0].token_ids
+    if evicted:
+        decode.block_manager.reset_prefix_cache()
+    computed = decode.num_prompt_tokens_computed
+    got, num_shipped = hand_off_suffix(make_engine(), decode, "t2", turn2, skip_tokens=16)
+    assert got == expected
+    assert num_shipped == 2  # blocks 4 and 5: tokens 16..21, the last block partial
+    assert decode.num_prompt_tokens_computed - computed == (len(turn2) if evicted else 0)
+
+
+def test_hold_prefix_refuses_bad_spans_and_an_abort_frees_the_prefix() -> None:
+    decode = make_engine()
+    turn1 = prompt_ids(seed=1, length=9)
+    decode.generate([turn1], greedy(max_tokens=1))
+    params = greedy(max_tokens=4)
+    decode.add_remote_request("r", [*turn1, 5, 6], first_token_id=3, sampling_params=params)
+    for bad in (0, 6, 12):  # nothing, not a block boundary, past the prompt
+        with pytest.raises(ValueError, match="num_tokens"):
+            decode.hold_prefix("r", bad)
+    assert decode.hold_prefix("r", 8)
+    with pytest.raises(ValueError, match="already"):
+        decode.hold_prefix("r", 8)
+    with pytest.raises(ValueError, match="not awaiting"):
+        decode.hold_prefix("nobody", 8)
+    decode.check_integrity()  # the held prefix is the request's, not a leak
+    decode.abort_request("r")
+    assert decode.block_manager.num_free_blocks == decode.block_manager.num_blocks
+    decode.check_integrity()

@@ -320,3 +320,50 @@ def test_kv_of_a_request_its_first_token_ended_is_freed_as_it_arrives() -> None:
         loop.call(lambda engine: engine.check_integrity())
     finally:
         loop.stop()
+
+
+class PendingTransfers:
+    """A receiver whose transfers never complete; it records the ones dropped."""
+
+    failure = None
+    num_live = 0
+
+    def __init__(self) -> None:
+        self.aborted: list[str] = []
+
+    def poll(self) -> list[Any]:
+        return []
+
+    def result(self, transfer_id: str) -> None:
+        return None
+
+    def owners(self) -> list[str]:
+        return []
+
+    def abort(self, transfer_id: str, reason: str) -> None:
+        self.aborted.append(transfer_id)
+
+
+def test_a_prefix_gone_from_the_cache_drops_its_transfer_and_recomputes() -> None:
+    """The router thought this decode worker held the prompt's first block (the index is a
+    hint): the transfer ships only what follows it. It is not cached here, so the transfer is
+    dropped at once and the prompt recomputed: one engine's output, nothing counted as reused."""
+    prompt = prompt_ids(1, 10)
+    params = greedy(max_tokens=6)
+    (expected,) = make_engine().generate([prompt], params)
+    receiver = PendingTransfers()
+    loop, arrivals = decode_loop(receiver)
+
+    async def main() -> list[Any]:
+        handle = KVHandle("t-r", "prefill-0", "decode-0", 6, start_token=4, num_blocks=2)
+        result = PrefillResult(expected.token_ids[0], None, Usage(10, 0, 1), handle)
+        return await drain(arrivals.submit(loop, "r", prompt, result, params, None))
+
+    try:
+        outputs = asyncio.run(main())
+        assert [t for o in outputs for t in o.new_token_ids] == expected.token_ids
+        assert receiver.aborted == ["t-r"]
+        assert (arrivals.counts.tokens_received, arrivals.counts.tokens_reused) == (0, 0)
+        loop.call(lambda engine: engine.check_integrity())
+    finally:
+        loop.stop()

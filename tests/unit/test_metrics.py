@@ -19,11 +19,11 @@ from telemetry.metrics import ServiceMetrics, start_metrics_server
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "tandem-dashboard.json"
 WORKER_STATS = WorkerStats(
     num_requests=3, num_running=2, num_waiting=1, num_preemptions=4, num_blocks=100,
-    num_free_blocks=75,
+    num_free_blocks=75, num_prompt_tokens_computed=40,
     kv=KVTransferCounters(
         pairs_refused_by_reason={"unproven": 2, "over_limit": 1}, transfers_completed=2,
         transfers_failed=1, leases_expired=0, bytes_sent=0, bytes_received=4096,
-        transfer_seconds=0.5,
+        transfer_seconds=0.5, tokens_received=21, tokens_reused=32,
     ),
 )  # fmt: skip
 
@@ -71,6 +71,10 @@ def test_requests_and_workers_become_samples(metrics: ServiceMetrics) -> None:
     assert sample(metrics, "tandem_kv_transfer_failures_total", **worker) == 1
     assert sample(metrics, "tandem_kv_pairs_refused_total", **worker, reason="unproven") == 2
     assert sample(metrics, "tandem_kv_pairs_refused_total", **worker, reason="over_limit") == 1
+    assert sample(metrics, "tandem_prompt_tokens_computed_total", **worker) == 40
+    assert sample(metrics, "tandem_kv_prompt_tokens_total", **worker, direction="received") == 21
+    assert sample(metrics, "tandem_kv_prompt_tokens_total", **worker, direction="reused") == 32
+    assert sample(metrics, "tandem_kv_prompt_tokens_total", **worker, direction="sent") == 0
     # a worker whose engine failed counts in its pool but reports no figures
     assert sample(metrics, "tandem_pool_workers", pool="prefill") == 1
     assert (

@@ -136,3 +136,77 @@ def test_a_cancelled_local_request_is_aborted_on_its_decode_worker() -> None:
         assert served.outputs.num_open == 0
 
     asyncio.run(run())
+
+
+def reuse_servicer(
+    policy: DisaggPolicy, cached_blocks: int, num_tokens: int
+) -> tuple[TandemServicer, list[FakeWorker], FakeWorker, ServiceMetrics]:
+    """Two decode workers and a prefill worker; the in-process index says decode-1 holds the
+    first `cached_blocks` blocks of request(num_tokens)'s prompt (it decoded the last turn)."""
+    from contracts.block_hash import prompt_block_hashes
+    from contracts.workers import WorkerKey
+    from prefix_cache.index import CacheEventBatch, LocalPrefixIndex
+
+    decodes, prefill = [FakeWorker("decode-0"), FakeWorker("decode-1")], FakeWorker("prefill-0")
+    index = LocalPrefixIndex()
+    metrics = ServiceMetrics()
+    served = TandemServicer(
+        MODEL, FakePool("decode", decodes), FakePool("prefill", [prefill]), metrics=metrics,
+        disagg=policy, prefix_index=index,
+    )  # fmt: skip
+    assert served.prefill is not None
+    for member in served.decode.members() + served.prefill.members():
+        member.index_key = WorkerKey(member.worker_id, "e1")
+    hashes = prompt_block_hashes(list(request(num_tokens).token_ids.ids), 16, "m")
+    index.apply(
+        CacheEventBatch(WorkerKey("decode-1", "e1"), 1, True, tuple(hashes[:cached_blocks]))
+    )
+    return served, decodes, prefill, metrics
+
+
+@pytest.mark.parametrize("num_tokens", [40, 48])  # the prompt's last block partial, or full
+def test_the_decode_worker_holding_the_prefix_gets_only_the_missing_suffix(
+    num_tokens: int,
+) -> None:
+    """decode-1 holds 2 blocks of 16 (32 tokens) of the prompt; it is chosen over the idle
+    decode-0 (the cache preference) and the prefill ships the prompt less those 32 tokens:
+    decode_cached_tokens=32 goes to the prefill worker with the decode worker as ship_to."""
+
+    async def run() -> None:
+        served, decodes, prefill, _ = reuse_servicer(DisaggPolicy(mode="always"), 2, num_tokens)
+        decodes[1].batches.put_nowait([("r1", _output("r1", FIRST_TOKEN, finished=True))])
+        [r async for r in served.Generate(request(num_tokens), FakeContext())]
+        assert decodes[0].calls == [] and called(decodes[1]) == ["start_continue"]
+        ((_, args),) = prefill.calls
+        assert args[4] == "decode-1" and args[6] == 32  # ship_to, decode_cached_tokens
+
+    asyncio.run(run())
+
+
+def test_a_cached_prefix_caps_at_whole_blocks_leaving_the_last_prompt_token() -> None:
+    """A 32-token prompt whose 2 blocks decode-1 caches: an engine reuses only 1 of them (the
+    last prompt token is always computed), so 16 tokens are cached, not 31 or 32."""
+
+    async def run() -> None:
+        served, decodes, prefill, _ = reuse_servicer(DisaggPolicy(mode="always"), 2, 32)
+        decodes[1].batches.put_nowait([("r1", _output("r1", FIRST_TOKEN, finished=True))])
+        [r async for r in served.Generate(request(32), FakeContext())]
+        ((_, args),) = prefill.calls
+        assert args[6] == 16
+
+    asyncio.run(run())
+
+
+def test_auto_counts_the_decode_workers_cached_prefix_as_computed() -> None:
+    """48 prompt tokens over local_max_tokens=20 would go remote; 32 of them cached on the
+    decode worker leave 16 uncached: prefilled there (short_prompt), no prefill call."""
+
+    async def run() -> None:
+        policy = DisaggPolicy(mode="auto", local_max_tokens=20)
+        served, decodes, prefill, metrics = reuse_servicer(policy, 2, 48)
+        decodes[1].batches.put_nowait([("r1", _output("r1", FIRST_TOKEN, finished=True))])
+        [r async for r in served.Generate(request(48), FakeContext())]
+        assert called(decodes[1]) == ["start_generate"] and prefill.calls == []
+        assert placements(metrics) == {("local", "short_prompt"): 1.0}
+
+    asyncio.run(run())

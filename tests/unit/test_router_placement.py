@@ -3,6 +3,7 @@ sequences and KV use; dead and draining workers skipped. Workers are fake client
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
@@ -88,3 +89,32 @@ def test_cache_weight_scales_the_hits_and_zero_is_load_only() -> None:
             assert picked == (0 if placement is light else 1)  # 400 - 500 < 0; weight 0: load
     with pytest.raises(ValueError, match="cache_weight=-1"):
         Placement(prefill=True, cache_weight=-1)
+
+
+DECODE_REUSE = Placement(prefill=False, cache_as_share=True)  # a disaggregated decode pool
+
+
+def test_the_decode_worker_holding_the_prefix_wins_until_its_load_outweighs_its_share() -> None:
+    a, _ = pool = members("a", "b")
+    for member in pool:
+        member.load.observe(stats(free=100))  # no KV in use: load is running seqs / 8
+    cached = [800, 0]  # 80% of a 1,000-token prompt, on a
+    assert DECODE_REUSE.pick("decode", pool, cached=cached, prompt_tokens=1000) == 0
+    with ExitStack() as running:
+        for _ in range(6):  # 6/8 - 0.8 < 0 on b
+            running.enter_context(assigned(a, 10))
+        assert DECODE_REUSE.pick("decode", pool, cached=cached, prompt_tokens=1000) == 0
+        assert DECODE.pick("decode", pool) == 1  # load alone would move it
+        running.enter_context(assigned(a, 10))  # 7/8 - 0.8 > 0
+        assert DECODE_REUSE.pick("decode", pool, cached=cached, prompt_tokens=1000) == 1
+    assert DECODE_REUSE.pick("decode", pool, cached=[0, 800], prompt_tokens=1000) == 1
+
+
+def test_decode_cache_weight_scales_the_share_and_zero_is_load_only() -> None:
+    a, _ = pool = members("a", "b")
+    for member in pool:
+        member.load.observe(stats(free=100))
+    with assigned(a, 10), assigned(a, 10), assigned(a, 10):  # 3/8 = 0.375
+        for weight, expected in ((1.0, 0), (0.4, 1), (0.0, 1)):  # 0.5 x weight vs 0.375
+            placement = Placement(prefill=False, cache_weight=weight, cache_as_share=True)
+            assert placement.pick("decode", pool, cached=[500, 0], prompt_tokens=1000) == expected
