@@ -285,6 +285,13 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
                         "0-2) at which prompts go to the prefill pool (default 1.0); with "
                         "--target-itl-ms, a decode worker whose streams' ITL reached it "
                         "prefills nothing")  # fmt: skip
+    parser.add_argument(
+        "--max-migrations",
+        type=int,
+        default=3,
+        help="how many times one stream may resume on another decode worker after losing its "
+        "own (replayed: no token repeated or missing); past it, UNAVAILABLE. 0: never",
+    )
     for pool in ("prefill", "decode"):
         parser.add_argument(
             f"--{pool}-resources",
@@ -443,6 +450,16 @@ _DISAGG_FLAGS = {  # flag attribute: DisaggPolicy field
 }
 
 
+def failover_config(args: argparse.Namespace) -> Any:
+    """How lost streams resume (router.failover) from the command line."""
+    from router.failover import FailoverConfig
+
+    try:
+        return FailoverConfig(max_migrations=args.max_migrations)
+    except ValueError as e:
+        raise ValueError(f"--max-migrations: {e}") from None
+
+
 def disagg_policy(args: argparse.Namespace) -> Any:
     """Where disaggregated requests prefill (router.disagg) from the command line: auto by
     default; colocated mode refuses the flags."""
@@ -482,6 +499,7 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
         index=index,
         cache_weight=args.cache_weight,
         disagg=disagg_policy(args),
+        failover=failover_config(args),
         metrics_port=args.metrics_port,
         tracing=TracingConfig(otlp_endpoint=args.otlp_endpoint),
         kv_network=KVNetworkConfig.from_environment(args.kv_interface, args.kv_ports),

@@ -37,6 +37,7 @@ from kvtransfer.network import KVNetworkConfig
 from prefix_cache.index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
 from router.admission import Admission, AdmissionLimits
 from router.disagg import DisaggPolicy
+from router.failover import FailoverConfig
 from router.placement import Member
 from router.requests import ServedModel, prompt_chars_limit
 from router.server import ServingGate, TandemServicer, set_serving, start_server
@@ -75,6 +76,8 @@ class ServiceConfig:
     # Disaggregated mode: where each request is prefilled (router.disagg; default: always on the
     # prefill pool; `tandem serve` defaults to auto). Colocated mode takes only the default.
     disagg: DisaggPolicy = field(default_factory=DisaggPolicy)
+    # Streams whose decode worker is lost resume on another by replay (router.failover).
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
     index_drain_interval_s: float = 0.1
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: any free)
     tracing: TracingConfig = field(default_factory=TracingConfig)  # spans to an OTLP collector
@@ -250,6 +253,7 @@ class Service:
             self.metrics,
             cache_weight=config.cache_weight,
             disagg=config.disagg,
+            failover=config.failover,
         )
         index = self.prefix_index
         self.metrics.watch_index(lambda: index.metrics)

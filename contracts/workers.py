@@ -57,6 +57,9 @@ class KVTransferCounters:
     bytes_sent: int = 0
     bytes_received: int = 0
     transfer_seconds: float = 0.0  # summed over completed transfers
+    # decode side: prompts computed again here because their KV did not come, by reason
+    # (no_room, failed, aborted, timeout, pair_failed; decode_worker.kv_arrivals)
+    prompts_recomputed_by_reason: dict[str, int] = field(default_factory=dict)
 
     @property
     def pairs_refused(self) -> int:

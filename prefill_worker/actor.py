@@ -49,6 +49,7 @@ class PrefillWorker(WorkerBase):
         self.senders: dict[str, KVSender] = {}  # by decode worker id
         self.retired_metrics: TransferMetrics = TransferMetrics()  # of senders closed since
         self._shipping: dict[str, tuple[str, str]] = {}  # request id -> (decode id, transfer id)
+        self._kv_faults = 0  # transfers still to abort on purpose (inject_kv_faults)
 
     def _role(self) -> HeldKV:
         self.held = HeldKV(self.engine.block_manager.release)
@@ -90,13 +91,17 @@ class PrefillWorker(WorkerBase):
         cache_salt: str | None,
         ship_to: str | None,
         trace_context: dict[str, str] | None = None,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> PrefillResult:
         """Prefill a request and ship its KV to decode worker `ship_to` (None: ship nothing).
         Raises WorkerUnavailable if there is no pair with `ship_to`, the engine's refusal of
-        the request (a typed error), RequestAborted if aborted. Cancelling aborts it."""
+        the request (a typed error), RequestAborted if aborted. Cancelling aborts it.
+        resumed_token_ids: a replay (Engine.add_request): they are prefilled with the prompt,
+        their KV ships with its, and the result's first token is the one after them."""
         stream = self.loop.submit(
-            request_id, prompt_token_ids, params, cache_salt, prefill_only=True
-        )
+            request_id, prompt_token_ids, params, cache_salt, prefill_only=True,
+            resumed_token_ids=resumed_token_ids,
+        )  # fmt: skip
         outputs = self._stream(request_id, stream)
         try:
             async for _ in self._traced("tandem.prefill", request_id, trace_context, outputs):
@@ -134,7 +139,17 @@ class PrefillWorker(WorkerBase):
             self._shipping.pop(request_id, None)
             self._release(done)
             raise
+        if self._kv_faults > 0:
+            self._kv_faults -= 1
+            sender.abort(handle.transfer_id, "injected fault")
         return handle
+
+    def inject_kv_faults(self, count: int) -> None:
+        """Fault injection (docs/reliability.md, T1): abort the next `count` KV transfers
+        this worker ships, just after submitting them, as a failing transfer would end."""
+        if type(count) is not int or count < 0:
+            raise ValueError(f"count={count!r} must be an int >= 0")
+        self._kv_faults = count
 
     def _release(self, done: Prefilled | None) -> None:
         if done is not None:

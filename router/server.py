@@ -12,6 +12,7 @@ the control plane keeps (`PoolView`); neither Ray nor torch is imported here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -41,6 +42,7 @@ from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.admission import Admission
 from router.disagg import LOCAL, DecodeState, DisaggPolicy
+from router.failover import FailoverConfig, with_failover
 from router.outputs import OutputStreams
 from router.placement import Member, Placement, PoolView, assigned
 from router.requests import (
@@ -104,23 +106,27 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         metrics: ServiceMetrics | None = None,
         cache_weight: float = 1.0,
         disagg: DisaggPolicy | None = None,
+        failover: FailoverConfig | None = None,
     ) -> None:
         """decode: the decode workers (colocated mode: without `prefill`, they prefill too);
         prefix_index: where the prefilling workers publish their cached blocks, under their
         members' index keys; cache_weight: see router.placement; disagg: where a
-        disaggregated request is prefilled (router.disagg; default: always remote)."""
+        disaggregated request is prefilled (router.disagg; default: always remote);
+        failover: how streams whose decode worker is lost resume elsewhere (router.failover)."""
         self.model = model
         self.decode = decode
         self.prefill = prefill
         self.admission = admission or Admission()
         self.prefix_index = prefix_index
         self.disagg = disagg or DisaggPolicy()
+        self.failover = failover or FailoverConfig()
         self.placement = {
             pool.name: Placement(prefill=pool is prefill, cache_weight=cache_weight)
             for pool in (decode, prefill)
             if pool is not None
         }
         self.num_retried = 0  # requests moved to another worker after losing theirs
+        self.num_migrated = 0  # streams resumed on another decode worker (router.failover)
         self.metrics = metrics
         self.outputs = OutputStreams()  # one batched output stream per worker
         self._live_ids: set[str] = set()  # client request ids in flight
@@ -180,8 +186,15 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 ticket.add_prompt_tokens(len(validated.prompt_token_ids))
                 with self._live(validated.request_id):
                     place = self._colocated if self.prefill is None else self._disaggregated
+
+                    def attempt(resumed: tuple[int, ...]) -> Any:
+                        again = dataclasses.replace(validated, resumed_token_ids=resumed)
+                        return place(again, arrival, carrier, span)
+
+                    streams = with_failover(attempt, self.failover, self.decode, span,
+                                            self._migrated)  # fmt: skip
                     # closed here, not whenever it is collected: its workers are told at once
-                    async with aclosing(place(validated, arrival, carrier, span)) as responses:
+                    async with aclosing(streams) as responses:
                         async for response in responses:
                             seen.response(response)
                             yield response
@@ -240,9 +253,15 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         """Prefill and decode on one decode-pool worker (`member`, or the one placement picks);
         a worker lost before any output is retried on another of the pool."""
         tried: set[Member] = set()
+        lost: WorkerLost | None = None
         while True:
             if member is None:
-                member = self._place(self.decode, tried, cached, span)
+                try:
+                    member = self._place(self.decode, tried, cached, span)
+                except WorkerUnavailable:
+                    if lost is None:
+                        raise
+                    raise lost from None  # none left now: router.failover waits for one
                 self._count_retry(tried)
             tried.add(member)
             dispatched = time.monotonic()
@@ -253,7 +272,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 try:
                     await worker.start_generate(
                         self.outputs.subscriber, attempt, request.prompt_token_ids,
-                        request.params, request.cache_salt, carrier,
+                        request.params, request.cache_salt, carrier, request.resumed_token_ids,
                     )  # fmt: skip
                     gaps = _Gaps(member)
                     async for output in _until_finished(outputs):
@@ -270,10 +289,10 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 except WorkerLost as e:
                     self.decode.mark_down(member)
                     _abandon(worker, attempt, e)
-                    if not first:  # the client has seen tokens: it cannot be moved silently
+                    if not first:  # the client has seen tokens: resumed by router.failover
                         raise
                     self._retrying("worker", member, e)
-                    member = None
+                    member, lost = None, e
                 finally:
                     self.outputs.close(worker, attempt)
 
@@ -284,7 +303,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         queues = [m.load.queued_tokens for m in self._prefilling.members() if m.placeable]
         load = member.load
         path, reason = self.disagg.decide(
-            len(request.prompt_token_ids),
+            request.num_tokens,
             min(queues) if queues else None,
             DecodeState(load.decode_load, load.in_flight, load.recent_itl_s),
         )
@@ -307,7 +326,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             return
         # A first token that surely ends the request needs no KV at the decode worker.
         ship_to = None if _first_token_ends(request, self.model) else member.worker_id
-        with assigned(member, len(request.prompt_token_ids)) as decode:
+        with assigned(member, request.num_tokens) as decode:
             attempts: list[str] = []  # the prefill attempts' ids, the one that shipped last
             try:
                 result, dispatched = await self._prefill(request, ship_to, carrier, span, attempts)
@@ -321,7 +340,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             try:
                 await decode.start_continue(
                     self.outputs.subscriber, attempt, request.prompt_token_ids, result,
-                    request.params, request.cache_salt, carrier,
+                    request.params, request.cache_salt, carrier, request.resumed_token_ids,
                 )  # fmt: skip
                 gaps = _Gaps(member)
                 async for output in _until_finished(outputs):
@@ -334,7 +353,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 if not finished:
                     decode.abort(attempt)
                 raise
-            except WorkerLost as e:
+            except WorkerLost as e:  # resumed elsewhere by router.failover
                 self.decode.mark_down(member)
                 _abandon(decode, attempt, e)
                 raise
@@ -362,7 +381,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 try:
                     result = await worker.prefill(
                         attempt, request.prompt_token_ids, request.params, request.cache_salt,
-                        ship_to, carrier,
+                        ship_to, carrier, request.resumed_token_ids,
                     )  # fmt: skip
                     return result, dispatched
                 except WorkerLost as e:
@@ -390,6 +409,12 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
     def _retrying(self, what: str, member: Member, error: BaseException) -> None:
         logger.warning("%s %s lost before any output; retrying if another is left: %s",
                        what, member.worker_id, error)  # fmt: skip
+
+    def _migrated(self, reason: str) -> None:
+        """A stream resumed on another decode worker after losing its own (router.failover)."""
+        self.num_migrated += 1
+        if self.metrics is not None:
+            self.metrics.migrations.labels(reason=reason).inc()
 
     def _count_retry(self, tried: set[Member]) -> None:
         """A request placed again after losing a worker (`tried` holds the lost ones): counted
@@ -495,15 +520,14 @@ class _Seen:
 
 def _uncached(request: Any, cached: dict[Member, int] | None, member: Member) -> int:
     """The prompt tokens `member` will compute: its share of the pool's queue."""
-    return len(request.prompt_token_ids) - (cached.get(member, 0) if cached is not None else 0)
+    return request.num_tokens - (cached.get(member, 0) if cached is not None else 0)
 
 
 def _first_token_ends(request: Any, model: ServedModel) -> bool:
     """Whether the first token ends the request whatever it is (max_tokens 1, or the context
     full after it): its prefill then ships no KV."""
-    return bool(
-        request.params.max_tokens == 1 or len(request.prompt_token_ids) + 1 >= model.max_model_len
-    )
+    left = request.params.max_tokens - len(request.resumed_token_ids)
+    return bool(left == 1 or request.num_tokens + 1 >= model.max_model_len)
 
 
 def _queued(output: Any, arrival: float, dispatched: float) -> float:

@@ -37,8 +37,11 @@ class WorkerClient(Protocol):
         params: SamplingParams,
         cache_salt: str | None,
         trace_context: dict[str, str] | None,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> None:
-        """Prefill and decode here; the outputs arrive on `subscriber`'s stream."""
+        """Prefill and decode here; the outputs arrive on `subscriber`'s stream.
+        resumed_token_ids: a replay after a lost worker (router.failover): the output tokens
+        already streamed; generation goes on after them."""
         ...
 
     async def start_continue(
@@ -50,6 +53,7 @@ class WorkerClient(Protocol):
         params: SamplingParams,
         cache_salt: str | None,
         trace_context: dict[str, str] | None,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> None:
         """Take over a request prefilled elsewhere: its outputs from the first token's on
         arrive on `subscriber`'s stream (the KV named by `prefill.kv` joins when it lands)."""
@@ -63,8 +67,10 @@ class WorkerClient(Protocol):
         cache_salt: str | None,
         ship_to: str | None,
         trace_context: dict[str, str] | None,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> PrefillResult:
-        """Prefill a request, its KV shipped to decode worker `ship_to` (None: nowhere)."""
+        """Prefill a request, its KV shipped to decode worker `ship_to` (None: nowhere);
+        resumed_token_ids: prefilled after the prompt (a replay)."""
         ...
 
     def abort(self, request_id: str) -> None:

@@ -63,6 +63,11 @@ class ServiceMetrics:
         self.retried = Counter("tandem_requests_retried",
                                "Requests moved to another worker after losing theirs.",
                                registry=r)  # fmt: skip
+        self.migrations = Counter(
+            "tandem_request_migrations", "Streams resumed on another decode worker after "
+            "losing theirs (router.failover); reason: worker_lost or unreachable.", ["reason"],
+            registry=r,
+        )  # fmt: skip
         self.prefill_placement = Counter(
             "tandem_prefill_placement", "Disaggregated requests by where they were prefilled: "
             "on the prefill pool, KV shipped (remote), or on their decode worker (local); "
@@ -147,6 +152,11 @@ class _WorkersCollector(Collector):
         )  # fmt: skip
         transfer_bytes = CounterMetricFamily("tandem_kv_transfer_bytes", "KV bytes moved.",
                                              labels=[*labels, "direction"])  # fmt: skip
+        recomputed = CounterMetricFamily(
+            "tandem_kv_prompts_recomputed", "Prompts a decode worker computed again because "
+            "their KV did not come (no_room, failed, aborted, timeout, pair_failed).",
+            labels=[*labels, "reason"],
+        )  # fmt: skip
         transfer_time = SummaryMetricFamily("tandem_kv_transfer_seconds",
                                             "Offer to end of completed KV transfers.",
                                             labels=labels)  # fmt: skip
@@ -171,10 +181,13 @@ class _WorkersCollector(Collector):
             transfer_bytes.add_metric([*values, "sent"], kv.bytes_sent)
             transfer_bytes.add_metric([*values, "received"], kv.bytes_received)
             transfer_time.add_metric(values, kv.transfers_completed, kv.transfer_seconds)
+            for reason, count in sorted(kv.prompts_recomputed_by_reason.items()):
+                recomputed.add_metric([*values, reason], count)
         yield from g.values()
         yield from c.values()
         yield refused
         yield transfer_bytes
+        yield recomputed
         yield transfer_time
         workers = GaugeMetricFamily("tandem_pool_workers", "Workers in each pool.",
                                     labels=["pool"])  # fmt: skip

@@ -144,8 +144,13 @@ class WorkerBase:
             bytes_sent=sum(m.bytes_sent for m in transfers),
             bytes_received=sum(m.bytes_received for m in transfers),
             transfer_seconds=sum(m.transfer_seconds_total for m in transfers),
+            prompts_recomputed_by_reason=self._prompts_recomputed(),
         )
         return dataclasses.replace(stats, kv=kv)
+
+    def _prompts_recomputed(self) -> dict[str, int]:
+        """Prompts computed again here because their transferred KV did not come (decode)."""
+        return {}
 
     def shutdown(self) -> None:
         """Stop the engine and take this worker's entries out of the prefix index."""
