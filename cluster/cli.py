@@ -285,6 +285,14 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
                         "0-2) at which prompts go to the prefill pool (default 1.0); with "
                         "--target-itl-ms, a decode worker whose streams' ITL reached it "
                         "prefills nothing")  # fmt: skip
+    admission = parser.add_argument_group("admission (RESOURCE_EXHAUSTED past any bound)")
+    admission.add_argument("--max-requests", type=int, default=256,
+                           help="requests in flight, prefill and decode together")  # fmt: skip
+    admission.add_argument("--max-prompt-tokens", type=int, default=None,
+                           help="prompt tokens of the requests in flight (default: the decode "
+                           "pool's KV capacity, as its workers report it)")  # fmt: skip
+    admission.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                           help="serialized bytes of the requests in flight")  # fmt: skip
     parser.add_argument(
         "--max-migrations",
         type=int,
@@ -450,6 +458,20 @@ _DISAGG_FLAGS = {  # flag attribute: DisaggPolicy field
 }
 
 
+def admission_limits(args: argparse.Namespace) -> Any:
+    """The admission bounds (router.admission) from the command line."""
+    from router.admission import AdmissionLimits
+
+    try:
+        return AdmissionLimits(
+            max_requests=args.max_requests,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_request_bytes=args.max_request_bytes,
+        )
+    except ValueError as e:
+        raise ValueError(f"admission: {e}") from None
+
+
 def failover_config(args: argparse.Namespace) -> Any:
     """How lost streams resume (router.failover) from the command line."""
     from router.failover import FailoverConfig
@@ -500,6 +522,7 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
         cache_weight=args.cache_weight,
         disagg=disagg_policy(args),
         failover=failover_config(args),
+        admission=admission_limits(args),
         metrics_port=args.metrics_port,
         tracing=TracingConfig(otlp_endpoint=args.otlp_endpoint),
         kv_network=KVNetworkConfig.from_environment(args.kv_interface, args.kv_ports),

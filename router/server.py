@@ -117,6 +117,8 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         self.decode = decode
         self.prefill = prefill
         self.admission = admission or Admission()
+        if self.admission.kv_capacity_tokens is None:
+            self.admission.kv_capacity_tokens = self._decode_kv_tokens
         self.prefix_index = prefix_index
         self.disagg = disagg or DisaggPolicy()
         self.failover = failover or FailoverConfig()
@@ -143,6 +145,12 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             name: [value for when, value in values if when >= cutoff]
             for name, values in self._recent.items()
         }
+
+    def _decode_kv_tokens(self) -> int:
+        """The decode pool's KV capacity in tokens, as its workers last reported (0: none
+        has): the prompts of the requests in flight must fit it (router.admission)."""
+        blocks = sum(member.load.num_blocks for member in self.decode.members())
+        return blocks * self.model.block_size
 
     @property
     def _prefilling(self) -> PoolView:
