@@ -49,7 +49,8 @@ class PrefillWorker(WorkerBase):
         self.senders: dict[str, KVSender] = {}  # by decode worker id
         self.retired_metrics: TransferMetrics = TransferMetrics()  # of senders closed since
         self._shipping: dict[str, tuple[str, str]] = {}  # request id -> (decode id, transfer id)
-        self._kv_faults = 0  # transfers still to abort on purpose (inject_kv_faults)
+        self._kv_faults = 0  # transfers still to fail on purpose (inject_kv_faults) ...
+        self._kv_fault_kind = "abort"  # ... and how
 
     def _role(self) -> HeldKV:
         self.held = HeldKV(self.engine.block_manager.release)
@@ -128,6 +129,9 @@ class PrefillWorker(WorkerBase):
             raise WorkerUnavailable(f"no KV pair with decode worker {decode_id!r}")
         request_id, kept = done.request_id, done.kv
         handle = KVHandle(uuid.uuid4().hex, self.worker_id, decode_id, kept.num_tokens)
+        if self._kv_faults > 0 and self._kv_fault_kind == "hold":
+            self._kv_faults -= 1  # never offered: the KV stays pinned here until this worker
+            return handle  # dies (the fault the test injects next)
         self._shipping[request_id] = (decode_id, handle.transfer_id)
         try:
             sender.submit(
@@ -144,12 +148,16 @@ class PrefillWorker(WorkerBase):
             sender.abort(handle.transfer_id, "injected fault")
         return handle
 
-    def inject_kv_faults(self, count: int) -> None:
-        """Fault injection (docs/reliability.md, T1): abort the next `count` KV transfers
-        this worker ships, just after submitting them, as a failing transfer would end."""
+    def inject_kv_faults(self, count: int, kind: str = "abort") -> None:
+        """Fault injection for tests (docs/reliability.md, T1): the next `count` KV transfers
+        this worker ships fail. kind "abort": aborted just after they are submitted, as a
+        failing transfer ends; "hold": never offered, their KV kept pinned, as a worker that
+        stalls before shipping (then dies: the test kills it)."""
         if type(count) is not int or count < 0:
             raise ValueError(f"count={count!r} must be an int >= 0")
-        self._kv_faults = count
+        if kind not in ("abort", "hold"):
+            raise ValueError(f"kind={kind!r} must be 'abort' or 'hold'")
+        self._kv_faults, self._kv_fault_kind = count, kind
 
     def _release(self, done: Prefilled | None) -> None:
         if done is not None:

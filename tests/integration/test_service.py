@@ -432,6 +432,37 @@ def test_a_failed_kv_transfer_is_recomputed_on_the_decode_worker(
     assert decode.kv.prompts_recomputed_by_reason.get("aborted", 0) == recomputed + len(cases)
 
 
+def test_a_prefill_worker_lost_before_shipping_its_kv_is_recomputed_on_the_decode_worker(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """Issue 22.2: the prefill worker returned the first token, then died before its KV was
+    offered (held by the fault hook, then killed): the decode worker sees the pair fail and
+    prefills the request itself; the client gets the single engine's output."""
+    if not service.disaggregated:
+        pytest.skip("colocated workers ship no KV")
+    prefills = service.service.prefill_workers
+    recomputed = service.worker_stats()[0].kv.prompts_recomputed_by_reason.get("pair_failed", 0)
+    ray.get([w.inject_kv_faults.remote(1, "hold") for w in prefills], timeout=30)
+    prompt = "(held) The capital of France is"
+    call = service.stub.Generate(
+        pb.GenerateRequest(text=prompt, sampling=greedy_sampling(8)), timeout=120
+    )
+    responses = [next(call)]  # the first token: the prefill is done, its KV held there
+    stats = ray.get([w.stats.remote() for w in prefills], timeout=30)
+    held = [i for i, s in enumerate(stats) if s.num_free_blocks < s.num_blocks]
+    assert len(held) == 1, held
+    victim = prefills[held[0]]
+    ray.kill(victim, no_restart=True)
+    responses += list(call)
+    expected = default_model_engine.generate([prompt], greedy(max_tokens=8))[0]
+    assert [t for r in responses for t in r.token_ids] == expected.token_ids
+    assert "".join(r.text for r in responses) == expected.text
+    ray.get([w.inject_kv_faults.remote(0) for w in prefills if w is not victim], timeout=30)
+    wait_replaced(service.prefilling_workers, held[0], victim)
+    decode_stats = ray.get(service.service.workers[0].stats.remote(), timeout=30)
+    assert decode_stats.kv.prompts_recomputed_by_reason.get("pair_failed", 0) == recomputed + 1
+
+
 def test_a_worker_killed_mid_prefill_moves_its_request_to_another(
     service: RunningService, default_model_engine: Engine
 ) -> None:
