@@ -517,6 +517,51 @@ def test_overload_is_refused_early_with_resource_exhausted(service: RunningServi
     assert generate(service.stub, text="Hi", sampling=greedy_sampling(4))[-1].usage
 
 
+def test_a_thousand_concurrent_clients_the_excess_is_refused_the_rest_served(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """O1 (issue 22.4): 1,000 clients at once against a service admitting 16 requests: every
+    call ends OK (the single engine's tokens) or RESOURCE_EXHAUSTED, none with anything else
+    or past its deadline; the router holds nothing of them afterwards."""
+    if service.disaggregated:
+        pytest.skip("admission is the same in both modes: checked once, colocated")
+    from router.admission import Admission, AdmissionLimits
+
+    servicer = service.service._servicer
+    assert servicer is not None
+    normal = servicer.admission
+    servicer.admission = Admission(AdmissionLimits(max_requests=16))
+    prompt = "Count to three:"
+    expected = default_model_engine.generate([prompt], greedy(max_tokens=2))[0].token_ids
+    request = pb.GenerateRequest(text=prompt, sampling=greedy_sampling(2))
+
+    async def one(stub: Any) -> tuple[grpc.StatusCode, list[int]]:
+        tokens: list[int] = []
+        try:
+            async for response in stub.Generate(request, timeout=300):
+                tokens += response.token_ids
+        except grpc.aio.AioRpcError as e:
+            return e.code(), tokens
+        return grpc.StatusCode.OK, tokens
+
+    async def clients() -> list[tuple[grpc.StatusCode, list[int]]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.service.port}") as channel:
+            stub = tandem_pb2_grpc.TandemStub(channel)
+            return await asyncio.gather(*(one(stub) for _ in range(1000)))
+
+    try:
+        results = asyncio.run(clients())
+    finally:
+        servicer.admission = normal
+    codes = [code for code, _ in results]
+    served = [tokens for code, tokens in results if code is grpc.StatusCode.OK]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
+    assert served and len(served) < 1000, "some served, the excess refused"
+    assert all(tokens == expected for tokens in served)
+    assert all(not tokens for code, tokens in results if code is not grpc.StatusCode.OK)
+    assert servicer.outputs.num_open == 0 and not servicer._live_ids
+
+
 def test_health_reports_each_pool_and_reflection_lists_the_api(service: RunningService) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
