@@ -107,6 +107,8 @@ class ServiceConfig:
             raise ValueError(f"cache_weight={self.cache_weight!r} must be >= 0")
         if not isinstance(self.disagg, DisaggPolicy):
             raise ValueError(f"disagg={self.disagg!r} must be a router.disagg.DisaggPolicy")
+        if not isinstance(self.failover, FailoverConfig):
+            raise ValueError(f"failover={self.failover!r} must be a router.failover.FailoverConfig")
         if self.mode == "colocated" and self.disagg != DisaggPolicy():
             raise ValueError(
                 f"disagg={self.disagg!r} applies to disaggregated mode only (colocated "
