@@ -4,8 +4,9 @@ Generate checks sizes, admits, validates and tokenizes (off the event loop), pla
 streams: colocated, one worker prefills and decodes; disaggregated, a decode worker is chosen,
 a prefill worker prefills and ships the KV to it, and the decode worker streams on. Each
 attempt on a worker gets an id of the router's own (the client's id is only echoed back);
-a cancelled or expired request is aborted on every worker that holds it. Errors reach the
-client as status codes (`status_of`), never as a hang. Workers are `WorkerClient`s in pools
+a cancelled or expired request is aborted on every worker that holds it; a stream whose decode
+worker is lost resumes on another by replay (router.failover). Errors reach the client as
+status codes (`status_of`), never as a hang. Workers are `WorkerClient`s in pools
 the control plane keeps (`PoolView`); neither Ray nor torch is imported here.
 """
 
