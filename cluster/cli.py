@@ -339,6 +339,21 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
                         "0-2) at which prompts go to the prefill pool (default 1.0); with "
                         "--target-itl-ms, a decode worker whose streams' ITL reached it "
                         "prefills nothing")  # fmt: skip
+    admission = parser.add_argument_group("admission (RESOURCE_EXHAUSTED past any bound)")
+    admission.add_argument("--max-requests", type=int, default=256,
+                           help="requests in flight, prefill and decode together")  # fmt: skip
+    admission.add_argument("--max-prompt-tokens", type=int, default=None,
+                           help="prompt tokens of the requests in flight (default: the decode "
+                           "pool's KV capacity, as its workers report it)")  # fmt: skip
+    admission.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                           help="serialized bytes of the requests in flight")  # fmt: skip
+    parser.add_argument(
+        "--max-migrations",
+        type=int,
+        default=3,
+        help="how many times one stream may resume on another decode worker after losing its "
+        "own (replayed: no token repeated or missing); past it, UNAVAILABLE. 0: never",
+    )
     for pool in ("prefill", "decode"):
         parser.add_argument(
             f"--{pool}-resources",
@@ -524,6 +539,30 @@ _DISAGG_FLAGS = {  # flag attribute: DisaggPolicy field
 }
 
 
+def admission_limits(args: argparse.Namespace) -> Any:
+    """The admission bounds (router.admission) from the command line."""
+    from router.admission import AdmissionLimits
+
+    try:
+        return AdmissionLimits(
+            max_requests=args.max_requests,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_request_bytes=args.max_request_bytes,
+        )
+    except ValueError as e:
+        raise ValueError(f"admission: {e}") from None
+
+
+def failover_config(args: argparse.Namespace) -> Any:
+    """How lost streams resume (router.failover) from the command line."""
+    from router.failover import FailoverConfig
+
+    try:
+        return FailoverConfig(max_migrations=args.max_migrations)
+    except ValueError as e:
+        raise ValueError(f"--max-migrations: {e}") from None
+
+
 def disagg_policy(args: argparse.Namespace) -> Any:
     """Where disaggregated requests prefill (router.disagg) from the command line: auto by
     default; colocated mode refuses the flags."""
@@ -564,6 +603,8 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
         index=index,
         cache_weight=args.cache_weight,
         disagg=disagg_policy(args),
+        failover=failover_config(args),
+        admission=admission_limits(args),
         metrics_port=args.metrics_port,
         tracing=TracingConfig(otlp_endpoint=args.otlp_endpoint),
         kv_network=KVNetworkConfig.from_environment(args.kv_interface, args.kv_ports),

@@ -39,6 +39,7 @@ from prefix_cache.index import IndexConfig, LocalPrefixIndex, PrefixLookup, make
 from router.admission import Admission, AdmissionLimits
 from router.auth import ApiKeys, Guard
 from router.disagg import DisaggPolicy
+from router.failover import FailoverConfig
 from router.interceptor import AuthInterceptor
 from router.placement import Member
 from router.requests import ServedModel, prompt_chars_limit
@@ -80,6 +81,8 @@ class ServiceConfig:
     # Disaggregated mode: where each request is prefilled (router.disagg; default: always on the
     # prefill pool; `tandem serve` defaults to auto). Colocated mode takes only the default.
     disagg: DisaggPolicy = field(default_factory=DisaggPolicy)
+    # Streams whose decode worker is lost resume on another by replay (router.failover).
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
     index_drain_interval_s: float = 0.1
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: any free)
     tracing: TracingConfig = field(default_factory=TracingConfig)  # spans to an OTLP collector
@@ -112,6 +115,8 @@ class ServiceConfig:
             raise ValueError(f"cache_weight={self.cache_weight!r} must be >= 0")
         if not isinstance(self.disagg, DisaggPolicy):
             raise ValueError(f"disagg={self.disagg!r} must be a router.disagg.DisaggPolicy")
+        if not isinstance(self.failover, FailoverConfig):
+            raise ValueError(f"failover={self.failover!r} must be a router.failover.FailoverConfig")
         if self.mode == "colocated" and self.disagg != DisaggPolicy():
             raise ValueError(
                 f"disagg={self.disagg!r} applies to disaggregated mode only (colocated "
@@ -287,6 +292,7 @@ class Service:
             self.metrics,
             cache_weight=config.cache_weight,
             disagg=config.disagg,
+            failover=config.failover,
         )
         index = self.prefix_index
         self.metrics.watch_index(lambda: index.metrics)

@@ -52,11 +52,12 @@ class RayWorkerClient:
         params: SamplingParams,
         cache_salt: str | None,
         trace_context: dict[str, str] | None,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> None:
         await self._call(
             self.actor.start_generate.remote(
                 subscriber, request_id, prompt_token_ids, params, cache_salt,
-                trace_context,
+                trace_context, resumed_token_ids,
             )
         )  # fmt: skip
 
@@ -69,11 +70,12 @@ class RayWorkerClient:
         params: SamplingParams,
         cache_salt: str | None,
         trace_context: dict[str, str] | None,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> None:
         await self._call(
             self.actor.start_continue.remote(
                 subscriber, request_id, prompt_token_ids, prefill, params,
-                cache_salt, trace_context,
+                cache_salt, trace_context, resumed_token_ids,
             )
         )  # fmt: skip
 
@@ -86,10 +88,11 @@ class RayWorkerClient:
         ship_to: str | None,
         trace_context: dict[str, str] | None,
         decode_cached_tokens: int = 0,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> PrefillResult:
         call = self.actor.prefill.remote(
             request_id, prompt_token_ids, params, cache_salt, ship_to,
-            trace_context, decode_cached_tokens,
+            trace_context, decode_cached_tokens, resumed_token_ids,
         )  # fmt: skip
         try:
             result: PrefillResult = await self._call(call)

@@ -65,6 +65,9 @@ class KVTransferCounters:
     tokens_received: int = 0
     blocks_received: int = 0
     tokens_reused: int = 0
+    # decode side: prompts computed again here because their KV did not come, by reason
+    # (no_room, failed, aborted, timeout, pair_failed; decode_worker.kv_arrivals)
+    prompts_recomputed_by_reason: dict[str, int] = field(default_factory=dict)
 
     @property
     def pairs_refused(self) -> int:

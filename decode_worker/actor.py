@@ -65,11 +65,15 @@ class EngineWorker(WorkerBase):
         params: SamplingParams,
         cache_salt: str | None = None,
         trace_context: dict[str, str] | None = None,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> None:
         """Prefill and decode here (colocated); the outputs go to `subscriber`. Raises
         WorkerUnavailable if the engine has stopped; the engine's refusal of the request
-        (a typed error) arrives as its one item."""
-        stream = self.loop.submit(request_id, prompt_token_ids, params, cache_salt)
+        (a typed error) arrives as its one item. resumed_token_ids: a replay of a request
+        whose worker was lost: the output tokens it streamed there (Engine.add_request)."""
+        stream = self.loop.submit(
+            request_id, prompt_token_ids, params, cache_salt, resumed_token_ids=resumed_token_ids
+        )
         outputs = self._traced(
             "tandem.generate", request_id, trace_context, self._stream(request_id, stream)
         )
@@ -84,14 +88,17 @@ class EngineWorker(WorkerBase):
         params: SamplingParams,
         cache_salt: str | None = None,
         trace_context: dict[str, str] | None = None,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> None:
         """Take over a request prefilled elsewhere (disaggregated); its outputs, from the
         first token's (sent at once, without waiting for the KV) to the last, go to
-        `subscriber`. A request whose KV does not arrive in time ends with
-        WorkerUnavailable; KV sent for a request the first token ended is freed here."""
+        `subscriber`. A request whose KV fails or does not arrive in time is prefilled again
+        here (kv_arrivals); KV sent for a request the first token ended is freed here.
+        resumed_token_ids: as start_generate's; the prefill covered them."""
         stream = self.arrivals.submit(
-            self.loop, request_id, prompt_token_ids, prefill, params, cache_salt
-        )
+            self.loop, request_id, prompt_token_ids, prefill, params, cache_salt,
+            resumed_token_ids=resumed_token_ids,
+        )  # fmt: skip
         outputs = self._traced(
             "tandem.decode", request_id, trace_context, self._stream(request_id, stream),
             prefilled_here=False,
@@ -106,6 +113,9 @@ class EngineWorker(WorkerBase):
 
     def _transfer_metrics(self) -> list[Any]:
         return [self.arrivals.retired_metrics, *(r.metrics for r in self.arrivals.receivers)]
+
+    def _prompts_recomputed(self) -> dict[str, int]:
+        return dict(self.arrivals.num_recomputed)
 
     def _outbox(self, subscriber: str) -> Outbox:
         outbox = self._outboxes.get(subscriber)

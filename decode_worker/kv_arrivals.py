@@ -4,10 +4,14 @@
 The first token's output goes out at once; the sequence waits (AWAITING_KV) until its KV lands.
 A handle that ships only the prompt after a prefix this worker caches (`start_token`): that
 prefix's blocks are held at once and the arrived ones attached after them; the prefix gone
-from the cache already: the prompt is recomputed here. No room for the KV: likewise. Any other
-transfer failure, or KV that does not come in time: WorkerUnavailable. KV nobody will use is
-freed as it arrives. Engine thread only, except `submit`. Step by step: docs/architecture.md,
-"The prefill -> decode handoff".
+from the cache already: the prompt is recomputed here.
+When the KV will not come, the prompt is computed again here (issue 22.2), the request going on
+as if it had been prefilled here, its output unchanged: no room for the KV, a transfer that
+failed or timed out, one that did not arrive within `kv_wait_s`, or one never offered while
+a pair failed (its prefill worker died after the first token, before shipping). Each such
+recompute is counted (`num_recomputed`, by reason). KV nobody will use is freed as it arrives.
+Engine thread only, except `submit`. Step by step: docs/architecture.md, "The prefill ->
+decode handoff".
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.errors import TandemError, WorkerUnavailable
+from contracts.errors import TandemError
 from contracts.handoff import PrefillResult
 from contracts.sampling_params import SamplingParams
 from kvtransfer.protocol import TransferMetrics
@@ -39,7 +43,8 @@ NO_ROOM_FOR_KV = "no free KV blocks"
 @dataclass(frozen=True, slots=True)
 class _Waiting:
     request_id: str
-    deadline: float  # monotonic: fail the request if its KV has not arrived by then
+    deadline: float  # monotonic: recompute the prompt here if its KV has not arrived by then
+    failed_pairs: int  # pairs seen failed when it began waiting
     reused_tokens: int = 0  # prompt tokens before the KV's start: held here, in this cache
 
 
@@ -61,6 +66,9 @@ class KVArrivals(LoopRole):
         self._dropped: OrderedDict[str, float] = OrderedDict()  # transfer ids -> expiry
         # requests aborted before they came here: KV that arrives for them is freed
         self._dropped_requests: OrderedDict[str, float] = OrderedDict()
+        self._failed_receivers: set[int] = set()  # ids of receivers seen failed
+        self.num_failed_pairs = 0  # pairs seen failed, ever
+        self.num_recomputed: dict[str, int] = {}  # prompts recomputed here, by reason
 
     def submit(
         self,
@@ -71,6 +79,7 @@ class KVArrivals(LoopRole):
         params: SamplingParams,
         cache_salt: str | None,
         kv_wait_s: float = 30.0,
+        resumed_token_ids: Sequence[int] = (),
     ) -> asyncio.Queue[Any]:
         """Continue a request prefilled elsewhere (call from the worker's event loop): its
         outputs from the first token on arrive on the returned queue; it waits up to
@@ -81,6 +90,7 @@ class KVArrivals(LoopRole):
             request_id, prompt_token_ids, params, cache_salt,
             start=functools.partial(self._start, prefill=prefill, deadline=deadline),
             on_refused=None if kv is None else functools.partial(self._drop, kv.transfer_id),
+            resumed_token_ids=resumed_token_ids,
         )  # fmt: skip
 
     # -- engine thread --------------------------------------------------------------------------
@@ -93,7 +103,7 @@ class KVArrivals(LoopRole):
             output = loop.engine.add_remote_request(
                 item.request_id, item.prompt_token_ids, prefill.first_token_id, item.params,
                 cache_salt=item.cache_salt, logprobs=prefill.logprobs,
-                prefill_usage=prefill.usage,
+                prefill_usage=prefill.usage, resumed_token_ids=item.resumed_token_ids,
             )  # fmt: skip
         except (TandemError, ValueError) as e:
             if kv is not None:
@@ -114,7 +124,9 @@ class KVArrivals(LoopRole):
             self._drop(kv.transfer_id)
             loop.engine.attach_kv(item.request_id, None)
         else:
-            self._waiting[kv.transfer_id] = _Waiting(item.request_id, deadline, kv.start_token)
+            self._waiting[kv.transfer_id] = _Waiting(
+                item.request_id, deadline, self.num_failed_pairs, kv.start_token
+            )
             self._transfer_of[item.request_id] = kv.transfer_id
 
     def abort(self, loop: EngineLoop, request_id: str) -> bool:
@@ -162,18 +174,20 @@ class KVArrivals(LoopRole):
             self.counts.tokens_received += kv.num_tokens
             self.counts.blocks_received += len(kv.block_ids)
             self.counts.tokens_reused += waiting.reused_tokens
+        self._note_failed_pairs()
         for transfer_id, waiting in list(self._waiting.items()):
-            failed = self._transfer_failure(transfer_id)
-            if failed is not None and NO_ROOM_FOR_KV in failed:
-                self._forget(transfer_id)
-                logger.info("request %s: no room for its KV here; recomputing its prompt when "
-                            "blocks free up", waiting.request_id)  # fmt: skip
-                loop.engine.attach_kv(waiting.request_id, None)
-            elif failed is not None or now > waiting.deadline:
-                self._forget(transfer_id)
-                why = failed or "it did not arrive in time"
-                error = WorkerUnavailable(f"the prompt's KV from the prefill worker failed: {why}")
-                loop.fail(waiting.request_id, error)
+            failed = self._transfer_failure(transfer_id, waiting)
+            if failed is None and now > waiting.deadline:
+                failed = "timeout: it did not arrive in time"
+                self._drop(transfer_id)  # if it comes after all, it is freed as it lands
+            if failed is None:
+                continue
+            self._forget(transfer_id)
+            reason = "no_room" if NO_ROOM_FOR_KV in failed else failed.partition(":")[0]
+            self.num_recomputed[reason] = self.num_recomputed.get(reason, 0) + 1
+            logger.info("request %s: its KV will not come (%s); recomputing its prompt here",
+                        waiting.request_id, failed)  # fmt: skip
+            loop.engine.attach_kv(waiting.request_id, None)
         for transfer_id, (kv, when) in list(self._arrived.items()):
             if now - when > UNCLAIMED_KV_S:  # its request never came (router gone): free it
                 del self._arrived[transfer_id]
@@ -194,12 +208,24 @@ class KVArrivals(LoopRole):
                 self.receivers.remove(receiver)
                 self.retired_metrics.absorb(receiver.metrics)
 
-    def _transfer_failure(self, transfer_id: str) -> str | None:
-        """Why a transfer ended without its KV (its sender died, aborted, ...), if it has."""
+    def _note_failed_pairs(self) -> None:
+        for receiver in self.receivers:
+            if receiver.failure is not None and id(receiver) not in self._failed_receivers:
+                self._failed_receivers.add(id(receiver))
+                self.num_failed_pairs += 1
+
+    def _transfer_failure(self, transfer_id: str, waiting: _Waiting) -> str | None:
+        """Why a transfer ended without its KV (its sender died, aborted, ...), if it has; or
+        that it was never offered while a pair failed (its prefill worker was lost)."""
+        offered = False
         for receiver in self.receivers:
             result = receiver.result(transfer_id)
             if result is not None and not result.ok:
                 return f"{result.status.value}: {result.reason}"
+            offered = offered or receiver.knows(transfer_id)
+        if not offered and self.num_failed_pairs > waiting.failed_pairs:
+            self._drop(transfer_id)  # if it was offered after all, it is freed as it lands
+            return "pair_failed: a KV pair failed before this transfer was offered"
         return None
 
     def _drop(self, transfer_id: str) -> None:

@@ -119,7 +119,6 @@ class Engine:
         eos_ids = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         self.outputs = OutputProcessor(self.tokenizer, eos_ids, self.max_model_len)
         self._sequences: dict[str, Sequence] = {}
-        self._generators: dict[str, torch.Generator] = {}
         self._logit_biases: dict[str, LogitBias] = {}  # made once per request, not per step
         self._keep_kv: set[str] = set()  # requests whose KV is pinned when they finish
         self._kept_kv: dict[str, KeptKV] = {}
@@ -207,6 +206,7 @@ class Engine:
         cache_salt: str | None = None,
         keep_kv: bool = False,
         prefill_only: bool = False,
+        resumed_token_ids: SequenceOf[int] = (),
     ) -> list[int]:
         """Queue a request given as text, chat messages or token ids (exactly one).
 
@@ -216,6 +216,10 @@ class Engine:
         prefill_only: compute the prompt and sample the first token, then stop in the state
         "prefill done, KV held for transfer": `step` gives no output for it; it ends as a
         `Prefilled` from `take_prefilled` (the decode side continues it: add_remote_request).
+        resumed_token_ids: output tokens this request already produced elsewhere (a replay
+        after its worker was lost): they are computed with the prompt, count as output
+        (max_tokens, penalties, the seeded draw's position, usage), and their text is taken as
+        already sent; generation goes on from the next token.
 
         Returns the prompt's token ids. Raises InvalidRequest naming the bad field.
         """
@@ -224,7 +228,7 @@ class Engine:
         if keep_kv or prefill_only:
             self._check_kv_transfer("keep_kv" if keep_kv else "prefill_only")
         token_ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
-        seq = self._new_sequence(request_id, token_ids, params, cache_salt)
+        seq = self._new_sequence(request_id, token_ids, params, cache_salt, resumed_token_ids)
         self._register(seq, with_text=not prefill_only)
         if keep_kv:
             self._keep_kv.add(request_id)
@@ -270,6 +274,7 @@ class Engine:
         cache_salt: str | None = None,
         logprobs: TokenLogprobs | None = None,
         prefill_usage: Usage | None = None,
+        resumed_token_ids: SequenceOf[int] = (),
     ) -> RequestOutput:
         """Take over a request another worker prefilled (prefill_only), which sampled
         `first_token_id`, before its prompt's KV is here. This engine owns the request's text
@@ -278,6 +283,8 @@ class Engine:
         at once. Unless that output is finished, the sequence then waits (AWAITING_KV, not
         scheduled) for `attach_kv`. logprobs: the first token's, from the prefill;
         prefill_usage: its prefix-cache hits and queue time, reported as this request's.
+        resumed_token_ids: as add_request's (a replayed request: they precede the first token,
+        and the transferred KV covers the prompt and them).
 
         Returns the first token's output. Raises InvalidRequest like add_request.
         """
@@ -285,15 +292,14 @@ class Engine:
         self._check_request(request_id, params)
         self._check_kv_transfer("first_token_id")  # its KV would come from another worker
         token_ids = list(prompt_token_ids)
-        seq = self._new_sequence(request_id, token_ids, params, cache_salt)
+        seq = self._new_sequence(request_id, token_ids, params, cache_salt, resumed_token_ids)
         check_token_id("first_token_id", first_token_id, self.model_config.vocab_size)
+        self._register(seq)  # before the first token: its text state covers resumed tokens only
         seq.append_token(first_token_id)
         seq.status = SequenceStatus.AWAITING_KV
         if prefill_usage is not None:
             seq.num_cached_tokens = prefill_usage.cached_tokens
             seq.queue_seconds = prefill_usage.queue_seconds
-        self._register(seq)
-        self._skip_draws(seq, 1)  # the prefill worker's generator drew the first token
         output = self.outputs.process_token(seq, logprobs)
         if output.finished:
             self._release(seq)
@@ -314,18 +320,20 @@ class Engine:
             seq.status = SequenceStatus.WAITING
             self.scheduler.add(seq)
             return
+        # every token but the first one sampled elsewhere: the prompt (and resumed tokens)
+        computed = seq.num_tokens - 1
         prefix_owner = self._prefix_holds.get(request_id)
         if prefix_owner is not None:
             held = len(self.block_manager.holds[prefix_owner])
             arrived = len(self.block_manager.holds.get(kv_owner, ()))
-            needed = self.block_manager.num_blocks_for(seq.num_prompt_tokens)
+            needed = self.block_manager.num_blocks_for(computed)
             if held + arrived != needed:
                 raise ValueError(
                     f"attach_kv({request_id!r}): {held} prefix blocks held here and {arrived} "
                     f"arrived, but the prompt needs {needed}"
                 )
         self.block_manager.adopt(
-            kv_owner, seq, num_computed_tokens=seq.num_prompt_tokens, prefix_owner=prefix_owner
+            kv_owner, seq, num_computed_tokens=computed, prefix_owner=prefix_owner
         )
         self._prefix_holds.pop(request_id, None)
         self.block_manager.cache_computed_blocks(seq)
@@ -381,33 +389,44 @@ class Engine:
             )
 
     def _new_sequence(
-        self, request_id: str, token_ids: list[int], params: SamplingParams, salt: str | None
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        salt: str | None,
+        resumed_token_ids: SequenceOf[int] = (),
     ) -> Sequence:
         validate_prompt_token_ids(
             token_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens
         )
-        return Sequence(request_id, token_ids, params, root_hash(self.model_id, salt))
+        seq = Sequence(request_id, token_ids, params, root_hash(self.model_id, salt))
+        if resumed_token_ids:
+            self._check_resumed(seq, resumed_token_ids)
+            seq.token_ids.extend(resumed_token_ids)
+        return seq
+
+    def _check_resumed(self, seq: Sequence, resumed: SequenceOf[int]) -> None:
+        """Resumed output tokens must be in the vocabulary and leave room for the next one."""
+        for token_id in resumed:
+            check_token_id("resumed_token_ids", token_id, self.model_config.vocab_size)
+        if len(resumed) >= seq.sampling_params.max_tokens:
+            raise InvalidRequest(
+                "resumed_token_ids", f"{len(resumed)} tokens resumed, max_tokens is "
+                f"{seq.sampling_params.max_tokens}: nothing is left to generate",
+            )  # fmt: skip
+        if seq.num_prompt_tokens + len(resumed) + 1 > self.max_model_len:
+            raise InvalidRequest(
+                "resumed_token_ids", f"prompt and {len(resumed)} resumed tokens leave no room "
+                f"in the {self.max_model_len}-token context",
+            )  # fmt: skip
 
     def _register(self, seq: Sequence, with_text: bool = True) -> None:
-        seed = seq.sampling_params.seed
-        if seed is not None:
-            self._generators[seq.request_id] = torch.Generator(self.device).manual_seed(seed)
         bias = LogitBias.of(seq.sampling_params, self.device)
         if bias is not None:
             self._logit_biases[seq.request_id] = bias
         self._sequences[seq.request_id] = seq
         if with_text:
             self.outputs.add(seq)
-
-    def _skip_draws(self, seq: Sequence, num_draws: int) -> None:
-        """Advance a seeded request's generator past `num_draws` samples drawn elsewhere, so
-        a request continued on another worker samples what it would have here."""
-        generator = self._generators.get(seq.request_id)
-        if generator is None or seq.sampling_params.is_greedy:
-            return
-        vocab = self.model_config.vocab_size
-        for _ in range(num_draws):  # one draw: one exponential per vocabulary entry (Sampler)
-            torch.empty(vocab, device=self.device).exponential_(generator=generator)
 
     def take_prefilled(self) -> list[Prefilled]:
         """The prefill_only requests that ended since the last call (each once)."""
@@ -448,7 +467,6 @@ class Engine:
         if seq is None:
             return None
         self.scheduler.finish(seq, FinishReason.ABORT)
-        self._generators.pop(request_id, None)
         self._logit_biases.pop(request_id, None)
         self._keep_kv.discard(request_id)
         self._prefill_only.discard(request_id)
@@ -531,7 +549,7 @@ class Engine:
             seq.sampling_params,
             seq.prompt_token_ids,
             seq.output_token_ids,
-            self._generators.get(seq.request_id),
+            seq.sampling_params.seed,
             self._logit_biases.get(seq.request_id),
         )
 
@@ -558,7 +576,6 @@ class Engine:
         self._release_prefix(seq.request_id)
         self.scheduler.finish(seq, reason)
         del self._sequences[seq.request_id]
-        self._generators.pop(seq.request_id, None)
         self._logit_biases.pop(seq.request_id, None)
 
     # ---- conveniences ------------------------------------------------------------------

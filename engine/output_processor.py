@@ -41,6 +41,8 @@ class OutputProcessor:
             self.tokenizer, seq.prompt_token_ids, seq.sampling_params.skip_special_tokens
         )
         self._text[seq.request_id] = _TextState(detokenizer, stop=seq.sampling_params.stop)
+        for token_id in seq.output_token_ids:  # resumed: sent already, by the worker it left
+            self._text_delta(seq, [token_id], is_last=False)
 
     def process_token(self, seq: Sequence, logprobs: TokenLogprobs | None) -> RequestOutput:
         """Account for the token just appended to `seq`; sets `seq.finish_reason` if done

@@ -3,6 +3,12 @@ argmax, or temperature, top-k, top-p, min-p and a draw (seeded requests from the
 generator). Log-probabilities are those of the raw distribution. Bias and penalties are batched
 tensor ops (`apply_bias_and_penalties`), never a loop over entries, so one request's large bias
 costs its neighbours no more than a few tensor ops.
+
+A seeded request's draw for its output token at position p (0: the first token) is a function of
+(seed, p) alone (`draw_seed`): not of the worker, the batch, or how many draws came before. So a
+request continued elsewhere (prefilled on one worker, decoded on another; replayed on another
+decode worker after losing its own; recomputed after preemption) samples exactly what it would
+have where it started.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ class SampleRow:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    generator: torch.Generator | None  # None: the sampler's shared generator
+    seed: int | None  # None: the sampler's shared generator; else keyed by (seed, position)
     logit_bias: LogitBias | None = None  # params.logit_bias as tensors (None: made here)
 
 
@@ -50,9 +56,24 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
+_MASK_64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The generator seed of a seeded request's draw for its output token `position`: a
+    splitmix64 mix of both, so neighbouring seeds and positions give unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK_64
+    for _ in range(2):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK_64
+        x ^= x >> 31
+    return x & ((1 << 63) - 1)  # manual_seed takes a non-negative int64
+
+
 class Sampler:
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._keyed = torch.Generator(device=device)  # reseeded for every seeded draw
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         """logits: [num_rows, vocab] fp32, one row per entry of `rows`."""
@@ -70,7 +91,9 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, row: SampleRow) -> int:
         probs = warp_probs(logits, row.params)
-        generator = row.generator or self.generator
+        generator = self.generator
+        if row.seed is not None:
+            generator = self._keyed.manual_seed(draw_seed(row.seed, len(row.output_token_ids)))
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs).exponential_(generator=generator)
         return int((probs / noise).argmax())

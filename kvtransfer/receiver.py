@@ -118,6 +118,11 @@ class KVReceiver:
             final = self._finished.get(transfer_id)
         return None if final is None else final.result
 
+    def knows(self, transfer_id: str) -> bool:
+        """Whether the transfer was offered here (running, or ended and still remembered)."""
+        with self._lock:
+            return transfer_id in self._live or self._finished.get(transfer_id) is not None
+
     def owners(self) -> list[str]:
         """Block-manager owners this receiver holds now: live transfers and completed ones
         not yet polled (for integrity checks that must not count them as leaks)."""
@@ -191,6 +196,13 @@ class KVReceiver:
                 self._record(message.transfer_id, replace(final, acked_before_done=False))
             elif isinstance(message, TransferDone) and final is not None and final.reply:
                 self._send(final.reply)  # a duplicate Done: the same answer again
+            elif isinstance(message, TransferAbort) and final is None:
+                # aborted before its offer came (or without one): recorded, so the decode
+                # side waiting for this KV learns now that it will not come, and an offer
+                # that still arrives is answered with nothing (the sender gave it up)
+                reason = f"sender aborted before offering: {message.reason}"
+                result = TransferResult(message.transfer_id, "", TransferStatus.ABORTED, reason)
+                self._record(message.transfer_id, FinalAnswer(result, None))
             elif not isinstance(message, (TransferDone, TransferAbort)):
                 logger.warning("receiver: unexpected %s", type(message).__name__)
             return

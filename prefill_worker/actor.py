@@ -50,6 +50,8 @@ class PrefillWorker(WorkerBase):
         self.senders: dict[str, KVSender] = {}  # by decode worker id
         self.retired_metrics: TransferMetrics = TransferMetrics()  # of senders closed since
         self._shipping: dict[str, tuple[str, str]] = {}  # request id -> (decode id, transfer id)
+        self._kv_faults = 0  # transfers still to fail on purpose (inject_kv_faults) ...
+        self._kv_fault_kind = "abort"  # ... and how
 
     def _role(self) -> HeldKV:
         self.held = HeldKV(self.engine.block_manager.release)
@@ -92,18 +94,22 @@ class PrefillWorker(WorkerBase):
         ship_to: str | None,
         trace_context: dict[str, str] | None = None,
         decode_cached_tokens: int = 0,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> PrefillResult:
         """Prefill a request and ship its KV to decode worker `ship_to` (None: ship nothing):
         all of it, or with `decode_cached_tokens` (a whole number of blocks the decode worker
         holds in its prefix cache) only the blocks after those. The prompt is computed here
-        as far as this worker's own prefix cache does not hold it. Raises InvalidRequest for
-        a bad `decode_cached_tokens`, WorkerUnavailable if there is no pair with `ship_to`,
-        the engine's refusal of the request (a typed error), RequestAborted if aborted.
+        as far as this worker's own prefix cache does not hold it. resumed_token_ids: a replay
+        (Engine.add_request): they are prefilled with the prompt, their KV ships with its, and
+        the result's first token is the one after them. Raises InvalidRequest for a bad
+        `decode_cached_tokens`, WorkerUnavailable if there is no pair with `ship_to`, the
+        engine's refusal of the request (a typed error), RequestAborted if aborted.
         Cancelling aborts it."""
         _check_decode_cached(decode_cached_tokens, len(prompt_token_ids), self.block_size)
         stream = self.loop.submit(
-            request_id, prompt_token_ids, params, cache_salt, prefill_only=True
-        )
+            request_id, prompt_token_ids, params, cache_salt, prefill_only=True,
+            resumed_token_ids=resumed_token_ids,
+        )  # fmt: skip
         outputs = self._stream(request_id, stream)
         try:
             async for _ in self._traced("tandem.prefill", request_id, trace_context, outputs):
@@ -147,6 +153,9 @@ class PrefillWorker(WorkerBase):
             uuid.uuid4().hex, self.worker_id, decode_id, kept.num_tokens,
             start_token=decode_cached_tokens, num_blocks=len(kept.block_ids),
         )  # fmt: skip
+        if self._kv_faults > 0 and self._kv_fault_kind == "hold":
+            self._kv_faults -= 1  # never offered: the KV stays pinned here until this worker
+            return handle  # dies (the fault the test injects next)
         self._shipping[request_id] = (decode_id, handle.transfer_id)
         try:
             sender.submit(
@@ -160,6 +169,9 @@ class PrefillWorker(WorkerBase):
             raise
         self.prompt_kv.tokens_sent += kept.num_tokens
         self.prompt_kv.blocks_sent += len(kept.block_ids)
+        if self._kv_faults > 0:
+            self._kv_faults -= 1
+            sender.abort(handle.transfer_id, "injected fault")
         return handle
 
     def _suffix_of(self, done: Prefilled, num_skipped_tokens: int) -> Prefilled:
@@ -173,6 +185,17 @@ class PrefillWorker(WorkerBase):
         manager.hold(suffix.owner, block_ids)
         manager.release(kept.owner)
         return dataclasses.replace(done, kv=suffix)
+
+    def inject_kv_faults(self, count: int, kind: str = "abort") -> None:
+        """Fault injection for tests (docs/reliability.md, T1): the next `count` KV transfers
+        this worker ships fail. kind "abort": aborted just after they are submitted, as a
+        failing transfer ends; "hold": never offered, their KV kept pinned, as a worker that
+        stalls before shipping (then dies: the test kills it)."""
+        if type(count) is not int or count < 0:
+            raise ValueError(f"count={count!r} must be an int >= 0")
+        if kind not in ("abort", "hold"):
+            raise ValueError(f"kind={kind!r} must be 'abort' or 'hold'")
+        self._kv_faults, self._kv_fault_kind = count, kind
 
     def _release(self, done: Prefilled | None) -> None:
         if done is not None:

@@ -6,7 +6,8 @@ check, its size in bytes, and a validation that tokenizes) and yields `Reply`s: 
 `RequestOutput` with the timing the client is told. Inside: sizes checked before anything is
 converted, admission (router/admission.py), validation and tokenizing off the event loop,
 placement (colocated, or disaggregated: prefill on one pool, decode on the other), output
-streams, retries of a worker lost before any output, metrics and one trace per request. Errors
+streams, retries of a worker lost before any output, a stream whose decode worker is lost
+resumed on another by replay (router/failover.py), metrics and one trace per request. Errors
 are raised to the edge as TandemErrors (`status_of_error` names their canonical status, which
 each edge maps to its own); a cancelled request (the edge's task cancelled, or its generator
 closed) is aborted on every worker that holds it. Neither Ray nor torch nor any transport is
@@ -44,6 +45,7 @@ from prefix_cache.index import PrefixLookup
 from router.admission import Admission
 from router.auth import Unauthenticated, tenant_cache_salt
 from router.disagg import LOCAL, DecodeState, DisaggPolicy
+from router.failover import FailoverConfig, with_failover
 from router.outputs import OutputStreams
 from router.placement import Member, Placement, PoolView, assigned
 from router.requests import ServedModel, ValidatedRequest
@@ -150,6 +152,7 @@ class RequestCore:
         metrics: ServiceMetrics | None = None,
         cache_weight: float = 1.0,
         disagg: DisaggPolicy | None = None,
+        failover: FailoverConfig | None = None,
     ) -> None:
         """decode: the decode workers (colocated mode: without `prefill`, they prefill too);
         prefix_index: where the prefilling workers publish their cached blocks, under their
@@ -159,8 +162,11 @@ class RequestCore:
         self.decode = decode
         self.prefill = prefill
         self.admission = admission or Admission()
+        if self.admission.kv_capacity_tokens is None:
+            self.admission.kv_capacity_tokens = self._decode_kv_tokens
         self.prefix_index = prefix_index
         self.disagg = disagg or DisaggPolicy()
+        self.failover = failover or FailoverConfig()
         self.placement = {
             pool.name: Placement(
                 prefill=pool is prefill,
@@ -171,6 +177,7 @@ class RequestCore:
             if pool is not None
         }
         self.num_retried = 0  # requests moved to another worker after losing theirs
+        self.num_migrated = 0  # streams resumed on another decode worker (router.failover)
         self.metrics = metrics
         self.outputs = OutputStreams()  # one batched output stream per worker
         self._live_ids: set[str] = set()  # client request ids in flight
@@ -187,6 +194,12 @@ class RequestCore:
             name: [value for when, value in values if when >= cutoff]
             for name, values in self._recent.items()
         }
+
+    def _decode_kv_tokens(self) -> int:
+        """The decode pool's KV capacity in tokens, as its workers last reported (0: none
+        has): the prompts of the requests in flight must fit it (router.admission)."""
+        blocks = sum(member.load.num_blocks for member in self.decode.members())
+        return blocks * self.model.block_size
 
     @property
     def _prefilling(self) -> PoolView:
@@ -252,7 +265,14 @@ class RequestCore:
                 with self._live(validated.request_id):
                     place = self._colocated if self.prefill is None else self._disaggregated
                     # closed here, not whenever it is collected: its workers are told at once
-                    async with aclosing(place(validated, arrival, carrier, span)) as replies:
+
+                    def attempt(resumed: tuple[int, ...]) -> Any:
+                        again = replace(validated, resumed_token_ids=resumed)
+                        return place(again, arrival, carrier, span)
+
+                    streams = with_failover(attempt, self.failover, self.decode, span,
+                                            self._migrated)  # fmt: skip
+                    async with aclosing(streams) as replies:
                         async for reply in replies:
                             seen.reply(reply)
                             yield reply
@@ -311,11 +331,17 @@ class RequestCore:
         """Prefill and decode on one decode-pool worker (`member`, or the one placement picks);
         a worker lost before any output is retried on another of the pool."""
         tried: set[Member] = set()
+        lost: WorkerLost | None = None
         while True:
             if member is None:
-                member = self._place(
-                    self.decode, tried, cached, span, len(request.prompt_token_ids)
-                )
+                try:
+                    member = self._place(
+                        self.decode, tried, cached, span, len(request.prompt_token_ids)
+                    )
+                except WorkerUnavailable:
+                    if lost is None:
+                        raise
+                    raise lost from None  # none left now: router.failover waits for one
                 self._count_retry(tried)
             tried.add(member)
             dispatched = time.monotonic()
@@ -326,7 +352,7 @@ class RequestCore:
                 try:
                     await worker.start_generate(
                         self.outputs.subscriber, attempt, request.prompt_token_ids,
-                        request.params, request.cache_salt, carrier,
+                        request.params, request.cache_salt, carrier, request.resumed_token_ids,
                     )  # fmt: skip
                     gaps = _Gaps(member)
                     async for output in _until_finished(outputs):
@@ -343,10 +369,10 @@ class RequestCore:
                 except WorkerLost as e:
                     self.decode.mark_down(member)
                     _abandon(worker, attempt, e)
-                    if not first:  # the client has seen tokens: it cannot be moved silently
+                    if not first:  # the client has seen tokens: resumed by router.failover
                         raise
                     self._retrying("worker", member, e)
-                    member = None
+                    member, lost = None, e
                 finally:
                     self.outputs.close(worker, attempt)
 
@@ -358,7 +384,7 @@ class RequestCore:
         queues = [m.load.queued_tokens for m in self._prefilling.members() if m.placeable]
         load = member.load
         path, reason = self.disagg.decide(
-            len(request.prompt_token_ids) - decode_cached,
+            request.num_tokens - decode_cached,
             min(queues) if queues else None,
             DecodeState(load.decode_load, load.in_flight, load.recent_itl_s),
         )
@@ -385,7 +411,7 @@ class RequestCore:
             return
         # A first token that surely ends the request needs no KV at the decode worker.
         ship_to = None if _first_token_ends(request, self.model) else member.worker_id
-        with assigned(member, len(request.prompt_token_ids)) as decode:
+        with assigned(member, request.num_tokens) as decode:
             attempts: list[str] = []  # the prefill attempts' ids, the one that shipped last
             try:
                 result, dispatched = await self._prefill(
@@ -402,7 +428,7 @@ class RequestCore:
             try:
                 await decode.start_continue(
                     self.outputs.subscriber, attempt, request.prompt_token_ids, result,
-                    request.params, request.cache_salt, carrier,
+                    request.params, request.cache_salt, carrier, request.resumed_token_ids,
                 )  # fmt: skip
                 gaps = _Gaps(member)
                 async for output in _until_finished(outputs):
@@ -415,7 +441,7 @@ class RequestCore:
                 if not finished:
                     decode.abort(attempt)
                 raise
-            except WorkerLost as e:
+            except WorkerLost as e:  # resumed elsewhere by router.failover
                 self.decode.mark_down(member)
                 _abandon(decode, attempt, e)
                 raise
@@ -444,7 +470,7 @@ class RequestCore:
                 try:
                     result = await worker.prefill(
                         attempt, request.prompt_token_ids, request.params, request.cache_salt,
-                        ship_to, carrier, decode_cached,
+                        ship_to, carrier, decode_cached, request.resumed_token_ids,
                     )  # fmt: skip
                     _note_transfer(span, result)
                     return result, dispatched
@@ -474,6 +500,12 @@ class RequestCore:
     def _retrying(self, what: str, member: Member, error: BaseException) -> None:
         logger.warning("%s %s lost before any output; retrying if another is left: %s",
                        what, member.worker_id, error)  # fmt: skip
+
+    def _migrated(self, reason: str) -> None:
+        """A stream resumed on another decode worker after losing its own (router.failover)."""
+        self.num_migrated += 1
+        if self.metrics is not None:
+            self.metrics.migrations.labels(reason=reason).inc()
 
     def _count_retry(self, tried: set[Member]) -> None:
         """A request placed again after losing a worker (`tried` holds the lost ones): counted
@@ -565,15 +597,14 @@ def _note_transfer(span: Any, result: PrefillResult) -> None:
 
 def _uncached(request: Any, cached: dict[Member, int] | None, member: Member) -> int:
     """The prompt tokens `member` will compute: its share of the pool's queue."""
-    return len(request.prompt_token_ids) - (cached.get(member, 0) if cached is not None else 0)
+    return request.num_tokens - (cached.get(member, 0) if cached is not None else 0)
 
 
 def _first_token_ends(request: Any, model: ServedModel) -> bool:
     """Whether the first token ends the request whatever it is (max_tokens 1, or the context
     full after it): its prefill then ships no KV."""
-    return bool(
-        request.params.max_tokens == 1 or len(request.prompt_token_ids) + 1 >= model.max_model_len
-    )
+    left = request.params.max_tokens - len(request.resumed_token_ids)
+    return bool(left == 1 or request.num_tokens + 1 >= model.max_model_len)
 
 
 def _queued(output: Any, arrival: float, dispatched: float) -> float:

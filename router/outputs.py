@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from contracts.errors import WorkerUnavailable
+from contracts.errors import WorkerLost
 from router.workers import WorkerClient
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class OutputStreams:
                     queue = subscription.queues.get(request_id)
                     if queue is not None:
                         queue.put_nowait(item)
-            error = WorkerUnavailable("the worker's output stream ended")
+            error = WorkerLost("the worker's output stream ended")  # it stopped: resume elsewhere
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the worker died or became unreachable

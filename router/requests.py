@@ -69,6 +69,13 @@ class ValidatedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str | None
+    # A replay after a lost worker (router.failover): the output tokens already streamed.
+    resumed_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        """The tokens a worker computes before it samples: the prompt and resumed ones."""
+        return len(self.prompt_token_ids) + len(self.resumed_token_ids)
 
 
 def validate_generate_request(request: Any, model: ServedModel) -> ValidatedRequest:

@@ -37,8 +37,11 @@ class WorkerClient(Protocol):
         params: SamplingParams,
         cache_salt: str | None,
         trace_context: dict[str, str] | None,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> None:
-        """Prefill and decode here; the outputs arrive on `subscriber`'s stream."""
+        """Prefill and decode here; the outputs arrive on `subscriber`'s stream.
+        resumed_token_ids: a replay after a lost worker (router.failover): the output tokens
+        already streamed; generation goes on after them."""
         ...
 
     async def start_continue(
@@ -50,6 +53,7 @@ class WorkerClient(Protocol):
         params: SamplingParams,
         cache_salt: str | None,
         trace_context: dict[str, str] | None,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> None:
         """Take over a request prefilled elsewhere: its outputs from the first token's on
         arrive on `subscriber`'s stream (the KV named by `prefill.kv` joins when it lands)."""
@@ -64,10 +68,11 @@ class WorkerClient(Protocol):
         ship_to: str | None,
         trace_context: dict[str, str] | None,
         decode_cached_tokens: int = 0,
+        resumed_token_ids: tuple[int, ...] = (),
     ) -> PrefillResult:
         """Prefill a request, its KV shipped to decode worker `ship_to` (None: nowhere), less
         its first `decode_cached_tokens` (whole blocks that worker holds in its prefix
-        cache)."""
+        cache); resumed_token_ids: prefilled after the prompt (a replay)."""
         ...
 
     def abort(self, request_id: str) -> None:

@@ -71,6 +71,11 @@ class ServiceMetrics:
         self.retried = Counter("tandem_requests_retried",
                                "Requests moved to another worker after losing theirs.",
                                registry=r)  # fmt: skip
+        self.migrations = Counter(
+            "tandem_request_migrations", "Streams resumed on another decode worker after "
+            "losing theirs (router.failover); reason: worker_lost or unreachable.", ["reason"],
+            registry=r,
+        )  # fmt: skip
         self.prefill_placement = Counter(
             "tandem_prefill_placement", "Disaggregated requests by where they were prefilled: "
             "on the prefill pool, KV shipped (remote), or on their decode worker (local); "
@@ -163,6 +168,11 @@ class _WorkersCollector(Collector):
         )  # fmt: skip
         transfer_bytes = CounterMetricFamily("tandem_kv_transfer_bytes", "KV bytes moved.",
                                              labels=[*labels, "direction"])  # fmt: skip
+        recomputed = CounterMetricFamily(
+            "tandem_kv_prompts_recomputed", "Prompts a decode worker computed again because "
+            "their KV did not come (no_room, failed, aborted, timeout, pair_failed).",
+            labels=[*labels, "reason"],
+        )  # fmt: skip
         transfer_time = SummaryMetricFamily("tandem_kv_transfer_seconds",
                                             "Offer to end of completed KV transfers.",
                                             labels=labels)  # fmt: skip
@@ -190,11 +200,14 @@ class _WorkersCollector(Collector):
             c["computed"].add_metric(values, stats.num_prompt_tokens_computed)
             for direction in ("sent", "received", "reused"):
                 prompt_kv.add_metric([*values, direction], getattr(kv, f"tokens_{direction}"))
+            for reason, count in sorted(kv.prompts_recomputed_by_reason.items()):
+                recomputed.add_metric([*values, reason], count)
         yield from g.values()
         yield from c.values()
         yield prompt_kv
         yield refused
         yield transfer_bytes
+        yield recomputed
         yield transfer_time
         workers = GaugeMetricFamily("tandem_pool_workers", "Workers in each pool.",
                                     labels=["pool"])  # fmt: skip

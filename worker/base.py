@@ -190,8 +190,13 @@ class WorkerBase:
             bytes_received=sum(m.bytes_received for m in transfers),
             transfer_seconds=sum(m.transfer_seconds_total for m in transfers),
             **dataclasses.asdict(self.prompt_kv),
+            prompts_recomputed_by_reason=self._prompts_recomputed(),
         )
         return dataclasses.replace(stats, kv=kv)
+
+    def _prompts_recomputed(self) -> dict[str, int]:
+        """Prompts computed again here because their transferred KV did not come (decode)."""
+        return {}
 
     def shutdown(self) -> None:
         """Stop the engine (a tensor-parallel engine's other ranks with it) and take this

@@ -49,6 +49,7 @@ class Submission:
     # decode side taking over a prefilled request), and what to undo if it is refused.
     start: Callable[[EngineLoop, Submission], None] | None = None
     on_refused: Callable[[], None] | None = None
+    resumed_token_ids: tuple[int, ...] = ()  # a replay: output tokens already streamed
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,17 +107,18 @@ class EngineLoop:
         prefill_only: bool = False,
         start: Callable[[EngineLoop, Submission], None] | None = None,
         on_refused: Callable[[], None] | None = None,
+        resumed_token_ids: Sequence[int] = (),
     ) -> asyncio.Queue[Any]:
         """Queue a request; its outputs (or one exception) arrive on the returned queue, the
         last output having finished=True (a prefill_only request: one engine Prefilled). Call
-        from a running event loop. start/on_refused: see Submission."""
+        from a running event loop. start/on_refused/resumed_token_ids: see Submission."""
         if self._failure is not None:
             raise WorkerUnavailable(f"engine loop stopped: {self._failure}")
         stream: asyncio.Queue[Any] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self._inbox.put(
             Submission(request_id, list(prompt_token_ids), params, cache_salt, stream, loop,
-                       prefill_only, start, on_refused)
+                       prefill_only, start, on_refused, tuple(resumed_token_ids))
         )  # fmt: skip
         self._wake.set()
         return stream
@@ -254,6 +256,7 @@ class EngineLoop:
                 prompt_token_ids=item.prompt_token_ids,
                 cache_salt=item.cache_salt,
                 prefill_only=item.prefill_only,
+                resumed_token_ids=item.resumed_token_ids,
             )
         except TandemError as e:
             self.deliver(item.request_id, e, done=True)

@@ -2,8 +2,10 @@
 default model (colocated: two workers; disaggregated: two prefill workers and one decode
 worker, KV moving between them over gloo), the gRPC router on loopback, real clients. Greedy
 and seeded output equal the single engine's; concurrent streams; bad input refused with the
-right status; cancellation and deadlines free the workers' KV; killed workers end streams fast
-(or, before any output, the request moves to another worker) and are replaced."""
+right status; cancellation and deadlines free the workers' KV; a killed decode worker's streams
+resume elsewhere by replay, unchanged (past --max-migrations they end fast with UNAVAILABLE),
+a request killed mid-prefill moves to another worker, killed workers are replaced; a failed
+KV transfer is recomputed on the decode worker."""
 
 from __future__ import annotations
 
@@ -299,26 +301,166 @@ def test_tokenize_and_list_models(service: RunningService, default_model_engine:
     assert model.max_model_len == default_model_engine.max_model_len
 
 
-def test_a_killed_worker_ends_its_streams_fast_and_is_replaced(
-    service: RunningService,
+@contextmanager
+def one_decode_worker_placeable(service: RunningService) -> Iterator[int]:
+    """While it lasts, only the first decode (or colocated) worker takes new requests (the
+    others look draining): requests started in it all run there. Yields its index."""
+    members = service.service.pools["decode"].members()
+    for member in members[1:]:
+        member.load.draining = True
+    try:
+        yield 0
+    finally:
+        for member in members[1:]:
+            member.load.draining = False
+
+
+def late_stop_string(text: str) -> str:
+    """A piece of `text` whose first occurrence starts past its first half."""
+    for start in range(len(text) // 2, len(text) - 8):
+        piece = text[start : start + 6]
+        if piece.strip() and text.find(piece) == start:
+            return piece
+    raise AssertionError(f"no late stop string in {text!r}")
+
+
+def test_a_decode_worker_killed_mid_stream_resumes_its_streams_unchanged(
+    service: RunningService, default_model_engine: Engine
 ) -> None:
-    call = service.stub.Generate(
-        pb.GenerateRequest(text="Tell me a long story.", sampling=greedy_sampling(400)),
-        timeout=120,
-    )
-    assert next(call).token_ids
-    assert next(call).token_ids  # the second token: from the decode worker when disaggregated
-    busy = next(i for i, s in enumerate(service.worker_stats()) if s.num_requests)
+    """F4 (issue 22.1): every stream of a decode worker killed mid-stream resumes on another
+    (colocated: the other worker; disaggregated: the pool's replacement, prefilled again on
+    the prefill pool) by replay: the client sees the stream of the run without the fault,
+    greedy with a stop string matched after the move, and seeded sampling."""
+    story = "Tell me a long story."
+    whole = default_model_engine.generate([story], greedy(max_tokens=40))[0]
+    stop = late_stop_string(whole.text)
+    greedy_params = greedy(max_tokens=40, stop=(stop,))
+    seeded_params = SamplingParams(max_tokens=30, temperature=1.0, seed=11, ignore_eos=True)
+    prompts = [story, "Once upon a time"]
+    expected = [
+        default_model_engine.generate([story], greedy_params)[0],
+        default_model_engine.generate([prompts[1]], seeded_params)[0],
+    ]
+    assert 10 < len(expected[0].token_ids) < 40, "the stop string comes after the kill"
+    samplings = [
+        pb.SamplingParameters(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop]),
+        pb.SamplingParameters(max_tokens=30, temperature=1.0, seed=11, ignore_eos=True),
+    ]
+    servicer = service.service._servicer
+    assert servicer is not None
+    migrated = servicer.num_migrated
+    with one_decode_worker_placeable(service) as busy:
+        calls = [
+            service.stub.Generate(pb.GenerateRequest(text=p, sampling=s), timeout=120)
+            for p, s in zip(prompts, samplings, strict=True)
+        ]
+        seen = [[next(call) for _ in range(3)] for call in calls]  # both stream there
     victim = service.service.workers[busy]
-    killed_at = time.monotonic()
     ray.kill(victim, no_restart=True)
-    with pytest.raises(grpc.RpcError) as raised:
-        list(call)
-    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert time.monotonic() - killed_at < 10, "the stream must end fast, not hang"
+    for call, responses, reference in zip(calls, seen, expected, strict=True):
+        responses += list(call)
+        assert [t for r in responses for t in r.token_ids] == reference.token_ids
+        assert "".join(r.text for r in responses) == reference.text
+        assert responses[-1].usage.completion_tokens == len(reference.token_ids)
+        assert responses[-1].usage.prompt_tokens == reference.usage.prompt_tokens
+    assert servicer.num_migrated >= migrated + 2  # both moved (one may have moved twice)
     wait_replaced(lambda: service.service.workers, busy, victim)
     responses = generate(service.stub, text="Hi", sampling=greedy_sampling(4))
     assert responses[-1].usage.completion_tokens == 4  # through new KV pairs if disaggregated
+
+
+def test_past_max_migrations_a_lost_stream_ends_unavailable_fast(service: RunningService) -> None:
+    """F1 with the cap: a stream that may not move (--max-migrations 0) ends with UNAVAILABLE
+    naming the cap, within seconds of its worker's death; the pool is back to size."""
+    from router.failover import FailoverConfig
+
+    servicer = service.service._servicer
+    assert servicer is not None
+    normal = servicer.failover
+    servicer.failover = FailoverConfig(max_migrations=0)
+    try:
+        call = service.stub.Generate(
+            pb.GenerateRequest(text="Tell me a long story.", sampling=greedy_sampling(400)),
+            timeout=120,
+        )
+        assert next(call).token_ids
+        assert next(call).token_ids  # the second token: from the decode worker when disaggregated
+        busy = next(i for i, s in enumerate(service.worker_stats()) if s.num_requests)
+        victim = service.service.workers[busy]
+        killed_at = time.monotonic()
+        ray.kill(victim, no_restart=True)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(call)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "--max-migrations (0)" in raised.value.details()
+        assert time.monotonic() - killed_at < 10, "the stream must end fast, not hang"
+    finally:
+        servicer.failover = normal
+    wait_replaced(lambda: service.service.workers, busy, victim)
+    responses = generate(service.stub, text="Hi", sampling=greedy_sampling(4))
+    assert responses[-1].usage.completion_tokens == 4  # through new KV pairs if disaggregated
+
+
+def test_a_failed_kv_transfer_is_recomputed_on_the_decode_worker(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """T1 (issue 22.2): a KV transfer that fails (aborted by its sender, through the fault
+    hook) no longer fails its request: the decode worker prefills it again, and the client
+    gets the single engine's output, greedy and seeded."""
+    if not service.disaggregated:
+        pytest.skip("colocated workers ship no KV")
+    prefills = service.service.prefill_workers
+    recomputed = service.worker_stats()[0].kv.prompts_recomputed_by_reason.get("aborted", 0)
+    cases = [
+        ("The capital of France is", greedy(max_tokens=8), greedy_sampling(8)),
+        (
+            "Once upon a time",
+            SamplingParams(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True),
+            pb.SamplingParameters(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True),
+        ),
+    ]
+    ray.get([w.inject_kv_faults.remote(1000) for w in prefills], timeout=30)
+    try:
+        for prompt, params, sampling in cases:
+            responses = generate(service.stub, text=prompt, sampling=sampling)
+            expected = default_model_engine.generate([prompt], params)[0]
+            assert [t for r in responses for t in r.token_ids] == expected.token_ids
+            assert "".join(r.text for r in responses) == expected.text
+    finally:
+        ray.get([w.inject_kv_faults.remote(0) for w in prefills], timeout=30)
+    decode = service.worker_stats()[0]
+    assert decode.kv.prompts_recomputed_by_reason.get("aborted", 0) == recomputed + len(cases)
+
+
+def test_a_prefill_worker_lost_before_shipping_its_kv_is_recomputed_on_the_decode_worker(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """Issue 22.2: the prefill worker returned the first token, then died before its KV was
+    offered (held by the fault hook, then killed): the decode worker sees the pair fail and
+    prefills the request itself; the client gets the single engine's output."""
+    if not service.disaggregated:
+        pytest.skip("colocated workers ship no KV")
+    prefills = service.service.prefill_workers
+    recomputed = service.worker_stats()[0].kv.prompts_recomputed_by_reason.get("pair_failed", 0)
+    ray.get([w.inject_kv_faults.remote(1, "hold") for w in prefills], timeout=30)
+    prompt = "(held) The capital of France is"
+    call = service.stub.Generate(
+        pb.GenerateRequest(text=prompt, sampling=greedy_sampling(8)), timeout=120
+    )
+    responses = [next(call)]  # the first token: the prefill is done, its KV held there
+    stats = ray.get([w.stats.remote() for w in prefills], timeout=30)
+    held = [i for i, s in enumerate(stats) if s.num_free_blocks < s.num_blocks]
+    assert len(held) == 1, held
+    victim = prefills[held[0]]
+    ray.kill(victim, no_restart=True)
+    responses += list(call)
+    expected = default_model_engine.generate([prompt], greedy(max_tokens=8))[0]
+    assert [t for r in responses for t in r.token_ids] == expected.token_ids
+    assert "".join(r.text for r in responses) == expected.text
+    ray.get([w.inject_kv_faults.remote(0) for w in prefills if w is not victim], timeout=30)
+    wait_replaced(service.prefilling_workers, held[0], victim)
+    decode_stats = ray.get(service.service.workers[0].stats.remote(), timeout=30)
+    assert decode_stats.kv.prompts_recomputed_by_reason.get("pair_failed", 0) == recomputed + 1
 
 
 def test_a_worker_killed_mid_prefill_moves_its_request_to_another(
@@ -373,6 +515,51 @@ def test_overload_is_refused_early_with_resource_exhausted(service: RunningServi
     finally:
         servicer.admission = normal
     assert generate(service.stub, text="Hi", sampling=greedy_sampling(4))[-1].usage
+
+
+def test_a_thousand_concurrent_clients_the_excess_is_refused_the_rest_served(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """O1 (issue 22.4): 1,000 clients at once against a service admitting 16 requests: every
+    call ends OK (the single engine's tokens) or RESOURCE_EXHAUSTED, none with anything else
+    or past its deadline; the router holds nothing of them afterwards."""
+    if service.disaggregated:
+        pytest.skip("admission is the same in both modes: checked once, colocated")
+    from router.admission import Admission, AdmissionLimits
+
+    servicer = service.service._servicer
+    assert servicer is not None
+    normal = servicer.admission
+    servicer.admission = Admission(AdmissionLimits(max_requests=16))
+    prompt = "Count to three:"
+    expected = default_model_engine.generate([prompt], greedy(max_tokens=2))[0].token_ids
+    request = pb.GenerateRequest(text=prompt, sampling=greedy_sampling(2))
+
+    async def one(stub: Any) -> tuple[grpc.StatusCode, list[int]]:
+        tokens: list[int] = []
+        try:
+            async for response in stub.Generate(request, timeout=300):
+                tokens += response.token_ids
+        except grpc.aio.AioRpcError as e:
+            return e.code(), tokens
+        return grpc.StatusCode.OK, tokens
+
+    async def clients() -> list[tuple[grpc.StatusCode, list[int]]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.service.port}") as channel:
+            stub = tandem_pb2_grpc.TandemStub(channel)
+            return await asyncio.gather(*(one(stub) for _ in range(1000)))
+
+    try:
+        results = asyncio.run(clients())
+    finally:
+        servicer.admission = normal
+    codes = [code for code, _ in results]
+    served = [tokens for code, tokens in results if code is grpc.StatusCode.OK]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
+    assert served and len(served) < 1000, "some served, the excess refused"
+    assert all(tokens == expected for tokens in served)
+    assert all(not tokens for code, tokens in results if code is not grpc.StatusCode.OK)
+    assert servicer.outputs.num_open == 0 and not servicer._live_ids
 
 
 def test_health_reports_each_pool_and_reflection_lists_the_api(service: RunningService) -> None:

@@ -213,4 +213,33 @@ def test_a_second_turn_goes_back_to_its_decode_worker_for_only_the_missing_suffi
         computed = len(turn2) - len(turn1) // BLOCK * BLOCK
         assert changes == [{"computed": 0, **received}, {"computed": 0},
                            {"computed": computed, **sent}]  # fmt: skip
+
+
+def test_a_stream_whose_decode_worker_dies_resumes_on_the_other_prefilled_there(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """F4 on the local path (issue 22.1): a seeded stream whose decode worker is killed
+    mid-stream resumes on the other decode worker, which prefills the prompt and the streamed
+    tokens itself (`never`: no KV moves), continuing the same random stream."""
+    from contracts.sampling_params import SamplingParams
+
+    prompt = "(local replay) Once upon a time"
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=21, ignore_eos=True)
+    sampling = pb.SamplingParameters(max_tokens=24, temperature=1.0, seed=21, ignore_eos=True)
+    expected = default_model_engine.generate([prompt], params)[0]
+    servicer = service.service._servicer
+    assert servicer is not None
+    migrated = servicer.num_migrated
+    call = service.stub.Generate(pb.GenerateRequest(text=prompt, sampling=sampling), timeout=120)
+    responses = [next(call) for _ in range(3)]
+    busy = busy_decode_worker(service)
+    victim = service.service.workers[busy]
+    ray.kill(victim, no_restart=True)
+    responses += list(call)
+    assert [t for r in responses for t in r.token_ids] == expected.token_ids
+    assert "".join(r.text for r in responses) == expected.text
+    assert servicer.num_migrated == migrated + 1
+    prefill_stats = ray.get(service.service.prefill_workers[0].stats.remote(), timeout=30)
+    assert prefill_stats.kv.transfers_completed == 0  # replayed on the decode worker itself
+    wait_replaced(lambda: service.service.workers, busy, victim)
     service.assert_workers_idle_and_intact()

@@ -1,7 +1,8 @@
 """The EngineLoop that drives a worker's engine from one thread for asyncio callers, and the
 decode role's KV arrivals on it: outputs equal the engine's own, aborts free the request
 whether they come during it or before it, a continued request's first output comes before
-its KV, a failed KV transfer ends its waiting request at once, KV whose request was aborted
+its KV, KV that does not come (no room, a failed or timed-out transfer, a lost prefill
+worker) is recomputed instead, KV whose request was aborted
 (or ended at its first token) is freed as it comes, a failed engine fails fast."""
 
 from __future__ import annotations
@@ -89,36 +90,28 @@ class FailedTransfers:
     """A receiver whose transfers all failed (the real KVReceiver is tested across processes
     in tests/integration/test_kvtransfer_protocol.py)."""
 
-    failure = None  # the pair itself is fine
+    failure: str | None = None  # the pair itself is fine
     num_live = 0
+
+    def __init__(self) -> None:
+        self.aborted: list[str] = []
+        self.metrics = TransferMetrics()
 
     def poll(self) -> list[Any]:
         return []
 
-    def result(self, transfer_id: str) -> TransferResult:
+    def result(self, transfer_id: str) -> TransferResult | None:
         return TransferResult(transfer_id, "r", TransferStatus.FAILED, "peer process died")
+
+    def knows(self, transfer_id: str) -> bool:
+        return True
+
+    def abort(self, transfer_id: str, reason: str = "") -> bool:
+        self.aborted.append(transfer_id)
+        return False
 
     def owners(self) -> list[str]:
         return []
-
-
-def test_a_request_whose_kv_transfer_failed_ends_at_once() -> None:
-    loop, arrivals = decode_loop(FailedTransfers())
-
-    async def main() -> list[Any]:
-        params, prompt = greedy(max_tokens=5), prompt_ids(1, 6)
-        return await drain(
-            arrivals.submit(loop, "r", prompt, prefilled("r", prompt, 3), params, None)
-        )
-
-    try:
-        first, error = asyncio.run(main())  # drain's 30 s timeout: well before kv_wait_s
-        assert first.new_token_ids == (3,) and not first.finished  # sent before the KV came
-        assert isinstance(error, WorkerUnavailable)
-        assert "failed: peer process died" in str(error)
-        assert loop.num_requests == 0
-    finally:
-        loop.stop()
 
 
 class NoRoomForKV(FailedTransfers):
@@ -130,27 +123,70 @@ class NoRoomForKV(FailedTransfers):
         )
 
 
+class NeverOffered(FailedTransfers):
+    """A receiver that never hears of the transfer (its sender is slow, or gone)."""
+
+    def result(self, transfer_id: str) -> None:
+        return None
+
+    def knows(self, transfer_id: str) -> bool:
+        return False
+
+
+class PairFailsBeforeTheOffer(NeverOffered):
+    """The pair of the request's prefill worker fails (the worker died after the first token,
+    before it offered the KV): its receiver reports the failure after a few turns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.turns = 0
+
+    def poll(self) -> list[Any]:
+        self.turns += 1
+        if self.turns > 3:
+            self.failure = "peer closed the control connection"
+        return []
+
+
+# (receiver, the KV wait, the reason counted): issue 22.2, every way the KV may not come
+KV_THAT_DOES_NOT_COME = {
+    "no-room": (NoRoomForKV, 30.0, "no_room"),
+    "failed": (FailedTransfers, 30.0, "failed"),
+    "timeout": (NeverOffered, 0.3, "timeout"),
+    "prefill-worker-lost": (PairFailsBeforeTheOffer, 30.0, "pair_failed"),
+}
+
+
 @pytest.mark.parametrize("seed", [None, 7], ids=["greedy", "seeded"])
-def test_a_request_whose_kv_had_no_room_here_is_recomputed_not_failed(seed: int | None) -> None:
-    """Issue 16.6: a decode worker whose KV was full failed requests after their first token
-    (the client had it already). Now it holds them back and recomputes: same tokens as one
-    engine."""
+@pytest.mark.parametrize("case", list(KV_THAT_DOES_NOT_COME))
+def test_a_request_whose_kv_does_not_come_is_recomputed_not_failed(
+    seed: int | None, case: str
+) -> None:
+    """Issue 16.6 (no room) and 22.2 (a failed or timed-out transfer, a prefill worker lost
+    before it shipped): the decode worker used to fail requests after their first token (the
+    client had it already). Now it recomputes the prompt: the same tokens as one engine."""
+    receiver_type, kv_wait_s, reason = KV_THAT_DOES_NOT_COME[case]
     prompt = prompt_ids(1, 6)
     params = greedy(max_tokens=6)
     if seed is not None:
         params = SamplingParams(max_tokens=6, temperature=0.8, seed=seed, ignore_eos=True)
     (expected,) = make_engine().generate([prompt], params)
-    loop, arrivals = decode_loop(NoRoomForKV())
+    receiver = receiver_type()
+    loop, arrivals = decode_loop(receiver)
 
     async def main() -> list[Any]:
         result = prefilled("r", prompt, expected.token_ids[0])
-        return await drain(arrivals.submit(loop, "r", prompt, result, params, None))
+        stream = arrivals.submit(loop, "r", prompt, result, params, None, kv_wait_s=kv_wait_s)
+        return await drain(stream)
 
     try:
         outputs = asyncio.run(main())
         assert not any(isinstance(o, BaseException) for o in outputs), outputs
         assert [t for o in outputs for t in o.new_token_ids] == expected.token_ids
         assert outputs[-1].usage.completion_tokens == len(expected.token_ids)
+        assert arrivals.num_recomputed == {reason: 1}
+        if case in ("timeout", "prefill-worker-lost"):  # if it comes after all, it is freed
+            assert receiver.aborted == ["t-r"]
         assert loop.num_requests == 0
         loop.call(lambda engine: engine.check_integrity())
     finally:

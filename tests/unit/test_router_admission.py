@@ -22,6 +22,26 @@ def test_requests_and_tokens_are_bounded_and_given_back() -> None:
     assert (admission.requests, admission.prompt_tokens, admission.refused) == (0, 0, 2)
 
 
+def test_the_prompt_token_bound_follows_the_kv_capacity_unless_given() -> None:
+    """Issue 22.4: by default the bound is the decode pool's KV capacity, read at each
+    admission (it changes as workers report and the pool scales); until known, a constant."""
+    capacity = [0]
+    admission = Admission(AdmissionLimits(), kv_capacity_tokens=lambda: capacity[0])
+    with admission.admit(5000):  # not known yet: the default bound
+        pass
+    capacity[0] = 100
+    with admission.admit(60):
+        refused = pytest.raises(Overloaded, match=r"limit 100: the decode pool's KV capacity")
+        with refused, admission.admit(41):
+            pass
+        capacity[0] = 200  # a worker joined
+        with admission.admit(41):
+            assert admission.prompt_tokens == 101
+    given = Admission(AdmissionLimits(max_prompt_tokens=10), kv_capacity_tokens=lambda: 100)
+    with pytest.raises(Overloaded, match=r"limit 10\)"), given.admit(11):
+        pass
+
+
 def test_a_failing_request_gives_its_place_back() -> None:
     admission = Admission(AdmissionLimits(max_requests=1))
     with pytest.raises(RuntimeError), admission.admit(5):

@@ -208,3 +208,23 @@ def test_a_pool_whose_tensor_parallel_size_does_not_divide_the_model_is_refused_
         "a multiple of it; num_kv_heads=3 is not a multiple of it"
     )
     assert service.port is None, "nothing was started"
+
+
+def test_admission_and_failover_flags() -> None:
+    """Issue 22: `tandem serve` sets the admission bounds (the prompt-token one follows the
+    decode pool's KV capacity unless given) and the per-request cap on migrations."""
+    default = serve_config()
+    assert default.admission.max_prompt_tokens is None  # from the KV capacity
+    assert default.failover.max_migrations == 3
+    config = serve_config(
+        "--max-requests", "1000", "--max-prompt-tokens", "50000", "--max-request-bytes",
+        "1048576", "--max-migrations", "0",
+    )  # fmt: skip
+    limits = config.admission
+    assert (limits.max_requests, limits.max_prompt_tokens) == (1000, 50000)
+    assert limits.max_request_bytes == 1 << 20
+    assert config.failover.max_migrations == 0
+    with pytest.raises(ValueError, match="--max-migrations: max_migrations=-1"):
+        serve_config("--max-migrations", "-1")
+    with pytest.raises(ValueError, match="admission: max_requests=0 must be an int >= 1"):
+        serve_config("--max-requests", "0")

@@ -1,0 +1,113 @@
+"""Failover by replay: a stream whose decode worker is lost resumes on another (issue 22.1).
+
+The router remembers the token ids it has sent the client. When the worker streaming a request
+is lost (`WorkerLost`: dead, or unreachable), the request is placed again by the usual rules
+(router.placement, router.disagg) with those tokens as `resumed_token_ids`: the prompt and
+they are prefilled again (on the prefill pool, KV shipped, or on the decode worker itself) and
+decoding goes on from the next token. The engine counts resumed tokens as output (max_tokens,
+penalties, usage), rebuilds the detokenizer and stop-string state from them without sending
+their text again, and draws a seeded request's token at output position p from (seed, p)
+alone (engine.sampler.draw_seed), so the client sees one stream: greedy output equal to the
+run without the fault, seeded sampling continuing the same random stream.
+
+A request moves at most `max_migrations` times; one more loss ends it with UNAVAILABLE naming
+the cap. When no decode worker is placeable (the pool's only one died), it waits up to
+`replacement_wait_s` for the control plane's replacement. Each move is counted in
+`tandem_request_migrations_total{reason}` and noted on the request's span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from contracts.errors import WorkerLost, WorkerUnavailable
+from router.placement import PoolView
+from telemetry.tracing import record_span
+
+logger = logging.getLogger(__name__)
+
+REASONS = ("worker_lost", "unreachable")  # the metric's label values
+_POLL_S = 0.05  # how often a request waiting for a replacement looks at the pool
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverConfig:
+    """max_migrations: how many times one request may move to another decode worker after
+    losing its own (0: never; a lost worker ends its streams with UNAVAILABLE);
+    replacement_wait_s: how long a request whose pool has no placeable decode worker left
+    waits for one (a replacement) before it ends with UNAVAILABLE."""
+
+    max_migrations: int = 3
+    replacement_wait_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if type(self.max_migrations) is not int or self.max_migrations < 0:
+            raise ValueError(f"max_migrations={self.max_migrations!r} must be an int >= 0")
+        wait = self.replacement_wait_s
+        if not (isinstance(wait, (int, float)) and 0 <= wait < float("inf")):
+            raise ValueError(f"replacement_wait_s={wait!r} must be seconds >= 0")
+
+
+Attempt = Callable[[tuple[int, ...]], AsyncGenerator[Any, None]]
+
+
+async def with_failover(
+    attempt: Attempt,
+    config: FailoverConfig,
+    decode: PoolView,
+    span: Any,
+    on_migration: Callable[[str], None] | None = None,
+) -> AsyncGenerator[Any, None]:
+    """The replies of `attempt(resumed_token_ids)` (router.core.Reply), run again with the
+    token ids sent so far each time it raises WorkerLost, at most `config.max_migrations`
+    times. Only the first reply of the whole stream carries the time to first token."""
+    sent: list[int] = []
+    migrations = 0
+    while True:
+        try:
+            async with aclosing(attempt(tuple(sent))) as replies:
+                async for reply in replies:
+                    if migrations:  # the first token was sent long ago, by another attempt
+                        reply = dataclasses.replace(reply, queue_s=None, ttft_s=None)
+                    sent.extend(reply.output.new_token_ids)
+                    yield reply
+            return
+        except WorkerLost as e:
+            reason = "unreachable" if e.unreachable else "worker_lost"
+            if migrations >= config.max_migrations:
+                raise WorkerUnavailable(
+                    f"the request's decode worker was lost ({e}) after {len(sent)} tokens; it "
+                    f"has moved {migrations} times already, the most --max-migrations "
+                    f"({config.max_migrations}) allows"
+                ) from e
+            migrations += 1
+            logger.warning("decode worker lost after %d tokens (%s); resuming elsewhere "
+                           "(move %d of at most %d)", len(sent), e, migrations,
+                           config.max_migrations)  # fmt: skip
+            started = time.time()
+            await _placeable(decode, config.replacement_wait_s)
+            span.set_attributes({"tandem.migrations": migrations,
+                                 "tandem.migration_reason": reason})  # fmt: skip
+            record_span("migrate", started, time.time(), span,
+                        **{"tandem.migration_reason": reason,
+                           "tandem.resumed_tokens": len(sent)})  # fmt: skip
+            if on_migration is not None:
+                on_migration(reason)
+
+
+async def _placeable(pool: PoolView, wait_s: float) -> None:
+    """Return once `pool` has a placeable member, or raise WorkerUnavailable after `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while not any(member.placeable for member in pool.members()):
+        if time.monotonic() >= deadline:
+            raise WorkerUnavailable(
+                f"no live {pool.name} worker to resume the request on within {wait_s:g} s"
+            )
+        await asyncio.sleep(_POLL_S)

@@ -1,0 +1,129 @@
+"""router.failover, with fake worker clients: a stream whose decode worker is lost resumes on
+another, started with the token ids the client already has (`resumed_token_ids`), and the
+client sees one stream (only its first message carries the time to first token); past
+--max-migrations the stream ends with UNAVAILABLE naming the cap; a pool with no decode
+worker left waits for a replacement. Through Ray and gRPC:
+tests/integration/test_service.py::test_a_decode_worker_killed_mid_stream_resumes_its_streams_unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from contracts.errors import WorkerLost
+from router.failover import FailoverConfig
+from router.requests import ServedModel
+from router.server import TandemServicer
+from tests.unit.test_router_cancel import FIRST_TOKEN, FakePool, FakeWorker, _output, _request
+
+
+class AbortingContext:
+    """A grpc context that records how the call was ended."""
+
+    def __init__(self) -> None:
+        self.ended: tuple[Any, str] | None = None
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def time_remaining(self) -> float:
+        return 60.0
+
+    async def abort(self, code: Any, details: str) -> None:
+        self.ended = (code, details)
+        raise asyncio.CancelledError  # as grpc's abort ends the handler
+
+
+def _servicer(
+    disaggregated: bool, num_decode: int, max_migrations: int = 3
+) -> tuple[TandemServicer, list[FakeWorker]]:
+    model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
+    decodes = [FakeWorker(f"decode-{i}") for i in range(num_decode)]
+    prefill = FakeWorker("prefill-0") if disaggregated else None
+    servicer = TandemServicer(
+        model,
+        FakePool("decode", decodes),  # type: ignore[list-item]
+        FakePool("prefill", [prefill]) if prefill is not None else None,
+        failover=FailoverConfig(max_migrations=max_migrations, replacement_wait_s=0.5),
+    )
+    return servicer, decodes
+
+
+def _resumed(worker: FakeWorker) -> list[Any]:
+    """The resumed_token_ids each start call on `worker` passed (its last argument)."""
+    return [args[-1] for name, args in worker.calls if name.startswith("start_")]
+
+
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
+def test_a_lost_stream_resumes_on_another_worker_with_the_tokens_sent(
+    disaggregated: bool,
+) -> None:
+    async def run() -> None:
+        servicer, (lost, other) = _servicer(disaggregated, 2)
+        lost.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+        lost.batches.put_nowait([("r1", _output("r1", 12))])
+        stream = servicer.Generate(_request(), AbortingContext())
+        first, second = [await stream.__anext__() for _ in range(2)]
+        lost.batches.put_nowait(WorkerLost("worker lost: ActorDiedError"))
+        other.batches.put_nowait([("r1", _output("r1", 13))])
+        other.batches.put_nowait([("r1", _output("r1", 14, finished=True))])
+        rest = [response async for response in stream]
+        tokens = [list(r.token_ids) for r in [first, second, *rest]]
+        assert tokens == [[FIRST_TOKEN], [12], [13], [14]]
+        assert _resumed(lost) == [()] and _resumed(other) == [(FIRST_TOKEN, 12)]
+        assert first.timing.ttft_seconds > 0
+        assert all(r.timing.ttft_seconds == 0 for r in [second, *rest])
+        assert servicer.num_migrated == 1
+        assert servicer.outputs.num_open == 0
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("max_migrations", [0, 1])
+def test_past_max_migrations_the_stream_ends_unavailable_naming_the_cap(
+    max_migrations: int,
+) -> None:
+    async def run() -> None:
+        servicer, workers = _servicer(False, 2, max_migrations)
+        for worker in workers:
+            worker.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+            worker.batches.put_nowait(WorkerLost("worker lost: ActorDiedError"))
+        context = AbortingContext()
+        with pytest.raises(asyncio.CancelledError):
+            async for _ in servicer.Generate(_request(), context):
+                pass
+        assert context.ended is not None
+        code, details = context.ended
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert f"--max-migrations ({max_migrations})" in details
+        assert servicer.num_migrated == max_migrations
+
+    asyncio.run(run())
+
+
+def test_with_no_decode_worker_left_it_waits_for_a_replacement_then_gives_up() -> None:
+    async def run() -> None:
+        servicer, (only,) = _servicer(False, 1)
+        only.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+        only.batches.put_nowait(WorkerLost("worker lost: ActorDiedError"))
+        context = AbortingContext()
+        with pytest.raises(asyncio.CancelledError):
+            async for _ in servicer.Generate(_request(), context):
+                pass
+        assert context.ended is not None
+        code, details = context.ended
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "no live decode worker to resume the request on within 0.5 s" in details
+
+    asyncio.run(run())
+
+
+def test_failover_config_names_a_bad_field() -> None:
+    with pytest.raises(ValueError, match="max_migrations=-1"):
+        FailoverConfig(max_migrations=-1)
+    with pytest.raises(ValueError, match="replacement_wait_s=inf"):
+        FailoverConfig(replacement_wait_s=float("inf"))
