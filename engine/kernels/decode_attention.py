@@ -136,6 +136,11 @@ def _decode_split_kernel(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)  # running sum of p @ V
 
+    if KV_FP8:  # rows of the packed cache are 4-byte aligned (checked by the launcher), not
+        # 16: said so, Triton loads 4 e4m3 values at once instead of one byte at a time
+        stride_k_block, stride_v_block = (stride_k_block // 4) * 4, (stride_v_block // 4) * 4
+        stride_k_slot, stride_v_slot = (stride_k_slot // 4) * 4, (stride_v_slot // 4) * 4
+        stride_k_head, stride_v_head = (stride_k_head // 4) * 4, (stride_v_head // 4) * 4
     k_head_ptr = k_cache_ptr + kv_head * stride_k_head
     v_head_ptr = v_cache_ptr + kv_head * stride_v_head
     bt_row_ptr = block_tables_ptr + seq * stride_bt_seq

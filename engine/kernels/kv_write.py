@@ -72,6 +72,10 @@ def _kv_write_kernel(
         other=0.0,
     )
     # Destination: block block_id, row slot_in_block, same (head, d) tile.
+    if KV_FP8:  # 4-byte aligned rows (checked by the launcher): 4-byte stores
+        stride_kc_block, stride_vc_block = (stride_kc_block // 4) * 4, (stride_vc_block // 4) * 4
+        stride_kc_slot, stride_vc_slot = (stride_kc_slot // 4) * 4, (stride_vc_slot // 4) * 4
+        stride_kc_head, stride_vc_head = (stride_kc_head // 4) * 4, (stride_vc_head // 4) * 4
     kc_ptrs = (
         k_cache_ptr
         + block_id * stride_kc_block

@@ -178,6 +178,10 @@ def _prefill_attention_kernel(
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    if KV_FP8:  # 4-byte aligned rows (checked by the launcher): 4-byte loads (decode kernel)
+        stride_kb, stride_vb = (stride_kb // 4) * 4, (stride_vb // 4) * 4
+        stride_ks, stride_vs = (stride_ks // 4) * 4, (stride_vs // 4) * 4
+        stride_kh, stride_vh = (stride_kh // 4) * 4, (stride_vh // 4) * 4
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
     ks_base = k_scale_ptr + kv_head * stride_ksh
