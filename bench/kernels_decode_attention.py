@@ -2,9 +2,9 @@
 `paged_decode_attention_ref`, Llama-3-8B-like heads, per batch size and context length, as GPU
 time from CUDA-graph replays over inputs larger than L2, plus the eager time; bandwidth as a
 share of `--peak-bandwidth`. Outputs are checked against the reference first. CUDA only.
-`--kv-dtype fp8` reads an FP8 cache in the engine's packed layout (engine.kv_quant: e4m3 rows,
-each followed by its fp32 scale); `fp8-dense` the same values and scales as two separate
-contiguous tensors (16-byte aligned rows), to tell layout costs from dequantization costs.
+`--kv-dtype fp8` reads an FP8 cache in the engine's packed layout (engine.kv_quant: each
+block's e4m3 values, then its fp32 scales); `fp8-dense` the same values and scales as two
+separate contiguous tensors, to tell layout costs from dequantization costs.
 Method: docs/benchmarks.md.
 
     python -m bench.kernels_decode_attention [--batch-sizes 1,16,64] [--contexts 640,4096]
@@ -27,7 +27,7 @@ from engine.kernels.decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from engine.kv_quant import pack_rows, packed_row_bytes, split_fp8_cache
+from engine.kv_quant import pack_blocks, packed_row_bytes, split_fp8_cache
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -56,7 +56,7 @@ def make_inputs(batch: int, context: int, seed: int, kv_dtype: str = "bf16") -> 
     block_ids = torch.randperm(num_blocks, device="cuda", generator=gen)
     cache: dict[str, Any] = {"k_cache": layer[0], "v_cache": layer[1]}
     if kv_dtype != "bf16":
-        values, scales = split_fp8_cache(pack_rows(layer))
+        values, scales = split_fp8_cache(pack_blocks(layer))
         if kv_dtype == "fp8-dense":
             values, scales = values.contiguous(), scales.contiguous()
         cache = {"k_cache": values[0], "v_cache": values[1], "k_scale": scales[0],

@@ -62,3 +62,9 @@ def check_kv_scales(
             )
     check_devices(k_cache, v_cache, k_scale, v_scale)
     return True
+
+
+def only_4_byte_aligned(*caches: torch.Tensor) -> bool:
+    """Whether some e4m3 cache's rows are 4- but not 16-byte aligned (head_dim % 16 != 0):
+    the kernels then say so to Triton (its own specialization covers 16-byte alignment)."""
+    return any(t.data_ptr() % 16 or any(s % 16 for s in t.stride()[:-1]) for t in caches)

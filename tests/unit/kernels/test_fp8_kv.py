@@ -20,7 +20,7 @@ from engine.kernels.kv_write import write_kv, write_kv_ref
 from engine.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from engine.kv_quant import (
     dequantize_rows,
-    pack_rows,
+    pack_blocks,
     packed_row_bytes,
     split_fp8_cache,
     write_kv_fp8_ref,
@@ -43,7 +43,7 @@ def packed_cache(
     values = torch.randn(shape, generator=gen) * (
         torch.rand((*shape[:-1], 1), generator=gen) * 2 + 0.1
     )
-    return pack_rows(values).to(DEVICE), values.to(DEVICE)
+    return pack_blocks(values).to(DEVICE), values.to(DEVICE)
 
 
 def views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
