@@ -103,7 +103,8 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     def run(self, decodes: list[ScheduledSequence]) -> torch.Tensor:
-        """Logits [len(decodes), vocab] for one decode step of these sequences."""
+        """Logits [len(decodes), vocab] for one decode step of these sequences: a view of the
+        graph's output buffer, overwritten by the next replay of the same graph."""
         n = len(decodes)
         batch = next(b for b in self.batch_sizes if b >= n)
         if self.pinned:
