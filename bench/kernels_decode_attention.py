@@ -2,9 +2,13 @@
 `paged_decode_attention_ref`, Llama-3-8B-like heads, per batch size and context length, as GPU
 time from CUDA-graph replays over inputs larger than L2, plus the eager time; bandwidth as a
 share of `--peak-bandwidth`. Outputs are checked against the reference first. CUDA only.
+`--kv-dtype fp8` reads an FP8 cache in the engine's packed layout (engine.kv_quant: each
+block's e4m3 values, then its fp32 scales); `fp8-dense` the same values and scales as two
+separate contiguous tensors, to tell layout costs from dequantization costs.
 Method: docs/benchmarks.md.
 
     python -m bench.kernels_decode_attention [--batch-sizes 1,16,64] [--contexts 640,4096]
+        [--kv-dtype bf16|fp8|fp8-dense]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from engine.kernels.decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
 )
+from engine.kv_quant import pack_blocks, packed_row_bytes, split_fp8_cache
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -34,12 +39,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--contexts", default="640,4096")
     parser.add_argument("--rep-ms", type=int, default=100, help="time per measurement")
     parser.add_argument("--peak-bandwidth", type=float, default=3.0e12, help="bytes/s")
+    parser.add_argument("--kv-dtype", default="bf16", choices=("bf16", "fp8", "fp8-dense"))
     parser.add_argument("--out", default="bench/results/kernels_decode_attention.json")
     return parser.parse_args()
 
 
-def make_inputs(batch: int, context: int, seed: int) -> dict[str, Any]:
-    """q, K/V cache views of one layer tensor, shuffled block tables, context lengths."""
+def make_inputs(batch: int, context: int, seed: int, kv_dtype: str = "bf16") -> dict[str, Any]:
+    """q, K/V cache views of one layer tensor (and for FP8 their scales), shuffled block
+    tables, context lengths."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     blocks_per_seq = -(-context // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
@@ -47,10 +54,16 @@ def make_inputs(batch: int, context: int, seed: int) -> dict[str, Any]:
         2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=gen
     ).to(DTYPE)  # [2, num_blocks, block_size, kv_heads, head_dim]
     block_ids = torch.randperm(num_blocks, device="cuda", generator=gen)
+    cache: dict[str, Any] = {"k_cache": layer[0], "v_cache": layer[1]}
+    if kv_dtype != "bf16":
+        values, scales = split_fp8_cache(pack_blocks(layer))
+        if kv_dtype == "fp8-dense":
+            values, scales = values.contiguous(), scales.contiguous()
+        cache = {"k_cache": values[0], "v_cache": values[1], "k_scale": scales[0],
+                 "v_scale": scales[1]}  # fmt: skip
     return {
         "q": torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", generator=gen).to(DTYPE),
-        "k_cache": layer[0],
-        "v_cache": layer[1],
+        **cache,
         "block_tables": block_ids.view(batch, blocks_per_seq).to(torch.int32),
         "context_lens": torch.full((batch,), context, dtype=torch.int32, device="cuda"),
         "scale": HEAD_DIM**-0.5,
@@ -63,10 +76,11 @@ def graph_time_us(fn: Callable[[], object], calls_per_fn: int, rep_ms: int) -> f
 
 
 def measure(batch: int, context: int, args: argparse.Namespace) -> dict[str, Any]:
-    kv_bytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * DTYPE.itemsize
+    row_bytes = HEAD_DIM * DTYPE.itemsize if args.kv_dtype == "bf16" else packed_row_bytes(HEAD_DIM)
+    kv_bytes = batch * context * NUM_KV_HEADS * row_bytes * 2
     l2_bytes = torch.cuda.get_device_properties().L2_cache_size
     num_sets = min(64, max(1, -(-4 * l2_bytes // kv_bytes)))
-    sets = [make_inputs(batch, context, seed=i) for i in range(num_sets)]
+    sets = [make_inputs(batch, context, seed=i, kv_dtype=args.kv_dtype) for i in range(num_sets)]
     max_blocks = sets[0]["block_tables"].shape[1]
     device = torch.device("cuda")
     auto_splits = choose_num_splits(batch, NUM_KV_HEADS, max_blocks, BLOCK_SIZE, device)
@@ -128,7 +142,8 @@ def main() -> None:
                "torch reference", "triton auto, eager", "speedup vs ref"]  # fmt: skip
     peak_tb_per_s = args.peak_bandwidth / 1e12
     print(
-        f"{torch.cuda.get_device_name()}: 32 heads / 8 kv heads, head_dim 128, bf16, block 16; "
+        f"{torch.cuda.get_device_name()}: 32 heads / 8 kv heads, head_dim 128, "
+        f"KV {args.kv_dtype}, block 16; "
         f"GB/s = K+V bytes read / time, % of {peak_tb_per_s:.1f} TB/s"
     )
     print(markdown_table(headers, [table_row(r, args.peak_bandwidth) for r in rows]))

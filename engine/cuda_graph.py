@@ -18,9 +18,10 @@ from engine.scheduler import ScheduledSequence
 
 logger = logging.getLogger(__name__)
 
-# Decode-graph inputs from pinned buffers (see the module docstring); read when a DecodeGraphs
-# is built. Off until an H100 run has timed it against the default path (issue 19).
-PINNED_INPUTS = False
+# Decode-graph inputs from pinned buffers, two copies a step, the block table refilled only
+# where a row changed; read when a DecodeGraphs is built. On: +4.6% decode tok/s at batch 64,
+# neutral at batch 1 (H100, bench.engine_ab, interleaved; docs/benchmarks.md, issue 19).
+PINNED_INPUTS = True
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -102,7 +103,8 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     def run(self, decodes: list[ScheduledSequence]) -> torch.Tensor:
-        """Logits [len(decodes), vocab] for one decode step of these sequences."""
+        """Logits [len(decodes), vocab] for one decode step of these sequences: a view of the
+        graph's output buffer, overwritten by the next replay of the same graph."""
         n = len(decodes)
         batch = next(b for b in self.batch_sizes if b >= n)
         if self.pinned:

@@ -1,11 +1,15 @@
 """The FP8 (e4m3) KV cache: its packed layout, and quantizing and dequantizing in plain torch. The
-cache stays one uint8 tensor, each (token, kv head) row followed by its fp32 scale:
+cache stays one uint8 tensor [..., num_blocks, block_size, kv_heads, head_dim + 4], whose bytes
+per block hold the block's e4m3 values, then their fp32 scales (one per token and kv head):
 
-    kv_cache[layer, K|V, block, slot, kv_head, 0 : head_dim + 4]   e4m3 values, then s
+    block bytes [0, B*H*D)            values q[slot, head, d]   (row-major [B, H, D])
+    block bytes [B*H*D, B*H*(D + 4))  scales s[slot, head]      (row-major [B, H] fp32)
     s = max_d |x[d]| / 448,   x[d] ~= q[d] * s
 
-so block copies, prefix caching and KV transfer move blocks unchanged. Requires head_dim % 4 == 0.
-This module only describes and converts (the Triton kernels do the same in registers); why one
+so block copies, prefix caching and KV transfer move blocks unchanged, and every value row
+starts 16-byte aligned when head_dim % 16 == 0 (the kernels then load 16 bytes at a time).
+Requires head_dim % 4 == 0. Only whole blocks can be split into values and scales. This
+module only describes and converts (the Triton kernels do the same in registers); why one
 scale per token and head: docs/engine.md.
 """
 
@@ -33,15 +37,39 @@ def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
     return kv_cache.dtype == KV_FP8_STORAGE
 
 
-def split_fp8_cache(
-    kv_cache: torch.Tensor,  # [..., head_dim + 4] uint8
-) -> tuple[torch.Tensor, torch.Tensor]:  # ([..., head_dim] e4m3 view, [...] fp32 view)
-    """Views (no copies) of the values and the scales of a packed FP8 cache or slice."""
+def _split_bytes(
+    kv_cache: torch.Tensor,  # [..., block_size, num_kv_heads, head_dim + 4] uint8, whole blocks
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([..., head_dim] uint8, [...] fp32), views
     assert is_fp8_cache(kv_cache), f"not an FP8 cache: {kv_cache.dtype}"
-    head_dim = kv_cache.shape[-1] - SCALE_BYTES
-    values = kv_cache[..., :head_dim].view(KV_FP8_DTYPE)
-    scales = kv_cache[..., head_dim:].view(torch.float32).squeeze(-1)
-    return values, scales
+    *lead, block_size, num_kv_heads, row = kv_cache.shape
+    head_dim = row - SCALE_BYTES
+    lead_strides = kv_cache.stride()[:-3]
+    block_bytes = block_size * num_kv_heads * row
+    whole_blocks = not lead or lead_strides[-1] == block_bytes
+    if kv_cache.stride()[-3:] != (num_kv_heads * row, row, 1) or not whole_blocks:
+        raise ValueError(f"an FP8 cache splits by whole blocks only, got strides "
+                         f"{kv_cache.stride()} for shape {tuple(kv_cache.shape)}")  # fmt: skip
+    offset = kv_cache.storage_offset()
+    values = kv_cache.as_strided(
+        (*lead, block_size, num_kv_heads, head_dim),
+        (*lead_strides, num_kv_heads * head_dim, head_dim, 1),
+        offset,
+    )
+    scale_bytes = kv_cache.as_strided(
+        (*lead, block_size, num_kv_heads, SCALE_BYTES),
+        (*lead_strides, num_kv_heads * SCALE_BYTES, SCALE_BYTES, 1),
+        offset + block_size * num_kv_heads * head_dim,
+    )
+    return values, scale_bytes.view(torch.float32).squeeze(-1)
+
+
+def split_fp8_cache(
+    kv_cache: torch.Tensor,  # [..., block_size, num_kv_heads, head_dim + 4] uint8, whole blocks
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([..., head_dim] e4m3 view, [...] fp32 view)
+    """Views (no copies) of the values and the scales of a packed FP8 cache, or of any part of
+    it made of whole blocks (a layer, its K or V, selected blocks). ValueError otherwise."""
+    values, scales = _split_bytes(kv_cache)
+    return values.view(KV_FP8_DTYPE), scales
 
 
 def quantize_rows(
@@ -54,17 +82,24 @@ def quantize_rows(
     return q, scale
 
 
-def pack_rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., head_dim] float -> [..., head_dim + 4] uint8 packed rows."""
+def pack_blocks(x: torch.Tensor) -> torch.Tensor:
+    """[..., block_size, num_kv_heads, head_dim] float -> the packed uint8 blocks
+    [..., block_size, num_kv_heads, head_dim + 4]."""
     q, scale = quantize_rows(x)
-    return torch.cat((q.view(torch.uint8), scale[..., None].view(torch.uint8)), dim=-1)
+    packed = torch.empty(
+        (*x.shape[:-1], packed_row_bytes(x.shape[-1])), dtype=KV_FP8_STORAGE, device=x.device
+    )
+    values, scales = _split_bytes(packed)
+    values.copy_(q.view(KV_FP8_STORAGE))
+    scales.copy_(scale)
+    return packed
 
 
 def dequantize_rows(
-    packed: torch.Tensor,  # [..., head_dim + 4] uint8
+    packed: torch.Tensor,  # [..., block_size, num_kv_heads, head_dim + 4] uint8, whole blocks
     dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:  # [..., head_dim] dtype
-    """Values of packed rows, computed in fp32 and returned in `dtype`."""
+) -> torch.Tensor:  # [..., block_size, num_kv_heads, head_dim] dtype
+    """Values of packed blocks, computed in fp32 and returned in `dtype`."""
     values, scales = split_fp8_cache(packed)
     return (values.float() * scales[..., None]).to(dtype)
 
@@ -76,7 +111,10 @@ def write_kv_fp8_ref(
     slot_mapping: torch.Tensor,  # [num_tokens] int64, no padding slots
 ) -> None:
     """Quantize and store new keys and values at their flat slots (torch reference)."""
-    _, num_blocks, block_size, num_kv_heads, row_bytes = kv_cache_layer.shape
-    flat = kv_cache_layer.view(2, num_blocks * block_size, num_kv_heads, row_bytes)
-    flat[0].index_copy_(0, slot_mapping, pack_rows(k))
-    flat[1].index_copy_(0, slot_mapping, pack_rows(v))
+    values, scales = _split_bytes(kv_cache_layer)  # [2, blocks, B, H, D] uint8, [2, blocks, B, H]
+    block_size = kv_cache_layer.shape[2]
+    blocks, slots = slot_mapping // block_size, slot_mapping % block_size
+    for i, x in enumerate((k, v)):
+        q, scale = quantize_rows(x)
+        values[i][blocks, slots] = q.view(KV_FP8_STORAGE)
+        scales[i][blocks, slots] = scale

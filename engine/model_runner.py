@@ -70,7 +70,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> torch.Tensor:
         """Run one step; returns logits [num_sampling_seqs, vocab] fp32, in the order the
-        sampling sequences appear in `output.scheduled`."""
+        sampling sequences appear in `output.scheduled`. From a decode CUDA graph they are
+        the graph's output buffer: valid until the next step overwrites it (copy to keep)."""
         decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
         prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
         batch = decodes + prefills

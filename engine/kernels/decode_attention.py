@@ -16,7 +16,12 @@ import triton
 import triton.language as tl
 
 from engine.attention import decode_mask
-from engine.kernels.launch import check_devices, check_kv_scales, on_device
+from engine.kernels.launch import (
+    check_devices,
+    check_kv_scales,
+    on_device,
+    only_4_byte_aligned,
+)
 from engine.kv_quant import KV_FP8_DTYPE
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -110,6 +115,7 @@ def _decode_split_kernel(
     TILE_N: tl.constexpr,  # tokens per K/V tile, a power of two >= 16
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 caches, so tl.dot does not round to tf32
     KV_FP8: tl.constexpr,  # e4m3 cache: K/V converted to q's dtype, scales folded in
+    ROWS_4B: tl.constexpr,  # e4m3 rows only 4-byte aligned (launch.only_4_byte_aligned)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -136,6 +142,11 @@ def _decode_split_kernel(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)  # running sum of p @ V
 
+    if ROWS_4B:  # e4m3 rows 4- but not 16-byte aligned (checked by the launcher): said
+        # so, Triton moves 4 values at a time instead of one byte
+        stride_k_block, stride_v_block = (stride_k_block // 4) * 4, (stride_v_block // 4) * 4
+        stride_k_slot, stride_v_slot = (stride_k_slot // 4) * 4, (stride_v_slot // 4) * 4
+        stride_k_head, stride_v_head = (stride_k_head // 4) * 4, (stride_v_head // 4) * 4
     k_head_ptr = k_cache_ptr + kv_head * stride_k_head
     v_head_ptr = v_cache_ptr + kv_head * stride_v_head
     bt_row_ptr = block_tables_ptr + seq * stride_bt_seq
@@ -356,6 +367,7 @@ def paged_decode_attention(
             TILE_N=tile_n,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             KV_FP8=is_fp8,
+            ROWS_4B=is_fp8 and only_4_byte_aligned(k_cache, v_cache),
             num_warps=num_warps,
             num_stages=num_stages,
         )  # fmt: skip

@@ -12,7 +12,12 @@ import triton
 import triton.language as tl
 
 from engine.kernels.fp8_round import round_to_e4m3
-from engine.kernels.launch import check_devices, check_kv_scales, on_device
+from engine.kernels.launch import (
+    check_devices,
+    check_kv_scales,
+    on_device,
+    only_4_byte_aligned,
+)
 from engine.kv_quant import quantize_rows
 
 
@@ -48,6 +53,7 @@ def _kv_write_kernel(
     stride_vs_slot=0,
     stride_vs_head=0,
     KV_FP8: tl.constexpr = False,  # quantize to e4m3 with one scale per (token, head)
+    ROWS_4B: tl.constexpr = False,  # e4m3 rows only 4-byte aligned (launch.only_4_byte_aligned)
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -72,6 +78,11 @@ def _kv_write_kernel(
         other=0.0,
     )
     # Destination: block block_id, row slot_in_block, same (head, d) tile.
+    if ROWS_4B:  # e4m3 rows 4- but not 16-byte aligned (checked by the launcher): said
+        # so, Triton moves 4 values at a time instead of one byte
+        stride_kc_block, stride_vc_block = (stride_kc_block // 4) * 4, (stride_vc_block // 4) * 4
+        stride_kc_slot, stride_vc_slot = (stride_kc_slot // 4) * 4, (stride_vc_slot // 4) * 4
+        stride_kc_head, stride_vc_head = (stride_kc_head // 4) * 4, (stride_vc_head // 4) * 4
     kc_ptrs = (
         k_cache_ptr
         + block_id * stride_kc_block
@@ -140,6 +151,7 @@ def write_kv(
             v_scale_ptr=v_scale if v_scale is not None else v_cache,
             **_scale_strides(k_scale, v_scale),
             KV_FP8=is_fp8,
+            ROWS_4B=is_fp8 and only_4_byte_aligned(k_cache, v_cache),
             num_warps=4 if block_h * block_d >= 2048 else 2,
         )  # fmt: skip
 

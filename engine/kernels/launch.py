@@ -47,6 +47,14 @@ def check_kv_scales(
         )
     if k_scale is None or v_scale is None:
         return False
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        # the kernels load e4m3 rows 4 bytes at a time (engine.kv_quant's packed rows are
+        # head_dim + 4 bytes, head_dim % 4 == 0)
+        if t.data_ptr() % 4 or any(s % 4 for s in t.stride()[:-1]):
+            raise ValueError(
+                f"an e4m3 {name} must have 4-byte aligned rows, got strides {t.stride()} "
+                f"at address {t.data_ptr():#x}"
+            )
     for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
         if t.shape != k_cache.shape[:3] or t.dtype != torch.float32:
             raise ValueError(
@@ -54,3 +62,9 @@ def check_kv_scales(
             )
     check_devices(k_cache, v_cache, k_scale, v_scale)
     return True
+
+
+def only_4_byte_aligned(*caches: torch.Tensor) -> bool:
+    """Whether some e4m3 cache's rows are 4- but not 16-byte aligned (head_dim % 16 != 0):
+    the kernels then say so to Triton (its own specialization covers 16-byte alignment)."""
+    return any(t.data_ptr() % 16 or any(s % 16 for s in t.stride()[:-1]) for t in caches)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.launch import check_kv_scales
+from engine.kernels.launch import check_kv_scales, only_4_byte_aligned
 from engine.kv_quant import KV_FP8_DTYPE
 
 _LOG2_E = 1.4426950408889634
@@ -153,6 +153,7 @@ def _prefill_attention_kernel(
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (as torch), else unused
     KV_FP8: tl.constexpr,
+    ROWS_4B: tl.constexpr,  # e4m3 rows only 4-byte aligned (launch.only_4_byte_aligned)
 ):
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # last tiles (most keys) first
     kv_head = tl.program_id(1)
@@ -178,6 +179,11 @@ def _prefill_attention_kernel(
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    if ROWS_4B:  # e4m3 rows 4- but not 16-byte aligned (checked by the launcher): said
+        # so, Triton moves 4 values at a time instead of one byte
+        stride_kb, stride_vb = (stride_kb // 4) * 4, (stride_vb // 4) * 4
+        stride_ks, stride_vs = (stride_ks // 4) * 4, (stride_vs // 4) * 4
+        stride_kh, stride_vh = (stride_kh // 4) * 4, (stride_vh // 4) * 4
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
     ks_base = k_scale_ptr + kv_head * stride_ksh
@@ -258,6 +264,7 @@ def paged_prefill_attention(
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=is_fp8,
+        ROWS_4B=is_fp8 and only_4_byte_aligned(k_cache, v_cache),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return out

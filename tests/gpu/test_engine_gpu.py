@@ -115,12 +115,15 @@ def test_teacher_forced_logits_match_cpu_fp32(
     gpu.check_integrity()
 
 
-@pytest.mark.parametrize("triton_gemv", [False, True])
-def test_greedy_alone_equals_in_batch(model_dir: Path, triton_gemv: bool) -> None:
-    """Alone, decode rows go through the GEMV (with triton_gemv); in a batch, through cuBLAS."""
+def test_greedy_alone_equals_in_batch(model_dir: Path) -> None:
+    """cuBLAS gives a row the same bits at batch 1 and in a batch. Not so with the Triton GEMV
+    on (`triton_gemv`: batch 1 through the GEMV, larger batches through cuBLAS, each summing
+    in its own order): on an H100 one of these 9 sequences took another token at its 6th step
+    (issue 19, docs/benchmarks.md), so that switch gives up this promise; its arithmetic is
+    checked by the teacher-forced test."""
     from contracts.sampling_params import SamplingParams
 
-    engine = gpu_engine(model_dir, triton_gemv=triton_gemv)
+    engine = gpu_engine(model_dir)
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     prompts = [rule_sequence(seed=s, length=20 + 37 * s) for s in range(9)]
     alone = [engine.generate([p], params)[0].token_ids for p in prompts]

@@ -102,7 +102,9 @@ def decode_logits(engine: Engine, token_ids: list[int], num_prefix: int) -> torc
     for next_token in [*token_ids[num_prefix:], None]:
         assert engine.block_manager.allocate_slots(seq, num_new)
         output = SchedulerOutput([ScheduledSequence(seq, num_new)], [])
-        rows.append(engine.runner.execute(output)[0])
+        # a copy: with CUDA graphs the runner returns the graph's own output buffer, which the
+        # next step overwrites (stacking those views gave every row the last step's logits)
+        rows.append(engine.runner.execute(output)[0].clone())
         seq.num_computed_tokens += num_new
         if next_token is not None:
             seq.append_token(next_token)

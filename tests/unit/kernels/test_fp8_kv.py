@@ -20,7 +20,7 @@ from engine.kernels.kv_write import write_kv, write_kv_ref
 from engine.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from engine.kv_quant import (
     dequantize_rows,
-    pack_rows,
+    pack_blocks,
     packed_row_bytes,
     split_fp8_cache,
     write_kv_fp8_ref,
@@ -43,7 +43,7 @@ def packed_cache(
     values = torch.randn(shape, generator=gen) * (
         torch.rand((*shape[:-1], 1), generator=gen) * 2 + 0.1
     )
-    return pack_rows(values).to(DEVICE), values.to(DEVICE)
+    return pack_blocks(values).to(DEVICE), values.to(DEVICE)
 
 
 def views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,3 +149,17 @@ def test_scales_are_required_with_an_fp8_cache_and_refused_without() -> None:
         paged_decode_attention(q, dense, dense, tables, lens, 0.25, k_scale=ks, v_scale=vs)
     with pytest.raises(ValueError, match="v_scale must be fp32"):
         paged_decode_attention(q, k, v, tables, lens, 0.25, k_scale=ks, v_scale=vs[:2])
+
+
+def test_kernels_refuse_e4m3_rows_that_are_not_4_byte_aligned() -> None:
+    """The kernels load e4m3 rows at least 4 bytes at a time: a cache whose rows are not
+    4-byte aligned is refused by name, not read wrongly."""
+    num_blocks, block_size, num_kv_heads, head_dim = 2, 4, 1, 8
+    shape = (num_blocks, block_size, num_kv_heads, head_dim + 2)
+    storage = torch.zeros(shape, dtype=torch.uint8, device=DEVICE)
+    cache = storage[..., :head_dim].view(torch.float8_e4m3fn)  # rows 10 bytes apart
+    scales = torch.ones(num_blocks, block_size, num_kv_heads, device=DEVICE)
+    k = torch.randn(3, num_kv_heads, head_dim).to(DEVICE, Q_DTYPE)
+    slots = torch.tensor([0, 1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="4-byte aligned rows"):
+        write_kv(k, k, cache, cache, slots, scales, scales)
