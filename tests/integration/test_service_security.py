@@ -1,13 +1,16 @@
 """Who may call, and over what, through the whole service: one colocated worker with the default
-model on CPU behind the gRPC router on loopback, serving mutual TLS with certificates the test
-makes, and API keys of two tenants (alpha at most one request in flight, beta unbounded).
+model on CPU behind the router on loopback (gRPC and the OpenAI-compatible HTTP edge), serving
+mutual TLS with certificates the test makes, and API keys of two tenants (alpha at most one
+request in flight, beta unbounded).
 A plain TLS server (no client certificates) is checked without Ray: its gate answers health
 checks from the start."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,7 @@ def service(certs: Certificates) -> Iterator[RunningService]:
         mode="colocated",
         num_workers=1,
         port=0,
+        http_port=0,  # the OpenAI-compatible edge: the same keys, bounds and certificates
         api_keys=keys,
         tls=TlsConfig(str(certs.server_cert), str(certs.server_key), str(certs.client_ca)),
     )
@@ -247,3 +251,72 @@ def test_tls_without_client_certificates(certs: Certificates) -> None:
             await server.stop(None)
 
     asyncio.run(check())
+
+
+def https(
+    service: RunningService, certs: Certificates, method: str, path: str, body: Any = None,
+    key: str | None = None, client_cert: bool = True,
+) -> tuple[int, dict[str, Any]]:  # fmt: skip
+    """(status, JSON body) of one call to the HTTP edge over TLS (with the client certificate
+    of mutual TLS unless told otherwise) and, if given, an API key."""
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    if client_cert:
+        context.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+    assert service.service.http_port is not None
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", service.service.http_port, context=context, timeout=120
+    )
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        connection.request(method, path, json.dumps(body) if body else None, headers)
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read() or b"{}")
+    finally:
+        connection.close()
+
+
+def test_the_http_edge_serves_the_same_certificates_keys_and_bounds(
+    service: RunningService, certs: Certificates
+) -> None:
+    """HTTPS with the gRPC edge's certificates (mutual TLS: a client without a certificate,
+    and a plaintext one, never get an answer); a missing or wrong key is a 401 in OpenAI's
+    error JSON, counted with gRPC's; a tenant at its bound gets 429 while gRPC holds its
+    place: one bound per tenant across both edges."""
+    body = {"model": "x", "prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+    assert https(service, certs, "GET", "/health")[0] == 200  # no key needed
+    model = https(service, certs, "GET", "/v1/models", key=KEY_BETA)[1]["data"][0]["id"]
+    body["model"] = model
+    status, answer = https(service, certs, "POST", "/v1/completions", body, key=KEY_BETA)
+    assert status == 200, answer
+    assert answer["usage"]["completion_tokens"] == 2
+    before = failures(service, "tandem_auth_failures", reason="missing")
+    status, answer = https(service, certs, "POST", "/v1/completions", body)
+    assert (status, answer["error"]["type"]) == (401, "authentication_error")
+    assert failures(service, "tandem_auth_failures", reason="missing") == before + 1
+    wrong = https(service, certs, "POST", "/v1/completions", body, key="not-the-key-of-anyone")
+    assert wrong[0] == 401
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https(service, certs, "GET", "/health", client_cert=False)
+    plain = http.client.HTTPConnection("127.0.0.1", service.service.http_port, timeout=30)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        plain.request("GET", "/health")
+        plain.getresponse()
+    plain.close()
+
+
+def test_a_tenant_bound_holds_across_both_edges(
+    service: RunningService, certs: Certificates, stub: Any
+) -> None:
+    guard = service.service.guard
+    assert guard is not None
+    request = pb.GenerateRequest(text=PROMPT, sampling=greedy_sampling(2000))
+    long_call = stub.Generate(request, timeout=120, metadata=bearer(KEY_ALPHA))
+    next(long_call)  # alpha's one request is streaming over gRPC
+    body = {"model": "x", "prompt": PROMPT, "max_tokens": 2}  # refused before it is read
+    status, answer = https(service, certs, "POST", "/v1/completions", body, key=KEY_ALPHA)
+    assert status == 429, answer
+    assert "tenant 'alpha' has 1 requests in flight" in answer["error"]["message"]
+    long_call.cancel()
+    service.run(_until(lambda: "alpha" not in guard.in_flight))
