@@ -230,6 +230,8 @@ def test_a_stream_whose_decode_worker_dies_resumes_on_the_other_prefilled_there(
     servicer = service.service._servicer
     assert servicer is not None
     migrated = servicer.num_migrated
+    prefill = service.service.prefill_workers[0]
+    shipped = ray.get(prefill.stats.remote(), timeout=30).kv.transfers_completed
     call = service.stub.Generate(pb.GenerateRequest(text=prompt, sampling=sampling), timeout=120)
     responses = [next(call) for _ in range(3)]
     busy = busy_decode_worker(service)
@@ -239,7 +241,7 @@ def test_a_stream_whose_decode_worker_dies_resumes_on_the_other_prefilled_there(
     assert [t for r in responses for t in r.token_ids] == expected.token_ids
     assert "".join(r.text for r in responses) == expected.text
     assert servicer.num_migrated == migrated + 1
-    prefill_stats = ray.get(service.service.prefill_workers[0].stats.remote(), timeout=30)
-    assert prefill_stats.kv.transfers_completed == 0  # replayed on the decode worker itself
+    prefill_stats = ray.get(prefill.stats.remote(), timeout=30)
+    assert prefill_stats.kv.transfers_completed == shipped  # replayed on the decode worker
     wait_replaced(lambda: service.service.workers, busy, victim)
     service.assert_workers_idle_and_intact()
