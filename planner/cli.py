@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.serving.cli import parse_lens, parse_rates
+
 WORKLOADS = ("mixed", "random", "shared-prefix")
 
 
@@ -22,24 +24,6 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(item) for item in text.split(",") if item.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of ints like 16,64,256") from None
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(item) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a list of rates like 1,2,4") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive rates like 1,2,4")
-    return values
-
-
-def _lens(text: str) -> tuple[int, int]:
-    try:
-        num_input, num_output = (int(item) for item in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not INPUT:OUTPUT, e.g. 1024:16") from None
-    return num_input, num_output
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +75,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, required=True, help="workers (GPUs) to plan for")
     parser.add_argument("--workload", default="mixed", choices=WORKLOADS)
     parser.add_argument("--num-prompts", type=int, default=256, help="requests per rate")
-    parser.add_argument("--rates", type=_floats, default=(1.0, 2.0, 4.0), help="req/s")
+    parser.add_argument("--rates", type=parse_rates, default=[1.0, 2.0, 4.0], help="req/s")
     parser.add_argument("--seed", type=int, default=0, help="as tandem bench's: same requests")
     parser.add_argument("--slo", default="ttft=500ms,tpot=30ms")
     parser.add_argument("--configurations", default=None,
@@ -104,8 +88,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     lengths.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix")
     lengths.add_argument("--suffix-len", type=int, default=32, help="shared-prefix")
     lengths.add_argument("--prefill-heavy-fraction", type=float, default=0.7, help="mixed")
-    lengths.add_argument("--prefill-heavy-lens", type=_lens, default=(1024, 16), help="mixed")
-    lengths.add_argument("--decode-heavy-lens", type=_lens, default=(64, 256), help="mixed")
+    lengths.add_argument("--prefill-heavy-lens", type=parse_lens, default=(1024, 16), help="mixed")
+    lengths.add_argument("--decode-heavy-lens", type=parse_lens, default=(64, 256), help="mixed")
     placement = parser.add_argument_group("placement (as tandem serve's)")
     placement.add_argument("--target-itl-ms", type=float, default=None)
     placement.add_argument("--disagg-local-max-tokens", type=int, default=256)

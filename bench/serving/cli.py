@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--request-rate", type=float, default=float("inf"), help="per second; inf: all at once"
     )
-    load.add_argument("--rates", type=_rates, default=None, help="a sweep: 1,2,4,8 (req/s)")
+    load.add_argument("--rates", type=parse_rates, default=None, help="a sweep: 1,2,4,8 (req/s)")
     load.add_argument(
         "--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier"
     )
@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lengths.add_argument("--question-len", type=int, default=32, help="multi-turn (words/ids)")
     lengths.add_argument("--multi-turn-format", default="chat", choices=("chat", "token-ids"))
     lengths.add_argument("--prefill-heavy-fraction", type=float, default=0.5, help="mixed")
-    lengths.add_argument("--prefill-heavy-lens", type=_lens, default=(1024, 16), help="IN:OUT")
-    lengths.add_argument("--decode-heavy-lens", type=_lens, default=(64, 256), help="IN:OUT")
+    lengths.add_argument("--prefill-heavy-lens", type=parse_lens, default=(1024, 16), help="IN:OUT")
+    lengths.add_argument("--decode-heavy-lens", type=parse_lens, default=(64, 256), help="IN:OUT")
     results = parser.add_argument_group("results")
     results.add_argument("--slo", type=_slo, default=None, help="e.g. ttft=500ms,tpot=30ms")
     results.add_argument("--output", default=None, help="JSON file (default: a dated name)")
@@ -100,7 +100,8 @@ def _slo(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _rates(text: str) -> list[float]:
+def parse_rates(text: str) -> list[float]:
+    """A --rates value: positive request rates, comma-separated (argparse type)."""
     try:
         rates = [float(item) for item in text.split(",") if item.strip()]
     except ValueError:
@@ -110,7 +111,8 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
-def _lens(text: str) -> tuple[int, int]:
+def parse_lens(text: str) -> tuple[int, int]:
+    """An IN:OUT pair of token lengths (argparse type)."""
     try:
         num_input, num_output = (int(item) for item in text.split(":"))
     except ValueError:
