@@ -45,7 +45,7 @@ class ServiceMetrics:
         self.queue = Histogram("tandem_request_queue_time_seconds",
                                "Request arrival to the start of its prefill.",
                                buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.requests = Counter("tandem_requests", "Requests finished (gRPC and HTTP), by canonical status code (gRPC names).",
+        self.requests = Counter("tandem_requests", "Requests finished (both edges), by status.",
                                 ["code"], registry=r)  # fmt: skip
         self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens of finished requests.",
                                      registry=r)  # fmt: skip
