@@ -22,7 +22,7 @@ KV_FP8_STORAGE = torch.uint8  # what an FP8 cache tensor is allocated as
 SCALE_BYTES = 4  # one fp32 scale per row
 FP8_MAX = 448.0
 _MIN_AMAX = 1e-12  # an all-zero row still gets a positive scale
-SCALE_SCHEME = "token_head_fp32_tail"  # how kvtransfer names this layout's scales
+SCALE_SCHEME = "block_tail_fp32"  # how kvtransfer names this layout's scales
 
 
 def packed_row_bytes(head_dim: int) -> int:

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 # KV cache element types the engine allocates, with their sizes in bytes.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 # How KV values are scaled, with the bytes each (token, kv head) row carries for it.
-SCALE_BYTES: dict[str, int] = {"none": 0, "token_head_fp32_tail": 4}
-_FP8_DTYPE, _FP8_SCALES = "float8_e4m3fn", "token_head_fp32_tail"
+SCALE_BYTES: dict[str, int] = {"none": 0, "block_tail_fp32": 4}
+_FP8_DTYPE, _FP8_SCALES = "float8_e4m3fn", "block_tail_fp32"
 MAX_MODEL_ID_BYTES = 256  # utf-8 bytes; the id travels in every TransferOffer
 MAX_DIM = (1 << 32) - 1  # every count travels as a u32
 _COUNT_FIELDS = ("block_size", "num_layers", "num_kv_heads", "head_dim", "tensor_parallel_size")
@@ -39,7 +39,7 @@ class KVLayout:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    scale_scheme: str = "none"  # "token_head_fp32_tail" for FP8 caches
+    scale_scheme: str = "none"  # "block_tail_fp32" for FP8 caches
     # How many ranks the worker splits these KV heads over. It describes the worker, not the
     # blocks: a transfer always carries every KV head (each end's ranks share one cache), so
     # check_compatible names it but never refuses a pair for it.
@@ -104,7 +104,7 @@ class KVLayout:
 
     @property
     def wire_dtype(self) -> str:
-        """The dtype as a TransferOffer carries it: "float8_e4m3fn/token_head_fp32_tail" when
+        """The dtype as a TransferOffer carries it: "float8_e4m3fn/block_tail_fp32" when
         values are scaled, else the dtype alone."""
         return self.dtype if self.scale_scheme == "none" else f"{self.dtype}/{self.scale_scheme}"
 

@@ -45,7 +45,7 @@ def test_fp8_blocks_and_their_scales_arrive_bit_exact() -> None:
     assert_clean(sent, received)
     fp8 = layout_of(kv_cache(1, 0, torch.uint8))
     bf16 = layout_of(kv_cache(1, 0, torch.bfloat16))
-    assert fp8.head_dim == bf16.head_dim and fp8.scale_scheme == "token_head_fp32_tail"
+    assert fp8.head_dim == bf16.head_dim and fp8.scale_scheme == "block_tail_fp32"
     assert fp8.bytes_per_block / bf16.bytes_per_block == (fp8.head_dim + 4) / (2 * fp8.head_dim)
 
 
@@ -70,7 +70,7 @@ def test_an_fp8_prefill_is_refused_when_it_pairs_with_a_wider_decode(
         assert str(info.value) == (
             "pair 'fp8/bf16' refused: the prefill (sender, tensor_parallel_size 1) and decode "
             "(receiver, tensor_parallel_size 1) KV layouts "
-            f"differ: dtype float8_e4m3fn != {dtype_name}, scale_scheme token_head_fp32_tail "
+            f"differ: dtype float8_e4m3fn != {dtype_name}, scale_scheme block_tail_fp32 "
             "!= none; serve both with the same --kv-cache-dtype and model"
         )
         # refused before connecting: the receiver sees no sender at all
@@ -118,7 +118,7 @@ def test_a_bf16_decode_refuses_an_fp8_prefill_at_pairing_time(sender_layout: str
                 "pair 'fp8/bf16' refused by the decode (receiver) side: the prefill (sender, "
                 "tensor_parallel_size 1) and decode (receiver, tensor_parallel_size 1) KV "
                 "layouts differ: dtype float8_e4m3fn != bfloat16, "
-                "scale_scheme token_head_fp32_tail != none; serve both with the same "
+                "scale_scheme block_tail_fp32 != none; serve both with the same "
                 "--kv-cache-dtype and model"
             )
         else:
@@ -147,7 +147,7 @@ def test_layouts_travel_in_offers_with_their_scale_scheme() -> None:
     layout = layout_of(kv_cache(1, 0, torch.uint8))
     offer = TransferOffer("t", "r", layout, 5, (1, 2), 1000)
     assert decode(encode(offer)) == offer
-    assert b"float8_e4m3fn/token_head_fp32_tail" in encode(offer)
+    assert b"float8_e4m3fn/block_tail_fp32" in encode(offer)
     assert KVLayout.split_wire_dtype("bfloat16") == ("bfloat16", "none")
 
 

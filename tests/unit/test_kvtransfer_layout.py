@@ -130,10 +130,10 @@ def test_of_cache_reads_a_packed_fp8_cache() -> None:
     # engine.kv_quant: uint8 rows of head_dim e4m3 bytes, then an fp32 scale
     cache = torch.zeros(30, 2, 4, 16, 3, 64 + 4, dtype=torch.uint8)
     layout = KVLayout.of_cache(cache, "smollm2-135m")
-    assert layout == make_layout(dtype="float8_e4m3fn", scale_scheme="token_head_fp32_tail")
+    assert layout == make_layout(dtype="float8_e4m3fn", scale_scheme="block_tail_fp32")
     assert layout.bytes_per_block == 2 * 30 * 16 * 3 * 68
     layout.check_cache(cache)
-    with pytest.raises(KVTransferError, match="scale_scheme token_head_fp32_tail != none"):
+    with pytest.raises(KVTransferError, match="scale_scheme block_tail_fp32 != none"):
         layout.check_compatible(make_layout())
 
 
@@ -141,7 +141,7 @@ def test_of_cache_reads_a_packed_fp8_cache() -> None:
     ("dtype", "scheme"),
     [
         ("float8_e4m3fn", "none"),
-        ("bfloat16", "token_head_fp32_tail"),
+        ("bfloat16", "block_tail_fp32"),
         ("float8_e4m3fn", "per_block"),
     ],
 )
@@ -151,7 +151,7 @@ def test_a_scale_scheme_must_fit_the_dtype(dtype: str, scheme: str) -> None:
 
 
 def test_layouts_round_trip_through_the_wire_form() -> None:
-    fp8 = make_layout(dtype="float8_e4m3fn", scale_scheme="token_head_fp32_tail")
+    fp8 = make_layout(dtype="float8_e4m3fn", scale_scheme="block_tail_fp32")
     tp = make_layout(tensor_parallel_size=3)
     for layout in (make_layout(), fp8, make_layout(model_id='ünïcode/model "q"'), tp):
         assert KVLayout.from_wire(layout.to_wire()) == layout
