@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="JSON results")
     args = parser.parse_args()
     import ray
+
+    # disaggregated: the local workers pair over loopback with a secret of this run's
+    os.environ.setdefault("TANDEM_KV_SECRET", secrets.token_hex(16))
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

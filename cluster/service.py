@@ -549,7 +549,8 @@ class Service:
         a decode worker's streams move to the pool's other workers by replay at once
         (RequestCore.migrate_off; with failover.migrate_on_drain and another placeable
         worker), else what it holds runs to its end; at most `timeout_s`, then it is retired
-        (a request still there then is cut and, if on the decode pool, resumed elsewhere)."""
+        (a request still there is lost with it: a decode stream resumes elsewhere by
+        failover, within --max-migrations)."""
         members = self.pools[pool]
         members.drain(member)
         logger.info("%s worker %s draining", pool, member.worker_id)
