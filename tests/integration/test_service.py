@@ -402,30 +402,39 @@ def test_past_max_migrations_a_lost_stream_ends_unavailable_fast(service: Runnin
     assert responses[-1].usage.completion_tokens == 4  # through new KV pairs if disaggregated
 
 
+DRAIN_MAX_TOKENS = 48  # every stream is still running when the drain starts
+DRAIN_PROMPTS = ["Tell me a long story.", "Once upon a time", "The capital of France", "Hello"]
+DRAIN_PARAMS = [
+    greedy(max_tokens=DRAIN_MAX_TOKENS),
+    SamplingParams(max_tokens=DRAIN_MAX_TOKENS, temperature=1.0, seed=11, ignore_eos=True),
+    greedy(max_tokens=DRAIN_MAX_TOKENS),
+    SamplingParams(max_tokens=DRAIN_MAX_TOKENS, temperature=0.8, top_p=0.9, seed=5,
+                   ignore_eos=True),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def drain_references(default_model_engine: Engine) -> list[Any]:
+    """The single engine's outputs of the drain test's requests (once for both modes)."""
+    return [
+        default_model_engine.generate([prompt], params)[0]
+        for prompt, params in zip(DRAIN_PROMPTS, DRAIN_PARAMS, strict=True)
+    ]
+
+
 def test_draining_a_decode_worker_moves_its_streams_unchanged(
-    service: RunningService, default_model_engine: Engine
+    service: RunningService, drain_references: list[Any]
 ) -> None:
     """F5 (issue 22.3): a decode worker drained out of its pool (Service.drain_worker, as the
     autoscaler shrinks it) has each running stream, greedy and seeded, cut at a token boundary
     and resumed on the other decode worker by replay: outputs equal to the run without the
     drain, the worker gone while they still run (every stream moved), no KV leaked.
     Disaggregated: a second decode worker joins first; colocated: one joins after."""
-    max_tokens = 64  # every stream is still running when the drain starts
-    prompts = ["Tell me a long story.", "Once upon a time", "The capital of France", "Hello"]
-    params = [
-        greedy(max_tokens=max_tokens),
-        SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=11, ignore_eos=True),
-        greedy(max_tokens=max_tokens),
-        SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.9, seed=5,
-                       ignore_eos=True),
-    ]  # fmt: skip
-    expected = [
-        default_model_engine.generate([p], s)[0] for p, s in zip(prompts, params, strict=True)
-    ]
+    max_tokens, prompts, expected = DRAIN_MAX_TOKENS, DRAIN_PROMPTS, drain_references
     samplings = [
         pb.SamplingParameters(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
                               seed=s.seed or 0, ignore_eos=True)
-        for s in params
+        for s in DRAIN_PARAMS
     ]  # fmt: skip
     servicer = service.service._servicer
     assert servicer is not None

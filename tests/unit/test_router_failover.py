@@ -5,7 +5,7 @@ client sees one stream (only its first message carries the time to first token);
 worker left waits for a replacement. A drain (`migrate_off`) cuts a worker's streams at a
 token boundary and moves them the same way, outside the cap. Through Ray and gRPC:
 tests/integration/test_service.py::test_a_decode_worker_killed_mid_stream_resumes_its_streams_unchanged,
-tests/integration/test_service_drain.py.
+tests/integration/test_service.py::test_draining_a_decode_worker_moves_its_streams_unchanged.
 """
 
 from __future__ import annotations
