@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -542,6 +543,34 @@ class Service:
             ray.kill(new)
             raise
         return RayWorkerClient(new, worker_id), info
+
+    async def drain_worker(self, pool: str, member: Member, timeout_s: float) -> None:
+        """Take `member` out of `pool` without losing a request: nothing new is placed on it;
+        a decode worker's streams move to the pool's other workers by replay at once
+        (RequestCore.migrate_off; with failover.migrate_on_drain and another placeable
+        worker), else what it holds runs to its end; at most `timeout_s`, then it is retired
+        (a request still there is lost with it: a decode stream resumes elsewhere by
+        failover, within --max-migrations)."""
+        members = self.pools[pool]
+        members.drain(member)
+        logger.info("%s worker %s draining", pool, member.worker_id)
+        deadline = time.monotonic() + timeout_s
+        servicer = self._servicer
+        if pool == "decode" and servicer is not None and servicer.failover.migrate_on_drain:
+            await servicer.migrate_off(member, timeout_s)
+        actor = actor_of(member)
+        while time.monotonic() < deadline:
+            if member not in members:  # died and was replaced meanwhile: nothing to drain
+                return
+            stats = await actor.stats.remote()
+            if member.load.in_flight == 0 and not stats.num_requests:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            logger.warning("%s worker %s still busy after the drain timeout", pool,
+                           member.worker_id)  # fmt: skip
+        await self.retire_worker(pool, member)
+        logger.info("%s worker %s left the pool", pool, member.worker_id)
 
     async def retire_worker(self, pool: str, member: Member) -> None:
         """Take a drained member out: unpair it, forget it in metrics and the index, stop it."""

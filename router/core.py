@@ -36,6 +36,7 @@ from contracts.errors import (
     Overloaded,
     RequestAborted,
     TandemError,
+    WorkerDraining,
     WorkerLost,
     WorkerUnavailable,
 )
@@ -67,6 +68,7 @@ TOKENIZER_THREADS = 2  # prompts tokenized at once, off the event loop
 # deadline (which started when the request arrived) runs out: a stop with less than this left
 # is counted as DEADLINE_EXCEEDED, not CANCELLED.
 DEADLINE_SLACK_S = 1.0
+_DRAIN_POLL_S = 0.02  # how often a drain cuts the streams newly open on its worker
 
 
 class Status(enum.Enum):
@@ -303,6 +305,24 @@ class RequestCore:
             }  # fmt: skip
             end_span(span, error if code is not Status.OK else None,
                      **{"rpc.grpc.status_code": code.value, **attributes})  # fmt: skip
+
+    async def migrate_off(self, member: Member, timeout_s: float) -> bool:
+        """Move every stream off decode worker `member`, which is draining (not placeable), by
+        replay (router.failover): each is cut at a token boundary (WorkerDraining behind the
+        outputs received so far), aborted there and resumed on another decode worker. A
+        request still prefilling for it (disaggregated) is cut once its decode stream opens.
+        True once nothing of the router's runs there, False if some still did after
+        `timeout_s`. Only with another placeable decode worker (else nothing is cut)."""
+        if not any(m.placeable for m in self.decode.members() if m is not member):
+            return member.load.in_flight == 0
+        deadline = time.monotonic() + timeout_s
+        error = WorkerDraining(f"decode worker {member.worker_id} is draining")
+        while member.load.in_flight:
+            self.outputs.cut(member.client, error)
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_DRAIN_POLL_S)
+        return True
 
     @contextmanager
     def _live(self, request_id: str) -> Iterator[None]:
