@@ -61,8 +61,10 @@ PROMPTS = (
 
 @dataclass(frozen=True, slots=True)
 class ChaosConfig:
-    """The size of a run. Kill moments are drawn uniformly in [kill_start_s, duration_s] after
-    the chaos pass starts; requests arrive uniformly in [0, arrival_s]."""
+    """The size of a run. Fault moments are drawn uniformly in [kill_start_s, duration_s] after
+    the chaos pass starts; requests arrive uniformly in [0, arrival_s] (keep the two windows
+    overlapping: a fault after the last request ended tests nothing). A kill picks a live
+    worker of its pool with requests in flight (an idle one if none is busy)."""
 
     mode: str = "disaggregated"
     num_requests: int = 12
@@ -255,18 +257,21 @@ def one_request(stub: Any, job: Job, salt: str, start: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def busy_or_any(actors: Sequence[Any], rng: random.Random) -> Any:
-    """A worker with a request in flight (any, when none has one or stats fail)."""
+def live_victim(actors: Sequence[Any], rng: random.Random) -> tuple[Any, int] | None:
+    """A live worker with requests in flight, and their number (a live idle one when none
+    is busy); None when none answers (all dead, replacements not in the pool yet)."""
     import ray
 
-    busy = []
+    busy: list[tuple[Any, int]] = []
+    idle: list[tuple[Any, int]] = []
     for actor in actors:
         try:
-            if ray.get(actor.stats.remote(), timeout=5).num_requests:
-                busy.append(actor)
-        except Exception:  # a dying worker: not a candidate
-            pass
-    return rng.choice(busy or list(actors))
+            stats = ray.get(actor.stats.remote(), timeout=5)
+        except Exception:  # dead or dying: not a candidate
+            continue
+        (busy if stats.num_requests else idle).append((actor, stats.num_requests))
+    candidates = busy or idle
+    return rng.choice(candidates) if candidates else None
 
 
 def inject(sut: ServiceUnderTest, redis: Any, faults: Sequence[Fault], start: float,
@@ -285,13 +290,13 @@ def inject(sut: ServiceUnderTest, redis: Any, faults: Sequence[Fault], start: fl
             fault.detail = f"down {config.redis_down_s:g} s"
         else:
             actors = sut.pool_actors(fault.kind)
-            if not actors:
-                fault.detail = "pool empty (no kill)"
+            chosen = live_victim(actors, rng)
+            if chosen is None:
+                fault.detail = "no live worker (no kill)"
                 continue
-            victim = busy_or_any(actors, rng)
-            position = actors.index(victim)
+            victim, busy = chosen
             ray.kill(victim, no_restart=True)
-            fault.detail = f"killed {fault.kind}[{position}]"
+            fault.detail = f"killed {fault.kind}[{actors.index(victim)}] ({busy} requests)"
         fault.done_at_s = time.monotonic() - start
 
 

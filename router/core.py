@@ -388,6 +388,8 @@ class RequestCore:
             min(queues) if queues else None,
             DecodeState(load.decode_load, load.in_flight, load.recent_itl_s),
         )
+        if not queues and path != LOCAL:  # the prefill pool is down (forced remote): no
+            path, reason = LOCAL, "no_prefill_worker"  # request fails for it (promise 2)
         span.set_attributes({"tandem.prefill_path": path, "tandem.prefill_reason": reason})
         if self.metrics is not None:
             self.metrics.prefill_placement.labels(path=path, reason=reason).inc()
