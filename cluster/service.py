@@ -452,23 +452,28 @@ class Service:
         )
 
     async def _pair_new(self, pool: str, worker: Any, worker_id: str) -> None:
-        """Pair a new worker with every worker of the other pool (disaggregated mode)."""
+        """Pair a new worker with every live worker of the other pool (disaggregated mode). A
+        peer found dead is skipped: its own replacement pairs with this one once this one is
+        in the pool (pairing with it would fail every replacement while both pools have a dead
+        member, and neither pool would come back)."""
         if not self.disaggregated:
             return
         if pool == "decode":
             address = await worker.open_endpoint.remote()
             prefill = self.pools["prefill"].members()
-            await asyncio.gather(
-                *(self._connect(actor_of(p), p.worker_id, worker_id, address) for p in prefill)
+            results = await asyncio.gather(
+                *(self._connect(actor_of(p), p.worker_id, worker_id, address) for p in prefill),
+                return_exceptions=True,
             )
+            _raise_unless_peers_died(zip(prefill, results, strict=True))
         else:
             decode = self.pools["decode"].members()
-            addresses = await asyncio.gather(*(actor_of(d).open_endpoint.remote() for d in decode))
+            addresses = await asyncio.gather(
+                *(actor_of(d).open_endpoint.remote() for d in decode), return_exceptions=True
+            )
+            live = _raise_unless_peers_died(zip(decode, addresses, strict=True))
             await asyncio.gather(
-                *(
-                    self._connect(worker, worker_id, d.worker_id, address)
-                    for d, address in zip(decode, addresses, strict=True)
-                )
+                *(self._connect(worker, worker_id, d.worker_id, address) for d, address in live)
             )
 
     async def _connect(self, prefill: Any, prefill_id: str, decode_id: str, address: Any) -> None:
@@ -613,6 +618,23 @@ def warn_loopback_addresses(config: ServiceConfig) -> None:
         if is_loopback:
             logger.warning("%s names %s, a loopback address: workers on other nodes of the Ray "
                            "cluster would look for it on their own node", flag, host)  # fmt: skip
+
+
+def _raise_unless_peers_died(results: Any) -> list[tuple[Member, Any]]:
+    """The (peer, result) pairs of peers that answered; a peer whose actor died is logged and
+    left out; any other error is raised."""
+    import ray
+
+    answered = []
+    for member, result in results:
+        if isinstance(result, ray.exceptions.RayActorError):
+            logger.warning("not pairing with %s: it died (%s); its replacement will pair",
+                           member.worker_id, type(result).__name__)  # fmt: skip
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            answered.append((member, result))
+    return answered
 
 
 @contextlib.contextmanager

@@ -408,6 +408,8 @@ class RequestCore:
             min(queues) if queues else None,
             DecodeState(load.decode_load, load.in_flight, load.recent_itl_s),
         )
+        if not queues and path != LOCAL:  # the prefill pool is down (forced remote): no
+            path, reason = LOCAL, "no_prefill_worker"  # request fails for it (promise 2)
         span.set_attributes({"tandem.prefill_path": path, "tandem.prefill_reason": reason})
         if self.metrics is not None:
             self.metrics.prefill_placement.labels(path=path, reason=reason).inc()
@@ -423,12 +425,31 @@ class RequestCore:
         member = self._place(self.decode, set(), cached, span, len(request.prompt_token_ids))
         decode_cached = 0 if cached is None else cached.get(member, 0)
         span.set_attributes({"tandem.decode_cached_tokens": decode_cached})
-        if self._decide(request, member, decode_cached, span) == LOCAL:
-            local = self._generate(request, arrival, carrier, span, cached, member)
-            async with aclosing(local) as stream:
-                async for response in stream:
-                    yield response
-            return
+        if self._decide(request, member, decode_cached, span) != LOCAL:
+            try:
+                remote = self._remote(request, arrival, carrier, span, cached, member,
+                                      decode_cached)  # fmt: skip
+                async with aclosing(remote) as stream:
+                    async for response in stream:
+                        yield response
+                return
+            except _PrefillPoolDown as e:  # nothing was streamed: prefill it on `member`
+                logger.warning("%s; prefilling on decode worker %s", e, member.worker_id)
+                span.set_attributes({"tandem.prefill_path": LOCAL,
+                                     "tandem.prefill_reason": "no_prefill_worker"})  # fmt: skip
+        local = self._generate(request, arrival, carrier, span, cached, member)
+        async with aclosing(local) as stream:
+            async for response in stream:
+                yield response
+
+    async def _remote(
+        self, request: Any, arrival: float, carrier: Any, span: Any,
+        cached: dict[Member, int] | None, member: Member, decode_cached: int,
+    ) -> Any:  # fmt: skip
+        """Prefilled on the prefill pool, its KV shipped to decode worker `member`, decoded
+        there. Raises _PrefillPoolDown, before anything is streamed, when the request's
+        prefill worker is lost and no other is placeable."""
+        assert self.prefill is not None
         # A first token that surely ends the request needs no KV at the decode worker.
         ship_to = None if _first_token_ends(request, self.model) else member.worker_id
         with assigned(member, request.num_tokens) as decode:
@@ -480,7 +501,12 @@ class RequestCore:
         assert self.prefill is not None
         tried: set[Member] = set()
         while True:
-            member = self._place(self.prefill, tried, cached, span)
+            try:
+                member = self._place(self.prefill, tried, cached, span)
+            except WorkerUnavailable as e:
+                if any(m.placeable for m in self.prefill.members()):
+                    raise
+                raise _PrefillPoolDown(str(e)) from e
             self._count_retry(tried)
             tried.add(member)
             dispatched = time.monotonic()
@@ -539,6 +565,11 @@ class RequestCore:
         """`check(request, model)` on the tokenizer threads: the event loop keeps serving."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizing, check, request, self.model)
+
+
+class _PrefillPoolDown(Exception):
+    """No prefill worker is placeable for a request that has streamed nothing yet: every one
+    is dead or draining (their replacements still loading). Its decode worker prefills it."""
 
 
 def _attempt_id(request_id: str, span: Any) -> str:

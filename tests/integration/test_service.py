@@ -761,3 +761,55 @@ def test_disagg_auto_places_each_request_by_its_inputs(
     after = [placed(service, *reason) for reason in reasons]
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
     assert kv_transfers(service)[0] == decode_transfers + 1  # the remote one's KV only
+
+
+def test_with_no_prefill_worker_placeable_the_decode_worker_prefills_even_when_forced_remote(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """Promise 2 (found by bench.chaos): while the whole prefill pool is down (every worker
+    dead, its replacements still loading; here: marked draining), a new request or a stream
+    resuming after its decode worker died is prefilled on its decode worker, even under
+    --disagg always, instead of ending UNAVAILABLE."""
+    if not service.disaggregated:
+        pytest.skip("prefill placement is disaggregated mode's")
+    before = placed(service, "local", "no_prefill_worker")
+    members = service.service.pools["prefill"].members()
+    for member in members:
+        member.load.draining = True
+    try:
+        with placing(service, mode="always"):
+            assert_greedy_as_the_engine(service, default_model_engine, "(no prefill) Hi", 5)
+    finally:
+        for member in members:
+            member.load.draining = False
+    assert placed(service, "local", "no_prefill_worker") == before + 1
+
+
+def test_the_last_prefill_worker_lost_mid_prefill_moves_the_request_to_its_decode_worker(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """F2 with no other prefill worker (found by bench.chaos): the only placeable prefill
+    worker dies mid-prefill; the request is prefilled on its decode worker instead of ending
+    UNAVAILABLE, with the single engine's output."""
+    if not service.disaggregated:
+        pytest.skip("prefill placement is disaggregated mode's")
+    members = service.service.pools["prefill"].members()
+    for member in members[1:]:
+        member.load.draining = True
+    prompt = "(last prefill) " + LONG_PROMPT
+    try:
+        with placing(service, mode="always"):
+            call = service.stub.Generate(
+                pb.GenerateRequest(text=prompt, sampling=greedy_sampling(4)), timeout=120
+            )
+            busy = service.wait_for_a_prefill()
+            assert busy == 0
+            victim = service.prefilling_workers()[0]
+            ray.kill(victim, no_restart=True)
+            responses = list(call)
+    finally:
+        for member in members[1:]:
+            member.load.draining = False
+    expected = default_model_engine.generate([prompt], greedy(max_tokens=4))[0]
+    assert [t for r in responses for t in r.token_ids] == expected.token_ids
+    wait_replaced(service.prefilling_workers, 0, victim)
