@@ -2,8 +2,9 @@
 
 Every interval each pool's scaler (cluster.autoscaler.PoolScaler) is asked for a size; a
 change runs in the background, one per pool at a time: growing starts and pairs workers
-(`Service.start_worker`) and adds them, shrinking drains the least busy worker, waits for
-what it holds to finish and retires it (`Service.retire_worker`). No request is lost.
+(`Service.start_worker`) and adds them, shrinking drains the least busy worker
+(`Service.drain_worker`: a decode worker's streams move to the others by replay, a prefill
+worker's prefills finish) and retires it. No request is lost.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import time
 from typing import TYPE_CHECKING
 
 from cluster.autoscaler import PoolScaler, pool_signals, ratio_decision
-from cluster.workers import actor_of
 
 if TYPE_CHECKING:
     from cluster.service import Service
@@ -91,8 +91,8 @@ class Autoscaler:
         logger.info("%s worker %s joined the pool", pool, client.worker_id)
 
     async def _shrink(self, pool: str) -> None:
-        """Drain the least busy worker (no new requests), wait for what it has to finish (at
-        most the drain timeout), then retire it."""
+        """Drain the least busy worker (Service.drain_worker, at most the drain timeout), then
+        it is retired."""
         members = self.service.pools[pool]
         candidates = [
             (member.load.in_flight, index, member)
@@ -102,19 +102,5 @@ class Autoscaler:
         if len(candidates) <= 1:
             return
         _, _, member = min(candidates, key=lambda c: c[:2])
-        actor = actor_of(member)
-        members.drain(member)
-        logger.info("%s worker %s draining", pool, member.worker_id)
-        deadline = time.monotonic() + self.service.config.autoscaling.drain_timeout_s
-        while time.monotonic() < deadline:
-            if member not in members:  # died and was replaced meanwhile: nothing to drain
-                return
-            stats = await actor.stats.remote()
-            if member.load.in_flight == 0 and not stats.num_requests:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            logger.warning("%s worker %s still busy after the drain timeout", pool,
-                           member.worker_id)  # fmt: skip
-        await self.service.retire_worker(pool, member)
-        logger.info("%s worker %s left the pool", pool, member.worker_id)
+        timeout_s = self.service.config.autoscaling.drain_timeout_s
+        await self.service.drain_worker(pool, member, timeout_s)

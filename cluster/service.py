@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -451,23 +452,28 @@ class Service:
         )
 
     async def _pair_new(self, pool: str, worker: Any, worker_id: str) -> None:
-        """Pair a new worker with every worker of the other pool (disaggregated mode)."""
+        """Pair a new worker with every live worker of the other pool (disaggregated mode). A
+        peer found dead is skipped: its own replacement pairs with this one once this one is
+        in the pool (pairing with it would fail every replacement while both pools have a dead
+        member, and neither pool would come back)."""
         if not self.disaggregated:
             return
         if pool == "decode":
             address = await worker.open_endpoint.remote()
             prefill = self.pools["prefill"].members()
-            await asyncio.gather(
-                *(self._connect(actor_of(p), p.worker_id, worker_id, address) for p in prefill)
+            results = await asyncio.gather(
+                *(self._connect(actor_of(p), p.worker_id, worker_id, address) for p in prefill),
+                return_exceptions=True,
             )
+            _raise_unless_peers_died(zip(prefill, results, strict=True))
         else:
             decode = self.pools["decode"].members()
-            addresses = await asyncio.gather(*(actor_of(d).open_endpoint.remote() for d in decode))
+            addresses = await asyncio.gather(
+                *(actor_of(d).open_endpoint.remote() for d in decode), return_exceptions=True
+            )
+            live = _raise_unless_peers_died(zip(decode, addresses, strict=True))
             await asyncio.gather(
-                *(
-                    self._connect(worker, worker_id, d.worker_id, address)
-                    for d, address in zip(decode, addresses, strict=True)
-                )
+                *(self._connect(worker, worker_id, d.worker_id, address) for d, address in live)
             )
 
     async def _connect(self, prefill: Any, prefill_id: str, decode_id: str, address: Any) -> None:
@@ -543,6 +549,34 @@ class Service:
             raise
         return RayWorkerClient(new, worker_id), info
 
+    async def drain_worker(self, pool: str, member: Member, timeout_s: float) -> None:
+        """Take `member` out of `pool` without losing a request: nothing new is placed on it;
+        a decode worker's streams move to the pool's other workers by replay at once
+        (RequestCore.migrate_off; with failover.migrate_on_drain and another placeable
+        worker), else what it holds runs to its end; at most `timeout_s`, then it is retired
+        (a request still there is lost with it: a decode stream resumes elsewhere by
+        failover, within --max-migrations)."""
+        members = self.pools[pool]
+        members.drain(member)
+        logger.info("%s worker %s draining", pool, member.worker_id)
+        deadline = time.monotonic() + timeout_s
+        servicer = self._servicer
+        if pool == "decode" and servicer is not None and servicer.failover.migrate_on_drain:
+            await servicer.migrate_off(member, timeout_s)
+        actor = actor_of(member)
+        while time.monotonic() < deadline:
+            if member not in members:  # died and was replaced meanwhile: nothing to drain
+                return
+            stats = await actor.stats.remote()
+            if member.load.in_flight == 0 and not stats.num_requests:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            logger.warning("%s worker %s still busy after the drain timeout", pool,
+                           member.worker_id)  # fmt: skip
+        await self.retire_worker(pool, member)
+        logger.info("%s worker %s left the pool", pool, member.worker_id)
+
     async def retire_worker(self, pool: str, member: Member) -> None:
         """Take a drained member out: unpair it, forget it in metrics and the index, stop it."""
         import ray
@@ -584,6 +618,23 @@ def warn_loopback_addresses(config: ServiceConfig) -> None:
         if is_loopback:
             logger.warning("%s names %s, a loopback address: workers on other nodes of the Ray "
                            "cluster would look for it on their own node", flag, host)  # fmt: skip
+
+
+def _raise_unless_peers_died(results: Any) -> list[tuple[Member, Any]]:
+    """The (peer, result) pairs of peers that answered; a peer whose actor died is logged and
+    left out; any other error is raised."""
+    import ray
+
+    answered = []
+    for member, result in results:
+        if isinstance(result, ray.exceptions.RayActorError):
+            logger.warning("not pairing with %s: it died (%s); its replacement will pair",
+                           member.worker_id, type(result).__name__)  # fmt: skip
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            answered.append((member, result))
+    return answered
 
 
 @contextlib.contextmanager

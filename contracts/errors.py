@@ -71,6 +71,19 @@ class WorkerLost(WorkerUnavailable):
         return (WorkerLost, (str(self), self.unreachable))
 
 
+class WorkerDraining(WorkerLost):
+    """A stream is moved off its decode worker because that worker is leaving the pool (a
+    drain: scaling down, an operator): the router cut it at a token boundary and resumes it on
+    another worker by replay (router.failover). The worker is alive, so the attempt is aborted
+    there (`unreachable` True), and the move does not count against --max-migrations."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, unreachable=True)
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:  # type: ignore[override]
+        return (WorkerDraining, (str(self),))
+
+
 class AddressInUse(TandemError):
     """A port Tandem was asked to listen on is taken by another process."""
 

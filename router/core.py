@@ -36,6 +36,7 @@ from contracts.errors import (
     Overloaded,
     RequestAborted,
     TandemError,
+    WorkerDraining,
     WorkerLost,
     WorkerUnavailable,
 )
@@ -67,6 +68,7 @@ TOKENIZER_THREADS = 2  # prompts tokenized at once, off the event loop
 # deadline (which started when the request arrived) runs out: a stop with less than this left
 # is counted as DEADLINE_EXCEEDED, not CANCELLED.
 DEADLINE_SLACK_S = 1.0
+_DRAIN_POLL_S = 0.02  # how often a drain cuts the streams newly open on its worker
 
 
 class Status(enum.Enum):
@@ -304,6 +306,24 @@ class RequestCore:
             end_span(span, error if code is not Status.OK else None,
                      **{"rpc.grpc.status_code": code.value, **attributes})  # fmt: skip
 
+    async def migrate_off(self, member: Member, timeout_s: float) -> bool:
+        """Move every stream off decode worker `member`, which is draining (not placeable), by
+        replay (router.failover): each is cut at a token boundary (WorkerDraining behind the
+        outputs received so far), aborted there and resumed on another decode worker. A
+        request still prefilling for it (disaggregated) is cut once its decode stream opens.
+        True once nothing of the router's runs there, False if some still did after
+        `timeout_s`. Only with another placeable decode worker (else nothing is cut)."""
+        if not any(m.placeable for m in self.decode.members() if m is not member):
+            return member.load.in_flight == 0
+        deadline = time.monotonic() + timeout_s
+        error = WorkerDraining(f"decode worker {member.worker_id} is draining")
+        while member.load.in_flight:
+            self.outputs.cut(member.client, error)
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_DRAIN_POLL_S)
+        return True
+
     @contextmanager
     def _live(self, request_id: str) -> Iterator[None]:
         """Hold a client's request id while its request runs; DuplicateRequest if it is held
@@ -388,6 +408,8 @@ class RequestCore:
             min(queues) if queues else None,
             DecodeState(load.decode_load, load.in_flight, load.recent_itl_s),
         )
+        if not queues and path != LOCAL:  # the prefill pool is down (forced remote): no
+            path, reason = LOCAL, "no_prefill_worker"  # request fails for it (promise 2)
         span.set_attributes({"tandem.prefill_path": path, "tandem.prefill_reason": reason})
         if self.metrics is not None:
             self.metrics.prefill_placement.labels(path=path, reason=reason).inc()
@@ -403,12 +425,31 @@ class RequestCore:
         member = self._place(self.decode, set(), cached, span, len(request.prompt_token_ids))
         decode_cached = 0 if cached is None else cached.get(member, 0)
         span.set_attributes({"tandem.decode_cached_tokens": decode_cached})
-        if self._decide(request, member, decode_cached, span) == LOCAL:
-            local = self._generate(request, arrival, carrier, span, cached, member)
-            async with aclosing(local) as stream:
-                async for response in stream:
-                    yield response
-            return
+        if self._decide(request, member, decode_cached, span) != LOCAL:
+            try:
+                remote = self._remote(request, arrival, carrier, span, cached, member,
+                                      decode_cached)  # fmt: skip
+                async with aclosing(remote) as stream:
+                    async for response in stream:
+                        yield response
+                return
+            except _PrefillPoolDown as e:  # nothing was streamed: prefill it on `member`
+                logger.warning("%s; prefilling on decode worker %s", e, member.worker_id)
+                span.set_attributes({"tandem.prefill_path": LOCAL,
+                                     "tandem.prefill_reason": "no_prefill_worker"})  # fmt: skip
+        local = self._generate(request, arrival, carrier, span, cached, member)
+        async with aclosing(local) as stream:
+            async for response in stream:
+                yield response
+
+    async def _remote(
+        self, request: Any, arrival: float, carrier: Any, span: Any,
+        cached: dict[Member, int] | None, member: Member, decode_cached: int,
+    ) -> Any:  # fmt: skip
+        """Prefilled on the prefill pool, its KV shipped to decode worker `member`, decoded
+        there. Raises _PrefillPoolDown, before anything is streamed, when the request's
+        prefill worker is lost and no other is placeable."""
+        assert self.prefill is not None
         # A first token that surely ends the request needs no KV at the decode worker.
         ship_to = None if _first_token_ends(request, self.model) else member.worker_id
         with assigned(member, request.num_tokens) as decode:
@@ -460,7 +501,12 @@ class RequestCore:
         assert self.prefill is not None
         tried: set[Member] = set()
         while True:
-            member = self._place(self.prefill, tried, cached, span)
+            try:
+                member = self._place(self.prefill, tried, cached, span)
+            except WorkerUnavailable as e:
+                if any(m.placeable for m in self.prefill.members()):
+                    raise
+                raise _PrefillPoolDown(str(e)) from e
             self._count_retry(tried)
             tried.add(member)
             dispatched = time.monotonic()
@@ -519,6 +565,11 @@ class RequestCore:
         """`check(request, model)` on the tokenizer threads: the event loop keeps serving."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizing, check, request, self.model)
+
+
+class _PrefillPoolDown(Exception):
+    """No prefill worker is placeable for a request that has streamed nothing yet: every one
+    is dead or draining (their replacements still loading). Its decode worker prefills it."""
 
 
 def _attempt_id(request_id: str, span: Any) -> str:

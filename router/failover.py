@@ -14,6 +14,13 @@ A request moves at most `max_migrations` times; one more loss ends it with UNAVA
 the cap. When no decode worker is placeable (the pool's only one died), it waits up to
 `replacement_wait_s` for the control plane's replacement. Each move is counted in
 `tandem_request_migrations_total{reason}` and noted on the request's span.
+
+Live migration on drain (issue 22.3) takes the same path: a decode worker leaving the pool is
+made unplaceable and each of its streams is cut at a token boundary (`RequestCore.migrate_off`
+puts `WorkerDraining` in its output queue behind the outputs already received, the attempt is
+aborted on the worker, later outputs are dropped); the stream resumes on another decode worker
+by replay. Its KV is recomputed there (prompt and sent tokens prefilled again), not moved over
+the KV-transfer layer; such a move does not count against `max_migrations`.
 """
 
 from __future__ import annotations
@@ -27,13 +34,13 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.errors import WorkerLost, WorkerUnavailable
+from contracts.errors import WorkerDraining, WorkerLost, WorkerUnavailable
 from router.placement import PoolView
 from telemetry.tracing import record_span
 
 logger = logging.getLogger(__name__)
 
-REASONS = ("worker_lost", "unreachable")  # the metric's label values
+REASONS = ("worker_lost", "unreachable", "drain")  # the metric's label values
 _POLL_S = 0.05  # how often a request waiting for a replacement looks at the pool
 
 
@@ -42,10 +49,13 @@ class FailoverConfig:
     """max_migrations: how many times one request may move to another decode worker after
     losing its own (0: never; a lost worker ends its streams with UNAVAILABLE);
     replacement_wait_s: how long a request whose pool has no placeable decode worker left
-    waits for one (a replacement) before it ends with UNAVAILABLE."""
+    waits for one (a replacement) before it ends with UNAVAILABLE; migrate_on_drain: a decode
+    worker drained out of its pool has its streams moved to the others by replay at once (else
+    they run to their end there first)."""
 
     max_migrations: int = 3
     replacement_wait_s: float = 60.0
+    migrate_on_drain: bool = True
 
     def __post_init__(self) -> None:
         if type(self.max_migrations) is not int or self.max_migrations < 0:
@@ -53,6 +63,8 @@ class FailoverConfig:
         wait = self.replacement_wait_s
         if not (isinstance(wait, (int, float)) and 0 <= wait < float("inf")):
             raise ValueError(f"replacement_wait_s={wait!r} must be seconds >= 0")
+        if type(self.migrate_on_drain) is not bool:
+            raise ValueError(f"migrate_on_drain={self.migrate_on_drain!r} must be a bool")
 
 
 Attempt = Callable[[tuple[int, ...]], AsyncGenerator[Any, None]]
@@ -67,30 +79,39 @@ async def with_failover(
 ) -> AsyncGenerator[Any, None]:
     """The replies of `attempt(resumed_token_ids)` (router.core.Reply), run again with the
     token ids sent so far each time it raises WorkerLost, at most `config.max_migrations`
-    times. Only the first reply of the whole stream carries the time to first token."""
+    times (moves off a draining worker, WorkerDraining, are not capped). Only the first reply
+    of the whole stream carries the time to first token."""
     sent: list[int] = []
-    migrations = 0
+    migrations = 0  # moves of any kind
+    losses = 0  # moves after a lost worker: capped
     while True:
         try:
             async with aclosing(attempt(tuple(sent))) as replies:
                 async for reply in replies:
-                    if migrations:  # the first token was sent long ago, by another attempt
+                    if sent:  # the first token was sent already, by an earlier attempt
                         reply = dataclasses.replace(reply, queue_s=None, ttft_s=None)
                     sent.extend(reply.output.new_token_ids)
                     yield reply
             return
         except WorkerLost as e:
-            reason = "unreachable" if e.unreachable else "worker_lost"
-            if migrations >= config.max_migrations:
-                raise WorkerUnavailable(
-                    f"the request's decode worker was lost ({e}) after {len(sent)} tokens; it "
-                    f"has moved {migrations} times already, the most --max-migrations "
-                    f"({config.max_migrations}) allows"
-                ) from e
+            drained = isinstance(e, WorkerDraining)
+            if drained:
+                reason = "drain"
+                logger.info("decode worker draining after %d tokens; resuming elsewhere",
+                            len(sent))  # fmt: skip
+            else:
+                reason = "unreachable" if e.unreachable else "worker_lost"
+                if losses >= config.max_migrations:
+                    raise WorkerUnavailable(
+                        f"the request's decode worker was lost ({e}) after {len(sent)} tokens; "
+                        f"it has moved {losses} times already, the most --max-migrations "
+                        f"({config.max_migrations}) allows"
+                    ) from e
+                losses += 1
+                logger.warning("decode worker lost after %d tokens (%s); resuming elsewhere "
+                               "(move %d of at most %d)", len(sent), e, losses,
+                               config.max_migrations)  # fmt: skip
             migrations += 1
-            logger.warning("decode worker lost after %d tokens (%s); resuming elsewhere "
-                           "(move %d of at most %d)", len(sent), e, migrations,
-                           config.max_migrations)  # fmt: skip
             started = time.time()
             await _placeable(decode, config.replacement_wait_s)
             span.set_attributes({"tandem.migrations": migrations,

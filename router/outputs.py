@@ -56,6 +56,18 @@ class OutputStreams:
         if subscription is not None:
             subscription.queues.pop(request_id, None)
 
+    def cut(self, worker: WorkerClient, error: BaseException) -> int:
+        """End every request open on `worker` now with `error` (a drain moves them away): it
+        lands behind the outputs already queued, so a request's consumer gets each output the
+        worker sent before the cut, then the error; what comes after is dropped once the
+        request closes its queue. Returns how many requests were cut."""
+        subscription = self._subscriptions.get(worker.key)
+        if subscription is None:
+            return 0
+        for queue in subscription.queues.values():
+            queue.put_nowait(error)
+        return len(subscription.queues)
+
     def stop(self) -> None:
         """Cancel every stream (the router is stopping)."""
         for subscription in self._subscriptions.values():

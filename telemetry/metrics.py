@@ -73,7 +73,8 @@ class ServiceMetrics:
                                registry=r)  # fmt: skip
         self.migrations = Counter(
             "tandem_request_migrations", "Streams resumed on another decode worker after "
-            "losing theirs (router.failover); reason: worker_lost or unreachable.", ["reason"],
+            "losing theirs or leaving a draining one (router.failover); reason: worker_lost, "
+            "unreachable or drain.", ["reason"],
             registry=r,
         )  # fmt: skip
         self.prefill_placement = Counter(

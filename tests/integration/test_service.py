@@ -4,8 +4,9 @@ worker, KV moving between them over gloo), the gRPC router on loopback, real cli
 and seeded output equal the single engine's; concurrent streams; bad input refused with the
 right status; cancellation and deadlines free the workers' KV; a killed decode worker's streams
 resume elsewhere by replay, unchanged (past --max-migrations they end fast with UNAVAILABLE),
-a request killed mid-prefill moves to another worker, killed workers are replaced; a failed
-KV transfer is recomputed on the decode worker."""
+a request killed mid-prefill moves to another worker, killed workers are replaced; a drained
+decode worker's streams move to another by replay, unchanged; a failed KV transfer is
+recomputed on the decode worker."""
 
 from __future__ import annotations
 
@@ -401,6 +402,74 @@ def test_past_max_migrations_a_lost_stream_ends_unavailable_fast(service: Runnin
     assert responses[-1].usage.completion_tokens == 4  # through new KV pairs if disaggregated
 
 
+DRAIN_MAX_TOKENS = 48  # every stream is still running when the drain starts
+DRAIN_PROMPTS = ["Tell me a long story.", "Once upon a time", "The capital of France", "Hello"]
+DRAIN_PARAMS = [
+    greedy(max_tokens=DRAIN_MAX_TOKENS),
+    SamplingParams(max_tokens=DRAIN_MAX_TOKENS, temperature=1.0, seed=11, ignore_eos=True),
+    greedy(max_tokens=DRAIN_MAX_TOKENS),
+    SamplingParams(max_tokens=DRAIN_MAX_TOKENS, temperature=0.8, top_p=0.9, seed=5,
+                   ignore_eos=True),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def drain_references(default_model_engine: Engine) -> list[Any]:
+    """The single engine's outputs of the drain test's requests (once for both modes)."""
+    return [
+        default_model_engine.generate([prompt], params)[0]
+        for prompt, params in zip(DRAIN_PROMPTS, DRAIN_PARAMS, strict=True)
+    ]
+
+
+def test_draining_a_decode_worker_moves_its_streams_unchanged(
+    service: RunningService, drain_references: list[Any]
+) -> None:
+    """F5 (issue 22.3): a decode worker drained out of its pool (Service.drain_worker, as the
+    autoscaler shrinks it) has each running stream, greedy and seeded, cut at a token boundary
+    and resumed on the other decode worker by replay: outputs equal to the run without the
+    drain, the worker gone while they still run (every stream moved), no KV leaked.
+    Disaggregated: a second decode worker joins first; colocated: one joins after."""
+    max_tokens, prompts, expected = DRAIN_MAX_TOKENS, DRAIN_PROMPTS, drain_references
+    samplings = [
+        pb.SamplingParameters(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
+                              seed=s.seed or 0, ignore_eos=True)
+        for s in DRAIN_PARAMS
+    ]  # fmt: skip
+    servicer = service.service._servicer
+    assert servicer is not None
+    pool = service.service.pools["decode"]
+    size = len(pool.members())
+    if size < 2:
+        client, info = service.run(service.service.start_worker("decode"), timeout_s=300)
+        pool.add(client, info.index_key)
+    leaving = pool.members()[0]
+    leaving_actor = service.service.workers[0]
+    migrated = servicer.num_migrated
+    with one_decode_worker_placeable(service):  # every stream starts on the leaving worker
+        calls = [
+            service.stub.Generate(pb.GenerateRequest(text=p, sampling=s), timeout=180)
+            for p, s in zip(prompts, samplings, strict=True)
+        ]
+        seen = [[next(call) for _ in range(3)] for call in calls]
+    service.run(service.service.drain_worker("decode", leaving, timeout_s=120), timeout_s=150)
+    assert servicer.num_migrated == migrated + len(prompts)  # none had finished: all moved
+    assert leaving not in pool.members()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(leaving_actor.stats.remote(), timeout=30)
+    for call, responses, reference in zip(calls, seen, expected, strict=True):
+        responses += list(call)
+        assert [t for r in responses for t in r.token_ids] == reference.token_ids
+        assert "".join(r.text for r in responses) == reference.text
+        assert responses[-1].usage.completion_tokens == max_tokens
+        assert responses[-1].usage.prompt_tokens == reference.usage.prompt_tokens
+    service.assert_workers_idle_and_intact()
+    if len(pool.members()) < size:  # the pool back to its size for the tests after this one
+        client, info = service.run(service.service.start_worker("decode"), timeout_s=300)
+        pool.add(client, info.index_key)
+    assert generate(service.stub, text="Hi", sampling=greedy_sampling(4))[-1].usage
+
+
 def test_a_failed_kv_transfer_is_recomputed_on_the_decode_worker(
     service: RunningService, default_model_engine: Engine
 ) -> None:
@@ -692,3 +761,55 @@ def test_disagg_auto_places_each_request_by_its_inputs(
     after = [placed(service, *reason) for reason in reasons]
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
     assert kv_transfers(service)[0] == decode_transfers + 1  # the remote one's KV only
+
+
+def test_with_no_prefill_worker_placeable_the_decode_worker_prefills_even_when_forced_remote(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """Promise 2 (found by bench.chaos): while the whole prefill pool is down (every worker
+    dead, its replacements still loading; here: marked draining), a new request or a stream
+    resuming after its decode worker died is prefilled on its decode worker, even under
+    --disagg always, instead of ending UNAVAILABLE."""
+    if not service.disaggregated:
+        pytest.skip("prefill placement is disaggregated mode's")
+    before = placed(service, "local", "no_prefill_worker")
+    members = service.service.pools["prefill"].members()
+    for member in members:
+        member.load.draining = True
+    try:
+        with placing(service, mode="always"):
+            assert_greedy_as_the_engine(service, default_model_engine, "(no prefill) Hi", 5)
+    finally:
+        for member in members:
+            member.load.draining = False
+    assert placed(service, "local", "no_prefill_worker") == before + 1
+
+
+def test_the_last_prefill_worker_lost_mid_prefill_moves_the_request_to_its_decode_worker(
+    service: RunningService, default_model_engine: Engine
+) -> None:
+    """F2 with no other prefill worker (found by bench.chaos): the only placeable prefill
+    worker dies mid-prefill; the request is prefilled on its decode worker instead of ending
+    UNAVAILABLE, with the single engine's output."""
+    if not service.disaggregated:
+        pytest.skip("prefill placement is disaggregated mode's")
+    members = service.service.pools["prefill"].members()
+    for member in members[1:]:
+        member.load.draining = True
+    prompt = "(last prefill) " + LONG_PROMPT
+    try:
+        with placing(service, mode="always"):
+            call = service.stub.Generate(
+                pb.GenerateRequest(text=prompt, sampling=greedy_sampling(4)), timeout=120
+            )
+            busy = service.wait_for_a_prefill()
+            assert busy == 0
+            victim = service.prefilling_workers()[0]
+            ray.kill(victim, no_restart=True)
+            responses = list(call)
+    finally:
+        for member in members[1:]:
+            member.load.draining = False
+    expected = default_model_engine.generate([prompt], greedy(max_tokens=4))[0]
+    assert [t for r in responses for t in r.token_ids] == expected.token_ids
+    wait_replaced(service.prefilling_workers, 0, victim)

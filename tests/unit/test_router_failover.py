@@ -2,8 +2,10 @@
 another, started with the token ids the client already has (`resumed_token_ids`), and the
 client sees one stream (only its first message carries the time to first token); past
 --max-migrations the stream ends with UNAVAILABLE naming the cap; a pool with no decode
-worker left waits for a replacement. Through Ray and gRPC:
-tests/integration/test_service.py::test_a_decode_worker_killed_mid_stream_resumes_its_streams_unchanged.
+worker left waits for a replacement. A drain (`migrate_off`) cuts a worker's streams at a
+token boundary and moves them the same way, outside the cap. Through Ray and gRPC:
+tests/integration/test_service.py::test_a_decode_worker_killed_mid_stream_resumes_its_streams_unchanged,
+tests/integration/test_service.py::test_draining_a_decode_worker_moves_its_streams_unchanged.
 """
 
 from __future__ import annotations
@@ -127,3 +129,54 @@ def test_failover_config_names_a_bad_field() -> None:
         FailoverConfig(max_migrations=-1)
     with pytest.raises(ValueError, match="replacement_wait_s=inf"):
         FailoverConfig(replacement_wait_s=float("inf"))
+    with pytest.raises(ValueError, match="migrate_on_drain=1"):
+        FailoverConfig(migrate_on_drain=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
+def test_a_drain_cuts_the_stream_at_a_token_boundary_and_resumes_it_elsewhere(
+    disaggregated: bool,
+) -> None:
+    """Every output the draining worker sent before the cut reaches the client, nothing after
+    it does; the attempt is aborted there; the move is not capped by --max-migrations (0)."""
+
+    async def run() -> None:
+        servicer, (draining, other) = _servicer(disaggregated, 2, max_migrations=0)
+        member = servicer.decode.members()[0]
+        draining.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+        draining.batches.put_nowait([("r1", _output("r1", 12))])
+        stream = servicer.Generate(_request(), AbortingContext())
+        first = await stream.__anext__()
+        await asyncio.sleep(0.05)  # the second output is in the request's queue, not yet read
+        member.load.draining = True
+        moving = asyncio.ensure_future(servicer.migrate_off(member, timeout_s=5))
+        await asyncio.sleep(0)
+        draining.batches.put_nowait([("r1", _output("r1", 99))])  # after the cut: dropped
+        other.batches.put_nowait([("r1", _output("r1", 13))])
+        other.batches.put_nowait([("r1", _output("r1", 14, finished=True))])
+        rest = [response async for response in stream]
+        assert await moving is True
+        tokens = [list(r.token_ids) for r in [first, *rest]]
+        assert tokens == [[FIRST_TOKEN], [12], [13], [14]]
+        assert _resumed(other) == [(FIRST_TOKEN, 12)]
+        assert draining.aborted() == ["r1"]
+        assert servicer.num_migrated == 1
+        assert member.load.in_flight == 0 and servicer.outputs.num_open == 0
+
+    asyncio.run(run())
+
+
+def test_a_drain_with_no_other_decode_worker_cuts_nothing() -> None:
+    async def run() -> None:
+        servicer, (only,) = _servicer(False, 1)
+        member = servicer.decode.members()[0]
+        only.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+        stream = servicer.Generate(_request(), AbortingContext())
+        await stream.__anext__()
+        member.load.draining = True
+        assert await servicer.migrate_off(member, timeout_s=0.1) is False  # it runs on there
+        only.batches.put_nowait([("r1", _output("r1", 12, finished=True))])
+        assert [list(r.token_ids) async for r in stream] == [[12]]
+        assert servicer.num_migrated == 0
+
+    asyncio.run(run())
