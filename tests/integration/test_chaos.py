@@ -6,26 +6,40 @@ check_integrity. The run itself is bench.chaos; this test asserts its three zero
 
 from __future__ import annotations
 
-import pytest
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from engine.engine import Engine
+import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 pytest.importorskip("ray")
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def test_chaos_run_loses_nothing_changes_nothing_leaks_nothing(
-    default_model_engine: Engine,
-) -> None:
-    from bench.chaos import ChaosConfig, run_chaos
 
-    config = ChaosConfig(
-        mode="disaggregated", num_requests=6, seed=3, duration_s=5.0, arrival_s=2.0,
-        kill_start_s=1.0, decode_kills=1, prefill_kills=1, redis_restarts=1,
-        min_tokens=8, max_tokens=24, settle_timeout_s=60.0,
-    )  # fmt: skip
-    report = run_chaos(config, default_model_engine)
+def test_chaos_run_loses_nothing_changes_nothing_leaks_nothing(tmp_path: Path) -> None:
+    """`python -m bench.chaos` in a process of its own: the run installs the process's
+    OpenTelemetry tracer provider (an in-memory exporter, to see which requests migrated), and
+    a process has only one, so it must not be this test process (later tests trace to a
+    collector of their own)."""
+    out = tmp_path / "chaos.json"
+    flags = ["--mode", "disaggregated", "--num-requests", "6", "--seed", "3",
+             "--duration-s", "5", "--arrival-s", "2", "--kill-start-s", "1",
+             "--decode-kills", "1", "--prefill-kills", "1", "--redis-restarts", "1",
+             "--min-tokens", "8", "--max-tokens", "24", "--settle-timeout-s", "60",
+             "--out", str(out)]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run([sys.executable, "-m", "bench.chaos", *flags], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
     summary, requests = report["summary"], report["requests"]
     assert summary["faults_injected"] == summary["faults_planned"] == 3, report["faults"]
     assert summary["nofault_lost"] == summary["nofault_differing"] == 0, requests
@@ -33,3 +47,4 @@ def test_chaos_run_loses_nothing_changes_nothing_leaks_nothing(
     assert summary["differing"] == 0, [r for r in requests if not r["equal"]]
     assert summary["leaked_blocks"] == 0, report["settle"]
     assert summary["pools_recovered"], report["settle"]
+    assert run.returncode == 0, run.stderr[-3000:]
