@@ -395,20 +395,19 @@ def progress(message: str) -> None:
 def run_chaos(config: ChaosConfig, engine: Any = None) -> dict[str, Any]:
     """One chaos run of `config`; the report (also the JSON written by the CLI). `engine`:
     the single engine of the references (None: one is loaded here)."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from cluster.service import ServiceConfig
     from engine.config import EngineConfig
     from prefix_cache.index import IndexConfig
+    from telemetry.tracing import add_span_processor, remove_span_processor
     from tests.redis_server import RedisServer
 
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)  # once per process; the router's spans land here
+    spans = SimpleSpanProcessor(exporter)
+    if not add_span_processor(spans, "chaos"):  # the router's spans land here
+        raise RuntimeError("bench.chaos needs the process's spans (migrations are counted there)")
 
     jobs = make_jobs(config)
     faults = make_faults(config)
@@ -454,6 +453,7 @@ def run_chaos(config: ChaosConfig, engine: Any = None) -> dict[str, Any]:
             redis.stop()
 
     migrations = migrations_by_request(exporter.get_finished_spans())
+    remove_span_processor(spans)
     rows = []
     for job in jobs:
         chaos, nofault = job.results["chaos"], job.results["nofault"]

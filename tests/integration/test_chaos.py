@@ -22,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_chaos_run_loses_nothing_changes_nothing_leaks_nothing(tmp_path: Path) -> None:
-    """`python -m bench.chaos` in a process of its own: the run installs the process's
-    OpenTelemetry tracer provider (an in-memory exporter, to see which requests migrated), and
-    a process has only one, so it must not be this test process (later tests trace to a
-    collector of their own)."""
+    """`python -m bench.chaos` in a process of its own, as an operator runs it (its Ray
+    cluster and its in-memory span exporter, which sees which requests migrated, end with
+    it)."""
     out = tmp_path / "chaos.json"
     flags = ["--mode", "disaggregated", "--num-requests", "6", "--seed", "3",
              "--duration-s", "5", "--arrival-s", "2", "--kill-start-s", "1",
