@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
-from bench.serving.cli import parse_lens, parse_rates
+from bench.serving.cli import add_workload_shape_arguments, parse_rates
 
 WORKLOADS = ("mixed", "random", "shared-prefix")
 
@@ -80,16 +79,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo", default="ttft=500ms,tpot=30ms")
     parser.add_argument("--configurations", default=None,
                         help="only these, e.g. colocated,1P1D (default: every one)")  # fmt: skip
-    lengths = parser.add_argument_group("workload shape (tokens; as tandem bench)")
-    lengths.add_argument("--input-len", type=int, default=1024, help="random")
-    lengths.add_argument("--output-len", type=int, default=128, help="random, shared-prefix")
-    lengths.add_argument("--range-ratio", type=float, default=0.0, help="random")
-    lengths.add_argument("--num-groups", type=int, default=4, help="shared-prefix")
-    lengths.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix")
-    lengths.add_argument("--suffix-len", type=int, default=32, help="shared-prefix")
-    lengths.add_argument("--prefill-heavy-fraction", type=float, default=0.7, help="mixed")
-    lengths.add_argument("--prefill-heavy-lens", type=parse_lens, default=(1024, 16), help="mixed")
-    lengths.add_argument("--decode-heavy-lens", type=parse_lens, default=(64, 256), help="mixed")
+    add_workload_shape_arguments(parser)  # as tandem bench's: the same requests
     placement = parser.add_argument_group("placement (as tandem serve's)")
     placement.add_argument("--target-itl-ms", type=float, default=None)
     placement.add_argument("--disagg-local-max-tokens", type=int, default=256)
@@ -105,20 +95,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=run_plan)
 
 
-def workload_of(args: argparse.Namespace) -> Any:
-    from bench.serving.workload import MixedWorkload, RandomWorkload, SharedPrefixWorkload
-
-    if args.workload == "random":
-        return RandomWorkload(args.input_len, args.output_len, args.range_ratio)
-    if args.workload == "shared-prefix":
-        return SharedPrefixWorkload(args.num_groups, args.prefix_len, args.suffix_len,
-                                    args.output_len)  # fmt: skip
-    return MixedWorkload(args.prefill_heavy_fraction, args.prefill_heavy_lens,
-                         args.decode_heavy_lens)  # fmt: skip
-
-
 def run_plan(args: argparse.Namespace) -> int:
     from bench.serving.slo import parse_slo
+    from bench.serving.workload import workload_from_args
     from planner import plan
     from planner.profile import load_profile, save_ratio
     from router.disagg import DisaggPolicy
@@ -138,7 +117,7 @@ def run_plan(args: argparse.Namespace) -> int:
                              f"known: {[c.name for c in candidates]}")  # fmt: skip
         candidates = [c for c in candidates if c.name in wanted]
     slo = parse_slo(args.slo)
-    predictions = plan.plan(profile, candidates, workload_of(args), args.rates, slo,
+    predictions = plan.plan(profile, candidates, workload_from_args(args), args.rates, slo,
                             args.num_prompts, args.seed, target_itl_s)  # fmt: skip
     print(f"profile: {profile.model} on {profile.device} ({args.profile}); {args.gpus} GPUs; "
           f"SLO {slo.describe()}; {args.num_prompts} requests per rate (simulated)\n")  # fmt: skip

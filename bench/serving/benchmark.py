@@ -36,6 +36,7 @@ from bench.serving.workload import (
     Session,
     SharedPrefixWorkload,
     Workload,
+    workload_from_args,
 )
 
 CONNECT_TIMEOUT_S = 30.0
@@ -43,25 +44,6 @@ CONNECT_TIMEOUT_S = 30.0
 
 class ServerUnreachable(Exception):
     """ListModels failed: nothing to measure."""
-
-
-def workload_from_args(args: argparse.Namespace) -> Workload:
-    """The workload the flags describe; ValueError naming a bad value."""
-    if args.workload == "random":
-        return RandomWorkload(args.input_len, args.output_len, args.range_ratio)
-    if args.workload == "shared-prefix":
-        return SharedPrefixWorkload(
-            args.num_groups, args.prefix_len, args.suffix_len, args.output_len
-        )
-    if args.workload == "multi-turn":
-        return MultiTurnWorkload(
-            args.num_turns, args.question_len, args.output_len, args.multi_turn_format
-        )
-    if args.workload == "mixed":
-        return MixedWorkload(
-            args.prefill_heavy_fraction, args.prefill_heavy_lens, args.decode_heavy_lens
-        )
-    raise ValueError(f"unknown workload {args.workload!r}")
 
 
 def check_fits(workload: Workload, max_model_len: int) -> None:

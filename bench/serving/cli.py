@@ -39,19 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     load.add_argument("--temperature", type=float, default=0.0)
-    lengths = parser.add_argument_group("workload shape (tokens)")
-    lengths.add_argument("--input-len", type=int, default=1024, help="random")
-    lengths.add_argument("--output-len", type=int, default=128, help="all but mixed")
-    lengths.add_argument("--range-ratio", type=float, default=0.0, help="random: +-ratio")
-    lengths.add_argument("--num-groups", type=int, default=4, help="shared-prefix")
-    lengths.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix")
-    lengths.add_argument("--suffix-len", type=int, default=32, help="shared-prefix")
-    lengths.add_argument("--num-turns", type=int, default=3, help="multi-turn")
-    lengths.add_argument("--question-len", type=int, default=32, help="multi-turn (words/ids)")
-    lengths.add_argument("--multi-turn-format", default="chat", choices=("chat", "token-ids"))
-    lengths.add_argument("--prefill-heavy-fraction", type=float, default=0.5, help="mixed")
-    lengths.add_argument("--prefill-heavy-lens", type=parse_lens, default=(1024, 16), help="IN:OUT")
-    lengths.add_argument("--decode-heavy-lens", type=parse_lens, default=(64, 256), help="IN:OUT")
+    add_workload_shape_arguments(parser)
     results = parser.add_argument_group("results")
     results.add_argument("--slo", type=_slo, default=None, help="e.g. ttft=500ms,tpot=30ms")
     results.add_argument("--output", default=None, help="JSON file (default: a dated name)")
@@ -68,6 +56,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="judge both under this SLO instead of their own (recomputed from their requests)",
     )
+
+
+def add_workload_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape a workload's requests, with the workloads' own defaults: one set
+    for `tandem bench` and `tandem plan`, so a plan and a measurement of the same flags see
+    the same requests (bench.serving.workload.workload_from_args builds it)."""
+    lengths = parser.add_argument_group("workload shape (tokens)")
+    lengths.add_argument("--input-len", type=int, default=1024, help="random")
+    lengths.add_argument("--output-len", type=int, default=128, help="all but mixed")
+    lengths.add_argument("--range-ratio", type=float, default=0.0, help="random: +-ratio")
+    lengths.add_argument("--num-groups", type=int, default=4, help="shared-prefix")
+    lengths.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix")
+    lengths.add_argument("--suffix-len", type=int, default=32, help="shared-prefix")
+    lengths.add_argument("--num-turns", type=int, default=3, help="multi-turn")
+    lengths.add_argument("--question-len", type=int, default=32, help="multi-turn (words/ids)")
+    lengths.add_argument("--multi-turn-format", default="chat", choices=("chat", "token-ids"))
+    lengths.add_argument("--prefill-heavy-fraction", type=float, default=0.5, help="mixed")
+    lengths.add_argument("--prefill-heavy-lens", type=parse_lens, default=(1024, 16), help="IN:OUT")
+    lengths.add_argument("--decode-heavy-lens", type=parse_lens, default=(64, 256), help="IN:OUT")
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:

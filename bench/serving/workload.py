@@ -246,3 +246,22 @@ class MixedWorkload:
 
     def max_total_tokens(self) -> int:
         return max(sum(self.prefill_heavy_lens), sum(self.decode_heavy_lens))
+
+
+def workload_from_args(args: Any) -> Workload:
+    """The workload the flags describe; ValueError naming a bad value."""
+    if args.workload == "random":
+        return RandomWorkload(args.input_len, args.output_len, args.range_ratio)
+    if args.workload == "shared-prefix":
+        return SharedPrefixWorkload(
+            args.num_groups, args.prefix_len, args.suffix_len, args.output_len
+        )
+    if args.workload == "multi-turn":
+        return MultiTurnWorkload(
+            args.num_turns, args.question_len, args.output_len, args.multi_turn_format
+        )
+    if args.workload == "mixed":
+        return MixedWorkload(
+            args.prefill_heavy_fraction, args.prefill_heavy_lens, args.decode_heavy_lens
+        )
+    raise ValueError(f"unknown workload {args.workload!r}")

@@ -4,6 +4,7 @@ and `tandem plan` end to end at a tiny size."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,19 @@ def test_tandem_plan_refuses_a_bad_profile(tmp_path: Path, capsys: Any) -> None:
 
 def test_best_ratio_is_the_best_split() -> None:
     assert best_ratio([]) is None
+
+
+def test_plan_and_bench_build_the_same_workload_from_the_same_flags() -> None:
+    """`tandem plan` predicts what `tandem bench` measures: one set of shape flags with one
+    set of defaults (the planner's mixed workload was 70% prefill-heavy, the bench's 50%)."""
+    from bench.serving.cli import add_arguments as add_bench_arguments
+    from bench.serving.workload import workload_from_args
+    from planner.cli import add_plan_arguments
+
+    for flags in ([], ["--prefill-heavy-fraction", "0.7", "--decode-heavy-lens", "32:64"]):
+        plan_parser, bench_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
+        add_plan_arguments(plan_parser)
+        add_bench_arguments(bench_parser)
+        planned = plan_parser.parse_args(["--profile", "p.json", "--gpus", "2", *flags])
+        measured = bench_parser.parse_args(["--workload", "mixed", *flags])
+        assert workload_from_args(planned) == workload_from_args(measured)
