@@ -12,7 +12,9 @@ run without the fault, seeded sampling continuing the same random stream.
 
 A request moves at most `max_migrations` times; one more loss ends it with UNAVAILABLE naming
 the cap. When no decode worker is placeable (the pool's only one died), it waits up to
-`replacement_wait_s` for the control plane's replacement. Each move is counted in
+`replacement_wait_s` for the control plane's replacement; so does a new request arriving
+while every decode worker is down (the chaos run's: both killed at once), before its first
+attempt. Each move is counted in
 `tandem_request_migrations_total{reason}` and noted on the request's span.
 
 Live migration on drain (issue 22.3) takes the same path: a decode worker leaving the pool is
@@ -84,6 +86,7 @@ async def with_failover(
     sent: list[int] = []
     migrations = 0  # moves of any kind
     losses = 0  # moves after a lost worker: capped
+    await _placeable(decode, config.replacement_wait_s, "place")
     while True:
         try:
             async with aclosing(attempt(tuple(sent))) as replies:
@@ -113,7 +116,7 @@ async def with_failover(
                                config.max_migrations)  # fmt: skip
             migrations += 1
             started = time.time()
-            await _placeable(decode, config.replacement_wait_s)
+            await _placeable(decode, config.replacement_wait_s, "resume")
             span.set_attributes({"tandem.migrations": migrations,
                                  "tandem.migration_reason": reason})  # fmt: skip
             record_span("migrate", started, time.time(), span,
@@ -123,12 +126,13 @@ async def with_failover(
                 on_migration(reason)
 
 
-async def _placeable(pool: PoolView, wait_s: float) -> None:
-    """Return once `pool` has a placeable member, or raise WorkerUnavailable after `wait_s`."""
+async def _placeable(pool: PoolView, wait_s: float, verb: str) -> None:
+    """Return once `pool` has a placeable member, or raise WorkerUnavailable after `wait_s`
+    ("no live decode worker to `verb` the request on")."""
     deadline = time.monotonic() + wait_s
     while not any(member.placeable for member in pool.members()):
         if time.monotonic() >= deadline:
             raise WorkerUnavailable(
-                f"no live {pool.name} worker to resume the request on within {wait_s:g} s"
+                f"no live {pool.name} worker to {verb} the request on within {wait_s:g} s"
             )
         await asyncio.sleep(_POLL_S)

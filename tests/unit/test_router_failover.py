@@ -124,6 +124,52 @@ def test_with_no_decode_worker_left_it_waits_for_a_replacement_then_gives_up() -
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
+def test_a_request_arriving_while_every_decode_worker_is_down_waits_for_a_replacement(
+    disaggregated: bool,
+) -> None:
+    """Found by the chaos run: a request sent just after both decode workers were killed
+    ended UNAVAILABLE at once ("no live decode worker left to place the request on") while
+    their replacements loaded; the streams already running waited for them and finished."""
+
+    async def run() -> None:
+        servicer, (only,) = _servicer(disaggregated, 1)
+        member = servicer.decode.members()[0]
+        member.load.down = True  # killed; the control plane is loading its replacement
+        only.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+        only.batches.put_nowait([("r1", _output("r1", 12, finished=True))])
+
+        async def replaced() -> None:
+            await asyncio.sleep(0.2)
+            member.load.down = False
+
+        replacement = asyncio.create_task(replaced())
+        context = AbortingContext()
+        tokens = [list(r.token_ids) async for r in servicer.Generate(_request(), context)]
+        await replacement
+        assert context.ended is None
+        assert tokens == [[FIRST_TOKEN], [12]]
+        assert servicer.num_migrated == 0  # nothing had streamed: not a move
+
+    asyncio.run(run())
+
+
+def test_with_no_decode_worker_at_all_a_new_request_waits_then_gives_up_naming_it() -> None:
+    async def run() -> None:
+        servicer, _ = _servicer(False, 1)
+        servicer.decode.members()[0].load.down = True
+        context = AbortingContext()
+        with pytest.raises(asyncio.CancelledError):
+            async for _ in servicer.Generate(_request(), context):
+                pass
+        assert context.ended is not None
+        code, details = context.ended
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "no live decode worker to place the request on within 0.5 s" in details
+
+    asyncio.run(run())
+
+
 def test_failover_config_names_a_bad_field() -> None:
     with pytest.raises(ValueError, match="max_migrations=-1"):
         FailoverConfig(max_migrations=-1)
