@@ -47,7 +47,10 @@ Backend = Any
 HOST = "127.0.0.1"  # the ranks of one engine share a host
 STARTUP_TIMEOUT_S = 600.0  # every rank loads its shard and reports ready within this
 _FOLLOWER_WAIT = timedelta(days=365)  # followers wait for the next plan as long as it takes
-_PLAN_STEP, _PLAN_STOP = 1, 2
+_PLAN_STEP, _PLAN_STOP, _PLAN_GATHER_KV, _PLAN_SCATTER_KV = 1, 2, 3, 4
+# KV moved between the ranks for a transfer (private caches): one gather or scatter per chunk of
+# layers, each rank's part of a chunk at most this many bytes (bounds rank 0's scratch memory)
+KV_MOVE_CHUNK_BYTES = 64 << 20
 _LOG_LEVEL_ENV = "TANDEM_TP_LOG_LEVEL"
 _EXIT_WAIT_S = 2.0  # after a failed collective: how long to wait for a dead rank's exit code
 KV_SHARE_DIR = "/dev/shm"  # CPU ranks map their shared KV cache from a file here
@@ -75,7 +78,8 @@ class TensorParallelGroup:
         self.store = store
         self.followers = followers
         self.failure: RankFailed | None = None
-        # [layers, 2, blocks, block_size, every rank's KV heads, row] (rank 0, shared_kv_cache)
+        # [layers, 2, blocks, block_size, every KV head, row] (rank 0): the cache every rank
+        # maps (shared_kv_cache), or rank 0's own, holding all heads (whole_kv_cache_of)
         self.whole_kv_cache: torch.Tensor | None = None
         control_wait = timedelta(seconds=timeout_s) if rank == 0 else _FOLLOWER_WAIT
         self.control = _gloo_group(store, "control", rank, world_size, control_wait)
@@ -153,16 +157,105 @@ class TensorParallelGroup:
         """Rank 0: broadcast one step's plan (encode_plan). Raises RankFailed."""
         self._send(_PLAN_STEP, plan)
 
-    def receive_plan(self) -> list[int] | None:
-        """Followers: the next plan, or None when rank 0 stops the engine."""
+    def receive_plan(self) -> tuple[int, list[int]] | None:
+        """Followers: the next plan's kind (PLAN_STEP, PLAN_GATHER_KV, PLAN_SCATTER_KV) and
+        payload, or None when rank 0 stops the engine."""
         header = torch.zeros(2, dtype=torch.long)
         self.control.broadcast(header, 0).wait()
         kind, length = int(header[0]), int(header[1])
         if kind == _PLAN_STOP:
             return None
         payload = torch.empty(length, dtype=torch.long)
-        self.control.broadcast(payload, 0).wait()
-        return payload.tolist()
+        if length:
+            self.control.broadcast(payload, 0).wait()
+        return kind, payload.tolist()
+
+    # ---- KV moved for a transfer (private caches: engine.Engine, "private KV") -----------
+
+    def whole_kv_cache_of(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, num_kv_heads: int
+    ) -> torch.Tensor:
+        """Rank 0 of ranks with private caches: its KV cache (`shape`, its KV heads first in
+        dim 4) as a view of a cache of its own that has room for all `num_kv_heads`, kept in
+        `whole_kv_cache`. The other heads there are filled only for a transfer (gather_kv)
+        and read only by one (scatter_kv)."""
+        from engine.model_runner import zeros_on_demand
+
+        whole = zeros_on_demand((*shape[:4], num_kv_heads, *shape[5:]), dtype, device)
+        self.whole_kv_cache = whole
+        return whole.narrow(4, 0, shape[4])
+
+    def gather_kv(
+        self, local: torch.Tensor, block_ids: list[int], kv_heads: list[tuple[int, int]]
+    ) -> None:
+        """Every rank: copy the blocks `block_ids` of every rank's cache `local` into rank 0's
+        `whole_kv_cache`, each rank's KV heads (`kv_heads[rank]`: first head, count) in their
+        place; one gather per chunk of layers. Rank 0 first sends PLAN_GATHER_KV (request_kv).
+        Raises RankFailed on rank 0 if a rank fails."""
+        self._move_kv(local, block_ids, kv_heads, gather=True)
+
+    def scatter_kv(
+        self, local: torch.Tensor, block_ids: list[int], kv_heads: list[tuple[int, int]]
+    ) -> None:
+        """The reverse of gather_kv: each rank's cache gets its KV heads of blocks `block_ids`
+        from rank 0's `whole_kv_cache`."""
+        self._move_kv(local, block_ids, kv_heads, gather=False)
+
+    def request_kv(self, block_ids: list[int], gather: bool) -> None:
+        """Rank 0: tell the followers to join a gather_kv (or scatter_kv) of `block_ids`."""
+        self._send(_PLAN_GATHER_KV if gather else _PLAN_SCATTER_KV, block_ids)
+
+    def _move_kv(
+        self,
+        local: torch.Tensor,
+        block_ids: list[int],
+        kv_heads: list[tuple[int, int]],
+        gather: bool,
+    ) -> None:
+        ids = torch.tensor(block_ids, dtype=torch.long, device=local.device)
+        layer_bytes = 2 * len(block_ids) * math.prod(local.shape[3:]) * local.element_size()
+        per_chunk = max(1, KV_MOVE_CHUNK_BYTES // max(layer_bytes, 1))
+        owners = _first_holders(kv_heads)
+        for start in range(0, local.shape[0], per_chunk):
+            layers = slice(start, min(start + per_chunk, local.shape[0]))
+            if gather:
+                piece = local[layers].index_select(2, ids).contiguous()
+                pieces = [torch.empty_like(piece) for _ in kv_heads] if self.rank == 0 else []
+                to_root = dist.GatherOptions()
+                to_root.rootRank = 0
+                outputs = [[_bytes(p) for p in pieces]] if pieces else []
+                self._compute(self.compute.gather, outputs, [_bytes(piece)], to_root)
+                for rank in owners[1:] if self.rank == 0 else ():  # rank 0's are in place
+                    first, count = kv_heads[rank]
+                    self._whole()[layers, :, ids, :, first : first + count] = pieces[rank]
+            else:
+                shape = (layers.stop - layers.start, 2, len(block_ids), *local.shape[3:])
+                piece = torch.empty(shape, dtype=local.dtype, device=local.device)
+                inputs = []
+                if self.rank == 0:
+                    whole = self._whole()[layers].index_select(2, ids)
+                    parts = [whole[:, :, :, :, f : f + n].contiguous() for f, n in kv_heads]
+                    inputs = [[_bytes(p) for p in parts]]
+                from_root = dist.ScatterOptions()
+                from_root.rootRank = 0
+                self._compute(self.compute.scatter, [_bytes(piece)], inputs, from_root)
+                if self.rank != 0:  # rank 0's heads are in its whole cache already
+                    local[layers, :, ids] = piece
+
+    def _whole(self) -> torch.Tensor:
+        assert self.whole_kv_cache is not None, "rank 0 of private caches holds a whole one"
+        return self.whole_kv_cache
+
+    def _compute(self, collective: Callable[..., Any], *args: Any) -> None:
+        """A collective of the compute group outside the forward; failures as _control's."""
+        if self.failure is not None:
+            raise self.failure
+        try:
+            collective(*args).wait()
+        except RuntimeError as e:  # gloo / NCCL: a peer closed its connection, or the timeout
+            if self.rank != 0:
+                raise
+            raise self.fail(e) from e
 
     def stop(self) -> None:
         """Rank 0: tell the followers to exit, wait for them (killing any that linger).
@@ -351,9 +444,24 @@ def follower_main(config: EngineConfig, rank: int, port: int) -> None:
     store.set(f"started/{rank}", "1")
     group = TensorParallelGroup(rank, world, store, device, config.tensor_parallel_timeout_s)
     engine = Engine(config, tp_group=group)
-    while (plan := group.receive_plan()) is not None:
-        engine.runner.execute(decode_plan(plan))
+    while (received := group.receive_plan()) is not None:
+        kind, payload = received
+        if kind == _PLAN_STEP:
+            engine.runner.execute(decode_plan(payload))
+        else:  # a KV transfer's blocks, to or from rank 0 (private caches)
+            move = group.gather_kv if kind == _PLAN_GATHER_KV else group.scatter_kv
+            move(engine.runner.kv_cache, payload, engine.rank_kv_heads())
     logger.info("rank %d stopped", rank)
+
+
+def _first_holders(kv_heads: list[tuple[int, int]]) -> list[int]:
+    """The ranks whose KV heads no lower rank holds (KV heads replicated: the first of each)."""
+    return [r for r, heads in enumerate(kv_heads) if heads not in kv_heads[:r]]
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as uint8 (gloo and NCCL move FP8 KV as bytes)."""
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 # ---- the step plan -----------------------------------------------------------------------
