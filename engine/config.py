@@ -81,6 +81,10 @@ class EngineConfig:
             raise ValueError(
                 f"tensor_parallel_timeout_s={self.tensor_parallel_timeout_s} must be > 0"
             )
+        if type(self.tensor_parallel_shared_kv) is not bool:
+            raise ValueError(
+                f"tensor_parallel_shared_kv={self.tensor_parallel_shared_kv!r} must be a bool"
+            )
         if self.target_itl_s is not None and not self.target_itl_s > 0:
             raise ValueError(f"target_itl_s={self.target_itl_s!r} must be > 0 seconds or None")
         if not 0.0 < self.kv_cache_memory_fraction < 1.0:

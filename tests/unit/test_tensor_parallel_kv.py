@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from contracts.errors import RankFailed
+from engine.config import EngineConfig
 from engine.engine import Engine
 from tests.conftest import greedy, make_engine, prompt_ids
 
@@ -34,6 +35,11 @@ def single() -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def expected(single: Engine) -> list[int]:
     return single.generate([PROMPT], greedy(MAX_TOKENS))[0].token_ids
+
+
+def test_the_switch_is_a_bool() -> None:
+    with pytest.raises(ValueError, match=r"tensor_parallel_shared_kv='no' must be a bool"):
+        EngineConfig(tensor_parallel_shared_kv="no")  # type: ignore[arg-type]
 
 
 def ship(src: Engine, dst: Engine, request_id: str) -> tuple[str, str, int]:
