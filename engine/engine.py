@@ -111,8 +111,11 @@ class Engine:
             config.block_size,
             self.device,
             self.kv_dtype,
-            self._kv_cache_allocator(),
+            self.tp.shared_kv_cache if self.tp is not None and self._shares_kv_cache else None,
         )
+        if self._private_kv:
+            assert self.tp is not None
+            self.tp.allocate_whole_kv_cache(self.runner.kv_cache, self.model_config.num_kv_heads)
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.capture_cuda_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(config.seed, self.device)
@@ -160,11 +163,13 @@ class Engine:
     def _shares_kv_cache(self) -> bool:
         """Whether the ranks' caches are views of one CPU cache (so KV transfer reaches every
         rank's heads): CPU ranks whose KV heads are split, not replicated, unless the config
-        turns sharing off (tensor_parallel_shared_kv)."""
+        turns sharing off (tensor_parallel_shared_kv) or the cache is FP8 (a packed FP8 block
+        holds all its heads' values, then their scales: no head range is a view of it)."""
         shard = self.shard
         return (
             self.device.type == "cpu"
             and self.config.tensor_parallel_shared_kv
+            and self.config.kv_cache_dtype != "fp8"
             and shard is not None
             and shard.tp_size > 1
             and (self.model_config.num_kv_heads >= shard.tp_size)
@@ -174,22 +179,8 @@ class Engine:
     def _private_kv(self) -> bool:
         """Whether this is rank 0 of ranks that each hold their own KV heads (GPU ranks, and
         CPU ranks that share no cache): a transfer's blocks are gathered to, or scattered
-        from, rank 0's whole-head cache over the compute group."""
+        from, a whole-head cache of rank 0's, beside its own, over the compute group."""
         return self.tp is not None and self.tp.rank == 0 and not self._shares_kv_cache
-
-    def _kv_cache_allocator(self) -> Any:
-        """How the runner allocates this rank's cache: mapped by every rank (shared), rank 0's
-        view of a whole-head cache of its own (private), or plain (TP=1, followers)."""
-        if self.tp is None:
-            return None
-        if self._shares_kv_cache:
-            return self.tp.shared_kv_cache
-        if self.tp.rank == 0:
-            heads = self.model_config.num_kv_heads
-            return lambda shape, dtype, device: self.tp.whole_kv_cache_of(  # type: ignore[union-attr]
-                shape, dtype, device, heads
-            )
-        return None
 
     def rank_kv_heads(self) -> list[tuple[int, int]]:
         """Each rank's KV heads (first, count) under TP, in rank order."""
@@ -216,8 +207,8 @@ class Engine:
     def transfer_kv_cache(self) -> torch.Tensor:
         """The cache KV transfer reads and writes, every KV head of the model:
         [layers, 2, num_blocks, block_size, num_kv_heads, row]. At TP=1 the runner's own;
-        under TP (rank 0) the one all ranks share, or (private KV) rank 0's whole-head cache,
-        whose other ranks' heads hold a block's KV only between a gather (kept KV) and its
+        under TP (rank 0) the one all ranks share, or (private KV) rank 0's whole-head cache
+        for transfers, which holds a block's KV only between a gather (kept KV) and its
         transfer, or between a transfer's landing and its scatter (attach_kv)."""
         if self.tp is None:
             return self.runner.kv_cache
@@ -234,9 +225,10 @@ class Engine:
     def _num_kv_blocks(self) -> int:
         """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
         per_token = build.kv_bytes_per_token(self.model.config, self.kv_dtype, self.dtype)
-        if self._private_kv:  # rank 0 holds every KV head (whole_kv_cache_of)
+        if self._private_kv:  # rank 0 holds its heads and every head again (for transfers)
             assert self.shard is not None
-            per_token = per_token * self.model_config.num_kv_heads // self.shard.num_kv_heads
+            own = self.shard.num_kv_heads
+            per_token = per_token * (own + self.model_config.num_kv_heads) // own
         fit = build.kv_blocks_that_fit(self.config, self.device, per_token)
         return fit if self.tp is None else self.tp.agree_min(fit)
 

@@ -79,7 +79,7 @@ class TensorParallelGroup:
         self.followers = followers
         self.failure: RankFailed | None = None
         # [layers, 2, blocks, block_size, every KV head, row] (rank 0): the cache every rank
-        # maps (shared_kv_cache), or rank 0's own, holding all heads (whole_kv_cache_of)
+        # maps (shared_kv_cache), or rank 0's for transfers (allocate_whole_kv_cache)
         self.whole_kv_cache: torch.Tensor | None = None
         control_wait = timedelta(seconds=timeout_s) if rank == 0 else _FOLLOWER_WAIT
         self.control = _gloo_group(store, "control", rank, world_size, control_wait)
@@ -172,18 +172,15 @@ class TensorParallelGroup:
 
     # ---- KV moved for a transfer (private caches: engine.Engine, "private KV") -----------
 
-    def whole_kv_cache_of(
-        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, num_kv_heads: int
-    ) -> torch.Tensor:
-        """Rank 0 of ranks with private caches: its KV cache (`shape`, its KV heads first in
-        dim 4) as a view of a cache of its own that has room for all `num_kv_heads`, kept in
-        `whole_kv_cache`. The other heads there are filled only for a transfer (gather_kv)
-        and read only by one (scatter_kv)."""
+    def allocate_whole_kv_cache(self, local: torch.Tensor, num_kv_heads: int) -> None:
+        """Rank 0 of ranks with private caches: a cache shaped like this rank's `local` one but
+        with room for all `num_kv_heads` (`whole_kv_cache`), for KV transfer alone: it holds a
+        block's KV only between a gather_kv and its shipping, or between a transfer's landing
+        and its scatter_kv. Pages cost memory once written on the CPU (zeros_on_demand)."""
         from engine.model_runner import zeros_on_demand
 
-        whole = zeros_on_demand((*shape[:4], num_kv_heads, *shape[5:]), dtype, device)
-        self.whole_kv_cache = whole
-        return whole.narrow(4, 0, shape[4])
+        shape = (*local.shape[:4], num_kv_heads, *local.shape[5:])
+        self.whole_kv_cache = zeros_on_demand(shape, local.dtype, local.device)
 
     def gather_kv(
         self, local: torch.Tensor, block_ids: list[int], kv_heads: list[tuple[int, int]]
@@ -215,32 +212,55 @@ class TensorParallelGroup:
         ids = torch.tensor(block_ids, dtype=torch.long, device=local.device)
         layer_bytes = 2 * len(block_ids) * math.prod(local.shape[3:]) * local.element_size()
         per_chunk = max(1, KV_MOVE_CHUNK_BYTES // max(layer_bytes, 1))
-        owners = _first_holders(kv_heads)
         for start in range(0, local.shape[0], per_chunk):
             layers = slice(start, min(start + per_chunk, local.shape[0]))
             if gather:
-                piece = local[layers].index_select(2, ids).contiguous()
-                pieces = [torch.empty_like(piece) for _ in kv_heads] if self.rank == 0 else []
-                to_root = dist.GatherOptions()
-                to_root.rootRank = 0
-                outputs = [[_bytes(p) for p in pieces]] if pieces else []
-                self._compute(self.compute.gather, outputs, [_bytes(piece)], to_root)
-                for rank in owners[1:] if self.rank == 0 else ():  # rank 0's are in place
-                    first, count = kv_heads[rank]
-                    self._whole()[layers, :, ids, :, first : first + count] = pieces[rank]
+                self._gather_chunk(local, layers, ids, kv_heads)
             else:
-                shape = (layers.stop - layers.start, 2, len(block_ids), *local.shape[3:])
-                piece = torch.empty(shape, dtype=local.dtype, device=local.device)
-                inputs = []
-                if self.rank == 0:
-                    whole = self._whole()[layers].index_select(2, ids)
-                    parts = [whole[:, :, :, :, f : f + n].contiguous() for f, n in kv_heads]
-                    inputs = [[_bytes(p) for p in parts]]
-                from_root = dist.ScatterOptions()
-                from_root.rootRank = 0
-                self._compute(self.compute.scatter, [_bytes(piece)], inputs, from_root)
-                if self.rank != 0:  # rank 0's heads are in its whole cache already
-                    local[layers, :, ids] = piece
+                self._scatter_chunk(local, layers, ids, kv_heads)
+        if self.rank == 0 and local.is_cuda:  # KV transfer reads (writes) on its own stream
+            torch.cuda.current_stream(local.device).synchronize()
+
+    def _gather_chunk(
+        self,
+        local: torch.Tensor,
+        layers: slice,
+        ids: torch.Tensor,
+        kv_heads: list[tuple[int, int]],
+    ) -> None:
+        rows = _head_rows(local[layers].index_select(2, ids))
+        pieces = [torch.empty_like(rows) for _ in kv_heads] if self.rank == 0 else []
+        to_root = dist.GatherOptions()
+        to_root.rootRank = 0
+        outputs = [[_bytes(p) for p in pieces]] if pieces else []
+        self._compute(self.compute.gather, outputs, [_bytes(rows)], to_root)
+        if self.rank != 0:
+            return
+        whole = self._whole()
+        assembled = rows.new_empty((*rows.shape[:4], whole.shape[4], rows.shape[5]))
+        for rank in _first_holders(kv_heads):
+            first, count = kv_heads[rank]
+            assembled[:, :, :, :, first : first + count] = pieces[rank]
+        whole[layers, :, ids] = _packed_blocks(assembled, whole)
+
+    def _scatter_chunk(
+        self,
+        local: torch.Tensor,
+        layers: slice,
+        ids: torch.Tensor,
+        kv_heads: list[tuple[int, int]],
+    ) -> None:
+        shape = (layers.stop - layers.start, 2, len(ids), *local.shape[3:])
+        rows = torch.empty(shape, dtype=local.dtype, device=local.device)
+        inputs = []
+        if self.rank == 0:
+            whole = _head_rows(self._whole()[layers].index_select(2, ids))
+            parts = [whole[:, :, :, :, f : f + n].contiguous() for f, n in kv_heads]
+            inputs = [[_bytes(p) for p in parts]]
+        from_root = dist.ScatterOptions()
+        from_root.rootRank = 0
+        self._compute(self.compute.scatter, [_bytes(rows)], inputs, from_root)
+        local[layers, :, ids] = _packed_blocks(rows, local)
 
     def _whole(self) -> torch.Tensor:
         assert self.whole_kv_cache is not None, "rank 0 of private caches holds a whole one"
@@ -457,6 +477,34 @@ def follower_main(config: EngineConfig, rank: int, port: int) -> None:
 def _first_holders(kv_heads: list[tuple[int, int]]) -> list[int]:
     """The ranks whose KV heads no lower rank holds (KV heads replicated: the first of each)."""
     return [r for r, heads in enumerate(kv_heads) if heads not in kv_heads[:r]]
+
+
+def _head_rows(blocks: torch.Tensor) -> torch.Tensor:
+    """Contiguous cache blocks [..., block_size, kv_heads, row] with each (token, head)'s KV
+    in its own row, so that a range of heads is a slice: the blocks themselves, or for a
+    packed FP8 cache (engine.kv_quant: a block's values, then its scales) each row's values
+    followed by its scale's 4 bytes."""
+    from engine.kv_quant import SCALE_BYTES, is_fp8_cache, split_fp8_cache
+
+    if not is_fp8_cache(blocks):
+        return blocks
+    values, scales = split_fp8_cache(blocks)
+    scale_bytes = scales.unsqueeze(-1).view(torch.uint8)
+    assert scale_bytes.shape[-1] == SCALE_BYTES
+    return torch.cat([values.view(torch.uint8), scale_bytes], dim=-1)
+
+
+def _packed_blocks(rows: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """The inverse of _head_rows: blocks as `cache` stores them."""
+    from engine.kv_quant import SCALE_BYTES, is_fp8_cache, split_fp8_cache
+
+    if not is_fp8_cache(cache):
+        return rows
+    packed = torch.empty_like(rows)
+    values, scales = split_fp8_cache(packed)
+    values.view(torch.uint8).copy_(rows[..., :-SCALE_BYTES])
+    scales.copy_(rows[..., -SCALE_BYTES:].contiguous().view(torch.float32).squeeze(-1))
+    return packed
 
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -158,12 +158,13 @@ def _check_shared_cache(engine: Engine) -> None:
 
 
 def _check_private_cache(engine: Engine) -> None:
-    """Each rank holds its own cache; rank 0's is the first head of a whole-head cache of its
-    own, which KV transfer reads and writes (test_tensor_parallel_kv)."""
+    """Each rank holds its own cache; rank 0 has a whole-head cache beside its own, which KV
+    transfer reads and writes (test_tensor_parallel_kv)."""
     assert engine.tp is not None
     whole = engine.transfer_kv_cache
     assert whole.shape[4] == 2 and whole.shape[:4] == engine.runner.kv_cache.shape[:4]
-    assert engine.runner.kv_cache.data_ptr() == whole.data_ptr()
+    assert engine.runner.kv_cache.is_contiguous() and whole.is_contiguous()
+    assert engine.runner.kv_cache.data_ptr() != whole.data_ptr()
     assert not engine.tp.store.check(["kv-cache"]), "no cache is shared"
 
 

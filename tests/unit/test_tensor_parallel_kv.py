@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from contracts.errors import RankFailed
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.kv_quant import dequantize_rows
 from tests.conftest import greedy, make_engine, prompt_ids
 
 TINY = "dummy:tiny"  # 4 heads, 2 KV heads
@@ -80,6 +82,7 @@ def test_private_caches_hold_only_their_heads_and_transfer_every_head(
     with private(2) as engine:
         assert engine.tp is not None
         assert engine.runner.kv_cache.shape[-2] == 1  # this rank's KV head only
+        assert engine.runner.kv_cache.is_contiguous()  # as a GPU's kernels read it
         assert engine.transfer_kv_cache.shape[-2] == 2  # rank 0's whole-head cache
         assert not engine.tp.store.check(["kv-cache"]), "no cache is shared"
         for name, src, dst in [("1to2", single, engine), ("2to1", engine, single),
@@ -94,6 +97,39 @@ def test_replicated_kv_heads_transfer_too(single: Engine, expected: list[int]) -
         for name, src, dst in [("1to4", single, engine), ("4to1", engine, single)]:
             assert decode(dst, *ship(src, dst, name)) == expected, name
             assert_nothing_held(src, dst)
+
+
+def test_fp8_kv_moves_as_packed_blocks_every_head_in_place() -> None:
+    """A packed FP8 block (a block's values, then its scales) is not sliced by heads: the
+    gather and scatter move each head's values and scale and pack again."""
+    with (
+        make_engine(TINY, kv_cache_dtype="fp8") as single8,
+        private(2, kv_cache_dtype="fp8") as engine,
+    ):
+        for src in (single8, engine):
+            src.add_request("p", None, greedy(1), prompt_token_ids=PROMPT, prefill_only=True)
+            while src.has_unfinished_requests():
+                src.step()
+        kept = [src.take_prefilled()[0].kv for src in (single8, engine)]
+        read = [
+            dequantize_rows(src.transfer_kv_cache[:, :, list(k.block_ids)])
+            for src, k in zip((single8, engine), kept, strict=True)
+        ]  # the gathered blocks read as the single engine's: each head in its place
+        torch.testing.assert_close(read[1], read[0], atol=0.05, rtol=0.1)
+        for src, k in zip((single8, engine), kept, strict=True):
+            src.block_manager.release(k.owner)
+        expected8 = engine.generate([PROMPT], greedy(MAX_TOKENS))[0].token_ids
+        assert decode(engine, *ship(engine, engine, "fp8")) == expected8  # scattered back
+        assert_nothing_held(engine, single8)
+
+
+def test_an_fp8_cache_is_private_even_where_heads_split() -> None:
+    """A shared cache's ranks view a range of heads; no range of heads of a packed FP8 block is
+    a view (it failed: "an FP8 cache splits by whole blocks only")."""
+    single = make_engine(TINY, kv_cache_dtype="fp8").generate([PROMPT], greedy(MAX_TOKENS))
+    with make_engine(TINY, kv_cache_dtype="fp8", tensor_parallel_size=2) as engine:
+        assert engine.tp is not None and not engine.tp.store.check(["kv-cache"])
+        assert engine.generate([PROMPT], greedy(MAX_TOKENS))[0].token_ids == single[0].token_ids
 
 
 def kill_follower(engine: Engine) -> int:
