@@ -193,6 +193,9 @@ def test_a_dead_decode_rank_fails_the_request_as_lost_and_the_sender_frees_its_k
         asyncio.run(prefill_then_decode(prefill, decode, "r-dead-decode-rank", prompt))
     assert asyncio.run(decode.stats()).failure is not None  # the control plane replaces it
     wait_idle_and_intact(prefill)  # the prefill side holds nothing for the transfer
+    # nor does the failed worker (its engine thread is gone: read its bookkeeping directly);
+    # with private KV the rank's death failed the scatter of the KV that had landed
+    decode.engine.check_integrity(holders=decode._transfer_holders())
 
 
 def test_a_dead_prefill_rank_fails_the_prefill_as_lost_and_ships_nothing(
