@@ -193,6 +193,8 @@ class Engine:
         """Private KV (rank 0): every rank's heads of `block_ids` into the whole-head cache a
         transfer reads. Raises RankFailed."""
         assert self.tp is not None
+        if not block_ids:
+            return
         self.tp.request_kv(list(block_ids), gather=True)
         self.tp.gather_kv(self.runner.kv_cache, list(block_ids), self.rank_kv_heads())
 
@@ -200,6 +202,8 @@ class Engine:
         """Private KV (rank 0): each rank's heads of `block_ids` (landed in the whole-head
         cache by a transfer) into its own cache. Raises RankFailed."""
         assert self.tp is not None
+        if not block_ids:
+            return
         self.tp.request_kv(list(block_ids), gather=False)
         self.tp.scatter_kv(self.runner.kv_cache, list(block_ids), self.rank_kv_heads())
 
