@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.errors import TandemError
+from contracts.errors import RankFailed, TandemError
 from contracts.handoff import PrefillResult
 from contracts.sampling_params import SamplingParams
 from kvtransfer.protocol import TransferMetrics
@@ -171,6 +171,9 @@ class KVArrivals(LoopRole):
                 release(kv.owner)
                 loop.fail(waiting.request_id, e)
                 continue
+            except RankFailed:  # a rank died in the scatter (private KV): the worker is down
+                release(kv.owner)
+                raise
             self.counts.tokens_received += kv.num_tokens
             self.counts.blocks_received += len(kv.block_ids)
             self.counts.tokens_reused += waiting.reused_tokens

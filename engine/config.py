@@ -49,6 +49,11 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # How long a rank waits for the others in a collective before the engine fails (RankFailed)
     tensor_parallel_timeout_s: float = 60.0
+    # CPU ranks that split the KV heads map one KV cache (/dev/shm): KV transfer reads and
+    # writes every head there. False: each rank holds its own heads, as GPU ranks always do
+    # (and CPU ranks whose KV heads are replicated); a transfer then gathers the shipped blocks
+    # to rank 0, or scatters the landed ones from it, over the compute group (engine.parallel).
+    tensor_parallel_shared_kv: bool = True
     # Steps that decode stay under this (prefill chunks sized by the measured step time,
     # engine.scheduler); sets the scheduler's target_step_s. None: the fixed token budget.
     target_itl_s: float | None = None
@@ -75,6 +80,10 @@ class EngineConfig:
         if not self.tensor_parallel_timeout_s > 0:
             raise ValueError(
                 f"tensor_parallel_timeout_s={self.tensor_parallel_timeout_s} must be > 0"
+            )
+        if type(self.tensor_parallel_shared_kv) is not bool:
+            raise ValueError(
+                f"tensor_parallel_shared_kv={self.tensor_parallel_shared_kv!r} must be a bool"
             )
         if self.target_itl_s is not None and not self.target_itl_s > 0:
             raise ValueError(f"target_itl_s={self.target_itl_s!r} must be > 0 seconds or None")

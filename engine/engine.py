@@ -113,6 +113,9 @@ class Engine:
             self.kv_dtype,
             self.tp.shared_kv_cache if self.tp is not None and self._shares_kv_cache else None,
         )
+        if self._private_kv:
+            assert self.tp is not None
+            self.tp.allocate_whole_kv_cache(self.runner.kv_cache, self.model_config.num_kv_heads)
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.capture_cuda_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(config.seed, self.device)
@@ -159,25 +162,61 @@ class Engine:
     @property
     def _shares_kv_cache(self) -> bool:
         """Whether the ranks' caches are views of one CPU cache (so KV transfer reaches every
-        rank's heads): CPU ranks whose KV heads are split, not replicated."""
+        rank's heads): CPU ranks whose KV heads are split, not replicated, unless the config
+        turns sharing off (tensor_parallel_shared_kv) or the cache is FP8 (a packed FP8 block
+        holds all its heads' values, then their scales: no head range is a view of it)."""
         shard = self.shard
         return (
             self.device.type == "cpu"
+            and self.config.tensor_parallel_shared_kv
+            and self.config.kv_cache_dtype != "fp8"
             and shard is not None
             and shard.tp_size > 1
             and (self.model_config.num_kv_heads >= shard.tp_size)
         )
 
     @property
+    def _private_kv(self) -> bool:
+        """Whether this is rank 0 of ranks that each hold their own KV heads (GPU ranks, and
+        CPU ranks that share no cache): a transfer's blocks are gathered to, or scattered
+        from, a whole-head cache of rank 0's, beside its own, over the compute group."""
+        return self.tp is not None and self.tp.rank == 0 and not self._shares_kv_cache
+
+    def rank_kv_heads(self) -> list[tuple[int, int]]:
+        """Each rank's KV heads (first, count) under TP, in rank order."""
+        assert self.tp is not None
+        world = self.tp.world_size
+        layouts = [shard_layout(self.model_config, world, rank) for rank in range(world)]
+        return [(s.kv_head_start, s.num_kv_heads) for s in layouts]
+
+    def _gather_transfer_kv(self, block_ids: SequenceOf[int]) -> None:
+        """Private KV (rank 0): every rank's heads of `block_ids` into the whole-head cache a
+        transfer reads. Raises RankFailed."""
+        assert self.tp is not None
+        if not block_ids:
+            return
+        self.tp.request_kv(list(block_ids), gather=True)
+        self.tp.gather_kv(self.runner.kv_cache, list(block_ids), self.rank_kv_heads())
+
+    def _scatter_transfer_kv(self, block_ids: SequenceOf[int]) -> None:
+        """Private KV (rank 0): each rank's heads of `block_ids` (landed in the whole-head
+        cache by a transfer) into its own cache. Raises RankFailed."""
+        assert self.tp is not None
+        if not block_ids:
+            return
+        self.tp.request_kv(list(block_ids), gather=False)
+        self.tp.scatter_kv(self.runner.kv_cache, list(block_ids), self.rank_kv_heads())
+
+    @property
     def transfer_kv_cache(self) -> torch.Tensor:
         """The cache KV transfer reads and writes, every KV head of the model:
         [layers, 2, num_blocks, block_size, num_kv_heads, row]. At TP=1 the runner's own;
-        under TP (rank 0) the one all ranks share. Raises InvalidRequest where there is none
-        (see _check_kv_transfer)."""
+        under TP (rank 0) the one all ranks share, or (private KV) rank 0's whole-head cache
+        for transfers, which holds a block's KV only between a gather (kept KV) and its
+        transfer, or between a transfer's landing and its scatter (attach_kv)."""
         if self.tp is None:
             return self.runner.kv_cache
-        self._check_kv_transfer("tensor_parallel_size")
-        assert self.tp.whole_kv_cache is not None, "rank 0 of a shared cache holds its whole"
+        assert self.tp.whole_kv_cache is not None, "rank 0 holds a whole-head cache"
         return self.tp.whole_kv_cache
 
     @property
@@ -190,6 +229,10 @@ class Engine:
     def _num_kv_blocks(self) -> int:
         """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
         per_token = build.kv_bytes_per_token(self.model.config, self.kv_dtype, self.dtype)
+        if self._private_kv:  # rank 0 holds its heads and every head again (for transfers)
+            assert self.shard is not None
+            own = self.shard.num_kv_heads
+            per_token = per_token * (own + self.model_config.num_kv_heads) // own
         fit = build.kv_blocks_that_fit(self.config, self.device, per_token)
         return fit if self.tp is None else self.tp.agree_min(fit)
 
@@ -225,8 +268,6 @@ class Engine:
         """
         params = sampling_params or SamplingParams()
         self._check_request(request_id, params)
-        if keep_kv or prefill_only:
-            self._check_kv_transfer("keep_kv" if keep_kv else "prefill_only")
         token_ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
         seq = self._new_sequence(request_id, token_ids, params, cache_salt, resumed_token_ids)
         self._register(seq, with_text=not prefill_only)
@@ -290,7 +331,6 @@ class Engine:
         """
         params = sampling_params
         self._check_request(request_id, params)
-        self._check_kv_transfer("first_token_id")  # its KV would come from another worker
         token_ids = list(prompt_token_ids)
         seq = self._new_sequence(request_id, token_ids, params, cache_salt, resumed_token_ids)
         check_token_id("first_token_id", first_token_id, self.model_config.vocab_size)
@@ -332,6 +372,8 @@ class Engine:
                     f"attach_kv({request_id!r}): {held} prefix blocks held here and {arrived} "
                     f"arrived, but the prompt needs {needed}"
                 )
+        if self._private_kv:  # landed in rank 0's whole-head cache: each rank its heads
+            self._scatter_transfer_kv(self.block_manager.holds.get(kv_owner, ()))
         self.block_manager.adopt(
             kv_owner, seq, num_computed_tokens=computed, prefix_owner=prefix_owner
         )
@@ -375,18 +417,6 @@ class Engine:
         params.validate(self.model_config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop", f"model {self.model_id} has no tokenizer to match text")
-
-    def _check_kv_transfer(self, field: str) -> None:
-        """KV transfer under TP reads and writes every rank's heads through the cache the
-        ranks share (CPU, KV heads split): refused where they share none (GPU ranks, or KV
-        heads replicated over more ranks than heads)."""
-        if self.tp is not None and not self._shares_kv_cache:
-            raise InvalidRequest(
-                field,
-                f"KV transfer to or from a tensor-parallel engine (tensor_parallel_size="
-                f"{self.tp.world_size}, num_kv_heads={self.model_config.num_kv_heads}, "
-                f"device {self.device.type}) needs CPU ranks that split the KV heads",
-            )
 
     def _new_sequence(
         self,
@@ -478,6 +508,8 @@ class Engine:
         if num_tokens == 0:
             return None
         block_ids = seq.block_ids[: self.block_manager.num_blocks_for(num_tokens)]
+        if self._private_kv:  # a transfer reads every head from rank 0's whole-head cache
+            self._gather_transfer_kv(block_ids)
         # Unique per keep: KV kept earlier under the same request id may still be shipping.
         owner = f"kept:{seq.request_id}#{next(self._kept_numbers)}"
         self.block_manager.hold(owner, block_ids)

@@ -47,7 +47,10 @@ Backend = Any
 HOST = "127.0.0.1"  # the ranks of one engine share a host
 STARTUP_TIMEOUT_S = 600.0  # every rank loads its shard and reports ready within this
 _FOLLOWER_WAIT = timedelta(days=365)  # followers wait for the next plan as long as it takes
-_PLAN_STEP, _PLAN_STOP = 1, 2
+_PLAN_STEP, _PLAN_STOP, _PLAN_GATHER_KV, _PLAN_SCATTER_KV = 1, 2, 3, 4
+# KV moved between the ranks for a transfer (private caches): one gather or scatter per chunk of
+# layers, each rank's part of a chunk at most this many bytes (bounds rank 0's scratch memory)
+KV_MOVE_CHUNK_BYTES = 64 << 20
 _LOG_LEVEL_ENV = "TANDEM_TP_LOG_LEVEL"
 _EXIT_WAIT_S = 2.0  # after a failed collective: how long to wait for a dead rank's exit code
 KV_SHARE_DIR = "/dev/shm"  # CPU ranks map their shared KV cache from a file here
@@ -75,7 +78,8 @@ class TensorParallelGroup:
         self.store = store
         self.followers = followers
         self.failure: RankFailed | None = None
-        # [layers, 2, blocks, block_size, every rank's KV heads, row] (rank 0, shared_kv_cache)
+        # [layers, 2, blocks, block_size, every KV head, row] (rank 0): the cache every rank
+        # maps (shared_kv_cache), or rank 0's for transfers (allocate_whole_kv_cache)
         self.whole_kv_cache: torch.Tensor | None = None
         control_wait = timedelta(seconds=timeout_s) if rank == 0 else _FOLLOWER_WAIT
         self.control = _gloo_group(store, "control", rank, world_size, control_wait)
@@ -153,16 +157,125 @@ class TensorParallelGroup:
         """Rank 0: broadcast one step's plan (encode_plan). Raises RankFailed."""
         self._send(_PLAN_STEP, plan)
 
-    def receive_plan(self) -> list[int] | None:
-        """Followers: the next plan, or None when rank 0 stops the engine."""
+    def receive_plan(self) -> tuple[int, list[int]] | None:
+        """Followers: the next plan's kind (PLAN_STEP, PLAN_GATHER_KV, PLAN_SCATTER_KV) and
+        payload, or None when rank 0 stops the engine."""
         header = torch.zeros(2, dtype=torch.long)
         self.control.broadcast(header, 0).wait()
         kind, length = int(header[0]), int(header[1])
         if kind == _PLAN_STOP:
             return None
         payload = torch.empty(length, dtype=torch.long)
-        self.control.broadcast(payload, 0).wait()
-        return payload.tolist()
+        if length:
+            self.control.broadcast(payload, 0).wait()
+        return kind, payload.tolist()
+
+    # ---- KV moved for a transfer (private caches: engine.Engine, "private KV") -----------
+
+    def allocate_whole_kv_cache(self, local: torch.Tensor, num_kv_heads: int) -> None:
+        """Rank 0 of ranks with private caches: a cache shaped like this rank's `local` one but
+        with room for all `num_kv_heads` (`whole_kv_cache`), for KV transfer alone: it holds a
+        block's KV only between a gather_kv and its shipping, or between a transfer's landing
+        and its scatter_kv. Pages cost memory once written on the CPU (zeros_on_demand)."""
+        from engine.model_runner import zeros_on_demand
+
+        shape = (*local.shape[:4], num_kv_heads, *local.shape[5:])
+        self.whole_kv_cache = zeros_on_demand(shape, local.dtype, local.device)
+
+    def gather_kv(
+        self, local: torch.Tensor, block_ids: list[int], kv_heads: list[tuple[int, int]]
+    ) -> None:
+        """Every rank: copy the blocks `block_ids` of every rank's cache `local` into rank 0's
+        `whole_kv_cache`, each rank's KV heads (`kv_heads[rank]`: first head, count) in their
+        place; one gather per chunk of layers. Rank 0 first sends PLAN_GATHER_KV (request_kv).
+        Raises RankFailed on rank 0 if a rank fails."""
+        self._move_kv(local, block_ids, kv_heads, gather=True)
+
+    def scatter_kv(
+        self, local: torch.Tensor, block_ids: list[int], kv_heads: list[tuple[int, int]]
+    ) -> None:
+        """The reverse of gather_kv: each rank's cache gets its KV heads of blocks `block_ids`
+        from rank 0's `whole_kv_cache`."""
+        self._move_kv(local, block_ids, kv_heads, gather=False)
+
+    def request_kv(self, block_ids: list[int], gather: bool) -> None:
+        """Rank 0: tell the followers to join a gather_kv (or scatter_kv) of `block_ids`."""
+        self._send(_PLAN_GATHER_KV if gather else _PLAN_SCATTER_KV, block_ids)
+
+    def _move_kv(
+        self,
+        local: torch.Tensor,
+        block_ids: list[int],
+        kv_heads: list[tuple[int, int]],
+        gather: bool,
+    ) -> None:
+        ids = torch.tensor(block_ids, dtype=torch.long, device=local.device)
+        layer_bytes = 2 * len(block_ids) * math.prod(local.shape[3:]) * local.element_size()
+        per_chunk = max(1, KV_MOVE_CHUNK_BYTES // max(layer_bytes, 1))
+        for start in range(0, local.shape[0], per_chunk):
+            layers = slice(start, min(start + per_chunk, local.shape[0]))
+            if gather:
+                self._gather_chunk(local, layers, ids, kv_heads)
+            else:
+                self._scatter_chunk(local, layers, ids, kv_heads)
+        if self.rank == 0 and local.is_cuda:  # KV transfer reads (writes) on its own stream
+            torch.cuda.current_stream(local.device).synchronize()
+
+    def _gather_chunk(
+        self,
+        local: torch.Tensor,
+        layers: slice,
+        ids: torch.Tensor,
+        kv_heads: list[tuple[int, int]],
+    ) -> None:
+        rows = _head_rows(local[layers].index_select(2, ids))
+        pieces = [torch.empty_like(rows) for _ in kv_heads] if self.rank == 0 else []
+        to_root = dist.GatherOptions()
+        to_root.rootRank = 0
+        outputs = [[_bytes(p) for p in pieces]] if pieces else []
+        self._compute(self.compute.gather, outputs, [_bytes(rows)], to_root)
+        if self.rank != 0:
+            return
+        whole = self._whole()
+        assembled = rows.new_empty((*rows.shape[:4], whole.shape[4], rows.shape[5]))
+        for rank in _first_holders(kv_heads):
+            first, count = kv_heads[rank]
+            assembled[:, :, :, :, first : first + count] = pieces[rank]
+        whole[layers, :, ids] = _packed_blocks(assembled, whole)
+
+    def _scatter_chunk(
+        self,
+        local: torch.Tensor,
+        layers: slice,
+        ids: torch.Tensor,
+        kv_heads: list[tuple[int, int]],
+    ) -> None:
+        shape = (layers.stop - layers.start, 2, len(ids), *local.shape[3:])
+        rows = torch.empty(shape, dtype=local.dtype, device=local.device)
+        inputs = []
+        if self.rank == 0:
+            whole = _head_rows(self._whole()[layers].index_select(2, ids))
+            parts = [whole[:, :, :, :, f : f + n].contiguous() for f, n in kv_heads]
+            inputs = [[_bytes(p) for p in parts]]
+        from_root = dist.ScatterOptions()
+        from_root.rootRank = 0
+        self._compute(self.compute.scatter, [_bytes(rows)], inputs, from_root)
+        local[layers, :, ids] = _packed_blocks(rows, local)
+
+    def _whole(self) -> torch.Tensor:
+        assert self.whole_kv_cache is not None, "rank 0 of private caches holds a whole one"
+        return self.whole_kv_cache
+
+    def _compute(self, collective: Callable[..., Any], *args: Any) -> None:
+        """A collective of the compute group outside the forward; failures as _control's."""
+        if self.failure is not None:
+            raise self.failure
+        try:
+            collective(*args).wait()
+        except RuntimeError as e:  # gloo / NCCL: a peer closed its connection, or the timeout
+            if self.rank != 0:
+                raise
+            raise self.fail(e) from e
 
     def stop(self) -> None:
         """Rank 0: tell the followers to exit, wait for them (killing any that linger).
@@ -351,9 +464,52 @@ def follower_main(config: EngineConfig, rank: int, port: int) -> None:
     store.set(f"started/{rank}", "1")
     group = TensorParallelGroup(rank, world, store, device, config.tensor_parallel_timeout_s)
     engine = Engine(config, tp_group=group)
-    while (plan := group.receive_plan()) is not None:
-        engine.runner.execute(decode_plan(plan))
+    while (received := group.receive_plan()) is not None:
+        kind, payload = received
+        if kind == _PLAN_STEP:
+            engine.runner.execute(decode_plan(payload))
+        else:  # a KV transfer's blocks, to or from rank 0 (private caches)
+            move = group.gather_kv if kind == _PLAN_GATHER_KV else group.scatter_kv
+            move(engine.runner.kv_cache, payload, engine.rank_kv_heads())
     logger.info("rank %d stopped", rank)
+
+
+def _first_holders(kv_heads: list[tuple[int, int]]) -> list[int]:
+    """The ranks whose KV heads no lower rank holds (KV heads replicated: the first of each)."""
+    return [r for r, heads in enumerate(kv_heads) if heads not in kv_heads[:r]]
+
+
+def _head_rows(blocks: torch.Tensor) -> torch.Tensor:
+    """Contiguous cache blocks [..., block_size, kv_heads, row] with each (token, head)'s KV
+    in its own row, so that a range of heads is a slice: the blocks themselves, or for a
+    packed FP8 cache (engine.kv_quant: a block's values, then its scales) each row's values
+    followed by its scale's 4 bytes."""
+    from engine.kv_quant import SCALE_BYTES, is_fp8_cache, split_fp8_cache
+
+    if not is_fp8_cache(blocks):
+        return blocks
+    values, scales = split_fp8_cache(blocks)
+    scale_bytes = scales.unsqueeze(-1).view(torch.uint8)
+    assert scale_bytes.shape[-1] == SCALE_BYTES
+    return torch.cat([values.view(torch.uint8), scale_bytes], dim=-1)
+
+
+def _packed_blocks(rows: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """The inverse of _head_rows: blocks as `cache` stores them."""
+    from engine.kv_quant import SCALE_BYTES, is_fp8_cache, split_fp8_cache
+
+    if not is_fp8_cache(cache):
+        return rows
+    packed = torch.empty_like(rows)
+    values, scales = split_fp8_cache(packed)
+    values.view(torch.uint8).copy_(rows[..., :-SCALE_BYTES])
+    scales.copy_(rows[..., -SCALE_BYTES:].contiguous().view(torch.float32).squeeze(-1))
+    return packed
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as uint8 (gloo and NCCL move FP8 KV as bytes)."""
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 # ---- the step plan -----------------------------------------------------------------------

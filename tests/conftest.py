@@ -50,6 +50,7 @@ def make_engine(
     kv_cache_dtype: str = "auto",
     tensor_parallel_size: int = 1,
     tensor_parallel_timeout_s: float = 60.0,
+    tensor_parallel_shared_kv: bool = True,
 ) -> Engine:
     """A CPU fp32 engine; small blocks so tests cross block boundaries often. At
     tensor_parallel_size > 1 it starts follower processes: close it (`with`)."""
@@ -66,6 +67,7 @@ def make_engine(
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
             tensor_parallel_timeout_s=tensor_parallel_timeout_s,
+            tensor_parallel_shared_kv=tensor_parallel_shared_kv,
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,

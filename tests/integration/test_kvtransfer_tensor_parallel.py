@@ -3,7 +3,9 @@ over real gloo pairs, their ranks real processes. The default model (3 KV heads)
 TP=a and decoded at TP=b gives the single engine's greedy output for (a, b) in 1->3, 3->1,
 3->3 and 1->1; each transfer is one payload per layer chunk whatever the layouts; nothing
 leaks on either side; a pair's layout check names both ends' tensor-parallel sizes. A rank that
-dies on either side fails the request as a lost worker and leaves nothing held on the other."""
+dies on either side fails the request as a lost worker and leaves nothing held on the other.
+All of it twice: TP=3 ranks sharing one KV cache (CPU), and each holding its own (the GPU's
+way: tensor_parallel_shared_kv=False)."""
 
 from __future__ import annotations
 
@@ -39,17 +41,22 @@ PROMPT = "The capital of France is"
 MAX_TOKENS = 5
 
 
-def engine_config(tp_size: int) -> EngineConfig:
+def engine_config(tp_size: int, shared_kv: bool = True) -> EngineConfig:
     return EngineConfig(
         device="cpu", num_kv_blocks=64, block_size=4, seed=0, tensor_parallel_size=tp_size,
+        tensor_parallel_shared_kv=shared_kv,
         scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256),
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def workers() -> Iterator[tuple[dict[int, PrefillWorker], dict[int, EngineWorker]]]:
+@pytest.fixture(scope="module", params=["shared", "private"])
+def workers(
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[dict[int, PrefillWorker], dict[int, EngineWorker]]]:
     """A prefill and a decode worker at TP=1 and at TP=3, every prefill worker paired with
-    every decode worker."""
+    every decode worker. "shared": the TP=3 ranks map one KV cache; "private": each holds its
+    own KV head, as GPU ranks do, and a transfer gathers to (scatters from) rank 0."""
+    shared_kv = request.param == "shared"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(decode_actor, "transport_for", lambda engine, *host: FAST)
         patch.setattr(prefill_actor, "transport_for", lambda engine, *host: FAST)
@@ -57,8 +64,9 @@ def workers() -> Iterator[tuple[dict[int, PrefillWorker], dict[int, EngineWorker
         decode: dict[int, EngineWorker] = {}
         try:
             for size in SIZES:
-                prefill[size] = PrefillWorker(engine_config(size), f"prefill-tp{size}")
-                decode[size] = EngineWorker(engine_config(size), f"decode-tp{size}")
+                config = engine_config(size, shared_kv)
+                prefill[size] = PrefillWorker(config, f"prefill-tp{size}")
+                decode[size] = EngineWorker(config, f"decode-tp{size}")
             for b, worker in decode.items():
                 address = worker.open_endpoint(HOST)
                 for a, sender in prefill.items():
@@ -185,6 +193,9 @@ def test_a_dead_decode_rank_fails_the_request_as_lost_and_the_sender_frees_its_k
         asyncio.run(prefill_then_decode(prefill, decode, "r-dead-decode-rank", prompt))
     assert asyncio.run(decode.stats()).failure is not None  # the control plane replaces it
     wait_idle_and_intact(prefill)  # the prefill side holds nothing for the transfer
+    # nor does the failed worker (its engine thread is gone: read its bookkeeping directly);
+    # with private KV the rank's death failed the scatter of the KV that had landed
+    decode.engine.check_integrity(holders=decode._transfer_holders())
 
 
 def test_a_dead_prefill_rank_fails_the_prefill_as_lost_and_ships_nothing(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contracts.errors import InvalidRequest, RankFailed, TensorParallelShapeError
+from contracts.errors import RankFailed, TensorParallelShapeError
 from contracts.outputs import TokenLogprobs
 from engine.engine import Engine
 from engine.model_config import NAMED_SHAPES, ModelConfig
@@ -134,8 +134,8 @@ def test_greedy_output_equals_a_single_rank(size: int, single_rank_tokens: list)
         engine.check_integrity()
         if size == 2:  # KV heads split: the ranks share one cache, KV transfer sees it whole
             _check_shared_cache(engine)
-        else:  # KV heads replicated: nothing shared, KV transfer refused
-            _check_kv_transfer_refused(engine)
+        else:  # KV heads replicated: nothing shared, rank 0 keeps a whole-head cache
+            _check_private_cache(engine)
         assert engine.tp is not None and engine.tp.followers is not None
         processes = engine.tp.followers.processes
     assert [p.returncode for p in processes] == [0] * (size - 1)  # stopped cleanly
@@ -157,14 +157,15 @@ def _check_shared_cache(engine: Engine) -> None:
     assert not os.path.exists(path), "the shared cache's file is unlinked once mapped"
 
 
-def _check_kv_transfer_refused(engine: Engine) -> None:
-    refusal = r"KV transfer .*\(tensor_parallel_size=4, num_kv_heads=2.* split the KV heads"
-    with pytest.raises(InvalidRequest, match="keep_kv: " + refusal):
-        engine.add_request("kept", None, greedy(1), prompt_token_ids=PROMPTS[1], keep_kv=True)
-    with pytest.raises(InvalidRequest, match="prefill_only: " + refusal):
-        engine.add_request("p", None, greedy(1), prompt_token_ids=PROMPTS[1], prefill_only=True)
-    with pytest.raises(InvalidRequest, match="first_token_id: " + refusal):
-        engine.add_remote_request("r", PROMPTS[1], 5, greedy(4))
+def _check_private_cache(engine: Engine) -> None:
+    """Each rank holds its own cache; rank 0 has a whole-head cache beside its own, which KV
+    transfer reads and writes (test_tensor_parallel_kv)."""
+    assert engine.tp is not None
+    whole = engine.transfer_kv_cache
+    assert whole.shape[4] == 2 and whole.shape[:4] == engine.runner.kv_cache.shape[:4]
+    assert engine.runner.kv_cache.is_contiguous() and whole.is_contiguous()
+    assert engine.runner.kv_cache.data_ptr() != whole.data_ptr()
+    assert not engine.tp.store.check(["kv-cache"]), "no cache is shared"
 
 
 def test_fp8_weights_shard_with_their_scales() -> None:

@@ -1,0 +1,176 @@
+"""KV transfer with ranks that each hold their own KV heads (issue 24; what GPU ranks do, run
+here on gloo with the /dev/shm sharing off): a transfer's blocks are gathered to rank 0 before
+they ship and scattered from it once they land, through the step plan's KV kinds. KV moved
+engine to engine as a pair would move it (every head, rank 0's whole-head cache) gives the
+single engine's greedy output for TP 1->2, 2->1, 2->2 and at TP=4 (KV heads replicated); a rank
+killed in the middle of a gather or before a scatter fails that side with RankFailed and
+leaves no block held."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from contracts.errors import RankFailed
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.kv_quant import dequantize_rows
+from tests.conftest import greedy, make_engine, prompt_ids
+
+TINY = "dummy:tiny"  # 4 heads, 2 KV heads
+PROMPT = prompt_ids(7, 19)  # 5 blocks of 4 tokens, the last partly filled
+MAX_TOKENS = 5
+
+
+def private(size: int, **kwargs: object) -> Engine:
+    return make_engine(TINY, tensor_parallel_size=size, tensor_parallel_shared_kv=False, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def single() -> Iterator[Engine]:
+    with make_engine(TINY) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def expected(single: Engine) -> list[int]:
+    return single.generate([PROMPT], greedy(MAX_TOKENS))[0].token_ids
+
+
+def test_the_switch_is_a_bool() -> None:
+    with pytest.raises(ValueError, match=r"tensor_parallel_shared_kv='no' must be a bool"):
+        EngineConfig(tensor_parallel_shared_kv="no")  # type: ignore[arg-type]
+
+
+def ship(src: Engine, dst: Engine, request_id: str) -> tuple[str, str, int]:
+    """Prefill PROMPT on `src`, then copy its KV into blocks `dst` reserves, every head, as a
+    pair would: the request on `dst` (awaiting its KV), the owner of the landed blocks and
+    the first token. `src` holds nothing afterwards."""
+    src.add_request(request_id, None, greedy(1), prompt_token_ids=PROMPT, prefill_only=True)
+    while src.has_unfinished_requests():
+        src.step()
+    (done,) = src.take_prefilled()
+    remote = f"{request_id}/decoded"
+    dst.add_remote_request(remote, PROMPT, done.first_token_id, greedy(MAX_TOKENS))
+    owner = f"arrived:{request_id}"
+    ids = dst.block_manager.reserve(owner, len(done.kv.block_ids))
+    assert ids is not None
+    dst.transfer_kv_cache[:, :, ids] = src.transfer_kv_cache[:, :, list(done.kv.block_ids)]
+    src.block_manager.release(done.kv.owner)
+    return remote, owner, done.first_token_id
+
+
+def decode(dst: Engine, remote: str, owner: str, first_token_id: int) -> list[int]:
+    dst.attach_kv(remote, owner)
+    token_ids = [first_token_id]
+    while dst.has_unfinished_requests():
+        token_ids += [t for o in dst.step() for t in o.new_token_ids]
+    return token_ids
+
+
+def assert_nothing_held(*engines: Engine) -> None:
+    for engine in engines:
+        engine.check_integrity()
+        assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+
+
+def test_private_caches_hold_only_their_heads_and_transfer_every_head(
+    single: Engine, expected: list[int]
+) -> None:
+    with private(2) as engine:
+        assert engine.tp is not None
+        assert engine.runner.kv_cache.shape[-2] == 1  # this rank's KV head only
+        assert engine.runner.kv_cache.is_contiguous()  # as a GPU's kernels read it
+        assert engine.transfer_kv_cache.shape[-2] == 2  # rank 0's whole-head cache
+        assert not engine.tp.store.check(["kv-cache"]), "no cache is shared"
+        for name, src, dst in [("1to2", single, engine), ("2to1", engine, single),
+                               ("2to2", engine, engine)]:  # fmt: skip
+            assert decode(dst, *ship(src, dst, name)) == expected, name
+            assert_nothing_held(src, dst)
+
+
+def test_replicated_kv_heads_transfer_too(single: Engine, expected: list[int]) -> None:
+    with private(4) as engine:  # 2 KV heads over 4 ranks: ranks 0, 1 hold head 0; 2, 3 head 1
+        assert engine.rank_kv_heads() == [(0, 1), (0, 1), (1, 1), (1, 1)]
+        for name, src, dst in [("1to4", single, engine), ("4to1", engine, single)]:
+            assert decode(dst, *ship(src, dst, name)) == expected, name
+            assert_nothing_held(src, dst)
+
+
+def test_fp8_kv_moves_as_packed_blocks_every_head_in_place() -> None:
+    """A packed FP8 block (a block's values, then its scales) is not sliced by heads: the
+    gather and scatter move each head's values and scale and pack again."""
+    with (
+        make_engine(TINY, kv_cache_dtype="fp8") as single8,
+        private(2, kv_cache_dtype="fp8") as engine,
+    ):
+        for src in (single8, engine):
+            src.add_request("p", None, greedy(1), prompt_token_ids=PROMPT, prefill_only=True)
+            while src.has_unfinished_requests():
+                src.step()
+        kept = [src.take_prefilled()[0].kv for src in (single8, engine)]
+        read = [
+            dequantize_rows(src.transfer_kv_cache[:, :, list(k.block_ids)])
+            for src, k in zip((single8, engine), kept, strict=True)
+        ]  # the gathered blocks read as the single engine's: each head in its place
+        torch.testing.assert_close(read[1], read[0], atol=0.05, rtol=0.1)
+        for src, k in zip((single8, engine), kept, strict=True):
+            src.block_manager.release(k.owner)
+        expected8 = engine.generate([PROMPT], greedy(MAX_TOKENS))[0].token_ids
+        assert decode(engine, *ship(engine, engine, "fp8")) == expected8  # scattered back
+        assert_nothing_held(engine, single8)
+
+
+def test_an_fp8_cache_is_private_even_where_heads_split() -> None:
+    """A shared cache's ranks view a range of heads; no range of heads of a packed FP8 block is
+    a view (it failed: "an FP8 cache splits by whole blocks only")."""
+    single = make_engine(TINY, kv_cache_dtype="fp8").generate([PROMPT], greedy(MAX_TOKENS))
+    with make_engine(TINY, kv_cache_dtype="fp8", tensor_parallel_size=2) as engine:
+        assert engine.tp is not None and not engine.tp.store.check(["kv-cache"])
+        assert engine.generate([PROMPT], greedy(MAX_TOKENS))[0].token_ids == single[0].token_ids
+
+
+def kill_follower(engine: Engine) -> int:
+    assert engine.tp is not None and engine.tp.followers is not None
+    follower = engine.tp.followers.processes[0]
+    follower.kill()
+    follower.wait()
+    return follower.pid
+
+
+def test_a_rank_killed_mid_gather_fails_the_prefill_and_holds_nothing(
+    single: Engine, expected: list[int]
+) -> None:
+    with private(2, tensor_parallel_timeout_s=30.0) as engine:
+        assert engine.tp is not None
+        sent = engine.tp.request_kv
+        killed: list[int] = []
+
+        def request_then_die(block_ids: list[int], gather: bool) -> None:
+            sent(block_ids, gather)  # the followers join the gather ... and rank 1 dies
+            killed.append(kill_follower(engine))
+
+        engine.tp.request_kv = request_then_die  # type: ignore[method-assign]
+        engine.add_request("r", None, greedy(1), prompt_token_ids=PROMPT, prefill_only=True)
+        with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) exited with code -9"):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert killed and engine.take_prefilled() == []  # nothing to ship
+        engine.abort_request("r")
+        assert_nothing_held(engine)
+
+
+def test_a_rank_killed_before_the_scatter_fails_the_attach_and_holds_nothing(
+    single: Engine,
+) -> None:
+    with private(2, tensor_parallel_timeout_s=30.0) as engine:
+        remote, owner, _ = ship(single, engine, "dies")
+        pid = kill_follower(engine)
+        with pytest.raises(RankFailed, match=rf"rank 1 \(pid {pid}\) exited with code -9"):
+            engine.attach_kv(remote, owner)
+        assert engine.block_manager.holds[owner], "the landed blocks are still the owner's"
+        engine.block_manager.release(owner)  # as the decode worker's failure frees them
+        engine.abort_request(remote)
+        assert_nothing_held(engine, single)
