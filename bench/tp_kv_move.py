@@ -40,7 +40,8 @@ def build(args: argparse.Namespace, tp_size: int) -> Engine:
     return Engine(
         EngineConfig(
             model=args.model, device=args.device, tensor_parallel_size=tp_size,
-            tensor_parallel_shared_kv=False, num_kv_blocks=blocks, block_size=args.block_size,
+            tensor_parallel_shared_kv=False, kv_transfer=True, num_kv_blocks=blocks,
+            block_size=args.block_size,
             scheduler=SchedulerConfig(max_num_seqs=4,
                                       max_num_batched_tokens=max(args.prompt_tokens, 256)),
         )

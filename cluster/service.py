@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cluster.autoscaler import AutoscalingConfig
@@ -408,9 +408,12 @@ class Service:
                     raise TensorParallelShapeError(f"the {pool} pool: {e}") from None
 
     def _engine(self, pool: str) -> EngineConfig:
+        """The engine config of `pool`'s workers; disaggregated pools' ship and receive KV
+        (kv_transfer: under private-KV tensor parallelism rank 0 keeps a cache for it)."""
+        engine = self.config.engine
         if pool == "prefill":
-            return self.config.prefill_engine or self.config.engine
-        return self.config.engine
+            engine = self.config.prefill_engine or engine
+        return replace(engine, kv_transfer=True) if self.disaggregated else engine
 
     def _resources(self, pool: str) -> dict[str, float]:
         """A worker's Ray resources: a CPU (or GPU) share per tensor-parallel rank. One actor

@@ -54,6 +54,13 @@ class EngineConfig:
     # (and CPU ranks whose KV heads are replicated); a transfer then gathers the shipped blocks
     # to rank 0, or scatters the landed ones from it, over the compute group (engine.parallel).
     tensor_parallel_shared_kv: bool = True
+    # This engine ships or receives KV (a disaggregated pool's worker; cluster.service sets it
+    # there). Only private-KV tensor parallelism pays for it: rank 0 keeps a whole-head cache
+    # for transfers beside its own, as many blocks, so with N ranks and the heads split the
+    # engine holds 1 / (N + 1) of the blocks its ranks' memory would hold otherwise. False:
+    # such an engine keeps no whole-head cache and refuses keep_kv, prefill_only and
+    # transferred requests (InvalidRequest); TP=1 and shared CPU caches transfer either way.
+    kv_transfer: bool = False
     # Steps that decode stay under this (prefill chunks sized by the measured step time,
     # engine.scheduler); sets the scheduler's target_step_s. None: the fixed token budget.
     target_itl_s: float | None = None
@@ -85,6 +92,8 @@ class EngineConfig:
             raise ValueError(
                 f"tensor_parallel_shared_kv={self.tensor_parallel_shared_kv!r} must be a bool"
             )
+        if type(self.kv_transfer) is not bool:
+            raise ValueError(f"kv_transfer={self.kv_transfer!r} must be a bool")
         if self.target_itl_s is not None and not self.target_itl_s > 0:
             raise ValueError(f"target_itl_s={self.target_itl_s!r} must be > 0 seconds or None")
         if not 0.0 < self.kv_cache_memory_fraction < 1.0:

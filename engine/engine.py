@@ -113,7 +113,7 @@ class Engine:
             self.kv_dtype,
             self.tp.shared_kv_cache if self.tp is not None and self._shares_kv_cache else None,
         )
-        if self._private_kv:
+        if self._transfer_cache_is_own:
             assert self.tp is not None
             self.tp.allocate_whole_kv_cache(self.runner.kv_cache, self.model_config.num_kv_heads)
         if self.device.type == "cuda" and config.cuda_graphs:
@@ -182,6 +182,26 @@ class Engine:
         from, a whole-head cache of rank 0's, beside its own, over the compute group."""
         return self.tp is not None and self.tp.rank == 0 and not self._shares_kv_cache
 
+    @property
+    def _transfer_cache_is_own(self) -> bool:
+        """Whether rank 0 keeps a whole-head cache of its own for transfers (private KV in an
+        engine that transfers KV: config.kv_transfer). Without it, KV transfer is refused
+        (_check_kv_transfer) and the cache costs nothing."""
+        return self._private_kv and self.config.kv_transfer
+
+    def _check_kv_transfer(self, field: str) -> None:
+        """Refuse a request that would ship or receive KV (`field` names how) where there is
+        no cache for a transfer: private-KV TP without config.kv_transfer."""
+        if self._private_kv and not self.config.kv_transfer:
+            assert self.tp is not None
+            raise InvalidRequest(
+                field,
+                f"KV transfer to or from this tensor-parallel engine (tensor_parallel_size="
+                f"{self.tp.world_size}, its ranks holding their own KV heads) needs "
+                f"EngineConfig.kv_transfer=True (a disaggregated pool's worker), which keeps "
+                f"a whole-head cache for transfers on rank 0",
+            )
+
     def rank_kv_heads(self) -> list[tuple[int, int]]:
         """Each rank's KV heads (first, count) under TP, in rank order."""
         assert self.tp is not None
@@ -216,6 +236,7 @@ class Engine:
         transfer, or between a transfer's landing and its scatter (attach_kv)."""
         if self.tp is None:
             return self.runner.kv_cache
+        self._check_kv_transfer("kv_transfer")
         assert self.tp.whole_kv_cache is not None, "rank 0 holds a whole-head cache"
         return self.tp.whole_kv_cache
 
@@ -229,7 +250,7 @@ class Engine:
     def _num_kv_blocks(self) -> int:
         """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
         per_token = build.kv_bytes_per_token(self.model.config, self.kv_dtype, self.dtype)
-        if self._private_kv:  # rank 0 holds its heads and every head again (for transfers)
+        if self._transfer_cache_is_own:  # rank 0: its heads, and every head for transfers
             assert self.shard is not None
             own = self.shard.num_kv_heads
             per_token = per_token * (own + self.model_config.num_kv_heads) // own
@@ -268,6 +289,8 @@ class Engine:
         """
         params = sampling_params or SamplingParams()
         self._check_request(request_id, params)
+        if keep_kv or prefill_only:
+            self._check_kv_transfer("keep_kv" if keep_kv else "prefill_only")
         token_ids = self.tokenize_prompt(prompt, prompt_token_ids, messages)
         seq = self._new_sequence(request_id, token_ids, params, cache_salt, resumed_token_ids)
         self._register(seq, with_text=not prefill_only)
@@ -331,6 +354,7 @@ class Engine:
         """
         params = sampling_params
         self._check_request(request_id, params)
+        self._check_kv_transfer("first_token_id")  # its KV would come from another worker
         token_ids = list(prompt_token_ids)
         seq = self._new_sequence(request_id, token_ids, params, cache_salt, resumed_token_ids)
         check_token_id("first_token_id", first_token_id, self.model_config.vocab_size)
@@ -372,7 +396,7 @@ class Engine:
                     f"attach_kv({request_id!r}): {held} prefix blocks held here and {arrived} "
                     f"arrived, but the prompt needs {needed}"
                 )
-        if self._private_kv:  # landed in rank 0's whole-head cache: each rank its heads
+        if self._transfer_cache_is_own:  # landed in rank 0's whole-head cache: each its heads
             self._scatter_transfer_kv(self.block_manager.holds.get(kv_owner, ()))
         self.block_manager.adopt(
             kv_owner, seq, num_computed_tokens=computed, prefix_owner=prefix_owner
@@ -508,7 +532,7 @@ class Engine:
         if num_tokens == 0:
             return None
         block_ids = seq.block_ids[: self.block_manager.num_blocks_for(num_tokens)]
-        if self._private_kv:  # a transfer reads every head from rank 0's whole-head cache
+        if self._transfer_cache_is_own:  # a transfer reads every head from rank 0's cache
             self._gather_transfer_kv(block_ids)
         # Unique per keep: KV kept earlier under the same request id may still be shipping.
         owner = f"kept:{seq.request_id}#{next(self._kept_numbers)}"

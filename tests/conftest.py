@@ -51,6 +51,8 @@ def make_engine(
     tensor_parallel_size: int = 1,
     tensor_parallel_timeout_s: float = 60.0,
     tensor_parallel_shared_kv: bool = True,
+    kv_transfer: bool = False,
+    kv_cache_bytes: int | None = None,
 ) -> Engine:
     """A CPU fp32 engine; small blocks so tests cross block boundaries often. At
     tensor_parallel_size > 1 it starts follower processes: close it (`with`)."""
@@ -68,6 +70,8 @@ def make_engine(
             tensor_parallel_size=tensor_parallel_size,
             tensor_parallel_timeout_s=tensor_parallel_timeout_s,
             tensor_parallel_shared_kv=tensor_parallel_shared_kv,
+            kv_transfer=kv_transfer,
+            kv_cache_bytes=kv_cache_bytes,
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,

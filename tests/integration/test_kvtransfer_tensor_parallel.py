@@ -44,7 +44,7 @@ MAX_TOKENS = 5
 def engine_config(tp_size: int, shared_kv: bool = True) -> EngineConfig:
     return EngineConfig(
         device="cpu", num_kv_blocks=64, block_size=4, seed=0, tensor_parallel_size=tp_size,
-        tensor_parallel_shared_kv=shared_kv,
+        tensor_parallel_shared_kv=shared_kv, kv_transfer=True,  # as the disaggregated pools'
         scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256),
     )  # fmt: skip
 

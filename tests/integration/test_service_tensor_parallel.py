@@ -1,9 +1,11 @@
 """The service with a tensor-parallel decode pool (issue 24): one prefill worker at TP=1 and one
-decode worker at TP=3 (the default model: 9 heads, 3 KV heads; three processes, gloo), a real
-local Ray cluster, gRPC on loopback. Greedy output equals the single engine's whether the
-decode worker prefills the prompt itself (--disagg never) or its KV comes from the prefill
-worker (TP=1 -> TP=3, --disagg always); a killed rank takes its worker down as a unit (the
-router sees it lost), the pool replaces it and the stream resumes there; nothing leaks."""
+decode worker at TP=3 (the default model: 9 heads, 3 KV heads; three processes, gloo, each rank
+holding its own KV head as GPU ranks do: the service makes a disaggregated pool's engines
+kv_transfer ones, so rank 0 keeps a whole-head cache for transfers), a real local Ray cluster,
+gRPC on loopback. Greedy output equals the single engine's whether the decode worker prefills
+the prompt itself (--disagg never) or its KV comes from the prefill worker (TP=1 -> TP=3,
+--disagg always); a killed rank takes its worker down as a unit (the router sees it lost), the
+pool replaces it and the stream resumes there; nothing leaks."""
 
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ def service() -> Iterator[RunningService]:
 
     small = {"device": "cpu", "num_kv_blocks": 256, "block_size": 16}
     config = ServiceConfig(
-        engine=EngineConfig(tensor_parallel_size=DECODE_TP, **small),  # type: ignore[arg-type]
+        engine=EngineConfig(  # type: ignore[arg-type]
+            tensor_parallel_size=DECODE_TP, tensor_parallel_shared_kv=False, **small
+        ),
         prefill_engine=EngineConfig(**small),  # type: ignore[arg-type]
         mode="disaggregated",
         disagg=DisaggPolicy(mode="never"),
@@ -62,10 +66,21 @@ def follower_pids(actor: Any) -> list[int]:
     return list(ray.get(actor.__ray_call__.remote(pids), timeout=30))
 
 
+def transfer_heads(actor: Any) -> tuple[bool, int]:
+    """A worker's engine's kv_transfer switch and the KV heads of its transfer cache."""
+
+    def heads(worker: Any) -> tuple[bool, int]:
+        engine = worker.engine
+        return engine.config.kv_transfer, engine.transfer_kv_cache.shape[4]
+
+    return tuple(ray.get(actor.__ray_call__.remote(heads), timeout=30))  # type: ignore[return-value]
+
+
 def test_a_tp3_decode_worker_serves_greedy_output_equal_to_the_single_engine(
     service: RunningService, default_model_engine: Engine
 ) -> None:
     assert len(follower_pids(service.service.workers[0])) == DECODE_TP - 1
+    assert transfer_heads(service.service.workers[0]) == (True, 3)  # set by the service
     assert_greedy_as_the_engine(service, default_model_engine, "The capital of France is", 6)
     service.assert_workers_idle_and_intact()
 

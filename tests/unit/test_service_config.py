@@ -193,6 +193,19 @@ def test_tensor_parallel_size_per_pool_and_its_worker_resources() -> None:
         serve_config("--decode-tensor-parallel-size", "0")
 
 
+def test_only_the_disaggregated_pools_engines_transfer_kv() -> None:
+    """kv_transfer (rank 0 of a private-KV TP engine keeps a whole-head cache for transfers,
+    at the cost of KV blocks) is the disaggregated pools' alone: a colocated worker pays none."""
+    from cluster.service import Service
+
+    disaggregated = Service(serve_config("--device", "cpu", "--tensor-parallel-size", "2"))
+    assert disaggregated._engine("prefill").kv_transfer is True
+    assert disaggregated._engine("decode").kv_transfer is True
+    assert disaggregated.config.engine.kv_transfer is False, "the given config is unchanged"
+    colocated = Service(serve_config("--mode", "colocated", "--tensor-parallel-size", "2"))
+    assert colocated._engine("decode").kv_transfer is False
+
+
 def test_a_pool_whose_tensor_parallel_size_does_not_divide_the_model_is_refused_first() -> None:
     """Before the API listens or Ray starts (the default model: 9 heads, 3 KV heads)."""
     import asyncio

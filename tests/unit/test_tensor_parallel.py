@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contracts.errors import RankFailed, TensorParallelShapeError
+from contracts.errors import InvalidRequest, RankFailed, TensorParallelShapeError
 from contracts.outputs import TokenLogprobs
 from engine.engine import Engine
 from engine.model_config import NAMED_SHAPES, ModelConfig
@@ -134,7 +134,7 @@ def test_greedy_output_equals_a_single_rank(size: int, single_rank_tokens: list)
         engine.check_integrity()
         if size == 2:  # KV heads split: the ranks share one cache, KV transfer sees it whole
             _check_shared_cache(engine)
-        else:  # KV heads replicated: nothing shared, rank 0 keeps a whole-head cache
+        else:  # KV heads replicated: nothing shared, and no whole-head cache (no kv_transfer)
             _check_private_cache(engine)
         assert engine.tp is not None and engine.tp.followers is not None
         processes = engine.tp.followers.processes
@@ -158,13 +158,14 @@ def _check_shared_cache(engine: Engine) -> None:
 
 
 def _check_private_cache(engine: Engine) -> None:
-    """Each rank holds its own cache; rank 0 has a whole-head cache beside its own, which KV
-    transfer reads and writes (test_tensor_parallel_kv)."""
+    """Each rank holds its own cache; an engine that transfers no KV (no kv_transfer) keeps no
+    whole-head cache for transfers and refuses to give one (test_tensor_parallel_kv has the
+    engines that do)."""
     assert engine.tp is not None
-    whole = engine.transfer_kv_cache
-    assert whole.shape[4] == 2 and whole.shape[:4] == engine.runner.kv_cache.shape[:4]
-    assert engine.runner.kv_cache.is_contiguous() and whole.is_contiguous()
-    assert engine.runner.kv_cache.data_ptr() != whole.data_ptr()
+    assert engine.runner.kv_cache.is_contiguous()
+    assert engine.tp.whole_kv_cache is None
+    with pytest.raises(InvalidRequest, match=r"^kv_transfer: .*kv_transfer=True"):
+        engine.transfer_kv_cache  # noqa: B018
     assert not engine.tp.store.check(["kv-cache"]), "no cache is shared"
 
 

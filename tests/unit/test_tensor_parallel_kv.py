@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from contracts.errors import RankFailed
+from contracts.errors import InvalidRequest, RankFailed
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kv_quant import dequantize_rows
@@ -24,8 +24,15 @@ PROMPT = prompt_ids(7, 19)  # 5 blocks of 4 tokens, the last partly filled
 MAX_TOKENS = 5
 
 
-def private(size: int, **kwargs: object) -> Engine:
-    return make_engine(TINY, tensor_parallel_size=size, tensor_parallel_shared_kv=False, **kwargs)  # type: ignore[arg-type]
+def private(size: int, kv_transfer: bool = True, **kwargs: object) -> Engine:
+    """A TP engine whose ranks hold their own KV heads; one that transfers KV unless told."""
+    return make_engine(
+        TINY,
+        tensor_parallel_size=size,
+        tensor_parallel_shared_kv=False,
+        kv_transfer=kv_transfer,
+        **kwargs,  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +49,40 @@ def expected(single: Engine) -> list[int]:
 def test_the_switch_is_a_bool() -> None:
     with pytest.raises(ValueError, match=r"tensor_parallel_shared_kv='no' must be a bool"):
         EngineConfig(tensor_parallel_shared_kv="no")  # type: ignore[arg-type]
+
+
+def test_the_kv_transfer_switch_is_a_bool() -> None:
+    with pytest.raises(ValueError, match=r"kv_transfer=1 must be a bool"):
+        EngineConfig(kv_transfer=1)  # type: ignore[arg-type]
+
+
+KV_BUDGET_BYTES = 1 << 20
+
+
+def test_an_engine_that_transfers_no_kv_pays_no_memory_for_it_and_refuses_transfers() -> None:
+    """Private KV without kv_transfer (a colocated worker, `tandem generate`): no whole-head
+    cache, the blocks of the shared-cache sizing (each rank's heads in the budget), and a
+    request that would ship or receive KV is refused by name. It held 1/3 of them before."""
+    with make_engine(TINY, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES) as single:
+        whole_blocks = single.num_kv_blocks  # both KV heads per block in the budget
+    with private(2, kv_transfer=False, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES) as tp:
+        assert tp.num_kv_blocks == 2 * whole_blocks  # one KV head per rank
+        assert tp.tp is not None and tp.tp.whole_kv_cache is None
+        assert tp.runner.kv_cache.shape[2] == tp.num_kv_blocks
+        for field, kwargs in [("keep_kv", {"keep_kv": True}),
+                              ("prefill_only", {"prefill_only": True})]:  # fmt: skip
+            with pytest.raises(InvalidRequest, match=rf"^{field}: .*kv_transfer=True"):
+                tp.add_request(field, None, greedy(1), prompt_token_ids=PROMPT, **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest, match=r"^first_token_id: .*kv_transfer=True"):
+            tp.add_remote_request("remote", PROMPT, 1, greedy(MAX_TOKENS))
+        with pytest.raises(InvalidRequest, match=r"^kv_transfer: "):
+            tp.transfer_kv_cache  # noqa: B018
+        assert_nothing_held(tp)
+        assert not tp.has_unfinished_requests()
+    with private(2, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES) as transferring:
+        # rank 0 holds its KV head and both again: (1 + 2) heads per block in its budget
+        assert transferring.num_kv_blocks == 2 * whole_blocks // 3
+        assert transferring.transfer_kv_cache.shape[2] == transferring.num_kv_blocks
 
 
 def ship(src: Engine, dst: Engine, request_id: str) -> tuple[str, str, int]:
