@@ -586,12 +586,41 @@ def test_overload_is_refused_early_with_resource_exhausted(service: RunningServi
     assert generate(service.stub, text="Hi", sampling=greedy_sampling(4))[-1].usage
 
 
+class _RssPeak:
+    """The peak growth of this process's resident memory over a `with` block (sampled every
+    10 ms from /proc/self/status)."""
+
+    def __init__(self) -> None:
+        self.growth_bytes = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss_bytes() -> int:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    def _sample(self, base: int) -> None:
+        while not self._stop.wait(0.01):
+            self.growth_bytes = max(self.growth_bytes, self._rss_bytes() - base)
+
+    def __enter__(self) -> _RssPeak:
+        self._thread = threading.Thread(target=self._sample, args=(self._rss_bytes(),))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def test_a_thousand_concurrent_clients_the_excess_is_refused_the_rest_served(
     service: RunningService, default_model_engine: Engine
 ) -> None:
     """O1 (issue 22.4): 1,000 clients at once against a service admitting 16 requests: every
     call ends OK (the single engine's tokens) or RESOURCE_EXHAUSTED, none with anything else
-    or past its deadline; the router holds nothing of them afterwards."""
+    or past its deadline; the process's memory (router and clients) grows by less than 128
+    MiB meanwhile; the router holds nothing of them afterwards."""
     if service.disaggregated:
         pytest.skip("admission is the same in both modes: checked once, colocated")
     from router.admission import Admission, AdmissionLimits
@@ -618,10 +647,14 @@ def test_a_thousand_concurrent_clients_the_excess_is_refused_the_rest_served(
             stub = tandem_pb2_grpc.TandemStub(channel)
             return await asyncio.gather(*(one(stub) for _ in range(1000)))
 
+    rss = _RssPeak()  # the router runs in this process (with the 1,000 clients)
     try:
-        results = asyncio.run(clients())
+        with rss:
+            results = asyncio.run(clients())
     finally:
         servicer.admission = normal
+    # bounded: 1,000 calls' worth of client and router state, not an unbounded queue of them
+    assert rss.growth_bytes < 128 << 20, f"RSS grew {rss.growth_bytes >> 20} MiB"
     codes = [code for code, _ in results]
     served = [tokens for code, tokens in results if code is grpc.StatusCode.OK]
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
