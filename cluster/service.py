@@ -549,32 +549,37 @@ class Service:
             raise
         return RayWorkerClient(new, worker_id), info
 
-    async def drain_worker(self, pool: str, member: Member, timeout_s: float) -> None:
+    async def drain_worker(self, pool: str, member: Member, timeout_s: float) -> bool:
         """Take `member` out of `pool` without losing a request: nothing new is placed on it;
         a decode worker's streams move to the pool's other workers at once, with their KV
         (failover.move_kv_on_drain: paired for it here; the KV lands before it stops) or by
         replay (RequestCore.migrate_off; with failover.migrate_on_drain and another placeable
         worker), else what it holds runs to its end; at most `timeout_s`, then it is retired
         (a request still there is lost with it: a decode stream resumes elsewhere by
-        failover, within --max-migrations)."""
+        failover, within --max-migrations). True if it left empty, False if the timeout
+        retired it busy."""
         members = self.pools[pool]
         members.drain(member)
         logger.info("%s worker %s draining", pool, member.worker_id)
         deadline = time.monotonic() + timeout_s
         servicer = self._servicer
         actor = actor_of(member)
+        moves_done = True
         if pool == "decode" and servicer is not None and servicer.failover.migrate_on_drain:
             move_kv = servicer.failover.move_kv_on_drain
             if move_kv:
                 await self._pair_for_moves(member)
             await servicer.migrate_off(member, timeout_s, move_kv=move_kv)
             if move_kv:  # the KV it ships must land before it stops
-                await actor.finish_moves.remote(max(deadline - time.monotonic(), 0.0))
+                left_s = max(deadline - time.monotonic(), 0.0)
+                moves_done = await actor.finish_moves.remote(left_s)
+        emptied = False
         while time.monotonic() < deadline:
             if member not in members:  # died and was replaced meanwhile: nothing to drain
-                return
+                return True
             stats = await actor.stats.remote()
             if member.load.in_flight == 0 and not stats.num_requests:
+                emptied = True
                 break
             await asyncio.sleep(0.05)
         else:
@@ -582,6 +587,7 @@ class Service:
                            member.worker_id)  # fmt: skip
         await self.retire_worker(pool, member)
         logger.info("%s worker %s left the pool", pool, member.worker_id)
+        return emptied and moves_done
 
     async def _pair_for_moves(self, leaving: Member) -> None:
         """Pair draining decode worker `leaving`, as the sender, with every other placeable
