@@ -481,10 +481,6 @@ def test_draining_a_decode_worker_moves_its_streams_unchanged(
     assert servicer.num_drain_moves["kv"] == moves["kv"] + by_kv
     assert servicer.num_drain_moves["replay"] == moves["replay"] + len(prompts) - by_kv
     assert leaving not in pool.members()
-    (failed, computed) = recomputed()
-    assert failed - before[0] == (2 if how == "kv_failing" else 0)
-    if how == "kv":  # nothing recomputed where they went: decoded from the moved KV only
-        assert computed == before[1]
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(leaving_actor.stats.remote(), timeout=30)
     for call, responses, reference in zip(calls, seen, expected, strict=True):
@@ -493,6 +489,10 @@ def test_draining_a_decode_worker_moves_its_streams_unchanged(
         assert "".join(r.text for r in responses) == reference.text
         assert responses[-1].usage.completion_tokens == max_tokens
         assert responses[-1].usage.prompt_tokens == reference.usage.prompt_tokens
+    (failed, computed) = recomputed()
+    assert failed - before[0] == (2 if how == "kv_failing" else 0)
+    if how == "kv":  # nothing recomputed where they went: decoded from the moved KV only
+        assert computed == before[1]
     service.assert_workers_idle_and_intact()
     if len(pool.members()) < size:  # the pool back to its size for the tests after this one
         client, info = service.run(service.service.start_worker("decode"), timeout_s=300)
