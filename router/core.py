@@ -326,32 +326,33 @@ class RequestCore:
         error = WorkerDraining(f"decode worker {member.worker_id} is draining")
         handled: set[str] = set()  # attempts moved or cut already
         while member.load.in_flight:
-            if move_kv:
-                await self._move_kv_off(member, handled, error)
-            else:
-                self.outputs.cut(member.client, error)
+            await self._move_off(member, handled, error, move_kv)
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(_DRAIN_POLL_S)
         return True
 
-    async def _move_kv_off(self, member: Member, handled: set[str], error: WorkerDraining) -> None:
-        """One round of a drain with KV moves: ask draining worker `member` to move each
+    async def _move_off(
+        self, member: Member, handled: set[str], error: WorkerDraining, move_kv: bool
+    ) -> None:
+        """One round of a drain: with `move_kv`, ask draining worker `member` to move each
         attempt newly open on it to the least loaded other placeable decode worker; cut the
-        ones it did not move (replayed). Counted by how they moved."""
+        ones it did not move, or all without `move_kv` (replayed). Counted by how."""
         ids = [i for i in self.outputs.open_ids(member.client) if i not in handled]
         targets = sorted((m for m in self.decode.members() if m is not member and m.placeable),
                          key=lambda m: m.load.in_flight)  # fmt: skip
         if not ids or not targets:
             return
         handled.update(ids)
-        moves = [(attempt, targets[n % len(targets)].worker_id) for n, attempt in enumerate(ids)]
-        try:
-            moved = set(await member.client.move_out(moves))
-        except TandemError as e:  # lost: its streams fail and are replayed by failover
-            logger.warning("moving KV off decode worker %s failed: %s; replaying its streams",
-                           member.worker_id, e)  # fmt: skip
-            moved = set()
+        moved: set[str] = set()
+        if move_kv:
+            moves = [(attempt, targets[n % len(targets)].worker_id)
+                     for n, attempt in enumerate(ids)]  # fmt: skip
+            try:
+                moved = set(await member.client.move_out(moves))
+            except TandemError as e:  # lost: its streams fail and are replayed by failover
+                logger.warning("moving KV off decode worker %s failed: %s; replaying its "
+                               "streams", member.worker_id, e)  # fmt: skip
         replayed = self.outputs.cut(member.client, error, [i for i in ids if i not in moved])
         self.num_drain_moves["kv"] += len(moved)
         self.num_drain_moves["replay"] += replayed
