@@ -357,9 +357,9 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drain-move-kv",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="a draining decode worker ships its running streams' KV to the others over the "
-        "KV-transfer layer (else they are replayed: recomputed there)",
+        "KV-transfer layer (--no-drain-move-kv: they are replayed, recomputed there)",
     )
     for pool in ("prefill", "decode"):
         parser.add_argument(

@@ -64,7 +64,7 @@ class FailoverConfig:
     max_migrations: int = 3
     replacement_wait_s: float = 60.0
     migrate_on_drain: bool = True
-    move_kv_on_drain: bool = False
+    move_kv_on_drain: bool = True
 
     def __post_init__(self) -> None:
         if type(self.max_migrations) is not int or self.max_migrations < 0:
