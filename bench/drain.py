@@ -16,8 +16,11 @@ drained (`Service.drain_worker`); every stream's tokens are compared with the sa
 in a run without the drain (the first case, "none"). Reported per case: drain time (drain
 asked to the worker gone: KV pairs formed, KV moved and landed, or streams cut), time until
 every stream ended, tokens lost (fewer than the no-fault run), streams differing from the
-no-fault run, streams moved by KV and by replay, prompt tokens the staying workers (and the
-prefill pool) computed from the drain on (the replay's recompute).
+no-fault run, streams moved by KV and by replay; from the drain on, prompt tokens the
+staying workers and the prefill pool computed (the engines' counter: the prompt part only; a
+replay also recomputes the output tokens a stream had, `tokens_at_drain` in all) and KV tokens
+the staying decode workers received (moved by a drain, or shipped by the prefill pool for a
+replay).
 """
 
 from __future__ import annotations
@@ -80,14 +83,16 @@ async def run_case(service: Any, stub: Any, args: argparse.Namespace, drain: str
     if drain != "none":
         others = [actor_of(m) for m in pool.members() if m is not leaving]
         others += service.prefill_workers
-        computed = await _prompt_tokens_computed(others)
+        computed, received = await _stats_sums(others)
         cut = time.monotonic()
         result["tokens_at_drain"] = sum(len(tokens) for tokens in got)
         result["left_empty"] = await service.drain_worker("decode", leaving, timeout_s=600)
         result["drain_s"] = time.monotonic() - cut
         await asyncio.gather(*tasks)
         result["streams_done_after_drain_s"] = time.monotonic() - cut
-        result["prompt_tokens_recomputed"] = await _prompt_tokens_computed(others) - computed
+        computed_after, received_after = await _stats_sums(others)
+        result["prompt_tokens_computed"] = computed_after - computed
+        result["kv_tokens_received"] = received_after - received
     else:
         await asyncio.gather(*tasks)
     result["all_streams_s"] = time.monotonic() - started
@@ -98,10 +103,11 @@ async def run_case(service: Any, stub: Any, args: argparse.Namespace, drain: str
     return result
 
 
-async def _prompt_tokens_computed(actors: list[Any]) -> int:
-    """Prompt tokens these workers' engines have run, ever (their stats)."""
+async def _stats_sums(actors: list[Any]) -> tuple[int, int]:
+    """Prompt tokens these workers' engines have run, and KV tokens they received, ever."""
     stats = await asyncio.gather(*(actor.stats.remote() for actor in actors))
-    return sum(s.num_prompt_tokens_computed for s in stats)
+    return (sum(s.num_prompt_tokens_computed for s in stats),
+            sum(s.kv.tokens_received for s in stats))  # fmt: skip
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
