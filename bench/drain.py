@@ -14,7 +14,8 @@ gRPC router on loopback. Each case: `--streams` streaming requests (half greedy,
 all started on one decode worker; once each has received `--cut-after` tokens the worker is
 drained (`Service.drain_worker`); every stream's tokens are compared with the same request's
 in a run without the drain (the first case, "none"). Reported per case: drain time (drain
-asked to the worker gone: KV pairs formed, KV moved and landed, or streams cut), time until
+asked to the worker gone: KV pairs formed, streams moved, moved KV landed, or streams cut;
+each phase too), time until
 every stream ended, tokens lost (fewer than the no-fault run), streams differing from the
 no-fault run, streams moved by KV and by replay; from the drain on, prompt tokens the
 staying workers and the prefill pool computed (the engines' counter: the prompt part only; a
@@ -86,8 +87,10 @@ async def run_case(service: Any, stub: Any, args: argparse.Namespace, drain: str
         computed, received = await _stats_sums(others)
         cut = time.monotonic()
         result["tokens_at_drain"] = sum(len(tokens) for tokens in got)
-        result["left_empty"] = await service.drain_worker("decode", leaving, timeout_s=600)
+        report = await service.drain_worker("decode", leaving, timeout_s=600)
         result["drain_s"] = time.monotonic() - cut
+        result |= {"left_empty": report.left_empty, "pairing_s": report.pairing_s,
+                   "moving_s": report.moving_s, "landing_s": report.landing_s}  # fmt: skip
         await asyncio.gather(*tasks)
         result["streams_done_after_drain_s"] = time.monotonic() - cut
         computed_after, received_after = await _stats_sums(others)

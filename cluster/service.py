@@ -133,6 +133,17 @@ class ServiceConfig:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    """How a drain went (Service.drain_worker): whether the worker left empty (False: the
+    timeout retired it busy), and how long its phases took, in seconds (0 where not run)."""
+
+    left_empty: bool
+    pairing_s: float = 0.0  # KV pairs formed to the other decode workers (move_kv_on_drain)
+    moving_s: float = 0.0  # every stream moved off (RequestCore.migrate_off)
+    landing_s: float = 0.0  # the moved KV landed (EngineWorker.finish_moves)
+
+
 class Service:
     """The running service. It owns the pools' membership (cluster.membership: who is in
     each pool, replaced, added or drained here); the router places requests on them.
@@ -549,15 +560,14 @@ class Service:
             raise
         return RayWorkerClient(new, worker_id), info
 
-    async def drain_worker(self, pool: str, member: Member, timeout_s: float) -> bool:
+    async def drain_worker(self, pool: str, member: Member, timeout_s: float) -> DrainReport:
         """Take `member` out of `pool` without losing a request: nothing new is placed on it;
         a decode worker's streams move to the pool's other workers at once, with their KV
         (failover.move_kv_on_drain: paired for it here; the KV lands before it stops) or by
         replay (RequestCore.migrate_off; with failover.migrate_on_drain and another placeable
         worker), else what it holds runs to its end; at most `timeout_s`, then it is retired
         (a request still there is lost with it: a decode stream resumes elsewhere by
-        failover, within --max-migrations). True if it left empty, False if the timeout
-        retired it busy."""
+        failover, within --max-migrations). Returns how it went."""
         members = self.pools[pool]
         members.drain(member)
         logger.info("%s worker %s draining", pool, member.worker_id)
@@ -565,18 +575,23 @@ class Service:
         servicer = self._servicer
         actor = actor_of(member)
         moves_done = True
+        phases = [time.monotonic()] * 4  # started, paired, moved off, landed
         if pool == "decode" and servicer is not None and servicer.failover.migrate_on_drain:
             move_kv = servicer.failover.move_kv_on_drain
             if move_kv:
                 await self._pair_for_moves(member)
+            phases[1] = time.monotonic()
             await servicer.migrate_off(member, timeout_s, move_kv=move_kv)
+            phases[2] = phases[3] = time.monotonic()
             if move_kv:  # the KV it ships must land before it stops
                 left_s = max(deadline - time.monotonic(), 0.0)
                 moves_done = await actor.finish_moves.remote(left_s)
+                phases[3] = time.monotonic()
+        pairing_s, moving_s, landing_s = (phases[i + 1] - phases[i] for i in range(3))
         emptied = False
         while time.monotonic() < deadline:
             if member not in members:  # died and was replaced meanwhile: nothing to drain
-                return True
+                return DrainReport(True, pairing_s, moving_s, landing_s)
             stats = await actor.stats.remote()
             if member.load.in_flight == 0 and not stats.num_requests:
                 emptied = True
@@ -587,7 +602,7 @@ class Service:
                            member.worker_id)  # fmt: skip
         await self.retire_worker(pool, member)
         logger.info("%s worker %s left the pool", pool, member.worker_id)
-        return emptied and moves_done
+        return DrainReport(emptied and moves_done, pairing_s, moving_s, landing_s)
 
     async def _pair_for_moves(self, leaving: Member) -> None:
         """Pair draining decode worker `leaving`, as the sender, with every other placeable

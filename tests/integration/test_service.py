@@ -473,7 +473,7 @@ def test_draining_a_decode_worker_moves_its_streams_unchanged(
             ]
             seen = [[next(call) for _ in range(3)] for call in calls]
         drain = service.service.drain_worker("decode", leaving, timeout_s=120)
-        assert service.run(drain, timeout_s=150) is True  # it left empty
+        assert service.run(drain, timeout_s=150).left_empty
     finally:
         servicer.failover = normal
     assert servicer.num_migrated == migrated + len(prompts)  # none had finished: all moved
