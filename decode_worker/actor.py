@@ -28,7 +28,7 @@ from worker.outbox import Batch, Outbox
 
 if TYPE_CHECKING:
     from decode_worker.kv_arrivals import KVArrivals
-    from engine.engine import Engine
+    from engine.engine import Engine, KeptKV
     from kvtransfer.control import ControlConnection
     from kvtransfer.pair import EndpointAddress, ReceiverEndpoint
     from kvtransfer.sender import KVSender
@@ -57,7 +57,9 @@ class EngineWorker(WorkerBase):
         self._forwarders: set[asyncio.Task[None]] = set()
         self.senders: dict[str, KVSender] = {}  # by decode worker id: where a drain moves KV
         self.retired_send_metrics = TransferMetrics()  # of senders closed since
-        self._move_faults = 0  # moves still to fail on purpose (inject_move_faults)
+        self._move_faults = 0  # moves still to fail on purpose (inject_move_faults) ...
+        self._move_fault_kind = "abort"  # ... and how
+        self._held_moves: list[str] = []  # owners of KV a "hold" fault never shipped
 
     async def outputs(self, subscriber: str) -> AsyncIterator[Batch]:
         """The outputs of `subscriber`'s requests, in batches of (request id, RequestOutput
@@ -136,7 +138,7 @@ class EngineWorker(WorkerBase):
 
     def _transfer_holders(self) -> list[str]:
         moving = [owner for s in list(self.senders.values()) for owner in s.owners()]
-        return moving + super()._transfer_holders()
+        return moving + self._held_moves + super()._transfer_holders()
 
     async def connect(self, peer_id: str, address: EndpointAddress, pair_key: str) -> None:
         """Form the pair through which a drain of this worker moves its running requests' KV
@@ -187,30 +189,36 @@ class EngineWorker(WorkerBase):
                 num_blocks=len(kept.block_ids),
             )  # fmt: skip
             try:
-                sender.submit(
-                    request_id, kept.owner, kept.block_ids, kept.num_tokens,
-                    transfer_id=handle.transfer_id,
-                )  # fmt: skip
+                self._ship(request_id, sender, kept, handle)
             except ValueError as e:  # refused: the blocks are still ours; replay it
                 engine.block_manager.release(kept.owner)
                 logger.warning("request %s: its KV move was refused (%s); replaying it",
                                request_id, e)  # fmt: skip
                 self.loop.deliver(request_id, WorkerDraining(f"KV move refused: {e}"), True)
                 continue
-            self.prompt_kv.tokens_sent += kept.num_tokens
-            self.prompt_kv.blocks_sent += len(kept.block_ids)
-            if self._move_faults > 0:
-                self._move_faults -= 1
-                sender.abort(handle.transfer_id, "injected fault")
-            num_output_tokens = done.usage.completion_tokens
             result = PrefillResult(done.first_token_id, None, done.usage, handle)
-            error = WorkerMoved(
-                f"KV moved to decode worker {peer_id}",
-                MovedKV(request_id, num_output_tokens, result),
-            )
+            moved_kv = MovedKV(request_id, done.usage.completion_tokens, result)
+            error = WorkerMoved(f"KV moved to decode worker {peer_id}", moved_kv)
             self.loop.deliver(request_id, error, done=True)
             moved.append(request_id)
         return moved
+
+    def _ship(self, request_id: str, sender: KVSender, kept: KeptKV, handle: KVHandle) -> None:
+        """Submit a moved request's pinned KV to `sender` under `handle` (engine thread),
+        failing it on purpose if a fault is injected. Raises ValueError if refused."""
+        if self._move_faults > 0 and self._move_fault_kind == "hold":
+            self._move_faults -= 1  # never offered: pinned here until this worker stops
+            self._held_moves.append(kept.owner)
+            return
+        sender.submit(
+            request_id, kept.owner, kept.block_ids, kept.num_tokens,
+            transfer_id=handle.transfer_id,
+        )  # fmt: skip
+        self.prompt_kv.tokens_sent += kept.num_tokens
+        self.prompt_kv.blocks_sent += len(kept.block_ids)
+        if self._move_faults > 0:
+            self._move_faults -= 1
+            sender.abort(handle.transfer_id, "injected fault")
 
     async def finish_moves(self, timeout_s: float) -> bool:
         """Wait until every KV move this worker submitted is over (acknowledged by its
@@ -223,13 +231,17 @@ class EngineWorker(WorkerBase):
             await asyncio.sleep(_MOVE_POLL_S)
         return True
 
-    def inject_move_faults(self, count: int) -> None:
-        """Fault injection for tests: the next `count` KV moves (move_out) are aborted by
-        this worker's sender just after they are submitted, as a failing transfer ends; the
+    def inject_move_faults(self, count: int, kind: str = "abort") -> None:
+        """Fault injection for tests: the next `count` KV moves (move_out) fail. kind
+        "abort": aborted by this worker's sender just after they are submitted, as a failing
+        transfer ends; "hold": never offered, their KV kept pinned here, as a worker that
+        stalls before shipping (the drain then stops it: its pairs fail). Either way the
         receiving worker recomputes those requests (kv_arrivals)."""
         if type(count) is not int or count < 0:
             raise ValueError(f"count={count!r} must be an int >= 0")
-        self._move_faults = count
+        if kind not in ("abort", "hold"):
+            raise ValueError(f"kind={kind!r} must be 'abort' or 'hold'")
+        self._move_faults, self._move_fault_kind = count, kind
 
     def _prompts_recomputed(self) -> dict[str, int]:
         return dict(self.arrivals.num_recomputed)

@@ -422,7 +422,7 @@ def drain_references(default_model_engine: Engine) -> list[Any]:
     ]
 
 
-@pytest.mark.parametrize("how", ["replay", "kv", "kv_failing"])
+@pytest.mark.parametrize("how", ["replay", "kv", "kv_failing", "kv_sender_stalls"])
 def test_draining_a_decode_worker_moves_its_streams_unchanged(
     service: RunningService, drain_references: list[Any], how: str
 ) -> None:
@@ -432,8 +432,10 @@ def test_draining_a_decode_worker_moves_its_streams_unchanged(
     they still run (every stream moved), no KV leaked. replay: cut at a token boundary and
     recomputed there; kv (--drain-move-kv): its KV shipped over a decode->decode pair and
     continued there, nothing recomputed; kv_failing: two of those transfers aborted by the
-    sender (the fault hook): those two recomputed by the receiving worker, the output still
-    unchanged. Disaggregated: a second decode worker joins first; colocated: one joins after."""
+    sender (the fault hook); kv_sender_stalls: two never offered, the draining worker then
+    stopped with them pending (its pairs fail): either way those two recomputed by the
+    receiving worker, the output still unchanged. Disaggregated: a second decode worker joins
+    first; colocated: one joins after."""
     from dataclasses import replace
 
     max_tokens, prompts, expected = DRAIN_MAX_TOKENS, DRAIN_PROMPTS, drain_references
@@ -465,6 +467,8 @@ def test_draining_a_decode_worker_moves_its_streams_unchanged(
     servicer.failover = replace(normal, move_kv_on_drain=how != "replay")
     if how == "kv_failing":
         ray.get(leaving_actor.inject_move_faults.remote(2), timeout=30)
+    elif how == "kv_sender_stalls":
+        ray.get(leaving_actor.inject_move_faults.remote(2, "hold"), timeout=30)
     try:
         with one_decode_worker_placeable(service):  # every stream starts on the leaving worker
             calls = [
@@ -490,7 +494,7 @@ def test_draining_a_decode_worker_moves_its_streams_unchanged(
         assert responses[-1].usage.completion_tokens == max_tokens
         assert responses[-1].usage.prompt_tokens == reference.usage.prompt_tokens
     (failed, computed) = recomputed()
-    assert failed - before[0] == (2 if how == "kv_failing" else 0)
+    assert failed - before[0] == (2 if how in ("kv_failing", "kv_sender_stalls") else 0)
     if how == "kv":  # nothing recomputed where they went: decoded from the moved KV only
         assert computed == before[1]
     service.assert_workers_idle_and_intact()
