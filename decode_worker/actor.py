@@ -144,7 +144,8 @@ class EngineWorker(WorkerBase):
         """Form the pair through which a drain of this worker moves its running requests' KV
         to decode worker `peer_id` (replacing an older one), proving the cluster secret;
         within the transport's connect timeout, or KVTransferError."""
-        sender = await self._open_sender(address, pair_key)
+        config = transport_for(self.engine, self.kv_address.host)
+        sender = await self._open_sender(address, pair_key, config)
         old = self.senders.get(peer_id)
         self.senders[peer_id] = sender
         if old is not None:

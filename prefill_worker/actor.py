@@ -24,7 +24,7 @@ from kvtransfer.network import KVNetworkConfig
 from prefill_worker.held_kv import HeldKV
 from prefix_cache.index import IndexConfig
 from telemetry.tracing import TracingConfig, record_span
-from worker.base import WorkerBase
+from worker.base import WorkerBase, transport_for
 
 if TYPE_CHECKING:
     from engine.engine import Prefilled
@@ -67,7 +67,8 @@ class PrefillWorker(WorkerBase):
     async def connect(self, decode_id: str, address: EndpointAddress, pair_key: str) -> None:
         """Form the pair with decode worker `decode_id` (replacing an older one), proving the
         cluster secret; within the transport's connect timeout, or KVTransferError."""
-        sender = await self._open_sender(address, pair_key)
+        config = transport_for(self.engine, self.kv_address.host)
+        sender = await self._open_sender(address, pair_key, config)
         old = self.senders.get(decode_id)
         self.senders[decode_id] = sender
         if old is not None:

@@ -141,15 +141,15 @@ class WorkerBase:
         assert self.layout is not None
         return self.engine.transfer_kv_cache
 
-    async def _open_sender(self, address: Any, pair_key: str) -> KVSender:
-        """Form a pair as its sending side with the receiver endpoint at `address`, proving
-        the cluster secret; within the transport's connect timeout, or KVTransferError."""
+    async def _open_sender(self, address: Any, pair_key: str, config: TransportConfig) -> KVSender:
+        """Form a pair as its sending side with the receiver endpoint at `address` over a
+        transport of `config` (the role's `transport_for`), proving the cluster secret;
+        within the transport's connect timeout, or KVTransferError."""
         from kvtransfer.handshake import ClusterSecret
         from kvtransfer.pair import connect_pair
         from kvtransfer.sender import KVSender
 
         layout, cache = self.layout, self.transfer_cache()
-        config = transport_for(self.engine, self.kv_address.host)
         secret = ClusterSecret.from_environment()
         channel, control = await asyncio.to_thread(
             connect_pair, address, pair_key, config, cache.device, secret, layout
