@@ -1,19 +1,27 @@
 """Drain of a decode worker with running streams (issue 22.3): how long the drain takes and how
-many tokens are lost, with live migration (each stream cut at a token boundary and resumed on
-another decode worker by replay) beside the baseline in the same run, a drain that waits for
-the streams to finish (`FailoverConfig(migrate_on_drain=False)`, the behaviour before).
+many tokens are lost, moving each stream's KV to another decode worker over the KV-transfer
+layer (`--drain-move-kv`: `FailoverConfig(move_kv_on_drain=True)`) and by replay (each stream
+cut at a token boundary and recomputed on another decode worker), beside the baseline in the
+same run, a drain that waits for the streams to finish (`FailoverConfig(migrate_on_drain=
+False)`, the behaviour before).
 
     python -m bench.drain [--mode colocated|disaggregated] [--streams 32] [--max-tokens 128]
-                          [--output drain.json]
+                          [--cases none,kv,replay,wait] [--output drain.json]
 
 A local Ray cluster and the service with two decode workers (colocated: two workers;
 disaggregated: one prefill worker and two decode workers), the default model on the CPU, the
 gRPC router on loopback. Each case: `--streams` streaming requests (half greedy, half seeded)
 all started on one decode worker; once each has received `--cut-after` tokens the worker is
 drained (`Service.drain_worker`); every stream's tokens are compared with the same request's
-in a run without the drain (the first case). Reported per case: drain time (drain asked to the
-worker gone), time until every stream ended, tokens lost (fewer than the no-fault run),
-streams differing from the no-fault run, migrations.
+in a run without the drain (the first case, "none"). Reported per case: drain time (drain
+asked to the worker gone: KV pairs formed, streams moved, moved KV landed, or streams cut;
+each phase too), time until
+every stream ended, tokens lost (fewer than the no-fault run), streams differing from the
+no-fault run, streams moved by KV and by replay; from the drain on, prompt tokens the
+staying workers and the prefill pool computed (the engines' counter: the prompt part only; a
+replay also recomputes the output tokens a stream had, `tokens_at_drain` in all) and KV tokens
+the staying decode workers received (moved by a drain, or shipped by the prefill pool for a
+replay).
 """
 
 from __future__ import annotations
@@ -49,7 +57,8 @@ async def _stream(stub: Any, index: int, max_tokens: int, got: list[list[int]]) 
 
 
 async def run_case(service: Any, stub: Any, args: argparse.Namespace, drain: str) -> dict[str, Any]:
-    """One case: `drain` is "none" (the no-fault run), "migrate" or "wait"."""
+    """One case: `drain` is "none" (the no-fault run), "kv", "replay" or "wait"."""
+    from cluster.workers import actor_of
     from router.failover import FailoverConfig
 
     servicer = service._servicer
@@ -58,8 +67,9 @@ async def run_case(service: Any, stub: Any, args: argparse.Namespace, drain: str
         client, info = await service.start_worker("decode")
         pool.add(client, info.index_key)
     leaving, staying = pool.members()[:2]
-    servicer.failover = FailoverConfig(migrate_on_drain=drain != "wait")
-    migrated = servicer.num_migrated
+    servicer.failover = FailoverConfig(migrate_on_drain=drain != "wait",
+                                       move_kv_on_drain=drain == "kv")  # fmt: skip
+    migrated, moves = servicer.num_migrated, dict(servicer.num_drain_moves)
     got: list[list[int]] = [[] for _ in range(args.streams)]
     staying.load.draining = True  # every stream starts on the worker that will leave
     started = time.monotonic()
@@ -72,18 +82,35 @@ async def run_case(service: Any, stub: Any, args: argparse.Namespace, drain: str
     staying.load.draining = False
     result: dict[str, Any] = {"drain": drain}
     if drain != "none":
+        others = [actor_of(m) for m in pool.members() if m is not leaving]
+        others += service.prefill_workers
+        computed, received = await _stats_sums(others)
         cut = time.monotonic()
         result["tokens_at_drain"] = sum(len(tokens) for tokens in got)
-        await service.drain_worker("decode", leaving, timeout_s=600)
+        report = await service.drain_worker("decode", leaving, timeout_s=600)
         result["drain_s"] = time.monotonic() - cut
+        result |= {"left_empty": report.left_empty, "pairing_s": report.pairing_s,
+                   "moving_s": report.moving_s, "landing_s": report.landing_s}  # fmt: skip
         await asyncio.gather(*tasks)
         result["streams_done_after_drain_s"] = time.monotonic() - cut
+        computed_after, received_after = await _stats_sums(others)
+        result["prompt_tokens_computed"] = computed_after - computed
+        result["kv_tokens_received"] = received_after - received
     else:
         await asyncio.gather(*tasks)
     result["all_streams_s"] = time.monotonic() - started
     result["migrations"] = servicer.num_migrated - migrated
+    result["moved_kv"] = servicer.num_drain_moves["kv"] - moves["kv"]
+    result["replayed"] = servicer.num_drain_moves["replay"] - moves["replay"]
     result["tokens"] = got
     return result
+
+
+async def _stats_sums(actors: list[Any]) -> tuple[int, int]:
+    """Prompt tokens these workers' engines have run, and KV tokens they received, ever."""
+    stats = await asyncio.gather(*(actor.stats.remote() for actor in actors))
+    return (sum(s.num_prompt_tokens_computed for s in stats),
+            sum(s.kv.tokens_received for s in stats))  # fmt: skip
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,7 +130,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = tandem_pb2_grpc.TandemStub(channel)
             cases = [await run_case(service, stub, args, drain)
-                     for drain in ("none", "migrate", "wait")]  # fmt: skip
+                     for drain in ("none", *args.cases)]  # fmt: skip
     finally:
         await service.stop()
     reference = cases[0]["tokens"]
@@ -126,8 +153,16 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--cut-after", type=int, default=8, help="tokens each stream has first")
+    parser.add_argument(
+        "--cases",
+        default="kv,replay,wait",
+        help="drains to run after the reference, in order: kv, replay, wait",
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON results")
     args = parser.parse_args()
+    args.cases = args.cases.split(",")
+    if not args.cases or set(args.cases) - {"kv", "replay", "wait"}:
+        parser.error(f"--cases={','.join(args.cases)}: each must be kv, replay or wait")
     import ray
 
     # disaggregated: the local workers pair over loopback with a secret of this run's

@@ -354,6 +354,13 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         help="how many times one stream may resume on another decode worker after losing its "
         "own (replayed: no token repeated or missing); past it, UNAVAILABLE. 0: never",
     )
+    parser.add_argument(
+        "--drain-move-kv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a draining decode worker ships its running streams' KV to the others over the "
+        "KV-transfer layer (--no-drain-move-kv: they are replayed, recomputed there)",
+    )
     for pool in ("prefill", "decode"):
         parser.add_argument(
             f"--{pool}-resources",
@@ -558,7 +565,9 @@ def failover_config(args: argparse.Namespace) -> Any:
     from router.failover import FailoverConfig
 
     try:
-        return FailoverConfig(max_migrations=args.max_migrations)
+        return FailoverConfig(
+            max_migrations=args.max_migrations, move_kv_on_drain=args.drain_move_kv
+        )
     except ValueError as e:
         raise ValueError(f"--max-migrations: {e}") from None
 

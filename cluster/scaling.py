@@ -3,8 +3,8 @@
 Every interval each pool's scaler (cluster.autoscaler.PoolScaler) is asked for a size; a
 change runs in the background, one per pool at a time: growing starts and pairs workers
 (`Service.start_worker`) and adds them, shrinking drains the least busy worker
-(`Service.drain_worker`: a decode worker's streams move to the others by replay, a prefill
-worker's prefills finish) and retires it. No request is lost.
+(`Service.drain_worker`: a decode worker's streams move to the others with their KV, or by
+replay, a prefill worker's prefills finish) and retires it. No request is lost.
 """
 
 from __future__ import annotations

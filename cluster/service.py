@@ -133,6 +133,17 @@ class ServiceConfig:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    """How a drain went (Service.drain_worker): whether the worker left empty (False: the
+    timeout retired it busy), and how long its phases took, in seconds (0 where not run)."""
+
+    left_empty: bool
+    pairing_s: float = 0.0  # KV pairs formed to the other decode workers (move_kv_on_drain)
+    moving_s: float = 0.0  # every stream moved off (RequestCore.migrate_off)
+    landing_s: float = 0.0  # the moved KV landed (EngineWorker.finish_moves)
+
+
 class Service:
     """The running service. It owns the pools' membership (cluster.membership: who is in
     each pool, replaced, added or drained here); the router places requests on them.
@@ -552,26 +563,41 @@ class Service:
             raise
         return RayWorkerClient(new, worker_id), info
 
-    async def drain_worker(self, pool: str, member: Member, timeout_s: float) -> None:
+    async def drain_worker(self, pool: str, member: Member, timeout_s: float) -> DrainReport:
         """Take `member` out of `pool` without losing a request: nothing new is placed on it;
-        a decode worker's streams move to the pool's other workers by replay at once
-        (RequestCore.migrate_off; with failover.migrate_on_drain and another placeable
+        a decode worker's streams move to the pool's other workers at once, with their KV
+        (failover.move_kv_on_drain: paired for it here; the KV lands before it stops) or by
+        replay (RequestCore.migrate_off; with failover.migrate_on_drain and another placeable
         worker), else what it holds runs to its end; at most `timeout_s`, then it is retired
         (a request still there is lost with it: a decode stream resumes elsewhere by
-        failover, within --max-migrations)."""
+        failover, within --max-migrations). Returns how it went."""
         members = self.pools[pool]
         members.drain(member)
         logger.info("%s worker %s draining", pool, member.worker_id)
         deadline = time.monotonic() + timeout_s
         servicer = self._servicer
-        if pool == "decode" and servicer is not None and servicer.failover.migrate_on_drain:
-            await servicer.migrate_off(member, timeout_s)
         actor = actor_of(member)
+        moves_done = True
+        phases = [time.monotonic()] * 4  # started, paired, moved off, landed
+        if pool == "decode" and servicer is not None and servicer.failover.migrate_on_drain:
+            move_kv = servicer.failover.move_kv_on_drain
+            if move_kv:
+                await self._pair_for_moves(member)
+            phases[1] = time.monotonic()
+            await servicer.migrate_off(member, timeout_s, move_kv=move_kv)
+            phases[2] = phases[3] = time.monotonic()
+            if move_kv:  # the KV it ships must land before it stops
+                left_s = max(deadline - time.monotonic(), 0.0)
+                moves_done = await actor.finish_moves.remote(left_s)
+                phases[3] = time.monotonic()
+        pairing_s, moving_s, landing_s = (phases[i + 1] - phases[i] for i in range(3))
+        emptied = False
         while time.monotonic() < deadline:
             if member not in members:  # died and was replaced meanwhile: nothing to drain
-                return
+                return DrainReport(True, pairing_s, moving_s, landing_s)
             stats = await actor.stats.remote()
             if member.load.in_flight == 0 and not stats.num_requests:
+                emptied = True
                 break
             await asyncio.sleep(0.05)
         else:
@@ -579,6 +605,28 @@ class Service:
                            member.worker_id)  # fmt: skip
         await self.retire_worker(pool, member)
         logger.info("%s worker %s left the pool", pool, member.worker_id)
+        return DrainReport(emptied and moves_done, pairing_s, moving_s, landing_s)
+
+    async def _pair_for_moves(self, leaving: Member) -> None:
+        """Pair draining decode worker `leaving`, as the sender, with every other placeable
+        decode worker, for its running requests' KV to move there (issue 22.3). Formed per
+        drain, not at start: drains are rare, and a standing pair between every two decode
+        workers would hold a gloo group, its threads and sockets each. A peer that fails to
+        pair gets no moves (its streams are replayed)."""
+        peers = [m for m in self.pools["decode"].members() if m is not leaving and m.placeable]
+        sender = actor_of(leaving)
+
+        async def pair(peer: Member) -> None:
+            address = await actor_of(peer).open_endpoint.remote()
+            key = f"{leaving.worker_id}-{peer.worker_id}-{uuid.uuid4().hex[:8]}"
+            await sender.connect.remote(peer.worker_id, address, key)
+
+        results = await asyncio.gather(*(pair(p) for p in peers), return_exceptions=True)
+        for peer, result in zip(peers, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("no KV pair from draining worker %s to %s (%s): its streams "
+                               "there are replayed", leaving.worker_id, peer.worker_id,
+                               result)  # fmt: skip
 
     async def retire_worker(self, pool: str, member: Member) -> None:
         """Take a drained member out: unpair it, forget it in metrics and the index, stop it."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from contracts.errors import TandemError, WorkerLost
@@ -100,6 +100,10 @@ class RayWorkerClient:
             self._cancel(call, request_id)
             raise
         return result
+
+    async def move_out(self, moves: Sequence[tuple[str, str]]) -> list[str]:
+        moved: list[str] = await self._call(self.actor.move_out.remote(list(moves)))
+        return moved
 
     def abort(self, request_id: str) -> None:
         try:

@@ -7,6 +7,8 @@ in exactly one place (the router), not here.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TandemError(Exception):
     """Base class of every error Tandem raises on purpose."""
@@ -82,6 +84,21 @@ class WorkerDraining(WorkerLost):
 
     def __reduce__(self) -> tuple[type, tuple[str]]:  # type: ignore[override]
         return (WorkerDraining, (str(self),))
+
+
+class WorkerMoved(WorkerDraining):
+    """A stream's KV left its draining decode worker over the KV-transfer layer (issue 22.3):
+    the worker ended the stream with this after its last output; the router continues it on
+    the worker `moved` names (contracts.handoff.MovedKV) instead of replaying it. The request
+    is no longer on this worker: nothing to abort here."""
+
+    def __init__(self, message: str, moved: Any) -> None:
+        super().__init__(message)
+        self.unreachable = False
+        self.moved = moved  # contracts.handoff.MovedKV
+
+    def __reduce__(self) -> tuple[type, tuple[str, Any]]:  # type: ignore[override]
+        return (WorkerMoved, (str(self), self.moved))
 
 
 class AddressInUse(TandemError):

@@ -54,3 +54,24 @@ class PrefillResult:
     logprobs: TokenLogprobs | None  # of the first token, if the request asked for logprobs
     usage: Usage  # the prefill's: prompt tokens, its prefix-cache hits, its queue time
     kv: KVHandle | None
+
+
+@dataclass(frozen=True, slots=True)
+class MovedKV:
+    """A running request's KV moved off a draining decode worker (issue 22.3), as the router
+    continues it: on decode worker `result.kv.decode_worker`, under the same attempt id
+    `request_id` (its KV was shipped under it), by `start_continue(result)` with all but the
+    last of the `num_output_tokens` tokens it produced as resumed tokens. `result.kv` names
+    the transfer (the draining worker as its sender); `result.first_token_id` is the last
+    token produced, sent to the client already: the new worker's first output repeats it."""
+
+    request_id: str
+    num_output_tokens: int
+    result: PrefillResult
+
+    def __post_init__(self) -> None:
+        if self.num_output_tokens < 1 or self.result.kv is None:
+            raise ValueError(
+                f"num_output_tokens={self.num_output_tokens} must be >= 1 and the result's kv "
+                f"set (got {self.result.kv!r})"
+            )

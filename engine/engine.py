@@ -527,6 +527,31 @@ class Engine:
         self._release_prefix(request_id)
         return self.outputs.finish(seq, FinishReason.ABORT)
 
+    def export_request(self, request_id: str) -> Prefilled | None:
+        """Take a running request out to continue it on another worker (a drain moving it,
+        issue 22.3): its KV up to its last token (sampled, its output sent, not yet computed)
+        is pinned for a transfer and the request leaves without a finish reason or a closing
+        output, as a prefill_only one does. The result's `first_token_id` is that last token;
+        the receiving engine takes it over with add_remote_request, the tokens before it as
+        resumed_token_ids. None, leaving it here, unless it is running with all its tokens
+        but the last computed (waiting, mid-prefill, awaiting KV: it is replayed instead)."""
+        seq = self._sequences.get(request_id)
+        if (
+            seq is None
+            or request_id in self._prefill_only
+            or seq.status is not SequenceStatus.RUNNING
+            or seq.num_computed_tokens != seq.num_tokens - 1
+            or seq.num_output_tokens < 1
+        ):
+            return None
+        usage = seq.usage()
+        kept = self._pin_kv(seq)
+        assert kept is not None, f"{seq} is running without computed KV"
+        self.outputs.forget(seq)
+        self._keep_kv.discard(request_id)
+        self._forget(seq, None)
+        return Prefilled(request_id, seq.token_ids[-1], None, usage, kept)
+
     def _pin_kv(self, seq: Sequence) -> KeptKV | None:
         num_tokens = seq.num_computed_tokens
         if num_tokens == 0:

@@ -63,6 +63,10 @@ class OutputProcessor:
             logprobs=() if logprobs is None else (logprobs,),
         )
 
+    def forget(self, seq: Sequence) -> None:
+        """Drop a request's text state without a closing output (it continues elsewhere)."""
+        self._text.pop(seq.request_id, None)
+
     def finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
         """The closing output of a request ended from outside (abort)."""
         self._text.pop(seq.request_id, None)

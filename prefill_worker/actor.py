@@ -67,20 +67,10 @@ class PrefillWorker(WorkerBase):
     async def connect(self, decode_id: str, address: EndpointAddress, pair_key: str) -> None:
         """Form the pair with decode worker `decode_id` (replacing an older one), proving the
         cluster secret; within the transport's connect timeout, or KVTransferError."""
-        from kvtransfer.handshake import ClusterSecret
-        from kvtransfer.pair import connect_pair
-        from kvtransfer.sender import KVSender
-
-        layout, cache = self.layout, self.transfer_cache()
         config = transport_for(self.engine, self.kv_address.host)
-        secret = ClusterSecret.from_environment()
-        channel, control = await asyncio.to_thread(
-            connect_pair, address, pair_key, config, cache.device, secret, layout
-        )
+        sender = await self._open_sender(address, pair_key, config)
         old = self.senders.get(decode_id)
-        self.senders[decode_id] = KVSender(
-            channel, control, cache, layout, self.engine.block_manager.release, self.staging
-        )
+        self.senders[decode_id] = sender
         if old is not None:
             await asyncio.to_thread(old.close)
             self.retired_metrics.absorb(old.metrics)

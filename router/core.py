@@ -40,7 +40,7 @@ from contracts.errors import (
     WorkerLost,
     WorkerUnavailable,
 )
-from contracts.handoff import PrefillResult
+from contracts.handoff import MovedKV, PrefillResult
 from contracts.outputs import RequestOutput
 from prefix_cache.index import PrefixLookup
 from router.admission import Admission
@@ -180,6 +180,8 @@ class RequestCore:
         }
         self.num_retried = 0  # requests moved to another worker after losing theirs
         self.num_migrated = 0  # streams resumed on another decode worker (router.failover)
+        # streams moved off draining decode workers, by how: with their KV, or by replay
+        self.num_drain_moves = {"kv": 0, "replay": 0}
         self.metrics = metrics
         self.outputs = OutputStreams()  # one batched output stream per worker
         self._live_ids: set[str] = set()  # client request ids in flight
@@ -268,8 +270,10 @@ class RequestCore:
                     place = self._colocated if self.prefill is None else self._disaggregated
                     # closed here, not whenever it is collected: its workers are told at once
 
-                    def attempt(resumed: tuple[int, ...]) -> Any:
+                    def attempt(resumed: tuple[int, ...], moved: MovedKV | None) -> Any:
                         again = replace(validated, resumed_token_ids=resumed)
+                        if moved is not None:  # its KV left a draining worker: continue it
+                            return self._moved(again, moved, place, arrival, carrier, span)
                         return place(again, arrival, carrier, span)
 
                     streams = with_failover(attempt, self.failover, self.decode, span,
@@ -306,23 +310,92 @@ class RequestCore:
             end_span(span, error if code is not Status.OK else None,
                      **{"rpc.grpc.status_code": code.value, **attributes})  # fmt: skip
 
-    async def migrate_off(self, member: Member, timeout_s: float) -> bool:
-        """Move every stream off decode worker `member`, which is draining (not placeable), by
-        replay (router.failover): each is cut at a token boundary (WorkerDraining behind the
-        outputs received so far), aborted there and resumed on another decode worker. A
-        request still prefilling for it (disaggregated) is cut once its decode stream opens.
-        True once nothing of the router's runs there, False if some still did after
-        `timeout_s`. Only with another placeable decode worker (else nothing is cut)."""
+    async def migrate_off(self, member: Member, timeout_s: float, move_kv: bool = False) -> bool:
+        """Move every stream off decode worker `member`, which is draining (not placeable):
+        with `move_kv`, each running one with its KV (the worker ships it to another decode
+        worker it has a pair with and ends the stream with WorkerMoved; router.failover
+        continues it there); the others, or all without `move_kv`, by replay (router.failover):
+        cut at a token boundary (WorkerDraining behind the outputs received so far), aborted
+        there and resumed on another decode worker. A request still prefilling for it
+        (disaggregated) is moved once its decode stream opens. True once nothing of the
+        router's runs there, False if some still did after `timeout_s`. Only with another
+        placeable decode worker (else nothing is moved)."""
         if not any(m.placeable for m in self.decode.members() if m is not member):
             return member.load.in_flight == 0
         deadline = time.monotonic() + timeout_s
         error = WorkerDraining(f"decode worker {member.worker_id} is draining")
+        handled: set[str] = set()  # attempts moved or cut already
         while member.load.in_flight:
-            self.outputs.cut(member.client, error)
+            await self._move_off(member, handled, error, move_kv)
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(_DRAIN_POLL_S)
         return True
+
+    async def _move_off(
+        self, member: Member, handled: set[str], error: WorkerDraining, move_kv: bool
+    ) -> None:
+        """One round of a drain: with `move_kv`, ask draining worker `member` to move each
+        attempt newly open on it to the least loaded other placeable decode worker; cut the
+        ones it did not move, or all without `move_kv` (replayed). Counted by how."""
+        ids = [i for i in self.outputs.open_ids(member.client) if i not in handled]
+        targets = sorted((m for m in self.decode.members() if m is not member and m.placeable),
+                         key=lambda m: m.load.in_flight)  # fmt: skip
+        if not ids or not targets:
+            return
+        handled.update(ids)
+        moved: set[str] = set()
+        if move_kv:
+            moves = [(attempt, targets[n % len(targets)].worker_id)
+                     for n, attempt in enumerate(ids)]  # fmt: skip
+            try:
+                moved = set(await member.client.move_out(moves))
+            except TandemError as e:  # lost: its streams fail and are replayed by failover
+                logger.warning("moving KV off decode worker %s failed: %s; replaying its "
+                               "streams", member.worker_id, e)  # fmt: skip
+        replayed = self.outputs.cut(member.client, error, [i for i in ids if i not in moved])
+        self.num_drain_moves["kv"] += len(moved)
+        self.num_drain_moves["replay"] += replayed
+        if self.metrics is not None:
+            self.metrics.drain_moves.labels(how="kv").inc(len(moved))
+            self.metrics.drain_moves.labels(how="replay").inc(replayed)
+
+    async def _moved(
+        self, request: Any, moved: MovedKV, place: Any, arrival: float, carrier: Any, span: Any
+    ) -> Any:
+        """A stream whose KV left its draining decode worker (WorkerMoved): continued on the
+        decode worker the KV went to, from it (start_continue with the move's PrefillResult,
+        the tokens sent before its last as resumed tokens; the worker's first output repeats
+        that last token, sent already: dropped). Replayed instead (`place`) if that worker is
+        no longer placeable or the tokens sent do not match the move."""
+        sent = request.resumed_token_ids
+        result = moved.result
+        assert result.kv is not None, "a MovedKV names its transfer"
+        target = result.kv.decode_worker
+        members = self.decode.members()
+        member = next((m for m in members if m.worker_id == target and m.placeable), None)
+        if (
+            member is None
+            or len(sent) != moved.num_output_tokens
+            or sent[-1] != result.first_token_id
+        ):
+            logger.warning("request %r: its moved KV cannot continue (worker %s, %d tokens "
+                           "sent, %d moved); replaying it", request.request_id,
+                           result.kv.decode_worker, len(sent), moved.num_output_tokens)  # fmt: skip
+            if member is not None:  # its KV is freed as it lands there
+                member.client.abort(moved.request_id)
+            async with aclosing(place(request, arrival, carrier, span)) as stream:
+                async for response in stream:
+                    yield response
+            return
+        span.set_attributes({"tandem.kv_moved_tokens": result.kv.num_tokens})
+        request = replace(request, resumed_token_ids=sent[:-1])
+        with assigned(member, request.num_tokens) as decode:
+            stream = self._decode_on(member, decode, moved.request_id, request, result, carrier,
+                                     arrival, time.monotonic(), repeats_first=True)  # fmt: skip
+            async with aclosing(stream) as replies:
+                async for response in replies:
+                    yield response
 
     @contextmanager
     def _live(self, request_id: str) -> Iterator[None]:
@@ -463,31 +536,51 @@ class RequestCore:
                 if ship_to is not None and attempts:
                     decode.abort(attempts[-1])
                 raise
-            first, finished = True, False
             attempt = attempts[-1]  # the decode worker continues the prefill's attempt
-            outputs = self.outputs.open(decode, attempt)
-            try:
-                await decode.start_continue(
-                    self.outputs.subscriber, attempt, request.prompt_token_ids, result,
-                    request.params, request.cache_salt, carrier, request.resumed_token_ids,
-                )  # fmt: skip
-                gaps = _Gaps(member)
-                async for output in _until_finished(outputs):
-                    queued = _queued(result, arrival, dispatched) if first else None
-                    finished = output.finished
-                    gaps.output()
-                    yield _timed(request.request_id, output, arrival, queued)
-                    first = False
-            except _STOPPED:
-                if not finished:
-                    decode.abort(attempt)
-                raise
-            except WorkerLost as e:  # resumed elsewhere by router.failover
-                self.decode.mark_down(member)
-                _abandon(decode, attempt, e)
-                raise
-            finally:
-                self.outputs.close(decode, attempt)
+            stream = self._decode_on(member, decode, attempt, request, result, carrier, arrival,
+                                     dispatched)  # fmt: skip
+            async with aclosing(stream) as replies:
+                async for response in replies:
+                    yield response
+
+    async def _decode_on(
+        self, member: Member, decode: WorkerClient, attempt: str, request: Any,
+        result: PrefillResult, carrier: Any, arrival: float, dispatched: float,
+        repeats_first: bool = False,
+    ) -> Any:  # fmt: skip
+        """Decode worker `member` (its client `decode`) continues attempt `attempt` of a
+        request from `result` (start_continue); its replies. repeats_first: its first output
+        repeats a token the client has (a stream whose KV moved): dropped. WorkerLost is
+        raised on (router.failover resumes it elsewhere)."""
+        first, finished = True, False
+        outputs = self.outputs.open(decode, attempt)
+        try:
+            await decode.start_continue(
+                self.outputs.subscriber, attempt, request.prompt_token_ids, result,
+                request.params, request.cache_salt, carrier, request.resumed_token_ids,
+            )  # fmt: skip
+            gaps = _Gaps(member)
+            async for output in _until_finished(outputs):
+                finished = output.finished
+                gaps.output()
+                if repeats_first:
+                    repeats_first = False
+                    if not finished:
+                        continue
+                    output = replace(output, new_token_ids=(), text_delta="", logprobs=())
+                queued = _queued(result, arrival, dispatched) if first else None
+                yield _timed(request.request_id, output, arrival, queued)
+                first = False
+        except _STOPPED:
+            if not finished:
+                decode.abort(attempt)
+            raise
+        except WorkerLost as e:  # resumed elsewhere by router.failover
+            self.decode.mark_down(member)
+            _abandon(decode, attempt, e)
+            raise
+        finally:
+            self.outputs.close(decode, attempt)
 
     async def _prefill(
         self, request: Any, ship_to: str | None, carrier: Any, span: Any, attempts: list[str],

@@ -18,11 +18,17 @@ attempt. Each move is counted in
 `tandem_request_migrations_total{reason}` and noted on the request's span.
 
 Live migration on drain (issue 22.3) takes the same path: a decode worker leaving the pool is
-made unplaceable and each of its streams is cut at a token boundary (`RequestCore.migrate_off`
-puts `WorkerDraining` in its output queue behind the outputs already received, the attempt is
-aborted on the worker, later outputs are dropped); the stream resumes on another decode worker
-by replay. Its KV is recomputed there (prompt and sent tokens prefilled again), not moved over
-the KV-transfer layer; such a move does not count against `max_migrations`.
+made unplaceable and each of its streams moves to another decode worker; such a move does not
+count against `max_migrations`. With `move_kv_on_drain`, the draining worker first ships each
+running request's KV to another decode worker over the KV-transfer layer and ends its stream
+with `WorkerMoved` after its last output; the next attempt continues it there from that KV
+(`RequestCore.migrate_off`, the attempt given the `MovedKV`), nothing recomputed. A request
+that cannot move so (not running with its KV computed, no pair, the move refused), or every
+request without `move_kv_on_drain`, is cut at a token boundary instead (`WorkerDraining` put
+in its output queue behind the outputs already received, the attempt aborted on the worker,
+later outputs dropped) and resumes on another decode worker by replay: its prompt and sent
+tokens are prefilled again there. A moved KV that does not arrive is recomputed by the
+receiving worker (decode_worker.kv_arrivals), its output unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.errors import WorkerDraining, WorkerLost, WorkerUnavailable
+from contracts.errors import WorkerDraining, WorkerLost, WorkerMoved, WorkerUnavailable
+from contracts.handoff import MovedKV
 from router.placement import PoolView
 from telemetry.tracing import record_span
 
@@ -52,12 +59,14 @@ class FailoverConfig:
     losing its own (0: never; a lost worker ends its streams with UNAVAILABLE);
     replacement_wait_s: how long a request whose pool has no placeable decode worker left
     waits for one (a replacement) before it ends with UNAVAILABLE; migrate_on_drain: a decode
-    worker drained out of its pool has its streams moved to the others by replay at once (else
-    they run to their end there first)."""
+    worker drained out of its pool has its streams moved to the others at once (else they run
+    to their end there first); move_kv_on_drain: those streams' KV moves with them over the
+    KV-transfer layer (else they are replayed: recomputed where they go)."""
 
     max_migrations: int = 3
     replacement_wait_s: float = 60.0
     migrate_on_drain: bool = True
+    move_kv_on_drain: bool = True
 
     def __post_init__(self) -> None:
         if type(self.max_migrations) is not int or self.max_migrations < 0:
@@ -67,9 +76,12 @@ class FailoverConfig:
             raise ValueError(f"replacement_wait_s={wait!r} must be seconds >= 0")
         if type(self.migrate_on_drain) is not bool:
             raise ValueError(f"migrate_on_drain={self.migrate_on_drain!r} must be a bool")
+        if type(self.move_kv_on_drain) is not bool:
+            raise ValueError(f"move_kv_on_drain={self.move_kv_on_drain!r} must be a bool")
 
 
-Attempt = Callable[[tuple[int, ...]], AsyncGenerator[Any, None]]
+# (the token ids sent so far, the KV the stream moved with off a draining worker, if it did)
+Attempt = Callable[[tuple[int, ...], MovedKV | None], AsyncGenerator[Any, None]]
 
 
 async def with_failover(
@@ -79,17 +91,19 @@ async def with_failover(
     span: Any,
     on_migration: Callable[[str], None] | None = None,
 ) -> AsyncGenerator[Any, None]:
-    """The replies of `attempt(resumed_token_ids)` (router.core.Reply), run again with the
-    token ids sent so far each time it raises WorkerLost, at most `config.max_migrations`
-    times (moves off a draining worker, WorkerDraining, are not capped). Only the first reply
-    of the whole stream carries the time to first token."""
+    """The replies of `attempt(resumed_token_ids, None)` (router.core.Reply), run again with
+    the token ids sent so far each time it raises WorkerLost, at most `config.max_migrations`
+    times (moves off a draining worker, WorkerDraining, are not capped; after WorkerMoved the
+    attempt is given its MovedKV). Only the first reply of the whole stream carries the time
+    to first token."""
     sent: list[int] = []
+    moved: MovedKV | None = None
     migrations = 0  # moves of any kind
     losses = 0  # moves after a lost worker: capped
     await _placeable(decode, config.replacement_wait_s, "place")
     while True:
         try:
-            async with aclosing(attempt(tuple(sent))) as replies:
+            async with aclosing(attempt(tuple(sent), moved)) as replies:
                 async for reply in replies:
                     if sent:  # the first token was sent already, by an earlier attempt
                         reply = dataclasses.replace(reply, queue_s=None, ttft_s=None)
@@ -98,10 +112,11 @@ async def with_failover(
             return
         except WorkerLost as e:
             drained = isinstance(e, WorkerDraining)
+            moved = e.moved if isinstance(e, WorkerMoved) else None
             if drained:
                 reason = "drain"
-                logger.info("decode worker draining after %d tokens; resuming elsewhere",
-                            len(sent))  # fmt: skip
+                logger.info("decode worker draining after %d tokens; resuming elsewhere (%s)",
+                            len(sent), "KV moved" if moved else "replay")  # fmt: skip
             else:
                 reason = "unreachable" if e.unreachable else "worker_lost"
                 if losses >= config.max_migrations:

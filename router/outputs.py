@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,17 +57,27 @@ class OutputStreams:
         if subscription is not None:
             subscription.queues.pop(request_id, None)
 
-    def cut(self, worker: WorkerClient, error: BaseException) -> int:
-        """End every request open on `worker` now with `error` (a drain moves them away): it
-        lands behind the outputs already queued, so a request's consumer gets each output the
-        worker sent before the cut, then the error; what comes after is dropped once the
-        request closes its queue. Returns how many requests were cut."""
+    def cut(
+        self, worker: WorkerClient, error: BaseException, request_ids: Iterable[str] | None = None
+    ) -> int:
+        """End every request open on `worker` now (or those of `request_ids` open there) with
+        `error` (a drain moves them away): it lands behind the outputs already queued, so a
+        request's consumer gets each output the worker sent before the cut, then the error;
+        what comes after is dropped once the request closes its queue. Returns how many
+        requests were cut."""
         subscription = self._subscriptions.get(worker.key)
         if subscription is None:
             return 0
-        for queue in subscription.queues.values():
-            queue.put_nowait(error)
-        return len(subscription.queues)
+        queues = subscription.queues
+        ids = list(queues) if request_ids is None else [i for i in request_ids if i in queues]
+        for request_id in ids:
+            queues[request_id].put_nowait(error)
+        return len(ids)
+
+    def open_ids(self, worker: WorkerClient) -> list[str]:
+        """The ids of the requests open on `worker` now."""
+        subscription = self._subscriptions.get(worker.key)
+        return [] if subscription is None else list(subscription.queues)
 
     def stop(self) -> None:
         """Cancel every stream (the router is stopping)."""

@@ -75,6 +75,12 @@ class WorkerClient(Protocol):
         cache); resumed_token_ids: prefilled after the prompt (a replay)."""
         ...
 
+    async def move_out(self, moves: Sequence[tuple[str, str]]) -> list[str]:
+        """A draining decode worker: move each (request id, decode worker id) there with its
+        KV (issue 22.3); the ids moved, whose streams here end with WorkerMoved after their
+        last output. The others are left running here (the router replays them)."""
+        ...
+
     def abort(self, request_id: str) -> None:
         """Tell the worker to abort a request (fire and forget; a lost worker is ignored)."""
         ...

@@ -77,6 +77,12 @@ class ServiceMetrics:
             "unreachable or drain.", ["reason"],
             registry=r,
         )  # fmt: skip
+        self.drain_moves = Counter(
+            "tandem_drain_moves", "Streams moved off a draining decode worker, by how: kv "
+            "(their KV shipped to another decode worker over the KV-transfer layer) or replay "
+            "(prompt and sent tokens recomputed there).", ["how"],
+            registry=r,
+        )  # fmt: skip
         self.prefill_placement = Counter(
             "tandem_prefill_placement", "Disaggregated requests by where they were prefilled: "
             "on the prefill pool, KV shipped (remote), or on their decode worker (local); "

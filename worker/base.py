@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from engine.config import EngineConfig
     from engine.engine import Engine
     from kvtransfer.layout import KVLayout
+    from kvtransfer.sender import KVSender
     from kvtransfer.transport import TransportConfig
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,23 @@ class WorkerBase:
         KVTransferError as `layout` does."""
         assert self.layout is not None
         return self.engine.transfer_kv_cache
+
+    async def _open_sender(self, address: Any, pair_key: str, config: TransportConfig) -> KVSender:
+        """Form a pair as its sending side with the receiver endpoint at `address` over a
+        transport of `config` (the role's `transport_for`), proving the cluster secret;
+        within the transport's connect timeout, or KVTransferError."""
+        from kvtransfer.handshake import ClusterSecret
+        from kvtransfer.pair import connect_pair
+        from kvtransfer.sender import KVSender
+
+        layout, cache = self.layout, self.transfer_cache()
+        secret = ClusterSecret.from_environment()
+        channel, control = await asyncio.to_thread(
+            connect_pair, address, pair_key, config, cache.device, secret, layout
+        )
+        return KVSender(
+            channel, control, cache, layout, self.engine.block_manager.release, self.staging
+        )
 
     def model_info(self) -> WorkerInfo:
         """What the router needs to validate and place requests for this worker."""

@@ -422,14 +422,22 @@ def drain_references(default_model_engine: Engine) -> list[Any]:
     ]
 
 
+@pytest.mark.parametrize("how", ["replay", "kv", "kv_failing", "kv_sender_stalls"])
 def test_draining_a_decode_worker_moves_its_streams_unchanged(
-    service: RunningService, drain_references: list[Any]
+    service: RunningService, drain_references: list[Any], how: str
 ) -> None:
     """F5 (issue 22.3): a decode worker drained out of its pool (Service.drain_worker, as the
-    autoscaler shrinks it) has each running stream, greedy and seeded, cut at a token boundary
-    and resumed on the other decode worker by replay: outputs equal to the run without the
-    drain, the worker gone while they still run (every stream moved), no KV leaked.
-    Disaggregated: a second decode worker joins first; colocated: one joins after."""
+    autoscaler shrinks it) has each running stream, greedy and seeded, moved to the other
+    decode worker: outputs equal to the run without the drain, the worker gone empty while
+    they still run (every stream moved), no KV leaked. replay: cut at a token boundary and
+    recomputed there; kv (--drain-move-kv): its KV shipped over a decode->decode pair and
+    continued there, nothing recomputed; kv_failing: two of those transfers aborted by the
+    sender (the fault hook); kv_sender_stalls: two never offered, the draining worker then
+    stopped with them pending (its pairs fail): either way those two recomputed by the
+    receiving worker, the output still unchanged. Disaggregated: a second decode worker joins
+    first; colocated: one joins after."""
+    from dataclasses import replace
+
     max_tokens, prompts, expected = DRAIN_MAX_TOKENS, DRAIN_PROMPTS, drain_references
     samplings = [
         pb.SamplingParameters(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
@@ -445,15 +453,37 @@ def test_draining_a_decode_worker_moves_its_streams_unchanged(
         pool.add(client, info.index_key)
     leaving = pool.members()[0]
     leaving_actor = service.service.workers[0]
-    migrated = servicer.num_migrated
-    with one_decode_worker_placeable(service):  # every stream starts on the leaving worker
-        calls = [
-            service.stub.Generate(pb.GenerateRequest(text=p, sampling=s), timeout=180)
-            for p, s in zip(prompts, samplings, strict=True)
-        ]
-        seen = [[next(call) for _ in range(3)] for call in calls]
-    service.run(service.service.drain_worker("decode", leaving, timeout_s=120), timeout_s=150)
+    migrated, moves = servicer.num_migrated, dict(servicer.num_drain_moves)
+    staying = service.service.workers[1:]
+
+    def recomputed() -> tuple[int, int]:
+        """The staying decode workers' prompts recomputed for want of KV, prompt tokens run."""
+        stats = [ray.get(w.stats.remote(), timeout=30) for w in staying]
+        return (sum(sum(s.kv.prompts_recomputed_by_reason.values()) for s in stats),
+                sum(s.num_prompt_tokens_computed for s in stats))  # fmt: skip
+
+    before = recomputed()
+    normal = servicer.failover
+    servicer.failover = replace(normal, move_kv_on_drain=how != "replay")
+    if how == "kv_failing":
+        ray.get(leaving_actor.inject_move_faults.remote(2), timeout=30)
+    elif how == "kv_sender_stalls":
+        ray.get(leaving_actor.inject_move_faults.remote(2, "hold"), timeout=30)
+    try:
+        with one_decode_worker_placeable(service):  # every stream starts on the leaving worker
+            calls = [
+                service.stub.Generate(pb.GenerateRequest(text=p, sampling=s), timeout=180)
+                for p, s in zip(prompts, samplings, strict=True)
+            ]
+            seen = [[next(call) for _ in range(3)] for call in calls]
+        drain = service.service.drain_worker("decode", leaving, timeout_s=120)
+        assert service.run(drain, timeout_s=150).left_empty
+    finally:
+        servicer.failover = normal
     assert servicer.num_migrated == migrated + len(prompts)  # none had finished: all moved
+    by_kv = 0 if how == "replay" else len(prompts)  # all running with their KV computed
+    assert servicer.num_drain_moves["kv"] == moves["kv"] + by_kv
+    assert servicer.num_drain_moves["replay"] == moves["replay"] + len(prompts) - by_kv
     assert leaving not in pool.members()
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(leaving_actor.stats.remote(), timeout=30)
@@ -463,6 +493,10 @@ def test_draining_a_decode_worker_moves_its_streams_unchanged(
         assert "".join(r.text for r in responses) == reference.text
         assert responses[-1].usage.completion_tokens == max_tokens
         assert responses[-1].usage.prompt_tokens == reference.usage.prompt_tokens
+    (failed, computed) = recomputed()
+    assert failed - before[0] == (2 if how in ("kv_failing", "kv_sender_stalls") else 0)
+    if how == "kv":  # nothing recomputed where they went: decoded from the moved KV only
+        assert computed == before[1]
     service.assert_workers_idle_and_intact()
     if len(pool.members()) < size:  # the pool back to its size for the tests after this one
         client, info = service.run(service.service.start_worker("decode"), timeout_s=300)

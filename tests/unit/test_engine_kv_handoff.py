@@ -230,3 +230,68 @@ def test_hold_prefix_refuses_bad_spans_and_an_abort_frees_the_prefix() -> None:
     decode.abort_request("r")
     assert decode.block_manager.num_free_blocks == decode.block_manager.num_blocks
     decode.check_integrity()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        greedy(max_tokens=14),
+        SamplingParams(max_tokens=14, temperature=1.0, top_k=50, seed=7, ignore_eos=True),
+    ],
+    ids=["greedy", "seeded"],
+)
+def test_an_exported_running_request_continues_on_another_engine_unchanged(
+    params: SamplingParams,
+) -> None:
+    """A drain's KV move (issue 22.3): a request running on one engine is exported after a
+    few tokens (its KV up to its last token pinned, no closing output, nothing left there),
+    its blocks copied into another engine, which takes it over from that last token
+    (add_remote_request, the tokens before it resumed): the whole output equals the
+    uninterrupted run's, nothing recomputed, no block leaked on either side."""
+    prompt = prompt_ids(seed=3, length=21)
+    expected = make_engine().generate([prompt], params)[0].token_ids
+    source, target = make_engine(), make_engine()
+    source.add_request("r", None, params, prompt_token_ids=prompt)
+    tokens: list[int] = []
+    while len(tokens) < 5:
+        tokens += [t for out in source.step() for t in out.new_token_ids]
+    moved = source.export_request("r")
+    assert moved is not None and moved.first_token_id == tokens[-1]
+    assert moved.usage.completion_tokens == len(tokens)
+    kept = moved.kv
+    assert kept.num_tokens == len(prompt) + len(tokens) - 1
+    assert source.step() == [] and not source.has_unfinished_requests()
+    owner = "in:r"
+    dst = target.block_manager.reserve(owner, len(kept.block_ids))
+    assert dst is not None
+    scatter_blocks(
+        target.runner.kv_cache, dst, gather_blocks(source.runner.kv_cache, kept.block_ids)
+    )
+    assert source.block_manager.release(kept.owner)
+    source.check_integrity()
+    first = target.add_remote_request(
+        "r", prompt, moved.first_token_id, params, prefill_usage=moved.usage,
+        resumed_token_ids=tokens[:-1],
+    )  # fmt: skip
+    assert first.new_token_ids == (tokens[-1],) and not first.finished
+    computed = target.num_prompt_tokens_computed
+    target.attach_kv("r", owner)
+    rest: list[int] = []
+    while target.has_unfinished_requests():
+        rest += [t for out in target.step() for t in out.new_token_ids]
+    assert tokens + rest == expected
+    assert target.num_prompt_tokens_computed == computed  # decoded only
+    target.check_integrity()
+
+
+def test_only_a_running_request_with_its_kv_computed_is_exported() -> None:
+    engine = make_engine()
+    assert engine.export_request("unknown") is None
+    engine.add_request("r", None, greedy(max_tokens=8), prompt_token_ids=prompt_ids(1, 5))
+    assert engine.export_request("r") is None  # waiting: nothing computed yet
+    engine.step()
+    moved = engine.export_request("r")
+    assert moved is not None and moved.kv.num_tokens == 5
+    assert engine.export_request("r") is None  # gone
+    assert engine.block_manager.release(moved.kv.owner)
+    engine.check_integrity()

@@ -97,7 +97,7 @@ class FakeWorker:
                 self.started.clear()
                 await self.started.wait()
             request_id = self.unfinished[-1]
-            if any(item.finished for _, item in batch):
+            if any(isinstance(item, BaseException) or item.finished for _, item in batch):
                 self.unfinished.pop()
             yield [(request_id, item) for _, item in batch]
 

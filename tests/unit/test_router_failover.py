@@ -3,7 +3,10 @@ another, started with the token ids the client already has (`resumed_token_ids`)
 client sees one stream (only its first message carries the time to first token); past
 --max-migrations the stream ends with UNAVAILABLE naming the cap; a pool with no decode
 worker left waits for a replacement. A drain (`migrate_off`) cuts a worker's streams at a
-token boundary and moves them the same way, outside the cap. Through Ray and gRPC:
+token boundary and moves them the same way, outside the cap; with move_kv, a stream the
+draining worker moved with its KV (WorkerMoved) continues on the worker the KV went to, from
+it, its repeated first output dropped, and one it did not move is replayed. Through Ray and
+gRPC:
 tests/integration/test_service.py::test_a_decode_worker_killed_mid_stream_resumes_its_streams_unchanged,
 tests/integration/test_service.py::test_draining_a_decode_worker_moves_its_streams_unchanged.
 """
@@ -16,11 +19,20 @@ from typing import Any
 import grpc
 import pytest
 
-from contracts.errors import WorkerLost
+from contracts.errors import WorkerLost, WorkerMoved
+from contracts.handoff import KVHandle, MovedKV, PrefillResult
+from contracts.outputs import Usage
 from router.failover import FailoverConfig
 from router.requests import ServedModel
 from router.server import TandemServicer
-from tests.unit.test_router_cancel import FIRST_TOKEN, FakePool, FakeWorker, _output, _request
+from tests.unit.test_router_cancel import (
+    FIRST_TOKEN,
+    PROMPT,
+    FakePool,
+    FakeWorker,
+    _output,
+    _request,
+)
 
 
 class AbortingContext:
@@ -40,11 +52,35 @@ class AbortingContext:
         raise asyncio.CancelledError  # as grpc's abort ends the handler
 
 
+class MovingWorker(FakeWorker):
+    """A draining decode worker that moves every request it is asked to with its KV
+    (`moves`: else none): its stream ends with WorkerMoved after its last output, as a real
+    worker's does (its last token, 12, the move's first token)."""
+
+    def __init__(self, name: str, moves: bool = True) -> None:
+        super().__init__(name)
+        self.moves = moves
+        self.asked: list[tuple[str, str]] = []
+
+    async def move_out(self, moves: list[tuple[str, str]]) -> list[str]:
+        self.asked.extend(moves)
+        if not self.moves:
+            return []
+        for request_id, peer in moves:
+            usage = Usage(prompt_tokens=len(PROMPT), cached_tokens=0, completion_tokens=2)
+            kv = KVHandle("moved", self.name, peer, len(PROMPT) + 1)
+            moved = MovedKV(request_id, 2, PrefillResult(12, None, usage, kv))
+            self.batches.put_nowait([("r1", WorkerMoved("KV moved", moved))])
+        return [request_id for request_id, _ in moves]
+
+
 def _servicer(
-    disaggregated: bool, num_decode: int, max_migrations: int = 3
+    disaggregated: bool, num_decode: int, max_migrations: int = 3, move_kv: bool | None = None
 ) -> tuple[TandemServicer, list[FakeWorker]]:
     model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
     decodes = [FakeWorker(f"decode-{i}") for i in range(num_decode)]
+    if move_kv is not None:
+        decodes[0] = MovingWorker("decode-0", moves=move_kv)
     prefill = FakeWorker("prefill-0") if disaggregated else None
     servicer = TandemServicer(
         model,
@@ -177,6 +213,8 @@ def test_failover_config_names_a_bad_field() -> None:
         FailoverConfig(replacement_wait_s=float("inf"))
     with pytest.raises(ValueError, match="migrate_on_drain=1"):
         FailoverConfig(migrate_on_drain=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="move_kv_on_drain=None"):
+        FailoverConfig(move_kv_on_drain=None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
@@ -224,5 +262,56 @@ def test_a_drain_with_no_other_decode_worker_cuts_nothing() -> None:
         only.batches.put_nowait([("r1", _output("r1", 12, finished=True))])
         assert [list(r.token_ids) async for r in stream] == [[12]]
         assert servicer.num_migrated == 0
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
+@pytest.mark.parametrize("moves", [True, False], ids=["kv_moved", "not_moved"])
+def test_a_drain_with_kv_moves_continues_the_stream_where_its_kv_went(
+    disaggregated: bool, moves: bool
+) -> None:
+    """Moved: the other worker continues the same attempt from the move's PrefillResult, the
+    tokens before its last as resumed tokens; its first output (repeating 12) is dropped;
+    nothing is aborted on the draining worker. Not moved: cut and replayed as without
+    move_kv. Counted by how."""
+
+    async def run() -> None:
+        servicer, (draining, other) = _servicer(disaggregated, 2, move_kv=moves)
+        assert isinstance(draining, MovingWorker)
+        member = servicer.decode.members()[0]
+        draining.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
+        draining.batches.put_nowait([("r1", _output("r1", 12))])
+        stream = servicer.Generate(_request(), AbortingContext())
+        first = await stream.__anext__()
+        await asyncio.sleep(0.05)  # the second output is in the request's queue, not yet read
+        member.load.draining = True
+        moving = asyncio.ensure_future(servicer.migrate_off(member, timeout_s=5, move_kv=True))
+        await asyncio.sleep(0)
+        if moves:
+            other.batches.put_nowait([("r1", _output("r1", 12))])  # the repeat: dropped
+        other.batches.put_nowait([("r1", _output("r1", 13))])
+        other.batches.put_nowait([("r1", _output("r1", 14, finished=True))])
+        rest = [response async for response in stream]
+        assert await moving is True
+        tokens = [list(r.token_ids) for r in [first, *rest]]
+        assert tokens == [[FIRST_TOKEN], [12], [13], [14]]
+        ((attempt, target),) = draining.asked
+        assert target == "decode-1"
+        starts = [(name, args) for name, args in other.calls if name.startswith("start_")]
+        assert len(starts) == 1
+        name, args = starts[0]
+        if moves:
+            assert name == "start_continue" and args[1] == attempt
+            assert args[3].first_token_id == 12 and args[3].kv.transfer_id == "moved"
+            assert args[-1] == (FIRST_TOKEN,)
+            assert draining.aborted() == []
+            assert servicer.num_drain_moves == {"kv": 1, "replay": 0}
+        else:
+            assert args[-1] == (FIRST_TOKEN, 12)
+            assert draining.aborted() == ["r1"]
+            assert servicer.num_drain_moves == {"kv": 0, "replay": 1}
+        assert servicer.num_migrated == 1
+        assert member.load.in_flight == 0 and servicer.outputs.num_open == 0
 
     asyncio.run(run())

@@ -229,10 +229,12 @@ def test_admission_and_failover_flags() -> None:
     default = serve_config()
     assert default.admission.max_prompt_tokens is None  # from the KV capacity
     assert default.failover.max_migrations == 3
+    assert default.failover.move_kv_on_drain is True
     config = serve_config(
         "--max-requests", "1000", "--max-prompt-tokens", "50000", "--max-request-bytes",
-        "1048576", "--max-migrations", "0",
+        "1048576", "--max-migrations", "0", "--no-drain-move-kv",
     )  # fmt: skip
+    assert config.failover.move_kv_on_drain is False
     limits = config.admission
     assert (limits.max_requests, limits.max_prompt_tokens) == (1000, 50000)
     assert limits.max_request_bytes == 1 << 20
