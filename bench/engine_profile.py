@@ -129,9 +129,7 @@ def kernel_table(prof: Any, steps: int) -> dict[str, float]:
     return dict(per_family)
 
 
-def profile_decode(
-    engine: Engine, args: argparse.Namespace, batch: int, trace: str | None
-) -> dict:
+def profile_decode(engine: Engine, args: argparse.Namespace, batch: int, trace: str | None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     vocab = engine.model_config.vocab_size

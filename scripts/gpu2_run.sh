@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One device call for issues 19/20/21 (Llama-3-8B shape, dummy weights, one GPU): each step
+# gets what is left of a wall-clock budget. Steps (in order, any subset): planner, profile,
+# fp8tests, fp8kernels, fp8engine. Output: short tables on stdout, files under $OUT.
+#
+#   BUDGET_S=570 scripts/gpu2_run.sh planner profile fp8tests fp8kernels fp8engine
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+start=$(date +%s) budget=${BUDGET_S:-570}
+left() { echo $((budget - ($(date +%s) - start))); }
+step() {  # step LIMIT_S CMD...: runs with min(LIMIT_S, what is left - 15 s)
+  local limit=$1; shift; local l; l=$(($(left) - 15)); ((l < limit)) && limit=$l
+  if ((limit < 20)); then echo "SKIPPED (no time): $*"; return 1; fi
+  echo "== $(date +%T) [$limit s] $*"; timeout "$limit" "$@"; echo "== rc=$? after $(($(date +%s) - start)) s"
+}
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+pv=
+for what in "$@"; do case $what in
+planner)
+  mkdir -p "$OUT/planner-h100"
+  (timeout $(($(left) - 20)) python -m bench.planner_validation --h100 --out "$OUT/planner-h100" \
+    > "$OUT/planner.log" 2>&1; echo "planner rc=$?" >> "$OUT/planner.log") &
+  pv=$!
+  for _ in $(seq 300); do [[ -f $OUT/planner-h100/profile.json ]] && break
+    kill -0 $pv 2>/dev/null || break; sleep 1; done
+  echo "planner profile after $(($(date +%s) - start)) s"; grep -E "^(prefill|decode|transfer)" "$OUT/planner.log"
+  sleep 5 ;;  # the profiling process exits and frees the GPU; the plan runs on the CPU
+profile)
+  step 330 python -m bench.engine_profile --variants default,default+gemv --saturation-requests 0 \
+    --out "$OUT/engine_profile.json" > "$OUT/engine_profile.log" 2>&1
+  grep -A70 "^| llama" "$OUT/engine_profile.log" | grep -v "^$" || tail -20 "$OUT/engine_profile.log" ;;
+fp8tests)
+  step 150 python -m pytest -q -p no:cacheprovider tests/unit/kernels/test_fp8_gemv.py \
+    tests/gpu/test_fp8_gpu.py 2>&1 | tail -6 ;;
+fp8kernels)
+  step 150 python -m bench.kernels_gemv --fp8 --rows 1,4 --sweep --repeats 10 \
+    --out "$OUT/kernels_gemv_fp8.json" 2>&1 | grep -v "^  Fp8GemvConfig" | tail -16 ;;
+fp8engine)
+  tiles=; [[ -f $OUT/kernels_gemv_fp8.json ]] && tiles="--fp8-gemv-tiles $OUT/kernels_gemv_fp8.json"
+  step 330 python -m bench.fp8_gpu --variants bf16,w8,w8+gemv,bf16+gemv --repeats 2 \
+    --saturation-requests 0 $tiles --out "$OUT/fp8_gpu.json" 2>&1 | tail -14 ;;
+esac; done
+if [[ -n $pv ]]; then wait $pv; grep -B2 -A14 "^predicted" "$OUT/planner.log" || tail -15 "$OUT/planner.log"; fi
