@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for issues 19/20/21 (Llama-3-8B shape, dummy weights, one GPU): each step
 # gets what is left of a wall-clock budget. Steps (in order, any subset): planner, profile,
-# fp8tests, fp8kernels, fp8engine. Output: short tables on stdout, files under $OUT.
+# fp8tests, fp8kernels, fp8engine, serve. Output: short tables on stdout, files under $OUT.
 #
 #   BUDGET_S=570 scripts/gpu2_run.sh planner profile fp8tests fp8kernels fp8engine
 set -uo pipefail
@@ -14,6 +14,8 @@ step() {  # step LIMIT_S CMD...: runs with min(LIMIT_S, what is left - 15 s)
   echo "== $(date +%T) [$limit s] $*"; timeout "$limit" "$@"; echo "== rc=$? after $(($(date +%s) - start)) s"
 }
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+# everything goes to $W; the few files worth keeping are copied to $OUT at the end (8 come back)
+W=/tmp/gpu2; rm -rf $W; mkdir -p $W; RES=$OUT; OUT=$W
 pv=
 for what in "$@"; do case $what in
 planner)
@@ -39,5 +41,14 @@ fp8engine)
   tiles=; [[ -f $OUT/kernels_gemv_fp8.json ]] && tiles="--fp8-gemv-tiles $OUT/kernels_gemv_fp8.json"
   step 330 python -m bench.fp8_gpu --variants bf16,w8,w8+gemv,bf16+gemv --repeats 2 \
     --saturation-requests 0 $tiles --out "$OUT/fp8_gpu.json" 2>&1 | tail -14 ;;
+serve)
+  step 300 python -m bench.serve_vs_engine --out "$OUT/serve" > "$OUT/serve.log" 2>&1
+  tail -4 "$OUT/serve.log" ;;
 esac; done
 if [[ -n $pv ]]; then wait $pv; grep -B2 -A14 "^predicted" "$OUT/planner.log" || tail -15 "$OUT/planner.log"; fi
+cp $W/planner-h100/profile.json $RES/planner_profile.json 2>/dev/null
+cp $W/planner-h100/validation.md $RES/planner_validation.md 2>/dev/null
+cp $W/planner.log $W/engine_profile.json $W/kernels_gemv_fp8.json $W/fp8_gpu.json $RES/ 2>/dev/null
+cp $W/serve/summary.json $RES/serve_summary.json 2>/dev/null
+tail -c 20000 $W/serve/serve.log > $RES/serve_tail.log 2>/dev/null
+ls $RES
