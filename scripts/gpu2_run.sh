@@ -28,18 +28,18 @@ planner)
   echo "planner profile after $(($(date +%s) - start)) s"; grep -E "^(prefill|decode|transfer)" "$OUT/planner.log"
   sleep 5 ;;  # the profiling process exits and frees the GPU; the plan runs on the CPU
 profile)
-  step 330 python -m bench.engine_profile --variants default,default+gemv --saturation-requests 0 \
+  step 330 python -m bench.engine_profile --variants "${PROFILE_VARIANTS:-default}" --saturation-requests 0 \
     --out "$OUT/engine_profile.json" > "$OUT/engine_profile.log" 2>&1
   grep -A70 "^| llama" "$OUT/engine_profile.log" | grep -v "^$" || tail -20 "$OUT/engine_profile.log" ;;
 fp8tests)
   step 150 python -m pytest -q -p no:cacheprovider tests/unit/kernels/test_fp8_gemv.py \
     tests/gpu/test_fp8_gpu.py 2>&1 | tail -6 ;;
 fp8kernels)
-  step 150 python -m bench.kernels_gemv --fp8 --rows 1,4 --sweep --repeats 10 \
+  step 150 python -m bench.kernels_gemv --fp8 --rows "${FP8_ROWS:-1}" --sweep --repeats 10 \
     --out "$OUT/kernels_gemv_fp8.json" 2>&1 | grep -v "^  Fp8GemvConfig" | tail -16 ;;
 fp8engine)
   tiles=; [[ -f $OUT/kernels_gemv_fp8.json ]] && tiles="--fp8-gemv-tiles $OUT/kernels_gemv_fp8.json"
-  step 330 python -m bench.fp8_gpu --variants bf16,w8,w8+gemv,bf16+gemv --repeats 2 \
+  step 330 python -m bench.fp8_gpu --variants "${FP8_VARIANTS:-bf16,w8,w8+gemv}" --repeats 2 \
     --saturation-requests 0 $tiles --out "$OUT/fp8_gpu.json" 2>&1 | tail -14 ;;
 serve)
   step 300 python -m bench.serve_vs_engine --out "$OUT/serve" > "$OUT/serve.log" 2>&1
