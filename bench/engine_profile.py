@@ -1,10 +1,14 @@
-"""Where an engine step's time goes on one GPU: batch-1 decode, a 2,048-token prefill and
-steps at saturation (Llama-3-8B shape, dummy bf16 weights): host phases per step and GPU
-kernel time by family (torch.profiler), for one engine per `--variants` entry side by side
-(`new`, `new-nogemv`, `new+pdl`, `new+dense`, `new+pinned`, `main`). Details:
-docs/benchmarks.md.
+"""Where an engine step's time goes on one GPU: decode at each `--decode-batches` size
+(default 1 and 64), a 2,048-token prefill and steps at saturation (Llama-3-8B shape, dummy bf16
+weights): host phases per step and GPU kernel time by family (torch.profiler), for one engine
+per `--variants` entry side by side. A variant is `default` (the engine's defaults) or
+`default` followed by switches: `+gemv` (the Triton GEMV for one-row projections), `+pdl`,
+`+dense`, `-pinned`; `main` is an older checkout's engine, run with that checkout first on
+PYTHONPATH. (`new` and `new-nogemv`, the names of the first runs, mean `default+gemv` and
+`default`.) Details: docs/benchmarks.md.
 
-    python -m bench.engine_profile [--variants new,new-nogemv] [--trace-dir DIR] [--out F]
+    python -m bench.engine_profile [--variants default,default+gemv] [--decode-batches 1,64]
+        [--trace-dir DIR] [--out F]
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from engine.engine import Engine
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3-8b")
-    parser.add_argument("--variants", default="new,new-nogemv")
+    parser.add_argument("--variants", default="default,default+gemv")
+    parser.add_argument("--decode-batches", default="1,64")
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--ttft-len", type=int, default=2048)
@@ -124,14 +129,16 @@ def kernel_table(prof: Any, steps: int) -> dict[str, float]:
     return dict(per_family)
 
 
-def profile_decode(engine: Engine, args: argparse.Namespace, trace: str | None) -> dict:
+def profile_decode(engine: Engine, args: argparse.Namespace, batch: int, trace: str | None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     vocab = engine.model_config.vocab_size
-    prompt = random_prompts(1, args.prompt_len, vocab, seed=3)[0]
+    prompts = random_prompts(batch, args.prompt_len, vocab, seed=3)
     engine.block_manager.reset_prefix_cache()
-    params = SamplingParams(max_tokens=args.decode_steps * 3, ignore_eos=True)
-    engine.add_request("dec", None, params, prompt_token_ids=prompt)
+    params = SamplingParams(max_tokens=args.decode_steps * 3 + 16, ignore_eos=True)
+    ids = [f"dec{i}" for i in range(batch)]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(rid, None, params, prompt_token_ids=prompt)
     timer = StepTimer()
     for _ in range(args.decode_steps):  # prefill + warm decode steps
         timer.step(engine)
@@ -148,9 +155,12 @@ def profile_decode(engine: Engine, args: argparse.Namespace, trace: str | None) 
         torch.cuda.synchronize()
     if trace:
         prof.export_chrome_trace(trace)
-    engine.abort_request("dec")
+    for rid in ids:
+        engine.abort_request(rid)
+    if any(k.startswith("prefill/") for k in timer.phases):
+        raise RuntimeError(f"batch {batch}: a timed step carried prefill (raise --decode-steps)")
     host = {k: 1e6 * statistics.median(v) for k, v in timer.phases.items()}
-    return {"step_us": 1e6 * wall, "tok_s": 1 / wall, "host_us": host,
+    return {"batch": batch, "step_us": 1e6 * wall, "tok_s": batch / wall, "host_us": host,
             "gpu_us": kernel_table(prof, 8)}  # fmt: skip
 
 
@@ -198,27 +208,29 @@ def profile_saturation(engine: Engine, args: argparse.Namespace) -> dict:
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
-    # "main": code without the switches (run against an older checkout); otherwise a name
-    # with "-nogemv" turns the GEMV off, "+pdl", "+dense" and "+pinned" turn those switches on.
+    # "main": code without the switches (run against an older checkout); otherwise the
+    # engine's defaults with the variant's switches flipped (see the module docstring).
     extra = {}
     if name != "main":
         import engine.cuda_graph as cuda_graph
         import engine.kernels.gemv as gemv_module
         import engine.triton_attention as triton_attention
 
-        cuda_graph.PINNED_INPUTS = "+pinned" in name
+        name = {"new": "default+gemv", "new-nogemv": "default"}.get(name, name)
+        cuda_graph.PINNED_INPUTS = "-pinned" not in name
         gemv_module.USE_PDL = "+pdl" in name
         triton_attention.DENSE_FRESH_PREFILL = "+dense" in name
-        extra["triton_gemv"] = "nogemv" not in name
+        extra["triton_gemv"] = "+gemv" in name or "+pdl" in name
     engine = dummy_engine(
         args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, **extra,
     )  # fmt: skip
     trace = args.trace_dir
-    result = {
-        "decode": profile_decode(engine, args, trace and f"{trace}/decode_{name}.json.gz"),
-        "ttft": profile_ttft(engine, args, trace and f"{trace}/ttft_{name}.json.gz"),
-    }
+    result: dict[str, Any] = {}
+    for batch in (int(b) for b in args.decode_batches.split(",")):
+        where = trace and f"{trace}/decode{batch}_{name}.json.gz"
+        result[f"decode{batch}"] = profile_decode(engine, args, batch, where)
+    result["ttft"] = profile_ttft(engine, args, trace and f"{trace}/ttft_{name}.json.gz")
     if args.saturation_requests:
         profile_saturation(engine, args)  # warm-up: compiles every prefill/decode shape
         result["saturation"] = profile_saturation(engine, args)
@@ -246,12 +258,13 @@ def main() -> None:
     def keys(part: str, sub: str) -> list[str]:
         return sorted({k for v in variants for k in results[v][part][sub]})
 
-    rows = [row("decode b1 tok/s", "decode", "tok_s", ".1f")]
-    rows.append(row("decode b1 step us", "decode", "step_us", ".0f"))
-    rows += [
-        row(f"  host {k} us", "decode", k, ".0f", "host_us") for k in keys("decode", "host_us")
-    ]
-    rows += [row(f"  gpu {k} us", "decode", k, ".0f", "gpu_us") for k in keys("decode", "gpu_us")]
+    rows: list[list[str]] = []
+    for batch in (int(b) for b in args.decode_batches.split(",")):
+        part = f"decode{batch}"
+        rows.append(row(f"decode b{batch} tok/s", part, "tok_s", ".1f"))
+        rows.append(row(f"decode b{batch} step us", part, "step_us", ".0f"))
+        rows += [row(f"  host {k} us", part, k, ".0f", "host_us") for k in keys(part, "host_us")]
+        rows += [row(f"  gpu {k} us", part, k, ".0f", "gpu_us") for k in keys(part, "gpu_us")]
     rows.append(row("TTFT ms", "ttft", "ttft_ms", ".1f"))
     rows += [row(f"  gpu {k} us", "ttft", k, ".0f", "gpu_us") for k in keys("ttft", "gpu_us")]
     if args.saturation_requests:

@@ -1,10 +1,12 @@
 """FP8 weights and FP8 KV against bf16 on one GPU, Llama-3-8B shape (dummy weights), one run.
 
-Three engines in turn (bf16; FP8 W8A8 projections; FP8 projections and FP8 KV cache), same
-prompts: decode tokens/s at batch 1 and 64, TTFT of one long prompt, saturation output
+Engines in turn (bf16; FP8 W8A8 projections; FP8 projections and FP8 KV cache; a `+gemv`
+suffix turns EngineConfig.triton_gemv on: single rows through the Triton GEMV, bf16 or FP8),
+same prompts: decode tokens/s at batch 1 and 64, TTFT of one long prompt, saturation output
 tokens/s, and how many long sequences the KV cache holds. Details: docs/benchmarks.md.
 
-    python -m bench.fp8_gpu [--repeats 2] [--out $OUT/fp8_gpu.json]
+    python -m bench.fp8_gpu [--variants bf16,w8,w8+gemv] [--repeats 2]
+        [--fp8-gemv-tiles kernels_gemv_fp8.json] [--out $OUT/fp8_gpu.json]
 """
 
 from __future__ import annotations
@@ -37,18 +39,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--long-len", type=int, default=8192)
     parser.add_argument("--kv-cache-gb", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fp8-gemv-tiles", default=None,
+                        help="tiles per shape for the FP8 GEMV from bench.kernels_gemv --fp8 "
+                        "--sweep (same card)")  # fmt: skip
     parser.add_argument("--out", default="bench/results/fp8_gpu.json")
     return parser.parse_args()
 
 
-def build(args: argparse.Namespace, quantization: str | None, kv_cache_dtype: str) -> Engine:
+def build(
+    args: argparse.Namespace, quantization: str | None, kv_cache_dtype: str, gemv: bool
+) -> Engine:
     return Engine(
         EngineConfig(
             model=f"dummy:{args.shape}", device="cuda", dtype="bfloat16",
             kv_cache_bytes=int(args.kv_cache_gb * 2**30), max_model_len=args.long_len,
-            quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization, kv_cache_dtype=kv_cache_dtype, triton_gemv=gemv,
             scheduler=SchedulerConfig(
-                max_num_seqs=args.saturation_requests,
+                max_num_seqs=max(args.saturation_requests, args.batch),
                 max_num_batched_tokens=max(args.ttft_len, 8192),
             ),
         )
@@ -67,13 +74,15 @@ def measure(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
             )[0],
         )["median"]  # fmt: skip
 
-    saturation = median_of(
-        args.repeats,
-        lambda rep: tandem_decode(
-            engine, random_prompts(args.saturation_requests, args.prompt_len, vocab, 7 + rep),
-            args.new_tokens,
-        )[1],
-    )["median"]  # fmt: skip
+    saturation = float("nan")
+    if args.saturation_requests > 1:
+        saturation = median_of(
+            args.repeats,
+            lambda rep: tandem_decode(
+                engine, random_prompts(args.saturation_requests, args.prompt_len, vocab, 7 + rep),
+                args.new_tokens,
+            )[1],
+        )["median"]  # fmt: skip
     ttft_prompt = random_prompts(1, args.ttft_len, vocab, seed=3)[0]
     result = {
         "decode_b1_tok_s": decode(1),
@@ -91,10 +100,23 @@ def measure(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
+    if args.fp8_gemv_tiles:
+        import json
+
+        from engine.kernels.fp8_gemv import TUNED, Fp8GemvConfig
+
+        with open(args.fp8_gemv_tiles) as f:
+            for shape, tiles in json.load(f)["tiles"].items():
+                m, n, k = (int(v) for v in shape.split(","))
+                TUNED[(m, n, k)] = Fp8GemvConfig(*tiles)
+        print("FP8 GEMV tiles:", TUNED, flush=True)
     results: dict[str, dict[str, Any]] = {}
     for name in args.variants.split(","):
         started = time.perf_counter()
-        engine = build(args, *VARIANTS[name])
+        base, gemv = name.removesuffix("+gemv"), name.endswith("+gemv")
+        if base not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} (+gemv)")
+        engine = build(args, *VARIANTS[base], gemv)
         load_s = time.perf_counter() - started
         results[name] = {"load_s": load_s, **measure(args, engine)}
         print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)

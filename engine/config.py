@@ -37,9 +37,10 @@ class EngineConfig:
     # (engine.loader.converted; $TANDEM_CACHE_DIR). Costs the weights' size on disk.
     converted_cache: bool = True
     # Single-row projections (batch-1 decode steps) through the Triton GEMV instead of cuBLAS
-    # (CUDA only; engine.kernels.gemv). Off until an H100 run has checked and timed the
-    # engine with it (issue 19: its kernel sweep ran there, the engine path with the final
-    # tiles has not); bench.engine_gpu turns it on.
+    # (CUDA only; engine.kernels.gemv), and FP8 ones through the FP8 GEMV instead of
+    # torch._scaled_mm (engine.kernels.fp8_gemv). Off: a row alone then sums in another order
+    # than in a batch, so greedy outputs stop being bitwise batch-invariant (docs/benchmarks.md,
+    # issues 19 and 20); bench.engine_gpu turns it on unless --no-gemv.
     triton_gemv: bool = False
     # "fp8": e4m3 W8A8 decoder projections, quantized at load (an FP8 checkpoint is FP8 anyway)
     quantization: str | None = None

@@ -354,10 +354,13 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def use_triton_gemv(self, enabled: bool = True) -> None:
-        """Route single-row bf16/fp16 CUDA inputs of every projection through the Triton GEMV
-        (cuBLAS falls short of the copy bandwidth there)."""
+        """Route single-row bf16/fp16 CUDA inputs of every projection through the Triton GEMV,
+        and those of FP8 projections through the FP8 GEMV (cuBLAS and `torch._scaled_mm` fall
+        short of the copy bandwidth there)."""
+        from engine.quantization import Fp8Linear
+
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, Fp8Linear)):
                 module.use_gemv = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@ scale per token (dynamic) or a static input scale:
 
     y[m, n] = x_scale[m] * weight_scale[n] * sum_k x_fp8[m, k] * weight[n, k]     (fp32 sums)
 
-On CUDA the product is `torch._scaled_mm`; elsewhere a reference runs the same sums in fp32.
+On CUDA the product is `torch._scaled_mm`, or with `use_gemv` set (EngineConfig.triton_gemv) the
+Triton FP8 GEMV for a single row (engine.kernels.fp8_gemv: the same quantized x, the same exact
+products, fp32 sums in another order); elsewhere a reference runs the same sums in fp32.
 Weights come quantized at load or from an FP8 checkpoint (engine.loader.hf_quant). The LM head,
 the embedding and the KV cache are not touched here. Details: docs/engine.md.
 """
@@ -64,6 +66,10 @@ class Fp8Linear(nn.Module):
     """y = x @ W^T (+ bias) with W in e4m3 and x quantized per token (or with a static scale)
     on the fly. Output in x's dtype. Parameters load like nn.Linear's, plus the scales."""
 
+    # Run single-row CUDA inputs through the Triton FP8 GEMV (engine.kernels.fp8_gemv) instead
+    # of torch._scaled_mm; set by LlamaModel.use_triton_gemv (EngineConfig.triton_gemv).
+    use_gemv: bool = False
+
     def __init__(
         self,
         in_features: int,
@@ -102,7 +108,11 @@ class Fp8Linear(nn.Module):
             xq, x_scale = quantize_per_token(x2)
         else:
             xq, x_scale = quantize_static(x2, self.input_scale)
-        if self._can_use_scaled_mm(x2):
+        if self.use_gemv and self._can_use_scaled_mm(x2) and x2.shape[0] == 1:
+            from engine.kernels.fp8_gemv import fp8_gemv
+
+            out = fp8_gemv(xq, x_scale, self.weight, self.weight_scale, out_dtype=x.dtype)
+        elif self._can_use_scaled_mm(x2):
             out = torch._scaled_mm(
                 xq,
                 self.weight.t(),  # [K, N], column-major as _scaled_mm wants

@@ -29,5 +29,5 @@ run 200 python -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py \
     tests/unit/kernels/test_gemv.py 2>&1 | tail -15
 [[ -n "${SKIP_EXTRA:-}" ]] && exit 0
 run 45 python -m bench.kernels_gemv --rows 1 --out "$out/gemv.json" 2>&1 | tail -8
-run 150 python -m bench.engine_profile --variants new,new+pdl,new+dense,new+pinned,new-nogemv \
-    --saturation-requests 0 --out "$out/profile.json" 2>&1 | grep -v '^new' | tail -34
+run 150 python -m bench.engine_profile --variants default+gemv,default+gemv+pdl,default+gemv+dense,default+gemv-pinned,default \
+    --saturation-requests 0 --out "$out/profile.json" 2>&1 | grep -v "^default" | tail -34

@@ -1,6 +1,7 @@
 """FP8 on a GPU: Fp8Linear's `torch._scaled_mm` path against its fp32 reference, and an engine
 with FP8 weights and an FP8 KV cache giving the same greedy tokens with and without CUDA graphs
-(the graphs replay the Triton FP8 write and attention kernels).
+(the graphs replay the Triton FP8 write and attention kernels), with the FP8 GEMV for single
+rows off and on (engine.kernels.fp8_gemv; its kernel tests are tests/unit/kernels).
 
 Run on the device machine: `pytest tests/gpu`. Skipped without CUDA.
 """
@@ -40,11 +41,12 @@ def test_scaled_mm_matches_the_reference_product(num_tokens: int) -> None:
     torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)  # bf16 output rounding
 
 
-def engine(cuda_graphs: bool) -> Engine:
+def engine(cuda_graphs: bool, triton_gemv: bool = False) -> Engine:
     return Engine(
         EngineConfig(
             model="dummy:tiny", device="cuda", dtype="bfloat16", num_kv_blocks=64,
             block_size=16, quantization="fp8", kv_cache_dtype="fp8", cuda_graphs=cuda_graphs,
+            triton_gemv=triton_gemv,
             scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512),
         )
     )  # fmt: skip
@@ -57,3 +59,15 @@ def test_fp8_engine_same_tokens_with_and_without_cuda_graphs() -> None:
     graphed = [c.token_ids for c in graphed_engine.generate(prompts, greedy(24))]
     assert graphed == eager
     graphed_engine.check_integrity()
+
+
+def test_fp8_gemv_engine_same_tokens_with_and_without_cuda_graphs() -> None:
+    """One sequence (every decode step a single row: the FP8 GEMV's path) and then three."""
+    for prompts in ([prompt_ids(4, 29)], [prompt_ids(s, n) for s, n in ((1, 5), (2, 37), (3, 9))]):
+        eager = [c.token_ids for c in engine(False, True).generate(prompts, greedy(24))]
+        graphed_engine = engine(True, True)
+        fp8 = [m for m in graphed_engine.model.modules() if isinstance(m, Fp8Linear)]
+        assert fp8 and all(m.use_gemv for m in fp8)
+        graphed = [c.token_ids for c in graphed_engine.generate(prompts, greedy(24))]
+        assert graphed == eager
+        graphed_engine.check_integrity()

@@ -1,0 +1,196 @@
+"""FP8 (e4m3) skinny products for decode steps, W8A8 like Fp8Linear's `torch._scaled_mm` path:
+
+    out[m, n] = x_scale[m] * w_scale[n] * sum_k x_fp8[m, k] * w_fp8[n, k]     (fp32 sums)
+
+x comes already quantized per token (engine.kernels.fp8_quant, the same kernel and the same
+bits the `_scaled_mm` path feeds cuBLAS), so the two paths differ only in the order of the fp32
+sums and where the scales are applied: outputs agree to bf16 rounding, not bit for bit. Why not
+read bf16 x and skip its quantization: the products would change with the path (W8A16 at one
+row, W8A8 at many), so a sequence's tokens would depend on the batch it runs in by more than
+summation order; with x quantized the same way both paths compute the same exact products.
+
+Each program streams BLOCK_N weight rows of e4m3 in BLOCK_K chunks (1 byte a weight: half a
+bf16 GEMV's bytes), multiplies on CUDA cores in fp32 (products of two e4m3 values are exact in
+fp32) and applies both scales once at the end. M == 1 reduces a [BLOCK_N, BLOCK_K] tile; 2 <= M
+<= MAX_ROWS broadcasts [BLOCK_M, BLOCK_N, BLOCK_K] (no tl.dot: fp8 dots need 16-row tiles
+and the interpreter has none). Why a kernel of our own: `torch._scaled_mm` at M = 1 reads the
+small projections at 1.0-1.2 TB/s on an H100 (issue 20). Launches with programmatic dependent
+launch when engine.kernels.gemv.USE_PDL is on. `fp8_gemv_ref` is the torch reference;
+H100 measurements: docs/benchmarks.md (bench.kernels_gemv --fp8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+import engine.kernels.gemv as gemv_module
+from engine.kernels.launch import check_devices, on_device
+from engine.quantization import FP8_DTYPE
+
+MAX_ROWS = 8  # rows of x the kernel takes
+
+
+@dataclass(frozen=True, slots=True)
+class Fp8GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# (M, N, K) -> tiles, set from a sweep on the card (bench.kernels_gemv --fp8 --sweep writes
+# them, bench.fp8_gpu --fp8-gemv-tiles reads them); shapes not here take default_config's.
+TUNED: dict[tuple[int, int, int], Fp8GemvConfig] = {}
+
+
+def default_config(m: int, n: int, k: int) -> Fp8GemvConfig:
+    """Tiles by shape. M == 1: 2 rows x 2,048 columns, 4 warps, the best or within 0.1 us of
+    it on each Llama-3-8B projection in an H100 sweep (bench.kernels_gemv --fp8 --sweep,
+    docs/benchmarks.md); fewer columns as rows grow so the [BLOCK_M, BLOCK_N, BLOCK_K]
+    product stays in registers (M > 1 not yet timed)."""
+    tuned = TUNED.get((m, n, k))
+    if tuned is not None:
+        return tuned
+    if m == 1:
+        return Fp8GemvConfig(block_n=2, block_k=2048, num_warps=4, num_stages=3)
+    return Fp8GemvConfig(block_n=4, block_k=512 if m <= 4 else 256, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr,  # [M, K] e4m3
+    x_scale_ptr,  # [M] fp32 (stride x_scale_stride)
+    w_ptr,  # [N, K] e4m3
+    w_scale_ptr,  # [N] fp32, contiguous
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xs,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,  # 1: one row; else a power of two >= M
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: wait before reading x
+):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    rm = tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    if PDL:  # x and its scales are the previous kernel's output; w is not
+        gdc_wait()
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_rows + rk[None, :])
+        elif EVEN_K:
+            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None], other=0.0)
+        else:
+            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        wf = w.to(tl.float32)
+        if BLOCK_M == 1:
+            if EVEN_K:  # noqa: SIM108 (constexpr branches)
+                x = tl.load(x_ptr + rk)
+            else:
+                x = tl.load(x_ptr + rk, mask=k_mask, other=0.0)
+            acc += tl.sum(wf * x.to(tl.float32)[None, :], axis=1)
+        else:
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * wf[None, :, :], axis=2)
+    if BLOCK_M == 1:
+        x_scale = tl.load(x_scale_ptr)
+        out = acc * x_scale * w_scale
+        tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        x_scale = tl.load(x_scale_ptr + rm * stride_xs, mask=m_mask, other=0.0)
+        out = acc * x_scale[:, None] * w_scale[None, :]
+        out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _check(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> None:
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"x and w must be 2-d, got {tuple(x.shape)} and {tuple(w.shape)}")
+    m, n, k = x.shape[0], w.shape[0], w.shape[1]
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} columns, w {tuple(w.shape)} needs {k}")
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"x must have 1 to {MAX_ROWS} rows, got {m}")
+    if x.dtype != FP8_DTYPE or w.dtype != FP8_DTYPE:
+        raise ValueError(f"x and w must be {FP8_DTYPE}, got {x.dtype} and {w.dtype}")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(f"columns must be contiguous, got strides {x.stride()}, {w.stride()}")
+    if x_scale.dtype != torch.float32 or x_scale.numel() != m:
+        raise ValueError(f"x_scale must be {m} fp32 values, got {tuple(x_scale.shape)} "
+                         f"{x_scale.dtype}")  # fmt: skip
+    if w_scale.dtype != torch.float32 or w_scale.shape != (n,) or w_scale.stride(0) != 1:
+        raise ValueError(f"w_scale must be [{n}] contiguous fp32, got {tuple(w_scale.shape)} "
+                         f"{w_scale.dtype}")  # fmt: skip
+
+
+def fp8_gemv(
+    x: torch.Tensor,  # [M, K] e4m3, quantized per token
+    x_scale: torch.Tensor,  # [M, 1] (or [M]) fp32
+    w: torch.Tensor,  # [N, K] e4m3
+    w_scale: torch.Tensor,  # [N] fp32
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: Fp8GemvConfig | None = None,
+) -> torch.Tensor:  # [M, N] out_dtype
+    """x_scale * (x @ w.T) * w_scale for 1 <= M <= MAX_ROWS rows, fp32 sums. Rows of x may be
+    strided; its columns and w's must be contiguous. Raises ValueError on a bad device,
+    dtype, shape or stride."""
+    check_devices(x, x_scale, w, w_scale)
+    _check(x, x_scale, w, w_scale)
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
+    m, n, k = x.shape[0], w.shape[0], w.shape[1]
+    cfg = config or default_config(m, n, k)
+    block_m = 1 if m == 1 else triton.next_power_of_2(m)
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n),)
+    pdl = gemv_module._pdl_supported(x.device)
+    launch = {"launch_pdl": True} if pdl else {}
+    scale_stride = x_scale.stride(0) if x_scale.dim() else 0
+    with on_device(x.device):
+        _fp8_gemv_kernel[grid](
+            x, x_scale, w, w_scale, out, m, n, k, x.stride(0), scale_stride, w.stride(0),
+            out.stride(0), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+        )  # fmt: skip
+    return out
+
+
+def fp8_gemv_ref(
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Plain torch reference: exact fp8 values in fp32, fp32 product, both scales, one rounding
+    to out_dtype (what Fp8Linear's CPU path computes)."""
+    _check(x, x_scale, w, w_scale)
+    product = x.float() @ w.float().t()
+    return (product * x_scale.reshape(-1, 1).float() * w_scale.float()).to(out_dtype)
