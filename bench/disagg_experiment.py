@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ONE_TO_ONE = ["--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1"]
@@ -76,19 +78,37 @@ def wait_serving(port: int, server: subprocess.Popen[bytes], timeout_s: float) -
     raise TimeoutError(f"the service was not SERVING within {timeout_s:.0f} s")
 
 
-def run_configuration(args: argparse.Namespace, name: str, out: Path) -> int:
+@contextmanager
+def tandem_serve(
+    serve_args: list[str], log_path: Path, start_timeout_s: float, name: str = "service"
+) -> Iterator[int]:
+    """`tandem serve SERVE_ARGS` in a process of its own (and a local Ray cluster of its own),
+    its output in `log_path`; yields its gRPC port once it is SERVING, then stops it cleanly
+    (SIGINT: streams end, workers drain; killed after 60 s)."""
     port = free_port()
-    device = "cpu" if args.cpu_dry_run else "cuda"
-    serve = [sys.executable, "-m", "cluster.cli", "-v", "serve", "--model", args.model,
-             "--device", device, "--port", str(port), *CONFIGURATIONS[name]]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray cluster of its own
-    log = open(out / f"{name}-serve.log", "wb")  # noqa: SIM115 - closed below
+    serve = [sys.executable, "-m", "cluster.cli", "-v", "serve", *serve_args,
+             "--port", str(port)]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ""}
     print(f"[{name}] starting: {' '.join(serve[2:])}", flush=True)
     started = time.monotonic()
-    server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_serving(port, server, args.start_timeout)
-        print(f"[{name}] serving after {time.monotonic() - started:.0f} s", flush=True)
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_serving(port, server, start_timeout_s)
+            print(f"[{name}] serving after {time.monotonic() - started:.0f} s", flush=True)
+            yield port
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def run_configuration(args: argparse.Namespace, name: str, out: Path) -> int:
+    device = "cpu" if args.cpu_dry_run else "cuda"
+    serve = ["--model", args.model, "--device", device, *CONFIGURATIONS[name]]
+    with tandem_serve(serve, out / f"{name}-serve.log", args.start_timeout, name) as port:
         bench = [sys.executable, "-m", "bench.serving.cli", "--target", f"127.0.0.1:{port}",
                  "--workload", "mixed", "--rates", args.rates,
                  "--num-prompts", str(args.num_prompts),
@@ -98,13 +118,6 @@ def run_configuration(args: argparse.Namespace, name: str, out: Path) -> int:
                  "--num-warmup", str(args.num_warmup),
                  "--output", str(out / f"{name}.json"), "--label", name, "--no-plot"]  # fmt: skip
         return subprocess.run(bench, check=False).returncode
-    finally:
-        server.send_signal(signal.SIGINT)  # a clean stop: streams end, workers drain
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def main() -> int:

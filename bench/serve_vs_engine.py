@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench.disagg_experiment import free_port, wait_serving
+from bench.disagg_experiment import tandem_serve
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,18 +54,10 @@ def engine_alone(args: argparse.Namespace, out: Path) -> float:
 
 
 def service(args: argparse.Namespace, out: Path) -> float:
-    port = free_port()
-    serve = [sys.executable, "-m", "cluster.cli", "serve", "--model", args.model,
-             "--device", "cuda", "--port", str(port), "--mode", "colocated", "--workers", "1",
+    serve = ["--model", args.model, "--device", "cuda", "--mode", "colocated", "--workers", "1",
              "--max-num-seqs", str(args.max_num_seqs),
              "--max-num-batched-tokens", str(args.max_num_batched_tokens)]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    log = open(out / "serve.log", "wb")  # noqa: SIM115 - closed below
-    started = time.monotonic()
-    server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_serving(port, server, args.start_timeout)
-        print(f"serving after {time.monotonic() - started:.0f} s", flush=True)
+    with tandem_serve(serve, out / "serve.log", args.start_timeout) as port:
         result = out / "service.json"
         for label, prompts in (("warm-up", max(8, args.num_requests // 4)),
                                ("measured", args.num_requests)):  # fmt: skip
@@ -84,13 +73,6 @@ def service(args: argparse.Namespace, out: Path) -> float:
         from bench.serving.report import load_runs
 
         return float(load_runs(result)[1][-1].summary.output_throughput)
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def main() -> int:
