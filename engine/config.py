@@ -42,6 +42,11 @@ class EngineConfig:
     # than in a batch, so greedy outputs stop being bitwise batch-invariant (docs/benchmarks.md,
     # issues 19 and 20); bench.engine_gpu turns it on unless --no-gemv.
     triton_gemv: bool = False
+    # FP8 weights on CUDA: quantize the projections' activations per token inside the RMSNorm
+    # and SiLU-and-mul kernels that produce them (engine.kernels.rms_norm.rms_norm_fp8,
+    # silu_and_mul.silu_and_mul_fp8) instead of a kernel of their own before each projection:
+    # bitwise the same values, three launches fewer per layer. Off until measured (issue 20).
+    fused_fp8_quant: bool = False
     # "fp8": e4m3 W8A8 decoder projections, quantized at load (an FP8 checkpoint is FP8 anyway)
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with scales (kv_quant)
@@ -73,6 +78,10 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r} must be one of {QUANTIZATIONS}")
+        if self.fused_fp8_quant and self.quantization != "fp8":
+            raise ValueError(
+                f"fused_fp8_quant=True needs quantization='fp8', got {self.quantization!r}"
+            )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r} must be one of {KV_CACHE_DTYPES}"

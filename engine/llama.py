@@ -20,8 +20,11 @@ from contracts.errors import ModelLoadError
 from engine.attention import AttentionBackend, AttentionMetadata, OutputRows, TorchAttention
 from engine.model_config import ModelConfig, RopeScaling
 from engine.quantization import (
+    Fp8Linear,
+    Fp8Rows,
     collapse_fused_input_scales,
     prepare_fp8_weights,
+    quantize_per_token,
     widen_checkpoint_scales,
 )
 
@@ -205,6 +208,22 @@ class RMSNorm(nn.Module):
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * normed.to(x.dtype)), x
 
+    def forward_fp8(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[Fp8Rows, torch.Tensor]:
+        """`forward` with its output quantized per token for an FP8 projection, in the same
+        launch on CUDA (engine.kernels.rms_norm.rms_norm_fp8: bitwise what the projection's own
+        quantization of `forward`'s output gives); elsewhere `forward` then quantize_per_token.
+        """
+        if x.is_cuda:
+            from engine.kernels.rms_norm import rms_norm_fp8
+
+            q, scale, h = rms_norm_fp8(x, self.weight, self.eps, residual)
+            return Fp8Rows(q, scale, x.dtype), h
+        out, h = self.forward(x, residual)
+        q, scale = quantize_per_token(out)
+        return Fp8Rows(q, scale, out.dtype), h
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
@@ -223,7 +242,7 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [num_tokens, hidden]
+        x: torch.Tensor | Fp8Rows,  # [num_tokens, hidden], or quantized per token
         rope: RotaryInputs,
         kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
@@ -236,20 +255,29 @@ class Attention(nn.Module):
         self.backend.write_kv(kv_cache_layer, k, v, meta.slot_mapping)
         if output_rows is not None:
             if output_rows.rows.shape[0] == 0:
-                return x.new_empty((0, x.shape[1]))
+                return qkv.new_empty((0, self.o_proj.out_features))
             q, meta = q[output_rows.rows], output_rows.meta
         out = self.backend.forward(q, kv_cache_layer, meta, self.scale, k, v)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
+    # Quantize silu(gate) * up for an FP8 down_proj in the SiLU-and-mul launch (CUDA only);
+    # set by LlamaModel.use_fused_fp8_quant (EngineConfig.fused_fp8_quant).
+    fused_fp8_quant: bool = False
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        if gate_up.is_cuda and self.fused_fp8_quant:
+            from engine.kernels.silu_and_mul import silu_and_mul_fp8
+
+            q, scale = silu_and_mul_fp8(gate_up)
+            return self.down_proj(Fp8Rows(q, scale, gate_up.dtype))
         if gate_up.is_cuda:
             from engine.kernels.silu_and_mul import silu_and_mul
 
@@ -291,6 +319,8 @@ class LlamaModel(nn.Module):
         self.tp: TensorParallelGroup | None = None
         self.vocab_start = 0  # first vocabulary row of this rank's embedding and LM head
         self.full_vocab_size = config.vocab_size
+        # RMSNorms before qkv and gate_up quantize for the FP8 projections (use_fused_fp8_quant)
+        self.fused_fp8_quant = False
 
     def set_tensor_parallel(self, group: TensorParallelGroup, layout: ShardLayout) -> None:
         """Make this model (built from layout.local_config, loaded with sharded weights) one
@@ -317,10 +347,15 @@ class LlamaModel(nn.Module):
         rope = self.rotary(positions)
         residual: torch.Tensor | None = None
         last = len(self.layers) - 1
+        fused_quant = self.fused_fp8_quant and x.is_cuda
+        normed: torch.Tensor | Fp8Rows
         for i, layer in enumerate(self.decoder_layers):
-            h, residual = layer.input_layernorm(x, residual)
+            if fused_quant:
+                normed, residual = layer.input_layernorm.forward_fp8(x, residual)
+            else:
+                normed, residual = layer.input_layernorm(x, residual)
             select = output_rows if i == last else None
-            h = layer.self_attn(h, rope, kv_cache[i], meta, select)
+            h = layer.self_attn(normed, rope, kv_cache[i], meta, select)
             if self.layer_hook is not None:
                 self.layer_hook(i)  # layer i's K/V is written (enqueued, on CUDA)
             if select is not None:
@@ -329,8 +364,11 @@ class LlamaModel(nn.Module):
                     return h
             if self.tp is not None:  # o_proj is row-parallel: partial sums
                 h = self.tp.all_reduce(h)
-            h, residual = layer.post_attention_layernorm(h, residual)
-            x = layer.mlp(h)
+            if fused_quant:
+                normed, residual = layer.post_attention_layernorm.forward_fp8(h, residual)
+            else:
+                normed, residual = layer.post_attention_layernorm(h, residual)
+            x = layer.mlp(normed)
             if self.tp is not None:  # so is down_proj
                 x = self.tp.all_reduce(x)
         x, _ = self.norm(x, residual)
@@ -357,11 +395,31 @@ class LlamaModel(nn.Module):
         """Route single-row bf16/fp16 CUDA inputs of every projection through the Triton GEMV,
         and those of FP8 projections through the FP8 GEMV (cuBLAS and `torch._scaled_mm` fall
         short of the copy bandwidth there)."""
-        from engine.quantization import Fp8Linear
-
         for module in self.modules():
             if isinstance(module, (Linear, Fp8Linear)):
                 module.use_gemv = enabled
+
+    def use_fused_fp8_quant(self, enabled: bool = True) -> None:
+        """Quantize the activations of the FP8 projections per token inside the kernels that
+        make them on CUDA (RMSNorm before qkv and gate_up, SiLU-and-mul before down): bitwise
+        the same e4m3 values and scales, three launches fewer per layer. Raises ValueError
+        unless every decoder projection is an Fp8Linear with dynamic (per-token) scales."""
+        for layer in self.decoder_layers:
+            projections = (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            )
+            if enabled and not all(
+                isinstance(p, Fp8Linear) and p.input_scale is None for p in projections
+            ):
+                raise ValueError(
+                    "fused_fp8_quant needs FP8 decoder projections with dynamic per-token "
+                    "activation scales (quantization='fp8', no static input scales)"
+                )
+            layer.mlp.fused_fp8_quant = enabled
+        self.fused_fp8_quant = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_seqs, hidden] -> [num_seqs, vocab] fp32 (every rank's, gathered, under TP)."""

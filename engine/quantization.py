@@ -8,12 +8,17 @@ Triton FP8 GEMV for a single row (engine.kernels.fp8_gemv: the same quantized x,
 products, fp32 sums in another order); elsewhere a reference runs the same sums in fp32.
 Weights come quantized at load or from an FP8 checkpoint (engine.loader.hf_quant). The LM head,
 the embedding and the KV cache are not touched here. Details: docs/engine.md.
+
+An Fp8Linear with dynamic scales also takes `Fp8Rows`, x already quantized per token by the
+kernel that produced it (RMSNorm or SiLU-and-mul with the quantization fused in, on CUDA with
+EngineConfig.fused_fp8_quant): bitwise the values its own quantization would have made.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,16 @@ _MIN_AMAX = 1e-12  # an all-zero row still gets a positive scale
 QUANTIZATIONS = ("fp8",)
 FP8_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 _KV_CACHE_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")
+
+
+@dataclass(frozen=True, slots=True)
+class Fp8Rows:
+    """Activations already quantized per token, as `quantize_per_token` would quantize rows of
+    `dtype` (the dtype the product is returned in)."""
+
+    values: torch.Tensor  # [M, K] e4m3
+    scale: torch.Tensor  # [M, 1] fp32
+    dtype: torch.dtype  # the unquantized rows' dtype
 
 
 def quantize_per_token(
@@ -98,38 +113,56 @@ class Fp8Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         self._weight_values: torch.Tensor | None = None  # CPU: fp32 copy of the fp8 values
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if self.input_scale is None and x2.is_cuda:  # one Triton launch instead of eight
-            from engine.kernels.fp8_quant import quantize_per_token_fused
-
-            xq, x_scale = quantize_per_token_fused(x2)
-        elif self.input_scale is None:
-            xq, x_scale = quantize_per_token(x2)
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        """x [..., K] (or Fp8Rows [M, K] quantized per token) -> [..., N] in x's dtype."""
+        if isinstance(x, Fp8Rows):
+            if self.input_scale is not None:
+                raise ValueError(
+                    "this Fp8Linear has a static input scale; it cannot take rows quantized "
+                    "per token (Fp8Rows)"
+                )
+            if x.values.dim() != 2 or x.values.shape[1] != self.in_features:
+                raise ValueError(
+                    f"Fp8Rows must be [M, {self.in_features}], got {tuple(x.values.shape)}"
+                )
+            xq, x_scale, dtype, lead = x.values, x.scale, x.dtype, x.values.shape[:-1]
         else:
-            xq, x_scale = quantize_static(x2, self.input_scale)
-        if self.use_gemv and self._can_use_scaled_mm(x2) and x2.shape[0] == 1:
+            dtype, lead = x.dtype, x.shape[:-1]
+            x2 = x.reshape(-1, self.in_features)  # [M, K]
+            if self.input_scale is None and x2.is_cuda:  # one Triton launch instead of eight
+                from engine.kernels.fp8_quant import quantize_per_token_fused
+
+                xq, x_scale = quantize_per_token_fused(x2)
+            elif self.input_scale is None:
+                xq, x_scale = quantize_per_token(x2)
+            else:
+                xq, x_scale = quantize_static(x2, self.input_scale)
+        scaled_mm = self._scaled_mm_fits(xq.is_cuda, dtype)
+        if self.use_gemv and scaled_mm and xq.shape[0] == 1:
             from engine.kernels.fp8_gemv import fp8_gemv
 
-            out = fp8_gemv(xq, x_scale, self.weight, self.weight_scale, out_dtype=x.dtype)
-        elif self._can_use_scaled_mm(x2):
+            out = fp8_gemv(xq, x_scale, self.weight, self.weight_scale, out_dtype=dtype)
+        elif scaled_mm:
             out = torch._scaled_mm(
                 xq,
                 self.weight.t(),  # [K, N], column-major as _scaled_mm wants
                 scale_a=x_scale,  # [M, 1]
                 scale_b=self.weight_scale.view(1, -1),  # [1, N]
-                out_dtype=x.dtype,
+                out_dtype=dtype,
             )
         else:
-            out = (self._reference_product(xq) * x_scale * self.weight_scale).to(x.dtype)
+            out = (self._reference_product(xq) * x_scale * self.weight_scale).to(dtype)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*lead, self.out_features)
 
     def _can_use_scaled_mm(self, x: torch.Tensor) -> bool:
+        return self._scaled_mm_fits(x.is_cuda, x.dtype)
+
+    def _scaled_mm_fits(self, is_cuda: bool, dtype: torch.dtype) -> bool:
         return (
-            x.is_cuda
-            and x.dtype in (torch.bfloat16, torch.float16)
+            is_cuda
+            and dtype in (torch.bfloat16, torch.float16)
             and self.in_features % 16 == 0
             and self.out_features % 16 == 0
         )

@@ -5,6 +5,12 @@
 The rounding order is Hugging Face's; `residual` (when given) holds h afterwards, in place, so
 CUDA-graph buffers stay the ones replayed. Rows are the leading dim, the hidden dim contiguous.
 `rms_norm_ref` is the torch reference.
+
+`rms_norm_fp8` is the same kernel ending in the per-token FP8 quantization of `out` that
+W8A8 projections need (engine.kernels.fp8_quant) instead of the store of `out`: the e4m3
+values and scales are bitwise those of `quantize_per_token_fused(rms_norm(...)[0])` (out is
+rounded to x's dtype first, the same amax, scale formula and rounding), one launch fewer.
+`rms_norm_fp8_ref` is its torch reference.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.fp8_round import round_to_e4m3
+from engine.quantization import FP8_DTYPE, quantize_per_token
 
 # Above this many bytes per row one program holding the whole row in registers spills; the
 # Llama family stays far below it (hidden 16384 bf16 = 32 KiB).
@@ -23,13 +32,15 @@ def _rms_norm_kernel(
     x_ptr,  # [num_tokens, hidden_size]
     residual_ptr,  # [num_tokens, hidden_size], read then overwritten with h (HAS_RESIDUAL)
     weight_ptr,  # [hidden_size]
-    out_ptr,  # [num_tokens, hidden_size]
+    out_ptr,  # [num_tokens, hidden_size]: x's dtype, or e4m3 (QUANT)
+    scale_ptr,  # [num_tokens] fp32 per-token scales (QUANT)
     x_row_stride,
     residual_row_stride,
     out_row_stride,
     hidden_size,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    QUANT: tl.constexpr,  # store out quantized per token (e4m3 + scale), as fp8_quant would
     BLOCK: tl.constexpr,  # next power of two >= hidden_size: the whole row in one block
 ):
     # One program per row (token); int64 so row * stride cannot overflow on long batches.
@@ -53,7 +64,16 @@ def _rms_norm_kernel(
     # gives the same result as torch's product in the narrow dtype.
     normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_row_stride + cols, normed * w, mask=mask)
+    if QUANT:
+        # What fp8_quant's kernel computes from the stored out: the product rounded to x's
+        # dtype, the row's amax (lanes past hidden_size are 0), the same scale and rounding.
+        y = (normed * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
+        tl.store(scale_ptr + row, scale)
+        q = round_to_e4m3(tl.clamp(y / scale, -448.0, 448.0))
+        tl.store(out_ptr + row * out_row_stride + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + row * out_row_stride + cols, normed * w, mask=mask)
 
 
 def rms_norm(
@@ -101,16 +121,80 @@ def rms_norm(
         residual if residual is not None else x,  # unused when HAS_RESIDUAL is False
         weight,
         out,
+        out,  # no scales when QUANT is False
         x.stride(0),
         residual.stride(0) if residual is not None else 0,
         out.stride(0),
         hidden_size,
         eps,
         HAS_RESIDUAL=residual is not None,
+        QUANT=False,
         BLOCK=block,
         num_warps=min(max(block // 256, 1), 8),  # 4096 -> 8 warps, 1024 -> 4
     )
     return out, x if residual is None else residual
+
+
+def rms_norm_fp8(
+    x: torch.Tensor,  # [num_tokens, hidden_size] fp32/bf16/fp16
+    weight: torch.Tensor,  # [hidden_size]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden_size], x's dtype; overwritten
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out_fp8 [num_tokens, hidden_size] e4m3, scale [num_tokens, 1] fp32,
+    residual_out): `rms_norm`'s out quantized per token, bitwise as `quantize_per_token_fused`
+    would, without out ever being stored. residual_out as in `rms_norm`. Raises ValueError
+    like `rms_norm`."""
+    _check_device(x)
+    _check_row_major("x", x)
+    num_tokens, hidden_size = x.shape
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be fp32, bf16 or fp16, got {x.dtype}")
+    _check_like("weight", weight, x, shape=(hidden_size,), same_dtype=False)
+    if weight.stride(0) != 1:
+        raise ValueError(f"weight must be contiguous, got stride {weight.stride()}")
+    if residual is not None:
+        _check_row_major("residual", residual)
+        _check_like("residual", residual, x, shape=x.shape)
+        if x.numel() > 0 and residual.data_ptr() == x.data_ptr():
+            raise ValueError("residual must not alias x")
+    out = torch.empty(num_tokens, hidden_size, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(num_tokens, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(hidden_size)
+    if block * x.element_size() > _MAX_ROW_BYTES:
+        raise ValueError(f"hidden_size {hidden_size} too large for one program per row")
+    residual_out = x if residual is None else residual
+    if num_tokens == 0:
+        return out, scale, residual_out
+    _rms_norm_kernel[(num_tokens,)](
+        x,
+        residual if residual is not None else x,
+        weight,
+        out,
+        scale,
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        hidden_size,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        QUANT=True,
+        BLOCK=block,
+        num_warps=min(max(block // 256, 1), 8),
+    )
+    return out, scale, residual_out
+
+
+def rms_norm_fp8_ref(
+    x: torch.Tensor,  # [num_tokens, hidden_size]
+    weight: torch.Tensor,  # [hidden_size]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden_size]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch reference: `rms_norm_ref` then `quantize_per_token`; inputs are not modified."""
+    out, h = rms_norm_ref(x, weight, eps, residual)
+    q, scale = quantize_per_token(out)
+    return q, scale, h
 
 
 def rms_norm_ref(

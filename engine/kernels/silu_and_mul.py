@@ -6,6 +6,11 @@
 Computed in fp32 and rounded once to the input's dtype. (The eager bf16 path in
 `engine.llama.MLP`, `F.silu(gate) * up`, rounds twice: after the silu and after the product;
 the results differ by at most about one bf16 ulp.)
+
+`silu_and_mul_fp8` quantizes out per token for the FP8 down projection in the same launch
+(one program per token, two passes over the row: its amax, then the e4m3 values): bitwise
+`quantize_per_token_fused(silu_and_mul(gate_up))`, out rounded to gate_up's dtype first and
+never stored. `silu_and_mul_fp8_ref` is its torch reference.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.fp8_round import round_to_e4m3
+from engine.quantization import FP8_DTYPE, quantize_per_token
 
 # Columns of out one program writes: big enough for wide vector loads, small enough that a
 # decode batch of one token still spreads over a dozen programs (intermediate 14336 -> 14).
@@ -40,6 +48,40 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + token * out_row_stride + cols, silu * up, mask=mask)
 
 
+@triton.jit
+def _silu_and_mul_fp8_kernel(
+    gate_up_ptr,  # [num_tokens, 2 * intermediate]
+    out_ptr,  # [num_tokens, intermediate] e4m3, contiguous
+    scale_ptr,  # [num_tokens] fp32
+    gate_up_row_stride,
+    intermediate,
+    BLOCK: tl.constexpr,
+):
+    # One program per token: pass 1 finds the amax of silu(gate) * up rounded to gate_up's
+    # dtype (what silu_and_mul stores), pass 2 recomputes the same values and quantizes them
+    # as engine.kernels.fp8_quant does.
+    token = tl.program_id(0).to(tl.int64)
+    row = gate_up_ptr + token * gate_up_row_stride
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, intermediate, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < intermediate
+        gate = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(row + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate)) * up).to(gate_up_ptr.dtype.element_ty).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(y))  # masked lanes: silu(0) * 0 = 0
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+    tl.store(scale_ptr + token, scale)
+    for start in range(0, intermediate, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < intermediate
+        gate = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(row + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate)) * up).to(gate_up_ptr.dtype.element_ty).to(tl.float32)
+        q = round_to_e4m3(tl.clamp(y / scale, -448.0, 448.0))
+        tl.store(out_ptr + token * intermediate + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def silu_and_mul(
     gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate] fp32/bf16/fp16
     out: torch.Tensor | None = None,  # [num_tokens, intermediate] gate_up's dtype
@@ -48,18 +90,7 @@ def silu_and_mul(
     Rows may be strided; the column dim of both tensors must have stride 1. Raises ValueError
     on a bad device, dtype, shape or stride.
     """
-    if not gate_up.is_cuda and not triton.knobs.runtime.interpret:
-        raise ValueError(
-            f"gate_up must be on a CUDA device (or TRITON_INTERPRET=1), got {gate_up.device}"
-        )
-    if gate_up.dim() != 2 or gate_up.shape[1] % 2 != 0:
-        raise ValueError(
-            f"gate_up must be [num_tokens, 2 * intermediate], got {tuple(gate_up.shape)}"
-        )
-    if gate_up.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"gate_up must be fp32, bf16 or fp16, got {gate_up.dtype}")
-    if gate_up.stride(1) != 1:
-        raise ValueError(f"gate_up must have stride 1 along columns, got {gate_up.stride()}")
+    _check_gate_up(gate_up)
     num_tokens, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
     if out is None:
         out = torch.empty(num_tokens, intermediate, dtype=gate_up.dtype, device=gate_up.device)
@@ -89,3 +120,43 @@ def silu_and_mul_ref(
     """Plain torch reference, in fp32 and rounded once to the input's dtype."""
     gate, up = gate_up.float().chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
+
+
+def silu_and_mul_fp8(
+    gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate] fp32/bf16/fp16
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([num_tokens, intermediate] e4m3, [num_tokens, 1] fp32)
+    """silu(gate) * up quantized per token, bitwise as `quantize_per_token_fused` would quantize
+    `silu_and_mul(gate_up)`, in one launch. Raises ValueError like `silu_and_mul`."""
+    _check_gate_up(gate_up)
+    num_tokens, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(num_tokens, intermediate, dtype=FP8_DTYPE, device=gate_up.device)
+    scale = torch.empty(num_tokens, 1, dtype=torch.float32, device=gate_up.device)
+    if num_tokens == 0 or intermediate == 0:
+        return out, scale
+    block = min(_BLOCK, triton.next_power_of_2(intermediate))
+    _silu_and_mul_fp8_kernel[(num_tokens,)](
+        gate_up, out, scale, gate_up.stride(0), intermediate, BLOCK=block, num_warps=4
+    )
+    return out, scale
+
+
+def silu_and_mul_fp8_ref(
+    gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference: `silu_and_mul_ref` then `quantize_per_token`."""
+    return quantize_per_token(silu_and_mul_ref(gate_up))
+
+
+def _check_gate_up(gate_up: torch.Tensor) -> None:
+    if not gate_up.is_cuda and not triton.knobs.runtime.interpret:
+        raise ValueError(
+            f"gate_up must be on a CUDA device (or TRITON_INTERPRET=1), got {gate_up.device}"
+        )
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 != 0:
+        raise ValueError(
+            f"gate_up must be [num_tokens, 2 * intermediate], got {tuple(gate_up.shape)}"
+        )
+    if gate_up.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"gate_up must be fp32, bf16 or fp16, got {gate_up.dtype}")
+    if gate_up.stride(1) != 1:
+        raise ValueError(f"gate_up must have stride 1 along columns, got {gate_up.stride()}")

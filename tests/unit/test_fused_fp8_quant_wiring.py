@@ -1,0 +1,75 @@
+"""The plumbing of EngineConfig.fused_fp8_quant on CPU: Fp8Linear takes rows already quantized
+per token (Fp8Rows) and gives bitwise what it gives for the rows themselves; RMSNorm's
+quantizing forward matches forward-then-quantize; the switch is refused where the projections
+are not FP8 with dynamic scales. The fused kernels: tests/unit/kernels/test_fused_fp8_quant.py;
+an FP8 engine with the fusion on a GPU: tests/gpu/test_fp8_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.llama import RMSNorm
+from engine.quantization import Fp8Linear, Fp8Rows, quantize_per_token, quantize_weight
+from tests.conftest import make_engine
+
+
+def fp8_layer(static_input_scale: bool = False, dtype: torch.dtype = torch.float32) -> Fp8Linear:
+    torch.manual_seed(0)
+    layer = Fp8Linear(40, 24, bias=True, static_input_scale=static_input_scale, dtype=dtype)
+    wq, ws = quantize_weight(torch.randn(24, 40))
+    with torch.no_grad():
+        layer.weight.copy_(wq)
+        layer.weight_scale.copy_(ws)
+        assert layer.bias is not None
+        layer.bias.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_takes_rows_quantized_per_token(num_tokens: int, dtype: torch.dtype) -> None:
+    layer = fp8_layer(dtype=dtype)
+    x = torch.randn(num_tokens, 40).to(dtype)
+    q, scale = quantize_per_token(x)
+    got = layer(Fp8Rows(q, scale, dtype))
+    assert got.dtype == dtype and got.shape == (num_tokens, 24)
+    assert torch.equal(got, layer(x))
+
+
+def test_fp8_linear_refuses_rows_it_cannot_take() -> None:
+    q, scale = quantize_per_token(torch.randn(2, 40))
+    with pytest.raises(ValueError, match="static input scale"):
+        fp8_layer(static_input_scale=True)(Fp8Rows(q, scale, torch.float32))
+    with pytest.raises(ValueError, match=r"\[M, 40\]"):
+        fp8_layer()(Fp8Rows(q[:, :32], scale, torch.float32))
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_forward_fp8_is_forward_then_quantize(with_residual: bool) -> None:
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+    x = torch.randn(3, 48)
+    residual = torch.randn(3, 48) if with_residual else None
+    rows, h = norm.forward_fp8(x, residual)
+    out, want_h = norm(x, residual)
+    want_q, want_scale = quantize_per_token(out)
+    assert torch.equal(rows.values.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(rows.scale, want_scale) and rows.dtype == x.dtype
+    assert torch.equal(h, want_h)
+
+
+def test_the_switch_needs_fp8_weights() -> None:
+    with pytest.raises(ValueError, match="fused_fp8_quant=True needs quantization='fp8'"):
+        EngineConfig(fused_fp8_quant=True)
+    with pytest.raises(ValueError, match="fused_fp8_quant needs FP8 decoder projections"):
+        make_engine().model.use_fused_fp8_quant()
+    model = make_engine(quantization="fp8").model
+    model.use_fused_fp8_quant()
+    assert model.fused_fp8_quant and all(layer.mlp.fused_fp8_quant for layer in model.layers)
+    model.use_fused_fp8_quant(False)
+    assert not model.fused_fp8_quant and not any(
+        layer.mlp.fused_fp8_quant for layer in model.layers
+    )
