@@ -1,11 +1,13 @@
 """FP8 weights and FP8 KV against bf16 on one GPU, Llama-3-8B shape (dummy weights), one run.
 
 Engines in turn (bf16; FP8 W8A8 projections; FP8 projections and FP8 KV cache; a `+gemv`
-suffix turns EngineConfig.triton_gemv on: single rows through the Triton GEMV, bf16 or FP8),
+suffix turns EngineConfig.triton_gemv on: single rows through the Triton GEMV, bf16 or FP8; a
+`+fusedq` suffix after it, on FP8 weights, EngineConfig.fused_fp8_quant: the activations'
+per-token quantization inside the RMSNorm and SiLU-and-mul kernels, e.g. `w8+gemv+fusedq`),
 same prompts: decode tokens/s at batch 1 and 64, TTFT of one long prompt, saturation output
 tokens/s, and how many long sequences the KV cache holds. Details: docs/benchmarks.md.
 
-    python -m bench.fp8_gpu [--variants bf16,w8,w8+gemv] [--repeats 2]
+    python -m bench.fp8_gpu [--variants bf16,w8,w8+gemv,w8+gemv+fusedq] [--repeats 2]
         [--fp8-gemv-tiles kernels_gemv_fp8.json] [--out $OUT/fp8_gpu.json]
 """
 
@@ -47,13 +49,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def build(
-    args: argparse.Namespace, quantization: str | None, kv_cache_dtype: str, gemv: bool
+    args: argparse.Namespace,
+    quantization: str | None,
+    kv_cache_dtype: str,
+    gemv: bool,
+    fused_quant: bool = False,
 ) -> Engine:
     return Engine(
         EngineConfig(
             model=f"dummy:{args.shape}", device="cuda", dtype="bfloat16",
             kv_cache_bytes=int(args.kv_cache_gb * 2**30), max_model_len=args.long_len,
             quantization=quantization, kv_cache_dtype=kv_cache_dtype, triton_gemv=gemv,
+            fused_fp8_quant=fused_quant,
             scheduler=SchedulerConfig(
                 max_num_seqs=max(args.saturation_requests, args.batch),
                 max_num_batched_tokens=max(args.ttft_len, 8192),
@@ -113,10 +120,15 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for name in args.variants.split(","):
         started = time.perf_counter()
-        base, gemv = name.removesuffix("+gemv"), name.endswith("+gemv")
-        if base not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} (+gemv)")
-        engine = build(args, *VARIANTS[base], gemv)
+        fused_quant = name.endswith("+fusedq")
+        base = name.removesuffix("+fusedq")
+        base, gemv = base.removesuffix("+gemv"), base.endswith("+gemv")
+        if base not in VARIANTS or (fused_quant and VARIANTS[base][0] != "fp8"):
+            raise SystemExit(
+                f"unknown variant {name!r}; known: {', '.join(VARIANTS)} (+gemv), "
+                "and +fusedq after an FP8-weights one"
+            )
+        engine = build(args, *VARIANTS[base], gemv, fused_quant)
         load_s = time.perf_counter() - started
         results[name] = {"load_s": load_s, **measure(args, engine)}
         print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)

@@ -1,7 +1,9 @@
 """FP8 on a GPU: Fp8Linear's `torch._scaled_mm` path against its fp32 reference, and an engine
 with FP8 weights and an FP8 KV cache giving the same greedy tokens with and without CUDA graphs
 (the graphs replay the Triton FP8 write and attention kernels), with the FP8 GEMV for single
-rows off and on (engine.kernels.fp8_gemv; its kernel tests are tests/unit/kernels).
+rows off and on (engine.kernels.fp8_gemv; its kernel tests are tests/unit/kernels), and with
+the per-token activation quantization fused into RMSNorm and SiLU-and-mul (fused_fp8_quant)
+giving the same greedy tokens as without.
 
 Run on the device machine: `pytest tests/gpu`. Skipped without CUDA.
 """
@@ -41,12 +43,12 @@ def test_scaled_mm_matches_the_reference_product(num_tokens: int) -> None:
     torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)  # bf16 output rounding
 
 
-def engine(cuda_graphs: bool, triton_gemv: bool = False) -> Engine:
+def engine(cuda_graphs: bool, triton_gemv: bool = False, fused_fp8_quant: bool = False) -> Engine:
     return Engine(
         EngineConfig(
             model="dummy:tiny", device="cuda", dtype="bfloat16", num_kv_blocks=64,
             block_size=16, quantization="fp8", kv_cache_dtype="fp8", cuda_graphs=cuda_graphs,
-            triton_gemv=triton_gemv,
+            triton_gemv=triton_gemv, fused_fp8_quant=fused_fp8_quant,
             scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512),
         )
     )  # fmt: skip
@@ -71,3 +73,18 @@ def test_fp8_gemv_engine_same_tokens_with_and_without_cuda_graphs() -> None:
         graphed = [c.token_ids for c in graphed_engine.generate(prompts, greedy(24))]
         assert graphed == eager
         graphed_engine.check_integrity()
+
+
+@pytest.mark.parametrize(("cuda_graphs", "triton_gemv"), [(False, False), (True, True)])
+def test_fused_fp8_quant_engine_gives_the_same_tokens(cuda_graphs: bool, triton_gemv: bool) -> None:
+    """The fused kernels make bitwise the e4m3 values and scales of the separate quantization,
+    so greedy tokens are identical: one sequence (single rows) and then three."""
+    for prompts in ([prompt_ids(4, 29)], [prompt_ids(s, n) for s, n in ((1, 5), (2, 37), (3, 9))]):
+        unfused = engine(cuda_graphs, triton_gemv)
+        want = [c.token_ids for c in unfused.generate(prompts, greedy(24))]
+        del unfused
+        fused_engine = engine(cuda_graphs, triton_gemv, fused_fp8_quant=True)
+        assert fused_engine.model.fused_fp8_quant
+        got = [c.token_ids for c in fused_engine.generate(prompts, greedy(24))]
+        assert got == want
+        fused_engine.check_integrity()
