@@ -92,19 +92,7 @@ def rms_norm(
     of every tensor must have stride 1; row strides are free. Raises ValueError on a bad
     device, dtype, shape or stride.
     """
-    _check_device(x)
-    _check_row_major("x", x)
-    num_tokens, hidden_size = x.shape
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"x must be fp32, bf16 or fp16, got {x.dtype}")
-    _check_like("weight", weight, x, shape=(hidden_size,), same_dtype=False)
-    if weight.stride(0) != 1:
-        raise ValueError(f"weight must be contiguous, got stride {weight.stride()}")
-    if residual is not None:
-        _check_row_major("residual", residual)
-        _check_like("residual", residual, x, shape=x.shape)
-        if x.numel() > 0 and residual.data_ptr() == x.data_ptr():
-            raise ValueError("residual must not alias x")
+    num_tokens, hidden_size = _check_inputs(x, weight, residual)
     if out is None:
         out = torch.empty_like(x)
     else:
@@ -145,19 +133,7 @@ def rms_norm_fp8(
     residual_out): `rms_norm`'s out quantized per token, bitwise as `quantize_per_token_fused`
     would, without out ever being stored. residual_out as in `rms_norm`. Raises ValueError
     like `rms_norm`."""
-    _check_device(x)
-    _check_row_major("x", x)
-    num_tokens, hidden_size = x.shape
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"x must be fp32, bf16 or fp16, got {x.dtype}")
-    _check_like("weight", weight, x, shape=(hidden_size,), same_dtype=False)
-    if weight.stride(0) != 1:
-        raise ValueError(f"weight must be contiguous, got stride {weight.stride()}")
-    if residual is not None:
-        _check_row_major("residual", residual)
-        _check_like("residual", residual, x, shape=x.shape)
-        if x.numel() > 0 and residual.data_ptr() == x.data_ptr():
-            raise ValueError("residual must not alias x")
+    num_tokens, hidden_size = _check_inputs(x, weight, residual)
     out = torch.empty(num_tokens, hidden_size, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(num_tokens, 1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(hidden_size)
@@ -208,6 +184,26 @@ def rms_norm_ref(
     hf = h.float()
     normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return (weight.float() * normed.float()).to(x.dtype), h
+
+
+def _check_inputs(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[int, int]:
+    """(num_tokens, hidden_size) of valid inputs; ValueError naming the first bad one."""
+    _check_device(x)
+    _check_row_major("x", x)
+    num_tokens, hidden_size = x.shape
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be fp32, bf16 or fp16, got {x.dtype}")
+    _check_like("weight", weight, x, shape=(hidden_size,), same_dtype=False)
+    if weight.stride(0) != 1:
+        raise ValueError(f"weight must be contiguous, got stride {weight.stride()}")
+    if residual is not None:
+        _check_row_major("residual", residual)
+        _check_like("residual", residual, x, shape=x.shape)
+        if x.numel() > 0 and residual.data_ptr() == x.data_ptr():
+            raise ValueError("residual must not alias x")
+    return num_tokens, hidden_size
 
 
 def _check_device(x: torch.Tensor) -> None:
