@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from contracts.errors import WorkerLost
+from router.failover import FailoverConfig
 from router.requests import ServedModel
 from router.server import TandemServicer, _Malformed, _parser
 from telemetry.metrics import ServiceMetrics
@@ -68,7 +69,9 @@ def test_a_request_with_nowhere_else_to_go_is_not_counted_as_retried() -> None:
         metrics = ServiceMetrics()
         model = ServedModel("m", vocab_size=100, max_model_len=64, tokenizer=None)
         only = FakeWorker("w0", fails=WorkerLost("worker lost: ActorDiedError"))
-        servicer = TandemServicer(model, FakePool("decode", [only]), metrics=metrics)
+        # the lost worker's replacement never comes: the wait for it is short here
+        servicer = TandemServicer(model, FakePool("decode", [only]), metrics=metrics,
+                                  failover=FailoverConfig(replacement_wait_s=0.2))  # fmt: skip
         with pytest.raises(_Refused) as refused:
             [r async for r in servicer.Generate(_request(), _Context())]
         return servicer, metrics, refused.value
