@@ -96,6 +96,17 @@ def _resumed(worker: FakeWorker) -> list[Any]:
     return [args[-1] for name, args in worker.calls if name.startswith("start_")]
 
 
+async def _ended(servicer: TandemServicer) -> tuple[Any, str]:
+    """Run one request until the servicer aborts its call; the (code, details) it aborted
+    with."""
+    context = AbortingContext()
+    with pytest.raises(asyncio.CancelledError):
+        async for _ in servicer.Generate(_request(), context):
+            pass
+    assert context.ended is not None
+    return context.ended
+
+
 @pytest.mark.parametrize("disaggregated", [False, True], ids=["colocated", "disaggregated"])
 def test_a_lost_stream_resumes_on_another_worker_with_the_tokens_sent(
     disaggregated: bool,
@@ -130,12 +141,7 @@ def test_past_max_migrations_the_stream_ends_unavailable_naming_the_cap(
         for worker in workers:
             worker.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
             worker.batches.put_nowait(WorkerLost("worker lost: ActorDiedError"))
-        context = AbortingContext()
-        with pytest.raises(asyncio.CancelledError):
-            async for _ in servicer.Generate(_request(), context):
-                pass
-        assert context.ended is not None
-        code, details = context.ended
+        code, details = await _ended(servicer)
         assert code == grpc.StatusCode.UNAVAILABLE
         assert f"--max-migrations ({max_migrations})" in details
         assert servicer.num_migrated == max_migrations
@@ -148,12 +154,7 @@ def test_with_no_decode_worker_left_it_waits_for_a_replacement_then_gives_up() -
         servicer, (only,) = _servicer(False, 1)
         only.batches.put_nowait([("r1", _output("r1", FIRST_TOKEN))])
         only.batches.put_nowait(WorkerLost("worker lost: ActorDiedError"))
-        context = AbortingContext()
-        with pytest.raises(asyncio.CancelledError):
-            async for _ in servicer.Generate(_request(), context):
-                pass
-        assert context.ended is not None
-        code, details = context.ended
+        code, details = await _ended(servicer)
         assert code == grpc.StatusCode.UNAVAILABLE
         assert "no live decode worker to resume the request on within 0.5 s" in details
 
@@ -194,12 +195,7 @@ def test_with_no_decode_worker_at_all_a_new_request_waits_then_gives_up_naming_i
     async def run() -> None:
         servicer, _ = _servicer(False, 1)
         servicer.decode.members()[0].load.down = True
-        context = AbortingContext()
-        with pytest.raises(asyncio.CancelledError):
-            async for _ in servicer.Generate(_request(), context):
-                pass
-        assert context.ended is not None
-        code, details = context.ended
+        code, details = await _ended(servicer)
         assert code == grpc.StatusCode.UNAVAILABLE
         assert "no live decode worker to place the request on within 0.5 s" in details
 
