@@ -92,34 +92,13 @@ def rms_norm(
     of every tensor must have stride 1; row strides are free. Raises ValueError on a bad
     device, dtype, shape or stride.
     """
-    num_tokens, hidden_size = _check_inputs(x, weight, residual)
+    _check_inputs(x, weight, residual)
     if out is None:
         out = torch.empty_like(x)
     else:
         _check_row_major("out", out)
         _check_like("out", out, x, shape=x.shape)
-    block = triton.next_power_of_2(hidden_size)
-    if block * x.element_size() > _MAX_ROW_BYTES:
-        raise ValueError(f"hidden_size {hidden_size} too large for one program per row")
-    if num_tokens == 0:
-        return out, x if residual is None else residual
-
-    _rms_norm_kernel[(num_tokens,)](
-        x,
-        residual if residual is not None else x,  # unused when HAS_RESIDUAL is False
-        weight,
-        out,
-        out,  # no scales when QUANT is False
-        x.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        out.stride(0),
-        hidden_size,
-        eps,
-        HAS_RESIDUAL=residual is not None,
-        QUANT=False,
-        BLOCK=block,
-        num_warps=min(max(block // 256, 1), 8),  # 4096 -> 8 warps, 1024 -> 4
-    )
+    _launch(x, weight, eps, residual, out, None)
     return out, x if residual is None else residual
 
 
@@ -136,29 +115,42 @@ def rms_norm_fp8(
     num_tokens, hidden_size = _check_inputs(x, weight, residual)
     out = torch.empty(num_tokens, hidden_size, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(num_tokens, 1, dtype=torch.float32, device=x.device)
+    _launch(x, weight, eps, residual, out, scale)
+    return out, scale, x if residual is None else residual
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    out: torch.Tensor,
+    scale: torch.Tensor | None,  # given: out is e4m3, quantized per token (QUANT)
+) -> None:
+    """One program per row of `_rms_norm_kernel` (checked inputs); ValueError for a row too
+    wide for one program."""
+    num_tokens, hidden_size = x.shape
     block = triton.next_power_of_2(hidden_size)
     if block * x.element_size() > _MAX_ROW_BYTES:
         raise ValueError(f"hidden_size {hidden_size} too large for one program per row")
-    residual_out = x if residual is None else residual
     if num_tokens == 0:
-        return out, scale, residual_out
+        return
     _rms_norm_kernel[(num_tokens,)](
         x,
-        residual if residual is not None else x,
+        residual if residual is not None else x,  # unused when HAS_RESIDUAL is False
         weight,
         out,
-        scale,
+        scale if scale is not None else out,  # no scales when QUANT is False
         x.stride(0),
         residual.stride(0) if residual is not None else 0,
         out.stride(0),
         hidden_size,
         eps,
         HAS_RESIDUAL=residual is not None,
-        QUANT=True,
+        QUANT=scale is not None,
         BLOCK=block,
-        num_warps=min(max(block // 256, 1), 8),
+        num_warps=min(max(block // 256, 1), 8),  # 4096 -> 8 warps, 1024 -> 4
     )
-    return out, scale, residual_out
 
 
 def rms_norm_fp8_ref(
