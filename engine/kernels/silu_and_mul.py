@@ -49,6 +49,15 @@ def _silu_and_mul_kernel(
 
 
 @triton.jit
+def _silu_mul_stored(row, cols, mask, intermediate):
+    # silu(gate) * up at `cols` of one gate_up row, rounded to its dtype (what silu_and_mul
+    # stores), as fp32; masked lanes give silu(0) * 0 = 0.
+    gate = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(row + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
+    return (gate / (1.0 + tl.exp(-gate)) * up).to(row.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _silu_and_mul_fp8_kernel(
     gate_up_ptr,  # [num_tokens, 2 * intermediate]
     out_ptr,  # [num_tokens, intermediate] e4m3, contiguous
@@ -66,18 +75,14 @@ def _silu_and_mul_fp8_kernel(
     for start in range(0, intermediate, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < intermediate
-        gate = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(row + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (gate / (1.0 + tl.exp(-gate)) * up).to(gate_up_ptr.dtype.element_ty).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(y))  # masked lanes: silu(0) * 0 = 0
+        y = _silu_mul_stored(row, cols, mask, intermediate)
+        amax = tl.maximum(amax, tl.abs(y))
     scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
     tl.store(scale_ptr + token, scale)
     for start in range(0, intermediate, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < intermediate
-        gate = tl.load(row + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(row + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (gate / (1.0 + tl.exp(-gate)) * up).to(gate_up_ptr.dtype.element_ty).to(tl.float32)
+        y = _silu_mul_stored(row, cols, mask, intermediate)
         q = round_to_e4m3(tl.clamp(y / scale, -448.0, 448.0))
         tl.store(out_ptr + token * intermediate + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
 
