@@ -42,7 +42,20 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         "bench.kvtransfer_nccl) instead of a gloo pair here")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads, as a Ray worker of one CPU runs")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per point (median)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed runs per point (all kept, the plan draws on them)")  # fmt: skip
+    parser.add_argument("--decode-steps", type=int, default=4, help="timed steps per decode point")
+    parser.add_argument("--mixed-tokens", type=_ints, default=(64, 256),
+                        help="fresh chunks measured beside decodes")  # fmt: skip
+    parser.add_argument("--mixed-batch", type=_ints, default=(0, 8, 32),
+                        help="decodes beside each chunk; 0 first (the chunk alone)")  # fmt: skip
+    parser.add_argument("--mixed-context", type=int, default=256,
+                        help="those decodes' context tokens")  # fmt: skip
+    parser.add_argument("--no-mixed", action="store_true", help="measure no mixed steps")
+    parser.add_argument("--loop-requests", type=int, default=8,
+                        help="loop overhead: requests one at a time (0: none)")  # fmt: skip
+    parser.add_argument("--loop-batch", type=int, default=8,
+                        help="loop overhead: then this many at once")  # fmt: skip
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="the serving engine's (recorded; default: the device's)")  # fmt: skip
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -60,7 +73,10 @@ def run_profile(args: argparse.Namespace) -> int:
         prefill_tokens=args.prefill_tokens, prefill_context=args.prefill_context,
         decode_batch=args.decode_batch, decode_context=args.decode_context,
         transfer_bytes=args.transfer_bytes, repeats=args.repeats, threads=args.threads,
-        transfer_gbps=args.transfer_gbps,
+        transfer_gbps=args.transfer_gbps, decode_steps=args.decode_steps,
+        mixed_tokens=() if args.no_mixed else args.mixed_tokens, mixed_batch=args.mixed_batch,
+        mixed_context=args.mixed_context, loop_requests=args.loop_requests,
+        loop_batch=args.loop_batch,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
     )  # fmt: skip

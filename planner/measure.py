@@ -1,10 +1,15 @@
 """`tandem profile`: measure one engine on this machine into a Profile (planner.profile).
 
-Every number is a real engine step (`Engine.step`: schedule, forward, sample, outputs):
+Every step time is a real engine step (`Engine.step`: schedule, forward, sample, outputs),
+each point's repeats kept beside their median:
 - prefill: a request whose first `context` tokens are in the prefix cache (an earlier request
   computed them) and `tokens` new ones, so its one step is a chunk of `tokens` at `context`;
 - decode: `batch` requests sharing one cached prompt of `context` tokens, each step of them
-  timed once all have their first token (the median over `decode_steps` steps);
+  timed once all have their first token (`decode_steps` steps);
+- mixed: a fresh chunk of `tokens` in one step beside `batch` such decodes (batch 0: alone);
+- overhead: the real engine loop (worker.engine_loop.EngineLoop) serving requests one at a
+  time, then a batch at once: per step, its time outside `Engine.step`; per request, submit to
+  its first output at the caller less the engine steps it waited for (planner.overhead);
 - transfer: `bytes` sent over a gloo pair channel (kvtransfer.transport.open_channel) between
   two threads of this process, timed from the send to the receiver's 1-byte acknowledgement.
 The engine is built as `tandem serve` builds a worker's (engine defaults for the device, or
@@ -24,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from contracts.sampling_params import SamplingParams
-from planner.profile import Curve, Grid, Profile
+from planner.overhead import measure_loop_overhead
+from planner.profile import Curve, Grid, Mixed, Profile
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,13 @@ class ProfileConfig:
     transfer_bytes: tuple[int, ...] = (1 << 16, 1 << 20, 1 << 24)
     repeats: int = 2
     decode_steps: int = 4
+    # mixed steps: a fresh chunk of each of `mixed_tokens` beside each of `mixed_batch` decodes
+    # (0: the chunk alone) of `mixed_context` tokens; () measures none
+    mixed_tokens: tuple[int, ...] = (64, 256)
+    mixed_batch: tuple[int, ...] = (0, 8, 32)
+    mixed_context: int = 256
+    loop_requests: int = 8  # the engine loop's overhead: requests one at a time (0: none) ...
+    loop_batch: int = 8  # ... then this many at once
     max_num_seqs: int | None = None  # the serving engine's; None: the device's default
     max_num_batched_tokens: int | None = None
     kv_cache_bytes: int | None = None
@@ -52,9 +65,11 @@ class ProfileConfig:
 
     def __post_init__(self) -> None:
         for name in ("prefill_tokens", "prefill_context", "decode_batch", "decode_context",
-                     "transfer_bytes"):  # fmt: skip
+                     "transfer_bytes", "mixed_tokens", "mixed_batch"):  # fmt: skip
             values = getattr(self, name)
-            minimum = 0 if name == "prefill_context" else 1
+            if name.startswith("mixed") and not self.mixed_tokens:
+                continue
+            minimum = 0 if name in ("prefill_context", "mixed_batch") else 1
             if not values or any(type(v) is not int or v < minimum for v in values):
                 raise ValueError(f"{name}={values!r} must be non-empty ints >= {minimum}")
             if list(values) != sorted(set(values)):
@@ -63,9 +78,14 @@ class ProfileConfig:
             raise ValueError(f"transfer_gbps={self.transfer_gbps!r} must be > 0 or None")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1 or None")
-        for name in ("repeats", "decode_steps"):
+        for name in ("repeats", "decode_steps", "mixed_context", "loop_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.mixed_tokens and (self.mixed_batch[0] != 0 or len(self.mixed_batch) < 2):
+            raise ValueError(f"mixed_batch={self.mixed_batch!r} must start at 0 (the chunk "
+                             "alone) and hold a batch beside it")  # fmt: skip
+        if self.loop_requests < 0:
+            raise ValueError(f"loop_requests={self.loop_requests} must be >= 0")
 
 
 def _engine(config: ProfileConfig):  # type: ignore[no-untyped-def]
@@ -85,10 +105,13 @@ def _engine(config: ProfileConfig):  # type: ignore[no-untyped-def]
         max_num_seqs=config.max_num_seqs or serving.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens or serving.max_num_batched_tokens,
     )
+    mixed_tokens = max(config.mixed_tokens) + max(config.mixed_batch) if config.mixed_tokens else 0
     measuring = SchedulerConfig(  # one step holds every chunk and every batch measured
-        max_num_seqs=max(serving.max_num_seqs, max(config.decode_batch)),
-        max_num_batched_tokens=max(serving.max_num_batched_tokens, max(config.prefill_tokens)),
-    )
+        max_num_seqs=max(serving.max_num_seqs, max(config.decode_batch),
+                         max(config.mixed_batch) + 1, config.loop_batch),
+        max_num_batched_tokens=max(serving.max_num_batched_tokens, max(config.prefill_tokens),
+                                   mixed_tokens),
+    )  # fmt: skip
     engine = Engine(EngineConfig(model=config.model, device=config.device, dtype=config.dtype,
                                  kv_cache_bytes=config.kv_cache_bytes, scheduler=measuring,
                                  seed=config.seed))  # fmt: skip
@@ -109,17 +132,30 @@ def measure_profile(config: ProfileConfig, log: Callable[[str], None] = print) -
     for tokens in config.prefill_tokens:
         row = [_prefill_s(engine, ids, tokens, c - c % block_size, config.repeats)
                for c in config.prefill_context]  # fmt: skip
-        log(f"prefill {tokens} tokens at contexts {config.prefill_context}: "
-            + ", ".join(f"{1000 * s:.1f}" for s in row) + " ms")  # fmt: skip
-        prefill.append(tuple(row))
+        log(f"prefill {tokens} tokens at contexts {config.prefill_context}: {_ms(row)}")
+        prefill.append(row)
     decode = []
     for batch in config.decode_batch:
         row = [_decode_s(engine, ids, batch, c, config.decode_steps)
                for c in config.decode_context]  # fmt: skip
-        log(f"decode batch {batch} at contexts {config.decode_context}: "
-            + ", ".join(f"{1000 * s:.1f}" for s in row) + " ms")  # fmt: skip
-        decode.append(tuple(row))
-    transfer = measure_transfer(config.transfer_bytes, config.repeats)
+        log(f"decode batch {batch} at contexts {config.decode_context}: {_ms(row)}")
+        decode.append(row)
+    mixed = None
+    if config.mixed_tokens:
+        rows = []
+        for tokens in config.mixed_tokens:
+            row = [_mixed_s(engine, ids, tokens, batch, config.mixed_context, config.repeats)
+                   for batch in config.mixed_batch]  # fmt: skip
+            log(f"mixed: {tokens} new tokens beside {config.mixed_batch} decodes at context "
+                f"{config.mixed_context}: {_ms(row)}")  # fmt: skip
+            rows.append(row)
+        mixed = Mixed(_grid(config.mixed_tokens, config.mixed_batch, rows), config.mixed_context)
+    overhead = None
+    if config.loop_requests:
+        overhead = measure_loop_overhead(engine, ids, config.loop_requests, config.loop_batch,
+                                         config.decode_steps)  # fmt: skip
+        log(f"engine loop: {overhead.describe()}")
+    transfer = transfer_times_s(config)
     log(
         "transfer "
         + ", ".join(
@@ -142,10 +178,22 @@ def measure_profile(config: ProfileConfig, log: Callable[[str], None] = print) -
         max_num_seqs=serving.max_num_seqs,
         max_num_batched_tokens=serving.max_num_batched_tokens,
         kv_bytes_per_token=int(kv_bytes_per_token),
-        prefill=Grid(config.prefill_tokens, contexts, tuple(prefill)),
-        decode=Grid(config.decode_batch, config.decode_context, tuple(decode)),
+        prefill=_grid(config.prefill_tokens, contexts, prefill),
+        decode=_grid(config.decode_batch, config.decode_context, decode),
         transfer=Curve(config.transfer_bytes, tuple(transfer)),
+        mixed=mixed,
+        overhead=overhead,
     )
+
+
+def _grid(rows: tuple[int, ...], columns: tuple[int, ...], times: list[list[list[float]]]) -> Grid:
+    """A Grid of each point's median and its repeats."""
+    medians = tuple(tuple(statistics.median(point) for point in row) for row in times)
+    return Grid(rows, columns, medians, tuple(tuple(tuple(p) for p in row) for row in times))
+
+
+def _ms(row: list[list[float]]) -> str:
+    return ", ".join(f"{1000 * statistics.median(point):.1f}" for point in row) + " ms"
 
 
 def _device_name(device) -> str:  # type: ignore[no-untyped-def]
@@ -170,8 +218,8 @@ def _timed_step(engine) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - started
 
 
-def _prefill_s(engine, ids, tokens: int, context: int, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    """Median seconds of one step that prefills `tokens` new tokens after `context` cached."""
+def _prefill_s(engine, ids, tokens: int, context: int, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
+    """Seconds of `repeats` steps that each prefill `tokens` new tokens after `context` cached."""
     prefix = ids(context)
     if context:
         _run_to_end(engine, prefix)
@@ -184,11 +232,11 @@ def _prefill_s(engine, ids, tokens: int, context: int, repeats: int) -> float:  
         assert not engine.has_unfinished_requests(), "a prefill chunk took more than one step"
         if index:
             times.append(step_s)
-    return statistics.median(times)
+    return times
 
 
-def _decode_s(engine, ids, batch: int, context: int, steps: int) -> float:  # type: ignore[no-untyped-def]
-    """Median seconds of a decode step of `batch` sequences of about `context` tokens."""
+def _decode_s(engine, ids, batch: int, context: int, steps: int) -> list[float]:  # type: ignore[no-untyped-def]
+    """Seconds of `steps` decode steps of `batch` sequences of about `context` tokens."""
     prompt = ids(context)
     _run_to_end(engine, prompt)
     params = SamplingParams(max_tokens=steps + 4, ignore_eos=True)
@@ -197,11 +245,53 @@ def _decode_s(engine, ids, batch: int, context: int, steps: int) -> float:  # ty
         engine.add_request(request_id, prompt_token_ids=prompt, sampling_params=params)
     engine.step()  # every prompt's uncached tail, and each one's first token
     times = [_timed_step(engine) for _ in range(steps + 1)][1:]  # the first is a warm-up
+    _end(engine, request_ids)
+    return times
+
+
+def _end(engine, request_ids: list[str]) -> None:  # type: ignore[no-untyped-def]
     for request_id in request_ids:
         engine.abort_request(request_id)
     while engine.has_unfinished_requests():
         engine.step()
-    return statistics.median(times)
+
+
+def _mixed_s(engine, ids, tokens: int, batch: int, context: int, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
+    """Seconds of `repeats` steps that each hold a fresh chunk of `tokens` (nothing cached
+    before it) beside `batch` decodes of about `context` tokens (batch 0: the chunk alone)."""
+    prompt = ids(context)
+    _run_to_end(engine, prompt)
+    params = SamplingParams(max_tokens=2 * repeats + 4, ignore_eos=True)
+    decoding = [uuid.uuid4().hex for _ in range(batch)]
+    for request_id in decoding:
+        engine.add_request(request_id, prompt_token_ids=prompt, sampling_params=params)
+    if batch:
+        engine.step()  # every prompt's uncached tail, and each one's first token
+        engine.step()  # a decode step: warm
+    times = []
+    for index in range(repeats + 1):  # the first is a warm-up
+        chunk = uuid.uuid4().hex
+        alone = SamplingParams(max_tokens=1, ignore_eos=True)
+        engine.add_request(chunk, prompt_token_ids=ids(tokens), sampling_params=alone)
+        step_s = _timed_step(engine)
+        if engine.scheduler.num_unfinished != batch:
+            raise RuntimeError(
+                f"mixed step: a chunk of {tokens} tokens beside {batch} decodes of {context} "
+                f"tokens did not finish in one step (preempted: {engine.num_kv_blocks} KV "
+                "blocks too few for it? give more --kv-cache-gb or smaller --mixed-*)"
+            )
+        if index:
+            times.append(step_s)
+    _end(engine, decoding)
+    return times
+
+
+def transfer_times_s(config: ProfileConfig) -> list[float]:
+    """Each size's seconds: at `transfer_gbps` when given (a bandwidth measured elsewhere),
+    else measured over a gloo pair here (measure_transfer)."""
+    if config.transfer_gbps is not None:
+        return [size / (config.transfer_gbps * 1e9) for size in config.transfer_bytes]
+    return measure_transfer(config.transfer_bytes, config.repeats)
 
 
 def measure_transfer(sizes_bytes: tuple[int, ...], repeats: int) -> list[float]:

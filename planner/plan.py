@@ -69,9 +69,11 @@ def predict(
     requests: Sequence[SimRequest],
     slo: Slo,
     target_itl_s: float | None = None,
+    seed: int = 0,
 ) -> Summary:
-    """The benchmark's summary of `requests` served in `layout`, as simulated."""
-    records = Simulation(profile, layout, target_itl_s).run(requests)
+    """The benchmark's summary of `requests` served in `layout`, as simulated (`seed`: the
+    simulation's draws of step-time spread and overheads)."""
+    records = Simulation(profile, layout, target_itl_s, seed=seed).run(requests)
     ends = [r.end_s for r in records]
     duration_s = max(max(ends) - min(r.start_s for r in records), 1e-9)
     return summarize(records, duration_s, slo)
@@ -91,7 +93,7 @@ def plan(
     for rate in rates:
         requests = requests_of(workload, num_prompts, rate, seed)
         for layout in candidates:
-            summary = predict(profile, layout, requests, slo, target_itl_s)
+            summary = predict(profile, layout, requests, slo, target_itl_s, seed)
             predictions.append(Prediction(layout.name, rate, summary))
     return predictions
 

@@ -5,12 +5,23 @@ every field and raises `ProfileError` naming the first one that is wrong. Step t
 measured points are interpolated linearly (bilinearly over a grid), beyond the last point
 extrapolated from the last two; torch-free, no I/O beyond reading the file.
 
-    {"version": 1, "model": ..., "device": ..., "block_size": 16, "num_kv_blocks": N,
+    {"version": 2, "model": ..., "device": ..., "block_size": 16, "num_kv_blocks": N,
      "max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_bytes_per_token": B,
-     "prefill": {"tokens": [T...], "context": [C...], "seconds": [[s per C] per T]},
-     "decode":  {"batch": [B...], "context": [C...], "seconds": [[s per C] per B]},
+     "prefill": {"tokens": [T...], "context": [C...], "seconds": [[s per C] per T],
+                 "samples": [[[s per repeat] per C] per T]},          # samples: optional
+     "decode":  {"batch": [B...], "context": [C...], "seconds": [[s per C] per B],
+                 "samples": ...},                                     # optional
+     "mixed":   {"tokens": [T...], "batch": [0, B...], "context": C,  # optional: steps of a
+                 "seconds": [[s per B] per T], "samples": ...},       # chunk beside B decodes
+     "overhead": {"step_s": [s...], "request_s": [s...],             # optional: time outside
+                  "source": "engine loop" | "service"},               # engine steps (samples)
      "transfer": {"bytes": [N...], "seconds": [s per N]},
      "prefill_decode_ratio": [P, D]}  # optional: the split `tandem plan --save-ratio` found
+
+Version 1 files (no samples, mixed or overhead sections) still load: their steps have no
+spread, mixed steps are priced from the prefill and decode grids, and nothing outside engine
+steps is timed. What each section means and how the simulator uses it: docs/operations.md,
+"Capacity planning".
 """
 
 from __future__ import annotations
@@ -19,30 +30,53 @@ import bisect
 import itertools
 import json
 import math
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class ProfileError(ValueError):
     """A profile file that cannot be used: names the file and the field."""
 
 
+Samples = tuple[tuple[tuple[float, ...], ...], ...]  # [row][column][repeat] seconds
+
+
 @dataclass(frozen=True, slots=True)
 class Grid:
-    """Seconds measured over a grid: `seconds[i][j]` at `rows[i]`, `columns[j]`."""
+    """Seconds measured over a grid: `seconds[i][j]` (the median) at `rows[i]`, `columns[j]`;
+    `samples[i][j]` the repeats it is the median of, when the profile kept them."""
 
     rows: tuple[int, ...]
     columns: tuple[int, ...]
     seconds: tuple[tuple[float, ...], ...]
+    samples: Samples | None = None
 
     def at(self, row: float, column: float) -> float:
         """Bilinear between the measured points; linear beyond them (never below 0)."""
         values = [_interpolate(self.rows, [s[j] for s in self.seconds], row) for j in
                   range(len(self.columns))]  # fmt: skip
         return max(0.0, _interpolate(self.columns, values, column))
+
+    def spread(self, row: float, column: float) -> tuple[float, ...]:
+        """The measured repeats of the point nearest (row, column), each as a ratio to that
+        point's median: what a real step varies by around `at()`. (1.0,) without samples."""
+        if self.samples is None:
+            return NO_SPREAD
+        i, j = _nearest(self.rows, row), _nearest(self.columns, column)
+        median = self.seconds[i][j]
+        return tuple(s / median for s in self.samples[i][j])
+
+
+NO_SPREAD: tuple[float, ...] = (1.0,)  # a step as its median, every time
+
+
+def _nearest(points: tuple[int, ...], x: float) -> int:
+    return min(range(len(points)), key=lambda i: (abs(points[i] - x), i))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,23 +116,39 @@ class Profile:
     transfer: Curve  # points: bytes
     machine: str = ""
     prefill_decode_ratio: tuple[int, int] | None = None  # the best split a plan found
+    mixed: Mixed | None = None  # measured steps of a prefill chunk beside decodes
+    overhead: Overhead | None = None  # measured time outside engine steps
 
     def step_s(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float:
-        """One engine step: prefill chunks (tokens, context before) and decodes (context each).
-        A mixed step costs its prefill chunks at their own context plus what the decodes add
-        over one decode alone (the fixed per-step cost is paid once)."""
+        """One engine step's median seconds: prefill chunks (tokens, context before) and
+        decodes (context each). A mixed step costs its prefill chunks at their own context plus
+        what the decodes add to it: measured (the `mixed` grid: the step beside B decodes
+        minus the same chunk alone) when the profile has it, else what the decodes add over
+        one decode alone (the fixed per-step cost paid once)."""
+        return self.step(prefill_chunks, decode_contexts)[0]
+
+    def step(
+        self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]
+    ) -> tuple[float, tuple[float, ...]]:
+        """`step_s` and the measured spread of the point it comes from (ratios to its median:
+        the prefill's for a step with a prefill chunk, else the decode's; see Grid.spread)."""
         num_prefill = sum(tokens for tokens, _ in prefill_chunks)
-        prefill_s = 0.0
+        prefill_s, spread = 0.0, NO_SPREAD
         if num_prefill:
             context = sum(t * c for t, c in prefill_chunks) / num_prefill
             prefill_s = self.prefill.at(num_prefill, context)
+            spread = self.prefill.spread(num_prefill, context)
         if not decode_contexts:
-            return prefill_s
-        context = sum(decode_contexts) / len(decode_contexts)
-        decode_s = self.decode.at(len(decode_contexts), context)
+            return prefill_s, spread
+        batch = len(decode_contexts)
+        context = sum(decode_contexts) / batch
         if not num_prefill:
-            return decode_s
-        return prefill_s + max(0.0, decode_s - self.decode.at(1, context))
+            return self.decode.at(batch, context), self.decode.spread(batch, context)
+        if self.mixed is not None:  # measured at mixed.context; longer contexts add as decodes
+            longer_s = self.decode.at(batch, context) - self.decode.at(batch, self.mixed.context)
+            return prefill_s + max(0.0, self.mixed.added_s(num_prefill, batch) + longer_s), spread
+        decode_s = self.decode.at(batch, context)
+        return prefill_s + max(0.0, decode_s - self.decode.at(1, context)), spread
 
     def transfer_s(self, num_tokens: int) -> float:
         return self.transfer.at(num_tokens * self.kv_bytes_per_token)
@@ -121,6 +171,14 @@ class Profile:
                 "seconds": list(self.transfer.seconds),
             },
         }
+        if self.mixed is not None:
+            grid = self.mixed.grid
+            data["mixed"] = {"tokens": list(grid.rows), "batch": list(grid.columns),
+                             "context": self.mixed.context, **_times_json(grid)}  # fmt: skip
+        if self.overhead is not None:
+            data["overhead"] = {"source": self.overhead.source,
+                                "step_s": list(self.overhead.step_s),
+                                "request_s": list(self.overhead.request_s)}  # fmt: skip
         if self.prefill_decode_ratio is not None:
             data["prefill_decode_ratio"] = list(self.prefill_decode_ratio)
         return data
@@ -133,8 +191,14 @@ class Profile:
 
 
 def _grid_json(grid: Grid, rows: str) -> dict[str, Any]:
-    return {rows: list(grid.rows), "context": list(grid.columns),
-            "seconds": [list(r) for r in grid.seconds]}  # fmt: skip
+    return {rows: list(grid.rows), "context": list(grid.columns), **_times_json(grid)}
+
+
+def _times_json(grid: Grid) -> dict[str, Any]:
+    data: dict[str, Any] = {"seconds": [list(r) for r in grid.seconds]}
+    if grid.samples is not None:
+        data["samples"] = [[list(point) for point in row] for row in grid.samples]
+    return data
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -157,8 +221,14 @@ def profile_of(data: Any) -> Profile:
     """A Profile from parsed JSON; raises ProfileError naming the wrong field."""
     if not isinstance(data, dict):
         raise ProfileError(f"expected a JSON object, got {type(data).__name__}")
-    if data.get("version") != VERSION:
-        raise ProfileError(f"version={data.get('version')!r}: this planner reads version {VERSION}")
+    version = data.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ProfileError(f"version={version!r}: this planner reads versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")  # fmt: skip
+    if version == 1:  # nothing of version 2's may hide in it
+        extra = sorted({"mixed", "overhead"} & data.keys())
+        if extra:
+            raise ProfileError(f"version=1 with {extra}: those sections are version 2's")
     ints = {name: _positive_int(data, name) for name in (
         "block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
         "kv_bytes_per_token")}  # fmt: skip
@@ -170,6 +240,8 @@ def profile_of(data: Any) -> Profile:
         decode=_grid(data, "decode", "batch"),
         transfer=_curve(data, "transfer"),
         prefill_decode_ratio=_ratio(data.get("prefill_decode_ratio")),
+        mixed=_mixed(data),
+        overhead=_overhead(data),
         **ints,
     )
 
@@ -236,13 +308,122 @@ def _grid(data: dict[str, Any], name: str, rows_name: str) -> Grid:
     section = _section(data, name)
     rows = _axis(section.get(rows_name), f"{name}.{rows_name}", 1)
     columns = _axis(section.get("context"), f"{name}.context", 0)
+    return _grid_of(section, name, rows_name, rows, columns, data.get("version") != 1)
+
+
+def _grid_of(
+    section: dict[str, Any],
+    name: str,
+    rows_name: str,
+    rows: tuple[int, ...],
+    columns: tuple[int, ...],
+    may_sample: bool,
+) -> Grid:
     seconds = section.get("seconds")
     if not isinstance(seconds, list) or len(seconds) != len(rows):
         raise ProfileError(f"{name}.seconds must hold one list per {rows_name} ({len(rows)})")
     table = tuple(
         _seconds(row, f"{name}.seconds[{i}]", len(columns)) for i, row in enumerate(seconds)
     )
-    return Grid(rows, columns, table)
+    if "samples" not in section:
+        return Grid(rows, columns, table)
+    if not may_sample:
+        raise ProfileError(f"{name}.samples: version 1 profiles hold no samples")
+    samples = section["samples"]
+    if not isinstance(samples, list) or len(samples) != len(rows):
+        raise ProfileError(f"{name}.samples must hold one list per {rows_name} ({len(rows)})")
+    points = []
+    for i, row in enumerate(samples):
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise ProfileError(f"{name}.samples[{i}] must hold one list per column "
+                               f"({len(columns)})")  # fmt: skip
+        points.append(tuple(_repeats(p, f"{name}.samples[{i}][{j}]") for j, p in enumerate(row)))
+        for j, point in enumerate(points[-1]):
+            if not math.isclose(statistics.median(point), table[i][j], rel_tol=1e-9):
+                raise ProfileError(f"{name}.samples[{i}][{j}]: their median "
+                                   f"{statistics.median(point)!r} is not {name}.seconds[{i}][{j}]"
+                                   f" {table[i][j]!r}")  # fmt: skip
+    return Grid(rows, columns, table, tuple(points))
+
+
+def _repeats(value: Any, name: str) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ProfileError(f"{name} must be a non-empty list of times, got {value!r}")
+    return _seconds(value, name, len(value))
+
+
+@dataclass(frozen=True, slots=True)
+class Mixed:
+    """Steps of one prefill chunk of `rows` tokens (no context before it) beside `columns`
+    decodes of `context` tokens each; column 0 is the chunk alone, measured in the same run."""
+
+    grid: Grid  # rows: chunk tokens, columns: decodes beside it (the first is 0)
+    context: int
+
+    def added_s(self, num_prefill: int, batch: int) -> float:
+        """What `batch` decodes add to a step of `num_prefill` prefill tokens (never < 0)."""
+        return max(0.0, self.grid.at(num_prefill, batch) - self.grid.at(num_prefill, 0))
+
+
+def _mixed(data: dict[str, Any]) -> Mixed | None:
+    if "mixed" not in data:
+        return None
+    section = _section(data, "mixed")
+    rows = _axis(section.get("tokens"), "mixed.tokens", 1)
+    columns = _axis(section.get("batch"), "mixed.batch", 0)
+    if columns[0] != 0 or len(columns) < 2:
+        raise ProfileError(f"mixed.batch={list(columns)} must start at 0 (the chunk alone) "
+                           "and hold a batch beside it")  # fmt: skip
+    context = section.get("context")
+    if type(context) is not int or context < 1:
+        raise ProfileError(f"mixed.context={context!r} must be an int >= 1")
+    return Mixed(_grid_of(section, "mixed", "tokens", rows, columns, True), context)
+
+
+OVERHEAD_SOURCES = ("engine loop", "service")
+
+
+@dataclass(frozen=True, slots=True)
+class Overhead:
+    """Measured time outside engine steps (samples, seconds). `step_s`: what the real engine
+    loop spends per step beside `Engine.step` (its inbox, its role's turn, handing outputs
+    over). `request_s`: a request's time from its sender to the engine and its first output
+    back, beyond the engine's steps (`source` says through what: the engine loop alone, or a
+    whole service: router, Ray, gRPC)."""
+
+    step_s: tuple[float, ...]
+    request_s: tuple[float, ...]
+    source: str
+
+    def describe(self) -> str:
+        def ms(samples: tuple[float, ...]) -> str:
+            ordered = sorted(samples)
+            p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+            return f"median {1000 * ordered[len(ordered) // 2]:.2f} ms, p99 {1000 * p99:.2f} ms"
+
+        steps, requests = self.step_s, self.request_s
+        return (f"per step {ms(steps)} ({len(steps)} steps); per request {ms(requests)} "
+                f"({len(requests)} requests), {self.source}")  # fmt: skip
+
+
+def _overhead(data: dict[str, Any]) -> Overhead | None:
+    if "overhead" not in data:
+        return None
+    section = _section(data, "overhead")
+    source = section.get("source")
+    if source not in OVERHEAD_SOURCES:
+        raise ProfileError(f"overhead.source={source!r} must be one of {OVERHEAD_SOURCES}")
+    samples = {}
+    for name in ("step_s", "request_s"):
+        value = section.get(name)
+        if not isinstance(value, list) or not value:
+            raise ProfileError(f"overhead.{name}={value!r} must be a non-empty list of seconds")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                    v >= 0 and math.isfinite(v)):  # fmt: skip
+                raise ProfileError(f"overhead.{name} holds {v!r}: times must be seconds >= 0")
+        samples[name] = tuple(float(v) for v in value)
+    return Overhead(samples["step_s"], samples["request_s"], source)
 
 
 def _curve(data: dict[str, Any], name: str) -> Curve:

@@ -5,14 +5,19 @@ of their logic): a step is what `Scheduler.schedule()` returns, its duration is 
 profile (`Profile.step_s`), and `Scheduler.update` advances it. The router's side is the
 router's own code: `Placement.pick` chooses workers by the loads `assigned` keeps,
 `DisaggPolicy.decide` chooses where a disaggregated request prefills, and the decode workers'
-recent ITL comes from `WorkerLoad.observe_itl`. What is modelled and what is not:
-docs/operations.md, "Capacity planning". No threads, no I/O, no clock: time is simulated.
+recent ITL comes from `WorkerLoad.observe_itl`. Where the profile measured them, a step's time
+varies as its repeats did (a ratio to the median drawn per step), each step adds the engine
+loop's measured host time, and each request reaches its worker after a measured overhead; all
+drawn from `random.Random`s seeded by `seed`, so a simulation is deterministic. What is modelled
+and what is not: docs/operations.md, "Capacity planning". No threads, no I/O, no clock: time is
+simulated.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -88,15 +93,21 @@ class _Tracked:
 class SimWorker:
     """One engine: the real scheduler and block manager, steps timed by the profile."""
 
-    def __init__(self, worker_id: str, profile: Profile, config: SchedulerConfig) -> None:
+    def __init__(
+        self, worker_id: str, profile: Profile, config: SchedulerConfig, seed: int = 0
+    ) -> None:
         self.block_manager = BlockManager(profile.num_kv_blocks, profile.block_size)
         self.scheduler = Scheduler(config, self.block_manager)
         self.member = Member(cast(WorkerClient, _Client(worker_id)))
         self.profile = profile
         self.is_busy = False
         self.prefill_only: set[str] = set()
+        self.rng = random.Random(f"{seed}:{worker_id}")  # str seeds are stable across runs
 
-    def step_s(self, output: SchedulerOutput) -> float:
+    def step_s(self, output: SchedulerOutput) -> tuple[float, float]:
+        """(the engine step's seconds, the loop's host seconds beside it): the profile's
+        median for the step times a ratio drawn from its point's repeats, and a draw of the
+        measured per-step host time (0 where the profile has no samples of either)."""
         chunks, decodes = [], []
         for item in output.scheduled:
             seq = item.seq
@@ -104,7 +115,10 @@ class SimWorker:
                 decodes.append(seq.num_computed_tokens)
             else:
                 chunks.append((item.num_new_tokens, seq.num_computed_tokens))
-        return self.profile.step_s(chunks, decodes)
+        median_s, spread = self.profile.step(chunks, decodes)
+        engine_s = median_s * self.rng.choice(spread)
+        overhead = self.profile.overhead
+        return engine_s, self.rng.choice(overhead.step_s) if overhead is not None else 0.0
 
     def report(self) -> None:
         """What a health check would tell the router (here after every step)."""
@@ -129,19 +143,21 @@ class Simulation:
         layout: Layout,
         target_itl_s: float | None = None,
         horizon_s: float = 3600.0,
+        seed: int = 0,
     ) -> None:
         self.profile = profile
         self.layout = layout
         self.horizon_s = horizon_s
+        self.rng = random.Random(f"{seed}:requests")
         base = SchedulerConfig(profile.max_num_seqs, profile.max_num_batched_tokens)
         # decode workers that may prefill protect their streams' ITL, as `tandem serve` does
         decode_config = base
         if layout.num_prefill and target_itl_s is not None:
             decode_config = SchedulerConfig(base.max_num_seqs, base.max_num_batched_tokens,
                                             target_step_s=target_itl_s)  # fmt: skip
-        self.decode = [SimWorker(f"decode-{i}", profile, decode_config)
+        self.decode = [SimWorker(f"decode-{i}", profile, decode_config, seed)
                        for i in range(layout.num_decode)]  # fmt: skip
-        self.prefill = [SimWorker(f"prefill-{i}", profile, base)
+        self.prefill = [SimWorker(f"prefill-{i}", profile, base, seed)
                         for i in range(layout.num_prefill)]  # fmt: skip
         self.decode_placement = Placement(prefill=False)
         self.prefill_placement = Placement(prefill=True)
@@ -172,13 +188,20 @@ class Simulation:
         num_prompt = len(request.prompt_token_ids)
         is_local = not self.prefill or self._decide(request, decode) == LOCAL  # as the router:
         tracked.stack.enter_context(assigned(decode.member, num_prompt))  # decide, then count
-        if is_local:
-            self._start(decode, request, prefill_only=False)
-            return
-        prefill = self._pick(self.prefill, self.prefill_placement, "prefill")
-        tracked.prefill = ExitStack()
-        tracked.prefill.enter_context(assigned(prefill.member, num_prompt))
-        self._start(prefill, request, prefill_only=True)
+        worker = decode
+        if not is_local:
+            worker = self._pick(self.prefill, self.prefill_placement, "prefill")
+            tracked.prefill = ExitStack()
+            tracked.prefill.enter_context(assigned(worker.member, num_prompt))
+        delay_s = self._request_overhead_s()
+        if delay_s:  # the way to the worker and the first output's back, taken on the way in
+            self._at(self.now_s + delay_s, lambda: self._start(worker, request, not is_local))
+        else:
+            self._start(worker, request, prefill_only=not is_local)
+
+    def _request_overhead_s(self) -> float:
+        overhead = self.profile.overhead
+        return self.rng.choice(overhead.request_s) if overhead is not None else 0.0
 
     def _pick(self, pool: list[SimWorker], placement: Placement, name: str) -> SimWorker:
         return pool[placement.pick(name, [w.member for w in pool])]
@@ -212,12 +235,13 @@ class Simulation:
         if not output.scheduled:
             return  # nothing fits now: a finish or an arrival kicks it again
         worker.is_busy = True
-        step_s = worker.step_s(output)
-        self._at(self.now_s + step_s, lambda: self._step_done(worker, output, step_s))
+        engine_s, host_s = worker.step_s(output)
+        self._at(self.now_s + engine_s + host_s,
+                 lambda: self._step_done(worker, output, engine_s))  # fmt: skip
 
-    def _step_done(self, worker: SimWorker, output: SchedulerOutput, step_s: float) -> None:
+    def _step_done(self, worker: SimWorker, output: SchedulerOutput, engine_s: float) -> None:
         scheduler = worker.scheduler
-        scheduler.observe_step(output.num_tokens, step_s)
+        scheduler.observe_step(output.num_tokens, engine_s)  # the engine times its step only
         samplers = [item.seq for item in output.scheduled if item.samples_token]
         scheduler.update(output, [SAMPLED_TOKEN_ID] * len(samplers))
         for seq in samplers:
