@@ -5,6 +5,7 @@ and `tandem plan` end to end at a tiny size."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,24 @@ def test_profile_interpolates_between_points() -> None:
 
 
 BAD_PROFILES = [
-    ({"version": 2}, "version=2"),
+    ({"version": 3}, "version=3: this planner reads versions 1, 2"),
+    ({"version": 1, "mixed": {}}, r"version=1 with \['mixed'\]"),
+    ({"version": 1, "decode": {"batch": [1], "context": [0], "seconds": [[1.0]],
+                               "samples": [[[1.0]]]}}, "version 1 profiles hold no samples"),
+    ({"version": 2, "decode": {"batch": [1], "context": [0], "seconds": [[1.0]],
+                               "samples": [[[1.0, 3.0, 4.0]]]}}, "median 3.0 is not decode"),
+    ({"version": 2, "decode": {"batch": [1], "context": [0], "seconds": [[1.0]],
+                               "samples": [[[]]]}}, r"decode.samples\[0\]\[0\] must be a non-emp"),
+    ({"version": 2, "mixed": {"tokens": [8], "batch": [1, 8], "context": 16,
+                              "seconds": [[1.0, 1.0]]}}, "must start at 0"),
+    ({"version": 2, "mixed": {"tokens": [8], "batch": [0, 8], "context": 0,
+                              "seconds": [[1.0, 1.0]]}}, "mixed.context=0"),
+    ({"version": 2, "overhead": {"source": "guess", "step_s": [0.0], "request_s": [0.0]}},
+     "overhead.source='guess'"),
+    ({"version": 2, "overhead": {"source": "service", "step_s": [-0.001], "request_s": [0.0]}},
+     "overhead.step_s holds -0.001"),
+    ({"version": 2, "overhead": {"source": "service", "step_s": [0.0], "request_s": []}},
+     "overhead.request_s=\\[\\] must be a non-empty"),
     ({"model": ""}, "model=''"),
     ({"num_kv_blocks": 0}, "num_kv_blocks=0"),
     ({"block_size": 16.0}, "block_size=16.0"),
@@ -131,7 +149,7 @@ BAD_PROFILES = [
     ({"transfer": {"bytes": [1], "seconds": [-1.0]}}, "times must be positive"),
     ({"transfer": {"bytes": [1], "seconds": [True]}}, "times must be positive"),
     ({"prefill_decode_ratio": [1, 0]}, "prefill_decode_ratio"),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("changes, message", BAD_PROFILES)
@@ -197,3 +215,103 @@ def test_plan_and_bench_build_the_same_workload_from_the_same_flags() -> None:
         planned = plan_parser.parse_args(["--profile", "p.json", "--gpus", "2", *flags])
         measured = bench_parser.parse_args(["--workload", "mixed", *flags])
         assert workload_from_args(planned) == workload_from_args(measured)
+
+
+# profile version 2: what the simulator adds to the median steps, each against a hand count
+
+
+def v2(**changes: Any) -> dict[str, Any]:
+    return profile_json(version=2, **changes)
+
+
+def test_a_version_1_profile_still_loads_without_spread_mixed_or_overhead() -> None:
+    profile = load_profile(Path(__file__).parents[2] / "bench/data/h100_planner_profile_v1.json")
+    assert profile.mixed is None and profile.overhead is None
+    assert profile.prefill.spread(2048, 0) == (1.0,) and profile.decode.samples is None
+
+
+def test_a_version_2_profile_round_trips(tmp_path: Path) -> None:
+    data = v2(
+        decode={"batch": [1, 64], "context": [0], "seconds": [[0.01], [0.02]],
+                "samples": [[[0.005, 0.01, 0.03]], [[0.02, 0.02]]]},
+        mixed={"tokens": [32], "batch": [0, 1], "context": 16, "seconds": [[0.1, 0.13]]},
+        overhead={"source": "engine loop", "step_s": [0.001], "request_s": [0.02, 0.03]},
+    )  # fmt: skip
+    path = tmp_path / "p.json"
+    profile_of(data).save(path)
+    assert load_profile(path) == profile_of(data)
+
+
+def test_request_overhead_delays_the_first_token_and_step_overhead_every_step() -> None:
+    """The request reaches its worker 0.02 s after it arrived; each step lasts its 0.1 s
+    prefill or 0.01 s decode plus the loop's 0.001 s: tokens at 0.121, 0.132, 0.143."""
+    overhead = {"source": "service", "step_s": [0.001], "request_s": [0.02]}
+    (times,) = token_times(COLOCATED_1, [request(0, 0.0, 32, 3)], version=2, overhead=overhead)
+    assert times == pytest.approx([0.121, 0.132, 0.143])
+
+
+def test_the_scheduler_learns_step_times_without_the_loop_overhead() -> None:
+    """The engine times its own step (observe_step), not the loop's time around it."""
+    profile = profile_of(v2(overhead={"source": "service", "step_s": [0.5], "request_s": [0.0]}))
+    simulation = Simulation(profile, COLOCATED_1)
+    simulation.run([request(0, 0.0, 32, 3)])
+    model = simulation.decode[0].scheduler.step_time
+    per_token_s = (0.1 - 0.01) / 31  # through (32 tokens, 0.1 s) and (1 token, 0.01 s)
+    assert model.num_observed == 3
+    assert model.line() == pytest.approx((0.01 - per_token_s, per_token_s))
+
+
+def test_grid_spread_is_the_nearest_points_repeats_over_its_median() -> None:
+    grid = {"batch": [1, 64], "context": [0], "seconds": [[0.01], [0.02]],
+            "samples": [[[0.005, 0.01, 0.03]], [[0.02, 0.02]]]}  # fmt: skip
+    profile = profile_of(v2(decode=grid))
+    assert profile.decode.spread(8, 500) == pytest.approx((0.5, 1.0, 3.0))  # nearest: 1
+    assert profile.decode.spread(60, 0) == pytest.approx((1.0, 1.0))
+    # a step's time: the interpolated median times the spread of its nearest point
+    median_s, spread = profile.step([], [0] * 8)
+    assert median_s == pytest.approx(0.01 + 0.01 * 7 / 63) and spread == pytest.approx(
+        (0.5, 1.0, 3.0))  # fmt: skip
+
+
+def decode_gaps(seed: int) -> list[float]:
+    grid = {"batch": [1, 64], "context": [0, 4096], "seconds": [[0.01, 0.01], [0.01, 0.01]],
+            "samples": [[[0.005, 0.01, 0.03]] * 2] * 2}  # fmt: skip
+    profile = profile_of(v2(decode=grid))
+    (record,) = Simulation(profile, COLOCATED_1, seed=seed).run([request(0, 0.0, 32, 301)])
+    times = record.chunk_times_s
+    assert times[0] == pytest.approx(0.1)  # prefill: no samples, its median
+    return [round(b - a, 9) for a, b in itertools.pairwise(times)]
+
+
+def test_decode_steps_are_drawn_from_their_repeats_deterministically_by_seed() -> None:
+    gaps = decode_gaps(seed=0)
+    assert len(gaps) == 300 and set(gaps) == {0.005, 0.01, 0.03}  # the measured ones only
+    assert min(gaps.count(v) for v in (0.005, 0.01, 0.03)) >= 70  # each about a third
+    assert decode_gaps(seed=0) == gaps  # deterministic
+    assert decode_gaps(seed=1) != gaps  # the seed picks the draws
+
+
+MIXED = {"tokens": [32, 2048], "batch": [0, 1, 8], "context": 16,
+         "seconds": [[0.1, 0.13, 0.15], [0.1, 0.13, 0.15]]}  # fmt: skip
+
+
+def test_a_mixed_step_costs_its_prefill_plus_what_the_measured_decodes_add() -> None:
+    """As test_a_second_request_joins_the_running_batch, but B's prefill beside A's decode
+    now costs 0.1 + (0.13 - 0.1) measured (1 decode beside a chunk): [0.1, 0.23]."""
+    requests = [request(0, 0.0, 32, 3), request(1, 0.05, 32, 2)]
+    a, b = token_times(COLOCATED_1, requests, version=2, mixed=MIXED)
+    assert a == pytest.approx([0.1, 0.23, 0.24])
+    assert b == pytest.approx([0.23, 0.24])
+
+
+def test_mixed_pricing_adds_longer_decode_contexts_as_the_decode_grid_does() -> None:
+    """Measured at decode context 16; decodes at 2,064 add what the decode grid says 2,048
+    more tokens of context cost at their batch: 0.04 * 2048 / 4096 = 0.02."""
+    decode = {"batch": [1, 64], "context": [0, 4096], "seconds": [[0.01, 0.05], [0.01, 0.05]]}
+    profile = profile_of(v2(mixed=MIXED, decode=decode))
+    assert profile.step_s([(32, 0)], [16]) == pytest.approx(0.13)
+    assert profile.step_s([(32, 0)], [2064]) == pytest.approx(0.15)
+    assert profile.step_s([(32, 0)], [16] * 8) == pytest.approx(0.15)
+    assert profile.step_s([(32, 0)], [16] * 4) == pytest.approx(0.1 + 0.03 + 0.02 * 3 / 7)
+    # without the mixed section (version 1's pricing): the decodes' added cost over one
+    assert profile_of(v2(decode=decode)).step_s([(32, 0)], [16] * 8) == pytest.approx(0.1)
