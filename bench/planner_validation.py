@@ -10,6 +10,10 @@ profile the Llama-3-8B shape (dummy weights; the engine limits of run B: 64 sequ
 tokens a step), predict run B's sweep for colocated (2 workers) and 1P1D (`--disagg always`),
 and print them against the recorded goodput and p99 TTFT. Target: within 15%.
 
+Both profiles are version 2: every point's repeats, mixed prefill+decode steps, and the time
+outside engine steps measured through a real one-worker `tandem serve` (`--service-requests`);
+`--profile P` predicts from an existing profile instead (version 1 files too).
+
     python -m bench.planner_validation --cpu --out DIR
     python -m bench.planner_validation --h100 --out DIR
 """
@@ -73,7 +77,9 @@ def profile(args: argparse.Namespace, out: Path) -> str:
     if args.cpu:
         tandem("profile", "--device", "cpu", "--prefill-tokens", "16,64,128,256",
                "--prefill-context", "0,128", "--decode-batch", "1,4,16",
-               "--decode-context", "32,160", "--out", path)  # fmt: skip
+               "--decode-context", "32,160", "--repeats", "5", "--mixed-tokens", "16,128",
+               "--mixed-batch", "0,4,16", "--mixed-context", "160", "--loop-batch", "4",
+               "--service-requests", "16", "--out", path)  # fmt: skip
     else:
         tandem("profile", "--model", "dummy:llama-3-8b", "--device", "cuda",
                "--max-num-seqs", "64", "--max-num-batched-tokens", "2048",
@@ -81,7 +87,9 @@ def profile(args: argparse.Namespace, out: Path) -> str:
                "--decode-batch", "1,8,16,32,64", "--decode-context", "128,512,1024",
                "--transfer-bytes", "1048576,16777216,134217728",
                "--transfer-gbps", str(H100_TRANSFER_GBPS), "--repeats", "5",
-               "--out", path)  # fmt: skip
+               "--decode-steps", "16", "--mixed-tokens", "64,512,1024,1984",
+               "--mixed-batch", "0,8,32,64", "--mixed-context", "512", "--loop-requests", "16",
+               "--loop-batch", "32", "--service-requests", "16", "--out", path)  # fmt: skip
     return path
 
 

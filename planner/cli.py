@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from bench.serving.cli import add_workload_shape_arguments, parse_rates
 
@@ -56,6 +57,12 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="loop overhead: requests one at a time (0: none)")  # fmt: skip
     parser.add_argument("--loop-batch", type=int, default=8,
                         help="loop overhead: then this many at once")  # fmt: skip
+    parser.add_argument("--service-requests", type=int, default=0,
+                        help="then time N requests through a real tandem serve of one "
+                        "worker (router, Ray, gRPC): the overhead outside engine steps "
+                        "(replaces the engine loop's); 0: the engine loop's only")  # fmt: skip
+    parser.add_argument("--service-timeout", type=float, default=900.0,
+                        help="seconds for that service to start")  # fmt: skip
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="the serving engine's (recorded; default: the device's)")  # fmt: skip
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -80,9 +87,37 @@ def run_profile(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
     )  # fmt: skip
+    if args.service_requests < 0:
+        raise ValueError(f"--service-requests={args.service_requests} must be >= 0")
     profile = measure_profile(config)
+    if args.service_requests:
+        profile = with_service_overhead(profile, args)
     print(f"profile: {profile.save(args.out)}")
     return 0
+
+
+def with_service_overhead(profile: Any, args: argparse.Namespace) -> Any:
+    """The profile with its overhead measured through a real service of the same engine
+    (started once the profile's engine is gone: its memory is the service's)."""
+    import gc
+    from dataclasses import replace
+
+    import torch
+
+    from planner.overhead import measure_service_overhead
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    serve = ["--device", args.device, "--max-num-seqs", str(profile.max_num_seqs),
+             "--max-num-batched-tokens", str(profile.max_num_batched_tokens)]  # fmt: skip
+    if args.model:
+        serve += ["--model", args.model]
+    overhead = measure_service_overhead(profile, serve, args.service_requests,
+                                        args.decode_steps, Path(f"{args.out}.serve.log"),
+                                        args.service_timeout)  # fmt: skip
+    print(f"service: {overhead.describe()}")
+    return replace(profile, overhead=overhead)
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +171,8 @@ def run_plan(args: argparse.Namespace) -> int:
     predictions = plan.plan(profile, candidates, workload_from_args(args), args.rates, slo,
                             args.num_prompts, args.seed, target_itl_s)  # fmt: skip
     print(f"profile: {profile.model} on {profile.device} ({args.profile}); {args.gpus} GPUs; "
-          f"SLO {slo.describe()}; {args.num_prompts} requests per rate (simulated)\n")  # fmt: skip
+          f"SLO {slo.describe()}; {args.num_prompts} requests per rate (simulated)\n"
+          f"modelled: {profile.modelled()}\n")  # fmt: skip
     print(plan.table(predictions))
     best = plan.recommend(predictions)
     print(f"\nrecommended: {best.layout} (predicted goodput {best.summary.goodput or 0:.2f} "

@@ -1,26 +1,33 @@
-"""Time outside engine steps, measured through the real engine loop (`tandem profile`).
+"""Time outside engine steps (`tandem profile`): through the real engine loop, or a service.
 
-`worker.engine_loop.EngineLoop` drives the profile's engine on its own thread, as in a worker,
-while this thread's asyncio loop submits requests and reads their outputs, as a worker's does.
-`Engine.step` is timed on the engine thread; what the loop spends beside it is the overhead:
+Engine loop (`measure_loop_overhead`, always): `worker.engine_loop.EngineLoop` drives the
+profile's engine on its own thread, as in a worker, while this thread's asyncio loop submits
+requests and reads their outputs. `Engine.step` is timed on the engine thread; the overhead:
 - per step: from the end of one step to the start of the next while requests are unfinished
   (the loop's inbox, its role's turn, handing the outputs over);
 - per request: from `submit` to its first output at the reader, less the engine steps that
   ran in between (requests one at a time, so no other request's steps are among them).
 Requests run one at a time, then `batch` at once (the steps' handoff grows with the batch).
-Not measured here: what a service adds around the loop (router, Ray, gRPC).
+Service (`measure_service_overhead`, `--service-requests`): a real `tandem serve` of one
+colocated worker (router, Ray, gRPC), requests one at a time from a gRPC client: per request its
+TTFT less the profile's median step for its prompt, per step each inter-token gap less the
+profile's median decode step (samples below the median count as 0: the engine's own spread is
+drawn from the step repeats).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from contracts.sampling_params import SamplingParams
-from planner.profile import Overhead
+from planner.profile import Overhead, Profile
 
 PROMPT_TOKENS = 16  # each request's prompt: one small chunk
 
@@ -45,9 +52,7 @@ class _StepTimer:
     def gaps_s(self) -> list[float]:
         """Seconds from each step's end to the next one's start while requests were left."""
         return [
-            after[0] - before[1]
-            for before, after in zip(self.steps, self.steps[1:], strict=False)
-            if before[2]
+            after[0] - before[1] for before, after in itertools.pairwise(self.steps) if before[2]
         ]
 
     def restore(self) -> None:
@@ -106,3 +111,53 @@ async def _serve(loop: Any, ids: Callable[[int], list[int]], steps: int) -> list
         times.append(time.perf_counter())
         if item.finished:
             return times
+
+
+def measure_service_overhead(
+    profile: Profile,
+    serve_args: list[str],
+    num_requests: int,
+    steps: int,
+    log_path: Path,
+    start_timeout_s: float = 900.0,
+) -> Overhead:
+    """Start `tandem serve --mode colocated --workers 1 SERVE_ARGS` (its log in `log_path`),
+    send `num_requests` requests of `steps` + 1 tokens one at a time (after 2 warm-ups) and
+    return the overhead samples against `profile`'s medians (module docstring)."""
+    from bench.disagg_experiment import tandem_serve
+
+    serve = ["--mode", "colocated", "--workers", "1", *serve_args]
+    with tandem_serve(serve, log_path, start_timeout_s, "profile") as port:
+        records = asyncio.run(_through_service(port, num_requests + 2, steps))[2:]
+    request_s, step_s = [], []
+    prefill_s = profile.prefill.at(PROMPT_TOKENS, 0)
+    for record in records:
+        if record.error is not None or not record.chunk_times_s:
+            raise RuntimeError(f"a request through the service failed: {record.error}")
+        times = record.chunk_times_s
+        request_s.append(max(0.0, times[0] - record.start_s - prefill_s))
+        if len(times) != record.output_tokens:  # some chunk carried 2 tokens: gaps unknown
+            continue
+        for index, (before, after) in enumerate(itertools.pairwise(times)):
+            decode_s = profile.decode.at(1, PROMPT_TOKENS + index + 1)
+            step_s.append(max(0.0, after - before - decode_s))
+    if not step_s:
+        raise RuntimeError("no request through the service streamed one token a chunk")
+    return Overhead(tuple(step_s), tuple(request_s), "service")
+
+
+async def _through_service(port: int, num_requests: int, steps: int) -> list[Any]:
+    from bench.serving.client import make_sender, server_info
+    from bench.serving.connection import open_channel
+    from bench.serving.workload import Prompt
+
+    target = f"127.0.0.1:{port}"
+    async with open_channel(target, None, aio=True) as channel:
+        vocab_size = (await server_info(channel, target, 60.0)).vocab_size
+        send = make_sender(channel, uuid.uuid4().hex[:8], 0.0, 600.0)
+        rng = random.Random(0)
+        records = []
+        for index in range(num_requests):
+            prompt = Prompt(tuple(rng.randrange(vocab_size) for _ in range(PROMPT_TOKENS)))
+            records.append((await send(index, "overhead", prompt, steps + 1)).record)
+        return records

@@ -150,6 +150,15 @@ class Profile:
         decode_s = self.decode.at(batch, context)
         return prefill_s + max(0.0, decode_s - self.decode.at(1, context)), spread
 
+    def modelled(self) -> str:
+        """What the simulator draws from this profile beyond median steps, in words."""
+        spread = "step spread from repeats" if self.prefill.samples or self.decode.samples else (
+            "no step spread (no repeats kept)")  # fmt: skip
+        mixed = "mixed steps measured" if self.mixed else "mixed steps from prefill + decode"
+        overhead = (f"overhead outside steps ({self.overhead.source})" if self.overhead
+                    else "no overhead outside steps")  # fmt: skip
+        return f"{spread}; {mixed}; {overhead}"
+
     def transfer_s(self, num_tokens: int) -> float:
         return self.transfer.at(num_tokens * self.kv_bytes_per_token)
 
