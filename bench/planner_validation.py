@@ -79,7 +79,7 @@ def profile(args: argparse.Namespace, out: Path) -> str:
                "--prefill-context", "0,128", "--decode-batch", "1,4,16",
                "--decode-context", "32,160", "--repeats", "5", "--mixed-tokens", "16,128",
                "--mixed-batch", "0,4,16", "--mixed-context", "160", "--loop-batch", "4",
-               "--service-requests", "16", "--out", path)  # fmt: skip
+               "--service-requests", "16", "--service-batch", "4", "--out", path)  # fmt: skip
     else:
         tandem("profile", "--model", "dummy:llama-3-8b", "--device", "cuda",
                "--max-num-seqs", "64", "--max-num-batched-tokens", "2048",
@@ -89,7 +89,8 @@ def profile(args: argparse.Namespace, out: Path) -> str:
                "--transfer-gbps", str(H100_TRANSFER_GBPS), "--repeats", "5",
                "--decode-steps", "16", "--mixed-tokens", "64,512,1024,1984",
                "--mixed-batch", "0,8,32,64", "--mixed-context", "512", "--loop-requests", "16",
-               "--loop-batch", "32", "--service-requests", "16", "--out", path)  # fmt: skip
+               "--loop-batch", "32", "--service-requests", "16", "--service-batch", "32",
+               "--out", path)  # fmt: skip
     return path
 
 

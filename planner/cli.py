@@ -61,6 +61,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="then time N requests through a real tandem serve of one "
                         "worker (router, Ray, gRPC): the overhead outside engine steps "
                         "(replaces the engine loop's); 0: the engine loop's only")  # fmt: skip
+    parser.add_argument("--service-batch", type=int, default=8,
+                        help="... then this many at once through it")  # fmt: skip
     parser.add_argument("--service-timeout", type=float, default=900.0,
                         help="seconds for that service to start")  # fmt: skip
     parser.add_argument("--max-num-seqs", type=int, default=None,
@@ -87,8 +89,9 @@ def run_profile(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
     )  # fmt: skip
-    if args.service_requests < 0:
-        raise ValueError(f"--service-requests={args.service_requests} must be >= 0")
+    if args.service_requests < 0 or args.service_batch < 1:
+        raise ValueError(f"--service-requests={args.service_requests} must be >= 0 and "
+                         f"--service-batch={args.service_batch} >= 1")  # fmt: skip
     profile = measure_profile(config)
     if args.service_requests:
         profile = with_service_overhead(profile, args)
@@ -113,8 +116,9 @@ def with_service_overhead(profile: Any, args: argparse.Namespace) -> Any:
              "--max-num-batched-tokens", str(profile.max_num_batched_tokens)]  # fmt: skip
     if args.model:
         serve += ["--model", args.model]
+    log = Path(f"{args.out}.serve.log")
     overhead = measure_service_overhead(profile, serve, args.service_requests,
-                                        args.decode_steps, Path(f"{args.out}.serve.log"),
+                                        args.service_batch, args.decode_steps, log,
                                         args.service_timeout)  # fmt: skip
     print(f"service: {overhead.describe()}")
     return replace(profile, overhead=overhead)

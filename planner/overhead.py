@@ -9,10 +9,10 @@ requests and reads their outputs. `Engine.step` is timed on the engine thread; t
   ran in between (requests one at a time, so no other request's steps are among them).
 Requests run one at a time, then `batch` at once (the steps' handoff grows with the batch).
 Service (`measure_service_overhead`, `--service-requests`): a real `tandem serve` of one
-colocated worker (router, Ray, gRPC), requests one at a time from a gRPC client: per request its
-TTFT less the profile's median step for its prompt, per step each inter-token gap less the
-profile's median decode step (samples below the median count as 0: the engine's own spread is
-drawn from the step repeats).
+colocated worker (router, Ray, gRPC), requests from a gRPC client one at a time, then a batch at
+once: per request its TTFT less the profile's median step for its prompt, per step each
+inter-token gap less the profile's median decode step at that batch (samples below the median
+count as 0: the engine's own spread is drawn from the step repeats).
 """
 
 from __future__ import annotations
@@ -117,36 +117,47 @@ def measure_service_overhead(
     profile: Profile,
     serve_args: list[str],
     num_requests: int,
+    batch: int,
     steps: int,
     log_path: Path,
     start_timeout_s: float = 900.0,
 ) -> Overhead:
     """Start `tandem serve --mode colocated --workers 1 SERVE_ARGS` (its log in `log_path`),
-    send `num_requests` requests of `steps` + 1 tokens one at a time (after 2 warm-ups) and
-    return the overhead samples against `profile`'s medians (module docstring)."""
+    send `num_requests` requests of `steps` + 1 tokens one at a time (after 2 warm-ups), then
+    `batch` at once, and return the overhead samples against `profile`'s medians (module
+    docstring; the batch's gaps against its decode step at that batch)."""
     from bench.disagg_experiment import tandem_serve
 
     serve = ["--mode", "colocated", "--workers", "1", *serve_args]
     with tandem_serve(serve, log_path, start_timeout_s, "profile") as port:
-        records = asyncio.run(_through_service(port, num_requests + 2, steps))[2:]
-    request_s, step_s = [], []
+        alone, together = asyncio.run(_through_service(port, num_requests + 2, batch, steps))
     prefill_s = profile.prefill.at(PROMPT_TOKENS, 0)
-    for record in records:
-        if record.error is not None or not record.chunk_times_s:
-            raise RuntimeError(f"a request through the service failed: {record.error}")
-        times = record.chunk_times_s
-        request_s.append(max(0.0, times[0] - record.start_s - prefill_s))
-        if len(times) != record.output_tokens:  # some chunk carried 2 tokens: gaps unknown
-            continue
-        for index, (before, after) in enumerate(itertools.pairwise(times)):
-            decode_s = profile.decode.at(1, PROMPT_TOKENS + index + 1)
-            step_s.append(max(0.0, after - before - decode_s))
+    request_s = [max(0.0, r.chunk_times_s[0] - r.start_s - prefill_s) for r in alone[2:]]
+    step_s = _step_samples(profile, alone[2:], 1) + _step_samples(profile, together, batch)
     if not step_s:
         raise RuntimeError("no request through the service streamed one token a chunk")
     return Overhead(tuple(step_s), tuple(request_s), "service")
 
 
-async def _through_service(port: int, num_requests: int, steps: int) -> list[Any]:
+def _step_samples(profile: Profile, records: list[Any], batch: int) -> list[float]:
+    """Each inter-token gap less the profile's median decode step at `batch` (never < 0)."""
+    samples = []
+    for record in records:
+        times = record.chunk_times_s
+        if record.error is not None or not times:
+            raise RuntimeError(f"a request through the service failed: {record.error}")
+        if len(times) != record.output_tokens:  # some chunk carried 2 tokens: gaps unknown
+            continue
+        for index, (before, after) in enumerate(itertools.pairwise(times)):
+            decode_s = profile.decode.at(batch, PROMPT_TOKENS + index + 1)
+            samples.append(max(0.0, after - before - decode_s))
+    return samples
+
+
+async def _through_service(
+    port: int, num_requests: int, batch: int, steps: int
+) -> tuple[list[Any], list[Any]]:
+    """Records of `num_requests` requests one at a time, then of `batch` at once."""
     from bench.serving.client import make_sender, server_info
     from bench.serving.connection import open_channel
     from bench.serving.workload import Prompt
@@ -156,8 +167,11 @@ async def _through_service(port: int, num_requests: int, steps: int) -> list[Any
         vocab_size = (await server_info(channel, target, 60.0)).vocab_size
         send = make_sender(channel, uuid.uuid4().hex[:8], 0.0, 600.0)
         rng = random.Random(0)
-        records = []
-        for index in range(num_requests):
-            prompt = Prompt(tuple(rng.randrange(vocab_size) for _ in range(PROMPT_TOKENS)))
-            records.append((await send(index, "overhead", prompt, steps + 1)).record)
-        return records
+
+        def prompt() -> Prompt:
+            return Prompt(tuple(rng.randrange(vocab_size) for _ in range(PROMPT_TOKENS)))
+
+        alone = [(await send(i, "alone", prompt(), steps + 1)).record for i in range(num_requests)]
+        sends = [send(num_requests + i, "together", prompt(), steps + 1) for i in range(batch)]
+        together = [c.record for c in await asyncio.gather(*sends)]
+        return alone, together

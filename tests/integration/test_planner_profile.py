@@ -50,3 +50,21 @@ def test_tandem_profile_keeps_repeats_mixed_steps_and_the_loop_overhead(tmp_path
     assert overhead is not None and overhead.source == "engine loop"
     assert len(overhead.request_s) == 2 and len(overhead.step_s) >= 2
     assert profile.transfer.seconds == pytest.approx((1e-6, 2e-3))  # bytes / 1 GB/s
+
+
+@pytest.mark.slow
+def test_tandem_profile_times_the_overhead_through_a_real_service(tmp_path: Path) -> None:
+    """--service-requests: a real one-worker `tandem serve` (Ray, router, gRPC) answers the
+    requests; the overhead is the service's, one sample per request, the gaps per step."""
+    out = tmp_path / "profile.json"
+    argv = ["profile", "--device", "cpu", "--prefill-tokens", "16", "--prefill-context", "0",
+            "--decode-batch", "1,2", "--decode-context", "16", "--decode-steps", "2",
+            "--no-mixed", "--loop-requests", "0", "--service-requests", "2",
+            "--service-batch", "2", "--transfer-gbps", "1", "--repeats", "1",
+            "--kv-cache-gb", "0.05", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    overhead = load_profile(out).overhead
+    assert overhead is not None and overhead.source == "service"
+    assert len(overhead.request_s) == 2
+    assert 1 <= len(overhead.step_s) <= 2 * 2 + 2 * 2  # 2 gaps of 3 tokens, 4 requests at most
+    assert Path(f"{out}.serve.log").stat().st_size > 0
