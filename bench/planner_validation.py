@@ -45,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     where.add_argument("--h100", action="store_true")
     parser.add_argument("--out", default="bench/results/planner")
     parser.add_argument("--profile", default=None, help="reuse this profile instead of one new")
+    parser.add_argument("--transfer-gbps", type=float, default=None,
+                        help="with --profile: its transfer times at this bandwidth instead "
+                        "(profiles whose --transfer-gbps was ignored: version 1)")  # fmt: skip
     parser.add_argument("--measured", default=None,
                         help="cpu: reuse a tandem bench result (DIR/colocated.json)")  # fmt: skip
     parser.add_argument("--rates", default=None, help="default: 0.2,0.4,0.8 (cpu), run B's")
@@ -71,9 +74,33 @@ def defaults(args: argparse.Namespace) -> None:
 
 
 def profile(args: argparse.Namespace, out: Path) -> str:
+    if args.profile and args.transfer_gbps:
+        from dataclasses import replace
+
+        from planner.profile import Curve, load_profile
+
+        reused = load_profile(args.profile)
+        sizes = reused.transfer.points
+        transfer = Curve(sizes, tuple(size / (args.transfer_gbps * 1e9) for size in sizes))
+        path = replace(reused, transfer=transfer).save(out / "profile.json")
+        print(f"{args.profile} with transfers at {args.transfer_gbps:g} GB/s: {path}")
+        return str(path)
     if args.profile:
         return str(args.profile)
     path = str(out / "profile.json")
+    try:
+        measure(args, path)
+    except subprocess.CalledProcessError:
+        if not Path(path).exists():
+            raise
+        print(
+            f"tandem profile failed after writing {path} (the service overhead: see "
+            f"{path}.serve.log); predicting from it, with the engine loop's overhead"
+        )
+    return path
+
+
+def measure(args: argparse.Namespace, path: str) -> None:
     if args.cpu:
         tandem("profile", "--device", "cpu", "--prefill-tokens", "16,64,128,256",
                "--prefill-context", "0,128", "--decode-batch", "1,4,16",
@@ -91,7 +118,6 @@ def profile(args: argparse.Namespace, out: Path) -> str:
                "--mixed-batch", "0,8,32,64", "--mixed-context", "512", "--loop-requests", "16",
                "--loop-batch", "32", "--service-requests", "16", "--service-batch", "32",
                "--out", path)  # fmt: skip
-    return path
 
 
 def predict(args: argparse.Namespace, profile_path: str, out: Path) -> dict[str, Any]:
