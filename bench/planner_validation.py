@@ -74,15 +74,12 @@ def defaults(args: argparse.Namespace) -> None:
 
 
 def profile(args: argparse.Namespace, out: Path) -> str:
-    if args.profile and args.transfer_gbps:
-        from dataclasses import replace
-
-        from planner.profile import Curve, load_profile
-
-        reused = load_profile(args.profile)
-        sizes = reused.transfer.points
-        transfer = Curve(sizes, tuple(size / (args.transfer_gbps * 1e9) for size in sizes))
-        path = replace(reused, transfer=transfer).save(out / "profile.json")
+    if args.profile and args.transfer_gbps:  # the file's JSON as is but for its transfers
+        data = json.loads(Path(args.profile).read_text())
+        sizes = data["transfer"]["bytes"]
+        data["transfer"]["seconds"] = [size / (args.transfer_gbps * 1e9) for size in sizes]
+        path = out / "profile.json"
+        path.write_text(json.dumps(data, indent=1) + "\n")
         print(f"{args.profile} with transfers at {args.transfer_gbps:g} GB/s: {path}")
         return str(path)
     if args.profile:
