@@ -132,6 +132,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", type=parse_rates, default=[1.0, 2.0, 4.0], help="req/s")
     parser.add_argument("--seed", type=int, default=0, help="as tandem bench's: same requests")
     parser.add_argument("--slo", default="ttft=500ms,tpot=30ms")
+    parser.add_argument("--without", default="",
+                        help="leave out of the simulation what the profile measured: any of "
+                        "spread,mixed,overhead (to see what each changes)")  # fmt: skip
     parser.add_argument("--configurations", default=None,
                         help="only these, e.g. colocated,1P1D (default: every one)")  # fmt: skip
     add_workload_shape_arguments(parser)  # as tandem bench's: the same requests
@@ -157,7 +160,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from planner.profile import load_profile, save_ratio
     from router.disagg import DisaggPolicy
 
-    profile = load_profile(args.profile)
+    profile = load_profile(args.profile).without(tuple(filter(None, args.without.split(","))))
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts={args.num_prompts} must be >= 1")
     target_itl_s = None if args.target_itl_ms is None else args.target_itl_ms / 1000

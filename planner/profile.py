@@ -37,6 +37,7 @@ from typing import Any
 
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
+MODELLED_TERMS = ("spread", "mixed", "overhead")  # what version 2 adds (Profile.without)
 
 
 class ProfileError(ValueError):
@@ -158,6 +159,22 @@ class Profile:
         overhead = (f"overhead outside steps ({self.overhead.source})" if self.overhead
                     else "no overhead outside steps")  # fmt: skip
         return f"{spread}; {mixed}; {overhead}"
+
+    def without(self, terms: tuple[str, ...]) -> Profile:
+        """This profile less some of what version 2 measures (MODELLED_TERMS), to see what
+        each term changes in a plan: "spread" (repeats), "mixed", "overhead"."""
+        unknown = set(terms) - set(MODELLED_TERMS)
+        if unknown:
+            raise ValueError(f"unknown terms {sorted(unknown)}: known {MODELLED_TERMS}")
+        profile = self
+        if "spread" in terms:
+            profile = replace(profile, prefill=replace(profile.prefill, samples=None),
+                              decode=replace(profile.decode, samples=None))  # fmt: skip
+        if "mixed" in terms:
+            profile = replace(profile, mixed=None)
+        if "overhead" in terms:
+            profile = replace(profile, overhead=None)
+        return profile
 
     def transfer_s(self, num_tokens: int) -> float:
         return self.transfer.at(num_tokens * self.kv_bytes_per_token)

@@ -315,3 +315,22 @@ def test_mixed_pricing_adds_longer_decode_contexts_as_the_decode_grid_does() -> 
     assert profile.step_s([(32, 0)], [16] * 4) == pytest.approx(0.1 + 0.03 + 0.02 * 3 / 7)
     # without the mixed section (version 1's pricing): the decodes' added cost over one
     assert profile_of(v2(decode=decode)).step_s([(32, 0)], [16] * 8) == pytest.approx(0.1)
+
+
+def test_tandem_plan_without_a_term_predicts_as_if_it_was_not_measured(tmp_path: Path) -> None:
+    """--without overhead: the 0.02 s request overhead is gone from every TTFT (as in the
+    hand count of test_request_overhead_delays_the_first_token...)."""
+    path = tmp_path / "p.json"
+    overhead = {"source": "service", "step_s": [0.0], "request_s": [0.02]}
+    path.write_text(json.dumps(v2(overhead=overhead)))
+    p50s = []
+    for without in ([], ["--without", "overhead"]):
+        out = tmp_path / "plan.json"
+        argv = ["plan", "--profile", str(path), "--gpus", "1", "--num-prompts", "4", "--rates",
+                "0.1", "--prefill-heavy-lens", "32:2", "--decode-heavy-lens", "32:2", "--out",
+                str(out), "--no-plot", *without]  # fmt: skip
+        assert main(argv) == 0
+        p50s.append(json.loads(out.read_text())["predictions"][0]["ttft_p50_ms"])
+    assert p50s == pytest.approx([120.0, 100.0])
+    with pytest.raises(ValueError, match="unknown terms"):
+        profile_of(v2()).without(("guess",))
