@@ -12,7 +12,8 @@ and print them against the recorded goodput and p99 TTFT. Target: within 15%.
 
 Both profiles are version 2: every point's repeats, mixed prefill+decode steps, and the time
 outside engine steps measured through a real one-worker `tandem serve` (`--service-requests`);
-`--profile P` predicts from an existing profile instead (version 1 files too).
+`--profile P` predicts from an existing profile instead (version 1 files too). The predictions
+are repeated with each term left out (`tandem plan --without`): validation.md's second table.
 
     python -m bench.planner_validation --cpu --out DIR
     python -m bench.planner_validation --h100 --out DIR
@@ -117,15 +118,36 @@ def measure(args: argparse.Namespace, path: str) -> None:
                "--out", path)  # fmt: skip
 
 
-def predict(args: argparse.Namespace, profile_path: str, out: Path) -> dict[str, Any]:
-    path = out / "plan.json"
+TERMS = ("spread", "mixed", "overhead")  # what a version 2 profile adds (tandem plan --without)
+
+
+def predict(
+    args: argparse.Namespace, profile_path: str, out: Path, without: str = ""
+) -> dict[str, Any]:
+    name = f"plan-without-{without}" if without else "plan"
+    path = out / f"{name}.json"
     tandem("plan", "--profile", profile_path, "--gpus", "2", "--workload", "mixed",
            "--prefill-heavy-fraction", "0.7", "--prefill-heavy-lens", args.prefill_heavy_lens,
            "--decode-heavy-lens", args.decode_heavy_lens, "--rates", args.rates,
            "--num-prompts", str(args.num_prompts), "--slo", args.slo,
            "--configurations", "colocated" if args.cpu else "colocated,1P1D",
-           "--out", str(path), "--plot", str(out / "plan.png"))  # fmt: skip
+           "--without", without, "--out", str(path),
+           "--plot", str(out / f"{name}.png"))  # fmt: skip
     return json.loads(path.read_text())
+
+
+def by_term(plans: dict[str, dict[str, Any]]) -> str:
+    """Goodput / TTFT p99 / TPOT p99 predicted with every term and without each one."""
+    rows = ["| configuration | rate (req/s) | " + " | ".join(
+        "all terms" if not t else f"without {t}" for t in plans) + " |",
+        "|---|---|" + "---|" * len(plans)]  # fmt: skip
+    for index, first in enumerate(plans[""]["predictions"]):
+        cells = []
+        for plan in plans.values():
+            p = plan["predictions"][index]
+            cells.append(f"{p['goodput']:.2f} / {p['ttft_p99_ms']:,.0f} / {p['tpot_p99_ms']:.1f}")
+        rows.append(f"| {first['configuration']} | {first['rate']:g} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def measure_cpu(args: argparse.Namespace, out: Path) -> dict[float, tuple[float, ...]]:
@@ -202,7 +224,10 @@ def main() -> int:
     print(f"\npredicted (tandem plan) vs {source}; SLO {args.slo}\n")
     table = compare(plan, measured)
     print(table)
-    (out / "validation.md").write_text(table + "\n")
+    plans = {"": plan, **{term: predict(args, profile_path, out, term) for term in TERMS}}
+    terms = by_term(plans)
+    print("\ngoodput req/s / TTFT p99 ms / TPOT p99 ms, with each term left out\n\n" + terms)
+    (out / "validation.md").write_text(table + "\n\n" + terms + "\n")
     return 0
 
 
