@@ -334,3 +334,32 @@ def test_tandem_plan_without_a_term_predicts_as_if_it_was_not_measured(tmp_path:
     assert p50s == pytest.approx([120.0, 100.0])
     with pytest.raises(ValueError, match="unknown terms"):
         profile_of(v2()).without(("guess",))
+
+
+def test_loop_overhead_is_the_time_between_steps_while_requests_wait() -> None:
+    """Steps [0, 1], [1.5, 2], [2.2, 3] then idle (nothing left) until [10, 11]: the loop's
+    time beside the steps is 0.5 and 0.2 s; the idle wait is no overhead."""
+    from planner.overhead import _StepTimer
+
+    class Engine:
+        def step(self) -> list[Any]:
+            return []
+
+    timer = _StepTimer(Engine())
+    timer.steps = [(0.0, 1.0, True), (1.5, 2.0, True), (2.2, 3.0, False), (10.0, 11.0, True)]
+    assert timer.gaps_s() == pytest.approx([0.5, 0.2])
+
+
+def test_service_step_overhead_is_each_gap_less_the_median_decode_step() -> None:
+    """Decode steps are 0.01 s in the profile: gaps of 0.015, 0.012 and 0.008 s are 0.005,
+    0.002 and 0 (floored) s of overhead; a stream whose chunk carried 2 tokens is skipped."""
+    from bench.serving.metrics import RequestRecord
+    from planner.overhead import _step_samples
+
+    def record(times: list[float], num_tokens: int) -> RequestRecord:
+        return RequestRecord(0, "r", 0.0, tuple(times), times[-1], 16, num_tokens)
+
+    one_a_chunk = record([0.1, 0.115, 0.127, 0.135], 4)
+    two_in_one = record([0.1, 0.2], 3)
+    samples = _step_samples(profile_of(profile_json()), [one_a_chunk, two_in_one], batch=1)
+    assert samples == pytest.approx([0.005, 0.002, 0.0])
