@@ -212,7 +212,7 @@ class EngineWorker(WorkerBase):
             self._held_moves.append(kept.owner)
             return
         sender.submit(
-            request_id, kept.owner, kept.block_ids, kept.num_tokens,
+            request_id, kept.owner, kept.transfer_block_ids, kept.num_tokens,
             transfer_id=handle.transfer_id,
         )  # fmt: skip
         self.prompt_kv.tokens_sent += kept.num_tokens
@@ -292,9 +292,7 @@ class EngineWorker(WorkerBase):
         from kvtransfer.receiver import KVReceiver
 
         cache = self.transfer_cache()
-        manager = self.engine.block_manager
-        receiver = KVReceiver(
-            channel, control, cache, self.layout, manager.reserve, manager.release, self.staging
-        )
+        reserve, release = self.engine.reserve_transfer, self.engine.block_manager.release
+        receiver = KVReceiver(channel, control, cache, self.layout, reserve, release, self.staging)
         self.arrivals.receivers.append(receiver)
         self.loop.wake()

@@ -15,7 +15,7 @@ import torch
 
 from contracts.errors import InvalidRequest, RankFailed
 from engine.config import EngineConfig
-from engine.engine import Engine
+from engine.engine import Engine, KeptKV
 from engine.kv_quant import dequantize_rows
 from tests.conftest import greedy, make_engine, prompt_ids
 
@@ -79,10 +79,25 @@ def test_an_engine_that_transfers_no_kv_pays_no_memory_for_it_and_refuses_transf
             tp.transfer_kv_cache  # noqa: B018
         assert_nothing_held(tp)
         assert not tp.has_unfinished_requests()
-    with private(2, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES) as transferring:
-        # rank 0 holds its KV head and both again: (1 + 2) heads per block in its budget
-        assert transferring.num_kv_blocks == 2 * whole_blocks // 3
-        assert transferring.transfer_kv_cache.shape[2] == transferring.num_kv_blocks
+
+
+def test_an_engine_that_transfers_kv_keeps_nearly_its_followers_capacity() -> None:
+    """Private KV with kv_transfer: rank 0's budget loses only its staging region (one
+    max_model_len sequence and one step's prompt tokens by default), not a whole-head cache
+    as large as its own. It held 1/3 of its followers' blocks before (341 of 1024 here)."""
+    with make_engine(TINY, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES) as single:
+        whole_blocks = single.num_kv_blocks  # both KV heads per block in the budget
+    follower_blocks = 2 * whole_blocks  # one KV head per rank
+    with private(
+        2, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES, max_model_len=64
+    ) as transferring:
+        assert transferring.num_kv_blocks >= 0.8 * follower_blocks
+        staging = transferring.staging
+        assert staging is not None and staging.num_blocks == (64 + 256) // 4
+        # a staging block holds both heads: two of rank 0's own blocks
+        assert transferring.num_kv_blocks == follower_blocks - 2 * staging.num_blocks
+        assert transferring.transfer_kv_cache.shape[2] == staging.num_blocks
+        assert transferring.runner.kv_cache.shape[2] == transferring.num_kv_blocks
 
 
 def ship(src: Engine, dst: Engine, request_id: str) -> tuple[str, str, int]:
@@ -95,12 +110,18 @@ def ship(src: Engine, dst: Engine, request_id: str) -> tuple[str, str, int]:
     (done,) = src.take_prefilled()
     remote = f"{request_id}/decoded"
     dst.add_remote_request(remote, PROMPT, done.first_token_id, greedy(MAX_TOKENS))
-    owner = f"arrived:{request_id}"
-    ids = dst.block_manager.reserve(owner, len(done.kv.block_ids))
-    assert ids is not None
-    dst.transfer_kv_cache[:, :, ids] = src.transfer_kv_cache[:, :, list(done.kv.block_ids)]
+    owner = land(src, dst, done.kv, f"arrived:{request_id}")
     src.block_manager.release(done.kv.owner)
     return remote, owner, done.first_token_id
+
+
+def land(src: Engine, dst: Engine, kept: KeptKV, owner: str) -> str:
+    """Copy `kept` (every head, from `src`'s transfer cache) into blocks `dst` reserves for
+    `owner`, as a pair moves it; `owner`."""
+    ids = dst.reserve_transfer(owner, len(kept.block_ids))
+    assert ids is not None
+    dst.transfer_kv_cache[:, :, ids] = src.transfer_kv_cache[:, :, list(kept.transfer_block_ids)]
+    return owner
 
 
 def decode(dst: Engine, remote: str, owner: str, first_token_id: int) -> list[int]:
@@ -113,8 +134,10 @@ def decode(dst: Engine, remote: str, owner: str, first_token_id: int) -> list[in
 
 def assert_nothing_held(*engines: Engine) -> None:
     for engine in engines:
-        engine.check_integrity()
+        engine.check_integrity()  # staging held only by owners of blocks, too
         assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+        if engine.staging is not None:
+            assert engine.staging.num_free_blocks == engine.staging.num_blocks
 
 
 def test_private_caches_hold_only_their_heads_and_transfer_every_head(
@@ -124,7 +147,7 @@ def test_private_caches_hold_only_their_heads_and_transfer_every_head(
         assert engine.tp is not None
         assert engine.runner.kv_cache.shape[-2] == 1  # this rank's KV head only
         assert engine.runner.kv_cache.is_contiguous()  # as a GPU's kernels read it
-        assert engine.transfer_kv_cache.shape[-2] == 2  # rank 0's whole-head cache
+        assert engine.transfer_kv_cache.shape[-2] == 2  # rank 0's staging: whole-head blocks
         assert not engine.tp.store.check(["kv-cache"]), "no cache is shared"
         for name, src, dst in [("1to2", single, engine), ("2to1", engine, single),
                                ("2to2", engine, engine)]:  # fmt: skip
@@ -153,7 +176,7 @@ def test_fp8_kv_moves_as_packed_blocks_every_head_in_place() -> None:
                 src.step()
         kept = [src.take_prefilled()[0].kv for src in (single8, engine)]
         read = [
-            dequantize_rows(src.transfer_kv_cache[:, :, list(k.block_ids)])
+            dequantize_rows(src.transfer_kv_cache[:, :, list(k.transfer_block_ids)])
             for src, k in zip((single8, engine), kept, strict=True)
         ]  # the gathered blocks read as the single engine's: each head in its place
         torch.testing.assert_close(read[1], read[0], atol=0.05, rtol=0.1)
