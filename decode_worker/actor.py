@@ -292,7 +292,10 @@ class EngineWorker(WorkerBase):
         from kvtransfer.receiver import KVReceiver
 
         cache = self.transfer_cache()
-        reserve, release = self.engine.reserve_transfer, self.engine.block_manager.release
-        receiver = KVReceiver(channel, control, cache, self.layout, reserve, release, self.staging)
+        engine = self.engine
+        receiver = KVReceiver(
+            channel, control, cache, self.layout, engine.reserve_transfer,
+            engine.block_manager.release, self.staging, wait_for_room=engine.may_wait_for_room,
+        )  # fmt: skip
         self.arrivals.receivers.append(receiver)
         self.loop.wake()

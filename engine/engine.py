@@ -510,6 +510,13 @@ class Engine:
             self.block_manager.release(owner)
         return staged
 
+    def may_wait_for_room(self, num_blocks: int) -> bool:
+        """Whether a transfer of `num_blocks` that found no room (reserve_transfer None)
+        should wait for some rather than be refused (kvtransfer's WaitForRoomFn; any thread):
+        under private KV if it fits the staging region at all, which frees as landed KV is
+        attached; never otherwise (no room is answered at once, as ever)."""
+        return self.staging is not None and num_blocks <= self.staging.num_blocks
+
     def kept_suffix(self, kept: KeptKV, num_skipped_blocks: int) -> KeptKV:
         """`kept` less its first `num_skipped_blocks` blocks (the receiver has them): a new
         owner holds the later blocks and their staging blocks; the earlier ones go back at
