@@ -8,6 +8,7 @@ leaves no block held."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 from contracts.errors import InvalidRequest, RankFailed
 from engine.config import EngineConfig
-from engine.engine import Engine, KeptKV
+from engine.engine import Engine, KeptKV, Prefilled
 from engine.kv_quant import dequantize_rows
 from tests.conftest import greedy, make_engine, prompt_ids
 
@@ -238,3 +239,103 @@ def test_a_rank_killed_before_the_scatter_fails_the_attach_and_holds_nothing(
         engine.block_manager.release(owner)  # as the decode worker's failure frees them
         engine.abort_request(remote)
         assert_nothing_held(engine, single)
+
+
+# ---- a staging region of one prompt: back-pressure on both sides ------------------------
+
+ONE_PROMPT_LEN = 24  # PROMPT (19 tokens) and MAX_TOKENS (5): 6 blocks of 4, the staging region
+
+
+def one_prompt_staging() -> Engine:
+    return private(2, kv_staging_blocks=6, max_model_len=ONE_PROMPT_LEN)
+
+
+def prefill_two(src: Engine) -> tuple[Prefilled, Prefilled | None]:
+    """Prefill "a" and "b" (one step); with a staging region of one prompt, b's KV stays
+    pinned, waiting for staging, and its result does not come (None)."""
+    for request_id in ("a", "b"):
+        src.add_request(request_id, None, greedy(1), prompt_token_ids=PROMPT, prefill_only=True)
+    done: list[Prefilled] = []
+    while not done:
+        src.step()
+        done = src.take_prefilled()
+    if src.staging is None:
+        return done[0], done[1]
+    assert [p.request_id for p in done] == ["a"]
+    for _ in range(3):
+        src.step()  # nothing to run: b waits for staging, each step a little
+        assert src.take_prefilled() == [] and src.has_unfinished_requests()
+    assert src.staging.num_free_blocks == 1, "a's 5 blocks staged, b's not"
+    src.check_integrity(holders=[done[0].kv.owner])  # b's pin, waiting, is not a leak
+    return done[0], None
+
+
+def decode_all(dst: Engine, first_token_ids: dict[str, int]) -> dict[str, list[int]]:
+    tokens = {remote: [first] for remote, first in first_token_ids.items()}
+    while dst.has_unfinished_requests():
+        for output in dst.step():
+            tokens[output.request_id] += output.new_token_ids
+    return tokens
+
+
+@pytest.mark.parametrize("layout", ["1to2", "2to1", "2to2"])
+def test_a_staging_region_of_one_prompt_moves_two_by_back_pressure(
+    single: Engine, expected: list[int], layout: str
+) -> None:
+    """The sender's second prompt waits for the first's staging blocks to free (shipped and
+    acknowledged: released), the receiver finds no room for it until the first landed KV is
+    attached (scattered: staging freed); both then decode as the single engine."""
+    with contextlib.ExitStack() as stack:
+        tp = [stack.enter_context(one_prompt_staging()) for _ in range(layout.count("2"))]
+        src, dst = {"1to2": (single, tp[0]), "2to1": (tp[0], single), "2to2": tp}[layout]
+        a, b = prefill_two(src)
+        for request_id in ("a", "b"):
+            dst.add_remote_request(f"{request_id}/d", PROMPT, expected[0], greedy(MAX_TOKENS))
+        landed_a = land(src, dst, a.kv, "arrived:a")
+        if dst.staging is not None:  # no room for b: the receiver waits (may_wait_for_room)
+            assert dst.reserve_transfer("arrived:b", len(a.kv.block_ids)) is None
+            assert dst.may_wait_for_room(len(a.kv.block_ids))
+            assert "arrived:b" not in dst.block_manager.holds, "nothing held for b"
+        src.block_manager.release(a.kv.owner)  # a acknowledged: its pin and staging go
+        while b is None:
+            src.step()  # b's KV staged now
+            b = next(iter(src.take_prefilled()), None)
+        dst.attach_kv("a/d", landed_a)  # scattered: a's staging blocks free
+        landed_b = land(src, dst, b.kv, "arrived:b")
+        src.block_manager.release(b.kv.owner)
+        dst.attach_kv("b/d", landed_b)
+        outputs = decode_all(dst, {"a/d": a.first_token_id, "b/d": b.first_token_id})
+        assert outputs == {"a/d": expected, "b/d": expected}
+        assert_nothing_held(src, dst)
+
+
+def test_a_transfer_released_before_its_end_frees_its_staging() -> None:
+    """Every way a transfer ends without attach (an abort, a lease, a dead peer) ends in
+    block_manager.release(owner): the sender's pin and the receiver's reservation give their
+    staging blocks back with their blocks."""
+    with one_prompt_staging() as engine:
+        a, _ = prefill_two(engine)  # b waits for staging
+        engine.block_manager.release(a.kv.owner)  # a's transfer aborted
+        b = None
+        while b is None:
+            engine.step()
+            b = next(iter(engine.take_prefilled()), None)
+        engine.block_manager.release(b.kv.owner)
+        reserved = engine.reserve_transfer("kv-in:t", 5)  # a receiver's reservation ...
+        assert reserved is not None and engine.staging is not None
+        assert engine.staging.num_free_blocks == 1
+        engine.block_manager.release("kv-in:t")  # ... failed (its sender died)
+        assert_nothing_held(engine)
+
+
+def test_a_staging_region_that_cannot_hold_a_sequence_is_refused_at_start_up() -> None:
+    with pytest.raises(ValueError, match=r"^kv_staging_blocks=5 cannot hold one sequence of "
+                       r"max_model_len=24 tokens \(6 blocks of 4\).*raise kv_staging_blocks "
+                       r"to >= 6 or lower max_model_len$"):  # fmt: skip
+        private(2, kv_staging_blocks=5, max_model_len=ONE_PROMPT_LEN)
+
+
+@pytest.mark.parametrize("value", [0, -1, "4", 2.0])
+def test_the_staging_size_is_a_positive_int(value: object) -> None:
+    with pytest.raises(ValueError, match=rf"^kv_staging_blocks={value!r} must be an int >= 1$"):
+        EngineConfig(kv_staging_blocks=value)  # type: ignore[arg-type]
