@@ -63,7 +63,7 @@ class EngineConfig:
     # This engine ships or receives KV (a disaggregated pool's worker; cluster.service sets it
     # there). Only private-KV tensor parallelism pays for it: rank 0 keeps a bounded staging
     # region of whole-head blocks beside its own cache (kv_staging_blocks). False:
-    # such an engine keeps no whole-head cache and refuses keep_kv, prefill_only and
+    # such an engine keeps no staging region and refuses keep_kv, prefill_only and
     # transferred requests (InvalidRequest); TP=1 and shared CPU caches transfer either way.
     kv_transfer: bool = False
     # Private-KV tensor parallelism with kv_transfer only: the whole-head blocks of rank 0's

@@ -207,7 +207,7 @@ class Engine:
     def _private_kv(self) -> bool:
         """Whether this is rank 0 of ranks that each hold their own KV heads (GPU ranks, and
         CPU ranks that share no cache): a transfer's blocks are gathered to, or scattered
-        from, a whole-head cache of rank 0's, beside its own, over the compute group."""
+        from, rank 0's staging region of whole-head blocks, over the compute group."""
         return self.tp is not None and self.tp.rank == 0 and not self._shares_kv_cache
 
     @property
@@ -296,7 +296,7 @@ class Engine:
         if self.tp is None:
             return self.runner.kv_cache
         self._check_kv_transfer("kv_transfer")
-        assert self.tp.whole_kv_cache is not None, "rank 0 holds a whole-head cache"
+        assert self.tp.whole_kv_cache is not None, "rank 0 holds a staging region"
         return self.tp.whole_kv_cache
 
     @property

@@ -311,8 +311,9 @@ def test_a_staging_region_of_one_prompt_moves_two_by_back_pressure(
 
 def test_a_transfer_released_before_its_end_frees_its_staging() -> None:
     """Every way a transfer ends without attach (an abort, a lease, a dead peer) ends in
-    block_manager.release(owner): the sender's pin and the receiver's reservation give their
-    staging blocks back with their blocks."""
+    block_manager.release(owner): the sender's pin (whole, or the suffix a decode worker that
+    holds the prefix takes) and the receiver's reservation give their staging blocks back
+    with their blocks."""
     with one_prompt_staging() as engine:
         a, _ = prefill_two(engine)  # b waits for staging
         engine.block_manager.release(a.kv.owner)  # a's transfer aborted
@@ -320,7 +321,11 @@ def test_a_transfer_released_before_its_end_frees_its_staging() -> None:
         while b is None:
             engine.step()
             b = next(iter(engine.take_prefilled()), None)
-        engine.block_manager.release(b.kv.owner)
+        suffix = engine.kept_suffix(b.kv, 2)  # the receiver holds b's first 2 blocks
+        assert suffix.staging_ids == b.kv.staging_ids[2:] and suffix.num_tokens == 19 - 8
+        assert engine.staging is not None and engine.staging.num_free_blocks == 6 - 3
+        engine.check_integrity(holders=[suffix.owner])  # b's owner holds nothing now
+        engine.block_manager.release(suffix.owner)  # its transfer failed
         reserved = engine.reserve_transfer("kv-in:t", 5)  # a receiver's reservation ...
         assert reserved is not None and engine.staging is not None
         assert engine.staging.num_free_blocks == 1
