@@ -644,8 +644,10 @@ class Engine:
         return self.tokenizer.encode(prompt)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request and free its KV now. Returns its closing output, or None if it is
-        unknown or already finished."""
+        """Stop a request and free its KV now (KV kept for it and still waiting for staging
+        blocks too). Returns its closing output, or None if it is unknown or already
+        finished."""
+        self._drop_unstaged(request_id)
         seq = self._sequences.pop(request_id, None)
         if seq is None:
             return None
@@ -733,6 +735,14 @@ class Engine:
                 self._prefilled.append(dataclasses.replace(waiting.prefilled, kv=kept))
             else:
                 self._kept_kv[waiting.request_id] = kept
+
+    def _drop_unstaged(self, request_id: str) -> None:
+        """Release the kept KV of `request_id` that waits for staging blocks, if any: its
+        result was never handed out, so nobody else would."""
+        for waiting in list(self._unstaged):
+            if waiting.request_id == request_id:
+                self._unstaged.remove(waiting)
+                self.block_manager.release(waiting.kept.owner)
 
     def _keep_or_wait(self, request_id: str, kept: KeptKV, prefilled: Prefilled | None) -> None:
         """Hand kept KV out (take_prefilled with `prefilled`, else take_kept_kv) once staged:

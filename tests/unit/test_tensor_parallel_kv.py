@@ -344,3 +344,16 @@ def test_a_staging_region_that_cannot_hold_a_sequence_is_refused_at_start_up() -
 def test_the_staging_size_is_a_positive_int(value: object) -> None:
     with pytest.raises(ValueError, match=rf"^kv_staging_blocks={value!r} must be an int >= 1$"):
         EngineConfig(kv_staging_blocks=value)  # type: ignore[arg-type]
+
+
+def test_a_request_aborted_while_its_kv_waits_for_staging_holds_nothing() -> None:
+    """b's prefill is done but its result waits for staging: an abort now (its client gone)
+    must free its pin, as nobody will ever take its result."""
+    with one_prompt_staging() as engine:
+        a, _ = prefill_two(engine)
+        assert engine.abort_request("b") is None  # no sequence any more: no closing output
+        assert not engine.has_unfinished_requests()
+        engine.block_manager.release(a.kv.owner)
+        engine.step()
+        assert engine.take_prefilled() == []
+        assert_nothing_held(engine)
