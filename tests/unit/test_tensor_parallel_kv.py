@@ -214,6 +214,8 @@ def test_a_rank_killed_mid_gather_fails_the_prefill_and_holds_nothing(
         killed: list[int] = []
 
         def request_then_die(block_ids: list[int], gather: bool) -> None:
+            assert engine.staging is not None  # the gather's staging blocks are taken ...
+            assert engine.staging.num_free_blocks == engine.staging.num_blocks - len(block_ids)
             sent(block_ids, gather)  # the followers join the gather ... and rank 1 dies
             killed.append(kill_follower(engine))
 
@@ -236,6 +238,7 @@ def test_a_rank_killed_before_the_scatter_fails_the_attach_and_holds_nothing(
         with pytest.raises(RankFailed, match=rf"rank 1 \(pid {pid}\) exited with code -9"):
             engine.attach_kv(remote, owner)
         assert engine.block_manager.holds[owner], "the landed blocks are still the owner's"
+        assert engine.staging is not None and engine.staging.ids_of(owner), "and its staging"
         engine.block_manager.release(owner)  # as the decode worker's failure frees them
         engine.abort_request(remote)
         assert_nothing_held(engine, single)
