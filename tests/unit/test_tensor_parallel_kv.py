@@ -360,3 +360,24 @@ def test_a_request_aborted_while_its_kv_waits_for_staging_holds_nothing() -> Non
         engine.step()
         assert engine.take_prefilled() == []
         assert_nothing_held(engine)
+
+
+def child_pids() -> set[int]:
+    import glob
+
+    pids: set[int] = set()
+    for path in glob.glob("/proc/self/task/*/children"):
+        with open(path) as children:
+            pids.update(int(pid) for pid in children.read().split())
+    return pids
+
+
+def test_a_staging_region_that_leaves_no_kv_block_is_refused_and_stops_the_ranks() -> None:
+    """The default region (max_model_len 64 and 256 batched tokens: 80 blocks of 2 KiB) over
+    a 100 kB budget: refused by name, and the follower it started is gone (it would wait for
+    rank 0 without limit)."""
+    before = child_pids()
+    refusal = r"^the KV budget of 100000 bytes holds no block once the transfer staging region"
+    with pytest.raises(ValueError, match=refusal + r" takes 163840 \(kv_staging_blocks"):
+        private(2, num_kv_blocks=None, kv_cache_bytes=100_000, max_model_len=64)
+    assert child_pids() == before
