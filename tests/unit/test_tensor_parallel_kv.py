@@ -1,10 +1,11 @@
 """KV transfer with ranks that each hold their own KV heads (issue 24; what GPU ranks do, run
 here on gloo with the /dev/shm sharing off): a transfer's blocks are gathered to rank 0 before
-they ship and scattered from it once they land, through the step plan's KV kinds. KV moved
-engine to engine as a pair would move it (every head, rank 0's whole-head cache) gives the
-single engine's greedy output for TP 1->2, 2->1, 2->2 and at TP=4 (KV heads replicated); a rank
-killed in the middle of a gather or before a scatter fails that side with RankFailed and
-leaves no block held."""
+they ship and scattered from it once they land, through the step plan's KV kinds, in rank 0's
+bounded staging region (engine.transfer_staging). KV moved engine to engine as a pair would
+move it (every head, staging blocks) gives the single engine's greedy output for TP 1->2,
+2->1, 2->2 and at TP=4 (KV heads replicated), also through a staging region of one prompt
+(back-pressure on both sides); a rank killed in the middle of a gather or before a scatter
+fails that side with RankFailed and leaves no block, and no staging block, held."""
 
 from __future__ import annotations
 
