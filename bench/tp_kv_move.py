@@ -70,13 +70,13 @@ def move_s(engine: Engine, args: argparse.Namespace, prompt: list[int]) -> dict[
         engine.step()
     kept = engine.take_kept_kv("kept")
     assert kept is not None
-    ids = list(kept.block_ids)
+    ids, staged = list(kept.block_ids), list(kept.staging_ids)  # staging: rank 0's region
     gather, scatter = [], []
     for i in range(args.repeats + 1):
         started = now()
-        engine._gather_transfer_kv(ids)
+        engine._gather_transfer_kv(ids, staged)
         middle = now()
-        engine._scatter_transfer_kv(ids)
+        engine._scatter_transfer_kv(ids, staged)
         if i:  # the first is a warm-up
             gather.append(middle - started)
             scatter.append(now() - middle)

@@ -420,7 +420,7 @@ class Service:
 
     def _engine(self, pool: str) -> EngineConfig:
         """The engine config of `pool`'s workers; disaggregated pools' ship and receive KV
-        (kv_transfer: under private-KV tensor parallelism rank 0 keeps a cache for it)."""
+        (kv_transfer: under private-KV tensor parallelism rank 0 keeps a staging region)."""
         engine = self.config.engine
         if pool == "prefill":
             engine = self.config.prefill_engine or engine

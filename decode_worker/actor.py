@@ -212,7 +212,7 @@ class EngineWorker(WorkerBase):
             self._held_moves.append(kept.owner)
             return
         sender.submit(
-            request_id, kept.owner, kept.block_ids, kept.num_tokens,
+            request_id, kept.owner, kept.transfer_block_ids, kept.num_tokens,
             transfer_id=handle.transfer_id,
         )  # fmt: skip
         self.prompt_kv.tokens_sent += kept.num_tokens
@@ -292,9 +292,10 @@ class EngineWorker(WorkerBase):
         from kvtransfer.receiver import KVReceiver
 
         cache = self.transfer_cache()
-        manager = self.engine.block_manager
+        engine = self.engine
         receiver = KVReceiver(
-            channel, control, cache, self.layout, manager.reserve, manager.release, self.staging
-        )
+            channel, control, cache, self.layout, engine.reserve_transfer,
+            engine.block_manager.release, self.staging, wait_for_room=engine.may_wait_for_room,
+        )  # fmt: skip
         self.arrivals.receivers.append(receiver)
         self.loop.wake()

@@ -2,8 +2,10 @@
 over block ids (the tensors live in the model runner); allocation returns False for "not now"
 and then changes nothing. A block is in use (ref_count > 0), cached (free but hashed, reusable
 by a prefix hit until evicted, LRU) or free. Named owners hold blocks for KV in flight (`hold`,
-`reserve`, `adopt`, idempotent `release`); an optional listener hears cache events. One lock
-guards every public method. The block table, states and hold rules: docs/engine.md.
+`reserve`, `adopt`, idempotent `release`); an owner may also hold transfer staging blocks
+(engine.transfer_staging, private-KV tensor parallelism), which `release` frees with its
+blocks. An optional listener hears cache events. One lock guards every public method. The
+block table, states and hold rules: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Concatenate, ParamSpec, TypeAlias, TypeVar
 
 from contracts.block_hash import BlockHash
 from engine.sequence import Sequence
+from engine.transfer_staging import TransferStaging
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -38,7 +41,13 @@ def _locked(
 class BlockManager:
     """Owns the reference counts and hashes of `num_blocks` KV blocks of `block_size` tokens."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        staging: TransferStaging | None = None,
+    ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
         self.num_blocks = num_blocks
@@ -51,6 +60,7 @@ class BlockManager:
         self.num_prefix_queries = 0  # blocks looked up in the prefix cache
         self.num_prefix_hits = 0  # of which found
         self.holds: dict[str, list[int]] = {}  # owner -> blocks it holds one reference on
+        self.staging = staging  # transfer staging blocks, freed with their owner's holds
         self.cache_listener: CacheListener | None = None
         self._evicted_hashes: list[BlockHash] = []  # since the last event, with a listener only
         self._lock = threading.RLock()
@@ -207,9 +217,12 @@ class BlockManager:
 
     @_locked
     def release(self, owner: str) -> bool:
-        """Drop `owner`'s references (its blocks become free or cached at ref 0). Idempotent:
-        False if it holds nothing, e.g. released already or adopted."""
+        """Drop `owner`'s references (its blocks become free or cached at ref 0) and free its
+        staging blocks. Idempotent: False if it holds nothing, e.g. released already or
+        adopted."""
         ids = self.holds.pop(owner, None)
+        if self.staging is not None:
+            self.staging.free(owner)
         if ids is None:
             return False
         for block_id in reversed(ids):
@@ -240,6 +253,8 @@ class BlockManager:
                 f"adopt({owner!r}): {num_computed_tokens} computed tokens do not fit "
                 f"{len(ids)} blocks of {self.block_size} and {seq.num_tokens} tokens"
             )
+        if self.staging is not None:
+            assert self.staging.ids_of(owner) is None, f"{owner!r} adopted while staged"
         del self.holds[owner]
         if prefix_owner is not None:
             del self.holds[prefix_owner]
@@ -301,6 +316,8 @@ class BlockManager:
             assert self.block_hashes[block_id] == block_hash, f"hash map stale at block {block_id}"
         num_hashed = sum(h is not None for h in self.block_hashes)
         assert num_hashed == len(self.hash_to_block), "a hashed block is missing from the map"
+        if self.staging is not None:
+            self.staging.check_integrity(self.holds)
         if live_sequences is None:
             return
         leaked = sorted(set(self.holds) - set(holders))

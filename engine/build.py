@@ -99,15 +99,26 @@ def kv_bytes_per_token(model: ModelConfig, kv_dtype: torch.dtype, dtype: torch.d
     return model.kv_bytes_per_token(dtype.itemsize)
 
 
-def kv_blocks_that_fit(config: EngineConfig, device: torch.device, bytes_per_token: int) -> int:
-    """The config's block count, or as many blocks as its KV budget holds (the budget: the
-    config's bytes, else a share of the device's free memory, or the CPU default)."""
+def kv_blocks_that_fit(
+    config: EngineConfig, device: torch.device, bytes_per_token: int, reserved_bytes: int = 0
+) -> int:
+    """The config's block count, or as many blocks as its KV budget holds once
+    `reserved_bytes` (a transfer staging region) are taken from it (the budget: the config's
+    bytes, else a share of the device's free memory, or the CPU default). Raises ValueError
+    if the reserved bytes leave no block."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     budget = config.kv_cache_bytes or _default_kv_cache_bytes(
         device, config.kv_cache_memory_fraction
     )
-    return max(budget // (config.block_size * bytes_per_token), 1)
+    fit = (budget - reserved_bytes) // (config.block_size * bytes_per_token)
+    if reserved_bytes and fit < 1:
+        raise ValueError(
+            f"the KV budget of {budget} bytes holds no block once the transfer staging region "
+            f"takes {reserved_bytes} (kv_staging_blocks, sized for max_model_len): lower "
+            f"max_model_len or give the KV cache more memory"
+        )
+    return max(fit, 1)
 
 
 def max_model_len(config: EngineConfig, model: ModelConfig, num_kv_blocks: int) -> int:

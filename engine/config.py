@@ -61,12 +61,18 @@ class EngineConfig:
     # to rank 0, or scatters the landed ones from it, over the compute group (engine.parallel).
     tensor_parallel_shared_kv: bool = True
     # This engine ships or receives KV (a disaggregated pool's worker; cluster.service sets it
-    # there). Only private-KV tensor parallelism pays for it: rank 0 keeps a whole-head cache
-    # for transfers beside its own, as many blocks, so with N ranks and the heads split the
-    # engine holds 1 / (N + 1) of the blocks its ranks' memory would hold otherwise. False:
-    # such an engine keeps no whole-head cache and refuses keep_kv, prefill_only and
+    # there). Only private-KV tensor parallelism pays for it: rank 0 keeps a bounded staging
+    # region of whole-head blocks beside its own cache (kv_staging_blocks). False:
+    # such an engine keeps no staging region and refuses keep_kv, prefill_only and
     # transferred requests (InvalidRequest); TP=1 and shared CPU caches transfer either way.
     kv_transfer: bool = False
+    # Private-KV tensor parallelism with kv_transfer only: the whole-head blocks of rank 0's
+    # transfer staging region (engine.transfer_staging), taken from rank 0's KV budget. A
+    # shipped prompt's KV is gathered there from every rank, a landed one waits there for its
+    # scatter. It must hold one max_model_len sequence (checked at start-up); None: that plus
+    # one step's prompt tokens (max_num_batched_tokens), so a step's finished prompts stage
+    # while a longest one ships. Other engines keep no staging region and ignore it.
+    kv_staging_blocks: int | None = None
     # Steps that decode stay under this (prefill chunks sized by the measured step time,
     # engine.scheduler); sets the scheduler's target_step_s. None: the fixed token budget.
     target_itl_s: float | None = None
@@ -102,6 +108,10 @@ class EngineConfig:
             raise ValueError(
                 f"tensor_parallel_shared_kv={self.tensor_parallel_shared_kv!r} must be a bool"
             )
+        if self.kv_staging_blocks is not None and (
+            type(self.kv_staging_blocks) is not int or self.kv_staging_blocks < 1
+        ):
+            raise ValueError(f"kv_staging_blocks={self.kv_staging_blocks!r} must be an int >= 1")
         if type(self.kv_transfer) is not bool:
             raise ValueError(f"kv_transfer={self.kv_transfer!r} must be a bool")
         if self.target_itl_s is not None and not self.target_itl_s > 0:

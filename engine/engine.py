@@ -10,9 +10,11 @@ Redis or asyncio.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
@@ -35,11 +37,16 @@ from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.parallel import TensorParallelGroup, encode_plan, start_ranks
 from engine.sampler import LogitBias, Sampler, SampleRow
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.sharding import ShardLayout, check_divisible, shard_layout
+from engine.transfer_staging import TransferStaging
 
 logger = logging.getLogger(__name__)
+
+# An idle step with kept KV waiting for staging blocks waits at most this long for some to free
+# (a transfer's Ack, on another thread), instead of spinning.
+STAGING_WAIT_S = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +63,20 @@ class Completion:
 @dataclass(frozen=True, slots=True)
 class KeptKV:
     """KV of a finished request, pinned for a transfer: `num_tokens` tokens (the prompt, for
-    a prefill-only request) in `block_ids`, held by `owner` in the engine's block manager."""
+    a prefill-only request) in `block_ids`, held by `owner` in the engine's block manager.
+    Under private-KV tensor parallelism every head of them is also in rank 0's staging
+    region, at `staging_ids` (held by the same owner, freed with it)."""
 
     owner: str
     block_ids: tuple[int, ...]
     num_tokens: int
+    staging_ids: tuple[int, ...] = ()
+
+    @property
+    def transfer_block_ids(self) -> tuple[int, ...]:
+        """The ids a transfer reads in Engine.transfer_kv_cache: the staging ids, if staged,
+        else the blocks themselves."""
+        return self.staging_ids or self.block_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +116,18 @@ class Engine:
             self.model.use_triton_gemv()
         if self.device.type == "cuda" and config.fused_fp8_quant:
             self.model.use_fused_fp8_quant()
+        scheduler_config = build.scheduler_config(config, self.device)
+        # rank 0's transfer staging region (private-KV TP that transfers KV), taken from its budget
+        self.staging: TransferStaging | None = None
+        if self._transfer_cache_is_own:
+            self.staging = TransferStaging(self._staging_blocks(scheduler_config))
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = build.max_model_len(config, self.model_config, self.num_kv_blocks)
+        self._check_staging_holds_a_sequence()
         self.block_manager = BlockManager(
-            self.num_kv_blocks, config.block_size, config.enable_prefix_caching
+            self.num_kv_blocks, config.block_size, config.enable_prefix_caching, self.staging
         )
-        self.scheduler = Scheduler(build.scheduler_config(config, self.device), self.block_manager)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.runner = ModelRunner(
             self.model,
             self.backend,
@@ -115,9 +137,11 @@ class Engine:
             self.kv_dtype,
             self.tp.shared_kv_cache if self.tp is not None and self._shares_kv_cache else None,
         )
-        if self._transfer_cache_is_own:
+        if self.staging is not None:
             assert self.tp is not None
-            self.tp.allocate_whole_kv_cache(self.runner.kv_cache, self.model_config.num_kv_heads)
+            self.tp.allocate_whole_kv_cache(
+                self.runner.kv_cache, self.model_config.num_kv_heads, self.staging.num_blocks
+            )
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.capture_cuda_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(config.seed, self.device)
@@ -129,6 +153,8 @@ class Engine:
         self._kept_kv: dict[str, KeptKV] = {}
         self._prefill_only: set[str] = set()  # requests that end once their prompt is done
         self._prefilled: list[Prefilled] = []  # ended so, until take_prefilled
+        # kept KV (pinned) waiting, oldest first, for staging blocks before it can ship
+        self._unstaged: deque[_Unstaged] = deque()
         # requests awaiting KV for their prompt after a prefix this engine holds: the owner of
         # that prefix's blocks (hold_prefix), until attach_kv or the request ends
         self._prefix_holds: dict[str, str] = {}
@@ -181,15 +207,41 @@ class Engine:
     def _private_kv(self) -> bool:
         """Whether this is rank 0 of ranks that each hold their own KV heads (GPU ranks, and
         CPU ranks that share no cache): a transfer's blocks are gathered to, or scattered
-        from, a whole-head cache of rank 0's, beside its own, over the compute group."""
+        from, rank 0's staging region of whole-head blocks, over the compute group."""
         return self.tp is not None and self.tp.rank == 0 and not self._shares_kv_cache
 
     @property
     def _transfer_cache_is_own(self) -> bool:
-        """Whether rank 0 keeps a whole-head cache of its own for transfers (private KV in an
-        engine that transfers KV: config.kv_transfer). Without it, KV transfer is refused
-        (_check_kv_transfer) and the cache costs nothing."""
+        """Whether rank 0 keeps a transfer staging region of whole-head blocks (private KV in
+        an engine that transfers KV: config.kv_transfer). Without it, KV transfer is refused
+        (_check_kv_transfer) and nothing is staged."""
         return self._private_kv and self.config.kv_transfer
+
+    def _staging_blocks(self, scheduler: SchedulerConfig) -> int:
+        """The staging region's blocks: the config's, or one max_model_len sequence's plus
+        one step's prompt tokens (a step's finished prompts stage while a longest one ships)."""
+        if self.config.kv_staging_blocks is not None:
+            return self.config.kv_staging_blocks
+        length = self.config.max_model_len or self.model_config.max_position_embeddings
+        if self.config.num_kv_blocks is not None:  # no sequence outgrows the cache
+            length = min(length, self.config.num_kv_blocks * self.config.block_size)
+        tokens = length + scheduler.max_num_batched_tokens
+        return -(-tokens // self.config.block_size)
+
+    def _check_staging_holds_a_sequence(self) -> None:
+        """Refuse a staging region that cannot hold one max_model_len sequence: its KV could
+        never ship or land (a transfer goes through staging whole)."""
+        if self.staging is None:
+            return
+        needed = -(-self.max_model_len // self.config.block_size)
+        if needed > self.staging.num_blocks:
+            self._stop_ranks_at_start()
+            raise ValueError(
+                f"kv_staging_blocks={self.staging.num_blocks} cannot hold one sequence of "
+                f"max_model_len={self.max_model_len} tokens ({needed} blocks of "
+                f"{self.config.block_size}), whose KV a transfer moves through it whole: raise "
+                f"kv_staging_blocks to >= {needed} or lower max_model_len"
+            )
 
     def _check_kv_transfer(self, field: str) -> None:
         """Refuse a request that would ship or receive KV (`field` names how) where there is
@@ -201,7 +253,7 @@ class Engine:
                 f"KV transfer to or from this tensor-parallel engine (tensor_parallel_size="
                 f"{self.tp.world_size}, its ranks holding their own KV heads) needs "
                 f"EngineConfig.kv_transfer=True (a disaggregated pool's worker), which keeps "
-                f"a whole-head cache for transfers on rank 0",
+                f"a transfer staging region on rank 0",
             )
 
     def rank_kv_heads(self) -> list[tuple[int, int]]:
@@ -211,35 +263,40 @@ class Engine:
         layouts = [shard_layout(self.model_config, world, rank) for rank in range(world)]
         return [(s.kv_head_start, s.num_kv_heads) for s in layouts]
 
-    def _gather_transfer_kv(self, block_ids: SequenceOf[int]) -> None:
-        """Private KV (rank 0): every rank's heads of `block_ids` into the whole-head cache a
-        transfer reads. Raises RankFailed."""
+    def _gather_transfer_kv(self, block_ids: SequenceOf[int], staging_ids: SequenceOf[int]) -> None:
+        """Private KV (rank 0): every rank's heads of `block_ids` into the staging blocks
+        `staging_ids` a transfer reads. Raises RankFailed."""
         assert self.tp is not None
         if not block_ids:
             return
         self.tp.request_kv(list(block_ids), gather=True)
-        self.tp.gather_kv(self.runner.kv_cache, list(block_ids), self.rank_kv_heads())
+        heads = self.rank_kv_heads()
+        self.tp.gather_kv(self.runner.kv_cache, list(block_ids), heads, list(staging_ids))
 
-    def _scatter_transfer_kv(self, block_ids: SequenceOf[int]) -> None:
-        """Private KV (rank 0): each rank's heads of `block_ids` (landed in the whole-head
-        cache by a transfer) into its own cache. Raises RankFailed."""
+    def _scatter_transfer_kv(
+        self, block_ids: SequenceOf[int], staging_ids: SequenceOf[int]
+    ) -> None:
+        """Private KV (rank 0): each rank's heads of `block_ids` from the staging blocks
+        `staging_ids` (where a transfer landed them) into its own cache. Raises RankFailed."""
         assert self.tp is not None
         if not block_ids:
             return
         self.tp.request_kv(list(block_ids), gather=False)
-        self.tp.scatter_kv(self.runner.kv_cache, list(block_ids), self.rank_kv_heads())
+        heads = self.rank_kv_heads()
+        self.tp.scatter_kv(self.runner.kv_cache, list(block_ids), heads, list(staging_ids))
 
     @property
     def transfer_kv_cache(self) -> torch.Tensor:
         """The cache KV transfer reads and writes, every KV head of the model:
         [layers, 2, num_blocks, block_size, num_kv_heads, row]. At TP=1 the runner's own;
-        under TP (rank 0) the one all ranks share, or (private KV) rank 0's whole-head cache
-        for transfers, which holds a block's KV only between a gather (kept KV) and its
-        transfer, or between a transfer's landing and its scatter (attach_kv)."""
+        under TP (rank 0) the one all ranks share, or (private KV) rank 0's staging region,
+        `staging.num_blocks` blocks with ids of their own, which hold a transfer's KV only
+        between a gather (kept KV: KeptKV.staging_ids) and its transfer's end, or between its
+        landing (reserve_transfer's ids) and its scatter (attach_kv)."""
         if self.tp is None:
             return self.runner.kv_cache
         self._check_kv_transfer("kv_transfer")
-        assert self.tp.whole_kv_cache is not None, "rank 0 holds a whole-head cache"
+        assert self.tp.whole_kv_cache is not None, "rank 0 holds a staging region"
         return self.tp.whole_kv_cache
 
     @property
@@ -252,12 +309,24 @@ class Engine:
     def _num_kv_blocks(self) -> int:
         """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
         per_token = build.kv_bytes_per_token(self.model.config, self.kv_dtype, self.dtype)
-        if self._transfer_cache_is_own:  # rank 0: its heads, and every head for transfers
+        staging_bytes = 0
+        if self.staging is not None:  # rank 0: its heads, and the staging region's whole blocks
             assert self.shard is not None
-            own = self.shard.num_kv_heads
-            per_token = per_token * (own + self.model_config.num_kv_heads) // own
-        fit = build.kv_blocks_that_fit(self.config, self.device, per_token)
+            whole_per_token = per_token * self.model_config.num_kv_heads // self.shard.num_kv_heads
+            staging_bytes = whole_per_token * self.config.block_size * self.staging.num_blocks
+        try:
+            fit = build.kv_blocks_that_fit(self.config, self.device, per_token, staging_bytes)
+        except ValueError:
+            self._stop_ranks_at_start()
+            raise
         return fit if self.tp is None else self.tp.agree_min(fit)
+
+    def _stop_ranks_at_start(self) -> None:
+        """Rank 0 refusing its configuration at start-up: kill the ranks it started (they
+        would wait for it without limit)."""
+        if self.tp is not None and self.tp.followers is not None:
+            self.tp.followers.kill()
+            self.tp.failure = RankFailed("the engine was refused at start-up")
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -398,14 +467,71 @@ class Engine:
                     f"attach_kv({request_id!r}): {held} prefix blocks held here and {arrived} "
                     f"arrived, but the prompt needs {needed}"
                 )
-        if self._transfer_cache_is_own:  # landed in rank 0's whole-head cache: each its heads
-            self._scatter_transfer_kv(self.block_manager.holds.get(kv_owner, ()))
+        if self.staging is not None:  # landed in rank 0's staging region: each rank its heads
+            self._unstage_landed(request_id, kv_owner)
         self.block_manager.adopt(
             kv_owner, seq, num_computed_tokens=computed, prefix_owner=prefix_owner
         )
         self._prefix_holds.pop(request_id, None)
         self.block_manager.cache_computed_blocks(seq)
         self.scheduler.add_running(seq)
+
+    def _unstage_landed(self, request_id: str, kv_owner: str) -> None:
+        """Scatter the KV a transfer landed in `kv_owner`'s staging blocks to every rank's
+        blocks of the owner, then free the staging blocks. Raises ValueError if the owner
+        holds blocks but no staging (not reserved with reserve_transfer), RankFailed."""
+        assert self.staging is not None
+        blocks = self.block_manager.holds.get(kv_owner)
+        if not blocks:
+            return  # adopt refuses it by name
+        staged = self.staging.ids_of(kv_owner)
+        if staged is None:
+            raise ValueError(
+                f"attach_kv({request_id!r}): {kv_owner!r} holds no staging blocks (reserve "
+                f"for a transfer with reserve_transfer)"
+            )
+        self._scatter_transfer_kv(blocks, staged)
+        self.staging.free(kv_owner)
+
+    def reserve_transfer(self, owner: str, num_blocks: int) -> list[int] | None:
+        """A receiver's destination for `num_blocks` blocks of incoming KV (kvtransfer's
+        ReserveFn; any thread): fresh blocks held by `owner` and, under private KV, as many
+        staging blocks. Returns the ids a transfer writes in transfer_kv_cache (the staging
+        ids, else the blocks'), or None, holding nothing, if either kind is short (a transfer
+        larger than the whole staging region included). Raises ValueError as
+        BlockManager.reserve does."""
+        block_ids = self.block_manager.reserve(owner, num_blocks)
+        if block_ids is None or self.staging is None:
+            return block_ids
+        staged = None
+        if num_blocks <= self.staging.num_blocks:
+            staged = self.staging.allocate(owner, num_blocks)
+        if staged is None:
+            self.block_manager.release(owner)
+        return staged
+
+    def may_wait_for_room(self, num_blocks: int) -> bool:
+        """Whether a transfer of `num_blocks` that found no room (reserve_transfer None)
+        should wait for some rather than be refused (kvtransfer's WaitForRoomFn; any thread):
+        under private KV if it fits the staging region at all, which frees as landed KV is
+        attached; never otherwise (no room is answered at once, as ever)."""
+        return self.staging is not None and num_blocks <= self.staging.num_blocks
+
+    def kept_suffix(self, kept: KeptKV, num_skipped_blocks: int) -> KeptKV:
+        """`kept` less its first `num_skipped_blocks` blocks (the receiver has them): a new
+        owner holds the later blocks and their staging blocks; the earlier ones go back at
+        once (kept.owner holds nothing afterwards). Any thread."""
+        suffix = KeptKV(
+            f"{kept.owner}:suffix",
+            kept.block_ids[num_skipped_blocks:],
+            kept.num_tokens - num_skipped_blocks * self.block_manager.block_size,
+            kept.staging_ids[num_skipped_blocks:],
+        )
+        self.block_manager.hold(suffix.owner, suffix.block_ids)
+        if self.staging is not None and kept.staging_ids:
+            self.staging.keep_tail(kept.owner, suffix.owner, num_skipped_blocks)
+        self.block_manager.release(kept.owner)
+        return suffix
 
     def hold_prefix(self, request_id: str, num_tokens: int) -> bool:
         """For a request awaiting KV (add_remote_request) that will carry only its prompt from
@@ -438,7 +564,8 @@ class Engine:
             self.block_manager.release(owner)
 
     def _check_request(self, request_id: str, params: SamplingParams) -> None:
-        if request_id in self._sequences or request_id in self._kept_kv:
+        waiting = any(u.request_id == request_id for u in self._unstaged)
+        if request_id in self._sequences or request_id in self._kept_kv or waiting:
             raise InvalidRequest("request_id", f"{request_id!r} is already in use")
         params.validate(self.model_config.vocab_size)
         if params.stop and self.tokenizer is None:
@@ -517,8 +644,10 @@ class Engine:
         return self.tokenizer.encode(prompt)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request and free its KV now. Returns its closing output, or None if it is
-        unknown or already finished."""
+        """Stop a request and free its KV now (KV kept for it and still waiting for staging
+        blocks too). Returns its closing output, or None if it is unknown or already
+        finished."""
+        self._drop_unstaged(request_id)
         seq = self._sequences.pop(request_id, None)
         if seq is None:
             return None
@@ -549,32 +678,99 @@ class Engine:
         usage = seq.usage()
         kept = self._pin_kv(seq)
         assert kept is not None, f"{seq} is running without computed KV"
+        if not self._is_staged(kept):  # no staging blocks now: it stays, and is replayed
+            self.block_manager.release(kept.owner)
+            return None
         self.outputs.forget(seq)
         self._keep_kv.discard(request_id)
         self._forget(seq, None)
         return Prefilled(request_id, seq.token_ids[-1], None, usage, kept)
 
     def _pin_kv(self, seq: Sequence) -> KeptKV | None:
+        """Pin `seq`'s computed KV for a transfer and, under private KV, stage it if staging
+        blocks are free and no kept KV waits for them ahead of it (else it is returned
+        unstaged: _is_staged). None if it has no computed KV. Raises RankFailed (nothing
+        pinned then)."""
         num_tokens = seq.num_computed_tokens
         if num_tokens == 0:
             return None
         block_ids = seq.block_ids[: self.block_manager.num_blocks_for(num_tokens)]
-        if self._transfer_cache_is_own:  # a transfer reads every head from rank 0's cache
-            self._gather_transfer_kv(block_ids)
         # Unique per keep: KV kept earlier under the same request id may still be shipping.
         owner = f"kept:{seq.request_id}#{next(self._kept_numbers)}"
         self.block_manager.hold(owner, block_ids)
-        return KeptKV(owner, tuple(block_ids), num_tokens)
+        kept = KeptKV(owner, tuple(block_ids), num_tokens)
+        if self.staging is None or self._unstaged:
+            return kept
+        return self._stage(kept) or kept
+
+    def _is_staged(self, kept: KeptKV) -> bool:
+        """Whether a transfer can read `kept` now (always, without a staging region)."""
+        return self.staging is None or bool(kept.staging_ids)
+
+    def _stage(self, kept: KeptKV) -> KeptKV | None:
+        """Private KV (rank 0): gather every rank's heads of `kept` into staging blocks its
+        owner holds; None (nothing taken) if too few are free now. Raises RankFailed, the
+        owner's blocks and staging released."""
+        assert self.staging is not None
+        staging_ids = self.staging.allocate(kept.owner, len(kept.block_ids))
+        if staging_ids is None:
+            return None
+        try:
+            self._gather_transfer_kv(kept.block_ids, staging_ids)
+        except BaseException:
+            self.block_manager.release(kept.owner)  # its blocks and staging: nothing to ship
+            raise
+        return dataclasses.replace(kept, staging_ids=tuple(staging_ids))
+
+    def _stage_waiting(self) -> None:
+        """Stage kept KV that waits for staging blocks, oldest first, while they are free;
+        each staged one ends as it would have at once (take_prefilled, take_kept_kv)."""
+        while self._unstaged:
+            waiting = self._unstaged[0]
+            kept = self._stage(waiting.kept)
+            if kept is None:
+                return
+            self._unstaged.popleft()
+            if waiting.prefilled is not None:
+                self._prefilled.append(dataclasses.replace(waiting.prefilled, kv=kept))
+            else:
+                self._kept_kv[waiting.request_id] = kept
+
+    def _drop_unstaged(self, request_id: str) -> None:
+        """Release the kept KV of `request_id` that waits for staging blocks, if any: its
+        result was never handed out, so nobody else would."""
+        for waiting in list(self._unstaged):
+            if waiting.request_id == request_id:
+                self._unstaged.remove(waiting)
+                self.block_manager.release(waiting.kept.owner)
+
+    def _keep_or_wait(self, request_id: str, kept: KeptKV, prefilled: Prefilled | None) -> None:
+        """Hand kept KV out (take_prefilled with `prefilled`, else take_kept_kv) once staged:
+        now, or when staging blocks free (back-pressure: the prefill's result waits)."""
+        if self._is_staged(kept):
+            if prefilled is not None:
+                self._prefilled.append(prefilled)
+            else:
+                self._kept_kv[request_id] = kept
+            return
+        self._unstaged.append(_Unstaged(request_id, kept, prefilled))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Whether a step has work: sequences, or kept KV waiting for staging blocks."""
+        return self.scheduler.num_unfinished > 0 or bool(self._unstaged)
 
     # ---- the step loop -----------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every request that got a token."""
+        if self._unstaged:
+            self._stage_waiting()
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
+            if self._unstaged:  # nothing to run: wait a little for a transfer to free staging
+                assert self.staging is not None
+                needed = len(self._unstaged[0].kept.block_ids)
+                self.staging.wait_for_free(needed, STAGING_WAIT_S)
             return []
         started = time.perf_counter()
         if self.tp is None:
@@ -589,7 +785,7 @@ class Engine:
         outputs = []
         for seq, logprobs in zip(samplers, sampled.logprobs, strict=True):
             if seq.request_id in self._prefill_only:
-                self._prefilled.append(self._prefill_done(seq, logprobs))
+                self._prefill_done(seq, logprobs)
                 continue
             output = self.outputs.process_token(seq, logprobs)
             if output.finished:
@@ -642,18 +838,20 @@ class Engine:
             self._keep_kv.discard(seq.request_id)
             kept = self._pin_kv(seq)
             if kept is not None:
-                self._kept_kv[seq.request_id] = kept
+                self._keep_or_wait(seq.request_id, kept, None)
         self._forget(seq, seq.finish_reason)
 
-    def _prefill_done(self, seq: Sequence, logprobs: TokenLogprobs | None) -> Prefilled:
+    def _prefill_done(self, seq: Sequence, logprobs: TokenLogprobs | None) -> None:
         """End a prefill_only sequence whose first token was just sampled: pin its prompt's
-        KV, leave without a finish reason (none was reached) and without text."""
+        KV, leave without a finish reason (none was reached) and without text. Its Prefilled
+        comes out of take_prefilled once the KV is staged (at once without staging)."""
         self._prefill_only.discard(seq.request_id)
         usage = seq.usage()
         kept = self._pin_kv(seq)
         assert kept is not None, f"{seq} sampled a token without computed KV"
         self._forget(seq, None)
-        return Prefilled(seq.request_id, seq.token_ids[-1], logprobs, usage, kept)
+        prefilled = Prefilled(seq.request_id, seq.token_ids[-1], logprobs, usage, kept)
+        self._keep_or_wait(seq.request_id, kept, prefilled)
 
     def _forget(self, seq: Sequence, reason: FinishReason | None) -> None:
         self._release_prefix(seq.request_id)
@@ -714,6 +912,7 @@ class Engine:
         taken) hold blocks outside sequences."""
         kept = [k.owner for k in self._kept_kv.values()]
         kept += [p.kv.owner for p in self._prefilled]
+        kept += [u.kept.owner for u in self._unstaged]
         kept += list(self._prefix_holds.values())
         self.scheduler.check_integrity(holders=[*holders, *kept])
 
@@ -725,6 +924,16 @@ def _prompt_tokens_in(scheduled: SchedulerOutput) -> int:
             - s.seq.num_computed_tokens)
         for s in scheduled.scheduled
     )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Unstaged:
+    """Kept KV pinned but waiting for staging blocks: a prefill's (`prefilled`) or a keep_kv
+    request's (prefilled None)."""
+
+    request_id: str
+    kept: KeptKV
+    prefilled: Prefilled | None
 
 
 class _Accumulator:

@@ -79,7 +79,8 @@ class TensorParallelGroup:
         self.followers = followers
         self.failure: RankFailed | None = None
         # [layers, 2, blocks, block_size, every KV head, row] (rank 0): the cache every rank
-        # maps (shared_kv_cache), or rank 0's for transfers (allocate_whole_kv_cache)
+        # maps (shared_kv_cache), or rank 0's transfer staging region, its own block ids
+        # (allocate_whole_kv_cache)
         self.whole_kv_cache: torch.Tensor | None = None
         control_wait = timedelta(seconds=timeout_s) if rank == 0 else _FOLLOWER_WAIT
         self.control = _gloo_group(store, "control", rank, world_size, control_wait)
@@ -172,31 +173,44 @@ class TensorParallelGroup:
 
     # ---- KV moved for a transfer (private caches: engine.Engine, "private KV") -----------
 
-    def allocate_whole_kv_cache(self, local: torch.Tensor, num_kv_heads: int) -> None:
-        """Rank 0 of ranks with private caches: a cache shaped like this rank's `local` one but
-        with room for all `num_kv_heads` (`whole_kv_cache`), for KV transfer alone: it holds a
-        block's KV only between a gather_kv and its shipping, or between a transfer's landing
-        and its scatter_kv. Pages cost memory once written on the CPU (zeros_on_demand)."""
+    def allocate_whole_kv_cache(
+        self, local: torch.Tensor, num_kv_heads: int, num_blocks: int
+    ) -> None:
+        """Rank 0 of ranks with private caches: the transfer staging region
+        (`whole_kv_cache`), `num_blocks` blocks shaped like this rank's `local` ones but with
+        room for all `num_kv_heads`, for KV transfer alone: a staging block holds KV only
+        between a gather_kv and its shipping, or between a transfer's landing and its
+        scatter_kv (engine.transfer_staging maps engine blocks to staging ones). Pages cost
+        memory once written on the CPU (zeros_on_demand)."""
         from engine.model_runner import zeros_on_demand
 
-        shape = (*local.shape[:4], num_kv_heads, *local.shape[5:])
+        shape = (*local.shape[:2], num_blocks, *local.shape[3:4], num_kv_heads, *local.shape[5:])
         self.whole_kv_cache = zeros_on_demand(shape, local.dtype, local.device)
 
     def gather_kv(
-        self, local: torch.Tensor, block_ids: list[int], kv_heads: list[tuple[int, int]]
+        self,
+        local: torch.Tensor,
+        block_ids: list[int],
+        kv_heads: list[tuple[int, int]],
+        whole_ids: list[int] | None = None,
     ) -> None:
         """Every rank: copy the blocks `block_ids` of every rank's cache `local` into rank 0's
-        `whole_kv_cache`, each rank's KV heads (`kv_heads[rank]`: first head, count) in their
-        place; one gather per chunk of layers. Rank 0 first sends PLAN_GATHER_KV (request_kv).
-        Raises RankFailed on rank 0 if a rank fails."""
-        self._move_kv(local, block_ids, kv_heads, gather=True)
+        `whole_kv_cache` at `whole_ids` (rank 0's staging ids, one per block; followers pass
+        None), each rank's KV heads (`kv_heads[rank]`: first head, count) in their place; one
+        gather per chunk of layers. Rank 0 first sends PLAN_GATHER_KV (request_kv). Raises
+        RankFailed on rank 0 if a rank fails."""
+        self._move_kv(local, block_ids, kv_heads, gather=True, whole_ids=whole_ids)
 
     def scatter_kv(
-        self, local: torch.Tensor, block_ids: list[int], kv_heads: list[tuple[int, int]]
+        self,
+        local: torch.Tensor,
+        block_ids: list[int],
+        kv_heads: list[tuple[int, int]],
+        whole_ids: list[int] | None = None,
     ) -> None:
         """The reverse of gather_kv: each rank's cache gets its KV heads of blocks `block_ids`
-        from rank 0's `whole_kv_cache`."""
-        self._move_kv(local, block_ids, kv_heads, gather=False)
+        from rank 0's `whole_kv_cache` at `whole_ids`."""
+        self._move_kv(local, block_ids, kv_heads, gather=False, whole_ids=whole_ids)
 
     def request_kv(self, block_ids: list[int], gather: bool) -> None:
         """Rank 0: tell the followers to join a gather_kv (or scatter_kv) of `block_ids`."""
@@ -208,16 +222,21 @@ class TensorParallelGroup:
         block_ids: list[int],
         kv_heads: list[tuple[int, int]],
         gather: bool,
+        whole_ids: list[int] | None,
     ) -> None:
         ids = torch.tensor(block_ids, dtype=torch.long, device=local.device)
+        staged = ids
+        if self.rank == 0:
+            assert whole_ids is not None and len(whole_ids) == len(block_ids), "staging ids"
+            staged = torch.tensor(whole_ids, dtype=torch.long, device=local.device)
         layer_bytes = 2 * len(block_ids) * math.prod(local.shape[3:]) * local.element_size()
         per_chunk = max(1, KV_MOVE_CHUNK_BYTES // max(layer_bytes, 1))
         for start in range(0, local.shape[0], per_chunk):
             layers = slice(start, min(start + per_chunk, local.shape[0]))
             if gather:
-                self._gather_chunk(local, layers, ids, kv_heads)
+                self._gather_chunk(local, layers, ids, staged, kv_heads)
             else:
-                self._scatter_chunk(local, layers, ids, kv_heads)
+                self._scatter_chunk(local, layers, ids, staged, kv_heads)
         if self.rank == 0 and local.is_cuda:  # KV transfer reads (writes) on its own stream
             torch.cuda.current_stream(local.device).synchronize()
 
@@ -226,6 +245,7 @@ class TensorParallelGroup:
         local: torch.Tensor,
         layers: slice,
         ids: torch.Tensor,
+        staged: torch.Tensor,
         kv_heads: list[tuple[int, int]],
     ) -> None:
         rows = _head_rows(local[layers].index_select(2, ids))
@@ -241,20 +261,21 @@ class TensorParallelGroup:
         for rank in _first_holders(kv_heads):
             first, count = kv_heads[rank]
             assembled[:, :, :, :, first : first + count] = pieces[rank]
-        whole[layers, :, ids] = _packed_blocks(assembled, whole)
+        whole[layers, :, staged] = _packed_blocks(assembled, whole)
 
     def _scatter_chunk(
         self,
         local: torch.Tensor,
         layers: slice,
         ids: torch.Tensor,
+        staged: torch.Tensor,
         kv_heads: list[tuple[int, int]],
     ) -> None:
         shape = (layers.stop - layers.start, 2, len(ids), *local.shape[3:])
         rows = torch.empty(shape, dtype=local.dtype, device=local.device)
         inputs = []
         if self.rank == 0:
-            whole = _head_rows(self._whole()[layers].index_select(2, ids))
+            whole = _head_rows(self._whole()[layers].index_select(2, staged))
             parts = [whole[:, :, :, :, f : f + n].contiguous() for f, n in kv_heads]
             inputs = [[_bytes(p) for p in parts]]
         from_root = dist.ScatterOptions()

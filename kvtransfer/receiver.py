@@ -4,6 +4,11 @@ verifies, and hands completed transfers to the engine through `poll()`, which ne
     control thread: Offer -> reserve + Ready (or Abort); Done -> verify -> Ack; Abort; deadlines
     data thread:    header -> route by tag -> land the chunk (kvtransfer.lander)
 
+An offer that finds no room may wait for some (`wait_for_room`: an engine whose transfers go
+through a bounded staging region, freed as landed KV is attached): it is retried on every turn
+of the control thread and refused ("no free KV blocks") once half the Ready timeout has passed.
+The sender simply sees a later Ready; the messages are unchanged.
+
 A transfer's state: kvtransfer.incoming; the ownership rules: docs/kvtransfer.md.
 """
 
@@ -51,6 +56,7 @@ _SETTLE_S = 10.0  # how long a failed pair's device work may take to stop before
 
 ReserveFn = Callable[[str, int], list[int] | None]  # BlockManager.reserve
 ReleaseFn = Callable[[str], object]  # BlockManager.release
+WaitForRoomFn = Callable[[int], bool]  # may an offer of this many blocks wait for room?
 
 
 class KVReceiver:
@@ -69,6 +75,7 @@ class KVReceiver:
         staging: StagingPool,
         config: TransferConfig | None = None,
         metrics: TransferMetrics | None = None,
+        wait_for_room: WaitForRoomFn | None = None,
     ) -> None:
         layout.check_cache(kv_cache)
         self.channel = channel
@@ -79,6 +86,9 @@ class KVReceiver:
         self.metrics = metrics or TransferMetrics()
         self._reserve = reserve
         self._release = release
+        self._wait_for_room = wait_for_room
+        # offers waiting for room (control thread only): transfer id -> (offer, refuse after)
+        self._deferred: dict[str, tuple[TransferOffer, float]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the data thread waits for expected data
         self._live: dict[str, IncomingTransfer] = {}
@@ -121,7 +131,9 @@ class KVReceiver:
     def knows(self, transfer_id: str) -> bool:
         """Whether the transfer was offered here (running, or ended and still remembered)."""
         with self._lock:
-            return transfer_id in self._live or self._finished.get(transfer_id) is not None
+            if transfer_id in self._live or transfer_id in self._deferred:
+                return True
+            return self._finished.get(transfer_id) is not None
 
     def owners(self) -> list[str]:
         """Block-manager owners this receiver holds now: live transfers and completed ones
@@ -143,6 +155,8 @@ class KVReceiver:
         """Give up a transfer (e.g. its request was cancelled): the sender is told; the
         reservation is freed once no more of its data can arrive. A completed transfer not yet
         taken by `poll` is released too. False if unknown or already over."""
+        if self._abort_deferred(transfer_id, reason):
+            return True
         with self._lock:
             incoming = self._live.get(transfer_id)
             if incoming is None:
@@ -158,6 +172,22 @@ class KVReceiver:
         self._send(TransferAbort(transfer_id, reason[:256]))
         if incoming.state == "data_done":
             self._finish(incoming, TransferStatus.ABORTED, reason, reply=None)
+        return True
+
+    def _abort_deferred(self, transfer_id: str, reason: str) -> bool:
+        """Give up an offer waiting for room (nothing reserved, no data to come): the sender is
+        told. False if it is not waiting."""
+        with self._lock:
+            deferred = self._deferred.pop(transfer_id, None)
+            if deferred is None:
+                return False
+            result = TransferResult(
+                transfer_id, deferred[0].request_id, TransferStatus.ABORTED, reason
+            )
+            abort = TransferAbort(transfer_id, reason[:256])
+            self._finished.add(transfer_id, FinalAnswer(result, abort))
+        self.metrics.count(result)
+        self._send(abort)
         return True
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -178,6 +208,8 @@ class KVReceiver:
                 message = self.control.recv(self.config.poll_interval_s)
                 if message is not None:
                     self._on_message(message)
+                if self._deferred:
+                    self._retry_deferred()
             except KVTransferError as e:
                 self._fail_pair(str(e))
                 return
@@ -188,6 +220,9 @@ class KVReceiver:
             self._on_offer(message)
             return
         transfer_id = getattr(message, "transfer_id", None)
+        if isinstance(message, TransferAbort):  # the sender gave up an offer waiting for room
+            with self._lock:
+                self._deferred.pop(message.transfer_id, None)
         with self._lock:
             incoming = self._live.get(transfer_id) if transfer_id else None
             final = self._finished.get(transfer_id) if transfer_id else None
@@ -236,13 +271,41 @@ class KVReceiver:
             if final.reply is not None:
                 self._send(final.reply)
             return
+        with self._lock:
+            if offer.transfer_id in self._deferred:
+                return  # a duplicate of an offer still waiting for room
+        self._answer_offer(offer, time.monotonic() + self.config.ready_timeout_s / 2)
+
+    def _retry_deferred(self) -> None:
+        """Answer the offers waiting for room, oldest first, while there is room."""
+        with self._lock:
+            waiting = list(self._deferred.items())
+        for transfer_id, (offer, refuse_after) in waiting:
+            with self._lock:
+                if self._deferred.pop(transfer_id, None) is None:
+                    continue  # aborted meanwhile
+            if not self._answer_offer(offer, refuse_after):
+                return  # still no room: later offers wait behind it
+
+    def _answer_offer(self, offer: TransferOffer, refuse_after: float) -> bool:
+        """Reserve and answer Ready, refuse, or (no room, `wait_for_room`, before
+        `refuse_after`) defer; False if deferred."""
         refusal = self._refusal(offer)
         dst = None
         owner = f"kv-in:{offer.transfer_id}"
+        num_blocks = len(offer.src_block_ids)
         if refusal is None:
-            dst = self._reserve(owner, len(offer.src_block_ids))
+            dst = self._reserve(owner, num_blocks)
             if dst is None:
-                refusal = f"no free KV blocks for {len(offer.src_block_ids)} blocks"
+                if (
+                    self._wait_for_room is not None
+                    and time.monotonic() < refuse_after
+                    and self._wait_for_room(num_blocks)
+                ):
+                    with self._lock:
+                        self._deferred[offer.transfer_id] = (offer, refuse_after)
+                    return False
+                refusal = f"no free KV blocks for {num_blocks} blocks"
         if refusal is not None or dst is None:
             abort = TransferAbort(offer.transfer_id, (refusal or "")[:256])
             result = TransferResult(
@@ -251,7 +314,7 @@ class KVReceiver:
             self._send(abort)  # first: once the result is visible, the receiver may close
             self._record(offer.transfer_id, FinalAnswer(result, abort))
             self.metrics.count(result)
-            return
+            return True
         incoming = IncomingTransfer.start(offer, owner, dst, self.layout.num_layers)
         with self._lock:
             self._live[offer.transfer_id] = incoming
@@ -259,6 +322,7 @@ class KVReceiver:
             self._num_expected += 1
             self._wake.notify()
         self._send(TransferReady(offer.transfer_id, incoming.dst_block_ids))
+        return True
 
     def _refusal(self, offer: TransferOffer) -> str | None:
         if self._failure is not None:
@@ -453,6 +517,13 @@ class KVReceiver:
                 self._failure = reason
             self._wake.notify_all()
             finished_data = [t for t in self._live.values() if t.state == "data_done"]
+            deferred, self._deferred = list(self._deferred.values()), {}
+            for offer, _ in deferred:  # nothing reserved: they fail at once
+                failed = f"pair failed: {reason}"
+                result = TransferResult(
+                    offer.transfer_id, offer.request_id, TransferStatus.FAILED, failed
+                )
+                self._finished.add(offer.transfer_id, FinalAnswer(result, None))
         for incoming in finished_data:  # no data can come for these: free now
             self._finish(incoming, TransferStatus.FAILED, f"pair failed: {reason}", reply=None)
         self.control.close()

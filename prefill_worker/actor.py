@@ -149,7 +149,7 @@ class PrefillWorker(WorkerBase):
         self._shipping[request_id] = (decode_id, handle.transfer_id)
         try:
             sender.submit(
-                request_id, kept.owner, kept.block_ids, kept.num_tokens,
+                request_id, kept.owner, kept.transfer_block_ids, kept.num_tokens,
                 transfer_id=handle.transfer_id,
                 on_done=self._transfer_done(request_id, trace_context),
             )  # fmt: skip
@@ -166,14 +166,8 @@ class PrefillWorker(WorkerBase):
 
     def _suffix_of(self, done: Prefilled, num_skipped_tokens: int) -> Prefilled:
         """The same prefill holding only the blocks after its first `num_skipped_tokens`
-        (the others go back to this worker's cache at once)."""
-        from engine.engine import KeptKV
-
-        kept, manager = done.kv, self.engine.block_manager
-        block_ids = kept.block_ids[num_skipped_tokens // self.block_size :]
-        suffix = KeptKV(f"{kept.owner}:suffix", block_ids, kept.num_tokens - num_skipped_tokens)
-        manager.hold(suffix.owner, block_ids)
-        manager.release(kept.owner)
+        (the others go back to this worker's cache at once, with their staging blocks)."""
+        suffix = self.engine.kept_suffix(done.kv, num_skipped_tokens // self.block_size)
         return dataclasses.replace(done, kv=suffix)
 
     def inject_kv_faults(self, count: int, kind: str = "abort") -> None:

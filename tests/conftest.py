@@ -53,6 +53,7 @@ def make_engine(
     tensor_parallel_shared_kv: bool = True,
     kv_transfer: bool = False,
     kv_cache_bytes: int | None = None,
+    kv_staging_blocks: int | None = None,
 ) -> Engine:
     """A CPU fp32 engine; small blocks so tests cross block boundaries often. At
     tensor_parallel_size > 1 it starts follower processes: close it (`with`)."""
@@ -72,6 +73,7 @@ def make_engine(
             tensor_parallel_shared_kv=tensor_parallel_shared_kv,
             kv_transfer=kv_transfer,
             kv_cache_bytes=kv_cache_bytes,
+            kv_staging_blocks=kv_staging_blocks,
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,

@@ -168,6 +168,10 @@ def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> N
     conn.send(endpoint.address)
     cls = _NoAckReceiver if params.get("no_ack") else KVReceiver
     cls = _SlowAckReceiver if params.get("slow_ack") else cls
+    # an offer finding no room waits for some (as a TP decode engine's staging region does)
+    wait_for_room = (lambda num_blocks: True) if params.get("wait_for_room") else None
+    hold_s = params.get("hold_s", 0.0)  # how long arrived KV stays held before its release
+    held: list[tuple[float, str]] = []  # (release at, owner)
     receivers = []
     for _ in range(params.get("num_pairs", 1)):
         pair = endpoint.accept(TRANSPORT)
@@ -175,7 +179,7 @@ def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> N
         channel, control = pair
         receivers.append(
             cls(channel, control, cache, layout_of(cache), block_manager.reserve,
-                block_manager.release, pool, config, metrics)
+                block_manager.release, pool, config, metrics, wait_for_room=wait_for_room)
         )  # fmt: skip
     expected: list[str] = params["transfer_ids"]
     abort_when_live = params.get("abort_when_live", False)
@@ -189,14 +193,17 @@ def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> N
         for receiver in receivers:
             for kv in receiver.poll():
                 report.digests[kv.transfer_id] = digest(cache, kv.block_ids)
-                assert block_manager.release(kv.owner)
+                held.append((time.monotonic() + hold_s, kv.owner))
             if receiver.num_live and not announced:
                 conn.send("live")  # a transfer is under way: the test may now kill the sender
                 announced = True
                 if abort_when_live:
                     for transfer_id in expected:
                         receiver.abort(transfer_id, "client cancelled")
-        if idle and (len(done) == len(expected) or all_failed):
+        for release_at, owner in [h for h in held if h[0] <= time.monotonic()]:
+            assert block_manager.release(owner)
+            held.remove((release_at, owner))
+        if idle and not held and (len(done) == len(expected) or all_failed):
             break  # all ended, or every pair is gone and nothing more can arrive
         time.sleep(0.005)
     for transfer_id in expected:

@@ -347,6 +347,29 @@ def test_a_pickle_sent_to_the_control_channel_is_refused_unexecuted(tmp_path: An
     assert not marker.exists(), "the pickle was executed"
 
 
+def test_an_offer_without_room_waits_for_it_then_is_refused_after_half_the_ready_timeout() -> None:
+    """A receiver whose room frees as arrived KV is attached (a TP decode engine's staging
+    region, `wait_for_room`) defers an offer that does not fit instead of refusing it: the
+    sender sees a later Ready. First's 4 blocks of 6 are held a while after they arrive;
+    second's 3 wait for them, and are refused ("no free KV blocks") if they stay held past
+    half the Ready timeout (FAST: 2.5 s). Without waiting, second is refused at once."""
+    specs = [Spec("first", 16, seed=1), Spec("second", 12, seed=2)]
+    held_briefly = {"num_blocks": 6, "wait_for_room": True, "hold_s": 0.3}
+    sent, received, _ = run_fault(specs, receiver_params=held_briefly)
+    assert sent is not None and received is not None
+    assert {t: r[0] for t, r in sent.results.items()} == {
+        "first": "completed", "second": "completed"
+    }  # fmt: skip
+    assert_clean(sent, received)
+
+    held_long = {"num_blocks": 6, "wait_for_room": True, "hold_s": 3.5}
+    sent, received, _ = run_fault(specs, receiver_params=held_long)
+    assert sent is not None and received is not None
+    assert sent.results["first"][0] == "completed"
+    assert sent.results["second"] == ("failed", "receiver refused: no free KV blocks for 3 blocks")
+    assert_clean(sent, received)
+
+
 def test_receiver_refuses_a_different_layout_and_a_transfer_it_has_no_room_for() -> None:
     specs = [Spec("too-big", 40, seed=1), Spec("fits", 8, seed=2)]
     sent, received, _ = run_fault(specs, receiver_params={"num_blocks": 6})

@@ -1,7 +1,7 @@
 """The service with a tensor-parallel decode pool (issue 24): one prefill worker at TP=1 and one
 decode worker at TP=3 (the default model: 9 heads, 3 KV heads; three processes, gloo, each rank
 holding its own KV head as GPU ranks do: the service makes a disaggregated pool's engines
-kv_transfer ones, so rank 0 keeps a whole-head cache for transfers), a real local Ray cluster,
+kv_transfer ones, so rank 0 keeps a transfer staging region), a real local Ray cluster,
 gRPC on loopback. Greedy output equals the single engine's whether the decode worker prefills
 the prompt itself (--disagg never) or its KV comes from the prefill worker (TP=1 -> TP=3,
 --disagg always); a killed rank takes its worker down as a unit (the router sees it lost), the

@@ -194,8 +194,8 @@ def test_tensor_parallel_size_per_pool_and_its_worker_resources() -> None:
 
 
 def test_only_the_disaggregated_pools_engines_transfer_kv() -> None:
-    """kv_transfer (rank 0 of a private-KV TP engine keeps a whole-head cache for transfers,
-    at the cost of KV blocks) is the disaggregated pools' alone: a colocated worker pays none."""
+    """kv_transfer (rank 0 of a private-KV TP engine keeps a transfer staging region, at the
+    cost of KV blocks) is the disaggregated pools' alone: a colocated worker pays none."""
     from cluster.service import Service
 
     disaggregated = Service(serve_config("--device", "cpu", "--tensor-parallel-size", "2"))

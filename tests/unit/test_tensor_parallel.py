@@ -134,7 +134,7 @@ def test_greedy_output_equals_a_single_rank(size: int, single_rank_tokens: list)
         engine.check_integrity()
         if size == 2:  # KV heads split: the ranks share one cache, KV transfer sees it whole
             _check_shared_cache(engine)
-        else:  # KV heads replicated: nothing shared, and no whole-head cache (no kv_transfer)
+        else:  # KV heads replicated: nothing shared, and no staging region (no kv_transfer)
             _check_private_cache(engine)
         assert engine.tp is not None and engine.tp.followers is not None
         processes = engine.tp.followers.processes
@@ -159,8 +159,8 @@ def _check_shared_cache(engine: Engine) -> None:
 
 def _check_private_cache(engine: Engine) -> None:
     """Each rank holds its own cache; an engine that transfers no KV (no kv_transfer) keeps no
-    whole-head cache for transfers and refuses to give one (test_tensor_parallel_kv has the
-    engines that do)."""
+    transfer staging region and refuses to give one (test_tensor_parallel_kv has the engines
+    that do)."""
     assert engine.tp is not None
     assert engine.runner.kv_cache.is_contiguous()
     assert engine.tp.whole_kv_cache is None

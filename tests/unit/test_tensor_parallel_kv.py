@@ -1,13 +1,15 @@
 """KV transfer with ranks that each hold their own KV heads (issue 24; what GPU ranks do, run
 here on gloo with the /dev/shm sharing off): a transfer's blocks are gathered to rank 0 before
-they ship and scattered from it once they land, through the step plan's KV kinds. KV moved
-engine to engine as a pair would move it (every head, rank 0's whole-head cache) gives the
-single engine's greedy output for TP 1->2, 2->1, 2->2 and at TP=4 (KV heads replicated); a rank
-killed in the middle of a gather or before a scatter fails that side with RankFailed and
-leaves no block held."""
+they ship and scattered from it once they land, through the step plan's KV kinds, in rank 0's
+bounded staging region (engine.transfer_staging). KV moved engine to engine as a pair would
+move it (every head, staging blocks) gives the single engine's greedy output for TP 1->2,
+2->1, 2->2 and at TP=4 (KV heads replicated), also through a staging region of one prompt
+(back-pressure on both sides); a rank killed in the middle of a gather or before a scatter
+fails that side with RankFailed and leaves no block, and no staging block, held."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +17,7 @@ import torch
 
 from contracts.errors import InvalidRequest, RankFailed
 from engine.config import EngineConfig
-from engine.engine import Engine
+from engine.engine import Engine, KeptKV, Prefilled
 from engine.kv_quant import dequantize_rows
 from tests.conftest import greedy, make_engine, prompt_ids
 
@@ -79,10 +81,25 @@ def test_an_engine_that_transfers_no_kv_pays_no_memory_for_it_and_refuses_transf
             tp.transfer_kv_cache  # noqa: B018
         assert_nothing_held(tp)
         assert not tp.has_unfinished_requests()
-    with private(2, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES) as transferring:
-        # rank 0 holds its KV head and both again: (1 + 2) heads per block in its budget
-        assert transferring.num_kv_blocks == 2 * whole_blocks // 3
-        assert transferring.transfer_kv_cache.shape[2] == transferring.num_kv_blocks
+
+
+def test_an_engine_that_transfers_kv_keeps_nearly_its_followers_capacity() -> None:
+    """Private KV with kv_transfer: rank 0's budget loses only its staging region (one
+    max_model_len sequence and one step's prompt tokens by default), not a whole-head cache
+    as large as its own. It held 1/3 of its followers' blocks before (341 of 1024 here)."""
+    with make_engine(TINY, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES) as single:
+        whole_blocks = single.num_kv_blocks  # both KV heads per block in the budget
+    follower_blocks = 2 * whole_blocks  # one KV head per rank
+    with private(
+        2, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES, max_model_len=64
+    ) as transferring:
+        assert transferring.num_kv_blocks >= 0.8 * follower_blocks
+        staging = transferring.staging
+        assert staging is not None and staging.num_blocks == (64 + 256) // 4
+        # a staging block holds both heads: two of rank 0's own blocks
+        assert transferring.num_kv_blocks == follower_blocks - 2 * staging.num_blocks
+        assert transferring.transfer_kv_cache.shape[2] == staging.num_blocks
+        assert transferring.runner.kv_cache.shape[2] == transferring.num_kv_blocks
 
 
 def ship(src: Engine, dst: Engine, request_id: str) -> tuple[str, str, int]:
@@ -95,12 +112,18 @@ def ship(src: Engine, dst: Engine, request_id: str) -> tuple[str, str, int]:
     (done,) = src.take_prefilled()
     remote = f"{request_id}/decoded"
     dst.add_remote_request(remote, PROMPT, done.first_token_id, greedy(MAX_TOKENS))
-    owner = f"arrived:{request_id}"
-    ids = dst.block_manager.reserve(owner, len(done.kv.block_ids))
-    assert ids is not None
-    dst.transfer_kv_cache[:, :, ids] = src.transfer_kv_cache[:, :, list(done.kv.block_ids)]
+    owner = land(src, dst, done.kv, f"arrived:{request_id}")
     src.block_manager.release(done.kv.owner)
     return remote, owner, done.first_token_id
+
+
+def land(src: Engine, dst: Engine, kept: KeptKV, owner: str) -> str:
+    """Copy `kept` (every head, from `src`'s transfer cache) into blocks `dst` reserves for
+    `owner`, as a pair moves it; `owner`."""
+    ids = dst.reserve_transfer(owner, len(kept.block_ids))
+    assert ids is not None
+    dst.transfer_kv_cache[:, :, ids] = src.transfer_kv_cache[:, :, list(kept.transfer_block_ids)]
+    return owner
 
 
 def decode(dst: Engine, remote: str, owner: str, first_token_id: int) -> list[int]:
@@ -113,8 +136,10 @@ def decode(dst: Engine, remote: str, owner: str, first_token_id: int) -> list[in
 
 def assert_nothing_held(*engines: Engine) -> None:
     for engine in engines:
-        engine.check_integrity()
+        engine.check_integrity()  # staging held only by owners of blocks, too
         assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+        if engine.staging is not None:
+            assert engine.staging.num_free_blocks == engine.staging.num_blocks
 
 
 def test_private_caches_hold_only_their_heads_and_transfer_every_head(
@@ -124,7 +149,7 @@ def test_private_caches_hold_only_their_heads_and_transfer_every_head(
         assert engine.tp is not None
         assert engine.runner.kv_cache.shape[-2] == 1  # this rank's KV head only
         assert engine.runner.kv_cache.is_contiguous()  # as a GPU's kernels read it
-        assert engine.transfer_kv_cache.shape[-2] == 2  # rank 0's whole-head cache
+        assert engine.transfer_kv_cache.shape[-2] == 2  # rank 0's staging: whole-head blocks
         assert not engine.tp.store.check(["kv-cache"]), "no cache is shared"
         for name, src, dst in [("1to2", single, engine), ("2to1", engine, single),
                                ("2to2", engine, engine)]:  # fmt: skip
@@ -153,7 +178,7 @@ def test_fp8_kv_moves_as_packed_blocks_every_head_in_place() -> None:
                 src.step()
         kept = [src.take_prefilled()[0].kv for src in (single8, engine)]
         read = [
-            dequantize_rows(src.transfer_kv_cache[:, :, list(k.block_ids)])
+            dequantize_rows(src.transfer_kv_cache[:, :, list(k.transfer_block_ids)])
             for src, k in zip((single8, engine), kept, strict=True)
         ]  # the gathered blocks read as the single engine's: each head in its place
         torch.testing.assert_close(read[1], read[0], atol=0.05, rtol=0.1)
@@ -190,6 +215,8 @@ def test_a_rank_killed_mid_gather_fails_the_prefill_and_holds_nothing(
         killed: list[int] = []
 
         def request_then_die(block_ids: list[int], gather: bool) -> None:
+            assert engine.staging is not None  # the gather's staging blocks are taken ...
+            assert engine.staging.num_free_blocks == engine.staging.num_blocks - len(block_ids)
             sent(block_ids, gather)  # the followers join the gather ... and rank 1 dies
             killed.append(kill_follower(engine))
 
@@ -212,6 +239,146 @@ def test_a_rank_killed_before_the_scatter_fails_the_attach_and_holds_nothing(
         with pytest.raises(RankFailed, match=rf"rank 1 \(pid {pid}\) exited with code -9"):
             engine.attach_kv(remote, owner)
         assert engine.block_manager.holds[owner], "the landed blocks are still the owner's"
+        assert engine.staging is not None and engine.staging.ids_of(owner), "and its staging"
         engine.block_manager.release(owner)  # as the decode worker's failure frees them
         engine.abort_request(remote)
         assert_nothing_held(engine, single)
+
+
+# ---- a staging region of one prompt: back-pressure on both sides ------------------------
+
+ONE_PROMPT_LEN = 24  # PROMPT (19 tokens) and MAX_TOKENS (5): 6 blocks of 4, the staging region
+
+
+def one_prompt_staging() -> Engine:
+    return private(2, kv_staging_blocks=6, max_model_len=ONE_PROMPT_LEN)
+
+
+def prefill_two(src: Engine) -> tuple[Prefilled, Prefilled | None]:
+    """Prefill "a" and "b" (one step); with a staging region of one prompt, b's KV stays
+    pinned, waiting for staging, and its result does not come (None)."""
+    for request_id in ("a", "b"):
+        src.add_request(request_id, None, greedy(1), prompt_token_ids=PROMPT, prefill_only=True)
+    done: list[Prefilled] = []
+    while not done:
+        src.step()
+        done = src.take_prefilled()
+    if src.staging is None:
+        return done[0], done[1]
+    assert [p.request_id for p in done] == ["a"]
+    for _ in range(3):
+        src.step()  # nothing to run: b waits for staging, each step a little
+        assert src.take_prefilled() == [] and src.has_unfinished_requests()
+    assert src.staging.num_free_blocks == 1, "a's 5 blocks staged, b's not"
+    src.check_integrity(holders=[done[0].kv.owner])  # b's pin, waiting, is not a leak
+    return done[0], None
+
+
+def decode_all(dst: Engine, first_token_ids: dict[str, int]) -> dict[str, list[int]]:
+    tokens = {remote: [first] for remote, first in first_token_ids.items()}
+    while dst.has_unfinished_requests():
+        for output in dst.step():
+            tokens[output.request_id] += output.new_token_ids
+    return tokens
+
+
+@pytest.mark.parametrize("layout", ["1to2", "2to1", "2to2"])
+def test_a_staging_region_of_one_prompt_moves_two_by_back_pressure(
+    single: Engine, expected: list[int], layout: str
+) -> None:
+    """The sender's second prompt waits for the first's staging blocks to free (shipped and
+    acknowledged: released), the receiver finds no room for it until the first landed KV is
+    attached (scattered: staging freed); both then decode as the single engine."""
+    with contextlib.ExitStack() as stack:
+        tp = [stack.enter_context(one_prompt_staging()) for _ in range(layout.count("2"))]
+        src, dst = {"1to2": (single, tp[0]), "2to1": (tp[0], single), "2to2": tp}[layout]
+        a, b = prefill_two(src)
+        for request_id in ("a", "b"):
+            dst.add_remote_request(f"{request_id}/d", PROMPT, expected[0], greedy(MAX_TOKENS))
+        landed_a = land(src, dst, a.kv, "arrived:a")
+        if dst.staging is not None:  # no room for b: the receiver waits (may_wait_for_room)
+            assert dst.reserve_transfer("arrived:b", len(a.kv.block_ids)) is None
+            assert dst.may_wait_for_room(len(a.kv.block_ids))
+            assert "arrived:b" not in dst.block_manager.holds, "nothing held for b"
+        src.block_manager.release(a.kv.owner)  # a acknowledged: its pin and staging go
+        while b is None:
+            src.step()  # b's KV staged now
+            b = next(iter(src.take_prefilled()), None)
+        dst.attach_kv("a/d", landed_a)  # scattered: a's staging blocks free
+        landed_b = land(src, dst, b.kv, "arrived:b")
+        src.block_manager.release(b.kv.owner)
+        dst.attach_kv("b/d", landed_b)
+        outputs = decode_all(dst, {"a/d": a.first_token_id, "b/d": b.first_token_id})
+        assert outputs == {"a/d": expected, "b/d": expected}
+        assert_nothing_held(src, dst)
+
+
+def test_a_transfer_released_before_its_end_frees_its_staging() -> None:
+    """Every way a transfer ends without attach (an abort, a lease, a dead peer) ends in
+    block_manager.release(owner): the sender's pin (whole, or the suffix a decode worker that
+    holds the prefix takes) and the receiver's reservation give their staging blocks back
+    with their blocks."""
+    with one_prompt_staging() as engine:
+        a, _ = prefill_two(engine)  # b waits for staging
+        engine.block_manager.release(a.kv.owner)  # a's transfer aborted
+        b = None
+        while b is None:
+            engine.step()
+            b = next(iter(engine.take_prefilled()), None)
+        suffix = engine.kept_suffix(b.kv, 2)  # the receiver holds b's first 2 blocks
+        assert suffix.staging_ids == b.kv.staging_ids[2:] and suffix.num_tokens == 19 - 8
+        assert engine.staging is not None and engine.staging.num_free_blocks == 6 - 3
+        engine.check_integrity(holders=[suffix.owner])  # b's owner holds nothing now
+        engine.block_manager.release(suffix.owner)  # its transfer failed
+        reserved = engine.reserve_transfer("kv-in:t", 5)  # a receiver's reservation ...
+        assert reserved is not None and engine.staging is not None
+        assert engine.staging.num_free_blocks == 1
+        engine.block_manager.release("kv-in:t")  # ... failed (its sender died)
+        assert_nothing_held(engine)
+
+
+def test_a_staging_region_that_cannot_hold_a_sequence_is_refused_at_start_up() -> None:
+    with pytest.raises(ValueError, match=r"^kv_staging_blocks=5 cannot hold one sequence of "
+                       r"max_model_len=24 tokens \(6 blocks of 4\).*raise kv_staging_blocks "
+                       r"to >= 6 or lower max_model_len$"):  # fmt: skip
+        private(2, kv_staging_blocks=5, max_model_len=ONE_PROMPT_LEN)
+
+
+@pytest.mark.parametrize("value", [0, -1, "4", 2.0])
+def test_the_staging_size_is_a_positive_int(value: object) -> None:
+    with pytest.raises(ValueError, match=rf"^kv_staging_blocks={value!r} must be an int >= 1$"):
+        EngineConfig(kv_staging_blocks=value)  # type: ignore[arg-type]
+
+
+def test_a_request_aborted_while_its_kv_waits_for_staging_holds_nothing() -> None:
+    """b's prefill is done but its result waits for staging: an abort now (its client gone)
+    must free its pin, as nobody will ever take its result."""
+    with one_prompt_staging() as engine:
+        a, _ = prefill_two(engine)
+        assert engine.abort_request("b") is None  # no sequence any more: no closing output
+        assert not engine.has_unfinished_requests()
+        engine.block_manager.release(a.kv.owner)
+        engine.step()
+        assert engine.take_prefilled() == []
+        assert_nothing_held(engine)
+
+
+def child_pids() -> set[int]:
+    import glob
+
+    pids: set[int] = set()
+    for path in glob.glob("/proc/self/task/*/children"):
+        with open(path) as children:
+            pids.update(int(pid) for pid in children.read().split())
+    return pids
+
+
+def test_a_staging_region_that_leaves_no_kv_block_is_refused_and_stops_the_ranks() -> None:
+    """The default region (max_model_len 64 and 256 batched tokens: 80 blocks of 2 KiB) over
+    a 100 kB budget: refused by name, and the follower it started is gone (it would wait for
+    rank 0 without limit)."""
+    before = child_pids()
+    refusal = r"^the KV budget of 100000 bytes holds no block once the transfer staging region"
+    with pytest.raises(ValueError, match=refusal + r" takes 163840 \(kv_staging_blocks"):
+        private(2, num_kv_blocks=None, kv_cache_bytes=100_000, max_model_len=64)
+    assert child_pids() == before
