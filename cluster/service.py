@@ -30,6 +30,7 @@ from cluster.membership import PoolMembership
 from cluster.ray_start import init_ray
 from cluster.scaling import Autoscaler
 from cluster.workers import RayWorkerClient, actor_of
+from contracts.drain import NodeDrainReport
 from contracts.errors import TensorParallelShapeError
 from contracts.workers import WorkerInfo
 from engine.config import EngineConfig
@@ -37,6 +38,7 @@ from engine.loader import describe_model, resolve_model
 from kvtransfer.handshake import SECRET_ENV, SECRET_FILE_ENV
 from kvtransfer.network import KVNetworkConfig
 from prefix_cache.index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
+from router.admin import AdminServicer
 from router.admission import Admission, AdmissionLimits
 from router.auth import ApiKeys, Guard
 from router.disagg import DisaggPolicy
@@ -94,6 +96,8 @@ class ServiceConfig:
     # Who may call (router.auth; None: anyone, for local use) and the API's TLS (router.tls).
     api_keys: ApiKeys | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
+    # Who may call the Admin service (router.admin: DrainNode); None: it refuses every call.
+    admin_keys: ApiKeys | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -170,6 +174,7 @@ class Service:
         self._metrics_server: Any = None
         self._started_ray = False
         self.num_replaced = 0  # workers replaced after dying
+        self.node_drains: dict[str, asyncio.Future[NodeDrainReport]] = {}  # by node address
 
     @property
     def workers(self) -> list[Any]:
@@ -222,8 +227,9 @@ class Service:
         self._check_tensor_parallel()
         setup_tracing(config.tracing, "router")
         interceptors = [AuthInterceptor(self.guard)] if self.guard is not None else []
+        admin = AdminServicer(config.admin_keys, self.drain_node)
         self._server, self.port, gate, self._health = await start_server(
-            config.host, config.port, config.tls, interceptors
+            config.host, config.port, config.tls, interceptors, admin
         )
         self._gate = gate
         if config.http_port is not None:  # the same gate: refused while loading, drained
@@ -606,6 +612,16 @@ class Service:
         await self.retire_worker(pool, member)
         logger.info("%s worker %s left the pool", pool, member.worker_id)
         return DrainReport(emptied and moves_done, pairing_s, moving_s, landing_s)
+
+    async def drain_node(self, node_ip: str, timeout_s: float) -> NodeDrainReport:
+        """Drain every worker of both pools on the Ray node at `node_ip` (an operator, a
+        worker pod's preStop): Ray schedules nothing more there, replacements start on other
+        nodes, each worker drains as in `drain_worker`, all at once, within `timeout_s`
+        (cluster.node_drain). Idempotent per node. Raises ValueError (a malformed address or
+        timeout), WorkerUnavailable (not serving yet), UnknownNode, NodeNotDrainable."""
+        from cluster.node_drain import drain_node
+
+        return await drain_node(self, node_ip, timeout_s)
 
     async def _pair_for_moves(self, leaving: Member) -> None:
         """Pair draining decode worker `leaving`, as the sender, with every other placeable
