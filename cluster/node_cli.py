@@ -7,6 +7,7 @@ $TANDEM_ADMIN_KEY only (a flag would show in the process list); TLS flags as `ta
 Exit status: 0 the drain completed (every worker left empty, every replacement started); 1 it
 ran but did not complete (the report says which worker or replacement); 2 it was refused or
 failed (no key, bad key, unknown node, unreachable router: the message says which).
+`--if-present` (the chart's preStop hook): a node the cluster no longer has exits 0.
 
 `tandem node --router HOST:PORT --node-ip IP [--drain-timeout-s S] -- RAY_START_ARGS...` is the
 bare-metal counterpart of the Helm chart's preStop hook: it runs `ray start --block
@@ -40,6 +41,10 @@ def add_drain_node_arguments(parser: argparse.ArgumentParser) -> None:
         help="bound on the drain (replacements' start and every worker's drain), seconds",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    parser.add_argument(
+        "--if-present", action="store_true",
+        help="a node the cluster does not have (left already) is no error: exit 0 (preStop)",
+    )  # fmt: skip
     add_admin_connection_arguments(parser)
 
 
@@ -94,6 +99,9 @@ def request_drain(args: argparse.Namespace, node_ip: str, timeout_s: float) -> i
                 metadata=(("authorization", f"Bearer {key}"),),
             )
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND and getattr(args, "if_present", False):
+                print(f"tandem: node {node_ip} is not in the cluster: nothing to drain", flush=True)
+                return 0
             print(f"tandem: drain of node {node_ip} failed: {describe_rpc_error(e, args.router)}",
                   file=sys.stderr)  # fmt: skip
             return 2

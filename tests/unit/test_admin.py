@@ -234,6 +234,17 @@ def test_drain_node_cli_exits_by_how_the_drain_went(
     assert drainer.calls == ([] if status == 2 and key != ADMIN_KEY else [(NODE_IP, 7.0)])
 
 
+def test_drain_node_cli_if_present_takes_an_unknown_node_as_drained(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The preStop hook's form: a node that left the cluster already has nothing to drain."""
+    monkeypatch.setenv("TANDEM_ADMIN_KEY", ADMIN_KEY)
+    with admin_server(f"ops:{ADMIN_KEY}", Drainer(UnknownNode("no live node"))) as target:
+        args = ["drain-node", "--router", target, "--node-ip", NODE_IP, "--if-present"]
+        assert main(args) == 0
+    assert "is not in the cluster: nothing to drain" in capsys.readouterr().out
+
+
 def test_drain_node_cli_prints_the_report_as_json(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
