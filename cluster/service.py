@@ -54,6 +54,7 @@ from telemetry.tracing import TracingConfig, setup_tracing, shutdown_tracing
 logger = logging.getLogger(__name__)
 
 MODES = ("colocated", "disaggregated")
+ACTOR_NAMESPACE = "tandem"  # the Ray namespace of the worker actors' names
 
 
 @dataclass(frozen=True)
@@ -404,10 +405,13 @@ class Service:
         tracing, net = config.tracing, config.kv_network
         engine = self._engine(pool)
         actor_class = self._prefill_class if pool == "prefill" else self._actor_class
+        # named, so an operator's tools (or a test's driver) find it: `ray list actors`
+        options: dict[str, Any] = {"name": f"{worker_id}-{uuid.uuid4().hex[:8]}",
+                                   "namespace": ACTOR_NAMESPACE}  # fmt: skip
         if engine.tensor_parallel_size > 1:  # its ranks are the actor's child processes
-            actor_class = actor_class.options(**self._resources(pool))
+            options |= self._resources(pool)
         # every worker publishes its cache: decode workers' too (decode-side prefix reuse)
-        actor = actor_class.remote(engine, worker_id, config.index, tracing, net)
+        actor = actor_class.options(**options).remote(engine, worker_id, config.index, tracing, net)
         return actor, worker_id
 
     def _check_tensor_parallel(self) -> None:
@@ -574,7 +578,8 @@ class Service:
         a decode worker's streams move to the pool's other workers at once, with their KV
         (failover.move_kv_on_drain: paired for it here; the KV lands before it stops) or by
         replay (RequestCore.migrate_off; with failover.migrate_on_drain and another placeable
-        worker), else what it holds runs to its end; at most `timeout_s`, then it is retired
+        worker), else what it holds runs to its end (a prefill worker's prefills finish and the
+        KV it pinned for them is shipped); at most `timeout_s`, then it is retired
         (a request still there is lost with it: a decode stream resumes elsewhere by
         failover, within --max-migrations). Returns how it went."""
         members = self.pools[pool]
@@ -602,7 +607,9 @@ class Service:
             if member not in members:  # died and was replaced meanwhile: nothing to drain
                 return DrainReport(True, pairing_s, moving_s, landing_s)
             stats = await actor.stats.remote()
-            if member.load.in_flight == 0 and not stats.num_requests:
+            # a prefill worker's KV still pinned for a transfer must land before it stops
+            shipping = pool == "prefill" and stats.num_free_blocks < stats.num_blocks
+            if member.load.in_flight == 0 and not stats.num_requests and not shipping:
                 emptied = True
                 break
             await asyncio.sleep(0.05)

@@ -96,21 +96,20 @@ def streams(target: str, max_tokens: int, prompts: list[str]) -> dict[str, objec
 
 
 def workers(gcs_address: str) -> dict[str, object]:
-    """Joins the Ray cluster as a driver, finds every live Tandem worker actor (by the GCS's
-    actor table) and checks each: check_integrity, and its blocks all free."""
+    """Joins the Ray cluster as a driver, finds every live Tandem worker actor (named in the
+    "tandem" namespace, cluster.service) and checks each: check_integrity, its blocks free."""
     import ray
     from ray._private.state import actors
 
     ray.init(address=gcs_address, log_to_driver=False, logging_level="ERROR")
-    core_worker = ray._private.worker.global_worker.core_worker
     found = []
-    for actor_id, info in actors().items():
+    for info in actors().values():
         if info["State"] != "ALIVE" or info["ActorClassName"] not in (
             "EngineWorker",
             "PrefillWorker",
         ):
             continue
-        handle = core_worker.get_actor_handle(ray.ActorID.from_hex(actor_id))
+        handle = ray.get_actor(info["Name"], namespace="tandem")
         ray.get(handle.check_integrity.remote(), timeout=60)
         stats = ray.get(handle.stats.remote(), timeout=60)
         found.append({
