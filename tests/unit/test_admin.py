@@ -279,3 +279,24 @@ def test_serve_reads_the_admin_keys_and_drops_them_from_its_environment(
     import os
 
     assert ENV_ADMIN_KEYS not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("node_ip", "timeout_s", "problem"),
+    [
+        ("node-b", 30.0, "node_ip='node-b' is not an IP address"),
+        ("10.1.2.3", 0.0, "timeout_s=0.0 must be in (0, 3600] seconds"),
+        ("10.1.2.3", float("nan"), "timeout_s=nan must be in"),
+        ("10.1.2.3", 3601.0, "timeout_s=3601.0 must be in"),
+    ],
+)
+def test_a_node_drain_refuses_a_malformed_address_or_timeout(
+    node_ip: str, timeout_s: float, problem: str
+) -> None:
+    from cluster.node_drain import check_arguments
+
+    with pytest.raises(ValueError) as raised:
+        check_arguments(node_ip, timeout_s)
+    assert problem in str(raised.value)
+    assert check_arguments(" 10.1.2.3 ", 30.0) == "10.1.2.3"
+    assert check_arguments("fd00::0:1", 30.0) == "fd00::1"  # the form Ray reports
