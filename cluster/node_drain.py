@@ -125,10 +125,13 @@ class NodeDrain:
         message = f"tandem: an operator drains node {self.node_ip}"
         await asyncio.to_thread(mark_draining, node.node_id, message, self.timeout_s)
         located = await asyncio.to_thread(nodes_of_actors)
-        leaving = {
-            pool: [m for m in members.members() if located.get(_actor_id(m)) == node.node_id]
+        leaving = {  # a member draining already (the autoscaler's shrink) is left to that drain
+            pool: [
+                m for m in members.members()
+                if located.get(_actor_id(m)) == node.node_id and not m.load.draining
+            ]
             for pool, members in self.service.pools.items()
-        }
+        }  # fmt: skip
         logger.warning("draining node %s (%s): %s", self.node_ip, node.node_id,
                        {p: [m.worker_id for m in ms] for p, ms in leaving.items()})  # fmt: skip
         results = await asyncio.gather(*(self._drain_pool(p, ms) for p, ms in leaving.items()))

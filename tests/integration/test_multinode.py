@@ -256,8 +256,9 @@ def test_draining_a_node_moves_its_workers_to_the_other_host_without_losing_a_st
     host B runs the prefill worker and one of the two decode workers, started by `tandem node`;
     while greedy streams run on both decode workers, B's `tandem node` gets SIGTERM and asks
     the router's Admin service (admin key) to drain B: Ray marks B draining, replacements
-    start on A, B's decode streams move to A with their KV, B's prefill worker is retired,
-    then Ray on B stops (exit status 0: the drain completed). Every stream ends with the
+    start on A (B has room for the prefill one: Ray's drain mark keeps it off), B's decode
+    streams move to A with their KV, B's prefill worker is retired, then Ray on B stops
+    (exit status 0: the drain completed). Every stream ends with the
     single engine's output (none lost); the pools are back at size with every worker on A,
     each passing check_integrity with no block held; a second drain of B is idempotent; the
     service still answers correctly."""
@@ -270,8 +271,9 @@ def test_draining_a_node_moves_its_workers_to_the_other_host_without_losing_a_st
     cluster.start_ray(HEAD, "--head", f"--port={GCS_PORT}", "--num-cpus=0",
                       "--include-dashboard=false")  # fmt: skip
     head = f"--address={cluster.head}:{GCS_PORT}"
-    both = '--resources={"tandem_decode": 1, "tandem_prefill": 1}'
-    node_b = cluster.start_tandem_node(NODE_B, head, "--num-cpus=2", both)
+    # B has room for a second prefill worker: only the drain's mark keeps the replacement off
+    both = '--resources={"tandem_decode": 1, "tandem_prefill": 2}'
+    node_b = cluster.start_tandem_node(NODE_B, head, "--num-cpus=3", both)
     cluster.start_service(num_decode_workers=2)  # prefill-0 and decode-0 fit on B only
     wait_for(lambda: cluster.runs(NODE_B, "PrefillWorker") and cluster.runs(NODE_B, "EngineWorker"),
              120, "the prefill worker and a decode worker on B")  # fmt: skip
