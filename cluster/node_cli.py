@@ -12,13 +12,15 @@ failed (no key, bad key, unknown node, unreachable router: the message says whic
 `tandem node --router HOST:PORT --node-ip IP [--drain-timeout-s S] -- RAY_START_ARGS...` is the
 bare-metal counterpart of the Helm chart's preStop hook: it runs `ray start --block
 --node-ip-address=IP RAY_START_ARGS` and, on SIGTERM or SIGINT, first has the router drain this
-node, then stops Ray (SIGTERM to `ray start`, which stops the node's processes). Ray's child
+node, then stops Ray: a drained node's raylet exits by itself once idle (Ray's drain), else
+SIGTERM to `ray start` stops the node's processes. Ray's child
 runs in its own session, so a signal to this process's group reaches Ray only through here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -30,7 +32,8 @@ from typing import Any
 
 ADMIN_KEY_ENV = "TANDEM_ADMIN_KEY"
 RPC_MARGIN_S = 30.0  # the DrainNode call waits this much longer than the drain's own bound
-RAY_STOP_WAIT_S = 60.0  # `ray start --block` gets this long to stop after the drain
+RAY_SELF_STOP_WAIT_S = 30.0  # after a drain, Ray on the node stops by itself within this
+RAY_STOP_WAIT_S = 60.0  # then `ray start --block` gets this long to stop after SIGTERM
 
 
 def add_drain_node_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +159,9 @@ def run_node(args: argparse.Namespace) -> int:
         return 1
     print(f"tandem: stopping: draining node {args.node_ip} through {args.router}", flush=True)
     status = request_drain(args, args.node_ip, args.drain_timeout_s)
+    if status == 0:  # drained and idle, the node's raylet exits by itself (and `ray start`)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(RAY_SELF_STOP_WAIT_S)
     if child.poll() is None:
         child.send_signal(signal.SIGTERM)
     try:

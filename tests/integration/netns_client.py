@@ -9,7 +9,8 @@ which cannot reach the test network. Prints one JSON line.
                                         has its first tokens, then {"token_ids": [[...], ...]}
     workers GCS_ADDRESS                 every live Tandem worker actor of the Ray cluster, each
                                         checked (check_integrity, no block held): {"workers":
-                                        [{"class": ..., "ip": ..., "blocks_held": ...}, ...]}
+                                        [{"class": ..., "ip": ..., "blocks_held": ...}, ...],
+                                        "nodes": [{"ip": ..., "alive": ..., "death": ...}]}
 """
 
 from __future__ import annotations
@@ -117,8 +118,12 @@ def workers(gcs_address: str) -> dict[str, object]:
             "blocks_held": stats.num_blocks - stats.num_free_blocks,
             "requests": stats.num_requests,
         })  # fmt: skip
+    nodes = [
+        {"ip": n["NodeManagerAddress"], "alive": n["Alive"], "death": n["DeathReasonMessage"]}
+        for n in ray.nodes()
+    ]
     ray.shutdown()
-    return {"workers": found}
+    return {"workers": found, "nodes": nodes}
 
 
 def metrics(url: str) -> dict[str, object]:
