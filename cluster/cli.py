@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.serving.cli import add_arguments as add_bench_arguments  # argparse only: cheap
 from bench.serving.cli import add_connection_arguments
+from cluster.node_cli import add_drain_node_arguments, add_node_arguments, run_drain_node, run_node
 from contracts.errors import InvalidRequest, TandemError
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,14 @@ def build_parser() -> _Parser:
 
     add_profile_arguments(commands.add_parser("profile", help="measure this machine's engine"))
     add_plan_arguments(commands.add_parser("plan", help="predict goodput per configuration"))
+    drain = commands.add_parser("drain-node", help="drain a node's workers through the router")
+    add_drain_node_arguments(drain)
+    drain.set_defaults(handler=run_drain_node)
+    node = commands.add_parser(
+        "node", help="run Ray on this node; on SIGTERM drain it through the router, then stop"
+    )
+    add_node_arguments(node)
+    node.set_defaults(handler=run_node)
     parser.commands = dict(commands.choices)
     return parser
 
@@ -258,6 +267,12 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="requests in flight per tenant at most, for tenants whose key sets none "
         "(RESOURCE_EXHAUSTED past it); needs API keys",
+    )
+    group.add_argument(
+        "--admin-keys-file",
+        default=None,
+        help="admin keys, one 'name:key' per line, for the Admin service (`tandem drain-node`); "
+        "not tenant keys. Default: $TANDEM_ADMIN_KEYS, else the Admin service refuses calls",
     )
     group.add_argument("--tls-cert", default=None, help="serve over TLS: PEM certificate chain")
     group.add_argument("--tls-key", default=None, help="its PEM private key")
@@ -603,6 +618,7 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
     from telemetry.tracing import TracingConfig
 
     api_keys, tls = security_config(args)
+    admin_keys = admin_keys_of(args)
     index = IndexConfig(
         redis_url=args.redis_url,
         redis_password=os.environ.get("TANDEM_REDIS_PASSWORD") or None,
@@ -634,7 +650,18 @@ def pool_config(args: argparse.Namespace, port: int) -> Any:
         verbose=args.verbose,
         api_keys=api_keys,
         tls=tls,
+        admin_keys=admin_keys,
     )
+
+
+def admin_keys_of(args: argparse.Namespace) -> Any:
+    """The Admin service's keys (router.admin) from --admin-keys-file or $TANDEM_ADMIN_KEYS;
+    None when neither is given. The variable is dropped once read (Ray never sees it)."""
+    from router.admin import ENV_ADMIN_KEYS, load_admin_keys
+
+    keys = load_admin_keys(getattr(args, "admin_keys_file", None))
+    os.environ.pop(ENV_ADMIN_KEYS, None)
+    return keys
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -832,7 +859,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.error(
-            "choose a command: generate, serve, client, demo, bench, profile or plan (see --help)"
+            "choose a command: generate, serve, client, demo, bench, profile, plan, drain-node "
+            "or node (see --help)"
         )
     configure_logging(args.verbose)
     try:

@@ -30,6 +30,7 @@ from cluster.membership import PoolMembership
 from cluster.ray_start import init_ray
 from cluster.scaling import Autoscaler
 from cluster.workers import RayWorkerClient, actor_of
+from contracts.drain import NodeDrainReport
 from contracts.errors import TensorParallelShapeError
 from contracts.workers import WorkerInfo
 from engine.config import EngineConfig
@@ -37,6 +38,7 @@ from engine.loader import describe_model, resolve_model
 from kvtransfer.handshake import SECRET_ENV, SECRET_FILE_ENV
 from kvtransfer.network import KVNetworkConfig
 from prefix_cache.index import IndexConfig, LocalPrefixIndex, PrefixLookup, make_prefix_index
+from router.admin import AdminServicer
 from router.admission import Admission, AdmissionLimits
 from router.auth import ApiKeys, Guard
 from router.disagg import DisaggPolicy
@@ -52,6 +54,7 @@ from telemetry.tracing import TracingConfig, setup_tracing, shutdown_tracing
 logger = logging.getLogger(__name__)
 
 MODES = ("colocated", "disaggregated")
+ACTOR_NAMESPACE = "tandem"  # the Ray namespace of the worker actors' names
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class ServiceConfig:
     # Who may call (router.auth; None: anyone, for local use) and the API's TLS (router.tls).
     api_keys: ApiKeys | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
+    # Who may call the Admin service (router.admin: DrainNode); None: it refuses every call.
+    admin_keys: ApiKeys | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -170,6 +175,7 @@ class Service:
         self._metrics_server: Any = None
         self._started_ray = False
         self.num_replaced = 0  # workers replaced after dying
+        self.node_drains: dict[str, asyncio.Future[NodeDrainReport]] = {}  # by node address
 
     @property
     def workers(self) -> list[Any]:
@@ -222,8 +228,9 @@ class Service:
         self._check_tensor_parallel()
         setup_tracing(config.tracing, "router")
         interceptors = [AuthInterceptor(self.guard)] if self.guard is not None else []
+        admin = AdminServicer(config.admin_keys, self.drain_node)
         self._server, self.port, gate, self._health = await start_server(
-            config.host, config.port, config.tls, interceptors
+            config.host, config.port, config.tls, interceptors, admin
         )
         self._gate = gate
         if config.http_port is not None:  # the same gate: refused while loading, drained
@@ -398,10 +405,13 @@ class Service:
         tracing, net = config.tracing, config.kv_network
         engine = self._engine(pool)
         actor_class = self._prefill_class if pool == "prefill" else self._actor_class
+        # named, so an operator's tools (or a test's driver) find it: `ray list actors`
+        options: dict[str, Any] = {"name": f"{worker_id}-{uuid.uuid4().hex[:8]}",
+                                   "namespace": ACTOR_NAMESPACE}  # fmt: skip
         if engine.tensor_parallel_size > 1:  # its ranks are the actor's child processes
-            actor_class = actor_class.options(**self._resources(pool))
+            options |= self._resources(pool)
         # every worker publishes its cache: decode workers' too (decode-side prefix reuse)
-        actor = actor_class.remote(engine, worker_id, config.index, tracing, net)
+        actor = actor_class.options(**options).remote(engine, worker_id, config.index, tracing, net)
         return actor, worker_id
 
     def _check_tensor_parallel(self) -> None:
@@ -568,7 +578,8 @@ class Service:
         a decode worker's streams move to the pool's other workers at once, with their KV
         (failover.move_kv_on_drain: paired for it here; the KV lands before it stops) or by
         replay (RequestCore.migrate_off; with failover.migrate_on_drain and another placeable
-        worker), else what it holds runs to its end; at most `timeout_s`, then it is retired
+        worker), else what it holds runs to its end (a prefill worker's prefills finish and the
+        KV it pinned for them is shipped); at most `timeout_s`, then it is retired
         (a request still there is lost with it: a decode stream resumes elsewhere by
         failover, within --max-migrations). Returns how it went."""
         members = self.pools[pool]
@@ -596,7 +607,9 @@ class Service:
             if member not in members:  # died and was replaced meanwhile: nothing to drain
                 return DrainReport(True, pairing_s, moving_s, landing_s)
             stats = await actor.stats.remote()
-            if member.load.in_flight == 0 and not stats.num_requests:
+            # a prefill worker's KV still pinned for a transfer must land before it stops
+            shipping = pool == "prefill" and stats.num_free_blocks < stats.num_blocks
+            if member.load.in_flight == 0 and not stats.num_requests and not shipping:
                 emptied = True
                 break
             await asyncio.sleep(0.05)
@@ -606,6 +619,16 @@ class Service:
         await self.retire_worker(pool, member)
         logger.info("%s worker %s left the pool", pool, member.worker_id)
         return DrainReport(emptied and moves_done, pairing_s, moving_s, landing_s)
+
+    async def drain_node(self, node_ip: str, timeout_s: float) -> NodeDrainReport:
+        """Drain every worker of both pools on the Ray node at `node_ip` (an operator, a
+        worker pod's preStop): Ray schedules nothing more there, replacements start on other
+        nodes, each worker drains as in `drain_worker`, all at once, within `timeout_s`
+        (cluster.node_drain). Idempotent per node. Raises ValueError (a malformed address or
+        timeout), WorkerUnavailable (not serving yet), UnknownNode, NodeNotDrainable."""
+        from cluster.node_drain import drain_node
+
+        return await drain_node(self, node_ip, timeout_s)
 
     async def _pair_for_moves(self, leaving: Member) -> None:
         """Pair draining decode worker `leaving`, as the sender, with every other placeable

@@ -105,6 +105,15 @@ class AddressInUse(TandemError):
     """A port Tandem was asked to listen on is taken by another process."""
 
 
+class UnknownNode(TandemError):
+    """An operator named a node that is not a live node of the cluster (gRPC NOT_FOUND)."""
+
+
+class NodeNotDrainable(TandemError):
+    """A node cannot be drained: the router's own node, or Ray refused to mark it draining
+    (gRPC FAILED_PRECONDITION; the message says which)."""
+
+
 class KVTransferError(TandemError):
     """Moving KV blocks between processes failed."""
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ("proto/tandem/v1/tandem.proto",)
+PROTOS = ("proto/tandem/v1/tandem.proto", "proto/tandem/v1/admin.proto")
 
 
 def generate(out_dir: Path = ROOT) -> list[Path]:

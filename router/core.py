@@ -33,9 +33,11 @@ from contracts.errors import (
     DuplicateRequest,
     InvalidRequest,
     ModelNotFound,
+    NodeNotDrainable,
     Overloaded,
     RequestAborted,
     TandemError,
+    UnknownNode,
     WorkerDraining,
     WorkerLost,
     WorkerUnavailable,
@@ -84,6 +86,7 @@ class Status(enum.Enum):
     ALREADY_EXISTS = 6
     PERMISSION_DENIED = 7
     RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
     INTERNAL = 13
     UNAVAILABLE = 14
     UNAUTHENTICATED = 16
@@ -91,8 +94,10 @@ class Status(enum.Enum):
 
 def status_of_error(error: BaseException) -> Status:
     """The status of a Tandem error (the one place that decides it, for both edges)."""
-    if isinstance(error, ModelNotFound):
+    if isinstance(error, (ModelNotFound, UnknownNode)):
         return Status.NOT_FOUND
+    if isinstance(error, NodeNotDrainable):
+        return Status.FAILED_PRECONDITION
     if isinstance(error, Unauthenticated):
         return Status.UNAUTHENTICATED
     if isinstance(error, InvalidRequest):

@@ -289,12 +289,17 @@ POOL_HEALTH_NAMES = {"prefill": "tandem.pool.prefill", "decode": "tandem.pool.de
 
 
 async def start_server(
-    host: str, port: int, tls: TlsConfig | None = None, interceptors: Sequence[Any] = ()
+    host: str,
+    port: int,
+    tls: TlsConfig | None = None,
+    interceptors: Sequence[Any] = (),
+    admin: Any = None,
 ) -> tuple[Any, int, ServingGate, Any]:
     """Start serving on host:port (0: any free port) with the Tandem API behind a gate, the
     standard health service (everything NOT_SERVING until set) and server reflection; over TLS
     when `tls` is enabled (router.tls); `interceptors` (grpc.aio) see every call first
-    (router.interceptor: API keys). Returns (server, port bound, gate, health servicer)."""
+    (router.interceptor: API keys); `admin` (router.admin.AdminServicer), when given, serves
+    tandem.v1.Admin beside it. Returns (server, port bound, gate, health servicer)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -310,6 +315,10 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     tandem_name = pb.DESCRIPTOR.services_by_name["Tandem"].full_name
+    if admin is not None:
+        from router.admin import add_admin_service
+
+        add_admin_service(admin, server)
     for name in (HEALTH_OVERALL, tandem_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(

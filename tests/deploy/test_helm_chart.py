@@ -99,11 +99,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-metrics-no-autoscaling": {
         "tandem": {"autoscaling": {"enabled": False}},
         "metrics": {"enabled": False},
-        "router": {"auth": {"enabled": False}},
+        "router": {"auth": {"enabled": False}, "admin": {"drainOnStop": False}},
     },
     "api-keys-secret": {
         "router": {
-            "auth": {"existingSecret": "tandem-keys", "secretKey": "keys", "tenantMaxInflight": 8}
+            "auth": {"existingSecret": "tandem-keys", "secretKey": "keys", "tenantMaxInflight": 8},
+            "admin": {"existingSecret": "tandem-admin", "drainTimeoutSeconds": 120},
         },
     },
     "redis-tls-kv-secret": {
@@ -238,6 +239,7 @@ def keys_of(node: dict[str, Any], schema: bool = False, prefix: str = "") -> set
 # Kubernetes objects such as resources or nodeSelector.
 STRUCTURED = {
     "image", "tandem", "model", "router", "router.service", "router.probes", "router.auth",
+    "router.admin",
     "ray", "ray.auth",
     "ray.dashboard", "ray.head", "ray.autoscaler", "prefill", "decode", "redis", "redis.auth",
     "redis.image", "redis.external", "redis.tls", "kv", "kv.portRange", "kv.secret",
@@ -566,7 +568,7 @@ def test_router_gets_the_redis_password_from_a_secret(variant: str) -> None:
     assert volumes["config"]["emptyDir"]["medium"] == "Memory"
     password = volumes["password"]["secret"]
     assert {"name": password["secretName"], "key": password["items"][0]["key"]} == ref
-    others = (f"{FULLNAME}-kv", f"{FULLNAME}-api-keys")
+    others = (f"{FULLNAME}-kv", f"{FULLNAME}-api-keys", f"{FULLNAME}-admin")
     secrets = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] not in others]
     if variant == "big-gpu-pods":  # an existing Secret: the chart creates none
         assert ref == {"name": "tandem-redis", "key": "redis-password"} and not secrets
@@ -872,3 +874,70 @@ def test_router_api_keys_come_from_a_secret_mounted_in_the_head_only(variant: st
     text = base64.b64decode(made["data"][auth["secretKey"]]).decode()
     (tenant,) = parse_api_keys(text, "the chart's Secret").tenants
     assert tenant.name == "default"
+
+
+@pytest.mark.parametrize("variant", ["defaults", "api-keys-secret", "no-metrics-no-autoscaling"])
+def test_worker_pods_drain_their_node_through_the_router_before_stopping(variant: str) -> None:
+    """Issue 22.3 (SIGTERM of a worker group): every worker pod's preStop runs `tandem
+    drain-node` for its own pod IP (downward API) against the router Service, with the admin
+    key read from a mounted Secret (never an env var Ray would inherit), and its termination
+    grace covers the drain; the head's router gets the matching keys file (--admin-keys-file),
+    which the router's parser accepts and which holds the workers' key. Off: none of it."""
+    import base64
+
+    from cluster.cli import build_parser
+    from cluster.node_cli import RPC_MARGIN_S
+    from router.admin import parse_admin_keys
+
+    docs, values = docs_of(variant), merged(variant)
+    admin = values["router"]["admin"]
+    argv = serve_argv(docs)
+    generated = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-admin")]
+    head = raycluster(docs)["spec"]["headGroupSpec"]["template"]["spec"]
+    head_mounts = {m["name"]: m for m in head_container(docs)["volumeMounts"]}
+    head_volumes = {v["name"]: v for v in head["volumes"]}
+    for pool in ("prefill", "decode"):
+        spec = worker_group(docs, pool)["template"]["spec"]
+        (container,) = spec["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert not any("ADMIN" in name for name in env), "the key must not reach Ray's env"
+        if not admin["drainOnStop"]:
+            assert "lifecycle" not in container and "TANDEM_POD_IP" not in env
+            assert "terminationGracePeriodSeconds" not in spec
+            continue
+        assert env["TANDEM_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        shell, flag, script = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert (shell, flag) == ("/bin/sh", "-c")
+        words = shlex.split(script)
+        key_file = "/etc/tandem/admin/admin-key"
+        assert words[0] == f"TANDEM_ADMIN_KEY=$(cat {key_file})" and words[1] == "exec"
+        args, unknown = build_parser().parse_known_args(words[3:])
+        assert words[2] == "tandem" and unknown == [] and args.command == "drain-node"
+        service = one(docs, "Service", FULLNAME)
+        assert args.router == f"{FULLNAME}:{service['spec']['ports'][0]['port']}"
+        assert args.node_ip == "$TANDEM_POD_IP" and args.if_present
+        assert args.timeout_s == admin["drainTimeoutSeconds"]
+        assert spec["terminationGracePeriodSeconds"] >= args.timeout_s + RPC_MARGIN_S + 10
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["admin-key"]["mountPath"] == str(Path(key_file).parent)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        secret = volumes["admin-key"]["secret"]
+        assert secret["items"] == [{"key": "admin-key", "path": "admin-key"}]
+        assert secret["secretName"] == (admin["existingSecret"] or f"{FULLNAME}-admin")
+        assert "admin-keys" not in mounts  # the router's file stays in the head pod
+    if not admin["drainOnStop"]:
+        assert "--admin-keys-file" not in argv and not generated
+        assert "admin-keys" not in head_mounts and "admin-keys" not in head_volumes
+        return
+    path = Path(argv[argv.index("--admin-keys-file") + 1])
+    assert head_mounts["admin-keys"]["mountPath"] == str(path.parent)
+    secret = head_volumes["admin-keys"]["secret"]
+    assert secret["items"] == [{"key": "admin-keys", "path": path.name}]
+    if admin["existingSecret"]:
+        assert secret["secretName"] == admin["existingSecret"] and not generated
+        return
+    (made,) = generated
+    assert made["metadata"]["name"] == secret["secretName"] == f"{FULLNAME}-admin"
+    keys = parse_admin_keys(base64.b64decode(made["data"]["admin-keys"]).decode(), "Secret")
+    worker_key = base64.b64decode(made["data"]["admin-key"]).decode()
+    assert keys.find(worker_key) is not None and len(worker_key) >= 32

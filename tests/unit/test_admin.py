@@ -1,0 +1,302 @@
+"""The router's Admin service (router.admin) and `tandem drain-node` (cluster.node_cli): admin
+keys (their own format rules, never tenant keys), the refusals (none configured: PERMISSION_
+DENIED; missing, malformed, wrong or a tenant's key: UNAUTHENTICATED), the control plane's typed
+errors as status codes, and the CLI's exit status. A real grpc.aio server on loopback serves the
+real AdminServicer; only the control plane behind it (the node drainer) is a stand-in here, the
+real one is tested through the service (tests/integration/test_service.py,
+tests/integration/test_multinode.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cluster.cli import main
+from contracts.drain import NodeDrainReport, WorkerDrainOutcome
+from contracts.errors import NodeNotDrainable, UnknownNode, WorkerUnavailable
+from proto.tandem.v1 import admin_pb2 as pb
+from proto.tandem.v1 import admin_pb2_grpc
+from router.admin import (
+    ENV_ADMIN_KEYS,
+    NOT_CONFIGURED,
+    AdminServicer,
+    add_admin_service,
+    load_admin_keys,
+    parse_admin_keys,
+)
+
+ADMIN_KEY = "admin-key-0123456789abcdef"
+TENANT_KEY = "tenant-key-0123456789abcdef"
+NODE_IP = "10.1.2.3"
+
+
+def report(left_empty: bool = True, num_failed: int = 0) -> NodeDrainReport:
+    return NodeDrainReport(
+        node_ip=NODE_IP,
+        workers=(
+            WorkerDrainOutcome("decode", "decode-1", left_empty),
+            WorkerDrainOutcome("prefill", "prefill-0", True),
+        ),
+        replacement_ids=("decode-2", "prefill-1"),
+        num_replacements_failed=num_failed,
+        already_draining=False,
+        elapsed_s=1.5,
+    )
+
+
+class Drainer:
+    """The control plane's side (Service.drain_node) as the servicer sees it: records each
+    call, answers with `outcome` (a report, or an exception to raise)."""
+
+    def __init__(self, outcome: NodeDrainReport | Exception) -> None:
+        self.outcome = outcome
+        self.calls: list[tuple[str, float]] = []
+
+    async def __call__(self, node_ip: str, timeout_s: float) -> NodeDrainReport:
+        self.calls.append((node_ip, timeout_s))
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+class _Loop:
+    """One event loop in a thread for every server of this module (grpc.aio binds itself to
+    the first loop it runs on)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+
+_LOOP: _Loop | None = None
+
+
+@contextmanager
+def admin_server(keys_text: str | None, drainer: Drainer) -> Iterator[str]:
+    """A grpc.aio server with the Admin service on a loopback port; yields its address."""
+    global _LOOP
+    _LOOP = _LOOP or _Loop()
+    keys = None if keys_text is None else parse_admin_keys(keys_text, "test")
+
+    async def start() -> tuple[Any, int]:
+        server = grpc.aio.server()
+        add_admin_service(AdminServicer(keys, drainer), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = _LOOP.run(start())
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        _LOOP.run(server.stop(0))
+
+
+def drain_call(target: str, key: str | None, node_ip: str = NODE_IP, timeout_s: float = 60) -> Any:
+    metadata = () if key is None else (("authorization", f"Bearer {key}"),)
+    with grpc.insecure_channel(target) as channel:
+        return admin_pb2_grpc.AdminStub(channel).DrainNode(
+            pb.DrainNodeRequest(node_ip=node_ip, timeout_s=timeout_s), timeout=30,
+            metadata=metadata,
+        )  # fmt: skip
+
+
+def refused(call: Callable[[], Any]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value
+
+
+def test_admin_keys_take_name_key_lines_and_refuse_a_bound() -> None:
+    keys = parse_admin_keys(f"ops:{ADMIN_KEY}\n# comment\n", "file")
+    assert [t.name for t in keys.tenants] == ["ops"]
+    assert keys.find(ADMIN_KEY) is not None and keys.find(TENANT_KEY) is None
+    with pytest.raises(ValueError, match="max_inflight bound; admin keys take 'name:key'"):
+        parse_admin_keys(f"ops:{ADMIN_KEY}:3", "file")
+    with pytest.raises(ValueError, match="file line 1: the key of tenant 'ops' must be at least"):
+        parse_admin_keys("ops:short", "file")
+
+
+def test_admin_keys_come_from_the_file_else_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "admin-keys"
+    path.write_text(f"ops:{ADMIN_KEY}\n")
+    assert load_admin_keys(str(path), {}) is not None
+    assert load_admin_keys(None, {ENV_ADMIN_KEYS: f"ops:{ADMIN_KEY}"}) is not None
+    assert load_admin_keys(None, {}) is None
+    with pytest.raises(ValueError, match=r"admin_keys_file=.*cannot read it"):
+        load_admin_keys(str(tmp_path / "absent"), {})
+
+
+def test_without_admin_keys_every_call_is_refused_saying_how_to_configure_them() -> None:
+    drainer = Drainer(report())
+    with admin_server(None, drainer) as target:
+        error = refused(lambda: drain_call(target, ADMIN_KEY))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == NOT_CONFIGURED and "--admin-keys-file" in error.details()
+    assert drainer.calls == []
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        (None, "missing API key"),
+        ("not-the-admin-key-0123456789", "invalid admin key"),
+        (TENANT_KEY, "invalid admin key"),  # a tenant's API key opens nothing here
+    ],
+)
+def test_a_call_without_a_valid_admin_key_is_unauthenticated(key: str | None, problem: str) -> None:
+    drainer = Drainer(report())
+    with admin_server(f"ops:{ADMIN_KEY}", drainer) as target:
+        error = refused(lambda: drain_call(target, key))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert problem in (error.details() or "")
+    assert drainer.calls == []
+
+
+def test_a_valid_admin_key_drains_and_gets_the_report() -> None:
+    drainer = Drainer(report(left_empty=False))
+    with admin_server(f"ops:{ADMIN_KEY}", drainer) as target:
+        reply = drain_call(target, ADMIN_KEY, timeout_s=42)
+    assert drainer.calls == [(NODE_IP, 42)]
+    assert reply.node_ip == NODE_IP and not reply.completed  # decode-1 retired busy
+    assert [(w.pool, w.worker_id, w.left_empty) for w in reply.workers] == [
+        ("decode", "decode-1", False), ("prefill", "prefill-0", True)
+    ]  # fmt: skip
+    assert list(reply.replacement_worker_ids) == ["decode-2", "prefill-1"]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code"),
+    [
+        (UnknownNode("no live node of the Ray cluster has the address 10.1.2.3"), "NOT_FOUND"),
+        (NodeNotDrainable("node 10.1.2.3 runs this router"), "FAILED_PRECONDITION"),
+        (WorkerUnavailable("starting: the worker pools are not ready"), "UNAVAILABLE"),
+        (ValueError("node_ip='x' is not an IP address"), "INVALID_ARGUMENT"),
+    ],
+)
+def test_the_control_planes_typed_errors_become_status_codes(outcome: Exception, code: str) -> None:
+    with admin_server(f"ops:{ADMIN_KEY}", Drainer(outcome)) as target:
+        error = refused(lambda: drain_call(target, ADMIN_KEY))
+    assert error.code() == grpc.StatusCode[code]
+    assert error.details() == str(outcome)
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, float("nan"), float("inf"), 3601.0])
+def test_a_bad_timeout_is_refused_before_any_drain(timeout_s: float) -> None:
+    drainer = Drainer(report())
+    with admin_server(f"ops:{ADMIN_KEY}", drainer) as target:
+        error = refused(lambda: drain_call(target, ADMIN_KEY, timeout_s=timeout_s))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "timeout_s=" in (error.details() or "") and drainer.calls == []
+
+
+@pytest.mark.parametrize(
+    ("outcome", "key", "status", "says"),
+    [
+        (report(), ADMIN_KEY, 0, "drained in 1.5 s"),
+        (report(left_empty=False), ADMIN_KEY, 1, "did not complete"),
+        (report(num_failed=1), ADMIN_KEY, 1, "did not complete"),
+        (UnknownNode("no live node has the address 10.1.2.3"), ADMIN_KEY, 2, "NOT_FOUND"),
+        (report(), "wrong-admin-key-0123456789", 2, "UNAUTHENTICATED: invalid admin key"),
+        (report(), None, 2, "no admin key: set $TANDEM_ADMIN_KEY"),
+    ],
+)
+def test_drain_node_cli_exits_by_how_the_drain_went(
+    outcome: Any,
+    key: str | None,
+    status: int,
+    says: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if key is None:
+        monkeypatch.delenv("TANDEM_ADMIN_KEY", raising=False)
+    else:
+        monkeypatch.setenv("TANDEM_ADMIN_KEY", key)
+    drainer = Drainer(outcome)
+    with admin_server(f"ops:{ADMIN_KEY}", drainer) as target:
+        args = ["drain-node", "--router", target, "--node-ip", NODE_IP, "--timeout-s", "7"]
+        assert main(args) == status
+    out = capsys.readouterr()
+    assert says in out.out + out.err
+    assert drainer.calls == ([] if status == 2 and key != ADMIN_KEY else [(NODE_IP, 7.0)])
+
+
+def test_drain_node_cli_if_present_takes_an_unknown_node_as_drained(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The preStop hook's form: a node that left the cluster already has nothing to drain."""
+    monkeypatch.setenv("TANDEM_ADMIN_KEY", ADMIN_KEY)
+    with admin_server(f"ops:{ADMIN_KEY}", Drainer(UnknownNode("no live node"))) as target:
+        args = ["drain-node", "--router", target, "--node-ip", NODE_IP, "--if-present"]
+        assert main(args) == 0
+    assert "is not in the cluster: nothing to drain" in capsys.readouterr().out
+
+
+def test_drain_node_cli_prints_the_report_as_json(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TANDEM_ADMIN_KEY", ADMIN_KEY)
+    with admin_server(f"ops:{ADMIN_KEY}", Drainer(report())) as target:
+        assert main(["drain-node", "--router", target, "--node-ip", NODE_IP, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["completed"] and printed["replacement_worker_ids"] == ["decode-2", "prefill-1"]
+
+
+def test_drain_node_cli_names_an_unreachable_router(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.ports import free_port_range
+
+    monkeypatch.setenv("TANDEM_ADMIN_KEY", ADMIN_KEY)
+    port, _ = free_port_range(1)
+    args = ["drain-node", "--router", f"127.0.0.1:{port}", "--node-ip", NODE_IP, "--timeout-s", "1"]
+    assert main(args) == 2
+    assert f"cannot reach a Tandem server at 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_serve_reads_the_admin_keys_and_drops_them_from_its_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cluster.cli import admin_keys_of, build_parser
+
+    monkeypatch.setenv(ENV_ADMIN_KEYS, f"ops:{ADMIN_KEY}")
+    args = build_parser().parse_args(["serve"])
+    keys = admin_keys_of(args)
+    assert keys is not None and keys.find(ADMIN_KEY) is not None
+    import os
+
+    assert ENV_ADMIN_KEYS not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("node_ip", "timeout_s", "problem"),
+    [
+        ("node-b", 30.0, "node_ip='node-b' is not an IP address"),
+        ("10.1.2.3", 0.0, "timeout_s=0.0 must be in (0, 3600] seconds"),
+        ("10.1.2.3", float("nan"), "timeout_s=nan must be in"),
+        ("10.1.2.3", 3601.0, "timeout_s=3601.0 must be in"),
+    ],
+)
+def test_a_node_drain_refuses_a_malformed_address_or_timeout(
+    node_ip: str, timeout_s: float, problem: str
+) -> None:
+    from cluster.node_drain import check_arguments
+
+    with pytest.raises(ValueError) as raised:
+        check_arguments(node_ip, timeout_s)
+    assert problem in str(raised.value)
+    assert check_arguments(" 10.1.2.3 ", 30.0) == "10.1.2.3"
+    assert check_arguments("fd00::0:1", 30.0) == "fd00::1"  # the form Ray reports
