@@ -52,7 +52,10 @@ def parse_args() -> argparse.Namespace:
         "--dense-prefill", action="store_true", help="fresh prefills through torch's SDPA"
     )
     parser.add_argument(
-        "--pinned-inputs", action="store_true", help="decode graphs fed from pinned buffers"
+        "--pinned-inputs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode graphs fed from pinned buffers (the engine's default)",
     )
     parser.add_argument(
         "--saturation-requests",
