@@ -98,7 +98,10 @@ class Engine:
         )
         if self.device.type == "cuda" and config.triton_gemv:
             self.model.use_triton_gemv()
-        if self.device.type == "cuda" and config.fused_fp8_quant:
+        fused_quant = config.fused_fp8_quant
+        if fused_quant is None:
+            fused_quant = self.model.fused_fp8_quant_applies()
+        if self.device.type == "cuda" and fused_quant:
             self.model.use_fused_fp8_quant()
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = build.max_model_len(config, self.model_config, self.num_kv_blocks)
