@@ -14,7 +14,6 @@ step() {  # step LIMIT_S CMD...: runs with min(LIMIT_S, what is left - 10 s)
   echo "== $(date +%T) [$limit s] $*"; timeout "$limit" "$@"; echo "== rc=$? after $(($(date +%s) - start)) s"
 }
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-git log -1 --format=%h 2>/dev/null
 for what in "$@"; do case $what in
 tests)
   step "${TESTS_S:-170}" python -m pytest -q -rf -p no:cacheprovider ${TESTS:-tests/gpu/test_fp8_gpu.py \
