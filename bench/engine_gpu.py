@@ -52,7 +52,10 @@ def parse_args() -> argparse.Namespace:
         "--dense-prefill", action="store_true", help="fresh prefills through torch's SDPA"
     )
     parser.add_argument(
-        "--pinned-inputs", action="store_true", help="decode graphs fed from pinned buffers"
+        "--pinned-inputs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode graphs fed from pinned buffers (the engine's default)",
     )
     parser.add_argument(
         "--saturation-requests",
@@ -205,26 +208,18 @@ def run_tandem(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, An
 def run_saturation(args: argparse.Namespace) -> dict[str, Any]:
     """bench.engine_saturation's workload and bound, in this run."""
     from bench import engine_saturation
+    from bench.engine_variants import Variant
 
     sat_args = engine_saturation.parse_args(
         [f"--num-requests={args.saturation_requests}", f"--repeats={args.saturation_repeats}"]
     )
     sat_args.shape = args.shape
     config = NAMED_SHAPES[args.shape]
-    engine = engine_saturation.tandem_engine(sat_args)
-    vocab = config.vocab_size
-    engine_saturation.saturate(
-        engine, random_prompts(sat_args.num_requests // 4, sat_args.input_len, vocab, 1), 16
-    )
-    runs = [
-        engine_saturation.saturate(
-            engine,
-            random_prompts(sat_args.num_requests, sat_args.input_len, vocab, 10 + rep),
-            sat_args.output_len,
-        )
-        for rep in range(sat_args.repeats)
-    ]
-    engine.check_integrity()
+    variant = Variant(
+        name="bf16", quantization=None, kv_cache_dtype="auto", triton_gemv=not args.no_gemv,
+        pdl=args.pdl, dense_prefill=args.dense_prefill,
+    )  # fmt: skip
+    runs = engine_saturation.run_variant(sat_args, variant)
     bound = engine_saturation.request_bound_s(sat_args, config)
     rates = [r["output_tok_s"] for r in runs]
     return {

@@ -1,9 +1,12 @@
 """The engine's throughput at saturation on one GPU (Llama-3-8B shape, dummy bf16 weights, all
 requests submitted at once), as a share of the physical bound (the larger of FLOPs / peak and
 bytes / peak bandwidth per request, summed), with transformers `generate` as the baseline in the
-same run. How the bound is computed: docs/benchmarks.md.
+same run. How the bound is computed: docs/benchmarks.md. `--variants` (bench.engine_variants,
+e.g. `bf16,w8+gemv+fusedq`) runs several engines one after another, same prompts; the bound
+stays bf16's.
 
-    python -m bench.engine_saturation [--num-requests 512] [--max-num-seqs 256] [--out F]
+    python -m bench.engine_saturation [--variants bf16] [--num-requests 512] [--max-num-seqs 256]
+        [--out F]
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from typing import Any
 import torch
 
 from bench.common import machine_info, markdown_table, write_json
-from bench.engine_gpu import dummy_engine, hf_generate, hf_model, random_prompts
+from bench.engine_gpu import hf_generate, hf_model, random_prompts
+from bench.engine_variants import Variant, apply_switches, parse_variant
 from contracts.sampling_params import SamplingParams
+from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.model_config import NAMED_SHAPES, ModelConfig
 
@@ -26,6 +31,7 @@ from engine.model_config import NAMED_SHAPES, ModelConfig
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3-8b", choices=sorted(NAMED_SHAPES))
+    parser.add_argument("--variants", default="bf16", help="bench.engine_variants names, comma")
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-requests", type=int, default=512)
@@ -58,10 +64,21 @@ def request_bound_s(args: argparse.Namespace, config: ModelConfig) -> dict[str, 
     return {"compute_s": compute_s, "memory_s": memory_s, "bound_s": max(compute_s, memory_s)}
 
 
-def tandem_engine(args: argparse.Namespace) -> Engine:
-    return dummy_engine(
-        args.shape, args.kv_cache_gb, max_model_len=args.input_len + args.output_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+def tandem_engine(args: argparse.Namespace, variant: Variant) -> Engine:
+    from engine.scheduler import SchedulerConfig
+
+    apply_switches(variant)
+    return Engine(
+        EngineConfig(
+            model=f"dummy:{args.shape}", device="cuda", dtype="bfloat16",
+            kv_cache_bytes=int(args.kv_cache_gb * 2**30),
+            max_model_len=args.input_len + args.output_len,
+            scheduler=SchedulerConfig(
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+            ),
+            **variant.engine_options(),  # type: ignore[arg-type]
+        )
     )  # fmt: skip
 
 
@@ -92,11 +109,10 @@ def baseline(args: argparse.Namespace, config: ModelConfig) -> dict[str, float]:
     return {"seconds": seconds, "output_tok_s": len(prompts) * args.output_len / seconds}
 
 
-def main() -> None:
-    args = parse_args()
-    config = NAMED_SHAPES[args.shape]
-    engine = tandem_engine(args)
-    vocab = config.vocab_size
+def run_variant(args: argparse.Namespace, variant: Variant) -> list[dict[str, float]]:
+    """Warm-up on a quarter of the requests, then `--repeats` timed runs."""
+    engine = tandem_engine(args, variant)
+    vocab = engine.model_config.vocab_size
     saturate(engine, random_prompts(args.num_requests // 4, args.input_len, vocab, 1), 16)
     runs = [
         saturate(
@@ -110,27 +126,44 @@ def main() -> None:
     del engine
     gc.collect()
     torch.cuda.empty_cache()
+    return runs
+
+
+def main() -> None:
+    args = parse_args()
+    config = NAMED_SHAPES[args.shape]
+    try:
+        variants = [parse_variant(name) for name in args.variants.split(",")]
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     bound = request_bound_s(args, config)
     bound_tok_s = args.output_len / bound["bound_s"]
-    rates = [run["output_tok_s"] for run in runs]
-    tandem = statistics.median(rates)
     total_per_output = (args.input_len + args.output_len) / args.output_len
-    rows = [
-        ["Tandem, saturated", f"{tandem:,.0f} ({min(rates):,.0f}-{max(rates):,.0f})",
-         f"{tandem * total_per_output:,.0f}", f"{100 * tandem / bound_tok_s:.0f}%"],
-    ]  # fmt: skip
-    result: dict[str, Any] = {"tandem": runs, "bound": bound, "bound_output_tok_s": bound_tok_s}
+    result: dict[str, Any] = {"bound": bound, "bound_output_tok_s": bound_tok_s, "variants": {}}
+    rows = []
+    for variant in variants:
+        runs = run_variant(args, variant)
+        rates = [run["output_tok_s"] for run in runs]
+        tandem = statistics.median(rates)
+        result["variants"][variant.name] = runs
+        print(variant.name, [round(r) for r in rates], flush=True)
+        rows.append([f"Tandem {variant.name}, saturated",
+                     f"{tandem:,.0f} ({min(rates):,.0f}-{max(rates):,.0f})",
+                     f"{tandem * total_per_output:,.0f}",
+                     f"{100 * tandem / bound_tok_s:.0f}%"])  # fmt: skip
+    result["tandem"] = result["variants"][variants[0].name]
     if args.baseline_batch:
         hf = baseline(args, config)
         result["transformers"] = hf
         rows.append([f"transformers eager, batch {args.baseline_batch}",
                      f"{hf['output_tok_s']:,.0f}", f"{hf['output_tok_s'] * total_per_output:,.0f}",
                      f"{100 * hf['output_tok_s'] / bound_tok_s:.0f}%"])  # fmt: skip
-    rows.append(["bound", f"{bound_tok_s:,.0f}", f"{bound_tok_s * total_per_output:,.0f}", "100%"])
+    rows.append(["bound (bf16)", f"{bound_tok_s:,.0f}", f"{bound_tok_s * total_per_output:,.0f}",
+                 "100%"])  # fmt: skip
     table = markdown_table(["system", "output tok/s", "total tok/s", "% of bound"], rows)
     device = torch.cuda.get_device_name()
     print(
-        f"\n{args.shape}, bf16, {device}, {args.num_requests} requests of {args.input_len} in / "
+        f"\n{args.shape}, {device}, {args.num_requests} requests of {args.input_len} in / "
         f"{args.output_len} out, max {args.max_num_seqs} running, median of {args.repeats}\n"
         f"bound per request: compute {1000 * bound['compute_s']:.1f} ms, memory "
         f"{1000 * bound['memory_s']:.1f} ms\n{table}"

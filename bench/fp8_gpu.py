@@ -1,13 +1,14 @@
 """FP8 weights and FP8 KV against bf16 on one GPU, Llama-3-8B shape (dummy weights), one run.
 
-Engines in turn (bf16; FP8 W8A8 projections; FP8 projections and FP8 KV cache; a `+gemv`
-suffix turns EngineConfig.triton_gemv on: single rows through the Triton GEMV, bf16 or FP8; a
-`+fusedq` suffix after it, on FP8 weights, EngineConfig.fused_fp8_quant: the activations'
-per-token quantization inside the RMSNorm and SiLU-and-mul kernels, e.g. `w8+gemv+fusedq`),
-same prompts: decode tokens/s at batch 1 and 64, TTFT of one long prompt, saturation output
-tokens/s, and how many long sequences the KV cache holds. Details: docs/benchmarks.md.
+Engines in turn (bf16; FP8 W8A8 projections; FP8 projections and FP8 KV cache; switches
+appended as in bench.engine_variants: `+gemv` the Triton GEMV for single rows, bf16 or FP8,
+`+fusedq` the FP8 activation quantization inside RMSNorm and SiLU-and-mul, `+pdl` the GEMVs
+with programmatic dependent launch, `+dense` fresh prefills through SDPA; e.g.
+`w8+gemv+fusedq+pdl`), same prompts: decode tokens/s at batch 1 and 64, TTFT of one long
+prompt, saturation output tokens/s, and how many long sequences the KV cache holds. Details:
+docs/benchmarks.md.
 
-    python -m bench.fp8_gpu [--variants bf16,w8,w8+gemv,w8+gemv+fusedq] [--repeats 2]
+    python -m bench.fp8_gpu [--variants bf16,w8,w8+gemv,w8+gemv+fusedq+pdl] [--repeats 2]
         [--fp8-gemv-tiles kernels_gemv_fp8.json] [--out $OUT/fp8_gpu.json]
 """
 
@@ -22,11 +23,12 @@ import torch
 
 from bench.common import machine_info, markdown_table, write_json
 from bench.engine_gpu import median_of, random_prompts, tandem_decode, tandem_ttft
+from bench.engine_variants import BASES, Variant, apply_switches, parse_variant
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.scheduler import SchedulerConfig
 
-VARIANTS = {"bf16": (None, "auto"), "w8": ("fp8", "auto"), "w8kv8": ("fp8", "fp8")}
+VARIANTS = BASES
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,19 +50,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def build(
-    args: argparse.Namespace,
-    quantization: str | None,
-    kv_cache_dtype: str,
-    gemv: bool,
-    fused_quant: bool = False,
-) -> Engine:
+def build(args: argparse.Namespace, variant: Variant) -> Engine:
+    apply_switches(variant)
     return Engine(
         EngineConfig(
             model=f"dummy:{args.shape}", device="cuda", dtype="bfloat16",
             kv_cache_bytes=int(args.kv_cache_gb * 2**30), max_model_len=args.long_len,
-            quantization=quantization, kv_cache_dtype=kv_cache_dtype, triton_gemv=gemv,
-            fused_fp8_quant=fused_quant,
+            **variant.engine_options(),  # type: ignore[arg-type]
             scheduler=SchedulerConfig(
                 max_num_seqs=max(args.saturation_requests, args.batch),
                 max_num_batched_tokens=max(args.ttft_len, 8192),
@@ -117,26 +113,26 @@ def main() -> None:
                 m, n, k = (int(v) for v in shape.split(","))
                 TUNED[(m, n, k)] = Fp8GemvConfig(*tiles)
         print("FP8 GEMV tiles:", TUNED, flush=True)
+    try:
+        variants = [parse_variant(name) for name in args.variants.split(",")]
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     results: dict[str, dict[str, Any]] = {}
-    for name in args.variants.split(","):
+    for variant in variants:
+        name = variant.name
         started = time.perf_counter()
-        fused_quant = name.endswith("+fusedq")
-        base = name.removesuffix("+fusedq")
-        base, gemv = base.removesuffix("+gemv"), base.endswith("+gemv")
-        if base not in VARIANTS or (fused_quant and VARIANTS[base][0] != "fp8"):
-            raise SystemExit(
-                f"unknown variant {name!r}; known: {', '.join(VARIANTS)} (+gemv), "
-                "and +fusedq after an FP8-weights one"
-            )
-        engine = build(args, *VARIANTS[base], gemv, fused_quant)
+        engine = build(args, variant)
         load_s = time.perf_counter() - started
         results[name] = {"load_s": load_s, **measure(args, engine)}
+        results[name]["total_s"] = time.perf_counter() - started
         print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)
         del engine
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    keys = [k for k in next(iter(results.values())) if k not in ("load_s", "num_kv_blocks")]
+    keys = [
+        k for k in next(iter(results.values())) if k not in ("load_s", "total_s", "num_kv_blocks")
+    ]
     base = results.get("bf16")
     rows = []
     for key in keys:

@@ -45,8 +45,11 @@ class EngineConfig:
     # FP8 weights on CUDA: quantize the projections' activations per token inside the RMSNorm
     # and SiLU-and-mul kernels that produce them (engine.kernels.rms_norm.rms_norm_fp8,
     # silu_and_mul.silu_and_mul_fp8) instead of a kernel of their own before each projection:
-    # bitwise the same values, three launches fewer per layer. Off until measured (issue 20).
-    fused_fp8_quant: bool = False
+    # bitwise the same values, three launches fewer per layer (issue 20; measured on an H100 in
+    # docs/benchmarks.md). None: on wherever it applies (CUDA, every decoder projection FP8
+    # with dynamic per-token activation scales), else off; True: required (ValueError where it
+    # does not apply); False: off.
+    fused_fp8_quant: bool | None = None
     # "fp8": e4m3 W8A8 decoder projections, quantized at load (an FP8 checkpoint is FP8 anyway)
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with scales (kv_quant)
@@ -84,7 +87,7 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r} must be one of {QUANTIZATIONS}")
-        if self.fused_fp8_quant and self.quantization != "fp8":
+        if self.fused_fp8_quant is True and self.quantization != "fp8":
             raise ValueError(
                 f"fused_fp8_quant=True needs quantization='fp8', got {self.quantization!r}"
             )

@@ -114,7 +114,10 @@ class Engine:
         )
         if self.device.type == "cuda" and config.triton_gemv:
             self.model.use_triton_gemv()
-        if self.device.type == "cuda" and config.fused_fp8_quant:
+        fused_quant = config.fused_fp8_quant
+        if fused_quant is None:
+            fused_quant = self.model.fused_fp8_quant_applies()
+        if self.device.type == "cuda" and fused_quant:
             self.model.use_fused_fp8_quant()
         scheduler_config = build.scheduler_config(config, self.device)
         # rank 0's transfer staging region (private-KV TP that transfers KV), taken from its budget

@@ -404,22 +404,28 @@ class LlamaModel(nn.Module):
         make them on CUDA (RMSNorm before qkv and gate_up, SiLU-and-mul before down): bitwise
         the same e4m3 values and scales, three launches fewer per layer. Raises ValueError
         unless every decoder projection is an Fp8Linear with dynamic (per-token) scales."""
+        if enabled and not self.fused_fp8_quant_applies():
+            raise ValueError(
+                "fused_fp8_quant needs FP8 decoder projections with dynamic per-token "
+                "activation scales (quantization='fp8', no static input scales)"
+            )
         for layer in self.decoder_layers:
-            projections = (
+            layer.mlp.fused_fp8_quant = enabled
+        self.fused_fp8_quant = enabled
+
+    def fused_fp8_quant_applies(self) -> bool:
+        """Whether every decoder projection is an Fp8Linear with dynamic (per-token) activation
+        scales: what use_fused_fp8_quant needs."""
+        return all(
+            isinstance(p, Fp8Linear) and p.input_scale is None
+            for layer in self.decoder_layers
+            for p in (
                 layer.self_attn.qkv_proj,
                 layer.self_attn.o_proj,
                 layer.mlp.gate_up_proj,
                 layer.mlp.down_proj,
             )
-            if enabled and not all(
-                isinstance(p, Fp8Linear) and p.input_scale is None for p in projections
-            ):
-                raise ValueError(
-                    "fused_fp8_quant needs FP8 decoder projections with dynamic per-token "
-                    "activation scales (quantization='fp8', no static input scales)"
-                )
-            layer.mlp.fused_fp8_quant = enabled
-        self.fused_fp8_quant = enabled
+        )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_seqs, hidden] -> [num_seqs, vocab] fp32 (every rank's, gathered, under TP)."""

@@ -43,7 +43,9 @@ def test_scaled_mm_matches_the_reference_product(num_tokens: int) -> None:
     torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)  # bf16 output rounding
 
 
-def engine(cuda_graphs: bool, triton_gemv: bool = False, fused_fp8_quant: bool = False) -> Engine:
+def engine(
+    cuda_graphs: bool, triton_gemv: bool = False, fused_fp8_quant: bool | None = False
+) -> Engine:
     return Engine(
         EngineConfig(
             model="dummy:tiny", device="cuda", dtype="bfloat16", num_kv_blocks=64,
@@ -88,3 +90,9 @@ def test_fused_fp8_quant_engine_gives_the_same_tokens(cuda_graphs: bool, triton_
         got = [c.token_ids for c in fused_engine.generate(prompts, greedy(24))]
         assert got == want
         fused_engine.check_integrity()
+
+
+def test_fused_fp8_quant_is_on_by_default_with_fp8_weights() -> None:
+    """EngineConfig.fused_fp8_quant=None (the default) turns it on for FP8 weights on CUDA."""
+    assert engine(True, fused_fp8_quant=None).model.fused_fp8_quant
+    assert not engine(True, fused_fp8_quant=False).model.fused_fp8_quant

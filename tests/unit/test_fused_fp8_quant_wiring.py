@@ -73,3 +73,17 @@ def test_the_switch_needs_fp8_weights() -> None:
     assert not model.fused_fp8_quant and not any(
         layer.mlp.fused_fp8_quant for layer in model.layers
     )
+
+
+def test_the_default_turns_it_on_where_it_applies() -> None:
+    """EngineConfig.fused_fp8_quant=None (the default) means on for an engine whose decoder
+    projections all quantize their activations per token (checked here on the models; the
+    engine on CUDA only: on CPU the fused kernels are never used)."""
+    assert EngineConfig().fused_fp8_quant is None
+    assert EngineConfig(fused_fp8_quant=False, quantization=None).fused_fp8_quant is False
+    assert not make_engine().model.fused_fp8_quant_applies()
+    fp8 = make_engine(quantization="fp8")
+    assert fp8.model.fused_fp8_quant_applies()
+    assert not fp8.model.fused_fp8_quant  # CPU: left off
+    fp8.model.decoder_layers[0].self_attn.o_proj.input_scale = torch.ones(())
+    assert not fp8.model.fused_fp8_quant_applies()  # a static input scale somewhere: off

@@ -1,0 +1,87 @@
+"""Named engine variants for the GPU benchmarks (bench.fp8_gpu, bench.engine_saturation).
+
+A variant is a base, `bf16` (bf16 weights and KV), `w8` (FP8 W8A8 projections, bf16 KV) or
+`w8kv8` (FP8 projections and FP8 KV cache), followed by any of these switches:
+
+    +gemv     EngineConfig.triton_gemv: single-row projections through the Triton GEMV
+              (engine.kernels.gemv, or engine.kernels.fp8_gemv for FP8 weights)
+    +fusedq   EngineConfig.fused_fp8_quant: the activations' per-token FP8 quantization inside
+              the RMSNorm and SiLU-and-mul kernels (FP8 weights only)
+    +pdl      engine.kernels.gemv.USE_PDL: the GEMVs with programmatic dependent launch (needs
+              +gemv)
+    +dense    engine.triton_attention.DENSE_FRESH_PREFILL: steps whose prefill chunks all start
+              their sequence attend through torch's fused SDPA
+
+e.g. `w8+gemv+fusedq+pdl`. The last two are module switches: `apply_switches` sets them for
+the engine built next (graphs capture them), so build and measure one variant at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BASES: dict[str, tuple[str | None, str]] = {
+    "bf16": (None, "auto"),
+    "w8": ("fp8", "auto"),
+    "w8kv8": ("fp8", "fp8"),
+}
+SWITCHES = ("gemv", "fusedq", "pdl", "dense")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    quantization: str | None
+    kv_cache_dtype: str
+    triton_gemv: bool = False
+    fused_fp8_quant: bool = False
+    pdl: bool = False
+    dense_prefill: bool = False
+
+    def engine_options(self) -> dict[str, object]:
+        """EngineConfig keyword arguments of this variant."""
+        return {
+            "quantization": self.quantization,
+            "kv_cache_dtype": self.kv_cache_dtype,
+            "triton_gemv": self.triton_gemv,
+            "fused_fp8_quant": self.fused_fp8_quant,
+        }
+
+
+def parse_variant(name: str) -> Variant:
+    """The variant named `name`; ValueError naming what is wrong and what is known."""
+    base, *switches = name.split("+")
+    if base not in BASES:
+        raise ValueError(
+            f"variant {name!r}: unknown base {base!r}; known: {', '.join(BASES)} "
+            f"(then any of {', '.join('+' + s for s in SWITCHES)})"
+        )
+    unknown = [s for s in switches if s not in SWITCHES]
+    if unknown or len(set(switches)) != len(switches):
+        raise ValueError(
+            f"variant {name!r}: switches must be distinct ones of "
+            f"{', '.join('+' + s for s in SWITCHES)}, got {'+'.join(switches)!r}"
+        )
+    quantization, kv_cache_dtype = BASES[base]
+    if "fusedq" in switches and quantization != "fp8":
+        raise ValueError(f"variant {name!r}: +fusedq needs FP8 weights (w8 or w8kv8)")
+    if "pdl" in switches and "gemv" not in switches:
+        raise ValueError(f"variant {name!r}: +pdl needs +gemv (PDL is the GEMVs' launch)")
+    return Variant(
+        name=name,
+        quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
+        triton_gemv="gemv" in switches,
+        fused_fp8_quant="fusedq" in switches,
+        pdl="pdl" in switches,
+        dense_prefill="dense" in switches,
+    )
+
+
+def apply_switches(variant: Variant) -> None:
+    """Sets the module switches of `variant` (and clears those it does not name)."""
+    import engine.kernels.gemv as gemv_module
+    import engine.triton_attention as triton_attention
+
+    gemv_module.USE_PDL = variant.pdl
+    triton_attention.DENSE_FRESH_PREFILL = variant.dense_prefill

@@ -1,0 +1,50 @@
+"""bench.engine_variants: variant names to engine options and module switches."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.engine_variants import apply_switches, parse_variant
+
+
+def test_names_map_to_engine_options() -> None:
+    variant = parse_variant("w8+gemv+fusedq+pdl")
+    assert variant.engine_options() == {
+        "quantization": "fp8",
+        "kv_cache_dtype": "auto",
+        "triton_gemv": True,
+        "fused_fp8_quant": True,
+    }
+    assert variant.pdl and not variant.dense_prefill
+    bf16 = parse_variant("bf16+dense")
+    assert bf16.quantization is None and bf16.dense_prefill and not bf16.triton_gemv
+    assert parse_variant("w8kv8").kv_cache_dtype == "fp8"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("fp16", "unknown base 'fp16'"),
+        ("bf16+fast", "switches must be distinct ones of"),
+        ("w8+gemv+gemv", "switches must be distinct ones of"),
+        ("bf16+fusedq", "+fusedq needs FP8 weights"),
+        ("w8+pdl", "+pdl needs +gemv"),
+    ],
+)
+def test_bad_names_are_refused_with_the_reason(name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        parse_variant(name)
+
+
+def test_switches_are_set_and_cleared() -> None:
+    import engine.kernels.gemv as gemv_module
+    import engine.triton_attention as triton_attention
+
+    before = (gemv_module.USE_PDL, triton_attention.DENSE_FRESH_PREFILL)
+    try:
+        apply_switches(parse_variant("bf16+gemv+pdl+dense"))
+        assert gemv_module.USE_PDL and triton_attention.DENSE_FRESH_PREFILL
+        apply_switches(parse_variant("bf16"))
+        assert not gemv_module.USE_PDL and not triton_attention.DENSE_FRESH_PREFILL
+    finally:
+        gemv_module.USE_PDL, triton_attention.DENSE_FRESH_PREFILL = before
