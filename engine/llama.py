@@ -263,7 +263,10 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     # Quantize silu(gate) * up for an FP8 down_proj in the SiLU-and-mul launch (CUDA only);
-    # set by LlamaModel.use_fused_fp8_quant (EngineConfig.fused_fp8_quant).
+    # set by LlamaModel.use_fused_fp8_quant (EngineConfig.fused_fp8_quant). Not for a single
+    # row: the fused kernel gives each row one program that walks it twice, which at M = 1 is
+    # one program for the whole 14,336-wide row (slower on an H100 than the column-parallel
+    # SiLU-and-mul plus its quantization); the values are bitwise the same either way.
     fused_fp8_quant: bool = False
 
     def __init__(self, config: ModelConfig) -> None:
@@ -273,7 +276,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
-        if gate_up.is_cuda and self.fused_fp8_quant:
+        if gate_up.is_cuda and self.fused_fp8_quant and gate_up.shape[0] > 1:
             from engine.kernels.silu_and_mul import silu_and_mul_fp8
 
             q, scale = silu_and_mul_fp8(gate_up)
