@@ -3,7 +3,8 @@ to drain a node through the router's Admin service (router.admin, tandem.v1.Admi
 
 `tandem drain-node --router HOST:PORT --node-ip IP [--timeout-s S]` asks the router to drain the
 Ray node at IP (cluster.node_drain) and waits for the answer. The admin key comes from
-$TANDEM_ADMIN_KEY only (a flag would show in the process list); TLS flags as `tandem client`'s.
+--admin-key-file, else $TANDEM_ADMIN_KEY (never a flag's value: it would show in the process
+list); TLS flags as `tandem client`'s.
 Exit status: 0 the drain completed (every worker left empty, every replacement started); 1 it
 ran but did not complete (the report says which worker or replacement); 2 it was refused or
 failed (no key, bad key, unknown node, unreachable router: the message says which).
@@ -15,6 +16,9 @@ bare-metal counterpart of the Helm chart's preStop hook: it runs `ray start --bl
 node, then stops Ray: a drained node's raylet exits by itself once idle (Ray's drain), else
 SIGTERM to `ray start` stops the node's processes. Ray's child
 runs in its own session, so a signal to this process's group reaches Ray only through here.
+The admin key is read once, at start (a missing key exits 2 before Ray starts), and Ray is
+started with an environment without $TANDEM_ADMIN_KEY: the raylet and every Ray worker and
+task on the node would inherit it otherwise.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ ADMIN_KEY_ENV = "TANDEM_ADMIN_KEY"
 RPC_MARGIN_S = 30.0  # the DrainNode call waits this much longer than the drain's own bound
 RAY_SELF_STOP_WAIT_S = 30.0  # after a drain, Ray on the node stops by itself within this
 RAY_STOP_WAIT_S = 60.0  # then `ray start --block` gets this long to stop after SIGTERM
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def add_drain_node_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +73,13 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_admin_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(f"connection (TLS; the admin key from ${ADMIN_KEY_ENV})")
+    group = parser.add_argument_group(
+        f"connection (TLS; the admin key from --admin-key-file or ${ADMIN_KEY_ENV})"
+    )
+    group.add_argument(
+        "--admin-key-file", default=None,
+        help=f"a file holding the admin key (else ${ADMIN_KEY_ENV}; never a flag's value)",
+    )  # fmt: skip
     group.add_argument("--tls", action="store_true", help="connect over TLS (system CA roots)")
     group.add_argument(
         "--tls-ca", default=None, help="PEM roots the router's certificate chains to"
@@ -77,8 +88,33 @@ def add_admin_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-client-key", default=None, help="its PEM private key")
 
 
-def request_drain(args: argparse.Namespace, node_ip: str, timeout_s: float) -> int:
-    """Ask the router to drain `node_ip`; print the outcome; the exit status (module docstring)."""
+class NoAdminKey(Exception):
+    """No admin key was given, or its file cannot be read (the message says which)."""
+
+
+def admin_key_of(args: argparse.Namespace, environ: dict[str, str] | None = None) -> str:
+    """The admin key: the first line of --admin-key-file, else $TANDEM_ADMIN_KEY. Raises
+    NoAdminKey naming what to set (never the key)."""
+    environ = dict(os.environ) if environ is None else environ
+    path = getattr(args, "admin_key_file", None)
+    if path is not None:
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise NoAdminKey(f"admin_key_file={path!r}: cannot read it: {e.strerror}") from None
+        if not key:
+            raise NoAdminKey(f"admin_key_file={path!r} is empty: it must hold an admin key")
+        return key
+    key = environ.get(ADMIN_KEY_ENV, "").strip()
+    if not key:
+        raise NoAdminKey(f"no admin key: set ${ADMIN_KEY_ENV} or --admin-key-file to one of the "
+                         "router's admin keys (`tandem serve --admin-keys-file`)")  # fmt: skip
+    return key
+
+
+def request_drain(args: argparse.Namespace, key: str, node_ip: str, timeout_s: float) -> int:
+    """Ask the router to drain `node_ip` with admin key `key`; print the outcome; the exit
+    status (module docstring)."""
     import grpc
 
     from bench.serving.connection import ClientTls, open_channel
@@ -86,11 +122,6 @@ def request_drain(args: argparse.Namespace, node_ip: str, timeout_s: float) -> i
     from proto.tandem.v1 import admin_pb2 as pb
     from proto.tandem.v1 import admin_pb2_grpc
 
-    key = os.environ.get(ADMIN_KEY_ENV)
-    if not key:
-        print(f"tandem: error: no admin key: set ${ADMIN_KEY_ENV} to one of the router's admin "
-              "keys (`tandem serve --admin-keys-file`)", file=sys.stderr)  # fmt: skip
-        return 2
     uses_tls = args.tls or any((args.tls_ca, args.tls_client_cert, args.tls_client_key))
     tls = ClientTls(args.tls_ca, args.tls_client_cert, args.tls_client_key) if uses_tls else None
     with open_channel(args.router, tls) as channel:
@@ -139,18 +170,46 @@ def _describe(reply: Any, as_json: bool) -> str:
 
 
 def run_drain_node(args: argparse.Namespace) -> int:
-    return request_drain(args, args.node_ip, args.timeout_s)
+    try:
+        key = admin_key_of(args)
+    except NoAdminKey as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 2
+    return request_drain(args, key, args.node_ip, args.timeout_s)
+
+
+def ray_executable() -> str:
+    """The `ray` command of this Python environment."""
+    return str(Path(sys.executable).parent / "ray")
 
 
 def run_node(args: argparse.Namespace) -> int:
     """`ray start --block` for this node; on SIGTERM/SIGINT drain it through the router first."""
+    try:  # read once, at start: Ray's processes on this node never see it
+        key = admin_key_of(args)
+    except NoAdminKey as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 2
+    ray_env = {name: value for name, value in os.environ.items() if name != ADMIN_KEY_ENV}
     ray_args = [a for a in args.ray_args if a != "--"]
-    ray = str(Path(sys.executable).parent / "ray")
-    command = [ray, "start", "--block", f"--node-ip-address={args.node_ip}", *ray_args]
+    command = [ray_executable(), "start", "--block", f"--node-ip-address={args.node_ip}", *ray_args]
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    child = subprocess.Popen(command, start_new_session=True)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
+    try:
+        return _run_ray_until_stopped(args, key, command, ray_env, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_ray_until_stopped(
+    args: argparse.Namespace,
+    key: str,
+    command: list[str],
+    ray_env: dict[str, str],
+    stop: threading.Event,
+) -> int:
+    child = subprocess.Popen(command, start_new_session=True, env=ray_env)
     print(f"tandem: node {args.node_ip}: {' '.join(command[1:])} (pid {child.pid})", flush=True)
     while child.poll() is None and not stop.wait(0.5):
         pass
@@ -158,7 +217,7 @@ def run_node(args: argparse.Namespace) -> int:
         print(f"tandem: `ray start` exited with status {child.returncode}", file=sys.stderr)
         return 1
     print(f"tandem: stopping: draining node {args.node_ip} through {args.router}", flush=True)
-    status = request_drain(args, args.node_ip, args.drain_timeout_s)
+    status = request_drain(args, key, args.node_ip, args.drain_timeout_s)
     if status == 0:  # drained and idle, the node's raylet exits by itself (and `ray start`)
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(RAY_SELF_STOP_WAIT_S)

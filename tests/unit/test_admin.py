@@ -300,3 +300,66 @@ def test_a_node_drain_refuses_a_malformed_address_or_timeout(
     assert problem in str(raised.value)
     assert check_arguments(" 10.1.2.3 ", 30.0) == "10.1.2.3"
     assert check_arguments("fd00::0:1", 30.0) == "fd00::1"  # the form Ray reports
+
+
+def _fake_ray(tmp_path: Path) -> Path:
+    """A `ray` command standing in for Ray's: it dumps its environment and arguments, has its
+    parent (`tandem node`, here the test process) told to stop, then waits for SIGTERM."""
+    script = tmp_path / "ray"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"env > {tmp_path}/ray.env\n"
+        f'echo "$@" > {tmp_path}/ray.args\n'
+        "kill -TERM $PPID\n"
+        "exec sleep 60\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("from_file", [False, True])
+def test_tandem_node_keeps_the_admin_key_out_of_rays_environment(
+    from_file: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`tandem node` starts `ray start --block` (a real child process) with an environment
+    without $TANDEM_ADMIN_KEY: the raylet and every Ray worker on the node would inherit it.
+    The key still reaches the drain on SIGTERM (the admin server accepts it)."""
+    import cluster.node_cli as node_cli
+
+    monkeypatch.setattr(node_cli, "ray_executable", lambda: str(_fake_ray(tmp_path)))
+    key_args: list[str] = []
+    if from_file:
+        monkeypatch.delenv("TANDEM_ADMIN_KEY", raising=False)
+        (tmp_path / "admin-key").write_text(f"{ADMIN_KEY}\n")
+        key_args = ["--admin-key-file", str(tmp_path / "admin-key")]
+    else:
+        monkeypatch.setenv("TANDEM_ADMIN_KEY", ADMIN_KEY)
+    drainer = Drainer(report(left_empty=False))  # not completed: Ray is stopped at once
+    with admin_server(f"ops:{ADMIN_KEY}", drainer) as target:
+        args = ["node", "--router", target, "--node-ip", NODE_IP, "--drain-timeout-s", "9",
+                *key_args, "--", "--address=10.0.0.1:6379"]  # fmt: skip
+        assert main(args) == 1
+    environment = (tmp_path / "ray.env").read_text()
+    assert "TANDEM_ADMIN_KEY" not in environment and ADMIN_KEY not in environment
+    assert "PATH=" in environment  # the rest of the environment is passed on
+    assert (tmp_path / "ray.args").read_text().split() == [
+        "start", "--block", f"--node-ip-address={NODE_IP}", "--address=10.0.0.1:6379"
+    ]  # fmt: skip
+    assert drainer.calls == [(NODE_IP, 9.0)]  # the key was sent with the drain
+    assert "did not complete" in capsys.readouterr().err
+
+
+def test_tandem_node_without_an_admin_key_refuses_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No key: found at start (exit 2, Ray not started), not at the first SIGTERM."""
+    import cluster.node_cli as node_cli
+
+    monkeypatch.setattr(node_cli, "ray_executable", lambda: str(_fake_ray(tmp_path)))
+    monkeypatch.delenv("TANDEM_ADMIN_KEY", raising=False)
+    assert main(["node", "--router", "127.0.0.1:1", "--node-ip", NODE_IP]) == 2
+    assert "no admin key" in capsys.readouterr().err
+    assert not (tmp_path / "ray.env").exists()
