@@ -5,9 +5,10 @@ to drain a node through the router's Admin service (router.admin, tandem.v1.Admi
 Ray node at IP (cluster.node_drain) and waits for the answer. The admin key comes from
 --admin-key-file, else $TANDEM_ADMIN_KEY (never a flag's value: it would show in the process
 list); TLS flags as `tandem client`'s.
-Exit status: 0 the drain completed (every worker left empty, every replacement started); 1 it
-ran but did not complete (the report says which worker or replacement); 2 it was refused or
-failed (no key, bad key, unknown node, unreachable router: the message says which).
+Exit status: 0 the drain completed (every worker left empty, no replacement failed; one still
+starting, in a pool that kept other workers, is reported pending); 1 it ran but did not
+complete (the report says which worker or replacement); 2 it was refused or failed (no key,
+bad key, unknown node, unreachable router: the message says which).
 `--if-present` (the chart's preStop hook): a node the cluster no longer has exits 0.
 
 `tandem node --router HOST:PORT --node-ip IP [--drain-timeout-s S] -- RAY_START_ARGS...` is the
@@ -142,7 +143,7 @@ def request_drain(args: argparse.Namespace, key: str, node_ip: str, timeout_s: f
     print(_describe(reply, as_json=getattr(args, "json", False)), flush=True)
     if not reply.completed:
         print(f"tandem: the drain of node {node_ip} did not complete: a worker was retired busy "
-              "or a replacement did not start (see above)", file=sys.stderr)  # fmt: skip
+              "or a replacement failed to start (see above)", file=sys.stderr)  # fmt: skip
         return 1
     return 0
 
@@ -155,6 +156,7 @@ def _describe(reply: Any, as_json: bool) -> str:
             "node_ip": reply.node_ip, "completed": reply.completed, "workers": workers,
             "replacement_worker_ids": list(reply.replacement_worker_ids),
             "num_replacements_failed": reply.num_replacements_failed,
+            "num_replacements_pending": reply.num_replacements_pending,
             "already_draining": reply.already_draining, "elapsed_s": reply.elapsed_s,
         })  # fmt: skip
     drained = ", ".join(
@@ -162,11 +164,12 @@ def _describe(reply: Any, as_json: bool) -> str:
         for w in workers
     )
     again = " (it was being drained already)" if reply.already_draining else ""
-    failed = reply.num_replacements_failed
+    failed, pending = reply.num_replacements_failed, reply.num_replacements_pending
     return (f"tandem: node {reply.node_ip} drained in {reply.elapsed_s:.1f} s{again}: "
             f"workers {drained or 'none'}; replacements "
             f"{', '.join(reply.replacement_worker_ids) or 'none'}"
-            f"{f', {failed} failed to start' if failed else ''}")  # fmt: skip
+            f"{f', {failed} failed to start' if failed else ''}"
+            f"{f', {pending} still starting' if pending else ''}")  # fmt: skip
 
 
 def run_drain_node(args: argparse.Namespace) -> int:

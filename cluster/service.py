@@ -27,6 +27,7 @@ from typing import Any
 
 from cluster.autoscaler import AutoscalingConfig
 from cluster.membership import PoolMembership
+from cluster.node_drain import NodeDrains
 from cluster.ray_start import init_ray
 from cluster.scaling import Autoscaler
 from cluster.workers import RayWorkerClient, actor_of
@@ -175,7 +176,7 @@ class Service:
         self._metrics_server: Any = None
         self._started_ray = False
         self.num_replaced = 0  # workers replaced after dying
-        self.node_drains: dict[str, asyncio.Future[NodeDrainReport]] = {}  # by node address
+        self.node_drains = NodeDrains()  # operators' node drains (cluster.node_drain)
 
     @property
     def workers(self) -> list[Any]:
@@ -228,7 +229,11 @@ class Service:
         self._check_tensor_parallel()
         setup_tracing(config.tracing, "router")
         interceptors = [AuthInterceptor(self.guard)] if self.guard is not None else []
-        admin = AdminServicer(config.admin_keys, self.drain_node)
+        admin = AdminServicer(
+            config.admin_keys,
+            self.drain_node,
+            on_refused=lambda reason: self.metrics.admin_refusals.labels(reason=reason).inc(),
+        )
         self._server, self.port, gate, self._health = await start_server(
             config.host, config.port, config.tls, interceptors, admin
         )
@@ -350,6 +355,7 @@ class Service:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        self.node_drains.cancel()  # a replacement still starting is killed (start_worker)
         if self._server is not None:
             await set_serving(self._health, self._pool_names(), serving=False)
             await self._server.stop(grace_s)
@@ -624,8 +630,9 @@ class Service:
         """Drain every worker of both pools on the Ray node at `node_ip` (an operator, a
         worker pod's preStop): Ray schedules nothing more there, replacements start on other
         nodes, each worker drains as in `drain_worker`, all at once, within `timeout_s`
-        (cluster.node_drain). Idempotent per node. Raises ValueError (a malformed address or
-        timeout), WorkerUnavailable (not serving yet), UnknownNode, NodeNotDrainable."""
+        (cluster.node_drain). Idempotent per node. Raises InvalidRequest (a malformed address
+        or timeout), WorkerUnavailable (not serving yet), UnknownNode, NodeNotDrainable
+        (AmbiguousNode: several nodes have that address), NodeDrainTimedOut."""
         from cluster.node_drain import drain_node
 
         return await drain_node(self, node_ip, timeout_s)
@@ -656,16 +663,27 @@ class Service:
         import ray
 
         worker, worker_id = actor_of(member), member.worker_id
-        if pool == "decode" and self.disaggregated:
-            await asyncio.gather(*(p.disconnect.remote(worker_id) for p in self.prefill_workers))
-        self.pools[pool].remove(member)
-        self.metrics.forget_worker(pool, worker_id)
-        if isinstance(self.prefix_index, LocalPrefixIndex):
-            self.prefix_index.forget(worker_id)
+        if pool == "decode" and self.disaggregated:  # a prefill worker gone meanwhile: logged
+            prefill = self.prefill_workers
+            results = await asyncio.gather(
+                *(p.disconnect.remote(worker_id) for p in prefill), return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    logger.warning("unpairing retired decode worker %s from a prefill worker "
+                                   "failed: %r", worker_id, result)  # fmt: skip
+        self.forget_worker(pool, member)
         try:
             await asyncio.wait_for(worker.shutdown.remote(), 10)
         finally:
             ray.kill(worker)
+
+    def forget_worker(self, pool: str, member: Member) -> None:
+        """Take a member out of its pool, metrics and the index (it is being stopped)."""
+        self.pools[pool].remove(member)
+        self.metrics.forget_worker(pool, member.worker_id)
+        if isinstance(self.prefix_index, LocalPrefixIndex):
+            self.prefix_index.forget(member.worker_id)
 
     def recent_latencies(self) -> dict[str, list[float]]:
         """The router's recent TTFTs and inter-token gaps (autoscaling signals)."""

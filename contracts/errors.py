@@ -114,6 +114,21 @@ class NodeNotDrainable(TandemError):
     (gRPC FAILED_PRECONDITION; the message says which)."""
 
 
+class AmbiguousNode(NodeNotDrainable):
+    """Several live Ray nodes share the address an operator named (raylets on one host): a
+    drain by address is refused, naming their ids (gRPC FAILED_PRECONDITION)."""
+
+
+class NodeDrainTimedOut(TandemError):
+    """A node drain did not end within its timeout and the margin (a Ray call hung): it was
+    given up, its workers retired at once (gRPC DEADLINE_EXCEEDED)."""
+
+
+class AdminDisabled(TandemError):
+    """The Admin service has no admin keys configured: every call is refused (gRPC
+    PERMISSION_DENIED; the message says how to configure them)."""
+
+
 class KVTransferError(TandemError):
     """Moving KV blocks between processes failed."""
 

@@ -9,24 +9,29 @@ never opens the Admin service and an admin key never opens the Tandem service: t
 checked by different code (router.interceptor only looks at /tandem.v1.Tandem/ calls).
 
 Every call carries `authorization: Bearer <admin key>`. With no admin keys configured every
-call is refused with PERMISSION_DENIED saying how to configure them; a missing, malformed or
-unknown key is UNAUTHENTICATED. The drain itself belongs to the control plane: the servicer is
-handed a `NodeDrainer` (cluster.service.Service.drain_node) and converts its typed report to
-protobuf here; nothing else of the control plane is imported. Runs on the server's event loop.
+call is refused with PERMISSION_DENIED saying how to configure them (AdminDisabled); a
+missing, malformed or unknown key is UNAUTHENTICATED. Each refusal is logged with the caller's
+peer address and the reason (never the key) and counted by reason (`on_refused`:
+tandem_admin_refusals). The request's arguments are checked here (contracts.drain: a bad one
+is INVALID_ARGUMENT); the drain itself belongs to the control plane: the servicer is handed a
+`NodeDrainer` (cluster.service.Service.drain_node) and converts its typed report to protobuf
+here; nothing else of the control plane is imported. A Tandem error's status is decided by
+router.core.status_of_error (the one mapping); any other exception (a Ray error, a bug) is
+logged and answered INTERNAL with a generic message, its text never sent to the caller. Runs
+on the server's event loop.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
 
-from contracts.drain import NodeDrainReport
-from contracts.errors import TandemError
+from contracts.drain import NodeDrainReport, check_drain_arguments
+from contracts.errors import AdminDisabled, TandemError
 from proto.tandem.v1 import admin_pb2 as pb
 from proto.tandem.v1 import admin_pb2_grpc
 from router.auth import ApiKeys, Unauthenticated, bearer_key, parse_api_keys
@@ -35,7 +40,7 @@ from router.server import status_of
 logger = logging.getLogger(__name__)
 
 ENV_ADMIN_KEYS = "TANDEM_ADMIN_KEYS"
-MAX_DRAIN_TIMEOUT_S = 3600.0
+INTERNAL_ERROR = "internal error: the drain failed; the router's log says why"
 NOT_CONFIGURED = (
     "the admin service is off: no admin keys are configured; start `tandem serve` with "
     f"--admin-keys-file FILE or ${ENV_ADMIN_KEYS} ('name:key' per line; not a tenant API key)"
@@ -43,8 +48,8 @@ NOT_CONFIGURED = (
 
 
 class NodeDrainer(Protocol):
-    """What drains a node (cluster.service.Service.drain_node). Raises UnknownNode,
-    NodeNotDrainable, WorkerUnavailable (not serving yet) or ValueError (a bad timeout)."""
+    """What drains a node (cluster.service.Service.drain_node). Raises TandemErrors:
+    UnknownNode, NodeNotDrainable, WorkerUnavailable (not serving yet), NodeDrainTimedOut."""
 
     def __call__(self, node_ip: str, timeout_s: float) -> Awaitable[NodeDrainReport]: ...
 
@@ -76,47 +81,59 @@ def load_admin_keys(path: str | None, environ: Mapping[str, str] | None = None) 
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    """tandem.v1.Admin: checks the caller's admin key, then asks the control plane."""
+    """tandem.v1.Admin: checks the caller's admin key, then asks the control plane.
+    `on_refused(reason)` counts a refused call (not_configured, missing, malformed,
+    invalid_key)."""
 
-    def __init__(self, keys: ApiKeys | None, drain_node: NodeDrainer) -> None:
+    def __init__(
+        self,
+        keys: ApiKeys | None,
+        drain_node: NodeDrainer,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self.keys = keys
         self._drain_node = drain_node
+        self._on_refused = on_refused
 
     def operator(self, authorization: str | None) -> str:
         """The name of the operator whose admin key `authorization` carries. Raises
-        PermissionError (no keys configured) or Unauthenticated (no valid admin key)."""
+        AdminDisabled (no keys configured) or Unauthenticated (no valid admin key)."""
         if self.keys is None:
-            raise PermissionError(NOT_CONFIGURED)
+            raise AdminDisabled(NOT_CONFIGURED)
         found = self.keys.find(bearer_key(authorization))
         if found is None:
             raise Unauthenticated("invalid_key", "invalid admin key")
         return found.name
 
-    async def DrainNode(self, request: Any, context: Any) -> Any:
+    def _authorize(self, context: Any) -> str:
+        """operator(), with a refusal logged (peer and reason, never the key) and counted."""
         metadata = dict(context.invocation_metadata() or ())
         try:
-            name = self.operator(metadata.get("authorization"))
-        except PermissionError as e:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
-        except Unauthenticated as e:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
-        timeout_s = request.timeout_s
-        if not (math.isfinite(timeout_s) and 0 < timeout_s <= MAX_DRAIN_TIMEOUT_S):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"timeout_s={timeout_s!r} must be in (0, {MAX_DRAIN_TIMEOUT_S:g}] seconds",
-            )
-        logger.warning("admin %s: draining node %s (timeout %g s)", name, request.node_ip,
-                       timeout_s)  # fmt: skip
+            return self.operator(metadata.get("authorization"))
+        except (AdminDisabled, Unauthenticated) as e:
+            reason = e.reason if isinstance(e, Unauthenticated) else "not_configured"
+            logger.warning("admin call refused (%s) from %s", reason, context.peer())
+            if self._on_refused is not None:
+                self._on_refused(reason)
+            raise
+
+    async def DrainNode(self, request: Any, context: Any) -> Any:
         try:
-            report = await self._drain_node(request.node_ip, timeout_s)
+            name = self._authorize(context)
+            node_ip = check_drain_arguments(request.node_ip, request.timeout_s)
+            logger.warning("admin %s: draining node %s (timeout %g s)", name, node_ip,
+                           request.timeout_s)  # fmt: skip
+            report = await self._drain_node(node_ip, request.timeout_s)
         except TandemError as e:
-            await context.abort(status_of(e), str(e))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        logger.warning("admin %s: node %s drained in %.1f s (completed: %s)", name,
-                       report.node_ip, report.elapsed_s, report.completed)  # fmt: skip
-        return drain_response(report)
+            code, details = status_of(e), str(e)
+        except Exception:
+            logger.exception("admin DrainNode failed")
+            code, details = grpc.StatusCode.INTERNAL, INTERNAL_ERROR
+        else:
+            logger.warning("admin %s: node %s drained in %.1f s (completed: %s)", name,
+                           report.node_ip, report.elapsed_s, report.completed)  # fmt: skip
+            return drain_response(report)
+        await context.abort(code, details)
 
 
 def drain_response(report: NodeDrainReport) -> Any:
@@ -130,6 +147,7 @@ def drain_response(report: NodeDrainReport) -> Any:
         ],
         replacement_worker_ids=list(report.replacement_ids),
         num_replacements_failed=report.num_replacements_failed,
+        num_replacements_pending=report.num_replacements_pending,
         already_draining=report.already_draining,
         elapsed_s=report.elapsed_s,
     )

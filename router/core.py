@@ -30,9 +30,11 @@ from typing import Any, Protocol
 
 from contracts.block_hash import prompt_block_hashes
 from contracts.errors import (
+    AdminDisabled,
     DuplicateRequest,
     InvalidRequest,
     ModelNotFound,
+    NodeDrainTimedOut,
     NodeNotDrainable,
     Overloaded,
     RequestAborted,
@@ -98,6 +100,10 @@ def status_of_error(error: BaseException) -> Status:
         return Status.NOT_FOUND
     if isinstance(error, NodeNotDrainable):
         return Status.FAILED_PRECONDITION
+    if isinstance(error, NodeDrainTimedOut):
+        return Status.DEADLINE_EXCEEDED
+    if isinstance(error, AdminDisabled):
+        return Status.PERMISSION_DENIED
     if isinstance(error, Unauthenticated):
         return Status.UNAUTHENTICATED
     if isinstance(error, InvalidRequest):

@@ -64,6 +64,10 @@ class ServiceMetrics:
                                      "Calls refused for want of a valid API key, by reason: "
                                      "missing, malformed or invalid_key.", ["reason"],
                                      registry=r)  # fmt: skip
+        self.admin_refusals = Counter("tandem_admin_refusals",
+                                      "Admin calls (`tandem drain-node`) refused, by reason: "
+                                      "not_configured, missing, malformed or invalid_key.",
+                                      ["reason"], registry=r)  # fmt: skip
         self.tenant_rejections = Counter("tandem_tenant_rejections",
                                          "Requests refused because their tenant was at its "
                                          "bound on requests in flight.", ["tenant"],

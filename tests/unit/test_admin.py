@@ -21,11 +21,18 @@ import pytest
 
 from cluster.cli import main
 from contracts.drain import NodeDrainReport, WorkerDrainOutcome
-from contracts.errors import NodeNotDrainable, UnknownNode, WorkerUnavailable
+from contracts.errors import (
+    AmbiguousNode,
+    NodeDrainTimedOut,
+    NodeNotDrainable,
+    UnknownNode,
+    WorkerUnavailable,
+)
 from proto.tandem.v1 import admin_pb2 as pb
 from proto.tandem.v1 import admin_pb2_grpc
 from router.admin import (
     ENV_ADMIN_KEYS,
+    INTERNAL_ERROR,
     NOT_CONFIGURED,
     AdminServicer,
     add_admin_service,
@@ -47,6 +54,7 @@ def report(left_empty: bool = True, num_failed: int = 0) -> NodeDrainReport:
         ),
         replacement_ids=("decode-2", "prefill-1"),
         num_replacements_failed=num_failed,
+        num_replacements_pending=0,
         already_draining=False,
         elapsed_s=1.5,
     )
@@ -84,15 +92,19 @@ _LOOP: _Loop | None = None
 
 
 @contextmanager
-def admin_server(keys_text: str | None, drainer: Drainer) -> Iterator[str]:
-    """A grpc.aio server with the Admin service on a loopback port; yields its address."""
+def admin_server(
+    keys_text: str | None, drainer: Drainer, refusals: list[str] | None = None
+) -> Iterator[str]:
+    """A grpc.aio server with the Admin service on a loopback port; yields its address.
+    Refused calls' reasons are appended to `refusals`."""
     global _LOOP
     _LOOP = _LOOP or _Loop()
     keys = None if keys_text is None else parse_admin_keys(keys_text, "test")
 
     async def start() -> tuple[Any, int]:
         server = grpc.aio.server()
-        add_admin_service(AdminServicer(keys, drainer), server)
+        on_refused = None if refusals is None else refusals.append
+        add_admin_service(AdminServicer(keys, drainer, on_refused), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server, port
@@ -183,7 +195,8 @@ def test_a_valid_admin_key_drains_and_gets_the_report() -> None:
         (UnknownNode("no live node of the Ray cluster has the address 10.1.2.3"), "NOT_FOUND"),
         (NodeNotDrainable("node 10.1.2.3 runs this router"), "FAILED_PRECONDITION"),
         (WorkerUnavailable("starting: the worker pools are not ready"), "UNAVAILABLE"),
-        (ValueError("node_ip='x' is not an IP address"), "INVALID_ARGUMENT"),
+        (AmbiguousNode("2 live nodes of the Ray cluster have the address"), "FAILED_PRECONDITION"),
+        (NodeDrainTimedOut("the drain of node 10.1.2.3 did not end"), "DEADLINE_EXCEEDED"),
     ],
 )
 def test_the_control_planes_typed_errors_become_status_codes(outcome: Exception, code: str) -> None:
@@ -193,13 +206,61 @@ def test_the_control_planes_typed_errors_become_status_codes(outcome: Exception,
     assert error.details() == str(outcome)
 
 
-@pytest.mark.parametrize("timeout_s", [0.0, -1.0, float("nan"), float("inf"), 3601.0])
-def test_a_bad_timeout_is_refused_before_any_drain(timeout_s: float) -> None:
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        RuntimeError("ray.exceptions.RaySystemError: GCS at 10.0.0.1:6379 secret-detail"),
+        ValueError("an internal check failed: secret-detail"),  # not the caller's argument
+    ],
+)
+def test_any_other_error_is_internal_with_a_generic_message_and_logged(
+    outcome: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Ray exception or an internal bug is no caller's business: INTERNAL, a fixed message
+    (never its text), the whole error in the router's log."""
+    with admin_server(f"ops:{ADMIN_KEY}", Drainer(outcome)) as target:
+        error = refused(lambda: drain_call(target, ADMIN_KEY))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.details() == INTERNAL_ERROR and "secret-detail" not in (error.details() or "")
+    assert "secret-detail" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("keys_text", "key", "reason"),
+    [
+        (None, ADMIN_KEY, "not_configured"),
+        (f"ops:{ADMIN_KEY}", None, "missing"),
+        (f"ops:{ADMIN_KEY}", "wrong-admin-key-0123456789abcdef", "invalid_key"),
+    ],
+)
+def test_a_refused_call_is_logged_with_its_peer_and_counted_never_showing_the_key(
+    keys_text: str | None, key: str | None, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusals: list[str] = []
+    caplog.set_level("DEBUG")
+    with admin_server(keys_text, Drainer(report()), refusals) as target:
+        error = refused(lambda: drain_call(target, key))
+    assert refusals == [reason]
+    assert f"admin call refused ({reason}) from ipv4:127.0.0.1:" in caplog.text
+    for secret in (ADMIN_KEY, "wrong-admin-key-0123456789abcdef"):
+        assert secret not in caplog.text and secret not in (error.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("node_ip", "timeout_s", "says"),
+    [
+        *((NODE_IP, t, "timeout_s: ") for t in (0.0, -1.0, float("nan"), float("inf"), 3601.0)),
+        ("node-b", 30.0, "node_ip: 'node-b' is not an IP address"),
+    ],
+)
+def test_a_bad_argument_is_refused_before_any_drain(
+    node_ip: str, timeout_s: float, says: str
+) -> None:
     drainer = Drainer(report())
     with admin_server(f"ops:{ADMIN_KEY}", drainer) as target:
-        error = refused(lambda: drain_call(target, ADMIN_KEY, timeout_s=timeout_s))
+        error = refused(lambda: drain_call(target, ADMIN_KEY, node_ip, timeout_s=timeout_s))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "timeout_s=" in (error.details() or "") and drainer.calls == []
+    assert says in (error.details() or "") and drainer.calls == []
 
 
 @pytest.mark.parametrize(
@@ -284,22 +345,24 @@ def test_serve_reads_the_admin_keys_and_drops_them_from_its_environment(
 @pytest.mark.parametrize(
     ("node_ip", "timeout_s", "problem"),
     [
-        ("node-b", 30.0, "node_ip='node-b' is not an IP address"),
-        ("10.1.2.3", 0.0, "timeout_s=0.0 must be in (0, 3600] seconds"),
-        ("10.1.2.3", float("nan"), "timeout_s=nan must be in"),
-        ("10.1.2.3", 3601.0, "timeout_s=3601.0 must be in"),
+        ("node-b", 30.0, "node_ip: 'node-b' is not an IP address"),
+        ("10.1.2.3", 0.0, "timeout_s: 0.0 must be in (0, 3600] seconds"),
+        ("10.1.2.3", float("nan"), "timeout_s: nan must be in"),
+        ("10.1.2.3", 3601.0, "timeout_s: 3601.0 must be in"),
+        ("10.1.2.3", True, "timeout_s: True must be in"),  # a bool is no number of seconds
     ],
 )
 def test_a_node_drain_refuses_a_malformed_address_or_timeout(
     node_ip: str, timeout_s: float, problem: str
 ) -> None:
-    from cluster.node_drain import check_arguments
+    from contracts.drain import check_drain_arguments
+    from contracts.errors import InvalidRequest
 
-    with pytest.raises(ValueError) as raised:
-        check_arguments(node_ip, timeout_s)
+    with pytest.raises(InvalidRequest) as raised:
+        check_drain_arguments(node_ip, timeout_s)
     assert problem in str(raised.value)
-    assert check_arguments(" 10.1.2.3 ", 30.0) == "10.1.2.3"
-    assert check_arguments("fd00::0:1", 30.0) == "fd00::1"  # the form Ray reports
+    assert check_drain_arguments(" 10.1.2.3 ", 30.0) == "10.1.2.3"
+    assert check_drain_arguments("fd00::0:1", 30.0) == "fd00::1"  # the form Ray reports
 
 
 def _fake_ray(tmp_path: Path) -> Path:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bproto/tandem/v1/admin.proto\x12\ttandem.v1\"6\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_ip\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"B\n\x0bWorkerDrain\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x12\n\nleft_empty\x18\x03 \x01(\x08\"\xce\x01\n\x11\x44rainNodeResponse\x12\x0f\n\x07node_ip\x18\x01 \x01(\t\x12\x11\n\tcompleted\x18\x02 \x01(\x08\x12\'\n\x07workers\x18\x03 \x03(\x0b\x32\x16.tandem.v1.WorkerDrain\x12\x1e\n\x16replacement_worker_ids\x18\x04 \x03(\t\x12\x1f\n\x17num_replacements_failed\x18\x05 \x01(\r\x12\x18\n\x10\x61lready_draining\x18\x06 \x01(\x08\x12\x11\n\telapsed_s\x18\x07 \x01(\x01\x32O\n\x05\x41\x64min\x12\x46\n\tDrainNode\x12\x1b.tandem.v1.DrainNodeRequest\x1a\x1c.tandem.v1.DrainNodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bproto/tandem/v1/admin.proto\x12\ttandem.v1\"6\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_ip\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"B\n\x0bWorkerDrain\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x12\n\nleft_empty\x18\x03 \x01(\x08\"\xf0\x01\n\x11\x44rainNodeResponse\x12\x0f\n\x07node_ip\x18\x01 \x01(\t\x12\x11\n\tcompleted\x18\x02 \x01(\x08\x12\'\n\x07workers\x18\x03 \x03(\x0b\x32\x16.tandem.v1.WorkerDrain\x12\x1e\n\x16replacement_worker_ids\x18\x04 \x03(\t\x12\x1f\n\x17num_replacements_failed\x18\x05 \x01(\r\x12\x18\n\x10\x61lready_draining\x18\x06 \x01(\x08\x12\x11\n\telapsed_s\x18\x07 \x01(\x01\x12 \n\x18num_replacements_pending\x18\x08 \x01(\r2O\n\x05\x41\x64min\x12\x46\n\tDrainNode\x12\x1b.tandem.v1.DrainNodeRequest\x1a\x1c.tandem.v1.DrainNodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERDRAIN']._serialized_start=98
   _globals['_WORKERDRAIN']._serialized_end=164
   _globals['_DRAINNODERESPONSE']._serialized_start=167
-  _globals['_DRAINNODERESPONSE']._serialized_end=373
-  _globals['_ADMIN']._serialized_start=375
-  _globals['_ADMIN']._serialized_end=454
+  _globals['_DRAINNODERESPONSE']._serialized_end=407
+  _globals['_ADMIN']._serialized_start=409
+  _globals['_ADMIN']._serialized_end=488
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ class WorkerDrain(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., worker_id: _Optional[str] = ..., left_empty: _Optional[bool] = ...) -> None: ...
 
 class DrainNodeResponse(_message.Message):
-    __slots__ = ("node_ip", "completed", "workers", "replacement_worker_ids", "num_replacements_failed", "already_draining", "elapsed_s")
+    __slots__ = ("node_ip", "completed", "workers", "replacement_worker_ids", "num_replacements_failed", "already_draining", "elapsed_s", "num_replacements_pending")
     NODE_IP_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class DrainNodeResponse(_message.Message):
     NUM_REPLACEMENTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     ALREADY_DRAINING_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_REPLACEMENTS_PENDING_FIELD_NUMBER: _ClassVar[int]
     node_ip: str
     completed: bool
     workers: _containers.RepeatedCompositeFieldContainer[WorkerDrain]
@@ -40,4 +41,5 @@ class DrainNodeResponse(_message.Message):
     num_replacements_failed: int
     already_draining: bool
     elapsed_s: float
-    def __init__(self, node_ip: _Optional[str] = ..., completed: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerDrain, _Mapping]]] = ..., replacement_worker_ids: _Optional[_Iterable[str]] = ..., num_replacements_failed: _Optional[int] = ..., already_draining: _Optional[bool] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    num_replacements_pending: int
+    def __init__(self, node_ip: _Optional[str] = ..., completed: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerDrain, _Mapping]]] = ..., replacement_worker_ids: _Optional[_Iterable[str]] = ..., num_replacements_failed: _Optional[int] = ..., already_draining: _Optional[bool] = ..., elapsed_s: _Optional[float] = ..., num_replacements_pending: _Optional[int] = ...) -> None: ...

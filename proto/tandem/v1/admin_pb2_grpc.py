@@ -47,9 +47,14 @@ class AdminServicer:
     def DrainNode(self, request, context):
         """Drain every Tandem worker on one node of the Ray cluster: Ray stops scheduling onto it,
         replacements start on other nodes, decode streams move off with their KV, prefills
-        finish, then the workers are retired. Answers when the drain is over (at most timeout_s,
-        plus the time to start replacements). NOT_FOUND: no live node has that address;
-        FAILED_PRECONDITION: the router's own node, or Ray refused.
+        finish, then the workers are retired. Answers when the drain is over (within timeout_s
+        and a margin; a pool with no other worker first waits, within timeout_s, for its
+        replacements; the others' replacements may still be starting: pending).
+        INVALID_ARGUMENT: a malformed address or timeout; NOT_FOUND: no live node has that
+        address; FAILED_PRECONDITION: the router's own node, several nodes have that address, or
+        Ray refused; DEADLINE_EXCEEDED: the drain hung past its bound and was given up;
+        PERMISSION_DENIED: no admin keys configured; UNAUTHENTICATED: no valid admin key;
+        INTERNAL: anything else (the router's log says what).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
