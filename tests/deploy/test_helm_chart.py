@@ -910,9 +910,10 @@ def test_worker_pods_drain_their_node_through_the_router_before_stopping(variant
         assert (shell, flag) == ("/bin/sh", "-c")
         words = shlex.split(script)
         key_file = "/etc/tandem/admin/admin-key"
-        assert words[0] == f"TANDEM_ADMIN_KEY=$(cat {key_file})" and words[1] == "exec"
-        args, unknown = build_parser().parse_known_args(words[3:])
-        assert words[2] == "tandem" and unknown == [] and args.command == "drain-node"
+        assert words[:2] == ["exec", "tandem"] and "TANDEM_ADMIN_KEY" not in script
+        args, unknown = build_parser().parse_known_args(words[2:])
+        assert unknown == [] and args.command == "drain-node"
+        assert args.admin_key_file == key_file and args.tls_ca is None
         service = one(docs, "Service", FULLNAME)
         assert args.router == f"{FULLNAME}:{service['spec']['ports'][0]['port']}"
         assert args.node_ip == "$TANDEM_POD_IP" and args.if_present
@@ -941,3 +942,31 @@ def test_worker_pods_drain_their_node_through_the_router_before_stopping(variant
     keys = parse_admin_keys(base64.b64decode(made["data"]["admin-keys"]).decode(), "Secret")
     worker_key = base64.b64decode(made["data"]["admin-key"]).decode()
     assert keys.find(worker_key) is not None and len(worker_key) >= 32
+
+
+ROUTER_TLS = {"tandem": {"extraArgs": ["--tls-cert", "/tls/tls.crt", "--tls-key", "/tls/tls.key"]}}
+
+
+def test_a_router_serving_tls_needs_the_ca_for_the_prestop_drain() -> None:
+    """Issue 22.3: the preStop drain would speak plaintext to a router serving TLS and fail at
+    every pod's stop: the chart refuses that, and with router.admin.tlsCaSecret mounts the CA
+    in worker pods and passes it as --tls-ca (which `tandem drain-node` parses)."""
+    from cluster.cli import build_parser
+
+    with pytest.raises(HelmError, match=r"set router.admin.tlsCaSecret"):
+        render(ROUTER_TLS)
+    docs = render({**ROUTER_TLS, "router": {"admin": {"tlsCaSecret": "router-ca"}}})
+    for pool in ("prefill", "decode"):
+        spec = worker_group(docs, pool)["template"]["spec"]
+        (container,) = spec["containers"]
+        words = shlex.split(container["lifecycle"]["preStop"]["exec"]["command"][2])
+        args, unknown = build_parser().parse_known_args(words[2:])
+        assert unknown == [] and args.tls_ca == "/etc/tandem/admin-tls/ca.crt"
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["admin-tls-ca"]["mountPath"] == "/etc/tandem/admin-tls"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["admin-tls-ca"]["secret"] == {
+            "secretName": "router-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]
+        }  # fmt: skip
+    plain = render({**ROUTER_TLS, "router": {"admin": {"drainOnStop": False}}})  # no drain
+    assert "lifecycle" not in worker_group(plain, "decode")["template"]["spec"]["containers"][0]

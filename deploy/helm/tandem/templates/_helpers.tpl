@@ -87,6 +87,17 @@ mounts the first and every worker pod the second. */}}
 {{- default (printf "%s-admin" (include "tandem.fullname" .)) .Values.router.admin.existingSecret }}
 {{- end }}
 {{- define "tandem.adminDir" -}}/etc/tandem/admin{{- end }}
+{{- define "tandem.adminTlsDir" -}}/etc/tandem/admin-tls{{- end }}
+{{/* The preStop drain speaks plaintext unless router.admin.tlsCaSecret names the CA of a
+router serving TLS (--tls-cert in tandem.extraArgs): refuse the pair that would fail at every
+pod's stop. */}}
+{{- define "tandem.checkAdminTls" -}}
+{{- $tls := false }}
+{{- range .Values.tandem.extraArgs }}{{ if hasPrefix "--tls-cert" (toString .) }}{{ $tls = true }}{{ end }}{{ end }}
+{{- if and $tls .Values.router.admin.drainOnStop (not .Values.router.admin.tlsCaSecret) }}
+{{- fail "the router serves TLS (--tls-cert in tandem.extraArgs) and router.admin.drainOnStop is on: set router.admin.tlsCaSecret (a Secret with ca.crt, the CA of the router's certificate) so that worker pods' preStop drain can reach it, or set drainOnStop false" }}
+{{- end }}
+{{- end }}
 
 {{/* Volumes and mounts of the router alone (the head pod): its API keys, its admin keys. */}}
 {{- define "tandem.routerVolumeMounts" -}}
@@ -398,7 +409,9 @@ One worker group: prefill or decode. Called with (dict "root" $ "pool" "prefill"
           # Group scale-down, pod deletion and node drains all stop a worker pod with preStop
           # then SIGTERM: the router first drains this pod's Ray node (its decode streams move
           # with their KV, its prefills finish, replacements start on other pods), then Ray
-          # stops. The admin key is read from its file here, never put in Ray's environment.
+          # stops. The admin key is read from its file (--admin-key-file), never put in Ray's
+          # environment; a router serving TLS is checked against router.admin.tlsCaSecret.
+          {{- include "tandem.checkAdminTls" $root }}
           lifecycle:
             preStop:
               exec:
@@ -406,11 +419,14 @@ One worker group: prefill or decode. Called with (dict "root" $ "pool" "prefill"
                   - /bin/sh
                   - -c
                   - >-
-                    TANDEM_ADMIN_KEY="$(cat {{ include "tandem.adminDir" $root }}/admin-key)"
                     exec tandem drain-node --if-present
+                    --admin-key-file {{ include "tandem.adminDir" $root }}/admin-key
                     --router {{ include "tandem.fullname" $root }}:{{ $root.Values.router.service.port }}
                     --node-ip "$TANDEM_POD_IP"
                     --timeout-s {{ $root.Values.router.admin.drainTimeoutSeconds }}
+                    {{- if $root.Values.router.admin.tlsCaSecret }}
+                    --tls-ca {{ include "tandem.adminTlsDir" $root }}/ca.crt
+                    {{- end }}
           {{- end }}
           {{- with include "tandem.rayVolumeMounts" $root }}
           volumeMounts:
@@ -419,6 +435,11 @@ One worker group: prefill or decode. Called with (dict "root" $ "pool" "prefill"
             - name: admin-key
               mountPath: {{ include "tandem.adminDir" $root }}
               readOnly: true
+            {{- if $root.Values.router.admin.tlsCaSecret }}
+            - name: admin-tls-ca
+              mountPath: {{ include "tandem.adminTlsDir" $root }}
+              readOnly: true
+            {{- end }}
             {{- end }}
           {{- end }}
           securityContext:
@@ -438,6 +459,14 @@ One worker group: prefill or decode. Called with (dict "root" $ "pool" "prefill"
             items:
               - key: admin-key
                 path: admin-key
+        {{- with $root.Values.router.admin.tlsCaSecret }}
+        - name: admin-tls-ca
+          secret:
+            secretName: {{ . }}
+            items:
+              - key: ca.crt
+                path: ca.crt
+        {{- end }}
         {{- end }}
       {{- end }}
       {{- with $g.nodeSelector }}
