@@ -346,7 +346,13 @@ class NodeDrain:
 async def find_node(service: Service, node_ip: str) -> RayNode | None:
     """The live node at `node_ip` (normalized); None if none is but a node drained here had
     it. Raises UnknownNode, AmbiguousNode, NodeNotDrainable (the router's own node)."""
-    nodes = await asyncio.wait_for(asyncio.to_thread(live_nodes), LOOKUP_TIMEOUT_S)
+    try:
+        nodes = await asyncio.wait_for(asyncio.to_thread(live_nodes), LOOKUP_TIMEOUT_S)
+    except TimeoutError:
+        raise NodeDrainTimedOut(
+            f"the Ray cluster's node table did not answer within {LOOKUP_TIMEOUT_S:g} s: "
+            f"node {node_ip} was not drained"
+        ) from None
     service.node_drains.prune({n.node_id for n in nodes})
     found = [n for n in nodes if n.ip == node_ip]
     if not found:

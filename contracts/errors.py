@@ -120,8 +120,9 @@ class AmbiguousNode(NodeNotDrainable):
 
 
 class NodeDrainTimedOut(TandemError):
-    """A node drain did not end within its timeout and the margin (a Ray call hung): it was
-    given up, its workers retired at once (gRPC DEADLINE_EXCEEDED)."""
+    """A node drain did not end within its timeout and the margin, or the look-up of its node
+    within its bound (a Ray call hung): given up, the workers it had marked retired at once
+    (gRPC DEADLINE_EXCEEDED; the message says which)."""
 
 
 class AdminDisabled(TandemError):

@@ -281,3 +281,21 @@ def test_rays_node_addresses_are_normalized_like_the_request(
     ]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     assert node_drain.live_nodes() == [RayNode("a", "fd00::1")]
+
+
+def test_a_hung_node_lookup_is_a_typed_timeout(
+    ray_calls: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    release = threading.Event()
+    monkeypatch.setattr(node_drain, "LOOKUP_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(node_drain, "live_nodes", lambda: release.wait(5) and [])
+
+    async def scenario() -> None:
+        service = ray_calls.service = FakeService()
+        with pytest.raises(NodeDrainTimedOut, match=r"node table did not answer within 0\.1 s"):
+            await drain_node(service, NODE_IP, 600)  # type: ignore[arg-type]
+        release.set()
+
+    run(scenario())
