@@ -299,3 +299,53 @@ def test_a_hung_node_lookup_is_a_typed_timeout(
         release.set()
 
     run(scenario())
+
+
+class _Method:
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+    def remote(self, *args: Any) -> Any:
+        async def call() -> Any:
+            if isinstance(self.result, BaseException):
+                raise self.result
+            return self.result
+
+        return call()
+
+
+class _Actor:
+    """A Ray actor handle's stand-in: `disconnect` answers `disconnected` (or raises it)."""
+
+    def __init__(self, name: str, disconnected: Any = None) -> None:
+        self._actor_id = SimpleNamespace(hex=lambda: name)
+        self.disconnect = _Method(disconnected)
+        self.shutdown = _Method(None)
+
+
+def test_retiring_a_decode_worker_survives_a_prefill_worker_gone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prefill worker killed meanwhile (a concurrent drain) fails its unpairing: logged, and
+    the decode worker is still retired (out of its pool, stopped)."""
+    import ray
+
+    from cluster.service import Service, ServiceConfig
+    from cluster.workers import RayWorkerClient
+
+    killed: list[Any] = []
+    monkeypatch.setattr(ray, "kill", killed.append)
+
+    async def scenario() -> None:
+        service = Service(ServiceConfig(mode="disaggregated"))
+        service.pools = {"decode": PoolMembership("decode"), "prefill": PoolMembership("prefill")}
+        gone = RuntimeError("ray.exceptions.ActorDiedError: prefill-0 died")
+        service.pools["prefill"].add(RayWorkerClient(_Actor("p0", gone), "prefill-0"))
+        service.pools["prefill"].add(RayWorkerClient(_Actor("p1"), "prefill-1"))
+        decode = _Actor("d0")
+        member = service.pools["decode"].add(RayWorkerClient(decode, "decode-0"))
+        await service.retire_worker("decode", member)
+        assert member not in service.pools["decode"] and killed == [decode]
+
+    run(scenario())
+    assert "unpairing retired decode worker decode-0 from a prefill worker failed" in caplog.text
