@@ -515,7 +515,8 @@ def test_a_node_drain_of_an_unknown_node_or_the_routers_own_is_refused_and_chang
     """Issue 22.3 (operator drain), through the Admin gRPC service with the admin key: an
     address no live Ray node has is NOT_FOUND naming the live ones; the router's own node (the
     only one of this local cluster) is FAILED_PRECONDITION, refused before Ray is asked to
-    drain it; a malformed address INVALID_ARGUMENT; a tenant's missing key UNAUTHENTICATED.
+    drain it; a malformed address INVALID_ARGUMENT; a missing key UNAUTHENTICATED (counted in
+    tandem_admin_refusals).
     The pools keep their workers and no drain is remembered (a later drain of the node runs
     afresh)."""
     from proto.tandem.v1 import admin_pb2, admin_pb2_grpc
@@ -531,12 +532,17 @@ def test_a_node_drain_of_an_unknown_node_or_the_routers_own_is_refused_and_chang
         ("node-b", metadata, grpc.StatusCode.INVALID_ARGUMENT, "is not an IP address"),
         (own_ip, (), grpc.StatusCode.UNAUTHENTICATED, "missing API key"),
     ]
+    registry = service.service.metrics.registry
+    labels = {"reason": "missing"}
+    refusals_before = registry.get_sample_value("tandem_admin_refusals_total", labels) or 0.0
     for node_ip, call_metadata, code, says in cases:
         request = admin_pb2.DrainNodeRequest(node_ip=node_ip, timeout_s=30)
         with pytest.raises(grpc.RpcError) as raised:
             stub.DrainNode(request, timeout=60, metadata=call_metadata)
         assert raised.value.code() == code, (node_ip, raised.value.details())
         assert says in (raised.value.details() or ""), raised.value.details()
+    refusals = registry.get_sample_value("tandem_admin_refusals_total", labels)
+    assert refusals == refusals_before + 1  # the call without a key, counted by its reason
     with pytest.raises(InvalidRequest, match=r"timeout_s: 0 must be in"):
         service.run(service.service.drain_node(own_ip, 0))
     assert {name: list(pool.members()) for name, pool in service.service.pools.items()} == before
