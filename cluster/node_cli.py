@@ -100,9 +100,10 @@ def admin_key_of(args: argparse.Namespace, environ: dict[str, str] | None = None
     path = getattr(args, "admin_key_file", None)
     if path is not None:
         try:
-            key = Path(path).read_text(encoding="utf-8").strip()
+            lines = Path(path).read_text(encoding="utf-8").strip().splitlines()
         except OSError as e:
             raise NoAdminKey(f"admin_key_file={path!r}: cannot read it: {e.strerror}") from None
+        key = lines[0].strip() if lines else ""
         if not key:
             raise NoAdminKey(f"admin_key_file={path!r} is empty: it must hold an admin key")
         return key

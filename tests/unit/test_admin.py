@@ -426,3 +426,17 @@ def test_tandem_node_without_an_admin_key_refuses_to_start(
     assert main(["node", "--router", "127.0.0.1:1", "--node-ip", NODE_IP]) == 2
     assert "no admin key" in capsys.readouterr().err
     assert not (tmp_path / "ray.env").exists()
+
+
+@pytest.mark.parametrize(("content", "says"), [(None, "cannot read it"), ("\n", "is empty")])
+def test_drain_node_cli_names_a_bad_admin_key_file(
+    content: str | None, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "admin-key"
+    if content is not None:
+        path.write_text(content)
+    args = ["drain-node", "--router", "127.0.0.1:1", "--node-ip", NODE_IP,
+            "--admin-key-file", str(path)]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"admin_key_file='{path}'" in err and says in err
