@@ -216,6 +216,47 @@ class BlockManager:
         return ids
 
     @_locked
+    def reserve_staged(self, owner: str, num_blocks: int) -> list[int] | None:
+        """`reserve` and as many staging blocks for `owner` (a receiver's destination under
+        private-KV tensor parallelism), both or neither: the staging ids, or None, changing
+        nothing (no cached block evicted), if either kind is short, a transfer larger than
+        the whole staging region included. Raises ValueError as `reserve` does."""
+        assert self.staging is not None, "reserve_staged needs a staging region"
+        self._check_new_owner(owner)
+        if type(num_blocks) is not int or num_blocks < 1:
+            raise ValueError(f"reserve({owner!r}): num_blocks={num_blocks!r} must be >= 1")
+        if num_blocks > min(self.staging.num_blocks, self.num_free_blocks):
+            return None
+        staged = self.staging.allocate(owner, num_blocks)  # first: its shortage evicts nothing
+        if staged is None:
+            return None
+        reserved = self.reserve(owner, num_blocks)
+        assert reserved is not None, "free blocks were counted under the lock"
+        return staged
+
+    @_locked
+    def split_hold(self, owner: str, new_owner: str, num_dropped: int) -> list[int] | None:
+        """Pass `owner`'s blocks after its first `num_dropped` (and their staging blocks, if it
+        holds staging) to `new_owner`, dropping the first ones (a transfer that ships only a
+        suffix of its kept KV): the new owner's staging ids ([] without staging), or None,
+        changing nothing, if `owner` holds no blocks (released meanwhile). Raises ValueError
+        for a `new_owner` that holds blocks already or a bad count."""
+        ids = self.holds.get(owner)
+        if ids is None:
+            return None
+        if type(num_dropped) is not int or not 0 <= num_dropped <= len(ids):
+            raise ValueError(
+                f"split_hold({owner!r}): num_dropped={num_dropped!r} must be in [0, {len(ids)}]"
+            )
+        staged = None if self.staging is None else self.staging.ids_of(owner)
+        self.hold(new_owner, ids[num_dropped:])
+        if staged is not None:
+            assert self.staging is not None
+            self.staging.keep_tail(owner, new_owner, num_dropped)
+        self.release(owner)
+        return [] if staged is None else staged[num_dropped:]
+
+    @_locked
     def release(self, owner: str) -> bool:
         """Drop `owner`'s references (its blocks become free or cached at ref 0) and free its
         staging blocks. Idempotent: False if it holds nothing, e.g. released already or

@@ -11,6 +11,7 @@ Redis or asyncio.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import logging
 import time
@@ -24,7 +25,7 @@ import torch
 
 from contracts.block_hash import root_hash
 from contracts.chat import ChatMessage
-from contracts.errors import InvalidRequest, RankFailed
+from contracts.errors import InvalidRequest, KVTransferError, RankFailed
 from contracts.outputs import FinishReason, RequestOutput, TokenLogprobs, Usage
 from contracts.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
 from engine import build
@@ -47,6 +48,12 @@ logger = logging.getLogger(__name__)
 # An idle step with kept KV waiting for staging blocks waits at most this long for some to free
 # (a transfer's Ack, on another thread), instead of spinning.
 STAGING_WAIT_S = 0.01
+
+
+class KVPending(enum.Enum):
+    """take_kept_kv's "not yet": the KV is pinned but waits for staging blocks."""
+
+    STAGING = "waiting for staging blocks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,40 +508,46 @@ class Engine:
         ReserveFn; any thread): fresh blocks held by `owner` and, under private KV, as many
         staging blocks. Returns the ids a transfer writes in transfer_kv_cache (the staging
         ids, else the blocks'), or None, holding nothing, if either kind is short (a transfer
-        larger than the whole staging region included). Raises ValueError as
+        larger than the whole staging region included). A short staging region evicts no
+        cached block (the receiver retries a waiting offer every turn). Raises ValueError as
         BlockManager.reserve does."""
-        block_ids = self.block_manager.reserve(owner, num_blocks)
-        if block_ids is None or self.staging is None:
-            return block_ids
-        staged = None
-        if num_blocks <= self.staging.num_blocks:
-            staged = self.staging.allocate(owner, num_blocks)
-        if staged is None:
-            self.block_manager.release(owner)
-        return staged
+        if self.staging is None:
+            return self.block_manager.reserve(owner, num_blocks)
+        return self.block_manager.reserve_staged(owner, num_blocks)
 
     def may_wait_for_room(self, num_blocks: int) -> bool:
         """Whether a transfer of `num_blocks` that found no room (reserve_transfer None)
         should wait for some rather than be refused (kvtransfer's WaitForRoomFn; any thread):
-        under private KV if it fits the staging region at all, which frees as landed KV is
-        attached; never otherwise (no room is answered at once, as ever)."""
-        return self.staging is not None and num_blocks <= self.staging.num_blocks
+        under private KV if only the staging region is short (it frees as landed KV is
+        attached) and the transfer fits it at all; never if this engine's own blocks are short
+        (answered at once, as at TP=1)."""
+        return (
+            self.staging is not None
+            and num_blocks <= self.staging.num_blocks
+            and num_blocks <= self.block_manager.num_free_blocks
+        )
 
     def kept_suffix(self, kept: KeptKV, num_skipped_blocks: int) -> KeptKV:
         """`kept` less its first `num_skipped_blocks` blocks (the receiver has them): a new
         owner holds the later blocks and their staging blocks; the earlier ones go back at
-        once (kept.owner holds nothing afterwards). Any thread."""
-        suffix = KeptKV(
-            f"{kept.owner}:suffix",
+        once (kept.owner holds nothing afterwards). Any thread. Raises KVTransferError,
+        holding nothing, if kept.owner no longer holds its blocks and staging (released
+        meanwhile: an abort, a failure)."""
+        owner = f"{kept.owner}:suffix"
+        staged = self.block_manager.split_hold(kept.owner, owner, num_skipped_blocks)
+        if staged is None or tuple(staged) != kept.staging_ids[num_skipped_blocks:]:
+            self.block_manager.release(owner)
+            self.block_manager.release(kept.owner)
+            raise KVTransferError(
+                f"kept KV {kept.owner!r} was released (or lost its staging blocks) before its "
+                f"suffix could ship"
+            )
+        return KeptKV(
+            owner,
             kept.block_ids[num_skipped_blocks:],
             kept.num_tokens - num_skipped_blocks * self.block_manager.block_size,
-            kept.staging_ids[num_skipped_blocks:],
+            tuple(staged),
         )
-        self.block_manager.hold(suffix.owner, suffix.block_ids)
-        if self.staging is not None and kept.staging_ids:
-            self.staging.keep_tail(kept.owner, suffix.owner, num_skipped_blocks)
-        self.block_manager.release(kept.owner)
-        return suffix
 
     def hold_prefix(self, request_id: str, num_tokens: int) -> bool:
         """For a request awaiting KV (add_remote_request) that will carry only its prompt from
@@ -619,9 +632,18 @@ class Engine:
         prefilled, self._prefilled = self._prefilled, []
         return prefilled
 
-    def take_kept_kv(self, request_id: str) -> KeptKV | None:
-        """The pinned KV of a finished `keep_kv` request (once; None if there is none)."""
+    def take_kept_kv(self, request_id: str) -> KeptKV | KVPending | None:
+        """The pinned KV of a finished `keep_kv` request (once); KVPending.STAGING while it
+        waits for staging blocks (step on, then take it, or abort_request to free it); None
+        if there is none."""
+        if any(u.request_id == request_id for u in self._unstaged):
+            return KVPending.STAGING
         return self._kept_kv.pop(request_id, None)
+
+    @property
+    def num_kv_waiting_for_staging(self) -> int:
+        """Finished requests whose kept KV waits for staging blocks now (back-pressure)."""
+        return len(self._unstaged)
 
     def tokenize_prompt(
         self,
@@ -647,13 +669,17 @@ class Engine:
         return self.tokenizer.encode(prompt)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request and free its KV now (KV kept for it and still waiting for staging
-        blocks too). Returns its closing output, or None if it is unknown or already
-        finished."""
-        self._drop_unstaged(request_id)
+        """Stop a request and free its KV now (KV kept for it, not taken yet or still waiting
+        for staging blocks, too). Returns its closing output (finish reason ABORT), also for a
+        prefill_only request whose result waited for staging blocks (its caller still waits
+        for it); None if it is unknown or already finished."""
+        dropped = self._drop_kept(request_id)
         seq = self._sequences.pop(request_id, None)
         if seq is None:
-            return None
+            if dropped is None or dropped.prefilled is None:
+                return None
+            usage = dropped.prefilled.usage
+            return RequestOutput(request_id, (), "", True, FinishReason.ABORT, usage)
         self.scheduler.finish(seq, FinishReason.ABORT)
         self._logit_biases.pop(request_id, None)
         self._keep_kv.discard(request_id)
@@ -739,13 +765,19 @@ class Engine:
             else:
                 self._kept_kv[waiting.request_id] = kept
 
-    def _drop_unstaged(self, request_id: str) -> None:
-        """Release the kept KV of `request_id` that waits for staging blocks, if any: its
-        result was never handed out, so nobody else would."""
+    def _drop_kept(self, request_id: str) -> _Unstaged | None:
+        """Release the kept KV of `request_id` that nobody took (take_kept_kv) or that waits
+        for staging blocks: its result was never handed out, so nobody else would. The one
+        that waited, if any (its prefill's result never came out)."""
+        kept = self._kept_kv.pop(request_id, None)
+        if kept is not None:
+            self.block_manager.release(kept.owner)
         for waiting in list(self._unstaged):
             if waiting.request_id == request_id:
                 self._unstaged.remove(waiting)
                 self.block_manager.release(waiting.kept.owner)
+                return waiting
+        return None
 
     def _keep_or_wait(self, request_id: str, kept: KeptKV, prefilled: Prefilled | None) -> None:
         """Hand kept KV out (take_prefilled with `prefilled`, else take_kept_kv) once staged:

@@ -297,7 +297,7 @@ def engine_config(kv_cache_dtype: str = "auto") -> Any:
 def prefill_engine_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
     """Prefill every prompt (keep_kv), ship its KV, report the first tokens."""
     from contracts.sampling_params import SamplingParams
-    from engine.engine import Engine
+    from engine.engine import Engine, KeptKV
 
     engine = Engine(engine_config(params.get("kv_cache_dtype", "auto")))
     cache = engine.runner.kv_cache
@@ -316,7 +316,7 @@ def prefill_engine_role(params: dict[str, Any], conn: Connection, report: Report
             for output in engine.step():
                 report.results[request_id] = ("first_token", str(output.new_token_ids[0]))
         kept = engine.take_kept_kv(request_id)
-        assert kept is not None
+        assert isinstance(kept, KeptKV), kept
         handles.append(
             sender.submit(request_id, kept.owner, kept.block_ids, kept.num_tokens,
                           layers_per_chunk=1, transfer_id=request_id)
