@@ -50,7 +50,9 @@ class Spec:
     num_tokens: int
     seed: int  # picks the source blocks
     layers_per_chunk: int = NUM_LAYERS
-    behavior: str = ""  # "", "slow", "abort_at_1", "stall_at_1"
+    # "", "slow", "abort_at_1", "stall_at_1", "busy_until_pair_fails" (chunk 0 is ready only
+    # once the pair has failed: a transfer thread too busy to see its answer first)
+    behavior: str = ""
     endpoint: int = 0  # index of the receiver it goes to
 
     @property
@@ -269,7 +271,16 @@ def _behavior(spec: Spec, sender: KVSender) -> Any:
         return lambda index: index == 1 and sender.abort(spec.transfer_id, "aborted by test")
     if spec.behavior == "stall_at_1":
         return lambda index: index == 1 and time.sleep(4.0)
+    if spec.behavior == "busy_until_pair_fails":
+        return lambda index: index == 0 and _wait_until(lambda: sender.control.closed, 30.0)
     return None
+
+
+def _wait_until(condition: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 ROLES = {"receiver": receiver_role, "sender": sender_role}

@@ -388,3 +388,18 @@ def test_receiver_refuses_a_different_layout_and_a_transfer_it_has_no_room_for()
     assert status == "failed"
     assert reason == "receiver refused: layouts differ: dtype bfloat16 != float32"
     assert_clean(sent, received)
+
+
+def test_a_refusal_keeps_its_reason_when_the_receiver_closes_right_after() -> None:
+    """The receiver refuses (layouts differ) and closes at once; the sender's control thread
+    reads the refusal, then the hang-up, before its transfer thread has seen the refusal (a
+    loaded machine; forced here: chunk 0 is ready only once the pair has failed). The pair's
+    failure ended the transfer with "control connection closed by ..." instead of the reason
+    (the earlier test failed so under load)."""
+    specs = [Spec("a", 8, seed=1, behavior="busy_until_pair_fails")]
+    sent, received, _ = run_fault(specs, receiver_params={"dtype": torch.bfloat16})
+    assert sent is not None and received is not None
+    assert sent.results["a"] == (
+        "failed", "receiver refused: layouts differ: dtype bfloat16 != float32"
+    )  # fmt: skip
+    assert_clean(sent, received)
