@@ -169,6 +169,7 @@ class Engine:
         # that prefix's blocks (hold_prefix), until attach_kv or the request ends
         self._prefix_holds: dict[str, str] = {}
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model, ever
+        self.num_kv_staging_waits = 0  # kept KV that had to wait for staging blocks, ever
         self._generate_ids = itertools.count()
         self._kept_numbers = itertools.count()  # kept-KV owners are unique per keep
         logger.info(
@@ -789,6 +790,7 @@ class Engine:
                 self._kept_kv[request_id] = kept
             return
         self._unstaged.append(_Unstaged(request_id, kept, prefilled))
+        self.num_kv_staging_waits += 1
 
     def has_unfinished_requests(self) -> bool:
         """Whether a step has work: sequences, or kept KV waiting for staging blocks."""
