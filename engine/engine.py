@@ -41,7 +41,7 @@ from engine.sampler import LogitBias, Sampler, SampleRow
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.sharding import ShardLayout, check_divisible, shard_layout
-from engine.transfer_staging import TransferStaging
+from engine.transfer_region import TransferRegion
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +128,17 @@ class Engine:
             self.model.use_fused_fp8_quant()
         scheduler_config = build.scheduler_config(config, self.device)
         # rank 0's transfer staging region (private-KV TP that transfers KV), taken from its budget
-        self.staging: TransferStaging | None = None
+        self.transfer_region: TransferRegion | None = None
         if self._transfer_cache_is_own:
-            self.staging = TransferStaging(self._staging_blocks(scheduler_config))
+            self.transfer_region = TransferRegion(self._staging_blocks(scheduler_config))
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = build.max_model_len(config, self.model_config, self.num_kv_blocks)
         self._check_staging_holds_a_sequence()
         self.block_manager = BlockManager(
-            self.num_kv_blocks, config.block_size, config.enable_prefix_caching, self.staging
+            self.num_kv_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            self.transfer_region,
         )
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.runner = ModelRunner(
@@ -147,10 +150,12 @@ class Engine:
             self.kv_dtype,
             self.tp.shared_kv_cache if self.tp is not None and self._shares_kv_cache else None,
         )
-        if self.staging is not None:
+        if self.transfer_region is not None:
             assert self.tp is not None
             self.tp.allocate_whole_kv_cache(
-                self.runner.kv_cache, self.model_config.num_kv_heads, self.staging.num_blocks
+                self.runner.kv_cache,
+                self.model_config.num_kv_heads,
+                self.transfer_region.num_blocks,
             )
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.capture_cuda_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
@@ -242,13 +247,13 @@ class Engine:
     def _check_staging_holds_a_sequence(self) -> None:
         """Refuse a staging region that cannot hold one max_model_len sequence: its KV could
         never ship or land (a transfer goes through staging whole)."""
-        if self.staging is None:
+        if self.transfer_region is None:
             return
         needed = -(-self.max_model_len // self.config.block_size)
-        if needed > self.staging.num_blocks:
+        if needed > self.transfer_region.num_blocks:
             self._stop_ranks_at_start()
             raise ValueError(
-                f"kv_staging_blocks={self.staging.num_blocks} cannot hold one sequence of "
+                f"kv_staging_blocks={self.transfer_region.num_blocks} cannot hold one sequence of "
                 f"max_model_len={self.max_model_len} tokens ({needed} blocks of "
                 f"{self.config.block_size}), whose KV a transfer moves through it whole: raise "
                 f"kv_staging_blocks to >= {needed} or lower max_model_len"
@@ -301,7 +306,7 @@ class Engine:
         """The cache KV transfer reads and writes, every KV head of the model:
         [layers, 2, num_blocks, block_size, num_kv_heads, row]. At TP=1 the runner's own;
         under TP (rank 0) the one all ranks share, or (private KV) rank 0's staging region,
-        `staging.num_blocks` blocks with ids of their own, which hold a transfer's KV only
+        `transfer_region.num_blocks` blocks with ids of their own, which hold a transfer's KV only
         between a gather (kept KV: KeptKV.staging_ids) and its transfer's end, or between its
         landing (reserve_transfer's ids) and its scatter (attach_kv)."""
         if self.tp is None:
@@ -321,10 +326,12 @@ class Engine:
         """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
         per_token = build.kv_bytes_per_token(self.model.config, self.kv_dtype, self.dtype)
         staging_bytes = 0
-        if self.staging is not None:  # rank 0: its heads, and the staging region's whole blocks
+        if self.transfer_region is not None:  # rank 0: its heads, and the region's whole blocks
             assert self.shard is not None
             whole_per_token = per_token * self.model_config.num_kv_heads // self.shard.num_kv_heads
-            staging_bytes = whole_per_token * self.config.block_size * self.staging.num_blocks
+            staging_bytes = (
+                whole_per_token * self.config.block_size * self.transfer_region.num_blocks
+            )
         try:
             fit = build.kv_blocks_that_fit(self.config, self.device, per_token, staging_bytes)
         except ValueError:
@@ -478,7 +485,7 @@ class Engine:
                     f"attach_kv({request_id!r}): {held} prefix blocks held here and {arrived} "
                     f"arrived, but the prompt needs {needed}"
                 )
-        if self.staging is not None:  # landed in rank 0's staging region: each rank its heads
+        if self.transfer_region is not None:  # landed in rank 0's region: each rank its heads
             self._unstage_landed(request_id, kv_owner)
         self.block_manager.adopt(
             kv_owner, seq, num_computed_tokens=computed, prefix_owner=prefix_owner
@@ -491,18 +498,18 @@ class Engine:
         """Scatter the KV a transfer landed in `kv_owner`'s staging blocks to every rank's
         blocks of the owner, then free the staging blocks. Raises ValueError if the owner
         holds blocks but no staging (not reserved with reserve_transfer), RankFailed."""
-        assert self.staging is not None
+        assert self.transfer_region is not None
         blocks = self.block_manager.holds.get(kv_owner)
         if not blocks:
             return  # adopt refuses it by name
-        staged = self.staging.ids_of(kv_owner)
+        staged = self.transfer_region.ids_of(kv_owner)
         if staged is None:
             raise ValueError(
                 f"attach_kv({request_id!r}): {kv_owner!r} holds no staging blocks (reserve "
                 f"for a transfer with reserve_transfer)"
             )
         self._scatter_transfer_kv(blocks, staged)
-        self.staging.free(kv_owner)
+        self.transfer_region.free(kv_owner)
 
     def reserve_transfer(self, owner: str, num_blocks: int) -> list[int] | None:
         """A receiver's destination for `num_blocks` blocks of incoming KV (kvtransfer's
@@ -512,7 +519,7 @@ class Engine:
         larger than the whole staging region included). A short staging region evicts no
         cached block (the receiver retries a waiting offer every turn). Raises ValueError as
         BlockManager.reserve does."""
-        if self.staging is None:
+        if self.transfer_region is None:
             return self.block_manager.reserve(owner, num_blocks)
         return self.block_manager.reserve_staged(owner, num_blocks)
 
@@ -523,8 +530,8 @@ class Engine:
         attached) and the transfer fits it at all; never if this engine's own blocks are short
         (answered at once, as at TP=1)."""
         return (
-            self.staging is not None
-            and num_blocks <= self.staging.num_blocks
+            self.transfer_region is not None
+            and num_blocks <= self.transfer_region.num_blocks
             and num_blocks <= self.block_manager.num_free_blocks
         )
 
@@ -729,20 +736,20 @@ class Engine:
         owner = f"kept:{seq.request_id}#{next(self._kept_numbers)}"
         self.block_manager.hold(owner, block_ids)
         kept = KeptKV(owner, tuple(block_ids), num_tokens)
-        if self.staging is None or self._unstaged:
+        if self.transfer_region is None or self._unstaged:
             return kept
         return self._stage(kept) or kept
 
     def _is_staged(self, kept: KeptKV) -> bool:
         """Whether a transfer can read `kept` now (always, without a staging region)."""
-        return self.staging is None or bool(kept.staging_ids)
+        return self.transfer_region is None or bool(kept.staging_ids)
 
     def _stage(self, kept: KeptKV) -> KeptKV | None:
         """Private KV (rank 0): gather every rank's heads of `kept` into staging blocks its
         owner holds; None (nothing taken) if too few are free now. Raises RankFailed, the
         owner's blocks and staging released."""
-        assert self.staging is not None
-        staging_ids = self.staging.allocate(kept.owner, len(kept.block_ids))
+        assert self.transfer_region is not None
+        staging_ids = self.transfer_region.allocate(kept.owner, len(kept.block_ids))
         if staging_ids is None:
             return None
         try:
@@ -805,9 +812,9 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             if self._unstaged:  # nothing to run: wait a little for a transfer to free staging
-                assert self.staging is not None
+                assert self.transfer_region is not None
                 needed = len(self._unstaged[0].kept.block_ids)
-                self.staging.wait_for_free(needed, STAGING_WAIT_S)
+                self.transfer_region.wait_for_free(needed, STAGING_WAIT_S)
             return []
         started = time.perf_counter()
         if self.tp is None:

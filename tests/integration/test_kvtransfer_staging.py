@@ -108,7 +108,7 @@ def wait_idle_and_intact(worker: Any, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         stats = asyncio.run(worker.stats())
-        staging = worker.engine.staging
+        staging = worker.engine.transfer_region
         if (
             stats.num_requests == 0
             and stats.num_free_blocks == stats.num_blocks
@@ -124,7 +124,9 @@ def test_two_prompts_move_through_one_prompts_staging_on_each_side(
     workers: tuple[PrefillWorker, EngineWorker], expected: list[int]
 ) -> None:
     prefill, decode = workers
-    assert decode.engine.staging is not None and decode.engine.staging.num_blocks == 6
+    assert (
+        decode.engine.transfer_region is not None and decode.engine.transfer_region.num_blocks == 6
+    )
     completed, failed = transfers(decode)
     waits = staging_waits(prefill)
     outputs = asyncio.run(two_through_one_staging(prefill, decode))

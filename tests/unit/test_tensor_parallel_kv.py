@@ -1,7 +1,7 @@
 """KV transfer with ranks that each hold their own KV heads (issue 24; what GPU ranks do, run
 here on gloo with the /dev/shm sharing off): a transfer's blocks are gathered to rank 0 before
 they ship and scattered from it once they land, through the step plan's KV kinds, in rank 0's
-bounded staging region (engine.transfer_staging). KV moved engine to engine as a pair would
+bounded staging region (engine.transfer_region). KV moved engine to engine as a pair would
 move it (every head, staging blocks) gives the single engine's greedy output for TP 1->2,
 2->1, 2->2 and at TP=4 (KV heads replicated), also through a staging region of one prompt
 (back-pressure on both sides); a rank killed in the middle of a gather or before a scatter
@@ -98,7 +98,7 @@ def test_an_engine_that_transfers_kv_keeps_nearly_its_followers_capacity() -> No
         2, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES, max_model_len=64
     ) as transferring:
         assert transferring.num_kv_blocks >= 0.8 * follower_blocks
-        staging = transferring.staging
+        staging = transferring.transfer_region
         assert staging is not None and staging.num_blocks == (64 + 256) // 4
         # a staging block holds both heads: two of rank 0's own blocks
         assert transferring.num_kv_blocks == follower_blocks - 2 * staging.num_blocks
@@ -142,8 +142,8 @@ def assert_nothing_held(*engines: Engine) -> None:
     for engine in engines:
         engine.check_integrity()  # staging held only by owners of blocks, too
         assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
-        if engine.staging is not None:
-            assert engine.staging.num_free_blocks == engine.staging.num_blocks
+        if engine.transfer_region is not None:
+            assert engine.transfer_region.num_free_blocks == engine.transfer_region.num_blocks
 
 
 def test_private_caches_hold_only_their_heads_and_transfer_every_head(
@@ -219,8 +219,11 @@ def test_a_rank_killed_mid_gather_fails_the_prefill_and_holds_nothing(
         killed: list[int] = []
 
         def request_then_die(block_ids: list[int], gather: bool) -> None:
-            assert engine.staging is not None  # the gather's staging blocks are taken ...
-            assert engine.staging.num_free_blocks == engine.staging.num_blocks - len(block_ids)
+            assert engine.transfer_region is not None  # the gather's staging blocks are taken ...
+            assert (
+                engine.transfer_region.num_free_blocks
+                == engine.transfer_region.num_blocks - len(block_ids)
+            )
             sent(block_ids, gather)  # the followers join the gather ... and rank 1 dies
             killed.append(kill_follower(engine))
 
@@ -243,7 +246,9 @@ def test_a_rank_killed_before_the_scatter_fails_the_attach_and_holds_nothing(
         with pytest.raises(RankFailed, match=rf"rank 1 \(pid {pid}\) exited with code -9"):
             engine.attach_kv(remote, owner)
         assert engine.block_manager.holds[owner], "the landed blocks are still the owner's"
-        assert engine.staging is not None and engine.staging.ids_of(owner), "and its staging"
+        assert engine.transfer_region is not None and engine.transfer_region.ids_of(owner), (
+            "and its staging"
+        )
         engine.block_manager.release(owner)  # as the decode worker's failure frees them
         engine.abort_request(remote)
         assert_nothing_held(engine, single)
@@ -267,13 +272,13 @@ def prefill_two(src: Engine) -> tuple[Prefilled, Prefilled | None]:
     while not done:
         src.step()
         done = src.take_prefilled()
-    if src.staging is None:
+    if src.transfer_region is None:
         return done[0], done[1]
     assert [p.request_id for p in done] == ["a"]
     for _ in range(3):
         src.step()  # nothing to run: b waits for staging, each step a little
         assert src.take_prefilled() == [] and src.has_unfinished_requests()
-    assert src.staging.num_free_blocks == 1, "a's 5 blocks staged, b's not"
+    assert src.transfer_region.num_free_blocks == 1, "a's 5 blocks staged, b's not"
     src.check_integrity(holders=[done[0].kv.owner])  # b's pin, waiting, is not a leak
     return done[0], None
 
@@ -300,7 +305,7 @@ def test_a_staging_region_of_one_prompt_moves_two_by_back_pressure(
         for request_id in ("a", "b"):
             dst.add_remote_request(f"{request_id}/d", PROMPT, expected[0], greedy(MAX_TOKENS))
         landed_a = land(src, dst, a.kv, "arrived:a")
-        if dst.staging is not None:  # no room for b: the receiver waits (may_wait_for_room)
+        if dst.transfer_region is not None:  # no room for b: the receiver waits (may_wait_for_room)
             assert dst.reserve_transfer("arrived:b", len(a.kv.block_ids)) is None
             assert dst.may_wait_for_room(len(a.kv.block_ids))
             assert "arrived:b" not in dst.block_manager.holds, "nothing held for b"
@@ -331,12 +336,14 @@ def test_a_transfer_released_before_its_end_frees_its_staging() -> None:
             b = next(iter(engine.take_prefilled()), None)
         suffix = engine.kept_suffix(b.kv, 2)  # the receiver holds b's first 2 blocks
         assert suffix.staging_ids == b.kv.staging_ids[2:] and suffix.num_tokens == 19 - 8
-        assert engine.staging is not None and engine.staging.num_free_blocks == 6 - 3
+        assert (
+            engine.transfer_region is not None and engine.transfer_region.num_free_blocks == 6 - 3
+        )
         engine.check_integrity(holders=[suffix.owner])  # b's owner holds nothing now
         engine.block_manager.release(suffix.owner)  # its transfer failed
         reserved = engine.reserve_transfer("kv-in:t", 5)  # a receiver's reservation ...
-        assert reserved is not None and engine.staging is not None
-        assert engine.staging.num_free_blocks == 1
+        assert reserved is not None and engine.transfer_region is not None
+        assert engine.transfer_region.num_free_blocks == 1
         engine.block_manager.release("kv-in:t")  # ... failed (its sender died)
         assert_nothing_held(engine)
 
