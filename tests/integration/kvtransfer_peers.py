@@ -152,10 +152,16 @@ class _SlowAfterSendSender(KVSender):
     """A sender whose transfer thread pauses 0.3 s after each chunk's send (a busy thread):
     an Ack on data, then the receiver's close, reach it before it has moved on to Done."""
 
-    def _send_chunk(self, transfer: Any, staged: Any, crc: int) -> int:
-        crc = super()._send_chunk(transfer, staged, crc)
-        time.sleep(0.3)
-        return crc
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        send = self._shipper.send
+
+        def send_then_pause(*send_args: Any) -> tuple[int, int]:
+            sent = send(*send_args)
+            time.sleep(0.3)
+            return sent
+
+        self._shipper.send = send_then_pause  # type: ignore[method-assign]
 
 
 def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> None:

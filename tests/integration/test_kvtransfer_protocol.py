@@ -166,7 +166,8 @@ def test_a_receiver_closed_as_its_transfer_completes_still_acks_it(
     does). With the Ack still on its way out (slowed by 0.5 s), close() waits for it. With
     the Ack and then the close reaching a sender still busy after its last send (0.3 s), the
     Ack counts: the sender ends the transfer completed either way, not failed by the closed
-    pair."""
+    pair, and only once its bytes are counted (the pair's failure ended it first: the CI run
+    saw bytes_sent short of bytes_received by a chunk)."""
     specs = [Spec("closed-right-after", 9, seed=9, layers_per_chunk=1)]
     with peers() as started:
         receiver = start_receiver(
@@ -180,6 +181,7 @@ def test_a_receiver_closed_as_its_transfer_completes_still_acks_it(
     results = (sent.results["closed-right-after"], received.results["closed-right-after"])
     assert results[0][0] == results[1][0] == "completed", results
     assert received.digests == sent.digests
+    assert sent.metrics["bytes_sent"] == received.metrics["bytes_received"] > 0
     assert_clean(sent, received)
 
 
