@@ -19,7 +19,7 @@ from typing import Any
 from bench.common import Stats, machine_info, markdown_table, now, write_json
 from contracts.sampling_params import SamplingParams
 from engine.config import EngineConfig
-from engine.engine import Engine
+from engine.engine import Engine, KeptKV
 from engine.scheduler import SchedulerConfig
 
 
@@ -68,8 +68,8 @@ def move_s(engine: Engine, args: argparse.Namespace, prompt: list[int]) -> dict[
     engine.add_request("kept", None, params, prompt_token_ids=prompt, keep_kv=True)
     while engine.has_unfinished_requests():
         engine.step()
-    kept = engine.take_kept_kv("kept")
-    assert kept is not None
+    kept = engine.take_kept_kv("kept")  # staged: the loop stepped until nothing waits
+    assert isinstance(kept, KeptKV), kept
     ids, staged = list(kept.block_ids), list(kept.staging_ids)  # staging: rank 0's region
     gather, scatter = [], []
     for i in range(args.repeats + 1):

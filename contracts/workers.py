@@ -68,6 +68,12 @@ class KVTransferCounters:
     # decode side: prompts computed again here because their KV did not come, by reason
     # (no_room, failed, aborted, timeout, pair_failed; decode_worker.kv_arrivals)
     prompts_recomputed_by_reason: dict[str, int] = field(default_factory=dict)
+    # back-pressure of a bounded staging region (private-KV tensor parallelism): kept KV that
+    # waited for staging blocks before it could ship (sending side), offers that found no
+    # room and waited, and offers refused for no room after waiting (receiving side)
+    kv_staging_waits: int = 0
+    offers_deferred: int = 0
+    offers_refused_for_room: int = 0
 
     @property
     def pairs_refused(self) -> int:

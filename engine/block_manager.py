@@ -3,7 +3,7 @@ over block ids (the tensors live in the model runner); allocation returns False 
 and then changes nothing. A block is in use (ref_count > 0), cached (free but hashed, reusable
 by a prefix hit until evicted, LRU) or free. Named owners hold blocks for KV in flight (`hold`,
 `reserve`, `adopt`, idempotent `release`); an owner may also hold transfer staging blocks
-(engine.transfer_staging, private-KV tensor parallelism), which `release` frees with its
+(engine.transfer_region, private-KV tensor parallelism), which `release` frees with its
 blocks. An optional listener hears cache events. One lock guards every public method. The
 block table, states and hold rules: docs/engine.md.
 """
@@ -18,7 +18,7 @@ from typing import Concatenate, ParamSpec, TypeAlias, TypeVar
 
 from contracts.block_hash import BlockHash
 from engine.sequence import Sequence
-from engine.transfer_staging import TransferStaging
+from engine.transfer_region import TransferRegion
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -46,7 +46,7 @@ class BlockManager:
         num_blocks: int,
         block_size: int,
         enable_prefix_caching: bool = True,
-        staging: TransferStaging | None = None,
+        transfer_region: TransferRegion | None = None,
     ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
@@ -60,7 +60,8 @@ class BlockManager:
         self.num_prefix_queries = 0  # blocks looked up in the prefix cache
         self.num_prefix_hits = 0  # of which found
         self.holds: dict[str, list[int]] = {}  # owner -> blocks it holds one reference on
-        self.staging = staging  # transfer staging blocks, freed with their owner's holds
+        # transfer staging blocks (private-KV TP), freed with their owner's holds
+        self.transfer_region = transfer_region
         self.cache_listener: CacheListener | None = None
         self._evicted_hashes: list[BlockHash] = []  # since the last event, with a listener only
         self._lock = threading.RLock()
@@ -216,13 +217,55 @@ class BlockManager:
         return ids
 
     @_locked
+    def reserve_staged(self, owner: str, num_blocks: int) -> list[int] | None:
+        """`reserve` and as many staging blocks for `owner` (a receiver's destination under
+        private-KV tensor parallelism), both or neither: the staging ids, or None, changing
+        nothing (no cached block evicted), if either kind is short, a transfer larger than
+        the whole staging region included. Raises ValueError as `reserve` does."""
+        assert self.transfer_region is not None, "reserve_staged needs a staging region"
+        self._check_new_owner(owner)
+        if type(num_blocks) is not int or num_blocks < 1:
+            raise ValueError(f"reserve({owner!r}): num_blocks={num_blocks!r} must be >= 1")
+        if num_blocks > min(self.transfer_region.num_blocks, self.num_free_blocks):
+            return None
+        # staging first: its shortage evicts no cached block
+        staged = self.transfer_region.allocate(owner, num_blocks)
+        if staged is None:
+            return None
+        reserved = self.reserve(owner, num_blocks)
+        assert reserved is not None, "free blocks were counted under the lock"
+        return staged
+
+    @_locked
+    def split_hold(self, owner: str, new_owner: str, num_dropped: int) -> list[int] | None:
+        """Pass `owner`'s blocks after its first `num_dropped` (and their staging blocks, if it
+        holds staging) to `new_owner`, dropping the first ones (a transfer that ships only a
+        suffix of its kept KV): the new owner's staging ids ([] without staging), or None,
+        changing nothing, if `owner` holds no blocks (released meanwhile). Raises ValueError
+        for a `new_owner` that holds blocks already or a bad count."""
+        ids = self.holds.get(owner)
+        if ids is None:
+            return None
+        if type(num_dropped) is not int or not 0 <= num_dropped <= len(ids):
+            raise ValueError(
+                f"split_hold({owner!r}): num_dropped={num_dropped!r} must be in [0, {len(ids)}]"
+            )
+        staged = None if self.transfer_region is None else self.transfer_region.ids_of(owner)
+        self.hold(new_owner, ids[num_dropped:])
+        if staged is not None:
+            assert self.transfer_region is not None
+            self.transfer_region.keep_tail(owner, new_owner, num_dropped)
+        self.release(owner)
+        return [] if staged is None else staged[num_dropped:]
+
+    @_locked
     def release(self, owner: str) -> bool:
         """Drop `owner`'s references (its blocks become free or cached at ref 0) and free its
         staging blocks. Idempotent: False if it holds nothing, e.g. released already or
         adopted."""
         ids = self.holds.pop(owner, None)
-        if self.staging is not None:
-            self.staging.free(owner)
+        if self.transfer_region is not None:
+            self.transfer_region.free(owner)
         if ids is None:
             return False
         for block_id in reversed(ids):
@@ -253,8 +296,8 @@ class BlockManager:
                 f"adopt({owner!r}): {num_computed_tokens} computed tokens do not fit "
                 f"{len(ids)} blocks of {self.block_size} and {seq.num_tokens} tokens"
             )
-        if self.staging is not None:
-            assert self.staging.ids_of(owner) is None, f"{owner!r} adopted while staged"
+        if self.transfer_region is not None:
+            assert self.transfer_region.ids_of(owner) is None, f"{owner!r} adopted while staged"
         del self.holds[owner]
         if prefix_owner is not None:
             del self.holds[prefix_owner]
@@ -316,8 +359,8 @@ class BlockManager:
             assert self.block_hashes[block_id] == block_hash, f"hash map stale at block {block_id}"
         num_hashed = sum(h is not None for h in self.block_hashes)
         assert num_hashed == len(self.hash_to_block), "a hashed block is missing from the map"
-        if self.staging is not None:
-            self.staging.check_integrity(self.holds)
+        if self.transfer_region is not None:
+            self.transfer_region.check_integrity(self.holds)
         if live_sequences is None:
             return
         leaked = sorted(set(self.holds) - set(holders))

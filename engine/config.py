@@ -70,7 +70,7 @@ class EngineConfig:
     # transferred requests (InvalidRequest); TP=1 and shared CPU caches transfer either way.
     kv_transfer: bool = False
     # Private-KV tensor parallelism with kv_transfer only: the whole-head blocks of rank 0's
-    # transfer staging region (engine.transfer_staging), taken from rank 0's KV budget. A
+    # transfer staging region (engine.transfer_region), taken from rank 0's KV budget. A
     # shipped prompt's KV is gathered there from every rank, a landed one waits there for its
     # scatter. It must hold one max_model_len sequence (checked at start-up); None: that plus
     # one step's prompt tokens (max_num_batched_tokens), so a step's finished prompts stage

@@ -11,6 +11,7 @@ Redis or asyncio.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import logging
 import time
@@ -24,7 +25,7 @@ import torch
 
 from contracts.block_hash import root_hash
 from contracts.chat import ChatMessage
-from contracts.errors import InvalidRequest, RankFailed
+from contracts.errors import InvalidRequest, KVTransferError, RankFailed
 from contracts.outputs import FinishReason, RequestOutput, TokenLogprobs, Usage
 from contracts.sampling_params import SamplingParams, check_token_id, validate_prompt_token_ids
 from engine import build
@@ -40,13 +41,19 @@ from engine.sampler import LogitBias, Sampler, SampleRow
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.sharding import ShardLayout, check_divisible, shard_layout
-from engine.transfer_staging import TransferStaging
+from engine.transfer_region import TransferRegion
 
 logger = logging.getLogger(__name__)
 
 # An idle step with kept KV waiting for staging blocks waits at most this long for some to free
 # (a transfer's Ack, on another thread), instead of spinning.
 STAGING_WAIT_S = 0.01
+
+
+class KVPending(enum.Enum):
+    """take_kept_kv's "not yet": the KV is pinned but waits for staging blocks."""
+
+    STAGING = "waiting for staging blocks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +128,17 @@ class Engine:
             self.model.use_fused_fp8_quant()
         scheduler_config = build.scheduler_config(config, self.device)
         # rank 0's transfer staging region (private-KV TP that transfers KV), taken from its budget
-        self.staging: TransferStaging | None = None
+        self.transfer_region: TransferRegion | None = None
         if self._transfer_cache_is_own:
-            self.staging = TransferStaging(self._staging_blocks(scheduler_config))
+            self.transfer_region = TransferRegion(self._staging_blocks(scheduler_config))
         self.num_kv_blocks = self._num_kv_blocks()
         self.max_model_len = build.max_model_len(config, self.model_config, self.num_kv_blocks)
         self._check_staging_holds_a_sequence()
         self.block_manager = BlockManager(
-            self.num_kv_blocks, config.block_size, config.enable_prefix_caching, self.staging
+            self.num_kv_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            self.transfer_region,
         )
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.runner = ModelRunner(
@@ -140,10 +150,12 @@ class Engine:
             self.kv_dtype,
             self.tp.shared_kv_cache if self.tp is not None and self._shares_kv_cache else None,
         )
-        if self.staging is not None:
+        if self.transfer_region is not None:
             assert self.tp is not None
             self.tp.allocate_whole_kv_cache(
-                self.runner.kv_cache, self.model_config.num_kv_heads, self.staging.num_blocks
+                self.runner.kv_cache,
+                self.model_config.num_kv_heads,
+                self.transfer_region.num_blocks,
             )
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.capture_cuda_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
@@ -162,6 +174,7 @@ class Engine:
         # that prefix's blocks (hold_prefix), until attach_kv or the request ends
         self._prefix_holds: dict[str, str] = {}
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model, ever
+        self.num_kv_staging_waits = 0  # kept KV that had to wait for staging blocks, ever
         self._generate_ids = itertools.count()
         self._kept_numbers = itertools.count()  # kept-KV owners are unique per keep
         logger.info(
@@ -234,13 +247,13 @@ class Engine:
     def _check_staging_holds_a_sequence(self) -> None:
         """Refuse a staging region that cannot hold one max_model_len sequence: its KV could
         never ship or land (a transfer goes through staging whole)."""
-        if self.staging is None:
+        if self.transfer_region is None:
             return
         needed = -(-self.max_model_len // self.config.block_size)
-        if needed > self.staging.num_blocks:
+        if needed > self.transfer_region.num_blocks:
             self._stop_ranks_at_start()
             raise ValueError(
-                f"kv_staging_blocks={self.staging.num_blocks} cannot hold one sequence of "
+                f"kv_staging_blocks={self.transfer_region.num_blocks} cannot hold one sequence of "
                 f"max_model_len={self.max_model_len} tokens ({needed} blocks of "
                 f"{self.config.block_size}), whose KV a transfer moves through it whole: raise "
                 f"kv_staging_blocks to >= {needed} or lower max_model_len"
@@ -293,7 +306,7 @@ class Engine:
         """The cache KV transfer reads and writes, every KV head of the model:
         [layers, 2, num_blocks, block_size, num_kv_heads, row]. At TP=1 the runner's own;
         under TP (rank 0) the one all ranks share, or (private KV) rank 0's staging region,
-        `staging.num_blocks` blocks with ids of their own, which hold a transfer's KV only
+        `transfer_region.num_blocks` blocks with ids of their own, which hold a transfer's KV only
         between a gather (kept KV: KeptKV.staging_ids) and its transfer's end, or between its
         landing (reserve_transfer's ids) and its scatter (attach_kv)."""
         if self.tp is None:
@@ -313,10 +326,12 @@ class Engine:
         """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
         per_token = build.kv_bytes_per_token(self.model.config, self.kv_dtype, self.dtype)
         staging_bytes = 0
-        if self.staging is not None:  # rank 0: its heads, and the staging region's whole blocks
+        if self.transfer_region is not None:  # rank 0: its heads, and the region's whole blocks
             assert self.shard is not None
             whole_per_token = per_token * self.model_config.num_kv_heads // self.shard.num_kv_heads
-            staging_bytes = whole_per_token * self.config.block_size * self.staging.num_blocks
+            staging_bytes = (
+                whole_per_token * self.config.block_size * self.transfer_region.num_blocks
+            )
         try:
             fit = build.kv_blocks_that_fit(self.config, self.device, per_token, staging_bytes)
         except ValueError:
@@ -470,7 +485,7 @@ class Engine:
                     f"attach_kv({request_id!r}): {held} prefix blocks held here and {arrived} "
                     f"arrived, but the prompt needs {needed}"
                 )
-        if self.staging is not None:  # landed in rank 0's staging region: each rank its heads
+        if self.transfer_region is not None:  # landed in rank 0's region: each rank its heads
             self._unstage_landed(request_id, kv_owner)
         self.block_manager.adopt(
             kv_owner, seq, num_computed_tokens=computed, prefix_owner=prefix_owner
@@ -483,58 +498,64 @@ class Engine:
         """Scatter the KV a transfer landed in `kv_owner`'s staging blocks to every rank's
         blocks of the owner, then free the staging blocks. Raises ValueError if the owner
         holds blocks but no staging (not reserved with reserve_transfer), RankFailed."""
-        assert self.staging is not None
+        assert self.transfer_region is not None
         blocks = self.block_manager.holds.get(kv_owner)
         if not blocks:
             return  # adopt refuses it by name
-        staged = self.staging.ids_of(kv_owner)
+        staged = self.transfer_region.ids_of(kv_owner)
         if staged is None:
             raise ValueError(
                 f"attach_kv({request_id!r}): {kv_owner!r} holds no staging blocks (reserve "
                 f"for a transfer with reserve_transfer)"
             )
         self._scatter_transfer_kv(blocks, staged)
-        self.staging.free(kv_owner)
+        self.transfer_region.free(kv_owner)
 
     def reserve_transfer(self, owner: str, num_blocks: int) -> list[int] | None:
         """A receiver's destination for `num_blocks` blocks of incoming KV (kvtransfer's
         ReserveFn; any thread): fresh blocks held by `owner` and, under private KV, as many
         staging blocks. Returns the ids a transfer writes in transfer_kv_cache (the staging
         ids, else the blocks'), or None, holding nothing, if either kind is short (a transfer
-        larger than the whole staging region included). Raises ValueError as
+        larger than the whole staging region included). A short staging region evicts no
+        cached block (the receiver retries a waiting offer every turn). Raises ValueError as
         BlockManager.reserve does."""
-        block_ids = self.block_manager.reserve(owner, num_blocks)
-        if block_ids is None or self.staging is None:
-            return block_ids
-        staged = None
-        if num_blocks <= self.staging.num_blocks:
-            staged = self.staging.allocate(owner, num_blocks)
-        if staged is None:
-            self.block_manager.release(owner)
-        return staged
+        if self.transfer_region is None:
+            return self.block_manager.reserve(owner, num_blocks)
+        return self.block_manager.reserve_staged(owner, num_blocks)
 
     def may_wait_for_room(self, num_blocks: int) -> bool:
         """Whether a transfer of `num_blocks` that found no room (reserve_transfer None)
         should wait for some rather than be refused (kvtransfer's WaitForRoomFn; any thread):
-        under private KV if it fits the staging region at all, which frees as landed KV is
-        attached; never otherwise (no room is answered at once, as ever)."""
-        return self.staging is not None and num_blocks <= self.staging.num_blocks
+        under private KV if only the staging region is short (it frees as landed KV is
+        attached) and the transfer fits it at all; never if this engine's own blocks are short
+        (answered at once, as at TP=1)."""
+        return (
+            self.transfer_region is not None
+            and num_blocks <= self.transfer_region.num_blocks
+            and num_blocks <= self.block_manager.num_free_blocks
+        )
 
     def kept_suffix(self, kept: KeptKV, num_skipped_blocks: int) -> KeptKV:
         """`kept` less its first `num_skipped_blocks` blocks (the receiver has them): a new
         owner holds the later blocks and their staging blocks; the earlier ones go back at
-        once (kept.owner holds nothing afterwards). Any thread."""
-        suffix = KeptKV(
-            f"{kept.owner}:suffix",
+        once (kept.owner holds nothing afterwards). Any thread. Raises KVTransferError,
+        holding nothing, if kept.owner no longer holds its blocks and staging (released
+        meanwhile: an abort, a failure)."""
+        owner = f"{kept.owner}:suffix"
+        staged = self.block_manager.split_hold(kept.owner, owner, num_skipped_blocks)
+        if staged is None or tuple(staged) != kept.staging_ids[num_skipped_blocks:]:
+            self.block_manager.release(owner)
+            self.block_manager.release(kept.owner)
+            raise KVTransferError(
+                f"kept KV {kept.owner!r} was released (or lost its staging blocks) before its "
+                f"suffix could ship"
+            )
+        return KeptKV(
+            owner,
             kept.block_ids[num_skipped_blocks:],
             kept.num_tokens - num_skipped_blocks * self.block_manager.block_size,
-            kept.staging_ids[num_skipped_blocks:],
+            tuple(staged),
         )
-        self.block_manager.hold(suffix.owner, suffix.block_ids)
-        if self.staging is not None and kept.staging_ids:
-            self.staging.keep_tail(kept.owner, suffix.owner, num_skipped_blocks)
-        self.block_manager.release(kept.owner)
-        return suffix
 
     def hold_prefix(self, request_id: str, num_tokens: int) -> bool:
         """For a request awaiting KV (add_remote_request) that will carry only its prompt from
@@ -619,9 +640,18 @@ class Engine:
         prefilled, self._prefilled = self._prefilled, []
         return prefilled
 
-    def take_kept_kv(self, request_id: str) -> KeptKV | None:
-        """The pinned KV of a finished `keep_kv` request (once; None if there is none)."""
+    def take_kept_kv(self, request_id: str) -> KeptKV | KVPending | None:
+        """The pinned KV of a finished `keep_kv` request (once); KVPending.STAGING while it
+        waits for staging blocks (step on, then take it, or abort_request to free it); None
+        if there is none."""
+        if any(u.request_id == request_id for u in self._unstaged):
+            return KVPending.STAGING
         return self._kept_kv.pop(request_id, None)
+
+    @property
+    def num_kv_waiting_for_staging(self) -> int:
+        """Finished requests whose kept KV waits for staging blocks now (back-pressure)."""
+        return len(self._unstaged)
 
     def tokenize_prompt(
         self,
@@ -647,13 +677,17 @@ class Engine:
         return self.tokenizer.encode(prompt)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request and free its KV now (KV kept for it and still waiting for staging
-        blocks too). Returns its closing output, or None if it is unknown or already
-        finished."""
-        self._drop_unstaged(request_id)
+        """Stop a request and free its KV now (KV kept for it, not taken yet or still waiting
+        for staging blocks, too). Returns its closing output (finish reason ABORT), also for a
+        prefill_only request whose result waited for staging blocks (its caller still waits
+        for it); None if it is unknown or already finished."""
+        dropped = self._drop_kept(request_id)
         seq = self._sequences.pop(request_id, None)
         if seq is None:
-            return None
+            if dropped is None or dropped.prefilled is None:
+                return None
+            usage = dropped.prefilled.usage
+            return RequestOutput(request_id, (), "", True, FinishReason.ABORT, usage)
         self.scheduler.finish(seq, FinishReason.ABORT)
         self._logit_biases.pop(request_id, None)
         self._keep_kv.discard(request_id)
@@ -702,20 +736,20 @@ class Engine:
         owner = f"kept:{seq.request_id}#{next(self._kept_numbers)}"
         self.block_manager.hold(owner, block_ids)
         kept = KeptKV(owner, tuple(block_ids), num_tokens)
-        if self.staging is None or self._unstaged:
+        if self.transfer_region is None or self._unstaged:
             return kept
         return self._stage(kept) or kept
 
     def _is_staged(self, kept: KeptKV) -> bool:
         """Whether a transfer can read `kept` now (always, without a staging region)."""
-        return self.staging is None or bool(kept.staging_ids)
+        return self.transfer_region is None or bool(kept.staging_ids)
 
     def _stage(self, kept: KeptKV) -> KeptKV | None:
         """Private KV (rank 0): gather every rank's heads of `kept` into staging blocks its
         owner holds; None (nothing taken) if too few are free now. Raises RankFailed, the
         owner's blocks and staging released."""
-        assert self.staging is not None
-        staging_ids = self.staging.allocate(kept.owner, len(kept.block_ids))
+        assert self.transfer_region is not None
+        staging_ids = self.transfer_region.allocate(kept.owner, len(kept.block_ids))
         if staging_ids is None:
             return None
         try:
@@ -739,13 +773,19 @@ class Engine:
             else:
                 self._kept_kv[waiting.request_id] = kept
 
-    def _drop_unstaged(self, request_id: str) -> None:
-        """Release the kept KV of `request_id` that waits for staging blocks, if any: its
-        result was never handed out, so nobody else would."""
+    def _drop_kept(self, request_id: str) -> _Unstaged | None:
+        """Release the kept KV of `request_id` that nobody took (take_kept_kv) or that waits
+        for staging blocks: its result was never handed out, so nobody else would. The one
+        that waited, if any (its prefill's result never came out)."""
+        kept = self._kept_kv.pop(request_id, None)
+        if kept is not None:
+            self.block_manager.release(kept.owner)
         for waiting in list(self._unstaged):
             if waiting.request_id == request_id:
                 self._unstaged.remove(waiting)
                 self.block_manager.release(waiting.kept.owner)
+                return waiting
+        return None
 
     def _keep_or_wait(self, request_id: str, kept: KeptKV, prefilled: Prefilled | None) -> None:
         """Hand kept KV out (take_prefilled with `prefilled`, else take_kept_kv) once staged:
@@ -757,6 +797,7 @@ class Engine:
                 self._kept_kv[request_id] = kept
             return
         self._unstaged.append(_Unstaged(request_id, kept, prefilled))
+        self.num_kv_staging_waits += 1
 
     def has_unfinished_requests(self) -> bool:
         """Whether a step has work: sequences, or kept KV waiting for staging blocks."""
@@ -771,9 +812,9 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             if self._unstaged:  # nothing to run: wait a little for a transfer to free staging
-                assert self.staging is not None
+                assert self.transfer_region is not None
                 needed = len(self._unstaged[0].kept.block_ids)
-                self.staging.wait_for_free(needed, STAGING_WAIT_S)
+                self.transfer_region.wait_for_free(needed, STAGING_WAIT_S)
             return []
         started = time.perf_counter()
         if self.tp is None:

@@ -180,7 +180,7 @@ class TensorParallelGroup:
         (`whole_kv_cache`), `num_blocks` blocks shaped like this rank's `local` ones but with
         room for all `num_kv_heads`, for KV transfer alone: a staging block holds KV only
         between a gather_kv and its shipping, or between a transfer's landing and its
-        scatter_kv (engine.transfer_staging maps engine blocks to staging ones). Pages cost
+        scatter_kv (engine.transfer_region maps engine blocks to staging ones). Pages cost
         memory once written on the CPU (zeros_on_demand)."""
         from engine.model_runner import zeros_on_demand
 

@@ -108,6 +108,10 @@ class TransferMetrics:
     transfers_failed: int = 0  # FAILED and ABORTED
     leases_expired: int = 0
     transfer_seconds_total: float = 0.0  # of completed transfers
+    # back-pressure of a bounded staging region (receiver, wait_for_room): offers that found
+    # no room and waited, and offers refused for no room after waiting
+    offers_deferred: int = 0
+    offers_refused_for_room: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def count(self, result: TransferResult) -> None:
@@ -125,6 +129,11 @@ class TransferMetrics:
             self.bytes_sent += sent
             self.bytes_received += received
 
+    def add_back_pressure(self, deferred: int = 0, refused_for_room: int = 0) -> None:
+        with self._lock:
+            self.offers_deferred += deferred
+            self.offers_refused_for_room += refused_for_room
+
     def absorb(self, other: TransferMetrics) -> None:
         """Add another's counters to these (a pair that is gone keeps counting here)."""
         with other._lock:
@@ -135,6 +144,8 @@ class TransferMetrics:
                 other.transfers_failed,
                 other.leases_expired,
                 other.transfer_seconds_total,
+                other.offers_deferred,
+                other.offers_refused_for_room,
             )
         with self._lock:
             self.bytes_sent += counts[0]
@@ -143,6 +154,8 @@ class TransferMetrics:
             self.transfers_failed += counts[3]
             self.leases_expired += counts[4]
             self.transfer_seconds_total += counts[5]
+            self.offers_deferred += counts[6]
+            self.offers_refused_for_room += counts[7]
 
 
 def transfer_tag(transfer_id: str) -> int:

@@ -6,8 +6,10 @@ verifies, and hands completed transfers to the engine through `poll()`, which ne
 
 An offer that finds no room may wait for some (`wait_for_room`: an engine whose transfers go
 through a bounded staging region, freed as landed KV is attached): it is retried on every turn
-of the control thread and refused ("no free KV blocks") once half the Ready timeout has passed.
-The sender simply sees a later Ready; the messages are unchanged.
+of the control thread, oldest first (a later offer waits behind it), and refused ("no free KV
+blocks") once half the Ready timeout has passed. The sender simply sees a later Ready; the
+messages are unchanged. An offer stays in `_deferred` until it is answered, also while the
+control thread answers it: an abort() meanwhile takes it out, and the answer is not sent.
 
 A transfer's state: kvtransfer.incoming; the ownership rules: docs/kvtransfer.md.
 """
@@ -19,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -87,8 +89,9 @@ class KVReceiver:
         self._reserve = reserve
         self._release = release
         self._wait_for_room = wait_for_room
-        # offers waiting for room (control thread only): transfer id -> (offer, refuse after)
-        self._deferred: dict[str, tuple[TransferOffer, float]] = {}
+        # offers not answered yet, oldest first (waiting for room, or being answered): transfer
+        # id -> its offer; abort() takes one out, and its answer is not sent
+        self._deferred: dict[str, _Unanswered] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the data thread waits for expected data
         self._live: dict[str, IncomingTransfer] = {}
@@ -182,7 +185,7 @@ class KVReceiver:
             if deferred is None:
                 return False
             result = TransferResult(
-                transfer_id, deferred[0].request_id, TransferStatus.ABORTED, reason
+                transfer_id, deferred.offer.request_id, TransferStatus.ABORTED, reason
             )
             abort = TransferAbort(transfer_id, reason[:256])
             self._finished.add(transfer_id, FinalAnswer(result, abort))
@@ -220,9 +223,8 @@ class KVReceiver:
             self._on_offer(message)
             return
         transfer_id = getattr(message, "transfer_id", None)
-        if isinstance(message, TransferAbort):  # the sender gave up an offer waiting for room
-            with self._lock:
-                self._deferred.pop(message.transfer_id, None)
+        if isinstance(message, TransferAbort) and self._sender_gave_up_waiting(message):
+            return
         with self._lock:
             incoming = self._live.get(transfer_id) if transfer_id else None
             final = self._finished.get(transfer_id) if transfer_id else None
@@ -260,6 +262,21 @@ class KVReceiver:
         else:
             logger.warning("receiver: unexpected %s", type(message).__name__)
 
+    def _sender_gave_up_waiting(self, abort: TransferAbort) -> bool:
+        """The sender aborted an offer waiting for room (nothing reserved, no data to come):
+        recorded under its request id. False if no offer of it waits."""
+        with self._lock:
+            waiting = self._deferred.pop(abort.transfer_id, None)
+            if waiting is None:
+                return False
+            reason = f"sender aborted: {abort.reason}"
+            result = TransferResult(
+                abort.transfer_id, waiting.offer.request_id, TransferStatus.ABORTED, reason
+            )
+            self._finished.add(abort.transfer_id, FinalAnswer(result, None))
+        self.metrics.count(result)
+        return True
+
     def _on_offer(self, offer: TransferOffer) -> None:
         with self._lock:
             incoming = self._live.get(offer.transfer_id)
@@ -271,57 +288,74 @@ class KVReceiver:
             if final.reply is not None:
                 self._send(final.reply)
             return
+        entry = _Unanswered(offer, time.monotonic() + self.config.ready_timeout_s / 2)
         with self._lock:
             if offer.transfer_id in self._deferred:
                 return  # a duplicate of an offer still waiting for room
-        self._answer_offer(offer, time.monotonic() + self.config.ready_timeout_s / 2)
+            self._deferred[offer.transfer_id] = entry  # unanswered: abort() can find it
+        self._answer_offer(entry)
 
     def _retry_deferred(self) -> None:
         """Answer the offers waiting for room, oldest first, while there is room."""
         with self._lock:
-            waiting = list(self._deferred.items())
-        for transfer_id, (offer, refuse_after) in waiting:
-            with self._lock:
-                if self._deferred.pop(transfer_id, None) is None:
-                    continue  # aborted meanwhile
-            if not self._answer_offer(offer, refuse_after):
-                return  # still no room: later offers wait behind it
+            waiting = list(self._deferred.values())
+        for entry in waiting:
+            if not self._answer_offer(entry):
+                return  # still no room: later offers wait behind it, it keeps its place
 
-    def _answer_offer(self, offer: TransferOffer, refuse_after: float) -> bool:
-        """Reserve and answer Ready, refuse, or (no room, `wait_for_room`, before
-        `refuse_after`) defer; False if deferred."""
+    def _answer_offer(self, entry: _Unanswered) -> bool:
+        """Reserve and answer Ready, or refuse, the offer of `entry` (in `_deferred`): it
+        leaves `_deferred` as it is answered; or, with no room, `wait_for_room` and
+        `refuse_after` not passed, it stays there (its place kept): False. An offer abort()
+        took out meanwhile is not answered (its reservation freed)."""
+        offer = entry.offer
+        transfer_id = offer.transfer_id
+        with self._lock:
+            if self._deferred.get(transfer_id) is not entry:
+                return True  # aborted meanwhile
         refusal = self._refusal(offer)
         dst = None
-        owner = f"kv-in:{offer.transfer_id}"
+        owner = f"kv-in:{transfer_id}"
         num_blocks = len(offer.src_block_ids)
         if refusal is None:
             dst = self._reserve(owner, num_blocks)
             if dst is None:
                 if (
                     self._wait_for_room is not None
-                    and time.monotonic() < refuse_after
+                    and time.monotonic() < entry.refuse_after
                     and self._wait_for_room(num_blocks)
                 ):
-                    with self._lock:
-                        self._deferred[offer.transfer_id] = (offer, refuse_after)
+                    if not entry.waited:
+                        entry.waited = True
+                        self.metrics.add_back_pressure(deferred=1)
                     return False
                 refusal = f"no free KV blocks for {num_blocks} blocks"
+                if entry.waited:
+                    self.metrics.add_back_pressure(refused_for_room=1)
         if refusal is not None or dst is None:
-            abort = TransferAbort(offer.transfer_id, (refusal or "")[:256])
+            with self._lock:
+                if self._deferred.pop(transfer_id, None) is not entry:
+                    return True  # aborted meanwhile: its Abort went out
+            abort = TransferAbort(transfer_id, (refusal or "")[:256])
             result = TransferResult(
-                offer.transfer_id, offer.request_id, TransferStatus.FAILED, refusal or ""
+                transfer_id, offer.request_id, TransferStatus.FAILED, refusal or ""
             )
             self._send(abort)  # first: once the result is visible, the receiver may close
-            self._record(offer.transfer_id, FinalAnswer(result, abort))
+            self._record(transfer_id, FinalAnswer(result, abort))
             self.metrics.count(result)
             return True
         incoming = IncomingTransfer.start(offer, owner, dst, self.layout.num_layers)
         with self._lock:
-            self._live[offer.transfer_id] = incoming
-            self._by_tag[incoming.tag] = incoming
-            self._num_expected += 1
-            self._wake.notify()
-        self._send(TransferReady(offer.transfer_id, incoming.dst_block_ids))
+            answered = self._deferred.pop(transfer_id, None) is entry
+            if answered:
+                self._live[transfer_id] = incoming
+                self._by_tag[incoming.tag] = incoming
+                self._num_expected += 1
+                self._wake.notify()
+        if not answered:  # aborted while its room was reserved: its Abort went out
+            self._release(owner)
+            return True
+        self._send(TransferReady(transfer_id, incoming.dst_block_ids))
         return True
 
     def _refusal(self, offer: TransferOffer) -> str | None:
@@ -517,8 +551,8 @@ class KVReceiver:
                 self._failure = reason
             self._wake.notify_all()
             finished_data = [t for t in self._live.values() if t.state == "data_done"]
-            deferred, self._deferred = list(self._deferred.values()), {}
-            for offer, _ in deferred:  # nothing reserved: they fail at once
+            deferred, self._deferred = list(self._deferred.values()), {}  # none is answered
+            for offer in (entry.offer for entry in deferred):  # nothing reserved: they fail now
                 failed = f"pair failed: {reason}"
                 result = TransferResult(
                     offer.transfer_id, offer.request_id, TransferStatus.FAILED, failed
@@ -534,3 +568,12 @@ class KVReceiver:
             self.control.send(message)
         except KVTransferError as e:
             self._fail_pair(str(e))
+
+
+@dataclass(slots=True, eq=False)
+class _Unanswered:
+    """An offer not answered yet (control thread): waiting for room, or being answered."""
+
+    offer: TransferOffer
+    refuse_after: float  # monotonic: refused for no room from then on
+    waited: bool = False  # deferred at least once (found no room)

@@ -503,9 +503,15 @@ class KVSender:
             if self._failure is None:
                 self._failure = reason
             live = list(self._live.values())
+        on_transfer_thread = threading.current_thread() is self._threads[0]
         for transfer in live:
             if transfer.early_ack is not None:  # the receiver confirmed every chunk already
+                if transfer.state == "sending" and not on_transfer_thread:
+                    continue  # its thread, past its last send, ends it once its bytes count
                 self._on_ack(transfer, transfer.early_ack)
+            elif transfer.stopped_by_peer:  # its refusal or abort came first (the receiver
+                # may close right after it): that is how it ended, not the hang-up
+                self._end(transfer, transfer.stop_status, transfer.stop_reason or reason)
             else:
                 self._end(transfer, TransferStatus.FAILED, reason)
         self.control.close()  # first: the peer learns at once, whatever the channel does

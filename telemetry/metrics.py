@@ -184,6 +184,13 @@ class _WorkersCollector(Collector):
             "their KV did not come (no_room, failed, aborted, timeout, pair_failed).",
             labels=[*labels, "reason"],
         )  # fmt: skip
+        back_pressure = CounterMetricFamily(
+            "tandem_kv_staging_back_pressure", "A bounded transfer staging region's "
+            "back-pressure (private-KV tensor parallelism): kept KV that waited for staging "
+            "blocks before it shipped (kv_waited), offers that found no room and waited "
+            "(offer_deferred), offers refused for no room after waiting (offer_refused).",
+            labels=[*labels, "event"],
+        )  # fmt: skip
         transfer_time = SummaryMetricFamily("tandem_kv_transfer_seconds",
                                             "Offer to end of completed KV transfers.",
                                             labels=labels)  # fmt: skip
@@ -213,12 +220,16 @@ class _WorkersCollector(Collector):
                 prompt_kv.add_metric([*values, direction], getattr(kv, f"tokens_{direction}"))
             for reason, count in sorted(kv.prompts_recomputed_by_reason.items()):
                 recomputed.add_metric([*values, reason], count)
+            back_pressure.add_metric([*values, "kv_waited"], kv.kv_staging_waits)
+            back_pressure.add_metric([*values, "offer_deferred"], kv.offers_deferred)
+            back_pressure.add_metric([*values, "offer_refused"], kv.offers_refused_for_room)
         yield from g.values()
         yield from c.values()
         yield prompt_kv
         yield refused
         yield transfer_bytes
         yield recomputed
+        yield back_pressure
         yield transfer_time
         workers = GaugeMetricFamily("tandem_pool_workers", "Workers in each pool.",
                                     labels=["pool"])  # fmt: skip

@@ -183,7 +183,7 @@ class WorkerBase:
         if failure is not None:
             return WorkerStats(num_requests=self.loop.num_requests, failure=failure)
 
-        def read(engine: Engine) -> WorkerStats:
+        def read(engine: Engine) -> tuple[WorkerStats, int]:
             scheduler = engine.scheduler
             return WorkerStats(
                 num_requests=self.loop.num_requests,
@@ -194,9 +194,9 @@ class WorkerBase:
                 num_blocks=engine.block_manager.num_blocks,
                 max_num_seqs=engine.scheduler.config.max_num_seqs,
                 num_prompt_tokens_computed=engine.num_prompt_tokens_computed,
-            )
+            ), engine.num_kv_staging_waits
 
-        stats = await asyncio.to_thread(self.loop.call, read)
+        stats, staging_waits = await asyncio.to_thread(self.loop.call, read)
         transfers = self._transfer_metrics()
         kv = KVTransferCounters(
             pairs=len(transfers) - 1,  # less the retired pairs' counters
@@ -209,6 +209,9 @@ class WorkerBase:
             transfer_seconds=sum(m.transfer_seconds_total for m in transfers),
             **dataclasses.asdict(self.prompt_kv),
             prompts_recomputed_by_reason=self._prompts_recomputed(),
+            kv_staging_waits=staging_waits,
+            offers_deferred=sum(m.offers_deferred for m in transfers),
+            offers_refused_for_room=sum(m.offers_refused_for_room for m in transfers),
         )
         return dataclasses.replace(stats, kv=kv)
 

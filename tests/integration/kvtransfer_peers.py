@@ -50,7 +50,9 @@ class Spec:
     num_tokens: int
     seed: int  # picks the source blocks
     layers_per_chunk: int = NUM_LAYERS
-    behavior: str = ""  # "", "slow", "abort_at_1", "stall_at_1"
+    # "", "slow", "abort_at_1", "stall_at_1", "busy_until_pair_fails" (chunk 0 is ready only
+    # once the pair has failed: a transfer thread too busy to see its answer first)
+    behavior: str = ""
     endpoint: int = 0  # index of the receiver it goes to
 
     @property
@@ -150,10 +152,16 @@ class _SlowAfterSendSender(KVSender):
     """A sender whose transfer thread pauses 0.3 s after each chunk's send (a busy thread):
     an Ack on data, then the receiver's close, reach it before it has moved on to Done."""
 
-    def _send_chunk(self, transfer: Any, staged: Any, crc: int) -> int:
-        crc = super()._send_chunk(transfer, staged, crc)
-        time.sleep(0.3)
-        return crc
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        send = self._shipper.send
+
+        def send_then_pause(*send_args: Any) -> tuple[int, int]:
+            sent = send(*send_args)
+            time.sleep(0.3)
+            return sent
+
+        self._shipper.send = send_then_pause  # type: ignore[method-assign]
 
 
 def receiver_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
@@ -269,7 +277,16 @@ def _behavior(spec: Spec, sender: KVSender) -> Any:
         return lambda index: index == 1 and sender.abort(spec.transfer_id, "aborted by test")
     if spec.behavior == "stall_at_1":
         return lambda index: index == 1 and time.sleep(4.0)
+    if spec.behavior == "busy_until_pair_fails":
+        return lambda index: index == 0 and _wait_until(lambda: sender.control.closed, 30.0)
     return None
+
+
+def _wait_until(condition: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 ROLES = {"receiver": receiver_role, "sender": sender_role}
@@ -297,7 +314,7 @@ def engine_config(kv_cache_dtype: str = "auto") -> Any:
 def prefill_engine_role(params: dict[str, Any], conn: Connection, report: Report) -> None:
     """Prefill every prompt (keep_kv), ship its KV, report the first tokens."""
     from contracts.sampling_params import SamplingParams
-    from engine.engine import Engine
+    from engine.engine import Engine, KeptKV
 
     engine = Engine(engine_config(params.get("kv_cache_dtype", "auto")))
     cache = engine.runner.kv_cache
@@ -316,7 +333,7 @@ def prefill_engine_role(params: dict[str, Any], conn: Connection, report: Report
             for output in engine.step():
                 report.results[request_id] = ("first_token", str(output.new_token_ids[0]))
         kept = engine.take_kept_kv(request_id)
-        assert kept is not None
+        assert isinstance(kept, KeptKV), kept
         handles.append(
             sender.submit(request_id, kept.owner, kept.block_ids, kept.num_tokens,
                           layers_per_chunk=1, transfer_id=request_id)

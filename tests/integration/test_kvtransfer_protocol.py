@@ -166,7 +166,8 @@ def test_a_receiver_closed_as_its_transfer_completes_still_acks_it(
     does). With the Ack still on its way out (slowed by 0.5 s), close() waits for it. With
     the Ack and then the close reaching a sender still busy after its last send (0.3 s), the
     Ack counts: the sender ends the transfer completed either way, not failed by the closed
-    pair."""
+    pair, and only once its bytes are counted (the pair's failure ended it first: the CI run
+    saw bytes_sent short of bytes_received by a chunk)."""
     specs = [Spec("closed-right-after", 9, seed=9, layers_per_chunk=1)]
     with peers() as started:
         receiver = start_receiver(
@@ -180,6 +181,7 @@ def test_a_receiver_closed_as_its_transfer_completes_still_acks_it(
     results = (sent.results["closed-right-after"], received.results["closed-right-after"])
     assert results[0][0] == results[1][0] == "completed", results
     assert received.digests == sent.digests
+    assert sent.metrics["bytes_sent"] == received.metrics["bytes_received"] > 0
     assert_clean(sent, received)
 
 
@@ -387,4 +389,19 @@ def test_receiver_refuses_a_different_layout_and_a_transfer_it_has_no_room_for()
     status, reason = sent.results["a"]
     assert status == "failed"
     assert reason == "receiver refused: layouts differ: dtype bfloat16 != float32"
+    assert_clean(sent, received)
+
+
+def test_a_refusal_keeps_its_reason_when_the_receiver_closes_right_after() -> None:
+    """The receiver refuses (layouts differ) and closes at once; the sender's control thread
+    reads the refusal, then the hang-up, before its transfer thread has seen the refusal (a
+    loaded machine; forced here: chunk 0 is ready only once the pair has failed). The pair's
+    failure ended the transfer with "control connection closed by ..." instead of the reason
+    (the earlier test failed so under load)."""
+    specs = [Spec("a", 8, seed=1, behavior="busy_until_pair_fails")]
+    sent, received, _ = run_fault(specs, receiver_params={"dtype": torch.bfloat16})
+    assert sent is not None and received is not None
+    assert sent.results["a"] == (
+        "failed", "receiver refused: layouts differ: dtype bfloat16 != float32"
+    )  # fmt: skip
     assert_clean(sent, received)

@@ -94,6 +94,10 @@ async def two_through_one_staging(prefill: PrefillWorker, decode: EngineWorker) 
     return [await decode_one(decode, r, result) for r, result in zip("ab", results, strict=True)]
 
 
+def staging_waits(worker: Any) -> int:
+    return int(asyncio.run(worker.stats()).kv.kv_staging_waits)
+
+
 def transfers(worker: Any) -> tuple[int, int]:
     kv = asyncio.run(worker.stats()).kv
     return kv.transfers_completed, kv.transfers_failed
@@ -104,7 +108,7 @@ def wait_idle_and_intact(worker: Any, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         stats = asyncio.run(worker.stats())
-        staging = worker.engine.staging
+        staging = worker.engine.transfer_region
         if (
             stats.num_requests == 0
             and stats.num_free_blocks == stats.num_blocks
@@ -120,11 +124,15 @@ def test_two_prompts_move_through_one_prompts_staging_on_each_side(
     workers: tuple[PrefillWorker, EngineWorker], expected: list[int]
 ) -> None:
     prefill, decode = workers
-    assert decode.engine.staging is not None and decode.engine.staging.num_blocks == 6
+    assert (
+        decode.engine.transfer_region is not None and decode.engine.transfer_region.num_blocks == 6
+    )
     completed, failed = transfers(decode)
+    waits = staging_waits(prefill)
     outputs = asyncio.run(two_through_one_staging(prefill, decode))
     assert outputs == [expected, expected]
     assert transfers(decode) == (completed + 2, failed), "both moved: none refused, recomputed"
+    assert staging_waits(prefill) == waits + 1, "b's KV waited for a's staging blocks"
     for worker in (prefill, decode):
         wait_idle_and_intact(worker)
 

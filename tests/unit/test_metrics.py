@@ -23,7 +23,8 @@ WORKER_STATS = WorkerStats(
     kv=KVTransferCounters(
         pairs_refused_by_reason={"unproven": 2, "over_limit": 1}, transfers_completed=2,
         transfers_failed=1, leases_expired=0, bytes_sent=0, bytes_received=4096,
-        transfer_seconds=0.5, tokens_received=21, tokens_reused=32,
+        transfer_seconds=0.5, tokens_received=21, tokens_reused=32, kv_staging_waits=5,
+        offers_deferred=3, offers_refused_for_room=1,
     ),
 )  # fmt: skip
 
@@ -75,6 +76,10 @@ def test_requests_and_workers_become_samples(metrics: ServiceMetrics) -> None:
     assert sample(metrics, "tandem_kv_prompt_tokens_total", **worker, direction="received") == 21
     assert sample(metrics, "tandem_kv_prompt_tokens_total", **worker, direction="reused") == 32
     assert sample(metrics, "tandem_kv_prompt_tokens_total", **worker, direction="sent") == 0
+    staging = "tandem_kv_staging_back_pressure_total"
+    assert sample(metrics, staging, **worker, event="kv_waited") == 5
+    assert sample(metrics, staging, **worker, event="offer_deferred") == 3
+    assert sample(metrics, staging, **worker, event="offer_refused") == 1
     # a worker whose engine failed counts in its pool but reports no figures
     assert sample(metrics, "tandem_pool_workers", pool="prefill") == 1
     assert (

@@ -1,7 +1,7 @@
 """KV transfer with ranks that each hold their own KV heads (issue 24; what GPU ranks do, run
 here on gloo with the /dev/shm sharing off): a transfer's blocks are gathered to rank 0 before
 they ship and scattered from it once they land, through the step plan's KV kinds, in rank 0's
-bounded staging region (engine.transfer_staging). KV moved engine to engine as a pair would
+bounded staging region (engine.transfer_region). KV moved engine to engine as a pair would
 move it (every head, staging blocks) gives the single engine's greedy output for TP 1->2,
 2->1, 2->2 and at TP=4 (KV heads replicated), also through a staging region of one prompt
 (back-pressure on both sides); a rank killed in the middle of a gather or before a scatter
@@ -9,17 +9,21 @@ fails that side with RankFailed and leaves no block, and no staging block, held.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-from contracts.errors import InvalidRequest, RankFailed
+from contracts.errors import InvalidRequest, KVTransferError, RankFailed
+from contracts.outputs import FinishReason, RequestOutput
 from engine.config import EngineConfig
-from engine.engine import Engine, KeptKV, Prefilled
+from engine.engine import Engine, KeptKV, KVPending, Prefilled
 from engine.kv_quant import dequantize_rows
+from prefill_worker.held_kv import HeldKV
 from tests.conftest import greedy, make_engine, prompt_ids
+from worker.engine_loop import EngineLoop
 
 TINY = "dummy:tiny"  # 4 heads, 2 KV heads
 PROMPT = prompt_ids(7, 19)  # 5 blocks of 4 tokens, the last partly filled
@@ -94,7 +98,7 @@ def test_an_engine_that_transfers_kv_keeps_nearly_its_followers_capacity() -> No
         2, num_kv_blocks=None, kv_cache_bytes=KV_BUDGET_BYTES, max_model_len=64
     ) as transferring:
         assert transferring.num_kv_blocks >= 0.8 * follower_blocks
-        staging = transferring.staging
+        staging = transferring.transfer_region
         assert staging is not None and staging.num_blocks == (64 + 256) // 4
         # a staging block holds both heads: two of rank 0's own blocks
         assert transferring.num_kv_blocks == follower_blocks - 2 * staging.num_blocks
@@ -138,8 +142,8 @@ def assert_nothing_held(*engines: Engine) -> None:
     for engine in engines:
         engine.check_integrity()  # staging held only by owners of blocks, too
         assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
-        if engine.staging is not None:
-            assert engine.staging.num_free_blocks == engine.staging.num_blocks
+        if engine.transfer_region is not None:
+            assert engine.transfer_region.num_free_blocks == engine.transfer_region.num_blocks
 
 
 def test_private_caches_hold_only_their_heads_and_transfer_every_head(
@@ -215,8 +219,11 @@ def test_a_rank_killed_mid_gather_fails_the_prefill_and_holds_nothing(
         killed: list[int] = []
 
         def request_then_die(block_ids: list[int], gather: bool) -> None:
-            assert engine.staging is not None  # the gather's staging blocks are taken ...
-            assert engine.staging.num_free_blocks == engine.staging.num_blocks - len(block_ids)
+            assert engine.transfer_region is not None  # the gather's staging blocks are taken ...
+            assert (
+                engine.transfer_region.num_free_blocks
+                == engine.transfer_region.num_blocks - len(block_ids)
+            )
             sent(block_ids, gather)  # the followers join the gather ... and rank 1 dies
             killed.append(kill_follower(engine))
 
@@ -239,7 +246,9 @@ def test_a_rank_killed_before_the_scatter_fails_the_attach_and_holds_nothing(
         with pytest.raises(RankFailed, match=rf"rank 1 \(pid {pid}\) exited with code -9"):
             engine.attach_kv(remote, owner)
         assert engine.block_manager.holds[owner], "the landed blocks are still the owner's"
-        assert engine.staging is not None and engine.staging.ids_of(owner), "and its staging"
+        assert engine.transfer_region is not None and engine.transfer_region.ids_of(owner), (
+            "and its staging"
+        )
         engine.block_manager.release(owner)  # as the decode worker's failure frees them
         engine.abort_request(remote)
         assert_nothing_held(engine, single)
@@ -263,13 +272,13 @@ def prefill_two(src: Engine) -> tuple[Prefilled, Prefilled | None]:
     while not done:
         src.step()
         done = src.take_prefilled()
-    if src.staging is None:
+    if src.transfer_region is None:
         return done[0], done[1]
     assert [p.request_id for p in done] == ["a"]
     for _ in range(3):
         src.step()  # nothing to run: b waits for staging, each step a little
         assert src.take_prefilled() == [] and src.has_unfinished_requests()
-    assert src.staging.num_free_blocks == 1, "a's 5 blocks staged, b's not"
+    assert src.transfer_region.num_free_blocks == 1, "a's 5 blocks staged, b's not"
     src.check_integrity(holders=[done[0].kv.owner])  # b's pin, waiting, is not a leak
     return done[0], None
 
@@ -296,7 +305,7 @@ def test_a_staging_region_of_one_prompt_moves_two_by_back_pressure(
         for request_id in ("a", "b"):
             dst.add_remote_request(f"{request_id}/d", PROMPT, expected[0], greedy(MAX_TOKENS))
         landed_a = land(src, dst, a.kv, "arrived:a")
-        if dst.staging is not None:  # no room for b: the receiver waits (may_wait_for_room)
+        if dst.transfer_region is not None:  # no room for b: the receiver waits (may_wait_for_room)
             assert dst.reserve_transfer("arrived:b", len(a.kv.block_ids)) is None
             assert dst.may_wait_for_room(len(a.kv.block_ids))
             assert "arrived:b" not in dst.block_manager.holds, "nothing held for b"
@@ -327,12 +336,14 @@ def test_a_transfer_released_before_its_end_frees_its_staging() -> None:
             b = next(iter(engine.take_prefilled()), None)
         suffix = engine.kept_suffix(b.kv, 2)  # the receiver holds b's first 2 blocks
         assert suffix.staging_ids == b.kv.staging_ids[2:] and suffix.num_tokens == 19 - 8
-        assert engine.staging is not None and engine.staging.num_free_blocks == 6 - 3
+        assert (
+            engine.transfer_region is not None and engine.transfer_region.num_free_blocks == 6 - 3
+        )
         engine.check_integrity(holders=[suffix.owner])  # b's owner holds nothing now
         engine.block_manager.release(suffix.owner)  # its transfer failed
         reserved = engine.reserve_transfer("kv-in:t", 5)  # a receiver's reservation ...
-        assert reserved is not None and engine.staging is not None
-        assert engine.staging.num_free_blocks == 1
+        assert reserved is not None and engine.transfer_region is not None
+        assert engine.transfer_region.num_free_blocks == 1
         engine.block_manager.release("kv-in:t")  # ... failed (its sender died)
         assert_nothing_held(engine)
 
@@ -355,11 +366,106 @@ def test_a_request_aborted_while_its_kv_waits_for_staging_holds_nothing() -> Non
     must free its pin, as nobody will ever take its result."""
     with one_prompt_staging() as engine:
         a, _ = prefill_two(engine)
-        assert engine.abort_request("b") is None  # no sequence any more: no closing output
+        closing = engine.abort_request("b")  # its caller still waits: it gets the ending
+        assert closing is not None and closing.finished
+        assert closing.finish_reason is FinishReason.ABORT
         assert not engine.has_unfinished_requests()
         engine.block_manager.release(a.kv.owner)
         engine.step()
         assert engine.take_prefilled() == []
+        assert_nothing_held(engine)
+
+
+def test_an_offer_waits_only_for_staging_and_evicts_no_cached_block_meanwhile() -> None:
+    """A receiver retries a waiting offer every turn (reserve_transfer, may_wait_for_room):
+    with the staging region short, each retry reserved blocks first, evicting cached prefix
+    blocks, then released them without their hashes (8 retries: the cache emptied). With this
+    engine's own blocks short, the offer is refused at once (it waited ~5 s before)."""
+    with private(2, kv_staging_blocks=6, max_model_len=ONE_PROMPT_LEN, num_kv_blocks=12) as engine:
+        engine.generate([PROMPT], greedy(MAX_TOKENS))  # its full blocks stay cached
+        cached = dict(engine.block_manager.hash_to_block)
+        assert len(cached) >= 4
+        assert engine.reserve_transfer("kv-in:a", 5) is not None  # 5 of the 6 staging blocks
+        for _ in range(8):  # the staging region is short: b waits
+            assert engine.reserve_transfer("kv-in:b", 5) is None
+            assert engine.may_wait_for_room(5)
+        assert engine.block_manager.hash_to_block == cached, "a waiting offer evicted blocks"
+        assert "kv-in:b" not in engine.block_manager.holds
+        engine.block_manager.release("kv-in:a")
+        busy = engine.block_manager.reserve("busy", engine.block_manager.num_free_blocks - 4)
+        assert busy is not None  # 4 blocks left, the staging region free
+        assert engine.reserve_transfer("kv-in:c", 5) is None
+        assert not engine.may_wait_for_room(5), "this engine's blocks are short: refuse now"
+        engine.block_manager.release("busy")
+        assert_nothing_held(engine)
+
+
+def test_kept_kv_waiting_for_staging_is_pending_and_an_abort_frees_it_staged_or_not() -> None:
+    """take_kept_kv said None both for "waiting for staging" and "none": a caller that gave
+    up left KV staged later in the engine for good. Now it says KVPending.STAGING, and an
+    abort frees kept KV nobody took, waiting or staged."""
+    with one_prompt_staging() as engine:
+        for request_id in ("a", "b", "c"):
+            engine.add_request(request_id, None, greedy(1), prompt_token_ids=PROMPT, keep_kv=True)
+        while engine.scheduler.num_unfinished:
+            engine.step()
+        assert engine.num_kv_waiting_for_staging == 2  # a's 5 blocks staged, b's and c's not
+        assert engine.take_kept_kv("b") is KVPending.STAGING
+        assert engine.take_kept_kv("nobody") is None
+        a = engine.take_kept_kv("a")
+        assert isinstance(a, KeptKV) and a.staging_ids
+        assert engine.abort_request("c") is None  # finished: no closing output, its pin freed
+        engine.block_manager.release(a.owner)
+        engine.step()  # b staged now, and kept for take_kept_kv ...
+        assert engine.num_kv_waiting_for_staging == 0
+        assert engine.abort_request("b") is None  # ... which never comes: the abort frees it
+        assert not engine.has_unfinished_requests()
+        assert_nothing_held(engine)
+
+
+def test_a_suffix_of_kept_kv_released_meanwhile_is_refused_and_holds_nothing() -> None:
+    """kept_suffix ignored keep_tail's answer: kept KV released meanwhile (an abort on another
+    thread) gave a suffix whose staging ids were free, and blocks held for it."""
+    with one_prompt_staging() as engine:
+        a, _ = prefill_two(engine)
+        engine.abort_request("b")
+        engine.block_manager.release(a.kv.owner)  # released meanwhile
+        with pytest.raises(KVTransferError, match=r"was released .* before its suffix"):
+            engine.kept_suffix(a.kv, 2)
+        assert_nothing_held(engine)
+
+
+async def prefill_then_abort_the_waiting_one(loop: EngineLoop, held: HeldKV) -> None:
+    streams = {r: loop.submit(r, PROMPT, greedy(1), prefill_only=True) for r in ("a", "b")}
+    a = await asyncio.wait_for(streams["a"].get(), 60)
+    assert isinstance(a, Prefilled)  # its KV holds 5 of the 6 staging blocks: b's waits
+    assert loop.call(lambda engine: engine.num_kv_waiting_for_staging) == 1
+    loop.abort("b")
+    closing = await asyncio.wait_for(streams["b"].get(), 30)  # it never came
+    assert isinstance(closing, RequestOutput) and closing.finish_reason is FinishReason.ABORT
+    assert not loop.call(lambda engine: loop.has_stream("b"))
+    kept = held.take("a")
+    assert kept is not None
+    loop.call(lambda engine: engine.block_manager.release(kept.kv.owner))
+    again = await asyncio.wait_for(loop.submit("b", PROMPT, greedy(1), prefill_only=True).get(), 60)
+    assert isinstance(again, Prefilled), again  # the id is free again
+    taken = held.take("b")
+    assert taken is not None
+    loop.call(lambda engine: engine.block_manager.release(taken.kv.owner))
+
+
+def test_a_prefill_aborted_while_its_kv_waits_for_staging_ends_its_stream() -> None:
+    """The prefill worker's loop: an abort of a prefill whose result waits for staging freed
+    its KV but delivered nothing, so its stream stayed open (its caller hung) and its id was
+    refused as in use."""
+    with one_prompt_staging() as engine:
+        held = HeldKV(engine.block_manager.release)
+        loop = EngineLoop(engine, held)
+        try:
+            asyncio.run(prefill_then_abort_the_waiting_one(loop, held))
+        finally:
+            loop.stop()
+        assert loop.failure is None
         assert_nothing_held(engine)
 
 

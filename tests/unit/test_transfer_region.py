@@ -1,4 +1,4 @@
-"""The transfer staging region's bookkeeping (engine.transfer_staging) and its tie to the block
+"""The transfer staging region's bookkeeping (engine.transfer_region) and its tie to the block
 manager's owners: allocation is all or nothing, `release(owner)` frees an owner's staging with
 its blocks, and check_integrity finds staging that nobody's blocks account for."""
 
@@ -9,11 +9,11 @@ import threading
 import pytest
 
 from engine.block_manager import BlockManager
-from engine.transfer_staging import TransferStaging
+from engine.transfer_region import TransferRegion
 
 
 def test_allocation_is_all_or_nothing_and_freeing_is_idempotent() -> None:
-    staging = TransferStaging(4)
+    staging = TransferRegion(4)
     assert staging.allocate("a", 3) == [0, 1, 2]
     assert staging.allocate("b", 2) is None, "not now: only 1 free"
     assert staging.ids_of("b") is None and staging.num_free_blocks == 1
@@ -25,11 +25,11 @@ def test_allocation_is_all_or_nothing_and_freeing_is_idempotent() -> None:
 @pytest.mark.parametrize("count", [0, 5, "1"])
 def test_a_count_outside_the_region_is_refused(count: object) -> None:
     with pytest.raises(ValueError, match=r"must be in \[1, 4\] \(the staging region's size\)"):
-        TransferStaging(4).allocate("a", count)  # type: ignore[arg-type]
+        TransferRegion(4).allocate("a", count)  # type: ignore[arg-type]
 
 
 def test_keep_tail_passes_the_suffix_on_and_frees_the_rest() -> None:
-    staging = TransferStaging(4)
+    staging = TransferRegion(4)
     staging.allocate("a", 3)
     assert staging.keep_tail("a", "a:suffix", 1) == [1, 2]
     assert staging.ids_of("a") is None and staging.num_free_blocks == 2
@@ -37,8 +37,8 @@ def test_keep_tail_passes_the_suffix_on_and_frees_the_rest() -> None:
 
 
 def test_release_frees_an_owners_staging_with_its_blocks() -> None:
-    staging = TransferStaging(2)
-    manager = BlockManager(8, 4, staging=staging)
+    staging = TransferRegion(2)
+    manager = BlockManager(8, 4, transfer_region=staging)
     manager.reserve("kv-in:t", 2)
     staging.allocate("kv-in:t", 2)
     manager.check_integrity([], holders=["kv-in:t"])
@@ -48,15 +48,15 @@ def test_release_frees_an_owners_staging_with_its_blocks() -> None:
 
 
 def test_integrity_finds_staging_held_by_an_owner_without_blocks() -> None:
-    staging = TransferStaging(2)
-    manager = BlockManager(8, 4, staging=staging)
+    staging = TransferRegion(2)
+    manager = BlockManager(8, 4, transfer_region=staging)
     staging.allocate("ghost", 1)  # its blocks were released some other way: a leak
     with pytest.raises(AssertionError, match=r"owners that hold no blocks: \['ghost'\]"):
         manager.check_integrity()
 
 
 def test_a_waiter_wakes_when_blocks_free() -> None:
-    staging = TransferStaging(2)
+    staging = TransferRegion(2)
     staging.allocate("a", 2)
     freer = threading.Timer(0.05, staging.free, args=("a",))
     freer.start()

@@ -13,6 +13,10 @@ pin, a receiver's reservation) and are freed with them: BlockManager.release(own
 both, so every path that ends a hold (Ack, abort, lease expiry, a dead pair or rank) frees
 staging too. `allocate` returns None for "not now" and changes nothing. Thread-safe: the
 engine thread allocates, transfer threads release.
+
+Named a transfer region (Engine.transfer_region, BlockManager.transfer_region) to keep it apart
+from a worker's StagingPool (kvtransfer.staging, WorkerBase.staging): the host or device
+buffers a pair's chunks pass through on the wire. Its blocks are still "staging blocks".
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import threading
 from collections.abc import Collection
 
 
-class TransferStaging:
+class TransferRegion:
     """Owns `num_blocks` staging block ids: free, or held by one owner each."""
 
     def __init__(self, num_blocks: int) -> None:
