@@ -130,6 +130,11 @@ class AdminDisabled(TandemError):
     PERMISSION_DENIED; the message says how to configure them)."""
 
 
+class AdminScopeDenied(TandemError):
+    """An admin key scoped to its caller's own node (router.admin: a name `self` or `self-*`)
+    asked to drain another node (gRPC PERMISSION_DENIED)."""
+
+
 class KVTransferError(TandemError):
     """Moving KV blocks between processes failed."""
 

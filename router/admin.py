@@ -19,19 +19,28 @@ here; nothing else of the control plane is imported. A Tandem error's status is 
 router.core.status_of_error (the one mapping); any other exception (a Ray error, a bug) is
 logged and answered INTERNAL with a generic message, its text never sent to the caller. Runs
 on the server's event loop.
+
+A key named `self` or `self-<anything>` is scoped to its caller's node: it drains only the
+node whose address the call comes from (the gRPC peer's address must equal `node_ip`; else
+PERMISSION_DENIED, AdminScopeDenied, counted as `other_node`). The Helm chart gives worker pods
+such a key (`self-prestop`), so a process in a worker pod that reads it can drain its own node
+and no other. Where the network rewrites pod source addresses (SNAT), that key cannot drain
+anything; give the hook an unscoped key (router.admin.existingSecret).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
 
-from contracts.drain import NodeDrainReport, check_drain_arguments
-from contracts.errors import AdminDisabled, TandemError
+from contracts.drain import NodeDrainReport, check_drain_arguments, normalized_ip
+from contracts.errors import AdminDisabled, AdminScopeDenied, TandemError
 from proto.tandem.v1 import admin_pb2 as pb
 from proto.tandem.v1 import admin_pb2_grpc
 from router.auth import ApiKeys, Unauthenticated, bearer_key, parse_api_keys
@@ -45,6 +54,32 @@ NOT_CONFIGURED = (
     "the admin service is off: no admin keys are configured; start `tandem serve` with "
     f"--admin-keys-file FILE or ${ENV_ADMIN_KEYS} ('name:key' per line; not a tenant API key)"
 )
+
+
+SELF_SCOPED = "self"  # an admin key named this, or "self-*", drains only its caller's node
+
+
+def is_self_scoped(name: str) -> bool:
+    """Whether the admin key of operator `name` may drain only the node it calls from."""
+    return name == SELF_SCOPED or name.startswith(SELF_SCOPED + "-")
+
+
+def peer_ip(peer: str) -> str | None:
+    """The normalized IP address of a gRPC peer string (`ipv4:10.0.0.5:41234`,
+    `ipv6:[fd00::1]:41234`, percent-encoded or not; an IPv4-mapped IPv6 address as its IPv4
+    one); None for any other kind (unix sockets)."""
+    kind, _, rest = urllib.parse.unquote(peer or "").partition(":")
+    if kind == "ipv4":
+        host = rest.rpartition(":")[0]
+    elif kind == "ipv6" and rest.startswith("["):
+        host = rest[1:].partition("]")[0]
+    else:
+        return None
+    address = normalized_ip(host)
+    if address is None:
+        return None
+    mapped = getattr(ipaddress.ip_address(address), "ipv4_mapped", None)  # ::ffff:a.b.c.d
+    return address if mapped is None else str(mapped)
 
 
 class NodeDrainer(Protocol):
@@ -83,7 +118,7 @@ def load_admin_keys(path: str | None, environ: Mapping[str, str] | None = None) 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """tandem.v1.Admin: checks the caller's admin key, then asks the control plane.
     `on_refused(reason)` counts a refused call (not_configured, missing, malformed,
-    invalid_key)."""
+    invalid_key, other_node)."""
 
     def __init__(
         self,
@@ -117,10 +152,28 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 self._on_refused(reason)
             raise
 
+    def _check_scope(self, name: str, node_ip: str, context: Any) -> None:
+        """AdminScopeDenied (logged, counted as other_node) when a key scoped to its caller's
+        node (is_self_scoped) asks for another node."""
+        if not is_self_scoped(name):
+            return
+        caller = peer_ip(context.peer())
+        if caller == node_ip:
+            return
+        logger.warning("admin call refused (other_node) from %s: key %r drains only its own "
+                       "node, asked for %s", context.peer(), name, node_ip)  # fmt: skip
+        if self._on_refused is not None:
+            self._on_refused("other_node")
+        raise AdminScopeDenied(
+            f"admin key {name!r} may drain only the node it calls from ({caller or 'unknown'}), "
+            f"not {node_ip}"
+        )
+
     async def DrainNode(self, request: Any, context: Any) -> Any:
         try:
             name = self._authorize(context)
             node_ip = check_drain_arguments(request.node_ip, request.timeout_s)
+            self._check_scope(name, node_ip, context)
             logger.warning("admin %s: draining node %s (timeout %g s)", name, node_ip,
                            request.timeout_s)  # fmt: skip
             report = await self._drain_node(node_ip, request.timeout_s)

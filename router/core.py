@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from contracts.block_hash import prompt_block_hashes
 from contracts.errors import (
     AdminDisabled,
+    AdminScopeDenied,
     DuplicateRequest,
     InvalidRequest,
     ModelNotFound,
@@ -102,7 +103,7 @@ def status_of_error(error: BaseException) -> Status:
         return Status.FAILED_PRECONDITION
     if isinstance(error, NodeDrainTimedOut):
         return Status.DEADLINE_EXCEEDED
-    if isinstance(error, AdminDisabled):
+    if isinstance(error, (AdminDisabled, AdminScopeDenied)):
         return Status.PERMISSION_DENIED
     if isinstance(error, Unauthenticated):
         return Status.UNAUTHENTICATED

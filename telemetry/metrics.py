@@ -66,7 +66,8 @@ class ServiceMetrics:
                                      registry=r)  # fmt: skip
         self.admin_refusals = Counter("tandem_admin_refusals",
                                       "Admin calls (`tandem drain-node`) refused, by reason: "
-                                      "not_configured, missing, malformed or invalid_key.",
+                                      "not_configured, missing, malformed, invalid_key or "
+                                      "other_node.",
                                       ["reason"], registry=r)  # fmt: skip
         self.tenant_rejections = Counter("tandem_tenant_rejections",
                                          "Requests refused because their tenant was at its "

@@ -38,6 +38,7 @@ from router.admin import (
     add_admin_service,
     load_admin_keys,
     parse_admin_keys,
+    peer_ip,
 )
 
 ADMIN_KEY = "admin-key-0123456789abcdef"
@@ -244,6 +245,41 @@ def test_a_refused_call_is_logged_with_its_peer_and_counted_never_showing_the_ke
     assert f"admin call refused ({reason}) from ipv4:127.0.0.1:" in caplog.text
     for secret in (ADMIN_KEY, "wrong-admin-key-0123456789abcdef"):
         assert secret not in caplog.text and secret not in (error.details() or "")
+
+
+@pytest.mark.parametrize("name", ["self", "self-prestop"])
+def test_a_self_scoped_key_drains_only_the_node_it_calls_from(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusals: list[str] = []
+    drainer = Drainer(report())
+    with admin_server(f"{name}:{ADMIN_KEY}\nops:{TENANT_KEY}", drainer, refusals) as target:
+        error = refused(lambda: drain_call(target, ADMIN_KEY, NODE_IP))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error.details() == (
+            f"admin key {name!r} may drain only the node it calls from (127.0.0.1), not {NODE_IP}"
+        )
+        assert drainer.calls == [] and refusals == ["other_node"]
+        drain_call(target, ADMIN_KEY, "127.0.0.1")  # its own node (loopback here)
+        drain_call(target, TENANT_KEY, NODE_IP)  # an unscoped admin key: any node
+    assert drainer.calls == [("127.0.0.1", 60), (NODE_IP, 60)]
+    assert ADMIN_KEY not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("ipv4:10.0.0.5:41234", "10.0.0.5"),
+        ("ipv6:[fd00::0:1]:41234", "fd00::1"),
+        ("ipv6:%5Bfd00::1%5D:41234", "fd00::1"),
+        ("ipv6:[::ffff:10.0.0.5]:41234", "10.0.0.5"),
+        ("unix:/tmp/socket", None),
+        ("ipv4:not-an-ip:1", None),
+        ("", None),
+    ],
+)
+def test_a_grpc_peer_gives_its_normalized_address(peer: str, address: str | None) -> None:
+    assert peer_ip(peer) == address
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,7 @@ app.kubernetes.io/component: redis
 {{- define "tandem.apiKeysDir" -}}/etc/tandem/api-keys{{- end }}
 
 {{/* The Secret of the Admin service's key (router.admin): "admin-keys", the router's keys file
-("preStop:<key>"), and "admin-key", the bare key worker pods' preStop hooks send. Where the head
+("self-prestop:<key>": it drains only its caller's node), and "admin-key", the bare key worker pods' preStop hooks send. Where the head
 mounts the first and every worker pod the second. */}}
 {{- define "tandem.adminSecretName" -}}
 {{- default (printf "%s-admin" (include "tandem.fullname" .)) .Values.router.admin.existingSecret }}
