@@ -6,13 +6,8 @@
 #   BUDGET_S=570 scripts/gpu2_run.sh planner profile fp8tests fp8kernels fp8engine
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-start=$(date +%s) budget=${BUDGET_S:-570}
-left() { echo $((budget - ($(date +%s) - start))); }
-step() {  # step LIMIT_S CMD...: runs with min(LIMIT_S, what is left - 15 s)
-  local limit=$1; shift; local l; l=$(($(left) - 15)); ((l < limit)) && limit=$l
-  if ((limit < 20)); then echo "SKIPPED (no time): $*"; return 1; fi
-  echo "== $(date +%T) [$limit s] $*"; timeout "$limit" "$@"; echo "== rc=$? after $(($(date +%s) - start)) s"
-}
+BUDGET=${BUDGET_S:-570} STEP_MARGIN_S=15
+source "$(dirname "${BASH_SOURCE[0]}")/device_budget.sh"  # left, step
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 # everything goes to $W; the few files worth keeping are copied to $OUT at the end (8 come back)
 W=/tmp/gpu2; rm -rf $W; mkdir -p $W; RES=$OUT; OUT=$W

@@ -6,13 +6,8 @@
 #   BUDGET_S=560 FP8_VARIANTS=bf16,w8+gemv SAT_VARIANTS=bf16 scripts/gpu3_run.sh tests fp8 sat
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-start=$(date +%s) budget=${BUDGET_S:-560}
-left() { echo $((budget - ($(date +%s) - start))); }
-step() {  # step LIMIT_S CMD...: runs with min(LIMIT_S, what is left - 10 s)
-  local limit=$1; shift; local l; l=$(($(left) - 10)); ((l < limit)) && limit=$l
-  if ((limit < 20)); then echo "SKIPPED (no time): $*"; return 1; fi
-  echo "== $(date +%T) [$limit s] $*"; timeout "$limit" "$@"; echo "== rc=$? after $(($(date +%s) - start)) s"
-}
+BUDGET=${BUDGET_S:-560} STEP_MARGIN_S=10
+source "$(dirname "${BASH_SOURCE[0]}")/device_budget.sh"  # left, step
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 for what in "$@"; do case $what in
 tests)
