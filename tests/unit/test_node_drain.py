@@ -17,6 +17,7 @@ import pytest
 import cluster.node_drain as node_drain
 from cluster.membership import PoolMembership
 from cluster.node_drain import NodeDrains, RayNode, drain_node
+from contracts.drain import NodeDrainReport
 from contracts.errors import AmbiguousNode, NodeDrainTimedOut, UnknownNode
 from router.placement import Member
 
@@ -107,6 +108,11 @@ def run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
 
 
+async def drained(service: FakeService, timeout_s: float = 600) -> NodeDrainReport:
+    """drain_node of NODE_IP on the stand-in service, answered within 5 s of real time."""
+    return await asyncio.wait_for(drain_node(service, NODE_IP, timeout_s), 5)  # type: ignore[arg-type]
+
+
 async def poll(condition: Any, timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():
@@ -123,7 +129,7 @@ def test_a_pool_with_other_workers_answers_without_waiting_for_its_replacements(
         service = ray_calls.service = FakeService()
         service.add("d-0", NODE)
         service.add("d-1", OTHER)
-        report = await asyncio.wait_for(drain_node(service, NODE_IP, 600), 5)  # type: ignore[arg-type]
+        report = await drained(service)
         assert report.completed and report.num_replacements_pending == 1
         assert report.replacement_ids == () and report.num_replacements_failed == 0
         assert [(w.worker_id, w.left_empty) for w in report.workers] == [("d-0", True)]
@@ -143,7 +149,7 @@ def test_a_pending_replacement_is_cancelled_when_the_service_stops(
         service = ray_calls.service = FakeService()
         service.add("d-0", NODE)
         service.add("d-1", OTHER)
-        report = await asyncio.wait_for(drain_node(service, NODE_IP, 600), 5)  # type: ignore[arg-type]
+        report = await drained(service)
         assert report.num_replacements_pending == 1
         service.node_drains.cancel()  # Service.stop
         await poll(lambda: not service.node_drains.background)
@@ -164,7 +170,7 @@ def test_a_pool_with_no_other_worker_waits_for_its_replacement_before_draining(
         under_way: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         service.node_drains.start(OTHER, under_way)  # OTHER is being drained meanwhile
         service.loads.set()
-        report = await asyncio.wait_for(drain_node(service, NODE_IP, 600), 5)  # type: ignore[arg-type]
+        report = await drained(service)
         assert service.members_at_drain == ["d-0", "d-1", "new-1"]  # started before the drain
         assert report.replacement_ids == ("new-1",) and report.num_replacements_pending == 0
         under_way.cancel()
@@ -180,7 +186,7 @@ def test_every_leaving_worker_is_marked_draining_before_any_drain_starts(
         for worker_id in ("d-0", "d-1", "d-2"):
             service.add(worker_id, NODE)
         service.add("d-3", OTHER)
-        report = await asyncio.wait_for(drain_node(service, NODE_IP, 600), 5)  # type: ignore[arg-type]
+        report = await drained(service)
         assert service.draining_at_first_drain == ["d-0", "d-1", "d-2"]
         assert report.num_replacements_pending == 3
         service.node_drains.cancel()
@@ -197,7 +203,7 @@ def test_a_worker_whose_drain_fails_is_retired_and_reported_not_empty(
         service.add("d-1", NODE)
         service.add("d-2", OTHER)
         service.fail = {"d-0"}
-        report = await asyncio.wait_for(drain_node(service, NODE_IP, 600), 5)  # type: ignore[arg-type]
+        report = await drained(service)
         assert [(w.worker_id, w.left_empty) for w in report.workers] == [
             ("d-0", False), ("d-1", True)
         ]  # fmt: skip
@@ -218,11 +224,11 @@ def test_a_hung_drain_is_given_up_its_workers_retired_and_forgotten(
         service.add("d-1", OTHER)
         service.hang = {"d-0"}
         with pytest.raises(NodeDrainTimedOut, match="did not end within its timeout"):
-            await asyncio.wait_for(drain_node(service, NODE_IP, 0.2), 5)  # type: ignore[arg-type]
+            await drained(service, 0.2)
         assert service.ids() == ["d-1"] and ray_calls.killed == ["d-0"]
         assert len(service.node_drains) == 0  # forgotten: the next call drains afresh
         service.add("d-4", NODE)
-        report = await asyncio.wait_for(drain_node(service, NODE_IP, 600), 5)  # type: ignore[arg-type]
+        report = await drained(service)
         assert not report.already_draining and [w.worker_id for w in report.workers] == ["d-4"]
         service.node_drains.cancel()
 
