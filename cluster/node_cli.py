@@ -35,6 +35,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from bench.serving.cli import add_tls_arguments  # argparse only: cheap
+
 ADMIN_KEY_ENV = "TANDEM_ADMIN_KEY"
 RPC_MARGIN_S = 30.0  # the DrainNode call waits this much longer than the drain's own bound
 RAY_SELF_STOP_WAIT_S = 30.0  # after a drain, Ray on the node stops by itself within this
@@ -81,12 +83,7 @@ def add_admin_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--admin-key-file", default=None,
         help=f"a file holding the admin key (else ${ADMIN_KEY_ENV}; never a flag's value)",
     )  # fmt: skip
-    group.add_argument("--tls", action="store_true", help="connect over TLS (system CA roots)")
-    group.add_argument(
-        "--tls-ca", default=None, help="PEM roots the router's certificate chains to"
-    )
-    group.add_argument("--tls-client-cert", default=None, help="this client's PEM certificate")
-    group.add_argument("--tls-client-key", default=None, help="its PEM private key")
+    add_tls_arguments(group)
 
 
 class NoAdminKey(Exception):
@@ -119,14 +116,12 @@ def request_drain(args: argparse.Namespace, key: str, node_ip: str, timeout_s: f
     status (module docstring)."""
     import grpc
 
-    from bench.serving.connection import ClientTls, open_channel
+    from bench.serving.connection import client_tls_of, open_channel
     from cluster.cli import describe_rpc_error
     from proto.tandem.v1 import admin_pb2 as pb
     from proto.tandem.v1 import admin_pb2_grpc
 
-    uses_tls = args.tls or any((args.tls_ca, args.tls_client_cert, args.tls_client_key))
-    tls = ClientTls(args.tls_ca, args.tls_client_cert, args.tls_client_key) if uses_tls else None
-    with open_channel(args.router, tls) as channel:
+    with open_channel(args.router, client_tls_of(args)) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         try:
             reply = stub.DrainNode(

@@ -77,9 +77,9 @@ def add_workload_shape_arguments(parser: argparse.ArgumentParser) -> None:
     lengths.add_argument("--decode-heavy-lens", type=parse_lens, default=(64, 256), help="IN:OUT")
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """How a client reaches a service that wants TLS or an API key (`tandem client`, `bench`)."""
-    group = parser.add_argument_group("connection (TLS, API key)")
+def add_tls_arguments(group: Any) -> None:
+    """The client's TLS flags (read by bench.serving.connection.client_tls_of) on an argument
+    group or parser."""
     group.add_argument(
         "--tls", action="store_true", help="connect over TLS, trusting the system's CA roots"
     )
@@ -90,6 +90,12 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-client-cert", default=None, help="this client's PEM certificate (mutual TLS)"
     )
     group.add_argument("--tls-client-key", default=None, help="its PEM private key")
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a client reaches a service that wants TLS or an API key (`tandem client`, `bench`)."""
+    group = parser.add_argument_group("connection (TLS, API key)")
+    add_tls_arguments(group)
     group.add_argument(
         "--api-key",
         default=None,

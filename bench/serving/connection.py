@@ -57,10 +57,15 @@ def connection_of(args: argparse.Namespace) -> tuple[ClientTls | None, Metadata]
     """(ClientTls, or None for plaintext; the call metadata) from the flags of
     bench.serving.cli.add_connection_arguments; raises ValueError for a half-given client
     certificate."""
-    uses_tls = args.tls or any((args.tls_ca, args.tls_client_cert, args.tls_client_key))
-    tls = ClientTls(args.tls_ca, args.tls_client_cert, args.tls_client_key) if uses_tls else None
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    return tls, (() if key is None else (("authorization", f"Bearer {key}"),))
+    return client_tls_of(args), (() if key is None else (("authorization", f"Bearer {key}"),))
+
+
+def client_tls_of(args: argparse.Namespace) -> ClientTls | None:
+    """ClientTls from the flags of bench.serving.cli.add_tls_arguments, or None for plaintext
+    (none of them given)."""
+    uses_tls = args.tls or any((args.tls_ca, args.tls_client_cert, args.tls_client_key))
+    return ClientTls(args.tls_ca, args.tls_client_cert, args.tls_client_key) if uses_tls else None
 
 
 def _read(field: str, path: str) -> bytes:
