@@ -32,18 +32,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
 
-from contracts.drain import NodeDrainReport, check_drain_arguments, normalized_ip
+from contracts.drain import NodeDrainReport, check_drain_arguments
 from contracts.errors import AdminDisabled, AdminScopeDenied, TandemError
 from proto.tandem.v1 import admin_pb2 as pb
 from proto.tandem.v1 import admin_pb2_grpc
-from router.auth import ApiKeys, Unauthenticated, bearer_key, parse_api_keys
+from router.auth import ApiKeys, Unauthenticated, bearer_key, parse_api_keys, read_keys_source
 from router.server import status_of
 
 logger = logging.getLogger(__name__)
@@ -75,11 +74,12 @@ def peer_ip(peer: str) -> str | None:
         host = rest[1:].partition("]")[0]
     else:
         return None
-    address = normalized_ip(host)
-    if address is None:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
         return None
-    mapped = getattr(ipaddress.ip_address(address), "ipv4_mapped", None)  # ::ffff:a.b.c.d
-    return address if mapped is None else str(mapped)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:a.b.c.d
+    return str(mapped or address)
 
 
 class NodeDrainer(Protocol):
@@ -103,16 +103,8 @@ def parse_admin_keys(text: str, source: str) -> ApiKeys:
 def load_admin_keys(path: str | None, environ: Mapping[str, str] | None = None) -> ApiKeys | None:
     """The admin keys from `path`, else from $TANDEM_ADMIN_KEYS; None when neither is given
     (the Admin service refuses every call). ValueError for an unreadable or malformed source."""
-    environ = os.environ if environ is None else environ
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as file:
-                text = file.read()
-        except OSError as e:
-            raise ValueError(f"admin_keys_file={path!r}: cannot read it: {e.strerror}") from None
-        return parse_admin_keys(text, path)
-    from_env = environ.get(ENV_ADMIN_KEYS)
-    return parse_admin_keys(from_env, f"${ENV_ADMIN_KEYS}") if from_env else None
+    found = read_keys_source(path, ENV_ADMIN_KEYS, "admin_keys_file", environ)
+    return None if found is None else parse_admin_keys(*found)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):

@@ -149,6 +149,21 @@ def parse_api_keys(text: str, source: str, default_max_inflight: int | None = No
     return ApiKeys(digests)
 
 
+def read_keys_source(
+    path: str | None, env_var: str, field: str, environ: Mapping[str, str] | None = None
+) -> tuple[str, str] | None:
+    """(text, source name for errors) of a keys file at `path`, else of $`env_var` (when set
+    and not empty); None when neither is given. ValueError naming `field` for a file that
+    cannot be read."""
+    if path is not None:
+        try:
+            return Path(path).read_text(encoding="utf-8"), path
+        except OSError as e:
+            raise ValueError(f"{field}={path!r}: cannot read it: {e.strerror}") from None
+    from_env = (os.environ if environ is None else environ).get(env_var)
+    return (from_env, f"${env_var}") if from_env else None
+
+
 def load_api_keys(
     path: str | None,
     environ: Mapping[str, str] | None = None,
@@ -156,16 +171,9 @@ def load_api_keys(
 ) -> ApiKeys | None:
     """The keys from `path` (a file), else from $TANDEM_API_KEYS; None when neither is given
     (authentication off). Raises ValueError for an unreadable or malformed source."""
-    environ = os.environ if environ is None else environ
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ValueError(f"api_keys_file={path!r}: cannot read it: {e.strerror}") from None
-        return parse_api_keys(text, path, default_max_inflight)
-    from_env = environ.get(ENV_API_KEYS)
-    if from_env:
-        return parse_api_keys(from_env, f"${ENV_API_KEYS}", default_max_inflight)
+    found = read_keys_source(path, ENV_API_KEYS, "api_keys_file", environ)
+    if found is not None:
+        return parse_api_keys(*found, default_max_inflight)
     if default_max_inflight is not None:
         raise ValueError(
             f"tenant_max_inflight={default_max_inflight!r} needs API keys "
