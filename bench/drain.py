@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import secrets
 import time
 from pathlib import Path
@@ -46,11 +47,22 @@ def _sampling(index: int, max_tokens: int) -> Any:
                                  ignore_eos=True)  # fmt: skip
 
 
-async def _stream(stub: Any, index: int, max_tokens: int, got: list[list[int]]) -> None:
+def _prompt(index: int, model: str) -> dict[str, Any]:
+    """Stream `index`'s prompt as GenerateRequest fields: text, or token ids for a dummy model
+    (it has no tokenizer; ids below 500 fit every named shape's vocabulary)."""
     from proto.tandem.v1 import tandem_pb2 as pb
 
-    request = pb.GenerateRequest(text=f"Story number {index}: once upon a time",
-                                 sampling=_sampling(index, max_tokens))  # fmt: skip
+    if model.startswith("dummy:"):
+        rng = random.Random(index)
+        return {"token_ids": pb.TokenIds(ids=[rng.randrange(1, 500) for _ in range(12)])}
+    return {"text": f"Story number {index}: once upon a time"}
+
+
+async def _stream(stub: Any, index: int, args: argparse.Namespace, got: list[list[int]]) -> None:
+    from proto.tandem.v1 import tandem_pb2 as pb
+
+    request = pb.GenerateRequest(**_prompt(index, args.model),
+                                 sampling=_sampling(index, args.max_tokens))  # fmt: skip
     async for response in stub.Generate(request, timeout=600):
         got[index].extend(response.token_ids)
 
@@ -72,7 +84,7 @@ async def run_case(service: Any, stub: Any, args: argparse.Namespace, drain: str
     got: list[list[int]] = [[] for _ in range(args.streams)]
     staying.load.draining = True  # every stream starts on the worker that will leave
     started = time.monotonic()
-    tasks = [asyncio.ensure_future(_stream(stub, i, args.max_tokens, got))
+    tasks = [asyncio.ensure_future(_stream(stub, i, args, got))
              for i in range(args.streams)]  # fmt: skip
     while min(len(tokens) for tokens in got) < args.cut_after:
         if any(task.done() for task in tasks):
@@ -120,7 +132,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from proto.tandem.v1 import tandem_pb2_grpc
 
     config = ServiceConfig(
-        engine=EngineConfig(device=args.device, num_kv_blocks=4096, block_size=16),
+        engine=EngineConfig(model=args.model, device=args.device, num_kv_blocks=4096,
+                            block_size=16),
         mode=args.mode, num_workers=2, num_prefill_workers=1, num_decode_workers=2, port=0,
         gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
     )  # fmt: skip
@@ -157,6 +170,11 @@ def main() -> None:
         "--cases",
         default="kv,replay,wait",
         help="drains to run after the reference, in order: kv, replay, wait",
+    )
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="the default model, or a dummy shape (dummy:smollm2-135m: token-id prompts)",
     )
     parser.add_argument(
         "--device",
