@@ -185,7 +185,8 @@ def tandem_serve(
 ) -> Iterator[int]:
     """`tandem serve SERVE_ARGS` in a process of its own (and a local Ray cluster of its own),
     its output in `log_path`; yields its gRPC port once it is SERVING, then stops it cleanly
-    (SIGINT: streams end, workers drain; killed after 60 s)."""
+    (SIGINT: streams end, workers drain; killed after 60 s, or 10 s when this process is
+    being stopped)."""
     port = free_port()
     serve = [sys.executable, "-m", "cluster.cli", "-v", "serve", *serve_args,
              "--port", str(port)]  # fmt: skip
@@ -200,8 +201,9 @@ def tandem_serve(
             yield port
         finally:
             server.send_signal(signal.SIGINT)
+            stopped = sys.exc_info()[0] is SystemExit  # SIGTERM (main): no time to drain
             try:
-                server.wait(60)
+                server.wait(10 if stopped else 60)
             except subprocess.TimeoutExpired:
                 server.kill()
 
@@ -219,6 +221,9 @@ def run_configuration(args: argparse.Namespace, name: str, pools: list[str], out
 
 
 def main() -> int:
+    # a time limit's SIGTERM (scripts/multi_gpu_run.sh): the running service still stops,
+    # instead of outliving this process with its GPUs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args = parse_args()
     if args.cpu_dry_run:
         args.model = "default" if args.model == "dummy:llama-3-8b" else args.model

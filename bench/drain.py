@@ -29,13 +29,12 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine_info
+from bench.common import dummy_prompt_ids, machine_info
 
 
 def _sampling(index: int, max_tokens: int) -> Any:
@@ -49,12 +48,11 @@ def _sampling(index: int, max_tokens: int) -> Any:
 
 def _prompt(index: int, model: str) -> dict[str, Any]:
     """Stream `index`'s prompt as GenerateRequest fields: text, or token ids for a dummy model
-    (it has no tokenizer; ids below 500 fit every named shape's vocabulary)."""
+    (it has no tokenizer)."""
     from proto.tandem.v1 import tandem_pb2 as pb
 
     if model.startswith("dummy:"):
-        rng = random.Random(index)
-        return {"token_ids": pb.TokenIds(ids=[rng.randrange(1, 500) for _ in range(12)])}
+        return {"token_ids": pb.TokenIds(ids=dummy_prompt_ids(index))}
     return {"text": f"Story number {index}: once upon a time"}
 
 

