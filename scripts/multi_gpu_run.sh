@@ -114,9 +114,12 @@ run_chaos() {
   if ! command -v redis-server > /dev/null; then
     echo "| chaos | - | 0 | SKIPPED: no redis-server on this machine |" >> "$W/summary.md"; return
   fi
-  local device=cuda model=dummy:smollm2-135m; [[ -n $DRY ]] && device=cpu model=dummy:tiny
+  # on GPUs streams of 256-768 tokens take seconds: arrivals and kills within the first 6 s
+  local device=cuda model=dummy:smollm2-135m
+  local load=(--min-tokens 256 --max-tokens 768 --arrival-s 3 --duration-s 6 --num-kv-blocks 8192)
+  [[ -n $DRY ]] && device=cpu model=dummy:tiny load=(--duration-s 20)
   step "${CHAOS_S:-420}" python -m bench.chaos --model $model --device $device --mode colocated \
-    --num-workers 2 --num-requests 24 --decode-kills 2 --redis-restarts 1 --duration-s 20 \
+    --num-workers 2 --num-requests 24 --decode-kills 2 --redis-restarts 1 "${load[@]}" \
     --seed 1 --out "$W/chaos_colocated.json" > "$W/chaos.log" 2>&1
   record chaos $? "$t0" "$W/chaos.log" "must be 0|migrated|back to size" 6
 }
