@@ -51,7 +51,7 @@ run_tests() {
   local t0; t0=$(date +%s)
   step "${TESTS_S:-330}" python -m pytest -q -rfs -p no:cacheprovider \
     tests/gpu/test_tensor_parallel_gpu.py tests/gpu/test_kvtransfer_nccl.py > "$W/tests.log" 2>&1
-  record tests $? "$t0" "$W/tests.log" "^(FAILED|ERROR|SKIPPED)|passed|failed" 12
+  record tests $? "$t0" "$W/tests.log" "^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed|skipped)" 12
 }
 
 run_transfer() {  # bf16 KV, then FP8 KV (half the bytes on the wire)
@@ -124,6 +124,10 @@ run_chaos() {
   record chaos $? "$t0" "$W/chaos.log" "must be 0|migrated|back to size" 6
 }
 
+STEPS="tests transfer tp disagg-mixed disagg-long drain chaos"
+for what in "$@"; do  # every name checked before anything runs
+  [[ " $STEPS " == *" $what "* ]] || { echo "unknown step $what (one of: $STEPS)"; exit 2; }
+done
 for what in "$@"; do case $what in
   tests) run_tests ;;
   transfer) run_transfer ;;
@@ -132,7 +136,6 @@ for what in "$@"; do case $what in
   disagg-long) run_disagg long-prompt 2,4,6,8 48 ;;
   drain) run_drain ;;
   chaos) run_chaos ;;
-  *) echo "unknown step $what (tests transfer tp disagg-mixed disagg-long drain chaos)"; exit 2 ;;
 esac; done
 tar czf "$OUT/results.tar.gz" -C "$W" . 2>/dev/null
 cp "$W/summary.md" "$OUT/"
