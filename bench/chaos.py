@@ -1,8 +1,8 @@
 """Chaos run (issue 22.5): streaming requests while workers die and Redis restarts.
 
-One local service on loopback (a fresh Ray cluster, the default model on CPU, the prefix index
-in a real redis-server), N streaming gRPC requests (greedy and seeded, various lengths), run
-twice on the same arrival schedule:
+One local service on loopback (a fresh Ray cluster, the default model on CPU or, `--device
+cuda`, one GPU per worker; the prefix index in a real redis-server), N streaming gRPC
+requests (greedy and seeded, various lengths), run twice on the same arrival schedule:
 
 1. the no-fault pass: nothing injected;
 2. the chaos pass: at moments drawn from a seeded RNG, a worker of each pool is killed
@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine_info, markdown_table, write_json
+from bench.common import dummy_prompt_ids, machine_info, markdown_table, write_json
 
 PROMPTS = (
     "Tell me a long story about a lighthouse keeper.",
@@ -84,6 +84,8 @@ class ChaosConfig:
     num_kv_blocks: int = 512
     ray_cpus: int = 4
     settle_timeout_s: float = 180.0  # pools back to size, workers idle
+    device: str = "cpu"  # "cuda": one GPU per worker, the references on a GPU too
+    model: str = "default"  # or a dummy shape (dummy:smollm2-135m): token-id prompts
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "disaggregated"):
@@ -104,6 +106,8 @@ class ChaosConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
                 raise ValueError(f"{name}={value!r} must be seconds >= 0")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} must be 'cpu' or 'cuda'")
         if self.kill_start_s > self.duration_s:
             raise ValueError(f"kill_start_s={self.kill_start_s} must be <= duration_s")
 
@@ -113,7 +117,7 @@ class Job:
     """One request of the workload and what each pass made of it."""
 
     index: int
-    prompt: str
+    prompt: str | list[int]  # token ids for a dummy model (no tokenizer)
     max_tokens: int
     seed: int | None  # None: greedy
     arrival_s: float
@@ -137,7 +141,8 @@ def make_jobs(config: ChaosConfig) -> list[Job]:
         seeded = i % 2 == 1
         jobs.append(Job(
             index=i,
-            prompt=f"({i}) {PROMPTS[i % len(PROMPTS)]}",
+            prompt=(dummy_prompt_ids(i, 8 + i % 17) if config.model.startswith("dummy:")
+                    else f"({i}) {PROMPTS[i % len(PROMPTS)]}"),
             max_tokens=rng.randint(config.min_tokens, config.max_tokens),
             seed=rng.randrange(1 << 30) if seeded else None,
             arrival_s=rng.uniform(0, config.arrival_s),
@@ -172,18 +177,23 @@ def grpc_request(job: Job, salt: str) -> Any:
     else:
         sampling = pb.SamplingParameters(max_tokens=job.max_tokens, temperature=0.9,
                                          seed=job.seed, ignore_eos=True)  # fmt: skip
-    return pb.GenerateRequest(text=job.prompt, sampling=sampling, cache_salt=salt,
+    prompt = ({"text": job.prompt} if isinstance(job.prompt, str)
+              else {"token_ids": pb.TokenIds(ids=job.prompt)})  # fmt: skip
+    return pb.GenerateRequest(**prompt, sampling=sampling, cache_salt=salt,
                               request_id=f"{salt}-{job.index}")  # fmt: skip
 
 
-def compute_references(jobs: Sequence[Job], engine: Any = None) -> None:
-    """The single engine's output for every job (`engine`, or a fresh CPU one of the default
-    model): the no-fault reference."""
+def compute_references(
+    jobs: Sequence[Job], engine: Any = None, device: str = "cpu", model: str = "default"
+) -> None:
+    """The single engine's output for every job (`engine`, or a fresh one of `model` on
+    `device`, as the workers run it): the no-fault reference."""
     from engine.config import EngineConfig
     from engine.engine import Engine
 
     if engine is None:
-        engine = Engine(EngineConfig(device="cpu", num_kv_blocks=2048, block_size=16))
+        engine = Engine(EngineConfig(model=model, device=device, num_kv_blocks=2048,
+                                     block_size=16))  # fmt: skip
     for job in jobs:
         output = engine.generate([job.prompt], sampling_params(job))[0]
         job.expected_tokens, job.expected_text = list(output.token_ids), output.text
@@ -412,7 +422,7 @@ def run_chaos(config: ChaosConfig, engine: Any = None) -> dict[str, Any]:
     jobs = make_jobs(config)
     faults = make_faults(config)
     started = time.monotonic()
-    compute_references(jobs, engine)
+    compute_references(jobs, engine, config.device, config.model)
     reference_s = time.monotonic() - started
     progress(f"single-engine references: {reference_s:.1f} s")
 
@@ -420,7 +430,13 @@ def run_chaos(config: ChaosConfig, engine: Any = None) -> dict[str, Any]:
         redis = RedisServer(Path(scratch))
         redis.start()
         service_config = ServiceConfig(
-            engine=EngineConfig(device="cpu", num_kv_blocks=config.num_kv_blocks, block_size=16),
+            engine=EngineConfig(
+                model=config.model,
+                device=config.device,
+                num_kv_blocks=config.num_kv_blocks,
+                block_size=16,
+            ),
+            gpus_per_worker=1.0 if config.device == "cuda" else 0.0,
             mode=config.mode,
             num_workers=config.num_workers,
             num_prefill_workers=config.num_prefill_workers,
@@ -533,6 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("duration_s", "arrival_s", "kill_start_s", "redis_down_s", "settle_timeout_s"):
         parser.add_argument("--" + name.replace("_", "-"), type=float,
                             default=getattr(defaults, name))  # fmt: skip
+    parser.add_argument("--model", default=defaults.model,
+                        help="the default model, or a dummy shape (token-id prompts)")  # fmt: skip
+    parser.add_argument("--device", default=defaults.device, choices=("cpu", "cuda"),
+                        help="cuda: a GPU per worker, the references on one too")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results/chaos.json"))
     args = parser.parse_args(argv)
     fields = {k: v for k, v in vars(args).items() if k != "out"}

@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,13 @@ class Stats:
 def now() -> float:
     """Monotonic seconds, for intervals."""
     return time.perf_counter()
+
+
+def dummy_prompt_ids(seed: int, length: int = 12) -> list[int]:
+    """A prompt of token ids for a dummy model (no tokenizer), the same for the same seed: ids
+    in [1, 500), which every named shape's vocabulary holds."""
+    rng = random.Random(seed)
+    return [rng.randrange(1, 500) for _ in range(length)]
 
 
 def repeat_interleaved(

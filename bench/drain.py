@@ -9,19 +9,18 @@ False)`, the behaviour before).
                           [--cases none,kv,replay,wait] [--output drain.json]
 
 A local Ray cluster and the service with two decode workers (colocated: two workers;
-disaggregated: one prefill worker and two decode workers), the default model on the CPU, the
-gRPC router on loopback. Each case: `--streams` streaming requests (half greedy, half seeded)
-all started on one decode worker; once each has received `--cut-after` tokens the worker is
-drained (`Service.drain_worker`); every stream's tokens are compared with the same request's
-in a run without the drain (the first case, "none"). Reported per case: drain time (drain
-asked to the worker gone: KV pairs formed, streams moved, moved KV landed, or streams cut;
-each phase too), time until
-every stream ended, tokens lost (fewer than the no-fault run), streams differing from the
-no-fault run, streams moved by KV and by replay; from the drain on, prompt tokens the
-staying workers and the prefill pool computed (the engines' counter: the prompt part only; a
-replay also recomputes the output tokens a stream had, `tokens_at_drain` in all) and KV tokens
-the staying decode workers received (moved by a drain, or shipped by the prefill pool for a
-replay).
+disaggregated: one prefill worker and two decode workers), the default model on the CPU (or
+`--device cuda`: one GPU per worker), the gRPC router on loopback. Each case: `--streams`
+streaming requests (half greedy, half seeded) all started on one decode worker; once each has
+received `--cut-after` tokens the worker is drained (`Service.drain_worker`); every stream's
+tokens are compared with the same request's in a run without the drain (the first case, "none").
+Reported per case: drain time (drain asked to the worker gone: KV pairs formed, streams moved,
+moved KV landed, or streams cut; each phase too), time until every stream ended, tokens lost
+(fewer than the no-fault run), streams differing from the no-fault run, streams moved by KV and
+by replay; from the drain on, prompt tokens the staying workers and the prefill pool computed
+(the engines' counter: the prompt part only; a replay also recomputes the output tokens a stream
+had, `tokens_at_drain` in all) and KV tokens the staying decode workers received (moved by a
+drain, or shipped by the prefill pool for a replay).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine_info
+from bench.common import dummy_prompt_ids, machine_info
 
 
 def _sampling(index: int, max_tokens: int) -> Any:
@@ -47,11 +46,21 @@ def _sampling(index: int, max_tokens: int) -> Any:
                                  ignore_eos=True)  # fmt: skip
 
 
-async def _stream(stub: Any, index: int, max_tokens: int, got: list[list[int]]) -> None:
+def _prompt(index: int, model: str) -> dict[str, Any]:
+    """Stream `index`'s prompt as GenerateRequest fields: text, or token ids for a dummy model
+    (it has no tokenizer)."""
     from proto.tandem.v1 import tandem_pb2 as pb
 
-    request = pb.GenerateRequest(text=f"Story number {index}: once upon a time",
-                                 sampling=_sampling(index, max_tokens))  # fmt: skip
+    if model.startswith("dummy:"):
+        return {"token_ids": pb.TokenIds(ids=dummy_prompt_ids(index))}
+    return {"text": f"Story number {index}: once upon a time"}
+
+
+async def _stream(stub: Any, index: int, args: argparse.Namespace, got: list[list[int]]) -> None:
+    from proto.tandem.v1 import tandem_pb2 as pb
+
+    request = pb.GenerateRequest(**_prompt(index, args.model),
+                                 sampling=_sampling(index, args.max_tokens))  # fmt: skip
     async for response in stub.Generate(request, timeout=600):
         got[index].extend(response.token_ids)
 
@@ -73,7 +82,7 @@ async def run_case(service: Any, stub: Any, args: argparse.Namespace, drain: str
     got: list[list[int]] = [[] for _ in range(args.streams)]
     staying.load.draining = True  # every stream starts on the worker that will leave
     started = time.monotonic()
-    tasks = [asyncio.ensure_future(_stream(stub, i, args.max_tokens, got))
+    tasks = [asyncio.ensure_future(_stream(stub, i, args, got))
              for i in range(args.streams)]  # fmt: skip
     while min(len(tokens) for tokens in got) < args.cut_after:
         if any(task.done() for task in tasks):
@@ -121,8 +130,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from proto.tandem.v1 import tandem_pb2_grpc
 
     config = ServiceConfig(
-        engine=EngineConfig(device="cpu", num_kv_blocks=4096, block_size=16),
+        engine=EngineConfig(model=args.model, device=args.device, num_kv_blocks=4096,
+                            block_size=16),
         mode=args.mode, num_workers=2, num_prefill_workers=1, num_decode_workers=2, port=0,
+        gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
     )  # fmt: skip
     service = Service(config)
     await service.start()
@@ -157,6 +168,17 @@ def main() -> None:
         "--cases",
         default="kv,replay,wait",
         help="drains to run after the reference, in order: kv, replay, wait",
+    )
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="the default model, or a dummy shape (dummy:smollm2-135m: token-id prompts)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: one GPU per worker (colocated: 2 GPUs; disaggregated: 3)",
     )
     parser.add_argument("--output", type=Path, default=None, help="JSON results")
     args = parser.parse_args()

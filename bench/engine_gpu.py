@@ -4,9 +4,11 @@ Dummy bf16 weights of a named shape, random prompts, greedy decoding that never 
 decode tokens/s by batch size (and batch-1 memory bandwidth), TTFT of one long prompt, and the
 same with transformers (eager; static cache, compiled, at batch 1). `--saturation-requests`
 adds bench.engine_saturation's rows; `--no-gemv`, `--pdl`, `--dense-prefill`,
-`--pinned-inputs` flip the engine's switches. How each number is timed: docs/benchmarks.md.
+`--pinned-inputs` flip the engine's switches. `--tensor-parallel-size N` adds Tandem at N ranks
+(one GPU each, NCCL) beside TP=1, same run. How each number is timed: docs/benchmarks.md.
 
     python -m bench.engine_gpu --shape llama-3-8b [--batch-sizes 1,16,64] [--out results.json]
+        [--tensor-parallel-size 2]
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from typing import Any
 import torch
 
 from bench.common import machine_info, markdown_table, write_json
+from contracts.errors import TensorParallelShapeError
 from contracts.sampling_params import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.model_config import NAMED_SHAPES, ModelConfig
 from engine.scheduler import SchedulerConfig
+from engine.sharding import check_divisible
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3-8b", choices=sorted(NAMED_SHAPES))
     parser.add_argument("--batch-sizes", default="1,16,64")
@@ -69,8 +73,37 @@ def parse_args() -> argparse.Namespace:
         "--profile", action="store_true", help="print a torch.profiler table of one TTFT prefill"
     )
     parser.add_argument("--trace", help="with --profile: write its Chrome trace here (.json.gz)")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="N > 1: also Tandem at N ranks (GPUs 0..N-1, NCCL); TP=1 stays the baseline column "
+        "(saturation and --profile run at TP=1 only)",
+    )
     parser.add_argument("--out", default="bench/results/engine_gpu.json")
-    return parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def tandem_sizes(args: argparse.Namespace, visible_gpus: int) -> list[int]:
+    """The tensor-parallel sizes to run, baseline first: [1] or [1, N]. Raises ValueError
+    naming the problem when N is < 1 or above the visible GPUs, TensorParallelShapeError when N
+    does not split the shape."""
+    size = args.tensor_parallel_size
+    if size < 1:
+        raise ValueError(f"--tensor-parallel-size={size} must be >= 1")
+    if size > visible_gpus:
+        raise ValueError(
+            f"--tensor-parallel-size={size} needs {size} GPUs (one per rank); "
+            f"{visible_gpus} visible (CUDA_VISIBLE_DEVICES)"
+        )
+    if size == 1:
+        return [1]
+    check_divisible(NAMED_SHAPES[args.shape], size)  # TensorParallelShapeError names the sizes
+    return [1, size]
+
+
+def system_name(tp_size: int) -> str:
+    return "tandem" if tp_size == 1 else f"tandem-tp{tp_size}"
 
 
 def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -100,8 +133,10 @@ def dummy_engine(
     max_num_batched_tokens: int,
     cuda_graphs: bool = True,
     triton_gemv: bool = True,
+    tensor_parallel_size: int = 1,
 ) -> Engine:
-    """Tandem on the current GPU with dummy bf16 weights of a named shape."""
+    """Tandem on the current GPU with dummy bf16 weights of a named shape (at
+    `tensor_parallel_size` N > 1 on GPUs 0..N-1: close it)."""
     return Engine(
         EngineConfig(
             model=f"dummy:{shape}",
@@ -111,6 +146,7 @@ def dummy_engine(
             max_model_len=max_model_len,
             cuda_graphs=cuda_graphs,
             triton_gemv=triton_gemv,
+            tensor_parallel_size=tensor_parallel_size,
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
             ),
@@ -118,7 +154,7 @@ def dummy_engine(
     )
 
 
-def tandem_engine(args: argparse.Namespace, max_batch: int) -> Engine:
+def tandem_engine(args: argparse.Namespace, max_batch: int, tp_size: int = 1) -> Engine:
     import engine.cuda_graph as cuda_graph
     import engine.kernels.gemv as gemv_module
     import engine.triton_attention as triton_attention
@@ -129,7 +165,7 @@ def tandem_engine(args: argparse.Namespace, max_batch: int) -> Engine:
     return dummy_engine(
         args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=max_batch,
         max_num_batched_tokens=max(args.ttft_len, 4096), cuda_graphs=not args.no_cuda_graphs,
-        triton_gemv=not args.no_gemv,
+        triton_gemv=not args.no_gemv, tensor_parallel_size=tp_size,
     )  # fmt: skip
 
 
@@ -175,10 +211,25 @@ def bytes_per_decode_step(config: ModelConfig, context_len: int, dtype_bytes: in
     return weights * dtype_bytes + context_len * config.kv_bytes_per_token(dtype_bytes)
 
 
-def run_tandem(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, Any]:
+def run_tandem(args: argparse.Namespace, batch_sizes: list[int], tp_size: int) -> dict[str, Any]:
     started = time.perf_counter()
-    engine = tandem_engine(args, max(batch_sizes))
-    result: dict[str, Any] = {"load_s": time.perf_counter() - started, "decode": {}}
+    with tandem_engine(args, max(batch_sizes), tp_size) as engine:
+        load_s = time.perf_counter() - started
+        result = measure_tandem(args, engine, batch_sizes, is_baseline=tp_size == 1)
+    result |= {"load_s": load_s, "tensor_parallel_size": tp_size}
+    gc.collect()  # the engine's weights and KV cache go before the next system loads
+    torch.cuda.empty_cache()
+    if args.saturation_requests and tp_size == 1:
+        result["saturation"] = run_saturation(args)
+    return result
+
+
+def measure_tandem(
+    args: argparse.Namespace, engine: Engine, batch_sizes: list[int], is_baseline: bool
+) -> dict[str, Any]:
+    """Decode tok/s by batch size and the TTFT of one long prompt (and the profile, on the
+    baseline engine)."""
+    result: dict[str, Any] = {"decode": {}}
     vocab = engine.model_config.vocab_size
     for batch in batch_sizes:
         end_to_end: list[float] = []
@@ -194,14 +245,9 @@ def run_tandem(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, An
         result["decode"][batch] = stats
     ttft_prompt = random_prompts(1, args.ttft_len, vocab, seed=7)[0]
     result["ttft_s"] = median_of(args.repeats, lambda rep: tandem_ttft(engine, ttft_prompt))
-    if args.profile:
+    if args.profile and is_baseline:
         profile_ttft(engine, ttft_prompt, args.trace)
     engine.check_integrity()
-    if args.saturation_requests:
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
-        result["saturation"] = run_saturation(args)
     return result
 
 
@@ -346,19 +392,17 @@ def report(
         rows.append(row)
     context = args.prompt_len + args.new_tokens // 2
     step_bytes = bytes_per_decode_step(config, context)
-    row = ["batch 1: % of peak bandwidth"]
+    row = ["batch 1: % of peak bandwidth (of every GPU it runs on)"]
     for name in systems:
         stats = results[name]["decode"].get(1)
-        row.append(
-            "-"
-            if stats is None
-            else f"{100 * stats['median'] * step_bytes / args.peak_bandwidth:.0f}%"
-        )
+        peak = args.peak_bandwidth * results[name].get("tensor_parallel_size", 1)
+        row.append("-" if stats is None else f"{100 * stats['median'] * step_bytes / peak:.0f}%")
     rows.append(row)
     rows.append(
         [f"TTFT, {args.ttft_len}-token prompt (ms)"]
         + [f"{1000 * results[n]['ttft_s']['median']:.1f}" for n in systems]
     )
+    rows += speedup_rows(results, batch_sizes)
     if args.saturation_requests:
         row = [f"saturation output tok/s ({args.saturation_requests} x 1,024 in / 128 out)"]
         for name in systems:
@@ -373,21 +417,48 @@ def report(
     return markdown_table(["metric", *systems], rows)
 
 
+def speedup_rows(results: dict[str, Any], batch_sizes: list[int]) -> list[list[str]]:
+    """Tandem at TP=N over Tandem at TP=1, in the TP=N column: decode tok/s at each batch
+    size and TTFT (TP=1's time over TP=N's). None without a TP=N run."""
+    systems = list(results)
+    tp_names = [n for n in systems if results[n].get("tensor_parallel_size", 1) > 1]
+    if not tp_names or "tandem" not in results:
+        return []
+    base, rows = results["tandem"], []
+    for batch in batch_sizes:
+        row = [f"speed-up over TP=1, decode batch {batch}"]
+        for name in systems:
+            ratio = results[name]["decode"][batch]["median"] / base["decode"][batch]["median"]
+            row.append(f"{ratio:.2f}x" if name in tp_names else "-")
+        rows.append(row)
+    row = ["speed-up over TP=1, TTFT"]
+    for name in systems:
+        ratio = base["ttft_s"]["median"] / results[name]["ttft_s"]["median"]
+        row.append(f"{ratio:.2f}x" if name in tp_names else "-")
+    return [*rows, row]
+
+
 def main() -> None:
     args = parse_args()
     config = NAMED_SHAPES[args.shape]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
-    results: dict[str, Any] = {"tandem": run_tandem(args, batch_sizes)}
+    try:
+        sizes = tandem_sizes(args, torch.cuda.device_count())  # refused before anything loads
+    except (ValueError, TensorParallelShapeError) as e:
+        raise SystemExit(f"bench.engine_gpu: {e}") from e
+    results: dict[str, Any] = {system_name(n): run_tandem(args, batch_sizes, n) for n in sizes}
     for mode in baselines:
         gc.collect()  # the previous system's weights and KV cache go before the next loads
         torch.cuda.empty_cache()
         results[f"transformers-{mode}"] = run_transformers(args, config, batch_sizes, mode)
     table = report(args, config, results, batch_sizes)
     device = torch.cuda.get_device_name()
+    devices = [torch.cuda.get_device_name(i) for i in range(max(sizes))]
     print(
         f"\n{args.shape}, bf16, {device}, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens, median of {args.repeats}\n{table}"
+        f"{args.new_tokens} new tokens, median of {args.repeats}, "
+        f"tensor parallel {' vs '.join(map(str, sizes))} on {len(devices)} x {device}\n{table}"
     )
     write_json(
         args.out,
@@ -395,6 +466,8 @@ def main() -> None:
             "config": vars(args),
             "machine": machine_info(),
             "device": device,
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "devices": devices,
             "results": results,
             "table": table,
         },

@@ -86,6 +86,13 @@ def parse_args() -> argparse.Namespace:
         help="TransferConfig.receive_ahead (chunks posted ahead of their headers)",
     )
     parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument(
+        "--kv-dtype",
+        default="bf16",
+        choices=("bf16", "fp8"),
+        help="the caches' dtype; fp8: the engine's packed e4m3 blocks (engine.kv_quant: values, "
+        "then a 4-byte scale per token and head), about half the bytes on the wire",
+    )
     parser.add_argument("--out", default="bench/results/kvtransfer_nccl.json")
     parser.add_argument("--stack-dump-s", type=float, default=600.0)
     parser.add_argument(
@@ -118,12 +125,24 @@ def cache_blocks(args: argparse.Namespace) -> int:
 
 
 def cache_for(args: argparse.Namespace, shape: str, device: str) -> torch.Tensor:
+    """[layers, 2, blocks, BLOCK, heads, dim] bf16, or (--kv-dtype fp8) the packed FP8 blocks
+    [..., heads, dim + 4] uint8 an engine with kv_cache_dtype="fp8" holds."""
+    from engine.kv_quant import pack_blocks
+
     layers, heads, dim = shapes(args)[shape]
     generator = torch.Generator(device).manual_seed(0)
-    return torch.randn(
+    cache = torch.randn(
         layers, 2, cache_blocks(args), BLOCK, heads, dim,
         generator=generator, device=device, dtype=torch.bfloat16,
     )  # fmt: skip
+    return pack_blocks(cache) if args.kv_dtype == "fp8" else cache
+
+
+def row_bytes(args: argparse.Namespace, dim: int) -> int:
+    """Bytes of one token's K or V for one KV head in the cache (cache_for)."""
+    from engine.kv_quant import packed_row_bytes
+
+    return packed_row_bytes(dim) if args.kv_dtype == "fp8" else 2 * dim
 
 
 def scattered_blocks(args: argparse.Namespace, num_tokens: int, seed: int) -> list[int]:
@@ -472,6 +491,7 @@ def dummy_engine(args: argparse.Namespace, shape: str, device: str) -> Any:
     return Engine(
         EngineConfig(  # "cuda": this process's current device (set at start)
             model=f"dummy:{shape}", device=device.split(":")[0], dtype="bfloat16",
+            kv_cache_dtype="fp8" if args.kv_dtype == "fp8" else "auto",
             num_kv_blocks=cache_blocks(args), block_size=BLOCK, cuda_graphs=False,
             scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=4096),
         )
@@ -779,7 +799,7 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
     rows = []
     for shape, (layers, heads, dim) in shapes(args).items():
         for length in lengths(args):
-            nbytes = -(-length // BLOCK) * BLOCK * layers * 2 * heads * dim * 2
+            nbytes = -(-length // BLOCK) * BLOCK * layers * 2 * heads * row_bytes(args, dim)
             cells = [shape, f"{length:,}", f"{nbytes / 2**20:.1f}"]
             timings = [raw.get((shape, length, m)) for m in raw_modes(args)]
             timings += [protocol.get((shape, length, m)) for m in protocol_modes(args)]
@@ -816,7 +836,7 @@ def report(args: argparse.Namespace, messages: list[tuple]) -> None:
         step_rows,
     )
     lines = [
-        f"\nKV transfer, bf16, 2x {device}, median of {args.repeats}",
+        f"\nKV transfer, {args.kv_dtype} KV, 2x {device}, median of {args.repeats}",
         table,
         "\nprotocol steps, median (S: sender, R: receiver; the same host's monotonic clock)",
         step_table,

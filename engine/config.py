@@ -63,6 +63,11 @@ class EngineConfig:
     # (and CPU ranks whose KV heads are replicated); a transfer then gathers the shipped blocks
     # to rank 0, or scatters the landed ones from it, over the compute group (engine.parallel).
     tensor_parallel_shared_kv: bool = True
+    # For testing on one GPU only: every rank on the same CUDA device, the forward's
+    # collectives over gloo (it copies CUDA tensors through the host) instead of NCCL, which
+    # refuses two ranks on one GPU. Slow; gloo collectives cannot be captured, so it needs
+    # cuda_graphs=False. tests/gpu/test_tensor_parallel_gpu.py runs the sharded Triton path so.
+    tensor_parallel_one_device: bool = False
     # This engine ships or receives KV (a disaggregated pool's worker; cluster.service sets it
     # there). Only private-KV tensor parallelism pays for it: rank 0 keeps a bounded staging
     # region of whole-head blocks beside its own cache (kv_staging_blocks). False:
@@ -110,6 +115,15 @@ class EngineConfig:
         if type(self.tensor_parallel_shared_kv) is not bool:
             raise ValueError(
                 f"tensor_parallel_shared_kv={self.tensor_parallel_shared_kv!r} must be a bool"
+            )
+        if type(self.tensor_parallel_one_device) is not bool:
+            raise ValueError(
+                f"tensor_parallel_one_device={self.tensor_parallel_one_device!r} must be a bool"
+            )
+        if self.tensor_parallel_one_device and self.cuda_graphs:
+            raise ValueError(
+                "tensor_parallel_one_device=True needs cuda_graphs=False (its gloo collectives "
+                "cannot be captured in a CUDA graph)"
             )
         if self.kv_staging_blocks is not None and (
             type(self.kv_staging_blocks) is not int or self.kv_staging_blocks < 1

@@ -72,6 +72,7 @@ class TensorParallelGroup:
         device: torch.device,
         timeout_s: float,
         followers: Followers | None = None,
+        compute_on_gloo: bool = False,
     ) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.timeout_s = timeout_s
@@ -84,7 +85,8 @@ class TensorParallelGroup:
         self.whole_kv_cache: torch.Tensor | None = None
         control_wait = timedelta(seconds=timeout_s) if rank == 0 else _FOLLOWER_WAIT
         self.control = _gloo_group(store, "control", rank, world_size, control_wait)
-        self.compute = _compute_group(store, rank, world_size, device, timeout_s)
+        on_nccl = device.type == "cuda" and not compute_on_gloo
+        self.compute = _compute_group(store, rank, world_size, on_nccl, timeout_s)
 
     # ---- collectives of the forward (compute group) -----------------------------------
 
@@ -414,8 +416,8 @@ def start_ranks(config: EngineConfig, device: torch.device) -> TensorParallelGro
     atexit.register(followers.kill)  # never outlive this process's interpreter
     followers.wait_for(store, "started")  # then their groups connect within the timeout
     try:
-        timeout_s = config.tensor_parallel_timeout_s
-        return TensorParallelGroup(0, world, store, device, timeout_s, followers)
+        timeout_s, on_gloo = config.tensor_parallel_timeout_s, config.tensor_parallel_one_device
+        return TensorParallelGroup(0, world, store, device, timeout_s, followers, on_gloo)
     except RuntimeError as e:
         dead = followers.dead_ranks(_EXIT_WAIT_S)
         followers.kill()
@@ -477,13 +479,15 @@ def follower_main(config: EngineConfig, rank: int, port: int) -> None:
     world = config.tensor_parallel_size
     device = torch.device("cpu")
     if torch.cuda.is_available() and config.device != "cpu":
-        device = torch.device("cuda", rank)  # one GPU per rank
+        # one GPU per rank; all on rank 0's first GPU with tensor_parallel_one_device (tests)
+        device = torch.device("cuda", 0 if config.tensor_parallel_one_device else rank)
         torch.cuda.set_device(device)
     else:  # CPU ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     store = dist.TCPStore(HOST, port, world, False, timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
     store.set(f"started/{rank}", "1")
-    group = TensorParallelGroup(rank, world, store, device, config.tensor_parallel_timeout_s)
+    timeout_s, on_gloo = config.tensor_parallel_timeout_s, config.tensor_parallel_one_device
+    group = TensorParallelGroup(rank, world, store, device, timeout_s, compute_on_gloo=on_gloo)
     engine = Engine(config, tp_group=group)
     while (received := group.receive_plan()) is not None:
         kind, payload = received
@@ -605,10 +609,10 @@ def _gloo_group(
 
 
 def _compute_group(
-    store: dist.Store, rank: int, world_size: int, device: torch.device, timeout_s: float
+    store: dist.Store, rank: int, world_size: int, on_nccl: bool, timeout_s: float
 ) -> Backend:
     timeout = timedelta(seconds=timeout_s)
-    if device.type != "cuda":
+    if not on_nccl:
         return _gloo_group(store, "compute", rank, world_size, timeout)
     from torch.distributed import ProcessGroupNCCL
 

@@ -3,8 +3,9 @@
 # step leaves for the steps after it, default 10) before sourcing.
 start=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - start))); }
-step() {  # step LIMIT_S CMD...: runs with min(LIMIT_S, what is left - STEP_MARGIN_S)
+step() {  # step LIMIT_S CMD...: runs with min(LIMIT_S, what is left - STEP_MARGIN_S); its rc
   local limit=$1; shift; local l; l=$(($(left) - ${STEP_MARGIN_S:-10})); ((l < limit)) && limit=$l
-  if ((limit < 20)); then echo "SKIPPED (no time): $*"; return 1; fi
-  echo "== $(date +%T) [$limit s] $*"; timeout "$limit" "$@"; echo "== rc=$? after $(($(date +%s) - start)) s"
+  if ((limit < 20)); then echo "SKIPPED (no time): $*"; return 125; fi
+  echo "== $(date +%T) [$limit s] $*"; timeout "$limit" "$@"; local rc=$?
+  echo "== rc=$rc after $(($(date +%s) - start)) s"; return $rc
 }

@@ -14,6 +14,7 @@ import torch
 
 from contracts.errors import InvalidRequest, RankFailed, TensorParallelShapeError
 from contracts.outputs import TokenLogprobs
+from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.model_config import NAMED_SHAPES, ModelConfig
 from engine.parallel import decode_plan, encode_plan
@@ -114,6 +115,30 @@ def test_plan_round_trip_runs_the_same_step() -> None:
     rebuilt = decode_plan(encode_plan(scheduled))
     expected = engine.runner.execute(scheduled)
     assert torch.equal(engine.runner.execute(rebuilt), expected)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"tensor_parallel_one_device": 1, "cuda_graphs": False}, r"=1 must be a bool"),
+        ({"tensor_parallel_one_device": True}, r"=True needs cuda_graphs=False"),
+    ],
+)
+def test_the_one_device_switch_is_a_bool_and_refuses_cuda_graphs(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=rf"^tensor_parallel_one_device{message}"):
+        EngineConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_followers_get_the_one_device_switch() -> None:
+    """Followers rebuild rank 0's config from JSON: the switch (same GPU, gloo) reaches them."""
+    from engine.parallel import _config_from_json, _config_json
+
+    config = EngineConfig(
+        tensor_parallel_size=2, tensor_parallel_one_device=True, cuda_graphs=False
+    )
+    assert _config_from_json(_config_json(config)) == config
 
 
 def test_a_single_rank_engine_creates_no_process_group() -> None:
