@@ -10,7 +10,8 @@ steps are not timed. Each phase is timed around the engine's own calls (the same
 Engine.step makes, in its order), the median over the timed steps; the stub's time and the
 argmax over the vocabulary (the GPU's part: the stub times one alike) are left out.
 
-    python -m bench.engine_host [--batch 64] [--new-tokens 96] [--repeats 3]
+    python -m bench.engine_host [--variants sync,overlap] [--batch 64] [--new-tokens 96]
+    PYTHONPATH=<older checkout>:. python bench/engine_host.py --variants sync   # its engine
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stop", action="store_true", help="give every request a stop string")
+    parser.add_argument(
+        "--variants", default="sync,overlap", help="sync (overlap_outputs off), overlap"
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile one run to OUT.N.prof")
     parser.add_argument("--out", default="bench/results/engine_host.json")
     return parser.parse_args()
@@ -76,7 +80,7 @@ def build(args: argparse.Namespace, overlap: bool) -> tuple[Engine, StubRunner]:
             device="cpu",
             num_kv_blocks=args.batch * (-(-(args.prompt_len + args.new_tokens) // 16) + 1),
             scheduler=SchedulerConfig(max_num_seqs=args.batch, max_num_batched_tokens=8192),
-            overlap_outputs=overlap,
+            **({"overlap_outputs": True} if overlap else {}),  # type: ignore[arg-type]
         )
     )
     assert engine.tokenizer is not None
@@ -99,12 +103,16 @@ class PhaseTimers:
 
     def __init__(self, engine: Engine, stub: StubRunner) -> None:
         self.seconds: dict[str, float] = collections.defaultdict(float)
-        for name, attr in self.PHASES:
-            setattr(engine, attr, self._timed(name, getattr(engine, attr)))
-        engine.scheduler.schedule = self._timed("schedule", engine.scheduler.schedule)  # type: ignore[method-assign]
-        engine.scheduler.update = self._timed("update", engine.scheduler.update)  # type: ignore[method-assign]
-        engine.sampler = self._timed("sample", engine.sampler)  # type: ignore[assignment]
         self.stub = stub
+        for name, attr in self.PHASES:
+            if hasattr(engine, attr):  # an engine before overlap_outputs has none of them
+                setattr(engine, attr, self._timed(name, getattr(engine, attr)))
+        scheduler = engine.scheduler
+        scheduler.schedule = self._timed("schedule", scheduler.schedule)  # type: ignore[method-assign]
+        scheduler.update = self._timed("update", scheduler.update)  # type: ignore[method-assign]
+        sampler = engine.sampler
+        timed_call = self._timed("sample", sampler.__call__)
+        engine.sampler = _TimedSampler(timed_call, sampler, self)  # type: ignore[assignment]
 
     def _timed(self, name: str, call: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -117,6 +125,18 @@ class PhaseTimers:
                 self.seconds[name] += spent
 
         return timed
+
+
+class _TimedSampler:
+    """The engine's sampler with its calls timed as "sample"."""
+
+    def __init__(self, call: Any, sampler: Any, timers: PhaseTimers) -> None:
+        self._call = call
+        if hasattr(sampler, "greedy"):
+            self.greedy = timers._timed("sample", sampler.greedy)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._call(*args)
 
 
 def run_once(engine: Engine, stub: StubRunner, args: argparse.Namespace, rep: int) -> dict:
@@ -150,8 +170,9 @@ def run_once(engine: Engine, stub: StubRunner, args: argparse.Namespace, rep: in
     result |= {f"{k}_us": 1e6 * statistics.median(v) for k, v in phases.items()}
     # on a GPU the device waits for: the tokens' collection and the next launch (overlap),
     # or everything (synchronous)
-    critical = result["collect_us"] + result["launch_us"]
-    result["critical_us"] = critical if engine.config.overlap_outputs else result["step_us"]
+    overlap = getattr(engine.config, "overlap_outputs", False)
+    critical = result.get("collect_us", 0.0) + result.get("launch_us", 0.0)
+    result["critical_us"] = critical if overlap else result["step_us"]
     return result
 
 
@@ -159,7 +180,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
-    for overlap in (False, True):
+    for name in args.variants.split(","):
+        overlap = name == "overlap"
         engine, stub = build(args, overlap)
         if args.profile:
             import cProfile
@@ -168,7 +190,6 @@ def main() -> None:
                             f"{args.out}.{int(overlap)}.prof")  # fmt: skip
         run_once(engine, stub, args, -1)  # warm-up
         runs = [run_once(engine, stub, args, rep) for rep in range(args.repeats)]
-        name = "overlap" if overlap else "sync"
         results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(name, results[name], flush=True)
     keys = sorted({k for r in results.values() for k in r if k.endswith("_us")})

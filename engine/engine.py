@@ -37,7 +37,7 @@ from engine.loader import describe_model, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.parallel import TensorParallelGroup, encode_plan, start_ranks
-from engine.sampler import LogitBias, Sampler, SampleRow
+from engine.sampler import LogitBias, Sampler, SampleRow, plain_greedy
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.sharding import ShardLayout, check_divisible, shard_layout
@@ -862,7 +862,10 @@ class Engine:
         can wait."""
         scheduled, logits = launched.scheduled, launched.logits
         samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
-        sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
+        if all(plain_greedy(seq.sampling_params) for seq in samplers):
+            sampled = self.sampler.greedy(logits)
+        else:
+            sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
         self.scheduler.observe_step(scheduled.num_tokens, time.perf_counter() - launched.started)
         self.scheduler.update(scheduled, sampled.token_ids)
         pending: list[_Pending] = []
@@ -1038,11 +1041,13 @@ class Engine:
 
 def _prompt_tokens_in(scheduled: SchedulerOutput) -> int:
     """How many of a step's tokens are prompt tokens (prefill chunks, before the step runs)."""
-    return sum(
-        max(0, min(s.seq.num_computed_tokens + s.num_new_tokens, s.seq.num_prompt_tokens)
-            - s.seq.num_computed_tokens)
-        for s in scheduled.scheduled
-    )  # fmt: skip
+    num_tokens = 0
+    for item in scheduled.scheduled:
+        seq = item.seq
+        computed = seq.num_computed_tokens
+        if computed < len(seq.prompt_token_ids):  # a decode step counts none
+            num_tokens += min(computed + item.num_new_tokens, len(seq.prompt_token_ids)) - computed
+    return num_tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,6 +175,8 @@ class Scheduler:
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
         """Allocate, preempting the newest running sequences until it fits; False if `seq`
         itself had to go."""
+        if seq.num_computed_tokens + num_new <= len(seq.block_ids) * self.block_manager.block_size:
+            return True  # its blocks have room (allocate_slots would change nothing)
         while not self.block_manager.allocate_slots(seq, num_new):
             victim = self.running.pop()
             self._preempt(victim)
@@ -213,14 +215,19 @@ class Scheduler:
         """Advance computed counts and append sampled tokens (one per sampling sequence, in
         order). Finishes sequences on EOS, stop ids, max_tokens or the context end. Returns the
         sequences that got a new token."""
-        samplers = [s for s in output.scheduled if s.samples_token]
-        assert len(samplers) == len(sampled_token_ids), "one sampled token per sampling sequence"
+        samplers: list[Sequence] = []
+        block_size = self.block_manager.block_size
         for item in output.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_computed_blocks(item.seq)
-        for item, token_id in zip(samplers, sampled_token_ids, strict=True):
-            item.seq.append_token(token_id)
-        return [s.seq for s in samplers]
+            seq = item.seq
+            if seq.num_computed_tokens + item.num_new_tokens == len(seq.token_ids):
+                samplers.append(seq)  # item.samples_token, before the count advances
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens // block_size > seq.num_registered_blocks:
+                self.block_manager.cache_computed_blocks(seq)  # a block filled up
+        assert len(samplers) == len(sampled_token_ids), "one sampled token per sampling sequence"
+        for seq, token_id in zip(samplers, sampled_token_ids, strict=True):
+            seq.append_token(token_id)
+        return samplers
 
     def finish(self, seq: Sequence, reason: FinishReason | None) -> None:
         """End a sequence (any state) and free its blocks. Idempotent. reason None: it leaves
