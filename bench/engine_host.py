@@ -53,20 +53,25 @@ def parse_args() -> argparse.Namespace:
 
 class StubRunner:
     """Stands in for ModelRunner.execute: logits [num_sampling_seqs, vocab] whose argmax is the
-    next token of `cycle` at the sequence's position (no model, no compute beyond a fill)."""
+    next token of `cycle` at the sequence's position (no model, no compute beyond a fill). One
+    buffer serves every step, as a decode CUDA graph's output buffer does."""
 
-    def __init__(self, cycle: list[int], vocab: int) -> None:
+    def __init__(self, cycle: list[int], vocab: int, max_rows: int) -> None:
         self.cycle = cycle
-        self.vocab = vocab
+        self.buffer = torch.zeros(max_rows, vocab)
+        self.hot: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's one-hot entries
         self.seconds = 0.0
         self.argmax_seconds = 0.0
 
     def execute(self, scheduled: SchedulerOutput) -> torch.Tensor:
         started = time.perf_counter()
         rows = [s.seq for s in scheduled.scheduled if s.samples_token]
-        logits = torch.zeros(len(rows), self.vocab)
+        if self.hot is not None:
+            self.buffer[self.hot] = 0.0
         ids = [self.cycle[seq.num_tokens % len(self.cycle)] for seq in rows]
-        logits[torch.arange(len(rows)), torch.tensor(ids, dtype=torch.long)] = 1.0
+        self.hot = (torch.arange(len(rows)), torch.tensor(ids, dtype=torch.long))
+        self.buffer[self.hot] = 1.0
+        logits = self.buffer[: len(rows)]
         argmax_started = time.perf_counter()  # the sampler's device part, timed alike once
         logits.argmax(dim=-1)
         self.argmax_seconds += time.perf_counter() - argmax_started
@@ -85,7 +90,7 @@ def build(args: argparse.Namespace, overlap: bool) -> tuple[Engine, StubRunner]:
     )
     assert engine.tokenizer is not None
     cycle = engine.tokenizer.encode(TEXT)
-    stub = StubRunner(cycle, engine.model_config.vocab_size)
+    stub = StubRunner(cycle, engine.model_config.vocab_size, args.batch)
     engine.runner.execute = stub.execute  # type: ignore[method-assign]
     engine.timers = PhaseTimers(engine, stub)  # type: ignore[attr-defined]
     return engine, stub
@@ -98,7 +103,7 @@ class PhaseTimers:
     PHASES = (
         ("launch", "_launch"),  # schedule + graph inputs + launch (stub model time excluded)
         ("collect", "_collect"),  # sample, scheduler.update, finish decisions, frees
-        ("outputs", "_output_of"),  # text and RequestOutput (deferred with overlap)
+        ("outputs", "_outputs_of"),  # text and RequestOutputs (deferred with overlap)
     )
 
     def __init__(self, engine: Engine, stub: StubRunner) -> None:

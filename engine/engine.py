@@ -834,7 +834,7 @@ class Engine:
         pending = self._collect(launched)
         if self.config.overlap_outputs and self.tp is None:
             self._in_flight = self._launch(ahead=True)
-        return [self._output_of(item) for item in pending]
+        return self._outputs_of(pending)
 
     def _launch(self, ahead: bool = False) -> _Launched | None:
         """Schedule a step and start it on the device (on the CPU: compute it); None if
@@ -883,10 +883,12 @@ class Engine:
             pending.append(item)
         return pending
 
-    def _output_of(self, item: _Pending) -> RequestOutput:
-        if isinstance(item, RequestOutput):
-            return item
-        return self.outputs.token_output(*item)
+    def _outputs_of(self, pending: list[_Pending]) -> list[RequestOutput]:
+        """The collected step's outputs, made now where _collect left them for later."""
+        token_output = self.outputs.token_output
+        return [
+            item if isinstance(item, RequestOutput) else token_output(*item) for item in pending
+        ]
 
     def _add_waiting(self, seq: Sequence) -> None:
         """Queue `seq`. A step launched ahead that the synchronous engine would have scheduled
