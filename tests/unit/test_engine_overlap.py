@@ -13,7 +13,7 @@ import pytest
 
 from contracts.outputs import FinishReason, RequestOutput
 from contracts.sampling_params import SamplingParams
-from engine.engine import Engine
+from engine.engine import Engine, KeptKV, Prefilled
 from engine.loader.default_model import installed_default_model
 from tests.conftest import make_engine
 
@@ -136,3 +136,38 @@ def test_the_switch_is_validated() -> None:
 
     with pytest.raises(ValueError, match="overlap_outputs=1"):
         EngineConfig(overlap_outputs=1)  # type: ignore[arg-type]
+
+
+def test_prefill_only_keep_kv_and_export_alike(engines: tuple[Engine, Engine]) -> None:
+    """The handoff paths: a prefill_only request's Prefilled, a keep_kv request's kept KV and
+    a request exported mid-stream come out the same from both engines, steps alike."""
+    results = []
+    for engine in engines:
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        engine.add_request("pre", None, params, messages=[user("Hello")], prefill_only=True)
+        engine.add_request("keep", None, params, messages=[user("Name a fruit.")], keep_kv=True)
+        engine.add_request("move", None, SamplingParams(max_tokens=30), messages=[user("Hi")])
+        handed: list[Prefilled] = []
+        steps = []
+        while engine.has_unfinished_requests():
+            steps.append([normalized(o) for o in engine.step()])
+            handed += engine.take_prefilled()
+            if len(steps) == 4:
+                moved = engine.export_request("move")
+                assert moved is not None
+                handed.append(moved)
+        kept = engine.take_kept_kv("keep")
+        assert isinstance(kept, KeptKV)
+        for owner in [kept.owner, *(p.kv.owner for p in handed)]:
+            engine.block_manager.release(owner)
+        engine.check_integrity()
+        assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+        summary = [(p.request_id, p.first_token_id, p.kv.num_tokens, p.usage) for p in handed]
+        results.append((steps, summary, kept.num_tokens))
+    assert [p[0] for p in results[0][1]] == ["pre", "move"]
+    assert dataclasses.replace(results[0][1][0][3], queue_seconds=0) == dataclasses.replace(
+        results[1][1][0][3], queue_seconds=0
+    )
+    strip = [[p[:3] for p in r[1]] for r in results]
+    assert strip[0] == strip[1]
+    assert results[0][0] == results[1][0] and results[0][2] == results[1][2]
