@@ -832,9 +832,16 @@ class Engine:
                 self.transfer_region.wait_for_free(needed, STAGING_WAIT_S)
             return []
         pending = self._collect(launched)
-        if self.config.overlap_outputs and self.tp is None:
+        if self._launches_ahead():
             self._in_flight = self._launch(ahead=True)
         return self._outputs_of(pending)
+
+    def _launches_ahead(self) -> bool:
+        """Whether to launch the next step now (config.overlap_outputs), before this one's
+        outputs: not under tensor parallelism, nor when its schedule could preempt (a step
+        launched ahead may be discarded and scheduled again, by an abort say, which frees
+        blocks first: a preemption could not be undone)."""
+        return self.config.overlap_outputs and self.tp is None and not self.scheduler.may_preempt()
 
     def _launch(self, ahead: bool = False) -> _Launched | None:
         """Schedule a step and start it on the device (on the CPU: compute it); None if
@@ -858,7 +865,7 @@ class Engine:
     def _collect(self, launched: _Launched) -> list[_Pending]:
         """Sample a launched step's tokens (waiting for the device), advance its sequences and
         decide every finish, freeing what finished, as the synchronous step does in the same
-        order. Returns what becomes the step's outputs (_output_of), text not made yet where it
+        order. Returns what becomes the step's outputs (_outputs_of), text not made yet where it
         can wait."""
         scheduled, logits = launched.scheduled, launched.logits
         samplers = [s.seq for s in scheduled.scheduled if s.samples_token]

@@ -150,6 +150,18 @@ class Scheduler:
             return budget
         return min(budget, max(fits, num_decodes + MIN_CHUNK_TOKENS))
 
+    def may_preempt(self) -> bool:
+        """Whether the next schedule() could preempt: the running sequences' uncomputed tokens
+        need more fresh blocks than are free (an upper bound: a step may take fewer)."""
+        num_free = self.block_manager.num_free_blocks
+        block_size = self.block_manager.block_size
+        num_needed = 0
+        for seq in self.running:
+            num_needed += max(0, -(-len(seq.token_ids) // block_size) - len(seq.block_ids))
+            if num_needed > num_free:
+                return True
+        return False
+
     def schedule(self) -> SchedulerOutput:
         budget = self.step_budget()
         scheduled: list[ScheduledSequence] = []

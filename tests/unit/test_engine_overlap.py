@@ -171,3 +171,21 @@ def test_prefill_only_keep_kv_and_export_alike(engines: tuple[Engine, Engine]) -
     strip = [[p[:3] for p in r[1]] for r in results]
     assert strip[0] == strip[1]
     assert results[0][0] == results[1][0] and results[0][2] == results[1][2]
+
+
+def test_an_abort_that_spares_a_preemption(engines: tuple[Engine, Engine]) -> None:
+    """Without aborts this batch preempts at step 10 (the first test). Aborting a request
+    after step 9 frees blocks first, so the synchronous engine's step 10 preempts nothing. A
+    step that could preempt is never launched ahead (a discarded step could not undo its
+    preemption), so the overlapped engine's steps are the same."""
+
+    def action(engine: Engine, step: int) -> None:
+        if step == 9:
+            assert engine.abort_request("math") is not None
+
+    sync, overlapped = engines
+    names = [name for name, _ in CHAT]
+    preempted_before = [e.scheduler.num_preemptions for e in engines]
+    expected = run(sync, names, action)
+    assert run(overlapped, names, action) == expected
+    assert [e.scheduler.num_preemptions for e in engines] == preempted_before
