@@ -48,7 +48,9 @@ Action = Callable[[Engine, int], None]
 
 def run(engine: Engine, names: list[str], action: Action | None = None) -> list[list]:
     """Step the engine to the end; every step's outputs, in order (queue times zeroed: they
-    are wall-clock). `action(engine, step)` runs after each step (aborts, late requests)."""
+    are wall-clock). `action(engine, step)` runs after each step (aborts, late requests).
+    Starts from an empty prefix cache: every run schedules alike, whichever ran before."""
+    engine.block_manager.reset_prefix_cache()
     for name, text in CHAT:
         if name in names:
             engine.add_request(name, None, params_of(name), messages=[user(text)])
