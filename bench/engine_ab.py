@@ -5,14 +5,17 @@ variant's switches are set and the decode CUDA graphs captured again, then decod
 timed at each batch size (bench.engine_gpu's `tandem_decode`). Interleaving the variants on the
 same engine keeps clock and memory drift out of the comparison. Variants: `base` (defaults),
 `pinned` (engine.cuda_graph.PINNED_INPUTS), `gemv` (the Triton GEMV for one-row projections),
-`pdl` (the GEMV with programmatic dependent launch), or several joined by `+`.
+`pdl` (the GEMV with programmatic dependent launch), `overlap` (EngineConfig.overlap_outputs:
+the next step launched before this one's outputs are made), or several joined by `+`.
 
     python -m bench.engine_ab [--variants base,pinned] [--batch-sizes 1,64] [--rounds 2]
+    python -m bench.engine_ab --variants pinned,pinned+overlap --batch-sizes 1,64
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from typing import Any
 
@@ -24,7 +27,7 @@ from bench.common import machine_info, markdown_table, write_json
 from bench.engine_gpu import dummy_engine, random_prompts, tandem_decode
 from engine.engine import Engine
 
-SWITCHES = ("pinned", "gemv", "pdl")
+SWITCHES = ("pinned", "gemv", "pdl", "overlap")
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,6 +56,8 @@ def apply(engine: Engine, variant: str, max_batch: int) -> None:
     cuda_graph.PINNED_INPUTS = "pinned" in on
     gemv_module.USE_PDL = "pdl" in on
     engine.model.use_triton_gemv("gemv" in on or "pdl" in on)
+    # the engine reads the switch at every step (an idle engine: nothing is in flight)
+    engine.config = dataclasses.replace(engine.config, overlap_outputs="overlap" in on)
     engine.runner.capture_cuda_graphs(max_batch, engine.max_model_len)
 
 

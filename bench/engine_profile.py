@@ -3,9 +3,9 @@
 weights): host phases per step and GPU kernel time by family (torch.profiler), for one engine
 per `--variants` entry side by side. A variant is `default` (the engine's defaults) or
 `default` followed by switches: `+gemv` (the Triton GEMV for one-row projections), `+pdl`,
-`+dense`, `-pinned`; `main` is an older checkout's engine, run with that checkout first on
-PYTHONPATH. (`new` and `new-nogemv`, the names of the first runs, mean `default+gemv` and
-`default`.) Details: docs/benchmarks.md.
+`+dense`, `-pinned`, `+overlap` (EngineConfig.overlap_outputs); `main` is an older
+checkout's engine, run with that checkout first on PYTHONPATH. (`new` and `new-nogemv`, the
+names of the first runs, mean `default+gemv` and `default`.) Details: docs/benchmarks.md.
 
     python -m bench.engine_profile [--variants default,default+gemv] [--decode-batches 1,64]
         [--trace-dir DIR] [--out F]
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gc
 import json
 import random
@@ -88,6 +89,8 @@ class StepTimer:
         self.phases: dict[str, list[float]] = collections.defaultdict(list)
 
     def step(self, engine: Engine) -> list:
+        if hasattr(engine, "_collect"):
+            return self._phased_step(engine)
         t0 = time.perf_counter()
         scheduled = engine.scheduler.schedule()
         t1 = time.perf_counter()
@@ -109,6 +112,32 @@ class StepTimer:
         kind = "prefill" if any(s.num_new_tokens > 1 for s in scheduled.scheduled) else "decode"
         for name, value in (("schedule", t1 - t0), ("execute", t2 - t1), ("sample+wait", t3 - t2),
                             ("update+outputs", t4 - t3), ("total", t4 - t0)):  # fmt: skip
+            self.phases[f"{kind}/{name}"].append(value)
+        return outputs
+
+    def _phased_step(self, engine: Engine) -> list:
+        """Engine.step of an engine with overlap_outputs (same calls, same order): launch
+        (schedule and execute; with overlap, of the next step, after the collection),
+        collect+wait (sampler with its wait for the GPU, update, finishes), outputs (text)."""
+        t0 = time.perf_counter()
+        launched, engine._in_flight = engine._in_flight or engine._launch(), None
+        t1 = time.perf_counter()
+        if launched is None:
+            return []
+        kind = (
+            "prefill"
+            if any(s.num_new_tokens > 1 for s in launched.scheduled.scheduled)
+            else "decode"
+        )
+        pending = engine._collect(launched)
+        t2 = time.perf_counter()
+        if engine.config.overlap_outputs:
+            engine._in_flight = engine._launch(ahead=True)
+        t3 = time.perf_counter()
+        outputs = engine._outputs_of(pending)
+        t4 = time.perf_counter()
+        for name, value in (("launch", t1 - t0 + t3 - t2), ("collect+wait", t2 - t1),
+                            ("outputs", t4 - t3), ("total", t4 - t0)):  # fmt: skip
             self.phases[f"{kind}/{name}"].append(value)
         return outputs
 
@@ -225,6 +254,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, **extra,
     )  # fmt: skip
+    if "+overlap" in name:  # read at every step
+        engine.config = dataclasses.replace(engine.config, overlap_outputs=True)
     trace = args.trace_dir
     result: dict[str, Any] = {}
     for batch in (int(b) for b in args.decode_batches.split(",")):

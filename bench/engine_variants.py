@@ -11,8 +11,10 @@ A variant is a base, `bf16` (bf16 weights and KV), `w8` (FP8 W8A8 projections, b
               +gemv)
     +dense    engine.triton_attention.DENSE_FRESH_PREFILL: steps whose prefill chunks all start
               their sequence attend through torch's fused SDPA
+    +overlap  EngineConfig.overlap_outputs: each step launched before the previous one's text
+              and outputs are made
 
-e.g. `w8+gemv+fusedq+pdl`. The last two are module switches: `apply_switches` sets them for
+e.g. `w8+gemv+fusedq+pdl`. `+pdl` and `+dense` are module switches: `apply_switches` sets them for
 the engine built next (graphs capture them), so build and measure one variant at a time.
 """
 
@@ -25,7 +27,7 @@ BASES: dict[str, tuple[str | None, str]] = {
     "w8": ("fp8", "auto"),
     "w8kv8": ("fp8", "fp8"),
 }
-SWITCHES = ("gemv", "fusedq", "pdl", "dense")
+SWITCHES = ("gemv", "fusedq", "pdl", "dense", "overlap")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Variant:
     fused_fp8_quant: bool = False
     pdl: bool = False
     dense_prefill: bool = False
+    overlap_outputs: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -45,6 +48,7 @@ class Variant:
             "kv_cache_dtype": self.kv_cache_dtype,
             "triton_gemv": self.triton_gemv,
             "fused_fp8_quant": self.fused_fp8_quant,
+            "overlap_outputs": self.overlap_outputs,
         }
 
 
@@ -75,6 +79,7 @@ def parse_variant(name: str) -> Variant:
         fused_fp8_quant="fusedq" in switches,
         pdl="pdl" in switches,
         dense_prefill="dense" in switches,
+        overlap_outputs="overlap" in switches,
     )
 
 

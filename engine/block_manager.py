@@ -139,16 +139,23 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
+        start = seq.num_registered_blocks
+        if num_full <= start:
+            return  # nothing new since the last call (most decode steps)
         hashes = seq.full_block_hashes(self.block_size)
         added: list[BlockHash] = []
-        for block_id, block_hash in zip(seq.block_ids[:num_full], hashes[:num_full], strict=True):
-            if self.block_hashes[block_id] is not None:
-                continue
-            if block_hash in self.hash_to_block:
-                continue  # computed twice concurrently: keep the first, this one stays private
-            self.block_hashes[block_id] = block_hash
-            self.hash_to_block[block_hash] = block_id
-            added.append(block_hash)
+        leading = True  # every block before this one is registered
+        for index in range(start, num_full):
+            block_id, block_hash = seq.block_ids[index], hashes[index]
+            if self.block_hashes[block_id] is None and block_hash not in self.hash_to_block:
+                self.block_hashes[block_id] = block_hash
+                self.hash_to_block[block_hash] = block_id
+                added.append(block_hash)
+            # else: registered already, or computed twice concurrently (the first one stays
+            # cached, this one private: checked again next time, it may take over)
+            leading = leading and self.block_hashes[block_id] is not None
+            if leading:
+                seq.num_registered_blocks = index + 1
         if added and self.cache_listener is not None:
             self.cache_listener(added, [])
 
@@ -159,6 +166,7 @@ class BlockManager:
             self._drop(block_id)
         seq.block_ids = []
         seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
 
     @_locked
     def reset_prefix_cache(self) -> None:
@@ -303,6 +311,7 @@ class BlockManager:
             del self.holds[prefix_owner]
         seq.block_ids = ids
         seq.num_computed_tokens = num_computed_tokens
+        seq.num_registered_blocks = 0
 
     def _check_new_owner(self, owner: str) -> None:
         if not isinstance(owner, str) or not owner:

@@ -84,6 +84,15 @@ class EngineConfig:
     # Steps that decode stay under this (prefill chunks sized by the measured step time,
     # engine.scheduler); sets the scheduler's target_step_s. None: the fixed token budget.
     target_itl_s: float | None = None
+    # Launch each step before turning the previous one's tokens into text and outputs
+    # (Engine.step, docs/architecture.md): the host's detokenization, stop-string holds and
+    # RequestOutputs run while the GPU computes the next step. Every finish decision is still
+    # made before the next step is scheduled. A change between two step() calls that would
+    # alter the step already running (an abort, an export, attach_kv, a request that could
+    # join) discards it and schedules again, so outputs stay step for step the same; each
+    # discard wastes that step's device work. Rank 0 of a tensor-parallel engine, and a step
+    # whose schedule could preempt, step synchronously either way.
+    overlap_outputs: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -131,6 +140,8 @@ class EngineConfig:
             raise ValueError(f"kv_staging_blocks={self.kv_staging_blocks!r} must be an int >= 1")
         if type(self.kv_transfer) is not bool:
             raise ValueError(f"kv_transfer={self.kv_transfer!r} must be a bool")
+        if type(self.overlap_outputs) is not bool:
+            raise ValueError(f"overlap_outputs={self.overlap_outputs!r} must be a bool")
         if self.target_itl_s is not None and not self.target_itl_s > 0:
             raise ValueError(f"target_itl_s={self.target_itl_s!r} must be > 0 seconds or None")
         if not 0.0 < self.kv_cache_memory_fraction < 1.0:

@@ -134,15 +134,19 @@ class DecodeGraphs:
 
     def _run_pinned(self, decodes: list[ScheduledSequence], n: int, batch: int) -> torch.Tensor:
         size = self.block_size
-        ids, positions, slots, lens = [], [], [], []
+        ids, positions, slots = [], [], []
+        host_rows = self.host_rows
         self.copied.synchronize()  # the last step's copies have left the pinned buffers
         for row, item in enumerate(decodes):
-            seq, position = item.seq, item.seq.num_computed_tokens
+            seq = item.seq
+            position, block_ids = seq.num_computed_tokens, seq.block_ids
             ids.append(seq.token_ids[position])
             positions.append(position)
-            slots.append(seq.block_ids[position // size] * size + position % size)
-            lens.append(position + 1)
-            self._update_table_row(row, seq.block_ids)
+            slots.append(block_ids[position // size] * size + position % size)
+            written_list, num_written = host_rows[row]
+            if written_list is not block_ids or num_written != len(block_ids):
+                self._update_table_row(row, block_ids)  # else: unchanged since the last step
+        lens = [position + 1 for position in positions]
         pad = batch - n
         vectors = self.host_vectors_np
         vectors[:, :n] = (ids, positions, slots, lens)

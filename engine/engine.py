@@ -37,7 +37,7 @@ from engine.loader import describe_model, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.parallel import TensorParallelGroup, encode_plan, start_ranks
-from engine.sampler import LogitBias, Sampler, SampleRow
+from engine.sampler import LogitBias, Sampler, SampleRow, plain_greedy
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.sharding import ShardLayout, check_divisible, shard_layout
@@ -175,6 +175,10 @@ class Engine:
         self._prefix_holds: dict[str, str] = {}
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model, ever
         self.num_kv_staging_waits = 0  # kept KV that had to wait for staging blocks, ever
+        # the step launched ahead (config.overlap_outputs), collected by the next step()
+        self._in_flight: _Launched | None = None
+        self.num_discarded_steps = 0  # steps launched ahead, then scheduled again, ever
+        self._launched_event = torch.cuda.Event() if self.device.type == "cuda" else None
         self._generate_ids = itertools.count()
         self._kept_numbers = itertools.count()  # kept-KV owners are unique per keep
         logger.info(
@@ -387,7 +391,7 @@ class Engine:
             self._keep_kv.add(request_id)
         if prefill_only:
             self._prefill_only.add(request_id)
-        self.scheduler.add(seq)
+        self._add_waiting(seq)
         return token_ids
 
     def add_transferred_request(
@@ -471,7 +475,7 @@ class Engine:
         if kv_owner is None:
             self._release_prefix(request_id)
             seq.status = SequenceStatus.WAITING
-            self.scheduler.add(seq)
+            self._add_waiting(seq)
             return
         # every token but the first one sampled elsewhere: the prompt (and resumed tokens)
         computed = seq.num_tokens - 1
@@ -492,6 +496,7 @@ class Engine:
         )
         self._prefix_holds.pop(request_id, None)
         self.block_manager.cache_computed_blocks(seq)
+        self._discard_launched()  # the synchronous engine's next step would decode it
         self.scheduler.add_running(seq)
 
     def _unstage_landed(self, request_id: str, kv_owner: str) -> None:
@@ -681,6 +686,8 @@ class Engine:
         for staging blocks, too). Returns its closing output (finish reason ABORT), also for a
         prefill_only request whose result waited for staging blocks (its caller still waits
         for it); None if it is unknown or already finished."""
+        if request_id in self._sequences:
+            self._discard_launched(wait=True)
         dropped = self._drop_kept(request_id)
         seq = self._sequences.pop(request_id, None)
         if seq is None:
@@ -712,6 +719,7 @@ class Engine:
             or seq.num_output_tokens < 1
         ):
             return None
+        self._discard_launched(wait=True)
         usage = seq.usage()
         kept = self._pin_kv(seq)
         assert kept is not None, f"{seq} is running without computed KV"
@@ -800,42 +808,121 @@ class Engine:
         self.num_kv_staging_waits += 1
 
     def has_unfinished_requests(self) -> bool:
-        """Whether a step has work: sequences, or kept KV waiting for staging blocks."""
-        return self.scheduler.num_unfinished > 0 or bool(self._unstaged)
+        """Whether a step has work: sequences, kept KV waiting for staging blocks, or a
+        launched step to collect (config.overlap_outputs)."""
+        return (
+            self.scheduler.num_unfinished > 0 or bool(self._unstaged) or self._in_flight is not None
+        )
 
     # ---- the step loop -----------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns an output for every request that got a token."""
+        """Run one engine step; returns an output for every request that got a token.
+
+        With config.overlap_outputs (and no tensor parallelism), the step after this one is
+        scheduled and launched once this one's tokens are known and every finish decided, and
+        this one's text and outputs are made while it runs; the next call collects it."""
         if self._unstaged:
             self._stage_waiting()
-        scheduled = self.scheduler.schedule()
-        if not scheduled.scheduled:
+        launched, self._in_flight = self._in_flight or self._launch(), None
+        if launched is None:
             if self._unstaged:  # nothing to run: wait a little for a transfer to free staging
                 assert self.transfer_region is not None
                 needed = len(self._unstaged[0].kept.block_ids)
                 self.transfer_region.wait_for_free(needed, STAGING_WAIT_S)
             return []
+        pending = self._collect(launched)
+        if self._launches_ahead():
+            self._in_flight = self._launch(ahead=True)
+        return self._outputs_of(pending)
+
+    def _launches_ahead(self) -> bool:
+        """Whether to launch the next step now (config.overlap_outputs), before this one's
+        outputs: not under tensor parallelism, nor when its schedule could preempt (a step
+        launched ahead may be discarded and scheduled again, by an abort say, which frees
+        blocks first: a preemption could not be undone)."""
+        return self.config.overlap_outputs and self.tp is None and not self.scheduler.may_preempt()
+
+    def _launch(self, ahead: bool = False) -> _Launched | None:
+        """Schedule a step and start it on the device (on the CPU: compute it); None if
+        nothing is scheduled. ahead: launched before the last step's outputs are made (on
+        CUDA an event marks its end, for _discard_launched)."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            return None
         started = time.perf_counter()
         if self.tp is None:
             logits = self.runner.execute(scheduled)
         else:
             logits = self._execute_on_all_ranks(scheduled)
-        self.num_prompt_tokens_computed += _prompt_tokens_in(scheduled)
+        num_prompt_tokens = _prompt_tokens_in(scheduled)
+        self.num_prompt_tokens_computed += num_prompt_tokens
+        done = self._launched_event if ahead else None
+        if done is not None:
+            done.record()
+        return _Launched(scheduled, logits, started, num_prompt_tokens, done)
+
+    def _collect(self, launched: _Launched) -> list[_Pending]:
+        """Sample a launched step's tokens (waiting for the device), advance its sequences and
+        decide every finish, freeing what finished, as the synchronous step does in the same
+        order. Returns what becomes the step's outputs (_outputs_of), text not made yet where it
+        can wait."""
+        scheduled, logits = launched.scheduled, launched.logits
         samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
-        sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
-        self.scheduler.observe_step(scheduled.num_tokens, time.perf_counter() - started)
+        if all(plain_greedy(seq.sampling_params) for seq in samplers):
+            sampled = self.sampler.greedy(logits)
+        else:
+            sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
+        self.scheduler.observe_step(scheduled.num_tokens, time.perf_counter() - launched.started)
         self.scheduler.update(scheduled, sampled.token_ids)
-        outputs = []
+        pending: list[_Pending] = []
+        defer = self.config.overlap_outputs
         for seq, logprobs in zip(samplers, sampled.logprobs, strict=True):
             if seq.request_id in self._prefill_only:
                 self._prefill_done(seq, logprobs)
                 continue
-            output = self.outputs.process_token(seq, logprobs)
-            if output.finished:
+            if defer and not self.outputs.needs_text_to_finish(seq):
+                item: _Pending = (seq, logprobs, self.outputs.finish_by_token(seq))
+            else:
+                item = self.outputs.process_token(seq, logprobs)
+            if seq.finish_reason is not None:
                 self._release(seq)
-            outputs.append(output)
-        return outputs
+            pending.append(item)
+        return pending
+
+    def _outputs_of(self, pending: list[_Pending]) -> list[RequestOutput]:
+        """The collected step's outputs, made now where _collect left them for later."""
+        token_output = self.outputs.token_output
+        return [
+            item if isinstance(item, RequestOutput) else token_output(*item) for item in pending
+        ]
+
+    def _add_waiting(self, seq: Sequence) -> None:
+        """Queue `seq`. A step launched ahead that the synchronous engine would have scheduled
+        with it (it could join now: nothing waits before it, the running batch has room) is
+        discarded: the next step() schedules again, with it."""
+        launched = self._in_flight
+        if (
+            launched is not None
+            and not self.scheduler.waiting
+            and len(self.scheduler.running) < self.scheduler.config.max_num_seqs
+            and launched.scheduled.num_tokens < self.scheduler.config.max_num_batched_tokens
+        ):
+            self._discard_launched()
+        self.scheduler.add(seq)
+
+    def _discard_launched(self, wait: bool = False) -> None:
+        """Drop the step launched ahead (its results are never read; the next step() schedules
+        again from the same state: nothing of it was applied but its sequences' blocks, which
+        they keep). wait: first let the device finish it, before blocks of its sequences are
+        freed (their KV writes must land before anyone else gets them)."""
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            return
+        if wait and launched.done is not None:
+            launched.done.synchronize()
+        self.num_prompt_tokens_computed -= launched.num_prompt_tokens
+        self.num_discarded_steps += 1
 
     def _execute_on_all_ranks(self, scheduled: SchedulerOutput) -> torch.Tensor:
         """Rank 0 under TP: send the step's plan to the other ranks, run its own shard with
@@ -963,11 +1050,30 @@ class Engine:
 
 def _prompt_tokens_in(scheduled: SchedulerOutput) -> int:
     """How many of a step's tokens are prompt tokens (prefill chunks, before the step runs)."""
-    return sum(
-        max(0, min(s.seq.num_computed_tokens + s.num_new_tokens, s.seq.num_prompt_tokens)
-            - s.seq.num_computed_tokens)
-        for s in scheduled.scheduled
-    )  # fmt: skip
+    num_tokens = 0
+    for item in scheduled.scheduled:
+        seq = item.seq
+        computed = seq.num_computed_tokens
+        if computed < len(seq.prompt_token_ids):  # a decode step counts none
+            num_tokens += min(computed + item.num_new_tokens, len(seq.prompt_token_ids)) - computed
+    return num_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class _Launched:
+    """A step started on the device and not collected yet: its plan, its logits (for a CUDA
+    graph, the graph's output buffer: valid until the next replay), when it started, and
+    (CUDA, launched ahead) an event recorded after it."""
+
+    scheduled: SchedulerOutput
+    logits: torch.Tensor  # [num_sampling_seqs, vocab] fp32
+    started: float  # time.perf_counter()
+    num_prompt_tokens: int
+    done: torch.cuda.Event | None
+
+
+# A collected step's output: made already, or (sequence, logprobs, token finish) to make
+_Pending = RequestOutput | tuple[Sequence, TokenLogprobs | None, FinishReason | None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,13 +72,19 @@ class ModelRunner:
         """Run one step; returns logits [num_sampling_seqs, vocab] fp32, in the order the
         sampling sequences appear in `output.scheduled`. From a decode CUDA graph they are
         the graph's output buffer: valid until the next step overwrites it (copy to keep)."""
-        decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
-        batch = decodes + prefills
-        rank = {id(s): n for n, s in enumerate(output.scheduled)}
-        sampling_rows = sorted(
-            (i for i, s in enumerate(batch) if s.samples_token), key=lambda i: rank[id(batch[i])]
-        )
+        scheduled = output.scheduled
+        if all(s.num_new_tokens == 1 for s in scheduled):  # decodes only: rows in plan order
+            decodes, prefills, batch = scheduled, [], scheduled
+            sampling_rows = [i for i, s in enumerate(batch) if s.samples_token]
+        else:
+            decodes = [s for s in scheduled if s.num_new_tokens == 1]
+            prefills = [s for s in scheduled if s.num_new_tokens > 1]
+            batch = decodes + prefills
+            rank = {id(s): n for n, s in enumerate(scheduled)}
+            sampling_rows = sorted(
+                (i for i, s in enumerate(batch) if s.samples_token),
+                key=lambda i: rank[id(batch[i])],
+            )
         if not prefills and self.graphs is not None and self.graphs.can_run(decodes):
             logits = self.graphs.run(decodes)  # fp32 already (compute_logits)
             if sampling_rows == list(range(len(decodes))):  # the usual case: no gather

@@ -47,8 +47,27 @@ class OutputProcessor:
     def process_token(self, seq: Sequence, logprobs: TokenLogprobs | None) -> RequestOutput:
         """Account for the token just appended to `seq`; sets `seq.finish_reason` if done
         (the caller frees the sequence)."""
+        return self.token_output(seq, logprobs, self._token_finish_reason(seq, seq.token_ids[-1]))
+
+    def needs_text_to_finish(self, seq: Sequence) -> bool:
+        """Whether only the text can tell if `seq` finished (it has stop strings)."""
+        return seq.request_id in self._text and bool(seq.sampling_params.stop)
+
+    def finish_by_token(self, seq: Sequence) -> FinishReason | None:
+        """The finish the token just appended to `seq` decides without its text (EOS, stop
+        ids, max_tokens, the context end), set as `seq.finish_reason`; for a sequence whose
+        needs_text_to_finish is False that is its whole finish decision. Its output comes from
+        token_output(seq, logprobs, reason) later, before anything else is appended."""
+        reason = self._token_finish_reason(seq, seq.token_ids[-1])
+        seq.finish_reason = seq.finish_reason or reason
+        return reason
+
+    def token_output(
+        self, seq: Sequence, logprobs: TokenLogprobs | None, reason: FinishReason | None
+    ) -> RequestOutput:
+        """The output of the token just appended to `seq`, whose token finish is `reason`
+        (finish_by_token's): its text delta, and a stop string's finish if one appears."""
         token_id = seq.token_ids[-1]
-        reason = self._token_finish_reason(seq, token_id)
         is_stop_token = reason is FinishReason.STOP
         delta = self._text_delta(seq, [] if is_stop_token else [token_id], reason is not None)
         reason = seq.finish_reason or reason

@@ -89,6 +89,11 @@ class Sampler:
         ids = token_ids.tolist()
         return SamplerOutput(ids, _logprobs(raw_logits, rows, ids))
 
+    def greedy(self, logits: torch.Tensor) -> SamplerOutput:
+        """What __call__ returns for rows that are all plain_greedy: the argmax of each."""
+        ids = logits.argmax(dim=-1).tolist()
+        return SamplerOutput(ids, [None] * len(ids))
+
     def _draw(self, logits: torch.Tensor, row: SampleRow) -> int:
         probs = warp_probs(logits, row.params)
         generator = self.generator
@@ -97,6 +102,16 @@ class Sampler:
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs).exponential_(generator=generator)
         return int((probs / noise).argmax())
+
+
+def plain_greedy(params: SamplingParams) -> bool:
+    """Greedy with nothing else to apply or report (no bias, penalties, logprobs)."""
+    return (
+        params.temperature == 0.0
+        and not params.logit_bias
+        and not params.has_penalties
+        and params.logprobs is None
+    )
 
 
 def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -150,6 +150,18 @@ class Scheduler:
             return budget
         return min(budget, max(fits, num_decodes + MIN_CHUNK_TOKENS))
 
+    def may_preempt(self) -> bool:
+        """Whether the next schedule() could preempt: the running sequences' uncomputed tokens
+        need more fresh blocks than are free (an upper bound: a step may take fewer)."""
+        num_free = self.block_manager.num_free_blocks
+        block_size = self.block_manager.block_size
+        num_needed = 0
+        for seq in self.running:
+            num_needed += max(0, -(-len(seq.token_ids) // block_size) - len(seq.block_ids))
+            if num_needed > num_free:
+                return True
+        return False
+
     def schedule(self) -> SchedulerOutput:
         budget = self.step_budget()
         scheduled: list[ScheduledSequence] = []
@@ -175,6 +187,8 @@ class Scheduler:
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
         """Allocate, preempting the newest running sequences until it fits; False if `seq`
         itself had to go."""
+        if seq.num_computed_tokens + num_new <= len(seq.block_ids) * self.block_manager.block_size:
+            return True  # its blocks have room (allocate_slots would change nothing)
         while not self.block_manager.allocate_slots(seq, num_new):
             victim = self.running.pop()
             self._preempt(victim)
@@ -213,14 +227,19 @@ class Scheduler:
         """Advance computed counts and append sampled tokens (one per sampling sequence, in
         order). Finishes sequences on EOS, stop ids, max_tokens or the context end. Returns the
         sequences that got a new token."""
-        samplers = [s for s in output.scheduled if s.samples_token]
-        assert len(samplers) == len(sampled_token_ids), "one sampled token per sampling sequence"
+        samplers: list[Sequence] = []
+        block_size = self.block_manager.block_size
         for item in output.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_computed_blocks(item.seq)
-        for item, token_id in zip(samplers, sampled_token_ids, strict=True):
-            item.seq.append_token(token_id)
-        return [s.seq for s in samplers]
+            seq = item.seq
+            if seq.num_computed_tokens + item.num_new_tokens == len(seq.token_ids):
+                samplers.append(seq)  # item.samples_token, before the count advances
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens // block_size > seq.num_registered_blocks:
+                self.block_manager.cache_computed_blocks(seq)  # a block filled up
+        assert len(samplers) == len(sampled_token_ids), "one sampled token per sampling sequence"
+        for seq, token_id in zip(samplers, sampled_token_ids, strict=True):
+            seq.append_token(token_id)
+        return samplers
 
     def finish(self, seq: Sequence, reason: FinishReason | None) -> None:
         """End a sequence (any state) and free its blocks. Idempotent. reason None: it leaves

@@ -47,6 +47,9 @@ class Sequence:
         self.queue_seconds = 0.0  # arrival to the first schedule, set then
         self.num_preemptions = 0
         self.block_ids: list[int] = []
+        # leading blocks of block_ids known to be in the prefix cache (hashed while this
+        # sequence holds them, so they stay): BlockManager.cache_computed_blocks skips them
+        self.num_registered_blocks = 0
         self._root_hash = root_hash
         self.block_hashes: list[BlockHash] = []
 

@@ -14,8 +14,10 @@ def test_names_map_to_engine_options() -> None:
         "kv_cache_dtype": "auto",
         "triton_gemv": True,
         "fused_fp8_quant": True,
+        "overlap_outputs": False,
     }
     assert variant.pdl and not variant.dense_prefill
+    assert parse_variant("bf16+overlap").engine_options()["overlap_outputs"] is True
     bf16 = parse_variant("bf16+dense")
     assert bf16.quantization is None and bf16.dense_prefill and not bf16.triton_gemv
     assert parse_variant("w8kv8").kv_cache_dtype == "fp8"

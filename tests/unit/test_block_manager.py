@@ -485,3 +485,25 @@ def test_cache_events_none_with_prefix_caching_off() -> None:
     bm.free(seq)
     assert bm.allocate_slots(make_seq(prompt_ids(32, 16)), 16)
     assert events.events == []
+
+
+def test_a_private_duplicate_takes_over_once_the_cached_block_is_evicted() -> None:
+    """cache_computed_blocks skips the leading blocks it registered before, never a private
+    duplicate: once the cached copy is evicted, the next call registers the duplicate."""
+    bm = BlockManager(4, BS)
+    tokens = prompt_ids(22, 8)
+    a, b = make_seq(tokens, request_id="a"), make_seq(tokens, request_id="b")
+    assert bm.allocate_slots(a, 8) and bm.allocate_slots(b, 8)
+    a.num_computed_tokens = b.num_computed_tokens = 8
+    bm.cache_computed_blocks(a)
+    bm.cache_computed_blocks(b)  # private: a's blocks hold the hashes
+    assert [bm.hash_to_block[h] for h in a.block_hashes] == a.block_ids
+    bm.free(a)  # cached, free: evicted by the next allocations
+    other = make_seq(prompt_ids(23, 8), request_id="other")
+    assert bm.allocate_slots(other, 8)
+    assert not bm.hash_to_block
+    bm.cache_computed_blocks(b)
+    assert [bm.hash_to_block[h] for h in b.block_hashes] == b.block_ids
+    bm.free(b)
+    bm.free(other)
+    bm.check_integrity([])

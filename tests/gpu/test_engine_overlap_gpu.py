@@ -1,0 +1,76 @@
+"""EngineConfig.overlap_outputs on a GPU with CUDA graphs (pinned decode inputs, the default):
+the overlapped engine's outputs equal the synchronous engine's step by step, greedy, through
+preemption (few KV blocks), aborts mid-stream and a request added mid-stream; no block leaks.
+
+Run on the device machine: `pytest tests/gpu/test_engine_overlap_gpu.py`. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from contracts.outputs import RequestOutput
+from contracts.sampling_params import SamplingParams
+from engine.engine import Engine
+from tests.gpu.test_engine_gpu import model_dir, rule_sequence
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+__all__ = ["model_dir"]  # the trained small Llama, a module fixture
+
+
+def engine_of(model_dir: Path, overlap: bool, num_kv_blocks: int) -> Engine:
+    from engine.config import EngineConfig
+    from engine.scheduler import SchedulerConfig
+
+    return Engine(
+        EngineConfig(
+            model=str(model_dir), device="cuda", dtype="bfloat16", num_kv_blocks=num_kv_blocks,
+            block_size=16, overlap_outputs=overlap,
+            scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512),
+        )
+    )  # fmt: skip
+
+
+def steps_of(engine: Engine, abort_and_add: bool) -> list[list[tuple]]:
+    """Every step's (request, tokens, finish) in order; with abort_and_add, two requests are
+    aborted after step 5 and one is added after step 8."""
+    for i in range(9):
+        params = SamplingParams(max_tokens=20 + 7 * i, ignore_eos=True)
+        prompt = rule_sequence(seed=200 + i, length=40 + 23 * i)
+        engine.add_request(f"r{i}", None, params, prompt_token_ids=prompt)
+    steps: list[list[tuple]] = []
+    while engine.has_unfinished_requests():
+        steps.append([summary(o) for o in engine.step()])
+        if abort_and_add and len(steps) == 5:
+            assert engine.abort_request("r2") is not None
+            assert engine.abort_request("r7") is not None
+        if abort_and_add and len(steps) == 8:
+            late = SamplingParams(max_tokens=30, ignore_eos=True)
+            engine.add_request("late", None, late, prompt_token_ids=rule_sequence(9, 50))
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    return steps
+
+
+def summary(output: RequestOutput) -> tuple:
+    return output.request_id, output.new_token_ids, output.finish_reason
+
+
+@pytest.mark.parametrize("abort_and_add", [False, True])
+def test_overlapped_greedy_steps_equal_synchronous_ones(
+    model_dir: Path, abort_and_add: bool
+) -> None:
+    results = []
+    for overlap in (False, True):
+        engine = engine_of(model_dir, overlap, num_kv_blocks=48)
+        assert engine.runner.graphs is not None, "CUDA graphs are on"
+        results.append(steps_of(engine, abort_and_add))
+        assert engine.scheduler.num_preemptions > 0, "the workload must preempt"
+    assert results[0] == results[1]
