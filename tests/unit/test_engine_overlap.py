@@ -152,6 +152,10 @@ def test_aborts_mid_stream_keep_the_step_in_flight(
 
     def action(engine: Engine, step: int) -> None:
         if step == 3:
+            if engine.config.overlap_outputs:  # both are in the step launched ahead
+                assert engine._in_flight is not None
+                in_flight = {item.seq.request_id for item in engine._in_flight.scheduled.scheduled}
+                assert {"poem", "story"} <= in_flight
             for name in ("poem", "story"):
                 closing = engine.abort_request(name)
                 assert closing is not None and closing.finished
@@ -211,6 +215,12 @@ def test_prefill_only_keep_kv_and_export_alike(engines: tuple[Engine, Engine]) -
             steps.append([normalized(o) for o in engine.step()])
             handed += engine.take_prefilled()
             if len(steps) == 4:
+                if engine.config.overlap_outputs:  # exported from the step launched ahead
+                    assert engine._in_flight is not None
+                    assert any(
+                        item.seq.request_id == "move"
+                        for item in engine._in_flight.scheduled.scheduled
+                    )
                 moved = engine.export_request("move")
                 assert moved is not None
                 handed.append(moved)
