@@ -87,11 +87,11 @@ class EngineConfig:
     # Launch each step before turning the previous one's tokens into text and outputs
     # (Engine.step, docs/architecture.md): the host's detokenization, stop-string holds and
     # RequestOutputs run while the GPU computes the next step. Every finish decision is still
-    # made before the next step is scheduled. A change between two step() calls that would
-    # alter the step already running (an abort, an export, attach_kv, a request that could
-    # join) discards it and schedules again, so outputs stay step for step the same; each
-    # discard wastes that step's device work. Rank 0 of a tensor-parallel engine, and a step
-    # whose schedule could preempt, step synchronously either way.
+    # made before the next step is scheduled. The step in flight is never discarded: a request
+    # added or KV attached between two step() calls joins the step after it (one step later
+    # than synchronously); an abort or export of a request in it waits for the device, and
+    # the step's result for that request is dropped. Rank 0 of a tensor-parallel engine, and
+    # a step whose schedule could preempt, step synchronously either way.
     overlap_outputs: bool = False
 
     def __post_init__(self) -> None:

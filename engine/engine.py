@@ -177,8 +177,16 @@ class Engine:
         self.num_kv_staging_waits = 0  # kept KV that had to wait for staging blocks, ever
         # the step launched ahead (config.overlap_outputs), collected by the next step()
         self._in_flight: _Launched | None = None
-        self.num_discarded_steps = 0  # steps launched ahead, then scheduled again, ever
-        self._launched_event = torch.cuda.Event() if self.device.type == "cuda" else None
+        self.num_steps_launched_ahead = 0  # ever; each is collected (none is discarded)
+        # what launching a step ahead raised: the next step() raises it (its outputs came first)
+        self._launch_error: Exception | None = None
+        # (start, end) of a step launched ahead on CUDA: its device time, and the wait for it
+        self._launch_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        if self.device.type == "cuda" and config.overlap_outputs:
+            self._launch_events = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
         self._generate_ids = itertools.count()
         self._kept_numbers = itertools.count()  # kept-KV owners are unique per keep
         logger.info(
@@ -391,7 +399,7 @@ class Engine:
             self._keep_kv.add(request_id)
         if prefill_only:
             self._prefill_only.add(request_id)
-        self._add_waiting(seq)
+        self.scheduler.add(seq)
         return token_ids
 
     def add_transferred_request(
@@ -467,15 +475,16 @@ class Engine:
         (a completed transfer's reservation) become the sequence's and its next step decodes
         from the first token. kv_owner None: the KV will not come (no room for it here); the
         prompt and first token are recomputed here, the sequence waiting for blocks like a
-        preempted one. Raises ValueError if the request is not awaiting KV, or `kv_owner`
-        holds no blocks or too few for the prompt (the blocks stay the owner's)."""
+        preempted one. Either way it joins the next step scheduled (with overlap_outputs, the
+        one after the step in flight). Raises ValueError if the request is not awaiting KV, or
+        `kv_owner` holds no blocks or too few for the prompt (the blocks stay the owner's)."""
         seq = self._sequences.get(request_id)
         if seq is None or seq.status is not SequenceStatus.AWAITING_KV:
             raise ValueError(f"attach_kv({request_id!r}): the request is not awaiting its KV")
         if kv_owner is None:
             self._release_prefix(request_id)
             seq.status = SequenceStatus.WAITING
-            self._add_waiting(seq)
+            self.scheduler.add(seq)
             return
         # every token but the first one sampled elsewhere: the prompt (and resumed tokens)
         computed = seq.num_tokens - 1
@@ -496,7 +505,9 @@ class Engine:
         )
         self._prefix_holds.pop(request_id, None)
         self.block_manager.cache_computed_blocks(seq)
-        self._discard_launched()  # the synchronous engine's next step would decode it
+        # Last in the running batch (the newest, so the first preempted). A step in flight
+        # (config.overlap_outputs) was planned without it and is kept: it decodes in the step
+        # after, behind anything that step admitted (which joined the batch first).
         self.scheduler.add_running(seq)
 
     def _unstage_landed(self, request_id: str, kv_owner: str) -> None:
@@ -685,11 +696,16 @@ class Engine:
         """Stop a request and free its KV now (KV kept for it, not taken yet or still waiting
         for staging blocks, too). Returns its closing output (finish reason ABORT), also for a
         prefill_only request whose result waited for staging blocks (its caller still waits
-        for it); None if it is unknown or already finished."""
-        if request_id in self._sequences:
-            self._discard_launched(wait=True)
+        for it); None if it is unknown or already finished. A request in the step in flight
+        (config.overlap_outputs) first lets the device finish that step (its KV writes land
+        before its blocks are freed); the step is kept, its result for the request dropped.
+        If that step admitted the request, its usage is a scheduled request's (cached_tokens,
+        queue_seconds: its prefill ran), where the synchronous engine would not have admitted
+        it yet."""
         dropped = self._drop_kept(request_id)
         seq = self._sequences.pop(request_id, None)
+        if seq is not None:
+            self._wait_if_in_flight(seq)
         if seq is None:
             if dropped is None or dropped.prefilled is None:
                 return None
@@ -719,7 +735,7 @@ class Engine:
             or seq.num_output_tokens < 1
         ):
             return None
-        self._discard_launched(wait=True)
+        self._wait_if_in_flight(seq)
         usage = seq.usage()
         kept = self._pin_kv(seq)
         assert kept is not None, f"{seq} is running without computed KV"
@@ -808,10 +824,13 @@ class Engine:
         self.num_kv_staging_waits += 1
 
     def has_unfinished_requests(self) -> bool:
-        """Whether a step has work: sequences, kept KV waiting for staging blocks, or a
-        launched step to collect (config.overlap_outputs)."""
+        """Whether a step has work: sequences, kept KV waiting for staging blocks, a launched
+        step to collect or a launch's error to raise (config.overlap_outputs)."""
         return (
-            self.scheduler.num_unfinished > 0 or bool(self._unstaged) or self._in_flight is not None
+            self.scheduler.num_unfinished > 0
+            or bool(self._unstaged)
+            or self._in_flight is not None
+            or self._launch_error is not None
         )
 
     # ---- the step loop -----------------------------------------------------------------
@@ -821,7 +840,12 @@ class Engine:
 
         With config.overlap_outputs (and no tensor parallelism), the step after this one is
         scheduled and launched once this one's tokens are known and every finish decided, and
-        this one's text and outputs are made while it runs; the next call collects it."""
+        this one's text and outputs are made while it runs; the next call collects it. If that
+        launch raises, this call still returns this step's outputs and the next call raises
+        the error (the synchronous engine would have returned them, then raised)."""
+        if self._launch_error is not None:
+            error, self._launch_error = self._launch_error, None
+            raise error
         if self._unstaged:
             self._stage_waiting()
         launched, self._in_flight = self._in_flight or self._launch(), None
@@ -833,47 +857,63 @@ class Engine:
             return []
         pending = self._collect(launched)
         if self._launches_ahead():
-            self._in_flight = self._launch(ahead=True)
+            try:
+                self._in_flight = self._launch(ahead=True)
+            except Exception as e:  # raised by the next call, after these outputs
+                self._launch_error = e
         return self._outputs_of(pending)
 
     def _launches_ahead(self) -> bool:
         """Whether to launch the next step now (config.overlap_outputs), before this one's
-        outputs: not under tensor parallelism, nor when its schedule could preempt (a step
-        launched ahead may be discarded and scheduled again, by an abort say, which frees
-        blocks first: a preemption could not be undone)."""
+        outputs: not under tensor parallelism, nor when its schedule could preempt (the
+        preempted sequences' outputs of this step would not be made yet, and a preemption
+        is the one schedule decision best taken with the latest state)."""
         return self.config.overlap_outputs and self.tp is None and not self.scheduler.may_preempt()
 
     def _launch(self, ahead: bool = False) -> _Launched | None:
         """Schedule a step and start it on the device (on the CPU: compute it); None if
         nothing is scheduled. ahead: launched before the last step's outputs are made (on
-        CUDA an event marks its end, for _discard_launched)."""
+        CUDA, events around it time it and mark its end, for _wait_if_in_flight)."""
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return None
+        events = self._launch_events if ahead else None
         started = time.perf_counter()
+        if events is not None:
+            events[0].record()
         if self.tp is None:
             logits = self.runner.execute(scheduled)
         else:
             logits = self._execute_on_all_ranks(scheduled)
+        if events is not None:
+            events[1].record()
+        launch_s = time.perf_counter() - started
         num_prompt_tokens = _prompt_tokens_in(scheduled)
         self.num_prompt_tokens_computed += num_prompt_tokens
-        done = self._launched_event if ahead else None
-        if done is not None:
-            done.record()
-        return _Launched(scheduled, logits, started, num_prompt_tokens, done)
+        if ahead:
+            assert not scheduled.preempted, "a step that could preempt is not launched ahead"
+            self.num_steps_launched_ahead += 1
+        samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
+        return _Launched(scheduled, samplers, logits, started, launch_s, ahead, events)
 
     def _collect(self, launched: _Launched) -> list[_Pending]:
         """Sample a launched step's tokens (waiting for the device), advance its sequences and
         decide every finish, freeing what finished, as the synchronous step does in the same
         order. Returns what becomes the step's outputs (_outputs_of), text not made yet where it
-        can wait."""
-        scheduled, logits = launched.scheduled, launched.logits
-        samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
+        can wait. A sequence that left while the step was in flight (aborted, exported) is
+        left out: its row of logits is dropped, nothing of it is applied."""
+        scheduled, samplers, logits = launched.scheduled, launched.samplers, launched.logits
+        if any(item.seq.is_finished for item in scheduled.scheduled):
+            scheduled, samplers, logits = _without_finished(launched)
+        waited = time.perf_counter()
+        if launched.events is not None:
+            launched.events[1].synchronize()
+            waited = time.perf_counter()
         if all(plain_greedy(seq.sampling_params) for seq in samplers):
             sampled = self.sampler.greedy(logits)
         else:
             sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
-        self.scheduler.observe_step(scheduled.num_tokens, time.perf_counter() - launched.started)
+        self.scheduler.observe_step(launched.num_tokens, _step_seconds(launched, waited))
         self.scheduler.update(scheduled, sampled.token_ids)
         pending: list[_Pending] = []
         defer = self.config.overlap_outputs
@@ -897,32 +937,15 @@ class Engine:
             item if isinstance(item, RequestOutput) else token_output(*item) for item in pending
         ]
 
-    def _add_waiting(self, seq: Sequence) -> None:
-        """Queue `seq`. A step launched ahead that the synchronous engine would have scheduled
-        with it (it could join now: nothing waits before it, the running batch has room) is
-        discarded: the next step() schedules again, with it."""
+    def _wait_if_in_flight(self, seq: Sequence) -> None:
+        """Before `seq` leaves (abort, export) while in the step in flight: let the device
+        finish that step, so that its KV writes land before the blocks are freed or shipped.
+        The step is kept; _collect leaves `seq` out of it."""
         launched = self._in_flight
-        if (
-            launched is not None
-            and not self.scheduler.waiting
-            and len(self.scheduler.running) < self.scheduler.config.max_num_seqs
-            and launched.scheduled.num_tokens < self.scheduler.config.max_num_batched_tokens
-        ):
-            self._discard_launched()
-        self.scheduler.add(seq)
-
-    def _discard_launched(self, wait: bool = False) -> None:
-        """Drop the step launched ahead (its results are never read; the next step() schedules
-        again from the same state: nothing of it was applied but its sequences' blocks, which
-        they keep). wait: first let the device finish it, before blocks of its sequences are
-        freed (their KV writes must land before anyone else gets them)."""
-        launched, self._in_flight = self._in_flight, None
-        if launched is None:
-            return
-        if wait and launched.done is not None:
-            launched.done.synchronize()
-        self.num_prompt_tokens_computed -= launched.num_prompt_tokens
-        self.num_discarded_steps += 1
+        if launched is None or launched.events is None:
+            return  # nothing in flight, or computed already (CPU)
+        if any(item.seq is seq for item in launched.scheduled.scheduled):
+            launched.events[1].synchronize()
 
     def _execute_on_all_ranks(self, scheduled: SchedulerOutput) -> torch.Tensor:
         """Rank 0 under TP: send the step's plan to the other ranks, run its own shard with
@@ -1062,14 +1085,52 @@ def _prompt_tokens_in(scheduled: SchedulerOutput) -> int:
 @dataclass(frozen=True, slots=True)
 class _Launched:
     """A step started on the device and not collected yet: its plan, its logits (for a CUDA
-    graph, the graph's output buffer: valid until the next replay), when it started, and
-    (CUDA, launched ahead) an event recorded after it."""
+    graph, the graph's output buffer: valid until the next replay), when it started and how
+    long its launch took on the host, whether it was launched ahead, and (CUDA, launched
+    ahead) events recorded before and after it."""
 
     scheduled: SchedulerOutput
+    samplers: list[Sequence]  # the sequences that sample a token, in the logits' row order
     logits: torch.Tensor  # [num_sampling_seqs, vocab] fp32
     started: float  # time.perf_counter()
-    num_prompt_tokens: int
-    done: torch.cuda.Event | None
+    launch_s: float  # the host's time in runner.execute (on the CPU: the whole compute)
+    ahead: bool
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.scheduled.num_tokens
+
+
+def _without_finished(
+    launched: _Launched,
+) -> tuple[SchedulerOutput, list[Sequence], torch.Tensor]:
+    """A step in flight less its sequences that left meanwhile (aborted, exported: their
+    counts were reset when their blocks were freed): the plan, samplers and rows of logits
+    of those that remain."""
+    scheduled = launched.scheduled
+    kept = [item for item in scheduled.scheduled if not item.seq.is_finished]
+    rows = [i for i, seq in enumerate(launched.samplers) if not seq.is_finished]
+    samplers = [launched.samplers[i] for i in rows]
+    index = torch.tensor(rows, dtype=torch.long, device=launched.logits.device)
+    return SchedulerOutput(kept, scheduled.preempted), samplers, launched.logits[index]
+
+
+def _step_seconds(launched: _Launched, sampled_from: float) -> float:
+    """A step's time for the step-time model (target_itl_s caps a step's tokens by it): what
+    the step itself costs, launch to sampled tokens. Synchronously that is the wall time from
+    launch to the end of sampling (now). A step launched ahead would also count, that way,
+    the host's work between its launch and its collection (the last step's outputs, the
+    caller's work), which its tokens do not drive and which runs beside the device: it counts
+    its device time instead (CUDA: its events; the CPU computes it inside the launch) and its
+    sampling, from `sampled_from` (after waiting for the device) to now."""
+    now = time.perf_counter()
+    if not launched.ahead:
+        return now - launched.started
+    if launched.events is None:
+        return launched.launch_s + now - sampled_from
+    device_s = launched.events[0].elapsed_time(launched.events[1]) / 1e3
+    return device_s + now - sampled_from
 
 
 # A collected step's output: made already, or (sequence, logprobs, token finish) to make

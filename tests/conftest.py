@@ -55,6 +55,7 @@ def make_engine(
     kv_cache_bytes: int | None = None,
     kv_staging_blocks: int | None = None,
     overlap_outputs: bool = False,
+    target_itl_s: float | None = None,
 ) -> Engine:
     """A CPU fp32 engine; small blocks so tests cross block boundaries often. At
     tensor_parallel_size > 1 it starts follower processes: close it (`with`)."""
@@ -76,6 +77,7 @@ def make_engine(
             kv_cache_bytes=kv_cache_bytes,
             kv_staging_blocks=kv_staging_blocks,
             overlap_outputs=overlap_outputs,
+            target_itl_s=target_itl_s,
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,

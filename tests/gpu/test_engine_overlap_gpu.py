@@ -1,6 +1,8 @@
 """EngineConfig.overlap_outputs on a GPU with CUDA graphs (pinned decode inputs, the default):
 the overlapped engine's outputs equal the synchronous engine's step by step, greedy, through
-preemption (few KV blocks), aborts mid-stream and a request added mid-stream; no block leaks.
+preemption (few KV blocks); with aborts mid-stream and a request added mid-stream (it joins
+one step later overlapped) request by request; every step launched is collected (the CUDA
+path: timing events, the wait before an abort frees blocks); no block leaks.
 
 Run on the device machine: `pytest tests/gpu/test_engine_overlap_gpu.py`. Skipped without CUDA.
 """
@@ -16,6 +18,7 @@ from contracts.outputs import RequestOutput
 from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
 from tests.gpu.test_engine_gpu import model_dir, rule_sequence
+from tests.unit.test_engine_overlap import count_steps
 
 pytestmark = [
     pytest.mark.gpu,
@@ -65,12 +68,24 @@ def summary(output: RequestOutput) -> tuple:
 
 @pytest.mark.parametrize("abort_and_add", [False, True])
 def test_overlapped_greedy_steps_equal_synchronous_ones(
-    model_dir: Path, abort_and_add: bool
+    model_dir: Path, abort_and_add: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     results = []
     for overlap in (False, True):
         engine = engine_of(model_dir, overlap, num_kv_blocks=48)
         assert engine.runner.graphs is not None, "CUDA graphs are on"
-        results.append(steps_of(engine, abort_and_add))
+        counts = count_steps(monkeypatch, engine)
+        steps = steps_of(engine, abort_and_add)
+        assert counts["executed"] == counts["collected"], "no step thrown away"
+        assert (engine.num_steps_launched_ahead > 0) is overlap
+        results.append(by_request(steps) if abort_and_add else steps)
         assert engine.scheduler.num_preemptions > 0, "the workload must preempt"
     assert results[0] == results[1]
+
+
+def by_request(steps: list[list[tuple]]) -> dict[str, list[tuple]]:
+    outputs: dict[str, list[tuple]] = {}
+    for step in steps:
+        for output in step:
+            outputs.setdefault(output[0], []).append(output[1:])
+    return outputs
