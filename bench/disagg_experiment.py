@@ -234,7 +234,8 @@ def main() -> int:
         configurations = resolve(args, names, out)
     except ValueError as e:
         raise SystemExit(f"bench.disagg_experiment: {e}") from e
-    failed, ran = 0, {}
+    failed = 0
+    ran: dict[str, list[str]] = {}  # configurations run so far: their pools
     for name, pools in configurations.items():
         same = next((n for n, p in ran.items() if p == pools), None)
         if same is not None:  # e.g. the planner recommends colocated
