@@ -17,15 +17,13 @@ import torch
 from contracts.outputs import RequestOutput
 from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
-from tests.gpu.test_engine_gpu import model_dir, rule_sequence
+from tests.gpu.conftest import rule_sequence
 from tests.unit.test_engine_overlap import count_steps
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-
-__all__ = ["model_dir"]  # the trained small Llama, a module fixture
 
 
 def engine_of(model_dir: Path, overlap: bool, num_kv_blocks: int) -> Engine:
