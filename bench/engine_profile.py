@@ -3,7 +3,8 @@
 weights): host phases per step and GPU kernel time by family (torch.profiler), for one engine
 per `--variants` entry side by side. A variant is `default` (the engine's defaults) or
 `default` followed by switches: `+gemv` (the Triton GEMV for one-row projections), `+pdl`,
-`+dense`, `-pinned`, `+overlap` (EngineConfig.overlap_outputs); `main` is an older
+`+dense`, `-pinned`, `-overlap` (EngineConfig.overlap_outputs off; on CUDA the default
+launches each step before the previous one's outputs are made); `main` is an older
 checkout's engine, run with that checkout first on PYTHONPATH. (`new` and `new-nogemv`, the
 names of the first runs, mean `default+gemv` and `default`.) Details: docs/benchmarks.md.
 
@@ -131,7 +132,7 @@ class StepTimer:
         )
         pending = engine._collect(launched)
         t2 = time.perf_counter()
-        if engine.config.overlap_outputs:
+        if engine._launches_ahead():
             engine._in_flight = engine._launch(ahead=True)
         t3 = time.perf_counter()
         outputs = engine._outputs_of(pending)
@@ -254,8 +255,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, **extra,
     )  # fmt: skip
-    if "+overlap" in name:  # read at every step
-        engine.config = dataclasses.replace(engine.config, overlap_outputs=True)
+    if "-overlap" in name:  # read at every step; the default overlaps on CUDA
+        engine.config = dataclasses.replace(engine.config, overlap_outputs=False)
     trace = args.trace_dir
     result: dict[str, Any] = {}
     for batch in (int(b) for b in args.decode_batches.split(",")):

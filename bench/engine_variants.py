@@ -11,8 +11,10 @@ A variant is a base, `bf16` (bf16 weights and KV), `w8` (FP8 W8A8 projections, b
               +gemv)
     +dense    engine.triton_attention.DENSE_FRESH_PREFILL: steps whose prefill chunks all start
               their sequence attend through torch's fused SDPA
-    +overlap  EngineConfig.overlap_outputs: each step launched before the previous one's text
-              and outputs are made
+    +overlap  EngineConfig.overlap_outputs=True: each step launched before the previous one's
+              text and outputs are made (the engine's default on CUDA)
+    +sync     EngineConfig.overlap_outputs=False: each step's outputs made before the next
+              step is launched (the baseline of +overlap)
 
 e.g. `w8+gemv+fusedq+pdl`. `+pdl` and `+dense` are module switches: `apply_switches` sets them for
 the engine built next (graphs capture them), so build and measure one variant at a time.
@@ -27,7 +29,7 @@ BASES: dict[str, tuple[str | None, str]] = {
     "w8": ("fp8", "auto"),
     "w8kv8": ("fp8", "fp8"),
 }
-SWITCHES = ("gemv", "fusedq", "pdl", "dense", "overlap")
+SWITCHES = ("gemv", "fusedq", "pdl", "dense", "overlap", "sync")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Variant:
     fused_fp8_quant: bool = False
     pdl: bool = False
     dense_prefill: bool = False
-    overlap_outputs: bool = False
+    overlap_outputs: bool | None = None  # None: the engine's default
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -69,6 +71,8 @@ def parse_variant(name: str) -> Variant:
     quantization, kv_cache_dtype = BASES[base]
     if "fusedq" in switches and quantization != "fp8":
         raise ValueError(f"variant {name!r}: +fusedq needs FP8 weights (w8 or w8kv8)")
+    if "overlap" in switches and "sync" in switches:
+        raise ValueError(f"variant {name!r}: +overlap and +sync contradict each other")
     if "pdl" in switches and "gemv" not in switches:
         raise ValueError(f"variant {name!r}: +pdl needs +gemv (PDL is the GEMVs' launch)")
     return Variant(
@@ -79,7 +83,7 @@ def parse_variant(name: str) -> Variant:
         fused_fp8_quant="fusedq" in switches,
         pdl="pdl" in switches,
         dense_prefill="dense" in switches,
-        overlap_outputs="overlap" in switches,
+        overlap_outputs=True if "overlap" in switches else False if "sync" in switches else None,
     )
 
 

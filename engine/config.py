@@ -91,8 +91,10 @@ class EngineConfig:
     # added or KV attached between two step() calls joins the step after it (one step later
     # than synchronously); an abort or export of a request in it waits for the device, and
     # the step's result for that request is dropped. Rank 0 of a tensor-parallel engine, and
-    # a step whose schedule could preempt, step synchronously either way.
-    overlap_outputs: bool = False
+    # a step whose schedule could preempt, step synchronously either way. None (the default):
+    # on where the device runs asynchronously to the host (CUDA), off on the CPU, where a
+    # step is computed before launch returns and there is nothing to overlap.
+    overlap_outputs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -140,8 +142,8 @@ class EngineConfig:
             raise ValueError(f"kv_staging_blocks={self.kv_staging_blocks!r} must be an int >= 1")
         if type(self.kv_transfer) is not bool:
             raise ValueError(f"kv_transfer={self.kv_transfer!r} must be a bool")
-        if type(self.overlap_outputs) is not bool:
-            raise ValueError(f"overlap_outputs={self.overlap_outputs!r} must be a bool")
+        if self.overlap_outputs is not None and type(self.overlap_outputs) is not bool:
+            raise ValueError(f"overlap_outputs={self.overlap_outputs!r} must be a bool or None")
         if self.target_itl_s is not None and not self.target_itl_s > 0:
             raise ValueError(f"target_itl_s={self.target_itl_s!r} must be > 0 seconds or None")
         if not 0.0 < self.kv_cache_memory_fraction < 1.0:

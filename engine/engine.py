@@ -182,7 +182,7 @@ class Engine:
         self._launch_error: Exception | None = None
         # (start, end) of a step launched ahead on CUDA: its device time, and the wait for it
         self._launch_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        if self.device.type == "cuda" and config.overlap_outputs:
+        if self.device.type == "cuda":
             self._launch_events = (
                 torch.cuda.Event(enable_timing=True),
                 torch.cuda.Event(enable_timing=True),
@@ -868,7 +868,14 @@ class Engine:
         outputs: not under tensor parallelism, nor when its schedule could preempt (the
         preempted sequences' outputs of this step would not be made yet, and a preemption
         is the one schedule decision best taken with the latest state)."""
-        return self.config.overlap_outputs and self.tp is None and not self.scheduler.may_preempt()
+        return self.overlaps_outputs and self.tp is None and not self.scheduler.may_preempt()
+
+    @property
+    def overlaps_outputs(self) -> bool:
+        """config.overlap_outputs, resolved: None means on for CUDA, off on the CPU. Read at
+        every step (a benchmark may switch it between steps)."""
+        overlap = self.config.overlap_outputs
+        return self.device.type == "cuda" if overlap is None else overlap
 
     def _launch(self, ahead: bool = False) -> _Launched | None:
         """Schedule a step and start it on the device (on the CPU: compute it); None if
@@ -916,7 +923,7 @@ class Engine:
         self.scheduler.observe_step(launched.num_tokens, _step_seconds(launched, waited))
         self.scheduler.update(scheduled, sampled.token_ids)
         pending: list[_Pending] = []
-        defer = self.config.overlap_outputs
+        defer = self.overlaps_outputs
         for seq, logprobs in zip(samplers, sampled.logprobs, strict=True):
             if seq.request_id in self._prefill_only:
                 self._prefill_done(seq, logprobs)

@@ -54,7 +54,7 @@ def make_engine(
     kv_transfer: bool = False,
     kv_cache_bytes: int | None = None,
     kv_staging_blocks: int | None = None,
-    overlap_outputs: bool = False,
+    overlap_outputs: bool | None = None,
     target_itl_s: float | None = None,
 ) -> Engine:
     """A CPU fp32 engine; small blocks so tests cross block boundaries often. At

@@ -14,10 +14,11 @@ def test_names_map_to_engine_options() -> None:
         "kv_cache_dtype": "auto",
         "triton_gemv": True,
         "fused_fp8_quant": True,
-        "overlap_outputs": False,
+        "overlap_outputs": None,
     }
     assert variant.pdl and not variant.dense_prefill
     assert parse_variant("bf16+overlap").engine_options()["overlap_outputs"] is True
+    assert parse_variant("bf16+sync").engine_options()["overlap_outputs"] is False
     bf16 = parse_variant("bf16+dense")
     assert bf16.quantization is None and bf16.dense_prefill and not bf16.triton_gemv
     assert parse_variant("w8kv8").kv_cache_dtype == "fp8"
@@ -31,6 +32,7 @@ def test_names_map_to_engine_options() -> None:
         ("w8+gemv+gemv", "switches must be distinct ones of"),
         ("bf16+fusedq", "+fusedq needs FP8 weights"),
         ("w8+pdl", "+pdl needs +gemv"),
+        ("bf16+overlap+sync", "+overlap and +sync contradict each other"),
     ],
 )
 def test_bad_names_are_refused_with_the_reason(name: str, message: str) -> None:

@@ -196,8 +196,25 @@ def test_a_late_request_ends_as_synchronously(
 def test_the_switch_is_validated() -> None:
     from engine.config import EngineConfig
 
-    with pytest.raises(ValueError, match="overlap_outputs=1"):
+    with pytest.raises(ValueError, match="overlap_outputs=1 must be a bool or None"):
         EngineConfig(overlap_outputs=1)  # type: ignore[arg-type]
+
+
+def test_the_default_overlaps_on_cuda_only() -> None:
+    """None (the default) resolves by device: the CPU computes a step before launch returns,
+    so a CPU engine steps synchronously unless told otherwise (tests/gpu checks CUDA's on)."""
+    from engine.config import EngineConfig
+
+    assert EngineConfig().overlap_outputs is None
+    engine = make_engine()
+    assert engine.overlaps_outputs is False
+    engine.add_request(
+        "a", None, SamplingParams(max_tokens=4, ignore_eos=True), prompt_token_ids=[1, 2, 3]
+    )
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.num_steps_launched_ahead == 0
+    assert make_engine(overlap_outputs=True).overlaps_outputs is True
 
 
 def test_prefill_only_keep_kv_and_export_alike(engines: tuple[Engine, Engine]) -> None:
