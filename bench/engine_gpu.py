@@ -217,6 +217,9 @@ def run_tandem(args: argparse.Namespace, batch_sizes: list[int], tp_size: int) -
         load_s = time.perf_counter() - started
         result = measure_tandem(args, engine, batch_sizes, is_baseline=tp_size == 1)
     result |= {"load_s": load_s, "tensor_parallel_size": tp_size}
+    # `with` leaves the name bound: without this the saturation engine (40 GiB of KV) was
+    # built beside this one and ran out of memory on an H100 (2026-12-07)
+    del engine
     gc.collect()  # the engine's weights and KV cache go before the next system loads
     torch.cuda.empty_cache()
     if args.saturation_requests and tp_size == 1:
