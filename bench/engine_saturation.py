@@ -91,6 +91,7 @@ def saturate(engine: Engine, prompts: list[list[int]], output_len: int) -> dict[
         engine.add_request(f"s{i}", None, params, prompt_token_ids=prompt)
     generated = 0
     steps = 0
+    preempted = engine.scheduler.num_preemptions
     while engine.has_unfinished_requests():
         generated += len(engine.step())
         steps += 1
@@ -98,7 +99,12 @@ def saturate(engine: Engine, prompts: list[list[int]], output_len: int) -> dict[
     seconds = time.perf_counter() - started
     if generated != len(prompts) * output_len:
         raise RuntimeError(f"{generated} tokens generated, {len(prompts) * output_len} expected")
-    return {"seconds": seconds, "steps": steps, "output_tok_s": generated / seconds}
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "preemptions": engine.scheduler.num_preemptions - preempted,
+        "output_tok_s": generated / seconds,
+    }
 
 
 def baseline(args: argparse.Namespace, config: ModelConfig) -> dict[str, float]:
@@ -146,7 +152,8 @@ def main() -> None:
         rates = [run["output_tok_s"] for run in runs]
         tandem = statistics.median(rates)
         result["variants"][variant.name] = runs
-        print(variant.name, [round(r) for r in rates], flush=True)
+        print(variant.name, [round(r) for r in rates], "steps", [r["steps"] for r in runs],
+              "preemptions", [r["preemptions"] for r in runs], flush=True)  # fmt: skip
         rows.append([f"Tandem {variant.name}, saturated",
                      f"{tandem:,.0f} ({min(rates):,.0f}-{max(rates):,.0f})",
                      f"{tandem * total_per_output:,.0f}",

