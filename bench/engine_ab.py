@@ -6,7 +6,8 @@ timed at each batch size (bench.engine_gpu's `tandem_decode`). Interleaving the 
 same engine keeps clock and memory drift out of the comparison. Variants: `base` (defaults),
 `pinned` (engine.cuda_graph.PINNED_INPUTS), `gemv` (the Triton GEMV for one-row projections),
 `pdl` (the GEMV with programmatic dependent launch), `overlap` (EngineConfig.overlap_outputs:
-the next step launched before this one's outputs are made), or several joined by `+`.
+the next step launched before this one's outputs are made; the engine's default on CUDA, but
+here a variant without `overlap` steps synchronously), or several joined by `+`.
 
     python -m bench.engine_ab [--variants base,pinned] [--batch-sizes 1,64] [--rounds 2]
     python -m bench.engine_ab --variants pinned,pinned+overlap --batch-sizes 1,64
