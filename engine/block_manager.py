@@ -66,6 +66,11 @@ class BlockManager:
         self._evicted_hashes: list[BlockHash] = []  # since the last event, with a listener only
         self._lock = threading.RLock()
 
+    def exclusive(self) -> threading.RLock:
+        """A context in which no other thread reserves or releases blocks (the manager's own
+        lock, re-entrant): for reads and allocations that must see the same free blocks."""
+        return self._lock
+
     @property
     def num_free_blocks(self) -> int:
         """Blocks that can be allocated now (free or cached-but-unused)."""

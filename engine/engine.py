@@ -864,24 +864,34 @@ class Engine:
         return self._outputs_of(pending)
 
     def _launches_ahead(self) -> bool:
-        """Whether to launch the next step now (config.overlap_outputs), before this one's
-        outputs: not under tensor parallelism, nor when its schedule could preempt (the
-        preempted sequences' outputs of this step would not be made yet, and a preemption
-        is the one schedule decision best taken with the latest state)."""
-        return self.overlaps_outputs and self.tp is None and not self.scheduler.may_preempt()
+        """Whether to try launching the next step now (config.overlap_outputs), before this
+        one's outputs, if its schedule cannot preempt (checked by _launch: the preempted
+        sequences' outputs of this step would not be made yet, and a preemption is the one
+        schedule decision best taken with the latest state)."""
+        return self.overlaps_outputs and not self.scheduler.may_preempt()
 
     @property
     def overlaps_outputs(self) -> bool:
-        """config.overlap_outputs, resolved: None means on for CUDA, off on the CPU. Read at
-        every step (a benchmark may switch it between steps)."""
+        """config.overlap_outputs, resolved: None means on for CUDA, off on the CPU; never
+        under tensor parallelism. Read at every step (a benchmark may switch it)."""
         overlap = self.config.overlap_outputs
-        return self.device.type == "cuda" if overlap is None else overlap
+        return (self.device.type == "cuda" if overlap is None else overlap) and self.tp is None
 
     def _launch(self, ahead: bool = False) -> _Launched | None:
         """Schedule a step and start it on the device (on the CPU: compute it); None if
         nothing is scheduled. ahead: launched before the last step's outputs are made (on
-        CUDA, events around it time it and mark its end, for _wait_if_in_flight)."""
-        scheduled = self.scheduler.schedule()
+        CUDA, events around it time it and mark its end, for _wait_if_in_flight); None too
+        if its schedule could preempt (the step is then launched by the next call)."""
+        if ahead:
+            # A KV receiver reserves blocks on its own thread (reserve_transfer): the check
+            # that this schedule cannot preempt and the schedule are one hold of the block
+            # manager's lock, or a reservation between them could make it preempt.
+            with self.block_manager.exclusive():
+                if self.scheduler.may_preempt():
+                    return None
+                scheduled = self.scheduler.schedule()
+        else:
+            scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return None
         events = self._launch_events if ahead else None

@@ -8,6 +8,7 @@ worker) is recomputed instead, KV whose request was aborted
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import pytest
@@ -19,8 +20,23 @@ from contracts.sampling_params import SamplingParams
 from decode_worker.kv_arrivals import KVArrivals
 from kvtransfer.protocol import TransferMetrics, TransferResult, TransferStatus
 from kvtransfer.receiver import ReceivedKV
+from tests import conftest
 from tests.conftest import greedy, make_engine, prompt_ids
 from worker.engine_loop import EngineLoop
+
+
+@pytest.fixture(autouse=True, params=[None, True], ids=["default", "overlap"])
+def overlap_outputs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test twice: with the CPU default (synchronous steps) and with each step launched
+    before the last one's outputs are made (the default on CUDA): the loop, the KV arrivals
+    and aborts between steps then meet a step in flight."""
+    overlap = request.param
+
+    def engine(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("overlap_outputs", overlap)
+        return conftest.make_engine(*args, **kwargs)
+
+    monkeypatch.setattr(sys.modules[__name__], "make_engine", engine)
 
 
 def decode_loop(*receivers: Any) -> tuple[EngineLoop, KVArrivals]:

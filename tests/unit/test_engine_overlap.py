@@ -11,6 +11,7 @@ the batches, so it may legitimately differ), and every step launched is collecte
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -536,3 +537,60 @@ def test_an_abort_of_a_request_the_step_in_flight_admitted(
     engine.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
     assert tokens == make_engine().generate([other], greedy(max_tokens=3))[0].token_ids
+
+
+def test_a_reservation_from_another_thread_never_makes_a_step_launched_ahead_preempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A KV receiver reserves blocks on its own thread (reserve_transfer: any thread). If it
+    takes the free blocks between the engine's check that the next schedule cannot preempt
+    and that schedule, the step launched ahead would preempt: before the fix its assert
+    fired, the next step() raised it and the worker stopped (review, 2026-12-07). Here the
+    receiver's thread is started right after the check found no preemption possible while a
+    running sequence needs a fresh block, and is given 0.2 s to take every free block; the
+    engine must step on without error and give the synchronous engine's tokens."""
+    params = greedy(max_tokens=24)
+    prompts = {f"r{i}": prompt_ids(seed=40 + i, length=9 + 5 * i) for i in range(3)}
+
+    def run(race: bool) -> dict[str, list[int]]:
+        engine = make_engine(num_kv_blocks=40, overlap_outputs=True)
+        scheduler = engine.scheduler
+        original = scheduler.may_preempt
+        raced: list[threading.Thread] = []
+        reserved: list[list[int] | None] = []
+
+        def take_every_free_block() -> None:  # a receiver's thread; the count and the
+            with engine.block_manager._lock:  # reservation in one hold of the manager's lock
+                free = engine.block_manager.num_free_blocks
+                reserved.append(engine.reserve_transfer("kv-in:late", free))
+
+        def may_preempt() -> bool:
+            answer = original()
+            size = engine.block_manager.block_size
+            needs_block = any(
+                -(-len(s.token_ids) // size) > len(s.block_ids) for s in scheduler.running
+            )
+            if race and not answer and needs_block and not raced:
+                raced.append(threading.Thread(target=take_every_free_block))
+                raced[0].start()
+                raced[0].join(0.2)  # the receiver's thread gets its chance here
+            return answer
+
+        monkeypatch.setattr(scheduler, "may_preempt", may_preempt)
+        for request_id, prompt in prompts.items():
+            engine.add_request(request_id, None, params, prompt_token_ids=prompt)
+        tokens: dict[str, list[int]] = {r: [] for r in prompts}
+        steps = 0
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                tokens[output.request_id] += output.new_token_ids
+            steps += 1
+            if raced and steps % 3 == 0 and "kv-in:late" in engine.block_manager.holds:
+                raced[0].join()
+                assert engine.block_manager.release("kv-in:late")  # the transfer failed
+        assert not race or (raced and reserved[0]), "the race was set up and the receiver won"
+        engine.check_integrity()
+        assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+        return tokens
+
+    assert run(race=True) == run(race=False)
