@@ -14,9 +14,12 @@ bad key, unknown node, unreachable router: the message says which).
 `tandem node --router HOST:PORT --node-ip IP [--drain-timeout-s S] -- RAY_START_ARGS...` is the
 bare-metal counterpart of the Helm chart's preStop hook: it runs `ray start --block
 --node-ip-address=IP RAY_START_ARGS` and, on SIGTERM or SIGINT, first has the router drain this
-node, then stops Ray: a drained node's raylet exits by itself once idle (Ray's drain), else
-SIGTERM to `ray start` stops the node's processes. Ray's child
-runs in its own session, so a signal to this process's group reaches Ray only through here.
+node, then stops Ray: SIGTERM to `ray start`, which stops the node's processes (a raylet Ray
+marked draining finishes its drain first, up to Ray's own 30 s, and the GCS records the node's
+end as the drain's). Not waited for first: `ray start --block` never exits by itself when its
+raylet exits cleanly (Ray reports only unexpected exits), so a wait would only add its length
+to every stop. Ray's child runs in its own session, so a signal to this process's group
+reaches Ray only through here.
 The admin key is read once, at start (a missing key exits 2 before Ray starts), and Ray is
 started with an environment without $TANDEM_ADMIN_KEY: the raylet and every Ray worker and
 task on the node would inherit it otherwise.
@@ -25,7 +28,6 @@ task on the node would inherit it otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -39,8 +41,7 @@ from bench.serving.cli import add_tls_arguments  # argparse only: cheap
 
 ADMIN_KEY_ENV = "TANDEM_ADMIN_KEY"
 RPC_MARGIN_S = 30.0  # the DrainNode call waits this much longer than the drain's own bound
-RAY_SELF_STOP_WAIT_S = 30.0  # after a drain, Ray on the node stops by itself within this
-RAY_STOP_WAIT_S = 60.0  # then `ray start --block` gets this long to stop after SIGTERM
+RAY_STOP_WAIT_S = 60.0  # after the drain, `ray start --block` gets this long to stop on SIGTERM
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -217,9 +218,6 @@ def _run_ray_until_stopped(
         return 1
     print(f"tandem: stopping: draining node {args.node_ip} through {args.router}", flush=True)
     status = request_drain(args, key, args.node_ip, args.drain_timeout_s)
-    if status == 0:  # drained and idle, the node's raylet exits by itself (and `ray start`)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(RAY_SELF_STOP_WAIT_S)
     if child.poll() is None:
         child.send_signal(signal.SIGTERM)
     try:

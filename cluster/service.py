@@ -515,17 +515,26 @@ class Service:
         """Check every worker each interval: feed its load to placement and metrics, and
         replace it if it died or its engine stopped, so each pool returns to size on its own.
         A slow answer is not death (a long prefill step delays it); only Ray's verdict, or the
-        worker's own report of a failed engine, is."""
+        worker's own report of a failed engine, is. A dead worker's replacement starts as soon
+        as its own verdict is in, not after a busy sibling's slow answer (up to 5 intervals);
+        replacements still start one at a time, so the later one pairs with the earlier one."""
+        one_at_a_time = asyncio.Lock()
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             checks = [(name, m) for name, pool in self.pools.items() for m in pool.members()]
-            verdicts = await asyncio.gather(*(self._check(*check) for check in checks))
-            for (pool, member), dead in zip(checks, verdicts, strict=True):
-                if dead:
-                    try:
-                        await self._replace(pool, member)
-                    except Exception:  # try again at the next check
-                        logger.exception("replacing %s worker %s failed", pool, member.worker_id)
+            await asyncio.gather(*(self._check_and_replace(*c, one_at_a_time) for c in checks))
+
+    async def _check_and_replace(
+        self, pool: str, member: Member, one_at_a_time: asyncio.Lock
+    ) -> None:
+        """Check `member` (`_check`) and, if it must go, replace it holding `one_at_a_time`."""
+        if not await self._check(pool, member):
+            return
+        async with one_at_a_time:
+            try:
+                await self._replace(pool, member)
+            except Exception:  # try again at the next check
+                logger.exception("replacing %s worker %s failed", pool, member.worker_id)
 
     async def _check(self, pool: str, member: Member) -> bool:
         """Whether `member` must be replaced; on the way, its load goes to placement and

@@ -27,6 +27,7 @@ from contracts.sampling_params import SamplingParams
 from contracts.workers import WorkerStats
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.scheduler import SchedulerConfig
 from proto.tandem.v1 import tandem_pb2 as pb
 from proto.tandem.v1 import tandem_pb2_grpc
 from router.admin import parse_admin_keys
@@ -40,6 +41,11 @@ ray = pytest.importorskip("ray")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # About 3,000 tokens: a prefill of a few seconds on a CPU worker, long enough to act during it.
 LONG_PROMPT = " ".join(f"Line {n}: a quick brown fox jumps over the lazy dog." for n in range(200))
+# A worker answers stats (how a test finds a request in flight) between engine steps: prefill
+# chunks of PREFILL_CHUNK_TOKENS keep its steps short, so a kill lands early in a prefill of
+# MID_PREFILL_PROMPT (about 1,500 tokens: three chunks, two left to land it in).
+PREFILL_CHUNK_TOKENS = 512
+MID_PREFILL_PROMPT = LONG_PROMPT[: len(LONG_PROMPT) // 2]
 
 
 class RunningService:
@@ -120,7 +126,12 @@ def service(request: pytest.FixtureRequest) -> Iterator[RunningService]:
     from cluster.service import ServiceConfig
 
     config = ServiceConfig(
-        engine=EngineConfig(device="cpu", num_kv_blocks=512, block_size=16),
+        engine=EngineConfig(
+            device="cpu",
+            num_kv_blocks=512,
+            block_size=16,
+            scheduler=SchedulerConfig(max_prefill_chunk_tokens=PREFILL_CHUNK_TOKENS),
+        ),
         mode=request.param,
         num_workers=2,
         num_prefill_workers=2,
@@ -615,7 +626,7 @@ def test_a_prefill_worker_lost_before_shipping_its_kv_is_recomputed_on_the_decod
 def test_a_worker_killed_mid_prefill_moves_its_request_to_another(
     service: RunningService, default_model_engine: Engine
 ) -> None:
-    prompt = "(killed) " + LONG_PROMPT  # unique from its start: no cached prefix
+    prompt = "(killed) " + MID_PREFILL_PROMPT  # unique from its start: no cached prefix
     call = service.stub.Generate(
         pb.GenerateRequest(text=prompt, sampling=greedy_sampling(6)), timeout=120
     )
@@ -909,7 +920,7 @@ def test_the_last_prefill_worker_lost_mid_prefill_moves_the_request_to_its_decod
     members = service.service.pools["prefill"].members()
     for member in members[1:]:
         member.load.draining = True
-    prompt = "(last prefill) " + LONG_PROMPT
+    prompt = "(last prefill) " + MID_PREFILL_PROMPT
     try:
         with placing(service, mode="always"):
             call = service.stub.Generate(

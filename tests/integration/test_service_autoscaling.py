@@ -34,7 +34,7 @@ def service() -> Iterator[RunningService]:
     scaling = AutoscalingConfig(
         enabled=True,
         interval_s=0.5,
-        prefill=ScalingPolicy(min_workers=1, max_workers=2, targets={"queued_tokens": 1000.0},
+        prefill=ScalingPolicy(min_workers=1, max_workers=2, targets={"queued_tokens": 330.0},
                               up_cooldown_s=0, down_cooldown_s=4),
         decode=ScalingPolicy(min_workers=1, max_workers=2, targets={"running": 64.0},
                              up_cooldown_s=0, down_cooldown_s=4),
@@ -67,9 +67,10 @@ def test_a_ramp_grows_the_prefill_pool_and_idleness_shrinks_it(
         request = pb.GenerateRequest(text=prompt, sampling=greedy_sampling(max_tokens))
         return list(service.stub.Generate(request, timeout=300))[-1].usage.completion_tokens
 
-    # The ramp: 6 prompts of ~1,500 tokens at once, 9,000 queued tokens against a target of
-    # 1,000 per worker. The prefill pool grows to its max; the decode pool has no reason to.
-    ramp = [f"({n}) {LONG_PROMPT[:6000]}" for n in range(6)]
+    # The ramp: 6 prompts of ~580 tokens at once, ~3,500 queued tokens against a target of
+    # 330 per worker (a load of about 10). The prefill pool grows to its max; the decode pool
+    # has no reason to.
+    ramp = [f"({n}) {LONG_PROMPT[:2000]}" for n in range(6)]
     with ThreadPoolExecutor(len(ramp)) as pool:
         assert list(pool.map(ask, ramp)) == [4] * len(ramp)
     deadline = time.monotonic() + 120

@@ -18,10 +18,12 @@ import pytest
 from contracts.workers import WorkerStats
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.scheduler import SchedulerConfig
 from proto.tandem.v1 import tandem_pb2 as pb
 from tests.conftest import greedy
 from tests.integration.test_service import (
-    LONG_PROMPT,
+    MID_PREFILL_PROMPT,
+    PREFILL_CHUNK_TOKENS,
     RunningService,
     generate,
     greedy_sampling,
@@ -42,7 +44,12 @@ def service() -> Iterator[RunningService]:
     from router.disagg import DisaggPolicy
 
     config = ServiceConfig(
-        engine=EngineConfig(device="cpu", num_kv_blocks=512, block_size=16),
+        engine=EngineConfig(
+            device="cpu",
+            num_kv_blocks=512,
+            block_size=16,
+            scheduler=SchedulerConfig(max_prefill_chunk_tokens=PREFILL_CHUNK_TOKENS),
+        ),
         mode="disaggregated",
         num_prefill_workers=1,
         num_decode_workers=2,
@@ -69,7 +76,7 @@ def busy_decode_worker(service: RunningService, timeout_s: float = 30) -> int:
 def test_a_decode_worker_killed_mid_local_prefill_moves_its_request_to_the_other(
     service: RunningService, default_model_engine: Engine
 ) -> None:
-    prompt = "(local, killed) " + LONG_PROMPT  # unique from its start: no cached prefix
+    prompt = "(local, killed) " + MID_PREFILL_PROMPT  # unique from its start: no cached prefix
     call = service.stub.Generate(
         pb.GenerateRequest(text=prompt, sampling=greedy_sampling(4)), timeout=120
     )
