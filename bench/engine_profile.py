@@ -132,7 +132,7 @@ class StepTimer:
         )
         pending = engine._collect(launched)
         t2 = time.perf_counter()
-        if engine._launches_ahead():
+        if engine.overlaps_outputs:  # None if its schedule could preempt
             engine._in_flight = engine._launch(ahead=True)
         t3 = time.perf_counter()
         outputs = engine._outputs_of(pending)

@@ -856,19 +856,12 @@ class Engine:
                 self.transfer_region.wait_for_free(needed, STAGING_WAIT_S)
             return []
         pending = self._collect(launched)
-        if self._launches_ahead():
+        if self.overlaps_outputs:  # unless its schedule could preempt (_launch checks)
             try:
                 self._in_flight = self._launch(ahead=True)
             except Exception as e:  # raised by the next call, after these outputs
                 self._launch_error = e
         return self._outputs_of(pending)
-
-    def _launches_ahead(self) -> bool:
-        """Whether to try launching the next step now (config.overlap_outputs), before this
-        one's outputs, if its schedule cannot preempt (checked by _launch: the preempted
-        sequences' outputs of this step would not be made yet, and a preemption is the one
-        schedule decision best taken with the latest state)."""
-        return self.overlaps_outputs and not self.scheduler.may_preempt()
 
     @property
     def overlaps_outputs(self) -> bool:
@@ -881,7 +874,9 @@ class Engine:
         """Schedule a step and start it on the device (on the CPU: compute it); None if
         nothing is scheduled. ahead: launched before the last step's outputs are made (on
         CUDA, events around it time it and mark its end, for _wait_if_in_flight); None too
-        if its schedule could preempt (the step is then launched by the next call)."""
+        if its schedule could preempt (the step is then launched by the next call: the
+        preempted sequences' outputs of the last step would not be made yet, and a preemption
+        is the one schedule decision best taken with the latest state)."""
         if ahead:
             # A KV receiver reserves blocks on its own thread (reserve_transfer): the check
             # that this schedule cannot preempt and the schedule are one hold of the block
