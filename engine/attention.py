@@ -5,18 +5,25 @@ correctness reference every faster kernel is tested against and the CPU path:
     token p of a sequence with block table bt: block bt[p // block_size], slot p % block_size
 
 A batch flattens every scheduled sequence's tokens, decodes (one token each) first. An FP8 cache
-(engine.kv_quant) is dequantized as gathered. More: docs/engine.md.
+(engine.kv_quant) is dequantized as gathered; a per-head one comes with its layer's `kv_scales`
+[2, num_kv_heads] (LlamaModel.kv_scales). More: docs/engine.md.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from engine.kv_quant import dequantize_rows, is_fp8_cache, write_kv_fp8_ref
+from engine.kv_quant import (
+    is_fp8_cache,
+    is_per_head_fp8_cache,
+    layer_fp8_views,
+    write_kv_fp8_ref,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,7 @@ class AttentionBackend(ABC):
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         slot_mapping: torch.Tensor,  # [num_tokens] int64
+        kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
     ) -> None: ...
 
     @abstractmethod
@@ -88,6 +96,7 @@ class AttentionBackend(ABC):
         scale: float,
         k: torch.Tensor | None = None,  # this step's keys [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor | None = None,  # and values (a backend may attend over them directly)
+        kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
     ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
 
 
@@ -96,11 +105,11 @@ class TorchAttention(AttentionBackend):
 
     uses_decode_mask = True
 
-    def write_kv(self, kv_cache_layer, k, v, slot_mapping):  # type: ignore[no-untyped-def]
-        write_kv(kv_cache_layer, k, v, slot_mapping)
+    def write_kv(self, kv_cache_layer, k, v, slot_mapping, kv_scales=None):  # type: ignore[no-untyped-def]
+        write_kv(kv_cache_layer, k, v, slot_mapping, kv_scales)
 
-    def forward(self, q, kv_cache_layer, meta, scale, k=None, v=None):  # type: ignore[no-untyped-def]
-        return paged_attention_ref(q, kv_cache_layer, meta, scale)
+    def forward(self, q, kv_cache_layer, meta, scale, k=None, v=None, kv_scales=None):  # type: ignore[no-untyped-def]
+        return paged_attention_ref(q, kv_cache_layer, meta, scale, kv_scales)
 
 
 def select_backend(device: torch.device) -> AttentionBackend:
@@ -117,11 +126,12 @@ def write_kv(
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64
+    kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
 ) -> None:
     """Store new keys and values at their slots (the torch reference; no padding slots),
     quantized with their scales for an FP8 cache."""
-    if is_fp8_cache(kv_cache_layer):
-        write_kv_fp8_ref(kv_cache_layer, k, v, slot_mapping)
+    if is_fp8_cache(kv_cache_layer) or is_per_head_fp8_cache(kv_cache_layer):
+        write_kv_fp8_ref(kv_cache_layer, k, v, slot_mapping, kv_scales)
         return
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache_layer.shape
     flat = kv_cache_layer.view(2, num_blocks * block_size, num_kv_heads, head_dim)
@@ -134,23 +144,23 @@ def paged_attention_ref(
     kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     meta: AttentionMetadata,
     scale: float,
+    kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each new token over its sequence's cached context (new tokens
     included: write_kv runs first)."""
     num_decode = meta.num_decode_tokens
+    cache = _Cache.of(kv_cache_layer, kv_scales)
     if num_decode == q.shape[0] and meta.decode_mask is not None:  # decodes only
-        return _decode_attention(
-            q, kv_cache_layer, meta.decode_block_tables, meta.decode_mask, scale
-        )
+        return _decode_attention(q, cache, meta.decode_block_tables, meta.decode_mask, scale)
     out = torch.empty_like(q)
     if num_decode:
         assert meta.decode_mask is not None, "decodes need a mask"
         out[:num_decode] = _decode_attention(
-            q[:num_decode], kv_cache_layer, meta.decode_block_tables, meta.decode_mask, scale
+            q[:num_decode], cache, meta.decode_block_tables, meta.decode_mask, scale
         )
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        out[rows] = _prefill_attention(q[rows], kv_cache_layer, chunk, scale)
+        out[rows] = _prefill_attention(q[rows], cache, chunk, scale)
     return out
 
 
@@ -160,30 +170,47 @@ def decode_mask(context_lens: torch.Tensor, num_key_slots: int) -> torch.Tensor:
     return (positions[None, :] < context_lens[:, None])[:, None, None, :]
 
 
+class _Cache(NamedTuple):
+    """One layer's cache as the reference reads it: the values, and for an FP8 cache the
+    scales' views (engine.kv_quant.layer_fp8_views)."""
+
+    values: torch.Tensor  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    scales: torch.Tensor | None  # [2, num_blocks, block_size, num_kv_heads] fp32, FP8 only
+
+    @classmethod
+    def of(cls, kv_cache_layer: torch.Tensor, kv_scales: torch.Tensor | None) -> _Cache:
+        if is_fp8_cache(kv_cache_layer) or is_per_head_fp8_cache(kv_cache_layer):
+            return cls(*layer_fp8_views(kv_cache_layer, kv_scales))
+        return cls(kv_cache_layer, None)
+
+
 def _gather_context(
-    kv_cache_layer: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype
+    cache: _Cache, block_ids: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of the given blocks, as [..., num_kv_heads, num_blocks * block_size, head_dim]
-    (an FP8 cache's dequantized to `dtype`; a float cache's as stored)."""
+    (an FP8 cache's dequantized to `dtype` in fp32; a float cache's as stored)."""
     # K and V separately, each an index_select over the leading (block) dim: one select over
     # dim 1 of the [2, ...] layer tensor measured 1.8x slower per decode step at batch 8.
     flat_ids = block_ids.reshape(-1)
-    k = kv_cache_layer[0].index_select(0, flat_ids)  # [n, block_size, num_kv_heads, head_dim]
-    v = kv_cache_layer[1].index_select(0, flat_ids)
-    if is_fp8_cache(kv_cache_layer):
-        k, v = dequantize_rows(k, dtype), dequantize_rows(v, dtype)
+    k = cache.values[0].index_select(0, flat_ids)  # [n, block_size, num_kv_heads, head_dim]
+    v = cache.values[1].index_select(0, flat_ids)
+    if cache.scales is not None:
+        k_s = cache.scales[0].index_select(0, flat_ids)  # [n, block_size, num_kv_heads]
+        v_s = cache.scales[1].index_select(0, flat_ids)
+        k = (k.float() * k_s[..., None]).to(dtype)
+        v = (v.float() * v_s[..., None]).to(dtype)
     shape = (*block_ids.shape[:-1], -1, k.shape[-2], k.shape[-1])
     return k.reshape(shape).transpose(-3, -2), v.reshape(shape).transpose(-3, -2)
 
 
 def _decode_attention(
     q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
-    kv_cache_layer: torch.Tensor,
+    cache: _Cache,
     block_tables: torch.Tensor,  # [num_decodes, max_blocks]
     mask: torch.Tensor,  # [num_decodes, 1, 1, max_blocks * block_size] bool
     scale: float,
 ) -> torch.Tensor:
-    k, v = _gather_context(kv_cache_layer, block_tables, q.dtype)  # [B, kv_heads, S, D]
+    k, v = _gather_context(cache, block_tables, q.dtype)  # [B, kv_heads, S, D]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
     )  # [B, heads, 1, D]
@@ -192,11 +219,11 @@ def _decode_attention(
 
 def _prefill_attention(
     q: torch.Tensor,  # [query_len, num_heads, head_dim]
-    kv_cache_layer: torch.Tensor,
+    cache: _Cache,
     chunk: PrefillChunk,
     scale: float,
 ) -> torch.Tensor:
-    k, v = _gather_context(kv_cache_layer, chunk.block_ids, q.dtype)  # [kv_heads, S, D]
+    k, v = _gather_context(cache, chunk.block_ids, q.dtype)  # [kv_heads, S, D]
     # A leading batch dim of 1: torch's fused CPU kernel takes 4-d inputs only (3-d ones fall
     # back to the unfused math path, measured 4x slower for a 512-token prompt).
     k = k[None, :, : chunk.context_len]  # [1, kv_heads, context_len, D]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, default_scheduler_config
-from engine.kv_quant import KV_FP8_DTYPE, packed_row_bytes
+from engine.kv_quant import KV_FP8_DTYPE, fp8_row_bytes
 from engine.llama import LlamaModel
 from engine.loader import converted, load_weights
 from engine.model_config import ModelConfig
@@ -92,10 +92,14 @@ def scheduler_config(config: EngineConfig, device: torch.device) -> SchedulerCon
     return scheduler
 
 
-def kv_bytes_per_token(model: ModelConfig, kv_dtype: torch.dtype, dtype: torch.dtype) -> int:
-    """KV bytes one token takes in the cache of a model of shape `model` (this rank's)."""
-    if kv_dtype == KV_FP8_DTYPE:  # e4m3 values and a 4-byte scale per row
-        return 2 * model.num_layers * model.num_kv_heads * packed_row_bytes(model.head_dim)
+def kv_bytes_per_token(
+    model: ModelConfig, kv_dtype: torch.dtype, dtype: torch.dtype, fp8_scales: str = "per_head"
+) -> int:
+    """KV bytes one token takes in the cache of a model of shape `model` (this rank's); an FP8
+    cache's rows carry a 4-byte scale each with per-token scales, none with per-head ones."""
+    if kv_dtype == KV_FP8_DTYPE:
+        row = fp8_row_bytes(model.head_dim, fp8_scales)
+        return 2 * model.num_layers * model.num_kv_heads * row
     return model.kv_bytes_per_token(dtype.itemsize)
 
 

@@ -32,7 +32,8 @@ from engine import build
 from engine.attention import select_backend
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.kv_quant import KV_FP8_DTYPE
+from engine.kv_calibration import calibrate_kv_scales, calibration_ids, whole_model_scales
+from engine.kv_quant import KV_FP8_DTYPE, scales_digest
 from engine.loader import describe_model, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
@@ -126,6 +127,10 @@ class Engine:
             fused_quant = self.model.fused_fp8_quant_applies()
         if self.device.type == "cuda" and fused_quant:
             self.model.use_fused_fp8_quant()
+        # names the per-head FP8 KV scales of every KV head (kvtransfer's layout check)
+        self.kv_scales_digest: str | None = None
+        if config.kv_cache_dtype == "fp8" and config.kv_cache_scales == "per_head":
+            self._calibrate_kv_scales()
         scheduler_config = build.scheduler_config(config, self.device)
         # rank 0's transfer staging region (private-KV TP that transfers KV), taken from its budget
         self.transfer_region: TransferRegion | None = None
@@ -149,6 +154,7 @@ class Engine:
             self.device,
             self.kv_dtype,
             self.tp.shared_kv_cache if self.tp is not None and self._shares_kv_cache else None,
+            config.kv_cache_scales,
         )
         if self.transfer_region is not None:
             assert self.tp is not None
@@ -205,6 +211,24 @@ class Engine:
     @property
     def model_id(self) -> str:
         return self.info.source.model_id
+
+    def _calibrate_kv_scales(self) -> None:
+        """Give the model its per-head FP8 KV scales (engine.kv_calibration): one forward pass
+        over the calibration text, on every rank at once under tensor parallelism."""
+        started = time.perf_counter()
+        ids = calibration_ids(self.tokenizer, self.model_config.vocab_size)
+        scales = calibrate_kv_scales(self.model, ids, self.device)
+        self.model.set_kv_scales(scales)
+        whole = whole_model_scales(scales, self.model_config, self.tp)
+        self.kv_scales_digest = scales_digest(whole)
+        logger.info(
+            "per-head FP8 KV scales calibrated on %d tokens in %.2fs: 2^[%d, %d], digest %s",
+            len(ids),
+            time.perf_counter() - started,
+            int(whole.log2().min()),
+            int(whole.log2().max()),
+            self.kv_scales_digest,
+        )
 
     def _start_tensor_parallel(self) -> TensorParallelGroup | None:
         """At tensor_parallel_size N > 1: refuse a model that does not split N ways, then start
@@ -336,7 +360,9 @@ class Engine:
 
     def _num_kv_blocks(self) -> int:
         """Blocks that fit (every rank the same: the fewest any rank can hold, under TP)."""
-        per_token = build.kv_bytes_per_token(self.model.config, self.kv_dtype, self.dtype)
+        per_token = build.kv_bytes_per_token(
+            self.model.config, self.kv_dtype, self.dtype, self.config.kv_cache_scales
+        )
         staging_bytes = 0
         if self.transfer_region is not None:  # rank 0: its heads, and the region's whole blocks
             assert self.shard is not None

@@ -239,6 +239,8 @@ class Attention(nn.Module):
         )
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = config.head_dim**-0.5
+        # [2, num_kv_heads] fp32 with a per-head FP8 KV cache (LlamaModel.set_kv_scales)
+        self.kv_scales: torch.Tensor | None = None
 
     def forward(
         self,
@@ -252,12 +254,12 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
         q, k = rotate_qk(qkv, rope, self.num_heads, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        self.backend.write_kv(kv_cache_layer, k, v, meta.slot_mapping)
+        self.backend.write_kv(kv_cache_layer, k, v, meta.slot_mapping, self.kv_scales)
         if output_rows is not None:
             if output_rows.rows.shape[0] == 0:
                 return qkv.new_empty((0, self.o_proj.out_features))
             q, meta = q[output_rows.rows], output_rows.meta
-        out = self.backend.forward(q, kv_cache_layer, meta, self.scale, k, v)
+        out = self.backend.forward(q, kv_cache_layer, meta, self.scale, k, v, self.kv_scales)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -324,6 +326,8 @@ class LlamaModel(nn.Module):
         self.full_vocab_size = config.vocab_size
         # RMSNorms before qkv and gate_up quantize for the FP8 projections (use_fused_fp8_quant)
         self.fused_fp8_quant = False
+        # [layers, 2, num_kv_heads] fp32: the per-head FP8 KV scales (set_kv_scales), or None
+        self.kv_scales: torch.Tensor | None = None
 
     def set_tensor_parallel(self, group: TensorParallelGroup, layout: ShardLayout) -> None:
         """Make this model (built from layout.local_config, loaded with sharded weights) one
@@ -376,6 +380,18 @@ class LlamaModel(nn.Module):
                 x = self.tp.all_reduce(x)
         x, _ = self.norm(x, residual)
         return x
+
+    def set_kv_scales(self, scales: torch.Tensor) -> None:
+        """Quantize K and V with these per-head scales, [layers, 2, num_kv_heads] fp32 on the
+        model's device (engine.kv_calibration makes them): the KV cache is then a per-head FP8
+        cache (engine.kv_quant). ValueError for another shape."""
+        want = (len(self.layers), 2, self.config.num_kv_heads)
+        if tuple(scales.shape) != want or scales.dtype != torch.float32:
+            raise ValueError(f"kv_scales must be fp32 {want}, got {scales.dtype} "
+                             f"{tuple(scales.shape)}")  # fmt: skip
+        self.kv_scales = scales
+        for layer, layer_scales in zip(self.decoder_layers, scales, strict=True):
+            layer.self_attn.kv_scales = layer_scales
 
     @property
     def decoder_layers(self) -> list[DecoderLayer]:

@@ -21,7 +21,7 @@ from engine.attention import (
     decode_mask,
 )
 from engine.cuda_graph import DecodeGraphs
-from engine.kv_quant import KV_FP8_DTYPE, KV_FP8_STORAGE, packed_row_bytes
+from engine.kv_quant import KV_FP8_DTYPE, fp8_row_bytes, fp8_storage
 from engine.llama import LlamaModel
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 
@@ -40,19 +40,22 @@ class ModelRunner:
         device: torch.device,
         kv_dtype: torch.dtype,
         allocate: Allocate | None = None,
+        fp8_scales: str = "per_head",
     ) -> None:
         """allocate(shape, dtype, device): the zeroed KV cache (default zeros_on_demand; under
-        tensor parallelism on CPU, a view of the cache every rank shares)."""
+        tensor parallelism on CPU, a view of the cache every rank shares). fp8_scales: the
+        scale scheme of an FP8 cache (kv_dtype e4m3; EngineConfig.kv_cache_scales)."""
         config = model.config
         self.model = model
         self.backend = backend
         self.block_size = block_size
         self.device = device
         # [layers, 2, num_blocks, block_size, kv_heads, head_dim] kv_dtype, or for an FP8
-        # cache [..., head_dim + 4] uint8: e4m3 values and a scale per row (engine.kv_quant)
+        # cache int8 of that shape (per-head scales, held by the model) or [..., head_dim + 4]
+        # uint8 (e4m3 values and a scale per row): engine.kv_quant
         row = config.head_dim
         if kv_dtype == KV_FP8_DTYPE:
-            row, kv_dtype = packed_row_bytes(config.head_dim), KV_FP8_STORAGE
+            row, kv_dtype = fp8_row_bytes(row, fp8_scales), fp8_storage(fp8_scales)
         self.kv_cache = (allocate or zeros_on_demand)(
             (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, row),
             kv_dtype,

@@ -14,7 +14,7 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.kernels.decode_attention import paged_decode_attention
 from engine.kernels.kv_write import write_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
-from engine.kv_quant import is_fp8_cache, split_fp8_cache
+from engine.kv_quant import is_fp8_cache, is_per_head_fp8_cache, layer_fp8_views
 
 # Fresh prefill chunks through torch's fused attention (see above). Off until an H100 run has
 # timed it (issue 19: written, not yet run on a GPU).
@@ -28,8 +28,9 @@ class TritonAttention(AttentionBackend):
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,
         slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = padding
+        kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
     ) -> None:
-        cache, scales = _values_and_scales(kv_cache_layer)
+        cache, scales = _values_and_scales(kv_cache_layer, kv_scales)
         write_kv(k, v, cache[0], cache[1], slot_mapping, *scales)
 
     def forward(
@@ -40,11 +41,12 @@ class TritonAttention(AttentionBackend):
         scale: float,
         k: torch.Tensor | None = None,  # [num_tokens, num_kv_heads, head_dim], this step's
         v: torch.Tensor | None = None,
+        kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
     ) -> torch.Tensor:
         # q is a strided view of the fused QKV projection: the kernels take its strides, so
         # no copy (a 2,048-token prefill of the 8B shape copied 16 MiB per layer).
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        cache, scales = _values_and_scales(kv_cache_layer)
+        cache, scales = _values_and_scales(kv_cache_layer, kv_scales)
         k_cache, v_cache = cache[0], cache[1]
         k_scale, v_scale = scales
         num_decode = meta.num_decode_tokens
@@ -108,9 +110,11 @@ def _dense_causal(
 
 def _values_and_scales(
     kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim (+ 4)]
+    kv_scales: torch.Tensor | None,  # [2, kv_heads] fp32 with a per-head FP8 cache
 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """The K/V values [2, ...] and, for a packed FP8 cache, the K and V scale views."""
-    if not is_fp8_cache(kv_cache_layer):
+    """The K/V values [2, ...] and, for an FP8 cache, the K and V scale views (a per-head
+    cache's broadcast over blocks and slots: the kernels read them per key unchanged)."""
+    if not (is_fp8_cache(kv_cache_layer) or is_per_head_fp8_cache(kv_cache_layer)):
         return kv_cache_layer, (None, None)
-    values, scales = split_fp8_cache(kv_cache_layer)  # [2, ..., head_dim] e4m3, [2, ...] fp32
+    values, scales = layer_fp8_views(kv_cache_layer, kv_scales)  # [2, ...] e4m3, [2, ...] fp32
     return values, (scales[0], scales[1])

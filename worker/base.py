@@ -120,7 +120,10 @@ class WorkerBase:
         try:
             tp_size = self.engine.config.tensor_parallel_size
             self._layout = KVLayout.of_cache(
-                self.engine.transfer_kv_cache, self.engine.model_id, tp_size
+                self.engine.transfer_kv_cache,
+                self.engine.model_id,
+                tp_size,
+                self.engine.kv_scales_digest,
             )
         except InvalidRequest as e:
             self._no_transfer = str(e)

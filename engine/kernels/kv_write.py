@@ -1,6 +1,7 @@
 """Store the keys and values of this step's new tokens into the paged KV cache: one program per
 token copies its [num_kv_heads, head_dim] rows into slot // block_size, slot % block_size,
-converting to the cache's dtype (FP8 caches: quantized in registers, one scale per head row).
+converting to the cache's dtype (FP8 caches: quantized in registers, with one scale per head row
+computed and stored, or with the per-head scales given, engine.kv_quant).
 Padding tokens (slot < 0) are skipped; it never syncs the host and never writes outside the
 cache. `write_kv_ref` is the torch reference. Layout and grid: docs/engine.md.
 """
@@ -18,7 +19,7 @@ from engine.kernels.launch import (
     on_device,
     only_4_byte_aligned,
 )
-from engine.kv_quant import quantize_rows
+from engine.kv_quant import quantize_rows, quantize_with_scales
 
 
 @triton.jit
@@ -53,6 +54,7 @@ def _kv_write_kernel(
     stride_vs_slot=0,
     stride_vs_head=0,
     KV_FP8: tl.constexpr = False,  # quantize to e4m3 with one scale per (token, head)
+    GIVEN_SCALES: tl.constexpr = False,  # with KV_FP8: read each head's scale, never write it
     ROWS_4B: tl.constexpr = False,  # e4m3 rows only 4-byte aligned (launch.only_4_byte_aligned)
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -98,16 +100,20 @@ def _kv_write_kernel(
         + offs_d[None, :]
     )
     if KV_FP8:
-        # Scale of each head row: its amax maps to 448.
-        k_s = tl.maximum(tl.max(tl.abs(k.to(tl.float32)), axis=1), 1e-12) / 448.0  # [BLOCK_H]
-        v_s = tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=1), 1e-12) / 448.0
-        k = round_to_e4m3(tl.clamp(k.to(tl.float32) / k_s[:, None], -448.0, 448.0))
-        v = round_to_e4m3(tl.clamp(v.to(tl.float32) / v_s[:, None], -448.0, 448.0))
         mask_h = (offs_h < NUM_KV_HEADS) & is_valid
         ks_ptrs = k_scale_ptr + block_id * stride_ks_block + slot_in_block * stride_ks_slot
         vs_ptrs = v_scale_ptr + block_id * stride_vs_block + slot_in_block * stride_vs_slot
-        tl.store(ks_ptrs + offs_h * stride_ks_head, k_s, mask=mask_h)
-        tl.store(vs_ptrs + offs_h * stride_vs_head, v_s, mask=mask_h)
+        if GIVEN_SCALES:  # per-head scales, the same for every slot (strides 0 there)
+            k_s = tl.load(ks_ptrs + offs_h * stride_ks_head, mask=mask_h, other=1.0)
+            v_s = tl.load(vs_ptrs + offs_h * stride_vs_head, mask=mask_h, other=1.0)
+        else:  # scale of each head row: its amax maps to 448
+            k_s = tl.maximum(tl.max(tl.abs(k.to(tl.float32)), axis=1), 1e-12) / 448.0
+            v_s = tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=1), 1e-12) / 448.0
+        k = round_to_e4m3(tl.clamp(k.to(tl.float32) / k_s[:, None], -448.0, 448.0))
+        v = round_to_e4m3(tl.clamp(v.to(tl.float32) / v_s[:, None], -448.0, 448.0))
+        if not GIVEN_SCALES:
+            tl.store(ks_ptrs + offs_h * stride_ks_head, k_s, mask=mask_h)
+            tl.store(vs_ptrs + offs_h * stride_vs_head, v_s, mask=mask_h)
     tl.store(kc_ptrs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptrs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -119,13 +125,14 @@ def write_kv(
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int32 or int64; < 0 skips the token
     k_scale: torch.Tensor | None = None,  # FP8 caches: [num_blocks, block_size, num_kv_heads]
-    v_scale: torch.Tensor | None = None,  # fp32, the packed cache's scale views
+    v_scale: torch.Tensor | None = None,  # fp32, kv_quant.layer_fp8_views' scale views
 ) -> None:
     """Store k and v at their flat slots (block_id * block_size + slot_in_block), in the
-    cache's dtype; for an e4m3 cache quantized, with each row's scale stored in k_scale /
-    v_scale. Tokens with slot < 0 are skipped; so are slots >= num_blocks * block_size,
-    which are a caller bug (the reference raises for them). Raises ValueError for inputs of the
-    wrong device, dtype, shape or layout. Never syncs the host."""
+    cache's dtype; for an e4m3 cache quantized: with each row's scale stored in k_scale /
+    v_scale, or, when those are per-head scales broadcast over blocks and slots (strides 0
+    there: `given_scales`), with them. Tokens with slot < 0 are skipped; so are slots >=
+    num_blocks * block_size, which are a caller bug (the reference raises for them). Raises
+    ValueError for inputs of the wrong device, dtype, shape or layout. Never syncs the host."""
     _check_inputs(k, v, k_cache, v_cache, slot_mapping)
     is_fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     num_tokens, num_kv_heads, head_dim = k.shape
@@ -151,9 +158,16 @@ def write_kv(
             v_scale_ptr=v_scale if v_scale is not None else v_cache,
             **_scale_strides(k_scale, v_scale),
             KV_FP8=is_fp8,
+            GIVEN_SCALES=is_fp8 and given_scales(k_scale, v_scale),
             ROWS_4B=is_fp8 and only_4_byte_aligned(k_cache, v_cache),
             num_warps=4 if block_h * block_d >= 2048 else 2,
         )  # fmt: skip
+
+
+def given_scales(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
+    """Whether FP8 scale views are per-head scales (one value for every block and slot), which
+    a write reads, rather than per-row scales, which it writes."""
+    return all(s is not None and s.stride()[:2] == (0, 0) for s in (k_scale, v_scale))
 
 
 def _scale_strides(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> dict:
@@ -183,6 +197,11 @@ def write_kv_ref(
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()  # [num_kept]
+    if k_scale is not None and v_scale is not None and given_scales(k_scale, v_scale):
+        where = (slots // block_size, slots % block_size)
+        k_cache[where] = quantize_with_scales(k[keep], k_scale[0, 0])
+        v_cache[where] = quantize_with_scales(v[keep], v_scale[0, 0])
+        return
     if k_scale is not None and v_scale is not None:
         (kq, ks), (vq, vs) = quantize_rows(k[keep]), quantize_rows(v[keep])
         k_cache[slots // block_size, slots % block_size] = kq

@@ -1,0 +1,166 @@
+"""Per-head FP8 KV scales, calibrated once at start-up (EngineConfig.kv_cache_scales="per_head").
+
+The model runs one forward pass over a fixed text (CALIBRATION_TEXT, below, written for this
+purpose and shipped with the code, so every worker of a fleet calibrates on the same tokens),
+with an attention backend that attends densely over the pass's own keys and values in the
+model dtype, writes no cache, and records the largest |K| and |V| of every (layer, kv head).
+The scales are those maxima with headroom, rounded up to a power of two
+(engine.kv_quant.calibrated_scales). Under tensor parallelism every rank runs the same pass (its
+collectives included) at the same point of start-up, each for its own heads, and the table is
+gathered so that rank 0 can name the whole model's scales (the digest KV transfer compares).
+Why per-head scales and why calibrated: docs/engine.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.kv_quant import calibrated_scales
+from engine.sharding import shard_layout
+
+if TYPE_CHECKING:
+    from engine.llama import LlamaModel
+    from engine.model_config import ModelConfig
+    from engine.parallel import TensorParallelGroup
+    from engine.tokenizer import Tokenizer
+
+MAX_CALIBRATION_TOKENS = 512
+
+# Prose, a dialogue, code, numbers and a table: what a served model reads, in one short text.
+CALIBRATION_TEXT = """\
+The river town wakes early. Before the bakery opens, the ferry has already crossed twice, and
+the fishermen argue about the weather in three languages. Nobody agrees on whether the fog will
+lift by noon; everyone agrees that the coffee at the harbour kiosk is better than it has any
+right to be. In the afternoon the library fills with students who pretend to read and old men
+who actually do, and at six o'clock the bells of the cathedral drown out every conversation.
+
+User: Can you explain what a hash table is, in two sentences?
+Assistant: A hash table stores key-value pairs in an array, using a hash function to turn each
+key into the index where its value lives. Lookups, inserts and deletes take constant time on
+average, as long as the table is not too full and the hash spreads keys evenly.
+User: And when is a balanced tree the better choice?
+Assistant: When you need the keys in order, range queries, or a strict worst-case bound.
+
+def merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    \"\"\"Merge overlapping closed intervals; the result is sorted by start.\"\"\"
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+SELECT region, COUNT(*) AS orders, ROUND(AVG(total), 2) AS mean_total
+FROM orders WHERE created_at >= '2024-01-01' GROUP BY region ORDER BY orders DESC;
+
+| quarter | revenue (M EUR) | growth |
+|---------|-----------------|--------|
+| Q1      | 12.4            | +3.1%  |
+| Q2      | 13.9            | +12.1% |
+| Q3      | 13.2            | -5.0%  |
+
+The probability that at least two of 23 people share a birthday is about 50.7 percent; with
+70 people it exceeds 99.9 percent. Light travels roughly 299,792 kilometres per second, so a
+signal from the Moon, 384,400 km away, arrives in about 1.28 seconds. In 1969 the guidance
+computer of the lunar module had 2,048 words of erasable memory and ran at 0.043 MHz.
+
+Les pommes de terre sont cuites quand la lame du couteau y entre sans resistance. Der Zug nach
+Berlin fahrt um 14:32 von Gleis 7 ab. El mercado abre los sabados a las ocho de la manana.
+"""
+
+
+class _Observer(AttentionBackend):
+    """Calibration's attention: causal SDPA over the pass's own q, k, v (one sequence, no
+    cache), recording max |K| and |V| per (layer, kv head) as the layers write."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, device: torch.device) -> None:
+        self.amax = torch.zeros(num_layers, 2, num_kv_heads, device=device)
+        self.num_writes = 0
+
+    def write_kv(self, kv_cache_layer, k, v, slot_mapping, kv_scales=None):  # type: ignore[no-untyped-def]
+        layer = self.num_writes
+        self.num_writes += 1
+        self.amax[layer, 0] = k.float().abs().amax(dim=(0, 2))  # [num_kv_heads]
+        self.amax[layer, 1] = v.float().abs().amax(dim=(0, 2))
+
+    def forward(self, q, kv_cache_layer, meta, scale, k=None, v=None, kv_scales=None):  # type: ignore[no-untyped-def]
+        assert k is not None and v is not None, "calibration attends over the pass's own K/V"
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1)
+
+
+def calibration_ids(tokenizer: Tokenizer | None, vocab_size: int) -> list[int]:
+    """The calibration tokens: CALIBRATION_TEXT's, at most MAX_CALIBRATION_TOKENS; for a model
+    without a tokenizer (dummy weights), a fixed spread of ids over its vocabulary."""
+    if tokenizer is not None:
+        ids = tokenizer.encode(CALIBRATION_TEXT)[:MAX_CALIBRATION_TOKENS]
+        if len(ids) >= 2:
+            return ids
+    return [(7919 * i + 13) % vocab_size for i in range(MAX_CALIBRATION_TOKENS)]
+
+
+@torch.inference_mode()
+def calibrate_kv_scales(
+    model: LlamaModel, token_ids: list[int], device: torch.device
+) -> torch.Tensor:  # [layers, 2, num_kv_heads] fp32 on `device`: this rank's heads
+    """Run `token_ids` through `model` as one causal sequence and return per-head FP8 scales
+    for its KV cache. Collective under tensor parallelism (every rank calls it)."""
+    config = model.config
+    observer = _Observer(config.num_layers, config.num_kv_heads, device)
+    attention = [layer.self_attn for layer in model.decoder_layers]
+    backends = [a.backend for a in attention]
+    for a in attention:
+        a.backend = observer
+    try:
+        n = len(token_ids)
+        empty = torch.empty(0, dtype=torch.int32, device=device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=device),
+            num_decode_tokens=0,
+            decode_block_tables=empty.view(0, 0),
+            decode_context_lens=empty,
+            prefills=(),
+        )
+        no_cache = torch.empty(config.num_layers, device=device)  # indexed per layer, unread
+        model(
+            torch.tensor(token_ids, dtype=torch.int64, device=device),
+            torch.arange(n, device=device),
+            no_cache,
+            meta,
+        )
+    finally:
+        for a, backend in zip(attention, backends, strict=True):
+            a.backend = backend
+    assert observer.num_writes == config.num_layers, "every layer wrote its K/V once"
+    return calibrated_scales(observer.amax)
+
+
+def whole_model_scales(
+    scales: torch.Tensor,  # [layers, 2, this rank's kv heads]
+    full_config: ModelConfig,
+    tp: TensorParallelGroup | None,
+) -> torch.Tensor:  # [layers, 2, every kv head] fp32, on the CPU
+    """The scale table of every KV head of the model: this rank's own at TP=1, else gathered
+    from every rank (collective) and placed at each rank's heads."""
+    if tp is None:
+        return scales.cpu()
+    layers, _, local_heads = scales.shape
+    gathered = tp.all_gather(scales.reshape(layers * 2, local_heads).contiguous()).cpu()
+    whole = torch.zeros(layers * 2, full_config.num_kv_heads)
+    for rank in range(tp.world_size):
+        layout = shard_layout(full_config, tp.world_size, rank)
+        start, count = layout.kv_head_start, layout.num_kv_heads
+        whole[:, start : start + count] = gathered[:, rank * local_heads : (rank + 1) * local_heads]
+    return whole.view(layers, 2, full_config.num_kv_heads)
