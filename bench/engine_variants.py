@@ -1,7 +1,8 @@
 """Named engine variants for the GPU benchmarks (bench.fp8_gpu, bench.engine_saturation).
 
-A variant is a base, `bf16` (bf16 weights and KV), `w8` (FP8 W8A8 projections, bf16 KV) or
-`w8kv8` (FP8 projections and FP8 KV cache), followed by any of these switches:
+A variant is a base, `bf16` (bf16 weights and KV), `kv8` (bf16 weights, FP8 KV cache), `w8`
+(FP8 W8A8 projections, bf16 KV) or `w8kv8` (FP8 projections and FP8 KV cache), followed by any
+of these switches:
 
     +gemv     EngineConfig.triton_gemv: single-row projections through the Triton GEMV
               (engine.kernels.gemv, or engine.kernels.fp8_gemv for FP8 weights)
@@ -15,6 +16,8 @@ A variant is a base, `bf16` (bf16 weights and KV), `w8` (FP8 W8A8 projections, b
               text and outputs are made (the engine's default on CUDA)
     +sync     EngineConfig.overlap_outputs=False: each step's outputs made before the next
               step is launched (the baseline of +overlap)
+    +pertoken EngineConfig.kv_cache_scales="per_token": the FP8 KV cache's scales one per token
+              and head inside each block (the default: per head, calibrated; FP8 KV only)
 
 e.g. `w8+gemv+fusedq+pdl`. `+pdl` and `+dense` are module switches: `apply_switches` sets them for
 the engine built next (graphs capture them), so build and measure one variant at a time.
@@ -26,10 +29,11 @@ from dataclasses import dataclass
 
 BASES: dict[str, tuple[str | None, str]] = {
     "bf16": (None, "auto"),
+    "kv8": (None, "fp8"),
     "w8": ("fp8", "auto"),
     "w8kv8": ("fp8", "fp8"),
 }
-SWITCHES = ("gemv", "fusedq", "pdl", "dense", "overlap", "sync")
+SWITCHES = ("gemv", "fusedq", "pdl", "dense", "overlap", "sync", "pertoken")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Variant:
     pdl: bool = False
     dense_prefill: bool = False
     overlap_outputs: bool | None = None  # None: the engine's default
+    kv_cache_scales: str = "per_head"
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -51,6 +56,7 @@ class Variant:
             "triton_gemv": self.triton_gemv,
             "fused_fp8_quant": self.fused_fp8_quant,
             "overlap_outputs": self.overlap_outputs,
+            "kv_cache_scales": self.kv_cache_scales,
         }
 
 
@@ -73,6 +79,8 @@ def parse_variant(name: str) -> Variant:
         raise ValueError(f"variant {name!r}: +fusedq needs FP8 weights (w8 or w8kv8)")
     if "overlap" in switches and "sync" in switches:
         raise ValueError(f"variant {name!r}: +overlap and +sync contradict each other")
+    if "pertoken" in switches and kv_cache_dtype != "fp8":
+        raise ValueError(f"variant {name!r}: +pertoken needs an FP8 KV cache (kv8 or w8kv8)")
     if "pdl" in switches and "gemv" not in switches:
         raise ValueError(f"variant {name!r}: +pdl needs +gemv (PDL is the GEMVs' launch)")
     return Variant(
@@ -84,6 +92,7 @@ def parse_variant(name: str) -> Variant:
         pdl="pdl" in switches,
         dense_prefill="dense" in switches,
         overlap_outputs=True if "overlap" in switches else False if "sync" in switches else None,
+        kv_cache_scales="per_token" if "pertoken" in switches else "per_head",
     )
 
 

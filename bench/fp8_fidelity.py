@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-CONFIGS = {  # name -> (quantization, kv_cache_dtype)
-    "fp32": (None, "auto"),
-    "fp8 weights": ("fp8", "auto"),
-    "fp8 kv": (None, "fp8"),
-    "fp8 both": ("fp8", "fp8"),
+CONFIGS = {  # name -> (quantization, kv_cache_dtype, kv_cache_scales)
+    "fp32": (None, "auto", "per_head"),
+    "fp8 weights": ("fp8", "auto", "per_head"),
+    "fp8 kv": (None, "fp8", "per_head"),  # the default: per-head scales, calibrated
+    "fp8 kv per-token": (None, "fp8", "per_token"),
+    "fp8 both": ("fp8", "fp8", "per_head"),
 }
 
 
@@ -38,7 +39,9 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[name] for name in sorted(topics))
 
 
-def engine_for(quantization: str | None, kv_cache_dtype: str, window: int) -> object:
+def engine_for(
+    quantization: str | None, kv_cache_dtype: str, kv_cache_scales: str, window: int
+) -> object:
     from engine.config import EngineConfig
     from engine.engine import Engine
 
@@ -47,6 +50,7 @@ def engine_for(quantization: str | None, kv_cache_dtype: str, window: int) -> ob
         dtype="float32",
         quantization=quantization,
         kv_cache_dtype=kv_cache_dtype,
+        kv_cache_scales=kv_cache_scales,
         num_kv_blocks=-(-window // 16) + 1,
         enable_prefix_caching=False,
     )

@@ -15,6 +15,7 @@ def test_names_map_to_engine_options() -> None:
         "triton_gemv": True,
         "fused_fp8_quant": True,
         "overlap_outputs": None,
+        "kv_cache_scales": "per_head",
     }
     assert variant.pdl and not variant.dense_prefill
     assert parse_variant("bf16+overlap").engine_options()["overlap_outputs"] is True
@@ -22,6 +23,8 @@ def test_names_map_to_engine_options() -> None:
     bf16 = parse_variant("bf16+dense")
     assert bf16.quantization is None and bf16.dense_prefill and not bf16.triton_gemv
     assert parse_variant("w8kv8").kv_cache_dtype == "fp8"
+    kv8 = parse_variant("kv8+pertoken")
+    assert (kv8.quantization, kv8.kv_cache_dtype, kv8.kv_cache_scales) == (None, "fp8", "per_token")
 
 
 @pytest.mark.parametrize(
@@ -33,6 +36,7 @@ def test_names_map_to_engine_options() -> None:
         ("bf16+fusedq", "+fusedq needs FP8 weights"),
         ("w8+pdl", "+pdl needs +gemv"),
         ("bf16+overlap+sync", "+overlap and +sync contradict each other"),
+        ("w8+pertoken", "+pertoken needs an FP8 KV cache"),
     ],
 )
 def test_bad_names_are_refused_with_the_reason(name: str, message: str) -> None:
