@@ -161,7 +161,7 @@ def tandem_engine(args: argparse.Namespace, max_batch: int, tp_size: int = 1) ->
 
     cuda_graph.PINNED_INPUTS = args.pinned_inputs
     gemv_module.USE_PDL = args.pdl
-    triton_attention.DENSE_FRESH_PREFILL = args.dense_prefill
+    triton_attention.DENSE_FRESH_PREFILL = True if args.dense_prefill else None
     return dummy_engine(
         args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=max_batch,
         max_num_batched_tokens=max(args.ttft_len, 4096), cuda_graphs=not args.no_cuda_graphs,
@@ -266,7 +266,7 @@ def run_saturation(args: argparse.Namespace) -> dict[str, Any]:
     config = NAMED_SHAPES[args.shape]
     variant = Variant(
         name="bf16", quantization=None, kv_cache_dtype="auto", triton_gemv=not args.no_gemv,
-        pdl=args.pdl, dense_prefill=args.dense_prefill,
+        pdl=args.pdl, dense_prefill=True if args.dense_prefill else None,
     )  # fmt: skip
     runs = engine_saturation.run_variant(sat_args, variant)
     bound = engine_saturation.request_bound_s(sat_args, config)

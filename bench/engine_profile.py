@@ -249,7 +249,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         name = {"new": "default+gemv", "new-nogemv": "default"}.get(name, name)
         cuda_graph.PINNED_INPUTS = "-pinned" not in name
         gemv_module.USE_PDL = "+pdl" in name
-        triton_attention.DENSE_FRESH_PREFILL = "+dense" in name
+        triton_attention.DENSE_FRESH_PREFILL = True if "+dense" in name else None
         extra["triton_gemv"] = "+gemv" in name or "+pdl" in name
     engine = dummy_engine(
         args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=args.max_num_seqs,

@@ -10,8 +10,10 @@ of these switches:
               the RMSNorm and SiLU-and-mul kernels (FP8 weights only)
     +pdl      engine.kernels.gemv.USE_PDL: the GEMVs with programmatic dependent launch (needs
               +gemv)
-    +dense    engine.triton_attention.DENSE_FRESH_PREFILL: steps whose prefill chunks all start
-              their sequence attend through torch's fused SDPA
+    +dense    engine.triton_attention.DENSE_FRESH_PREFILL=True: steps whose prefill chunks all
+              start their sequence attend through torch's fused SDPA (the default for FP8 KV)
+    +paged    DENSE_FRESH_PREFILL=False: every prefill chunk through the paged kernel (the
+              default for bf16 KV)
     +overlap  EngineConfig.overlap_outputs=True: each step launched before the previous one's
               text and outputs are made (the engine's default on CUDA)
     +sync     EngineConfig.overlap_outputs=False: each step's outputs made before the next
@@ -33,7 +35,7 @@ BASES: dict[str, tuple[str | None, str]] = {
     "w8": ("fp8", "auto"),
     "w8kv8": ("fp8", "fp8"),
 }
-SWITCHES = ("gemv", "fusedq", "pdl", "dense", "overlap", "sync", "pertoken")
+SWITCHES = ("gemv", "fusedq", "pdl", "dense", "paged", "overlap", "sync", "pertoken")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Variant:
     triton_gemv: bool = False
     fused_fp8_quant: bool = False
     pdl: bool = False
-    dense_prefill: bool = False
+    dense_prefill: bool | None = None  # None: the engine's default
     overlap_outputs: bool | None = None  # None: the engine's default
     kv_cache_scales: str = "per_head"
 
@@ -77,6 +79,8 @@ def parse_variant(name: str) -> Variant:
     quantization, kv_cache_dtype = BASES[base]
     if "fusedq" in switches and quantization != "fp8":
         raise ValueError(f"variant {name!r}: +fusedq needs FP8 weights (w8 or w8kv8)")
+    if "dense" in switches and "paged" in switches:
+        raise ValueError(f"variant {name!r}: +dense and +paged contradict each other")
     if "overlap" in switches and "sync" in switches:
         raise ValueError(f"variant {name!r}: +overlap and +sync contradict each other")
     if "pertoken" in switches and kv_cache_dtype != "fp8":
@@ -90,7 +94,7 @@ def parse_variant(name: str) -> Variant:
         triton_gemv="gemv" in switches,
         fused_fp8_quant="fusedq" in switches,
         pdl="pdl" in switches,
-        dense_prefill="dense" in switches,
+        dense_prefill=True if "dense" in switches else False if "paged" in switches else None,
         overlap_outputs=True if "overlap" in switches else False if "sync" in switches else None,
         kv_cache_scales="per_token" if "pertoken" in switches else "per_head",
     )

@@ -1,8 +1,11 @@
 """The attention backend for CUDA: Triton kernels for KV writes, decode and prefill attention,
-every launch free of host synchronization (CUDA-graph safe). With DENSE_FRESH_PREFILL, steps
-whose chunks all start a sequence attend with torch's fused causal SDPA over the step's own
-q, k, v (faster than the paged kernel there; measurements in docs/benchmarks.md); chunks that
-continue a sequence use the paged kernel. An FP8 cache is passed as its e4m3 and scale views.
+every launch free of host synchronization (CUDA-graph safe). Dense fresh prefill: steps whose
+chunks all start a sequence attend with torch's fused causal SDPA over the step's own q, k, v
+(in the model dtype, also with an FP8 cache), chunks that continue a sequence through the paged
+kernel. On by default for FP8 caches, where the paged kernel's in-register conversion of e4m3
+keys and values makes it the slower one (TTFT of 2,048 tokens on an H100: 33.9 against 40.3
+ms), off for bf16 (no gain measured); DENSE_FRESH_PREFILL True or False forces it. An FP8
+cache is passed to the kernels as its e4m3 and scale views.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from engine.kernels.kv_write import write_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
 from engine.kv_quant import is_fp8_cache, is_per_head_fp8_cache, layer_fp8_views
 
-# Fresh prefill chunks through torch's fused attention (see above). Off until an H100 run has
-# timed it (issue 19: written, not yet run on a GPU).
-DENSE_FRESH_PREFILL = False
+# Fresh prefill chunks through torch's fused attention (see above): None, for FP8 caches only;
+# True, always; False, never.
+DENSE_FRESH_PREFILL: bool | None = None
 
 
 class TritonAttention(AttentionBackend):
@@ -62,7 +65,8 @@ class TritonAttention(AttentionBackend):
                 k_scale=k_scale,
                 v_scale=v_scale,
             )
-        if meta.prefills and k is not None and v is not None and _all_fresh(meta):
+        dense = dense_fresh_prefill(k_scale is not None)
+        if meta.prefills and k is not None and v is not None and dense and _all_fresh(meta):
             for chunk in meta.prefills:
                 rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
                 out[rows] = _dense_causal(q[rows], k[rows], v[rows], scale)
@@ -86,9 +90,14 @@ class TritonAttention(AttentionBackend):
         return out
 
 
+def dense_fresh_prefill(fp8_cache: bool) -> bool:
+    """Whether steps of fresh prefill chunks attend densely (DENSE_FRESH_PREFILL, above)."""
+    return fp8_cache if DENSE_FRESH_PREFILL is None else DENSE_FRESH_PREFILL
+
+
 def _all_fresh(meta: AttentionMetadata) -> bool:
     """Whether every prefill chunk starts its sequence (no cached prefix to attend to)."""
-    return DENSE_FRESH_PREFILL and all(c.query_len == c.context_len for c in meta.prefills)
+    return all(c.query_len == c.context_len for c in meta.prefills)
 
 
 def _dense_causal(

@@ -168,3 +168,31 @@ def test_dense_fresh_prefill_matches_the_paged_kernel(model_dir: Path) -> None:
     scale = paged.abs().max().item()
     torch.testing.assert_close(dense, paged, atol=0.02 * scale, rtol=0.05)
     engine.check_integrity()
+
+
+@pytest.mark.parametrize("kv_cache_scales", ["per_head", "per_token"])
+def test_fp8_cache_fresh_prefill_is_dense_by_default_and_matches_the_paged_kernel(
+    model_dir: Path, kv_cache_scales: str
+) -> None:
+    """With an FP8 cache, fresh prompts attend through torch's fused attention over the step's
+    own keys and values by default (the paged kernel's e4m3 conversion made it the slower one);
+    its logits stay within FP8's distance of the paged kernel's, which reads the cache."""
+    from engine import triton_attention
+
+    assert triton_attention.DENSE_FRESH_PREFILL is None, "the default: FP8 caches only"
+    assert triton_attention.dense_fresh_prefill(True) and not triton_attention.dense_fresh_prefill(
+        False
+    )
+    engine = gpu_engine(model_dir, kv_cache_dtype="fp8", kv_cache_scales=kv_cache_scales)
+    token_ids = rule_sequence(seed=9, length=700)
+    dense = prefill_logits(engine, token_ids)
+    try:
+        triton_attention.DENSE_FRESH_PREFILL = False
+        paged = prefill_logits(engine, token_ids)
+    finally:
+        triton_attention.DENSE_FRESH_PREFILL = None
+    assert (dense.argmax(-1) == paged.argmax(-1)).float().mean().item() >= 0.97
+    scale = paged.abs().max().item()
+    assert (dense - paged).abs().max().item() > 0, "the two paths ran the same kernels"
+    torch.testing.assert_close(dense, paged, atol=0.08 * scale, rtol=0.1)
+    engine.check_integrity()

@@ -37,6 +37,7 @@ def test_names_map_to_engine_options() -> None:
         ("w8+pdl", "+pdl needs +gemv"),
         ("bf16+overlap+sync", "+overlap and +sync contradict each other"),
         ("w8+pertoken", "+pertoken needs an FP8 KV cache"),
+        ("kv8+dense+paged", "+dense and +paged contradict each other"),
     ],
 )
 def test_bad_names_are_refused_with_the_reason(name: str, message: str) -> None:
@@ -53,6 +54,8 @@ def test_switches_are_set_and_cleared() -> None:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
         assert gemv_module.USE_PDL and triton_attention.DENSE_FRESH_PREFILL
         apply_switches(parse_variant("bf16"))
-        assert not gemv_module.USE_PDL and not triton_attention.DENSE_FRESH_PREFILL
+        assert not gemv_module.USE_PDL and triton_attention.DENSE_FRESH_PREFILL is None
+        apply_switches(parse_variant("kv8+paged"))
+        assert triton_attention.DENSE_FRESH_PREFILL is False
     finally:
         gemv_module.USE_PDL, triton_attention.DENSE_FRESH_PREFILL = before

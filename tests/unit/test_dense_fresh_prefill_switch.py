@@ -1,0 +1,40 @@
+"""engine.triton_attention's dense fresh prefill: on by default for FP8 caches only, forced either
+way by DENSE_FRESH_PREFILL; only steps whose every prefill chunk starts its sequence qualify.
+(Its numerics against the paged kernel: tests/gpu/test_engine_gpu.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import triton_attention
+from engine.attention import AttentionMetadata, PrefillChunk
+
+
+def meta(*chunks: tuple[int, int]) -> AttentionMetadata:  # (query_len, context_len) each
+    empty = torch.empty(0, dtype=torch.int32)
+    start, prefills = 0, []
+    for query_len, context_len in chunks:
+        prefills.append(PrefillChunk(start, query_len, context_len, empty))
+        start += query_len
+    return AttentionMetadata(torch.empty(0), 0, empty.view(0, 0), empty, tuple(prefills))
+
+
+@pytest.mark.parametrize(
+    ("setting", "fp8", "bf16"), [(None, True, False), (True, True, True), (False, False, False)]
+)
+def test_the_switch_picks_fp8_caches_by_default(
+    setting: bool | None, fp8: bool, bf16: bool
+) -> None:
+    before = triton_attention.DENSE_FRESH_PREFILL
+    try:
+        triton_attention.DENSE_FRESH_PREFILL = setting
+        assert triton_attention.dense_fresh_prefill(True) is fp8
+        assert triton_attention.dense_fresh_prefill(False) is bf16
+    finally:
+        triton_attention.DENSE_FRESH_PREFILL = before
+
+
+def test_only_steps_of_fresh_chunks_qualify() -> None:
+    assert triton_attention._all_fresh(meta((7, 7), (30, 30)))
+    assert not triton_attention._all_fresh(meta((7, 7), (5, 23)))  # a cached prefix
