@@ -82,7 +82,7 @@ def test_an_fp8_prefill_is_refused_when_it_pairs_with_a_wider_decode(
             "pair 'fp8/bf16' refused: the prefill (sender, tensor_parallel_size 1) and decode "
             "(receiver, tensor_parallel_size 1) KV layouts "
             f"differ: dtype float8_e4m3fn != {dtype_name}, scale_scheme block_tail_fp32 "
-            "!= none; serve both with the same --kv-cache-dtype and model"
+            "!= none; serve both with the same --kv-cache-dtype, --kv-cache-scales and model"
         )
         # refused before connecting: the receiver sees no sender at all
         assert endpoint.listener.accept(0.5) is None
@@ -130,7 +130,7 @@ def test_a_bf16_decode_refuses_an_fp8_prefill_at_pairing_time(sender_layout: str
                 "tensor_parallel_size 1) and decode (receiver, tensor_parallel_size 1) KV "
                 "layouts differ: dtype float8_e4m3fn != bfloat16, "
                 "scale_scheme block_tail_fp32 != none; serve both with the same "
-                "--kv-cache-dtype and model"
+                "--kv-cache-dtype, --kv-cache-scales and model"
             )
         else:
             expected = (
@@ -191,7 +191,8 @@ def test_per_head_fp8_workers_whose_scales_differ_are_refused_at_pairing(checked
             "(receiver, tensor_parallel_size 1) KV layouts differ: scale_scheme "
             f"{prefill_layout.scale_scheme} != {decode_layout.scale_scheme}, the per-head FP8 "
             "KV scales differ (each worker calibrates them at start-up: another model, weights, "
-            "code or calibration); serve both with the same --kv-cache-dtype and model"
+            "code or calibration); serve both with the same --kv-cache-dtype, --kv-cache-scales "
+            "and model"
         )
         if checked_by == "decode":
             thread.join(30)
