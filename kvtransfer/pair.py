@@ -381,5 +381,5 @@ def _layout_refusal(mismatch: KVTransferError, sender: KVLayout, receiver: KVLay
     return (
         f"the prefill (sender, tensor_parallel_size {sender.tensor_parallel_size}) and decode "
         f"(receiver, tensor_parallel_size {receiver.tensor_parallel_size}) KV {mismatch}; "
-        "serve both with the same --kv-cache-dtype and model"
+        "serve both with the same --kv-cache-dtype, --kv-cache-scales and model"
     )

@@ -73,7 +73,7 @@ class Report:
 
 def kv_cache(num_blocks: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Random bytes in an engine cache's shape; uint8 is the packed FP8 cache (engine.kv_quant):
-    rows of HEAD_DIM e4m3 bytes plus a 4-byte scale."""
+    rows of HEAD_DIM e4m3 bytes plus a 4-byte scale; int8 the per-head one (e4m3 bytes only)."""
     row = HEAD_DIM + 4 if dtype == torch.uint8 else HEAD_DIM
     shape = (NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, row)
     generator = torch.Generator().manual_seed(seed)
@@ -83,8 +83,9 @@ def kv_cache(num_blocks: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     return raw.view(dtype).view(shape)
 
 
-def layout_of(cache: torch.Tensor) -> KVLayout:
-    return KVLayout.of_cache(cache, "test-model")
+def layout_of(cache: torch.Tensor, scales_digest: str | None = None) -> KVLayout:
+    """The cache's layout; a per-head FP8 (int8) cache's needs the digest of its scales."""
+    return KVLayout.of_cache(cache, "test-model", scales_digest=scales_digest)
 
 
 def digest(cache: torch.Tensor, block_ids: tuple[int, ...] | list[int]) -> str:
@@ -318,9 +319,10 @@ def prefill_engine_role(params: dict[str, Any], conn: Connection, report: Report
 
     engine = Engine(engine_config(params.get("kv_cache_dtype", "auto")))
     cache = engine.runner.kv_cache
+    layout = KVLayout.of_cache(cache, engine.model_id, scales_digest=engine.kv_scales_digest)
     channel, control = connect_pair(params["endpoint"], "prefill/decode", TRANSPORT)
     sender = KVSender(
-        channel, control, cache, KVLayout.of_cache(cache, engine.model_id),
+        channel, control, cache, layout,
         engine.block_manager.release, StagingPool(1 << 22, "cpu", cache.dtype),
     )  # fmt: skip
     handles = []
@@ -352,12 +354,13 @@ def decode_engine_role(params: dict[str, Any], conn: Connection, report: Report)
 
     engine = Engine(engine_config(params.get("kv_cache_dtype", "auto")))
     cache = engine.runner.kv_cache
+    layout = KVLayout.of_cache(cache, engine.model_id, scales_digest=engine.kv_scales_digest)
     endpoint = ReceiverEndpoint(HOST)
     conn.send(endpoint.address)
     pair = endpoint.accept(TRANSPORT)
     assert pair is not None
     receiver = KVReceiver(
-        pair[0], pair[1], cache, KVLayout.of_cache(cache, engine.model_id),
+        pair[0], pair[1], cache, layout,
         engine.block_manager.reserve, engine.block_manager.release,
         StagingPool(1 << 22, "cpu", cache.dtype),
     )  # fmt: skip

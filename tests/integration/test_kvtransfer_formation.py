@@ -1,6 +1,7 @@
 """Forming KV pairs between real workers (in this process, no Ray): pairing is not held up by
-connections that never complete a formation (docs/reliability.md, F6; issue 16 item 2), and a peer
-without the cluster secret is refused before any KV block is reserved (S5)."""
+connections that never complete a formation (docs/reliability.md, F6; issue 16 item 2), a peer
+without the cluster secret is refused before any KV block is reserved (S5), and per-head FP8
+workers pair only with workers holding the same calibrated scales."""
 
 from __future__ import annotations
 
@@ -33,10 +34,11 @@ HOST = "127.0.0.1"
 FAST = TransportConfig(backend="gloo", timeout_s=5.0, connect_timeout_s=4.0, gloo_hostname=HOST)
 
 
-def engine_config() -> EngineConfig:
+def engine_config(kv_cache_dtype: str = "auto") -> EngineConfig:
     return EngineConfig(
         model="dummy:tiny", device="cpu", num_kv_blocks=64, block_size=4, seed=0,
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256),
+        kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
 
 
@@ -126,3 +128,46 @@ def test_a_peer_without_the_secret_is_refused_before_any_block_is_reserved(
     # the cluster's own prefill worker still pairs
     asyncio.run(prefill.connect("decode-0", address, "prefill-0/decode-0/1"))
     assert asyncio.run(decode.stats()).kv.pairs_refused == 3
+
+
+def test_per_head_fp8_workers_pair_only_with_the_same_scales(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers of the same model calibrate the same per-head scales and pair; a prefill worker
+    whose calibration differs (here: 8x headroom instead of 2x, as another version of the
+    code might calibrate) holds other scales, and its pair is refused before a block moves."""
+    import engine.kv_calibration as kv_calibration
+    from engine.kv_quant import calibrated_scales
+
+    monkeypatch.setattr(decode_actor, "transport_for", lambda engine, *host: FAST)
+    monkeypatch.setattr(prefill_actor, "transport_for", lambda engine, *host: FAST)
+    decode = EngineWorker(engine_config("fp8"), "decode-0")
+    same = PrefillWorker(engine_config("fp8"), "prefill-0")
+    monkeypatch.setattr(
+        kv_calibration, "calibrated_scales", lambda amax: calibrated_scales(amax, headroom=8.0)
+    )
+    other = PrefillWorker(engine_config("fp8"), "prefill-1")
+    try:
+        digests = [w.engine.kv_scales_digest for w in (decode, same, other)]
+        assert digests[0] == digests[1] != digests[2] and None not in digests
+        assert decode.layout.scale_scheme == f"per_head_fp32:{digests[0]}"
+        assert decode.layout.dtype == "float8_e4m3fn"
+        address = decode.open_endpoint(HOST)
+        free_blocks = decode.engine.block_manager.num_free_blocks
+        with pytest.raises(KVTransferError, match="the per-head FP8 KV scales differ"):
+            asyncio.run(other.connect("decode-0", address, "prefill-1/decode-0/1"))
+        assert decode.arrivals.receivers == []
+        assert decode.engine.block_manager.num_free_blocks == free_blocks
+        asyncio.run(same.connect("decode-0", address, "prefill-0/decode-0/1"))
+        result = asyncio.run(
+            same.prefill("r1", list(range(1, 20)), SamplingParams(max_tokens=4), None, "decode-0")
+        )  # fmt: skip
+        assert result.kv is not None and result.kv.num_tokens == 19
+        deadline = time.monotonic() + 20
+        while asyncio.run(decode.stats()).kv.transfers_completed != 1:
+            assert time.monotonic() < deadline, "the KV never arrived"
+            time.sleep(0.02)
+    finally:
+        asyncio.run(same.disconnect("decode-0"))
+        for worker in (other, same, decode):
+            worker.shutdown()

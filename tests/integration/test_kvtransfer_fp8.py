@@ -1,10 +1,13 @@
 """FP8 KV over the wire, with real pairs (TCP control + gloo channel) on CPU.
 
-An FP8 cache block carries its scales in its own bytes (engine.kv_quant), so transfers ship
-them with the values, bit for bit, at about half a bf16 block's bytes. The pair's layout check
+A packed (per-token scales) FP8 cache block carries its scales in its own bytes
+(engine.kv_quant), so transfers ship them with the values, bit for bit, at about half a bf16
+block's bytes. A per-head FP8 block is e4m3 values only; its scales stay with each worker, which
+calibrated them at start-up, and the layout names them by digest. The pair's layout check
 includes the KV dtype and the scale scheme: a prefill worker with an FP8 cache is refused when it
-pairs with a decode worker whose cache is bf16 or fp32, before any transfer. And a decode engine
-continuing from an FP8 prefill's transferred KV generates what one FP8 engine does.
+pairs with a decode worker whose cache is bf16 or fp32, and two per-head FP8 workers whose
+scales differ are refused too, before any transfer. And a decode engine continuing from an FP8
+prefill's transferred KV (per-head scales, the default) generates what one FP8 engine does.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ import torch
 from contracts.errors import KVTransferError
 from kvtransfer.layout import KVLayout
 from kvtransfer.pair import ReceiverEndpoint, connect_pair
-from tests.integration.kvtransfer_peers import HOST, TRANSPORT, Spec, kv_cache, layout_of
+from tests.integration.kvtransfer_peers import (
+    HOST,
+    NUM_KV_HEADS,
+    NUM_LAYERS,
+    TRANSPORT,
+    Spec,
+    kv_cache,
+    layout_of,
+)
 from tests.integration.test_kvtransfer_protocol import (
     Peer,
     assert_clean,
@@ -71,7 +82,7 @@ def test_an_fp8_prefill_is_refused_when_it_pairs_with_a_wider_decode(
             "pair 'fp8/bf16' refused: the prefill (sender, tensor_parallel_size 1) and decode "
             "(receiver, tensor_parallel_size 1) KV layouts "
             f"differ: dtype float8_e4m3fn != {dtype_name}, scale_scheme block_tail_fp32 "
-            "!= none; serve both with the same --kv-cache-dtype and model"
+            "!= none; serve both with the same --kv-cache-dtype, --kv-cache-scales and model"
         )
         # refused before connecting: the receiver sees no sender at all
         assert endpoint.listener.accept(0.5) is None
@@ -119,7 +130,7 @@ def test_a_bf16_decode_refuses_an_fp8_prefill_at_pairing_time(sender_layout: str
                 "tensor_parallel_size 1) and decode (receiver, tensor_parallel_size 1) KV "
                 "layouts differ: dtype float8_e4m3fn != bfloat16, "
                 "scale_scheme block_tail_fp32 != none; serve both with the same "
-                "--kv-cache-dtype and model"
+                "--kv-cache-dtype, --kv-cache-scales and model"
             )
         else:
             expected = (
@@ -131,6 +142,65 @@ def test_a_bf16_decode_refuses_an_fp8_prefill_at_pairing_time(sender_layout: str
         # the endpoint still pairs with a sender of its own layout
         thread, accepted = _accept_in_background(endpoint)
         channel, control = connect_pair(unchecked, "same", TRANSPORT, layout=decode_layout)
+        thread.join(30)
+        assert accepted and accepted[0] is not None
+        for pair_end in ((channel, control), accepted[0]):
+            pair_end[1].close()
+            pair_end[0].close()
+    finally:
+        endpoint.close()
+
+
+@pytest.mark.parametrize("checked_by", ["prefill", "decode"])
+def test_per_head_fp8_workers_whose_scales_differ_are_refused_at_pairing(checked_by: str) -> None:
+    """Two per-head FP8 workers whose calibrated scales differ (here in one head's V scale:
+    another model or weights, say) hold blocks that are not interchangeable: the pair is
+    refused as it forms, by the prefill (sender) side or, when the sender skips its check (an
+    address published without the layout), by the decode side, naming the scales. The decode
+    endpoint still pairs with a sender holding its own scales."""
+    from engine.kv_quant import scales_digest
+    from kvtransfer.pair import EndpointAddress
+
+    scales = torch.full((NUM_LAYERS, 2, NUM_KV_HEADS), 2.0**-8)  # [layers, K|V, kv heads]
+    other = scales.clone()
+    other[-1, 1, -1] = 2.0**-7
+    cache = kv_cache(1, 0, torch.int8)
+    prefill_layout = layout_of(cache, scales_digest(other))
+    decode_layout = layout_of(cache, scales_digest(scales))
+    assert prefill_layout.scale_scheme != decode_layout.scale_scheme
+    endpoint = ReceiverEndpoint(HOST, layout=decode_layout)
+    try:
+        refused: list[BaseException] = []
+        address = endpoint.address
+        if checked_by == "decode":
+            address = EndpointAddress(address.host, address.control_port)
+
+            def accept() -> None:
+                try:
+                    refused.append(AssertionError(f"formed: {endpoint.accept(TRANSPORT)}"))
+                except KVTransferError as e:
+                    refused.append(e)
+
+            thread = threading.Thread(target=accept)
+            thread.start()
+        with pytest.raises(KVTransferError) as info:
+            connect_pair(address, "a/b", TRANSPORT, layout=prefill_layout)
+        by = " by the decode (receiver) side" if checked_by == "decode" else ""
+        assert str(info.value) == (
+            f"pair 'a/b' refused{by}: the prefill (sender, tensor_parallel_size 1) and decode "
+            "(receiver, tensor_parallel_size 1) KV layouts differ: scale_scheme "
+            f"{prefill_layout.scale_scheme} != {decode_layout.scale_scheme}, the per-head FP8 "
+            "KV scales differ (each worker calibrates them at start-up: another model, weights, "
+            "code or calibration); serve both with the same --kv-cache-dtype, --kv-cache-scales "
+            "and model"
+        )
+        if checked_by == "decode":
+            thread.join(30)
+            assert [str(e) for e in refused] == [str(info.value)], refused
+        else:  # refused before connecting: the receiver sees no sender at all
+            assert endpoint.listener.accept(0.5) is None
+        thread, accepted = _accept_in_background(endpoint)
+        channel, control = connect_pair(address, "same", TRANSPORT, layout=decode_layout)
         thread.join(30)
         assert accepted and accepted[0] is not None
         for pair_end in ((channel, control), accepted[0]):

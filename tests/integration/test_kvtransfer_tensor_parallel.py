@@ -157,7 +157,7 @@ def test_a_pair_of_other_layouts_is_refused_naming_both_tensor_parallel_sizes(
     assert str(refused.value) == (
         "pair 'other/tp3' refused: the prefill (sender, tensor_parallel_size 1) and decode "
         "(receiver, tensor_parallel_size 3) KV layouts differ: dtype float16 != float32; "
-        "serve both with the same --kv-cache-dtype and model"
+        "serve both with the same --kv-cache-dtype, --kv-cache-scales and model"
     )
 
 

@@ -1,7 +1,9 @@
 """The disaggregated service with FP8 weights and an FP8 KV cache on CPU: a real local Ray
-cluster, one prefill and one decode worker with the default model, FP8 KV blocks (values and
-scales) moving between them over gloo, the gRPC router on loopback. Greedy output equals one
-FP8 engine's, the transfers really happen, and every block is back afterwards.
+cluster, one prefill and one decode worker with the default model, FP8 KV blocks moving between
+them over gloo (e4m3 values only: per-head scales, the default, which each worker calibrated at
+start-up to the same table, or the pair would have been refused), the gRPC router on loopback.
+Greedy output equals one FP8 engine's, the transfers really happen, and every block is back
+afterwards.
 
 The reference engine runs with one torch thread, as the Ray workers do: with FP8 weights, the
 per-token activation quantizer turns the last-bit differences of fp32 sums taken in another

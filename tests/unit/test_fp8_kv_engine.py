@@ -1,12 +1,14 @@
-"""The engine with an FP8 KV cache (`kv_cache_dtype="fp8"`) on CPU, tiny dummy model.
+"""The engine with an FP8 KV cache (`kv_cache_dtype="fp8"`) on CPU, tiny dummy model, with
+either scale scheme (engine.kv_quant): per head (the default, scales calibrated at start-up)
+or per token (the packed cache: e4m3 values and a scale per (token, kv head) in each block).
 
-The packed cache (engine.kv_quant) holds e4m3 values and a scale per (token, kv head); every
-row is quantized once, when written, and never rescaled. So reusing blocks changes nothing:
-greedy outputs are the same with prefix caching on or off, and every block is back at the end.
-Chunked prefill and preemption recompute K/V in other batches; on this tiny model the tokens
-stay the same, but FP8 rounding can amplify the last-bit differences of fp32 sums taken in
-another batch, so on a real model they need not (docs/benchmarks.md, "Determinism"). The cache
-holds about twice the tokens of a bf16 cache in the same bytes.
+Either way every row is quantized once, when written, and never rescaled. So reusing blocks
+changes nothing: greedy outputs are the same with prefix caching on or off, and every block is
+back at the end. Chunked prefill and preemption recompute K/V in other batches; on this tiny
+model the tokens stay the same, but FP8 rounding can amplify the last-bit differences of fp32
+sums taken in another batch, so on a real model they need not (docs/benchmarks.md,
+"Determinism"). The packed cache's layout is tested here; the per-head cache's, its
+calibration and its KV transfer naming in tests/unit/test_fp8_kv_per_head.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from engine.engine import Engine
 from engine.kv_quant import (
     dequantize_rows,
     is_fp8_cache,
+    is_per_head_fp8_cache,
     pack_blocks,
     packed_row_bytes,
     split_fp8_cache,
@@ -27,6 +30,7 @@ from engine.kv_quant import (
 from tests.conftest import greedy, make_engine, prompt_ids
 
 PROMPTS = [prompt_ids(seed, length) for seed, length in ((1, 23), (2, 9), (3, 41), (4, 16))]
+SCHEMES = pytest.mark.parametrize("scales", ["per_head", "per_token"])
 
 
 def outputs(engine: Engine, prompts: list[list[int]], max_tokens: int = 12) -> list[list[int]]:
@@ -36,16 +40,19 @@ def outputs(engine: Engine, prompts: list[list[int]], max_tokens: int = 12) -> l
     return result
 
 
-def fp8_engine(**kwargs: object) -> Engine:
-    return make_engine(kv_cache_dtype="fp8", **kwargs)  # type: ignore[arg-type]
+def fp8_engine(scales: str, **kwargs: object) -> Engine:
+    return make_engine(kv_cache_dtype="fp8", kv_cache_scales=scales, **kwargs)  # type: ignore[arg-type]
 
 
-def test_the_cache_is_packed_fp8_with_scales() -> None:
-    engine = fp8_engine()
+def test_the_per_token_cache_is_packed_fp8_with_scales() -> None:
+    engine = fp8_engine("per_token")
     cache = engine.runner.kv_cache
     config = engine.model_config
-    assert is_fp8_cache(cache)
+    assert is_fp8_cache(cache) and not is_per_head_fp8_cache(cache)
     assert cache.shape[-1] == packed_row_bytes(config.head_dim) == config.head_dim + 4
+    # no calibration, no scales beside the cache, nothing for KV transfer to compare
+    assert engine.model.kv_scales is None and engine.kv_scales_digest is None
+    assert all(layer.self_attn.kv_scales is None for layer in engine.model.decoder_layers)
 
 
 def test_value_rows_start_16_byte_aligned_and_scales_follow_each_block() -> None:
@@ -84,43 +91,46 @@ def test_only_whole_blocks_split_into_values_and_scales() -> None:
         split_fp8_cache(cache[:, 1:])
 
 
-def test_prefix_caching_does_not_change_fp8_outputs() -> None:
+@SCHEMES
+def test_prefix_caching_does_not_change_fp8_outputs(scales: str) -> None:
     shared = prompt_ids(9, 20)
     prompts = [shared + p[:5] for p in PROMPTS]
-    cached = fp8_engine(enable_prefix_caching=True)
+    cached = fp8_engine(scales, enable_prefix_caching=True)
     first = outputs(cached, prompts)
     hits = cached.block_manager.num_prefix_hits
     assert outputs(cached, prompts) == first  # the second pass hits the prefix cache
     assert cached.block_manager.num_prefix_hits > hits
-    assert outputs(fp8_engine(enable_prefix_caching=False), prompts) == first
+    assert outputs(fp8_engine(scales, enable_prefix_caching=False), prompts) == first
 
 
-def test_chunked_prefill_does_not_change_fp8_outputs() -> None:
-    whole = outputs(fp8_engine(), PROMPTS)
-    assert (
-        outputs(fp8_engine(max_prefill_chunk_tokens=5, max_num_batched_tokens=16), PROMPTS) == whole
-    )
+@SCHEMES
+def test_chunked_prefill_does_not_change_fp8_outputs(scales: str) -> None:
+    whole = outputs(fp8_engine(scales), PROMPTS)
+    chunked = fp8_engine(scales, max_prefill_chunk_tokens=5, max_num_batched_tokens=16)
+    assert outputs(chunked, PROMPTS) == whole
 
 
-def test_preemption_does_not_change_fp8_outputs() -> None:
-    roomy = outputs(fp8_engine(num_kv_blocks=64), PROMPTS, max_tokens=20)
-    tight = fp8_engine(num_kv_blocks=26, max_model_len=80)
+@SCHEMES
+def test_preemption_does_not_change_fp8_outputs(scales: str) -> None:
+    roomy = outputs(fp8_engine(scales, num_kv_blocks=64), PROMPTS, max_tokens=20)
+    tight = fp8_engine(scales, num_kv_blocks=26, max_model_len=80)
     assert outputs(tight, PROMPTS, max_tokens=20) == roomy
     assert tight.scheduler.num_preemptions > 0
 
 
-def test_fp8_outputs_stay_close_to_full_precision() -> None:
+@SCHEMES
+def test_fp8_outputs_stay_close_to_full_precision(scales: str) -> None:
     ids = prompt_ids(5, 30)
-    full, fp8 = make_engine(), fp8_engine()
+    full, fp8 = make_engine(), fp8_engine(scales)
     want, got = outputs(full, [ids], 16)[0], outputs(fp8, [ids], 16)[0]
     assert got[:4] == want[:4]  # random tiny weights: only the first tokens are robust
 
 
-def test_the_same_bytes_hold_about_twice_the_blocks_of_bf16() -> None:
+def test_the_same_bytes_hold_about_twice_the_blocks_of_bf16_with_per_token_scales() -> None:
     def blocks(kv_cache_dtype: str) -> int:
         config = EngineConfig(
             model="dummy:tiny", device="cpu", dtype="bfloat16", kv_cache_bytes=1 << 22,
-            kv_cache_dtype=kv_cache_dtype,
+            kv_cache_dtype=kv_cache_dtype, kv_cache_scales="per_token",
         )  # fmt: skip
         return Engine(config).num_kv_blocks
 

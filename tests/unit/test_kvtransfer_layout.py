@@ -91,9 +91,12 @@ def test_of_cache_rejects_other_shapes(shape: tuple[int, ...]) -> None:
         KVLayout.of_cache(torch.zeros(shape), "m")
 
 
-def test_of_cache_rejects_an_unsupported_dtype() -> None:
-    with pytest.raises(ValueError, match="dtype='int8'"):
-        KVLayout.of_cache(torch.zeros(1, 2, 1, 4, 1, 8, dtype=torch.int8), "m")
+@pytest.mark.parametrize("dtype", [torch.int16, torch.float64])
+def test_of_cache_rejects_an_unsupported_dtype(dtype: torch.dtype) -> None:
+    # (int8 is the per-head FP8 cache and uint8 the packed one: tests/unit/test_fp8_kv_per_head.py)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=f"dtype='{name}'"):
+        KVLayout.of_cache(torch.zeros(1, 2, 1, 4, 1, 8, dtype=dtype), "m")
 
 
 @pytest.mark.parametrize("field", ["block_size", "num_layers", "num_kv_heads", "head_dim"])
@@ -143,6 +146,14 @@ def test_of_cache_reads_a_packed_fp8_cache() -> None:
         ("float8_e4m3fn", "none"),
         ("bfloat16", "block_tail_fp32"),
         ("float8_e4m3fn", "per_block"),
+        ("bfloat16", "per_head_fp32:0123456789abcdef"),
+        ("float8_e4m3fn", "per_head_fp32"),  # without its digest
+        ("float8_e4m3fn", "per_head_fp32:"),
+        ("float8_e4m3fn", "per_head_fp32:0123456789abcde"),  # 15 digits
+        ("float8_e4m3fn", "per_head_fp32:0123456789abcdef0"),  # 17
+        ("float8_e4m3fn", "per_head_fp32:0123456789ABCDEF"),  # not canonical
+        ("float8_e4m3fn", "per_head_fp32:0123456789abcdeg"),
+        ("float8_e4m3fn", "block_tail_fp32:0123456789abcdef"),
     ],
 )
 def test_a_scale_scheme_must_fit_the_dtype(dtype: str, scheme: str) -> None:
@@ -152,8 +163,9 @@ def test_a_scale_scheme_must_fit_the_dtype(dtype: str, scheme: str) -> None:
 
 def test_layouts_round_trip_through_the_wire_form() -> None:
     fp8 = make_layout(dtype="float8_e4m3fn", scale_scheme="block_tail_fp32")
+    per_head = make_layout(dtype="float8_e4m3fn", scale_scheme="per_head_fp32:00ff00ff00ff00ff")
     tp = make_layout(tensor_parallel_size=3)
-    for layout in (make_layout(), fp8, make_layout(model_id='ünïcode/model "q"'), tp):
+    for layout in (make_layout(), fp8, per_head, make_layout(model_id='ünïcode/model "q"'), tp):
         assert KVLayout.from_wire(layout.to_wire()) == layout
 
 

@@ -169,35 +169,60 @@ def test_replicated_kv_heads_transfer_too(single: Engine, expected: list[int]) -
             assert_nothing_held(src, dst)
 
 
-def test_fp8_kv_moves_as_packed_blocks_every_head_in_place() -> None:
-    """A packed FP8 block (a block's values, then its scales) is not sliced by heads: the
-    gather and scatter move each head's values and scale and pack again."""
+def dequantized(
+    engine: Engine, block_ids: list[int], whole_scales: torch.Tensor | None
+) -> torch.Tensor:
+    """The FP8 KV of these blocks of the engine's transfer cache (every head), as fp32: a packed
+    cache's own scales, or a per-head cache's `whole_scales` [layers, 2, every kv head]."""
+    blocks = engine.transfer_kv_cache[:, :, block_ids]
+    if whole_scales is None:
+        return dequantize_rows(blocks)
+    return blocks.view(torch.float8_e4m3fn).float() * whole_scales[:, :, None, None, :, None]
+
+
+@pytest.mark.parametrize("scales", ["per_head", "per_token"])
+def test_fp8_kv_moves_every_head_in_place(scales: str) -> None:
+    """FP8 blocks gathered from the ranks (rank 0's staging region) read as the single
+    engine's: a packed block (a block's values, then its scales) is not sliced by heads, the
+    gather and scatter move each head's values and scale and pack again; a per-head block is
+    e4m3 values only, whose scales every rank calibrated for its own heads at start-up, and
+    the whole model's table (its digest) is the single engine's, so TP 1 and 2 pair."""
+    fp8 = {"kv_cache_dtype": "fp8", "kv_cache_scales": scales}
     with (
-        make_engine(TINY, kv_cache_dtype="fp8") as single8,
-        private(2, kv_cache_dtype="fp8") as engine,
+        make_engine(TINY, **fp8) as single8,  # type: ignore[arg-type]
+        private(2, **fp8) as engine,
     ):
+        assert engine.kv_scales_digest == single8.kv_scales_digest
+        assert (engine.kv_scales_digest is None) == (scales == "per_token")
+        whole_scales = single8.model.kv_scales  # [layers, 2, 2 kv heads], or None
+        if whole_scales is not None:  # each rank holds its own head's column
+            assert engine.model.kv_scales is not None
+            assert torch.equal(engine.model.kv_scales, whole_scales[:, :, :1])
         for src in (single8, engine):
             src.add_request("p", None, greedy(1), prompt_token_ids=PROMPT, prefill_only=True)
             while src.has_unfinished_requests():
                 src.step()
         kept = [src.take_prefilled()[0].kv for src in (single8, engine)]
         read = [
-            dequantize_rows(src.transfer_kv_cache[:, :, list(k.transfer_block_ids)])
+            dequantized(src, list(k.transfer_block_ids), whole_scales)
             for src, k in zip((single8, engine), kept, strict=True)
         ]  # the gathered blocks read as the single engine's: each head in its place
+        assert read[0].abs().amax() > 0
         torch.testing.assert_close(read[1], read[0], atol=0.05, rtol=0.1)
         for src, k in zip((single8, engine), kept, strict=True):
             src.block_manager.release(k.owner)
         expected8 = engine.generate([PROMPT], greedy(MAX_TOKENS))[0].token_ids
         assert decode(engine, *ship(engine, engine, "fp8")) == expected8  # scattered back
+        assert decode(single8, *ship(engine, single8, "fp8-2to1")) == expected8
         assert_nothing_held(engine, single8)
 
 
-def test_an_fp8_cache_is_private_even_where_heads_split() -> None:
+def test_a_packed_fp8_cache_is_private_even_where_heads_split() -> None:
     """A shared cache's ranks view a range of heads; no range of heads of a packed FP8 block is
     a view (it failed: "an FP8 cache splits by whole blocks only")."""
-    single = make_engine(TINY, kv_cache_dtype="fp8").generate([PROMPT], greedy(MAX_TOKENS))
-    with make_engine(TINY, kv_cache_dtype="fp8", tensor_parallel_size=2) as engine:
+    fp8 = {"kv_cache_dtype": "fp8", "kv_cache_scales": "per_token"}
+    single = make_engine(TINY, **fp8).generate([PROMPT], greedy(MAX_TOKENS))  # type: ignore[arg-type]
+    with make_engine(TINY, tensor_parallel_size=2, **fp8) as engine:  # type: ignore[arg-type]
         assert engine.tp is not None and not engine.tp.store.check(["kv-cache"])
         assert engine.generate([PROMPT], greedy(MAX_TOKENS))[0].token_ids == single[0].token_ids
 
