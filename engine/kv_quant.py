@@ -147,6 +147,11 @@ def calibrated_scales(
     """Per-head scales from calibration's amax: amax * headroom maps to <= 448, rounded up to a
     power of two (dividing by it is exact, and two workers whose amax differ in the last bits
     almost always agree on it)."""
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError(
+            "KV scale calibration saw non-finite keys or values (inf or NaN): the model's "
+            "weights or dtype overflow; use kv_cache_scales='per_token'"
+        )
     raw = amax.float().clamp(min=_MIN_CALIBRATION_AMAX) * headroom / FP8_MAX
     return torch.exp2(torch.ceil(torch.log2(raw)))
 

@@ -141,6 +141,12 @@ def test_calibrated_scales_are_powers_of_two_with_two_to_four_times_headroom() -
         assert torch.equal(tiny, torch.exp2(torch.log2(tiny).round()))
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_calibration_is_refused_with_the_way_out(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"non-finite keys or values.*per_token"):
+        calibrated_scales(torch.tensor([1.0, bad]))
+
+
 def test_calibration_is_deterministic_and_every_layer_reads_its_row() -> None:
     first, second = per_head_engine(), per_head_engine()
     digest = first.kv_scales_digest
