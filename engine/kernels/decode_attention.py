@@ -19,6 +19,7 @@ from engine.attention import decode_mask
 from engine.kernels.launch import (
     check_devices,
     check_kv_scales,
+    given_scales,
     on_device,
     only_4_byte_aligned,
 )
@@ -115,6 +116,7 @@ def _decode_split_kernel(
     TILE_N: tl.constexpr,  # tokens per K/V tile, a power of two >= 16
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 caches, so tl.dot does not round to tf32
     KV_FP8: tl.constexpr,  # e4m3 cache: K/V converted to q's dtype, scales folded in
+    ROW_SCALES: tl.constexpr,  # with KV_FP8: a scale per key; else one per head
     ROWS_4B: tl.constexpr,  # e4m3 rows only 4-byte aligned (launch.only_4_byte_aligned)
 ):
     seq = tl.program_id(0)
@@ -149,6 +151,8 @@ def _decode_split_kernel(
         stride_k_head, stride_v_head = (stride_k_head // 4) * 4, (stride_v_head // 4) * 4
     k_head_ptr = k_cache_ptr + kv_head * stride_k_head
     v_head_ptr = v_cache_ptr + kv_head * stride_v_head
+    if KV_FP8 and not ROW_SCALES:  # the head's key scale multiplies every score
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head * stride_ks_head)
     bt_row_ptr = block_tables_ptr + seq * stride_bt_seq
     for tile_start in range(split_start, split_end, TILE_N):
         # Token positions of this tile and where each one lives in the cache. The first token
@@ -173,7 +177,7 @@ def _decode_split_kernel(
         if KV_FP8:
             k = k.to(q.dtype)  # exact: e4m3 values fit bf16, fp16 and fp32
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
-        if KV_FP8:  # key n's scale multiplies score column n
+        if ROW_SCALES:  # key n's scale multiplies score column n
             k_s = tl.load(
                 k_scale_ptr + kv_head * stride_ks_head + block_ids * stride_ks_block
                 + slots * stride_ks_slot, mask=mask_n, other=0.0,
@@ -195,8 +199,9 @@ def _decode_split_kernel(
         )
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         p_v = p
-        if KV_FP8:  # value n's scale multiplies probability column n (not the sum l_i)
+        if KV_FP8:
             v = v.to(q.dtype)
+        if ROW_SCALES:  # value n's scale multiplies probability column n (not the sum l_i)
             v_s = tl.load(
                 v_scale_ptr + kv_head * stride_vs_head + block_ids * stride_vs_block
                 + slots * stride_vs_slot, mask=mask_n, other=0.0,
@@ -210,6 +215,8 @@ def _decode_split_kernel(
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)  # no 0 / 0, no log2(0)
     out = acc / l_safe[:, None]
+    if KV_FP8 and not ROW_SCALES:  # the head's value scale multiplies the whole output
+        out = out * tl.load(v_scale_ptr + kv_head * stride_vs_head)
     out_mask = mask_g[:, None] & mask_d[None, :]
     if SINGLE_SPLIT:
         o_ptrs = out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + offs_d[None, :]
@@ -367,6 +374,7 @@ def paged_decode_attention(
             TILE_N=tile_n,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             KV_FP8=is_fp8,
+            ROW_SCALES=is_fp8 and not given_scales(k_scale, v_scale),
             ROWS_4B=is_fp8 and only_4_byte_aligned(k_cache, v_cache),
             num_warps=num_warps,
             num_stages=num_stages,

@@ -16,6 +16,7 @@ from engine.kernels.fp8_round import round_to_e4m3
 from engine.kernels.launch import (
     check_devices,
     check_kv_scales,
+    given_scales,
     on_device,
     only_4_byte_aligned,
 )
@@ -162,12 +163,6 @@ def write_kv(
             ROWS_4B=is_fp8 and only_4_byte_aligned(k_cache, v_cache),
             num_warps=4 if block_h * block_d >= 2048 else 2,
         )  # fmt: skip
-
-
-def given_scales(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
-    """Whether FP8 scale views are per-head scales (one value for every block and slot), which
-    a write reads, rather than per-row scales, which it writes."""
-    return all(s is not None and s.stride()[:2] == (0, 0) for s in (k_scale, v_scale))
 
 
 def _scale_strides(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> dict:

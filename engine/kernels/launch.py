@@ -31,6 +31,13 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def given_scales(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
+    """Whether FP8 scale views are per-head scales broadcast over blocks and slots (strides 0
+    there; engine.kv_quant.layer_fp8_views): one scale per head, which the KV write reads and
+    the attention kernels fold into the scores and the output, rather than one per row."""
+    return all(s is not None and s.stride()[:2] == (0, 0) for s in (k_scale, v_scale))
+
+
 def check_kv_scales(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.launch import check_kv_scales, only_4_byte_aligned
+from engine.kernels.launch import check_kv_scales, given_scales, only_4_byte_aligned
 from engine.kv_quant import KV_FP8_DTYPE
 
 _LOG2_E = 1.4426950408889634
@@ -68,7 +68,8 @@ def _attend_key_range(
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     IS_DIAGONAL: tl.constexpr,  # True: mask keys past each row's own position
-    KV_FP8: tl.constexpr,  # e4m3 cache: K/V converted to q's dtype, scales folded in
+    KV_FP8: tl.constexpr,  # e4m3 cache: K/V converted to q's dtype
+    ROW_SCALES: tl.constexpr,  # with KV_FP8: a scale per key, folded into its column
 ):
     offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -88,7 +89,7 @@ def _attend_key_range(
             k = k.to(q.dtype)  # exact: e4m3 values fit bf16, fp16 and fp32
             v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
-        if KV_FP8:  # key n's scale multiplies score column n
+        if ROW_SCALES:  # key n's scale multiplies score column n
             k_s = tl.load(ks_base + block_ids * stride_ksb + slots * stride_kss, mask=key_mask,
                           other=0.0)  # fmt: skip
             qk = qk * k_s[None, :]
@@ -101,7 +102,7 @@ def _attend_key_range(
         alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         p_v = p
-        if KV_FP8:  # value n's scale multiplies probability column n (not the sum l_i)
+        if ROW_SCALES:  # value n's scale multiplies probability column n (not the sum l_i)
             v_s = tl.load(vs_base + block_ids * stride_vsb + slots * stride_vss, mask=key_mask,
                           other=0.0)  # fmt: skip
             p_v = p * v_s[None, :]
@@ -153,6 +154,7 @@ def _prefill_attention_kernel(
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (as torch), else unused
     KV_FP8: tl.constexpr,
+    ROW_SCALES: tl.constexpr,  # with KV_FP8: a scale per key; else one per head (folded in)
     ROWS_4B: tl.constexpr,  # e4m3 rows only 4-byte aligned (launch.only_4_byte_aligned)
 ):
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # last tiles (most keys) first
@@ -188,6 +190,8 @@ def _prefill_attention_kernel(
     v_base = v_cache_ptr + kv_head * stride_vh
     ks_base = k_scale_ptr + kv_head * stride_ksh
     vs_base = v_scale_ptr + kv_head * stride_vsh
+    if KV_FP8 and not ROW_SCALES:  # the head's key scale multiplies every score
+        qk_scale = qk_scale * tl.load(ks_base)
     # Keys at positions <= prefix_len + first_q are visible to every row of the tile.
     full_end = (prefix_len + first_q + 1) // BLOCK_N * BLOCK_N
     # One past the position of the tile's last query: nothing beyond is visible to any row.
@@ -197,15 +201,19 @@ def _prefill_attention_kernel(
         stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
         ks_base, vs_base, stride_ksb, stride_kss, stride_vsb, stride_vss,
         BLOCK_N, BLOCK_SIZE, HEAD_DIM, DOT_PRECISION, IS_DIAGONAL=False, KV_FP8=KV_FP8,
+        ROW_SCALES=ROW_SCALES,
     )  # fmt: skip
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, full_end, key_end, block_table_row, k_base, v_base,
         stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
         ks_base, vs_base, stride_ksb, stride_kss, stride_vsb, stride_vss,
         BLOCK_N, BLOCK_SIZE, HEAD_DIM, DOT_PRECISION, IS_DIAGONAL=True, KV_FP8=KV_FP8,
+        ROW_SCALES=ROW_SCALES,
     )  # fmt: skip
 
     acc = acc / l_i[:, None]
+    if KV_FP8 and not ROW_SCALES:  # the head's value scale multiplies the whole output
+        acc = acc * tl.load(vs_base)
     out_offs = (token * stride_ot + head * stride_oh)[:, None] + dims[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
@@ -264,6 +272,7 @@ def paged_prefill_attention(
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=is_fp8,
+        ROW_SCALES=is_fp8 and not given_scales(k_scale, v_scale),
         ROWS_4B=is_fp8 and only_4_byte_aligned(k_cache, v_cache),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
