@@ -1,11 +1,14 @@
 """The attention backend for CUDA: Triton kernels for KV writes, decode and prefill attention,
-every launch free of host synchronization (CUDA-graph safe). Dense fresh prefill: steps whose
-chunks all start a sequence attend with torch's fused causal SDPA over the step's own q, k, v
-(in the model dtype, also with an FP8 cache), chunks that continue a sequence through the paged
-kernel. On by default for FP8 caches, where the paged kernel's in-register conversion of e4m3
-keys and values makes it the slower one (TTFT of 2,048 tokens on an H100: 33.9 against 40.3
-ms), off for bf16 (no gain measured); DENSE_FRESH_PREFILL True or False forces it. An FP8
-cache is passed to the kernels as its e4m3 and scale views.
+every launch free of host synchronization (CUDA-graph safe).
+
+Dense fresh prefill: prefill chunks that start their sequence (DENSE_MIN_QUERY_LEN queries or
+more) attend with torch's fused causal SDPA over the step's own q, k, v (in the model dtype, also
+with an FP8 cache), one call a chunk; the paged kernel skips them and attends for the step's
+other chunks (those that continue a sequence, and short ones). On by default for FP8 caches,
+where the paged kernel's in-register conversion of e4m3 keys and values makes it the slower one
+(TTFT of 2,048 tokens on an H100: 33.6 against 36.8 ms with per-head scales, 39.7 per token),
+off for bf16 (no clear gain measured); DENSE_FRESH_PREFILL True or False forces it. An FP8 cache
+is passed to the kernels as its e4m3 and scale views.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention import AttentionBackend, AttentionMetadata, PrefillChunk
 from engine.kernels.decode_attention import paged_decode_attention
 from engine.kernels.kv_write import write_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
@@ -22,6 +25,9 @@ from engine.kv_quant import is_fp8_cache, is_per_head_fp8_cache, layer_fp8_views
 # Fresh prefill chunks through torch's fused attention (see above): None, for FP8 caches only;
 # True, always; False, never.
 DENSE_FRESH_PREFILL: bool | None = None
+# Shorter fresh chunks stay in the paged kernel's one launch: one SDPA call a chunk and layer
+# costs host time that a short chunk's attention does not repay.
+DENSE_MIN_QUERY_LEN = 128
 
 
 class TritonAttention(AttentionBackend):
@@ -65,12 +71,13 @@ class TritonAttention(AttentionBackend):
                 k_scale=k_scale,
                 v_scale=v_scale,
             )
-        dense = dense_fresh_prefill(k_scale is not None)
-        if meta.prefills and k is not None and v is not None and dense and _all_fresh(meta):
-            for chunk in meta.prefills:
+        dense: list[PrefillChunk] = []
+        if k is not None and v is not None:
+            dense = dense_chunks(meta, k_scale is not None)
+            for chunk in dense:
                 rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
                 out[rows] = _dense_causal(q[rows], k[rows], v[rows], scale)
-        elif meta.prefills:
+        if len(dense) < len(meta.prefills):
             assert meta.prefill_block_tables is not None
             assert meta.prefill_query_start_loc is not None
             assert meta.prefill_context_lens is not None
@@ -86,6 +93,7 @@ class TritonAttention(AttentionBackend):
                 out=out[num_decode:],
                 k_scale=k_scale,
                 v_scale=v_scale,
+                skip_fresh_from=DENSE_MIN_QUERY_LEN if dense else None,
             )
         return out
 
@@ -95,9 +103,17 @@ def dense_fresh_prefill(fp8_cache: bool) -> bool:
     return fp8_cache if DENSE_FRESH_PREFILL is None else DENSE_FRESH_PREFILL
 
 
-def _all_fresh(meta: AttentionMetadata) -> bool:
-    """Whether every prefill chunk starts its sequence (no cached prefix to attend to)."""
-    return all(c.query_len == c.context_len for c in meta.prefills)
+def dense_chunks(meta: AttentionMetadata, fp8_cache: bool) -> list[PrefillChunk]:
+    """The step's prefill chunks that attend densely: with dense fresh prefill on, those that
+    start their sequence (no cached prefix) with at least DENSE_MIN_QUERY_LEN queries; the
+    paged kernel skips exactly these (its skip_fresh_from) and attends over the others."""
+    if not meta.prefills or not dense_fresh_prefill(fp8_cache):
+        return []
+    return [
+        c
+        for c in meta.prefills
+        if c.query_len == c.context_len and c.query_len >= DENSE_MIN_QUERY_LEN
+    ]
 
 
 def _dense_causal(

@@ -115,7 +115,7 @@ def _attend_key_range(
 # batch's index tensors' alignments (slices of larger buffers), so one compile per model serves
 # every batch (see decode_attention.py).
 @triton.jit(
-    do_not_specialize=["stride_bt"],
+    do_not_specialize=["stride_bt", "skip_fresh_from"],
     do_not_specialize_on_alignment=["block_tables_ptr", "query_start_loc_ptr", "context_lens_ptr"],
 )
 def _prefill_attention_kernel(
@@ -146,6 +146,7 @@ def _prefill_attention_kernel(
     stride_vsb,
     stride_vss,
     stride_vsh,
+    skip_fresh_from,  # chunks with no cached prefix and at least this many queries are skipped
     GROUP: tl.constexpr,  # query heads per kv head
     GROUP_PAD: tl.constexpr,  # next power of two >= GROUP
     BLOCK_Q: tl.constexpr,  # query positions per program
@@ -166,6 +167,8 @@ def _prefill_attention_kernel(
     if first_q >= query_len:
         return
     prefix_len = tl.load(context_lens_ptr + seq) - query_len
+    if (prefix_len == 0) & (query_len >= skip_fresh_from):  # attended elsewhere (dense)
+        return
 
     rows = tl.arange(0, BLOCK_Q * GROUP_PAD)  # [BLOCK_M]
     q_idx = first_q + rows // GROUP_PAD  # chunk-relative query index of each row
@@ -232,9 +235,13 @@ def paged_prefill_attention(
     tiles: PrefillTiles | None = None,
     k_scale: torch.Tensor | None = None,  # e4m3 caches: [num_blocks, block_size, num_kv_heads]
     v_scale: torch.Tensor | None = None,  # fp32 (the packed cache's scale views, kv_quant)
+    skip_fresh_from: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], q's dtype
     """Causal attention of each chunk's queries over its sequence's cache; returns `out`.
     With an e4m3 cache (k_scale and v_scale given) K and V are dequantized in registers.
+    With skip_fresh_from, chunks that start their sequence (no cached prefix) and have at
+    least that many queries are skipped, their rows of `out` left as they are (the caller
+    attends over them otherwise).
 
     Only the rows of q named by query_start_loc are written: rows before query_start_loc[0]
     (say, a batch's decode tokens) are left as they are. max_query_len must be >= every chunk's
@@ -268,6 +275,7 @@ def paged_prefill_attention(
         v_scale if v_scale is not None else v_cache,
         *(k_scale.stride() if k_scale is not None else (0, 0, 0)),
         *(v_scale.stride() if v_scale is not None else (0, 0, 0)),
+        _NEVER if skip_fresh_from is None else skip_fresh_from,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=tiles.block_n,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -277,6 +285,9 @@ def paged_prefill_attention(
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return out
+
+
+_NEVER = 2**31 - 1  # skip_fresh_from that skips no chunk
 
 
 @functools.cache

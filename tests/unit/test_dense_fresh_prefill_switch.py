@@ -1,5 +1,6 @@
 """engine.triton_attention's dense fresh prefill: on by default for FP8 caches only, forced either
-way by DENSE_FRESH_PREFILL; only steps whose every prefill chunk starts its sequence qualify.
+way by DENSE_FRESH_PREFILL; only chunks that start their sequence with DENSE_MIN_QUERY_LEN queries
+or more qualify (the paged kernel attends for the step's other chunks).
 (Its numerics against the paged kernel: tests/gpu/test_engine_gpu.py.)"""
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def test_the_switch_picks_fp8_caches_by_default(
         triton_attention.DENSE_FRESH_PREFILL = before
 
 
-def test_only_steps_of_fresh_chunks_qualify() -> None:
-    assert triton_attention._all_fresh(meta((7, 7), (30, 30)))
-    assert not triton_attention._all_fresh(meta((7, 7), (5, 23)))  # a cached prefix
+def test_only_long_fresh_chunks_attend_densely() -> None:
+    """A chunk qualifies when it starts its sequence and has DENSE_MIN_QUERY_LEN queries."""
+    n = triton_attention.DENSE_MIN_QUERY_LEN
+    step = meta((n, n), (n - 1, n - 1), (n, n + 5), (2 * n, 2 * n))  # fresh, short, prefix, fresh
+    assert [c.query_len for c in triton_attention.dense_chunks(step, fp8_cache=True)] == [n, 2 * n]
+    assert triton_attention.dense_chunks(step, fp8_cache=False) == []  # off for bf16 by default
+    assert triton_attention.dense_chunks(meta(), fp8_cache=True) == []

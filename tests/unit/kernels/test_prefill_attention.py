@@ -166,6 +166,73 @@ def test_ref_matches_engine_torch_backend() -> None:
     torch.testing.assert_close(ref[rows], engine_out[rows], atol=tol, rtol=tol)
 
 
+# (cached prefix, chunk): fresh and long (skipped from 16), continuing, fresh but short
+SPLIT_CHUNKS = [(0, 40), (17, 9), (0, 6)]
+
+
+def test_skip_fresh_from_leaves_long_fresh_chunks_alone_and_the_rest_unchanged() -> None:
+    batch = make_batch(SPLIT_CHUNKS, 4, 2, 32, 8)
+    every = paged_prefill_attention(*batch.args())
+    out = torch.full_like(every, 7.0)
+    paged_prefill_attention(*batch.args(), out=out, skip_fresh_from=16)
+    starts = batch.query_start_loc.tolist()
+    skipped = slice(starts[0], starts[1])
+    assert (out[skipped] == 7.0).all()  # the long fresh chunk is the caller's
+    assert torch.equal(out[starts[1] :], every[starts[1] :])  # the others bit for bit
+
+
+def _step_kv(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's own keys and values [num_tokens, kv_heads, head_dim]: each chunk's tokens as
+    the cache holds them (what the layer wrote before attending)."""
+    cache = batch.kv_cache_layer  # [2, blocks, block_size, kv_heads, head_dim]
+    block_size = cache.shape[2]
+    num_tokens = batch.q.shape[0]
+    kv = torch.zeros(2, num_tokens, *cache.shape[3:], dtype=cache.dtype, device=cache.device)
+    starts, lens = batch.query_start_loc.tolist(), batch.context_lens.tolist()
+    for s, context_len in enumerate(lens):
+        query_len = starts[s + 1] - starts[s]
+        positions = torch.arange(context_len - query_len, context_len, device=cache.device)
+        ids = batch.block_tables[s].long()[positions // block_size]
+        kv[:, starts[s] : starts[s + 1]] = cache[:, ids, positions % block_size]
+    return kv[0], kv[1]
+
+
+def test_a_step_splits_long_fresh_chunks_to_dense_attention_and_the_rest_to_the_kernel() -> None:
+    from engine import triton_attention
+    from engine.triton_attention import TritonAttention, dense_chunks
+
+    batch = make_batch(SPLIT_CHUNKS, 4, 2, 32, 8)
+    starts, lens = batch.query_start_loc.tolist(), batch.context_lens.tolist()
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long, device=DEVICE),
+        num_decode_tokens=0,
+        decode_block_tables=torch.empty(0, 0, dtype=torch.int32, device=DEVICE),
+        decode_context_lens=torch.empty(0, dtype=torch.int32, device=DEVICE),
+        prefills=tuple(
+            PrefillChunk(starts[s], starts[s + 1] - starts[s], n, batch.block_tables[s])
+            for s, n in enumerate(lens)
+        ),
+        prefill_block_tables=batch.block_tables,
+        prefill_query_start_loc=batch.query_start_loc,
+        prefill_context_lens=batch.context_lens,
+        max_prefill_query_len=batch.max_query_len,
+    )
+    k, v = _step_kv(batch)
+    before = (triton_attention.DENSE_FRESH_PREFILL, triton_attention.DENSE_MIN_QUERY_LEN)
+    try:
+        triton_attention.DENSE_FRESH_PREFILL, triton_attention.DENSE_MIN_QUERY_LEN = True, 16
+        assert [c.query_len for c in dense_chunks(meta, fp8_cache=False)] == [40]
+        split = TritonAttention().forward(batch.q, batch.kv_cache_layer, meta, batch.scale, k, v)
+        triton_attention.DENSE_FRESH_PREFILL = False
+        assert dense_chunks(meta, fp8_cache=True) == []
+        paged = TritonAttention().forward(batch.q, batch.kv_cache_layer, meta, batch.scale, k, v)
+    finally:
+        triton_attention.DENSE_FRESH_PREFILL, triton_attention.DENSE_MIN_QUERY_LEN = before
+    rows = slice(NUM_DECODE_ROWS, None)
+    torch.testing.assert_close(split[rows], paged[rows], atol=TOL, rtol=TOL)
+    assert torch.equal(split[starts[1] :], paged[starts[1] :])  # only the long fresh chunk moved
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="realistic shapes need a CUDA device")
 @pytest.mark.parametrize(
