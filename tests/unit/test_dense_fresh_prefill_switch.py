@@ -43,3 +43,22 @@ def test_only_long_fresh_chunks_attend_densely() -> None:
     assert [c.query_len for c in triton_attention.dense_chunks(step, fp8_cache=True)] == [n, 2 * n]
     assert triton_attention.dense_chunks(step, fp8_cache=False) == []  # off for bf16 by default
     assert triton_attention.dense_chunks(meta(), fp8_cache=True) == []
+
+
+@pytest.mark.parametrize("length", [13, 16, 1])
+def test_dense_chunks_are_padded_to_a_bucket_without_changing_their_rows(length: int) -> None:
+    """Padding to DENSE_LENGTH_BUCKET bounds the sequence lengths SDPA sees (cuDNN builds a
+    plan per length); padding keys come after every real query, so the rows are unchanged."""
+    gen = torch.Generator().manual_seed(length)
+    q = torch.randn(length, 4, 16, generator=gen)
+    k, v = torch.randn(2, length, 2, 16, generator=gen)
+    before = triton_attention.DENSE_LENGTH_BUCKET
+    try:
+        triton_attention.DENSE_LENGTH_BUCKET = 8
+        padded = triton_attention._dense_causal(q, k, v, 0.25)
+        triton_attention.DENSE_LENGTH_BUCKET = 1
+        exact = triton_attention._dense_causal(q, k, v, 0.25)
+    finally:
+        triton_attention.DENSE_LENGTH_BUCKET = before
+    assert padded.shape == (length, 4, 16)
+    torch.testing.assert_close(padded, exact, atol=1e-6, rtol=1e-6)
