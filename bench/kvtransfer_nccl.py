@@ -492,6 +492,7 @@ def dummy_engine(args: argparse.Namespace, shape: str, device: str) -> Any:
         EngineConfig(  # "cuda": this process's current device (set at start)
             model=f"dummy:{shape}", device=device.split(":")[0], dtype="bfloat16",
             kv_cache_dtype="fp8" if args.kv_dtype == "fp8" else "auto",
+            kv_cache_scales="per_token",  # the packed blocks cache_for makes
             num_kv_blocks=cache_blocks(args), block_size=BLOCK, cuda_graphs=False,
             scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=4096),
         )

@@ -32,8 +32,8 @@ from engine import build
 from engine.attention import select_backend
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.kv_calibration import calibrate_kv_scales, calibration_ids, whole_model_scales
-from engine.kv_quant import KV_FP8_DTYPE, scales_digest
+from engine.kv_calibration import calibrate_kv_amax, calibration_ids, whole_model_table
+from engine.kv_quant import KV_FP8_DTYPE, calibrated_scales, scales_digest
 from engine.loader import describe_model, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
@@ -127,10 +127,6 @@ class Engine:
             fused_quant = self.model.fused_fp8_quant_applies()
         if self.device.type == "cuda" and fused_quant:
             self.model.use_fused_fp8_quant()
-        # names the per-head FP8 KV scales of every KV head (kvtransfer's layout check)
-        self.kv_scales_digest: str | None = None
-        if config.kv_cache_dtype == "fp8" and config.kv_cache_scales == "per_head":
-            self._calibrate_kv_scales()
         scheduler_config = build.scheduler_config(config, self.device)
         # rank 0's transfer staging region (private-KV TP that transfers KV), taken from its budget
         self.transfer_region: TransferRegion | None = None
@@ -163,6 +159,12 @@ class Engine:
                 self.model_config.num_kv_heads,
                 self.transfer_region.num_blocks,
             )
+        # names the per-head FP8 KV scales of every KV head (kvtransfer's layout check); set
+        # after every rank is ready (TP: calibration's collectives come after the start-up
+        # barrier) and the cache is allocated, before graphs capture the scales
+        self.kv_scales_digest: str | None = None
+        if config.kv_cache_dtype == "fp8" and config.kv_cache_scales == "per_head":
+            self._calibrate_kv_scales()
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.capture_cuda_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(config.seed, self.device)
@@ -212,15 +214,28 @@ class Engine:
     def model_id(self) -> str:
         return self.info.source.model_id
 
+    def _own_heads(self, table: torch.Tensor) -> torch.Tensor:
+        """This rank's KV heads of a whole-model [layers, 2, num_kv_heads] table."""
+        shard = self.shard
+        if shard is None:
+            return table
+        return table[:, :, shard.kv_head_start : shard.kv_head_start + shard.num_kv_heads]
+
     def _calibrate_kv_scales(self) -> None:
         """Give the model its per-head FP8 KV scales (engine.kv_calibration): one forward pass
         over the calibration text, on every rank at once under tensor parallelism."""
         started = time.perf_counter()
-        ids = calibration_ids(self.tokenizer, self.model_config.vocab_size)
-        scales = calibrate_kv_scales(self.model, ids, self.device)
-        self.model.set_kv_scales(scales)
-        whole = whole_model_scales(scales, self.model_config, self.tp)
+        ids = calibration_ids(
+            self.tokenizer, self.model_config.vocab_size, self.model_config.max_position_embeddings
+        )
+        amax = calibrate_kv_amax(self.model, ids, self.device)
+        # the whole model's table on every rank, then each rank's heads: a non-finite amax
+        # anywhere fails every rank alike (none is left waiting in a collective)
+        whole = calibrated_scales(whole_model_table(amax, self.model_config, self.tp))
+        self.model.set_kv_scales(self._own_heads(whole).to(self.device))
         self.kv_scales_digest = scales_digest(whole)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # calibration's activations, back to the device
         logger.info(
             "per-head FP8 KV scales calibrated on %d tokens in %.2fs: 2^[%d, %d], digest %s",
             len(ids),

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import AttentionBackend, AttentionMetadata
-from engine.kv_quant import calibrated_scales
 from engine.sharding import shard_layout
 
 if TYPE_CHECKING:
@@ -101,22 +100,25 @@ class _Observer(AttentionBackend):
         return out[0].transpose(0, 1)
 
 
-def calibration_ids(tokenizer: Tokenizer | None, vocab_size: int) -> list[int]:
-    """The calibration tokens: CALIBRATION_TEXT's, at most MAX_CALIBRATION_TOKENS; for a model
-    without a tokenizer (dummy weights), a fixed spread of ids over its vocabulary."""
+def calibration_ids(tokenizer: Tokenizer | None, vocab_size: int, max_positions: int) -> list[int]:
+    """The calibration tokens: CALIBRATION_TEXT's, at most MAX_CALIBRATION_TOKENS and the
+    model's `max_positions`; for a model without a tokenizer (dummy weights), a fixed spread of
+    ids over its vocabulary."""
+    limit = min(MAX_CALIBRATION_TOKENS, max_positions)
     if tokenizer is not None:
-        ids = tokenizer.encode(CALIBRATION_TEXT)[:MAX_CALIBRATION_TOKENS]
+        ids = tokenizer.encode(CALIBRATION_TEXT)[:limit]
         if len(ids) >= 2:
             return ids
-    return [(7919 * i + 13) % vocab_size for i in range(MAX_CALIBRATION_TOKENS)]
+    return [(7919 * i + 13) % vocab_size for i in range(limit)]
 
 
 @torch.inference_mode()
-def calibrate_kv_scales(
+def calibrate_kv_amax(
     model: LlamaModel, token_ids: list[int], device: torch.device
 ) -> torch.Tensor:  # [layers, 2, num_kv_heads] fp32 on `device`: this rank's heads
-    """Run `token_ids` through `model` as one causal sequence and return per-head FP8 scales
-    for its KV cache. Collective under tensor parallelism (every rank calls it)."""
+    """Run `token_ids` through `model` as one causal sequence and return the largest |K| and
+    |V| of every (layer, kv head): what kv_quant.calibrated_scales turns into scales.
+    Collective under tensor parallelism (every rank calls it)."""
     config = model.config
     observer = _Observer(config.num_layers, config.num_kv_heads, device)
     attention = [layer.self_attn for layer in model.decoder_layers]
@@ -144,22 +146,23 @@ def calibrate_kv_scales(
         for a, backend in zip(attention, backends, strict=True):
             a.backend = backend
     assert observer.num_writes == config.num_layers, "every layer wrote its K/V once"
-    return calibrated_scales(observer.amax)
+    return observer.amax
 
 
-def whole_model_scales(
-    scales: torch.Tensor,  # [layers, 2, this rank's kv heads]
+def whole_model_table(
+    table: torch.Tensor,  # [layers, 2, this rank's kv heads]
     full_config: ModelConfig,
     tp: TensorParallelGroup | None,
 ) -> torch.Tensor:  # [layers, 2, every kv head] fp32, on the CPU
-    """The scale table of every KV head of the model: this rank's own at TP=1, else gathered
-    from every rank (collective) and placed at each rank's heads."""
+    """A per-head table of every KV head of the model: this rank's own at TP=1, else gathered
+    from every rank (collective) and placed at each rank's heads (a replicated head from the
+    lowest rank holding it, as KV transfer gathers it)."""
     if tp is None:
-        return scales.cpu()
-    layers, _, local_heads = scales.shape
-    gathered = tp.all_gather(scales.reshape(layers * 2, local_heads).contiguous()).cpu()
+        return table.float().cpu()
+    layers, _, local_heads = table.shape
+    gathered = tp.all_gather(table.float().reshape(layers * 2, local_heads).contiguous()).cpu()
     whole = torch.zeros(layers * 2, full_config.num_kv_heads)
-    for rank in range(tp.world_size):
+    for rank in reversed(range(tp.world_size)):  # lower ranks written last: they win
         layout = shard_layout(full_config, tp.world_size, rank)
         start, count = layout.kv_head_start, layout.num_kv_heads
         whole[:, start : start + count] = gathered[:, rank * local_heads : (rank + 1) * local_heads]

@@ -136,7 +136,7 @@ def test_per_head_fp8_workers_pair_only_with_the_same_scales(
     """Workers of the same model calibrate the same per-head scales and pair; a prefill worker
     whose calibration differs (here: 8x headroom instead of 2x, as another version of the
     code might calibrate) holds other scales, and its pair is refused before a block moves."""
-    import engine.kv_calibration as kv_calibration
+    import engine.engine as engine_module
     from engine.kv_quant import calibrated_scales
 
     monkeypatch.setattr(decode_actor, "transport_for", lambda engine, *host: FAST)
@@ -144,7 +144,7 @@ def test_per_head_fp8_workers_pair_only_with_the_same_scales(
     decode = EngineWorker(engine_config("fp8"), "decode-0")
     same = PrefillWorker(engine_config("fp8"), "prefill-0")
     monkeypatch.setattr(
-        kv_calibration, "calibrated_scales", lambda amax: calibrated_scales(amax, headroom=8.0)
+        engine_module, "calibrated_scales", lambda amax: calibrated_scales(amax, headroom=8.0)
     )
     other = PrefillWorker(engine_config("fp8"), "prefill-1")
     try:

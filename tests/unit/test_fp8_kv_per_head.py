@@ -18,7 +18,7 @@ from contracts.errors import KVTransferError
 from engine import build
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.kv_calibration import calibrate_kv_scales, calibration_ids
+from engine.kv_calibration import MAX_CALIBRATION_TOKENS, calibrate_kv_amax, calibration_ids
 from engine.kv_quant import (
     KV_FP8_DTYPE,
     calibrated_scales,
@@ -172,14 +172,27 @@ def test_calibration_measures_the_weights() -> None:
     so its scales, and the table's digest changes with them."""
     engine = per_head_engine()
     model, config = engine.model, engine.model_config
-    ids = calibration_ids(engine.tokenizer, config.vocab_size)
-    before = calibrate_kv_scales(model, ids, engine.device)
+    ids = calibration_ids(engine.tokenizer, config.vocab_size, config.max_position_embeddings)
+    before = calibrated_scales(calibrate_kv_amax(model, ids, engine.device))
     assert model.kv_scales is not None and torch.equal(before, model.kv_scales)
     with torch.no_grad():
         model.decoder_layers[0].input_layernorm.weight.mul_(8)
-    after = calibrate_kv_scales(model, ids, engine.device)
+    after = calibrated_scales(calibrate_kv_amax(model, ids, engine.device))
     assert torch.equal(after[0], before[0] * 8)
     assert scales_digest(after) != scales_digest(before)
+
+
+def test_calibration_stays_inside_the_model_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose context is shorter than the calibration text calibrates on a prefix of
+    it (failed before: the rotary tables ran out, IndexError at position 256)."""
+    from engine.model_config import NAMED_SHAPES
+
+    assert len(calibration_ids(None, 1000, 10**6)) == MAX_CALIBRATION_TOKENS
+    assert len(calibration_ids(None, 1000, 256)) == 256
+    short = NAMED_SHAPES["tiny"].replace(max_position_embeddings=256)
+    monkeypatch.setitem(NAMED_SHAPES, "tiny-short-context", short)
+    engine = make_engine("dummy:tiny-short-context", kv_cache_dtype="fp8")
+    assert engine.model.kv_scales is not None and engine.kv_scales_digest is not None
 
 
 def test_a_digest_names_every_scale() -> None:
