@@ -96,6 +96,23 @@ def build_parser() -> _Parser:
     )
     generate.set_defaults(handler=run_generate)
 
+    calibrate = commands.add_parser(
+        "calibrate-kv", help="write a model's per-head FP8 KV scales for workers to share"
+    )
+    calibrate.add_argument("--out", required=True, metavar="PATH", help="the JSON file to write")
+    calibrate.add_argument("--model", default=None, help="as for generate (default: bundled model)")
+    calibrate.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    calibrate.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="as the workers run the model; auto: bfloat16 on cuda, float32 on cpu",
+    )
+    calibrate.add_argument(
+        "--quantization", default=None, choices=("fp8",), help="as the workers run it"
+    )
+    calibrate.set_defaults(handler=run_calibrate_kv)
+
     serve = commands.add_parser("serve", help="serve the gRPC API from a pool of Ray workers")
     serve.add_argument("--model", default=None, help="as for generate (default: bundled model)")
     add_pool_arguments(serve)
@@ -311,6 +328,13 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
         help="an FP8 KV cache's scales: per-head (calibrated at start-up, half a bf16 cache) "
         "or per-token (inside each block, no calibration, 3%% larger)",
     )
+    parser.add_argument(
+        "--kv-cache-scales-file",
+        default=None,
+        metavar="PATH",
+        help="per-head FP8 KV scales to load instead of calibrating (`tandem calibrate-kv` "
+        "writes one): workers that load the same file pair whatever their tensor-parallel size",
+    )
 
 
 def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
@@ -491,6 +515,7 @@ def engine_config(args: argparse.Namespace, pool: str) -> Any:
         quantization=getattr(args, "quantization", None),
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         kv_cache_scales=getattr(args, "kv_cache_scales", "per-head").replace("-", "_"),
+        kv_cache_scales_path=getattr(args, "kv_cache_scales_file", None),
         scheduler=scheduler,
         max_model_len=values["max_model_len"],
         tensor_parallel_size=1 if tp_size is None else tp_size,
@@ -788,6 +813,32 @@ def describe_rpc_error(error: Any, target: str) -> str:
     return f"{code.name}: {details}"
 
 
+def run_calibrate_kv(args: argparse.Namespace) -> int:
+    """Calibrate a model's per-head FP8 KV scales once (engine.kv_calibration) and write them
+    for `--kv-cache-scales-file`."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.kv_calibration import save_kv_scales
+
+    engine = Engine(
+        EngineConfig(
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            quantization=args.quantization,
+            kv_cache_dtype="fp8",
+            kv_cache_scales="per_head",
+            num_kv_blocks=1,
+            cuda_graphs=False,
+        )
+    )
+    assert engine.kv_scales_table is not None, "a per-head FP8 engine calibrates"
+    save_kv_scales(args.out, engine.kv_scales_table, engine.model_id)
+    print(f"tandem: wrote {args.out}: {engine.model_id}'s per-head FP8 KV scales, "
+          f"digest {engine.kv_scales_digest}")  # fmt: skip
+    return 0
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from contracts.sampling_params import SamplingParams
     from engine.config import EngineConfig
@@ -816,6 +867,7 @@ def run_generate(args: argparse.Namespace) -> int:
             quantization=args.quantization,
             kv_cache_dtype=args.kv_cache_dtype,
             kv_cache_scales=args.kv_cache_scales.replace("-", "_"),
+            kv_cache_scales_path=args.kv_cache_scales_file,
             tensor_parallel_size=args.tensor_parallel_size,
         )
     )
@@ -868,8 +920,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.error(
-            "choose a command: generate, serve, client, demo, bench, profile, plan, drain-node "
-            "or node (see --help)"
+            "choose a command: generate, serve, client, demo, bench, profile, plan, drain-node, "
+            "node or calibrate-kv (see --help)"
         )
     configure_logging(args.verbose)
     try:

@@ -58,6 +58,10 @@ class EngineConfig:
     # (half a bf16 cache exactly); "per_token", one per (token, kv head) inside each block
     # (no calibration, 3% larger at head_dim 128). Ignored without kv_cache_dtype="fp8".
     kv_cache_scales: str = "per_head"
+    # A per-head scale table to load instead of calibrating (engine.kv_calibration.save_kv_scales,
+    # `tandem calibrate-kv`): every worker that loads one file holds the same scales, whatever
+    # its tensor-parallel size
+    kv_cache_scales_path: str | None = None
     # Ranks of one engine (engine.parallel): 1 runs in this process alone, N > 1 starts N - 1
     # more processes that hold a shard of every layer each; this one schedules and samples.
     tensor_parallel_size: int = 1
@@ -119,6 +123,14 @@ class EngineConfig:
         if self.kv_cache_scales not in KV_CACHE_SCALES:
             raise ValueError(
                 f"kv_cache_scales={self.kv_cache_scales!r} must be one of {KV_CACHE_SCALES}"
+            )
+        if self.kv_cache_scales_path is not None and (
+            self.kv_cache_dtype != "fp8" or self.kv_cache_scales != "per_head"
+        ):
+            raise ValueError(
+                "kv_cache_scales_path is a per-head FP8 scale table: it needs "
+                f"kv_cache_dtype='fp8' and kv_cache_scales='per_head', got "
+                f"{self.kv_cache_dtype!r} and {self.kv_cache_scales!r}"
             )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of two")

@@ -32,7 +32,12 @@ from engine import build
 from engine.attention import select_backend
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.kv_calibration import calibrate_kv_amax, calibration_ids, whole_model_table
+from engine.kv_calibration import (
+    calibrate_kv_amax,
+    calibration_ids,
+    load_kv_scales,
+    whole_model_table,
+)
 from engine.kv_quant import KV_FP8_DTYPE, calibrated_scales, scales_digest
 from engine.loader import describe_model, resolve_model
 from engine.model_runner import ModelRunner
@@ -116,6 +121,11 @@ class Engine:
         self.info, handle = describe_model(resolve_model(config.model), config.converted_cache)
         self.model_config = self.info.config
         self.tokenizer = self.info.tokenizer
+        # a per-head FP8 scale table to load, read before any rank starts (a bad file fails here)
+        scales_path = config.kv_cache_scales_path
+        self._loaded_kv_scales = (
+            None if scales_path is None else load_kv_scales(scales_path, self.model_config)
+        )
         self.tp = tp_group or self._start_tensor_parallel()
         self.model = build.build_model(
             config, self.info, handle, self.backend, self.device, self.dtype, self.shard, self.tp
@@ -163,6 +173,9 @@ class Engine:
         # after every rank is ready (TP: calibration's collectives come after the start-up
         # barrier) and the cache is allocated, before graphs capture the scales
         self.kv_scales_digest: str | None = None
+        # and the table itself, every KV head's [layers, 2, num_kv_heads] on the CPU
+        # (kv_calibration.save_kv_scales writes it for other engines to load)
+        self.kv_scales_table: torch.Tensor | None = None
         if config.kv_cache_dtype == "fp8" and config.kv_cache_scales == "per_head":
             self._calibrate_kv_scales()
         if self.device.type == "cuda" and config.cuda_graphs:
@@ -222,23 +235,31 @@ class Engine:
         return table[:, :, shard.kv_head_start : shard.kv_head_start + shard.num_kv_heads]
 
     def _calibrate_kv_scales(self) -> None:
-        """Give the model its per-head FP8 KV scales (engine.kv_calibration): one forward pass
-        over the calibration text, on every rank at once under tensor parallelism."""
+        """Give the model its per-head FP8 KV scales: the table at kv_cache_scales_path, else
+        calibrated (engine.kv_calibration): one forward pass over the calibration text, on
+        every rank at once under tensor parallelism."""
         started = time.perf_counter()
-        ids = calibration_ids(
-            self.tokenizer, self.model_config.vocab_size, self.model_config.max_position_embeddings
-        )
-        amax = calibrate_kv_amax(self.model, ids, self.device)
-        # the whole model's table on every rank, then each rank's heads: a non-finite amax
-        # anywhere fails every rank alike (none is left waiting in a collective)
-        whole = calibrated_scales(whole_model_table(amax, self.model_config, self.tp))
+        if self._loaded_kv_scales is not None:
+            whole, source = self._loaded_kv_scales, str(self.config.kv_cache_scales_path)
+        else:
+            ids = calibration_ids(
+                self.tokenizer,
+                self.model_config.vocab_size,
+                self.model_config.max_position_embeddings,
+            )
+            amax = calibrate_kv_amax(self.model, ids, self.device)
+            # the whole model's table on every rank, then each rank's heads: a non-finite amax
+            # anywhere fails every rank alike (none is left waiting in a collective)
+            whole = calibrated_scales(whole_model_table(amax, self.model_config, self.tp))
+            source = f"calibration on {len(ids)} tokens"
         self.model.set_kv_scales(self._own_heads(whole).to(self.device))
         self.kv_scales_digest = scales_digest(whole)
+        self.kv_scales_table = whole
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # calibration's activations, back to the device
         logger.info(
-            "per-head FP8 KV scales calibrated on %d tokens in %.2fs: 2^[%d, %d], digest %s",
-            len(ids),
+            "per-head FP8 KV scales from %s in %.2fs: 2^[%d, %d], digest %s",
+            source,
             time.perf_counter() - started,
             int(whole.log2().min()),
             int(whole.log2().max()),

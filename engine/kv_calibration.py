@@ -13,6 +13,9 @@ Why per-head scales and why calibrated: docs/engine.md.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from engine.tokenizer import Tokenizer
 
 MAX_CALIBRATION_TOKENS = 512
+SCALES_FORMAT = "tandem-kv-scales/1"  # the "format" of a saved scale table
 
 # Prose, a dialogue, code, numbers and a table: what a served model reads, in one short text.
 CALIBRATION_TEXT = """\
@@ -167,3 +171,46 @@ def whole_model_table(
         start, count = layout.kv_head_start, layout.num_kv_heads
         whole[:, start : start + count] = gathered[:, rank * local_heads : (rank + 1) * local_heads]
     return whole.view(layers, 2, full_config.num_kv_heads)
+
+
+def save_kv_scales(path: str | Path, table: torch.Tensor, model_id: str) -> None:
+    """Write a whole-model scale table [layers, 2, num_kv_heads] as JSON ("scales"[layer][0 = K
+    | 1 = V][kv head]), with the model it was calibrated for (informative)."""
+    layers, _, heads = table.shape
+    data = {
+        "format": SCALES_FORMAT,
+        "model_id": model_id,
+        "num_layers": layers,
+        "num_kv_heads": heads,
+        "scales": table.float().tolist(),
+    }
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def load_kv_scales(path: str | Path, config: ModelConfig) -> torch.Tensor:
+    """A saved scale table for a model of shape `config`: [layers, 2, num_kv_heads] fp32 on the
+    CPU. ValueError naming the file and the problem when it cannot be read, is not a Tandem
+    scale table, or does not fit the model (layers, KV heads, positive finite values)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"kv_cache_scales_path {str(path)!r}: cannot read it: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != SCALES_FORMAT:
+        raise ValueError(
+            f"kv_cache_scales_path {str(path)!r}: not a {SCALES_FORMAT} file "
+            "(write one with `tandem calibrate-kv`)"
+        )
+    want = (config.num_layers, 2, config.num_kv_heads)
+    try:
+        table = torch.tensor(data["scales"], dtype=torch.float32)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"kv_cache_scales_path {str(path)!r}: bad scales: {e}") from None
+    if tuple(table.shape) != want:
+        raise ValueError(
+            f"kv_cache_scales_path {str(path)!r}: scales of shape {tuple(table.shape)} "
+            f"(model {data.get('model_id')!r}) do not fit this model's [layers, 2, kv heads] "
+            f"{want}"
+        )
+    if not all(math.isfinite(x) and x > 0 for x in table.reshape(-1).tolist()):
+        raise ValueError(f"kv_cache_scales_path {str(path)!r}: every scale must be finite and > 0")
+    return table

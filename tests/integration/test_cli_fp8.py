@@ -10,6 +10,9 @@ fidelity is measured by tests/integration/test_fp8_fidelity.py."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from engine.loader.default_model import installed_default_model
@@ -44,3 +47,25 @@ def test_unknown_fp8_flag_values_exit_2(flag: str, value: str) -> None:
     assert result.returncode == 2
     assert "invalid choice" in result.stderr and repr(value) in result.stderr
     assert f"argument {flag}:" in result.stderr
+
+
+def test_calibrate_kv_writes_scales_that_generate_loads(tmp_path: Path) -> None:
+    """`tandem calibrate-kv` writes the default model's per-head scales once; `generate` loads
+    them in place of calibrating (the same digest it would calibrate), and refuses them
+    without an FP8 cache."""
+    path = tmp_path / "scales.json"
+    wrote = tandem("calibrate-kv", "--out", str(path), "--device", "cpu")
+    assert wrote.returncode == 0, wrote.stderr
+    data = json.loads(path.read_text())
+    assert data["format"] == "tandem-kv-scales/1" and data["num_layers"] == 30
+    digest = wrote.stdout.split("digest ")[1].split()[0]
+    loaded = tandem(
+        "-v", "generate", "The capital of France is", "--device", "cpu", "--max-tokens", "4",
+        "--kv-cache-dtype", "fp8", "--kv-cache-scales-file", str(path),
+    )  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr
+    assert f"per-head FP8 KV scales from {path}" in loaded.stderr
+    assert f"digest {digest}" in loaded.stderr
+    refused = tandem("generate", "hi", "--kv-cache-scales-file", str(path))
+    assert refused.returncode == 2
+    assert "needs kv_cache_dtype='fp8'" in refused.stderr

@@ -11,6 +11,10 @@ scheme: tests/unit/test_fp8_kv_engine.py; the kernels: tests/unit/kernels/test_f
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,7 +22,12 @@ from contracts.errors import KVTransferError
 from engine import build
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.kv_calibration import MAX_CALIBRATION_TOKENS, calibrate_kv_amax, calibration_ids
+from engine.kv_calibration import (
+    MAX_CALIBRATION_TOKENS,
+    calibrate_kv_amax,
+    calibration_ids,
+    save_kv_scales,
+)
 from engine.kv_quant import (
     KV_FP8_DTYPE,
     calibrated_scales,
@@ -298,3 +307,61 @@ def test_a_per_head_prefill_worker_states_its_scales() -> None:
         )  # fmt: skip
     finally:
         worker.shutdown()
+
+
+# ---- a shared scale table (kv_cache_scales_path, `tandem calibrate-kv`)
+
+
+def test_a_saved_table_loads_in_place_of_calibration(tmp_path: Path) -> None:
+    calibrated = per_head_engine()
+    assert calibrated.kv_scales_table is not None
+    path = tmp_path / "scales.json"
+    save_kv_scales(path, calibrated.kv_scales_table, calibrated.model_id)
+    loaded = per_head_engine(kv_cache_scales_path=str(path))
+    assert loaded.kv_scales_digest == calibrated.kv_scales_digest
+    assert torch.equal(loaded.model.kv_scales, calibrated.model.kv_scales)  # type: ignore[arg-type]
+    # a changed file is what the engine holds: it loaded, it did not calibrate
+    data = json.loads(path.read_text())
+    data["scales"][1][0][0] *= 2
+    path.write_text(json.dumps(data))
+    changed = per_head_engine(kv_cache_scales_path=str(path))
+    assert changed.kv_scales_digest != calibrated.kv_scales_digest
+    assert changed.model.kv_scales is not None and calibrated.model.kv_scales is not None
+    assert changed.model.kv_scales[1, 0, 0] == 2 * calibrated.model.kv_scales[1, 0, 0]
+    # and it still serves
+    assert len(changed.generate([prompt_ids(1, 9)], greedy(4))[0].token_ids) == 4
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read it"),
+        ("{not json", "cannot read it"),
+        ('{"format": "other/1"}', "not a tandem-kv-scales/1 file"),
+        ('{"format": "tandem-kv-scales/1"}', "bad scales"),
+        ('{"format": "tandem-kv-scales/1", "scales": [[[1.0], [1.0]]]}', "do not fit"),
+        ("INF", "finite and > 0"),
+        ("NEG", "finite and > 0"),
+    ],
+)
+def test_a_bad_scale_file_is_refused_naming_it_and_the_problem(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    path = tmp_path / "scales.json"
+    if content in ("INF", "NEG"):
+        good = per_head_engine()
+        assert good.kv_scales_table is not None
+        table = good.kv_scales_table.clone()
+        table[0, 1, 0] = float("inf") if content == "INF" else -1.0
+        save_kv_scales(path, table, good.model_id)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(f"{str(path)!r}") + ".*" + message):
+        per_head_engine(kv_cache_scales_path=str(path))
+
+
+def test_a_scale_file_needs_a_per_head_fp8_cache() -> None:
+    for kwargs in ({"kv_cache_dtype": "auto"}, {"kv_cache_scales": "per_token"}):
+        options = {"kv_cache_dtype": "fp8", **kwargs}
+        with pytest.raises(ValueError, match="kv_cache_scales_path is a per-head FP8 scale table"):
+            EngineConfig(kv_cache_scales_path="scales.json", **options)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -513,3 +514,27 @@ def test_a_staging_region_that_leaves_no_kv_block_is_refused_and_stops_the_ranks
     with pytest.raises(ValueError, match=refusal + r" takes 163840 \(kv_staging_blocks"):
         private(2, num_kv_blocks=None, kv_cache_bytes=100_000, max_model_len=64)
     assert child_pids() == before
+
+
+def test_a_shared_scale_table_gives_every_tensor_parallel_size_the_same_scales(
+    tmp_path: Path,
+) -> None:
+    """Calibrated per-head scales can differ between TP sizes in bf16 (the all-reduces sum in
+    another order); a table saved once and loaded by every worker cannot: the same digest at
+    TP=2 as at TP=1, each rank holding its own heads' rows of it."""
+    from engine.kv_calibration import save_kv_scales
+
+    single = make_engine(TINY, kv_cache_dtype="fp8")
+    assert single.kv_scales_table is not None
+    table = single.kv_scales_table.clone()
+    table[0, 0, 1] *= 4  # not what either would calibrate: the TP engine must load it
+    path = tmp_path / "scales.json"
+    save_kv_scales(path, table, single.model_id)
+    with make_engine(
+        TINY, tensor_parallel_size=2, kv_cache_dtype="fp8", kv_cache_scales_path=str(path)
+    ) as engine:
+        assert engine.kv_scales_table is not None and torch.equal(engine.kv_scales_table, table)
+        assert engine.kv_scales_digest != single.kv_scales_digest
+        assert engine.model.kv_scales is not None
+        assert torch.equal(engine.model.kv_scales, table[:, :, :1])  # rank 0: KV head 0
+        assert len(engine.generate([PROMPT], greedy(MAX_TOKENS))[0].token_ids) == MAX_TOKENS
