@@ -250,7 +250,11 @@ class Engine:
             amax = calibrate_kv_amax(self.model, ids, self.device)
             # the whole model's table on every rank, then each rank's heads: a non-finite amax
             # anywhere fails every rank alike (none is left waiting in a collective)
-            whole = calibrated_scales(whole_model_table(amax, self.model_config, self.tp))
+            try:
+                whole = calibrated_scales(whole_model_table(amax, self.model_config, self.tp))
+            except ValueError:  # every rank refuses the same table
+                self._stop_ranks_at_start()
+                raise
             source = f"calibration on {len(ids)} tokens"
         self.model.set_kv_scales(self._own_heads(whole).to(self.device))
         self.kv_scales_digest = scales_digest(whole)

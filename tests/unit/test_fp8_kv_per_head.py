@@ -365,3 +365,19 @@ def test_a_scale_file_needs_a_per_head_fp8_cache() -> None:
         options = {"kv_cache_dtype": "fp8", **kwargs}
         with pytest.raises(ValueError, match="kv_cache_scales_path is a per-head FP8 scale table"):
             EngineConfig(kv_cache_scales_path="scales.json", **options)  # type: ignore[arg-type]
+
+
+def test_an_engine_whose_calibration_overflows_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.engine as engine_module
+
+    real = engine_module.calibrate_kv_amax
+
+    def overflowing(*args: object) -> torch.Tensor:
+        amax = real(*args).clone()  # type: ignore[arg-type]
+        amax[1, 0, 0] = float("inf")
+        return amax
+
+    monkeypatch.setattr(engine_module, "calibrate_kv_amax", overflowing)
+    with pytest.raises(ValueError, match=r"non-finite keys or values.*per_token"):
+        per_head_engine()
+    assert per_head_engine(kv_cache_scales="per_token").kv_scales_digest is None  # the way out
