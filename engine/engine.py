@@ -35,6 +35,7 @@ from engine.config import EngineConfig
 from engine.kv_calibration import (
     calibrate_kv_amax,
     calibration_ids,
+    checkpoint_table,
     load_kv_scales,
     whole_model_table,
 )
@@ -178,6 +179,10 @@ class Engine:
         self.kv_scales_table: torch.Tensor | None = None
         if config.kv_cache_dtype == "fp8" and config.kv_cache_scales == "per_head":
             self._calibrate_kv_scales()
+        elif self.model.checkpoint_kv_scales is not None:
+            logger.info("ignoring the checkpoint's KV-cache scales: the KV cache is %s%s",
+                        config.kv_cache_dtype, " with per-token scales"
+                        if config.kv_cache_dtype == "fp8" else "")  # fmt: skip
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.capture_cuda_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(config.seed, self.device)
@@ -236,11 +241,14 @@ class Engine:
 
     def _calibrate_kv_scales(self) -> None:
         """Give the model its per-head FP8 KV scales: the table at kv_cache_scales_path, else
-        calibrated (engine.kv_calibration): one forward pass over the calibration text, on
-        every rank at once under tensor parallelism."""
+        the checkpoint's KV-cache scales, else calibrated (engine.kv_calibration): one forward
+        pass over the calibration text, on every rank at once under tensor parallelism."""
         started = time.perf_counter()
         if self._loaded_kv_scales is not None:
             whole, source = self._loaded_kv_scales, str(self.config.kv_cache_scales_path)
+        elif self.model.checkpoint_kv_scales is not None:  # the same tensors on every rank
+            whole = checkpoint_table(self.model.checkpoint_kv_scales, self.model_config)
+            source = "the checkpoint"
         else:
             ids = calibration_ids(
                 self.tokenizer,

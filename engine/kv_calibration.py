@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from contracts.errors import UnsupportedModel
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.sharding import shard_layout
 
@@ -211,6 +212,30 @@ def load_kv_scales(path: str | Path, config: ModelConfig) -> torch.Tensor:
             f"(model {data.get('model_id')!r}) do not fit this model's [layers, 2, kv heads] "
             f"{want}"
         )
+    check_scale_values(table, f"kv_cache_scales_path {str(path)!r}")
+    return table
+
+
+def check_scale_values(table: torch.Tensor, where: str) -> None:
+    """ValueError naming `where` unless every scale of `table` is finite and > 0."""
     if not all(math.isfinite(x) and x > 0 for x in table.reshape(-1).tolist()):
-        raise ValueError(f"kv_cache_scales_path {str(path)!r}: every scale must be finite and > 0")
+        raise ValueError(f"{where}: every scale must be finite and > 0")
+
+
+def checkpoint_table(
+    scales: torch.Tensor,  # [layers, 2, 1 or num_kv_heads]: quantization.take_kv_cache_scales
+    full_config: ModelConfig,
+) -> torch.Tensor:  # [layers, 2, every kv head] fp32 on the CPU
+    """A checkpoint's KV-cache scales as a whole-model per-head table: a per-tensor scale
+    repeated over the layer's heads. UnsupportedModel for another size, ValueError for a value
+    that is not finite and > 0."""
+    layers, _, size = scales.shape
+    heads = full_config.num_kv_heads
+    if size not in (1, heads):
+        raise UnsupportedModel(
+            f"checkpoint KV-cache scales of {size} values a layer; supported: one per tensor "
+            f"or one per KV head ({heads})"
+        )
+    table = scales.float().cpu().expand(layers, 2, heads).contiguous()
+    check_scale_values(table, "the checkpoint's KV-cache scales")
     return table

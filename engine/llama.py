@@ -25,6 +25,7 @@ from engine.quantization import (
     collapse_fused_input_scales,
     prepare_fp8_weights,
     quantize_per_token,
+    take_kv_cache_scales,
     widen_checkpoint_scales,
 )
 
@@ -328,6 +329,9 @@ class LlamaModel(nn.Module):
         self.fused_fp8_quant = False
         # [layers, 2, num_kv_heads] fp32: the per-head FP8 KV scales (set_kv_scales), or None
         self.kv_scales: torch.Tensor | None = None
+        # [layers, 2, 1 or every kv head] fp32: the KV-cache scales the checkpoint shipped
+        # (quantization.take_kv_cache_scales), which a per-head FP8 cache uses as they are
+        self.checkpoint_kv_scales: torch.Tensor | None = None
 
     def set_tensor_parallel(self, group: TensorParallelGroup, layout: ShardLayout) -> None:
         """Make this model (built from layout.local_config, loaded with sharded weights) one
@@ -461,6 +465,7 @@ class LlamaModel(nn.Module):
 
         Raises ModelLoadError naming any missing, unexpected or misshapen tensor.
         """
+        self.checkpoint_kv_scales = take_kv_cache_scales(weights, self.config.num_layers)
         fused = prepare_fp8_weights(self, _fuse_hf_weights(weights, self.config))
         self.tie_embeddings()
         if self.config.tie_word_embeddings:

@@ -17,6 +17,7 @@ EngineConfig.fused_fp8_quant): bitwise the values its own quantization would hav
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ _MIN_AMAX = 1e-12  # an all-zero row still gets a positive scale
 QUANTIZATIONS = ("fp8",)
 FP8_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 _KV_CACHE_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")
+_KV_SCALE_NAME = re.compile(r"layers\.(\d+)\.self_attn\.(k_scale|v_scale|kv_scale)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,11 +201,8 @@ def use_fp8_linears(model: nn.Module, static_input_scale: bool = False) -> None:
 
 def widen_checkpoint_scales(weights: dict[str, torch.Tensor]) -> None:
     """In place, before q/k/v and gate/up are fused: every `*.weight_scale` becomes [out] fp32
-    (a per-tensor scale repeated per channel), every `*.input_scale` [1] fp32. KV-cache scales
-    of the checkpoint are dropped: the FP8 KV cache computes its own (see kv_quant)."""
-    for name in [n for n in weights if n.endswith(_KV_CACHE_SCALE_SUFFIXES)]:
-        logger.info("ignoring checkpoint KV-cache scale %s (scales are computed per token)", name)
-        del weights[name]
+    (a per-tensor scale repeated per channel), every `*.input_scale` [1] fp32. (KV-cache scales
+    are taken out before: take_kv_cache_scales.)"""
     for name in [n for n in weights if n.endswith(".weight_scale")]:
         weight = weights.get(name.removesuffix("_scale"))
         if weight is None:
@@ -223,6 +222,37 @@ def widen_checkpoint_scales(weights: dict[str, torch.Tensor]) -> None:
         if scale.numel() != 1:
             raise UnsupportedModel(f"{name} has {scale.numel()} values; supported: per-tensor")
         weights[name] = scale
+
+
+def take_kv_cache_scales(
+    weights: dict[str, torch.Tensor], num_layers: int
+) -> torch.Tensor | None:  # [layers, 2 = K | V, n] fp32, n = 1 (per tensor) or kv heads
+    """Take a checkpoint's KV-cache scales out of `weights` (`layers.{i}.self_attn.k_scale`
+    and `v_scale`, or one `kv_scale` for both, as FP8 checkpoints with a KV-cache scheme ship
+    them: x ~= e4m3 * scale), or None when it has none. Raises ModelLoadError when some layers
+    lack them or their sizes differ."""
+    names = [n for n in weights if n.endswith(_KV_CACHE_SCALE_SUFFIXES)]
+    if not names:
+        return None
+    found: dict[tuple[int, int], torch.Tensor] = {}
+    for name in names:
+        match = _KV_SCALE_NAME.search(name)
+        value = weights.pop(name).float().reshape(-1)
+        if match is None or int(match[1]) >= num_layers:
+            raise ModelLoadError(f"KV-cache scale {name} names no layer of this model")
+        layer, kind = int(match[1]), match[2]
+        for part in (0, 1) if kind == "kv_scale" else (0,) if kind == "k_scale" else (1,):
+            found[(layer, part)] = value
+    missing = sorted(
+        f"{i}.{'kv'[part]}" for i in range(num_layers) for part in (0, 1) if (i, part) not in found
+    )
+    sizes = {t.numel() for t in found.values()}
+    if missing or len(sizes) != 1:
+        raise ModelLoadError(
+            f"checkpoint KV-cache scales must cover every layer's K and V with one size: "
+            f"missing {missing[:6]}, sizes {sorted(sizes)}"
+        )
+    return torch.stack([torch.stack([found[(i, 0)], found[(i, 1)]]) for i in range(num_layers)])
 
 
 def collapse_fused_input_scales(weights: dict[str, torch.Tensor]) -> None:

@@ -26,7 +26,7 @@ from engine.quantization import (
     quantize_per_token,
     quantize_weight,
 )
-from tests.conftest import make_engine, prompt_ids
+from tests.conftest import greedy, make_engine, prompt_ids
 from tests.unit.test_model_parity import build_hf_model, prefill_logits
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -210,3 +210,66 @@ def test_unsupported_checkpoint_is_refused_at_load(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModel, match="bitsandbytes"):
         make_engine(str(tmp_path))
+
+
+TENSOR_STATIC_CONFIG = {"quant_method": "fp8", "activation_scheme": "static"}
+
+
+def _add_kv_cache_scales(directory: Path, scales: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = directory / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors.update(scales)
+    save_file(tensors, str(file))
+
+
+def _layer_scales(num_layers: int, combined: bool) -> dict[str, torch.Tensor]:
+    """k_scale and v_scale per layer (or one kv_scale), distinct values: 2^-(4 + i) for K."""
+    out = {}
+    for i in range(num_layers):
+        stem = f"model.layers.{i}.self_attn"
+        if combined:
+            out[f"{stem}.kv_scale"] = torch.tensor(2.0 ** -(4 + i))
+        else:
+            out[f"{stem}.k_scale"] = torch.tensor(2.0 ** -(4 + i))
+            out[f"{stem}.v_scale"] = torch.tensor([0.03 * (i + 1)])
+    return out
+
+
+@pytest.mark.parametrize("combined", [False, True])
+def test_a_checkpoints_kv_cache_scales_become_the_per_head_scales(
+    tmp_path: Path, combined: bool
+) -> None:
+    """An FP8 checkpoint that ships KV-cache scales (k_scale/v_scale, or one kv_scale) gives a
+    per-head FP8 cache those scales, repeated over each layer's heads, instead of calibrating;
+    a per-token cache, or a bf16 one, ignores them (they were dropped before)."""
+    build_hf_model(tmp_path, "gqa")
+    write_fp8_checkpoint(tmp_path, "tensor-static", TENSOR_STATIC_CONFIG)
+    engine = make_engine(str(tmp_path), kv_cache_dtype="fp8")
+    layers, heads = engine.model_config.num_layers, engine.model_config.num_kv_heads
+    _add_kv_cache_scales(tmp_path, _layer_scales(layers, combined))
+    shipped = make_engine(str(tmp_path), kv_cache_dtype="fp8")
+    scales = shipped.model.kv_scales
+    assert scales is not None and scales.shape == (layers, 2, heads)
+    for i in range(layers):
+        assert (scales[i, 0] == 2.0 ** -(4 + i)).all()
+        want_v = 2.0 ** -(4 + i) if combined else torch.tensor(0.03 * (i + 1)).item()
+        assert torch.allclose(scales[i, 1], torch.tensor(want_v))
+    assert shipped.kv_scales_digest != engine.kv_scales_digest  # not what calibration gives
+    assert len(shipped.generate([prompt_ids(3, 11, vocab_size=300)], greedy(4))[0].token_ids) == 4
+    for kwargs in ({"kv_cache_scales": "per_token"}, {"kv_cache_dtype": "auto"}):
+        options = {"kv_cache_dtype": "fp8", **kwargs}
+        assert make_engine(str(tmp_path), **options).kv_scales_digest is None  # type: ignore[arg-type]
+
+
+def test_kv_cache_scales_missing_for_a_layer_are_refused(tmp_path: Path) -> None:
+    from contracts.errors import ModelLoadError
+
+    build_hf_model(tmp_path, "gqa")
+    write_fp8_checkpoint(tmp_path, "tensor-static", TENSOR_STATIC_CONFIG)
+    scales = _layer_scales(2, combined=False)
+    del scales["model.layers.1.self_attn.v_scale"]
+    _add_kv_cache_scales(tmp_path, scales)
+    with pytest.raises(ModelLoadError, match=r"every layer's K and V.*missing \['1\.v'\]"):
+        make_engine(str(tmp_path), kv_cache_dtype="fp8")
