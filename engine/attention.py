@@ -18,12 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from engine.kv_quant import (
-    is_fp8_cache,
-    is_per_head_fp8_cache,
-    layer_fp8_views,
-    write_kv_fp8_ref,
-)
+from engine.kv_quant import is_any_fp8_cache, layer_values_and_scales, write_kv_fp8_ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +125,7 @@ def write_kv(
 ) -> None:
     """Store new keys and values at their slots (the torch reference; no padding slots),
     quantized with their scales for an FP8 cache."""
-    if is_fp8_cache(kv_cache_layer) or is_per_head_fp8_cache(kv_cache_layer):
+    if is_any_fp8_cache(kv_cache_layer):
         write_kv_fp8_ref(kv_cache_layer, k, v, slot_mapping, kv_scales)
         return
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache_layer.shape
@@ -164,6 +159,25 @@ def paged_attention_ref(
     return out
 
 
+def causal_self_attention(
+    q: torch.Tensor,  # [len, heads, head_dim]
+    k: torch.Tensor,  # [len, kv_heads, head_dim]
+    v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # [len, heads, head_dim]
+    """Causal attention of one sequence over its own keys and values (torch's fused SDPA, GQA),
+    no cache: the dense fresh prefill (engine.triton_attention) and KV calibration."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        is_causal=True,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)
+
+
 def decode_mask(context_lens: torch.Tensor, num_key_slots: int) -> torch.Tensor:
     """[num_decodes, 1, 1, num_key_slots] bool: key slot s is attended iff s < context_len."""
     positions = torch.arange(num_key_slots, device=context_lens.device)
@@ -179,9 +193,7 @@ class _Cache(NamedTuple):
 
     @classmethod
     def of(cls, kv_cache_layer: torch.Tensor, kv_scales: torch.Tensor | None) -> _Cache:
-        if is_fp8_cache(kv_cache_layer) or is_per_head_fp8_cache(kv_cache_layer):
-            return cls(*layer_fp8_views(kv_cache_layer, kv_scales))
-        return cls(kv_cache_layer, None)
+        return cls(*layer_values_and_scales(kv_cache_layer, kv_scales))
 
 
 def _gather_context(

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from contracts.errors import UnsupportedModel
-from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention import AttentionBackend, AttentionMetadata, causal_self_attention
 from engine.sharding import shard_layout
 
 if TYPE_CHECKING:
@@ -94,15 +93,7 @@ class _Observer(AttentionBackend):
 
     def forward(self, q, kv_cache_layer, meta, scale, k=None, v=None, kv_scales=None):  # type: ignore[no-untyped-def]
         assert k is not None and v is not None, "calibration attends over the pass's own K/V"
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
-        )
-        return out[0].transpose(0, 1)
+        return causal_self_attention(q, k, v, scale)
 
 
 def calibration_ids(tokenizer: Tokenizer | None, vocab_size: int, max_positions: int) -> list[int]:

@@ -62,6 +62,11 @@ def is_per_head_fp8_cache(kv_cache: torch.Tensor) -> bool:
     return kv_cache.dtype == KV_FP8_PER_HEAD_STORAGE
 
 
+def is_any_fp8_cache(kv_cache: torch.Tensor) -> bool:
+    """Whether a cache tensor holds e4m3 values, with either scale scheme."""
+    return is_fp8_cache(kv_cache) or is_per_head_fp8_cache(kv_cache)
+
+
 def fp8_storage(scales: str) -> torch.dtype:
     """The storage dtype of an FP8 cache with `scales` ("per_head" or "per_token")."""
     if scales not in KV_CACHE_SCALES:
@@ -130,6 +135,17 @@ def layer_fp8_views(
         raise ValueError(f"a per-head FP8 cache needs kv_scales [2, {num_kv_heads}], got {got}")
     scales = kv_scales[:, None, None, :].expand(2, num_blocks, block_size, num_kv_heads)
     return kv_cache_layer.view(KV_FP8_DTYPE), scales
+
+
+def layer_values_and_scales(
+    kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, row]
+    kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32, with a per-head cache
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # ([2, ..., head_dim], [2, blocks, B, H] | None)
+    """Any layer's values and, for an FP8 cache, its scale views (layer_fp8_views); a float
+    cache as it is, without scales."""
+    if is_any_fp8_cache(kv_cache_layer):
+        return layer_fp8_views(kv_cache_layer, kv_scales)
+    return kv_cache_layer, None
 
 
 def quantize_with_scales(

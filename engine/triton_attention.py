@@ -16,11 +16,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionBackend, AttentionMetadata, PrefillChunk
+from engine.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    PrefillChunk,
+    causal_self_attention,
+)
 from engine.kernels.decode_attention import paged_decode_attention
 from engine.kernels.kv_write import write_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
-from engine.kv_quant import is_fp8_cache, is_per_head_fp8_cache, layer_fp8_views
+from engine.kv_quant import layer_values_and_scales
 
 # Fresh prefill chunks through torch's fused attention (see above): None, for FP8 caches only;
 # True, always; False, never.
@@ -136,15 +141,7 @@ def _dense_causal(
     if padded != length:
         pad = (0, 0, 0, 0, 0, padded - length)  # [len, heads, head_dim]: len only, at the end
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None],
-        k.transpose(0, 1)[None],
-        v.transpose(0, 1)[None],
-        is_causal=True,
-        scale=scale,
-        enable_gqa=True,
-    )
-    return out[0].transpose(0, 1)[:length]
+    return causal_self_attention(q, k, v, scale)[:length]
 
 
 def _values_and_scales(
@@ -153,7 +150,5 @@ def _values_and_scales(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """The K/V values [2, ...] and, for an FP8 cache, the K and V scale views (a per-head
     cache's broadcast over blocks and slots: the kernels read them per key unchanged)."""
-    if not (is_fp8_cache(kv_cache_layer) or is_per_head_fp8_cache(kv_cache_layer)):
-        return kv_cache_layer, (None, None)
-    values, scales = layer_fp8_views(kv_cache_layer, kv_scales)  # [2, ...] e4m3, [2, ...] fp32
-    return values, (scales[0], scales[1])
+    values, scales = layer_values_and_scales(kv_cache_layer, kv_scales)
+    return values, (None, None) if scales is None else (scales[0], scales[1])
