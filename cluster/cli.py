@@ -72,12 +72,7 @@ def build_parser() -> _Parser:
     generate.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     generate.add_argument("--stop", action="append", default=[], help="a stop string (repeat)")
     generate.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    generate.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="weights and activations; auto: bfloat16 on cuda, float32 on cpu",
-    )
+    add_dtype_argument(generate, "weights and activations")
     generate.add_argument(
         "--json", action="store_true", help="print one JSON object with token ids, text and usage"
     )
@@ -102,12 +97,7 @@ def build_parser() -> _Parser:
     calibrate.add_argument("--out", required=True, metavar="PATH", help="the JSON file to write")
     calibrate.add_argument("--model", default=None, help="as for generate (default: bundled model)")
     calibrate.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    calibrate.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="as the workers run the model; auto: bfloat16 on cuda, float32 on cpu",
-    )
+    add_dtype_argument(calibrate, "as the workers run the model")
     calibrate.add_argument(
         "--quantization", default=None, choices=("fp8",), help="as the workers run it"
     )
@@ -312,6 +302,15 @@ def security_config(args: argparse.Namespace) -> tuple[Any, Any]:
     keys = load_api_keys(args.api_keys_file, default_max_inflight=args.tenant_max_inflight)
     os.environ.pop(ENV_API_KEYS, None)  # read: processes started from here (Ray) never see it
     return keys, tls
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help=f"{what}; auto: bfloat16 on cuda, float32 on cpu",
+    )
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:

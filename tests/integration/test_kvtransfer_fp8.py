@@ -67,6 +67,17 @@ def _accept_in_background(endpoint: ReceiverEndpoint) -> tuple[threading.Thread,
     return thread, accepted
 
 
+def _assert_pairs(endpoint: ReceiverEndpoint, address: Any, layout: KVLayout) -> None:
+    """A sender of `layout` pairs with `endpoint` at `address` (over a real gloo channel)."""
+    thread, accepted = _accept_in_background(endpoint)
+    channel, control = connect_pair(address, "same", TRANSPORT, layout=layout)
+    thread.join(30)
+    assert accepted and accepted[0] is not None
+    for pair_end in ((channel, control), accepted[0]):
+        pair_end[1].close()
+        pair_end[0].close()
+
+
 @pytest.mark.parametrize("decode_dtype", [torch.bfloat16, torch.float32])
 def test_an_fp8_prefill_is_refused_when_it_pairs_with_a_wider_decode(
     decode_dtype: torch.dtype,
@@ -87,13 +98,7 @@ def test_an_fp8_prefill_is_refused_when_it_pairs_with_a_wider_decode(
         # refused before connecting: the receiver sees no sender at all
         assert endpoint.listener.accept(0.5) is None
         # the same endpoint pairs with a sender of its own layout, over a real gloo channel
-        thread, accepted = _accept_in_background(endpoint)
-        channel, control = connect_pair(endpoint.address, "same", TRANSPORT, layout=decode_layout)
-        thread.join(30)
-        assert accepted and accepted[0] is not None
-        for pair_end in ((channel, control), accepted[0]):
-            pair_end[1].close()
-            pair_end[0].close()
+        _assert_pairs(endpoint, endpoint.address, decode_layout)
     finally:
         endpoint.close()
 
@@ -140,13 +145,7 @@ def test_a_bf16_decode_refuses_an_fp8_prefill_at_pairing_time(sender_layout: str
         assert str(refused[0]) == expected
         assert str(sender_error.value) == expected
         # the endpoint still pairs with a sender of its own layout
-        thread, accepted = _accept_in_background(endpoint)
-        channel, control = connect_pair(unchecked, "same", TRANSPORT, layout=decode_layout)
-        thread.join(30)
-        assert accepted and accepted[0] is not None
-        for pair_end in ((channel, control), accepted[0]):
-            pair_end[1].close()
-            pair_end[0].close()
+        _assert_pairs(endpoint, unchecked, decode_layout)
     finally:
         endpoint.close()
 
@@ -199,13 +198,7 @@ def test_per_head_fp8_workers_whose_scales_differ_are_refused_at_pairing(checked
             assert [str(e) for e in refused] == [str(info.value)], refused
         else:  # refused before connecting: the receiver sees no sender at all
             assert endpoint.listener.accept(0.5) is None
-        thread, accepted = _accept_in_background(endpoint)
-        channel, control = connect_pair(address, "same", TRANSPORT, layout=decode_layout)
-        thread.join(30)
-        assert accepted and accepted[0] is not None
-        for pair_end in ((channel, control), accepted[0]):
-            pair_end[1].close()
-            pair_end[0].close()
+        _assert_pairs(endpoint, address, decode_layout)
     finally:
         endpoint.close()
 
