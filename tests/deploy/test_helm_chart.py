@@ -116,6 +116,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         },
         "networkPolicy": {"apiServerTo": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]},
     },
+    "fp8": {
+        "tandem": {
+            "model": "/models/llama-3-8b",
+            "quantization": "fp8",
+            "kvCacheDtype": "fp8",
+            "kvCacheScalesFile": "/models/llama-3-8b.kv-scales.json",
+        },
+        "model": {"volume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}},
+    },
 }
 DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 
@@ -296,7 +305,7 @@ def test_kuberay_admission_rules(rendered: tuple[str, list]) -> None:
 def test_router_command_parses_with_tandem_cli(rendered: tuple[str, list]) -> None:
     """The head's `tandem serve` line against the real parser: every flag is one it knows, the
     parsed values are the chart's values, and the autoscaling policy builds from them."""
-    from cluster.cli import autoscaling_config, build_parser
+    from cluster.cli import autoscaling_config, build_parser, engine_config
 
     name, docs = rendered
     args, unknown = build_parser().parse_known_args(serve_argv(docs))
@@ -311,6 +320,13 @@ def test_router_command_parses_with_tandem_cli(rendered: tuple[str, list]) -> No
     )
     assert args.model == (tandem["model"] or None)
     assert args.cache_weight == tandem["cacheWeight"]
+    for pool in ("prefill", "decode"):  # null: Tandem's defaults; the same for both pools
+        engine = engine_config(args, pool)  # raises on FP8 options Tandem would refuse
+        assert (engine.quantization, engine.kv_cache_dtype, engine.kv_cache_scales,
+                engine.kv_cache_scales_path) == (
+            tandem["quantization"], tandem["kvCacheDtype"] or "auto",
+            (tandem["kvCacheScales"] or "per-head").replace("-", "_"), tandem["kvCacheScalesFile"],
+        ), pool  # fmt: skip
     metrics = values["metrics"]
     assert args.metrics_port == (metrics["port"] if metrics["enabled"] else None)
     assert args.otlp_endpoint == (values["tracing"]["otlpEndpoint"] or None)
@@ -598,6 +614,63 @@ def test_security_contexts(default_docs: list[dict[str, Any]]) -> None:
             assert context["capabilities"] == {"drop": ["ALL"]}
 
 
+# --- FP8 -------------------------------------------------------------------------------------
+
+# The FP8 values of the chart (tandem.*) and the `tandem serve` flags they become.
+FP8_FLAGS = {
+    "quantization": "--quantization",
+    "kvCacheDtype": "--kv-cache-dtype",
+    "kvCacheScales": "--kv-cache-scales",
+    "kvCacheScalesFile": "--kv-cache-scales-file",
+}
+
+
+@pytest.mark.parametrize(
+    "fp8",
+    [
+        {},
+        {"quantization": "fp8"},
+        {"kvCacheDtype": "auto"},
+        {"kvCacheDtype": "fp8"},
+        {"kvCacheDtype": "fp8", "kvCacheScales": "per-token"},
+        {"quantization": "fp8", "kvCacheDtype": "fp8", "kvCacheScales": "per-head",
+         "kvCacheScalesFile": "/models/Llama 3/kv-scales.json"},
+    ],
+    ids=["defaults", "weights", "kv-auto", "kv-fp8", "kv-per-token", "all-with-file"],
+)  # fmt: skip
+def test_fp8_values_become_serve_flags_for_both_pools(fp8: dict[str, str]) -> None:
+    """Each FP8 value set is passed once, as its `tandem serve` flag; a null one is not passed
+    at all (none by default), and both pools' engines get the same values."""
+    from cluster.cli import build_parser, engine_config
+
+    argv = serve_argv(render({"tandem": fp8}))
+    passed = {flag: argv[argv.index(flag) + 1] for flag in FP8_FLAGS.values() if flag in argv}
+    assert passed == {FP8_FLAGS[key]: value for key, value in fp8.items()}
+    assert all(argv.count(flag) <= 1 for flag in FP8_FLAGS.values()), argv
+    args, unknown = build_parser().parse_known_args(argv)
+    assert unknown == []
+    for pool in ("prefill", "decode"):
+        engine = engine_config(args, pool)
+        assert engine.quantization == fp8.get("quantization")
+        assert engine.kv_cache_dtype == fp8.get("kvCacheDtype", "auto")
+        assert engine.kv_cache_scales == fp8.get("kvCacheScales", "per-head").replace("-", "_")
+        assert engine.kv_cache_scales_path == fp8.get("kvCacheScalesFile")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("quantization", "int4"), ("quantization", "FP8"), ("kvCacheDtype", "fp16"),
+     ("kvCacheDtype", "bfloat16"), ("kvCacheScales", "per-channel"),
+     ("kvCacheScalesFile", "kv-scales.json"), ("kvCacheScalesFile", "")],
+)  # fmt: skip
+def test_fp8_value_typos_are_refused_by_the_schema(key: str, value: str) -> None:
+    """A value `tandem serve` would not take fails `helm template`/install on the schema, which
+    names the key (the scales values beside kvCacheDtype fp8: only the typo is wrong)."""
+    fp8 = {"kvCacheDtype": "fp8", key: value} if key != "kvCacheDtype" else {key: value}
+    with pytest.raises(HelmError, match=rf"(?s)schema.*\b{key}\b"):
+        render({"tandem": fp8})
+
+
 # --- mistakes that must be caught ----------------------------------------------------------
 
 
@@ -631,6 +704,18 @@ def test_security_contexts(default_docs: list[dict[str, Any]]) -> None:
         ({"decode": {"rayStartParams": {"node-manager-port": "40005"}}},
          "decode.rayStartParams.node-manager-port 40005 is in kv.portRange 40000-40999"),
         ({"redis": {"tls": {"enabled": True}}}, "redis.tls.enabled needs redis.tls.secretName"),
+        ({"tandem": {"kvCacheScales": "per-token"}}, "set tandem.kvCacheDtype fp8"),
+        ({"tandem": {"kvCacheDtype": "auto", "kvCacheScales": "per-head"}},
+         "set tandem.kvCacheDtype fp8"),
+        ({"tandem": {"kvCacheScalesFile": "/models/kv-scales.json"}},
+         "tandem.kvCacheScalesFile is a per-head FP8 KV scale table"),
+        ({"tandem": {"kvCacheDtype": "fp8", "kvCacheScales": "per-token",
+                     "kvCacheScalesFile": "/models/kv-scales.json"}},
+         "tandem.kvCacheScalesFile is a per-head FP8 KV scale table"),
+        ({"tandem": {"quantization": "fp8", "extraArgs": ["--quantization", "fp8"]}},
+         "tandem.quantization sets --quantization, which tandem.extraArgs passes too"),
+        ({"tandem": {"kvCacheDtype": "fp8", "extraArgs": ["--kv-cache-dtype=fp8"]}},
+         "tandem.kvCacheDtype sets --kv-cache-dtype, which tandem.extraArgs passes too"),
     ],
 )  # fmt: skip
 def test_bad_values_fail_to_render(override: dict[str, Any], expected: str) -> None:

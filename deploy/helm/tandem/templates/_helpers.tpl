@@ -195,6 +195,23 @@ its capacity (tandem.poolCapacity) in workers. Called with (dict "root" $ "pool"
 {{- end }}
 
 {{/*
+The FP8 values (tandem.quantization, kvCacheDtype, kvCacheScales, kvCacheScalesFile) go to
+`tandem serve`, which applies them to both pools. Scales without an FP8 KV cache are refused
+here: Tandem would ignore kvCacheScales, and stop at start-up on a scales file (the router's
+EngineConfig check), which the head pod would only show as restarts.
+*/}}
+{{- define "tandem.checkFp8" -}}
+{{- $t := .Values.tandem }}
+{{- $fp8KV := eq (toString $t.kvCacheDtype) "fp8" }}
+{{- if and $t.kvCacheScales (not $fp8KV) }}
+{{- fail (printf "tandem.kvCacheScales %s: the scales of an FP8 KV cache; set tandem.kvCacheDtype fp8, or kvCacheScales null" $t.kvCacheScales) }}
+{{- end }}
+{{- if and $t.kvCacheScalesFile (or (not $fp8KV) (eq (toString $t.kvCacheScales) "per-token")) }}
+{{- fail "tandem.kvCacheScalesFile is a per-head FP8 KV scale table: it needs tandem.kvCacheDtype fp8 and tandem.kvCacheScales per-head (or null)" }}
+{{- end }}
+{{- end }}
+
+{{/*
 The router's command line, one argument per list item. The custom Ray resources pin each pool
 to its worker group (flags --prefill-resources/--decode-resources, see values tandem.poolResources).
 */}}
@@ -208,6 +225,22 @@ to its worker group (flags --prefill-resources/--decode-resources, see values ta
 {{- $args = concat $args (list "--cache-weight" (toString $t.cacheWeight)) }}
 {{- $args = concat $args (list "--shutdown-grace" (toString $t.shutdownGraceSeconds)) }}
 {{- if $t.model }}{{ $args = concat $args (list "--model" $t.model) }}{{ end }}
+{{- include "tandem.checkFp8" . }}
+{{- /* each FP8 value set (null: no flag), and not also in extraArgs, where argparse would let
+the later one win silently */}}
+{{- $fp8 := list (list "quantization" "--quantization") (list "kvCacheDtype" "--kv-cache-dtype") (list "kvCacheScales" "--kv-cache-scales") (list "kvCacheScalesFile" "--kv-cache-scales-file") }}
+{{- range $pair := $fp8 }}
+{{- $key := index $pair 0 }}
+{{- $flag := index $pair 1 }}
+{{- with index $t $key }}
+{{- range $t.extraArgs }}
+{{- if or (eq (toString .) $flag) (hasPrefix (printf "%s=" $flag) (toString .)) }}
+{{- fail (printf "tandem.%s sets %s, which tandem.extraArgs passes too: keep one" $key $flag) }}
+{{- end }}
+{{- end }}
+{{- $args = concat $args (list $flag .) }}
+{{- end }}
+{{- end }}
 {{- $url := include "tandem.redisURL" . }}
 {{- if $url }}{{ $args = concat $args (list "--redis-url" $url) }}{{ end }}
 {{- if include "tandem.redisCaSecret" . }}
