@@ -3,8 +3,9 @@
 weights): host phases per step and GPU kernel time by family (torch.profiler), for one engine
 per `--variants` entry side by side. A variant is `default` (the engine's defaults) or
 `default` followed by switches: `+gemv` (the Triton GEMV for one-row projections), `+pdl`,
-`+dense`, `-pinned`, `-overlap` (EngineConfig.overlap_outputs off; on CUDA the default
-launches each step before the previous one's outputs are made); `main` is an older
+`+dense`, `+varlen` (dense, one FlashAttention-2 call a step), `-pinned`, `-overlap`
+(EngineConfig.overlap_outputs off; on CUDA the default launches each step before the previous
+one's outputs are made); `main` is an older
 checkout's engine, run with that checkout first on PYTHONPATH. (`new` and `new-nogemv`, the
 names of the first runs, mean `default+gemv` and `default`.) Details: docs/benchmarks.md.
 
@@ -249,7 +250,9 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         name = {"new": "default+gemv", "new-nogemv": "default"}.get(name, name)
         cuda_graph.PINNED_INPUTS = "-pinned" not in name
         gemv_module.USE_PDL = "+pdl" in name
-        triton_attention.DENSE_FRESH_PREFILL = True if "+dense" in name else None
+        dense = "+dense" in name or "+varlen" in name
+        triton_attention.DENSE_FRESH_PREFILL = True if dense else None
+        triton_attention.DENSE_VARLEN = "+varlen" in name
         extra["triton_gemv"] = "+gemv" in name or "+pdl" in name
     engine = dummy_engine(
         args.shape, args.kv_cache_gb, max_model_len=4096, max_num_seqs=args.max_num_seqs,

@@ -12,6 +12,9 @@ of these switches:
               +gemv)
     +dense    engine.triton_attention.DENSE_FRESH_PREFILL=True: steps whose prefill chunks all
               start their sequence attend through torch's fused SDPA (the default for FP8 KV)
+    +varlen   engine.triton_attention.DENSE_VARLEN=True: a step whose prefill chunks all attend
+              densely makes one variable-length FlashAttention-2 call (implies the dense path
+              for bf16 too)
     +paged    DENSE_FRESH_PREFILL=False: every prefill chunk through the paged kernel (the
               default for bf16 KV)
     +overlap  EngineConfig.overlap_outputs=True: each step launched before the previous one's
@@ -35,7 +38,7 @@ BASES: dict[str, tuple[str | None, str]] = {
     "w8": ("fp8", "auto"),
     "w8kv8": ("fp8", "fp8"),
 }
-SWITCHES = ("gemv", "fusedq", "pdl", "dense", "paged", "overlap", "sync", "pertoken")
+SWITCHES = ("gemv", "fusedq", "pdl", "dense", "varlen", "paged", "overlap", "sync", "pertoken")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Variant:
     dense_prefill: bool | None = None  # None: the engine's default
     overlap_outputs: bool | None = None  # None: the engine's default
     kv_cache_scales: str = "per_head"
+    dense_varlen: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -79,8 +83,8 @@ def parse_variant(name: str) -> Variant:
     quantization, kv_cache_dtype = BASES[base]
     if "fusedq" in switches and quantization != "fp8":
         raise ValueError(f"variant {name!r}: +fusedq needs FP8 weights (w8 or w8kv8)")
-    if "dense" in switches and "paged" in switches:
-        raise ValueError(f"variant {name!r}: +dense and +paged contradict each other")
+    if "paged" in switches and ("dense" in switches or "varlen" in switches):
+        raise ValueError(f"variant {name!r}: +paged contradicts +dense and +varlen")
     if "overlap" in switches and "sync" in switches:
         raise ValueError(f"variant {name!r}: +overlap and +sync contradict each other")
     if "pertoken" in switches and kv_cache_dtype != "fp8":
@@ -94,9 +98,14 @@ def parse_variant(name: str) -> Variant:
         triton_gemv="gemv" in switches,
         fused_fp8_quant="fusedq" in switches,
         pdl="pdl" in switches,
-        dense_prefill=True if "dense" in switches else False if "paged" in switches else None,
+        dense_prefill=True
+        if "dense" in switches or "varlen" in switches
+        else False
+        if "paged" in switches
+        else None,
         overlap_outputs=True if "overlap" in switches else False if "sync" in switches else None,
         kv_cache_scales="per_token" if "pertoken" in switches else "per_head",
+        dense_varlen="varlen" in switches,
     )
 
 
@@ -107,3 +116,4 @@ def apply_switches(variant: Variant) -> None:
 
     gemv_module.USE_PDL = variant.pdl
     triton_attention.DENSE_FRESH_PREFILL = variant.dense_prefill
+    triton_attention.DENSE_VARLEN = variant.dense_varlen

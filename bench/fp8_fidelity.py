@@ -1,6 +1,7 @@
 """What FP8 does to the default model's predictions: perplexity and teacher-forced top-1
-agreement with fp32, for FP8 weights, FP8 KV cache and both, on a fixed English text (the
-standard library's pydoc topics). Deterministic: no sampling, no timing; `measure()` is what
+agreement with fp32, for FP8 weights, FP8 KV cache and both (and bf16, for scale: what 8 bits
+of mantissa already change), on a fixed English text (the standard library's pydoc topics).
+Deterministic: no sampling, no timing; `measure()` is what
 tests/integration/test_fp8_fidelity.py calls. Method: docs/benchmarks.md.
 
     python -m bench.fp8_fidelity [--num-tokens 4096] [--window 512]
@@ -16,11 +17,13 @@ import torch
 
 CONFIGS = {  # name -> (quantization, kv_cache_dtype, kv_cache_scales)
     "fp32": (None, "auto", "per_head"),
+    "bf16": (None, "auto", "per_head"),  # in bf16 (DTYPES): no FP8 at all
     "fp8 weights": ("fp8", "auto", "per_head"),
     "fp8 kv": (None, "fp8", "per_head"),  # the default: per-head scales, calibrated
     "fp8 kv per-token": (None, "fp8", "per_token"),
     "fp8 both": ("fp8", "fp8", "per_head"),
 }
+DTYPES = {"bf16": "bfloat16"}  # the model's dtype where not fp32
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +43,18 @@ def pydoc_text() -> str:
 
 
 def engine_for(
-    quantization: str | None, kv_cache_dtype: str, kv_cache_scales: str, window: int
+    quantization: str | None,
+    kv_cache_dtype: str,
+    kv_cache_scales: str,
+    window: int,
+    dtype: str = "float32",
 ) -> object:
     from engine.config import EngineConfig
     from engine.engine import Engine
 
     config = EngineConfig(
         device="cpu",
-        dtype="float32",
+        dtype=dtype,
         quantization=quantization,
         kv_cache_dtype=kv_cache_dtype,
         kv_cache_scales=kv_cache_scales,
@@ -58,7 +65,7 @@ def engine_for(
 
 
 def window_logits(engine: object, token_ids: list[int]) -> torch.Tensor:
-    """[len, vocab] fp32 logits of every position, the window prefilled as one chunk."""
+    """[len, vocab] logits (model dtype) of every position, the window prefilled as one chunk."""
     from contracts.block_hash import root_hash
     from contracts.sampling_params import SamplingParams
     from engine.scheduler import ScheduledSequence
@@ -84,13 +91,13 @@ def measure(
     nll: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     argmax: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for name in names:
-        engine = engine_for(*CONFIGS[name], window=window)
+        engine = engine_for(*CONFIGS[name], window=window, dtype=DTYPES.get(name, "float32"))
         if not windows:
             ids = engine.tokenizer.encode(pydoc_text())[:num_tokens]  # type: ignore[attr-defined]
             windows = [ids[i : i + window] for i in range(0, len(ids), window)]
             windows = [w for w in windows if len(w) > 1]
         for w in windows:
-            logits = window_logits(engine, w)[:-1]  # position i predicts token i + 1
+            logits = window_logits(engine, w)[:-1].float()  # position i predicts token i + 1
             target = torch.tensor(w[1:])
             nll[name].append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
             argmax[name].append(logits.argmax(dim=-1))

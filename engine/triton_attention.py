@@ -39,6 +39,11 @@ DENSE_MIN_QUERY_LEN = 128
 # against cuDNN's 2.65), so a server seeing every prompt length would pay that build again and
 # again; buckets bound the lengths to max_model_len / 256 shapes.
 DENSE_LENGTH_BUCKET = 256
+# A step whose dense chunks hold most of its prefill rows makes one variable-length
+# FlashAttention-2 call over all of them as they lie ([tokens, heads, head_dim], native GQA,
+# the chunks' offsets are prefill_query_start_loc) instead of one padded SDPA call a dense
+# chunk: no transposes, no padding, no per-length plan. False: the per-chunk SDPA path. CUDA.
+DENSE_VARLEN = False
 
 
 class TritonAttention(AttentionBackend):
@@ -85,9 +90,19 @@ class TritonAttention(AttentionBackend):
         dense: list[PrefillChunk] = []
         if k is not None and v is not None:
             dense = dense_chunks(meta, k_scale is not None)
-            for chunk in dense:
-                rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-                out[rows] = _dense_causal(q[rows], k[rows], v[rows], scale)
+            if _varlen_fits(dense, meta, q):
+                # every prefill row attends over its own chunk; those of chunks that are not
+                # dense are written again by the paged kernel below
+                assert meta.prefill_query_start_loc is not None
+                rows = slice(num_decode, None)
+                out[rows] = _dense_varlen(
+                    q[rows], k[rows], v[rows], meta.prefill_query_start_loc,
+                    meta.max_prefill_query_len, scale,
+                )  # fmt: skip
+            else:
+                for chunk in dense:
+                    rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+                    out[rows] = _dense_causal(q[rows], k[rows], v[rows], scale)
         if len(dense) < len(meta.prefills):
             assert meta.prefill_block_tables is not None
             assert meta.prefill_query_start_loc is not None
@@ -142,6 +157,30 @@ def _dense_causal(
         pad = (0, 0, 0, 0, 0, padded - length)  # [len, heads, head_dim]: len only, at the end
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
     return causal_self_attention(q, k, v, scale)[:length]
+
+
+def _varlen_fits(dense: list[PrefillChunk], meta: AttentionMetadata, q: torch.Tensor) -> bool:
+    """Whether the step's dense chunks attend in one variable-length call (DENSE_VARLEN): that
+    call also attends for the other chunks' rows (over their own rows only, then overwritten),
+    so only where the dense chunks hold most of the prefill rows."""
+    if not (DENSE_VARLEN and dense and q.is_cuda):
+        return False
+    dense_rows = sum(c.query_len for c in dense)
+    return 2 * dense_rows >= sum(c.query_len for c in meta.prefills)
+
+
+def _dense_varlen(
+    q: torch.Tensor,  # [tokens, heads, head_dim], the chunks end to end
+    k: torch.Tensor,  # [tokens, kv_heads, head_dim]
+    v: torch.Tensor,
+    starts: torch.Tensor,  # [chunks + 1] int32: each chunk's first row, then the total
+    max_len: int,
+    scale: float,
+) -> torch.Tensor:  # [tokens, heads, head_dim]
+    """Each chunk's causal attention over itself, all chunks in one FlashAttention-2 call."""
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, starts, starts, max_len, max_len, 0.0, True, False, scale=scale
+    )[0]
 
 
 def _values_and_scales(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for issues 19/20 (Llama-3-8B shape, dummy weights, one GPU): each step gets
-# what is left of a wall-clock budget. Steps (in order, any subset): tests, fp8, sat.
+# what is left of a wall-clock budget. Steps (in order, any subset): tests, fp8, sat, sdpa,
+# profile.
 # Output: short tables on stdout, logs and JSON under $OUT.
 #
 #   BUDGET_S=560 FP8_VARIANTS=bf16,w8+gemv SAT_VARIANTS=bf16 scripts/gpu3_run.sh tests fp8 sat
@@ -27,5 +28,13 @@ sat)
     --num-requests "${SAT_REQUESTS:-512}" --repeats "${SAT_REPEATS:-2}" --baseline-batch 0 \
     --out "$OUT/engine_saturation.json" > "$OUT/engine_saturation.log" 2>&1
   tail -12 "$OUT/engine_saturation.log" ;;
+sdpa)
+  step "${SDPA_S:-60}" python -m bench.sdpa_backends > "$OUT/sdpa_backends.log" 2>&1
+  cut -c1-300 "$OUT/sdpa_backends.log" | tail -12 ;;
+profile)
+  step "${PROFILE_S:-150}" python -m bench.engine_profile --variants "${PROFILE_VARIANTS:-default}" \
+    --decode-batches "${PROFILE_BATCHES:-1,64}" --saturation-requests 0 \
+    --out "$OUT/engine_profile.json" > "$OUT/engine_profile.log" 2>&1
+  grep -E "^\|" "$OUT/engine_profile.log" | cut -c1-300 | tail -40 ;;
 esac; done
 ls "$OUT"

@@ -170,6 +170,64 @@ def test_dense_fresh_prefill_matches_the_paged_kernel(model_dir: Path) -> None:
     engine.check_integrity()
 
 
+def step_logits(engine: Engine, prompts: list[list[int]], cached: int = 0) -> torch.Tensor:
+    """Logits [sum of lengths - cached, vocab] of one prefill step over all `prompts`: the
+    first `cached` tokens of the first prompt computed in an earlier step (a chunk that
+    continues its sequence), every other prompt fresh."""
+    from contracts.block_hash import root_hash
+    from contracts.sampling_params import SamplingParams
+    from engine.scheduler import ScheduledSequence
+    from engine.sequence import Sequence
+
+    seqs = [
+        Sequence(f"s{i}", p, SamplingParams(), root_hash(f"s{i}")) for i, p in enumerate(prompts)
+    ]
+    with torch.inference_mode():
+        if cached:
+            assert engine.block_manager.allocate_slots(seqs[0], cached)
+            ids, pos, meta = engine.runner.prepare_inputs([], [ScheduledSequence(seqs[0], cached)])
+            engine.model(ids, pos, engine.runner.kv_cache, meta)
+            seqs[0].num_computed_tokens = cached
+        items = []
+        for seq in seqs:
+            new = len(seq.token_ids) - seq.num_computed_tokens
+            assert engine.block_manager.allocate_slots(seq, new)
+            items.append(ScheduledSequence(seq, new))
+        ids, pos, meta = engine.runner.prepare_inputs([], items)
+        logits = engine.model.compute_logits(engine.model(ids, pos, engine.runner.kv_cache, meta))
+    for seq in seqs:
+        engine.block_manager.free(seq)
+    return logits
+
+
+@pytest.mark.parametrize("cached", [0, 160])
+def test_one_varlen_flash_call_matches_sdpa_chunk_by_chunk(model_dir: Path, cached: int) -> None:
+    """DENSE_VARLEN: a step of fresh chunks attends in one variable-length FlashAttention-2
+    call, with the per-chunk SDPA path's logits. Where one chunk continues its sequence
+    (cached > 0), the call also covers its rows, which the paged kernel then writes over: its
+    logits are the per-chunk path's bit for bit."""
+    from engine import triton_attention
+
+    engine = gpu_engine(model_dir)
+    prompts = [rule_sequence(seed=20 + i, length=n) for i, n in enumerate((300, 130, 257, 512))]
+    saved = triton_attention.DENSE_FRESH_PREFILL, triton_attention.DENSE_VARLEN
+    try:
+        triton_attention.DENSE_FRESH_PREFILL = True
+        triton_attention.DENSE_VARLEN = True
+        varlen = step_logits(engine, prompts, cached)
+        triton_attention.DENSE_VARLEN = False
+        per_chunk = step_logits(engine, prompts, cached)
+    finally:
+        triton_attention.DENSE_FRESH_PREFILL, triton_attention.DENSE_VARLEN = saved
+    assert varlen.shape[0] == sum(map(len, prompts)) - cached
+    if cached:  # the paged kernel's rows both times
+        assert torch.equal(varlen[: 300 - cached], per_chunk[: 300 - cached])
+    assert (varlen.argmax(-1) == per_chunk.argmax(-1)).float().mean().item() >= 0.99
+    scale = per_chunk.abs().max().item()
+    torch.testing.assert_close(varlen, per_chunk, atol=0.02 * scale, rtol=0.05)
+    engine.check_integrity()
+
+
 @pytest.mark.parametrize("kv_cache_scales", ["per_head", "per_token"])
 def test_fp8_cache_fresh_prefill_is_dense_by_default(model_dir: Path, kv_cache_scales: str) -> None:
     """With an FP8 cache, fresh prompts attend through torch's fused attention over the step's

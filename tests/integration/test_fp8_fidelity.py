@@ -1,14 +1,14 @@
 """FP8 fidelity on the real default model (SmolLM2-135M-Instruct, GGUF upcast to fp32), guarded
 on a small text: the first 320 tokens of the standard library's pydoc topics, one window.
 
-Measured on this text (bench/fp8_fidelity.py's `measure(320, 320)`, 2026-12-07): perplexity
-18.23 in fp32; FP8 KV with per-head scales (the default) +0.28% with 94.4% teacher-forced top-1
-agreement, with per-token scales -0.34%, 96.6%; FP8 weights +2.39%, 89.7%; weights and KV
-+2.70%, 88.7%. On 4,096 tokens (docs/benchmarks.md) FP8 KV costs +0.76% (per head; +1.08% per
-token) and FP8 weights +3.58%: the perplexity goal for FP8 KV (<= 1%) is met, the others (<= 3%
-for weights, top-1 >= 97%) are NOT met on this 135M model, and these bounds guard what is
-measured (with room for the small text's noise), so that a regression in the quantizers, scales,
-calibration or kernels shows here, not a pass of the goals.
+Measured on this text (bench/fp8_fidelity.py's `measure(320, 320)`, 2026-12-07): perplexity 18.23
+in fp32; FP8 KV with per-head scales (the default) +0.28% with 94.4% teacher-forced top-1
+agreement, with per-token scales -0.34%, 96.6%; FP8 weights +2.39%, 89.7%; weights and KV +2.70%,
+88.7%; bf16 alone (no FP8) +0.67%, 98.7%. On 4,096 tokens (docs/benchmarks.md) FP8 KV costs +0.76%
+(per head; +1.08% per token) and FP8 weights +3.58%: the perplexity goal for FP8 KV (<= 1%) is met,
+the others (<= 3% for weights, top-1 >= 97%) are NOT met on this 135M model, and these bounds guard
+what is measured (with room for the small text's noise), so that a regression in the quantizers,
+scales, calibration or kernels shows here, not a pass of the goals.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ pytestmark = [
 ]
 
 BOUNDS = {  # config: (max relative perplexity increase, min top-1 agreement with fp32)
+    "bf16": (0.01, 0.97),  # measured +0.67%, 98.7% (4,096 tokens: -0.04%, 97.73%)
     "fp8 kv": (0.01, 0.93),
     "fp8 kv per-token": (0.015, 0.95),
     "fp8 weights": (0.04, 0.87),
@@ -39,4 +40,4 @@ def test_fp8_perplexity_and_top1_agreement_stay_within_their_measured_bounds() -
         r = results[name]
         assert r.ppl_increase_pct / 100 <= max_increase, (name, r)
         assert r.top1_agreement >= min_agreement, (name, r)
-        assert r.top1_agreement < 1.0, (name, "FP8 changed nothing: is it on?")
+        assert r.top1_agreement < 1.0, (name, "nothing changed: is it on?")

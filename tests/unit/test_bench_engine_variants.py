@@ -25,6 +25,9 @@ def test_names_map_to_engine_options() -> None:
     assert parse_variant("w8kv8").kv_cache_dtype == "fp8"
     kv8 = parse_variant("kv8+pertoken")
     assert (kv8.quantization, kv8.kv_cache_dtype, kv8.kv_cache_scales) == (None, "fp8", "per_token")
+    varlen = parse_variant("bf16+varlen")  # one FlashAttention call: the dense path, bf16 too
+    assert varlen.dense_varlen and varlen.dense_prefill is True
+    assert not parse_variant("bf16+dense").dense_varlen
 
 
 @pytest.mark.parametrize(
@@ -37,7 +40,8 @@ def test_names_map_to_engine_options() -> None:
         ("w8+pdl", "+pdl needs +gemv"),
         ("bf16+overlap+sync", "+overlap and +sync contradict each other"),
         ("w8+pertoken", "+pertoken needs an FP8 KV cache"),
-        ("kv8+dense+paged", "+dense and +paged contradict each other"),
+        ("kv8+dense+paged", "+paged contradicts +dense and +varlen"),
+        ("bf16+varlen+paged", "+paged contradicts +dense and +varlen"),
     ],
 )
 def test_bad_names_are_refused_with_the_reason(name: str, message: str) -> None:
@@ -49,7 +53,11 @@ def test_switches_are_set_and_cleared() -> None:
     import engine.kernels.gemv as gemv_module
     import engine.triton_attention as triton_attention
 
-    before = (gemv_module.USE_PDL, triton_attention.DENSE_FRESH_PREFILL)
+    before = (
+        gemv_module.USE_PDL,
+        triton_attention.DENSE_FRESH_PREFILL,
+        triton_attention.DENSE_VARLEN,
+    )
     try:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
         assert gemv_module.USE_PDL and triton_attention.DENSE_FRESH_PREFILL
@@ -57,5 +65,13 @@ def test_switches_are_set_and_cleared() -> None:
         assert not gemv_module.USE_PDL and triton_attention.DENSE_FRESH_PREFILL is None
         apply_switches(parse_variant("kv8+paged"))
         assert triton_attention.DENSE_FRESH_PREFILL is False
+        apply_switches(parse_variant("bf16+varlen"))
+        assert triton_attention.DENSE_VARLEN and triton_attention.DENSE_FRESH_PREFILL is True
+        apply_switches(parse_variant("bf16"))
+        assert not triton_attention.DENSE_VARLEN
     finally:
-        gemv_module.USE_PDL, triton_attention.DENSE_FRESH_PREFILL = before
+        (
+            gemv_module.USE_PDL,
+            triton_attention.DENSE_FRESH_PREFILL,
+            triton_attention.DENSE_VARLEN,
+        ) = before
