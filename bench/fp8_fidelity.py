@@ -22,8 +22,11 @@ CONFIGS = {  # name -> (quantization, kv_cache_dtype, kv_cache_scales)
     "fp8 kv": (None, "fp8", "per_head"),  # the default: per-head scales, calibrated
     "fp8 kv per-token": (None, "fp8", "per_token"),
     "fp8 both": ("fp8", "fp8", "per_head"),
+    "fp8 weights gptq": ("fp8", "auto", "per_head"),  # GPTQ-rounded (WEIGHT_CALIBRATIONS)
+    "fp8 both gptq": ("fp8", "fp8", "per_head"),
 }
 DTYPES = {"bf16": "bfloat16"}  # the model's dtype where not fp32
+WEIGHT_CALIBRATIONS = {"fp8 weights gptq": "gptq", "fp8 both gptq": "gptq"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,7 @@ def engine_for(
     kv_cache_scales: str,
     window: int,
     dtype: str = "float32",
+    fp8_weight_calibration: str | None = None,
 ) -> object:
     from engine.config import EngineConfig
     from engine.engine import Engine
@@ -56,6 +60,7 @@ def engine_for(
         device="cpu",
         dtype=dtype,
         quantization=quantization,
+        fp8_weight_calibration=fp8_weight_calibration,
         kv_cache_dtype=kv_cache_dtype,
         kv_cache_scales=kv_cache_scales,
         num_kv_blocks=-(-window // 16) + 1,
@@ -91,7 +96,12 @@ def measure(
     nll: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     argmax: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for name in names:
-        engine = engine_for(*CONFIGS[name], window=window, dtype=DTYPES.get(name, "float32"))
+        engine = engine_for(
+            *CONFIGS[name],
+            window=window,
+            dtype=DTYPES.get(name, "float32"),
+            fp8_weight_calibration=WEIGHT_CALIBRATIONS.get(name),
+        )
         if not windows:
             ids = engine.tokenizer.encode(pydoc_text())[:num_tokens]  # type: ignore[attr-defined]
             windows = [ids[i : i + window] for i in range(0, len(ids), window)]

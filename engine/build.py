@@ -12,7 +12,10 @@ from typing import Any
 
 import torch
 
+from contracts.errors import ModelLoadError
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, default_scheduler_config
+from engine.fp8_gptq import use_gptq_fp8_linears
+from engine.kv_calibration import calibration_ids
 from engine.kv_quant import KV_FP8_DTYPE, fp8_row_bytes
 from engine.llama import LlamaModel
 from engine.loader import converted, load_weights
@@ -59,12 +62,20 @@ def build_model(
     model.rotary.float().init_tables()  # rotary tables stay fp32
     model.tie_embeddings()
     scheme = info.fp8_scheme
-    quantized = config.quantization == "fp8" or scheme is not None
-    if quantized:
+    gptq = config.fp8_weight_calibration == "gptq"
+    if gptq and scheme is not None:
+        raise ModelLoadError(
+            f"fp8_weight_calibration='gptq' rounds a bf16/fp32 model's weights, but "
+            f"{info.source.path}'s weights are FP8 already ({scheme.quant_method}); leave it "
+            "unset"
+        )
+    # FP8 linears before loading; with GPTQ only after the unquantized model has calibrated
+    loads_fp8 = (config.quantization == "fp8" and not gptq) or scheme is not None
+    if loads_fp8:
         use_fp8_linears(model, static_input_scale=bool(scheme and scheme.static_activations))
     source = info.source
     # the converted cache holds whole models only
-    cacheable = source.kind == "gguf" and config.converted_cache and not quantized
+    cacheable = source.kind == "gguf" and config.converted_cache and not loads_fp8
     gguf = source.path if cacheable and shard is None else None
     if gguf is None or not converted.load_parameters(gguf, model):
         # consumed as it is copied in: the checkpoint and the model are never both whole
@@ -72,6 +83,10 @@ def build_model(
         model.load_weights(weights if shard is None else shard_weights(weights, shard))
         if gguf is not None:
             converted.store_parameters(gguf, model)
+    if gptq:
+        shape = info.config
+        ids = calibration_ids(info.tokenizer, shape.vocab_size, shape.max_position_embeddings)
+        use_gptq_fp8_linears(model, ids, device)
     if shard is not None:
         assert tp is not None
         model.set_tensor_parallel(tp, shard)

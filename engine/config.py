@@ -14,6 +14,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 QUANTIZATIONS = (None, "fp8")
+FP8_WEIGHT_CALIBRATIONS = (None, "gptq")  # how FP8 weights are rounded (engine.fp8_gptq)
 KV_CACHE_DTYPES = ("auto", "fp8")
 KV_CACHE_SCALES = ("per_head", "per_token")  # of an FP8 KV cache (engine.kv_quant)
 
@@ -53,6 +54,12 @@ class EngineConfig:
     fused_fp8_quant: bool | None = None
     # "fp8": e4m3 W8A8 decoder projections, quantized at load (an FP8 checkpoint is FP8 anyway)
     quantization: str | None = None
+    # How quantization="fp8" rounds a bf16/fp32 model's weights to e4m3: None, each to the
+    # nearest value; "gptq", column by column with each rounding error compensated on the
+    # columns not yet rounded, under the Hessian of the layer's inputs on the calibration text
+    # (engine.fp8_gptq): the same FP8 format and kernels, a fraction of the perplexity cost
+    # (docs/benchmarks.md), a few seconds per layer more at load. Tensor-parallel size 1 only.
+    fp8_weight_calibration: str | None = None
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with scales (kv_quant)
     # An FP8 cache's scales: "per_head", one per (layer, K|V, kv head), calibrated at start-up
     # (half a bf16 cache exactly); "per_token", one per (token, kv head) inside each block
@@ -112,6 +119,21 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r} must be one of {QUANTIZATIONS}")
+        if self.fp8_weight_calibration not in FP8_WEIGHT_CALIBRATIONS:
+            raise ValueError(
+                f"fp8_weight_calibration={self.fp8_weight_calibration!r} must be one of "
+                f"{FP8_WEIGHT_CALIBRATIONS}"
+            )
+        if self.fp8_weight_calibration is not None and self.quantization != "fp8":
+            raise ValueError(
+                f"fp8_weight_calibration={self.fp8_weight_calibration!r} rounds FP8 weights: it "
+                f"needs quantization='fp8', got {self.quantization!r}"
+            )
+        if self.fp8_weight_calibration is not None and self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"fp8_weight_calibration={self.fp8_weight_calibration!r} runs at "
+                f"tensor_parallel_size=1 only, got {self.tensor_parallel_size}"
+            )
         if self.fused_fp8_quant is True and self.quantization != "fp8":
             raise ValueError(
                 f"fused_fp8_quant=True needs quantization='fp8', got {self.quantization!r}"

@@ -77,9 +77,20 @@ Berlin fahrt um 14:32 von Gleis 7 ab. El mercado abre los sabados a las ocho de 
 """
 
 
-class _Observer(AttentionBackend):
-    """Calibration's attention: causal SDPA over the pass's own q, k, v (one sequence, no
-    cache), recording max |K| and |V| per (layer, kv head) as the layers write."""
+class DenseSelfAttention(AttentionBackend):
+    """A calibration pass's attention: causal SDPA over the pass's own q, k, v (one sequence,
+    no cache); writes nothing."""
+
+    def write_kv(self, kv_cache_layer, k, v, slot_mapping, kv_scales=None):  # type: ignore[no-untyped-def]
+        pass
+
+    def forward(self, q, kv_cache_layer, meta, scale, k=None, v=None, kv_scales=None):  # type: ignore[no-untyped-def]
+        assert k is not None and v is not None, "calibration attends over the pass's own K/V"
+        return causal_self_attention(q, k, v, scale)
+
+
+class _Observer(DenseSelfAttention):
+    """Records max |K| and |V| per (layer, kv head) as the layers write."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, device: torch.device) -> None:
         self.amax = torch.zeros(num_layers, 2, num_kv_heads, device=device)
@@ -90,10 +101,6 @@ class _Observer(AttentionBackend):
         self.num_writes += 1
         self.amax[layer, 0] = k.float().abs().amax(dim=(0, 2))  # [num_kv_heads]
         self.amax[layer, 1] = v.float().abs().amax(dim=(0, 2))
-
-    def forward(self, q, kv_cache_layer, meta, scale, k=None, v=None, kv_scales=None):  # type: ignore[no-untyped-def]
-        assert k is not None and v is not None, "calibration attends over the pass's own K/V"
-        return causal_self_attention(q, k, v, scale)
 
 
 def calibration_ids(tokenizer: Tokenizer | None, vocab_size: int, max_positions: int) -> list[int]:
@@ -117,10 +124,21 @@ def calibrate_kv_amax(
     Collective under tensor parallelism (every rank calls it)."""
     config = model.config
     observer = _Observer(config.num_layers, config.num_kv_heads, device)
+    dense_pass(model, token_ids, device, observer)
+    assert observer.num_writes == config.num_layers, "every layer wrote its K/V once"
+    return observer.amax
+
+
+def dense_pass(
+    model: LlamaModel, token_ids: list[int], device: torch.device, backend: DenseSelfAttention
+) -> torch.Tensor:  # the final hidden states [len, hidden]
+    """Run `token_ids` through `model` as one causal sequence with `backend` attending (no KV
+    cache is read or written), the model's own backends restored after."""
+    config = model.config
     attention = [layer.self_attn for layer in model.decoder_layers]
     backends = [a.backend for a in attention]
     for a in attention:
-        a.backend = observer
+        a.backend = backend
     try:
         n = len(token_ids)
         empty = torch.empty(0, dtype=torch.int32, device=device)
@@ -132,17 +150,15 @@ def calibrate_kv_amax(
             prefills=(),
         )
         no_cache = torch.empty(config.num_layers, device=device)  # indexed per layer, unread
-        model(
+        return model(
             torch.tensor(token_ids, dtype=torch.int64, device=device),
             torch.arange(n, device=device),
             no_cache,
             meta,
         )
     finally:
-        for a, backend in zip(attention, backends, strict=True):
-            a.backend = backend
-    assert observer.num_writes == config.num_layers, "every layer wrote its K/V once"
-    return observer.amax
+        for a, saved in zip(attention, backends, strict=True):
+            a.backend = saved
 
 
 def whole_model_table(

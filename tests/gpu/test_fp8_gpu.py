@@ -96,3 +96,30 @@ def test_fused_fp8_quant_is_on_by_default_with_fp8_weights() -> None:
     """EngineConfig.fused_fp8_quant=None (the default) turns it on for FP8 weights on CUDA."""
     assert engine(True, fused_fp8_quant=None).model.fused_fp8_quant
     assert not engine(True, fused_fp8_quant=False).model.fused_fp8_quant
+
+
+def test_gptq_fp8_weights_on_the_gpu_beat_rounding_to_nearest() -> None:
+    """engine.fp8_gptq on CUDA (bf16 model, fp64 Cholesky on the card): every projection FP8,
+    the scales round-to-nearest's, and on the calibration tokens the logits closer to the
+    bf16 model's than round-to-nearest's."""
+    from engine.kv_calibration import calibration_ids
+    from tests.unit.test_model_parity import prefill_logits
+
+    def make(**kwargs: object) -> Engine:
+        return Engine(
+            EngineConfig(
+                model="dummy:tiny", device="cuda", dtype="bfloat16", num_kv_blocks=64,
+                block_size=16, cuda_graphs=False, **kwargs,  # type: ignore[arg-type]
+            )
+        )  # fmt: skip
+
+    gptq = make(quantization="fp8", fp8_weight_calibration="gptq")
+    rtn, dense = make(quantization="fp8"), make()
+    a, b = gptq.model.layers[0].mlp.down_proj, rtn.model.layers[0].mlp.down_proj
+    assert isinstance(a, Fp8Linear) and torch.equal(a.weight_scale, b.weight_scale)
+    assert not torch.equal(a.weight.float(), b.weight.float())
+    config = gptq.model_config
+    ids = calibration_ids(None, config.vocab_size, config.max_position_embeddings)[:96]
+    want = prefill_logits(dense, ids).float()
+    errors = [(prefill_logits(e, ids).float() - want).norm().item() for e in (gptq, rtn)]
+    assert errors[0] < errors[1], errors
