@@ -120,6 +120,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "tandem": {
             "model": "/models/llama-3-8b",
             "quantization": "fp8",
+            "fp8WeightCalibration": "gptq",
             "kvCacheDtype": "fp8",
             "kvCacheScalesFile": "/models/llama-3-8b.kv-scales.json",
         },
@@ -322,9 +323,10 @@ def test_router_command_parses_with_tandem_cli(rendered: tuple[str, list]) -> No
     assert args.cache_weight == tandem["cacheWeight"]
     for pool in ("prefill", "decode"):  # null: Tandem's defaults; the same for both pools
         engine = engine_config(args, pool)  # raises on FP8 options Tandem would refuse
-        assert (engine.quantization, engine.kv_cache_dtype, engine.kv_cache_scales,
-                engine.kv_cache_scales_path) == (
-            tandem["quantization"], tandem["kvCacheDtype"] or "auto",
+        assert (engine.quantization, engine.fp8_weight_calibration, engine.kv_cache_dtype,
+                engine.kv_cache_scales, engine.kv_cache_scales_path) == (
+            tandem["quantization"], tandem["fp8WeightCalibration"],
+            tandem["kvCacheDtype"] or "auto",
             (tandem["kvCacheScales"] or "per-head").replace("-", "_"), tandem["kvCacheScalesFile"],
         ), pool  # fmt: skip
     metrics = values["metrics"]
@@ -619,6 +621,7 @@ def test_security_contexts(default_docs: list[dict[str, Any]]) -> None:
 # The FP8 values of the chart (tandem.*) and the `tandem serve` flags they become.
 FP8_FLAGS = {
     "quantization": "--quantization",
+    "fp8WeightCalibration": "--fp8-weight-calibration",
     "kvCacheDtype": "--kv-cache-dtype",
     "kvCacheScales": "--kv-cache-scales",
     "kvCacheScalesFile": "--kv-cache-scales-file",
@@ -630,13 +633,15 @@ FP8_FLAGS = {
     [
         {},
         {"quantization": "fp8"},
+        {"quantization": "fp8", "fp8WeightCalibration": "gptq"},
         {"kvCacheDtype": "auto"},
         {"kvCacheDtype": "fp8"},
         {"kvCacheDtype": "fp8", "kvCacheScales": "per-token"},
         {"quantization": "fp8", "kvCacheDtype": "fp8", "kvCacheScales": "per-head",
          "kvCacheScalesFile": "/models/Llama 3/kv-scales.json"},
     ],
-    ids=["defaults", "weights", "kv-auto", "kv-fp8", "kv-per-token", "all-with-file"],
+    ids=["defaults", "weights", "weights-gptq", "kv-auto", "kv-fp8", "kv-per-token",
+         "all-with-file"],
 )  # fmt: skip
 def test_fp8_values_become_serve_flags_for_both_pools(fp8: dict[str, str]) -> None:
     """Each FP8 value set is passed once, as its `tandem serve` flag; a null one is not passed
@@ -652,6 +657,7 @@ def test_fp8_values_become_serve_flags_for_both_pools(fp8: dict[str, str]) -> No
     for pool in ("prefill", "decode"):
         engine = engine_config(args, pool)
         assert engine.quantization == fp8.get("quantization")
+        assert engine.fp8_weight_calibration == fp8.get("fp8WeightCalibration")
         assert engine.kv_cache_dtype == fp8.get("kvCacheDtype", "auto")
         assert engine.kv_cache_scales == fp8.get("kvCacheScales", "per-head").replace("-", "_")
         assert engine.kv_cache_scales_path == fp8.get("kvCacheScalesFile")
@@ -659,14 +665,17 @@ def test_fp8_values_become_serve_flags_for_both_pools(fp8: dict[str, str]) -> No
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("quantization", "int4"), ("quantization", "FP8"), ("kvCacheDtype", "fp16"),
+    [("quantization", "int4"), ("quantization", "FP8"), ("fp8WeightCalibration", "awq"),
+     ("kvCacheDtype", "fp16"),
      ("kvCacheDtype", "bfloat16"), ("kvCacheScales", "per-channel"),
      ("kvCacheScalesFile", "kv-scales.json"), ("kvCacheScalesFile", "")],
 )  # fmt: skip
 def test_fp8_value_typos_are_refused_by_the_schema(key: str, value: str) -> None:
     """A value `tandem serve` would not take fails `helm template`/install on the schema, which
     names the key (the scales values beside kvCacheDtype fp8: only the typo is wrong)."""
-    fp8 = {"kvCacheDtype": "fp8", key: value} if key != "kvCacheDtype" else {key: value}
+    fp8 = {"kvCacheDtype": "fp8", "quantization": "fp8", key: value}
+    if key == "kvCacheDtype":
+        fp8 = {key: value}
     with pytest.raises(HelmError, match=rf"(?s)schema.*\b{key}\b"):
         render({"tandem": fp8})
 
@@ -704,6 +713,7 @@ def test_fp8_value_typos_are_refused_by_the_schema(key: str, value: str) -> None
         ({"decode": {"rayStartParams": {"node-manager-port": "40005"}}},
          "decode.rayStartParams.node-manager-port 40005 is in kv.portRange 40000-40999"),
         ({"redis": {"tls": {"enabled": True}}}, "redis.tls.enabled needs redis.tls.secretName"),
+        ({"tandem": {"fp8WeightCalibration": "gptq"}}, "set tandem.quantization fp8"),
         ({"tandem": {"kvCacheScales": "per-token"}}, "set tandem.kvCacheDtype fp8"),
         ({"tandem": {"kvCacheDtype": "auto", "kvCacheScales": "per-head"}},
          "set tandem.kvCacheDtype fp8"),

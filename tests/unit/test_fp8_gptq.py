@@ -11,6 +11,7 @@ import torch
 
 from contracts.errors import ModelLoadError
 from engine.config import EngineConfig
+from engine.engine import Engine
 from engine.fp8_gptq import gptq_fp8
 from engine.kv_calibration import calibration_ids
 from engine.quantization import FP8_DTYPE, FP8_MAX, Fp8Linear, quantize_weight
@@ -91,6 +92,29 @@ def test_an_engine_with_gptq_weights_is_closer_to_the_unquantized_model(tmp_path
     }
     assert error["gptq"] < error["rtn"], error
     gptq.check_integrity()
+
+
+def test_layers_calibrated_in_several_passes_get_the_same_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Hessian budget only decides how many layers one calibration pass covers: one pass
+    for all layers and one pass per layer give the same GPTQ weights, bit for bit."""
+    from engine import fp8_gptq
+
+    # bf16: fp32 CPU projections are packed for oneDNN after load (GPTQ runs before that)
+    dense = Engine(
+        EngineConfig(model="dummy:tiny", device="cpu", dtype="bfloat16", num_kv_blocks=8)
+    )
+    model, config = dense.model, dense.model_config
+    ids = calibration_ids(None, config.vocab_size, config.max_position_embeddings)[:64]
+    assert len(fp8_gptq.pass_groups(model)) == 1
+    together = fp8_gptq.quantize_model_gptq(model, ids, torch.device("cpu"))
+    monkeypatch.setattr(fp8_gptq, "HESSIAN_BUDGET_BYTES", 1)
+    assert [list(g) for g in fp8_gptq.pass_groups(model)] == [[i] for i in range(config.num_layers)]
+    apart = fp8_gptq.quantize_model_gptq(model, ids, torch.device("cpu"))
+    assert together.keys() == apart.keys()
+    for name, tensor in together.items():
+        assert torch.equal(tensor.float(), apart[name].float()), name
 
 
 def test_gptq_needs_fp8_weights_and_one_rank() -> None:

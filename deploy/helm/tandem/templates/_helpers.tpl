@@ -195,7 +195,8 @@ its capacity (tandem.poolCapacity) in workers. Called with (dict "root" $ "pool"
 {{- end }}
 
 {{/*
-The FP8 values (tandem.quantization, kvCacheDtype, kvCacheScales, kvCacheScalesFile) go to
+The FP8 values (tandem.quantization, fp8WeightCalibration, kvCacheDtype, kvCacheScales,
+kvCacheScalesFile) go to
 `tandem serve`, which applies them to both pools. Scales without an FP8 KV cache are refused
 here: Tandem would ignore kvCacheScales, and stop at start-up on a scales file (the router's
 EngineConfig check), which the head pod would only show as restarts.
@@ -203,6 +204,9 @@ EngineConfig check), which the head pod would only show as restarts.
 {{- define "tandem.checkFp8" -}}
 {{- $t := .Values.tandem }}
 {{- $fp8KV := eq (toString $t.kvCacheDtype) "fp8" }}
+{{- if and $t.fp8WeightCalibration (ne (toString $t.quantization) "fp8") }}
+{{- fail (printf "tandem.fp8WeightCalibration %s: how FP8 weights are rounded; set tandem.quantization fp8, or fp8WeightCalibration null" $t.fp8WeightCalibration) }}
+{{- end }}
 {{- if and $t.kvCacheScales (not $fp8KV) }}
 {{- fail (printf "tandem.kvCacheScales %s: the scales of an FP8 KV cache; set tandem.kvCacheDtype fp8, or kvCacheScales null" $t.kvCacheScales) }}
 {{- end }}
@@ -228,7 +232,7 @@ to its worker group (flags --prefill-resources/--decode-resources, see values ta
 {{- include "tandem.checkFp8" . }}
 {{- /* each FP8 value set (null: no flag), and not also in extraArgs, where argparse would let
 the later one win silently */}}
-{{- $fp8 := list (list "quantization" "--quantization") (list "kvCacheDtype" "--kv-cache-dtype") (list "kvCacheScales" "--kv-cache-scales") (list "kvCacheScalesFile" "--kv-cache-scales-file") }}
+{{- $fp8 := list (list "quantization" "--quantization") (list "fp8WeightCalibration" "--fp8-weight-calibration") (list "kvCacheDtype" "--kv-cache-dtype") (list "kvCacheScales" "--kv-cache-scales") (list "kvCacheScalesFile" "--kv-cache-scales-file") }}
 {{- range $pair := $fp8 }}
 {{- $key := index $pair 0 }}
 {{- $flag := index $pair 1 }}
