@@ -42,7 +42,9 @@ DENSE_LENGTH_BUCKET = 256
 # A step whose dense chunks hold most of its prefill rows makes one variable-length
 # FlashAttention-2 call over all of them as they lie ([tokens, heads, head_dim], native GQA,
 # the chunks' offsets are prefill_query_start_loc) instead of one padded SDPA call a dense
-# chunk: no transposes, no padding, no per-length plan. False: the per-chunk SDPA path. CUDA.
+# chunk: no transposes, no padding, no per-length plan. CUDA only. Off: on an H100 it won for
+# steps of several chunks in isolation but not in the engine (TTFT 50.6 against 48.0 ms,
+# saturation 1% lower; docs/benchmarks.md).
 DENSE_VARLEN = False
 
 

@@ -176,6 +176,7 @@ def step_logits(engine: Engine, prompts: list[list[int]], cached: int = 0) -> to
     continues its sequence), every other prompt fresh."""
     from contracts.block_hash import root_hash
     from contracts.sampling_params import SamplingParams
+    from engine import triton_attention
     from engine.scheduler import ScheduledSequence
     from engine.sequence import Sequence
 
@@ -183,10 +184,12 @@ def step_logits(engine: Engine, prompts: list[list[int]], cached: int = 0) -> to
         Sequence(f"s{i}", p, SamplingParams(), root_hash(f"s{i}")) for i, p in enumerate(prompts)
     ]
     with torch.inference_mode():
-        if cached:
+        if cached:  # through SDPA whatever DENSE_VARLEN says: the same cache for both paths
+            saved, triton_attention.DENSE_VARLEN = triton_attention.DENSE_VARLEN, False
             assert engine.block_manager.allocate_slots(seqs[0], cached)
             ids, pos, meta = engine.runner.prepare_inputs([], [ScheduledSequence(seqs[0], cached)])
             engine.model(ids, pos, engine.runner.kv_cache, meta)
+            triton_attention.DENSE_VARLEN = saved
             seqs[0].num_computed_tokens = cached
         items = []
         for seq in seqs:

@@ -33,10 +33,26 @@ def test_fp8_weights_and_kv_answer_the_question() -> None:
     assert result.stdout == ANSWER + "\n"
 
 
+def test_gptq_rounded_fp8_weights_answer_the_question() -> None:
+    """`--fp8-weight-calibration gptq`: the weights rounded by GPTQ at load (the log says how
+    long), and the answer is the known one."""
+    result = tandem(
+        "-v", "generate", "--chat", QUESTION, "--device", "cpu", "--quantization", "fp8",
+        "--fp8-weight-calibration", "gptq",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "GPTQ FP8 weights: 30 layers on" in result.stderr
+    assert result.stdout == ANSWER + "\n"
+    refused = tandem("generate", "hi", "--fp8-weight-calibration", "gptq")
+    assert refused.returncode == 2
+    assert "needs quantization='fp8'" in refused.stderr
+
+
 @pytest.mark.parametrize(
     ("flag", "value"),
     [
         ("--quantization", "int4"),
+        ("--fp8-weight-calibration", "awq"),
         ("--kv-cache-dtype", "e5m2"),
         ("--kv-cache-scales", "per_head"),  # the flag's values are spelled with a hyphen
         ("--kv-cache-scales", "per-tensor"),
