@@ -154,9 +154,11 @@ def layer_hessians(
 def pass_groups(model: LlamaModel) -> list[range]:
     """Consecutive layers whose Hessians (fp32) fit HESSIAN_BUDGET_BYTES together, at least one
     layer a group: one calibration pass each."""
-    per_layer = 4 * sum(
-        model.decoder_layers[0].get_submodule(name).in_features ** 2 for name in FP8_PROJECTIONS
-    )
+    per_layer = 0
+    for name in FP8_PROJECTIONS:
+        module = model.decoder_layers[0].get_submodule(name)
+        assert isinstance(module, nn.Linear), f"{name} is {type(module).__name__}"
+        per_layer += 4 * module.in_features**2
     size = max(1, HESSIAN_BUDGET_BYTES // per_layer)
     count = len(model.decoder_layers)
     return [range(start, min(start + size, count)) for start in range(0, count, size)]
