@@ -12,9 +12,9 @@ of these switches:
               +gemv)
     +dense    engine.triton_attention.DENSE_FRESH_PREFILL=True: steps whose prefill chunks all
               start their sequence attend through torch's fused SDPA (the default for FP8 KV)
-    +varlen   engine.triton_attention.DENSE_VARLEN=True: a step whose prefill chunks all attend
-              densely makes one variable-length FlashAttention-2 call (implies the dense path
-              for bf16 too)
+    +varlen   engine.triton_attention.DENSE_VARLEN=True: a step whose dense chunks hold at
+              least half of its prefill rows makes one variable-length FlashAttention-2 call
+              (implies the dense path for bf16 too)
     +paged    DENSE_FRESH_PREFILL=False: every prefill chunk through the paged kernel (the
               default for bf16 KV)
     +overlap  EngineConfig.overlap_outputs=True: each step launched before the previous one's

@@ -8,6 +8,7 @@ calls them once, in order, when it starts.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import Any
 
 import torch
@@ -87,6 +88,9 @@ def build_model(
         shape = info.config
         ids = calibration_ids(info.tokenizer, shape.vocab_size, shape.max_position_embeddings)
         use_gptq_fp8_linears(model, ids, device)
+        if device.type == "cuda":  # the bf16 projections and GPTQ's work, back to the card
+            gc.collect()  # before the KV cache is sized from the free memory
+            torch.cuda.empty_cache()
     if shard is not None:
         assert tp is not None
         model.set_tensor_parallel(tp, shard)

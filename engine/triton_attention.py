@@ -164,8 +164,10 @@ def _dense_causal(
 def _varlen_fits(dense: list[PrefillChunk], meta: AttentionMetadata, q: torch.Tensor) -> bool:
     """Whether the step's dense chunks attend in one variable-length call (DENSE_VARLEN): that
     call also attends for the other chunks' rows (over their own rows only, then overwritten),
-    so only where the dense chunks hold most of the prefill rows."""
-    if not (DENSE_VARLEN and dense and q.is_cuda):
+    so only where the dense chunks hold most of the prefill rows; and only where
+    FlashAttention-2 takes the inputs (fp16/bf16, head_dim <= 256)."""
+    flash = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    if not (DENSE_VARLEN and dense and q.is_cuda and flash):
         return False
     dense_rows = sum(c.query_len for c in dense)
     return 2 * dense_rows >= sum(c.query_len for c in meta.prefills)

@@ -99,7 +99,7 @@ def test_fused_fp8_quant_is_on_by_default_with_fp8_weights() -> None:
 
 
 def test_gptq_fp8_weights_on_the_gpu_beat_rounding_to_nearest() -> None:
-    """engine.fp8_gptq on CUDA (bf16 model, fp64 Cholesky on the card): every projection FP8,
+    """engine.fp8_gptq on CUDA (bf16 model, fp32 factorization on the card): every projection FP8,
     the scales round-to-nearest's, and on the calibration tokens the logits closer to the
     bf16 model's than round-to-nearest's."""
     from engine.kv_calibration import calibration_ids

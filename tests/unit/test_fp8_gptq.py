@@ -67,9 +67,13 @@ def test_inputs_that_never_fire_get_zero_weights_and_the_rest_stays_finite() -> 
     assert torch.isfinite(codes.float()).all() and torch.isfinite(scale).all()
 
 
-def test_a_hessian_of_the_wrong_size_is_refused() -> None:
+def test_a_hessian_of_the_wrong_size_or_not_finite_is_refused() -> None:
     with pytest.raises(ValueError, match=r"hessian is \(8, 8\), the weight 4 x 16 needs 16 x 16"):
         gptq_fp8(torch.randn(4, 16), torch.eye(8))
+    hessian = torch.eye(16)
+    hessian[3, 3] = float("inf")  # an activation that overflowed
+    with pytest.raises(ValueError, match="calibration inputs are not finite"):
+        gptq_fp8(torch.randn(4, 16), hessian)
 
 
 def test_an_engine_with_gptq_weights_is_closer_to_the_unquantized_model(tmp_path: Path) -> None:
