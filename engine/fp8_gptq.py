@@ -17,7 +17,7 @@ calibration text move less than the weights alone would say. Here:
   forward passes over the KV calibration text (engine.kv_calibration), each covering as many
   consecutive layers as HESSIAN_BUDGET_BYTES of Hessians allow and stopping after the last.
 
-Measured on the default model (docs/benchmarks.md, "FP8 fidelity"): perplexity +2.15% against
+Measured on the default model (docs/benchmarks.md, "FP8 fidelity"): perplexity +1.9-2.2% against
 round-to-nearest's +3.58%. At load it costs calibration passes and four sweeps a layer (the
 default model on a 2-core CPU 18 s; Llama-3-8B's shape on an H100 75 s); tensor-parallel size
 1 only (EngineConfig refuses other sizes: each rank would see only its shard's inputs).
