@@ -15,18 +15,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-CONFIGS = {  # name -> (quantization, kv_cache_dtype, kv_cache_scales)
-    "fp32": (None, "auto", "per_head"),
-    "bf16": (None, "auto", "per_head"),  # in bf16 (DTYPES): no FP8 at all
-    "fp8 weights": ("fp8", "auto", "per_head"),
-    "fp8 kv": (None, "fp8", "per_head"),  # the default: per-head scales, calibrated
-    "fp8 kv per-token": (None, "fp8", "per_token"),
-    "fp8 both": ("fp8", "fp8", "per_head"),
-    "fp8 weights gptq": ("fp8", "auto", "per_head"),  # GPTQ-rounded (WEIGHT_CALIBRATIONS)
-    "fp8 both gptq": ("fp8", "fp8", "per_head"),
+_W8 = {"quantization": "fp8"}
+_KV8 = {"kv_cache_dtype": "fp8"}  # per-head scales, calibrated: the default
+_GPTQ = {"fp8_weight_calibration": "gptq"}
+CONFIGS: dict[str, dict[str, str]] = {  # name -> EngineConfig fields beside the fp32 defaults
+    "fp32": {},
+    "bf16": {"dtype": "bfloat16"},  # no FP8 at all: what 8 bits of mantissa change
+    "fp8 weights": _W8,
+    "fp8 kv": _KV8,
+    "fp8 kv per-token": {**_KV8, "kv_cache_scales": "per_token"},
+    "fp8 both": {**_W8, **_KV8},
+    "fp8 weights gptq": {**_W8, **_GPTQ},
+    "fp8 both gptq": {**_W8, **_KV8, **_GPTQ},
 }
-DTYPES = {"bf16": "bfloat16"}  # the model's dtype where not fp32
-WEIGHT_CALIBRATIONS = {"fp8 weights gptq": "gptq", "fp8 both gptq": "gptq"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,28 +46,16 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[name] for name in sorted(topics))
 
 
-def engine_for(
-    quantization: str | None,
-    kv_cache_dtype: str,
-    kv_cache_scales: str,
-    window: int,
-    dtype: str = "float32",
-    fp8_weight_calibration: str | None = None,
-) -> object:
+def engine_for(options: dict[str, str], window: int) -> object:
+    """A CPU engine of the default model in fp32 with `options` (EngineConfig fields) over it,
+    a cache that holds one window."""
     from engine.config import EngineConfig
     from engine.engine import Engine
 
-    config = EngineConfig(
-        device="cpu",
-        dtype=dtype,
-        quantization=quantization,
-        fp8_weight_calibration=fp8_weight_calibration,
-        kv_cache_dtype=kv_cache_dtype,
-        kv_cache_scales=kv_cache_scales,
-        num_kv_blocks=-(-window // 16) + 1,
-        enable_prefix_caching=False,
+    fields = {"device": "cpu", "dtype": "float32", **options}
+    return Engine(
+        EngineConfig(num_kv_blocks=-(-window // 16) + 1, enable_prefix_caching=False, **fields)  # type: ignore[arg-type]
     )
-    return Engine(config)
 
 
 def window_logits(engine: object, token_ids: list[int]) -> torch.Tensor:
@@ -96,12 +85,7 @@ def measure(
     nll: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     argmax: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for name in names:
-        engine = engine_for(
-            *CONFIGS[name],
-            window=window,
-            dtype=DTYPES.get(name, "float32"),
-            fp8_weight_calibration=WEIGHT_CALIBRATIONS.get(name),
-        )
+        engine = engine_for(CONFIGS[name], window)
         if not windows:
             ids = engine.tokenizer.encode(pydoc_text())[:num_tokens]  # type: ignore[attr-defined]
             windows = [ids[i : i + window] for i in range(0, len(ids), window)]

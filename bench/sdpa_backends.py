@@ -76,7 +76,9 @@ def chunk_rows(args: argparse.Namespace, lengths: list[int]) -> tuple[torch.Tens
 
 
 def per_chunk(q, k, v, starts, lengths, scale):  # type: ignore[no-untyped-def]
-    """As the engine's dense prefill today: one SDPA call a chunk, transposed views."""
+    """One SDPA call a chunk over transposed views, as the engine's dense prefill (which also
+    pads each chunk to DENSE_LENGTH_BUCKET tokens; here the first call at a length builds
+    cuDNN's plan, outside the timed calls)."""
     out = torch.empty_like(q)
     begin = 0
     for n in lengths:
