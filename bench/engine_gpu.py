@@ -134,9 +134,11 @@ def dummy_engine(
     cuda_graphs: bool = True,
     triton_gemv: bool = True,
     tensor_parallel_size: int = 1,
+    **options: Any,
 ) -> Engine:
     """Tandem on the current GPU with dummy bf16 weights of a named shape (at
-    `tensor_parallel_size` N > 1 on GPUs 0..N-1: close it)."""
+    `tensor_parallel_size` N > 1 on GPUs 0..N-1: close it); `options` are further EngineConfig
+    fields (quantization, kv_cache_dtype, ...)."""
     return Engine(
         EngineConfig(
             model=f"dummy:{shape}",
@@ -147,6 +149,7 @@ def dummy_engine(
             cuda_graphs=cuda_graphs,
             triton_gemv=triton_gemv,
             tensor_parallel_size=tensor_parallel_size,
+            **options,
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
             ),

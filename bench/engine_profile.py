@@ -5,7 +5,8 @@ per `--variants` entry side by side. A variant is `default` (the engine's defaul
 `default` followed by switches: `+gemv` (the Triton GEMV for one-row projections), `+pdl`,
 `+dense`, `+varlen` (dense, one FlashAttention-2 call a step), `-pinned`, `-overlap`
 (EngineConfig.overlap_outputs off; on CUDA the default launches each step before the previous
-one's outputs are made); `main` is an older
+one's outputs are made), or a name of bench.engine_variants (`bf16`, `w8kv8+gemv+fusedq`, ...:
+FP8 weights and KV among them); `main` is an older
 checkout's engine, run with that checkout first on PYTHONPATH. (`new` and `new-nogemv`, the
 names of the first runs, mean `default+gemv` and `default`.) Details: docs/benchmarks.md.
 
@@ -29,6 +30,7 @@ import torch
 
 from bench.common import machine_info, markdown_table, write_json
 from bench.engine_gpu import dummy_engine, random_prompts, tandem_ttft
+from bench.engine_variants import BASES, apply_switches, parse_variant
 from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
 
@@ -241,8 +243,12 @@ def profile_saturation(engine: Engine, args: argparse.Namespace) -> dict:
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     # "main": code without the switches (run against an older checkout); otherwise the
     # engine's defaults with the variant's switches flipped (see the module docstring).
-    extra = {}
-    if name != "main":
+    extra: dict[str, Any] = {}
+    if name.split("+")[0] in BASES:  # a bench.engine_variants name (bf16, w8kv8+gemv, ...)
+        variant = parse_variant(name)
+        apply_switches(variant)
+        extra = variant.engine_options()
+    elif name != "main":
         import engine.cuda_graph as cuda_graph
         import engine.kernels.gemv as gemv_module
         import engine.triton_attention as triton_attention
