@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--ttft-len", type=int, default=2048)
+    parser.add_argument("--ttft-repeats", type=int, default=5)
     parser.add_argument("--saturation-requests", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -159,6 +160,13 @@ def kernel_table(prof: Any, steps: int) -> dict[str, float]:
     per_family["GPU busy"] = sum(per_family.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
     print("  top kernels (us/step):", "; ".join(f"{k} {v:.0f}" for k, v in top), flush=True)
+    host = sorted(
+        (e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU),
+        key=lambda e: -e.self_cpu_time_total,
+    )[:12]
+    print("  top host ops (self us/step):",
+          "; ".join(f"{e.key[:60]} {e.self_cpu_time_total / steps:.0f}" for e in host),
+          flush=True)  # fmt: skip
     return dict(per_family)
 
 
@@ -207,7 +215,7 @@ def profile_ttft(engine: Engine, args: argparse.Namespace, trace: str | None) ->
         return tandem_ttft(engine, prompt)
 
     once()
-    values = [once() for _ in range(5)]
+    values = [once() for _ in range(args.ttft_repeats)]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         once()
     if trace:
@@ -267,11 +275,12 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     if "-overlap" in name:  # read at every step; the default overlaps on CUDA
         engine.config = dataclasses.replace(engine.config, overlap_outputs=False)
     trace = args.trace_dir
+    slug = name.replace("+", "_")  # file names the device tool hands back: no "+"
     result: dict[str, Any] = {}
     for batch in (int(b) for b in args.decode_batches.split(",")):
-        where = trace and f"{trace}/decode{batch}_{name}.json.gz"
+        where = trace and f"{trace}/decode{batch}_{slug}.json.gz"
         result[f"decode{batch}"] = profile_decode(engine, args, batch, where)
-    result["ttft"] = profile_ttft(engine, args, trace and f"{trace}/ttft_{name}.json.gz")
+    result["ttft"] = profile_ttft(engine, args, trace and f"{trace}/ttft_{slug}.json.gz")
     if args.saturation_requests:
         profile_saturation(engine, args)  # warm-up: compiles every prefill/decode shape
         result["saturation"] = profile_saturation(engine, args)
