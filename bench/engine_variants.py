@@ -23,6 +23,8 @@ of these switches:
               step is launched (the baseline of +overlap)
     +pertoken EngineConfig.kv_cache_scales="per_token": the FP8 KV cache's scales one per token
               and head inside each block (the default: per head, calibrated; FP8 KV only)
+    +lateargmax engine.engine.GREEDY_AT_LAUNCH=False: greedy steps take their argmax when they
+              are collected, not queued behind the step at launch (the baseline of the default)
 
 e.g. `w8+gemv+fusedq+pdl`. `+pdl` and `+dense` are module switches: `apply_switches` sets them for
 the engine built next (graphs capture them), so build and measure one variant at a time.
@@ -38,7 +40,18 @@ BASES: dict[str, tuple[str | None, str]] = {
     "w8": ("fp8", "auto"),
     "w8kv8": ("fp8", "fp8"),
 }
-SWITCHES = ("gemv", "fusedq", "pdl", "dense", "varlen", "paged", "overlap", "sync", "pertoken")
+SWITCHES = (
+    "gemv",
+    "fusedq",
+    "pdl",
+    "dense",
+    "varlen",
+    "paged",
+    "overlap",
+    "sync",
+    "pertoken",
+    "lateargmax",
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,7 @@ class Variant:
     overlap_outputs: bool | None = None  # None: the engine's default
     kv_cache_scales: str = "per_head"
     dense_varlen: bool = False
+    late_argmax: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -106,14 +120,17 @@ def parse_variant(name: str) -> Variant:
         overlap_outputs=True if "overlap" in switches else False if "sync" in switches else None,
         kv_cache_scales="per_token" if "pertoken" in switches else "per_head",
         dense_varlen="varlen" in switches,
+        late_argmax="lateargmax" in switches,
     )
 
 
 def apply_switches(variant: Variant) -> None:
     """Sets the module switches of `variant` (and clears those it does not name)."""
+    import engine.engine as engine_module
     import engine.kernels.gemv as gemv_module
     import engine.triton_attention as triton_attention
 
+    engine_module.GREEDY_AT_LAUNCH = not variant.late_argmax
     gemv_module.USE_PDL = variant.pdl
     triton_attention.DENSE_FRESH_PREFILL = variant.dense_prefill
     triton_attention.DENSE_VARLEN = variant.dense_varlen

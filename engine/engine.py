@@ -44,7 +44,7 @@ from engine.loader import describe_model, resolve_model
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.parallel import TensorParallelGroup, encode_plan, start_ranks
-from engine.sampler import LogitBias, Sampler, SampleRow, plain_greedy
+from engine.sampler import LogitBias, Sampler, SamplerOutput, SampleRow, plain_greedy
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.sharding import ShardLayout, check_divisible, shard_layout
@@ -55,6 +55,11 @@ logger = logging.getLogger(__name__)
 # An idle step with kept KV waiting for staging blocks waits at most this long for some to free
 # (a transfer's Ack, on another thread), instead of spinning.
 STAGING_WAIT_S = 0.01
+# CUDA: a step whose samplers are all plain greedy queues its argmax and the ids' copy to
+# pinned host memory behind the step at launch, so its collection waits once and reads host
+# memory (no argmax launch and blocking copy between the step's end and the next launch).
+# False: the argmax is taken at collection (the earlier behaviour, for A/B benchmarks).
+GREEDY_AT_LAUNCH = True
 
 
 class KVPending(enum.Enum):
@@ -208,6 +213,9 @@ class Engine:
         self._launch_error: Exception | None = None
         # (start, end) of a step launched ahead on CUDA: its device time, and the wait for it
         self._launch_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        # pinned host buffers the greedy ids of a launch are copied into, used in turn
+        self._greedy_host: tuple[torch.Tensor, ...] | None = None
+        self._greedy_turn = 0
         if self.device.type == "cuda":
             self._launch_events = (
                 torch.cuda.Event(enable_timing=True),
@@ -971,8 +979,6 @@ class Engine:
             logits = self.runner.execute(scheduled)
         else:
             logits = self._execute_on_all_ranks(scheduled)
-        if events is not None:
-            events[1].record()
         launch_s = time.perf_counter() - started
         num_prompt_tokens = _prompt_tokens_in(scheduled)
         self.num_prompt_tokens_computed += num_prompt_tokens
@@ -980,7 +986,32 @@ class Engine:
             assert not scheduled.preempted, "a step that could preempt is not launched ahead"
             self.num_steps_launched_ahead += 1
         samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
-        return _Launched(scheduled, samplers, logits, started, launch_s, ahead, events)
+        greedy = None
+        if (
+            GREEDY_AT_LAUNCH
+            and samplers
+            and logits.is_cuda
+            and all(plain_greedy(seq.sampling_params) for seq in samplers)
+        ):
+            greedy = self._greedy_ids(logits)
+        if events is not None:
+            events[1].record()  # after the argmax and its copy: waiting for it waits for both
+        return _Launched(scheduled, samplers, logits, started, launch_s, ahead, events, greedy)
+
+    def _greedy_ids(self, logits: torch.Tensor) -> torch.Tensor:
+        """The argmax of each row, queued behind the step on its stream and copied to pinned
+        host memory without waiting: valid once the step's end event (or the stream) is
+        reached. Two buffers in turn, so the copy of a step launched ahead never overwrites
+        ids the last step's collection has not read."""
+        rows = logits.shape[0]
+        if self._greedy_host is None or self._greedy_host[0].shape[0] < rows:
+            self._greedy_host = tuple(
+                torch.empty(max(rows, 256), dtype=torch.long, pin_memory=True) for _ in range(2)
+            )
+        self._greedy_turn ^= 1
+        host = self._greedy_host[self._greedy_turn][:rows]
+        host.copy_(logits.argmax(dim=-1), non_blocking=True)
+        return host
 
     def _collect(self, launched: _Launched) -> list[_Pending]:
         """Sample a launched step's tokens (waiting for the device), advance its sequences and
@@ -989,13 +1020,21 @@ class Engine:
         can wait. A sequence that left while the step was in flight (aborted, exported) is
         left out: its row of logits is dropped, nothing of it is applied."""
         scheduled, samplers, logits = launched.scheduled, launched.samplers, launched.logits
+        kept_rows: list[int] | None = None
         if any(item.seq.is_finished for item in scheduled.scheduled):
-            scheduled, samplers, logits = _without_finished(launched)
+            scheduled, samplers, logits, kept_rows = _without_finished(launched)
         waited = time.perf_counter()
         if launched.events is not None:
             launched.events[1].synchronize()
             waited = time.perf_counter()
-        if all(plain_greedy(seq.sampling_params) for seq in samplers):
+        elif launched.greedy is not None:  # no end event: the stream holds the copy
+            torch.cuda.current_stream(logits.device).synchronize()
+        if launched.greedy is not None:
+            ids = launched.greedy.tolist()
+            if kept_rows is not None:
+                ids = [ids[i] for i in kept_rows]
+            sampled = SamplerOutput(ids, [None] * len(ids))
+        elif all(plain_greedy(seq.sampling_params) for seq in samplers):
             sampled = self.sampler.greedy(logits)
         else:
             sampled = self.sampler(logits, [self._sample_row(seq) for seq in samplers])
@@ -1182,6 +1221,9 @@ class _Launched:
     launch_s: float  # the host's time in runner.execute (on the CPU: the whole compute)
     ahead: bool
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None
+    # CUDA, every sampler plain greedy: the rows' argmax in pinned host memory, copied behind
+    # the step (ready once events[1], or the stream, is reached); None: sample at collection
+    greedy: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -1190,16 +1232,16 @@ class _Launched:
 
 def _without_finished(
     launched: _Launched,
-) -> tuple[SchedulerOutput, list[Sequence], torch.Tensor]:
+) -> tuple[SchedulerOutput, list[Sequence], torch.Tensor, list[int]]:
     """A step in flight less its sequences that left meanwhile (aborted, exported: their
     counts were reset when their blocks were freed): the plan, samplers and rows of logits
-    of those that remain."""
+    of those that remain, and those rows' indices (into the launch's samplers)."""
     scheduled = launched.scheduled
     kept = [item for item in scheduled.scheduled if not item.seq.is_finished]
     rows = [i for i, seq in enumerate(launched.samplers) if not seq.is_finished]
     samplers = [launched.samplers[i] for i in rows]
     index = torch.tensor(rows, dtype=torch.long, device=launched.logits.device)
-    return SchedulerOutput(kept, scheduled.preempted), samplers, launched.logits[index]
+    return SchedulerOutput(kept, scheduled.preempted), samplers, launched.logits[index], rows
 
 
 def _step_seconds(launched: _Launched, sampled_from: float) -> float:

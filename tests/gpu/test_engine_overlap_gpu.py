@@ -101,3 +101,32 @@ def test_the_default_overlaps_on_cuda(model_dir: Path) -> None:
         results.append(steps_of(engine, abort_and_add=False))
         assert (engine.num_steps_launched_ahead > 0) is (overlap is None)
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_ids_taken_at_launch_equal_those_taken_at_collection(
+    model_dir: Path, overlap: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """engine.engine.GREEDY_AT_LAUNCH: the argmax queued behind the step and copied to pinned
+    memory gives the same steps as the argmax at collection, through preemption, aborts of
+    sequences in flight (their rows dropped from the host copy) and a late request."""
+    import engine.engine as engine_module
+
+    results = []
+    for at_launch in (False, True):
+        monkeypatch.setattr(engine_module, "GREEDY_AT_LAUNCH", at_launch)
+        engine = engine_of(model_dir, overlap, num_kv_blocks=32)
+        launched_greedy = []
+        launch = engine._launch
+
+        def recording_launch(ahead: bool = False, launch=launch, seen=launched_greedy):  # type: ignore[no-untyped-def]
+            step = launch(ahead=ahead)
+            if step is not None:
+                seen.append(step.greedy is not None)
+            return step
+
+        monkeypatch.setattr(engine, "_launch", recording_launch)
+        results.append(by_request(steps_of(engine, abort_and_add=True)))
+        assert any(launched_greedy) is at_launch
+        assert engine.scheduler.num_preemptions > 0, "the workload must preempt"
+    assert results[0] == results[1]

@@ -50,6 +50,7 @@ def test_bad_names_are_refused_with_the_reason(name: str, message: str) -> None:
 
 
 def test_switches_are_set_and_cleared() -> None:
+    import engine.engine as engine_module
     import engine.kernels.gemv as gemv_module
     import engine.triton_attention as triton_attention
 
@@ -57,6 +58,7 @@ def test_switches_are_set_and_cleared() -> None:
         gemv_module.USE_PDL,
         triton_attention.DENSE_FRESH_PREFILL,
         triton_attention.DENSE_VARLEN,
+        engine_module.GREEDY_AT_LAUNCH,
     )
     try:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
@@ -68,10 +70,13 @@ def test_switches_are_set_and_cleared() -> None:
         apply_switches(parse_variant("bf16+varlen"))
         assert triton_attention.DENSE_VARLEN and triton_attention.DENSE_FRESH_PREFILL is True
         apply_switches(parse_variant("bf16"))
-        assert not triton_attention.DENSE_VARLEN
+        assert not triton_attention.DENSE_VARLEN and engine_module.GREEDY_AT_LAUNCH
+        apply_switches(parse_variant("bf16+lateargmax"))
+        assert engine_module.GREEDY_AT_LAUNCH is False
     finally:
         (
             gemv_module.USE_PDL,
             triton_attention.DENSE_FRESH_PREFILL,
             triton_attention.DENSE_VARLEN,
+            engine_module.GREEDY_AT_LAUNCH,
         ) = before
