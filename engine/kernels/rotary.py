@@ -3,6 +3,9 @@ engine.llama.RotaryEmbedding's full-width fp32 tables (row p for position p):
 
     out = x * [cos, cos] + roll(x, head_dim / 2) * [-sin, sin]    (fp32, stored in x's dtype)
 
+each element as one FMA, fma(x, cos2, partner * sin2) (`rotate`, shared with kv_write's fused
+rotary + KV write so that both round alike).
+
 q and k may be strided views of a fused qkv output. Positions are not bounds-checked on the
 device: each must be below max_positions. `apply_rotary_ref` is the torch reference.
 """
@@ -20,8 +23,11 @@ _MAX_TILE = 2048
 @triton.jit
 def rotate(x, partner, c, s):
     """fp32 "rotate half" of elements x whose partners (d +- head_dim / 2) are `partner`, with
-    that element's cos2 / sin2: written once here so every kernel rounds it the same way."""
-    return x * c + partner * s
+    that element's cos2 / sin2: x * c + partner * s as one explicit FMA. Left as a sum of two
+    products, the compiler fuses one of them into an FMA, and which one follows LLVM's operand
+    order (for sm_90, x * c for half of the elements and partner * s for the others): written
+    out, every kernel that calls this rounds each element the same way."""
+    return tl.fma(x, c, partner * s)
 
 
 @triton.jit

@@ -190,9 +190,10 @@ def test_matches_rotary_then_write_kv_bitwise(
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_the_torch_reference(dtype: torch.dtype) -> None:
     """Against rotary_write_kv_ref: the kernel and torch both compute x * c + y * s in fp32 and
-    round once to the model dtype: equal in fp32 on CPU (no FMA in either). The rounding may
-    differ by one ulp: on CUDA the kernel may contract to an FMA, and the interpreter's bf16
-    conversion does not round as torch's does (tolerances of test_rotary)."""
+    round once to the model dtype: equal in fp32 on CPU (the interpreter's FMA is a product and
+    a sum). The rounding may differ by one ulp: on CUDA the kernel's FMA rounds once where torch
+    rounds the product x * c too, and the interpreter's bf16 conversion does not round as
+    torch's does (tolerances of test_rotary)."""
     shape = _, num_kv_heads, head_dim = 6, 2, 64
     tol = TOLERANCES[dtype] if DEVICE == "cuda" or dtype != torch.float32 else EXACT
     qkv = fused_qkv(9, *shape, dtype)
