@@ -82,6 +82,25 @@ class AttentionBackend(ABC):
         kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
     ) -> None: ...
 
+    def rotate_and_write_kv(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim], rotated in place
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], rotated in place
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        positions: torch.Tensor,  # [num_tokens] int64
+        cos2: torch.Tensor,  # [max_positions, head_dim] fp32 (RotaryEmbedding's tables)
+        sin2: torch.Tensor,
+        kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        slot_mapping: torch.Tensor,  # [num_tokens] int64
+        kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
+    ) -> None:
+        """The CUDA path of engine.llama.Attention: rotate q and k in place (the Triton rotary
+        kernel), then write_kv. A backend with a fused kernel overrides it."""
+        from engine.kernels.rotary import apply_rotary_
+
+        apply_rotary_(q, k, positions, cos2, sin2)
+        self.write_kv(kv_cache_layer, k, v, slot_mapping, kv_scales)
+
     @abstractmethod
     def forward(
         self,

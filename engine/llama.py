@@ -102,21 +102,16 @@ class RotaryInputs:
 
 
 def rotate_qk(
-    qkv: torch.Tensor,  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
+    qkv: torch.Tensor,  # [num_tokens, (heads + 2 * kv_heads) * head_dim], on CPU
     rope: RotaryInputs,
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated q [num_tokens, heads, head_dim] and k [num_tokens, kv_heads, head_dim]."""
-    q_size, qk_size = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
-    if qkv.is_cuda:  # in place, one Triton launch
-        from engine.kernels.rotary import apply_rotary_
-
-        q = qkv[:, :q_size].view(-1, num_heads, head_dim)
-        k = qkv[:, q_size:qk_size].view(-1, num_kv_heads, head_dim)
-        apply_rotary_(q, k, rope.positions, rope.cos2, rope.sin2)
-        return q, k
+    """Rotated q [num_tokens, heads, head_dim] and k [num_tokens, kv_heads, head_dim], new
+    tensors (on CUDA the backend rotates in place as it writes the K/V:
+    AttentionBackend.rotate_and_write_kv)."""
+    qk_size = (num_heads + num_kv_heads) * head_dim
     qk = qkv[:, :qk_size].view(-1, num_heads + num_kv_heads, head_dim)
     q, k = apply_rotary(qk, (rope.cos2, rope.sin2)).split([num_heads, num_kv_heads], dim=1)
     return q, k
@@ -253,9 +248,18 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden], or [len(output_rows.rows), hidden]
         """Writes every token's K/V; attends for every token, or for `output_rows` only."""
         qkv = self.qkv_proj(x)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
-        q, k = rotate_qk(qkv, rope, self.num_heads, self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        self.backend.write_kv(kv_cache_layer, k, v, meta.slot_mapping, self.kv_scales)
+        qk_size = self.q_size + self.kv_size
+        v = qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim)
+        if qkv.is_cuda:  # q and k rotated in place as the K/V is written: one launch (Triton)
+            q = qkv[:, : self.q_size].view(-1, self.num_heads, self.head_dim)
+            k = qkv[:, self.q_size : qk_size].view(-1, self.num_kv_heads, self.head_dim)
+            self.backend.rotate_and_write_kv(
+                q, k, v, rope.positions, rope.cos2, rope.sin2, kv_cache_layer,
+                meta.slot_mapping, self.kv_scales,
+            )  # fmt: skip
+        else:
+            q, k = rotate_qk(qkv, rope, self.num_heads, self.num_kv_heads, self.head_dim)
+            self.backend.write_kv(kv_cache_layer, k, v, meta.slot_mapping, self.kv_scales)
         if output_rows is not None:
             if output_rows.rows.shape[0] == 0:
                 return qkv.new_empty((0, self.o_proj.out_features))

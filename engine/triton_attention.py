@@ -23,7 +23,7 @@ from engine.attention import (
     causal_self_attention,
 )
 from engine.kernels.decode_attention import paged_decode_attention
-from engine.kernels.kv_write import write_kv
+from engine.kernels.kv_write import rotary_write_kv, write_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
 from engine.kv_quant import layer_values_and_scales
 
@@ -59,6 +59,22 @@ class TritonAttention(AttentionBackend):
     ) -> None:
         cache, scales = _values_and_scales(kv_cache_layer, kv_scales)
         write_kv(k, v, cache[0], cache[1], slot_mapping, *scales)
+
+    def rotate_and_write_kv(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim], rotated in place
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], rotated in place
+        v: torch.Tensor,
+        positions: torch.Tensor,  # [num_tokens] int64
+        cos2: torch.Tensor,  # [max_positions, head_dim] fp32
+        sin2: torch.Tensor,
+        kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = padding
+        kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
+    ) -> None:
+        """One launch (kv_write.rotary_write_kv), bitwise what the two of the default give."""
+        cache, scales = _values_and_scales(kv_cache_layer, kv_scales)
+        rotary_write_kv(q, k, v, positions, cos2, sin2, cache[0], cache[1], slot_mapping, *scales)
 
     def forward(
         self,

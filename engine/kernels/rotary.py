@@ -3,6 +3,9 @@ engine.llama.RotaryEmbedding's full-width fp32 tables (row p for position p):
 
     out = x * [cos, cos] + roll(x, head_dim / 2) * [-sin, sin]    (fp32, stored in x's dtype)
 
+each element as one FMA, fma(x, cos2, partner * sin2) (`rotate`, shared with kv_write's fused
+rotary + KV write so that both round alike).
+
 q and k may be strided views of a fused qkv output. Positions are not bounds-checked on the
 device: each must be below max_positions. `apply_rotary_ref` is the torch reference.
 """
@@ -15,6 +18,16 @@ import triton.language as tl
 
 # Elements of one half-tile [BLOCK_HEADS, BLOCK_HALF] a program holds at a time.
 _MAX_TILE = 2048
+
+
+@triton.jit
+def rotate(x, partner, c, s):
+    """fp32 "rotate half" of elements x whose partners (d +- head_dim / 2) are `partner`, with
+    that element's cos2 / sin2: x * c + partner * s as one explicit FMA. Left as a sum of two
+    products, the compiler fuses one of them into an FMA, and which one follows LLVM's operand
+    order (for sm_90, x * c for half of the elements and partner * s for the others): written
+    out, every kernel that calls this rounds each element the same way."""
+    return tl.fma(x, c, partner * s)
 
 
 @triton.jit
@@ -41,8 +54,8 @@ def _rotate_heads(
         ptrs = x_ptr + token * token_stride + heads * head_stride + dims
         x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (x1 * c1 + x2 * s1).to(x_ptr.dtype.element_ty), mask=mask)
-        tl.store(ptrs + HALF, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs, rotate(x1, x2, c1, s1).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs + HALF, rotate(x2, x1, c2, s2).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -96,14 +109,13 @@ def apply_rotary_(
     stride 1 (e.g. slices of a fused qkv output); they must not overlap each other. Raises
     ValueError on a bad device, dtype, shape or stride.
     """
-    _check_inputs(q, k, positions, cos2, sin2)
+    check_inputs(q, k, positions, cos2, sin2)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
         return
     half = head_dim // 2
     block_half = triton.next_power_of_2(half)
-    max_heads = max(1, _MAX_TILE // block_half)  # heads per tile, a power of two
     _rotary_kernel[(num_tokens,)](
         q,
         k,
@@ -118,11 +130,17 @@ def apply_rotary_(
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=half,
-        BLOCK_HEADS_Q=min(triton.next_power_of_2(num_heads), max_heads),
-        BLOCK_HEADS_K=min(triton.next_power_of_2(num_kv_heads), max_heads),
+        BLOCK_HEADS_Q=heads_per_tile(num_heads, block_half),
+        BLOCK_HEADS_K=heads_per_tile(num_kv_heads, block_half),
         BLOCK_HALF=block_half,
         num_warps=4,
     )
+
+
+def heads_per_tile(num_heads: int, block_half: int) -> int:
+    """BLOCK_HEADS of `_rotate_heads`: all heads, at most _MAX_TILE // block_half (a power of
+    two) at a time."""
+    return min(triton.next_power_of_2(num_heads), max(1, _MAX_TILE // block_half))
 
 
 def apply_rotary_ref(
@@ -143,13 +161,14 @@ def apply_rotary_ref(
     return rotate(q), rotate(k)
 
 
-def _check_inputs(
+def check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     positions: torch.Tensor,
     cos2: torch.Tensor,
     sin2: torch.Tensor,
 ) -> None:
+    """ValueError unless q, k, positions and the tables are what `apply_rotary_` takes."""
     if not q.is_cuda and not triton.knobs.runtime.interpret:
         raise ValueError(f"q must be on a CUDA device (or TRITON_INTERPRET=1), got {q.device}")
     for name, t in (("k", k), ("positions", positions), ("cos2", cos2), ("sin2", sin2)):

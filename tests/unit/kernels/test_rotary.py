@@ -3,8 +3,8 @@
 q and k are strided views into a fused qkv tensor, as in `engine.llama.Attention`; the tables
 come from `engine.llama.RotaryEmbedding`. On CPU it runs under TRITON_INTERPRET=1 in fp32
 (atol = rtol = 1e-5). On CUDA it runs in bf16 and fp16 against the same-dtype reference: both
-compute in fp32 and round once, but the kernel may contract x*c + y*s into an FMA, which can
-flip that rounding by one ulp, hence bf16 atol = rtol = 1.6e-2 and fp16 2e-3.
+compute in fp32 and round once, but the kernel computes x*c + y*s as one FMA (rotary.rotate),
+which can flip that rounding by one ulp, hence bf16 atol = rtol = 1.6e-2 and fp16 2e-3.
 """
 
 from __future__ import annotations
