@@ -23,6 +23,8 @@ of these switches:
               step is launched (the baseline of +overlap)
     +pertoken EngineConfig.kv_cache_scales="per_token": the FP8 KV cache's scales one per token
               and head inside each block (the default: per head, calibrated; FP8 KV only)
+    +tworot   engine.triton_attention.FUSED_ROTARY_KV_WRITE=False: the rotary kernel, then the
+              KV write (the baseline of the fused launch, the default)
     +lateargmax engine.engine.GREEDY_AT_LAUNCH=False: greedy steps take their argmax when they
               are collected, not queued behind the step at launch (the baseline of the default)
 
@@ -51,6 +53,7 @@ SWITCHES = (
     "sync",
     "pertoken",
     "lateargmax",
+    "tworot",
 )
 
 
@@ -67,6 +70,7 @@ class Variant:
     kv_cache_scales: str = "per_head"
     dense_varlen: bool = False
     late_argmax: bool = False
+    two_rotary_launches: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -121,6 +125,7 @@ def parse_variant(name: str) -> Variant:
         kv_cache_scales="per_token" if "pertoken" in switches else "per_head",
         dense_varlen="varlen" in switches,
         late_argmax="lateargmax" in switches,
+        two_rotary_launches="tworot" in switches,
     )
 
 
@@ -134,3 +139,4 @@ def apply_switches(variant: Variant) -> None:
     gemv_module.USE_PDL = variant.pdl
     triton_attention.DENSE_FRESH_PREFILL = variant.dense_prefill
     triton_attention.DENSE_VARLEN = variant.dense_varlen
+    triton_attention.FUSED_ROTARY_KV_WRITE = not variant.two_rotary_launches

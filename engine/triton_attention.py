@@ -46,6 +46,9 @@ DENSE_LENGTH_BUCKET = 256
 # steps of several chunks in isolation but not in the engine (TTFT 50.6 against 48.0 ms,
 # saturation 1% lower; docs/benchmarks.md).
 DENSE_VARLEN = False
+# Rotary embedding and KV write in one launch a layer (kv_write.rotary_write_kv); False: the
+# rotary kernel, then the KV write (the same bits; the baseline of A/B benchmarks).
+FUSED_ROTARY_KV_WRITE = True
 
 
 class TritonAttention(AttentionBackend):
@@ -72,7 +75,13 @@ class TritonAttention(AttentionBackend):
         slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = padding
         kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
     ) -> None:
-        """One launch (kv_write.rotary_write_kv), bitwise what the two of the default give."""
+        """One launch (kv_write.rotary_write_kv), bitwise what the two of the default give
+        (those with FUSED_ROTARY_KV_WRITE off)."""
+        if not FUSED_ROTARY_KV_WRITE:
+            super().rotate_and_write_kv(
+                q, k, v, positions, cos2, sin2, kv_cache_layer, slot_mapping, kv_scales
+            )
+            return
         cache, scales = _values_and_scales(kv_cache_layer, kv_scales)
         rotary_write_kv(q, k, v, positions, cos2, sin2, cache[0], cache[1], slot_mapping, *scales)
 

@@ -59,6 +59,7 @@ def test_switches_are_set_and_cleared() -> None:
         triton_attention.DENSE_FRESH_PREFILL,
         triton_attention.DENSE_VARLEN,
         engine_module.GREEDY_AT_LAUNCH,
+        triton_attention.FUSED_ROTARY_KV_WRITE,
     )
     try:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
@@ -73,10 +74,14 @@ def test_switches_are_set_and_cleared() -> None:
         assert not triton_attention.DENSE_VARLEN and engine_module.GREEDY_AT_LAUNCH
         apply_switches(parse_variant("bf16+lateargmax"))
         assert engine_module.GREEDY_AT_LAUNCH is False
+        assert triton_attention.FUSED_ROTARY_KV_WRITE
+        apply_switches(parse_variant("w8kv8+tworot"))
+        assert triton_attention.FUSED_ROTARY_KV_WRITE is False
     finally:
         (
             gemv_module.USE_PDL,
             triton_attention.DENSE_FRESH_PREFILL,
             triton_attention.DENSE_VARLEN,
             engine_module.GREEDY_AT_LAUNCH,
+            triton_attention.FUSED_ROTARY_KV_WRITE,
         ) = before
