@@ -37,10 +37,15 @@ from triton.language.extra.cuda import gdc_wait
 
 import engine.kernels.gemv as gemv_module
 from engine.kernels.fp8_round import round_to_e4m3
-from engine.kernels.launch import check_devices, on_device
+from engine.kernels.launch import check_devices, interpreting, on_device
 from engine.quantization import FP8_DTYPE, FP8_MAX, MIN_AMAX
 
 MAX_ROWS = 8  # rows of x the kernel takes
+# fp8_gemv_quantizing on a GPU rounds x to e4m3 with the hardware conversion (round to nearest
+# even, subnormals kept: the values fp8_round.round_to_e4m3 gives, in a fraction of the
+# instructions); False rounds with round_to_e4m3 as the quantization kernel does. The
+# interpreter always takes round_to_e4m3 (its conversion rounds ties away, see fp8_round).
+HW_ROUND = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,16 @@ def default_config(m: int, n: int, k: int) -> Fp8GemvConfig:
 
 
 @triton.jit
+def _e4m3_values(x, scale, SOFT_ROUND: tl.constexpr):
+    """fp32 x / scale, clamped to +-448 and rounded to the nearest e4m3 value (ties to even,
+    subnormals kept), in fp32: the values engine.kernels.fp8_quant stores, bit for bit."""
+    y = tl.clamp(x / scale, -448.0, 448.0)
+    if SOFT_ROUND:
+        return round_to_e4m3(y)
+    return y.to(tl.float8e4nv).to(tl.float32)  # sm_89+: cvt.rn.satfinite, round to nearest even
+
+
+@triton.jit
 def _fp8_gemv_kernel(
     x_ptr,  # [M, K] e4m3; with QUANT bf16/fp16/fp32, not yet quantized
     x_scale_ptr,  # [M] fp32 (stride x_scale_stride); with QUANT [M, P] fp32 partial amaxes
@@ -92,6 +107,7 @@ def _fp8_gemv_kernel(
     PDL: tl.constexpr,  # launched with programmatic dependent launch: wait before reading x
     QUANT: tl.constexpr,  # quantize x per row here, from its partial amaxes (fp8_gemv_quantizing)
     P_PAD: tl.constexpr,  # with QUANT: P rounded up to a power of two
+    SOFT_ROUND: tl.constexpr,  # with QUANT: round with fp8_round, not the conversion (see HW_ROUND)
 ):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -135,7 +151,7 @@ def _fp8_gemv_kernel(
                 x = tl.load(x_ptr + rk, mask=k_mask, other=0.0)
             xf = x.to(tl.float32)
             if QUANT:  # what _quant_kernel stores, exactly: the same e4m3 values in fp32
-                xf = round_to_e4m3(tl.clamp(xf / x_scale, -448.0, 448.0))
+                xf = _e4m3_values(xf, x_scale, SOFT_ROUND)
             acc += tl.sum(wf * xf[None, :], axis=1)
         else:
             x = tl.load(
@@ -145,7 +161,7 @@ def _fp8_gemv_kernel(
             )
             xf = x.to(tl.float32)
             if QUANT:
-                xf = round_to_e4m3(tl.clamp(xf / x_scale[:, None], -448.0, 448.0))
+                xf = _e4m3_values(xf, x_scale[:, None], SOFT_ROUND)
             acc += tl.sum(xf[:, None, :] * wf[None, :, :], axis=2)
     if BLOCK_M == 1:
         if not QUANT:
@@ -216,7 +232,7 @@ def fp8_gemv(
             x, x_scale, w, w_scale, out, m, n, k, x.stride(0), scale_stride, w.stride(0),
             out.stride(0), 1, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl, QUANT=False,
-            P_PAD=1, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+            P_PAD=1, SOFT_ROUND=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
         )  # fmt: skip
     return out
 
@@ -260,7 +276,8 @@ def fp8_gemv_quantizing(
             x, x_amax, w, w_scale, out, m, n, k, x.stride(0), x_amax.stride(0), w.stride(0),
             out.stride(0), parts, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl, QUANT=True,
-            P_PAD=triton.next_power_of_2(parts), num_warps=cfg.num_warps,
+            P_PAD=triton.next_power_of_2(parts), SOFT_ROUND=interpreting() or not HW_ROUND,
+            num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **launch,
         )  # fmt: skip
     return out

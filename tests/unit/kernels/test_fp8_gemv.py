@@ -178,6 +178,11 @@ def test_quantizing_mode_is_bitwise_at_llama_3_8b_shapes_on_a_gpu(m: int, n: int
     columns; decode attention: one per head of 128)."""
     torch.manual_seed(n + k + m)
     x = (torch.randn(m, k, device="cuda") * 3).to(torch.bfloat16)
+    # row 0 with amax 448 (scale 1): ties between e4m3 neighbours, normal and subnormal, and
+    # values that round up into the next binade; round to nearest even must match
+    ties = [448.0, 1.0625, 1.1875, -1.0625, 3 * 2.0**-10, 5 * 2.0**-10, 2.0**-10, 15.5, 0.0]
+    x[0, : len(ties)] = torch.tensor(ties, device="cuda", dtype=torch.bfloat16)
+    x[0, len(ties) :].clamp_(-400, 400)
     wq, ws = quantize_weight(torch.randn(n, k, device="cuda") / k**0.5)
     amax = partial_amaxes(x, -(-k // 1024) if k == 14336 else k // 128)
     got = fp8_gemv_quantizing(x, amax, wq, ws)
