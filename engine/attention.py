@@ -71,6 +71,8 @@ class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and attends over it. One instance per engine."""
 
     uses_decode_mask = False  # whether prepare_inputs must build AttentionMetadata.decode_mask
+    # whether forward takes `amax_out` for decode-only steps (engine.quantization.Fp8Pending)
+    writes_amax = False
 
     @abstractmethod
     def write_kv(
@@ -111,7 +113,11 @@ class AttentionBackend(ABC):
         k: torch.Tensor | None = None,  # this step's keys [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor | None = None,  # and values (a backend may attend over them directly)
         kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
-    ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
+        amax_out: torch.Tensor | None = None,  # [num_tokens, num_heads] fp32 (writes_amax only)
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """With `amax_out` (backends that have writes_amax, decode-only steps), also writes
+        there each head's max |output| as returned: each row's max over it is the row's amax
+        (engine.quantization.Fp8Pending)."""
 
 
 class TorchAttention(AttentionBackend):

@@ -21,6 +21,7 @@ from engine.attention import AttentionBackend, AttentionMetadata, OutputRows, To
 from engine.model_config import ModelConfig, RopeScaling
 from engine.quantization import (
     Fp8Linear,
+    Fp8Pending,
     Fp8Rows,
     collapse_fused_input_scales,
     prepare_fp8_weights,
@@ -237,6 +238,10 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
         # [2, num_kv_heads] fp32 with a per-head FP8 KV cache (LlamaModel.set_kv_scales)
         self.kv_scales: torch.Tensor | None = None
+        # Decode-only steps whose o_proj runs the FP8 GEMV: the attention kernels write the
+        # output's amaxes and the GEMV quantizes it (Fp8Pending); set by
+        # LlamaModel.use_fused_fp8_quant
+        self.fused_fp8_quant = False
 
     def forward(
         self,
@@ -264,8 +269,26 @@ class Attention(nn.Module):
             if output_rows.rows.shape[0] == 0:
                 return qkv.new_empty((0, self.o_proj.out_features))
             q, meta = q[output_rows.rows], output_rows.meta
+        if self._o_proj_takes_pending(q, meta):
+            amax = torch.empty(q.shape[0], self.num_heads, dtype=torch.float32, device=q.device)
+            out = self.backend.forward(
+                q, kv_cache_layer, meta, self.scale, k, v, self.kv_scales, amax_out=amax
+            )
+            return self.o_proj(Fp8Pending(out.reshape(-1, self.q_size), amax))
         out = self.backend.forward(q, kv_cache_layer, meta, self.scale, k, v, self.kv_scales)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _o_proj_takes_pending(self, q: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether this attention call is decode-only, on a backend that writes amaxes, and
+        o_proj quantizes rows like its output in the FP8 GEMV."""
+        return (
+            self.fused_fp8_quant
+            and self.backend.writes_amax
+            and meta.num_decode_tokens == q.shape[0]
+            and not meta.prefills
+            and isinstance(self.o_proj, Fp8Linear)
+            and self.o_proj.gemv_applies(q.shape[0], q.dtype, q.device)
+        )
 
 
 class MLP(nn.Module):
@@ -273,7 +296,9 @@ class MLP(nn.Module):
     # set by LlamaModel.use_fused_fp8_quant (EngineConfig.fused_fp8_quant). Not for a single
     # row: the fused kernel gives each row one program that walks it twice, which at M = 1 is
     # one program for the whole 14,336-wide row (slower on an H100 than the column-parallel
-    # SiLU-and-mul plus its quantization); the values are bitwise the same either way.
+    # SiLU-and-mul plus its quantization); the values are bitwise the same either way. There,
+    # where down_proj runs the FP8 GEMV, SiLU-and-mul writes the row's amax in parts and the
+    # GEMV quantizes (Fp8Pending): one launch fewer, bitwise the same again.
     fused_fp8_quant: bool = False
 
     def __init__(self, config: ModelConfig) -> None:
@@ -289,9 +314,20 @@ class MLP(nn.Module):
             q, scale = silu_and_mul_fp8(gate_up)
             return self.down_proj(Fp8Rows(q, scale, gate_up.dtype))
         if gate_up.is_cuda:
-            from engine.kernels.silu_and_mul import silu_and_mul
+            from engine.kernels.silu_and_mul import amax_parts, silu_and_mul
 
-            return self.down_proj(silu_and_mul(gate_up))
+            down = self.down_proj
+            rows, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
+            if (
+                self.fused_fp8_quant
+                and isinstance(down, Fp8Linear)
+                and down.gemv_applies(rows, gate_up.dtype, gate_up.device)
+            ):
+                amax = torch.empty(
+                    rows, amax_parts(intermediate), dtype=torch.float32, device=gate_up.device
+                )
+                return down(Fp8Pending(silu_and_mul(gate_up, amax_out=amax), amax))
+            return down(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -428,9 +464,12 @@ class LlamaModel(nn.Module):
 
     def use_fused_fp8_quant(self, enabled: bool = True) -> None:
         """Quantize the activations of the FP8 projections per token inside the kernels that
-        make them on CUDA (RMSNorm before qkv and gate_up, SiLU-and-mul before down): bitwise
-        the same e4m3 values and scales, three launches fewer per layer. Raises ValueError
-        unless every decoder projection is an Fp8Linear with dynamic (per-token) scales."""
+        make them on CUDA (RMSNorm before qkv and gate_up, SiLU-and-mul before down; where
+        o_proj and down_proj run the FP8 GEMV, the GEMV itself from amaxes the attention and
+        SiLU-and-mul kernels write): bitwise the same e4m3 values and scales, three launches
+        fewer per layer at several rows, four (every projection's) at one row with the GEMV.
+        Raises ValueError unless every decoder projection is an Fp8Linear with dynamic
+        (per-token) scales."""
         if enabled and not self.fused_fp8_quant_applies():
             raise ValueError(
                 "fused_fp8_quant needs FP8 decoder projections with dynamic per-token "
@@ -438,6 +477,7 @@ class LlamaModel(nn.Module):
             )
         for layer in self.decoder_layers:
             layer.mlp.fused_fp8_quant = enabled
+            layer.self_attn.fused_fp8_quant = enabled
         self.fused_fp8_quant = enabled
 
     def fused_fp8_quant_applies(self) -> bool:

@@ -11,7 +11,9 @@ the embedding and the KV cache are not touched here. Details: docs/engine.md.
 
 An Fp8Linear with dynamic scales also takes `Fp8Rows`, x already quantized per token by the
 kernel that produced it (RMSNorm or SiLU-and-mul with the quantization fused in, on CUDA with
-EngineConfig.fused_fp8_quant): bitwise the values its own quantization would have made.
+EngineConfig.fused_fp8_quant): bitwise the values its own quantization would have made. Or
+`Fp8Pending`, x with its amax in parts from the kernel that produced it (SiLU-and-mul, decode
+attention), which the FP8 GEMV quantizes as it loads it: bitwise the same again.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
-_MIN_AMAX = 1e-12  # an all-zero row still gets a positive scale
+MIN_AMAX = 1e-12  # an all-zero row still gets a positive scale
 QUANTIZATIONS = ("fp8",)
 FP8_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 _KV_CACHE_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")
@@ -48,12 +50,24 @@ class Fp8Rows:
     dtype: torch.dtype  # the unquantized rows' dtype
 
 
+@dataclass(frozen=True, slots=True)
+class Fp8Pending:
+    """Activations not yet quantized, with their per-token amax in parts, written by the kernel
+    that made them (SiLU-and-mul, decode attention): each row's max over `amax` is max |x|
+    over the row of `values` (as stored). An Fp8Linear that runs the FP8 GEMV quantizes them
+    inside it (engine.kernels.fp8_gemv.fp8_gemv_quantizing, one launch fewer); otherwise it
+    quantizes `values` as it would a plain tensor. Bitwise the same either way."""
+
+    values: torch.Tensor  # [M, K] bf16/fp16/fp32
+    amax: torch.Tensor  # [M, P] fp32, contiguous
+
+
 def quantize_per_token(
     x: torch.Tensor,  # [M, K] any float dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([M, K] fp8, [M, 1] fp32)
     """Dynamic per-row (per-token) quantization: each row's amax maps to 448."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_AMAX) / FP8_MAX
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / FP8_MAX
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
@@ -115,8 +129,19 @@ class Fp8Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         self._weight_values: torch.Tensor | None = None  # CPU: fp32 copy of the fp8 values
 
-    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
-        """x [..., K] (or Fp8Rows [M, K] quantized per token) -> [..., N] in x's dtype."""
+    def forward(self, x: torch.Tensor | Fp8Rows | Fp8Pending) -> torch.Tensor:
+        """x [..., K] (or Fp8Rows [M, K] quantized per token, or Fp8Pending [M, K] with its
+        amaxes) -> [..., N] in x's dtype."""
+        if isinstance(x, Fp8Pending):
+            self._check_pending(x)
+            if not self.gemv_applies(x.values.shape[0], x.values.dtype, x.values.device):
+                return self.forward(x.values)  # quantized here, as a plain tensor would be
+            from engine.kernels.fp8_gemv import fp8_gemv_quantizing
+
+            out = fp8_gemv_quantizing(
+                x.values, x.amax, self.weight, self.weight_scale, out_dtype=x.values.dtype
+            )
+            return out if self.bias is None else out + self.bias
         if isinstance(x, Fp8Rows):
             if self.input_scale is not None:
                 raise ValueError(
@@ -140,7 +165,7 @@ class Fp8Linear(nn.Module):
             else:
                 xq, x_scale = quantize_static(x2, self.input_scale)
         scaled_mm = self._scaled_mm_fits(xq.is_cuda, dtype)
-        if self.use_gemv and scaled_mm and xq.shape[0] == 1:
+        if scaled_mm and self._gemv_rows(xq.shape[0]):
             from engine.kernels.fp8_gemv import fp8_gemv
 
             out = fp8_gemv(xq, x_scale, self.weight, self.weight_scale, out_dtype=dtype)
@@ -157,6 +182,42 @@ class Fp8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
+
+    def gemv_applies(self, num_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this layer runs `num_rows` rows of `dtype` on `device` (not yet quantized)
+        through the FP8 GEMV with per-token scales: then an Fp8Pending of them saves the
+        quantization's launch."""
+        return (
+            self.input_scale is None
+            and self._scaled_mm_fits(device.type == "cuda", dtype)
+            and self._gemv_rows(num_rows)
+        )
+
+    def _gemv_rows(self, num_rows: int) -> bool:
+        # The GEMV takes up to fp8_gemv.MAX_ROWS rows, but beyond one row `torch._scaled_mm`
+        # is as fast (engine.llama._gemv_rows says the same of bf16)
+        return self.use_gemv and num_rows == 1
+
+    def _check_pending(self, x: Fp8Pending) -> None:
+        if self.input_scale is not None:
+            raise ValueError(
+                "this Fp8Linear has a static input scale; it cannot take rows with per-token "
+                "amaxes (Fp8Pending)"
+            )
+        values, amax = x.values, x.amax
+        if values.dim() != 2 or values.shape[1] != self.in_features:
+            raise ValueError(
+                f"Fp8Pending values must be [M, {self.in_features}], got {tuple(values.shape)}"
+            )
+        if amax.dim() != 2 or amax.shape[0] != values.shape[0] or amax.shape[1] < 1:
+            raise ValueError(
+                f"Fp8Pending amax must be [M = {values.shape[0]}, parts], got {tuple(amax.shape)}"
+            )
+        if amax.dtype != torch.float32 or amax.device != values.device:
+            raise ValueError(
+                f"Fp8Pending amax must be fp32 on {values.device}, got {amax.dtype} on "
+                f"{amax.device}"
+            )
 
     def _can_use_scaled_mm(self, x: torch.Tensor) -> bool:
         return self._scaled_mm_fits(x.is_cuda, x.dtype)

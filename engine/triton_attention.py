@@ -52,6 +52,8 @@ FUSED_ROTARY_KV_WRITE = True
 
 
 class TritonAttention(AttentionBackend):
+    writes_amax = True  # decode-only steps: the decode kernels write the amaxes
+
     def write_kv(
         self,
         kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
@@ -94,7 +96,10 @@ class TritonAttention(AttentionBackend):
         k: torch.Tensor | None = None,  # [num_tokens, num_kv_heads, head_dim], this step's
         v: torch.Tensor | None = None,
         kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
+        amax_out: torch.Tensor | None = None,  # [num_tokens, num_heads] fp32, decode-only steps
     ) -> torch.Tensor:
+        if amax_out is not None and (meta.num_decode_tokens != q.shape[0] or meta.prefills):
+            raise ValueError("amax_out is written for decode-only steps only")
         # q is a strided view of the fused QKV projection: the kernels take its strides, so
         # no copy (a 2,048-token prefill of the 8B shape copied 16 MiB per layer).
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -113,6 +118,7 @@ class TritonAttention(AttentionBackend):
                 out=out[:num_decode],
                 k_scale=k_scale,
                 v_scale=v_scale,
+                amax_out=amax_out,
             )
         dense: list[PrefillChunk] = []
         if k is not None and v is not None:

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from engine.attention import decode_mask
 from engine.kernels.launch import (
+    check_amax_out,
     check_devices,
     check_kv_scales,
     given_scales,
@@ -107,6 +108,7 @@ def _decode_split_kernel(
     stride_vs_block,
     stride_vs_slot,
     stride_vs_head,
+    amax_ptr,  # [num_seqs, num_heads] fp32, contiguous; with SINGLE_SPLIT and AMAX only
     HEAD_DIM: tl.constexpr,
     GROUP_SIZE: tl.constexpr,  # query heads per kv head
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
@@ -118,6 +120,7 @@ def _decode_split_kernel(
     KV_FP8: tl.constexpr,  # e4m3 cache: K/V converted to q's dtype, scales folded in
     ROW_SCALES: tl.constexpr,  # with KV_FP8: a scale per key; else one per head
     ROWS_4B: tl.constexpr,  # e4m3 rows only 4-byte aligned (launch.only_4_byte_aligned)
+    AMAX: tl.constexpr,  # also write each head's max |out| as stored (SINGLE_SPLIT)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -220,7 +223,12 @@ def _decode_split_kernel(
     out_mask = mask_g[:, None] & mask_d[None, :]
     if SINGLE_SPLIT:
         o_ptrs = out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + offs_d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        stored = out.to(out_ptr.dtype.element_ty)
+        tl.store(o_ptrs, stored, mask=out_mask)
+        if AMAX:  # row stride num_heads = GROUP_SIZE * the grid's kv heads
+            head_amax = tl.max(tl.where(out_mask, tl.abs(stored.to(tl.float32)), 0.0), axis=1)
+            row_amax = amax_ptr + seq * (GROUP_SIZE * tl.num_programs(1))
+            tl.store(row_amax + heads, head_amax, mask=mask_g)
     else:
         lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
         po_ptrs = (
@@ -251,9 +259,11 @@ def _decode_reduce_kernel(
     stride_po_split,
     stride_pl_seq,
     stride_pl_head,
+    amax_ptr,  # [num_seqs, num_heads] fp32, contiguous; with AMAX only
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,  # num_splits rounded up to a power of two
     BLOCK_D: tl.constexpr,
+    AMAX: tl.constexpr,  # also write the head's max |out| as stored
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -284,7 +294,11 @@ def _decode_reduce_kernel(
     partial = tl.load(po_ptrs, mask=has_keys[:, None] & mask_d[None, :], other=0.0)
     out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     o_ptrs = out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+    stored = out.to(out_ptr.dtype.element_ty)
+    tl.store(o_ptrs, stored, mask=mask_d)
+    if AMAX:  # grid (num_seqs, num_heads)
+        head_amax = tl.max(tl.where(mask_d, tl.abs(stored.to(tl.float32)), 0.0), axis=0)
+        tl.store(amax_ptr + seq * tl.num_programs(1) + head, head_amax)
 
 
 def choose_num_splits(
@@ -313,9 +327,13 @@ def paged_decode_attention(
     workspace: DecodeAttentionWorkspace | None = None,
     k_scale: torch.Tensor | None = None,  # e4m3 caches: [num_blocks, block_size, num_kv_heads]
     v_scale: torch.Tensor | None = None,  # fp32 (the packed cache's scale views, kv_quant)
+    amax_out: torch.Tensor | None = None,  # [num_seqs, num_heads] fp32, contiguous
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim], q's dtype
     """Attention of each sequence's one query token over its first context_len cached tokens.
     With an e4m3 cache (k_scale and v_scale given) K and V are dequantized in registers.
+    With `amax_out`, also writes there each head's max |out| over head_dim, of the values as
+    stored (every slot, each call; 0 for padding rows): a row's max over them is the amax
+    `quantize_per_token` finds in out[seq] (engine.quantization.Fp8Pending).
 
     Returns `out` (allocated if None). Rows with context_len 0 come out as zeros. `num_splits`
     defaults to `choose_num_splits(...)`; with more than one split the partial results go to
@@ -334,6 +352,8 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     _check_out(out, q)
+    if amax_out is not None:
+        check_amax_out(amax_out, num_seqs, num_heads, q.device)
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks, block_size, q.device)
     if num_splits < 1:
@@ -365,6 +385,7 @@ def paged_decode_attention(
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
             partial_lse.stride(0), partial_lse.stride(1),
             ks, vs, *ks_strides, *vs_strides,
+            out if amax_out is None else amax_out,  # a placeholder pointer without AMAX
             HEAD_DIM=head_dim,
             GROUP_SIZE=group_size,
             BLOCK_SIZE=block_size,
@@ -376,6 +397,7 @@ def paged_decode_attention(
             KV_FP8=is_fp8,
             ROW_SCALES=is_fp8 and not given_scales(k_scale, v_scale),
             ROWS_4B=is_fp8 and only_4_byte_aligned(k_cache, v_cache),
+            AMAX=amax_out is not None and num_splits == 1,
             num_warps=num_warps,
             num_stages=num_stages,
         )  # fmt: skip
@@ -385,9 +407,11 @@ def paged_decode_attention(
                 out.stride(0), out.stride(1),
                 partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
                 partial_lse.stride(0), partial_lse.stride(1),
+                out if amax_out is None else amax_out,
                 HEAD_DIM=head_dim,
                 SPLITS_PAD=triton.next_power_of_2(num_splits),
                 BLOCK_D=block_d,
+                AMAX=amax_out is not None,
                 num_warps=4 if block_d >= 128 else 2,
             )  # fmt: skip
     return out

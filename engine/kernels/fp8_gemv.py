@@ -17,6 +17,13 @@ and the interpreter has none). Why a kernel of our own: `torch._scaled_mm` at M 
 small projections at 1.0-1.2 TB/s on an H100 (issue 20). Launches with programmatic dependent
 launch when engine.kernels.gemv.USE_PDL is on. `fp8_gemv_ref` is the torch reference;
 H100 measurements: docs/benchmarks.md (bench.kernels_gemv --fp8).
+
+`fp8_gemv_quantizing` takes x not yet quantized, with its per-row amax in parts (written by
+the kernel that made x: SiLU-and-mul, decode attention; engine.quantization.Fp8Pending), and
+quantizes each x tile it loads in registers exactly as engine.kernels.fp8_quant would have
+stored it: bitwise `fp8_gemv(*quantize_per_token_fused(x), ...)` (the same e4m3 products,
+summed over the same tiles in the same order), one launch instead of two.
+`fp8_gemv_quantizing_ref` is its torch reference.
 """
 
 from __future__ import annotations
@@ -29,10 +36,16 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 import engine.kernels.gemv as gemv_module
-from engine.kernels.launch import check_devices, on_device
-from engine.quantization import FP8_DTYPE
+from engine.kernels.fp8_round import round_to_e4m3
+from engine.kernels.launch import check_devices, interpreting, on_device
+from engine.quantization import FP8_DTYPE, FP8_MAX, MIN_AMAX
 
 MAX_ROWS = 8  # rows of x the kernel takes
+# fp8_gemv_quantizing on a GPU rounds x to e4m3 with the hardware conversion (round to nearest
+# even, subnormals kept: the values fp8_round.round_to_e4m3 gives, in a fraction of the
+# instructions); False rounds with round_to_e4m3 as the quantization kernel does. The
+# interpreter always takes round_to_e4m3 (its conversion rounds ties away, see fp8_round).
+HW_ROUND = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +75,19 @@ def default_config(m: int, n: int, k: int) -> Fp8GemvConfig:
 
 
 @triton.jit
+def _e4m3_values(x, scale, SOFT_ROUND: tl.constexpr):
+    """fp32 x / scale, clamped to +-448 and rounded to the nearest e4m3 value (ties to even,
+    subnormals kept), in fp32: the values engine.kernels.fp8_quant stores, bit for bit."""
+    y = tl.clamp(x / scale, -448.0, 448.0)
+    if SOFT_ROUND:
+        return round_to_e4m3(y)
+    return y.to(tl.float8e4nv).to(tl.float32)  # sm_89+: cvt.rn.satfinite, round to nearest even
+
+
+@triton.jit
 def _fp8_gemv_kernel(
-    x_ptr,  # [M, K] e4m3
-    x_scale_ptr,  # [M] fp32 (stride x_scale_stride)
+    x_ptr,  # [M, K] e4m3; with QUANT bf16/fp16/fp32, not yet quantized
+    x_scale_ptr,  # [M] fp32 (stride x_scale_stride); with QUANT [M, P] fp32 partial amaxes
     w_ptr,  # [N, K] e4m3
     w_scale_ptr,  # [N] fp32, contiguous
     out_ptr,  # [M, N]
@@ -75,12 +98,16 @@ def _fp8_gemv_kernel(
     stride_xs,
     stride_wn,
     stride_om,
+    P,  # with QUANT: partial amaxes per row of x (x_scale_ptr's columns, contiguous)
     BLOCK_M: tl.constexpr,  # 1: one row; else a power of two >= M
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
     PDL: tl.constexpr,  # launched with programmatic dependent launch: wait before reading x
+    QUANT: tl.constexpr,  # quantize x per row here, from its partial amaxes (fp8_gemv_quantizing)
+    P_PAD: tl.constexpr,  # with QUANT: P rounded up to a power of two
+    SOFT_ROUND: tl.constexpr,  # with QUANT: round with fp8_round, not the conversion (see HW_ROUND)
 ):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,6 +122,18 @@ def _fp8_gemv_kernel(
     m_mask = rm < M
     if PDL:  # x and its scales are the previous kernel's output; w is not
         gdc_wait()
+    if QUANT:  # each row's scale from its partial amaxes, as engine.kernels.fp8_quant's
+        rp = tl.arange(0, P_PAD)
+        if BLOCK_M == 1:
+            parts = tl.load(x_scale_ptr + rp, mask=rp < P, other=0.0)
+            x_scale = tl.maximum(tl.max(parts, axis=0), 1e-12) / 448.0
+        else:
+            parts = tl.load(
+                x_scale_ptr + rm[:, None] * stride_xs + rp[None, :],
+                mask=m_mask[:, None] & (rp < P)[None, :],
+                other=0.0,
+            )
+            x_scale = tl.maximum(tl.max(parts, axis=1), 1e-12) / 448.0  # [BLOCK_M]
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
@@ -110,26 +149,45 @@ def _fp8_gemv_kernel(
                 x = tl.load(x_ptr + rk)
             else:
                 x = tl.load(x_ptr + rk, mask=k_mask, other=0.0)
-            acc += tl.sum(wf * x.to(tl.float32)[None, :], axis=1)
+            xf = x.to(tl.float32)
+            if QUANT:  # what _quant_kernel stores, exactly: the same e4m3 values in fp32
+                xf = _e4m3_values(xf, x_scale, SOFT_ROUND)
+            acc += tl.sum(wf * xf[None, :], axis=1)
         else:
             x = tl.load(
                 x_ptr + rm[:, None] * stride_xm + rk[None, :],
                 mask=m_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * wf[None, :, :], axis=2)
+            xf = x.to(tl.float32)
+            if QUANT:
+                xf = _e4m3_values(xf, x_scale[:, None], SOFT_ROUND)
+            acc += tl.sum(xf[:, None, :] * wf[None, :, :], axis=2)
     if BLOCK_M == 1:
-        x_scale = tl.load(x_scale_ptr)
+        if not QUANT:
+            x_scale = tl.load(x_scale_ptr)
         out = acc * x_scale * w_scale
         tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
-        x_scale = tl.load(x_scale_ptr + rm * stride_xs, mask=m_mask, other=0.0)
+        if not QUANT:
+            x_scale = tl.load(x_scale_ptr + rm * stride_xs, mask=m_mask, other=0.0)
         out = acc * x_scale[:, None] * w_scale[None, :]
         out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _check(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> None:
+    _check_shapes(x, w, w_scale)
+    m = x.shape[0]
+    if x.dtype != FP8_DTYPE:
+        raise ValueError(f"x and w must be {FP8_DTYPE}, got {x.dtype} and {w.dtype}")
+    if x_scale.dtype != torch.float32 or x_scale.numel() != m:
+        raise ValueError(f"x_scale must be {m} fp32 values, got {tuple(x_scale.shape)} "
+                         f"{x_scale.dtype}")  # fmt: skip
+
+
+def _check_shapes(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> None:
+    """What fp8_gemv and fp8_gemv_quantizing both need of x's shape, w and w_scale."""
     if x.dim() != 2 or w.dim() != 2:
         raise ValueError(f"x and w must be 2-d, got {tuple(x.shape)} and {tuple(w.shape)}")
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
@@ -137,13 +195,10 @@ def _check(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: tor
         raise ValueError(f"x has {x.shape[1]} columns, w {tuple(w.shape)} needs {k}")
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"x must have 1 to {MAX_ROWS} rows, got {m}")
-    if x.dtype != FP8_DTYPE or w.dtype != FP8_DTYPE:
+    if w.dtype != FP8_DTYPE:
         raise ValueError(f"x and w must be {FP8_DTYPE}, got {x.dtype} and {w.dtype}")
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError(f"columns must be contiguous, got strides {x.stride()}, {w.stride()}")
-    if x_scale.dtype != torch.float32 or x_scale.numel() != m:
-        raise ValueError(f"x_scale must be {m} fp32 values, got {tuple(x_scale.shape)} "
-                         f"{x_scale.dtype}")  # fmt: skip
     if w_scale.dtype != torch.float32 or w_scale.shape != (n,) or w_scale.stride(0) != 1:
         raise ValueError(f"w_scale must be [{n}] contiguous fp32, got {tuple(w_scale.shape)} "
                          f"{w_scale.dtype}")  # fmt: skip
@@ -175,9 +230,55 @@ def fp8_gemv(
     with on_device(x.device):
         _fp8_gemv_kernel[grid](
             x, x_scale, w, w_scale, out, m, n, k, x.stride(0), scale_stride, w.stride(0),
-            out.stride(0), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+            out.stride(0), 1, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl, QUANT=False,
+            P_PAD=1, SOFT_ROUND=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+        )  # fmt: skip
+    return out
+
+
+def fp8_gemv_quantizing(
+    x: torch.Tensor,  # [M, K] bf16/fp16/fp32, not quantized
+    x_amax: torch.Tensor,  # [M, P] fp32: partial amaxes, each row's max over them its amax
+    w: torch.Tensor,  # [N, K] e4m3
+    w_scale: torch.Tensor,  # [N] fp32
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: Fp8GemvConfig | None = None,
+) -> torch.Tensor:  # [M, N] out_dtype
+    """`fp8_gemv(*quantize_per_token_fused(x), w, w_scale)` bit for bit, in one launch: each
+    program takes each row's scale from `x_amax` (max |x[m]| split into parts by the kernel
+    that made x: engine.quantization.Fp8Pending) and quantizes the x tiles it loads in
+    registers, exactly as engine.kernels.fp8_quant stores them, over the same tiles and sums.
+    Only as exact as x_amax: its row maxima must be x's. Raises ValueError on a bad device,
+    dtype, shape or stride."""
+    check_devices(x, x_amax, w, w_scale)
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x must be bf16, fp16 or fp32 (not yet quantized), got {x.dtype}")
+    if x.dim() != 2 or x_amax.dim() != 2 or x_amax.shape[0] != x.shape[0] or x_amax.shape[1] < 1:
+        raise ValueError(f"x_amax must be [M, P] with x's M rows, got {tuple(x_amax.shape)} "
+                         f"for x {tuple(x.shape)}")  # fmt: skip
+    if x_amax.dtype != torch.float32 or x_amax.stride(1) != 1:
+        raise ValueError(f"x_amax must be fp32 with contiguous columns, got {x_amax.dtype} "
+                         f"strides {x_amax.stride()}")  # fmt: skip
+    _check_shapes(x, w, w_scale)
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
+    m, n, k = x.shape[0], w.shape[0], w.shape[1]
+    parts = x_amax.shape[1]
+    cfg = config or default_config(m, n, k)
+    block_m = 1 if m == 1 else triton.next_power_of_2(m)
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n),)
+    pdl = gemv_module._pdl_supported(x.device)
+    launch = {"launch_pdl": True} if pdl else {}
+    with on_device(x.device):
+        _fp8_gemv_kernel[grid](
+            x, x_amax, w, w_scale, out, m, n, k, x.stride(0), x_amax.stride(0), w.stride(0),
+            out.stride(0), parts, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl, QUANT=True,
+            P_PAD=triton.next_power_of_2(parts), SOFT_ROUND=interpreting() or not HW_ROUND,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **launch,
         )  # fmt: skip
     return out
 
@@ -194,3 +295,19 @@ def fp8_gemv_ref(
     _check(x, x_scale, w, w_scale)
     product = x.float() @ w.float().t()
     return (product * x_scale.reshape(-1, 1).float() * w_scale.float()).to(out_dtype)
+
+
+def fp8_gemv_quantizing_ref(
+    x: torch.Tensor,
+    x_amax: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Torch reference of `fp8_gemv_quantizing`: x quantized per token with the scales its
+    partial amaxes give (those of `quantize_per_token` when they are x's), then
+    `fp8_gemv_ref`."""
+    _check_shapes(x, w, w_scale)
+    scale = x_amax.float().amax(dim=1, keepdim=True).clamp(min=MIN_AMAX) / FP8_MAX
+    xq = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return fp8_gemv_ref(xq, scale, w, w_scale, out_dtype)

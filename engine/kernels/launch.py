@@ -75,3 +75,16 @@ def only_4_byte_aligned(*caches: torch.Tensor) -> bool:
     """Whether some e4m3 cache's rows are 4- but not 16-byte aligned (head_dim % 16 != 0):
     the kernels then say so to Triton (its own specialization covers 16-byte alignment)."""
     return any(t.data_ptr() % 16 or any(s % 16 for s in t.stride()[:-1]) for t in caches)
+
+
+def check_amax_out(amax: torch.Tensor, rows: int, parts: int, device: torch.device) -> None:
+    """A buffer for partial amaxes (engine.quantization.Fp8Pending): contiguous fp32
+    [rows, parts] on the inputs' device. ValueError naming what is wrong."""
+    if amax.dtype != torch.float32 or tuple(amax.shape) != (rows, parts):
+        raise ValueError(
+            f"amax_out must be fp32 [{rows}, {parts}], got {amax.dtype} {tuple(amax.shape)}"
+        )
+    if not amax.is_contiguous() or amax.device != device:
+        raise ValueError(
+            f"amax_out must be contiguous on {device}, got strides {amax.stride()} on {amax.device}"
+        )

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.fp8_round import round_to_e4m3
+from engine.kernels.launch import check_amax_out
 from engine.quantization import FP8_DTYPE, quantize_per_token
 
 # Columns of out one program writes: big enough for wide vector loads, small enough that a
@@ -34,18 +35,25 @@ def _silu_and_mul_kernel(
     gate_up_row_stride,
     out_row_stride,
     intermediate,
+    amax_ptr,  # [num_tokens, cdiv(intermediate, BLOCK)] fp32, contiguous; with AMAX only
     BLOCK: tl.constexpr,
+    AMAX: tl.constexpr,  # also write each program's max |out| (of the values as stored)
 ):
     # Grid (num_tokens, cdiv(intermediate, BLOCK)): program (t, b) writes out[t, b*BLOCK:...],
     # reading gate at the same columns of gate_up and up `intermediate` columns further on.
     token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    block = tl.program_id(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
     gate_ptrs = gate_up_ptr + token * gate_up_row_stride + cols
     gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_ptrs + intermediate, mask=mask, other=0.0).to(tl.float32)
     silu = gate / (1.0 + tl.exp(-gate))  # torch's formula; -inf gate gives -0, not NaN
-    tl.store(out_ptr + token * out_row_stride + cols, silu * up, mask=mask)
+    out = (silu * up).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + token * out_row_stride + cols, out, mask=mask)
+    if AMAX:  # masked lanes hold silu(0) * 0 = 0
+        amax = tl.max(tl.abs(out.to(tl.float32)), axis=0)
+        tl.store(amax_ptr + token * tl.num_programs(1) + block, amax)
 
 
 @triton.jit
@@ -90,10 +98,14 @@ def _silu_and_mul_fp8_kernel(
 def silu_and_mul(
     gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate] fp32/bf16/fp16
     out: torch.Tensor | None = None,  # [num_tokens, intermediate] gate_up's dtype
+    amax_out: torch.Tensor | None = None,  # [num_tokens, amax_parts(intermediate)] fp32
 ) -> torch.Tensor:  # [num_tokens, intermediate] gate_up's dtype
     """Returns silu(gate) * up, written into `out` when given (it must not overlap gate_up).
-    Rows may be strided; the column dim of both tensors must have stride 1. Raises ValueError
-    on a bad device, dtype, shape or stride.
+    Rows may be strided; the column dim of both tensors must have stride 1. With `amax_out`,
+    also writes there the max |value| of each block of columns of each row as stored (every
+    slot, each call): a row's max over them is the amax `quantize_per_token` finds in it
+    (what engine.quantization.Fp8Pending carries). Raises ValueError on a bad device, dtype,
+    shape or stride.
     """
     _check_gate_up(gate_up)
     num_tokens, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
@@ -110,13 +122,22 @@ def silu_and_mul(
             f"with stride 1 along columns, got {tuple(out.shape)} {out.dtype} on {out.device} "
             f"strides {out.stride()}"
         )
+    if amax_out is not None:
+        check_amax_out(amax_out, num_tokens, amax_parts(intermediate), gate_up.device)
     if num_tokens == 0 or intermediate == 0:
         return out
     grid = (num_tokens, triton.cdiv(intermediate, _BLOCK))
     _silu_and_mul_kernel[grid](
-        gate_up, out, gate_up.stride(0), out.stride(0), intermediate, BLOCK=_BLOCK, num_warps=4
-    )
+        gate_up, out, gate_up.stride(0), out.stride(0), intermediate,
+        out if amax_out is None else amax_out,  # a placeholder pointer without AMAX
+        BLOCK=_BLOCK, AMAX=amax_out is not None, num_warps=4,
+    )  # fmt: skip
     return out
+
+
+def amax_parts(intermediate: int) -> int:
+    """Partial amaxes `silu_and_mul` writes per row with amax_out: one per program."""
+    return triton.cdiv(intermediate, _BLOCK)
 
 
 def silu_and_mul_ref(

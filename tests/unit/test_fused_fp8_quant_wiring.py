@@ -1,5 +1,6 @@
 """The plumbing of EngineConfig.fused_fp8_quant on CPU: Fp8Linear takes rows already quantized
-per token (Fp8Rows) and gives bitwise what it gives for the rows themselves; RMSNorm's
+per token (Fp8Rows), or rows with their amaxes (Fp8Pending), and gives bitwise what it gives
+for the rows themselves; RMSNorm's
 quantizing forward matches forward-then-quantize; the switch is refused where the projections
 are not FP8 with dynamic scales. The fused kernels: tests/unit/kernels/test_fused_fp8_quant.py;
 an FP8 engine with the fusion on a GPU: tests/gpu/test_fp8_gpu.py."""
@@ -11,7 +12,13 @@ import torch
 
 from engine.config import EngineConfig
 from engine.llama import RMSNorm
-from engine.quantization import Fp8Linear, Fp8Rows, quantize_per_token, quantize_weight
+from engine.quantization import (
+    Fp8Linear,
+    Fp8Pending,
+    Fp8Rows,
+    quantize_per_token,
+    quantize_weight,
+)
 from tests.conftest import make_engine
 
 
@@ -36,6 +43,37 @@ def test_fp8_linear_takes_rows_quantized_per_token(num_tokens: int, dtype: torch
     got = layer(Fp8Rows(q, scale, dtype))
     assert got.dtype == dtype and got.shape == (num_tokens, 24)
     assert torch.equal(got, layer(x))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_takes_rows_with_their_amaxes(num_tokens: int, dtype: torch.dtype) -> None:
+    """Fp8Pending where the FP8 GEMV does not run (here: CPU, also with use_gemv set): the
+    values quantized as a plain tensor's, bitwise the same output. (The GEMV's quantizing mode:
+    tests/unit/kernels/test_fp8_gemv.py.)"""
+    layer = fp8_layer(dtype=dtype)
+    layer.use_gemv = True
+    x = torch.randn(num_tokens, 40).to(dtype)
+    amax = torch.stack([x[:, :16].float().abs().amax(1), x[:, 16:].float().abs().amax(1)], 1)
+    assert not layer.gemv_applies(num_tokens, dtype, x.device)
+    got = layer(Fp8Pending(x, amax))
+    assert got.dtype == dtype and got.shape == (num_tokens, 24)
+    assert torch.equal(got, layer(x))
+
+
+def test_fp8_linear_refuses_pending_rows_it_cannot_take() -> None:
+    x = torch.randn(2, 40)
+    amax = x.abs().amax(dim=1, keepdim=True)
+    with pytest.raises(ValueError, match="static input scale"):
+        fp8_layer(static_input_scale=True)(Fp8Pending(x, amax))
+    with pytest.raises(ValueError, match=r"values must be \[M, 40\]"):
+        fp8_layer()(Fp8Pending(x[:, :32], amax))
+    with pytest.raises(ValueError, match=r"amax must be \[M = 2, parts\]"):
+        fp8_layer()(Fp8Pending(x, amax[:1]))
+    with pytest.raises(ValueError, match=r"amax must be \[M = 2, parts\]"):
+        fp8_layer()(Fp8Pending(x, amax.reshape(-1)))
+    with pytest.raises(ValueError, match="amax must be fp32"):
+        fp8_layer()(Fp8Pending(x, amax.double()))
 
 
 def test_fp8_linear_refuses_rows_it_cannot_take() -> None:
@@ -68,10 +106,12 @@ def test_the_switch_needs_fp8_weights() -> None:
         make_engine().model.use_fused_fp8_quant()
     model = make_engine(quantization="fp8").model
     model.use_fused_fp8_quant()
-    assert model.fused_fp8_quant and all(layer.mlp.fused_fp8_quant for layer in model.layers)
+    assert model.fused_fp8_quant and all(
+        layer.mlp.fused_fp8_quant and layer.self_attn.fused_fp8_quant for layer in model.layers
+    )
     model.use_fused_fp8_quant(False)
     assert not model.fused_fp8_quant and not any(
-        layer.mlp.fused_fp8_quant for layer in model.layers
+        layer.mlp.fused_fp8_quant or layer.self_attn.fused_fp8_quant for layer in model.layers
     )
 
 

@@ -132,6 +132,34 @@ def test_padding_rows_are_zero(num_splits: int) -> None:
     assert torch.equal(out[2], torch.zeros_like(out[2]))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize(("group_size", "head_dim"), [(1, 64), (3, 48)])
+def test_amax_out_is_each_heads_max_of_what_is_stored(
+    num_splits: int, group_size: int, head_dim: int
+) -> None:
+    """amax_out[seq, head] = max |out[seq, head]| as stored, written by the split kernel (one
+    split) or the reduce kernel (several); padding rows write 0 (Fp8Pending's amaxes)."""
+    dtype = DTYPES[0]
+    case = make_case([0, 21, 300, 0, 3], 2 * group_size, 2, head_dim, 16, dtype, seed=6)
+    amax = torch.full((5, 2 * group_size), float("nan"), device=DEVICE)  # every slot written
+    out = paged_decode_attention(*case.args, num_splits=num_splits, amax_out=amax)
+    torch.testing.assert_close(out.float(), case.reference(), **TOLERANCES[dtype])
+    assert torch.equal(amax, out.float().abs().amax(dim=2))
+    assert torch.equal(amax[0], torch.zeros_like(amax[0])) and not amax[1].eq(0).any()
+    assert torch.equal(out, paged_decode_attention(*case.args, num_splits=num_splits))
+
+
+def test_rejects_a_bad_amax_out() -> None:
+    case = make_case([5, 9], 4, 2, 64, 16, DTYPES[0], seed=7)
+    for amax in (
+        torch.empty(2, 2, device=DEVICE),  # one per kv head: a head each is wanted
+        torch.empty(2, 4, device=DEVICE, dtype=torch.float64),
+        torch.empty(4, 2, device=DEVICE).t(),
+    ):
+        with pytest.raises(ValueError, match="amax_out must be"):
+            paged_decode_attention(*case.args, amax_out=amax)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_all_rows_padding(num_splits: int) -> None:
     case = make_case([0, 0], 4, 4, 64, 16, DTYPES[0])

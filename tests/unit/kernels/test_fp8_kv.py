@@ -320,6 +320,27 @@ def test_attention_kernels_read_a_per_head_cache_like_the_torch_backend(
         TritonAttention().forward(q, cache, meta, scale)
 
 
+def test_triton_backend_writes_amaxes_for_decode_only_steps() -> None:
+    """amax_out (Fp8Pending's amaxes for o_proj): one per head of each row, max |out| as
+    returned, 0 for a padding row, the output unchanged; refused where the step has
+    prefills."""
+    block_size, num_blocks = 8, 12
+    cache, kv_scales, _ = per_head_cache(num_blocks, block_size, 2, 32, 9)
+    meta = attention_batch([3, 0, 40], [], block_size, num_blocks)
+    gen = torch.Generator().manual_seed(10)
+    q = torch.randn(3, 6, 32, generator=gen).to(DEVICE, Q_DTYPE)
+    amax = torch.full((3, 6), float("nan"), device=DEVICE)
+    got = TritonAttention().forward(q, cache, meta, 32**-0.5, kv_scales=kv_scales, amax_out=amax)
+    assert torch.equal(
+        got, TritonAttention().forward(q, cache, meta, 32**-0.5, kv_scales=kv_scales)
+    )
+    assert torch.equal(amax, got.float().abs().amax(dim=2))
+    assert torch.equal(amax[1], torch.zeros(6, device=DEVICE))
+    mixed = attention_batch([3], [(2, 9)], block_size, num_blocks)
+    with pytest.raises(ValueError, match="decode-only"):
+        TritonAttention().forward(q, cache, mixed, 32**-0.5, kv_scales=kv_scales, amax_out=amax)
+
+
 def test_layer_fp8_views_refuse_a_scheme_mismatch() -> None:
     """A per-head cache is read only with its [2, kv_heads] scales; a packed cache carries its
     own and refuses others; neither copies."""

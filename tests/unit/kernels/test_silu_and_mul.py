@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from engine.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from engine.kernels.silu_and_mul import amax_parts, silu_and_mul, silu_and_mul_ref
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +95,39 @@ def test_extreme_values() -> None:
 def test_zero_tokens() -> None:
     out = silu_and_mul(random_gate_up(0, 64, DTYPES[0]))
     assert out.shape == (0, 64)
+
+
+@pytest.mark.parametrize("dtype", sorted({DTYPES[0], torch.bfloat16}, key=str))
+@pytest.mark.parametrize(("num_tokens", "intermediate"), [(1, 100), (3, 1100), (2, 2500)])
+def test_amax_out_is_each_blocks_max_of_what_is_stored(
+    num_tokens: int, intermediate: int, dtype: torch.dtype
+) -> None:
+    """One partial amax per 1,024 columns (the last block ragged), of the values as stored:
+    a row's max over them is the amax the per-token quantization finds (Fp8Pending)."""
+    gate_up = random_gate_up(num_tokens, intermediate, dtype)
+    parts = amax_parts(intermediate)
+    assert parts == -(-intermediate // 1024)
+    amax = torch.full((num_tokens, parts), float("nan"), device=DEVICE)  # every slot written
+    plain = silu_and_mul(gate_up)
+    out = silu_and_mul(gate_up, amax_out=amax)
+    assert torch.equal(out, plain)  # the values do not change
+    want = torch.stack([block.float().abs().amax(dim=1) for block in out.split(1024, dim=1)], dim=1)
+    assert torch.equal(amax, want)
+    assert torch.equal(amax.amax(dim=1), out.float().abs().amax(dim=1))
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "strided"])
+def test_rejects_a_bad_amax_out(case: str) -> None:
+    gate_up = random_gate_up(3, 1100, DTYPES[0])
+    amax = torch.empty(3, 2, device=DEVICE)
+    if case == "shape":
+        amax = torch.empty(3, 1, device=DEVICE)
+    elif case == "dtype":
+        amax = amax.double()
+    elif case == "strided":
+        amax = torch.empty(3, 4, device=DEVICE)[:, ::2]
+    with pytest.raises(ValueError, match="amax_out must be"):
+        silu_and_mul(gate_up, amax_out=amax)
 
 
 @pytest.mark.parametrize("case", ["odd_width", "3d", "column_stride", "out_shape", "out_dtype"])
