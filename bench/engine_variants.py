@@ -25,6 +25,8 @@ of these switches:
               and head inside each block (the default: per head, calibrated; FP8 KV only)
     +tworot   engine.triton_attention.FUSED_ROTARY_KV_WRITE=False: the rotary kernel, then the
               KV write (the baseline of the fused launch, the default)
+    +sepq     engine.llama.GEMV_QUANTIZES=False: single-row o_proj and down_proj inputs quantized
+              by their own kernel, not inside the FP8 GEMV (the baseline of the default)
     +lateargmax engine.engine.GREEDY_AT_LAUNCH=False: greedy steps take their argmax when they
               are collected, not queued behind the step at launch (the baseline of the default)
 
@@ -54,6 +56,7 @@ SWITCHES = (
     "pertoken",
     "lateargmax",
     "tworot",
+    "sepq",
 )
 
 
@@ -71,6 +74,7 @@ class Variant:
     dense_varlen: bool = False
     late_argmax: bool = False
     two_rotary_launches: bool = False
+    separate_quant: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -126,6 +130,7 @@ def parse_variant(name: str) -> Variant:
         dense_varlen="varlen" in switches,
         late_argmax="lateargmax" in switches,
         two_rotary_launches="tworot" in switches,
+        separate_quant="sepq" in switches,
     )
 
 
@@ -133,8 +138,10 @@ def apply_switches(variant: Variant) -> None:
     """Sets the module switches of `variant` (and clears those it does not name)."""
     import engine.engine as engine_module
     import engine.kernels.gemv as gemv_module
+    import engine.llama as llama
     import engine.triton_attention as triton_attention
 
+    llama.GEMV_QUANTIZES = not variant.separate_quant
     engine_module.GREEDY_AT_LAUNCH = not variant.late_argmax
     gemv_module.USE_PDL = variant.pdl
     triton_attention.DENSE_FRESH_PREFILL = variant.dense_prefill

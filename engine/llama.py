@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from engine.sharding import ShardLayout
 
 
+# With fused FP8 quantization, o_proj and down_proj inputs of single-row steps are quantized
+# inside the FP8 GEMV from amaxes their producers write (Fp8Pending); False: by the separate
+# quantization kernel (the same bits; the baseline of A/B benchmarks).
+GEMV_QUANTIZES = True
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     """Inverse frequencies [head_dim // 2] fp64, with Llama-3 frequency-dependent scaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -283,6 +289,7 @@ class Attention(nn.Module):
         o_proj quantizes rows like its output in the FP8 GEMV."""
         return (
             self.fused_fp8_quant
+            and GEMV_QUANTIZES
             and self.backend.writes_amax
             and meta.num_decode_tokens == q.shape[0]
             and not meta.prefills
@@ -320,6 +327,7 @@ class MLP(nn.Module):
             rows, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
             if (
                 self.fused_fp8_quant
+                and GEMV_QUANTIZES
                 and isinstance(down, Fp8Linear)
                 and down.gemv_applies(rows, gate_up.dtype, gate_up.device)
             ):

@@ -52,6 +52,7 @@ def test_bad_names_are_refused_with_the_reason(name: str, message: str) -> None:
 def test_switches_are_set_and_cleared() -> None:
     import engine.engine as engine_module
     import engine.kernels.gemv as gemv_module
+    import engine.llama as llama
     import engine.triton_attention as triton_attention
 
     before = (
@@ -60,6 +61,7 @@ def test_switches_are_set_and_cleared() -> None:
         triton_attention.DENSE_VARLEN,
         engine_module.GREEDY_AT_LAUNCH,
         triton_attention.FUSED_ROTARY_KV_WRITE,
+        llama.GEMV_QUANTIZES,
     )
     try:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
@@ -76,7 +78,9 @@ def test_switches_are_set_and_cleared() -> None:
         assert engine_module.GREEDY_AT_LAUNCH is False
         assert triton_attention.FUSED_ROTARY_KV_WRITE
         apply_switches(parse_variant("w8kv8+tworot"))
-        assert triton_attention.FUSED_ROTARY_KV_WRITE is False
+        assert triton_attention.FUSED_ROTARY_KV_WRITE is False and llama.GEMV_QUANTIZES
+        apply_switches(parse_variant("w8+gemv+fusedq+sepq"))
+        assert llama.GEMV_QUANTIZES is False
     finally:
         (
             gemv_module.USE_PDL,
@@ -84,4 +88,5 @@ def test_switches_are_set_and_cleared() -> None:
             triton_attention.DENSE_VARLEN,
             engine_module.GREEDY_AT_LAUNCH,
             triton_attention.FUSED_ROTARY_KV_WRITE,
+            llama.GEMV_QUANTIZES,
         ) = before
