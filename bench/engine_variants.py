@@ -27,6 +27,8 @@ of these switches:
               KV write (the baseline of the fused launch, the default)
     +sepq     engine.llama.GEMV_QUANTIZES=False: single-row o_proj and down_proj inputs quantized
               by their own kernel, not inside the FP8 GEMV (the baseline of the default)
+    +onegraph engine.cuda_graph.GRAPH_PIECES=1: each decode step one CUDA graph, not pieces
+              (the baseline of the default)
     +lateargmax engine.engine.GREEDY_AT_LAUNCH=False: greedy steps take their argmax when they
               are collected, not queued behind the step at launch (the baseline of the default)
 
@@ -57,6 +59,7 @@ SWITCHES = (
     "lateargmax",
     "tworot",
     "sepq",
+    "onegraph",
 )
 
 
@@ -75,6 +78,7 @@ class Variant:
     late_argmax: bool = False
     two_rotary_launches: bool = False
     separate_quant: bool = False
+    one_graph: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -131,16 +135,19 @@ def parse_variant(name: str) -> Variant:
         late_argmax="lateargmax" in switches,
         two_rotary_launches="tworot" in switches,
         separate_quant="sepq" in switches,
+        one_graph="onegraph" in switches,
     )
 
 
 def apply_switches(variant: Variant) -> None:
     """Sets the module switches of `variant` (and clears those it does not name)."""
+    import engine.cuda_graph as cuda_graph
     import engine.engine as engine_module
     import engine.kernels.gemv as gemv_module
     import engine.llama as llama
     import engine.triton_attention as triton_attention
 
+    cuda_graph.GRAPH_PIECES = 1 if variant.one_graph else cuda_graph.DEFAULT_GRAPH_PIECES
     llama.GEMV_QUANTIZES = not variant.separate_quant
     engine_module.GREEDY_AT_LAUNCH = not variant.late_argmax
     gemv_module.USE_PDL = variant.pdl

@@ -22,6 +22,25 @@ logger = logging.getLogger(__name__)
 # where a row changed; read when a DecodeGraphs is built. On: +4.6% decode tok/s at batch 64,
 # neutral at batch 1 (H100, bench.engine_ab, interleaved; docs/benchmarks.md, issue 19).
 PINNED_INPUTS = True
+# Each batch size's decode step is captured as this many graphs, replayed one after another
+# (1: one graph). Launching a graph costs the host ~1-1.7 us a node (H100: 360-560 us for the
+# ~330 kernels of a Llama-3-8B step), and the device starts only once the launch returns; in
+# pieces it starts once the first, one-layer piece is launched, and runs it while the host
+# launches the next (pieces of 1, 2, 4, ... layers; the last also holds the final norm and
+# the LM head). Read when a DecodeGraphs is built.
+GRAPH_PIECES = DEFAULT_GRAPH_PIECES = 4
+
+
+def layer_pieces(num_layers: int, pieces: int) -> list[range]:
+    """Consecutive layer ranges covering num_layers: 1, 2, 4, ... layers, the last taking the
+    rest; fewer pieces when the layers run out. pieces >= 1."""
+    ranges: list[range] = []
+    start, size = 0, 1
+    while start < num_layers:
+        stop = num_layers if len(ranges) == pieces - 1 else min(num_layers, start + size)
+        ranges.append(range(start, stop))
+        start, size = stop, size * 2
+    return ranges
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -63,8 +82,11 @@ class DecodeGraphs:
             # per row of host_tables: the block list written there and how many of its blocks
             self.host_rows: list[tuple[list[int] | None, int]] = [(None, 0)] * n
             self.copied = torch.cuda.Event()  # recorded after each step's copies from them
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # a step's graphs, replayed in order (GRAPH_PIECES), and their stage outputs kept
+        self.pieces = layer_pieces(len(model.layers), max(1, GRAPH_PIECES))
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.logits: dict[int, torch.Tensor] = {}  # [batch, vocab], the graphs' outputs
+        self._stages: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
 
     def can_run(self, decodes: list[ScheduledSequence]) -> bool:
         return 0 < len(decodes) <= self.batch_sizes[-1]
@@ -76,31 +98,63 @@ class DecodeGraphs:
         for batch in reversed(self.batch_sizes):  # largest first: later ones reuse its pool
             self._forward(batch)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[batch] = self._forward(batch)
-            pool = graph.pool()
-            self.graphs[batch] = graph
+            graphs: list[torch.cuda.CUDAGraph] = []
+            stages: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+            for piece in self.pieces:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    stages.append(self._forward_piece(batch, piece, stages[-1] if stages else None))
+                pool = graph.pool()
+                graphs.append(graph)
+            self.graphs[batch] = graphs
+            self._stages[batch] = stages[:-1]  # the inputs of the pieces after the first
         torch.cuda.synchronize()
         logger.info(
-            "captured %d decode CUDA graphs (batch <= %d) in %.1fs",
+            "captured %d decode CUDA graphs (batch <= %d, %d pieces each) in %.1fs",
             len(self.graphs),
             self.batch_sizes[-1],
+            len(self.pieces),
             time.perf_counter() - started,
         )
 
-    def _forward(self, batch: int) -> torch.Tensor:
-        if self.pinned:  # int64 -> int32, inside the graph
-            self.context_lens[:batch].copy_(self.vectors[3, :batch])
-        meta = AttentionMetadata(
+    def _meta(self, batch: int) -> AttentionMetadata:
+        return AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch],
             num_decode_tokens=batch,
             decode_block_tables=self.block_tables[:batch],
             decode_context_lens=self.context_lens[:batch],
             prefills=(),
         )
-        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.kv_cache, meta)
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        """The whole step eagerly: logits [batch, vocab]."""
+        if self.pinned:  # int64 -> int32, inside the graph
+            self.context_lens[:batch].copy_(self.vectors[3, :batch])
+        hidden = self.model(
+            self.input_ids[:batch], self.positions[:batch], self.kv_cache, self._meta(batch)
+        )
         return self.model.compute_logits(hidden)
+
+    def _forward_piece(
+        self, batch: int, layers: range, previous: tuple[torch.Tensor, torch.Tensor | None] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One piece of _forward: the first embeds the tokens, each runs its layers from the
+        last piece's (x, residual), the last ends with the logits (returned as x)."""
+        model = self.model
+        if previous is None:
+            if self.pinned:  # int64 -> int32, inside the graph
+                self.context_lens[:batch].copy_(self.vectors[3, :batch])
+            x, residual = model.embed(self.input_ids[:batch]), None
+        else:
+            x, residual = previous
+        rope = model.rotary(self.positions[:batch])
+        x, residual = model.run_layers(x, residual, rope, self.kv_cache, self._meta(batch), layers)
+        if layers.stop < len(model.layers):
+            return x, residual
+        assert residual is not None  # a decode step: every row samples
+        hidden, _ = model.norm(x, residual)
+        self.logits[batch] = model.compute_logits(hidden)
+        return self.logits[batch], None
 
     def run(self, decodes: list[ScheduledSequence]) -> torch.Tensor:
         """Logits [len(decodes), vocab] for one decode step of these sequences: a view of the
@@ -124,7 +178,7 @@ class DecodeGraphs:
         self._fill(self.slot_mapping, slots, batch, -1)
         self._fill(self.context_lens, lens, batch, 0)
         self.block_tables[:n].copy_(table, non_blocking=True)
-        self.graphs[batch].replay()
+        self._replay(batch)
         return self.logits[batch][:n]
 
     @staticmethod
@@ -155,8 +209,12 @@ class DecodeGraphs:
         self.vectors.copy_(self.host_vectors, non_blocking=True)  # one contiguous 32n bytes
         self.block_tables[:n].copy_(self.host_tables[:n], non_blocking=True)
         self.copied.record()
-        self.graphs[batch].replay()
+        self._replay(batch)
         return self.logits[batch][:n]
+
+    def _replay(self, batch: int) -> None:
+        for graph in self.graphs[batch]:
+            graph.replay()
 
     def _update_table_row(self, row: int, block_ids: list[int]) -> None:
         written_list, num_written = self.host_rows[row]

@@ -399,16 +399,43 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden], or [len(output_rows.rows), hidden]
         """Hidden states of every token, or of `output_rows` only: then the last layer runs
         past its K/V write for those rows alone (see OutputRows)."""
-        if self.tp is None:
-            x = self.embed_tokens(input_ids)
-        else:
-            x = self.tp.embed(self.embed_tokens.weight, input_ids, self.vocab_start)
+        x = self.embed(input_ids)
         rope = self.rotary(positions)
-        residual: torch.Tensor | None = None
+        x, residual = self.run_layers(
+            x, None, rope, kv_cache, meta, range(len(self.layers)), output_rows
+        )
+        if residual is None:  # nothing samples this step: only the K/V was needed
+            return x
+        x, _ = self.norm(x, residual)
+        return x
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[num_tokens] int64 -> [num_tokens, hidden] (the first step of `forward`)."""
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        return self.tp.embed(self.embed_tokens.weight, input_ids, self.vocab_start)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]: the last layer's MLP output, or the embedding
+        residual: torch.Tensor | None,  # [num_tokens, hidden], None before the first layer
+        rope: RotaryInputs,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        layers: range,
+        output_rows: OutputRows | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoder layers `layers` (consecutive) of `forward`: (x, residual) after them, for the
+        next layers or the final norm (residual None: output_rows selected no row, x is the
+        empty attention output). A CUDA graph of a decode step captures them in pieces
+        (engine.cuda_graph), so the device starts on the first layers while the host launches
+        the rest."""
         last = len(self.layers) - 1
         fused_quant = self.fused_fp8_quant and x.is_cuda
         normed: torch.Tensor | Fp8Rows
-        for i, layer in enumerate(self.decoder_layers):
+        decoder_layers = self.decoder_layers
+        for i in layers:
+            layer = decoder_layers[i]
             if fused_quant:
                 normed, residual = layer.input_layernorm.forward_fp8(x, residual)
             else:
@@ -420,7 +447,7 @@ class LlamaModel(nn.Module):
             if select is not None:
                 residual = residual[select.rows]
                 if h.shape[0] == 0:  # nothing samples this step: only the K/V was needed
-                    return h
+                    return h, None
             if self.tp is not None:  # o_proj is row-parallel: partial sums
                 h = self.tp.all_reduce(h)
             if fused_quant:
@@ -430,8 +457,7 @@ class LlamaModel(nn.Module):
             x = layer.mlp(normed)
             if self.tp is not None:  # so is down_proj
                 x = self.tp.all_reduce(x)
-        x, _ = self.norm(x, residual)
-        return x
+        return x, residual
 
     def set_kv_scales(self, scales: torch.Tensor) -> None:
         """Quantize K and V with these per-head scales, [layers, 2, num_kv_heads] fp32 on the

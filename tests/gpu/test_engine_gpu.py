@@ -72,6 +72,32 @@ def test_gpu_greedy_matches_cpu_reference(model_dir: Path) -> None:
     assert got == expected
 
 
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_decode_graphs_in_pieces_equal_one_graph(
+    model_dir: Path, quantization: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """engine.cuda_graph.GRAPH_PIECES: a decode step replayed as several graphs (1, 2, 4, ...
+    layers, the rest with the LM head) gives the logits of one graph bit for bit, so the same
+    greedy tokens; bf16 and FP8 (the fused activation quantization and the GEMV's single-row
+    paths inside the pieces)."""
+    from contracts.sampling_params import SamplingParams
+    from engine import cuda_graph
+
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = [rule_sequence(seed=300 + s, length=25 + 31 * s) for s in range(5)]
+    outputs = []
+    for pieces in (1, 4):
+        monkeypatch.setattr(cuda_graph, "GRAPH_PIECES", pieces)
+        engine = gpu_engine(model_dir, quantization=quantization, triton_gemv=True)
+        graphs = engine.runner.graphs
+        assert graphs is not None
+        assert {len(g) for g in graphs.graphs.values()} == {pieces}
+        alone = engine.generate(prompts[:1], params)[0].token_ids  # batch 1: the GEMV path
+        outputs.append((alone, [c.token_ids for c in engine.generate(prompts, params)]))
+        engine.check_integrity()
+    assert outputs[0] == outputs[1]
+
+
 def compiled_variants(kernel: object) -> int:
     """How many binaries Triton has compiled for `kernel` on the current device."""
     caches = kernel.device_caches  # type: ignore[attr-defined]

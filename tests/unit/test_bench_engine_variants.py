@@ -50,6 +50,7 @@ def test_bad_names_are_refused_with_the_reason(name: str, message: str) -> None:
 
 
 def test_switches_are_set_and_cleared() -> None:
+    import engine.cuda_graph as cuda_graph
     import engine.engine as engine_module
     import engine.kernels.gemv as gemv_module
     import engine.llama as llama
@@ -62,6 +63,7 @@ def test_switches_are_set_and_cleared() -> None:
         engine_module.GREEDY_AT_LAUNCH,
         triton_attention.FUSED_ROTARY_KV_WRITE,
         llama.GEMV_QUANTIZES,
+        cuda_graph.GRAPH_PIECES,
     )
     try:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
@@ -80,7 +82,9 @@ def test_switches_are_set_and_cleared() -> None:
         apply_switches(parse_variant("w8kv8+tworot"))
         assert triton_attention.FUSED_ROTARY_KV_WRITE is False and llama.GEMV_QUANTIZES
         apply_switches(parse_variant("w8+gemv+fusedq+sepq"))
-        assert llama.GEMV_QUANTIZES is False
+        assert llama.GEMV_QUANTIZES is False and cuda_graph.GRAPH_PIECES == 4
+        apply_switches(parse_variant("bf16+onegraph"))
+        assert cuda_graph.GRAPH_PIECES == 1
     finally:
         (
             gemv_module.USE_PDL,
@@ -89,4 +93,5 @@ def test_switches_are_set_and_cleared() -> None:
             engine_module.GREEDY_AT_LAUNCH,
             triton_attention.FUSED_ROTARY_KV_WRITE,
             llama.GEMV_QUANTIZES,
+            cuda_graph.GRAPH_PIECES,
         ) = before

@@ -5,6 +5,7 @@ and leave or change rows. The graphs themselves (CUDA) are stood in for; tests/g
 
 from __future__ import annotations
 
+import itertools
 import random
 import types
 
@@ -40,7 +41,7 @@ def graphs_on_cpu(pinned: bool) -> DecodeGraphs:
     graphs.host_rows = [(None, 0)] * MAX_BATCH
     graphs.copied = types.SimpleNamespace(synchronize=lambda: None, record=lambda: None)
     noop = types.SimpleNamespace(replay=lambda: None)
-    graphs.graphs = {b: noop for b in graphs.batch_sizes}  # type: ignore[misc]
+    graphs.graphs = {b: [noop, noop] for b in graphs.batch_sizes}  # type: ignore[misc]
     graphs.logits = {b: torch.zeros(b, 3) for b in graphs.batch_sizes}
     return graphs
 
@@ -87,3 +88,19 @@ def test_pinned_inputs_fill_what_pageable_ones_fill() -> None:
             assert torch.equal(pinned.block_tables[row, :width], pageable.block_tables[row, :width])
         for seq in running:
             advance(rng, seq)
+
+
+def test_layer_pieces_double_and_cover_the_layers() -> None:
+    from engine.cuda_graph import layer_pieces
+
+    assert layer_pieces(32, 1) == [range(0, 32)]
+    assert layer_pieces(32, 4) == [range(0, 1), range(1, 3), range(3, 7), range(7, 32)]
+    assert layer_pieces(30, 5) == [range(0, 1), range(1, 3), range(3, 7), range(7, 15),
+                                   range(15, 30)]  # fmt: skip
+    assert layer_pieces(3, 8) == [range(0, 1), range(1, 3)]  # fewer when the layers run out
+    assert layer_pieces(1, 4) == [range(0, 1)]
+    for layers in range(1, 40):
+        for pieces in range(1, 7):
+            got = layer_pieces(layers, pieces)
+            assert len(got) <= pieces and got[0].start == 0 and got[-1].stop == layers
+            assert all(a.stop == b.start for a, b in itertools.pairwise(got))
