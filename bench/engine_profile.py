@@ -257,6 +257,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         apply_switches(variant)
         extra = variant.engine_options()
     elif name != "main":
+        apply_switches(parse_variant("bf16"))  # every module switch back to its default
         import engine.cuda_graph as cuda_graph
         import engine.kernels.gemv as gemv_module
         import engine.triton_attention as triton_attention

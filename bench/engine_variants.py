@@ -32,8 +32,11 @@ of these switches:
     +lateargmax engine.engine.GREEDY_AT_LAUNCH=False: greedy steps take their argmax when they
               are collected, not queued behind the step at launch (the baseline of the default)
 
-e.g. `w8+gemv+fusedq+pdl`. `+pdl` and `+dense` are module switches: `apply_switches` sets them for
-the engine built next (graphs capture them), so build and measure one variant at a time.
+e.g. `w8+gemv+fusedq+pdl`. `+pdl`, `+dense`, `+varlen`, `+paged`, `+tworot`, `+sepq`, `+onegraph`
+and `+lateargmax` are module switches: `apply_switches` sets them for the engine built next
+(graphs capture them), so build and measure one variant at a time; they are set in this process
+only, so at tensor-parallel size > 1 they reach rank 0 alone (the other ranks are processes of
+their own).
 """
 
 from __future__ import annotations
@@ -148,6 +151,7 @@ def apply_switches(variant: Variant) -> None:
     import engine.triton_attention as triton_attention
 
     cuda_graph.GRAPH_PIECES = 1 if variant.one_graph else cuda_graph.DEFAULT_GRAPH_PIECES
+    cuda_graph.PINNED_INPUTS = True  # the default (bench.engine_profile's `-pinned` clears it)
     llama.GEMV_QUANTIZES = not variant.separate_quant
     engine_module.GREEDY_AT_LAUNCH = not variant.late_argmax
     gemv_module.USE_PDL = variant.pdl

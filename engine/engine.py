@@ -1005,8 +1005,9 @@ class Engine:
         ids the last step's collection has not read."""
         rows = logits.shape[0]
         if self._greedy_host is None or self._greedy_host[0].shape[0] < rows:
+            size = max(rows, self.scheduler.config.max_num_seqs)  # a step's rows, at most
             self._greedy_host = tuple(
-                torch.empty(max(rows, 256), dtype=torch.long, pin_memory=True) for _ in range(2)
+                torch.empty(size, dtype=torch.long, pin_memory=True) for _ in range(2)
             )
         self._greedy_turn ^= 1
         host = self._greedy_host[self._greedy_turn][:rows]
@@ -1235,13 +1236,16 @@ def _without_finished(
 ) -> tuple[SchedulerOutput, list[Sequence], torch.Tensor, list[int]]:
     """A step in flight less its sequences that left meanwhile (aborted, exported: their
     counts were reset when their blocks were freed): the plan, samplers and rows of logits
-    of those that remain, and those rows' indices (into the launch's samplers)."""
+    of those that remain (all rows when the launch took greedy ids: unused then), and those
+    rows' indices (into the launch's samplers)."""
     scheduled = launched.scheduled
     kept = [item for item in scheduled.scheduled if not item.seq.is_finished]
     rows = [i for i, seq in enumerate(launched.samplers) if not seq.is_finished]
     samplers = [launched.samplers[i] for i in rows]
-    index = torch.tensor(rows, dtype=torch.long, device=launched.logits.device)
-    return SchedulerOutput(kept, scheduled.preempted), samplers, launched.logits[index], rows
+    logits = launched.logits
+    if launched.greedy is None:  # else the ids are on the host already: no gather, no copy
+        logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+    return SchedulerOutput(kept, scheduled.preempted), samplers, logits, rows
 
 
 def _step_seconds(launched: _Launched, sampled_from: float) -> float:

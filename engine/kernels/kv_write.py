@@ -184,6 +184,10 @@ def _rotate_q_and_k(
     x = tl.load(k_ptrs, mask=in_tile, other=0.0).to(tl.float32)
     partner = tl.load(k_ptrs + (partner_d - offs_d)[None, :], mask=in_tile, other=0.0)
     k = rotary.rotate(x, partner.to(tl.float32), c, s).to(k_ptrs.dtype.element_ty)
+    # An element and its partner may belong to different warps (one KV head: column d to
+    # warp d // 32, no shared-memory exchange, no barrier in the PTX): every partner must be
+    # loaded before any rotated value overwrites it.
+    tl.debug_barrier()
     tl.store(k_ptrs, k, mask=in_tile)
     return k
 

@@ -295,12 +295,15 @@ def test_rejects_bad_inputs(case: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache", CACHES)
-def test_llama_shapes_on_gpu(cache: str) -> None:
-    """Llama-3-8B's heads, a CUDA-graph-padded batch of decodes and a prefill chunk: the
-    compiled kernel against the two compiled launches, byte for byte."""
-    shape = 32, 8, 128
+@pytest.mark.parametrize("shape", [(32, 8, 128), (4, 1, 128)], ids=["llama3_8b", "one_kv_head"])
+def test_llama_shapes_on_gpu(cache: str, shape: tuple[int, int, int]) -> None:
+    """Llama-3-8B's heads, and one KV head a rank (Llama-3-8B at TP=8, MQA: a k element and
+    its rotary partner in different warps, the layout a review found racing before the
+    kernel's barrier), a CUDA-graph-padded batch of decodes and a prefill chunk: the compiled
+    kernel against the two compiled launches, byte for byte."""
+    num_kv_heads = shape[1]
     qkv = fused_qkv(300, *shape, torch.bfloat16)
-    layer, kv_scales = kv_cache_layer(cache, 64, 16, 8, 128, torch.bfloat16)
+    layer, kv_scales = kv_cache_layer(cache, 64, 16, num_kv_heads, 128, torch.bfloat16)
     positions, slots = positions_and_slots(300, 64 * 16, seed=3)
 
     (got_qkv, got_layer), (want_qkv, want_layer) = run_both(
