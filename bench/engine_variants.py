@@ -31,12 +31,15 @@ of these switches:
               (the baseline of the default)
     +lateargmax engine.engine.GREEDY_AT_LAUNCH=False: greedy steps take their argmax when they
               are collected, not queued behind the step at launch (the baseline of the default)
+    +fusedreduce engine.kernels.decode_attention.FUSED_REDUCE=True: with several splits, the
+              last split program of each group merges them, no reduce launch (off by default:
+              not yet measured)
 
-e.g. `w8+gemv+fusedq+pdl`. `+pdl`, `+dense`, `+varlen`, `+paged`, `+tworot`, `+sepq`, `+onegraph`
-and `+lateargmax` are module switches: `apply_switches` sets them for the engine built next
-(graphs capture them), so build and measure one variant at a time; they are set in this process
-only, so at tensor-parallel size > 1 they reach rank 0 alone (the other ranks are processes of
-their own).
+e.g. `w8+gemv+fusedq+pdl`. `+pdl`, `+dense`, `+varlen`, `+paged`, `+tworot`, `+sepq`, `+onegraph`,
+`+lateargmax` and `+fusedreduce` are module switches: `apply_switches` sets them for the engine
+built next (graphs capture them), so build and measure one variant at a time; they are set in
+this process only, so at tensor-parallel size > 1 they reach rank 0 alone (the other ranks are
+processes of their own).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ SWITCHES = (
     "tworot",
     "sepq",
     "onegraph",
+    "fusedreduce",
 )
 
 
@@ -82,6 +86,7 @@ class Variant:
     two_rotary_launches: bool = False
     separate_quant: bool = False
     one_graph: bool = False
+    fused_reduce: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -139,6 +144,7 @@ def parse_variant(name: str) -> Variant:
         two_rotary_launches="tworot" in switches,
         separate_quant="sepq" in switches,
         one_graph="onegraph" in switches,
+        fused_reduce="fusedreduce" in switches,
     )
 
 
@@ -146,6 +152,7 @@ def apply_switches(variant: Variant) -> None:
     """Sets the module switches of `variant` (and clears those it does not name)."""
     import engine.cuda_graph as cuda_graph
     import engine.engine as engine_module
+    import engine.kernels.decode_attention as decode_attention
     import engine.kernels.gemv as gemv_module
     import engine.llama as llama
     import engine.triton_attention as triton_attention
@@ -158,3 +165,4 @@ def apply_switches(variant: Variant) -> None:
     triton_attention.DENSE_FRESH_PREFILL = variant.dense_prefill
     triton_attention.DENSE_VARLEN = variant.dense_varlen
     triton_attention.FUSED_ROTARY_KV_WRITE = not variant.two_rotary_launches
+    decode_attention.FUSED_REDUCE = variant.fused_reduce

@@ -1,9 +1,10 @@
 """Paged decode attention: one new query token per sequence against its cached context, the Triton
 backend's hot kernel for decode steps. Reads K/V through the block table (no gather copy),
 shares each K/V tile among a GQA group's query heads, and splits long contexts across programs
-(flash-decoding) whose partial outputs a reduce kernel merges by log-sum-exp. Never syncs with
-the host (CUDA-graph safe); does not write the cache or handle prefill. `paged_decode_attention_ref`
-is the torch reference. Grid, tiles and workspace layout: docs/engine.md.
+(flash-decoding) whose partial outputs a reduce kernel merges by log-sum-exp (or, with
+`FUSED_REDUCE`, the last split program of each group). Never syncs with the host (CUDA-graph
+safe); does not write the cache or handle prefill. `paged_decode_attention_ref` is the torch
+reference. Grid, tiles and workspace layout: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ _MAX_SPLITS = 32
 _PROGRAMS_PER_SM = 2  # target this many programs per multiprocessor when choosing splits
 _CPU_NUM_SMS = 4  # stand-in for the interpreter, so tests exercise several splits
 
+# With several splits, the last split program of each (sequence, kv head) to finish merges the
+# group's splits (a ticket counter in the workspace decides which) instead of a second launch,
+# the reduce kernel. Off: not yet run or measured on a GPU (bench `+fusedreduce` A/Bs it).
+FUSED_REDUCE = False
+
 
 @dataclass(frozen=True, slots=True)
 class DecodeAttentionWorkspace:
@@ -43,6 +49,9 @@ class DecodeAttentionWorkspace:
 
     partial_out: torch.Tensor  # [max_seqs, num_heads, max_splits, head_dim] fp32
     partial_lse: torch.Tensor  # [max_seqs, num_heads, max_splits] fp32
+    # [max_seqs, >=num_kv_heads] int32, FUSED_REDUCE's tickets: zero between calls (each call
+    # leaves them zero again), so allocated zeroed once
+    counters: torch.Tensor
 
     @classmethod
     def allocate(
@@ -52,7 +61,10 @@ class DecodeAttentionWorkspace:
         max_splits: int,
         head_dim: int,
         device: torch.device | str,
+        num_kv_heads: int | None = None,  # counters per row: num_heads if None (enough for any
+        # grouping); 0 for none (FUSED_REDUCE off)
     ) -> DecodeAttentionWorkspace:
+        counter_cols = num_heads if num_kv_heads is None else num_kv_heads
         return cls(
             partial_out=torch.empty(
                 max_seqs, num_heads, max_splits, head_dim, dtype=torch.float32, device=device
@@ -60,6 +72,7 @@ class DecodeAttentionWorkspace:
             partial_lse=torch.empty(
                 max_seqs, num_heads, max_splits, dtype=torch.float32, device=device
             ),
+            counters=torch.zeros(max_seqs, counter_cols, dtype=torch.int32, device=device),
         )
 
 
@@ -69,7 +82,7 @@ class DecodeAttentionWorkspace:
 # every batch width and split count. Only the model's shapes are compile-time constants.
 @triton.jit(
     do_not_specialize=["num_splits", "stride_bt_seq", "stride_po_seq", "stride_po_head",
-                       "stride_po_split", "stride_pl_seq", "stride_pl_head"],
+                       "stride_po_split", "stride_pl_seq", "stride_pl_head", "stride_cnt_seq"],
     do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"],
 )  # fmt: skip
 def _decode_split_kernel(
@@ -108,7 +121,9 @@ def _decode_split_kernel(
     stride_vs_block,
     stride_vs_slot,
     stride_vs_head,
-    amax_ptr,  # [num_seqs, num_heads] fp32, contiguous; with SINGLE_SPLIT and AMAX only
+    amax_ptr,  # [num_seqs, num_heads] fp32, contiguous; with AMAX only
+    counters_ptr,  # [>=num_seqs, >=num_kv_heads] int32, zero at entry; with FUSED only
+    stride_cnt_seq,
     HEAD_DIM: tl.constexpr,
     GROUP_SIZE: tl.constexpr,  # query heads per kv head
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
@@ -120,7 +135,9 @@ def _decode_split_kernel(
     KV_FP8: tl.constexpr,  # e4m3 cache: K/V converted to q's dtype, scales folded in
     ROW_SCALES: tl.constexpr,  # with KV_FP8: a scale per key; else one per head
     ROWS_4B: tl.constexpr,  # e4m3 rows only 4-byte aligned (launch.only_4_byte_aligned)
-    AMAX: tl.constexpr,  # also write each head's max |out| as stored (SINGLE_SPLIT)
+    AMAX: tl.constexpr,  # also write each head's max |out| as stored (SINGLE_SPLIT or FUSED)
+    FUSED: tl.constexpr,  # several splits: the group's last program merges them (FUSED_REDUCE)
+    SPLITS_PAD: tl.constexpr,  # with FUSED: num_splits rounded up to a power of two (else 1)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -241,6 +258,21 @@ def _decode_split_kernel(
         tl.store(po_ptrs, out, mask=out_mask)
         pl_ptrs = partial_lse_ptr + seq * stride_pl_seq + heads * stride_pl_head + split
         tl.store(pl_ptrs, lse, mask=mask_g)
+        if FUSED:  # every program takes a ticket, padding rows and empty splits too
+            tl.debug_barrier()  # every thread's partial stores precede the (one-thread) ticket
+            counter = counters_ptr + seq * stride_cnt_seq + kv_head
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:  # the others' partials are all written: merge
+                tl.store(counter, 0)  # all num_splits tickets are drawn: zero for the next call
+                for g in tl.static_range(GROUP_SIZE):
+                    _merge_splits(
+                        out_ptr, partial_out_ptr, partial_lse_ptr, amax_ptr,
+                        seq, kv_head * GROUP_SIZE + g, GROUP_SIZE * tl.num_programs(1), num_splits,
+                        stride_o_seq, stride_o_head, stride_po_seq, stride_po_head,
+                        stride_po_split, stride_pl_seq, stride_pl_head,
+                        HEAD_DIM, SPLITS_PAD, BLOCK_D, AMAX,
+                        ".cg",  # through L2: no stale L1 line of another program's partials
+                    )  # fmt: skip
 
 
 @triton.jit(
@@ -265,8 +297,40 @@ def _decode_reduce_kernel(
     BLOCK_D: tl.constexpr,
     AMAX: tl.constexpr,  # also write the head's max |out| as stored
 ):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
+    _merge_splits(
+        out_ptr, partial_out_ptr, partial_lse_ptr, amax_ptr,
+        tl.program_id(0), tl.program_id(1), tl.num_programs(1), num_splits,
+        stride_o_seq, stride_o_head, stride_po_seq, stride_po_head, stride_po_split,
+        stride_pl_seq, stride_pl_head,
+        HEAD_DIM, SPLITS_PAD, BLOCK_D, AMAX, "",
+    )  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(
+    out_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    amax_ptr,
+    seq,
+    head,
+    num_heads,  # amax_ptr's row stride
+    num_splits,
+    stride_o_seq,
+    stride_o_head,
+    stride_po_seq,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_seq,
+    stride_pl_head,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    AMAX: tl.constexpr,
+    CACHE: tl.constexpr,  # the partials' load cache modifier: "" or ".cg" (L2 only)
+):
+    """out[seq, head] (and amax[seq, head] with AMAX) from the head's split partials, merged
+    by log-sum-exp: the reduce kernel's program, or one head of FUSED's last split program."""
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < num_splits
@@ -276,6 +340,7 @@ def _decode_reduce_kernel(
         partial_lse_ptr + seq * stride_pl_seq + head * stride_pl_head + offs_s,
         mask=mask_s,
         other=float("-inf"),
+        cache_modifier=CACHE,
     )  # [SPLITS_PAD]
     has_keys = lse > float("-inf")
     # All splits empty (a padding row): lse_max = -inf; use 0 so no -inf - -inf = NaN appears.
@@ -291,14 +356,16 @@ def _decode_reduce_kernel(
         + offs_s[:, None] * stride_po_split
         + offs_d[None, :]
     )
-    partial = tl.load(po_ptrs, mask=has_keys[:, None] & mask_d[None, :], other=0.0)
+    partial = tl.load(
+        po_ptrs, mask=has_keys[:, None] & mask_d[None, :], other=0.0, cache_modifier=CACHE
+    )
     out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     o_ptrs = out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d
     stored = out.to(out_ptr.dtype.element_ty)
     tl.store(o_ptrs, stored, mask=mask_d)
-    if AMAX:  # grid (num_seqs, num_heads)
+    if AMAX:
         head_amax = tl.max(tl.where(mask_d, tl.abs(stored.to(tl.float32)), 0.0), axis=0)
-        tl.store(amax_ptr + seq * tl.num_programs(1) + head, head_amax)
+        tl.store(amax_ptr + seq * num_heads + head, head_amax)
 
 
 def choose_num_splits(
@@ -337,7 +404,8 @@ def paged_decode_attention(
 
     Returns `out` (allocated if None). Rows with context_len 0 come out as zeros. `num_splits`
     defaults to `choose_num_splits(...)`; with more than one split the partial results go to
-    `workspace` (allocated here when None: pass one when capturing a CUDA graph). Raises
+    `workspace` (allocated here when None: pass one when capturing a CUDA graph; with
+    `FUSED_REDUCE` its zeroed counters then cost a memset a call). Raises
     ValueError for inputs of the wrong device, dtype, shape or layout. Never syncs the host."""
     is_fp8 = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     num_seqs, num_heads, head_dim = _check_inputs(
@@ -360,15 +428,20 @@ def paged_decode_attention(
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if num_seqs == 0:
         return out
+    fused = FUSED_REDUCE and num_splits > 1
     if num_splits == 1:
         partial_out = partial_lse = out  # not touched: the split kernel writes out directly
+        counters = context_lens  # a placeholder pointer: not touched either
     else:
         if workspace is None:
             workspace = DecodeAttentionWorkspace.allocate(
-                num_seqs, num_heads, num_splits, head_dim, q.device
+                num_seqs, num_heads, num_splits, head_dim, q.device, num_kv_heads if fused else 0
             )
         _check_workspace(workspace, num_seqs, num_heads, num_splits, head_dim, q.device)
         partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
+        counters = workspace.counters
+        if fused:
+            _check_counters(counters, num_seqs, num_kv_heads, q.device)
 
     group_size = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -386,6 +459,7 @@ def paged_decode_attention(
             partial_lse.stride(0), partial_lse.stride(1),
             ks, vs, *ks_strides, *vs_strides,
             out if amax_out is None else amax_out,  # a placeholder pointer without AMAX
+            counters, counters.stride(0),
             HEAD_DIM=head_dim,
             GROUP_SIZE=group_size,
             BLOCK_SIZE=block_size,
@@ -397,11 +471,14 @@ def paged_decode_attention(
             KV_FP8=is_fp8,
             ROW_SCALES=is_fp8 and not given_scales(k_scale, v_scale),
             ROWS_4B=is_fp8 and only_4_byte_aligned(k_cache, v_cache),
-            AMAX=amax_out is not None and num_splits == 1,
+            AMAX=amax_out is not None and (num_splits == 1 or fused),
+            FUSED=fused,
+            # a constant of the fused kernel only: the default one compiles once for any count
+            SPLITS_PAD=triton.next_power_of_2(num_splits) if fused else 1,
             num_warps=num_warps,
             num_stages=num_stages,
         )  # fmt: skip
-        if num_splits > 1:
+        if num_splits > 1 and not fused:
             _decode_reduce_kernel[(num_seqs, num_heads)](
                 out, partial_out, partial_lse, num_splits,
                 out.stride(0), out.stride(1),
@@ -544,6 +621,20 @@ def _check_workspace(
         raise ValueError("workspace tensors must be contiguous in their last dim")
     if po.device != device or pl.device != device:
         raise ValueError(f"workspace is on {po.device}/{pl.device}, inputs on {device}")
+
+
+def _check_counters(
+    counters: torch.Tensor, num_seqs: int, num_kv_heads: int, device: torch.device
+) -> None:
+    fits = counters.dim() == 2 and counters.shape[0] >= num_seqs
+    if not fits or counters.shape[1] < num_kv_heads or counters.stride(1) != 1:
+        raise ValueError(
+            f"workspace counters {tuple(counters.shape)} (strides {counters.stride()}) do not "
+            f"fit num_seqs={num_seqs}, num_kv_heads={num_kv_heads} with unit column stride"
+        )
+    if counters.dtype != torch.int32 or counters.device != device:
+        raise ValueError(f"workspace counters must be int32 on {device}, got {counters.dtype} "
+                         f"on {counters.device}")  # fmt: skip
 
 
 @functools.cache

@@ -52,6 +52,7 @@ def test_bad_names_are_refused_with_the_reason(name: str, message: str) -> None:
 def test_switches_are_set_and_cleared() -> None:
     import engine.cuda_graph as cuda_graph
     import engine.engine as engine_module
+    import engine.kernels.decode_attention as decode_attention
     import engine.kernels.gemv as gemv_module
     import engine.llama as llama
     import engine.triton_attention as triton_attention
@@ -64,6 +65,7 @@ def test_switches_are_set_and_cleared() -> None:
         triton_attention.FUSED_ROTARY_KV_WRITE,
         llama.GEMV_QUANTIZES,
         cuda_graph.GRAPH_PIECES,
+        decode_attention.FUSED_REDUCE,
     )
     try:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
@@ -84,7 +86,11 @@ def test_switches_are_set_and_cleared() -> None:
         apply_switches(parse_variant("w8+gemv+fusedq+sepq"))
         assert llama.GEMV_QUANTIZES is False and cuda_graph.GRAPH_PIECES == 4
         apply_switches(parse_variant("bf16+onegraph"))
-        assert cuda_graph.GRAPH_PIECES == 1
+        assert cuda_graph.GRAPH_PIECES == 1 and decode_attention.FUSED_REDUCE is False
+        apply_switches(parse_variant("kv8+fusedreduce"))
+        assert decode_attention.FUSED_REDUCE is True and cuda_graph.GRAPH_PIECES == 4
+        apply_switches(parse_variant("w8kv8"))
+        assert decode_attention.FUSED_REDUCE is False
     finally:
         (
             gemv_module.USE_PDL,
@@ -94,4 +100,5 @@ def test_switches_are_set_and_cleared() -> None:
             triton_attention.FUSED_ROTARY_KV_WRITE,
             llama.GEMV_QUANTIZES,
             cuda_graph.GRAPH_PIECES,
+            decode_attention.FUSED_REDUCE,
         ) = before

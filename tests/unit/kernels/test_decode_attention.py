@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from engine.kernels import decode_attention
 from engine.kernels.decode_attention import (
     DecodeAttentionWorkspace,
     choose_num_splits,
@@ -287,3 +288,145 @@ def test_no_host_sync_and_cuda_graph_replay() -> None:
     torch.cuda.synchronize()
     expected = Case(q, case.kv_cache_layer, tables, lens, scale).reference()
     torch.testing.assert_close(out.float(), expected, **TOLERANCES[dtype])
+
+
+@pytest.fixture
+def fused_reduce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode_attention.FUSED_REDUCE on for the test (the two-launch path is its reference)."""
+    monkeypatch.setattr(decode_attention, "FUSED_REDUCE", True)
+
+
+def both_paths(
+    case: Case, num_splits: int, workspace: DecodeAttentionWorkspace, with_amax: bool
+) -> tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]:
+    """(out, amax_out) of the two-launch path, then of the fused one, through one workspace."""
+    results = []
+    for fused in (False, True):
+        decode_attention.FUSED_REDUCE = fused
+        num_seqs, num_heads, _ = case.q.shape
+        out = torch.full_like(case.q, float("nan"))  # every element must be written
+        amax = torch.full((num_seqs, num_heads), float("nan"), device=case.q.device)
+        amax_out = amax if with_amax else None
+        paged_decode_attention(
+            *case.args, out=out, num_splits=num_splits, workspace=workspace, amax_out=amax_out
+        )
+        results.append((out, amax_out))
+    return results[0], results[1]
+
+
+@pytest.mark.usefixtures("fused_reduce")
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(2, 2), (6, 2), (8, 2), (8, 1)])
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+def test_fused_reduce_is_bitwise_the_two_launch_path(
+    num_splits: int, num_heads: int, num_kv_heads: int
+) -> None:
+    """The last split program's merge: the same outputs and amaxes, bit for bit, padding rows
+    (context 0) and contexts shorter than one split (most splits empty) included; every ticket
+    counter back at zero after each call; a second call through the same workspace agrees."""
+    dtype = DTYPES[0]
+    lens = [0, 5, 300, 0, 129, 700]  # 700 / 5 splits: 140 -> 256-token splits, 3 empty
+    case = make_case(lens, num_heads, num_kv_heads, 64, 16, dtype, seed=num_splits + num_heads)
+    workspace = DecodeAttentionWorkspace.allocate(8, num_heads, 8, 64, DEVICE, num_kv_heads)
+    first = None
+    for with_amax in (True, False, True):
+        (out, amax), (fused_out, fused_amax) = both_paths(case, num_splits, workspace, with_amax)
+        assert torch.equal(fused_out, out)
+        assert torch.count_nonzero(workspace.counters) == 0
+        if with_amax:
+            assert amax is not None and fused_amax is not None
+            assert torch.equal(fused_amax, amax) and torch.equal(amax[0], torch.zeros_like(amax[0]))
+            if first is not None:  # the same workspace, a later call: the same result
+                assert torch.equal(fused_out, first[0]) and torch.equal(fused_amax, first[1])
+            first = (fused_out, fused_amax)
+    torch.testing.assert_close(first[0].float(), case.reference(), **TOLERANCES[dtype])
+
+
+@pytest.mark.usefixtures("fused_reduce")
+def test_fused_reduce_one_split_and_own_workspace() -> None:
+    """One split: the split kernel writes out as before (no counters). No workspace given: the
+    launcher's own, counters zeroed. The ticket alone decides which program merges. Too few
+    counters: refused."""
+    dtype = DTYPES[0]
+    case = make_case([0, 40, 300], 8, 2, 64, 16, dtype, seed=21)
+    one_split = check(case, num_splits=1, dtype=dtype)
+    check(case, num_splits=4, dtype=dtype)
+    decode_attention.FUSED_REDUCE = False
+    two_launch = paged_decode_attention(*case.args, num_splits=4)
+    decode_attention.FUSED_REDUCE = True
+    assert torch.equal(paged_decode_attention(*case.args, num_splits=4), two_launch)
+    assert torch.equal(paged_decode_attention(*case.args, num_splits=1), one_split)
+    # The ticket decides who merges: a group whose counter starts at -9 never draws ticket
+    # 3 of 4, so its heads are not written (and its counter ends at -5); the others are.
+    workspace = DecodeAttentionWorkspace.allocate(3, 8, 4, 64, DEVICE, num_kv_heads=2)
+    workspace.counters[1, 0] = -9
+    out = torch.full_like(case.q, float("nan"))
+    paged_decode_attention(*case.args, out=out, num_splits=4, workspace=workspace)
+    assert out[1, :4].isnan().all() and torch.equal(out[1, 4:], two_launch[1, 4:])
+    assert torch.equal(out[::2], two_launch[::2]) and workspace.counters[1, 0] == -5
+    no_counters = DecodeAttentionWorkspace.allocate(3, 8, 4, 64, DEVICE, num_kv_heads=0)
+    with pytest.raises(ValueError, match="workspace counters"):
+        paged_decode_attention(*case.args, num_splits=4, workspace=no_counters)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fused_reduce")
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("cache", ["bf16", "fp8_per_head", "fp8_per_token"])
+def test_fused_reduce_matches_two_launches_in_a_cuda_graph(batch: int, cache: str) -> None:
+    """Llama-3-8B heads (32 over 8 kv heads, head_dim 128), bf16 or e4m3 cache: the fused
+    merge inside a CUDA graph, replayed several times with new contexts of 0 to 4096 tokens
+    (the counters must come back to zero each time), gives the two-launch path's outputs and
+    amaxes bit for bit (the same merge code, 4 warps both: the same reduction order)."""
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(batch)
+    lens = [4096, *torch.randint(0, 4097, (batch - 1,), generator=gen).tolist()]
+    case = make_case(lens, 32, 8, 128, 16, dtype, seed=31 + batch)  # tables fit 4096 a row
+    q, k_cache, v_cache, tables, context_lens, scale = case.args
+    k_scale = v_scale = None
+    if cache == "fp8_per_token":
+        k_scale = 0.5 + torch.rand(k_cache.shape[:3], generator=gen).to(DEVICE)
+        v_scale = 0.5 + torch.rand(v_cache.shape[:3], generator=gen).to(DEVICE)
+    elif cache == "fp8_per_head":  # broadcast views, as engine.kv_quant.layer_fp8_views
+        k_scale = (0.5 + torch.rand(8, generator=gen)).to(DEVICE).expand(k_cache.shape[:3])
+        v_scale = (0.5 + torch.rand(8, generator=gen)).to(DEVICE).expand(v_cache.shape[:3])
+    if k_scale is not None and v_scale is not None:
+        k_cache = (k_cache.float() / k_scale[..., None]).to(torch.float8_e4m3fn)
+        v_cache = (v_cache.float() / v_scale[..., None]).to(torch.float8_e4m3fn)
+    num_splits = choose_num_splits(batch, 8, tables.shape[1], 16, q.device)
+    num_splits = max(num_splits, 3)  # batch 64 asks for one split: merge anyway
+    workspace = DecodeAttentionWorkspace.allocate(batch, 32, num_splits, 128, DEVICE, 8)
+    outs = {f: torch.empty_like(q) for f in (False, True)}
+    amaxes = {f: torch.empty(batch, 32, device=DEVICE) for f in (False, True)}
+
+    def run(fused: bool) -> None:
+        decode_attention.FUSED_REDUCE = fused
+        paged_decode_attention(
+            q, k_cache, v_cache, tables, context_lens, scale, out=outs[fused],
+            num_splits=num_splits, workspace=workspace, k_scale=k_scale, v_scale=v_scale,
+            amax_out=amaxes[fused],
+        )  # fmt: skip
+
+    for fused in (False, True):
+        run(fused)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(False)
+        run(True)
+    batch_1_lens = [4096, 1, 127, 129, 0, 2000]
+    for replay in range(6):
+        if batch == 1:
+            context_lens.fill_(batch_1_lens[replay])
+        elif replay:
+            new_lens = torch.randint(0, 4097, (batch,), generator=gen)
+            new_lens[:4] = torch.tensor([1, 0, 4096, 128])
+            context_lens.copy_(new_lens)
+        for fused in (False, True):
+            outs[fused].fill_(float("nan"))
+            amaxes[fused].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(outs[True], outs[False]), f"replay {replay}"
+        assert torch.equal(amaxes[True], amaxes[False]), f"replay {replay}"
+        assert torch.count_nonzero(workspace.counters) == 0, f"replay {replay}"
