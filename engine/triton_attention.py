@@ -22,6 +22,7 @@ from engine.attention import (
     PrefillChunk,
     causal_self_attention,
 )
+from engine.kernels import decode_attention
 from engine.kernels.decode_attention import paged_decode_attention
 from engine.kernels.kv_write import rotary_write_kv, write_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
@@ -53,6 +54,19 @@ FUSED_ROTARY_KV_WRITE = True
 
 class TritonAttention(AttentionBackend):
     writes_amax = True  # decode-only steps: the decode kernels write the amaxes
+
+    def __init__(self) -> None:
+        # decode attention's FUSED_REDUCE tickets, zero between calls: allocated (zeroed) once
+        # outside CUDA-graph capture (the graphs' eager warm-up at their largest batch comes
+        # first), so no layer's call zeroes its own
+        self._counters: torch.Tensor | None = None
+
+    def _decode_counters(self, rows: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+        have = self._counters
+        if have is None or have.shape[0] < rows or have.shape[1] < num_kv_heads:
+            self._counters = torch.zeros(rows, num_kv_heads, dtype=torch.int32, device=device)
+        assert self._counters is not None
+        return self._counters
 
     def write_kv(
         self,
@@ -119,6 +133,9 @@ class TritonAttention(AttentionBackend):
                 k_scale=k_scale,
                 v_scale=v_scale,
                 amax_out=amax_out,
+                counters=self._decode_counters(num_decode, k_cache.shape[2], q.device)
+                if decode_attention.FUSED_REDUCE
+                else None,
             )
         dense: list[PrefillChunk] = []
         if k is not None and v is not None:

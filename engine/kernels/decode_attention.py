@@ -395,6 +395,9 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,  # e4m3 caches: [num_blocks, block_size, num_kv_heads]
     v_scale: torch.Tensor | None = None,  # fp32 (the packed cache's scale views, kv_quant)
     amax_out: torch.Tensor | None = None,  # [num_seqs, num_heads] fp32, contiguous
+    # FUSED_REDUCE without a workspace: the tickets, [>=num_seqs, >=num_kv_heads] int32, zero
+    # at entry (left zero): a caller's own, kept across calls
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim], q's dtype
     """Attention of each sequence's one query token over its first context_len cached tokens.
     With an e4m3 cache (k_scale and v_scale given) K and V are dequantized in registers.
@@ -434,12 +437,15 @@ def paged_decode_attention(
         counters = context_lens  # a placeholder pointer: not touched either
     else:
         if workspace is None:
+            own_counters = fused and counters is None
             workspace = DecodeAttentionWorkspace.allocate(
-                num_seqs, num_heads, num_splits, head_dim, q.device, num_kv_heads if fused else 0
-            )
+                num_seqs, num_heads, num_splits, head_dim, q.device,
+                num_kv_heads if own_counters else 0,
+            )  # fmt: skip
         _check_workspace(workspace, num_seqs, num_heads, num_splits, head_dim, q.device)
         partial_out, partial_lse = workspace.partial_out, workspace.partial_lse
-        counters = workspace.counters
+        if counters is None or not fused:
+            counters = workspace.counters
         if fused:
             _check_counters(counters, num_seqs, num_kv_heads, q.device)
 

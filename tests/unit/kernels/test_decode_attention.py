@@ -368,6 +368,32 @@ def test_fused_reduce_one_split_and_own_workspace() -> None:
         paged_decode_attention(*case.args, num_splits=4, workspace=no_counters)
 
 
+@pytest.mark.usefixtures("fused_reduce")
+def test_fused_reduce_with_the_callers_counters() -> None:
+    """No workspace, the caller's counters (what TritonAttention passes: one tensor for every
+    layer, zeroed once): the two-launch path's output, the counters left at zero and used in
+    place (no tensor of the launcher's own)."""
+    from engine.triton_attention import TritonAttention
+
+    dtype = DTYPES[0]
+    case = make_case([0, 40, 300, 17], 8, 2, 64, 16, dtype, seed=23)
+    decode_attention.FUSED_REDUCE = False
+    two_launch = paged_decode_attention(*case.args, num_splits=4)
+    decode_attention.FUSED_REDUCE = True
+    backend = TritonAttention()
+    counters = backend._decode_counters(4, 2, case.q.device)
+    assert backend._decode_counters(3, 2, case.q.device) is counters  # kept across calls
+    for _ in range(2):
+        out = paged_decode_attention(*case.args, num_splits=4, counters=counters)
+        assert torch.equal(out, two_launch) and torch.count_nonzero(counters) == 0
+    counters[2, 1] = -9  # the launcher merged with these very counters: that group is not
+    out = torch.full_like(case.q, float("nan"))
+    paged_decode_attention(*case.args, out=out, num_splits=4, counters=counters)
+    assert out[2, 4:].isnan().all() and torch.equal(out[2, :4], two_launch[2, :4])
+    assert torch.equal(out[:2], two_launch[:2]) and counters[2, 1] == -5
+    assert backend._decode_counters(8, 2, case.q.device).shape == (8, 2)  # grows when short
+
+
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fused_reduce")
