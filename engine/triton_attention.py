@@ -60,13 +60,17 @@ class TritonAttention(AttentionBackend):
         # outside CUDA-graph capture (the graphs' eager warm-up at their largest batch comes
         # first), so no layer's call zeroes its own
         self._counters: torch.Tensor | None = None
+        # every counters tensor ever handed out: a captured graph keeps using the one it saw,
+        # so a larger one replaces it without freeing it
+        self._all_counters: list[torch.Tensor] = []
 
     def _decode_counters(self, rows: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
         have = self._counters
         if have is None or have.shape[0] < rows or have.shape[1] < num_kv_heads:
-            self._counters = torch.zeros(rows, num_kv_heads, dtype=torch.int32, device=device)
-        assert self._counters is not None
-        return self._counters
+            have = torch.zeros(rows, num_kv_heads, dtype=torch.int32, device=device)
+            self._counters = have
+            self._all_counters.append(have)
+        return have
 
     def write_kv(
         self,

@@ -391,7 +391,9 @@ def test_fused_reduce_with_the_callers_counters() -> None:
     paged_decode_attention(*case.args, out=out, num_splits=4, counters=counters)
     assert out[2, 4:].isnan().all() and torch.equal(out[2, :4], two_launch[2, :4])
     assert torch.equal(out[:2], two_launch[:2]) and counters[2, 1] == -5
-    assert backend._decode_counters(8, 2, case.q.device).shape == (8, 2)  # grows when short
+    grown = backend._decode_counters(8, 2, case.q.device)  # grows when short, and keeps the
+    kept = backend._all_counters
+    assert grown.shape == (8, 2) and len(kept) == 2 and kept[0] is counters and kept[1] is grown
 
 
 @needs_cuda
