@@ -217,24 +217,8 @@ def fp8_gemv(
     dtype, shape or stride."""
     check_devices(x, x_scale, w, w_scale)
     _check(x, x_scale, w, w_scale)
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
-    m, n, k = x.shape[0], w.shape[0], w.shape[1]
-    cfg = config or default_config(m, n, k)
-    block_m = 1 if m == 1 else triton.next_power_of_2(m)
-    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n),)
-    pdl = gemv_module._pdl_supported(x.device)
-    launch = {"launch_pdl": True} if pdl else {}
     scale_stride = x_scale.stride(0) if x_scale.dim() else 0
-    with on_device(x.device):
-        _fp8_gemv_kernel[grid](
-            x, x_scale, w, w_scale, out, m, n, k, x.stride(0), scale_stride, w.stride(0),
-            out.stride(0), 1, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl, QUANT=False,
-            P_PAD=1, SOFT_ROUND=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
-        )  # fmt: skip
-    return out
+    return _launch(x, x_scale, scale_stride, 1, w, w_scale, out_dtype, config, quant=False)
 
 
 def fp8_gemv_quantizing(
@@ -261,10 +245,25 @@ def fp8_gemv_quantizing(
         raise ValueError(f"x_amax must be fp32 with contiguous columns, got {x_amax.dtype} "
                          f"strides {x_amax.stride()}")  # fmt: skip
     _check_shapes(x, w, w_scale)
+    parts = x_amax.shape[1]
+    return _launch(x, x_amax, x_amax.stride(0), parts, w, w_scale, out_dtype, config, quant=True)
+
+
+def _launch(
+    x: torch.Tensor,
+    scales: torch.Tensor,  # x's scales [M] (fp8_gemv), or its partial amaxes [M, P] (QUANT)
+    scales_stride: int,  # between rows of `scales`
+    parts: int,  # P with quant, else 1
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    config: Fp8GemvConfig | None,
+    quant: bool,
+) -> torch.Tensor:
+    """The kernel launch both launchers share, once their inputs are checked."""
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
-    parts = x_amax.shape[1]
     cfg = config or default_config(m, n, k)
     block_m = 1 if m == 1 else triton.next_power_of_2(m)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
@@ -273,12 +272,12 @@ def fp8_gemv_quantizing(
     launch = {"launch_pdl": True} if pdl else {}
     with on_device(x.device):
         _fp8_gemv_kernel[grid](
-            x, x_amax, w, w_scale, out, m, n, k, x.stride(0), x_amax.stride(0), w.stride(0),
+            x, scales, w, w_scale, out, m, n, k, x.stride(0), scales_stride, w.stride(0),
             out.stride(0), parts, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl, QUANT=True,
-            P_PAD=triton.next_power_of_2(parts), SOFT_ROUND=interpreting() or not HW_ROUND,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **launch,
+            EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl, QUANT=quant,
+            P_PAD=triton.next_power_of_2(parts) if quant else 1,
+            SOFT_ROUND=quant and (interpreting() or not HW_ROUND),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
         )  # fmt: skip
     return out
 
