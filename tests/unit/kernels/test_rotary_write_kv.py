@@ -19,9 +19,8 @@ from engine.attention import TorchAttention
 from engine.kernels.kv_write import rotary_write_kv, rotary_write_kv_ref, write_kv
 from engine.kernels.rotary import apply_rotary_
 from engine.kv_quant import calibrated_scales, layer_fp8_views, packed_row_bytes, split_fp8_cache
-from engine.llama import RotaryEmbedding
-from engine.model_config import ModelConfig
 from engine.triton_attention import TritonAttention
+from tests.unit.kernels.test_rotary import rope_tables
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +31,7 @@ TOLERANCES = {
     torch.float16: dict(atol=2e-3, rtol=2e-3),
 }
 EXACT = dict(atol=0.0, rtol=0.0)
-MAX_POSITIONS = 512
+MAX_POSITIONS = 512  # positions drawn below; rope_tables' hold 2,048
 PAD = 5  # extra columns per qkv row, so no row stride is a neat multiple of anything
 CACHES = ["model_dtype", "fp8_per_row", "fp8_per_head"]
 HEAD_SHAPES = [  # (num_heads, num_kv_heads, head_dim)
@@ -40,21 +39,6 @@ HEAD_SHAPES = [  # (num_heads, num_kv_heads, head_dim)
     (3, 3, 32),  # MHA, kv heads not a power of two
     (4, 1, 40),  # MQA, head_dim / 2 not a power of two: masked lanes
 ]
-
-
-def rope_tables(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    config = ModelConfig(
-        vocab_size=1,
-        hidden_size=head_dim,
-        intermediate_size=1,
-        num_layers=1,
-        num_heads=1,
-        num_kv_heads=1,
-        head_dim=head_dim,
-        max_position_embeddings=MAX_POSITIONS,
-    )
-    rotary = RotaryEmbedding(config).to(DEVICE)
-    return rotary.cos2, rotary.sin2
 
 
 def fused_qkv(
