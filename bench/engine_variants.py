@@ -34,9 +34,11 @@ of these switches:
     +fusedreduce engine.kernels.decode_attention.FUSED_REDUCE=True: with several splits, the
               last split program of each group merges them, no reduce launch (off by default:
               not yet measured)
+    +nofollow engine.engine.FOLLOW_DECODES=False: every step launched after the one before it
+              is collected (the baseline of the default: greedy decodes follow one another)
 
 e.g. `w8+gemv+fusedq+pdl`. `+pdl`, `+dense`, `+varlen`, `+paged`, `+tworot`, `+sepq`, `+onegraph`,
-`+lateargmax` and `+fusedreduce` are module switches: `apply_switches` sets them for the engine
+`+lateargmax`, `+fusedreduce` and `+nofollow` are module switches: `apply_switches` sets them for the engine
 built next (graphs capture them), so build and measure one variant at a time; they are set in
 this process only, so at tensor-parallel size > 1 they reach rank 0 alone (the other ranks are
 processes of their own).
@@ -67,6 +69,7 @@ SWITCHES = (
     "sepq",
     "onegraph",
     "fusedreduce",
+    "nofollow",
 )
 
 
@@ -87,6 +90,7 @@ class Variant:
     separate_quant: bool = False
     one_graph: bool = False
     fused_reduce: bool = False
+    no_follow: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -145,6 +149,7 @@ def parse_variant(name: str) -> Variant:
         separate_quant="sepq" in switches,
         one_graph="onegraph" in switches,
         fused_reduce="fusedreduce" in switches,
+        no_follow="nofollow" in switches,
     )
 
 
@@ -161,6 +166,7 @@ def apply_switches(variant: Variant) -> None:
     cuda_graph.PINNED_INPUTS = True  # the default (bench.engine_profile's `-pinned` clears it)
     llama.GEMV_QUANTIZES = not variant.separate_quant
     engine_module.GREEDY_AT_LAUNCH = not variant.late_argmax
+    engine_module.FOLLOW_DECODES = not variant.no_follow
     gemv_module.USE_PDL = variant.pdl
     triton_attention.DENSE_FRESH_PREFILL = variant.dense_prefill
     triton_attention.DENSE_VARLEN = variant.dense_varlen

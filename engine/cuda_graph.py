@@ -156,18 +156,24 @@ class DecodeGraphs:
         self.logits[batch] = model.compute_logits(hidden)
         return self.logits[batch], None
 
-    def run(self, decodes: list[ScheduledSequence]) -> torch.Tensor:
+    def run(
+        self, decodes: list[ScheduledSequence], follows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits [len(decodes), vocab] for one decode step of these sequences: a view of the
-        graph's output buffer, overwritten by the next replay of the same graph."""
+        graph's output buffer, overwritten by the next replay of the same graph. follows: the
+        step decodes the token after the one a step in flight samples, these ids on the device
+        (ModelRunner.execute): positions one further, the ids copied in on the device."""
         n = len(decodes)
         batch = next(b for b in self.batch_sizes if b >= n)
         if self.pinned:
-            return self._run_pinned(decodes, n, batch)
+            return self._run_pinned(decodes, n, batch, follows)
+        ahead = 0 if follows is None else 1
         ids, positions, slots, lens = [], [], [], []
         table = torch.zeros(n, self.max_blocks, dtype=torch.int32)
         for row, item in enumerate(decodes):
-            seq, position = item.seq, item.seq.num_computed_tokens
-            ids.append(seq.token_ids[position])
+            seq = item.seq
+            position = seq.num_computed_tokens + ahead
+            ids.append(seq.token_ids[position] if follows is None else 0)
             positions.append(position)
             block = seq.block_ids[position // self.block_size]
             slots.append(block * self.block_size + position % self.block_size)
@@ -178,6 +184,8 @@ class DecodeGraphs:
         self._fill(self.slot_mapping, slots, batch, -1)
         self._fill(self.context_lens, lens, batch, 0)
         self.block_tables[:n].copy_(table, non_blocking=True)
+        if follows is not None:
+            self.input_ids[:n].copy_(follows)
         self._replay(batch)
         return self.logits[batch][:n]
 
@@ -186,15 +194,22 @@ class DecodeGraphs:
         padded = values + [pad] * (batch - len(values))
         buffer[:batch].copy_(torch.tensor(padded, dtype=buffer.dtype), non_blocking=True)
 
-    def _run_pinned(self, decodes: list[ScheduledSequence], n: int, batch: int) -> torch.Tensor:
+    def _run_pinned(
+        self,
+        decodes: list[ScheduledSequence],
+        n: int,
+        batch: int,
+        follows: torch.Tensor | None,
+    ) -> torch.Tensor:
         size = self.block_size
+        ahead = 0 if follows is None else 1
         ids, positions, slots = [], [], []
         host_rows = self.host_rows
         self.copied.synchronize()  # the last step's copies have left the pinned buffers
         for row, item in enumerate(decodes):
             seq = item.seq
-            position, block_ids = seq.num_computed_tokens, seq.block_ids
-            ids.append(seq.token_ids[position])
+            position, block_ids = seq.num_computed_tokens + ahead, seq.block_ids
+            ids.append(seq.token_ids[position] if follows is None else 0)
             positions.append(position)
             slots.append(block_ids[position // size] * size + position % size)
             written_list, num_written = host_rows[row]
@@ -209,6 +224,8 @@ class DecodeGraphs:
         self.vectors.copy_(self.host_vectors, non_blocking=True)  # one contiguous 32n bytes
         self.block_tables[:n].copy_(self.host_tables[:n], non_blocking=True)
         self.copied.record()
+        if follows is not None:  # behind the copy of the placeholder ids, on the device
+            self.input_ids[:n].copy_(follows)
         self._replay(batch)
         return self.logits[batch][:n]
 

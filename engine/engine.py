@@ -45,7 +45,7 @@ from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.parallel import TensorParallelGroup, encode_plan, start_ranks
 from engine.sampler import LogitBias, Sampler, SamplerOutput, SampleRow, plain_greedy
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.sharding import ShardLayout, check_divisible, shard_layout
 from engine.transfer_region import TransferRegion
@@ -60,6 +60,14 @@ STAGING_WAIT_S = 0.01
 # memory (no argmax launch and blocking copy between the step's end and the next launch).
 # False: the argmax is taken at collection (the earlier behaviour, for A/B benchmarks).
 GREEDY_AT_LAUNCH = True
+# With overlap_outputs: a decode step whose rows are every running sequence, all plain greedy,
+# is followed by the next decode step launched before it is collected: that step's tokens
+# are the argmax rows of the one in flight, copied on the device, and its positions one
+# further. The device then never waits for the host between two decode steps (its work: the
+# collection, the outputs, the next schedule and inputs). A sequence the step in flight
+# finishes still has a row in the step after it, dropped at its collection (its blocks are
+# freed once that step has run). False: each step is launched after the last is collected.
+FOLLOW_DECODES = True
 
 
 class KVPending(enum.Enum):
@@ -211,16 +219,19 @@ class Engine:
         self.num_steps_launched_ahead = 0  # ever; each is collected (none is discarded)
         # what launching a step ahead raised: the next step() raises it (its outputs came first)
         self._launch_error: Exception | None = None
-        # (start, end) of a step launched ahead on CUDA: its device time, and the wait for it
-        self._launch_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self.num_steps_followed = 0  # launched before the step before them was collected
+        # (start, end) of a step launched on CUDA: its device time, and the wait for it; two
+        # pairs in turn (a step that follows another is launched before that one is collected)
+        self._launch_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._events_turn = 0
         # pinned host buffers the greedy ids of a launch are copied into, used in turn
         self._greedy_host: tuple[torch.Tensor, ...] | None = None
         self._greedy_turn = 0
         if self.device.type == "cuda":
-            self._launch_events = (
-                torch.cuda.Event(enable_timing=True),
-                torch.cuda.Event(enable_timing=True),
-            )
+            self._launch_events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(2)
+            ]
         self._generate_ids = itertools.count()
         self._kept_numbers = itertools.count()  # kept-KV owners are unique per keep
         logger.info(
@@ -937,9 +948,17 @@ class Engine:
                 needed = len(self._unstaged[0].kept.block_ids)
                 self.transfer_region.wait_for_free(needed, STAGING_WAIT_S)
             return []
+        try:
+            self._in_flight = self._launch_following(launched)
+        except Exception as e:  # raised by the next call, after these outputs
+            self._launch_error = e
         pending = self._collect(launched)
-        if self.overlaps_outputs:  # unless its schedule could preempt (_launch checks)
-            try:
+        following = self._in_flight
+        if following is not None and all(seq.is_finished for seq in following.samplers):
+            self._collect(following)  # every row of it finished in the step before: no output
+            self._in_flight = following = None
+        if following is None and self._launch_error is None and self.overlaps_outputs:
+            try:  # unless its schedule could preempt (_launch checks)
                 self._in_flight = self._launch(ahead=True)
             except Exception as e:  # raised by the next call, after these outputs
                 self._launch_error = e
@@ -971,38 +990,101 @@ class Engine:
             scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return None
-        events = self._launch_events if ahead else None
+        samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
+        launched = self._start(scheduled, samplers, ahead, None)
+        self.num_prompt_tokens_computed += _prompt_tokens_in(scheduled)
+        if ahead:
+            assert not scheduled.preempted, "a step that could preempt is not launched ahead"
+        return launched
+
+    def _launch_following(self, launched: _Launched) -> _Launched | None:
+        """Launch the decode step after `launched` before `launched` is collected (see
+        FOLLOW_DECODES), or None where that step could differ from what the scheduler would
+        plan once `launched` is collected: `launched` must decode every running sequence, one
+        token each, all plain greedy, with nothing waiting to join or to stage and no sequence
+        certain to end by its length there. Its new position's block is allocated now (None if
+        the free blocks do not cover every sequence: that schedule might preempt)."""
+        if not (FOLLOW_DECODES and self.overlaps_outputs and launched.greedy is not None):
+            return None
+        if self.scheduler.waiting or self._unstaged or launched.scheduled.preempted:
+            return None
+        items, running = launched.scheduled.scheduled, self.scheduler.running
+        if len(items) != len(running) or len(launched.samplers) != len(items):
+            return None
+        block_manager = self.block_manager
+        max_len = self.max_model_len
+        new_blocks: list[Sequence] = []
+        for item, seq in zip(items, running, strict=True):
+            if (
+                item.seq is not seq
+                or item.num_new_tokens != 1
+                or seq.num_computed_tokens + 1 != seq.num_tokens  # `launched` samples it
+                or seq.num_output_tokens + 1 >= seq.sampling_params.max_tokens
+                or seq.num_tokens + 1 >= max_len
+                or seq.request_id in self._prefill_only
+                or seq.request_id in self._keep_kv
+            ):
+                return None
+            if block_manager.num_blocks_for(seq.num_tokens + 1) > len(seq.block_ids):
+                new_blocks.append(seq)
+        with block_manager.exclusive():  # a KV receiver reserves blocks on its own thread
+            if len(new_blocks) > block_manager.num_free_blocks:
+                return None
+            for seq in new_blocks:
+                # room for `launched`'s token and the next one (its count not advanced yet)
+                assert block_manager.allocate_slots(seq, 2)
+        following = SchedulerOutput([ScheduledSequence(seq, 1) for seq in running], [])
+        started = self._start(following, list(running), True, launched.greedy_ids)
+        self.num_steps_followed += 1
+        return started
+
+    def _start(
+        self,
+        scheduled: SchedulerOutput,
+        samplers: list[Sequence],
+        ahead: bool,
+        follows: torch.Tensor | None,
+    ) -> _Launched:
+        """Run `scheduled` on the device (on the CPU: compute it). follows: the token ids, on
+        the device, of the step in flight that this one follows (runner.execute)."""
+        events = None
+        if self._launch_events:  # CUDA
+            self._events_turn ^= 1
+            events = self._launch_events[self._events_turn]
         started = time.perf_counter()
         if events is not None:
             events[0].record()
         if self.tp is None:
-            logits = self.runner.execute(scheduled)
+            logits = self.runner.execute(scheduled, follows)
         else:
+            assert follows is None, "no step follows another under tensor parallelism"
             logits = self._execute_on_all_ranks(scheduled)
         launch_s = time.perf_counter() - started
-        num_prompt_tokens = _prompt_tokens_in(scheduled)
-        self.num_prompt_tokens_computed += num_prompt_tokens
         if ahead:
-            assert not scheduled.preempted, "a step that could preempt is not launched ahead"
             self.num_steps_launched_ahead += 1
-        samplers = [s.seq for s in scheduled.scheduled if s.samples_token]
-        greedy = None
+        greedy = greedy_ids = None
         if (
             GREEDY_AT_LAUNCH
             and samplers
-            and logits.is_cuda
+            and (logits.is_cuda or self.overlaps_outputs)
             and all(plain_greedy(seq.sampling_params) for seq in samplers)
         ):
-            greedy = self._greedy_ids(logits)
+            greedy, greedy_ids = self._greedy_ids(logits)
         if events is not None:
             events[1].record()  # after the argmax and its copy: waiting for it waits for both
-        return _Launched(scheduled, samplers, logits, started, launch_s, ahead, events, greedy)
+        return _Launched(
+            scheduled, samplers, logits, started, launch_s, ahead, events, greedy, greedy_ids
+        )
 
-    def _greedy_ids(self, logits: torch.Tensor) -> torch.Tensor:
-        """The argmax of each row, queued behind the step on its stream and copied to pinned
-        host memory without waiting: valid once the step's end event (or the stream) is
-        reached. Two buffers in turn, so the copy of a step launched ahead never overwrites
-        ids the last step's collection has not read."""
+    def _greedy_ids(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The argmax of each row, on the logits' device and in host memory. On CUDA it is
+        queued behind the step on its stream and copied to pinned memory without waiting:
+        valid once the step's end event (or the stream) is reached; two buffers in turn, so
+        the copy of a step launched ahead never overwrites ids the last step's collection has
+        not read. (On the CPU, with overlap_outputs, computed now: the same ids.)"""
+        ids = logits.argmax(dim=-1)
+        if not logits.is_cuda:
+            return ids, ids
         rows = logits.shape[0]
         if self._greedy_host is None or self._greedy_host[0].shape[0] < rows:
             size = max(rows, self.scheduler.config.max_num_seqs)  # a step's rows, at most
@@ -1011,8 +1093,8 @@ class Engine:
             )
         self._greedy_turn ^= 1
         host = self._greedy_host[self._greedy_turn][:rows]
-        host.copy_(logits.argmax(dim=-1), non_blocking=True)
-        return host
+        host.copy_(ids, non_blocking=True)
+        return host, ids
 
     def _collect(self, launched: _Launched) -> list[_Pending]:
         """Sample a launched step's tokens (waiting for the device), advance its sequences and
@@ -1028,7 +1110,7 @@ class Engine:
         if launched.events is not None:
             launched.events[1].synchronize()
             waited = time.perf_counter()
-        elif launched.greedy is not None:  # no end event: the stream holds the copy
+        elif launched.greedy is not None and logits.is_cuda:  # the stream holds the copy
             torch.cuda.current_stream(logits.device).synchronize()
         if launched.greedy is not None:
             ids = launched.greedy.tolist()
@@ -1052,6 +1134,7 @@ class Engine:
             else:
                 item = self.outputs.process_token(seq, logprobs)
             if seq.finish_reason is not None:
+                self._wait_if_in_flight(seq)  # a step following this one has its row
                 self._release(seq)
             pending.append(item)
         return pending
@@ -1222,9 +1305,11 @@ class _Launched:
     launch_s: float  # the host's time in runner.execute (on the CPU: the whole compute)
     ahead: bool
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None
-    # CUDA, every sampler plain greedy: the rows' argmax in pinned host memory, copied behind
-    # the step (ready once events[1], or the stream, is reached); None: sample at collection
+    # every sampler plain greedy (CUDA, or overlap_outputs): the rows' argmax in host memory
+    # (CUDA: pinned, copied behind the step, ready once events[1], or the stream, is reached)
+    # and on the device (what a step following this one reads); None: sample at collection
     greedy: torch.Tensor | None = None
+    greedy_ids: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -7,6 +7,7 @@ parameters or text.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -71,11 +72,17 @@ class ModelRunner:
         self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> torch.Tensor:
+    def execute(self, output: SchedulerOutput, follows: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; returns logits [num_sampling_seqs, vocab] fp32, in the order the
         sampling sequences appear in `output.scheduled`. From a decode CUDA graph they are
-        the graph's output buffer: valid until the next step overwrites it (copy to keep)."""
+        the graph's output buffer: valid until the next step overwrites it (copy to keep).
+
+        follows: the step is a decode of each sequence's token after the one a step not yet
+        collected samples, whose ids [len(output.scheduled)] (on this device, row for row)
+        these are: positions one past the sequences' computed counts, blocks allocated."""
         scheduled = output.scheduled
+        if follows is not None:
+            return self._execute_following(scheduled, follows)
         if all(s.num_new_tokens == 1 for s in scheduled):  # decodes only: rows in plan order
             decodes, prefills, batch = scheduled, [], scheduled
             sampling_rows = [i for i, s in enumerate(batch) if s.samples_token]
@@ -101,6 +108,22 @@ class ModelRunner:
             return self.model.compute_logits(hidden[selected])
         output_rows = OutputRows(selected, self._decode_metadata([batch[i] for i in sampling_rows]))
         hidden = self.model(input_ids, positions, self.kv_cache, meta, output_rows)
+        return self.model.compute_logits(hidden)
+
+    def _execute_following(
+        self, decodes: list[ScheduledSequence], follows: torch.Tensor
+    ) -> torch.Tensor:
+        assert all(s.num_new_tokens == 1 for s in decodes) and len(follows) == len(decodes)
+        if self.graphs is not None and self.graphs.can_run(decodes):
+            return self.graphs.run(decodes, follows)
+        positions, slots = [], []
+        for item in decodes:
+            position = item.seq.num_computed_tokens + 1
+            positions.append(position)
+            slots += self._slots(item.seq.block_ids, position, position + 1)
+        meta = self._decode_metadata(decodes, ahead=1)
+        meta = dataclasses.replace(meta, slot_mapping=self._int64(slots))
+        hidden = self.model(follows, self._int64(positions), self.kv_cache, meta)
         return self.model.compute_logits(hidden)
 
     def prepare_inputs(
@@ -133,10 +156,13 @@ class ModelRunner:
         )
         return self._int64(ids), self._int64(positions), meta
 
-    def _decode_metadata(self, items: list[ScheduledSequence]) -> AttentionMetadata:
+    def _decode_metadata(self, items: list[ScheduledSequence], ahead: int = 0) -> AttentionMetadata:
         """Single-query rows, one per item, each attending to its whole context after this
-        step (no K/V writes: slot_mapping is empty)."""
-        context_lens = self._int32([s.seq.num_computed_tokens + s.num_new_tokens for s in items])
+        step (no K/V writes: slot_mapping is empty); `ahead` tokens more where the step
+        follows one not yet collected."""
+        context_lens = self._int32(
+            [s.seq.num_computed_tokens + s.num_new_tokens + ahead for s in items]
+        )
         tables = self._block_tables([s.seq.block_ids for s in items])
         needs_mask = items and self.backend.uses_decode_mask
         return AttentionMetadata(

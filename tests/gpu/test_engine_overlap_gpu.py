@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contracts.outputs import RequestOutput
+from contracts.outputs import FinishReason, RequestOutput
 from contracts.sampling_params import SamplingParams
 from engine.engine import Engine
 from tests.gpu.conftest import rule_sequence
@@ -130,3 +130,53 @@ def test_greedy_ids_taken_at_launch_equal_those_taken_at_collection(
         assert any(launched_greedy) is at_launch
         assert engine.scheduler.num_preemptions > 0, "the workload must preempt"
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_followed_decodes_equal_steps_launched_after_collection(
+    model_dir: Path, pinned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """engine.engine.FOLLOW_DECODES on CUDA graphs (pinned decode inputs or not): greedy
+    decode steps launched before the step they follow is collected, their tokens copied in
+    on the device, give every request the tokens and finishes of steps launched after
+    collection: through stop ids the step in flight cannot foresee (picked from a first run's
+    tokens: their rows in the step that follows are dropped, their blocks freed once it has
+    run), lengths it can, and an abort while a following step is in flight; every step
+    launched is collected, no block leaks."""
+    import engine.cuda_graph as cuda_graph
+    import engine.engine as engine_module
+
+    monkeypatch.setattr(cuda_graph, "PINNED_INPUTS", pinned)
+    prompts = {f"r{i}": rule_sequence(seed=300 + i, length=30 + 17 * i) for i in range(6)}
+
+    def run(on: bool, stops: dict[str, int]) -> tuple[dict[str, list[tuple]], int]:
+        monkeypatch.setattr(engine_module, "FOLLOW_DECODES", on)
+        engine = engine_of(model_dir, True, num_kv_blocks=256)
+        counts = count_steps(monkeypatch, engine)
+        for i, (request_id, prompt) in enumerate(prompts.items()):
+            stop = (stops[request_id],) if request_id in stops else ()
+            params = SamplingParams(max_tokens=24 + 9 * i, ignore_eos=True, stop_token_ids=stop)
+            engine.add_request(request_id, None, params, prompt_token_ids=prompt)
+        outputs: dict[str, list[tuple]] = {}
+        steps = 0
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                outputs.setdefault(output.request_id, []).append(summary(output)[1:])
+            steps += 1
+            if steps == 12:
+                assert engine.abort_request("r5") is not None
+        assert counts["executed"] == counts["collected"], "no step thrown away"
+        engine.check_integrity()
+        assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+        return outputs, engine.num_steps_followed
+
+    first, _ = run(False, {})
+    # r0..r3 stop at a token they produce mid-run (at its first appearance, which may be
+    # earlier); r4 runs to its length, r5 is aborted
+    stops = {f"r{i}": first[f"r{i}"][6 + 3 * i][0][0] for i in range(4)}
+    expected, none_followed = run(False, stops)
+    got, followed = run(True, stops)
+    assert none_followed == 0 and followed > 20
+    assert got == expected
+    finishes = [steps[-1][1] for steps in expected.values()]
+    assert finishes.count(FinishReason.STOP) == 4

@@ -66,6 +66,7 @@ def test_switches_are_set_and_cleared() -> None:
         llama.GEMV_QUANTIZES,
         cuda_graph.GRAPH_PIECES,
         decode_attention.FUSED_REDUCE,
+        engine_module.FOLLOW_DECODES,
     )
     try:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
@@ -90,7 +91,9 @@ def test_switches_are_set_and_cleared() -> None:
         apply_switches(parse_variant("kv8+fusedreduce"))
         assert decode_attention.FUSED_REDUCE is True and cuda_graph.GRAPH_PIECES == 4
         apply_switches(parse_variant("w8kv8"))
-        assert decode_attention.FUSED_REDUCE is False
+        assert decode_attention.FUSED_REDUCE is False and engine_module.FOLLOW_DECODES
+        apply_switches(parse_variant("w8kv8+nofollow"))
+        assert engine_module.FOLLOW_DECODES is False
     finally:
         (
             gemv_module.USE_PDL,
@@ -101,4 +104,5 @@ def test_switches_are_set_and_cleared() -> None:
             llama.GEMV_QUANTIZES,
             cuda_graph.GRAPH_PIECES,
             decode_attention.FUSED_REDUCE,
+            engine_module.FOLLOW_DECODES,
         ) = before

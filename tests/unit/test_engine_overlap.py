@@ -548,7 +548,12 @@ def test_a_reservation_from_another_thread_never_makes_a_step_launched_ahead_pre
     fired, the next step() raised it and the worker stopped (review, 2026-12-07). Here the
     receiver's thread is started right after the check found no preemption possible while a
     running sequence needs a fresh block, and is given 0.2 s to take every free block; the
-    engine must step on without error and give the synchronous engine's tokens."""
+    engine must step on without error and give the synchronous engine's tokens. (Greedy
+    decodes would follow one another without a schedule, engine.engine.FOLLOW_DECODES: off
+    here; test_engine_follow races the following launch.)"""
+    import engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "FOLLOW_DECODES", False)
     params = greedy(max_tokens=24)
     prompts = {f"r{i}": prompt_ids(seed=40 + i, length=9 + 5 * i) for i in range(3)}
 
