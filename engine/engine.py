@@ -65,8 +65,9 @@ GREEDY_AT_LAUNCH = True
 # are the argmax rows of the one in flight, copied on the device, and its positions one
 # further. The device then never waits for the host between two decode steps (its work: the
 # collection, the outputs, the next schedule and inputs). A sequence the step in flight
-# finishes still has a row in the step after it, dropped at its collection (its blocks are
-# freed once that step has run). False: each step is launched after the last is collected.
+# finishes still has a row in the step after it, dropped at its collection (its blocks held
+# until then) and from the step that follows that one. False: each step is launched after the
+# last is collected.
 FOLLOW_DECODES = True
 
 
@@ -1002,15 +1003,23 @@ class Engine:
         FOLLOW_DECODES), or None where that step could differ from what the scheduler would
         plan once `launched` is collected: `launched` must decode every running sequence, one
         token each, all plain greedy, with nothing waiting to join or to stage and no sequence
-        certain to end by its length there. Its new position's block is allocated now (None if
-        the free blocks do not cover every sequence: that schedule might preempt)."""
-        if not (FOLLOW_DECODES and self.overlaps_outputs and launched.greedy is not None):
+        certain to end by its length there (its rows of sequences that ended already are left
+        out). Its new position's block is allocated now (None if the free blocks do not cover
+        every sequence: that schedule might preempt)."""
+        if not (FOLLOW_DECODES and self.overlaps_outputs and launched.greedy_ids is not None):
             return None
         if self.scheduler.waiting or self._unstaged or launched.scheduled.preempted:
             return None
         items, running = launched.scheduled.scheduled, self.scheduler.running
-        if len(items) != len(running) or len(launched.samplers) != len(items):
+        if not running or len(launched.samplers) != len(items):
             return None
+        follows = launched.greedy_ids
+        if len(items) != len(running):  # rows of sequences that ended: left out
+            rows = [i for i, item in enumerate(items) if not item.seq.is_finished]
+            if len(rows) != len(running):
+                return None
+            items = [items[i] for i in rows]
+            follows = follows[torch.tensor(rows, device=follows.device)]
         block_manager = self.block_manager
         max_len = self.max_model_len
         new_blocks: list[Sequence] = []
@@ -1034,7 +1043,7 @@ class Engine:
                 # room for `launched`'s token and the next one (its count not advanced yet)
                 assert block_manager.allocate_slots(seq, 2)
         following = SchedulerOutput([ScheduledSequence(seq, 1) for seq in running], [])
-        started = self._start(following, list(running), True, launched.greedy_ids)
+        started = self._start(following, list(running), True, follows)
         self.num_steps_followed += 1
         return started
 
@@ -1112,6 +1121,8 @@ class Engine:
             waited = time.perf_counter()
         elif launched.greedy is not None and logits.is_cuda:  # the stream holds the copy
             torch.cuda.current_stream(logits.device).synchronize()
+        for owner in launched.holds:  # the step has run: nothing reads or writes them now
+            self.block_manager.release(owner)
         if launched.greedy is not None:
             ids = launched.greedy.tolist()
             if kept_rows is not None:
@@ -1134,10 +1145,21 @@ class Engine:
             else:
                 item = self.outputs.process_token(seq, logprobs)
             if seq.finish_reason is not None:
-                self._wait_if_in_flight(seq)  # a step following this one has its row
+                self._hold_while_in_flight(seq)
                 self._release(seq)
             pending.append(item)
         return pending
+
+    def _hold_while_in_flight(self, seq: Sequence) -> None:
+        """`seq` ends while the step in flight, which follows the one being collected, has its
+        row: its blocks stay held until that step is collected (its KV write lands in them, its
+        attention reads them), not handed meanwhile to a KV receiver, whose copies the device
+        does not order after the step."""
+        launched = self._in_flight
+        if launched is not None and any(item.seq is seq for item in launched.scheduled.scheduled):
+            owner = f"in-flight:{seq.request_id}#{next(self._kept_numbers)}"
+            self.block_manager.hold(owner, seq.block_ids)
+            launched.holds.append(owner)
 
     def _outputs_of(self, pending: list[_Pending]) -> list[RequestOutput]:
         """The collected step's outputs, made now where _collect left them for later."""
@@ -1277,6 +1299,8 @@ class Engine:
         kept += [p.kv.owner for p in self._prefilled]
         kept += [u.kept.owner for u in self._unstaged]
         kept += list(self._prefix_holds.values())
+        if self._in_flight is not None:
+            kept += self._in_flight.holds
         self.scheduler.check_integrity(holders=[*holders, *kept])
 
 
@@ -1310,6 +1334,8 @@ class _Launched:
     # and on the device (what a step following this one reads); None: sample at collection
     greedy: torch.Tensor | None = None
     greedy_ids: torch.Tensor | None = None
+    # block holds of sequences that ended while it was in flight, released at its collection
+    holds: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -228,3 +228,57 @@ def test_a_reservation_racing_the_following_launch_never_overdraws(
         return tokens
 
     assert run_with(race=True) == run_with(race=False)
+
+
+def test_a_finish_the_step_in_flight_could_not_foresee(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dummy:tiny: r1 stops at a token id it produces mid-run. The step following the one
+    that sampled it is in flight with r1's row: r1's blocks stay held (not free for a KV
+    receiver) until that step is collected, and the step after it follows still, without
+    r1's row; every request's tokens are the synchronous engine's."""
+    follow(monkeypatch, True)
+    prompts = {f"r{i}": prompt_ids(seed=80 + i, length=7 + 2 * i) for i in range(3)}
+
+    def engine_with(stop: int | None, overlap: bool) -> Engine:
+        engine = make_engine(num_kv_blocks=64, overlap_outputs=overlap)
+        for request_id, prompt in prompts.items():
+            stops = (stop,) if stop is not None and request_id == "r1" else ()
+            params = SamplingParams(
+                max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=stops
+            )
+            engine.add_request(request_id, None, params, prompt_token_ids=prompt)
+        return engine
+
+    def tokens_of(engine: Engine) -> dict[str, list[int]]:
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
+        return tokens
+
+    free_run = tokens_of(engine_with(None, overlap=False))["r1"]
+    index = next(i for i in range(6, 20) if free_run[i] not in free_run[:i])
+    expected = tokens_of(engine_with(free_run[index], overlap=False))
+    assert len(expected["r1"]) == index + 1
+
+    engine = engine_with(free_run[index], overlap=True)
+    tokens: dict[str, list[int]] = {}
+    held: list[str] = []
+    while engine.has_unfinished_requests():
+        followed = engine.num_steps_followed
+        outputs = engine.step()
+        for output in outputs:
+            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
+        if held:  # the call after r1's finish: the step held for was collected
+            assert not set(held) & set(engine.block_manager.holds)
+            assert engine.num_steps_followed == followed + 1, "the next step followed still"
+            rows = [item.seq.request_id for item in engine._in_flight.scheduled.scheduled]
+            assert rows == ["r0", "r2"]
+            held = []
+        if any(o.request_id == "r1" and o.finished for o in outputs):
+            assert engine._in_flight is not None and engine.num_steps_followed == followed + 1
+            held = list(engine._in_flight.holds)
+            assert len(held) == 1 and engine.block_manager.holds[held[0]]
+            engine.check_integrity()  # the hold is accounted for
+    assert tokens == expected
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
