@@ -122,21 +122,27 @@ class StepTimer:
 
     def _phased_step(self, engine: Engine) -> list:
         """Engine.step of an engine with overlap_outputs (same calls, same order): launch
-        (schedule and execute; with overlap, of the next step, after the collection),
-        collect+wait (sampler with its wait for the GPU, update, finishes), outputs (text)."""
+        (with overlap, of the next step: before the collection where it follows the one
+        collected, FOLLOW_DECODES, else after it), collect+wait (sampler with its wait for
+        the GPU, update, finishes), outputs (text)."""
         t0 = time.perf_counter()
         launched, engine._in_flight = engine._in_flight or engine._launch(), None
-        t1 = time.perf_counter()
         if launched is None:
             return []
+        engine._in_flight = engine._launch_following(launched)
+        t1 = time.perf_counter()
         kind = (
             "prefill"
             if any(s.num_new_tokens > 1 for s in launched.scheduled.scheduled)
             else "decode"
         )
         pending = engine._collect(launched)
+        following = engine._in_flight
+        if following is not None and all(seq.is_finished for seq in following.samplers):
+            engine._collect(following)
+            engine._in_flight = following = None
         t2 = time.perf_counter()
-        if engine.overlaps_outputs:  # None if its schedule could preempt
+        if following is None and engine.overlaps_outputs:  # None if it could preempt
             engine._in_flight = engine._launch(ahead=True)
         t3 = time.perf_counter()
         outputs = engine._outputs_of(pending)

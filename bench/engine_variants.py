@@ -37,11 +37,11 @@ of these switches:
     +nofollow engine.engine.FOLLOW_DECODES=False: every step launched after the one before it
               is collected (the baseline of the default: greedy decodes follow one another)
 
-e.g. `w8+gemv+fusedq+pdl`. `+pdl`, `+dense`, `+varlen`, `+paged`, `+tworot`, `+sepq`, `+onegraph`,
-`+lateargmax`, `+fusedreduce` and `+nofollow` are module switches: `apply_switches` sets them for the engine
-built next (graphs capture them), so build and measure one variant at a time; they are set in
-this process only, so at tensor-parallel size > 1 they reach rank 0 alone (the other ranks are
-processes of their own).
+e.g. `w8+gemv+fusedq+pdl`. `+pdl`, `+dense`, `+varlen`, `+paged`, `+tworot`, `+sepq`,
+`+onegraph`, `+lateargmax`, `+fusedreduce` and `+nofollow` are module switches:
+`apply_switches` sets them for the engine built next (graphs capture them), so build and
+measure one variant at a time; they are set in this process only, so at tensor-parallel
+size > 1 they reach rank 0 alone (the other ranks are processes of their own).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ Redis or asyncio.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import itertools
@@ -61,13 +62,14 @@ STAGING_WAIT_S = 0.01
 # False: the argmax is taken at collection (the earlier behaviour, for A/B benchmarks).
 GREEDY_AT_LAUNCH = True
 # With overlap_outputs: a decode step whose rows are every running sequence, all plain greedy,
-# is followed by the next decode step launched before it is collected: that step's tokens
-# are the argmax rows of the one in flight, copied on the device, and its positions one
-# further. The device then never waits for the host between two decode steps (its work: the
-# collection, the outputs, the next schedule and inputs). A sequence the step in flight
-# finishes still has a row in the step after it, dropped at its collection (its blocks held
-# until then) and from the step that follows that one. False: each step is launched after the
-# last is collected.
+# is followed by the next decode step launched before it is collected (less the sequences it
+# ends by their length): that step's tokens are the argmax rows of the one in flight, copied
+# on the device, and its positions one further. The device then never waits for the host
+# between two decode steps (its work: the collection, the outputs, the next schedule and
+# inputs). A sequence the step in flight finishes otherwise (EOS, stop ids or strings) still
+# has a row in the step after it, dropped at its collection (its blocks held until then) and
+# from the step that follows that one. False: each step is launched after the last is
+# collected.
 FOLLOW_DECODES = True
 
 
@@ -953,6 +955,9 @@ class Engine:
             self._in_flight = self._launch_following(launched)
         except Exception as e:  # raised by the next call, after these outputs
             self._launch_error = e
+            if self.device.type == "cuda":  # what it queued has run before anything is freed
+                with contextlib.suppress(RuntimeError):  # a lost device: `e` tells already
+                    torch.cuda.current_stream(self.device).synchronize()
         pending = self._collect(launched)
         following = self._in_flight
         if following is not None and all(seq.is_finished for seq in following.samplers):
@@ -1002,10 +1007,10 @@ class Engine:
         """Launch the decode step after `launched` before `launched` is collected (see
         FOLLOW_DECODES), or None where that step could differ from what the scheduler would
         plan once `launched` is collected: `launched` must decode every running sequence, one
-        token each, all plain greedy, with nothing waiting to join or to stage and no sequence
-        certain to end by its length there (its rows of sequences that ended already are left
-        out). Its new position's block is allocated now (None if the free blocks do not cover
-        every sequence: that schedule might preempt)."""
+        token each, all plain greedy, with nothing waiting to join or to stage. Left out of
+        the step: rows of sequences that ended already and sequences that `launched` ends by
+        their length. Its new positions' blocks are allocated now (None if the free blocks do
+        not cover them: that schedule might preempt)."""
         if not (FOLLOW_DECODES and self.overlaps_outputs and launched.greedy_ids is not None):
             return None
         if self.scheduler.waiting or self._unstaged or launched.scheduled.preempted:
@@ -1013,37 +1018,45 @@ class Engine:
         items, running = launched.scheduled.scheduled, self.scheduler.running
         if not running or len(launched.samplers) != len(items):
             return None
-        follows = launched.greedy_ids
-        if len(items) != len(running):  # rows of sequences that ended: left out
-            rows = [i for i, item in enumerate(items) if not item.seq.is_finished]
-            if len(rows) != len(running):
-                return None
-            items = [items[i] for i in rows]
-            follows = follows[torch.tensor(rows, device=follows.device)]
-        block_manager = self.block_manager
-        max_len = self.max_model_len
+        live = [i for i, item in enumerate(items) if not item.seq.is_finished]
+        if len(live) != len(running):
+            return None
+        rows: list[int] = []  # of `launched`: the sequences that decode on
         new_blocks: list[Sequence] = []
-        for item, seq in zip(items, running, strict=True):
+        block_manager = self.block_manager
+        for i, seq in zip(live, running, strict=True):
+            item = items[i]
             if (
                 item.seq is not seq
                 or item.num_new_tokens != 1
                 or seq.num_computed_tokens + 1 != seq.num_tokens  # `launched` samples it
-                or seq.num_output_tokens + 1 >= seq.sampling_params.max_tokens
-                or seq.num_tokens + 1 >= max_len
                 or seq.request_id in self._prefill_only
                 or seq.request_id in self._keep_kv
             ):
                 return None
+            if (
+                seq.num_output_tokens + 1 >= seq.sampling_params.max_tokens
+                or seq.num_tokens + 1 >= self.max_model_len
+            ):
+                continue  # `launched`'s token is its last
+            rows.append(i)
             if block_manager.num_blocks_for(seq.num_tokens + 1) > len(seq.block_ids):
                 new_blocks.append(seq)
+        if not rows:
+            return None
         with block_manager.exclusive():  # a KV receiver reserves blocks on its own thread
             if len(new_blocks) > block_manager.num_free_blocks:
                 return None
             for seq in new_blocks:
                 # room for `launched`'s token and the next one (its count not advanced yet)
-                assert block_manager.allocate_slots(seq, 2)
-        following = SchedulerOutput([ScheduledSequence(seq, 1) for seq in running], [])
-        started = self._start(following, list(running), True, follows)
+                if not block_manager.allocate_slots(seq, 2):
+                    raise RuntimeError(f"{seq}: no block for the step that follows")
+        follows = launched.greedy_ids
+        if len(rows) != len(items):
+            follows = follows[_index_on(follows.device, rows)]
+        seqs = [items[i].seq for i in rows]
+        following = SchedulerOutput([ScheduledSequence(seq, 1) for seq in seqs], [])
+        started = self._start(following, seqs, True, follows)
         self.num_steps_followed += 1
         return started
 
@@ -1319,8 +1332,8 @@ def _prompt_tokens_in(scheduled: SchedulerOutput) -> int:
 class _Launched:
     """A step started on the device and not collected yet: its plan, its logits (for a CUDA
     graph, the graph's output buffer: valid until the next replay), when it started and how
-    long its launch took on the host, whether it was launched ahead, and (CUDA, launched
-    ahead) events recorded before and after it."""
+    long its launch took on the host, whether it was launched ahead, and (CUDA) events
+    recorded before and after it."""
 
     scheduled: SchedulerOutput
     samplers: list[Sequence]  # the sequences that sample a token, in the logits' row order
@@ -1340,6 +1353,15 @@ class _Launched:
     @property
     def num_tokens(self) -> int:
         return self.scheduled.num_tokens
+
+
+def _index_on(device: torch.device, rows: list[int]) -> torch.Tensor:
+    """`rows` as an int64 tensor on `device`, copied without making the host wait for the
+    device (from pinned memory on CUDA; a pageable copy would wait for the stream)."""
+    if device.type != "cuda":
+        return torch.tensor(rows, dtype=torch.long, device=device)
+    host = torch.tensor(rows, dtype=torch.long, pin_memory=True)
+    return host.to(device, non_blocking=True)
 
 
 def _without_finished(

@@ -256,7 +256,7 @@ def test_a_finish_the_step_in_flight_could_not_foresee(monkeypatch: pytest.Monke
         return tokens
 
     free_run = tokens_of(engine_with(None, overlap=False))["r1"]
-    index = next(i for i in range(6, 20) if free_run[i] not in free_run[:i])
+    index = next(i for i in range(6, 15) if free_run[i] not in free_run[:i])
     expected = tokens_of(engine_with(free_run[index], overlap=False))
     assert len(expected["r1"]) == index + 1
 
@@ -280,5 +280,32 @@ def test_a_finish_the_step_in_flight_could_not_foresee(monkeypatch: pytest.Monke
             assert len(held) == 1 and engine.block_manager.holds[held[0]]
             engine.check_integrity()  # the hold is accounted for
     assert tokens == expected
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+
+
+def test_a_length_finish_is_left_out_of_the_step_that_follows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sequence whose last token the step in flight samples (max_tokens) has no row in the
+    step launched to follow it (nothing to hold, nothing to drop); the others follow on."""
+    follow(monkeypatch, True)
+    engine = make_engine(num_kv_blocks=64, overlap_outputs=True)
+    for i, max_tokens in enumerate((8, 12, 16)):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        engine.add_request(f"r{i}", None, params, prompt_token_ids=prompt_ids(90 + i, 6))
+    seen_rows: list[list[str]] = []
+    counts: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            counts[output.request_id] = counts.get(output.request_id, 0) + 1
+        if engine._in_flight is not None:
+            assert not engine._in_flight.holds
+            rows = [item.seq.request_id for item in engine._in_flight.scheduled.scheduled]
+            if not seen_rows or rows != seen_rows[-1]:
+                seen_rows.append(rows)
+    assert counts == {"r0": 8, "r1": 12, "r2": 16}
+    assert seen_rows[-3:] == [["r0", "r1", "r2"], ["r1", "r2"], ["r2"]]
+    assert engine.num_steps_followed >= 12
     engine.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
