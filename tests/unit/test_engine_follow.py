@@ -6,8 +6,9 @@ On the CPU the launch computes, but the same paths run: every step's outputs are
 synchronous engine's through finishes the step in flight cannot foresee (stop ids, stop
 strings, EOS), lengths it can (no step follows those), new blocks taken at the following
 launch, a cache too small to take them (no step follows: the next schedule preempts as
-synchronously), aborts of sequences in the step that follows, and arrivals; every step
-launched is collected and no block leaks. tests/gpu checks CUDA graphs and the device feed.
+synchronously), aborts and exports of sequences in the step that follows, arrivals, KV
+attached meanwhile, keep_kv requests (no step follows them); every step launched is collected
+and no block leaks. tests/gpu checks CUDA graphs and the device feed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from contracts.outputs import FinishReason
 from contracts.sampling_params import SamplingParams
-from engine.engine import Engine
+from engine.engine import Engine, KeptKV
 from engine.loader.default_model import installed_default_model
 from tests.conftest import make_engine, prompt_ids
 from tests.unit.test_engine_overlap import by_request, count_steps, normalized, user
@@ -309,3 +310,65 @@ def test_a_length_finish_is_left_out_of_the_step_that_follows(
     assert engine.num_steps_followed >= 12
     engine.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+
+
+def test_export_attach_and_keep_kv_while_steps_follow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dummy:tiny, greedy decodes following one another: a request exported from the step
+    that follows (the device finishes it first, its row dropped), a transferred request's KV
+    attached meanwhile (it joins after the step in flight, then steps follow again), and a
+    keep_kv request (no step follows while it runs: its KV is pinned when it ends). Every
+    request's tokens are one engine's; every step launched is collected; nothing leaks."""
+    from kvtransfer.coalesce import gather_blocks, scatter_blocks
+
+    follow(monkeypatch, True)
+    engine = make_engine(num_kv_blocks=128, overlap_outputs=True)
+    counts = count_steps(monkeypatch, engine)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = {name: prompt_ids(seed=100 + i, length=6 + 3 * i) for i, name in
+               enumerate(("g0", "g1", "g2", "r", "k"))}  # fmt: skip
+    for name in ("g0", "g1", "g2"):
+        engine.add_request(name, None, params, prompt_token_ids=prompts[name])
+    tokens: dict[str, list[int]] = {}
+    followed_with_k = followed_before_r = steps = 0
+    moved = None
+    while engine.has_unfinished_requests():
+        followed = engine.num_steps_followed
+        for output in engine.step():
+            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
+        steps += 1
+        if "k" in engine._sequences:
+            followed_with_k += engine.num_steps_followed - followed
+        if steps == 4:
+            assert engine._in_flight is not None and engine.num_steps_followed > 0
+            assert "g1" in [item.seq.request_id for item in engine._in_flight.scheduled.scheduled]
+            moved = engine.export_request("g1")
+            assert moved is not None
+        if steps == 6:
+            source = make_engine()
+            source.add_request("r", None, params, prompt_token_ids=prompts["r"], prefill_only=True)
+            while not (done := source.take_prefilled()):
+                source.step()
+            dst = engine.block_manager.reserve("in:r", len(done[0].kv.block_ids))
+            assert dst is not None
+            scatter_blocks(engine.runner.kv_cache, dst,
+                           gather_blocks(source.runner.kv_cache, done[0].kv.block_ids))  # fmt: skip
+            first = engine.add_remote_request("r", prompts["r"], done[0].first_token_id, params)
+            tokens["r"] = list(first.new_token_ids)
+            engine.attach_kv("r", "in:r")
+            followed_before_r = engine.num_steps_followed
+        if steps == 12:
+            engine.add_request("k", None, params, prompt_token_ids=prompts["k"], keep_kv=True)
+    kept = engine.take_kept_kv("k")
+    assert moved is not None and isinstance(kept, KeptKV)
+    assert engine.num_steps_followed > followed_before_r + 3, "steps follow again after r joined"
+    assert followed_with_k == 0, "no step follows while a keep_kv request runs"
+    assert counts["executed"] == counts["collected"]
+    for owner in (moved.kv.owner, kept.owner):
+        assert engine.block_manager.release(owner)
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    reference = make_engine()
+    for name in ("g0", "g2", "r", "k"):
+        assert tokens[name] == reference.generate([prompts[name]], params)[0].token_ids, name
+    g1 = reference.generate([prompts["g1"]], params)[0].token_ids
+    assert tokens["g1"] == g1[: len(tokens["g1"])] and moved.first_token_id == tokens["g1"][-1]
