@@ -33,7 +33,7 @@ of these switches:
               are collected, not queued behind the step at launch (the baseline of the default)
     +fusedreduce engine.kernels.decode_attention.FUSED_REDUCE=True: with several splits, the
               last split program of each group merges them, no reduce launch (off by default:
-              not yet measured)
+              slower on an H100)
     +nofollow engine.engine.FOLLOW_DECODES=False: every step launched after the one before it
               is collected (the baseline of the default: greedy decodes follow one another)
 

@@ -38,7 +38,8 @@ _CPU_NUM_SMS = 4  # stand-in for the interpreter, so tests exercise several spli
 
 # With several splits, the last split program of each (sequence, kv head) to finish merges the
 # group's splits (a ticket counter in the workspace decides which) instead of a second launch,
-# the reduce kernel. Off: not yet run or measured on a GPU (bench `+fusedreduce` A/Bs it).
+# the reduce kernel. Off: slower on an H100 (batch-1 FP8 decode 247 against 273 tok/s with the
+# reduce launch; docs/benchmarks.md, issue 20); bench `+fusedreduce` A/Bs it.
 FUSED_REDUCE = False
 
 
