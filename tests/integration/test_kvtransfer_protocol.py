@@ -5,6 +5,7 @@ stalled sender). Every scenario ends with check_integrity() of both block manage
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import random
 import time
@@ -226,14 +227,15 @@ def run_fault(
     sender_params: dict[str, Any] | None = None,
     receiver_params: dict[str, Any] | None = None,
     kill: str | None = None,
+    config: TransferConfig = FAST,
 ) -> tuple[Report | None, Report | None, float]:
     """One sender, one receiver; `kill` ("sender"/"receiver") dies once a transfer is live.
     Returns the reports of the survivors and the seconds from the kill to the last report."""
     ids = [s.transfer_id for s in specs]
     with peers() as started:
-        receiver = start_receiver(started, ids, config=FAST, **(receiver_params or {}))
+        receiver = start_receiver(started, ids, config=config, **(receiver_params or {}))
         endpoint = receiver.receive()
-        sender = start_sender(started, [endpoint], specs, config=FAST, **(sender_params or {}))
+        sender = start_sender(started, [endpoint], specs, config=config, **(sender_params or {}))
         killed_at = time.monotonic()
         if kill is not None:
             assert receiver.receive() == "live"
@@ -354,18 +356,25 @@ def test_an_offer_without_room_waits_for_it_then_is_refused_after_half_the_ready
     region, `wait_for_room`) defers an offer that does not fit instead of refusing it: the
     sender sees a later Ready. First's 4 blocks of 6 are held a while after they arrive;
     second's 3 wait for them, and are refused ("no free KV blocks") if they stay held past
-    half the Ready timeout (FAST: 2.5 s). Without waiting, second is refused at once."""
+    half the Ready timeout (here 5 s of 10). Without waiting, second is refused at once.
+
+    The sender gives up on its own at the whole Ready timeout ("no Ready within"): the margin
+    between the two is what a loaded machine may delay the receiver's refusal by. With FAST's
+    5 s (refusal at 2.5 s, holds of 3.5 s) a CI run on 2 busy cores saw the sender's timeout
+    instead (2026-12-07); at 10 s the refusal comes at 5 s (the hold lasts 6 s), 5 s before the
+    sender's own timeout."""
     specs = [Spec("first", 16, seed=1), Spec("second", 12, seed=2)]
+    config = dataclasses.replace(FAST, ready_timeout_s=10.0)
     held_briefly = {"num_blocks": 6, "wait_for_room": True, "hold_s": 0.3}
-    sent, received, _ = run_fault(specs, receiver_params=held_briefly)
+    sent, received, _ = run_fault(specs, receiver_params=held_briefly, config=config)
     assert sent is not None and received is not None
     assert {t: r[0] for t, r in sent.results.items()} == {
         "first": "completed", "second": "completed"
     }  # fmt: skip
     assert_clean(sent, received)
 
-    held_long = {"num_blocks": 6, "wait_for_room": True, "hold_s": 3.5}
-    sent, received, _ = run_fault(specs, receiver_params=held_long)
+    held_long = {"num_blocks": 6, "wait_for_room": True, "hold_s": 6.0}
+    sent, received, _ = run_fault(specs, receiver_params=held_long, config=config)
     assert sent is not None and received is not None
     assert sent.results["first"][0] == "completed"
     assert sent.results["second"] == ("failed", "receiver refused: no free KV blocks for 3 blocks")
