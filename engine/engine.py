@@ -938,7 +938,9 @@ class Engine:
         scheduled and launched once this one's tokens are known and every finish decided, and
         this one's text and outputs are made while it runs; the next call collects it. If that
         launch raises, this call still returns this step's outputs and the next call raises
-        the error (the synchronous engine would have returned them, then raised)."""
+        the error (the synchronous engine would have returned them, then raised). A greedy
+        decode step is followed by the next one launched before its own collection
+        (FOLLOW_DECODES, _launch_following)."""
         if self._launch_error is not None:
             error, self._launch_error = self._launch_error, None
             raise error
