@@ -22,7 +22,14 @@ from contracts.sampling_params import SamplingParams
 from engine.engine import Engine, KeptKV
 from engine.loader.default_model import installed_default_model
 from tests.conftest import make_engine, prompt_ids
-from tests.unit.test_engine_overlap import by_request, count_steps, normalized, user
+from tests.unit.test_engine_overlap import (
+    by_request,
+    count_steps,
+    normalized,
+    step_with_late_reservation,
+    take_every_free_block,
+    user,
+)
 
 CHAT = {
     "capital": ("What is the capital of France?", SamplingParams(max_tokens=40, stop=("Paris",))),
@@ -200,32 +207,16 @@ def test_a_reservation_racing_the_following_launch_never_overdraws(
         original = engine._launch_following
         reserved: list[list[int] | None] = []
 
-        def take_every_free_block() -> None:
-            with engine.block_manager._lock:
-                free = engine.block_manager.num_free_blocks
-                reserved.append(engine.reserve_transfer("kv-in:late", free))
-
         def launch_following(launched):  # type: ignore[no-untyped-def]
             if race and not reserved and engine.num_steps_followed >= 3:
-                thread = threading.Thread(target=take_every_free_block)
+                thread = threading.Thread(target=take_every_free_block, args=(engine, reserved))
                 thread.start()
                 thread.join()
             return original(launched)
 
         monkeypatch.setattr(engine, "_launch_following", launch_following)
-        for request_id, prompt in prompts.items():
-            engine.add_request(request_id, None, params, prompt_token_ids=prompt)
-        tokens: dict[str, list[int]] = {r: [] for r in prompts}
-        steps = 0
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                tokens[output.request_id] += output.new_token_ids
-            steps += 1
-            if reserved and steps % 4 == 0 and "kv-in:late" in engine.block_manager.holds:
-                assert engine.block_manager.release("kv-in:late")  # the transfer failed
+        tokens = step_with_late_reservation(engine, prompts, params, release_every=4)
         assert not race or reserved[0], "the receiver took the free blocks"
-        engine.check_integrity()
-        assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
         return tokens
 
     assert run_with(race=True) == run_with(race=False)

@@ -564,11 +564,6 @@ def test_a_reservation_from_another_thread_never_makes_a_step_launched_ahead_pre
         raced: list[threading.Thread] = []
         reserved: list[list[int] | None] = []
 
-        def take_every_free_block() -> None:  # a receiver's thread; the count and the
-            with engine.block_manager._lock:  # reservation in one hold of the manager's lock
-                free = engine.block_manager.num_free_blocks
-                reserved.append(engine.reserve_transfer("kv-in:late", free))
-
         def may_preempt() -> bool:
             answer = original()
             size = engine.block_manager.block_size
@@ -576,26 +571,52 @@ def test_a_reservation_from_another_thread_never_makes_a_step_launched_ahead_pre
                 -(-len(s.token_ids) // size) > len(s.block_ids) for s in scheduler.running
             )
             if race and not answer and needs_block and not raced:
-                raced.append(threading.Thread(target=take_every_free_block))
+                raced.append(
+                    threading.Thread(target=take_every_free_block, args=(engine, reserved))
+                )
                 raced[0].start()
                 raced[0].join(0.2)  # the receiver's thread gets its chance here
             return answer
 
         monkeypatch.setattr(scheduler, "may_preempt", may_preempt)
-        for request_id, prompt in prompts.items():
-            engine.add_request(request_id, None, params, prompt_token_ids=prompt)
-        tokens: dict[str, list[int]] = {r: [] for r in prompts}
-        steps = 0
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                tokens[output.request_id] += output.new_token_ids
-            steps += 1
-            if raced and steps % 3 == 0 and "kv-in:late" in engine.block_manager.holds:
-                raced[0].join()
-                assert engine.block_manager.release("kv-in:late")  # the transfer failed
+        tokens = step_with_late_reservation(
+            engine, prompts, params, release_every=3, before_release=lambda: raced[0].join()
+        )
         assert not race or (raced and reserved[0]), "the race was set up and the receiver won"
-        engine.check_integrity()
-        assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
         return tokens
 
     assert run(race=True) == run(race=False)
+
+
+def take_every_free_block(engine: Engine, reserved: list[list[int] | None]) -> None:
+    """A KV receiver's thread: reserves every free block ("kv-in:late"), the count and the
+    reservation in one hold of the block manager's lock; appends what it got to `reserved`."""
+    with engine.block_manager._lock:
+        free = engine.block_manager.num_free_blocks
+        reserved.append(engine.reserve_transfer("kv-in:late", free))
+
+
+def step_with_late_reservation(
+    engine: Engine,
+    prompts: dict[str, list[int]],
+    params: SamplingParams,
+    release_every: int,
+    before_release: Callable[[], None] = lambda: None,
+) -> dict[str, list[int]]:
+    """Add `prompts` and step to the end; every `release_every` steps, a "kv-in:late"
+    reservation still held is released (its transfer failed; `before_release` first). Each
+    request's tokens; integrity checked, no block leaked."""
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, None, params, prompt_token_ids=prompt)
+    tokens: dict[str, list[int]] = {r: [] for r in prompts}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            tokens[output.request_id] += output.new_token_ids
+        steps += 1
+        if steps % release_every == 0 and "kv-in:late" in engine.block_manager.holds:
+            before_release()
+            assert engine.block_manager.release("kv-in:late")
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    return tokens
