@@ -36,9 +36,12 @@ of these switches:
               slower on an H100)
     +nofollow engine.engine.FOLLOW_DECODES=False: every step launched after the one before it
               is collected (the baseline of the default: greedy decodes follow one another)
+    +sepkv    engine.llama.GEMV_ROTARY_KV=False: single-row QKV GEMVs store q, k, v and the
+              rotary + KV write runs in its own launch (the baseline of the default: the
+              GEMV's epilogue rotates and writes the cache; needs +gemv to mean anything)
 
 e.g. `w8+gemv+fusedq+pdl`. `+pdl`, `+dense`, `+varlen`, `+paged`, `+tworot`, `+sepq`,
-`+onegraph`, `+lateargmax`, `+fusedreduce` and `+nofollow` are module switches:
+`+onegraph`, `+lateargmax`, `+fusedreduce`, `+nofollow` and `+sepkv` are module switches:
 `apply_switches` sets them for the engine built next (graphs capture them), so build and
 measure one variant at a time; they are set in this process only, so at tensor-parallel
 size > 1 they reach rank 0 alone (the other ranks are processes of their own).
@@ -70,6 +73,7 @@ SWITCHES = (
     "onegraph",
     "fusedreduce",
     "nofollow",
+    "sepkv",
 )
 
 
@@ -91,6 +95,7 @@ class Variant:
     one_graph: bool = False
     fused_reduce: bool = False
     no_follow: bool = False
+    separate_rotary_kv: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -150,6 +155,7 @@ def parse_variant(name: str) -> Variant:
         one_graph="onegraph" in switches,
         fused_reduce="fusedreduce" in switches,
         no_follow="nofollow" in switches,
+        separate_rotary_kv="sepkv" in switches,
     )
 
 
@@ -165,6 +171,7 @@ def apply_switches(variant: Variant) -> None:
     cuda_graph.GRAPH_PIECES = 1 if variant.one_graph else cuda_graph.DEFAULT_GRAPH_PIECES
     cuda_graph.PINNED_INPUTS = True  # the default (bench.engine_profile's `-pinned` clears it)
     llama.GEMV_QUANTIZES = not variant.separate_quant
+    llama.GEMV_ROTARY_KV = not variant.separate_rotary_kv
     engine_module.GREEDY_AT_LAUNCH = not variant.late_argmax
     engine_module.FOLLOW_DECODES = not variant.no_follow
     gemv_module.USE_PDL = variant.pdl

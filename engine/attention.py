@@ -103,6 +103,16 @@ class AttentionBackend(ABC):
         apply_rotary_(q, k, positions, cos2, sin2)
         self.write_kv(kv_cache_layer, k, v, slot_mapping, kv_scales)
 
+    def epilogue_kv_views(
+        self,
+        kv_cache_layer: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, row]
+        kv_scales: torch.Tensor | None = None,  # [2, num_kv_heads] fp32: a per-head FP8 cache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """(k_cache, v_cache, k_scale, v_scale) for a QKV GEMV that writes the K/V in its
+        epilogue (engine.kernels.rotary_kv_epilogue) instead of rotate_and_write_kv, or None
+        where this backend's cache is not written that way (the default)."""
+        return None
+
     @abstractmethod
     def forward(
         self,

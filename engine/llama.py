@@ -31,6 +31,7 @@ from engine.quantization import (
 )
 
 if TYPE_CHECKING:
+    from engine.kernels.rotary_kv_epilogue import RotaryKvWrite
     from engine.parallel import TensorParallelGroup
     from engine.sharding import ShardLayout
 
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
 # inside the FP8 GEMV from amaxes their producers write (Fp8Pending); False: by the separate
 # quantization kernel (the same bits; the baseline of A/B benchmarks).
 GEMV_QUANTIZES = True
+# Single-row QKV projections that run a GEMV rotate q and k and write the KV cache in the
+# GEMV's epilogue (engine.kernels.rotary_kv_epilogue), not in a launch of their own
+# (kv_write.rotary_write_kv); False: that launch (the same bits; the baseline of A/B
+# benchmarks).
+GEMV_ROTARY_KV = True
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -157,21 +163,30 @@ class Linear(nn.Linear):
         if not keep_dense:
             self.weight.data = torch.empty(0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_gemv and _gemv_rows(x):
+    def forward(self, x: torch.Tensor, rotary_kv: RotaryKvWrite | None = None) -> torch.Tensor:
+        """x @ W^T (+ bias). With `rotary_kv` (a QKV projection's one row, where
+        `gemv_applies`), the GEMV's epilogue also rotates q and k and writes the KV cache."""
+        if self.gemv_applies(x.shape[0], x.dtype, x.device):
             from engine.kernels.gemv import gemv
 
-            out = gemv(x, self.weight)
+            out = gemv(x, self.weight, rotary_kv=rotary_kv)
             return out if self.bias is None else out.add_(self.bias)
+        if rotary_kv is not None:
+            raise ValueError("rotary_kv needs the GEMV: one bf16/fp16 CUDA row, use_gemv on")
         if self.packed_weight is None:
             return F.linear(x, self.weight, self.bias)
         return _onednn_linear(x, self.packed_weight, self.bias)
 
-
-def _gemv_rows(x: torch.Tensor) -> bool:
-    """Whether x is one bf16/fp16 CUDA row: there the GEMV beats cuBLAS (at 2-16 rows the two
-    are within noise on the Llama-3-8B shapes, H100; see engine.kernels.gemv)."""
-    return x.is_cuda and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+    def gemv_applies(self, num_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether `num_rows` rows run the Triton GEMV: one bf16/fp16 CUDA row with use_gemv
+        (there the GEMV beats cuBLAS; at 2-16 rows the two are within noise on the Llama-3-8B
+        shapes, H100; see engine.kernels.gemv)."""
+        return (
+            self.use_gemv
+            and device.type == "cuda"
+            and num_rows == 1
+            and dtype in (torch.bfloat16, torch.float16)
+        )
 
 
 def _onednn_linear(
@@ -258,16 +273,20 @@ class Attention(nn.Module):
         output_rows: OutputRows | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden], or [len(output_rows.rows), hidden]
         """Writes every token's K/V; attends for every token, or for `output_rows` only."""
-        qkv = self.qkv_proj(x)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
+        rotary_kv = self._projection_writes_kv(x, rope, kv_cache_layer, meta)
+        # [num_tokens, (heads + 2 * kv_heads) * head_dim]; with rotary_kv, the QKV GEMV's
+        # epilogue rotated q and k and wrote the K/V
+        qkv = self.qkv_proj(x, rotary_kv=rotary_kv)
         qk_size = self.q_size + self.kv_size
         v = qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim)
         if qkv.is_cuda:  # q and k rotated in place as the K/V is written: one launch (Triton)
             q = qkv[:, : self.q_size].view(-1, self.num_heads, self.head_dim)
             k = qkv[:, self.q_size : qk_size].view(-1, self.num_kv_heads, self.head_dim)
-            self.backend.rotate_and_write_kv(
-                q, k, v, rope.positions, rope.cos2, rope.sin2, kv_cache_layer,
-                meta.slot_mapping, self.kv_scales,
-            )  # fmt: skip
+            if rotary_kv is None:
+                self.backend.rotate_and_write_kv(
+                    q, k, v, rope.positions, rope.cos2, rope.sin2, kv_cache_layer,
+                    meta.slot_mapping, self.kv_scales,
+                )  # fmt: skip
         else:
             q, k = rotate_qk(qkv, rope, self.num_heads, self.num_kv_heads, self.head_dim)
             self.backend.write_kv(kv_cache_layer, k, v, meta.slot_mapping, self.kv_scales)
@@ -283,6 +302,34 @@ class Attention(nn.Module):
             return self.o_proj(Fp8Pending(out.reshape(-1, self.q_size), amax))
         out = self.backend.forward(q, kv_cache_layer, meta, self.scale, k, v, self.kv_scales)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _projection_writes_kv(
+        self,
+        x: torch.Tensor | Fp8Rows,
+        rope: RotaryInputs,
+        kv_cache_layer: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> RotaryKvWrite | None:
+        """Where qkv_proj runs a single CUDA row through a GEMV (no bias) and the backend's
+        cache takes the epilogue's write: what that GEMV's epilogue rotates and writes."""
+        rows = x.values if isinstance(x, Fp8Rows) else x
+        if (
+            not GEMV_ROTARY_KV
+            or rows.shape[0] != 1
+            or self.qkv_proj.bias is not None
+            or not self.qkv_proj.gemv_applies(1, x.dtype, rows.device)
+        ):
+            return None
+        caches = self.backend.epilogue_kv_views(kv_cache_layer, self.kv_scales)
+        if caches is None:
+            return None
+        from engine.kernels.rotary_kv_epilogue import RotaryKvWrite
+
+        k_cache, v_cache, k_scale, v_scale = caches
+        return RotaryKvWrite(
+            self.num_heads, self.num_kv_heads, self.head_dim, rope.positions, rope.cos2,
+            rope.sin2, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale,
+        )  # fmt: skip
 
     def _o_proj_takes_pending(self, q: torch.Tensor, meta: AttentionMetadata) -> bool:
         """Whether this attention call is decode-only, on a backend that writes amaxes, and

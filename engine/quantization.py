@@ -22,12 +22,16 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from contracts.errors import ModelLoadError, UnsupportedModel
+
+if TYPE_CHECKING:
+    from engine.kernels.rotary_kv_epilogue import RotaryKvWrite
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +133,20 @@ class Fp8Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         self._weight_values: torch.Tensor | None = None  # CPU: fp32 copy of the fp8 values
 
-    def forward(self, x: torch.Tensor | Fp8Rows | Fp8Pending) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | Fp8Rows | Fp8Pending, rotary_kv: RotaryKvWrite | None = None
+    ) -> torch.Tensor:
         """x [..., K] (or Fp8Rows [M, K] quantized per token, or Fp8Pending [M, K] with its
-        amaxes) -> [..., N] in x's dtype."""
+        amaxes) -> [..., N] in x's dtype. With `rotary_kv` (a QKV projection's one row, where
+        `gemv_applies`), the FP8 GEMV's epilogue also rotates q and k and writes the KV
+        cache (engine.kernels.rotary_kv_epilogue)."""
+        if rotary_kv is not None and (
+            isinstance(x, Fp8Pending) or not self.gemv_applies(1, x.dtype, _device_of(x))
+        ):
+            raise ValueError(
+                "rotary_kv needs the FP8 GEMV: one bf16/fp16 CUDA row (plain or Fp8Rows), "
+                "use_gemv on, dynamic activation scales"
+            )
         if isinstance(x, Fp8Pending):
             self._check_pending(x)
             if not self.gemv_applies(x.values.shape[0], x.values.dtype, x.values.device):
@@ -168,7 +183,9 @@ class Fp8Linear(nn.Module):
         if scaled_mm and self._gemv_rows(xq.shape[0]):
             from engine.kernels.fp8_gemv import fp8_gemv
 
-            out = fp8_gemv(xq, x_scale, self.weight, self.weight_scale, out_dtype=dtype)
+            out = fp8_gemv(
+                xq, x_scale, self.weight, self.weight_scale, out_dtype=dtype, rotary_kv=rotary_kv
+            )
         elif scaled_mm:
             out = torch._scaled_mm(
                 xq,
@@ -195,7 +212,7 @@ class Fp8Linear(nn.Module):
 
     def _gemv_rows(self, num_rows: int) -> bool:
         # The GEMV takes up to fp8_gemv.MAX_ROWS rows, but beyond one row `torch._scaled_mm`
-        # is as fast (engine.llama._gemv_rows says the same of bf16)
+        # is as fast (engine.llama.Linear.gemv_applies says the same of bf16)
         return self.use_gemv and num_rows == 1
 
     def _check_pending(self, x: Fp8Pending) -> None:
@@ -239,6 +256,10 @@ class Fp8Linear(nn.Module):
     def extra_repr(self) -> str:
         static = self.input_scale is not None
         return f"in={self.in_features}, out={self.out_features}, fp8, static_input={static}"
+
+
+def _device_of(x: torch.Tensor | Fp8Rows) -> torch.device:
+    return x.values.device if isinstance(x, Fp8Rows) else x.device
 
 
 def use_fp8_linears(model: nn.Module, static_input_scale: bool = False) -> None:

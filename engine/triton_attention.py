@@ -25,6 +25,7 @@ from engine.attention import (
 from engine.kernels import decode_attention
 from engine.kernels.decode_attention import paged_decode_attention
 from engine.kernels.kv_write import rotary_write_kv, write_kv
+from engine.kernels.launch import given_scales
 from engine.kernels.prefill_attention import paged_prefill_attention
 from engine.kv_quant import layer_values_and_scales
 
@@ -104,6 +105,18 @@ class TritonAttention(AttentionBackend):
             return
         cache, scales = _values_and_scales(kv_cache_layer, kv_scales)
         rotary_write_kv(q, k, v, positions, cos2, sin2, cache[0], cache[1], slot_mapping, *scales)
+
+    def epilogue_kv_views(
+        self,
+        kv_cache_layer: torch.Tensor,
+        kv_scales: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """The cache views rotate_and_write_kv writes, for a float cache or an e4m3 one with
+        per-head scales; None with a scale per token (its write needs each head's amax)."""
+        cache, (k_scale, v_scale) = _values_and_scales(kv_cache_layer, kv_scales)
+        if k_scale is not None and not given_scales(k_scale, v_scale):
+            return None
+        return cache[0], cache[1], k_scale, v_scale
 
     def forward(
         self,

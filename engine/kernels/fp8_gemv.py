@@ -38,6 +38,12 @@ from triton.language.extra.cuda import gdc_wait
 import engine.kernels.gemv as gemv_module
 from engine.kernels.fp8_round import round_to_e4m3
 from engine.kernels.launch import check_devices, interpreting, on_device
+from engine.kernels.rotary_kv_epilogue import (
+    RotaryKvWrite,
+    launch_args,
+    paired_rows,
+    rotary_kv_epilogue,
+)
 from engine.quantization import FP8_DTYPE, FP8_MAX, MIN_AMAX
 
 MAX_ROWS = 8  # rows of x the kernel takes
@@ -108,9 +114,38 @@ def _fp8_gemv_kernel(
     QUANT: tl.constexpr,  # quantize x per row here, from its partial amaxes (fp8_gemv_quantizing)
     P_PAD: tl.constexpr,  # with QUANT: P rounded up to a power of two
     SOFT_ROUND: tl.constexpr,  # with QUANT: round with fp8_round, not the conversion (see HW_ROUND)
+    # ROTARY_KV: one row of a QKV projection, rotated and written into the KV cache by the
+    # epilogue (engine.kernels.rotary_kv_epilogue: RotaryKvWrite.kernel_args); rows in pairs
+    positions_ptr=None,
+    cos_ptr=None,
+    sin_ptr=None,
+    stride_table=0,
+    slot_mapping_ptr=None,
+    num_slots=0,
+    k_cache_ptr=None,
+    v_cache_ptr=None,
+    stride_kc_block=0,
+    stride_kc_slot=0,
+    stride_kc_head=0,
+    stride_vc_block=0,
+    stride_vc_slot=0,
+    stride_vc_head=0,
+    k_scale_ptr=None,
+    v_scale_ptr=None,
+    stride_ks_head=0,
+    stride_vs_head=0,
+    NUM_HEADS: tl.constexpr = 0,
+    NUM_KV_HEADS: tl.constexpr = 0,
+    HEAD_DIM: tl.constexpr = 0,
+    BLOCK_SIZE: tl.constexpr = 0,
+    KV_FP8: tl.constexpr = False,
+    ROTARY_KV: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROTARY_KV:  # noqa: SIM108 (constexpr branches)
+        rn = paired_rows(pid, BLOCK_N, HEAD_DIM)
+    else:
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
     w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
@@ -167,7 +202,16 @@ def _fp8_gemv_kernel(
         if not QUANT:
             x_scale = tl.load(x_scale_ptr)
         out = acc * x_scale * w_scale
-        tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+        if ROTARY_KV:
+            rotary_kv_epilogue(
+                out, pid, out_ptr, positions_ptr, cos_ptr, sin_ptr, stride_table,
+                slot_mapping_ptr, num_slots, k_cache_ptr, v_cache_ptr, stride_kc_block,
+                stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
+                k_scale_ptr, v_scale_ptr, stride_ks_head, stride_vs_head, NUM_HEADS,
+                NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, KV_FP8,
+            )  # fmt: skip
+        else:
+            tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
         if not QUANT:
             x_scale = tl.load(x_scale_ptr + rm * stride_xs, mask=m_mask, other=0.0)
@@ -211,14 +255,20 @@ def fp8_gemv(
     w_scale: torch.Tensor,  # [N] fp32
     out_dtype: torch.dtype = torch.bfloat16,
     config: Fp8GemvConfig | None = None,
+    rotary_kv: RotaryKvWrite | None = None,
 ) -> torch.Tensor:  # [M, N] out_dtype
     """x_scale * (x @ w.T) * w_scale for 1 <= M <= MAX_ROWS rows, fp32 sums. Rows of x may be
-    strided; its columns and w's must be contiguous. Raises ValueError on a bad device,
-    dtype, shape or stride."""
+    strided; its columns and w's must be contiguous. With `rotary_kv` (one row of a QKV
+    projection), the output comes rotated and its k and v are written into the KV cache:
+    bitwise `fp8_gemv` then kv_write.rotary_write_kv (engine.kernels.rotary_kv_epilogue).
+    Raises ValueError on a bad device, dtype, shape or stride."""
     check_devices(x, x_scale, w, w_scale)
     _check(x, x_scale, w, w_scale)
     scale_stride = x_scale.stride(0) if x_scale.dim() else 0
-    return _launch(x, x_scale, scale_stride, 1, w, w_scale, out_dtype, config, quant=False)
+    return _launch(
+        x, x_scale, scale_stride, 1, w, w_scale, out_dtype, config, quant=False,
+        rotary_kv=rotary_kv,
+    )  # fmt: skip
 
 
 def fp8_gemv_quantizing(
@@ -259,12 +309,15 @@ def _launch(
     out_dtype: torch.dtype,
     config: Fp8GemvConfig | None,
     quant: bool,
+    rotary_kv: RotaryKvWrite | None = None,
 ) -> torch.Tensor:
     """The kernel launch both launchers share, once their inputs are checked."""
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
     cfg = config or default_config(m, n, k)
+    if rotary_kv is not None:
+        rotary_kv.check(x, n, cfg.block_n, out_dtype)
     block_m = 1 if m == 1 else triton.next_power_of_2(m)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n),)
@@ -278,6 +331,7 @@ def _launch(
             P_PAD=triton.next_power_of_2(parts) if quant else 1,
             SOFT_ROUND=quant and (interpreting() or not HW_ROUND),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+            **launch_args(rotary_kv),
         )  # fmt: skip
     return out
 

@@ -16,6 +16,12 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from engine.kernels.launch import check_devices, on_device
+from engine.kernels.rotary_kv_epilogue import (
+    RotaryKvWrite,
+    launch_args,
+    paired_rows,
+    rotary_kv_epilogue,
+)
 
 MAX_ROWS = 16  # rows of x the kernel takes; more go to cuBLAS
 
@@ -62,9 +68,38 @@ def _gemv_kernel(
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
     PDL: tl.constexpr,  # launched with programmatic dependent launch: wait before reading x
+    # ROTARY_KV: one row of a QKV projection, rotated and written into the KV cache by the
+    # epilogue (engine.kernels.rotary_kv_epilogue: RotaryKvWrite.kernel_args); rows in pairs
+    positions_ptr=None,
+    cos_ptr=None,
+    sin_ptr=None,
+    stride_table=0,
+    slot_mapping_ptr=None,
+    num_slots=0,
+    k_cache_ptr=None,
+    v_cache_ptr=None,
+    stride_kc_block=0,
+    stride_kc_slot=0,
+    stride_kc_head=0,
+    stride_vc_block=0,
+    stride_vc_slot=0,
+    stride_vc_head=0,
+    k_scale_ptr=None,
+    v_scale_ptr=None,
+    stride_ks_head=0,
+    stride_vs_head=0,
+    NUM_HEADS: tl.constexpr = 0,
+    NUM_KV_HEADS: tl.constexpr = 0,
+    HEAD_DIM: tl.constexpr = 0,
+    BLOCK_SIZE: tl.constexpr = 0,
+    KV_FP8: tl.constexpr = False,
+    ROTARY_KV: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROTARY_KV:  # noqa: SIM108 (constexpr branches)
+        rn = paired_rows(pid, BLOCK_N, HEAD_DIM)
+    else:
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + rm[:, None] * stride_xm
@@ -93,7 +128,15 @@ def _gemv_kernel(
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
         else:
             acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
-    if BLOCK_M == 1:
+    if ROTARY_KV:
+        rotary_kv_epilogue(
+            acc, pid, out_ptr, positions_ptr, cos_ptr, sin_ptr, stride_table, slot_mapping_ptr,
+            num_slots, k_cache_ptr, v_cache_ptr, stride_kc_block, stride_kc_slot, stride_kc_head,
+            stride_vc_block, stride_vc_slot, stride_vc_head, k_scale_ptr, v_scale_ptr,
+            stride_ks_head, stride_vs_head, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+            BLOCK_N, KV_FP8,
+        )  # fmt: skip
+    elif BLOCK_M == 1:
         tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
         out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
@@ -104,9 +147,13 @@ def gemv(
     x: torch.Tensor,  # [M, K]
     w: torch.Tensor,  # [N, K]
     config: GemvConfig | None = None,
+    rotary_kv: RotaryKvWrite | None = None,
 ) -> torch.Tensor:  # [M, N] x's dtype
     """x @ w.T for 1 <= M <= 16 rows. Rows of x may be strided; its columns and w's must be
-    contiguous. Raises ValueError on a bad device, dtype, shape or stride."""
+    contiguous. With `rotary_kv` (one row of a QKV projection), the output comes rotated and
+    its k and v are written into the KV cache: bitwise `gemv` then kv_write.rotary_write_kv
+    (engine.kernels.rotary_kv_epilogue). Raises ValueError on a bad device, dtype, shape or
+    stride."""
     check_devices(x, w)
     if x.dim() != 2 or w.dim() != 2:
         raise ValueError(f"x and w must be 2-d, got {tuple(x.shape)} and {tuple(w.shape)}")
@@ -122,6 +169,8 @@ def gemv(
     cfg = config or default_config(m, n, k)
     block_m = 1 if m == 1 else MAX_ROWS
     block_n = cfg.block_n if block_m == 1 else max(cfg.block_n, 16)
+    if rotary_kv is not None:
+        rotary_kv.check(x, n, block_n, x.dtype)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n),)
     pdl = _pdl_supported(x.device)
@@ -132,6 +181,7 @@ def gemv(
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
             EVEN_N=n % block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+            **launch_args(rotary_kv),
         )  # fmt: skip
     return out
 

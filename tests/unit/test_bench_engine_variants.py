@@ -67,6 +67,7 @@ def test_switches_are_set_and_cleared() -> None:
         cuda_graph.GRAPH_PIECES,
         decode_attention.FUSED_REDUCE,
         engine_module.FOLLOW_DECODES,
+        llama.GEMV_ROTARY_KV,
     )
     try:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
@@ -93,7 +94,9 @@ def test_switches_are_set_and_cleared() -> None:
         apply_switches(parse_variant("w8kv8"))
         assert decode_attention.FUSED_REDUCE is False and engine_module.FOLLOW_DECODES
         apply_switches(parse_variant("w8kv8+nofollow"))
-        assert engine_module.FOLLOW_DECODES is False
+        assert engine_module.FOLLOW_DECODES is False and llama.GEMV_ROTARY_KV
+        apply_switches(parse_variant("w8kv8+gemv+sepkv"))
+        assert llama.GEMV_ROTARY_KV is False and engine_module.FOLLOW_DECODES
     finally:
         (
             gemv_module.USE_PDL,
@@ -105,4 +108,5 @@ def test_switches_are_set_and_cleared() -> None:
             cuda_graph.GRAPH_PIECES,
             decode_attention.FUSED_REDUCE,
             engine_module.FOLLOW_DECODES,
+            llama.GEMV_ROTARY_KV,
         ) = before

@@ -1,0 +1,76 @@
+"""The QKV GEMV's rotary + KV write epilogue in the engine (engine.llama.GEMV_ROTARY_KV): single
+decode rows with the GEMV on give the same greedy tokens as with the separate rotary_write_kv
+launch, eager and in CUDA graphs, bf16 and FP8 weights, float and FP8 caches (per-head scales:
+the epilogue writes them; per-token scales: it stands aside). The kernel's bitwise tests are
+tests/unit/kernels/test_rotary_kv_epilogue.py.
+
+Run on the device machine: `pytest tests/gpu`. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import llama
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.kernels.rotary_kv_epilogue import RotaryKvWrite
+from engine.scheduler import SchedulerConfig
+from tests.conftest import greedy, prompt_ids
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+PROMPTS = ([prompt_ids(4, 29)], [prompt_ids(s, n) for s, n in ((1, 5), (2, 37), (3, 9))])
+
+
+def engine(cuda_graphs: bool, quantization: str | None, kv: str, scales: str) -> Engine:
+    return Engine(
+        EngineConfig(
+            model="dummy:tiny", device="cuda", dtype="bfloat16", num_kv_blocks=64,
+            block_size=16, quantization=quantization, kv_cache_dtype=kv,
+            kv_cache_scales=scales, cuda_graphs=cuda_graphs, triton_gemv=True,
+            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512),
+        )
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+@pytest.mark.parametrize(
+    ("quantization", "kv", "scales", "applies"),
+    [
+        (None, "auto", "per_head", True),
+        ("fp8", "fp8", "per_head", True),
+        ("fp8", "auto", "per_head", True),
+        ("fp8", "fp8", "per_token", False),
+    ],
+)
+def test_epilogue_gives_the_tokens_of_the_separate_launch(
+    monkeypatch: pytest.MonkeyPatch,
+    cuda_graphs: bool,
+    quantization: str | None,
+    kv: str,
+    scales: str,
+    applies: bool,
+) -> None:
+    launches = []
+    kernel_args = RotaryKvWrite.kernel_args
+    monkeypatch.setattr(
+        RotaryKvWrite, "kernel_args", lambda self: launches.append(1) or kernel_args(self)
+    )
+    for prompts in PROMPTS:
+        monkeypatch.setattr(llama, "GEMV_ROTARY_KV", False)
+        separate = engine(cuda_graphs, quantization, kv, scales)
+        want = [c.token_ids for c in separate.generate(prompts, greedy(24))]
+        del separate
+        assert not launches
+        monkeypatch.setattr(llama, "GEMV_ROTARY_KV", True)
+        fused = engine(cuda_graphs, quantization, kv, scales)
+        got = [c.token_ids for c in fused.generate(prompts, greedy(24))]
+        assert got == want
+        assert bool(launches) == applies, "single decode rows took the epilogue"
+        fused.check_integrity()
+        launches.clear()
