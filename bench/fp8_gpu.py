@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--long-len", type=int, default=8192)
     parser.add_argument("--kv-cache-gb", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--ttft-repeats", type=int, default=None,
+                        help="TTFT measurements after the warm-up (default: --repeats); their "
+                        "median, min and max are reported")  # fmt: skip
     parser.add_argument("--fp8-gemv-tiles", default=None,
                         help="tiles per shape for the FP8 GEMV from bench.kernels_gemv --fp8 "
                         "--sweep (same card)")  # fmt: skip
@@ -87,10 +90,14 @@ def measure(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
             )[1],
         )["median"]  # fmt: skip
     ttft_prompt = random_prompts(1, args.ttft_len, vocab, seed=3)[0]
+    ttft = median_of(
+        args.ttft_repeats or args.repeats, lambda rep: tandem_ttft(engine, ttft_prompt)
+    )
     result = {
         "decode_b1_tok_s": decode(1),
-        "ttft_ms": 1000
-        * median_of(args.repeats, lambda rep: tandem_ttft(engine, ttft_prompt))["median"],
+        "ttft_ms": 1000 * ttft["median"],
+        "ttft_ms_min": 1000 * ttft["min"],
+        "ttft_ms_max": 1000 * ttft["max"],
         f"decode_b{args.batch}_tok_s": decode(args.batch),
         "saturation_tok_s": saturation,
         "long_seqs_that_fit": engine.num_kv_blocks * engine.config.block_size // args.long_len,
