@@ -2,7 +2,7 @@
 # One device call for issues 19/20 (Llama-3-8B shape, dummy weights, one GPU): each step gets
 # what is left of a wall-clock budget. Steps (in order, any subset): tests, fp8, sat, sdpa,
 # profile.
-# Output: short tables on stdout, logs and JSON under $OUT.
+# Output: short tables on stdout, logs and JSON under $OUT. FP8_ARGS: more bench.fp8_gpu options.
 #
 #   BUDGET_S=560 FP8_VARIANTS=bf16,w8+gemv SAT_VARIANTS=bf16 scripts/gpu3_run.sh tests fp8 sat
 set -uo pipefail
@@ -20,7 +20,7 @@ tests)
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -25 ;;
 fp8)
   step "${FP8_S:-330}" python -m bench.fp8_gpu --variants "${FP8_VARIANTS:-bf16,w8+gemv}" \
-    --repeats "${FP8_REPEATS:-2}" --saturation-requests 0 --out "$OUT/fp8_gpu.json" \
+    --repeats "${FP8_REPEATS:-2}" --saturation-requests 0 ${FP8_ARGS:-} --out "$OUT/fp8_gpu.json" \
     > "$OUT/fp8_gpu.log" 2>&1
   grep -E "^[a-z0-9+]+ \{|^\||^NVIDIA|Error|error" "$OUT/fp8_gpu.log" | cut -c1-400 | tail -30 ;;
 sat)
