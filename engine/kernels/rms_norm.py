@@ -49,6 +49,9 @@ def _rms_norm_kernel(
     mask = cols < hidden_size  # lanes past hidden_size load 0 and add nothing to the sum
 
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+    # Loaded first: after the residual store below the compiler may not move it up (the
+    # pointers could alias), and at one row its latency would follow the reduction's.
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r_ptrs = residual_ptr + row * residual_row_stride + cols
         r = tl.load(r_ptrs, mask=mask, other=0.0)
@@ -63,7 +66,6 @@ def _rms_norm_kernel(
     # product of two bf16/fp16 values is exact in fp32, so the one rounding at the store
     # gives the same result as torch's product in the narrow dtype.
     normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if QUANT:
         # What fp8_quant's kernel computes from the stored out: the product rounded to x's
         # dtype, the row's amax (lanes past hidden_size are 0), the same scale and rounding.
