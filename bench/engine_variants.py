@@ -39,10 +39,13 @@ of these switches:
     +sepkv    engine.llama.GEMV_ROTARY_KV=False: single-row QKV GEMVs store q, k, v and the
               rotary + KV write runs in its own launch (the baseline of the default: the
               GEMV's epilogue rotates and writes the cache; needs +gemv to mean anything)
+    +sepsilu  engine.llama.GEMV_SILU_MUL=False: single-row gate_up GEMVs store gate and up
+              and SiLU-and-mul runs in its own launch (the baseline of the default: the
+              GEMV's epilogue computes it; needs +gemv to mean anything)
 
 e.g. `w8+gemv+fusedq+pdl`. `+pdl`, `+dense`, `+varlen`, `+paged`, `+tworot`, `+sepq`,
-`+onegraph`, `+lateargmax`, `+fusedreduce`, `+nofollow` and `+sepkv` are module switches:
-`apply_switches` sets them for the engine built next (graphs capture them), so build and
+`+onegraph`, `+lateargmax`, `+fusedreduce`, `+nofollow`, `+sepkv` and `+sepsilu` are module
+switches: `apply_switches` sets them for the engine built next (graphs capture them), so build and
 measure one variant at a time; they are set in this process only, so at tensor-parallel
 size > 1 they reach rank 0 alone (the other ranks are processes of their own).
 """
@@ -74,6 +77,7 @@ SWITCHES = (
     "fusedreduce",
     "nofollow",
     "sepkv",
+    "sepsilu",
 )
 
 
@@ -96,6 +100,7 @@ class Variant:
     fused_reduce: bool = False
     no_follow: bool = False
     separate_rotary_kv: bool = False
+    separate_silu_mul: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -156,6 +161,7 @@ def parse_variant(name: str) -> Variant:
         fused_reduce="fusedreduce" in switches,
         no_follow="nofollow" in switches,
         separate_rotary_kv="sepkv" in switches,
+        separate_silu_mul="sepsilu" in switches,
     )
 
 
@@ -172,6 +178,7 @@ def apply_switches(variant: Variant) -> None:
     cuda_graph.PINNED_INPUTS = True  # the default (bench.engine_profile's `-pinned` clears it)
     llama.GEMV_QUANTIZES = not variant.separate_quant
     llama.GEMV_ROTARY_KV = not variant.separate_rotary_kv
+    llama.GEMV_SILU_MUL = not variant.separate_silu_mul
     engine_module.GREEDY_AT_LAUNCH = not variant.late_argmax
     engine_module.FOLLOW_DECODES = not variant.no_follow
     gemv_module.USE_PDL = variant.pdl

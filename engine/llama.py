@@ -45,6 +45,11 @@ GEMV_QUANTIZES = True
 # (kv_write.rotary_write_kv); False: that launch (the same bits; the baseline of A/B
 # benchmarks).
 GEMV_ROTARY_KV = True
+# Single-row gate_up projections that run a GEMV end in silu(gate) * up
+# (engine.kernels.silu_mul_epilogue; with an FP8 down_proj that quantizes in its GEMV, also the
+# amax it quantizes from), not in a launch of silu_and_mul; False: that launch (the same bits;
+# the baseline of A/B benchmarks).
+GEMV_SILU_MUL = True
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -163,16 +168,23 @@ class Linear(nn.Linear):
         if not keep_dense:
             self.weight.data = torch.empty(0)
 
-    def forward(self, x: torch.Tensor, rotary_kv: RotaryKvWrite | None = None) -> torch.Tensor:
-        """x @ W^T (+ bias). With `rotary_kv` (a QKV projection's one row, where
-        `gemv_applies`), the GEMV's epilogue also rotates q and k and writes the KV cache."""
+    def forward(
+        self, x: torch.Tensor, rotary_kv: RotaryKvWrite | None = None, silu_mul: bool = False
+    ) -> torch.Tensor:
+        """x @ W^T (+ bias). Where `gemv_applies` (one row), two epilogues of the GEMV: with
+        `rotary_kv` (a QKV projection) it also rotates q and k and writes the KV cache; with
+        `silu_mul` (a gate_up projection, no bias) it returns silu(gate) * up instead."""
         if self.gemv_applies(x.shape[0], x.dtype, x.device):
             from engine.kernels.gemv import gemv
 
-            out = gemv(x, self.weight, rotary_kv=rotary_kv)
+            if silu_mul and self.bias is not None:
+                raise ValueError("silu_mul needs a projection without bias")
+            out = gemv(x, self.weight, rotary_kv=rotary_kv, silu_mul=silu_mul)
             return out if self.bias is None else out.add_(self.bias)
-        if rotary_kv is not None:
-            raise ValueError("rotary_kv needs the GEMV: one bf16/fp16 CUDA row, use_gemv on")
+        if rotary_kv is not None or silu_mul:
+            raise ValueError(
+                "rotary_kv and silu_mul need the GEMV: one bf16/fp16 CUDA row, use_gemv on"
+            )
         if self.packed_weight is None:
             return F.linear(x, self.weight, self.bias)
         return _onednn_linear(x, self.packed_weight, self.bias)
@@ -360,7 +372,17 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor | Fp8Rows,
+        silu_amax: torch.Tensor | None = None,  # [1, AMAX_PARTS] fp32 zeros: see silu_amax_wanted
+    ) -> torch.Tensor:
+        if self.gemv_takes_silu(x):  # one launch: gate_up's GEMV ends in silu(gate) * up
+            down = self.down_proj
+            if silu_amax is not None and self.silu_amax_wanted(x):
+                act = self.gate_up_proj(x, silu_mul=True, silu_amax=silu_amax)
+                return down(Fp8Pending(act, silu_amax))
+            return down(self.gate_up_proj(x, silu_mul=True))
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
         if gate_up.is_cuda and self.fused_fp8_quant and gate_up.shape[0] > 1:
             from engine.kernels.silu_and_mul import silu_and_mul_fp8
@@ -385,6 +407,29 @@ class MLP(nn.Module):
             return down(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    def gemv_takes_silu(self, x: torch.Tensor | Fp8Rows) -> bool:
+        """Whether gate_up runs x (one CUDA row) through a GEMV that ends in SiLU-and-mul."""
+        rows = x.values if isinstance(x, Fp8Rows) else x
+        return (
+            GEMV_SILU_MUL
+            and rows.shape[0] == 1
+            and self.gate_up_proj.gemv_applies(1, x.dtype, rows.device)
+        )
+
+    def silu_amax_wanted(self, x: torch.Tensor | Fp8Rows) -> bool:
+        """Whether, where gemv_takes_silu, the epilogue should also fold the output's amax into
+        parts (a zeroed [1, AMAX_PARTS] fp32 `silu_amax`) for down_proj's FP8 GEMV to quantize
+        from (Fp8Pending)."""
+        rows = x.values if isinstance(x, Fp8Rows) else x
+        down = self.down_proj
+        return (
+            self.fused_fp8_quant
+            and GEMV_QUANTIZES
+            and isinstance(down, Fp8Linear)
+            and isinstance(self.gate_up_proj, Fp8Linear)
+            and down.gemv_applies(1, x.dtype, rows.device)
+        )
 
 
 class DecoderLayer(nn.Module):
@@ -481,7 +526,12 @@ class LlamaModel(nn.Module):
         fused_quant = self.fused_fp8_quant and x.is_cuda
         normed: torch.Tensor | Fp8Rows
         decoder_layers = self.decoder_layers
-        for i in layers:
+        silu_amax = None  # the MLPs' amax parts at one row (MLP.silu_amax_wanted): one memset
+        if fused_quant and GEMV_SILU_MUL and x.shape[0] == 1:
+            from engine.kernels.silu_mul_epilogue import AMAX_PARTS
+
+            silu_amax = torch.zeros(len(layers), 1, AMAX_PARTS, device=x.device)
+        for j, i in enumerate(layers):
             layer = decoder_layers[i]
             if fused_quant:
                 normed, residual = layer.input_layernorm.forward_fp8(x, residual)
@@ -501,7 +551,7 @@ class LlamaModel(nn.Module):
                 normed, residual = layer.post_attention_layernorm.forward_fp8(h, residual)
             else:
                 normed, residual = layer.post_attention_layernorm(h, residual)
-            x = layer.mlp(normed)
+            x = layer.mlp(normed, None if silu_amax is None else silu_amax[j])
             if self.tp is not None:  # so is down_proj
                 x = self.tp.all_reduce(x)
         return x, residual

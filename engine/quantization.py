@@ -134,18 +134,26 @@ class Fp8Linear(nn.Module):
         self._weight_values: torch.Tensor | None = None  # CPU: fp32 copy of the fp8 values
 
     def forward(
-        self, x: torch.Tensor | Fp8Rows | Fp8Pending, rotary_kv: RotaryKvWrite | None = None
+        self,
+        x: torch.Tensor | Fp8Rows | Fp8Pending,
+        rotary_kv: RotaryKvWrite | None = None,
+        silu_mul: bool = False,
+        silu_amax: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [..., K] (or Fp8Rows [M, K] quantized per token, or Fp8Pending [M, K] with its
-        amaxes) -> [..., N] in x's dtype. With `rotary_kv` (a QKV projection's one row, where
-        `gemv_applies`), the FP8 GEMV's epilogue also rotates q and k and writes the KV
-        cache (engine.kernels.rotary_kv_epilogue)."""
-        if rotary_kv is not None and (
-            isinstance(x, Fp8Pending) or not self.gemv_applies(1, x.dtype, _device_of(x))
+        amaxes) -> [..., N] in x's dtype. Where `gemv_applies` (one row), two epilogues of
+        the FP8 GEMV: with `rotary_kv` (a QKV projection) it also rotates q and k and writes
+        the KV cache (engine.kernels.rotary_kv_epilogue); with `silu_mul` (a gate_up
+        projection, no bias) it returns silu(gate) * up instead, and folds its amax into
+        `silu_amax` if given (engine.kernels.silu_mul_epilogue)."""
+        if (rotary_kv is not None or silu_mul) and (
+            isinstance(x, Fp8Pending)
+            or not self.gemv_applies(1, x.dtype, _device_of(x))
+            or (silu_mul and self.bias is not None)
         ):
             raise ValueError(
-                "rotary_kv needs the FP8 GEMV: one bf16/fp16 CUDA row (plain or Fp8Rows), "
-                "use_gemv on, dynamic activation scales"
+                "rotary_kv and silu_mul need the FP8 GEMV: one bf16/fp16 CUDA row (plain or "
+                "Fp8Rows), use_gemv on, dynamic activation scales (silu_mul: no bias)"
             )
         if isinstance(x, Fp8Pending):
             self._check_pending(x)
@@ -184,8 +192,9 @@ class Fp8Linear(nn.Module):
             from engine.kernels.fp8_gemv import fp8_gemv
 
             out = fp8_gemv(
-                xq, x_scale, self.weight, self.weight_scale, out_dtype=dtype, rotary_kv=rotary_kv
-            )
+                xq, x_scale, self.weight, self.weight_scale, out_dtype=dtype,
+                rotary_kv=rotary_kv, silu_mul=silu_mul, silu_amax=silu_amax,
+            )  # fmt: skip
         elif scaled_mm:
             out = torch._scaled_mm(
                 xq,
@@ -198,7 +207,7 @@ class Fp8Linear(nn.Module):
             out = (self._reference_product(xq) * x_scale * self.weight_scale).to(dtype)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*lead, self.out_features)
+        return out.reshape(*lead, out.shape[-1])  # out_features, or half with silu_mul
 
     def gemv_applies(self, num_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether this layer runs `num_rows` rows of `dtype` on `device` (not yet quantized)

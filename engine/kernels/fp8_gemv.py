@@ -36,6 +36,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 import engine.kernels.gemv as gemv_module
+from engine.kernels import silu_mul_epilogue
 from engine.kernels.fp8_round import round_to_e4m3
 from engine.kernels.launch import check_devices, interpreting, on_device
 from engine.kernels.rotary_kv_epilogue import (
@@ -140,10 +141,18 @@ def _fp8_gemv_kernel(
     BLOCK_SIZE: tl.constexpr = 0,
     KV_FP8: tl.constexpr = False,
     ROTARY_KV: tl.constexpr = False,
+    # SILU_MUL: one row of a gate_up projection, the epilogue stores silu(gate) * up, [1, N / 2]
+    # (engine.kernels.silu_mul_epilogue), with SILU_AMAX its amax folded into silu_amax_ptr
+    silu_amax_ptr=None,
+    SILU_MUL: tl.constexpr = False,
+    SILU_AMAX: tl.constexpr = False,
+    AMAX_PARTS: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
-    if ROTARY_KV:  # noqa: SIM108 (constexpr branches)
+    if ROTARY_KV:
         rn = paired_rows(pid, BLOCK_N, HEAD_DIM)
+    elif SILU_MUL:
+        rn = silu_mul_epilogue.paired_rows(pid, N, BLOCK_N)
     else:
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -210,6 +219,10 @@ def _fp8_gemv_kernel(
                 k_scale_ptr, v_scale_ptr, stride_ks_head, stride_vs_head, NUM_HEADS,
                 NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, KV_FP8,
             )  # fmt: skip
+        elif SILU_MUL:
+            silu_mul_epilogue.silu_mul_epilogue(
+                out, pid, out_ptr, silu_amax_ptr, BLOCK_N, SILU_AMAX, AMAX_PARTS
+            )
         else:
             tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
@@ -256,18 +269,23 @@ def fp8_gemv(
     out_dtype: torch.dtype = torch.bfloat16,
     config: Fp8GemvConfig | None = None,
     rotary_kv: RotaryKvWrite | None = None,
-) -> torch.Tensor:  # [M, N] out_dtype
+    silu_mul: bool = False,
+    silu_amax: torch.Tensor | None = None,  # with silu_mul: [1, AMAX_PARTS] fp32, zero at entry
+) -> torch.Tensor:  # [M, N] out_dtype ([1, N / 2] with silu_mul)
     """x_scale * (x @ w.T) * w_scale for 1 <= M <= MAX_ROWS rows, fp32 sums. Rows of x may be
     strided; its columns and w's must be contiguous. With `rotary_kv` (one row of a QKV
     projection), the output comes rotated and its k and v are written into the KV cache:
     bitwise `fp8_gemv` then kv_write.rotary_write_kv (engine.kernels.rotary_kv_epilogue).
-    Raises ValueError on a bad device, dtype, shape or stride."""
+    With `silu_mul` (one row of a gate_up projection), the output is silu(gate) * up, bitwise
+    `fp8_gemv` then silu_and_mul, and `silu_amax` (if given) takes its amax in parts
+    (engine.kernels.silu_mul_epilogue). Raises ValueError on a bad device, dtype, shape or
+    stride."""
     check_devices(x, x_scale, w, w_scale)
     _check(x, x_scale, w, w_scale)
     scale_stride = x_scale.stride(0) if x_scale.dim() else 0
     return _launch(
         x, x_scale, scale_stride, 1, w, w_scale, out_dtype, config, quant=False,
-        rotary_kv=rotary_kv,
+        rotary_kv=rotary_kv, silu_mul=silu_mul, silu_amax=silu_amax,
     )  # fmt: skip
 
 
@@ -310,16 +328,24 @@ def _launch(
     config: Fp8GemvConfig | None,
     quant: bool,
     rotary_kv: RotaryKvWrite | None = None,
+    silu_mul: bool = False,
+    silu_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernel launch both launchers share, once their inputs are checked."""
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
     cfg = config or default_config(m, n, k)
+    if rotary_kv is not None and silu_mul:
+        raise ValueError("rotary_kv and silu_mul are epilogues of different projections")
     if rotary_kv is not None:
         rotary_kv.check(x, n, cfg.block_n, out_dtype)
+    if silu_mul:
+        silu_mul_epilogue.check(x, n, cfg.block_n, silu_amax)
+    elif silu_amax is not None:
+        raise ValueError("silu_amax is the SiLU-and-mul epilogue's: it needs silu_mul")
     block_m = 1 if m == 1 else triton.next_power_of_2(m)
-    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    out = torch.empty(m, n // 2 if silu_mul else n, dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n),)
     pdl = gemv_module._pdl_supported(x.device)
     launch = {"launch_pdl": True} if pdl else {}
@@ -332,6 +358,7 @@ def _launch(
             SOFT_ROUND=quant and (interpreting() or not HW_ROUND),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
             **launch_args(rotary_kv),
+            **(silu_mul_epilogue.launch_args(silu_amax) if silu_mul else {}),
         )  # fmt: skip
     return out
 

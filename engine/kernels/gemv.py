@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
+from engine.kernels import silu_mul_epilogue
 from engine.kernels.launch import check_devices, on_device
 from engine.kernels.rotary_kv_epilogue import (
     RotaryKvWrite,
@@ -94,10 +95,18 @@ def _gemv_kernel(
     BLOCK_SIZE: tl.constexpr = 0,
     KV_FP8: tl.constexpr = False,
     ROTARY_KV: tl.constexpr = False,
+    # SILU_MUL: one row of a gate_up projection, the epilogue stores silu(gate) * up, [1, N / 2]
+    # (engine.kernels.silu_mul_epilogue), with SILU_AMAX its amax folded into silu_amax_ptr
+    silu_amax_ptr=None,
+    SILU_MUL: tl.constexpr = False,
+    SILU_AMAX: tl.constexpr = False,
+    AMAX_PARTS: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
-    if ROTARY_KV:  # noqa: SIM108 (constexpr branches)
+    if ROTARY_KV:
         rn = paired_rows(pid, BLOCK_N, HEAD_DIM)
+    elif SILU_MUL:
+        rn = silu_mul_epilogue.paired_rows(pid, N, BLOCK_N)
     else:
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -136,6 +145,10 @@ def _gemv_kernel(
             stride_ks_head, stride_vs_head, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
             BLOCK_N, KV_FP8,
         )  # fmt: skip
+    elif SILU_MUL:
+        silu_mul_epilogue.silu_mul_epilogue(
+            acc, pid, out_ptr, silu_amax_ptr, BLOCK_N, SILU_AMAX, AMAX_PARTS
+        )
     elif BLOCK_M == 1:
         tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
@@ -148,11 +161,14 @@ def gemv(
     w: torch.Tensor,  # [N, K]
     config: GemvConfig | None = None,
     rotary_kv: RotaryKvWrite | None = None,
-) -> torch.Tensor:  # [M, N] x's dtype
+    silu_mul: bool = False,
+) -> torch.Tensor:  # [M, N] x's dtype ([1, N / 2] with silu_mul)
     """x @ w.T for 1 <= M <= 16 rows. Rows of x may be strided; its columns and w's must be
     contiguous. With `rotary_kv` (one row of a QKV projection), the output comes rotated and
     its k and v are written into the KV cache: bitwise `gemv` then kv_write.rotary_write_kv
-    (engine.kernels.rotary_kv_epilogue). Raises ValueError on a bad device, dtype, shape or
+    (engine.kernels.rotary_kv_epilogue). With `silu_mul` (one row of a gate_up projection),
+    the output is silu(gate) * up: bitwise `gemv` then silu_and_mul
+    (engine.kernels.silu_mul_epilogue). Raises ValueError on a bad device, dtype, shape or
     stride."""
     check_devices(x, w)
     if x.dim() != 2 or w.dim() != 2:
@@ -169,9 +185,13 @@ def gemv(
     cfg = config or default_config(m, n, k)
     block_m = 1 if m == 1 else MAX_ROWS
     block_n = cfg.block_n if block_m == 1 else max(cfg.block_n, 16)
+    if rotary_kv is not None and silu_mul:
+        raise ValueError("rotary_kv and silu_mul are epilogues of different projections")
     if rotary_kv is not None:
         rotary_kv.check(x, n, block_n, x.dtype)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if silu_mul:
+        silu_mul_epilogue.check(x, n, block_n, None)
+    out = torch.empty(m, n // 2 if silu_mul else n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n),)
     pdl = _pdl_supported(x.device)
     launch = {"launch_pdl": True} if pdl else {}
@@ -182,6 +202,7 @@ def gemv(
             EVEN_N=n % block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
             **launch_args(rotary_kv),
+            **(silu_mul_epilogue.launch_args(None) if silu_mul else {}),
         )  # fmt: skip
     return out
 

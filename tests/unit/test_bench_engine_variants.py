@@ -68,6 +68,7 @@ def test_switches_are_set_and_cleared() -> None:
         decode_attention.FUSED_REDUCE,
         engine_module.FOLLOW_DECODES,
         llama.GEMV_ROTARY_KV,
+        llama.GEMV_SILU_MUL,
     )
     try:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
@@ -97,6 +98,9 @@ def test_switches_are_set_and_cleared() -> None:
         assert engine_module.FOLLOW_DECODES is False and llama.GEMV_ROTARY_KV
         apply_switches(parse_variant("w8kv8+gemv+sepkv"))
         assert llama.GEMV_ROTARY_KV is False and engine_module.FOLLOW_DECODES
+        assert llama.GEMV_SILU_MUL
+        apply_switches(parse_variant("bf16+gemv+sepsilu"))
+        assert llama.GEMV_SILU_MUL is False and llama.GEMV_ROTARY_KV
     finally:
         (
             gemv_module.USE_PDL,
@@ -109,4 +113,5 @@ def test_switches_are_set_and_cleared() -> None:
             decode_attention.FUSED_REDUCE,
             engine_module.FOLLOW_DECODES,
             llama.GEMV_ROTARY_KV,
+            llama.GEMV_SILU_MUL,
         ) = before

@@ -1,8 +1,10 @@
-"""The QKV GEMV's rotary + KV write epilogue in the engine (engine.llama.GEMV_ROTARY_KV): single
-decode rows with the GEMV on give the same greedy tokens as with the separate rotary_write_kv
-launch, eager and in CUDA graphs, bf16 and FP8 weights, float and FP8 caches (per-head scales:
-the epilogue writes them; per-token scales: it stands aside). The kernel's bitwise tests are
-tests/unit/kernels/test_rotary_kv_epilogue.py.
+"""The single-row GEMVs' epilogues in the engine: the QKV GEMV's rotary + KV write
+(engine.llama.GEMV_ROTARY_KV) and the gate_up GEMV's SiLU-and-mul (GEMV_SILU_MUL, with FP8 the
+amax down_proj's GEMV quantizes from). Single decode rows with the GEMV on give the same greedy
+tokens as with the separate launches, eager and in CUDA graphs, bf16 and FP8 weights, float and
+FP8 caches (per-head scales: the rotary epilogue writes them; per-token scales: it stands
+aside). The kernels' bitwise tests are tests/unit/kernels/test_rotary_kv_epilogue.py and
+test_silu_mul_epilogue.py.
 
 Run on the device machine: `pytest tests/gpu`. Skipped without CUDA.
 """
@@ -15,6 +17,7 @@ import torch
 from engine import llama
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.kernels import silu_mul_epilogue
 from engine.kernels.rotary_kv_epilogue import RotaryKvWrite
 from engine.scheduler import SchedulerConfig
 from tests.conftest import greedy, prompt_ids
@@ -40,7 +43,7 @@ def engine(cuda_graphs: bool, quantization: str | None, kv: str, scales: str) ->
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 @pytest.mark.parametrize(
-    ("quantization", "kv", "scales", "applies"),
+    ("quantization", "kv", "scales", "rotary_applies"),
     [
         (None, "auto", "per_head", True),
         ("fp8", "fp8", "per_head", True),
@@ -48,29 +51,38 @@ def engine(cuda_graphs: bool, quantization: str | None, kv: str, scales: str) ->
         ("fp8", "fp8", "per_token", False),
     ],
 )
-def test_epilogue_gives_the_tokens_of_the_separate_launch(
+def test_epilogues_give_the_tokens_of_the_separate_launches(
     monkeypatch: pytest.MonkeyPatch,
     cuda_graphs: bool,
     quantization: str | None,
     kv: str,
     scales: str,
-    applies: bool,
+    rotary_applies: bool,
 ) -> None:
-    launches = []
-    kernel_args = RotaryKvWrite.kernel_args
+    rotary, silu = [], []
+    kernel_args, silu_args = RotaryKvWrite.kernel_args, silu_mul_epilogue.launch_args
     monkeypatch.setattr(
-        RotaryKvWrite, "kernel_args", lambda self: launches.append(1) or kernel_args(self)
+        RotaryKvWrite, "kernel_args", lambda self: rotary.append(1) or kernel_args(self)
+    )
+    monkeypatch.setattr(
+        silu_mul_epilogue, "launch_args", lambda amax: silu.append(amax) or silu_args(amax)
     )
     for prompts in PROMPTS:
         monkeypatch.setattr(llama, "GEMV_ROTARY_KV", False)
+        monkeypatch.setattr(llama, "GEMV_SILU_MUL", False)
         separate = engine(cuda_graphs, quantization, kv, scales)
         want = [c.token_ids for c in separate.generate(prompts, greedy(24))]
         del separate
-        assert not launches
+        assert not rotary and not silu
         monkeypatch.setattr(llama, "GEMV_ROTARY_KV", True)
+        monkeypatch.setattr(llama, "GEMV_SILU_MUL", True)
         fused = engine(cuda_graphs, quantization, kv, scales)
         got = [c.token_ids for c in fused.generate(prompts, greedy(24))]
         assert got == want
-        assert bool(launches) == applies, "single decode rows took the epilogue"
+        assert bool(rotary) == rotary_applies, "single decode rows took the rotary epilogue"
+        assert silu, "single decode rows took the SiLU-and-mul epilogue"
+        with_amax = quantization == "fp8"  # fused FP8 quantization is on wherever it applies
+        assert all((amax is not None) == with_amax for amax in silu)
         fused.check_integrity()
-        launches.clear()
+        rotary.clear()
+        silu.clear()
