@@ -177,8 +177,8 @@ class Linear(nn.Linear):
         if self.gemv_applies(x.shape[0], x.dtype, x.device):
             from engine.kernels.gemv import gemv
 
-            if silu_mul and self.bias is not None:
-                raise ValueError("silu_mul needs a projection without bias")
+            if (silu_mul or rotary_kv is not None) and self.bias is not None:
+                raise ValueError("rotary_kv and silu_mul need a projection without bias")
             out = gemv(x, self.weight, rotary_kv=rotary_kv, silu_mul=silu_mul)
             return out if self.bias is None else out.add_(self.bias)
         if rotary_kv is not None or silu_mul:
@@ -329,6 +329,7 @@ class Attention(nn.Module):
             not GEMV_ROTARY_KV
             or rows.shape[0] != 1
             or self.qkv_proj.bias is not None
+            or self.head_dim % 4  # single-row tiles: up to 2 pairs, which must divide head_dim / 2
             or not self.qkv_proj.gemv_applies(1, x.dtype, rows.device)
         ):
             return None
@@ -414,6 +415,9 @@ class MLP(nn.Module):
         return (
             GEMV_SILU_MUL
             and rows.shape[0] == 1
+            and self.gate_up_proj.bias is None
+            # the GEMVs' single-row tiles (2 or 4 rows, 1 or 2 pairs) must not split a pair
+            and self.gate_up_proj.out_features % 4 == 0
             and self.gate_up_proj.gemv_applies(1, x.dtype, rows.device)
         )
 
@@ -527,10 +531,18 @@ class LlamaModel(nn.Module):
         normed: torch.Tensor | Fp8Rows
         decoder_layers = self.decoder_layers
         silu_amax = None  # the MLPs' amax parts at one row (MLP.silu_amax_wanted): one memset
-        if fused_quant and GEMV_SILU_MUL and x.shape[0] == 1:
+        first_mlp = decoder_layers[layers[0]].mlp if len(layers) else None
+        if (
+            fused_quant
+            and first_mlp is not None
+            and first_mlp.gemv_takes_silu(x)
+            and first_mlp.silu_amax_wanted(x)
+        ):
             from engine.kernels.silu_mul_epilogue import AMAX_PARTS
 
-            silu_amax = torch.zeros(len(layers), 1, AMAX_PARTS, device=x.device)
+            silu_amax = torch.zeros(
+                len(layers), 1, AMAX_PARTS, dtype=torch.float32, device=x.device
+            )
         for j, i in enumerate(layers):
             layer = decoder_layers[i]
             if fused_quant:

@@ -148,12 +148,12 @@ class Fp8Linear(nn.Module):
         `silu_amax` if given (engine.kernels.silu_mul_epilogue)."""
         if (rotary_kv is not None or silu_mul) and (
             isinstance(x, Fp8Pending)
-            or not self.gemv_applies(1, x.dtype, _device_of(x))
-            or (silu_mul and self.bias is not None)
+            or not self.gemv_applies(_rows_of(x), x.dtype, _device_of(x))
+            or self.bias is not None
         ):
             raise ValueError(
                 "rotary_kv and silu_mul need the FP8 GEMV: one bf16/fp16 CUDA row (plain or "
-                "Fp8Rows), use_gemv on, dynamic activation scales (silu_mul: no bias)"
+                "Fp8Rows), use_gemv on, dynamic activation scales, no bias"
             )
         if isinstance(x, Fp8Pending):
             self._check_pending(x)
@@ -269,6 +269,11 @@ class Fp8Linear(nn.Module):
 
 def _device_of(x: torch.Tensor | Fp8Rows) -> torch.device:
     return x.values.device if isinstance(x, Fp8Rows) else x.device
+
+
+def _rows_of(x: torch.Tensor | Fp8Rows) -> int:
+    values = x.values if isinstance(x, Fp8Rows) else x
+    return values.numel() // max(values.shape[-1], 1)
 
 
 def use_fp8_linears(model: nn.Module, static_input_scale: bool = False) -> None:

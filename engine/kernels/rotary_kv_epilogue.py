@@ -94,8 +94,10 @@ class RotaryKvWrite:
                     f"{name} must be [num_blocks, block_size, {self.num_kv_heads}, "
                     f"{self.head_dim}] with contiguous rows, got {tuple(cache.shape)}"
                 )
-        if self.k_cache.shape[:2] != self.v_cache.shape[:2]:
-            raise ValueError("k_cache and v_cache must have the same blocks")
+        if self.k_cache.shape[:2] != self.v_cache.shape[:2] or self.k_cache.dtype != (
+            self.v_cache.dtype
+        ):
+            raise ValueError("k_cache and v_cache must have the same blocks and dtype")
         if check_kv_scales(self.k_cache, self.v_cache, self.k_scale, self.v_scale) and not (
             given_scales(self.k_scale, self.v_scale)
         ):

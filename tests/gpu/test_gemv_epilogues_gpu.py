@@ -79,10 +79,15 @@ def test_epilogues_give_the_tokens_of_the_separate_launches(
         fused = engine(cuda_graphs, quantization, kv, scales)
         got = [c.token_ids for c in fused.generate(prompts, greedy(24))]
         assert got == want
-        assert bool(rotary) == rotary_applies, "single decode rows took the rotary epilogue"
-        assert silu, "single decode rows took the SiLU-and-mul epilogue"
+        # one sequence decodes single rows (eager: its steps; graphs: the batch-1 capture);
+        # three decode together, in rows of three (eager: no single row but the last layer
+        # of a prefill selecting one output row, which takes the SiLU epilogue alone)
+        if len(prompts) == 1 or cuda_graphs:
+            assert bool(rotary) == rotary_applies, "single decode rows took the rotary epilogue"
+        assert silu, "single rows took the SiLU-and-mul epilogue"
         with_amax = quantization == "fp8"  # fused FP8 quantization is on wherever it applies
-        assert all((amax is not None) == with_amax for amax in silu)
+        if len(prompts) == 1 or cuda_graphs:  # decode rows: the amax for down_proj's GEMV
+            assert any(amax is not None for amax in silu) == with_amax
         fused.check_integrity()
         rotary.clear()
         silu.clear()
