@@ -17,8 +17,6 @@ import torch
 from engine import llama
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.kernels import silu_mul_epilogue
-from engine.kernels.rotary_kv_epilogue import RotaryKvWrite
 from engine.scheduler import SchedulerConfig
 from tests.conftest import greedy, prompt_ids
 
@@ -59,6 +57,11 @@ def test_epilogues_give_the_tokens_of_the_separate_launches(
     scales: str,
     rotary_applies: bool,
 ) -> None:
+    # imported here, not at collection: a kernel module imported before tests/unit/kernels'
+    # conftest turns the interpreter on stays compiled, and the CPU suite's kernel tests fail
+    from engine.kernels import silu_mul_epilogue
+    from engine.kernels.rotary_kv_epilogue import RotaryKvWrite
+
     rotary, silu = [], []
     kernel_args, silu_args = RotaryKvWrite.kernel_args, silu_mul_epilogue.launch_args
     monkeypatch.setattr(
