@@ -49,6 +49,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fp8-gemv-tiles", default=None,
                         help="tiles per shape for the FP8 GEMV from bench.kernels_gemv --fp8 "
                         "--sweep (same card)")  # fmt: skip
+    parser.add_argument("--gc", choices=("on", "freeze", "off"), default="on",
+                        help="Python's cyclic garbage collector while measuring: on; every "
+                        "object made by then frozen out of it once the engine is built "
+                        "(gc.freeze); off (gc.disable)")  # fmt: skip
     parser.add_argument("--out", default="bench/results/fp8_gpu.json")
     return parser.parse_args()
 
@@ -130,7 +134,16 @@ def main() -> None:
         started = time.perf_counter()
         engine = build(args, variant)
         load_s = time.perf_counter() - started
-        results[name] = {"load_s": load_s, **measure(args, engine)}
+        if args.gc == "freeze":
+            gc.collect()
+            gc.freeze()
+        elif args.gc == "off":
+            gc.disable()
+        try:
+            results[name] = {"load_s": load_s, **measure(args, engine)}
+        finally:
+            gc.enable()
+            gc.unfreeze()
         results[name]["total_s"] = time.perf_counter() - started
         print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)
         del engine
