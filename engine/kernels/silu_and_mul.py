@@ -8,7 +8,8 @@ Computed in fp32 and rounded once to the input's dtype. (The eager bf16 path in
 the results differ by at most about one bf16 ulp.)
 
 `silu_and_mul_fp8` quantizes out per token for the FP8 down projection in the same launch
-(one program per token, two passes over the row: its amax, then the e4m3 values): bitwise
+(one program per token: the row held in registers, or for rows wider than
+ONE_PASS_MAX_COLUMNS two passes over it, its amax, then the e4m3 values): bitwise
 `quantize_per_token_fused(silu_and_mul(gate_up))`, out rounded to gate_up's dtype first and
 never stored. `silu_and_mul_fp8_ref` is its torch reference.
 """
@@ -26,6 +27,11 @@ from engine.quantization import FP8_DTYPE, quantize_per_token
 # Columns of out one program writes: big enough for wide vector loads, small enough that a
 # decode batch of one token still spreads over a dozen programs (intermediate 14336 -> 14).
 _BLOCK = 1024
+# silu_and_mul_fp8 holds a whole row in registers (one read of gate_up, 16 warps) where its
+# width, rounded up to a power of two, is at most this many columns; wider rows (or 0 here) take
+# two passes over the row (its amax, then the values), reading gate_up twice.
+DEFAULT_ONE_PASS_MAX_COLUMNS = 16384
+ONE_PASS_MAX_COLUMNS = DEFAULT_ONE_PASS_MAX_COLUMNS
 
 
 @triton.jit
@@ -73,12 +79,22 @@ def _silu_and_mul_fp8_kernel(
     gate_up_row_stride,
     intermediate,
     BLOCK: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # BLOCK >= intermediate: the row read once, held in registers
 ):
     # One program per token: pass 1 finds the amax of silu(gate) * up rounded to gate_up's
     # dtype (what silu_and_mul stores), pass 2 recomputes the same values and quantizes them
-    # as engine.kernels.fp8_quant does.
+    # as engine.kernels.fp8_quant does. ONE_PASS keeps the values of pass 1 instead.
     token = tl.program_id(0).to(tl.int64)
     row = gate_up_ptr + token * gate_up_row_stride
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < intermediate
+        y = _silu_mul_stored(row, cols, mask, intermediate)
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
+        tl.store(scale_ptr + token, scale)
+        q = round_to_e4m3(tl.clamp(y / scale, -448.0, 448.0))
+        tl.store(out_ptr + token * intermediate + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+        return
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, intermediate, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -159,10 +175,13 @@ def silu_and_mul_fp8(
     scale = torch.empty(num_tokens, 1, dtype=torch.float32, device=gate_up.device)
     if num_tokens == 0 or intermediate == 0:
         return out, scale
-    block = min(_BLOCK, triton.next_power_of_2(intermediate))
+    width = triton.next_power_of_2(intermediate)
+    one_pass = width <= ONE_PASS_MAX_COLUMNS
+    block = width if one_pass else min(_BLOCK, width)
     _silu_and_mul_fp8_kernel[(num_tokens,)](
-        gate_up, out, scale, gate_up.stride(0), intermediate, BLOCK=block, num_warps=4
-    )
+        gate_up, out, scale, gate_up.stride(0), intermediate, BLOCK=block, ONE_PASS=one_pass,
+        num_warps=min(max(width // 1024, 4), 16) if one_pass else 4,
+    )  # fmt: skip
     return out, scale
 
 

@@ -54,6 +54,7 @@ def test_switches_are_set_and_cleared() -> None:
     import engine.engine as engine_module
     import engine.kernels.decode_attention as decode_attention
     import engine.kernels.gemv as gemv_module
+    import engine.kernels.silu_and_mul as silu_and_mul
     import engine.llama as llama
     import engine.triton_attention as triton_attention
 
@@ -69,6 +70,7 @@ def test_switches_are_set_and_cleared() -> None:
         engine_module.FOLLOW_DECODES,
         llama.GEMV_ROTARY_KV,
         llama.GEMV_SILU_MUL,
+        silu_and_mul.ONE_PASS_MAX_COLUMNS,
     )
     try:
         apply_switches(parse_variant("bf16+gemv+pdl+dense"))
@@ -101,6 +103,9 @@ def test_switches_are_set_and_cleared() -> None:
         assert llama.GEMV_SILU_MUL
         apply_switches(parse_variant("bf16+gemv+sepsilu"))
         assert llama.GEMV_SILU_MUL is False and llama.GEMV_ROTARY_KV
+        assert silu_and_mul.ONE_PASS_MAX_COLUMNS == silu_and_mul.DEFAULT_ONE_PASS_MAX_COLUMNS
+        apply_switches(parse_variant("w8kv8+fusedq+twopass"))
+        assert silu_and_mul.ONE_PASS_MAX_COLUMNS == 0 and llama.GEMV_SILU_MUL
     finally:
         (
             gemv_module.USE_PDL,
@@ -114,4 +119,5 @@ def test_switches_are_set_and_cleared() -> None:
             engine_module.FOLLOW_DECODES,
             llama.GEMV_ROTARY_KV,
             llama.GEMV_SILU_MUL,
+            silu_and_mul.ONE_PASS_MAX_COLUMNS,
         ) = before

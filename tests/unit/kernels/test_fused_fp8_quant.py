@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from engine.kernels import silu_and_mul as silu_and_mul_module
 from engine.kernels.fp8_quant import quantize_per_token_fused
 from engine.kernels.rms_norm import rms_norm, rms_norm_fp8, rms_norm_fp8_ref
 from engine.kernels.silu_and_mul import silu_and_mul, silu_and_mul_fp8, silu_and_mul_fp8_ref
@@ -76,12 +77,19 @@ def test_rms_norm_fp8_zero_row_and_empty_batch() -> None:
     assert q.shape == (0, 24) and scale.shape == (0, 1)
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "two_passes"])
 @pytest.mark.parametrize(("num_tokens", "intermediate"), [(1, 40), (2, 1500), (4, 33)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_silu_and_mul_fp8_is_silu_and_mul_then_quantize(
-    num_tokens: int, intermediate: int, dtype: torch.dtype
+    monkeypatch: pytest.MonkeyPatch,
+    num_tokens: int,
+    intermediate: int,
+    dtype: torch.dtype,
+    one_pass: bool,
 ) -> None:
-    # 1500 > the kernel's 1024-column block: the two-pass loop runs over a partial block.
+    # Two passes: 1500 > the kernel's 1024-column block, the loop runs over a partial block.
+    # One pass: the whole row in one block (2048 columns for 1500, masked).
+    monkeypatch.setattr(silu_and_mul_module, "ONE_PASS_MAX_COLUMNS", 16384 if one_pass else 0)
     gate_up = rows(num_tokens, 2 * intermediate, dtype, seed=intermediate) * 4
     got = silu_and_mul_fp8(gate_up)
     assert_same_bits(got, quantize_per_token_fused(silu_and_mul(gate_up)))
