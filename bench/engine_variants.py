@@ -42,12 +42,12 @@ of these switches:
     +sepsilu  engine.llama.GEMV_SILU_MUL=False: single-row gate_up GEMVs store gate and up
               and SiLU-and-mul runs in its own launch (the baseline of the default: the
               GEMV's epilogue computes it; needs +gemv to mean anything)
-    +twopass  engine.kernels.silu_and_mul.ONE_PASS_MAX_COLUMNS=0: the fused SiLU-and-mul FP8
-              quantization of multi-row steps reads each row twice (the baseline of the
-              default: the row held in registers, read once; FP8 weights with +fusedq only)
+    +onepass  engine.kernels.silu_and_mul.ONE_PASS_MAX_COLUMNS=ONE_PASS_COLUMNS: the fused
+              SiLU-and-mul FP8 quantization of multi-row steps holds each row in registers and
+              reads it once, not twice (off by default until timed; FP8 weights, +fusedq)
 
 e.g. `w8+gemv+fusedq+pdl`. `+pdl`, `+dense`, `+varlen`, `+paged`, `+tworot`, `+sepq`,
-`+onegraph`, `+lateargmax`, `+fusedreduce`, `+nofollow`, `+sepkv`, `+sepsilu` and `+twopass` are
+`+onegraph`, `+lateargmax`, `+fusedreduce`, `+nofollow`, `+sepkv`, `+sepsilu` and `+onepass` are
 module switches: `apply_switches` sets them for the engine built next (graphs capture them), so
 build and measure one variant at a time; they are set in this process only, so at
 tensor-parallel size > 1 they reach rank 0 alone (the other ranks are processes of their own).
@@ -81,7 +81,7 @@ SWITCHES = (
     "nofollow",
     "sepkv",
     "sepsilu",
-    "twopass",
+    "onepass",
 )
 
 
@@ -105,7 +105,7 @@ class Variant:
     no_follow: bool = False
     separate_rotary_kv: bool = False
     separate_silu_mul: bool = False
-    two_pass_silu_fp8: bool = False
+    one_pass_silu_fp8: bool = False
 
     def engine_options(self) -> dict[str, object]:
         """EngineConfig keyword arguments of this variant."""
@@ -167,7 +167,7 @@ def parse_variant(name: str) -> Variant:
         no_follow="nofollow" in switches,
         separate_rotary_kv="sepkv" in switches,
         separate_silu_mul="sepsilu" in switches,
-        two_pass_silu_fp8="twopass" in switches,
+        one_pass_silu_fp8="onepass" in switches,
     )
 
 
@@ -187,7 +187,7 @@ def apply_switches(variant: Variant) -> None:
     llama.GEMV_ROTARY_KV = not variant.separate_rotary_kv
     llama.GEMV_SILU_MUL = not variant.separate_silu_mul
     silu_and_mul.ONE_PASS_MAX_COLUMNS = (
-        0 if variant.two_pass_silu_fp8 else silu_and_mul.DEFAULT_ONE_PASS_MAX_COLUMNS
+        silu_and_mul.ONE_PASS_COLUMNS if variant.one_pass_silu_fp8 else 0
     )
     engine_module.GREEDY_AT_LAUNCH = not variant.late_argmax
     engine_module.FOLLOW_DECODES = not variant.no_follow

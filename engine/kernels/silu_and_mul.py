@@ -8,8 +8,8 @@ Computed in fp32 and rounded once to the input's dtype. (The eager bf16 path in
 the results differ by at most about one bf16 ulp.)
 
 `silu_and_mul_fp8` quantizes out per token for the FP8 down projection in the same launch
-(one program per token: the row held in registers, or for rows wider than
-ONE_PASS_MAX_COLUMNS two passes over it, its amax, then the e4m3 values): bitwise
+(one program per token: two passes over the row, its amax, then the e4m3 values, or with
+ONE_PASS_MAX_COLUMNS set the row held in registers and read once): bitwise
 `quantize_per_token_fused(silu_and_mul(gate_up))`, out rounded to gate_up's dtype first and
 never stored. `silu_and_mul_fp8_ref` is its torch reference.
 """
@@ -27,11 +27,13 @@ from engine.quantization import FP8_DTYPE, quantize_per_token
 # Columns of out one program writes: big enough for wide vector loads, small enough that a
 # decode batch of one token still spreads over a dozen programs (intermediate 14336 -> 14).
 _BLOCK = 1024
-# silu_and_mul_fp8 holds a whole row in registers (one read of gate_up, 16 warps) where its
-# width, rounded up to a power of two, is at most this many columns; wider rows (or 0 here) take
-# two passes over the row (its amax, then the values), reading gate_up twice.
-DEFAULT_ONE_PASS_MAX_COLUMNS = 16384
-ONE_PASS_MAX_COLUMNS = DEFAULT_ONE_PASS_MAX_COLUMNS
+# silu_and_mul_fp8 can hold a whole row in registers (one read of gate_up, up to 16 warps) where
+# its width, rounded up to a power of two, is at most ONE_PASS_MAX_COLUMNS; wider rows take two
+# passes over the row (its amax, then the values), reading gate_up twice. Off (0) until an H100
+# run has timed it (written 2026-12-07, no device time left to run it; bench `+onepass` sets
+# ONE_PASS_COLUMNS); bitwise the same values either way (tests/unit/kernels).
+ONE_PASS_COLUMNS = 16384
+ONE_PASS_MAX_COLUMNS = 0
 
 
 @triton.jit

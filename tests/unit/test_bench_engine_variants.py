@@ -103,9 +103,10 @@ def test_switches_are_set_and_cleared() -> None:
         assert llama.GEMV_SILU_MUL
         apply_switches(parse_variant("bf16+gemv+sepsilu"))
         assert llama.GEMV_SILU_MUL is False and llama.GEMV_ROTARY_KV
-        assert silu_and_mul.ONE_PASS_MAX_COLUMNS == silu_and_mul.DEFAULT_ONE_PASS_MAX_COLUMNS
-        apply_switches(parse_variant("w8kv8+fusedq+twopass"))
-        assert silu_and_mul.ONE_PASS_MAX_COLUMNS == 0 and llama.GEMV_SILU_MUL
+        assert silu_and_mul.ONE_PASS_MAX_COLUMNS == 0
+        apply_switches(parse_variant("w8kv8+fusedq+onepass"))
+        assert silu_and_mul.ONE_PASS_MAX_COLUMNS == silu_and_mul.ONE_PASS_COLUMNS > 0
+        assert llama.GEMV_SILU_MUL
     finally:
         (
             gemv_module.USE_PDL,

@@ -89,7 +89,8 @@ def test_silu_and_mul_fp8_is_silu_and_mul_then_quantize(
 ) -> None:
     # Two passes: 1500 > the kernel's 1024-column block, the loop runs over a partial block.
     # One pass: the whole row in one block (2048 columns for 1500, masked).
-    monkeypatch.setattr(silu_and_mul_module, "ONE_PASS_MAX_COLUMNS", 16384 if one_pass else 0)
+    columns = silu_and_mul_module.ONE_PASS_COLUMNS if one_pass else 0
+    monkeypatch.setattr(silu_and_mul_module, "ONE_PASS_MAX_COLUMNS", columns)
     gate_up = rows(num_tokens, 2 * intermediate, dtype, seed=intermediate) * 4
     got = silu_and_mul_fp8(gate_up)
     assert_same_bits(got, quantize_per_token_fused(silu_and_mul(gate_up)))
