@@ -136,6 +136,8 @@ def parse_variant(name: str) -> Variant:
     quantization, kv_cache_dtype = BASES[base]
     if "fusedq" in switches and quantization != "fp8":
         raise ValueError(f"variant {name!r}: +fusedq needs FP8 weights (w8 or w8kv8)")
+    if "onepass" in switches and "fusedq" not in switches:
+        raise ValueError(f"variant {name!r}: +onepass needs +fusedq (its kernel's switch)")
     if "paged" in switches and ("dense" in switches or "varlen" in switches):
         raise ValueError(f"variant {name!r}: +paged contradicts +dense and +varlen")
     if "overlap" in switches and "sync" in switches:

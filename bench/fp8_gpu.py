@@ -124,8 +124,11 @@ def main() -> None:
                 m, n, k = (int(v) for v in shape.split(","))
                 TUNED[(m, n, k)] = Fp8GemvConfig(*tiles)
         print("FP8 GEMV tiles:", TUNED, flush=True)
+    names = args.variants.split(",")
+    if len(set(names)) != len(names):  # results are keyed by name: a repeat would overwrite
+        raise SystemExit(f"--variants names a variant twice: {args.variants}")
     try:
-        variants = [parse_variant(name) for name in args.variants.split(",")]
+        variants = [parse_variant(name) for name in names]
     except ValueError as error:
         raise SystemExit(str(error)) from None
     results: dict[str, dict[str, Any]] = {}

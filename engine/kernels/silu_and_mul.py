@@ -8,8 +8,9 @@ Computed in fp32 and rounded once to the input's dtype. (The eager bf16 path in
 the results differ by at most about one bf16 ulp.)
 
 `silu_and_mul_fp8` quantizes out per token for the FP8 down projection in the same launch
-(one program per token: two passes over the row, its amax, then the e4m3 values, or with
-ONE_PASS_MAX_COLUMNS set the row held in registers and read once): bitwise
+(one program per token: two passes over the row, its amax, then the e4m3 values, or, where
+the row's width rounded up to a power of two is at most ONE_PASS_MAX_COLUMNS, the row held in
+registers and read once): bitwise
 `quantize_per_token_fused(silu_and_mul(gate_up))`, out rounded to gate_up's dtype first and
 never stored. `silu_and_mul_fp8_ref` is its torch reference.
 """

@@ -37,6 +37,7 @@ def test_names_map_to_engine_options() -> None:
         ("bf16+fast", "switches must be distinct ones of"),
         ("w8+gemv+gemv", "switches must be distinct ones of"),
         ("bf16+fusedq", "+fusedq needs FP8 weights"),
+        ("w8kv8+onepass", "+onepass needs +fusedq"),
         ("w8+pdl", "+pdl needs +gemv"),
         ("bf16+overlap+sync", "+overlap and +sync contradict each other"),
         ("w8+pertoken", "+pertoken needs an FP8 KV cache"),
