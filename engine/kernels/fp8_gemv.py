@@ -39,12 +39,7 @@ import engine.kernels.gemv as gemv_module
 from engine.kernels import silu_mul_epilogue
 from engine.kernels.fp8_round import round_to_e4m3
 from engine.kernels.launch import check_devices, interpreting, on_device
-from engine.kernels.rotary_kv_epilogue import (
-    RotaryKvWrite,
-    launch_args,
-    paired_rows,
-    rotary_kv_epilogue,
-)
+from engine.kernels.rotary_kv_epilogue import RotaryKvWrite, paired_rows, rotary_kv_epilogue
 from engine.quantization import FP8_DTYPE, FP8_MAX, MIN_AMAX
 
 MAX_ROWS = 8  # rows of x the kernel takes
@@ -336,16 +331,11 @@ def _launch(
         raise ValueError(f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
     cfg = config or default_config(m, n, k)
-    if rotary_kv is not None and silu_mul:
-        raise ValueError("rotary_kv and silu_mul are epilogues of different projections")
-    if rotary_kv is not None:
-        rotary_kv.check(x, n, cfg.block_n, out_dtype)
-    if silu_mul:
-        silu_mul_epilogue.check(x, n, cfg.block_n, silu_amax)
-    elif silu_amax is not None:
-        raise ValueError("silu_amax is the SiLU-and-mul epilogue's: it needs silu_mul")
+    out_cols, epilogue = gemv_module.epilogue_launch(
+        x, n, cfg.block_n, out_dtype, rotary_kv, silu_mul, silu_amax
+    )
     block_m = 1 if m == 1 else triton.next_power_of_2(m)
-    out = torch.empty(m, n // 2 if silu_mul else n, dtype=out_dtype, device=x.device)
+    out = torch.empty(m, out_cols, dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n),)
     pdl = gemv_module._pdl_supported(x.device)
     launch = {"launch_pdl": True} if pdl else {}
@@ -356,9 +346,7 @@ def _launch(
             EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl, QUANT=quant,
             P_PAD=triton.next_power_of_2(parts) if quant else 1,
             SOFT_ROUND=quant and (interpreting() or not HW_ROUND),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
-            **launch_args(rotary_kv),
-            **(silu_mul_epilogue.launch_args(silu_amax) if silu_mul else {}),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch, **epilogue,
         )  # fmt: skip
     return out
 

@@ -185,13 +185,8 @@ def gemv(
     cfg = config or default_config(m, n, k)
     block_m = 1 if m == 1 else MAX_ROWS
     block_n = cfg.block_n if block_m == 1 else max(cfg.block_n, 16)
-    if rotary_kv is not None and silu_mul:
-        raise ValueError("rotary_kv and silu_mul are epilogues of different projections")
-    if rotary_kv is not None:
-        rotary_kv.check(x, n, block_n, x.dtype)
-    if silu_mul:
-        silu_mul_epilogue.check(x, n, block_n, None)
-    out = torch.empty(m, n // 2 if silu_mul else n, dtype=x.dtype, device=x.device)
+    out_cols, epilogue = epilogue_launch(x, n, block_n, x.dtype, rotary_kv, silu_mul)
+    out = torch.empty(m, out_cols, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n),)
     pdl = _pdl_supported(x.device)
     launch = {"launch_pdl": True} if pdl else {}
@@ -200,11 +195,34 @@ def gemv(
             x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
             EVEN_N=n % block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
-            **launch_args(rotary_kv),
-            **(silu_mul_epilogue.launch_args(None) if silu_mul else {}),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch, **epilogue,
         )  # fmt: skip
     return out
+
+
+def epilogue_launch(
+    x: torch.Tensor,  # [M, K]
+    n: int,  # the projection's rows
+    block_n: int,
+    out_dtype: torch.dtype,
+    rotary_kv: RotaryKvWrite | None,
+    silu_mul: bool,
+    silu_amax: torch.Tensor | None = None,
+) -> tuple[int, dict]:
+    """(output columns, kernel keyword arguments) of the epilogue asked of a GEMV (this one or
+    engine.kernels.fp8_gemv's), once checked: none, the rotary + KV write, or SiLU-and-mul.
+    ValueError naming what does not fit."""
+    if rotary_kv is not None and silu_mul:
+        raise ValueError("rotary_kv and silu_mul are epilogues of different projections")
+    if silu_amax is not None and not silu_mul:
+        raise ValueError("silu_amax is the SiLU-and-mul epilogue's: it needs silu_mul")
+    if rotary_kv is not None:
+        rotary_kv.check(x, n, block_n, out_dtype)
+        return n, launch_args(rotary_kv)
+    if silu_mul:
+        silu_mul_epilogue.check(x, n, block_n, silu_amax)
+        return n // 2, silu_mul_epilogue.launch_args(silu_amax)
+    return n, {}
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
