@@ -27,6 +27,7 @@ from engine.quantization import (
     prepare_fp8_weights,
     quantize_per_token,
     take_kv_cache_scales,
+    values_of,
     widen_checkpoint_scales,
 )
 
@@ -324,7 +325,7 @@ class Attention(nn.Module):
     ) -> RotaryKvWrite | None:
         """Where qkv_proj runs a single CUDA row through a GEMV (no bias) and the backend's
         cache takes the epilogue's write: what that GEMV's epilogue rotates and writes."""
-        rows = x.values if isinstance(x, Fp8Rows) else x
+        rows = values_of(x)
         if (
             not GEMV_ROTARY_KV
             or rows.shape[0] != 1
@@ -411,7 +412,7 @@ class MLP(nn.Module):
 
     def gemv_takes_silu(self, x: torch.Tensor | Fp8Rows) -> bool:
         """Whether gate_up runs x (one CUDA row) through a GEMV that ends in SiLU-and-mul."""
-        rows = x.values if isinstance(x, Fp8Rows) else x
+        rows = values_of(x)
         return (
             GEMV_SILU_MUL
             and rows.shape[0] == 1
@@ -425,7 +426,7 @@ class MLP(nn.Module):
         """Whether, where gemv_takes_silu, the epilogue should also fold the output's amax into
         parts (a zeroed [1, AMAX_PARTS] fp32 `silu_amax`) for down_proj's FP8 GEMV to quantize
         from (Fp8Pending)."""
-        rows = x.values if isinstance(x, Fp8Rows) else x
+        rows = values_of(x)
         down = self.down_proj
         return (
             self.fused_fp8_quant

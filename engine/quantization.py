@@ -148,7 +148,7 @@ class Fp8Linear(nn.Module):
         `silu_amax` if given (engine.kernels.silu_mul_epilogue)."""
         if (rotary_kv is not None or silu_mul) and (
             isinstance(x, Fp8Pending)
-            or not self.gemv_applies(_rows_of(x), x.dtype, _device_of(x))
+            or not self._gemv_takes(values_of(x), x.dtype)
             or self.bias is not None
         ):
             raise ValueError(
@@ -219,6 +219,11 @@ class Fp8Linear(nn.Module):
             and self._gemv_rows(num_rows)
         )
 
+    def _gemv_takes(self, values: torch.Tensor, dtype: torch.dtype) -> bool:
+        """gemv_applies to the rows of `values` ([..., K]; quantized or not) of `dtype`."""
+        rows = values.numel() // max(values.shape[-1], 1)
+        return self.gemv_applies(rows, dtype, values.device)
+
     def _gemv_rows(self, num_rows: int) -> bool:
         # The GEMV takes up to fp8_gemv.MAX_ROWS rows, but beyond one row `torch._scaled_mm`
         # is as fast (engine.llama.Linear.gemv_applies says the same of bf16)
@@ -267,13 +272,9 @@ class Fp8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, fp8, static_input={static}"
 
 
-def _device_of(x: torch.Tensor | Fp8Rows) -> torch.device:
-    return x.values.device if isinstance(x, Fp8Rows) else x.device
-
-
-def _rows_of(x: torch.Tensor | Fp8Rows) -> int:
-    values = x.values if isinstance(x, Fp8Rows) else x
-    return values.numel() // max(values.shape[-1], 1)
+def values_of(x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+    """The rows themselves: x, or the e4m3 values of rows already quantized."""
+    return x.values if isinstance(x, Fp8Rows) else x
 
 
 def use_fp8_linears(model: nn.Module, static_input_scale: bool = False) -> None:
